@@ -1,0 +1,431 @@
+"""The in-memory broker: a real broker inside the process, the embedded default.
+
+Clients that connect with the same ``memory://NAME`` URL (default ``memory://default``) share
+one in-process server and talk to each other exactly as they would through NATS: subjects with
+``*`` and ``>`` wildcards, fan-out, queue groups, reply inboxes, nack with redelivery.
+
+Semantics:
+
+- **Delivery**: at most once; nothing survives the process. A message published to a subject
+  with no matching subscription is dropped (and counted in ``MemoryServer.stats``).
+- **Ordering**: each subscription receives messages in the order they were published by any one
+  publisher; a queue group spreads messages round-robin over its members (no per-key order).
+- **Backpressure**: each subscription has a bounded queue (``max_pending``, default 4096). When it
+  is full, ``publish`` waits for room instead of dropping or buffering without bound.
+- **No polling**: an idle subscription is one task parked on a future; it costs no CPU.
+- **Redelivery**: ``nack(delay)`` puts the message back on the same subscription's queue after
+  ``delay`` seconds with ``attempt + 1``.
+- **Drain**: ``close()`` stops routing to the client's subscriptions, lets their queued
+  messages reach the handlers (up to ``timeout``), then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlparse
+
+from amb.broker import (
+    BrokerSubscription,
+    Capabilities,
+    DeliveryHandler,
+    Lifecycle,
+    LifecycleState,
+)
+from amb.errors import CapabilityNotSupported, ConfigError, StateError
+from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PENDING: Final = 4096
+_EMPTY: Final[Mapping[str, Any]] = {}
+_ROUTE_CACHE_MAX: Final = 8192
+
+
+class MemoryDelivery:
+    """A message handed to a memory subscription."""
+
+    __slots__ = ("_sub", "attempt", "data", "subject")
+
+    extra: Mapping[str, Any] = _EMPTY
+
+    def __init__(self, subject: str, data: bytes, attempt: int, sub: _MemorySubscription) -> None:
+        self.subject = subject
+        self.data = data
+        self.attempt = attempt
+        self._sub = sub
+
+    async def ack(self) -> None:
+        return None
+
+    async def nack(self, delay: float | None = None) -> None:
+        again = MemoryDelivery(self.subject, self.data, self.attempt + 1, self._sub)
+        if delay:
+            asyncio.get_running_loop().call_later(delay, self._sub.requeue, again)
+        else:
+            self._sub.requeue(again)
+
+
+class _MemorySubscription:
+    """One subscription: a bounded queue and the single task that feeds its handler."""
+
+    __slots__ = (
+        "_getter",
+        "_items",
+        "_putters",
+        "_stopping",
+        "_task",
+        "client",
+        "handler",
+        "handler_errors",
+        "max_pending",
+        "pattern",
+        "queue",
+    )
+
+    def __init__(
+        self,
+        client: MemoryBroker,
+        pattern: str,
+        handler: DeliveryHandler,
+        queue: str | None,
+        max_pending: int,
+    ) -> None:
+        self.client = client
+        self.pattern = pattern
+        self.handler = handler
+        self.queue = queue
+        self.max_pending = max_pending
+        self.handler_errors = 0
+        self._items: deque[MemoryDelivery] = deque()
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"memory-sub:{pattern}")
+
+    # -- the queue --------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return len(self._items) < self.max_pending
+
+    def offer(self, delivery: MemoryDelivery) -> bool:
+        """Enqueue without waiting; False when the queue is full."""
+        if len(self._items) >= self.max_pending:
+            return False
+        self._items.append(delivery)
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+        return True
+
+    async def put(self, delivery: MemoryDelivery) -> None:
+        """Enqueue, waiting while the queue is full (the publisher's backpressure)."""
+        while not self.offer(delivery):
+            if self._stopping:
+                return  # the subscription is going away; the message is dropped as on unsubscribe
+            fut = asyncio.get_running_loop().create_future()
+            self._putters.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._putters.remove(fut)
+
+    def requeue(self, delivery: MemoryDelivery) -> None:
+        """Put a nacked message back, beyond the bound: it was already counted against it."""
+        if self._stopping and self._task.done():
+            return
+        self._items.append(delivery)
+        self._wake_getter()
+
+    def _wake_getter(self) -> None:
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+
+    def _wake_putter(self) -> None:
+        while self._putters:
+            fut = self._putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def _run(self) -> None:
+        items = self._items
+        handler = self.handler
+        while True:
+            while items:
+                delivery = items.popleft()
+                if self._putters:
+                    self._wake_putter()
+                try:
+                    await handler(delivery)
+                except Exception:
+                    # The handler is the bus's; it should never raise. If it does, the
+                    # subscription must survive it.
+                    self.handler_errors += 1
+                    log.exception("memory broker: handler for %r raised", self.pattern)
+            if self._stopping:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            self._getter = fut
+            await fut
+
+    # -- BrokerSubscription -----------------------------------------------------------------
+
+    async def unsubscribe(self) -> None:
+        self.client._detach(self)
+        self._items.clear()
+        await self._stop(timeout=None)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        self.client._detach(self)
+        await self._stop(timeout)
+
+    async def _stop(self, timeout: float | None) -> None:
+        self._stopping = True
+        self._wake_getter()
+        while self._putters:
+            self._putters.popleft().set_result(None)
+        if self._task is asyncio.current_task():
+            return  # unsubscribing from inside its own handler: the loop ends after this message
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class _QueueGroup:
+    """Members sharing a (pattern, queue) pair: each message goes to one of them."""
+
+    __slots__ = ("_next", "members")
+
+    def __init__(self) -> None:
+        self.members: list[_MemorySubscription] = []
+        self._next = 0
+
+    def pick(self) -> _MemorySubscription:
+        """Round-robin, preferring a member with room so one slow member does not stall the rest."""
+        members = self.members
+        n = len(members)
+        start = self._next % n
+        self._next = start + 1
+        for i in range(n):
+            member = members[(start + i) % n]
+            if member.has_room():
+                self._next = (start + i + 1) % n
+                return member
+        return members[start]
+
+
+_Target = _MemorySubscription | _QueueGroup
+
+
+@dataclass(slots=True)
+class MemoryStats:
+    """Counters of one in-process server."""
+
+    published: int = 0
+    routed: int = 0
+    no_subscribers: int = 0
+
+
+class MemoryServer:
+    """The in-process broker that ``memory://NAME`` clients share."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self.loop = loop
+        self.stats = MemoryStats()
+        self.clients = 0
+        self._subs: list[_MemorySubscription] = []
+        self._groups: dict[tuple[str, str], _QueueGroup] = {}
+        self._routes: dict[str, tuple[_Target, ...]] = {}
+
+    def attach(self, sub: _MemorySubscription) -> None:
+        if sub.queue is None:
+            self._subs.append(sub)
+        else:
+            self._groups.setdefault((sub.pattern, sub.queue), _QueueGroup()).members.append(sub)
+        self._routes.clear()
+
+    def detach(self, sub: _MemorySubscription) -> None:
+        if sub.queue is None:
+            with contextlib.suppress(ValueError):
+                self._subs.remove(sub)
+        else:
+            group = self._groups.get((sub.pattern, sub.queue))
+            if group is not None:
+                with contextlib.suppress(ValueError):
+                    group.members.remove(sub)
+                if not group.members:
+                    del self._groups[(sub.pattern, sub.queue)]
+        self._routes.clear()
+
+    def route(self, subject: str) -> tuple[_Target, ...]:
+        targets = self._routes.get(subject)
+        if targets is None:
+            validate_subject(subject)  # only on a cache miss: cached subjects were validated
+            found: list[_Target] = [
+                s
+                for s in self._subs
+                if s.pattern == subject or (is_wildcard(s.pattern) and matches(s.pattern, subject))
+            ]
+            found.extend(
+                g
+                for (pattern, _), g in self._groups.items()
+                if pattern == subject or (is_wildcard(pattern) and matches(pattern, subject))
+            )
+            targets = tuple(found)
+            if len(self._routes) >= _ROUTE_CACHE_MAX:
+                self._routes.clear()
+            self._routes[subject] = targets
+        return targets
+
+
+_servers: dict[str, MemoryServer] = {}
+
+
+def _server_for(name: str) -> MemoryServer:
+    loop = asyncio.get_running_loop()
+    server = _servers.get(name)
+    if server is None or server.loop.is_closed() or server.clients == 0:
+        server = _servers[name] = MemoryServer(name, loop)
+    elif server.loop is not loop:
+        raise ConfigError(f"memory broker {name!r} is in use by another event loop")
+    return server
+
+
+def memory_server(name: str = "default") -> MemoryServer | None:
+    """The in-process server called ``name``, if a client is connected to it."""
+    server = _servers.get(name)
+    return server if server is not None and server.clients else None
+
+
+_client_ids = itertools.count(1)
+
+
+class MemoryBroker(Lifecycle):
+    """A client of an in-process memory server. ``MemoryBroker("memory://NAME")``.
+
+    Options: ``max_pending`` (per-subscription queue bound, default 4096).
+    """
+
+    name = "memory"
+    capabilities = Capabilities(
+        durable=False,
+        redelivery=True,
+        queue_groups=True,
+        wildcards=True,
+        ordered_per_key=False,
+        native_request_reply=False,
+        max_payload=None,
+    )
+    _what = "memory broker"
+
+    def __init__(
+        self, connection_string: str | None = None, *, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> None:
+        url = urlparse(connection_string or "memory://default")
+        if url.scheme != "memory":
+            raise ConfigError(f"memory broker URL must look like memory://NAME, got {connection_string!r}")
+        if max_pending < 1:
+            raise ConfigError("max_pending must be at least 1")
+        self.server_name = url.netloc or url.path.lstrip("/") or "default"
+        self.max_pending = max_pending
+        self._server: MemoryServer | None = None
+        self._subs: set[_MemorySubscription] = set()
+        self._inbox = f"_INBOX.{os.getpid():x}{next(_client_ids):x}{os.urandom(4).hex()}"
+
+    @property
+    def server(self) -> MemoryServer:
+        if self._server is None:
+            raise StateError("memory broker is not connected: call connect() first")
+        return self._server
+
+    async def connect(self) -> None:
+        if self._state is LifecycleState.OPEN:
+            return
+        if self._state is not LifecycleState.UNOPENED:
+            raise StateError(f"memory broker is {self._state.value}; create a new one")
+        self._server = _server_for(self.server_name)
+        self._server.clients += 1
+        self._state = LifecycleState.OPEN
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self._state in (LifecycleState.CLOSING, LifecycleState.CLOSED):
+            return
+        if self._state is LifecycleState.UNOPENED:
+            self._state = LifecycleState.CLOSED
+            return
+        self._state = LifecycleState.CLOSING
+        subs = list(self._subs)
+        for sub in subs:
+            self._detach(sub)
+        if subs:
+            await asyncio.gather(*(sub.drain(timeout) for sub in subs))
+        self.server.clients -= 1
+        self._state = LifecycleState.CLOSED
+
+    async def publish(self, subject: str, data: bytes, *, key: str | None = None) -> None:
+        if self._state is not LifecycleState.OPEN:
+            self._require_open()
+        server = self._server
+        assert server is not None  # guaranteed by the OPEN state
+        stats = server.stats
+        stats.published += 1
+        targets = server.route(subject)
+        if not targets:
+            stats.no_subscribers += 1
+            return
+        for target in targets:
+            sub = target.pick() if type(target) is _QueueGroup else target
+            assert type(sub) is _MemorySubscription
+            delivery = MemoryDelivery(subject, data, 1, sub)
+            if not sub.offer(delivery):
+                await sub.put(delivery)
+            stats.routed += 1
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: DeliveryHandler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        max_pending: int | None = None,
+    ) -> BrokerSubscription:
+        self._require_open()
+        if durable is not None:
+            raise CapabilityNotSupported(self.name, "durable subscriptions")
+        validate_pattern(pattern)
+        if queue is not None and not queue:
+            raise ConfigError("queue group name must be non-empty")
+        sub = _MemorySubscription(self, pattern, handler, queue, max_pending or self.max_pending)
+        self._subs.add(sub)
+        self.server.attach(sub)
+        return sub
+
+    def inbox_prefix(self) -> str:
+        return self._inbox
+
+    def _detach(self, sub: _MemorySubscription) -> None:
+        if sub in self._subs:
+            self._subs.discard(sub)
+            if self._server is not None:
+                self._server.detach(sub)

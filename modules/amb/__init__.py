@@ -1,0 +1,78 @@
+"""Agent Message Bus: envelopes, serializers, the Broker protocol and the client agents use."""
+
+from amb.broker import (
+    Broker,
+    BrokerSubscription,
+    Capabilities,
+    Delivery,
+    DeliveryHandler,
+    LifecycleState,
+    available_brokers,
+    load_broker,
+)
+from amb.client import AMB, BusStats, Handler, MessageStream, Subscription
+from amb.envelope import WIRE_VERSION, Envelope, Signature, new_id
+from amb.errors import (
+    BrokerUnavailable,
+    BusError,
+    CapabilityNotSupported,
+    ConfigError,
+    EnvelopeError,
+    MalformedEnvelope,
+    MessageRejected,
+    OversizedEnvelope,
+    RemoteError,
+    RequestTimeout,
+    StateError,
+    TransportError,
+    TruncatedEnvelope,
+    UnserializablePayload,
+    UnsupportedVersion,
+)
+from amb.metadata import Metadata
+from amb.middleware import ConsumeNext, Middleware, PublishNext
+from amb.serializers import JsonSerializer, MsgpackSerializer, Serializer, decode, get_serializer
+
+__all__ = [
+    "AMB",
+    "WIRE_VERSION",
+    "Broker",
+    "BrokerSubscription",
+    "BrokerUnavailable",
+    "BusError",
+    "BusStats",
+    "Capabilities",
+    "CapabilityNotSupported",
+    "ConfigError",
+    "ConsumeNext",
+    "Delivery",
+    "DeliveryHandler",
+    "Envelope",
+    "EnvelopeError",
+    "Handler",
+    "JsonSerializer",
+    "LifecycleState",
+    "MalformedEnvelope",
+    "MessageRejected",
+    "MessageStream",
+    "Metadata",
+    "Middleware",
+    "MsgpackSerializer",
+    "OversizedEnvelope",
+    "PublishNext",
+    "RemoteError",
+    "RequestTimeout",
+    "Serializer",
+    "Signature",
+    "StateError",
+    "Subscription",
+    "TransportError",
+    "TruncatedEnvelope",
+    "UnserializablePayload",
+    "UnsupportedVersion",
+    "available_brokers",
+    "decode",
+    "get_serializer",
+    "load_broker",
+    "new_id",
+]

@@ -1,0 +1,803 @@
+"""The AMB client: the API agents use to talk over the bus.
+
+Example::
+
+    from agent_os.modules import AMB
+
+    async with AMB(backend="memory", agent_id="coordinator") as amb:
+
+        @amb.subscribe("tasks.*", filter={"priority": "high"})
+        async def handle(message, metadata):
+            await amb.reply(metadata, {"done": message["task_id"]})
+
+        answer = await amb.request("tasks.process", {"task_id": 1, "priority": "high"}, timeout=2)
+
+Delivery guarantees are the broker's (see ``amb.capabilities``): at most once on the memory
+broker and core NATS/Redis pub/sub, at least once on durable subscriptions. On top of any
+broker the client guarantees that
+
+- a handler sees messages of one subscription in delivery order when ``concurrency`` is 1;
+- a message is never lost silently: one that cannot be decoded, is refused by a middleware, or
+  whose handler raises (after ``max_attempts``) is published to the dead-letter subject
+  ``<dead_letter_prefix>.<subject>`` with the reason in its headers, and counted in ``stats``;
+- expired messages (``ttl``) are not handed to handlers, and are counted;
+- ``close()`` stops new deliveries, lets in-flight and queued messages finish (up to its
+  timeout), fails pending requests, and closes the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, overload
+
+from amb.broker import (
+    Broker,
+    BrokerSubscription,
+    Capabilities,
+    Delivery,
+    Lifecycle,
+    LifecycleState,
+    load_broker,
+)
+from amb.envelope import Envelope, new_id
+from amb.errors import (
+    BusError,
+    ConfigError,
+    EnvelopeError,
+    MessageRejected,
+    RemoteError,
+    RequestTimeout,
+    StateError,
+)
+from amb.filters import FilterSpec, Predicate, compile_filter
+from amb.metadata import Metadata
+from amb.middleware import ConsumeNext, Middleware, PublishNext, build_consume_chain, build_publish_chain
+from amb.serializers import DEFAULT_MAX_BYTES, Decoder, get_serializer
+from amb.subjects import validate_pattern, validate_subject
+
+log = logging.getLogger("amb")
+
+Handler = Callable[[Any, Metadata], Awaitable[Any]]
+"""A subscription handler: ``async def handler(message, metadata)``."""
+
+PARTITION_KEY_HEADER: Final = "partition-key"
+ERROR_HEADER: Final = "amb-error"
+DLQ_REASON: Final = "dlq-reason"
+DLQ_ERROR: Final = "dlq-error"
+DLQ_SUBJECT: Final = "dlq-subject"
+DLQ_ATTEMPTS: Final = "dlq-attempts"
+DLQ_ORIGINAL_ID: Final = "dlq-original-id"
+
+
+@dataclass(slots=True)
+class BusStats:
+    """Counters of one client. Every message that is not handed to a handler is in one of them."""
+
+    published: int = 0
+    delivered: int = 0
+    handled: int = 0
+    handler_errors: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    dead_letter_failures: int = 0
+    malformed: int = 0
+    rejected: int = 0
+    expired: int = 0
+    filtered: int = 0
+    requests: int = 0
+    request_timeouts: int = 0
+    late_replies: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Subscription:
+    """A live subscription of an :class:`AMB` client."""
+
+    def __init__(
+        self,
+        client: AMB,
+        pattern: str,
+        handler: Handler,
+        *,
+        queue: str | None,
+        durable: str | None,
+        filter: Predicate | None,
+        concurrency: int,
+        max_attempts: int,
+        retry_delay: float,
+    ) -> None:
+        self.client = client
+        self.pattern = pattern
+        self.handler = handler
+        self.queue = queue
+        self.durable = durable
+        self.filter = filter
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+        self.handled = 0
+        self.errors = 0
+        self._broker_sub: BrokerSubscription | None = None
+        self._chain: ConsumeNext | None = None
+        self._slots = asyncio.Semaphore(concurrency) if concurrency > 1 else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    async def unsubscribe(self) -> None:
+        """Stop delivery now; messages still queued for this subscription are dropped."""
+        if self._broker_sub is not None and self._active:
+            self._active = False
+            await self._broker_sub.unsubscribe()
+            await self._wait_tasks(None)
+        self.client._forget(self)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop receiving, let queued and in-flight messages finish (up to ``timeout``)."""
+        if self._broker_sub is not None and self._active:
+            self._active = False
+            deadline = None if timeout is None else time.monotonic() + timeout
+            await self._broker_sub.drain(timeout)
+            await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.client._forget(self)
+
+    async def _wait_tasks(self, timeout: float | None) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.pattern!r}, queue={self.queue!r}, active={self._active})"
+
+
+class MessageStream:
+    """An async iterator over the messages of a pattern (``async for message in amb.stream(...)``).
+
+    Subscribes on first use; yields payloads, or ``(payload, metadata)`` pairs with
+    ``with_metadata=True``. A bounded buffer (``buffer`` messages) gives backpressure: when the
+    consumer falls behind, the broker stops handing over messages. ``aclose()`` (or leaving an
+    ``async with`` block, or breaking out of ``async for`` inside one) unsubscribes.
+    """
+
+    def __init__(
+        self,
+        client: AMB,
+        pattern: str,
+        *,
+        queue: str | None,
+        filter: FilterSpec | None,
+        buffer: int,
+        with_metadata: bool,
+    ) -> None:
+        if buffer < 1:
+            raise ConfigError("stream buffer must be at least 1")
+        self._client = client
+        self._pattern = pattern
+        self._queue_group = queue
+        self._filter = filter
+        self._with_metadata = with_metadata
+        self._items: asyncio.Queue[tuple[Any, Metadata]] = asyncio.Queue(maxsize=buffer)
+        self._sub: Subscription | None = None
+        self._closed = False
+
+    async def _on_message(self, message: Any, metadata: Metadata) -> None:
+        await self._items.put((message, metadata))
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._sub is None:
+            await self.start()
+        message, metadata = await self._items.get()
+        return (message, metadata) if self._with_metadata else message
+
+    async def start(self) -> None:
+        """Subscribe now (otherwise the first ``__anext__`` does)."""
+        if self._sub is None:
+            self._sub = await self._client._subscribe(
+                self._pattern,
+                self._on_message,
+                queue=self._queue_group,
+                filter=self._filter,
+            )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def __aenter__(self) -> MessageStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AMB(Lifecycle):
+    """A client of the Agent Message Bus.
+
+    Args:
+        backend: broker adapter name (``"memory"``, ``"nats"``, ``"redis"``, ``"kafka"``); ignored
+            when ``broker`` is given.
+        connection_string: the broker's URL (``memory://NAME``, ``nats://127.0.0.1:4222``, ...).
+        serializer: ``"msgpack"`` (default) or ``"json"``, used to encode what this client sends.
+            Received messages are decoded in either format.
+        agent_id: the default sender of this client's messages.
+        broker: a ready broker object instead of ``backend`` (the client then owns and closes it).
+        middleware: the middleware chain, wire side first (see :mod:`amb.middleware`).
+        dead_letter_prefix: dead letters go to ``<prefix>.<original subject>``.
+        max_message_bytes: the largest encoded envelope sent or accepted.
+        broker_options: extra keyword arguments for the adapter.
+
+    The client connects on first use, or explicitly with ``await amb.connect()`` /
+    ``async with AMB(...) as amb``. Raises :class:`ConfigError` for an unknown backend or
+    serializer.
+    """
+
+    _what = "AMB client"
+
+    def __init__(
+        self,
+        backend: str = "memory",
+        connection_string: str | None = None,
+        serializer: Literal["msgpack", "json"] | str = "msgpack",
+        *,
+        agent_id: str | None = None,
+        broker: Broker | None = None,
+        middleware: Sequence[Middleware] = (),
+        dead_letter_prefix: str = "_DLQ",
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+        broker_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._serializer = get_serializer(serializer, max_message_bytes)
+        self._decode = Decoder(max_message_bytes)
+        self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
+        self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
+        self.dead_letter_prefix = validate_subject(dead_letter_prefix)
+        self.stats = BusStats()
+        self._middleware: list[Middleware] = list(middleware)
+        self._publish_chain: PublishNext = self._wire_send
+        self._subs: list[Subscription] = []
+        self._pending_starts: list[asyncio.Task[None]] = []
+        self._connect_lock: asyncio.Lock | None = None
+        self._inbox: str | None = None
+        self._inbox_sub: Subscription | None = None
+        self._inbox_lock: asyncio.Lock | None = None
+        self._requests: dict[str, asyncio.Future[Envelope]] = {}
+        self._request_ids = itertools.count(1)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.broker.capabilities
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Append a middleware (innermost so far). Raises StateError once connected."""
+        if self._state is not LifecycleState.UNOPENED:
+            raise StateError("the middleware chain is frozen once the client has connected")
+        self._middleware.append(middleware)
+
+    async def connect(self) -> None:
+        """Connect the broker and start the subscriptions registered so far. Idempotent."""
+        if self._state is LifecycleState.OPEN:
+            return
+        if self._state is not LifecycleState.UNOPENED:
+            raise StateError(f"AMB client is {self._state.value}")
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._state is LifecycleState.OPEN:
+                return
+            await self.broker.connect()
+            self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
+            self._state = LifecycleState.OPEN
+            for sub in list(self._subs):
+                if not sub.active:
+                    await self._start(sub)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain subscriptions (in-flight and queued messages finish, up to ``timeout``), fail
+        pending requests with StateError, then close the broker. Idempotent."""
+        if self._state in (LifecycleState.CLOSING, LifecycleState.CLOSED):
+            return
+        if self._state is LifecycleState.UNOPENED:
+            self._state = LifecycleState.CLOSED
+            return
+        self._state = LifecycleState.CLOSING
+        deadline = time.monotonic() + timeout
+        if self._pending_starts:
+            await asyncio.gather(*self._pending_starts, return_exceptions=True)
+        user_subs = [s for s in self._subs if s is not self._inbox_sub]
+        await asyncio.gather(*(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs))
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(StateError("AMB client closed while the request was pending"))
+        if self._inbox_sub is not None:
+            await self._inbox_sub.unsubscribe()
+        await self.broker.close(max(0.0, deadline - time.monotonic()))
+        self._state = LifecycleState.CLOSED
+
+    async def __aenter__(self) -> AMB:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _ready(self) -> None:
+        """Connect if needed and wait for subscriptions registered by decorator to be active."""
+        if self._state is not LifecycleState.OPEN:
+            if self._state is LifecycleState.UNOPENED:
+                await self.connect()
+            else:
+                self._require_open()
+        if self._pending_starts:
+            starts, self._pending_starts = self._pending_starts, []
+            await asyncio.gather(*starts)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        message: Any = None,
+        *,
+        sender_id: str | None = None,
+        recipient: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+        priority: int = 0,
+        key: str | None = None,
+    ) -> str:
+        """Publish ``message`` on ``topic`` and return the new envelope's id.
+
+        ``ttl`` (seconds) makes the message expire: receivers drop it after that time. ``key``
+        orders messages on brokers with ``ordered_per_key`` (default key: the sender). Returns
+        once the broker has accepted the message; waits while a subscriber's queue is full.
+
+        Raises ConfigError (bad topic or ttl), UnserializablePayload, OversizedEnvelope,
+        MessageRejected (from a middleware), StateError (closed) or TransportError.
+        """
+        if self._state is not LifecycleState.OPEN or self._pending_starts:
+            await self._ready()
+        validate_subject(topic)
+        now = time.time_ns()
+        expires_at = None
+        if ttl is not None:
+            if ttl <= 0:
+                raise ConfigError("ttl must be positive")
+            expires_at = now + int(ttl * 1e9)
+        hdrs = dict(headers) if headers else {}
+        if key is not None:
+            hdrs[PARTITION_KEY_HEADER] = key
+        env = Envelope(
+            new_id(),
+            topic,
+            sender_id or self.agent_id,
+            message,
+            recipient,
+            reply_to,
+            correlation_id,
+            now,
+            expires_at,
+            priority,
+            hdrs,
+        )
+        await self._publish_chain(env)
+        return env.id
+
+    async def _wire_send(self, env: Envelope) -> None:
+        data = self._serializer.encode(env)
+        await self.broker.publish(env.topic, data, key=env.headers.get(PARTITION_KEY_HEADER) or env.sender)
+        self.stats.published += 1
+
+    async def reply(
+        self,
+        reply_to: str | Metadata,
+        message: Any = None,
+        *,
+        sender_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Answer a request. ``reply_to`` is ``metadata.reply_to`` or the metadata itself (which
+        also sets the correlation id to the request's id). Raises ConfigError without a reply
+        subject."""
+        correlation_id = None
+        if isinstance(reply_to, Metadata):
+            correlation_id = reply_to.id
+            subject = reply_to.reply_to
+        else:
+            subject = reply_to
+        if not subject:
+            raise ConfigError("the message has no reply_to subject to answer on")
+        return await self.publish(
+            subject, message, sender_id=sender_id, correlation_id=correlation_id, headers=headers
+        )
+
+    async def request(
+        self,
+        topic: str,
+        message: Any = None,
+        *,
+        timeout: float = 5.0,
+        sender_id: str | None = None,
+        recipient: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        with_metadata: bool = False,
+    ) -> Any:
+        """Publish a request and wait for the first reply; return its payload.
+
+        With ``with_metadata=True`` returns ``(payload, metadata)``. The request expires with its
+        timeout, so a late responder drops it. Raises :class:`RequestTimeout` when no reply
+        arrives in ``timeout`` seconds and :class:`RemoteError` when the responder's handler
+        failed.
+        """
+        if timeout <= 0:
+            raise ConfigError("timeout must be positive")
+        await self._ready()
+        inbox = self._inbox or await self._open_inbox()
+        reply_subject = f"{inbox}.{next(self._request_ids):x}"
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._requests[reply_subject] = fut
+        self.stats.requests += 1
+        try:
+            await self.publish(
+                topic,
+                message,
+                sender_id=sender_id,
+                recipient=recipient,
+                reply_to=reply_subject,
+                headers=headers,
+                ttl=timeout,
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    env = await fut
+            except TimeoutError:
+                self.stats.request_timeouts += 1
+                raise RequestTimeout(topic, timeout) from None
+        finally:
+            self._requests.pop(reply_subject, None)
+        error = env.headers.get(ERROR_HEADER)
+        if error is not None:
+            raise RemoteError(topic, error)
+        if with_metadata:
+            return env.payload, Metadata(env, env.topic, 1, {})
+        return env.payload
+
+    async def _open_inbox(self) -> str:
+        if self._inbox_lock is None:
+            self._inbox_lock = asyncio.Lock()
+        async with self._inbox_lock:
+            if self._inbox is None:
+                prefix = self.broker.inbox_prefix()
+                self._inbox_sub = await self._subscribe(prefix + ".>", self._on_reply)
+                self._inbox = prefix
+        return self._inbox
+
+    async def _on_reply(self, message: Any, metadata: Metadata) -> None:
+        fut = self._requests.get(metadata.subject)
+        if fut is None or fut.done():
+            self.stats.late_replies += 1
+            return
+        fut.set_result(metadata.envelope)
+
+    # -- subscribing -------------------------------------------------------------------------
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: None = None,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        filter: FilterSpec | None = None,
+        concurrency: int = 1,
+        max_attempts: int = 1,
+        retry_delay: float = 0.1,
+    ) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        filter: FilterSpec | None = None,
+        concurrency: int = 1,
+        max_attempts: int = 1,
+        retry_delay: float = 0.1,
+    ) -> Awaitable[Subscription]: ...
+
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Handler | None = None,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        filter: FilterSpec | None = None,
+        concurrency: int = 1,
+        max_attempts: int = 1,
+        retry_delay: float = 0.1,
+    ) -> Callable[[Handler], Handler] | Awaitable[Subscription]:
+        """Subscribe ``handler(message, metadata)`` to ``pattern`` (``*`` one token, ``>`` the rest).
+
+        Two forms: ``sub = await amb.subscribe(pattern, handler, ...)`` returns the active
+        :class:`Subscription`; ``@amb.subscribe(pattern, ...)`` registers the decorated handler,
+        active from connect (or, when already connected, before this client's next publish or
+        request).
+
+        Options: ``queue`` joins a queue group (each message to one member); ``durable`` names
+        a durable subscription (brokers with ``durable``); ``filter`` selects by payload (see
+        :mod:`amb.filters`); ``concurrency`` handlers may run at once (1 keeps delivery order);
+        a handler that raises is retried through broker redelivery until ``max_attempts``
+        deliveries, waiting ``retry_delay`` seconds doubled per attempt, then dead-lettered.
+
+        Raises ConfigError for an invalid pattern or option, CapabilityNotSupported for an
+        option the broker lacks.
+        """
+        if handler is not None:
+            return self._subscribe(
+                pattern,
+                handler,
+                queue=queue,
+                durable=durable,
+                filter=filter,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                retry_delay=retry_delay,
+            )
+
+        def decorator(fn: Handler) -> Handler:
+            sub = self._make_subscription(
+                pattern,
+                fn,
+                queue=queue,
+                durable=durable,
+                filter=filter,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                retry_delay=retry_delay,
+            )
+            if self._state is LifecycleState.OPEN:
+                self._pending_starts.append(asyncio.get_running_loop().create_task(self._start(sub)))
+            elif self._state is not LifecycleState.UNOPENED:
+                self._require_open()
+            return fn
+
+        return decorator
+
+    def _make_subscription(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        filter: FilterSpec | None = None,
+        concurrency: int = 1,
+        max_attempts: int = 1,
+        retry_delay: float = 0.1,
+    ) -> Subscription:
+        validate_pattern(pattern)
+        if not (inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)):
+            raise ConfigError("a handler must be an async function: async def handler(message, metadata)")
+        if concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        if retry_delay < 0:
+            raise ConfigError("retry_delay must not be negative")
+        if queue is not None and not queue:
+            raise ConfigError("queue group name must be non-empty")
+        sub = Subscription(
+            self,
+            pattern,
+            handler,
+            queue=queue,
+            durable=durable,
+            filter=compile_filter(filter),
+            concurrency=concurrency,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+        )
+        self._subs.append(sub)
+        return sub
+
+    async def _subscribe(self, pattern: str, handler: Handler, **options: Any) -> Subscription:
+        sub = self._make_subscription(pattern, handler, **options)
+        try:
+            await self._ready()
+            await self._start(sub)
+        except BaseException:
+            self._forget(sub)
+            raise
+        return sub
+
+    async def _start(self, sub: Subscription) -> None:
+        async def invoke(env: Envelope, meta: Metadata) -> None:
+            await sub.handler(env.payload, meta)
+
+        sub._chain = build_consume_chain(self._middleware, invoke)
+
+        async def on_delivery(delivery: Delivery) -> None:
+            await self._on_delivery(sub, delivery)
+
+        sub._broker_sub = await self.broker.subscribe(
+            sub.pattern, on_delivery, queue=sub.queue, durable=sub.durable
+        )
+        sub._active = True
+
+    def _forget(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+
+    def stream(
+        self,
+        pattern: str,
+        *,
+        queue: str | None = None,
+        filter: FilterSpec | None = None,
+        buffer: int = 256,
+        with_metadata: bool = False,
+    ) -> MessageStream:
+        """Iterate over messages on ``pattern``: ``async for message in amb.stream("events.>")``.
+
+        See :class:`MessageStream` for buffering and closing.
+        """
+        validate_pattern(pattern)
+        return MessageStream(
+            self, pattern, queue=queue, filter=filter, buffer=buffer, with_metadata=with_metadata
+        )
+
+    # -- the delivery path -------------------------------------------------------------------
+
+    async def _on_delivery(self, sub: Subscription, delivery: Delivery) -> None:
+        stats = self.stats
+        stats.delivered += 1
+        try:
+            env = self._decode(delivery.data)
+        except EnvelopeError as exc:
+            stats.malformed += 1
+            await self._dead_letter(sub, delivery, None, "malformed", exc)
+            return
+        if env.expires_at is not None and time.time_ns() >= env.expires_at:
+            stats.expired += 1
+            await delivery.ack()
+            return
+        if sub.filter is not None:
+            try:
+                wanted = sub.filter(env.payload)
+            except Exception as exc:
+                await self._dead_letter(sub, delivery, env, "filter_error", exc)
+                return
+            if not wanted:
+                stats.filtered += 1
+                await delivery.ack()
+                return
+        meta = Metadata(env, delivery.subject, delivery.attempt, delivery.extra)
+        if sub._slots is None:
+            await self._process(sub, delivery, env, meta)
+            return
+        await sub._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._process_released(sub, delivery, env, meta))
+        sub._tasks.add(task)
+        task.add_done_callback(sub._tasks.discard)
+
+    async def _process_released(
+        self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata
+    ) -> None:
+        try:
+            await self._process(sub, delivery, env, meta)
+        finally:
+            assert sub._slots is not None
+            sub._slots.release()
+
+    async def _process(self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata) -> None:
+        assert sub._chain is not None
+        try:
+            await sub._chain(env, meta)
+        except MessageRejected as exc:
+            self.stats.rejected += 1
+            await self._dead_letter(sub, delivery, env, exc.reason, exc)
+            return
+        except Exception as exc:
+            self.stats.handler_errors += 1
+            sub.errors += 1
+            if delivery.attempt < sub.max_attempts and self.broker.capabilities.redelivery:
+                self.stats.retried += 1
+                await delivery.nack(sub.retry_delay * (2 ** (delivery.attempt - 1)))
+                return
+            log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
+            await self._dead_letter(sub, delivery, env, "handler_error", exc)
+            if env.reply_to:
+                await self._send_error_reply(env, f"handler_error: {type(exc).__name__}")
+            return
+        sub.handled += 1
+        self.stats.handled += 1
+        await delivery.ack()
+
+    async def _send_error_reply(self, request: Envelope, reason: str) -> None:
+        assert request.reply_to is not None
+        with contextlib.suppress(BusError):
+            await self.publish(
+                request.reply_to, None, correlation_id=request.id, headers={ERROR_HEADER: reason}
+            )
+
+    async def _dead_letter(
+        self,
+        sub: Subscription,
+        delivery: Delivery,
+        env: Envelope | None,
+        reason: str,
+        error: BaseException,
+    ) -> None:
+        """Publish the raw message to the dead-letter subject with why, then ack it.
+
+        Dead letters bypass the middleware chain: they are the bus's own record of a failure and
+        must not be refused by the policy that caused it. If the dead letter cannot be published
+        the message is nacked so a durable broker delivers it again.
+        """
+        subject = delivery.subject
+        if subject.startswith(self.dead_letter_prefix + "."):
+            # A failure while handling a dead letter: do not nest dead letters without bound.
+            self.stats.dead_letter_failures += 1
+            log.error("dead letter on %r could not be handled (%s): %r", subject, reason, error)
+            await delivery.ack()
+            return
+        headers = {
+            DLQ_REASON: reason,
+            DLQ_ERROR: f"{type(error).__name__}: {error}"[:1024],
+            DLQ_SUBJECT: subject,
+            DLQ_ATTEMPTS: str(delivery.attempt),
+        }
+        if env is not None:
+            headers[DLQ_ORIGINAL_ID] = env.id
+        dead = Envelope(
+            new_id(),
+            f"{self.dead_letter_prefix}.{subject}",
+            self.agent_id,
+            bytes(delivery.data),
+            timestamp=time.time_ns(),
+            headers=headers,
+        )
+        try:
+            await self._wire_send(dead)
+        except BusError as exc:
+            self.stats.dead_letter_failures += 1
+            log.error("could not dead-letter a message from %r (%s): %r", subject, reason, exc)
+            await delivery.nack(sub.retry_delay)
+            return
+        self.stats.dead_lettered += 1
+        await delivery.ack()

@@ -1,0 +1,91 @@
+"""The v1 envelope: one record per message, the unit that is serialized, signed and routed.
+
+Broker-specific delivery facts (attempt, redelivered, partition/offset, stream id) never live
+here: they travel beside the envelope in :class:`amb.Metadata`, outside the signed bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+WIRE_VERSION = 1
+
+
+@dataclass(slots=True, frozen=True)
+class Signature:
+    """The signature block written by IATP: what signed the envelope, and how.
+
+    ``scheme`` names the algorithm (``"ed25519"`` or a session MAC), ``key_id`` the key,
+    ``nonce`` the random bytes that make the signature unique, ``value`` the signature.
+    """
+
+    scheme: str
+    key_id: str
+    nonce: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One message on the bus (wire format v1).
+
+    ``timestamp`` and ``expires_at`` are nanoseconds since the Unix epoch. ``payload`` is bytes
+    or any value the serializer can carry (msgpack: dicts, lists, str, int, float, bool, None,
+    bytes). ``headers`` map str to str (``traceparent``, ``content-type``, ...).
+    """
+
+    id: str
+    topic: str
+    sender: str
+    payload: Any = None
+    recipient: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    timestamp: int = 0
+    expires_at: int | None = None
+    priority: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    sig: Signature | None = None
+    v: int = WIRE_VERSION
+
+    def expired(self, now_ns: int | None = None) -> bool:
+        """True when the envelope has an expiry and it has passed."""
+        if self.expires_at is None:
+            return False
+        return (time.time_ns() if now_ns is None else now_ns) >= self.expires_at
+
+
+class _IdSource:
+    """Sortable unique ids: 48-bit milliseconds, 32-bit per-process node, 48-bit counter, as hex.
+
+    Ids from one process sort in creation order; ids from different processes sort by their
+    millisecond. The node is drawn again after ``fork`` so children never repeat the parent's ids.
+    """
+
+    __slots__ = ("_counter", "_node")
+
+    def __init__(self) -> None:
+        self._reseed()
+
+    def _reseed(self) -> None:
+        self._node = os.urandom(4).hex()
+        # The counter starts at a random point so that two processes drawing the same node
+        # (one chance in 2**32) still do not collide on the first ids.
+        # itertools.count is atomic under the GIL, so threads never draw the same value.
+        self._counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
+
+    def next(self) -> str:
+        return f"{time.time_ns() // 1_000_000:012x}{self._node}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+_ids = _IdSource()
+os.register_at_fork(after_in_child=_ids._reseed)
+
+
+def new_id() -> str:
+    """Return a new sortable unique id (32 hex characters)."""
+    return _ids.next()

@@ -1,0 +1,90 @@
+"""What a handler learns about a message besides its payload."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from amb.envelope import Envelope, Signature
+
+
+class Metadata:
+    """Facts about one delivered message, handed to handlers as their second argument.
+
+    Envelope fields (``id``, ``topic``, ``sender``, ``recipient``, ``reply_to``,
+    ``correlation_id``, ``timestamp`` in ns, ``expires_at``, ``priority``, ``headers``,
+    ``signature``) are read from the envelope; ``subject`` is the subject the broker delivered
+    on, ``attempt`` counts deliveries from 1, and ``extra`` holds broker facts (partition,
+    offset, stream id). ``context`` is a dict middleware fills in (IATP puts its verification
+    result there) for the handler to read.
+    """
+
+    __slots__ = ("attempt", "context", "envelope", "extra", "subject")
+
+    def __init__(self, envelope: Envelope, subject: str, attempt: int, extra: Mapping[str, Any]) -> None:
+        self.envelope = envelope
+        self.subject = subject
+        self.attempt = attempt
+        self.extra = extra
+        self.context: dict[str, Any] = {}
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def topic(self) -> str:
+        return self.envelope.topic
+
+    @property
+    def sender(self) -> str:
+        return self.envelope.sender
+
+    @property
+    def recipient(self) -> str | None:
+        return self.envelope.recipient
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.envelope.reply_to
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.envelope.correlation_id
+
+    @property
+    def timestamp(self) -> int:
+        """When the message was created, in nanoseconds since the Unix epoch."""
+        return self.envelope.timestamp
+
+    @property
+    def time(self) -> datetime:
+        """``timestamp`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.envelope.timestamp / 1e9, tz=UTC)
+
+    @property
+    def expires_at(self) -> int | None:
+        return self.envelope.expires_at
+
+    @property
+    def priority(self) -> int:
+        return self.envelope.priority
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.envelope.headers
+
+    @property
+    def signature(self) -> Signature | None:
+        return self.envelope.sig
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Metadata(id={self.id!r}, topic={self.topic!r}, sender={self.sender!r}, "
+            f"reply_to={self.reply_to!r}, attempt={self.attempt})"
+        )

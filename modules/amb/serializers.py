@@ -1,0 +1,350 @@
+"""Serializers: envelope <-> bytes, with strict decoding.
+
+Two formats carry the same v1 envelope:
+
+* ``msgpack`` (the default): a 13-element array ``[v, id, topic, sender, recipient, reply_to,
+  correlation_id, timestamp, expires_at, priority, headers, payload, sig]`` where ``sig`` is
+  ``None`` or ``[scheme, key_id, nonce, value]``. Compact and fast; bytes payloads stay bytes.
+* ``json``: an object with the same field names; a bytes payload travels base64-encoded under
+  ``payload_b64`` and the signature's binary fields are base64 too.
+
+Decoding never trusts its input: anything that is not exactly a v1 envelope raises an
+:class:`~amb.errors.EnvelopeError` subclass naming what is wrong. :func:`decode` accepts either
+format (a JSON envelope starts with ``{``, a msgpack one never does), so clients configured with
+different serializers interoperate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Final, Protocol
+
+import msgpack
+
+from amb.envelope import WIRE_VERSION, Envelope, Signature
+from amb.errors import (
+    ConfigError,
+    MalformedEnvelope,
+    OversizedEnvelope,
+    TruncatedEnvelope,
+    UnserializablePayload,
+    UnsupportedVersion,
+)
+
+DEFAULT_MAX_BYTES: Final = 8 * 1024 * 1024
+"""Largest encoded envelope accepted by default (8 MiB); brokers may impose a lower limit."""
+
+_FIELDS: Final = (
+    "v",
+    "id",
+    "topic",
+    "sender",
+    "recipient",
+    "reply_to",
+    "correlation_id",
+    "timestamp",
+    "expires_at",
+    "priority",
+    "headers",
+    "payload",
+    "sig",
+)
+_OPTIONAL_STR: Final = ("recipient", "reply_to", "correlation_id")
+
+
+class Serializer(Protocol):
+    """Turns envelopes into bytes and back. Implementations must be stateless and thread-safe."""
+
+    name: str
+    content_type: str
+
+    def encode(self, env: Envelope) -> bytes:
+        """Encode ``env``; raises :class:`UnserializablePayload` if a value cannot be carried."""
+        ...
+
+    def decode(self, data: bytes) -> Envelope:
+        """Decode ``data``; raises an :class:`EnvelopeError` subclass on any invalid input."""
+        ...
+
+
+def _diagnose(fields: list[Any]) -> str:
+    """Name the first invalid field of a decoded v1 field list (slow path, errors only)."""
+    values = dict(zip(_FIELDS, fields, strict=True))
+    for name in ("id", "topic"):
+        if type(values[name]) is not str or not values[name]:
+            return f"{name} must be a non-empty string"
+    if type(values["sender"]) is not str:
+        return "sender must be a string"
+    for name in _OPTIONAL_STR:
+        if values[name] is not None and type(values[name]) is not str:
+            return f"{name} must be a string or null"
+    if type(values["timestamp"]) is not int:
+        return "timestamp must be an integer (ns)"
+    if values["expires_at"] is not None and type(values["expires_at"]) is not int:
+        return "expires_at must be an integer (ns) or null"
+    if type(values["priority"]) is not int:
+        return "priority must be an integer"
+    headers = values["headers"]
+    if type(headers) is not dict or not all(type(k) is str and type(v) is str for k, v in headers.items()):
+        return "headers must map strings to strings"
+    return "sig must be null or [scheme, key_id, nonce, value]"
+
+
+def _signature(raw: Any) -> Signature | None:
+    if raw is None:
+        return None
+    if (
+        type(raw) is list
+        and len(raw) == 4
+        and type(raw[0]) is str
+        and type(raw[1]) is str
+        and type(raw[2]) is bytes
+        and type(raw[3]) is bytes
+    ):
+        return Signature(raw[0], raw[1], raw[2], raw[3])
+    raise MalformedEnvelope("sig must be null or [scheme, key_id, nonce, value]")
+
+
+def envelope_from_fields(fields: Any) -> Envelope:
+    """Build an envelope from the v1 field list, checking every field's type.
+
+    Raises :class:`UnsupportedVersion` for another version and :class:`MalformedEnvelope` for a
+    wrong shape or type. Shared by every serializer so that all formats are equally strict.
+    """
+    if type(fields) is not list or not fields:
+        raise MalformedEnvelope("an envelope must be a non-empty array")
+    version = fields[0]
+    if type(version) is not int:
+        raise MalformedEnvelope("the version field must be an integer")
+    if version != WIRE_VERSION:
+        raise UnsupportedVersion(version)
+    if len(fields) != len(_FIELDS):
+        raise MalformedEnvelope(f"a v1 envelope has {len(_FIELDS)} fields, got {len(fields)}")
+    _, id_, topic, sender, recipient, reply_to, corr, ts, exp, prio, headers, payload, sig = fields
+    if (
+        type(id_) is not str
+        or not id_
+        or type(topic) is not str
+        or not topic
+        or type(sender) is not str
+        or (recipient is not None and type(recipient) is not str)
+        or (reply_to is not None and type(reply_to) is not str)
+        or (corr is not None and type(corr) is not str)
+        or type(ts) is not int
+        or (exp is not None and type(exp) is not int)
+        or type(prio) is not int
+        or type(headers) is not dict
+    ):
+        raise MalformedEnvelope(_diagnose(fields))
+    if headers:
+        for k, v in headers.items():
+            if type(k) is not str or type(v) is not str:
+                raise MalformedEnvelope("headers must map strings to strings")
+    return Envelope(
+        id_, topic, sender, payload, recipient, reply_to, corr, ts, exp, prio, headers, _signature(sig)
+    )
+
+
+def _check_size(data: bytes, limit: int) -> None:
+    if len(data) > limit:
+        raise OversizedEnvelope(len(data), limit)
+
+
+class MsgpackSerializer:
+    """The default serializer: a msgpack array, bytes kept as bin."""
+
+    name = "msgpack"
+    content_type = "application/msgpack"
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def encode(self, env: Envelope) -> bytes:
+        sig = env.sig
+        try:
+            data: bytes = msgpack.packb(
+                [
+                    env.v,
+                    env.id,
+                    env.topic,
+                    env.sender,
+                    env.recipient,
+                    env.reply_to,
+                    env.correlation_id,
+                    env.timestamp,
+                    env.expires_at,
+                    env.priority,
+                    env.headers,
+                    env.payload,
+                    None if sig is None else [sig.scheme, sig.key_id, sig.nonce, sig.value],
+                ],
+                use_bin_type=True,
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnserializablePayload(f"msgpack cannot encode the envelope: {exc}") from exc
+        _check_size(data, self.max_bytes)
+        return data
+
+    def decode(self, data: bytes) -> Envelope:
+        _check_size(data, self.max_bytes)
+        try:
+            fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises ValueError, FormatError, StackError, ...
+            raise _classify_msgpack_error(data, exc) from exc
+        return envelope_from_fields(fields)
+
+
+def _classify_msgpack_error(data: bytes, exc: Exception) -> MalformedEnvelope | TruncatedEnvelope:
+    # Feeding the bytes to a streaming unpacker tells "ends too early" apart from "is not msgpack".
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return TruncatedEnvelope(f"envelope truncated after {len(data)} bytes")
+    except Exception as inner:
+        return MalformedEnvelope(f"not a msgpack envelope: {inner or type(inner).__name__}")
+    return MalformedEnvelope(f"not a msgpack envelope: {exc or type(exc).__name__}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, name: str) -> bytes:
+    if type(text) is not str:
+        raise MalformedEnvelope(f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedEnvelope(f"{name} is not valid base64") from exc
+
+
+class JsonSerializer:
+    """A JSON object per envelope; readable and language-neutral, slower than msgpack."""
+
+    name = "json"
+    content_type = "application/json"
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def encode(self, env: Envelope) -> bytes:
+        obj: dict[str, Any] = {
+            "v": env.v,
+            "id": env.id,
+            "topic": env.topic,
+            "sender": env.sender,
+            "recipient": env.recipient,
+            "reply_to": env.reply_to,
+            "correlation_id": env.correlation_id,
+            "timestamp": env.timestamp,
+            "expires_at": env.expires_at,
+            "priority": env.priority,
+            "headers": env.headers,
+        }
+        if isinstance(env.payload, bytes | bytearray | memoryview):
+            obj["payload_b64"] = _b64(bytes(env.payload))
+        else:
+            obj["payload"] = env.payload
+        if env.sig is not None:
+            s = env.sig
+            obj["sig"] = {
+                "scheme": s.scheme,
+                "key_id": s.key_id,
+                "nonce": _b64(s.nonce),
+                "value": _b64(s.value),
+            }
+        try:
+            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
+        _check_size(data, self.max_bytes)
+        return data
+
+    def decode(self, data: bytes) -> Envelope:
+        _check_size(data, self.max_bytes)
+        try:
+            text = bytes(data).decode("utf-8")
+            obj = json.loads(text)
+        except UnicodeDecodeError as exc:
+            raise MalformedEnvelope("a JSON envelope must be UTF-8") from exc
+        except json.JSONDecodeError as exc:
+            if exc.pos >= len(exc.doc.rstrip()):
+                raise TruncatedEnvelope(f"JSON envelope truncated after {len(data)} bytes") from exc
+            raise MalformedEnvelope(f"not a JSON envelope: {exc.msg} at {exc.pos}") from exc
+        except RecursionError as exc:
+            raise MalformedEnvelope("JSON envelope nested too deeply") from exc
+        if type(obj) is not dict:
+            raise MalformedEnvelope("a JSON envelope must be an object")
+        if "v" in obj and obj["v"] != WIRE_VERSION and type(obj["v"]) is int:
+            raise UnsupportedVersion(obj["v"])
+        known = set(_FIELDS) | {"payload_b64"}
+        unknown = obj.keys() - known
+        if unknown:
+            raise MalformedEnvelope(f"unknown envelope fields: {sorted(unknown)}")
+        if "payload" in obj and "payload_b64" in obj:
+            raise MalformedEnvelope("payload and payload_b64 are exclusive")
+        payload = _unb64(obj["payload_b64"], "payload_b64") if "payload_b64" in obj else obj.get("payload")
+        sig = obj.get("sig")
+        if sig is not None:
+            if type(sig) is not dict or set(sig) != {"scheme", "key_id", "nonce", "value"}:
+                raise MalformedEnvelope("sig must have exactly scheme, key_id, nonce and value")
+            sig = [
+                sig["scheme"],
+                sig["key_id"],
+                _unb64(sig["nonce"], "sig.nonce"),
+                _unb64(sig["value"], "sig.value"),
+            ]
+        required = ("v", "id", "topic", "sender", "timestamp")
+        missing = [name for name in required if name not in obj]
+        if missing:
+            raise MalformedEnvelope(f"missing envelope fields: {missing}")
+        fields = [obj.get(name) for name in _FIELDS]
+        fields[9] = obj.get("priority", 0)
+        fields[10] = obj.get("headers", {})
+        fields[11] = payload
+        fields[12] = sig
+        return envelope_from_fields(fields)
+
+
+SERIALIZERS: Final[dict[str, type[MsgpackSerializer] | type[JsonSerializer]]] = {
+    "msgpack": MsgpackSerializer,
+    "json": JsonSerializer,
+}
+
+
+def get_serializer(name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Serializer:
+    """Return the serializer called ``name`` (``"msgpack"`` or ``"json"``); raises ConfigError."""
+    try:
+        cls = SERIALIZERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown serializer {name!r}; choose one of {sorted(SERIALIZERS)}") from None
+    return cls(max_bytes)
+
+
+_JSON_START: Final = ord("{")
+
+
+class Decoder:
+    """Decodes either format, picking by the first byte; the size limit applies to both."""
+
+    __slots__ = ("_json", "_msgpack")
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._msgpack = MsgpackSerializer(max_bytes)
+        self._json = JsonSerializer(max_bytes)
+
+    def __call__(self, data: bytes) -> Envelope:
+        if not data:
+            raise TruncatedEnvelope("empty message")
+        if data[0] == _JSON_START:
+            return self._json.decode(data)
+        return self._msgpack.decode(data)
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Decode an envelope in either format; raises an :class:`EnvelopeError` subclass."""
+    return Decoder(max_bytes)(data)
