@@ -592,7 +592,9 @@ class AMB(Lifecycle):
             )
             if self._state is LifecycleState.OPEN:
                 self._pending_starts.append(asyncio.get_running_loop().create_task(self._start(sub)))
-            elif self._state is not LifecycleState.UNOPENED:
+            elif self._state is LifecycleState.UNOPENED:
+                self._subs.append(sub)  # started by connect()
+            else:
                 self._require_open()
             return fn
 
@@ -632,17 +634,12 @@ class AMB(Lifecycle):
             max_attempts=max_attempts,
             retry_delay=retry_delay,
         )
-        self._subs.append(sub)
         return sub
 
     async def _subscribe(self, pattern: str, handler: Handler, **options: Any) -> Subscription:
         sub = self._make_subscription(pattern, handler, **options)
-        try:
-            await self._ready()
-            await self._start(sub)
-        except BaseException:
-            self._forget(sub)
-            raise
+        await self._ready()
+        await self._start(sub)
         return sub
 
     async def _start(self, sub: Subscription) -> None:
@@ -658,6 +655,8 @@ class AMB(Lifecycle):
             sub.pattern, on_delivery, queue=sub.queue, durable=sub.durable
         )
         sub._active = True
+        if sub not in self._subs:
+            self._subs.append(sub)
 
     def _forget(self, sub: Subscription) -> None:
         with contextlib.suppress(ValueError):

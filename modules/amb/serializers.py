@@ -5,8 +5,9 @@ Two formats carry the same v1 envelope:
 * ``msgpack`` (the default): a 13-element array ``[v, id, topic, sender, recipient, reply_to,
   correlation_id, timestamp, expires_at, priority, headers, payload, sig]`` where ``sig`` is
   ``None`` or ``[scheme, key_id, nonce, value]``. Compact and fast; bytes payloads stay bytes.
-* ``json``: an object with the same field names; a bytes payload travels base64-encoded under
-  ``payload_b64`` and the signature's binary fields are base64 too.
+* ``json``: an object with the same field names. Bytes anywhere in the payload travel as
+  ``{"$b64": "<base64>"}`` (so a payload dict with the single key ``"$b64"`` cannot be sent as
+  JSON); the signature's binary fields are base64 strings.
 
 Decoding never trusts its input: anything that is not exactly a v1 envelope raises an
 :class:`~amb.errors.EnvelopeError` subclass naming what is wrong. :func:`decode` accepts either
@@ -222,6 +223,21 @@ def _unb64(text: Any, name: str) -> bytes:
         raise MalformedEnvelope(f"{name} is not valid base64") from exc
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {_B64_TAG: _b64(bytes(value))}
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_object(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and _B64_TAG in obj:
+        return _unb64(obj[_B64_TAG], "a $b64 value")
+    return obj
+
+
+_B64_TAG: Final = "$b64"
+
+
 class JsonSerializer:
     """A JSON object per envelope; readable and language-neutral, slower than msgpack."""
 
@@ -245,10 +261,7 @@ class JsonSerializer:
             "priority": env.priority,
             "headers": env.headers,
         }
-        if isinstance(env.payload, bytes | bytearray | memoryview):
-            obj["payload_b64"] = _b64(bytes(env.payload))
-        else:
-            obj["payload"] = env.payload
+        obj["payload"] = env.payload
         if env.sig is not None:
             s = env.sig
             obj["sig"] = {
@@ -258,7 +271,9 @@ class JsonSerializer:
                 "value": _b64(s.value),
             }
         try:
-            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+            data = json.dumps(
+                obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+            ).encode()
         except (TypeError, ValueError) as exc:
             raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
         _check_size(data, self.max_bytes)
@@ -268,7 +283,7 @@ class JsonSerializer:
         _check_size(data, self.max_bytes)
         try:
             text = bytes(data).decode("utf-8")
-            obj = json.loads(text)
+            obj = json.loads(text, object_hook=_json_object)
         except UnicodeDecodeError as exc:
             raise MalformedEnvelope("a JSON envelope must be UTF-8") from exc
         except json.JSONDecodeError as exc:
@@ -281,13 +296,10 @@ class JsonSerializer:
             raise MalformedEnvelope("a JSON envelope must be an object")
         if "v" in obj and obj["v"] != WIRE_VERSION and type(obj["v"]) is int:
             raise UnsupportedVersion(obj["v"])
-        known = set(_FIELDS) | {"payload_b64"}
-        unknown = obj.keys() - known
+        unknown = obj.keys() - set(_FIELDS)
         if unknown:
             raise MalformedEnvelope(f"unknown envelope fields: {sorted(unknown)}")
-        if "payload" in obj and "payload_b64" in obj:
-            raise MalformedEnvelope("payload and payload_b64 are exclusive")
-        payload = _unb64(obj["payload_b64"], "payload_b64") if "payload_b64" in obj else obj.get("payload")
+        payload = obj.get("payload")
         sig = obj.get("sig")
         if sig is not None:
             if type(sig) is not dict or set(sig) != {"scheme", "key_id", "nonce", "value"}:

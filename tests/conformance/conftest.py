@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from amb import AMB
+from tests.conformance.brokers import TARGETS, BrokerTarget
+
+AmbFactory = Callable[..., Awaitable[AMB]]
+
+
+@pytest.fixture(
+    params=[pytest.param(t, id=t.name, marks=[getattr(pytest.mark, t.marker)] if t.marker else []) for t in TARGETS]
+)
+def target(request: pytest.FixtureRequest) -> BrokerTarget:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def subject() -> str:
+    """A subject prefix unique to the test, so tests sharing a real server never see each other."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def amb_factory(target: BrokerTarget) -> AsyncIterator[AmbFactory]:
+    """Creates connected clients that share one broker; closes them all after the test."""
+    url = target.url()
+    clients: list[AMB] = []
+
+    async def make(**options: Any) -> AMB:
+        client = AMB(backend=target.name, connection_string=url, **options)
+        await client.connect()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        await client.close(timeout=5)
+
+
+def requires(client: AMB, capability: str) -> None:
+    """Skip, visibly and naming the adapter, when the broker lacks ``capability``."""
+    if not getattr(client.capabilities, capability):
+        pytest.skip(f"{client.broker.name} broker does not declare {capability}")

@@ -1,0 +1,34 @@
+"""Small helpers shared by the test suites."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from amb import Metadata
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Wait until ``condition()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class Collector:
+    """A handler that records what it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.metadata: list[Metadata] = []
+
+    async def __call__(self, message: Any, metadata: Metadata) -> None:
+        self.messages.append(message)
+        self.metadata.append(metadata)
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        await wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages (have {len(self.messages)})")
