@@ -198,15 +198,10 @@ class MsgpackSerializer:
 
 
 def _classify_msgpack_error(data: bytes, exc: Exception) -> MalformedEnvelope | TruncatedEnvelope:
-    # Feeding the bytes to a streaming unpacker tells "ends too early" apart from "is not msgpack".
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        unpacker.unpack()
-    except msgpack.OutOfData:
+    # msgpack bounds every declared length by the input's size, so a container or string that
+    # claims more than the bytes left means the input ends early; so does running out of data.
+    if "exceeds max_" in str(exc) or "incomplete input" in str(exc):
         return TruncatedEnvelope(f"envelope truncated after {len(data)} bytes")
-    except Exception as inner:
-        return MalformedEnvelope(f"not a msgpack envelope: {inner or type(inner).__name__}")
     return MalformedEnvelope(f"not a msgpack envelope: {exc or type(exc).__name__}")
 
 

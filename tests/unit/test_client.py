@@ -1,0 +1,216 @@
+"""The AMB client's own logic: middleware order, rejection, lifecycle, options."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+import amb
+from amb import (
+    AMB,
+    ConfigError,
+    Envelope,
+    MessageRejected,
+    Metadata,
+    Middleware,
+    StateError,
+    available_brokers,
+    load_broker,
+)
+from amb.middleware import ConsumeNext, PublishNext
+from tests.support import Collector, wait_until
+
+
+def memory_url() -> str:
+    return f"memory://unit-{uuid.uuid4().hex}"
+
+
+class Recorder(Middleware):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
+        self.log.append(f"{self.name}.out")
+        envelope.headers[f"seen-by-{self.name}"] = "1"
+        await call_next(envelope)
+
+    async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        self.log.append(f"{self.name}.in")
+        await call_next(envelope, metadata)
+
+
+async def test_middleware_order_is_wire_side_first() -> None:
+    log: list[str] = []
+    url = memory_url()
+    client = AMB(connection_string=url, middleware=[Recorder("wire", log), Recorder("app", log)])
+    got = Collector()
+    await client.subscribe("m.x", got)
+    await client.publish("m.x", 1)
+    await got.wait_for(1)
+    # Outbound: the innermost (app) runs first, the wire side last; inbound the reverse.
+    assert log == ["app.out", "wire.out", "wire.in", "app.in"]
+    assert got.metadata[0].headers == {"seen-by-app": "1", "seen-by-wire": "1"}
+    await client.close()
+
+
+class RejectOdd(Middleware):
+    async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        if isinstance(envelope.payload, int) and envelope.payload % 2:
+            raise MessageRejected("odd numbers are not allowed", reason="odd")
+        metadata.context["checked"] = True
+        await call_next(envelope, metadata)
+
+
+async def test_inbound_rejection_is_dead_lettered_with_its_reason() -> None:
+    client = AMB(connection_string=memory_url(), middleware=[RejectOdd()])
+    got, dead = Collector(), Collector()
+    await client.subscribe("n.x", got)
+    await client.subscribe("_DLQ.n.x", dead)
+    for i in range(4):
+        await client.publish("n.x", i)
+    await got.wait_for(2)
+    await dead.wait_for(2)
+    assert got.messages == [0, 2]
+    assert all(m.context["checked"] for m in got.metadata)
+    assert {m.headers["dlq-reason"] for m in dead.metadata} == {"odd"}
+    assert client.stats.rejected == 2
+    await client.close()
+
+
+class RefuseOutbound(Middleware):
+    async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
+        raise MessageRejected("no", reason="denied")
+
+
+async def test_outbound_rejection_reaches_the_publisher() -> None:
+    client = AMB(connection_string=memory_url(), middleware=[RefuseOutbound()])
+    with pytest.raises(MessageRejected):
+        await client.publish("o.x", 1)
+    assert client.stats.published == 0
+    await client.close()
+
+
+async def test_middleware_chain_is_frozen_after_connect() -> None:
+    client = AMB(connection_string=memory_url())
+    client.add_middleware(Middleware())
+    await client.connect()
+    with pytest.raises(StateError, match="frozen"):
+        client.add_middleware(Middleware())
+    await client.close()
+
+
+async def test_lifecycle_errors() -> None:
+    client = AMB(connection_string=memory_url())
+    await client.publish("l.x", 1)  # connects on first use
+    await client.close()
+    await client.close()  # idempotent
+    with pytest.raises(StateError, match="closed"):
+        await client.publish("l.x", 1)
+    with pytest.raises(StateError):
+        await client.connect()
+
+
+async def test_decorator_after_connect_is_active_before_the_next_publish() -> None:
+    client = AMB(connection_string=memory_url())
+    await client.connect()
+    got = Collector()
+
+    @client.subscribe("d.x")
+    async def handler(message: Any, metadata: Metadata) -> None:
+        await got(message, metadata)
+
+    await client.publish("d.x", "first")
+    await got.wait_for(1)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"retry_delay": -1}, "retry_delay"),
+        ({"queue": ""}, "queue"),
+        ({"filter": {}}, "filter"),
+    ],
+)
+async def test_invalid_subscribe_options(options: dict[str, Any], words: str) -> None:
+    client = AMB(connection_string=memory_url())
+    with pytest.raises(ConfigError, match=words):
+        await client.subscribe("x.y", Collector(), **options)
+    await client.close()
+
+
+async def test_sync_handler_is_refused() -> None:
+    client = AMB(connection_string=memory_url())
+
+    def sync_handler(message: Any, metadata: Metadata) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="async"):
+        await client.subscribe("x.y", sync_handler)  # type: ignore[arg-type]
+    await client.close()
+
+
+async def test_publish_validation() -> None:
+    client = AMB(connection_string=memory_url())
+    with pytest.raises(ConfigError):
+        await client.publish("bad..subject", 1)
+    with pytest.raises(ConfigError):
+        await client.publish("wild.*", 1)
+    with pytest.raises(ConfigError):
+        await client.publish("x", 1, ttl=0)
+    with pytest.raises(ConfigError):
+        await client.reply("", 1)
+    await client.close()
+
+
+def test_unknown_backend_lists_installed_ones() -> None:
+    with pytest.raises(ConfigError, match="memory"):
+        load_broker("sqs")
+    assert "memory" in available_brokers()
+
+
+def test_public_names_are_complete_and_sorted() -> None:
+    public = {n for n in dir(amb) if not n.startswith("_") and n[0].isupper()}
+    modules = {"broker", "client", "envelope", "errors", "filters", "metadata", "middleware", "serializers", "subjects"}
+    assert public - set(amb.__all__) == set()
+    assert amb.__all__ == sorted(amb.__all__, key=lambda n: (not n.isupper(), n))
+    assert not set(amb.__all__) & modules
+
+
+async def test_handler_exception_never_stops_the_subscription() -> None:
+    client = AMB(connection_string=memory_url())
+    seen: list[int] = []
+
+    async def sometimes(message: int, metadata: Metadata) -> None:
+        if message % 3 == 0:
+            raise ValueError(message)
+        seen.append(message)
+
+    await client.subscribe("h.x", sometimes)
+    for i in range(30):
+        await client.publish("h.x", i)
+    await wait_until(lambda: len(seen) == 20)
+    assert client.stats.handler_errors == 10
+    assert client.stats.dead_lettered == 10
+    await client.close()
+
+
+async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
+    client = AMB(connection_string=memory_url())
+
+    async def fails(message: Any, metadata: Metadata) -> None:
+        raise RuntimeError("always")
+
+    await client.subscribe("_DLQ.>", fails)
+    await client.subscribe("loop.x", fails)
+    await client.publish("loop.x", 1)
+    await wait_until(lambda: client.stats.dead_letter_failures == 1)
+    await asyncio.sleep(0.05)
+    assert client.stats.dead_lettered == 1
+    await client.close()

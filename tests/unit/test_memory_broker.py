@@ -1,0 +1,206 @@
+"""Semantics of the in-memory broker that the shared conformance suite does not pin down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from amb import CapabilityNotSupported, ConfigError, Delivery, StateError
+from bus_adapters.memory import MemoryBroker, memory_server
+
+
+def url() -> str:
+    return f"memory://mb-{uuid.uuid4().hex}"
+
+
+async def test_publisher_waits_while_a_subscriber_queue_is_full() -> None:
+    u = url()
+    broker = MemoryBroker(u, max_pending=4)
+    await broker.connect()
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def blocked(d: Delivery) -> None:
+        await release.wait()
+        handled.append(d.data)
+
+    await broker.subscribe("bp.x", blocked)
+    publisher = asyncio.create_task(_publish_many(broker, 20))
+    await asyncio.sleep(0.05)
+    # One message is in the handler, four are queued: the publisher is parked on the fifth.
+    assert not publisher.done()
+    server = memory_server(broker.server_name)
+    assert server is not None
+    assert server.stats.routed == 5
+    release.set()
+    await asyncio.wait_for(publisher, 5)
+    await _until(lambda: len(handled) == 20)
+    assert handled == [str(i).encode() for i in range(20)]
+    await broker.close()
+
+
+async def _publish_many(broker: MemoryBroker, n: int) -> None:
+    for i in range(n):
+        await broker.publish("bp.x", str(i).encode())
+
+
+async def _until(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_idle_subscriptions_do_not_wake_up() -> None:
+    broker = MemoryBroker(url())
+    await broker.connect()
+    calls = 0
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+
+    for i in range(200):
+        await broker.subscribe(f"idle.{i}", handler)
+    loop = asyncio.get_running_loop()
+    # Every idle subscription is one task parked on a future: nothing is scheduled to run.
+    await asyncio.sleep(0.05)
+    ready = len(loop._ready)  # type: ignore[attr-defined]
+    scheduled = len(loop._scheduled)  # type: ignore[attr-defined]
+    assert ready == 0
+    assert scheduled <= 1  # at most this test's own sleep timer
+    start = time.process_time()
+    await asyncio.sleep(0.3)
+    assert time.process_time() - start < 0.05
+    assert calls == 0
+    await broker.close()
+
+
+async def test_queue_group_skips_a_full_member() -> None:
+    u = url()
+    slow_broker = MemoryBroker(u, max_pending=1)
+    fast_broker = MemoryBroker(u, max_pending=1000)
+    for b in (slow_broker, fast_broker):
+        await b.connect()
+    gate = asyncio.Event()
+    slow: list[bytes] = []
+    fast: list[bytes] = []
+
+    async def slow_handler(d: Delivery) -> None:
+        await gate.wait()
+        slow.append(d.data)
+
+    async def fast_handler(d: Delivery) -> None:
+        fast.append(d.data)
+
+    await slow_broker.subscribe("qg.x", slow_handler, queue="g")
+    await fast_broker.subscribe("qg.x", fast_handler, queue="g")
+    for i in range(50):
+        await asyncio.wait_for(fast_broker.publish("qg.x", str(i).encode()), 2)
+    await _until(lambda: len(fast) >= 48)
+    gate.set()
+    await _until(lambda: len(slow) + len(fast) == 50)
+    assert len(slow) <= 2
+    for b in (slow_broker, fast_broker):
+        await b.close()
+
+
+async def test_nack_redelivers_with_attempt_count() -> None:
+    broker = MemoryBroker(url())
+    await broker.connect()
+    attempts: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        attempts.append(d.attempt)
+        if d.attempt < 3:
+            await d.nack(0.01 if d.attempt == 1 else None)
+        else:
+            await d.ack()
+
+    await broker.subscribe("n.x", handler)
+    await broker.publish("n.x", b"1")
+    await _until(lambda: attempts == [1, 2, 3])
+    await broker.close()
+
+
+async def test_close_cancels_a_handler_stuck_past_the_timeout() -> None:
+    broker = MemoryBroker(url())
+    await broker.connect()
+    started = asyncio.Event()
+    cancelled = False
+
+    async def stuck(d: Delivery) -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    await broker.subscribe("s.x", stuck)
+    await broker.publish("s.x", b"x")
+    await started.wait()
+    t0 = time.monotonic()
+    await broker.close(timeout=0.1)
+    assert time.monotonic() - t0 < 1.0
+    assert cancelled
+
+
+async def test_unsubscribe_from_inside_the_handler() -> None:
+    broker = MemoryBroker(url())
+    await broker.connect()
+    seen: list[bytes] = []
+    subs = []
+
+    async def once(d: Delivery) -> None:
+        seen.append(d.data)
+        await subs[0].unsubscribe()
+
+    subs.append(await broker.subscribe("u.x", once))
+    for _ in range(3):
+        await broker.publish("u.x", b"m")
+    await asyncio.sleep(0.05)
+    assert seen == [b"m"]
+    await broker.close()
+
+
+async def test_messages_without_subscribers_are_counted() -> None:
+    broker = MemoryBroker(url())
+    await broker.connect()
+    await broker.publish("nobody.home", b"x")
+    server = memory_server(broker.server_name)
+    assert server is not None
+    assert server.stats.no_subscribers == 1
+    await broker.close()
+    assert memory_server(broker.server_name) is None
+
+
+async def test_durable_is_refused_and_state_is_checked() -> None:
+    broker = MemoryBroker(url())
+    with pytest.raises(StateError, match="connect"):
+        await broker.publish("x", b"")
+    await broker.connect()
+
+    async def handler(d: Delivery) -> None:
+        return None
+
+    with pytest.raises(CapabilityNotSupported) as info:
+        await broker.subscribe("x", handler, durable="d")
+    assert isinstance(info.value, NotImplementedError)
+    assert info.value.broker == "memory"
+    with pytest.raises(ConfigError):
+        await broker.publish("bad.*", b"")
+    await broker.close()
+    with pytest.raises(StateError, match="closed"):
+        await broker.publish("x", b"")
+
+
+def test_bad_urls() -> None:
+    with pytest.raises(ConfigError):
+        MemoryBroker("nats://localhost")
+    with pytest.raises(ConfigError):
+        MemoryBroker("memory://x", max_pending=0)
