@@ -31,4 +31,6 @@ class Collector:
         self.metadata.append(metadata)
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        await wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages (have {len(self.messages)})")
+        await wait_until(
+            lambda: len(self.messages) >= count, timeout, f"{count} messages (have {len(self.messages)})"
+        )

@@ -309,7 +309,7 @@ class AMB(Lifecycle):
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
-            if self._state is LifecycleState.OPEN:
+            if self.state is LifecycleState.OPEN:  # another task connected while this one waited
                 return
             await self.broker.connect()
             self._publish_chain = build_publish_chain(self._middleware, self._wire_send)

@@ -13,7 +13,10 @@ AmbFactory = Callable[..., Awaitable[AMB]]
 
 
 @pytest.fixture(
-    params=[pytest.param(t, id=t.name, marks=[getattr(pytest.mark, t.marker)] if t.marker else []) for t in TARGETS]
+    params=[
+        pytest.param(t, id=t.name, marks=[getattr(pytest.mark, t.marker)] if t.marker else [])
+        for t in TARGETS
+    ]
 )
 def target(request: pytest.FixtureRequest) -> BrokerTarget:
     return request.param  # type: ignore[no-any-return]

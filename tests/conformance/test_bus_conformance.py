@@ -110,10 +110,16 @@ async def test_queue_group_delivers_each_message_once(amb_factory: AmbFactory, s
 async def test_content_filters(amb_factory: AmbFactory, subject: str) -> None:
     client = await amb_factory()
     equal, member, predicate, nested = Collector(), Collector(), Collector(), Collector()
-    await client.subscribe(f"{subject}.tasks.*", equal, filter={"priority": "high", "department": "analytics"})
+    await client.subscribe(
+        f"{subject}.tasks.*", equal, filter={"priority": "high", "department": "analytics"}
+    )
     await client.subscribe(f"{subject}.tasks.*", member, filter={"priority": ["high", "urgent"]})
-    await client.subscribe(f"{subject}.tasks.*", predicate, filter=lambda m: isinstance(m, dict) and m.get("n", 0) > 2)
-    await client.subscribe(f"{subject}.tasks.*", nested, filter={"user.role": "admin", "n": lambda n: n % 2 == 0})
+    await client.subscribe(
+        f"{subject}.tasks.*", predicate, filter=lambda m: isinstance(m, dict) and m.get("n", 0) > 2
+    )
+    await client.subscribe(
+        f"{subject}.tasks.*", nested, filter={"user.role": "admin", "n": lambda n: n % 2 == 0}
+    )
     messages = [
         {"n": 1, "priority": "high", "department": "analytics"},
         {"n": 2, "priority": "urgent", "user": {"role": "admin"}},

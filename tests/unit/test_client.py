@@ -177,7 +177,17 @@ def test_unknown_backend_lists_installed_ones() -> None:
 
 def test_public_names_are_complete_and_sorted() -> None:
     public = {n for n in dir(amb) if not n.startswith("_") and n[0].isupper()}
-    modules = {"broker", "client", "envelope", "errors", "filters", "metadata", "middleware", "serializers", "subjects"}
+    modules = {
+        "broker",
+        "client",
+        "envelope",
+        "errors",
+        "filters",
+        "metadata",
+        "middleware",
+        "serializers",
+        "subjects",
+    }
     assert public - set(amb.__all__) == set()
     assert amb.__all__ == sorted(amb.__all__, key=lambda n: (not n.isupper(), n))
     assert not set(amb.__all__) & modules

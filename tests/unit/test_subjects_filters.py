@@ -50,9 +50,7 @@ token = st.text(alphabet="abc", min_size=1, max_size=2)
 
 def reference(pattern: str, subject: str) -> bool:
     """An independent regex translation of the wildcard rules."""
-    parts = []
-    for tok in pattern.split("."):
-        parts.append({"*": r"[^.]+", ">": r".+"}.get(tok, re.escape(tok)))
+    parts = [{"*": r"[^.]+", ">": r".+"}.get(tok, re.escape(tok)) for tok in pattern.split(".")]
     return re.fullmatch(r"\.".join(parts), subject) is not None
 
 
