@@ -29,9 +29,9 @@ def subject() -> str:
 
 
 @pytest.fixture
-async def amb_factory(target: BrokerTarget) -> AsyncIterator[AmbFactory]:
+async def amb_factory(target: BrokerTarget, request: pytest.FixtureRequest) -> AsyncIterator[AmbFactory]:
     """Creates connected clients that share one broker; closes them all after the test."""
-    url = target.url()
+    url = target.url(request)
     clients: list[AMB] = []
 
     async def make(**options: Any) -> AMB:
