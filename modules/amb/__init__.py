@@ -10,7 +10,7 @@ from amb.broker import (
     available_brokers,
     load_broker,
 )
-from amb.client import AMB, BusStats, Handler, MessageStream, Subscription
+from amb.client import AMB, BusStats, Handler, MessageStream, Subscription, SubscriptionOptions
 from amb.envelope import WIRE_VERSION, Envelope, Signature, new_id
 from amb.errors import (
     BrokerUnavailable,
@@ -66,6 +66,7 @@ __all__ = [
     "Signature",
     "StateError",
     "Subscription",
+    "SubscriptionOptions",
     "TransportError",
     "TruncatedEnvelope",
     "UnserializablePayload",

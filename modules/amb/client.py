@@ -101,36 +101,43 @@ class BusStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionOptions:
+    """How a subscription receives messages (see :meth:`AMB.subscribe`); checked on creation."""
+
+    queue: str | None = None
+    durable: str | None = None
+    filter: Predicate | None = None
+    concurrency: int = 1
+    max_attempts: int = 1
+    retry_delay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        if self.retry_delay < 0:
+            raise ConfigError("retry_delay must not be negative")
+        if self.queue is not None and not self.queue:
+            raise ConfigError("queue group name must be non-empty")
+        if self.durable is not None and not self.durable:
+            raise ConfigError("durable name must be non-empty")
+
+
 class Subscription:
     """A live subscription of an :class:`AMB` client."""
 
-    def __init__(
-        self,
-        client: AMB,
-        pattern: str,
-        handler: Handler,
-        *,
-        queue: str | None,
-        durable: str | None,
-        filter: Predicate | None,
-        concurrency: int,
-        max_attempts: int,
-        retry_delay: float,
-    ) -> None:
+    def __init__(self, client: AMB, pattern: str, handler: Handler, options: SubscriptionOptions) -> None:
         self.client = client
         self.pattern = pattern
         self.handler = handler
-        self.queue = queue
-        self.durable = durable
-        self.filter = filter
-        self.concurrency = concurrency
-        self.max_attempts = max_attempts
-        self.retry_delay = retry_delay
+        self.options = options
         self.handled = 0
         self.errors = 0
         self._broker_sub: BrokerSubscription | None = None
         self._chain: ConsumeNext | None = None
-        self._slots = asyncio.Semaphore(concurrency) if concurrency > 1 else None
+        self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._active = False
 
@@ -165,7 +172,7 @@ class Subscription:
             await asyncio.wait(pending)
 
     def __repr__(self) -> str:
-        return f"Subscription({self.pattern!r}, queue={self.queue!r}, active={self._active})"
+        return f"Subscription({self.pattern!r}, queue={self.options.queue!r}, active={self._active})"
 
 
 class MessageStream:
@@ -215,12 +222,8 @@ class MessageStream:
     async def start(self) -> None:
         """Subscribe now (otherwise the first ``__anext__`` does)."""
         if self._sub is None:
-            self._sub = await self._client._subscribe(
-                self._pattern,
-                self._on_message,
-                queue=self._queue_group,
-                filter=self._filter,
-            )
+            options = SubscriptionOptions(queue=self._queue_group, filter=compile_filter(self._filter))
+            self._sub = await self._client._subscribe(self._pattern, self._on_message, options)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -498,7 +501,7 @@ class AMB(Lifecycle):
         async with self._inbox_lock:
             if self._inbox is None:
                 prefix = self.broker.inbox_prefix()
-                self._inbox_sub = await self._subscribe(prefix + ".>", self._on_reply)
+                self._inbox_sub = await self._subscribe(prefix + ".>", self._on_reply, SubscriptionOptions())
                 self._inbox = prefix
         return self._inbox
 
@@ -567,29 +570,19 @@ class AMB(Lifecycle):
         Raises ConfigError for an invalid pattern or option, CapabilityNotSupported for an
         option the broker lacks.
         """
+        options = SubscriptionOptions(
+            queue=queue,
+            durable=durable,
+            filter=compile_filter(filter),
+            concurrency=concurrency,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+        )
         if handler is not None:
-            return self._subscribe(
-                pattern,
-                handler,
-                queue=queue,
-                durable=durable,
-                filter=filter,
-                concurrency=concurrency,
-                max_attempts=max_attempts,
-                retry_delay=retry_delay,
-            )
+            return self._subscribe(pattern, handler, options)
 
         def decorator(fn: Handler) -> Handler:
-            sub = self._make_subscription(
-                pattern,
-                fn,
-                queue=queue,
-                durable=durable,
-                filter=filter,
-                concurrency=concurrency,
-                max_attempts=max_attempts,
-                retry_delay=retry_delay,
-            )
+            sub = self._make_subscription(pattern, fn, options)
             if self._state is LifecycleState.OPEN:
                 self._pending_starts.append(asyncio.get_running_loop().create_task(self._start(sub)))
             elif self._state is LifecycleState.UNOPENED:
@@ -601,43 +594,15 @@ class AMB(Lifecycle):
         return decorator
 
     def _make_subscription(
-        self,
-        pattern: str,
-        handler: Handler,
-        *,
-        queue: str | None = None,
-        durable: str | None = None,
-        filter: FilterSpec | None = None,
-        concurrency: int = 1,
-        max_attempts: int = 1,
-        retry_delay: float = 0.1,
+        self, pattern: str, handler: Handler, options: SubscriptionOptions
     ) -> Subscription:
         validate_pattern(pattern)
         if not (inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)):
             raise ConfigError("a handler must be an async function: async def handler(message, metadata)")
-        if concurrency < 1:
-            raise ConfigError("concurrency must be at least 1")
-        if max_attempts < 1:
-            raise ConfigError("max_attempts must be at least 1")
-        if retry_delay < 0:
-            raise ConfigError("retry_delay must not be negative")
-        if queue is not None and not queue:
-            raise ConfigError("queue group name must be non-empty")
-        sub = Subscription(
-            self,
-            pattern,
-            handler,
-            queue=queue,
-            durable=durable,
-            filter=compile_filter(filter),
-            concurrency=concurrency,
-            max_attempts=max_attempts,
-            retry_delay=retry_delay,
-        )
-        return sub
+        return Subscription(self, pattern, handler, options)
 
-    async def _subscribe(self, pattern: str, handler: Handler, **options: Any) -> Subscription:
-        sub = self._make_subscription(pattern, handler, **options)
+    async def _subscribe(self, pattern: str, handler: Handler, options: SubscriptionOptions) -> Subscription:
+        sub = self._make_subscription(pattern, handler, options)
         await self._ready()
         await self._start(sub)
         return sub
@@ -652,7 +617,7 @@ class AMB(Lifecycle):
             await self._on_delivery(sub, delivery)
 
         sub._broker_sub = await self.broker.subscribe(
-            sub.pattern, on_delivery, queue=sub.queue, durable=sub.durable
+            sub.pattern, on_delivery, queue=sub.options.queue, durable=sub.options.durable
         )
         sub._active = True
         if sub not in self._subs:
@@ -695,9 +660,9 @@ class AMB(Lifecycle):
             stats.expired += 1
             await delivery.ack()
             return
-        if sub.filter is not None:
+        if sub.options.filter is not None:
             try:
-                wanted = sub.filter(env.payload)
+                wanted = sub.options.filter(env.payload)
             except Exception as exc:
                 await self._dead_letter(sub, delivery, env, "filter_error", exc)
                 return
@@ -734,9 +699,10 @@ class AMB(Lifecycle):
         except Exception as exc:
             self.stats.handler_errors += 1
             sub.errors += 1
-            if delivery.attempt < sub.max_attempts and self.broker.capabilities.redelivery:
+            options = sub.options
+            if delivery.attempt < options.max_attempts and self.broker.capabilities.redelivery:
                 self.stats.retried += 1
-                await delivery.nack(sub.retry_delay * (2 ** (delivery.attempt - 1)))
+                await delivery.nack(options.retry_delay * (2 ** (delivery.attempt - 1)))
                 return
             log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
             await self._dead_letter(sub, delivery, env, "handler_error", exc)
@@ -796,7 +762,7 @@ class AMB(Lifecycle):
         except BusError as exc:
             self.stats.dead_letter_failures += 1
             log.error("could not dead-letter a message from %r (%s): %r", subject, reason, exc)
-            await delivery.nack(sub.retry_delay)
+            await delivery.nack(sub.options.retry_delay)
             return
         self.stats.dead_lettered += 1
         await delivery.ack()
