@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -613,11 +614,11 @@ class AMB(Lifecycle):
 
         sub._chain = build_consume_chain(self._middleware, invoke)
 
-        async def on_delivery(delivery: Delivery) -> None:
-            await self._on_delivery(sub, delivery)
-
         sub._broker_sub = await self.broker.subscribe(
-            sub.pattern, on_delivery, queue=sub.options.queue, durable=sub.options.durable
+            sub.pattern,
+            functools.partial(self._on_delivery, sub),
+            queue=sub.options.queue,
+            durable=sub.options.durable,
         )
         sub._active = True
         if sub not in self._subs:

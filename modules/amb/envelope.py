@@ -86,6 +86,5 @@ _ids = _IdSource()
 os.register_at_fork(after_in_child=_ids._reseed)
 
 
-def new_id() -> str:
-    """Return a new sortable unique id (32 hex characters)."""
-    return _ids.next()
+new_id = _ids.next
+"""Return a new sortable unique id (32 hex characters)."""

@@ -185,11 +185,13 @@ class MsgpackSerializer:
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializablePayload(f"msgpack cannot encode the envelope: {exc}") from exc
-        _check_size(data, self.max_bytes)
+        if len(data) > self.max_bytes:
+            raise OversizedEnvelope(len(data), self.max_bytes)
         return data
 
     def decode(self, data: bytes) -> Envelope:
-        _check_size(data, self.max_bytes)
+        if len(data) > self.max_bytes:
+            raise OversizedEnvelope(len(data), self.max_bytes)
         try:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises ValueError, FormatError, StackError, ...
