@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -49,3 +49,19 @@ def requires(client: AMB, capability: str) -> None:
     """Skip, visibly and naming the adapter, when the broker lacks ``capability``."""
     if not getattr(client.capabilities, capability):
         pytest.skip(f"{client.broker.name} broker does not declare {capability}")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The librdkafka mock cluster for the kafka target, with group timings tuned for tests.
+
+    The mock rebalances a running group after ``session_timeout_ms - 1000`` ms, so a short
+    session timeout keeps wildcard subscriptions (which rejoin when a new topic appears) quick.
+    """
+    from tests.kafka_mock import MockKafkaCluster
+
+    with MockKafkaCluster(brokers=1) as cluster:
+        yield (
+            f"kafka://{cluster.bootstrap_servers}"
+            "?session_timeout_ms=1500&heartbeat_interval_ms=100&metadata_max_age_ms=200"
+        )

@@ -1,0 +1,99 @@
+"""The librdkafka mock cluster, started in-process for the Kafka tests.
+
+confluent-kafka bundles librdkafka, which contains a Kafka-protocol mock cluster (produce, fetch,
+metadata, consumer groups, offset commits). confluent-kafka's Python API only starts it through
+the ``test.mock.num.brokers`` property, which gives no handle on the cluster; we drive the C API
+through ctypes instead, so we can set the group's initial rebalance delay (3 s by default, which
+would make every consumer-group join in the suite take 3 s).
+
+Usage::
+
+    with MockKafkaCluster(brokers=1) as cluster:
+        bootstrap = cluster.bootstrap_servers  # "127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from types import TracebackType
+
+_RD_KAFKA_PRODUCER = 0
+
+
+def _load_librdkafka() -> ctypes.CDLL:
+    import confluent_kafka  # the wheel's bundled librdkafka lives beside the package
+
+    site = os.path.dirname(os.path.dirname(confluent_kafka.__file__))
+    candidates = sorted(glob.glob(os.path.join(site, "confluent_kafka.libs", "librdkafka*.so*")))
+    if not candidates:
+        raise RuntimeError("librdkafka not found in the confluent-kafka wheel")
+    lib = ctypes.CDLL(candidates[0])
+    lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+    lib.rd_kafka_conf_set.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.rd_kafka_conf_set.restype = ctypes.c_int
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_new.restype = ctypes.c_void_p
+    lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
+    lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+    lib.rd_kafka_mock_group_initial_rebalance_delay_ms.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
+    lib.rd_kafka_mock_set_controller_id.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    return lib
+
+
+class MockKafkaCluster:
+    """A librdkafka mock cluster with ``brokers`` brokers, listening on 127.0.0.1."""
+
+    def __init__(self, brokers: int = 1, *, initial_rebalance_delay_ms: int = 0) -> None:
+        self._lib = _load_librdkafka()
+        errstr = ctypes.create_string_buffer(512)
+        conf = self._lib.rd_kafka_conf_new()
+        # The handle that owns the cluster never talks to it; keep its own logging quiet.
+        self._lib.rd_kafka_conf_set(conf, b"log_level", b"3", errstr, len(errstr))
+        self._rk = self._lib.rd_kafka_new(_RD_KAFKA_PRODUCER, conf, errstr, len(errstr))
+        if not self._rk:
+            raise RuntimeError(f"rd_kafka_new failed: {errstr.value.decode()}")
+        self._cluster = self._lib.rd_kafka_mock_cluster_new(self._rk, brokers)
+        if not self._cluster:
+            self._lib.rd_kafka_destroy(self._rk)
+            raise RuntimeError("rd_kafka_mock_cluster_new failed")
+        self._lib.rd_kafka_mock_group_initial_rebalance_delay_ms(self._cluster, initial_rebalance_delay_ms)
+        # Metadata responses otherwise name no controller, and admin clients (CreateTopics) need one.
+        self._lib.rd_kafka_mock_set_controller_id(self._cluster, 1)
+        self.bootstrap_servers: str = self._lib.rd_kafka_mock_cluster_bootstraps(self._cluster).decode()
+
+    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1) -> None:
+        err = self._lib.rd_kafka_mock_topic_create(
+            self._cluster, name.encode(), partitions, replication_factor
+        )
+        if err:
+            raise RuntimeError(f"mock topic create {name!r} failed: error {err}")
+
+    def close(self) -> None:
+        if self._cluster:
+            self._lib.rd_kafka_mock_cluster_destroy(self._cluster)
+            self._cluster = None
+        if self._rk:
+            self._lib.rd_kafka_destroy(self._rk)
+            self._rk = None
+
+    def __enter__(self) -> MockKafkaCluster:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
