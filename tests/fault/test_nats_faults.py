@@ -106,7 +106,7 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         duplicates = sum(seen.values()) - n
         # Only what the dead consumer was handed but had not acked comes again: its one
         # in-flight message and nothing it acknowledged.
-        assert 1 <= duplicates <= 16, f"{duplicates} duplicate deliveries"
+        assert 0 < duplicates <= 16, f"{duplicates} duplicate deliveries"
     finally:
         release.set()
         for broker in (second, publisher, first):
