@@ -1,0 +1,1 @@
+"""Control plane: policy, signals and the flight recorder, applied to every message."""

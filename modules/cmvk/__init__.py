@@ -1,0 +1,1 @@
+"""Cross-Model Verification Kernel: several LLMs check an answer, by meaning."""

@@ -1,0 +1,1 @@
+"""Episodic Memory Kernel: append-only memory with semantic search."""

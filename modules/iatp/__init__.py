@@ -1,0 +1,1 @@
+"""Inter-Agent Trust Protocol: ed25519 identities, signed envelopes, replay protection and trust."""

@@ -1,0 +1,1 @@
+"""Runnable services that answer requests over the bus."""
