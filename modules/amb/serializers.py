@@ -6,8 +6,9 @@ Two formats carry the same v1 envelope:
   correlation_id, timestamp, expires_at, priority, headers, payload, sig]`` where ``sig`` is
   ``None`` or ``[scheme, key_id, nonce, value]``. Compact and fast; bytes payloads stay bytes.
 * ``json``: an object with the same field names. Bytes anywhere in the payload travel as
-  ``{"$b64": "<base64>"}`` (so a payload dict with the single key ``"$b64"`` cannot be sent as
-  JSON); the signature's binary fields are base64 strings.
+  ``{"$b64": "<base64>"}``; so that no payload can be mistaken for that tag, every object key
+  that starts with ``$`` (in the payload and the headers) is sent with one more ``$`` in front,
+  which the decoder removes. The signature's binary fields are base64 strings.
 
 Decoding never trusts its input: anything that is not exactly a v1 envelope raises an
 :class:`~amb.errors.EnvelopeError` subclass naming what is wrong. :func:`decode` accepts either
@@ -229,7 +230,29 @@ def _json_default(value: Any) -> Any:
 def _json_object(obj: dict[str, Any]) -> Any:
     if len(obj) == 1 and _B64_TAG in obj:
         return _unb64(obj[_B64_TAG], "a $b64 value")
+    for k in obj:
+        if k.startswith("$"):  # an escaped key (see _escape_keys): drop the added "$"
+            return {k[1:] if k.startswith("$") else k: v for k, v in obj.items()}
     return obj
+
+
+def _escape_keys(value: Any) -> Any:
+    """``value`` with one ``$`` added in front of every dict key starting with ``$``, so a
+    user's ``{"$b64": ...}`` is never read back as the bytes tag. Copies only what changes."""
+    if isinstance(value, dict):
+        out = {}
+        changed = False
+        for k, v in value.items():
+            e = _escape_keys(v)
+            if type(k) is str and k.startswith("$"):
+                k, changed = "$" + k, True
+            changed = changed or e is not v
+            out[k] = e
+        return out if changed else value
+    if isinstance(value, list | tuple):
+        items = [_escape_keys(v) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    return value
 
 
 _B64_TAG: Final = "$b64"
@@ -256,9 +279,9 @@ class JsonSerializer:
             "timestamp": env.timestamp,
             "expires_at": env.expires_at,
             "priority": env.priority,
-            "headers": env.headers,
+            "headers": _escape_keys(env.headers),
         }
-        obj["payload"] = env.payload
+        obj["payload"] = _escape_keys(env.payload)
         if env.sig is not None:
             s = env.sig
             obj["sig"] = {
