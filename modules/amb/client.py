@@ -112,6 +112,7 @@ class SubscriptionOptions:
     concurrency: int = 1
     max_attempts: int = 1
     retry_delay: float = 0.1
+    context: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -141,6 +142,8 @@ class Subscription:
         self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._active = False
+        # Seeds every delivery's metadata.context: the subscription itself, then its context option.
+        self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}
 
     @property
     def active(self) -> bool:
@@ -527,6 +530,7 @@ class AMB(Lifecycle):
         concurrency: int = 1,
         max_attempts: int = 1,
         retry_delay: float = 0.1,
+        context: Mapping[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]: ...
 
     @overload
@@ -541,6 +545,7 @@ class AMB(Lifecycle):
         concurrency: int = 1,
         max_attempts: int = 1,
         retry_delay: float = 0.1,
+        context: Mapping[str, Any] | None = None,
     ) -> Awaitable[Subscription]: ...
 
     def subscribe(
@@ -554,6 +559,7 @@ class AMB(Lifecycle):
         concurrency: int = 1,
         max_attempts: int = 1,
         retry_delay: float = 0.1,
+        context: Mapping[str, Any] | None = None,
     ) -> Callable[[Handler], Handler] | Awaitable[Subscription]:
         """Subscribe ``handler(message, metadata)`` to ``pattern`` (``*`` one token, ``>`` the rest).
 
@@ -566,7 +572,9 @@ class AMB(Lifecycle):
         a durable subscription (brokers with ``durable``); ``filter`` selects by payload (see
         :mod:`amb.filters`); ``concurrency`` handlers may run at once (1 keeps delivery order);
         a handler that raises is retried through broker redelivery until ``max_attempts``
-        deliveries, waiting ``retry_delay`` seconds doubled per attempt, then dead-lettered.
+        deliveries, waiting ``retry_delay`` seconds doubled per attempt, then dead-lettered;
+        ``context`` seeds each delivery's ``metadata.context`` (settings for middleware, e.g.
+        IATP's per-subscription policy), which also holds ``"subscription"``, this subscription.
 
         Raises ConfigError for an invalid pattern or option, CapabilityNotSupported for an
         option the broker lacks.
@@ -578,6 +586,7 @@ class AMB(Lifecycle):
             concurrency=concurrency,
             max_attempts=max_attempts,
             retry_delay=retry_delay,
+            context=context,
         )
         if handler is not None:
             return self._subscribe(pattern, handler, options)
@@ -672,6 +681,7 @@ class AMB(Lifecycle):
                 await delivery.ack()
                 return
         meta = Metadata(env, delivery.subject, delivery.attempt, delivery.extra)
+        meta.context.update(sub.context)
         if sub._slots is None:
             await self._process(sub, delivery, env, meta)
             return

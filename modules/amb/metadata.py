@@ -17,7 +17,8 @@ class Metadata:
     ``signature``) are read from the envelope; ``subject`` is the subject the broker delivered
     on, ``attempt`` counts deliveries from 1, and ``extra`` holds broker facts (partition,
     offset, stream id). ``context`` is a dict middleware fills in (IATP puts its verification
-    result there) for the handler to read.
+    result there) for the handler to read; it starts with ``"subscription"`` (the receiving
+    :class:`~amb.Subscription`) and the subscription's ``context`` option.
     """
 
     __slots__ = ("attempt", "context", "envelope", "extra", "subject")
