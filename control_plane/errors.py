@@ -1,0 +1,115 @@
+"""The errors of the control plane.
+
+Errors that refuse a message derive from :class:`amb.errors.MessageRejected`, so the bus
+dead-letters an inbound message with their ``reason`` and counts it, and an outbound one
+reaches the publisher::
+
+    ControlPlaneError
+    ├── PolicyError (ValueError)               a policy cannot be built
+    │   └── PolicyLoadError                    YAML that is not a valid policy (line and field named)
+    ├── SignalError (ValueError)               a signal that cannot be sent or handled this way
+    ├── AgentNotFound (KeyError)               no agent with that id
+    ├── RecorderError                          the flight recorder cannot store or read records
+    │   └── TamperDetected                     verify(raise_on_error=True) found a broken chain
+    └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+
+    amb.MessageRejected
+    ├── PolicyViolationError (+ControlPlaneError)   policy or permissions denied the action
+    │   └── RateLimitExceeded                       a token bucket was empty
+    ├── AgentStoppedError (+ControlPlaneError)      the agent was killed or terminated
+    ├── HoldQueueFull (+ControlPlaneError)          SIGSTOP's bounded hold queue overflowed
+    └── VerificationFailed (+ControlPlaneError)     a verifier module (CMVK) rejected a result
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from amb.errors import MessageRejected
+
+if TYPE_CHECKING:
+    from control_plane.policy import Decision
+
+
+class ControlPlaneError(Exception):
+    """Root of every error the control plane raises."""
+
+
+class PolicyError(ControlPlaneError, ValueError):
+    """A policy, rule or pattern is invalid."""
+
+
+class PolicyLoadError(PolicyError):
+    """A YAML policy is invalid; ``line`` (1-based, or None) and ``field`` name the culprit."""
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None) -> None:
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.line = line
+        self.field = field
+
+
+class SignalError(ControlPlaneError, ValueError):
+    """A signal cannot be used this way (e.g. a handler for SIGKILL)."""
+
+
+class AgentNotFound(ControlPlaneError, KeyError):
+    """No agent is known by that id."""
+
+
+class KernelError(ControlPlaneError, RuntimeError):
+    """KernelSpace was used wrongly: an unregistered agent, too many agents at once."""
+
+
+class RecorderError(ControlPlaneError):
+    """The flight recorder cannot store or read its records."""
+
+
+class TamperDetected(RecorderError):
+    """The hash chain is broken; ``sequence`` is the first record that does not verify."""
+
+    def __init__(self, message: str, *, sequence: int | None) -> None:
+        super().__init__(message)
+        self.sequence = sequence
+
+
+class PolicyViolationError(MessageRejected, ControlPlaneError):
+    """Policy or permissions denied an action; ``decision`` says which rule and why."""
+
+    reason = "policy_denied"
+
+    def __init__(self, message: str, *, decision: Decision | None = None, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.decision = decision
+
+
+class RateLimitExceeded(PolicyViolationError):
+    """A rate limit (per agent, per rule) has no token left."""
+
+    reason = "rate_limited"
+
+
+class AgentStoppedError(MessageRejected, ControlPlaneError):
+    """The agent was killed or terminated: nothing more goes in or out."""
+
+    reason = "agent_killed"
+
+
+class HoldQueueFull(MessageRejected, ControlPlaneError):
+    """The agent is stopped (SIGSTOP) and its bounded hold queue is full."""
+
+    reason = "hold_queue_full"
+
+
+class VerificationFailed(MessageRejected, ControlPlaneError):
+    """A verifier module (e.g. CMVK) did not verify an agent's result."""
+
+    reason = "verification_failed"
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -1,0 +1,500 @@
+"""KernelSpace: registers agents, runs them under supervision, and governs their bus traffic.
+
+Example::
+
+    kernel = KernelSpace(policy="strict")
+
+    @kernel.register(name="analyzer", permissions=["read"], rate_limit=60)
+    async def analyzer(data: str) -> dict:
+        await kernel.authorize("read", f"data/{data}")      # the gate for non-bus actions
+        return {"analyzed": True}
+
+    result = await kernel.execute(analyzer, "sample", context={"user_id": "u1"})
+
+Choices (the API reference is a sketch; these make it sound):
+
+- **Registration is the grant to run.** ``execute`` of a registered agent is allowed under any
+  policy (subject to its ``rate_limit`` per minute and ``max_concurrent_agents``, admitted by
+  ``priority``); what the agent *does* passes the policy: its bus traffic through an attached
+  client (:meth:`attach`) and other actions through :meth:`authorize`. Calling the decorated
+  function directly goes through ``execute`` too, so there is no way around the kernel.
+- **Permissions** (``["read", "write", "execute", "network"]``): an agent with a permission list
+  may only perform operations its list covers: an operation is covered by a permission of the
+  same name; bus ``publish``/``request``/``reply`` are also covered by ``write`` and ``deliver``
+  by ``read``. Restrictions ``"no_<permission>"`` remove one for good (children keep them).
+- **Children** (``spawn``) get permissions by the policy's ``inheritance``: ``strict``: the
+  intersection of the parent's and their own; ``permissive``: their own (or the parent's);
+  ``none`` or ``inherit_permissions=False``: their own.
+- ``current_agent_id`` is the agent whose code is running; outside agent code it is the agent
+  started most recently (so the reference's signal example works from ``main``).
+- Verifier modules (``add_module``: anything with ``async verify(prompt, response, context)``
+  returning ``.verified``) check every result; an unverified result raises
+  :class:`~control_plane.errors.VerificationFailed` instead of being returned.
+- Every decision is one flight-recorder record: ``execute``, ``policy_decision``,
+  ``message_held``, ``message_dropped``, ``signal``, ``verification``; lifecycle records
+  ``agent_completed`` / ``agent_failed`` / ``agent_killed`` carry ``data.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import heapq
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from amb.errors import BusError
+from control_plane.errors import (
+    AgentNotFound,
+    AgentStoppedError,
+    KernelError,
+    PolicyError,
+    PolicyViolationError,
+    RateLimitExceeded,
+    VerificationFailed,
+)
+from control_plane.policy import Decision, PermissionSource, Policy, PolicySet
+from control_plane.process import AgentProcess, AgentStatus, Life
+from control_plane.ratelimit import RateLimit, RateLimiter
+from control_plane.recorder import FlightRecorder
+from control_plane.signals import AgentSignal, SignalDispatcher, control_subject
+
+if TYPE_CHECKING:
+    from amb import AMB, Metadata
+    from control_plane.mediator import Mediator
+
+_CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
+_COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
+
+
+class AgentTimeoutError(AgentStoppedError, TimeoutError):
+    """An execution ran past its timeout; SIGALRM was sent and the execution cancelled."""
+
+    reason = "timeout"
+
+
+class Verifier(Protocol):
+    async def verify(self, prompt: Any, response: Any, context: Any = None) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredAgent:
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    permissions: frozenset[str] | None
+    limiter: RateLimiter | None
+    priority: int
+
+
+class KernelSpace:
+    """The orchestrator (see the module docstring).
+
+    Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
+    recorder), ``signal_dispatcher``, ``max_concurrent_agents``, ``timeout`` (default seconds per
+    execution), ``debug``; and ``policies`` (several policies that must all allow) and
+    ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``).
+    Raises PolicyError for an unknown policy name.
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy = "strict",
+        flight_recorder: FlightRecorder | None = None,
+        signal_dispatcher: SignalDispatcher | None = None,
+        max_concurrent_agents: int = 100,
+        timeout: float = 300.0,
+        debug: bool = False,
+        *,
+        policies: Sequence[Policy] | None = None,
+        permissions: PermissionSource | None = None,
+        signal_timeout: float = 2.0,
+    ) -> None:
+        base = Policy.builtin(policy) if isinstance(policy, str) else policy
+        if permissions is not None:
+            base.permissions = permissions
+        self.policy: Policy | PolicySet = PolicySet([base, *policies]) if policies else base
+        self.recorder = flight_recorder or FlightRecorder(storage="memory")
+        self.signals = signal_dispatcher or SignalDispatcher(self)
+        if self.signals.kernel is None:
+            self.signals.kernel = self
+        self.max_concurrent_agents = max_concurrent_agents
+        self.timeout = timeout
+        self.debug = debug
+        self.signal_timeout = signal_timeout
+        self.modules: list[Verifier] = []
+        self._agents: dict[Callable[..., Any], RegisteredAgent] = {}
+        self._procs: dict[str, AgentProcess] = {}
+        self._runs: dict[str, asyncio.Task[Any]] = {}
+        self._last: AgentProcess | None = None
+        self._running = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._bus: list[AMB] = []
+
+    # -- registration --------------------------------------------------------------------------
+
+    def register(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Any:
+        """Register an agent: ``@kernel.register`` or ``@kernel.register(name=..., ...)``.
+
+        Returns a wrapper that runs the agent through :meth:`execute` when called.
+        """
+
+        def decorator(f: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            if not asyncio.iscoroutinefunction(f):
+                raise KernelError("an agent must be an async function")
+            agent = RegisteredAgent(
+                name or f.__name__,
+                f,
+                frozenset(permissions) if permissions is not None else None,
+                RateLimiter(RateLimit(rate_limit, 60.0)) if rate_limit is not None else None,
+                priority,
+            )
+
+            @functools.wraps(f)
+            async def governed(*args: Any, **kwargs: Any) -> Any:
+                return await self.execute(governed, *args, **kwargs)
+
+            self._agents[f] = self._agents[governed] = agent
+            return governed
+
+        return decorator(fn) if fn is not None else decorator
+
+    def add_module(self, module: Verifier) -> None:
+        """Add a verifier (CMVK or any object with ``async verify(prompt, response, context)``)."""
+        if not callable(getattr(module, "verify", None)):
+            raise KernelError("a kernel module needs an async verify(prompt, response, context) method")
+        self.modules.append(module)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def execute(self, agent: Callable[..., Any], *args: Any, timeout: float | None = None,
+                      context: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Run a registered agent to completion and return its (verified) result.
+
+        Raises KernelError (not registered), RateLimitExceeded, AgentTimeoutError (past the
+        timeout; SIGALRM was sent), AgentStoppedError (killed or terminated),
+        VerificationFailed, or what the agent raised.
+        """
+        proc = self._new_process(agent, None, True, None)
+        return await self._run(proc, agent, args, kwargs, timeout, context)
+
+    async def spawn(self, agent: Callable[..., Any], *args: Any, parent_id: str | None = None,
+                    inherit_permissions: bool = True, additional_restrictions: list[str] | None = None,
+                    **kwargs: Any) -> str:
+        """Start a child agent in the background and return its id (see :meth:`wait_all`)."""
+        proc = self._new_process(agent, parent_id, inherit_permissions, additional_restrictions)
+        coro = self._run(proc, agent, args, kwargs, None, None)
+        self._runs[proc.id] = asyncio.get_running_loop().create_task(coro)
+        return proc.id
+
+    async def wait_all(self, agent_ids: Sequence[str]) -> list[Any]:
+        """The results of spawned agents, in the order of ``agent_ids``; raises the first error."""
+        try:
+            tasks = [self._runs[i] for i in agent_ids]
+        except KeyError as exc:
+            raise AgentNotFound(f"no spawned agent {exc.args[0]!r}") from None
+        return list(await asyncio.gather(*tasks))
+
+    def _new_process(self, agent: Callable[..., Any], parent_id: str | None, inherit: bool,
+                     restrictions: Sequence[str] | None) -> AgentProcess:
+        spec = self._agents.get(agent)
+        if spec is None:
+            raise KernelError(f"{getattr(agent, '__name__', agent)!r} is not registered with this kernel")
+        perms = spec.permissions
+        denied: set[str] = set()
+        parent = self._find(parent_id) if parent_id else _CURRENT.get()
+        if parent_id and parent is None:
+            raise AgentNotFound(f"no agent {parent_id!r}")
+        if parent is not None:
+            denied |= parent.restrictions  # restrictions are never shed
+            mode = self.policy.inheritance
+            if inherit and mode == "strict":
+                perms = _intersect(perms, parent.permissions)
+            elif inherit and mode == "permissive" and perms is None:
+                perms = parent.permissions
+        for r in restrictions or ():
+            if not r.startswith("no_") or len(r) < 4:
+                raise PolicyError(f"a restriction looks like 'no_<permission>', got {r!r}")
+            denied.add(r[3:])
+        proc = AgentProcess(str(uuid.uuid4()), spec.name, perms,
+                            parent.id if parent is not None else None, self.signals.queue_size)
+        proc.restrictions = frozenset(denied)
+        self._procs[proc.id] = proc
+        return proc
+
+    async def _run(self, proc: AgentProcess, agent: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], timeout: float | None, context: Mapping[str, Any] | None) -> Any:
+        spec = self._agents[agent]
+        if spec.limiter is not None and not spec.limiter.take(spec.name):
+            await self._record("execute", proc, {"decision": "deny", "reason": "rate limit"}, "warning")
+            proc.life = Life.TERMINATED
+            raise RateLimitExceeded(f"agent {spec.name} exceeded {spec.limiter.limit.limit} runs per minute")
+        await self._record("execute", proc, {"decision": "allow", "agent": spec.name,
+                                             "context": dict(context or {}), "priority": spec.priority})
+        await self._admit(spec.priority)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            proc.life = Life.RUNNING
+            self._last = proc
+            task = asyncio.get_running_loop().create_task(self._invoke(proc, spec.fn, args, kwargs))
+            proc.track(task)
+            done, _ = await asyncio.wait({task}, timeout=limit)
+            if not done:
+                await self.signals.send(proc.id, AgentSignal.SIGALRM)
+                await self.signals.drain()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                proc.life = Life.TERMINATED
+                await self._record("agent_failed", proc, {"status": "timeout", "timeout": limit}, "error")
+                raise AgentTimeoutError(f"agent {proc.id} ran past its timeout of {limit:g}s")
+            if task.cancelled() or proc.killed:
+                await self._record("agent_killed", proc, {"status": "terminated"}, "warning")
+                raise AgentStoppedError(f"agent {proc.id} was killed")
+            exc = task.exception()
+            if exc is not None:
+                proc.life = Life.TERMINATED
+                await self._record("agent_failed", proc, {"status": "failed", "error": repr(exc)}, "error")
+                raise exc
+            result = task.result()
+            await self._verify(proc, args, result, context)
+            proc.life = Life.TERMINATED
+            await self._record("agent_completed", proc, {"status": "completed"})
+            return result
+        finally:
+            self._release()
+
+    async def _invoke(self, proc: AgentProcess, fn: Callable[..., Awaitable[Any]],
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        _CURRENT.set(proc)
+        return await fn(*args, **kwargs)
+
+    async def _verify(self, proc: AgentProcess, args: tuple[Any, ...], result: Any,
+                      context: Mapping[str, Any] | None) -> None:
+        prompt = args[0] if len(args) == 1 else args
+        for module in self.modules:
+            outcome = await module.verify(prompt, result, dict(context or {}))
+            ok = bool(getattr(outcome, "verified", False))
+            data = {"module": type(module).__name__, "decision": "allow" if ok else "deny",
+                    "reason": getattr(outcome, "reason", None), "confidence": getattr(outcome, "confidence", None)}
+            await self._record("verification", proc, data, "info" if ok else "warning")
+            if not ok:
+                proc.violations_count += 1
+                proc.life = Life.TERMINATED
+                raise VerificationFailed(f"{type(module).__name__} did not verify the result of {proc.name}: "
+                                         f"{getattr(outcome, 'reason', '')}", result=outcome)
+
+    async def _admit(self, priority: int) -> None:
+        if self._running < self.max_concurrent_agents and not self._waiters:
+            self._running += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (-priority, next(self._order), fut))
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release()  # admitted just as it was cancelled: give the slot on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the highest-priority waiter
+                return
+        self._running -= 1
+
+    # -- the gate for other actions ------------------------------------------------------------
+
+    def decide(self, operation: str, resource: str, context: Mapping[str, Any] | None = None,
+               proc: AgentProcess | None = None) -> Decision:
+        """The policy's decision, after the agent's permissions (no recording, no raising)."""
+        proc = proc if proc is not None else _CURRENT.get()
+        if proc is not None and not permitted(proc, operation):
+            return Decision(False, "deny", f"agent {proc.name} lacks permission for {operation}",
+                            self.policy.name, violation=True)
+        return self.policy.evaluate(operation, resource, context)
+
+    async def authorize(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
+        """The gate for actions that are not messages: check, record, and raise when denied.
+
+        Waits while the current agent is stopped. Raises PolicyViolationError (or
+        RateLimitExceeded), AgentStoppedError when the agent was killed.
+        """
+        proc = _CURRENT.get()
+        if proc is not None:
+            await proc.wait_for_continue()
+        ctx = {"agent_id": proc.id if proc else None, "agent_name": proc.name if proc else None,
+               **(context or {})}
+        decision = self.decide(operation, resource, ctx, proc)
+        await self.record_decision(proc, operation, resource, decision, ctx.get("agent_name") or "kernel")
+        if not decision.allowed:
+            raise _violation(decision, operation, resource)
+        return decision
+
+    async def record_decision(self, proc: AgentProcess | None, operation: str, resource: str,
+                              decision: Decision, agent_id: str, extra: Mapping[str, Any] | None = None,
+                              *, signal_to: str | None = "") -> None:
+        """Record one decision, count it on the agent, and on a deny send the rule's signal to
+        ``signal_to`` (default: the agent itself; None: nobody)."""
+        data = {"operation": operation, "resource": resource, "decision": decision.action,
+                "reason": decision.reason, "rule": decision.rule_name, "policy": decision.policy, **(extra or {})}
+        await self.recorder.log("policy_decision", proc.id if proc else agent_id, data,
+                                "warning" if decision.violation else "info")
+        if proc is not None:
+            if decision.violation:
+                proc.violations_count += 1
+            else:
+                proc.actions_count += 1
+        target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
+        if decision.violation and decision.signal is not None and target is not None:
+            await self.signals.send(target, decision.signal, sender="policy")
+
+    # -- signals and status --------------------------------------------------------------------
+
+    async def send_signal(self, agent_id: str, signal: AgentSignal | str) -> bool:
+        """Send a signal (see :mod:`control_plane.signals`); True when it took effect."""
+        return await self.signals.send(agent_id, signal)
+
+    def get_agent_status(self, agent_id: str) -> AgentStatus:
+        """The agent's status; raises AgentNotFound."""
+        return self._process(agent_id).status()
+
+    def get_agent(self, agent_id: str) -> AgentProcess:
+        return self._process(agent_id)
+
+    def agents(self) -> list[AgentStatus]:
+        return [p.status() for p in self._procs.values()]
+
+    @property
+    def current_agent_id(self) -> str | None:
+        proc = _CURRENT.get() or self._last
+        return None if proc is None else proc.id
+
+    def is_stopped(self) -> bool:
+        """True while the current agent is stopped (SIGSTOP)."""
+        proc = _CURRENT.get() or self._last
+        return proc is not None and proc.stopped
+
+    async def wait_for_continue(self) -> None:
+        """Wait until the current agent is continued; raises AgentStoppedError once killed."""
+        proc = _CURRENT.get() or self._last
+        if proc is not None:
+            await proc.wait_for_continue()
+
+    def _find(self, agent_id: str | None) -> AgentProcess | None:
+        return self._procs.get(agent_id) if agent_id is not None else None
+
+    def _process(self, agent_id: str) -> AgentProcess:
+        proc = self._procs.get(agent_id)
+        if proc is None:
+            raise AgentNotFound(f"no agent {agent_id!r}")
+        return proc
+
+    async def _record(self, event: str, proc: AgentProcess, data: Mapping[str, Any], severity: str = "info") -> None:
+        await self.recorder.log(event, proc.id, {"name": proc.name, **data}, severity, execution_id=proc.id)
+
+    async def _record_signal(self, agent_id: str, sig: AgentSignal, outcome: str, detail: str,
+                             sender: str | None) -> None:
+        await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": outcome, "detail": detail,
+                                                     "sender": sender}, "warning" if not sig.catchable else "info")
+
+    async def _send_remote(self, agent_id: str, sig: AgentSignal, sender: str | None) -> bool:
+        if not self._bus:
+            await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "unknown_agent"}, "warning")
+            return False
+        try:
+            reply = await self._bus[0].request(control_subject(agent_id), {"signal": sig.name},
+                                               timeout=self.signal_timeout)
+        except BusError as exc:
+            await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "remote_failed",
+                                                         "detail": repr(exc)}, "warning")
+            return False
+        await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "sent_remote",
+                                                     "result": reply}, "info")
+        return isinstance(reply, dict) and reply.get("ok") is True
+
+    # -- the bus -------------------------------------------------------------------------------
+
+    def attach(self, client: AMB, *, agent_id: str | None = None, **options: Any) -> Mediator:
+        """Govern ``client``: add the mediator as its innermost middleware (after IATP), make
+        its agent signalable here and from other processes. Call before the client connects.
+        Returns the mediator. Raises amb StateError once the client is connected."""
+        from control_plane.mediator import Mediator
+
+        aid = agent_id or client.agent_id
+        proc = self._procs.get(aid)
+        if proc is None:
+            proc = self._procs[aid] = AgentProcess(aid, aid, None, None, self.signals.queue_size, Life.RUNNING)
+        mediator = Mediator(self, proc, **options)
+        client.add_middleware(mediator)
+        proc.clients.append(client)
+        self._bus.append(client)
+        client.subscribe(control_subject(aid))(functools.partial(self._on_control, client, aid))
+        return mediator
+
+    async def _on_control(self, client: AMB, agent_id: str, message: Any, metadata: Metadata) -> None:
+        sig = AgentSignal.parse(message["signal"]) if isinstance(message, dict) else None
+        if sig is None:
+            raise KernelError("a control message needs {'signal': NAME}")
+        sender = metadata.context.get("control_plane_sender")
+        proc = self._process(agent_id)
+        if sig in (AgentSignal.SIGKILL, AgentSignal.SIGTERM) and not proc.killed:
+            # Answer first: the signal closes this very client.
+            await client.reply(metadata, {"ok": True})
+            await self.signals.send(agent_id, sig, sender=sender)
+            return
+        ok = await self.signals.send(agent_id, sig, sender=sender)
+        await client.reply(metadata, {"ok": ok})
+
+    def reload_policy(self, source: Policy | str | Path) -> None:
+        """Swap in new rules without stopping traffic (see :meth:`Policy.reload`)."""
+        if isinstance(self.policy, PolicySet):
+            self.policy.policies[0].reload(source)
+        else:
+            self.policy.reload(source)
+
+    async def close(self) -> None:
+        """Stop spawned agents still running, wait for signal handlers, close the recorder."""
+        for task in self._runs.values():
+            task.cancel()
+        await asyncio.gather(*self._runs.values(), return_exceptions=True)
+        await self.signals.drain()
+        await self.recorder.close()
+
+
+def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def permitted(proc: AgentProcess, operation: str) -> bool:
+    """Whether the agent's permissions cover ``operation`` (None: no restriction)."""
+    covering = _COVERS.get(operation, "\0")
+    if operation in proc.restrictions or covering in proc.restrictions:
+        return False
+    perms = proc.permissions
+    return perms is None or operation in perms or covering in perms
+
+
+def _violation(decision: Decision, operation: str, resource: str) -> PolicyViolationError:
+    cls = RateLimitExceeded if decision.rate_limited else PolicyViolationError
+    return cls(f"{operation} on {resource!r} denied: {decision.reason}", decision=decision)
+
+
+def current_process() -> AgentProcess | None:
+    return _CURRENT.get()

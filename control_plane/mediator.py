@@ -1,0 +1,189 @@
+"""The mediator: the bus middleware that applies signals, policy and recording to every message.
+
+Attach it with :meth:`KernelSpace.attach(client) <control_plane.kernel.KernelSpace.attach>`
+*after* the IATP middleware, so it sees verified messages inbound and IATP signs what it lets
+out::
+
+    publish: app -> Mediator.on_publish -> IATP sign -> broker
+    deliver: broker -> IATP verify -> Mediator.on_consume -> handler
+
+For each message, in this order:
+
+1. **Signals.** A killed agent's messages are dropped (``AgentStoppedError``: outbound it
+   reaches the publisher, inbound the bus dead-letters it with reason ``agent_killed``). A
+   stopped agent's messages wait in its hold queue (``HoldQueueFull`` past the bound) and go
+   on, in order, at SIGCONT. Control messages (``_ctl.signal.<id>``) are never held.
+2. **Policy.** The operation is ``publish``, ``request`` (has ``reply_to``), ``reply`` (has a
+   ``correlation_id`` and no ``reply_to``), ``deliver`` (inbound), or ``signal`` (a control
+   message; the resource is then the target agent id); the resource is the topic. The agent's
+   permissions are checked first (see :mod:`control_plane.kernel`).
+3. **Recording.** Exactly one ``policy_decision`` record per message and direction (plus one
+   ``message_held`` or ``message_dropped`` when signals acted).
+
+**Who the sender is.** Outbound, this process is the authority: the sender is the attached
+agent. Inbound, the sender and trust level come from IATP's result in
+``metadata.context["iatp"]`` (``valid``, ``sender``, ``trust_level``) when it is valid;
+otherwise the envelope's claimed sender is used but marked unverified (``verified=False``,
+``trust_level=0.0``), so conditions on trust fail and ``require_verified_sender`` denies. A
+rule's ``on_violation`` signal on an inbound message goes to the sender only when verified: a
+forged sender id must not get another agent killed.
+
+Handlers run as tasks of the receiving agent, so SIGKILL cancels a handler mid-work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from amb.envelope import Envelope
+from amb.metadata import Metadata
+from amb.middleware import ConsumeNext, Middleware, PublishNext
+from control_plane.errors import AgentStoppedError
+from control_plane.kernel import _CURRENT, _violation
+from control_plane.signals import CONTROL_PREFIX
+
+if TYPE_CHECKING:
+    from control_plane.kernel import KernelSpace
+    from control_plane.process import AgentProcess
+
+_CONTROL = CONTROL_PREFIX + "."
+
+
+def _field(result: Any, name: str) -> Any:
+    return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
+
+
+def verified_identity(env: Envelope, meta: Metadata) -> tuple[str, bool, float]:
+    """(sender, verified, trust level) of an inbound message, per the contract with IATP."""
+    result = meta.context.get("iatp")
+    if result is not None and _field(result, "valid") is True and _field(result, "sender"):
+        trust = _field(result, "trust_level")
+        return str(_field(result, "sender")), True, float(trust) if trust is not None else 0.0
+    return env.sender, False, 0.0
+
+
+def _operation(env: Envelope) -> str:
+    if env.reply_to:
+        return "request"
+    if env.correlation_id:
+        return "reply"
+    return "publish"
+
+
+class Mediator(Middleware):
+    """Signals, policy and recording on every message of one attached agent (see module doc).
+
+    ``inbound_prefix`` (mediated mode): inbound messages on ``<prefix>.<topic>`` are an
+    agent's publish, evaluated as operation ``publish`` on ``<topic>`` for their sender.
+    """
+
+    def __init__(self, kernel: KernelSpace, process: AgentProcess, *, inbound_prefix: str | None = None) -> None:
+        self.kernel = kernel
+        self.process = process
+        self.inbound_prefix = inbound_prefix + "." if inbound_prefix else None
+        self.decisions = 0
+
+    # -- outbound ------------------------------------------------------------------------------
+
+    async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
+        proc = _CURRENT.get() or self.process
+        if proc.killed:
+            await self._dropped(proc, envelope, "publish")
+            raise AgentStoppedError(f"agent {proc.id} was killed: nothing more is published")
+        if proc.stopped and not envelope.topic.startswith(_CONTROL):
+            await self._held(proc, envelope, "publish")
+            await proc.hold(lambda: self._publish(proc, envelope, call_next))
+            return
+        await self._publish(proc, envelope, call_next)
+
+    async def _publish(self, proc: AgentProcess, env: Envelope, call_next: PublishNext) -> None:
+        if env.topic.startswith(_CONTROL):
+            op, resource = "signal", env.topic[len(_CONTROL):]
+        else:
+            op, resource = _operation(env), env.topic
+        ctx = {
+            "operation": op, "topic": env.topic, "agent_id": proc.id, "agent_name": proc.name,
+            "sender": self.process.id, "claimed_sender": env.sender, "verified": True, "trust_level": 1.0,
+            "recipient": env.recipient, "headers": env.headers, "payload": env.payload, "priority": env.priority,
+        }
+        kernel = self.kernel
+        decision = kernel.decide(op, resource, ctx, proc)
+        self.decisions += 1
+        await kernel.record_decision(proc, op, resource, decision, proc.id,
+                                     {"direction": "out", "message_id": env.id, "sender": self.process.id})
+        if not decision.allowed:
+            raise _violation(decision, op, resource)
+        await call_next(env)
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        proc = self.process
+        if proc.killed:
+            await self._dropped(proc, envelope, "deliver")
+            raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
+        if proc.stopped and not envelope.topic.startswith(_CONTROL):
+            await self._held(proc, envelope, "deliver")
+            await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next))
+            return
+        await self._deliver(proc, envelope, metadata, call_next)
+
+    async def _deliver(self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext) -> None:
+        sender, verified, trust = verified_identity(env, meta)
+        topic = env.topic
+        local: AgentProcess | None = proc
+        if topic.startswith(_CONTROL):
+            op, resource = "signal", topic[len(_CONTROL):]
+        elif self.inbound_prefix is not None and topic.startswith(self.inbound_prefix):
+            op, resource, local = _operation(env), topic[len(self.inbound_prefix):], None
+        else:
+            op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
+        ctx = {
+            "operation": op, "topic": topic, "agent_id": proc.id if local else sender,
+            "agent_name": proc.name if local else sender, "sender": sender, "claimed_sender": env.sender,
+            "verified": verified, "trust_level": trust, "recipient": env.recipient or proc.id,
+            "headers": env.headers, "payload": env.payload, "priority": env.priority,
+        }
+        kernel = self.kernel
+        decision = kernel.decide(op, resource, ctx, local)
+        self.decisions += 1
+        await kernel.record_decision(
+            local, op, resource, decision, sender,
+            {"direction": "in", "message_id": env.id, "sender": sender, "claimed_sender": env.sender,
+             "verified": verified, "trust_level": trust},
+            signal_to=sender if verified else None,
+        )
+        if not decision.allowed:
+            raise _violation(decision, op, resource)
+        meta.context["control_plane"] = decision
+        meta.context["control_plane_sender"] = sender if verified else None
+        if op == "signal" or local is None:
+            await call_next(env, meta)
+            return
+        task = asyncio.get_running_loop().create_task(self._handle(proc, env, meta, call_next))
+        proc.track(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if proc.killed and (current is None or not current.cancelling()):
+                raise AgentStoppedError(f"agent {proc.id} was killed while handling {env.id}") from None
+            raise
+
+    async def _handle(self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext) -> None:
+        _CURRENT.set(proc)
+        await call_next(env, meta)
+
+    # -- records for what signals did ----------------------------------------------------------
+
+    async def _held(self, proc: AgentProcess, env: Envelope, op: str) -> None:
+        await self.kernel.recorder.log("message_held", proc.id, {
+            "operation": op, "resource": env.topic, "message_id": env.id, "decision": "hold",
+            "reason": "agent stopped (SIGSTOP)", "queued": proc.held + 1})
+
+    async def _dropped(self, proc: AgentProcess, env: Envelope, op: str) -> None:
+        await self.kernel.recorder.log("message_dropped", proc.id, {
+            "operation": op, "resource": env.topic, "message_id": env.id, "decision": "drop",
+            "reason": "agent killed (SIGKILL)"}, "warning")

@@ -1,0 +1,253 @@
+"""Patterns: what a policy rule matches (operation, resource, conditions, exclusions).
+
+Matching rules, chosen here and relied on by the policy index:
+
+- ``operation`` is a glob over the operation name (``"*"`` matches every operation). Bus
+  operations are ``publish``, ``deliver``, ``request`` and ``reply``; other actions use any name
+  (``read``, ``write``, ``execute``, ``network``, ``sql`` ...).
+- ``resource`` is a glob (``match_type="glob"``, the default: ``*`` matches any run of
+  characters *including* ``/`` and ``.``, ``?`` one character, ``[..]`` a set) or a regular
+  expression (``match_type="regex"``) that must match the *whole* resource. For messages the
+  resource is the topic.
+- ``exclude`` lists patterns of the same type; a resource matching any of them does not match.
+- ``conditions`` map a field of the evaluation context to a requirement (see
+  :func:`compile_conditions`). All conditions must hold; a missing field fails its condition.
+
+Everything is compiled once, when the pattern is created.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, time
+from typing import Any, Final, Literal
+
+from control_plane.errors import PolicyError
+
+MatchType = Literal["glob", "regex"]
+Context = Mapping[str, Any]
+Condition = Callable[[Context], bool]
+
+_GLOB_META: Final = re.compile(r"[*?\[]")
+_MISSING: Final = object()
+_OPERATORS: Final[dict[str, Callable[[Any, Any], bool]]] = {
+    "$eq": lambda v, a: v == a,
+    "$ne": lambda v, a: v != a,
+    "$in": lambda v, a: v in a,
+    "$nin": lambda v, a: v not in a,
+    "$gt": lambda v, a: v > a,
+    "$gte": lambda v, a: v >= a,
+    "$lt": lambda v, a: v < a,
+    "$lte": lambda v, a: v <= a,
+}
+
+
+def lookup(context: Context, path: str) -> Any:
+    """The value at a dotted ``path`` (``"payload.amount"``) of ``context``, or ``_MISSING``."""
+    if path in context:
+        return context[path]
+    value: Any = context
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            return _MISSING
+    return value
+
+
+def literal_prefix(resource: str, match_type: MatchType) -> str:
+    """The characters every matching resource starts with (used to index rules)."""
+    if match_type == "regex":
+        return ""
+    m = _GLOB_META.search(resource)
+    return resource if m is None else resource[: m.start()]
+
+
+def compile_resource(resource: str, match_type: MatchType) -> re.Pattern[str]:
+    """Compile a resource pattern; raises PolicyError for an invalid regex or match type."""
+    if match_type == "glob":
+        return re.compile(fnmatch.translate(resource), re.S)
+    if match_type == "regex":
+        try:
+            return re.compile(resource)
+        except re.error as exc:
+            raise PolicyError(f"invalid regex {resource!r}: {exc}") from None
+    raise PolicyError(f"match_type must be 'glob' or 'regex', got {match_type!r}")
+
+
+def _clock(value: Any) -> time:
+    try:
+        return time.fromisoformat(str(value))
+    except ValueError:
+        raise PolicyError(f"time_window needs HH:MM times, got {value!r}") from None
+
+
+def _operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
+    checks: list[Callable[[Any], bool]] = []
+    for op, arg in spec.items():
+        if op == "$regex":
+            rx = compile_resource(str(arg), "regex")
+            checks.append(lambda v, rx=rx: isinstance(v, str) and rx.search(v) is not None)
+        elif op == "$exists":
+            continue  # handled below: presence is checked before the other operators
+        elif op in _OPERATORS:
+            fn = _OPERATORS[op]
+            checks.append(lambda v, fn=fn, arg=arg: fn(v, arg))
+        else:
+            raise PolicyError(f"condition on {field!r}: unknown operator {op!r}")
+    want_present = bool(spec.get("$exists", True))
+
+    def check(ctx: Context) -> bool:
+        value = lookup(ctx, field)
+        if value is _MISSING:
+            return not want_present
+        return want_present and all(c(value) for c in checks)
+
+    return check
+
+
+def _one_condition(field: str, spec: Any) -> Condition:
+    if field == "time_window":
+        if not isinstance(spec, Mapping) or set(spec) - {"start", "end"} or not spec:
+            raise PolicyError("time_window needs {'start': 'HH:MM', 'end': 'HH:MM'}")
+        start, end = _clock(spec.get("start", "00:00")), _clock(spec.get("end", "23:59:59.999999"))
+
+        def in_window(ctx: Context) -> bool:
+            now = ctx.get("now") or datetime.now(UTC)
+            t = now.time() if isinstance(now, datetime) else now
+            return start <= t <= end if start <= end else (t >= start or t <= end)
+
+        return in_window
+    for prefix, op in (("max_", "$lte"), ("min_", "$gte")):
+        if field.startswith(prefix) and len(field) > len(prefix):
+            if isinstance(spec, bool) or not isinstance(spec, int | float):
+                raise PolicyError(f"condition {field!r} needs a number, got {spec!r}")
+            return _operator_condition(field[len(prefix) :], {op: spec})
+    if isinstance(spec, Mapping):
+        if not spec or not all(isinstance(k, str) and k.startswith("$") for k in spec):
+            raise PolicyError(f"condition on {field!r}: a mapping must hold $-operators")
+        return _operator_condition(field, spec)
+    if isinstance(spec, list | tuple | set | frozenset):
+        return _operator_condition(field, {"$in": list(spec)})
+    return _operator_condition(field, {"$eq": spec})
+
+
+def compile_conditions(conditions: Mapping[str, Any] | None) -> Condition | None:
+    """Compile a conditions mapping into one predicate over the evaluation context.
+
+    Forms (``field`` is a dotted path into the context: ``sender``, ``trust_level``,
+    ``headers.x-tenant``, ``payload.amount``, or anything passed in ``context``):
+
+    - ``field: [a, b]``: the value is one of them; ``field: value``: it equals value;
+    - ``field: {"$gt": 1, "$regex": "^x", "$in": [...], "$exists": false, ...}``: operators
+      ``$eq $ne $in $nin $gt $gte $lt $lte $regex $exists``, all must hold;
+    - ``max_<field>: n`` / ``min_<field>: n``: the value is at most / at least n;
+    - ``time_window: {"start": "09:00", "end": "17:00"}``: now (UTC, or ``context["now"]``) lies
+      in the window (a window may wrap past midnight);
+    - ``permission: "name"``: the trust edge from the sender to the recipient grants that
+      permission (see :class:`control_plane.policy.Policy`'s ``permissions`` hook).
+
+    Raises PolicyError for a malformed condition. A comparison that fails at evaluation time
+    (say ``"a" > 1``) raises, and the policy turns that into a deny (fail closed).
+    """
+    if not conditions:
+        return None
+    if not isinstance(conditions, Mapping):
+        raise PolicyError("conditions must be a mapping of field to requirement")
+    checks = [_one_condition(str(f), s) for f, s in conditions.items() if f != "permission"]
+    if "permission" in conditions:
+        needed = conditions["permission"]
+        wanted = [needed] if isinstance(needed, str) else list(needed)
+        if not all(isinstance(p, str) and p for p in wanted):
+            raise PolicyError("permission condition needs a permission name or a list of them")
+        checks.append(lambda ctx: _has_permissions(ctx, wanted))
+    if len(checks) == 1:
+        return checks[0]
+    return lambda ctx: all(c(ctx) for c in checks)
+
+
+def _has_permissions(ctx: Context, wanted: Sequence[str]) -> bool:
+    source = ctx.get("_permissions")
+    sender, recipient = ctx.get("sender"), ctx.get("recipient")
+    if source is None or not sender or not recipient:
+        return False  # no trust edge can be shown: the requirement is not met
+    granted = source(sender, recipient)
+    return all(p in granted for p in wanted)
+
+
+class Pattern:
+    """What a rule matches: ``Pattern(operation, resource, match_type, conditions, exclude)``.
+
+    See the module docstring for the matching rules. Raises PolicyError for an invalid
+    regex, match type or condition.
+    """
+
+    __slots__ = (
+        "_cond",
+        "_exclude",
+        "_op_rx",
+        "_rx",
+        "conditions",
+        "exclude",
+        "match_type",
+        "operation",
+        "prefix",
+        "resource",
+    )
+
+    def __init__(
+        self,
+        operation: str = "*",
+        resource: str = "*",
+        match_type: MatchType = "glob",
+        conditions: Mapping[str, Any] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(operation, str) or not operation:
+            raise PolicyError("operation must be a non-empty string")
+        if not isinstance(resource, str):
+            raise PolicyError("resource must be a string")
+        self.operation = operation
+        self.resource = resource
+        self.match_type = match_type
+        self.conditions = dict(conditions) if conditions else None
+        self.exclude = list(exclude) if exclude else []
+        self._rx = compile_resource(resource, match_type)
+        self._op_rx = None if _GLOB_META.search(operation) is None else compile_resource(operation, "glob")
+        self._exclude = [compile_resource(e, match_type) for e in self.exclude]
+        self._cond = compile_conditions(self.conditions)
+        self.prefix = literal_prefix(resource, match_type)
+
+    @property
+    def literal_operation(self) -> str | None:
+        """The operation when it has no wildcard, else None."""
+        return self.operation if self._op_rx is None else None
+
+    def matches(self, operation: str, resource: str, context: Context) -> bool:
+        """Whether an action matches; may raise on a condition that cannot be evaluated."""
+        if self._op_rx is None:
+            if operation != self.operation:
+                return False
+        elif self._op_rx.match(operation) is None:
+            return False
+        if not resource.startswith(self.prefix) or self._rx.fullmatch(resource) is None:
+            return False
+        for ex in self._exclude:
+            if ex.fullmatch(resource) is not None:
+                return False
+        return self._cond is None or self._cond(context)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"operation": self.operation, "resource": self.resource}
+        if self.match_type != "glob":
+            out["match_type"] = self.match_type
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
+        if self.conditions:
+            out["conditions"] = dict(self.conditions)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.operation!r}, {self.resource!r}, match_type={self.match_type!r})"

@@ -1,0 +1,403 @@
+"""The policy engine: ordered rules, first match wins, compiled so evaluation scans few rules.
+
+Example::
+
+    policy = Policy(name="healthcare_policy", default_action="deny")
+    policy.add_rule(action="allow", pattern=Pattern(operation="read", resource="data/*",
+                                                    exclude=["data/phi/*"]))
+    policy.add_rule(action="deny", pattern=Pattern(operation="write", resource="data/phi/*"),
+                    reason="PHI write requires explicit approval", on_violation="SIGKILL")
+    decision = policy.evaluate("write", "data/phi/p1.json", {"sender": "agent_1"})
+    decision.allowed, decision.reason, decision.signal   # False, '...', AgentSignal.SIGKILL
+
+**Compilation.** Every rule is indexed by its literal operation (or "any" for a wildcard) and
+by the first token of its resource's literal prefix (tokens end at ``.`` or ``/``; a rule whose
+prefix does not include a whole first token, and every regex rule, goes under "any token").
+For an action only the rules under its (operation, first token) and the "any" buckets are
+candidates; they are tried in rule order, so the result is exactly that of a linear scan
+(:meth:`Policy.evaluate_linear`, kept as the reference and the benchmark's baseline). Candidate
+lists are cached per (operation, token); adding a rule or reloading rebuilds the index and
+swaps it in one assignment, so an evaluation running during a reload sees the old or the new
+rules, never a mix, and no message is dropped.
+
+**Fail closed.** Any error while evaluating (a condition comparing incompatible values, a
+permissions hook that raises) yields a deny decision with reason ``evaluation_error``.
+
+**Modes.** ``mode="audit"`` (the built-in ``audit`` policy) never blocks: a deny becomes an
+allow with ``violation=True``, so the violation is recorded but the action proceeds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from control_plane.errors import PolicyError, SignalError
+from control_plane.patterns import Context, Pattern
+from control_plane.ratelimit import RateLimit, RateLimiter
+from control_plane.signals import AgentSignal
+
+Action = Literal["allow", "deny"]
+PermissionSource = Callable[[str, str], Collection[str]]
+"""``permissions(from_agent, to_agent)``: the permissions of the trust edge (e.g. IATP's)."""
+
+_TOKEN: Final = re.compile(r"[^./]*")
+_ANY: Final = ""
+_CACHE_MAX: Final = 4096
+
+
+def _first_token(resource: str) -> str:
+    m = _TOKEN.match(resource)
+    return m.group(0) if m else ""
+
+
+@dataclass(slots=True)
+class Rule:
+    """One rule: ``action`` when ``pattern`` matches, with an optional signal and rate limit."""
+
+    action: Action
+    pattern: Pattern
+    reason: str = ""
+    on_violation: AgentSignal | None = None
+    rate_limit: RateLimit | None = None
+    name: str = ""
+    index: int = -1
+    limiter: RateLimiter | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "action": self.action, **self.pattern.to_dict()}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.on_violation is not None:
+            out["on_violation"] = self.on_violation.name
+        if self.rate_limit is not None:
+            out["rate_limit"] = f"{self.rate_limit.limit}/{self.rate_limit.per:g}s"
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """The outcome of one evaluation.
+
+    ``allowed`` is what the caller must obey; ``action`` is the rule's (or default) action;
+    ``rule`` is None when the default applied; ``violation`` is True when a deny was decided,
+    also in audit mode where the action still proceeds; ``signal`` is the rule's
+    ``on_violation`` signal, to send to the offending agent; ``rate_limited`` marks a deny from
+    an empty bucket.
+    """
+
+    allowed: bool
+    action: str
+    reason: str
+    policy: str
+    rule: Rule | None = None
+    violation: bool = False
+    signal: AgentSignal | None = None
+    rate_limited: bool = False
+
+    @property
+    def rule_name(self) -> str | None:
+        return None if self.rule is None else self.rule.name
+
+
+class _Compiled:
+    """An immutable snapshot of a policy's rules and its index."""
+
+    __slots__ = ("buckets", "cache", "rules")
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+        self.buckets: dict[tuple[str | None, str], list[Rule]] = {}
+        for rule in self.rules:
+            prefix = rule.pattern.prefix
+            token = _first_token(prefix)
+            literal = rule.pattern.match_type == "glob" and prefix == rule.pattern.resource
+            # The token is complete when a separator follows it in the prefix, or the resource is
+            # literal (a matching resource equals it); otherwise the rule goes under "any token".
+            key_token = token if (len(token) < len(prefix) or literal) else _ANY
+            key = (rule.pattern.literal_operation, key_token)
+            self.buckets.setdefault(key, []).append(rule)
+        self.cache: dict[tuple[str, str], tuple[Rule, ...]] = {}
+
+    def candidates(self, operation: str, resource: str) -> tuple[Rule, ...]:
+        token = _first_token(resource)
+        key = (operation, token)
+        found = self.cache.get(key)
+        if found is None:
+            b = self.buckets
+            merged: list[Rule] = []
+            for k in ((operation, token), (operation, _ANY), (None, token), (None, _ANY)):
+                merged.extend(b.get(k, ()))
+            if token == _ANY:  # a resource with an empty first token: only "any" buckets apply
+                merged = list({id(r): r for r in merged}.values())
+            merged.sort(key=lambda r: r.index)
+            found = tuple(merged)
+            if len(self.cache) >= _CACHE_MAX:
+                self.cache.clear()
+            self.cache[key] = found
+        return found
+
+
+class Policy:
+    """An ordered list of rules with a default action.
+
+    Args:
+        name, version: identify the policy in decisions and records.
+        rules: initial rules (in order).
+        default_action: ``"deny"`` (the default: fail closed) or ``"allow"``.
+        inheritance: how spawned children get permissions: ``"strict"`` (the child's are a
+            subset of the parent's), ``"permissive"`` (the child may be given its own),
+            ``"none"`` (the child inherits nothing).
+        mode: ``"enforce"`` or ``"audit"`` (record violations, block nothing).
+        require_verified_sender: deny any message whose sender IATP has not verified.
+        permissions: a hook ``permissions(from_agent, to_agent) -> collection of names`` used
+            by ``conditions={"permission": ...}`` (e.g. IATP's trust edges).
+
+    Raises PolicyError on invalid arguments.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str = "1.0.0",
+        rules: Iterable[Rule] | None = None,
+        default_action: Action = "deny",
+        inheritance: Literal["strict", "permissive", "none"] = "strict",
+        *,
+        mode: Literal["enforce", "audit"] = "enforce",
+        require_verified_sender: bool = False,
+        permissions: PermissionSource | None = None,
+    ) -> None:
+        if default_action not in ("allow", "deny"):
+            raise PolicyError(f"default_action must be 'allow' or 'deny', got {default_action!r}")
+        if inheritance not in ("strict", "permissive", "none"):
+            raise PolicyError(f"inheritance must be strict, permissive or none, got {inheritance!r}")
+        if mode not in ("enforce", "audit"):
+            raise PolicyError(f"mode must be 'enforce' or 'audit', got {mode!r}")
+        self.name = name
+        self.version = version
+        self.default_action: Action = default_action
+        self.inheritance = inheritance
+        self.mode = mode
+        self.require_verified_sender = require_verified_sender
+        self.permissions = permissions
+        self._compiled = _Compiled(())
+        if rules:
+            self._install(list(rules))
+
+    # -- building ------------------------------------------------------------------------------
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self._compiled.rules
+
+    def add_rule(
+        self,
+        action: Action,
+        pattern: Pattern,
+        reason: str = "",
+        on_violation: AgentSignal | str | None = None,
+        rate_limit: RateLimit | int | str | None = None,
+        *,
+        name: str | None = None,
+    ) -> Rule:
+        """Append a rule (evaluated after the existing ones) and return it.
+
+        ``on_violation`` is a signal (``"SIGKILL"`` or :class:`AgentSignal`) sent to the agent
+        when the rule denies it; ``rate_limit`` is per minute (int) or ``"100/1m"``, counted per
+        agent. Raises PolicyError for an invalid action, signal or rate limit.
+        """
+        if action not in ("allow", "deny"):
+            raise PolicyError(f"action must be 'allow' or 'deny', got {action!r}")
+        if not isinstance(pattern, Pattern):
+            raise PolicyError("pattern must be a Pattern")
+        try:
+            signal = AgentSignal.parse(on_violation) if on_violation is not None else None
+        except SignalError as exc:
+            raise PolicyError(f"on_violation: {exc}") from None
+        rule = Rule(
+            action=action,
+            pattern=pattern,
+            reason=reason,
+            on_violation=signal,
+            rate_limit=RateLimit.parse(rate_limit) if rate_limit is not None else None,
+            name=name or f"rule-{len(self.rules) + 1}",
+        )
+        self._install([*self.rules, rule])
+        return rule
+
+    def _install(self, rules: list[Rule]) -> None:
+        for i, rule in enumerate(rules):
+            rule.index = i
+            if rule.rate_limit is not None and rule.limiter is None:
+                rule.limiter = RateLimiter(rule.rate_limit)
+        self._compiled = _Compiled(rules)  # one assignment: evaluations see old or new, not a mix
+
+    def reload(self, source: Policy | str | Path) -> None:
+        """Replace this policy's rules and settings with ``source`` (a Policy, YAML text or a
+        YAML file) without interrupting evaluations. Raises PolicyLoadError on invalid YAML,
+        leaving the current rules in force."""
+        new = source if isinstance(source, Policy) else Policy.from_yaml(source)
+        self.version = new.version
+        self.default_action = new.default_action
+        self.inheritance = new.inheritance
+        self.mode = new.mode
+        self.require_verified_sender = new.require_verified_sender
+        if new.permissions is not None:
+            self.permissions = new.permissions
+        self._install(list(new.rules))
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Policy:
+        """Load a policy from YAML text or a file path; see :mod:`control_plane.policy_yaml`."""
+        from control_plane.policy_yaml import load_policy
+
+        return load_policy(source)
+
+    # -- evaluating ----------------------------------------------------------------------------
+
+    def evaluate(self, operation: str, resource: str, context: Context | None = None) -> Decision:
+        """Decide on ``operation`` on ``resource``; first matching rule wins, else the default.
+
+        Never raises: an error while evaluating denies (reason ``evaluation_error``).
+        """
+        ctx: Context = context if context is not None else {}
+        try:
+            if self.permissions is not None and "_permissions" not in ctx:
+                ctx = {**ctx, "_permissions": self.permissions}
+            if self.require_verified_sender and not ctx.get("verified", False):
+                return self._finish(None, "deny", "sender not verified (require_verified_sender)", ctx)
+            for rule in self._compiled.candidates(operation, resource):
+                if rule.pattern.matches(operation, resource, ctx):
+                    return self._finish(rule, rule.action, rule.reason, ctx)
+            return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
+        except Exception as exc:
+            return Decision(False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name,
+                            violation=True)
+
+    def evaluate_linear(self, operation: str, resource: str, context: Context | None = None) -> Decision:
+        """The same decision by scanning every rule in order (reference and benchmark baseline)."""
+        ctx: Context = context if context is not None else {}
+        try:
+            if self.permissions is not None and "_permissions" not in ctx:
+                ctx = {**ctx, "_permissions": self.permissions}
+            if self.require_verified_sender and not ctx.get("verified", False):
+                return self._finish(None, "deny", "sender not verified (require_verified_sender)", ctx)
+            for rule in self._compiled.rules:
+                if rule.pattern.matches(operation, resource, ctx):
+                    return self._finish(rule, rule.action, rule.reason, ctx)
+            return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
+        except Exception as exc:
+            return Decision(False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name,
+                            violation=True)
+
+    def _finish(self, rule: Rule | None, action: str, reason: str, ctx: Context) -> Decision:
+        if action == "allow":
+            if rule is not None and rule.limiter is not None:
+                agent = ctx.get("agent_id") or ctx.get("sender") or ""
+                if not rule.limiter.take(agent):
+                    return self._deny(rule, f"rate limit {rule.rate_limit} exceeded", rate_limited=True)
+            return Decision(True, "allow", reason or "allowed", self.name, rule)
+        return self._deny(rule, reason or "denied")
+
+    def _deny(self, rule: Rule | None, reason: str, rate_limited: bool = False) -> Decision:
+        signal = rule.on_violation if rule is not None else None
+        if self.mode == "audit":
+            return Decision(True, "audit", reason, self.name, rule, True, signal, rate_limited)
+        return Decision(False, "deny", reason, self.name, rule, True, signal, rate_limited)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "default_action": self.default_action,
+            "inheritance": self.inheritance,
+            "mode": self.mode,
+            "require_verified_sender": self.require_verified_sender,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name!r}, version={self.version!r}, rules={len(self.rules)}, " \
+               f"default_action={self.default_action!r})"
+
+    # -- built-ins and helpers ----------------------------------------------------------------
+
+    @classmethod
+    def builtin(cls, name: str) -> Policy:
+        """``"strict"`` (deny by default), ``"permissive"`` (allow by default) or ``"audit"``
+        (allow, record violations). Raises PolicyError for another name."""
+        if name == "strict":
+            return cls("strict", default_action="deny")
+        if name == "permissive":
+            return cls("permissive", default_action="allow")
+        if name == "audit":
+            return cls("audit", default_action="allow", mode="audit")
+        raise PolicyError(f"unknown built-in policy {name!r}: strict, permissive or audit")
+
+    @classmethod
+    def no_destructive_sql(cls) -> Policy:
+        """Deny ``sql`` operations whose resource (the statement) is DROP, TRUNCATE, ALTER ...
+        DROP, or a DELETE/UPDATE without WHERE; allow everything else."""
+        policy = cls("no_destructive_sql", default_action="allow")
+        destructive = (
+            r"(?is)\s*(?:drop\s.*|truncate\s.*|alter\s+table\s.*\sdrop\s.*"
+            r"|delete\s+from\s(?:(?!\bwhere\b).)*|update\s(?:(?!\bwhere\b).)*)"
+        )
+        policy.add_rule("deny", Pattern("sql", destructive, match_type="regex"),
+                        reason="destructive SQL", name="no-destructive-sql")
+        return policy
+
+    @classmethod
+    def file_access(cls, path: str, operations: Sequence[str] = ("read", "write")) -> Policy:
+        """Allow file ``operations`` only under ``path`` (``..`` segments are refused); other
+        operations are left to other policies (allowed here)."""
+        root = path.rstrip("/") or "/"
+        policy = cls(f"file_access:{root}", default_action="allow")
+        for op in operations:
+            policy.add_rule("deny", Pattern(op, "*/../*"), reason="path traversal", name=f"{op}-traversal")
+            policy.add_rule("allow", Pattern(op, root), name=f"{op}-root")
+            policy.add_rule("allow", Pattern(op, f"{root.rstrip('/')}/*"), name=f"{op}-under-root")
+            policy.add_rule("deny", Pattern(op, "*"), reason=f"{op} outside {root}", name=f"{op}-elsewhere")
+        return policy
+
+    @classmethod
+    def rate_limit(cls, limit: int, window: str | float = "1m") -> Policy:
+        """Allow every action, at most ``limit`` per ``window`` per agent."""
+        from control_plane.ratelimit import parse_window
+
+        policy = cls(f"rate_limit:{limit}/{window}", default_action="allow")
+        policy.add_rule("allow", Pattern("*", "*"), rate_limit=RateLimit(limit, parse_window(window)),
+                        reason="within rate limit", name="rate-limit")
+        return policy
+
+
+class PolicySet:
+    """Several policies that must all allow (``KernelSpace(policies=[...])``).
+
+    Evaluated in order; the first deny decides, else the first policy's allow. Has the same
+    ``evaluate`` and ``reload`` shape as :class:`Policy` so the kernel treats both alike.
+    """
+
+    def __init__(self, policies: Sequence[Policy]) -> None:
+        if not policies:
+            raise PolicyError("a policy set needs at least one policy")
+        self.policies = list(policies)
+        self.name = "+".join(p.name for p in self.policies)
+
+    def evaluate(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
+        first: Decision | None = None
+        for policy in self.policies:
+            decision = policy.evaluate(operation, resource, context)
+            if not decision.allowed:
+                return decision
+            first = first or decision
+        assert first is not None
+        return first
+
+    @property
+    def inheritance(self) -> str:
+        return self.policies[0].inheritance

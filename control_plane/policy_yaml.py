@@ -1,0 +1,158 @@
+"""Policies in YAML, validated with the line and field of every error.
+
+Schema (unknown keys are errors)::
+
+    name: healthcare_policy          # required
+    version: "1.0.0"
+    default_action: deny             # allow | deny (default deny)
+    inheritance: strict              # strict | permissive | none
+    mode: enforce                    # enforce | audit
+    require_verified_sender: false   # deny messages whose sender IATP did not verify
+    rules:                           # evaluated in order; first match wins
+      - name: read-data              # optional; default rule-<n>
+        action: allow                # required: allow | deny
+        operation: read              # glob over the operation (default "*")
+        resource: "data/*"           # glob or regex over the resource (default "*")
+        match_type: glob             # glob | regex
+        exclude: ["data/phi/*"]
+        conditions: {user_role: [admin, operator]}
+        reason: "..."
+        on_violation: SIGKILL        # a signal name
+        rate_limit: 100              # per minute, or "100/1m", "5/s"
+
+:func:`load_policy` raises :class:`~control_plane.errors.PolicyLoadError` naming the line and
+field of the first problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from control_plane.errors import PolicyError, PolicyLoadError
+from control_plane.patterns import Pattern
+from control_plane.policy import Policy
+
+_TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
+_RULE: Final = {"name", "action", "operation", "resource", "match_type", "exclude", "conditions", "reason",
+                "on_violation", "rate_limit"}
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _mapping(node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise PolicyLoadError(f"{what} must be a mapping", line=_line(node))
+    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            raise PolicyLoadError("keys must be plain names", line=_line(key))
+        if key.value in out:
+            raise PolicyLoadError("duplicate key", line=_line(key), field=key.value)
+        out[key.value] = (key, value)
+    return out
+
+
+def load_policy(source: str | Path) -> Policy:
+    """Build a Policy from YAML text or a ``.yaml``/``.yml`` file. Raises PolicyLoadError."""
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                     and source.endswith((".yaml", ".yml"))):
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise PolicyLoadError(f"cannot read {source}: {exc}") from None
+    else:
+        text = source
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise PolicyLoadError("empty policy document", line=1)
+        top = _mapping(root, "a policy")
+
+        def value(node: yaml.Node, field: str, kind: type | tuple[type, ...]) -> Any:
+            try:
+                v = loader.construct_object(node, deep=True)
+            except yaml.YAMLError as exc:
+                raise PolicyLoadError(str(exc), line=_line(node), field=field) from None
+            if not isinstance(v, kind) or (isinstance(v, bool) and bool not in _kinds(kind)):
+                names = "/".join(k.__name__ for k in _kinds(kind))
+                raise PolicyLoadError(f"must be {names}, got {v!r}", line=_line(node), field=field)
+            return v
+
+        for key, (knode, _) in top.items():
+            if key not in _TOP:
+                raise PolicyLoadError(f"unknown field (allowed: {', '.join(sorted(_TOP))})",
+                                      line=_line(knode), field=key)
+        if "name" not in top:
+            raise PolicyLoadError("a policy needs a name", line=_line(root), field="name")
+        opts: dict[str, Any] = {}
+        for field, kind in (("name", str), ("version", (str, int, float)), ("default_action", str),
+                            ("inheritance", str), ("mode", str), ("require_verified_sender", bool)):
+            if field in top:
+                opts[field] = value(top[field][1], field, kind)
+        if "version" in opts:
+            opts["version"] = str(opts["version"])
+        try:
+            policy = Policy(**opts)
+        except PolicyError as exc:
+            bad = next((f for f in ("default_action", "inheritance", "mode") if f in str(exc)), None)
+            raise PolicyLoadError(str(exc), line=_line(top[bad][1]) if bad in top else None, field=bad) from None
+        if "rules" in top:
+            rules_node = top["rules"][1]
+            if not isinstance(rules_node, yaml.SequenceNode):
+                raise PolicyLoadError("must be a list of rules", line=_line(rules_node), field="rules")
+            for i, rnode in enumerate(rules_node.value):
+                _add_rule(policy, rnode, f"rules[{i}]", value)
+        return policy
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PolicyLoadError(f"invalid YAML: {getattr(exc, 'problem', exc)}",
+                              line=mark.line + 1 if mark is not None else None) from None
+    finally:
+        loader.dispose()
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
+    fields = _mapping(node, f"{where} (a rule)")
+    for key, (knode, _) in fields.items():
+        if key not in _RULE:
+            raise PolicyLoadError(f"unknown rule field (allowed: {', '.join(sorted(_RULE))})",
+                                  line=_line(knode), field=f"{where}.{key}")
+    if "action" not in fields:
+        raise PolicyLoadError("a rule needs an action (allow or deny)", line=_line(node), field=f"{where}.action")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "name": str, "action": str, "operation": str, "resource": str, "match_type": str, "exclude": list,
+        "conditions": dict, "reason": str, "on_violation": (str, int), "rate_limit": (int, str),
+    }
+    got = {k: value(vnode, f"{where}.{k}", kinds[k]) for k, (_, vnode) in fields.items()}
+    step = "action"
+    try:
+        step = "pattern"
+        pattern = Pattern(got.get("operation", "*"), got.get("resource", "*"), got.get("match_type", "glob"),
+                          got.get("conditions"), got.get("exclude"))
+        step = "rule"
+        policy.add_rule(got["action"], pattern, got.get("reason", ""), got.get("on_violation"),
+                        got.get("rate_limit"), name=got.get("name"))
+    except PolicyError as exc:
+        field = _guess_field(str(exc), fields) if step else None
+        line = _line(fields[field][1]) if field in fields else _line(node)
+        raise PolicyLoadError(str(exc), line=line, field=f"{where}.{field}" if field else where) from None
+
+
+def _guess_field(message: str, fields: dict[str, Any]) -> str | None:
+    for field, needle in (("match_type", "match_type"), ("resource", "regex"), ("conditions", "condition"),
+                          ("conditions", "time_window"), ("on_violation", "signal"),
+                          ("rate_limit", "rate limit"), ("rate_limit", "rate-limit"), ("action", "action"),
+                          ("operation", "operation"), ("exclude", "regex")):
+        if needle in message and field in fields:
+            return field
+    return None

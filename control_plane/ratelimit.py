@@ -1,0 +1,129 @@
+"""Token buckets: rate limits per agent and per rule.
+
+A :class:`RateLimit` of ``limit`` per ``per`` seconds is a bucket holding at most ``limit``
+tokens that refills continuously at ``limit / per`` tokens a second; each allowed action takes
+one token. A burst of ``limit`` actions is allowed at once, and over any window of ``per``
+seconds at most ``2 * limit`` (the burst plus the refill), ``limit`` in the long run.
+
+Taking a token is one short critical section under a lock with no ``await`` inside, so it is
+correct with any number of concurrent asyncio tasks and also across threads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Final
+
+from control_plane.errors import PolicyError
+
+_UNITS: Final = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h|d)\s*$")
+
+
+def parse_window(window: str | float) -> float:
+    """``"1m"`` -> 60.0, ``"30s"`` -> 30.0, ``"h"`` -> 3600.0; a number is seconds.
+
+    Raises PolicyError for anything else or a non-positive window.
+    """
+    if isinstance(window, int | float) and not isinstance(window, bool):
+        seconds = float(window)
+    elif isinstance(window, str) and (m := _WINDOW.match(window)):
+        seconds = float(m.group(1) or 1) * _UNITS[m.group(2)]
+    else:
+        raise PolicyError(f"invalid rate-limit window {window!r}: use e.g. '30s', '1m', '1h'")
+    if seconds <= 0:
+        raise PolicyError("a rate-limit window must be positive")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``limit`` actions per ``per`` seconds (a bucket of ``limit`` tokens)."""
+
+    limit: int
+    per: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise PolicyError(f"a rate limit must be a positive integer, got {self.limit!r}")
+        if self.per <= 0:
+            raise PolicyError("a rate-limit window must be positive")
+
+    @classmethod
+    def parse(cls, spec: RateLimit | int | str) -> RateLimit:
+        """``100`` (per minute, as the API reference), ``"100/1m"``, ``"5/s"`` or a RateLimit."""
+        if isinstance(spec, RateLimit):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls(spec, 60.0)
+        if isinstance(spec, str) and "/" in spec:
+            count, _, window = spec.partition("/")
+            if count.strip().isdigit():
+                return cls(int(count), parse_window(window))
+        raise PolicyError(f"invalid rate limit {spec!r}: use 100 (per minute) or '100/1m'")
+
+
+class TokenBucket:
+    """One bucket; :meth:`take` is atomic."""
+
+    __slots__ = ("_lock", "_rate", "capacity", "stamp", "tokens")
+
+    def __init__(self, limit: RateLimit) -> None:
+        self.capacity = float(limit.limit)
+        self._rate = limit.limit / limit.per
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, now: float | None = None) -> bool:
+        """Take one token if there is one; return whether it was taken."""
+        with self._lock:
+            t = time.monotonic() if now is None else now
+            tokens = min(self.capacity, self.tokens + (t - self.stamp) * self._rate)
+            self.stamp = t
+            if tokens >= 1.0:
+                self.tokens = tokens - 1.0
+                return True
+            self.tokens = tokens
+            return False
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self._rate >= self.capacity
+
+
+class RateLimiter:
+    """Buckets of one :class:`RateLimit`, one per key (an agent id, a (rule, agent) pair).
+
+    Memory stays bounded without weakening the limit: past ``max_keys`` buckets, the ones that
+    have refilled completely are dropped (a full bucket is exactly what a new one would be).
+    """
+
+    def __init__(self, limit: RateLimit, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.max_keys = max_keys
+        self._buckets: dict[Hashable, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable) -> bool:
+        """Take a token from ``key``'s bucket; False when it is empty."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            with self._lock:
+                bucket = self._buckets.get(key)
+                if bucket is None:
+                    if len(self._buckets) >= self.max_keys:
+                        self._evict_full()
+                    bucket = self._buckets[key] = TokenBucket(self.limit)
+        return bucket.take()
+
+    def _evict_full(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

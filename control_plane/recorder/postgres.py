@@ -1,0 +1,138 @@
+"""PostgreSQL storage for the flight recorder (``pip install 'agent-os[postgres]'``).
+
+One connection (psycopg 3, async); a batch is one transaction written with ``COPY``, durable
+when :meth:`PostgresStorage.append` returns. ``schema`` and ``table`` name where records live
+(the schema is created if missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from control_plane.errors import RecorderError
+from control_plane.recorder.records import ANCHOR_EVENT
+from control_plane.recorder.sqlite import where_sql
+from control_plane.recorder.storage import Row, Where
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+INSTALL_HINT = "the postgresql flight recorder needs psycopg: pip install 'agent-os[postgres]'"
+_COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
+
+
+class PostgresStorage:
+    """Records in ``schema.table`` of the database at ``dsn``."""
+
+    def __init__(self, dsn: str, table: str = "flight_records", schema: str = "public") -> None:
+        for name in (table, schema):
+            if not name.isidentifier():
+                raise RecorderError(f"invalid identifier {name!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self.table = table
+        self.qualified = f'"{schema}"."{table}"'
+        self._conn: AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+
+    def _c(self) -> AsyncConnection[Any]:
+        if self._conn is None:
+            raise RecorderError("postgresql storage is not open")
+        return self._conn
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise ImportError(INSTALL_HINT) from exc
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            q = self.qualified
+            async with self._conn.transaction():
+                await self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await self._conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {q} (seq BIGINT PRIMARY KEY, id TEXT NOT NULL, "
+                    "ts BIGINT NOT NULL, event_type TEXT NOT NULL, agent_id TEXT NOT NULL, "
+                    "execution_id TEXT, severity TEXT NOT NULL, data TEXT NOT NULL, "
+                    "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
+                )
+                await self._conn.execute(
+                    f'CREATE INDEX IF NOT EXISTS "{self.table}_agent" ON {q} (agent_id, seq)'
+                )
+                await self._conn.execute(f'CREATE INDEX IF NOT EXISTS "{self.table}_ts" ON {q} (ts)')
+        except psycopg.Error as exc:
+            raise RecorderError(f"postgresql: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        import psycopg
+
+        async with self._lock:
+            try:
+                cur = await self._c().execute(sql, args)
+                return [tuple(r) for r in await cur.fetchall()]
+            except psycopg.Error as exc:
+                raise RecorderError(f"postgresql: {exc}") from exc
+
+    async def tail(self) -> tuple[int, str] | None:
+        rows = await self._fetch(f"SELECT seq, hash FROM {self.qualified} ORDER BY seq DESC LIMIT 1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def append(self, rows: Sequence[Row]) -> None:
+        import psycopg
+
+        conn = self._c()
+        async with self._lock:
+            try:
+                async with conn.transaction(), conn.cursor() as cur:
+                    async with cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy:
+                        for row in rows:
+                            await copy.write_row(row)
+            except psycopg.Error as exc:
+                raise RecorderError(f"postgresql: {exc}") from exc
+
+    async def select(self, where: Where) -> list[Row]:
+        cond, args = where_sql(where, "%s")
+        return await self._fetch(f"SELECT {_COLS} FROM {self.qualified}{cond}", args)
+
+    async def scan(self, chunk: int = 10_000) -> AsyncIterator[list[Row]]:
+        after = -(1 << 62)
+        sql = f"SELECT {_COLS} FROM {self.qualified} WHERE seq > %s ORDER BY seq LIMIT {int(chunk)}"
+        while True:
+            rows = await self._fetch(sql, (after,))
+            if not rows:
+                return
+            yield rows
+            after = rows[-1][0]
+
+    async def newest_anchor(self) -> str | None:
+        rows = await self._fetch(
+            f"SELECT data FROM {self.qualified} WHERE event_type = %s ORDER BY seq DESC LIMIT 1", (ANCHOR_EVENT,)
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def first_seq_after(self, ts_ns: int) -> int | None:
+        rows = await self._fetch(f"SELECT MIN(seq) FROM {self.qualified} WHERE ts >= %s", (ts_ns,))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    async def hash_at(self, seq: int) -> str | None:
+        rows = await self._fetch(f"SELECT hash FROM {self.qualified} WHERE seq = %s", (seq,))
+        return str(rows[0][0]) if rows else None
+
+    async def delete_through(self, seq: int) -> int:
+        import psycopg
+
+        async with self._lock:
+            try:
+                cur = await self._c().execute(f"DELETE FROM {self.qualified} WHERE seq <= %s", (seq,))
+                return cur.rowcount
+            except psycopg.Error as exc:
+                raise RecorderError(f"postgresql: {exc}") from exc

@@ -1,0 +1,391 @@
+"""The flight recorder: an append-only, hash-chained log of every decision.
+
+Example::
+
+    recorder = FlightRecorder(storage="sqlite", connection_string="audit.db")
+    await recorder.log("action_blocked", "agent_123", {"resource": "data/phi/p1"}, severity="warning")
+    hits = await recorder.query(filters={"data.resource": {"$regex": "data/phi/"}})
+    assert (await recorder.verify()).ok
+    await recorder.close()
+
+**Batching and durability.** ``log`` hashes the record and appends it to an in-memory batch at
+once (so the chain order is the call order); the batch is written in one transaction when it
+reaches ``batch_size`` records, ``flush_interval`` seconds after its first record, on
+``flush()``, and on ``close()``. What a flush has written survives a crash of the writer; what
+was still in the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
+``export`` ...) flush first, so they see every record logged before them. A failed write keeps
+the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush retries it.
+
+See :mod:`control_plane.recorder.records` for the canonical encoding, the chain and retention
+anchors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from amb.envelope import new_id
+from control_plane.errors import RecorderError
+from control_plane.patterns import _operator_condition
+from control_plane.recorder.records import (
+    ANCHOR_EVENT,
+    GENESIS,
+    SEVERITIES,
+    Record,
+    VerifyResult,
+    canonical_data,
+    record_hash,
+    verify_rows,
+)
+from control_plane.recorder.storage import MemoryStorage, Storage, Where
+
+StorageName = Literal["memory", "sqlite", "postgresql"]
+
+
+def _ns(t: datetime | None) -> int | None:
+    return None if t is None else int(t.timestamp() * 1e9)
+
+
+def _many(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+class FlightRecorder:
+    """Audit log of agent activity (see the module docstring).
+
+    Args:
+        storage: ``"sqlite"`` (default), ``"memory"``, ``"postgresql"``, or a Storage object.
+        connection_string: the SQLite file (default ``flight_recorder.db``) or the PostgreSQL
+            DSN (required for postgresql).
+        retention_days: :meth:`apply_retention` removes records older than this.
+        batch_size, flush_interval: when batches are written (see above).
+        table, schema: where records live in SQL storage.
+
+    Raises RecorderError for an unknown storage or a missing DSN.
+    """
+
+    def __init__(
+        self,
+        storage: StorageName | str | Storage = "sqlite",
+        connection_string: str | None = None,
+        retention_days: int = 90,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        table: str = "flight_records",
+        schema: str = "public",
+    ) -> None:
+        if batch_size < 1 or flush_interval <= 0 or retention_days < 0:
+            raise RecorderError("batch_size >= 1, flush_interval > 0 and retention_days >= 0 are required")
+        self.storage: Storage
+        if not isinstance(storage, str):
+            self.storage = storage
+        elif storage == "memory":
+            self.storage = MemoryStorage()
+        elif storage == "sqlite":
+            from control_plane.recorder.sqlite import SqliteStorage
+
+            self.storage = SqliteStorage(connection_string or "flight_recorder.db", table)
+        elif storage in ("postgresql", "postgres"):
+            from control_plane.recorder.postgres import PostgresStorage
+
+            if not connection_string:
+                raise RecorderError("postgresql storage needs a connection_string")
+            self.storage = PostgresStorage(connection_string, table, schema)
+        else:
+            raise RecorderError(f"unknown storage {storage!r}: memory, sqlite or postgresql")
+        self.retention_days = retention_days
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.appended = 0
+        self.flushed = 0
+        self._seq = 0
+        self._prev = GENESIS
+        self._batch: list[tuple[Any, ...]] = []
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the storage and continue its chain. Idempotent; ``log`` calls it."""
+        if self._opened:
+            return
+        async with self._open_lock:
+            if self._opened:
+                return
+            if self._closed:
+                raise RecorderError("the flight recorder is closed")
+            await self.storage.open()
+            tail = await self.storage.tail()
+            if tail is not None:
+                self._seq, self._prev = tail
+            self._opened = True
+
+    async def close(self) -> None:
+        """Write what is batched and close the storage. Idempotent."""
+        if self._closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._opened:
+            await self.flush()
+            await self.storage.close()
+        self._closed = True
+
+    async def __aenter__(self) -> FlightRecorder:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def log(
+        self,
+        event_type: str,
+        agent_id: str,
+        data: Mapping[str, Any] | None = None,
+        severity: str = "info",
+        *,
+        execution_id: str | None = None,
+    ) -> Record:
+        """Append one record and return it (hash included). Raises RecorderError for an unknown
+        severity or a closed recorder, and when a full batch cannot be written."""
+        if not self._opened:
+            await self.open()
+        record = self.append(event_type, agent_id, data, severity, execution_id=execution_id)
+        if len(self._batch) >= self.batch_size:
+            await self.flush()
+        return record
+
+    def append(
+        self,
+        event_type: str,
+        agent_id: str,
+        data: Mapping[str, Any] | None = None,
+        severity: str = "info",
+        *,
+        execution_id: str | None = None,
+    ) -> Record:
+        """Synchronous ``log`` for an opened recorder (no await between hashing and batching)."""
+        if self._closed or not self._opened:
+            raise RecorderError("the flight recorder is closed" if self._closed else "call open() first")
+        if severity not in SEVERITIES:
+            raise RecorderError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+        seq = self._seq + 1
+        rid = f"evt_{new_id()}"
+        ts = time.time_ns()
+        data_json = canonical_data(data or {})
+        prev = self._prev
+        h = record_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev)
+        self._seq, self._prev = seq, h
+        row = (seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
+        self._batch.append(row)
+        self.appended += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+        return Record.from_row(row)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._batch and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+
+    async def _timed_flush(self) -> None:
+        try:
+            await self.flush()
+        except RecorderError:
+            # Kept in the batch; retried by the next flush. Arm the timer again.
+            if self._timer is None and not self._closed:
+                self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+
+    async def flush(self) -> int:
+        """Write the batched records in one transaction; return how many. Raises RecorderError
+        (the records stay batched for the next attempt)."""
+        async with self._flush_lock:
+            if not self._batch:
+                return 0
+            batch, self._batch = self._batch, []
+            try:
+                await self.storage.append(batch)
+            except BaseException:
+                self._batch[:0] = batch
+                raise
+            self.flushed += len(batch)
+            if not self._batch and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return len(batch)
+
+    async def log_state_dump(self, agent_id: str, state: Mapping[str, Any]) -> Record:
+        """Record an agent's state (``replay`` merges it into the replayed state)."""
+        return await self.log("state_dump", agent_id, {"state": dict(state)})
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _ready_to_read(self) -> None:
+        await self.open()
+        await self.flush()
+
+    async def query(
+        self,
+        event_type: str | Sequence[str] | None = None,
+        agent_id: str | None = None,
+        severity: str | Sequence[str] | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        limit: int | None = None,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        execution_id: str | None = None,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> list[Record]:
+        """Records matching every given filter, in ``seq`` order (``order="desc"``: newest first).
+
+        ``filters`` map a dotted field of the record (``data.resource``, ``event_type`` ...) to a
+        value (equality), a list (membership) or $-operators (``$regex`` searches, ``$in``,
+        ``$gt`` ... as in policy conditions). Naive datetimes are local time.
+        """
+        await self._ready_to_read()
+        checks = []
+        for field, spec in (filters or {}).items():
+            if isinstance(spec, Mapping) and spec and all(str(k).startswith("$") for k in spec):
+                checks.append(_operator_condition(field, spec))
+            elif isinstance(spec, list | tuple):
+                checks.append(_operator_condition(field, {"$in": list(spec)}))
+            else:
+                checks.append(_operator_condition(field, {"$eq": spec}))
+        where = Where(
+            agent_id=agent_id,
+            execution_id=execution_id,
+            event_types=_many(event_type),
+            severities=_many(severity),
+            start_ns=_ns(start_time),
+            end_ns=_ns(end_time),
+            descending=order == "desc",
+            limit=None if checks else limit,
+        )
+        records = [Record.from_row(r) for r in await self.storage.select(where)]
+        if checks:
+            records = [r for r in records if all(c(r.as_dict()) for c in checks)]
+            if limit is not None:
+                records = records[:limit]
+        return records
+
+    async def get_timeline(self, agent_id: str, execution_id: str | None = None) -> list[Record]:
+        """The agent's records (of one execution, when given) in order."""
+        return await self.query(agent_id=agent_id, execution_id=execution_id)
+
+    async def replay(self, agent_id: str, execution_id: str | None = None,
+                     to_event_id: str | None = None) -> dict[str, Any]:
+        """The state of an execution up to and including ``to_event_id`` (all when None).
+
+        The state is: ``status`` (the last ``data.status`` seen), ``events`` (how many),
+        ``counts`` per event type, ``state`` (the merge of every ``data.state`` in order, as
+        written by ``log_state_dump``), ``last_event``. Raises RecorderError when
+        ``to_event_id`` is not in the timeline.
+        """
+        timeline = await self.get_timeline(agent_id, execution_id)
+        if to_event_id is not None and all(r.id != to_event_id for r in timeline):
+            raise RecorderError(f"event {to_event_id!r} is not in the timeline of {agent_id}")
+        state: dict[str, Any] = {"agent_id": agent_id, "execution_id": execution_id, "status": None,
+                                 "events": 0, "counts": {}, "state": {}, "last_event": None}
+        for record in timeline:
+            data = record.data
+            state["events"] += 1
+            state["counts"][record.event_type] = state["counts"].get(record.event_type, 0) + 1
+            if isinstance(data.get("status"), str):
+                state["status"] = data["status"]
+            if isinstance(data.get("state"), dict):
+                state["state"].update(data["state"])
+            state["last_event"] = record.as_dict()
+            if record.id == to_event_id:
+                break
+        return state
+
+    async def export(
+        self,
+        format: Literal["json", "csv"],
+        output_path: str | Path,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        include_metadata: bool = True,
+        fields: Sequence[str] | None = None,
+    ) -> int:
+        """Write the records of a time range to ``output_path`` as JSON (a list of objects) or
+        CSV (``fields`` as columns; nested values as JSON). Returns how many were written.
+        ``include_metadata`` adds seq, ts, prev_hash and hash. Raises RecorderError for another
+        format."""
+        if format not in ("json", "csv"):
+            raise RecorderError(f"export format must be json or csv, got {format!r}")
+        records = await self.query(start_time=start_time, end_time=end_time)
+        rows = [r.as_dict(include_metadata) for r in records]
+        if fields is not None:
+            rows = [{f: (row["timestamp"] if f == "timestamp" else row.get(f)) for f in fields} for row in rows]
+        path = Path(output_path)
+        if format == "json":
+            path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+        else:
+            names = list(fields) if fields is not None else (list(rows[0]) if rows else ["id"])
+            with path.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=names)
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: (json.dumps(v) if isinstance(v, dict | list) else v)
+                                     for k, v in row.items()})
+        return len(rows)
+
+    # -- integrity and retention -------------------------------------------------------------
+
+    async def head(self) -> tuple[int, str]:
+        """The newest record's (seq, hash): keep it elsewhere to detect a cut-off tail."""
+        await self._ready_to_read()
+        return self._seq, self._prev
+
+    async def verify(self, expected_head: tuple[int, str] | None = None) -> VerifyResult:
+        """Check the whole chain; the result names the first bad record (see records module)."""
+        await self._ready_to_read()
+        anchor: tuple[int, str] | None = None
+        anchor_json = await self.storage.newest_anchor()
+        if anchor_json is not None:
+            data = json.loads(anchor_json)
+            anchor = (int(data["pruned_through_seq"]), str(data["pruned_through_hash"]))
+        rows: list[tuple[Any, ...]] = []
+        async for chunk in self.storage.scan():
+            rows.extend(chunk)
+        return verify_rows(rows, anchor, expected_head)
+
+    async def apply_retention(self, now: datetime | None = None) -> int:
+        """Delete records older than ``retention_days``, after appending an anchor record that
+        keeps the rest verifiable. Returns how many were deleted."""
+        await self._ready_to_read()
+        cutoff = (now or datetime.now().astimezone()) - timedelta(days=self.retention_days)
+        first_kept = await self.storage.first_seq_after(int(cutoff.timestamp() * 1e9))
+        through = (first_kept - 1) if first_kept is not None else self._seq
+        rows = await self.storage.select(Where(limit=1))
+        if not rows or through < rows[0][0]:
+            return 0
+        pruned_hash = await self.storage.hash_at(through)
+        if pruned_hash is None:
+            raise RecorderError(f"record {through} is missing: verify the chain before pruning")
+        await self.log(ANCHOR_EVENT, "flight_recorder",
+                       {"pruned_through_seq": through, "pruned_through_hash": pruned_hash},
+                       severity="info")
+        await self.flush()
+        return await self.storage.delete_through(through)

@@ -1,0 +1,171 @@
+"""Flight-recorder records, their canonical encoding and the hash chain.
+
+**Canonical encoding.** A record's content is ``seq, id, ts, event_type, agent_id,
+execution_id, severity, data, prev_hash``. ``data`` is normalized when the record is made
+(bytes become ``{"$b64": ...}``, datetimes ISO strings, tuples and sets lists, other objects
+their ``repr``) and stored as canonical JSON text (sorted keys, no spaces, UTF-8). The record's
+canonical bytes are the compact JSON array of the nine fields in that order, with ``data`` as
+that text; ``hash = sha256(canonical bytes)`` in hex. Each record names the previous record's
+hash (``prev_hash``; 64 zeros for the first), so every field of every record is covered and
+editing, deleting, inserting or reordering records breaks the chain from that point on.
+
+**Verifying.** Records are read in ``seq`` order; each must have ``seq`` one more than the
+previous, ``prev_hash`` equal to the previous hash, and ``hash`` equal to the hash of its own
+content. The first record that fails is named. A chain cannot show that records were cut from
+its *end*: keep :meth:`FlightRecorder.head` somewhere else and pass it to ``verify`` to cover
+that too.
+
+**Retention anchors.** Pruning old records appends an anchor record (``event_type``
+``retention_anchor``, data ``{"pruned_through_seq": k, "pruned_through_hash": h}``) to the chain
+before deleting records up to ``k``. ``verify`` then starts from the newest anchor: the first
+remaining record must have ``seq == k + 1`` and ``prev_hash == h``. The anchor itself is
+chained, so it cannot be forged or removed without the chain showing it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Final
+
+GENESIS: Final = "0" * 64
+ANCHOR_EVENT: Final = "retention_anchor"
+SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
+COLUMNS: Final = (
+    "seq", "id", "ts", "event_type", "agent_id", "execution_id", "severity", "data", "prev_hash", "hash",
+)
+
+
+def normalize(value: Any) -> Any:
+    """Turn ``value`` into plain JSON data (see the module docstring)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): normalize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [normalize(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((normalize(v) for v in value), key=repr)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$b64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if hasattr(value, "value") and hasattr(value, "name"):  # enums
+        return normalize(value.name)
+    return repr(value)
+
+
+def canonical_data(data: Mapping[str, Any]) -> str:
+    return json.dumps(normalize(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_sha256 = hashlib.sha256
+
+
+def record_hash(seq: int, id: str, ts: int, event_type: str, agent_id: str, execution_id: str | None,
+                severity: str, data_json: str, prev_hash: str) -> str:
+    """The hash of one record's complete canonical content."""
+    body = _dumps([seq, id, ts, event_type, agent_id, execution_id, severity, data_json, prev_hash])
+    return _sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One flight-recorder record. ``ts`` is nanoseconds since the epoch; ``data_json`` is the
+    canonical JSON of ``data``."""
+
+    seq: int
+    id: str
+    ts: int
+    event_type: str
+    agent_id: str
+    execution_id: str | None
+    severity: str
+    data_json: str
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.data_json)
+        return result
+
+    @property
+    def timestamp(self) -> datetime:
+        from datetime import UTC
+
+        return datetime.fromtimestamp(self.ts / 1e9, tz=UTC)
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.seq, self.id, self.ts, self.event_type, self.agent_id, self.execution_id,
+                self.severity, self.data_json, self.prev_hash, self.hash)
+
+    def as_dict(self, include_metadata: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "timestamp": self.timestamp.isoformat(),
+            "event_type": self.event_type,
+            "agent_id": self.agent_id,
+            "execution_id": self.execution_id,
+            "severity": self.severity,
+            "data": self.data,
+        }
+        if include_metadata:
+            out.update(seq=self.seq, ts=self.ts, prev_hash=self.prev_hash, hash=self.hash)
+        return out
+
+    @classmethod
+    def from_row(cls, row: Iterable[Any]) -> Record:
+        seq, id, ts, et, agent, exe, sev, data, prev, h = row
+        return cls(int(seq), id, int(ts), et, agent, exe, sev, data, prev, h)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The outcome of :meth:`FlightRecorder.verify`: ``ok``, how many records were checked, and
+    for a broken chain the first bad record's ``seq`` (or where one is missing) and why."""
+
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    first_bad_id: str | None = None
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def verify_rows(rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None,
+                head: tuple[int, str] | None = None) -> VerifyResult:
+    """Check a chain of rows (in ``seq`` order) as the module docstring says."""
+    expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])
+    checked = 0
+    last: tuple[int, str] | None = None
+    rh = record_hash
+    for row in rows:
+        seq, rid, ts, et, agent, exe, sev, data, prev, h = row
+        if seq != expect_seq:
+            what = "missing" if seq > expect_seq else "duplicate or out of order"
+            return VerifyResult(False, checked, expect_seq if seq > expect_seq else seq, rid,
+                                f"record seq {expect_seq} {what} (found seq {seq})")
+        if prev != expect_prev:
+            return VerifyResult(False, checked, seq, rid, "prev_hash does not match the previous record")
+        if rh(seq, rid, ts, et, agent, exe, sev, data, prev) != h:
+            return VerifyResult(False, checked, seq, rid, "content does not match its hash (edited)")
+        checked += 1
+        expect_seq, expect_prev = seq + 1, h
+        last = (seq, h)
+    if head is not None and (last is None or last[0] < head[0]):
+        return VerifyResult(False, checked, (last[0] + 1) if last else head[0], None,
+                            f"records after seq {last[0] if last else 0} are missing (head is {head[0]})")
+    if head is not None and last is not None and last[0] == head[0] and last[1] != head[1]:
+        return VerifyResult(False, checked, last[0], None, "the last record differs from the known head")
+    return VerifyResult(True, checked)

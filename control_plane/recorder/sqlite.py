@@ -1,0 +1,168 @@
+"""SQLite storage for the flight recorder (the default).
+
+All SQLite calls run on one dedicated thread, so the event loop never blocks on disk and the
+connection is only ever used by that thread. The database is in WAL mode with
+``synchronous=FULL``: a batch is one transaction, and once :meth:`SqliteStorage.append` returns
+it survives a crash of the process (and of the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from control_plane.errors import RecorderError
+from control_plane.recorder.records import ANCHOR_EVENT
+from control_plane.recorder.storage import Row, Where
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {t} (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    event_type TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    execution_id TEXT,
+    severity TEXT NOT NULL,
+    data TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {t}_agent ON {t} (agent_id, seq);
+CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq);
+CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
+"""
+_COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
+
+
+def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
+    """SQL conditions and parameters for ``where`` (shared with the PostgreSQL backend)."""
+    parts: list[str] = []
+    args: list[Any] = []
+    for column, value in (("agent_id", where.agent_id), ("execution_id", where.execution_id)):
+        if value is not None:
+            parts.append(f"{column} = {param}")
+            args.append(value)
+    for column, values in (("event_type", where.event_types), ("severity", where.severities)):
+        if values is not None:
+            parts.append(f"{column} IN ({', '.join([param] * len(values))})" if values else "FALSE")
+            args.extend(values)
+    if where.start_ns is not None:
+        parts.append(f"ts >= {param}")
+        args.append(where.start_ns)
+    if where.end_ns is not None:
+        parts.append(f"ts <= {param}")
+        args.append(where.end_ns)
+    sql = (" WHERE " + " AND ".join(parts)) if parts else ""
+    sql += " ORDER BY seq DESC" if where.descending else " ORDER BY seq"
+    if where.limit is not None:
+        sql += f" LIMIT {int(where.limit)}"
+    return sql, args
+
+
+class SqliteStorage:
+    """Records in a SQLite file (``path``; ``":memory:"`` for a private in-memory database)."""
+
+    def __init__(self, path: str | Path = "flight_recorder.db", table: str = "flight_records") -> None:
+        if not table.isidentifier():
+            raise RecorderError(f"invalid table name {table!r}")
+        self.path = str(path)
+        self.table = table
+        self._db: sqlite3.Connection | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._pool is None or self._db is None:
+            raise RecorderError("sqlite storage is not open")
+        db = self._db
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
+        except sqlite3.Error as exc:
+            raise RecorderError(f"sqlite: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder")
+
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA.format(t=self.table))
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+        except sqlite3.Error as exc:
+            self._pool.shutdown()
+            self._pool = None
+            raise RecorderError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is None or self._pool is None:
+            return
+        db, pool = self._db, self._pool
+        await asyncio.get_running_loop().run_in_executor(pool, db.close)
+        pool.shutdown()
+        self._db = self._pool = None
+
+    async def tail(self) -> tuple[int, str] | None:
+        row = await self._run(
+            lambda db: db.execute(f"SELECT seq, hash FROM {self.table} ORDER BY seq DESC LIMIT 1").fetchone()
+        )
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    async def append(self, rows: Sequence[Row]) -> None:
+        sql = f"INSERT INTO {self.table} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:
+                db.executemany(sql, rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await self._run(write)
+
+    async def select(self, where: Where) -> list[Row]:
+        cond, args = where_sql(where)
+        return await self._run(lambda db: db.execute(f"SELECT {_COLS} FROM {self.table}{cond}", args).fetchall())
+
+    async def scan(self, chunk: int = 10_000) -> AsyncIterator[list[Row]]:
+        after = -1 << 62
+        sql = f"SELECT {_COLS} FROM {self.table} WHERE seq > ? ORDER BY seq LIMIT {int(chunk)}"
+        while True:
+            last = after
+            rows = await self._run(lambda db: db.execute(sql, (last,)).fetchall())
+            if not rows:
+                return
+            yield rows
+            after = rows[-1][0]
+
+    async def newest_anchor(self) -> str | None:
+        sql = f"SELECT data FROM {self.table} WHERE event_type = ? ORDER BY seq DESC LIMIT 1"
+        row = await self._run(lambda db: db.execute(sql, (ANCHOR_EVENT,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def first_seq_after(self, ts_ns: int) -> int | None:
+        sql = f"SELECT MIN(seq) FROM {self.table} WHERE ts >= ?"
+        row = await self._run(lambda db: db.execute(sql, (ts_ns,)).fetchone())
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def hash_at(self, seq: int) -> str | None:
+        sql = f"SELECT hash FROM {self.table} WHERE seq = ?"
+        row = await self._run(lambda db: db.execute(sql, (seq,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def delete_through(self, seq: int) -> int:
+        sql = f"DELETE FROM {self.table} WHERE seq <= ?"
+        return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)

@@ -1,0 +1,196 @@
+"""POSIX-style signals for agents, delivered locally and across processes over the bus.
+
+What each signal does (these are enforced, not flags for agent code to poll):
+
+=========  =========  ===========================================================================
+signal     catchable  effect
+=========  =========  ===========================================================================
+SIGKILL    no         now: the agent is terminated, its tasks (execution, running handlers) are
+                      cancelled, its held messages fail (deliveries are dead-lettered with reason
+                      ``agent_killed``), its bus clients are closed; nothing of it is delivered
+                      or published afterwards
+SIGSTOP    no         now: the agent's deliveries and publishes wait in its bounded hold queue
+                      (``queue_size``); ``kernel.is_stopped()`` is true for agent code
+SIGCONT    yes        handlers run, then the hold queue is released in arrival order
+SIGTERM    yes        handlers run (cleanup), then the agent is terminated as by SIGKILL
+SIGUSR1/2  yes        handlers run; nothing else
+SIGALRM    yes        sent by the kernel when an execution exceeds its timeout: handlers run, then
+                      the execution is cancelled (``kernel.execute`` raises ``AgentTimeoutError``)
+=========  =========  ===========================================================================
+
+A masked catchable signal is ignored (``send`` returns False). SIGKILL and SIGSTOP cannot be
+handled or masked: trying raises :class:`~control_plane.errors.SignalError`.
+
+**Across processes.** A kernel that attaches a bus client subscribes, for each attached agent,
+to the control subject ``_ctl.signal.<agent_id>``. :meth:`SignalDispatcher.send` for an agent
+that is not local sends the signal there as a request and returns the remote ``send``'s
+result; the receiving mediator checks it against policy as operation ``signal`` on resource
+``<agent_id>``, so only senders the policy allows can signal an agent. Control messages skip the
+hold queue (SIGCONT must reach a stopped agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from control_plane.errors import AgentNotFound, SignalError
+
+if TYPE_CHECKING:
+    from control_plane.kernel import KernelSpace
+
+log = logging.getLogger(__name__)
+
+CONTROL_PREFIX: Final = "_ctl.signal"
+
+
+def control_subject(agent_id: str) -> str:
+    """The subject on which ``agent_id`` receives signals from other processes."""
+    return f"{CONTROL_PREFIX}.{agent_id}"
+
+
+class AgentSignal(enum.Enum):
+    """The signals of the API reference, with their POSIX numbers."""
+
+    SIGKILL = 9
+    SIGSTOP = 19
+    SIGCONT = 18
+    SIGTERM = 15
+    SIGUSR1 = 10
+    SIGUSR2 = 12
+    SIGALRM = 14
+
+    @property
+    def catchable(self) -> bool:
+        return self not in (AgentSignal.SIGKILL, AgentSignal.SIGSTOP)
+
+    @classmethod
+    def parse(cls, value: AgentSignal | str | int) -> AgentSignal:
+        """``"SIGKILL"``, ``"kill"``, ``9`` or the member itself. Raises SignalError otherwise."""
+        if isinstance(value, AgentSignal):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        elif isinstance(value, str):
+            name = value.upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name in cls.__members__:
+                return cls[name]
+        raise SignalError(f"unknown signal {value!r}")
+
+
+SignalHandler = Callable[[str, AgentSignal], Awaitable[Any]]
+
+
+class SignalDispatcher:
+    """Sends signals to agents and runs their handlers.
+
+    Args:
+        kernel: the KernelSpace whose agents this dispatcher signals (a KernelSpace created
+            with this dispatcher binds itself when None).
+        queue_size: the bound of each agent's hold queue while it is stopped.
+        async_delivery: run catchable handlers in the background (``send`` returns at once);
+            with False, ``send`` returns after the handlers (and the signal's effect).
+    """
+
+    def __init__(self, kernel: KernelSpace | None = None, queue_size: int = 1000,
+                 async_delivery: bool = True) -> None:
+        if queue_size < 1:
+            raise SignalError("queue_size must be at least 1")
+        self.kernel = kernel
+        self.queue_size = queue_size
+        self.async_delivery = async_delivery
+        self._handlers: dict[AgentSignal, list[tuple[str | None, SignalHandler]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def register_handler(
+        self, signal: AgentSignal | str, agent_id: str | None = None
+    ) -> Callable[[SignalHandler], SignalHandler]:
+        """Decorator: ``handler(agent_id, signal)`` runs when ``signal`` reaches an agent (only
+        ``agent_id`` when given). Raises SignalError for SIGKILL and SIGSTOP."""
+        sig = AgentSignal.parse(signal)
+        if not sig.catchable:
+            raise SignalError(f"{sig.name} cannot be caught")
+
+        def decorator(fn: SignalHandler) -> SignalHandler:
+            self._handlers.setdefault(sig, []).append((agent_id, fn))
+            return fn
+
+        return decorator
+
+    def mask(self, agent_id: str, signal: AgentSignal | str) -> None:
+        """Ignore ``signal`` for ``agent_id`` from now on. Raises SignalError for SIGKILL/SIGSTOP."""
+        sig = AgentSignal.parse(signal)
+        if not sig.catchable:
+            raise SignalError(f"{sig.name} cannot be masked")
+        self._kernel()._process(agent_id).masked.add(sig)
+
+    def unmask(self, agent_id: str, signal: AgentSignal | str) -> None:
+        self._kernel()._process(agent_id).masked.discard(AgentSignal.parse(signal))
+
+    def _kernel(self) -> KernelSpace:
+        if self.kernel is None:
+            raise SignalError("this dispatcher is not bound to a KernelSpace")
+        return self.kernel
+
+    async def send(self, agent_id: str, signal: AgentSignal | str | int, *, sender: str | None = None) -> bool:
+        """Deliver ``signal`` to ``agent_id``; True when it took effect (or was handled).
+
+        Local agents are signalled directly; others through the bus (see the module docstring),
+        which returns False when no kernel answers. Masked signals return False. Every signal
+        is recorded in the kernel's flight recorder. Raises SignalError for an unknown signal.
+        """
+        sig = AgentSignal.parse(signal)
+        kernel = self._kernel()
+        try:
+            proc = kernel._process(agent_id)
+        except AgentNotFound:
+            return await kernel._send_remote(agent_id, sig, sender)
+        if proc.killed:
+            await kernel._record_signal(proc.id, sig, "ignored", "agent already terminated", sender)
+            return False
+        if sig.catchable and sig in proc.masked:
+            await kernel._record_signal(proc.id, sig, "ignored", "masked", sender)
+            return False
+        await kernel._record_signal(proc.id, sig, "delivered", "", sender)
+        if sig is AgentSignal.SIGKILL:
+            proc.kill()
+            return True
+        if sig is AgentSignal.SIGSTOP:
+            proc.stop()
+            return True
+        if self.async_delivery:
+            task = asyncio.get_running_loop().create_task(self._deliver(proc.id, sig))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return True
+        return await self._deliver(proc.id, sig)
+
+    async def _deliver(self, agent_id: str, sig: AgentSignal) -> bool:
+        kernel = self._kernel()
+        for target, handler in list(self._handlers.get(sig, ())):
+            if target is None or target == agent_id:
+                try:
+                    await handler(agent_id, sig)
+                except Exception as exc:
+                    log.warning("handler for %s on %s failed: %r", sig.name, agent_id, exc)
+                    await kernel._record_signal(agent_id, sig, "handler_error", repr(exc), None)
+        proc = kernel._find(agent_id)
+        if proc is None:
+            return False
+        if sig is AgentSignal.SIGCONT:
+            proc.cont()
+        elif sig is AgentSignal.SIGTERM:
+            proc.kill()
+        return True
+
+    async def drain(self) -> None:
+        """Wait for handlers running in the background."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

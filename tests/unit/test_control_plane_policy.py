@@ -1,0 +1,300 @@
+"""The policy engine: matching, order, conditions, fail-closed, YAML, reload, compiled index."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from control_plane import AgentSignal, Pattern, Policy, PolicyError, PolicyLoadError, PolicySet
+
+
+def test_first_match_wins_in_rule_order() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("deny", Pattern("read", "data/secret/*"), reason="secret", name="no-secret")
+    policy.add_rule("allow", Pattern("read", "data/*"), name="read-data")
+    assert policy.evaluate("read", "data/secret/x").rule_name == "no-secret"
+    assert not policy.evaluate("read", "data/secret/x").allowed
+    assert policy.evaluate("read", "data/public/x").rule_name == "read-data"
+    assert policy.evaluate("read", "data/public/x").allowed
+    reordered = Policy("q", rules=[policy.rules[1], policy.rules[0]])
+    assert reordered.evaluate("read", "data/secret/x").allowed  # now the allow comes first
+
+
+def test_default_action_applies_when_nothing_matches() -> None:
+    strict, permissive = Policy.builtin("strict"), Policy.builtin("permissive")
+    assert not strict.evaluate("write", "anything").allowed
+    assert strict.evaluate("write", "anything").rule is None
+    assert permissive.evaluate("write", "anything").allowed
+    with pytest.raises(PolicyError):
+        Policy.builtin("lenient")
+
+
+def test_audit_mode_allows_but_marks_the_violation() -> None:
+    audit = Policy.builtin("audit")
+    audit.add_rule("deny", Pattern("write", "db/*"), reason="no writes")
+    decision = audit.evaluate("write", "db/users")
+    assert decision.allowed and decision.violation and decision.action == "audit"
+    assert decision.reason == "no writes"
+    assert not audit.evaluate("read", "db/users").violation
+
+
+def test_exclude_removes_resources_from_a_match() -> None:
+    policy = Policy("p")
+    policy.add_rule("allow", Pattern("read", "data/*", exclude=["data/phi/*", "data/pii/*"]))
+    assert policy.evaluate("read", "data/reports/q1").allowed
+    assert not policy.evaluate("read", "data/phi/p1").allowed
+    assert not policy.evaluate("read", "data/pii/p1").allowed
+
+
+def test_regex_must_match_the_whole_resource() -> None:
+    policy = Policy("p")
+    policy.add_rule("allow", Pattern("write", r"db/users/\d+", match_type="regex"))
+    assert policy.evaluate("write", "db/users/42").allowed
+    assert not policy.evaluate("write", "db/users/42/extra").allowed
+    assert not policy.evaluate("write", "db/users/abc").allowed
+    with pytest.raises(PolicyError, match="invalid regex"):
+        Pattern("write", "db/(", match_type="regex")
+    with pytest.raises(PolicyError, match="match_type"):
+        Pattern("write", "x", match_type="fuzzy")  # type: ignore[arg-type]
+
+
+def test_operation_globs() -> None:
+    policy = Policy("p")
+    policy.add_rule("allow", Pattern("*", "api/*", exclude=["api/admin/*"]))
+    policy.add_rule("allow", Pattern("re*", "files/*"))
+    assert policy.evaluate("anything", "api/v1").allowed
+    assert not policy.evaluate("anything", "api/admin/x").allowed
+    assert policy.evaluate("request", "files/a").allowed
+    assert not policy.evaluate("publish", "files/a").allowed
+
+
+def test_conditions_on_sender_trust_headers_and_payload() -> None:
+    policy = Policy("p")
+    policy.add_rule("allow", Pattern("publish", "pay.*", conditions={
+        "sender": ["billing", "treasury"],
+        "min_trust_level": 0.8,
+        "headers.x-tenant": "acme",
+        "payload.amount": {"$lte": 1000},
+        "payload.memo": {"$regex": "^inv-"},
+    }))
+    ok = {"sender": "billing", "trust_level": 0.9, "headers": {"x-tenant": "acme"},
+          "payload": {"amount": 10, "memo": "inv-1"}}
+    assert policy.evaluate("publish", "pay.out", ok).allowed
+    for change in ({"sender": "mallory"}, {"trust_level": 0.5}, {"headers": {"x-tenant": "evil"}},
+                   {"payload": {"amount": 5000, "memo": "inv-1"}}, {"payload": {"amount": 1, "memo": "x"}}):
+        assert not policy.evaluate("publish", "pay.out", {**ok, **change}).allowed, change
+    missing = dict(ok)
+    del missing["trust_level"]
+    assert not policy.evaluate("publish", "pay.out", missing).allowed  # missing field: no match
+
+
+def test_reference_conditions_with_time_window_and_max_cost() -> None:
+    pattern = Pattern("execute", "tools/*", conditions={
+        "user_role": ["admin", "operator"],
+        "time_window": {"start": "09:00", "end": "17:00"},
+        "max_cost": 100.0,
+    })
+    policy = Policy("p", rules=None)
+    policy.add_rule("allow", pattern)
+    noon = datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
+    night = datetime(2024, 1, 15, 23, 0, tzinfo=UTC)
+    ctx = {"user_role": "admin", "cost": 50.0, "now": noon}
+    assert policy.evaluate("execute", "tools/grep", ctx).allowed
+    assert not policy.evaluate("execute", "tools/grep", {**ctx, "now": night}).allowed
+    assert not policy.evaluate("execute", "tools/grep", {**ctx, "cost": 150.0}).allowed
+    assert not policy.evaluate("execute", "tools/grep", {**ctx, "user_role": "guest"}).allowed
+    with pytest.raises(PolicyError):
+        Pattern("x", "y", conditions={"time_window": {"start": "nine"}})
+    with pytest.raises(PolicyError):
+        Pattern("x", "y", conditions={"amount": {"$between": [1, 2]}})
+
+
+def test_permission_condition_uses_the_trust_edge_hook() -> None:
+    edges = {("a", "b"): {"send_data"}, ("a", "c"): {"request_action"}}
+    calls: list[tuple[str, str]] = []
+
+    def permissions(src: str, dst: str) -> set[str]:
+        calls.append((src, dst))
+        return edges.get((src, dst), set())
+
+    policy = Policy("p", permissions=permissions)
+    policy.add_rule("allow", Pattern("publish", "*", conditions={"permission": "send_data"}))
+    assert policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
+    assert not policy.evaluate("publish", "t", {"sender": "a", "recipient": "c"}).allowed
+    assert not policy.evaluate("publish", "t", {"sender": "a"}).allowed  # no recipient: no edge
+    assert ("a", "b") in calls and ("a", "c") in calls
+    no_hook = Policy("q", rules=policy.rules)
+    assert not no_hook.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
+
+
+def test_an_error_during_evaluation_denies() -> None:
+    def broken(src: str, dst: str) -> set[str]:
+        raise RuntimeError("trust store down")
+
+    policy = Policy("p", default_action="allow", permissions=broken)
+    policy.add_rule("allow", Pattern("publish", "*", conditions={"permission": "x"}))
+    decision = policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"})
+    assert not decision.allowed and decision.reason.startswith("evaluation_error")
+    typed = Policy("q", default_action="allow")
+    typed.add_rule("allow", Pattern("*", "*", conditions={"payload.n": {"$gt": 3}}))
+    assert not typed.evaluate("publish", "t", {"payload": {"n": "a string"}}).allowed
+
+
+def test_require_verified_sender() -> None:
+    policy = Policy("p", default_action="allow", require_verified_sender=True)
+    assert not policy.evaluate("deliver", "t", {"sender": "x", "verified": False}).allowed
+    assert policy.evaluate("deliver", "t", {"sender": "x", "verified": True}).allowed
+
+
+def test_on_violation_signal_is_in_the_decision() -> None:
+    policy = Policy("healthcare_policy", default_action="deny")
+    policy.add_rule("deny", Pattern("write", "data/phi/*"), reason="PHI write requires explicit approval",
+                    on_violation="SIGKILL")
+    decision = policy.evaluate("write", "data/phi/patient_001.json")
+    assert decision.signal is AgentSignal.SIGKILL and decision.violation
+    assert policy.evaluate("write", "elsewhere").signal is None
+    with pytest.raises(PolicyError):
+        policy.add_rule("deny", Pattern("x", "y"), on_violation="SIGNOPE")
+    with pytest.raises(PolicyError):
+        policy.add_rule("maybe", Pattern("x", "y"))  # type: ignore[arg-type]
+
+
+def test_readme_helpers() -> None:
+    sql = Policy.no_destructive_sql()
+    assert not sql.evaluate("sql", "DROP TABLE users").allowed
+    assert not sql.evaluate("sql", "delete from users").allowed
+    assert sql.evaluate("sql", "DELETE FROM users WHERE id = 1").allowed
+    assert sql.evaluate("sql", "SELECT * FROM users").allowed
+    files = Policy.file_access("/workspace")
+    assert files.evaluate("read", "/workspace/a.txt").allowed
+    assert not files.evaluate("write", "/etc/passwd").allowed
+    assert not files.evaluate("read", "/workspace/../etc/passwd").allowed
+    assert files.evaluate("network", "https://x").allowed  # not a file operation
+    limited = Policy.rate_limit(3, "1m")
+    results = [limited.evaluate("call", "x", {"agent_id": "a"}).allowed for _ in range(5)]
+    assert results == [True, True, True, False, False]
+    assert limited.evaluate("call", "x", {"agent_id": "b"}).allowed  # per agent
+    combined = PolicySet([Policy.no_destructive_sql(), Policy.file_access("/workspace")])
+    assert not combined.evaluate("sql", "TRUNCATE t").allowed
+    assert not combined.evaluate("write", "/tmp/x").allowed
+    assert combined.evaluate("write", "/workspace/x").allowed
+
+
+def _random_policy(rng: random.Random, n: int) -> Policy:
+    policy = Policy("random", default_action=rng.choice(["allow", "deny"]))
+    tokens = ["tasks", "data", "events", "api", "db"]
+    for i in range(n):
+        op = rng.choice(["publish", "deliver", "read", "*", "re*"])
+        kind = rng.random()
+        if kind < 0.5:
+            resource = f"{rng.choice(tokens)}.{rng.choice(['*', 'a', 'b.*', 'c'])}"
+        elif kind < 0.7:
+            resource = rng.choice(["*", "ta*", "d*.*", "*.a"])
+        elif kind < 0.85:
+            resource = f"{rng.choice(tokens)}/{rng.choice(['*', 'x'])}"
+        else:
+            resource = rng.choice([r"tasks\.\w+", r"(data|db)\..*", r".*\.c"])
+        policy.add_rule(rng.choice(["allow", "deny"]),
+                        Pattern(op, resource, "regex" if "\\" in resource or "(" in resource or
+                                resource == r".*\.c" else "glob",
+                                exclude=[f"{rng.choice(tokens)}.b.x"] if "\\" not in resource and
+                                "(" not in resource and resource != r".*\.c" and rng.random() < 0.2 else None),
+                        name=f"r{i}")
+    return policy
+
+
+def test_compiled_index_decides_exactly_like_a_linear_scan() -> None:
+    rng = random.Random(7)
+    resources = ["tasks.a", "tasks.b.x", "data.c", "events.z", "api/x", "db.c", "tasksx", "d.a", "", ".a",
+                 "data/x", "x"]
+    ops = ["publish", "deliver", "read", "request", "write"]
+    for _ in range(30):
+        policy = _random_policy(rng, rng.randint(1, 60))
+        for op in ops:
+            for res in resources:
+                fast, slow = policy.evaluate(op, res), policy.evaluate_linear(op, res)
+                assert (fast.allowed, fast.rule_name) == (slow.allowed, slow.rule_name), (op, res)
+
+
+def test_compiled_index_skips_rules_of_other_topics() -> None:
+    policy = Policy("big")
+    for i in range(1000):
+        policy.add_rule("allow", Pattern("publish", f"svc{i}.events.*"))
+    assert policy.evaluate("publish", "svc999.events.x").rule_name == "rule-1000"
+    assert len(policy._compiled.candidates("publish", "svc999.events.x")) == 1
+    assert not policy.evaluate("publish", "other.events.x").allowed
+
+
+YAML = """\
+name: healthcare
+version: 2
+default_action: deny
+rules:
+  - name: read-data
+    action: allow
+    operation: read
+    resource: "data/*"
+    exclude: ["data/phi/*"]
+  - name: phi-write
+    action: deny
+    operation: write
+    resource: "data/phi/*"
+    reason: PHI write requires explicit approval
+    on_violation: SIGKILL
+  - action: allow
+    operation: network
+    resource: "https://api.approved-service.com/*"
+    rate_limit: 2
+"""
+
+
+def test_yaml_policy_loads(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(YAML)
+    policy = Policy.from_yaml(path)
+    assert (policy.name, policy.version, len(policy.rules)) == ("healthcare", "2", 3)
+    assert policy.evaluate("read", "data/x").allowed
+    assert policy.evaluate("write", "data/phi/1").signal is AgentSignal.SIGKILL
+    url = "https://api.approved-service.com/v1"
+    got = [policy.evaluate("network", url, {"agent_id": "a"}).allowed for _ in range(3)]
+    assert got == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        ("version: 1\n", 1, "name"),
+        ("name: p\ncolour: red\n", 2, "colour"),
+        ("name: p\ndefault_action: maybe\n", 2, "default_action"),
+        ("name: p\nrules:\n  - operation: read\n", 3, "rules[0].action"),
+        ("name: p\nrules:\n  - action: allow\n    resourse: x\n", 4, "rules[0].resourse"),
+        ("name: p\nrules:\n  - action: allow\n    resource: '('\n    match_type: regex\n", 4,
+         "rules[0].resource"),
+        ("name: p\nrules:\n  - action: deny\n    on_violation: SIGFOO\n", 4, "rules[0].on_violation"),
+        ("name: p\nrules:\n  - action: deny\n    rate_limit: lots\n", 4, "rules[0].rate_limit"),
+        ("name: p\nrules:\n  - action: deny\n    exclude: notalist\n", 4, "rules[0].exclude"),
+        ("name: p\nrules: {}\n", 2, "rules"),
+        ("name: p\nrequire_verified_sender: sometimes\n", 2, "require_verified_sender"),
+        ("name: [p\n", 2, None),
+    ],
+)
+def test_yaml_errors_name_the_line_and_field(text: str, line: int, field: str | None) -> None:
+    with pytest.raises(PolicyLoadError) as info:
+        Policy.from_yaml(text)
+    assert info.value.line == line, str(info.value)
+    assert info.value.field == field, str(info.value)
+
+
+def test_reload_swaps_rules_and_keeps_them_on_error() -> None:
+    policy = Policy("p")
+    policy.add_rule("allow", Pattern("publish", "a.*"))
+    assert policy.evaluate("publish", "a.x").allowed
+    policy.reload("name: p\nversion: '2'\nrules:\n  - action: allow\n    operation: publish\n    resource: b.*\n")
+    assert policy.version == "2"
+    assert not policy.evaluate("publish", "a.x").allowed and policy.evaluate("publish", "b.x").allowed
+    with pytest.raises(PolicyLoadError):
+        policy.reload("name: p\nrules:\n  - action: nope\n")
+    assert policy.evaluate("publish", "b.x").allowed  # the old rules stay in force
