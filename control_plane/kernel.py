@@ -180,8 +180,14 @@ class KernelSpace:
 
     # -- running -------------------------------------------------------------------------------
 
-    async def execute(self, agent: Callable[..., Any], *args: Any, timeout: float | None = None,
-                      context: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    async def execute(
+        self,
+        agent: Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        context: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run a registered agent to completion and return its (verified) result.
 
         Raises KernelError (not registered), RateLimitExceeded, AgentTimeoutError (past the
@@ -191,9 +197,15 @@ class KernelSpace:
         proc = self._new_process(agent, None, True, None)
         return await self._run(proc, agent, args, kwargs, timeout, context)
 
-    async def spawn(self, agent: Callable[..., Any], *args: Any, parent_id: str | None = None,
-                    inherit_permissions: bool = True, additional_restrictions: list[str] | None = None,
-                    **kwargs: Any) -> str:
+    async def spawn(
+        self,
+        agent: Callable[..., Any],
+        *args: Any,
+        parent_id: str | None = None,
+        inherit_permissions: bool = True,
+        additional_restrictions: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Start a child agent in the background and return its id (see :meth:`wait_all`)."""
         proc = self._new_process(agent, parent_id, inherit_permissions, additional_restrictions)
         coro = self._run(proc, agent, args, kwargs, None, None)
@@ -208,8 +220,13 @@ class KernelSpace:
             raise AgentNotFound(f"no spawned agent {exc.args[0]!r}") from None
         return list(await asyncio.gather(*tasks))
 
-    def _new_process(self, agent: Callable[..., Any], parent_id: str | None, inherit: bool,
-                     restrictions: Sequence[str] | None) -> AgentProcess:
+    def _new_process(
+        self,
+        agent: Callable[..., Any],
+        parent_id: str | None,
+        inherit: bool,
+        restrictions: Sequence[str] | None,
+    ) -> AgentProcess:
         spec = self._agents.get(agent)
         if spec is None:
             raise KernelError(f"{getattr(agent, '__name__', agent)!r} is not registered with this kernel")
@@ -229,21 +246,41 @@ class KernelSpace:
             if not r.startswith("no_") or len(r) < 4:
                 raise PolicyError(f"a restriction looks like 'no_<permission>', got {r!r}")
             denied.add(r[3:])
-        proc = AgentProcess(str(uuid.uuid4()), spec.name, perms,
-                            parent.id if parent is not None else None, self.signals.queue_size)
+        proc = AgentProcess(
+            str(uuid.uuid4()),
+            spec.name,
+            perms,
+            parent.id if parent is not None else None,
+            self.signals.queue_size,
+        )
         proc.restrictions = frozenset(denied)
         self._procs[proc.id] = proc
         return proc
 
-    async def _run(self, proc: AgentProcess, agent: Callable[..., Any], args: tuple[Any, ...],
-                   kwargs: dict[str, Any], timeout: float | None, context: Mapping[str, Any] | None) -> Any:
+    async def _run(
+        self,
+        proc: AgentProcess,
+        agent: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        context: Mapping[str, Any] | None,
+    ) -> Any:
         spec = self._agents[agent]
         if spec.limiter is not None and not spec.limiter.take(spec.name):
             await self._record("execute", proc, {"decision": "deny", "reason": "rate limit"}, "warning")
             proc.life = Life.TERMINATED
             raise RateLimitExceeded(f"agent {spec.name} exceeded {spec.limiter.limit.limit} runs per minute")
-        await self._record("execute", proc, {"decision": "allow", "agent": spec.name,
-                                             "context": dict(context or {}), "priority": spec.priority})
+        await self._record(
+            "execute",
+            proc,
+            {
+                "decision": "allow",
+                "agent": spec.name,
+                "context": dict(context or {}),
+                "priority": spec.priority,
+            },
+        )
         await self._admit(spec.priority)
         limit = self.timeout if timeout is None else timeout
         try:
@@ -276,25 +313,38 @@ class KernelSpace:
         finally:
             self._release()
 
-    async def _invoke(self, proc: AgentProcess, fn: Callable[..., Awaitable[Any]],
-                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _invoke(
+        self,
+        proc: AgentProcess,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         _CURRENT.set(proc)
         return await fn(*args, **kwargs)
 
-    async def _verify(self, proc: AgentProcess, args: tuple[Any, ...], result: Any,
-                      context: Mapping[str, Any] | None) -> None:
+    async def _verify(
+        self, proc: AgentProcess, args: tuple[Any, ...], result: Any, context: Mapping[str, Any] | None
+    ) -> None:
         prompt = args[0] if len(args) == 1 else args
         for module in self.modules:
             outcome = await module.verify(prompt, result, dict(context or {}))
             ok = bool(getattr(outcome, "verified", False))
-            data = {"module": type(module).__name__, "decision": "allow" if ok else "deny",
-                    "reason": getattr(outcome, "reason", None), "confidence": getattr(outcome, "confidence", None)}
+            data = {
+                "module": type(module).__name__,
+                "decision": "allow" if ok else "deny",
+                "reason": getattr(outcome, "reason", None),
+                "confidence": getattr(outcome, "confidence", None),
+            }
             await self._record("verification", proc, data, "info" if ok else "warning")
             if not ok:
                 proc.violations_count += 1
                 proc.life = Life.TERMINATED
-                raise VerificationFailed(f"{type(module).__name__} did not verify the result of {proc.name}: "
-                                         f"{getattr(outcome, 'reason', '')}", result=outcome)
+                raise VerificationFailed(
+                    f"{type(module).__name__} did not verify the result of {proc.name}: "
+                    f"{getattr(outcome, 'reason', '')}",
+                    result=outcome,
+                )
 
     async def _admit(self, priority: int) -> None:
         if self._running < self.max_concurrent_agents and not self._waiters:
@@ -319,16 +369,28 @@ class KernelSpace:
 
     # -- the gate for other actions ------------------------------------------------------------
 
-    def decide(self, operation: str, resource: str, context: Mapping[str, Any] | None = None,
-               proc: AgentProcess | None = None) -> Decision:
+    def decide(
+        self,
+        operation: str,
+        resource: str,
+        context: Mapping[str, Any] | None = None,
+        proc: AgentProcess | None = None,
+    ) -> Decision:
         """The policy's decision, after the agent's permissions (no recording, no raising)."""
         proc = proc if proc is not None else _CURRENT.get()
         if proc is not None and not permitted(proc, operation):
-            return Decision(False, "deny", f"agent {proc.name} lacks permission for {operation}",
-                            self.policy.name, violation=True)
+            return Decision(
+                False,
+                "deny",
+                f"agent {proc.name} lacks permission for {operation}",
+                self.policy.name,
+                violation=True,
+            )
         return self.policy.evaluate(operation, resource, context)
 
-    async def authorize(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
+    async def authorize(
+        self, operation: str, resource: str, context: Mapping[str, Any] | None = None
+    ) -> Decision:
         """The gate for actions that are not messages: check, record, and raise when denied.
 
         Waits while the current agent is stopped. Raises PolicyViolationError (or
@@ -337,23 +399,45 @@ class KernelSpace:
         proc = _CURRENT.get()
         if proc is not None:
             await proc.wait_for_continue()
-        ctx = {"agent_id": proc.id if proc else None, "agent_name": proc.name if proc else None,
-               **(context or {})}
+        ctx = {
+            "agent_id": proc.id if proc else None,
+            "agent_name": proc.name if proc else None,
+            **(context or {}),
+        }
         decision = self.decide(operation, resource, ctx, proc)
         await self.record_decision(proc, operation, resource, decision, ctx.get("agent_name") or "kernel")
         if not decision.allowed:
             raise _violation(decision, operation, resource)
         return decision
 
-    async def record_decision(self, proc: AgentProcess | None, operation: str, resource: str,
-                              decision: Decision, agent_id: str, extra: Mapping[str, Any] | None = None,
-                              *, signal_to: str | None = "") -> None:
+    async def record_decision(
+        self,
+        proc: AgentProcess | None,
+        operation: str,
+        resource: str,
+        decision: Decision,
+        agent_id: str,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        signal_to: str | None = "",
+    ) -> None:
         """Record one decision, count it on the agent, and on a deny send the rule's signal to
         ``signal_to`` (default: the agent itself; None: nobody)."""
-        data = {"operation": operation, "resource": resource, "decision": decision.action,
-                "reason": decision.reason, "rule": decision.rule_name, "policy": decision.policy, **(extra or {})}
-        await self.recorder.log("policy_decision", proc.id if proc else agent_id, data,
-                                "warning" if decision.violation else "info")
+        data = {
+            "operation": operation,
+            "resource": resource,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "rule": decision.rule_name,
+            "policy": decision.policy,
+            **(extra or {}),
+        }
+        await self.recorder.log(
+            "policy_decision",
+            proc.id if proc else agent_id,
+            data,
+            "warning" if decision.violation else "info",
+        )
         if proc is not None:
             if decision.violation:
                 proc.violations_count += 1
@@ -404,27 +488,42 @@ class KernelSpace:
             raise AgentNotFound(f"no agent {agent_id!r}")
         return proc
 
-    async def _record(self, event: str, proc: AgentProcess, data: Mapping[str, Any], severity: str = "info") -> None:
+    async def _record(
+        self, event: str, proc: AgentProcess, data: Mapping[str, Any], severity: str = "info"
+    ) -> None:
         await self.recorder.log(event, proc.id, {"name": proc.name, **data}, severity, execution_id=proc.id)
 
-    async def _record_signal(self, agent_id: str, sig: AgentSignal, outcome: str, detail: str,
-                             sender: str | None) -> None:
-        await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": outcome, "detail": detail,
-                                                     "sender": sender}, "warning" if not sig.catchable else "info")
+    async def _record_signal(
+        self, agent_id: str, sig: AgentSignal, outcome: str, detail: str, sender: str | None
+    ) -> None:
+        await self.recorder.log(
+            "signal",
+            agent_id,
+            {"signal": sig.name, "outcome": outcome, "detail": detail, "sender": sender},
+            "warning" if not sig.catchable else "info",
+        )
 
     async def _send_remote(self, agent_id: str, sig: AgentSignal, sender: str | None) -> bool:
         if not self._bus:
-            await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "unknown_agent"}, "warning")
+            await self.recorder.log(
+                "signal", agent_id, {"signal": sig.name, "outcome": "unknown_agent"}, "warning"
+            )
             return False
         try:
-            reply = await self._bus[0].request(control_subject(agent_id), {"signal": sig.name},
-                                               timeout=self.signal_timeout)
+            reply = await self._bus[0].request(
+                control_subject(agent_id), {"signal": sig.name}, timeout=self.signal_timeout
+            )
         except BusError as exc:
-            await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "remote_failed",
-                                                         "detail": repr(exc)}, "warning")
+            await self.recorder.log(
+                "signal",
+                agent_id,
+                {"signal": sig.name, "outcome": "remote_failed", "detail": repr(exc)},
+                "warning",
+            )
             return False
-        await self.recorder.log("signal", agent_id, {"signal": sig.name, "outcome": "sent_remote",
-                                                     "result": reply}, "info")
+        await self.recorder.log(
+            "signal", agent_id, {"signal": sig.name, "outcome": "sent_remote", "result": reply}, "info"
+        )
         return isinstance(reply, dict) and reply.get("ok") is True
 
     # -- the bus -------------------------------------------------------------------------------
@@ -438,7 +537,9 @@ class KernelSpace:
         aid = agent_id or client.agent_id
         proc = self._procs.get(aid)
         if proc is None:
-            proc = self._procs[aid] = AgentProcess(aid, aid, None, None, self.signals.queue_size, Life.RUNNING)
+            proc = self._procs[aid] = AgentProcess(
+                aid, aid, None, None, self.signals.queue_size, Life.RUNNING
+            )
         mediator = Mediator(self, proc, **options)
         client.add_middleware(mediator)
         proc.clients.append(client)

@@ -79,7 +79,9 @@ class Mediator(Middleware):
     agent's publish, evaluated as operation ``publish`` on ``<topic>`` for their sender.
     """
 
-    def __init__(self, kernel: KernelSpace, process: AgentProcess, *, inbound_prefix: str | None = None) -> None:
+    def __init__(
+        self, kernel: KernelSpace, process: AgentProcess, *, inbound_prefix: str | None = None
+    ) -> None:
         self.kernel = kernel
         self.process = process
         self.inbound_prefix = inbound_prefix + "." if inbound_prefix else None
@@ -100,19 +102,34 @@ class Mediator(Middleware):
 
     async def _publish(self, proc: AgentProcess, env: Envelope, call_next: PublishNext) -> None:
         if env.topic.startswith(_CONTROL):
-            op, resource = "signal", env.topic[len(_CONTROL):]
+            op, resource = "signal", env.topic[len(_CONTROL) :]
         else:
             op, resource = _operation(env), env.topic
         ctx = {
-            "operation": op, "topic": env.topic, "agent_id": proc.id, "agent_name": proc.name,
-            "sender": self.process.id, "claimed_sender": env.sender, "verified": True, "trust_level": 1.0,
-            "recipient": env.recipient, "headers": env.headers, "payload": env.payload, "priority": env.priority,
+            "operation": op,
+            "topic": env.topic,
+            "agent_id": proc.id,
+            "agent_name": proc.name,
+            "sender": self.process.id,
+            "claimed_sender": env.sender,
+            "verified": True,
+            "trust_level": 1.0,
+            "recipient": env.recipient,
+            "headers": env.headers,
+            "payload": env.payload,
+            "priority": env.priority,
         }
         kernel = self.kernel
         decision = kernel.decide(op, resource, ctx, proc)
         self.decisions += 1
-        await kernel.record_decision(proc, op, resource, decision, proc.id,
-                                     {"direction": "out", "message_id": env.id, "sender": self.process.id})
+        await kernel.record_decision(
+            proc,
+            op,
+            resource,
+            decision,
+            proc.id,
+            {"direction": "out", "message_id": env.id, "sender": self.process.id},
+        )
         if not decision.allowed:
             raise _violation(decision, op, resource)
         await call_next(env)
@@ -130,29 +147,49 @@ class Mediator(Middleware):
             return
         await self._deliver(proc, envelope, metadata, call_next)
 
-    async def _deliver(self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext) -> None:
+    async def _deliver(
+        self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext
+    ) -> None:
         sender, verified, trust = verified_identity(env, meta)
         topic = env.topic
         local: AgentProcess | None = proc
         if topic.startswith(_CONTROL):
-            op, resource = "signal", topic[len(_CONTROL):]
+            op, resource = "signal", topic[len(_CONTROL) :]
         elif self.inbound_prefix is not None and topic.startswith(self.inbound_prefix):
-            op, resource, local = _operation(env), topic[len(self.inbound_prefix):], None
+            op, resource, local = _operation(env), topic[len(self.inbound_prefix) :], None
         else:
             op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
         ctx = {
-            "operation": op, "topic": topic, "agent_id": proc.id if local else sender,
-            "agent_name": proc.name if local else sender, "sender": sender, "claimed_sender": env.sender,
-            "verified": verified, "trust_level": trust, "recipient": env.recipient or proc.id,
-            "headers": env.headers, "payload": env.payload, "priority": env.priority,
+            "operation": op,
+            "topic": topic,
+            "agent_id": proc.id if local else sender,
+            "agent_name": proc.name if local else sender,
+            "sender": sender,
+            "claimed_sender": env.sender,
+            "verified": verified,
+            "trust_level": trust,
+            "recipient": env.recipient or proc.id,
+            "headers": env.headers,
+            "payload": env.payload,
+            "priority": env.priority,
         }
         kernel = self.kernel
         decision = kernel.decide(op, resource, ctx, local)
         self.decisions += 1
         await kernel.record_decision(
-            local, op, resource, decision, sender,
-            {"direction": "in", "message_id": env.id, "sender": sender, "claimed_sender": env.sender,
-             "verified": verified, "trust_level": trust},
+            local,
+            op,
+            resource,
+            decision,
+            sender,
+            {
+                "direction": "in",
+                "message_id": env.id,
+                "sender": sender,
+                "claimed_sender": env.sender,
+                "verified": verified,
+                "trust_level": trust,
+            },
             signal_to=sender if verified else None,
         )
         if not decision.allowed:
@@ -172,18 +209,38 @@ class Mediator(Middleware):
                 raise AgentStoppedError(f"agent {proc.id} was killed while handling {env.id}") from None
             raise
 
-    async def _handle(self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext) -> None:
+    async def _handle(
+        self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext
+    ) -> None:
         _CURRENT.set(proc)
         await call_next(env, meta)
 
     # -- records for what signals did ----------------------------------------------------------
 
     async def _held(self, proc: AgentProcess, env: Envelope, op: str) -> None:
-        await self.kernel.recorder.log("message_held", proc.id, {
-            "operation": op, "resource": env.topic, "message_id": env.id, "decision": "hold",
-            "reason": "agent stopped (SIGSTOP)", "queued": proc.held + 1})
+        await self.kernel.recorder.log(
+            "message_held",
+            proc.id,
+            {
+                "operation": op,
+                "resource": env.topic,
+                "message_id": env.id,
+                "decision": "hold",
+                "reason": "agent stopped (SIGSTOP)",
+                "queued": proc.held + 1,
+            },
+        )
 
     async def _dropped(self, proc: AgentProcess, env: Envelope, op: str) -> None:
-        await self.kernel.recorder.log("message_dropped", proc.id, {
-            "operation": op, "resource": env.topic, "message_id": env.id, "decision": "drop",
-            "reason": "agent killed (SIGKILL)"}, "warning")
+        await self.kernel.recorder.log(
+            "message_dropped",
+            proc.id,
+            {
+                "operation": op,
+                "resource": env.topic,
+                "message_id": env.id,
+                "decision": "drop",
+                "reason": "agent killed (SIGKILL)",
+            },
+            "warning",
+        )

@@ -19,6 +19,7 @@ Everything is compiled once, when the pattern is created.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, time
@@ -84,17 +85,25 @@ def _clock(value: Any) -> time:
         raise PolicyError(f"time_window needs HH:MM times, got {value!r}") from None
 
 
+def _regex_check(rx: re.Pattern[str], value: Any) -> bool:
+    return isinstance(value, str) and rx.search(value) is not None
+
+
+def _apply(fn: Callable[[Any, Any], bool], arg: Any, value: Any) -> bool:
+    return fn(value, arg)
+
+
 def _operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
     checks: list[Callable[[Any], bool]] = []
     for op, arg in spec.items():
         if op == "$regex":
             rx = compile_resource(str(arg), "regex")
-            checks.append(lambda v, rx=rx: isinstance(v, str) and rx.search(v) is not None)
+            checks.append(functools.partial(_regex_check, rx))
         elif op == "$exists":
             continue  # handled below: presence is checked before the other operators
         elif op in _OPERATORS:
             fn = _OPERATORS[op]
-            checks.append(lambda v, fn=fn, arg=arg: fn(v, arg))
+            checks.append(functools.partial(_apply, fn, arg))
         else:
             raise PolicyError(f"condition on {field!r}: unknown operator {op!r}")
     want_present = bool(spec.get("$exists", True))

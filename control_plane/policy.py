@@ -275,8 +275,9 @@ class Policy:
                     return self._finish(rule, rule.action, rule.reason, ctx)
             return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
         except Exception as exc:
-            return Decision(False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name,
-                            violation=True)
+            return Decision(
+                False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name, violation=True
+            )
 
     def evaluate_linear(self, operation: str, resource: str, context: Context | None = None) -> Decision:
         """The same decision by scanning every rule in order (reference and benchmark baseline)."""
@@ -291,8 +292,9 @@ class Policy:
                     return self._finish(rule, rule.action, rule.reason, ctx)
             return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
         except Exception as exc:
-            return Decision(False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name,
-                            violation=True)
+            return Decision(
+                False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name, violation=True
+            )
 
     def _finish(self, rule: Rule | None, action: str, reason: str, ctx: Context) -> Decision:
         if action == "allow":
@@ -321,8 +323,10 @@ class Policy:
         }
 
     def __repr__(self) -> str:
-        return f"Policy({self.name!r}, version={self.version!r}, rules={len(self.rules)}, " \
-               f"default_action={self.default_action!r})"
+        return (
+            f"Policy({self.name!r}, version={self.version!r}, rules={len(self.rules)}, "
+            f"default_action={self.default_action!r})"
+        )
 
     # -- built-ins and helpers ----------------------------------------------------------------
 
@@ -347,8 +351,12 @@ class Policy:
             r"(?is)\s*(?:drop\s.*|truncate\s.*|alter\s+table\s.*\sdrop\s.*"
             r"|delete\s+from\s(?:(?!\bwhere\b).)*|update\s(?:(?!\bwhere\b).)*)"
         )
-        policy.add_rule("deny", Pattern("sql", destructive, match_type="regex"),
-                        reason="destructive SQL", name="no-destructive-sql")
+        policy.add_rule(
+            "deny",
+            Pattern("sql", destructive, match_type="regex"),
+            reason="destructive SQL",
+            name="no-destructive-sql",
+        )
         return policy
 
     @classmethod
@@ -370,8 +378,13 @@ class Policy:
         from control_plane.ratelimit import parse_window
 
         policy = cls(f"rate_limit:{limit}/{window}", default_action="allow")
-        policy.add_rule("allow", Pattern("*", "*"), rate_limit=RateLimit(limit, parse_window(window)),
-                        reason="within rate limit", name="rate-limit")
+        policy.add_rule(
+            "allow",
+            Pattern("*", "*"),
+            rate_limit=RateLimit(limit, parse_window(window)),
+            reason="within rate limit",
+            name="rate-limit",
+        )
         return policy
 
 

@@ -36,8 +36,18 @@ from control_plane.patterns import Pattern
 from control_plane.policy import Policy
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
-_RULE: Final = {"name", "action", "operation", "resource", "match_type", "exclude", "conditions", "reason",
-                "on_violation", "rate_limit"}
+_RULE: Final = {
+    "name",
+    "action",
+    "operation",
+    "resource",
+    "match_type",
+    "exclude",
+    "conditions",
+    "reason",
+    "on_violation",
+    "rate_limit",
+}
 
 
 def _line(node: yaml.Node) -> int:
@@ -59,8 +69,9 @@ def _mapping(node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node
 
 def load_policy(source: str | Path) -> Policy:
     """Build a Policy from YAML text or a ``.yaml``/``.yml`` file. Raises PolicyLoadError."""
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
-                                     and source.endswith((".yaml", ".yml"))):
+    if isinstance(source, Path) or (
+        isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
+    ):
         try:
             text = Path(source).read_text()
         except OSError as exc:
@@ -86,13 +97,20 @@ def load_policy(source: str | Path) -> Policy:
 
         for key, (knode, _) in top.items():
             if key not in _TOP:
-                raise PolicyLoadError(f"unknown field (allowed: {', '.join(sorted(_TOP))})",
-                                      line=_line(knode), field=key)
+                raise PolicyLoadError(
+                    f"unknown field (allowed: {', '.join(sorted(_TOP))})", line=_line(knode), field=key
+                )
         if "name" not in top:
             raise PolicyLoadError("a policy needs a name", line=_line(root), field="name")
         opts: dict[str, Any] = {}
-        for field, kind in (("name", str), ("version", (str, int, float)), ("default_action", str),
-                            ("inheritance", str), ("mode", str), ("require_verified_sender", bool)):
+        for field, kind in (
+            ("name", str),
+            ("version", (str, int, float)),
+            ("default_action", str),
+            ("inheritance", str),
+            ("mode", str),
+            ("require_verified_sender", bool),
+        ):
             if field in top:
                 opts[field] = value(top[field][1], field, kind)
         if "version" in opts:
@@ -101,7 +119,9 @@ def load_policy(source: str | Path) -> Policy:
             policy = Policy(**opts)
         except PolicyError as exc:
             bad = next((f for f in ("default_action", "inheritance", "mode") if f in str(exc)), None)
-            raise PolicyLoadError(str(exc), line=_line(top[bad][1]) if bad in top else None, field=bad) from None
+            raise PolicyLoadError(
+                str(exc), line=_line(top[bad][1]) if bad in top else None, field=bad
+            ) from None
         if "rules" in top:
             rules_node = top["rules"][1]
             if not isinstance(rules_node, yaml.SequenceNode):
@@ -111,8 +131,9 @@ def load_policy(source: str | Path) -> Policy:
         return policy
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise PolicyLoadError(f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                              line=mark.line + 1 if mark is not None else None) from None
+        raise PolicyLoadError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}", line=mark.line + 1 if mark is not None else None
+        ) from None
     finally:
         loader.dispose()
 
@@ -125,23 +146,47 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
     fields = _mapping(node, f"{where} (a rule)")
     for key, (knode, _) in fields.items():
         if key not in _RULE:
-            raise PolicyLoadError(f"unknown rule field (allowed: {', '.join(sorted(_RULE))})",
-                                  line=_line(knode), field=f"{where}.{key}")
+            raise PolicyLoadError(
+                f"unknown rule field (allowed: {', '.join(sorted(_RULE))})",
+                line=_line(knode),
+                field=f"{where}.{key}",
+            )
     if "action" not in fields:
-        raise PolicyLoadError("a rule needs an action (allow or deny)", line=_line(node), field=f"{where}.action")
+        raise PolicyLoadError(
+            "a rule needs an action (allow or deny)", line=_line(node), field=f"{where}.action"
+        )
     kinds: dict[str, type | tuple[type, ...]] = {
-        "name": str, "action": str, "operation": str, "resource": str, "match_type": str, "exclude": list,
-        "conditions": dict, "reason": str, "on_violation": (str, int), "rate_limit": (int, str),
+        "name": str,
+        "action": str,
+        "operation": str,
+        "resource": str,
+        "match_type": str,
+        "exclude": list,
+        "conditions": dict,
+        "reason": str,
+        "on_violation": (str, int),
+        "rate_limit": (int, str),
     }
     got = {k: value(vnode, f"{where}.{k}", kinds[k]) for k, (_, vnode) in fields.items()}
     step = "action"
     try:
         step = "pattern"
-        pattern = Pattern(got.get("operation", "*"), got.get("resource", "*"), got.get("match_type", "glob"),
-                          got.get("conditions"), got.get("exclude"))
+        pattern = Pattern(
+            got.get("operation", "*"),
+            got.get("resource", "*"),
+            got.get("match_type", "glob"),
+            got.get("conditions"),
+            got.get("exclude"),
+        )
         step = "rule"
-        policy.add_rule(got["action"], pattern, got.get("reason", ""), got.get("on_violation"),
-                        got.get("rate_limit"), name=got.get("name"))
+        policy.add_rule(
+            got["action"],
+            pattern,
+            got.get("reason", ""),
+            got.get("on_violation"),
+            got.get("rate_limit"),
+            name=got.get("name"),
+        )
     except PolicyError as exc:
         field = _guess_field(str(exc), fields) if step else None
         line = _line(fields[field][1]) if field in fields else _line(node)
@@ -149,10 +194,18 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
 
 
 def _guess_field(message: str, fields: dict[str, Any]) -> str | None:
-    for field, needle in (("match_type", "match_type"), ("resource", "regex"), ("conditions", "condition"),
-                          ("conditions", "time_window"), ("on_violation", "signal"),
-                          ("rate_limit", "rate limit"), ("rate_limit", "rate-limit"), ("action", "action"),
-                          ("operation", "operation"), ("exclude", "regex")):
+    for field, needle in (
+        ("match_type", "match_type"),
+        ("resource", "regex"),
+        ("conditions", "condition"),
+        ("conditions", "time_window"),
+        ("on_violation", "signal"),
+        ("rate_limit", "rate limit"),
+        ("rate_limit", "rate-limit"),
+        ("action", "action"),
+        ("operation", "operation"),
+        ("exclude", "regex"),
+    ):
         if needle in message and field in fields:
             return field
     return None

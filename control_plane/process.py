@@ -94,8 +94,14 @@ class AgentProcess:
 
     def status(self) -> AgentStatus:
         return AgentStatus(
-            self.id, self.name, self.life.value,  # type: ignore[arg-type]
-            self.started_at, self.actions_count, self.violations_count, self.parent_id, self.permissions,
+            self.id,
+            self.name,
+            self.life.value,
+            self.started_at,
+            self.actions_count,
+            self.violations_count,
+            self.parent_id,
+            self.permissions,
         )
 
     def track(self, task: asyncio.Task[Any]) -> None:
@@ -190,9 +196,8 @@ class AgentProcess:
         if self._releasing is not None and self._releasing is not current:
             self._releasing.cancel()
         loop = asyncio.get_running_loop()
-        for client in self.clients:
-            # In the background: the kill may arrive through one of these clients' handlers.
-            cancelled.append(loop.create_task(client.close(timeout=0.0)))
+        # In the background: the kill may arrive through one of these clients' handlers.
+        cancelled.extend(loop.create_task(client.close(timeout=0.0)) for client in self.clients)
         return cancelled
 
     def close_quietly(self) -> None:

@@ -99,8 +99,9 @@ class SignalDispatcher:
             with False, ``send`` returns after the handlers (and the signal's effect).
     """
 
-    def __init__(self, kernel: KernelSpace | None = None, queue_size: int = 1000,
-                 async_delivery: bool = True) -> None:
+    def __init__(
+        self, kernel: KernelSpace | None = None, queue_size: int = 1000, async_delivery: bool = True
+    ) -> None:
         if queue_size < 1:
             raise SignalError("queue_size must be at least 1")
         self.kernel = kernel
@@ -139,7 +140,9 @@ class SignalDispatcher:
             raise SignalError("this dispatcher is not bound to a KernelSpace")
         return self.kernel
 
-    async def send(self, agent_id: str, signal: AgentSignal | str | int, *, sender: str | None = None) -> bool:
+    async def send(
+        self, agent_id: str, signal: AgentSignal | str | int, *, sender: str | None = None
+    ) -> bool:
         """Deliver ``signal`` to ``agent_id``; True when it took effect (or was handled).
 
         Local agents are signalled directly; others through the bus (see the module docstring),

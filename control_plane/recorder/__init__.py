@@ -4,4 +4,13 @@ from control_plane.recorder.recorder import FlightRecorder
 from control_plane.recorder.records import ANCHOR_EVENT, GENESIS, Record, VerifyResult
 from control_plane.recorder.storage import MemoryStorage, Storage, Where
 
-__all__ = ["ANCHOR_EVENT", "GENESIS", "FlightRecorder", "MemoryStorage", "Record", "Storage", "VerifyResult", "Where"]
+__all__ = [
+    "ANCHOR_EVENT",
+    "GENESIS",
+    "FlightRecorder",
+    "MemoryStorage",
+    "Record",
+    "Storage",
+    "VerifyResult",
+    "Where",
+]

@@ -92,10 +92,13 @@ class PostgresStorage:
         conn = self._c()
         async with self._lock:
             try:
-                async with conn.transaction(), conn.cursor() as cur:
-                    async with cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy:
-                        for row in rows:
-                            await copy.write_row(row)
+                async with (
+                    conn.transaction(),
+                    conn.cursor() as cur,
+                    cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy,
+                ):
+                    for row in rows:
+                        await copy.write_row(row)
             except psycopg.Error as exc:
                 raise RecorderError(f"postgresql: {exc}") from exc
 
@@ -114,9 +117,8 @@ class PostgresStorage:
             after = rows[-1][0]
 
     async def newest_anchor(self) -> str | None:
-        rows = await self._fetch(
-            f"SELECT data FROM {self.qualified} WHERE event_type = %s ORDER BY seq DESC LIMIT 1", (ANCHOR_EVENT,)
-        )
+        sql = f"SELECT data FROM {self.qualified} WHERE event_type = %s ORDER BY seq DESC LIMIT 1"
+        rows = await self._fetch(sql, (ANCHOR_EVENT,))
         return str(rows[0][0]) if rows else None
 
     async def first_seq_after(self, ts_ns: int) -> int | None:

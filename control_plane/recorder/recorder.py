@@ -292,8 +292,9 @@ class FlightRecorder:
         """The agent's records (of one execution, when given) in order."""
         return await self.query(agent_id=agent_id, execution_id=execution_id)
 
-    async def replay(self, agent_id: str, execution_id: str | None = None,
-                     to_event_id: str | None = None) -> dict[str, Any]:
+    async def replay(
+        self, agent_id: str, execution_id: str | None = None, to_event_id: str | None = None
+    ) -> dict[str, Any]:
         """The state of an execution up to and including ``to_event_id`` (all when None).
 
         The state is: ``status`` (the last ``data.status`` seen), ``events`` (how many),
@@ -304,8 +305,15 @@ class FlightRecorder:
         timeline = await self.get_timeline(agent_id, execution_id)
         if to_event_id is not None and all(r.id != to_event_id for r in timeline):
             raise RecorderError(f"event {to_event_id!r} is not in the timeline of {agent_id}")
-        state: dict[str, Any] = {"agent_id": agent_id, "execution_id": execution_id, "status": None,
-                                 "events": 0, "counts": {}, "state": {}, "last_event": None}
+        state: dict[str, Any] = {
+            "agent_id": agent_id,
+            "execution_id": execution_id,
+            "status": None,
+            "events": 0,
+            "counts": {},
+            "state": {},
+            "last_event": None,
+        }
         for record in timeline:
             data = record.data
             state["events"] += 1
@@ -337,18 +345,8 @@ class FlightRecorder:
         records = await self.query(start_time=start_time, end_time=end_time)
         rows = [r.as_dict(include_metadata) for r in records]
         if fields is not None:
-            rows = [{f: (row["timestamp"] if f == "timestamp" else row.get(f)) for f in fields} for row in rows]
-        path = Path(output_path)
-        if format == "json":
-            path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-        else:
-            names = list(fields) if fields is not None else (list(rows[0]) if rows else ["id"])
-            with path.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=names)
-                writer.writeheader()
-                for row in rows:
-                    writer.writerow({k: (json.dumps(v) if isinstance(v, dict | list) else v)
-                                     for k, v in row.items()})
+            rows = [{f: row.get(f) for f in fields} for row in rows]
+        await asyncio.to_thread(_write_export, format, Path(output_path), rows, fields)
         return len(rows)
 
     # -- integrity and retention -------------------------------------------------------------
@@ -384,8 +382,23 @@ class FlightRecorder:
         pruned_hash = await self.storage.hash_at(through)
         if pruned_hash is None:
             raise RecorderError(f"record {through} is missing: verify the chain before pruning")
-        await self.log(ANCHOR_EVENT, "flight_recorder",
-                       {"pruned_through_seq": through, "pruned_through_hash": pruned_hash},
-                       severity="info")
+        await self.log(
+            ANCHOR_EVENT,
+            "flight_recorder",
+            {"pruned_through_seq": through, "pruned_through_hash": pruned_hash},
+            severity="info",
+        )
         await self.flush()
         return await self.storage.delete_through(through)
+
+
+def _write_export(format: str, path: Path, rows: list[dict[str, Any]], fields: Sequence[str] | None) -> None:
+    if format == "json":
+        path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    names = list(fields) if fields is not None else (list(rows[0]) if rows else ["id"])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in row.items()})

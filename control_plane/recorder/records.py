@@ -37,7 +37,16 @@ GENESIS: Final = "0" * 64
 ANCHOR_EVENT: Final = "retention_anchor"
 SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
 COLUMNS: Final = (
-    "seq", "id", "ts", "event_type", "agent_id", "execution_id", "severity", "data", "prev_hash", "hash",
+    "seq",
+    "id",
+    "ts",
+    "event_type",
+    "agent_id",
+    "execution_id",
+    "severity",
+    "data",
+    "prev_hash",
+    "hash",
 )
 
 
@@ -70,8 +79,17 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _sha256 = hashlib.sha256
 
 
-def record_hash(seq: int, id: str, ts: int, event_type: str, agent_id: str, execution_id: str | None,
-                severity: str, data_json: str, prev_hash: str) -> str:
+def record_hash(
+    seq: int,
+    id: str,
+    ts: int,
+    event_type: str,
+    agent_id: str,
+    execution_id: str | None,
+    severity: str,
+    data_json: str,
+    prev_hash: str,
+) -> str:
     """The hash of one record's complete canonical content."""
     body = _dumps([seq, id, ts, event_type, agent_id, execution_id, severity, data_json, prev_hash])
     return _sha256(body.encode()).hexdigest()
@@ -105,8 +123,18 @@ class Record:
         return datetime.fromtimestamp(self.ts / 1e9, tz=UTC)
 
     def row(self) -> tuple[Any, ...]:
-        return (self.seq, self.id, self.ts, self.event_type, self.agent_id, self.execution_id,
-                self.severity, self.data_json, self.prev_hash, self.hash)
+        return (
+            self.seq,
+            self.id,
+            self.ts,
+            self.event_type,
+            self.agent_id,
+            self.execution_id,
+            self.severity,
+            self.data_json,
+            self.prev_hash,
+            self.hash,
+        )
 
     def as_dict(self, include_metadata: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -143,8 +171,9 @@ class VerifyResult:
         return self.ok
 
 
-def verify_rows(rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None,
-                head: tuple[int, str] | None = None) -> VerifyResult:
+def verify_rows(
+    rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None, head: tuple[int, str] | None = None
+) -> VerifyResult:
     """Check a chain of rows (in ``seq`` order) as the module docstring says."""
     expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])
     checked = 0
@@ -154,8 +183,13 @@ def verify_rows(rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None,
         seq, rid, ts, et, agent, exe, sev, data, prev, h = row
         if seq != expect_seq:
             what = "missing" if seq > expect_seq else "duplicate or out of order"
-            return VerifyResult(False, checked, expect_seq if seq > expect_seq else seq, rid,
-                                f"record seq {expect_seq} {what} (found seq {seq})")
+            return VerifyResult(
+                False,
+                checked,
+                expect_seq if seq > expect_seq else seq,
+                rid,
+                f"record seq {expect_seq} {what} (found seq {seq})",
+            )
         if prev != expect_prev:
             return VerifyResult(False, checked, seq, rid, "prev_hash does not match the previous record")
         if rh(seq, rid, ts, et, agent, exe, sev, data, prev) != h:
@@ -164,8 +198,13 @@ def verify_rows(rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None,
         expect_seq, expect_prev = seq + 1, h
         last = (seq, h)
     if head is not None and (last is None or last[0] < head[0]):
-        return VerifyResult(False, checked, (last[0] + 1) if last else head[0], None,
-                            f"records after seq {last[0] if last else 0} are missing (head is {head[0]})")
+        return VerifyResult(
+            False,
+            checked,
+            (last[0] + 1) if last else head[0],
+            None,
+            f"records after seq {last[0] if last else 0} are missing (head is {head[0]})",
+        )
     if head is not None and last is not None and last[0] == head[0] and last[1] != head[1]:
         return VerifyResult(False, checked, last[0], None, "the last record differs from the known head")
     return VerifyResult(True, checked)

@@ -9,6 +9,7 @@ it survives a crash of the process (and of the machine).
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -135,14 +136,14 @@ class SqliteStorage:
 
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where)
-        return await self._run(lambda db: db.execute(f"SELECT {_COLS} FROM {self.table}{cond}", args).fetchall())
+        sql = f"SELECT {_COLS} FROM {self.table}{cond}"
+        return await self._run(lambda db: db.execute(sql, args).fetchall())
 
     async def scan(self, chunk: int = 10_000) -> AsyncIterator[list[Row]]:
         after = -1 << 62
         sql = f"SELECT {_COLS} FROM {self.table} WHERE seq > ? ORDER BY seq LIMIT {int(chunk)}"
         while True:
-            last = after
-            rows = await self._run(lambda db: db.execute(sql, (last,)).fetchall())
+            rows: list[Row] = await self._run(functools.partial(_fetch_after, sql, after))
             if not rows:
                 return
             yield rows
@@ -166,3 +167,7 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
+
+
+def _fetch_after(sql: str, after: int, db: sqlite3.Connection) -> list[Row]:
+    return db.execute(sql, (after,)).fetchall()

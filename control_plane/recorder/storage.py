@@ -28,7 +28,7 @@ class Where:
     limit: int | None = None
 
     def accepts(self, row: Row) -> bool:
-        seq, _id, ts, et, agent, exe, sev, *_ = row
+        _seq, _id, ts, et, agent, exe, sev, *_ = row
         return (
             (self.agent_id is None or agent == self.agent_id)
             and (self.execution_id is None or exe == self.execution_id)

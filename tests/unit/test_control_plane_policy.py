@@ -36,7 +36,9 @@ def test_audit_mode_allows_but_marks_the_violation() -> None:
     audit = Policy.builtin("audit")
     audit.add_rule("deny", Pattern("write", "db/*"), reason="no writes")
     decision = audit.evaluate("write", "db/users")
-    assert decision.allowed and decision.violation and decision.action == "audit"
+    assert decision.allowed
+    assert decision.violation
+    assert decision.action == "audit"
     assert decision.reason == "no writes"
     assert not audit.evaluate("read", "db/users").violation
 
@@ -73,18 +75,34 @@ def test_operation_globs() -> None:
 
 def test_conditions_on_sender_trust_headers_and_payload() -> None:
     policy = Policy("p")
-    policy.add_rule("allow", Pattern("publish", "pay.*", conditions={
-        "sender": ["billing", "treasury"],
-        "min_trust_level": 0.8,
-        "headers.x-tenant": "acme",
-        "payload.amount": {"$lte": 1000},
-        "payload.memo": {"$regex": "^inv-"},
-    }))
-    ok = {"sender": "billing", "trust_level": 0.9, "headers": {"x-tenant": "acme"},
-          "payload": {"amount": 10, "memo": "inv-1"}}
+    policy.add_rule(
+        "allow",
+        Pattern(
+            "publish",
+            "pay.*",
+            conditions={
+                "sender": ["billing", "treasury"],
+                "min_trust_level": 0.8,
+                "headers.x-tenant": "acme",
+                "payload.amount": {"$lte": 1000},
+                "payload.memo": {"$regex": "^inv-"},
+            },
+        ),
+    )
+    ok = {
+        "sender": "billing",
+        "trust_level": 0.9,
+        "headers": {"x-tenant": "acme"},
+        "payload": {"amount": 10, "memo": "inv-1"},
+    }
     assert policy.evaluate("publish", "pay.out", ok).allowed
-    for change in ({"sender": "mallory"}, {"trust_level": 0.5}, {"headers": {"x-tenant": "evil"}},
-                   {"payload": {"amount": 5000, "memo": "inv-1"}}, {"payload": {"amount": 1, "memo": "x"}}):
+    for change in (
+        {"sender": "mallory"},
+        {"trust_level": 0.5},
+        {"headers": {"x-tenant": "evil"}},
+        {"payload": {"amount": 5000, "memo": "inv-1"}},
+        {"payload": {"amount": 1, "memo": "x"}},
+    ):
         assert not policy.evaluate("publish", "pay.out", {**ok, **change}).allowed, change
     missing = dict(ok)
     del missing["trust_level"]
@@ -92,11 +110,15 @@ def test_conditions_on_sender_trust_headers_and_payload() -> None:
 
 
 def test_reference_conditions_with_time_window_and_max_cost() -> None:
-    pattern = Pattern("execute", "tools/*", conditions={
-        "user_role": ["admin", "operator"],
-        "time_window": {"start": "09:00", "end": "17:00"},
-        "max_cost": 100.0,
-    })
+    pattern = Pattern(
+        "execute",
+        "tools/*",
+        conditions={
+            "user_role": ["admin", "operator"],
+            "time_window": {"start": "09:00", "end": "17:00"},
+            "max_cost": 100.0,
+        },
+    )
     policy = Policy("p", rules=None)
     policy.add_rule("allow", pattern)
     noon = datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
@@ -125,7 +147,8 @@ def test_permission_condition_uses_the_trust_edge_hook() -> None:
     assert policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
     assert not policy.evaluate("publish", "t", {"sender": "a", "recipient": "c"}).allowed
     assert not policy.evaluate("publish", "t", {"sender": "a"}).allowed  # no recipient: no edge
-    assert ("a", "b") in calls and ("a", "c") in calls
+    assert ("a", "b") in calls
+    assert ("a", "c") in calls
     no_hook = Policy("q", rules=policy.rules)
     assert not no_hook.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
 
@@ -137,7 +160,8 @@ def test_an_error_during_evaluation_denies() -> None:
     policy = Policy("p", default_action="allow", permissions=broken)
     policy.add_rule("allow", Pattern("publish", "*", conditions={"permission": "x"}))
     decision = policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"})
-    assert not decision.allowed and decision.reason.startswith("evaluation_error")
+    assert not decision.allowed
+    assert decision.reason.startswith("evaluation_error")
     typed = Policy("q", default_action="allow")
     typed.add_rule("allow", Pattern("*", "*", conditions={"payload.n": {"$gt": 3}}))
     assert not typed.evaluate("publish", "t", {"payload": {"n": "a string"}}).allowed
@@ -151,10 +175,15 @@ def test_require_verified_sender() -> None:
 
 def test_on_violation_signal_is_in_the_decision() -> None:
     policy = Policy("healthcare_policy", default_action="deny")
-    policy.add_rule("deny", Pattern("write", "data/phi/*"), reason="PHI write requires explicit approval",
-                    on_violation="SIGKILL")
+    policy.add_rule(
+        "deny",
+        Pattern("write", "data/phi/*"),
+        reason="PHI write requires explicit approval",
+        on_violation="SIGKILL",
+    )
     decision = policy.evaluate("write", "data/phi/patient_001.json")
-    assert decision.signal is AgentSignal.SIGKILL and decision.violation
+    assert decision.signal is AgentSignal.SIGKILL
+    assert decision.violation
     assert policy.evaluate("write", "elsewhere").signal is None
     with pytest.raises(PolicyError):
         policy.add_rule("deny", Pattern("x", "y"), on_violation="SIGNOPE")
@@ -197,19 +226,40 @@ def _random_policy(rng: random.Random, n: int) -> Policy:
             resource = f"{rng.choice(tokens)}/{rng.choice(['*', 'x'])}"
         else:
             resource = rng.choice([r"tasks\.\w+", r"(data|db)\..*", r".*\.c"])
-        policy.add_rule(rng.choice(["allow", "deny"]),
-                        Pattern(op, resource, "regex" if "\\" in resource or "(" in resource or
-                                resource == r".*\.c" else "glob",
-                                exclude=[f"{rng.choice(tokens)}.b.x"] if "\\" not in resource and
-                                "(" not in resource and resource != r".*\.c" and rng.random() < 0.2 else None),
-                        name=f"r{i}")
+        policy.add_rule(
+            rng.choice(["allow", "deny"]),
+            Pattern(
+                op,
+                resource,
+                "regex" if "\\" in resource or "(" in resource or resource == r".*\.c" else "glob",
+                exclude=[f"{rng.choice(tokens)}.b.x"]
+                if "\\" not in resource
+                and "(" not in resource
+                and resource != r".*\.c"
+                and rng.random() < 0.2
+                else None,
+            ),
+            name=f"r{i}",
+        )
     return policy
 
 
 def test_compiled_index_decides_exactly_like_a_linear_scan() -> None:
     rng = random.Random(7)
-    resources = ["tasks.a", "tasks.b.x", "data.c", "events.z", "api/x", "db.c", "tasksx", "d.a", "", ".a",
-                 "data/x", "x"]
+    resources = [
+        "tasks.a",
+        "tasks.b.x",
+        "data.c",
+        "events.z",
+        "api/x",
+        "db.c",
+        "tasksx",
+        "d.a",
+        "",
+        ".a",
+        "data/x",
+        "x",
+    ]
     ops = ["publish", "deliver", "read", "request", "write"]
     for _ in range(30):
         policy = _random_policy(rng, rng.randint(1, 60))
@@ -271,8 +321,11 @@ def test_yaml_policy_loads(tmp_path: Path) -> None:
         ("name: p\ndefault_action: maybe\n", 2, "default_action"),
         ("name: p\nrules:\n  - operation: read\n", 3, "rules[0].action"),
         ("name: p\nrules:\n  - action: allow\n    resourse: x\n", 4, "rules[0].resourse"),
-        ("name: p\nrules:\n  - action: allow\n    resource: '('\n    match_type: regex\n", 4,
-         "rules[0].resource"),
+        (
+            "name: p\nrules:\n  - action: allow\n    resource: '('\n    match_type: regex\n",
+            4,
+            "rules[0].resource",
+        ),
         ("name: p\nrules:\n  - action: deny\n    on_violation: SIGFOO\n", 4, "rules[0].on_violation"),
         ("name: p\nrules:\n  - action: deny\n    rate_limit: lots\n", 4, "rules[0].rate_limit"),
         ("name: p\nrules:\n  - action: deny\n    exclude: notalist\n", 4, "rules[0].exclude"),
@@ -292,9 +345,12 @@ def test_reload_swaps_rules_and_keeps_them_on_error() -> None:
     policy = Policy("p")
     policy.add_rule("allow", Pattern("publish", "a.*"))
     assert policy.evaluate("publish", "a.x").allowed
-    policy.reload("name: p\nversion: '2'\nrules:\n  - action: allow\n    operation: publish\n    resource: b.*\n")
+    policy.reload(
+        "name: p\nversion: '2'\nrules:\n  - action: allow\n    operation: publish\n    resource: b.*\n"
+    )
     assert policy.version == "2"
-    assert not policy.evaluate("publish", "a.x").allowed and policy.evaluate("publish", "b.x").allowed
+    assert not policy.evaluate("publish", "a.x").allowed
+    assert policy.evaluate("publish", "b.x").allowed
     with pytest.raises(PolicyLoadError):
         policy.reload("name: p\nrules:\n  - action: nope\n")
     assert policy.evaluate("publish", "b.x").allowed  # the old rules stay in force
