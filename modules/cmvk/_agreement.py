@@ -1,0 +1,254 @@
+"""Do two answers say the same thing? A measure by meaning, without calling any LLM.
+
+The measure looks for *conflicts* first, because that is how answers to the same question
+disagree: a different number, the opposite yes/no, a negated claim, a mutually exclusive
+term, a different name. Wording alone never makes two answers disagree.
+
+1. **Canonical forms.** Numbers are read from digits and words ("forty-two", "2.1 million",
+   "2,100,000", "52%") and compared as values (exact for integers below 100 000, within 0.5%
+   otherwise); numbers that already occur in the question are ignored. An answer opening with
+   yes/no (or "correct", "nope", ...) gives its polarity; for a yes/no question an answer
+   without one is read as "no" when it negates a word of the question ("It is unsafe",
+   "Penguins can't fly"). "unsafe", "non-idempotent" read as "not safe", "not idempotent" when
+   the base word occurs in the question or the other answer.
+2. **Conflicts** (any one makes the pair disagree):
+   - ``number``: each answer has a number the other lacks;
+   - ``polarity``: the answers' yes/no differ;
+   - ``negation``: a word asserted by one answer is negated by the other;
+   - ``exclusive``: the answers assert different terms of a mutually exclusive group
+     (higher/lower, true/false, colours, ...) and neither asserts both;
+   - ``entity``: each answer names something (a capitalized word, not in the question) that
+     the other does not mention;
+   - ``disjoint``: both answers are short (at most ``short_terms`` content words once the
+     question's words are removed) and share no content word ("Canberra" / "Sydney").
+3. **Support.** Without a conflict the score is ``0.4 + 0.6 * support`` where support is the
+   largest of: 1.0 for a matching canonical value (same numbers, same yes/no, same entity),
+   the overlap coefficient of the short answers' content words, and the similarity of the
+   content words (Dice) — averaged with the embedding cosine when an embedder is given.
+   With a conflict the score is ``0.35 * similarity`` (at most 0.35).
+
+The pair agrees when ``score >= threshold`` (default 0.6: without a conflict, a support of
+1/3). Known blind spot: role swaps with the same words ("Alice paid Bob" / "Bob paid Alice")
+read as agreeing; an LLM judge (see :class:`cmvk.CMVK`) can be configured on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from cmvk._errors import CMVKConfigError
+from cmvk._text import Analysis, analyze, content_stems, exclusive_group, is_yes_no_question
+
+Method = Literal["canonical", "lexical", "embedding", "judge"]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that turns texts into vectors: ``embed(texts) -> list[list[float]]``.
+
+    Structurally compatible with the embedders of the EMK module and with simple wrappers
+    around sentence-transformers or ``litellm.embedding``. Vectors of one call must have the
+    same length; they need not be normalized.
+    """
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """The agreement of two answers.
+
+    ``score`` is in [0, 1]; ``agree`` is ``score >= threshold``; ``method`` says what decided
+    (``canonical`` for short factual answers, ``lexical``/``embedding`` for longer ones,
+    ``judge`` when an LLM judge did); ``conflicts`` names the conflicts found (see the module
+    docstring), ``reason`` is one line for humans.
+    """
+
+    score: float
+    agree: bool
+    method: Method
+    conflicts: tuple[str, ...] = ()
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "score": round(self.score, 4),
+            "agree": self.agree,
+            "method": self.method,
+            "conflicts": list(self.conflicts),
+            "reason": self.reason,
+        }
+
+
+def _cosine(u: Sequence[float], v: Sequence[float]) -> float:
+    dot = sum(a * b for a, b in zip(u, v, strict=True))
+    nu = math.sqrt(sum(a * a for a in u))
+    nv = math.sqrt(sum(b * b for b in v))
+    if nu == 0.0 or nv == 0.0:
+        return 0.0
+    return dot / (nu * nv)
+
+
+def _same_number(x: float, y: float) -> bool:
+    if x == y:
+        return True
+    integral = x.is_integer() and y.is_integer() and max(abs(x), abs(y)) < 100_000
+    return not integral and abs(x - y) <= 0.005 * max(abs(x), abs(y))
+
+
+def _unmatched(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    return [x for x in xs if not any(_same_number(x, y) for y in ys)]
+
+
+def _dice(a: set[str] | frozenset[str], b: set[str] | frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return 2 * len(a & b) / (len(a) + len(b))
+
+
+@dataclass(slots=True)
+class _Side:
+    analysis: Analysis
+    numbers: list[float]
+    core: set[str]  # content stems not in the question
+    polarity: str | None
+
+
+@dataclass(slots=True)
+class AgreementMeasure:
+    """The non-LLM agreement measure (see the module docstring for the rules).
+
+    Args:
+        threshold: the score at which two answers agree, in (0, 1].
+        embedder: optional; its cosine similarity is averaged with the word similarity.
+        short_terms: answers with at most this many content words (outside the question's
+            words) are compared canonically ("short factual answers").
+
+    Raises CMVKConfigError for a threshold outside (0, 1] or a negative ``short_terms``.
+    ``measure`` never raises on any pair of strings; an embedder's exception propagates.
+    """
+
+    threshold: float = 0.6
+    embedder: Embedder | None = None
+    short_terms: int = 6
+    _stats: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise CMVKConfigError(f"agreement threshold must be in (0, 1], got {self.threshold}")
+        if self.short_terms < 0:
+            raise CMVKConfigError("short_terms must not be negative")
+
+    def _side(
+        self, text: str, known: frozenset[str], q_stems: frozenset[str], q_numbers: list[float], yes_no: bool
+    ) -> _Side:
+        a = analyze(text, known)
+        numbers = _unmatched(a.numbers, q_numbers)
+        core = a.stems - q_stems
+        polarity = a.leading
+        if polarity is None and yes_no:
+            negates_question = bool(a.negated & q_stems) or a.dangling_negation
+            polarity = "no" if negates_question else "yes"
+        return _Side(a, numbers, core, polarity)
+
+    def measure(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
+        """Score the agreement of two answers (optionally to ``question``). See the module
+        docstring for the rules; the result's ``conflicts`` and ``reason`` say why."""
+        q_stems = content_stems(question) if question else frozenset()
+        q_numbers = analyze(question).numbers if question else []
+        known = q_stems | content_stems(answer_a) | content_stems(answer_b)
+        yes_no = bool(question) and is_yes_no_question(question or "")
+        a = self._side(answer_a, known, q_stems, q_numbers, yes_no)
+        b = self._side(answer_b, known, q_stems, q_numbers, yes_no)
+        if not yes_no and (a.polarity is None) != (b.polarity is None):
+            # only one answer opens with yes/no: read the other one's polarity from its negations
+            for side in (a, b):
+                if side.polarity is None:
+                    side.polarity = (
+                        "no" if side.analysis.negated or side.analysis.dangling_negation else "yes"
+                    )
+
+        conflicts: list[str] = []
+        details: list[str] = []
+        evidence = 0.0
+        # numbers
+        if a.numbers and b.numbers:
+            ua, ub = _unmatched(a.numbers, b.numbers), _unmatched(b.numbers, a.numbers)
+            if ua and ub:
+                conflicts.append("number")
+                details.append(f"numbers {_fmt(ua)} vs {_fmt(ub)}")
+            else:
+                evidence = 1.0
+        # yes / no
+        if a.polarity is not None and b.polarity is not None:
+            if a.polarity != b.polarity:
+                conflicts.append("polarity")
+                details.append(f"{a.polarity} vs {b.polarity}")
+            elif a.analysis.leading or b.analysis.leading or yes_no:
+                evidence = 1.0
+        # negated claims
+        flipped = (a.analysis.asserted & b.analysis.negated) | (a.analysis.negated & b.analysis.asserted)
+        if flipped:
+            conflicts.append("negation")
+            details.append(f"negated in one answer only: {', '.join(sorted(flipped))}")
+        # mutually exclusive terms
+        clash = self._exclusive(a.analysis.asserted, b.analysis.asserted)
+        if clash:
+            conflicts.append("exclusive")
+            details.append(f"{clash[0]} vs {clash[1]}")
+        # entities
+        ea = {e for e in a.analysis.entities - q_stems if e not in b.analysis.stems}
+        eb = {e for e in b.analysis.entities - q_stems if e not in a.analysis.stems}
+        if ea and eb:
+            conflicts.append("entity")
+            details.append(f"{', '.join(sorted(ea))} vs {', '.join(sorted(eb))}")
+        elif (a.analysis.entities & b.analysis.entities) - q_stems:
+            evidence = max(evidence, 1.0 if not (ea or eb) else 0.5)
+        # short answers: the core words
+        short = min(len(a.core), len(b.core)) <= self.short_terms
+        overlap = 0.0
+        if a.core and b.core:
+            shared = a.core & b.core
+            overlap = len(shared) / min(len(a.core), len(b.core))
+            if short and max(len(a.core), len(b.core)) <= self.short_terms and not shared and not evidence:
+                conflicts.append("disjoint")
+                details.append(f"no shared content: {_words(a.core)} vs {_words(b.core)}")
+
+        sim = _dice(a.core or a.analysis.stems, b.core or b.analysis.stems)
+        method: Method = "canonical" if short else "lexical"
+        if self.embedder is not None:
+            vectors = self.embedder.embed([answer_a, answer_b])
+            sim = (sim + max(0.0, _cosine(vectors[0], vectors[1]))) / 2
+            if not short:
+                method = "embedding"
+        if conflicts:
+            score = 0.35 * sim
+            reason = "; ".join(details)
+        else:
+            support = max(evidence, overlap if short else 0.0, sim)
+            score = 0.4 + 0.6 * support
+            reason = f"no conflict; support {support:.2f}"
+        score = min(1.0, max(0.0, score))
+        return Agreement(score, score >= self.threshold, method, tuple(conflicts), reason)
+
+    @staticmethod
+    def _exclusive(xs: set[str], ys: set[str]) -> tuple[str, str] | None:
+        for x in sorted(xs - ys):
+            gx = exclusive_group(x)
+            if gx is None:
+                continue
+            for y in sorted(ys - xs):
+                if exclusive_group(y) == gx:
+                    return x, y
+        return None
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def _words(stems: set[str]) -> str:
+    return ", ".join(sorted(stems)[:5])

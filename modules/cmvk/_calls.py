@@ -1,0 +1,238 @@
+"""Calling one model through litellm: per-attempt timeout, retries with backoff, a deadline.
+
+litellm is imported lazily (``import cmvk`` stays cheap and works without the ``llm`` extra).
+Before the first import ``LITELLM_LOCAL_MODEL_COST_MAP`` is set to ``True`` unless the user
+set it, so litellm reads its bundled cost map instead of fetching one over the network; and
+when CMVK is the first to import litellm it turns off litellm's "Give Feedback" banner.
+
+Retry rules: a timeout, a connection error, HTTP 408/409/425/429 and any 5xx are transient and
+retried (up to ``retries`` more attempts, exponential backoff with jitter, never past the
+deadline); other provider errors (400, 401, 403, 404, ...) are final. litellm's and the OpenAI
+client's own retries are turned off (``max_retries=0``, ``num_retries=0``) so that the
+attempts counted here are the requests made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+from cmvk._errors import CMVKConfigError
+
+AbstentionKind = Literal["timeout", "deadline", "provider_error", "parse_error"]
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+
+
+def litellm_module() -> ModuleType:
+    """Import litellm (once), without network access for its cost map. Raises ImportError
+    with an install hint when the ``llm`` extra is missing."""
+    mod = sys.modules.get("litellm")
+    if mod is not None:
+        return mod
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+        raise ImportError("CMVK needs litellm: pip install 'agent-os[llm]'") from exc
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One model of a CMVK panel.
+
+    Args:
+        name: the label used in results (``model_votes`` keys).
+        model: the litellm model id (``"openai/gpt-4o"``, ``"anthropic/claude-3-5-sonnet"``);
+            defaults to ``name``.
+        weight: the model's weight in ``weighted`` voting (e.g. its past accuracy); > 0.
+        api_base, api_key: passed to litellm (the key is kept out of ``repr``).
+        timeout: this model's per-attempt timeout; defaults to the CMVK's ``model_timeout``.
+        params: further keyword arguments for ``litellm.acompletion`` (``temperature``,
+            ``response_format``, ``mock_response`` in tests, ...).
+
+    Raises CMVKConfigError for an empty name, a weight <= 0 or a timeout <= 0.
+    """
+
+    name: str
+    _: KW_ONLY
+    model: str | None = None
+    weight: float = 1.0
+    api_base: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    timeout: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise CMVKConfigError("a model needs a non-empty name")
+        if not self.weight > 0:
+            raise CMVKConfigError(f"weight of {self.name!r} must be positive, got {self.weight}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise CMVKConfigError(f"timeout of {self.name!r} must be positive, got {self.timeout}")
+
+    @property
+    def litellm_model(self) -> str:
+        return self.model or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """Timeouts and retries for the calls of one CMVK (see the module docstring)."""
+
+    model_timeout: float
+    retries: int
+    backoff: float
+    backoff_max: float = 2.0
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    """What one model call produced: its text, or why it produced none."""
+
+    content: str | None = None
+    abstention: AbstentionKind | None = None
+    error: str | None = None
+    latency_s: float = 0.0
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a provider error is worth another attempt."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and (status in _TRANSIENT_STATUS or status >= 500):
+        return True
+    litellm = sys.modules.get("litellm")
+    if litellm is not None:
+        kinds = tuple(
+            getattr(litellm, n)
+            for n in (
+                "Timeout",
+                "APIConnectionError",
+                "ServiceUnavailableError",
+                "InternalServerError",
+                "RateLimitError",
+                "BadGatewayError",
+            )
+            if hasattr(litellm, n)
+        )
+        if isinstance(exc, kinds):
+            return True
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def _usage(response: Any, outcome: CallOutcome) -> None:
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        pt, ct = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+        outcome.prompt_tokens = pt if isinstance(pt, int) else None
+        outcome.completion_tokens = ct if isinstance(ct, int) else None
+    hidden = getattr(response, "_hidden_params", None)
+    cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        outcome.cost_usd = float(cost)
+
+
+def _content(response: Any) -> str | None:
+    try:
+        content = response.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+async def call_model(
+    spec: ModelSpec,
+    messages: list[dict[str, str]],
+    policy: CallPolicy,
+    deadline: float,
+    defaults: Mapping[str, Any],
+) -> CallOutcome:
+    """Ask one model; never raises except CancelledError.
+
+    ``deadline`` is a ``time.monotonic()`` instant no attempt may run past. ``defaults`` are
+    keyword arguments for every call (the spec's own settings win). Returns the reply text, or
+    an abstention (``timeout``, ``deadline`` or ``provider_error``) with its reason.
+    """
+    litellm = litellm_module()
+    kwargs: dict[str, Any] = dict(defaults)
+    if spec.api_base is not None:
+        kwargs["api_base"] = spec.api_base
+    if spec.api_key is not None:
+        kwargs["api_key"] = spec.api_key
+    kwargs.update(spec.params)
+    model_timeout = spec.timeout or policy.model_timeout
+    outcome = CallOutcome()
+    start = time.monotonic()
+    last: tuple[AbstentionKind, str] = ("deadline", "the total deadline passed before the first attempt")
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if outcome.attempts:
+                last = (
+                    "deadline",
+                    f"total deadline reached after {outcome.attempts} attempt(s); last: {last[1]}",
+                )
+            break
+        per_attempt = min(model_timeout, remaining)
+        clipped = per_attempt < model_timeout
+        outcome.attempts += 1
+        retry = False
+        try:
+            async with asyncio.timeout(per_attempt):
+                response = await litellm.acompletion(
+                    model=spec.litellm_model,
+                    messages=messages,
+                    timeout=per_attempt,
+                    max_retries=0,
+                    num_retries=0,
+                    **kwargs,
+                )
+        except TimeoutError:
+            last = ("deadline" if clipped else "timeout", f"no reply within {per_attempt:.2f}s")
+            retry = True
+        except Exception as exc:  # every provider failure is an abstention, never a crash
+            if isinstance(exc, litellm.Timeout):
+                last = (
+                    "deadline" if clipped else "timeout",
+                    f"no reply within {per_attempt:.2f}s ({_describe(exc)})",
+                )
+                retry = True
+            else:
+                last = ("provider_error", _describe(exc))
+                retry = transient(exc)
+        else:
+            outcome.content = _content(response)
+            _usage(response, outcome)
+            outcome.latency_s = time.monotonic() - start
+            return outcome
+        if not retry or outcome.attempts > policy.retries:
+            break
+        delay = min(policy.backoff_max, policy.backoff * 2 ** (outcome.attempts - 1))
+        delay *= 0.5 + random.random() / 2  # jitter, so a panel does not retry in lockstep
+        if time.monotonic() + delay >= deadline:
+            last = (
+                "deadline",
+                f"no time left for a retry after {outcome.attempts} attempt(s); last: {last[1]}",
+            )
+            break
+        await asyncio.sleep(delay)
+    outcome.abstention, outcome.error = last
+    outcome.latency_s = time.monotonic() - start
+    return outcome

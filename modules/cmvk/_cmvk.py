@@ -1,0 +1,367 @@
+"""The CMVK: a panel of models, asked in parallel, combined by vote."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, get_args
+
+from cmvk._agreement import Agreement, AgreementMeasure, Embedder
+from cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model
+from cmvk._errors import CMVKConfigError, VerdictParseError
+from cmvk._results import CallStats, Consensus, CrossCheckResult, ModelAnswer, ModelVote, VerificationResult
+from cmvk._verdict import (
+    answer_messages,
+    judge_messages,
+    parse_answer,
+    parse_judgement,
+    parse_verdict,
+    verify_messages,
+)
+from cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
+
+
+class CMVK:
+    """Cross-Model Verification Kernel: several LLMs check an answer, by meaning, and fail closed.
+
+    Example (from the API reference)::
+
+        cmvk = CMVK(models=["gpt-4", "claude-3", "gemini-pro"], consensus_threshold=0.8,
+                    voting_strategy="majority", timeout=30.0)
+        result = await cmvk.verify(prompt="What is the capital of France?",
+                                   response="Paris is the capital of France.",
+                                   context={"domain": "geography"})
+        result.verified, result.confidence, result["model_votes"], result["consensus"]
+
+    Args:
+        models: model names (litellm ids) or :class:`ModelSpec` objects; names must be unique.
+        consensus_threshold: the weighted share of non-abstaining votes that must support the
+            response, in (0, 1] (see :mod:`cmvk._voting` for the exact rules).
+        voting_strategy: ``"majority"``, ``"unanimous"`` or ``"weighted"``.
+        timeout: the total deadline of one ``verify``/``cross_check`` call, in seconds; no
+            model call or retry runs past it.
+        model_timeout: the per-attempt timeout of each model (default: ``timeout``; a
+            :class:`ModelSpec` may set its own).
+        retries: further attempts after a transient failure (timeout, connection error, 429,
+            5xx), with exponential backoff starting at ``backoff`` seconds, with jitter.
+        quorum: the least number of models that must answer (default: a majority of the panel).
+        weights: per-model weights for ``weighted`` voting, overriding the specs' weights.
+        agreement_threshold: the score at which two answers agree (generation mode and
+            :meth:`agreement`).
+        embedder: optional :class:`Embedder` whose similarity joins the agreement measure.
+        judge: optional model that decides whether two *long* answers agree (short factual
+            answers are always compared canonically).
+        api_base, api_key, litellm_params: defaults for every call (a spec's own win).
+
+    Raises CMVKConfigError for an empty panel, duplicate names, an unknown strategy, a
+    threshold outside (0, 1], a timeout <= 0, negative retries, or a quorum outside
+    1..len(models).
+
+    Guarantees: models are called in parallel; ``verify`` and ``cross_check`` return within
+    ``timeout`` (plus scheduling noise) and never raise for a model's failure: a timeout,
+    provider error or unparsable reply is an abstention with its reason in the result, and
+    abstentions are never counted as votes.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | ModelSpec],
+        consensus_threshold: float = 0.8,
+        voting_strategy: Strategy = "majority",
+        timeout: float = 30.0,
+        *,
+        model_timeout: float | None = None,
+        retries: int = 1,
+        backoff: float = 0.2,
+        quorum: int | None = None,
+        weights: Mapping[str, float] | None = None,
+        agreement_threshold: float = 0.6,
+        embedder: Embedder | None = None,
+        judge: str | ModelSpec | None = None,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        litellm_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        specs = [m if isinstance(m, ModelSpec) else ModelSpec(m) for m in models]
+        if not specs:
+            raise CMVKConfigError("CMVK needs at least one model")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise CMVKConfigError(f"model names must be unique: {names}")
+        if weights:
+            unknown = set(weights) - set(names)
+            if unknown:
+                raise CMVKConfigError(f"weights for models not in the panel: {sorted(unknown)}")
+            specs = [replace(s, weight=weights[s.name]) if s.name in weights else s for s in specs]
+        if voting_strategy not in get_args(Strategy):
+            raise CMVKConfigError(
+                f"voting_strategy must be one of {', '.join(STRATEGIES)}, got {voting_strategy!r}"
+            )
+        if not 0.0 < consensus_threshold <= 1.0:
+            raise CMVKConfigError(f"consensus_threshold must be in (0, 1], got {consensus_threshold}")
+        if not timeout > 0 or (model_timeout is not None and not model_timeout > 0):
+            raise CMVKConfigError("timeouts must be positive")
+        if retries < 0 or backoff < 0:
+            raise CMVKConfigError("retries and backoff must not be negative")
+        self.quorum = len(specs) // 2 + 1 if quorum is None else quorum
+        if not 1 <= self.quorum <= len(specs):
+            raise CMVKConfigError(f"quorum must be between 1 and {len(specs)}, got {self.quorum}")
+        self.models: tuple[ModelSpec, ...] = tuple(specs)
+        self.consensus_threshold = consensus_threshold
+        self.voting_strategy: Strategy = voting_strategy
+        self.timeout = timeout
+        self.policy = CallPolicy(model_timeout or timeout, retries, backoff)
+        self.measure = AgreementMeasure(threshold=agreement_threshold, embedder=embedder)
+        self.judge = ModelSpec(judge) if isinstance(judge, str) else judge
+        defaults: dict[str, Any] = dict(litellm_params or {})
+        if api_base is not None:
+            defaults["api_base"] = api_base
+        if api_key is not None:
+            defaults["api_key"] = api_key
+        self._defaults = defaults
+
+    def __repr__(self) -> str:
+        return (
+            f"CMVK(models={[m.name for m in self.models]}, consensus_threshold={self.consensus_threshold}, "
+            f"voting_strategy={self.voting_strategy!r}, timeout={self.timeout}, quorum={self.quorum})"
+        )
+
+    # -- verification --------------------------------------------------------------------------
+
+    async def verify(
+        self, prompt: str, response: Any, context: dict[str, Any] | None = None
+    ) -> VerificationResult:
+        """Ask every model, in parallel, whether ``response`` correctly answers ``prompt``.
+
+        Each model replies with a JSON verdict (schema in :mod:`cmvk._verdict`); the votes are
+        combined by the voting strategy (:mod:`cmvk._voting`). A ``response`` that is not a
+        string is serialized as JSON (``str()`` for what JSON cannot carry), so an agent's
+        return value can be verified as is. Raises CMVKConfigError when ``prompt`` is not a
+        string or ``context`` not a dict; never raises for a model's failure.
+        """
+        if not isinstance(prompt, str):
+            raise CMVKConfigError(f"prompt must be a string, got {type(prompt).__name__}")
+        if context is not None and not isinstance(context, dict):
+            raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
+        text = (
+            response if isinstance(response, str) else json.dumps(response, default=str, ensure_ascii=False)
+        )
+        start = time.monotonic()
+        outcomes = await self._ask_all(verify_messages(prompt, text, context), start + self.timeout)
+        votes: dict[str, ModelVote] = {}
+        ballots: list[Ballot] = []
+        for spec, outcome in zip(self.models, outcomes, strict=True):
+            vote = self._vote(spec, outcome)
+            votes[spec.name] = vote
+            if vote.verdict is not None and vote.confidence is not None:
+                ballots.append(Ballot(spec.name, vote.verdict == "supported", spec.weight, vote.confidence))
+        decision = decide(self.voting_strategy, self.consensus_threshold, self.quorum, ballots)
+        return VerificationResult(
+            verified=decision.verified,
+            confidence=decision.confidence,
+            consensus=decision.consensus,
+            reason=self._verify_reason(decision.verified, decision.support, ballots, votes),
+            support=decision.support,
+            strategy=self.voting_strategy,
+            model_votes=votes,
+            latency_s=time.monotonic() - start,
+        )
+
+    async def _ask_all(self, messages: list[dict[str, str]], deadline: float) -> list[CallOutcome]:
+        return list(
+            await asyncio.gather(
+                *(call_model(spec, messages, self.policy, deadline, self._defaults) for spec in self.models)
+            )
+        )
+
+    @staticmethod
+    def _vote(spec: ModelSpec, outcome: CallOutcome) -> ModelVote:
+        stats = CallStats.of(outcome)
+        if outcome.abstention is not None:
+            return ModelVote(
+                spec.name, spec.weight, None, None, outcome.error or "", outcome.abstention, stats
+            )
+        try:
+            parsed = parse_verdict(outcome.content)
+        except VerdictParseError as exc:
+            return ModelVote(spec.name, spec.weight, None, None, str(exc), "parse_error", stats)
+        return ModelVote(
+            spec.name, spec.weight, parsed.verdict, parsed.confidence, parsed.reason, None, stats
+        )
+
+    def _verify_reason(
+        self, verified: bool, support: float, ballots: list[Ballot], votes: dict[str, ModelVote]
+    ) -> str:
+        abstained = [f"{n} ({v.abstention}: {v.reason})" for n, v in votes.items() if v.abstained]
+        tail = f"; abstained: {', '.join(abstained)}" if abstained else ""
+        if len(ballots) < self.quorum:
+            return (
+                f"quorum not met: {len(ballots)} of {len(votes)} models answered, {self.quorum} needed{tail}"
+            )
+        pro = sum(b.support for b in ballots)
+        head = (
+            f"{pro} of {len(ballots)} answering models support the response "
+            f"({self.voting_strategy} support {support:.2f}, threshold {self.consensus_threshold:.2f})"
+        )
+        if not verified:
+            against = [
+                f"{b.model} ({votes[b.model].verdict}: {votes[b.model].reason})"
+                for b in ballots
+                if not b.support
+            ]
+            head += f"; not supported by {', '.join(against)}"
+        return head + tail
+
+    # -- generation mode -----------------------------------------------------------------------
+
+    def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
+        """Score whether two answers agree, without any LLM (see :mod:`cmvk._agreement`).
+
+        Returns an :class:`Agreement` with ``score`` in [0, 1] and ``agree`` at the configured
+        ``agreement_threshold``. Raises CMVKConfigError for non-string answers."""
+        if not isinstance(answer_a, str) or not isinstance(answer_b, str):
+            raise CMVKConfigError("answers must be strings")
+        return self.measure.measure(answer_a, answer_b, question)
+
+    async def judge_agreement(
+        self, answer_a: str, answer_b: str, question: str | None = None, *, deadline: float | None = None
+    ) -> Agreement:
+        """:meth:`agreement`, with the configured judge deciding for long answers.
+
+        Short factual answers are always compared canonically. For longer ones the judge's
+        JSON reply (``{"agree", "confidence", "reason"}``) decides: ``agree`` is its decision
+        and ``score`` is ``0.5 ± confidence / 2``. When no judge is configured, or it abstains
+        (timeout, error, unparsable reply), the non-LLM measure decides and ``reason`` says so.
+        """
+        measured = self.agreement(answer_a, answer_b, question)
+        if self.judge is None or measured.method == "canonical":
+            return measured
+        end = deadline if deadline is not None else time.monotonic() + self.timeout
+        outcome = await call_model(
+            self.judge, judge_messages(question, answer_a, answer_b), self.policy, end, self._defaults
+        )
+        why = outcome.error or ""
+        if outcome.abstention is None:
+            try:
+                j = parse_judgement(outcome.content)
+            except VerdictParseError as exc:
+                why = str(exc)
+            else:
+                score = 0.5 + 0.5 * j.confidence if j.agree else 0.5 - 0.5 * j.confidence
+                return Agreement(score, j.agree, "judge", measured.conflicts, j.reason)
+        return replace(measured, reason=f"{measured.reason} (judge abstained: {why})")
+
+    async def cross_check(self, prompt: str, context: dict[str, Any] | None = None) -> CrossCheckResult:
+        """Ask every model to answer ``prompt`` and measure whether the answers agree.
+
+        Answers are grouped by pairwise :meth:`judge_agreement` (the non-LLM measure, plus the
+        judge for long answers when configured): the majority group is the model agreeing
+        with the most weight, with those it agrees with. See :class:`CrossCheckResult`.
+        Raises CMVKConfigError for a non-string prompt or non-dict context.
+        """
+        if not isinstance(prompt, str):
+            raise CMVKConfigError(f"prompt must be a string, got {type(prompt).__name__}")
+        if context is not None and not isinstance(context, dict):
+            raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
+        start = time.monotonic()
+        deadline = start + self.timeout
+        outcomes = await self._ask_all(answer_messages(prompt, context), deadline)
+        answers: dict[str, ModelAnswer] = {}
+        for spec, outcome in zip(self.models, outcomes, strict=True):
+            stats = CallStats.of(outcome)
+            if outcome.abstention is not None:
+                answers[spec.name] = ModelAnswer(
+                    spec.name, spec.weight, None, outcome.abstention, outcome.error or "", stats
+                )
+                continue
+            try:
+                text = parse_answer(outcome.content)
+            except VerdictParseError as exc:
+                answers[spec.name] = ModelAnswer(spec.name, spec.weight, None, "parse_error", str(exc), stats)
+            else:
+                answers[spec.name] = ModelAnswer(spec.name, spec.weight, text, None, "", stats)
+        answered = [n for n, a in answers.items() if a.answer is not None]
+        keys = [(a, b) for i, a in enumerate(answered) for b in answered[i + 1 :]]
+        results = await asyncio.gather(
+            *(
+                self.judge_agreement(
+                    answers[a].answer or "", answers[b].answer or "", prompt, deadline=deadline
+                )
+                for a, b in keys
+            )
+        )
+        pairs = {f"{a}|{b}": r for (a, b), r in zip(keys, results, strict=True)}
+        return self._group(answers, answered, pairs, time.monotonic() - start)
+
+    def _group(
+        self,
+        answers: dict[str, ModelAnswer],
+        answered: list[str],
+        pairs: dict[str, Agreement],
+        latency: float,
+    ) -> CrossCheckResult:
+        weighted = self.voting_strategy == "weighted"
+        weight = {n: (answers[n].weight if weighted else 1.0) for n in answered}
+
+        def pair(a: str, b: str) -> Agreement | None:
+            return pairs.get(f"{a}|{b}") or pairs.get(f"{b}|{a}")
+
+        abstained = [f"{n} ({a.abstention}: {a.reason})" for n, a in answers.items() if a.answer is None]
+        tail = f"; abstained: {', '.join(abstained)}" if abstained else ""
+        if len(answered) < self.quorum:
+            return CrossCheckResult(
+                verified=False,
+                confidence=0.0,
+                consensus="no_quorum",
+                support=0.0,
+                majority_answer=None,
+                majority=[],
+                dissenters=list(answered),
+                reason=f"quorum not met: {len(answered)} of {len(answers)} models answered, "
+                f"{self.quorum} needed{tail}",
+                strategy=self.voting_strategy,
+                answers=answers,
+                pairs=pairs,
+                latency_s=latency,
+            )
+        best: tuple[float, float, int] | None = None
+        group: list[str] = []
+        center = answered[0]
+        for i, n in enumerate(answered):
+            members = [m for m in answered if m == n or ((p := pair(n, m)) is not None and p.agree)]
+            scores = [p.score for m in members if m != n and (p := pair(n, m)) is not None]
+            key = (sum(weight[m] for m in members), sum(scores) / len(scores) if scores else 1.0, -i)
+            if best is None or key > best:
+                best, group, center = key, members, n
+        total = sum(weight.values())
+        support = sum(weight[m] for m in group) / total
+        verified = passes(self.voting_strategy, self.consensus_threshold, support)
+        inner = [
+            p.score for i, a in enumerate(group) for b in group[i + 1 :] if (p := pair(a, b)) is not None
+        ]
+        cohesion = sum(inner) / len(inner) if inner else 1.0
+        dissenters = [n for n in answered if n not in group]
+        consensus: Consensus = "unanimous" if not dissenters else ("majority" if support > 0.5 else "split")
+        reason = (
+            f"{len(group)} of {len(answered)} answering models agree ({self.voting_strategy} support "
+            f"{support:.2f}, threshold {self.consensus_threshold:.2f})"
+        )
+        if dissenters:
+            reason += f"; dissenting: {', '.join(dissenters)}"
+        return CrossCheckResult(
+            verified=verified,
+            confidence=support * cohesion if verified else (1 - support) * cohesion,
+            consensus=consensus,
+            support=support,
+            majority_answer=answers[center].answer,
+            majority=group,
+            dissenters=dissenters,
+            reason=reason + tail,
+            strategy=self.voting_strategy,
+            answers=answers,
+            pairs=pairs,
+            latency_s=latency,
+        )

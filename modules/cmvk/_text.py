@@ -1,0 +1,358 @@
+"""Text analysis for the agreement measure: tokens, stems, numbers, negation, entities.
+
+Everything here is deterministic and uses no model. The pieces are deliberately small and
+explicit (a stopword list, a light suffix stemmer, a number-word parser, a list of mutually
+exclusive terms) so that a wrong decision can be traced to one rule.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+STOPWORDS = _words(
+    """
+    a about above across after again against all almost also although am among an and any are
+    around as at be because been before being between both but by could did do does doing done
+    down during each either else even ever every for from further had has have having he her here
+    hers herself him himself his how however i if in into is it its itself just least let like
+    likely may me might more most much must my myself nearly of off often on once only onto or
+    other our ours out over own perhaps per quite rather really roughly approximately around
+    same she should so some such than that the their theirs them themselves then there these they
+    this those though through thus to too under until up upon us very via was we were what when
+    where whether which while who whom whose why will with within would yet you your yours
+    yourself called call well basically simply answer
+    """
+)
+"""Function words that carry no answer content (plus a few answer fillers: "answer", "called")."""
+
+NEGATIONS = _words("not no never none nobody nothing neither nor cannot without non nowhere")
+YES_WORDS = _words("yes yeah yep yup correct indeed absolutely certainly sure affirmative true right")
+NO_WORDS = _words("no nope nah incorrect false wrong negative")
+AUXILIARIES = _words(
+    """is are was were am do does did can could will would should shall has have had may might must
+    isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't shouldn't"""
+)
+"""A question that starts with one of these is a yes/no question."""
+
+_UNITS = {
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "thirteen": 13,
+    "fourteen": 14,
+    "fifteen": 15,
+    "sixteen": 16,
+    "seventeen": 17,
+    "eighteen": 18,
+    "nineteen": 19,
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "seventy": 70,
+    "eighty": 80,
+    "ninety": 90,
+    "dozen": 12,
+}
+_SCALES = {
+    "hundred": 100,
+    "thousand": 1_000,
+    "million": 1_000_000,
+    "billion": 1_000_000_000,
+    "trillion": 1_000_000_000_000,
+}
+NUMBER_WORDS = frozenset(_UNITS) | frozenset(_SCALES)
+
+_EXCLUSIVE_GROUPS = [
+    "higher lower",
+    "more less fewer",
+    "increase decrease",
+    "rise fall drop",
+    "true false",
+    "before after",
+    "above below",
+    "larger smaller",
+    "bigger smaller",
+    "greater less",
+    "open closed",
+    "safe dangerous",
+    "hot cold",
+    "success failure",
+    "pass fail",
+    "win lose",
+    "alive dead",
+    "valid invalid",
+    "same different",
+    "early late",
+    "north south",
+    "east west",
+    "maximum minimum",
+    "positive negative",
+    "accept reject",
+    "allow deny",
+    "enable disable",
+    "red orange yellow green blue purple violet black white brown pink grey gray",
+    "monday tuesday wednesday thursday friday saturday sunday",
+    "january february march april may june july august september october november december",
+    "spring summer autumn winter",
+    "solid liquid gas",
+    "odd even",
+    "male female",
+]
+"""Groups of mutually exclusive terms: asserting one where the other answer asserts another
+(and neither asserts both) is a contradiction ("prices rose" / "prices fell")."""
+
+_NEG_PREFIXES = ("non", "un", "in", "im", "il", "ir", "dis")
+
+_CONTRACTIONS = [
+    (re.compile(r"\bcan['’]t\b", re.I), "cannot"),
+    (re.compile(r"\bwon['’]t\b", re.I), "will not"),
+    (re.compile(r"\bshan['’]t\b", re.I), "shall not"),
+    (re.compile(r"n['’]t\b", re.I), " not"),
+    (re.compile(r"['’](s|re|ve|ll|d|m)\b", re.I), ""),
+]
+_TOKEN = re.compile(
+    r"(?P<num>[-−]?\d+(?:,\d{3})+(?:\.\d+)?|[-−]?\d+(?:\.\d+)?)(?P<pct>\s*%)?(?![\w])"
+    r"|(?P<word>[^\W_]+)"
+    r"|(?P<stop>[.;:!?]|,\s|—|–\s| - |\(|\))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One token: its lowercase text, its stem, whether it was capitalized, and the sentence
+    position (0 = first word of a sentence)."""
+
+    text: str
+    stem: str
+    capitalized: bool
+    position: int
+
+
+@dataclass(slots=True)
+class Analysis:
+    """What the agreement measure needs to know about one answer."""
+
+    tokens: list[Token] = field(default_factory=list)
+    clauses: list[list[Token]] = field(default_factory=list)
+    numbers: list[float] = field(default_factory=list)
+    leading: str | None = None  # "yes" / "no" when the answer opens with one
+    stems: set[str] = field(default_factory=set)  # every content stem (negated or not)
+    asserted: set[str] = field(default_factory=set)  # content stems not under a negation
+    negated: set[str] = field(default_factory=set)  # content stems right after a negation
+    dangling_negation: bool = False  # a negation with no content word after it ("It isn't.")
+    entities: set[str] = field(default_factory=set)  # stems of capitalized content words
+
+
+def normalize(text: str) -> str:
+    """NFKC (so "H₂O" is "H2O"), typographic quotes to ASCII, contractions expanded."""
+    text = unicodedata.normalize("NFKC", text).replace("’", "'").replace("‘", "'")
+    for pattern, repl in _CONTRACTIONS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """A light suffix stemmer: enough to match "modifies"/"modify", "caused"/"causes",
+    "postponed"/"postpone"; not a linguistic analysis."""
+    w = word.lower()
+    if len(w) <= 3:
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        w = w[:-3] + "y"
+    elif w.endswith("sses") or (w.endswith("es") and len(w) > 4 and w[-3] in "sxz"):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        w = w[:-1]
+    for suffix in ("ingly", "edly", "ing", "ed", "ly"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            if len(w) > 3 and w[-1] == w[-2] and w[-1] not in "lsz":  # "stopped" -> "stop"
+                w = w[:-1]
+            break
+    if w.endswith("ied"):
+        w = w[:-3] + "y"
+    if len(w) > 4 and w.endswith("e"):
+        w = w[:-1]
+    if len(w) > 3 and w.endswith("y") and w[-2] not in "aeiou":
+        w = w[:-1] + "i"
+    return w
+
+
+_EXCLUSIVE: dict[str, int] = {}
+for _i, _group in enumerate(_EXCLUSIVE_GROUPS):
+    for _w in _group.split():
+        _EXCLUSIVE.setdefault(stem(_w), _i)
+
+
+def exclusive_group(stem_: str) -> int | None:
+    """The index of the mutually-exclusive group a stem belongs to, if any."""
+    return _EXCLUSIVE.get(stem_)
+
+
+def _parse_number(text: str) -> float:
+    return float(text.replace(",", "").replace("−", "-"))
+
+
+def _words_to_numbers(words: list[str]) -> list[float]:
+    """Parse runs of number words ("three hundred and sixty-six") into values."""
+    values: list[float] = []
+    total = current = 0
+    active = False
+    for i, w in enumerate(words):
+        if w in _UNITS:
+            current += _UNITS[w]
+            active = True
+        elif w in _SCALES and (active or (i > 0 and words[i - 1] == "a")):
+            scale = _SCALES[w]
+            if scale == 100:
+                current = max(current, 1) * 100
+            else:
+                total += max(current, 1) * scale
+                current = 0
+            active = True
+        elif w == "and" and active and i > 0 and words[i - 1] in _SCALES:
+            continue
+        else:
+            if active:
+                values.append(float(total + current))
+            total = current = 0
+            active = False
+    if active:
+        values.append(float(total + current))
+    return values
+
+
+def analyze(text: str, question_stems: frozenset[str] = frozenset()) -> Analysis:
+    """Tokenize and analyse one answer. ``question_stems`` are used to read "unsafe" as
+    "not safe" when "safe" occurs in the question."""
+    out = Analysis()
+    clause: list[Token] = []
+    run: list[str] = []  # consecutive number words: "three hundred and sixty six"
+    pending: list[float] = []  # a digit number, waiting to see whether "million" follows
+    position = 0
+
+    def flush() -> None:
+        out.numbers.extend(_words_to_numbers(run))
+        run.clear()
+        out.numbers.extend(pending)
+        pending.clear()
+
+    for m in _TOKEN.finditer(normalize(text)):
+        if m.group("stop") is not None:
+            flush()
+            if clause:
+                out.clauses.append(clause)
+                clause = []
+            if m.group("stop") in ".!?":
+                position = 0
+            continue
+        if m.group("num") is not None:
+            flush()
+            pending.append(_parse_number(m.group("num")))
+            position += 1
+            continue
+        raw = m.group("word")
+        low = raw.lower()
+        if low in _SCALES and pending:
+            pending[-1] *= _SCALES[low]
+            continue
+        if low in NUMBER_WORDS or (low == "and" and run):
+            out.numbers.extend(pending)
+            pending.clear()
+            run.append(low)
+            position += 1
+            continue
+        flush()
+        tok = Token(low, stem(low), raw[0].isupper(), position)
+        position += 1
+        out.tokens.append(tok)
+        clause.append(tok)
+    flush()
+    if clause:
+        out.clauses.append(clause)
+
+    if out.tokens and (out.tokens[0].text in YES_WORDS or out.tokens[0].text in NO_WORDS):
+        first = out.tokens[0].text
+        # "No, ..." is an answer; "No one knows" / "True enough" are not treated specially
+        out.leading = "yes" if first in YES_WORDS else "no"
+    for ci, cl in enumerate(out.clauses):
+        negate_next = False
+        for ti, tok in enumerate(cl):
+            if ci == 0 and ti == 0 and out.leading is not None:
+                continue
+            if tok.text in NEGATIONS:
+                negate_next = True
+                continue
+            if tok.text in STOPWORDS:
+                continue
+            s = tok.stem
+            base = _strip_negative_prefix(tok.text, question_stems)
+            if base is not None:
+                out.stems.add(base)
+                out.negated.add(base)
+                negate_next = False
+                continue
+            out.stems.add(s)
+            if tok.capitalized and len(tok.text) > 1 and s not in YES_WORDS | NO_WORDS:
+                out.entities.add(s)
+            if negate_next:
+                out.negated.add(s)
+                negate_next = False
+            else:
+                out.asserted.add(s)
+        if negate_next:
+            out.dangling_negation = True
+    return out
+
+
+def _strip_negative_prefix(word: str, known: frozenset[str]) -> str | None:
+    """``"unsafe"`` -> ``"safe"`` when ``safe`` is a known stem (from the question or the
+    other answer); otherwise None. Only then is the prefix read as a negation, so
+    "interest" is never "not terest"."""
+    for prefix in _NEG_PREFIXES:
+        if word.startswith(prefix) and len(word) - len(prefix) >= 3:
+            rest = stem(word[len(prefix) :].lstrip("-"))
+            if rest in known:
+                return rest
+    return None
+
+
+def content_stems(text: str) -> frozenset[str]:
+    """Stems of the content words of ``text`` (no stopwords, negations or number words)."""
+    stems = set()
+    for m in _TOKEN.finditer(normalize(text)):
+        word = m.group("word")
+        if word is None:
+            continue
+        low = word.lower()
+        if low in STOPWORDS or low in NEGATIONS or low in NUMBER_WORDS:
+            continue
+        stems.add(stem(low))
+    return frozenset(stems)
+
+
+def is_yes_no_question(question: str) -> bool:
+    """Whether ``question`` asks for a yes or a no ("Is it safe?", "Can penguins fly?")."""
+    m = re.match(r"\s*([A-Za-z']+)", question)
+    return m is not None and m.group(1).lower() in AUXILIARIES and " or " not in question.lower()

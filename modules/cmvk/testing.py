@@ -1,0 +1,175 @@
+"""A scripted OpenAI-compatible chat server, for testing CMVK panels without paid APIs.
+
+Point litellm at it with ``api_base=server.url`` and a model id ``"openai/<name>"``: requests
+travel the real HTTP path through litellm. Each model name has a script of replies
+(content, delay, HTTP status, or a raw body such as malformed JSON)::
+
+    async with ScriptedLLMServer({
+        "gpt-4": Reply(verdict("supported"), delay=0.2),
+        "claude-3": [Reply(status=500), Reply(verdict("supported"))],  # fails once, then answers
+        "gemini-pro": Reply(delay=30),                                  # hangs: a timeout
+    }) as server:
+        cmvk = CMVK([ModelSpec(n, model=f"openai/{n}") for n in ("gpt-4", "claude-3", "gemini-pro")],
+                    api_base=server.url, api_key="test")
+
+A list of replies is played in order, its last entry repeating; a callable receives the
+request's JSON body and returns the reply. Unscripted models get ``default`` (HTTP 404 when
+None). Needs aiohttp (installed with litellm, the ``llm`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One scripted reply: ``content`` after ``delay`` seconds with ``status``; ``body``
+    replaces the whole response body (e.g. ``"{not json"``)."""
+
+    content: str | None = None
+    delay: float = 0.0
+    status: int = 200
+    body: str | None = None
+    prompt_tokens: int = 20
+    completion_tokens: int = 10
+
+
+ScriptSpec = Reply | Sequence[Reply] | Callable[[dict[str, Any]], Reply]
+"""A model's script: one reply, replies played in order (the last repeats), or a function."""
+
+
+def verdict(verdict: str, confidence: float = 0.9, reason: str = "checked") -> str:
+    """The JSON text of a well-formed CMVK verdict."""
+    return json.dumps({"verdict": verdict, "confidence": confidence, "reason": reason})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request the server received: the model, the messages, and when (monotonic)."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    at: float
+
+
+class ScriptedLLMServer:
+    """See the module docstring. ``url`` is the ``api_base`` (``http://127.0.0.1:PORT/v1``)
+    once started; ``requests`` lists what was received."""
+
+    def __init__(
+        self,
+        scripts: Mapping[str, ScriptSpec] | None = None,
+        default: Reply | None = None,
+    ) -> None:
+        self._scripts: dict[str, ScriptSpec] = dict(scripts or {})
+        self._default = default
+        self._served: dict[str, int] = {}
+        self.requests: list[Request] = []
+        self._runner: Any = None
+        self.url = ""
+
+    def script(self, model: str, replies: ScriptSpec) -> None:
+        """Replace the script of ``model`` (its played-reply count restarts)."""
+        self._scripts[model] = replies
+        self._served.pop(model, None)
+
+    def hits(self, model: str) -> int:
+        """How many requests ``model`` received."""
+        return sum(1 for r in self.requests if r.model == model)
+
+    def _reply_for(self, model: str, body: dict[str, Any]) -> Reply | None:
+        script = self._scripts.get(model)
+        if script is None:
+            return self._default
+        if isinstance(script, Reply):
+            return script
+        if callable(script):
+            return script(body)
+        n = self._served.get(model, 0)
+        self._served[model] = n + 1
+        return script[min(n, len(script) - 1)]
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            body = await request.json()
+            model = str(body["model"])
+            messages = list(body.get("messages", []))
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {"error": {"message": "bad request", "type": "invalid_request"}}, status=400
+            )
+        self.requests.append(Request(model, messages, time.monotonic()))
+        reply = self._reply_for(model, body)
+        if reply is None:
+            return web.json_response(
+                {"error": {"message": f"no model {model}", "type": "not_found"}}, status=404
+            )
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.body is not None:
+            return web.Response(text=reply.body, status=reply.status, content_type="application/json")
+        if reply.status != 200:
+            error = {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}}
+            return web.json_response(error, status=reply.status)
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply.content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion_tokens,
+                    "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+                },
+            }
+        )
+
+    async def start(self) -> str:
+        """Listen on a free port of 127.0.0.1; return ``url``."""
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/chat/completions", self._handle)
+        # handler_cancellation: a client that gave up (timeout) stops its scripted delay, so
+        # close() does not wait for hanging replies.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runner = runner
+        port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self.url
+
+    async def close(self) -> None:
+        """Stop listening. Idempotent."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> ScriptedLLMServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
