@@ -1,0 +1,335 @@
+"""Memory records, their content hash, and the checks every input goes through.
+
+The content hash
+----------------
+
+Each record carries ``content_hash``: the SHA-256 (hex) of the UTF-8 JSON array::
+
+    [1, id, agent_id, session_id, content, metadata_json, tags, supersedes,
+     created_at_us, sha256_hex(embedding as big-endian float32)]
+
+``metadata_json`` is the canonical JSON text of the metadata (sorted keys, no spaces), stored
+verbatim beside the record so that the hash never depends on how a database re-formats JSON
+numbers; ``tags`` are sorted and de-duplicated; ``created_at_us`` is microseconds since the
+Unix epoch (UTC). Storage recomputes the hash on every read and raises
+:class:`~emk.errors.IntegrityError` when it differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from emk.errors import (
+    ContentTooLarge,
+    DimensionMismatch,
+    EmptyContent,
+    InvalidEmbedding,
+    InvalidInput,
+    InvalidMetadata,
+    InvalidTag,
+)
+
+HASH_VERSION = 1
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Size limits checked before anything is embedded or written."""
+
+    max_content_bytes: int = 64 * 1024
+    max_tags: int = 32
+    max_tag_length: int = 128
+    max_metadata_bytes: int = 64 * 1024
+    max_id_length: int = 256
+    max_limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewMemory:
+    """One memory to store with :meth:`EMK.store_many` (the arguments of :meth:`EMK.store`)."""
+
+    agent_id: str
+    content: str
+    metadata: Mapping[str, Any] | None = None
+    tags: Sequence[str] = ()
+    supersedes: str | None = None
+    session_id: str | None = None
+    embedding: Sequence[float] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryRecord:
+    """An immutable memory as stored.
+
+    ``superseded_by`` (the id of the newer version, if any) and ``relevance`` (search only:
+    ``1 - cosine_distance / 2``, in [0, 1], 1 for the same direction, 0.5 for unrelated) are
+    facts about the record at read time and are not covered by ``content_hash``.
+    """
+
+    id: str
+    agent_id: str
+    session_id: str | None
+    content: str
+    metadata: Mapping[str, Any]
+    tags: tuple[str, ...]
+    supersedes: str | None
+    created_at: datetime
+    content_hash: str
+    superseded_by: str | None = None
+    relevance: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/msgpack-friendly dict (``created_at`` as ISO-8601 text)."""
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "session_id": self.session_id,
+            "content": self.content,
+            "metadata": dict(self.metadata),
+            "tags": list(self.tags),
+            "supersedes": self.supersedes,
+            "created_at": self.created_at.isoformat(),
+            "content_hash": self.content_hash,
+            "superseded_by": self.superseded_by,
+            "relevance": self.relevance,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionRecord:
+    """One retention run: which memories were removed, when, why, and how many."""
+
+    id: str
+    older_than: datetime
+    agent_id: str | None
+    reason: str
+    deleted: int
+    executed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A record ready to be written: validated fields, the float32 embedding and the hash."""
+
+    id: str
+    agent_id: str
+    session_id: str | None
+    content: str
+    metadata_json: str
+    tags: tuple[str, ...]
+    supersedes: str | None
+    created_at: datetime
+    embedding: tuple[float, ...] = field(repr=False)
+    content_hash: str
+
+
+def micros(ts: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime."""
+    return (ts - EPOCH) // timedelta(microseconds=1)
+
+
+def to_float32(vector: Iterable[float]) -> tuple[float, ...]:
+    """Round a vector to float32, as the database stores it."""
+    values = list(vector)
+    return struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *values))
+
+
+def embedding_digest(embedding: Sequence[float]) -> str:
+    return hashlib.sha256(struct.pack(f">{len(embedding)}f", *embedding)).hexdigest()
+
+
+def content_hash(
+    *,
+    id: str,
+    agent_id: str,
+    session_id: str | None,
+    content: str,
+    metadata_json: str,
+    tags: Sequence[str],
+    supersedes: str | None,
+    created_at: datetime,
+    embedding: Sequence[float],
+) -> str:
+    """The record's SHA-256 (see the module docstring for what it covers)."""
+    doc = [
+        HASH_VERSION,
+        id,
+        agent_id,
+        session_id,
+        content,
+        metadata_json,
+        list(tags),
+        supersedes,
+        micros(created_at),
+        embedding_digest(embedding),
+    ]
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def row_hash(row: Row) -> str:
+    return content_hash(
+        id=row.id,
+        agent_id=row.agent_id,
+        session_id=row.session_id,
+        content=row.content,
+        metadata_json=row.metadata_json,
+        tags=row.tags,
+        supersedes=row.supersedes,
+        created_at=row.created_at,
+        embedding=row.embedding,
+    )
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def check_identifier(value: object, what: str, limits: Limits) -> str:
+    """An agent or session id: a non-empty string without NUL within the length limit."""
+    if not isinstance(value, str) or not value or not value.strip():
+        raise InvalidInput(f"{what} must be a non-empty string")
+    if len(value) > limits.max_id_length:
+        raise InvalidInput(f"{what} is longer than {limits.max_id_length} characters")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    return value
+
+
+def check_record_id(value: object, what: str = "record id") -> str:
+    """A record id: a UUID in canonical text form. Raises InvalidInput otherwise."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidInput(f"{what} {value[:64]!r} is not a memory id") from None
+
+
+def check_content(content: object, limits: Limits) -> str:
+    if not isinstance(content, str):
+        raise InvalidInput("content must be a string")
+    if not content.strip():
+        raise EmptyContent("content is empty")
+    size = len(content.encode("utf-8", "surrogatepass"))
+    if size > limits.max_content_bytes:
+        raise ContentTooLarge(size, limits.max_content_bytes)
+    if "\x00" in content:
+        raise InvalidInput("content must not contain NUL characters")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("content is not valid Unicode text (lone surrogate)") from None
+    return content
+
+
+def check_tags(tags: object, limits: Limits) -> tuple[str, ...]:
+    """Tags as a sorted tuple without duplicates. Any characters but NUL are allowed: tags are
+    always passed to the database as parameters, never spliced into SQL."""
+    if tags is None:
+        return ()
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise InvalidTag("tags must be a list of strings")
+    out = set()
+    for tag in tags:
+        if not isinstance(tag, str) or not tag:
+            raise InvalidTag(f"tag {tag!r} is not a non-empty string")
+        if len(tag) > limits.max_tag_length:
+            raise InvalidTag(f"tag {tag[:32]!r}... is longer than {limits.max_tag_length} characters")
+        if "\x00" in tag:
+            raise InvalidTag("tags must not contain NUL characters")
+        out.add(tag)
+    if len(out) > limits.max_tags:
+        raise InvalidTag(f"{len(out)} tags exceed the limit of {limits.max_tags}")
+    return tuple(sorted(out))
+
+
+def _reject_nul(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidMetadata("metadata must not contain NUL characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_nul(key)
+            _reject_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            _reject_nul(item)
+
+
+def canonical_metadata(metadata: object, limits: Limits) -> str:
+    """Metadata as canonical JSON text (sorted keys, no NaN). Keys may contain any characters
+    but NUL; they are data, never SQL."""
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping):
+        raise InvalidMetadata("metadata must be a mapping")
+    if not all(isinstance(k, str) for k in metadata):
+        raise InvalidMetadata("metadata keys must be strings")
+    try:
+        text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMetadata(f"metadata is not JSON: {exc}") from None
+    if len(text.encode("utf-8")) > limits.max_metadata_bytes:
+        raise InvalidMetadata(f"metadata exceeds {limits.max_metadata_bytes} bytes as JSON")
+    _reject_nul(json.loads(text))
+    return text
+
+
+def check_filter(metadata: object, limits: Limits) -> dict[str, Any] | None:
+    """A metadata filter (matched by JSON containment). None or empty means no filter."""
+    if not metadata:
+        return None
+    parsed: dict[str, Any] = json.loads(canonical_metadata(metadata, limits))
+    return parsed
+
+
+def check_embedding(vector: object, dimension: int, what: str = "embedding") -> tuple[float, ...]:
+    """A vector of ``dimension`` finite numbers, not all zero, rounded to float32."""
+    if isinstance(vector, str | bytes) or not isinstance(vector, Iterable):
+        raise InvalidEmbedding(f"{what} must be a sequence of numbers")
+    values = list(vector)
+    if len(values) != dimension:
+        raise DimensionMismatch(len(values), dimension, what)
+    try:
+        f32 = to_float32(float(v) for v in values)
+    except (TypeError, ValueError, struct.error, OverflowError):
+        raise InvalidEmbedding(f"{what} must contain only numbers") from None
+    if not all(math.isfinite(v) for v in f32):
+        raise InvalidEmbedding(f"{what} contains NaN or infinite values (or values beyond float32)")
+    if not any(f32):
+        raise InvalidEmbedding(f"{what} is all zeros: it has no direction to compare")
+    return f32
+
+
+def check_limit(limit: object, limits: Limits) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= limits.max_limit:
+        raise InvalidInput(f"limit must be an integer between 1 and {limits.max_limit}")
+    return limit
+
+
+def check_time(value: object, what: str) -> datetime | None:
+    """A datetime in UTC. A naive datetime is local time, as ``datetime.now()`` gives it."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{what} must be a datetime")
+    return value.astimezone(UTC)
+
+
+def now() -> datetime:
+    """The current time in UTC, truncated to microseconds (what PostgreSQL stores)."""
+    return datetime.now(UTC)
+
+
+def relevance(distance: float) -> float:
+    """Cosine distance (0..2) to relevance (1..0)."""
+    return max(0.0, min(1.0, 1.0 - distance / 2.0))
