@@ -1,1 +1,79 @@
-"""Inter-Agent Trust Protocol: ed25519 identities, signed envelopes, replay protection and trust."""
+"""Inter-Agent Trust Protocol: ed25519 identities, signed envelopes, replay protection and trust.
+
+Entry point: :class:`IATP`. Modules: ``canonical`` (the signed bytes), ``verifier`` (the checks),
+``keystore``/``filestore`` (key storage), ``trust``/``models`` (trust documents and models),
+``session``/``handshake`` (session mode), ``middleware`` (the bus layer).
+"""
+
+from iatp.canonical import UNSIGNED_HEADERS, envelope_bytes, key_id_for
+from iatp.errors import (
+    AgentExists,
+    CryptoUnavailable,
+    IATPConfigError,
+    IATPError,
+    InsecureKeyStore,
+    KeyStoreCorrupt,
+    KeyStoreError,
+    SessionError,
+    SignatureRejected,
+    SigningRejected,
+    TrustError,
+    UnknownAgent,
+    UnknownKey,
+    WrongPassphrase,
+)
+from iatp.filestore import FileKeyStore
+from iatp.iatp import IATP
+from iatp.keys import Identity, KeyRecord
+from iatp.keystore import KeyStore, MemoryKeyStore, StoreContents
+from iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, RESULT, IATPMiddleware
+from iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfTrust
+from iatp.result import Reason, VerificationResult
+from iatp.session import SESSION_SCHEME, PendingSession, Session, SessionAnswer, SessionOffer
+from iatp.trust import Certificate, TrustEdge
+from iatp.verifier import ED25519
+
+__all__ = [
+    "ACCEPT_UNSIGNED",
+    "ED25519",
+    "IATP",
+    "MIN_TRUST",
+    "RESULT",
+    "SESSION_SCHEME",
+    "UNSIGNED_HEADERS",
+    "AgentExists",
+    "Certificate",
+    "CryptoUnavailable",
+    "FileKeyStore",
+    "HierarchicalTrust",
+    "IATPConfigError",
+    "IATPError",
+    "IATPMiddleware",
+    "Identity",
+    "InsecureKeyStore",
+    "KeyRecord",
+    "KeyStore",
+    "KeyStoreCorrupt",
+    "KeyStoreError",
+    "MemoryKeyStore",
+    "PendingSession",
+    "PkiTrust",
+    "Reason",
+    "Session",
+    "SessionAnswer",
+    "SessionError",
+    "SessionOffer",
+    "SignatureRejected",
+    "SigningRejected",
+    "StoreContents",
+    "TrustEdge",
+    "TrustError",
+    "TrustModel",
+    "UnknownAgent",
+    "UnknownKey",
+    "VerificationResult",
+    "WebOfTrust",
+    "WrongPassphrase",
+    "envelope_bytes",
+    "key_id_for",
+]

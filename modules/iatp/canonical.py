@@ -1,0 +1,115 @@
+"""The exact bytes IATP signs: canonical, domain-separated, unambiguous.
+
+Format (version 1). Every signed structure is one msgpack array packed with ``use_bin_type``:
+strings are msgpack ``str``, byte strings ``bin``, integers in their shortest form, ``None`` is
+``nil``. msgpack is self-delimiting (every string, byte string and array carries its length or
+count), so no sequence of field values can be re-split into another: moving bytes from one field
+to the next changes the encoding. The first element is a domain string naming the structure, so
+a signature over one kind of structure can never be replayed as another.
+
+Envelope signature (``ENVELOPE_DOMAIN``)::
+
+    ["IATP/1 envelope", scheme, key_id, nonce,
+     v, id, topic, sender, recipient, reply_to, correlation_id,
+     timestamp, expires_at, priority, [[name, value], ...], payload_digest]
+
+- the headers are every header except the hop-by-hop trace headers in :data:`UNSIGNED_HEADERS`
+  (``traceparent``, ``tracestate``, ``baggage``, which tracing rewrites at each hop), as
+  ``[name, value]`` pairs sorted by name;
+- ``payload_digest`` is BLAKE2b-256 (personalised ``iatp-payload-v1``) of the msgpack encoding
+  of the payload as the receiver decodes it. Both serializers preserve map order, so map order
+  is part of what is signed; a relay that reorders a map breaks the signature (fails closed).
+  A payload msgpack cannot encode (an integer beyond 64 bits from JSON) cannot be signed.
+
+Session MAC (``SESSION_DOMAIN``): the same array with the domain ``"IATP/1 session"``.
+
+Trust edges (``EDGE_DOMAIN``) and certificates (``CERT_DOMAIN``) are laid out in
+:mod:`iatp.trust`; session handshakes in :mod:`iatp.session`.
+
+Not signed: ``sig`` itself, and broker metadata (subject, attempt, offsets), which live beside
+the envelope. A receiver should rely on ``metadata.topic`` (signed), not the delivery subject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import msgpack
+
+from amb.envelope import Envelope
+
+ENVELOPE_DOMAIN: Final = "IATP/1 envelope"
+SESSION_DOMAIN: Final = "IATP/1 session"
+EDGE_DOMAIN: Final = "IATP/1 trust-edge"
+CERT_DOMAIN: Final = "IATP/1 certificate"
+OFFER_DOMAIN: Final = "IATP/1 session-offer"
+ANSWER_DOMAIN: Final = "IATP/1 session-answer"
+KEY_ID_DOMAIN: Final = b"iatp-key-id-v1"
+
+UNSIGNED_HEADERS: Final = frozenset({"traceparent", "tracestate", "baggage"})
+"""Hop-by-hop trace headers left out of the signature (tracing may rewrite them per hop)."""
+
+_blake2b = hashlib.blake2b
+_packb = msgpack.packb
+_PAYLOAD_PERSON: Final = b"iatp-payload-v1"
+
+
+def pack(fields: list[Any]) -> bytes:
+    """Canonical msgpack of a field list (see the module docstring)."""
+    data: bytes = _packb(fields, use_bin_type=True)
+    return data
+
+
+def payload_digest(payload: Any) -> bytes:
+    """BLAKE2b-256 of the payload's msgpack encoding; raises TypeError/ValueError/OverflowError
+    when msgpack cannot encode it."""
+    return _blake2b(_packb(payload, use_bin_type=True), digest_size=32, person=_PAYLOAD_PERSON).digest()
+
+
+def signed_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
+    """The headers covered by a signature, sorted by name."""
+    if not headers:
+        return []
+    return sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS)
+
+
+def envelope_bytes(
+    env: Envelope, scheme: str, key_id: str, nonce: bytes, domain: str = ENVELOPE_DOMAIN
+) -> bytes:
+    """The bytes signed (or MACed) for ``env`` under ``scheme``, ``key_id`` and ``nonce``.
+
+    Raises TypeError, ValueError or OverflowError when a field cannot be encoded (hostile
+    envelope objects); verification turns that into ``malformed_envelope``.
+    """
+    headers = env.headers
+    data: bytes = _packb(
+        [
+            domain,
+            scheme,
+            key_id,
+            nonce,
+            env.v,
+            env.id,
+            env.topic,
+            env.sender,
+            env.recipient,
+            env.reply_to,
+            env.correlation_id,
+            env.timestamp,
+            env.expires_at,
+            env.priority,
+            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else [],
+            _blake2b(_packb(env.payload, use_bin_type=True), digest_size=32, person=_PAYLOAD_PERSON).digest(),
+        ],
+        use_bin_type=True,
+    )
+    return data
+
+
+def key_id_for(public_key: bytes) -> str:
+    """The key id of an ed25519 public key: 32 hex digits of its BLAKE2b-128 fingerprint.
+
+    Self-certifying: anyone holding the public key can check that a key id names it.
+    """
+    return _blake2b(public_key, digest_size=16, person=KEY_ID_DOMAIN).hexdigest()

@@ -1,0 +1,108 @@
+"""The errors of the Inter-Agent Trust Protocol.
+
+Verification never raises on what a message contains: it returns a
+:class:`~iatp.VerificationResult` with a reason. The errors below are for misuse, for
+configuration, for key storage, and for the bus middleware, which turns an invalid result into
+a rejection the bus dead-letters::
+
+    IATPError
+    ├── IATPConfigError (ValueError)        bad option, unsupported key storage / trust model
+    ├── CryptoUnavailable (ImportError)     PyNaCl cannot be imported: nothing signs or verifies
+    ├── UnknownAgent (LookupError)          no identity (or no private key) for that agent here
+    ├── AgentExists (ValueError)            register_agent for an id that is already registered
+    ├── UnknownKey (LookupError)            no key with that id
+    ├── KeyStoreError                       key storage failed
+    │   ├── WrongPassphrase                 the passphrase does not open the key store
+    │   ├── KeyStoreCorrupt                 a key file is damaged or does not match its name
+    │   └── InsecureKeyStore                key files readable by other users: refused
+    ├── TrustError (ValueError)             bad trust level, edge or certificate
+    ├── SessionError                        a session handshake or session message failed
+    ├── SigningRejected (amb.MessageRejected)   outbound: no signing key for the sender
+    └── SignatureRejected (amb.MessageRejected) inbound: the message failed verification
+
+Both rejections carry ``reason`` (a :class:`~iatp.Reason` value), so the bus dead-letters an
+inbound message with the verification reason and counts it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from amb.errors import MessageRejected
+
+if TYPE_CHECKING:
+    from iatp.result import VerificationResult
+
+
+class IATPError(Exception):
+    """Root of every error raised by IATP."""
+
+
+class IATPConfigError(IATPError, ValueError):
+    """An option is invalid, or names a key storage, algorithm or trust model not offered."""
+
+
+class CryptoUnavailable(IATPError, ImportError):
+    """PyNaCl cannot be imported: IATP refuses to sign, and verification reports invalid."""
+
+    def __init__(self, cause: BaseException | None = None) -> None:
+        super().__init__(
+            "PyNaCl is not importable, so IATP can neither sign nor verify "
+            f"(install it: pip install pynacl){f': {cause}' if cause else ''}"
+        )
+
+
+class UnknownAgent(IATPError, LookupError):
+    """No identity (or, for signing, no private key) is held for the agent."""
+
+    def __init__(self, agent_id: str, what: str = "identity") -> None:
+        super().__init__(f"no {what} for agent {agent_id!r}")
+        self.agent_id = agent_id
+
+
+class AgentExists(IATPError, ValueError):
+    """The agent id is already registered."""
+
+
+class UnknownKey(IATPError, LookupError):
+    """No key with that id is known."""
+
+
+class KeyStoreError(IATPError):
+    """Key storage failed."""
+
+
+class WrongPassphrase(KeyStoreError):
+    """The passphrase does not open the key store."""
+
+
+class KeyStoreCorrupt(KeyStoreError):
+    """A key store file is damaged, or its content does not match its name."""
+
+
+class InsecureKeyStore(KeyStoreError):
+    """A key store file or directory is accessible to other users; it is refused, not used."""
+
+
+class TrustError(IATPError, ValueError):
+    """A trust level, edge or certificate is invalid (bad value, bad signature, unknown signer)."""
+
+
+class SessionError(IATPError):
+    """A session handshake failed, or a session is unknown, closed or expired."""
+
+
+class SigningRejected(IATPError, MessageRejected):
+    """Outbound: the message cannot be signed (no private key for its sender here)."""
+
+    reason = "no_signing_key"
+
+
+class SignatureRejected(IATPError, MessageRejected):
+    """Inbound: the message failed verification; ``reason`` and ``result`` say why."""
+
+    def __init__(self, result: VerificationResult) -> None:
+        reason = result.reason or "invalid"
+        detail = f": {result.detail}" if result.detail else ""
+        super().__init__(f"message from {result.sender!r} rejected ({reason}){detail}", reason=reason)
+        self.result = result

@@ -1,0 +1,134 @@
+"""The session handshake (see :mod:`iatp.session` for the protocol and its guarantees)."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import replace
+
+from iatp import _crypto
+from iatp.errors import SessionError, UnknownAgent
+from iatp.replay import OK
+from iatp.session import (
+    PendingSession,
+    Session,
+    SessionAnswer,
+    SessionOffer,
+    derive_keys,
+    new_session_id,
+    offer_digest,
+    shared_secret,
+)
+from iatp.verifier import EnvelopeVerifier
+
+
+class SessionManager:
+    """Creates sessions between local and known agents and keeps the live ones."""
+
+    def __init__(self, verifier: EnvelopeVerifier, lifetime_ns: int) -> None:
+        self.verifier = verifier
+        self.registry = verifier.registry
+        self.lifetime_ns = lifetime_ns
+        self.by_pair: dict[tuple[str, str], Session] = {}
+
+    def _signing(self, agent_id: str) -> tuple[str, bytes]:
+        held = self.registry.signing_key(agent_id)
+        if held is None:
+            raise UnknownAgent(agent_id, "signing key")
+        return held
+
+    def _check_signer(
+        self, agent_id: str, key_id: str, data: bytes, signature: bytes, ts: int, what: str
+    ) -> None:
+        record = self.registry.agents.get(agent_id)
+        key = self.registry.keys.get(key_id)
+        if record is None or key is None or key.agent_id != agent_id:
+            raise SessionError(f"{what} signed by an unknown agent or key")
+        now = self.verifier.clock()
+        if key.state(now, ts) != "valid":
+            raise SessionError(f"{what} signed by a {key.state(now, ts)} key")
+        if not now - self.verifier.max_age_ns <= ts <= now + self.verifier.skew_ns:
+            raise SessionError(f"{what} is stale or future-dated")
+        if not _crypto.verify(key.public_key, data, signature):
+            raise SessionError(f"{what} has a bad signature")
+
+    def offer(self, local: str, peer: str) -> PendingSession:
+        """Start a session from local agent ``local`` to ``peer``; raises UnknownAgent."""
+        key_id, secret = self._signing(local)
+        if peer not in self.registry.agents:
+            raise UnknownAgent(peer)
+        eph_public, eph_secret = _crypto.x25519_keypair()
+        offer = SessionOffer(new_session_id(), local, key_id, peer, eph_public, self.verifier.clock())
+        return PendingSession(
+            replace(offer, signature=_crypto.sign(secret, offer.signed_bytes())), eph_secret
+        )
+
+    def accept(self, local: str, offer: SessionOffer) -> tuple[Session, SessionAnswer]:
+        """Answer an offer addressed to local agent ``local``; raises SessionError or UnknownAgent."""
+        if offer.responder != local:
+            raise SessionError(f"the offer is addressed to {offer.responder!r}, not {local!r}")
+        key_id, secret = self._signing(local)
+        self._check_signer(
+            offer.initiator,
+            offer.initiator_key_id,
+            offer.signed_bytes(),
+            offer.signature,
+            offer.timestamp,
+            "session offer",
+        )
+        eph_public, eph_secret = _crypto.x25519_keypair()
+        shared = shared_secret(eph_secret, offer.ephemeral)
+        answer = SessionAnswer(
+            offer.session_id, local, key_id, eph_public, offer_digest(offer), self.verifier.clock()
+        )
+        answer = replace(answer, signature=_crypto.sign(secret, answer.signed_bytes()))
+        if (
+            self.verifier.nonces.check_and_add(
+                ("session-offer", offer.session_id), offer.timestamp, self.verifier.clock()
+            )
+            != OK
+        ):
+            raise SessionError("session offer replayed")
+        i2r, r2i = derive_keys(shared, offer, answer)
+        session = self._install(offer.session_id.hex(), local, offer.initiator, send=r2i, recv=i2r)
+        return session, answer
+
+    def complete(self, pending: PendingSession, answer: SessionAnswer) -> Session:
+        """Finish the initiator's side with the responder's answer; raises SessionError."""
+        offer = pending.offer
+        if answer.session_id != offer.session_id or answer.responder != offer.responder:
+            raise SessionError("the answer does not belong to this offer")
+        if not hmac.compare_digest(answer.offer_digest, offer_digest(offer)):
+            raise SessionError("the answer was made for a different offer")
+        self._check_signer(
+            answer.responder,
+            answer.responder_key_id,
+            answer.signed_bytes(),
+            answer.signature,
+            answer.timestamp,
+            "session answer",
+        )
+        shared = shared_secret(pending.ephemeral_secret, answer.ephemeral)
+        i2r, r2i = derive_keys(shared, offer, answer)
+        pending.ephemeral_secret = b""
+        return self._install(offer.session_id.hex(), offer.initiator, offer.responder, send=i2r, recv=r2i)
+
+    def _install(self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes) -> Session:
+        session = Session(sid, local, peer, send, recv, self.verifier.clock() + self.lifetime_ns)
+        self.verifier.sessions[(sid, peer)] = session
+        self.by_pair[(local, peer)] = session
+        return session
+
+    def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
+        """The live session ``local`` uses to send to ``peer``, if any."""
+        if peer is None:
+            return None
+        session = self.by_pair.get((local, peer))
+        if session is None or now_ns >= session.expires_at:
+            return None
+        return session
+
+    def close(self, session: Session) -> None:
+        session.close()
+        self.verifier.sessions.pop((session.session_id, session.peer), None)
+        if self.by_pair.get((session.local, session.peer)) is session:
+            del self.by_pair[(session.local, session.peer)]

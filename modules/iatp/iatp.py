@@ -1,0 +1,394 @@
+"""The IATP facade: identities, signing, verification, trust and sessions in one object.
+
+Example::
+
+    from agent_os.modules import IATP
+
+    iatp = IATP(key_storage="memory", algorithm="ed25519", trust_model="web")
+    identity = await iatp.register_agent("agent_123", {"role": "data_processor"})
+    await iatp.register_agent("agent_789")
+    await iatp.establish_trust("agent_789", "agent_123", 0.9, ["send_data", "request_action"])
+    signed = await iatp.sign("agent_123", {"action": "process"}, recipient_id="agent_789")
+    result = await iatp.verify(signed)   # result.valid, result.trust_level == 0.9 (seen by agent_789)
+
+Defaults: clock skew 30 s (how far in the future a timestamp may be), maximum age 300 s (how far
+in the past; also how long nonces are remembered), a nonce cache of at most 1,000,000 entries,
+rotated keys retire after ``rotation_grace`` (default: the maximum age, so messages signed just
+before a rotation still verify), sessions live one hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import amb
+from amb.envelope import Envelope, new_id
+from iatp import _crypto
+from iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, TrustError, UnknownAgent
+from iatp.filestore import FileKeyStore
+from iatp.handshake import SessionManager
+from iatp.keys import Identity
+from iatp.keystore import KeyStore, MemoryKeyStore
+from iatp.middleware import IATPMiddleware
+from iatp.models import TrustModel, make_model
+from iatp.registry import KeyRegistry
+from iatp.result import Reason, VerificationResult, invalid
+from iatp.session import PendingSession, Session, SessionAnswer, SessionOffer
+from iatp.trust import Certificate, TrustEdge, TrustStore, check_level, check_permissions
+from iatp.verifier import EnvelopeVerifier, TrustEngine
+
+_NS = 1_000_000_000
+
+
+class IATP:
+    """Inter-Agent Trust Protocol: ed25519 identities, signed envelopes, replay protection, trust.
+
+    Args:
+        key_storage: ``"memory"``, ``"file"`` (needs ``key_path`` and ``passphrase``) or a
+            :class:`~iatp.keystore.KeyStore`. ``"vault"`` and ``"hsm"`` from the API reference
+            are not built in: pass a KeyStore for them.
+        algorithm: only ``"ed25519"``.
+        trust_model: ``"web"``, ``"hierarchical"``, ``"pki"`` or a TrustModel object.
+        perspective: the agent whose view the web model takes when verifying (default: the
+            receiving agent).
+        clock_skew, max_age, max_nonces, rotation_grace, session_lifetime: seconds / counts, see
+            the module docstring.
+
+    Raises IATPConfigError for an unsupported option and CryptoUnavailable when PyNaCl cannot be
+    imported (IATP never runs without it).
+    """
+
+    def __init__(
+        self,
+        key_storage: str | KeyStore = "memory",
+        algorithm: str = "ed25519",
+        trust_model: str | TrustModel = "web",
+        *,
+        key_path: str | None = None,
+        passphrase: str | bytes | None = None,
+        kdf_level: str = "moderate",
+        perspective: str | None = None,
+        clock_skew: float = 30.0,
+        max_age: float = 300.0,
+        max_nonces: int = 1_000_000,
+        rotation_grace: float | None = None,
+        session_lifetime: float = 3600.0,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        if not _crypto.AVAILABLE:
+            raise CryptoUnavailable(_crypto._IMPORT_ERROR)
+        if algorithm != "ed25519":
+            raise IATPConfigError(f"unsupported algorithm {algorithm!r}: IATP signs with ed25519")
+        self.store = _make_store(key_storage, key_path, passphrase, kdf_level)
+        try:
+            model = make_model(trust_model) if isinstance(trust_model, str) else trust_model
+        except ValueError as exc:
+            raise IATPConfigError(str(exc)) from None
+        self.registry = KeyRegistry(self.store)
+        self.trust_store = TrustStore(self.registry)
+        try:
+            self.verifier = EnvelopeVerifier(
+                self.registry,
+                TrustEngine(model, self.trust_store),
+                clock_skew=clock_skew,
+                max_age=max_age,
+                max_nonces=max_nonces,
+                clock=clock,
+            )
+        except ValueError as exc:
+            raise IATPConfigError(str(exc)) from None
+        self.verifier.perspective = perspective
+        self.sessions = SessionManager(self.verifier, int(session_lifetime * _NS))
+        self.rotation_grace_ns = int((max_age if rotation_grace is None else rotation_grace) * _NS)
+        self.is_open = False
+        self._open_lock: asyncio.Lock | None = None
+
+    @property
+    def trust_model(self) -> TrustModel:
+        return self.verifier.trust.model
+
+    def __repr__(self) -> str:
+        agents = len(self.registry.agents)
+        return f"IATP(store={self.store!r}, trust_model={self.trust_model.name!r}, agents={agents})"
+
+    async def open(self) -> None:
+        """Load the key store (a file store derives its key in a worker thread). Idempotent;
+        called by every other coroutine. Raises KeyStoreError subclasses or TrustError."""
+        if self.is_open:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self.is_open:
+                return
+            contents = await asyncio.to_thread(self.store.open)
+            self.registry.load(contents)
+            self.trust_store.load(contents.trust)
+            self.is_open = True
+
+    def _now(self) -> int:
+        return self.verifier.clock()
+
+    # -- identities and keys -----------------------------------------------------------------
+
+    async def register_agent(self, agent_id: str, metadata: Mapping[str, Any] | None = None) -> Identity:
+        """Create an ed25519 identity for ``agent_id``; raises AgentExists or IATPConfigError."""
+        await self.open()
+        return self.registry.register(agent_id, metadata or {}, self._now()).identity()
+
+    def identity(self, agent_id: str) -> Identity:
+        """The public identity of a known agent; raises UnknownAgent."""
+        return self.registry.agent(agent_id).identity()
+
+    async def add_identity(self, identity: Identity | Mapping[str, Any]) -> Identity:
+        """Import another process's public identity (keys and their revocations); an import
+        never un-revokes a key. Raises KeyStoreCorrupt for a malformed identity."""
+        await self.open()
+        data = identity.to_dict() if isinstance(identity, Identity) else identity
+        return self.registry.add_public(data).identity()
+
+    async def rotate_key(self, agent_id: str, grace: float | None = None) -> Identity:
+        """Give a local agent a new signing key; the old one verifies for ``grace`` seconds more
+        (default ``rotation_grace``). Raises UnknownAgent."""
+        await self.open()
+        grace_ns = self.rotation_grace_ns if grace is None else int(grace * _NS)
+        self.registry.rotate(agent_id, self._now(), grace_ns)
+        return self.identity(agent_id)
+
+    async def retire_key(self, key_id: str, at: float | None = None) -> None:
+        """Stop accepting a replaced key from ``at`` (epoch seconds; default now)."""
+        await self.open()
+        self.registry.retire(key_id, self._now() if at is None else int(at * _NS))
+
+    async def revoke_key(self, key_id: str, reason: str = "revoked", at: float | None = None) -> None:
+        """Revoke a key from ``at`` (epoch seconds; default now): its signatures fail with
+        ``revoked_key``, and trust documents it signed stop counting. Raises UnknownKey."""
+        await self.open()
+        self.registry.revoke(key_id, self._now() if at is None else int(at * _NS), reason)
+
+    # -- signing and verifying ---------------------------------------------------------------
+
+    async def sign(
+        self,
+        sender_id: str,
+        message: Any,
+        recipient_id: str | None = None,
+        *,
+        topic: str = "iatp.direct",
+        ttl: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
+        """Build and sign an envelope from ``sender_id``; returns it (publish its bytes with any
+        serializer). Raises UnknownAgent (no signing key) or amb.UnserializablePayload."""
+        await self.open()
+        now = self._now()
+        env = Envelope(
+            new_id(),
+            topic,
+            sender_id,
+            message,
+            recipient_id,
+            timestamp=now,
+            expires_at=None if ttl is None else now + int(ttl * _NS),
+            headers=dict(headers or {}),
+        )
+        return self.sign_envelope(env)
+
+    def sign_envelope(self, envelope: Envelope) -> Envelope:
+        """Sign ``envelope`` in place as its sender and return it (synchronous; the store must
+        be open). Raises UnknownAgent or amb.UnserializablePayload."""
+        try:
+            self.verifier.sign(envelope)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise amb.UnserializablePayload(f"cannot sign: a field is not msgpack-encodable: {exc}") from exc
+        return envelope
+
+    async def verify(self, signed: Envelope | bytes, *, viewer: str | None = None) -> VerificationResult:
+        """Verify a signed envelope (or its serialized bytes). Never raises; see
+        :class:`~iatp.VerificationResult` and :mod:`iatp.verifier` for the checks."""
+        if not self.is_open:
+            try:
+                await self.open()
+            except IATPError as exc:
+                return invalid(Reason.UNKNOWN_SENDER, None, None, None, f"key store unavailable: {exc}")
+        if isinstance(signed, bytes | bytearray | memoryview):
+            try:
+                signed = amb.decode(bytes(signed))
+            except amb.EnvelopeError as exc:
+                return invalid(Reason.MALFORMED_ENVELOPE, None, None, None, str(exc))
+        return self.verifier.verify(signed, viewer=viewer)
+
+    def verify_envelope(
+        self, envelope: Any, *, viewer: str | None = None, scope: Any = None, redelivery: bool = False
+    ) -> VerificationResult:
+        """Synchronous verification for callers on the hot path (the store must be open)."""
+        return self.verifier.verify(envelope, viewer=viewer, scope=scope, redelivery=redelivery)
+
+    def middleware(self, **options: Any) -> IATPMiddleware:
+        """A bus middleware signing and verifying with this IATP (see :mod:`iatp.middleware`)."""
+        return IATPMiddleware(self, **options)
+
+    # -- trust -------------------------------------------------------------------------------
+
+    async def establish_trust(
+        self,
+        from_agent: str,
+        to_agent: str,
+        trust_level: float,
+        permissions: Iterable[str] = (),
+        *,
+        expires_in: float | None = None,
+    ) -> TrustEdge:
+        """Record that local agent ``from_agent`` trusts ``to_agent`` at ``trust_level`` and grants
+        it ``permissions``, as an edge signed with ``from_agent``'s key (replacing any previous
+        edge between them). Raises TrustError or UnknownAgent."""
+        await self.open()
+        level, perms = check_level(trust_level), check_permissions(permissions)
+        held = self.registry.signing_key(from_agent)
+        if held is None:
+            raise UnknownAgent(from_agent, "signing key")
+        if to_agent not in self.registry.agents:
+            raise UnknownAgent(to_agent)
+        now = self._now()
+        edge = TrustEdge(
+            from_agent,
+            to_agent,
+            level,
+            perms,
+            now,
+            None if expires_in is None else now + int(expires_in * _NS),
+            held[0],
+        )
+        edge = replace(edge, signature=_crypto.sign(held[1], edge.signed_bytes()))
+        self.trust_store.add_edge(edge)
+        self._save_trust()
+        return edge
+
+    async def add_trust_edge(self, edge: TrustEdge | Mapping[str, Any]) -> None:
+        """Import an edge signed elsewhere; raises TrustError unless its signature verifies."""
+        await self.open()
+        self.trust_store.add_edge(edge if isinstance(edge, TrustEdge) else TrustEdge.from_dict(edge))
+        self._save_trust()
+
+    async def revoke_trust(self, from_agent: str, to_agent: str) -> bool:
+        """Remove the edge ``from_agent -> to_agent``; True if there was one."""
+        await self.open()
+        removed = self.trust_store.remove_edge(from_agent, to_agent)
+        self._save_trust()
+        return removed
+
+    async def add_root(self, agent_id: str) -> None:
+        """Make a known agent a trust root (hierarchical authority / PKI issuer)."""
+        await self.open()
+        if agent_id not in self.registry.agents:
+            raise UnknownAgent(agent_id)
+        self.trust_store.add_root(agent_id)
+        self._save_trust()
+
+    async def issue_certificate(
+        self,
+        issuer: str,
+        subject: str,
+        trust_level: float,
+        permissions: Iterable[str] = (),
+        *,
+        valid_for: float | None = None,
+    ) -> Certificate:
+        """Have local root ``issuer`` certify ``subject``'s current key (PKI model).
+        Raises TrustError (issuer not a root, bad level) or UnknownAgent."""
+        await self.open()
+        if issuer not in self.trust_store.roots:
+            raise TrustError(f"{issuer!r} is not a trust root")
+        held = self.registry.signing_key(issuer)
+        if held is None:
+            raise UnknownAgent(issuer, "signing key")
+        key = self.registry.agent(subject).current
+        now = self._now()
+        cert = Certificate(
+            new_id(),
+            issuer,
+            held[0],
+            subject,
+            key.key_id,
+            key.public_key,
+            check_level(trust_level),
+            check_permissions(permissions),
+            now,
+            None if valid_for is None else now + int(valid_for * _NS),
+        )
+        cert = replace(cert, signature=_crypto.sign(held[1], cert.signed_bytes()))
+        self.trust_store.add_certificate(cert)
+        self._save_trust()
+        return cert
+
+    async def add_certificate(self, cert: Certificate | Mapping[str, Any]) -> None:
+        """Import a certificate; raises TrustError unless the issuer's signature verifies."""
+        await self.open()
+        self.trust_store.add_certificate(
+            cert if isinstance(cert, Certificate) else Certificate.from_dict(cert)
+        )
+        self._save_trust()
+
+    def _save_trust(self) -> None:
+        self.store.save_trust(self.trust_store.documents())
+
+    def trust_level(self, sender: str, viewer: str | None = None, key_id: str | None = None) -> float:
+        """How much ``viewer`` (default: ``perspective``) trusts ``sender`` under the model."""
+        return self.verifier.trust.level(viewer or self.verifier.perspective, sender, key_id, self._now())
+
+    def permissions(self, from_agent: str, to_agent: str) -> frozenset[str]:
+        """What ``from_agent`` grants ``to_agent`` on their explicit, live, signed edge (empty if
+        none). The control plane asks ``permits(recipient, sender, "request_action")``."""
+        return self.verifier.trust.permissions(from_agent, to_agent, self._now())
+
+    def permits(self, grantor: str, grantee: str, permission: str) -> bool:
+        """True if ``grantor`` granted ``grantee`` the ``permission``."""
+        return permission in self.permissions(grantor, grantee)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def offer_session(self, local: str, peer: str) -> PendingSession:
+        """Start a session from local agent ``local`` to ``peer``: send ``pending.offer.to_bytes()``
+        to the peer, then :meth:`complete_session` with its answer. Raises UnknownAgent."""
+        await self.open()
+        return self.sessions.offer(local, peer)
+
+    async def accept_session(self, local: str, offer: bytes | SessionOffer) -> tuple[Session, bytes]:
+        """Answer an offer to local agent ``local``; returns the session and the answer bytes to
+        send back. Raises SessionError (bad, stale, replayed or forged offer) or UnknownAgent."""
+        await self.open()
+        parsed = SessionOffer.from_bytes(offer) if isinstance(offer, bytes) else offer
+        session, answer = self.sessions.accept(local, parsed)
+        return session, answer.to_bytes()
+
+    async def complete_session(self, pending: PendingSession, answer: bytes | SessionAnswer) -> Session:
+        """Finish the initiator's side; raises SessionError for a bad or forged answer."""
+        await self.open()
+        parsed = SessionAnswer.from_bytes(answer) if isinstance(answer, bytes) else answer
+        return self.sessions.complete(pending, parsed)
+
+    def close_session(self, session: Session) -> None:
+        """End a session on this side: its keys are dropped and its messages fail."""
+        self.sessions.close(session)
+
+
+def _make_store(
+    kind: str | KeyStore, path: str | None, passphrase: str | bytes | None, level: str
+) -> KeyStore:
+    if not isinstance(kind, str):
+        if not isinstance(kind, KeyStore):
+            raise IATPConfigError("key_storage must be 'memory', 'file' or a KeyStore")
+        return kind
+    if kind == "memory":
+        return MemoryKeyStore()
+    if kind == "file":
+        if path is None or passphrase is None:
+            raise IATPConfigError("key_storage='file' needs key_path and passphrase")
+        return FileKeyStore(path, passphrase, level)
+    raise IATPConfigError(
+        f"key storage {kind!r} is not built in; use 'memory' or 'file', or pass a KeyStore object"
+    )

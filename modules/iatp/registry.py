@@ -1,0 +1,191 @@
+"""The key registry: every known agent and key, and the private keys of the local agents.
+
+State lives in memory; every change is written through the :class:`~iatp.keystore.KeyStore`.
+Private keys are held only for the *current* key of a local agent: rotation and revocation
+delete the old private key, so nothing here can sign with a replaced or compromised key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from iatp import _crypto
+from iatp.canonical import key_id_for
+from iatp.errors import AgentExists, IATPConfigError, KeyStoreCorrupt, UnknownAgent, UnknownKey
+from iatp.keys import AgentRecord, KeyRecord
+from iatp.keystore import KeyStore, StoreContents
+
+
+class KeyRegistry:
+    """Agents, keys and local signing keys. ``version`` changes whenever a key's state does."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self.agents: dict[str, AgentRecord] = {}
+        self.keys: dict[str, KeyRecord] = {}
+        self._signing: dict[str, tuple[str, bytes]] = {}  # agent -> (key id, 64-byte secret key)
+        self._owned: set[str] = set()  # agents created here (or loaded with a private key)
+        self.version = 0
+
+    def __repr__(self) -> str:
+        return f"KeyRegistry(agents={len(self.agents)}, local={sorted(self._signing)})"
+
+    def load(self, contents: StoreContents) -> None:
+        """Take over what the store holds; raises KeyStoreCorrupt on inconsistent content."""
+        for data in contents.agents:
+            record = AgentRecord.from_dict(data)
+            self.agents[record.agent_id] = record
+            self.keys.update(record.keys)
+        for key_id, (agent_id, seed) in contents.private_keys.items():
+            key = self.keys.get(key_id)
+            if key is None or key.agent_id != agent_id:
+                raise KeyStoreCorrupt(f"private key {key_id!r} has no matching public record")
+            if self.agents[agent_id].current_key_id == key_id:
+                public, secret = _crypto.keypair_from_seed(seed)
+                if public != key.public_key:
+                    raise KeyStoreCorrupt(f"private key {key_id!r} does not match its public key")
+                self._signing[agent_id] = (key_id, secret)
+            self._owned.add(agent_id)
+        self.version += 1
+
+    # -- lookups (the hot path) --------------------------------------------------------------
+
+    def signing_key(self, agent_id: str) -> tuple[str, bytes] | None:
+        """``(key_id, secret_key)`` of a local agent's current key, or None."""
+        return self._signing.get(agent_id)
+
+    def is_local(self, agent_id: str) -> bool:
+        return agent_id in self._signing
+
+    def agent(self, agent_id: str) -> AgentRecord:
+        try:
+            return self.agents[agent_id]
+        except KeyError:
+            raise UnknownAgent(agent_id) from None
+
+    def key(self, key_id: str) -> KeyRecord:
+        try:
+            return self.keys[key_id]
+        except KeyError:
+            raise UnknownKey(f"no key {key_id!r}") from None
+
+    # -- changes -----------------------------------------------------------------------------
+
+    def _new_key(self, agent_id: str, version: int, now_ns: int) -> tuple[KeyRecord, bytes]:
+        seed = _crypto.random_bytes(_crypto.SEED_BYTES)
+        public, _ = _crypto.keypair_from_seed(seed)
+        return KeyRecord(key_id_for(public), agent_id, version, public, now_ns), seed
+
+    def _install(self, record: AgentRecord, key: KeyRecord, seed: bytes) -> None:
+        # Private key first: a crash between the two writes leaves an orphan private key (ignored
+        # on load only if its public record is missing, which raises), never a public record
+        # whose private half is lost.
+        self.store.save_private_key(key.key_id, record.agent_id, seed)
+        self.store.save_agent(record.to_dict())
+        _, secret = _crypto.keypair_from_seed(seed)
+        self._signing[record.agent_id] = (key.key_id, secret)
+        self._owned.add(record.agent_id)
+
+    def register(self, agent_id: str, metadata: Mapping[str, Any], now_ns: int) -> AgentRecord:
+        """Create an agent with a fresh ed25519 key; raises AgentExists or IATPConfigError."""
+        if not isinstance(agent_id, str) or not agent_id:
+            raise IATPConfigError("agent_id must be a non-empty string")
+        if agent_id in self.agents:
+            raise AgentExists(f"agent {agent_id!r} is already registered")
+        key, seed = self._new_key(agent_id, 1, now_ns)
+        record = AgentRecord(agent_id, dict(metadata), {key.key_id: key}, key.key_id, now_ns)
+        self._install(record, key, seed)
+        self.agents[agent_id] = record
+        self.keys[key.key_id] = key
+        self.version += 1
+        return record
+
+    def rotate(self, agent_id: str, now_ns: int, grace_ns: int) -> KeyRecord:
+        """Give a local agent a new current key; the old one retires after ``grace_ns`` (unless
+        it is revoked already: then it stays revoked). Also how a local agent whose key was
+        revoked gets a new one. Raises UnknownAgent for an agent not created here."""
+        if agent_id not in self._owned:
+            raise UnknownAgent(agent_id, "local identity")
+        record = self.agents[agent_id]
+        old = record.current
+        key, seed = self._new_key(agent_id, max(k.version for k in record.keys.values()) + 1, now_ns)
+        retired = record.replace_key(old.key_id, retire_at=_earliest(old.retire_at, now_ns + grace_ns))
+        record.with_key(key)
+        record.current_key_id = key.key_id
+        self._install(record, key, seed)
+        self.store.delete_private_key(old.key_id)
+        self.keys[old.key_id] = retired
+        self.keys[key.key_id] = key
+        self.version += 1
+        return key
+
+    def retire(self, key_id: str, at_ns: int) -> KeyRecord:
+        """Retire a (non-current) key from ``at_ns`` on; raises UnknownKey or IATPConfigError."""
+        key = self.key(key_id)
+        record = self.agents[key.agent_id]
+        if record.current_key_id == key_id:
+            raise IATPConfigError("the current key cannot be retired; rotate first")
+        updated = record.replace_key(key_id, retire_at=at_ns)
+        self.keys[key_id] = updated
+        self.store.save_agent(record.to_dict())
+        self.version += 1
+        return updated
+
+    def revoke(self, key_id: str, at_ns: int, reason: str) -> KeyRecord:
+        """Revoke a key from ``at_ns`` on (an earlier revocation time is kept). If it is a local
+        agent's current key, its private key is deleted: the agent cannot sign until
+        :meth:`rotate` gives it a new key. Raises UnknownKey."""
+        key = self.key(key_id)
+        record = self.agents[key.agent_id]
+        at = at_ns if key.revoked_at is None else min(at_ns, key.revoked_at)
+        updated = record.replace_key(key_id, revoked_at=at, revocation_reason=reason)
+        self.keys[key_id] = updated
+        self.store.save_agent(record.to_dict())
+        if self._signing.get(key.agent_id, ("", b""))[0] == key_id:
+            del self._signing[key.agent_id]
+            self.store.delete_private_key(key_id)
+        self.version += 1
+        return updated
+
+    def add_public(self, data: Mapping[str, Any]) -> AgentRecord:
+        """Import another process's agent identity (public keys only).
+
+        New agents are added as given. For a known agent, new key versions are added, the newest
+        becomes current, and revocations and retirements are merged keeping the earliest time:
+        an import never un-revokes a key. Raises KeyStoreCorrupt for a malformed identity.
+        """
+        incoming = AgentRecord.from_dict(data)
+        existing = self.agents.get(incoming.agent_id)
+        if existing is None:
+            self.agents[incoming.agent_id] = incoming
+            self.keys.update(incoming.keys)
+            merged = incoming
+        else:
+            for key in incoming.keys.values():
+                have = existing.keys.get(key.key_id)
+                if have is None:
+                    existing.with_key(key)
+                    continue
+                existing.replace_key(
+                    key.key_id,
+                    retire_at=_earliest(have.retire_at, key.retire_at),
+                    revoked_at=_earliest(have.revoked_at, key.revoked_at),
+                    revocation_reason=have.revocation_reason or key.revocation_reason,
+                )
+            newest = incoming.keys[incoming.current_key_id]
+            if not self.is_local(existing.agent_id) and newest.version > existing.current.version:
+                existing.current_key_id = newest.key_id
+            self.keys.update(existing.keys)
+            merged = existing
+        self.store.save_agent(merged.to_dict())
+        self.version += 1
+        return merged
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,79 @@
+"""Replay protection: a bounded cache of the nonces seen within the acceptance window.
+
+A message is accepted only if its timestamp lies in ``[now - max_age, now + clock_skew]``. Its
+nonce is remembered until ``timestamp + max_age``, after which the timestamp check alone rejects
+a replay, so the cache never needs to hold more than one window of nonces.
+
+The cache is also bounded in entries. When it is full the oldest entry is evicted and a *floor*
+is raised to that entry's timestamp: from then on any message stamped at or before the floor is
+rejected (reason ``replay_window``), because the cache can no longer prove it is not a replay.
+Under a flood the window shrinks; it never silently lets a replay through.
+
+Entries are keyed by ``(scope, nonce)``: the bus middleware uses the receiving subscription as
+the scope, so one message fanned out to two subscriptions of one process is not a replay.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from typing import Final
+
+OK: Final = 0
+REPLAYED: Final = 1
+BELOW_FLOOR: Final = 2
+
+
+class NonceCache:
+    """Remembers ``(scope, nonce)`` pairs for ``max_age_ns``; at most ``max_entries`` of them."""
+
+    __slots__ = ("_entries", "_floor", "_order", "max_age_ns", "max_entries")
+
+    def __init__(self, max_age_ns: int, max_entries: int = 1_000_000) -> None:
+        if max_age_ns <= 0 or max_entries < 1:
+            raise ValueError("max_age_ns and max_entries must be positive")
+        self.max_age_ns = max_age_ns
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, int] = {}
+        self._order: deque[tuple[int, Hashable]] = deque()
+        self._floor = -(2**63)  # expiry at or below which messages are refused
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def floor_ns(self) -> int | None:
+        """The timestamp at or below which messages are refused, once the cache has overflowed."""
+        return None if self._floor == -(2**63) else self._floor - self.max_age_ns
+
+    def seen(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def check_and_add(self, key: Hashable, timestamp_ns: int, now_ns: int) -> int:
+        """Record ``key`` for a message stamped ``timestamp_ns``; return OK, REPLAYED or BELOW_FLOOR.
+
+        Call only after the timestamp passed the window check and the signature verified, so a
+        forger cannot fill the cache.
+        """
+        entries = self._entries
+        order = self._order
+        while order and order[0][0] <= now_ns:
+            expiry, old = order.popleft()
+            if entries.get(old) == expiry:
+                del entries[old]
+        expiry = timestamp_ns + self.max_age_ns
+        if expiry <= self._floor:
+            return BELOW_FLOOR
+        if key in entries:
+            return REPLAYED
+        while len(entries) >= self.max_entries:
+            evicted_expiry, old = order.popleft()
+            if entries.get(old) == evicted_expiry:
+                del entries[old]
+                if evicted_expiry > self._floor:
+                    self._floor = evicted_expiry
+        if expiry <= self._floor:
+            return BELOW_FLOOR
+        entries[key] = expiry
+        order.append((expiry, key))
+        return OK

@@ -1,0 +1,256 @@
+"""Session mode: an X25519 session key, authenticated by ed25519 identities, then a fast MAC.
+
+For high-rate point-to-point traffic between two agents. The handshake (two messages, any
+transport: they are plain bytes) is::
+
+    offer  = [OFFER_DOMAIN, session_id, initiator, initiator_key_id, responder, eph_i, timestamp]
+             + ed25519 signature by the initiator's current key
+    answer = [ANSWER_DOMAIN, session_id, responder, responder_key_id, eph_r, digest(offer), timestamp]
+             + ed25519 signature by the responder's current key
+
+Both sides check the other's signature against its known identity, compute the X25519 shared
+secret of the two ephemeral keys, and derive one key per direction:
+``BLAKE2b-256(transcript, key=shared, person="iatp-s-i2r" | "iatp-s-r2i")`` where the transcript
+is BLAKE2b-256 of both signed messages. Ephemeral keys give forward secrecy; binding the
+transcript means neither side can be made to agree on a key with someone else.
+
+Each message then carries ``sig = (scheme "iatp-session-v1", key_id = session id (hex),
+nonce = 8-byte big-endian counter, value = keyed BLAKE2b-256 of the canonical envelope bytes)``
+(the same canonical bytes as signatures, domain ``"IATP/1 session"``). Counters start at 1; the
+receiver accepts each counter once within a 1024-message sliding window (so mild reordering is
+fine). Timestamps, expiry and clock skew are checked as for signatures.
+
+Guarantees: integrity and authenticity *between the two agents*: only a holder of the session
+key (one of the two) can produce a valid MAC. **Not non-repudiation**: either side could have
+written any message, so a third party cannot be convinced who sent it. Sessions expire
+(``lifetime``, default one hour); afterwards messages fail with ``unknown_session``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from amb.envelope import Envelope, Signature
+from iatp import _crypto
+from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, SESSION_DOMAIN, envelope_bytes, pack
+from iatp.errors import SessionError
+
+SESSION_SCHEME: Final = "iatp-session-v1"
+WINDOW: Final = 1024
+_MASK: Final = (1 << WINDOW) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOffer:
+    """The initiator's signed handshake message."""
+
+    session_id: bytes
+    initiator: str
+    initiator_key_id: str
+    responder: str
+    ephemeral: bytes
+    timestamp: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return pack(
+            [
+                OFFER_DOMAIN,
+                self.session_id,
+                self.initiator,
+                self.initiator_key_id,
+                self.responder,
+                self.ephemeral,
+                self.timestamp,
+            ]
+        )
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            [
+                self.session_id,
+                self.initiator,
+                self.initiator_key_id,
+                self.responder,
+                self.ephemeral,
+                self.timestamp,
+                self.signature,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionOffer:
+        """Parse; raises SessionError for anything that is not a well-formed offer."""
+        f = _fields(data, 7, "offer")
+        if not (_is(f, (bytes, str, str, str, bytes, int, bytes)) and len(f[0]) == 16 and len(f[4]) == 32):
+            raise SessionError("malformed session offer")
+        return cls(*f)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAnswer:
+    """The responder's signed handshake message."""
+
+    session_id: bytes
+    responder: str
+    responder_key_id: str
+    ephemeral: bytes
+    offer_digest: bytes
+    timestamp: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return pack(
+            [
+                ANSWER_DOMAIN,
+                self.session_id,
+                self.responder,
+                self.responder_key_id,
+                self.ephemeral,
+                self.offer_digest,
+                self.timestamp,
+            ]
+        )
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            [
+                self.session_id,
+                self.responder,
+                self.responder_key_id,
+                self.ephemeral,
+                self.offer_digest,
+                self.timestamp,
+                self.signature,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionAnswer:
+        """Parse; raises SessionError for anything that is not a well-formed answer."""
+        f = _fields(data, 7, "answer")
+        if not (_is(f, (bytes, str, str, bytes, bytes, int, bytes)) and len(f[0]) == 16 and len(f[3]) == 32):
+            raise SessionError("malformed session answer")
+        return cls(*f)
+
+
+def _fields(data: Any, n: int, what: str) -> list[Any]:
+    try:
+        fields = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise SessionError(f"malformed session {what}") from exc
+    if type(fields) is not list or len(fields) != n:
+        raise SessionError(f"malformed session {what}")
+    return fields
+
+
+def _is(fields: list[Any], types: tuple[type, ...]) -> bool:
+    return all(type(v) is t for v, t in zip(fields, types, strict=True))
+
+
+def offer_digest(offer: SessionOffer) -> bytes:
+    return hashlib.blake2b(offer.signed_bytes() + offer.signature, digest_size=32).digest()
+
+
+def derive_keys(shared: bytes, offer: SessionOffer, answer: SessionAnswer) -> tuple[bytes, bytes]:
+    """``(initiator->responder key, responder->initiator key)``."""
+    transcript = hashlib.blake2b(
+        offer.signed_bytes() + offer.signature + answer.signed_bytes() + answer.signature, digest_size=32
+    ).digest()
+    i2r = hashlib.blake2b(transcript, key=shared, digest_size=32, person=b"iatp-s-i2r").digest()
+    r2i = hashlib.blake2b(transcript, key=shared, digest_size=32, person=b"iatp-s-r2i").digest()
+    return i2r, r2i
+
+
+class Session:
+    """One established session, seen from ``local``'s side. Not shareable between processes."""
+
+    __slots__ = (
+        "_counter",
+        "_recv_key",
+        "_send_key",
+        "_windows",
+        "expires_at",
+        "local",
+        "peer",
+        "session_id",
+    )
+
+    def __init__(
+        self, session_id: str, local: str, peer: str, send_key: bytes, recv_key: bytes, expires_at: int
+    ) -> None:
+        self.session_id = session_id
+        self.local = local
+        self.peer = peer
+        self.expires_at = expires_at
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._counter = 0
+        self._windows: dict[Any, list[int]] = {}  # scope -> [highest counter, bitmap]
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
+
+    def seal(self, env: Envelope) -> None:
+        """MAC ``env`` (sent by ``local``) and set its ``sig``; raises SessionError when expired."""
+        self._counter += 1
+        nonce = self._counter.to_bytes(8, "big")
+        data = envelope_bytes(env, SESSION_SCHEME, self.session_id, nonce, SESSION_DOMAIN)
+        mac = hashlib.blake2b(data, key=self._send_key, digest_size=32).digest()
+        env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, mac)
+
+    def check_mac(self, env: Envelope, sig: Signature) -> bool:
+        data = envelope_bytes(env, SESSION_SCHEME, self.session_id, sig.nonce, SESSION_DOMAIN)
+        expected = hashlib.blake2b(data, key=self._recv_key, digest_size=32).digest()
+        return hmac.compare_digest(expected, sig.value)
+
+    def accept_counter(self, counter: int, scope: Any = None) -> bool:
+        """Record ``counter``; False if it was seen or fell out of the window (a replay)."""
+        if counter <= 0:
+            return False
+        window = self._windows.get(scope)
+        if window is None:
+            window = self._windows[scope] = [0, 0]
+        high, mask = window
+        if counter > high:
+            window[0] = counter
+            window[1] = ((mask << (counter - high)) | 1) & _MASK
+            return True
+        offset = high - counter
+        if offset >= WINDOW or mask >> offset & 1:
+            return False
+        window[1] = mask | (1 << offset)
+        return True
+
+    def close(self) -> None:
+        """Forget the keys; later messages in this session fail."""
+        self._send_key = self._recv_key = b""
+        self.expires_at = 0
+
+
+@dataclass(slots=True)
+class PendingSession:
+    """The initiator's half-open session: send ``offer.to_bytes()``, then complete with the answer."""
+
+    offer: SessionOffer
+    ephemeral_secret: bytes
+
+    def __repr__(self) -> str:
+        return f"PendingSession(initiator={self.offer.initiator!r}, responder={self.offer.responder!r})"
+
+
+def new_session_id() -> bytes:
+    return os.urandom(16)
+
+
+def shared_secret(secret: bytes, peer_public: bytes) -> bytes:
+    try:
+        return _crypto.x25519(secret, peer_public)
+    except ValueError as exc:
+        raise SessionError(f"session key agreement failed: {exc}") from exc

@@ -1,0 +1,201 @@
+"""The signed bytes: canonical, domain-separated, and any change to a covered field breaks them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amb import Envelope, JsonSerializer, MsgpackSerializer, Signature, new_id
+from iatp import IATP, UNSIGNED_HEADERS, envelope_bytes, key_id_for
+from iatp.canonical import ENVELOPE_DOMAIN, SESSION_DOMAIN, payload_digest
+
+SIGNED_STR_FIELDS = ("id", "topic", "sender", "recipient", "reply_to", "correlation_id")
+
+texts = st.text(max_size=12)
+payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | texts
+    | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def make_env(**fields: Any) -> Envelope:
+    base: dict[str, Any] = {
+        "id": new_id(),
+        "topic": "tasks.process",
+        "sender": "alice",
+        "payload": {"task": 1},
+        "recipient": "bob",
+        "reply_to": "_INBOX.x.1",
+        "correlation_id": "c-1",
+        "timestamp": time.time_ns(),
+        "expires_at": None,
+        "priority": 0,
+        "headers": {"content-type": "application/json"},
+    }
+    base.update(fields)
+    return Envelope(**base)
+
+
+def canon(env: Envelope) -> bytes:
+    return envelope_bytes(env, "ed25519", "k" * 32, b"n" * 16)
+
+
+def test_bytes_start_with_the_domain_and_differ_between_domains() -> None:
+    env = make_env()
+    assert ENVELOPE_DOMAIN.encode() in canon(env)[:32]
+    assert envelope_bytes(env, "x", "k", b"n") != envelope_bytes(env, "x", "k", b"n", SESSION_DOMAIN)
+
+
+def test_encoding_is_deterministic_and_ignores_header_order() -> None:
+    a = make_env(headers={"a": "1", "b": "2"})
+    b = dataclasses.replace(a, headers={"b": "2", "a": "1"})
+    assert canon(a) == canon(b)
+
+
+def test_trace_headers_are_not_signed_but_every_other_header_is() -> None:
+    env = make_env()
+    before = canon(env)
+    for name in UNSIGNED_HEADERS:
+        env.headers[name] = "00-abc"
+    assert canon(env) == before
+    env.headers["x-tenant"] = "t1"
+    assert canon(env) != before
+
+
+def test_signature_block_is_not_part_of_the_signed_bytes() -> None:
+    env = make_env()
+    before = canon(env)
+    env.sig = Signature("ed25519", "k", b"n", b"v")
+    assert canon(env) == before
+
+
+@given(st.sampled_from(range(len(SIGNED_STR_FIELDS) - 1)), st.text(min_size=2, max_size=20), st.data())
+def test_shifting_characters_between_adjacent_fields_changes_the_bytes(
+    index: int, text: str, data: st.DataObject
+) -> None:
+    left, right = SIGNED_STR_FIELDS[index], SIGNED_STR_FIELDS[index + 1]
+    cut_a = data.draw(st.integers(0, len(text)))
+    cut_b = data.draw(st.integers(0, len(text)).filter(lambda c: c != cut_a))
+    env_a = make_env(**{left: text[:cut_a], right: text[cut_a:]})
+    env_b = dataclasses.replace(env_a, **{left: text[:cut_b], right: text[cut_b:]})
+    assert canon(env_a) != canon(env_b)
+
+
+@given(st.text(min_size=1, max_size=10), st.text(max_size=10), st.text(max_size=10))
+def test_shifting_between_header_name_and_value_changes_the_bytes(name: str, value: str, extra: str) -> None:
+    a = make_env(headers={name + extra: value})
+    b = make_env(headers={name: extra + value}, id=a.id, timestamp=a.timestamp)
+    if extra:
+        assert canon(a) != canon(b)
+    else:
+        assert canon(a) == canon(b)
+
+
+@given(payloads, payloads)
+def test_payload_digest_tells_different_payloads_apart(a: Any, b: Any) -> None:
+    if payload_digest(a) == payload_digest(b):
+        # equal digests only for values msgpack encodes identically (e.g. a tuple and a list)
+        import msgpack
+
+        assert msgpack.packb(a, use_bin_type=True) == msgpack.packb(b, use_bin_type=True)
+
+
+def test_payload_types_are_not_confused() -> None:
+    assert payload_digest(b"1") != payload_digest("1")
+    assert payload_digest(1) != payload_digest(1.0)
+    assert payload_digest(True) != payload_digest(1)
+    assert payload_digest({"a": 1, "b": 2}) != payload_digest({"b": 2, "a": 1})  # map order is signed
+
+
+def test_key_id_is_a_fingerprint_of_the_public_key() -> None:
+    assert key_id_for(b"\x01" * 32) != key_id_for(b"\x02" * 32)
+    assert len(key_id_for(b"\x01" * 32)) == 32
+
+
+# -- tampering with a really signed envelope ----------------------------------------------------
+
+_iatp = IATP(max_nonces=100_000)
+asyncio.run(_iatp.register_agent("alice"))
+asyncio.run(_iatp.register_agent("bob"))
+
+
+def _signed(**fields: Any) -> Envelope:
+    env = make_env(**fields)
+    _iatp.sign_envelope(env)
+    return env
+
+
+MUTATIONS: dict[str, st.SearchStrategy[Any]] = {
+    "id": st.text(min_size=1, max_size=20),
+    "topic": st.text(min_size=1, max_size=20),
+    "sender": st.sampled_from(["bob", "mallory", ""]),
+    "recipient": st.none() | st.text(max_size=10),
+    "reply_to": st.none() | st.text(max_size=10),
+    "correlation_id": st.none() | st.text(max_size=10),
+    "timestamp": st.integers(-(2**40), 2**40).map(lambda d: time.time_ns() + d),
+    "expires_at": st.none() | st.integers(0, 2**63 - 1),
+    "priority": st.integers(-(2**31), 2**31),
+    "v": st.integers(0, 5),
+    "payload": payloads,
+    "headers": st.dictionaries(
+        st.text(max_size=5).filter(lambda k: k not in UNSIGNED_HEADERS), st.text(max_size=5), max_size=3
+    ),
+}
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.sampled_from(sorted(MUTATIONS)), st.data())
+def test_any_change_to_a_signed_field_fails_verification(field: str, data: st.DataObject) -> None:
+    env = _signed()
+    original = getattr(env, field)
+    new = data.draw(MUTATIONS[field].filter(lambda v: v != original or type(v) is not type(original)))
+    tampered = dataclasses.replace(env, **{field: new})
+    result = _iatp.verify_envelope(tampered)
+    assert not result.valid
+    assert result.reason is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["key_id", "nonce", "value", "scheme"]), st.binary(min_size=1, max_size=4), st.data())
+def test_any_change_to_the_signature_block_fails(part: str, flip: bytes, data: st.DataObject) -> None:
+    env = _signed()
+    assert env.sig is not None
+    sig = env.sig
+    if part in ("nonce", "value"):
+        raw = bytearray(getattr(sig, part))
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] ^= flip[0] or 1
+        new_sig = dataclasses.replace(sig, **{part: bytes(raw)})
+    else:
+        new_sig = dataclasses.replace(sig, **{part: getattr(sig, part) + "x"})
+    assert not _iatp.verify_envelope(dataclasses.replace(env, sig=new_sig)).valid
+
+
+@pytest.mark.parametrize("serializer", [MsgpackSerializer(), JsonSerializer()])
+def test_signature_survives_both_wire_formats(serializer: Any) -> None:
+    env = _signed(payload={"a": [1, 2.5, b"\x00bytes", None, True], "z": "text"})
+    decoded = serializer.decode(serializer.encode(env))
+    assert _iatp.verify_envelope(decoded).valid
+
+
+@pytest.mark.parametrize(
+    ("left", "right"), [("topic", "reply_to"), ("id", "topic"), ("recipient", "reply_to")]
+)
+def test_field_shift_attack_on_a_signed_envelope_fails(left: str, right: str) -> None:
+    env = _signed(**{left: "abcd", right: "efgh"})
+    shifted = dataclasses.replace(env, **{left: "abcde", right: "fgh"})
+    result = _iatp.verify_envelope(shifted)
+    assert not result.valid
+    assert result.reason == "bad_signature"
