@@ -34,6 +34,7 @@ Handlers run as tasks of the receiving agent, so SIGKILL cancels a handler mid-w
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from control_plane.process import AgentProcess
 
 _CONTROL = CONTROL_PREFIX + "."
+# True while a control message (a signal) is being handled: its reply must not be held by the
+# very SIGSTOP it just applied.
+_IN_CONTROL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_control", default=False)
 
 
 def _field(result: Any, name: str) -> Any:
@@ -91,6 +95,9 @@ class Mediator(Middleware):
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         proc = _CURRENT.get() or self.process
+        if _IN_CONTROL.get():
+            await self._publish(proc, envelope, call_next)
+            return
         if proc.killed:
             await self._dropped(proc, envelope, "publish")
             raise AgentStoppedError(f"agent {proc.id} was killed: nothing more is published")
@@ -196,8 +203,15 @@ class Mediator(Middleware):
             raise _violation(decision, op, resource)
         meta.context["control_plane"] = decision
         meta.context["control_plane_sender"] = sender if verified else None
-        if op == "signal" or local is None:
+        if local is None:
             await call_next(env, meta)
+            return
+        if op == "signal":
+            token = _IN_CONTROL.set(True)
+            try:
+                await call_next(env, meta)
+            finally:
+                _IN_CONTROL.reset(token)
             return
         task = asyncio.get_running_loop().create_task(self._handle(proc, env, meta, call_next))
         proc.track(task)

@@ -1,0 +1,382 @@
+"""KernelSpace: execution, permissions, children, signals on running agents, verifier modules."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from control_plane import (
+    AgentNotFound,
+    AgentSignal,
+    AgentStoppedError,
+    AgentTimeoutError,
+    KernelError,
+    KernelSpace,
+    Pattern,
+    Policy,
+    PolicyViolationError,
+    RateLimit,
+    RateLimiter,
+    RateLimitExceeded,
+    SignalDispatcher,
+    SignalError,
+    VerificationFailed,
+)
+from tests.support import wait_until
+
+
+async def test_execute_returns_the_result_and_records_it() -> None:
+    kernel = KernelSpace(policy="strict")
+
+    @kernel.register
+    async def analyzer(data: str) -> dict[str, Any]:
+        return {"analyzed": True, "length": len(data)}
+
+    result = await kernel.execute(analyzer, "sample data", context={"user_id": "user_123", "session_id": "s"})
+    assert result == {"analyzed": True, "length": 11}
+    assert await analyzer("abc") == {"analyzed": True, "length": 3}  # calling it goes through the kernel
+    events = [r.event_type for r in await kernel.recorder.query()]
+    assert events == ["execute", "agent_completed", "execute", "agent_completed"]
+    first = (await kernel.recorder.query(event_type="execute"))[0]
+    assert first.data["context"] == {"user_id": "user_123", "session_id": "s"}
+    with pytest.raises(KernelError):
+        await kernel.execute(lambda: None)
+    await kernel.close()
+
+
+async def test_authorize_is_the_gate_for_other_actions() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("read", "data/*"))
+    policy.add_rule("allow", Pattern("network", "*"))
+    kernel = KernelSpace(policy=policy)
+
+    @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
+    async def data_processor(path: str) -> str:
+        await kernel.authorize("read", path)
+        try:
+            await kernel.authorize("network", "https://example.com")  # policy allows, permissions do not
+        except PolicyViolationError as exc:
+            return f"blocked: {exc.decision.reason if exc.decision else ''}"
+        return "not blocked"
+
+    assert (await kernel.execute(data_processor, "data/a")).startswith("blocked: agent data_processor lacks")
+    with pytest.raises(PolicyViolationError):
+        await kernel.execute(data_processor, "secrets/a")
+    status = kernel.get_agent_status(kernel.current_agent_id or "")
+    assert status.name == "data_processor"
+    assert status.violations_count == 1
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert [d.data["decision"] for d in decisions] == ["allow", "deny", "deny"]
+    await kernel.close()
+
+
+async def test_registered_rate_limit_counts_executions() -> None:
+    kernel = KernelSpace(policy="permissive")
+
+    @kernel.register(rate_limit=2)
+    async def limited() -> int:
+        return 1
+
+    assert await kernel.execute(limited) == 1
+    assert await kernel.execute(limited) == 1
+    with pytest.raises(RateLimitExceeded):
+        await kernel.execute(limited)
+    await kernel.close()
+
+
+async def test_spawn_children_inherit_permissions_and_restrictions() -> None:
+    kernel = KernelSpace(policy="permissive")
+    seen: dict[str, Any] = {}
+
+    @kernel.register(permissions=["read", "write", "network"])
+    async def coordinator(tasks: list[str]) -> list[dict[str, Any]]:
+        ids = [
+            await kernel.spawn(
+                worker_agent, t, parent_id=kernel.current_agent_id, additional_restrictions=["no_network"]
+            )
+            for t in tasks
+        ]
+        seen["ids"] = ids
+        return await kernel.wait_all(ids)
+
+    @kernel.register(permissions=["read", "network", "execute"])
+    async def worker_agent(task: str) -> dict[str, Any]:
+        me = kernel.get_agent_status(kernel.current_agent_id or "")
+        seen[task] = me
+        try:
+            await kernel.authorize("network", "https://x")
+        except PolicyViolationError:
+            return {"task": task, "status": "complete", "network": False}
+        return {"task": task, "status": "complete", "network": True}
+
+    results = await kernel.execute(coordinator, ["a", "b"])
+    assert results == [{"task": t, "status": "complete", "network": False} for t in ("a", "b")]
+    child = seen["a"]
+    assert child.permissions == frozenset({"read", "network"})  # strict: parent ∩ own
+    assert child.parent_id is not None
+    assert kernel.get_agent_status(child.parent_id).name == "coordinator"
+    with pytest.raises(AgentNotFound):
+        await kernel.wait_all(["nope"])
+    await kernel.close()
+
+
+async def test_sigkill_stops_a_running_agent_mid_work() -> None:
+    kernel = KernelSpace(policy="permissive")
+    progress: list[int] = []
+
+    @kernel.register
+    async def long_running(iterations: int) -> dict[str, int]:
+        for i in range(iterations):
+            progress.append(i)
+            await asyncio.sleep(0.01)
+        return {"completed": iterations}
+
+    task = asyncio.create_task(kernel.execute(long_running, 1000))
+    await wait_until(lambda: len(progress) >= 3)
+    assert await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGKILL)
+    with pytest.raises(AgentStoppedError):
+        await task
+    stopped_at = len(progress)
+    await asyncio.sleep(0.05)
+    assert len(progress) == stopped_at < 1000
+    status = kernel.get_agent_status(kernel.current_agent_id or "")
+    assert status.state == "terminated"
+    assert not await kernel.send_signal(status.id, AgentSignal.SIGCONT)  # a dead agent takes no signals
+    await kernel.close()
+
+
+async def test_sigstop_pauses_cooperative_agent_until_sigcont() -> None:
+    kernel = KernelSpace(policy="strict")
+    done: list[int] = []
+
+    @kernel.register
+    async def long_running_agent(iterations: int) -> dict[str, int]:
+        for i in range(iterations):
+            if kernel.is_stopped():
+                await kernel.wait_for_continue()
+            done.append(i)
+            await asyncio.sleep(0.005)
+        return {"completed": iterations}
+
+    task = asyncio.create_task(kernel.execute(long_running_agent, 40))
+    await wait_until(lambda: len(done) >= 3)
+    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGSTOP)
+    assert kernel.get_agent_status(kernel.current_agent_id or "").state == "stopped"
+    await asyncio.sleep(0.03)
+    paused_at = len(done)
+    await asyncio.sleep(0.05)
+    assert len(done) == paused_at  # nothing ran while stopped
+    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGCONT)
+    assert await task == {"completed": 40}
+    await kernel.close()
+
+
+async def test_sigterm_runs_the_handler_then_stops() -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    cleaned: list[str] = []
+
+    @dispatcher.register_handler(AgentSignal.SIGTERM)
+    async def graceful_shutdown(agent_id: str, signal: AgentSignal) -> bool:
+        assert kernel.get_agent_status(agent_id).state == "running"  # still alive while cleaning up
+        cleaned.append(agent_id)
+        return True
+
+    @kernel.register
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(kernel.execute(forever))
+    await wait_until(lambda: kernel.current_agent_id is not None)
+    await asyncio.sleep(0.01)
+    agent_id = kernel.current_agent_id or ""
+    assert await dispatcher.send(agent_id, AgentSignal.SIGTERM)
+    with pytest.raises(AgentStoppedError):
+        await task
+    assert cleaned == [agent_id]
+    await kernel.close()
+
+
+async def test_usr_signals_run_handlers_and_masks_ignore_them() -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    got: list[tuple[str, AgentSignal]] = []
+
+    @dispatcher.register_handler(AgentSignal.SIGUSR1)
+    async def dump_state(agent_id: str, signal: AgentSignal) -> None:
+        got.append((agent_id, signal))
+        await kernel.recorder.log_state_dump(agent_id, {"dumped": True})
+
+    @kernel.register
+    async def idle() -> None:
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(kernel.execute(idle))
+    await wait_until(lambda: kernel.current_agent_id is not None)
+    aid = kernel.current_agent_id or ""
+    assert await kernel.send_signal(aid, "SIGUSR1")
+    assert got == [(aid, AgentSignal.SIGUSR1)]
+    dispatcher.mask(aid, AgentSignal.SIGUSR1)
+    assert not await kernel.send_signal(aid, AgentSignal.SIGUSR1)
+    assert len(got) == 1
+    for sig in (AgentSignal.SIGKILL, AgentSignal.SIGSTOP):
+        with pytest.raises(SignalError):
+            dispatcher.register_handler(sig)
+        with pytest.raises(SignalError):
+            dispatcher.mask(aid, sig)
+    await kernel.send_signal(aid, AgentSignal.SIGKILL)
+    with pytest.raises(AgentStoppedError):
+        await task
+    signals = await kernel.recorder.query(event_type="signal")
+    assert [s.data["outcome"] for s in signals] == ["delivered", "ignored", "delivered"]
+    await kernel.close()
+
+
+async def test_sigalrm_fires_on_an_execution_timeout() -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher, timeout=0.05)
+    alarms: list[str] = []
+
+    @dispatcher.register_handler(AgentSignal.SIGALRM)
+    async def on_alarm(agent_id: str, signal: AgentSignal) -> None:
+        alarms.append(agent_id)
+
+    finished: list[bool] = []
+
+    @kernel.register
+    async def slow() -> None:
+        await asyncio.sleep(5)
+        finished.append(True)
+
+    with pytest.raises(AgentTimeoutError):
+        await kernel.execute(slow)
+    with pytest.raises(AgentTimeoutError):
+        await kernel.execute(slow, timeout=0.02)
+    assert len(alarms) == 2
+    assert not finished
+    await kernel.close()
+
+
+@dataclass
+class Verdict:
+    verified: bool
+    reason: str = ""
+    confidence: float = 1.0
+
+
+class FakeVerifier:
+    """Stands in for CMVK: verifies answers that contain the expected word."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+        self.calls: list[tuple[Any, Any, Any]] = []
+
+    async def verify(self, prompt: Any, response: Any, context: Any = None) -> Verdict:
+        self.calls.append((prompt, response, context))
+        ok = self.word in str(response)
+        return Verdict(ok, "" if ok else f"{self.word!r} missing", 0.9 if ok else 0.2)
+
+
+async def test_verifier_modules_block_unverified_results() -> None:
+    kernel = KernelSpace(policy="strict")
+    verifier = FakeVerifier("Paris")
+    kernel.add_module(verifier)
+
+    @kernel.register
+    async def verified_agent(query: str) -> str:
+        return "Paris is the capital of France." if "France" in query else "Lyon, probably."
+
+    assert (
+        await kernel.execute(verified_agent, "capital of France?", context={"domain": "geo"})
+        == "Paris is the capital of France."
+    )
+    with pytest.raises(VerificationFailed) as info:
+        await kernel.execute(verified_agent, "capital of Italy?")
+    assert info.value.result.verified is False
+    assert verifier.calls[0] == ("capital of France?", "Paris is the capital of France.", {"domain": "geo"})
+    checks = await kernel.recorder.query(event_type="verification")
+    assert [c.data["decision"] for c in checks] == ["allow", "deny"]
+    with pytest.raises(KernelError):
+        kernel.add_module(object())  # type: ignore[arg-type]
+    await kernel.close()
+
+
+async def test_admission_respects_max_concurrency_and_priority() -> None:
+    kernel = KernelSpace(policy="permissive", max_concurrent_agents=1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    @kernel.register(priority=0)
+    async def first() -> None:
+        order.append("first")
+        await gate.wait()
+
+    @kernel.register(priority=1)
+    async def low() -> None:
+        order.append("low")
+
+    @kernel.register(priority=5)
+    async def high() -> None:
+        order.append("high")
+
+    t1 = asyncio.create_task(kernel.execute(first))
+    await wait_until(lambda: order == ["first"])
+    t2 = asyncio.create_task(kernel.execute(low))
+    t3 = asyncio.create_task(kernel.execute(high))
+    await asyncio.sleep(0.01)
+    assert order == ["first"]  # one at a time
+    gate.set()
+    await asyncio.gather(t1, t2, t3)
+    assert order == ["first", "high", "low"]
+    await kernel.close()
+
+
+async def test_rate_limit_is_exact_under_many_concurrent_tasks() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("call", "*"), rate_limit=RateLimit(50, 3600))
+
+    async def attempt() -> bool:
+        await asyncio.sleep(0)
+        return policy.evaluate("call", "x", {"agent_id": "a"}).allowed
+
+    results = await asyncio.gather(*(attempt() for _ in range(500)))
+    assert sum(results) == 50
+    other = await asyncio.gather(*(attempt() for _ in range(5)))
+    assert not any(other)
+
+
+def test_rate_limiter_is_exact_across_threads() -> None:
+    limiter = RateLimiter(RateLimit(1000, 3600))
+    taken = [0] * 8
+
+    def worker(i: int) -> None:
+        for _ in range(500):
+            if limiter.take(("rule", "agent")):
+                taken[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(taken) == 1000
+
+
+def test_token_bucket_refills_and_evicts_only_full_buckets() -> None:
+    limiter = RateLimiter(RateLimit(2, 0.05), max_keys=2)
+    assert limiter.take("a")
+    assert limiter.take("a")
+    assert not limiter.take("a")
+    assert limiter.take("b")
+    limiter.take("c")  # "a" and "b" are not full yet: nothing evicted, memory grows past max only then
+    assert len(limiter) == 3
+    import time
+
+    time.sleep(0.06)
+    assert limiter.take("a")  # refilled
+    limiter.take("d")
+    assert len(limiter) <= 3

@@ -1,0 +1,386 @@
+"""The mediator on the in-memory broker: policy, signals and recording on every message."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from amb import AMB, Envelope, Metadata, Middleware, StateError
+from amb.client import DLQ_REASON
+from amb.middleware import ConsumeNext
+from control_plane import (
+    AgentSignal,
+    AgentStoppedError,
+    HoldQueueFull,
+    KernelSpace,
+    Pattern,
+    Policy,
+    PolicyViolationError,
+    SignalDispatcher,
+)
+from tests.support import Collector, wait_until
+
+
+def url() -> str:
+    return f"memory://cp-{uuid.uuid4().hex}"
+
+
+def open_policy(*extra: tuple[str, Pattern]) -> Policy:
+    policy = Policy("test", default_action="deny")
+    for action, pattern in extra:
+        policy.add_rule(action, pattern)  # type: ignore[arg-type]
+    policy.add_rule("allow", Pattern("*", "tasks.*"))
+    policy.add_rule("allow", Pattern("signal", "*"))
+    policy.add_rule("allow", Pattern("reply", "*"))
+    return policy
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[KernelSpace, AMB, AMB, str]]:
+    kernel = KernelSpace(
+        policy=open_policy(
+            ("deny", Pattern("publish", "tasks.forbidden")), ("deny", Pattern("deliver", "tasks.secret"))
+        )
+    )
+    where = url()
+    sender = AMB("memory", where, agent_id="sender")
+    receiver = AMB("memory", where, agent_id="receiver")
+    kernel.attach(sender)
+    kernel.attach(receiver)
+    await sender.connect()
+    await receiver.connect()
+    yield kernel, sender, receiver, where
+    await sender.close()
+    await receiver.close()
+    await kernel.close()
+
+
+async def test_exactly_one_record_per_decision(pair: tuple[KernelSpace, AMB, AMB, str]) -> None:
+    kernel, sender, receiver, where = pair
+    got = Collector()
+    dlq = Collector()
+    await receiver.subscribe("tasks.>", got)
+    watcher = AMB("memory", where)
+    await watcher.subscribe("_DLQ.>", dlq)
+    for i in range(5):
+        await sender.publish("tasks.work", {"i": i})
+    with pytest.raises(PolicyViolationError) as info:
+        await sender.publish("tasks.forbidden", {"i": "x"})
+    assert info.value.reason == "policy_denied"
+    await sender.publish("tasks.secret", {"i": "s"})  # allowed out, denied on delivery
+    await got.wait_for(5)
+    await dlq.wait_for(1)
+    records = await kernel.recorder.query(event_type="policy_decision")
+    out = [r for r in records if r.data["direction"] == "out"]
+    inbound = [r for r in records if r.data["direction"] == "in"]
+    assert len(out) == 7  # 5 + forbidden + secret
+    assert len(inbound) == 6  # 5 + secret
+    assert len({r.data["message_id"] for r in out}) == 7
+    assert [r.data["decision"] for r in out].count("deny") == 1
+    assert [r.data["decision"] for r in inbound].count("deny") == 1
+    assert dlq.metadata[0].headers[DLQ_REASON] == "policy_denied"
+    assert receiver.stats.rejected == 1
+    assert got.messages == [{"i": i} for i in range(5)]
+    assert (await kernel.recorder.verify()).ok
+    status = kernel.get_agent_status("receiver")
+    assert (status.actions_count, status.violations_count) == (5, 1)
+    await watcher.close()
+
+
+async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered_after() -> None:
+    kernel = KernelSpace(policy=open_policy())
+    where = url()
+    worker = AMB("memory", where, agent_id="worker")
+    observer = AMB("memory", where, agent_id="observer")
+    kernel.attach(worker)
+    progress = Collector()
+    await observer.subscribe("tasks.progress", progress)
+    finished: list[int] = []
+
+    async def work(message: Any, metadata: Metadata) -> None:
+        for step in range(100):
+            await worker.publish("tasks.progress", {"job": message, "step": step})
+            await asyncio.sleep(0.01)
+        finished.append(message)
+
+    await worker.subscribe("tasks.job", work)
+    await observer.connect()
+    for job in range(3):
+        await observer.publish("tasks.job", job)
+    await progress.wait_for(3)
+    assert await kernel.send_signal("worker", AgentSignal.SIGKILL)
+    seen = len(progress.messages)
+    await asyncio.sleep(0.1)
+    assert len(progress.messages) <= seen + 1  # at most a publish already on the wire
+    assert finished == []  # the running job never completes
+    assert all(m["job"] == 0 for m in progress.messages)  # the queued jobs never started
+    await observer.publish("tasks.job", 99)
+    await asyncio.sleep(0.05)
+    assert finished == []
+    assert kernel.get_agent_status("worker").state == "terminated"
+    with pytest.raises(AgentStoppedError):
+        await kernel.get_agent("worker").wait_for_continue()
+    await observer.close()
+    await worker.close()
+    await kernel.close()
+
+
+async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -> None:
+    kernel = KernelSpace(policy=open_policy())
+    where = url()
+    agent = AMB("memory", where, agent_id="agent")
+    peer = AMB("memory", where, agent_id="peer")
+    kernel.attach(agent)
+    inbox = Collector()
+    outbox = Collector()
+    await agent.subscribe("tasks.in", inbox)
+    await peer.subscribe("tasks.out", outbox)
+    await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    for i in range(10):
+        await peer.publish("tasks.in", i)
+    published = [asyncio.create_task(agent.publish("tasks.out", i)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert inbox.messages == []
+    assert outbox.messages == []
+    held = await kernel.recorder.query(event_type="message_held")
+    assert len(held) >= 6  # every publish, and the delivery waiting at the head of the queue
+    await kernel.send_signal("agent", AgentSignal.SIGCONT)
+    await asyncio.gather(*published)
+    await inbox.wait_for(10)
+    await outbox.wait_for(5)
+    assert inbox.messages == list(range(10))
+    assert outbox.messages == list(range(5))
+    await peer.close()
+    await agent.close()
+    await kernel.close()
+
+
+async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds() -> None:
+    kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=3))
+    agent = AMB("memory", url(), agent_id="agent")
+    kernel.attach(agent)
+    await agent.connect()
+    await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    held = [asyncio.create_task(agent.publish("tasks.out", i)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(HoldQueueFull):
+        await agent.publish("tasks.out", 3)
+    await kernel.send_signal("agent", AgentSignal.SIGKILL)
+    results = await asyncio.gather(*held, return_exceptions=True)
+    assert all(isinstance(r, AgentStoppedError) for r in results)
+    with pytest.raises((AgentStoppedError, StateError)):  # refused, or the client is already closed
+        await agent.publish("tasks.out", 4)
+    await agent.close()
+    await kernel.close()
+
+
+async def test_on_violation_signal_kills_the_offending_agent() -> None:
+    policy = open_policy(("deny", Pattern("publish", "tasks.phi.*")))
+    policy.rules[0].on_violation = AgentSignal.SIGKILL
+    policy.reload(Policy("test", rules=policy.rules))
+    kernel = KernelSpace(policy=policy)
+    agent = AMB("memory", url(), agent_id="rogue")
+    kernel.attach(agent)
+    await agent.connect()
+    await agent.publish("tasks.ok", 1)
+    with pytest.raises(PolicyViolationError):
+        await agent.publish("tasks.phi.record", 2)
+    assert kernel.get_agent_status("rogue").state == "terminated"
+    with pytest.raises(AgentStoppedError):
+        await agent.publish("tasks.ok", 3)
+    await agent.close()
+    await kernel.close()
+
+
+class FakeIatp(Middleware):
+    """Stands in for IATP's verifying middleware: it fills metadata.context["iatp"]."""
+
+    def __init__(self, verified: dict[str, tuple[str, float]]) -> None:
+        self.verified = verified
+
+    async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        known = self.verified.get(envelope.headers.get("key", ""))
+        if known is None:
+            metadata.context["iatp"] = {
+                "valid": False,
+                "sender": None,
+                "trust_level": 0.0,
+                "reason": "unknown",
+            }
+        else:
+            metadata.context["iatp"] = {
+                "valid": True,
+                "sender": known[0],
+                "trust_level": known[1],
+                "reason": "",
+            }
+        await call_next(envelope, metadata)
+
+
+async def test_conditions_use_the_verified_sender_not_the_claimed_one() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule(
+        "allow", Pattern("deliver", "pay.*", conditions={"sender": "billing", "min_trust_level": 0.8})
+    )
+    kernel = KernelSpace(policy=policy)
+    where = url()
+    bank = AMB(
+        "memory",
+        where,
+        agent_id="bank",
+        middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-low": ("billing", 0.3)})],
+    )
+    kernel.attach(bank)
+    other = AMB("memory", where, agent_id="billing")
+    got = Collector()
+    await bank.subscribe("pay.out", got)
+    await other.publish("pay.out", "signed", headers={"key": "k-billing"})
+    await other.publish("pay.out", "spoofed", sender_id="billing")  # claims billing, not verified
+    await other.publish("pay.out", "low-trust", headers={"key": "k-low"})
+    await wait_until(lambda: bank.stats.delivered == 3)
+    await asyncio.sleep(0.02)
+    assert got.messages == ["signed"]
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert [(d.data["verified"], d.data["decision"]) for d in decisions] == [
+        (True, "allow"),
+        (False, "deny"),
+        (True, "deny"),
+    ]
+    await other.close()
+    await bank.close()
+    await kernel.close()
+
+
+async def test_permission_hook_from_trust_edges() -> None:
+    edges = {("alice", "bob"): ["send_data"]}
+    kernel = KernelSpace(
+        policy=Policy("p", default_action="deny"), permissions=lambda a, b: edges.get((a, b), [])
+    )
+    kernel.policy.add_rule("allow", Pattern("deliver", "*", conditions={"permission": "send_data"}))  # type: ignore[union-attr]
+    where = url()
+    bob = AMB(
+        "memory", where, agent_id="bob", middleware=[FakeIatp({"ka": ("alice", 1.0), "km": ("mallory", 1.0)})]
+    )
+    kernel.attach(bob)
+    got = Collector()
+    await bob.subscribe("data.in", got)
+    peer = AMB("memory", where, agent_id="peer")
+    await peer.publish("data.in", "from alice", headers={"key": "ka"})
+    await peer.publish("data.in", "from mallory", headers={"key": "km"})
+    await wait_until(lambda: bob.stats.delivered == 2)
+    await asyncio.sleep(0.02)
+    assert got.messages == ["from alice"]
+    assert bob.stats.rejected == 1
+    await peer.close()
+    await bob.close()
+    await kernel.close()
+
+
+async def test_a_registered_agents_bus_traffic_passes_its_permissions() -> None:
+    kernel = KernelSpace(policy=open_policy())
+    bus = AMB("memory", url(), agent_id="shared")
+    kernel.attach(bus)
+    await bus.connect()
+
+    @kernel.register(permissions=["read"])
+    async def reader() -> str:
+        await bus.publish("tasks.x", 1)
+        return "published"
+
+    @kernel.register(permissions=["write"])
+    async def writer() -> str:
+        await bus.publish("tasks.x", 1)
+        return "published"
+
+    with pytest.raises(PolicyViolationError):
+        await kernel.execute(reader)
+    assert await kernel.execute(writer) == "published"
+    await bus.close()
+    await kernel.close()
+
+
+async def test_signals_reach_an_agent_in_another_process_over_the_bus() -> None:
+    where = url()
+    remote_kernel = KernelSpace(policy=open_policy())
+    local_kernel = KernelSpace(policy=open_policy())
+    remote = AMB("memory", where, agent_id="remote-agent")
+    local = AMB("memory", where, agent_id="supervisor")
+    remote_kernel.attach(remote)
+    local_kernel.attach(local)
+    got = Collector()
+    await remote.subscribe("tasks.in", got)
+    await local.connect()
+    assert await local_kernel.send_signal("remote-agent", AgentSignal.SIGSTOP)
+    assert remote_kernel.get_agent_status("remote-agent").state == "stopped"
+    await local.publish("tasks.in", 1)
+    await asyncio.sleep(0.03)
+    assert got.messages == []
+    assert await local_kernel.send_signal("remote-agent", AgentSignal.SIGCONT)
+    await got.wait_for(1)
+    assert await local_kernel.send_signal("remote-agent", AgentSignal.SIGKILL)
+    await wait_until(lambda: remote_kernel.get_agent_status("remote-agent").state == "terminated")
+    local_kernel.signal_timeout = 0.2
+    assert not await local_kernel.send_signal("nobody-here", AgentSignal.SIGKILL)
+    signals = await remote_kernel.recorder.query(event_type="signal")
+    assert [s.data["signal"] for s in signals] == ["SIGSTOP", "SIGCONT", "SIGKILL"]
+    await local.close()
+    await remote.close()
+    await local_kernel.close()
+    await remote_kernel.close()
+
+
+async def test_remote_signals_need_policy_permission() -> None:
+    where = url()
+    guarded = Policy("g", default_action="deny")
+    guarded.add_rule("allow", Pattern("signal", "*", conditions={"sender": "root"}))
+    remote_kernel = KernelSpace(policy=guarded)
+    remote = AMB("memory", where, agent_id="victim")
+    remote_kernel.attach(remote)
+    await remote.connect()
+    attacker_kernel = KernelSpace(policy="permissive", signal_timeout=0.2)
+    attacker = AMB("memory", where, agent_id="attacker")
+    attacker_kernel.attach(attacker)
+    await attacker.connect()
+    assert not await attacker_kernel.send_signal("victim", AgentSignal.SIGKILL)
+    assert remote_kernel.get_agent_status("victim").state == "running"
+    await attacker.close()
+    await remote.close()
+    await attacker_kernel.close()
+    await remote_kernel.close()
+
+
+async def test_policy_reload_under_traffic_drops_nothing() -> None:
+    policy = open_policy()
+    kernel = KernelSpace(policy=policy)
+    where = url()
+    pub = AMB("memory", where, agent_id="pub")
+    sub = AMB("memory", where, agent_id="sub")
+    kernel.attach(pub)
+    kernel.attach(sub)
+    got = Collector()
+    await sub.subscribe("tasks.>", got)
+    await pub.connect()
+
+    async def publish_all() -> None:
+        for i in range(300):
+            await pub.publish("tasks.t", i)
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    async def reload_often() -> None:
+        for v in range(30):
+            kernel.reload_policy(Policy("test", version=str(v), rules=open_policy().rules))
+            await asyncio.sleep(0)
+
+    await asyncio.gather(publish_all(), reload_often())
+    await got.wait_for(300)
+    assert got.messages == list(range(300))
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert len(decisions) == 600
+    await pub.close()
+    await sub.close()
+    await kernel.close()

@@ -1,0 +1,326 @@
+"""The flight recorder: logging, queries, replay, export, retention and tamper detection."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from control_plane import FlightRecorder, RecorderError
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def recorder(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FlightRecorder]:
+    rec = FlightRecorder(storage=request.param, connection_string=str(tmp_path / "audit.db"), batch_size=7)
+    await rec.open()
+    yield rec
+    await rec.close()
+
+
+async def test_log_query_and_filters(recorder: FlightRecorder) -> None:
+    await recorder.log(
+        "action_blocked", "agent_123", {"action": "write", "resource": "data/phi/p1.json"}, severity="warning"
+    )
+    await recorder.log("action_allowed", "agent_123", {"action": "read", "resource": "data/x"})
+    await recorder.log(
+        "action_blocked", "agent_9", {"action": "write", "resource": "data/pii/p2"}, severity="error"
+    )
+    await recorder.log(
+        "policy_violation", "agent_9", {"action": "write", "resource": "data/phi/p3"}, severity="critical"
+    )
+    hour_ago = datetime.now() - timedelta(hours=1)
+    violations = await recorder.query(
+        event_type="policy_violation", start_time=hour_ago, end_time=datetime.now(), limit=100
+    )
+    assert [r.data["resource"] for r in violations] == ["data/phi/p3"]
+    activity = await recorder.query(agent_id="agent_123", severity=["warning", "error", "critical"], limit=50)
+    assert [r.event_type for r in activity] == ["action_blocked"]
+    phi = await recorder.query(filters={"data.resource": {"$regex": "data/phi/*"}, "data.action": "write"})
+    assert [r.agent_id for r in phi] == ["agent_123", "agent_9"]
+    newest = await recorder.query(order="desc", limit=2)
+    assert [r.seq for r in newest] == [4, 3]
+    assert await recorder.query(start_time=datetime.now() + timedelta(hours=1)) == []
+    assert len(await recorder.query(filters={"agent_id": ["agent_9"]}, limit=1)) == 1
+    with pytest.raises(RecorderError):
+        await recorder.log("x", "a", {}, severity="loud")
+
+
+async def test_records_are_chained_and_verify(recorder: FlightRecorder) -> None:
+    for i in range(30):
+        await recorder.log(
+            "event", f"agent_{i % 3}", {"i": i, "blob": b"\x00\x01", "when": datetime(2024, 1, 1)}
+        )
+    result = await recorder.verify()
+    assert result.ok
+    assert result.checked == 30
+    seq, head = await recorder.head()
+    assert seq == 30
+    assert (await recorder.verify(expected_head=(seq, head))).ok
+    records = await recorder.query()
+    assert records[0].prev_hash == "0" * 64
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+    assert records[0].data["blob"] == {"$b64": "AAE="}
+
+
+async def test_timeline_and_replay(recorder: FlightRecorder) -> None:
+    await recorder.log("agent_started", "agent_123", {"status": "running"}, execution_id="exec_456")
+    await recorder.log_state_dump("agent_123", {"step": 1})
+    mid = await recorder.log(
+        "state_dump", "agent_123", {"state": {"step": 2, "x": "a"}}, execution_id="exec_456"
+    )
+    await recorder.log("state_dump", "agent_123", {"state": {"step": 3}}, execution_id="exec_456")
+    await recorder.log("agent_completed", "agent_123", {"status": "completed"}, execution_id="exec_456")
+    await recorder.log("agent_started", "agent_123", {"status": "running"}, execution_id="exec_other")
+    timeline = await recorder.get_timeline(agent_id="agent_123", execution_id="exec_456")
+    assert [r.event_type for r in timeline] == [
+        "agent_started",
+        "state_dump",
+        "state_dump",
+        "agent_completed",
+    ]
+    state = await recorder.replay(agent_id="agent_123", execution_id="exec_456", to_event_id=mid.id)
+    assert state["state"] == {"step": 2, "x": "a"}
+    assert state["status"] == "running"
+    assert state["events"] == 2
+    final = await recorder.replay(agent_id="agent_123", execution_id="exec_456")
+    assert final["status"] == "completed"
+    assert final["state"]["step"] == 3
+    with pytest.raises(RecorderError):
+        await recorder.replay("agent_123", "exec_456", to_event_id="evt_nope")
+
+
+async def test_export_json_and_csv(recorder: FlightRecorder, tmp_path: Path) -> None:
+    for i in range(5):
+        await recorder.log("event", "a", {"i": i}, severity="warning" if i % 2 else "info")
+    n = await recorder.export(
+        format="json",
+        output_path=tmp_path / "r.json",
+        start_time=datetime.now() - timedelta(days=1),
+        end_time=datetime.now(),
+        include_metadata=True,
+    )
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert n == 5
+    assert [d["data"]["i"] for d in data] == [0, 1, 2, 3, 4]
+    assert all(len(d["hash"]) == 64 for d in data)
+    await recorder.export(
+        format="csv",
+        output_path=tmp_path / "r.csv",
+        fields=["timestamp", "agent_id", "event_type", "severity"],
+    )
+    with (tmp_path / "r.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["severity"] for r in rows] == ["info", "warning", "info", "warning", "info"]
+    assert set(rows[0]) == {"timestamp", "agent_id", "event_type", "severity"}
+    with pytest.raises(RecorderError):
+        await recorder.export(format="xml", output_path=tmp_path / "r.xml")  # type: ignore[arg-type]
+
+
+async def test_retention_keeps_the_chain_verifiable(recorder: FlightRecorder) -> None:
+    recorder.retention_days = 1
+    for i in range(10):
+        await recorder.log("event", "a", {"i": i})
+    # Everything logged so far is "older than a day" when seen from two days ahead.
+    pruned = await recorder.apply_retention(now=datetime.now().astimezone() + timedelta(days=2))
+    assert pruned == 10
+    await recorder.log("event", "a", {"i": 10})
+    remaining = await recorder.query()
+    assert [r.event_type for r in remaining] == ["retention_anchor", "event"]
+    assert remaining[0].data["pruned_through_seq"] == 10
+    assert (await recorder.verify()).ok
+    assert await recorder.apply_retention() == 0  # nothing is older than a day now
+
+
+async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
+    rec = FlightRecorder("sqlite", str(tmp_path / "b.db"), batch_size=5, flush_interval=0.05)
+    await rec.open()
+    for i in range(4):
+        await rec.log("e", "a", {"i": i})
+    assert rec.flushed == 0  # a partial batch waits
+    await rec.log("e", "a", {"i": 4})
+    assert rec.flushed == 5  # a full batch is written at once
+    await rec.log("e", "a", {"i": 5})
+    await asyncio.sleep(0.2)
+    assert rec.flushed == 6  # the interval wrote the rest
+    await rec.close()
+    reopened = FlightRecorder("sqlite", str(tmp_path / "b.db"))
+    await reopened.log("e", "a", {"i": 6})  # continues the chain on disk
+    assert (await reopened.verify()).checked == 7
+    await reopened.close()
+
+
+async def test_a_failed_flush_keeps_the_batch() -> None:
+    rec = FlightRecorder("memory", batch_size=100)
+    await rec.open()
+    await rec.log("e", "a", {"i": 1})
+    storage = rec.storage
+    original = storage.append
+
+    async def failing(rows: object) -> None:
+        raise RecorderError("disk full")
+
+    storage.append = failing  # type: ignore[method-assign]
+    with pytest.raises(RecorderError):
+        await rec.flush()
+    storage.append = original  # type: ignore[method-assign]
+    assert await rec.flush() == 1
+    assert (await rec.verify()).checked == 1
+    await rec.close()
+
+
+def _tamper(db: Path, *statements: str) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        for sql in statements:
+            con.execute(sql)
+    con.close()
+
+
+async def _recorded(path: Path, n: int = 10) -> FlightRecorder:
+    rec = FlightRecorder("sqlite", str(path))
+    for i in range(n):
+        await rec.log("event", f"agent_{i}", {"i": i})
+    await rec.close()
+    return FlightRecorder("sqlite", str(path))
+
+
+COPY_ROW = (
+    "INSERT INTO flight_records SELECT {seq}, id, ts, event_type, agent_id, execution_id, severity, "
+    "data, prev_hash, hash FROM flight_records WHERE seq = {src}"
+)
+
+
+@pytest.mark.parametrize(
+    ("statements", "first_bad"),
+    [
+        (["UPDATE flight_records SET data = '{\"i\":99}' WHERE seq = 4"], 4),
+        (["UPDATE flight_records SET agent_id = 'someone_else' WHERE seq = 6"], 6),
+        (["UPDATE flight_records SET severity = 'debug' WHERE seq = 2"], 2),
+        (["UPDATE flight_records SET ts = ts + 1 WHERE seq = 9"], 9),
+        (["DELETE FROM flight_records WHERE seq = 5"], 5),
+        (["DELETE FROM flight_records WHERE seq = 1"], 1),
+        (
+            [
+                "UPDATE flight_records SET seq = seq + 1000 WHERE seq >= 7",
+                COPY_ROW.format(seq=7, src=1003),
+                "UPDATE flight_records SET seq = seq - 999 WHERE seq >= 1007",
+            ],
+            7,
+        ),
+        (
+            [
+                "UPDATE flight_records SET seq = 100 WHERE seq = 3",
+                "UPDATE flight_records SET seq = 3 WHERE seq = 4",
+                "UPDATE flight_records SET seq = 4 WHERE seq = 100",
+            ],
+            3,
+        ),
+    ],
+    ids=[
+        "edit-data",
+        "edit-agent",
+        "edit-severity",
+        "edit-time",
+        "delete-middle",
+        "delete-first",
+        "insert",
+        "reorder",
+    ],
+)
+async def test_sqlite_tampering_is_detected(tmp_path: Path, statements: list[str], first_bad: int) -> None:
+    db = tmp_path / "t.db"
+    rec = await _recorded(db)
+    assert (await rec.verify()).ok
+    await rec.close()
+    _tamper(db, *statements)
+    rec = FlightRecorder("sqlite", str(db))
+    result = await rec.verify()
+    await rec.close()
+    assert not result.ok
+    assert result.first_bad_seq == first_bad, result.reason
+
+
+async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    rec = await _recorded(db)
+    head = await rec.head()
+    await rec.close()
+    _tamper(db, "DELETE FROM flight_records WHERE seq >= 9")
+    rec = FlightRecorder("sqlite", str(db))
+    assert (await rec.verify()).ok  # the chain alone cannot see a cut tail
+    result = await rec.verify(expected_head=head)
+    await rec.close()
+    assert not result.ok
+    assert result.first_bad_seq == 9
+
+
+async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    rec = await _recorded(db)
+    rec.retention_days = 0
+    await rec.apply_retention(now=datetime.now().astimezone() + timedelta(seconds=1))
+    await rec.log("event", "a", {"after": True})
+    assert (await rec.verify()).ok
+    await rec.close()
+    _tamper(db, "DELETE FROM flight_records WHERE seq = 11")  # the anchor
+    rec = FlightRecorder("sqlite", str(db))
+    result = await rec.verify()
+    await rec.close()
+    assert not result.ok
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from control_plane import FlightRecorder
+
+    async def main() -> None:
+        rec = FlightRecorder("sqlite", sys.argv[1], batch_size=50, flush_interval=60)
+        i = 0
+        while True:
+            await rec.log("event", "writer", {"i": i})
+            i += 1
+            if i % 50 == 0:  # the batch was just written
+                print(i, flush=True)
+                if i == 500:
+                    await rec.log("event", "writer", {"i": "unflushed"})
+                    await asyncio.sleep(60)
+
+    asyncio.run(main())
+""")
+
+
+def test_records_up_to_the_last_flush_survive_a_killed_writer(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    last = 0
+    with subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            last = int(line)
+            if last == 500:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert last == 500
+
+    async def check() -> None:
+        rec = FlightRecorder("sqlite", str(db))
+        result = await rec.verify()
+        records = await rec.query()
+        await rec.close()
+        assert result.ok
+        assert result.checked == 500
+        assert [r.data["i"] for r in records] == list(range(500))
+
+    asyncio.run(check())
