@@ -168,7 +168,8 @@ class IATP:
         """Revoke a key from ``at`` (epoch seconds; default now): its signatures fail with
         ``revoked_key``, and trust documents it signed stop counting. Raises UnknownKey."""
         await self.open()
-        self.registry.revoke(key_id, self._now() if at is None else int(at * _NS), reason)
+        now = self._now()
+        self.registry.revoke(key_id, now if at is None else int(at * _NS), reason, now)
 
     # -- signing and verifying ---------------------------------------------------------------
 

@@ -132,17 +132,18 @@ class KeyRegistry:
         self.version += 1
         return updated
 
-    def revoke(self, key_id: str, at_ns: int, reason: str) -> KeyRecord:
+    def revoke(self, key_id: str, at_ns: int, reason: str, now_ns: int) -> KeyRecord:
         """Revoke a key from ``at_ns`` on (an earlier revocation time is kept). If it is a local
-        agent's current key, its private key is deleted: the agent cannot sign until
-        :meth:`rotate` gives it a new key. Raises UnknownKey."""
+        agent's current key, its private key is deleted once the time has come (the signer
+        refuses it from then on): the agent cannot sign until :meth:`rotate` gives it a new
+        key. Raises UnknownKey."""
         key = self.key(key_id)
         record = self.agents[key.agent_id]
         at = at_ns if key.revoked_at is None else min(at_ns, key.revoked_at)
         updated = record.replace_key(key_id, revoked_at=at, revocation_reason=reason)
         self.keys[key_id] = updated
         self.store.save_agent(record.to_dict())
-        if self._signing.get(key.agent_id, ("", b""))[0] == key_id:
+        if at <= now_ns and self._signing.get(key.agent_id, ("", b""))[0] == key_id:
             del self._signing[key.agent_id]
             self.store.delete_private_key(key_id)
         self.version += 1

@@ -106,6 +106,9 @@ class EnvelopeVerifier:
         if held is None:
             raise UnknownAgent(env.sender, "signing key")
         key_id, secret = held
+        revoked_at = self.registry.keys[key_id].revoked_at
+        if revoked_at is not None and self.clock() >= revoked_at:
+            raise UnknownAgent(env.sender, "unrevoked signing key")
         nonce = _crypto.random_bytes(NONCE_BYTES)
         value = _crypto.sign(secret, envelope_bytes(env, ED25519, key_id, nonce))
         env.sig = Signature(ED25519, key_id, nonce, value)
@@ -167,9 +170,10 @@ class EnvelopeVerifier:
         if (
             type(sender) is not str
             or type(ts) is not int
+            or type(env.headers) is not dict
             or (env.expires_at is not None and type(env.expires_at) is not int)
         ):
-            return invalid(Reason.MALFORMED_ENVELOPE, sender, ts, key_id, "sender, timestamp or expiry")
+            return invalid(Reason.MALFORMED_ENVELOPE, sender, ts, key_id, "sender, time, headers or expiry")
         if viewer is None:
             viewer = self.perspective
             recipient = env.recipient
