@@ -155,8 +155,9 @@ def compile_conditions(conditions: Mapping[str, Any] | None) -> Condition | None
     - ``max_<field>: n`` / ``min_<field>: n``: the value is at most / at least n;
     - ``time_window: {"start": "09:00", "end": "17:00"}``: now (UTC, or ``context["now"]``) lies
       in the window (a window may wrap past midnight);
-    - ``permission: "name"``: the trust edge from the sender to the recipient grants that
-      permission (see :class:`control_plane.policy.Policy`'s ``permissions`` hook).
+    - ``permission: "name"``: the recipient has granted the sender that permission, i.e.
+      ``permissions(recipient, sender)`` contains it (IATP's ``iatp.permissions(from_agent,
+      to_agent)``: what ``from_agent`` grants ``to_agent``; see Policy's ``permissions`` hook).
 
     Raises PolicyError for a malformed condition. A comparison that fails at evaluation time
     (say ``"a" > 1``) raises, and the policy turns that into a deny (fail closed).
@@ -182,7 +183,7 @@ def _has_permissions(ctx: Context, wanted: Sequence[str]) -> bool:
     sender, recipient = ctx.get("sender"), ctx.get("recipient")
     if source is None or not sender or not recipient:
         return False  # no trust edge can be shown: the requirement is not met
-    granted = source(sender, recipient)
+    granted = source(recipient, sender)  # what the recipient granted the sender
     return all(p in granted for p in wanted)
 
 

@@ -42,7 +42,8 @@ from control_plane.signals import AgentSignal
 
 Action = Literal["allow", "deny"]
 PermissionSource = Callable[[str, str], Collection[str]]
-"""``permissions(from_agent, to_agent)``: the permissions of the trust edge (e.g. IATP's)."""
+"""``permissions(from_agent, to_agent)``: what ``from_agent`` grants ``to_agent`` (IATP's trust
+edges). A message from S to R needs the permission in ``permissions(R, S)``."""
 
 _TOKEN: Final = re.compile(r"[^./]*")
 _ANY: Final = ""

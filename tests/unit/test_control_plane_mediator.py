@@ -256,7 +256,7 @@ async def test_conditions_use_the_verified_sender_not_the_claimed_one() -> None:
 
 
 async def test_permission_hook_from_trust_edges() -> None:
-    edges = {("alice", "bob"): ["send_data"]}
+    edges = {("bob", "alice"): ["send_data"]}  # bob grants alice send_data
     kernel = KernelSpace(
         policy=Policy("p", default_action="deny"), permissions=lambda a, b: edges.get((a, b), [])
     )

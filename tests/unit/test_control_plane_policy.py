@@ -135,7 +135,7 @@ def test_reference_conditions_with_time_window_and_max_cost() -> None:
 
 
 def test_permission_condition_uses_the_trust_edge_hook() -> None:
-    edges = {("a", "b"): {"send_data"}, ("a", "c"): {"request_action"}}
+    edges = {("b", "a"): {"send_data"}, ("c", "a"): {"request_action"}}  # (grantor, grantee)
     calls: list[tuple[str, str]] = []
 
     def permissions(src: str, dst: str) -> set[str]:
@@ -147,8 +147,8 @@ def test_permission_condition_uses_the_trust_edge_hook() -> None:
     assert policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
     assert not policy.evaluate("publish", "t", {"sender": "a", "recipient": "c"}).allowed
     assert not policy.evaluate("publish", "t", {"sender": "a"}).allowed  # no recipient: no edge
-    assert ("a", "b") in calls
-    assert ("a", "c") in calls
+    assert ("b", "a") in calls
+    assert ("c", "a") in calls
     no_hook = Policy("q", rules=policy.rules)
     assert not no_hook.evaluate("publish", "t", {"sender": "a", "recipient": "b"}).allowed
 
