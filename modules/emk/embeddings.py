@@ -18,7 +18,9 @@ import asyncio
 import functools
 import hashlib
 import math
+import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,6 +150,21 @@ class LocalEmbedder:
         return "LocalEmbedder()"
 
 
+def _litellm() -> Any:
+    """Import litellm once, reading its bundled cost map instead of fetching one over the network
+    (unless the user set ``LITELLM_LOCAL_MODEL_COST_MAP``)."""
+    module = sys.modules.get("litellm")
+    if module is not None:
+        return module
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except ImportError:
+        raise ConfigError("litellm embedding models need: pip install 'agent-os[llm]'") from None
+    litellm.suppress_debug_info = True
+    return litellm
+
+
 class LiteLLMEmbedder:
     """Any litellm embedding model by name.
 
@@ -197,10 +214,7 @@ class LiteLLMEmbedder:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        try:
-            import litellm
-        except ImportError:
-            raise ConfigError("litellm embedding models need: pip install 'agent-os[llm]'") from None
+        litellm = _litellm()
         try:
             response = await litellm.aembedding(model=self._model, input=list(texts), **self._options)
         except Exception as exc:

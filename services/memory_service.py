@@ -1,0 +1,258 @@
+"""The memory service: an :class:`~emk.EMK` answering requests over the bus.
+
+Subjects (``prefix`` defaults to ``emk``; the service joins the queue group ``prefix`` so that
+several instances share the load) and request payloads (dicts; optional keys in brackets)::
+
+    emk.store    {content, [metadata], [tags], [supersedes], [session_id]}    -> {ok, record}
+    emk.search   {query, [limit], [min_relevance], [tags], [metadata], [since], [until],
+                  [include_superseded], [session_id]}                        -> {ok, records}
+    emk.query    {[since], [until], [tags], [metadata], [limit], [include_superseded],
+                  [newest_first], [session_id]}                              -> {ok, records}
+    emk.get      {id, [session_id]}                                          -> {ok, record}
+    emk.history  {id, [session_id]}                                          -> {ok, records}
+
+Records are :meth:`~emk.MemoryRecord.to_dict` dicts; times are ISO-8601 text (a time without
+an offset is taken as UTC).
+
+**Who is asking decides what is visible**: the agent id is :func:`caller_identity` of the
+request, never a payload field. A payload that names another ``agent_id`` is refused
+(``Forbidden``). Retention is not offered over the bus.
+
+**Errors** are answered with the bus's error header, so the requester's ``amb.request`` raises
+:class:`~amb.RemoteError` whose ``reason`` starts with the EMK error class
+(``"EmptyContent: content is empty"``, ``"ForeignSupersedes: ..."``), ``BadRequest`` for a
+malformed payload, ``Unauthenticated`` when the identity is missing or invalid, ``Internal`` for
+anything unexpected (logged). Every request is counted in :attr:`MemoryService.stats`; the
+service never stops on bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from amb import AMB, Metadata, Subscription
+from amb.client import ERROR_HEADER
+from emk import EMK, EMKError, MemoryRecord
+
+log = logging.getLogger("services.memory")
+
+OPERATIONS: Final = ("store", "search", "query", "get", "history")
+
+
+class RequestError(Exception):
+    """A request the service refuses before EMK sees it; ``code`` goes into the error reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def caller_identity(metadata: Metadata) -> str:
+    """The agent a request acts for: the single place the service decides identity.
+
+    When IATP has verified the message (``metadata.context["iatp"]``, its VerificationResult),
+    that result is authoritative: its ``sender`` when ``valid`` is true. A result that is present
+    but not valid (an unsigned message a subscription let through, say) fails closed with
+    ``Unauthenticated``: it never falls back to the envelope. Without IATP in the chain, the
+    envelope's ``sender`` is used (trusting the bus, as in the embedded control-plane mode).
+    """
+    result = metadata.context.get("iatp")
+    if result is not None:
+        valid = _field(result, "valid")
+        sender = _field(result, "sender")
+        if valid is not True or not isinstance(sender, str) or not sender:
+            raise RequestError("Unauthenticated", "the request's IATP verification is not valid")
+        return sender
+    sender = metadata.sender
+    if not isinstance(sender, str) or not sender:
+        raise RequestError("Unauthenticated", "the request has no sender")
+    return sender
+
+
+def _field(result: Any, name: str) -> Any:
+    if isinstance(result, Mapping):
+        return result.get(name)
+    return getattr(result, name, None)
+
+
+class MemoryService:
+    """Serves one :class:`~emk.EMK` on the bus (see the module docstring).
+
+    ``identity`` replaces :func:`caller_identity` (tests, other trust setups). Start with
+    ``await service.start()`` (or ``async with``); ``stop()`` unsubscribes, letting in-flight
+    requests finish; neither the bus client nor the EMK is closed by the service.
+    """
+
+    def __init__(
+        self,
+        amb: AMB,
+        emk: EMK,
+        *,
+        prefix: str = "emk",
+        concurrency: int = 8,
+        identity: Callable[[Metadata], str] = caller_identity,
+    ) -> None:
+        self.amb = amb
+        self.emk = emk
+        self.prefix = prefix
+        self.concurrency = concurrency
+        self.identity = identity
+        self.stats: Counter[str] = Counter()
+        self._subs: list[Subscription] = []
+        self._ops: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "store": self._store,
+            "search": self._search,
+            "query": self._query,
+            "get": self._get,
+            "history": self._history,
+        }
+
+    async def start(self) -> None:
+        """Subscribe to the request subjects. Idempotent."""
+        if self._subs:
+            return
+        await self.emk.open()
+        for op in OPERATIONS:
+            handler = self._handler(op)
+            sub = await self.amb.subscribe(
+                f"{self.prefix}.{op}", handler, queue=self.prefix, concurrency=self.concurrency
+            )
+            self._subs.append(sub)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking requests; those in flight are answered first (up to ``timeout``)."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await sub.drain(timeout)
+
+    async def __aenter__(self) -> MemoryService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _handler(self, op: str) -> Callable[[Any, Metadata], Awaitable[None]]:
+        async def handle(message: Any, metadata: Metadata) -> None:
+            await self._handle(op, message, metadata)
+
+        return handle
+
+    async def _handle(self, op: str, message: Any, metadata: Metadata) -> None:
+        self.stats[f"requests.{op}"] += 1
+        try:
+            agent_id = self.identity(metadata)
+            if not isinstance(message, dict):
+                raise RequestError("BadRequest", f"the {op} request must be a dict")
+            claimed = message.get("agent_id")
+            if claimed is not None and claimed != agent_id:
+                raise RequestError("Forbidden", "agent_id must be the caller's own")
+            answer = await self._ops[op](agent_id, message)
+        except RequestError as exc:
+            await self._fail(op, metadata, exc.code, str(exc))
+        except EMKError as exc:
+            await self._fail(op, metadata, type(exc).__name__, str(exc))
+        except Exception as exc:
+            log.exception("memory service: %s request %s failed", op, metadata.id)
+            await self._fail(op, metadata, "Internal", type(exc).__name__)
+        else:
+            self.stats["ok"] += 1
+            if metadata.reply_to:
+                await self.amb.reply(metadata, {"ok": True, **answer})
+
+    async def _fail(self, op: str, metadata: Metadata, code: str, message: str) -> None:
+        self.stats[f"errors.{code}"] += 1
+        if metadata.reply_to:
+            reason = f"{code}: {message}"[:1024]
+            await self.amb.reply(
+                metadata, {"ok": False, "error": code, "message": message}, headers={ERROR_HEADER: reason}
+            )
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def _store(self, agent_id: str, m: dict[str, Any]) -> dict[str, Any]:
+        record = await self.emk.store(
+            agent_id,
+            _get(m, "content", str),
+            metadata=_get(m, "metadata", dict, None),
+            tags=_get(m, "tags", list, None),
+            supersedes=_get(m, "supersedes", str, None),
+            session_id=_get(m, "session_id", str, None),
+        )
+        return {"record": record.to_dict()}
+
+    async def _search(self, agent_id: str, m: dict[str, Any]) -> dict[str, Any]:
+        records = await self.emk.search(
+            agent_id,
+            _get(m, "query", str),
+            limit=_get(m, "limit", int, 10),
+            min_relevance=float(_get(m, "min_relevance", (int, float), 0.0)),
+            tags=_get(m, "tags", list, None),
+            metadata=_get(m, "metadata", dict, None),
+            since=_time(m, "since"),
+            until=_time(m, "until"),
+            include_superseded=_get(m, "include_superseded", bool, False),
+            session_id=_get(m, "session_id", str, None),
+        )
+        return {"records": _dicts(records)}
+
+    async def _query(self, agent_id: str, m: dict[str, Any]) -> dict[str, Any]:
+        records = await self.emk.query(
+            agent_id,
+            since=_time(m, "since"),
+            until=_time(m, "until"),
+            tags=_get(m, "tags", list, None),
+            metadata=_get(m, "metadata", dict, None),
+            limit=_get(m, "limit", int, 100),
+            include_superseded=_get(m, "include_superseded", bool, False),
+            session_id=_get(m, "session_id", str, None),
+            newest_first=_get(m, "newest_first", bool, True),
+        )
+        return {"records": _dicts(records)}
+
+    async def _get(self, agent_id: str, m: dict[str, Any]) -> dict[str, Any]:
+        record = await self.emk.get(
+            _get(m, "id", str), agent_id=agent_id, session_id=_get(m, "session_id", str, None)
+        )
+        return {"record": record.to_dict()}
+
+    async def _history(self, agent_id: str, m: dict[str, Any]) -> dict[str, Any]:
+        records = await self.emk.history(
+            _get(m, "id", str), agent_id=agent_id, session_id=_get(m, "session_id", str, None)
+        )
+        return {"records": _dicts(records)}
+
+
+_REQUIRED = object()
+
+
+def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+    value = m.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise RequestError("BadRequest", f"{key!r} is required")
+        return default
+    if isinstance(value, bool) and kind is not bool:
+        raise RequestError("BadRequest", f"{key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise RequestError("BadRequest", f"{key!r} has the wrong type")
+    return value
+
+
+def _time(m: dict[str, Any], key: str) -> datetime | None:
+    text = _get(m, key, str, None)
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise RequestError("BadRequest", f"{key!r} is not an ISO-8601 time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _dicts(records: list[MemoryRecord]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in records]
