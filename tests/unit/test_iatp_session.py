@@ -97,7 +97,7 @@ async def test_low_order_ephemeral_keys_are_refused() -> None:
     pending = await a.offer_session("alice", "bob")
     offer = pending.offer
     # re-sign a valid offer carrying an all-zero ephemeral key (a low-order point)
-    key_id, secret = a.registry.signing_key("alice") or ("", b"")
+    _key_id, secret = a.registry.signing_key("alice") or ("", b"")
     from iatp import _crypto
 
     bad = dataclasses.replace(offer, ephemeral=bytes(32), signature=b"")

@@ -119,7 +119,7 @@ async def test_expired_edges_and_edges_of_revoked_keys_stop_counting() -> None:
     assert iatp.permissions("a", "b") == frozenset()
     await iatp.rotate_key("a")  # rotation keeps the edges signed by the old key
     assert iatp.trust_level("c", viewer="a") == pytest.approx(0.9)
-    old_key = [k for k in iatp.identity("a").keys if k.version == 1][0]
+    old_key = next(k for k in iatp.identity("a").keys if k.version == 1)
     await iatp.revoke_key(old_key.key_id)
     assert iatp.trust_level("c", viewer="a") == 0.0
 
