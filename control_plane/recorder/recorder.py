@@ -9,10 +9,10 @@ Example::
     await recorder.close()
 
 **Batching and durability.** ``log`` hashes the record and appends it to an in-memory batch at
-once (so the chain order is the call order); the batch is written in one transaction when it
-reaches ``batch_size`` records, ``flush_interval`` seconds after its first record, on
-``flush()``, and on ``close()``. What a flush has written survives a crash of the writer; what
-was still in the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
+once (so the chain order is the call order); the batch is written in one transaction (in the
+background, one batch at a time) when it reaches ``batch_size`` records, ``flush_interval``
+seconds after its first record, on ``flush()``, and on ``close()``. What a flush has written
+survives a crash of the writer; what was still in the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
 ``export`` ...) flush first, so they see every record logged before them. A failed write keeps
 the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush retries it.
 
@@ -143,6 +143,8 @@ class FlightRecorder:
             self._timer.cancel()
             self._timer = None
         if self._opened:
+            if self._flush_task is not None:
+                await asyncio.gather(self._flush_task, return_exceptions=True)
             await self.flush()
             await self.storage.close()
         self._closed = True
@@ -165,13 +167,20 @@ class FlightRecorder:
         *,
         execution_id: str | None = None,
     ) -> Record:
-        """Append one record and return it (hash included). Raises RecorderError for an unknown
-        severity or a closed recorder, and when a full batch cannot be written."""
+        """Append one record and return it (hash included). A full batch is written in the
+        background while the next one fills. Raises RecorderError for an unknown severity or a
+        closed recorder, and when ten batches are waiting because the storage keeps failing."""
         if not self._opened:
             await self.open()
         record = self.append(event_type, agent_id, data, severity, execution_id=execution_id)
         if len(self._batch) >= self.batch_size:
-            await self.flush()
+            running = self._flush_task
+            if running is not None and not running.done():
+                await running  # backpressure: one batch is written while the next one fills
+            if len(self._batch) >= 10 * self.batch_size:
+                await self.flush()  # the storage keeps failing: raise instead of growing without bound
+            elif len(self._batch) >= self.batch_size:
+                self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
         return record
 
     def append(
@@ -195,12 +204,11 @@ class FlightRecorder:
         prev = self._prev
         h = record_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev)
         self._seq, self._prev = seq, h
-        row = (seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
-        self._batch.append(row)
+        self._batch.append((seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h))
         self.appended += 1
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
-        return Record.from_row(row)
+        return Record(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
 
     def _on_timer(self) -> None:
         self._timer = None

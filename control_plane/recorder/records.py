@@ -28,7 +28,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final
@@ -71,12 +71,24 @@ def normalize(value: Any) -> Any:
     return repr(value)
 
 
-def canonical_data(data: Mapping[str, Any]) -> str:
-    return json.dumps(normalize(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_canonical = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+_string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or (
+    json.encoder.py_encode_basestring
+)
 _sha256 = hashlib.sha256
+
+
+def canonical_data(data: Mapping[str, Any]) -> str:
+    """``data`` as canonical JSON text (sorted keys, compact, UTF-8; see the module docstring)."""
+    try:
+        # Plain JSON data encodes directly; the result is what normalize() would give.
+        if type(data) is dict and all(type(k) is str for k in data):
+            return _canonical(data)
+    except (TypeError, ValueError):
+        pass
+    return _canonical(normalize(data))
 
 
 def record_hash(
@@ -90,8 +102,13 @@ def record_hash(
     data_json: str,
     prev_hash: str,
 ) -> str:
-    """The hash of one record's complete canonical content."""
-    body = _dumps([seq, id, ts, event_type, agent_id, execution_id, severity, data_json, prev_hash])
+    """The hash of one record's complete canonical content: sha256 of the compact JSON array
+    ``[seq, id, ts, event_type, agent_id, execution_id, severity, data_json, prev_hash]``."""
+    exe = "null" if execution_id is None else _string(execution_id)
+    body = (
+        f"[{seq:d},{_string(id)},{ts:d},{_string(event_type)},{_string(agent_id)},{exe},"
+        f"{_string(severity)},{_string(data_json)},{_string(prev_hash)}]"
+    )
     return _sha256(body.encode()).hexdigest()
 
 

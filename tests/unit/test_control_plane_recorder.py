@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from control_plane import FlightRecorder, RecorderError
+from tests.support import wait_until
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -150,7 +151,7 @@ async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
         await rec.log("e", "a", {"i": i})
     assert rec.flushed == 0  # a partial batch waits
     await rec.log("e", "a", {"i": 4})
-    assert rec.flushed == 5  # a full batch is written at once
+    await wait_until(lambda: rec.flushed == 5, what="the full batch written in the background")
     await rec.log("e", "a", {"i": 5})
     await asyncio.sleep(0.2)
     assert rec.flushed == 6  # the interval wrote the rest
@@ -291,7 +292,8 @@ WRITER = textwrap.dedent("""
         while True:
             await rec.log("event", "writer", {"i": i})
             i += 1
-            if i % 50 == 0:  # the batch was just written
+            if i % 50 == 0:
+                await rec.flush()
                 print(i, flush=True)
                 if i == 500:
                     await rec.log("event", "writer", {"i": "unflushed"})
