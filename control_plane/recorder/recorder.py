@@ -12,8 +12,8 @@ Example::
 once (so the chain order is the call order); the batch is written in one transaction (in the
 background, one batch at a time) when it reaches ``batch_size`` records, ``flush_interval``
 seconds after its first record, on ``flush()``, and on ``close()``. What a flush has written
-survives a crash of the writer; what was still in the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
-``export`` ...) flush first, so they see every record logged before them. A failed write keeps
+survives a crash of the writer; what was still in the batch is lost, and the chain on disk stays
+valid. Reads (``query``, ``verify``, ``export`` ...) flush first, so they see every record logged before them. A failed write keeps
 the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush retries it.
 
 See :mod:`control_plane.recorder.records` for the canonical encoding, the chain and retention
