@@ -9,12 +9,13 @@ Example::
     await recorder.close()
 
 **Batching and durability.** ``log`` hashes the record and appends it to an in-memory batch at
-once (so the chain order is the call order); the batch is written in one transaction (in the
+once (so the chain order is the call order). The batch is written in one transaction (in the
 background, one batch at a time) when it reaches ``batch_size`` records, ``flush_interval``
 seconds after its first record, on ``flush()``, and on ``close()``. What a flush has written
-survives a crash of the writer; what was still in the batch is lost, and the chain on disk stays
-valid. Reads (``query``, ``verify``, ``export`` ...) flush first, so they see every record logged before them. A failed write keeps
-the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush retries it.
+survives a crash of the writer; what was still in the batch is lost, and the chain on disk
+stays valid. Reads (``query``, ``verify``, ``export`` ...) flush first, so they see every
+record logged before them. A failed write keeps the batch and raises
+:class:`~control_plane.errors.RecorderError`; the next flush retries it.
 
 See :mod:`control_plane.recorder.records` for the canonical encoding, the chain and retention
 anchors.
