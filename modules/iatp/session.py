@@ -16,9 +16,9 @@ transcript means neither side can be made to agree on a key with someone else.
 
 Each message then carries ``sig = (scheme "iatp-session-v1", key_id = session id (hex),
 nonce = 8-byte big-endian counter, value = keyed BLAKE2b-256 of the canonical envelope bytes)``
-(the same canonical bytes as signatures, domain ``"IATP/1 session"``). Counters start at 1; the
-receiver accepts each counter once within a 1024-message sliding window (so mild reordering is
-fine). Timestamps, expiry and clock skew are checked as for signatures.
+(the canonical bytes of :func:`iatp.canonical.session_bytes`, domain ``"IATP/1 session"``).
+Counters start at 1; the receiver accepts each counter once within a 1024-message sliding
+window (so mild reordering is fine). Timestamps, expiry and clock skew are checked as for signatures.
 
 Guarantees: integrity and authenticity *between the two agents*: only a holder of the session
 key (one of the two) can produce a valid MAC. **Not non-repudiation**: either side could have
@@ -38,7 +38,7 @@ import msgpack
 
 from amb.envelope import Envelope, Signature
 from iatp import _crypto
-from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, SESSION_DOMAIN, envelope_bytes, pack
+from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, pack, session_bytes
 from iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
@@ -201,12 +201,12 @@ class Session:
         """MAC ``env`` (sent by ``local``) and set its ``sig``; raises SessionError when expired."""
         self._counter += 1
         nonce = self._counter.to_bytes(8, "big")
-        data = envelope_bytes(env, SESSION_SCHEME, self.session_id, nonce, SESSION_DOMAIN)
+        data = session_bytes(env, SESSION_SCHEME, self.session_id, nonce)
         mac = hashlib.blake2b(data, key=self._send_key, digest_size=32).digest()
         env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, mac)
 
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
-        data = envelope_bytes(env, SESSION_SCHEME, self.session_id, sig.nonce, SESSION_DOMAIN)
+        data = session_bytes(env, SESSION_SCHEME, self.session_id, sig.nonce)
         expected = hashlib.blake2b(data, key=self._recv_key, digest_size=32).digest()
         return hmac.compare_digest(expected, sig.value)
 
