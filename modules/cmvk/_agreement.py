@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from cmvk._errors import CMVKConfigError
-from cmvk._text import Analysis, analyze, content_stems, exclusive_group, is_yes_no_question
+from cmvk._text import Analysis, analyze, content_stems, exclusive_term, is_yes_no_question
 
 Method = Literal["canonical", "lexical", "embedding", "judge"]
 
@@ -236,12 +236,13 @@ class AgreementMeasure:
 
     @staticmethod
     def _exclusive(xs: set[str], ys: set[str]) -> tuple[str, str] | None:
-        for x in sorted(xs - ys):
-            gx = exclusive_group(x)
-            if gx is None:
+        terms_x = {t: x for x in xs if (t := exclusive_term(x)) is not None}
+        terms_y = {t: y for y in ys if (t := exclusive_term(y)) is not None}
+        for tx, x in sorted(terms_x.items()):
+            if tx in terms_y:
                 continue
-            for y in sorted(ys - xs):
-                if exclusive_group(y) == gx:
+            for ty, y in sorted(terms_y.items()):
+                if ty[0] == tx[0] and ty not in terms_x:
                     return x, y
         return None
 

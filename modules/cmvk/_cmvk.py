@@ -24,6 +24,10 @@ from cmvk._verdict import (
 from cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
 
 
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+
+
 class CMVK:
     """Cross-Model Verification Kernel: several LLMs check an answer, by meaning, and fail closed.
 
@@ -132,25 +136,22 @@ class CMVK:
     # -- verification --------------------------------------------------------------------------
 
     async def verify(
-        self, prompt: str, response: Any, context: dict[str, Any] | None = None
+        self, prompt: Any, response: Any, context: dict[str, Any] | None = None
     ) -> VerificationResult:
         """Ask every model, in parallel, whether ``response`` correctly answers ``prompt``.
 
         Each model replies with a JSON verdict (schema in :mod:`cmvk._verdict`); the votes are
-        combined by the voting strategy (:mod:`cmvk._voting`). A ``response`` that is not a
-        string is serialized as JSON (``str()`` for what JSON cannot carry), so an agent's
-        return value can be verified as is. Raises CMVKConfigError when ``prompt`` is not a
-        string or ``context`` not a dict; never raises for a model's failure.
+        combined by the voting strategy (:mod:`cmvk._voting`). A ``prompt`` or ``response`` that
+        is not a string is serialized as JSON (``str()`` for what JSON cannot carry), so an
+        agent's arguments and return value can be verified as they are (the kernel passes
+        them so). Raises CMVKConfigError when ``context`` is not a dict; never raises for a
+        model's failure.
         """
-        if not isinstance(prompt, str):
-            raise CMVKConfigError(f"prompt must be a string, got {type(prompt).__name__}")
         if context is not None and not isinstance(context, dict):
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
-        text = (
-            response if isinstance(response, str) else json.dumps(response, default=str, ensure_ascii=False)
-        )
+        text = _as_text(response)
         start = time.monotonic()
-        outcomes = await self._ask_all(verify_messages(prompt, text, context), start + self.timeout)
+        outcomes = await self._ask_all(verify_messages(_as_text(prompt), text, context), start + self.timeout)
         votes: dict[str, ModelVote] = {}
         ballots: list[Ballot] = []
         for spec, outcome in zip(self.models, outcomes, strict=True):
@@ -231,13 +232,15 @@ class CMVK:
     ) -> Agreement:
         """:meth:`agreement`, with the configured judge deciding for long answers.
 
-        Short factual answers are always compared canonically. For longer ones the judge's
+        Short factual answers are always compared canonically (and identical texts agree
+        without asking). For longer ones the judge's
         JSON reply (``{"agree", "confidence", "reason"}``) decides: ``agree`` is its decision
         and ``score`` is ``0.5 ± confidence / 2``. When no judge is configured, or it abstains
         (timeout, error, unparsable reply), the non-LLM measure decides and ``reason`` says so.
         """
         measured = self.agreement(answer_a, answer_b, question)
-        if self.judge is None or measured.method == "canonical":
+        same_text = " ".join(answer_a.lower().split()) == " ".join(answer_b.lower().split())
+        if self.judge is None or measured.method == "canonical" or same_text:
             return measured
         end = deadline if deadline is not None else time.monotonic() + self.timeout
         outcome = await call_model(

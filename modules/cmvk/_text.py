@@ -86,7 +86,7 @@ _EXCLUSIVE_GROUPS = [
     "higher lower",
     "more less fewer",
     "increase decrease",
-    "rise fall drop",
+    "rise/rose/risen fall/fell/fallen/drop",
     "true false",
     "before after",
     "above below",
@@ -98,7 +98,7 @@ _EXCLUSIVE_GROUPS = [
     "hot cold",
     "success failure",
     "pass fail",
-    "win lose",
+    "win/won lose/lost",
     "alive dead",
     "valid invalid",
     "same different",
@@ -118,8 +118,9 @@ _EXCLUSIVE_GROUPS = [
     "odd even",
     "male female",
 ]
-"""Groups of mutually exclusive terms: asserting one where the other answer asserts another
-(and neither asserts both) is a contradiction ("prices rose" / "prices fell")."""
+"""Groups of mutually exclusive terms (``/`` joins forms of one term): asserting one where the
+other answer asserts another (and neither asserts both) is a contradiction ("prices rose" /
+"prices fell")."""
 
 _NEG_PREFIXES = ("non", "un", "in", "im", "il", "ir", "dis")
 
@@ -131,7 +132,7 @@ _CONTRACTIONS = [
     (re.compile(r"['’](s|re|ve|ll|d|m)\b", re.I), ""),
 ]
 _TOKEN = re.compile(
-    r"(?P<num>[-−]?\d+(?:,\d{3})+(?:\.\d+)?|[-−]?\d+(?:\.\d+)?)(?P<pct>\s*%)?(?![\w])"
+    r"(?P<num>(?:(?<!\w)[-−])?(?:\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?))(?P<pct>\s*%)?(?!\w)"
     r"|(?P<word>[^\W_]+)"
     r"|(?P<stop>[.;:!?]|,\s|—|–\s| - |\(|\))"
 )
@@ -199,14 +200,15 @@ def stem(word: str) -> str:
     return w
 
 
-_EXCLUSIVE: dict[str, int] = {}
-for _i, _group in enumerate(_EXCLUSIVE_GROUPS):
-    for _w in _group.split():
-        _EXCLUSIVE.setdefault(stem(_w), _i)
+_EXCLUSIVE: dict[str, tuple[int, int]] = {}
+for _g, _group in enumerate(_EXCLUSIVE_GROUPS):
+    for _t, _term in enumerate(_group.split()):
+        for _form in _term.split("/"):
+            _EXCLUSIVE.setdefault(stem(_form), (_g, _t))
 
 
-def exclusive_group(stem_: str) -> int | None:
-    """The index of the mutually-exclusive group a stem belongs to, if any."""
+def exclusive_term(stem_: str) -> tuple[int, int] | None:
+    """``(group, term)`` of a stem in the mutually exclusive groups, if it is in one."""
     return _EXCLUSIVE.get(stem_)
 
 
