@@ -19,3 +19,10 @@ def run(name: str) -> str:
 
 def test_quickstart_prints_the_reply() -> None:
     assert run("quickstart.py").strip() == "{'task_id': 't1', 'status': 'completed'}"
+
+
+def test_control_plane_reference_examples_run() -> None:
+    out = run("control_plane_reference.py").splitlines()
+    assert "{'analyzed': True, 'length': 11}" in out
+    assert "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL" in out
+    assert out[-2:] == ["1 2 2", "chain ok: True"]
