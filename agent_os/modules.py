@@ -1,5 +1,6 @@
 """The kernel modules, under the names the API reference uses: ``from agent_os.modules import AMB``."""
 
 from amb import AMB
+from iatp import IATP
 
-__all__ = ["AMB"]
+__all__ = ["AMB", "IATP"]

@@ -26,3 +26,11 @@ def test_control_plane_reference_examples_run() -> None:
     assert "{'analyzed': True, 'length': 11}" in out
     assert "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL" in out
     assert out[-2:] == ["1 2 2", "chain ok: True"]
+
+
+def test_iatp_signed_bus_verifies_and_dead_letters_the_forgery() -> None:
+    assert run("iatp_signed_bus.py").splitlines() == [
+        "worker got {'task_id': 't1'} from coordinator: valid=True trust=0.9 allowed=True",
+        "coordinator got {'task_id': 't1', 'status': 'completed'}",
+        "forged message dead-lettered: unknown_key",
+    ]
