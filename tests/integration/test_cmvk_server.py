@@ -190,7 +190,7 @@ async def test_a_judge_decides_for_long_answers_only(server: ScriptedLLMServer) 
 async def test_a_judge_that_fails_falls_back_to_the_measure(server: ScriptedLLMServer) -> None:
     server.script("judge", Reply("they agree"))
     cmvk = panel(server, judge=ModelSpec("judge", model="openai/judge"))
-    a = "A load balancer distributes incoming requests across several servers so that none is overwhelmed."
+    a = "A load balancer distributes incoming requests across many backend servers so no machine overloads."
     b = "It spreads incoming traffic over multiple backend servers, avoiding overload on any one of them."
     result = await cmvk.judge_agreement(a, b, "What does a load balancer do?")
     assert result.method != "judge"
