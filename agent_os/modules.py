@@ -1,6 +1,7 @@
 """The kernel modules, under the names the API reference uses: ``from agent_os.modules import AMB``."""
 
 from amb import AMB
+from cmvk import CMVK
 from iatp import IATP
 
-__all__ = ["AMB", "IATP"]
+__all__ = ["AMB", "CMVK", "IATP"]

@@ -34,3 +34,13 @@ def test_iatp_signed_bus_verifies_and_dead_letters_the_forgery() -> None:
         "coordinator got {'task_id': 't1', 'status': 'completed'}",
         "forged message dead-lettered: unknown_key",
     ]
+
+
+def test_cmvk_reference_example_runs_against_the_local_server() -> None:
+    out = run("cmvk_verify.py").splitlines()
+    assert out[0] == (
+        "{'verified': True, 'confidence': 0.95, 'model_votes': {'gpt-4': True, 'claude-3': True, "
+        "'gemini-pro': True}, 'consensus': 'unanimous'}"
+    )
+    assert out[1] == "majority: 'Paris.' from ['gpt-4', 'claude-3']; dissenters: ['gemini-pro']"
+    assert out[2].startswith("blocked: 0 of 3 answering models support the response")
