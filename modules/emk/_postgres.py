@@ -102,12 +102,14 @@ CREATE INDEX IF NOT EXISTS memories_embedding ON {s}.memories
 
 CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'memories' AND EXISTS (
-        SELECT 1 FROM {s}.retention_log r
-        WHERE r.txid = txid_current() AND OLD.created_at < r.older_than
-          AND (r.agent_id IS NULL OR r.agent_id = OLD.agent_id)
-    ) THEN
-        RETURN OLD;
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'memories' THEN
+        IF EXISTS (
+            SELECT 1 FROM {s}.retention_log r
+            WHERE r.txid = txid_current() AND OLD.created_at < r.older_than
+              AND (r.agent_id IS NULL OR r.agent_id = OLD.agent_id)
+        ) THEN
+            RETURN OLD;
+        END IF;
     END IF;
     RAISE EXCEPTION 'emk: % on %.% refused: memories are append-only', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING ERRCODE = 'EK001';

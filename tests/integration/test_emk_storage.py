@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,18 +45,21 @@ Factory = Callable[..., Awaitable[EMK]]
 
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One embedded server for the module, deleted afterwards."""
-    import warnings
+def embedded_dir() -> Iterator[Path]:
+    """One embedded server for the module, deleted afterwards.
 
+    Not under pytest's tmp_path: as root, pgserver runs PostgreSQL as the user ``pgserver``,
+    which must traverse the parent directories, and every pytest session resets
+    /tmp/pytest-of-<user> to mode 0700.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         import pgserver
-    path = tmp_path_factory.mktemp("emk-embedded") / "pgdata"
-    path.mkdir()
-    server = pgserver.get_server(path, cleanup_mode="delete")
-    yield path
+    base = Path(tempfile.mkdtemp(prefix="emk-embedded-"))
+    server = pgserver.get_server(base / "pgdata", cleanup_mode="delete")
+    yield base / "pgdata"
     server.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(params=["memory", "postgresql", "embedded"])
@@ -132,7 +138,7 @@ async def test_search_ranks_by_meaning_best_first_with_relevance(make_emk: Facto
     for text in texts:
         await emk.store("a1", text)
     hits = await emk.search("a1", "dark mode units preference", limit=3)
-    assert [h.content for h in hits][0] == texts[0]
+    assert hits[0].content == texts[0]
     scores = [h.relevance for h in hits]
     assert all(s is not None and 0.0 <= s <= 1.0 for s in scores)
     assert scores == sorted(scores, reverse=True)  # type: ignore[type-var]
@@ -450,6 +456,9 @@ async def test_retention_is_explicit_and_recorded(make_emk: Factory) -> None:
     everyone = await emk.apply_retention(cutoff, reason="global policy")
     assert everyone.deleted == 1
     log = await emk.retention_log()
-    assert [(r.reason, r.deleted, r.agent_id) for r in log] == [("30-day policy", 1, "a1"), ("global policy", 1, None)]
+    assert [(r.reason, r.deleted, r.agent_id) for r in log] == [
+        ("30-day policy", 1, "a1"),
+        ("global policy", 1, None),
+    ]
     with pytest.raises(InvalidInput):
         await emk.apply_retention(cutoff, reason=" ")

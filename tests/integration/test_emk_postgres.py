@@ -1,0 +1,300 @@
+"""EMK on the real PostgreSQL with pgvector: what the database itself enforces, tampering,
+connection loss mid-batch, index use and recall of filtered searches, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from emk import (
+    EMK,
+    AlreadySuperseded,
+    ConfigError,
+    HashingEmbedder,
+    IntegrityError,
+    NewMemory,
+    StorageUnavailable,
+)
+
+PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+DIM = 32
+
+Factory = Callable[..., Awaitable[EMK]]
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"emk_pg_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def sql(namespace: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A raw superuser connection beside EMK; drops the test's schema afterwards."""
+    conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+    yield conn
+    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    await conn.close()
+
+
+@pytest.fixture
+async def make_emk(namespace: str, sql: psycopg.AsyncConnection[Any]) -> AsyncIterator[Factory]:
+    opened: list[EMK] = []
+
+    async def factory(isolation: str = "agent", **kw: Any) -> EMK:
+        emk = EMK(
+            "postgresql",
+            PG_DSN,
+            kw.pop("embedder", HashingEmbedder(DIM)),
+            isolation,
+            namespace=namespace,
+            **kw,
+        )
+        opened.append(emk)
+        await emk.open()
+        return emk
+
+    yield factory
+    for emk in opened:
+        await emk.close()
+
+
+def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:
+    return [rng.gauss(0.0, 1.0) for _ in range(dim)]
+
+
+# -- append-only, enforced by the database ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE {s}.memories SET content = 'rewritten'",
+        "UPDATE {s}.memories SET supersedes = NULL",
+        "DELETE FROM {s}.memories",
+        "TRUNCATE {s}.memories",
+        "UPDATE {s}.meta SET value = '8' WHERE key = 'dimension'",
+        "DELETE FROM {s}.meta",
+        "DELETE FROM {s}.retention_log",
+    ],
+)
+async def test_update_and_delete_in_raw_sql_are_refused_by_the_database(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str, statement: str
+) -> None:
+    emk = await make_emk()
+    record = await emk.store("a1", "An immutable memory.")
+    await emk.apply_retention(datetime(2000, 1, 1, tzinfo=UTC), reason="gives retention_log a row")
+    with pytest.raises(psycopg.Error) as err:
+        await sql.execute(statement.format(s=namespace))
+    assert err.value.sqlstate == "EK001"
+    assert "append-only" in str(err.value)
+    got = await emk.get(record.id, agent_id="a1")
+    assert got.content == "An immutable memory."
+
+
+async def test_raw_inserts_cannot_supersede_across_agents(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    emk = await make_emk()
+    alice = await emk.store("alice", "Alice's memory.")
+    insert = (
+        f"INSERT INTO {namespace}.memories (id, agent_id, content, metadata_json, tags, supersedes, "
+        "created_at, embedding, content_hash) "
+        "VALUES (%s, 'mallory', 'x', '{}', '{}', %s, now(), %s, 'h')"
+    )
+    vector = "[" + ",".join(["1"] * DIM) + "]"
+    with pytest.raises(psycopg.Error) as err:
+        await sql.execute(insert, (uuid.uuid4(), alice.id, vector))
+    assert err.value.sqlstate == "EK003"
+    with pytest.raises(psycopg.Error) as err:
+        await sql.execute(insert, (uuid.uuid4(), uuid.uuid4(), vector))
+    assert err.value.sqlstate == "EK002"
+
+
+# -- content hash checked on read --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "content = 'User prefers light mode.'",
+        "agent_id = 'a1'",  # moving another agent's memory into a1's scope
+        'metadata_json = \'{{"type":"forged"}}\'',
+        "tags = ARRAY['forged']",
+        "embedding = (SELECT embedding FROM {s}.memories WHERE content = 'Decoy.')",
+        "created_at = created_at - interval '1 day'",
+    ],
+)
+async def test_tampering_behind_the_triggers_is_detected_on_read(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str, tamper: str
+) -> None:
+    emk = await make_emk()
+    victim = await emk.store(
+        "a1" if "agent_id" not in tamper else "a2", "User prefers dark mode.", tags=["ui"]
+    )
+    await emk.store("a1", "Decoy.")
+    # A superuser can switch the triggers off; the hash still catches the edit.
+    await sql.execute(f"ALTER TABLE {namespace}.memories DISABLE TRIGGER USER")
+    await sql.execute(
+        f"UPDATE {namespace}.memories SET {tamper.format(s=namespace)} WHERE id = %s", (victim.id,)
+    )
+    await sql.execute(f"ALTER TABLE {namespace}.memories ENABLE TRIGGER USER")
+    with pytest.raises(IntegrityError) as err:
+        await emk.get(victim.id, agent_id="a1")
+    assert err.value.record_id == victim.id
+    with pytest.raises(IntegrityError):
+        await emk.search("a1", "dark mode", limit=10, exact=True)
+    with pytest.raises(IntegrityError):
+        await emk.query("a1", include_superseded=True)
+    assert emk.rejected["IntegrityError"] == 3
+
+
+# -- the database goes away --------------------------------------------------------------------------
+
+
+async def test_connection_killed_mid_batch_stores_nothing_and_emk_recovers(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    emk = await make_emk()
+    kept = await emk.store("a1", "Stored before the batch.")
+    rng = random.Random(7)
+    batch = [
+        NewMemory(agent_id="a1", content=f"bulk memory {i}", embedding=random_vector(rng))
+        for i in range(30_000)
+    ]
+    task = asyncio.create_task(emk.store_many(batch))
+    copying = (
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active' "
+        "AND query LIKE 'COPY%%'"
+    )
+    pids: list[int] = []
+
+    async def find_copy() -> None:
+        rows = await (await sql.execute(copying, (f"emk:{namespace}",))).fetchall()
+        pids.extend(r[0] for r in rows)
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not pids and not task.done() and asyncio.get_running_loop().time() < deadline:
+        await find_copy()
+        await asyncio.sleep(0.01)
+    assert pids, "the batch's COPY never showed up in pg_stat_activity"
+    await sql.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
+    with pytest.raises(StorageUnavailable):
+        await task
+    count = await (await sql.execute(f"SELECT count(*) FROM {namespace}.memories")).fetchone()
+    assert count is not None
+    assert count[0] == 1
+    # The pool replaces the dead connection: EMK keeps working.
+    after = await emk.store("a1", "Stored after the failure.")
+    assert {r.id for r in await emk.query("a1")} == {kept.id, after.id}
+
+
+async def test_an_unreachable_database_is_storage_unavailable(namespace: str) -> None:
+    emk = EMK(
+        "postgresql", "postgresql://postgres@127.0.0.1:1/test", HashingEmbedder(DIM), namespace=namespace
+    )
+    with pytest.raises(StorageUnavailable):
+        await emk.open()
+
+
+# -- index and recall --------------------------------------------------------------------------------
+
+
+async def index_scans(sql: psycopg.AsyncConnection[Any], namespace: str) -> int:
+    row = await (
+        await sql.execute(
+            "SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes "
+            "WHERE schemaname = %s AND indexrelname = 'memories_embedding'",
+            (namespace,),
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_filtered_searches_use_the_hnsw_index_and_keep_their_recall(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    # Planner settings make it take the HNSW index on this small table, as it does on large ones.
+    emk = await make_emk(
+        settings={"enable_seqscan": "off", "enable_bitmapscan": "off", "hnsw.ef_search": "40"}
+    )
+    assert not emk.exact_search
+    rng = random.Random(11)
+    items = [
+        NewMemory(
+            agent_id="a1",
+            content=f"memory {i}",
+            tags=["rare"] if i % 10 == 0 else ["common"],
+            embedding=random_vector(rng),
+        )
+        for i in range(4000)
+    ]
+    await emk.store_many(items)
+    await sql.execute(f"ANALYZE {namespace}.memories")
+    before = await index_scans(sql, namespace)
+    hits = total = 0
+    for _ in range(20):
+        q = random_vector(rng)
+        approx = await emk.search("a1", embedding=q, limit=10, tags=["rare"])
+        exact = await emk.search("a1", embedding=q, limit=10, tags=["rare"], exact=True)
+        assert len(exact) == 10
+        assert len(approx) == 10  # the iterative scan keeps going past filtered-out candidates
+        assert all("rare" in r.tags for r in approx)
+        hits += len({r.id for r in approx} & {r.id for r in exact})
+        total += 10
+    assert hits / total >= 0.9
+    # Closing the pool ends its backends, which flushes their statistics.
+    await emk.close()
+    for _ in range(50):
+        scans = await index_scans(sql, namespace) - before
+        if scans >= 20:
+            break
+        await asyncio.sleep(0.1)
+    assert scans >= 20
+
+
+# -- concurrency and schema --------------------------------------------------------------------------
+
+
+async def test_concurrent_supersedes_of_one_record_let_exactly_one_win(make_emk: Factory) -> None:
+    emk = await make_emk()
+    original = await emk.store("a1", "version 1")
+    results = await asyncio.gather(
+        *(emk.store("a1", f"version 2 by writer {i}", supersedes=original.id) for i in range(4)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert len(losers) == 3
+    assert all(isinstance(e, AlreadySuperseded) for e in losers)
+    assert (await emk.get(original.id, agent_id="a1")).superseded_by == winners[0].id
+
+
+async def test_schema_creation_is_idempotent_and_safe_under_concurrent_opens(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    emks = await asyncio.gather(*(make_emk() for _ in range(3)))
+    await emks[0].store("a1", "one")
+    again = await make_emk()
+    assert [r.content for r in await again.query("a1")] == ["one"]
+    rows = await (await sql.execute(f"SELECT key, value FROM {namespace}.meta ORDER BY key")).fetchall()
+    assert dict(rows) == {
+        "dimension": str(DIM),
+        "embedding_model": f"hashing-{DIM}",
+        "isolation": "agent",
+        "schema_version": "1",
+    }
+
+
+async def test_dimensions_beyond_the_index_limit_are_a_config_error(namespace: str) -> None:
+    emk = EMK("postgresql", PG_DSN, HashingEmbedder(3072), namespace=namespace)
+    with pytest.raises(ConfigError, match="2000"):
+        await emk.open()
