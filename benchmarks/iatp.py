@@ -124,27 +124,25 @@ async def main(quick: bool) -> None:
     gc.collect()
     iatp = await setup()
     size = len(envelope_bytes(make_env(), "ed25519", "k" * 32, b"n" * 16))
-    raw_sign, raw_verify = 0.0, 0.0
-    sign, verify = 0.0, 0.0
-    for _ in range(3):  # interleaved, best of three
-        rs, rv, os_, ov = sign_verify_rates(iatp, n_sig, size)
-        raw_sign, raw_verify = max(raw_sign, rs), max(raw_verify, rv)
-        sign, verify = max(sign, os_), max(verify, ov)
+    # Load from other processes comes and goes, so each figure is paired with its baseline
+    # measured right beside it, and the run with the median ratio is reported.
+    runs = sorted((sign_verify_rates(iatp, n_sig, size) for _ in range(3)), key=lambda r: r[3] / r[1])
+    raw_sign, raw_verify, sign, verify = runs[1]
 
     codec = MsgpackSerializer()
-    verified_delivery, signed_delivery, plain_delivery = 0.0, 0.0, 0.0
+    pairs: list[tuple[float, float]] = []
+    signed_pairs: list[tuple[float, float]] = []
+    plain_delivery = 0.0
     for _ in range(3):
         presigned = [codec.encode(iatp.sign_envelope(make_env())) for _ in range(n_sig)]
-        verified_delivery = max(
-            verified_delivery,
-            await delivery(n_sig, sender_mw=[], receiver_mw=[iatp.middleware()], presigned=presigned),
-        )
-        raw_verify = max(raw_verify, sign_verify_rates(iatp, 2_000, size)[1])
-        signed_delivery = max(
-            signed_delivery,
-            await delivery(n_sig, sender_mw=[iatp.middleware()], receiver_mw=[iatp.middleware()]),
-        )
+        got = await delivery(n_sig, sender_mw=[], receiver_mw=[iatp.middleware()], presigned=presigned)
+        rs, rv, _, _ = sign_verify_rates(iatp, 2_000, size)
+        pairs.append((got, rv))
+        got = await delivery(n_sig, sender_mw=[iatp.middleware()], receiver_mw=[iatp.middleware()])
+        signed_pairs.append((got, 1 / (1 / rs + 1 / rv)))
         plain_delivery = max(plain_delivery, await delivery(n_bus, sender_mw=[], receiver_mw=[]))
+    verified_delivery, delivery_raw_verify = sorted(pairs, key=lambda p: p[0] / p[1])[1]
+    signed_delivery, both_raw = sorted(signed_pairs, key=lambda p: p[0] / p[1])[1]
 
     a, b = await session_pair()
     session = a.sessions.for_pair("alice", "bob", time.time_ns())
@@ -167,12 +165,12 @@ async def main(quick: bool) -> None:
         )
         plain_delivery = max(plain_delivery, await delivery(n_bus, sender_mw=[], receiver_mw=[]))
 
-    both_raw = 1 / (1 / raw_sign + 1 / raw_verify)
     mark = lambda ok: "ok" if ok else "MISSED"  # noqa: E731
     body = f"""
 One event loop (one core). Envelope: {size}-byte canonical signed bytes (a dict payload of ~170
-bytes). ed25519 runs: {n_sig:,} messages; bus and session runs: {n_bus:,}; best of three,
-interleaved with the baselines. "Verified delivery" publishes pre-signed envelopes on the raw
+bytes). ed25519 runs: {n_sig:,} messages; bus and session runs: {n_bus:,}. Three runs, each
+paired with its baseline measured beside it (sign/verify alternate in chunks of 250); the run
+with the median ratio is shown. "Verified delivery" publishes pre-signed envelopes on the raw
 broker, so the receiving core does the verification alone; "signed + verified" signs on publish
 and verifies on delivery on the same core, so it pays for both (its ceiling is raw sign+verify).
 
@@ -180,8 +178,8 @@ and verifies on delivery on the same core, so it pays for both (its ceiling is r
 |---|---|---|---|---|
 | sign (sign_envelope) | {sign:,.0f} /s | {raw_sign:,.0f} /s (PyNaCl SigningKey.sign, {size} B) | {sign / raw_sign:.2f} | |
 | verify (verify_envelope, all checks) | {verify:,.0f} /s | {raw_verify:,.0f} /s (PyNaCl VerifyKey.verify) | {verify / raw_verify:.2f} | |
-| verified delivery (memory bus, middleware) | {verified_delivery:,.0f} msg/s | {raw_verify:,.0f} /s (raw verify) | {verified_delivery / raw_verify:.2f} | >= 0.80 {mark(verified_delivery / raw_verify >= 0.8)} |
-| signed + verified delivery, one core | {signed_delivery:,.0f} msg/s | {both_raw:,.0f} /s (raw sign + raw verify) | {signed_delivery / both_raw:.2f} | (info: {signed_delivery / raw_verify:.2f} of raw verify) |
+| verified delivery (memory bus, middleware) | {verified_delivery:,.0f} msg/s | {delivery_raw_verify:,.0f} /s (raw verify, measured right after) | {verified_delivery / delivery_raw_verify:.2f} | >= 0.80 {mark(verified_delivery / delivery_raw_verify >= 0.8)} |
+| signed + verified delivery, one core | {signed_delivery:,.0f} msg/s | {both_raw:,.0f} /s (raw sign + raw verify) | {signed_delivery / both_raw:.2f} | (info: pays for signing too) |
 | bus without middleware | {plain_delivery:,.0f} msg/s | | | |
 | session MAC seal | {seal_rate:,.0f} /s | {sign:,.0f} /s (ed25519 sign_envelope) | {seal_rate / sign:.1f}x | |
 | session MAC check (all checks) | {open_rate:,.0f} /s | {verify:,.0f} /s (ed25519 verify_envelope) | {open_rate / verify:.1f}x | |
