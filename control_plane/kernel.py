@@ -561,6 +561,15 @@ class KernelSpace:
         ok = await self.signals.send(agent_id, sig, sender=sender)
         await client.reply(metadata, {"ok": ok})
 
+    def external(self, agent_id: str) -> AgentProcess:
+        """The process standing for an agent that lives elsewhere (mediated mode), created on
+        first use: signals sent to it here act on its messages passing this kernel."""
+        proc = self._procs.get(agent_id)
+        if proc is None:
+            proc = AgentProcess(agent_id, agent_id, None, None, self.signals.queue_size, Life.RUNNING)
+            self._procs[agent_id] = proc
+        return proc
+
     def reload_policy(self, source: Policy | str | Path) -> None:
         """Swap in new rules without stopping traffic (see :meth:`Policy.reload`)."""
         if isinstance(self.policy, PolicySet):

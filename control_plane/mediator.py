@@ -80,7 +80,9 @@ class Mediator(Middleware):
     """Signals, policy and recording on every message of one attached agent (see module doc).
 
     ``inbound_prefix`` (mediated mode): inbound messages on ``<prefix>.<topic>`` are an
-    agent's publish, evaluated as operation ``publish`` on ``<topic>`` for their sender.
+    agent's publish, evaluated as operation ``publish`` on ``<topic>`` for their sender; the
+    sender's own signals apply to them here (a stopped sender's messages are held by the
+    service, a killed sender's dropped), whether or not the agent cooperates.
     """
 
     def __init__(
@@ -145,6 +147,9 @@ class Mediator(Middleware):
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         proc = self.process
+        if self.inbound_prefix is not None and envelope.topic.startswith(self.inbound_prefix):
+            # Mediated mode: the message is the sender's publish, and the sender's signals apply.
+            proc = self.kernel.external(verified_identity(envelope, metadata)[0])
         if proc.killed:
             await self._dropped(proc, envelope, "deliver")
             raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
@@ -159,32 +164,33 @@ class Mediator(Middleware):
     ) -> None:
         sender, verified, trust = verified_identity(env, meta)
         topic = env.topic
-        local: AgentProcess | None = proc
+        recipient: str | None = env.recipient or proc.id
         if topic.startswith(_CONTROL):
             op, resource = "signal", topic[len(_CONTROL) :]
         elif self.inbound_prefix is not None and topic.startswith(self.inbound_prefix):
-            op, resource, local = _operation(env), topic[len(self.inbound_prefix) :], None
+            op, resource = _operation(env), topic[len(self.inbound_prefix) :]
+            recipient = env.recipient  # proc is the sender here
         else:
             op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
         ctx = {
             "operation": op,
             "topic": topic,
-            "agent_id": proc.id if local else sender,
-            "agent_name": proc.name if local else sender,
+            "agent_id": proc.id,
+            "agent_name": proc.name,
             "sender": sender,
             "claimed_sender": env.sender,
             "verified": verified,
             "trust_level": trust,
-            "recipient": env.recipient or proc.id,
+            "recipient": recipient,
             "headers": env.headers,
             "payload": env.payload,
             "priority": env.priority,
         }
         kernel = self.kernel
-        decision = kernel.decide(op, resource, ctx, local)
+        decision = kernel.decide(op, resource, ctx, proc)
         self.decisions += 1
         await kernel.record_decision(
-            local,
+            proc,
             op,
             resource,
             decision,
@@ -203,9 +209,6 @@ class Mediator(Middleware):
             raise _violation(decision, op, resource)
         meta.context["control_plane"] = decision
         meta.context["control_plane_sender"] = sender if verified else None
-        if local is None:
-            await call_next(env, meta)
-            return
         if op == "signal":
             token = _IN_CONTROL.set(True)
             try:

@@ -1,0 +1,190 @@
+"""The admin API of a control-plane kernel: HTTP with token authentication.
+
+Routes (JSON unless noted; every route but ``/healthz`` needs ``Authorization: Bearer <token>``,
+compared in constant time; a missing or wrong token gets 401 and is counted)::
+
+    GET  /healthz                      {"ok": true}
+    GET  /metrics                      Prometheus text: agents by state, decisions, records
+    GET  /agents                       [status, ...]
+    GET  /agents/{id}                  status, or 404
+    POST /agents/{id}/signal           body {"signal": "SIGSTOP"} -> {"ok": bool}; 400 if unknown
+    POST /policy/reload                body: policy YAML -> {"ok": true, "version": ...};
+                                       400 {"error", "line", "field"} on invalid YAML
+    GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
+    GET  /verify                       the hash chain's verification result
+
+Needs ``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from control_plane.errors import AgentNotFound, PolicyLoadError, SignalError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from control_plane.kernel import KernelSpace
+
+INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    from aiohttp import web
+
+    return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
+
+
+class AdminAPI:
+    """Serves the admin routes for ``kernel`` (see the module docstring)."""
+
+    def __init__(
+        self, kernel: KernelSpace, token: str, *, extra_metrics: dict[str, Any] | None = None
+    ) -> None:
+        if len(token) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
+        try:
+            import prometheus_client  # noqa: F401
+            from aiohttp import web
+        except ImportError as exc:
+            raise ImportError(INSTALL_HINT) from exc
+        self.kernel = kernel
+        self._token = token.encode()
+        self.extra_metrics = extra_metrics or {}
+        self.unauthorized = 0
+
+        @web.middleware
+        async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+            return await self._auth(request, handler)
+
+        self.app = web.Application(middlewares=[auth])
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+                web.get("/agents", self.agents),
+                web.get("/agents/{id}", self.agent),
+                web.post("/agents/{id}/signal", self.signal),
+                web.post("/policy/reload", self.reload),
+                web.get("/records", self.records),
+                web.get("/verify", self.verify),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on ``host:port`` (0: any free port); return the port."""
+        from aiohttp import web
+
+        self._runner = web.AppRunner(self.app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- routes --------------------------------------------------------------------------------
+
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("Authorization", "")
+            token = given[7:].encode() if given.startswith("Bearer ") else b""
+            if not hmac.compare_digest(token, self._token):
+                self.unauthorized += 1
+                return _json({"error": "unauthorized"}, 401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"ok": True})
+
+    async def agents(self, request: web.Request) -> web.Response:
+        return _json([_status(s) for s in self.kernel.agents()])
+
+    async def agent(self, request: web.Request) -> web.Response:
+        try:
+            return _json(_status(self.kernel.get_agent_status(request.match_info["id"])))
+        except AgentNotFound:
+            return _json({"error": "unknown agent"}, 404)
+
+    async def signal(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            ok = await self.kernel.send_signal(request.match_info["id"], body["signal"])
+        except (ValueError, KeyError, TypeError, SignalError) as exc:
+            return _json({"error": f"bad signal request: {exc}"}, 400)
+        return _json({"ok": ok})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        text = await request.text()
+        try:
+            self.kernel.reload_policy(text)
+        except PolicyLoadError as exc:
+            return _json({"error": str(exc), "line": exc.line, "field": exc.field}, 400)
+        policy = self.kernel.policy
+        return _json({"ok": True, "version": getattr(policy, "version", None)})
+
+    async def records(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            limit = int(q["limit"]) if "limit" in q else 100
+        except ValueError:
+            return _json({"error": "limit must be an integer"}, 400)
+        found = await self.kernel.recorder.query(
+            event_type=q.get("event_type"),
+            agent_id=q.get("agent_id"),
+            severity=q.get("severity"),
+            limit=limit,
+            order="desc",
+        )
+        return _json([r.as_dict() for r in found])
+
+    async def verify(self, request: web.Request) -> web.Response:
+        return _json(asdict(await self.kernel.recorder.verify()))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+        from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+        registry = CollectorRegistry()
+        agents = Gauge("agentos_agents", "Agents known to the kernel, by state", ["state"], registry=registry)
+        for status in self.kernel.agents():
+            agents.labels(status.state).inc()
+        actions = Gauge("agentos_agent_actions", "Allowed actions of all agents", registry=registry)
+        violations = Gauge("agentos_agent_violations", "Denied actions of all agents", registry=registry)
+        statuses = self.kernel.agents()
+        actions.set(sum(s.actions_count for s in statuses))
+        violations.set(sum(s.violations_count for s in statuses))
+        rec = self.kernel.recorder
+        Gauge("agentos_records_appended", "Flight-recorder records appended", registry=registry).set(
+            rec.appended
+        )
+        Gauge("agentos_records_flushed", "Flight-recorder records written", registry=registry).set(
+            rec.flushed
+        )
+        Gauge("agentos_admin_unauthorized", "Admin requests refused", registry=registry).set(
+            self.unauthorized
+        )
+        for name, value in self.extra_metrics.items():
+            Gauge(name, name, registry=registry).set(value() if callable(value) else value)
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+
+def _status(status: Any) -> dict[str, Any]:
+    data = asdict(status)
+    data["permissions"] = sorted(data["permissions"]) if data["permissions"] is not None else None
+    return data

@@ -1,0 +1,172 @@
+"""The control-plane service (mediated mode) on the in-memory broker, and its admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from amb import AMB
+from amb.client import DLQ_REASON
+from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
+from control_plane.admin import AdminAPI
+from services.control_plane_service import (
+    ControlPlaneService,
+    delivery_subject,
+    ingress_subject,
+    nats_authorization,
+    nats_users,
+)
+from tests.support import Collector, wait_until
+
+
+def mediated_policy() -> Policy:
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("deny", Pattern("publish", "tasks.secret"), reason="secret")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    policy.add_rule("allow", Pattern("signal", "*"))
+    policy.add_rule("allow", Pattern("reply", "*"))
+    return policy
+
+
+async def test_two_service_instances_forward_each_allowed_message_once() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    recorder = FlightRecorder("memory")
+    services = []
+    for i in range(2):
+        kernel = KernelSpace(policy=mediated_policy(), flight_recorder=recorder)
+        service = ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel)
+        await service.start()
+        services.append(service)
+    agent = AMB("memory", where, agent_id="agent-a")
+    receiver = AMB("memory", where, agent_id="agent-b")
+    watcher = AMB("memory", where)
+    got, dlq = Collector(), Collector()
+    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await watcher.subscribe("_DLQ.>", dlq)
+    for i in range(20):
+        await agent.publish(ingress_subject("tasks.work"), i)
+    await agent.publish(ingress_subject("tasks.secret"), "nope")
+    await got.wait_for(20)
+    await dlq.wait_for(1)
+    await asyncio.sleep(0.02)
+    assert sorted(got.messages) == list(range(20))
+    assert got.metadata[0].sender == "agent-a"  # the envelope is forwarded unchanged
+    assert dlq.metadata[0].headers[DLQ_REASON] == "policy_denied"
+    forwarded = [s.stats.forwarded for s in services]
+    assert sum(forwarded) == 20
+    assert all(f > 0 for f in forwarded)  # the queue group shares the load
+    decisions = await recorder.query(event_type="policy_decision")
+    assert len(decisions) == 21  # exactly one per message
+    assert {d.agent_id for d in decisions} == {"agent-a"}
+    for client in (agent, receiver, watcher):
+        await client.close()
+    for service in services:
+        await service.stop()
+
+
+async def test_the_service_enforces_a_senders_signals() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    kernel = KernelSpace(policy=mediated_policy())
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    await service.start()
+    agent = AMB("memory", where, agent_id="agent-a")
+    receiver = AMB("memory", where, agent_id="agent-b")
+    got = Collector()
+    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await agent.publish(ingress_subject("tasks.work"), 0)
+    await got.wait_for(1)
+    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)  # the service holds agent-a's messages
+    for i in range(1, 4):
+        await agent.publish(ingress_subject("tasks.work"), i)
+    await asyncio.sleep(0.05)
+    assert got.messages == [0]
+    await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
+    await got.wait_for(4)
+    assert got.messages == [0, 1, 2, 3]
+    await kernel.send_signal("agent-a", AgentSignal.SIGKILL)
+    await agent.publish(ingress_subject("tasks.work"), 99)
+    await wait_until(lambda: service.client.stats.rejected == 1)
+    assert got.messages == [0, 1, 2, 3]
+    for client in (agent, receiver):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+def test_nats_authorization_confines_agents_to_ingress() -> None:
+    users = nats_users(["a1"], "svc", passwords={"a1": "p1", "svc": "p2"})
+    text = nats_authorization(users)
+    agent, service = users
+    assert agent.publish == ("ingress.>", "_INBOX.>", "_DLQ.>")
+    assert "_ctl.signal.a1" in agent.subscribe
+    assert not any(p.startswith("deliver") for p in agent.publish)
+    assert "deliver.>" in service.publish
+    assert '{user: "a1", password: "p1"' in text
+    assert text.startswith("authorization {")
+
+
+TOKEN = "admin-token-0123456789"
+
+
+async def test_admin_api() -> None:
+    kernel = KernelSpace(policy=mediated_policy())
+    where = f"memory://cp-admin-{uuid.uuid4().hex}"
+    bus = AMB("memory", where, agent_id="worker")
+    kernel.attach(bus)
+    await bus.connect()
+    await bus.publish("tasks.x", 1)
+    api = AdminAPI(kernel, TOKEN)
+    port = await api.start()
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def call(method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as http, http.request(method, base + path, **kw) as resp:
+            body = await resp.text()
+            return resp.status, body
+
+    try:
+        assert (await call("GET", "/healthz"))[0] == 200
+        assert (await call("GET", "/agents"))[0] == 401
+        assert (await call("GET", "/agents", headers={"Authorization": "Bearer wrong"}))[0] == 401
+        assert api.unauthorized == 2
+        status, body = await call("GET", "/agents", headers=auth)
+        assert status == 200
+        assert '"id": "worker"' in body
+        assert (await call("GET", "/agents/nobody", headers=auth))[0] == 404
+        status, body = await call("POST", "/agents/worker/signal", headers=auth, json={"signal": "SIGSTOP"})
+        assert (status, body) == (200, '{"ok": true}')
+        assert kernel.get_agent_status("worker").state == "stopped"
+        assert (await call("POST", "/agents/worker/signal", headers=auth, json={"signal": "SIGNOPE"}))[
+            0
+        ] == 400
+        status, body = await call(
+            "POST", "/policy/reload", headers=auth, data="name: p\nrules:\n  - action: x\n"
+        )
+        assert status == 400
+        assert '"line": 3' in body
+        status, body = await call("POST", "/policy/reload", headers=auth, data="name: p\nversion: '7'\n")
+        assert (status, body) == (200, '{"ok": true, "version": "7"}')
+        status, body = await call("GET", "/records?event_type=signal", headers=auth)
+        assert status == 200
+        assert "SIGSTOP" in body
+        status, body = await call("GET", "/verify", headers=auth)
+        assert '"ok": true' in body
+        status, body = await call("GET", "/metrics", headers=auth)
+        assert status == 200
+        assert 'agentos_agents{state="stopped"} 1.0' in body
+        assert "agentos_records_appended" in body
+    finally:
+        await api.stop()
+        await kernel.send_signal("worker", AgentSignal.SIGKILL)
+        await bus.close()
+        await kernel.close()
+
+
+def test_admin_token_must_be_long() -> None:
+    with pytest.raises(ValueError, match="16 characters"):
+        AdminAPI(KernelSpace(), "short")
