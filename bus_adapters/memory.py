@@ -24,12 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
-from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlparse
 
 from amb.broker import (
@@ -39,56 +36,18 @@ from amb.broker import (
     Lifecycle,
     LifecycleState,
 )
-from amb.errors import CapabilityNotSupported, ConfigError, StateError
+from amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all
+from amb.errors import CapabilityNotSupported, ConfigError
 from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
 
-log = logging.getLogger(__name__)
-
 DEFAULT_MAX_PENDING: Final = 4096
-_EMPTY: Final[Mapping[str, Any]] = {}
 _ROUTE_CACHE_MAX: Final = 8192
 
 
-class MemoryDelivery:
-    """A message handed to a memory subscription."""
-
-    __slots__ = ("_sub", "attempt", "data", "subject")
-
-    extra: Mapping[str, Any] = _EMPTY
-
-    def __init__(self, subject: str, data: bytes, attempt: int, sub: _MemorySubscription) -> None:
-        self.subject = subject
-        self.data = data
-        self.attempt = attempt
-        self._sub = sub
-
-    async def ack(self) -> None:
-        return None
-
-    async def nack(self, delay: float | None = None) -> None:
-        again = MemoryDelivery(self.subject, self.data, self.attempt + 1, self._sub)
-        if delay:
-            asyncio.get_running_loop().call_later(delay, self._sub.requeue, again)
-        else:
-            self._sub.requeue(again)
-
-
 class _MemorySubscription:
-    """One subscription: a bounded queue and the single task that feeds its handler."""
+    """One subscription: its pattern and queue group, and the dispatcher that feeds its handler."""
 
-    __slots__ = (
-        "_getter",
-        "_items",
-        "_putters",
-        "_stopping",
-        "_task",
-        "client",
-        "handler",
-        "handler_errors",
-        "max_pending",
-        "pattern",
-        "queue",
-    )
+    __slots__ = ("client", "dispatcher", "offer", "pattern", "put", "queue")
 
     def __init__(
         self,
@@ -100,114 +59,27 @@ class _MemorySubscription:
     ) -> None:
         self.client = client
         self.pattern = pattern
-        self.handler = handler
         self.queue = queue
-        self.max_pending = max_pending
-        self.handler_errors = 0
-        self._items: deque[MemoryDelivery] = deque()
-        self._getter: asyncio.Future[None] | None = None
-        self._putters: deque[asyncio.Future[None]] = deque()
-        self._stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"memory-sub:{pattern}")
+        self.dispatcher: Dispatcher[LocalDelivery] = Dispatcher(
+            handler, max_pending=max_pending, name=f"memory broker {pattern!r}"
+        )
+        self.offer = self.dispatcher.offer
+        self.put = self.dispatcher.put
 
-    # -- the queue --------------------------------------------------------------------------
+    @property
+    def handler_errors(self) -> int:
+        return self.dispatcher.handler_errors
 
     def has_room(self) -> bool:
-        return len(self._items) < self.max_pending
-
-    def offer(self, delivery: MemoryDelivery) -> bool:
-        """Enqueue without waiting; False when the queue is full."""
-        if len(self._items) >= self.max_pending:
-            return False
-        self._items.append(delivery)
-        getter = self._getter
-        if getter is not None:
-            self._getter = None
-            if not getter.done():
-                getter.set_result(None)
-        return True
-
-    async def put(self, delivery: MemoryDelivery) -> None:
-        """Enqueue, waiting while the queue is full (the publisher's backpressure)."""
-        while not self.offer(delivery):
-            if self._stopping:
-                return  # the subscription is going away; the message is dropped as on unsubscribe
-            fut = asyncio.get_running_loop().create_future()
-            self._putters.append(fut)
-            try:
-                await fut
-            finally:
-                if not fut.done():
-                    fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._putters.remove(fut)
-
-    def requeue(self, delivery: MemoryDelivery) -> None:
-        """Put a nacked message back, beyond the bound: it was already counted against it."""
-        if self._stopping and self._task.done():
-            return
-        self._items.append(delivery)
-        self._wake_getter()
-
-    def _wake_getter(self) -> None:
-        getter = self._getter
-        if getter is not None:
-            self._getter = None
-            if not getter.done():
-                getter.set_result(None)
-
-    def _wake_putter(self) -> None:
-        while self._putters:
-            fut = self._putters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-
-    async def _run(self) -> None:
-        items = self._items
-        handler = self.handler
-        while True:
-            while items:
-                delivery = items.popleft()
-                if self._putters:
-                    self._wake_putter()
-                try:
-                    await handler(delivery)
-                except Exception:
-                    # The handler is the bus's; it should never raise. If it does, the
-                    # subscription must survive it.
-                    self.handler_errors += 1
-                    log.exception("memory broker: handler for %r raised", self.pattern)
-            if self._stopping:
-                return
-            fut = asyncio.get_running_loop().create_future()
-            self._getter = fut
-            await fut
-
-    # -- BrokerSubscription -----------------------------------------------------------------
+        return self.dispatcher.has_room()
 
     async def unsubscribe(self) -> None:
         self.client._detach(self)
-        self._items.clear()
-        await self._stop(timeout=None)
+        await self.dispatcher.stop(None, drop=True)
 
     async def drain(self, timeout: float | None = None) -> None:
         self.client._detach(self)
-        await self._stop(timeout)
-
-    async def _stop(self, timeout: float | None) -> None:
-        self._stopping = True
-        self._wake_getter()
-        while self._putters:
-            self._putters.popleft().set_result(None)
-        if self._task is asyncio.current_task():
-            return  # unsubscribing from inside its own handler: the loop ends after this message
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.dispatcher.stop(timeout)
 
 
 class _QueueGroup:
@@ -354,31 +226,22 @@ class MemoryBroker(Lifecycle):
 
     @property
     def server(self) -> MemoryServer:
-        if self._server is None:
-            raise StateError("memory broker is not connected: call connect() first")
-        return self._server
+        return self._connected(self._server)
 
     async def connect(self) -> None:
-        if self._state is LifecycleState.OPEN:
+        if not self._begin_connect():
             return
-        if self._state is not LifecycleState.UNOPENED:
-            raise StateError(f"memory broker is {self._state.value}; create a new one")
         self._server = _server_for(self.server_name)
         self._server.clients += 1
         self._state = LifecycleState.OPEN
 
     async def close(self, timeout: float = 5.0) -> None:
-        if self._state in (LifecycleState.CLOSING, LifecycleState.CLOSED):
+        if not self._begin_close():
             return
-        if self._state is LifecycleState.UNOPENED:
-            self._state = LifecycleState.CLOSED
-            return
-        self._state = LifecycleState.CLOSING
         subs = list(self._subs)
         for sub in subs:
             self._detach(sub)
-        if subs:
-            await asyncio.gather(*(sub.drain(timeout) for sub in subs))
+        await drain_all(subs, timeout)
         self.server.clients -= 1
         self._state = LifecycleState.CLOSED
 
@@ -396,7 +259,7 @@ class MemoryBroker(Lifecycle):
         for target in targets:
             sub = target.pick() if type(target) is _QueueGroup else target
             assert type(sub) is _MemorySubscription
-            delivery = MemoryDelivery(subject, data, 1, sub)
+            delivery = LocalDelivery(subject, data, 1, sub.dispatcher)
             if not sub.offer(delivery):
                 await sub.put(delivery)
             stats.routed += 1
@@ -414,8 +277,7 @@ class MemoryBroker(Lifecycle):
         if durable is not None:
             raise CapabilityNotSupported(self.name, "durable subscriptions")
         validate_pattern(pattern)
-        if queue is not None and not queue:
-            raise ConfigError("queue group name must be non-empty")
+        check_group_names(queue, None)
         sub = _MemorySubscription(self, pattern, handler, queue, max_pending or self.max_pending)
         self._subs.add(sub)
         self.server.attach(sub)

@@ -16,11 +16,13 @@ import enum
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from amb.errors import ConfigError, StateError
 
 ENTRY_POINT_GROUP = "agent_os.brokers"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +158,32 @@ class Lifecycle:
     @property
     def state(self) -> LifecycleState:
         return self._state
+
+    def _connected(self, value: _T | None) -> _T:
+        """``value`` (a connection object), or StateError when the caller has not connected."""
+        if value is None:
+            raise StateError(f"{self._what} is not connected: call connect() first")
+        return value
+
+    def _begin_connect(self) -> bool:
+        """The prologue of ``connect()``: False when already open (nothing to do), True when the
+        caller should connect; StateError once closing or closed (a closed client is not reused)."""
+        if self._state is LifecycleState.OPEN:
+            return False
+        if self._state is not LifecycleState.UNOPENED:
+            raise StateError(f"{self._what} is {self._state.value}; create a new one")
+        return True
+
+    def _begin_close(self) -> bool:
+        """The prologue of ``close()``: True (the state now CLOSING) when the caller should drain
+        and close; False when there is nothing to do (never opened, or already closing/closed)."""
+        if self._state in (LifecycleState.CLOSING, LifecycleState.CLOSED):
+            return False
+        if self._state is LifecycleState.UNOPENED:
+            self._state = LifecycleState.CLOSED
+            return False
+        self._state = LifecycleState.CLOSING
+        return True
 
     def _require_open(self) -> None:
         if self._state is not LifecycleState.OPEN:

@@ -328,12 +328,8 @@ class AMB(Lifecycle):
     async def close(self, timeout: float = 5.0) -> None:
         """Drain subscriptions (in-flight and queued messages finish, up to ``timeout``), fail
         pending requests with StateError, then close the broker. Idempotent."""
-        if self._state in (LifecycleState.CLOSING, LifecycleState.CLOSED):
+        if not self._begin_close():
             return
-        if self._state is LifecycleState.UNOPENED:
-            self._state = LifecycleState.CLOSED
-            return
-        self._state = LifecycleState.CLOSING
         deadline = time.monotonic() + timeout
         if self._pending_starts:
             await asyncio.gather(*self._pending_starts, return_exceptions=True)

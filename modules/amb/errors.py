@@ -24,6 +24,9 @@ Modules built on the bus (IATP, the control plane) derive their own errors from
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 
 class BusError(Exception):
     """Root of every error raised by the Agent Message Bus."""
@@ -119,3 +122,25 @@ class MessageRejected(BusError):
 
 class UnserializablePayload(BusError, TypeError):
     """The payload (or a header) cannot be carried by the chosen serializer."""
+
+
+Translator = Callable[[BaseException, str], "BusError | None"]
+"""An adapter's error translator: the bus error for a client library's error (None: not one)."""
+
+
+@contextlib.contextmanager
+def translating(translate: Translator, action: str) -> Iterator[None]:
+    """Re-raise a client library's error as the bus error ``translate`` picks, original chained.
+
+    Bus errors pass through; an exception ``translate`` does not know (None) is re-raised as is.
+    Each adapter has one translator (most specific match first) and uses it through this.
+    """
+    try:
+        yield
+    except BusError:
+        raise
+    except Exception as exc:
+        error = translate(exc, action)
+        if error is None:
+            raise
+        raise error from exc

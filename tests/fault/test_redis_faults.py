@@ -56,7 +56,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 async def _cleanup(broker: RedisBroker, pattern: str, durable: str) -> None:
     key = f"{broker.key_prefix}durable:{durable}:{pattern}"
-    await broker.redis.zrem(broker.registry_key, f"{pattern} {key}")
+    await broker.redis.zrem(broker.registry_key_for(pattern), f"{pattern} {key}")
     await broker.redis.delete(key, f"{broker.key_prefix}dead:{key}")
 
 

@@ -1,0 +1,119 @@
+"""Options of the Kafka adapter and the mapping from subjects to topics."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlparse
+
+from amb.errors import ConfigError
+from amb.subjects import is_wildcard
+
+SUBJECT_HEADER: Final = "amb-subject"
+PUBLISHED_HEADER: Final = "amb-published-ns"
+INBOX_ROOT: Final = "_INBOX"
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
+INSTALL_HINT: Final = "the kafka broker needs aiokafka: pip install 'agent-os[kafka]'"
+BAD_TOPIC_CHAR: Final = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_TOPIC_LEN: Final = 249
+
+
+def aiokafka_module() -> Any:
+    """The aiokafka module, or ImportError naming the extra to install."""
+    try:
+        import aiokafka
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(INSTALL_HINT) from exc
+    return aiokafka
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaConfig:
+    """Options of :class:`~bus_adapters.kafka.KafkaBroker` (keyword arguments or URL query).
+
+    ``confirm_publish``: each ``publish()`` waits for the broker's acknowledgement (otherwise
+    publishes are pipelined; see the package docstring). ``fetch_max_wait_ms`` is how long a
+    fetch waits for data on subscriptions, ``reply_fetch_max_wait_ms`` the same for this
+    client's reply inbox (short: request/reply latency).
+    """
+
+    client_id: str | None = None
+    partitions: int = 4
+    replication_factor: int = 1
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    metadata_max_age_ms: int = 5_000
+    request_timeout_ms: int = 30_000
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_pending: int = 1024
+    subscribe_timeout: float = 30.0
+    confirm_publish: bool = False
+    linger_ms: int = 0
+    fetch_max_wait_ms: int = 100
+    reply_fetch_max_wait_ms: int = 10
+
+
+def parse_options(connection_string: str | None, options: Mapping[str, Any]) -> tuple[str, KafkaConfig]:
+    """The bootstrap servers and config from a ``kafka://`` URL and keyword options.
+
+    Raises ConfigError for a bad URL, an unknown option or an out-of-range value.
+    """
+    url = urlparse(connection_string or "kafka://127.0.0.1:9092")
+    if url.scheme not in ("kafka", ""):
+        raise ConfigError(f"kafka broker URL must look like kafka://host:port, got {connection_string!r}")
+    bootstrap = url.netloc if url.scheme else url.path
+    if not bootstrap:
+        raise ConfigError(f"no bootstrap servers in {connection_string!r}")
+    types = {f.name: f.type for f in fields(KafkaConfig)}
+    merged: dict[str, Any] = {}
+    for key, value in [*parse_qsl(url.query), *options.items()]:
+        if key not in types:
+            raise ConfigError(f"unknown kafka broker option {key!r}")
+        kind = types[key]
+        if isinstance(value, str) and kind in ("int", int):
+            value = int(value)
+        elif isinstance(value, str) and kind in ("float", float):
+            value = float(value)
+        elif isinstance(value, str) and kind in ("bool", bool):
+            value = value.lower() in ("1", "true", "yes", "on")
+        merged[key] = value
+    config = replace(KafkaConfig(), **merged)
+    if config.partitions < 1 or config.max_pending < 1 or config.max_payload < 1:
+        raise ConfigError("partitions, max_pending and max_payload must be positive")
+    if config.linger_ms < 0 or config.fetch_max_wait_ms < 0 or config.reply_fetch_max_wait_ms < 0:
+        raise ConfigError("linger_ms and the fetch waits must not be negative")
+    return bootstrap, config
+
+
+def topic_for(subject: str) -> str:
+    """The topic a subject is published to (deterministic; reply subjects share one topic)."""
+    tokens = subject.split(".")
+    if tokens[0] == INBOX_ROOT and len(tokens) > 2:
+        tokens = tokens[:2]
+    topic = ".".join(BAD_TOPIC_CHAR.sub(lambda m: f"_x{ord(m.group()):02x}_", t) for t in tokens)
+    if len(topic) > _MAX_TOPIC_LEN:
+        raise ConfigError(f"subject {subject!r} maps to a topic longer than {_MAX_TOPIC_LEN} characters")
+    return topic
+
+
+def inbox_topic(pattern: str) -> str | None:
+    """The reply topic a pattern under ``_INBOX.<client>.`` reads, or None for other patterns."""
+    tokens = pattern.split(".")
+    if tokens[0] == INBOX_ROOT and len(tokens) > 2 and not is_wildcard(tokens[1]):
+        return topic_for(f"{tokens[0]}.{tokens[1]}")
+    return None
+
+
+def topic_regex(pattern: str) -> str:
+    """The topic regex of a wildcard pattern: ``*`` -> ``[^.]+``, ``>`` -> ``.+``."""
+    parts = []
+    for tok in pattern.split("."):
+        if tok == "*":
+            parts.append(r"[^.]+")
+        elif tok == ">":
+            parts.append(r".+")
+        else:
+            parts.append(re.escape(topic_for(tok)))
+    return "^" + r"\.".join(parts) + "$"

@@ -1,0 +1,395 @@
+"""Kafka consumer groups: one aiokafka consumer per (bootstrap, group) in this process, shared by
+the subscriptions that join that group; it fetches, dispatches with key affinity, and commits
+contiguous acked offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from amb.broker import DeliveryHandler
+from amb.dispatch import Dispatcher
+from amb.errors import BrokerUnavailable
+from amb.subjects import is_wildcard, matches
+from bus_adapters.kafka._config import (
+    PUBLISHED_HEADER,
+    SUBJECT_HEADER,
+    aiokafka_module,
+    inbox_topic,
+    topic_for,
+    topic_regex,
+)
+from bus_adapters.kafka._errors import translated
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+    from bus_adapters.kafka._broker import KafkaBroker
+
+log = logging.getLogger("bus_adapters.kafka")
+
+# Deliveries of one key handed to one member in a row before the key may move to another
+# member (once that member has acked them all): spreads a hot key's work over the group.
+_KEY_RUN = 16
+
+
+def _published_ns(record: ConsumerRecord[bytes, bytes]) -> int:
+    for name, value in record.headers or ():
+        if name == PUBLISHED_HEADER:
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return int(record.timestamp) * 1_000_000
+
+
+class KafkaDelivery:
+    """A record handed to a Kafka subscription."""
+
+    __slots__ = ("_sub", "attempt", "data", "extra", "key", "subject", "tp")
+
+    def __init__(
+        self,
+        sub: KafkaSubscription,
+        subject: str,
+        data: bytes,
+        key: bytes | None,
+        tp: TopicPartition,
+        offset: int,
+        attempt: int = 1,
+    ) -> None:
+        self._sub = sub
+        self.subject = subject
+        self.data = data
+        self.key = key
+        self.tp = tp
+        self.attempt = attempt
+        self.extra: Mapping[str, Any] = {"topic": tp.topic, "partition": tp.partition, "offset": offset}
+
+    @property
+    def offset(self) -> int:
+        return int(self.extra["offset"])
+
+    async def ack(self) -> None:
+        self._sub.group.acked(self)
+
+    async def nack(self, delay: float | None = None) -> None:
+        again = KafkaDelivery(
+            self._sub, self.subject, self.data, self.key, self.tp, self.offset, self.attempt + 1
+        )
+        self._sub.dispatcher.requeue(again, delay)
+
+
+class KafkaSubscription:
+    """One subscription: a dispatcher fed by its group consumer."""
+
+    def __init__(
+        self,
+        broker: KafkaBroker,
+        group: GroupConsumer,
+        pattern: str,
+        handler: DeliveryHandler,
+        queue: str | None,
+    ) -> None:
+        self.broker = broker
+        self.group = group
+        self.pattern = pattern
+        self.queue = queue
+        # The group consumer bounds what it hands over (max_pending per member), so the
+        # dispatcher's own bound only matters for push() callers that check has_room().
+        self.dispatcher: Dispatcher[KafkaDelivery] = Dispatcher(
+            handler,
+            max_pending=group.config.max_pending,
+            name=f"kafka broker {pattern!r}",
+            on_handled=group.handled,
+        )
+
+    @property
+    def handler_errors(self) -> int:
+        return self.dispatcher.handler_errors
+
+    @property
+    def pending(self) -> int:
+        return len(self.dispatcher)
+
+    async def unsubscribe(self) -> None:
+        await self._stop(None, drop=True)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        await self._stop(timeout, drop=False)
+
+    async def _stop(self, timeout: float | None, drop: bool) -> None:
+        self.group.detach(self)
+        self.broker._subs.discard(self)
+        await self.dispatcher.stop(timeout, drop=drop)
+        await self.group.release()
+
+
+class GroupConsumer:
+    """One aiokafka consumer (one member of one Kafka group) shared by this process's subscriptions
+    of that group: fetches, dispatches with key affinity, and commits contiguous acked offsets."""
+
+    def __init__(self, broker: KafkaBroker, group_id: str, pattern: str, *, durable: bool) -> None:
+        self.broker = broker
+        self.bootstrap = broker.bootstrap
+        self.config = broker.config
+        self.group_id = group_id
+        self.pattern = pattern
+        self.durable = durable
+        self.members: list[KafkaSubscription] = []
+        self.refs = 0
+        self._rr = itertools.count()
+        # key -> (member handling it, its deliveries not yet acked, deliveries in this run)
+        self._key_owner: dict[bytes, tuple[KafkaSubscription, int, int]] = {}
+        self._pending: dict[TopicPartition, deque[int]] = {}
+        self._acked: dict[TopicPartition, set[int]] = {}
+        self._commit_to: dict[TopicPartition, int] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self._dirty = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self._started = asyncio.Lock()
+        self._closed = False
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._started:
+            if self._consumer is not None:
+                return
+            # Topic work first: a failure here leaves no consumer object behind.
+            topic = inbox_topic(self.pattern)
+            reply = topic is not None
+            regex = None
+            if topic is None and is_wildcard(self.pattern):
+                regex = topic_regex(self.pattern)
+                existing = await self.broker._matching_topics(regex)
+            else:
+                topic = topic or topic_for(self.pattern)
+                await self.broker._ensure_topic(topic)
+                existing = {topic}
+            aiokafka = aiokafka_module()
+            cfg = self.config
+            consumer = aiokafka.AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=f"{self.broker.client_id}-consumer",
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=cfg.session_timeout_ms,
+                heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                metadata_max_age_ms=cfg.metadata_max_age_ms,
+                request_timeout_ms=cfg.request_timeout_ms,
+                max_partition_fetch_bytes=max(cfg.max_payload * 2, 1024 * 1024),
+                fetch_max_wait_ms=cfg.reply_fetch_max_wait_ms if reply else cfg.fetch_max_wait_ms,
+            )
+            if regex is not None:
+                consumer.subscribe(pattern=regex, listener=listener(self))
+            else:
+                consumer.subscribe(topics=[topic], listener=listener(self))
+            with translated(f"subscribe to {self.pattern!r}"):
+                await consumer.start()
+                try:
+                    await self._position(consumer, existing)
+                except BaseException:
+                    await consumer.stop()
+                    raise
+            self._consumer = consumer
+            loop = asyncio.get_running_loop()
+            self._fetch_task = loop.create_task(self._fetch(), name=f"kafka-fetch:{self.group_id}")
+            self._commit_task = loop.create_task(self._commits(), name=f"kafka-commit:{self.group_id}")
+
+    async def _position(self, consumer: AIOKafkaConsumer, existing: set[str]) -> None:
+        """Wait until the partitions of the topics that exist now are assigned, and (for a
+        non-durable group without committed offsets) move to their end: subscribe() returns only
+        when a later message is sure to be delivered."""
+        if not existing:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.subscribe_timeout
+        while not {tp.topic for tp in consumer.assignment()} >= existing:
+            if loop.time() > deadline:
+                raise BrokerUnavailable(f"kafka: no partition assignment for group {self.group_id!r}")
+            await asyncio.sleep(0.01)
+        for tp in consumer.assignment():
+            if tp.topic in existing and not self.durable and await consumer.committed(tp) is None:
+                await consumer.seek_to_end(tp)
+            await consumer.position(tp)  # resolves the position now, not at the first fetch
+
+    # -- fetching and dispatch -------------------------------------------------------------------
+
+    async def _fetch(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        aiokafka = aiokafka_module()
+        while not self._closed:
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=500)
+            except aiokafka.errors.KafkaError as exc:
+                log.warning("kafka broker: fetch for group %r failed: %s", self.group_id, exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(batches) == 1:
+                ((tp, records),) = batches.items()
+                for record in records:
+                    await self._dispatch(tp, record)
+                continue
+            # Records of different partitions (or topics, for a wildcard) fetched together are
+            # handed over in publish order, as far as the publishers' clocks tell; each
+            # partition's own order is kept (a merge, not a sort).
+            merged = heapq.merge(
+                *(((_published_ns(r), tp, r) for r in records) for tp, records in batches.items()),
+                key=lambda item: item[0],
+            )
+            for _, tp, record in merged:
+                await self._dispatch(tp, record)
+
+    async def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        subject = record.topic
+        for name, value in record.headers or ():
+            if name == SUBJECT_HEADER:
+                subject = value.decode("utf-8", "replace")
+                break
+        self._pending.setdefault(tp, deque()).append(record.offset)
+        while True:
+            member = self._pick(record.key)
+            if member is not None and (member.pending < self.config.max_pending or self._closed):
+                break
+            self._room.clear()
+            await self._room.wait()
+            if self._closed or not self.members:
+                return
+        delivery = KafkaDelivery(member, subject, record.value or b"", record.key, tp, record.offset)
+        if not (subject == self.pattern or (is_wildcard(self.pattern) and matches(self.pattern, subject))):
+            self.acked(delivery)  # another subject mapped to this topic: not ours, skip it
+            return
+        if record.key is not None:
+            _, count, run = self._key_owner.get(record.key, (member, 0, 0))
+            self._key_owner[record.key] = (member, count + 1, run + 1)
+        member.dispatcher.push(delivery)
+
+    def _pick(self, key: bytes | None) -> KafkaSubscription | None:
+        if not self.members:
+            return None
+        owned = self._key_owner.get(key) if key is not None else None
+        if owned is not None:
+            owner, _, run = owned
+            if run < _KEY_RUN or len(self.members) == 1:
+                return owner
+            # A long run of one key: let its owner finish what it has of that key, then the
+            # key may move to another member (order kept: never two members on one key).
+            return None
+        members = self.members
+        start = next(self._rr) % len(members)
+        ring = (members[(start + i) % len(members)] for i in range(len(members)))
+        return min(ring, key=lambda m: m.pending)  # least loaded, round-robin among equals
+
+    def handled(self) -> None:
+        self._room.set()
+
+    def acked(self, delivery: KafkaDelivery) -> None:
+        key = delivery.key
+        if key is not None and key in self._key_owner:
+            owner, count, run = self._key_owner[key]
+            if count <= 1:
+                del self._key_owner[key]
+            else:
+                self._key_owner[key] = (owner, count - 1, run)
+        tp = delivery.tp
+        pending = self._pending.get(tp)
+        if pending is None:
+            return  # the partition was revoked meanwhile
+        acked = self._acked.setdefault(tp, set())
+        acked.add(delivery.offset)
+        advanced = None
+        while pending and pending[0] in acked:
+            advanced = pending.popleft()
+            acked.discard(advanced)
+        if advanced is not None:
+            self._commit_to[tp] = advanced + 1
+            self._dirty.set()
+
+    # -- commits -----------------------------------------------------------------------------------
+
+    async def _commits(self) -> None:
+        while not self._closed:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self.commit()
+            await asyncio.sleep(0.05)  # coalesce bursts of acks into one OffsetCommit
+
+    async def commit(self) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._commit_to:
+            return
+        assigned = consumer.assignment()
+        offsets = {tp: off for tp, off in self._commit_to.items() if tp in assigned}
+        self._commit_to.clear()
+        if not offsets:
+            return
+        aiokafka = aiokafka_module()
+        try:
+            await consumer.commit(offsets)
+        except aiokafka.errors.KafkaError as exc:
+            # At least once: the uncommitted messages are delivered again after a rebalance.
+            log.warning("kafka broker: commit for group %r failed: %s", self.group_id, exc)
+
+    def revoked(self, partitions: Any) -> None:
+        for tp in partitions:
+            self._pending.pop(tp, None)
+            self._acked.pop(tp, None)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def attach(self, member: KafkaSubscription) -> None:
+        self.members.append(member)
+        self._room.set()
+
+    def detach(self, member: KafkaSubscription) -> None:
+        if member in self.members:
+            self.members.remove(member)
+            for key, (owner, _, _) in list(self._key_owner.items()):
+                if owner is member:
+                    del self._key_owner[key]
+            self._room.set()
+
+    async def release(self) -> None:
+        """Called when a member stops: the last one commits and closes the consumer."""
+        self.refs -= 1
+        if self.refs > 0:
+            return
+        self.broker._groups.pop((self.bootstrap, self.group_id), None)
+        self._closed = True
+        self._room.set()
+        for task in (self._fetch_task, self._commit_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._consumer is not None:
+            await self.commit()
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            self._consumer = None
+
+
+def listener(group: GroupConsumer) -> Any:
+    """A rebalance listener (aiokafka's base class is imported lazily): commit acked offsets
+    before partitions move, and forget the revoked partitions' bookkeeping."""
+    from aiokafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            await group.commit()
+            group.revoked(revoked)
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            return None
+
+    return Listener()

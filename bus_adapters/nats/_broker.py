@@ -1,0 +1,268 @@
+"""The NATS broker client: connection, publishing, and subscription set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
+from amb.dispatch import check_group_names, drain_all
+from amb.errors import BrokerUnavailable, ConfigError
+from amb.subjects import validate_pattern
+from bus_adapters.nats._config import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_URL,
+    INSTALL_HINT,
+    NAME_OK,
+    NatsConfig,
+    covers,
+)
+from bus_adapters.nats._errors import translate, translated
+from bus_adapters.nats._jetstream import ensure_consumer, stream_for
+from bus_adapters.nats._publish import AckWindow
+from bus_adapters.nats._subscriptions import CoreSubscription, DurableSubscription, NatsSubscription
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client, Server
+    from nats.js.manager import JetStreamManager
+
+log = logging.getLogger("bus_adapters.nats")
+
+_ROUTE_CACHE_MAX: Final = 8192
+
+
+class NatsBroker(Lifecycle):
+    """A NATS (and JetStream) client. ``NatsBroker("nats://HOST:PORT", **NatsConfig fields)``.
+
+    Raises ConfigError for a bad URL or option; see the package docstring for the guarantees.
+    """
+
+    name = "nats"
+    capabilities = Capabilities(
+        durable=True,
+        redelivery=True,
+        queue_groups=True,
+        wildcards=True,
+        ordered_per_key=False,
+        native_request_reply=True,
+        max_payload=DEFAULT_MAX_PAYLOAD,
+    )
+    _what = "nats broker"
+
+    def __init__(
+        self, connection_string: str | None = None, *, config: NatsConfig | None = None, **options: Any
+    ) -> None:
+        if config is not None and options:
+            raise ConfigError("pass either config= or keyword options, not both")
+        try:
+            self.config = config or NatsConfig(**options)
+        except TypeError as exc:
+            raise ConfigError(f"nats broker: {exc}") from None
+        self.servers = [s.strip() for s in (connection_string or DEFAULT_URL).split(",") if s.strip()]
+        for url in self.servers:
+            if not re.match(r"^(nats|tls|ws|wss)://", url):
+                raise ConfigError(f"nats broker URL must look like nats://HOST:PORT, got {url!r}")
+        self._nc: Client | None = None
+        self._jsm: JetStreamManager | None = None
+        self._acks: AckWindow | None = None
+        self._subs: set[NatsSubscription] = set()
+        self._stream_patterns: list[str] = list(self.config.stream_subjects)
+        self._routes: dict[str, bool] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._inbox = f"_INBOX.{os.urandom(12).hex()}"
+
+    @property
+    def connection(self) -> Client:
+        """The nats-py connection. Raises StateError before connect()."""
+        return self._connected(self._nc)
+
+    @property
+    def publish_acks(self) -> AckWindow:
+        """The window of durable publishes awaiting JetStream's ack (counters: ``confirmed``,
+        ``resent``, ``failures``, ``outstanding``). Raises StateError before connect()."""
+        return self._connected(self._acks)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect (within ``connect_timeout``); raises BrokerUnavailable when no server answers."""
+        if not self._begin_connect():
+            return
+        try:
+            from nats.aio.client import Client
+        except ImportError as exc:
+            raise ImportError(INSTALL_HINT) from exc
+        nc = Client()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                await nc.connect(
+                    servers=self.servers,
+                    name=self.config.name,
+                    connect_timeout=max(1, int(self.config.connect_timeout)),
+                    max_reconnect_attempts=-1,
+                    reconnect_to_server_handler=self._next_server,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BrokerUnavailable(f"cannot connect to NATS at {', '.join(self.servers)}: {exc!r}") from exc
+        self._nc = nc
+        self._jsm = nc.jsm()
+        self._acks = AckWindow(
+            nc.jetstream(), window=self.config.publish_window, publish_timeout=self.config.publish_timeout
+        )
+        self.capabilities = dataclasses.replace(self.capabilities, max_payload=nc.max_payload)
+        self._state = LifecycleState.OPEN
+
+    def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        server = min(servers, key=lambda s: s.reconnects)
+        cfg = self.config
+        delay = min(cfg.reconnect_wait_max, cfg.reconnect_wait * 2 ** min(server.reconnects, 20))
+        return server, delay * random.uniform(0.5, 1.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats broker: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._state is LifecycleState.OPEN:
+            log.warning("nats broker: disconnected, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats broker: reconnected")
+        for sub in list(self._subs):
+            if isinstance(sub, DurableSubscription):
+                await sub.pull(reset=True)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait for durable publishes' acks, drain every subscription, close; all within ``timeout``."""
+        if not self._begin_close():
+            return
+        deadline = time.monotonic() + timeout
+        if self._acks is not None:
+            await self._acks.close(timeout)
+        subs = list(self._subs)
+        self._subs.clear()
+        await drain_all(subs, max(0.0, deadline - time.monotonic()))
+        for task in list(self._background):
+            task.cancel()
+        nc = self.connection
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), max(1.0, deadline - time.monotonic()))
+        self._state = LifecycleState.CLOSED
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes, *, key: str | None = None) -> None:
+        """Publish ``data``; see the package docstring for what returning means on each kind of
+        subject. Raises BrokerUnavailable / TransportError (a bad subject: ConfigError)."""
+        if self._state is not LifecycleState.OPEN:
+            self._require_open()
+        if self._stream_patterns and self._is_stream_subject(subject):
+            assert self._acks is not None  # guaranteed by the OPEN state
+            await self._acks.publish(subject, data, confirm=self.config.confirm_publish)
+            return
+        nc = self._nc
+        assert nc is not None  # guaranteed by the OPEN state
+        try:
+            await nc.publish(subject, data)
+            if self.config.confirm_publish:
+                await self._confirm(nc)
+        except Exception as exc:
+            raise (translate(exc, f"publish to {subject!r}") or exc) from exc
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every durable publish so far is acknowledged by JetStream (and core
+        publishes are written). Raises TransportError for durable publishes given up."""
+        self._require_open()
+        assert self._acks is not None
+        await self._acks.flush(timeout)
+        with translated("flush"):
+            await self.connection.flush(timeout=max(1, int(timeout or self.config.publish_timeout)))
+
+    async def _confirm(self, nc: Client) -> None:
+        # nats-py's flush() writes its PING straight to the socket, ahead of commands still in
+        # the write buffer: have the buffer written first, so the PONG proves the server has
+        # processed the message (and queued it to every subscriber) before publish() returns.
+        write_pending = getattr(nc, "_flush_pending", None)
+        if write_pending is not None:
+            await write_pending(force_flush=True)
+        else:
+            await asyncio.sleep(0)
+        await nc.flush(timeout=max(1, int(self.config.publish_timeout)))
+
+    def _is_stream_subject(self, subject: str) -> bool:
+        known = self._routes.get(subject)
+        if known is None:
+            known = any(covers(p, subject) for p in self._stream_patterns)
+            if len(self._routes) >= _ROUTE_CACHE_MAX:
+                self._routes.clear()
+            self._routes[subject] = known
+        return known
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: DeliveryHandler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        max_pending: int | None = None,
+    ) -> BrokerSubscription:
+        """Core subscription, or a JetStream durable consumer when ``durable`` is given (its
+        stream found or created). Raises ConfigError for bad names or overlapping streams."""
+        self._require_open()
+        validate_pattern(pattern)
+        check_group_names(queue, durable)
+        nc = self.connection
+        bound = max_pending or self.config.max_pending
+        sub: CoreSubscription | DurableSubscription
+        if durable is None:
+            sub = CoreSubscription(self, pattern, handler, queue, bound)
+        else:
+            if not NAME_OK.match(durable):
+                raise ConfigError(f"durable name {durable!r} may only use letters, digits, '-' and '_'")
+            assert self._jsm is not None  # guaranteed by the OPEN state
+            stream, subjects = await stream_for(self._jsm, self.config, pattern)
+            self._remember_stream(subjects)
+            await ensure_consumer(self._jsm, self.config, stream, durable, pattern)
+            sub = DurableSubscription(
+                self, pattern, handler, queue, max(bound, self.config.pull_batch), stream, durable
+            )
+        try:
+            with translated(f"subscribe to {pattern!r}"):
+                await sub.start(nc)
+        except BaseException:
+            await sub.unsubscribe()
+            raise
+        self._subs.add(sub)
+        return sub
+
+    def _remember_stream(self, subjects: list[str]) -> None:
+        new = [s for s in subjects if s not in self._stream_patterns]
+        if new:
+            self._stream_patterns.extend(new)
+            self._routes.clear()
+
+    def inbox_prefix(self) -> str:
+        return self._inbox
+
+    def _forget(self, sub: NatsSubscription) -> None:
+        self._subs.discard(sub)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

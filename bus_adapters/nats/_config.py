@@ -1,0 +1,69 @@
+"""Options of the NATS adapter, and the subject arithmetic its JetStream part needs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from amb.errors import ConfigError
+from amb.subjects import validate_pattern
+
+INSTALL_HINT: Final = "the NATS broker needs nats-py: pip install 'agent-os[nats]'"
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
+NAME_OK: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsConfig:
+    """Options of :class:`~bus_adapters.nats.NatsBroker` (times in seconds)."""
+
+    name: str | None = None  # connection name shown by the server's monitoring
+    connect_timeout: float = 5.0  # for the first connection; then it reconnects forever
+    reconnect_wait: float = 0.1  # first reconnect delay, doubled per failed attempt...
+    reconnect_wait_max: float = 2.0  # ...up to this
+    max_pending: int = 4096  # per-subscription queue bound
+    publish_timeout: float = 10.0  # a JetStream publish keeps being retried this long
+    publish_window: int = 256  # JetStream publishes awaiting their ack before publish() waits
+    confirm_publish: bool = False  # True: every publish waits for the server's confirmation
+    stream_subjects: tuple[str, ...] = ()  # patterns to publish through JetStream with confirmation
+    stream_max_age: float | None = None  # age limit of the streams this adapter creates
+    max_deliver: int = 5  # JetStream deliveries of a message before the server gives up
+    ack_wait: float = 30.0  # an unacked durable message is redelivered after this
+    pull_batch: int = 128  # messages asked for per JetStream pull request
+    pull_expires: float = 10.0  # lifetime of a pull request
+
+    def __post_init__(self) -> None:
+        positive = ("connect_timeout", "reconnect_wait", "publish_timeout", "ack_wait", "pull_expires")
+        for field in positive:
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive")
+        if self.reconnect_wait_max < self.reconnect_wait:
+            raise ConfigError("reconnect_wait_max must be at least reconnect_wait")
+        if min(self.max_pending, self.pull_batch, self.max_deliver, self.publish_window) < 1:
+            raise ConfigError("max_pending, pull_batch, max_deliver and publish_window must be at least 1")
+        if self.pull_batch > self.max_pending:
+            raise ConfigError("pull_batch must not exceed max_pending")
+        if self.stream_max_age is not None and self.stream_max_age <= 0:
+            raise ConfigError("stream_max_age must be positive (or None)")
+        for pattern in self.stream_subjects:
+            validate_pattern(pattern)
+
+
+def covers(outer: str, inner: str) -> bool:
+    """True when every subject matching ``inner`` also matches ``outer`` (both patterns)."""
+    o, i = outer.split("."), inner.split(".")
+    for n, tok in enumerate(o):
+        if tok == ">":
+            return len(i) > n
+        if n >= len(i) or i[n] == ">" or (tok != "*" and (tok != i[n] or i[n] == "*")):
+            return False
+    return len(o) == len(i)
+
+
+def stream_name(pattern: str) -> str:
+    """The name of the stream this adapter creates for ``pattern`` (readable part + hash)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", pattern.replace("*", "S").replace(">", "G"))[:40]
+    return f"AMB_{readable}_{hashlib.sha256(pattern.encode()).hexdigest()[:12]}"

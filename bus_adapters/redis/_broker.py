@@ -1,0 +1,358 @@
+"""The Redis broker client: connection, the pub/sub reader, publishing and group registration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Coroutine
+from typing import Any, Final, cast
+from urllib.parse import urlparse
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
+from amb.dispatch import check_group_names, drain_all
+from amb.errors import BrokerUnavailable, ConfigError, TransportError
+from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
+from bus_adapters.redis import _lua
+from bus_adapters.redis._errors import translate, translated
+from bus_adapters.redis._subscriptions import PubSubSubscription, StreamSubscription, text
+
+log = logging.getLogger("bus_adapters.redis")
+
+DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
+DEFAULT_MAX_PENDING: Final = 4096
+INBOX_PREFIX: Final = "_INBOX."
+_GLOB_SPECIAL: Final = frozenset("?*[]\\")
+
+
+def glob_for(pattern: str) -> str:
+    """The Redis glob that matches a superset of the subjects ``pattern`` matches."""
+    tokens = []
+    for tok in pattern.split("."):
+        if tok in ("*", ">"):
+            tokens.append("*")
+        else:
+            tokens.append("".join("\\" + c if c in _GLOB_SPECIAL else c for c in tok))
+    return ".".join(tokens)
+
+
+_client_ids = itertools.count(1)
+
+
+class RedisBroker(Lifecycle):
+    """A client of a Redis server. ``RedisBroker("redis://127.0.0.1:6379/0")``.
+
+    Options: ``max_pending`` (per-subscription queue bound), ``stream_maxlen`` (approximate
+    bound of each group's stream), ``claim_min_idle`` (seconds an entry stays pending on a
+    consumer before another may claim it), ``max_deliveries`` (deliveries of a stream entry
+    before it is dead-lettered), ``durable_ttl`` (seconds a durable group outlives its last
+    member, None for ever), ``queue_lease`` (the same for queue groups), ``read_batch``,
+    ``block`` (longest ``XREADGROUP`` wait, seconds), ``reconnect_attempts``, ``key_prefix``;
+    anything else goes to ``redis.asyncio.Redis.from_url``. Raises ConfigError for a bad URL
+    or option.
+    """
+
+    name = "redis"
+    capabilities = Capabilities(
+        durable=True,
+        redelivery=True,
+        queue_groups=True,
+        wildcards=True,
+        ordered_per_key=False,
+        native_request_reply=False,
+        max_payload=None,
+    )
+    _what = "redis broker"
+
+    def __init__(
+        self,
+        connection_string: str | None = None,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        stream_maxlen: int = 100_000,
+        claim_min_idle: float = 30.0,
+        max_deliveries: int = 16,
+        durable_ttl: float | None = 24 * 3600.0,
+        queue_lease: float = 30.0,
+        read_batch: int = 64,
+        block: float = 2.0,
+        reconnect_attempts: int = 20,
+        key_prefix: str = "amb:",
+        **redis_options: Any,
+    ) -> None:
+        self.url = connection_string or DEFAULT_URL
+        if urlparse(self.url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"redis broker URL must look like redis://HOST:PORT/DB, got {self.url!r}")
+        if max_pending < 1 or stream_maxlen < 1 or max_deliveries < 1 or read_batch < 1:
+            raise ConfigError("max_pending, stream_maxlen, max_deliveries and read_batch must be >= 1")
+        if min(claim_min_idle, queue_lease, block, durable_ttl or 1.0) <= 0:
+            raise ConfigError("claim_min_idle, queue_lease, block and durable_ttl must be positive")
+        self.max_pending = max_pending
+        self.stream_maxlen = stream_maxlen
+        self.claim_min_idle = claim_min_idle
+        self.max_deliveries = max_deliveries
+        self.durable_ttl = durable_ttl
+        self.queue_lease = queue_lease
+        self.read_batch = read_batch
+        self.block = block
+        self.key_prefix = key_prefix
+        self.registry_key = f"{key_prefix}groups"
+        self.dead_lettered = 0
+        self.client_id = f"{os.getpid():x}{next(_client_ids):x}{os.urandom(4).hex()}"
+        self._inbox = f"{INBOX_PREFIX}{self.client_id}"
+        self._redis_options: dict[str, Any] = {
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), reconnect_attempts),
+            "socket_keepalive": True,
+            **redis_options,
+        }
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._subs: set[PubSubSubscription] = set()
+        self._exact: dict[str, list[PubSubSubscription]] = {}
+        self._globs: dict[str, list[PubSubSubscription]] = {}
+        self._confirms: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        self._sub_ids = itertools.count(1)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._publish_script: Any = None
+        self._register_script: Any = None
+        self._wildcard_index = self.registry_key_for(_lua.WILDCARD_INDEX)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The redis-py client. Raises StateError before connect()."""
+        return self._connected(self._redis)
+
+    def registry_key_for(self, subject_or_pattern: str) -> str:
+        """The registry index a pattern's groups are listed in (see :mod:`._lua`)."""
+        return f"{self.registry_key}:{_lua.index_token(subject_or_pattern)}"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect and open the pub/sub connection; raises BrokerUnavailable."""
+        if not self._begin_connect():
+            return
+        client = aioredis.Redis.from_url(self.url, **self._redis_options)
+        try:
+            with translated("connect"):
+                await client.ping()
+                pubsub = client.pubsub()
+                await pubsub.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await client.aclose()
+            raise
+        self._redis = client
+        self._pubsub = pubsub
+        self._publish_script = client.register_script(_lua.PUBLISH)
+        self._register_script = client.register_script(_lua.REGISTER)
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_pubsub(), name="redis-pubsub")
+        self._heartbeat = loop.create_task(self._renew_leases(), name="redis-leases")
+        self._state = LifecycleState.OPEN
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain every subscription (up to ``timeout``), then close the connections."""
+        if not self._begin_close():
+            return
+        await drain_all(list(self._subs), timeout)
+        for task in (self._reader, self._heartbeat, *self._background):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(rexc.RedisError, OSError):
+            if self._pubsub is not None:
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self.redis.aclose()
+        self._state = LifecycleState.CLOSED
+
+    # -- publish ------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes, *, key: str | None = None) -> None:
+        """PUBLISH, and XADD to the stream of every live matching group, atomically (one script).
+
+        Reply subjects (``_INBOX.…``) are a plain PUBLISH: replies reach pub/sub subscriptions
+        only. Raises ConfigError (bad subject), BrokerUnavailable or TransportError.
+        """
+        if self._state is not LifecycleState.OPEN:
+            self._require_open()
+        validate_subject(subject)
+        try:
+            if subject.startswith(INBOX_PREFIX):
+                await self.redis.publish(subject, data)
+            else:
+                await self._publish_script(
+                    keys=[self.registry_key_for(subject), self._wildcard_index],
+                    args=[subject, data, self.stream_maxlen],
+                )
+        except Exception as exc:
+            raise (translate(exc, f"publish to {subject!r}") or exc) from exc
+
+    # -- subscribe ----------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: DeliveryHandler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+        max_pending: int | None = None,
+    ) -> BrokerSubscription:
+        """Pub/sub for a plain subscription; a stream consumer group for ``queue`` / ``durable``.
+
+        Raises ConfigError for bad names, BrokerUnavailable / TransportError from Redis.
+        """
+        self._require_open()
+        validate_pattern(pattern)
+        check_group_names(queue, durable)
+        for what, value in (("queue group", queue), ("durable", durable)):
+            if value is not None and any(c.isspace() for c in value):
+                raise ConfigError(f"{what} name must not contain whitespace, got {value!r}")
+        bound = max_pending or self.max_pending
+        if durable is None and queue is None:
+            sub = PubSubSubscription(self, pattern, handler, None, bound)
+            self._subs.add(sub)
+            try:
+                await self._listen(sub)
+            except BaseException:
+                await sub.unsubscribe()
+                raise
+            return sub
+        if durable is not None:
+            key, group = f"{self.key_prefix}durable:{durable}:{pattern}", durable
+            lease = 0 if self.durable_ttl is None else int(self.durable_ttl * 1000)
+        else:
+            assert queue is not None
+            key, group = f"{self.key_prefix}queue:{queue}:{pattern}", queue
+            lease = int(self.queue_lease * 1000)
+        stream_sub = StreamSubscription(
+            self, pattern, handler, queue, bound, key=key, group=group, lease_ms=lease
+        )
+        self._subs.add(stream_sub)
+        try:
+            await stream_sub.register()
+        except BaseException:
+            await stream_sub.unsubscribe()
+            raise
+        stream_sub.start()
+        return stream_sub
+
+    def inbox_prefix(self) -> str:
+        return self._inbox
+
+    async def _register(self, sub: StreamSubscription) -> None:
+        with translated(f"create the group {sub.group!r} on {sub.key!r}"):
+            await self._register_script(
+                keys=[self.registry_key_for(sub.pattern), sub.key], args=[sub.member, sub.group, sub.lease_ms]
+            )
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of this client's groups alive while it has members in them."""
+        every = min(self.queue_lease, self.durable_ttl or self.queue_lease) / 3
+        while True:
+            await asyncio.sleep(every)
+            for sub in [s for s in self._subs if isinstance(s, StreamSubscription) and s.lease_ms]:
+                try:
+                    await self._register(sub)
+                except TransportError as exc:
+                    log.warning("redis broker: could not renew the lease of %s: %r", sub.key, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- pub/sub ------------------------------------------------------------------------------
+
+    async def _listen(self, sub: PubSubSubscription) -> None:
+        """Add a pub/sub subscription; returns once Redis confirmed the (P)SUBSCRIBE."""
+        pubsub = self._pubsub
+        assert pubsub is not None
+        if is_wildcard(sub.pattern):
+            kind, name, table = "psubscribe", glob_for(sub.pattern), self._globs
+        else:
+            kind, name, table = "subscribe", sub.pattern, self._exact
+        members = table.setdefault(name, [])
+        members.append(sub)
+        if len(members) > 1:
+            return  # already subscribed in Redis (and confirmed, or being confirmed)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirms.setdefault((kind, name), []).append(fut)
+        with translated(f"{kind} to {name!r}"):
+            if kind == "psubscribe":
+                await pubsub.psubscribe(name)
+            else:
+                await pubsub.subscribe(name)
+        try:
+            await asyncio.wait_for(fut, 10.0)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"redis did not confirm {kind} to {name!r}") from exc
+
+    async def _detach(self, sub: PubSubSubscription) -> None:
+        if sub not in self._subs:
+            return
+        self._subs.discard(sub)
+        if isinstance(sub, StreamSubscription):
+            return
+        wildcard = is_wildcard(sub.pattern)
+        table = self._globs if wildcard else self._exact
+        name = glob_for(sub.pattern) if wildcard else sub.pattern
+        members = table.get(name, [])
+        with contextlib.suppress(ValueError):
+            members.remove(sub)
+        if members or self._pubsub is None:
+            return
+        table.pop(name, None)
+        with contextlib.suppress(rexc.RedisError, OSError):
+            if wildcard:
+                await self._pubsub.punsubscribe(name)
+            else:
+                await self._pubsub.unsubscribe(name)
+
+    async def _read_pubsub(self) -> None:
+        """The client's one pub/sub reader: dispatches each message to the matching subscriptions."""
+        pubsub = self._pubsub
+        assert pubsub is not None
+        failures = 0
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=None)
+                failures = 0
+            except (rexc.RedisError, OSError) as exc:
+                # redis-py already retried with backoff; keep trying while the client is open.
+                if failures == 0:
+                    log.warning("redis broker: pub/sub connection lost (%r); reconnecting", exc)
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                failures += 1
+                continue
+            if message is None:
+                continue
+            kind = text(message["type"])
+            if kind == "message":
+                subject = text(message["channel"])
+                targets = self._exact.get(subject, ())
+            elif kind == "pmessage":
+                subject = text(message["channel"])
+                targets = [
+                    s for s in self._globs.get(text(message["pattern"]), ()) if matches(s.pattern, subject)
+                ]
+            else:
+                if kind in ("subscribe", "psubscribe"):
+                    for fut in self._confirms.pop((kind, text(message["channel"])), ()):
+                        if not fut.done():
+                            fut.set_result(None)
+                continue
+            data = cast(bytes, message["data"])
+            for sub in list(targets):
+                await sub.put(subject, data)

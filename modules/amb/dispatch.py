@@ -1,0 +1,352 @@
+"""The per-subscription dispatcher every broker adapter uses to feed a handler.
+
+A :class:`Dispatcher` holds what one broker subscription owes its handler and guarantees the
+:class:`~amb.broker.Broker` contract: one delivery at a time, in the order received; a handler
+that raises is counted and logged, never stops the subscription; ``drain`` lets queued
+deliveries finish within a timeout and then cancels a stuck handler.
+
+Deliveries reach it in one of two ways:
+
+- **queued**: :meth:`Dispatcher.offer` / :meth:`Dispatcher.put` append to a bounded queue that
+  the dispatcher's own task empties (for sources shared by several subscriptions: a publisher
+  in the memory broker, the Redis pub/sub reader, a Kafka group consumer). ``put`` waits while
+  the queue is full: the source's backpressure.
+- **inline**: :meth:`Dispatcher.deliver` runs the handler in the caller's task when nothing is
+  queued or running (for a source that already has one task per subscription, such as a
+  nats-py callback): no extra queue hop, no task switch.
+
+:meth:`Dispatcher.requeue` puts a delivery back (after an optional delay) beyond the bound, for
+local redelivery: :class:`LocalDelivery` is the delivery of brokers that cannot redeliver
+themselves (core NATS, Redis pub/sub, the memory broker); its ``nack`` hands the same bytes to
+the same subscription again with ``attempt + 1``. Local redeliveries die with the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from amb.errors import ConfigError
+
+log = logging.getLogger("amb.dispatch")
+
+_EMPTY: Final[Mapping[str, Any]] = {}
+
+
+class _Stoppable(Protocol):
+    async def drain(self, timeout: float | None = None) -> None: ...
+
+
+T = TypeVar("T")
+
+
+class Dispatcher(Generic[T]):
+    """Feeds ``handler`` one delivery at a time from a bounded queue or inline (see the module).
+
+    ``max_pending`` bounds the queue (``put`` waits for room; ``requeue`` may exceed it: those
+    messages were counted once already). ``on_handled`` is called after each handler call (a
+    source uses it to ask for more). ``handler_errors`` counts handler exceptions.
+    """
+
+    __slots__ = (
+        "_busy",
+        "_current",
+        "_getter",
+        "_idle",
+        "_items",
+        "_putters",
+        "_runner",
+        "_stopping",
+        "_timers",
+        "handler",
+        "handler_errors",
+        "max_pending",
+        "name",
+        "on_handled",
+    )
+
+    def __init__(
+        self,
+        handler: Callable[[T], Awaitable[None]],
+        *,
+        max_pending: int,
+        name: str,
+        on_handled: Callable[[], object] | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ConfigError("max_pending must be at least 1")
+        self.handler = handler
+        self.max_pending = max_pending
+        self.name = name
+        self.on_handled = on_handled
+        self.handler_errors = 0
+        self._items: deque[T] = deque()
+        self._busy = False  # a handler call is in progress (in the runner or inline)
+        self._current: asyncio.Task[Any] | None = None  # the task inside the handler
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        self._getter: asyncio.Future[None] | None = None  # the parked runner
+        self._idle: asyncio.Future[None] | None = None  # waiters for the end of an inline call
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Deliveries queued (not counting the one being handled)."""
+        return len(self._items)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def busy(self) -> bool:
+        """A handler call is in progress."""
+        return self._busy
+
+    def in_handler(self) -> bool:
+        """True when called from inside this dispatcher's handler."""
+        return self._current is not None and self._current is asyncio.current_task()
+
+    def has_room(self) -> bool:
+        return len(self._items) < self.max_pending
+
+    # -- queued entry -----------------------------------------------------------------------
+
+    def offer(self, item: T) -> bool:
+        """Enqueue without waiting; False when the queue is full or the dispatcher stopped."""
+        if len(self._items) >= self.max_pending or self._stopping:
+            return False
+        self._items.append(item)
+        self._wake_runner()
+        return True
+
+    async def put(self, item: T) -> bool:
+        """Enqueue, waiting while the queue is full. False (the item dropped) once stopping."""
+        while not self.offer(item):
+            if self._stopping:
+                return False
+            fut = asyncio.get_running_loop().create_future()
+            self._putters.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._putters.remove(fut)
+        return True
+
+    def requeue(self, item: T, delay: float | None = None) -> None:
+        """Put ``item`` back after ``delay`` seconds, beyond the bound; dropped once stopped."""
+        if delay:
+            handle: asyncio.TimerHandle
+
+            def fire() -> None:
+                self._timers.discard(handle)
+                self.requeue(item)
+
+            handle = asyncio.get_running_loop().call_later(delay, fire)
+            self._timers.add(handle)
+            return
+        self.push(item)
+
+    def push(self, item: T) -> None:
+        """Enqueue ignoring the bound (for a source that bounds itself); dropped once stopped."""
+        if self._stopping and (self._runner is None or self._runner.done()) and not self._busy:
+            return
+        self._items.append(item)
+        self._wake_runner()
+
+    # -- inline entry -----------------------------------------------------------------------
+
+    async def deliver(self, item: T) -> None:
+        """Run the handler on ``item`` in this task if the dispatcher is idle, else queue it.
+
+        Meant for a source with one task per subscription that awaits each call (nats-py's
+        callback task): that task is the backpressure. Dropped once stopping.
+        """
+        if self._busy or self._items:
+            await self.put(item)
+            return
+        if self._stopping:
+            return
+        await self._call(item)
+        if self._items:
+            self._wake_runner()
+
+    # -- the handler call -------------------------------------------------------------------
+
+    async def _call(self, item: T) -> None:
+        self._busy = True
+        self._current = asyncio.current_task()
+        try:
+            await self.handler(item)
+        except Exception:
+            # The handler is the bus's and should never raise; the subscription survives it.
+            self.handler_errors += 1
+            log.exception("%s: handler raised", self.name)
+        finally:
+            self._busy = False
+            self._current = None
+            idle = self._idle
+            if idle is not None:
+                self._idle = None
+                if not idle.done():
+                    idle.set_result(None)
+        if self.on_handled is not None:
+            self.on_handled()
+
+    def _wake_runner(self) -> None:
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+        elif self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
+
+    async def _wait_idle(self) -> None:
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+        await self._idle
+
+    async def _run(self) -> None:
+        items = self._items
+        loop = asyncio.get_running_loop()
+        while True:
+            while items:
+                if self._busy:  # an inline call is in progress: queued items come after it
+                    await self._wait_idle()
+                    continue
+                item = items.popleft()
+                putters = self._putters
+                while putters:
+                    fut = putters.popleft()
+                    if not fut.done():
+                        fut.set_result(None)
+                        break
+                await self._call(item)
+            if self._stopping:
+                return
+            fut = loop.create_future()
+            self._getter = fut
+            await fut
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def stop(self, timeout: float | None, *, drop: bool = False) -> list[T]:
+        """Stop taking deliveries and return those that will not be handled.
+
+        ``drop``: queued deliveries are returned at once (unsubscribe). Otherwise they are
+        handled first, for up to ``timeout`` seconds (drain); past it the handler in progress is
+        cancelled and the rest returned. Called from inside the handler, it does not wait for
+        that handler (the subscription ends after it returns). Idempotent.
+        """
+        self._stopping = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        while self._putters:
+            fut = self._putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        left: list[T] = []
+        if drop:
+            left.extend(self._items)
+            self._items.clear()
+        self._wake_runner_to_exit()
+        me = asyncio.current_task()
+        if self._current is me:
+            return left  # stopping from inside the handler: nothing to wait for
+        try:
+            async with asyncio.timeout(timeout):
+                await self._until_done()
+        except TimeoutError:
+            await self._cancel()
+        left.extend(self._items)
+        self._items.clear()
+        return left
+
+    def _wake_runner_to_exit(self) -> None:
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+
+    async def _until_done(self) -> None:
+        while True:
+            runner = self._runner
+            if runner is not None and not runner.done():
+                await asyncio.shield(runner)
+            elif self._busy:
+                await self._wait_idle()
+            elif self._items:  # queued during an inline call, no runner yet
+                self._runner = None
+                self._wake_runner()
+            else:
+                return
+
+    async def _cancel(self) -> None:
+        for task in (self._runner, self._current):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+
+
+class LocalDelivery:
+    """A delivery redelivered by the client itself: ``nack(delay)`` hands the same bytes to the
+    same subscription again after ``delay`` with ``attempt + 1``; ``ack`` is a no-op.
+
+    For brokers that keep no record of a message once delivered (core NATS, Redis pub/sub, the
+    memory broker): a local redelivery is lost if the process ends first.
+    """
+
+    __slots__ = ("_dispatcher", "attempt", "data", "extra", "subject")
+
+    def __init__(
+        self,
+        subject: str,
+        data: bytes,
+        attempt: int,
+        dispatcher: Dispatcher[Any],
+        extra: Mapping[str, Any] = _EMPTY,
+    ) -> None:
+        self.subject = subject
+        self.data = data
+        self.attempt = attempt
+        self.extra = extra
+        self._dispatcher = dispatcher
+
+    async def ack(self) -> None:
+        return None
+
+    async def nack(self, delay: float | None = None) -> None:
+        again = LocalDelivery(self.subject, self.data, self.attempt + 1, self._dispatcher, self.extra)
+        self._dispatcher.requeue(again, delay)
+
+
+def check_group_names(queue: str | None, durable: str | None) -> None:
+    """Raise ConfigError for an empty (or blank) queue group or durable name."""
+    for what, value in (("queue group", queue), ("durable", durable)):
+        if value is not None and (not value or value.isspace()):
+            raise ConfigError(f"{what} name must be non-empty, got {value!r}")
+
+
+async def drain_all(subscriptions: Iterable[_Stoppable], timeout: float | None) -> None:
+    """Drain ``subscriptions`` concurrently (each up to ``timeout``); one failing stops no other."""
+    subs = list(subscriptions)
+    if not subs:
+        return
+    results = await asyncio.gather(*(s.drain(timeout) for s in subs), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result
+        if isinstance(result, Exception):
+            log.warning("draining a subscription failed: %r", result)
