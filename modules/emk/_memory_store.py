@@ -57,6 +57,9 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    async def build_index(self, maintenance_work_mem: str) -> None:
+        return None  # searches are exact
+
     @property
     def _isolation(self) -> Isolation:
         assert self._info is not None

@@ -97,8 +97,6 @@ CREATE INDEX IF NOT EXISTS memories_scope ON {s}.memories (agent_id, session_id,
 CREATE INDEX IF NOT EXISTS memories_created ON {s}.memories (created_at);
 CREATE INDEX IF NOT EXISTS memories_tags ON {s}.memories USING gin (tags);
 CREATE INDEX IF NOT EXISTS memories_metadata ON {s}.memories USING gin (metadata jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS memories_embedding ON {s}.memories
-    USING hnsw (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction});
 
 CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -159,6 +157,11 @@ CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.retention_
 REVOKE UPDATE, DELETE, TRUNCATE ON {s}.memories, {s}.meta, {s}.retention_log FROM PUBLIC;
 """
 
+_HNSW_DDL = """
+CREATE INDEX IF NOT EXISTS memories_embedding ON {s}.memories
+    USING hnsw (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction});
+"""
+
 _ROW_SELECT = (
     "m.id, m.agent_id, m.session_id, m.content, m.metadata_json, m.tags, m.supersedes, "
     "m.created_at, m.embedding, m.content_hash, "
@@ -199,6 +202,7 @@ class PostgresStore:
         iterative_scan: bool | None = None,
         settings: Mapping[str, str] | None = None,
         connect_timeout: float = 10.0,
+        defer_index: bool = False,
     ) -> None:
         if not namespace.isidentifier() or len(namespace) > 50:
             raise ConfigError(f"namespace {namespace!r} must be a short identifier (letters, digits, _)")
@@ -213,6 +217,7 @@ class PostgresStore:
         self._iterative_wanted = iterative_scan
         self._settings = dict(settings or {})
         self._connect_timeout = connect_timeout
+        self._defer_index = defer_index
         self._pool: Any = None
         self.exact_only = False
         self.pgvector_version = ""
@@ -332,15 +337,9 @@ class PostgresStore:
                     await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
                 ).fetchone()
             self.pgvector_version = row[0]
-            m, ef_construction = self._hnsw
-            await conn.execute(
-                self._q(
-                    _DDL,
-                    dim=self._sql.Literal(info.dimension),
-                    m=self._sql.Literal(m),
-                    ef_construction=self._sql.Literal(ef_construction),
-                )
-            )
+            await conn.execute(self._q(_DDL, dim=self._sql.Literal(info.dimension)))
+            if not self._defer_index:
+                await conn.execute(self._hnsw_ddl())
             wanted = {
                 "schema_version": str(SCHEMA_VERSION),
                 "dimension": str(info.dimension),
@@ -366,6 +365,21 @@ class PostgresStore:
                 f"namespace {self.namespace!r} was created with embedding model "
                 f"{stored['embedding_model']!r}, not {info.model!r}: their vectors cannot be compared"
             )
+
+    def _hnsw_ddl(self) -> Any:
+        m, ef_construction = self._hnsw
+        return self._q(_HNSW_DDL, m=self._sql.Literal(m), ef_construction=self._sql.Literal(ef_construction))
+
+    async def build_index(self, maintenance_work_mem: str) -> None:
+        """Create the HNSW index if it does not exist (after a bulk load with ``defer_index``)."""
+        async with self._errors(), self._connection() as conn:
+            await conn.execute(
+                "SELECT set_config('maintenance_work_mem', %s, false)", (maintenance_work_mem,)
+            )
+            try:
+                await conn.execute(self._hnsw_ddl())
+            finally:
+                await conn.execute("RESET maintenance_work_mem")
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -73,6 +73,9 @@ class EMK:
         pool_size, ef_search, iterative_scan, settings: PostgreSQL tuning (connections, HNSW
             candidate list, iterative index scans: None = when pgvector has them, extra
             ``SET`` values for each connection).
+        defer_index: create a new namespace without its HNSW index, for a bulk load: inserts
+            into an HNSW index are far slower than building it once; call :meth:`build_index`
+            after loading (until then searches scan exactly).
 
     Guarantees: memories are never changed or removed by EMK (the database refuses UPDATE and
     DELETE); a new version supersedes an old one by reference, and superseded memories drop out
@@ -97,6 +100,7 @@ class EMK:
         ef_search: int = 100,
         iterative_scan: bool | None = None,
         settings: Mapping[str, str] | None = None,
+        defer_index: bool = False,
     ) -> None:
         if storage not in STORAGES:
             raise ConfigError(f"unknown storage {storage!r}: use one of embedded, postgresql, memory")
@@ -118,6 +122,7 @@ class EMK:
             "ef_search": ef_search,
             "iterative_scan": iterative_scan,
             "settings": settings,
+            "defer_index": defer_index,
         }
         self._store: Store | None = None
         self._server: Any = None
@@ -176,6 +181,14 @@ class EMK:
         assert self._store is not None
         return self._store
 
+    async def build_index(self, maintenance_work_mem: str = "1GB") -> None:
+        """Create the namespace's HNSW index if it is missing (after a ``defer_index`` bulk load).
+
+        Idempotent; a no-op for memory storage. Raises StorageError.
+        """
+        store = await self._ready()
+        await store.build_index(maintenance_work_mem)
+
     @property
     def exact_search(self) -> bool:
         """True when every search is exact (memory storage, or pgvector without iterative scans)."""
@@ -195,9 +208,9 @@ class EMK:
         self.rejected[type(exc).__name__] += 1
         return exc
 
-    def _record(self, found: Found) -> MemoryRecord:
+    def _record(self, found: Found, verify: bool = True) -> MemoryRecord:
         row = found.row
-        if row_hash(row) != row.content_hash:
+        if verify and row_hash(row) != row.content_hash:
             raise self._reject(IntegrityError(row.id))
         return MemoryRecord(
             id=row.id,
@@ -331,7 +344,8 @@ class EMK:
             self._reject(exc)
             raise
         self.stored += len(rows)
-        return [self._record(Found(row, None)) for row in rows]
+        # Hashed a moment ago from these very fields: nothing to verify yet.
+        return [self._record(Found(row, None), verify=False) for row in rows]
 
     async def search(
         self,

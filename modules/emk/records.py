@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
+import sys
 import uuid
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -137,14 +138,12 @@ def micros(ts: datetime) -> int:
     return (ts - EPOCH) // timedelta(microseconds=1)
 
 
-def to_float32(vector: Iterable[float]) -> tuple[float, ...]:
-    """Round a vector to float32, as the database stores it."""
-    values = list(vector)
-    return struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *values))
-
-
 def embedding_digest(embedding: Sequence[float]) -> str:
-    return hashlib.sha256(struct.pack(f">{len(embedding)}f", *embedding)).hexdigest()
+    """SHA-256 of the vector as big-endian float32."""
+    packed = array("f", embedding)
+    if sys.byteorder == "little":
+        packed.byteswap()
+    return hashlib.sha256(packed.tobytes()).hexdigest()
 
 
 def content_hash(
@@ -296,18 +295,18 @@ def check_embedding(vector: object, dimension: int, what: str = "embedding") -> 
     """A vector of ``dimension`` finite numbers, not all zero, rounded to float32."""
     if isinstance(vector, str | bytes) or not isinstance(vector, Iterable):
         raise InvalidEmbedding(f"{what} must be a sequence of numbers")
-    values = list(vector)
-    if len(values) != dimension:
-        raise DimensionMismatch(len(values), dimension, what)
     try:
-        f32 = to_float32(float(v) for v in values)
-    except (TypeError, ValueError, struct.error, OverflowError):
+        f32 = array("f", vector)  # values beyond float32 become inf, caught below
+    except (TypeError, ValueError, OverflowError):
         raise InvalidEmbedding(f"{what} must contain only numbers") from None
-    if not all(math.isfinite(v) for v in f32):
+    if len(f32) != dimension:
+        raise DimensionMismatch(len(f32), dimension, what)
+    # A float64 sum of float32 values cannot overflow: it is finite iff every value is.
+    if not math.isfinite(sum(f32)):
         raise InvalidEmbedding(f"{what} contains NaN or infinite values (or values beyond float32)")
     if not any(f32):
         raise InvalidEmbedding(f"{what} is all zeros: it has no direction to compare")
-    return f32
+    return tuple(f32)
 
 
 def check_limit(limit: object, limits: Limits) -> int:
