@@ -2,6 +2,7 @@
 
 from amb import AMB
 from cmvk import CMVK
+from emk import EMK
 from iatp import IATP
 
-__all__ = ["AMB", "CMVK", "IATP"]
+__all__ = ["AMB", "CMVK", "EMK", "IATP"]
