@@ -38,38 +38,32 @@ Choices (the API reference is a sketch; these make it sound):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import heapq
-import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from amb.errors import BusError
+from control_plane.admission import Admission
 from control_plane.errors import (
     AgentNotFound,
     AgentStoppedError,
     KernelError,
     PolicyError,
-    PolicyViolationError,
     RateLimitExceeded,
     VerificationFailed,
 )
-from control_plane.policy import Decision, PermissionSource, Policy, PolicySet
+from control_plane.kernel_bus import KernelBus
+from control_plane.kernel_gate import _CURRENT, KernelGate
+from control_plane.policy import PermissionSource, Policy, PolicySet
 from control_plane.process import AgentProcess, AgentStatus, Life
 from control_plane.ratelimit import RateLimit, RateLimiter
 from control_plane.recorder import FlightRecorder
-from control_plane.signals import AgentSignal, SignalDispatcher, control_subject
+from control_plane.signals import AgentSignal, SignalDispatcher
 
 if TYPE_CHECKING:
-    from amb import AMB, Metadata
-    from control_plane.mediator import Mediator
-
-_CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
-_COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
+    from amb import AMB
 
 
 class AgentTimeoutError(AgentStoppedError, TimeoutError):
@@ -91,7 +85,7 @@ class RegisteredAgent:
     priority: int
 
 
-class KernelSpace:
+class KernelSpace(KernelGate, KernelBus):
     """The orchestrator (see the module docstring).
 
     Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
@@ -131,9 +125,7 @@ class KernelSpace:
         self._procs: dict[str, AgentProcess] = {}
         self._runs: dict[str, asyncio.Task[Any]] = {}
         self._last: AgentProcess | None = None
-        self._running = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
+        self._admission = Admission(max_concurrent_agents)
         self._bus: list[AMB] = []
 
     # -- registration --------------------------------------------------------------------------
@@ -281,7 +273,7 @@ class KernelSpace:
                 "priority": spec.priority,
             },
         )
-        await self._admit(spec.priority)
+        await self._admission.admit(spec.priority)
         limit = self.timeout if timeout is None else timeout
         try:
             proc.life = Life.RUNNING
@@ -311,7 +303,7 @@ class KernelSpace:
             await self._record("agent_completed", proc, {"status": "completed"})
             return result
         finally:
-            self._release()
+            self._admission.release()
 
     async def _invoke(
         self,
@@ -345,107 +337,6 @@ class KernelSpace:
                     f"{getattr(outcome, 'reason', '')}",
                     result=outcome,
                 )
-
-    async def _admit(self, priority: int) -> None:
-        if self._running < self.max_concurrent_agents and not self._waiters:
-            self._running += 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (-priority, next(self._order), fut))
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self._release()  # admitted just as it was cancelled: give the slot on
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
-            if not fut.done():
-                fut.set_result(None)  # the slot passes straight to the highest-priority waiter
-                return
-        self._running -= 1
-
-    # -- the gate for other actions ------------------------------------------------------------
-
-    def decide(
-        self,
-        operation: str,
-        resource: str,
-        context: Mapping[str, Any] | None = None,
-        proc: AgentProcess | None = None,
-    ) -> Decision:
-        """The policy's decision, after the agent's permissions (no recording, no raising)."""
-        proc = proc if proc is not None else _CURRENT.get()
-        if proc is not None and not permitted(proc, operation):
-            return Decision(
-                False,
-                "deny",
-                f"agent {proc.name} lacks permission for {operation}",
-                self.policy.name,
-                violation=True,
-            )
-        return self.policy.evaluate(operation, resource, context)
-
-    async def authorize(
-        self, operation: str, resource: str, context: Mapping[str, Any] | None = None
-    ) -> Decision:
-        """The gate for actions that are not messages: check, record, and raise when denied.
-
-        Waits while the current agent is stopped. Raises PolicyViolationError (or
-        RateLimitExceeded), AgentStoppedError when the agent was killed.
-        """
-        proc = _CURRENT.get()
-        if proc is not None:
-            await proc.wait_for_continue()
-        ctx = {
-            "agent_id": proc.id if proc else None,
-            "agent_name": proc.name if proc else None,
-            **(context or {}),
-        }
-        decision = self.decide(operation, resource, ctx, proc)
-        await self.record_decision(proc, operation, resource, decision, ctx.get("agent_name") or "kernel")
-        if not decision.allowed:
-            raise _violation(decision, operation, resource)
-        return decision
-
-    async def record_decision(
-        self,
-        proc: AgentProcess | None,
-        operation: str,
-        resource: str,
-        decision: Decision,
-        agent_id: str,
-        extra: Mapping[str, Any] | None = None,
-        *,
-        signal_to: str | None = "",
-    ) -> None:
-        """Record one decision, count it on the agent, and on a deny send the rule's signal to
-        ``signal_to`` (default: the agent itself; None: nobody)."""
-        data = {
-            "operation": operation,
-            "resource": resource,
-            "decision": decision.action,
-            "reason": decision.reason,
-            "rule": decision.rule_name,
-            "policy": decision.policy,
-            **(extra or {}),
-        }
-        await self.recorder.log(
-            "policy_decision",
-            proc.id if proc else agent_id,
-            data,
-            "warning" if decision.violation else "info",
-        )
-        if proc is not None:
-            if decision.violation:
-                proc.violations_count += 1
-            else:
-                proc.actions_count += 1
-        target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
-        if decision.violation and decision.signal is not None and target is not None:
-            await self.signals.send(target, decision.signal, sender="policy")
 
     # -- signals and status --------------------------------------------------------------------
 
@@ -503,73 +394,6 @@ class KernelSpace:
             "warning" if not sig.catchable else "info",
         )
 
-    async def _send_remote(self, agent_id: str, sig: AgentSignal, sender: str | None) -> bool:
-        if not self._bus:
-            await self.recorder.log(
-                "signal", agent_id, {"signal": sig.name, "outcome": "unknown_agent"}, "warning"
-            )
-            return False
-        try:
-            reply = await self._bus[0].request(
-                control_subject(agent_id), {"signal": sig.name}, timeout=self.signal_timeout
-            )
-        except BusError as exc:
-            await self.recorder.log(
-                "signal",
-                agent_id,
-                {"signal": sig.name, "outcome": "remote_failed", "detail": repr(exc)},
-                "warning",
-            )
-            return False
-        await self.recorder.log(
-            "signal", agent_id, {"signal": sig.name, "outcome": "sent_remote", "result": reply}, "info"
-        )
-        return isinstance(reply, dict) and reply.get("ok") is True
-
-    # -- the bus -------------------------------------------------------------------------------
-
-    def attach(self, client: AMB, *, agent_id: str | None = None, **options: Any) -> Mediator:
-        """Govern ``client``: add the mediator as its innermost middleware (after IATP), make
-        its agent signalable here and from other processes. Call before the client connects.
-        Returns the mediator. Raises amb StateError once the client is connected."""
-        from control_plane.mediator import Mediator
-
-        aid = agent_id or client.agent_id
-        proc = self._procs.get(aid)
-        if proc is None:
-            proc = self._procs[aid] = AgentProcess(
-                aid, aid, None, None, self.signals.queue_size, Life.RUNNING
-            )
-        mediator = Mediator(self, proc, **options)
-        client.add_middleware(mediator)
-        proc.clients.append(client)
-        self._bus.append(client)
-        client.subscribe(control_subject(aid))(functools.partial(self._on_control, client, aid))
-        return mediator
-
-    async def _on_control(self, client: AMB, agent_id: str, message: Any, metadata: Metadata) -> None:
-        sig = AgentSignal.parse(message["signal"]) if isinstance(message, dict) else None
-        if sig is None:
-            raise KernelError("a control message needs {'signal': NAME}")
-        sender = metadata.context.get("control_plane_sender")
-        proc = self._process(agent_id)
-        if sig in (AgentSignal.SIGKILL, AgentSignal.SIGTERM) and not proc.killed:
-            # Answer first: the signal closes this very client.
-            await client.reply(metadata, {"ok": True})
-            await self.signals.send(agent_id, sig, sender=sender)
-            return
-        ok = await self.signals.send(agent_id, sig, sender=sender)
-        await client.reply(metadata, {"ok": ok})
-
-    def external(self, agent_id: str) -> AgentProcess:
-        """The process standing for an agent that lives elsewhere (mediated mode), created on
-        first use: signals sent to it here act on its messages passing this kernel."""
-        proc = self._procs.get(agent_id)
-        if proc is None:
-            proc = AgentProcess(agent_id, agent_id, None, None, self.signals.queue_size, Life.RUNNING)
-            self._procs[agent_id] = proc
-        return proc
-
     def reload_policy(self, source: Policy | str | Path) -> None:
         """Swap in new rules without stopping traffic (see :meth:`Policy.reload`)."""
         if isinstance(self.policy, PolicySet):
@@ -590,20 +414,6 @@ def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[
     if a is None:
         return b
     return a if b is None else a & b
-
-
-def permitted(proc: AgentProcess, operation: str) -> bool:
-    """Whether the agent's permissions cover ``operation`` (None: no restriction)."""
-    covering = _COVERS.get(operation, "\0")
-    if operation in proc.restrictions or covering in proc.restrictions:
-        return False
-    perms = proc.permissions
-    return perms is None or operation in perms or covering in perms
-
-
-def _violation(decision: Decision, operation: str, resource: str) -> PolicyViolationError:
-    cls = RateLimitExceeded if decision.rate_limited else PolicyViolationError
-    return cls(f"{operation} on {resource!r} denied: {decision.reason}", decision=decision)
 
 
 def current_process() -> AgentProcess | None:

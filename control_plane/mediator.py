@@ -42,7 +42,7 @@ from amb.envelope import Envelope
 from amb.metadata import Metadata
 from amb.middleware import ConsumeNext, Middleware, PublishNext
 from control_plane.errors import AgentStoppedError
-from control_plane.kernel import _CURRENT, _violation
+from control_plane.kernel_gate import _CURRENT, _violation
 from control_plane.signals import CONTROL_PREFIX
 
 if TYPE_CHECKING:

@@ -1,0 +1,118 @@
+"""The kernel's gate: permissions, policy decisions and their records, for messages and actions."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from control_plane.errors import PolicyViolationError, RateLimitExceeded
+from control_plane.policy import Decision, Policy, PolicySet
+from control_plane.process import AgentProcess
+
+if TYPE_CHECKING:
+    from control_plane.recorder import FlightRecorder
+    from control_plane.signals import SignalDispatcher
+
+_CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
+_COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
+
+
+class KernelGate:
+    """Mixed into :class:`~control_plane.kernel.KernelSpace`."""
+
+    policy: Policy | PolicySet
+    recorder: FlightRecorder
+    signals: SignalDispatcher
+
+    def decide(
+        self,
+        operation: str,
+        resource: str,
+        context: Mapping[str, Any] | None = None,
+        proc: AgentProcess | None = None,
+    ) -> Decision:
+        """The policy's decision, after the agent's permissions (no recording, no raising)."""
+        proc = proc if proc is not None else _CURRENT.get()
+        if proc is not None and not permitted(proc, operation):
+            return Decision(
+                False,
+                "deny",
+                f"agent {proc.name} lacks permission for {operation}",
+                self.policy.name,
+                violation=True,
+            )
+        return self.policy.evaluate(operation, resource, context)
+
+    async def authorize(
+        self, operation: str, resource: str, context: Mapping[str, Any] | None = None
+    ) -> Decision:
+        """The gate for actions that are not messages: check, record, and raise when denied.
+
+        Waits while the current agent is stopped. Raises PolicyViolationError (or
+        RateLimitExceeded), AgentStoppedError when the agent was killed.
+        """
+        proc = _CURRENT.get()
+        if proc is not None:
+            await proc.wait_for_continue()
+        ctx = {
+            "agent_id": proc.id if proc else None,
+            "agent_name": proc.name if proc else None,
+            **(context or {}),
+        }
+        decision = self.decide(operation, resource, ctx, proc)
+        await self.record_decision(proc, operation, resource, decision, ctx.get("agent_name") or "kernel")
+        if not decision.allowed:
+            raise _violation(decision, operation, resource)
+        return decision
+
+    async def record_decision(
+        self,
+        proc: AgentProcess | None,
+        operation: str,
+        resource: str,
+        decision: Decision,
+        agent_id: str,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        signal_to: str | None = "",
+    ) -> None:
+        """Record one decision, count it on the agent, and on a deny send the rule's signal to
+        ``signal_to`` (default: the agent itself; None: nobody)."""
+        data = {
+            "operation": operation,
+            "resource": resource,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "rule": decision.rule_name,
+            "policy": decision.policy,
+            **(extra or {}),
+        }
+        await self.recorder.log(
+            "policy_decision",
+            proc.id if proc else agent_id,
+            data,
+            "warning" if decision.violation else "info",
+        )
+        if proc is not None:
+            if decision.violation:
+                proc.violations_count += 1
+            else:
+                proc.actions_count += 1
+        target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
+        if decision.violation and decision.signal is not None and target is not None:
+            await self.signals.send(target, decision.signal, sender="policy")
+
+
+def permitted(proc: AgentProcess, operation: str) -> bool:
+    """Whether the agent's permissions cover ``operation`` (None: no restriction)."""
+    covering = _COVERS.get(operation, "\0")
+    if operation in proc.restrictions or covering in proc.restrictions:
+        return False
+    perms = proc.permissions
+    return perms is None or operation in perms or covering in perms
+
+
+def _violation(decision: Decision, operation: str, resource: str) -> PolicyViolationError:
+    cls = RateLimitExceeded if decision.rate_limited else PolicyViolationError
+    return cls(f"{operation} on {resource!r} denied: {decision.reason}", decision=decision)
