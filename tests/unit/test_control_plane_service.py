@@ -91,6 +91,10 @@ async def test_the_service_enforces_a_senders_signals() -> None:
     await agent.publish(ingress_subject("tasks.work"), 99)
     await wait_until(lambda: service.client.stats.rejected == 1)
     assert got.messages == [0, 1, 2, 3]
+    dropped = await kernel.recorder.query(event_type="message_dropped")
+    assert [d.agent_id for d in dropped] == ["agent-a"]
+    held = await kernel.recorder.query(event_type="message_held")
+    assert len(held) >= 1
     for client in (agent, receiver):
         await client.close()
     await service.stop()
