@@ -10,7 +10,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from amb.broker import DeliveryHandler
@@ -37,6 +37,15 @@ log = logging.getLogger("bus_adapters.kafka")
 # Deliveries of one key handed to one member in a row before the key may move to another
 # member (once that member has acked them all): spreads a hot key's work over the group.
 _KEY_RUN = 16
+
+
+def _stamped(
+    tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+) -> Iterator[tuple[int, TopicPartition, ConsumerRecord[bytes, bytes]]]:
+    # A function, not a nested generator expression: each partition's records keep their own
+    # ``tp`` (a nested genexp would see the loop variable's last value once merge() reads it).
+    for r in records:
+        yield _published_ns(r), tp, r
 
 
 def _published_ns(record: ConsumerRecord[bytes, bytes]) -> int:
@@ -244,8 +253,7 @@ class GroupConsumer:
             # handed over in publish order, as far as the publishers' clocks tell; each
             # partition's own order is kept (a merge, not a sort).
             merged = heapq.merge(
-                *(((_published_ns(r), tp, r) for r in records) for tp, records in batches.items()),
-                key=lambda item: item[0],
+                *(_stamped(tp, records) for tp, records in batches.items()), key=lambda item: item[0]
             )
             for _, tp, record in merged:
                 await self._dispatch(tp, record)
