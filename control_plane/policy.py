@@ -111,7 +111,11 @@ class _Compiled:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
-        self.buckets: dict[tuple[str | None, str], list[Rule]] = {}
+        self.buckets: dict[tuple[str | None, str], list[Rule]] | None = None  # built on first use
+        self.cache: dict[tuple[str, str], tuple[Rule, ...]] = {}
+
+    def _index(self) -> dict[tuple[str | None, str], list[Rule]]:
+        buckets: dict[tuple[str | None, str], list[Rule]] = {}
         for rule in self.rules:
             prefix = rule.pattern.prefix
             token = _first_token(prefix)
@@ -120,15 +124,16 @@ class _Compiled:
             # literal (a matching resource equals it); otherwise the rule goes under "any token".
             key_token = token if (len(token) < len(prefix) or literal) else _ANY
             key = (rule.pattern.literal_operation, key_token)
-            self.buckets.setdefault(key, []).append(rule)
-        self.cache: dict[tuple[str, str], tuple[Rule, ...]] = {}
+            buckets.setdefault(key, []).append(rule)
+        self.buckets = buckets
+        return buckets
 
     def candidates(self, operation: str, resource: str) -> tuple[Rule, ...]:
         token = _first_token(resource)
         key = (operation, token)
         found = self.cache.get(key)
         if found is None:
-            b = self.buckets
+            b = self.buckets if self.buckets is not None else self._index()
             merged: list[Rule] = []
             for k in ((operation, token), (operation, _ANY), (None, token), (None, _ANY)):
                 merged.extend(b.get(k, ()))
@@ -227,11 +232,12 @@ class Policy:
             rate_limit=RateLimit.parse(rate_limit) if rate_limit is not None else None,
             name=name or f"rule-{len(self.rules) + 1}",
         )
-        self._install([*self.rules, rule])
+        self._install([*self.rules, rule], start=len(self.rules))
         return rule
 
-    def _install(self, rules: list[Rule]) -> None:
-        for i, rule in enumerate(rules):
+    def _install(self, rules: list[Rule], start: int = 0) -> None:
+        for i in range(start, len(rules)):
+            rule = rules[i]
             rule.index = i
             if rule.rate_limit is not None and rule.limiter is None:
                 rule.limiter = RateLimiter(rule.rate_limit)
