@@ -298,3 +298,29 @@ async def test_dimensions_beyond_the_index_limit_are_a_config_error(namespace: s
     emk = EMK("postgresql", PG_DSN, HashingEmbedder(3072), namespace=namespace)
     with pytest.raises(ConfigError, match="2000"):
         await emk.open()
+
+
+async def test_defer_index_then_build_index(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    async def has_hnsw() -> bool:
+        row = await (
+            await sql.execute(
+                "SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = 'memories_embedding'",
+                (namespace,),
+            )
+        ).fetchone()
+        return bool(row and row[0])
+
+    emk = await make_emk(defer_index=True)
+    assert not await has_hnsw()
+    rng = random.Random(3)
+    await emk.store_many(
+        [NewMemory(agent_id="a1", content=f"m{i}", embedding=random_vector(rng)) for i in range(200)]
+    )
+    q = random_vector(rng)
+    before = await emk.search("a1", embedding=q, limit=5)  # no index yet: a scan, still right
+    await emk.build_index()
+    await emk.build_index()  # idempotent
+    assert await has_hnsw()
+    assert [r.id for r in await emk.search("a1", embedding=q, limit=5, exact=True)] == [r.id for r in before]

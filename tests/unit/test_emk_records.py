@@ -1,0 +1,228 @@
+"""EMK's own logic without a database: hashes, input checks, embedders, memory storage details."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import struct
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from emk import (
+    EMK,
+    ConfigError,
+    HashingEmbedder,
+    IntegrityError,
+    InvalidEmbedding,
+    LiteLLMEmbedder,
+    LocalEmbedder,
+    StateError,
+    resolve_embedder,
+)
+from emk._memory_store import MemoryStore, _contains
+from emk.records import (
+    Limits,
+    canonical_metadata,
+    check_embedding,
+    check_tags,
+    check_time,
+    content_hash,
+    micros,
+    relevance,
+)
+
+FIELDS: dict[str, Any] = {
+    "id": "6f1c1a53-9a53-4a1e-9d7e-1f0f7b9c7a10",
+    "agent_id": "agent_123",
+    "session_id": None,
+    "content": "User prefers dark mode.",
+    "metadata_json": '{"type":"preference"}',
+    "tags": ("ui", "user_preference"),
+    "supersedes": None,
+    "created_at": datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=UTC),
+    "embedding": (0.5, -0.25, 1.0),
+}
+
+
+def test_content_hash_is_the_documented_sha256() -> None:
+    doc = [
+        1,
+        FIELDS["id"],
+        "agent_123",
+        None,
+        "User prefers dark mode.",
+        '{"type":"preference"}',
+        ["ui", "user_preference"],
+        None,
+        1705314600123456,
+        hashlib.sha256(struct.pack(">3f", 0.5, -0.25, 1.0)).hexdigest(),
+    ]
+    expected = hashlib.sha256(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    assert content_hash(**FIELDS) == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", "6f1c1a53-9a53-4a1e-9d7e-1f0f7b9c7a11"),
+        ("agent_id", "agent_124"),
+        ("session_id", "s1"),
+        ("content", "User prefers light mode."),
+        ("metadata_json", '{"type":"fact"}'),
+        ("tags", ("ui",)),
+        ("supersedes", "6f1c1a53-9a53-4a1e-9d7e-1f0f7b9c7a12"),
+        ("created_at", FIELDS["created_at"] + timedelta(microseconds=1)),
+        ("embedding", (0.5, -0.25, 1.0000001)),
+    ],
+)
+def test_every_field_is_covered_by_the_hash(field: str, value: Any) -> None:
+    assert content_hash(**(FIELDS | {field: value})) != content_hash(**FIELDS)
+
+
+def test_micros_is_exact() -> None:
+    assert micros(datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == 1
+    assert micros(datetime(2262, 1, 1, tzinfo=UTC)) == 9_214_646_400_000_000
+
+
+def test_embeddings_are_rounded_to_float32_and_checked() -> None:
+    vec = check_embedding([0.1, 2, -3.5], 3)
+    assert vec == struct.unpack("<3f", struct.pack("<3f", 0.1, 2.0, -3.5))
+    assert isinstance(vec, tuple)
+    with pytest.raises(InvalidEmbedding):
+        check_embedding("abc", 3)
+    with pytest.raises(InvalidEmbedding):
+        check_embedding([1.0, float("-inf"), 1.0], 3)
+    with pytest.raises(InvalidEmbedding):
+        check_embedding([1.0, None, 1.0], 3)
+
+
+def test_metadata_is_canonical_json() -> None:
+    limits = Limits()
+    assert canonical_metadata({"b": 1, "a": {"d": [1.5, None], "c": True}}, limits) == (
+        '{"a":{"c":true,"d":[1.5,null]},"b":1}'
+    )
+    assert canonical_metadata(None, limits) == "{}"
+    assert json.loads(canonical_metadata({"big": 1e20}, limits)) == {"big": 1e20}
+
+
+def test_tags_are_sorted_and_unique() -> None:
+    assert check_tags(["b", "a", "b"], Limits()) == ("a", "b")
+    assert check_tags(None, Limits()) == ()
+
+
+def test_times_become_utc_and_naive_means_local() -> None:
+    aware = datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    assert check_time(aware, "since") == datetime(2024, 1, 1, 10, tzinfo=UTC)
+    naive = datetime(2024, 6, 1, 12)
+    assert check_time(naive, "since") == naive.astimezone(UTC)
+    assert check_time(None, "since") is None
+
+
+def test_relevance_maps_cosine_distance_to_0_1() -> None:
+    assert relevance(0.0) == 1.0
+    assert relevance(1.0) == 0.5
+    assert relevance(2.0) == 0.0
+    assert relevance(2.0000001) == 0.0
+
+
+# -- embedders ---------------------------------------------------------------------------------
+
+
+async def test_hashing_embedder_is_deterministic_normalised_and_similarity_aware() -> None:
+    model = HashingEmbedder(128)
+    a, a2, b, c, punct = await model.embed(
+        [
+            "User prefers dark mode",
+            "User prefers dark mode",
+            "the user prefers a dark theme",
+            "budget meeting",
+            "!!!",
+        ]
+    )
+    assert a == a2
+    assert len(a) == 128
+    for v in (a, b, c, punct):
+        assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-9)
+
+    def cos(x: list[float], y: list[float]) -> float:
+        return sum(p * q for p, q in zip(x, y, strict=True))
+
+    assert cos(a, b) > cos(a, c)
+    assert model.model == "hashing-128"
+    with pytest.raises(ConfigError):
+        HashingEmbedder(4)
+
+
+def test_model_names_resolve_to_embedders() -> None:
+    assert isinstance(resolve_embedder("hashing"), HashingEmbedder)
+    assert resolve_embedder("hashing-32").dimension == 32
+    assert isinstance(resolve_embedder("all-MiniLM-L6-v2"), LocalEmbedder)
+    assert isinstance(resolve_embedder("local"), LocalEmbedder)
+    litellm = resolve_embedder("text-embedding-3-small")
+    assert isinstance(litellm, LiteLLMEmbedder)
+    assert litellm.dimension == 1536
+    custom = HashingEmbedder(16)
+    assert resolve_embedder(custom) is custom
+    with pytest.raises(ConfigError):
+        resolve_embedder("hashing-x")
+    with pytest.raises(ConfigError):
+        resolve_embedder(42)  # type: ignore[arg-type]
+
+
+# -- the EMK facade and the memory store -----------------------------------------------------
+
+
+def test_bad_configuration_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError):
+        EMK("sqlite", embedding_model="hashing")
+    with pytest.raises(ConfigError):
+        EMK("memory", embedding_model="hashing", isolation="team")
+    with pytest.raises(ConfigError):
+        EMK("postgresql", embedding_model="hashing")
+    with pytest.raises(ConfigError):
+        EMK("postgresql", "postgresql://x/y", embedding_model="hashing", namespace="bad name; drop")
+
+
+async def test_a_closed_emk_refuses_calls() -> None:
+    emk = EMK("memory", embedding_model="hashing")
+    await emk.store("a1", "x")
+    await emk.close()
+    with pytest.raises(StateError):
+        await emk.search("a1", "x")
+
+
+async def test_memory_storage_checks_the_content_hash_on_read() -> None:
+    emk = EMK("memory", embedding_model="hashing")
+    record = await emk.store("a1", "User prefers dark mode.")
+    store = emk._store
+    assert isinstance(store, MemoryStore)
+    # Tamper behind the API (the memory store's rows are private and never replaced).
+    forged = dataclasses.replace(store._rows[0], content="User prefers light mode.")
+    store._rows[0] = forged
+    store._by_id[record.id] = forged
+    with pytest.raises(IntegrityError):
+        await emk.get(record.id, agent_id="a1")
+    with pytest.raises(IntegrityError):
+        await emk.search("a1", "mode")
+    assert emk.rejected["IntegrityError"] == 2
+
+
+@pytest.mark.parametrize(
+    ("doc", "wanted", "contained"),
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),
+        ({"a": 1}, {"a": 2}, False),
+        ({"a": {"b": [1, 2, 3]}}, {"a": {"b": [3, 1]}}, True),
+        ({"a": [1, 2]}, {"a": [4]}, False),
+        ({"a": True}, {"a": 1}, False),
+        ({"a": 1}, {"a": 1.0}, True),
+        ({"a": None}, {"a": None}, True),
+        ({}, {"a": None}, False),
+    ],
+)
+def test_memory_storage_filters_like_jsonb_containment(doc: Any, wanted: Any, contained: bool) -> None:
+    assert _contains(doc, wanted) is contained
