@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._report import write_section
-from cmvk import CMVK, AgreementMeasure, ModelSpec
+from cmvk import CMVK, ModelSpec
 from cmvk._calls import litellm_module
 from cmvk._verdict import verify_messages
 from cmvk.testing import Reply, ScriptedLLMServer, verdict
@@ -71,16 +71,16 @@ async def panel_latencies(n_models: int, delay: float, rounds: int) -> dict[str,
     }
 
 
-def agreement_figures(repeat: int) -> dict[str, Any]:
+async def agreement_figures(repeat: int) -> dict[str, Any]:
     pairs = load_pairs()
     triples = [(p["a"], p["b"], p["question"]) for p in pairs]
     labels = [bool(p["agree"]) for p in pairs]
     out: dict[str, Any] = {"pairs": len(pairs)}
-    for label, measure in (
-        ("measure", AgreementMeasure()),
-        ("measure+hash", AgreementMeasure(embedder=HashingEmbedder())),
+    for label, cmvk in (
+        ("measure", CMVK(["unused"])),
+        ("measure+hash", CMVK(["unused"], embedder=HashingEmbedder())),
     ):
-        preds = [measure.measure(a, b, q).agree for a, b, q in triples]
+        preds = [(await cmvk.agreement(a, b, q)).agree for a, b, q in triples]
         out[f"{label}_acc"] = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(pairs)
         by_cat: dict[str, list[bool]] = {}
         for p, pred in zip(pairs, preds, strict=True):
@@ -89,7 +89,7 @@ def agreement_figures(repeat: int) -> dict[str, Any]:
         start = time.perf_counter()
         for _ in range(repeat):
             for a, b, q in triples:
-                measure.measure(a, b, q)
+                await cmvk.agreement(a, b, q)
         out[f"{label}_rate"] = repeat * len(pairs) / (time.perf_counter() - start)
     ratios = [difflib.SequenceMatcher(None, a, b).ratio() for a, b, _ in triples]
     best = max(
@@ -110,7 +110,7 @@ async def main(quick: bool) -> None:
     rounds = 5 if quick else 15
     delay = 0.1
     panels = {n: await panel_latencies(n, delay, rounds) for n in (3, 5)}
-    ag = agreement_figures(20 if quick else 100)
+    ag = await agreement_figures(20 if quick else 100)
 
     lines = [
         f"Verification latency, median of {rounds} rounds; every model call takes {delay * 1000:.0f} ms at the "
@@ -130,7 +130,7 @@ async def main(quick: bool) -> None:
         "",
         "| measure | accuracy | pairs/s |",
         "|---|---|---|",
-        f"| CMVK agreement (canonical forms, conflicts, words) | {ag['measure_acc']:.1%} | {ag['measure_rate']:,.0f} |",
+        f"| CMVK.agreement (canonical forms, conflicts, words) | {ag['measure_acc']:.1%} | {ag['measure_rate']:,.0f} |",
         f"| same + deterministic hashing embedder | {ag['measure+hash_acc']:.1%} | {ag['measure+hash_rate']:,.0f} |",
         f"| baseline: difflib ratio >= 0.8 | {ag['difflib_acc_08']:.1%} | {ag['difflib_rate']:,.0f} |",
         f"| baseline: difflib ratio at its best threshold ({ag['difflib_threshold']:.2f}) | {ag['difflib_acc']:.1%} | (same) |",

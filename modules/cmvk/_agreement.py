@@ -24,7 +24,8 @@ term, a different name. Wording alone never makes two answers disagree.
 3. **Support.** Without a conflict the score is ``0.4 + 0.6 * support`` where support is the
    largest of: 1.0 for a matching canonical value (same numbers, same yes/no, same entity),
    the overlap coefficient of the short answers' content words, and the similarity of the
-   content words (Dice) — averaged with the embedding cosine when an embedder is given.
+   content words (Dice) — averaged with the embedding cosine when an embedder is given
+   (a similarity outside [0, 1] is clipped).
    With a conflict the score is ``0.35 * similarity`` (at most 0.35).
 
 The pair agrees when ``score >= threshold`` (default 0.6: without a conflict, a support of
@@ -34,8 +35,9 @@ read as agreeing; an LLM judge (see :class:`cmvk.CMVK`) can be configured on top
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -47,14 +49,36 @@ Method = Literal["canonical", "lexical", "embedding", "judge"]
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Anything that turns texts into vectors: ``embed(texts) -> list[list[float]]``.
+    """Anything that turns texts into vectors: ``embed(texts) -> list[list[float]]``, plain or
+    ``async def``.
 
-    Structurally compatible with the embedders of the EMK module and with simple wrappers
-    around sentence-transformers or ``litellm.embedding``. Vectors of one call must have the
-    same length; they need not be normalized.
+    Structurally compatible with the (async) embedders of the EMK module and with simple
+    wrappers around sentence-transformers or ``litellm.embedding``. Vectors of one call must
+    have the same length; they need not be normalized.
     """
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    def embed(self, texts: Sequence[str]) -> list[list[float]] | Awaitable[list[list[float]]]: ...
+
+
+async def embed(embedder: Embedder, texts: Sequence[str]) -> list[list[float]]:
+    """Call a plain or async embedder; check it returned one vector per text.
+
+    Raises ValueError when it did not; the embedder's own exceptions propagate."""
+    out = embedder.embed(list(texts))
+    vectors = await out if inspect.isawaitable(out) else out
+    if not isinstance(vectors, list) or len(vectors) != len(texts):
+        raise ValueError(f"the embedder returned {type(vectors).__name__}, not {len(texts)} vectors")
+    return vectors
+
+
+def cosine(u: Sequence[float], v: Sequence[float]) -> float:
+    """Cosine similarity (0.0 when either vector is zero). Raises ValueError on unequal lengths."""
+    dot = sum(a * b for a, b in zip(u, v, strict=True))
+    nu = math.sqrt(sum(a * a for a in u))
+    nv = math.sqrt(sum(b * b for b in v))
+    if nu == 0.0 or nv == 0.0:
+        return 0.0
+    return dot / (nu * nv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +105,6 @@ class Agreement:
             "conflicts": list(self.conflicts),
             "reason": self.reason,
         }
-
-
-def _cosine(u: Sequence[float], v: Sequence[float]) -> float:
-    dot = sum(a * b for a, b in zip(u, v, strict=True))
-    nu = math.sqrt(sum(a * a for a in u))
-    nv = math.sqrt(sum(b * b for b in v))
-    if nu == 0.0 or nv == 0.0:
-        return 0.0
-    return dot / (nu * nv)
 
 
 def _same_number(x: float, y: float) -> bool:
@@ -123,16 +138,14 @@ class AgreementMeasure:
 
     Args:
         threshold: the score at which two answers agree, in (0, 1].
-        embedder: optional; its cosine similarity is averaged with the word similarity.
         short_terms: answers with at most this many content words (outside the question's
             words) are compared canonically ("short factual answers").
 
     Raises CMVKConfigError for a threshold outside (0, 1] or a negative ``short_terms``.
-    ``measure`` never raises on any pair of strings; an embedder's exception propagates.
+    ``measure`` never raises on any pair of strings.
     """
 
     threshold: float = 0.6
-    embedder: Embedder | None = None
     short_terms: int = 6
     _stats: dict[str, int] = field(default_factory=dict)
 
@@ -154,9 +167,14 @@ class AgreementMeasure:
             polarity = "no" if negates_question else "yes"
         return _Side(a, numbers, core, polarity)
 
-    def measure(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
+    def measure(
+        self, answer_a: str, answer_b: str, question: str | None = None, *, similarity: float | None = None
+    ) -> Agreement:
         """Score the agreement of two answers (optionally to ``question``). See the module
-        docstring for the rules; the result's ``conflicts`` and ``reason`` say why."""
+        docstring for the rules; the result's ``conflicts`` and ``reason`` say why.
+
+        ``similarity`` is the cosine of the answers' embeddings, when an embedder is used
+        (see :meth:`cmvk.CMVK.agreement`); it is averaged with the word similarity."""
         q_stems = content_stems(question) if question else frozenset()
         q_numbers = analyze(question).numbers if question else []
         known = q_stems | content_stems(answer_a) | content_stems(answer_b)
@@ -219,9 +237,8 @@ class AgreementMeasure:
 
         sim = _dice(a.core or a.analysis.stems, b.core or b.analysis.stems)
         method: Method = "canonical" if short else "lexical"
-        if self.embedder is not None:
-            vectors = self.embedder.embed([answer_a, answer_b])
-            sim = (sim + max(0.0, _cosine(vectors[0], vectors[1]))) / 2
+        if similarity is not None:
+            sim = (sim + max(0.0, min(1.0, similarity))) / 2
             if not short:
                 method = "embedding"
         if conflicts:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, get_args
 
-from cmvk._agreement import Agreement, AgreementMeasure, Embedder
+from cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model
 from cmvk._errors import CMVKConfigError, VerdictParseError
 from cmvk._results import CallStats, Consensus, CrossCheckResult, ModelAnswer, ModelVote, VerificationResult
@@ -26,6 +26,10 @@ from cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _noted(agreement: Agreement, note: str) -> Agreement:
+    return replace(agreement, reason=f"{agreement.reason} ({note})") if note else agreement
 
 
 class CMVK:
@@ -55,7 +59,8 @@ class CMVK:
         weights: per-model weights for ``weighted`` voting, overriding the specs' weights.
         agreement_threshold: the score at which two answers agree (generation mode and
             :meth:`agreement`).
-        embedder: optional :class:`Embedder` whose similarity joins the agreement measure.
+        embedder: optional :class:`Embedder` (plain or async ``embed(texts)``) whose cosine
+            similarity joins the agreement measure; if it fails, the measure goes on without it.
         judge: optional model that decides whether two *long* answers agree (short factual
             answers are always compared canonically).
         api_base, api_key, litellm_params: defaults for every call (a spec's own win).
@@ -118,7 +123,8 @@ class CMVK:
         self.voting_strategy: Strategy = voting_strategy
         self.timeout = timeout
         self.policy = CallPolicy(model_timeout or timeout, retries, backoff)
-        self.measure = AgreementMeasure(threshold=agreement_threshold, embedder=embedder)
+        self.measure = AgreementMeasure(threshold=agreement_threshold)
+        self.embedder = embedder
         self.judge = ModelSpec(judge) if isinstance(judge, str) else judge
         defaults: dict[str, Any] = dict(litellm_params or {})
         if api_base is not None:
@@ -218,34 +224,51 @@ class CMVK:
 
     # -- generation mode -----------------------------------------------------------------------
 
-    def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
+    async def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
         """Score whether two answers agree, without any LLM (see :mod:`cmvk._agreement`).
 
-        Returns an :class:`Agreement` with ``score`` in [0, 1] and ``agree`` at the configured
-        ``agreement_threshold``. Raises CMVKConfigError for non-string answers."""
+        Uses the configured embedder, if any (plain or async); when it fails, the measure
+        decides without it and ``reason`` says so. Returns an :class:`Agreement` with ``score``
+        in [0, 1] and ``agree`` at the configured ``agreement_threshold``. Raises
+        CMVKConfigError for non-string answers."""
         if not isinstance(answer_a, str) or not isinstance(answer_b, str):
             raise CMVKConfigError("answers must be strings")
-        return self.measure.measure(answer_a, answer_b, question)
+        vectors, note = await self._vectors([answer_a, answer_b])
+        similarity = cosine(vectors[0], vectors[1]) if vectors else None
+        return _noted(self.measure.measure(answer_a, answer_b, question, similarity=similarity), note)
 
-    async def judge_agreement(
-        self, answer_a: str, answer_b: str, question: str | None = None, *, deadline: float | None = None
-    ) -> Agreement:
+    async def _vectors(self, texts: list[str]) -> tuple[list[list[float]] | None, str]:
+        if self.embedder is None or not texts:
+            return None, ""
+        try:
+            vectors = await embed(self.embedder, texts)
+            if len({len(v) for v in vectors}) != 1:
+                raise ValueError("vectors of different lengths")
+        except Exception as exc:  # the measure works without embeddings: degrade, do not fail
+            return None, f"embedder failed: {type(exc).__name__}: {exc}"
+        return vectors, ""
+
+    async def judge_agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
         """:meth:`agreement`, with the configured judge deciding for long answers.
 
         Short factual answers are always compared canonically (and identical texts agree
-        without asking). For longer ones the judge's
-        JSON reply (``{"agree", "confidence", "reason"}``) decides: ``agree`` is its decision
-        and ``score`` is ``0.5 ± confidence / 2``. When no judge is configured, or it abstains
-        (timeout, error, unparsable reply), the non-LLM measure decides and ``reason`` says so.
+        without asking). For longer ones the judge's JSON reply (``{"agree", "confidence",
+        "reason"}``) decides: ``agree`` is its decision and ``score`` is ``0.5 ± confidence / 2``.
+        When no judge is configured, or it abstains (timeout, error, unparsable reply), the
+        non-LLM measure decides and ``reason`` says so. Raises CMVKConfigError for non-string
+        answers.
         """
-        measured = self.agreement(answer_a, answer_b, question)
+        measured = await self.agreement(answer_a, answer_b, question)
+        return await self._judged(measured, answer_a, answer_b, question, time.monotonic() + self.timeout)
+
+    async def _judged(
+        self, measured: Agreement, answer_a: str, answer_b: str, question: str | None, deadline: float
+    ) -> Agreement:
         same_text = " ".join(answer_a.lower().split()) == " ".join(answer_b.lower().split())
         if self.judge is None or measured.method == "canonical" or same_text:
             return measured
-        end = deadline if deadline is not None else time.monotonic() + self.timeout
-        outcome = await call_model(
-            self.judge, judge_messages(question, answer_a, answer_b), self.policy, end, self._defaults
-        )
+        messages = judge_messages(question, answer_a, answer_b)
+        outcome = await call_model(self.judge, messages, self.policy, deadline, self._defaults)
         why = outcome.error or ""
         if outcome.abstention is None:
             try:
@@ -255,13 +278,14 @@ class CMVK:
             else:
                 score = 0.5 + 0.5 * j.confidence if j.agree else 0.5 - 0.5 * j.confidence
                 return Agreement(score, j.agree, "judge", measured.conflicts, j.reason)
-        return replace(measured, reason=f"{measured.reason} (judge abstained: {why})")
+        return _noted(measured, f"judge abstained: {why}")
 
     async def cross_check(self, prompt: str, context: dict[str, Any] | None = None) -> CrossCheckResult:
         """Ask every model to answer ``prompt`` and measure whether the answers agree.
 
-        Answers are grouped by pairwise :meth:`judge_agreement` (the non-LLM measure, plus the
-        judge for long answers when configured): the majority group is the model agreeing
+        Answers are embedded in one call (when an embedder is configured) and grouped by
+        pairwise agreement (the non-LLM measure, plus the judge for long answers when
+        configured, as in :meth:`judge_agreement`): the majority group is the model agreeing
         with the most weight, with those it agrees with. See :class:`CrossCheckResult`.
         Raises CMVKConfigError for a non-string prompt or non-dict context.
         """
@@ -287,13 +311,23 @@ class CMVK:
             else:
                 answers[spec.name] = ModelAnswer(spec.name, spec.weight, text, None, "", stats)
         answered = [n for n, a in answers.items() if a.answer is not None]
+        texts = {n: answers[n].answer or "" for n in answered}
+        vectors, note = await self._vectors([texts[n] for n in answered])
+        vec = dict(zip(answered, vectors, strict=True)) if vectors else {}
         keys = [(a, b) for i, a in enumerate(answered) for b in answered[i + 1 :]]
+        measured = [
+            _noted(
+                self.measure.measure(
+                    texts[a], texts[b], prompt, similarity=cosine(vec[a], vec[b]) if vec else None
+                ),
+                note,
+            )
+            for a, b in keys
+        ]
         results = await asyncio.gather(
             *(
-                self.judge_agreement(
-                    answers[a].answer or "", answers[b].answer or "", prompt, deadline=deadline
-                )
-                for a, b in keys
+                self._judged(m, texts[a], texts[b], prompt, deadline)
+                for m, (a, b) in zip(measured, keys, strict=True)
             )
         )
         pairs = {f"{a}|{b}": r for (a, b), r in zip(keys, results, strict=True)}

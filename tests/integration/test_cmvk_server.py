@@ -195,7 +195,7 @@ async def test_a_judge_that_fails_falls_back_to_the_measure(server: ScriptedLLMS
     result = await cmvk.judge_agreement(a, b, "What does a load balancer do?")
     assert result.method != "judge"
     assert "judge abstained: reply is not JSON" in result.reason
-    measured = cmvk.agreement(a, b, "What does a load balancer do?")
+    measured = await cmvk.agreement(a, b, "What does a load balancer do?")
     assert (result.score, result.agree) == (measured.score, measured.agree)
 
 

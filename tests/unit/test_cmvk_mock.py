@@ -196,3 +196,27 @@ def test_importing_cmvk_does_not_import_litellm() -> None:
     code = "import sys, cmvk, agent_os.modules; print('litellm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class CountingEmbedder:
+    """An async embedder (EMK's shape) that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append(list(texts))
+        return [[float(len(t)), 1.0] for t in texts]
+
+
+async def test_cross_check_embeds_all_answers_in_one_call() -> None:
+    embedder = CountingEmbedder()
+    long = "Rayleigh scattering by air molecules sends blue sunlight across the whole sky."
+    cmvk = CMVK(
+        [mock("a", long), mock("b", long), mock("c", "The sky is green because of chlorophyll.")],
+        embedder=embedder,
+    )
+    result = await cmvk.cross_check("Why is the sky blue?")
+    assert embedder.calls == [[long, long, "The sky is green because of chlorophyll."]]
+    assert result.majority == ["a", "b"]
+    assert result.pairs["a|b"].method == "embedding"
