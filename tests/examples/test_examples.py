@@ -44,3 +44,13 @@ def test_cmvk_reference_example_runs_against_the_local_server() -> None:
     )
     assert out[1] == "majority: 'Paris.' from ['gpt-4', 'claude-3']; dissenters: ['gemini-pro']"
     assert out[2].startswith("blocked: 0 of 3 answering models support the response")
+
+
+def test_emk_memory_example_finds_supersedes_and_keeps_history() -> None:
+    assert run("emk_memory.py").splitlines() == [
+        "best match: User prefers dark mode and metric units.",
+        "other agents' memories seen: 0",
+        "tagged in the last day: ['User prefers dark mode and metric units.']",
+        "after the update: User now prefers light mode.",
+        "versions: ['User now prefers light mode.', 'User prefers dark mode and metric units.']",
+    ]
