@@ -217,7 +217,7 @@ carried by every tenth memory.
 {search_rows}
 
 Targets: search p95 <= 10 ms with recall@10 >= 0.95, also under a 10% filter. EMK's default
-`ef_search` is 100. Inserting into an HNSW index is the slow part of live ingestion (compare the
+`ef_search` is 40 (pgvector's default). Inserting into an HNSW index is the slow part of live ingestion (compare the
 raw COPY with and without the index); bulk loads should create the namespace with
 `defer_index=True` and call `build_index()` once.
 """

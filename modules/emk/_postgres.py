@@ -196,7 +196,7 @@ class PostgresStore:
         namespace: str,
         *,
         pool_size: int = 4,
-        ef_search: int = 100,
+        ef_search: int = 40,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
         iterative_scan: bool | None = None,

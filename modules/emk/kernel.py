@@ -97,7 +97,7 @@ class EMK:
         namespace: str = "emk",
         limits: Limits | None = None,
         pool_size: int = 4,
-        ef_search: int = 100,
+        ef_search: int = 40,
         iterative_scan: bool | None = None,
         settings: Mapping[str, str] | None = None,
         defer_index: bool = False,
