@@ -10,6 +10,8 @@ Usage::
 
     with MockKafkaCluster(brokers=1) as cluster:
         bootstrap = cluster.bootstrap_servers  # "127.0.0.1:PORT"
+        cluster.set_broker_down(1)  # fault injection: refuse connections, keep the log
+        cluster.set_broker_up(1)
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ import os
 from types import TracebackType
 
 _RD_KAFKA_PRODUCER = 0
+
+# Group timings for tests, as KafkaBroker URL options. The mock rebalances a running group after
+# ``session_timeout_ms - 1000`` ms, so a short session timeout keeps rejoins quick. A real broker
+# must allow it: deploy/docker-compose.yml sets group.min.session.timeout.ms to 1000.
+TEST_GROUP_OPTIONS = "session_timeout_ms=1500&heartbeat_interval_ms=100&metadata_max_age_ms=200"
+
+# Set to a real broker's bootstrap servers (``127.0.0.1:9092``) to run the Kafka conformance
+# tests against it instead of the mock; a full ``kafka://...`` URL is used as it is.
+REAL_KAFKA_ENV = "AGENT_OS_KAFKA_BOOTSTRAP"
 
 
 def _load_librdkafka() -> ctypes.CDLL:
@@ -51,6 +62,18 @@ def _load_librdkafka() -> ctypes.CDLL:
     lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
     lib.rd_kafka_mock_set_controller_id.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    for updown in (lib.rd_kafka_mock_broker_set_down, lib.rd_kafka_mock_broker_set_up):
+        updown.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        updown.restype = ctypes.c_int
+    lib.rd_kafka_mock_push_request_errors_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int16,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    lib.rd_kafka_mock_push_request_errors_array.restype = None
+    lib.rd_kafka_mock_clear_request_errors.argtypes = [ctypes.c_void_p, ctypes.c_int16]
+    lib.rd_kafka_mock_clear_request_errors.restype = None
     return lib
 
 
@@ -81,6 +104,31 @@ class MockKafkaCluster:
         )
         if err:
             raise RuntimeError(f"mock topic create {name!r} failed: error {err}")
+
+    def set_broker_down(self, broker_id: int = 1) -> None:
+        """Close every connection to broker ``broker_id`` and refuse new ones (its port stays
+        reserved; the log it holds is kept, as a restarted broker would keep it on disk)."""
+        self._check(self._lib.rd_kafka_mock_broker_set_down(self._cluster, broker_id), "set down")
+
+    def set_broker_up(self, broker_id: int = 1) -> None:
+        """Let broker ``broker_id`` accept connections again, on the same port."""
+        self._check(self._lib.rd_kafka_mock_broker_set_up(self._cluster, broker_id), "set up")
+
+    def push_request_errors(self, api_key: int, *errors: int) -> None:
+        """Answer the next ``len(errors)`` requests of ``api_key`` (0 = Produce, 1 = Fetch, 8 =
+        OffsetCommit, ...) with these error codes, in order, on any broker. ``-195``
+        (librdkafka's ``_TRANSPORT``) makes the broker drop the connection instead."""
+        array = (ctypes.c_int * len(errors))(*errors)
+        self._lib.rd_kafka_mock_push_request_errors_array(self._cluster, api_key, len(errors), array)
+
+    def clear_request_errors(self, api_key: int) -> None:
+        """Forget the errors still queued for ``api_key``."""
+        self._lib.rd_kafka_mock_clear_request_errors(self._cluster, api_key)
+
+    @staticmethod
+    def _check(err: int, what: str) -> None:
+        if err:
+            raise RuntimeError(f"mock broker {what} failed: error {err}")
 
     def close(self) -> None:
         if self._cluster:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -58,10 +59,10 @@ def kafka_bootstrap() -> Iterator[str]:
     The mock rebalances a running group after ``session_timeout_ms - 1000`` ms, so a short
     session timeout keeps wildcard subscriptions (which rejoin when a new topic appears) quick.
     """
-    from tests.kafka_mock import MockKafkaCluster
+    from tests.kafka_mock import REAL_KAFKA_ENV, TEST_GROUP_OPTIONS, MockKafkaCluster
 
+    if real := os.environ.get(REAL_KAFKA_ENV):  # a real broker instead (README: Deployment)
+        yield real if real.startswith("kafka://") else f"kafka://{real}?{TEST_GROUP_OPTIONS}"
+        return
     with MockKafkaCluster(brokers=1) as cluster:
-        yield (
-            f"kafka://{cluster.bootstrap_servers}"
-            "?session_timeout_ms=1500&heartbeat_interval_ms=100&metadata_max_age_ms=200"
-        )
+        yield f"kafka://{cluster.bootstrap_servers}?{TEST_GROUP_OPTIONS}"
