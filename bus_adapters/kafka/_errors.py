@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import contextlib
 
-from amb.errors import BrokerUnavailable, BusError, ConfigError, StateError, TransportError, translating
+from amb.errors import (
+    BrokerUnavailable,
+    BusError,
+    ConfigError,
+    StateError,
+    TransportError,
+    describe,
+    translating,
+)
 
 
 def translate(exc: BaseException, action: str) -> BusError | None:
@@ -19,7 +27,7 @@ def translate(exc: BaseException, action: str) -> BusError | None:
     """
     from aiokafka import errors as kerr
 
-    text = f"kafka: {action}: {type(exc).__name__}: {exc}"
+    text = f"kafka: {action}: {describe(exc)}"
     unavailable = (
         kerr.KafkaConnectionError,
         kerr.NodeNotReadyError,

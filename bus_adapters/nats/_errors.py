@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import contextlib
 
-from amb.errors import BrokerUnavailable, BusError, ConfigError, StateError, TransportError, translating
+from amb.errors import (
+    BrokerUnavailable,
+    BusError,
+    ConfigError,
+    StateError,
+    TransportError,
+    describe,
+    translating,
+)
 
 
 def translate(exc: BaseException, action: str) -> BusError | None:
     """The bus error for a nats-py (or socket) error, most specific first; None if not ours.
 
-    BadSubjectError -> ConfigError; MsgAlreadyAckdError -> StateError; connection-level errors
-    (no servers, closed, draining, reconnecting, stale, outbound buffer full, authorization,
-    no JetStream responder, JetStream unavailable, OSError) -> BrokerUnavailable; any other
-    nats-py error or a timeout -> TransportError.
+    A bad subject, a payload over the server's limit, a bad timeout or callback ->
+    ConfigError; MsgAlreadyAckdError -> StateError; connection-level errors (no servers,
+    closed, draining, reconnecting, stale, outbound buffer full, authorization, no JetStream
+    responder, JetStream unavailable, a timeout, OSError) -> BrokerUnavailable; any other
+    nats-py error -> TransportError.
     """
     import nats.errors as ne
     import nats.js.errors as je
 
-    text = f"{action}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, ne.BadSubjectError):
+    text = f"{action}: {describe(exc)}"
+    if isinstance(
+        exc, ne.BadSubjectError | ne.MaxPayloadError | ne.BadTimeoutError | ne.InvalidCallbackTypeError
+    ):
         return ConfigError(text)
     if isinstance(exc, ne.MsgAlreadyAckdError):
         return StateError(text)
@@ -37,7 +48,7 @@ def translate(exc: BaseException, action: str) -> BusError | None:
     )
     if isinstance(exc, unavailable):
         return BrokerUnavailable(text)
-    if isinstance(exc, ne.Error | TimeoutError):
+    if isinstance(exc, ne.Error):
         return TransportError(text)
     return None
 

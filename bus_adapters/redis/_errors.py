@@ -6,7 +6,7 @@ import contextlib
 
 from redis import exceptions as rexc
 
-from amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError, translating
+from amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError, describe, translating
 
 
 def translate(exc: BaseException, action: str) -> BusError | None:
@@ -19,7 +19,7 @@ def translate(exc: BaseException, action: str) -> BusError | None:
     the server refused, a script error, a protocol error) -> TransportError.
     """
     if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.NoPermissionError):
-        return TransportError(f"redis refused to {action}: {exc}")
+        return TransportError(f"redis refused to {action}: {describe(exc)}")
     unavailable = (
         rexc.ConnectionError,
         rexc.TimeoutError,
@@ -31,13 +31,13 @@ def translate(exc: BaseException, action: str) -> BusError | None:
         OSError,
     )
     if isinstance(exc, unavailable):
-        return BrokerUnavailable(f"redis unavailable, could not {action}: {exc}")
+        return BrokerUnavailable(f"redis unavailable, could not {action}: {describe(exc)}")
     if isinstance(exc, rexc.DataError):
-        return ConfigError(f"redis could not {action}: {exc}")
+        return ConfigError(f"redis could not {action}: {describe(exc)}")
     if isinstance(exc, rexc.SlotNotCoveredError):
-        return BrokerUnavailable(f"redis unavailable, could not {action}: {exc}")
-    if isinstance(exc, rexc.RedisError | rexc.RedisClusterException | _OTHER_REDIS_ERRORS):
-        return TransportError(f"redis failed to {action}: {exc}")
+        return BrokerUnavailable(f"redis unavailable, could not {action}: {describe(exc)}")
+    if isinstance(exc, (rexc.RedisError, rexc.RedisClusterException, *_OTHER_REDIS_ERRORS)):
+        return TransportError(f"redis failed to {action}: {describe(exc)}")
     return None
 
 

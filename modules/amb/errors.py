@@ -124,6 +124,16 @@ class UnserializablePayload(BusError, TypeError):
     """The payload (or a header) cannot be carried by the chosen serializer."""
 
 
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` for an error, even one whose ``__str__`` fails (half-built errors of
+    some client libraries do)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(no description)"
+    return f"{type(exc).__name__}: {text}"
+
+
 Translator = Callable[[BaseException, str], "BusError | None"]
 """An adapter's error translator: the bus error for a client library's error (None: not one)."""
 
