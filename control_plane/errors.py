@@ -10,7 +10,9 @@ reaches the publisher::
     ├── SignalError (ValueError)               a signal that cannot be sent or handled this way
     ├── AgentNotFound (KeyError)               no agent with that id
     ├── RecorderError                          the flight recorder cannot store or read records
-    │   └── TamperDetected                     verify(raise_on_error=True) found a broken chain
+    │   ├── RecorderConfigError (ValueError)   an unsupported storage, a bad key or option
+    │   ├── RecorderKeyError                   encrypted records and no key, or another key
+    │   └── TamperDetected                     a record does not decode or authenticate
     └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
 
     amb.MessageRejected
@@ -67,6 +69,14 @@ class KernelError(ControlPlaneError, RuntimeError):
 
 class RecorderError(ControlPlaneError):
     """The flight recorder cannot store or read its records."""
+
+
+class RecorderConfigError(RecorderError, ValueError):
+    """The recorder cannot be built this way: an unsupported storage, a bad key or option."""
+
+
+class RecorderKeyError(RecorderError):
+    """Records are encrypted and this recorder has no key, or a different one (never garbage)."""
 
 
 class TamperDetected(RecorderError):

@@ -2,7 +2,8 @@
 
 One connection (psycopg 3, async); a batch is one transaction written with ``COPY``, durable
 when :meth:`PostgresStorage.append` returns. ``schema`` and ``table`` name where records live
-(the schema is created if missing).
+(the schema is created if missing). ``data`` is ``BYTEA``: the canonical JSON as UTF-8, or its
+compressed/encrypted form (:mod:`control_plane.recorder.codec`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from control_plane.errors import RecorderError
+from control_plane.errors import RecorderConfigError, RecorderError
+from control_plane.recorder.codec import DataCodec
 from control_plane.recorder.records import ANCHOR_EVENT
 from control_plane.recorder.sqlite import where_sql
 from control_plane.recorder.storage import Row, Where
@@ -26,10 +28,18 @@ _COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_h
 class PostgresStorage:
     """Records in ``schema.table`` of the database at ``dsn``."""
 
-    def __init__(self, dsn: str, table: str = "flight_records", schema: str = "public") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        table: str = "flight_records",
+        schema: str = "public",
+        *,
+        codec: DataCodec | None = None,
+    ) -> None:
         for name in (table, schema):
             if not name.isidentifier():
-                raise RecorderError(f"invalid identifier {name!r}")
+                raise RecorderConfigError(f"invalid identifier {name!r}")
+        self.codec = codec or DataCodec(False, None)
         self.dsn = dsn
         self.schema = schema
         self.table = table
@@ -57,7 +67,7 @@ class PostgresStorage:
                 await self._conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {q} (seq BIGINT PRIMARY KEY, id TEXT NOT NULL, "
                     "ts BIGINT NOT NULL, event_type TEXT NOT NULL, agent_id TEXT NOT NULL, "
-                    "execution_id TEXT, severity TEXT NOT NULL, data TEXT NOT NULL, "
+                    "execution_id TEXT, severity TEXT NOT NULL, data BYTEA NOT NULL, "
                     "prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
                 )
                 await self._conn.execute(
@@ -97,8 +107,13 @@ class PostgresStorage:
                     conn.cursor() as cur,
                     cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy,
                 ):
+                    encode = self.codec.encode
                     for row in rows:
-                        await copy.write_row(row)
+                        seq, rid, ts, et, agent, exe, sev, data, prev, h = row
+                        stored = encode(seq, data)
+                        if type(stored) is str:
+                            stored = stored.encode()
+                        await copy.write_row((seq, rid, ts, et, agent, exe, sev, stored, prev, h))
             except psycopg.Error as exc:
                 raise RecorderError(f"postgresql: {exc}") from exc
 
@@ -116,10 +131,10 @@ class PostgresStorage:
             yield rows
             after = rows[-1][0]
 
-    async def newest_anchor(self) -> str | None:
-        sql = f"SELECT data FROM {self.qualified} WHERE event_type = %s ORDER BY seq DESC LIMIT 1"
+    async def newest_anchor(self) -> tuple[int, Any] | None:
+        sql = f"SELECT seq, data FROM {self.qualified} WHERE event_type = %s ORDER BY seq DESC LIMIT 1"
         rows = await self._fetch(sql, (ANCHOR_EVENT,))
-        return str(rows[0][0]) if rows else None
+        return (int(rows[0][0]), rows[0][1]) if rows else None
 
     async def first_seq_after(self, ts_ns: int) -> int | None:
         rows = await self._fetch(f"SELECT MIN(seq) FROM {self.qualified} WHERE ts >= %s", (ts_ns,))

@@ -12,10 +12,22 @@ Example::
 once (so the chain order is the call order). The batch is written in one transaction (in the
 background, one batch at a time) when it reaches ``batch_size`` records, ``flush_interval``
 seconds after its first record, on ``flush()``, and on ``close()``. What a flush has written
-survives a crash of the writer; what was still in the batch is lost, and the chain on disk
-stays valid. Reads (``query``, ``verify``, ``export`` ...) flush first, so they see every
-record logged before them. A failed write keeps the batch and raises
-:class:`~control_plane.errors.RecorderError`; the next flush retries it.
+survives a crash of the writer process (SQLite: WAL with ``synchronous=NORMAL``; pass
+``synchronous="FULL"`` to survive a power loss too, at an fsync per flush); what was still in
+the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
+``export`` ...) flush first, so they see every record logged before them. A failed write
+keeps the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush
+retries it.
+
+**At rest.** With ``compression`` (default) and/or an ``encryption_key``, SQL storages keep
+each record's data compressed and/or encrypted (:mod:`control_plane.recorder.codec`), encoded
+on the writer's side of a flush and decoded on read; the chain covers the plaintext.
+
+**Retention.** With ``retention_days`` (default 90, as in the API reference), records older
+than that are pruned when the recorder opens and then at the first flush after each
+``retention_interval``; each pruning appends a chained ``retention_anchor`` record
+first (see :meth:`FlightRecorder.apply_retention`), so it is recorded and the rest still
+verifies. ``retention_days=None`` keeps everything.
 
 See :mod:`control_plane.recorder.records` for the canonical encoding, the chain and retention
 anchors.
@@ -26,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -33,8 +46,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from amb.envelope import new_id
-from control_plane.errors import RecorderError
+from control_plane.errors import RecorderConfigError, RecorderError
 from control_plane.patterns import _operator_condition
+from control_plane.recorder.codec import DataCodec
 from control_plane.recorder.records import (
     ANCHOR_EVENT,
     GENESIS,
@@ -45,7 +59,9 @@ from control_plane.recorder.records import (
     record_hash,
     verify_rows,
 )
-from control_plane.recorder.storage import MemoryStorage, Storage, Where
+from control_plane.recorder.storage import MemoryStorage, Row, Storage, Where
+
+log = logging.getLogger("control_plane.recorder")
 
 StorageName = Literal["memory", "sqlite", "postgresql"]
 
@@ -65,64 +81,105 @@ class FlightRecorder:
 
     Args:
         storage: ``"sqlite"`` (default), ``"memory"``, ``"postgresql"``, or a Storage object.
+            ``"s3"`` (in the API reference) is not supported and raises RecorderConfigError.
         connection_string: the SQLite file (default ``flight_recorder.db``) or the PostgreSQL
             DSN (required for postgresql).
-        retention_days: :meth:`apply_retention` removes records older than this.
+        retention_days: records older than this are pruned, with a chained anchor, when the
+            recorder opens and then every ``retention_interval`` seconds while it writes (see
+            :meth:`apply_retention`); None keeps everything. Fractions of a day are allowed.
+        compression: compress each record's data at rest (SQL storages; see
+            :mod:`control_plane.recorder.codec`). The memory storage keeps rows as they are.
+        encryption_key: 32 bytes: encrypt each record's data at rest (XChaCha20-Poly1305,
+            PyNaCl). SQL storages only: with ``"memory"`` it raises RecorderConfigError.
         batch_size, flush_interval: when batches are written (see above).
         table, schema: where records live in SQL storage.
+        synchronous: SQLite's ``synchronous`` pragma: ``"NORMAL"`` (default; in WAL mode a
+            flushed batch survives a crash of the process, the last batches may be lost if the
+            machine loses power) or ``"FULL"`` (fsync at every flush: survives that too).
 
-    Raises RecorderError for an unknown storage or a missing DSN.
+    Raises RecorderConfigError for an unsupported storage, a missing DSN, a key that is not
+    32 bytes, or out-of-range options.
     """
 
     def __init__(
         self,
         storage: StorageName | str | Storage = "sqlite",
         connection_string: str | None = None,
-        retention_days: int = 90,
+        retention_days: float | None = 90,
+        compression: bool = True,
+        encryption_key: bytes | None = None,
         *,
         batch_size: int = 500,
         flush_interval: float = 0.2,
+        retention_interval: float = 3600.0,
         table: str = "flight_records",
         schema: str = "public",
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
     ) -> None:
-        if batch_size < 1 or flush_interval <= 0 or retention_days < 0:
-            raise RecorderError("batch_size >= 1, flush_interval > 0 and retention_days >= 0 are required")
+        if batch_size < 1 or flush_interval <= 0 or retention_interval <= 0:
+            raise RecorderConfigError(
+                "batch_size >= 1, flush_interval > 0 and retention_interval > 0 are required"
+            )
+        if retention_days is not None and retention_days <= 0:
+            raise RecorderConfigError("retention_days must be positive (None keeps records forever)")
+        self.codec = DataCodec(compression, encryption_key)
         self.storage: Storage
         if not isinstance(storage, str):
             self.storage = storage
         elif storage == "memory":
+            if encryption_key is not None:
+                raise RecorderConfigError(
+                    "encryption_key encrypts data at rest: use storage 'sqlite' or 'postgresql'"
+                )
+            self.codec = DataCodec(False, None)
             self.storage = MemoryStorage()
         elif storage == "sqlite":
             from control_plane.recorder.sqlite import SqliteStorage
 
-            self.storage = SqliteStorage(connection_string or "flight_recorder.db", table)
+            self.storage = SqliteStorage(
+                connection_string or "flight_recorder.db", table, codec=self.codec, synchronous=synchronous
+            )
         elif storage in ("postgresql", "postgres"):
             from control_plane.recorder.postgres import PostgresStorage
 
             if not connection_string:
-                raise RecorderError("postgresql storage needs a connection_string")
-            self.storage = PostgresStorage(connection_string, table, schema)
+                raise RecorderConfigError("postgresql storage needs a connection_string")
+            self.storage = PostgresStorage(connection_string, table, schema, codec=self.codec)
+        elif storage == "s3":
+            raise RecorderConfigError(
+                "storage 's3' is not supported; the supported storages are memory, sqlite and postgresql"
+            )
         else:
-            raise RecorderError(f"unknown storage {storage!r}: memory, sqlite or postgresql")
+            raise RecorderConfigError(
+                f"unknown storage {storage!r}; the supported storages are memory, sqlite and postgresql"
+            )
         self.retention_days = retention_days
+        self.retention_interval = retention_interval
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.appended = 0
         self.flushed = 0
+        self.pruned = 0
+        self.retention_failures = 0
         self._seq = 0
         self._prev = GENESIS
-        self._batch: list[tuple[Any, ...]] = []
+        self._ids = f"evt_{new_id()}_"
+        self._batch: list[Record] = []
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._retention_due = 0.0
+        self._retaining = False
+        self._closing = False
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the storage and continue its chain. Idempotent; ``log`` calls it."""
+        """Open the storage, continue its chain and apply retention. Idempotent; ``log``
+        calls it."""
         if self._opened:
             return
         async with self._open_lock:
@@ -135,11 +192,14 @@ class FlightRecorder:
             if tail is not None:
                 self._seq, self._prev = tail
             self._opened = True
+        if self.retention_days is not None and tail is not None:
+            await self._retain()
 
     async def close(self) -> None:
         """Write what is batched and close the storage. Idempotent."""
         if self._closed:
             return
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -199,17 +259,18 @@ class FlightRecorder:
         if severity not in SEVERITIES:
             raise RecorderError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
         seq = self._seq + 1
-        rid = f"evt_{new_id()}"
+        rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
         ts = time.time_ns()
         data_json = canonical_data(data or {})
         prev = self._prev
         h = record_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev)
         self._seq, self._prev = seq, h
-        self._batch.append((seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h))
+        record = Record(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
+        self._batch.append(record)
         self.appended += 1
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
-        return Record(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
+        return record
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -228,11 +289,10 @@ class FlightRecorder:
         """Write the batched records in one transaction; return how many. Raises RecorderError
         (the records stay batched for the next attempt)."""
         async with self._flush_lock:
-            if not self._batch:
-                return 0
             batch, self._batch = self._batch, []
             try:
-                await self.storage.append(batch)
+                if batch:
+                    await self.storage.append(batch)
             except BaseException:
                 self._batch[:0] = batch
                 raise
@@ -240,7 +300,26 @@ class FlightRecorder:
             if not self._batch and self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            return len(batch)
+        if (
+            self.retention_days is not None
+            and not self._retaining
+            and not self._closing
+            and time.monotonic() >= self._retention_due
+        ):
+            await self._retain()
+        return len(batch)
+
+    async def _retain(self) -> None:
+        self._retaining = True
+        self._retention_due = time.monotonic() + self.retention_interval
+        try:
+            self.pruned += await self.apply_retention()
+        except RecorderError as exc:
+            # Retention must not stop the recording of decisions; it is retried next interval.
+            self.retention_failures += 1
+            log.warning("flight-recorder retention failed: %s", exc)
+        finally:
+            self._retaining = False
 
     async def log_state_dump(self, agent_id: str, state: Mapping[str, Any]) -> Record:
         """Record an agent's state (``replay`` merges it into the replayed state)."""
@@ -290,12 +369,19 @@ class FlightRecorder:
             descending=order == "desc",
             limit=None if checks else limit,
         )
-        records = [Record.from_row(r) for r in await self.storage.select(where)]
+        records = [self._record(r) for r in await self.storage.select(where)]
         if checks:
             records = [r for r in records if all(c(r.as_dict()) for c in checks)]
             if limit is not None:
                 records = records[:limit]
         return records
+
+    def _record(self, row: Row) -> Record:
+        """A stored row as a Record with its data decoded (RecorderKeyError, TamperDetected)."""
+        seq, rid, ts, et, agent, exe, sev, data, prev, h = row
+        if type(data) is not str:
+            data = self.codec.decode(int(seq), data)
+        return Record(int(seq), rid, int(ts), et, agent, exe, sev, data, prev, h)
 
     async def get_timeline(self, agent_id: str, execution_id: str | None = None) -> list[Record]:
         """The agent's records (of one execution, when given) in order."""
@@ -369,18 +455,22 @@ class FlightRecorder:
         """Check the whole chain; the result names the first bad record (see records module)."""
         await self._ready_to_read()
         anchor: tuple[int, str] | None = None
-        anchor_json = await self.storage.newest_anchor()
-        if anchor_json is not None:
-            data = json.loads(anchor_json)
+        found = await self.storage.newest_anchor()
+        if found is not None:
+            data = json.loads(self.codec.decode(*found))
             anchor = (int(data["pruned_through_seq"]), str(data["pruned_through_hash"]))
         rows: list[tuple[Any, ...]] = []
         async for chunk in self.storage.scan():
             rows.extend(chunk)
-        return verify_rows(rows, anchor, expected_head)
+        return verify_rows(rows, anchor, expected_head, self.codec.decode if self.codec.active else None)
 
     async def apply_retention(self, now: datetime | None = None) -> int:
-        """Delete records older than ``retention_days``, after appending an anchor record that
-        keeps the rest verifiable. Returns how many were deleted."""
+        """Delete records older than ``retention_days`` (seen from ``now``), after appending an
+        anchor record that keeps the rest verifiable; the anchor is the record of the pruning.
+        Returns how many were deleted (0 when ``retention_days`` is None). The recorder calls
+        this itself when it opens and every ``retention_interval`` seconds of writing."""
+        if self.retention_days is None:
+            return 0
         await self._ready_to_read()
         cutoff = (now or datetime.now().astimezone()) - timedelta(days=self.retention_days)
         first_kept = await self.storage.first_seq_after(int(cutoff.timestamp() * 1e9))

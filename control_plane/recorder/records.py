@@ -31,7 +31,9 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+
+from control_plane.errors import TamperDetected
 
 GENESIS: Final = "0" * 64
 ANCHOR_EVENT: Final = "retention_anchor"
@@ -112,10 +114,9 @@ def record_hash(
     return _sha256(body.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One flight-recorder record. ``ts`` is nanoseconds since the epoch; ``data_json`` is the
-    canonical JSON of ``data``."""
+    canonical JSON of ``data``. A tuple in column order, so it is also a storage row."""
 
     seq: int
     id: str
@@ -140,18 +141,7 @@ class Record:
         return datetime.fromtimestamp(self.ts / 1e9, tz=UTC)
 
     def row(self) -> tuple[Any, ...]:
-        return (
-            self.seq,
-            self.id,
-            self.ts,
-            self.event_type,
-            self.agent_id,
-            self.execution_id,
-            self.severity,
-            self.data_json,
-            self.prev_hash,
-            self.hash,
-        )
+        return tuple(self)
 
     def as_dict(self, include_metadata: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -173,6 +163,10 @@ class Record:
         return cls(int(seq), id, int(ts), et, agent, exe, sev, data, prev, h)
 
 
+Decode = Callable[[int, Any], str]
+"""Turns a stored ``data`` value of record ``seq`` back into canonical JSON (see .codec)."""
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
     """The outcome of :meth:`FlightRecorder.verify`: ``ok``, how many records were checked, and
@@ -189,9 +183,14 @@ class VerifyResult:
 
 
 def verify_rows(
-    rows: Iterable[tuple[Any, ...]], anchor: tuple[int, str] | None, head: tuple[int, str] | None = None
+    rows: Iterable[tuple[Any, ...]],
+    anchor: tuple[int, str] | None,
+    head: tuple[int, str] | None = None,
+    decode: Decode | None = None,
 ) -> VerifyResult:
-    """Check a chain of rows (in ``seq`` order) as the module docstring says."""
+    """Check a chain of rows (in ``seq`` order) as the module docstring says. ``decode`` turns
+    stored data back into canonical JSON (a record that does not decode is a bad record;
+    RecorderKeyError, for a missing or wrong key, propagates)."""
     expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])
     checked = 0
     last: tuple[int, str] | None = None
@@ -209,6 +208,11 @@ def verify_rows(
             )
         if prev != expect_prev:
             return VerifyResult(False, checked, seq, rid, "prev_hash does not match the previous record")
+        if decode is not None and type(data) is not str:
+            try:
+                data = decode(seq, data)
+            except TamperDetected as exc:
+                return VerifyResult(False, checked, seq, rid, str(exc))
         if rh(seq, rid, ts, et, agent, exe, sev, data, prev) != h:
             return VerifyResult(False, checked, seq, rid, "content does not match its hash (edited)")
         checked += 1

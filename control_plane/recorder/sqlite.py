@@ -1,9 +1,12 @@
 """SQLite storage for the flight recorder (the default).
 
 All SQLite calls run on one dedicated thread, so the event loop never blocks on disk and the
-connection is only ever used by that thread. The database is in WAL mode with
-``synchronous=FULL``: a batch is one transaction, and once :meth:`SqliteStorage.append` returns
-it survives a crash of the process (and of the machine).
+connection is only ever used by that thread; records' data is encoded (compressed, encrypted)
+on that thread too. The database is in WAL mode; a batch is one transaction. With
+``synchronous="NORMAL"`` (the default) a batch survives a crash of the process once
+:meth:`SqliteStorage.append` returns (the WAL is in the OS's hands; a power loss can lose the
+last batches, never corrupt the chain); with ``"FULL"`` each commit is fsynced and survives a
+crash of the machine too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from control_plane.errors import RecorderError
+from control_plane.errors import RecorderConfigError, RecorderError
+from control_plane.recorder.codec import DataCodec
 from control_plane.recorder.records import ANCHOR_EVENT
 from control_plane.recorder.storage import Row, Where
 
@@ -70,11 +74,22 @@ def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
 class SqliteStorage:
     """Records in a SQLite file (``path``; ``":memory:"`` for a private in-memory database)."""
 
-    def __init__(self, path: str | Path = "flight_recorder.db", table: str = "flight_records") -> None:
+    def __init__(
+        self,
+        path: str | Path = "flight_recorder.db",
+        table: str = "flight_records",
+        *,
+        codec: DataCodec | None = None,
+        synchronous: str = "NORMAL",
+    ) -> None:
         if not table.isidentifier():
-            raise RecorderError(f"invalid table name {table!r}")
+            raise RecorderConfigError(f"invalid table name {table!r}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise RecorderConfigError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         self.path = str(path)
         self.table = table
+        self.codec = codec
+        self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -95,7 +110,7 @@ class SqliteStorage:
         def connect() -> sqlite3.Connection:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(_SCHEMA.format(t=self.table))
             return db
 
@@ -123,10 +138,13 @@ class SqliteStorage:
     async def append(self, rows: Sequence[Row]) -> None:
         sql = f"INSERT INTO {self.table} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
+        codec = self.codec if self.codec is not None and self.codec.active else None
+
         def write(db: sqlite3.Connection) -> None:
+            stored = rows if codec is None else [_encoded(codec, r) for r in rows]
             db.execute("BEGIN")
             try:
-                db.executemany(sql, rows)
+                db.executemany(sql, stored)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -149,10 +167,10 @@ class SqliteStorage:
             yield rows
             after = rows[-1][0]
 
-    async def newest_anchor(self) -> str | None:
-        sql = f"SELECT data FROM {self.table} WHERE event_type = ? ORDER BY seq DESC LIMIT 1"
+    async def newest_anchor(self) -> tuple[int, Any] | None:
+        sql = f"SELECT seq, data FROM {self.table} WHERE event_type = ? ORDER BY seq DESC LIMIT 1"
         row = await self._run(lambda db: db.execute(sql, (ANCHOR_EVENT,)).fetchone())
-        return None if row is None else str(row[0])
+        return None if row is None else (int(row[0]), row[1])
 
     async def first_seq_after(self, ts_ns: int) -> int | None:
         sql = f"SELECT MIN(seq) FROM {self.table} WHERE ts >= ?"
@@ -167,6 +185,11 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
+
+
+def _encoded(codec: DataCodec, row: Row) -> Row:
+    seq, rid, ts, et, agent, exe, sev, data, prev, h = row
+    return (seq, rid, ts, et, agent, exe, sev, codec.encode(seq, data), prev, h)
 
 
 def _fetch_after(sql: str, after: int, db: sqlite3.Connection) -> list[Row]:

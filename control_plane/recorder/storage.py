@@ -51,7 +51,8 @@ class Storage(Protocol):
         ...
 
     async def append(self, rows: Sequence[Row]) -> None:
-        """Store rows atomically and durably: when this returns, they survive a crash."""
+        """Store rows atomically and durably: when this returns, they survive a crash. Rows
+        carry plaintext data; a SQL storage encodes it with its codec on the way in."""
         ...
 
     async def select(self, where: Where) -> list[Row]: ...
@@ -60,8 +61,8 @@ class Storage(Protocol):
         """Every row in ``seq`` order, in chunks (for verify and export)."""
         ...
 
-    async def newest_anchor(self) -> str | None:
-        """The data JSON of the newest retention anchor, if any."""
+    async def newest_anchor(self) -> tuple[int, Any] | None:
+        """The (seq, stored data) of the newest retention anchor, if any."""
         ...
 
     async def first_seq_after(self, ts_ns: int) -> int | None:
@@ -105,13 +106,12 @@ class MemoryStorage:
         for i in range(0, len(self.rows), chunk):
             yield self.rows[i : i + chunk]
 
-    async def newest_anchor(self) -> str | None:
+    async def newest_anchor(self) -> tuple[int, Any] | None:
         from control_plane.recorder.records import ANCHOR_EVENT
 
         for row in reversed(self.rows):
             if row[3] == ANCHOR_EVENT:
-                data: str = row[7]
-                return data
+                return row[0], row[7]
         return None
 
     async def first_seq_after(self, ts_ns: int) -> int | None:

@@ -83,3 +83,58 @@ async def test_postgres_tampering_is_detected(schema: str, statements: list[str]
     await rec.close()
     assert not result.ok
     assert result.first_bad_seq == first_bad, result.reason
+
+
+async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema: str) -> None:
+    import nacl.utils
+
+    from control_plane.errors import RecorderKeyError
+
+    key = nacl.utils.random(32)
+    rec = FlightRecorder("postgresql", DSN, schema=schema, batch_size=3, encryption_key=key)
+    for i in range(5):
+        await rec.log("action_blocked", "agent_1", {"resource": "data/phi/patient_001.json", "i": i})
+    await rec.close()
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+        cur = await conn.execute(f'SELECT data FROM "{schema}".flight_records ORDER BY seq')
+        stored = [bytes(r[0]) for r in await cur.fetchall()]
+    assert len(stored) == 5
+    assert all(b"patient_001" not in blob and blob[0] == 0x02 for blob in stored)
+
+    rec = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=key)
+    assert [r.data["i"] for r in await rec.query()] == [0, 1, 2, 3, 4]
+    assert (await rec.verify()).ok
+    await rec.close()
+    wrong = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=nacl.utils.random(32))
+    with pytest.raises(RecorderKeyError):
+        await wrong.verify()
+    await wrong.close()
+
+    flipped = bytearray(stored[2])
+    flipped[-1] ^= 0x01
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+        await conn.execute(
+            f'UPDATE "{schema}".flight_records SET data = %s WHERE seq = 3', (bytes(flipped),)
+        )
+    rec = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=key)
+    result = await rec.verify()
+    await rec.close()
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+
+
+async def test_postgres_compressed_and_plain_records_read_back(schema: str) -> None:
+    rec = FlightRecorder("postgresql", DSN, schema=schema, compression=False)
+    await rec.log("event", "a", {"text": 'quotes " and \\ backslashes', "n": 1})
+    await rec.close()
+    rec = FlightRecorder("postgresql", DSN, schema=schema, compression=True)
+    await rec.log("event", "a", {"reason": "x" * 300, "n": 2})
+    assert [r.data["n"] for r in await rec.query()] == [1, 2]
+    assert (await rec.query())[0].data["text"] == 'quotes " and \\ backslashes'
+    assert (await rec.verify()).ok
+    await rec.close()
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+        cur = await conn.execute(f'SELECT data FROM "{schema}".flight_records ORDER BY seq')
+        first, second = [bytes(r[0]) for r in await cur.fetchall()]
+    assert first.startswith(b"{")  # plain JSON as UTF-8
+    assert second[0] == 0x01  # compressed
+    assert len(second) < 100

@@ -270,12 +270,13 @@ async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> No
 async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     rec = await _recorded(db)
-    rec.retention_days = 0
-    await rec.apply_retention(now=datetime.now().astimezone() + timedelta(seconds=1))
+    rec.retention_days = 1e-9  # everything logged so far is older than that
+    assert await rec.apply_retention(now=datetime.now().astimezone() + timedelta(seconds=1)) > 0
     await rec.log("event", "a", {"after": True})
     assert (await rec.verify()).ok
+    anchor = (await rec.query(event_type="retention_anchor"))[-1]
     await rec.close()
-    _tamper(db, "DELETE FROM flight_records WHERE seq = 11")  # the anchor
+    _tamper(db, f"DELETE FROM flight_records WHERE seq = {anchor.seq}")
     rec = FlightRecorder("sqlite", str(db))
     result = await rec.verify()
     await rec.close()
