@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,11 @@ class KernelSpace(KernelGate, KernelBus):
     Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
     recorder), ``signal_dispatcher``, ``max_concurrent_agents``, ``timeout`` (default seconds per
     execution), ``debug``; and ``policies`` (several policies that must all allow) and
-    ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``).
-    Raises PolicyError for an unknown policy name.
+    ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``);
+    ``keep_finished``: how many finished executions (``execute``/``spawn``) stay known for
+    ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
+    attached bus agents are always kept), so a long-running kernel does not grow without bound.
+    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0``.
     """
 
     def __init__(
@@ -107,7 +111,10 @@ class KernelSpace(KernelGate, KernelBus):
         policies: Sequence[Policy] | None = None,
         permissions: PermissionSource | None = None,
         signal_timeout: float = 2.0,
+        keep_finished: int = 1000,
     ) -> None:
+        if keep_finished < 0:
+            raise KernelError("keep_finished must be >= 0")
         base = Policy.builtin(policy) if isinstance(policy, str) else policy
         if permissions is not None:
             base.permissions = permissions
@@ -127,6 +134,8 @@ class KernelSpace(KernelGate, KernelBus):
         self._last: AgentProcess | None = None
         self._admission = Admission(max_concurrent_agents)
         self._bus: list[AMB] = []
+        self.keep_finished = keep_finished
+        self._finished: deque[str] = deque()
 
     # -- registration --------------------------------------------------------------------------
 
@@ -250,6 +259,28 @@ class KernelSpace(KernelGate, KernelBus):
         return proc
 
     async def _run(
+        self,
+        proc: AgentProcess,
+        agent: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        context: Mapping[str, Any] | None,
+    ) -> Any:
+        try:
+            return await self._supervise(proc, agent, args, kwargs, timeout, context)
+        finally:
+            self._forget_old(proc)
+
+    def _forget_old(self, proc: AgentProcess) -> None:
+        """Keep the last ``keep_finished`` finished executions; forget older ones."""
+        self._finished.append(proc.id)
+        while len(self._finished) > self.keep_finished:
+            old = self._finished.popleft()
+            self._procs.pop(old, None)
+            self._runs.pop(old, None)  # its task has finished (or is returning right now)
+
+    async def _supervise(
         self,
         proc: AgentProcess,
         agent: Callable[..., Any],

@@ -380,3 +380,36 @@ def test_token_bucket_refills_and_evicts_only_full_buckets() -> None:
     assert limiter.take("a")  # refilled
     limiter.take("d")
     assert len(limiter) <= 3
+
+
+async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
+    kernel = KernelSpace(policy="permissive", keep_finished=5)
+    release = asyncio.Event()
+
+    @kernel.register
+    async def worker(i: int) -> tuple[int, str | None]:
+        return i, kernel.current_agent_id
+
+    @kernel.register
+    async def long_runner() -> str:
+        await release.wait()
+        return "done"
+
+    running = await kernel.spawn(long_runner)
+    ids = [(await kernel.execute(worker, i))[1] for i in range(50)]
+    spawned = [await kernel.spawn(worker, 100 + i) for i in range(3)]
+    assert [i for i, _ in await kernel.wait_all(spawned)] == [100, 101, 102]
+    statuses = kernel.agents()
+    assert len(statuses) == 6  # the running agent and the last five finished executions
+    assert kernel.get_agent_status(running).state == "running"  # running agents are always kept
+    assert kernel.get_agent_status(str(ids[-1])).state == "terminated"
+    with pytest.raises(AgentNotFound):
+        kernel.get_agent_status(str(ids[0]))
+    with pytest.raises(AgentNotFound):
+        await kernel.wait_all([str(ids[0])])
+    assert len(kernel._runs) <= 6
+    release.set()
+    assert await kernel.wait_all([running]) == ["done"]
+    with pytest.raises(KernelError):
+        KernelSpace(keep_finished=-1)
+    await kernel.close()
