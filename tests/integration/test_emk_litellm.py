@@ -85,7 +85,6 @@ def embedder(server: EmbeddingServer) -> LiteLLMEmbedder:
         request_dimensions=True,
         api_base=server.url,
         api_key="sk-test-key",
-        max_retries=0,
     )
 
 
