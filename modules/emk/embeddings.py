@@ -171,8 +171,9 @@ class LiteLLMEmbedder:
     ``dimension`` is required unless the model is one of :data:`KNOWN_DIMENSIONS`; with
     ``request_dimensions=True`` it is also sent as the ``dimensions`` parameter (models that can
     shorten their vectors, such as text-embedding-3-*). ``api_base``/``api_key`` and any other
-    keyword go to ``litellm.aembedding`` (litellm retries a failed request itself). Failures raise EmbeddingError with litellm's error
-    chained; an answer without one vector per text raises EmbeddingError too.
+    keyword go to ``litellm.aembedding`` (litellm retries a failed request itself). Failures
+    raise EmbeddingError with litellm's error chained; an answer without one vector per text
+    raises EmbeddingError too.
     """
 
     def __init__(
