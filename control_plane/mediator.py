@@ -28,6 +28,13 @@ otherwise the envelope's claimed sender is used but marked unverified (``verifie
 rule's ``on_violation`` signal on an inbound message goes to the sender only when verified: a
 forged sender id must not get another agent killed.
 
+**Mediated mode** (the control-plane service; ``inbound_prefix``/``reply_prefix``): a message
+is recognised by the subject it arrived on, and its envelope's (signed) topic must be that
+subject, or it is denied (``... is not its subject``): the subject decides where the service
+forwards it, so the two may not differ. A request's ``reply_to`` must be an inbox. A reply
+(``<reply_prefix>.<inbox>``) is checked only by the instance holding the request in its
+:class:`~control_plane.replies.PendingRequests`; see :mod:`services.control_plane_service`.
+
 Handlers run as tasks of the receiving agent, so SIGKILL cancels a handler mid-work.
 """
 
@@ -41,8 +48,10 @@ from typing import TYPE_CHECKING, Any
 from amb.envelope import Envelope
 from amb.metadata import Metadata
 from amb.middleware import ConsumeNext, Middleware, PublishNext
-from control_plane.errors import AgentStoppedError
+from control_plane.errors import AgentStoppedError, KernelError
 from control_plane.kernel_gate import _CURRENT, _violation
+from control_plane.policy import Decision
+from control_plane.replies import PendingRequest, PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 
 if TYPE_CHECKING:
@@ -80,17 +89,32 @@ class Mediator(Middleware):
     """Signals, policy and recording on every message of one attached agent (see module doc).
 
     ``inbound_prefix`` (mediated mode): inbound messages on ``<prefix>.<topic>`` are an
-    agent's publish, evaluated as operation ``publish`` on ``<topic>`` for their sender; the
-    sender's own signals apply to them here (a stopped sender's messages are held by the
-    service, a killed sender's dropped), whether or not the agent cooperates.
+    agent's publish, evaluated as operation ``publish`` (``request`` with a ``reply_to``) on
+    ``<topic>`` for their sender; the sender's own signals apply to them here (a stopped
+    sender's messages are held by the service, a killed sender's dropped), whether or not the
+    agent cooperates. ``reply_prefix`` and ``pending``: replies on ``<prefix>.<inbox>`` are
+    evaluated as operation ``reply`` on the request's topic, from the replier to the
+    requester. Raises KernelError for ``reply_prefix`` without ``pending``.
     """
 
     def __init__(
-        self, kernel: KernelSpace, process: AgentProcess, *, inbound_prefix: str | None = None
+        self,
+        kernel: KernelSpace,
+        process: AgentProcess,
+        *,
+        inbound_prefix: str | None = None,
+        reply_prefix: str | None = None,
+        pending: PendingRequests | None = None,
+        inbox_prefix: str = "_INBOX",
     ) -> None:
+        if reply_prefix is not None and pending is None:
+            raise KernelError("mediating replies needs the table of pending requests")
         self.kernel = kernel
         self.process = process
         self.inbound_prefix = inbound_prefix + "." if inbound_prefix else None
+        self.reply_prefix = reply_prefix + "." if reply_prefix else None
+        self.pending = pending
+        self.inbox_prefix = inbox_prefix + "."
         self.decisions = 0
 
     # -- outbound ------------------------------------------------------------------------------
@@ -141,13 +165,26 @@ class Mediator(Middleware):
         )
         if not decision.allowed:
             raise _violation(decision, op, resource)
+        if self.pending is not None and env.reply_to:
+            # The service's own request (a remote signal): its reply comes back through us.
+            self.pending.add(env.reply_to, env.id, proc.id, env.topic, env.recipient, env.expires_at)
         await call_next(env)
 
     # -- inbound -------------------------------------------------------------------------------
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         proc = self.process
-        if self.inbound_prefix is not None and envelope.topic.startswith(self.inbound_prefix):
+        subject = metadata.subject
+        route: PendingRequest | None = None
+        if self.reply_prefix is not None and subject.startswith(self.reply_prefix):
+            # Mediated mode, a reply: only the instance that forwarded the request decides.
+            assert self.pending is not None
+            route = self.pending.get(subject[len(self.reply_prefix) :])
+            if route is None:
+                self.pending.unmatched += 1  # another instance's, or nobody's: not forwarded
+                return
+            proc = self.kernel.external(verified_identity(envelope, metadata)[0])
+        elif self.inbound_prefix is not None and subject.startswith(self.inbound_prefix):
             # Mediated mode: the message is the sender's publish, and the sender's signals apply.
             proc = self.kernel.external(verified_identity(envelope, metadata)[0])
         if proc.killed:
@@ -155,21 +192,59 @@ class Mediator(Middleware):
             raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
         if proc.stopped and not envelope.topic.startswith(_CONTROL):
             await self._held(proc, envelope, "deliver")
-            await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next))
+            await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next, route))
             return
-        await self._deliver(proc, envelope, metadata, call_next)
+        await self._deliver(proc, envelope, metadata, call_next, route)
+
+    def _mediated(
+        self, env: Envelope, subject: str, route: PendingRequest | None, sender: str
+    ) -> tuple[str, str, str | None, str | None]:
+        """Operation, resource, recipient and a structural reason to deny (or None) of an
+        ingress message or a reply passing the service."""
+        recipient: str | None
+        if route is not None:
+            op, resource, recipient = "reply", route.topic, route.requester
+        else:
+            assert self.inbound_prefix is not None
+            op, resource, recipient = _operation(env), subject[len(self.inbound_prefix) :], env.recipient
+        why = None
+        if env.topic != subject:
+            why = f"the envelope's topic {env.topic!r} is not its subject {subject!r}"
+        elif route is not None:
+            if env.reply_to:
+                why = "a reply cannot ask for a reply"
+            elif env.correlation_id != route.request_id:
+                why = "the reply's correlation id does not match the request"
+            elif route.recipient is not None and sender != route.recipient:
+                why = f"the request was addressed to {route.recipient}, not {sender}"
+            elif route.answered:
+                why = "the request was already answered"
+            elif route.expired():
+                why = "the request expired"
+        elif op == "request" and self.pending is not None and not self._inbox(env.reply_to):
+            why = f"reply_to must be an inbox subject ({self.inbox_prefix}...)"
+        return op, resource, recipient, why
+
+    def _inbox(self, subject: str | None) -> bool:
+        return subject is not None and subject.startswith(self.inbox_prefix)
 
     async def _deliver(
-        self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext
+        self,
+        proc: AgentProcess,
+        env: Envelope,
+        meta: Metadata,
+        call_next: ConsumeNext,
+        route: PendingRequest | None = None,
     ) -> None:
         sender, verified, trust = verified_identity(env, meta)
         topic = env.topic
+        subject = meta.subject
         recipient: str | None = env.recipient or proc.id
-        if topic.startswith(_CONTROL):
+        refusal = None
+        if route is not None or (self.inbound_prefix is not None and subject.startswith(self.inbound_prefix)):
+            op, resource, recipient, refusal = self._mediated(env, subject, route, sender)
+        elif topic.startswith(_CONTROL):
             op, resource = "signal", topic[len(_CONTROL) :]
-        elif self.inbound_prefix is not None and topic.startswith(self.inbound_prefix):
-            op, resource = _operation(env), topic[len(self.inbound_prefix) :]
-            recipient = env.recipient  # proc is the sender here
         else:
             op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
         ctx = {
@@ -187,23 +262,25 @@ class Mediator(Middleware):
             "priority": env.priority,
         }
         kernel = self.kernel
-        decision = kernel.decide(op, resource, ctx, proc)
+        if refusal is None:
+            decision = kernel.decide(op, resource, ctx, proc)
+        else:
+            decision = Decision(False, "deny", refusal, "control-plane", violation=True)
+        if route is not None and decision.allowed:
+            route.answered = True  # one reply per request (decided before any await)
         self.decisions += 1
+        extra = {
+            "direction": "in",
+            "message_id": env.id,
+            "sender": sender,
+            "claimed_sender": env.sender,
+            "verified": verified,
+            "trust_level": trust,
+        }
+        if route is not None:
+            extra.update(reply_to=route.reply_to, request_id=route.request_id, requester=route.requester)
         await kernel.record_decision(
-            proc,
-            op,
-            resource,
-            decision,
-            sender,
-            {
-                "direction": "in",
-                "message_id": env.id,
-                "sender": sender,
-                "claimed_sender": env.sender,
-                "verified": verified,
-                "trust_level": trust,
-            },
-            signal_to=sender if verified else None,
+            proc, op, resource, decision, sender, extra, signal_to=sender if verified else None
         )
         if not decision.allowed:
             raise _violation(decision, op, resource)

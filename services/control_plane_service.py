@@ -14,18 +14,34 @@ reply inboxes and dead letters) and subscribe only to delivery subjects, their i
 own control subject, while only the service may publish to delivery and control subjects. A
 message an agent sends straight to a delivery subject is refused by the server.
 
-Replies to requests go to the requester's inbox directly (agents may publish to ``_INBOX.>``):
-request/reply is mediated on the request leg only.
+**Replies are mediated too.** A forwarded request keeps its ``reply_to`` (an inbox
+``_INBOX.…`` of the requester; any other ``reply_to`` is denied), and the service notes it in
+its table of pending requests (:mod:`control_plane.replies`). The responder's client carries
+:class:`ReplyViaService`, which sends a reply meant for ``_INBOX.x`` to ``replies._INBOX.x``
+instead. Every service instance receives replies (no queue group: the instance that forwarded
+the request holds its entry); the one holding the entry checks the reply as operation
+``reply`` on the request's topic, from the replier to the requester (plus: the correlation id
+must be the request's, a request addressed to one agent is answered by that agent, one reply
+per request, not after it expired), records exactly one decision, and forwards it unchanged to
+the inbox. Instances without the entry drop the reply and count it
+(``pending.unmatched``): a forged reply nobody waits for is dropped by all and recorded by
+none, since no instance owns that decision. Agents may not publish to ``_INBOX.>`` under the
+generated NATS permissions, so a reply around the service is refused by the server. The
+service's own requests (remote signals) are noted the same way, so their replies also pass.
 
 Example::
 
     kernel = KernelSpace(policy=Policy.from_yaml("policy.yaml"))
     service = ControlPlaneService(AMB("nats", url, agent_id="control-plane"), kernel)
     await service.start()
+    # an agent:  AMB("nats", url, agent_id="worker", middleware=[iatp_mw, ReplyViaService()])
+
+Run it as a process: ``python -m services.control_plane_service --help``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Iterable, Mapping
@@ -33,13 +49,18 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from amb import AMB, Metadata, Subscription, get_serializer
+from amb.envelope import Envelope
+from amb.middleware import Middleware, PublishNext
 from control_plane import KernelSpace, Mediator
+from control_plane.replies import PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 
 log = logging.getLogger("services.control_plane")
 
 INGRESS: Final = "ingress"
 DELIVERY: Final = "deliver"
+REPLIES: Final = "replies"
+INBOX: Final = "_INBOX"
 QUEUE_GROUP: Final = "control-plane"
 
 
@@ -53,11 +74,35 @@ def delivery_subject(topic: str, prefix: str = DELIVERY) -> str:
     return f"{prefix}.{topic}"
 
 
+def reply_subject(reply_to: str, prefix: str = REPLIES) -> str:
+    """Where an agent publishes a reply meant for the inbox ``reply_to`` in mediated mode."""
+    return f"{prefix}.{reply_to}"
+
+
+class ReplyViaService(Middleware):
+    """Agent-side middleware for mediated mode: a reply to an inbox goes through the service.
+
+    Put it after IATP in the agent client's middleware (so the rerouted topic is what gets
+    signed): ``AMB(..., middleware=[iatp.middleware(), ReplyViaService()])``. Replies by
+    ``client.reply``, the bus's error replies and signal acknowledgements all pass through it.
+    """
+
+    def __init__(self, reply_prefix: str = REPLIES, inbox_prefix: str = INBOX) -> None:
+        self.reply_prefix = reply_prefix
+        self.inbox = inbox_prefix + "."
+
+    async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
+        if envelope.correlation_id and not envelope.reply_to and envelope.topic.startswith(self.inbox):
+            envelope = dataclasses.replace(envelope, topic=reply_subject(envelope.topic, self.reply_prefix))
+        await call_next(envelope)
+
+
 @dataclass(slots=True)
 class ServiceStats:
     """Counters of one service instance (denied messages are in ``client.stats.rejected``)."""
 
     forwarded: int = 0
+    replies_forwarded: int = 0
     forward_failures: int = 0
 
 
@@ -65,7 +110,8 @@ class ControlPlaneService:
     """One instance of the mediated control plane (see the module docstring).
 
     ``client`` is the service's own bus client (not yet connected); ``kernel`` holds the policy
-    and the flight recorder. Raises amb StateError when ``client`` is already connected.
+    and the flight recorder; ``pending`` bounds the table of requests awaiting replies.
+    Raises amb StateError when ``client`` is already connected.
     """
 
     def __init__(
@@ -75,36 +121,61 @@ class ControlPlaneService:
         *,
         ingress_prefix: str = INGRESS,
         delivery_prefix: str = DELIVERY,
+        reply_prefix: str = REPLIES,
         queue: str = QUEUE_GROUP,
+        pending: PendingRequests | None = None,
     ) -> None:
         self.client = client
         self.kernel = kernel
         self.ingress_prefix = ingress_prefix
         self.delivery_prefix = delivery_prefix
+        self.reply_prefix = reply_prefix
         self.queue = queue
         self.stats = ServiceStats()
-        self.mediator: Mediator = kernel.attach(client, inbound_prefix=ingress_prefix)
+        self.pending = pending or PendingRequests()
+        self.mediator: Mediator = kernel.attach(
+            client,
+            inbound_prefix=ingress_prefix,
+            reply_prefix=reply_prefix,
+            pending=self.pending,
+            inbox_prefix=INBOX,
+        )
         self._encode = get_serializer("msgpack").encode
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
 
     async def start(self) -> None:
-        """Connect and start taking ingress messages."""
-        self._sub = await self.client.subscribe(f"{self.ingress_prefix}.>", self._forward, queue=self.queue)
+        """Connect and start taking ingress messages (as a queue group) and replies (all)."""
+        self._subs = [
+            await self.client.subscribe(f"{self.ingress_prefix}.>", self._forward, queue=self.queue),
+            await self.client.subscribe(f"{self.reply_prefix}.>", self._forward_reply),
+        ]
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Finish in-flight messages, then close the client."""
         await self.client.close(timeout)
 
     async def _forward(self, message: Any, metadata: Metadata) -> None:
-        # Reached only when the mediator allowed the message (a deny was dead-lettered before).
+        # Reached only when the mediator allowed the message (a deny was dead-lettered before),
+        # and the mediator checked that the envelope's topic is this subject.
         topic = metadata.subject[len(self.ingress_prefix) + 1 :]
-        subject = delivery_subject(topic, self.delivery_prefix)
+        env = metadata.envelope
+        if env.reply_to:
+            requester = metadata.context.get("control_plane_sender") or env.sender
+            self.pending.add(env.reply_to, env.id, requester, topic, env.recipient, env.expires_at)
+        await self._send(delivery_subject(topic, self.delivery_prefix), metadata)
+        self.stats.forwarded += 1
+
+    async def _forward_reply(self, message: Any, metadata: Metadata) -> None:
+        # Reached only on the instance holding the request, when the mediator allowed the reply.
+        await self._send(metadata.subject[len(self.reply_prefix) + 1 :], metadata)
+        self.stats.replies_forwarded += 1
+
+    async def _send(self, subject: str, metadata: Metadata) -> None:
         try:
             await self.client.broker.publish(subject, self._encode(metadata.envelope), key=metadata.sender)
         except Exception:
             self.stats.forward_failures += 1
             raise  # the bus retries or dead-letters it
-        self.stats.forwarded += 1
 
 
 # -- broker permissions ------------------------------------------------------------------------
@@ -124,18 +195,22 @@ def nats_users(
     *,
     ingress_prefix: str = INGRESS,
     delivery_prefix: str = DELIVERY,
+    reply_prefix: str = REPLIES,
     dead_letter_prefix: str = "_DLQ",
     passwords: Mapping[str, str] | None = None,
 ) -> list[NatsUser]:
     """The NATS users of a mediated deployment: one per agent (user name = agent id) and the
-    service. Passwords are generated unless given."""
+    service. Agents publish only to ingress, replies (through the service) and dead letters;
+    they receive delivery subjects, inboxes and their own control subject. Only the service
+    publishes to delivery subjects, inboxes and control subjects. Passwords are generated
+    unless given."""
     given = dict(passwords or {})
     users = [
         NatsUser(
             agent,
             given.get(agent) or secrets.token_urlsafe(24),
-            (f"{ingress_prefix}.>", "_INBOX.>", f"{dead_letter_prefix}.>"),
-            (f"{delivery_prefix}.>", "_INBOX.>", f"{CONTROL_PREFIX}.{agent}"),
+            (f"{ingress_prefix}.>", f"{reply_prefix}.>", f"{dead_letter_prefix}.>"),
+            (f"{delivery_prefix}.>", f"{INBOX}.>", f"{CONTROL_PREFIX}.{agent}"),
         )
         for agent in agents
     ]
@@ -143,8 +218,8 @@ def nats_users(
         NatsUser(
             service_user,
             given.get(service_user) or secrets.token_urlsafe(24),
-            (f"{delivery_prefix}.>", "_INBOX.>", f"{dead_letter_prefix}.>", f"{CONTROL_PREFIX}.>"),
-            (f"{ingress_prefix}.>", "_INBOX.>", f"{CONTROL_PREFIX}.{service_user}"),
+            (f"{delivery_prefix}.>", f"{INBOX}.>", f"{dead_letter_prefix}.>", f"{CONTROL_PREFIX}.>"),
+            (f"{ingress_prefix}.>", f"{reply_prefix}.>", f"{INBOX}.>", f"{CONTROL_PREFIX}.{service_user}"),
         )
     )
     return users

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from amb import AMB
+from amb import AMB, Metadata, RequestTimeout
 from control_plane import KernelSpace, Pattern, Policy
 from services.control_plane_service import (
     ControlPlaneService,
+    ReplyViaService,
     delivery_subject,
     ingress_subject,
     nats_authorization,
@@ -104,5 +105,54 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
     await raw.close()
     await agent.close()
     await receiver.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(nats_port: int) -> None:
+    import nats
+
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    policy.add_rule("deny", Pattern("reply", "tasks.private"), reason="private answers")
+    policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    kernel = KernelSpace(policy=policy)
+    service = ControlPlaneService(
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel
+    )
+    await service.start()
+    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
+
+    async def answer(message: object, metadata: Metadata) -> None:
+        await responder.reply(metadata, f"re: {message}")
+
+    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    requester = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
+    assert await requester.request(ingress_subject("tasks.ask"), "hello", timeout=3) == "re: hello"
+    with pytest.raises(RequestTimeout):
+        await requester.request(ingress_subject("tasks.private"), "secret", timeout=0.5)
+    decisions = await kernel.recorder.query(filters={"data.operation": "reply"})
+    assert [(d.data["resource"], d.data["decision"]) for d in decisions] == [
+        ("tasks.ask", "allow"),
+        ("tasks.private", "deny"),
+    ]
+
+    # agent-b answers straight into agent-a's inbox: the server refuses it.
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    inbox = Collector()
+    await requester.subscribe("_INBOX.>", inbox)
+    raw = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
+    await raw.publish("_INBOX.anything.1", b"around the service")
+    await raw.flush()
+    await asyncio.sleep(0.3)
+    assert inbox.messages == []
+    assert any("permissions violation" in str(e).lower() for e in errors)
+    await raw.close()
+    for client in (requester, responder):
+        await client.close()
     await service.stop()
     await kernel.close()

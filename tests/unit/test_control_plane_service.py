@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
 import aiohttp
 import pytest
 
-from amb import AMB
+from amb import AMB, RequestTimeout, get_serializer
 from amb.client import DLQ_REASON
+from amb.envelope import Envelope, new_id
 from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from control_plane.admin import AdminAPI
 from services.control_plane_service import (
     ControlPlaneService,
+    ReplyViaService,
     delivery_subject,
     ingress_subject,
     nats_authorization,
     nats_users,
+    reply_subject,
 )
 from tests.support import Collector, wait_until
 
@@ -105,12 +109,133 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     users = nats_users(["a1"], "svc", passwords={"a1": "p1", "svc": "p2"})
     text = nats_authorization(users)
     agent, service = users
-    assert agent.publish == ("ingress.>", "_INBOX.>", "_DLQ.>")
+    assert agent.publish == ("ingress.>", "replies.>", "_DLQ.>")  # no inbox: replies go via the service
+    assert "_INBOX.>" in agent.subscribe
+    assert "_INBOX.>" in service.publish
+    assert "replies.>" in service.subscribe
     assert "_ctl.signal.a1" in agent.subscribe
     assert not any(p.startswith("deliver") for p in agent.publish)
     assert "deliver.>" in service.publish
     assert '{user: "a1", password: "p1"' in text
     assert text.startswith("authorization {")
+
+
+def reply_policy() -> Policy:
+    policy = Policy("mediated-replies", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    policy.add_rule("deny", Pattern("reply", "tasks.secret-answer"), reason="answers stay private")
+    policy.add_rule("allow", Pattern("reply", "tasks.*", conditions={"recipient": "agent-a"}))
+    return policy
+
+
+async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    recorder = FlightRecorder("memory")
+    services = []
+    for i in range(2):
+        kernel = KernelSpace(policy=reply_policy(), flight_recorder=recorder)
+        service = ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel)
+        await service.start()
+        services.append(service)
+    requester = AMB("memory", where, agent_id="agent-a")
+    responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
+
+    async def answer(message: Any, metadata: Any) -> None:
+        await responder.reply(metadata, {"answer": message})
+
+    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    for i in range(6):
+        assert await requester.request(ingress_subject("tasks.ask"), i, timeout=2) == {"answer": i}
+    assert sum(s.stats.replies_forwarded for s in services) == 6
+    assert sum(s.pending.unmatched for s in services) == 6  # each reply reached both; one owned it
+    replies = await recorder.query(event_type="policy_decision", filters={"data.operation": "reply"})
+    assert len(replies) == 6  # exactly one decision per reply
+    assert {(r.data["resource"], r.data["decision"], r.agent_id) for r in replies} == {
+        ("tasks.ask", "allow", "agent-b")
+    }
+    assert all(r.data["requester"] == "agent-a" for r in replies)
+
+    with pytest.raises(RequestTimeout):  # the reply is denied by policy: it never arrives
+        await requester.request(ingress_subject("tasks.secret-answer"), "x", timeout=0.3)
+    denied = await recorder.query(filters={"data.operation": "reply", "data.decision": "deny"})
+    assert [d.data["resource"] for d in denied] == ["tasks.secret-answer"]
+    for client in (requester, responder):
+        await client.close()
+    for service in services:
+        await service.stop()
+        await service.kernel.close()
+
+
+async def test_forged_late_and_duplicate_replies_are_refused() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    kernel = KernelSpace(policy=reply_policy())
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    await service.start()
+    requester = AMB("memory", where, agent_id="agent-a")
+    responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
+    inbox = Collector()
+    await requester.subscribe("_INBOX.>", inbox)  # whatever reaches any inbox
+    got = Collector()
+    await responder.subscribe(delivery_subject("tasks.>"), got)
+    await requester.publish(ingress_subject("tasks.ask"), "q", reply_to="_INBOX.agent-a.1", ttl=5)
+    await got.wait_for(1)
+    request = got.metadata[0]
+
+    # Forged: an inbox nobody asked on. Dropped, counted, never delivered.
+    await responder.publish(reply_subject("_INBOX.agent-a.99"), "forged", correlation_id="x")
+    await wait_until(lambda: service.pending.unmatched == 1)
+    # A wrong correlation id is denied and recorded.
+    await responder.publish(reply_subject("_INBOX.agent-a.1"), "wrong", correlation_id="not-the-request")
+    await wait_until(lambda: service.client.stats.rejected == 1)
+    # The right reply passes once; a second one is denied.
+    await responder.reply(request, "first")
+    await responder.reply(request, "second")
+    await wait_until(lambda: service.client.stats.rejected == 2)
+    await inbox.wait_for(1)
+    await asyncio.sleep(0.05)
+    assert inbox.messages == ["first"]
+    reasons = [
+        r.data["reason"]
+        for r in await kernel.recorder.query(filters={"data.operation": "reply", "data.decision": "deny"})
+    ]
+    assert reasons == [
+        "the reply's correlation id does not match the request",
+        "the request was already answered",
+    ]
+    # A request whose reply_to is not an inbox is refused on the request leg.
+    await requester.publish(ingress_subject("tasks.ask"), "q", reply_to="deliver.tasks.other")
+    await wait_until(lambda: service.client.stats.rejected == 3)
+    refused = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "deny"})
+    assert "inbox" in refused[0].data["reason"]
+    for client in (requester, responder):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_an_envelope_whose_topic_is_not_its_subject_is_refused() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    kernel = KernelSpace(policy=mediated_policy())
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    await service.start()
+    agent = AMB("memory", where, agent_id="agent-a")
+    receiver = AMB("memory", where, agent_id="agent-b")
+    got = Collector()
+    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await agent.connect()
+    # Checked as the allowed tasks.work, but sent on the subject of the denied tasks.secret.
+    env = Envelope(new_id(), ingress_subject("tasks.work"), "agent-a", "smuggled", timestamp=time.time_ns())
+    await agent.broker.publish(ingress_subject("tasks.secret"), get_serializer("msgpack").encode(env))
+    await wait_until(lambda: service.client.stats.rejected == 1)
+    assert got.messages == []
+    record = (await kernel.recorder.query(event_type="policy_decision"))[0]
+    assert record.data["decision"] == "deny"
+    assert "is not its subject" in record.data["reason"]
+    for client in (agent, receiver):
+        await client.close()
+    await service.stop()
+    await kernel.close()
 
 
 TOKEN = "admin-token-0123456789"

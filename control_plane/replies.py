@@ -1,0 +1,101 @@
+"""Requests waiting for their reply, so the reply leg can be mediated too (mediated mode).
+
+When the control-plane service forwards a request (or sends one of its own, such as a remote
+signal), it notes the request's ``reply_to`` inbox here: who asked, on which topic, under which
+id, addressed to whom, until when. A reply that comes back through the service is matched
+against this entry and checked as operation ``reply`` on the *request's* topic, from the
+replier to the requester; the entry allows one reply.
+
+The table is bounded (``max_pending``; the oldest entries are evicted first and counted) and
+entries are dropped ``grace`` seconds after their request expired (requests without an expiry
+get ``default_ttl``), so a reply arriving shortly after its request expired is still matched
+(and denied, recorded as ``request expired``) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """One request that may still be answered."""
+
+    reply_to: str
+    request_id: str
+    requester: str
+    topic: str
+    recipient: str | None
+    expires_ns: int
+    answered: bool = False
+
+    def expired(self, now_ns: int | None = None) -> bool:
+        return (time.time_ns() if now_ns is None else now_ns) >= self.expires_ns
+
+
+class PendingRequests:
+    """The pending-request table of one service instance (see the module docstring)."""
+
+    def __init__(self, max_pending: int = 100_000, default_ttl: float = 30.0, grace: float = 30.0) -> None:
+        if max_pending < 1 or default_ttl <= 0 or grace < 0:
+            raise ValueError("max_pending >= 1, default_ttl > 0 and grace >= 0 are required")
+        self.max_pending = max_pending
+        self.default_ttl_ns = int(default_ttl * 1e9)
+        self.grace_ns = int(grace * 1e9)
+        self._entries: OrderedDict[str, PendingRequest] = OrderedDict()
+        self.added = 0
+        self.evicted = 0
+        self.unmatched = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(
+        self,
+        reply_to: str,
+        request_id: str,
+        requester: str,
+        topic: str,
+        recipient: str | None = None,
+        expires_at: int | None = None,
+    ) -> PendingRequest:
+        """Note a forwarded request. ``expires_at`` is the request's expiry (ns since the epoch)."""
+        now = time.time_ns()
+        self._sweep(now)
+        entry = PendingRequest(
+            reply_to,
+            request_id,
+            requester,
+            topic,
+            recipient,
+            expires_at if expires_at is not None else now + self.default_ttl_ns,
+        )
+        self._entries.pop(reply_to, None)
+        self._entries[reply_to] = entry
+        self.added += 1
+        while len(self._entries) > self.max_pending:
+            self._entries.popitem(last=False)
+            self.evicted += 1
+        return entry
+
+    def get(self, reply_to: str) -> PendingRequest | None:
+        """The entry for a reply to ``reply_to``, while it is within its expiry plus grace."""
+        entry = self._entries.get(reply_to)
+        if entry is None:
+            return None
+        if time.time_ns() >= entry.expires_ns + self.grace_ns:
+            del self._entries[reply_to]
+            return None
+        return entry
+
+    def _sweep(self, now: int) -> None:
+        # Entries are in insertion order; expiries are nearly in that order too. Drop from the
+        # front while the oldest is past its grace, so the table does not fill with dead entries.
+        entries = self._entries
+        while entries:
+            first = next(iter(entries.values()))
+            if now < first.expires_ns + self.grace_ns:
+                return
+            entries.popitem(last=False)
