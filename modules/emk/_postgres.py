@@ -316,8 +316,13 @@ class PostgresStore:
             open=False,
             timeout=self._connect_timeout,
         )
-        async with self._errors():
-            await self._pool.open(wait=True, timeout=self._connect_timeout)
+        try:
+            async with self._errors():
+                await self._pool.open(wait=True, timeout=self._connect_timeout)
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
 
     async def _migrate(self, conn: Any, info: NamespaceInfo) -> None:
         async with conn.transaction():
