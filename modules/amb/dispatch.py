@@ -176,15 +176,16 @@ class Dispatcher(Generic[T]):
             return
         if self._stopping:
             return
-        await self._call(item)
+        await self._call(item, asyncio.current_task())
         if self._items:
             self._wake_runner()
 
     # -- the handler call -------------------------------------------------------------------
 
-    async def _call(self, item: T) -> None:
+    async def _call(self, item: T, task: asyncio.Task[Any] | None) -> None:
+        # The hot path: no allocation beyond the handler's own coroutine.
         self._busy = True
-        self._current = asyncio.current_task()
+        self._current = task
         try:
             await self.handler(item)
         except Exception:
@@ -194,13 +195,16 @@ class Dispatcher(Generic[T]):
         finally:
             self._busy = False
             self._current = None
-            idle = self._idle
-            if idle is not None:
-                self._idle = None
-                if not idle.done():
-                    idle.set_result(None)
+            if self._idle is not None:
+                self._release_idle()
         if self.on_handled is not None:
             self.on_handled()
+
+    def _release_idle(self) -> None:
+        idle = self._idle
+        self._idle = None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     def _wake_runner(self) -> None:
         getter = self._getter
@@ -211,6 +215,14 @@ class Dispatcher(Generic[T]):
         elif self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
 
+    def _wake_putter(self) -> None:
+        putters = self._putters
+        while putters:
+            fut = putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
     async def _wait_idle(self) -> None:
         if self._idle is None:
             self._idle = asyncio.get_running_loop().create_future()
@@ -219,19 +231,16 @@ class Dispatcher(Generic[T]):
     async def _run(self) -> None:
         items = self._items
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         while True:
             while items:
                 if self._busy:  # an inline call is in progress: queued items come after it
                     await self._wait_idle()
                     continue
                 item = items.popleft()
-                putters = self._putters
-                while putters:
-                    fut = putters.popleft()
-                    if not fut.done():
-                        fut.set_result(None)
-                        break
-                await self._call(item)
+                if self._putters:
+                    self._wake_putter()
+                await self._call(item, me)
             if self._stopping:
                 return
             fut = loop.create_future()
