@@ -41,17 +41,23 @@ Run it as a process: ``python -m services.control_plane_service --help``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
+
+import click
 
 from amb import AMB, Metadata, Subscription, get_serializer
 from amb.envelope import Envelope
+from amb.errors import BusError
 from amb.middleware import Middleware, PublishNext
-from control_plane import KernelSpace, Mediator
+from control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
 from control_plane.replies import PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 
@@ -239,3 +245,189 @@ def nats_authorization(users: Iterable[NatsUser]) -> str:
     )
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
+
+
+# -- the process -------------------------------------------------------------------------------
+
+_BACKENDS: Final = {"memory": "memory", "nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
+_BACKENDS_KAFKA: Final = {"kafka": "kafka"}
+
+
+def broker_backend(url: str) -> str:
+    """The bus backend for a broker URL (``memory://``, ``nats://``, ``tls://``, ``redis://``,
+    ``rediss://``, ``kafka://``). Raises ValueError for another scheme."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    backend = {**_BACKENDS, **_BACKENDS_KAFKA}.get(scheme)
+    if backend is None:
+        raise ValueError(f"unsupported broker URL {url!r}: use memory://, nats://, redis:// or kafka://")
+    return backend
+
+
+def recorder_from_spec(
+    spec: str, *, retention_days: float | None = 90, encryption_key: bytes | None = None
+) -> FlightRecorder:
+    """A flight recorder from ``memory``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``
+    (or a plain path) or a ``postgresql://`` DSN. Raises RecorderConfigError for a bad
+    combination."""
+    options: dict[str, Any] = {"retention_days": retention_days, "encryption_key": encryption_key}
+    if spec == "memory":
+        return FlightRecorder("memory", **options)
+    if spec.startswith(("postgresql://", "postgres://")):
+        return FlightRecorder("postgresql", spec, **options)
+    for prefix in ("sqlite:///", "sqlite:"):
+        if spec.startswith(prefix):
+            return FlightRecorder("sqlite", spec[len(prefix) :], **options)
+    return FlightRecorder("sqlite", spec, **options)
+
+
+def load_policy(source: str) -> Policy:
+    """A policy from a YAML file, or a built-in name (strict, permissive, audit). Raises
+    PolicyLoadError (the line and field) or PolicyError."""
+    return Policy.from_yaml(source) if Path(source).is_file() else Policy.builtin(source)
+
+
+def read_key_file(path: str) -> bytes:
+    """A 32-byte key from a file holding it raw or as 64 hex characters."""
+    data = Path(path).read_bytes()
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text.decode())
+        except ValueError:
+            pass
+    if len(data) != 32:
+        raise ValueError(f"{path}: a key file holds 32 raw bytes or 64 hex characters")
+    return data
+
+
+async def serve(
+    *,
+    broker: str,
+    policy: Policy,
+    recorder: FlightRecorder,
+    admin_token: str,
+    admin_host: str = "127.0.0.1",
+    admin_port: int = 8787,
+    agent_id: str = "control-plane",
+    queue: str = QUEUE_GROUP,
+    ingress_prefix: str = INGRESS,
+    delivery_prefix: str = DELIVERY,
+    reply_prefix: str = REPLIES,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
+    then finish in-flight messages, stop the admin API and close the recorder (its last batch
+    written). Prints ``ready admin=http://host:port`` on stdout once it takes messages.
+    Raises PolicyLoadError, RecorderError, ValueError or a bus error when it cannot start."""
+    from control_plane.admin import AdminAPI
+
+    stop = stop or asyncio.Event()
+    kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
+    service = ControlPlaneService(
+        client,
+        kernel,
+        ingress_prefix=ingress_prefix,
+        delivery_prefix=delivery_prefix,
+        reply_prefix=reply_prefix,
+        queue=queue,
+    )
+    stats = service.stats
+    admin = AdminAPI(
+        kernel,
+        admin_token,
+        extra_metrics={
+            "agentos_service_forwarded": lambda: stats.forwarded,
+            "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
+            "agentos_service_forward_failures": lambda: stats.forward_failures,
+            "agentos_service_rejected": lambda: client.stats.rejected,
+            "agentos_service_pending_requests": lambda: len(service.pending),
+            "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
+        },
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await kernel.recorder.open()
+        await service.start()
+        port = await admin.start(admin_host, admin_port)
+        print(f"ready admin=http://{admin_host}:{port}", flush=True)
+        log.info("control-plane service %s on %s; admin API on %s:%d", agent_id, broker, admin_host, port)
+        await stop.wait()
+        log.info("stopping: finishing in-flight messages")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await admin.stop()
+        await service.stop()
+        await kernel.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://.")
+@click.option("--policy", default="strict", show_default=True, help="A policy YAML file or a built-in name.")
+@click.option(
+    "--recorder",
+    default="sqlite:///flight_recorder.db",
+    show_default=True,
+    help="memory, sqlite:///relative.db, sqlite:////abs.db or a postgresql:// DSN.",
+)
+@click.option("--retention-days", type=float, default=90.0, show_default=True, help="0: keep everything.")
+@click.option(
+    "--encryption-key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Encrypt recorder data at rest with this 32-byte key (raw or hex).",
+)
+@click.option("--admin-host", default="127.0.0.1", show_default=True)
+@click.option("--admin-port", type=int, default=8787, show_default=True, help="0: any free port.")
+@click.option("--admin-token", envvar="AGENTOS_ADMIN_TOKEN", required=True, help="Or AGENTOS_ADMIN_TOKEN.")
+@click.option("--agent-id", default="control-plane", show_default=True)
+@click.option("--queue", default=QUEUE_GROUP, show_default=True, help="Queue group shared by instances.")
+@click.option("--ingress-prefix", default=INGRESS, show_default=True)
+@click.option("--delivery-prefix", default=DELIVERY, show_default=True)
+@click.option("--reply-prefix", default=REPLIES, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(
+    broker: str,
+    policy: str,
+    recorder: str,
+    retention_days: float,
+    encryption_key_file: str | None,
+    admin_host: str,
+    admin_port: int,
+    admin_token: str,
+    agent_id: str,
+    queue: str,
+    ingress_prefix: str,
+    delivery_prefix: str,
+    reply_prefix: str,
+    log_level: str,
+) -> None:
+    """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        key = read_key_file(encryption_key_file) if encryption_key_file else None
+        retention = retention_days or None
+        flight_recorder = recorder_from_spec(recorder, retention_days=retention, encryption_key=key)
+        asyncio.run(
+            serve(
+                broker=broker,
+                policy=load_policy(policy),
+                recorder=flight_recorder,
+                admin_token=admin_token,
+                admin_host=admin_host,
+                admin_port=admin_port,
+                agent_id=agent_id,
+                queue=queue,
+                ingress_prefix=ingress_prefix,
+                delivery_prefix=delivery_prefix,
+                reply_prefix=reply_prefix,
+            )
+        )
+    except (ControlPlaneError, BusError, ValueError, OSError, ImportError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

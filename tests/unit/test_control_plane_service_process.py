@@ -1,0 +1,122 @@
+"""``python -m services.control_plane_service``: starts, serves its admin API, stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from control_plane import FlightRecorder
+from control_plane.errors import RecorderConfigError
+from services.control_plane_service import broker_backend, read_key_file, recorder_from_spec
+
+TOKEN = "process-admin-token-0123456789"
+
+
+async def start_service(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start the service as a process; return it and its admin URL (from its ready line)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.control_plane_service",
+        "--admin-port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN},
+    )
+    assert proc.stdout is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+    except TimeoutError:
+        proc.kill()
+        raise
+    if not line.startswith("ready admin="):
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        await proc.wait()
+        pytest.fail(f"the service did not start: {line!r} {err}")
+    return proc, line.strip().removeprefix("ready admin=")
+
+
+async def get(url: str, token: str | None = TOKEN) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_the_service_process_serves_and_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+    db = tmp_path / "audit.db"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: svc\nversion: '3'\ndefault_action: deny\nrules:\n  - action: allow\n"
+        "    operation: publish\n    resource: 'tasks.*'\n"
+    )
+    proc, admin = await start_service(
+        "--broker", "memory://cp-process", "--policy", str(policy), "--recorder", f"sqlite:{db}"
+    )
+    try:
+        assert await get(admin + "/healthz", None) == (200, '{"ok": true}')
+        status, metrics = await get(admin + "/metrics")
+        assert status == 200
+        assert "agentos_service_forwarded 0.0" in metrics
+        assert "agentos_records_appended" in metrics
+        assert (await get(admin + "/agents", "wrong-token-000000000000"))[0] == 401
+        status, body = await get(admin + "/verify")
+        assert (status, '"ok": true' in body) == (200, True)
+    finally:
+        proc.send_signal(sig)
+        returncode = await asyncio.wait_for(proc.wait(), 20)
+    assert returncode == 0
+    assert db.exists()  # the recorder was opened on the file and closed with it
+    rec = FlightRecorder("sqlite", str(db))
+    assert (await rec.verify()).ok
+    await rec.close()
+
+
+async def test_a_bad_policy_file_fails_at_start_with_the_line(tmp_path: Path) -> None:
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("name: p\nrules:\n  - action: maybe\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.control_plane_service",
+        "--broker",
+        "memory://x",
+        "--policy",
+        str(policy),
+        "--recorder",
+        "memory",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert "line 3" in err.decode()
+
+
+def test_configuration_helpers(tmp_path: Path) -> None:
+    assert broker_backend("nats://127.0.0.1:4222") == "nats"
+    assert broker_backend("memory://x") == "memory"
+    with pytest.raises(ValueError, match="unsupported broker URL"):
+        broker_backend("amqp://host")
+    assert recorder_from_spec("memory").storage.__class__.__name__ == "MemoryStorage"
+    assert getattr(recorder_from_spec("sqlite:///rel.db").storage, "path", None) == "rel.db"
+    assert getattr(recorder_from_spec("sqlite:////abs/a.db").storage, "path", None) == "/abs/a.db"
+    with pytest.raises(RecorderConfigError):
+        recorder_from_spec("memory", encryption_key=b"k" * 32)
+    (tmp_path / "hex.key").write_text("ab" * 32 + "\n")
+    (tmp_path / "raw.key").write_bytes(b"\x01" * 32)
+    (tmp_path / "bad.key").write_bytes(b"short")
+    assert read_key_file(str(tmp_path / "hex.key")) == b"\xab" * 32
+    assert read_key_file(str(tmp_path / "raw.key")) == b"\x01" * 32
+    with pytest.raises(ValueError, match="32 raw bytes"):
+        read_key_file(str(tmp_path / "bad.key"))
