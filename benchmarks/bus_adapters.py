@@ -8,6 +8,8 @@ For each broker, in one run:
    a subject, a second ``AMB`` client's plain (non-durable) subscription counts them; beside the
    raw client doing the same work (nats-py ``publish`` + ``subscribe(cb=...)``; redis-py
    ``PUBLISH`` + a pub/sub listener; aiokafka ``AIOKafkaProducer.send`` + ``AIOKafkaConsumer``).
+   For NATS and Redis also the raw client sending our msgpack envelope (built, encoded and
+   decoded per message), which shows how much of the gap is the envelope rather than the adapter.
 2. request/reply latency p50/p99: ``AMB.request`` against an ``AMB`` responder that
    ``reply()``s, beside a raw request/reply (nats-py ``request`` against a raw responder; Redis
    ``PUBLISH`` on a request channel, answered by a ``PUBLISH`` on a per-request reply channel
@@ -33,10 +35,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from amb import AMB, Metadata
+from amb import AMB, Envelope, Metadata, MsgpackSerializer, decode, new_id
 from benchmarks._report import write_section
 
 PAYLOAD = b"x" * 256
+ENCODER = MsgpackSerializer()
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KAFKA_OPTIONS = "?session_timeout_ms=1500&heartbeat_interval_ms=100&metadata_max_age_ms=200"
@@ -57,6 +60,7 @@ class Sizes:
 class Result:
     ours_tp: list[float] = field(default_factory=list)
     raw_tp: list[float] = field(default_factory=list)
+    env_tp: list[float] = field(default_factory=list)  # raw client + our envelope (NATS, Redis)
     ours_rr: list[float] = field(default_factory=list)
     raw_rr: list[float] = field(default_factory=list)
 
@@ -204,7 +208,21 @@ async def ours_latency(backend: str, url: str, sizes: Sizes) -> list[float]:
 # -- raw NATS ----------------------------------------------------------------------------------
 
 
-async def nats_raw_throughput(sizes: Sizes) -> float:
+def _message(topic: str, envelope: bool) -> bytes:
+    """The bytes a raw baseline sends: the bare payload, or (``envelope``) the same msgpack
+    envelope our client sends, built and encoded per message."""
+    if not envelope:
+        return PAYLOAD
+    return ENCODER.encode(Envelope(new_id(), topic, "raw", PAYLOAD, timestamp=time.time_ns(), headers={}))
+
+
+def _received(data: bytes, envelope: bool) -> None:
+    if envelope:
+        decode(data)
+
+
+async def nats_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
+    """``envelope``: encode and decode our envelope per message (the client's own cost)."""
     import nats
 
     pub = await nats.connect(NATS_URL)
@@ -212,6 +230,7 @@ async def nats_raw_throughput(sizes: Sizes) -> float:
     counter = Counter()
 
     async def cb(msg: Any) -> None:
+        _received(msg.data, envelope)
         counter.hit()
 
     try:
@@ -220,7 +239,7 @@ async def nats_raw_throughput(sizes: Sizes) -> float:
         await sub.flush()
 
         def send() -> Awaitable[None]:
-            return pub.publish(topic, PAYLOAD)
+            return pub.publish(topic, _message(topic, envelope))
 
         await timed_burst(counter, sizes.tp_warm, send, pub.flush)
         gc.collect()
@@ -275,7 +294,8 @@ async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
             await task
 
 
-async def redis_raw_throughput(sizes: Sizes) -> float:
+async def redis_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
+    """``envelope``: encode and decode our envelope per message (the client's own cost)."""
     import redis.asyncio as aioredis
 
     pub = aioredis.Redis.from_url(REDIS_URL)
@@ -285,11 +305,16 @@ async def redis_raw_throughput(sizes: Sizes) -> float:
     stop = asyncio.Event()
     topic = subject("rawtp")
     await pubsub.subscribe(topic)
-    task = asyncio.create_task(_redis_listen(pubsub, lambda msg: counter.hit(), stop))
+
+    def on_message(msg: Any) -> None:
+        _received(msg["data"], envelope)
+        counter.hit()
+
+    task = asyncio.create_task(_redis_listen(pubsub, on_message, stop))
     try:
 
         def send() -> Awaitable[int]:
-            return pub.publish(topic, PAYLOAD)
+            return pub.publish(topic, _message(topic, envelope))
 
         await timed_burst(counter, sizes.tp_warm, send)
         gc.collect()
@@ -322,12 +347,16 @@ async def redis_raw_latency(sizes: Sizes) -> list[float]:
     await req_ps.psubscribe(inbox + ".*")
     await resp_ps.subscribe(channel)
     tasks = [
-        asyncio.create_task(_redis_listen(req_ps, lambda msg: replies.resolve(msg["channel"], msg["data"]), stop)),
+        asyncio.create_task(
+            _redis_listen(req_ps, lambda msg: replies.resolve(msg["channel"], msg["data"]), stop)
+        ),
         asyncio.create_task(_redis_listen(resp_ps, on_request, stop)),
     ]
 
     def request() -> Awaitable[bytes]:
-        return replies.call(inbox.encode() + b".", lambda key: req_conn.publish(channel, key + b"|" + PAYLOAD))
+        return replies.call(
+            inbox.encode() + b".", lambda key: req_conn.publish(channel, key + b"|" + PAYLOAD)
+        )
 
     try:
         gc.collect()
@@ -471,6 +500,7 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
     sizes = sizes_for(backend, quick)
     result = Result()
     cluster: Any = None
+    raw_env_tp: Callable[[], Awaitable[float]] | None = None
     if backend == "kafka":
         from tests.kafka_mock import MockKafkaCluster
 
@@ -491,6 +521,11 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
             async def raw_tp() -> float:
                 return await nats_raw_throughput(sizes)
 
+            async def nats_env_tp() -> float:
+                return await nats_raw_throughput(sizes, envelope=True)
+
+            raw_env_tp = nats_env_tp
+
             async def raw_rr() -> list[float]:
                 return await nats_raw_latency(sizes)
         else:
@@ -499,6 +534,11 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
             async def raw_tp() -> float:
                 return await redis_raw_throughput(sizes)
 
+            async def redis_env_tp() -> float:
+                return await redis_raw_throughput(sizes, envelope=True)
+
+            raw_env_tp = redis_env_tp
+
             async def raw_rr() -> list[float]:
                 return await redis_raw_latency(sizes)
 
@@ -506,6 +546,8 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
         for _ in range(repeats):
             result.ours_tp.append(await ours_throughput(backend, url, sizes))
             result.raw_tp.append(await raw_tp())
+            if raw_env_tp is not None:
+                result.env_tp.append(await raw_env_tp())
             print(
                 f"{backend}: throughput ours {result.ours_tp[-1]:,.0f} raw {result.raw_tp[-1]:,.0f} msg/s",
                 file=sys.stderr,
@@ -537,6 +579,12 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
             f"| {backend} | publish -> handler ({sizes.tp:,} msgs) | {ours:,.0f} msg/s | {raw:,.0f} msg/s "
             f"({raw_names[backend][0]}) | {tp_ratio:.3f} | >= 0.70 {'ok' if tp_ratio >= 0.70 else 'MISSED'} |"
         )
+        if r.env_tp:
+            env = max(r.env_tp)
+            rows.append(
+                f"| {backend} | (same, raw client + our envelope built, encoded, decoded) | {ours:,.0f} msg/s "
+                f"| {env:,.0f} msg/s | {ours / env:.3f} | (info: the adapter's and client's own cost) |"
+            )
         o50, o99, r50, r99 = pct(r.ours_rr, 50), pct(r.ours_rr, 99), pct(r.raw_rr, 50), pct(r.raw_rr, 99)
         rr_ratio = r50 / o50
         target = f">= 0.80 {'ok' if rr_ratio >= 0.80 else 'MISSED'}"
