@@ -293,21 +293,31 @@ class Mediator(Middleware):
             finally:
                 _IN_CONTROL.reset(token)
             return
-        task = asyncio.get_running_loop().create_task(self._handle(proc, env, meta, call_next))
-        proc.track(task)
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if proc.killed and (current is None or not current.cancelling()):
-                raise AgentStoppedError(f"agent {proc.id} was killed while handling {env.id}") from None
-            raise
+        await self._handle(proc, env, meta, call_next)
 
     async def _handle(
         self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext
     ) -> None:
-        _CURRENT.set(proc)
-        await call_next(env, meta)
+        """Run the handler inline in a cancel scope of the agent: while it runs, the current
+        task counts as the agent's work, so SIGKILL cancels it mid-work; that cancellation is
+        turned into AgentStoppedError here (the bus dead-letters the message) and does not
+        leak into the task that called us. A cancellation from anyone else propagates."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always inside a task under asyncio
+            await call_next(env, meta)
+            return
+        before = task.cancelling()
+        proc.tasks.add(task)
+        token = _CURRENT.set(proc)
+        try:
+            await call_next(env, meta)
+        except asyncio.CancelledError:
+            if proc.killed and task.cancelling() > before and task.uncancel() == before:
+                raise AgentStoppedError(f"agent {proc.id} was killed while handling {env.id}") from None
+            raise
+        finally:
+            _CURRENT.reset(token)
+            proc.tasks.discard(task)
 
     # -- records for what signals did ----------------------------------------------------------
 

@@ -1,13 +1,17 @@
 """Flight-recorder records, their canonical encoding and the hash chain.
 
 **Canonical encoding.** A record's content is ``seq, id, ts, event_type, agent_id,
-execution_id, severity, data, prev_hash``. ``data`` is normalized when the record is made
-(bytes become ``{"$b64": ...}``, datetimes ISO strings, tuples and sets lists, other objects
-their ``repr``) and stored as canonical JSON text (sorted keys, no spaces, UTF-8). The record's
-canonical bytes are the compact JSON array of the nine fields in that order, with ``data`` as
-that text; ``hash = sha256(canonical bytes)`` in hex. Each record names the previous record's
-hash (``prev_hash``; 64 zeros for the first), so every field of every record is covered and
-editing, deleting, inserting or reordering records breaks the chain from that point on.
+execution_id, severity, data, prev_hash``. ``data`` is stored as canonical JSON text (sorted
+keys, no spaces, UTF-8), made once when the record is logged: plain JSON data is encoded as is
+(non-string keys as JSON writes them); anything else is normalized first (bytes become
+``{"$b64": ...}``, datetimes ISO strings, tuples and sets lists, other objects their
+``repr``). The chain covers that stored text, never a re-encoding of the original. The
+record's canonical bytes are the compact JSON array of the other eight fields in that order
+immediately followed by the data text; ``hash = sha256(canonical bytes)`` in hex (the array
+is self-delimiting, so no two records share canonical bytes). Each record names the previous
+record's hash (``prev_hash``; 64 zeros for the first), so every field of every record is
+covered and editing, deleting, inserting or reordering records breaks the chain from that
+point on.
 
 **Verifying.** Records are read in ``seq`` order; each must have ``seq`` one more than the
 previous, ``prev_hash`` equal to the previous hash, and ``hash`` equal to the hash of its own
@@ -28,7 +32,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final, NamedTuple
@@ -73,9 +77,15 @@ def normalize(value: Any) -> Any:
     return repr(value)
 
 
-_canonical = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_canonical = _encoder.encode
+# The C encoder built once with the same settings (JSONEncoder.encode rebuilds it per call).
+_make: Any = getattr(json.encoder, "c_make_encoder", None)
+_chunks: Callable[[Any, int], Sequence[str]] | None = (
+    _make({}, _encoder.default, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+    if _make is not None
+    else None
+)
 _string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or (
     json.encoder.py_encode_basestring
 )
@@ -84,12 +94,13 @@ _sha256 = hashlib.sha256
 
 def canonical_data(data: Mapping[str, Any]) -> str:
     """``data`` as canonical JSON text (sorted keys, compact, UTF-8; see the module docstring)."""
-    try:
-        # Plain JSON data encodes directly; the result is what normalize() would give.
-        if type(data) is dict and all(type(k) is str for k in data):
-            return _canonical(data)
-    except (TypeError, ValueError):
-        pass
+    # Plain JSON data encodes directly. The text only has to be a deterministic function of
+    # ``data``: the chain hashes the stored text, it never re-encodes the original.
+    if type(data) is dict:
+        try:
+            return "".join(_chunks(data, 0)) if _chunks is not None else _canonical(data)
+        except (TypeError, ValueError):
+            pass
     return _canonical(normalize(data))
 
 
@@ -105,11 +116,12 @@ def record_hash(
     prev_hash: str,
 ) -> str:
     """The hash of one record's complete canonical content: sha256 of the compact JSON array
-    ``[seq, id, ts, event_type, agent_id, execution_id, severity, data_json, prev_hash]``."""
+    ``[seq, id, ts, event_type, agent_id, execution_id, severity, prev_hash]`` immediately
+    followed by ``data_json`` (the array is self-delimiting, so the two cannot be confused)."""
     exe = "null" if execution_id is None else _string(execution_id)
     body = (
         f"[{seq:d},{_string(id)},{ts:d},{_string(event_type)},{_string(agent_id)},{exe},"
-        f"{_string(severity)},{_string(data_json)},{_string(prev_hash)}]"
+        f"{_string(severity)},{_string(prev_hash)}]{data_json}"
     )
     return _sha256(body.encode()).hexdigest()
 
