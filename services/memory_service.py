@@ -24,17 +24,26 @@ request, never a payload field. A payload that names another ``agent_id`` is ref
 malformed payload, ``Unauthenticated`` when the identity is missing or invalid, ``Internal`` for
 anything unexpected (logged). Every request is counted in :attr:`MemoryService.stats`; the
 service never stops on bad input.
+
+**As a process**: ``agent-os serve memory --broker nats://127.0.0.1:4222 --storage postgresql
+--dsn postgresql://...`` (or ``python -m services.memory_service ...``) serves until SIGINT or
+SIGTERM, then answers the requests in flight, closes the bus client and the EMK, and exits 0.
+It prints ``ready memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from amb import AMB, Metadata, Subscription
+import click
+
+from amb import AMB, BusError, Metadata, Subscription
 from amb.client import ERROR_HEADER
 from emk import EMK, EMKError, MemoryRecord
 
@@ -256,3 +265,105 @@ def _time(m: dict[str, Any], key: str) -> datetime | None:
 
 def _dicts(records: list[MemoryRecord]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in records]
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+async def serve(
+    *,
+    broker: str,
+    emk: EMK,
+    prefix: str = "emk",
+    agent_id: str = "memory-service",
+    concurrency: int = 8,
+    stop: asyncio.Event | None = None,
+) -> MemoryService:
+    """Serve ``emk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
+    answer the requests in flight, close the bus client and the EMK. Prints ``ready memory
+    subjects=<prefix>.* broker=<url>`` once it takes requests; returns the service (its
+    ``stats``). Raises ValueError for an unsupported broker URL, EMKError or a bus error when it
+    cannot start (what was opened is closed)."""
+    from services.control_plane_service import broker_backend
+
+    stop = stop or asyncio.Event()
+    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
+    service = MemoryService(client, emk, prefix=prefix, concurrency=concurrency)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await client.connect()
+        await service.start()
+        print(f"ready memory subjects={prefix}.* broker={broker}", flush=True)
+        log.info(
+            "memory service %s on %s (%s storage, %s)", agent_id, broker, emk.storage, emk.embedder.model
+        )
+        await stop.wait()
+        log.info("stopping: answering the requests in flight")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        try:
+            await service.stop()
+            await client.close()
+        finally:
+            await emk.close()
+    return service
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker", required=True, help="Broker URL: nats://host:4222, redis://, kafka://, memory://name."
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["embedded", "postgresql", "memory"]),
+    default="embedded",
+    show_default=True,
+    help="embedded PostgreSQL (pgserver), a PostgreSQL server with pgvector, or in-process.",
+)
+@click.option(
+    "--dsn",
+    envvar="AGENTOS_EMK_DSN",
+    help="postgresql:// DSN (postgresql storage), or the data directory (embedded). Or AGENTOS_EMK_DSN.",
+)
+@click.option(
+    "--embedding-model",
+    default="all-MiniLM-L6-v2",
+    show_default=True,
+    help="local, hashing[-<dim>] or any litellm embedding model.",
+)
+@click.option(
+    "--isolation", type=click.Choice(["agent", "session", "global"]), default="agent", show_default=True
+)
+@click.option("--namespace", default="emk", show_default=True, help="The PostgreSQL schema.")
+@click.option(
+    "--prefix", default="emk", show_default=True, help="Subjects <prefix>.store ...; also the queue group."
+)
+@click.option("--agent-id", default="memory-service", show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(
+    broker: str,
+    storage: str,
+    dsn: str | None,
+    embedding_model: str,
+    isolation: str,
+    namespace: str,
+    prefix: str,
+    agent_id: str,
+    concurrency: int,
+    log_level: str,
+) -> None:
+    """Run the memory service (EMK over the bus) until SIGINT/SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        emk = EMK(storage, dsn, embedding_model, isolation, namespace=namespace)
+        asyncio.run(serve(broker=broker, emk=emk, prefix=prefix, agent_id=agent_id, concurrency=concurrency))
+    except (EMKError, BusError, ValueError, OSError, ImportError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -15,17 +15,29 @@ Example::
     service = VerifierService(AMB("nats", "nats://127.0.0.1:4222"), CMVK(models=[...]))
     await service.start()
     reply = await request_verification(client, "What is 6 x 7?", "42")
+
+**As a process**: ``agent-os serve verifier --broker nats://127.0.0.1:4222 --model
+openai/gpt-4o --model claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m
+services.verifier_service ...``) serves until SIGINT or SIGTERM, then finishes the
+verifications in flight, closes the bus client and exits 0. It prints ``ready verifier
+subject=<subject> broker=<url>`` on stdout once it takes requests. Needs litellm
+(``pip install 'agent-os[llm]'``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import logging
-from collections.abc import Mapping
+import signal
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Any, Final, get_args
 
-from amb import AMB, Metadata, Subscription
-from cmvk import CMVK, CMVKError
+import click
+
+from amb import AMB, BusError, Metadata, Subscription
+from cmvk import CMVK, CMVKError, ModelSpec, Strategy
 
 log = logging.getLogger("services.verifier")
 
@@ -159,3 +171,139 @@ async def request_verification(
             raise InvalidVerifyRequest(str(reason))
         raise CMVKError(f"verifier service failed: {reason}")
     return reply
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+def model_spec(text: str) -> ModelSpec:
+    """A panel member from ``MODEL`` (``openai/gpt-4o``, named after the model) or
+    ``NAME=MODEL``. Raises CMVKConfigError for an empty name or model."""
+    name, sep, model = text.partition("=")
+    if not sep:
+        name, model = text, text
+    if not model:
+        raise CMVKError(f"--model {text!r}: the model is empty")
+    return ModelSpec(name.strip(), model=model.strip())
+
+
+async def serve(
+    *,
+    broker: str,
+    cmvk: CMVK,
+    subject: str = VERIFY_SUBJECT,
+    queue: str | None = QUEUE_GROUP,
+    agent_id: str = "verifier-service",
+    concurrency: int = 8,
+    stop: asyncio.Event | None = None,
+) -> VerifierService:
+    """Serve ``cmvk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
+    finish the verifications in flight and close the bus client. Prints ``ready verifier
+    subject=<subject> broker=<url>`` once it takes requests; returns the service (its
+    ``stats``). Raises ValueError for an unsupported broker URL, a bus error when it cannot
+    connect."""
+    from services.control_plane_service import broker_backend
+
+    stop = stop or asyncio.Event()
+    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
+    service = VerifierService(client, cmvk, subject=subject, queue=queue, concurrency=concurrency)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await client.connect()
+        await service.start()
+        print(f"ready verifier subject={subject} broker={broker}", flush=True)
+        log.info("verifier service %s on %s with %r", agent_id, broker, cmvk)
+        await stop.wait()
+        log.info("stopping: finishing the verifications in flight")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        try:
+            await service.stop(timeout=cmvk.timeout)
+        finally:
+            await client.close()
+    return service
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker", required=True, help="Broker URL: nats://host:4222, redis://, kafka://, memory://name."
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="A panel member, MODEL or NAME=MODEL (a litellm id such as openai/gpt-4o); repeat for more.",
+)
+@click.option("--api-base", help="Base URL for every model (an OpenAI-compatible server, say).")
+@click.option(
+    "--api-key",
+    envvar="AGENTOS_LLM_API_KEY",
+    help="Or AGENTOS_LLM_API_KEY; else the provider's own variable.",
+)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
+@click.option("--strategy", type=click.Choice(get_args(Strategy)), default="majority", show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Deadline of one verification, seconds.",
+)
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--quorum", type=click.IntRange(min=1), help="Answering models required (default: a majority).")
+@click.option("--subject", default=VERIFY_SUBJECT, show_default=True)
+@click.option("--queue", default=QUEUE_GROUP, show_default=True, help="Queue group shared by instances.")
+@click.option("--agent-id", default="verifier-service", show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(
+    broker: str,
+    models: Sequence[str],
+    api_base: str | None,
+    api_key: str | None,
+    threshold: float,
+    strategy: Strategy,
+    timeout: float,
+    retries: int,
+    quorum: int | None,
+    subject: str,
+    queue: str,
+    agent_id: str,
+    concurrency: int,
+    log_level: str,
+) -> None:
+    """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if importlib.util.find_spec("litellm") is None:
+        raise click.ClickException("the verifier calls models through litellm: pip install 'agent-os[llm]'")
+    try:
+        cmvk = CMVK(
+            [model_spec(m) for m in models],
+            consensus_threshold=threshold,
+            voting_strategy=strategy,
+            timeout=timeout,
+            retries=retries,
+            quorum=quorum,
+            api_base=api_base,
+            api_key=api_key,
+        )
+        asyncio.run(
+            serve(
+                broker=broker,
+                cmvk=cmvk,
+                subject=subject,
+                queue=queue,
+                agent_id=agent_id,
+                concurrency=concurrency,
+            )
+        )
+    except (CMVKError, BusError, ValueError, OSError, ImportError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()
