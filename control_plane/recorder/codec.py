@@ -106,7 +106,15 @@ class DataCodec:
         key) or TamperDetected (the stored bytes do not authenticate or inflate)."""
         if isinstance(stored, str):
             return stored
-        blob = bytes(stored)
+        blob = stored if type(stored) is bytes else bytes(stored)
+        if blob[:1] == b"\x01":  # the common case first: compressed
+            d = zlib.decompressobj(-12, ZDICT_V1)
+            try:
+                out = d.decompress(blob[1:])
+                if d.eof:
+                    return out.decode()
+            except (zlib.error, UnicodeDecodeError):
+                pass  # reported below with the reason
         if not blob:
             raise TamperDetected(f"record {seq}: empty data", sequence=seq)
         tag = blob[0]
