@@ -172,6 +172,7 @@ class DurableSubscription(NatsSubscription):
         self._inbox = ""
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._watchdog: asyncio.Task[None] | None = None
+        self._receiving = False  # inside _on_msg, which asks for more itself
 
     async def start(self, nc: Client) -> None:
         self._nc = nc
@@ -210,7 +211,7 @@ class DurableSubscription(NatsSubscription):
     def _handled(self) -> None:
         # A handler run by the dispatcher's own task (a redelivery, or a message queued behind
         # one) may have emptied what this consumer holds: ask for more if nothing is owed.
-        if self._owed == 0 and not self.dispatcher.stopping and not self._held():
+        if self._owed == 0 and not self._receiving and not self.dispatcher.stopping and not self._held():
             self.broker._spawn(self.pull())
 
     async def _watch(self) -> None:
@@ -226,7 +227,11 @@ class DurableSubscription(NatsSubscription):
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
             self._owed -= 1
-            await self.dispatcher.deliver(JetStreamDelivery(msg))
+            self._receiving = True
+            try:
+                await self.dispatcher.deliver(JetStreamDelivery(msg))
+            finally:
+                self._receiving = False
             await self.pull()
             return
         if status == "100":  # idle heartbeat / flow control
