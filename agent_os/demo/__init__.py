@@ -1,7 +1,8 @@
 """The platform on the embedded defaults, narrated as it runs (``agent-os demo``).
 
-Nine agents on the in-memory broker, each with an IATP identity; a kernel with a YAML policy
-and a flight recorder in SQLite (in a temporary directory) governs them:
+Eight agents on the in-memory broker, each with an IATP identity, and an ops console reading
+dead letters; a kernel with a YAML policy and a flight recorder in SQLite (in a temporary
+directory) governs the agents:
 
 1. identities and trust; 2. the bus: a queue group, a content filter, request/reply, a stream,
 a dead letter and an expiry, every message signed and verified; 3. a forged and a tampered
