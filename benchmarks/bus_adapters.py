@@ -513,7 +513,7 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
             async def raw_tp() -> float:
                 return await kafka_raw_throughput(cluster, bootstrap, sizes)
 
-            async def raw_rr() -> list[float]:
+            async def raw_rr(sizes: Sizes) -> list[float]:
                 return await kafka_raw_latency(cluster, bootstrap, sizes)
         elif backend == "nats":
             url = NATS_URL
@@ -526,7 +526,7 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
 
             raw_env_tp = nats_env_tp
 
-            async def raw_rr() -> list[float]:
+            async def raw_rr(sizes: Sizes) -> list[float]:
                 return await nats_raw_latency(sizes)
         else:
             url = REDIS_URL
@@ -539,7 +539,7 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
 
             raw_env_tp = redis_env_tp
 
-            async def raw_rr() -> list[float]:
+            async def raw_rr(sizes: Sizes) -> list[float]:
                 return await redis_raw_latency(sizes)
 
         # Interleave ours and raw and keep the best run, so drift hits both alike.
@@ -552,8 +552,11 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
                 f"{backend}: throughput ours {result.ours_tp[-1]:,.0f} raw {result.raw_tp[-1]:,.0f} msg/s",
                 file=sys.stderr,
             )
-        result.ours_rr = await ours_latency(backend, url, sizes)
-        result.raw_rr = await raw_rr()
+        # Latency too: alternate ours and raw in rounds and pool the samples.
+        rounds = Sizes(sizes.tp, sizes.tp_warm, sizes.rr // repeats, sizes.rr_warm, sizes.rr_budget / repeats)
+        for _ in range(repeats):
+            result.ours_rr += await ours_latency(backend, url, rounds)
+            result.raw_rr += await raw_rr(rounds)
         print(
             f"{backend}: p50 ours {pct(result.ours_rr, 50):,.0f} raw {pct(result.raw_rr, 50):,.0f} µs",
             file=sys.stderr,
@@ -600,7 +603,7 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
 Two clients (separate connections) on one event loop, 256-byte bytes payload, msgpack envelope
 for ours; NATS and Redis are local servers, Kafka is librdkafka's mock cluster (in-process, one
 broker). Throughput: best of {repeats} interleaved runs, after a warm-up. Latency: one request at a
-time after a warm-up. Throughput ratio = ours / raw; latency ratio = raw p50 / ours p50.
+time after a warm-up, ours and raw alternating in {repeats} rounds. Throughput ratio = ours / raw; latency ratio = raw p50 / ours p50.
 Kafka publishes are pipelined on both sides (aiokafka ``send``, acks awaited at the end / by the
 adapter's flush on close). The mock answers a Fetch only when its ``fetch_max_wait_ms`` expires,
 so a Kafka request/reply costs about one request-consumer wait (100 ms) plus one reply-consumer

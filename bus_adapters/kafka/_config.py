@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -87,6 +88,7 @@ def parse_options(connection_string: str | None, options: Mapping[str, Any]) -> 
     return bootstrap, config
 
 
+@functools.lru_cache(maxsize=8192)
 def topic_for(subject: str) -> str:
     """The topic a subject is published to (deterministic; reply subjects share one topic)."""
     tokens = subject.split(".")
