@@ -37,7 +37,7 @@ from typing import Any, Final, get_args
 import click
 
 from amb import AMB, BusError, Metadata, Subscription
-from cmvk import CMVK, CMVKError, ModelSpec, Strategy
+from cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
 
 log = logging.getLogger("services.verifier")
 
@@ -182,8 +182,8 @@ def model_spec(text: str) -> ModelSpec:
     name, sep, model = text.partition("=")
     if not sep:
         name, model = text, text
-    if not model:
-        raise CMVKError(f"--model {text!r}: the model is empty")
+    if not model.strip():
+        raise CMVKConfigError(f"--model {text!r}: the model is empty")
     return ModelSpec(name.strip(), model=model.strip())
 
 

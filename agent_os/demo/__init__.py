@@ -81,12 +81,12 @@ async def run_demo(echo: Printer = print, *, embedder: str = "auto") -> DemoResu
     say.section("Summary")
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(result.dead_letters.items()))
     say.note(
-        f"{result.signed} messages signed, {result.verified} verified; "
+        f"{result.signed} messages signed by their senders, {result.verified} deliveries verified; "
         f"{sum(result.dead_letters.values())} dead letters ({reasons}); {result.bus['expired']} expired"
     )
     say.note(
         f"{result.denied} publish denied, {result.rate_limited} rate-limited; {result.held} held by "
-        f"SIGSTOP and released in order; 1 agent killed mid-job"
+        f"SIGSTOP and released in order; worker-2 {result.killed_status} by SIGKILL mid-job"
     )
     say.note(
         f"{sum(result.records.values())} flight-recorder records; chain verified: {result.verified_chain}; "

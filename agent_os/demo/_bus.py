@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from agent_os.demo._scene import Scene, settle
+from agent_os.demo._scene import Scene
 from amb import AMB, Metadata, MsgpackSerializer
 from iatp import IATP
 
@@ -35,7 +35,7 @@ async def bus(scene: Scene) -> None:
     say = scene.say
     say.section("2. The bus: every message signed by its sender and verified by its receiver")
     coordinator = scene.agents["coordinator"]
-    done: list[str] = []
+    done = scene.completed
     events_seen = asyncio.Event()
 
     for name in ("worker-1", "worker-2"):
@@ -65,17 +65,21 @@ async def bus(scene: Scene) -> None:
 
     await status.subscribe("agents.status", answer)
 
+    events = scene.agents["auditor"].stream("events.>", with_metadata=True)
+    await events.start()  # subscribed before anything is published
+
     async def audit() -> None:
         seen = 0
-        async for message, metadata in scene.agents["auditor"].stream("events.>", with_metadata=True):
-            seen += 1
-            say("auditor", "<~", metadata.topic, f"event #{seen}: {message['task_id']} by {message['by']}")
-            if seen == 4:
-                events_seen.set()
-                return
+        async with events:  # unsubscribes when done
+            async for message, metadata in events:
+                seen += 1
+                text = f"event #{seen}: {message['task_id']} by {message['by']}"
+                say("auditor", "<~", metadata.topic, text)
+                if seen == 4:
+                    events_seen.set()
+                    return
 
     auditor = asyncio.create_task(audit())
-    await settle(0)
 
     say.note("tasks go to a queue group of two workers; analytics filters; the auditor streams events")
     tasks: list[dict[str, Any]] = [
@@ -112,7 +116,7 @@ async def bus(scene: Scene) -> None:
     await coordinator.publish("metrics.cpu", "cpu at 95%", ttl=0.02)
     await asyncio.sleep(0.05)
     gate.set()
-    await settle()
+    await scene.until(lambda: analytics.stats.expired == 1, "the expired message")
     say.note(f"analytics dropped the expired message ({analytics.stats.expired} expired)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
-from agent_os.demo._scene import Scene, settle
+from agent_os.demo._scene import Scene
 from amb import Metadata
 from control_plane import AgentSignal, PolicyViolationError, RateLimitExceeded
 
@@ -100,16 +100,13 @@ async def signals(scene: Scene) -> None:
     for n in range(1, 4):
         say("coordinator", "->", "reports.daily", f"report-{n}")
         await coordinator.publish("reports.daily", {"report": f"report-{n}"})
-    await settle(0.05)
     proc = kernel.get_agent("auditor")
+    await scene.until(lambda: proc.held == 3, "3 held deliveries")
     result.held = proc.held
     say.note(f"auditor is stopped: {proc.held} deliveries held, {len(received)} handled")
     await kernel.send_signal("auditor", AgentSignal.SIGCONT)
     say.note("SIGCONT -> auditor")
-    for _ in range(100):
-        if len(received) == 3:
-            break
-        await settle(0.01)
+    await scene.until(lambda: len(received) == 3, "the released deliveries")
     result.released = list(received)
     say.note(f"released in order: {', '.join(received)}")
 
@@ -134,4 +131,4 @@ async def signals(scene: Scene) -> None:
     say.note(f"SIGKILL -> worker-2 mid-job: state {result.killed_status}, job finished: {bool(finished)}")
     say("coordinator", "->", "tasks.process", "task_9 (only worker-1 is left in the queue group)")
     await coordinator.publish("tasks.process", {"task_id": "task_9", "priority": "low", "department": "ops"})
-    await settle(0.05)
+    await scene.until(lambda: "task_9" in scene.completed, "task_9")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amb import AMB, Metadata, decode
+from amb import AMB, EnvelopeError, Metadata, decode
 from amb.client import DLQ_ERROR, DLQ_REASON
 from control_plane import KernelSpace, Mediator, Policy
 from iatp import ACCEPT_UNSIGNED, IATP
@@ -89,7 +89,7 @@ class Scene:
     agents: dict[str, AMB] = field(default_factory=dict)
     mediators: list[Mediator] = field(default_factory=list)
     dead: list[tuple[str, str, str]] = field(default_factory=list)
-    _dead_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    completed: list[str] = field(default_factory=list)
 
     def agent(self, name: str, *, governed: bool = True) -> AMB:
         """A bus client for ``name`` signing and verifying with IATP; governed by the kernel
@@ -109,35 +109,28 @@ class Scene:
             error = metadata.headers.get(DLQ_ERROR, "")
             try:
                 what = _describe(decode(message).payload)
-            except Exception:
-                what = "undecodable bytes"
+            except EnvelopeError:
+                what = "bytes that are not an envelope"
             self.dead.append((metadata.topic, reason, error))
             self.result.dead_letters[reason] += 1
             self.say("ops", "<-", metadata.topic, f"dead letter ({reason}): {what}")
-            self._dead_arrived.set()
 
         await console.subscribe("_DLQ.>", on_dead, context={ACCEPT_UNSIGNED: True})
 
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+        """Wait until ``condition()`` holds; raises TimeoutError naming ``what`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo waited {timeout:g} s for {what}")
+            await asyncio.sleep(0.005)
+
     async def dead_letters(self, count: int, timeout: float = 5.0) -> None:
         """Wait until ``count`` dead letters have arrived in total."""
-        deadline = time.monotonic() + timeout
-        while len(self.dead) < count:
-            self._dead_arrived.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"expected {count} dead letters, got {len(self.dead)}")
-            try:
-                await asyncio.wait_for(self._dead_arrived.wait(), left)
-            except TimeoutError:
-                continue
+        await self.until(lambda: len(self.dead) >= count, f"{count} dead letters", timeout)
 
 
 def _describe(payload: Any) -> str:
     if isinstance(payload, dict) and "task_id" in payload:
         return str(payload["task_id"])
     return repr(payload)[:60]
-
-
-async def settle(delay: float = 0.02) -> None:
-    """Let in-flight deliveries on the in-memory broker finish."""
-    await asyncio.sleep(delay)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent_os import __version__
-from agent_os.cli import main
+from agent_os.cli import SERVICES, main
 from agent_os.demo import DemoResult, run_demo
 from agent_os.demo._knowledge import MEMORIES, choose_embedder
 from amb import AMB, RemoteError
@@ -175,6 +175,15 @@ def test_serve_delegates_to_the_service_command(service: str, option: str) -> No
     result = CliRunner().invoke(main, ["serve", service, "--help"])
     assert result.exit_code == 0, result.output
     assert option in result.output
+
+
+def test_serve_reports_a_service_that_cannot_be_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SERVICES, "ghost", ("services.no_such_service", "A service not installed."))
+    listed = CliRunner().invoke(main, ["serve", "--help"])
+    assert "A service not installed." in listed.output
+    result = CliRunner().invoke(main, ["serve", "ghost"])
+    assert result.exit_code == 1
+    assert "the ghost service cannot start: ModuleNotFoundError" in result.output
 
 
 def test_serve_refuses_an_unknown_service() -> None:
