@@ -33,7 +33,7 @@ rules:
     action: allow
     operation: publish
     resource: "alerts.*"
-    rate_limit: 3/s
+    rate_limit: 3/1m
   - name: agent-traffic
     action: allow
     resource: "*"
@@ -70,7 +70,7 @@ async def policy(scene: Scene) -> None:
     await scene.dead_letters(before + 1)
 
     monitor = scene.agents["analytics"]
-    say.note("alerts.* allows 3 publishes per second per agent; analytics sends a burst of 5")
+    say.note("alerts.* allows 3 publishes per minute per agent; analytics sends a burst of 5")
     for n in range(1, 6):
         try:
             await monitor.publish("alerts.disk", {"n": n, "disk": "92%"})
