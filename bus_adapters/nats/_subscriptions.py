@@ -77,7 +77,7 @@ class NatsSubscription:
         self.pattern = pattern
         self.queue = queue
         self.dispatcher: Dispatcher[_Item] = Dispatcher(
-            handler, max_pending=max_pending, name=f"nats broker {pattern!r}", on_handled=self._handled
+            handler, max_pending=max_pending, name=f"nats broker {pattern!r}"
         )
         self._nats_sub: Subscription | None = None
         self._stopped = False
@@ -85,9 +85,6 @@ class NatsSubscription:
     @property
     def handler_errors(self) -> int:
         return self.dispatcher.handler_errors
-
-    def _handled(self) -> None:
-        return None
 
     async def _discard(self, items: list[_Item]) -> None:
         return None
@@ -147,7 +144,8 @@ class CoreSubscription(NatsSubscription):
         await nc.flush()  # the server has the interest before subscribe() returns
 
     async def _on_msg(self, msg: Msg) -> None:
-        await self.dispatcher.deliver(LocalDelivery(msg.subject, msg.data, 1, self.dispatcher))
+        dispatcher = self.dispatcher
+        await dispatcher.deliver(LocalDelivery(msg.subject, msg.data, 1, dispatcher))
 
 
 class DurableSubscription(NatsSubscription):
@@ -173,6 +171,7 @@ class DurableSubscription(NatsSubscription):
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._watchdog: asyncio.Task[None] | None = None
         self._receiving = False  # inside _on_msg, which asks for more itself
+        self.dispatcher.on_handled = self._handled
 
     async def start(self, nc: Client) -> None:
         self._nc = nc

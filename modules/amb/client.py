@@ -49,7 +49,8 @@ from amb.broker import (
     LifecycleState,
     load_broker,
 )
-from amb.envelope import Envelope, new_id
+from amb.dispatch import LocalDelivery
+from amb.envelope import Envelope, new_id, new_id_at
 from amb.errors import (
     BusError,
     ConfigError,
@@ -77,6 +78,9 @@ DLQ_ERROR: Final = "dlq-error"
 DLQ_SUBJECT: Final = "dlq-subject"
 DLQ_ATTEMPTS: Final = "dlq-attempts"
 DLQ_ORIGINAL_ID: Final = "dlq-original-id"
+
+_OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
+_time_ns: Final = time.time_ns
 
 
 @dataclass(slots=True)
@@ -139,6 +143,7 @@ class Subscription:
         self.errors = 0
         self._broker_sub: BrokerSubscription | None = None
         self._chain: ConsumeNext | None = None  # the middleware chain; None: call the handler
+        self._filter = options.filter
         self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._active = False
@@ -279,13 +284,13 @@ class AMB(Lifecycle):
         broker_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._serializer = get_serializer(serializer, max_message_bytes)
-        self._decode = Decoder(max_message_bytes)
+        self._decode = Decoder(max_message_bytes).decode
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
         self.dead_letter_prefix = validate_subject(dead_letter_prefix)
         self.stats = BusStats()
         self._middleware: list[Middleware] = list(middleware)
-        self._publish_chain: PublishNext = self._wire_send
+        self._publish_chain: PublishNext | None = None  # set on connect when there is middleware
         self._subs: list[Subscription] = []
         self._pending_starts: list[asyncio.Task[None]] = []
         self._connect_lock: asyncio.Lock | None = None
@@ -319,7 +324,8 @@ class AMB(Lifecycle):
             if self.state is LifecycleState.OPEN:  # another task connected while this one waited
                 return
             await self.broker.connect()
-            self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
+            if self._middleware:
+                self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
             self._state = LifecycleState.OPEN
             for sub in list(self._subs):
                 if not sub.active:
@@ -388,10 +394,10 @@ class AMB(Lifecycle):
         Raises ConfigError (bad topic or ttl), UnserializablePayload, OversizedEnvelope,
         MessageRejected (from a middleware), StateError (closed) or TransportError.
         """
-        if self._state is not LifecycleState.OPEN or self._pending_starts:
+        if self._state is not _OPEN or self._pending_starts:
             await self._ready()
         validate_subject(topic)
-        now = time.time_ns()
+        now = _time_ns()
         expires_at = None
         if ttl is not None:
             if ttl <= 0:
@@ -400,10 +406,11 @@ class AMB(Lifecycle):
         hdrs = dict(headers) if headers else {}
         if key is not None:
             hdrs[PARTITION_KEY_HEADER] = key
+        sender = sender_id or self.agent_id
         env = Envelope(
-            new_id(),
+            new_id_at(now),
             topic,
-            sender_id or self.agent_id,
+            sender,
             message,
             recipient,
             reply_to,
@@ -413,10 +420,18 @@ class AMB(Lifecycle):
             priority,
             hdrs,
         )
-        await self._publish_chain(env)
+        chain = self._publish_chain
+        if chain is not None:
+            await chain(env)
+            return env.id
+        # No middleware: _wire_send inline (one coroutine less per message).
+        data = self._serializer.encode(env)
+        await self.broker.publish(topic, data, key=hdrs.get(PARTITION_KEY_HEADER) or sender)
+        self.stats.published += 1
         return env.id
 
     async def _wire_send(self, env: Envelope) -> None:
+        """Encode ``env`` and hand it to the broker: the end of the publish chain."""
         data = self._serializer.encode(env)
         await self.broker.publish(env.topic, data, key=env.headers.get(PARTITION_KEY_HEADER) or env.sender)
         self.stats.published += 1
@@ -655,6 +670,8 @@ class AMB(Lifecycle):
     # -- the delivery path -------------------------------------------------------------------
 
     async def _on_delivery(self, sub: Subscription, delivery: Delivery) -> None:
+        # The receive hot path. With concurrency 1 the handler runs here (the body of _process,
+        # inlined to save a coroutine per message); keep the two in step.
         stats = self.stats
         stats.delivered += 1
         try:
@@ -663,29 +680,42 @@ class AMB(Lifecycle):
             stats.malformed += 1
             await self._dead_letter(sub, delivery, None, "malformed", exc)
             return
-        if env.expires_at is not None and time.time_ns() >= env.expires_at:
+        expires_at = env.expires_at
+        if expires_at is not None and _time_ns() >= expires_at:
             stats.expired += 1
             await delivery.ack()
             return
-        if sub.options.filter is not None:
+        wanted = sub._filter
+        if wanted is not None:
             try:
-                wanted = sub.options.filter(env.payload)
+                keep = wanted(env.payload)
             except Exception as exc:
                 await self._dead_letter(sub, delivery, env, "filter_error", exc)
                 return
-            if not wanted:
+            if not keep:
                 stats.filtered += 1
                 await delivery.ack()
                 return
-        meta = Metadata(env, delivery.subject, delivery.attempt, delivery.extra)
-        meta.context.update(sub.context)
-        if sub._slots is None:
-            await self._process(sub, delivery, env, meta)
+        meta = Metadata(env, delivery.subject, delivery.attempt, delivery.extra, sub.context)
+        if sub._slots is not None:
+            await sub._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._process_released(sub, delivery, env, meta))
+            sub._tasks.add(task)
+            task.add_done_callback(sub._tasks.discard)
             return
-        await sub._slots.acquire()
-        task = asyncio.get_running_loop().create_task(self._process_released(sub, delivery, env, meta))
-        sub._tasks.add(task)
-        task.add_done_callback(sub._tasks.discard)
+        chain = sub._chain
+        try:
+            if chain is None:
+                await sub.handler(env.payload, meta)
+            else:
+                await chain(env, meta)
+        except Exception as exc:
+            await self._failed(sub, delivery, env, exc)
+            return
+        sub.handled += 1
+        stats.handled += 1
+        if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
+            await delivery.ack()
 
     async def _process_released(
         self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata
@@ -697,32 +727,40 @@ class AMB(Lifecycle):
             sub._slots.release()
 
     async def _process(self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata) -> None:
+        """Run the handler (through the middleware chain) on one delivery and settle it."""
         chain = sub._chain
         try:
             if chain is None:
                 await sub.handler(env.payload, meta)
             else:
                 await chain(env, meta)
-        except MessageRejected as exc:
-            self.stats.rejected += 1
-            await self._dead_letter(sub, delivery, env, exc.reason, exc)
-            return
         except Exception as exc:
-            self.stats.handler_errors += 1
-            sub.errors += 1
-            options = sub.options
-            if delivery.attempt < options.max_attempts and self.broker.capabilities.redelivery:
-                self.stats.retried += 1
-                await delivery.nack(options.retry_delay * (2 ** (delivery.attempt - 1)))
-                return
-            log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
-            await self._dead_letter(sub, delivery, env, "handler_error", exc)
-            if env.reply_to:
-                await self._send_error_reply(env, f"handler_error: {type(exc).__name__}")
+            await self._failed(sub, delivery, env, exc)
             return
         sub.handled += 1
         self.stats.handled += 1
-        await delivery.ack()
+        if type(delivery) is not LocalDelivery:
+            await delivery.ack()
+
+    async def _failed(self, sub: Subscription, delivery: Delivery, env: Envelope, exc: Exception) -> None:
+        """Settle a delivery whose middleware refused it or whose handler raised: retry through
+        the broker while attempts remain, else dead-letter it (and answer a request with an
+        error reply)."""
+        if isinstance(exc, MessageRejected):
+            self.stats.rejected += 1
+            await self._dead_letter(sub, delivery, env, exc.reason, exc)
+            return
+        self.stats.handler_errors += 1
+        sub.errors += 1
+        options = sub.options
+        if delivery.attempt < options.max_attempts and self.broker.capabilities.redelivery:
+            self.stats.retried += 1
+            await delivery.nack(options.retry_delay * (2 ** (delivery.attempt - 1)))
+            return
+        log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
+        await self._dead_letter(sub, delivery, env, "handler_error", exc)
+        if env.reply_to:
+            await self._send_error_reply(env, f"handler_error: {type(exc).__name__}")
 
     async def _send_error_reply(self, request: Envelope, reason: str) -> None:
         assert request.reply_to is not None

@@ -58,6 +58,7 @@ class Dispatcher(Generic[T]):
         "_getter",
         "_idle",
         "_items",
+        "_loop",
         "_putters",
         "_runner",
         "_stopping",
@@ -93,6 +94,12 @@ class Dispatcher(Generic[T]):
         self._idle: asyncio.Future[None] | None = None  # waiters for the end of an inline call
         self._putters: deque[asyncio.Future[None]] = deque()
         self._timers: set[asyncio.TimerHandle] = set()
+        # The loop, for asyncio.current_task(loop): without it every call asks the running
+        # loop, which costs a getpid() system call on CPython.
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -176,20 +183,12 @@ class Dispatcher(Generic[T]):
             return
         if self._stopping:
             return
-        await self._call(item, asyncio.current_task())
-        if self._items:
-            self._wake_runner()
-
-    # -- the handler call -------------------------------------------------------------------
-
-    async def _call(self, item: T, task: asyncio.Task[Any] | None) -> None:
-        # The hot path: no allocation beyond the handler's own coroutine.
+        # The per-message path of callback sources (see "the handler call" below).
         self._busy = True
-        self._current = task
+        self._current = asyncio.current_task(self._loop)
         try:
             await self.handler(item)
         except Exception:
-            # The handler is the bus's and should never raise; the subscription survives it.
             self.handler_errors += 1
             log.exception("%s: handler raised", self.name)
         finally:
@@ -199,6 +198,12 @@ class Dispatcher(Generic[T]):
                 self._release_idle()
         if self.on_handled is not None:
             self.on_handled()
+        if self._items:
+            self._wake_runner()
+
+    # -- the handler call -------------------------------------------------------------------
+    # deliver() and _run() each carry the handler call inline (a coroutine less per message);
+    # keep the two copies in step.
 
     def _release_idle(self) -> None:
         idle = self._idle
@@ -240,7 +245,21 @@ class Dispatcher(Generic[T]):
                 item = items.popleft()
                 if self._putters:
                     self._wake_putter()
-                await self._call(item, me)
+                self._busy = True
+                self._current = me
+                try:
+                    await self.handler(item)
+                except Exception:
+                    # The handler is the bus's and should never raise; the subscription survives.
+                    self.handler_errors += 1
+                    log.exception("%s: handler raised", self.name)
+                finally:
+                    self._busy = False
+                    self._current = None
+                    if self._idle is not None:
+                        self._release_idle()
+                if self.on_handled is not None:
+                    self.on_handled()
             if self._stopping:
                 return
             fut = loop.create_future()

@@ -21,14 +21,38 @@ class Metadata:
     :class:`~amb.Subscription`) and the subscription's ``context`` option.
     """
 
-    __slots__ = ("attempt", "context", "envelope", "extra", "subject")
+    __slots__ = ("_context", "_seed", "attempt", "envelope", "extra", "subject")
 
-    def __init__(self, envelope: Envelope, subject: str, attempt: int, extra: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        envelope: Envelope,
+        subject: str,
+        attempt: int,
+        extra: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
         self.envelope = envelope
         self.subject = subject
         self.attempt = attempt
         self.extra = extra
-        self.context: dict[str, Any] = {}
+        # ``context`` seeds metadata.context; the dict is built on first use, so a message
+        # nobody asks the context of costs no copy.
+        self._seed = context
+        self._context: dict[str, Any] | None = None
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """Per-delivery values for middleware and the handler (a copy of the seed, built on
+        first use; changes stay with this delivery)."""
+        ctx = self._context
+        if ctx is None:
+            seed = self._seed
+            ctx = self._context = dict(seed) if seed else {}
+        return ctx
+
+    @context.setter
+    def context(self, value: dict[str, Any]) -> None:
+        self._context = value
 
     @property
     def id(self) -> str:
