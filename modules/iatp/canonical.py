@@ -30,11 +30,23 @@ Trust edges (``EDGE_DOMAIN``) and certificates (``CERT_DOMAIN``) are laid out in
 
 Not signed: ``sig`` itself, and broker metadata (subject, attempt, offsets), which live beside
 the envelope. A receiver should rely on ``metadata.topic`` (signed), not the delivery subject.
+
+**How the bytes are built (the hot path).** The array has 16 elements, so it starts with the
+msgpack header ``0xdc 0x00 0x10``; the header and the first three fields (domain, scheme, key
+id or session id) are the same for every message of one key or session, so they are packed
+once (:func:`head`) and kept by the verifier and the session. Per message, one msgpack pack of
+the 13-tuple ``(nonce, v, ..., headers, digest-or-payload)`` gives a one-byte array header
+followed by exactly the bytes those 13 elements contribute to the full array; dropping that
+header and appending the rest to the head yields the very bytes a single pack of the whole
+16-element list would give (the tests check this against a plain ``msgpack.packb`` of the
+list). Packing goes through a per-thread reused Packer, and the payload digest and the session
+MAC start from copies of pre-initialised BLAKE2b states.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, Final
 
 import msgpack
@@ -53,20 +65,34 @@ UNSIGNED_HEADERS: Final = frozenset({"traceparent", "tracestate", "baggage"})
 """Hop-by-hop trace headers left out of the signature (tracing may rewrite them per hop)."""
 
 _blake2b = hashlib.blake2b
-_packb = msgpack.packb
 _PAYLOAD_PERSON: Final = b"iatp-payload-v1"
+_PAYLOAD_STATE: Final = hashlib.blake2b(digest_size=32, person=_PAYLOAD_PERSON)
+_ARRAY16: Final = b"\xdc\x00\x10"  # msgpack array header of the 16 signed fields
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's reused msgpack Packer (``packb`` builds one per call). It resets itself
+    after every ``pack``, also after an error."""
+    try:
+        packer: msgpack.Packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
 
 
 def pack(fields: list[Any]) -> bytes:
     """Canonical msgpack of a field list (see the module docstring)."""
-    data: bytes = _packb(fields, use_bin_type=True)
+    data: bytes = _packer().pack(fields)
     return data
 
 
 def payload_digest(payload: Any) -> bytes:
     """BLAKE2b-256 of the payload's msgpack encoding; raises TypeError/ValueError/OverflowError
     when msgpack cannot encode it."""
-    return _blake2b(_packb(payload, use_bin_type=True), digest_size=32, person=_PAYLOAD_PERSON).digest()
+    h = _PAYLOAD_STATE.copy()
+    h.update(_packer().pack(payload))
+    return h.digest()
 
 
 def signed_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
@@ -76,20 +102,23 @@ def signed_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
     return sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS)
 
 
-def envelope_bytes(
-    env: Envelope, scheme: str, key_id: str, nonce: bytes, domain: str = ENVELOPE_DOMAIN
-) -> bytes:
-    """The bytes signed (or MACed) for ``env`` under ``scheme``, ``key_id`` and ``nonce``.
+def head(domain: str, scheme: str, key_id: str) -> bytes:
+    """The first bytes of every signed structure of one domain, scheme and key (or session):
+    the 16-element array header and the first three fields. Raises TypeError for non-strings."""
+    pack_one = _packer().pack
+    return _ARRAY16 + pack_one(domain) + pack_one(scheme) + pack_one(key_id)
 
-    Raises TypeError, ValueError or OverflowError when a field cannot be encoded (hostile
-    envelope objects); verification turns that into ``malformed_envelope``.
-    """
+
+def rest_bytes(env: Envelope, nonce: bytes) -> bytes:
+    """The signed bytes after :func:`head` for a signature: the nonce, the envelope fields and
+    the payload digest (see the module docstring). Raises TypeError, ValueError or
+    OverflowError when a field cannot be encoded."""
     headers = env.headers
-    data: bytes = _packb(
-        [
-            domain,
-            scheme,
-            key_id,
+    pack_one = _packer().pack
+    digest = _PAYLOAD_STATE.copy()
+    digest.update(pack_one(env.payload))
+    packed: bytes = pack_one(
+        (
             nonce,
             env.v,
             env.id,
@@ -101,12 +130,45 @@ def envelope_bytes(
             env.timestamp,
             env.expires_at,
             env.priority,
-            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else [],
-            _blake2b(_packb(env.payload, use_bin_type=True), digest_size=32, person=_PAYLOAD_PERSON).digest(),
-        ],
-        use_bin_type=True,
+            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else (),
+            digest.digest(),
+        )
     )
-    return data
+    return packed[1:]  # without the 13-element array header (one byte)
+
+
+def session_rest_bytes(env: Envelope, nonce: bytes) -> bytes:
+    """Like :func:`rest_bytes` for a session MAC: the payload itself in place of its digest."""
+    headers = env.headers
+    packed: bytes = _packer().pack(
+        (
+            nonce,
+            env.v,
+            env.id,
+            env.topic,
+            env.sender,
+            env.recipient,
+            env.reply_to,
+            env.correlation_id,
+            env.timestamp,
+            env.expires_at,
+            env.priority,
+            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else (),
+            env.payload,
+        )
+    )
+    return packed[1:]
+
+
+def envelope_bytes(
+    env: Envelope, scheme: str, key_id: str, nonce: bytes, domain: str = ENVELOPE_DOMAIN
+) -> bytes:
+    """The bytes signed (or MACed) for ``env`` under ``scheme``, ``key_id`` and ``nonce``.
+
+    Raises TypeError, ValueError or OverflowError when a field cannot be encoded (hostile
+    envelope objects); verification turns that into ``malformed_envelope``.
+    """
+    return head(domain, scheme, key_id) + rest_bytes(env, nonce)
 
 
 def key_id_for(public_key: bytes) -> str:
@@ -119,26 +181,4 @@ def key_id_for(public_key: bytes) -> str:
 
 def session_bytes(env: Envelope, scheme: str, session_id: str, nonce: bytes) -> bytes:
     """The bytes a session MAC covers (see the module docstring); raises like :func:`envelope_bytes`."""
-    headers = env.headers
-    data: bytes = _packb(
-        [
-            SESSION_DOMAIN,
-            scheme,
-            session_id,
-            nonce,
-            env.v,
-            env.id,
-            env.topic,
-            env.sender,
-            env.recipient,
-            env.reply_to,
-            env.correlation_id,
-            env.timestamp,
-            env.expires_at,
-            env.priority,
-            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else [],
-            env.payload,
-        ],
-        use_bin_type=True,
-    )
-    return data
+    return head(SESSION_DOMAIN, scheme, session_id) + session_rest_bytes(env, nonce)

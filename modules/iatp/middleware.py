@@ -79,9 +79,10 @@ class IATPMiddleware(Middleware):
         if not iatp.is_open:
             await iatp.open()
         if envelope.sig is None:
+            recipient = envelope.recipient
             session = (
-                iatp.sessions.for_pair(envelope.sender, envelope.recipient, iatp.verifier.clock())
-                if self.use_sessions and envelope.recipient is not None
+                iatp.sessions.for_pair(envelope.sender, recipient, iatp.verifier.clock())
+                if recipient is not None and self.use_sessions and iatp.sessions.by_pair
                 else None
             )
             if session is not None:
@@ -105,16 +106,18 @@ class IATPMiddleware(Middleware):
             await call_next(envelope, metadata)
             return
         subscription: Any = context.get("subscription")
-        viewer = self.agent_id or iatp.verifier.perspective
+        verifier = iatp.verifier
+        viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
-        result = iatp.verifier.verify(
+        result = verifier.verify(
             envelope, viewer=viewer, scope=id(subscription), redelivery=metadata.attempt > 1
         )
         if not result.valid:
             self.rejected[result.reason or "invalid"] += 1
             raise SignatureRejected(result)
-        if result.trust_level < context.get(MIN_TRUST, self.min_trust):
+        minimum = context.get(MIN_TRUST, self.min_trust)
+        if minimum and result.trust_level < minimum:
             self.rejected[Reason.UNTRUSTED] += 1
             raise SignatureRejected(
                 invalid(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from iatp.keys import iso
 
@@ -33,23 +32,10 @@ class Reason(StrEnum):
 
 
 _KEYS: Final = ("valid", "sender", "timestamp", "trust_level", "reason")
+_KEY_SET: Final = frozenset(_KEYS)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class VerificationResult(Mapping[str, Any]):
-    """The outcome of verifying one message.
-
-    Attributes: ``valid``; ``sender`` (the *claimed* sender: authenticated only when ``valid``);
-    ``timestamp`` (the message's time as ISO-8601 UTC, ``"2024-01-15T10:30:00.123456Z"``, or
-    None when there is none); ``timestamp_ns``; ``trust_level`` (from the trust model, 0.0 when
-    invalid; never from anything the sender wrote); ``reason`` (a :class:`Reason` value when
-    invalid, None when valid); ``key_id`` (the key or session that signed); ``detail`` (text).
-
-    It is also a read-only mapping with the API reference's shape, ``{"valid", "sender",
-    "timestamp", "trust_level", "reason"}`` (see :meth:`to_dict`), and it compares equal to a
-    dict with those items. ``bool(result)`` is ``result.valid``, so ``if result:`` fails closed.
-    """
-
+class _Fields(NamedTuple):
     valid: bool
     sender: str
     timestamp_ns: int | None
@@ -58,12 +44,34 @@ class VerificationResult(Mapping[str, Any]):
     key_id: str | None = None
     detail: str | None = None
 
+
+class VerificationResult(_Fields, Mapping[str, Any]):
+    """The outcome of verifying one message. Immutable.
+
+    Attributes: ``valid``; ``sender`` (the *claimed* sender: authenticated only when ``valid``);
+    ``timestamp`` (the message's time as ISO-8601 UTC, ``"2024-01-15T10:30:00.123456Z"``, or
+    None when there is none; formatted only when read); ``timestamp_ns``; ``trust_level``
+    (from the trust model, 0.0 when invalid; never from anything the sender wrote); ``reason``
+    (a :class:`Reason` value when invalid, None when valid); ``key_id`` (the key or session that
+    signed); ``detail`` (text).
+
+    It is also a read-only mapping with the API reference's shape, ``{"valid", "sender",
+    "timestamp", "trust_level", "reason"}`` (see :meth:`to_dict`), and it compares equal to a
+    dict with those items. ``bool(result)`` is ``result.valid``, so ``if result:`` fails closed.
+
+    (It is stored as a tuple, which makes it cheap to build on the verification hot path and
+    immutable; iterating, indexing, ``len`` and ``==`` are the mapping's, not the tuple's.)
+    """
+
+    __slots__ = ()
+
     @property
     def timestamp(self) -> str | None:
-        if self.timestamp_ns is None:
+        ns = self.timestamp_ns
+        if ns is None:
             return None
         try:
-            return iso(self.timestamp_ns)
+            return iso(ns)
         except (OverflowError, ValueError, OSError):  # beyond what datetime can show
             return None
 
@@ -71,8 +79,8 @@ class VerificationResult(Mapping[str, Any]):
         """``{"valid", "sender", "timestamp", "trust_level", "reason"}``, as in the API reference."""
         return {k: getattr(self, k) for k in _KEYS}
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in _KEYS:
+    def __getitem__(self, key: str) -> Any:  # type: ignore[override]
+        if type(key) is not str or key not in _KEY_SET:
             raise KeyError(key)
         return getattr(self, key)
 
@@ -82,8 +90,28 @@ class VerificationResult(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(_KEYS)
 
+    def __contains__(self, key: object) -> bool:
+        return key in _KEY_SET
+
+    __eq__ = Mapping.__eq__
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __bool__(self) -> bool:
         return self.valid
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(tuple.__iter__(self))
+
+    def _asdict(self) -> dict[str, Any]:
+        return dict(zip(self._fields, tuple.__iter__(self), strict=True))
+
+    def _replace(self, **changes: Any) -> VerificationResult:
+        return type(self)(**{**self._asdict(), **changes})
 
     def __repr__(self) -> str:
         extra = f", reason={self.reason!r}" if self.reason else ""
@@ -91,6 +119,17 @@ class VerificationResult(Mapping[str, Any]):
             f"VerificationResult(valid={self.valid}, sender={self.sender!r}, "
             f"timestamp={self.timestamp!r}, trust_level={self.trust_level}{extra})"
         )
+
+
+_new = tuple.__new__
+
+
+def valid_result(sender: str, timestamp_ns: int, trust_level: float, key_id: str) -> VerificationResult:
+    """A valid result (the verifier's hot path: no argument parsing)."""
+    result: VerificationResult = _new(
+        VerificationResult, (True, sender, timestamp_ns, trust_level, None, key_id, None)
+    )
+    return result
 
 
 def invalid(

@@ -38,7 +38,7 @@ import msgpack
 
 from amb.envelope import Envelope, Signature
 from iatp import _crypto
-from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, pack, session_bytes
+from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, SESSION_DOMAIN, head, pack, session_rest_bytes
 from iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
@@ -169,12 +169,16 @@ def derive_keys(shared: bytes, offer: SessionOffer, answer: SessionAnswer) -> tu
 
 
 class Session:
-    """One established session, seen from ``local``'s side. Not shareable between processes."""
+    """One established session, seen from ``local``'s side. Not shareable between processes.
+
+    The MAC states are keyed once and have the constant head of the MACed bytes (domain,
+    scheme, session id) absorbed already; each message copies one and adds its own bytes.
+    """
 
     __slots__ = (
         "_counter",
-        "_recv_key",
-        "_send_key",
+        "_recv_mac",
+        "_send_mac",
         "_windows",
         "expires_at",
         "local",
@@ -189,8 +193,9 @@ class Session:
         self.local = local
         self.peer = peer
         self.expires_at = expires_at
-        self._send_key = send_key
-        self._recv_key = recv_key
+        start = head(SESSION_DOMAIN, SESSION_SCHEME, session_id)
+        self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
+        self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
         self._windows: dict[Any, list[int]] = {}  # scope -> [highest counter, bitmap]
 
@@ -198,17 +203,27 @@ class Session:
         return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
 
     def seal(self, env: Envelope) -> None:
-        """MAC ``env`` (sent by ``local``) and set its ``sig``; raises SessionError when expired."""
-        self._counter += 1
-        nonce = self._counter.to_bytes(8, "big")
-        data = session_bytes(env, SESSION_SCHEME, self.session_id, nonce)
-        mac = hashlib.blake2b(data, key=self._send_key, digest_size=32).digest()
-        env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, mac)
+        """MAC ``env`` (sent by ``local``) and set its ``sig``; raises SessionError once the
+        session is closed, and TypeError/ValueError/OverflowError for a field msgpack cannot
+        encode."""
+        mac = self._send_mac
+        if mac is None:
+            raise SessionError("the session is closed")
+        self._counter = counter = self._counter + 1
+        nonce = counter.to_bytes(8, "big")
+        h = mac.copy()
+        h.update(session_rest_bytes(env, nonce))
+        env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
-        data = session_bytes(env, SESSION_SCHEME, self.session_id, sig.nonce)
-        expected = hashlib.blake2b(data, key=self._recv_key, digest_size=32).digest()
-        return hmac.compare_digest(expected, sig.value)
+        """Whether ``sig`` carries the MAC of ``env`` under the receiving key (constant-time
+        comparison); False once the session is closed."""
+        mac = self._recv_mac
+        if mac is None:
+            return False
+        h = mac.copy()
+        h.update(session_rest_bytes(env, sig.nonce))
+        return hmac.compare_digest(h.digest(), sig.value)
 
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay)."""
@@ -230,7 +245,7 @@ class Session:
 
     def close(self) -> None:
         """Forget the keys; later messages in this session fail."""
-        self._send_key = self._recv_key = b""
+        self._send_mac = self._recv_mac = None
         self.expires_at = 0
 
 

@@ -26,17 +26,18 @@ from typing import Any, Final
 
 from amb.envelope import Envelope, Signature
 from iatp import _crypto
-from iatp.canonical import envelope_bytes
+from iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes
 from iatp.errors import CryptoUnavailable, UnknownAgent
 from iatp.models import TrustModel
 from iatp.registry import KeyRegistry
-from iatp.replay import BELOW_FLOOR, REPLAYED, NonceCache
-from iatp.result import Reason, VerificationResult, invalid
+from iatp.replay import REPLAYED, NonceCache
+from iatp.result import Reason, VerificationResult, invalid, valid_result
 from iatp.session import SESSION_SCHEME, Session
 from iatp.trust import TrustStore
 
 ED25519: Final = "ed25519"
 NONCE_BYTES: Final = 16
+_random = _crypto.random_bytes
 TRUST_CACHE_NS: Final = 1_000_000_000  # expiry-driven trust changes show within one second
 
 
@@ -51,13 +52,13 @@ class TrustEngine:
 
     def level(self, viewer: str | None, sender: str, key_id: str | None, now_ns: int) -> float:
         key = (viewer, sender, key_id)
-        hit = self._cache.get(key)
         store = self.store
+        hit = self._cache.get(key)
         if (
             hit is not None
+            and now_ns - hit[3] < TRUST_CACHE_NS
             and hit[1] == store.version
             and hit[2] == store.registry.version
-            and now_ns - hit[3] < TRUST_CACHE_NS
         ):
             return hit[0]
         value = self.model.level(store, viewer, sender, key_id, now_ns)
@@ -93,6 +94,7 @@ class EnvelopeVerifier:
         self.sessions: dict[tuple[str, str], Session] = {}  # (session id, peer) -> receiving side
         self.clock = clock
         self.perspective: str | None = None
+        self._heads: dict[str, bytes] = {}
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -109,9 +111,19 @@ class EnvelopeVerifier:
         revoked_at = self.registry.keys[key_id].revoked_at
         if revoked_at is not None and self.clock() >= revoked_at:
             raise UnknownAgent(env.sender, "unrevoked signing key")
-        nonce = _crypto.random_bytes(NONCE_BYTES)
-        value = _crypto.sign(secret, envelope_bytes(env, ED25519, key_id, nonce))
+        nonce = _random(NONCE_BYTES)
+        value = _crypto.sign(secret, self._head(key_id) + rest_bytes(env, nonce))
         env.sig = Signature(ED25519, key_id, nonce, value)
+
+    def _head(self, key_id: str) -> bytes:
+        """The constant head of the signed bytes for ``key_id`` (cached; called only for keys
+        the registry holds, so the cache is bounded by the keys ever known)."""
+        found = self._heads.get(key_id)
+        if found is None:
+            if len(self._heads) >= 100_000:
+                self._heads.clear()
+            found = self._heads[key_id] = head(ENVELOPE_DOMAIN, ED25519, key_id)
+        return found
 
     # -- verifying ---------------------------------------------------------------------------
 
@@ -147,85 +159,82 @@ class EnvelopeVerifier:
         ts = env.timestamp
         if sig is None:
             return invalid(Reason.UNSIGNED, sender, ts)
+        if type(sig) is not Signature:
+            return invalid(Reason.MALFORMED_SIGNATURE, sender, ts, None, "signature block has wrong types")
+        scheme, key_id, nonce, value = sig.scheme, sig.key_id, sig.nonce, sig.value
         if not (
-            type(sig) is Signature
-            and type(sig.scheme) is str
-            and type(sig.key_id) is str
-            and type(sig.nonce) is bytes
-            and type(sig.value) is bytes
+            type(scheme) is str and type(key_id) is str and type(nonce) is bytes and type(value) is bytes
         ):
             return invalid(Reason.MALFORMED_SIGNATURE, sender, ts, None, "signature block has wrong types")
-        scheme = sig.scheme
-        key_id = sig.key_id
-        if scheme == ED25519:
-            if len(sig.nonce) != NONCE_BYTES or len(sig.value) != _crypto.SIGNATURE_BYTES:
+        if scheme == SESSION_SCHEME:
+            if len(nonce) != 8 or len(value) != 32:
+                return invalid(Reason.MALFORMED_SIGNATURE, sender, ts, key_id, "wrong counter or MAC length")
+        elif scheme == ED25519:
+            if len(nonce) != NONCE_BYTES or len(value) != _crypto.SIGNATURE_BYTES:
                 return invalid(
                     Reason.MALFORMED_SIGNATURE, sender, ts, key_id, "wrong nonce or signature length"
                 )
-        elif scheme == SESSION_SCHEME:
-            if len(sig.nonce) != 8 or len(sig.value) != 32:
-                return invalid(Reason.MALFORMED_SIGNATURE, sender, ts, key_id, "wrong counter or MAC length")
         else:
             return invalid(Reason.UNSUPPORTED_SCHEME, sender, ts, key_id, f"scheme {scheme[:40]!r}")
+        expires_at = env.expires_at
         if (
             type(sender) is not str
             or type(ts) is not int
             or type(env.headers) is not dict
-            or (env.expires_at is not None and type(env.expires_at) is not int)
+            or (expires_at is not None and type(expires_at) is not int)
         ):
             return invalid(Reason.MALFORMED_ENVELOPE, sender, ts, key_id, "sender, time, headers or expiry")
+        now = self.clock()
         if viewer is None:
             viewer = self.perspective
-            recipient = env.recipient
-            if viewer is None and type(recipient) is str and self.registry.is_local(recipient):
-                viewer = recipient
-        now = self.clock()
+            if viewer is None:
+                recipient = env.recipient
+                if type(recipient) is str and self.registry.is_local(recipient):
+                    viewer = recipient
         if scheme == SESSION_SCHEME:
-            return self._verify_session(env, sig, now, viewer, scope)
-        if sender not in self.registry.agents:
+            session = self.sessions.get((key_id, sender))
+            if session is None or now >= session.expires_at:
+                return invalid(Reason.UNKNOWN_SESSION, sender, ts, key_id)
+            bad_time = self._bad_time(ts, expires_at, now)
+            if bad_time is not None:
+                return invalid(bad_time, sender, ts, key_id)
+            if not session.check_mac(env, sig):
+                return invalid(Reason.BAD_SIGNATURE, sender, ts, key_id, "session MAC")
+            if not session.accept_counter(int.from_bytes(nonce, "big"), scope):
+                return invalid(Reason.REPLAYED, sender, ts, key_id, "session counter")
+            level = self.trust.level(viewer or session.local, sender, None, now)
+            return valid_result(sender, ts, level, key_id)
+        registry = self.registry
+        if sender not in registry.agents:
             return invalid(Reason.UNKNOWN_SENDER, sender, ts, key_id)
-        key = self.registry.keys.get(key_id)
+        key = registry.keys.get(key_id)
         if key is None or key.agent_id != sender:
             return invalid(Reason.UNKNOWN_KEY, sender, ts, key_id, "no such key for this sender")
-        state = key.state(now, ts)
-        if state != "valid":
-            reason = Reason.REVOKED_KEY if state == "revoked" else Reason.RETIRED_KEY
-            return invalid(reason, sender, ts, key_id, key.revocation_reason)
-        bad_time = self._check_time(env, ts, now)
+        if key.revoked_at is not None or key.retire_at is not None:
+            state = key.state(now, ts)
+            if state != "valid":
+                reason = Reason.REVOKED_KEY if state == "revoked" else Reason.RETIRED_KEY
+                return invalid(reason, sender, ts, key_id, key.revocation_reason)
+        bad_time = self._bad_time(ts, expires_at, now)
         if bad_time is not None:
             return invalid(bad_time, sender, ts, key_id)
-        if not _crypto.verify(key.public_key, envelope_bytes(env, scheme, key_id, sig.nonce), sig.value):
+        if not _crypto.verify(key.public_key, self._head(key_id) + rest_bytes(env, nonce), value):
             return invalid(Reason.BAD_SIGNATURE, sender, ts, key_id)
-        seen = self.nonces.check_and_add((scope, sig.nonce), ts, now)
-        if seen == REPLAYED and not redelivery:
-            return invalid(Reason.REPLAYED, sender, ts, key_id)
-        if seen == BELOW_FLOOR:
-            return invalid(Reason.REPLAY_WINDOW, sender, ts, key_id, "older than the nonce cache covers")
-        level = self.trust.level(viewer, sender, key_id, now)
-        return VerificationResult(True, sender, ts, level, None, key_id)
+        seen = self.nonces.check_and_add((scope, nonce), ts, now)
+        if seen:
+            if seen == REPLAYED:
+                if not redelivery:
+                    return invalid(Reason.REPLAYED, sender, ts, key_id)
+            else:  # BELOW_FLOOR
+                return invalid(Reason.REPLAY_WINDOW, sender, ts, key_id, "older than the nonce cache covers")
+        return valid_result(sender, ts, self.trust.level(viewer, sender, key_id, now), key_id)
 
-    def _check_time(self, env: Envelope, ts: int, now: int) -> Reason | None:
+    def _bad_time(self, ts: int, expires_at: int | None, now: int) -> Reason | None:
+        """Why the time is unacceptable (future beyond the skew, too old, expired), or None."""
         if ts > now + self.skew_ns:
             return Reason.CLOCK_SKEW
         if ts < now - self.max_age_ns:
             return Reason.TOO_OLD
-        if env.expires_at is not None and now >= env.expires_at:
+        if expires_at is not None and now >= expires_at:
             return Reason.EXPIRED
         return None
-
-    def _verify_session(
-        self, env: Envelope, sig: Signature, now: int, viewer: str | None, scope: Hashable
-    ) -> VerificationResult:
-        sender, ts, sid = env.sender, env.timestamp, sig.key_id
-        session = self.sessions.get((sid, sender))
-        if session is None or now >= session.expires_at:
-            return invalid(Reason.UNKNOWN_SESSION, sender, ts, sid)
-        bad_time = self._check_time(env, ts, now)
-        if bad_time is not None:
-            return invalid(bad_time, sender, ts, sid)
-        if not session.check_mac(env, sig):
-            return invalid(Reason.BAD_SIGNATURE, sender, ts, sid, "session MAC")
-        if not session.accept_counter(int.from_bytes(sig.nonce, "big"), scope):
-            return invalid(Reason.REPLAYED, sender, ts, sid, "session counter")
-        level = self.trust.level(viewer or session.local, sender, None, now)
-        return VerificationResult(True, sender, ts, level, None, sid)

@@ -119,6 +119,62 @@ def test_payload_types_are_not_confused() -> None:
     assert payload_digest({"a": 1, "b": 2}) != payload_digest({"b": 2, "a": 1})  # map order is signed
 
 
+def _reference_bytes(
+    env: Envelope, domain: str, scheme: str, key_id: str, nonce: bytes, digest: bool
+) -> bytes:
+    """The documented format, built the plain way: one ``packb`` of the whole 16-element list."""
+    import hashlib
+
+    import msgpack
+
+    headers = sorted((k, v) for k, v in env.headers.items() if k not in UNSIGNED_HEADERS)
+    payload: Any = env.payload
+    if digest:
+        packed = msgpack.packb(payload, use_bin_type=True)
+        payload = hashlib.blake2b(packed, digest_size=32, person=b"iatp-payload-v1").digest()
+    fields = [
+        domain, scheme, key_id, nonce, env.v, env.id, env.topic, env.sender, env.recipient,
+        env.reply_to, env.correlation_id, env.timestamp, env.expires_at, env.priority, headers, payload,
+    ]  # fmt: skip
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads,
+    st.dictionaries(st.sampled_from(["a", "b", "traceparent", "x-tenant", "ü"]), texts, max_size=4),
+    st.none() | texts,
+    st.none() | st.integers(0, 2**63 - 1),
+    st.integers(-(2**31), 2**31),
+    st.binary(max_size=40),
+    texts,
+)
+def test_the_fast_encoding_is_the_documented_list(
+    payload: Any,
+    headers: dict[str, str],
+    reply_to: str | None,
+    expires_at: int | None,
+    priority: int,
+    nonce: bytes,
+    key_id: str,
+) -> None:
+    """The hot path packs a constant head once and one 13-tuple per message; the result must be
+    byte for byte one ``packb`` of the documented 16-element list (envelope and session forms)."""
+    from iatp.canonical import session_bytes
+
+    env = make_env(
+        payload=payload, headers=headers, reply_to=reply_to, expires_at=expires_at, priority=priority
+    )
+    for domain in (ENVELOPE_DOMAIN, SESSION_DOMAIN):
+        assert envelope_bytes(env, "ed25519", key_id, nonce, domain) == _reference_bytes(
+            env, domain, "ed25519", key_id, nonce, True
+        )
+    assert session_bytes(env, "iatp-session-v1", key_id, nonce) == _reference_bytes(
+        env, SESSION_DOMAIN, "iatp-session-v1", key_id, nonce, False
+    )
+
+
 def test_key_id_is_a_fingerprint_of_the_public_key() -> None:
     assert key_id_for(b"\x01" * 32) != key_id_for(b"\x02" * 32)
     assert len(key_id_for(b"\x01" * 32)) == 32

@@ -68,6 +68,31 @@ async def test_a_signed_message_verifies_with_the_seed_shape(iatp: IATP) -> None
     assert dict(result) == result.to_dict()
 
 
+async def test_a_result_is_an_immutable_mapping_that_pickles(iatp: IATP) -> None:
+    import copy
+    import pickle
+
+    result = await iatp.verify(await signed(iatp))
+    with pytest.raises(AttributeError):
+        result.valid = False  # type: ignore[misc]
+    assert list(result) == ["valid", "sender", "timestamp", "trust_level", "reason"]
+    assert len(result) == 5
+    assert "sender" in result
+    assert "key_id" not in result
+    assert result == result.to_dict()
+    assert not result != result.to_dict()  # noqa: SIM202 (the tuple's != must not leak through)
+    assert result.get("sender") == "alice"
+    assert result.get("detail") is None
+    with pytest.raises(KeyError):
+        result[0]
+    with pytest.raises(TypeError):
+        hash(result)
+    for clone in (pickle.loads(pickle.dumps(result)), copy.copy(result), copy.deepcopy(result)):
+        assert clone == result
+        assert (clone.key_id, clone.timestamp_ns) == (result.key_id, result.timestamp_ns)
+    assert not result._replace(valid=False)
+
+
 async def test_an_invalid_result_is_falsy_and_carries_a_reason(iatp: IATP) -> None:
     env = await signed(iatp)
     env.payload = {"action": "delete everything"}
