@@ -29,6 +29,38 @@ from cmvk._errors import CMVKConfigError
 AbstentionKind = Literal["timeout", "deadline", "provider_error", "parse_error"]
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
+RESERVED_PARAMS: Mapping[str, str] = {
+    "model": "set ModelSpec(model=...)",
+    "messages": "CMVK builds the messages from the prompt",
+    "timeout": "set CMVK(timeout=..., model_timeout=...) or ModelSpec(timeout=...)",
+    "max_retries": "CMVK retries itself: set CMVK(retries=...)",
+    "num_retries": "CMVK retries itself: set CMVK(retries=...)",
+    "stream": "CMVK needs whole replies to parse",
+}
+"""Keyword arguments of ``litellm.acompletion`` that CMVK sets itself, with what to use instead.
+
+Passing one of them in ``params``/``litellm_params`` would make every call fail with "got
+multiple values for keyword argument" (an abstention of every model), or, for ``stream``,
+an unparsable reply; so they are refused when the spec or the CMVK is built."""
+
+
+def check_params(params: Mapping[str, Any], owner: str) -> None:
+    """Refuse litellm keyword arguments CMVK cannot pass through (see :data:`RESERVED_PARAMS`).
+
+    Raises CMVKConfigError naming the key for a reserved key, a non-string key or a
+    ``params`` that is not a mapping."""
+    if not isinstance(params, Mapping):
+        raise CMVKConfigError(
+            f"{owner} must be a mapping of litellm keyword arguments, got {type(params).__name__}"
+        )
+    for key in params:
+        if not isinstance(key, str):
+            raise CMVKConfigError(f"{owner}: litellm keyword arguments need string names, got {key!r}")
+        if key in RESERVED_PARAMS:
+            raise CMVKConfigError(
+                f"{owner} may not set {key!r}: CMVK sets it itself ({RESERVED_PARAMS[key]})"
+            )
+
 
 def litellm_module() -> ModuleType:
     """Import litellm (once), without network access for its cost map. Raises ImportError
@@ -57,9 +89,12 @@ class ModelSpec:
         api_base, api_key: passed to litellm (the key is kept out of ``repr``).
         timeout: this model's per-attempt timeout; defaults to the CMVK's ``model_timeout``.
         params: further keyword arguments for ``litellm.acompletion`` (``temperature``,
-            ``response_format``, ``mock_response`` in tests, ...).
+            ``response_format``, ``mock_response`` in tests, ...); not the ones CMVK sets
+            itself (``model``, ``messages``, ``timeout``, ``max_retries``, ``num_retries``,
+            ``stream``).
 
-    Raises CMVKConfigError for an empty name, a weight <= 0 or a timeout <= 0.
+    Raises CMVKConfigError for an empty name, a weight <= 0, a timeout <= 0, or ``params``
+    with a reserved key (the message names it).
     """
 
     name: str
@@ -78,6 +113,7 @@ class ModelSpec:
             raise CMVKConfigError(f"weight of {self.name!r} must be positive, got {self.weight}")
         if self.timeout is not None and not self.timeout > 0:
             raise CMVKConfigError(f"timeout of {self.name!r} must be positive, got {self.timeout}")
+        check_params(self.params, f"params of {self.name!r}")
 
     @property
     def litellm_model(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, get_args
 
 from cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
-from cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model
+from cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
 from cmvk._errors import CMVKConfigError, VerdictParseError
 from cmvk._results import CallStats, Consensus, CrossCheckResult, ModelAnswer, ModelVote, VerificationResult
 from cmvk._verdict import (
@@ -63,11 +63,13 @@ class CMVK:
             similarity joins the agreement measure; if it fails, the measure goes on without it.
         judge: optional model that decides whether two *long* answers agree (short factual
             answers are always compared canonically).
-        api_base, api_key, litellm_params: defaults for every call (a spec's own win).
+        api_base, api_key, litellm_params: defaults for every call (a spec's own win);
+            ``litellm_params`` may not set what CMVK sets itself (``model``, ``messages``,
+            ``timeout``, ``max_retries``, ``num_retries``, ``stream``).
 
     Raises CMVKConfigError for an empty panel, duplicate names, an unknown strategy, a
-    threshold outside (0, 1], a timeout <= 0, negative retries, or a quorum outside
-    1..len(models).
+    threshold outside (0, 1], a timeout <= 0, negative retries, a quorum outside
+    1..len(models), or a reserved key in ``litellm_params`` (the message names it).
 
     Guarantees: models are called in parallel; ``verify`` and ``cross_check`` return within
     ``timeout`` (plus scheduling noise) and never raise for a model's failure: a timeout,
@@ -126,6 +128,8 @@ class CMVK:
         self.measure = AgreementMeasure(threshold=agreement_threshold)
         self.embedder = embedder
         self.judge = ModelSpec(judge) if isinstance(judge, str) else judge
+        if litellm_params is not None:
+            check_params(litellm_params, "litellm_params")
         defaults: dict[str, Any] = dict(litellm_params or {})
         if api_base is not None:
             defaults["api_base"] = api_base

@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -52,11 +52,14 @@ def verdict(verdict: str, confidence: float = 0.9, reason: str = "checked") -> s
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A request the server received: the model, the messages, and when (monotonic)."""
+    """A request the server received: the model, the messages, when it arrived and when its
+    reply was sent (``time.monotonic()``; ``replied_at`` is None while the reply is pending or
+    when the client gave up first)."""
 
     model: str
     messages: list[dict[str, Any]]
     at: float
+    replied_at: float | None = None
 
 
 class ScriptedLLMServer:
@@ -107,7 +110,15 @@ class ScriptedLLMServer:
             return web.json_response(
                 {"error": {"message": "bad request", "type": "invalid_request"}}, status=400
             )
+        index = len(self.requests)
         self.requests.append(Request(model, messages, time.monotonic()))
+        response = await self._respond(model, body)  # a client that gave up cancels this
+        self.requests[index] = replace(self.requests[index], replied_at=time.monotonic())
+        return response
+
+    async def _respond(self, model: str, body: dict[str, Any]) -> Any:
+        from aiohttp import web
+
         reply = self._reply_for(model, body)
         if reply is None:
             return web.json_response(

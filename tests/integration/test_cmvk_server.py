@@ -55,15 +55,24 @@ async def test_the_reference_example_returns_its_documented_shape(server: Script
 
 
 async def test_three_models_at_200_400_600_ms_answer_in_parallel(server: ScriptedLLMServer) -> None:
+    # The figure (under 700 ms) is measured by benchmarks/cmvk.py; here parallelism is
+    # proved from the server's own log, which a loaded machine cannot turn into a false failure.
     for name, delay in zip(PANEL, (0.2, 0.4, 0.6), strict=True):
         server.script(name, Reply(verdict("supported"), delay=delay))
     cmvk = panel(server)
     await cmvk.verify("warm", "up")  # first litellm call sets up its HTTP client
+    warm = len(server.requests)
     start = time.monotonic()
     result = await cmvk.verify("q", "r")
     elapsed = time.monotonic() - start
     assert result.verified
-    assert elapsed < 0.7, f"took {elapsed:.3f}s; sequential calls would take 1.2s"
+    calls = server.requests[warm:]
+    assert sorted(r.model for r in calls) == sorted(PANEL)
+    finished = [r.replied_at for r in calls]
+    assert None not in finished
+    # every request arrived before the first reply went out: the three calls overlapped
+    assert max(r.at for r in calls) < min(f for f in finished if f is not None)
+    assert elapsed < 1.0, f"took {elapsed:.3f}s; sequential calls would take 1.2s"
     latencies = [result.model_votes[n].stats.latency_s for n in PANEL]
     assert latencies == sorted(latencies)
     assert latencies[0] >= 0.2

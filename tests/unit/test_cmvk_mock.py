@@ -136,8 +136,14 @@ async def test_models_run_in_parallel_and_a_timeout_is_an_abstention() -> None:
     await cmvk.verify("warm", "up")
     start = time.monotonic()
     result = await cmvk.verify("q", "r")
-    assert time.monotonic() - start < 0.75  # sequential would be >= 0.9 s
+    elapsed = time.monotonic() - start
     assert result.verified
+    # Each call's latency lies inside the verify call; if they add up to more than its
+    # duration, the calls overlapped (sequential calls cannot), however loaded the machine.
+    latencies = [v.stats.latency_s for v in result.model_votes.values()]
+    assert min(latencies) >= 0.3
+    assert sum(latencies) > 1.5 * elapsed
+    assert elapsed < 1.0  # sequential: 3 x 0.3 s + the 0.4 s timeout = 1.3 s
     assert result.model_votes["slow"].abstention == "timeout"
     assert "abstained: slow (timeout" in result.reason
 
@@ -185,6 +191,35 @@ def test_configuration_errors_raise() -> None:
     with pytest.raises(CMVKConfigError, match="weight"):
         ModelSpec("a", weight=0)
     assert "secret" not in repr(ModelSpec("a", api_key="secret"))
+
+
+@pytest.mark.parametrize("key", ["model", "messages", "timeout", "max_retries", "num_retries", "stream"])
+def test_litellm_arguments_cmvk_sets_itself_are_refused_when_built(key: str) -> None:
+    # passed through, they made every call fail ("got multiple values for keyword argument"):
+    # each model a silent provider_error
+    with pytest.raises(CMVKConfigError, match=f"params of 'a' may not set '{key}'"):
+        ModelSpec("a", params={key: 1})
+    with pytest.raises(CMVKConfigError, match=f"litellm_params may not set '{key}'"):
+        CMVK(["a"], litellm_params={key: 1})
+    with pytest.raises(CMVKConfigError, match=f"may not set '{key}'"):
+        CMVK(["a"], judge=ModelSpec("j", params={key: 1}))
+
+
+def test_litellm_arguments_need_string_names_in_a_mapping() -> None:
+    with pytest.raises(CMVKConfigError, match="string names"):
+        ModelSpec("a", params={1: "x"})  # type: ignore[dict-item]
+    with pytest.raises(CMVKConfigError, match="mapping"):
+        CMVK(["a"], litellm_params=[("temperature", 0)])  # type: ignore[arg-type]
+
+
+async def test_other_litellm_arguments_reach_every_call() -> None:
+    cmvk = CMVK(
+        [mock("a", verdict("supported")), mock("b", verdict("supported"))],
+        litellm_params={"temperature": 0.0, "max_tokens": 50},
+    )
+    result = await cmvk.verify("q", "r")
+    assert result.verified
+    assert not result.abstentions
 
 
 async def test_bad_context_raises() -> None:
