@@ -8,10 +8,16 @@ compared in constant time; a missing or wrong token gets 401 and is counted)::
     GET  /agents                       [status, ...]
     GET  /agents/{id}                  status, or 404
     POST /agents/{id}/signal           body {"signal": "SIGSTOP"} -> {"ok": bool}; 400 if unknown
-    POST /policy/reload                body: policy YAML -> {"ok": true, "version": ...};
+    POST /policy/reload                body: policy YAML text -> {"ok": true, "version": ...};
                                        400 {"error", "line", "field"} on invalid YAML
     GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
     GET  /verify                       the hash chain's verification result
+
+The reload body is parsed as YAML text only (:func:`~control_plane.policy_yaml.load_policy_text`):
+a body such as ``/etc/app/config.yaml`` is a YAML scalar, refused as not a policy, never a file
+the service opens. With ``require_verified_sender=True`` (the control-plane service verifying
+senders with IATP) every reloaded policy gets ``require_verified_sender`` on, whatever the body
+says.
 
 Needs ``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
 """
@@ -24,6 +30,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from control_plane.errors import AgentNotFound, PolicyLoadError, SignalError
+from control_plane.policy_yaml import load_policy_text
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -40,10 +47,20 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class AdminAPI:
-    """Serves the admin routes for ``kernel`` (see the module docstring)."""
+    """Serves the admin routes for ``kernel`` (see the module docstring).
+
+    ``token``: the bearer token (at least 16 characters, else ValueError); ``extra_metrics``:
+    name -> value or callable, added to ``/metrics``; ``require_verified_sender``: keep that
+    policy option on across reloads. Raises ImportError without aiohttp/prometheus-client.
+    """
 
     def __init__(
-        self, kernel: KernelSpace, token: str, *, extra_metrics: dict[str, Any] | None = None
+        self,
+        kernel: KernelSpace,
+        token: str,
+        *,
+        extra_metrics: dict[str, Any] | None = None,
+        require_verified_sender: bool = False,
     ) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
@@ -55,6 +72,7 @@ class AdminAPI:
         self.kernel = kernel
         self._token = token.encode()
         self.extra_metrics = extra_metrics or {}
+        self.require_verified_sender = require_verified_sender
         self.unauthorized = 0
 
         @web.middleware
@@ -128,13 +146,25 @@ class AdminAPI:
         return _json({"ok": ok})
 
     async def reload(self, request: web.Request) -> web.Response:
-        text = await request.text()
         try:
-            self.kernel.reload_policy(text)
+            text = await request.text()
+        except UnicodeDecodeError:
+            return _json({"error": "the policy must be UTF-8 text", "line": None, "field": None}, 400)
+        try:
+            new = load_policy_text(text)  # text only: never a path the service would open
         except PolicyLoadError as exc:
             return _json({"error": str(exc), "line": exc.line, "field": exc.field}, 400)
+        if self.require_verified_sender:
+            new.require_verified_sender = True
+        self.kernel.reload_policy(new)
         policy = self.kernel.policy
-        return _json({"ok": True, "version": getattr(policy, "version", None)})
+        return _json(
+            {
+                "ok": True,
+                "version": getattr(policy, "version", None),
+                "require_verified_sender": new.require_verified_sender,
+            }
+        )
 
     async def records(self, request: web.Request) -> web.Response:
         q = request.query

@@ -20,8 +20,9 @@ Schema (unknown keys are errors)::
         on_violation: SIGKILL        # a signal name
         rate_limit: 100              # per minute, or "100/1m", "5/s"
 
-:func:`load_policy` raises :class:`~control_plane.errors.PolicyLoadError` naming the line and
-field of the first problem.
+:func:`load_policy` (text or a file) and :func:`load_policy_text` (text only: the admin API's
+reload) raise :class:`~control_plane.errors.PolicyLoadError` naming the line and field of the
+first problem.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def _mapping(node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node
 
 
 def load_policy(source: str | Path) -> Policy:
-    """Build a Policy from YAML text or a ``.yaml``/``.yml`` file. Raises PolicyLoadError."""
+    """Build a Policy from YAML text or a ``.yaml``/``.yml`` file (a Path, or a one-line string
+    ending in ``.yaml``/``.yml``). Raises PolicyLoadError. Text from outside (a request body)
+    goes to :func:`load_policy_text`, which never opens a file."""
     if isinstance(source, Path) or (
         isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
     ):
@@ -78,6 +81,15 @@ def load_policy(source: str | Path) -> Policy:
             raise PolicyLoadError(f"cannot read {source}: {exc}") from None
     else:
         text = source
+    return load_policy_text(text)
+
+
+def load_policy_text(text: str) -> Policy:
+    """Build a Policy from YAML *text* only: a string that looks like a path is parsed as YAML
+    (a scalar, so it fails validation), never opened. Raises PolicyLoadError, also for
+    anything but a str."""
+    if not isinstance(text, str):
+        raise PolicyLoadError(f"policy YAML must be text, got {type(text).__name__}")
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()

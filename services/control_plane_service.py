@@ -2,11 +2,21 @@
 
 Agents publish to *ingress* subjects (``ingress.<topic>``) and receive on *delivery* subjects
 (``deliver.<topic>``). The service subscribes to ``ingress.>`` in the queue group
-``control-plane`` (run several instances to share the load); for each message its mediator
-(IATP first, when given) verifies the sender, applies signals and policy as operation
-``publish`` on ``<topic>`` for the *sender*, and records the decision; an allowed message is
+``control-plane`` (run several instances to share the load); for each message IATP verifies
+the signature first, then the mediator applies signals and policy as operation ``publish`` on
+``<topic>`` for the *verified sender*, and records the decision; an allowed message is
 forwarded, envelope unchanged (so its signature still verifies at the receiver), to
 ``deliver.<topic>``; a denied one is dead-lettered by the service with the reason and counted.
+
+**Senders are verified.** ``ControlPlaneService(client, kernel, iatp=iatp)`` puts IATP's
+middleware on the service's client on the wire side of the mediator: an unsigned, forged,
+replayed or tampered message is dead-lettered with IATP's reason (``unsigned``,
+``bad_signature``, ...) and counted (``client.stats.rejected``, ``service.iatp_middleware
+.rejected``) before policy sees it, and the kernel's policy gets ``require_verified_sender``
+(kept on across admin reloads). ``iatp`` holds the service's own signing key (for the signals it
+sends) and the agents' public identities. Without ``iatp`` the service refuses to run unless
+``trust_bus=True`` says the broker's ACLs already authenticate senders: then the envelope's
+claimed sender is believed, and any agent able to publish can claim any name.
 
 Broker permissions make this the only way through: :func:`nats_authorization` generates the
 NATS server's ``authorization`` block in which agents may publish only to ingress subjects (and
@@ -32,11 +42,12 @@ service's own requests (remote signals) are noted the same way, so their replies
 Example::
 
     kernel = KernelSpace(policy=Policy.from_yaml("policy.yaml"))
-    service = ControlPlaneService(AMB("nats", url, agent_id="control-plane"), kernel)
+    service = ControlPlaneService(AMB("nats", url, agent_id="control-plane"), kernel, iatp=iatp)
     await service.start()
     # an agent:  AMB("nats", url, agent_id="worker", middleware=[iatp_mw, ReplyViaService()])
 
-Run it as a process: ``python -m services.control_plane_service --help``.
+Run it as a process: ``agent-os serve control-plane --help`` (or ``python -m
+services.control_plane_service``).
 """
 
 from __future__ import annotations
@@ -45,7 +56,6 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +65,22 @@ import click
 
 from amb import AMB, Metadata, Subscription, get_serializer
 from amb.envelope import Envelope
-from amb.errors import BusError
 from amb.middleware import Middleware, PublishNext
 from control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
+from control_plane.policy import PolicySet
+from control_plane.policy_yaml import load_policy as load_policy_file
 from control_plane.replies import PendingRequests
 from control_plane.signals import CONTROL_PREFIX
+from iatp import IATP, IATPMiddleware
+from services._identity import require_verification, sender_identity
+from services._process import (
+    broker_backend,
+    run,
+    serving,
+    stop_signals,
+    verification_from_options,
+    verification_options,
+)
 
 log = logging.getLogger("services.control_plane")
 
@@ -115,9 +136,13 @@ class ServiceStats:
 class ControlPlaneService:
     """One instance of the mediated control plane (see the module docstring).
 
-    ``client`` is the service's own bus client (not yet connected); ``kernel`` holds the policy
-    and the flight recorder; ``pending`` bounds the table of requests awaiting replies.
-    Raises amb StateError when ``client`` is already connected.
+    ``client`` is the service's own bus client (not yet connected, with no middleware of its
+    own: the service adds IATP's, then the mediator); ``kernel`` holds the policy and the
+    flight recorder; ``iatp`` verifies every message (its middleware is the wire side, first)
+    and forces the policy's ``require_verified_sender`` on; ``trust_bus=True`` instead takes
+    claimed senders (only behind broker ACLs that authenticate them); ``pending`` bounds the
+    table of requests awaiting replies. Raises VerificationRequired for neither or both of
+    ``iatp`` and ``trust_bus``, amb StateError when ``client`` is already connected.
     """
 
     def __init__(
@@ -130,8 +155,13 @@ class ControlPlaneService:
         reply_prefix: str = REPLIES,
         queue: str = QUEUE_GROUP,
         pending: PendingRequests | None = None,
+        iatp: IATP | None = None,
+        trust_bus: bool = False,
     ) -> None:
+        require_verification(iatp is not None, trust_bus, "control-plane service")
         self.client = client
+        self.iatp = iatp
+        self.trust_bus = trust_bus
         self.kernel = kernel
         self.ingress_prefix = ingress_prefix
         self.delivery_prefix = delivery_prefix
@@ -139,6 +169,13 @@ class ControlPlaneService:
         self.queue = queue
         self.stats = ServiceStats()
         self.pending = pending or PendingRequests()
+        self.iatp_middleware: IATPMiddleware | None = None
+        if iatp is not None:
+            # Added before the mediator, so it is the wire side: it verifies first and signs
+            # last (what the service itself sends: signals, their replies).
+            self.iatp_middleware = iatp.middleware(agent_id=client.agent_id)
+            client.add_middleware(self.iatp_middleware)
+            require_verified_sender(kernel.policy)
         self.mediator: Mediator = kernel.attach(
             client,
             inbound_prefix=ingress_prefix,
@@ -148,6 +185,12 @@ class ControlPlaneService:
         )
         self._encode = get_serializer("msgpack").encode
         self._subs: list[Subscription] = []
+
+    @property
+    def unverified(self) -> int:
+        """Messages IATP refused (unsigned, forged, replayed, ...); 0 without IATP."""
+        mw = self.iatp_middleware
+        return sum(mw.rejected.values()) if mw is not None else 0
 
     async def start(self) -> None:
         """Connect and start taking ingress messages (as a queue group) and replies (all)."""
@@ -166,7 +209,7 @@ class ControlPlaneService:
         topic = metadata.subject[len(self.ingress_prefix) + 1 :]
         env = metadata.envelope
         if env.reply_to:
-            requester = metadata.context.get("control_plane_sender") or env.sender
+            requester = sender_identity(metadata, trust_bus=self.trust_bus)
             self.pending.add(env.reply_to, env.id, requester, topic, env.recipient, env.expires_at)
         await self._send(delivery_subject(topic, self.delivery_prefix), metadata)
         self.stats.forwarded += 1
@@ -182,6 +225,12 @@ class ControlPlaneService:
         except Exception:
             self.stats.forward_failures += 1
             raise  # the bus retries or dead-letters it
+
+
+def require_verified_sender(policy: Policy | PolicySet) -> None:
+    """Turn ``require_verified_sender`` on in ``policy`` (every policy of a set)."""
+    for each in policy.policies if isinstance(policy, PolicySet) else (policy,):
+        each.require_verified_sender = True
 
 
 # -- broker permissions ------------------------------------------------------------------------
@@ -249,19 +298,6 @@ def nats_authorization(users: Iterable[NatsUser]) -> str:
 
 # -- the process -------------------------------------------------------------------------------
 
-_BACKENDS: Final = {"memory": "memory", "nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
-_BACKENDS_KAFKA: Final = {"kafka": "kafka"}
-
-
-def broker_backend(url: str) -> str:
-    """The bus backend for a broker URL (``memory://``, ``nats://``, ``tls://``, ``redis://``,
-    ``rediss://``, ``kafka://``). Raises ValueError for another scheme."""
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    backend = {**_BACKENDS, **_BACKENDS_KAFKA}.get(scheme)
-    if backend is None:
-        raise ValueError(f"unsupported broker URL {url!r}: use memory://, nats://, redis:// or kafka://")
-    return backend
-
 
 def recorder_from_spec(
     spec: str, *, retention_days: float | None = 90, encryption_key: bytes | None = None
@@ -281,9 +317,10 @@ def recorder_from_spec(
 
 
 def load_policy(source: str) -> Policy:
-    """A policy from a YAML file, or a built-in name (strict, permissive, audit). Raises
-    PolicyLoadError (the line and field) or PolicyError."""
-    return Policy.from_yaml(source) if Path(source).is_file() else Policy.builtin(source)
+    """A policy from a YAML file (any name), or a built-in name (strict, permissive, audit).
+    Raises PolicyLoadError (the line and field) or PolicyError."""
+    path = Path(source)
+    return load_policy_file(path) if path.is_file() else Policy.builtin(source)
 
 
 def read_key_file(path: str) -> bytes:
@@ -306,6 +343,8 @@ async def serve(
     policy: Policy,
     recorder: FlightRecorder,
     admin_token: str,
+    iatp: IATP | None = None,
+    trust_bus: bool = False,
     admin_host: str = "127.0.0.1",
     admin_port: int = 8787,
     agent_id: str = "control-plane",
@@ -314,14 +353,17 @@ async def serve(
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
     stop: asyncio.Event | None = None,
-) -> None:
+) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
     then finish in-flight messages, stop the admin API and close the recorder (its last batch
-    written). Prints ``ready admin=http://host:port`` on stdout once it takes messages.
-    Raises PolicyLoadError, RecorderError, ValueError or a bus error when it cannot start."""
+    written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
+    public identities) every message is verified; without it ``trust_bus`` must be true.
+    Prints ``ready admin=http://host:port`` on stdout once it takes messages; returns the
+    service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
+    ``trust_bus``), PolicyLoadError, RecorderError, ValueError or a bus error when it cannot
+    start."""
     from control_plane.admin import AdminAPI
 
-    stop = stop or asyncio.Event()
     kernel = KernelSpace(policy=policy, flight_recorder=recorder)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)
     service = ControlPlaneService(
@@ -331,41 +373,52 @@ async def serve(
         delivery_prefix=delivery_prefix,
         reply_prefix=reply_prefix,
         queue=queue,
+        iatp=iatp,
+        trust_bus=trust_bus,
     )
     stats = service.stats
     admin = AdminAPI(
         kernel,
         admin_token,
+        require_verified_sender=iatp is not None,
         extra_metrics={
             "agentos_service_forwarded": lambda: stats.forwarded,
             "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
             "agentos_service_forward_failures": lambda: stats.forward_failures,
             "agentos_service_rejected": lambda: client.stats.rejected,
+            "agentos_service_unverified": lambda: service.unverified,
             "agentos_service_pending_requests": lambda: len(service.pending),
             "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
         },
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await kernel.recorder.open()
-        await service.start()
-        port = await admin.start(admin_host, admin_port)
-        print(f"ready admin=http://{admin_host}:{port}", flush=True)
-        log.info("control-plane service %s on %s; admin API on %s:%d", agent_id, broker, admin_host, port)
-        await stop.wait()
-        log.info("stopping: finishing in-flight messages")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await admin.stop()
-        await service.stop()
-        await kernel.close()
+    async with stop_signals(stop) as stopping:
+        try:
+            await kernel.recorder.open()
+            await service.start()
+            port = await admin.start(admin_host, admin_port)
+            log.info(
+                "control-plane service %s on %s; admin API on %s:%d; senders %s",
+                agent_id,
+                broker,
+                admin_host,
+                port,
+                "taken from the trusted bus" if trust_bus else "verified by IATP",
+            )
+            await serving(
+                stopping, f"ready admin=http://{admin_host}:{port}", log, "finishing in-flight messages"
+            )
+        finally:
+            await admin.stop()
+            await service.stop()
+            await kernel.close()
+    return service
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://.")
+@click.option(
+    "--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://."
+)
+@verification_options
 @click.option("--policy", default="strict", show_default=True, help="A policy YAML file or a built-in name.")
 @click.option(
     "--recorder",
@@ -390,6 +443,8 @@ async def serve(
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
     broker: str,
+    identities: str | None,
+    trust_bus: bool,
     policy: str,
     recorder: str,
     retention_days: float,
@@ -405,28 +460,55 @@ def main(
     log_level: str,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    verification = verification_from_options(identities, trust_bus)
+
+    async def serve_process() -> None:
         key = read_key_file(encryption_key_file) if encryption_key_file else None
-        retention = retention_days or None
-        flight_recorder = recorder_from_spec(recorder, retention_days=retention, encryption_key=key)
-        asyncio.run(
-            serve(
-                broker=broker,
-                policy=load_policy(policy),
-                recorder=flight_recorder,
-                admin_token=admin_token,
-                admin_host=admin_host,
-                admin_port=admin_port,
-                agent_id=agent_id,
-                queue=queue,
-                ingress_prefix=ingress_prefix,
-                delivery_prefix=delivery_prefix,
-                reply_prefix=reply_prefix,
-            )
+        flight_recorder = recorder_from_spec(
+            recorder, retention_days=retention_days or None, encryption_key=key
         )
-    except (ControlPlaneError, BusError, ValueError, OSError, ImportError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        await serve(
+            broker=broker,
+            policy=load_policy(policy),
+            recorder=flight_recorder,
+            admin_token=admin_token,
+            iatp=await verification.open(agent_id),
+            trust_bus=verification.trust_bus,
+            admin_host=admin_host,
+            admin_port=admin_port,
+            agent_id=agent_id,
+            queue=queue,
+            ingress_prefix=ingress_prefix,
+            delivery_prefix=delivery_prefix,
+            reply_prefix=reply_prefix,
+        )
+
+    run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+
+
+__all__ = [
+    "DELIVERY",
+    "INBOX",
+    "INGRESS",
+    "QUEUE_GROUP",
+    "REPLIES",
+    "ControlPlaneService",
+    "NatsUser",
+    "ReplyViaService",
+    "ServiceStats",
+    "broker_backend",
+    "delivery_subject",
+    "ingress_subject",
+    "load_policy",
+    "main",
+    "nats_authorization",
+    "nats_users",
+    "read_key_file",
+    "recorder_from_spec",
+    "reply_subject",
+    "require_verified_sender",
+    "serve",
+]
 
 
 if __name__ == "__main__":

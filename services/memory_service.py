@@ -14,9 +14,12 @@ several instances share the load) and request payloads (dicts; optional keys in 
 Records are :meth:`~emk.MemoryRecord.to_dict` dicts; times are ISO-8601 text (a time without
 an offset is taken as UTC).
 
-**Who is asking decides what is visible**: the agent id is :func:`caller_identity` of the
-request, never a payload field. A payload that names another ``agent_id`` is refused
-(``Forbidden``). Retention is not offered over the bus.
+**Who is asking decides what is visible**: the agent id is the request's verified sender
+(:func:`services._identity.sender_identity`: IATP's valid result in
+``metadata.context["iatp"]``), never a payload field and never the envelope's claimed sender
+unless the service was told to trust the bus (``trust_bus=True``). A request without a valid
+IATP result is refused (``Unauthenticated``). A payload that names another ``agent_id`` is
+refused (``Forbidden``). Retention is not offered over the bus.
 
 **Errors** are answered with the bus's error header, so the requester's ``amb.request`` raises
 :class:`~amb.RemoteError` whose ``reason`` starts with the EMK error class
@@ -25,27 +28,39 @@ malformed payload, ``Unauthenticated`` when the identity is missing or invalid, 
 anything unexpected (logged). Every request is counted in :attr:`MemoryService.stats`; the
 service never stops on bad input.
 
-**As a process**: ``agent-os serve memory --broker nats://127.0.0.1:4222 --storage postgresql
---dsn postgresql://...`` (or ``python -m services.memory_service ...``) serves until SIGINT or
-SIGTERM, then answers the requests in flight, closes the bus client and the EMK, and exits 0.
-It prints ``ready memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests.
+**As a process**: ``agent-os serve memory --broker nats://127.0.0.1:4222 --identities
+/etc/agent-os/memory-keys --storage postgresql --dsn postgresql://...`` (or ``python -m
+services.memory_service ...``; the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``) verifies
+every request with IATP and serves until SIGINT or SIGTERM, then answers the requests in flight,
+closes the bus client and the EMK, and exits 0. Without ``--identities`` it refuses to start
+unless ``--trust-bus`` says the broker's ACLs already authenticate senders. It prints ``ready
+memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import click
 
-from amb import AMB, BusError, Metadata, Subscription
+from amb import AMB, Metadata, Subscription
 from amb.client import ERROR_HEADER
 from emk import EMK, EMKError, MemoryRecord
+from iatp import IATP
+from services._identity import Unauthenticated, require_verification, sender_identity
+from services._process import (
+    run,
+    service_client,
+    serving,
+    stop_signals,
+    verification_from_options,
+    verification_options,
+)
 
 log = logging.getLogger("services.memory")
 
@@ -60,40 +75,15 @@ class RequestError(Exception):
         self.code = code
 
 
-def caller_identity(metadata: Metadata) -> str:
-    """The agent a request acts for: the single place the service decides identity.
-
-    When IATP has verified the message (``metadata.context["iatp"]``, its VerificationResult),
-    that result is authoritative: its ``sender`` when ``valid`` is true. A result that is present
-    but not valid (an unsigned message a subscription let through, say) fails closed with
-    ``Unauthenticated``: it never falls back to the envelope. Without IATP in the chain, the
-    envelope's ``sender`` is used (trusting the bus, as in the embedded control-plane mode).
-    """
-    result = metadata.context.get("iatp")
-    if result is not None:
-        valid = _field(result, "valid")
-        sender = _field(result, "sender")
-        if valid is not True or not isinstance(sender, str) or not sender:
-            raise RequestError("Unauthenticated", "the request's IATP verification is not valid")
-        return sender
-    sender = metadata.sender
-    if not isinstance(sender, str) or not sender:
-        raise RequestError("Unauthenticated", "the request has no sender")
-    return sender
-
-
-def _field(result: Any, name: str) -> Any:
-    if isinstance(result, Mapping):
-        return result.get(name)
-    return getattr(result, name, None)
-
-
 class MemoryService:
     """Serves one :class:`~emk.EMK` on the bus (see the module docstring).
 
-    ``identity`` replaces :func:`caller_identity` (tests, other trust setups). Start with
-    ``await service.start()`` (or ``async with``); ``stop()`` unsubscribes, letting in-flight
-    requests finish; neither the bus client nor the EMK is closed by the service.
+    ``amb`` should carry the IATP middleware (``iatp.middleware()``): a request is answered
+    for its verified sender, and one without a valid IATP result is refused
+    (``Unauthenticated``). ``trust_bus=True`` takes the envelope's claimed sender instead when
+    there is no IATP result: only for a broker whose ACLs already authenticate senders. Start
+    with ``await service.start()`` (or ``async with``); ``stop()`` unsubscribes, letting
+    in-flight requests finish; neither the bus client nor the EMK is closed by the service.
     """
 
     def __init__(
@@ -103,13 +93,13 @@ class MemoryService:
         *,
         prefix: str = "emk",
         concurrency: int = 8,
-        identity: Callable[[Metadata], str] = caller_identity,
+        trust_bus: bool = False,
     ) -> None:
         self.amb = amb
         self.emk = emk
         self.prefix = prefix
         self.concurrency = concurrency
-        self.identity = identity
+        self.trust_bus = trust_bus
         self.stats: Counter[str] = Counter()
         self._subs: list[Subscription] = []
         self._ops: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
@@ -154,7 +144,10 @@ class MemoryService:
     async def _handle(self, op: str, message: Any, metadata: Metadata) -> None:
         self.stats[f"requests.{op}"] += 1
         try:
-            agent_id = self.identity(metadata)
+            try:
+                agent_id = sender_identity(metadata, trust_bus=self.trust_bus)
+            except Unauthenticated as exc:
+                raise RequestError("Unauthenticated", str(exc)) from None
             if not isinstance(message, dict):
                 raise RequestError("BadRequest", f"the {op} request must be a dict")
             claimed = message.get("agent_id")
@@ -274,41 +267,52 @@ async def serve(
     *,
     broker: str,
     emk: EMK,
+    iatp: IATP | None = None,
+    trust_bus: bool = False,
     prefix: str = "emk",
     agent_id: str = "memory-service",
     concurrency: int = 8,
     stop: asyncio.Event | None = None,
 ) -> MemoryService:
     """Serve ``emk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
-    answer the requests in flight, close the bus client and the EMK. Prints ``ready memory
-    subjects=<prefix>.* broker=<url>`` once it takes requests; returns the service (its
-    ``stats``). Raises ValueError for an unsupported broker URL, EMKError or a bus error when it
+    answer the requests in flight, close the bus client and the EMK. With ``iatp`` (holding the
+    service's signing key ``agent_id`` and the agents' public identities) every request is
+    verified and answered for its verified sender; without it ``trust_bus`` must be true.
+    Prints ``ready memory subjects=<prefix>.* broker=<url>`` once it takes requests; returns
+    the service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
+    ``trust_bus``), ValueError for an unsupported broker URL, EMKError or a bus error when it
     cannot start (what was opened is closed)."""
-    from services.control_plane_service import broker_backend
-
-    stop = stop or asyncio.Event()
-    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
-    service = MemoryService(client, emk, prefix=prefix, concurrency=concurrency)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await client.connect()
-        await service.start()
-        print(f"ready memory subjects={prefix}.* broker={broker}", flush=True)
-        log.info(
-            "memory service %s on %s (%s storage, %s)", agent_id, broker, emk.storage, emk.embedder.model
-        )
-        await stop.wait()
-        log.info("stopping: answering the requests in flight")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        require_verification(iatp is not None, trust_bus, "memory service")
+        client = service_client(broker, agent_id, iatp)
+    except BaseException:
+        await emk.close()
+        raise
+    service = MemoryService(client, emk, prefix=prefix, concurrency=concurrency, trust_bus=trust_bus)
+    async with stop_signals(stop) as stopping:
         try:
-            await service.stop()
-            await client.close()
+            await client.connect()
+            await service.start()
+            log.info(
+                "memory service %s on %s (%s storage, %s; senders %s)",
+                agent_id,
+                broker,
+                emk.storage,
+                emk.embedder.model,
+                "taken from the trusted bus" if trust_bus else "verified by IATP",
+            )
+            await serving(
+                stopping,
+                f"ready memory subjects={prefix}.* broker={broker}",
+                log,
+                "answering the requests in flight",
+            )
         finally:
-            await emk.close()
+            try:
+                await service.stop()
+                await client.close()
+            finally:
+                await emk.close()
     return service
 
 
@@ -316,6 +320,7 @@ async def serve(
 @click.option(
     "--broker", required=True, help="Broker URL: nats://host:4222, redis://, kafka://, memory://name."
 )
+@verification_options
 @click.option(
     "--storage",
     type=click.Choice(["embedded", "postgresql", "memory"]),
@@ -346,6 +351,8 @@ async def serve(
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
     broker: str,
+    identities: str | None,
+    trust_bus: bool,
     storage: str,
     dsn: str | None,
     embedding_model: str,
@@ -357,12 +364,26 @@ def main(
     log_level: str,
 ) -> None:
     """Run the memory service (EMK over the bus) until SIGINT/SIGTERM."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    verification = verification_from_options(identities, trust_bus)
+
+    async def serve_process() -> None:
         emk = EMK(storage, dsn, embedding_model, isolation, namespace=namespace)
-        asyncio.run(serve(broker=broker, emk=emk, prefix=prefix, agent_id=agent_id, concurrency=concurrency))
-    except (EMKError, BusError, ValueError, OSError, ImportError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            iatp = await verification.open(agent_id)
+        except BaseException:
+            await emk.close()
+            raise
+        await serve(
+            broker=broker,
+            emk=emk,
+            iatp=iatp,
+            trust_bus=verification.trust_bus,
+            prefix=prefix,
+            agent_id=agent_id,
+            concurrency=concurrency,
+        )
+
+    run(serve_process, log_level=log_level, errors=(EMKError,))
 
 
 if __name__ == "__main__":

@@ -10,18 +10,28 @@ for a request that is not such a map, ``{"ok": False, "error": "invalid_request"
 A bad request is counted (``stats.invalid``) and answered; it never stops the service. Several
 instances share the load as the queue group ``cmvk-verifiers``.
 
+**Who asks.** The service's bus client should carry the IATP middleware: a request is taken
+for its verified sender (:func:`services._identity.sender_identity`), logged with the answer.
+One without a valid IATP result is refused, counted (``stats.unauthenticated``) and answered
+``{"ok": False, "error": "unauthenticated", "reason": ...}`` (:class:`VerifierRefused` for
+:func:`request_verification`), unless the service trusts the bus (``trust_bus=True``: only
+for a broker whose ACLs already authenticate senders). Answers are not secret; the check keeps
+the models' cost to known agents.
+
 Example::
 
     service = VerifierService(AMB("nats", "nats://127.0.0.1:4222"), CMVK(models=[...]))
     await service.start()
     reply = await request_verification(client, "What is 6 x 7?", "42")
 
-**As a process**: ``agent-os serve verifier --broker nats://127.0.0.1:4222 --model
-openai/gpt-4o --model claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m
-services.verifier_service ...``) serves until SIGINT or SIGTERM, then finishes the
-verifications in flight, closes the bus client and exits 0. It prints ``ready verifier
-subject=<subject> broker=<url>`` on stdout once it takes requests. Needs litellm
-(``pip install 'agent-os[llm]'``).
+**As a process**: ``agent-os serve verifier --broker nats://127.0.0.1:4222 --identities
+/etc/agent-os/verifier-keys --model openai/gpt-4o --model
+claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m services.verifier_service ...``;
+the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``; ``--trust-bus`` instead of
+``--identities`` only on a broker that authenticates senders, else it refuses to start) serves
+until SIGINT or SIGTERM, then finishes the verifications in flight, closes the bus client and
+exits 0. It prints ``ready verifier subject=<subject> broker=<url>`` on stdout once it takes
+requests. Needs litellm (``pip install 'agent-os[llm]'``).
 """
 
 from __future__ import annotations
@@ -29,15 +39,24 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, get_args
 
 import click
 
-from amb import AMB, BusError, Metadata, Subscription
+from amb import AMB, Metadata, Subscription
 from cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
+from iatp import IATP
+from services._identity import Unauthenticated, require_verification, sender_identity
+from services._process import (
+    run,
+    service_client,
+    serving,
+    stop_signals,
+    verification_from_options,
+    verification_options,
+)
 
 log = logging.getLogger("services.verifier")
 
@@ -50,6 +69,10 @@ class InvalidVerifyRequest(CMVKError, ValueError):
     error reply a client received for one."""
 
 
+class VerifierRefused(CMVKError, PermissionError):
+    """The verifier service refused a request whose sender it could not establish."""
+
+
 @dataclass(slots=True)
 class VerifierStats:
     """Counters of one service instance."""
@@ -59,6 +82,7 @@ class VerifierStats:
     rejected: int = 0
     invalid: int = 0
     failed: int = 0
+    unauthenticated: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -87,6 +111,8 @@ class VerifierService:
 
     ``concurrency`` requests are verified at once per instance. ``start`` subscribes (in the
     queue group, so instances share requests); ``stop`` drains in-flight verifications.
+    ``bus`` should carry the IATP middleware; ``trust_bus=True`` takes the envelope's claimed
+    sender when there is no IATP result (see the module docstring).
     """
 
     def __init__(
@@ -97,8 +123,10 @@ class VerifierService:
         subject: str = VERIFY_SUBJECT,
         queue: str | None = QUEUE_GROUP,
         concurrency: int = 8,
+        trust_bus: bool = False,
     ) -> None:
         self.bus = bus
+        self.trust_bus = trust_bus
         self.cmvk = cmvk
         self.subject = subject
         self.queue = queue
@@ -122,10 +150,20 @@ class VerifierService:
     async def _on_request(self, message: Any, metadata: Metadata) -> None:
         self.stats.requests += 1
         try:
+            caller = sender_identity(metadata, trust_bus=self.trust_bus)
+        except Unauthenticated as exc:
+            self.stats.unauthenticated += 1
+            log.warning(
+                "refused cmvk.verify request %s (claimed sender %r): %s", metadata.id, metadata.sender, exc
+            )
+            if metadata.reply_to:
+                await self.bus.reply(metadata, {"ok": False, "error": "unauthenticated", "reason": str(exc)})
+            return
+        try:
             prompt, response, context = parse_request(message)
         except InvalidVerifyRequest as exc:
             self.stats.invalid += 1
-            log.warning("invalid cmvk.verify request %s from %s: %s", metadata.id, metadata.sender, exc)
+            log.warning("invalid cmvk.verify request %s from %s: %s", metadata.id, caller, exc)
             if metadata.reply_to:
                 await self.bus.reply(metadata, {"ok": False, "error": "invalid_request", "reason": str(exc)})
             return
@@ -133,7 +171,7 @@ class VerifierService:
             result = await self.cmvk.verify(prompt, response, context)
         except Exception as exc:  # a bug must not take the service down; the caller learns it failed
             self.stats.failed += 1
-            log.exception("verification of request %s failed", metadata.id)
+            log.exception("verification of request %s from %s failed", metadata.id, caller)
             if metadata.reply_to:
                 reason = f"{type(exc).__name__}: {exc}"
                 await self.bus.reply(
@@ -144,6 +182,7 @@ class VerifierService:
             self.stats.verified += 1
         else:
             self.stats.rejected += 1
+        log.debug("request %s from %s: verified=%s", metadata.id, caller, result.verified)
         if metadata.reply_to:
             await self.bus.reply(metadata, {"ok": True, **result.to_dict()})
 
@@ -159,8 +198,9 @@ async def request_verification(
 ) -> dict[str, Any]:
     """Ask a verifier service over ``bus``; return the result dict (see the module docstring).
 
-    Raises InvalidVerifyRequest when the service refused the request, CMVKError when its
-    verification failed, and the bus's RequestTimeout when no service answered in ``timeout``.
+    Raises InvalidVerifyRequest when the service refused the request as malformed,
+    VerifierRefused when it could not establish the sender, CMVKError when its verification
+    failed, and the bus's RequestTimeout when no service answered in ``timeout``.
     """
     reply = await bus.request(
         subject, {"prompt": prompt, "response": response, "context": context}, timeout=timeout
@@ -169,6 +209,8 @@ async def request_verification(
         reason = reply.get("reason") if isinstance(reply, dict) else repr(reply)
         if isinstance(reply, dict) and reply.get("error") == "invalid_request":
             raise InvalidVerifyRequest(str(reason))
+        if isinstance(reply, dict) and reply.get("error") == "unauthenticated":
+            raise VerifierRefused(str(reason))
         raise CMVKError(f"verifier service failed: {reason}")
     return reply
 
@@ -191,6 +233,8 @@ async def serve(
     *,
     broker: str,
     cmvk: CMVK,
+    iatp: IATP | None = None,
+    trust_bus: bool = False,
     subject: str = VERIFY_SUBJECT,
     queue: str | None = QUEUE_GROUP,
     agent_id: str = "verifier-service",
@@ -198,32 +242,39 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> VerifierService:
     """Serve ``cmvk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
-    finish the verifications in flight and close the bus client. Prints ``ready verifier
-    subject=<subject> broker=<url>`` once it takes requests; returns the service (its
-    ``stats``). Raises ValueError for an unsupported broker URL, a bus error when it cannot
-    connect."""
-    from services.control_plane_service import broker_backend
-
-    stop = stop or asyncio.Event()
-    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
-    service = VerifierService(client, cmvk, subject=subject, queue=queue, concurrency=concurrency)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await client.connect()
-        await service.start()
-        print(f"ready verifier subject={subject} broker={broker}", flush=True)
-        log.info("verifier service %s on %s with %r", agent_id, broker, cmvk)
-        await stop.wait()
-        log.info("stopping: finishing the verifications in flight")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    finish the verifications in flight and close the bus client. With ``iatp`` (holding the
+    service's signing key ``agent_id`` and the agents' public identities) every request is
+    verified; without it ``trust_bus`` must be true. Prints ``ready verifier subject=<subject>
+    broker=<url>`` once it takes requests; returns the service (its ``stats``). Raises
+    VerificationRequired (neither or both of ``iatp`` and ``trust_bus``), ValueError for an
+    unsupported broker URL, a bus error when it cannot connect."""
+    require_verification(iatp is not None, trust_bus, "verifier service")
+    client = service_client(broker, agent_id, iatp)
+    service = VerifierService(
+        client, cmvk, subject=subject, queue=queue, concurrency=concurrency, trust_bus=trust_bus
+    )
+    async with stop_signals(stop) as stopping:
         try:
-            await service.stop(timeout=cmvk.timeout)
+            await client.connect()
+            await service.start()
+            log.info(
+                "verifier service %s on %s with %r; senders %s",
+                agent_id,
+                broker,
+                cmvk,
+                "taken from the trusted bus" if trust_bus else "verified by IATP",
+            )
+            await serving(
+                stopping,
+                f"ready verifier subject={subject} broker={broker}",
+                log,
+                "finishing the verifications in flight",
+            )
         finally:
-            await client.close()
+            try:
+                await service.stop(timeout=cmvk.timeout)
+            finally:
+                await client.close()
     return service
 
 
@@ -231,6 +282,7 @@ async def serve(
 @click.option(
     "--broker", required=True, help="Broker URL: nats://host:4222, redis://, kafka://, memory://name."
 )
+@verification_options
 @click.option(
     "--model",
     "models",
@@ -262,6 +314,8 @@ async def serve(
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
     broker: str,
+    identities: str | None,
+    trust_bus: bool,
     models: Sequence[str],
     api_base: str | None,
     api_key: str | None,
@@ -277,10 +331,11 @@ def main(
     log_level: str,
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verification = verification_from_options(identities, trust_bus)
     if importlib.util.find_spec("litellm") is None:
         raise click.ClickException("the verifier calls models through litellm: pip install 'agent-os[llm]'")
-    try:
+
+    async def serve_process() -> None:
         cmvk = CMVK(
             [model_spec(m) for m in models],
             consensus_threshold=threshold,
@@ -291,18 +346,18 @@ def main(
             api_base=api_base,
             api_key=api_key,
         )
-        asyncio.run(
-            serve(
-                broker=broker,
-                cmvk=cmvk,
-                subject=subject,
-                queue=queue,
-                agent_id=agent_id,
-                concurrency=concurrency,
-            )
+        await serve(
+            broker=broker,
+            cmvk=cmvk,
+            iatp=await verification.open(agent_id),
+            trust_bus=verification.trust_bus,
+            subject=subject,
+            queue=queue,
+            agent_id=agent_id,
+            concurrency=concurrency,
         )
-    except (CMVKError, BusError, ValueError, OSError, ImportError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+    run(serve_process, log_level=log_level, errors=(CMVKError,))
 
 
 if __name__ == "__main__":

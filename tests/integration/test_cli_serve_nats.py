@@ -7,25 +7,39 @@ import asyncio
 import os
 import signal
 import uuid
+from pathlib import Path
 
 import pytest
 
-from amb import AMB, RemoteError
+from amb import AMB, RemoteError, RequestTimeout
+from amb.client import DLQ_REASON
 from cmvk.testing import Reply, ScriptedLLMServer, verdict
+from iatp import IATP
+from services._identity import PASSPHRASE_ENV
 from services.verifier_service import request_verification
-from tests.support import wait_until
+from tests.support import Collector, wait_until
 from tests.unit.test_cli import start, stop
 
 pytestmark = pytest.mark.nats
 
 NATS = "nats://127.0.0.1:4222"
+PASSPHRASE = "serve-test-passphrase-0123"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> None:
     prefix = f"emk_cli_{uuid.uuid4().hex[:10]}"
     proc, ready = await start(
-        "memory", "--broker", NATS, "--storage", "memory", "--embedding-model", "hashing", "--prefix", prefix
+        "memory",
+        "--broker",
+        NATS,
+        "--trust-bus",
+        "--storage",
+        "memory",
+        "--embedding-model",
+        "hashing",
+        "--prefix",
+        prefix,
     )
     assert ready == f"ready memory subjects={prefix}.* broker={NATS}"
     alice = AMB("nats", NATS, agent_id=f"alice-{prefix}")
@@ -61,6 +75,7 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
             "verifier",
             "--broker",
             NATS,
+            "--trust-bus",
             "--model",
             "gpt=openai/gpt",
             "--model",
@@ -107,7 +122,16 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
     dsn = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
     tag = uuid.uuid4().hex[:10]
     prefix, namespace = f"emk_cli_{tag}", f"emk_cli_{tag}"
-    args = ("memory", "--broker", NATS, "--storage", "postgresql", "--embedding-model", "hashing")
+    args = (
+        "memory",
+        "--broker",
+        NATS,
+        "--trust-bus",
+        "--storage",
+        "postgresql",
+        "--embedding-model",
+        "hashing",
+    )
     options = ("--namespace", namespace, "--prefix", prefix)
     carol = AMB("nats", NATS, agent_id=f"carol-{tag}")
     procs: list[asyncio.subprocess.Process] = []
@@ -132,3 +156,134 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
         await carol.close()
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+
+
+async def service_identities(path: Path, service: str, *agents: str) -> dict[str, IATP]:
+    """A file key store at ``path`` for the service process (its key, the agents' public
+    identities), and an in-memory IATP per agent (its key, the service's public identity)."""
+    store = IATP("file", key_path=str(path), passphrase=PASSPHRASE, kdf_level="interactive")
+    await store.register_agent(service)
+    keys: dict[str, IATP] = {}
+    for agent in agents:
+        keys[agent] = IATP()
+        await keys[agent].register_agent(agent)
+        await keys[agent].add_identity(store.identity(service))
+        await store.add_identity(keys[agent].identity(agent))
+    return keys
+
+
+async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_path: Path) -> None:
+    """The reproduced finding: mallory asked emk.query with sender_id="alice" and got alice's
+    memories. With --identities, the service answers each signed request for its verified
+    sender; a forged one is dead-lettered and never answered."""
+    tag = uuid.uuid4().hex[:10]
+    prefix, alice_id, mallory_id = f"emk_cli_{tag}", f"alice-{tag}", f"mallory-{tag}"
+    keys = await service_identities(tmp_path / "keys", "memory-service", alice_id, mallory_id)
+    proc, _ = await start(
+        "memory",
+        "--broker",
+        NATS,
+        "--identities",
+        str(tmp_path / "keys"),
+        "--storage",
+        "memory",
+        "--embedding-model",
+        "hashing",
+        "--prefix",
+        prefix,
+        env={PASSPHRASE_ENV: PASSPHRASE},
+    )
+    alice = AMB("nats", NATS, agent_id=alice_id, middleware=[keys[alice_id].middleware()])
+    mallory = AMB("nats", NATS, agent_id=mallory_id, middleware=[keys[mallory_id].middleware()])
+    unsigned = AMB("nats", NATS, agent_id=mallory_id)
+    dead = Collector()
+    try:
+        await unsigned.subscribe(f"_DLQ.{prefix}.>", dead)
+        stored = await alice.request(f"{prefix}.store", {"content": "The vault code is 2468."}, timeout=10)
+        assert stored["record"]["agent_id"] == alice_id
+        assert (await mallory.request(f"{prefix}.query", {}, timeout=10))["records"] == []
+        with pytest.raises(RequestTimeout):  # unsigned, claiming alice: dead-lettered, unanswered
+            await unsigned.request(f"{prefix}.query", {}, sender_id=alice_id, timeout=1)
+        await dead.wait_for(1)
+        assert dead.metadata[0].headers[DLQ_REASON] == "unsigned"
+        mine = await alice.request(f"{prefix}.query", {}, timeout=10)
+        assert [r["content"] for r in mine["records"]] == ["The vault code is 2468."]
+        returncode, log = await stop(proc, signal.SIGTERM)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for client in (alice, mallory, unsigned):
+            await client.close()
+    assert returncode == 0, log
+    assert "senders verified by IATP" in log
+
+
+async def test_serve_memory_with_trust_bus_believes_the_claimed_sender() -> None:
+    """What --trust-bus documents: the claimed sender is believed, so the broker must stop
+    agents from publishing under another's name (here nothing does: the shared server)."""
+    prefix = f"emk_cli_{uuid.uuid4().hex[:10]}"
+    proc, _ = await start(
+        "memory",
+        "--broker",
+        NATS,
+        "--trust-bus",
+        "--storage",
+        "memory",
+        "--embedding-model",
+        "hashing",
+        "--prefix",
+        prefix,
+    )
+    client = AMB("nats", NATS, agent_id=f"someone-{prefix}")
+    try:
+        await client.request(f"{prefix}.store", {"content": "Stored as alice."}, sender_id=f"alice-{prefix}")
+        answer = await client.request(f"{prefix}.query", {}, sender_id=f"alice-{prefix}", timeout=10)
+        assert [r["content"] for r in answer["records"]] == ["Stored as alice."]
+        returncode, log = await stop(proc, signal.SIGTERM)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.close()
+    assert returncode == 0, log
+    assert "senders taken from the trusted bus" in log
+
+
+async def test_serve_verifier_with_identities_answers_a_signed_caller(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:10]
+    subject, caller_id = f"cmvk_cli_{tag}.verify", f"caller-{tag}"
+    keys = await service_identities(tmp_path / "keys", "verifier-service", caller_id)
+    async with ScriptedLLMServer({"gpt": Reply(verdict("supported", 0.9))}) as llm:
+        proc, _ = await start(
+            "verifier",
+            "--broker",
+            NATS,
+            "--identities",
+            str(tmp_path / "keys"),
+            "--model",
+            "gpt=openai/gpt",
+            "--api-base",
+            llm.url,
+            "--subject",
+            subject,
+            "--queue",
+            f"cmvk_cli_{tag}",
+            env={"AGENTOS_LLM_API_KEY": "test-key", PASSPHRASE_ENV: PASSPHRASE},
+        )
+        caller = AMB("nats", NATS, agent_id=caller_id, middleware=[keys[caller_id].middleware()])
+        unsigned = AMB("nats", NATS, agent_id=caller_id)
+        try:
+            reply = await request_verification(caller, "What is 6 x 7?", "42", subject=subject, timeout=20)
+            assert reply["verified"] is True
+            with pytest.raises(RequestTimeout):
+                await request_verification(unsigned, "What is 6 x 7?", "42", subject=subject, timeout=1)
+            returncode, log = await stop(proc, signal.SIGTERM)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await caller.close()
+            await unsigned.close()
+    assert returncode == 0, log
+    assert len(llm.requests) == 1  # the unsigned request never reached the model

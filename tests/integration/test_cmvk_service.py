@@ -7,10 +7,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from amb import AMB
+from amb import AMB, RequestTimeout
 from cmvk import CMVK, CMVKError, ModelSpec
 from cmvk.testing import Reply, ScriptedLLMServer, verdict
-from services.verifier_service import InvalidVerifyRequest, VerifierService, request_verification
+from services.verifier_service import (
+    InvalidVerifyRequest,
+    VerifierRefused,
+    VerifierService,
+    request_verification,
+)
+from tests.integration.test_emk_service import identities
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -27,7 +34,7 @@ async def setup() -> AsyncIterator[tuple[AMB, VerifierService, ScriptedLLMServer
             api_key="k",
             retries=0,
         )
-        service = VerifierService(bus, cmvk)
+        service = VerifierService(bus, cmvk, trust_bus=True)
         await service.start()
         yield caller, service, llm
         await service.stop()
@@ -43,7 +50,14 @@ async def test_a_request_is_verified_and_answered(
     assert reply["ok"] is True
     assert reply["verified"] is True
     assert reply["model_votes"] == {"a": True, "b": True, "c": True}
-    assert service.stats.as_dict() == {"requests": 1, "verified": 1, "rejected": 0, "invalid": 0, "failed": 0}
+    assert service.stats.as_dict() == {
+        "requests": 1,
+        "verified": 1,
+        "rejected": 0,
+        "invalid": 0,
+        "failed": 0,
+        "unauthenticated": 0,
+    }
 
 
 async def test_an_unverified_result_is_answered_too(
@@ -90,3 +104,39 @@ async def test_the_client_helper_raises_on_refusal(
     with pytest.raises(InvalidVerifyRequest, match="context must be a map"):
         await request_verification(caller, "q", "r", context=["x"], timeout=5)  # type: ignore[arg-type]
     assert issubclass(InvalidVerifyRequest, CMVKError)
+
+
+async def test_without_trust_bus_a_request_needs_a_verified_sender() -> None:
+    """Verification on requests: an unsigned request is dead-lettered by the service's IATP; a
+    request that reaches a service without IATP in its chain is refused, counted and answered
+    ``unauthenticated``; a signed request is verified and answered."""
+    url = f"memory://cmvk-{uuid.uuid4().hex}"
+    keys = await identities("verifier", "caller")
+    async with ScriptedLLMServer() as llm:
+        for n in ("a", "b"):
+            llm.script(n, Reply(verdict("supported", 0.9)))
+        cmvk = CMVK([ModelSpec(n, model=f"openai/{n}") for n in "ab"], api_base=llm.url, api_key="k")
+        async with (
+            AMB("memory", url, agent_id="verifier", middleware=[keys["verifier"].middleware()]) as bus,
+            AMB("memory", url, agent_id="caller", middleware=[keys["caller"].middleware()]) as caller,
+            AMB("memory", url, agent_id="caller") as unsigned,
+        ):
+            service = VerifierService(bus, cmvk)
+            await service.start()
+            reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
+            assert reply["verified"] is True
+            with pytest.raises(RequestTimeout):
+                await request_verification(unsigned, "What is 6 x 7?", "42", timeout=0.3)
+            await wait_until(lambda: bus.stats.rejected == 1)
+            await service.stop()
+        async with (
+            AMB("memory", url, agent_id="verifier-no-iatp") as bus,
+            AMB("memory", url, agent_id="caller") as unsigned,
+        ):
+            service = VerifierService(bus, cmvk)
+            await service.start()
+            with pytest.raises(VerifierRefused, match="not verified by IATP"):
+                await request_verification(unsigned, "What is 6 x 7?", "42", timeout=5)
+            await service.stop()
+    assert service.stats.unauthenticated == 1
+    assert len(llm.requests) == 2  # only the signed request reached the models

@@ -76,7 +76,7 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
     kernel = KernelSpace(policy=policy)
     service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
     )
     await service.start()
     receiver = AMB("nats", url("agent-b", nats_port), agent_id="agent-b")
@@ -118,7 +118,7 @@ async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(na
     policy.add_rule("allow", Pattern("reply", "tasks.*"))
     kernel = KernelSpace(policy=policy)
     service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
     )
     await service.start()
     responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])

@@ -8,12 +8,16 @@ import signal
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from amb import AMB
+from amb.client import DLQ_REASON
 from control_plane import FlightRecorder
+from services._identity import PASSPHRASE_ENV
+from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
 from tests.support import Collector
-from tests.unit.test_control_plane_service_process import get, start_service
+from tests.unit.test_control_plane_service_process import TOKEN, get, start_service
 
 pytestmark = pytest.mark.nats
 
@@ -33,6 +37,7 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
     proc, admin = await start_service(
         "--broker",
         NATS,
+        "--trust-bus",
         "--policy",
         str(policy),
         "--recorder",
@@ -77,3 +82,77 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
     assert [d.data["decision"] for d in decisions] == ["allow"] * 5 + ["deny"]  # flushed at the stop
     assert (await rec.verify()).ok
     await rec.close()
+
+
+async def test_the_service_process_with_identities_forwards_only_verified_senders(tmp_path: Path) -> None:
+    """``--identities``: a signed message is forwarded (and still verifies at the receiver); an
+    unsigned one claiming another sender is dead-lettered (``unsigned``) and counted; a policy
+    reload cannot turn ``require_verified_sender`` off."""
+    tag = uuid.uuid4().hex[:10]
+    ingress, delivery, service_id = f"in_{tag}", f"out_{tag}", f"control-plane-{tag}"
+    agent_id, admin_id, receiver_id = f"agent-{tag}", f"admin-{tag}", f"receiver-{tag}"
+    keys = await service_identities(tmp_path / "keys", service_id, agent_id, admin_id, receiver_id)
+    for mine in keys.values():  # the receiver verifies the senders too
+        for other in (agent_id, admin_id):
+            if not mine.registry.is_local(other):
+                await mine.add_identity(keys[other].identity(other))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: svc\ndefault_action: deny\nrules:\n"
+        "  - {action: allow, operation: publish, resource: 'tasks.*', "
+        f"conditions: {{sender: {admin_id}}}}}\n"
+    )
+    proc, admin = await start_service(
+        "--broker",
+        NATS,
+        "--identities",
+        str(tmp_path / "keys"),
+        "--policy",
+        str(policy),
+        "--recorder",
+        "memory",
+        "--ingress-prefix",
+        ingress,
+        "--delivery-prefix",
+        delivery,
+        "--reply-prefix",
+        f"re_{tag}",
+        "--queue",
+        f"cp_{tag}",
+        "--agent-id",
+        service_id,
+        env={PASSPHRASE_ENV: PASSPHRASE},
+    )
+    sender = AMB("nats", NATS, agent_id=admin_id, middleware=[keys[admin_id].middleware()])
+    forger = AMB("nats", NATS, agent_id=agent_id)  # no IATP: claims whatever it likes
+    receiver = AMB("nats", NATS, agent_id=receiver_id, middleware=[keys[receiver_id].middleware()])
+    try:
+        got, dead = Collector(), Collector()
+        await receiver.subscribe(f"{delivery}.tasks.>", got)
+        await forger.subscribe(f"_DLQ.{ingress}.>", dead)
+        await sender.publish(f"{ingress}.tasks.work", "signed by admin")
+        await forger.publish(f"{ingress}.tasks.work", "claims admin", sender_id=admin_id)
+        await got.wait_for(1)
+        await dead.wait_for(1)
+        assert dead.metadata[0].headers[DLQ_REASON] == "unsigned"
+        await asyncio.sleep(0.1)
+        assert got.messages == ["signed by admin"]
+        assert got.metadata[0].context["iatp"].sender == admin_id
+        _, metrics = await get(admin + "/metrics")
+        assert "agentos_service_forwarded 1.0" in metrics
+        assert "agentos_service_unverified 1.0" in metrics
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                admin + "/policy/reload",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                data="name: svc2\nrequire_verified_sender: false\n",
+            ) as resp,
+        ):
+            assert (resp.status, (await resp.json())["require_verified_sender"]) == (200, True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(proc.wait(), 20)
+        for client in (sender, forger, receiver):
+            await client.close()
+    assert returncode == 0

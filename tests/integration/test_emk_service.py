@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -9,10 +10,13 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, Middleware, RemoteError
+from amb import AMB, Envelope, Metadata, Middleware, RemoteError, RequestTimeout, get_serializer
+from amb.client import DLQ_REASON
 from amb.middleware import ConsumeNext
 from emk import EMK, HashingEmbedder
-from services.memory_service import MemoryService, caller_identity
+from iatp import IATP, SigningRejected
+from services.memory_service import MemoryService
+from tests.support import Collector
 
 
 class FakeVerification(Middleware):
@@ -35,7 +39,7 @@ def url() -> str:
 async def service(url: str) -> AsyncIterator[MemoryService]:
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
     amb = AMB("memory", url, agent_id="memory-service")
-    svc = MemoryService(amb, emk)
+    svc = MemoryService(amb, emk, trust_bus=True)
     await svc.start()
     yield svc
     await svc.stop()
@@ -131,7 +135,7 @@ async def test_a_valid_iatp_verification_is_the_identity(url: str) -> None:
     verified = SimpleNamespace(valid=True, sender="carol")
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
     async with AMB("memory", url, agent_id="svc", middleware=[FakeVerification(verified)]) as amb:
-        svc = MemoryService(amb, emk)
+        svc = MemoryService(amb, emk)  # verification required (the default)
         await svc.start()
         async with AMB("memory", url, agent_id="someone-else") as client:
             stored = await client.request("emk.store", {"content": "Written as carol."})
@@ -140,6 +144,7 @@ async def test_a_valid_iatp_verification_is_the_identity(url: str) -> None:
     assert [r.content for r in await emk.query("carol")] == ["Written as carol."]
 
 
+@pytest.mark.parametrize("trust_bus", [False, True])
 @pytest.mark.parametrize(
     "result",
     [
@@ -149,10 +154,10 @@ async def test_a_valid_iatp_verification_is_the_identity(url: str) -> None:
         SimpleNamespace(sender="carol"),
     ],
 )
-async def test_an_invalid_iatp_verification_fails_closed(url: str, result: Any) -> None:
+async def test_an_invalid_iatp_verification_fails_closed(url: str, result: Any, trust_bus: bool) -> None:
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
     async with AMB("memory", url, agent_id="svc", middleware=[FakeVerification(result)]) as amb:
-        svc = MemoryService(amb, emk)
+        svc = MemoryService(amb, emk, trust_bus=trust_bus)
         await svc.start()
         async with AMB("memory", url, agent_id="carol") as client:
             with pytest.raises(RemoteError) as err:
@@ -162,9 +167,90 @@ async def test_an_invalid_iatp_verification_fails_closed(url: str, result: Any) 
     assert await emk.query("carol") == []
 
 
-def test_caller_identity_prefers_the_iatp_result_over_the_envelope() -> None:
-    env = Envelope("id1", "emk.store", "envelope-sender", None, timestamp=1)
-    meta = Metadata(env, "emk.store", 1, {})
-    assert caller_identity(meta) == "envelope-sender"
-    meta.context["iatp"] = {"valid": True, "sender": "verified-sender"}
-    assert caller_identity(meta) == "verified-sender"
+async def test_without_verification_a_claimed_sender_is_refused(url: str) -> None:
+    """The service requires a verified sender unless told to trust the bus: no IATP result
+    means no answer, whatever the envelope claims."""
+    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    await emk.store("alice", "Alice's locker code is 4711.")
+    async with AMB("memory", url, agent_id="memory-service") as amb:
+        svc = MemoryService(amb, emk)
+        await svc.start()
+        async with AMB("memory", url, agent_id="mallory") as mallory:
+            with pytest.raises(RemoteError) as err:
+                await mallory.request("emk.query", {}, sender_id="alice")
+        await svc.stop()
+    assert err.value.reason.startswith("Unauthenticated")
+    assert svc.stats["errors.Unauthenticated"] == 1
+    await emk.close()
+
+
+async def identities(service: str, *agents: str) -> dict[str, IATP]:
+    """One IATP (key store) per process, as in separate processes: each holds its own key and
+    the others' public identities."""
+    stores = {name: IATP() for name in (service, *agents)}
+    for name, iatp in stores.items():
+        await iatp.register_agent(name)
+    for name, iatp in stores.items():
+        for other, theirs in stores.items():
+            if other != name:
+                await iatp.add_identity(theirs.identity(other))
+    return stores
+
+
+async def test_a_forged_sender_cannot_read_another_agents_memories(url: str) -> None:
+    keys = await identities("memory-service", "alice", "mallory")
+    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    svc_client = AMB(
+        "memory", url, agent_id="memory-service", middleware=[keys["memory-service"].middleware()]
+    )
+    svc = MemoryService(svc_client, emk)
+    await svc.start()
+    alice = AMB("memory", url, agent_id="alice", middleware=[keys["alice"].middleware()])
+    stored = await alice.request("emk.store", {"content": "Alice's locker code is 4711."}, timeout=5)
+    assert stored["record"]["agent_id"] == "alice"
+
+    # mallory's signed client cannot sign as alice: the request fails before it leaves.
+    mallory = AMB("memory", url, agent_id="mallory", middleware=[keys["mallory"].middleware()])
+    with pytest.raises(SigningRejected):
+        await mallory.request("emk.query", {}, sender_id="alice", timeout=1)
+    # mallory's own signed request gets mallory's memories: none.
+    assert (await mallory.request("emk.query", {}, timeout=5))["records"] == []
+
+    # Around the middleware: an unsigned request claiming alice, and one signed by mallory with
+    # the sender rewritten to alice. The service's IATP dead-letters both; neither is answered.
+    raw = AMB("memory", url, agent_id="mallory")
+    dead = Collector()
+    await raw.subscribe("_DLQ.emk.>", dead)
+    with pytest.raises(RequestTimeout):
+        await raw.request("emk.query", {}, sender_id="alice", timeout=0.3)
+    forged = await keys["mallory"].sign("mallory", {}, topic="emk.query")
+    forged = dataclasses.replace(forged, sender="alice", reply_to="_INBOX.mallory.1")
+    await raw.broker.publish("emk.query", get_serializer("msgpack").encode(forged))
+    await dead.wait_for(2)
+    assert [m.headers[DLQ_REASON] for m in dead.metadata] == [
+        "unsigned",
+        "unknown_key",
+    ]  # mallory's key is not alice's
+    assert svc_client.stats.rejected == 2
+    assert svc.stats["requests.query"] == 1  # only mallory's own request reached the service
+    assert svc.stats["ok"] == 2
+    for client in (alice, mallory, raw):
+        await client.close()
+    await svc.stop()
+    await svc_client.close()
+    await emk.close()
+
+
+async def test_with_trust_bus_the_claimed_sender_is_believed(url: str) -> None:
+    """The documented trade of ``trust_bus``: the broker's ACLs must authenticate senders,
+    because the service believes the envelope."""
+    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    await emk.store("alice", "Alice's locker code is 4711.")
+    async with AMB("memory", url, agent_id="memory-service") as amb:
+        svc = MemoryService(amb, emk, trust_bus=True)
+        await svc.start()
+        async with AMB("memory", url, agent_id="someone") as client:
+            answer = await client.request("emk.query", {}, sender_id="alice")
+        await svc.stop()
+    assert [r["content"] for r in answer["records"]] == ["Alice's locker code is 4711."]
+    await emk.close()

@@ -195,10 +195,31 @@ def test_serve_refuses_an_unknown_service() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["memory", "--broker", "ftp://x", "--storage", "memory", "--embedding-model", "hashing"], "ftp://x"),
-        (["memory", "--broker", "memory://x", "--storage", "postgresql"], "needs a connection_string"),
-        (["verifier", "--broker", "ftp://x", "--model", "openai/gpt-4o"], "unsupported broker URL"),
-        (["verifier", "--broker", "memory://x", "--model", "a=", "--api-base", "http://x"], "model is empty"),
+        (
+            [
+                "memory",
+                "--broker",
+                "ftp://x",
+                "--trust-bus",
+                "--storage",
+                "memory",
+                "--embedding-model",
+                "hashing",
+            ],
+            "ftp://x",
+        ),
+        (
+            ["memory", "--broker", "memory://x", "--trust-bus", "--storage", "postgresql"],
+            "needs a connection_string",
+        ),
+        (
+            ["verifier", "--broker", "ftp://x", "--trust-bus", "--model", "openai/gpt-4o"],
+            "unsupported broker URL",
+        ),
+        (
+            ["verifier", "--broker", "memory://x", "--trust-bus", "--model", "a=", "--api-base", "http://x"],
+            "model is empty",
+        ),
     ],
 )
 def test_serve_reports_bad_options_without_a_traceback(args: list[str], message: str) -> None:
@@ -206,6 +227,55 @@ def test_serve_reports_bad_options_without_a_traceback(args: list[str], message:
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+SERVICE_ARGS = {
+    "memory": ["--broker", "memory://x", "--storage", "memory", "--embedding-model", "hashing"],
+    "verifier": ["--broker", "memory://x", "--model", "openai/gpt-4o", "--api-base", "http://x"],
+    "control-plane": ["--broker", "memory://x", "--recorder", "memory", "--admin-token", "t" * 20],
+}
+
+
+@pytest.mark.parametrize("service", list(SERVICE_ARGS))
+def test_serve_refuses_to_start_without_sender_verification(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("AGENTOS_KEY_PASSPHRASE", raising=False)
+    result = CliRunner().invoke(main, ["serve", service, *SERVICE_ARGS[service]])
+    assert result.exit_code == 2, result.output
+    assert "refusing to start without sender verification" in result.output
+    assert "--identities PATH" in result.output
+    assert "--trust-bus" in result.output
+    both = ["serve", service, *SERVICE_ARGS[service], "--identities", str(tmp_path), "--trust-bus"]
+    result = CliRunner().invoke(main, both)
+    assert (result.exit_code, "exclude each other" in result.output) == (2, True), result.output
+    result = CliRunner().invoke(
+        main, ["serve", service, *SERVICE_ARGS[service], "--identities", str(tmp_path)]
+    )
+    assert (result.exit_code, "AGENTOS_KEY_PASSPHRASE" in result.output) == (2, True), result.output
+
+
+@pytest.mark.parametrize("service", list(SERVICE_ARGS))
+def test_serve_reports_identities_without_the_services_key(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from iatp import IATP
+
+    store = tmp_path / "keys"
+    asyncio.run(
+        IATP("file", key_path=str(store), passphrase="pw-0123456789", kdf_level="interactive").register_agent(
+            "other"
+        )
+    )
+    monkeypatch.setenv("AGENTOS_KEY_PASSPHRASE", "pw-0123456789")
+    result = CliRunner().invoke(main, ["serve", service, *SERVICE_ARGS[service], "--identities", str(store)])
+    assert result.exit_code == 1, result.output
+    assert "IATPConfigError" in result.output
+    assert "holds no signing key" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setenv("AGENTOS_KEY_PASSPHRASE", "not the passphrase")
+    result = CliRunner().invoke(main, ["serve", service, *SERVICE_ARGS[service], "--identities", str(store)])
+    assert (result.exit_code, "WrongPassphrase" in result.output) == (1, True), result.output
 
 
 AGENT_OS = Path(sys.executable).with_name("agent-os")
@@ -268,7 +338,7 @@ async def test_memory_serve_answers_over_the_bus_until_stopped(capsys: pytest.Ca
     url = "memory://cli-serve-memory"
     stop = asyncio.Event()
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
-    task = asyncio.create_task(serve(broker=url, emk=emk, prefix="mem", stop=stop))
+    task = asyncio.create_task(serve(broker=url, emk=emk, trust_bus=True, prefix="mem", stop=stop))
     async with AMB("memory", url, agent_id="alice") as alice:
         await printed(capsys, "ready memory subjects=mem.*")
         stored = await alice.request("mem.store", {"content": "The sky is blue."}, timeout=5)
@@ -295,7 +365,7 @@ async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.
     stop = asyncio.Event()
     async with ScriptedLLMServer({"a": Reply(verdict("supported")), "b": Reply(verdict("supported"))}) as llm:
         cmvk = CMVK([ModelSpec(n, model=f"openai/{n}") for n in "ab"], api_base=llm.url, api_key="k")
-        task = asyncio.create_task(serve(broker=url, cmvk=cmvk, stop=stop))
+        task = asyncio.create_task(serve(broker=url, cmvk=cmvk, trust_bus=True, stop=stop))
         async with AMB("memory", url, agent_id="caller") as caller:
             await printed(capsys, "ready verifier subject=cmvk.verify")
             reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
@@ -303,7 +373,14 @@ async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.
             service = await asyncio.wait_for(task, 5)
     assert reply["verified"] is True
     assert reply["model_votes"] == {"a": True, "b": True}
-    assert service.stats.as_dict() == {"requests": 1, "verified": 1, "rejected": 0, "invalid": 0, "failed": 0}
+    assert service.stats.as_dict() == {
+        "requests": 1,
+        "verified": 1,
+        "rejected": 0,
+        "invalid": 0,
+        "failed": 0,
+        "unauthenticated": 0,
+    }
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -312,6 +389,7 @@ async def test_serve_control_plane_runs_the_service_process(sig: signal.Signals)
         "control-plane",
         "--broker",
         "memory://cli-cp",
+        "--trust-bus",
         "--recorder",
         "memory",
         "--admin-port",

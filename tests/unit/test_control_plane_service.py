@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from amb import AMB, RequestTimeout, get_serializer
+from amb import AMB, Metadata, RequestTimeout, get_serializer
 from amb.client import DLQ_REASON
 from amb.envelope import Envelope, new_id
 from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from control_plane.admin import AdminAPI
+from control_plane.errors import PolicyLoadError
+from control_plane.policy_yaml import load_policy, load_policy_text
+from iatp import IATP, SigningRejected
+from services._identity import VerificationRequired
 from services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
@@ -24,6 +30,7 @@ from services.control_plane_service import (
     nats_users,
     reply_subject,
 )
+from tests.integration.test_emk_service import identities
 from tests.support import Collector, wait_until
 
 
@@ -42,7 +49,9 @@ async def test_two_service_instances_forward_each_allowed_message_once() -> None
     services = []
     for i in range(2):
         kernel = KernelSpace(policy=mediated_policy(), flight_recorder=recorder)
-        service = ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel)
+        service = ControlPlaneService(
+            AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True
+        )
         await service.start()
         services.append(service)
     agent = AMB("memory", where, agent_id="agent-a")
@@ -75,7 +84,7 @@ async def test_two_service_instances_forward_each_allowed_message_once() -> None
 async def test_the_service_enforces_a_senders_signals() -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = KernelSpace(policy=mediated_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
     await service.start()
     agent = AMB("memory", where, agent_id="agent-a")
     receiver = AMB("memory", where, agent_id="agent-b")
@@ -135,7 +144,9 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() 
     services = []
     for i in range(2):
         kernel = KernelSpace(policy=reply_policy(), flight_recorder=recorder)
-        service = ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel)
+        service = ControlPlaneService(
+            AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True
+        )
         await service.start()
         services.append(service)
     requester = AMB("memory", where, agent_id="agent-a")
@@ -170,7 +181,7 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() 
 async def test_forged_late_and_duplicate_replies_are_refused() -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = KernelSpace(policy=reply_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
     await service.start()
     requester = AMB("memory", where, agent_id="agent-a")
     responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
@@ -217,7 +228,7 @@ async def test_forged_late_and_duplicate_replies_are_refused() -> None:
 async def test_an_envelope_whose_topic_is_not_its_subject_is_refused() -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = KernelSpace(policy=mediated_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel)
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
     await service.start()
     agent = AMB("memory", where, agent_id="agent-a")
     receiver = AMB("memory", where, agent_id="agent-b")
@@ -279,7 +290,7 @@ async def test_admin_api() -> None:
         assert status == 400
         assert '"line": 3' in body
         status, body = await call("POST", "/policy/reload", headers=auth, data="name: p\nversion: '7'\n")
-        assert (status, body) == (200, '{"ok": true, "version": "7"}')
+        assert (status, body) == (200, '{"ok": true, "version": "7", "require_verified_sender": false}')
         status, body = await call("GET", "/records?event_type=signal", headers=auth)
         assert status == 200
         assert "SIGSTOP" in body
@@ -299,3 +310,157 @@ async def test_admin_api() -> None:
 def test_admin_token_must_be_long() -> None:
     with pytest.raises(ValueError, match="16 characters"):
         AdminAPI(KernelSpace(), "short")
+
+
+# -- verified senders (IATP on the service) ------------------------------------------------------
+
+
+def admin_only_policy() -> Policy:
+    policy = Policy("admin-only", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "tasks.*", conditions={"sender": "admin"}))
+    policy.add_rule("allow", Pattern("publish", "tasks.a", conditions={"sender": "agent-a"}))
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    return policy
+
+
+async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_verifies() -> None:
+    """The reproduced finding: after SIGKILL of agent-a, the same client published with
+    sender_id="admin" and the service forwarded it. With IATP on the service, a message whose
+    sender is not proven never reaches policy: unsigned and re-labelled messages are
+    dead-lettered with IATP's reason, counted, and recorded nowhere as an allow."""
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    keys = await identities("control-plane", "agent-a", "agent-b", "admin")
+    kernel = KernelSpace(policy=admin_only_policy())
+    service_client = AMB("memory", where, agent_id="control-plane")
+    service = ControlPlaneService(service_client, kernel, iatp=keys["control-plane"])
+    assert kernel.policy.require_verified_sender is True  # forced on with IATP
+    await service.start()
+    receiver = AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware()])
+    got, dead = Collector(), Collector()
+    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    watcher = AMB("memory", where)
+    await watcher.subscribe("_DLQ.>", dead)
+    agent = AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()])
+    admin = AMB("memory", where, agent_id="admin", middleware=[keys["admin"].middleware()])
+
+    await admin.publish(ingress_subject("tasks.work"), "from admin")
+    await got.wait_for(1)  # forwarded unchanged: agent-b's own IATP verified admin's signature
+    assert got.metadata[0].context["iatp"].sender == "admin"
+    await agent.publish(ingress_subject("tasks.a"), "agent-a's own")
+    await got.wait_for(2)
+
+    await kernel.send_signal("agent-a", AgentSignal.SIGKILL)
+    with pytest.raises(SigningRejected):  # agent-a's client holds no key of admin's
+        await agent.publish(ingress_subject("tasks.work"), "as admin", sender_id="admin")
+    raw = AMB("memory", where, agent_id="agent-a")
+    await raw.publish(ingress_subject("tasks.work"), "unsigned as admin", sender_id="admin")
+    relabelled = await keys["agent-a"].sign("agent-a", "relabelled", topic=ingress_subject("tasks.work"))
+    relabelled = dataclasses.replace(relabelled, sender="admin")
+    await raw.broker.publish(ingress_subject("tasks.work"), get_serializer("msgpack").encode(relabelled))
+    await agent.publish(ingress_subject("tasks.work"), "agent-a, killed")
+    await dead.wait_for(3)
+    reasons = sorted(m.headers[DLQ_REASON] for m in dead.metadata)
+    assert reasons == ["agent_killed", "unknown_key", "unsigned"]
+    assert service.unverified == 2
+    assert service.client.stats.rejected == 3
+    await asyncio.sleep(0.02)
+    assert got.messages == ["from admin", "agent-a's own"]
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("admin", "allow"), ("agent-a", "allow")]
+    dropped = await kernel.recorder.query(event_type="message_dropped")
+    assert [d.agent_id for d in dropped] == ["agent-a"]
+    for client in (receiver, watcher, agent, admin, raw):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_replies_pass_a_verifying_service_signed_end_to_end() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    keys = await identities("control-plane", "agent-a", "agent-b")
+    kernel = KernelSpace(policy=admin_only_policy())
+    service = ControlPlaneService(
+        AMB("memory", where, agent_id="control-plane"), kernel, iatp=keys["control-plane"]
+    )
+    await service.start()
+    responder = AMB(
+        "memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware(), ReplyViaService()]
+    )
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, {"answer": message, "asked_by": metadata.context["iatp"].sender})
+
+    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    requester = AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()])
+    reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
+    assert reply == {"answer": 7, "asked_by": "agent-a"}
+    assert service.stats.replies_forwarded == 1
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert {(d.data["operation"], d.data["verified"]) for d in decisions} == {
+        ("request", True),
+        ("reply", True),
+    }
+    for client in (requester, responder):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_the_service_refuses_to_run_without_verification_unless_told_to_trust_the_bus() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    with pytest.raises(VerificationRequired, match="without sender verification"):
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), KernelSpace())
+    with pytest.raises(VerificationRequired, match="contradicts"):
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), KernelSpace(), iatp=IATP(), trust_bus=True
+        )
+
+
+async def reload_policy(port: int, body: str | bytes) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"http://127.0.0.1:{port}/policy/reload", headers={"Authorization": f"Bearer {TOKEN}"}, data=body
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_reload_body_is_yaml_text_never_a_file(tmp_path: Path) -> None:
+    """The admin's reload body is parsed as YAML text: a body naming a local .yaml file is a
+    YAML scalar (refused with the line), and the file is never read."""
+    local = tmp_path / "some.yaml"
+    local.write_text("name: from-a-local-file\nversion: '99'\ndefault_action: allow\n")
+    kernel = KernelSpace(policy=Policy("before", version="1"))
+    api = AdminAPI(kernel, TOKEN)
+    port = await api.start()
+    try:
+        for body in (str(local), "/etc/some.yaml", "relative/policy.yml"):
+            status, answer = await reload_policy(port, body)
+            assert status == 400, answer
+            assert (answer["error"], answer["line"]) == ("line 1: a policy must be a mapping", 1)
+            assert kernel.policy.version == "1"  # unchanged: the file was not loaded
+        status, answer = await reload_policy(port, b"name: \xff\xfe")
+        assert (status, answer["error"]) == (400, "the policy must be UTF-8 text")
+        assert kernel.policy.version == "1"
+    finally:
+        await api.stop()
+        await kernel.close()
+    with pytest.raises(PolicyLoadError, match="must be a mapping"):
+        load_policy_text(str(local))
+    assert load_policy(local).version == "99"  # the file loader still reads a file it is given
+
+
+async def test_a_reload_keeps_verified_senders_required_when_the_service_verifies() -> None:
+    kernel = KernelSpace(policy=Policy("before", version="1", require_verified_sender=True))
+    api = AdminAPI(kernel, TOKEN, require_verified_sender=True)
+    port = await api.start()
+    try:
+        status, answer = await reload_policy(port, "name: p\nversion: '2'\nrequire_verified_sender: false\n")
+        assert (status, answer["require_verified_sender"]) == (200, True)
+        assert kernel.policy.version == "2"
+        assert kernel.policy.require_verified_sender is True
+    finally:
+        await api.stop()
+        await kernel.close()

@@ -18,8 +18,11 @@ from services.control_plane_service import broker_backend, read_key_file, record
 TOKEN = "process-admin-token-0123456789"
 
 
-async def start_service(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start the service as a process; return it and its admin URL (from its ready line)."""
+async def start_service(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start the service as a process (``env`` added to the environment); return it and its
+    admin URL (from its ready line)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -29,7 +32,7 @@ async def start_service(*args: str) -> tuple[asyncio.subprocess.Process, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN},
+        env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN, **(env or {})},
     )
     assert proc.stdout is not None
     try:
@@ -60,7 +63,13 @@ async def test_the_service_process_serves_and_stops_cleanly(tmp_path: Path, sig:
         "    operation: publish\n    resource: 'tasks.*'\n"
     )
     proc, admin = await start_service(
-        "--broker", "memory://cp-process", "--policy", str(policy), "--recorder", f"sqlite:{db}"
+        "--broker",
+        "memory://cp-process",
+        "--trust-bus",
+        "--policy",
+        str(policy),
+        "--recorder",
+        f"sqlite:{db}",
     )
     try:
         assert await get(admin + "/healthz", None) == (200, '{"ok": true}')
@@ -90,6 +99,7 @@ async def test_a_bad_policy_file_fails_at_start_with_the_line(tmp_path: Path) ->
         "services.control_plane_service",
         "--broker",
         "memory://x",
+        "--trust-bus",
         "--policy",
         str(policy),
         "--recorder",
