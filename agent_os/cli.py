@@ -2,7 +2,8 @@
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane ...`` runs one of the services in
-:mod:`services` (each is also ``python -m services.<name>_service``). The services are
+:mod:`services` (each is also ``python -m services.<name>_service``), verifying senders with
+``--identities`` or, explicitly, trusting the bus with ``--trust-bus``. The services are
 imported only when their command runs, so ``agent-os`` starts fast with the core
 dependencies alone.
 """
@@ -91,7 +92,11 @@ def _unavailable(name: str, summary: str, error: Exception) -> click.Command:
 
 @main.group(cls=ServiceGroup)
 def serve() -> None:
-    """Run a service until SIGINT/SIGTERM (then it drains in-flight requests and exits 0)."""
+    """Run a service until SIGINT/SIGTERM (then it drains in-flight requests and exits 0).
+
+    Every service verifies senders with --identities PATH (an IATP key store; passphrase in
+    AGENTOS_KEY_PASSPHRASE) and refuses to start without it unless --trust-bus is given (only
+    for a broker whose ACLs already authenticate senders)."""
 
 
 if __name__ == "__main__":

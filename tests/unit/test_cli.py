@@ -399,3 +399,14 @@ async def test_serve_control_plane_runs_the_service_process(sig: signal.Signals)
     assert ready.startswith("ready admin=http://127.0.0.1:")
     returncode, log = await stop(proc, sig)
     assert returncode == 0, log
+
+
+def test_serve_help_names_the_verification_options() -> None:
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert "--identities PATH" in result.output
+    assert "--trust-bus" in result.output
+    for service in SERVICE_ARGS:
+        result = CliRunner().invoke(main, ["serve", service, "--help"])
+        assert "--identities DIRECTORY" in result.output
+        text = " ".join(result.output.split())
+        assert "Only for a broker whose ACLs already authenticate senders" in text
