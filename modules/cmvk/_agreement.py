@@ -5,14 +5,19 @@ disagree: a different number, the opposite yes/no, a negated claim, a mutually e
 term, a different name. Wording alone never makes two answers disagree.
 
 1. **Canonical forms.** Numbers are read from digits and words ("forty-two", "2.1 million",
-   "2,100,000", "52%") and compared as values (exact for integers below 100 000, within 0.5%
-   otherwise); numbers that already occur in the question are ignored. An answer opening with
+   "2,100,000", "52%") with their unit or currency ("100 km", "$5", "5 million euros", "every 4
+   hours"; see :mod:`cmvk._units`), and compared as values (exact for integers below 100 000,
+   within 0.5% otherwise) in the same unit, or within 2% once converted ("100 km" ~ "62 miles",
+   "$5" = "5 dollars"); a number without a unit is compared by value alone. Numbers (with a
+   compatible unit) that already occur in the question are ignored. An answer opening with
    yes/no (or "correct", "nope", ...) gives its polarity; for a yes/no question an answer
    without one is read as "no" when it negates a word of the question ("It is unsafe",
    "Penguins can't fly"). "unsafe", "non-idempotent" read as "not safe", "not idempotent" when
    the base word occurs in the question or the other answer.
 2. **Conflicts** (any one makes the pair disagree):
    - ``number``: each answer has a number the other lacks;
+   - ``unit``: the same, where a number of one answer has the value of the other's with a
+     unit that differs ("100 km" / "100 miles", "5 mg" / "5 g", "$5" / "€5");
    - ``polarity``: the answers' yes/no differ;
    - ``negation``: a word asserted by one answer is negated by the other;
    - ``exclusive``: the answers assert different terms of a mutually exclusive group
@@ -27,6 +32,10 @@ term, a different name. Wording alone never makes two answers disagree.
    content words (Dice) — averaged with the embedding cosine when an embedder is given
    (a similarity outside [0, 1] is clipped).
    With a conflict the score is ``0.35 * similarity`` (at most 0.35).
+4. **Settled or not.** A short answer's comparison is ``settled`` (a configured judge is not
+   asked) unless its only evidence is matching numbers in unknown context: a unit on one side
+   only (and not named by the question), or different words after unitless numbers ("100" /
+   "100 km", "5 apples" / "5 oranges"). Long answers are never settled by the measure.
 
 The pair agrees when ``score >= threshold`` (default 0.6: without a conflict, a support of
 1/3). Known blind spot: role swaps with the same words ("Alice paid Bob" / "Bob paid Alice")
@@ -38,11 +47,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
 from cmvk._errors import CMVKConfigError
-from cmvk._text import Analysis, analyze, content_stems, exclusive_term, is_yes_no_question
+from cmvk._text import Analysis, analyze, content_stems, exclusive_term, is_yes_no_question, normalize
+from cmvk._units import Quantity, describe, literal, same_number, same_quantity, units_named
 
 Method = Literal["canonical", "lexical", "embedding", "judge"]
 
@@ -88,7 +98,9 @@ class Agreement:
     ``score`` is in [0, 1]; ``agree`` is ``score >= threshold``; ``method`` says what decided
     (``canonical`` for short factual answers, ``lexical``/``embedding`` for longer ones,
     ``judge`` when an LLM judge did); ``conflicts`` names the conflicts found (see the module
-    docstring), ``reason`` is one line for humans.
+    docstring), ``reason`` is one line for humans. ``settled`` is False when the decision
+    should go to a judge if one is configured: long answers, and short ones whose only
+    evidence is numbers in unknown context ("100" / "100 km").
     """
 
     score: float
@@ -96,6 +108,7 @@ class Agreement:
     method: Method
     conflicts: tuple[str, ...] = ()
     reason: str = ""
+    settled: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -104,18 +117,24 @@ class Agreement:
             "method": self.method,
             "conflicts": list(self.conflicts),
             "reason": self.reason,
+            "settled": self.settled,
         }
 
 
-def _same_number(x: float, y: float) -> bool:
-    if x == y:
+def _unmatched(xs: Sequence[Quantity], ys: Sequence[Quantity]) -> list[Quantity]:
+    return [x for x in xs if not any(same_quantity(x, y) for y in ys)]
+
+
+def _known_context(x: Quantity, y: Quantity, question_units: frozenset[str]) -> bool:
+    """Whether two matching numbers are known to count the same thing: both have a unit, or
+    neither has one and the same word (or none) follows both, or the one without a unit is
+    bare and the other's unit is the question's."""
+    if x.unit is not None and y.unit is not None:
         return True
-    integral = x.is_integer() and y.is_integer() and max(abs(x), abs(y)) < 100_000
-    return not integral and abs(x - y) <= 0.005 * max(abs(x), abs(y))
-
-
-def _unmatched(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
-    return [x for x in xs if not any(_same_number(x, y) for y in ys)]
+    if x.unit is None and y.unit is None:
+        return x.context == y.context
+    bare, counted = (x, y) if x.unit is None else (y, x)
+    return bare.context is None and counted.unit in question_units
 
 
 def _dice(a: set[str] | frozenset[str], b: set[str] | frozenset[str]) -> float:
@@ -127,7 +146,7 @@ def _dice(a: set[str] | frozenset[str], b: set[str] | frozenset[str]) -> float:
 @dataclass(slots=True)
 class _Side:
     analysis: Analysis
-    numbers: list[float]
+    numbers: list[Quantity]  # not in the question; a context word of the question reads as None
     core: set[str]  # content stems not in the question
     polarity: str | None
 
@@ -156,10 +175,19 @@ class AgreementMeasure:
             raise CMVKConfigError("short_terms must not be negative")
 
     def _side(
-        self, text: str, known: frozenset[str], q_stems: frozenset[str], q_numbers: list[float], yes_no: bool
+        self,
+        text: str,
+        known: frozenset[str],
+        q_stems: frozenset[str],
+        q_numbers: list[Quantity],
+        yes_no: bool,
     ) -> _Side:
         a = analyze(text, known)
-        numbers = _unmatched(a.numbers, q_numbers)
+        numbers = [
+            replace(x, context=None) if x.context in q_stems else x
+            for x in a.quantities
+            if not any(literal(x, q) for q in q_numbers)
+        ]
         core = a.stems - q_stems
         polarity = a.leading
         if polarity is None and yes_no:
@@ -176,7 +204,8 @@ class AgreementMeasure:
         ``similarity`` is the cosine of the answers' embeddings, when an embedder is used
         (see :meth:`cmvk.CMVK.agreement`); it is averaged with the word similarity."""
         q_stems = content_stems(question) if question else frozenset()
-        q_numbers = analyze(question).numbers if question else []
+        q_numbers = analyze(question).quantities if question else []
+        q_units = units_named(normalize(question)) if question else frozenset()
         known = q_stems | content_stems(answer_a) | content_stems(answer_b)
         yes_no = bool(question) and is_yes_no_question(question or "")
         a = self._side(answer_a, known, q_stems, q_numbers, yes_no)
@@ -192,14 +221,21 @@ class AgreementMeasure:
         conflicts: list[str] = []
         details: list[str] = []
         evidence = 0.0
+        firm = False  # evidence other than numbers in unknown context
         # numbers
         if a.numbers and b.numbers:
             ua, ub = _unmatched(a.numbers, b.numbers), _unmatched(b.numbers, a.numbers)
             if ua and ub:
-                conflicts.append("number")
-                details.append(f"numbers {_fmt(ua)} vs {_fmt(ub)}")
+                units = any(same_number(x.value, y.value) for x in ua for y in ub)
+                conflicts.append("unit" if units else "number")
+                details.append(f"{'units' if units else 'numbers'} {_fmt(ua)} vs {_fmt(ub)}")
             else:
                 evidence = 1.0
+                firm = any(
+                    same_quantity(x, y) and _known_context(x, y, q_units)
+                    for x in a.numbers
+                    for y in b.numbers
+                )
         # yes / no
         if a.polarity is not None and b.polarity is not None:
             if a.polarity != b.polarity:
@@ -207,6 +243,7 @@ class AgreementMeasure:
                 details.append(f"{a.polarity} vs {b.polarity}")
             elif a.analysis.leading or b.analysis.leading or yes_no:
                 evidence = 1.0
+                firm = True
         # negated claims
         flipped = (a.analysis.asserted & b.analysis.negated) | (a.analysis.negated & b.analysis.asserted)
         if flipped:
@@ -225,6 +262,7 @@ class AgreementMeasure:
             details.append(f"{', '.join(sorted(ea))} vs {', '.join(sorted(eb))}")
         elif (a.analysis.entities & b.analysis.entities) - q_stems:
             evidence = max(evidence, 1.0 if not (ea or eb) else 0.5)
+            firm = True
         # short answers: the core words
         short = min(len(a.core), len(b.core)) <= self.short_terms
         overlap = 0.0
@@ -249,7 +287,10 @@ class AgreementMeasure:
             score = 0.4 + 0.6 * support
             reason = f"no conflict; support {support:.2f}"
         score = min(1.0, max(0.0, score))
-        return Agreement(score, score >= self.threshold, method, tuple(conflicts), reason)
+        settled = short and (bool(conflicts) or firm or not evidence)
+        if short and not settled:
+            reason += " (numbers in unknown context)"
+        return Agreement(score, score >= self.threshold, method, tuple(conflicts), reason, settled)
 
     @staticmethod
     def _exclusive(xs: set[str], ys: set[str]) -> tuple[str, str] | None:
@@ -264,8 +305,8 @@ class AgreementMeasure:
         return None
 
 
-def _fmt(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:g}" for v in values)
+def _fmt(values: Sequence[Quantity]) -> str:
+    return ", ".join(describe(v) for v in values)
 
 
 def _words(stems: set[str]) -> str:

@@ -62,7 +62,8 @@ class CMVK:
         embedder: optional :class:`Embedder` (plain or async ``embed(texts)``) whose cosine
             similarity joins the agreement measure; if it fails, the measure goes on without it.
         judge: optional model that decides whether two *long* answers agree (short factual
-            answers are always compared canonically).
+            answers are compared canonically, unless their only evidence is numbers in
+            unknown context: see :attr:`Agreement.settled`).
         api_base, api_key, litellm_params: defaults for every call (a spec's own win);
             ``litellm_params`` may not set what CMVK sets itself (``model``, ``messages``,
             ``timeout``, ``max_retries``, ``num_retries``, ``stream``).
@@ -255,9 +256,11 @@ class CMVK:
     async def judge_agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
         """:meth:`agreement`, with the configured judge deciding for long answers.
 
-        Short factual answers are always compared canonically (and identical texts agree
-        without asking). For longer ones the judge's JSON reply (``{"agree", "confidence",
-        "reason"}``) decides: ``agree`` is its decision and ``score`` is ``0.5 ± confidence / 2``.
+        Short factual answers are compared canonically (and identical texts agree without
+        asking), unless the measure is not ``settled``: when their only evidence is matching
+        numbers in unknown context ("100" / "100 km"), the judge is asked too. For those and
+        for longer answers the judge's JSON reply (``{"agree", "confidence", "reason"}``)
+        decides: ``agree`` is its decision and ``score`` is ``0.5 ± confidence / 2``.
         When no judge is configured, or it abstains (timeout, error, unparsable reply), the
         non-LLM measure decides and ``reason`` says so. Raises CMVKConfigError for non-string
         answers.
@@ -269,7 +272,7 @@ class CMVK:
         self, measured: Agreement, answer_a: str, answer_b: str, question: str | None, deadline: float
     ) -> Agreement:
         same_text = " ".join(answer_a.lower().split()) == " ".join(answer_b.lower().split())
-        if self.judge is None or measured.method == "canonical" or same_text:
+        if self.judge is None or measured.settled or same_text:
             return measured
         messages = judge_messages(question, answer_a, answer_b)
         outcome = await call_model(self.judge, messages, self.policy, deadline, self._defaults)

@@ -1,4 +1,5 @@
-"""Text analysis for the agreement measure: tokens, stems, numbers, negation, entities.
+"""Text analysis for the agreement measure: tokens, stems, numbers with their units (see
+:mod:`cmvk._units`), negation, entities.
 
 Everything here is deterministic and uses no model. The pieces are deliberately small and
 explicit (a stopword list, a light suffix stemmer, a number-word parser, a list of mutually
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+
+from cmvk._units import PREFIX_CURRENCIES, Quantity, separate, unit_at
 
 
 def _words(text: str) -> frozenset[str]:
@@ -132,7 +135,8 @@ _CONTRACTIONS = [
     (re.compile(r"['’](s|re|ve|ll|d|m)\b", re.I), ""),
 ]
 _TOKEN = re.compile(
-    r"(?P<num>(?:(?<!\w)[-−])?(?:\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?))(?P<pct>\s*%)?(?!\w)"
+    r"(?P<cur>(?<![^\W_])(?:US|A|C)\$|[$€£¥₹])"
+    r"|(?P<num>(?:(?<!\w)[-−])?(?:\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?))(?!\w)"
     r"|(?P<word>[^\W_]+)"
     r"|(?P<stop>[.;:!?]|,\s|—|–\s| - |\(|\))"
 )
@@ -155,7 +159,7 @@ class Analysis:
 
     tokens: list[Token] = field(default_factory=list)
     clauses: list[list[Token]] = field(default_factory=list)
-    numbers: list[float] = field(default_factory=list)
+    quantities: list[Quantity] = field(default_factory=list)  # numbers with their units
     leading: str | None = None  # "yes" / "no" when the answer opens with one
     stems: set[str] = field(default_factory=set)  # every content stem (negated or not)
     asserted: set[str] = field(default_factory=set)  # content stems not under a negation
@@ -163,13 +167,20 @@ class Analysis:
     dangling_negation: bool = False  # a negation with no content word after it ("It isn't.")
     entities: set[str] = field(default_factory=set)  # stems of capitalized content words
 
+    @property
+    def numbers(self) -> list[float]:
+        """The values of :attr:`quantities`."""
+        return [q.value for q in self.quantities]
 
+
+@lru_cache(maxsize=1024)  # an answer is normalized for its analysis and for its stems
 def normalize(text: str) -> str:
-    """NFKC (so "H₂O" is "H2O"), typographic quotes to ASCII, contractions expanded."""
+    """NFKC (so "H₂O" is "H2O"), typographic quotes to ASCII, contractions expanded, units
+    written apart from their numbers ("100km" -> "100 km", "$5m" -> "$5 million")."""
     text = unicodedata.normalize("NFKC", text).replace("’", "'").replace("‘", "'")
     for pattern, repl in _CONTRACTIONS:
         text = pattern.sub(repl, text)
-    return text
+    return separate(text)
 
 
 @lru_cache(maxsize=65536)
@@ -247,50 +258,85 @@ def _words_to_numbers(words: list[str]) -> list[float]:
 
 def analyze(text: str, question_stems: frozenset[str] = frozenset()) -> Analysis:
     """Tokenize and analyse one answer. ``question_stems`` are used to read "unsafe" as
-    "not safe" when "safe" occurs in the question."""
+    "not safe" when "safe" occurs in the question.
+
+    A number is read from digits ("2,100,000", "2.1 million", "$5bn") or words ("three hundred
+    and sixty-six"), with its unit (see :mod:`cmvk._units`); a unit is part of the number, not
+    a content word. A number without a unit records the content word right after it as its
+    context ("8 legs")."""
     out = Analysis()
+    text = normalize(text)
     clause: list[Token] = []
-    run: list[str] = []  # consecutive number words: "three hundred and sixty six"
-    pending: list[float] = []  # a digit number, waiting to see whether "million" follows
     position = 0
+    run: list[str] = []  # consecutive number words: "three hundred and sixty six"
+    digit: float | None = None  # a digit number, waiting to see whether "million" follows
+    prefix: str | None = None  # the currency symbol read before ``digit``
+    currency: str | None = None  # a currency symbol waiting for its number
+    end = 0  # where the number being read ends in ``text``
+    waiting: int | None = None  # a unitless quantity waiting for its context word
 
-    def flush() -> None:
-        out.numbers.extend(_words_to_numbers(run))
+    def close() -> int | None:
+        """End the number being read: read its unit; return where the unit ends, if any."""
+        nonlocal digit, prefix, waiting
+        values = [digit] if digit is not None else _words_to_numbers(run)
         run.clear()
-        out.numbers.extend(pending)
-        pending.clear()
+        digit = None
+        if not values:
+            return None
+        unit, unit_end = unit_at(text, end, prefix)
+        prefix = None
+        out.quantities.extend(Quantity(v) for v in values[:-1])
+        out.quantities.append(Quantity(values[-1], unit))
+        waiting = len(out.quantities) - 1 if unit is None else None
+        return unit_end if unit_end > end else None
 
-    for m in _TOKEN.finditer(normalize(text)):
-        if m.group("stop") is not None:
-            flush()
+    pos = 0
+    while (m := _TOKEN.search(text, pos)) is not None:
+        pos = m.end()
+        kind, raw = m.lastgroup, m.group()
+        low = raw.lower() if kind == "word" else ""
+        if digit is not None and low in _SCALES:
+            digit *= _SCALES[low]
+            end = pos
+            continue
+        if low in NUMBER_WORDS or (low == "and" and run):
+            if digit is not None:
+                close()
+            run.append(low)
+            if low != "and":
+                end = pos
+            position += 1
+            continue
+        if digit is not None or run:
+            unit_end = close()
+            if unit_end is not None:  # the unit is this token (or ends before it: "52%")
+                pos = unit_end
+                continue
+        if waiting is not None:
+            if low and low not in STOPWORDS and low not in NEGATIONS:
+                out.quantities[waiting] = replace(out.quantities[waiting], context=stem(low))
+            waiting = None
+        if kind == "cur":
+            currency = PREFIX_CURRENCIES[raw]
+            continue
+        if kind == "num":
+            digit, prefix, currency = _parse_number(raw), currency, None
+            end = pos
+            position += 1
+            continue
+        currency = None
+        if kind == "stop":
             if clause:
                 out.clauses.append(clause)
                 clause = []
-            if m.group("stop") in ".!?":
+            if raw in ".!?":
                 position = 0
             continue
-        if m.group("num") is not None:
-            flush()
-            pending.append(_parse_number(m.group("num")))
-            position += 1
-            continue
-        raw = m.group("word")
-        low = raw.lower()
-        if low in _SCALES and pending:
-            pending[-1] *= _SCALES[low]
-            continue
-        if low in NUMBER_WORDS or (low == "and" and run):
-            out.numbers.extend(pending)
-            pending.clear()
-            run.append(low)
-            position += 1
-            continue
-        flush()
         tok = Token(low, stem(low), raw[0].isupper(), position)
         position += 1
         out.tokens.append(tok)
         clause.append(tok)
-    flush()
+    close()
     if clause:
         out.clauses.append(clause)
 

@@ -196,6 +196,22 @@ async def test_a_judge_decides_for_long_answers_only(server: ScriptedLLMServer) 
     assert server.hits("judge") == 2
 
 
+async def test_a_judge_is_asked_when_short_answers_share_only_bare_numbers(server: ScriptedLLMServer) -> None:
+    server.script("gpt-4", Reply("100 km."))
+    server.script("claude-3", Reply("100."))
+    server.script("gemini-pro", Reply("100 miles."))
+    server.script("judge", judge_reply(False))
+    cmvk = panel(server, judge=ModelSpec("judge", model="openai/judge"), consensus_threshold=0.6)
+    result = await cmvk.cross_check("How far is the lake from here?")
+    assert result.pairs["gpt-4|gemini-pro"].conflicts == ("unit",)  # settled: no judge
+    assert result.pairs["gpt-4|gemini-pro"].method == "canonical"
+    assert result.pairs["gpt-4|claude-3"].method == "judge"  # "100" of what?
+    assert result.pairs["claude-3|gemini-pro"].method == "judge"
+    assert server.hits("judge") == 2
+    assert not result.verified
+    assert result.consensus == "split"
+
+
 async def test_a_judge_that_fails_falls_back_to_the_measure(server: ScriptedLLMServer) -> None:
     server.script("judge", Reply("they agree"))
     cmvk = panel(server, judge=ModelSpec("judge", model="openai/judge"))

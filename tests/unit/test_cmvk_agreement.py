@@ -72,6 +72,7 @@ def test_the_labelled_set_is_large_and_balanced() -> None:
     assert len({p["id"] for p in pairs}) == len(pairs)
     categories = {p["category"] for p in pairs}
     assert {"paraphrase", "negation", "swapped_number", "swapped_entity", "contradiction"} <= categories
+    assert {"unit_mismatch", "unit_equivalent"} <= categories
 
 
 async def test_accuracy_on_the_labelled_set_without_embeddings() -> None:
@@ -112,6 +113,14 @@ async def test_a_failing_embedder_degrades_to_the_measure() -> None:
         ("Prices rose last year.", "Prices fell last year.", None, "exclusive"),
         ("Paris is the capital of France.", "Lyon is the capital of France.", None, "entity"),
         ("Canberra", "Sydney", "What is the capital of Australia?", "disjoint"),
+        ("100 km", "100 miles", None, "unit"),
+        ("every 4 hours", "every 4 days", "How often should I take it?", "unit"),
+        ("Take 5 mg.", "Take 5 g.", None, "unit"),
+        ("5 million dollars", "5 million euros", None, "unit"),
+        ("$5", "€5", "How much is it?", "unit"),
+        ("The rate is 5%.", "The rate is 5 percentage points.", None, "unit"),
+        ("It opens at 9 am.", "It opens at 9 pm.", None, "unit"),
+        ("$5 million", "$5 billion", None, "number"),
     ],
 )
 def test_what_difflib_calls_agreement_is_a_disagreement_here(
@@ -121,6 +130,101 @@ def test_what_difflib_calls_agreement_is_a_disagreement_here(
     assert not result.agree
     assert conflict in result.conflicts
     assert result.score <= 0.35
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("5 million", "5,000,000"),
+        ("$5", "5 dollars"),
+        ("$5 million", "5,000,000 USD"),
+        ("€2.1bn", "2.1 billion euros"),
+        ("$5m", "five million dollars"),
+        ("500 cents", "$5"),
+        ("100km", "100 kilometres"),
+        ("100 km", "62 miles"),
+        ("1 hour", "60 minutes"),
+        ("every 6 hours", "every six hours"),
+        ("100 °C", "212 °F"),
+        ("2 kg", "2000 g"),
+        ("It got 52%.", "52 percent"),
+        ("60 km/h", "60 kilometres per hour"),
+        ("$20 per hour", "20 dollars an hour"),
+        ("1 GB", "1024 MB"),
+        ("3 pounds", "£3"),
+    ],
+)
+def test_equivalent_units_agree_and_settle(a: str, b: str) -> None:
+    result = AgreementMeasure().measure(a, b)
+    assert result.agree, result.reason
+    assert result.conflicts == ()
+    assert result.settled
+    assert AgreementMeasure().measure(b, a).agree
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "question", "settled"),
+    [
+        ("100", "100 km", None, False),  # what the bare 100 counts is unknown
+        ("100", "100 km", "How far is it?", False),
+        ("135", "It is 135 km.", "How many kilometres is it to Rouen?", True),  # the question says
+        ("5 apples", "5 oranges", None, False),
+        ("About 2.1 million people.", "2,100,000 inhabitants", "What is the population?", False),
+        ("A spider has eight legs.", "8", "How many legs does a spider have?", True),
+        ("The answer is 42.", "Forty-two.", "What is 6 times 7?", True),
+        ("100 km", "100 kilometres", None, True),
+        ("100 km", "100 miles", None, True),  # a conflict is a decision
+        ("Yes, 100 of them.", "Yes, 100.", "Did you ship them?", True),  # the yes decides too
+    ],
+)
+def test_matching_numbers_in_unknown_context_are_not_settled(
+    a: str, b: str, question: str | None, settled: bool
+) -> None:
+    result = AgreementMeasure().measure(a, b, question)
+    assert result.method == "canonical"
+    assert result.settled is settled, result.reason
+    assert result.to_dict()["settled"] is settled
+    if not settled:
+        assert result.agree
+        assert "numbers in unknown context" in result.reason
+
+
+def test_long_answers_are_never_settled_by_the_measure() -> None:
+    a = "Version control records every change, so teams can collaborate and roll back mistakes."
+    b = "It keeps a history of all changes and lets several people work on one code base."
+    assert not AgreementMeasure().measure(a, b).settled
+
+
+@pytest.mark.parametrize(
+    ("text", "quantities"),
+    [
+        ("100 km", [(100.0, "km")]),
+        ("100km and 62 mi", [(100.0, "km"), (62.0, "mi")]),
+        ("every four hours", [(4.0, "h")]),
+        ("$5 million", [(5_000_000.0, "USD")]),
+        ("US$5m", [(5_000_000.0, "USD")]),
+        ("5,000,000 euros", [(5_000_000.0, "EUR")]),
+        ("It got 52%.", [(52.0, "percent")]),
+        ("52 per cent", [(52.0, "percent")]),
+        ("zero degrees Celsius", [(0.0, "C")]),
+        ("50 mph", [(50.0, "mi/h")]),
+        ("9.81 m/s", [(9.81, "m/s")]),
+        ("$20 per hour", [(20.0, "USD/h")]),
+        ("3 times per day", [(3.0, None)]),
+        ("the 1990s", []),  # "1990s" is a word, as before
+        ("A spider has 8 legs", [(8.0, None)]),
+        ("5G and 4K", []),
+    ],
+)
+def test_units_are_read_with_their_numbers(text: str, quantities: list[tuple[float, str | None]]) -> None:
+    assert [(q.value, q.unit) for q in analyze(text).quantities] == quantities
+
+
+def test_a_unitless_number_keeps_the_word_after_it_as_context() -> None:
+    assert [q.context for q in analyze("A spider has 8 legs, not 6.").quantities] == ["leg", None]
+    assert analyze("8 km").quantities[0].context is None
+    # a unit is part of the number, not a content word
+    assert "km" not in analyze("It is 8 km away").stems
 
 
 def test_what_difflib_calls_disagreement_is_an_agreement_here() -> None:
@@ -163,6 +267,54 @@ def test_any_pair_of_strings_gets_a_symmetric_score_in_range(a: str, b: str, q: 
     assert ab.agree == ba.agree
     assert ab.score == pytest.approx(ba.score)
     assert ab.agree == (ab.score >= m.threshold)
+
+
+_UNITISH = st.sampled_from(
+    [
+        "5",
+        "100",
+        "2.5",
+        "1,000",
+        "$",
+        "€",
+        "US$",
+        "km",
+        "miles",
+        "%",
+        "million",
+        "bn",
+        "m",
+        "per",
+        "hour",
+        "/",
+        "h",
+        "°C",
+        "°F",
+        "five",
+        "and",
+        "a",
+        "an",
+        "day",
+        "pounds",
+        "£",
+        "5km",
+        "$5m",
+        "Yes",
+        "not",
+        ".",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_UNITISH, max_size=8), st.lists(_UNITISH, max_size=8))
+def test_numbers_with_units_get_a_symmetric_score(xs: list[str], ys: list[str]) -> None:
+    m = AgreementMeasure()
+    a, b = " ".join(xs), " ".join(ys)
+    ab, ba = m.measure(a, b), m.measure(b, a)
+    assert ab.agree == ba.agree
+    assert ab.score == pytest.approx(ba.score)
+    assert ab.settled == ba.settled
 
 
 def test_an_answer_agrees_with_itself() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -255,3 +256,35 @@ async def test_cross_check_embeds_all_answers_in_one_call() -> None:
     assert embedder.calls == [[long, long, "The sky is green because of chlorophyll."]]
     assert result.majority == ["a", "b"]
     assert result.pairs["a|b"].method == "embedding"
+
+
+def judge(agree: bool) -> ModelSpec:
+    reply = json.dumps({"agree": agree, "confidence": 0.8, "reason": "judged"})
+    return ModelSpec("judge", model="openai/judge", params={"mock_response": reply})
+
+
+async def test_the_judge_decides_short_answers_that_only_share_numbers_in_unknown_context() -> None:
+    cmvk = CMVK(["m"], judge=judge(False))
+    bare = await cmvk.judge_agreement("100", "100 km", "How far is it?")
+    assert (bare.method, bare.agree, bare.reason) == ("judge", False, "judged")
+    assert (await cmvk.agreement("100", "100 km", "How far is it?")).agree  # the measure alone
+    counted = await cmvk.judge_agreement("5 apples", "5 oranges")
+    assert counted.method == "judge"
+    assert not counted.agree
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "question", "agree"),
+    [
+        ("42", "Forty-two.", "What is 6 times 7?", True),
+        ("100 km", "62 miles", None, True),
+        ("100 km", "100 miles", None, False),
+        ("$5", "€5", "How much is it?", False),
+    ],
+)
+async def test_settled_short_answers_do_not_ask_the_judge(
+    a: str, b: str, question: str | None, agree: bool
+) -> None:
+    result = await CMVK(["m"], judge=judge(not agree)).judge_agreement(a, b, question)
+    assert result.method == "canonical"
+    assert result.agree is agree
