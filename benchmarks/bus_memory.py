@@ -1,6 +1,6 @@
 """In-memory bus benchmarks: throughput, fan-out, request/reply latency, codec, idle CPU.
 
-    .venv/bin/python -m benchmarks.bus_memory [--quick]
+    .venv/bin/python -m benchmarks.bus_memory [--quick] [--no-write]
 
 Each figure is measured beside a baseline doing the least possible work of the same shape in
 the same run (an asyncio.Queue between two tasks, raw msgpack on the same fields), and the
@@ -174,7 +174,7 @@ def pct(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100)[int(q) - 1]
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, write: bool = True) -> None:
     n = 50_000 if quick else 300_000
     gc.collect()
     results: dict[str, Any] = {}
@@ -207,7 +207,8 @@ One publisher and one subscriber on one event loop (one core), 256-byte bytes pa
 | CPU with 200 idle subscriptions | {results["idle"]:.2f} % | | | < 1 % |
 """
     print(body)
-    write_section("bus_memory", "python -m benchmarks.bus_memory", body)
+    if write:
+        write_section("bus_memory", "python -m benchmarks.bus_memory", body)
 
 
 if __name__ == "__main__":
@@ -215,4 +216,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    asyncio.run(main(args.quick, not args.no_write))

@@ -140,12 +140,10 @@ class CoreSubscription(NatsSubscription):
     """A core NATS subscription (native wildcards and queue groups); nack redelivers locally."""
 
     async def start(self, nc: Client) -> None:
-        self._nats_sub = await nc.subscribe(self.pattern, queue=self.queue or "", cb=self._on_msg)
+        # The dispatcher takes nats-py's messages itself (as LocalDelivery, attempt 1).
+        cb = self.dispatcher.deliver_message
+        self._nats_sub = await nc.subscribe(self.pattern, queue=self.queue or "", cb=cb)
         await nc.flush()  # the server has the interest before subscribe() returns
-
-    async def _on_msg(self, msg: Msg) -> None:
-        dispatcher = self.dispatcher
-        await dispatcher.deliver(LocalDelivery(msg.subject, msg.data, 1, dispatcher))
 
 
 class DurableSubscription(NatsSubscription):

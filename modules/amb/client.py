@@ -61,9 +61,9 @@ from amb.errors import (
     StateError,
 )
 from amb.filters import FilterSpec, Predicate, compile_filter
-from amb.metadata import Metadata
+from amb.metadata import Metadata, metadata_from_wire
 from amb.middleware import ConsumeNext, Middleware, PublishNext, build_consume_chain, build_publish_chain
-from amb.serializers import DEFAULT_MAX_BYTES, Decoder, get_serializer
+from amb.serializers import DEFAULT_MAX_BYTES, Decoder, envelope_from_wire, get_serializer
 from amb.subjects import validate_pattern, validate_subject
 
 log = logging.getLogger("amb")
@@ -284,7 +284,7 @@ class AMB(Lifecycle):
         broker_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._serializer = get_serializer(serializer, max_message_bytes)
-        self._decode = Decoder(max_message_bytes).decode
+        self._decode_fields = Decoder(max_message_bytes).decode_fields
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
         self.dead_letter_prefix = validate_subject(dead_letter_prefix)
@@ -407,28 +407,32 @@ class AMB(Lifecycle):
         if key is not None:
             hdrs[PARTITION_KEY_HEADER] = key
         sender = sender_id or self.agent_id
-        env = Envelope(
-            new_id_at(now),
-            topic,
-            sender,
-            message,
-            recipient,
-            reply_to,
-            correlation_id,
-            now,
-            expires_at,
-            priority,
-            hdrs,
-        )
+        id_ = new_id_at(now)
         chain = self._publish_chain
         if chain is not None:
+            env = Envelope(
+                id_,
+                topic,
+                sender,
+                message,
+                recipient,
+                reply_to,
+                correlation_id,
+                now,
+                expires_at,
+                priority,
+                hdrs,
+            )
             await chain(env)
-            return env.id
-        # No middleware: _wire_send inline (one coroutine less per message).
-        data = self._serializer.encode(env)
+            return id_
+        # No middleware: nothing sees the envelope, so it is encoded from its fields and sent
+        # here (_wire_send inline, without an Envelope object or a coroutine per layer).
+        data = self._serializer.encode_new(
+            id_, topic, sender, message, recipient, reply_to, correlation_id, now, expires_at, priority, hdrs
+        )
         await self.broker.publish(topic, data, key=hdrs.get(PARTITION_KEY_HEADER) or sender)
         self.stats.published += 1
-        return env.id
+        return id_
 
     async def _wire_send(self, env: Envelope) -> None:
         """Encode ``env`` and hand it to the broker: the end of the publish chain."""
@@ -671,46 +675,50 @@ class AMB(Lifecycle):
 
     async def _on_delivery(self, sub: Subscription, delivery: Delivery) -> None:
         # The receive hot path. With concurrency 1 the handler runs here (the body of _process,
-        # inlined to save a coroutine per message); keep the two in step.
+        # inlined to save a coroutine per message); keep the two in step. The envelope stays
+        # wire fields until someone (middleware, a failure, metadata.envelope) needs the object.
         stats = self.stats
         stats.delivered += 1
         try:
-            env = self._decode(delivery.data)
+            fields = self._decode_fields(delivery.data)
         except EnvelopeError as exc:
             stats.malformed += 1
             await self._dead_letter(sub, delivery, None, "malformed", exc)
             return
-        expires_at = env.expires_at
+        expires_at = fields[8]
         if expires_at is not None and _time_ns() >= expires_at:
             stats.expired += 1
             await delivery.ack()
             return
+        payload = fields[11]
         wanted = sub._filter
         if wanted is not None:
             try:
-                keep = wanted(env.payload)
+                keep = wanted(payload)
             except Exception as exc:
-                await self._dead_letter(sub, delivery, env, "filter_error", exc)
+                await self._dead_letter(sub, delivery, envelope_from_wire(fields), "filter_error", exc)
                 return
             if not keep:
                 stats.filtered += 1
                 await delivery.ack()
                 return
-        meta = Metadata(env, delivery.subject, delivery.attempt, delivery.extra, sub.context)
+        meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
         if sub._slots is not None:
             await sub._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._process_released(sub, delivery, env, meta))
+            task = asyncio.get_running_loop().create_task(
+                self._process_released(sub, delivery, payload, meta)
+            )
             sub._tasks.add(task)
             task.add_done_callback(sub._tasks.discard)
             return
         chain = sub._chain
         try:
             if chain is None:
-                await sub.handler(env.payload, meta)
+                await sub.handler(payload, meta)
             else:
-                await chain(env, meta)
+                await chain(meta.envelope, meta)
         except Exception as exc:
-            await self._failed(sub, delivery, env, exc)
+            await self._failed(sub, delivery, meta.envelope, exc)
             return
         sub.handled += 1
         stats.handled += 1
@@ -718,24 +726,24 @@ class AMB(Lifecycle):
             await delivery.ack()
 
     async def _process_released(
-        self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata
+        self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata
     ) -> None:
         try:
-            await self._process(sub, delivery, env, meta)
+            await self._process(sub, delivery, payload, meta)
         finally:
             assert sub._slots is not None
             sub._slots.release()
 
-    async def _process(self, sub: Subscription, delivery: Delivery, env: Envelope, meta: Metadata) -> None:
+    async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:
         """Run the handler (through the middleware chain) on one delivery and settle it."""
         chain = sub._chain
         try:
             if chain is None:
-                await sub.handler(env.payload, meta)
+                await sub.handler(payload, meta)
             else:
-                await chain(env, meta)
+                await chain(meta.envelope, meta)
         except Exception as exc:
-            await self._failed(sub, delivery, env, exc)
+            await self._failed(sub, delivery, meta.envelope, exc)
             return
         sub.handled += 1
         self.stats.handled += 1

@@ -41,6 +41,13 @@ class _Stoppable(Protocol):
     async def drain(self, timeout: float | None = None) -> None: ...
 
 
+class SourceMessage(Protocol):
+    """What :meth:`Dispatcher.deliver_message` needs of a source's message (a nats-py Msg)."""
+
+    subject: str
+    data: bytes
+
+
 T = TypeVar("T")
 
 
@@ -201,9 +208,38 @@ class Dispatcher(Generic[T]):
         if self._items:
             self._wake_runner()
 
+    async def deliver_message(self: Dispatcher[Any], message: SourceMessage) -> None:
+        """:meth:`deliver` a first delivery of ``message`` as a :class:`LocalDelivery`.
+
+        Usable as the source's callback itself (nats-py's ``cb``), saving the source a coroutine
+        per message.
+        """
+        item = LocalDelivery(message.subject, message.data, 1, self)
+        if self._busy or self._items:
+            await self.put(item)
+            return
+        if self._stopping:
+            return
+        self._busy = True
+        self._current = asyncio.current_task(self._loop)
+        try:
+            await self.handler(item)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s: handler raised", self.name)
+        finally:
+            self._busy = False
+            self._current = None
+            if self._idle is not None:
+                self._release_idle()
+        if self.on_handled is not None:
+            self.on_handled()
+        if self._items:
+            self._wake_runner()
+
     # -- the handler call -------------------------------------------------------------------
-    # deliver() and _run() each carry the handler call inline (a coroutine less per message);
-    # keep the two copies in step.
+    # deliver(), deliver_message() and _run() each carry the handler call inline (a coroutine
+    # less per message); keep the three copies in step.
 
     def _release_idle(self) -> None:
         idle = self._idle

@@ -59,8 +59,7 @@ class Envelope:
         return (time.time_ns() if now_ns is None else now_ns) >= self.expires_at
 
 
-_ID_MASK: Final = 0xFFFFFFFFFFFF  # 48 bits
-_ID_TOP: Final = 1 << 128  # a leading 1 bit makes hex() keep the leading zeros; sliced off
+_HEX2: Final = tuple(f"{i:02x}" for i in range(256))
 
 
 class _IdSource:
@@ -70,8 +69,9 @@ class _IdSource:
     one process sort in creation order; ids from different processes sort by their millisecond.
     The node is drawn again after ``fork`` so children never repeat the parent's ids.
 
-    Hot path: the millisecond and node part is kept as an integer per millisecond, so an id is
-    one ``or`` and one ``hex()`` (about 4x faster than formatting three fields each time).
+    Hot path: the first 30 characters (millisecond, node, counter without its last byte) are
+    kept per millisecond and 256 counter values, so an id is usually one table look-up and one
+    concatenation.
     """
 
     __slots__ = ("_counter", "_node", "_state")
@@ -85,9 +85,9 @@ class _IdSource:
         # (one chance in 2**32) still do not collide on the first ids.
         # itertools.count is atomic under the GIL, so threads never draw the same value.
         self._counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
-        # (millisecond, its id prefix as an int): one attribute, so a thread switch between
-        # reading and replacing it can never pair one millisecond with another's prefix.
-        self._state = (-1, 0)
+        # (millisecond, counter >> 8, the id's first 30 characters): one attribute, replaced
+        # whole, and each id is built from its own counter value, so threads never mix parts.
+        self._state = (-1, -1, "")
 
     def next(self) -> str:
         """A new id stamped with the current time."""
@@ -96,11 +96,14 @@ class _IdSource:
     def at(self, now_ns: int) -> str:
         """A new id stamped with ``now_ns`` (nanoseconds since the epoch, e.g. the envelope's
         timestamp, saving a clock read)."""
+        count = next(self._counter)
         ms = now_ns // 1_000_000
+        high = count >> 8
         state = self._state
-        if state[0] != ms:
-            state = self._state = (ms, _ID_TOP | (ms & _ID_MASK) << 80 | self._node << 48)
-        return hex(state[1] | (next(self._counter) & _ID_MASK))[3:]
+        if state[0] != ms or state[1] != high:
+            prefix = f"{ms & 0xFFFFFFFFFFFF:012x}{self._node:08x}{high & 0xFFFFFFFFFF:010x}"
+            state = self._state = (ms, high, prefix)
+        return state[2] + _HEX2[count & 0xFF]
 
 
 _ids = _IdSource()

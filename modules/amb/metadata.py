@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amb.envelope import Envelope, Signature
+from amb.serializers import WireFields, envelope_from_wire
 
 
 class Metadata:
@@ -21,7 +22,7 @@ class Metadata:
     :class:`~amb.Subscription`) and the subscription's ``context`` option.
     """
 
-    __slots__ = ("_context", "_seed", "attempt", "envelope", "extra", "subject")
+    __slots__ = ("_context", "_envelope", "_seed", "_wire", "attempt", "extra", "subject")
 
     def __init__(
         self,
@@ -31,7 +32,8 @@ class Metadata:
         extra: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        self.envelope = envelope
+        self._envelope: Envelope | None = envelope
+        self._wire: Any = None  # the checked wire fields, when the envelope is built on demand
         self.subject = subject
         self.attempt = attempt
         self.extra = extra
@@ -39,6 +41,18 @@ class Metadata:
         # nobody asks the context of costs no copy.
         self._seed = context
         self._context: dict[str, Any] | None = None
+
+    @property
+    def envelope(self) -> Envelope:
+        """The delivered envelope (built on first use when the bus delivered wire fields)."""
+        env = self._envelope
+        if env is None:
+            env = self._envelope = envelope_from_wire(self._wire)
+        return env
+
+    @envelope.setter
+    def envelope(self, value: Envelope) -> None:
+        self._envelope = value
 
     @property
     def context(self) -> dict[str, Any]:
@@ -54,51 +68,63 @@ class Metadata:
     def context(self, value: dict[str, Any]) -> None:
         self._context = value
 
+    # Envelope fields are read from the wire fields while no Envelope was asked for.
+
     @property
     def id(self) -> str:
-        return self.envelope.id
+        env = self._envelope
+        return self._wire[1] if env is None else env.id
 
     @property
     def topic(self) -> str:
-        return self.envelope.topic
+        env = self._envelope
+        return self._wire[2] if env is None else env.topic
 
     @property
     def sender(self) -> str:
-        return self.envelope.sender
+        env = self._envelope
+        return self._wire[3] if env is None else env.sender
 
     @property
     def recipient(self) -> str | None:
-        return self.envelope.recipient
+        env = self._envelope
+        return self._wire[4] if env is None else env.recipient
 
     @property
     def reply_to(self) -> str | None:
-        return self.envelope.reply_to
+        env = self._envelope
+        return self._wire[5] if env is None else env.reply_to
 
     @property
     def correlation_id(self) -> str | None:
-        return self.envelope.correlation_id
+        env = self._envelope
+        return self._wire[6] if env is None else env.correlation_id
 
     @property
     def timestamp(self) -> int:
         """When the message was created, in nanoseconds since the Unix epoch."""
-        return self.envelope.timestamp
+        env = self._envelope
+        return self._wire[7] if env is None else env.timestamp
 
     @property
     def time(self) -> datetime:
         """``timestamp`` as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.envelope.timestamp / 1e9, tz=UTC)
+        return datetime.fromtimestamp(self.timestamp / 1e9, tz=UTC)
 
     @property
     def expires_at(self) -> int | None:
-        return self.envelope.expires_at
+        env = self._envelope
+        return self._wire[8] if env is None else env.expires_at
 
     @property
     def priority(self) -> int:
-        return self.envelope.priority
+        env = self._envelope
+        return self._wire[9] if env is None else env.priority
 
     @property
     def headers(self) -> Mapping[str, str]:
-        return self.envelope.headers
+        env = self._envelope
+        return self._wire[10] if env is None else env.headers
 
     @property
     def signature(self) -> Signature | None:
@@ -113,3 +139,26 @@ class Metadata:
             f"Metadata(id={self.id!r}, topic={self.topic!r}, sender={self.sender!r}, "
             f"reply_to={self.reply_to!r}, attempt={self.attempt})"
         )
+
+
+_new = object.__new__
+
+
+def metadata_from_wire(
+    fields: WireFields,
+    subject: str,
+    attempt: int,
+    extra: Mapping[str, Any],
+    context: Mapping[str, Any] | None,
+) -> Metadata:
+    """The bus's constructor on the receive path: metadata over checked wire fields, whose
+    Envelope is built only if someone asks for it. Sets every slot, as ``__init__`` would."""
+    meta: Metadata = _new(Metadata)
+    meta._envelope = None
+    meta._wire = fields
+    meta.subject = subject
+    meta.attempt = attempt
+    meta.extra = extra
+    meta._seed = context
+    meta._context = None
+    return meta
