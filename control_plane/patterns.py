@@ -178,6 +178,22 @@ def compile_conditions(conditions: Mapping[str, Any] | None) -> Condition | None
     return lambda ctx: all(c(ctx) for c in checks)
 
 
+def condition_fields(conditions: Mapping[str, Any] | None) -> frozenset[str] | None:
+    """The context fields ``conditions`` read, or None when their outcome may change for the
+    same context (``time_window`` reads the clock, ``permission`` asks the trust hook)."""
+    fields: set[str] = set()
+    for name in conditions or ():
+        field = str(name)
+        if field in ("time_window", "permission"):
+            return None
+        for prefix in ("max_", "min_"):
+            if field.startswith(prefix) and len(field) > len(prefix):
+                field = field[len(prefix) :]
+                break
+        fields.add(field)
+    return frozenset(fields)
+
+
 def _has_permissions(ctx: Context, wanted: Sequence[str]) -> bool:
     source = ctx.get("_permissions")
     sender, recipient = ctx.get("sender"), ctx.get("recipient")
@@ -199,6 +215,7 @@ class Pattern:
         "_exclude",
         "_op_rx",
         "_rx",
+        "cache_fields",
         "conditions",
         "exclude",
         "match_type",
@@ -229,6 +246,7 @@ class Pattern:
         self._exclude = [compile_resource(e, match_type) for e in self.exclude]
         self._cond = compile_conditions(self.conditions)
         self.prefix = literal_prefix(resource, match_type)
+        self.cache_fields = condition_fields(self.conditions)
 
     @property
     def literal_operation(self) -> str | None:
@@ -237,6 +255,10 @@ class Pattern:
 
     def matches(self, operation: str, resource: str, context: Context) -> bool:
         """Whether an action matches; may raise on a condition that cannot be evaluated."""
+        return self.targets(operation, resource) and (self._cond is None or self._cond(context))
+
+    def targets(self, operation: str, resource: str) -> bool:
+        """Whether the operation and resource match (the conditions are not looked at)."""
         if self._op_rx is None:
             if operation != self.operation:
                 return False
@@ -244,9 +266,11 @@ class Pattern:
             return False
         if not resource.startswith(self.prefix) or self._rx.fullmatch(resource) is None:
             return False
-        for ex in self._exclude:
-            if ex.fullmatch(resource) is not None:
-                return False
+        exclude = self._exclude
+        return not exclude or all(ex.fullmatch(resource) is None for ex in exclude)
+
+    def holds(self, context: Context) -> bool:
+        """Whether the conditions hold for ``context`` (True without conditions); may raise."""
         return self._cond is None or self._cond(context)
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,6 +20,16 @@ lists are cached per (operation, token); adding a rule or reloading rebuilds the
 swaps it in one assignment, so an evaluation running during a reload sees the old or the new
 rules, never a mix, and no message is dropped.
 
+**Decision cache.** Once a decision has been reached whose rules could not have decided
+otherwise for the same inputs, it is kept per ``(operation, resource, sender, recipient,
+verified, trust_level, agent_id)`` in the compiled snapshot, so a repeated message costs one
+lookup. A decision is kept only when every rule tried up to and including the match reads no
+context field beyond those (no ``payload``/``headers`` conditions, no ``time_window``, no
+``permission``), and never after an evaluation error. A rule with a rate limit is cached as
+the *match* only: its bucket is still taken for every action. Adding a rule or reloading
+swaps the snapshot (and with it the cache); changing ``default_action``, ``mode``,
+``require_verified_sender``, ``permissions`` or ``name`` clears it.
+
 **Fail closed.** Any error while evaluating (a condition comparing incompatible values, a
 permissions hook that raises) yields a deny decision with reason ``evaluation_error``.
 
@@ -48,6 +58,13 @@ edges). A message from S to R needs the permission in ``permissions(R, S)``."""
 _TOKEN: Final = re.compile(r"[^./]*")
 _ANY: Final = ""
 _CACHE_MAX: Final = 4096
+_DECISIONS_MAX: Final = 16384
+_MISSING: Final = object()
+# The context fields a cached decision is keyed by (beyond operation and resource).
+KEY_FIELDS: Final = ("sender", "recipient", "verified", "trust_level", "agent_id")
+_KEYED: Final = frozenset(KEY_FIELDS)
+# Policy attributes a decision depends on: setting one clears the decision cache.
+_SETTINGS: Final = frozenset({"name", "default_action", "mode", "require_verified_sender", "permissions"})
 
 
 def _first_token(resource: str) -> str:
@@ -107,12 +124,14 @@ class Decision:
 class _Compiled:
     """An immutable snapshot of a policy's rules and its index."""
 
-    __slots__ = ("buckets", "cache", "rules")
+    __slots__ = ("buckets", "cache", "decisions", "rules")
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
         self.buckets: dict[tuple[str | None, str], list[Rule]] | None = None  # built on first use
         self.cache: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        # (operation, resource, *KEY_FIELDS values) -> the Decision, or the rate-limited Rule
+        self.decisions: dict[tuple[Any, ...], Decision | Rule] = {}
 
     def _index(self) -> dict[tuple[str | None, str], list[Rule]]:
         buckets: dict[tuple[str | None, str], list[Rule]] = {}
@@ -266,25 +285,79 @@ class Policy:
 
     # -- evaluating ----------------------------------------------------------------------------
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _SETTINGS:
+            compiled = self.__dict__.get("_compiled")
+            if compiled is not None:
+                compiled.decisions.clear()
+
     def evaluate(self, operation: str, resource: str, context: Context | None = None) -> Decision:
         """Decide on ``operation`` on ``resource``; first matching rule wins, else the default.
 
         Never raises: an error while evaluating denies (reason ``evaluation_error``).
         """
         ctx: Context = context if context is not None else {}
+        compiled = self._compiled
+        try:
+            get = ctx.get
+            key: tuple[Any, ...] | None
+            key = (
+                operation,
+                resource,
+                get("sender", _MISSING),
+                get("recipient", _MISSING),
+                get("verified", _MISSING),
+                get("trust_level", _MISSING),
+                get("agent_id", _MISSING),
+            )
+            hit = compiled.decisions.get(key)
+        except Exception:  # an unhashable context value: evaluate without the cache
+            key = hit = None
+        if hit is not None:
+            if type(hit) is Decision:
+                return hit
+            assert isinstance(hit, Rule)
+            return self._finish(hit, hit.action, hit.reason, ctx)
         try:
             if self.permissions is not None and "_permissions" not in ctx:
                 ctx = {**ctx, "_permissions": self.permissions}
+            cacheable = key is not None
             if self.require_verified_sender and not ctx.get("verified", False):
-                return self._finish(None, "deny", "sender not verified (require_verified_sender)", ctx)
-            for rule in self._compiled.candidates(operation, resource):
-                if rule.pattern.matches(operation, resource, ctx):
-                    return self._finish(rule, rule.action, rule.reason, ctx)
-            return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
+                decision = self._finish(None, "deny", "sender not verified (require_verified_sender)", ctx)
+            else:
+                for rule in compiled.candidates(operation, resource):
+                    pattern = rule.pattern
+                    if not pattern.targets(operation, resource):
+                        continue
+                    if pattern.conditions:
+                        fields = pattern.cache_fields
+                        if fields is None or not fields <= _KEYED:
+                            cacheable = False
+                    if pattern.holds(ctx):
+                        decision = self._finish(rule, rule.action, rule.reason, ctx)
+                        if cacheable and rule.limiter is not None:
+                            self._remember(compiled, key, rule)
+                            return decision
+                        break
+                else:
+                    decision = self._finish(None, self.default_action, f"default {self.default_action}", ctx)
+            if cacheable:
+                self._remember(compiled, key, decision)
+            return decision
         except Exception as exc:
             return Decision(
                 False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name, violation=True
             )
+
+    @staticmethod
+    def _remember(compiled: _Compiled, key: tuple[Any, ...] | None, outcome: Decision | Rule) -> None:
+        if key is None:
+            return
+        decisions = compiled.decisions
+        if len(decisions) >= _DECISIONS_MAX:
+            decisions.clear()
+        decisions[key] = outcome
 
     def evaluate_linear(self, operation: str, resource: str, context: Context | None = None) -> Decision:
         """The same decision by scanning every rule in order (reference and benchmark baseline)."""

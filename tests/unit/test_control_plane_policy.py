@@ -354,3 +354,106 @@ def test_reload_swaps_rules_and_keeps_them_on_error() -> None:
     with pytest.raises(PolicyLoadError):
         policy.reload("name: p\nrules:\n  - action: nope\n")
     assert policy.evaluate("publish", "b.x").allowed  # the old rules stay in force
+
+
+# -- the decision cache ---------------------------------------------------------------------------
+
+
+def _conditional_policy(rng: random.Random, n: int) -> Policy:
+    policy = Policy("cached", default_action=rng.choice(["allow", "deny"]))
+    conditions = [
+        None,
+        {"sender": "alice"},
+        {"sender": ["alice", "bob"], "verified": True},
+        {"min_trust_level": 0.5},
+        {"recipient": {"$regex": "^svc"}},
+        {"payload.amount": {"$lt": 100}},
+        {"headers.x-tenant": "t1"},
+        {"agent_id": {"$exists": False}},
+    ]
+    for i in range(n):
+        policy.add_rule(
+            rng.choice(["allow", "deny"]),
+            Pattern(
+                rng.choice(["publish", "deliver", "*"]),
+                rng.choice(["tasks.*", "tasks.a", "*", "data.*"]),
+                conditions=rng.choice(conditions),
+            ),
+            name=f"r{i}",
+        )
+    return policy
+
+
+def test_cached_decisions_equal_a_fresh_linear_scan() -> None:
+    rng = random.Random(11)
+    for _ in range(25):
+        policy = _conditional_policy(rng, rng.randint(1, 12))
+        for _ in range(200):
+            ctx: dict[str, object] = {
+                "sender": rng.choice(["alice", "bob", "mallory"]),
+                "recipient": rng.choice(["svc1", "other", None]),
+                "verified": rng.choice([True, False]),
+                "trust_level": rng.choice([0.0, 0.4, 0.9]),
+                "payload": {"amount": rng.choice([5, 500])},
+                "headers": {"x-tenant": rng.choice(["t1", "t2"])},
+            }
+            if rng.random() < 0.5:
+                ctx["agent_id"] = "a1"
+            op, res = rng.choice(["publish", "deliver"]), rng.choice(["tasks.a", "tasks.b", "data.x", "x"])
+            fast, slow = policy.evaluate(op, res, ctx), policy.evaluate_linear(op, res, ctx)
+            assert (fast.allowed, fast.rule_name, fast.reason) == (slow.allowed, slow.rule_name, slow.reason)
+
+
+def test_a_repeated_decision_comes_from_the_cache() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("deliver", "tasks.*", conditions={"sender": "alice"}))
+    ctx = {"sender": "alice", "verified": True}
+    first = policy.evaluate("deliver", "tasks.a", ctx)
+    assert first.allowed
+    assert policy.evaluate("deliver", "tasks.a", dict(ctx)) is first
+    assert not policy.evaluate("deliver", "tasks.a", {"sender": "bob", "verified": True}).allowed
+
+
+def test_payload_conditions_are_evaluated_every_time() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "pay.*", conditions={"max_payload.amount": 100}))
+    assert policy.evaluate("publish", "pay.x", {"sender": "a", "payload": {"amount": 5}}).allowed
+    assert not policy.evaluate("publish", "pay.x", {"sender": "a", "payload": {"amount": 500}}).allowed
+    assert policy.evaluate("publish", "pay.x", {"sender": "a", "payload": {"amount": 5}}).allowed
+    assert not policy._compiled.decisions
+
+
+def test_permission_conditions_follow_the_hook_and_are_not_cached() -> None:
+    granted: set[str] = set()
+    policy = Policy("p", default_action="deny", permissions=lambda _from, _to: granted)
+    policy.add_rule("allow", Pattern("deliver", "*", conditions={"permission": "send_data"}))
+    ctx = {"sender": "alice", "recipient": "bob"}
+    assert not policy.evaluate("deliver", "t", ctx).allowed
+    granted.add("send_data")
+    assert policy.evaluate("deliver", "t", ctx).allowed
+
+
+def test_rate_limited_rules_take_a_token_on_every_cached_decision() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "*"), rate_limit="2/1m")
+    ctx = {"sender": "alice", "agent_id": "alice"}
+    assert [policy.evaluate("publish", "t", ctx).allowed for _ in range(4)] == [True, True, False, False]
+    assert policy.evaluate("publish", "t", {"sender": "bob", "agent_id": "bob"}).allowed
+
+
+def test_settings_changes_and_reloads_clear_the_cache() -> None:
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("deny", Pattern("write", "db.*"), reason="no writes")
+    assert not policy.evaluate("read", "x").allowed
+    policy.default_action = "allow"
+    assert policy.evaluate("read", "x").allowed
+    assert not policy.evaluate("write", "db.t").allowed
+    policy.mode = "audit"
+    assert policy.evaluate("write", "db.t").allowed
+    policy.require_verified_sender = True
+    assert policy.evaluate("read", "x").violation
+    policy.reload(Policy("p2", default_action="deny"))
+    assert not policy.evaluate("read", "x", {"verified": True}).allowed
+    policy.add_rule("allow", Pattern("read", "x"))
+    assert policy.evaluate("read", "x", {"verified": True}).allowed
+    assert policy.evaluate("read", "x", {"verified": [1]}).allowed  # unhashable: evaluated uncached
