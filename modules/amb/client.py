@@ -430,7 +430,7 @@ class AMB(Lifecycle):
         data = self._serializer.encode_new(
             id_, topic, sender, message, recipient, reply_to, correlation_id, now, expires_at, priority, hdrs
         )
-        await self.broker.publish(topic, data, key=hdrs.get(PARTITION_KEY_HEADER) or sender)
+        await self.broker.publish(topic, data, key=(hdrs and hdrs.get(PARTITION_KEY_HEADER)) or sender)
         self.stats.published += 1
         return id_
 

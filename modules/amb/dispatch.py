@@ -35,6 +35,7 @@ from amb.errors import ConfigError
 log = logging.getLogger("amb.dispatch")
 
 _EMPTY: Final[Mapping[str, Any]] = {}
+_new: Final = object.__new__
 
 
 class _Stoppable(Protocol):
@@ -214,7 +215,13 @@ class Dispatcher(Generic[T]):
         Usable as the source's callback itself (nats-py's ``cb``), saving the source a coroutine
         per message.
         """
-        item = LocalDelivery(message.subject, message.data, 1, self)
+        # LocalDelivery(message.subject, message.data, 1, self), without the __init__ call.
+        item = _new(LocalDelivery)
+        item.subject = message.subject
+        item.data = message.data
+        item.attempt = 1
+        item.extra = _EMPTY
+        item._dispatcher = self
         if self._busy or self._items:
             await self.put(item)
             return

@@ -301,6 +301,14 @@ def _check_size(data: bytes, limit: int) -> None:
         raise OversizedEnvelope(len(data), limit)
 
 
+# msgspec's encoder is about twice as fast as msgpack's Packer and writes the same bytes for
+# the same plain values, but it also converts values msgpack refuses (sets, dataclasses,
+# datetimes, ...). So the encoders use it only when the payload is a scalar or bytes and there
+# are no headers; anything else goes through the Packer, which refuses what it cannot carry.
+_SCALARS: Final = frozenset({bytes, str, int, float, bool, type(None)})
+_encode_plain: Final = msgspec.msgpack.Encoder().encode
+
+
 class _PerThread(threading.local):
     """This thread's msgpack Packer: reusing one is about 3x faster than ``packb``, which builds
     a Packer per call. It resets itself after each message (also after an error) and keeps its
@@ -336,25 +344,27 @@ class MsgpackSerializer:
         priority: int,
         headers: dict[str, str],
     ) -> bytes:
-        # encode() inlined for fields given one by one (keep the two in step).
+        # encode() for fields given one by one (keep the two in step).
+        fields = [
+            WIRE_VERSION,
+            id,
+            topic,
+            sender,
+            recipient,
+            reply_to,
+            correlation_id,
+            timestamp,
+            expires_at,
+            priority,
+            headers,
+            payload,
+            None,
+        ]
         try:
-            data: bytes = _local.packer.pack(
-                [
-                    WIRE_VERSION,
-                    id,
-                    topic,
-                    sender,
-                    recipient,
-                    reply_to,
-                    correlation_id,
-                    timestamp,
-                    expires_at,
-                    priority,
-                    headers,
-                    payload,
-                    None,
-                ]
-            )
+            if type(payload) in _SCALARS and not headers:
+                data: bytes = _encode_plain(fields)
+            else:
+                data = _local.packer.pack(fields)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializablePayload(f"msgpack cannot encode the envelope: {exc}") from exc
         if len(data) > self.max_bytes:
@@ -363,24 +373,28 @@ class MsgpackSerializer:
 
     def encode(self, env: Envelope) -> bytes:
         sig = env.sig
+        payload = env.payload
+        headers = env.headers
+        fields = [
+            env.v,
+            env.id,
+            env.topic,
+            env.sender,
+            env.recipient,
+            env.reply_to,
+            env.correlation_id,
+            env.timestamp,
+            env.expires_at,
+            env.priority,
+            headers,
+            payload,
+            None if sig is None else [sig.scheme, sig.key_id, sig.nonce, sig.value],
+        ]
         try:
-            data: bytes = _local.packer.pack(
-                [
-                    env.v,
-                    env.id,
-                    env.topic,
-                    env.sender,
-                    env.recipient,
-                    env.reply_to,
-                    env.correlation_id,
-                    env.timestamp,
-                    env.expires_at,
-                    env.priority,
-                    env.headers,
-                    env.payload,
-                    None if sig is None else [sig.scheme, sig.key_id, sig.nonce, sig.value],
-                ]
-            )
+            if type(payload) in _SCALARS and not headers:
+                data: bytes = _encode_plain(fields)
+            else:
+                data = _local.packer.pack(fields)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializablePayload(f"msgpack cannot encode the envelope: {exc}") from exc
         if len(data) > self.max_bytes:
