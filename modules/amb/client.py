@@ -50,7 +50,7 @@ from amb.broker import (
     load_broker,
 )
 from amb.dispatch import LocalDelivery
-from amb.envelope import Envelope, new_id, new_id_at
+from amb.envelope import Envelope, new_envelope, new_id, new_id_at
 from amb.errors import (
     BusError,
     ConfigError,
@@ -81,6 +81,7 @@ DLQ_ORIGINAL_ID: Final = "dlq-original-id"
 
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
+_TOPICS_MAX: Final = 4096
 
 
 @dataclass(slots=True)
@@ -298,6 +299,7 @@ class AMB(Lifecycle):
         self._inbox_sub: Subscription | None = None
         self._inbox_lock: asyncio.Lock | None = None
         self._requests: dict[str, asyncio.Future[Envelope]] = {}
+        self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -396,7 +398,8 @@ class AMB(Lifecycle):
         """
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
-        validate_subject(topic)
+        if topic not in self._topics:
+            self._check_topic(topic)
         now = _time_ns()
         expires_at = None
         if ttl is not None:
@@ -410,7 +413,7 @@ class AMB(Lifecycle):
         id_ = new_id_at(now)
         chain = self._publish_chain
         if chain is not None:
-            env = Envelope(
+            env = new_envelope(
                 id_,
                 topic,
                 sender,
@@ -422,6 +425,7 @@ class AMB(Lifecycle):
                 expires_at,
                 priority,
                 hdrs,
+                None,
             )
             await chain(env)
             return id_
@@ -433,6 +437,13 @@ class AMB(Lifecycle):
         await self.broker.publish(topic, data, key=(hdrs and hdrs.get(PARTITION_KEY_HEADER)) or sender)
         self.stats.published += 1
         return id_
+
+    def _check_topic(self, topic: str) -> None:
+        """Validate a topic this client has not published to yet (ConfigError) and remember it."""
+        validate_subject(topic)
+        if len(self._topics) >= _TOPICS_MAX:
+            self._topics.clear()
+        self._topics.add(topic)
 
     async def _wire_send(self, env: Envelope) -> None:
         """Encode ``env`` and hand it to the broker: the end of the publish chain."""

@@ -69,6 +69,7 @@ class Dispatcher(Generic[T]):
         "_loop",
         "_putters",
         "_runner",
+        "_source_task",
         "_stopping",
         "_timers",
         "handler",
@@ -102,6 +103,7 @@ class Dispatcher(Generic[T]):
         self._idle: asyncio.Future[None] | None = None  # waiters for the end of an inline call
         self._putters: deque[asyncio.Future[None]] = deque()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._source_task: asyncio.Task[Any] | None = None  # the task calling deliver_message
         # The loop, for asyncio.current_task(loop): without it every call asks the running
         # loop, which costs a getpid() system call on CPython.
         try:
@@ -213,7 +215,9 @@ class Dispatcher(Generic[T]):
         """:meth:`deliver` a first delivery of ``message`` as a :class:`LocalDelivery`.
 
         Usable as the source's callback itself (nats-py's ``cb``), saving the source a coroutine
-        per message.
+        per message. The source must call it from one task for the dispatcher's whole life (as
+        nats-py calls a subscription's callbacks from that subscription's task): the task is
+        looked up once, not per message.
         """
         # LocalDelivery(message.subject, message.data, 1, self), without the __init__ call.
         item = _new(LocalDelivery)
@@ -228,7 +232,10 @@ class Dispatcher(Generic[T]):
         if self._stopping:
             return
         self._busy = True
-        self._current = asyncio.current_task(self._loop)
+        task = self._source_task
+        if task is None:
+            task = self._source_task = asyncio.current_task(self._loop)
+        self._current = task
         try:
             await self.handler(item)
         except Exception:

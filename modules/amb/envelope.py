@@ -59,6 +59,43 @@ class Envelope:
         return (time.time_ns() if now_ns is None else now_ns) >= self.expires_at
 
 
+_new: Final = object.__new__
+
+
+def new_envelope(
+    id: str,
+    topic: str,
+    sender: str,
+    payload: Any,
+    recipient: str | None,
+    reply_to: str | None,
+    correlation_id: str | None,
+    timestamp: int,
+    expires_at: int | None,
+    priority: int,
+    headers: dict[str, str],
+    sig: Signature | None,
+) -> Envelope:
+    """``Envelope(...)`` with every field given (``v`` is WIRE_VERSION), for the bus's hot paths:
+    it sets the slots directly instead of going through the dataclass ``__init__`` (about a
+    third cheaper). Keep it in step with the fields of :class:`Envelope`."""
+    env: Envelope = _new(Envelope)
+    env.id = id
+    env.topic = topic
+    env.sender = sender
+    env.payload = payload
+    env.recipient = recipient
+    env.reply_to = reply_to
+    env.correlation_id = correlation_id
+    env.timestamp = timestamp
+    env.expires_at = expires_at
+    env.priority = priority
+    env.headers = headers
+    env.sig = sig
+    env.v = WIRE_VERSION
+    return env
+
+
 _HEX2: Final = tuple(f"{i:02x}" for i in range(256))
 
 

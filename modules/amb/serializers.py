@@ -35,7 +35,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgpack
 import msgspec
 
-from amb.envelope import WIRE_VERSION, Envelope, Signature
+from amb.envelope import WIRE_VERSION, Envelope, Signature, new_envelope
 from amb.errors import (
     ConfigError,
     MalformedEnvelope,
@@ -115,33 +115,20 @@ _set_value: Final = getattr(Signature, "value").__set__  # noqa: B009
 def envelope_from_wire(fields: WireFields) -> Envelope:
     """The Envelope of checked wire fields (see :data:`WireFields`); no checks here.
 
-    Built without calling the dataclass ``__init__`` (a third cheaper on the receive path): it
-    sets every field, exactly as ``__init__`` would.
+    Built with :func:`~amb.envelope.new_envelope` (no dataclass ``__init__`` call), the
+    signature likewise.
     """
     _, id_, topic, sender, recipient, reply_to, corr, ts, exp, prio, headers, payload, sig = fields
-    env: Envelope = _new(Envelope)
-    env.id = id_
-    env.topic = topic
-    env.sender = sender
-    env.payload = payload
-    env.recipient = recipient
-    env.reply_to = reply_to
-    env.correlation_id = corr
-    env.timestamp = ts
-    env.expires_at = exp
-    env.priority = prio
-    env.headers = headers
-    if sig is None:
-        env.sig = None
-    else:
-        signature: Signature = _new(Signature)
+    signature: Signature | None = None
+    if sig is not None:
+        signature = _new(Signature)
         _set_scheme(signature, sig[0])
         _set_key_id(signature, sig[1])
         _set_nonce(signature, sig[2])
         _set_value(signature, sig[3])
-        env.sig = signature
-    env.v = WIRE_VERSION
-    return env
+    return new_envelope(
+        id_, topic, sender, payload, recipient, reply_to, corr, ts, exp, prio, headers, signature
+    )
 
 
 def wire_of(env: Envelope) -> WireFields:
