@@ -36,9 +36,9 @@ from amb.broker import (
     Lifecycle,
     LifecycleState,
 )
-from amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all
+from amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
 from amb.errors import CapabilityNotSupported, ConfigError
-from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
+from amb.subjects import compile_pattern, validate_pattern, validate_subject
 
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192
@@ -48,7 +48,7 @@ _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~
 class _MemorySubscription:
     """One subscription: its pattern and queue group, and the dispatcher that feeds its handler."""
 
-    __slots__ = ("client", "dispatcher", "offer", "pattern", "put", "queue")
+    __slots__ = ("client", "dispatcher", "match", "offer", "pattern", "put", "queue")
 
     def __init__(
         self,
@@ -60,6 +60,7 @@ class _MemorySubscription:
     ) -> None:
         self.client = client
         self.pattern = pattern
+        self.match = compile_pattern(pattern)
         self.queue = queue
         self.dispatcher: Dispatcher[LocalDelivery] = Dispatcher(
             handler, max_pending=max_pending, name=f"memory broker {pattern!r}"
@@ -154,16 +155,8 @@ class MemoryServer:
         targets = self._routes.get(subject)
         if targets is None:
             validate_subject(subject)  # only on a cache miss: cached subjects were validated
-            found: list[_Target] = [
-                s
-                for s in self._subs
-                if s.pattern == subject or (is_wildcard(s.pattern) and matches(s.pattern, subject))
-            ]
-            found.extend(
-                g
-                for (pattern, _), g in self._groups.items()
-                if pattern == subject or (is_wildcard(pattern) and matches(pattern, subject))
-            )
+            found: list[_Target] = [s for s in self._subs if s.match(subject)]
+            found.extend(g for g in self._groups.values() if g.members[0].match(subject))
             targets = tuple(found)
             if len(self._routes) >= _ROUTE_CACHE_MAX:
                 self._routes.clear()
@@ -260,7 +253,7 @@ class MemoryBroker(Lifecycle):
         for target in targets:
             sub = target.pick() if type(target) is _QueueGroup else target
             assert type(sub) is _MemorySubscription
-            delivery = LocalDelivery(subject, data, 1, sub.dispatcher)
+            delivery = local_delivery(subject, data, 1, sub.dispatcher)
             if not sub.offer(delivery):
                 await sub.put(delivery)
             stats.routed += 1

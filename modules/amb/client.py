@@ -84,6 +84,12 @@ _time_ns: Final = time.time_ns
 _TOPICS_MAX: Final = 4096
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    """A request's timer: resolve the waiting future with None (no reply in time)."""
+    if not fut.done():
+        fut.set_result(None)
+
+
 @dataclass(slots=True)
 class BusStats:
     """Counters of one client. Every message that is not handed to a handler is in one of them."""
@@ -298,7 +304,8 @@ class AMB(Lifecycle):
         self._inbox: str | None = None
         self._inbox_sub: Subscription | None = None
         self._inbox_lock: asyncio.Lock | None = None
-        self._requests: dict[str, asyncio.Future[Envelope]] = {}
+        self._requests: dict[str, asyncio.Future[tuple[Any, Metadata] | None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
 
@@ -326,6 +333,7 @@ class AMB(Lifecycle):
             if self.state is LifecycleState.OPEN:  # another task connected while this one waited
                 return
             await self.broker.connect()
+            self._loop = asyncio.get_running_loop()
             if self._middleware:
                 self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
             self._state = LifecycleState.OPEN
@@ -497,7 +505,9 @@ class AMB(Lifecycle):
         await self._ready()
         inbox = self._inbox or await self._open_inbox()
         reply_subject = f"{inbox}.{next(self._request_ids):x}"
-        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        assert loop is not None  # set by connect()
+        fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
         self._requests[reply_subject] = fut
         self.stats.requests += 1
         try:
@@ -510,20 +520,25 @@ class AMB(Lifecycle):
                 headers=headers,
                 ttl=timeout,
             )
+            # A timer that resolves the future with None (cheaper than asyncio.timeout, which
+            # looks up the task and the loop on every request).
+            timer = loop.call_later(timeout, _expire, fut)
             try:
-                async with asyncio.timeout(timeout):
-                    env = await fut
-            except TimeoutError:
-                self.stats.request_timeouts += 1
-                raise RequestTimeout(topic, timeout) from None
+                reply = await fut
+            finally:
+                timer.cancel()
         finally:
             self._requests.pop(reply_subject, None)
-        error = env.headers.get(ERROR_HEADER)
+        if reply is None:
+            self.stats.request_timeouts += 1
+            raise RequestTimeout(topic, timeout)
+        payload, meta = reply
+        error = meta.headers.get(ERROR_HEADER)
         if error is not None:
             raise RemoteError(topic, error)
         if with_metadata:
-            return env.payload, Metadata(env, env.topic, 1, {})
-        return env.payload
+            return payload, meta
+        return payload
 
     async def _open_inbox(self) -> str:
         if self._inbox_lock is None:
@@ -540,7 +555,7 @@ class AMB(Lifecycle):
         if fut is None or fut.done():
             self.stats.late_replies += 1
             return
-        fut.set_result(metadata.envelope)
+        fut.set_result((message, metadata))
 
     # -- subscribing -------------------------------------------------------------------------
 

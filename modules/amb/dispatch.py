@@ -219,13 +219,7 @@ class Dispatcher(Generic[T]):
         nats-py calls a subscription's callbacks from that subscription's task): the task is
         looked up once, not per message.
         """
-        # LocalDelivery(message.subject, message.data, 1, self), without the __init__ call.
-        item = _new(LocalDelivery)
-        item.subject = message.subject
-        item.data = message.data
-        item.attempt = 1
-        item.extra = _EMPTY
-        item._dispatcher = self
+        item = local_delivery(message.subject, message.data, 1, self)
         if self._busy or self._items:
             await self.put(item)
             return
@@ -406,8 +400,22 @@ class LocalDelivery:
         return None
 
     async def nack(self, delay: float | None = None) -> None:
-        again = LocalDelivery(self.subject, self.data, self.attempt + 1, self._dispatcher, self.extra)
+        again = local_delivery(self.subject, self.data, self.attempt + 1, self._dispatcher, self.extra)
         self._dispatcher.requeue(again, delay)
+
+
+def local_delivery(
+    subject: str, data: bytes, attempt: int, dispatcher: Dispatcher[Any], extra: Mapping[str, Any] = _EMPTY
+) -> LocalDelivery:
+    """``LocalDelivery(...)`` for the per-message paths: the slots set directly, without the
+    class call and ``__init__`` (about half the cost). Keep it in step with ``__init__``."""
+    item: LocalDelivery = _new(LocalDelivery)
+    item.subject = subject
+    item.data = data
+    item.attempt = attempt
+    item.extra = extra
+    item._dispatcher = dispatcher
+    return item
 
 
 def check_group_names(queue: str | None, durable: str | None) -> None:

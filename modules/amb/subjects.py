@@ -10,11 +10,14 @@ one publishes to.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial
 
 from amb.errors import ConfigError
 
 _BAD_TOKEN = re.compile(r"[\s]")
+# A valid subject in one C-level match: non-empty tokens without whitespace, "*" or ">".
+_SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
 
 
 def _tokens(text: str, what: str) -> list[str]:
@@ -32,7 +35,9 @@ def _tokens(text: str, what: str) -> list[str]:
 @lru_cache(maxsize=4096)
 def validate_subject(subject: str) -> str:
     """Return ``subject`` if it is a valid subject to publish to; raises ConfigError."""
-    for tok in _tokens(subject, "subject"):
+    if type(subject) is str and _SUBJECT.fullmatch(subject):
+        return subject
+    for tok in _tokens(subject, "subject"):  # invalid: name what is wrong
         if tok in ("*", ">") or "*" in tok or ">" in tok:
             raise ConfigError(f"subject {subject!r} may not contain wildcards")
     return subject
@@ -53,6 +58,30 @@ def validate_pattern(pattern: str) -> str:
 def is_wildcard(pattern: str) -> bool:
     """True when ``pattern`` contains a ``*`` or ``>`` token."""
     return any(tok in ("*", ">") for tok in pattern.split("."))
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A function telling whether a (valid) subject matches ``pattern`` (a valid pattern): the
+    same answers as :func:`matches`, faster for exact and ``prefix.>`` patterns."""
+    if not is_wildcard(pattern):
+        return pattern.__eq__
+    if pattern == ">":
+        return _any_subject
+    head, _, last = pattern.rpartition(".")
+    if last == ">" and "*" not in head.split("."):
+        prefix = head + "."
+        return partial(_under, prefix)
+    return partial(matches, pattern)
+
+
+def _any_subject(subject: str) -> bool:
+    return True
+
+
+def _under(prefix: str, subject: str) -> bool:
+    # Subjects have no empty tokens, so anything after "<prefix>." is one or more tokens.
+    return subject.startswith(prefix) and len(subject) > len(prefix)
 
 
 def matches(pattern: str, subject: str) -> bool:
