@@ -183,12 +183,10 @@ class NatsBroker(Lifecycle):
             assert self._acks is not None  # guaranteed by the OPEN state
             await self._acks.publish(subject, data, confirm=self._confirm_all)
             return
-        nc = self._nc
-        assert nc is not None  # guaranteed by the OPEN state
         try:
-            await nc.publish(subject, data)
+            await self._nc.publish(subject, data)  # type: ignore[union-attr]  # set while OPEN
             if self._confirm_all:
-                await self._confirm(nc)
+                await self._confirm(self.connection)
         except Exception as exc:
             raise (translate(exc, f"publish to {subject!r}") or exc) from exc
 

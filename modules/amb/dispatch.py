@@ -219,7 +219,13 @@ class Dispatcher(Generic[T]):
         nats-py calls a subscription's callbacks from that subscription's task): the task is
         looked up once, not per message.
         """
-        item = local_delivery(message.subject, message.data, 1, self)
+        # local_delivery(message.subject, message.data, 1, self), inlined.
+        item = _new(LocalDelivery)
+        item.subject = message.subject
+        item.data = message.data
+        item.attempt = 1
+        item.extra = _EMPTY
+        item._dispatcher = self
         if self._busy or self._items:
             await self.put(item)
             return
