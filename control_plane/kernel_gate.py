@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from control_plane.errors import PolicyViolationError, RateLimitExceeded
@@ -12,7 +12,7 @@ from control_plane.process import AgentProcess
 
 if TYPE_CHECKING:
     from control_plane.recorder import FlightRecorder
-    from control_plane.signals import SignalDispatcher
+    from control_plane.signals import AgentSignal, SignalDispatcher
 
 _CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
@@ -79,6 +79,30 @@ class KernelGate:
     ) -> None:
         """Record one decision, count it on the agent, and on a deny send the rule's signal to
         ``signal_to`` (default: the agent itself; None: nobody)."""
+        pending = self.note_decision(
+            proc, operation, resource, decision, agent_id, extra, signal_to=signal_to
+        )
+        if pending is not None:
+            await pending
+
+    def note_decision(
+        self,
+        proc: AgentProcess | None,
+        operation: str,
+        resource: str,
+        decision: Decision,
+        agent_id: str,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        signal_to: str | None = "",
+        plain: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`record_decision` without a coroutine on the common path: the record is
+        appended and the agent counted now; returns None, or an awaitable the caller must
+        await before going on (the recorder must open first, its batch is full, or a signal
+        is to be sent). ``plain=True`` promises that every value (the arguments and ``extra``)
+        is plain JSON, as the mediator's are (see ``FlightRecorder.append``). Raises
+        RecorderError as ``record_decision`` does."""
         data = {
             "operation": operation,
             "resource": resource,
@@ -88,20 +112,64 @@ class KernelGate:
             "policy": decision.policy,
             **(extra or {}),
         }
-        await self.recorder.log(
-            "policy_decision",
-            proc.id if proc else agent_id,
-            data,
-            "warning" if decision.violation else "info",
-        )
+        return self.note_record(proc, agent_id, data, decision, signal_to, plain)
+
+    def note_record(
+        self,
+        proc: AgentProcess | None,
+        agent_id: str,
+        data: dict[str, Any],
+        decision: Decision,
+        signal_to: str | None = "",
+        plain: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`note_decision` with the record's data already built (``operation``,
+        ``resource``, ``decision``, ``reason``, ``rule``, ``policy`` and any extra fields)."""
+        violation = decision.violation
+        severity = "warning" if violation else "info"
+        target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
+        signal = decision.signal if violation and target is not None else None
+        recorder = self.recorder
+        if not recorder.ready:
+            return self._record_slowly(proc, agent_id, data, severity, violation, target, signal)
+        recorder.append("policy_decision", proc.id if proc else agent_id, data, severity, None, plain)
         if proc is not None:
-            if decision.violation:
+            if violation:
                 proc.violations_count += 1
             else:
                 proc.actions_count += 1
-        target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
-        if decision.violation and decision.signal is not None and target is not None:
-            await self.signals.send(target, decision.signal, sender="policy")
+        if signal is not None or recorder.batch_full:
+            return self._after_record(recorder.batch_full, target, signal)
+        return None
+
+    async def _record_slowly(
+        self,
+        proc: AgentProcess | None,
+        agent_id: str,
+        data: dict[str, Any],
+        severity: str,
+        violation: bool,
+        target: str | None,
+        signal: AgentSignal | None,
+    ) -> None:
+        await self.recorder.log("policy_decision", proc.id if proc else agent_id, data, severity)
+        _count(proc, violation)
+        if signal is not None and target is not None:
+            await self.signals.send(target, signal, sender="policy")
+
+    async def _after_record(self, full: bool, target: str | None, signal: AgentSignal | None) -> None:
+        if full:
+            await self.recorder.backpressure()
+        if signal is not None and target is not None:
+            await self.signals.send(target, signal, sender="policy")
+
+
+def _count(proc: AgentProcess | None, violation: bool) -> None:
+    if proc is not None:
+        if violation:
+            proc.violations_count += 1
+        else:
+            proc.actions_count += 1
 
 
 def permitted(proc: AgentProcess, operation: str) -> bool:

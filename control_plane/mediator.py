@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING
 
 from amb.envelope import Envelope
 from amb.metadata import Metadata
@@ -64,16 +64,19 @@ _CONTROL = CONTROL_PREFIX + "."
 _IN_CONTROL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_control", default=False)
 
 
-def _field(result: Any, name: str) -> Any:
-    return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
-
-
 def verified_identity(env: Envelope, meta: Metadata) -> tuple[str, bool, float]:
-    """(sender, verified, trust level) of an inbound message, per the contract with IATP."""
+    """(sender, verified, trust level) of an inbound message, per the contract with IATP: the
+    result in ``context["iatp"]`` (an object with ``valid``/``sender``/``trust_level``
+    attributes, or a mapping with those keys) counts only when ``valid`` is True."""
     result = meta.context.get("iatp")
-    if result is not None and _field(result, "valid") is True and _field(result, "sender"):
-        trust = _field(result, "trust_level")
-        return str(_field(result, "sender")), True, float(trust) if trust is not None else 0.0
+    if result is not None:
+        valid = getattr(result, "valid", None)
+        if valid is None and isinstance(result, Mapping):
+            valid, sender, trust = result.get("valid"), result.get("sender"), result.get("trust_level")
+        else:
+            sender, trust = getattr(result, "sender", None), getattr(result, "trust_level", None)
+        if valid is True and sender:
+            return str(sender), True, float(trust) if trust is not None else 0.0
     return env.sender, False, 0.0
 
 
@@ -131,19 +134,50 @@ class Mediator(Middleware):
             await self._held(proc, envelope, "publish")
             await proc.hold(lambda: self._publish(proc, envelope, call_next))
             return
-        await self._publish(proc, envelope, call_next)
+        # The common path, as _publish without its own coroutine.
+        decision, op, resource, pending = self._decide_publish(proc, envelope)
+        if pending is not None:
+            await pending
+        if not decision.allowed:
+            raise _violation(decision, op, resource)
+        if self.pending is not None and envelope.reply_to:
+            self.pending.add(
+                envelope.reply_to,
+                envelope.id,
+                proc.id,
+                envelope.topic,
+                envelope.recipient,
+                envelope.expires_at,
+            )
+        await call_next(envelope)
 
     async def _publish(self, proc: AgentProcess, env: Envelope, call_next: PublishNext) -> None:
-        if env.topic.startswith(_CONTROL):
-            op, resource = "signal", env.topic[len(_CONTROL) :]
+        decision, op, resource, pending = self._decide_publish(proc, env)
+        if pending is not None:
+            await pending
+        if not decision.allowed:
+            raise _violation(decision, op, resource)
+        if self.pending is not None and env.reply_to:
+            # The service's own request (a remote signal): its reply comes back through us.
+            self.pending.add(env.reply_to, env.id, proc.id, env.topic, env.recipient, env.expires_at)
+        await call_next(env)
+
+    def _decide_publish(
+        self, proc: AgentProcess, env: Envelope
+    ) -> tuple[Decision, str, str, Awaitable[None] | None]:
+        """Decide on an outbound message and record the decision (see ``note_decision``)."""
+        topic = env.topic
+        if topic.startswith(_CONTROL):
+            op, resource = "signal", topic[len(_CONTROL) :]
         else:
-            op, resource = _operation(env), env.topic
+            op, resource = _operation(env), topic
+        me = self.process.id
         ctx = {
             "operation": op,
-            "topic": env.topic,
+            "topic": topic,
             "agent_id": proc.id,
             "agent_name": proc.name,
-            "sender": self.process.id,
+            "sender": me,
             "claimed_sender": env.sender,
             "verified": True,
             "trust_level": 1.0,
@@ -155,20 +189,19 @@ class Mediator(Middleware):
         kernel = self.kernel
         decision = kernel.decide(op, resource, ctx, proc)
         self.decisions += 1
-        await kernel.record_decision(
-            proc,
-            op,
-            resource,
-            decision,
-            proc.id,
-            {"direction": "out", "message_id": env.id, "sender": self.process.id},
-        )
-        if not decision.allowed:
-            raise _violation(decision, op, resource)
-        if self.pending is not None and env.reply_to:
-            # The service's own request (a remote signal): its reply comes back through us.
-            self.pending.add(env.reply_to, env.id, proc.id, env.topic, env.recipient, env.expires_at)
-        await call_next(env)
+        data = {
+            "operation": op,
+            "resource": resource,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "rule": decision.rule_name,
+            "policy": decision.policy,
+            "direction": "out",
+            "message_id": env.id,
+            "sender": me,
+        }
+        pending = kernel.note_record(proc, proc.id, data, decision, "", True)  # plain JSON values
+        return decision, op, resource, pending
 
     # -- inbound -------------------------------------------------------------------------------
 
@@ -194,7 +227,18 @@ class Mediator(Middleware):
             await self._held(proc, envelope, "deliver")
             await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next, route))
             return
-        await self._deliver(proc, envelope, metadata, call_next, route)
+        # The common path, as _deliver without its own coroutine.
+        op, pending = self._decide_deliver(proc, envelope, metadata, route)
+        if pending is not None:
+            await pending
+        if op == "signal":
+            token = _IN_CONTROL.set(True)
+            try:
+                await call_next(envelope, metadata)
+            finally:
+                _IN_CONTROL.reset(token)
+            return
+        await self._handle(proc, envelope, metadata, call_next)
 
     def _mediated(
         self, env: Envelope, subject: str, route: PendingRequest | None, sender: str
@@ -236,6 +280,24 @@ class Mediator(Middleware):
         call_next: ConsumeNext,
         route: PendingRequest | None = None,
     ) -> None:
+        op, pending = self._decide_deliver(proc, env, meta, route)
+        if pending is not None:
+            await pending
+        if op == "signal":
+            token = _IN_CONTROL.set(True)
+            try:
+                await call_next(env, meta)
+            finally:
+                _IN_CONTROL.reset(token)
+            return
+        await self._handle(proc, env, meta, call_next)
+
+    def _decide_deliver(
+        self, proc: AgentProcess, env: Envelope, meta: Metadata, route: PendingRequest | None
+    ) -> tuple[str, Awaitable[None] | None]:
+        """Decide on an inbound message and record the decision; returns the operation and
+        what to await before going on (None or an awaitable that raises the violation when
+        the decision denies; a deny with nothing to await is raised here)."""
         sender, verified, trust = verified_identity(env, meta)
         topic = env.topic
         subject = meta.subject
@@ -269,7 +331,13 @@ class Mediator(Middleware):
         if route is not None and decision.allowed:
             route.answered = True  # one reply per request (decided before any await)
         self.decisions += 1
-        extra = {
+        data = {
+            "operation": op,
+            "resource": resource,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "rule": decision.rule_name,
+            "policy": decision.policy,
             "direction": "in",
             "message_id": env.id,
             "sender": sender,
@@ -278,22 +346,18 @@ class Mediator(Middleware):
             "trust_level": trust,
         }
         if route is not None:
-            extra.update(reply_to=route.reply_to, request_id=route.request_id, requester=route.requester)
-        await kernel.record_decision(
-            proc, op, resource, decision, sender, extra, signal_to=sender if verified else None
-        )
+            data.update(reply_to=route.reply_to, request_id=route.request_id, requester=route.requester)
+        # Plain JSON values only (strings, booleans, the trust level as a float).
+        pending = kernel.note_record(proc, sender, data, decision, sender if verified else None, True)
         if not decision.allowed:
-            raise _violation(decision, op, resource)
-        meta.context["control_plane"] = decision
-        meta.context["control_plane_sender"] = sender if verified else None
-        if op == "signal":
-            token = _IN_CONTROL.set(True)
-            try:
-                await call_next(env, meta)
-            finally:
-                _IN_CONTROL.reset(token)
-            return
-        await self._handle(proc, env, meta, call_next)
+            violation = _violation(decision, op, resource)
+            if pending is None:
+                raise violation
+            return op, _raise_after(pending, violation)
+        context = meta.context
+        context["control_plane"] = decision
+        context["control_plane_sender"] = sender if verified else None
+        return op, pending
 
     async def _handle(
         self, proc: AgentProcess, env: Envelope, meta: Metadata, call_next: ConsumeNext
@@ -348,3 +412,8 @@ class Mediator(Middleware):
             },
             "warning",
         )
+
+
+async def _raise_after(pending: Awaitable[None], error: Exception) -> None:
+    await pending
+    raise error

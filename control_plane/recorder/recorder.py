@@ -55,13 +55,16 @@ from control_plane.recorder.records import (
     SEVERITIES,
     Record,
     VerifyResult,
-    canonical_data,
-    record_hash,
+    canonical_bytes,
+    chain_hash,
     verify_rows,
 )
 from control_plane.recorder.storage import MemoryStorage, Row, Storage, Where
 
 log = logging.getLogger("control_plane.recorder")
+_SEVERITIES = frozenset(SEVERITIES)
+_time_ns = time.time_ns
+_new_record = tuple.__new__  # Record's own __new__ without the argument parsing
 
 StorageName = Literal["memory", "sqlite", "postgresql"]
 
@@ -235,14 +238,30 @@ class FlightRecorder:
             await self.open()
         record = self.append(event_type, agent_id, data, severity, execution_id=execution_id)
         if len(self._batch) >= self.batch_size:
-            running = self._flush_task
-            if running is not None and not running.done():
-                await running  # backpressure: one batch is written while the next one fills
-            if len(self._batch) >= 10 * self.batch_size:
-                await self.flush()  # the storage keeps failing: raise instead of growing without bound
-            elif len(self._batch) >= self.batch_size:
-                self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+            await self.backpressure()
         return record
+
+    @property
+    def ready(self) -> bool:
+        """True when :meth:`append` may be called (opened, not closed)."""
+        return self._opened and not self._closed
+
+    @property
+    def batch_full(self) -> bool:
+        """True when the batch has reached ``batch_size``: await :meth:`backpressure` next."""
+        return len(self._batch) >= self.batch_size
+
+    async def backpressure(self) -> None:
+        """What ``log`` does after appending to a full batch: wait for the batch being written,
+        then start writing this one in the background (or, when ten batches are waiting because
+        the storage keeps failing, write now and raise RecorderError)."""
+        running = self._flush_task
+        if running is not None and not running.done():
+            await running  # backpressure: one batch is written while the next one fills
+        if len(self._batch) >= 10 * self.batch_size:
+            await self.flush()  # the storage keeps failing: raise instead of growing without bound
+        elif len(self._batch) >= self.batch_size:
+            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
 
     def append(
         self,
@@ -250,22 +269,28 @@ class FlightRecorder:
         agent_id: str,
         data: Mapping[str, Any] | None = None,
         severity: str = "info",
-        *,
         execution_id: str | None = None,
+        plain: bool = False,
     ) -> Record:
-        """Synchronous ``log`` for an opened recorder (no await between hashing and batching)."""
+        """Synchronous ``log`` for an opened recorder (no await between hashing and batching).
+
+        ``plain=True`` promises ``data`` is a dict of plain JSON values (see
+        :func:`~control_plane.recorder.records.canonical_bytes`): the control plane's own
+        decision records skip the check."""
         if self._closed or not self._opened:
             raise RecorderError("the flight recorder is closed" if self._closed else "call open() first")
-        if severity not in SEVERITIES:
+        if severity not in _SEVERITIES:
             raise RecorderError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
         seq = self._seq + 1
         rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
-        ts = time.time_ns()
-        data_json = canonical_data(data or {})
+        ts = _time_ns()
+        raw = canonical_bytes(data, plain=plain) if data else b"{}"
         prev = self._prev
-        h = record_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev)
+        h = chain_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, raw, prev)
         self._seq, self._prev = seq, h
-        record = Record(seq, rid, ts, event_type, agent_id, execution_id, severity, data_json, prev, h)
+        record: Record = _new_record(
+            Record, (seq, rid, ts, event_type, agent_id, execution_id, severity, raw.decode(), prev, h)
+        )
         self._batch.append(record)
         self.appended += 1
         if self._timer is None:

@@ -2,10 +2,13 @@
 
 **Canonical encoding.** A record's content is ``seq, id, ts, event_type, agent_id,
 execution_id, severity, data, prev_hash``. ``data`` is stored as canonical JSON text (sorted
-keys, no spaces, UTF-8), made once when the record is logged: plain JSON data is encoded as is
-(non-string keys as JSON writes them); anything else is normalized first (bytes become
-``{"$b64": ...}``, datetimes ISO strings, tuples and sets lists, other objects their
-``repr``). The chain covers that stored text, never a re-encoding of the original. The
+keys, no spaces, UTF-8), made once when the record is logged by msgspec's JSON encoder: plain
+JSON data (string keys; strings, integers, finite floats, booleans, null) is encoded as is;
+anything else is normalized first (bytes become ``{"$b64": ...}``, datetimes ISO strings,
+tuples and sets lists, non-finite floats and other objects their ``repr``, keys strings). The
+chain covers that stored text, never a re-encoding of the original, so verification does not
+depend on the encoder (records written by earlier versions, whose floats were written by the
+standard library's encoder, ``1e+16`` where msgspec writes ``1e16``, verify alike). The
 record's canonical bytes are the compact JSON array of the other eight fields in that order
 immediately followed by the data text; ``hash = sha256(canonical bytes)`` in hex (the array
 is self-delimiting, so no two records share canonical bytes). Each record names the previous
@@ -32,10 +35,12 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final, NamedTuple
+
+import msgspec
 
 from control_plane.errors import TamperDetected
 
@@ -78,30 +83,65 @@ def normalize(value: Any) -> Any:
 
 
 _encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_canonical = _encoder.encode
-# The C encoder built once with the same settings (JSONEncoder.encode rebuilds it per call).
-_make: Any = getattr(json.encoder, "c_make_encoder", None)
-_chunks: Callable[[Any, int], Sequence[str]] | None = (
-    _make({}, _encoder.default, json.encoder.encode_basestring, None, ":", ",", True, False, False)
-    if _make is not None
-    else None
-)
-_string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or (
-    json.encoder.py_encode_basestring
-)
+_canonical = _encoder.encode  # the last resort: integers beyond 64 bits, which msgspec refuses
+# msgspec's JSON encoder: the same text as the standard library's with sorted keys, compact
+# separators and ensure_ascii=False (strings are escaped alike), except for the exponent of
+# floats (1e16, not 1e+16); several times faster. Encoders keep no state between calls.
+_json: Final = msgspec.json.Encoder(order="sorted").encode
 _sha256 = hashlib.sha256
+_FLAT: Final = frozenset({str, int, bool, type(None)})
+_isfinite = math.isfinite
+
+
+def _plain_flat(data: dict[Any, Any]) -> bool:
+    for key, value in data.items():
+        if type(key) is not str:
+            return False
+        kind = type(value)
+        if kind not in _FLAT and not (kind is float and _isfinite(value)):
+            return False
+    return True
+
+
+def canonical_bytes(data: Mapping[str, Any], *, plain: bool = False) -> bytes:
+    """``data`` as canonical JSON (sorted keys, compact, UTF-8; see the module docstring).
+
+    ``plain=True`` promises that ``data`` is a dict of plain JSON (string keys; strings,
+    integers, finite floats, booleans, null, and lists and dicts of them) and skips the check.
+    """
+    # The text only has to be a deterministic function of ``data``: the chain hashes the
+    # stored text, it never re-encodes the original.
+    if plain or (type(data) is dict and _plain_flat(data)):
+        try:
+            return _json(data)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            pass
+    normalized = normalize(data)
+    try:
+        return _json(normalized)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return _canonical(normalized).encode()
 
 
 def canonical_data(data: Mapping[str, Any]) -> str:
-    """``data`` as canonical JSON text (sorted keys, compact, UTF-8; see the module docstring)."""
-    # Plain JSON data encodes directly. The text only has to be a deterministic function of
-    # ``data``: the chain hashes the stored text, it never re-encodes the original.
-    if type(data) is dict:
-        try:
-            return "".join(_chunks(data, 0)) if _chunks is not None else _canonical(data)
-        except (TypeError, ValueError):
-            pass
-    return _canonical(normalize(data))
+    """``data`` as canonical JSON text (see :func:`canonical_bytes`)."""
+    return canonical_bytes(data).decode()
+
+
+def chain_hash(
+    seq: int,
+    id: str,
+    ts: int,
+    event_type: str,
+    agent_id: str,
+    execution_id: str | None,
+    severity: str,
+    data: bytes,
+    prev_hash: str,
+) -> str:
+    """:func:`record_hash` for data already encoded to UTF-8 bytes."""
+    head = _json([seq, id, ts, event_type, agent_id, execution_id, severity, prev_hash])
+    return _sha256(head + data).hexdigest()
 
 
 def record_hash(
@@ -118,12 +158,8 @@ def record_hash(
     """The hash of one record's complete canonical content: sha256 of the compact JSON array
     ``[seq, id, ts, event_type, agent_id, execution_id, severity, prev_hash]`` immediately
     followed by ``data_json`` (the array is self-delimiting, so the two cannot be confused)."""
-    exe = "null" if execution_id is None else _string(execution_id)
-    body = (
-        f"[{seq:d},{_string(id)},{ts:d},{_string(event_type)},{_string(agent_id)},{exe},"
-        f"{_string(severity)},{_string(prev_hash)}]{data_json}"
-    )
-    return _sha256(body.encode()).hexdigest()
+    data = data_json.encode()
+    return chain_hash(seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash)
 
 
 class Record(NamedTuple):

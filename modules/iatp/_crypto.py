@@ -9,6 +9,7 @@ invalid result.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Final
 
 from iatp.errors import CryptoUnavailable
@@ -46,6 +47,37 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
+class _Pool(threading.local):
+    """Per-thread operating-system randomness, drawn 4 KiB at a time."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.pos = 0
+
+
+_pool = _Pool()
+
+
+def _forget_pool() -> None:
+    _pool.data, _pool.pos = b"", 0  # a forked child must not repeat its parent's nonces
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def random_nonce(n: int) -> bytes:
+    """``n`` (at most 4096) bytes from ``os.urandom``, served from a per-thread pool: each
+    byte is handed out once, and a forked child starts with an empty pool."""
+    pool = _pool
+    pos = pool.pos
+    data = pool.data
+    if pos + n > len(data):
+        data = pool.data = os.urandom(4096)
+        pos = 0
+    pool.pos = pos + n
+    return data[pos : pos + n]
+
+
 def keypair_from_seed(seed: bytes) -> tuple[bytes, bytes]:
     """Return ``(public_key, secret_key)`` (32 and 64 bytes) for a 32-byte ed25519 seed."""
     _require()
@@ -55,8 +87,10 @@ def keypair_from_seed(seed: bytes) -> tuple[bytes, bytes]:
 
 def sign(secret_key: bytes, message: bytes) -> bytes:
     """The 64-byte ed25519 signature of ``message``."""
-    _require()
-    return bytes(_bindings.crypto_sign(message, secret_key)[:SIGNATURE_BYTES])
+    if not AVAILABLE:
+        _require()
+    signed: bytes = _bindings.crypto_sign(message, secret_key)
+    return signed[:SIGNATURE_BYTES]
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -64,7 +98,8 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
 
     Wrong lengths and garbage give False; a missing PyNaCl raises CryptoUnavailable.
     """
-    _require()
+    if not AVAILABLE:
+        _require()
     if len(signature) != SIGNATURE_BYTES or len(public_key) != PUBLIC_KEY_BYTES:
         return False
     try:

@@ -79,13 +79,14 @@ class IATPMiddleware(Middleware):
         if not iatp.is_open:
             await iatp.open()
         if envelope.sig is None:
+            by_pair = iatp.sessions.by_pair
             recipient = envelope.recipient
             session = (
-                iatp.sessions.for_pair(envelope.sender, recipient, iatp.verifier.clock())
-                if recipient is not None and self.use_sessions and iatp.sessions.by_pair
+                by_pair.get((envelope.sender, recipient))
+                if by_pair and recipient is not None and self.use_sessions
                 else None
             )
-            if session is not None:
+            if session is not None and iatp.verifier.clock() < session.expires_at:
                 session.seal(envelope)
             else:
                 try:
@@ -106,13 +107,12 @@ class IATPMiddleware(Middleware):
             await call_next(envelope, metadata)
             return
         subscription: Any = context.get("subscription")
+        scope = id(subscription)
         verifier = iatp.verifier
         viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
-        result = verifier.verify(
-            envelope, viewer=viewer, scope=id(subscription), redelivery=metadata.attempt > 1
-        )
+        result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1)
         if not result.valid:
             self.rejected[result.reason or "invalid"] += 1
             raise SignatureRejected(result)

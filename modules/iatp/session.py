@@ -38,12 +38,25 @@ import msgpack
 
 from amb.envelope import Envelope, Signature
 from iatp import _crypto
-from iatp.canonical import ANSWER_DOMAIN, OFFER_DOMAIN, SESSION_DOMAIN, head, pack, session_rest_bytes
+from iatp.canonical import (
+    ANSWER_DOMAIN,
+    OFFER_DOMAIN,
+    SESSION_DOMAIN,
+    head,
+    pack,
+    session_rest_bytes,
+    signature,
+)
 from iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024
 _MASK: Final = (1 << WINDOW) - 1
+OPENED: Final = 0
+BAD_MAC: Final = 1
+REPLAYED_COUNTER: Final = 2
+_compare = hmac.compare_digest
+_from_bytes = int.from_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +226,7 @@ class Session:
         nonce = counter.to_bytes(8, "big")
         h = mac.copy()
         h.update(session_rest_bytes(env, nonce))
-        env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
+        env.sig = signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
         """Whether ``sig`` carries the MAC of ``env`` under the receiving key (constant-time
@@ -224,6 +237,20 @@ class Session:
         h = mac.copy()
         h.update(session_rest_bytes(env, sig.nonce))
         return hmac.compare_digest(h.digest(), sig.value)
+
+    def open(self, env: Envelope, sig: Signature, scope: Any = None) -> int:
+        """Check the MAC (constant-time), then record the counter: :data:`OPENED`,
+        :data:`BAD_MAC` (also once the session is closed) or :data:`REPLAYED_COUNTER`. The
+        counter is recorded only for a message whose MAC verified."""
+        mac = self._recv_mac
+        if mac is None:
+            return BAD_MAC
+        nonce = sig.nonce
+        h = mac.copy()
+        h.update(session_rest_bytes(env, nonce))
+        if not _compare(h.digest(), sig.value):
+            return BAD_MAC
+        return OPENED if self.accept_counter(_from_bytes(nonce, "big"), scope) else REPLAYED_COUNTER
 
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay)."""

@@ -26,18 +26,18 @@ from typing import Any, Final
 
 from amb.envelope import Envelope, Signature
 from iatp import _crypto
-from iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes
+from iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes, signature
 from iatp.errors import CryptoUnavailable, UnknownAgent
 from iatp.models import TrustModel
 from iatp.registry import KeyRegistry
 from iatp.replay import REPLAYED, NonceCache
 from iatp.result import Reason, VerificationResult, invalid, valid_result
-from iatp.session import SESSION_SCHEME, Session
+from iatp.session import BAD_MAC, SESSION_SCHEME, Session
 from iatp.trust import TrustStore
 
 ED25519: Final = "ed25519"
 NONCE_BYTES: Final = 16
-_random = _crypto.random_bytes
+_random = _crypto.random_nonce
 TRUST_CACHE_NS: Final = 1_000_000_000  # expiry-driven trust changes show within one second
 
 
@@ -113,7 +113,7 @@ class EnvelopeVerifier:
             raise UnknownAgent(env.sender, "unrevoked signing key")
         nonce = _random(NONCE_BYTES)
         value = _crypto.sign(secret, self._head(key_id) + rest_bytes(env, nonce))
-        env.sig = Signature(ED25519, key_id, nonce, value)
+        env.sig = signature(ED25519, key_id, nonce, value)
 
     def _head(self, key_id: str) -> bytes:
         """The constant head of the signed bytes for ``key_id`` (cached; called only for keys
@@ -130,7 +130,6 @@ class EnvelopeVerifier:
     def verify(
         self,
         env: Any,
-        *,
         viewer: str | None = None,
         scope: Hashable = None,
         redelivery: bool = False,
@@ -195,12 +194,16 @@ class EnvelopeVerifier:
             session = self.sessions.get((key_id, sender))
             if session is None or now >= session.expires_at:
                 return invalid(Reason.UNKNOWN_SESSION, sender, ts, key_id)
-            bad_time = self._bad_time(ts, expires_at, now)
-            if bad_time is not None:
-                return invalid(bad_time, sender, ts, key_id)
-            if not session.check_mac(env, sig):
-                return invalid(Reason.BAD_SIGNATURE, sender, ts, key_id, "session MAC")
-            if not session.accept_counter(int.from_bytes(nonce, "big"), scope):
+            if (
+                ts > now + self.skew_ns
+                or ts < now - self.max_age_ns
+                or (expires_at is not None and now >= expires_at)
+            ):
+                return invalid(self._bad_time(ts, expires_at, now) or Reason.EXPIRED, sender, ts, key_id)
+            opened = session.open(env, sig, scope)
+            if opened:
+                if opened == BAD_MAC:
+                    return invalid(Reason.BAD_SIGNATURE, sender, ts, key_id, "session MAC")
                 return invalid(Reason.REPLAYED, sender, ts, key_id, "session counter")
             level = self.trust.level(viewer or session.local, sender, None, now)
             return valid_result(sender, ts, level, key_id)

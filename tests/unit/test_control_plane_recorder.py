@@ -327,3 +327,73 @@ def test_records_up_to_the_last_flush_survive_a_killed_writer(tmp_path: Path) ->
         assert [r.data["i"] for r in records] == list(range(500))
 
     asyncio.run(check())
+
+
+# -- the canonical encoding -----------------------------------------------------------------------
+
+
+def _old_record_hash(*fields: object) -> str:
+    """The hash as the first version of the recorder computed it (stdlib JSON, an f-string):
+    records already on disk must keep verifying."""
+    import hashlib
+
+    seq, rid, ts, et, agent, exe, sev, data_json, prev = fields
+    text = json.encoder.encode_basestring  # type: ignore[attr-defined]
+    exe_text = "null" if exe is None else text(exe)
+    head = f"[{seq:d},{text(rid)},{ts:d},{text(et)},{text(agent)},{exe_text},{text(sev)},{text(prev)}]"
+    body = head + str(data_json)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+_TRICKY = [
+    "",
+    "plain",
+    'quote " back \\ slash /',
+    "\x00\x01\x1f\x7f\b\f\n\r\t",
+    "é ü \u2028 \U0001f600",
+    "a" * 300,
+]
+
+
+def test_record_hash_is_the_hash_records_on_disk_were_made_with() -> None:
+    from control_plane.recorder.records import canonical_data, record_hash
+
+    for rid, agent, exe in itertools.product(_TRICKY, _TRICKY, [None, *_TRICKY]):
+        data = canonical_data({"text": agent, "n": 1})
+        fields = (7, rid, 1_700_000_000_000_000_000, "policy_decision", agent, exe, "info", data, "ab" * 32)
+        assert record_hash(*fields) == _old_record_hash(*fields)
+
+
+def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None:
+    import enum
+
+    from control_plane.recorder.records import canonical_bytes, canonical_data
+
+    class Color(enum.Enum):
+        RED = 1
+
+    for text in _TRICKY:
+        plain = {"z": text, "a": 1, "m": [1.5, None, True], "n": {"y": 2, "x": text}}
+        expected = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert canonical_data(plain) == expected
+        assert canonical_bytes(plain, plain=True) == expected.encode()
+    odd = {
+        "blob": b"\x00\x01",
+        "when": datetime(2024, 1, 1),
+        "tags": {"b", "a"},
+        "nan": float("nan"),
+        "big": 2**70,
+        "color": Color.RED,
+        3: "int key",
+        "obj": object,
+    }
+    data = json.loads(canonical_data(odd))
+    assert data["blob"] == {"$b64": "AAE="}
+    assert data["when"] == "2024-01-01T00:00:00"
+    assert data["tags"] == ["a", "b"]
+    assert data["nan"] == "nan"
+    assert data["big"] == 2**70
+    assert data["color"] == "RED"
+    assert data["3"] == "int key"
+    assert data["obj"] == repr(object)
+    assert canonical_data(odd) == canonical_data(dict(reversed(odd.items())))  # deterministic

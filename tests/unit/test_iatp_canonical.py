@@ -255,3 +255,25 @@ def test_field_shift_attack_on_a_signed_envelope_fails(left: str, right: str) ->
     result = _iatp.verify_envelope(shifted)
     assert not result.valid
     assert result.reason == "bad_signature"
+
+
+def test_the_fast_signature_constructor_builds_an_equal_frozen_signature() -> None:
+    from iatp.canonical import signature
+
+    sig = signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
+    assert sig == Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
+    assert hash(sig) == hash(Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sig.value = b"x"  # type: ignore[misc]
+
+
+def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
+    import msgpack
+    import msgspec
+
+    from iatp.canonical import pack
+
+    decoded = msgspec.msgpack.decode(msgpack.packb({"x": msgpack.ExtType(5, b"abc")}))
+    assert pack([decoded]) == msgpack.packb([{"x": msgpack.ExtType(5, b"abc")}], use_bin_type=True)
+    with pytest.raises(TypeError):
+        payload_digest(object())

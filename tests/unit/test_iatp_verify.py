@@ -416,3 +416,28 @@ def test_without_pynacl_nothing_signs_and_nothing_verifies() -> None:
     assert out.returncode == 0, out.stderr
     assert "refused: True" in out.stdout
     assert "valid: False crypto_unavailable" in out.stdout
+
+
+def test_nonces_come_from_a_pool_that_never_repeats_and_is_new_after_fork() -> None:
+    import os
+    import warnings
+
+    from iatp import _crypto
+
+    seen = {_crypto.random_nonce(16) for _ in range(2000)}  # spans several 4 KiB refills
+    assert len(seen) == 2000
+    assert all(len(n) == 16 for n in seen)
+    _crypto.random_nonce(16)  # the pool holds unused bytes now
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a threaded process (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: report its next nonce and leave at once
+        os.write(write, _crypto.random_nonce(16))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 16)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 16
+    assert child != _crypto.random_nonce(16)  # the parent's next bytes were not the child's
