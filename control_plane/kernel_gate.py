@@ -44,6 +44,25 @@ class KernelGate:
             )
         return self.policy.evaluate(operation, resource, context)
 
+    def cached_decision(
+        self,
+        operation: str,
+        resource: str,
+        proc: AgentProcess,
+        sender: str,
+        recipient: str | None,
+        verified: bool,
+        trust_level: float,
+    ) -> Decision | None:
+        """The decision :meth:`decide` would return for a message of ``proc`` whose context
+        has these values (and ``agent_id`` = ``proc.id``), if the policy has it cached and the
+        agent's permissions are not restricted; None otherwise (then build the context and
+        call :meth:`decide`)."""
+        policy = self.policy
+        if type(policy) is not Policy or proc.permissions is not None or proc.restrictions:
+            return None
+        return policy.cached(operation, resource, sender, recipient, verified, trust_level, proc.id)
+
     async def authorize(
         self, operation: str, resource: str, context: Mapping[str, Any] | None = None
     ) -> Decision:

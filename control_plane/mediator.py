@@ -172,22 +172,24 @@ class Mediator(Middleware):
         else:
             op, resource = _operation(env), topic
         me = self.process.id
-        ctx = {
-            "operation": op,
-            "topic": topic,
-            "agent_id": proc.id,
-            "agent_name": proc.name,
-            "sender": me,
-            "claimed_sender": env.sender,
-            "verified": True,
-            "trust_level": 1.0,
-            "recipient": env.recipient,
-            "headers": env.headers,
-            "payload": env.payload,
-            "priority": env.priority,
-        }
         kernel = self.kernel
-        decision = kernel.decide(op, resource, ctx, proc)
+        decision = kernel.cached_decision(op, resource, proc, me, env.recipient, True, 1.0)
+        if decision is None:
+            ctx = {
+                "operation": op,
+                "topic": topic,
+                "agent_id": proc.id,
+                "agent_name": proc.name,
+                "sender": me,
+                "claimed_sender": env.sender,
+                "verified": True,
+                "trust_level": 1.0,
+                "recipient": env.recipient,
+                "headers": env.headers,
+                "payload": env.payload,
+                "priority": env.priority,
+            }
+            decision = kernel.decide(op, resource, ctx, proc)
         self.decisions += 1
         data = {
             "operation": op,
@@ -309,25 +311,29 @@ class Mediator(Middleware):
             op, resource = "signal", topic[len(_CONTROL) :]
         else:
             op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
-        ctx = {
-            "operation": op,
-            "topic": topic,
-            "agent_id": proc.id,
-            "agent_name": proc.name,
-            "sender": sender,
-            "claimed_sender": env.sender,
-            "verified": verified,
-            "trust_level": trust,
-            "recipient": recipient,
-            "headers": env.headers,
-            "payload": env.payload,
-            "priority": env.priority,
-        }
         kernel = self.kernel
-        if refusal is None:
-            decision = kernel.decide(op, resource, ctx, proc)
-        else:
+        if refusal is not None:
             decision = Decision(False, "deny", refusal, "control-plane", violation=True)
+        else:
+            cached = kernel.cached_decision(op, resource, proc, sender, recipient, verified, trust)
+            if cached is not None:
+                decision = cached
+            else:
+                ctx = {
+                    "operation": op,
+                    "topic": topic,
+                    "agent_id": proc.id,
+                    "agent_name": proc.name,
+                    "sender": sender,
+                    "claimed_sender": env.sender,
+                    "verified": verified,
+                    "trust_level": trust,
+                    "recipient": recipient,
+                    "headers": env.headers,
+                    "payload": env.payload,
+                    "priority": env.priority,
+                }
+                decision = kernel.decide(op, resource, ctx, proc)
         if route is not None and decision.allowed:
             route.answered = True  # one reply per request (decided before any await)
         self.decisions += 1

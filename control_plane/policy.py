@@ -350,6 +350,25 @@ class Policy:
                 False, "deny", f"evaluation_error: {type(exc).__name__}: {exc}", self.name, violation=True
             )
 
+    def cached(
+        self,
+        operation: str,
+        resource: str,
+        sender: Any,
+        recipient: Any,
+        verified: Any,
+        trust_level: Any,
+        agent_id: Any,
+    ) -> Decision | None:
+        """The decision :meth:`evaluate` would return for a context with these
+        :data:`KEY_FIELDS` values, when it is in the decision cache (no rate limit to apply);
+        None otherwise: then call :meth:`evaluate`. Lets a caller skip building the context.
+        Raises TypeError for an unhashable value."""
+        hit = self._compiled.decisions.get(
+            (operation, resource, sender, recipient, verified, trust_level, agent_id)
+        )
+        return hit if type(hit) is Decision else None
+
     @staticmethod
     def _remember(compiled: _Compiled, key: tuple[Any, ...] | None, outcome: Decision | Rule) -> None:
         if key is None:

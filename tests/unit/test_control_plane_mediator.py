@@ -384,3 +384,46 @@ async def test_policy_reload_under_traffic_drops_nothing() -> None:
     await pub.close()
     await sub.close()
     await kernel.close()
+
+
+async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_permissions() -> None:
+    """The mediator takes repeated decisions from the policy's cache: it must still tell
+    senders, payloads, trust and an agent's changed permissions apart."""
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("deliver", "pay.big", conditions={"max_payload.amount": 100}))
+    policy.add_rule("allow", Pattern("deliver", "pay.*", conditions={"sender": "billing"}))
+    policy.add_rule("allow", Pattern("publish", "pay.*"))
+    kernel = KernelSpace(policy=policy)
+    where = url()
+    bank = AMB(
+        "memory",
+        where,
+        agent_id="bank",
+        middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-eve": ("eve", 0.9)})],
+    )
+    kernel.attach(bank)
+    peer = AMB("memory", where, agent_id="peer")
+    kernel.attach(peer)
+    got = Collector()
+    await bank.subscribe("pay.>", got)
+    sent = [
+        ("pay.out", "b1", "k-billing"),
+        ("pay.out", "e1", "k-eve"),
+        ("pay.out", "b2", "k-billing"),
+        ("pay.out", "e2", "k-eve"),
+        ("pay.big", {"amount": 5}, "k-eve"),
+        ("pay.big", {"amount": 500}, "k-eve"),
+        ("pay.big", {"amount": 7}, "k-eve"),
+    ]
+    for topic, payload, key in sent:
+        await peer.publish(topic, payload, headers={"key": key})
+    await wait_until(lambda: bank.stats.delivered == len(sent))
+    await asyncio.sleep(0.02)
+    assert got.messages == ["b1", "b2", {"amount": 5}, {"amount": 7}]
+    assert bank.stats.rejected == 3
+    kernel._process("peer").restrictions = frozenset({"publish"})  # as a spawn restriction would
+    with pytest.raises(PolicyViolationError):
+        await peer.publish("pay.out", "b3", headers={"key": "k-billing"})
+    await peer.close()
+    await bank.close()
+    await kernel.close()
