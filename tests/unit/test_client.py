@@ -224,3 +224,99 @@ async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
     await asyncio.sleep(0.05)
     assert client.stats.dead_lettered == 1
     await client.close()
+
+
+async def test_metadata_reads_the_wire_fields_until_the_envelope_is_asked_for() -> None:
+    client = AMB(connection_string=memory_url(), agent_id="me")
+    got = Collector()
+    await client.subscribe("w.x", got, context={"policy": "p"})
+    await client.publish(
+        "w.x",
+        {"n": 1},
+        recipient="you",
+        reply_to="w.reply",
+        correlation_id="c-1",
+        headers={"h": "v"},
+        priority=3,
+        ttl=30,
+    )
+    await got.wait_for(1)
+    meta = got.metadata[0]
+    seen = (
+        meta.id,
+        meta.topic,
+        meta.sender,
+        meta.recipient,
+        meta.reply_to,
+        meta.correlation_id,
+        meta.timestamp,
+        meta.expires_at,
+        meta.priority,
+        dict(meta.headers),
+    )
+    assert meta._envelope is None  # nothing so far needed the Envelope object
+    env = meta.envelope
+    assert meta.envelope is env  # built once
+    assert seen == (
+        env.id,
+        "w.x",
+        "me",
+        "you",
+        "w.reply",
+        "c-1",
+        env.timestamp,
+        env.expires_at,
+        3,
+        {"h": "v"},
+    )
+    assert env.payload == {"n": 1}
+    assert meta.signature is None
+    assert meta.subject == "w.x"
+    assert meta.attempt == 1
+    assert not meta.redelivered
+    # The context is a per-delivery copy of the subscription's seed.
+    assert meta.context["policy"] == "p"
+    assert meta.context["subscription"].pattern == "w.x"
+    meta.context["mine"] = 1
+    await client.publish("w.x", 2)
+    await got.wait_for(2)
+    assert "mine" not in got.metadata[1].context
+    await client.close()
+
+
+async def test_request_with_metadata_returns_the_replys_delivery_metadata() -> None:
+    url = memory_url()
+    requester, responder = (
+        AMB(connection_string=url, agent_id="asker"),
+        AMB(connection_string=url, agent_id="answerer"),
+    )
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, message + 1)
+
+    await responder.subscribe("r.x", answer)
+    payload, meta = await requester.request("r.x", 41, timeout=5, with_metadata=True)
+    assert payload == 42
+    assert meta.sender == "answerer"
+    assert meta.correlation_id is not None
+    assert meta.subject == meta.topic
+    assert meta.topic.startswith(requester.broker.inbox_prefix())
+    with pytest.raises(amb.RequestTimeout):
+        await requester.request("r.nobody", 1, timeout=0.05)
+    assert requester.stats.request_timeouts == 1
+    assert requester.stats.requests == 2
+    await requester.close()
+    await responder.close()
+
+
+async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail() -> None:
+    client = AMB(connection_string=memory_url())
+    for _ in range(3):
+        with pytest.raises(ConfigError):
+            await client.publish("bad topic", 1)
+        with pytest.raises(ConfigError):
+            await client.publish("wild.*", 1)
+    await client.publish("fine.topic", 1)
+    assert "fine.topic" in client._topics
+    assert "bad topic" not in client._topics
+    await client.close()

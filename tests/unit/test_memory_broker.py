@@ -204,3 +204,38 @@ def test_bad_urls() -> None:
         MemoryBroker("nats://localhost")
     with pytest.raises(ConfigError):
         MemoryBroker("memory://x", max_pending=0)
+
+
+def test_compiled_patterns_answer_like_matches() -> None:
+    import itertools
+
+    from amb.subjects import compile_pattern, matches
+
+    subjects = [".".join(p) for n in range(1, 5) for p in itertools.product("abc", repeat=n)]
+    patterns = [
+        ".".join(p)
+        for n in range(1, 5)
+        for p in itertools.product(["a", "b", "*", ">"], repeat=n)
+        if ">" not in p[:-1]
+    ]
+    for pattern in patterns:
+        match = compile_pattern(pattern)
+        assert [bool(match(s)) for s in subjects] == [matches(pattern, s) for s in subjects], pattern
+
+
+async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> None:
+    u = url()
+    broker = MemoryBroker(u)
+    await broker.connect()
+    got: list[str] = []
+
+    async def inbox(d: Delivery) -> None:
+        got.append(d.subject)
+
+    await broker.subscribe(broker.inbox_prefix() + ".>", inbox)
+    for i in range(50):
+        await broker.publish(f"{broker.inbox_prefix()}.{i:x}", b"r")
+    await broker.publish(broker.inbox_prefix(), b"not under the inbox")
+    await asyncio.sleep(0.05)
+    assert got == [f"{broker.inbox_prefix()}.{i:x}" for i in range(50)]
+    await broker.close()

@@ -211,3 +211,130 @@ def test_any_payload_roundtrips_in_both_formats(payload: object, headers: dict[s
     env = Envelope(id="i", topic="t", sender="s", payload=payload, headers=headers, timestamp=1)
     for ser in SERIALIZERS:
         assert ser.decode(ser.encode(env)) == env
+
+
+# -- the fast paths: the same results as the plain ones -------------------------------------
+
+
+def test_ids_keep_their_format_across_the_cached_prefix() -> None:
+    from amb.envelope import new_id_at
+
+    now = time.time_ns()
+    ids = [new_id_at(now) for _ in range(1_000)]  # crosses several 256-id prefix boundaries
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    for i in ids:
+        assert len(i) == 32
+        int(i, 16)  # hex only
+        assert i[:12] == f"{now // 1_000_000:012x}"
+    assert len({i[12:20] for i in ids}) == 1  # one node per process
+    counters = [int(i[20:], 16) for i in ids]
+    assert counters == list(range(counters[0], counters[0] + len(ids)))
+    later = new_id_at(now + 5_000_000)
+    assert later[:12] == f"{now // 1_000_000 + 5:012x}"
+    assert later > ids[-1]
+
+
+def test_new_envelope_sets_every_field_like_the_constructor() -> None:
+    import dataclasses
+
+    from amb.envelope import new_envelope
+
+    assert [f.name for f in dataclasses.fields(Envelope)] == [
+        "id",
+        "topic",
+        "sender",
+        "payload",
+        "recipient",
+        "reply_to",
+        "correlation_id",
+        "timestamp",
+        "expires_at",
+        "priority",
+        "headers",
+        "sig",
+        "v",
+    ], "new_envelope and envelope_from_wire set these fields: update them with the dataclass"
+    env = full_envelope()
+    values = [getattr(env, f.name) for f in dataclasses.fields(Envelope)][:-1]
+    assert new_envelope(*values) == env
+
+
+def test_wire_fields_and_envelopes_convert_both_ways() -> None:
+    from amb.serializers import Decoder, envelope_from_wire, wire_of
+
+    env = full_envelope()
+    fields = Decoder().decode_fields(MsgpackSerializer().encode(env))
+    assert envelope_from_wire(fields) == env
+    assert wire_of(env) == fields
+    assert Decoder().decode_fields(JsonSerializer().encode(env)) == fields
+
+
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text() | st.binary()
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=scalars, priority=st.integers(-(2**63), 2**63 - 1), ts=st.integers(0, 2**64 - 1))
+def test_the_scalar_payload_encoder_writes_msgpacks_bytes(payload: object, priority: int, ts: int) -> None:
+    env = Envelope(id="i", topic="t", sender="s", payload=payload, timestamp=ts, priority=priority)
+    fields = [1, "i", "t", "s", None, None, None, ts, None, priority, {}, payload, None]
+    data = MsgpackSerializer().encode(env)
+    assert data == msgpack.packb(fields, use_bin_type=True)
+    assert data == MsgpackSerializer().encode_new(
+        "i", "t", "s", payload, None, None, None, ts, None, priority, {}
+    )
+
+
+def test_values_msgpack_refuses_are_refused_whatever_the_payload_type() -> None:
+    ser = MsgpackSerializer()
+    refused: list[object] = [{1, 2}, {"when": object()}, [frozenset()], 2**64]
+    for payload in refused:
+        with pytest.raises(UnserializablePayload):
+            ser.encode(Envelope(id="i", topic="t", sender="s", payload=payload))
+        with pytest.raises(UnserializablePayload):
+            ser.encode_new("i", "t", "s", payload, None, None, None, 1, None, 0, {})
+
+
+field_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+    st.lists(st.text(max_size=2) | st.binary(max_size=2), max_size=4),
+    st.dictionaries(st.text(max_size=2), st.text(max_size=2) | st.integers(-5, 5), max_size=2),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(index=st.integers(0, 12).filter(lambda i: i != 11), value=field_values)
+def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int, value: object) -> None:
+    from amb.serializers import _decode_msgpack_checked, _typed_unpack
+
+    fields = msgpack.unpackb(MsgpackSerializer().encode(full_envelope()), raw=False)
+    fields[index] = value
+    data = msgpack.packb(fields, use_bin_type=True)
+    try:
+        _typed_unpack(data)
+        typed_ok = True
+    except Exception:
+        typed_ok = False
+    try:
+        _decode_msgpack_checked(data)
+        checked_ok = True
+    except EnvelopeError:
+        checked_ok = False
+    assert typed_ok == checked_ok
+    try:  # either way the decoder's answer is an envelope or an EnvelopeError
+        env = decode(data)
+    except EnvelopeError:
+        assert not checked_ok
+    else:
+        assert checked_ok
+        assert isinstance(env.id, str)
+
+
+def test_payload_maps_with_non_string_keys_decode() -> None:
+    env = Envelope(id="i", topic="t", sender="s", payload={1: "a", "b": [2]}, timestamp=1)
+    assert decode(MsgpackSerializer().encode(env)) == env
