@@ -51,6 +51,7 @@ from amb.middleware import ConsumeNext, Middleware, PublishNext
 from control_plane.errors import AgentStoppedError, KernelError
 from control_plane.kernel_gate import _CURRENT, _violation
 from control_plane.policy import Decision
+from control_plane.process import Life
 from control_plane.replies import PendingRequest, PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
     from control_plane.process import AgentProcess
 
 _CONTROL = CONTROL_PREFIX + "."
+_STOPPED = Life.STOPPED
+_TERMINATED = Life.TERMINATED
+_current_task = asyncio.current_task
 # True while a control message (a signal) is being handled: its reply must not be held by the
 # very SIGSTOP it just applied.
 _IN_CONTROL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_control", default=False)
@@ -124,6 +128,24 @@ class Mediator(Middleware):
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         proc = _CURRENT.get() or self.process
+        life = proc.life
+        if life is _STOPPED or life is _TERMINATED or _IN_CONTROL.get():
+            await self._publish_signalled(proc, envelope, call_next)
+            return
+        # The common path: _publish without its own coroutine.
+        decision, op, resource, pending = self._decide_publish(proc, envelope)
+        if pending is not None:
+            await pending
+        if not decision.allowed:
+            raise _violation(decision, op, resource)
+        env = envelope
+        if self.pending is not None and env.reply_to:
+            self.pending.add(env.reply_to, env.id, proc.id, env.topic, env.recipient, env.expires_at)
+        await call_next(env)
+
+    async def _publish_signalled(
+        self, proc: AgentProcess, envelope: Envelope, call_next: PublishNext
+    ) -> None:
         if _IN_CONTROL.get():
             await self._publish(proc, envelope, call_next)
             return
@@ -134,22 +156,7 @@ class Mediator(Middleware):
             await self._held(proc, envelope, "publish")
             await proc.hold(lambda: self._publish(proc, envelope, call_next))
             return
-        # The common path, as _publish without its own coroutine.
-        decision, op, resource, pending = self._decide_publish(proc, envelope)
-        if pending is not None:
-            await pending
-        if not decision.allowed:
-            raise _violation(decision, op, resource)
-        if self.pending is not None and envelope.reply_to:
-            self.pending.add(
-                envelope.reply_to,
-                envelope.id,
-                proc.id,
-                envelope.topic,
-                envelope.recipient,
-                envelope.expires_at,
-            )
-        await call_next(envelope)
+        await self._publish(proc, envelope, call_next)
 
     async def _publish(self, proc: AgentProcess, env: Envelope, call_next: PublishNext) -> None:
         decision, op, resource, pending = self._decide_publish(proc, env)
@@ -170,7 +177,8 @@ class Mediator(Middleware):
         if topic.startswith(_CONTROL):
             op, resource = "signal", topic[len(_CONTROL) :]
         else:
-            op, resource = _operation(env), topic
+            op = "request" if env.reply_to else ("reply" if env.correlation_id else "publish")
+            resource = topic
         me = self.process.id
         kernel = self.kernel
         decision = kernel.cached_decision(op, resource, proc, me, env.recipient, True, 1.0)
@@ -222,14 +230,15 @@ class Mediator(Middleware):
         elif self.inbound_prefix is not None and subject.startswith(self.inbound_prefix):
             # Mediated mode: the message is the sender's publish, and the sender's signals apply.
             proc = self.kernel.external(verified_identity(envelope, metadata)[0])
-        if proc.killed:
+        life = proc.life
+        if life is _TERMINATED:
             await self._dropped(proc, envelope, "deliver")
             raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
-        if proc.stopped and not envelope.topic.startswith(_CONTROL):
+        if life is _STOPPED and not envelope.topic.startswith(_CONTROL):
             await self._held(proc, envelope, "deliver")
             await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next, route))
             return
-        # The common path, as _deliver without its own coroutine.
+        # The common path: _deliver and _handle without their own coroutines.
         op, pending = self._decide_deliver(proc, envelope, metadata, route)
         if pending is not None:
             await pending
@@ -240,7 +249,23 @@ class Mediator(Middleware):
             finally:
                 _IN_CONTROL.reset(token)
             return
-        await self._handle(proc, envelope, metadata, call_next)
+        task = _current_task()
+        if task is None:  # pragma: no cover - always inside a task under asyncio
+            await call_next(envelope, metadata)
+            return
+        before = task.cancelling()
+        tasks = proc.tasks
+        tasks.add(task)
+        current = _CURRENT.set(proc)
+        try:
+            await call_next(envelope, metadata)
+        except asyncio.CancelledError:
+            if proc.killed and task.cancelling() > before and task.uncancel() == before:
+                raise AgentStoppedError(f"agent {proc.id} was killed while handling {envelope.id}") from None
+            raise
+        finally:
+            _CURRENT.reset(current)
+            tasks.discard(task)
 
     def _mediated(
         self, env: Envelope, subject: str, route: PendingRequest | None, sender: str
@@ -372,7 +397,7 @@ class Mediator(Middleware):
         task counts as the agent's work, so SIGKILL cancels it mid-work; that cancellation is
         turned into AgentStoppedError here (the bus dead-letters the message) and does not
         leak into the task that called us. A cancellation from anyone else propagates."""
-        task = asyncio.current_task()
+        task = _current_task()
         if task is None:  # pragma: no cover - always inside a task under asyncio
             await call_next(env, meta)
             return
