@@ -42,8 +42,12 @@ Semantics:
   trip), so a publish that returned is delivered before any publish started after it from any
   client, at about 1/40 of the throughput. JetStream stores a core publish when a stream covers
   the subject, but nothing confirms it.
-- **Dispatch**: the handler runs inside nats-py's per-subscription task (no extra hop); local
-  redeliveries wait in a bounded queue (``max_pending``) and are handed over in between.
+- **Dispatch**: the handler runs inside nats-py's per-subscription task (no extra hop: the
+  subscription's dispatcher is nats-py's callback); local redeliveries wait in a bounded queue
+  (``max_pending``) and are handed over in between.
+- **Subjects**: checked by the adapter (ConfigError), once per subject rather than on every
+  publish, and more strictly than nats-py (no empty tokens, no wildcards in published subjects,
+  no whitespace in queue group names); nats-py's own per-publish check is turned off.
 - **Backpressure**: nats-py buffers messages a busy handler has not taken yet up to its own
   limits (``pending_msgs_limit``), then drops them as a slow consumer (core subscriptions);
   a durable consumer asks the server for at most ``pull_batch`` messages at a time.
