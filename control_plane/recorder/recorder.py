@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -56,13 +57,14 @@ from control_plane.recorder.records import (
     Record,
     VerifyResult,
     canonical_bytes,
-    chain_hash,
+    json_bytes,
     verify_rows,
 )
 from control_plane.recorder.storage import MemoryStorage, Row, Storage, Where
 
 log = logging.getLogger("control_plane.recorder")
 _SEVERITIES = frozenset(SEVERITIES)
+_sha256 = hashlib.sha256
 _time_ns = time.time_ns
 _new_record = tuple.__new__  # Record's own __new__ without the argument parsing
 
@@ -284,9 +286,19 @@ class FlightRecorder:
         seq = self._seq + 1
         rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
         ts = _time_ns()
-        raw = canonical_bytes(data, plain=plain) if data else b"{}"
+        if not data:
+            raw = b"{}"
+        elif plain:
+            try:
+                raw = json_bytes(data)
+            except Exception:  # not plain after all (an integer beyond 64 bits ...)
+                raw = canonical_bytes(data)
+        else:
+            raw = canonical_bytes(data)
         prev = self._prev
-        h = chain_hash(seq, rid, ts, event_type, agent_id, execution_id, severity, raw, prev)
+        # chain_hash, inline (the hot path)
+        head = json_bytes([seq, rid, ts, event_type, agent_id, execution_id, severity, prev])
+        h = _sha256(head + raw).hexdigest()
         self._seq, self._prev = seq, h
         record: Record = _new_record(
             Record, (seq, rid, ts, event_type, agent_id, execution_id, severity, raw.decode(), prev, h)

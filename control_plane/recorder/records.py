@@ -88,6 +88,8 @@ _canonical = _encoder.encode  # the last resort: integers beyond 64 bits, which 
 # separators and ensure_ascii=False (strings are escaped alike), except for the exponent of
 # floats (1e16, not 1e+16); several times faster. Encoders keep no state between calls.
 _json: Final = msgspec.json.Encoder(order="sorted").encode
+json_bytes: Final = _json
+"""Compact JSON with sorted keys (msgspec), the encoder of data and chain headers."""
 _sha256 = hashlib.sha256
 _FLAT: Final = frozenset({str, int, bool, type(None)})
 _isfinite = math.isfinite

@@ -397,3 +397,23 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
     assert data["3"] == "int key"
     assert data["obj"] == repr(object)
     assert canonical_data(odd) == canonical_data(dict(reversed(odd.items())))  # deterministic
+
+
+async def test_appended_records_carry_the_documented_hash() -> None:
+    from control_plane.recorder.records import record_hash
+
+    rec = FlightRecorder("memory")
+    await rec.open()
+    records = [
+        rec.append("policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True),
+        rec.append("policy_decision", "a1", {"big": 2**70}, "warning", None, True),  # not plain after all
+        rec.append("execute", "a1", {"blob": b"\x00"}, "info", "exe-1"),
+        rec.append("execute", "a1", None),
+    ]
+    for r in records:
+        assert r.hash == record_hash(
+            r.seq, r.id, r.ts, r.event_type, r.agent_id, r.execution_id, r.severity, r.data_json, r.prev_hash
+        )
+    assert records[1].data == {"big": 2**70}
+    assert (await rec.verify()).ok
+    await rec.close()
