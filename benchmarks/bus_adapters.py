@@ -618,7 +618,7 @@ the raw baselines do not encode or decode.
 
 
 async def main(quick: bool, only: list[str], write: bool) -> None:
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     results: dict[str, Result] = {}
     t0 = time.monotonic()
     for backend in only:
