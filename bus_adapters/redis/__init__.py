@@ -38,9 +38,15 @@ Guarantees:
   handler acks it; entries pending for longer than ``claim_min_idle`` seconds on a consumer
   that died are claimed by a live member (``XAUTOCLAIM``), ``attempt`` being Redis's delivery
   count. An entry delivered more than ``max_deliveries`` times is moved to the dead-letter
-  stream ``<prefix>dead:<stream key>`` (and counted in ``dead_lettered``). A stream keeps at
-  most about ``stream_maxlen`` entries (``MAXLEN ~``): a backlog beyond that loses its oldest
-  messages. A durable group lives ``durable_ttl`` seconds after its last member left (None:
+  stream ``<prefix>dead:<stream key>`` with ``reason`` ``max_deliveries`` (and counted in
+  ``dead_lettered``); an entry this adapter cannot read (no ``s``/``d`` field, a subject that is
+  not UTF-8, not valid or not matched by the group's pattern) goes there at once with reason
+  ``malformed: ...`` (counted in ``malformed`` too), so one bad entry never stops a group. The
+  dead entry keeps the original fields and adds ``id``, ``deliveries``, ``group`` and
+  ``reason``. A pub/sub message on a channel that is no valid subject is dropped and counted
+  in ``malformed``; a reader logs and counts (``reader_errors``) anything unexpected and goes
+  on. A stream keeps at most about ``stream_maxlen`` entries (``MAXLEN ~``): a backlog
+  beyond that loses its oldest messages. A durable group lives ``durable_ttl`` seconds after its last member left (None:
   forever); a queue group lives ``queue_lease`` seconds after its last member left.
 - **Ordering**: each subscription hands messages to its handler one at a time, in the order it
   received them; pub/sub delivers in publish order per publisher. Reclaimed and nacked stream

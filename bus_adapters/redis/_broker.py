@@ -58,6 +58,11 @@ class RedisBroker(Lifecycle):
     ``block`` (longest ``XREADGROUP`` wait, seconds), ``reconnect_attempts``, ``key_prefix``;
     anything else goes to ``redis.asyncio.Redis.from_url``. Raises ConfigError for a bad URL
     or option.
+
+    Counters: ``dead_lettered`` (stream entries moved to the dead-letter stream, see the
+    package docstring), ``malformed`` (stream entries and pub/sub messages this adapter could
+    not read: entries are dead-lettered with reason ``malformed: ...``, pub/sub messages
+    dropped), ``reader_errors`` (unexpected errors of a reader, which logs them and goes on).
     """
 
     name = "redis"
@@ -106,6 +111,8 @@ class RedisBroker(Lifecycle):
         self.key_prefix = key_prefix
         self.registry_key = f"{key_prefix}groups"
         self.dead_lettered = 0
+        self.malformed = 0
+        self.reader_errors = 0
         self.client_id = f"{os.getpid():x}{next(_client_ids):x}{os.urandom(4).hex()}"
         self._inbox = f"{INBOX_PREFIX}{self.client_id}"
         self._redis_options: dict[str, Any] = {
@@ -338,21 +345,40 @@ class RedisBroker(Lifecycle):
                 continue
             if message is None:
                 continue
-            kind = text(message["type"])
-            if kind == "message":
-                subject = text(message["channel"])
-                targets = self._exact.get(subject, ())
-            elif kind == "pmessage":
-                subject = text(message["channel"])
-                targets = [
-                    s for s in self._globs.get(text(message["pattern"]), ()) if matches(s.pattern, subject)
-                ]
-            else:
-                if kind in ("subscribe", "psubscribe"):
-                    for fut in self._confirms.pop((kind, text(message["channel"])), ()):
-                        if not fut.done():
-                            fut.set_result(None)
-                continue
-            data = cast(bytes, message["data"])
-            for sub in list(targets):
-                await sub.put(subject, data)
+            try:
+                await self._route_pubsub(message)
+            except UnicodeDecodeError:
+                self.malformed += 1
+                log.warning("redis broker: dropped a pub/sub message on a channel that is not UTF-8")
+            except ConfigError as exc:
+                self.malformed += 1
+                log.warning("redis broker: dropped a pub/sub message: %s", exc)
+            except Exception:
+                # One message must not end the reader every pub/sub subscription of this
+                # client (its reply inbox included) depends on.
+                self.reader_errors += 1
+                log.exception("redis broker: could not route a pub/sub message")
+
+    async def _route_pubsub(self, message: dict[str, Any]) -> None:
+        """Hand one pub/sub message to the subscriptions it is for (or settle a confirmation).
+
+        Raises UnicodeDecodeError / ConfigError for a channel that is no valid subject."""
+        kind = text(message["type"])
+        if kind == "message":
+            subject = text(message["channel"])
+            targets = self._exact.get(subject, ())
+        elif kind == "pmessage":
+            # A glob matches more than subjects (any bytes): check before delivering.
+            subject = validate_subject(text(message["channel"]))
+            targets = [
+                s for s in self._globs.get(text(message["pattern"]), ()) if matches(s.pattern, subject)
+            ]
+        else:
+            if kind in ("subscribe", "psubscribe"):
+                for fut in self._confirms.pop((kind, text(message["channel"])), ()):
+                    if not fut.done():
+                        fut.set_result(None)
+            return
+        data = cast(bytes, message["data"])
+        for sub in list(targets):
+            await sub.put(subject, data)

@@ -7,12 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from redis import exceptions as rexc
 
 from amb.broker import DeliveryHandler
 from amb.dispatch import Dispatcher, LocalDelivery
+from amb.errors import ConfigError
+from amb.subjects import compile_pattern, validate_subject
 from bus_adapters.redis._errors import translated
 
 if TYPE_CHECKING:
@@ -25,6 +27,15 @@ _Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns 
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class MalformedEntry(ValueError):
+    """A stream entry this adapter did not write and cannot deliver (its reason is the message)."""
+
+
+# Fields of a dead-letter entry besides the original entry's own (renamed ``orig:<name>`` when
+# an original field has one of these names).
+_DEAD_META: Final = frozenset({b"id", b"deliveries", b"group", b"reason"})
 
 
 class StreamDelivery:
@@ -105,6 +116,7 @@ class StreamSubscription(PubSubSubscription):
         self.group = group
         self.lease_ms = lease_ms
         self.consumer = f"{broker.client_id}-{next(broker._sub_ids)}"
+        self._match = compile_pattern(pattern)
         self._reader: asyncio.Task[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -152,12 +164,51 @@ class StreamSubscription(PubSubSubscription):
             return
         for stream_id, fields in claimed:
             if fields:
-                self.dispatcher.requeue(self._delivery(stream_id, fields, delivery.attempt + 1))
+                # Checked when first delivered; a redelivery carries the same fields.
+                again = StreamDelivery(
+                    delivery.subject, delivery.data, delivery.attempt + 1, self, text(stream_id)
+                )
+                self.dispatcher.requeue(again)
 
     def _delivery(
         self, stream_id: bytes | str, fields: Mapping[bytes, bytes], attempt: int
     ) -> StreamDelivery:
-        return StreamDelivery(text(fields[b"s"]), fields[b"d"], attempt, self, text(stream_id))
+        """The delivery of a stream entry; raises MalformedEntry for an entry without a valid
+        subject (``s``: UTF-8, matched by this group's pattern) and data (``d``)."""
+        raw_subject = fields.get(b"s")
+        data = fields.get(b"d")
+        if raw_subject is None or data is None:
+            raise MalformedEntry("the entry has no 's' (subject) or no 'd' (data) field")
+        try:
+            subject = validate_subject(raw_subject.decode())
+        except UnicodeDecodeError:
+            raise MalformedEntry("the subject is not UTF-8") from None
+        except ConfigError as exc:
+            raise MalformedEntry(str(exc)) from None
+        if not self._match(subject):
+            raise MalformedEntry(f"subject {subject!r} is not matched by {self.pattern!r}")
+        return StreamDelivery(subject, data, attempt, self, text(stream_id))
+
+    async def _hand_over(self, stream_id: bytes, fields: Mapping[bytes, bytes], attempt: int) -> None:
+        """Queue one entry for the handler, or dead-letter it when malformed.
+
+        Any other exception than a Redis/connection error is logged and counted
+        (``reader_errors``) and the entry left pending: it is claimed again after
+        ``claim_min_idle`` and dead-lettered after ``max_deliveries``. The reader goes on.
+        """
+        try:
+            try:
+                delivery = self._delivery(stream_id, fields, attempt)
+            except MalformedEntry as exc:
+                self.broker.malformed += 1
+                await self._dead_letter(text(stream_id), fields, attempt, f"malformed: {exc}")
+                return
+            await self.dispatcher.put(delivery)
+        except (rexc.RedisError, OSError):
+            raise
+        except Exception:
+            self.broker.reader_errors += 1
+            log.exception("redis broker: entry %r on %s could not be handed over", stream_id, self.key)
 
     async def _read_loop(self) -> None:
         broker = self.broker
@@ -188,7 +239,7 @@ class StreamSubscription(PubSubSubscription):
                 failures = 0
                 for _key, entries in got or ():
                     for stream_id, fields in entries:
-                        await d.put(self._delivery(stream_id, fields, 1))
+                        await self._hand_over(stream_id, fields, 1)
             except rexc.ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     # The stream or its group vanished (expired, or a server that lost its
@@ -202,6 +253,13 @@ class StreamSubscription(PubSubSubscription):
                 failures += 1
             except (rexc.RedisError, OSError) as exc:
                 await self._retry_after(failures, "connection lost", exc)
+                failures += 1
+            except Exception as exc:
+                # Not expected (entries are checked one by one): counted and logged, and the
+                # reader goes on rather than leave the subscription dead.
+                broker.reader_errors += 1
+                log.exception("redis broker: the stream reader of %s failed", self.key)
+                await self._retry_after(failures, "reader failed", exc)
                 failures += 1
 
     async def _retry_after(self, failures: int, what: str, exc: BaseException) -> None:
@@ -238,30 +296,27 @@ class StreamSubscription(PubSubSubscription):
                 for stream_id, fields in entries:
                     attempt = counts.get(text(stream_id), 2)
                     if attempt > broker.max_deliveries:
-                        await self._dead_letter(text(stream_id), fields, attempt)
+                        await self._dead_letter(text(stream_id), fields, attempt, "max_deliveries")
                     else:
-                        await self.dispatcher.put(self._delivery(stream_id, fields, attempt))
+                        await self._hand_over(stream_id, fields, attempt)
             if text(start) == "0-0":
                 return
 
-    async def _dead_letter(self, stream_id: str, fields: Mapping[bytes, bytes], attempt: int) -> None:
+    async def _dead_letter(
+        self, stream_id: str, fields: Mapping[bytes, bytes], attempt: int, reason: str
+    ) -> None:
+        """Move an entry to ``<prefix>dead:<stream key>`` (its own fields, plus ``id``,
+        ``deliveries``, ``group`` and ``reason``), then ack and delete it, in one transaction."""
         broker = self.broker
-        log.error(
-            "redis broker: %s on %s delivered %d times; moved to the dead-letter stream",
-            stream_id,
-            self.key,
-            attempt,
-        )
+        log.error("redis broker: %s on %s moved to the dead-letter stream: %s", stream_id, self.key, reason)
+        dead: dict[bytes, bytes | str | int] = {
+            (b"orig:" + name if name in _DEAD_META else name): value for name, value in fields.items()
+        }
+        dead.update({b"id": stream_id, b"deliveries": attempt, b"group": self.group, b"reason": reason})
         async with broker.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 f"{broker.key_prefix}dead:{self.key}",
-                {
-                    b"s": fields[b"s"],
-                    b"d": fields[b"d"],
-                    b"id": stream_id,
-                    b"deliveries": attempt,
-                    b"group": self.group,
-                },
+                dead,  # type: ignore[arg-type]
                 maxlen=broker.stream_maxlen,
                 approximate=True,
             )

@@ -1,0 +1,99 @@
+"""Remove what tests leave on the shared servers: JetStream streams and consumers, Redis stream
+keys, consumer groups and registry entries, selected by the test's unique subject prefix.
+
+Durable subscriptions outlive their clients by design (NATS streams are file-backed; Redis
+durable groups live ``durable_ttl``), so a test that creates one deletes it at teardown with
+these helpers. ``min_idle`` spares what was used recently (for sweeping leftovers while other
+test runs may be using the same server).
+"""
+
+from __future__ import annotations
+
+import time
+
+NATS_URL = "nats://127.0.0.1:4222"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _under(subject: str, prefix: str) -> bool:
+    return subject == prefix or subject.startswith(prefix + ".")
+
+
+async def delete_nats_streams(prefix: str, url: str = NATS_URL, min_idle: float | None = None) -> list[str]:
+    """Delete the streams whose subjects all lie under ``prefix`` (their consumers go with them)
+    and the consumers filtering on ``prefix`` in other streams; return the names deleted.
+
+    ``min_idle``: keep streams that received a message less than that many seconds ago.
+    """
+    import nats
+
+    deleted: list[str] = []
+    nc = await nats.connect(url)
+    try:
+        jsm = nc.jsm()
+        for info in await jsm.streams_info():
+            name = info.config.name
+            assert name is not None
+            subjects = info.config.subjects or []
+            if subjects and all(_under(s, prefix) for s in subjects):
+                last = info.state.last_ts
+                if min_idle is not None and last is not None and time.time() - last.timestamp() < min_idle:
+                    continue
+                await jsm.delete_stream(name)
+                deleted.append(name)
+                continue
+            for consumer in await jsm.consumers_info(name):
+                wanted = consumer.config.filter_subject
+                if wanted and _under(wanted, prefix) and consumer.name:
+                    await jsm.delete_consumer(name, consumer.name)
+                    deleted.append(f"{name}/{consumer.name}")
+    finally:
+        await nc.close()
+    return deleted
+
+
+async def delete_redis_keys(
+    url: str = REDIS_URL,
+    *,
+    key_prefix: str | None = None,
+    subject_prefix: str | None = None,
+    amb_prefix: str = "amb:",
+    min_idle: float | None = None,
+) -> list[str]:
+    """Delete Redis keys a test made and return them.
+
+    ``key_prefix``: every key starting with it (a test that gave its broker its own
+    ``key_prefix``). ``subject_prefix``: the keys of the adapter's default ``amb_prefix`` that
+    belong to subjects under it (registry index, group streams, dead-letter streams) and its
+    entries in the wildcard index. ``min_idle``: keep keys touched less than that many seconds ago.
+    """
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(url)
+    deleted: list[str] = []
+    try:
+        patterns = []
+        if key_prefix is not None:
+            patterns.append(f"{key_prefix}*")
+        if subject_prefix is not None:
+            patterns += [
+                f"{amb_prefix}groups:{subject_prefix}",
+                f"{amb_prefix}*:{subject_prefix}.*",
+                f"{amb_prefix}*:{subject_prefix}-*",
+            ]
+        for pattern in patterns:
+            async for raw in r.scan_iter(match=pattern, count=500):
+                key = raw.decode()
+                if min_idle is not None and (await r.object("idletime", key) or 0) < min_idle:
+                    continue
+                await r.delete(key)
+                deleted.append(key)
+        if subject_prefix is not None:
+            wildcard_index = f"{amb_prefix}groups:*"
+            members = await r.zrange(wildcard_index, 0, -1)
+            stale = [m for m in members if f":{subject_prefix}.".encode() in m]
+            if stale:
+                await r.zrem(wildcard_index, *stale)
+    finally:
+        await r.aclose()
+    return deleted
