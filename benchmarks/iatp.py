@@ -1,6 +1,6 @@
 """IATP benchmarks: sign, verify, signed delivery on the in-memory bus, and session mode.
 
-    .venv/bin/python -m benchmarks.iatp [--quick]
+    .venv/bin/python -m benchmarks.iatp [--quick] [--no-write]
 
 Baselines measured in the same run: raw PyNaCl ``SigningKey.sign`` / ``VerifyKey.verify`` on a
 message of the size of our canonical envelope bytes, and the same bus without middleware. Each
@@ -196,7 +196,7 @@ def mark(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, write: bool = True) -> None:
     n_sig = 3_000 if quick else 20_000
     ed_rounds, ed_chunk = (8, 250) if quick else (40, 250)
     s_rounds, s_chunk = (5, 2_000) if quick else (25, 2_000)
@@ -255,7 +255,8 @@ same core, so it pays for both (its ceiling is raw sign + verify).
 | session-mode delivery (seal + check on the bus) | {session_delivery_rate:,.0f} msg/s | {plain_delivery:,.0f} msg/s (bus without middleware) | {session_ratio:.2f} | >= 100,000 msg/s {mark(session_delivery_rate >= 100_000)} |
 """
     print(body)
-    write_section("iatp", "python -m benchmarks.iatp" + (" --quick" if quick else ""), body)
+    if write:
+        write_section("iatp", "python -m benchmarks.iatp" + (" --quick" if quick else ""), body)
 
 
 if __name__ == "__main__":
@@ -263,4 +264,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    asyncio.run(main(args.quick, not args.no_write))

@@ -2,7 +2,8 @@
 
 Entry point: :class:`IATP`. Modules: ``canonical`` (the signed bytes), ``verifier`` (the checks),
 ``keystore``/``filestore`` (key storage), ``trust``/``models`` (trust documents and models),
-``session``/``handshake`` (session mode), ``middleware`` (the bus layer).
+``session``/``handshake`` (session mode), ``middleware`` (the bus layer), ``noncestore``
+(replay protection shared between processes), ``sender`` (who sent a delivered message).
 """
 
 from iatp.canonical import UNSIGNED_HEADERS, envelope_bytes, key_id_for
@@ -11,13 +12,16 @@ from iatp.errors import (
     CryptoUnavailable,
     IATPConfigError,
     IATPError,
+    IdentityConflict,
     InsecureKeyStore,
     KeyStoreCorrupt,
     KeyStoreError,
+    NonceStoreUnavailable,
     SessionError,
     SignatureRejected,
     SigningRejected,
     TrustError,
+    Unauthenticated,
     UnknownAgent,
     UnknownKey,
     WrongPassphrase,
@@ -26,9 +30,11 @@ from iatp.filestore import FileKeyStore
 from iatp.iatp import IATP
 from iatp.keys import Identity, KeyRecord
 from iatp.keystore import KeyStore, MemoryKeyStore, StoreContents
-from iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, RESULT, IATPMiddleware
+from iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, REPLAY_SCOPE, RESULT, IATPMiddleware
 from iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfTrust
+from iatp.noncestore import RedisNonceStore, SharedNonceStore
 from iatp.result import Reason, VerificationResult
+from iatp.sender import sender_identity
 from iatp.session import SESSION_SCHEME, PendingSession, Session, SessionAnswer, SessionOffer
 from iatp.trust import Certificate, TrustEdge
 from iatp.verifier import ED25519
@@ -38,6 +44,7 @@ __all__ = [
     "ED25519",
     "IATP",
     "MIN_TRUST",
+    "REPLAY_SCOPE",
     "RESULT",
     "SESSION_SCHEME",
     "UNSIGNED_HEADERS",
@@ -50,25 +57,30 @@ __all__ = [
     "IATPError",
     "IATPMiddleware",
     "Identity",
+    "IdentityConflict",
     "InsecureKeyStore",
     "KeyRecord",
     "KeyStore",
     "KeyStoreCorrupt",
     "KeyStoreError",
     "MemoryKeyStore",
+    "NonceStoreUnavailable",
     "PendingSession",
     "PkiTrust",
     "Reason",
+    "RedisNonceStore",
     "Session",
     "SessionAnswer",
     "SessionError",
     "SessionOffer",
+    "SharedNonceStore",
     "SignatureRejected",
     "SigningRejected",
     "StoreContents",
     "TrustEdge",
     "TrustError",
     "TrustModel",
+    "Unauthenticated",
     "UnknownAgent",
     "UnknownKey",
     "VerificationResult",
@@ -76,4 +88,5 @@ __all__ = [
     "WrongPassphrase",
     "envelope_bytes",
     "key_id_for",
+    "sender_identity",
 ]

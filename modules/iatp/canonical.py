@@ -26,7 +26,8 @@ payload itself (as a msgpack value) in place of its digest: keyed BLAKE2b needs 
 and skipping it keeps session mode fast.
 
 Trust edges (``EDGE_DOMAIN``) and certificates (``CERT_DOMAIN``) are laid out in
-:mod:`iatp.trust`; session handshakes in :mod:`iatp.session`.
+:mod:`iatp.trust`; session handshakes in :mod:`iatp.session`; key rotation statements
+(``ROTATION_DOMAIN``) in :mod:`iatp.keys`.
 
 Not signed: ``sig`` itself, and broker metadata (subject, attempt, offsets), which live beside
 the envelope. A receiver should rely on ``metadata.topic`` (signed), not the delivery subject.
@@ -35,7 +36,9 @@ the envelope. A receiver should rely on ``metadata.topic`` (signed), not the del
 msgpack header ``0xdc 0x00 0x10``; the header and the first three fields (domain, scheme, key
 id or session id) are the same for every message of one key or session, so they are packed
 once (:func:`head`) and kept by the verifier and the session. Per message, one msgpack pack of
-the 13-tuple ``(nonce, v, ..., headers, digest-or-payload)`` gives a one-byte array header
+the 13-tuple ``(nonce, v, ..., headers, digest-or-payload)`` (built in one place for both
+forms, with :func:`signed_headers` and, for signatures, :func:`payload_digest`: the helpers the
+tests exercise are the ones signing uses) gives a one-byte array header
 followed by exactly the bytes those 13 elements contribute to the full array; dropping that
 header and appending the rest to the head yields the very bytes a single pack of the whole
 16-element list would give (the tests check this against a plain ``msgpack.packb`` of the
@@ -59,6 +62,7 @@ EDGE_DOMAIN: Final = "IATP/1 trust-edge"
 CERT_DOMAIN: Final = "IATP/1 certificate"
 OFFER_DOMAIN: Final = "IATP/1 session-offer"
 ANSWER_DOMAIN: Final = "IATP/1 session-answer"
+ROTATION_DOMAIN: Final = "IATP/1 key-rotation"
 KEY_ID_DOMAIN: Final = b"iatp-key-id-v1"
 
 UNSIGNED_HEADERS: Final = frozenset({"traceparent", "tracestate", "baggage"})
@@ -104,17 +108,17 @@ def pack(fields: list[Any]) -> bytes:
 
 
 def payload_digest(payload: Any) -> bytes:
-    """BLAKE2b-256 of the payload's msgpack encoding; raises TypeError/ValueError/OverflowError
-    when msgpack cannot encode it."""
+    """BLAKE2b-256 (personalised ``iatp-payload-v1``) of the payload's msgpack encoding: the
+    last signed element of a signature. Raises TypeError/ValueError/OverflowError when msgpack
+    cannot encode the payload."""
     h = _PAYLOAD_STATE.copy()
     h.update(_pack_one(payload))
     return h.digest()
 
 
 def signed_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
-    """The headers covered by a signature, sorted by name."""
-    if not headers:
-        return []
+    """The headers covered by a signature, as ``(name, value)`` pairs sorted by name (every
+    header but :data:`UNSIGNED_HEADERS`)."""
     return sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS)
 
 
@@ -126,36 +130,10 @@ def head(domain: str, scheme: str, key_id: str) -> bytes:
     return _ARRAY16 + _pack_one(domain) + _pack_one(scheme) + _pack_one(key_id)
 
 
-def rest_bytes(env: Envelope, nonce: bytes) -> bytes:
-    """The signed bytes after :func:`head` for a signature: the nonce, the envelope fields and
-    the payload digest (see the module docstring). Raises TypeError, ValueError or
-    OverflowError when a field cannot be encoded."""
-    headers = env.headers
-    pack_one = _pack_one
-    digest = _PAYLOAD_STATE.copy()
-    digest.update(pack_one(env.payload))
-    packed = pack_one(
-        (
-            nonce,
-            env.v,
-            env.id,
-            env.topic,
-            env.sender,
-            env.recipient,
-            env.reply_to,
-            env.correlation_id,
-            env.timestamp,
-            env.expires_at,
-            env.priority,
-            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else (),
-            digest.digest(),
-        )
-    )
-    return packed[1:]  # without the 13-element array header (one byte)
-
-
-def session_rest_bytes(env: Envelope, nonce: bytes) -> bytes:
-    """Like :func:`rest_bytes` for a session MAC: the payload itself in place of its digest."""
+def _signed_fields(env: Envelope, nonce: bytes, last: Any) -> bytes:
+    """The one definition of the 13 per-message signed elements (nonce, the ten envelope fields
+    in their documented order, the signed headers, then ``last``: the payload digest for a
+    signature, the payload itself for a session MAC), packed as they follow :func:`head`."""
     headers = env.headers
     packed = _pack_one(
         (
@@ -170,11 +148,23 @@ def session_rest_bytes(env: Envelope, nonce: bytes) -> bytes:
             env.timestamp,
             env.expires_at,
             env.priority,
-            sorted(item for item in headers.items() if item[0] not in UNSIGNED_HEADERS) if headers else (),
-            env.payload,
+            signed_headers(headers) if headers else (),
+            last,
         )
     )
-    return packed[1:]
+    return packed[1:]  # without the 13-element array header (one byte)
+
+
+def rest_bytes(env: Envelope, nonce: bytes) -> bytes:
+    """The signed bytes after :func:`head` for a signature: the nonce, the envelope fields and
+    :func:`payload_digest` of the payload (see the module docstring). Raises TypeError,
+    ValueError or OverflowError when a field cannot be encoded."""
+    return _signed_fields(env, nonce, payload_digest(env.payload))
+
+
+def session_rest_bytes(env: Envelope, nonce: bytes) -> bytes:
+    """Like :func:`rest_bytes` for a session MAC: the payload itself in place of its digest."""
+    return _signed_fields(env, nonce, env.payload)
 
 
 def envelope_bytes(

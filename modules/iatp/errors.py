@@ -15,8 +15,11 @@ a rejection the bus dead-letters::
     │   ├── WrongPassphrase                 the passphrase does not open the key store
     │   ├── KeyStoreCorrupt                 a key file is damaged or does not match its name
     │   └── InsecureKeyStore                key files readable by other users: refused
+    ├── NonceStoreUnavailable               the shared nonce store cannot be reached (fail closed)
     ├── TrustError (ValueError)             bad trust level, edge or certificate
+    │   └── IdentityConflict                an import adds keys to an agent without proof
     ├── SessionError                        a session handshake or session message failed
+    ├── Unauthenticated                     sender_identity: no authenticated sender
     ├── SigningRejected (amb.MessageRejected)   outbound: no signing key for the sender
     └── SignatureRejected (amb.MessageRejected) inbound: the message failed verification
 
@@ -86,6 +89,23 @@ class InsecureKeyStore(KeyStoreError):
 
 class TrustError(IATPError, ValueError):
     """A trust level, edge or certificate is invalid (bad value, bad signature, unknown signer)."""
+
+
+class IdentityConflict(TrustError):
+    """An imported identity would give an agent keys it has not proven are its own: new keys for
+    a local agent (never accepted), new keys for a known remote agent without a rotation
+    statement by one of its valid keys, or a key id that already belongs to another agent. The
+    import is refused as a whole; nothing of it is merged."""
+
+
+class NonceStoreUnavailable(IATPError):
+    """The shared nonce store (Redis) cannot be reached or answered wrongly: the message it was
+    asked about is rejected (reason ``nonce_store_unavailable``), never accepted unchecked."""
+
+
+class Unauthenticated(IATPError):
+    """:func:`iatp.sender_identity` cannot name an authenticated sender: the IATP result is
+    present but not valid, or absent where the bus is not trusted, or there is no sender."""
 
 
 class SessionError(IATPError):

@@ -89,7 +89,14 @@ class SessionManager:
         ):
             raise SessionError("session offer replayed")
         i2r, r2i = derive_keys(shared, offer, answer)
-        session = self._install(offer.session_id.hex(), local, offer.initiator, send=r2i, recv=i2r)
+        session = self._install(
+            offer.session_id.hex(),
+            local,
+            offer.initiator,
+            send=r2i,
+            recv=i2r,
+            keys=(key_id, offer.initiator_key_id),
+        )
         return session, answer
 
     def complete(self, pending: PendingSession, answer: SessionAnswer) -> Session:
@@ -110,10 +117,21 @@ class SessionManager:
         shared = shared_secret(pending.ephemeral_secret, answer.ephemeral)
         i2r, r2i = derive_keys(shared, offer, answer)
         pending.ephemeral_secret = b""
-        return self._install(offer.session_id.hex(), offer.initiator, offer.responder, send=i2r, recv=r2i)
+        return self._install(
+            offer.session_id.hex(),
+            offer.initiator,
+            offer.responder,
+            send=i2r,
+            recv=r2i,
+            keys=(offer.initiator_key_id, answer.responder_key_id),
+        )
 
-    def _install(self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes) -> Session:
-        session = Session(sid, local, peer, send, recv, self.verifier.clock() + self.lifetime_ns)
+    def _install(
+        self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes, keys: tuple[str, str]
+    ) -> Session:
+        session = Session(
+            sid, local, peer, send, recv, self.verifier.clock() + self.lifetime_ns, keys[0], keys[1]
+        )
         self.verifier.sessions[(sid, peer)] = session
         self.by_pair[(local, peer)] = session
         return session
@@ -127,8 +145,32 @@ class SessionManager:
             return None
         return session
 
+    def key_changed(self, agent_id: str, now_ns: int) -> None:
+        """End or shorten the sessions ``agent_id`` takes part in (as either side) whose
+        handshake key of that agent is revoked, retired or gone: closed when that is so at
+        ``now_ns``, otherwise made to expire when it will be."""
+        keys = self.registry.keys
+        for session in list(self.verifier.sessions.values()):
+            if session.local == agent_id:
+                key = keys.get(session.local_key_id)
+            elif session.peer == agent_id:
+                key = keys.get(session.peer_key_id)
+            else:
+                continue
+            end = None if key is None else _end_of(key.revoked_at, key.retire_at)
+            if key is None or (end is not None and end <= now_ns):
+                self.close(session)
+            elif end is not None and end < session.expires_at:
+                session.expires_at = end
+
     def close(self, session: Session) -> None:
         session.close()
         self.verifier.sessions.pop((session.session_id, session.peer), None)
         if self.by_pair.get((session.local, session.peer)) is session:
             del self.by_pair[(session.local, session.peer)]
+
+
+def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:
+    if revoked_at is None:
+        return retire_at
+    return revoked_at if retire_at is None else min(revoked_at, retire_at)

@@ -35,6 +35,7 @@ from iatp.keys import Identity
 from iatp.keystore import KeyStore, MemoryKeyStore
 from iatp.middleware import IATPMiddleware
 from iatp.models import TrustModel, make_model
+from iatp.noncestore import SharedNonceStore
 from iatp.registry import KeyRegistry
 from iatp.result import Reason, VerificationResult, invalid
 from iatp.session import PendingSession, Session, SessionAnswer, SessionOffer
@@ -57,6 +58,10 @@ class IATP:
             receiving agent).
         clock_skew, max_age, max_nonces, rotation_grace, session_lifetime: seconds / counts, see
             the module docstring.
+        nonce_store: a :class:`~iatp.noncestore.SharedNonceStore` (``RedisNonceStore``) that
+            this IATP's bus middlewares consult after their in-memory nonce cache, so that a
+            queue group spread over several processes refuses replays (see
+            :mod:`iatp.noncestore`). Default: none (replay protection per process).
 
     Raises IATPConfigError for an unsupported option and CryptoUnavailable when PyNaCl cannot be
     imported (IATP never runs without it).
@@ -77,6 +82,7 @@ class IATP:
         max_nonces: int = 1_000_000,
         rotation_grace: float | None = None,
         session_lifetime: float = 3600.0,
+        nonce_store: SharedNonceStore | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         if not _crypto.AVAILABLE:
@@ -104,6 +110,9 @@ class IATP:
         self.verifier.perspective = perspective
         self.sessions = SessionManager(self.verifier, int(session_lifetime * _NS))
         self.rotation_grace_ns = int((max_age if rotation_grace is None else rotation_grace) * _NS)
+        if nonce_store is not None and not isinstance(nonce_store, SharedNonceStore):
+            raise IATPConfigError("nonce_store must be a SharedNonceStore (e.g. RedisNonceStore)")
+        self.nonce_store = nonce_store
         self.is_open = False
         self._open_lock: asyncio.Lock | None = None
 
@@ -144,32 +153,60 @@ class IATP:
         """The public identity of a known agent; raises UnknownAgent."""
         return self.registry.agent(agent_id).identity()
 
-    async def add_identity(self, identity: Identity | Mapping[str, Any]) -> Identity:
-        """Import another process's public identity (keys and their revocations); an import
-        never un-revokes a key. Raises KeyStoreCorrupt for a malformed identity."""
+    async def add_identity(
+        self, identity: Identity | Mapping[str, Any], *, trust_new_keys: bool = False
+    ) -> Identity:
+        """Import another process's public identity (keys, their revocations and retirements).
+
+        An agent not known here is taken as given: *trust on first use*. Check a first import
+        out of band (or let the trust model decide how far to trust it: an unknown agent has
+        trust 0.0 until an edge, endorsement or certificate says otherwise). For a known agent
+        an import adds a key only with a rotation statement (made by :meth:`rotate_key`) by a
+        key held here as valid, or through a chain of them; ``trust_new_keys=True`` says the
+        caller checked the new keys out of band (after a compromise, when no valid key was
+        left to sign a statement). A local agent never gains a key by import. Imports never
+        un-revoke a key; sessions with the agent end when its handshake key is revoked or
+        retired by what is imported.
+
+        Raises KeyStoreCorrupt for a malformed identity and IdentityConflict (nothing merged)
+        for keys without proof, keys for a local agent, or a key id bound to another agent.
+        """
         await self.open()
         data = identity.to_dict() if isinstance(identity, Identity) else identity
-        return self.registry.add_public(data).identity()
+        now = self._now()
+        record = self.registry.add_public(data, now, trust_new_keys=trust_new_keys)
+        self.sessions.key_changed(record.agent_id, now)
+        return record.identity()
 
     async def rotate_key(self, agent_id: str, grace: float | None = None) -> Identity:
         """Give a local agent a new signing key; the old one verifies for ``grace`` seconds more
-        (default ``rotation_grace``). Raises UnknownAgent."""
+        (default ``rotation_grace``), and so do the agent's sessions made with it. The old key
+        signs a rotation statement for the new one (carried by :meth:`identity` exports, so
+        other processes accept the new key). Raises UnknownAgent."""
         await self.open()
         grace_ns = self.rotation_grace_ns if grace is None else int(grace * _NS)
-        self.registry.rotate(agent_id, self._now(), grace_ns)
+        now = self._now()
+        self.registry.rotate(agent_id, now, grace_ns)
+        self.sessions.key_changed(agent_id, now)
         return self.identity(agent_id)
 
     async def retire_key(self, key_id: str, at: float | None = None) -> None:
-        """Stop accepting a replaced key from ``at`` (epoch seconds; default now)."""
+        """Stop accepting a replaced key from ``at`` (epoch seconds; default now), and the
+        sessions made with it."""
         await self.open()
-        self.registry.retire(key_id, self._now() if at is None else int(at * _NS))
+        now = self._now()
+        key = self.registry.retire(key_id, now if at is None else int(at * _NS))
+        self.sessions.key_changed(key.agent_id, now)
 
     async def revoke_key(self, key_id: str, reason: str = "revoked", at: float | None = None) -> None:
         """Revoke a key from ``at`` (epoch seconds; default now): its signatures fail with
-        ``revoked_key``, and trust documents it signed stop counting. Raises UnknownKey."""
+        ``revoked_key``, trust documents it signed stop counting, and every session its agent
+        made with it (as either side) is closed at that time: at once for a revocation now,
+        later ones end then (and their messages fail as ``revoked_key``). Raises UnknownKey."""
         await self.open()
         now = self._now()
-        self.registry.revoke(key_id, now if at is None else int(at * _NS), reason, now)
+        key = self.registry.revoke(key_id, now if at is None else int(at * _NS), reason, now)
+        self.sessions.key_changed(key.agent_id, now)
 
     # -- signing and verifying ---------------------------------------------------------------
 
@@ -210,17 +247,25 @@ class IATP:
 
     async def verify(self, signed: Envelope | bytes, *, viewer: str | None = None) -> VerificationResult:
         """Verify a signed envelope (or its serialized bytes). Never raises; see
-        :class:`~iatp.VerificationResult` and :mod:`iatp.verifier` for the checks."""
-        if not self.is_open:
-            try:
-                await self.open()
-            except IATPError as exc:
-                return invalid(Reason.UNKNOWN_SENDER, None, None, None, f"key store unavailable: {exc}")
+        :class:`~iatp.VerificationResult` and :mod:`iatp.verifier` for the checks. A key store
+        that cannot be opened (wrong passphrase, damaged files) gives ``key_store_unavailable``.
+        The shared nonce store (``nonce_store``) is consulted by the bus middleware, not here."""
         if isinstance(signed, bytes | bytearray | memoryview):
             try:
                 signed = amb.decode(bytes(signed))
             except amb.EnvelopeError as exc:
                 return invalid(Reason.MALFORMED_ENVELOPE, None, None, None, str(exc))
+        if not self.is_open:
+            try:
+                await self.open()
+            except IATPError as exc:  # fail closed, and say why: it is not the sender's doing
+                return invalid(
+                    Reason.KEY_STORE_UNAVAILABLE,
+                    getattr(signed, "sender", None),
+                    getattr(signed, "timestamp", None),
+                    None,
+                    f"{type(exc).__name__}: {exc}",
+                )
         return self.verifier.verify(signed, viewer=viewer)
 
     def verify_envelope(

@@ -9,6 +9,17 @@ An agent has one *current* key (the one it signs with) and may have older versio
   message whose timestamp is at or after ``revoked_at`` fails even if checked earlier.
 
 Key ids are self-certifying fingerprints of the public key (:func:`iatp.canonical.key_id_for`).
+
+**Rotation statements.** When a local agent rotates, its current key signs the new key::
+
+    ["IATP/1 key-rotation", agent_id, key_id, public_key, version, created_at, endorsed_by]
+
+(``endorsed_by`` is the signing key's id; canonical msgpack as in :mod:`iatp.canonical`). The
+statement travels in the new key's record (``endorsed_by``, ``endorsement``), so exported
+identities carry it. Another process that knows the agent accepts a new key only with such a
+statement by a key it holds as valid, or by a new key that is itself so proven (a chain of
+missed rotations); see :meth:`iatp.IATP.add_identity`. A key made after the current one was
+revoked has no statement: it must be vouched for out of band.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from iatp.canonical import key_id_for
+from iatp.canonical import ROTATION_DOMAIN, key_id_for, pack
 from iatp.errors import KeyStoreCorrupt
 
 
@@ -55,6 +66,22 @@ class KeyRecord:
     retire_at: int | None = None
     revoked_at: int | None = None
     revocation_reason: str | None = None
+    endorsed_by: str | None = None  # the key that signed this key's rotation statement
+    endorsement: bytes | None = None  # that signature (see the module docstring)
+
+    def rotation_bytes(self) -> bytes:
+        """The bytes of this key's rotation statement (signed by key ``endorsed_by``)."""
+        return pack(
+            [
+                ROTATION_DOMAIN,
+                self.agent_id,
+                self.key_id,
+                self.public_key,
+                self.version,
+                self.created_at,
+                self.endorsed_by,
+            ]
+        )
 
     def state(self, now_ns: int, message_ns: int | None = None) -> str:
         """``"valid"``, ``"retired"`` or ``"revoked"`` at ``now_ns`` for a message stamped ``message_ns``."""
@@ -76,6 +103,8 @@ class KeyRecord:
             "retire_at": self.retire_at,
             "revoked_at": self.revoked_at,
             "revocation_reason": self.revocation_reason,
+            "endorsed_by": self.endorsed_by,
+            "endorsement": None if self.endorsement is None else b64(self.endorsement),
         }
 
     @classmethod
@@ -84,6 +113,7 @@ class KeyRecord:
         does not match its public key."""
         try:
             public_key = unb64(data["public_key"], "public_key")
+            endorsement = data.get("endorsement")
             record = cls(
                 key_id=str(data["key_id"]),
                 agent_id=str(data["agent_id"]),
@@ -93,6 +123,8 @@ class KeyRecord:
                 retire_at=_opt_int(data.get("retire_at")),
                 revoked_at=_opt_int(data.get("revoked_at")),
                 revocation_reason=_opt_str(data.get("revocation_reason")),
+                endorsed_by=_opt_str(data.get("endorsed_by")),
+                endorsement=None if endorsement is None else unb64(endorsement, "endorsement"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise KeyStoreCorrupt(f"malformed key record: {exc}") from exc

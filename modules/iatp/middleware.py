@@ -28,21 +28,31 @@ below it (reason ``untrusted``).
 
 The web model's viewer is the middleware's ``agent_id``, else the IATP's ``perspective``, else
 the receiving client's ``agent_id``: always the receiving side, never the sender's choice.
+
+Replays are refused per subscription by the in-memory nonce cache. For queue groups spread over
+several processes, give the IATP (or this middleware) a shared store (``nonce_store=``, see
+:mod:`iatp.noncestore`): a message that passed every local check then claims its nonce there
+under the subscription's replay scope (``"<queue>@<pattern>"``, or ``REPLAY_SCOPE`` from the
+subscription's context), and a nonce another instance claimed first is refused
+(``replayed_nonce``). An unreachable store rejects the message (``nonce_store_unavailable``);
+so does a key store that cannot be opened (``key_store_unavailable``). Both are counted in
+``rejected``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from amb.envelope import Envelope
 from amb.metadata import Metadata
 from amb.middleware import ConsumeNext, Middleware, PublishNext
-from iatp.errors import SignatureRejected, SigningRejected, UnknownAgent
-from iatp.result import Reason, invalid
+from iatp.errors import IATPError, SignatureRejected, SigningRejected, UnknownAgent
+from iatp.result import Reason, VerificationResult, invalid
 
 if TYPE_CHECKING:
     from iatp.iatp import IATP
+    from iatp.noncestore import SharedNonceStore
 
 ACCEPT_UNSIGNED: Final = "iatp.accept_unsigned"
 """Subscription context key: accept unsigned messages on this subscription (bool)."""
@@ -50,6 +60,11 @@ MIN_TRUST: Final = "iatp.min_trust"
 """Subscription context key: the lowest trust level accepted on this subscription (float)."""
 RESULT: Final = "iatp"
 """``metadata.context`` key under which the verification result is stored."""
+REPLAY_SCOPE: Final = "iatp.replay_scope"
+"""Subscription context key: the scope (str) under which this subscription's nonces are claimed
+in the shared nonce store (default: ``"<queue>@<pattern>"`` for a queue group, else none)."""
+_ED25519: Final = "ed25519"
+_NS_PER_MS: Final = 1_000_000
 
 
 class IATPMiddleware(Middleware):
@@ -63,8 +78,10 @@ class IATPMiddleware(Middleware):
         min_trust: float = 0.0,
         agent_id: str | None = None,
         use_sessions: bool = True,
+        nonce_store: SharedNonceStore | None = None,
     ) -> None:
         self.iatp = iatp
+        self.nonce_store = nonce_store if nonce_store is not None else iatp.nonce_store
         self.accept_unsigned = accept_unsigned
         self.min_trust = min_trust
         self.agent_id = agent_id
@@ -99,7 +116,18 @@ class IATPMiddleware(Middleware):
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         iatp = self.iatp
         if not iatp.is_open:
-            await iatp.open()
+            try:
+                await iatp.open()
+            except IATPError as exc:  # fail closed: nothing is checked against a store not open
+                self._reject(
+                    invalid(
+                        Reason.KEY_STORE_UNAVAILABLE,
+                        envelope.sender,
+                        envelope.timestamp,
+                        None,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+                )
         context = metadata.context
         if envelope.sig is None and context.get(ACCEPT_UNSIGNED, self.accept_unsigned):
             self.accepted_unsigned += 1
@@ -114,8 +142,7 @@ class IATPMiddleware(Middleware):
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
         result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1)
         if not result.valid:
-            self.rejected[result.reason or "invalid"] += 1
-            raise SignatureRejected(result)
+            self._reject(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
         if minimum and result.trust_level < minimum:
             self.rejected[Reason.UNTRUSTED] += 1
@@ -128,6 +155,51 @@ class IATPMiddleware(Middleware):
                     f"trust {result.trust_level:.3f} below the minimum",
                 )
             )
+        store = self.nonce_store
+        if store is not None:
+            await self._claim_shared(store, envelope, metadata, result, subscription)
         self.verified += 1
         context[RESULT] = result
         await call_next(envelope, metadata)
+
+    def _reject(self, result: VerificationResult) -> NoReturn:
+        self.rejected[result.reason or "invalid"] += 1
+        raise SignatureRejected(result)
+
+    async def _claim_shared(
+        self,
+        store: SharedNonceStore,
+        envelope: Envelope,
+        metadata: Metadata,
+        result: VerificationResult,
+        subscription: Any,
+    ) -> None:
+        """Claim the nonce of a message accepted so far in the shared store (see the module
+        docstring); rejects a nonce claimed elsewhere, and fails closed."""
+        sig = envelope.sig
+        if sig is None or sig.scheme != _ED25519:  # session MACs: the session is in one process
+            return
+        scope = metadata.context.get(REPLAY_SCOPE)
+        if not isinstance(scope, str):
+            options = getattr(subscription, "options", None)
+            queue = getattr(options, "queue", None)
+            if not isinstance(queue, str):
+                return  # a plain subscription: its local cache sees every message
+            scope = f"{queue}@{getattr(subscription, 'pattern', '')}"
+        verifier = self.iatp.verifier
+        ts = result.timestamp_ns or 0
+        ttl_ms = (ts + verifier.nonces.max_age_ns - verifier.clock()) // _NS_PER_MS + 1
+        try:
+            first = await store.claim(scope, sig.nonce, ttl_ms)
+        except Exception as exc:  # fail closed on anything the store does
+            self._reject(
+                invalid(
+                    Reason.NONCE_STORE_UNAVAILABLE,
+                    result.sender,
+                    ts,
+                    result.key_id,
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
+        if not first and metadata.attempt <= 1:
+            self._reject(invalid(Reason.REPLAYED, result.sender, ts, result.key_id, "shared nonce store"))

@@ -3,16 +3,31 @@
 State lives in memory; every change is written through the :class:`~iatp.keystore.KeyStore`.
 Private keys are held only for the *current* key of a local agent: rotation and revocation
 delete the old private key, so nothing here can sign with a replaced or compromised key.
+
+Imports (:meth:`KeyRegistry.add_public`) follow one rule for keys: an agent seen for the first
+time is taken as given (trust on first use: whether to believe it is the trust model's and the
+operator's business), but a known agent gains a key only with a rotation statement (see
+:mod:`iatp.keys`) by a key the registry holds as valid for it, and a local agent never gains a
+key from outside. Anything else raises :class:`~iatp.errors.IdentityConflict` and changes
+nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from iatp import _crypto
 from iatp.canonical import key_id_for
-from iatp.errors import AgentExists, IATPConfigError, KeyStoreCorrupt, UnknownAgent, UnknownKey
+from iatp.errors import (
+    AgentExists,
+    IATPConfigError,
+    IdentityConflict,
+    KeyStoreCorrupt,
+    UnknownAgent,
+    UnknownKey,
+)
 from iatp.keys import AgentRecord, KeyRecord
 from iatp.keystore import KeyStore, StoreContents
 
@@ -57,6 +72,11 @@ class KeyRegistry:
 
     def is_local(self, agent_id: str) -> bool:
         return agent_id in self._signing
+
+    def is_owned(self, agent_id: str) -> bool:
+        """True for an agent created here (or loaded with a private key), even when it cannot
+        sign at the moment (its current key was revoked)."""
+        return agent_id in self._owned
 
     def agent(self, agent_id: str) -> AgentRecord:
         try:
@@ -103,13 +123,20 @@ class KeyRegistry:
 
     def rotate(self, agent_id: str, now_ns: int, grace_ns: int) -> KeyRecord:
         """Give a local agent a new current key; the old one retires after ``grace_ns`` (unless
-        it is revoked already: then it stays revoked). Also how a local agent whose key was
-        revoked gets a new one. Raises UnknownAgent for an agent not created here."""
+        it is revoked already: then it stays revoked). The old key, while this registry still
+        holds it, signs the new key's rotation statement (other processes accept the new key
+        on import only with it). Also how a local agent whose key was revoked gets a new one
+        (without a statement: nothing valid is left to sign one). Raises UnknownAgent for an
+        agent not created here."""
         if agent_id not in self._owned:
             raise UnknownAgent(agent_id, "local identity")
         record = self.agents[agent_id]
         old = record.current
         key, seed = self._new_key(agent_id, max(k.version for k in record.keys.values()) + 1, now_ns)
+        held = self._signing.get(agent_id)
+        if held is not None and held[0] == old.key_id and old.state(now_ns) == "valid":
+            key = replace(key, endorsed_by=old.key_id)
+            key = replace(key, endorsement=_crypto.sign(held[1], key.rotation_bytes()))
         retired = record.replace_key(old.key_id, retire_at=_earliest(old.retire_at, now_ns + grace_ns))
         record.with_key(key)
         record.current_key_id = key.key_id
@@ -149,20 +176,45 @@ class KeyRegistry:
         self.version += 1
         return updated
 
-    def add_public(self, data: Mapping[str, Any]) -> AgentRecord:
+    def add_public(
+        self, data: Mapping[str, Any], now_ns: int, *, trust_new_keys: bool = False
+    ) -> AgentRecord:
         """Import another process's agent identity (public keys only).
 
-        New agents are added as given. For a known agent, new key versions are added, the newest
-        becomes current, and revocations and retirements are merged keeping the earliest time:
-        an import never un-revokes a key. Raises KeyStoreCorrupt for a malformed identity.
+        A new agent is added as given (trust on first use). For a known agent, revocations and
+        retirements are merged keeping the earliest time (an import never un-revokes a key),
+        and new key versions are added only if each carries a rotation statement by a key of
+        that agent that this registry holds as valid (not revoked by either copy, not retired
+        here) or by another new key so proven; the newest becomes current. ``trust_new_keys``
+        (the caller checked the new keys out of band, e.g. after a compromise left no valid
+        key to sign a statement) skips that proof, for remote agents only.
+
+        Raises KeyStoreCorrupt for a malformed identity, and IdentityConflict (nothing merged)
+        when it would add keys to a local agent, add unproven keys to a known agent, or claim
+        a key id that belongs to another agent.
         """
         incoming = AgentRecord.from_dict(data)
-        existing = self.agents.get(incoming.agent_id)
+        agent_id = incoming.agent_id
+        for key_id in incoming.keys:
+            bound = self.keys.get(key_id)
+            if bound is not None and bound.agent_id != agent_id:
+                raise IdentityConflict(
+                    f"identity {agent_id!r} claims key {key_id!r}, which belongs to {bound.agent_id!r}"
+                )
+        existing = self.agents.get(agent_id)
         if existing is None:
-            self.agents[incoming.agent_id] = incoming
+            self.agents[agent_id] = incoming
             self.keys.update(incoming.keys)
             merged = incoming
         else:
+            new_keys = [k for k in incoming.keys.values() if k.key_id not in existing.keys]
+            if new_keys:
+                if agent_id in self._owned:
+                    raise IdentityConflict(
+                        f"{agent_id!r} is a local agent: its keys are made here, never imported"
+                    )
+                if not trust_new_keys:
+                    _check_rotations(existing, incoming, new_keys, now_ns)
             for key in incoming.keys.values():
                 have = existing.keys.get(key.key_id)
                 if have is None:
@@ -175,13 +227,53 @@ class KeyRegistry:
                     revocation_reason=have.revocation_reason or key.revocation_reason,
                 )
             newest = incoming.keys[incoming.current_key_id]
-            if not self.is_local(existing.agent_id) and newest.version > existing.current.version:
+            if agent_id not in self._owned and newest.version > existing.current.version:
                 existing.current_key_id = newest.key_id
             self.keys.update(existing.keys)
             merged = existing
         self.store.save_agent(merged.to_dict())
         self.version += 1
         return merged
+
+
+def _check_rotations(
+    existing: AgentRecord, incoming: AgentRecord, new_keys: list[KeyRecord], now_ns: int
+) -> None:
+    """Raise IdentityConflict unless every new key is proven by a rotation statement chain that
+    starts at a key ``existing`` holds as valid (see :meth:`KeyRegistry.add_public`)."""
+
+    def revoked(key_id: str) -> bool:
+        # A revocation in either copy counts: an import may only ever make things stricter.
+        return any(
+            k is not None and k.revoked_at is not None and k.revoked_at <= now_ns
+            for k in (existing.keys.get(key_id), incoming.keys.get(key_id))
+        )
+
+    signers = {
+        key_id: key
+        for key_id, key in existing.keys.items()
+        if key.state(now_ns) == "valid" and not revoked(key_id)
+    }
+    pending = sorted(new_keys, key=lambda k: k.version)
+    while pending:
+        proven = [k for k in pending if _statement_holds(k, signers.get(k.endorsed_by or ""))]
+        if not proven:
+            missing = ", ".join(k.key_id for k in pending)
+            raise IdentityConflict(
+                f"new key(s) {missing} of {existing.agent_id!r} carry no rotation statement by a "
+                "key held as valid for it: refused (vouch for them with trust_new_keys=True only "
+                "after checking them out of band)"
+            )
+        for key in proven:
+            pending.remove(key)
+            if not revoked(key.key_id):
+                signers[key.key_id] = key
+
+
+def _statement_holds(key: KeyRecord, signer: KeyRecord | None) -> bool:
+    if signer is None or key.endorsement is None or key.version <= signer.version:
+        return False
+    return _crypto.verify(signer.public_key, key.rotation_bytes(), key.endorsement)
 
 
 def _earliest(a: int | None, b: int | None) -> int | None:

@@ -29,6 +29,8 @@ class Reason(StrEnum):
     REPLAY_WINDOW = "replay_window"
     UNTRUSTED = "untrusted"
     CRYPTO_UNAVAILABLE = "crypto_unavailable"
+    KEY_STORE_UNAVAILABLE = "key_store_unavailable"
+    NONCE_STORE_UNAVAILABLE = "nonce_store_unavailable"
 
 
 _KEYS: Final = ("valid", "sender", "timestamp", "trust_level", "reason")

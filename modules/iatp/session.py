@@ -24,6 +24,14 @@ Guarantees: integrity and authenticity *between the two agents*: only a holder o
 key (one of the two) can produce a valid MAC. **Not non-repudiation**: either side could have
 written any message, so a third party cannot be convinced who sent it. Sessions expire
 (``lifetime``, default one hour); afterwards messages fail with ``unknown_session``.
+
+A session is bound to the two ed25519 keys that signed its handshake (``local_key_id``,
+``peer_key_id``). The receiver checks the peer's key on every message (``revoked_key`` /
+``retired_key`` once it is no longer valid for the message's time), and the session ends when
+either key is revoked or retired here: :meth:`iatp.IATP.revoke_key` closes it at once for a
+revocation now, rotation and retirement shorten it to the old key's retirement time, and an
+imported revocation or retirement of the peer's key does the same. The bus middleware then no
+longer seals with it.
 """
 
 from __future__ import annotations
@@ -195,17 +203,31 @@ class Session:
         "_windows",
         "expires_at",
         "local",
+        "local_key_id",
         "peer",
+        "peer_key_id",
         "session_id",
     )
 
     def __init__(
-        self, session_id: str, local: str, peer: str, send_key: bytes, recv_key: bytes, expires_at: int
+        self,
+        session_id: str,
+        local: str,
+        peer: str,
+        send_key: bytes,
+        recv_key: bytes,
+        expires_at: int,
+        local_key_id: str,
+        peer_key_id: str,
     ) -> None:
         self.session_id = session_id
         self.local = local
         self.peer = peer
         self.expires_at = expires_at
+        # The ed25519 keys that authenticated the handshake: the session is only as good as
+        # they are, so it ends when either is revoked or retired.
+        self.local_key_id = local_key_id
+        self.peer_key_id = peer_key_id
         start = head(SESSION_DOMAIN, SESSION_SCHEME, session_id)
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)

@@ -6,8 +6,9 @@ remembered, so a forger cannot fill the nonce cache):
 1. a signature block is present and well-formed (types, scheme, nonce and signature lengths);
 2. the envelope fields it covers have the types the canonical encoding needs;
 3. the sender is known; the key is known and belongs to the sender (session: the session is
-   live and its peer is the sender);
-4. the key is not revoked (at the check time or the message's time) nor retired;
+   known, its peer is the sender, and the peer's key that signed the handshake is known);
+4. the key (session: that handshake key) is not revoked (at the check time or the message's
+   time) nor retired; a session has not expired or been closed;
 5. the timestamp lies in ``[now - max_age, now + clock_skew]`` and ``expires_at`` has not passed;
 6. the ed25519 signature (or session MAC) verifies over the canonical bytes;
 7. the nonce (or session counter) has not been seen within the window;
@@ -192,7 +193,18 @@ class EnvelopeVerifier:
                     viewer = recipient
         if scheme == SESSION_SCHEME:
             session = self.sessions.get((key_id, sender))
-            if session is None or now >= session.expires_at:
+            if session is None:
+                return invalid(Reason.UNKNOWN_SESSION, sender, ts, key_id)
+            # The session is only as good as the peer's key that signed its handshake.
+            peer_key = self.registry.keys.get(session.peer_key_id)
+            if peer_key is None:
+                return invalid(Reason.UNKNOWN_KEY, sender, ts, key_id, "the session's handshake key")
+            if peer_key.revoked_at is not None or peer_key.retire_at is not None:
+                state = peer_key.state(now, ts)
+                if state != "valid":
+                    reason = Reason.REVOKED_KEY if state == "revoked" else Reason.RETIRED_KEY
+                    return invalid(reason, sender, ts, key_id, peer_key.revocation_reason)
+            if now >= session.expires_at:
                 return invalid(Reason.UNKNOWN_SESSION, sender, ts, key_id)
             if (
                 ts > now + self.skew_ns

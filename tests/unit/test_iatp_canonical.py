@@ -277,3 +277,43 @@ def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
     assert pack([decoded]) == msgpack.packb([{"x": msgpack.ExtType(5, b"abc")}], use_bin_type=True)
     with pytest.raises(TypeError):
         payload_digest(object())
+
+
+# -- the helpers the tests exercise are the ones signing uses ----------------------------------
+
+
+def test_the_signed_bytes_end_with_signed_headers_and_payload_digest() -> None:
+    import msgpack
+
+    from iatp.canonical import session_bytes, signed_headers
+
+    env = make_env(headers={"b": "2", "traceparent": "00-x", "a": "1"}, payload={"k": [1, b"2"]})
+    fields = msgpack.unpackb(canon(env), raw=False)
+    assert fields[-1] == payload_digest(env.payload)
+    assert [tuple(pair) for pair in fields[-2]] == signed_headers(env.headers) == [("a", "1"), ("b", "2")]
+    # the session form is the same list with the payload itself last: one definition for both
+    session = msgpack.unpackb(session_bytes(env, "ed25519", "k" * 32, b"n" * 16), raw=False)
+    assert session[0] == SESSION_DOMAIN
+    assert session[1:-1] == fields[1:-1]
+    assert session[-1] == env.payload
+
+
+def test_signing_goes_through_the_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the signer computed the digest or the header list on its own, the helper tests above
+    would test something signing does not use: replacing a helper must change what is signed."""
+    from iatp import canonical
+    from iatp.canonical import rest_bytes, session_rest_bytes
+
+    env = make_env(headers={"a": "1"})
+    before, session_before = rest_bytes(env, b"n" * 16), session_rest_bytes(env, b"n" * 16)
+    monkeypatch.setattr(canonical, "payload_digest", lambda payload: b"\x00" * 32)
+    assert rest_bytes(env, b"n" * 16) != before
+    assert session_rest_bytes(env, b"n" * 16) == session_before  # a MAC covers the payload itself
+    monkeypatch.setattr(canonical, "signed_headers", lambda headers: [("a", "2")])
+    assert session_rest_bytes(env, b"n" * 16) != session_before
+    calls: list[Any] = []
+    real = canonical._signed_fields
+    monkeypatch.setattr(canonical, "_signed_fields", lambda *a: calls.append(a[2]) or real(*a))
+    rest_bytes(env, b"n" * 16)
+    session_rest_bytes(env, b"n" * 16)
+    assert calls == [b"\x00" * 32, env.payload]  # both forms are built by the one definition

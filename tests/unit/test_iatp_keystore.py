@@ -74,8 +74,27 @@ async def test_verify_with_a_locked_store_fails_closed(tmp_path: Path) -> None:
     good = make(tmp_path / "ks")
     await good.register_agent("alice")
     env = await good.sign("alice", "x")
-    result = await make(tmp_path / "ks", "wrong").verify(env)
+    locked = make(tmp_path / "ks", "wrong")
+    result = await locked.verify(env)
     assert not result.valid
+    assert result.reason == Reason.KEY_STORE_UNAVAILABLE  # not the sender's fault: its own reason
+    assert result.sender == "alice"
+    assert "WrongPassphrase" in (result.detail or "")
+    # the bus middleware rejects (dead-letters) with the same reason, and counts it
+    from amb import Metadata
+    from iatp import SignatureRejected
+
+    middleware = locked.middleware()
+    handled: list[object] = []
+
+    async def handler(envelope: object, metadata: object) -> None:
+        handled.append(envelope)
+
+    with pytest.raises(SignatureRejected) as caught:
+        await middleware.on_consume(env, Metadata(env, env.topic, 1, {}), handler)
+    assert caught.value.reason == "key_store_unavailable"
+    assert middleware.rejected == {"key_store_unavailable": 1}
+    assert handled == []
 
 
 def test_empty_passphrase_is_refused(tmp_path: Path) -> None:

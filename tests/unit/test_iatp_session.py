@@ -8,7 +8,7 @@ import time
 import pytest
 
 from amb import Envelope, new_id
-from iatp import IATP, Reason, SessionAnswer, SessionError, SessionOffer
+from iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
 
 
 async def pair() -> tuple[IATP, IATP]:
@@ -119,3 +119,115 @@ async def test_expired_sessions_stop_verifying() -> None:
     assert a.sessions.for_pair("alice", "bob", now[0]) is not None
     now[0] += 6_000_000_000
     assert a.sessions.for_pair("alice", "bob", now[0]) is None
+
+
+# -- sessions end with the keys that made them ---------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1_000_000_000)
+
+
+async def established(clock: Clock | None = None) -> tuple[IATP, IATP, Session, Session]:
+    """alice's process, bob's process, alice's session and bob's session."""
+    options = {} if clock is None else {"clock": clock}
+    a, b = IATP(**options), IATP(**options)
+    await a.register_agent("alice")
+    await b.register_agent("bob")
+    await a.add_identity(b.identity("bob"))
+    await b.add_identity(a.identity("alice"))
+    pending = await a.offer_session("alice", "bob")
+    session_b, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    session_a = await a.complete_session(pending, answer)
+    return a, b, session_a, session_b
+
+
+def sealed(session: Session, sender: str, recipient: str, at: int | None = None) -> Envelope:
+    env = envelope(sender, recipient)
+    if at is not None:
+        env.timestamp = at
+    session.seal(env)
+    return env
+
+
+async def test_sessions_remember_the_keys_of_their_handshake() -> None:
+    a, b, session_a, session_b = await established()
+    alice_key, bob_key = a.identity("alice").key_id, b.identity("bob").key_id
+    assert (session_a.local_key_id, session_a.peer_key_id) == (alice_key, bob_key)
+    assert (session_b.local_key_id, session_b.peer_key_id) == (bob_key, alice_key)
+
+
+async def test_revoking_the_peers_key_ends_its_sessions() -> None:
+    """The reported gap: a message MACed after the sender's key was revoked still verified."""
+    a, b, session_a, session_b = await established()
+    await b.revoke_key(a.identity("alice").key_id, "compromised")
+    result = b.verify_envelope(sealed(session_a, "alice", "bob"))
+    assert not result.valid
+    assert result.reason == Reason.UNKNOWN_SESSION
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None  # bob stops sealing to alice
+    with pytest.raises(SessionError):
+        session_b.seal(envelope("bob", "alice"))
+
+
+async def test_revoking_the_local_key_ends_its_sessions_both_ways() -> None:
+    a, _, session_a, session_b = await established()
+    await a.revoke_key(a.identity("alice").key_id, "compromised")
+    with pytest.raises(SessionError):
+        session_a.seal(envelope("alice", "bob"))
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is None
+    assert a.verify_envelope(sealed(session_b, "bob", "alice")).reason == Reason.UNKNOWN_SESSION
+
+
+async def test_a_scheduled_revocation_of_the_peers_key_fails_its_session_messages() -> None:
+    clock = Clock()
+    a, b, session_a, _ = await established(clock)
+    alice_key = a.identity("alice").key_id
+    await b.revoke_key(alice_key, "compromised", at=(clock.now + 10 * 10**9) / 1e9)
+    assert b.verify_envelope(sealed(session_a, "alice", "bob")).valid  # before the revocation time
+    stamped_late = sealed(session_a, "alice", "bob", at=clock.now + 20 * 10**9)
+    result = b.verify_envelope(stamped_late)
+    assert result.reason == Reason.REVOKED_KEY
+    assert result.detail == "compromised"
+    clock.advance(11)
+    assert b.verify_envelope(sealed(session_a, "alice", "bob", at=clock.now)).reason == Reason.REVOKED_KEY
+    assert b.sessions.for_pair("bob", "alice", clock.now) is None
+
+
+async def test_rotation_ends_sessions_after_the_grace_period_on_both_sides() -> None:
+    clock = Clock()
+    a, b, session_a, _ = await established(clock)
+    rotated = await a.rotate_key("alice", grace=60)
+    await b.add_identity(rotated)  # bob learns the rotation (and the old key's retirement)
+    assert b.verify_envelope(sealed(session_a, "alice", "bob", at=clock.now)).valid
+    assert a.sessions.for_pair("alice", "bob", clock.now) is session_a
+    clock.advance(61)
+    assert a.sessions.for_pair("alice", "bob", clock.now) is None  # alice no longer seals with it
+    result = b.verify_envelope(sealed(session_a, "alice", "bob", at=clock.now))
+    assert result.reason == Reason.RETIRED_KEY
+
+
+async def test_the_middleware_stops_sealing_with_a_session_of_a_revoked_key() -> None:
+    a, b, _, _ = await established()
+    sent: list[Envelope] = []
+
+    async def call_next(env: Envelope) -> None:
+        sent.append(env)
+
+    middleware = a.middleware()
+    await middleware.on_publish(envelope("alice", "bob"), call_next)
+    assert sent[-1].sig is not None
+    assert sent[-1].sig.scheme == "iatp-session-v1"
+    await a.revoke_key(b.identity("bob").key_id, "compromised")  # alice no longer trusts bob's key
+    await middleware.on_publish(envelope("alice", "bob"), call_next)
+    assert sent[-1].sig is not None
+    assert sent[-1].sig.scheme == "ed25519"  # signed, not sealed with the dead session
+    await a.revoke_key(a.identity("alice").key_id, "compromised")
+    with pytest.raises(SigningRejected):
+        await middleware.on_publish(envelope("alice", "bob"), call_next)

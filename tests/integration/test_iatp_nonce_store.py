@@ -1,0 +1,196 @@
+"""Replay protection across processes: the shared nonce store (real Redis on 127.0.0.1:6379).
+
+Two service instances in one queue group, each with its own IATP (its own in-memory nonce
+cache, as two processes have), on the in-memory broker, which hands a queue group's messages
+out round-robin: a signed request replayed to the second instance is refused when both claim
+nonces in Redis, and accepted without it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from amb import AMB, Envelope, Metadata, MsgpackSerializer
+from iatp import (
+    IATP,
+    REPLAY_SCOPE,
+    IATPConfigError,
+    IATPMiddleware,
+    RedisNonceStore,
+    SharedNonceStore,
+    SignatureRejected,
+)
+from tests.support import Collector, wait_until
+
+redis_asyncio = pytest.importorskip("redis.asyncio")
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    prefix = f"test:iatp:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def sender_and_instances(count: int = 2) -> tuple[IATP, list[IATP]]:
+    sender = IATP()
+    await sender.register_agent("coordinator")
+    instances = []
+    for _ in range(count):
+        instance = IATP()  # one per process: each has its own in-memory nonce cache
+        await instance.add_identity(sender.identity("coordinator"))
+        instances.append(instance)
+    return sender, instances
+
+
+async def replay_across_a_queue_group(stores: list[SharedNonceStore | None]) -> dict[str, Any]:
+    """Send one signed request and its replay to a two-instance queue group; report who did what."""
+    sender, instances = await sender_and_instances()
+    url = f"memory://iatp-nonce-{uuid.uuid4().hex}"
+    subject = f"svc{uuid.uuid4().hex[:8]}.work"
+    middlewares = [IATPMiddleware(i, nonce_store=s) for i, s in zip(instances, stores, strict=True)]
+    clients = [AMB("memory", url, agent_id="service", middleware=[m]) for m in middlewares]
+    raw = AMB("memory", url, agent_id="raw")
+    handled, dead = Collector(), Collector()
+    try:
+        for client in clients:
+            await client.subscribe(subject, handled, queue="workers")
+        await raw.subscribe(f"_DLQ.{subject}", dead)
+        await raw.connect()
+        request = await sender.sign("coordinator", {"transfer": 100}, topic=subject)
+        data = MsgpackSerializer().encode(request)
+        await raw.broker.publish(subject, data)  # the original: to the first instance
+        await handled.wait_for(1)
+        await raw.broker.publish(subject, data)  # the captured copy, replayed: to the second
+        await wait_until(
+            lambda: sum(m.verified + sum(m.rejected.values()) for m in middlewares) == 2,
+            what="both deliveries checked",
+        )
+        return {
+            "handled": list(handled.messages),
+            "per_instance": [(m.verified, dict(m.rejected)) for m in middlewares],
+            "dead": dead,
+        }
+    finally:
+        for client in [*clients, raw]:
+            await client.close()
+
+
+@pytest.mark.redis
+async def test_without_a_shared_store_a_replay_to_another_instance_is_accepted() -> None:
+    """The gap the store closes: each process's cache only knows what it saw itself."""
+    outcome = await replay_across_a_queue_group([None, None])
+    assert outcome["handled"] == [{"transfer": 100}, {"transfer": 100}]
+    assert outcome["per_instance"] == [(1, {}), (1, {})]
+
+
+@pytest.mark.redis
+async def test_a_replay_to_another_instance_of_the_queue_group_is_refused(prefix: str) -> None:
+    stores = [RedisNonceStore(REDIS_URL, prefix=prefix) for _ in range(2)]
+    try:
+        outcome = await replay_across_a_queue_group(list(stores))
+    finally:
+        for store in stores:
+            await store.close()
+    assert outcome["handled"] == [{"transfer": 100}]
+    assert outcome["per_instance"] == [(1, {}), (0, {"replayed_nonce": 1})]
+    await outcome["dead"].wait_for(1)
+    assert outcome["dead"].metadata[0].headers["dlq-reason"] == "replayed_nonce"
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        (key,) = [k async for k in client.scan_iter(match=prefix + "*")]
+        assert key.decode().startswith(f"{prefix}workers@")
+        ttl_ms = await client.pttl(key)
+        assert 0 < ttl_ms <= 330_000  # the nonce's window: max_age (300 s) + clock skew (30 s)
+    finally:
+        await client.aclose()
+
+
+def delivery(env: Envelope, attempt: int = 1, **context: Any) -> Metadata:
+    meta = Metadata(env, env.topic, attempt, {})
+    meta.context.update(context)
+    return meta
+
+
+async def consume(middleware: IATPMiddleware, env: Envelope, meta: Metadata) -> bool:
+    handled: list[Envelope] = []
+
+    async def call_next(envelope: Envelope, metadata: Metadata) -> None:
+        handled.append(envelope)
+
+    await middleware.on_consume(env, meta, call_next)
+    return bool(handled)
+
+
+@pytest.mark.redis
+async def test_replay_scope_redelivery_and_plain_subscriptions(prefix: str) -> None:
+    sender, (one, two, three) = await sender_and_instances(3)
+    store = RedisNonceStore(REDIS_URL, prefix=prefix)
+    first, second = one.middleware(nonce_store=store), IATPMiddleware(two, nonce_store=store)
+    third = IATPMiddleware(three, nonce_store=store)
+    try:
+        env = await sender.sign("coordinator", "x", topic="svc.a")
+        assert await consume(first, env, delivery(env, **{REPLAY_SCOPE: "ledger"}))
+        with pytest.raises(SignatureRejected) as caught:
+            await consume(second, env, delivery(env, **{REPLAY_SCOPE: "ledger"}))
+        assert caught.value.reason == "replayed_nonce"
+        assert caught.value.result.detail == "shared nonce store"
+        # a broker redelivery (attempt 2) is not a replay, in the store as in the local cache
+        assert await consume(second, env, delivery(env, attempt=2, **{REPLAY_SCOPE: "ledger"}))
+        # another scope is another consumer (a third process: the second's own cache has it)
+        assert await consume(third, env, delivery(env, **{REPLAY_SCOPE: "audit"}))
+        # a plain subscription (no queue group, no scope) relies on its local cache alone
+        plain = await sender.sign("coordinator", "y", topic="svc.a")
+        assert await consume(first, plain, delivery(plain))
+        client = redis_asyncio.Redis.from_url(REDIS_URL)
+        try:
+            keys = sorted(
+                [k.decode()[len(prefix) :].split(":")[0] async for k in client.scan_iter(prefix + "*")]
+            )
+        finally:
+            await client.aclose()
+        assert keys == ["audit", "ledger"]
+    finally:
+        await store.close()
+
+
+async def test_an_unreachable_store_rejects_and_counts_never_accepts() -> None:
+    sender, _ = await sender_and_instances(1)
+    store = RedisNonceStore("redis://127.0.0.1:1/0", timeout=0.5)  # nothing listens there
+    iatp_with_store = IATP(nonce_store=store)
+    await iatp_with_store.add_identity(sender.identity("coordinator"))
+    middleware = iatp_with_store.middleware()
+    assert middleware.nonce_store is store
+    try:
+        env = await sender.sign("coordinator", "x", topic="svc.a")
+        with pytest.raises(SignatureRejected) as caught:
+            await consume(middleware, env, delivery(env, **{REPLAY_SCOPE: "svc"}))
+        assert caught.value.reason == "nonce_store_unavailable"
+        assert middleware.rejected == {"nonce_store_unavailable": 1}
+        assert middleware.verified == 0
+        assert store.failures == 1
+        # a plain subscription never asks the store
+        plain = await sender.sign("coordinator", "y", topic="svc.a")
+        assert await consume(middleware, plain, delivery(plain))
+    finally:
+        await store.close()
+
+
+def test_a_nonce_store_must_be_one() -> None:
+    with pytest.raises(IATPConfigError):
+        IATP(nonce_store=object())  # type: ignore[arg-type]
+    with pytest.raises(IATPConfigError):
+        RedisNonceStore(timeout=0)
