@@ -44,6 +44,16 @@ Mapping and guarantees:
   ``attempt + 1`` after ``delay``, without committing past it.
 - **Wildcards**: ``*`` -> ``[^.]+``, ``>`` -> ``.+`` as a topic regex; new matching topics are
   found on the next metadata refresh (``metadata_max_age_ms``) and then read from their start.
+- **Records that cannot be delivered** (written by another producer: an ``amb-subject``
+  header that is not UTF-8 or not a valid subject) are counted (``malformed``) and moved, with
+  their key, value and headers, to the topic ``_DEAD.<topic>`` (``dead_letter_topic``) with
+  the headers ``amb-dead-reason``, ``-topic``, ``-partition``, ``-offset``, ``-group`` and
+  ``-subject``; their offset is then acked, so they are committed past and never delivered
+  again. Any other exception while dispatching a record is counted (``reader_errors``) and
+  dead-lettered the same way: one record never stops its group's fetch. If the dead letter
+  cannot be written (``dead_letter_failures``), the offset stays uncommitted and the record
+  comes again after a restart or rebalance. A null header value counts as an absent header.
+  Deliveries carry the record's headers in ``extra["headers"]``.
 - **Drain**: ``close()`` stops fetching, lets queued messages reach the handlers (up to
   ``timeout``), commits the acked offsets, and leaves the groups.
 - **Limits**: ``max_payload`` is 1 MiB by default (Kafka's ``message.max.bytes``).
@@ -74,6 +84,7 @@ from bus_adapters.kafka._config import (
     SUBJECT_HEADER,
     KafkaConfig,
     aiokafka_module,
+    dead_letter_topic,
     topic_for,
     topic_regex,
 )
@@ -89,6 +100,7 @@ __all__ = [
     "KafkaBroker",
     "KafkaConfig",
     "KafkaDelivery",
+    "dead_letter_topic",
     "topic_for",
     "topic_regex",
 ]

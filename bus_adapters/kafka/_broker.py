@@ -41,7 +41,13 @@ _client_ids = itertools.count(1)
 
 
 class KafkaBroker(Lifecycle):
-    """A Kafka client. ``KafkaBroker("kafka://127.0.0.1:9092", session_timeout_ms=6000)``."""
+    """A Kafka client. ``KafkaBroker("kafka://127.0.0.1:9092", session_timeout_ms=6000)``.
+
+    Counters: ``publish_failures``; ``malformed`` (records without a valid subject),
+    ``reader_errors`` (any other failure to dispatch a record, or of a fetch), both
+    dead-lettered (``dead_lettered``, or ``dead_letter_failures`` when that failed); see the
+    package docstring.
+    """
 
     name = "kafka"
     capabilities = Capabilities(
@@ -71,6 +77,10 @@ class KafkaBroker(Lifecycle):
         self._groups = _shared_groups
         self._sub_ids = itertools.count(1)
         self.publish_failures = 0
+        self.malformed = 0
+        self.dead_lettered = 0
+        self.dead_letter_failures = 0
+        self.reader_errors = 0
         self._unacked = 0
         self._publish_errors: list[BusError] = []
         self._all_acked = asyncio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -15,6 +16,8 @@ from amb.subjects import is_wildcard
 SUBJECT_HEADER: Final = "amb-subject"
 PUBLISHED_HEADER: Final = "amb-published-ns"
 INBOX_ROOT: Final = "_INBOX"
+DEAD_LETTER_ROOT: Final = "_DEAD"
+DEAD_HEADER_PREFIX: Final = "amb-dead-"
 DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
 INSTALL_HINT: Final = "the kafka broker needs aiokafka: pip install 'agent-os[kafka]'"
 BAD_TOPIC_CHAR: Final = re.compile(r"[^A-Za-z0-9._-]")
@@ -98,6 +101,16 @@ def topic_for(subject: str) -> str:
     if len(topic) > _MAX_TOPIC_LEN:
         raise ConfigError(f"subject {subject!r} maps to a topic longer than {_MAX_TOPIC_LEN} characters")
     return topic
+
+
+def dead_letter_topic(topic: str) -> str:
+    """The topic records of ``topic`` that cannot be delivered are moved to: ``_DEAD.<topic>``
+    (shortened with a hash of ``topic`` where that would be too long for Kafka)."""
+    dead = f"{DEAD_LETTER_ROOT}.{topic}"
+    if len(dead) > _MAX_TOPIC_LEN:
+        digest = hashlib.sha256(topic.encode()).hexdigest()[:16]
+        dead = f"{dead[: _MAX_TOPIC_LEN - len(digest) - 1].rstrip('.')}.{digest}"
+    return dead
 
 
 def inbox_topic(pattern: str) -> str | None:

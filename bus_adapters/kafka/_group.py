@@ -10,17 +10,19 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from amb.broker import DeliveryHandler
+from amb.broker import DeliveryHandler, LifecycleState
 from amb.dispatch import Dispatcher
-from amb.errors import BrokerUnavailable
-from amb.subjects import is_wildcard, matches
+from amb.errors import BrokerUnavailable, ConfigError, StateError
+from amb.subjects import is_wildcard, matches, validate_subject
 from bus_adapters.kafka._config import (
+    DEAD_HEADER_PREFIX,
     PUBLISHED_HEADER,
     SUBJECT_HEADER,
     aiokafka_module,
+    dead_letter_topic,
     inbox_topic,
     topic_for,
     topic_regex,
@@ -49,15 +51,38 @@ def _stamped(
 
 
 def _published_ns(record: ConsumerRecord[bytes, bytes]) -> int:
+    # The merge key: never raises (a record another producer wrote may have anything here).
     for name, value in record.headers or ():
-        if name == PUBLISHED_HEADER:
+        if name == PUBLISHED_HEADER and value is not None:
             with contextlib.suppress(ValueError):
                 return int(value)
-    return int(record.timestamp) * 1_000_000
+    with contextlib.suppress(TypeError, ValueError):
+        return int(record.timestamp) * 1_000_000
+    return 0
+
+
+class MalformedRecord(ValueError):
+    """A record this adapter cannot deliver (written by another producer); the message says why."""
+
+
+def _subject_of(record: ConsumerRecord[bytes, bytes]) -> str:
+    """The subject of a record: its ``amb-subject`` header (a null value counts as absent), else
+    its topic. Raises MalformedRecord for a header that is not UTF-8 or not a valid subject."""
+    for name, value in record.headers or ():
+        if name == SUBJECT_HEADER and value is not None:
+            try:
+                return validate_subject(value.decode())
+            except UnicodeDecodeError:
+                raise MalformedRecord(f"the {SUBJECT_HEADER} header is not UTF-8") from None
+            except ConfigError as exc:
+                raise MalformedRecord(f"the {SUBJECT_HEADER} header: {exc}") from None
+    topic: str = record.topic
+    return topic
 
 
 class KafkaDelivery:
-    """A record handed to a Kafka subscription."""
+    """A record handed to a Kafka subscription; ``extra`` has its ``topic``, ``partition``,
+    ``offset`` and ``headers`` (the record's, as ``(name, value)`` pairs)."""
 
     __slots__ = ("_sub", "attempt", "data", "extra", "key", "subject", "tp")
 
@@ -70,6 +95,7 @@ class KafkaDelivery:
         tp: TopicPartition,
         offset: int,
         attempt: int = 1,
+        headers: Sequence[tuple[str, bytes | None]] = (),
     ) -> None:
         self._sub = sub
         self.subject = subject
@@ -77,7 +103,12 @@ class KafkaDelivery:
         self.key = key
         self.tp = tp
         self.attempt = attempt
-        self.extra: Mapping[str, Any] = {"topic": tp.topic, "partition": tp.partition, "offset": offset}
+        self.extra: Mapping[str, Any] = {
+            "topic": tp.topic,
+            "partition": tp.partition,
+            "offset": offset,
+            "headers": headers,
+        }
 
     @property
     def offset(self) -> int:
@@ -88,7 +119,14 @@ class KafkaDelivery:
 
     async def nack(self, delay: float | None = None) -> None:
         again = KafkaDelivery(
-            self._sub, self.subject, self.data, self.key, self.tp, self.offset, self.attempt + 1
+            self._sub,
+            self.subject,
+            self.data,
+            self.key,
+            self.tp,
+            self.offset,
+            self.attempt + 1,
+            self.extra["headers"],
         )
         self._sub.dispatcher.requeue(again, delay)
 
@@ -244,10 +282,21 @@ class GroupConsumer:
                 log.warning("kafka broker: fetch for group %r failed: %s", self.group_id, exc)
                 await asyncio.sleep(0.1)
                 continue
+            except Exception:
+                # Not expected from aiokafka: counted and logged; the group goes on fetching.
+                self.broker.reader_errors += 1
+                log.exception("kafka broker: fetch for group %r failed", self.group_id)
+                await asyncio.sleep(0.1)
+                continue
+            # One record's failure is that record's: it is dead-lettered (see _reject) and the
+            # fetch goes on with the next one.
             if len(batches) == 1:
                 ((tp, records),) = batches.items()
                 for record in records:
-                    await self._dispatch(tp, record)
+                    try:
+                        await self._dispatch(tp, record)
+                    except Exception as exc:
+                        await self._reject(tp, record, exc)
                 continue
             # Records of different partitions (or topics, for a wildcard) fetched together are
             # handed over in publish order, as far as the publishers' clocks tell; each
@@ -256,14 +305,16 @@ class GroupConsumer:
                 *(_stamped(tp, records) for tp, records in batches.items()), key=lambda item: item[0]
             )
             for _, tp, record in merged:
-                await self._dispatch(tp, record)
+                try:
+                    await self._dispatch(tp, record)
+                except Exception as exc:
+                    await self._reject(tp, record, exc)
 
     async def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        subject = record.topic
-        for name, value in record.headers or ():
-            if name == SUBJECT_HEADER:
-                subject = value.decode("utf-8", "replace")
-                break
+        """Hand ``record`` to a member (waiting for room); a record of a subject this group's
+        pattern does not match is skipped. Raises MalformedRecord for a record without a valid
+        subject."""
+        subject = _subject_of(record)
         self._pending.setdefault(tp, deque()).append(record.offset)
         while True:
             member = self._pick(record.key)
@@ -273,7 +324,9 @@ class GroupConsumer:
             await self._room.wait()
             if self._closed or not self.members:
                 return
-        delivery = KafkaDelivery(member, subject, record.value or b"", record.key, tp, record.offset)
+        delivery = KafkaDelivery(
+            member, subject, record.value or b"", record.key, tp, record.offset, 1, record.headers
+        )
         if not (subject == self.pattern or (is_wildcard(self.pattern) and matches(self.pattern, subject))):
             self.acked(delivery)  # another subject mapped to this topic: not ours, skip it
             return
@@ -309,12 +362,14 @@ class GroupConsumer:
                 del self._key_owner[key]
             else:
                 self._key_owner[key] = (owner, count - 1, run)
-        tp = delivery.tp
+        self._ack_offset(delivery.tp, delivery.offset)
+
+    def _ack_offset(self, tp: TopicPartition, offset: int) -> None:
         pending = self._pending.get(tp)
         if pending is None:
             return  # the partition was revoked meanwhile
         acked = self._acked.setdefault(tp, set())
-        acked.add(delivery.offset)
+        acked.add(offset)
         advanced = None
         while pending and pending[0] in acked:
             advanced = pending.popleft()
@@ -322,6 +377,74 @@ class GroupConsumer:
         if advanced is not None:
             self._commit_to[tp] = advanced + 1
             self._dirty.set()
+
+    # -- records that cannot be delivered ----------------------------------------------------------
+
+    async def _reject(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], exc: Exception) -> None:
+        """Settle a record whose dispatch raised: count it, move it to the dead-letter topic
+        with the reason, and ack its offset so it is committed past and never comes again.
+
+        If the dead letter cannot be written the offset stays pending (commits of its
+        partition stop before it), so the record is fetched again after a restart or a
+        rebalance: at least once, like every other record.
+        """
+        broker = self.broker
+        if isinstance(exc, MalformedRecord):
+            broker.malformed += 1
+            reason = f"malformed: {exc}"
+            log.warning("kafka broker: %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        else:
+            broker.reader_errors += 1
+            reason = f"dispatch_error: {type(exc).__name__}: {exc}"
+            log.error(
+                "kafka broker: could not dispatch %s[%d]@%d",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc_info=exc,
+            )
+        pending = self._pending.setdefault(tp, deque())
+        if not pending or pending[-1] < record.offset:
+            pending.append(record.offset)
+        if await self._dead_letter(record, reason[:1024]):
+            self._ack_offset(tp, record.offset)
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str) -> bool:
+        """Write ``record`` (value, key, headers) to its dead-letter topic, with headers
+        ``amb-dead-reason``, ``-topic``, ``-partition``, ``-offset``, ``-group`` and ``-subject``
+        (the original ``amb-subject``, which the dead record does not carry). False on failure."""
+        broker = self.broker
+        topic = dead_letter_topic(record.topic)
+        headers: list[tuple[str, bytes | None]] = [
+            (f"{DEAD_HEADER_PREFIX}reason", reason.encode()),
+            (f"{DEAD_HEADER_PREFIX}topic", record.topic.encode()),
+            (f"{DEAD_HEADER_PREFIX}partition", str(record.partition).encode()),
+            (f"{DEAD_HEADER_PREFIX}offset", str(record.offset).encode()),
+            (f"{DEAD_HEADER_PREFIX}group", self.group_id.encode()),
+        ]
+        for name, value in record.headers or ():
+            headers.append(
+                (f"{DEAD_HEADER_PREFIX}subject", value) if name == SUBJECT_HEADER else (name, value)
+            )
+        try:
+            producer = broker._producer
+            if producer is None or broker.state is not LifecycleState.OPEN:
+                raise StateError(f"kafka broker is {broker.state.value}")
+            await broker._ensure_topic(topic)
+            await producer.send_and_wait(topic, record.value, key=record.key, headers=headers)
+        except Exception as exc:
+            broker.dead_letter_failures += 1
+            log.error(
+                "kafka broker: could not dead-letter %s[%d]@%d (%s): %r",
+                record.topic,
+                record.partition,
+                record.offset,
+                reason,
+                exc,
+            )
+            return False
+        broker.dead_lettered += 1
+        return True
 
     # -- commits -----------------------------------------------------------------------------------
 

@@ -46,8 +46,9 @@ Guarantees:
   ``reason``. A pub/sub message on a channel that is no valid subject is dropped and counted
   in ``malformed``; a reader logs and counts (``reader_errors``) anything unexpected and goes
   on. A stream keeps at most about ``stream_maxlen`` entries (``MAXLEN ~``): a backlog
-  beyond that loses its oldest messages. A durable group lives ``durable_ttl`` seconds after its last member left (None:
-  forever); a queue group lives ``queue_lease`` seconds after its last member left.
+  beyond that loses its oldest messages. A durable group lives ``durable_ttl`` seconds after
+  its last member left (None: forever); a queue group lives ``queue_lease`` seconds after its
+  last member left.
 - **Ordering**: each subscription hands messages to its handler one at a time, in the order it
   received them; pub/sub delivers in publish order per publisher. Reclaimed and nacked stream
   messages come back out of order. No per-key ordering.
