@@ -37,14 +37,14 @@ msgpack header ``0xdc 0x00 0x10``; the header and the first three fields (domain
 id or session id) are the same for every message of one key or session, so they are packed
 once (:func:`head`) and kept by the verifier and the session. Per message, one msgpack pack of
 the 13-tuple ``(nonce, v, ..., headers, digest-or-payload)`` (built in one place for both
-forms, with :func:`signed_headers` and, for signatures, :func:`payload_digest`: the helpers the
-tests exercise are the ones signing uses) gives a one-byte array header
-followed by exactly the bytes those 13 elements contribute to the full array; dropping that
-header and appending the rest to the head yields the very bytes a single pack of the whole
-16-element list would give (the tests check this against a plain ``msgpack.packb`` of the
-list). Packing goes through one reused msgspec Encoder (the same msgpack bytes as the msgpack
-package), and the payload digest and the session MAC start from copies of pre-initialised
-BLAKE2b states.
+forms, :func:`signed_fields`, with :func:`signed_headers` and, for signatures,
+:func:`payload_digest`: the helpers the tests exercise are the ones signing uses) gives a
+one-byte array header followed by exactly the bytes those 13 elements contribute to the full
+array; dropping that header and appending the rest to the head yields the very bytes a single
+pack of the whole 16-element list would give (the tests check this against a plain
+``msgpack.packb`` of the list). Packing goes through one reused msgspec Encoder (the same
+msgpack bytes as the msgpack package), and the payload digest and the session MAC start from
+copies of pre-initialised BLAKE2b states.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def head(domain: str, scheme: str, key_id: str) -> bytes:
     return _ARRAY16 + _pack_one(domain) + _pack_one(scheme) + _pack_one(key_id)
 
 
-def _signed_fields(env: Envelope, nonce: bytes, last: Any) -> bytes:
+def signed_fields(env: Envelope, nonce: bytes, last: Any) -> bytes:
     """The one definition of the 13 per-message signed elements (nonce, the ten envelope fields
     in their documented order, the signed headers, then ``last``: the payload digest for a
     signature, the payload itself for a session MAC), packed as they follow :func:`head`."""
@@ -159,12 +159,12 @@ def rest_bytes(env: Envelope, nonce: bytes) -> bytes:
     """The signed bytes after :func:`head` for a signature: the nonce, the envelope fields and
     :func:`payload_digest` of the payload (see the module docstring). Raises TypeError,
     ValueError or OverflowError when a field cannot be encoded."""
-    return _signed_fields(env, nonce, payload_digest(env.payload))
+    return signed_fields(env, nonce, payload_digest(env.payload))
 
 
 def session_rest_bytes(env: Envelope, nonce: bytes) -> bytes:
     """Like :func:`rest_bytes` for a session MAC: the payload itself in place of its digest."""
-    return _signed_fields(env, nonce, env.payload)
+    return signed_fields(env, nonce, env.payload)
 
 
 def envelope_bytes(

@@ -52,8 +52,8 @@ from iatp.canonical import (
     SESSION_DOMAIN,
     head,
     pack,
-    session_rest_bytes,
     signature,
+    signed_fields,
 )
 from iatp.errors import SessionError
 
@@ -247,7 +247,7 @@ class Session:
         self._counter = counter = self._counter + 1
         nonce = counter.to_bytes(8, "big")
         h = mac.copy()
-        h.update(session_rest_bytes(env, nonce))
+        h.update(signed_fields(env, nonce, env.payload))
         env.sig = signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
@@ -257,7 +257,7 @@ class Session:
         if mac is None:
             return False
         h = mac.copy()
-        h.update(session_rest_bytes(env, sig.nonce))
+        h.update(signed_fields(env, sig.nonce, env.payload))
         return hmac.compare_digest(h.digest(), sig.value)
 
     def open(self, env: Envelope, sig: Signature, scope: Any = None) -> int:
@@ -269,7 +269,7 @@ class Session:
             return BAD_MAC
         nonce = sig.nonce
         h = mac.copy()
-        h.update(session_rest_bytes(env, nonce))
+        h.update(signed_fields(env, nonce, env.payload))
         if not _compare(h.digest(), sig.value):
             return BAD_MAC
         return OPENED if self.accept_counter(_from_bytes(nonce, "big"), scope) else REPLAYED_COUNTER

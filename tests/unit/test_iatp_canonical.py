@@ -312,8 +312,8 @@ def test_signing_goes_through_the_helpers(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(canonical, "signed_headers", lambda headers: [("a", "2")])
     assert session_rest_bytes(env, b"n" * 16) != session_before
     calls: list[Any] = []
-    real = canonical._signed_fields
-    monkeypatch.setattr(canonical, "_signed_fields", lambda *a: calls.append(a[2]) or real(*a))
+    real = canonical.signed_fields
+    monkeypatch.setattr(canonical, "signed_fields", lambda *a: calls.append(a[2]) or real(*a))
     rest_bytes(env, b"n" * 16)
     session_rest_bytes(env, b"n" * 16)
     assert calls == [b"\x00" * 32, env.payload]  # both forms are built by the one definition
