@@ -8,8 +8,10 @@ compared in constant time; a missing or wrong token gets 401 and is counted)::
     GET  /agents                       [status, ...]
     GET  /agents/{id}                  status, or 404
     POST /agents/{id}/signal           body {"signal": "SIGSTOP"} -> {"ok": bool}; 400 if unknown
-    POST /policy/reload                body: policy YAML text -> {"ok": true, "version": ...};
-                                       400 {"error", "line", "field"} on invalid YAML
+    POST /policy/reload[?policy=NAME|INDEX]
+                                       body: policy YAML text -> {"ok": true, "version": ...};
+                                       400 {"error", "line", "field"} on invalid YAML; a kernel
+                                       with several policies needs ``policy`` (which to replace)
     GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
     GET  /verify                       the hash chain's verification result
 
@@ -29,7 +31,7 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from control_plane.errors import AgentNotFound, PolicyLoadError, SignalError
+from control_plane.errors import AgentNotFound, PolicyError, PolicyLoadError, SignalError
 from control_plane.policy_yaml import load_policy_text
 
 if TYPE_CHECKING:
@@ -156,12 +158,16 @@ class AdminAPI:
             return _json({"error": str(exc), "line": exc.line, "field": exc.field}, 400)
         if self.require_verified_sender:
             new.require_verified_sender = True
-        self.kernel.reload_policy(new)
-        policy = self.kernel.policy
+        which = request.query.get("policy")
+        target = int(which) if which is not None and which.isdigit() else which
+        try:
+            self.kernel.reload_policy(new, policy=target)
+        except PolicyError as exc:
+            return _json({"error": str(exc), "line": None, "field": "policy"}, 400)
         return _json(
             {
                 "ok": True,
-                "version": getattr(policy, "version", None),
+                "version": new.version,
                 "require_verified_sender": new.require_verified_sender,
             }
         )

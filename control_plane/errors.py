@@ -13,6 +13,7 @@ reaches the publisher::
     │   ├── RecorderConfigError (ValueError)   an unsupported storage, a bad key or option
     │   ├── RecorderKeyError                   encrypted records and no key, or another key
     │   └── TamperDetected                     a record does not decode or authenticate
+    ├── InboxBusy (ValueError)                 a reply inbox still waits for another request's reply
     └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
 
     amb.MessageRejected
@@ -61,6 +62,10 @@ class SignalError(ControlPlaneError, ValueError):
 
 class AgentNotFound(ControlPlaneError, KeyError):
     """No agent is known by that id."""
+
+
+class InboxBusy(ControlPlaneError, ValueError):
+    """A request names a ``reply_to`` that is still waiting for the reply to another request."""
 
 
 class KernelError(ControlPlaneError, RuntimeError):

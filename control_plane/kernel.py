@@ -30,6 +30,16 @@ Choices (the API reference is a sketch; these make it sound):
 - Verifier modules (``add_module``: anything with ``async verify(prompt, response, context)``
   returning ``.verified``) check every result; an unverified result raises
   :class:`~control_plane.errors.VerificationFailed` instead of being returned.
+- ``debug=True`` turns on debug logging: the ``control_plane`` logger's level is set to DEBUG
+  (process-wide, as logging levels are) and this kernel logs every decision (each message's,
+  in both directions, and each ``authorize``), every signal and every lifecycle record there.
+  With ``debug=False`` (the default) the kernel logs none of them and leaves the level alone.
+- A verifier module gets the execution's arguments as its prompt: the single positional
+  argument itself, else ``{"args": [...], "kwargs": {...}}`` when there are keyword arguments,
+  else the tuple of positional arguments.
+- ``authoritative`` (set by the control-plane service): a signal to an agent this kernel does
+  not know creates the agent's (external) process here instead of going out on the bus, so it
+  applies to the agent's messages passing this kernel from the first one on.
 - Every decision is one flight-recorder record: ``execute``, ``policy_decision``,
   ``message_held``, ``message_dropped``, ``signal``, ``verification``; lifecycle records
   ``agent_completed`` / ``agent_failed`` / ``agent_killed`` carry ``data.status``.
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -65,6 +76,8 @@ from control_plane.signals import AgentSignal, SignalDispatcher
 
 if TYPE_CHECKING:
     from amb import AMB
+
+log = logging.getLogger("control_plane.kernel")
 
 
 class AgentTimeoutError(AgentStoppedError, TimeoutError):
@@ -126,6 +139,9 @@ class KernelSpace(KernelGate, KernelBus):
         self.max_concurrent_agents = max_concurrent_agents
         self.timeout = timeout
         self.debug = debug
+        if debug:
+            logging.getLogger("control_plane").setLevel(logging.DEBUG)
+        self.authoritative = False
         self.signal_timeout = signal_timeout
         self.modules: list[Verifier] = []
         self._agents: dict[Callable[..., Any], RegisteredAgent] = {}
@@ -329,7 +345,7 @@ class KernelSpace(KernelGate, KernelBus):
                 await self._record("agent_failed", proc, {"status": "failed", "error": repr(exc)}, "error")
                 raise exc
             result = task.result()
-            await self._verify(proc, args, result, context)
+            await self._verify(proc, args, kwargs, result, context)
             proc.life = Life.TERMINATED
             await self._record("agent_completed", proc, {"status": "completed"})
             return result
@@ -347,9 +363,16 @@ class KernelSpace(KernelGate, KernelBus):
         return await fn(*args, **kwargs)
 
     async def _verify(
-        self, proc: AgentProcess, args: tuple[Any, ...], result: Any, context: Mapping[str, Any] | None
+        self,
+        proc: AgentProcess,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        result: Any,
+        context: Mapping[str, Any] | None,
     ) -> None:
-        prompt = args[0] if len(args) == 1 else args
+        prompt: Any = args[0] if len(args) == 1 else args
+        if kwargs:
+            prompt = {"args": list(args), "kwargs": dict(kwargs)}
         for module in self.modules:
             outcome = await module.verify(prompt, result, dict(context or {}))
             ok = bool(getattr(outcome, "verified", False))
@@ -413,11 +436,15 @@ class KernelSpace(KernelGate, KernelBus):
     async def _record(
         self, event: str, proc: AgentProcess, data: Mapping[str, Any], severity: str = "info"
     ) -> None:
+        if self.debug:
+            log.debug("%s %s (%s): %s", event, proc.id, proc.name, dict(data))
         await self.recorder.log(event, proc.id, {"name": proc.name, **data}, severity, execution_id=proc.id)
 
     async def _record_signal(
         self, agent_id: str, sig: AgentSignal, outcome: str, detail: str, sender: str | None
     ) -> None:
+        if self.debug:
+            log.debug("signal %s to %s: %s %s (sender %s)", sig.name, agent_id, outcome, detail, sender)
         await self.recorder.log(
             "signal",
             agent_id,
@@ -425,12 +452,25 @@ class KernelSpace(KernelGate, KernelBus):
             "warning" if not sig.catchable else "info",
         )
 
-    def reload_policy(self, source: Policy | str | Path) -> None:
-        """Swap in new rules without stopping traffic (see :meth:`Policy.reload`)."""
-        if isinstance(self.policy, PolicySet):
-            self.policy.policies[0].reload(source)
-        else:
-            self.policy.reload(source)
+    def reload_policy(self, source: Policy | str | Path, *, policy: int | str | None = None) -> None:
+        """Swap in new rules without stopping traffic (see :meth:`Policy.reload`).
+
+        With several policies (``KernelSpace(policies=[...])``) ``policy`` names the one to
+        replace: its index in the set or its name; without it the reload is refused rather
+        than guessing. Raises PolicyError for a missing or unknown ``policy`` (or one given
+        for a single policy that does not name it), PolicyLoadError for invalid YAML."""
+        current = self.policy
+        if isinstance(current, PolicySet):
+            if policy is None:
+                raise PolicyError(
+                    f"this kernel has {len(current.policies)} policies ({current.name}): "
+                    "say which one to reload with policy=<index or name>"
+                )
+            current.policy(policy).reload(source)
+            return
+        if policy is not None and policy not in (0, current.name):
+            raise PolicyError(f"this kernel has one policy, {current.name!r}; there is no {policy!r}")
+        current.reload(source)
 
     async def close(self) -> None:
         """Stop spawned agents still running, wait for signal handlers, close the recorder."""

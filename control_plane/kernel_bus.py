@@ -25,6 +25,7 @@ class KernelBus:
     signals: SignalDispatcher
     recorder: FlightRecorder
     signal_timeout: float
+    authoritative: bool
 
     def _process(self, agent_id: str) -> AgentProcess:
         raise NotImplementedError  # provided by KernelSpace
@@ -54,11 +55,22 @@ class KernelBus:
 
     # -- the bus -------------------------------------------------------------------------------
 
-    def attach(self, client: AMB, *, agent_id: str | None = None, **options: Any) -> Mediator:
+    def attach(
+        self, client: AMB, *, agent_id: str | None = None, trust_bus: bool | None = None, **options: Any
+    ) -> Mediator:
         """Govern ``client``: add the mediator as its innermost middleware (after IATP), make
         its agent signalable here and from other processes. Call before the client connects.
+
+        ``trust_bus``: whether an inbound message *without* an IATP result is from the sender it
+        claims. None (the default) trusts only the in-process ``memory`` broker (every client
+        of it lives in this process); over NATS, Redis or Kafka a claim is not a sender unless
+        ``trust_bus=True`` says the broker's ACLs authenticate senders: put IATP's middleware
+        on the client instead. ``options`` go to :class:`~control_plane.mediator.Mediator`.
         Returns the mediator. Raises amb StateError once the client is connected."""
         from control_plane.mediator import Mediator
+
+        if trust_bus is None:
+            trust_bus = client.broker.name == "memory"
 
         aid = agent_id or client.agent_id
         proc = self._procs.get(aid)
@@ -66,7 +78,7 @@ class KernelBus:
             proc = self._procs[aid] = AgentProcess(
                 aid, aid, None, None, self.signals.queue_size, Life.RUNNING
             )
-        mediator = Mediator(cast("KernelSpace", self), proc, **options)
+        mediator = Mediator(cast("KernelSpace", self), proc, trust_bus=trust_bus, **options)
         client.add_middleware(mediator)
         proc.clients.append(client)
         self._bus.append(client)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from control_plane.recorder import FlightRecorder
     from control_plane.signals import AgentSignal, SignalDispatcher
 
+log = logging.getLogger("control_plane.kernel")
 _CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
 
@@ -24,6 +26,7 @@ class KernelGate:
     policy: Policy | PolicySet
     recorder: FlightRecorder
     signals: SignalDispatcher
+    debug: bool
 
     def decide(
         self,
@@ -44,12 +47,21 @@ class KernelGate:
             )
         return self.policy.evaluate(operation, resource, context)
 
+    def requires_verified_sender(self) -> bool:
+        """Whether the policy (any policy of a set, in enforce mode) denies every message whose
+        sender IATP has not verified (``require_verified_sender``)."""
+        policy = self.policy
+        if type(policy) is Policy:
+            return policy.require_verified_sender and policy.mode == "enforce"
+        policies = policy.policies if isinstance(policy, PolicySet) else (policy,)
+        return any(p.require_verified_sender and p.mode == "enforce" for p in policies)
+
     def cached_decision(
         self,
         operation: str,
         resource: str,
         proc: AgentProcess,
-        sender: str,
+        sender: str | None,
         recipient: str | None,
         verified: bool,
         trust_level: float,
@@ -145,6 +157,8 @@ class KernelGate:
         """:meth:`note_decision` with the record's data already built (``operation``,
         ``resource``, ``decision``, ``reason``, ``rule``, ``policy`` and any extra fields)."""
         violation = decision.violation
+        if self.debug:
+            log.debug("policy_decision %s: %s", proc.id if proc is not None else agent_id, data)
         severity = "warning" if violation else "info"
         target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
         signal = decision.signal if violation and target is not None else None

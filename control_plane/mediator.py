@@ -17,23 +17,40 @@ For each message, in this order:
    ``correlation_id`` and no ``reply_to``), ``deliver`` (inbound), or ``signal`` (a control
    message; the resource is then the target agent id); the resource is the topic. The agent's
    permissions are checked first (see :mod:`control_plane.kernel`).
-3. **Recording.** Exactly one ``policy_decision`` record per message and direction (plus one
-   ``message_held`` or ``message_dropped`` when signals acted).
+3. **Recording.** Exactly one record per decision: a ``policy_decision`` per message and
+   direction, or a ``message_dropped`` (reason ``agent killed (SIGKILL)`` or
+   ``hold_queue_full``) when signals refused it; a held message gets a ``message_held`` record
+   and then, when released, its ``policy_decision``.
 
-**Who the sender is.** Outbound, this process is the authority: the sender is the attached
-agent. Inbound, the sender and trust level come from IATP's result in
-``metadata.context["iatp"]`` (``valid``, ``sender``, ``trust_level``) when it is valid;
-otherwise the envelope's claimed sender is used but marked unverified (``verified=False``,
-``trust_level=0.0``), so conditions on trust fail and ``require_verified_sender`` denies. A
-rule's ``on_violation`` signal on an inbound message goes to the sender only when verified: a
+**Who the sender is** (:mod:`control_plane.identity`). Outbound, this process is the
+authority: the sender is the attached agent. Inbound:
+
+- a valid IATP result in ``metadata.context["iatp"]`` names the sender (``verified=True``, its
+  trust level);
+- an IATP result that is present but not valid is **denied at once** (reason ``the message's
+  IATP verification is not valid (...)``), before any per-sender state is touched: no hold
+  queue, no rate bucket, no external process is keyed by the claimed name;
+- with no result, the envelope's claimed sender counts only when the mediator trusts the bus
+  (``trust_bus``; the default, None, trusts only the in-process ``memory`` broker, whose
+  clients all live in this process; pass True for a broker whose ACLs authenticate senders):
+  then ``sender`` is the claim with ``verified=False`` and trust 0. Otherwise ``sender`` is
+  None and the claim is only ``claimed_sender``, so a condition on ``sender`` cannot be met by
+  claiming a name;
+- ``require_verified_sender`` (enforced by any policy of the kernel) denies an unverified
+  message before anything else is looked up for its sender.
+
+A rule's ``on_violation`` signal on an inbound message goes to the sender only when verified: a
 forged sender id must not get another agent killed.
 
 **Mediated mode** (the control-plane service; ``inbound_prefix``/``reply_prefix``): a message
 is recognised by the subject it arrived on, and its envelope's (signed) topic must be that
 subject, or it is denied (``... is not its subject``): the subject decides where the service
-forwards it, so the two may not differ. A request's ``reply_to`` must be an inbox. A reply
-(``<reply_prefix>.<inbox>``) is checked only by the instance holding the request in its
-:class:`~control_plane.replies.PendingRequests`; see :mod:`services.control_plane_service`.
+forwards it, so the two may not differ. A message with no established sender is denied (the
+service acts *for* a sender: its signals, its rate limits). A request's ``reply_to`` must be an
+inbox of its own sender, ``<inbox_prefix>.<sender>.…`` (so nobody can have replies sent to
+another agent's inbox), and not one already waiting for a reply; the allowed request is noted
+in :class:`~control_plane.replies.PendingRequests`. A reply (``<reply_prefix>.<inbox>``) is
+checked only by the instance holding the request; see :mod:`services.control_plane_service`.
 
 Handlers run as tasks of the receiving agent, so SIGKILL cancels a handler mid-work.
 """
@@ -42,14 +59,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from amb.envelope import Envelope
 from amb.metadata import Metadata
 from amb.middleware import ConsumeNext, Middleware, PublishNext
-from control_plane.errors import AgentStoppedError, KernelError
+from control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
+from control_plane.identity import message_sender
 from control_plane.kernel_gate import _CURRENT, _violation
+from control_plane.kernel_gate import log as kernel_log
 from control_plane.policy import Decision
 from control_plane.process import Life
 from control_plane.replies import PendingRequest, PendingRequests
@@ -63,25 +83,12 @@ _CONTROL = CONTROL_PREFIX + "."
 _STOPPED = Life.STOPPED
 _TERMINATED = Life.TERMINATED
 _current_task = asyncio.current_task
+_TOKEN: Final = re.compile(r"[^.*>\s]+")  # an agent id usable as one subject token
+# (sender, verified, trust level) of an inbound message
+Identity = tuple[str | None, bool, float]
 # True while a control message (a signal) is being handled: its reply must not be held by the
 # very SIGSTOP it just applied.
 _IN_CONTROL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_control", default=False)
-
-
-def verified_identity(env: Envelope, meta: Metadata) -> tuple[str, bool, float]:
-    """(sender, verified, trust level) of an inbound message, per the contract with IATP: the
-    result in ``context["iatp"]`` (an object with ``valid``/``sender``/``trust_level``
-    attributes, or a mapping with those keys) counts only when ``valid`` is True."""
-    result = meta.context.get("iatp")
-    if result is not None:
-        valid = getattr(result, "valid", None)
-        if valid is None and isinstance(result, Mapping):
-            valid, sender, trust = result.get("valid"), result.get("sender"), result.get("trust_level")
-        else:
-            sender, trust = getattr(result, "sender", None), getattr(result, "trust_level", None)
-        if valid is True and sender:
-            return str(sender), True, float(trust) if trust is not None else 0.0
-    return env.sender, False, 0.0
 
 
 def _operation(env: Envelope) -> str:
@@ -101,7 +108,10 @@ class Mediator(Middleware):
     sender's messages are held by the service, a killed sender's dropped), whether or not the
     agent cooperates. ``reply_prefix`` and ``pending``: replies on ``<prefix>.<inbox>`` are
     evaluated as operation ``reply`` on the request's topic, from the replier to the
-    requester. Raises KernelError for ``reply_prefix`` without ``pending``.
+    requester. ``inbox_prefix``: requests must carry a ``reply_to`` under
+    ``<inbox_prefix>.<sender>.``. ``trust_bus``: whether a message without an IATP result is
+    from the sender it claims (see the module docstring; ``attach`` decides the default).
+    Raises KernelError for ``reply_prefix`` without ``pending``.
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class Mediator(Middleware):
         reply_prefix: str | None = None,
         pending: PendingRequests | None = None,
         inbox_prefix: str = "_INBOX",
+        trust_bus: bool = False,
     ) -> None:
         if reply_prefix is not None and pending is None:
             raise KernelError("mediating replies needs the table of pending requests")
@@ -122,6 +133,7 @@ class Mediator(Middleware):
         self.reply_prefix = reply_prefix + "." if reply_prefix else None
         self.pending = pending
         self.inbox_prefix = inbox_prefix + "."
+        self.trust_bus = trust_bus
         self.decisions = 0
 
     # -- outbound ------------------------------------------------------------------------------
@@ -153,8 +165,7 @@ class Mediator(Middleware):
             await self._dropped(proc, envelope, "publish")
             raise AgentStoppedError(f"agent {proc.id} was killed: nothing more is published")
         if proc.stopped and not envelope.topic.startswith(_CONTROL):
-            await self._held(proc, envelope, "publish")
-            await proc.hold(lambda: self._publish(proc, envelope, call_next))
+            await self._hold(proc, envelope, "publish", lambda: self._publish(proc, envelope, call_next))
             return
         await self._publish(proc, envelope, call_next)
 
@@ -216,9 +227,12 @@ class Mediator(Middleware):
     # -- inbound -------------------------------------------------------------------------------
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        sender, verified, trust, refusal = message_sender(metadata.context, envelope.sender, self.trust_bus)
+        ident: Identity = (sender, verified, trust)
         proc = self.process
         subject = metadata.subject
         route: PendingRequest | None = None
+        mediated = False
         if self.reply_prefix is not None and subject.startswith(self.reply_prefix):
             # Mediated mode, a reply: only the instance that forwarded the request decides.
             assert self.pending is not None
@@ -226,20 +240,38 @@ class Mediator(Middleware):
             if route is None:
                 self.pending.unmatched += 1  # another instance's, or nobody's: not forwarded
                 return
-            proc = self.kernel.external(verified_identity(envelope, metadata)[0])
+            mediated = True
         elif self.inbound_prefix is not None and subject.startswith(self.inbound_prefix):
-            # Mediated mode: the message is the sender's publish, and the sender's signals apply.
-            proc = self.kernel.external(verified_identity(envelope, metadata)[0])
+            mediated = True
+        if refusal is None and not verified and self.kernel.requires_verified_sender():
+            refusal = "sender not verified (require_verified_sender)"
+        if refusal is None and mediated and sender is None:
+            refusal = f"no established sender (the claim {envelope.sender!r} is not verified by IATP)"
+        if refusal is not None:
+            # Denied before any state of the (claimed) sender is looked up or created.
+            _, pending = self._decide_deliver(proc, envelope, metadata, route, ident, refusal)
+            if pending is not None:
+                await pending
+            return  # pragma: no cover - a refusal always raises
+        if mediated:
+            # The message is the sender's publish (or reply): the sender's signals apply.
+            assert sender is not None
+            proc = self.kernel.external(sender)
         life = proc.life
         if life is _TERMINATED:
             await self._dropped(proc, envelope, "deliver")
             raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
         if life is _STOPPED and not envelope.topic.startswith(_CONTROL):
-            await self._held(proc, envelope, "deliver")
-            await proc.hold(lambda: self._deliver(proc, envelope, metadata, call_next, route))
+            held = proc
+            await self._hold(
+                proc,
+                envelope,
+                "deliver",
+                lambda: self._deliver(held, envelope, metadata, call_next, route, ident),
+            )
             return
         # The common path: _deliver and _handle without their own coroutines.
-        op, pending = self._decide_deliver(proc, envelope, metadata, route)
+        op, pending = self._decide_deliver(proc, envelope, metadata, route, ident)
         if pending is not None:
             await pending
         if op == "signal":
@@ -268,7 +300,7 @@ class Mediator(Middleware):
             tasks.discard(task)
 
     def _mediated(
-        self, env: Envelope, subject: str, route: PendingRequest | None, sender: str
+        self, env: Envelope, subject: str, route: PendingRequest | None, sender: str | None
     ) -> tuple[str, str, str | None, str | None]:
         """Operation, resource, recipient and a structural reason to deny (or None) of an
         ingress message or a reply passing the service."""
@@ -292,12 +324,21 @@ class Mediator(Middleware):
                 why = "the request was already answered"
             elif route.expired():
                 why = "the request expired"
-        elif op == "request" and self.pending is not None and not self._inbox(env.reply_to):
-            why = f"reply_to must be an inbox subject ({self.inbox_prefix}...)"
+        elif op == "request" and self.pending is not None:
+            why = self._inbox_refusal(env.reply_to, sender)
         return op, resource, recipient, why
 
-    def _inbox(self, subject: str | None) -> bool:
-        return subject is not None and subject.startswith(self.inbox_prefix)
+    def _inbox_refusal(self, reply_to: str | None, sender: str | None) -> str | None:
+        """Why a request's ``reply_to`` is refused (None: it is the sender's own free inbox)."""
+        if sender is None or _TOKEN.fullmatch(sender) is None:
+            return f"reply_to needs a sender usable as an inbox token, not {sender!r}"
+        own = f"{self.inbox_prefix}{sender}."
+        if reply_to is None or not reply_to.startswith(own):
+            return f"reply_to must be an inbox of the sender ({own}...)"
+        assert self.pending is not None
+        if self.pending.waiting(reply_to):
+            return "reply_to is already waiting for the reply to another request"
+        return None
 
     async def _deliver(
         self,
@@ -305,9 +346,10 @@ class Mediator(Middleware):
         env: Envelope,
         meta: Metadata,
         call_next: ConsumeNext,
-        route: PendingRequest | None = None,
+        route: PendingRequest | None,
+        ident: Identity,
     ) -> None:
-        op, pending = self._decide_deliver(proc, env, meta, route)
+        op, pending = self._decide_deliver(proc, env, meta, route, ident)
         if pending is not None:
             await pending
         if op == "signal":
@@ -320,18 +362,29 @@ class Mediator(Middleware):
         await self._handle(proc, env, meta, call_next)
 
     def _decide_deliver(
-        self, proc: AgentProcess, env: Envelope, meta: Metadata, route: PendingRequest | None
+        self,
+        proc: AgentProcess,
+        env: Envelope,
+        meta: Metadata,
+        route: PendingRequest | None,
+        ident: Identity,
+        refusal: str | None = None,
     ) -> tuple[str, Awaitable[None] | None]:
         """Decide on an inbound message and record the decision; returns the operation and
         what to await before going on (None or an awaitable that raises the violation when
-        the decision denies; a deny with nothing to await is raised here)."""
-        sender, verified, trust = verified_identity(env, meta)
+        the decision denies; a deny with nothing to await is raised here). ``refusal``: deny
+        for this reason without asking the policy."""
+        sender, verified, trust = ident
         topic = env.topic
         subject = meta.subject
         recipient: str | None = env.recipient or proc.id
-        refusal = None
-        if route is not None or (self.inbound_prefix is not None and subject.startswith(self.inbound_prefix)):
-            op, resource, recipient, refusal = self._mediated(env, subject, route, sender)
+        mediated = route is not None or (
+            self.inbound_prefix is not None and subject.startswith(self.inbound_prefix)
+        )
+        if mediated:
+            op, resource, recipient, why = self._mediated(env, subject, route, sender)
+            if refusal is None:
+                refusal = why
         elif topic.startswith(_CONTROL):
             op, resource = "signal", topic[len(_CONTROL) :]
         else:
@@ -359,8 +412,14 @@ class Mediator(Middleware):
                     "priority": env.priority,
                 }
                 decision = kernel.decide(op, resource, ctx, proc)
-        if route is not None and decision.allowed:
-            route.answered = True  # one reply per request (decided before any await)
+        if decision.allowed and mediated:
+            # Decided before any await, so no other message can slip in between.
+            if route is not None:
+                route.answered = True  # one reply per request
+            elif op == "request" and self.pending is not None:
+                assert sender is not None
+                assert env.reply_to is not None
+                self.pending.add(env.reply_to, env.id, sender, resource, recipient, env.expires_at)
         self.decisions += 1
         data = {
             "operation": op,
@@ -379,7 +438,7 @@ class Mediator(Middleware):
         if route is not None:
             data.update(reply_to=route.reply_to, request_id=route.request_id, requester=route.requester)
         # Plain JSON values only (strings, booleans, the trust level as a float).
-        pending = kernel.note_record(proc, sender, data, decision, sender if verified else None, True)
+        pending = kernel.note_record(proc, proc.id, data, decision, sender if verified else None, True)
         if not decision.allowed:
             violation = _violation(decision, op, resource)
             if pending is None:
@@ -387,7 +446,7 @@ class Mediator(Middleware):
             return op, _raise_after(pending, violation)
         context = meta.context
         context["control_plane"] = decision
-        context["control_plane_sender"] = sender if verified else None
+        context["control_plane_sender"] = sender
         return op, pending
 
     async def _handle(
@@ -416,7 +475,22 @@ class Mediator(Middleware):
 
     # -- records for what signals did ----------------------------------------------------------
 
+    async def _hold(
+        self, proc: AgentProcess, env: Envelope, op: str, run: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Queue ``run`` in the stopped agent's hold queue and wait for it; exactly one record:
+        ``message_held``, or ``message_dropped`` (``hold_queue_full``) when the queue is full."""
+        try:
+            waiting = proc.enqueue(run)  # the slot is taken now, before any await
+        except HoldQueueFull:
+            await self._dropped(proc, env, op, "hold_queue_full")
+            raise
+        await self._held(proc, env, op)
+        await waiting
+
     async def _held(self, proc: AgentProcess, env: Envelope, op: str) -> None:
+        if self.kernel.debug:
+            kernel_log.debug("message_held %s: %s %s on %r", proc.id, op, env.id, env.topic)
         await self.kernel.recorder.log(
             "message_held",
             proc.id,
@@ -426,11 +500,15 @@ class Mediator(Middleware):
                 "message_id": env.id,
                 "decision": "hold",
                 "reason": "agent stopped (SIGSTOP)",
-                "queued": proc.held + 1,
+                "queued": proc.held,
             },
         )
 
-    async def _dropped(self, proc: AgentProcess, env: Envelope, op: str) -> None:
+    async def _dropped(
+        self, proc: AgentProcess, env: Envelope, op: str, reason: str = "agent killed (SIGKILL)"
+    ) -> None:
+        if self.kernel.debug:
+            kernel_log.debug("message_dropped %s: %s %s on %r (%s)", proc.id, op, env.id, env.topic, reason)
         await self.kernel.recorder.log(
             "message_dropped",
             proc.id,
@@ -439,7 +517,7 @@ class Mediator(Middleware):
                 "resource": env.topic,
                 "message_id": env.id,
                 "decision": "drop",
-                "reason": "agent killed (SIGKILL)",
+                "reason": reason,
             },
             "warning",
         )

@@ -285,3 +285,36 @@ class Pattern:
 
     def __repr__(self) -> str:
         return f"Pattern({self.operation!r}, {self.resource!r}, match_type={self.match_type!r})"
+
+
+class CheckedPattern(Pattern):
+    """A pattern whose resource is matched by a function (the built-in helpers' checks, e.g.
+    "a destructive SQL statement"): ``check(resource)`` returns why it matches, or None.
+
+    It is indexed like a regex pattern (under every resource) and serialised with
+    ``resource`` set to its ``description``; it has no YAML form.
+    """
+
+    __slots__ = ("check", "description")
+
+    def __init__(
+        self,
+        operation: str,
+        check: Callable[[str], str | None],
+        description: str,
+        conditions: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(operation, "(?s).*", "regex", conditions)
+        self.check = check
+        self.description = description
+
+    def targets(self, operation: str, resource: str) -> bool:
+        return super().targets(operation, resource) and self.check(resource) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(resource=self.description, match_type="check")
+        return out
+
+    def __repr__(self) -> str:
+        return f"CheckedPattern({self.operation!r}, {self.description!r})"

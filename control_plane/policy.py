@@ -443,16 +443,17 @@ class Policy:
 
     @classmethod
     def no_destructive_sql(cls) -> Policy:
-        """Deny ``sql`` operations whose resource (the statement) is DROP, TRUNCATE, ALTER ...
-        DROP, or a DELETE/UPDATE without WHERE; allow everything else."""
+        """Deny ``sql`` operations whose resource (the SQL text) is destructive: ``DROP`` or
+        ``TRUNCATE`` anywhere, a ``DELETE``/``UPDATE`` without a top-level ``WHERE`` or inside
+        another statement, in any of the statements (comments removed, literals ignored); see
+        :mod:`control_plane.guards` for exactly what is denied. Allow everything else."""
+        from control_plane.guards import destructive_sql
+        from control_plane.patterns import CheckedPattern
+
         policy = cls("no_destructive_sql", default_action="allow")
-        destructive = (
-            r"(?is)\s*(?:drop\s.*|truncate\s.*|alter\s+table\s.*\sdrop\s.*"
-            r"|delete\s+from\s(?:(?!\bwhere\b).)*|update\s(?:(?!\bwhere\b).)*)"
-        )
         policy.add_rule(
             "deny",
-            Pattern("sql", destructive, match_type="regex"),
+            CheckedPattern("sql", destructive_sql, "<destructive SQL>"),
             reason="destructive SQL",
             name="no-destructive-sql",
         )
@@ -460,15 +461,32 @@ class Policy:
 
     @classmethod
     def file_access(cls, path: str, operations: Sequence[str] = ("read", "write")) -> Policy:
-        """Allow file ``operations`` only under ``path`` (``..`` segments are refused); other
-        operations are left to other policies (allowed here)."""
-        root = path.rstrip("/") or "/"
+        """Allow file ``operations`` only on ``path`` and below it: a resource that is not an
+        absolute path, has a ``..`` segment (or a backslash), or whose ``posixpath.normpath``
+        is outside ``path`` is denied (see :mod:`control_plane.guards`); other operations are
+        left to other policies (allowed here). Raises PolicyError for a relative ``path``."""
+        import posixpath
+
+        from control_plane.guards import path_refusal
+        from control_plane.patterns import CheckedPattern
+
+        if not path.startswith("/"):
+            raise PolicyError(f"file_access needs an absolute path, got {path!r}")
+        root = posixpath.normpath(path)
+        if root.startswith("//"):
+            root = "/" + root.lstrip("/")
         policy = cls(f"file_access:{root}", default_action="allow")
+
+        def outside(resource: str) -> str | None:
+            return path_refusal(root, resource)
+
         for op in operations:
-            policy.add_rule("deny", Pattern(op, "*/../*"), reason="path traversal", name=f"{op}-traversal")
-            policy.add_rule("allow", Pattern(op, root), name=f"{op}-root")
-            policy.add_rule("allow", Pattern(op, f"{root.rstrip('/')}/*"), name=f"{op}-under-root")
-            policy.add_rule("deny", Pattern(op, "*"), reason=f"{op} outside {root}", name=f"{op}-elsewhere")
+            policy.add_rule(
+                "deny",
+                CheckedPattern(op, outside, f"<a path outside {root}>"),
+                reason=f"{op} outside {root}",
+                name=f"{op}-outside-root",
+            )
         return policy
 
     @classmethod
@@ -513,3 +531,15 @@ class PolicySet:
     @property
     def inheritance(self) -> str:
         return self.policies[0].inheritance
+
+    def policy(self, which: int | str) -> Policy:
+        """The policy at index ``which``, or named ``which``. Raises PolicyError otherwise."""
+        if isinstance(which, int) and not isinstance(which, bool):
+            if 0 <= which < len(self.policies):
+                return self.policies[which]
+            raise PolicyError(f"no policy at index {which} (the set has {len(self.policies)})")
+        found = [p for p in self.policies if p.name == which]
+        if len(found) != 1:
+            what = "no policy" if not found else f"{len(found)} policies"
+            raise PolicyError(f"{what} named {which!r} in {self.name}")
+        return found[0]

@@ -130,13 +130,19 @@ class AgentProcess:
         Raises HoldQueueFull when ``hold_limit`` items already wait, AgentStoppedError when the
         agent is killed before its turn.
         """
+        return await self.enqueue(run)
+
+    def enqueue(self, run: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
+        """:meth:`hold` in two steps: take a place in the queue now (raises HoldQueueFull when
+        ``hold_limit`` items already wait), and return the future of ``run``'s result (it
+        fails with AgentStoppedError when the agent is killed before its turn)."""
         if len(self._held) >= self.hold_limit:
             raise HoldQueueFull(f"agent {self.id} is stopped and {self.hold_limit} messages already wait")
         item = _Held(run, asyncio.get_running_loop().create_future())
         self._held.append(item)
         if not self.stopped and self._releasing is None:  # continued between check and hold
             self._start_release()
-        return await item.future
+        return item.future
 
     def _start_release(self) -> None:
         if self._held and (self._releasing is None or self._releasing.done()):

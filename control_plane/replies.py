@@ -10,6 +10,11 @@ The table is bounded (``max_pending``; the oldest entries are evicted first and 
 entries are dropped ``grace`` seconds after their request expired (requests without an expiry
 get ``default_ttl``), so a reply arriving shortly after its request expired is still matched
 (and denied, recorded as ``request expired``) rather than silently ignored.
+
+An inbox waits for one reply at a time: :meth:`PendingRequests.add` refuses a ``reply_to``
+whose entry is still *waiting* (not answered, not expired) with :class:`InboxBusy`, so a later
+request can never take over the routing of an earlier one's reply (the mediator denies such a
+request before it gets here; see :meth:`PendingRequests.waiting`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from control_plane.errors import InboxBusy
 
 
 @dataclass(slots=True)
@@ -61,9 +68,14 @@ class PendingRequests:
         recipient: str | None = None,
         expires_at: int | None = None,
     ) -> PendingRequest:
-        """Note a forwarded request. ``expires_at`` is the request's expiry (ns since the epoch)."""
+        """Note a forwarded request. ``expires_at`` is the request's expiry (ns since the epoch).
+
+        Raises InboxBusy when ``reply_to`` is still waiting for the reply to another request
+        (an answered or expired entry is replaced)."""
         now = time.time_ns()
         self._sweep(now)
+        if self.waiting(reply_to, now):
+            raise InboxBusy(f"{reply_to!r} is still waiting for the reply to another request")
         entry = PendingRequest(
             reply_to,
             request_id,
@@ -79,6 +91,11 @@ class PendingRequests:
             self._entries.popitem(last=False)
             self.evicted += 1
         return entry
+
+    def waiting(self, reply_to: str, now_ns: int | None = None) -> bool:
+        """Whether ``reply_to`` has an entry that is neither answered nor expired."""
+        entry = self._entries.get(reply_to)
+        return entry is not None and not entry.answered and not entry.expired(now_ns)
 
     def get(self, reply_to: str) -> PendingRequest | None:
         """The entry for a reply to ``reply_to``, while it is within its expiry plus grace."""

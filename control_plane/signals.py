@@ -12,7 +12,9 @@ SIGKILL    no         now: the agent is terminated, its tasks (execution, runnin
 SIGSTOP    no         now: the agent's deliveries and publishes wait in its bounded hold queue
                       (``queue_size``); ``kernel.is_stopped()`` is true for agent code
 SIGCONT    yes        handlers run, then the hold queue is released in arrival order
-SIGTERM    yes        handlers run (cleanup), then the agent is terminated as by SIGKILL
+SIGTERM    yes        handlers run (cleanup), then the agent is terminated as by SIGKILL,
+                      unless a handler returned ``False``: that vetoes the termination
+                      (recorded as ``vetoed``; SIGKILL cannot be vetoed)
 SIGUSR1/2  yes        handlers run; nothing else
 SIGALRM    yes        sent by the kernel when an execution exceeds its timeout: handlers run, then
                       the execution is cancelled (``kernel.execute`` raises ``AgentTimeoutError``)
@@ -21,12 +23,24 @@ SIGALRM    yes        sent by the kernel when an execution exceeds its timeout: 
 A masked catchable signal is ignored (``send`` returns False). SIGKILL and SIGSTOP cannot be
 handled or masked: trying raises :class:`~control_plane.errors.SignalError`.
 
+**Handlers' return values.** The API reference's SIGTERM handler ends with ``return True  #
+Allow termination``: a SIGTERM handler returning ``False`` (exactly False; None, True or a
+handler that raises do not veto) keeps the agent running. With ``async_delivery=False``,
+``send`` then returns False; with the default background delivery ``send`` has already returned
+True (delivered) and the veto shows in the agent's state and the ``signal`` record. Other
+signals' return values are ignored.
+
 **Across processes.** A kernel that attaches a bus client subscribes, for each attached agent,
 to the control subject ``_ctl.signal.<agent_id>``. :meth:`SignalDispatcher.send` for an agent
 that is not local sends the signal there as a request and returns the remote ``send``'s
 result; the receiving mediator checks it against policy as operation ``signal`` on resource
 ``<agent_id>``, so only senders the policy allows can signal an agent. Control messages skip the
 hold queue (SIGCONT must reach a stopped agent).
+
+**Agents not seen yet.** A kernel marked ``authoritative`` (the control-plane service's, which
+every message of every agent passes) creates the process of an agent it does not know when it is
+signalled, instead of sending the signal on the bus: the signal then applies to that agent's
+messages from the first one on.
 """
 
 from __future__ import annotations
@@ -154,7 +168,9 @@ class SignalDispatcher:
         try:
             proc = kernel._process(agent_id)
         except AgentNotFound:
-            return await kernel._send_remote(agent_id, sig, sender)
+            if not kernel.authoritative:
+                return await kernel._send_remote(agent_id, sig, sender)
+            proc = kernel.external(agent_id)
         if proc.killed:
             await kernel._record_signal(proc.id, sig, "ignored", "agent already terminated", sender)
             return False
@@ -177,19 +193,25 @@ class SignalDispatcher:
 
     async def _deliver(self, agent_id: str, sig: AgentSignal) -> bool:
         kernel = self._kernel()
+        vetoed = False
         for target, handler in list(self._handlers.get(sig, ())):
             if target is None or target == agent_id:
                 try:
-                    await handler(agent_id, sig)
+                    outcome = await handler(agent_id, sig)
                 except Exception as exc:
                     log.warning("handler for %s on %s failed: %r", sig.name, agent_id, exc)
                     await kernel._record_signal(agent_id, sig, "handler_error", repr(exc), None)
+                else:
+                    vetoed = vetoed or outcome is False
         proc = kernel._find(agent_id)
         if proc is None:
             return False
         if sig is AgentSignal.SIGCONT:
             proc.cont()
         elif sig is AgentSignal.SIGTERM:
+            if vetoed:
+                await kernel._record_signal(agent_id, sig, "vetoed", "a handler returned False", None)
+                return False
             proc.kill()
         return True
 

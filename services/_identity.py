@@ -1,78 +1,32 @@
-"""Who a message acts for: the one place the services decide a sender's identity.
+"""Who a message acts for: the services' view of :mod:`control_plane.identity`.
 
 Every service answers for an agent: the memory service shows an agent its own memories, the
 verifier records who asked, the control-plane service notes who is waiting for a reply. That
-agent is :func:`sender_identity` of the message, decided in one way:
-
-- a valid IATP result in ``metadata.context["iatp"]`` (put there by the IATP middleware after
-  the signature, key, time window, nonce and trust checks) names the sender;
-- a result that is present but not valid (an unsigned message a subscription let through,
-  say) is refused, whatever the envelope claims;
-- with no result, the envelope's claimed ``sender`` is used only when the service was told to
-  trust the bus (``trust_bus=True``: a broker whose ACLs already stop agents from publishing
-  under another's name); otherwise the message is refused.
-
-It never falls back to the claimed sender when verification is configured: that fallback is
-what let a client publishing with ``sender_id="alice"`` read alice's memories.
+agent is :func:`sender_identity` of the message, decided in one way for the whole platform (the
+mediator applies the same rule): a valid IATP result names the sender; a present but invalid
+result is refused; with no result the claimed sender counts only with ``trust_bus=True``. The
+helper lives in ``control_plane`` so that the mediator (which may not import ``services``) and
+the services share one implementation; this module re-exports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final
+from typing import Final
 
-from amb import Metadata
-from iatp import RESULT
+from control_plane.identity import (
+    Unauthenticated,
+    VerificationRequired,
+    require_verification,
+    sender_identity,
+)
 
 PASSPHRASE_ENV: Final = "AGENTOS_KEY_PASSPHRASE"
 """The environment variable holding the passphrase of a service's ``--identities`` key store."""
 
-
-class Unauthenticated(Exception):
-    """A message whose sender is not established: no valid IATP result where verification is
-    required, an invalid result anywhere, or no sender at all."""
-
-
-class VerificationRequired(ValueError):
-    """A service asked to run with neither IATP verification nor an explicit ``trust_bus``."""
-
-
-def sender_identity(metadata: Metadata, *, trust_bus: bool = False) -> str:
-    """The agent ``metadata``'s message acts for (see the module docstring).
-
-    Raises Unauthenticated when the IATP result is present but not valid (or names no sender),
-    when there is no result and ``trust_bus`` is false, or when the trusted envelope names no
-    sender. Never raises anything else.
-    """
-    result = metadata.context.get(RESULT)
-    if result is not None:
-        sender = _field(result, "sender")
-        if _field(result, "valid") is not True or not isinstance(sender, str) or not sender:
-            raise Unauthenticated("the message's IATP verification is not valid")
-        return sender
-    if not trust_bus:
-        raise Unauthenticated("the message was not verified by IATP (the service does not trust the bus)")
-    sender = metadata.sender
-    if not isinstance(sender, str) or not sender:
-        raise Unauthenticated("the message has no sender")
-    return sender
-
-
-def require_verification(verifies: bool, trust_bus: bool, service: str) -> None:
-    """Refuse a service set up to take claimed senders without being told to.
-
-    Raises VerificationRequired when neither ``verifies`` (IATP checks the service's messages)
-    nor ``trust_bus`` is true, or when both are (they contradict each other)."""
-    if verifies and trust_bus:
-        raise VerificationRequired(f"the {service} verifies senders with IATP; trust_bus contradicts it")
-    if not verifies and not trust_bus:
-        raise VerificationRequired(
-            f"refusing to run the {service} without sender verification: give it IATP identities, "
-            "or trust_bus=True when the broker's ACLs already authenticate senders"
-        )
-
-
-def _field(result: Any, name: str) -> Any:
-    if isinstance(result, Mapping):
-        return result.get(name)
-    return getattr(result, name, None)
+__all__ = [
+    "PASSPHRASE_ENV",
+    "Unauthenticated",
+    "VerificationRequired",
+    "require_verification",
+    "sender_identity",
+]

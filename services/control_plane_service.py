@@ -24,8 +24,9 @@ reply inboxes and dead letters) and subscribe only to delivery subjects, their i
 own control subject, while only the service may publish to delivery and control subjects. A
 message an agent sends straight to a delivery subject is refused by the server.
 
-**Replies are mediated too.** A forwarded request keeps its ``reply_to`` (an inbox
-``_INBOX.…`` of the requester; any other ``reply_to`` is denied), and the service notes it in
+**Replies are mediated too.** A forwarded request keeps its ``reply_to``, which must be an
+inbox of the (verified) requester, ``_INBOX.<requester>.…`` (:func:`agent_inbox`; any other
+``reply_to``, or one still waiting for another reply, is denied), and the service notes it in
 its table of pending requests (:mod:`control_plane.replies`). The responder's client carries
 :class:`ReplyViaService`, which sends a reply meant for ``_INBOX.x`` to ``replies._INBOX.x``
 instead. Every service instance receives replies (no queue group: the instance that forwarded
@@ -35,9 +36,24 @@ must be the request's, a request addressed to one agent is answered by that agen
 per request, not after it expired), records exactly one decision, and forwards it unchanged to
 the inbox. Instances without the entry drop the reply and count it
 (``pending.unmatched``): a forged reply nobody waits for is dropped by all and recorded by
-none, since no instance owns that decision. Agents may not publish to ``_INBOX.>`` under the
-generated NATS permissions, so a reply around the service is refused by the server. The
-service's own requests (remote signals) are noted the same way, so their replies also pass.
+none, since no instance owns that decision. Under the generated NATS permissions agents may
+not publish to ``_INBOX.>`` (a reply around the service is refused by the server) and each
+agent may subscribe only to its own inboxes ``_INBOX.<agent>.>`` (nobody reads another's
+replies). The service's own requests (remote signals) are noted the same way, so their replies
+also pass.
+
+*Agents' inboxes.* The AMB client takes its reply inbox from the broker adapter
+(``broker.inbox_prefix()``), which is ``_INBOX.<random>`` on NATS and in memory; an agent's
+requests pass the service only when its client's inbox is under ``agent_inbox(agent_id)``.
+The AMB client has no option for that yet (see the README's mediated-mode section): until it
+has, requests from agents in mediated mode need a broker whose inbox prefix is the agent's
+(the tests subclass the adapter for it), while publishes, deliveries and replies work as they
+are.
+
+**Signals ahead of time.** The service's kernel is the authority for every agent passing it
+(``kernel.authoritative``): a signal (admin API, ``kernel.send_signal``) to an agent the
+service has not heard from yet creates its process here, so a SIGSTOP holds and a SIGKILL drops
+its very first message instead of being sent on the bus to a kernel that may not exist.
 
 Example::
 
@@ -72,7 +88,7 @@ from control_plane.policy_yaml import load_policy as load_policy_file
 from control_plane.replies import PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 from iatp import IATP, IATPMiddleware
-from services._identity import require_verification, sender_identity
+from services._identity import require_verification
 from services._process import (
     broker_backend,
     run,
@@ -99,6 +115,15 @@ def ingress_subject(topic: str, prefix: str = INGRESS) -> str:
 def delivery_subject(topic: str, prefix: str = DELIVERY) -> str:
     """Where agents subscribe to receive ``topic`` in mediated mode."""
     return f"{prefix}.{topic}"
+
+
+def agent_inbox(agent_id: str, prefix: str = INBOX) -> str:
+    """The inbox prefix of ``agent_id`` in mediated mode: its requests' ``reply_to`` must be
+    under ``<this>.``. Raises ValueError for an agent id that is not one subject token
+    (``.``, ``*``, ``>`` or whitespace would let one agent's inboxes cover another's)."""
+    if not agent_id or any(c in agent_id for c in ".*>") or any(c.isspace() for c in agent_id):
+        raise ValueError(f"an agent id in mediated mode must be one subject token, got {agent_id!r}")
+    return f"{prefix}.{agent_id}"
 
 
 def reply_subject(reply_to: str, prefix: str = REPLIES) -> str:
@@ -176,8 +201,10 @@ class ControlPlaneService:
             self.iatp_middleware = iatp.middleware(agent_id=client.agent_id)
             client.add_middleware(self.iatp_middleware)
             require_verified_sender(kernel.policy)
+        kernel.authoritative = True  # signals to agents not seen yet apply here, ahead of time
         self.mediator: Mediator = kernel.attach(
             client,
+            trust_bus=trust_bus,
             inbound_prefix=ingress_prefix,
             reply_prefix=reply_prefix,
             pending=self.pending,
@@ -205,12 +232,9 @@ class ControlPlaneService:
 
     async def _forward(self, message: Any, metadata: Metadata) -> None:
         # Reached only when the mediator allowed the message (a deny was dead-lettered before),
-        # and the mediator checked that the envelope's topic is this subject.
+        # checked that the envelope's topic is this subject and, for a request, that its
+        # reply_to is the verified requester's own inbox, noted in self.pending.
         topic = metadata.subject[len(self.ingress_prefix) + 1 :]
-        env = metadata.envelope
-        if env.reply_to:
-            requester = sender_identity(metadata, trust_bus=self.trust_bus)
-            self.pending.add(env.reply_to, env.id, requester, topic, env.recipient, env.expires_at)
         await self._send(delivery_subject(topic, self.delivery_prefix), metadata)
         self.stats.forwarded += 1
 
@@ -256,16 +280,17 @@ def nats_users(
 ) -> list[NatsUser]:
     """The NATS users of a mediated deployment: one per agent (user name = agent id) and the
     service. Agents publish only to ingress, replies (through the service) and dead letters;
-    they receive delivery subjects, inboxes and their own control subject. Only the service
-    publishes to delivery subjects, inboxes and control subjects. Passwords are generated
-    unless given."""
+    they receive delivery subjects, their own inboxes (``_INBOX.<agent>.>``, see
+    :func:`agent_inbox`) and their own control subject. Only the service publishes to delivery
+    subjects, inboxes and control subjects. Passwords are generated unless given. Raises
+    ValueError for an agent id that is not one subject token."""
     given = dict(passwords or {})
     users = [
         NatsUser(
             agent,
             given.get(agent) or secrets.token_urlsafe(24),
             (f"{ingress_prefix}.>", f"{reply_prefix}.>", f"{dead_letter_prefix}.>"),
-            (f"{delivery_prefix}.>", f"{INBOX}.>", f"{CONTROL_PREFIX}.{agent}"),
+            (f"{delivery_prefix}.>", f"{agent_inbox(agent)}.>", f"{CONTROL_PREFIX}.{agent}"),
         )
         for agent in agents
     ]
@@ -496,6 +521,7 @@ __all__ = [
     "NatsUser",
     "ReplyViaService",
     "ServiceStats",
+    "agent_inbox",
     "broker_backend",
     "delivery_subject",
     "ingress_subject",

@@ -10,22 +10,25 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from amb import AMB, Metadata, RequestTimeout
+from bus_adapters.nats import NatsBroker
 from control_plane import KernelSpace, Pattern, Policy
 from services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
+    agent_inbox,
     delivery_subject,
     ingress_subject,
     nats_authorization,
     nats_users,
 )
-from tests.support import Collector
+from tests.support import Collector, wait_until
 
 pytestmark = pytest.mark.nats
 
@@ -67,6 +70,23 @@ async def nats_port(tmp_path: Path) -> AsyncIterator[int]:
 
 def url(user: str, port: int) -> str:
     return f"nats://{user}:{PASSWORDS[user]}@127.0.0.1:{port}"
+
+
+class AgentInboxBroker(NatsBroker):
+    """The NATS adapter with the reply inbox under the agent's own prefix (``_INBOX.<agent>.``),
+    the only inboxes the generated permissions let the agent read. It stands in for an AMB
+    client option to choose the inbox, which the bus does not have yet."""
+
+    def __init__(self, url: str, agent: str) -> None:
+        super().__init__(url)
+        self._own_inbox = f"{agent_inbox(agent)}.{uuid.uuid4().hex[:12]}"
+
+    def inbox_prefix(self) -> str:
+        return self._own_inbox
+
+
+def agent_client(user: str, port: int) -> AMB:
+    return AMB("nats", url(user, port), agent_id=user, broker=AgentInboxBroker(url(user, port), user))
 
 
 async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nats_port: int) -> None:
@@ -127,7 +147,7 @@ async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(na
         await responder.reply(metadata, f"re: {message}")
 
     await responder.subscribe(delivery_subject("tasks.>"), answer)
-    requester = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
+    requester = agent_client("agent-a", nats_port)
     assert await requester.request(ingress_subject("tasks.ask"), "hello", timeout=3) == "re: hello"
     with pytest.raises(RequestTimeout):
         await requester.request(ingress_subject("tasks.private"), "secret", timeout=0.5)
@@ -144,7 +164,7 @@ async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(na
         errors.append(exc)
 
     inbox = Collector()
-    await requester.subscribe("_INBOX.>", inbox)
+    await requester.subscribe("_INBOX.agent-a.>", inbox)
     raw = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
     await raw.publish("_INBOX.anything.1", b"around the service")
     await raw.flush()
@@ -152,6 +172,66 @@ async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(na
     assert inbox.messages == []
     assert any("permissions violation" in str(e).lower() for e in errors)
     await raw.close()
+    for client in (requester, responder):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -> None:
+    """Under the generated permissions agent-b may subscribe only to ``_INBOX.agent-b.>``: its
+    subscription to agent-a's inboxes (or all inboxes) is refused by the server, and the reply
+    the service forwards to agent-a reaches agent-a alone."""
+    import nats
+
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    kernel = KernelSpace(policy=policy)
+    service = ControlPlaneService(
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+    )
+    await service.start()
+    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
+
+    async def answer(message: object, metadata: Metadata) -> None:
+        await responder.reply(metadata, f"secret answer to {message}")
+
+    await responder.subscribe(delivery_subject("tasks.>"), answer)
+
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    spy = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
+    stolen: list[bytes] = []
+
+    async def steal(msg: object) -> None:
+        stolen.append(msg.data)  # type: ignore[attr-defined]
+
+    await spy.subscribe("_INBOX.agent-a.>", cb=steal)
+    await spy.subscribe("_INBOX.>", cb=steal)
+    await spy.flush()
+    own: list[bytes] = []
+
+    async def mine(msg: object) -> None:
+        own.append(msg.data)  # type: ignore[attr-defined]
+
+    await spy.subscribe("_INBOX.agent-b.x", cb=mine)  # its own inboxes are allowed
+    await spy.flush()
+
+    requester = agent_client("agent-a", nats_port)
+    assert await requester.request(ingress_subject("tasks.ask"), "q1", timeout=3) == "secret answer to q1"
+    await wait_until(lambda: len(errors) >= 2)
+    refused = [str(e).lower() for e in errors]
+    assert sum("permissions violation for subscription" in e for e in refused) == 2, refused
+    assert all("_inbox.agent-b" not in e for e in refused)  # its own inbox was not refused
+    # The forwarded reply went to agent-a's inbox only; the spy's subscriptions got nothing.
+    await spy.flush()
+    assert stolen == []
+    assert service.stats.replies_forwarded == 1
+    await spy.close()
     for client in (requester, responder):
         await client.close()
     await service.stop()

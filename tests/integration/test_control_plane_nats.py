@@ -1,4 +1,9 @@
-"""Signals to an agent in another process, over the real NATS server."""
+"""Signals to an agent in another process, over the real NATS server.
+
+Senders are verified by IATP on both sides: over NATS a claimed ``sender_id`` is not a sender
+(the mediator trusts claims only on the in-process memory broker or with ``trust_bus=True``),
+so a policy condition on ``sender`` is met only by a signed message.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,37 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 
-from amb import AMB
+from amb import AMB, RequestTimeout
 from control_plane import AgentSignal, KernelSpace, Pattern, Policy
-from tests.support import wait_until
+from control_plane.signals import control_subject
+from iatp import IATP
+from tests.support import Collector, wait_until
 
 pytestmark = pytest.mark.nats
 
 NATS = "nats://127.0.0.1:4222"
 
+PASSPHRASE = "cp-nats-test-passphrase"
+
 AGENT = textwrap.dedent("""
     import asyncio, sys
     from amb import AMB
     from control_plane import KernelSpace, Pattern, Policy
+    from iatp import IATP
 
     async def main() -> None:
-        name, prefix = sys.argv[1], sys.argv[2]
+        name, prefix, keys, passphrase = sys.argv[1:5]
+        iatp = IATP("file", key_path=keys, passphrase=passphrase, kdf_level="interactive")
         policy = Policy("remote", default_action="deny")
         policy.add_rule("allow", Pattern("signal", name, conditions={"sender": "supervisor"}))
         policy.add_rule("allow", Pattern("*", prefix + ".*"))
         policy.add_rule("allow", Pattern("reply", "*"))
         kernel = KernelSpace(policy=policy)
-        bus = AMB("nats", "nats://127.0.0.1:4222", agent_id=name)
+        bus = AMB("nats", "nats://127.0.0.1:4222", agent_id=name, middleware=[iatp.middleware()])
         kernel.attach(bus)
 
         async def work(message, metadata) -> None:
@@ -51,13 +63,21 @@ AGENT = textwrap.dedent("""
 """)
 
 
-async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process() -> None:
+async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp_path: Path) -> None:
     name = f"remote-{uuid.uuid4().hex[:8]}"
     prefix = f"cpnats.{uuid.uuid4().hex[:8]}"
+    # The agent's key store (its own key, the supervisor's public identity) for the process.
+    keys = tmp_path / "agent-keys"
+    agent_keys = IATP("file", key_path=str(keys), passphrase=PASSPHRASE, kdf_level="interactive")
+    await agent_keys.register_agent(name)
+    supervisor_keys = IATP()
+    await supervisor_keys.register_agent("supervisor")
+    await agent_keys.add_identity(supervisor_keys.identity("supervisor"))
+    await supervisor_keys.add_identity(agent_keys.identity(name))
     policy = Policy("supervisor", default_action="allow")
     policy.add_rule("allow", Pattern("*", "*"))
     kernel = KernelSpace(policy=policy)
-    bus = AMB("nats", NATS, agent_id="supervisor")
+    bus = AMB("nats", NATS, agent_id="supervisor", middleware=[supervisor_keys.middleware()])
     kernel.attach(bus)
     ready = asyncio.Event()
     progress: list[int] = []
@@ -77,13 +97,22 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process() -
     await bus.subscribe(prefix + ".finished", on_finished)
     env = {**os.environ}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", AGENT, name, prefix, stdout=subprocess.PIPE, env=env
+        sys.executable, "-c", AGENT, name, prefix, str(keys), PASSPHRASE, stdout=subprocess.PIPE, env=env
     )
+    forger = AMB("nats", NATS, agent_id=f"forger-{uuid.uuid4().hex[:8]}")
     try:
         await asyncio.wait_for(ready.wait(), 20)
         await bus.publish(prefix + ".start", 1)
         await wait_until(lambda: len(progress) >= 3)
+        # A third client claiming to be the supervisor is refused (unsigned: IATP dead-letters it).
+        with pytest.raises(RequestTimeout):
+            await forger.request(
+                control_subject(name), {"signal": "SIGKILL"}, sender_id="supervisor", timeout=0.5
+            )
+        seen = len(progress)
+        await wait_until(lambda: len(progress) >= seen + 3)  # still working
         assert await kernel.send_signal(name, AgentSignal.SIGSTOP)
+        # A publish already past the mediator may still arrive; then nothing more.
         await asyncio.sleep(0.1)
         paused = len(progress)
         await asyncio.sleep(0.2)
@@ -104,5 +133,40 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process() -
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await forger.close()
         await bus.close()
+        await kernel.close()
+
+
+async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats() -> None:
+    """The reproduced finding: the victim's policy allows ``signal`` only from "supervisor"; a
+    third client sent request("_ctl.signal.victim", SIGKILL, sender_id="supervisor") and the
+    victim was terminated. Over NATS without IATP the claim is not a sender: the signal is
+    denied (recorded with ``sender`` None and the claim beside it) and the victim runs on."""
+    victim_id = f"victim-{uuid.uuid4().hex[:8]}"
+    policy = Policy("victim", default_action="deny")
+    policy.add_rule("allow", Pattern("signal", victim_id, conditions={"sender": "supervisor"}))
+    policy.add_rule("allow", Pattern("reply", "*"))
+    kernel = KernelSpace(policy=policy)
+    victim = AMB("nats", NATS, agent_id=victim_id)
+    kernel.attach(victim)  # no IATP, no trust_bus: claims over NATS are not senders
+    await victim.connect()
+    watcher = AMB("nats", NATS)
+    dead = Collector()
+    await watcher.subscribe(f"_DLQ.{control_subject(victim_id)}", dead)
+    forger = AMB("nats", NATS, agent_id="forger")
+    try:
+        with pytest.raises(RequestTimeout):
+            await forger.request(
+                control_subject(victim_id), {"signal": "SIGKILL"}, sender_id="supervisor", timeout=1.0
+            )
+        await dead.wait_for(1)
+        assert kernel.get_agent_status(victim_id).state == "running"
+        decision = (await kernel.recorder.query(event_type="policy_decision"))[0]
+        assert (decision.data["operation"], decision.data["decision"]) == ("signal", "deny")
+        assert (decision.data["sender"], decision.data["claimed_sender"]) == (None, "supervisor")
+        assert await kernel.recorder.query(event_type="signal") == []
+    finally:
+        for client in (forger, watcher, victim):
+            await client.close()
         await kernel.close()

@@ -113,9 +113,7 @@ async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema
     flipped = bytearray(stored[2])
     flipped[-1] ^= 0x01
     async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
-        await conn.execute(
-            f'UPDATE "{schema}".flight_records SET data = %s WHERE seq = 3', (bytes(flipped),)
-        )
+        await conn.execute(f'UPDATE "{schema}".flight_records SET data = %s WHERE seq = 3', (bytes(flipped),))
     rec = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=key)
     result = await rec.verify()
     await rec.close()

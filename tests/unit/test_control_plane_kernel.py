@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from control_plane import (
     KernelSpace,
     Pattern,
     Policy,
+    PolicyError,
+    PolicySet,
     PolicyViolationError,
     RateLimit,
     RateLimiter,
@@ -186,13 +189,15 @@ async def test_sigterm_runs_the_handler_then_stops() -> None:
         cleaned.append(agent_id)
         return True
 
+    started = asyncio.Event()
+
     @kernel.register
     async def forever() -> None:
+        started.set()
         await asyncio.sleep(60)
 
     task = asyncio.create_task(kernel.execute(forever))
-    await wait_until(lambda: kernel.current_agent_id is not None)
-    await asyncio.sleep(0.01)
+    await started.wait()
     agent_id = kernel.current_agent_id or ""
     assert await dispatcher.send(agent_id, AgentSignal.SIGTERM)
     with pytest.raises(AgentStoppedError):
@@ -413,3 +418,136 @@ async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
     with pytest.raises(KernelError):
         KernelSpace(keep_finished=-1)
     await kernel.close()
+
+
+async def test_a_verifier_sees_keyword_arguments() -> None:
+    kernel = KernelSpace(policy="strict")
+    verifier = FakeVerifier("ok")
+    kernel.add_module(verifier)
+
+    @kernel.register
+    async def answer(question: str = "", *, language: str = "en") -> str:
+        return f"ok: {question} ({language})"
+
+    await kernel.execute(answer, question="capital of France?", language="fr")
+    await kernel.execute(answer, "q", language="de")
+    await kernel.execute(answer, "only positional")
+    await kernel.execute(answer)
+    assert [prompt for prompt, _, _ in verifier.calls] == [
+        {"args": [], "kwargs": {"question": "capital of France?", "language": "fr"}},
+        {"args": ["q"], "kwargs": {"language": "de"}},
+        "only positional",
+        (),
+    ]
+    await kernel.close()
+
+
+async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFixture) -> None:
+    cp_logger = logging.getLogger("control_plane")
+    level = cp_logger.level
+    try:
+        caplog.set_level(logging.DEBUG, logger="control_plane")
+        quiet = KernelSpace(policy="strict")
+        with pytest.raises(PolicyViolationError):
+            await quiet.authorize("read", "x")
+        await quiet.close()
+        assert [r for r in caplog.records if r.name.startswith("control_plane.kernel")] == []
+        cp_logger.setLevel(logging.WARNING)
+        caplog.handler.setLevel(logging.DEBUG)
+        kernel = KernelSpace(policy="strict", debug=True)
+        assert cp_logger.level == logging.DEBUG  # debug=True turns the level down
+
+        @kernel.register
+        async def agent() -> str:
+            with pytest.raises(PolicyViolationError):
+                await kernel.authorize("read", "secret")
+            return "done"
+
+        await kernel.execute(agent)
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+        assert any("policy_decision" in m and "secret" in m for m in messages), messages
+        assert any(m.startswith("agent_completed") for m in messages), messages
+        await kernel.close()
+    finally:
+        cp_logger.setLevel(level)
+
+
+@pytest.mark.parametrize("async_delivery", [False, True])
+async def test_a_sigterm_handler_returning_false_vetoes_termination(async_delivery: bool) -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    allow = False
+
+    @dispatcher.register_handler(AgentSignal.SIGTERM)
+    async def maybe(agent_id: str, signal: AgentSignal) -> bool:
+        return allow
+
+    started = asyncio.Event()
+
+    @kernel.register
+    async def worker() -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    task = asyncio.create_task(kernel.execute(worker))
+    await started.wait()
+    aid = kernel.current_agent_id or ""
+    assert await dispatcher.send(aid, AgentSignal.SIGTERM) is async_delivery  # False: vetoed
+    await dispatcher.drain()
+    assert kernel.get_agent_status(aid).state == "running"
+    allow = True
+    assert await dispatcher.send(aid, AgentSignal.SIGTERM)
+    await dispatcher.drain()
+    with pytest.raises(AgentStoppedError):
+        await task
+    outcomes = [s.data["outcome"] for s in await kernel.recorder.query(event_type="signal")]
+    assert outcomes == ["delivered", "vetoed", "delivered"]
+    await kernel.close()
+
+
+async def test_sigkill_cannot_be_vetoed() -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+
+    @dispatcher.register_handler(AgentSignal.SIGTERM)
+    async def never(agent_id: str, signal: AgentSignal) -> bool:
+        return False
+
+    started = asyncio.Event()
+
+    @kernel.register
+    async def worker() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(kernel.execute(worker))
+    await started.wait()
+    aid = kernel.current_agent_id or ""
+    assert not await dispatcher.send(aid, AgentSignal.SIGTERM)
+    assert await dispatcher.send(aid, AgentSignal.SIGKILL)
+    with pytest.raises(AgentStoppedError):
+        await task
+    await kernel.close()
+
+
+def test_reload_policy_on_several_policies_names_which() -> None:
+    first, second = Policy("base", version="1"), Policy("extra", version="1")
+    kernel = KernelSpace(policy=first, policies=[second])
+    assert isinstance(kernel.policy, PolicySet)
+    with pytest.raises(PolicyError, match="say which one"):
+        kernel.reload_policy(Policy("x", version="2"))
+    assert (first.version, second.version) == ("1", "1")  # nothing was replaced
+    kernel.reload_policy(Policy("x", version="2"), policy="extra")
+    assert (first.version, second.version) == ("1", "2")
+    kernel.reload_policy(Policy("x", version="3", default_action="allow"), policy=0)
+    assert (first.version, first.default_action) == ("3", "allow")
+    for wrong in ("nope", 2, -1):
+        with pytest.raises(PolicyError):
+            kernel.reload_policy(Policy("x", version="4"), policy=wrong)
+    single = KernelSpace(policy=Policy("only", version="1"))
+    single.reload_policy(Policy("only", version="2"))
+    single.reload_policy(Policy("only", version="3"), policy="only")
+    assert single.policy.version == "3"  # type: ignore[union-attr]
+    with pytest.raises(PolicyError, match="one policy"):
+        single.reload_policy(Policy("x"), policy="other")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, Middleware, StateError
+from amb import AMB, Envelope, Metadata, Middleware, RequestTimeout, StateError
 from amb.client import DLQ_REASON
 from amb.middleware import ConsumeNext
 from control_plane import (
@@ -143,11 +143,12 @@ async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -
     for i in range(10):
         await peer.publish("tasks.in", i)
     published = [asyncio.create_task(agent.publish("tasks.out", i)) for i in range(5)]
-    await asyncio.sleep(0.05)
+    # Every publish, and the delivery at the head of the subscription (one handler at a time).
+    await wait_until(lambda: kernel.get_agent("agent").held == 6, what="6 held messages")
     assert inbox.messages == []
     assert outbox.messages == []
     held = await kernel.recorder.query(event_type="message_held")
-    assert len(held) >= 6  # every publish, and the delivery waiting at the head of the queue
+    assert len(held) == 6  # one record per held message
     await kernel.send_signal("agent", AgentSignal.SIGCONT)
     await asyncio.gather(*published)
     await inbox.wait_for(10)
@@ -166,7 +167,7 @@ async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds() -> No
     await agent.connect()
     await kernel.send_signal("agent", AgentSignal.SIGSTOP)
     held = [asyncio.create_task(agent.publish("tasks.out", i)) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: kernel.get_agent("agent").held == 3)
     with pytest.raises(HoldQueueFull):
         await agent.publish("tasks.out", 3)
     await kernel.send_signal("agent", AgentSignal.SIGKILL)
@@ -197,12 +198,17 @@ async def test_on_violation_signal_kills_the_offending_agent() -> None:
 
 
 class FakeIatp(Middleware):
-    """Stands in for IATP's verifying middleware: it fills metadata.context["iatp"]."""
+    """Stands in for IATP's verifying middleware: it fills metadata.context["iatp"] (valid for
+    a known ``key`` header, invalid otherwise; no result at all for ``key: "-"``, as for a
+    client without IATP)."""
 
     def __init__(self, verified: dict[str, tuple[str, float]]) -> None:
         self.verified = verified
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        if envelope.headers.get("key") == "-":
+            await call_next(envelope, metadata)
+            return
         known = self.verified.get(envelope.headers.get("key", ""))
         if known is None:
             metadata.context["iatp"] = {
@@ -426,4 +432,175 @@ async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_p
         await peer.publish("pay.out", "b3", headers={"key": "k-billing"})
     await peer.close()
     await bank.close()
+    await kernel.close()
+
+
+# -- who the sender is ---------------------------------------------------------------------------
+
+
+def guarded_policy(victim: str) -> Policy:
+    policy = Policy("victim", default_action="deny")
+    policy.add_rule("allow", Pattern("signal", victim, conditions={"sender": "supervisor"}))
+    policy.add_rule("allow", Pattern("reply", "*"))
+    return policy
+
+
+@pytest.mark.parametrize("how", ["no result, untrusted bus", "invalid result"])
+async def test_a_claimed_sender_cannot_signal_an_agent(how: str) -> None:
+    """The reproduced finding: the victim's policy allows ``signal`` only from "supervisor";
+    a third client's request("_ctl.signal.victim", SIGKILL, sender_id="supervisor") killed
+    it. A claim is a sender only with a valid IATP result (or on a trusted bus)."""
+    kernel = KernelSpace(policy=guarded_policy("victim"))
+    where = url()
+    victim = AMB("memory", where, agent_id="victim", middleware=[FakeIatp({"k-sup": ("supervisor", 1.0)})])
+    kernel.attach(victim, trust_bus=False)  # as over a network broker without IATP
+    await victim.connect()
+    forger = AMB("memory", where, agent_id="forger")
+    key = "-" if how.startswith("no result") else "k-forged"
+    with pytest.raises(RequestTimeout):  # denied: dead-lettered, never answered
+        await forger.request(
+            "_ctl.signal.victim",
+            {"signal": "SIGKILL"},
+            sender_id="supervisor",
+            headers={"key": key},
+            timeout=0.3,
+        )
+    assert kernel.get_agent_status("victim").state == "running"
+    assert await kernel.recorder.query(event_type="signal") == []
+    # The real supervisor (verified) can.
+    assert await forger.request("_ctl.signal.victim", {"signal": "SIGSTOP"}, headers={"key": "k-sup"}) == {
+        "ok": True
+    }
+    assert kernel.get_agent_status("victim").state == "stopped"
+    decisions = await kernel.recorder.query(
+        event_type="policy_decision", filters={"data.operation": "signal"}
+    )
+    assert [(d.data["sender"], d.data["claimed_sender"], d.data["decision"]) for d in decisions] == [
+        (None, "supervisor", "deny"),
+        ("supervisor", "forger", "allow"),
+    ]
+    if how == "invalid result":
+        assert "IATP verification is not valid" in decisions[0].data["reason"]
+    await forger.close()
+    await victim.close()
+    await kernel.close()
+
+
+async def test_on_a_trusted_bus_the_claim_is_the_sender_but_not_verified() -> None:
+    """The in-process memory broker is trusted by default: every client lives in this process."""
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("deliver", "tasks.*", conditions={"sender": "billing"}))
+    policy.add_rule("allow", Pattern("deliver", "strict.*", conditions={"verified": True}))
+    kernel = KernelSpace(policy=policy)
+    where = url()
+    bank = AMB("memory", where, agent_id="bank")
+    assert kernel.attach(bank).trust_bus is True
+    got = Collector()
+    await bank.subscribe("tasks.>", got)
+    await bank.subscribe("strict.>", got)
+    other = AMB("memory", where, agent_id="billing")
+    await other.publish("strict.x", "unverified")  # denied: not verified
+    await other.publish("tasks.x", "claimed billing")
+    await got.wait_for(1)
+    assert got.messages == ["claimed billing"]
+    assert bank.stats.rejected == 1
+    await other.close()
+    await bank.close()
+    await kernel.close()
+
+
+async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name() -> None:
+    """In mediated mode the sender's signals, hold queue and rate limits apply. A forger
+    claiming agent-a (invalid IATP result, or none on an untrusted bus) is denied before any of
+    them is touched: it cannot fill stopped agent-a's hold queue, drain its rate limit, or
+    create a process for a name it made up."""
+    policy = Policy("m", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"), rate_limit=3)
+    kernel = KernelSpace(policy=policy, signal_dispatcher=SignalDispatcher(None, queue_size=2))
+    where = url()
+    service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
+    kernel.attach(service, trust_bus=False, inbound_prefix="ingress")
+    got = Collector()
+    await service.subscribe("ingress.>", got)
+    agent = AMB("memory", where, agent_id="agent-a")
+    forger = AMB("memory", where, agent_id="forger")
+    await agent.publish("ingress.tasks.x", "a1", headers={"key": "k-a"})
+    await got.wait_for(1)
+    for key in ("bad", "-", "bad", "-", "bad", "-"):  # 6 > agent-a's 2 remaining tokens
+        await forger.publish("ingress.tasks.x", "forged", sender_id="agent-a", headers={"key": key})
+    await forger.publish("ingress.tasks.x", "made up", sender_id="agent-z", headers={"key": "bad"})
+    await wait_until(lambda: service.stats.rejected == 7)
+    assert "agent-z" not in {s.id for s in kernel.agents()}  # no process for a made-up name
+    await agent.publish("ingress.tasks.x", "a2", headers={"key": "k-a"})
+    await agent.publish("ingress.tasks.x", "a3", headers={"key": "k-a"})
+    await got.wait_for(3)  # agent-a's bucket is untouched by the forgeries
+    await agent.publish("ingress.tasks.x", "a4", headers={"key": "k-a"})
+    await wait_until(lambda: service.stats.rejected == 8)  # its 4th: rate limited
+    # Stopped agent-a: forged messages are denied at once, nothing is held for them.
+    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
+    for key in ("bad", "-", "bad"):  # 3 > queue_size 2
+        await forger.publish("ingress.tasks.y", "forged", sender_id="agent-a", headers={"key": key})
+    await wait_until(lambda: service.stats.rejected == 11)
+    assert kernel.get_agent("agent-a").held == 0
+    assert await kernel.recorder.query(event_type="message_held") == []
+    assert got.messages == ["a1", "a2", "a3"]
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert len(decisions) == 14  # exactly one per message
+    forged = [d for d in decisions if d.data["claimed_sender"] != d.data["sender"]]
+    assert len(forged) == 10
+    assert all(d.data["sender"] is None and d.data["decision"] == "deny" for d in forged)
+    assert {d.agent_id for d in forged} == {"svc"}  # recorded for the service, not for agent-a
+    for client in (agent, forger, service):
+        await client.close()
+    await kernel.close()
+
+
+async def test_require_verified_sender_denies_before_the_sender_is_looked_up() -> None:
+    policy = Policy("m", default_action="allow", require_verified_sender=True)
+    kernel = KernelSpace(policy=policy)
+    where = url()
+    service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
+    kernel.attach(service, trust_bus=True, inbound_prefix="ingress")  # claims trusted, not verified
+    got = Collector()
+    await service.subscribe("ingress.>", got)
+    sender = AMB("memory", where, agent_id="agent-c")
+    await sender.publish("ingress.tasks.x", "claimed", headers={"key": "-"})
+    await sender.publish("ingress.tasks.x", "verified", headers={"key": "k-a"})
+    await got.wait_for(1)
+    await wait_until(lambda: service.stats.rejected == 1)
+    assert got.messages == ["verified"]
+    assert "agent-c" not in {s.id for s in kernel.agents()}
+    decisions = await kernel.recorder.query(event_type="policy_decision")
+    assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("svc", "deny"), ("agent-a", "allow")]
+    assert decisions[0].data["reason"] == "sender not verified (require_verified_sender)"
+    await sender.close()
+    await service.close()
+    await kernel.close()
+
+
+# -- the hold queue ------------------------------------------------------------------------------
+
+
+async def test_a_full_hold_queue_records_one_drop_and_no_hold() -> None:
+    kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=2))
+    agent = AMB("memory", url(), agent_id="agent")
+    kernel.attach(agent)
+    await agent.connect()
+    await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    held = [asyncio.create_task(agent.publish("tasks.out", i)) for i in range(2)]
+    await wait_until(lambda: kernel.get_agent("agent").held == 2)
+    with pytest.raises(HoldQueueFull):
+        await agent.publish("tasks.out", 2)
+    records = await kernel.recorder.query()
+    kinds = [(r.event_type, r.data.get("reason")) for r in records if r.event_type != "signal"]
+    assert kinds == [
+        ("message_held", "agent stopped (SIGSTOP)"),
+        ("message_held", "agent stopped (SIGSTOP)"),
+        ("message_dropped", "hold_queue_full"),
+    ]
+    assert [r.data["queued"] for r in records if r.event_type == "message_held"] == [1, 2]
+    await kernel.send_signal("agent", AgentSignal.SIGCONT)
+    await asyncio.gather(*held)
+    assert len(await kernel.recorder.query(event_type="policy_decision")) == 2  # the two released
+    await agent.close()
     await kernel.close()

@@ -212,6 +212,90 @@ def test_readme_helpers() -> None:
     assert combined.evaluate("write", "/workspace/x").allowed
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT 1; DROP TABLE users",
+        "/* x */ DROP TABLE users",
+        "WITH d AS (DELETE FROM users RETURNING *) SELECT 1",
+        "WITH d AS (DELETE FROM users RETURNING *) SELECT * FROM d WHERE true",
+        "DELETE FROM users -- where",
+        "DELETE FROM users /* where id = 1 */",
+        "delete\nfrom users",
+        "UPDATE users SET admin = true",
+        "UPDATE users SET a = (SELECT b FROM c WHERE c.id = 1)",
+        "DELETE FROM users WHERE id = 1; DELETE FROM users",
+        "SELECT '--'; DROP TABLE users",
+        "SELECT 'it''s'; TRUNCATE users",
+        "SELECT E'\\''; DROP TABLE users; --'",  # backslash escapes: DROP is code in one reading
+        "/* /* */ DROP TABLE users; */",  # MySQL does not nest comments: DROP is code there
+        "/*! DROP TABLE users */",  # MySQL runs executable comments
+        "SELECT 1 # x\n; DROP TABLE users",
+        "EXPLAIN ANALYZE DELETE FROM users WHERE id = 1",
+        "ALTER TABLE users DROP COLUMN email",
+        "SELECT * FROM t WHERE x = 'unterminated",
+        "DELETE FROM users /* where",
+    ],
+)
+def test_no_destructive_sql_denies_hidden_and_nested_statements(statement: str) -> None:
+    policy = Policy.no_destructive_sql()
+    assert not policy.evaluate("sql", statement).allowed, statement
+    assert not policy.evaluate_linear("sql", statement).allowed
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT * FROM users",
+        "SELECT 'DROP TABLE users', \"drop\" FROM t",
+        "SELECT * FROM t -- DROP TABLE users",
+        "SELECT * FROM t /* TRUNCATE t */",
+        "DELETE FROM users WHERE id = 1",
+        "UPDATE users SET a = 1 WHERE id IN (SELECT id FROM x)",
+        "SELECT * FROM accounts WHERE id = 1 FOR UPDATE",
+        "CREATE TABLE t (u int REFERENCES users ON DELETE CASCADE ON UPDATE CASCADE)",
+        "INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1",
+        "SELECT dropped_at, updated FROM t;",
+        "",
+    ],
+)
+def test_no_destructive_sql_allows_what_is_not_destructive(statement: str) -> None:
+    assert Policy.no_destructive_sql().evaluate("sql", statement).allowed, statement
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/data", True),
+        ("/data/a.txt", True),
+        ("/data/./sub/b", True),
+        ("/data/..", False),
+        ("/data/../etc/passwd", False),
+        ("/data/sub/../../etc", False),
+        ("/data/sub/../a", False),  # inside after normalizing, but a '..' segment is refused
+        ("/database/x", False),
+        ("/etc/passwd", False),
+        ("data/a.txt", False),  # relative: not under the root
+        ("//data/a", False),
+        ("/data\\..\\etc", False),
+        ("", False),
+    ],
+)
+def test_file_access_normalizes_paths(path: str, allowed: bool) -> None:
+    policy = Policy.file_access("/data/")
+    assert policy.evaluate("read", path).allowed is allowed, path
+    assert policy.evaluate_linear("write", path).allowed is allowed
+    assert policy.evaluate("network", path).allowed  # not a file operation
+
+
+def test_file_access_needs_an_absolute_root() -> None:
+    with pytest.raises(PolicyError, match="absolute"):
+        Policy.file_access("data")
+    root = Policy.file_access("/")
+    assert root.evaluate("read", "/anything/at/all").allowed
+    assert not root.evaluate("read", "/a/../b").allowed
+
+
 def _random_policy(rng: random.Random, n: int) -> Policy:
     policy = Policy("random", default_action=rng.choice(["allow", "deny"]))
     tokens = ["tasks", "data", "events", "api", "db"]

@@ -15,15 +15,19 @@ import pytest
 from amb import AMB, Metadata, RequestTimeout, get_serializer
 from amb.client import DLQ_REASON
 from amb.envelope import Envelope, new_id
+from amb.middleware import Middleware
+from bus_adapters.memory import MemoryBroker
 from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from control_plane.admin import AdminAPI
-from control_plane.errors import PolicyLoadError
+from control_plane.errors import InboxBusy, PolicyLoadError
 from control_plane.policy_yaml import load_policy, load_policy_text
+from control_plane.replies import PendingRequests
 from iatp import IATP, SigningRejected
 from services._identity import VerificationRequired
 from services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
+    agent_inbox,
     delivery_subject,
     ingress_subject,
     nats_authorization,
@@ -32,6 +36,26 @@ from services.control_plane_service import (
 )
 from tests.integration.test_emk_service import identities
 from tests.support import Collector, wait_until
+
+
+class AgentInboxBroker(MemoryBroker):
+    """The memory broker with the reply inbox under the agent's own prefix (``_INBOX.<agent>.``)
+    that mediated mode requires. It stands in for an AMB client option to choose the inbox,
+    which the bus does not have yet (the adapters pick ``_INBOX.<random>``)."""
+
+    def __init__(self, url: str, agent: str) -> None:
+        super().__init__(url)
+        self._own_inbox = f"{agent_inbox(agent)}.{uuid.uuid4().hex[:12]}"
+
+    def inbox_prefix(self) -> str:
+        return self._own_inbox
+
+
+def agent_client(where: str, agent: str, middleware: list[Middleware] | None = None) -> AMB:
+    """An agent's client in mediated mode on the memory broker ``where``."""
+    return AMB(
+        "memory", where, agent_id=agent, broker=AgentInboxBroker(where, agent), middleware=middleware or []
+    )
 
 
 def mediated_policy() -> Policy:
@@ -95,7 +119,7 @@ async def test_the_service_enforces_a_senders_signals() -> None:
     await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)  # the service holds agent-a's messages
     for i in range(1, 4):
         await agent.publish(ingress_subject("tasks.work"), i)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: kernel.get_agent("agent-a").held >= 1)
     assert got.messages == [0]
     await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
     await got.wait_for(4)
@@ -119,7 +143,8 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     text = nats_authorization(users)
     agent, service = users
     assert agent.publish == ("ingress.>", "replies.>", "_DLQ.>")  # no inbox: replies go via the service
-    assert "_INBOX.>" in agent.subscribe
+    assert "_INBOX.a1.>" in agent.subscribe  # its own inboxes only, nobody else's replies
+    assert not any(s.startswith("_INBOX") and s != "_INBOX.a1.>" for s in agent.subscribe)
     assert "_INBOX.>" in service.publish
     assert "replies.>" in service.subscribe
     assert "_ctl.signal.a1" in agent.subscribe
@@ -127,6 +152,9 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     assert "deliver.>" in service.publish
     assert '{user: "a1", password: "p1"' in text
     assert text.startswith("authorization {")
+    for bad in ("a.b", "a*", "a>", "a b", ""):  # one agent's inboxes would cover another's
+        with pytest.raises(ValueError, match="one subject token"):
+            nats_users([bad])
 
 
 def reply_policy() -> Policy:
@@ -149,7 +177,7 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() 
         )
         await service.start()
         services.append(service)
-    requester = AMB("memory", where, agent_id="agent-a")
+    requester = agent_client(where, "agent-a")
     responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
 
     async def answer(message: Any, metadata: Any) -> None:
@@ -392,7 +420,7 @@ async def test_replies_pass_a_verifying_service_signed_end_to_end() -> None:
         await responder.reply(metadata, {"answer": message, "asked_by": metadata.context["iatp"].sender})
 
     await responder.subscribe(delivery_subject("tasks.>"), answer)
-    requester = AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()])
+    requester = agent_client(where, "agent-a", [keys["agent-a"].middleware()])
     reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
     assert reply == {"answer": 7, "asked_by": "agent-a"}
     assert service.stats.replies_forwarded == 1
@@ -464,3 +492,105 @@ async def test_a_reload_keeps_verified_senders_required_when_the_service_verifie
     finally:
         await api.stop()
         await kernel.close()
+
+
+# -- reply inboxes belong to their requester -----------------------------------------------------
+
+
+def test_pending_requests_refuse_an_inbox_that_still_waits_for_a_reply() -> None:
+    pending = PendingRequests()
+    first = pending.add("_INBOX.a.1", "req-1", "a", "tasks.ask", "b")
+    with pytest.raises(InboxBusy, match="still waiting"):
+        pending.add("_INBOX.a.1", "req-2", "mallory", "tasks.other")
+    assert pending.get("_INBOX.a.1") is first  # the live entry is not overwritten
+    assert (first.requester, first.request_id) == ("a", "req-1")
+    first.answered = True  # answered: the inbox may be used again
+    again = pending.add("_INBOX.a.1", "req-3", "a", "tasks.ask")
+    assert pending.get("_INBOX.a.1") is again
+    expired = pending.add("_INBOX.a.2", "req-4", "a", "tasks.ask", expires_at=time.time_ns() - 1)
+    assert not pending.waiting("_INBOX.a.2")  # expired (still matched within the grace)
+    assert pending.get("_INBOX.a.2") is expired
+    assert pending.add("_INBOX.a.2", "req-5", "a", "tasks.ask").request_id == "req-5"
+
+
+async def test_a_request_must_reply_to_an_inbox_of_its_own_sender() -> None:
+    """agent-b cannot have replies routed to agent-a's inbox (nor take over agent-a's pending
+    entry), and agent-a cannot reuse an inbox that still waits for a reply."""
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    kernel = KernelSpace(policy=reply_policy())
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    await service.start()
+    a = AMB("memory", where, agent_id="agent-a")
+    b = AMB("memory", where, agent_id="agent-b")
+    got = Collector()
+    await AMB("memory", where, agent_id="agent-c").subscribe(delivery_subject("tasks.>"), got)
+    await a.publish(ingress_subject("tasks.ask"), "a's", reply_to="_INBOX.agent-a.1", ttl=5)
+    await got.wait_for(1)
+    entry = service.pending.get("_INBOX.agent-a.1")
+    assert entry is not None
+    assert entry.requester == "agent-a"
+    # agent-b names agent-a's inbox: denied, and agent-a's entry is untouched.
+    await b.publish(ingress_subject("tasks.ask"), "b's", reply_to="_INBOX.agent-a.1", ttl=5)
+    await b.publish(ingress_subject("tasks.ask"), "b's", reply_to="_INBOX.agent-a.2", ttl=5)
+    await b.publish(ingress_subject("tasks.ask"), "b's", reply_to="_INBOX.agent-ab.1", ttl=5)
+    # agent-a asks again on the inbox that still waits: denied.
+    await a.publish(ingress_subject("tasks.ask"), "again", reply_to="_INBOX.agent-a.1", ttl=5)
+    await wait_until(lambda: service.client.stats.rejected == 4)
+    assert service.pending.get("_INBOX.agent-a.1") is entry
+    assert entry.requester == "agent-a"
+    assert service.pending.get("_INBOX.agent-a.2") is None
+    # agent-b on its own inbox passes.
+    await b.publish(ingress_subject("tasks.ask"), "b's own", reply_to="_INBOX.agent-b.1", ttl=5)
+    await got.wait_for(2)
+    assert got.messages == ["a's", "b's own"]
+    denied = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "deny"})
+    assert [d.data["reason"] for d in denied] == [
+        "reply_to must be an inbox of the sender (_INBOX.agent-b....)",
+        "reply_to must be an inbox of the sender (_INBOX.agent-b....)",
+        "reply_to must be an inbox of the sender (_INBOX.agent-b....)",
+        "reply_to is already waiting for the reply to another request",
+    ]
+    assert len(await kernel.recorder.query(event_type="policy_decision")) == 6  # one per message
+    for client in (a, b):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+# -- signals ahead of time -----------------------------------------------------------------------
+
+
+async def test_the_service_signals_an_agent_it_has_not_heard_from_yet() -> None:
+    """The service's kernel is authoritative: SIGSTOP / SIGKILL to an agent that has sent
+    nothing yet apply to its first messages (no request on the bus to a kernel nobody runs)."""
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    kernel = KernelSpace(policy=mediated_policy(), signal_timeout=5.0)
+    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    await service.start()
+    receiver = AMB("memory", where, agent_id="agent-r")
+    got = Collector()
+    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    assert await kernel.send_signal("late-a", AgentSignal.SIGSTOP)  # at once: not a remote request
+    assert await kernel.send_signal("late-b", AgentSignal.SIGKILL)
+    assert kernel.get_agent_status("late-a").state == "stopped"
+    assert kernel.get_agent_status("late-b").state == "terminated"
+    a = AMB("memory", where, agent_id="late-a")
+    b = AMB("memory", where, agent_id="late-b")
+    await b.publish(ingress_subject("tasks.work"), "b1")
+    await wait_until(lambda: service.client.stats.rejected == 1)  # late-b's first message: dropped
+    await a.publish(ingress_subject("tasks.work"), "a1")
+    await wait_until(lambda: kernel.get_agent("late-a").held == 1)  # late-a's first message: held
+    assert got.messages == []
+    assert await kernel.send_signal("late-a", AgentSignal.SIGCONT)
+    await got.wait_for(1)
+    assert got.messages == ["a1"]
+    signals = await kernel.recorder.query(event_type="signal")
+    assert [(s.agent_id, s.data["signal"], s.data["outcome"]) for s in signals] == [
+        ("late-a", "SIGSTOP", "delivered"),
+        ("late-b", "SIGKILL", "delivered"),
+        ("late-a", "SIGCONT", "delivered"),
+    ]
+    for client in (a, b, receiver):
+        await client.close()
+    await service.stop()
+    await kernel.close()
