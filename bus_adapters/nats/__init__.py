@@ -44,7 +44,10 @@ Semantics:
   the subject, but nothing confirms it.
 - **Dispatch**: the handler runs inside nats-py's per-subscription task (no extra hop: the
   subscription's dispatcher is nats-py's callback); local redeliveries wait in a bounded queue
-  (``max_pending``) and are handed over in between.
+  (``max_pending``) and are handed over in between. A message on a durable's private pull
+  inbox that is not a JetStream message of its consumer is dropped and counted
+  (``malformed``); a handler's exception (a stray CancelledError included) is counted by the
+  dispatcher and never ends the subscription.
 - **Subjects**: checked by the adapter (ConfigError), once per subject rather than on every
   publish, and more strictly than nats-py (no empty tokens, no wildcards in published subjects,
   no whitespace in queue group names); nats-py's own per-publish check is turned off.

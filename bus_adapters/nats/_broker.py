@@ -83,6 +83,7 @@ class NatsBroker(Lifecycle):
         self._confirm_all = self.config.confirm_publish
         self._background: set[asyncio.Task[Any]] = set()
         self._inbox = f"_INBOX.{os.urandom(12).hex()}"
+        self.malformed = 0  # messages on a durable's pull inbox that are not the consumer's
 
     @property
     def connection(self) -> Client:

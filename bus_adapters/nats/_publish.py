@@ -202,5 +202,9 @@ class AckWindow:
                         await self._send(entry)
                     except BusError as exc:
                         self._settle(entry, exc)
+                    except Exception as exc:  # untranslated: settle this one, keep watching
+                        error = TransportError(f"JetStream publish to {entry.subject!r} failed: {exc!r}")
+                        error.__cause__ = exc
+                        self._settle(entry, error)
         finally:
             self._watcher = None

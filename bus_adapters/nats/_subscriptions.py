@@ -223,10 +223,18 @@ class DurableSubscription(NatsSubscription):
         self._last_pull = time.monotonic()
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
+            try:
+                delivery = JetStreamDelivery(msg)
+            except Exception as exc:
+                # Not a message of the consumer (anyone may publish to this inbox): nothing to
+                # ack or redeliver; counted, logged and dropped.
+                self.broker.malformed += 1
+                log.warning("nats broker: dropped a message on the pull inbox of %r: %r", self.durable, exc)
+                return
             self._owed -= 1
             self._receiving = True
             try:
-                await self.dispatcher.deliver(JetStreamDelivery(msg))
+                await self.dispatcher.deliver(delivery)
             finally:
                 self._receiving = False
             await self.pull()

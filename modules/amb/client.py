@@ -90,6 +90,30 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_result(None)
 
 
+def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
+    """None when the current task is being cancelled (the CancelledError must go on); else the
+    handler let out the CancelledError of something it awaited (a cancelled future or task):
+    a handler error like any other, returned as a RuntimeError caused by it."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        return None
+    error = RuntimeError("the handler raised CancelledError without being cancelled")
+    error.__cause__ = exc
+    return error
+
+
+class _PendingRequest:
+    """A request waiting for its reply: the future, the request's envelope id (set once its
+    publish returned) and replies that came before that, checked then."""
+
+    __slots__ = ("early", "future", "request_id")
+
+    def __init__(self, future: asyncio.Future[tuple[Any, Metadata] | None]) -> None:
+        self.future = future
+        self.request_id: str | None = None
+        self.early: list[tuple[Any, Metadata]] | None = None
+
+
 @dataclass(slots=True)
 class BusStats:
     """Counters of one client. Every message that is not handed to a handler is in one of them."""
@@ -108,6 +132,7 @@ class BusStats:
     requests: int = 0
     request_timeouts: int = 0
     late_replies: int = 0
+    mismatched_replies: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -304,7 +329,7 @@ class AMB(Lifecycle):
         self._inbox: str | None = None
         self._inbox_sub: Subscription | None = None
         self._inbox_lock: asyncio.Lock | None = None
-        self._requests: dict[str, asyncio.Future[tuple[Any, Metadata] | None]] = {}
+        self._requests: dict[str, _PendingRequest] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
@@ -351,7 +376,8 @@ class AMB(Lifecycle):
             await asyncio.gather(*self._pending_starts, return_exceptions=True)
         user_subs = [s for s in self._subs if s is not self._inbox_sub]
         await asyncio.gather(*(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs))
-        for fut in self._requests.values():
+        for pending in self._requests.values():
+            fut = pending.future
             if not fut.done():
                 fut.set_exception(StateError("AMB client closed while the request was pending"))
         if self._inbox_sub is not None:
@@ -499,6 +525,11 @@ class AMB(Lifecycle):
         timeout, so a late responder drops it. Raises :class:`RequestTimeout` when no reply
         arrives in ``timeout`` seconds and :class:`RemoteError` when the responder's handler
         failed.
+
+        The reply is the first message on this request's own reply subject whose correlation id
+        is the request's id (``reply(metadata, ...)`` sets it) or absent (``reply(reply_to,
+        ...)``); one carrying another correlation id is dropped, logged and counted in
+        ``stats.mismatched_replies``.
         """
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
@@ -508,10 +539,11 @@ class AMB(Lifecycle):
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
-        self._requests[reply_subject] = fut
+        pending = _PendingRequest(fut)
+        self._requests[reply_subject] = pending
         self.stats.requests += 1
         try:
-            await self.publish(
+            pending.request_id = await self.publish(
                 topic,
                 message,
                 sender_id=sender_id,
@@ -520,6 +552,10 @@ class AMB(Lifecycle):
                 headers=headers,
                 ttl=timeout,
             )
+            if pending.early is not None:  # replies that came before publish() returned
+                for early in pending.early:
+                    self._resolve(pending, *early)
+                pending.early = None
             # A timer that resolves the future with None (cheaper than asyncio.timeout, which
             # looks up the task and the loop on every request).
             timer = loop.call_later(timeout, _expire, fut)
@@ -551,11 +587,36 @@ class AMB(Lifecycle):
         return self._inbox
 
     async def _on_reply(self, message: Any, metadata: Metadata) -> None:
-        fut = self._requests.get(metadata.subject)
-        if fut is None or fut.done():
+        pending = self._requests.get(metadata.subject)
+        if pending is None:
             self.stats.late_replies += 1
             return
-        fut.set_result((message, metadata))
+        if pending.request_id is None:
+            # The request's publish has not returned yet, so its id is not known here: the
+            # reply is checked once it is (see request()).
+            if pending.early is None:
+                pending.early = []
+            pending.early.append((message, metadata))
+            return
+        self._resolve(pending, message, metadata)
+
+    def _resolve(self, pending: _PendingRequest, message: Any, metadata: Metadata) -> None:
+        """Resolve ``pending`` with a reply unless the reply answers another request."""
+        if pending.future.done():
+            self.stats.late_replies += 1
+            return
+        correlation_id = metadata.correlation_id
+        if correlation_id is not None and correlation_id != pending.request_id:
+            self.stats.mismatched_replies += 1
+            log.warning(
+                "dropped a reply on %r from %r: correlation id %r is not the request's %r",
+                metadata.subject,
+                metadata.sender,
+                correlation_id,
+                pending.request_id,
+            )
+            return
+        pending.future.set_result((message, metadata))
 
     # -- subscribing -------------------------------------------------------------------------
 
@@ -746,6 +807,12 @@ class AMB(Lifecycle):
         except Exception as exc:
             await self._failed(sub, delivery, meta.envelope, exc)
             return
+        except asyncio.CancelledError as exc:
+            error = _stray_cancellation(exc)
+            if error is None:
+                raise  # this delivery is being cancelled (drain timeout, close)
+            await self._failed(sub, delivery, meta.envelope, error)
+            return
         sub.handled += 1
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
@@ -770,6 +837,12 @@ class AMB(Lifecycle):
                 await chain(meta.envelope, meta)
         except Exception as exc:
             await self._failed(sub, delivery, meta.envelope, exc)
+            return
+        except asyncio.CancelledError as exc:
+            error = _stray_cancellation(exc)
+            if error is None:
+                raise  # this delivery is being cancelled (drain timeout, close)
+            await self._failed(sub, delivery, meta.envelope, error)
             return
         sub.handled += 1
         self.stats.handled += 1

@@ -2,7 +2,8 @@
 
 A :class:`Dispatcher` holds what one broker subscription owes its handler and guarantees the
 :class:`~amb.broker.Broker` contract: one delivery at a time, in the order received; a handler
-that raises is counted and logged, never stops the subscription; ``drain`` lets queued
+that raises (a CancelledError its task was not cancelled with included) is counted and logged,
+never stops the subscription; ``drain`` lets queued
 deliveries finish within a timeout and then cancels a stuck handler.
 
 Deliveries reach it in one of two ways:
@@ -201,6 +202,9 @@ class Dispatcher(Generic[T]):
         except Exception:
             self.handler_errors += 1
             log.exception("%s: handler raised", self.name)
+        except asyncio.CancelledError:
+            if self._cancelled():
+                raise
         finally:
             self._busy = False
             self._current = None
@@ -241,6 +245,9 @@ class Dispatcher(Generic[T]):
         except Exception:
             self.handler_errors += 1
             log.exception("%s: handler raised", self.name)
+        except asyncio.CancelledError:
+            if self._cancelled():
+                raise
         finally:
             self._busy = False
             self._current = None
@@ -254,6 +261,19 @@ class Dispatcher(Generic[T]):
     # -- the handler call -------------------------------------------------------------------
     # deliver(), deliver_message() and _run() each carry the handler call inline (a coroutine
     # less per message); keep the three copies in step.
+
+    def _cancelled(self) -> bool:
+        """After a handler raised CancelledError: True when the task running the handler is
+        being cancelled (stop, drain past its timeout, the source shutting down), so the error
+        goes on. False otherwise: the handler let out the CancelledError of something it awaited
+        (a cancelled future or task), counted and logged like any handler error. Re-raising that
+        one would end the runner task (or nats-py's callback loop) and the subscription with it."""
+        task = self._current
+        if task is None or task.cancelling():
+            return True
+        self.handler_errors += 1
+        log.error("%s: handler raised CancelledError without being cancelled", self.name, exc_info=True)
+        return False
 
     def _release_idle(self) -> None:
         idle = self._idle
@@ -303,6 +323,9 @@ class Dispatcher(Generic[T]):
                     # The handler is the bus's and should never raise; the subscription survives.
                     self.handler_errors += 1
                     log.exception("%s: handler raised", self.name)
+                except asyncio.CancelledError:
+                    if self._cancelled():
+                        raise
                 finally:
                     self._busy = False
                     self._current = None

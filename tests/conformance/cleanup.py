@@ -9,7 +9,10 @@ test runs may be using the same server).
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import datetime
+from typing import Any
 
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -36,8 +39,7 @@ async def delete_nats_streams(prefix: str, url: str = NATS_URL, min_idle: float 
             assert name is not None
             subjects = info.config.subjects or []
             if subjects and all(_under(s, prefix) for s in subjects):
-                last = info.state.last_ts
-                if min_idle is not None and last is not None and time.time() - last.timestamp() < min_idle:
+                if min_idle is not None and await _idle_seconds(nc, name) < min_idle:
                     continue
                 await jsm.delete_stream(name)
                 deleted.append(name)
@@ -50,6 +52,23 @@ async def delete_nats_streams(prefix: str, url: str = NATS_URL, min_idle: float 
     finally:
         await nc.close()
     return deleted
+
+
+async def _idle_seconds(nc: Any, stream: str) -> float:
+    """Seconds since ``stream`` last stored a message (or was created), from the server's
+    stream info (nats-py's StreamState does not carry ``last_ts``)."""
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+    info = json.loads(reply.data)
+    stamps = [info.get("state", {}).get("last_ts"), info.get("created")]
+    seen = [_rfc3339(s) for s in stamps if s and not s.startswith("0001-")]
+    return time.time() - max(seen) if seen else float("inf")
+
+
+def _rfc3339(stamp: str) -> float:
+    # "2024-05-01T12:00:00.123456789Z": Python parses at most microseconds.
+    head, _, rest = stamp.rstrip("Z").partition(".")
+    micros = (rest + "000000")[:6] if rest else "000000"
+    return datetime.fromisoformat(f"{head}.{micros}+00:00").timestamp()
 
 
 async def delete_redis_keys(

@@ -217,11 +217,21 @@ async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
     async def fails(message: Any, metadata: Metadata) -> None:
         raise RuntimeError("always")
 
-    await client.subscribe("_DLQ.>", fails)
+    seen: list[str] = []
+
+    async def dead_letters_fail(message: Any, metadata: Metadata) -> None:
+        seen.append(metadata.subject)
+        raise RuntimeError("always")
+
+    await client.subscribe("_DLQ.>", dead_letters_fail)
     await client.subscribe("loop.x", fails)
     await client.publish("loop.x", 1)
     await wait_until(lambda: client.stats.dead_letter_failures == 1)
-    await asyncio.sleep(0.05)
+    # A nested dead letter would have been published while the first one was handled, so it
+    # would come before this one on the _DLQ.> subscription.
+    await client.publish("_DLQ.sentinel", 2)
+    await wait_until(lambda: "_DLQ.sentinel" in seen)
+    assert seen == ["_DLQ.loop.x", "_DLQ.sentinel"]
     assert client.stats.dead_lettered == 1
     await client.close()
 
@@ -320,3 +330,138 @@ async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail() -> No
     assert "fine.topic" in client._topics
     assert "bad topic" not in client._topics
     await client.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_a_stray_cancelled_error_from_a_handler_is_a_handler_error(concurrency: int) -> None:
+    """A handler that lets out the CancelledError of something it awaited (its own task not
+    being cancelled) fails like any handler: dead-lettered, counted, the subscription goes on."""
+    client = AMB(connection_string=memory_url())
+    seen: list[int] = []
+    dead = Collector()
+
+    async def handler(message: int, metadata: Metadata) -> None:
+        if message == 1:
+            other = asyncio.get_running_loop().create_future()
+            other.cancel()
+            await other  # raises CancelledError into this handler
+        seen.append(message)
+
+    await client.subscribe("_DLQ.c.x", dead)
+    await client.subscribe("c.x", handler, concurrency=concurrency)
+    for i in range(4):
+        await client.publish("c.x", i)
+    await wait_until(lambda: sorted(seen) == [0, 2, 3], what="the other messages")
+    await dead.wait_for(1)
+    assert client.stats.handler_errors == 1
+    assert client.stats.dead_lettered == 1
+    assert dead.metadata[0].headers["dlq-reason"] == "handler_error"
+    assert "CancelledError" in dead.metadata[0].headers["dlq-error"]
+    await client.close()
+
+
+async def test_close_still_cancels_a_handler_stuck_past_the_timeout() -> None:
+    client = AMB(connection_string=memory_url())
+    started = asyncio.Event()
+    cancelled = False
+
+    async def stuck(message: Any, metadata: Metadata) -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    await client.subscribe("stuck.x", stuck)
+    await client.publish("stuck.x", 1)
+    await started.wait()
+    await asyncio.wait_for(client.close(timeout=0.1), 5)
+    assert cancelled
+    assert client.stats.handler_errors == 0, "a real cancellation is not a handler error"
+
+
+async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request() -> None:
+    url = memory_url()
+    requester = AMB(connection_string=url, agent_id="asker")
+    responder = AMB(connection_string=url, agent_id="answerer")
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to is not None
+        # First a reply claiming to answer another request, on this request's reply subject...
+        await responder.publish(metadata.reply_to, "wrong", correlation_id="another-request")
+        # ...then the real one.
+        await responder.reply(metadata, "right")
+
+    await responder.subscribe("corr.x", answer)
+    payload, meta = await requester.request("corr.x", 1, timeout=5, with_metadata=True)
+    assert payload == "right"
+    assert meta.correlation_id is not None
+    assert requester.stats.mismatched_replies == 1
+
+    async def only_wrong(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to is not None
+        await responder.publish(metadata.reply_to, "wrong", correlation_id="another-request")
+
+    await responder.subscribe("corr.wrong", only_wrong)
+    with pytest.raises(amb.RequestTimeout):
+        await requester.request("corr.wrong", 1, timeout=0.3)
+    assert requester.stats.mismatched_replies == 2
+    await requester.close()
+    await responder.close()
+
+
+async def test_a_reply_without_correlation_id_answers_its_reply_subject() -> None:
+    """``reply(metadata.reply_to, ...)`` (the subject only) sets no correlation id: the reply
+    subject, unique to the request, is enough."""
+    url = memory_url()
+    requester = AMB(connection_string=url)
+    responder = AMB(connection_string=url)
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to is not None
+        await responder.reply(metadata.reply_to, message * 2)
+
+    await responder.subscribe("nocorr.x", answer)
+    assert await requester.request("nocorr.x", 21, timeout=5) == 42
+    assert requester.stats.mismatched_replies == 0
+    await requester.close()
+    await responder.close()
+
+
+class HoldRequests(Middleware):
+    """Holds a request's publish until ``replies`` messages reached this client: the replies
+    come in before ``publish()`` has returned the request's id."""
+
+    def __init__(self, replies: int) -> None:
+        self.replies = replies
+        self.client: AMB | None = None
+
+    async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
+        await call_next(envelope)
+        if envelope.reply_to and self.client is not None:
+            client = self.client
+            await wait_until(lambda: client.stats.delivered >= self.replies, what="the early replies")
+
+    async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        await call_next(envelope, metadata)
+
+
+async def test_replies_that_come_before_publish_returns_are_checked_too() -> None:
+    url = memory_url()
+    hold = HoldRequests(replies=2)
+    requester = AMB(connection_string=url, middleware=[hold])
+    hold.client = requester
+    responder = AMB(connection_string=url)
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to is not None
+        await responder.publish(metadata.reply_to, "wrong", correlation_id="another-request")
+        await responder.reply(metadata, "right")
+
+    await responder.subscribe("early.x", answer)
+    assert await requester.request("early.x", 1, timeout=5) == "right"
+    assert requester.stats.mismatched_replies == 1
+    await requester.close()
+    await responder.close()

@@ -10,6 +10,7 @@ import pytest
 
 from amb import CapabilityNotSupported, ConfigError, Delivery, StateError
 from bus_adapters.memory import MemoryBroker, memory_server
+from tests.support import wait_until
 
 
 def url() -> str:
@@ -28,16 +29,16 @@ async def test_publisher_waits_while_a_subscriber_queue_is_full() -> None:
         handled.append(d.data)
 
     await broker.subscribe("bp.x", blocked)
-    publisher = asyncio.create_task(_publish_many(broker, 20))
-    await asyncio.sleep(0.05)
-    # One message is in the handler, four are queued: the publisher is parked on the fifth.
-    assert not publisher.done()
     server = memory_server(broker.server_name)
     assert server is not None
-    assert server.stats.routed == 5
+    publisher = asyncio.create_task(_publish_many(broker, 20))
+    # One message is in the handler, four are queued: the publisher is parked on the sixth.
+    await wait_until(lambda: server.stats.published == 6, what="the sixth publish")
+    await wait_until(lambda: len(handled) == 0 and server.stats.routed == 5, what="five routed")
+    assert not publisher.done()
     release.set()
     await asyncio.wait_for(publisher, 5)
-    await _until(lambda: len(handled) == 20)
+    await wait_until(lambda: len(handled) == 20)
     assert handled == [str(i).encode() for i in range(20)]
     await broker.close()
 
@@ -45,13 +46,6 @@ async def test_publisher_waits_while_a_subscriber_queue_is_full() -> None:
 async def _publish_many(broker: MemoryBroker, n: int) -> None:
     for i in range(n):
         await broker.publish("bp.x", str(i).encode())
-
-
-async def _until(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
 
 
 async def test_idle_subscriptions_do_not_wake_up() -> None:
@@ -100,9 +94,9 @@ async def test_queue_group_skips_a_full_member() -> None:
     await fast_broker.subscribe("qg.x", fast_handler, queue="g")
     for i in range(50):
         await asyncio.wait_for(fast_broker.publish("qg.x", str(i).encode()), 2)
-    await _until(lambda: len(fast) >= 48)
+    await wait_until(lambda: len(fast) >= 48)
     gate.set()
-    await _until(lambda: len(slow) + len(fast) == 50)
+    await wait_until(lambda: len(slow) + len(fast) == 50)
     assert len(slow) <= 2
     for b in (slow_broker, fast_broker):
         await b.close()
@@ -122,7 +116,7 @@ async def test_nack_redelivers_with_attempt_count() -> None:
 
     await broker.subscribe("n.x", handler)
     await broker.publish("n.x", b"1")
-    await _until(lambda: attempts == [1, 2, 3])
+    await wait_until(lambda: attempts == [1, 2, 3])
     await broker.close()
 
 
@@ -163,7 +157,14 @@ async def test_unsubscribe_from_inside_the_handler() -> None:
     subs.append(await broker.subscribe("u.x", once))
     for _ in range(3):
         await broker.publish("u.x", b"m")
-    await asyncio.sleep(0.05)
+    dispatcher = subs[0].dispatcher  # type: ignore[attr-defined]
+    # Stopped, nothing queued, no handler running: nothing more can be delivered.
+    await wait_until(
+        lambda: dispatcher.stopping and not len(dispatcher) and not dispatcher.busy, what="the stop"
+    )
+    assert seen == [b"m"]
+    await broker.publish("u.x", b"m")
+    assert memory_server(broker.server_name).stats.no_subscribers == 1  # type: ignore[union-attr]
     assert seen == [b"m"]
     await broker.close()
 
@@ -236,6 +237,29 @@ async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> Non
     for i in range(50):
         await broker.publish(f"{broker.inbox_prefix()}.{i:x}", b"r")
     await broker.publish(broker.inbox_prefix(), b"not under the inbox")
-    await asyncio.sleep(0.05)
-    assert got == [f"{broker.inbox_prefix()}.{i:x}" for i in range(50)]
+    await broker.publish(f"{broker.inbox_prefix()}.end", b"r")  # after anything published before it
+    await wait_until(lambda: got[-1:] == [f"{broker.inbox_prefix()}.end"], what="the last reply")
+    assert got == [f"{broker.inbox_prefix()}.{i:x}" for i in range(50)] + [f"{broker.inbox_prefix()}.end"]
+    await broker.close()
+
+
+async def test_a_stray_cancelled_error_from_a_handler_does_not_end_the_subscription() -> None:
+    """A handler that lets out the CancelledError of something it awaited, its own task not
+    being cancelled: counted like any handler error; the next message is still delivered."""
+    broker = MemoryBroker(url())
+    await broker.connect()
+    handled: list[bytes] = []
+
+    async def handler(d: Delivery) -> None:
+        if d.data == b"1":
+            other = asyncio.get_running_loop().create_future()
+            other.cancel()
+            await other
+        handled.append(d.data)
+
+    sub = await broker.subscribe("cancel.x", handler)
+    for data in (b"1", b"2", b"3"):
+        await broker.publish("cancel.x", data)
+    await wait_until(lambda: handled == [b"2", b"3"], what="the later messages")
+    assert sub.handler_errors == 1  # type: ignore[attr-defined]
     await broker.close()
