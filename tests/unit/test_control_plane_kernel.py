@@ -332,7 +332,7 @@ async def test_admission_respects_max_concurrency_and_priority() -> None:
     await wait_until(lambda: order == ["first"])
     t2 = asyncio.create_task(kernel.execute(low))
     t3 = asyncio.create_task(kernel.execute(high))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: len(kernel._admission._waiters) == 2, what="both waiting for admission")
     assert order == ["first"]  # one at a time
     gate.set()
     await asyncio.gather(t1, t2, t3)
