@@ -227,7 +227,7 @@ class Mediator(Middleware):
     # -- inbound -------------------------------------------------------------------------------
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
-        sender, verified, trust, refusal = message_sender(metadata.context, envelope.sender, self.trust_bus)
+        sender, verified, trust, refusal = message_sender(metadata, self.trust_bus)
         ident: Identity = (sender, verified, trust)
         proc = self.process
         subject = metadata.subject
@@ -249,7 +249,7 @@ class Mediator(Middleware):
             refusal = f"no established sender (the claim {envelope.sender!r} is not verified by IATP)"
         if refusal is not None:
             # Denied before any state of the (claimed) sender is looked up or created.
-            _, pending = self._decide_deliver(proc, envelope, metadata, route, ident, refusal)
+            _, pending = self._decide_deliver(proc, envelope, metadata, route, ident, mediated, refusal)
             if pending is not None:
                 await pending
             return  # pragma: no cover - a refusal always raises
@@ -267,11 +267,11 @@ class Mediator(Middleware):
                 proc,
                 envelope,
                 "deliver",
-                lambda: self._deliver(held, envelope, metadata, call_next, route, ident),
+                lambda: self._deliver(held, envelope, metadata, call_next, route, ident, mediated),
             )
             return
         # The common path: _deliver and _handle without their own coroutines.
-        op, pending = self._decide_deliver(proc, envelope, metadata, route, ident)
+        op, pending = self._decide_deliver(proc, envelope, metadata, route, ident, mediated)
         if pending is not None:
             await pending
         if op == "signal":
@@ -348,8 +348,9 @@ class Mediator(Middleware):
         call_next: ConsumeNext,
         route: PendingRequest | None,
         ident: Identity,
+        mediated: bool,
     ) -> None:
-        op, pending = self._decide_deliver(proc, env, meta, route, ident)
+        op, pending = self._decide_deliver(proc, env, meta, route, ident, mediated)
         if pending is not None:
             await pending
         if op == "signal":
@@ -368,19 +369,18 @@ class Mediator(Middleware):
         meta: Metadata,
         route: PendingRequest | None,
         ident: Identity,
+        mediated: bool,
         refusal: str | None = None,
     ) -> tuple[str, Awaitable[None] | None]:
         """Decide on an inbound message and record the decision; returns the operation and
         what to await before going on (None or an awaitable that raises the violation when
-        the decision denies; a deny with nothing to await is raised here). ``refusal``: deny
-        for this reason without asking the policy."""
+        the decision denies; a deny with nothing to await is raised here). ``mediated``: an
+        ingress message or a reply passing the service; ``refusal``: deny for this reason
+        without asking the policy."""
         sender, verified, trust = ident
         topic = env.topic
         subject = meta.subject
         recipient: str | None = env.recipient or proc.id
-        mediated = route is not None or (
-            self.inbound_prefix is not None and subject.startswith(self.inbound_prefix)
-        )
         if mediated:
             op, resource, recipient, why = self._mediated(env, subject, route, sender)
             if refusal is None:

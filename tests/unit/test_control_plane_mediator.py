@@ -602,3 +602,42 @@ async def test_a_full_hold_queue_records_one_drop_and_no_hold() -> None:
     assert len(await kernel.recorder.query(event_type="policy_decision")) == 2  # the two released
     await agent.close()
     await kernel.close()
+
+
+async def test_the_mediators_sender_is_iatps_sender_identity() -> None:
+    """control_plane.identity.message_sender (the mediator's hot path) decides exactly as
+    iatp.sender_identity does, for IATP's own results and for any other result object."""
+    from types import SimpleNamespace
+
+    from control_plane.identity import message_sender
+    from iatp import IATP, Unauthenticated, sender_identity
+
+    iatp = IATP()
+    await iatp.register_agent("alice")
+    valid = await iatp.verify(await iatp.sign("alice", {"q": 1}, topic="t"))
+    invalid = await iatp.verify(Envelope("x", "t", "alice", {"q": 1}, timestamp=1))
+    results: list[Any] = [
+        None,
+        valid,
+        invalid,
+        {"valid": True, "sender": "bob", "trust_level": 0.5},
+        {"valid": False, "sender": "alice"},
+        {"valid": True, "sender": ""},
+        {"valid": "yes", "sender": "alice"},
+        SimpleNamespace(valid=True, sender="carol", trust_level=0.7),
+        SimpleNamespace(sender="alice"),
+    ]
+    for claimed in ("mallory", ""):
+        for result in results:
+            meta = Metadata(Envelope("id1", "t", claimed, None, timestamp=1), "t", 1, {})
+            if result is not None:
+                meta.context["iatp"] = result
+            for trust_bus in (False, True):
+                try:
+                    expected: str | None = sender_identity(meta, trust_bus=trust_bus)
+                except Unauthenticated:
+                    expected = None
+                sender, verified, _, refusal = message_sender(meta, trust_bus)
+                assert sender == expected, (result, trust_bus)
+                assert verified is (expected is not None and result is not None)
+                assert (refusal is not None) is (result is not None and expected is None)
