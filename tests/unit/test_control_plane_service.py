@@ -594,3 +594,28 @@ async def test_the_service_signals_an_agent_it_has_not_heard_from_yet() -> None:
         await client.close()
     await service.stop()
     await kernel.close()
+
+
+async def test_the_admin_reload_of_several_policies_names_which() -> None:
+    base, extra = Policy("base", version="1"), Policy("extra", version="1")
+    kernel = KernelSpace(policy=base, policies=[extra])
+    api = AdminAPI(kernel, TOKEN)
+    port = await api.start()
+    try:
+        status, answer = await reload_policy(port, "name: x\nversion: '2'\n")
+        assert status == 400
+        assert "say which one" in answer["error"]
+        assert (base.version, extra.version) == ("1", "1")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{port}/policy/reload?policy=extra",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                data="name: x\nversion: '2'\n",
+            ) as resp,
+        ):
+            assert (resp.status, (await resp.json())["version"]) == (200, "2")
+        assert (base.version, extra.version) == ("1", "2")
+    finally:
+        await api.stop()
+        await kernel.close()
