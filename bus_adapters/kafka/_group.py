@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from amb.broker import DeliveryHandler, LifecycleState
-from amb.dispatch import Dispatcher
+from amb.dispatch import Dispatcher, stop_task
 from amb.errors import BrokerUnavailable, ConfigError, StateError
 from amb.subjects import is_wildcard, matches, validate_subject
 from bus_adapters.kafka._config import (
@@ -500,9 +500,7 @@ class GroupConsumer:
         self._room.set()
         for task in (self._fetch_task, self._commit_task):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
         if self._consumer is not None:
             await self.commit()
             with contextlib.suppress(Exception):

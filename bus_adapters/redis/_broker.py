@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
-from amb.dispatch import check_group_names, drain_all
+from amb.dispatch import check_group_names, drain_all, stop_task
 from amb.errors import BrokerUnavailable, ConfigError, TransportError
 from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
 from bus_adapters.redis import _lua
@@ -174,9 +174,7 @@ class RedisBroker(Lifecycle):
         await drain_all(list(self._subs), timeout)
         for task in (self._reader, self._heartbeat, *self._background):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
         with contextlib.suppress(rexc.RedisError, OSError):
             if self._pubsub is not None:
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from redis import exceptions as rexc
 
 from amb.broker import DeliveryHandler
-from amb.dispatch import Dispatcher, LocalDelivery
+from amb.dispatch import Dispatcher, LocalDelivery, stop_task
 from amb.errors import ConfigError
 from amb.subjects import compile_pattern, validate_subject
 from bus_adapters.redis._errors import translated
@@ -332,9 +332,7 @@ class StreamSubscription(PubSubSubscription):
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task():
             # Entries read but not yet handed over stay pending and are claimed later.
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await stop_task(reader)
         await super()._stop(timeout, drop)
         await self._leave()
 

@@ -454,6 +454,24 @@ def check_group_names(queue: str | None, durable: str | None) -> None:
             raise ConfigError(f"{what} name must be non-empty, got {value!r}")
 
 
+async def stop_task(task: asyncio.Task[Any], *, again_every: float = 0.02) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``again_every``
+    seconds while it runs on.
+
+    For the background loops of adapters (readers, heartbeats): a cancellation can be lost
+    inside a client library, and a loop that does not see it runs on for ever. On Python 3.11,
+    ``asyncio.wait_for`` returns the result of an inner call that finished just as the
+    cancellation came and drops the cancellation (CPython gh-86296; redis-py writes every
+    command through it). An exception the task ended with is logged, not raised; a
+    cancellation of the caller is raised as usual.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=again_every)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("task %s ended with %r", task.get_name(), task.exception())
+
+
 async def drain_all(subscriptions: Iterable[_Stoppable], timeout: float | None) -> None:
     """Drain ``subscriptions`` concurrently (each up to ``timeout``); one failing stops no other."""
     subs = list(subscriptions)

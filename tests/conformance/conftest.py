@@ -30,8 +30,11 @@ def subject() -> str:
 
 
 @pytest.fixture
-async def amb_factory(target: BrokerTarget, request: pytest.FixtureRequest) -> AsyncIterator[AmbFactory]:
-    """Creates connected clients that share one broker; closes them all after the test."""
+async def amb_factory(
+    target: BrokerTarget, subject: str, request: pytest.FixtureRequest
+) -> AsyncIterator[AmbFactory]:
+    """Creates connected clients that share one broker; after the test, closes them all and
+    deletes what the test left on the server under its subject prefix (durable streams, groups)."""
     url = target.url(request)
     clients: list[AMB] = []
 
@@ -41,9 +44,13 @@ async def amb_factory(target: BrokerTarget, request: pytest.FixtureRequest) -> A
         clients.append(client)
         return client
 
-    yield make
-    for client in reversed(clients):
-        await client.close(timeout=5)
+    try:
+        yield make
+    finally:
+        for client in reversed(clients):
+            await client.close(timeout=5)
+        if target.cleanup is not None:
+            await target.cleanup(subject)
 
 
 def requires(client: AMB, capability: str) -> None:

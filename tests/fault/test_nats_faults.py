@@ -18,6 +18,7 @@ import pytest
 
 from amb import Delivery, TransportError
 from bus_adapters.nats import NatsBroker
+from tests.conformance.cleanup import delete_nats_streams
 from tests.support import wait_until
 
 pytestmark = pytest.mark.nats
@@ -112,6 +113,7 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         for broker in (second, publisher, first):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=1)
+        await delete_nats_streams(subject.split(".")[0], URL)
 
 
 async def test_server_restart_loses_no_acknowledged_durable_publish() -> None:
@@ -171,3 +173,4 @@ async def test_server_restart_loses_no_acknowledged_durable_publish() -> None:
         for broker in (publisher, consumer):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=1)
+        await delete_nats_streams(subject.split(".")[0], URL)

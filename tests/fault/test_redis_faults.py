@@ -23,6 +23,7 @@ import pytest
 from amb.broker import Delivery
 from amb.errors import TransportError
 from bus_adapters.redis import RedisBroker
+from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
 
 pytestmark = pytest.mark.redis
@@ -52,12 +53,6 @@ async def main(subject, durable):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
-
-
-async def _cleanup(broker: RedisBroker, pattern: str, durable: str) -> None:
-    key = f"{broker.key_prefix}durable:{durable}:{pattern}"
-    await broker.redis.zrem(broker.registry_key_for(pattern), f"{pattern} {key}")
-    await broker.redis.delete(key, f"{broker.key_prefix}dead:{key}")
 
 
 async def test_killed_durable_consumer_loses_nothing() -> None:
@@ -120,10 +115,9 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        if survivor.state.value == "open":
-            await _cleanup(survivor, subject, durable)
         await survivor.close()
         await pub.close()
+        await delete_redis_keys(URL, subject_prefix=prefix)
 
 
 def _free_port() -> int:
