@@ -21,6 +21,12 @@ Semantics:
   ack (a consumer that crashed), after a reconnect. ``attempt`` is JetStream's delivery count.
   After ``max_deliver`` deliveries the server stops redelivering an unacked message: keep
   ``max_deliver`` >= the subscription's ``max_attempts`` so the AMB client dead-letters first.
+  A durable subscriber publishes to the JetStream API (``$JS.API.>``, acks on ``$JS.ACK.>``)
+  and reads its pull requests' answers on nats-py's ``new_inbox()`` (``_INBOX.<random>``), so a
+  NATS user limited like a mediated-mode agent (the control plane's generated permissions:
+  publish only to ingress, replies and dead letters; read only delivery subjects, its own
+  control subject and ``_INBOX.<agent>.>``) cannot have one: such agents receive with
+  ephemeral subscriptions.
 - **Ordering**: each subscription's handler gets one message at a time, in the order the server
   delivered them (publish order per publishing connection); redeliveries break that order. No
   order per key across queue-group members (``ordered_per_key`` is False).

@@ -294,10 +294,21 @@ class AMB(Lifecycle):
         dead_letter_prefix: dead letters go to ``<prefix>.<original subject>``.
         max_message_bytes: the largest encoded envelope sent or accepted.
         broker_options: extra keyword arguments for the adapter.
+        inbox_prefix: where this client's reply inbox lives: requests then carry ``reply_to``
+            ``<inbox_prefix>.<token>.<n>``, with a random ``token`` per client (two clients
+            with one prefix never receive each other's replies), and the client subscribes to
+            ``<inbox_prefix>.<token>.>``. Default None: the inbox the adapter gives
+            (``broker.inbox_prefix()``, ``_INBOX.<random>``). It is for brokers whose
+            permissions let a client read only some inboxes: in the control plane's mediated
+            mode an agent may subscribe only to ``_INBOX.<agent>.>``, so its requests need
+            ``inbox_prefix=agent_inbox(agent)``. Keep it under ``_INBOX.``: the Redis and Kafka
+            adapters treat subjects there as reply subjects (a plain PUBLISH; one Kafka topic
+            per ``_INBOX.<name>``).
 
     The client connects on first use, or explicitly with ``await amb.connect()`` /
     ``async with AMB(...) as amb``. Raises :class:`ConfigError` for an unknown backend or
-    serializer.
+    serializer, or an ``inbox_prefix`` that is not a subject (empty tokens, whitespace or
+    wildcards).
     """
 
     _what = "AMB client"
@@ -314,7 +325,15 @@ class AMB(Lifecycle):
         dead_letter_prefix: str = "_DLQ",
         max_message_bytes: int = DEFAULT_MAX_BYTES,
         broker_options: Mapping[str, Any] | None = None,
+        inbox_prefix: str | None = None,
     ) -> None:
+        own_inbox = None
+        if inbox_prefix is not None:
+            try:
+                validate_subject(inbox_prefix)
+            except ConfigError as exc:
+                raise ConfigError(f"inbox_prefix: {exc}") from None
+            own_inbox = f"{inbox_prefix}.{os.urandom(8).hex()}"
         self._serializer = get_serializer(serializer, max_message_bytes)
         self._decode_fields = Decoder(max_message_bytes).decode_fields
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
@@ -326,6 +345,7 @@ class AMB(Lifecycle):
         self._subs: list[Subscription] = []
         self._pending_starts: list[asyncio.Task[None]] = []
         self._connect_lock: asyncio.Lock | None = None
+        self._own_inbox = own_inbox  # from the inbox_prefix option; None: the broker's
         self._inbox: str | None = None
         self._inbox_sub: Subscription | None = None
         self._inbox_lock: asyncio.Lock | None = None
@@ -581,7 +601,7 @@ class AMB(Lifecycle):
             self._inbox_lock = asyncio.Lock()
         async with self._inbox_lock:
             if self._inbox is None:
-                prefix = self.broker.inbox_prefix()
+                prefix = self._own_inbox or self.broker.inbox_prefix()
                 self._inbox_sub = await self._subscribe(prefix + ".>", self._on_reply, SubscriptionOptions())
                 self._inbox = prefix
         return self._inbox

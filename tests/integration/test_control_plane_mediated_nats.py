@@ -1,4 +1,5 @@
-"""Mediated mode on a NATS server with generated permissions: bypassing the mediator is refused.
+"""Mediated mode on a NATS server with generated permissions: bypassing the mediator is refused,
+and an agent's requests get their replies when its client's inbox is under its own prefix.
 
 Starts a private nats-server (its own port and config, never the shared one) whose
 authorization block comes from :func:`services.control_plane_service.nats_authorization`.
@@ -7,17 +8,16 @@ authorization block comes from :func:`services.control_plane_service.nats_author
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from amb import AMB, Metadata, RequestTimeout
-from bus_adapters.nats import NatsBroker
 from control_plane import KernelSpace, Pattern, Policy
 from services.control_plane_service import (
     ControlPlaneService,
@@ -72,21 +72,10 @@ def url(user: str, port: int) -> str:
     return f"nats://{user}:{PASSWORDS[user]}@127.0.0.1:{port}"
 
 
-class AgentInboxBroker(NatsBroker):
-    """The NATS adapter with the reply inbox under the agent's own prefix (``_INBOX.<agent>.``),
-    the only inboxes the generated permissions let the agent read. It stands in for an AMB
-    client option to choose the inbox, which the bus does not have yet."""
-
-    def __init__(self, url: str, agent: str) -> None:
-        super().__init__(url)
-        self._own_inbox = f"{agent_inbox(agent)}.{uuid.uuid4().hex[:12]}"
-
-    def inbox_prefix(self) -> str:
-        return self._own_inbox
-
-
 def agent_client(user: str, port: int) -> AMB:
-    return AMB("nats", url(user, port), agent_id=user, broker=AgentInboxBroker(url(user, port), user))
+    """An agent's client whose reply inbox is under ``_INBOX.<agent>.``, the only inboxes the
+    generated permissions let the agent read."""
+    return AMB("nats", url(user, port), agent_id=user, inbox_prefix=agent_inbox(user))
 
 
 async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nats_port: int) -> None:
@@ -238,6 +227,61 @@ async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -
     assert service.stats.replies_forwarded == 1
     await spy.close()
     for client in (requester, responder):
+        await client.close()
+    await service.stop()
+    await kernel.close()
+
+
+async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
+    nats_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ``inbox_prefix`` the client's inbox is the adapter's ``_INBOX.<random>``: the
+    server refuses the agent's subscription to it and the service denies the request (its
+    ``reply_to`` is not the agent's inbox). With ``inbox_prefix=agent_inbox(agent)`` the same
+    agent's request is forwarded and its reply arrives."""
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    kernel = KernelSpace(policy=policy)
+    service = ControlPlaneService(
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+    )
+    await service.start()
+    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
+
+    async def answer(message: object, metadata: Metadata) -> None:
+        await responder.reply(metadata, f"re: {message}")
+
+    await responder.subscribe(delivery_subject("tasks.>"), answer)
+
+    plain = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
+    adapter_inbox = plain.broker.inbox_prefix()
+    assert not adapter_inbox.startswith(agent_inbox("agent-a") + ".")
+    with caplog.at_level(logging.WARNING, logger="bus_adapters.nats"):
+        with pytest.raises(RequestTimeout):
+            await plain.request(ingress_subject("tasks.ask"), "plain", timeout=0.5)
+        await wait_until(
+            lambda: any(
+                "permissions violation for subscription" in r.getMessage().lower()
+                and adapter_inbox.lower() in r.getMessage().lower()
+                for r in caplog.records
+            ),
+            what="the server's refusal of the adapter's inbox",
+        )
+    refused = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "deny"})
+    assert len(refused) == 1
+    assert "inbox" in refused[0].data["reason"]
+
+    mediated = agent_client("agent-a", nats_port)
+    payload, meta = await mediated.request(
+        ingress_subject("tasks.ask"), "prefixed", timeout=3, with_metadata=True
+    )
+    assert payload == "re: prefixed"
+    assert meta.subject.startswith(agent_inbox("agent-a") + ".")
+    allowed = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "allow"})
+    assert len(allowed) == 1
+    assert service.stats.replies_forwarded == 1
+    for client in (plain, mediated, responder):
         await client.close()
     await service.stop()
     await kernel.close()

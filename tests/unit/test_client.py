@@ -319,6 +319,46 @@ async def test_request_with_metadata_returns_the_replys_delivery_metadata() -> N
     await responder.close()
 
 
+async def test_inbox_prefix_puts_each_clients_reply_inbox_under_it() -> None:
+    url = memory_url()
+    responder = AMB(connection_string=url, agent_id="answerer")
+    seen: list[str | None] = []
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        seen.append(metadata.reply_to)
+        await responder.reply(metadata, f"{message}!")
+
+    await responder.subscribe("r.x", answer)
+    # Two clients of one agent: same prefix, yet each has its own inbox under it.
+    first, second = (AMB(connection_string=url, agent_id="a", inbox_prefix="_INBOX.a") for _ in range(2))
+    answers = await asyncio.gather(
+        *(
+            client.request("r.x", f"{name}{n}", timeout=5)
+            for n in range(3)
+            for name, client in (("first", first), ("second", second))
+        )
+    )
+    assert answers == [f"{name}{n}!" for n in range(3) for name in ("first", "second")]
+    assert len(seen) == 6
+    assert len(set(seen)) == 6
+    assert all(r is not None and r.startswith("_INBOX.a.") for r in seen)
+    inboxes = {r.rsplit(".", 1)[0] for r in seen if r is not None}  # <prefix>.<token>
+    assert len(inboxes) == 2
+    assert all(inbox.count(".") == 2 for inbox in inboxes)
+    assert not any(r.startswith(first.broker.inbox_prefix()) for r in seen if r is not None)
+    assert first.stats.late_replies == second.stats.late_replies == 0
+    for client in (first, second, responder):
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "_INBOX..a", "_INBOX.*", "_INBOX.>", "_INBOX.a>", "_INBOX.a b", "_INBOX."]
+)
+def test_an_inbox_prefix_that_is_not_a_subject_is_refused_at_construction(bad: str) -> None:
+    with pytest.raises(ConfigError, match="inbox_prefix"):
+        AMB(connection_string=memory_url(), inbox_prefix=bad)
+
+
 async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail() -> None:
     client = AMB(connection_string=memory_url())
     for _ in range(3):

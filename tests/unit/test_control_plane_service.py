@@ -16,7 +16,6 @@ from amb import AMB, Metadata, RequestTimeout, get_serializer
 from amb.client import DLQ_REASON
 from amb.envelope import Envelope, new_id
 from amb.middleware import Middleware
-from bus_adapters.memory import MemoryBroker
 from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from control_plane.admin import AdminAPI
 from control_plane.errors import InboxBusy, PolicyLoadError
@@ -38,24 +37,10 @@ from tests.integration.test_emk_service import identities
 from tests.support import Collector, wait_until
 
 
-class AgentInboxBroker(MemoryBroker):
-    """The memory broker with the reply inbox under the agent's own prefix (``_INBOX.<agent>.``)
-    that mediated mode requires. It stands in for an AMB client option to choose the inbox,
-    which the bus does not have yet (the adapters pick ``_INBOX.<random>``)."""
-
-    def __init__(self, url: str, agent: str) -> None:
-        super().__init__(url)
-        self._own_inbox = f"{agent_inbox(agent)}.{uuid.uuid4().hex[:12]}"
-
-    def inbox_prefix(self) -> str:
-        return self._own_inbox
-
-
 def agent_client(where: str, agent: str, middleware: list[Middleware] | None = None) -> AMB:
-    """An agent's client in mediated mode on the memory broker ``where``."""
-    return AMB(
-        "memory", where, agent_id=agent, broker=AgentInboxBroker(where, agent), middleware=middleware or []
-    )
+    """An agent's client in mediated mode on the memory broker ``where``: its reply inbox is
+    under the agent's own prefix (``_INBOX.<agent>.``), as mediated mode requires."""
+    return AMB("memory", where, agent_id=agent, inbox_prefix=agent_inbox(agent), middleware=middleware or [])
 
 
 def mediated_policy() -> Policy:
