@@ -45,10 +45,13 @@ Guarantees:
   dead entry keeps the original fields and adds ``id``, ``deliveries``, ``group`` and
   ``reason``. A pub/sub message on a channel that is no valid subject is dropped and counted
   in ``malformed``; a reader logs and counts (``reader_errors``) anything unexpected and goes
-  on. A stream keeps at most about ``stream_maxlen`` entries (``MAXLEN ~``): a backlog
-  beyond that loses its oldest messages. A durable group lives ``durable_ttl`` seconds after
-  its last member left (None: forever); a queue group lives ``queue_lease`` seconds after its
-  last member left.
+  on. A durable group lives ``durable_ttl`` seconds after its last member left (None:
+  forever); a queue group lives ``queue_lease`` seconds after its last member left.
+- **Bounded streams**: every group stream and dead-letter stream is trimmed on each add with
+  ``MAXLEN ~ stream_maxlen`` (default 100 000): a backlog beyond that loses its oldest
+  messages. Redis trims whole stream nodes only, so trimming never leaves fewer than
+  ``stream_maxlen`` entries, and a stream holds fewer than ``stream_maxlen`` plus the
+  server's ``stream-node-max-entries`` (100 by default).
 - **Ordering**: each subscription hands messages to its handler one at a time, in the order it
   received them; pub/sub delivers in publish order per publisher. Reclaimed and nacked stream
   messages come back out of order. No per-key ordering.
