@@ -1,8 +1,10 @@
 """Replay protection: a bounded cache of the nonces seen within the acceptance window.
 
 A message is accepted only if its timestamp lies in ``[now - max_age, now + clock_skew]``. Its
-nonce is remembered until ``timestamp + max_age``, after which the timestamp check alone rejects
-a replay, so the cache never needs to hold more than one window of nonces.
+nonce is remembered through ``timestamp + max_age`` (the last instant the window still accepts
+it, so at that nanosecond it is still refused as a replay) and forgotten after it, when the
+timestamp check alone rejects a replay, so the cache never needs to hold more than one window of
+nonces.
 
 The cache is also bounded in entries. When it is full the oldest entry is evicted and a *floor*
 is raised to that entry's timestamp: from then on any message stamped at or before the floor is
@@ -25,7 +27,8 @@ BELOW_FLOOR: Final = 2
 
 
 class NonceCache:
-    """Remembers ``(scope, nonce)`` pairs for ``max_age_ns``; at most ``max_entries`` of them."""
+    """Remembers ``(scope, nonce)`` pairs through their ``timestamp + max_age_ns``; at most
+    ``max_entries`` of them."""
 
     __slots__ = ("_entries", "_floor", "_order", "max_age_ns", "max_entries")
 
@@ -57,7 +60,7 @@ class NonceCache:
         """
         entries = self._entries
         order = self._order
-        while order and order[0][0] <= now_ns:
+        while order and order[0][0] < now_ns:  # expiry == now: still inside the window
             expiry, old = order.popleft()
             if entries.get(old) == expiry:
                 del entries[old]

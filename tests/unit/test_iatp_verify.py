@@ -290,8 +290,20 @@ def test_nonce_cache_forgets_after_the_window() -> None:
     cache = NonceCache(max_age_ns=1000)
     assert cache.check_and_add("n", 0, 0) == OK
     assert cache.check_and_add("n", 0, 999) == REPLAYED
-    assert cache.check_and_add("m", 1000, 1000) == OK
+    assert cache.check_and_add("n", 0, 1000) == REPLAYED  # the window's last instant
+    assert cache.check_and_add("m", 1001, 1001) == OK
     assert not cache.seen("n")
+
+
+async def test_a_replay_at_the_last_instant_of_the_window_fails_without_clock_skew(clock: Clock) -> None:
+    iatp = IATP(clock=clock, clock_skew=0, max_age=300)
+    await iatp.register_agent("alice")
+    env = await signed(iatp)
+    assert (await iatp.verify(env)).valid
+    clock.advance(300)  # timestamp == now - max_age: still inside the window
+    assert (await iatp.verify(env)).reason == Reason.REPLAYED
+    clock.now += 1
+    assert (await iatp.verify(env)).reason == Reason.TOO_OLD
 
 
 async def test_flooded_cache_refuses_old_messages_rather_than_miss_replays(clock: Clock) -> None:
