@@ -12,7 +12,25 @@ For each message, in this order:
 1. **Signals.** A killed agent's messages are dropped (``AgentStoppedError``: outbound it
    reaches the publisher, inbound the bus dead-letters it with reason ``agent_killed``). A
    stopped agent's messages wait in its hold queue (``HoldQueueFull`` past the bound) and go
-   on, in order, at SIGCONT. Control messages (``_ctl.signal.<id>``) are never held.
+   on, in order, at SIGCONT; SIGKILL drops those still waiting. Control messages
+   (``_ctl.signal.<id>``) are never held. How a hold waits depends on the mode:
+
+   - *embedded* (an agent's own client): the held publish or delivery waits where it is. The
+     publisher's ``await publish(...)`` returns (or raises the policy's verdict) once the
+     message is released, and raises ``AgentStoppedError`` when SIGKILL drops it; a held
+     delivery keeps the stopped agent's own subscription waiting (one handler at a time, the
+     broker's backpressure and acknowledgement as usual), which is what stopping it means.
+   - *mediated* (``inbound_prefix``/``reply_prefix``: the service, which carries every
+     agent's messages on one subscription): the message is queued and the handler returns at
+     once, so one stopped agent does not stall everyone else's traffic through the instance.
+     Its delivery is settled then (acknowledged: a held message lives in the instance's
+     memory). At SIGCONT the agent's held messages are decided and forwarded in arrival
+     order; a message of the agent that arrives while earlier ones are still queued goes
+     behind them (FIFO per agent). A held message that then fails (denied by policy, the
+     forward failed) is logged, counted in ``release_failures`` and handed to
+     ``on_release_error`` (the service dead-letters it); one that SIGKILL drops is recorded
+     as ``message_dropped``, counted in ``held_dropped`` and handed on the same way;
+     :meth:`Mediator.drop_held` records the rest as dropped when the service stops.
 2. **Policy.** The operation is ``publish``, ``request`` (has ``reply_to``), ``reply`` (has a
    ``correlation_id`` and no ``reply_to``), ``deliver`` (inbound), or ``signal`` (a control
    message; the resource is then the target agent id); the resource is the topic. The agent's
@@ -20,7 +38,8 @@ For each message, in this order:
 3. **Recording.** Exactly one record per decision: a ``policy_decision`` per message and
    direction, or a ``message_dropped`` (reason ``agent killed (SIGKILL)`` or
    ``hold_queue_full``) when signals refused it; a held message gets a ``message_held`` record
-   and then, when released, its ``policy_decision``.
+   and then, when released, its ``policy_decision``, or a ``message_dropped`` when SIGKILL
+   (or, mediated, the service stopping) drops it before its turn.
 
 **Who the sender is** (:mod:`control_plane.identity`). Outbound, this process is the
 authority: the sender is the attached agent. Inbound:
@@ -61,6 +80,7 @@ import asyncio
 import contextvars
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from amb.envelope import Envelope
@@ -71,13 +91,12 @@ from control_plane.identity import message_sender
 from control_plane.kernel_gate import _CURRENT, _violation
 from control_plane.kernel_gate import log as kernel_log
 from control_plane.policy import Decision
-from control_plane.process import Life
+from control_plane.process import AgentProcess, Life
 from control_plane.replies import PendingRequest, PendingRequests
 from control_plane.signals import CONTROL_PREFIX
 
 if TYPE_CHECKING:
     from control_plane.kernel import KernelSpace
-    from control_plane.process import AgentProcess
 
 _CONTROL = CONTROL_PREFIX + "."
 _STOPPED = Life.STOPPED
@@ -89,6 +108,28 @@ Identity = tuple[str | None, bool, float]
 # True while a control message (a signal) is being handled: its reply must not be held by the
 # very SIGSTOP it just applied.
 _IN_CONTROL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_control", default=False)
+
+
+ReleaseErrorHook = Callable[[Envelope, Metadata, Exception], Awaitable[None]]
+"""Told about a detached hold (mediated mode) that did not go through: the envelope, its
+delivery's metadata and the error (AgentStoppedError when SIGKILL dropped it while held)."""
+
+
+@dataclass(eq=False, slots=True)
+class _HeldMessage:
+    """One message in a hold queue; ``started`` once its turn came (its decision is then
+    recorded: a failure after it is not a drop)."""
+
+    proc: AgentProcess
+    env: Envelope
+    meta: Metadata | None
+    run: Callable[[], Awaitable[Any]]
+    started: bool = False
+    future: asyncio.Future[Any] | None = None
+
+    async def start(self) -> Any:
+        self.started = True
+        return await self.run()
 
 
 def _operation(env: Envelope) -> str:
@@ -111,7 +152,9 @@ class Mediator(Middleware):
     requester. ``inbox_prefix``: requests must carry a ``reply_to`` under
     ``<inbox_prefix>.<sender>.``. ``trust_bus``: whether a message without an IATP result is
     from the sender it claims (see the module docstring; ``attach`` decides the default).
-    Raises KernelError for ``reply_prefix`` without ``pending``.
+    ``on_release_error``: told about each held mediated message that did not go through (see
+    the module docstring, *Signals*); its own errors are logged. Raises KernelError for
+    ``reply_prefix`` without ``pending``.
     """
 
     def __init__(
@@ -124,6 +167,7 @@ class Mediator(Middleware):
         pending: PendingRequests | None = None,
         inbox_prefix: str = "_INBOX",
         trust_bus: bool = False,
+        on_release_error: ReleaseErrorHook | None = None,
     ) -> None:
         if reply_prefix is not None and pending is None:
             raise KernelError("mediating replies needs the table of pending requests")
@@ -134,7 +178,13 @@ class Mediator(Middleware):
         self.pending = pending
         self.inbox_prefix = inbox_prefix + "."
         self.trust_bus = trust_bus
+        self.on_release_error = on_release_error
         self.decisions = 0
+        self.held_dropped = 0
+        self.release_failures = 0
+        self._backlog: dict[str, int] = {}  # agent id -> its detached holds not yet done
+        self._detached: dict[_HeldMessage, None] = {}  # in arrival order
+        self._settling: set[asyncio.Task[None]] = set()
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -261,14 +311,18 @@ class Mediator(Middleware):
         if life is _TERMINATED:
             await self._dropped(proc, envelope, "deliver")
             raise AgentStoppedError(f"agent {proc.id} was killed: its messages are dropped")
-        if life is _STOPPED and not envelope.topic.startswith(_CONTROL):
+        if (life is _STOPPED and not envelope.topic.startswith(_CONTROL)) or (
+            mediated and self._backlog and proc.id in self._backlog
+        ):
             held = proc
-            await self._hold(
-                proc,
-                envelope,
-                "deliver",
-                lambda: self._deliver(held, envelope, metadata, call_next, route, ident, mediated),
-            )
+
+            def run() -> Awaitable[None]:
+                return self._deliver(held, envelope, metadata, call_next, route, ident, mediated)
+
+            if mediated:
+                await self._hold_detached(proc, envelope, metadata, run, life is _STOPPED)
+            else:
+                await self._hold(proc, envelope, "deliver", run)
             return
         # The common path: _deliver and _handle without their own coroutines.
         op, pending = self._decide_deliver(proc, envelope, metadata, route, ident, mediated)
@@ -478,15 +532,109 @@ class Mediator(Middleware):
     async def _hold(
         self, proc: AgentProcess, env: Envelope, op: str, run: Callable[[], Awaitable[Any]]
     ) -> None:
-        """Queue ``run`` in the stopped agent's hold queue and wait for it; exactly one record:
-        ``message_held``, or ``message_dropped`` (``hold_queue_full``) when the queue is full."""
+        """Embedded mode: queue ``run`` in the stopped agent's hold queue and wait for it (a
+        publish returns, or raises, with its released outcome). One record when it is held:
+        ``message_held``, or ``message_dropped`` (``hold_queue_full``) when the queue is full;
+        and a ``message_dropped`` when SIGKILL drops it before its turn (AgentStoppedError)."""
+        item = _HeldMessage(proc, env, None, run)
         try:
-            waiting = proc.enqueue(run)  # the slot is taken now, before any await
+            waiting = proc.enqueue(item.start)  # the slot is taken now, before any await
         except HoldQueueFull:
             await self._dropped(proc, env, op, "hold_queue_full")
             raise
         await self._held(proc, env, op)
-        await waiting
+        try:
+            await waiting
+        except AgentStoppedError:
+            if not item.started:  # dropped from the queue, not killed while being handled
+                await self._dropped(proc, env, op)
+            raise
+
+    async def _hold_detached(
+        self,
+        proc: AgentProcess,
+        env: Envelope,
+        meta: Metadata,
+        run: Callable[[], Awaitable[Any]],
+        stopped: bool,
+    ) -> None:
+        """Mediated mode: queue ``run`` in the agent's hold queue and return at once, so the
+        service's subscription goes on with everyone else's messages. ``stopped``: the agent is
+        stopped (record ``message_held``); otherwise it runs but earlier messages of it are
+        still queued or being released, and this one goes behind them (FIFO per agent), with
+        no record until its decision. Raises HoldQueueFull (recorded as ``message_dropped``)
+        when the queue is full. What happens to the message later is settled by
+        :meth:`_settle_detached`."""
+        item = _HeldMessage(proc, env, meta, run)
+        try:
+            item.future = proc.enqueue(item.start)  # the slot is taken now, before any await
+        except HoldQueueFull:
+            await self._dropped(proc, env, "deliver", "hold_queue_full")
+            raise
+        self._backlog[proc.id] = self._backlog.get(proc.id, 0) + 1
+        self._detached[item] = None
+        item.future.add_done_callback(lambda _: self._detached_done(item))
+        if stopped:
+            await self._held(proc, env, "deliver")
+
+    def _detached_done(self, item: _HeldMessage) -> None:
+        self._detached.pop(item, None)
+        left = self._backlog.get(item.proc.id, 0) - 1
+        if left > 0:
+            self._backlog[item.proc.id] = left
+        else:
+            self._backlog.pop(item.proc.id, None)
+        assert item.future is not None
+        if item.future.cancelled() or item.future.exception() is not None:
+            task = asyncio.get_running_loop().create_task(self._settle_detached(item))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle_detached(self, item: _HeldMessage) -> None:
+        """Account for a detached hold that did not go through. Dropped before its turn: a
+        ``message_dropped`` record (SIGKILL, or the service stopping) and ``held_dropped``;
+        failed after its release (denied by policy, the forward failed, killed while
+        forwarded; its decision is recorded already): ``release_failures``. Both are logged;
+        both except the service stopping go to ``on_release_error`` (the service dead-letters
+        them). Never raises."""
+        assert item.future is not None
+        assert item.meta is not None
+        proc, env = item.proc, item.env
+        try:
+            if item.future.cancelled():
+                self.held_dropped += 1
+                kernel_log.warning("held message %s of %s dropped: the service stopped", env.id, proc.id)
+                await self._dropped(proc, env, "deliver", "service stopped")
+                return
+            error = item.future.exception()
+            assert isinstance(error, Exception)
+            if not item.started:
+                self.held_dropped += 1
+                kernel_log.warning("held message %s of %s dropped: %s", env.id, proc.id, error)
+                await self._dropped(proc, env, "deliver")
+            else:
+                self.release_failures += 1
+                kernel_log.warning(
+                    "held message %s of %s failed after its release: %r", env.id, proc.id, error
+                )
+            if self.on_release_error is not None:
+                await self.on_release_error(env, item.meta, error)
+        except Exception:
+            kernel_log.exception("could not account for held message %s of %s", env.id, proc.id)
+
+    async def drop_held(self) -> int:
+        """Drop the detached holds (mediated mode) still waiting for their turn, one
+        ``message_dropped`` record each, and wait until every detached hold that did not go
+        through is accounted for. For a service that stops: call it once its client no longer
+        takes messages. Returns how many were dropped."""
+        waiting = [item for item in self._detached if not item.started]
+        for item in waiting:
+            assert item.future is not None
+            item.future.cancel()
+        await asyncio.sleep(0)  # the futures' done callbacks (scheduled by cancel) start the settling
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        return len(waiting)
 
     async def _held(self, proc: AgentProcess, env: Envelope, op: str) -> None:
         if self.kernel.debug:

@@ -42,13 +42,21 @@ agent may subscribe only to its own inboxes ``_INBOX.<agent>.>`` (nobody reads a
 replies). The service's own requests (remote signals) are noted the same way, so their replies
 also pass.
 
-*Agents' inboxes.* The AMB client takes its reply inbox from the broker adapter
-(``broker.inbox_prefix()``), which is ``_INBOX.<random>`` on NATS and in memory; an agent's
-requests pass the service only when its client's inbox is under ``agent_inbox(agent_id)``.
-The AMB client has no option for that yet (see the README's mediated-mode section): until it
-has, requests from agents in mediated mode need a broker whose inbox prefix is the agent's
-(the tests subclass the adapter for it), while publishes, deliveries and replies work as they
-are.
+*Agents' inboxes.* An agent's requests pass the service only when its client's reply inbox is
+under ``agent_inbox(agent_id)``: ``AMB(..., inbox_prefix=agent_inbox(agent_id))`` (without
+the option the inbox is the adapter's ``_INBOX.<random>``, and the request is denied).
+
+**A stopped agent stalls nobody else.** A message of a stopped agent (SIGSTOP) is queued in
+that agent's hold queue and recorded once (``message_held``), and the ingress handler returns
+at once: the instance goes on forwarding every other agent's traffic (the mediator's mediated
+mode; see :mod:`control_plane.mediator`). At SIGCONT the agent's held messages are decided and
+forwarded in arrival order, and a message of it arriving meanwhile goes behind them (FIFO per
+agent). The delivery of a held message is settled when it is held, so it lives in this
+instance's memory until then. One that fails after its release (denied by the policy, the
+forward failed) or that SIGKILL drops (recorded as ``message_dropped``) is logged, counted
+(``mediator.release_failures``, ``mediator.held_dropped``) and dead-lettered by the service
+with the reason (``policy_denied``, ``agent_killed``, ...) as the bus would have done;
+:meth:`ControlPlaneService.stop` records those still held as dropped (``service stopped``).
 
 **Signals ahead of time.** The service's kernel is the authority for every agent passing it
 (``kernel.authoritative``): a signal (admin API, ``kernel.send_signal``) to an agent the
@@ -72,6 +80,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +88,9 @@ from typing import Any, Final
 
 import click
 
-from amb import AMB, Metadata, Subscription, get_serializer
-from amb.envelope import Envelope
+from amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
+from amb.client import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from amb.envelope import Envelope, new_id
 from amb.middleware import Middleware, PublishNext
 from control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
 from control_plane.policy import PolicySet
@@ -151,11 +161,16 @@ class ReplyViaService(Middleware):
 
 @dataclass(slots=True)
 class ServiceStats:
-    """Counters of one service instance (denied messages are in ``client.stats.rejected``)."""
+    """Counters of one service instance (denied messages are in ``client.stats.rejected``;
+    held messages that failed or were dropped in ``mediator.release_failures`` and
+    ``mediator.held_dropped``). ``released_dead_lettered``: held messages dead-lettered after
+    their delivery was settled; ``dead_letter_failures``: those that could not be."""
 
     forwarded: int = 0
     replies_forwarded: int = 0
     forward_failures: int = 0
+    released_dead_lettered: int = 0
+    dead_letter_failures: int = 0
 
 
 class ControlPlaneService:
@@ -209,6 +224,7 @@ class ControlPlaneService:
             reply_prefix=reply_prefix,
             pending=self.pending,
             inbox_prefix=INBOX,
+            on_release_error=self._release_failed,
         )
         self._encode = get_serializer("msgpack").encode
         self._subs: list[Subscription] = []
@@ -227,8 +243,13 @@ class ControlPlaneService:
         ]
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Finish in-flight messages, then close the client."""
+        """Finish in-flight messages, close the client, then record the messages still held
+        for stopped agents as dropped (``message_dropped``, reason ``service stopped``; they
+        live in this instance's memory only)."""
         await self.client.close(timeout)
+        dropped = await self.mediator.drop_held()
+        if dropped:
+            log.warning("stopped with %d held messages of stopped agents: recorded as dropped", dropped)
 
     async def _forward(self, message: Any, metadata: Metadata) -> None:
         # Reached only when the mediator allowed the message (a deny was dead-lettered before),
@@ -242,6 +263,35 @@ class ControlPlaneService:
         # Reached only on the instance holding the request, when the mediator allowed the reply.
         await self._send(metadata.subject[len(self.reply_prefix) + 1 :], metadata)
         self.stats.replies_forwarded += 1
+
+    async def _release_failed(self, envelope: Envelope, metadata: Metadata, error: Exception) -> None:
+        # A held message that did not go through after its handler returned (see the module
+        # docstring): dead-letter it as the bus does, with the reason; counted either way.
+        reason = error.reason if isinstance(error, MessageRejected) else "handler_error"
+        subject = metadata.subject
+        dead = Envelope(
+            new_id(),
+            f"{self.client.dead_letter_prefix}.{subject}",
+            self.client.agent_id,
+            self._encode(envelope),
+            timestamp=time.time_ns(),
+            headers={
+                DLQ_REASON: reason,
+                DLQ_ERROR: f"{type(error).__name__}: {error}"[:1024],
+                DLQ_SUBJECT: subject,
+                DLQ_ATTEMPTS: str(metadata.attempt),
+                DLQ_ORIGINAL_ID: envelope.id,
+            },
+        )
+        try:
+            await self.client.broker.publish(dead.topic, self._encode(dead), key=dead.sender)
+        except Exception as exc:
+            self.stats.dead_letter_failures += 1
+            log.error(
+                "could not dead-letter held message %s from %r (%s): %r", envelope.id, subject, reason, exc
+            )
+            return
+        self.stats.released_dead_lettered += 1
 
     async def _send(self, subject: str, metadata: Metadata) -> None:
         try:
@@ -410,6 +460,10 @@ async def serve(
             "agentos_service_forwarded": lambda: stats.forwarded,
             "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
             "agentos_service_forward_failures": lambda: stats.forward_failures,
+            "agentos_service_held_dropped": lambda: service.mediator.held_dropped,
+            "agentos_service_release_failures": lambda: service.mediator.release_failures,
+            "agentos_service_released_dead_lettered": lambda: stats.released_dead_lettered,
+            "agentos_service_dead_letter_failures": lambda: stats.dead_letter_failures,
             "agentos_service_rejected": lambda: client.stats.rejected,
             "agentos_service_unverified": lambda: service.unverified,
             "agentos_service_pending_requests": lambda: len(service.pending),

@@ -1,0 +1,17 @@
+"""Held messages in mediated mode on the real NATS server: one stopped agent's held messages do
+not stop a single service instance (its ingress subscription is a queue group) from forwarding
+another agent's traffic, and SIGCONT releases them in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_control_plane_holds import a_stopped_agent_does_not_stall_the_others
+
+pytestmark = pytest.mark.nats
+
+NATS = "nats://127.0.0.1:4222"
+
+
+async def test_a_stopped_agent_does_not_stall_the_others_on_nats() -> None:
+    await a_stopped_agent_does_not_stall_the_others("nats", NATS)

@@ -1,0 +1,265 @@
+"""Held messages in mediated mode: a stopped agent's messages are queued and the service's
+handler returns at once, so one stopped agent does not stall the others' traffic through the
+instance (in-memory broker; ``tests/integration/test_control_plane_holds_nats.py`` runs the
+first scenario on NATS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from amb import AMB, Envelope, Metadata
+from amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from amb.envelope import new_id
+from control_plane import AgentSignal, KernelSpace, Pattern, Policy
+from control_plane.mediator import Mediator
+from services.control_plane_service import ControlPlaneService
+from tests.support import Collector, wait_until
+
+
+def mediated_policy() -> Policy:
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("deny", Pattern("publish", "tasks.secret"), reason="secret")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    policy.add_rule("allow", Pattern("signal", "*"))
+    return policy
+
+
+@dataclass
+class Deployment:
+    """One service instance and two agents on one broker, each name unique to the test."""
+
+    kernel: KernelSpace
+    service: ControlPlaneService
+    a: AMB
+    b: AMB
+    observer: AMB
+    got: Collector  # what reaches the delivery subjects
+    dead: Collector  # dead letters of the ingress subjects
+    ingress: str
+    delivery: str
+
+    async def close(self) -> None:
+        for client in (self.a, self.b, self.observer):
+            await client.close()
+        await self.service.stop()
+        await self.kernel.close()
+
+    def to(self, topic: str) -> str:
+        return f"{self.ingress}.{topic}"
+
+
+async def deploy(backend: str, url: str) -> Deployment:
+    """A single control-plane service instance (claims taken from the bus: the test's agents
+    are not signed) and agents ``a`` and ``b`` with an observer of deliveries and dead letters."""
+    tag = uuid.uuid4().hex[:10]
+    ingress, delivery = f"in_{tag}", f"out_{tag}"
+    kernel = KernelSpace(policy=mediated_policy())
+    service = ControlPlaneService(
+        AMB(backend, url, agent_id=f"cp-{tag}"),
+        kernel,
+        trust_bus=True,
+        ingress_prefix=ingress,
+        delivery_prefix=delivery,
+        reply_prefix=f"re_{tag}",
+        queue=f"cp_{tag}",
+    )
+    await service.start()
+    a = AMB(backend, url, agent_id=f"a-{tag}")
+    b = AMB(backend, url, agent_id=f"b-{tag}")
+    observer = AMB(backend, url, agent_id=f"obs-{tag}")
+    got, dead = Collector(), Collector()
+    await observer.subscribe(f"{delivery}.>", got)
+    await observer.subscribe(f"_DLQ.{ingress}.>", dead)
+    await a.connect()
+    await b.connect()
+    return Deployment(kernel, service, a, b, observer, got, dead, ingress, delivery)
+
+
+async def a_stopped_agent_does_not_stall_the_others(backend: str, url: str) -> None:
+    """Agent a is stopped with held messages; agent b's messages still pass the same single
+    instance; SIGCONT releases a's messages in their order. Exactly one ``message_held`` per
+    held message, then one ``policy_decision`` each at the release."""
+    d = await deploy(backend, url)
+    a_id, b_id = d.a.agent_id, d.b.agent_id
+    assert a_id is not None
+    assert b_id is not None
+    try:
+        assert await d.kernel.send_signal(a_id, AgentSignal.SIGSTOP)
+        a_ids = [await d.a.publish(d.to("tasks.work"), f"a{i}") for i in range(5)]
+        # All five are held at once: the handler did not wait for the first one's release.
+        await wait_until(lambda: d.kernel.get_agent(a_id).held == 5, what="a's five messages held")
+        for i in range(3):
+            await d.b.publish(d.to("tasks.work"), f"b{i}")
+        await d.got.wait_for(3)
+        assert d.got.messages == ["b0", "b1", "b2"]  # b passes while a is stopped
+        held = await d.kernel.recorder.query(event_type="message_held")
+        assert [(r.agent_id, r.data["message_id"]) for r in held] == [(a_id, i) for i in a_ids]
+        assert await d.kernel.send_signal(a_id, AgentSignal.SIGCONT)
+        await d.got.wait_for(8)
+        assert d.got.messages[3:] == [f"a{i}" for i in range(5)]  # in their order
+        assert [m.sender for m in d.got.metadata] == [b_id] * 3 + [a_id] * 5
+        records = await d.kernel.recorder.query(agent_id=a_id)
+        assert [(r.event_type, r.data.get("message_id")) for r in records if r.event_type != "signal"] == [
+            *(("message_held", i) for i in a_ids),
+            *(("policy_decision", i) for i in a_ids),
+        ]
+        assert d.service.stats.forwarded == 8
+        assert (d.service.mediator.release_failures, d.service.mediator.held_dropped) == (0, 0)
+    finally:
+        await d.close()
+
+
+async def test_a_stopped_agent_does_not_stall_the_others() -> None:
+    await a_stopped_agent_does_not_stall_the_others("memory", f"memory://holds-{uuid.uuid4().hex}")
+
+
+async def test_a_held_message_denied_at_its_release_is_dead_lettered_and_counted() -> None:
+    d = await deploy("memory", f"memory://holds-{uuid.uuid4().hex}")
+    a_id = d.a.agent_id
+    assert a_id is not None
+    try:
+        await d.kernel.send_signal(a_id, AgentSignal.SIGSTOP)
+        await d.a.publish(d.to("tasks.work"), "fine")
+        secret = await d.a.publish(d.to("tasks.secret"), "not allowed")  # decided at the release
+        await wait_until(lambda: d.kernel.get_agent(a_id).held == 2)
+        assert d.dead.messages == []
+        await d.kernel.send_signal(a_id, AgentSignal.SIGCONT)
+        await d.got.wait_for(1)
+        await d.dead.wait_for(1)
+        assert d.got.messages == ["fine"]
+        assert d.dead.metadata[0].headers[DLQ_REASON] == "policy_denied"
+        assert d.dead.metadata[0].headers[DLQ_ORIGINAL_ID] == secret
+        assert d.service.mediator.release_failures == 1
+        assert d.service.stats.released_dead_lettered == 1
+        decisions = await d.kernel.recorder.query(event_type="policy_decision")
+        assert [r.data["decision"] for r in decisions] == ["allow", "deny"]  # one record each
+    finally:
+        await d.close()
+
+
+async def test_sigkill_drops_held_messages_with_a_record_and_a_dead_letter_each() -> None:
+    d = await deploy("memory", f"memory://holds-{uuid.uuid4().hex}")
+    a_id = d.a.agent_id
+    assert a_id is not None
+    try:
+        await d.kernel.send_signal(a_id, AgentSignal.SIGSTOP)
+        ids = [await d.a.publish(d.to("tasks.work"), i) for i in range(3)]
+        await wait_until(lambda: d.kernel.get_agent(a_id).held == 3)
+        await d.kernel.send_signal(a_id, AgentSignal.SIGKILL)
+        await d.dead.wait_for(3)
+        assert {m.headers[DLQ_REASON] for m in d.dead.metadata} == {"agent_killed"}
+        assert sorted(m.headers[DLQ_ORIGINAL_ID] for m in d.dead.metadata) == sorted(ids)
+        await wait_until(lambda: d.service.mediator.held_dropped == 3)
+        dropped = await d.kernel.recorder.query(event_type="message_dropped")
+        assert [(r.data["message_id"], r.data["reason"]) for r in dropped] == [
+            (i, "agent killed (SIGKILL)") for i in ids
+        ]
+        assert await d.kernel.recorder.query(event_type="policy_decision") == []
+        await d.b.publish(d.to("tasks.work"), "b still passes")
+        await d.got.wait_for(1)
+        assert d.got.messages == ["b still passes"]
+    finally:
+        await d.close()
+
+
+async def test_stopping_the_service_records_what_is_still_held_as_dropped() -> None:
+    d = await deploy("memory", f"memory://holds-{uuid.uuid4().hex}")
+    a_id = d.a.agent_id
+    assert a_id is not None
+    await d.kernel.send_signal(a_id, AgentSignal.SIGSTOP)
+    ids = [await d.a.publish(d.to("tasks.work"), i) for i in range(2)]
+    await wait_until(lambda: d.kernel.get_agent(a_id).held == 2)
+    for client in (d.a, d.b, d.observer):
+        await client.close()
+    await d.service.stop()
+    assert d.service.mediator.held_dropped == 2
+    dropped = await d.kernel.recorder.query(event_type="message_dropped")
+    assert [(r.data["message_id"], r.data["reason"]) for r in dropped] == [
+        (i, "service stopped") for i in ids
+    ]
+    await d.kernel.close()
+
+
+# -- the mediator on its own: ordering behind a release in progress, a failing hook -------------
+
+
+def ingress_delivery(sender: str, payload: Any, topic: str = "tasks.work") -> tuple[Envelope, Metadata]:
+    env = Envelope(new_id(), f"ingress.{topic}", sender, payload, timestamp=time.time_ns())
+    return env, Metadata(env, env.topic, 1, {})
+
+
+async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones() -> None:
+    kernel = KernelSpace(policy=mediated_policy())
+    mediator = Mediator(kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True)
+    agent = kernel.external("agent-a")
+    forwarded: list[Any] = []
+    first_started, go_on = asyncio.Event(), asyncio.Event()
+
+    async def forward(env: Envelope, meta: Metadata) -> None:
+        if env.payload == 0:
+            first_started.set()
+            await go_on.wait()  # the first released message is slow to forward
+        forwarded.append(env.payload)
+
+    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
+    for i in range(2):
+        # Returns at once (it would wait for SIGCONT in embedded mode).
+        await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", i), forward), 5)
+    assert agent.held == 2
+    await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
+    await asyncio.wait_for(first_started.wait(), 5)
+    assert agent.life.value == "running"
+    await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", 2), forward), 5)
+    assert forwarded == []  # not past message 1, still queued
+    assert agent.held == 2
+    go_on.set()
+    await wait_until(lambda: len(forwarded) == 3)
+    assert forwarded == [0, 1, 2]
+    await mediator.on_consume(*ingress_delivery("agent-a", 3), forward)  # nothing queued: at once
+    assert forwarded == [0, 1, 2, 3]
+    held = await kernel.recorder.query(event_type="message_held")
+    assert len(held) == 2  # the one queued behind was not held by a signal
+    assert len(await kernel.recorder.query(event_type="policy_decision")) == 4
+    await kernel.close()
+
+
+async def test_a_failing_release_hook_is_logged_and_the_queue_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kernel = KernelSpace(policy=mediated_policy())
+    told: list[tuple[str, str]] = []
+
+    async def hook(env: Envelope, meta: Metadata, error: Exception) -> None:
+        told.append((env.payload, type(error).__name__))
+        raise RuntimeError("the dead-letter subject is gone")
+
+    mediator = Mediator(
+        kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True, on_release_error=hook
+    )
+    kernel.external("agent-a")
+    forwarded: list[Any] = []
+
+    async def forward(env: Envelope, meta: Metadata) -> None:
+        if env.payload == "breaks":
+            raise ConnectionError("broker gone")
+        forwarded.append(env.payload)
+
+    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
+    for payload, topic in (("breaks", "tasks.work"), ("secret", "tasks.secret"), ("fine", "tasks.work")):
+        await mediator.on_consume(*ingress_delivery("agent-a", payload, topic), forward)
+    with caplog.at_level(logging.WARNING, logger="control_plane"):
+        await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
+        await wait_until(lambda: mediator.release_failures == 2 and len(told) == 2)
+        await mediator.drop_held()  # waits until the failures are accounted for
+    assert forwarded == ["fine"]
+    assert told == [("breaks", "ConnectionError"), ("secret", "PolicyViolationError")]
+    assert sum("could not account for held message" in r.getMessage() for r in caplog.records) == 2
+    assert sum("failed after its release" in r.getMessage() for r in caplog.records) == 2
+    await kernel.close()
