@@ -1,5 +1,6 @@
-"""What the three service processes share: options for sender verification, opening the
-identities, logging, stop signals, the ready line, and errors mapped to a one-line message.
+"""What the three service processes share: options for sender verification (and the shared
+nonce store of a queue group), opening the identities, logging, stop signals, the ready line,
+and errors mapped to a one-line message.
 
 A service's ``main`` command collects its options and hands a coroutine to :func:`run`; its
 ``serve`` coroutine builds the bus client with :func:`service_client` and waits in
@@ -14,6 +15,17 @@ A service's ``main`` command collects its options and hands a coroutine to :func
             finally:
                 await close_things()
 
+**Queue groups and replays.** Each IATP instance remembers the nonces it has seen, in its own
+memory. Instances of a service share its subjects as a queue group, so a captured message
+replayed within the acceptance window may reach another instance (or a restarted one), which
+has never seen its nonce. ``--nonce-store redis://host:port/db`` (or ``AGENTOS_NONCE_STORE``)
+gives every instance's IATP the same :class:`~iatp.RedisNonceStore` (keys under
+``--nonce-prefix``, the same for the whole group), which refuses the replay wherever it lands
+(``replayed_nonce``). It needs ``--identities``; a URL that is not ``redis://`` or
+``rediss://`` is a usage error (exit 2), and a store that does not answer at the start stops
+the service there (``NonceStoreUnavailable``, exit 1), since later it would reject every
+message of the queue group (``nonce_store_unavailable``), never let one through unchecked.
+
 SIGINT and SIGTERM set ``stop`` while the service runs (and while it closes, so a second
 signal does not interrupt the drain); the handlers are removed when it is done.
 """
@@ -23,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -32,10 +45,14 @@ from typing import Any, Final, TypeVar
 import click
 
 from amb import AMB, BusError
-from iatp import IATP, IATPConfigError, IATPError
+from iatp import IATP, IATPConfigError, IATPError, RedisNonceStore
 from services._identity import PASSPHRASE_ENV
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+NONCE_STORE_ENV: Final = "AGENTOS_NONCE_STORE"
+"""The environment variable that may hold ``--nonce-store`` (a Redis URL may carry a password)."""
+NONCE_STORE_SCHEMES: Final = ("redis", "rediss")
+NONCE_PREFIX: Final = "iatp:nonce:"
 PROCESS_ERRORS: Final[tuple[type[Exception], ...]] = (BusError, IATPError, ValueError, OSError, ImportError)
 """Errors a service reports as ``Error: <Type>: <message>`` (exit 1) instead of a traceback."""
 
@@ -64,35 +81,99 @@ def broker_backend(url: str) -> str:
 # -- sender verification -----------------------------------------------------------------------
 
 
+def nonce_store_url(url: str) -> str:
+    """``url`` if it names a Redis server for the shared nonce store (``redis://`` or
+    ``rediss://`` with a host: ``redis://host:6379/0``); raises ValueError otherwise."""
+    scheme, sep, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rpartition("@")[2]
+    if not sep or scheme not in NONCE_STORE_SCHEMES or not host:
+        raise ValueError(
+            f"the nonce store must be a Redis URL such as redis://127.0.0.1:6379/0 (or rediss:// "
+            f"for TLS), not {url!r}"
+        )
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Verification:
     """How a service process establishes senders: IATP identities (a file key store and its
-    passphrase) or, explicitly, the bus's word (``trust_bus``)."""
+    passphrase) or, explicitly, the bus's word (``trust_bus``). ``nonce_store``: a Redis URL
+    (it may hold a password: kept out of the repr) whose :class:`~iatp.RedisNonceStore`, keys
+    under ``nonce_prefix``, the instances of a queue group share, so a replayed message is
+    refused by whichever instance it reaches (see the README, 'Trust (IATP)', Replay)."""
 
     identities: str | None
     passphrase: str | None = field(default=None, repr=False)
     trust_bus: bool = False
+    nonce_store: str | None = field(default=None, repr=False)
+    nonce_prefix: str = NONCE_PREFIX
 
     async def open(self, agent_id: str) -> IATP | None:
-        """The service's IATP (None with ``trust_bus``), its key store open. Raises
-        WrongPassphrase, KeyStoreError subclasses, or IATPConfigError when the store holds no
-        signing key for ``agent_id`` (the service signs its replies and signals with it)."""
+        """The service's IATP (None with ``trust_bus``), its key store open and, with
+        ``nonce_store``, its shared nonce store checked to answer (close it with
+        :meth:`close`, or use :meth:`opened`). Raises WrongPassphrase, KeyStoreError
+        subclasses, IATPConfigError when the store holds no signing key for ``agent_id`` (the
+        service signs its replies and signals with it), ValueError for a nonce store that is not
+        a Redis URL, NonceStoreUnavailable when it does not answer."""
         if self.identities is None:
             return None
-        iatp = IATP("file", key_path=self.identities, passphrase=self.passphrase)
-        await iatp.open()
-        if not iatp.registry.is_local(agent_id):
-            raise IATPConfigError(
-                f"the key store {self.identities} holds no signing key for {agent_id!r}: register "
-                "the service's identity in it (see the README, 'CLI and services')"
-            )
+        store = None
+        if self.nonce_store is not None:
+            store = RedisNonceStore(nonce_store_url(self.nonce_store), prefix=self.nonce_prefix)
+        try:
+            iatp = IATP("file", key_path=self.identities, passphrase=self.passphrase, nonce_store=store)
+            await iatp.open()
+            if not iatp.registry.is_local(agent_id):
+                raise IATPConfigError(
+                    f"the key store {self.identities} holds no signing key for {agent_id!r}: register "
+                    "the service's identity in it (see the README, 'CLI and services')"
+                )
+            if store is not None:
+                # Fail at the start, not on every message: an unreachable store rejects them all.
+                await store.claim(f"{agent_id}.startup", secrets.token_bytes(16), 1)
+        except BaseException:
+            if store is not None:
+                await store.close()
+            raise
         return iatp
+
+    @staticmethod
+    async def close(iatp: IATP | None) -> None:
+        """Release what :meth:`open` opened beyond the key store: the shared nonce store."""
+        if iatp is not None and iatp.nonce_store is not None:
+            await iatp.nonce_store.close()
+
+    @asynccontextmanager
+    async def opened(self, agent_id: str) -> AsyncIterator[IATP | None]:
+        """:meth:`open` for the block, then :meth:`close`."""
+        iatp = await self.open(agent_id)
+        try:
+            yield iatp
+        finally:
+            await self.close(iatp)
 
 
 def verification_options(command: F) -> F:
-    """Add ``--identities PATH`` and ``--trust-bus`` to a service command (its callback gets
-    ``identities`` and ``trust_bus``; turn them into a :class:`Verification` with
-    :func:`verification_from_options`)."""
+    """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL`` and ``--nonce-prefix``
+    to a service command (its callback gets ``identities``, ``trust_bus``, ``nonce_store`` and
+    ``nonce_prefix``; turn them into a :class:`Verification` with
+    :func:`verification_from_options`, which checks them)."""
+    command = click.option(
+        "--nonce-prefix",
+        default=NONCE_PREFIX,
+        show_default=True,
+        help="Key prefix in the nonce store; the instances of one queue group use the same one, "
+        "other deployments sharing the Redis their own.",
+    )(command)
+    command = click.option(
+        "--nonce-store",
+        envvar=NONCE_STORE_ENV,
+        metavar="redis://HOST:PORT/DB",
+        help="A Redis that the instances of this service's queue group share to refuse replayed "
+        "messages: without it each instance remembers only the nonces it saw itself, so a "
+        "replay handed to another instance (or to a restarted one) would pass. Needs "
+        f"--identities; checked at start; an unreachable store rejects messages. Or {NONCE_STORE_ENV}.",
+    )(command)
     command = click.option(
         "--trust-bus",
         is_flag=True,
@@ -107,11 +188,27 @@ def verification_options(command: F) -> F:
     )(command)
 
 
-def verification_from_options(identities: str | None, trust_bus: bool) -> Verification:
-    """Check the verification options. Raises click.UsageError for neither or both of them, or
-    for ``--identities`` without the passphrase variable."""
+def verification_from_options(
+    identities: str | None,
+    trust_bus: bool,
+    nonce_store: str | None = None,
+    nonce_prefix: str = NONCE_PREFIX,
+) -> Verification:
+    """Check the verification options. Raises click.UsageError for neither or both of
+    ``--identities`` and ``--trust-bus``, for ``--identities`` without the passphrase variable,
+    for a ``nonce_store`` without ``--identities`` (it holds the nonces of verified signatures)
+    or one that is not a Redis URL."""
     if identities is not None and trust_bus:
         raise click.UsageError("--identities and --trust-bus exclude each other")
+    if nonce_store is not None:
+        if identities is None:
+            raise click.UsageError(
+                "--nonce-store needs --identities: it remembers the nonces of verified signatures"
+            )
+        try:
+            nonce_store_url(nonce_store)
+        except ValueError as exc:
+            raise click.UsageError(f"--nonce-store: {exc}") from None
     if identities is None:
         if not trust_bus:
             raise click.UsageError(
@@ -123,7 +220,7 @@ def verification_from_options(identities: str | None, trust_bus: bool) -> Verifi
     passphrase = os.environ.get(PASSPHRASE_ENV)
     if not passphrase:
         raise click.UsageError(f"--identities needs the key store's passphrase in {PASSPHRASE_ENV}")
-    return Verification(identities, passphrase)
+    return Verification(identities, passphrase, nonce_store=nonce_store, nonce_prefix=nonce_prefix)
 
 
 def service_client(broker: str, agent_id: str, iatp: IATP | None) -> AMB:

@@ -71,7 +71,8 @@ Example::
     # an agent:  AMB("nats", url, agent_id="worker", middleware=[iatp_mw, ReplyViaService()])
 
 Run it as a process: ``agent-os serve control-plane --help`` (or ``python -m
-services.control_plane_service``).
+services.control_plane_service``). Several instances (one queue group) share replay protection
+with ``--nonce-store redis://host:6379/0`` (see :mod:`services._process`).
 """
 
 from __future__ import annotations
@@ -524,6 +525,8 @@ def main(
     broker: str,
     identities: str | None,
     trust_bus: bool,
+    nonce_store: str | None,
+    nonce_prefix: str,
     policy: str,
     recorder: str,
     retention_days: float,
@@ -539,28 +542,29 @@ def main(
     log_level: str,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
 
     async def serve_process() -> None:
         key = read_key_file(encryption_key_file) if encryption_key_file else None
         flight_recorder = recorder_from_spec(
             recorder, retention_days=retention_days or None, encryption_key=key
         )
-        await serve(
-            broker=broker,
-            policy=load_policy(policy),
-            recorder=flight_recorder,
-            admin_token=admin_token,
-            iatp=await verification.open(agent_id),
-            trust_bus=verification.trust_bus,
-            admin_host=admin_host,
-            admin_port=admin_port,
-            agent_id=agent_id,
-            queue=queue,
-            ingress_prefix=ingress_prefix,
-            delivery_prefix=delivery_prefix,
-            reply_prefix=reply_prefix,
-        )
+        async with verification.opened(agent_id) as iatp:
+            await serve(
+                broker=broker,
+                policy=load_policy(policy),
+                recorder=flight_recorder,
+                admin_token=admin_token,
+                iatp=iatp,
+                trust_bus=verification.trust_bus,
+                admin_host=admin_host,
+                admin_port=admin_port,
+                agent_id=agent_id,
+                queue=queue,
+                ingress_prefix=ingress_prefix,
+                delivery_prefix=delivery_prefix,
+                reply_prefix=reply_prefix,
+            )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
 

@@ -30,11 +30,13 @@ service never stops on bad input.
 
 **As a process**: ``agent-os serve memory --broker nats://127.0.0.1:4222 --identities
 /etc/agent-os/memory-keys --storage postgresql --dsn postgresql://...`` (or ``python -m
-services.memory_service ...``; the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``) verifies
-every request with IATP and serves until SIGINT or SIGTERM, then answers the requests in flight,
-closes the bus client and the EMK, and exits 0. Without ``--identities`` it refuses to start
-unless ``--trust-bus`` says the broker's ACLs already authenticate senders. It prints ``ready
-memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests.
+services.memory_service ...``; the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``)
+verifies every request with IATP and serves until SIGINT or SIGTERM, then answers the requests
+in flight, closes the bus client and the EMK, and exits 0. Without ``--identities`` it refuses
+to start unless ``--trust-bus`` says the broker's ACLs already authenticate senders. It prints
+``ready memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests. Several
+instances (one queue group) share replay protection with ``--nonce-store redis://host:6379/0``
+(see :mod:`services._process`).
 """
 
 from __future__ import annotations
@@ -353,6 +355,8 @@ def main(
     broker: str,
     identities: str | None,
     trust_bus: bool,
+    nonce_store: str | None,
+    nonce_prefix: str,
     storage: str,
     dsn: str | None,
     embedding_model: str,
@@ -364,24 +368,23 @@ def main(
     log_level: str,
 ) -> None:
     """Run the memory service (EMK over the bus) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
 
     async def serve_process() -> None:
         emk = EMK(storage, dsn, embedding_model, isolation, namespace=namespace)
         try:
-            iatp = await verification.open(agent_id)
-        except BaseException:
-            await emk.close()
-            raise
-        await serve(
-            broker=broker,
-            emk=emk,
-            iatp=iatp,
-            trust_bus=verification.trust_bus,
-            prefix=prefix,
-            agent_id=agent_id,
-            concurrency=concurrency,
-        )
+            async with verification.opened(agent_id) as iatp:
+                await serve(
+                    broker=broker,
+                    emk=emk,
+                    iatp=iatp,
+                    trust_bus=verification.trust_bus,
+                    prefix=prefix,
+                    agent_id=agent_id,
+                    concurrency=concurrency,
+                )
+        finally:
+            await emk.close()  # serve closed it already, unless the identities could not be opened
 
     run(serve_process, log_level=log_level, errors=(EMKError,))
 

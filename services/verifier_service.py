@@ -31,7 +31,9 @@ the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``; ``--trust-bus`` instea
 ``--identities`` only on a broker that authenticates senders, else it refuses to start) serves
 until SIGINT or SIGTERM, then finishes the verifications in flight, closes the bus client and
 exits 0. It prints ``ready verifier subject=<subject> broker=<url>`` on stdout once it takes
-requests. Needs litellm (``pip install 'agent-os[llm]'``).
+requests. Needs litellm (``pip install 'agent-os[llm]'``). Several instances (one queue group)
+share replay protection with ``--nonce-store redis://host:6379/0`` (see
+:mod:`services._process`).
 """
 
 from __future__ import annotations
@@ -316,6 +318,8 @@ def main(
     broker: str,
     identities: str | None,
     trust_bus: bool,
+    nonce_store: str | None,
+    nonce_prefix: str,
     models: Sequence[str],
     api_base: str | None,
     api_key: str | None,
@@ -331,7 +335,7 @@ def main(
     log_level: str,
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
     if importlib.util.find_spec("litellm") is None:
         raise click.ClickException("the verifier calls models through litellm: pip install 'agent-os[llm]'")
 
@@ -346,16 +350,17 @@ def main(
             api_base=api_base,
             api_key=api_key,
         )
-        await serve(
-            broker=broker,
-            cmvk=cmvk,
-            iatp=await verification.open(agent_id),
-            trust_bus=verification.trust_bus,
-            subject=subject,
-            queue=queue,
-            agent_id=agent_id,
-            concurrency=concurrency,
-        )
+        async with verification.opened(agent_id) as iatp:
+            await serve(
+                broker=broker,
+                cmvk=cmvk,
+                iatp=iatp,
+                trust_bus=verification.trust_bus,
+                subject=subject,
+                queue=queue,
+                agent_id=agent_id,
+                concurrency=concurrency,
+            )
 
     run(serve_process, log_level=log_level, errors=(CMVKError,))
 

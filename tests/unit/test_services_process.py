@@ -7,16 +7,23 @@ import asyncio
 import logging
 import os
 import signal
+import uuid
 from pathlib import Path
+from types import ModuleType
 
 import click
 import pytest
+from click.testing import CliRunner
 
-from iatp import IATP, IATPConfigError, WrongPassphrase
+from iatp import IATP, IATPConfigError, NonceStoreUnavailable, RedisNonceStore, WrongPassphrase
+from services import control_plane_service, memory_service, verifier_service
 from services._identity import PASSPHRASE_ENV
 from services._process import (
+    NONCE_PREFIX,
+    NONCE_STORE_ENV,
     Verification,
     broker_backend,
+    nonce_store_url,
     run,
     serving,
     stop_signals,
@@ -107,3 +114,72 @@ async def test_stop_signals_and_the_ready_line(capsys: pytest.CaptureFixture[str
         await asyncio.wait_for(task, 5)
     assert stop.is_set()
     assert not loop.remove_signal_handler(signal.SIGTERM)  # removed on the way out
+
+
+# -- the shared nonce store (--nonce-store) -------------------------------------------------------
+
+
+def test_a_nonce_store_must_be_a_redis_url() -> None:
+    for good in ("redis://127.0.0.1:6379/0", "rediss://cache.example:6380/2", "redis://:pw@h:1/0"):
+        assert nonce_store_url(good) == good
+    for bad in ("http://127.0.0.1:6379", "127.0.0.1:6379", "redis://", "redis:///0", "nats://h:4222", ""):
+        with pytest.raises(ValueError, match="must be a Redis URL"):
+            nonce_store_url(bad)
+
+
+def test_nonce_store_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE)
+    with pytest.raises(click.UsageError, match="--nonce-store needs --identities"):
+        verification_from_options(None, True, "redis://127.0.0.1:6379/0")
+    with pytest.raises(click.UsageError, match=r"--nonce-store: .*must be a Redis URL"):
+        verification_from_options(str(tmp_path), False, "http://127.0.0.1:6379")
+    chosen = verification_from_options(str(tmp_path), False, "redis://:s3cret@127.0.0.1:6379/0", "cp:")
+    assert chosen == Verification(
+        str(tmp_path), PASSPHRASE, nonce_store="redis://:s3cret@127.0.0.1:6379/0", nonce_prefix="cp:"
+    )
+    assert "s3cret" not in repr(chosen)  # a Redis URL may carry a password
+    assert verification_from_options(str(tmp_path), False).nonce_store is None
+
+
+@pytest.mark.parametrize("service", [memory_service, verifier_service, control_plane_service])
+def test_each_service_command_takes_the_nonce_store(
+    service: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main: click.Command = service.main
+    runner = CliRunner()
+    monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE)
+    monkeypatch.setenv("AGENTOS_ADMIN_TOKEN", "t" * 32)
+    monkeypatch.delenv(NONCE_STORE_ENV, raising=False)
+    helped = runner.invoke(main, ["--help"], terminal_width=200)
+    assert helped.exit_code == 0
+    assert "--nonce-store redis://HOST:PORT/DB" in helped.output
+    assert "--nonce-prefix TEXT" in helped.output
+    assert NONCE_PREFIX in helped.output
+    base = (
+        ["--broker", "memory://nonce-cli", "--model", "m"]
+        if service is verifier_service
+        else ["--broker", "memory://x"]
+    )
+    # Refused while the options are read, before anything starts: exit 2 with the reason.
+    refused = runner.invoke(main, [*base, "--identities", str(tmp_path), "--nonce-store", "http://h:6379"])
+    assert refused.exit_code == 2
+    assert "must be a Redis URL such as redis://127.0.0.1:6379/0" in refused.output
+    from_env = runner.invoke(main, [*base, "--trust-bus"], env={NONCE_STORE_ENV: "redis://127.0.0.1:6379/0"})
+    assert from_env.exit_code == 2
+    assert "--nonce-store needs --identities" in from_env.output
+
+
+@pytest.mark.redis
+async def test_opening_the_identities_with_a_nonce_store(tmp_path: Path) -> None:
+    prefix = f"test:services:{uuid.uuid4().hex}:"  # its one key expires within a millisecond
+    store = tmp_path / "keys"
+    await make_store(store, "memory-service")
+    opened = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:6379/0", nonce_prefix=prefix)
+    async with opened.opened("memory-service") as iatp:
+        assert iatp is not None
+        assert isinstance(iatp.nonce_store, RedisNonceStore)
+        assert iatp.nonce_store.prefix == prefix
+        assert iatp.middleware().nonce_store is iatp.nonce_store  # what the services' middleware uses
+    nowhere = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:1/0")
+    with pytest.raises(NonceStoreUnavailable):  # checked at the start, not on the first message
+        await nowhere.open("memory-service")

@@ -1,0 +1,143 @@
+"""``--nonce-store``: the instances of a service's queue group share replay protection in the
+real Redis on 127.0.0.1:6379, so a signed message replayed to another instance is refused.
+
+In process on the in-memory broker (which hands a queue group's messages out round-robin: the
+original to one instance, the replay to the other), each instance opened the way the service
+processes open theirs (``Verification.opened``); and as two control-plane service processes on
+the real NATS server, where the replay reaches an instance started after the first one saw the
+original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from amb import AMB, MsgpackSerializer
+from amb.client import DLQ_REASON
+from control_plane import KernelSpace, Pattern, Policy
+from iatp import RedisNonceStore
+from services._identity import PASSPHRASE_ENV
+from services._process import Verification
+from services.control_plane_service import ControlPlaneService
+from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
+from tests.integration.test_iatp_nonce_store import REDIS_URL, prefix  # noqa: F401 - the fixture
+from tests.support import Collector
+from tests.unit.test_control_plane_service_process import get, start_service
+
+pytestmark = pytest.mark.redis
+
+NATS = "nats://127.0.0.1:4222"
+
+
+def publish_policy() -> Policy:
+    policy = Policy("nonce", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    return policy
+
+
+async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_group(
+    tmp_path: Path,
+    prefix: str,  # noqa: F811 - the imported fixture
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
+    keys = await service_identities(tmp_path / "keys", service_id, agent_id)
+    where = f"memory://nonce-{tag}"
+    verification = Verification(
+        str(tmp_path / "keys"), PASSPHRASE, nonce_store=REDIS_URL, nonce_prefix=prefix
+    )
+    async with verification.opened(service_id) as first, verification.opened(service_id) as second:
+        assert first is not None
+        assert second is not None
+        assert first is not second  # two key stores opened, two in-memory nonce caches
+        assert isinstance(first.nonce_store, RedisNonceStore)
+        assert first.nonce_store.prefix == prefix
+        services = []
+        for iatp in (first, second):
+            service = ControlPlaneService(
+                AMB("memory", where, agent_id=service_id), KernelSpace(policy=publish_policy()), iatp=iatp
+            )
+            await service.start()
+            services.append(service)
+        raw = AMB("memory", where, agent_id="raw")
+        got, dead = Collector(), Collector()
+        await raw.subscribe("deliver.>", got)
+        await raw.subscribe("_DLQ.ingress.>", dead)
+        try:
+            signed = await keys[agent_id].sign(agent_id, {"transfer": 100}, topic="ingress.tasks.pay")
+            data = MsgpackSerializer().encode(signed)
+            await raw.broker.publish("ingress.tasks.pay", data)  # to the first instance
+            await got.wait_for(1)
+            await raw.broker.publish("ingress.tasks.pay", data)  # the captured copy: to the second
+            await dead.wait_for(1)
+            assert dead.metadata[0].headers[DLQ_REASON] == "replayed_nonce"
+            assert got.messages == [{"transfer": 100}]
+            assert [(s.stats.forwarded, s.unverified) for s in services] == [(1, 0), (0, 1)]
+            assert services[1].iatp_middleware is not None
+            assert services[1].iatp_middleware.rejected == {"replayed_nonce": 1}
+        finally:
+            await raw.close()
+            for service in services:
+                await service.stop()
+                await service.kernel.close()
+
+
+@pytest.mark.nats
+async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_instance(
+    tmp_path: Path,
+    prefix: str,  # noqa: F811 - the imported fixture
+) -> None:
+    """Instance one forwards the original; instance two, started afterwards (the first then
+    stopped, so the replay can only reach it), refuses the replay: its own cache never saw the
+    nonce, the shared store did."""
+    tag = uuid.uuid4().hex[:10]
+    ingress, delivery = f"in_{tag}", f"out_{tag}"
+    service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
+    keys = await service_identities(tmp_path / "keys", service_id, agent_id)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: nonce\ndefault_action: deny\nrules:\n"
+        "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+    )
+    args = [
+        "--broker", NATS, "--identities", str(tmp_path / "keys"), "--nonce-store", REDIS_URL,
+        "--nonce-prefix", prefix, "--policy", str(policy), "--recorder", "memory",
+        "--ingress-prefix", ingress, "--delivery-prefix", delivery, "--reply-prefix", f"re_{tag}",
+        "--queue", f"cp_{tag}", "--agent-id", service_id,
+    ]  # fmt: skip
+    env = {PASSPHRASE_ENV: PASSPHRASE}
+    raw = AMB("nats", NATS, agent_id=f"raw-{tag}")
+    got, dead = Collector(), Collector()
+    await raw.subscribe(f"{delivery}.>", got)
+    await raw.subscribe(f"_DLQ.{ingress}.>", dead)
+    subject = f"{ingress}.tasks.pay"
+    data = MsgpackSerializer().encode(await keys[agent_id].sign(agent_id, {"transfer": 100}, topic=subject))
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        one, _ = await start_service(*args, env=env)
+        processes.append(one)
+        await raw.broker.publish(subject, data)
+        await got.wait_for(1, timeout=10)
+        two, admin_two = await start_service(*args, env=env)
+        processes.append(two)
+        one.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(one.wait(), 20) == 0
+        await raw.broker.publish(subject, data)  # the replay: only instance two takes ingress now
+        await dead.wait_for(1, timeout=10)
+        assert dead.metadata[0].headers[DLQ_REASON] == "replayed_nonce"
+        assert got.messages == [{"transfer": 100}]
+        _, metrics = await get(admin_two + "/metrics")
+        assert "agentos_service_unverified 1.0" in metrics
+        assert "agentos_service_forwarded 0.0" in metrics
+    finally:
+        for proc in processes:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 20)
+        await raw.close()
+    assert [p.returncode for p in processes] == [0, 0]
