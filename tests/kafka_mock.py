@@ -33,6 +33,26 @@ TEST_GROUP_OPTIONS = "session_timeout_ms=1500&heartbeat_interval_ms=100&metadata
 REAL_KAFKA_ENV = "AGENT_OS_KAFKA_BOOTSTRAP"
 
 
+# Partitions the mock cluster gives a topic it auto-creates (it does not offer CreateTopics).
+MOCK_PARTITIONS = 4
+
+
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, partitions: int = MOCK_PARTITIONS
+) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (0 where nothing is committed),
+    read with librdkafka's OffsetFetch: a second client, independent of the adapter under test.
+    Blocking: call it through ``asyncio.to_thread`` from a test's event loop."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 3})
+    try:
+        parts = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: max(tp.offset, 0) for tp in parts}
+
+
 def _load_librdkafka() -> ctypes.CDLL:
     import confluent_kafka  # the wheel's bundled librdkafka lives beside the package
 

@@ -33,13 +33,12 @@ import pytest
 from amb.broker import Delivery
 from amb.errors import BrokerUnavailable, TransportError
 from bus_adapters.kafka import KafkaBroker
-from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster
+from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster, committed_offsets
 from tests.support import wait_until
 
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTITIONS = 4  # what the mock cluster auto-creates per topic
 PRODUCE, TOPIC_AUTHORIZATION_FAILED, NOT_LEADER_FOR_PARTITION, REQUEST_TIMED_OUT = 0, 29, 6, 7
 
 # A durable consumer in its own process: acks what it handles and reports each step on stdout.
@@ -92,19 +91,6 @@ def _accepts_connections(bootstrap: str) -> bool:
         return False
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition (0 where nothing is committed), read with
-    librdkafka's OffsetFetch: a second client, independent of the adapter under test."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 3})
-    try:
-        parts = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
-    finally:
-        consumer.close()
-    return {tp.partition: max(tp.offset, 0) for tp in parts}
-
-
 async def test_killed_durable_consumer_loses_nothing(cluster: MockKafkaCluster) -> None:
     tag = uuid.uuid4().hex[:10]
     subject, durable, total, healthy = f"fault{tag}.jobs", f"fault{tag}-d", 200, 50
@@ -143,7 +129,7 @@ async def test_killed_durable_consumer_loses_nothing(cluster: MockKafkaCluster) 
         await proc.wait()
         for line in (await proc.stdout.read()).splitlines():  # what it printed before dying counts
             record(line)
-        committed = await asyncio.to_thread(_committed, cluster.bootstrap_servers, durable, subject)
+        committed = await asyncio.to_thread(committed_offsets, cluster.bootstrap_servers, durable, subject)
 
         async def handle(delivery: Delivery) -> None:
             n = int(delivery.data)
