@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from amb import Metadata
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait until ``condition()`` is true; fail the test after ``timeout`` seconds."""
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = "condition"
+) -> None:
+    """Wait until ``condition()`` is true; fail the test after ``timeout`` seconds.
+
+    ``condition`` may be a coroutine function (a query to a server, say): it is awaited on each
+    check, and the next check starts once it returned.
+    """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.005)

@@ -23,6 +23,7 @@ from emk import (
     NewMemory,
     StorageUnavailable,
 )
+from tests.support import wait_until
 
 PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 32
@@ -73,18 +74,22 @@ def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:
 # -- append-only, enforced by the database ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "statement",
-    [
-        "UPDATE {s}.memories SET content = 'rewritten'",
-        "UPDATE {s}.memories SET supersedes = NULL",
-        "DELETE FROM {s}.memories",
-        "TRUNCATE {s}.memories",
-        "UPDATE {s}.meta SET value = '8' WHERE key = 'dimension'",
-        "DELETE FROM {s}.meta",
-        "DELETE FROM {s}.retention_log",
-    ],
-)
+# Raw SQL the append-only triggers refuse (``{s}``: the namespace), on every table EMK writes;
+# test_emk_storage.py runs the same statements against the embedded server.
+APPEND_ONLY_VIOLATIONS = [
+    "UPDATE {s}.memories SET content = 'rewritten'",
+    "UPDATE {s}.memories SET supersedes = NULL",
+    "DELETE FROM {s}.memories",
+    "TRUNCATE {s}.memories",
+    "UPDATE {s}.meta SET value = '8' WHERE key = 'dimension'",
+    "DELETE FROM {s}.meta",
+    "TRUNCATE {s}.meta",
+    "DELETE FROM {s}.retention_log",
+    "TRUNCATE {s}.retention_log",
+]
+
+
+@pytest.mark.parametrize("statement", APPEND_ONLY_VIOLATIONS)
 async def test_update_and_delete_in_raw_sql_are_refused_by_the_database(
     make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str, statement: str
 ) -> None:
@@ -176,15 +181,13 @@ async def test_connection_killed_mid_batch_stores_nothing_and_emk_recovers(
     )
     pids: list[int] = []
 
-    async def find_copy() -> None:
+    async def copy_running_or_batch_done() -> bool:
         rows = await (await sql.execute(copying, (f"emk:{namespace}",))).fetchall()
         pids.extend(r[0] for r in rows)
+        return bool(pids) or task.done()
 
-    deadline = asyncio.get_running_loop().time() + 30
-    while not pids and not task.done() and asyncio.get_running_loop().time() < deadline:
-        await find_copy()
-        await asyncio.sleep(0.01)
-    assert pids, "the batch's COPY never showed up in pg_stat_activity"
+    await wait_until(copy_running_or_batch_done, timeout=30, what="the batch's COPY in pg_stat_activity")
+    assert pids, "the batch finished before its COPY showed up in pg_stat_activity"
     await sql.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
     with pytest.raises(StorageUnavailable):
         await task
@@ -252,12 +255,11 @@ async def test_filtered_searches_use_the_hnsw_index_and_keep_their_recall(
     assert hits / total >= 0.9
     # Closing the pool ends its backends, which flushes their statistics.
     await emk.close()
-    for _ in range(50):
-        scans = await index_scans(sql, namespace) - before
-        if scans >= 20:
-            break
-        await asyncio.sleep(0.1)
-    assert scans >= 20
+
+    async def twenty_index_scans() -> bool:
+        return await index_scans(sql, namespace) - before >= 20
+
+    await wait_until(twenty_index_scans, what="20 scans of the HNSW index in pg_stat_user_indexes")
 
 
 # -- concurrency and schema --------------------------------------------------------------------------
