@@ -37,6 +37,7 @@ from emk import (
     RecordNotFound,
     UnknownSupersedes,
 )
+from tests.integration.test_emk_postgres import APPEND_ONLY_VIOLATIONS
 
 PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 64
@@ -60,6 +61,15 @@ def embedded_dir() -> Iterator[Path]:
     yield base / "pgdata"
     server.cleanup()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def embedded_uri(embedded_dir: Path) -> str:
+    """The connection URI of the module's embedded server, for raw SQL beside EMK."""
+    from pgserver.postgres_server import get_server  # imported, warning silenced, by embedded_dir
+
+    # get_server returns the running server of that directory; it starts nothing new.
+    return str(get_server(embedded_dir).get_uri("postgres"))
 
 
 @pytest.fixture(params=["memory", "postgresql", "embedded"])
@@ -462,3 +472,29 @@ async def test_retention_is_explicit_and_recorded(make_emk: Factory) -> None:
     ]
     with pytest.raises(InvalidInput):
         await emk.apply_retention(cutoff, reason=" ")
+
+
+# -- append-only, enforced by the embedded database ---------------------------------------------------
+
+
+@pytest.mark.parametrize("make_emk", ["embedded"], indirect=True)
+@pytest.mark.parametrize("statement", APPEND_ONLY_VIOLATIONS)
+async def test_embedded_refuses_update_delete_and_truncate_in_raw_sql(
+    make_emk: Factory, embedded_uri: str, statement: str
+) -> None:
+    """The embedded default gets the same triggers as PostgreSQL: a superuser connection to the
+    embedded server cannot rewrite or remove what EMK stored (test_emk_postgres.py holds the
+    PostgreSQL side)."""
+    emk = await make_emk()
+    record = await emk.store("a1", "An immutable memory.")
+    await emk.apply_retention(datetime(2000, 1, 1, tzinfo=UTC), reason="gives retention_log a row")
+    async with await psycopg.AsyncConnection.connect(embedded_uri, autocommit=True) as sql:
+        with pytest.raises(psycopg.Error) as err:
+            await sql.execute(statement.format(s=emk.namespace))
+        assert err.value.sqlstate == "EK001"
+        assert "append-only" in str(err.value)
+        rows = await (await sql.execute(f"SELECT count(*) FROM {emk.namespace}.memories")).fetchone()
+    assert rows == (1,)
+    got = await emk.get(record.id, agent_id="a1")
+    assert got.content == "An immutable memory."
+    assert [r.reason for r in await emk.retention_log()] == ["gives retention_log a row"]
