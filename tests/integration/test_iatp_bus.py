@@ -1,19 +1,23 @@
 """IATP on the bus, end to end: on the in-memory broker and on the real NATS server.
 
-Signed requests and signed replies verify; forged, tampered and unsigned messages are
-dead-lettered with the verification reason, counted, and never reach the handler.
+Signed requests and signed replies verify (each side sees the other's verification result);
+forged, tampered, replayed and unsigned messages are dead-lettered with the verification reason,
+counted, and never reach the handler, and such replies on a requester's inbox never resolve its
+request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata, MsgpackSerializer
+from amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
 from iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
 from tests.support import Collector, wait_until
 
@@ -61,10 +65,12 @@ async def test_signed_request_and_signed_reply_verify(make_client: Factory, iatp
     worker = await make_client(agent_id="worker", middleware=[iatp.middleware()])
     coordinator = await make_client(agent_id="coordinator", middleware=[iatp.middleware()])
     seen: list[Any] = []
+    seen_ids: list[str] = []
 
     async def handle(message: Any, metadata: Metadata) -> None:
         result = metadata.context[RESULT]
         seen.append(result)
+        seen_ids.append(metadata.id)
         await worker.reply(metadata, {"done": message["task"], "signature": metadata.signature is not None})
 
     await worker.subscribe(f"{subject}.tasks", handle)
@@ -78,6 +84,14 @@ async def test_signed_request_and_signed_reply_verify(make_client: Factory, iatp
     assert request_result.sender == "coordinator"
     assert request_result.trust_level == pytest.approx(0.9)  # the worker's view of the coordinator
     assert request_result.to_dict()["valid"] is True
+    # the requester verified the reply on its inbox before the request resolved with it
+    reply_result = meta.context[RESULT]
+    assert reply_result.valid
+    assert reply_result.sender == "worker"
+    assert reply_result.key_id == iatp.identity("worker").key_id == meta.signature.key_id
+    assert reply_result.trust_level == pytest.approx(0.6)  # the coordinator's view of the worker
+    assert meta.correlation_id == seen_ids[0]
+    assert coordinator.stats.rejected == worker.stats.rejected == 0
 
 
 async def test_forged_tampered_and_unsigned_messages_are_dead_lettered(
@@ -111,6 +125,140 @@ async def test_forged_tampered_and_unsigned_messages_are_dead_lettered(
     assert receiver.stats.rejected == 4
     assert receiver.stats.dead_lettered == 4
     assert middleware.rejected == {"bad_signature": 1, "replayed_nonce": 1, "unknown_key": 1, "unsigned": 1}
+
+
+@pytest.fixture
+async def parties() -> tuple[IATP, IATP]:
+    """The requester's IATP and the responder's, apart, as in two processes: each holds its own
+    agent's private key and only the other's public identity."""
+    requester, responder = IATP(), IATP()
+    await requester.register_agent("coordinator")
+    await responder.register_agent("worker")
+    await requester.add_identity(responder.identity("worker"))
+    await responder.add_identity(requester.identity("coordinator"))
+    await requester.establish_trust("coordinator", "worker", 0.6)
+    await responder.establish_trust("worker", "coordinator", 0.9, ["request_action"])
+    return requester, responder
+
+
+def reply_envelope(request: Metadata, sender: str, payload: Any, expires_at: int | None = None) -> Envelope:
+    """An unsigned answer to ``request`` on its reply subject, as ``reply(metadata, ...)`` builds it."""
+    assert request.reply_to is not None
+    return Envelope(
+        new_id(),
+        request.reply_to,
+        sender,
+        payload,
+        correlation_id=request.id,
+        timestamp=time.time_ns(),
+        expires_at=expires_at,
+    )
+
+
+async def test_forged_replies_are_dead_lettered_at_the_requester_and_the_genuine_reply_resolves(
+    make_client: Factory, parties: tuple[IATP, IATP], subject: str
+) -> None:
+    """The responder holds the request until every forged reply has been dead-lettered at the
+    requester, then answers: the request resolves with that genuine reply, verified."""
+    requester_iatp, responder_iatp = parties
+    guard = requester_iatp.middleware()
+    coordinator = await make_client(
+        agent_id="coordinator", middleware=[guard], inbox_prefix=f"_INBOX.{subject}"
+    )
+    worker = await make_client(agent_id="worker", middleware=[responder_iatp.middleware()])
+    raw = await make_client(agent_id="raw")  # no middleware: can put anything on the wire
+    requests, dead = Collector(), Collector()
+    await worker.subscribe(f"{subject}.tasks", requests)  # answered below, after the forgeries
+    await raw.subscribe(f"_DLQ._INBOX.{subject}.>", dead)
+    codec = MsgpackSerializer()
+
+    # A first round trip; its genuine reply is replayed at the second request.
+    first = asyncio.create_task(
+        coordinator.request(f"{subject}.tasks", {"task": 1}, timeout=5, with_metadata=True)
+    )
+    await requests.wait_for(1)
+    await worker.reply(requests.metadata[0], {"done": 1})
+    _, first_reply = await first
+    assert first_reply.context[RESULT].valid
+
+    pending = asyncio.create_task(
+        coordinator.request(f"{subject}.tasks", {"task": 2}, timeout=5, with_metadata=True)
+    )
+    await requests.wait_for(2)
+    request = requests.metadata[1]
+    inbox = request.reply_to
+    assert inbox is not None
+    assert inbox.startswith(f"_INBOX.{subject}.")
+
+    mallory = IATP()
+    await mallory.register_agent("worker")  # the responder's name with another key
+    await mallory.register_agent("mallory")  # a third party the requester does not know
+    signed_by_worker = responder_iatp.sign_envelope(reply_envelope(request, "worker", {"done": 2}))
+    forgeries = {
+        "unknown_key": mallory.sign_envelope(reply_envelope(request, "worker", {"done": "forged"})),
+        "unknown_sender": mallory.sign_envelope(reply_envelope(request, "mallory", {"done": "forged"})),
+        "bad_signature": dataclasses.replace(signed_by_worker, payload={"done": "tampered"}),
+        "replayed_nonce": first_reply.envelope,  # the first request's genuine reply, again
+    }
+    for env in forgeries.values():
+        await raw.broker.publish(inbox, codec.encode(env))
+    await raw.publish(inbox, {"done": "unsigned"}, sender_id="worker", correlation_id=request.id)
+    # A genuine but expired reply: the bus drops it as expired before it is verified.
+    stale = reply_envelope(request, "worker", {"done": "stale"}, expires_at=time.time_ns() - 1)
+    await raw.broker.publish(inbox, codec.encode(responder_iatp.sign_envelope(stale)))
+    refused = [*forgeries, "unsigned"]
+    await dead.wait_for(len(refused))
+    await wait_until(lambda: coordinator.stats.expired == 1, what="the stale reply dropped as expired")
+    assert not pending.done()
+
+    await worker.reply(request, {"done": 2})
+    payload, reply = await pending
+    assert payload == {"done": 2}  # the genuine reply, not any that came before it
+    result = reply.context[RESULT]
+    assert result.valid
+    assert result.sender == reply.sender == "worker"
+    assert result.key_id == responder_iatp.identity("worker").key_id
+    assert result.trust_level == pytest.approx(0.6)  # the coordinator's view of the worker
+
+    assert sorted(m.headers["dlq-reason"] for m in dead.metadata) == sorted(refused)
+    assert {m.headers["dlq-subject"] for m in dead.metadata} == {inbox}
+    assert guard.rejected == dict.fromkeys(refused, 1)
+    assert coordinator.stats.rejected == coordinator.stats.dead_lettered == len(refused)
+    # refused before the request machinery: none was taken for a reply, late or mismatched
+    assert coordinator.stats.mismatched_replies == coordinator.stats.late_replies == 0
+
+
+async def test_a_request_answered_only_by_unsigned_and_forged_replies_times_out(
+    make_client: Factory, parties: tuple[IATP, IATP], subject: str
+) -> None:
+    """Whenever the refused replies arrive, before the timeout or after it, they are dead-lettered
+    and the request times out: none is taken for its reply."""
+    requester_iatp, _ = parties
+    guard = requester_iatp.middleware()
+    coordinator = await make_client(
+        agent_id="coordinator", middleware=[guard], inbox_prefix=f"_INBOX.{subject}"
+    )
+    responder = await make_client(agent_id="worker")  # answers without IATP: its replies are unsigned
+    dead = Collector()
+    await responder.subscribe(f"_DLQ._INBOX.{subject}.>", dead)
+    mallory = IATP()
+    await mallory.register_agent("worker")
+    codec = MsgpackSerializer()
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, {"done": message["task"]})
+        forged = mallory.sign_envelope(reply_envelope(metadata, "worker", {"done": message["task"]}))
+        await responder.broker.publish(forged.topic, codec.encode(forged))
+
+    await responder.subscribe(f"{subject}.tasks", answer)
+    with pytest.raises(RequestTimeout):
+        await coordinator.request(f"{subject}.tasks", {"task": 3}, timeout=0.5)
+    await dead.wait_for(2)
+    assert sorted(m.headers["dlq-reason"] for m in dead.metadata) == ["unknown_key", "unsigned"]
+    assert guard.rejected == {"unknown_key": 1, "unsigned": 1}
+    assert coordinator.stats.request_timeouts == 1
+    assert coordinator.stats.rejected == 2
+    assert coordinator.stats.mismatched_replies == coordinator.stats.late_replies == 0
 
 
 async def test_per_subscription_policy_for_unsigned_messages(
