@@ -43,6 +43,7 @@ class Collector:
         self.metadata.append(metadata)
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        await wait_until(
-            lambda: len(self.messages) >= count, timeout, f"{count} messages (have {len(self.messages)})"
-        )
+        try:
+            await wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages")
+        except AssertionError as exc:  # the count when it timed out, not when it started
+            raise AssertionError(f"{exc} (have {len(self.messages)})") from None
