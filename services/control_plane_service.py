@@ -209,7 +209,8 @@ class ControlPlaneService:
         self.reply_prefix = reply_prefix
         self.queue = queue
         self.stats = ServiceStats()
-        self.pending = pending or PendingRequests()
+        # "is None", not "or": an empty table is falsy (it has a length), and a given one is kept.
+        self.pending = pending if pending is not None else PendingRequests()
         self.iatp_middleware: IATPMiddleware | None = None
         if iatp is not None:
             # Added before the mediator, so it is the wire side: it verifies first and signs
