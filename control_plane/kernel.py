@@ -103,13 +103,17 @@ class KernelSpace(KernelGate, KernelBus):
     """The orchestrator (see the module docstring).
 
     Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
-    recorder), ``signal_dispatcher``, ``max_concurrent_agents``, ``timeout`` (default seconds per
-    execution), ``debug``; and ``policies`` (several policies that must all allow) and
-    ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``);
+    recorder), ``signal_dispatcher`` (an unbound dispatcher, ``SignalDispatcher(None, ...)``,
+    becomes this kernel's; default: a new one; ``SignalDispatcher(kernel, ...)`` later replaces
+    it, keeping its handlers: see :mod:`control_plane.signals`), ``max_concurrent_agents``,
+    ``timeout`` (default seconds per execution), ``debug``; and ``policies`` (several policies
+    that must all allow) and ``permissions`` (the trust-edge hook for
+    ``conditions={"permission": ...}``);
     ``keep_finished``: how many finished executions (``execute``/``spawn``) stay known for
     ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
     attached bus agents are always kept), so a long-running kernel does not grow without bound.
-    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0``.
+    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0`` or a
+    ``signal_dispatcher`` bound to another kernel.
     """
 
     def __init__(
@@ -133,9 +137,8 @@ class KernelSpace(KernelGate, KernelBus):
             base.permissions = permissions
         self.policy: Policy | PolicySet = PolicySet([base, *policies]) if policies else base
         self.recorder = flight_recorder or FlightRecorder(storage="memory")
-        self.signals = signal_dispatcher or SignalDispatcher(self)
-        if self.signals.kernel is None:
-            self.signals.kernel = self
+        self._procs: dict[str, AgentProcess] = {}
+        self._adopt(signal_dispatcher if signal_dispatcher is not None else SignalDispatcher())
         self.max_concurrent_agents = max_concurrent_agents
         self.timeout = timeout
         self.debug = debug
@@ -145,7 +148,6 @@ class KernelSpace(KernelGate, KernelBus):
         self.signal_timeout = signal_timeout
         self.modules: list[Verifier] = []
         self._agents: dict[Callable[..., Any], RegisteredAgent] = {}
-        self._procs: dict[str, AgentProcess] = {}
         self._runs: dict[str, asyncio.Task[Any]] = {}
         self._last: AgentProcess | None = None
         self._admission = Admission(max_concurrent_agents)
@@ -269,6 +271,7 @@ class KernelSpace(KernelGate, KernelBus):
             perms,
             parent.id if parent is not None else None,
             self.signals.queue_size,
+            recorder=self.recorder,
         )
         proc.restrictions = frozenset(denied)
         self._procs[proc.id] = proc
@@ -403,7 +406,22 @@ class KernelSpace(KernelGate, KernelBus):
         return self._process(agent_id).status()
 
     def get_agent(self, agent_id: str) -> AgentProcess:
+        """The agent's process: what signals act on, and the API reference's ``cleanup()``,
+        ``save_state()`` and ``get_state()`` (see :class:`~control_plane.process.AgentProcess`).
+        Raises AgentNotFound."""
         return self._process(agent_id)
+
+    @property
+    def current_agent(self) -> AgentProcess:
+        """The process of :attr:`current_agent_id`: inside agent code (an execution, a handler
+        of an attached client) the agent's own. Agent code publishes its state there
+        (``kernel.current_agent.data["step"] = 3``, read by ``get_state``) and registers what
+        to release on SIGTERM (``kernel.current_agent.add_cleanup(conn.close)``). Raises
+        AgentNotFound when no agent has run yet."""
+        proc = _CURRENT.get() or self._last
+        if proc is None:
+            raise AgentNotFound("no agent is running")
+        return proc
 
     def agents(self) -> list[AgentStatus]:
         return [p.status() for p in self._procs.values()]
@@ -423,6 +441,20 @@ class KernelSpace(KernelGate, KernelBus):
         proc = _CURRENT.get() or self._last
         if proc is not None:
             await proc.wait_for_continue()
+
+    def _adopt(self, dispatcher: SignalDispatcher) -> None:
+        """Make ``dispatcher`` this kernel's (``self.signals``), sharing the handlers of the
+        dispatcher it replaces; its ``queue_size`` bounds every hold queue from now on. Raises
+        KernelError when it is bound to another kernel."""
+        if dispatcher.kernel is not None and dispatcher.kernel is not self:
+            raise KernelError("this SignalDispatcher is bound to another KernelSpace")
+        current: SignalDispatcher | None = getattr(self, "signals", None)
+        if current is not None:
+            dispatcher._join(current)
+        dispatcher.kernel = self
+        self.signals = dispatcher
+        for proc in self._procs.values():
+            proc.hold_limit = dispatcher.queue_size
 
     def _find(self, agent_id: str | None) -> AgentProcess | None:
         return self._procs.get(agent_id) if agent_id is not None else None

@@ -73,11 +73,7 @@ class KernelBus:
             trust_bus = client.broker.name == "memory"
 
         aid = agent_id or client.agent_id
-        proc = self._procs.get(aid)
-        if proc is None:
-            proc = self._procs[aid] = AgentProcess(
-                aid, aid, None, None, self.signals.queue_size, Life.RUNNING
-            )
+        proc = self.external(aid)
         mediator = Mediator(cast("KernelSpace", self), proc, trust_bus=trust_bus, **options)
         client.add_middleware(mediator)
         proc.clients.append(client)
@@ -100,10 +96,13 @@ class KernelBus:
         await client.reply(metadata, {"ok": ok})
 
     def external(self, agent_id: str) -> AgentProcess:
-        """The process standing for an agent that lives elsewhere (mediated mode), created on
-        first use: signals sent to it here act on its messages passing this kernel."""
+        """The process of a bus agent (one attached here, or one that lives elsewhere in mediated
+        mode), created on first use: signals sent to it here act on its messages passing this
+        kernel."""
         proc = self._procs.get(agent_id)
         if proc is None:
-            proc = AgentProcess(agent_id, agent_id, None, None, self.signals.queue_size, Life.RUNNING)
+            proc = AgentProcess(
+                agent_id, agent_id, None, None, self.signals.queue_size, Life.RUNNING, recorder=self.recorder
+            )
             self._procs[agent_id] = proc
         return proc

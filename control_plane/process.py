@@ -10,6 +10,38 @@ An :class:`AgentProcess` exists for each execution of a registered agent (``kern
   waits in this bounded FIFO; SIGCONT runs them in arrival order, SIGKILL fails them all with
   :class:`~control_plane.errors.AgentStoppedError` (deliveries are then dead-lettered);
 - the bus clients attached for it: SIGKILL closes them, which ends their subscriptions.
+
+It is also what ``kernel.get_agent(agent_id)`` returns, with the API reference's
+``get_state()``, ``save_state()`` and ``cleanup()`` (a SIGTERM handler's tools)::
+
+    @kernel.register
+    async def worker(path: str) -> None:
+        me = kernel.current_agent
+        conn = await open_connection()
+        me.add_cleanup(conn.close)          # released on SIGTERM (or by agent.cleanup())
+        for step in range(100):
+            me.data["step"] = step          # published: part of get_state()
+            ...
+
+    @dispatcher.register_handler(AgentSignal.SIGTERM)
+    async def graceful_shutdown(agent_id: str, signal: AgentSignal) -> bool:
+        agent = kernel.get_agent(agent_id)
+        await agent.cleanup()               # conn.close()
+        await agent.save_state()            # one ``state_saved`` record
+        return True
+
+- **State.** :meth:`~AgentProcess.get_state` is the agent's status (the fields of
+  ``kernel.get_agent_status``, as plain JSON values), how many of its messages are held, and
+  ``data``: a copy of :attr:`AgentProcess.data`, the dict in which the agent's code publishes
+  what it wants known about itself. :meth:`~AgentProcess.save_state` records that state in the
+  kernel's flight recorder as one ``state_saved`` record (``data.state``; ``replay`` merges
+  it) and returns it.
+- **Cleanup.** :meth:`~AgentProcess.cleanup` runs the callbacks the agent registered with
+  :meth:`~AgentProcess.add_cleanup` (most recent first, each once) and drops them. It does
+  not kill the agent and leaves what the kernel holds for it alone (its tasks, its hold queue,
+  its bus clients): those are what keeps the agent working, so a SIGTERM whose handler vetoes
+  the termination leaves a working agent; when SIGTERM does terminate it, the termination
+  releases them (as SIGKILL does), after running the callbacks no handler ran.
 """
 
 from __future__ import annotations
@@ -17,16 +49,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from control_plane.errors import AgentStoppedError, HoldQueueFull
+from control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
 
 if TYPE_CHECKING:
     from amb import AMB
+    from control_plane.recorder import FlightRecorder
+
+log = logging.getLogger("control_plane.kernel")
 
 State = Literal["running", "stopped", "terminated", "waiting"]
 
@@ -58,9 +95,17 @@ class _Held:
     future: asyncio.Future[Any]
 
 
+Cleanup = Callable[[], Awaitable[Any] | Any]
+
+
 @dataclass(eq=False)
 class AgentProcess:
-    """One agent as the kernel sees it (see the module docstring)."""
+    """One agent as the kernel sees it (see the module docstring).
+
+    ``data``: the agent's published state (its code writes it, ``get_state`` reads it);
+    ``recorder``: where ``save_state`` records (the kernel's; None for a process no kernel
+    created).
+    """
 
     id: str
     name: str
@@ -75,6 +120,9 @@ class AgentProcess:
     restrictions: frozenset[str] = frozenset()
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     clients: list[AMB] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    recorder: FlightRecorder | None = None
+    _cleanups: list[Cleanup] = field(default_factory=list)
     _continue: asyncio.Event = field(default_factory=asyncio.Event)
     _held: deque[_Held] = field(default_factory=deque)
     _releasing: asyncio.Task[None] | None = None
@@ -103,6 +151,67 @@ class AgentProcess:
             self.parent_id,
             self.permissions,
         )
+
+    # -- the API reference's agent methods ---------------------------------------------------
+
+    async def get_state(self) -> dict[str, Any]:
+        """The agent's state now: ``id``, ``name``, ``state`` (running, stopped, terminated,
+        waiting), ``started_at`` (ISO 8601), ``actions_count``, ``violations_count``,
+        ``parent_id``, ``permissions`` (sorted, or None: unrestricted), ``held`` (messages in
+        its hold queue) and ``data`` (a shallow copy of :attr:`data`)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.life.value,
+            "started_at": self.started_at.isoformat(),
+            "actions_count": self.actions_count,
+            "violations_count": self.violations_count,
+            "parent_id": self.parent_id,
+            "permissions": None if self.permissions is None else sorted(self.permissions),
+            "held": len(self._held),
+            "data": dict(self.data),
+        }
+
+    async def save_state(self) -> dict[str, Any]:
+        """Record :meth:`get_state` in the kernel's flight recorder, as one ``state_saved``
+        record of this agent (``data.state``, ``data.name``; execution id: the agent's id),
+        and return it. Raises KernelError for a process without a recorder, RecorderError
+        when the recorder refuses the record."""
+        if self.recorder is None:
+            raise KernelError(f"agent {self.id} has no flight recorder to save its state in")
+        state = await self.get_state()
+        await self.recorder.log(
+            "state_saved", self.id, {"name": self.name, "state": state}, execution_id=self.id
+        )
+        return state
+
+    def add_cleanup(self, callback: Cleanup) -> None:
+        """Have :meth:`cleanup` call ``callback()`` (awaited when it returns an awaitable):
+        what the agent opened and must release when it shuts down gracefully."""
+        self._cleanups.append(callback)
+
+    async def cleanup(self) -> int:
+        """Run the cleanup callbacks (most recent first) and drop them, so each runs once;
+        return how many ran. The agent is not killed and keeps its tasks, hold queue and bus
+        clients (see the module docstring). A callback that raises does not stop the others:
+        once all ran, an ExceptionGroup of the failures is raised."""
+        callbacks, self._cleanups = self._cleanups[::-1], []
+        failures: list[Exception] = []
+        for callback in callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.warning("a cleanup callback of agent %s failed: %r", self.id, exc)
+                failures.append(exc)
+        if failures:
+            raise ExceptionGroup(
+                f"{len(failures)} of {len(callbacks)} cleanup callbacks of agent {self.id} failed", failures
+            )
+        return len(callbacks)
+
+    # -- tasks ---------------------------------------------------------------------------------
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Count ``task`` as this agent's work: SIGKILL cancels it."""

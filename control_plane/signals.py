@@ -12,9 +12,11 @@ SIGKILL    no         now: the agent is terminated, its tasks (execution, runnin
 SIGSTOP    no         now: the agent's deliveries and publishes wait in its bounded hold queue
                       (``queue_size``); ``kernel.is_stopped()`` is true for agent code
 SIGCONT    yes        handlers run, then the hold queue is released in arrival order
-SIGTERM    yes        handlers run (cleanup), then the agent is terminated as by SIGKILL,
-                      unless a handler returned ``False``: that vetoes the termination
-                      (recorded as ``vetoed``; SIGKILL cannot be vetoed)
+SIGTERM    yes        handlers run (cleanup), then the agent's cleanup callbacks not run yet
+                      (:meth:`AgentProcess.add_cleanup <control_plane.process.AgentProcess.add_cleanup>`),
+                      then the agent is terminated as by SIGKILL, unless a handler returned
+                      ``False``: that vetoes the termination (recorded as ``vetoed``; nothing
+                      is cleaned up then; SIGKILL cannot be vetoed and runs no cleanup)
 SIGUSR1/2  yes        handlers run; nothing else
 SIGALRM    yes        sent by the kernel when an execution exceeds its timeout: handlers run, then
                       the execution is cancelled (``kernel.execute`` raises ``AgentTimeoutError``)
@@ -36,6 +38,25 @@ that is not local sends the signal there as a request and returns the remote ``s
 result; the receiving mediator checks it against policy as operation ``signal`` on resource
 ``<agent_id>``, so only senders the policy allows can signal an agent. Control messages skip the
 hold queue (SIGCONT must reach a stopped agent).
+
+**Dispatchers and their kernel.** A dispatcher is bound to one kernel, and every dispatcher
+bound to a kernel shares that kernel's handlers: a handler registered on any of them runs on
+every signal the kernel delivers, however it was sent (``kernel.send_signal``, any bound
+dispatcher's ``send``, a signal arriving over the bus, a rule's ``on_violation``, SIGALRM on a
+timeout). Binding happens in one of two ways, both keeping the handlers already registered:
+
+- ``SignalDispatcher(kernel, queue_size=..., async_delivery=...)`` (the API reference's way): the
+  kernel adopts the new dispatcher as ``kernel.signals``, so ``dispatcher.send`` *is*
+  ``kernel.send_signal``; its ``queue_size`` bounds the hold queue of every agent of the kernel
+  from then on, and its ``async_delivery`` applies to the signals the kernel sends itself. A
+  dispatcher bound earlier (the kernel's default one, or another constructed with the kernel)
+  stays bound: its handlers keep running and its ``send`` goes through the same kernel, waiting
+  for the handlers or not by its own ``async_delivery``.
+- ``KernelSpace(signal_dispatcher=SignalDispatcher(None, ...))``: a dispatcher created unbound
+  (handlers may be registered on it first) becomes the kernel's when the kernel is created.
+
+A dispatcher bound to one kernel cannot be given to another (KernelError); an unbound one
+cannot send (SignalError).
 
 **Agents not seen yet.** A kernel marked ``authoritative`` (the control-plane service's, which
 every message of every agent passes) creates the process of an agent it does not know when it is
@@ -102,15 +123,47 @@ class AgentSignal(enum.Enum):
 SignalHandler = Callable[[str, AgentSignal], Awaitable[Any]]
 
 
+class _Table:
+    """What every dispatcher bound to one kernel shares: the handlers, and the deliveries
+    running in the background (so that any of them can wait for all)."""
+
+    __slots__ = ("background", "handlers")
+
+    def __init__(self) -> None:
+        self.handlers: dict[AgentSignal, list[tuple[str | None, SignalHandler]]] = {}
+        self.background: set[asyncio.Task[Any]] = set()
+
+    def take_over(self, other: _Table) -> None:
+        for sig, entries in other.handlers.items():
+            self.handlers.setdefault(sig, []).extend(entries)
+        self.background |= other.background
+
+
 class SignalDispatcher:
     """Sends signals to agents and runs their handlers.
 
+    Example (the API reference's)::
+
+        dispatcher = SignalDispatcher(kernel, queue_size=1000, async_delivery=True)
+
+        @dispatcher.register_handler(AgentSignal.SIGUSR1)
+        async def dump_state(agent_id: str, signal: AgentSignal) -> None:
+            state = await kernel.get_agent(agent_id).get_state()
+            await flight_recorder.log_state_dump(agent_id, state)
+
+        await kernel.send_signal(agent_id, AgentSignal.SIGUSR1)   # runs dump_state
+
     Args:
-        kernel: the KernelSpace whose agents this dispatcher signals (a KernelSpace created
-            with this dispatcher binds itself when None).
+        kernel: the KernelSpace whose agents this dispatcher signals. Given, the kernel adopts
+            this dispatcher as ``kernel.signals`` and the two share their handlers (see
+            "Dispatchers and their kernel" in the module docstring); None: unbound until a
+            KernelSpace is created with it (``signal_dispatcher=``).
         queue_size: the bound of each agent's hold queue while it is stopped.
         async_delivery: run catchable handlers in the background (``send`` returns at once);
             with False, ``send`` returns after the handlers (and the signal's effect).
+
+    Raises SignalError for ``queue_size < 1``, KernelError for a kernel this dispatcher cannot
+    join.
     """
 
     def __init__(
@@ -118,23 +171,32 @@ class SignalDispatcher:
     ) -> None:
         if queue_size < 1:
             raise SignalError("queue_size must be at least 1")
-        self.kernel = kernel
+        self.kernel: KernelSpace | None = None
         self.queue_size = queue_size
         self.async_delivery = async_delivery
-        self._handlers: dict[AgentSignal, list[tuple[str | None, SignalHandler]]] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._table = _Table()
+        if kernel is not None:
+            kernel._adopt(self)
+
+    def _join(self, other: SignalDispatcher) -> None:
+        """Share ``other``'s handlers and background deliveries from now on (both are bound to
+        one kernel); handlers registered on this one so far are kept."""
+        if other._table is not self._table:
+            other._table.take_over(self._table)
+            self._table = other._table
 
     def register_handler(
         self, signal: AgentSignal | str, agent_id: str | None = None
     ) -> Callable[[SignalHandler], SignalHandler]:
         """Decorator: ``handler(agent_id, signal)`` runs when ``signal`` reaches an agent (only
-        ``agent_id`` when given). Raises SignalError for SIGKILL and SIGSTOP."""
+        ``agent_id`` when given), whoever sent it: the handler is the kernel's, shared by every
+        dispatcher bound to it. Raises SignalError for SIGKILL and SIGSTOP."""
         sig = AgentSignal.parse(signal)
         if not sig.catchable:
             raise SignalError(f"{sig.name} cannot be caught")
 
         def decorator(fn: SignalHandler) -> SignalHandler:
-            self._handlers.setdefault(sig, []).append((agent_id, fn))
+            self._table.handlers.setdefault(sig, []).append((agent_id, fn))
             return fn
 
         return decorator
@@ -161,7 +223,9 @@ class SignalDispatcher:
 
         Local agents are signalled directly; others through the bus (see the module docstring),
         which returns False when no kernel answers. Masked signals return False. Every signal
-        is recorded in the kernel's flight recorder. Raises SignalError for an unknown signal.
+        is recorded in the kernel's flight recorder. The handlers that run are those of every
+        dispatcher bound to the kernel. Raises SignalError for an unknown signal or an unbound
+        dispatcher.
         """
         sig = AgentSignal.parse(signal)
         kernel = self._kernel()
@@ -186,15 +250,16 @@ class SignalDispatcher:
             return True
         if self.async_delivery:
             task = asyncio.get_running_loop().create_task(self._deliver(proc.id, sig))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            background = self._table.background
+            background.add(task)
+            task.add_done_callback(background.discard)
             return True
         return await self._deliver(proc.id, sig)
 
     async def _deliver(self, agent_id: str, sig: AgentSignal) -> bool:
         kernel = self._kernel()
         vetoed = False
-        for target, handler in list(self._handlers.get(sig, ())):
+        for target, handler in list(self._table.handlers.get(sig, ())):
             if target is None or target == agent_id:
                 try:
                     outcome = await handler(agent_id, sig)
@@ -212,10 +277,18 @@ class SignalDispatcher:
             if vetoed:
                 await kernel._record_signal(agent_id, sig, "vetoed", "a handler returned False", None)
                 return False
+            if not proc.killed:  # SIGKILL meanwhile: no cleanup
+                try:
+                    await proc.cleanup()  # what the handlers have not cleaned up
+                except Exception as exc:
+                    log.warning("cleanup of %s failed: %r", agent_id, exc)
+                    await kernel._record_signal(agent_id, sig, "cleanup_error", repr(exc), None)
             proc.kill()
         return True
 
     async def drain(self) -> None:
-        """Wait for handlers running in the background."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        """Wait for handlers running in the background (those started by any dispatcher bound
+        to the same kernel)."""
+        background = self._table.background
+        while background:
+            await asyncio.gather(*list(background), return_exceptions=True)

@@ -75,6 +75,23 @@ async def test_records_are_chained_and_verify(recorder: FlightRecorder) -> None:
     assert records[0].data["blob"] == {"$b64": "AAE="}
 
 
+async def test_log_state_dump_records_one_state_dump(recorder: FlightRecorder) -> None:
+    state = {"id": "agent_123", "state": "stopped", "data": {"step": 4}, "at": datetime(2024, 1, 2)}
+    record = await recorder.log_state_dump("agent_123", state)
+    assert (record.event_type, record.agent_id, record.execution_id, record.severity) == (
+        "state_dump",
+        "agent_123",
+        None,
+        "info",
+    )
+    expected = {"state": {**state, "at": "2024-01-02T00:00:00"}}  # stored as JSON
+    assert record.data == expected
+    (stored,) = await recorder.query(event_type="state_dump")
+    assert (stored.id, stored.hash, stored.data) == (record.id, record.hash, expected)
+    assert (await recorder.replay("agent_123"))["state"] == expected["state"]
+    assert (await recorder.verify()).ok
+
+
 async def test_timeline_and_replay(recorder: FlightRecorder) -> None:
     await recorder.log("agent_started", "agent_123", {"status": "running"}, execution_id="exec_456")
     await recorder.log_state_dump("agent_123", {"step": 1})
