@@ -1,5 +1,10 @@
 """The API reference's control-plane examples, run as written (imports adjusted, sleeps shortened).
 
+The signal snippets run on one kernel: ``SignalDispatcher(kernel, ...)`` becomes the kernel's
+dispatcher, so its ``graceful_shutdown`` (SIGTERM) and ``dump_state`` (SIGUSR1) handlers run
+whether the signal comes from ``dispatcher.send`` or ``kernel.send_signal``; ``agent.cleanup()``,
+``save_state()`` and ``get_state()`` are those of ``kernel.get_agent``'s process.
+
 .venv/bin/python examples/control_plane_reference.py
 """
 
@@ -7,19 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from agent_os import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy, SignalDispatcher
+from amb import AMB, Metadata
 
 
 async def transform(data: dict[str, Any]) -> dict[str, Any]:
     return {k: str(v).upper() for k, v in data.items()}
-
-
-async def process_iteration(i: int) -> None:
-    await asyncio.sleep(0)
 
 
 async def kernel_examples() -> None:
@@ -62,33 +65,142 @@ async def kernel_examples() -> None:
     await kernel.close()
 
 
-async def signal_examples() -> None:
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (up to 5 s) for something the example's agents do in the background."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError("the example's agents did not get there")
+
+
+async def signal_control_example() -> None:
+    """The reference's "Example: Signal-based agent control" (sleeps shortened)."""
     kernel = KernelSpace(policy="strict")
-    dispatcher = kernel.signals
+
+    async def process_iteration(i: int) -> None:
+        kernel.current_agent.data["iteration"] = i  # published: part of get_state()
 
     @kernel.register
-    async def long_running_agent(iterations: int) -> dict[str, int]:
+    async def long_running_agent(iterations: int):
+        """Agent that can be paused and resumed."""
         for i in range(iterations):
+            # Check for pause signal
             if kernel.is_stopped():
                 await kernel.wait_for_continue()
+
             await process_iteration(i)
             await asyncio.sleep(0.01)
+
         return {"completed": iterations}
 
-    @dispatcher.register_handler(AgentSignal.SIGUSR1)
-    async def dump_state(agent_id: str, signal: AgentSignal) -> None:
-        await kernel.recorder.log_state_dump(agent_id, {"signal": signal.name})
+    async def main() -> None:
+        # Start agent
+        task = asyncio.create_task(kernel.execute(long_running_agent, 30))
 
-    task = asyncio.create_task(kernel.execute(long_running_agent, 30))
-    await asyncio.sleep(0.05)
-    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGSTOP)
-    print("Agent paused:", kernel.get_agent_status(kernel.current_agent_id or "").state)
-    await asyncio.sleep(0.03)
-    await dispatcher.send(agent_id=kernel.current_agent_id or "", signal=AgentSignal.SIGUSR1)
-    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGCONT)
-    print("Agent resumed")
-    print(await task)
-    assert isinstance(dispatcher, SignalDispatcher)
+        # Pause after 5 seconds
+        await asyncio.sleep(0.05)
+        await kernel.send_signal(kernel.current_agent_id, AgentSignal.SIGSTOP)
+        print("Agent paused")
+        print("state while paused:", kernel.get_agent_status(kernel.current_agent_id).state)
+
+        # Resume after 3 seconds
+        await asyncio.sleep(0.03)
+        await kernel.send_signal(kernel.current_agent_id, AgentSignal.SIGCONT)
+        print("Agent resumed")
+
+        result = await task
+        print(result)
+
+    await main()
+    await kernel.close()
+
+
+async def dispatcher_examples() -> None:
+    """The reference's SignalDispatcher section: the constructor, ``send`` and the two handlers,
+    on bus agents ``agent_123`` and ``agent_456`` of the same kernel."""
+    flight_recorder = FlightRecorder(storage="memory")
+    policy = Policy("signals", default_action="deny")
+    policy.add_rule("allow", Pattern("*", "jobs.*"))
+    kernel = KernelSpace(policy=policy, flight_recorder=flight_recorder)
+
+    dispatcher = SignalDispatcher(kernel, queue_size=1000, async_delivery=True)
+
+    @dispatcher.register_handler(AgentSignal.SIGTERM)
+    async def graceful_shutdown(agent_id: str, signal: AgentSignal):
+        """Custom handler for graceful shutdown."""
+        agent = kernel.get_agent(agent_id)
+        await agent.cleanup()
+        await agent.save_state()
+        return True  # Allow termination
+
+    @dispatcher.register_handler(AgentSignal.SIGUSR1)
+    async def dump_state(agent_id: str, signal: AgentSignal):
+        """Custom handler for state dumping."""
+        agent = kernel.get_agent(agent_id)
+        state = await agent.get_state()
+        await flight_recorder.log_state_dump(agent_id, state)
+
+    # Two bus agents governed by the kernel. agent_123 counts its jobs in its published state;
+    # agent_456 holds a connection it releases when it shuts down gracefully.
+    agent_123 = AMB("memory", "memory://signals-example", agent_id="agent_123")
+    agent_456 = AMB("memory", "memory://signals-example", agent_id="agent_456")
+    client = AMB("memory", "memory://signals-example", agent_id="client")
+    kernel.attach(agent_123)
+    kernel.attach(agent_456)
+    done: list[str] = []
+
+    async def job(message: str, metadata: Metadata) -> None:
+        me = kernel.current_agent
+        me.data["jobs"] = me.data.get("jobs", 0) + 1
+        done.append(message)
+
+    async def close_connection() -> None:
+        kernel.get_agent("agent_456").data["connection"] = "closed"
+        print("agent_456: connection closed")
+
+    await agent_123.subscribe("jobs.123", job, concurrency=2)
+    kernel.get_agent("agent_456").data["connection"] = "open"
+    kernel.get_agent("agent_456").add_cleanup(close_connection)
+    await agent_456.connect()
+    await client.publish("jobs.123", "job-1")
+    await until(lambda: done == ["job-1"])
+
+    # Send SIGSTOP to pause agent
+    await dispatcher.send(agent_id="agent_123", signal=AgentSignal.SIGSTOP)
+    await client.publish("jobs.123", "job-2")
+    await client.publish("jobs.123", "job-3")
+    process = kernel.get_agent("agent_123")
+    await until(lambda: process.held == 2)
+    print("agent_123", kernel.get_agent_status("agent_123").state, "held:", process.held)
+
+    # SIGUSR1: dump_state records the state (the handler runs in the background: drain waits)
+    await kernel.send_signal("agent_123", AgentSignal.SIGUSR1)
+    await dispatcher.drain()
+    (dump,) = await flight_recorder.query(event_type="state_dump", agent_id="agent_123")
+    state = dump.data["state"]
+    print("state dump:", state["id"], state["state"], "held:", state["held"], "data:", state["data"])
+
+    # Send SIGCONT to resume
+    await dispatcher.send(agent_id="agent_123", signal=AgentSignal.SIGCONT)
+    await until(lambda: len(done) == 3)
+    print("agent_123", kernel.get_agent_status("agent_123").state, "handled:", done)
+
+    # SIGTERM: graceful_shutdown cleans up, saves the state, allows the termination
+    await kernel.send_signal("agent_456", AgentSignal.SIGTERM)
+    await dispatcher.drain()
+    (saved,) = await flight_recorder.query(event_type="state_saved", agent_id="agent_456")
+    state = saved.data["state"]
+    print("state saved:", state["id"], state["state"], "data:", state["data"])
+    print("agent_456", kernel.get_agent_status("agent_456").state)
+
+    # Terminate with SIGKILL (non-catchable)
+    await dispatcher.send(agent_id="agent_123", signal=AgentSignal.SIGKILL)
+    print("agent_123", kernel.get_agent_status("agent_123").state)
+    print("dispatcher is the kernel's:", kernel.signals is dispatcher)
+
+    for bus in (client, agent_123, agent_456):
+        await bus.close()
     await kernel.close()
 
 
@@ -152,7 +264,8 @@ async def recorder_examples(folder: Path) -> None:
 
 async def main() -> None:
     await kernel_examples()
-    await signal_examples()
+    await signal_control_example()
+    await dispatcher_examples()
     policy_examples()
     with tempfile.TemporaryDirectory() as folder:
         await recorder_examples(Path(folder))

@@ -23,10 +23,36 @@ def test_quickstart_prints_the_reply() -> None:
 
 
 def test_control_plane_reference_examples_run() -> None:
-    out = run("control_plane_reference.py").splitlines()
-    assert "{'analyzed': True, 'length': 11}" in out
-    assert "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL" in out
-    assert out[-2:] == ["1 2 2", "chain ok: True"]
+    assert run("control_plane_reference.py").splitlines() == [
+        # KernelSpace: execute, spawn/wait_all
+        "{'status': 'success', 'data': {'a': 'X'}}",
+        "{'analyzed': True, 'length': 11}",
+        "[{'task': 't1', 'status': 'complete'}, {'task': 't2', 'status': 'complete'}]",
+        "worker_agent terminated",
+        # Signal-based agent control: paused while stopped, then runs to the end
+        "Agent paused",
+        "state while paused: stopped",
+        "Agent resumed",
+        "{'completed': 30}",
+        # SignalDispatcher(kernel, ...): SIGSTOP holds agent_123's deliveries; the SIGUSR1
+        # handler (dump_state) recorded its state; SIGCONT releases them in order
+        "agent_123 stopped held: 2",
+        "state dump: agent_123 stopped held: 2 data: {'jobs': 1}",
+        "agent_123 running handled: ['job-1', 'job-2', 'job-3']",
+        # the SIGTERM handler (graceful_shutdown): cleanup, then save_state, then termination
+        "agent_456: connection closed",
+        "state saved: agent_456 running data: {'connection': 'closed'}",
+        "agent_456 terminated",
+        "agent_123 terminated",
+        "dispatcher is the kernel's: True",
+        # Policy
+        "read data/reports/q1 allow Allow reading non-sensitive data None",
+        "read data/phi/p1 deny default deny None",
+        "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL",
+        # FlightRecorder: queries, exports, verify
+        "1 2 2",
+        "chain ok: True",
+    ]
 
 
 def test_iatp_signed_bus_verifies_and_dead_letters_the_forgery() -> None:
