@@ -80,14 +80,23 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
     bus = AMB("nats", NATS, agent_id="supervisor", middleware=[supervisor_keys.middleware()])
     kernel.attach(bus)
     ready = asyncio.Event()
-    progress: list[int] = []
+    progress: list[int | str] = []
     finished: list[bool] = []
 
     async def on_ready(message: object, metadata: object) -> None:
         ready.set()
 
-    async def on_progress(message: int, metadata: object) -> None:
+    async def on_progress(message: int | str, metadata: object) -> None:
         progress.append(message)
+
+    async def sentinel(name: str) -> list[int | str]:
+        """Publish ``name`` on the progress subject and wait for it: the agent's progress
+        published before it reached the server first has arrived once it has (the server
+        delivers to the subscription in the order it processed the messages). Returns the
+        agent's progress, sentinels left out."""
+        await bus.publish(prefix + ".progress", name)
+        await wait_until(lambda: name in progress, what=name)
+        return [p for p in progress if isinstance(p, int)]
 
     async def on_finished(message: bool, metadata: object) -> None:
         finished.append(message)
@@ -112,23 +121,28 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
         seen = len(progress)
         await wait_until(lambda: len(progress) >= seen + 3)  # still working
         assert await kernel.send_signal(name, AgentSignal.SIGSTOP)
-        # A publish already past the mediator may still arrive; then nothing more.
-        await asyncio.sleep(0.1)
-        paused = len(progress)
+        # The agent answered the SIGSTOP after stopping, on the connection its progress goes
+        # out on: what it published before is ahead of the answer, so ahead of the sentinel.
+        paused = len(await sentinel("stopped"))
+        # Held while stopped. A quiet period is the point here: a running agent publishes
+        # every 10 ms, so 0.2 s of silence shows it is not (a publish already past the
+        # mediator at the stop may still arrive).
         await asyncio.sleep(0.2)
-        assert len(progress) <= paused + 1  # held while stopped
+        assert len(await sentinel("still stopped")) <= paused + 1
         assert await kernel.send_signal(name, AgentSignal.SIGCONT)
-        await wait_until(lambda: len(progress) >= paused + 3)
-        assert progress == sorted(progress)  # released in order
+        await wait_until(lambda: len([p for p in progress if isinstance(p, int)]) >= paused + 3)
+        steps = [p for p in progress if isinstance(p, int)]
+        assert steps == sorted(steps)  # released in order
         assert await kernel.send_signal(name, AgentSignal.SIGKILL)
+        seen = len([p for p in progress if isinstance(p, int)])
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert line.strip() == b"terminated"
-        seen = len(progress)
-        await asyncio.sleep(0.2)
-        assert len(progress) <= seen + 1
-        assert finished == []
         await asyncio.wait_for(proc.wait(), 20)
+        # The agent's process has exited: everything it published reached the server before
+        # the sentinel, which the supervisor publishes now.
+        assert len(await sentinel("killed")) <= seen + 1  # at most a publish on the wire
+        assert finished == []
     finally:
         if proc.returncode is None:
             proc.kill()

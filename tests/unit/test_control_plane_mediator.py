@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, Middleware, RequestTimeout, StateError
+from amb import AMB, Envelope, LifecycleState, Metadata, Middleware, RequestTimeout, StateError
 from amb.client import DLQ_REASON
 from amb.middleware import ConsumeNext
 from control_plane import (
@@ -99,9 +99,13 @@ async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered
     kernel.attach(worker)
     progress = Collector()
     await observer.subscribe("tasks.progress", progress)
+    jobs = Collector()
+    await observer.subscribe("tasks.job", jobs)
+    started: list[int] = []
     finished: list[int] = []
 
     async def work(message: Any, metadata: Metadata) -> None:
+        started.append(message)
         for step in range(100):
             await worker.publish("tasks.progress", {"job": message, "step": step})
             await asyncio.sleep(0.01)
@@ -114,12 +118,27 @@ async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered
     await progress.wait_for(3)
     assert await kernel.send_signal("worker", AgentSignal.SIGKILL)
     seen = len(progress.messages)
-    await asyncio.sleep(0.1)
-    assert len(progress.messages) <= seen + 1  # at most a publish already on the wire
-    assert finished == []  # the running job never completes
-    assert all(m["job"] == 0 for m in progress.messages)  # the queued jobs never started
+    process = kernel.get_agent("worker")
+    # The handler is cancelled at once: had it gone on, it would finish its job (1 s) first.
+    await wait_until(lambda: not process.tasks, what="the worker's handler to end")
+    assert finished == []
+    # Sentinel: the observer (alive) publishes after the worker's last possible message, so
+    # whatever the worker published has arrived once the sentinel has.
+    await observer.publish("tasks.progress", "sentinel")
+    await wait_until(lambda: "sentinel" in progress.messages, what="the sentinel")
+    from_worker = progress.messages[: progress.messages.index("sentinel")]
+    assert progress.messages[-1] == "sentinel"
+    assert len(from_worker) <= seen + 1  # at most a publish already on the wire at the kill
+    assert from_worker == [{"job": 0, "step": step} for step in range(len(from_worker))]
+    assert started == [0]  # the queued jobs never started
+    # Nothing is delivered to it afterwards: its client is closed (no subscription is left),
+    # and a job published now reaches the live subscriber, ahead of a second sentinel.
+    await wait_until(lambda: worker.state is LifecycleState.CLOSED, what="the worker's client closed")
     await observer.publish("tasks.job", 99)
-    await asyncio.sleep(0.05)
+    await observer.publish("tasks.job", "sentinel")
+    await jobs.wait_for(5)
+    assert jobs.messages == [0, 1, 2, 99, "sentinel"]
+    assert started == [0]
     assert finished == []
     assert kernel.get_agent_status("worker").state == "terminated"
     with pytest.raises(AgentStoppedError):
