@@ -104,12 +104,16 @@ def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
 
 class _PendingRequest:
     """A request waiting for its reply: the future, the request's envelope id (set once its
-    publish returned) and replies that came before that, checked then."""
+    publish returned), the agent it was addressed to (if any) and replies that came before its
+    publish returned, checked then."""
 
-    __slots__ = ("early", "future", "request_id")
+    __slots__ = ("early", "future", "recipient", "request_id")
 
-    def __init__(self, future: asyncio.Future[tuple[Any, Metadata] | None]) -> None:
+    def __init__(
+        self, future: asyncio.Future[tuple[Any, Metadata] | None], recipient: str | None
+    ) -> None:
         self.future = future
+        self.recipient = recipient
         self.request_id: str | None = None
         self.early: list[tuple[Any, Metadata]] | None = None
 
@@ -548,8 +552,10 @@ class AMB(Lifecycle):
 
         The reply is the first message on this request's own reply subject whose correlation id
         is the request's id (``reply(metadata, ...)`` sets it) or absent (``reply(reply_to,
-        ...)``); one carrying another correlation id is dropped, logged and counted in
-        ``stats.mismatched_replies``.
+        ...)``) and, for a request addressed to ``recipient``, whose sender is that agent; any
+        other is dropped, logged and counted in ``stats.mismatched_replies``. (The sender is
+        what the envelope says; with IATP on the bus it is the verified signer, so a request to
+        an agent is answered by that agent or not at all.)
         """
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
@@ -559,7 +565,7 @@ class AMB(Lifecycle):
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
-        pending = _PendingRequest(fut)
+        pending = _PendingRequest(fut, recipient)
         self._requests[reply_subject] = pending
         self.stats.requests += 1
         try:
@@ -634,6 +640,16 @@ class AMB(Lifecycle):
                 metadata.sender,
                 correlation_id,
                 pending.request_id,
+            )
+            return
+        recipient = pending.recipient
+        if recipient is not None and metadata.sender != recipient:
+            self.stats.mismatched_replies += 1
+            log.warning(
+                "dropped a reply on %r from %r: the request was addressed to %r",
+                metadata.subject,
+                metadata.sender,
+                recipient,
             )
             return
         pending.future.set_result((message, metadata))

@@ -452,6 +452,38 @@ async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request(
     await responder.close()
 
 
+async def test_a_request_to_an_agent_is_answered_by_that_agent_only() -> None:
+    url = memory_url()
+    requester = AMB(connection_string=url, agent_id="asker")
+    addressed = AMB(connection_string=url, agent_id="addressed")
+    intruder = AMB(connection_string=url, agent_id="intruder")
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        # Another agent answers first, on the request's own reply subject, with its id...
+        await intruder.reply(metadata, "from the intruder")
+        # ...then the agent the request was addressed to.
+        await addressed.reply(metadata, "from the addressee")
+
+    await addressed.subscribe("to.agent", answer)
+    payload, meta = await requester.request(
+        "to.agent", 1, recipient="addressed", timeout=5, with_metadata=True
+    )
+    assert (payload, meta.sender) == ("from the addressee", "addressed")
+    assert requester.stats.mismatched_replies == 1
+
+    async def only_intruder(message: Any, metadata: Metadata) -> None:
+        await intruder.reply(metadata, "from the intruder")
+
+    await addressed.subscribe("to.intruded", only_intruder)
+    with pytest.raises(amb.RequestTimeout):
+        await requester.request("to.intruded", 1, recipient="addressed", timeout=0.3)
+    assert requester.stats.mismatched_replies == 2
+    # Without a recipient, whoever answers on the reply subject answers the request.
+    assert await requester.request("to.intruded", 1, timeout=5) == "from the intruder"
+    for client in (requester, addressed, intruder):
+        await client.close()
+
+
 async def test_a_reply_without_correlation_id_answers_its_reply_subject() -> None:
     """``reply(metadata.reply_to, ...)`` (the subject only) sets no correlation id: the reply
     subject, unique to the request, is enough."""
