@@ -6,7 +6,8 @@ What each signal does (these are enforced, not flags for agent code to poll):
 signal     catchable  effect
 =========  =========  ===========================================================================
 SIGKILL    no         now: the agent is terminated, its tasks (execution, running handlers) are
-                      cancelled, its held messages fail (deliveries are dead-lettered with reason
+                      cancelled, its held messages are dropped (each recorded once as
+                      ``message_dropped``; deliveries are dead-lettered with reason
                       ``agent_killed``), its bus clients are closed; nothing of it is delivered
                       or published afterwards
 SIGSTOP    no         now: the agent's deliveries and publishes wait in its bounded hold queue

@@ -24,9 +24,14 @@ Mapping and guarantees:
   committed manually, per partition, up to the first offset not yet acked (contiguous acks
   only). A crash or a rebalance before the commit redelivers. Ephemeral fan-out subscriptions
   start at the end of the log when ``subscribe()`` returns (nothing published before is
-  delivered; everything published after is).
+  delivered; everything published after is), except that a client started again with the same
+  ``client_id`` resumes each fan-out group from its committed offsets on the partitions that
+  have one (so it also gets what was published while it was away).
 - **Groups**: a fan-out subscription is its own consumer group, with a stable name
-  (``amb.<client-id>.<n>.<pattern>``); ``queue="q"`` joins group ``amb.q.<pattern>``;
+  (``amb.<client-id>.<n>.<pattern>``, ``n`` counting the client's fan-out subscriptions):
+  give each *live* client its own ``client_id``, since two live clients with one ``client_id``
+  share those groups and split their messages instead of each getting all of them (without a
+  ``client_id`` every client gets a random one); ``queue="q"`` joins group ``amb.q.<pattern>``;
   ``durable="d"`` joins group ``d`` and resumes from its committed offsets (from the start of
   the log on its very first start).
 - **One Kafka member per group per process.** Subscriptions of this process (of any
