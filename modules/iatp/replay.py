@@ -11,6 +11,11 @@ is raised to that entry's timestamp: from then on any message stamped at or befo
 rejected (reason ``replay_window``), because the cache can no longer prove it is not a replay.
 Under a flood the window shrinks; it never silently lets a replay through.
 
+Forgetting by time raises the floor too (to the forgotten entry's expiry). With a clock that
+only moves forward this changes nothing: such a message is older than the window anyway. If the
+wall clock steps *back*, messages whose nonces were already forgotten would fall inside the
+window again; the floor refuses them (``replay_window``) instead of accepting a replay.
+
 Entries are keyed by ``(scope, nonce)``: the bus middleware uses the receiving subscription as
 the scope, so one message fanned out to two subscriptions of one process is not a replay.
 """
@@ -46,7 +51,8 @@ class NonceCache:
 
     @property
     def floor_ns(self) -> int | None:
-        """The timestamp at or below which messages are refused, once the cache has overflowed."""
+        """The timestamp at or below which messages are refused, once the cache has forgotten
+        any entry (overflow, or the window passing it)."""
         return None if self._floor == -(2**63) else self._floor - self.max_age_ns
 
     def seen(self, key: Hashable) -> bool:
@@ -64,6 +70,8 @@ class NonceCache:
             expiry, old = order.popleft()
             if entries.get(old) == expiry:
                 del entries[old]
+                if expiry > self._floor:  # forgotten: refused from now on, whatever the clock
+                    self._floor = expiry
         expiry = timestamp_ns + self.max_age_ns
         if expiry <= self._floor:
             return BELOW_FLOOR

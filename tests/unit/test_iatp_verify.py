@@ -295,6 +295,30 @@ def test_nonce_cache_forgets_after_the_window() -> None:
     assert not cache.seen("n")
 
 
+def test_a_forgotten_nonce_stays_refused_when_the_clock_steps_back() -> None:
+    cache = NonceCache(max_age_ns=1000)
+    assert cache.check_and_add("n", 0, 0) == OK
+    assert cache.check_and_add("m", 2000, 2000) == OK  # "n" is forgotten (its expiry 1000 passed)
+    assert not cache.seen("n")
+    # The wall clock steps back to 500: "n", stamped 0, is inside the window again.
+    assert cache.check_and_add("n", 0, 500) == BELOW_FLOOR
+    assert cache.floor_ns == 0
+    assert cache.check_and_add("k", 1, 500) == OK  # stamped after what was forgotten
+
+
+async def test_a_replay_after_the_clock_steps_back_is_refused(clock: Clock) -> None:
+    iatp = IATP(clock=clock, clock_skew=0, max_age=300)
+    await iatp.register_agent("alice")
+    env = await iatp.sign("alice", "once")
+    assert (await iatp.verify(env)).valid
+    clock.now += 301 * 10**9  # the window has passed the message: its nonce can be forgotten
+    assert (await iatp.verify(await iatp.sign("alice", "later"))).valid
+    clock.now -= 301 * 10**9  # the wall clock steps back: the first message is in the window again
+    result = await iatp.verify(env)
+    assert not result.valid
+    assert result.reason == "replay_window"
+
+
 async def test_a_replay_at_the_last_instant_of_the_window_fails_without_clock_skew(clock: Clock) -> None:
     iatp = IATP(clock=clock, clock_skew=0, max_age=300)
     await iatp.register_agent("alice")
