@@ -252,7 +252,30 @@ async def recorder_examples(folder: Path) -> None:
     activity = await recorder.query(agent_id="agent_123", severity=["warning", "error", "critical"], limit=50)
     events = await recorder.query(filters={"data.resource": {"$regex": "data/phi/*"}, "data.action": "write"})
     print(len(violations), len(activity), len(events))
-    await recorder.export(format="json", output_path=str(folder / "audit_report.json"), include_metadata=True)
+
+    # Time-travel debugging: an execution's records, then its state up to one of them.
+    for status, step in (("running", 1), ("running", 2), ("completed", 3)):
+        await recorder.log(
+            "step", "agent_123", {"status": status, "state": {"step": step}}, execution_id="exec_456"
+        )
+    timeline = await recorder.get_timeline(agent_id="agent_123", execution_id="exec_456")
+    state = await recorder.replay(agent_id="agent_123", execution_id="exec_456", to_event_id=timeline[1].id)
+    print(f"Agent state at event: {state['status']} {state['state']} after {state['events']} events")
+
+    written = await recorder.export(
+        format="json",
+        output_path=str(folder / "audit_report.json"),
+        start_time=datetime.now() - timedelta(days=1),
+        end_time=datetime.now() + timedelta(seconds=1),
+        include_metadata=True,
+    )
+    none_before = await recorder.export(
+        format="json",
+        output_path=str(folder / "audit_2024.json"),
+        start_time=datetime(2024, 1, 1),
+        end_time=datetime(2024, 1, 31),
+    )
+    print("exported:", written, "in range;", none_before, "in January 2024")
     await recorder.export(
         format="csv",
         output_path=str(folder / "audit_report.csv"),

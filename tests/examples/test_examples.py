@@ -51,6 +51,8 @@ def test_control_plane_reference_examples_run() -> None:
         "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL",
         # FlightRecorder: queries, exports, verify
         "1 2 2",
+        "Agent state at event: running {'step': 2} after 2 events",
+        "exported: 5 in range; 0 in January 2024",
         "chain ok: True",
     ]
 
