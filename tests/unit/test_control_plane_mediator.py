@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -660,3 +661,39 @@ async def test_the_mediators_sender_is_iatps_sender_identity() -> None:
                 assert sender == expected, (result, trust_bus)
                 assert verified is (expected is not None and result is not None)
                 assert (refusal is not None) is (result is not None and expected is None)
+
+
+def test_the_handlers_task_is_the_running_task_on_every_loop_and_thread() -> None:
+    """The mediator finds the running task without asyncio.current_task() on the loop it last
+    ran on; on another loop (in turn, or alive in another thread) it is that loop's task."""
+    kernel = KernelSpace(policy=open_policy())
+    mediator = kernel.attach(AMB("memory", url(), agent_id="worker"))
+    seen: list[bool] = []
+
+    async def check() -> None:
+        seen.extend(mediator._task() is asyncio.current_task() for _ in range(3))
+
+        async def child() -> bool:
+            return mediator._task() is asyncio.current_task()
+
+        seen.append(await asyncio.create_task(child()))
+
+    asyncio.run(check())
+    asyncio.run(check())  # a new loop: the one it remembered is closed
+    parked = threading.Event()
+    release = threading.Event()
+
+    async def park() -> None:
+        await check()
+        parked.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        await check()  # back on the first loop after the other one ran
+
+    other = threading.Thread(target=asyncio.run, args=(park(),))
+    other.start()
+    assert parked.wait(10)
+    asyncio.run(check())  # while the other thread's loop is alive and remembered
+    release.set()
+    other.join(10)
+    assert not other.is_alive()
+    assert seen == [True] * 20
