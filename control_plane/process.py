@@ -122,6 +122,7 @@ class AgentProcess:
     clients: list[AMB] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     recorder: FlightRecorder | None = None
+    stops: int = 0  # SIGSTOPs received: a SIGCONT sent before the latest one does not continue
     _cleanups: list[Cleanup] = field(default_factory=list)
     _continue: asyncio.Event = field(default_factory=asyncio.Event)
     _held: deque[_Held] = field(default_factory=deque)
@@ -283,6 +284,7 @@ class AgentProcess:
     # -- what signals do ----------------------------------------------------------------------
 
     def stop(self) -> None:
+        self.stops += 1  # even when stopped already: it overrides a SIGCONT still on its way
         if self.life in (Life.RUNNING, Life.WAITING):
             self.life = Life.STOPPED
             self._continue.clear()

@@ -12,7 +12,8 @@ SIGKILL    no         now: the agent is terminated, its tasks (execution, runnin
                       or published afterwards
 SIGSTOP    no         now: the agent's deliveries and publishes wait in its bounded hold queue
                       (``queue_size``); ``kernel.is_stopped()`` is true for agent code
-SIGCONT    yes        handlers run, then the hold queue is released in arrival order
+SIGCONT    yes        handlers run, then the hold queue is released in arrival order; a SIGSTOP
+                      sent after it (while its handlers still run) wins: the agent stays stopped
 SIGTERM    yes        handlers run (cleanup), then the agent's cleanup callbacks not run yet
                       (:meth:`AgentProcess.add_cleanup <control_plane.process.AgentProcess.add_cleanup>`),
                       then the agent is terminated as by SIGKILL, unless a handler returned
@@ -250,14 +251,18 @@ class SignalDispatcher:
             proc.stop()
             return True
         if self.async_delivery:
-            task = asyncio.get_running_loop().create_task(self._deliver(proc.id, sig))
+            task = asyncio.get_running_loop().create_task(self._deliver(proc.id, sig, proc.stops))
             background = self._table.background
             background.add(task)
             task.add_done_callback(background.discard)
             return True
-        return await self._deliver(proc.id, sig)
+        return await self._deliver(proc.id, sig, proc.stops)
 
-    async def _deliver(self, agent_id: str, sig: AgentSignal) -> bool:
+    async def _deliver(self, agent_id: str, sig: AgentSignal, stops: int) -> bool:
+        """Run the handlers of a catchable signal, then apply its effect. ``stops``: the
+        agent's SIGSTOP count when the signal was sent; a SIGCONT does not continue an agent
+        stopped again since (signals take effect in the order they were sent, although SIGSTOP
+        acts at once and SIGCONT only after its handlers)."""
         kernel = self._kernel()
         vetoed = False
         for target, handler in list(self._table.handlers.get(sig, ())):
@@ -273,7 +278,8 @@ class SignalDispatcher:
         if proc is None:
             return False
         if sig is AgentSignal.SIGCONT:
-            proc.cont()
+            if proc.stops == stops:
+                proc.cont()
         elif sig is AgentSignal.SIGTERM:
             if vetoed:
                 await kernel._record_signal(agent_id, sig, "vetoed", "a handler returned False", None)

@@ -180,6 +180,42 @@ async def test_sigstop_pauses_cooperative_agent_until_sigcont() -> None:
     await kernel.close()
 
 
+@pytest.mark.parametrize("async_delivery", [False, True])
+async def test_a_sigstop_sent_after_a_sigcont_wins_over_it(async_delivery: bool) -> None:
+    # SIGSTOP acts at once, SIGCONT after its handlers: a SIGSTOP sent while they still run
+    # must leave the agent stopped, as the order the two were sent in says.
+    dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
+    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @dispatcher.register_handler(AgentSignal.SIGCONT)
+    async def slow(agent_id: str, signal: AgentSignal) -> None:
+        entered.set()
+        await release.wait()
+
+    kernel.external("agent")  # a bus agent's process
+    assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    cont = asyncio.create_task(kernel.send_signal("agent", AgentSignal.SIGCONT))
+    await asyncio.wait_for(entered.wait(), 5)
+    assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    release.set()
+    assert await cont
+    await dispatcher.drain()
+    assert kernel.get_agent_status("agent").state == "stopped"
+    # Back to back, with nothing in between to let the SIGCONT's handlers run first.
+    await kernel.send_signal("agent", AgentSignal.SIGCONT)
+    await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+    await dispatcher.drain()
+    assert kernel.get_agent_status("agent").state == "stopped"
+    # A SIGCONT sent last continues it.
+    assert await kernel.send_signal("agent", AgentSignal.SIGCONT)
+    await dispatcher.drain()
+    assert kernel.get_agent_status("agent").state == "running"
+    signals = [r.data["signal"] for r in await kernel.recorder.query(event_type="signal")]
+    assert signals == ["SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT"]
+    await kernel.close()
+
+
 async def test_sigterm_runs_the_handler_then_stops() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
     kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
