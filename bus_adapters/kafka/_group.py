@@ -360,6 +360,10 @@ class GroupConsumer:
             owner, count, run = self._key_owner[key]
             if count <= 1:
                 del self._key_owner[key]
+                # The fetch may be waiting for this key's run to be acked (see _pick). Acks can
+                # come after the dispatcher reported the deliveries handled (a subscription
+                # with concurrency > 1 acks from its handler tasks), so wake it here too.
+                self._room.set()
             else:
                 self._key_owner[key] = (owner, count - 1, run)
         self._ack_offset(delivery.tp, delivery.offset)
