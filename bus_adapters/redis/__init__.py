@@ -60,7 +60,9 @@ Guarantees:
   a stream delivery the entry stays pending and is claimed again (``XCLAIM``) after ``delay``.
 - **Backpressure**: each subscription has a bounded queue (``max_pending``, an
   :class:`amb.dispatch.Dispatcher`); a full queue pauses reading from Redis (the pub/sub reader
-  for the whole client, or the stream reader).
+  for the whole client, or the stream reader). A client opens at most ``max_connections``
+  connections (default 100); commands beyond that (many concurrent publishes or requests) wait
+  for a free connection instead of failing.
 - **Reconnection**: commands retry with exponential backoff (redis-py ``Retry``) while the
   server is away; the pub/sub connection re-subscribes once it is back, and the stream readers
   resume. A publish that cannot reach Redis raises :class:`~amb.errors.BrokerUnavailable`.

@@ -55,9 +55,12 @@ class RedisBroker(Lifecycle):
     consumer before another may claim it), ``max_deliveries`` (deliveries of a stream entry
     before it is dead-lettered), ``durable_ttl`` (seconds a durable group outlives its last
     member, None for ever), ``queue_lease`` (the same for queue groups), ``read_batch``,
-    ``block`` (longest ``XREADGROUP`` wait, seconds), ``reconnect_attempts``, ``key_prefix``;
-    anything else goes to ``redis.asyncio.Redis.from_url``. Raises ConfigError for a bad URL
-    or option.
+    ``block`` (longest ``XREADGROUP`` wait, seconds), ``reconnect_attempts``, ``key_prefix``,
+    ``max_connections`` (connections to Redis this client opens at most, default 100; a
+    command that finds them all busy waits for one instead of failing: the pub/sub connection
+    and each stream subscription's blocking read hold one, so keep it above the number of
+    stream subscriptions); anything else goes to redis-py's connection pool
+    (``BlockingConnectionPool.from_url``). Raises ConfigError for a bad URL or option.
 
     Counters: ``dead_lettered`` (stream entries moved to the dead-letter stream, see the
     package docstring), ``malformed`` (stream entries and pub/sub messages this adapter could
@@ -91,13 +94,17 @@ class RedisBroker(Lifecycle):
         block: float = 2.0,
         reconnect_attempts: int = 20,
         key_prefix: str = "amb:",
+        max_connections: int = 100,
         **redis_options: Any,
     ) -> None:
         self.url = connection_string or DEFAULT_URL
         if urlparse(self.url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"redis broker URL must look like redis://HOST:PORT/DB, got {self.url!r}")
-        if max_pending < 1 or stream_maxlen < 1 or max_deliveries < 1 or read_batch < 1:
-            raise ConfigError("max_pending, stream_maxlen, max_deliveries and read_batch must be >= 1")
+        if min(max_pending, stream_maxlen, max_deliveries, read_batch) < 1 or max_connections < 2:
+            raise ConfigError(
+                "max_pending, stream_maxlen, max_deliveries and read_batch must be >= 1, "
+                "max_connections >= 2 (the pub/sub connection and one for commands)"
+            )
         if min(claim_min_idle, queue_lease, block, durable_ttl or 1.0) <= 0:
             raise ConfigError("claim_min_idle, queue_lease, block and durable_ttl must be positive")
         self.max_pending = max_pending
@@ -109,6 +116,7 @@ class RedisBroker(Lifecycle):
         self.read_batch = read_batch
         self.block = block
         self.key_prefix = key_prefix
+        self.max_connections = max_connections
         self.registry_key = f"{key_prefix}groups"
         self.dead_lettered = 0
         self.malformed = 0
@@ -149,7 +157,13 @@ class RedisBroker(Lifecycle):
         """Connect and open the pub/sub connection; raises BrokerUnavailable."""
         if not self._begin_connect():
             return
-        client = aioredis.Redis.from_url(self.url, **self._redis_options)
+        # redis-py's default pool raises MaxConnectionsError when every connection is in use
+        # (100 by default): a client with more commands in flight (concurrent publishes,
+        # requests, acks) would fail them as BrokerUnavailable. A blocking pool makes them wait.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=self.max_connections, timeout=None, **self._redis_options
+        )
+        client = aioredis.Redis.from_pool(pool)
         try:
             with translated("connect"):
                 await client.ping()
