@@ -79,6 +79,9 @@ What the librdkafka mock cluster (used by the tests) does not cover:
 - Session timeouts are enforced on a one-second tick, and a rebalance of a running group waits
   ``session_timeout_ms - 1000`` ms (hence the low timeouts of the test fixture, which a real
   broker's ``group.min.session.timeout.ms`` would refuse).
+- A partition keeps at most 5 MiB of records (and 100,000 batches); older ones are dropped,
+  so a consumer further behind loses them (aiokafka resets to the earliest offset), as with
+  retention on a real broker. Load tests keep each partition's backlog below that.
 - No persistence across a broker restart, no replication, no ACLs, no transactions tested.
 """
 
