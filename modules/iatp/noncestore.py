@@ -78,9 +78,13 @@ class RedisNonceStore:
     Args:
         url: a ``redis://`` or ``rediss://`` URL (ignored when ``client`` is given).
         prefix: put before every key; give each deployment its own.
-        timeout: seconds for connecting and for each command; beyond it the message is
-            rejected (``nonce_store_unavailable``), never accepted unchecked.
+        timeout: seconds for connecting and for each claim (waiting for a free connection
+            included); beyond it the message is rejected (``nonce_store_unavailable``), never
+            accepted unchecked.
         client: an existing ``redis.asyncio.Redis`` to use (not closed by :meth:`close`).
+        max_connections: connections to Redis the store opens at most (default 100, at
+            least 1); claims beyond them wait for a free one, within ``timeout``. (redis-py's
+            default pool raises once all are busy, which would reject valid messages under load.)
 
     Needs redis-py (``pip install agent-os[redis]``), imported on first use; raises
     IATPConfigError when it is missing or for a bad option.
@@ -93,9 +97,13 @@ class RedisNonceStore:
         prefix: str = "iatp:nonce:",
         timeout: float = 1.0,
         client: redis.asyncio.Redis | None = None,
+        max_connections: int = 100,
     ) -> None:
         if timeout <= 0:
             raise IATPConfigError("timeout must be positive")
+        if max_connections < 1:
+            raise IATPConfigError("max_connections must be at least 1")
+        self.max_connections = max_connections
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
@@ -112,9 +120,14 @@ class RedisNonceStore:
                 import redis.asyncio as aioredis
             except ImportError as exc:
                 raise IATPConfigError("RedisNonceStore needs redis-py: pip install agent-os[redis]") from exc
-            self._client = aioredis.Redis.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=None,  # the wait is bounded by claim()'s timeout
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
             )
+            self._client = aioredis.Redis.from_pool(pool)
         return self._client
 
     async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:

@@ -8,6 +8,7 @@ nonces in Redis, and accepted without it.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -194,3 +195,20 @@ def test_a_nonce_store_must_be_one() -> None:
         IATP(nonce_store=object())  # type: ignore[arg-type]
     with pytest.raises(IATPConfigError):
         RedisNonceStore(timeout=0)
+
+
+async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(prefix: str) -> None:
+    """More claims in flight than the store has connections: every one is answered (first
+    claims True, repeats False), none rejected as unavailable."""
+    store = RedisNonceStore(REDIS_URL, prefix=prefix, max_connections=4, timeout=5.0)
+    nonces = [uuid.uuid4().bytes for _ in range(300)]
+    try:
+        first = await asyncio.gather(*(store.claim("scope", n, 60_000) for n in nonces))
+        again = await asyncio.gather(*(store.claim("scope", n, 60_000) for n in nonces))
+    finally:
+        await store.close()
+    assert first == [True] * 300
+    assert again == [False] * 300
+    assert store.failures == 0
+    with pytest.raises(IATPConfigError):
+        RedisNonceStore(REDIS_URL, max_connections=0)
