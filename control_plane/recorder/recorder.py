@@ -256,10 +256,14 @@ class FlightRecorder:
     async def backpressure(self) -> None:
         """What ``log`` does after appending to a full batch: wait for the batch being written,
         then start writing this one in the background (or, when ten batches are waiting because
-        the storage keeps failing, write now and raise RecorderError)."""
+        the storage keeps failing, write now and raise RecorderError). A caller cancelled while
+        it waits leaves the write going on: it is everyone's, not the caller's."""
         running = self._flush_task
         if running is not None and not running.done():
-            await running  # backpressure: one batch is written while the next one fills
+            # Backpressure: one batch is written while the next one fills. Shielded, because
+            # awaiting a task directly cancels that task when the waiter is cancelled (a killed
+            # agent's handler waiting here would cancel the write every other waiter awaits).
+            await asyncio.shield(running)
         if len(self._batch) >= 10 * self.batch_size:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:

@@ -198,6 +198,39 @@ async def test_a_failed_flush_keeps_the_batch() -> None:
     await rec.close()
 
 
+async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
+    # Loggers past a full batch wait for the batch being written. One of them cancelled (a
+    # killed agent's handler) must leave that write alone: the others wait for it too.
+    rec = FlightRecorder("memory", batch_size=2)
+    await rec.open()
+    storage = rec.storage
+    original = storage.append
+    writing, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(rows: object) -> None:
+        writing.set()
+        await gate.wait()
+        await original(rows)  # type: ignore[arg-type]
+
+    storage.append = slow  # type: ignore[method-assign]
+    for i in range(2):
+        await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
+    rec.append("e", "a", {"i": 2})
+    rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
+    cancelled = asyncio.create_task(rec.backpressure())
+    other = asyncio.create_task(rec.backpressure())
+    await asyncio.wait_for(writing.wait(), 5)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    gate.set()
+    await asyncio.wait_for(other, 5)  # not a CancelledError
+    assert cancelled.cancelled()
+    await rec.flush()
+    assert rec.flushed == 4
+    assert (await rec.verify()).checked == 4
+    await rec.close()
+
+
 def _tamper(db: Path, *statements: str) -> None:
     con = sqlite3.connect(db)
     with con:
