@@ -39,7 +39,11 @@ For each message, in this order:
    direction, or a ``message_dropped`` (reason ``agent killed (SIGKILL)`` or
    ``hold_queue_full``) when signals refused it; a held message gets a ``message_held`` record
    and then, when released, its ``policy_decision``, or a ``message_dropped`` when SIGKILL
-   (or, mediated, the service stopping) drops it before its turn.
+   (or, mediated, the service stopping) drops it before its turn. An allowed message waits
+   while its record is written when the recorder applies backpressure; if SIGKILL comes
+   meanwhile, it goes no further (``AgentStoppedError``; inbound: dead-lettered) and gets a
+   ``message_dropped`` after its ``policy_decision``: nothing of a killed agent is published,
+   handled or forwarded after the kill.
 
 **Who the sender is** (:mod:`control_plane.identity`). Outbound, this process is the
 authority: the sender is the attached agent. Inbound:
@@ -82,7 +86,7 @@ import re
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from amb.envelope import Envelope
 from amb.metadata import Metadata
@@ -207,6 +211,8 @@ class Mediator(Middleware):
         decision, op, resource, pending = self._decide_publish(proc, envelope)
         if pending is not None:
             await pending
+            if decision.allowed and proc.life is _TERMINATED:
+                await self._killed_meanwhile(proc, envelope, "publish")
         if not decision.allowed:
             raise _violation(decision, op, resource)
         env = envelope
@@ -232,6 +238,8 @@ class Mediator(Middleware):
         decision, op, resource, pending = self._decide_publish(proc, env)
         if pending is not None:
             await pending
+            if decision.allowed and proc.life is _TERMINATED:
+                await self._killed_meanwhile(proc, env, "publish")
         if not decision.allowed:
             raise _violation(decision, op, resource)
         if self.pending is not None and env.reply_to:
@@ -336,7 +344,9 @@ class Mediator(Middleware):
         # The common path: _deliver and _handle without their own coroutines.
         op, pending = self._decide_deliver(proc, envelope, metadata, route, ident, mediated)
         if pending is not None:
-            await pending
+            await pending  # raises the violation of a deny
+            if proc.life is _TERMINATED:
+                await self._killed_meanwhile(proc, envelope, "deliver")
         if op == "signal":
             token = _IN_CONTROL.set(True)
             try:
@@ -415,7 +425,9 @@ class Mediator(Middleware):
     ) -> None:
         op, pending = self._decide_deliver(proc, env, meta, route, ident, mediated)
         if pending is not None:
-            await pending
+            await pending  # raises the violation of a deny
+            if proc.life is _TERMINATED:
+                await self._killed_meanwhile(proc, env, "deliver")
         if op == "signal":
             token = _IN_CONTROL.set(True)
             try:
@@ -672,6 +684,13 @@ class Mediator(Middleware):
                 "queued": proc.held,
             },
         )
+
+    async def _killed_meanwhile(self, proc: AgentProcess, env: Envelope, op: str) -> NoReturn:
+        """An allowed message whose agent was killed while its decision's record was being
+        written (the recorder's backpressure): it goes no further. Recorded as dropped (after
+        its ``policy_decision``); raises AgentStoppedError (inbound: dead-lettered)."""
+        await self._dropped(proc, env, op)
+        raise AgentStoppedError(f"agent {proc.id} was killed before its message {env.id} went on")
 
     async def _dropped(
         self, proc: AgentProcess, env: Envelope, op: str, reason: str = "agent killed (SIGKILL)"

@@ -16,6 +16,7 @@ from amb.middleware import ConsumeNext
 from control_plane import (
     AgentSignal,
     AgentStoppedError,
+    FlightRecorder,
     HoldQueueFull,
     KernelSpace,
     Pattern,
@@ -697,3 +698,85 @@ def test_the_handlers_task_is_the_running_task_on_every_loop_and_thread() -> Non
     other.join(10)
     assert not other.is_alive()
     assert seen == [True] * 20
+
+
+# -- SIGKILL while a decision's record is being written ------------------------------------------
+
+
+async def gated_recorder(kernel: KernelSpace) -> asyncio.Event:
+    """Make ``kernel``'s recorder (``batch_size=1``) apply backpressure: one write starts and
+    waits for the returned gate, so every further record waits for that write."""
+    recorder = kernel.recorder
+    original = recorder.storage.append
+    gate = asyncio.Event()
+
+    async def gated(rows: Any) -> None:
+        await gate.wait()
+        await original(rows)
+
+    recorder.storage.append = gated  # type: ignore[method-assign]
+    await recorder.log("e", "test")  # fills the batch: its write starts and waits at the gate
+    return gate
+
+
+async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published() -> None:
+    kernel = KernelSpace(policy=open_policy(), flight_recorder=FlightRecorder("memory", batch_size=1))
+    where = url()
+    agent = AMB("memory", where, agent_id="agent")
+    kernel.attach(agent)
+    peer = AMB("memory", where, agent_id="peer")
+    got = Collector()
+    await peer.subscribe("tasks.out", got)
+    await agent.connect()
+    gate = await gated_recorder(kernel)
+    publish = asyncio.create_task(agent.publish("tasks.out", "after the kill"))
+    await wait_until(lambda: kernel.recorder.appended == 2, what="the decision recorded")
+    kernel.get_agent("agent").kill()  # while the publish waits for its record's batch
+    gate.set()
+    with pytest.raises(AgentStoppedError):
+        await publish
+    await peer.publish("tasks.out", "sentinel")
+    await got.wait_for(1)
+    assert got.messages == ["sentinel"]  # nothing of the agent arrived before it
+    records = await kernel.recorder.query(agent_id="agent")
+    assert [(r.event_type, r.data["decision"]) for r in records] == [
+        ("policy_decision", "allow"),
+        ("message_dropped", "drop"),
+    ]
+    assert records[0].data["message_id"] == records[1].data["message_id"]
+    await peer.close()
+    await agent.close()
+    await kernel.close()
+
+
+async def test_a_message_allowed_while_its_sender_is_killed_is_not_forwarded() -> None:
+    """Mediated mode: the service's client stays open when a sender is killed, so without a
+    check after the record the message would be forwarded after the kill."""
+    policy = Policy("m", default_action="deny")
+    policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    kernel = KernelSpace(policy=policy, flight_recorder=FlightRecorder("memory", batch_size=1))
+    where = url()
+    service = AMB("memory", where, agent_id="svc")
+    kernel.attach(service, trust_bus=True, inbound_prefix="ingress")
+    forwarded, dead = Collector(), Collector()
+    await service.subscribe("ingress.>", forwarded)
+    watcher = AMB("memory", where, agent_id="watcher")
+    await watcher.subscribe("_DLQ.>", dead)
+    agent = AMB("memory", where, agent_id="agent-a")
+    await service.connect()
+    gate = await gated_recorder(kernel)
+    message_id = await agent.publish("ingress.tasks.x", "after the kill")
+    await wait_until(lambda: kernel.recorder.appended == 2, what="the decision recorded")
+    kernel.get_agent("agent-a").kill()
+    gate.set()
+    await dead.wait_for(1)
+    assert dead.metadata[0].headers[DLQ_REASON] == "agent_killed"
+    assert forwarded.messages == []
+    records = await kernel.recorder.query(agent_id="agent-a")
+    assert [(r.event_type, r.data["message_id"]) for r in records] == [
+        ("policy_decision", message_id),
+        ("message_dropped", message_id),
+    ]
+    for client in (agent, watcher, service):
+        await client.close()
+    await kernel.close()
