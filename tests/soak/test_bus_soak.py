@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import random
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from tests.conformance import conftest as conformance
 from tests.conformance.brokers import TARGETS, BrokerTarget
 from tests.conformance.cleanup import REDIS_URL
 from tests.conformance.conftest import AmbFactory, requires
-from tests.support import wait_until
+from tests.support import rss_bytes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -404,15 +403,6 @@ async def test_durable_consumers_under_random_failures_lose_nothing(
 # -- resource bounds -------------------------------------------------------------------------
 
 
-def _rss() -> int:
-    """The process's resident set size in bytes (Linux: /proc/self/statm)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pytest.skip("no /proc/self/statm to read the resident set size from")
-
-
 def _live_objects() -> Counter[str]:
     """Objects the garbage collector tracks, by type name, after a full collection."""
     gc.collect()
@@ -497,11 +487,11 @@ async def test_two_equal_rounds_leave_nothing_behind_and_do_not_grow(
         await wait_until(lambda: not any(_held(c) for c in clients), timeout=30, what="the clients to settle")
         return time.perf_counter() - started
 
-    rss0, objects0 = _rss(), _live_objects()
+    rss0, objects0 = rss_bytes(), _live_objects()
     first = await one_round()
-    rss1, objects1 = _rss(), _live_objects()
+    rss1, objects1 = rss_bytes(), _live_objects()
     second = await one_round()
-    rss2, objects2 = _rss(), _live_objects()
+    rss2, objects2 = rss_bytes(), _live_objects()
     for client in clients:
         await client.close(timeout=10)
     left = [t for t in asyncio.all_tasks() if t not in before and t is not asyncio.current_task()]

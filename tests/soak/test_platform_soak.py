@@ -8,10 +8,6 @@ an equal second one. They are marked ``slow`` (skipped by default; ``bash .ci/te
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import gc
-import os
 import time
 import uuid
 from collections import Counter
@@ -48,22 +44,9 @@ from tests.integration.test_control_plane_queue_group_nats import (
     real,
 )
 from tests.integration.test_emk_postgres import APPEND_ONLY_VIOLATIONS, PG_DSN
-from tests.support import Collector, wait_until
+from tests.support import Collector, rss_bytes, wait_until
 
 pytestmark = pytest.mark.slow
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """The process's resident set size now (``/proc/self/statm``), after a full collection and
-    after glibc's ``malloc_trim`` hands back the free memory it keeps (freed memory an allocator
-    holds on to is not a leak; where there is no glibc the figure includes it)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 # -- the control plane under sustained governed traffic (embedded, in-memory bus) ------------------
