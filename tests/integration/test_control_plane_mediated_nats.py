@@ -78,6 +78,31 @@ def agent_client(user: str, port: int) -> AMB:
     return AMB("nats", url(user, port), agent_id=user, inbox_prefix=agent_inbox(user))
 
 
+async def service_and_responder(
+    nats_port: int, denied_reply: Pattern | None = None, *, answer: str
+) -> tuple[KernelSpace, ControlPlaneService, AMB]:
+    """The control-plane service on the permissioned server (requests and replies on ``tasks.*``
+    allowed, except replies matching ``denied_reply``), and agent-b answering every request on
+    ``tasks.>`` with ``answer`` + the message, its replies going through the service."""
+    policy = Policy("mediated", default_action="deny")
+    policy.add_rule("allow", Pattern("request", "tasks.*"))
+    if denied_reply is not None:
+        policy.add_rule("deny", denied_reply, reason="private answers")
+    policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    kernel = KernelSpace(policy=policy)
+    service = ControlPlaneService(
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+    )
+    await service.start()
+    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
+
+    async def reply(message: object, metadata: Metadata) -> None:
+        await responder.reply(metadata, f"{answer}{message}")
+
+    await responder.subscribe(delivery_subject("tasks.>"), reply)
+    return kernel, service, responder
+
+
 async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nats_port: int) -> None:
     import nats
 
@@ -124,21 +149,9 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
 async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(nats_port: int) -> None:
     import nats
 
-    policy = Policy("mediated", default_action="deny")
-    policy.add_rule("allow", Pattern("request", "tasks.*"))
-    policy.add_rule("deny", Pattern("reply", "tasks.private"), reason="private answers")
-    policy.add_rule("allow", Pattern("reply", "tasks.*"))
-    kernel = KernelSpace(policy=policy)
-    service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+    kernel, service, responder = await service_and_responder(
+        nats_port, Pattern("reply", "tasks.private"), answer="re: "
     )
-    await service.start()
-    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
-
-    async def answer(message: object, metadata: Metadata) -> None:
-        await responder.reply(metadata, f"re: {message}")
-
-    await responder.subscribe(delivery_subject("tasks.>"), answer)
     requester = agent_client("agent-a", nats_port)
     assert await requester.request(ingress_subject("tasks.ask"), "hello", timeout=3) == "re: hello"
     with pytest.raises(RequestTimeout):
@@ -178,20 +191,7 @@ async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -
     the service forwards to agent-a reaches agent-a alone."""
     import nats
 
-    policy = Policy("mediated", default_action="deny")
-    policy.add_rule("allow", Pattern("request", "tasks.*"))
-    policy.add_rule("allow", Pattern("reply", "tasks.*"))
-    kernel = KernelSpace(policy=policy)
-    service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
-    )
-    await service.start()
-    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
-
-    async def answer(message: object, metadata: Metadata) -> None:
-        await responder.reply(metadata, f"secret answer to {message}")
-
-    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    kernel, service, responder = await service_and_responder(nats_port, answer="secret answer to ")
 
     errors: list[Exception] = []
 
@@ -239,20 +239,7 @@ async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
     server refuses the agent's subscription to it and the service denies the request (its
     ``reply_to`` is not the agent's inbox). With ``inbox_prefix=agent_inbox(agent)`` the same
     agent's request is forwarded and its reply arrives."""
-    policy = Policy("mediated", default_action="deny")
-    policy.add_rule("allow", Pattern("request", "tasks.*"))
-    policy.add_rule("allow", Pattern("reply", "tasks.*"))
-    kernel = KernelSpace(policy=policy)
-    service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
-    )
-    await service.start()
-    responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
-
-    async def answer(message: object, metadata: Metadata) -> None:
-        await responder.reply(metadata, f"re: {message}")
-
-    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    kernel, service, responder = await service_and_responder(nats_port, answer="re: ")
 
     plain = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
     adapter_inbox = plain.broker.inbox_prefix()
