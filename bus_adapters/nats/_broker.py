@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import random
@@ -39,6 +40,32 @@ log = logging.getLogger("bus_adapters.nats")
 _ROUTE_CACHE_MAX: Final = 8192
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _WHITESPACE: Final = re.compile(r"\s")
+
+_SEND_PUBLISH_PARAMS: Final = ["subject", "reply", "payload", "payload_size", "headers"]
+
+
+def connected_status(nc: Client) -> int | None:
+    """The ``_status`` value of a connected nats-py client, when the installed nats-py has the
+    internal PUB send ``_send_publish(subject, reply, payload, payload_size, headers)`` and the
+    state this adapter reads (else None: every publish takes the public ``Client.publish``).
+
+    ``Client.publish`` spends about 0.3 µs per call on checks the adapter makes otherwise:
+    subjects are validated once per subject; a client that is not connected (closed, draining,
+    reconnecting) or a payload over the server's limit take the public path, which raises or
+    buffers as nats-py does. So a core publish on a connected client goes straight to the send
+    that ``publish`` itself ends in.
+    """
+    send = getattr(nc, "_send_publish", None)
+    connected = getattr(type(nc), "CONNECTED", None)
+    if send is None or type(connected) is not int or not inspect.iscoroutinefunction(send):
+        return None
+    if type(getattr(nc, "_status", None)) is not int or type(getattr(nc, "_max_payload", None)) is not int:
+        return None
+    try:
+        params = list(inspect.signature(send).parameters)
+    except (TypeError, ValueError):
+        return None
+    return connected if params == _SEND_PUBLISH_PARAMS else None
 
 
 class NatsBroker(Lifecycle):
@@ -75,6 +102,9 @@ class NatsBroker(Lifecycle):
         self._nc: Client | None = None
         self._jsm: JetStreamManager | None = None
         self._acks: AckWindow | None = None
+        # nats-py's _status when connected, if core publishes may skip Client.publish's checks
+        # (see connected_status()); -1: never.
+        self._direct_status = -1
         self._subs: set[NatsSubscription] = set()
         self._stream_patterns: list[str] = list(self.config.stream_subjects)
         # subject -> "a stream captures it"; a subject is in it only once validated, so a
@@ -127,6 +157,8 @@ class NatsBroker(Lifecycle):
                 await nc.close()
             raise BrokerUnavailable(f"cannot connect to NATS at {', '.join(self.servers)}: {exc!r}") from exc
         self._nc = nc
+        direct = connected_status(nc)
+        self._direct_status = -1 if direct is None else direct
         self._jsm = nc.jsm()
         self._acks = AckWindow(
             nc.jetstream(), window=self.config.publish_window, publish_timeout=self.config.publish_timeout
@@ -184,10 +216,14 @@ class NatsBroker(Lifecycle):
             assert self._acks is not None  # guaranteed by the OPEN state
             await self._acks.publish(subject, data, confirm=self._confirm_all)
             return
+        nc: Any = self._nc  # set while OPEN; Any: the fast path reads nats-py's private state
         try:
-            await self._nc.publish(subject, data)  # type: ignore[union-attr]  # set while OPEN
+            if nc._status == self._direct_status and len(data) <= nc._max_payload:
+                await nc._send_publish(subject, "", data, len(data), None)
+            else:
+                await nc.publish(subject, data)
             if self._confirm_all:
-                await self._confirm(self.connection)
+                await self._confirm(nc)
         except Exception as exc:
             raise (translate(exc, f"publish to {subject!r}") or exc) from exc
 

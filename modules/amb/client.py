@@ -56,6 +56,7 @@ from amb.errors import (
     ConfigError,
     EnvelopeError,
     MessageRejected,
+    OversizedEnvelope,
     RemoteError,
     RequestTimeout,
     StateError,
@@ -63,7 +64,14 @@ from amb.errors import (
 from amb.filters import FilterSpec, Predicate, compile_filter
 from amb.metadata import Metadata, metadata_from_wire
 from amb.middleware import ConsumeNext, Middleware, PublishNext, build_consume_chain, build_publish_chain
-from amb.serializers import DEFAULT_MAX_BYTES, Decoder, envelope_from_wire, get_serializer
+from amb.serializers import (
+    DEFAULT_MAX_BYTES,
+    Decoder,
+    Serializer,
+    envelope_from_wire,
+    get_serializer,
+    typed_unpack,
+)
 from amb.subjects import validate_pattern, validate_subject
 
 log = logging.getLogger("amb")
@@ -82,6 +90,7 @@ DLQ_ORIGINAL_ID: Final = "dlq-original-id"
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
 _TOPICS_MAX: Final = 4096
+_NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -296,7 +305,9 @@ class AMB(Lifecycle):
         broker: a ready broker object instead of ``backend`` (the client then owns and closes it).
         middleware: the middleware chain, wire side first (see :mod:`amb.middleware`).
         dead_letter_prefix: dead letters go to ``<prefix>.<original subject>``.
-        max_message_bytes: the largest encoded envelope sent or accepted.
+        max_message_bytes: the largest encoded envelope sent or accepted. A dead letter
+            carries the message it records, so it may be larger: up to this or 8 MiB,
+            whichever is more (a message refused for its size is dead-lettered whole).
         broker_options: extra keyword arguments for the adapter.
         inbox_prefix: where this client's reply inbox lives: requests then carry ``reply_to``
             ``<inbox_prefix>.<token>.<n>``, with a random ``token`` per client (two clients
@@ -339,7 +350,8 @@ class AMB(Lifecycle):
                 raise ConfigError(f"inbox_prefix: {exc}") from None
             own_inbox = f"{inbox_prefix}.{os.urandom(8).hex()}"
         self._serializer = get_serializer(serializer, max_message_bytes)
-        self._decode_fields = Decoder(max_message_bytes).decode_fields
+        self._dead_letter_serializer = get_serializer(serializer, max(max_message_bytes, DEFAULT_MAX_BYTES))
+        self._decoder = Decoder(max_message_bytes)
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
         self.dead_letter_prefix = validate_subject(dead_letter_prefix)
@@ -464,12 +476,19 @@ class AMB(Lifecycle):
             if ttl <= 0:
                 raise ConfigError("ttl must be positive")
             expires_at = now + int(ttl * 1e9)
-        hdrs = dict(headers) if headers else {}
-        if key is not None:
-            hdrs[PARTITION_KEY_HEADER] = key
         sender = sender_id or self.agent_id
-        id_ = new_id_at(now)
         chain = self._publish_chain
+        if headers or key is not None:
+            hdrs = dict(headers) if headers else {}
+            if key is not None:
+                hdrs[PARTITION_KEY_HEADER] = key
+            partition = hdrs.get(PARTITION_KEY_HEADER) or sender
+        else:
+            # Without middleware nothing sees the headers before they are encoded: one shared
+            # empty dict, never written to. The middleware may add headers: a dict of its own.
+            hdrs = _NO_HEADERS if chain is None else {}
+            partition = sender
+        id_ = new_id_at(now)
         if chain is not None:
             env = new_envelope(
                 id_,
@@ -492,7 +511,7 @@ class AMB(Lifecycle):
         data = self._serializer.encode_new(
             id_, topic, sender, message, recipient, reply_to, correlation_id, now, expires_at, priority, hdrs
         )
-        await self.broker.publish(topic, data, key=(hdrs and hdrs.get(PARTITION_KEY_HEADER)) or sender)
+        await self.broker.publish(topic, data, key=partition)
         self.stats.published += 1
         return id_
 
@@ -503,9 +522,10 @@ class AMB(Lifecycle):
             self._topics.clear()
         self._topics.add(topic)
 
-    async def _wire_send(self, env: Envelope) -> None:
-        """Encode ``env`` and hand it to the broker: the end of the publish chain."""
-        data = self._serializer.encode(env)
+    async def _wire_send(self, env: Envelope, serializer: Serializer | None = None) -> None:
+        """Encode ``env`` (with ``serializer``, default the client's) and hand it to the broker:
+        the end of the publish chain."""
+        data = (serializer or self._serializer).encode(env)
         await self.broker.publish(env.topic, data, key=env.headers.get(PARTITION_KEY_HEADER) or env.sender)
         self.stats.published += 1
 
@@ -802,8 +822,17 @@ class AMB(Lifecycle):
         # wire fields until someone (middleware, a failure, metadata.envelope) needs the object.
         stats = self.stats
         stats.delivered += 1
+        data = delivery.data
         try:
-            fields = self._decode_fields(delivery.data)
+            # Decoder.decode_fields, inlined: the size limit, msgspec's one-pass decode, and
+            # the decoder's slow path for what msgspec refuses (it explains or accepts).
+            decoder = self._decoder
+            if len(data) > decoder.max_bytes:
+                raise OversizedEnvelope(len(data), decoder.max_bytes)
+            try:
+                fields = typed_unpack(data)
+            except Exception:
+                fields = decoder.refused(data)
         except EnvelopeError as exc:
             stats.malformed += 1
             await self._dead_letter(sub, delivery, None, "malformed", exc)
@@ -950,7 +979,7 @@ class AMB(Lifecycle):
             headers=headers,
         )
         try:
-            await self._wire_send(dead)
+            await self._wire_send(dead, self._dead_letter_serializer)
         except BusError as exc:
             self.stats.dead_letter_failures += 1
             log.error("could not dead-letter a message from %r (%s): %r", subject, reason, exc)

@@ -84,6 +84,9 @@ _WireV1 = tuple[
     tuple[str, str, bytes, bytes] | None,  # sig
 ]
 _typed_unpack: Final = msgspec.msgpack.Decoder(_WireV1).decode
+typed_unpack: Final = _typed_unpack
+"""msgspec's one-pass decode of a msgpack v1 envelope into :data:`WireFields`: raises (a
+msgspec error) on anything else, which :meth:`Decoder.refused` then explains or accepts."""
 
 WireFields = tuple[
     int,
@@ -605,27 +608,29 @@ _JSON_START: Final = ord("{")
 class Decoder:
     """Decodes either format, picking by the first byte; the size limit applies to both."""
 
-    __slots__ = ("_json", "_max_bytes")
+    __slots__ = ("_json", "max_bytes")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self._max_bytes = max_bytes
+        self.max_bytes = max_bytes
         self._json = JsonSerializer(max_bytes)
 
     def decode_fields(self, data: bytes) -> WireFields:
         """The checked fields of an envelope in either format, as :data:`WireFields` (the
         receive hot path: no Envelope object yet). Raises an :class:`EnvelopeError` subclass."""
-        if len(data) > self._max_bytes:
-            raise OversizedEnvelope(len(data), self._max_bytes)
+        if len(data) > self.max_bytes:
+            raise OversizedEnvelope(len(data), self.max_bytes)
         # msgspec refuses anything that is not a msgpack v1 envelope (empty input and JSON,
-        # which starts with "{", included), so the common case costs one call.
+        # which starts with "{", included), so the common case costs one call. (The AMB
+        # client's receive path carries these lines inline; keep the two in step.)
         try:
             fields: WireFields = _typed_unpack(data)
         except Exception:
-            return self._refused(data)
+            return self.refused(data)
         return fields
 
-    def _refused(self, data: bytes) -> WireFields:
-        """Input the typed decode refused: empty, JSON, or msgpack for the checked path."""
+    def refused(self, data: bytes) -> WireFields:
+        """The fields of input (of at most ``max_bytes``) that :data:`typed_unpack` refused:
+        empty, JSON, or msgpack for the checked path. Raises an :class:`EnvelopeError` subclass."""
         if not data:
             raise TruncatedEnvelope("empty message")
         if data[0] == _JSON_START:

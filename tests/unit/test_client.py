@@ -211,6 +211,54 @@ async def test_handler_exception_never_stops_the_subscription() -> None:
     await client.close()
 
 
+async def test_the_receive_path_decodes_within_the_size_limit_and_in_either_format() -> None:
+    url = memory_url()
+    small = AMB(connection_string=url, max_message_bytes=300)
+    big = AMB(connection_string=url)
+    json_client = AMB(connection_string=url, serializer="json")
+    got, dead = Collector(), Collector()
+    await small.subscribe("size.x", got)
+    await big.subscribe("_DLQ.size.x", dead)
+    await big.publish("size.x", "y" * 400)  # over the receiver's limit
+    await json_client.publish("size.x", {"from": "json"})  # msgspec refuses JSON: the slow path
+    await big.publish("size.x", "fits")
+    await got.wait_for(2)
+    await dead.wait_for(1)
+    assert got.messages == [{"from": "json"}, "fits"]
+    assert dead.metadata[0].headers[amb.client.DLQ_REASON] == "malformed"
+    assert dead.metadata[0].headers[amb.client.DLQ_ERROR].startswith("OversizedEnvelope")
+    assert amb.decode(dead.messages[0]).payload == "y" * 400  # dead-lettered whole
+    assert small.stats.malformed == 1
+    for client in (small, big, json_client):
+        await client.close()
+
+
+@pytest.mark.parametrize("serializer", ["msgpack", "json"])
+async def test_publishes_without_headers_share_an_empty_dict_that_stays_empty(serializer: str) -> None:
+    url = memory_url()
+    plain = AMB(connection_string=url, serializer=serializer)
+    log: list[str] = []
+    chained = AMB(connection_string=url, serializer=serializer, middleware=[Recorder("mw", log)])
+    got = Collector()
+    await plain.subscribe("hdr.x", got)
+    await plain.publish("hdr.x", 1)
+    await plain.publish("hdr.x", 2, key="k")
+    await plain.publish("hdr.x", 3, headers={"a": "b"})
+    await chained.publish("hdr.x", 4)  # the middleware writes into the headers it is given
+    await plain.publish("hdr.x", 5)
+    await got.wait_for(5)
+    assert [dict(m.headers) for m in got.metadata] == [
+        {},
+        {amb.client.PARTITION_KEY_HEADER: "k"},
+        {"a": "b"},
+        {"seen-by-mw": "1"},
+        {},
+    ]
+    assert amb.client._NO_HEADERS == {}
+    await plain.close()
+    await chained.close()
+
+
 async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
     client = AMB(connection_string=memory_url())
 
