@@ -43,7 +43,12 @@ Semantics:
   waits for them (within its timeout). With ``confirm_publish=True`` each durable publish
   returns only once stored. Only a process that dies with unacknowledged publishes loses them.
 - **Core publishing**: any other publish returns once the message is in the connection's buffer
-  (as raw nats-py does; order is kept per connection, not across clients).
+  (as raw nats-py does; order is kept per connection, not across clients). While the client is
+  connected and the payload is within the server's limit, it goes straight to the send that
+  nats-py's ``Client.publish`` ends in (its checks are the adapter's: subjects once, the
+  connection state, the size), about 0.3 µs less per message; otherwise, or if the installed
+  nats-py lacks that internal send, it takes ``Client.publish`` (which buffers while
+  reconnecting and raises as usual).
   ``confirm_publish=True`` makes it wait until the server has processed it (one PING/PONG round
   trip), so a publish that returned is delivered before any publish started after it from any
   client, at about 1/40 of the throughput. JetStream stores a core publish when a stream covers
