@@ -83,8 +83,7 @@ _WireV1 = tuple[
     Any,  # payload
     tuple[str, str, bytes, bytes] | None,  # sig
 ]
-_typed_unpack: Final = msgspec.msgpack.Decoder(_WireV1).decode
-typed_unpack: Final = _typed_unpack
+typed_unpack: Final = msgspec.msgpack.Decoder(_WireV1).decode
 """msgspec's one-pass decode of a msgpack v1 envelope into :data:`WireFields`: raises (a
 msgspec error) on anything else, which :meth:`Decoder.refused` then explains or accepts."""
 
@@ -401,7 +400,7 @@ def _decode_msgpack(data: bytes) -> WireFields:
     """The fields of a msgpack envelope whose size is checked: msgspec's typed one-pass decode,
     else the checked path (which accepts what msgspec was stricter about or names the error)."""
     try:
-        fields: WireFields = _typed_unpack(data)
+        fields: WireFields = typed_unpack(data)
     except Exception:
         return wire_of(_decode_msgpack_checked(data))
     return fields
@@ -623,7 +622,7 @@ class Decoder:
         # which starts with "{", included), so the common case costs one call. (The AMB
         # client's receive path carries these lines inline; keep the two in step.)
         try:
-            fields: WireFields = _typed_unpack(data)
+            fields: WireFields = typed_unpack(data)
         except Exception:
             return self.refused(data)
         return fields

@@ -310,13 +310,13 @@ field_values = st.one_of(
 @settings(max_examples=600, deadline=None)
 @given(index=st.integers(0, 12).filter(lambda i: i != 11), value=field_values)
 def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int, value: object) -> None:
-    from amb.serializers import _decode_msgpack_checked, _typed_unpack
+    from amb.serializers import _decode_msgpack_checked, typed_unpack
 
     fields = msgpack.unpackb(MsgpackSerializer().encode(full_envelope()), raw=False)
     fields[index] = value
     data = msgpack.packb(fields, use_bin_type=True)
     try:
-        _typed_unpack(data)
+        typed_unpack(data)
         typed_ok = True
     except Exception:
         typed_ok = False
