@@ -1,26 +1,45 @@
-"""Agent OS: a governed message bus for AI agents.
+"""Agent OS: governed, signed, recorded messaging and actions for fleets of AI agents.
 
-The bus client is ``agent_os.modules.AMB`` (also importable as ``amb.AMB``). The control plane's
-public names are re-exported here: ``from agent_os import KernelSpace, Policy, Pattern,
-AgentSignal, SignalDispatcher, FlightRecorder``.
+Every part lives under this one import root (``agent_os.amb``, ``agent_os.iatp``,
+``agent_os.emk``, ``agent_os.cmvk``, ``agent_os.bus_adapters``, ``agent_os.control_plane``,
+``agent_os.services``). The control plane's public names are re-exported here and the kernel
+modules in :mod:`agent_os.modules`; both load on first use, so ``import agent_os.amb`` loads
+the bus and nothing above it. See ``docs/`` for the guide to each part.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from control_plane import (
-    AgentSignal,
-    FlightRecorder,
-    KernelSpace,
-    Pattern,
-    Policy,
-    PolicyViolationError,
-    SignalDispatcher,
-)
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from agent_os._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from agent_os.control_plane import (
+        AgentSignal,
+        FlightRecorder,
+        KernelSpace,
+        Pattern,
+        Policy,
+        PolicyViolationError,
+        SignalDispatcher,
+    )
 
 try:
     __version__ = version("agent-os")
-except PackageNotFoundError:  # running from a source tree that was not installed
+except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+# Public name -> the module that defines it (loaded on first access).
+_LAZY: dict[str, str] = {
+    "AgentSignal": "agent_os.control_plane",
+    "FlightRecorder": "agent_os.control_plane",
+    "KernelSpace": "agent_os.control_plane",
+    "Pattern": "agent_os.control_plane",
+    "Policy": "agent_os.control_plane",
+    "PolicyViolationError": "agent_os.control_plane",
+    "SignalDispatcher": "agent_os.control_plane",
+}
 
 __all__ = [
     "AgentSignal",
@@ -32,3 +51,6 @@ __all__ = [
     "SignalDispatcher",
     "__version__",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

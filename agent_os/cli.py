@@ -2,7 +2,7 @@
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane ...`` runs one of the services in
-:mod:`services` (each is also ``python -m services.<name>_service``), verifying senders with
+:mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``), verifying senders with
 ``--identities`` or, explicitly, trusting the bus with ``--trust-bus``. The services are
 imported only when their command runs, so ``agent-os`` starts fast with the core
 dependencies alone.
@@ -21,12 +21,15 @@ from agent_os import __version__
 
 SERVICES: Final = {
     "memory": (
-        "services.memory_service",
+        "agent_os.services.memory_service",
         "The memory service: EMK over the bus (emk.store, emk.search, ...).",
     ),
-    "verifier": ("services.verifier_service", "The verifier service: a CMVK panel answering cmvk.verify."),
+    "verifier": (
+        "agent_os.services.verifier_service",
+        "The verifier service: a CMVK panel answering cmvk.verify.",
+    ),
     "control-plane": (
-        "services.control_plane_service",
+        "agent_os.services.control_plane_service",
         "The control-plane service (mediated mode) with its admin API.",
     ),
 }
@@ -57,7 +60,7 @@ def demo(embedder: str) -> None:
     from agent_os.demo import run_demo
 
     # The demo narrates dead letters and refusals itself; the bus's own warnings would repeat them.
-    for name in ("amb", "control_plane", "services"):
+    for name in ("agent_os.amb", "agent_os.control_plane", "agent_os.services"):
         logging.getLogger(name).setLevel(logging.ERROR)
     asyncio.run(run_demo(click.echo, embedder=embedder))
 

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from amb import AMB, Envelope, Metadata, MsgpackSerializer, decode, new_id
+from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, decode, new_id
 from benchmarks._report import write_section
 
 PAYLOAD = b"x" * 256

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from amb import AMB, Envelope, Metadata, MsgpackSerializer, new_id
+from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, new_id
 from benchmarks._report import write_section
 
 PAYLOAD = b"x" * 256

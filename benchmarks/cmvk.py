@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent_os.cmvk import CMVK, ModelSpec
+from agent_os.cmvk._calls import litellm_module
+from agent_os.cmvk._verdict import verify_messages
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from benchmarks._report import write_section
-from cmvk import CMVK, ModelSpec
-from cmvk._calls import litellm_module
-from cmvk._verdict import verify_messages
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
 from tests.unit.test_cmvk_agreement import HashingEmbedder
 
 PAIRS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cmvk_pairs.jsonl"

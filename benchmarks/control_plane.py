@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from amb import AMB, Metadata
+from agent_os.amb import AMB, Metadata
+from agent_os.control_plane import FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.iatp import IATP
 from benchmarks._report import write_section
-from control_plane import FlightRecorder, KernelSpace, Pattern, Policy
-from iatp import IATP
 
 
 def make_policy(n: int) -> Policy:

@@ -36,8 +36,8 @@ import psycopg
 from pgvector import Vector
 from pgvector.psycopg import register_vector_async
 
+from agent_os.emk import EMK, HashingEmbedder, NewMemory
 from benchmarks._report import write_section
-from emk import EMK, HashingEmbedder, NewMemory
 
 DSN = os.environ.get("EMK_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 AGENT = "bench-agent"

@@ -22,9 +22,9 @@ from typing import Any
 
 import nacl.signing
 
-from amb import AMB, Envelope, Metadata, Middleware, MsgpackSerializer, new_id
+from agent_os.amb import AMB, Envelope, Metadata, Middleware, MsgpackSerializer, new_id
+from agent_os.iatp import IATP, envelope_bytes
 from benchmarks._report import write_section
-from iatp import IATP, envelope_bytes
 
 PAYLOAD = {"task_id": "task_123", "priority": "high", "data": "x" * 128}
 TOPIC = "bench.iatp"

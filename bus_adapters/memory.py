@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlparse
 
-from amb.broker import (
+from agent_os.amb.broker import (
     BrokerSubscription,
     Capabilities,
     DeliveryHandler,
     Lifecycle,
     LifecycleState,
 )
-from amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
-from amb.errors import CapabilityNotSupported, ConfigError
-from amb.subjects import compile_pattern, validate_pattern, validate_subject
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
+from agent_os.amb.errors import CapabilityNotSupported, ConfigError
+from agent_os.amb.subjects import compile_pattern, validate_pattern, validate_subject
 
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192

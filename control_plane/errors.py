@@ -1,6 +1,6 @@
 """The errors of the control plane.
 
-Errors that refuse a message derive from :class:`amb.errors.MessageRejected`, so the bus
+Errors that refuse a message derive from :class:`agent_os.amb.errors.MessageRejected`, so the bus
 dead-letters an inbound message with their ``reason`` and counts it, and an outbound one
 reaches the publisher::
 
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from amb.errors import MessageRejected
+from agent_os.amb.errors import MessageRejected
 
 if TYPE_CHECKING:
-    from control_plane.policy import Decision
+    from agent_os.control_plane.policy import Decision
 
 
 class ControlPlaneError(Exception):

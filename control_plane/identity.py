@@ -1,6 +1,6 @@
-"""Who an inbound message comes from, for the mediator: :func:`iatp.sender_identity`'s rule.
+"""Who an inbound message comes from, for the mediator: :func:`agent_os.iatp.sender_identity`'s rule.
 
-The rule is IATP's one fail-closed answer (:func:`iatp.sender_identity`, which the services use
+The rule is IATP's one fail-closed answer (:func:`agent_os.iatp.sender_identity`, which the services use
 through ``services._identity``): a **valid** IATP result in ``metadata.context["iatp"]`` names
 the sender; a result that is present but **not valid** is refused, whatever the envelope claims
 and whatever the bus; with **no result**, the envelope's claimed ``sender`` counts only where the
@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from amb.metadata import Metadata
-from iatp import RESULT, Unauthenticated, VerificationResult, sender_identity
+from agent_os.amb.metadata import Metadata
+from agent_os.iatp import RESULT, Unauthenticated, VerificationResult, sender_identity
 
 __all__ = ["Unauthenticated", "message_sender", "sender_identity"]
 

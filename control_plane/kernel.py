@@ -29,7 +29,7 @@ Choices (the API reference is a sketch; these make it sound):
   started most recently (so the reference's signal example works from ``main``).
 - Verifier modules (``add_module``: anything with ``async verify(prompt, response, context)``
   returning ``.verified``) check every result; an unverified result raises
-  :class:`~control_plane.errors.VerificationFailed` instead of being returned.
+  :class:`~agent_os.control_plane.errors.VerificationFailed` instead of being returned.
 - ``debug=True`` turns on debug logging: the ``control_plane`` logger's level is set to DEBUG
   (process-wide, as logging levels are) and this kernel logs every decision (each message's,
   in both directions, and each ``authorize``), every signal and every lifecycle record there.
@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from control_plane.admission import Admission
-from control_plane.errors import (
+from agent_os.control_plane.admission import Admission
+from agent_os.control_plane.errors import (
     AgentNotFound,
     AgentStoppedError,
     KernelError,
@@ -66,18 +66,18 @@ from control_plane.errors import (
     RateLimitExceeded,
     VerificationFailed,
 )
-from control_plane.kernel_bus import KernelBus
-from control_plane.kernel_gate import _CURRENT, KernelGate
-from control_plane.policy import PermissionSource, Policy, PolicySet
-from control_plane.process import AgentProcess, AgentStatus, Life
-from control_plane.ratelimit import RateLimit, RateLimiter
-from control_plane.recorder import FlightRecorder
-from control_plane.signals import AgentSignal, SignalDispatcher
+from agent_os.control_plane.kernel_bus import KernelBus
+from agent_os.control_plane.kernel_gate import _CURRENT, KernelGate
+from agent_os.control_plane.policy import PermissionSource, Policy, PolicySet
+from agent_os.control_plane.process import AgentProcess, AgentStatus, Life
+from agent_os.control_plane.ratelimit import RateLimit, RateLimiter
+from agent_os.control_plane.recorder import FlightRecorder
+from agent_os.control_plane.signals import AgentSignal, SignalDispatcher
 
 if TYPE_CHECKING:
-    from amb import AMB
+    from agent_os.amb import AMB
 
-log = logging.getLogger("control_plane.kernel")
+log = logging.getLogger("agent_os.control_plane.kernel")
 
 
 class AgentTimeoutError(AgentStoppedError, TimeoutError):
@@ -105,7 +105,7 @@ class KernelSpace(KernelGate, KernelBus):
     Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
     recorder), ``signal_dispatcher`` (an unbound dispatcher, ``SignalDispatcher(None, ...)``,
     becomes this kernel's; default: a new one; ``SignalDispatcher(kernel, ...)`` later replaces
-    it, keeping its handlers: see :mod:`control_plane.signals`), ``max_concurrent_agents``,
+    it, keeping its handlers: see :mod:`agent_os.control_plane.signals`), ``max_concurrent_agents``,
     ``timeout`` (default seconds per execution), ``debug``; and ``policies`` (several policies
     that must all allow) and ``permissions`` (the trust-edge hook for
     ``conditions={"permission": ...}``);
@@ -143,7 +143,7 @@ class KernelSpace(KernelGate, KernelBus):
         self.timeout = timeout
         self.debug = debug
         if debug:
-            logging.getLogger("control_plane").setLevel(logging.DEBUG)
+            logging.getLogger("agent_os.control_plane").setLevel(logging.DEBUG)
         self.authoritative = False
         self.signal_timeout = signal_timeout
         self.modules: list[Verifier] = []
@@ -398,7 +398,7 @@ class KernelSpace(KernelGate, KernelBus):
     # -- signals and status --------------------------------------------------------------------
 
     async def send_signal(self, agent_id: str, signal: AgentSignal | str) -> bool:
-        """Send a signal (see :mod:`control_plane.signals`); True when it took effect."""
+        """Send a signal (see :mod:`agent_os.control_plane.signals`); True when it took effect."""
         return await self.signals.send(agent_id, signal)
 
     def get_agent_status(self, agent_id: str) -> AgentStatus:
@@ -407,7 +407,7 @@ class KernelSpace(KernelGate, KernelBus):
 
     def get_agent(self, agent_id: str) -> AgentProcess:
         """The agent's process: what signals act on, and the API reference's ``cleanup()``,
-        ``save_state()`` and ``get_state()`` (see :class:`~control_plane.process.AgentProcess`).
+        ``save_state()`` and ``get_state()`` (see :class:`~agent_os.control_plane.process.AgentProcess`).
         Raises AgentNotFound."""
         return self._process(agent_id)
 

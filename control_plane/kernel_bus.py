@@ -5,20 +5,20 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, cast
 
-from amb.errors import BusError
-from control_plane.errors import KernelError
-from control_plane.process import AgentProcess, Life
-from control_plane.signals import AgentSignal, SignalDispatcher, control_subject
+from agent_os.amb.errors import BusError
+from agent_os.control_plane.errors import KernelError
+from agent_os.control_plane.process import AgentProcess, Life
+from agent_os.control_plane.signals import AgentSignal, SignalDispatcher, control_subject
 
 if TYPE_CHECKING:
-    from amb import AMB, Metadata
-    from control_plane.kernel import KernelSpace
-    from control_plane.mediator import Mediator
-    from control_plane.recorder import FlightRecorder
+    from agent_os.amb import AMB, Metadata
+    from agent_os.control_plane.kernel import KernelSpace
+    from agent_os.control_plane.mediator import Mediator
+    from agent_os.control_plane.recorder import FlightRecorder
 
 
 class KernelBus:
-    """Mixed into :class:`~control_plane.kernel.KernelSpace`."""
+    """Mixed into :class:`~agent_os.control_plane.kernel.KernelSpace`."""
 
     _bus: list[AMB]
     _procs: dict[str, AgentProcess]
@@ -65,9 +65,9 @@ class KernelBus:
         claims. None (the default) trusts only the in-process ``memory`` broker (every client
         of it lives in this process); over NATS, Redis or Kafka a claim is not a sender unless
         ``trust_bus=True`` says the broker's ACLs authenticate senders: put IATP's middleware
-        on the client instead. ``options`` go to :class:`~control_plane.mediator.Mediator`.
+        on the client instead. ``options`` go to :class:`~agent_os.control_plane.mediator.Mediator`.
         Returns the mediator. Raises amb StateError once the client is connected."""
-        from control_plane.mediator import Mediator
+        from agent_os.control_plane.mediator import Mediator
 
         if trust_bus is None:
             trust_bus = client.broker.name == "memory"

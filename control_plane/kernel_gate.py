@@ -7,21 +7,21 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from control_plane.errors import PolicyViolationError, RateLimitExceeded
-from control_plane.policy import Decision, Policy, PolicySet
-from control_plane.process import AgentProcess
+from agent_os.control_plane.errors import PolicyViolationError, RateLimitExceeded
+from agent_os.control_plane.policy import Decision, Policy, PolicySet
+from agent_os.control_plane.process import AgentProcess
 
 if TYPE_CHECKING:
-    from control_plane.recorder import FlightRecorder
-    from control_plane.signals import AgentSignal, SignalDispatcher
+    from agent_os.control_plane.recorder import FlightRecorder
+    from agent_os.control_plane.signals import AgentSignal, SignalDispatcher
 
-log = logging.getLogger("control_plane.kernel")
+log = logging.getLogger("agent_os.control_plane.kernel")
 _CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
 
 
 class KernelGate:
-    """Mixed into :class:`~control_plane.kernel.KernelSpace`."""
+    """Mixed into :class:`~agent_os.control_plane.kernel.KernelSpace`."""
 
     policy: Policy | PolicySet
     recorder: FlightRecorder

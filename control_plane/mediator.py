@@ -34,7 +34,7 @@ For each message, in this order:
 2. **Policy.** The operation is ``publish``, ``request`` (has ``reply_to``), ``reply`` (has a
    ``correlation_id`` and no ``reply_to``), ``deliver`` (inbound), or ``signal`` (a control
    message; the resource is then the target agent id); the resource is the topic. The agent's
-   permissions are checked first (see :mod:`control_plane.kernel`).
+   permissions are checked first (see :mod:`agent_os.control_plane.kernel`).
 3. **Recording.** Exactly one record per decision: a ``policy_decision`` per message and
    direction, or a ``message_dropped`` (reason ``agent killed (SIGKILL)`` or
    ``hold_queue_full``) when signals refused it; a held message gets a ``message_held`` record
@@ -45,7 +45,7 @@ For each message, in this order:
    ``message_dropped`` after its ``policy_decision``: nothing of a killed agent is published,
    handled or forwarded after the kill.
 
-**Who the sender is** (:mod:`control_plane.identity`). Outbound, this process is the
+**Who the sender is** (:mod:`agent_os.control_plane.identity`). Outbound, this process is the
 authority: the sender is the attached agent. Inbound:
 
 - a valid IATP result in ``metadata.context["iatp"]`` names the sender (``verified=True``, its
@@ -72,8 +72,8 @@ forwards it, so the two may not differ. A message with no established sender is 
 service acts *for* a sender: its signals, its rate limits). A request's ``reply_to`` must be an
 inbox of its own sender, ``<inbox_prefix>.<sender>.…`` (so nobody can have replies sent to
 another agent's inbox), and not one already waiting for a reply; the allowed request is noted
-in :class:`~control_plane.replies.PendingRequests`. A reply (``<reply_prefix>.<inbox>``) is
-checked only by the instance holding the request; see :mod:`services.control_plane_service`.
+in :class:`~agent_os.control_plane.replies.PendingRequests`. A reply (``<reply_prefix>.<inbox>``) is
+checked only by the instance holding the request; see :mod:`agent_os.services.control_plane_service`.
 
 Handlers run as tasks of the receiving agent, so SIGKILL cancels a handler mid-work.
 """
@@ -88,20 +88,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from amb.envelope import Envelope
-from amb.metadata import Metadata
-from amb.middleware import ConsumeNext, Middleware, PublishNext
-from control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
-from control_plane.identity import message_sender
-from control_plane.kernel_gate import _CURRENT, _violation
-from control_plane.kernel_gate import log as kernel_log
-from control_plane.policy import Decision
-from control_plane.process import AgentProcess, Life
-from control_plane.replies import PendingRequest, PendingRequests
-from control_plane.signals import CONTROL_PREFIX
+from agent_os.amb.envelope import Envelope
+from agent_os.amb.metadata import Metadata
+from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
+from agent_os.control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
+from agent_os.control_plane.identity import message_sender
+from agent_os.control_plane.kernel_gate import _CURRENT, _violation
+from agent_os.control_plane.kernel_gate import log as kernel_log
+from agent_os.control_plane.policy import Decision
+from agent_os.control_plane.process import AgentProcess, Life
+from agent_os.control_plane.replies import PendingRequest, PendingRequests
+from agent_os.control_plane.signals import CONTROL_PREFIX
 
 if TYPE_CHECKING:
-    from control_plane.kernel import KernelSpace
+    from agent_os.control_plane.kernel import KernelSpace
 
 _CONTROL = CONTROL_PREFIX + "."
 _STOPPED = Life.STOPPED

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, time
 from typing import Any, Final, Literal
 
-from control_plane.errors import PolicyError
+from agent_os.control_plane.errors import PolicyError
 
 MatchType = Literal["glob", "regex"]
 Context = Mapping[str, Any]

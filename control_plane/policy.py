@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from control_plane.errors import PolicyError, SignalError
-from control_plane.patterns import Context, Pattern
-from control_plane.ratelimit import RateLimit, RateLimiter
-from control_plane.signals import AgentSignal
+from agent_os.control_plane.errors import PolicyError, SignalError
+from agent_os.control_plane.patterns import Context, Pattern
+from agent_os.control_plane.ratelimit import RateLimit, RateLimiter
+from agent_os.control_plane.signals import AgentSignal
 
 Action = Literal["allow", "deny"]
 PermissionSource = Callable[[str, str], Collection[str]]
@@ -278,8 +278,8 @@ class Policy:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Policy:
-        """Load a policy from YAML text or a file path; see :mod:`control_plane.policy_yaml`."""
-        from control_plane.policy_yaml import load_policy
+        """Load a policy from YAML text or a file path; see :mod:`agent_os.control_plane.policy_yaml`."""
+        from agent_os.control_plane.policy_yaml import load_policy
 
         return load_policy(source)
 
@@ -446,9 +446,9 @@ class Policy:
         """Deny ``sql`` operations whose resource (the SQL text) is destructive: ``DROP`` or
         ``TRUNCATE`` anywhere, a ``DELETE``/``UPDATE`` without a top-level ``WHERE`` or inside
         another statement, in any of the statements (comments removed, literals ignored); see
-        :mod:`control_plane.guards` for exactly what is denied. Allow everything else."""
-        from control_plane.guards import destructive_sql
-        from control_plane.patterns import CheckedPattern
+        :mod:`agent_os.control_plane.guards` for exactly what is denied. Allow everything else."""
+        from agent_os.control_plane.guards import destructive_sql
+        from agent_os.control_plane.patterns import CheckedPattern
 
         policy = cls("no_destructive_sql", default_action="allow")
         policy.add_rule(
@@ -463,12 +463,12 @@ class Policy:
     def file_access(cls, path: str, operations: Sequence[str] = ("read", "write")) -> Policy:
         """Allow file ``operations`` only on ``path`` and below it: a resource that is not an
         absolute path, has a ``..`` segment (or a backslash), or whose ``posixpath.normpath``
-        is outside ``path`` is denied (see :mod:`control_plane.guards`); other operations are
+        is outside ``path`` is denied (see :mod:`agent_os.control_plane.guards`); other operations are
         left to other policies (allowed here). Raises PolicyError for a relative ``path``."""
         import posixpath
 
-        from control_plane.guards import path_refusal
-        from control_plane.patterns import CheckedPattern
+        from agent_os.control_plane.guards import path_refusal
+        from agent_os.control_plane.patterns import CheckedPattern
 
         if not path.startswith("/"):
             raise PolicyError(f"file_access needs an absolute path, got {path!r}")
@@ -492,7 +492,7 @@ class Policy:
     @classmethod
     def rate_limit(cls, limit: int, window: str | float = "1m") -> Policy:
         """Allow every action, at most ``limit`` per ``window`` per agent."""
-        from control_plane.ratelimit import parse_window
+        from agent_os.control_plane.ratelimit import parse_window
 
         policy = cls(f"rate_limit:{limit}/{window}", default_action="allow")
         policy.add_rule(

@@ -21,7 +21,7 @@ Schema (unknown keys are errors)::
         rate_limit: 100              # per minute, or "100/1m", "5/s"
 
 :func:`load_policy` (text or a file) and :func:`load_policy_text` (text only: the admin API's
-reload) raise :class:`~control_plane.errors.PolicyLoadError` naming the line and field of the
+reload) raise :class:`~agent_os.control_plane.errors.PolicyLoadError` naming the line and field of the
 first problem.
 """
 
@@ -32,9 +32,9 @@ from typing import Any, Final
 
 import yaml
 
-from control_plane.errors import PolicyError, PolicyLoadError
-from control_plane.patterns import Pattern
-from control_plane.policy import Policy
+from agent_os.control_plane.errors import PolicyError, PolicyLoadError
+from agent_os.control_plane.patterns import Pattern
+from agent_os.control_plane.policy import Policy
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
 _RULE: Final = {

@@ -8,7 +8,7 @@ An :class:`AgentProcess` exists for each execution of a registered agent (``kern
   deliveries): SIGKILL cancels them;
 - the hold queue: while the agent is stopped (SIGSTOP), each of its deliveries and publishes
   waits in this bounded FIFO; SIGCONT runs them in arrival order, SIGKILL fails them all with
-  :class:`~control_plane.errors.AgentStoppedError` (deliveries are then dead-lettered);
+  :class:`~agent_os.control_plane.errors.AgentStoppedError` (deliveries are then dead-lettered);
 - the bus clients attached for it: SIGKILL closes them, which ends their subscriptions.
 
 It is also what ``kernel.get_agent(agent_id)`` returns, with the API reference's
@@ -57,13 +57,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
+from agent_os.control_plane.errors import AgentStoppedError, HoldQueueFull, KernelError
 
 if TYPE_CHECKING:
-    from amb import AMB
-    from control_plane.recorder import FlightRecorder
+    from agent_os.amb import AMB
+    from agent_os.control_plane.recorder import FlightRecorder
 
-log = logging.getLogger("control_plane.kernel")
+log = logging.getLogger("agent_os.control_plane.kernel")
 
 State = Literal["running", "stopped", "terminated", "waiting"]
 

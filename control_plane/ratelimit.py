@@ -18,7 +18,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
-from control_plane.errors import PolicyError
+from agent_os.control_plane.errors import PolicyError
 
 _UNITS: Final = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h|d)\s*$")

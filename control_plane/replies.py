@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from control_plane.errors import InboxBusy
+from agent_os.control_plane.errors import InboxBusy
 
 
 @dataclass(slots=True)

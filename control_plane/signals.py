@@ -25,7 +25,7 @@ SIGALRM    yes        sent by the kernel when an execution exceeds its timeout: 
 =========  =========  ===========================================================================
 
 A masked catchable signal is ignored (``send`` returns False). SIGKILL and SIGSTOP cannot be
-handled or masked: trying raises :class:`~control_plane.errors.SignalError`.
+handled or masked: trying raises :class:`~agent_os.control_plane.errors.SignalError`.
 
 **Handlers' return values.** The API reference's SIGTERM handler ends with ``return True  #
 Allow termination``: a SIGTERM handler returning ``False`` (exactly False; None, True or a
@@ -74,10 +74,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from control_plane.errors import AgentNotFound, SignalError
+from agent_os.control_plane.errors import AgentNotFound, SignalError
 
 if TYPE_CHECKING:
-    from control_plane.kernel import KernelSpace
+    from agent_os.control_plane.kernel import KernelSpace
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ To use real providers, drop the server and pass litellm model ids and keys inste
 import asyncio
 from typing import Any
 
+from agent_os.cmvk import ModelSpec
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
+from agent_os.control_plane import KernelSpace, VerificationFailed
 from agent_os.modules import CMVK
-from cmvk import ModelSpec
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
-from control_plane import KernelSpace, VerificationFailed
 
 MODELS = ["gpt-4", "claude-3", "gemini-pro"]
 

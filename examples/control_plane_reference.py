@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_os import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy, SignalDispatcher
-from amb import AMB, Metadata
+from agent_os.amb import AMB, Metadata
 
 
 async def transform(data: dict[str, Any]) -> dict[str, Any]:

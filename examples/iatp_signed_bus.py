@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from agent_os.amb import Metadata, MsgpackSerializer
 from agent_os.modules import AMB, IATP
-from amb import Metadata, MsgpackSerializer
 
 
 async def main() -> None:

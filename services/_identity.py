@@ -3,8 +3,8 @@
 Every service answers for an agent: the memory service shows an agent its own memories, the
 verifier records who asked, the control-plane service notes who is waiting for a reply. That
 agent is :func:`sender_identity` of the message: IATP's one fail-closed helper
-(:func:`iatp.sender_identity`, re-exported here; the control plane's mediator applies the same
-rule through :mod:`control_plane.identity`):
+(:func:`agent_os.iatp.sender_identity`, re-exported here; the control plane's mediator applies the same
+rule through :mod:`agent_os.control_plane.identity`):
 
 - a valid IATP result in ``metadata.context["iatp"]`` (put there by the IATP middleware after
   the signature, key, time window, nonce and trust checks) names the sender;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from iatp import Unauthenticated, sender_identity
+from agent_os.iatp import Unauthenticated, sender_identity
 
 PASSPHRASE_ENV: Final = "AGENTOS_KEY_PASSPHRASE"
 """The environment variable holding the passphrase of a service's ``--identities`` key store."""

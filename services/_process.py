@@ -19,7 +19,7 @@ A service's ``main`` command collects its options and hands a coroutine to :func
 memory. Instances of a service share its subjects as a queue group, so a captured message
 replayed within the acceptance window may reach another instance (or a restarted one), which
 has never seen its nonce. ``--nonce-store redis://host:port/db`` (or ``AGENTOS_NONCE_STORE``)
-gives every instance's IATP the same :class:`~iatp.RedisNonceStore` (keys under
+gives every instance's IATP the same :class:`~agent_os.iatp.RedisNonceStore` (keys under
 ``--nonce-prefix``, the same for the whole group), which refuses the replay wherever it lands
 (``replayed_nonce``). It needs ``--identities``; a URL that is not ``redis://`` or
 ``rediss://`` is a usage error (exit 2), and a store that does not answer at the start stops
@@ -44,9 +44,9 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from amb import AMB, BusError
-from iatp import IATP, IATPConfigError, IATPError, RedisNonceStore
-from services._identity import PASSPHRASE_ENV
+from agent_os.amb import AMB, BusError
+from agent_os.iatp import IATP, IATPConfigError, IATPError, RedisNonceStore
+from agent_os.services._identity import PASSPHRASE_ENV
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 NONCE_STORE_ENV: Final = "AGENTOS_NONCE_STORE"
@@ -98,7 +98,7 @@ def nonce_store_url(url: str) -> str:
 class Verification:
     """How a service process establishes senders: IATP identities (a file key store and its
     passphrase) or, explicitly, the bus's word (``trust_bus``). ``nonce_store``: a Redis URL
-    (it may hold a password: kept out of the repr) whose :class:`~iatp.RedisNonceStore`, keys
+    (it may hold a password: kept out of the repr) whose :class:`~agent_os.iatp.RedisNonceStore`, keys
     under ``nonce_prefix``, the instances of a queue group share, so a replayed message is
     refused by whichever instance it reaches (see the README, 'Trust (IATP)', Replay)."""
 

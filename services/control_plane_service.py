@@ -27,7 +27,7 @@ message an agent sends straight to a delivery subject is refused by the server.
 **Replies are mediated too.** A forwarded request keeps its ``reply_to``, which must be an
 inbox of the (verified) requester, ``_INBOX.<requester>.…`` (:func:`agent_inbox`; any other
 ``reply_to``, or one still waiting for another reply, is denied), and the service notes it in
-its table of pending requests (:mod:`control_plane.replies`). The responder's client carries
+its table of pending requests (:mod:`agent_os.control_plane.replies`). The responder's client carries
 :class:`ReplyViaService`, which sends a reply meant for ``_INBOX.x`` to ``replies._INBOX.x``
 instead. Every service instance receives replies (no queue group: the instance that forwarded
 the request holds its entry); the one holding the entry checks the reply as operation
@@ -49,7 +49,7 @@ the option the inbox is the adapter's ``_INBOX.<random>``, and the request is de
 **A stopped agent stalls nobody else.** A message of a stopped agent (SIGSTOP) is queued in
 that agent's hold queue and recorded once (``message_held``), and the ingress handler returns
 at once: the instance goes on forwarding every other agent's traffic (the mediator's mediated
-mode; see :mod:`control_plane.mediator`). At SIGCONT the agent's held messages are decided and
+mode; see :mod:`agent_os.control_plane.mediator`). At SIGCONT the agent's held messages are decided and
 forwarded in arrival order, and a message of it arriving meanwhile goes behind them (FIFO per
 agent). The delivery of a held message is settled when it is held, so it lives in this
 instance's memory until then. One that fails after its release (denied by the policy, the
@@ -72,7 +72,7 @@ Example::
 
 Run it as a process: ``agent-os serve control-plane --help`` (or ``python -m
 services.control_plane_service``). Several instances (one queue group) share replay protection
-with ``--nonce-store redis://host:6379/0`` (see :mod:`services._process`).
+with ``--nonce-store redis://host:6379/0`` (see :mod:`agent_os.services._process`).
 """
 
 from __future__ import annotations
@@ -89,18 +89,18 @@ from typing import Any, Final
 
 import click
 
-from amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
-from amb.client import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
-from amb.envelope import Envelope, new_id
-from amb.middleware import Middleware, PublishNext
-from control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
-from control_plane.policy import PolicySet
-from control_plane.policy_yaml import load_policy as load_policy_file
-from control_plane.replies import PendingRequests
-from control_plane.signals import CONTROL_PREFIX
-from iatp import IATP, IATPMiddleware
-from services._identity import require_verification
-from services._process import (
+from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
+from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.envelope import Envelope, new_id
+from agent_os.amb.middleware import Middleware, PublishNext
+from agent_os.control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
+from agent_os.control_plane.policy import PolicySet
+from agent_os.control_plane.policy_yaml import load_policy as load_policy_file
+from agent_os.control_plane.replies import PendingRequests
+from agent_os.control_plane.signals import CONTROL_PREFIX
+from agent_os.iatp import IATP, IATPMiddleware
+from agent_os.services._identity import require_verification
+from agent_os.services._process import (
     broker_backend,
     run,
     serving,
@@ -109,7 +109,7 @@ from services._process import (
     verification_options,
 )
 
-log = logging.getLogger("services.control_plane")
+log = logging.getLogger("agent_os.services.control_plane")
 
 INGRESS: Final = "ingress"
 DELIVERY: Final = "deliver"
@@ -439,7 +439,7 @@ async def serve(
     service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
     ``trust_bus``), PolicyLoadError, RecorderError, ValueError or a bus error when it cannot
     start."""
-    from control_plane.admin import AdminAPI
+    from agent_os.control_plane.admin import AdminAPI
 
     kernel = KernelSpace(policy=policy, flight_recorder=recorder)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)

@@ -1,4 +1,4 @@
-"""The memory service: an :class:`~emk.EMK` answering requests over the bus.
+"""The memory service: an :class:`~agent_os.emk.EMK` answering requests over the bus.
 
 Subjects (``prefix`` defaults to ``emk``; the service joins the queue group ``prefix`` so that
 several instances share the load) and request payloads (dicts; optional keys in brackets)::
@@ -11,18 +11,18 @@ several instances share the load) and request payloads (dicts; optional keys in 
     emk.get      {id, [session_id]}                                          -> {ok, record}
     emk.history  {id, [session_id]}                                          -> {ok, records}
 
-Records are :meth:`~emk.MemoryRecord.to_dict` dicts; times are ISO-8601 text (a time without
+Records are :meth:`~agent_os.emk.MemoryRecord.to_dict` dicts; times are ISO-8601 text (a time without
 an offset is taken as UTC).
 
 **Who is asking decides what is visible**: the agent id is the request's verified sender
-(:func:`services._identity.sender_identity`: IATP's valid result in
+(:func:`agent_os.services._identity.sender_identity`: IATP's valid result in
 ``metadata.context["iatp"]``), never a payload field and never the envelope's claimed sender
 unless the service was told to trust the bus (``trust_bus=True``). A request without a valid
 IATP result is refused (``Unauthenticated``). A payload that names another ``agent_id`` is
 refused (``Forbidden``). Retention is not offered over the bus.
 
 **Errors** are answered with the bus's error header, so the requester's ``amb.request`` raises
-:class:`~amb.RemoteError` whose ``reason`` starts with the EMK error class
+:class:`~agent_os.amb.RemoteError` whose ``reason`` starts with the EMK error class
 (``"EmptyContent: content is empty"``, ``"ForeignSupersedes: ..."``), ``BadRequest`` for a
 malformed payload, ``Unauthenticated`` when the identity is missing or invalid, ``Internal`` for
 anything unexpected (logged). Every request is counted in :attr:`MemoryService.stats`; the
@@ -36,7 +36,7 @@ in flight, closes the bus client and the EMK, and exits 0. Without ``--identitie
 to start unless ``--trust-bus`` says the broker's ACLs already authenticate senders. It prints
 ``ready memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests. Several
 instances (one queue group) share replay protection with ``--nonce-store redis://host:6379/0``
-(see :mod:`services._process`).
+(see :mod:`agent_os.services._process`).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ from typing import Any, Final
 
 import click
 
-from amb import AMB, Metadata, Subscription
-from amb.client import ERROR_HEADER
-from emk import EMK, EMKError, MemoryRecord
-from iatp import IATP
-from services._identity import Unauthenticated, require_verification, sender_identity
-from services._process import (
+from agent_os.amb import AMB, Metadata, Subscription
+from agent_os.amb.client import ERROR_HEADER
+from agent_os.emk import EMK, EMKError, MemoryRecord
+from agent_os.iatp import IATP
+from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
+from agent_os.services._process import (
     run,
     service_client,
     serving,
@@ -64,7 +64,7 @@ from services._process import (
     verification_options,
 )
 
-log = logging.getLogger("services.memory")
+log = logging.getLogger("agent_os.services.memory")
 
 OPERATIONS: Final = ("store", "search", "query", "get", "history")
 
@@ -78,7 +78,7 @@ class RequestError(Exception):
 
 
 class MemoryService:
-    """Serves one :class:`~emk.EMK` on the bus (see the module docstring).
+    """Serves one :class:`~agent_os.emk.EMK` on the bus (see the module docstring).
 
     ``amb`` should carry the IATP middleware (``iatp.middleware()``): a request is answered
     for its verified sender, and one without a valid IATP result is refused

@@ -4,14 +4,14 @@ Request payload (a map)::
 
     {"prompt": <any>, "response": <any>, "context": {...} | null}
 
-Reply: the :meth:`cmvk.VerificationResult.to_dict` of the verification (``verified``,
+Reply: the :meth:`agent_os.cmvk.VerificationResult.to_dict` of the verification (``verified``,
 ``confidence``, ``model_votes``, ``consensus``, ``reason``, ``details``, ...) with ``"ok": True``;
 for a request that is not such a map, ``{"ok": False, "error": "invalid_request", "reason": ...}``.
 A bad request is counted (``stats.invalid``) and answered; it never stops the service. Several
 instances share the load as the queue group ``cmvk-verifiers``.
 
 **Who asks.** The service's bus client should carry the IATP middleware: a request is taken
-for its verified sender (:func:`services._identity.sender_identity`), logged with the answer.
+for its verified sender (:func:`agent_os.services._identity.sender_identity`), logged with the answer.
 One without a valid IATP result is refused, counted (``stats.unauthenticated``) and answered
 ``{"ok": False, "error": "unauthenticated", "reason": ...}`` (:class:`VerifierRefused` for
 :func:`request_verification`), unless the service trusts the bus (``trust_bus=True``: only
@@ -26,14 +26,14 @@ Example::
 
 **As a process**: ``agent-os serve verifier --broker nats://127.0.0.1:4222 --identities
 /etc/agent-os/verifier-keys --model openai/gpt-4o --model
-claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m services.verifier_service ...``;
+claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m agent_os.services.verifier_service ...``;
 the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``; ``--trust-bus`` instead of
 ``--identities`` only on a broker that authenticates senders, else it refuses to start) serves
 until SIGINT or SIGTERM, then finishes the verifications in flight, closes the bus client and
 exits 0. It prints ``ready verifier subject=<subject> broker=<url>`` on stdout once it takes
 requests. Needs litellm (``pip install 'agent-os[llm]'``). Several instances (one queue group)
 share replay protection with ``--nonce-store redis://host:6379/0`` (see
-:mod:`services._process`).
+:mod:`agent_os.services._process`).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from typing import Any, Final, get_args
 
 import click
 
-from amb import AMB, Metadata, Subscription
-from cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
-from iatp import IATP
-from services._identity import Unauthenticated, require_verification, sender_identity
-from services._process import (
+from agent_os.amb import AMB, Metadata, Subscription
+from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
+from agent_os.iatp import IATP
+from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
+from agent_os.services._process import (
     run,
     service_client,
     serving,
@@ -60,7 +60,7 @@ from services._process import (
     verification_options,
 )
 
-log = logging.getLogger("services.verifier")
+log = logging.getLogger("agent_os.services.verifier")
 
 VERIFY_SUBJECT: Final = "cmvk.verify"
 QUEUE_GROUP: Final = "cmvk-verifiers"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from amb import Metadata
+from agent_os.amb import Metadata
 
 
 async def wait_until(

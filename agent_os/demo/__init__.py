@@ -21,10 +21,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
 from agent_os.demo import _audit, _bus, _governance, _knowledge
 from agent_os.demo._scene import DemoResult, Narrator, Printer, Scene
-from control_plane import FlightRecorder, KernelSpace, Policy
-from iatp import IATP
+from agent_os.iatp import IATP
 
 __all__ = ["DemoResult", "run_demo"]
 

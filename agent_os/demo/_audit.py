@@ -7,8 +7,8 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
+from agent_os.control_plane.recorder.records import canonical_data
 from agent_os.demo._scene import Scene
-from control_plane.recorder.records import canonical_data
 
 
 def _forge(path: Path, seq: int, data_json: str) -> None:

@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from agent_os.amb import AMB, Metadata, MsgpackSerializer
 from agent_os.demo._scene import Scene
-from amb import AMB, Metadata, MsgpackSerializer
-from iatp import IATP
+from agent_os.iatp import IATP
 
 TRUSTING = ("worker-1", "worker-2", "analytics", "status")
 

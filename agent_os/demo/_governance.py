@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+from agent_os.amb import Metadata
+from agent_os.control_plane import AgentSignal, PolicyViolationError, RateLimitExceeded
 from agent_os.demo._scene import Scene
-from amb import Metadata
-from control_plane import AgentSignal, PolicyViolationError, RateLimitExceeded
 
 POLICY_YAML: Final = """\
 name: demo-policy

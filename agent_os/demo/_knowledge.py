@@ -7,10 +7,10 @@ import importlib.util
 import os
 from typing import Any, Final
 
+from agent_os.cmvk import CMVK
 from agent_os.demo._scene import Scene
-from cmvk import CMVK
-from emk import EMK, Embedder, HashingEmbedder, LocalEmbedder
-from services.memory_service import MemoryService
+from agent_os.emk import EMK, Embedder, HashingEmbedder, LocalEmbedder
+from agent_os.services.memory_service import MemoryService
 
 MEMORIES: Final = (
     "The Q3 revenue report showed a 12% rise in EMEA sales.",

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amb import AMB, EnvelopeError, Metadata, decode
-from amb.client import DLQ_ERROR, DLQ_REASON
-from control_plane import KernelSpace, Mediator, Policy
-from iatp import ACCEPT_UNSIGNED, IATP
+from agent_os.amb import AMB, EnvelopeError, Metadata, decode
+from agent_os.amb.client import DLQ_ERROR, DLQ_REASON
+from agent_os.control_plane import KernelSpace, Mediator, Policy
+from agent_os.iatp import ACCEPT_UNSIGNED, IATP
 
 Printer = Callable[[str], None]
 

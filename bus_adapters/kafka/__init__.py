@@ -87,7 +87,7 @@ What the librdkafka mock cluster (used by the tests) does not cover:
 
 from __future__ import annotations
 
-from bus_adapters.kafka._config import (
+from agent_os.bus_adapters.kafka._config import (
     INSTALL_HINT,
     SUBJECT_HEADER,
     KafkaConfig,
@@ -99,8 +99,8 @@ from bus_adapters.kafka._config import (
 
 aiokafka_module()  # fail at import, with the install hint, not at connect
 
-from bus_adapters.kafka._broker import KafkaBroker  # noqa: E402
-from bus_adapters.kafka._group import KafkaDelivery  # noqa: E402
+from agent_os.bus_adapters.kafka._broker import KafkaBroker  # noqa: E402
+from agent_os.bus_adapters.kafka._group import KafkaDelivery  # noqa: E402
 
 __all__ = [
     "INSTALL_HINT",

@@ -13,11 +13,11 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
-from amb.dispatch import check_group_names, drain_all
-from amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError
-from amb.subjects import validate_pattern, validate_subject
-from bus_adapters.kafka._config import (
+from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
+from agent_os.amb.dispatch import check_group_names, drain_all
+from agent_os.amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError
+from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.bus_adapters.kafka._config import (
     BAD_TOPIC_CHAR,
     DEFAULT_MAX_PAYLOAD,
     INBOX_ROOT,
@@ -27,13 +27,13 @@ from bus_adapters.kafka._config import (
     parse_options,
     topic_for,
 )
-from bus_adapters.kafka._errors import translate, translated
-from bus_adapters.kafka._group import GroupConsumer, KafkaSubscription
+from agent_os.bus_adapters.kafka._errors import translate, translated
+from agent_os.bus_adapters.kafka._group import GroupConsumer, KafkaSubscription
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
-log = logging.getLogger("bus_adapters.kafka")
+log = logging.getLogger("agent_os.bus_adapters.kafka")
 
 # Groups shared by the subscriptions of this process: (bootstrap, group id) -> consumer.
 _shared_groups: dict[tuple[str, str], GroupConsumer] = {}

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlparse
 
-from amb.errors import ConfigError
-from amb.subjects import is_wildcard
+from agent_os.amb.errors import ConfigError
+from agent_os.amb.subjects import is_wildcard
 
 SUBJECT_HEADER: Final = "amb-subject"
 PUBLISHED_HEADER: Final = "amb-published-ns"
@@ -35,7 +35,7 @@ def aiokafka_module() -> Any:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KafkaConfig:
-    """Options of :class:`~bus_adapters.kafka.KafkaBroker` (keyword arguments or URL query).
+    """Options of :class:`~agent_os.bus_adapters.kafka.KafkaBroker` (keyword arguments or URL query).
 
     ``confirm_publish``: each ``publish()`` waits for the broker's acknowledgement (otherwise
     publishes are pipelined; see the package docstring). ``fetch_max_wait_ms`` is how long a

@@ -13,11 +13,11 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from amb.broker import DeliveryHandler, LifecycleState
-from amb.dispatch import Dispatcher, stop_task
-from amb.errors import BrokerUnavailable, ConfigError, StateError
-from amb.subjects import is_wildcard, matches, validate_subject
-from bus_adapters.kafka._config import (
+from agent_os.amb.broker import DeliveryHandler, LifecycleState
+from agent_os.amb.dispatch import Dispatcher, stop_task
+from agent_os.amb.errors import BrokerUnavailable, ConfigError, StateError
+from agent_os.amb.subjects import is_wildcard, matches, validate_subject
+from agent_os.bus_adapters.kafka._config import (
     DEAD_HEADER_PREFIX,
     PUBLISHED_HEADER,
     SUBJECT_HEADER,
@@ -27,14 +27,14 @@ from bus_adapters.kafka._config import (
     topic_for,
     topic_regex,
 )
-from bus_adapters.kafka._errors import translated
+from agent_os.bus_adapters.kafka._errors import translated
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-    from bus_adapters.kafka._broker import KafkaBroker
+    from agent_os.bus_adapters.kafka._broker import KafkaBroker
 
-log = logging.getLogger("bus_adapters.kafka")
+log = logging.getLogger("agent_os.bus_adapters.kafka")
 
 # Deliveries of one key handed to one member in a row before the key may move to another
 # member (once that member has acked them all): spreads a hot key's work over the group.

@@ -67,8 +67,8 @@ Semantics:
   a durable consumer asks the server for at most ``pull_batch`` messages at a time.
 - **Connection**: reconnects forever with exponential backoff and jitter; subscriptions and
   durable pulls resume; publishes are buffered meanwhile (nats-py's ``pending_size``). nats-py
-  errors reach callers as :class:`~amb.errors.BrokerUnavailable` or
-  :class:`~amb.errors.TransportError` (a bad subject as ConfigError), the original chained.
+  errors reach callers as :class:`~agent_os.amb.errors.BrokerUnavailable` or
+  :class:`~agent_os.amb.errors.TransportError` (a bad subject as ConfigError), the original chained.
 - **Drain**: ``close()`` waits for durable publishes' acks, stops each subscription's interest,
   lets the messages already received reach the handlers (up to ``timeout``; a handler still
   running then is cancelled, and a durable subscription's unhandled messages are nacked), then
@@ -82,13 +82,13 @@ from __future__ import annotations
 
 import importlib.util
 
-from bus_adapters.nats._config import DEFAULT_URL, INSTALL_HINT, NatsConfig
+from agent_os.bus_adapters.nats._config import DEFAULT_URL, INSTALL_HINT, NatsConfig
 
 if importlib.util.find_spec("nats") is None:  # fail at import, with the hint, not at connect
     raise ImportError(INSTALL_HINT)
 
-from bus_adapters.nats._broker import NatsBroker
-from bus_adapters.nats._publish import AckWindow
-from bus_adapters.nats._subscriptions import JetStreamDelivery
+from agent_os.bus_adapters.nats._broker import NatsBroker
+from agent_os.bus_adapters.nats._publish import AckWindow
+from agent_os.bus_adapters.nats._subscriptions import JetStreamDelivery
 
 __all__ = ["DEFAULT_URL", "INSTALL_HINT", "AckWindow", "JetStreamDelivery", "NatsBroker", "NatsConfig"]

@@ -14,11 +14,11 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
-from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
-from amb.dispatch import check_group_names, drain_all
-from amb.errors import BrokerUnavailable, ConfigError
-from amb.subjects import validate_pattern, validate_subject
-from bus_adapters.nats._config import (
+from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
+from agent_os.amb.dispatch import check_group_names, drain_all
+from agent_os.amb.errors import BrokerUnavailable, ConfigError
+from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.bus_adapters.nats._config import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_URL,
     INSTALL_HINT,
@@ -26,16 +26,16 @@ from bus_adapters.nats._config import (
     NatsConfig,
     covers,
 )
-from bus_adapters.nats._errors import translate, translated
-from bus_adapters.nats._jetstream import ensure_consumer, stream_for
-from bus_adapters.nats._publish import AckWindow
-from bus_adapters.nats._subscriptions import CoreSubscription, DurableSubscription, NatsSubscription
+from agent_os.bus_adapters.nats._errors import translate, translated
+from agent_os.bus_adapters.nats._jetstream import ensure_consumer, stream_for
+from agent_os.bus_adapters.nats._publish import AckWindow
+from agent_os.bus_adapters.nats._subscriptions import CoreSubscription, DurableSubscription, NatsSubscription
 
 if TYPE_CHECKING:
     from nats.aio.client import Client, Server
     from nats.js.manager import JetStreamManager
 
-log = logging.getLogger("bus_adapters.nats")
+log = logging.getLogger("agent_os.bus_adapters.nats")
 
 _ROUTE_CACHE_MAX: Final = 8192
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from amb.errors import ConfigError
-from amb.subjects import validate_pattern
+from agent_os.amb.errors import ConfigError
+from agent_os.amb.subjects import validate_pattern
 
 INSTALL_HINT: Final = "the NATS broker needs nats-py: pip install 'agent-os[nats]'"
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
@@ -18,7 +18,7 @@ NAME_OK: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NatsConfig:
-    """Options of :class:`~bus_adapters.nats.NatsBroker` (times in seconds)."""
+    """Options of :class:`~agent_os.bus_adapters.nats.NatsBroker` (times in seconds)."""
 
     name: str | None = None  # connection name shown by the server's monitoring
     connect_timeout: float = 5.0  # for the first connection; then it reconnects forever

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from amb.errors import (
+from agent_os.amb.errors import (
     BrokerUnavailable,
     BusError,
     ConfigError,

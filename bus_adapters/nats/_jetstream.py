@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from amb.errors import ConfigError, TransportError
-from bus_adapters.nats._config import NatsConfig, covers, stream_name
-from bus_adapters.nats._errors import translated
+from agent_os.amb.errors import ConfigError, TransportError
+from agent_os.bus_adapters.nats._config import NatsConfig, covers, stream_name
+from agent_os.bus_adapters.nats._errors import translated
 
 if TYPE_CHECKING:
     from nats.js.manager import JetStreamManager

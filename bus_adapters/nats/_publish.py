@@ -20,13 +20,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from amb.errors import BusError, TransportError
-from bus_adapters.nats._errors import transient, translate
+from agent_os.amb.errors import BusError, TransportError
+from agent_os.bus_adapters.nats._errors import transient, translate
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
-log = logging.getLogger("bus_adapters.nats")
+log = logging.getLogger("agent_os.bus_adapters.nats")
 
 _TICK: Final = 0.05  # how often unacknowledged publishes are checked
 

@@ -1,7 +1,7 @@
 """NATS subscriptions: core (ephemeral, at most once) and JetStream pull consumers (durable).
 
 Both receive through a nats-py callback subscription, whose single task hands each message to
-the subscription's :class:`~amb.dispatch.Dispatcher` inline: the handler runs in nats-py's
+the subscription's :class:`~agent_os.amb.dispatch.Dispatcher` inline: the handler runs in nats-py's
 task, with no extra queue or task switch; the dispatcher's own queue only holds local
 redeliveries (and messages that arrive while one of them is being handled).
 """
@@ -15,19 +15,19 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from amb.broker import DeliveryHandler
-from amb.dispatch import Dispatcher, LocalDelivery
-from amb.errors import BusError
-from bus_adapters.nats._errors import translate
+from agent_os.amb.broker import DeliveryHandler
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery
+from agent_os.amb.errors import BusError
+from agent_os.bus_adapters.nats._errors import translate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
-    from bus_adapters.nats._broker import NatsBroker
+    from agent_os.bus_adapters.nats._broker import NatsBroker
 
-log = logging.getLogger("bus_adapters.nats")
+log = logging.getLogger("agent_os.bus_adapters.nats")
 
 
 class JetStreamDelivery:

@@ -11,7 +11,7 @@ How messages travel:
   without wildcards is a ``SUBSCRIBE``; a wildcard pattern becomes a ``PSUBSCRIBE`` glob
   (``*`` and ``>`` become ``*``, glob metacharacters in literal tokens are escaped). Redis
   globs are looser than our subjects (``*`` crosses dots), so each message is filtered with
-  :func:`amb.subjects.matches` before it reaches a subscription.
+  :func:`agent_os.amb.subjects.matches` before it reaches a subscription.
 - **Queue groups and durable subscriptions** use one Redis stream and one consumer group per
   group (key ``<prefix>queue:<queue>:<pattern>`` or ``<prefix>durable:<name>:<pattern>``);
   every member is a consumer of that group (``XREADGROUP ... BLOCK``, no polling), so each
@@ -59,13 +59,13 @@ Guarantees:
   ``delay`` with ``attempt + 1`` (locally; the message is lost if the client closes first). On
   a stream delivery the entry stays pending and is claimed again (``XCLAIM``) after ``delay``.
 - **Backpressure**: each subscription has a bounded queue (``max_pending``, an
-  :class:`amb.dispatch.Dispatcher`); a full queue pauses reading from Redis (the pub/sub reader
+  :class:`agent_os.amb.dispatch.Dispatcher`); a full queue pauses reading from Redis (the pub/sub reader
   for the whole client, or the stream reader). A client opens at most ``max_connections``
   connections (default 100); commands beyond that (many concurrent publishes or requests) wait
   for a free connection instead of failing.
 - **Reconnection**: commands retry with exponential backoff (redis-py ``Retry``) while the
   server is away; the pub/sub connection re-subscribes once it is back, and the stream readers
-  resume. A publish that cannot reach Redis raises :class:`~amb.errors.BrokerUnavailable`.
+  resume. A publish that cannot reach Redis raises :class:`~agent_os.amb.errors.BrokerUnavailable`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the redis broker needs redis-py: pip install 'agent-os[redis]'") from exc
 
-from bus_adapters.redis._broker import DEFAULT_URL, RedisBroker, glob_for
-from bus_adapters.redis._subscriptions import StreamDelivery
+from agent_os.bus_adapters.redis._broker import DEFAULT_URL, RedisBroker, glob_for
+from agent_os.bus_adapters.redis._subscriptions import StreamDelivery
 
 __all__ = ["DEFAULT_URL", "RedisBroker", "StreamDelivery", "glob_for"]

@@ -17,15 +17,15 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
-from amb.dispatch import check_group_names, drain_all, stop_task
-from amb.errors import BrokerUnavailable, ConfigError, TransportError
-from amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
-from bus_adapters.redis import _lua
-from bus_adapters.redis._errors import translate, translated
-from bus_adapters.redis._subscriptions import PubSubSubscription, StreamSubscription, text
+from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
+from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
+from agent_os.amb.errors import BrokerUnavailable, ConfigError, TransportError
+from agent_os.amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
+from agent_os.bus_adapters.redis import _lua
+from agent_os.bus_adapters.redis._errors import translate, translated
+from agent_os.bus_adapters.redis._subscriptions import PubSubSubscription, StreamSubscription, text
 
-log = logging.getLogger("bus_adapters.redis")
+log = logging.getLogger("agent_os.bus_adapters.redis")
 
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_PENDING: Final = 4096
@@ -191,7 +191,7 @@ class RedisBroker(Lifecycle):
                 await stop_task(task)
         with contextlib.suppress(rexc.RedisError, OSError):
             if self._pubsub is not None:
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
             await self.redis.aclose()
         self._state = LifecycleState.CLOSED
 

@@ -6,7 +6,14 @@ import contextlib
 
 from redis import exceptions as rexc
 
-from amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError, describe, translating
+from agent_os.amb.errors import (
+    BrokerUnavailable,
+    BusError,
+    ConfigError,
+    TransportError,
+    describe,
+    translating,
+)
 
 
 def translate(exc: BaseException, action: str) -> BusError | None:

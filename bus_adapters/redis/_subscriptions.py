@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from redis import exceptions as rexc
 
-from amb.broker import DeliveryHandler
-from amb.dispatch import Dispatcher, LocalDelivery, stop_task
-from amb.errors import ConfigError
-from amb.subjects import compile_pattern, validate_subject
-from bus_adapters.redis._errors import translated
+from agent_os.amb.broker import DeliveryHandler
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery, stop_task
+from agent_os.amb.errors import ConfigError
+from agent_os.amb.subjects import compile_pattern, validate_subject
+from agent_os.bus_adapters.redis._errors import translated
 
 if TYPE_CHECKING:
-    from bus_adapters.redis._broker import RedisBroker
+    from agent_os.bus_adapters.redis._broker import RedisBroker
 
-log = logging.getLogger("bus_adapters.redis")
+log = logging.getLogger("agent_os.bus_adapters.redis")
 
 _Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it (bytes mode)
 

@@ -1,8 +1,8 @@
 """The flight recorder: hash-chained audit records in memory, SQLite or PostgreSQL."""
 
-from control_plane.recorder.recorder import FlightRecorder
-from control_plane.recorder.records import ANCHOR_EVENT, GENESIS, Record, VerifyResult
-from control_plane.recorder.storage import MemoryStorage, Storage, Where
+from agent_os.control_plane.recorder.recorder import FlightRecorder
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT, GENESIS, Record, VerifyResult
+from agent_os.control_plane.recorder.storage import MemoryStorage, Storage, Where
 
 __all__ = [
     "ANCHOR_EVENT",

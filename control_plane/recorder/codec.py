@@ -14,9 +14,9 @@ Stored forms of the ``data`` column (one per record, self-describing):
   record's ``seq`` and the key id, so a ciphertext moved to another record does not decrypt.
 
 **Errors.** A record encrypted under another key (its key id differs) or read without a key
-raises :class:`~control_plane.errors.RecorderKeyError`: a wrong key never yields garbage. A
+raises :class:`~agent_os.control_plane.errors.RecorderKeyError`: a wrong key never yields garbage. A
 ciphertext that does not authenticate, or compressed bytes that do not inflate, raise
-:class:`~control_plane.errors.TamperDetected` naming the record (``verify`` reports it as the
+:class:`~agent_os.control_plane.errors.TamperDetected` naming the record (``verify`` reports it as the
 first bad record instead).
 
 **Nonces.** Each codec draws a random 16-byte prefix and counts records in the last 8 bytes, so
@@ -31,7 +31,7 @@ import os
 import zlib
 from typing import Final
 
-from control_plane.errors import RecorderConfigError, RecorderKeyError, TamperDetected
+from agent_os.control_plane.errors import RecorderConfigError, RecorderKeyError, TamperDetected
 
 PLAIN: Final = 0x00
 DEFLATE: Final = 0x01

@@ -3,7 +3,7 @@
 One connection (psycopg 3, async); a batch is one transaction written with ``COPY``, durable
 when :meth:`PostgresStorage.append` returns. ``schema`` and ``table`` name where records live
 (the schema is created if missing). ``data`` is ``BYTEA``: the canonical JSON as UTF-8, or its
-compressed/encrypted form (:mod:`control_plane.recorder.codec`).
+compressed/encrypted form (:mod:`agent_os.control_plane.recorder.codec`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from control_plane.errors import RecorderConfigError, RecorderError
-from control_plane.recorder.codec import DataCodec
-from control_plane.recorder.records import ANCHOR_EVENT
-from control_plane.recorder.sqlite import where_sql
-from control_plane.recorder.storage import Row, Where
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError
+from agent_os.control_plane.recorder.codec import DataCodec
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT
+from agent_os.control_plane.recorder.sqlite import where_sql
+from agent_os.control_plane.recorder.storage import Row, Where
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection

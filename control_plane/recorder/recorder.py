@@ -16,11 +16,11 @@ survives a crash of the writer process (SQLite: WAL with ``synchronous=NORMAL``;
 ``synchronous="FULL"`` to survive a power loss too, at an fsync per flush); what was still in
 the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
 ``export`` ...) flush first, so they see every record logged before them. A failed write
-keeps the batch and raises :class:`~control_plane.errors.RecorderError`; the next flush
+keeps the batch and raises :class:`~agent_os.control_plane.errors.RecorderError`; the next flush
 retries it.
 
 **At rest.** With ``compression`` (default) and/or an ``encryption_key``, SQL storages keep
-each record's data compressed and/or encrypted (:mod:`control_plane.recorder.codec`), encoded
+each record's data compressed and/or encrypted (:mod:`agent_os.control_plane.recorder.codec`), encoded
 on the writer's side of a flush and decoded on read; the chain covers the plaintext.
 
 **Retention.** With ``retention_days`` (default 90, as in the API reference), records older
@@ -29,7 +29,7 @@ than that are pruned when the recorder opens and then at the first flush after e
 first (see :meth:`FlightRecorder.apply_retention`), so it is recorded and the rest still
 verifies. ``retention_days=None`` keeps everything.
 
-See :mod:`control_plane.recorder.records` for the canonical encoding, the chain and retention
+See :mod:`agent_os.control_plane.recorder.records` for the canonical encoding, the chain and retention
 anchors.
 """
 
@@ -46,11 +46,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from amb.envelope import new_id
-from control_plane.errors import RecorderConfigError, RecorderError
-from control_plane.patterns import _operator_condition
-from control_plane.recorder.codec import DataCodec
-from control_plane.recorder.records import (
+from agent_os.amb.envelope import new_id
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError
+from agent_os.control_plane.patterns import _operator_condition
+from agent_os.control_plane.recorder.codec import DataCodec
+from agent_os.control_plane.recorder.records import (
     ANCHOR_EVENT,
     GENESIS,
     SEVERITIES,
@@ -60,9 +60,9 @@ from control_plane.recorder.records import (
     json_bytes,
     verify_rows,
 )
-from control_plane.recorder.storage import MemoryStorage, Row, Storage, Where
+from agent_os.control_plane.recorder.storage import MemoryStorage, Row, Storage, Where
 
-log = logging.getLogger("control_plane.recorder")
+log = logging.getLogger("agent_os.control_plane.recorder")
 _SEVERITIES = frozenset(SEVERITIES)
 _sha256 = hashlib.sha256
 _time_ns = time.time_ns
@@ -93,7 +93,7 @@ class FlightRecorder:
             recorder opens and then every ``retention_interval`` seconds while it writes (see
             :meth:`apply_retention`); None keeps everything. Fractions of a day are allowed.
         compression: compress each record's data at rest (SQL storages; see
-            :mod:`control_plane.recorder.codec`). The memory storage keeps rows as they are.
+            :mod:`agent_os.control_plane.recorder.codec`). The memory storage keeps rows as they are.
         encryption_key: 32 bytes: encrypt each record's data at rest (XChaCha20-Poly1305,
             PyNaCl). SQL storages only: with ``"memory"`` it raises RecorderConfigError.
         batch_size, flush_interval: when batches are written (see above).
@@ -139,13 +139,13 @@ class FlightRecorder:
             self.codec = DataCodec(False, None)
             self.storage = MemoryStorage()
         elif storage == "sqlite":
-            from control_plane.recorder.sqlite import SqliteStorage
+            from agent_os.control_plane.recorder.sqlite import SqliteStorage
 
             self.storage = SqliteStorage(
                 connection_string or "flight_recorder.db", table, codec=self.codec, synchronous=synchronous
             )
         elif storage in ("postgresql", "postgres"):
-            from control_plane.recorder.postgres import PostgresStorage
+            from agent_os.control_plane.recorder.postgres import PostgresStorage
 
             if not connection_string:
                 raise RecorderConfigError("postgresql storage needs a connection_string")
@@ -281,7 +281,7 @@ class FlightRecorder:
         """Synchronous ``log`` for an opened recorder (no await between hashing and batching).
 
         ``plain=True`` promises ``data`` is a dict of plain JSON values (see
-        :func:`~control_plane.recorder.records.canonical_bytes`): the control plane's own
+        :func:`~agent_os.control_plane.recorder.records.canonical_bytes`): the control plane's own
         decision records skip the check."""
         if self._closed or not self._opened:
             raise RecorderError("the flight recorder is closed" if self._closed else "call open() first")

@@ -42,7 +42,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from control_plane.errors import TamperDetected
+from agent_os.control_plane.errors import TamperDetected
 
 GENESIS: Final = "0" * 64
 ANCHOR_EVENT: Final = "retention_anchor"

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from control_plane.errors import RecorderConfigError, RecorderError
-from control_plane.recorder.codec import DataCodec
-from control_plane.recorder.records import ANCHOR_EVENT
-from control_plane.recorder.storage import Row, Where
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError
+from agent_os.control_plane.recorder.codec import DataCodec
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT
+from agent_os.control_plane.recorder.storage import Row, Where
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Where the flight recorder keeps its records: the storage protocol and the memory backend.
 
-A backend stores rows of :data:`~control_plane.recorder.records.COLUMNS` and answers simple
+A backend stores rows of :data:`~agent_os.control_plane.recorder.records.COLUMNS` and answers simple
 column filters; the recorder does the hashing, batching and field filters above it. Backends:
 ``memory`` (this module), ``sqlite`` (:mod:`.sqlite`), ``postgresql`` (:mod:`.postgres`).
 """
@@ -107,7 +107,7 @@ class MemoryStorage:
             yield self.rows[i : i + chunk]
 
     async def newest_anchor(self) -> tuple[int, Any] | None:
-        from control_plane.recorder.records import ANCHOR_EVENT
+        from agent_os.control_plane.recorder.records import ANCHOR_EVENT
 
         for row in reversed(self.rows):
             if row[3] == ANCHOR_EVENT:

@@ -1,6 +1,6 @@
 """Agent Message Bus: envelopes, serializers, the Broker protocol and the client agents use."""
 
-from amb.broker import (
+from agent_os.amb.broker import (
     Broker,
     BrokerSubscription,
     Capabilities,
@@ -10,9 +10,9 @@ from amb.broker import (
     available_brokers,
     load_broker,
 )
-from amb.client import AMB, BusStats, Handler, MessageStream, Subscription, SubscriptionOptions
-from amb.envelope import WIRE_VERSION, Envelope, Signature, new_id
-from amb.errors import (
+from agent_os.amb.client import AMB, BusStats, Handler, MessageStream, Subscription, SubscriptionOptions
+from agent_os.amb.envelope import WIRE_VERSION, Envelope, Signature, new_id
+from agent_os.amb.errors import (
     BrokerUnavailable,
     BusError,
     CapabilityNotSupported,
@@ -29,9 +29,9 @@ from amb.errors import (
     UnserializablePayload,
     UnsupportedVersion,
 )
-from amb.metadata import Metadata
-from amb.middleware import ConsumeNext, Middleware, PublishNext
-from amb.serializers import JsonSerializer, MsgpackSerializer, Serializer, decode, get_serializer
+from agent_os.amb.metadata import Metadata
+from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
+from agent_os.amb.serializers import JsonSerializer, MsgpackSerializer, Serializer, decode, get_serializer
 
 __all__ = [
     "AMB",

@@ -1,9 +1,9 @@
 """The Broker protocol: the narrow seam between the bus and a concrete message broker.
 
 A broker moves opaque bytes between subjects. It knows nothing of envelopes, signatures or
-policy: the AMB client (:class:`amb.AMB`) builds those on top. An adapter implements five
+policy: the AMB client (:class:`agent_os.amb.AMB`) builds those on top. An adapter implements five
 async methods and declares what it can do in :class:`Capabilities`; the bus raises
-:class:`~amb.errors.CapabilityNotSupported` for anything an adapter lacks, and the conformance
+:class:`~agent_os.amb.errors.CapabilityNotSupported` for anything an adapter lacks, and the conformance
 suite skips, visibly, the cases a flag rules out.
 
 Adapters are found by name through the ``agent_os.brokers`` entry-point group (see
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from amb.errors import ConfigError, StateError
+from agent_os.amb.errors import ConfigError, StateError
 
 ENTRY_POINT_GROUP = "agent_os.brokers"
 
@@ -104,7 +104,7 @@ class Broker(Protocol):
     capabilities: Capabilities
 
     async def connect(self) -> None:
-        """Open the connection; raises :class:`~amb.errors.BrokerUnavailable` on failure."""
+        """Open the connection; raises :class:`~agent_os.amb.errors.BrokerUnavailable` on failure."""
         ...
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -115,7 +115,7 @@ class Broker(Protocol):
         """Send ``data`` to ``subject``; ``key`` orders messages where ``ordered_per_key``.
 
         Returns once the broker has accepted the message; may wait while a subscriber's queue is
-        full (backpressure). Raises :class:`~amb.errors.TransportError` if the broker fails.
+        full (backpressure). Raises :class:`~agent_os.amb.errors.TransportError` if the broker fails.
         """
         ...
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, overload
 
-from amb.broker import (
+from agent_os.amb.broker import (
     Broker,
     BrokerSubscription,
     Capabilities,
@@ -49,9 +49,9 @@ from amb.broker import (
     LifecycleState,
     load_broker,
 )
-from amb.dispatch import LocalDelivery
-from amb.envelope import Envelope, new_envelope, new_id, new_id_at
-from amb.errors import (
+from agent_os.amb.dispatch import LocalDelivery
+from agent_os.amb.envelope import Envelope, new_envelope, new_id, new_id_at
+from agent_os.amb.errors import (
     BusError,
     ConfigError,
     EnvelopeError,
@@ -61,20 +61,27 @@ from amb.errors import (
     RequestTimeout,
     StateError,
 )
-from amb.filters import FilterSpec, Predicate, compile_filter
-from amb.metadata import Metadata, metadata_from_wire
-from amb.middleware import ConsumeNext, Middleware, PublishNext, build_consume_chain, build_publish_chain
-from amb.serializers import (
+from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
+from agent_os.amb.metadata import Metadata, metadata_from_wire
+from agent_os.amb.middleware import (
+    ConsumeNext,
+    Middleware,
+    PublishNext,
+    build_consume_chain,
+    build_publish_chain,
+)
+from agent_os.amb.serializers import (
     DEFAULT_MAX_BYTES,
     Decoder,
     Serializer,
+    WireFields,
     envelope_from_wire,
     get_serializer,
     typed_unpack,
 )
-from amb.subjects import validate_pattern, validate_subject
+from agent_os.amb.subjects import validate_pattern, validate_subject
 
-log = logging.getLogger("amb")
+log = logging.getLogger("agent_os.amb")
 
 Handler = Callable[[Any, Metadata], Awaitable[Any]]
 """A subscription handler: ``async def handler(message, metadata)``."""
@@ -303,7 +310,7 @@ class AMB(Lifecycle):
             Received messages are decoded in either format.
         agent_id: the default sender of this client's messages.
         broker: a ready broker object instead of ``backend`` (the client then owns and closes it).
-        middleware: the middleware chain, wire side first (see :mod:`amb.middleware`).
+        middleware: the middleware chain, wire side first (see :mod:`agent_os.amb.middleware`).
         dead_letter_prefix: dead letters go to ``<prefix>.<original subject>``.
         max_message_bytes: the largest encoded envelope sent or accepted. A dead letter
             carries the message it records, so it may be larger: up to this or 8 MiB,
@@ -728,7 +735,7 @@ class AMB(Lifecycle):
 
         Options: ``queue`` joins a queue group (each message to one member); ``durable`` names
         a durable subscription (brokers with ``durable``); ``filter`` selects by payload (see
-        :mod:`amb.filters`); ``concurrency`` handlers may run at once (1 keeps delivery order);
+        :mod:`agent_os.amb.filters`); ``concurrency`` handlers may run at once (1 keeps delivery order);
         a handler that raises is retried through broker redelivery until ``max_attempts``
         deliveries, waiting ``retry_delay`` seconds doubled per attempt, then dead-lettered;
         ``context`` seeds each delivery's ``metadata.context`` (settings for middleware, e.g.
@@ -830,7 +837,7 @@ class AMB(Lifecycle):
             if len(data) > decoder.max_bytes:
                 raise OversizedEnvelope(len(data), decoder.max_bytes)
             try:
-                fields = typed_unpack(data)
+                fields: WireFields = typed_unpack(data)
             except Exception:
                 fields = decoder.refused(data)
         except EnvelopeError as exc:

@@ -1,7 +1,7 @@
 """The per-subscription dispatcher every broker adapter uses to feed a handler.
 
 A :class:`Dispatcher` holds what one broker subscription owes its handler and guarantees the
-:class:`~amb.broker.Broker` contract: one delivery at a time, in the order received; a handler
+:class:`~agent_os.amb.broker.Broker` contract: one delivery at a time, in the order received; a handler
 that raises (a CancelledError its task was not cancelled with included) is counted and logged,
 never stops the subscription; ``drain`` lets queued
 deliveries finish within a timeout and then cancels a stuck handler.
@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
 
-from amb.errors import ConfigError
+from agent_os.amb.errors import ConfigError
 
-log = logging.getLogger("amb.dispatch")
+log = logging.getLogger("agent_os.amb.dispatch")
 
 _EMPTY: Final[Mapping[str, Any]] = {}
 _new: Final = object.__new__

@@ -1,7 +1,7 @@
 """The v1 envelope: one record per message, the unit that is serialized, signed and routed.
 
 Broker-specific delivery facts (attempt, redelivered, partition/offset, stream id) never live
-here: they travel beside the envelope in :class:`amb.Metadata`, outside the signed bytes.
+here: they travel beside the envelope in :class:`agent_os.amb.Metadata`, outside the signed bytes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from amb.errors import ConfigError
+from agent_os.amb.errors import ConfigError
 
 Predicate = Callable[[Any], bool]
 FilterSpec = Predicate | Mapping[str, Any]

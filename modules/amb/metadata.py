@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from amb.envelope import Envelope, Signature
-from amb.serializers import WireFields, envelope_from_wire
+from agent_os.amb.envelope import Envelope, Signature
+from agent_os.amb.serializers import WireFields, envelope_from_wire
 
 
 class Metadata:
@@ -19,7 +19,7 @@ class Metadata:
     on, ``attempt`` counts deliveries from 1, and ``extra`` holds broker facts (partition,
     offset, stream id). ``context`` is a dict middleware fills in (IATP puts its verification
     result there) for the handler to read; it starts with ``"subscription"`` (the receiving
-    :class:`~amb.Subscription`) and the subscription's ``context`` option.
+    :class:`~agent_os.amb.Subscription`) and the subscription's ``context`` option.
     """
 
     __slots__ = ("_context", "_envelope", "_seed", "_wire", "attempt", "extra", "subject")

@@ -9,7 +9,7 @@ say, so nothing changes an envelope once it is signed::
     deliver: broker -> decode -> mw[0] -> mw[1] ... mw[n-1] -> handler
 
 A hook passes the message on by awaiting ``call_next``; it may change the envelope first. To
-refuse a message it raises :class:`~amb.errors.MessageRejected` (or a subclass): inbound, the
+refuse a message it raises :class:`~agent_os.amb.errors.MessageRejected` (or a subclass): inbound, the
 bus dead-letters the message with the error's ``reason`` and counts it; outbound, the error
 reaches the publisher. A hook that returns without calling ``call_next`` swallows the message
 (for example to hold it and pass it on later).
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from amb.envelope import Envelope
-from amb.metadata import Metadata
+from agent_os.amb.envelope import Envelope
+from agent_os.amb.metadata import Metadata
 
 PublishNext = Callable[[Envelope], Awaitable[None]]
 ConsumeNext = Callable[[Envelope, Metadata], Awaitable[None]]

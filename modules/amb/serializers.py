@@ -11,7 +11,7 @@ Two formats carry the same v1 envelope:
   which the decoder removes. The signature's binary fields are base64 strings.
 
 Decoding never trusts its input: anything that is not exactly a v1 envelope raises an
-:class:`~amb.errors.EnvelopeError` subclass naming what is wrong. :func:`decode` accepts either
+:class:`~agent_os.amb.errors.EnvelopeError` subclass naming what is wrong. :func:`decode` accepts either
 format (a JSON envelope starts with ``{``, a msgpack one never does), so clients configured with
 different serializers interoperate.
 
@@ -35,8 +35,8 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgpack
 import msgspec
 
-from amb.envelope import WIRE_VERSION, Envelope, Signature, new_envelope
-from amb.errors import (
+from agent_os.amb.envelope import WIRE_VERSION, Envelope, Signature, new_envelope
+from agent_os.amb.errors import (
     ConfigError,
     MalformedEnvelope,
     OversizedEnvelope,
@@ -117,7 +117,7 @@ _set_value: Final = getattr(Signature, "value").__set__  # noqa: B009
 def envelope_from_wire(fields: WireFields) -> Envelope:
     """The Envelope of checked wire fields (see :data:`WireFields`); no checks here.
 
-    Built with :func:`~amb.envelope.new_envelope` (no dataclass ``__init__`` call), the
+    Built with :func:`~agent_os.amb.envelope.new_envelope` (no dataclass ``__init__`` call), the
     signature likewise.
     """
     _, id_, topic, sender, recipient, reply_to, corr, ts, exp, prio, headers, payload, sig = fields

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache, partial
 
-from amb.errors import ConfigError
+from agent_os.amb.errors import ConfigError
 
 _BAD_TOKEN = re.compile(r"[\s]")
 # A valid subject in one C-level match: non-empty tokens without whitespace, "*" or ">".

@@ -11,13 +11,20 @@
 Importing this package does not import litellm; the first call does.
 """
 
-from cmvk._agreement import Agreement, AgreementMeasure, Embedder
-from cmvk._calls import AbstentionKind, ModelSpec
-from cmvk._cmvk import CMVK
-from cmvk._errors import CMVKConfigError, CMVKError, VerdictParseError
-from cmvk._results import CallStats, Consensus, CrossCheckResult, ModelAnswer, ModelVote, VerificationResult
-from cmvk._verdict import Verdict, parse_judgement, parse_verdict
-from cmvk._voting import Strategy
+from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder
+from agent_os.cmvk._calls import AbstentionKind, ModelSpec
+from agent_os.cmvk._cmvk import CMVK
+from agent_os.cmvk._errors import CMVKConfigError, CMVKError, VerdictParseError
+from agent_os.cmvk._results import (
+    CallStats,
+    Consensus,
+    CrossCheckResult,
+    ModelAnswer,
+    ModelVote,
+    VerificationResult,
+)
+from agent_os.cmvk._verdict import Verdict, parse_judgement, parse_verdict
+from agent_os.cmvk._voting import Strategy
 
 __all__ = [
     "CMVK",

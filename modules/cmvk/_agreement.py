@@ -6,7 +6,7 @@ term, a different name. Wording alone never makes two answers disagree.
 
 1. **Canonical forms.** Numbers are read from digits and words ("forty-two", "2.1 million",
    "2,100,000", "52%") with their unit or currency ("100 km", "$5", "5 million euros", "every 4
-   hours"; see :mod:`cmvk._units`), and compared as values (exact for integers below 100 000,
+   hours"; see :mod:`agent_os.cmvk._units`), and compared as values (exact for integers below 100 000,
    within 0.5% otherwise) in the same unit, or within 2% once converted ("100 km" ~ "62 miles",
    "$5" = "5 dollars"); a number without a unit is compared by value alone. Numbers (with a
    compatible unit) that already occur in the question are ignored. An answer opening with
@@ -39,7 +39,7 @@ term, a different name. Wording alone never makes two answers disagree.
 
 The pair agrees when ``score >= threshold`` (default 0.6: without a conflict, a support of
 1/3). Known blind spot: role swaps with the same words ("Alice paid Bob" / "Bob paid Alice")
-read as agreeing; an LLM judge (see :class:`cmvk.CMVK`) can be configured on top.
+read as agreeing; an LLM judge (see :class:`agent_os.cmvk.CMVK`) can be configured on top.
 """
 
 from __future__ import annotations
@@ -50,9 +50,16 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
-from cmvk._errors import CMVKConfigError
-from cmvk._text import Analysis, analyze, content_stems, exclusive_term, is_yes_no_question, normalize
-from cmvk._units import Quantity, describe, literal, same_number, same_quantity, units_named
+from agent_os.cmvk._errors import CMVKConfigError
+from agent_os.cmvk._text import (
+    Analysis,
+    analyze,
+    content_stems,
+    exclusive_term,
+    is_yes_no_question,
+    normalize,
+)
+from agent_os.cmvk._units import Quantity, describe, literal, same_number, same_quantity, units_named
 
 Method = Literal["canonical", "lexical", "embedding", "judge"]
 
@@ -202,7 +209,7 @@ class AgreementMeasure:
         docstring for the rules; the result's ``conflicts`` and ``reason`` say why.
 
         ``similarity`` is the cosine of the answers' embeddings, when an embedder is used
-        (see :meth:`cmvk.CMVK.agreement`); it is averaged with the word similarity."""
+        (see :meth:`agent_os.cmvk.CMVK.agreement`); it is averaged with the word similarity."""
         q_stems = content_stems(question) if question else frozenset()
         q_numbers = analyze(question).quantities if question else []
         q_units = units_named(normalize(question)) if question else frozenset()

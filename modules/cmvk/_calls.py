@@ -24,7 +24,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from types import ModuleType
 from typing import Any, Literal
 
-from cmvk._errors import CMVKConfigError
+from agent_os.cmvk._errors import CMVKConfigError
 
 AbstentionKind = Literal["timeout", "deadline", "provider_error", "parse_error"]
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429})

@@ -9,11 +9,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, get_args
 
-from cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
-from cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
-from cmvk._errors import CMVKConfigError, VerdictParseError
-from cmvk._results import CallStats, Consensus, CrossCheckResult, ModelAnswer, ModelVote, VerificationResult
-from cmvk._verdict import (
+from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
+from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
+from agent_os.cmvk._errors import CMVKConfigError, VerdictParseError
+from agent_os.cmvk._results import (
+    CallStats,
+    Consensus,
+    CrossCheckResult,
+    ModelAnswer,
+    ModelVote,
+    VerificationResult,
+)
+from agent_os.cmvk._verdict import (
     answer_messages,
     judge_messages,
     parse_answer,
@@ -21,7 +28,7 @@ from cmvk._verdict import (
     parse_verdict,
     verify_messages,
 )
-from cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
+from agent_os.cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
 
 
 def _as_text(value: Any) -> str:
@@ -47,7 +54,7 @@ class CMVK:
     Args:
         models: model names (litellm ids) or :class:`ModelSpec` objects; names must be unique.
         consensus_threshold: the weighted share of non-abstaining votes that must support the
-            response, in (0, 1] (see :mod:`cmvk._voting` for the exact rules).
+            response, in (0, 1] (see :mod:`agent_os.cmvk._voting` for the exact rules).
         voting_strategy: ``"majority"``, ``"unanimous"`` or ``"weighted"``.
         timeout: the total deadline of one ``verify``/``cross_check`` call, in seconds; no
             model call or retry runs past it.
@@ -151,8 +158,8 @@ class CMVK:
     ) -> VerificationResult:
         """Ask every model, in parallel, whether ``response`` correctly answers ``prompt``.
 
-        Each model replies with a JSON verdict (schema in :mod:`cmvk._verdict`); the votes are
-        combined by the voting strategy (:mod:`cmvk._voting`). A ``prompt`` or ``response`` that
+        Each model replies with a JSON verdict (schema in :mod:`agent_os.cmvk._verdict`); the votes are
+        combined by the voting strategy (:mod:`agent_os.cmvk._voting`). A ``prompt`` or ``response`` that
         is not a string is serialized as JSON (``str()`` for what JSON cannot carry), so an
         agent's arguments and return value can be verified as they are (the kernel passes
         them so). Raises CMVKConfigError when ``context`` is not a dict; never raises for a
@@ -230,7 +237,7 @@ class CMVK:
     # -- generation mode -----------------------------------------------------------------------
 
     async def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
-        """Score whether two answers agree, without any LLM (see :mod:`cmvk._agreement`).
+        """Score whether two answers agree, without any LLM (see :mod:`agent_os.cmvk._agreement`).
 
         Uses the configured embedder, if any (plain or async); when it fails, the measure
         decides without it and ``reason`` says so. Returns an :class:`Agreement` with ``score``

@@ -5,7 +5,7 @@
     └── VerdictParseError (ValueError)   a model's reply is not a valid verdict / answer
 
 A model that times out, fails or replies with something unparsable is never an exception
-out of :meth:`cmvk.CMVK.verify`: it is an abstention recorded in the result. Only misuse
+out of :meth:`agent_os.cmvk.CMVK.verify`: it is an abstention recorded in the result. Only misuse
 (bad configuration or arguments) raises.
 """
 

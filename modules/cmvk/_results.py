@@ -6,9 +6,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cmvk._agreement import Agreement
-from cmvk._calls import AbstentionKind, CallOutcome
-from cmvk._verdict import Verdict
+from agent_os.cmvk._agreement import Agreement
+from agent_os.cmvk._calls import AbstentionKind, CallOutcome
+from agent_os.cmvk._verdict import Verdict
 
 Consensus = Literal["unanimous", "majority", "split", "no_quorum"]
 

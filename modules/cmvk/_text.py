@@ -1,5 +1,5 @@
 """Text analysis for the agreement measure: tokens, stems, numbers with their units (see
-:mod:`cmvk._units`), negation, entities.
+:mod:`agent_os.cmvk._units`), negation, entities.
 
 Everything here is deterministic and uses no model. The pieces are deliberately small and
 explicit (a stopword list, a light suffix stemmer, a number-word parser, a list of mutually
@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from cmvk._units import PREFIX_CURRENCIES, Quantity, separate, unit_at
+from agent_os.cmvk._units import PREFIX_CURRENCIES, Quantity, separate, unit_at
 
 
 def _words(text: str) -> frozenset[str]:
@@ -261,7 +261,7 @@ def analyze(text: str, question_stems: frozenset[str] = frozenset()) -> Analysis
     "not safe" when "safe" occurs in the question.
 
     A number is read from digits ("2,100,000", "2.1 million", "$5bn") or words ("three hundred
-    and sixty-six"), with its unit (see :mod:`cmvk._units`); a unit is part of the number, not
+    and sixty-six"), with its unit (see :mod:`agent_os.cmvk._units`); a unit is part of the number, not
     a content word. A number without a unit records the content word right after it as its
     context ("8 legs")."""
     out = Analysis()

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from cmvk._errors import VerdictParseError
+from agent_os.cmvk._errors import VerdictParseError
 
 Verdict = Literal["supported", "contradicted", "unsure"]
 VERDICTS: Final = ("supported", "contradicted", "unsure")

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cmvk._results import Consensus
+from agent_os.cmvk._results import Consensus
 
 Strategy = Literal["majority", "unanimous", "weighted"]
 STRATEGIES: tuple[Strategy, ...] = ("majority", "unanimous", "weighted")

@@ -8,11 +8,17 @@ Example::
         record = await emk.store("agent_123", "User prefers dark mode.", tags=["ui"])
         hits = await emk.search("agent_123", "display settings", limit=5)
 
-See :class:`emk.EMK` for the guarantees and :mod:`emk.errors` for what can go wrong.
+See :class:`agent_os.emk.EMK` for the guarantees and :mod:`agent_os.emk.errors` for what can go wrong.
 """
 
-from emk.embeddings import Embedder, HashingEmbedder, LiteLLMEmbedder, LocalEmbedder, resolve_embedder
-from emk.errors import (
+from agent_os.emk.embeddings import (
+    Embedder,
+    HashingEmbedder,
+    LiteLLMEmbedder,
+    LocalEmbedder,
+    resolve_embedder,
+)
+from agent_os.emk.errors import (
     AlreadySuperseded,
     ConfigError,
     ContentTooLarge,
@@ -36,8 +42,8 @@ from emk.errors import (
     SupersedeError,
     UnknownSupersedes,
 )
-from emk.kernel import EMK
-from emk.records import Limits, MemoryRecord, NewMemory, RetentionRecord
+from agent_os.emk.kernel import EMK
+from agent_os.emk.records import Limits, MemoryRecord, NewMemory, RetentionRecord
 
 __all__ = [
     "EMK",

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from emk.errors import ConfigError, StorageUnavailable
+from agent_os.emk.errors import ConfigError, StorageUnavailable
 
 
 def default_data_dir() -> Path:

@@ -12,9 +12,15 @@ import math
 from collections.abc import Sequence
 from datetime import datetime
 
-from emk._store import Filters, Found, Isolation, NamespaceInfo, Scope, may_supersede, visible
-from emk.errors import AlreadySuperseded, ConfigError, EmbedderMismatch, ForeignSupersedes, UnknownSupersedes
-from emk.records import RetentionRecord, Row
+from agent_os.emk._store import Filters, Found, Isolation, NamespaceInfo, Scope, may_supersede, visible
+from agent_os.emk.errors import (
+    AlreadySuperseded,
+    ConfigError,
+    EmbedderMismatch,
+    ForeignSupersedes,
+    UnknownSupersedes,
+)
+from agent_os.emk.records import RetentionRecord, Row
 
 _SHARED: dict[str, MemoryStore] = {}
 

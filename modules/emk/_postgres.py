@@ -35,8 +35,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from emk._store import Filters, Found, NamespaceInfo, Scope
-from emk.errors import (
+from agent_os.emk._store import Filters, Found, NamespaceInfo, Scope
+from agent_os.emk.errors import (
     AlreadySuperseded,
     ConfigError,
     EmbedderMismatch,
@@ -46,7 +46,7 @@ from emk.errors import (
     StorageUnavailable,
     UnknownSupersedes,
 )
-from emk.records import RetentionRecord, Row
+from agent_os.emk.records import RetentionRecord, Row
 
 SCHEMA_VERSION = 1
 MAX_INDEXED_DIMENSION = 2000  # pgvector's HNSW limit for the vector type

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from emk.records import RetentionRecord, Row
+from agent_os.emk.records import RetentionRecord, Row
 
 Isolation = Literal["agent", "session", "global"]
 ISOLATIONS: tuple[Isolation, ...] = ("agent", "session", "global")

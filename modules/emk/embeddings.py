@@ -9,7 +9,7 @@
   (``text-embedding-3-small``, ``openai/...``, ``cohere/...``; ``pip install agent-os[llm]``).
 
 :func:`resolve_embedder` maps a model name to one of them. Every vector an embedder returns is
-checked by EMK against the namespace's dimension (:class:`~emk.errors.DimensionMismatch`).
+checked by EMK against the namespace's dimension (:class:`~agent_os.emk.errors.DimensionMismatch`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from emk.errors import ConfigError, EmbeddingError
+from agent_os.emk.errors import ConfigError, EmbeddingError
 
 LOCAL_MODEL = "all-MiniLM-L6-v2"
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -44,7 +44,7 @@ class Embedder(Protocol):
 
     ``model`` names the model (recorded with the namespace, so that vectors of different models
     are never compared); ``dimension`` is the length of every vector; ``embed`` returns one
-    vector per text, in order, and raises :class:`~emk.errors.EmbeddingError` on failure.
+    vector per text, in order, and raises :class:`~agent_os.emk.errors.EmbeddingError` on failure.
     """
 
     @property

@@ -11,12 +11,12 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
-from emk._embedded import start_embedded
-from emk._memory_store import memory_store
-from emk._postgres import PostgresStore
-from emk._store import ISOLATIONS, Filters, Found, Isolation, NamespaceInfo, Scope, Store
-from emk.embeddings import LOCAL_MODEL, Embedder, resolve_embedder
-from emk.errors import (
+from agent_os.emk._embedded import start_embedded
+from agent_os.emk._memory_store import memory_store
+from agent_os.emk._postgres import PostgresStore
+from agent_os.emk._store import ISOLATIONS, Filters, Found, Isolation, NamespaceInfo, Scope, Store
+from agent_os.emk.embeddings import LOCAL_MODEL, Embedder, resolve_embedder
+from agent_os.emk.errors import (
     ConfigError,
     EmbeddingError,
     EMKError,
@@ -26,7 +26,7 @@ from emk.errors import (
     RecordNotFound,
     StateError,
 )
-from emk.records import (
+from agent_os.emk.records import (
     Limits,
     MemoryRecord,
     NewMemory,
@@ -60,8 +60,8 @@ class EMK:
             ``"postgresql"`` (``connection_string`` is a libpq URI) or ``"memory"`` (in-process;
             ``memory://NAME`` shares a store within the process).
         connection_string: see ``storage``.
-        embedding_model: a model name (see :func:`emk.embeddings.resolve_embedder`; default the
-            local all-MiniLM-L6-v2) or an :class:`~emk.embeddings.Embedder`.
+        embedding_model: a model name (see :func:`agent_os.emk.embeddings.resolve_embedder`; default the
+            local all-MiniLM-L6-v2) or an :class:`~agent_os.emk.embeddings.Embedder`.
         isolation: ``"agent"`` (default): an agent sees only its own memories; ``"session"``:
             only those of its own agent and session (every call needs ``session_id``);
             ``"global"``: every agent sees every memory of the namespace. Whatever the isolation,
@@ -69,7 +69,7 @@ class EMK:
         namespace: the PostgreSQL schema holding this memory (an identifier). A namespace keeps
             the dimension, isolation and model it was created with; opening it with others
             raises ConfigError / EmbedderMismatch.
-        limits: size limits on input (:class:`~emk.records.Limits`).
+        limits: size limits on input (:class:`~agent_os.emk.records.Limits`).
         pool_size, ef_search, iterative_scan, settings: PostgreSQL tuning (connections, HNSW
             candidate list, iterative index scans: None = when pgvector has them, extra
             ``SET`` values for each connection).

@@ -12,7 +12,7 @@ Each record carries ``content_hash``: the SHA-256 (hex) of the UTF-8 JSON array:
 verbatim beside the record so that the hash never depends on how a database re-formats JSON
 numbers; ``tags`` are sorted and de-duplicated; ``created_at_us`` is microseconds since the
 Unix epoch (UTC). Storage recomputes the hash on every read and raises
-:class:`~emk.errors.IntegrityError` when it differs.
+:class:`~agent_os.emk.errors.IntegrityError` when it differs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from emk.errors import (
+from agent_os.emk.errors import (
     ContentTooLarge,
     DimensionMismatch,
     EmptyContent,

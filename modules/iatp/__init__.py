@@ -6,8 +6,8 @@ Entry point: :class:`IATP`. Modules: ``canonical`` (the signed bytes), ``verifie
 (replay protection shared between processes), ``sender`` (who sent a delivered message).
 """
 
-from iatp.canonical import UNSIGNED_HEADERS, envelope_bytes, key_id_for
-from iatp.errors import (
+from agent_os.iatp.canonical import UNSIGNED_HEADERS, envelope_bytes, key_id_for
+from agent_os.iatp.errors import (
     AgentExists,
     CryptoUnavailable,
     IATPConfigError,
@@ -26,18 +26,18 @@ from iatp.errors import (
     UnknownKey,
     WrongPassphrase,
 )
-from iatp.filestore import FileKeyStore
-from iatp.iatp import IATP
-from iatp.keys import Identity, KeyRecord
-from iatp.keystore import KeyStore, MemoryKeyStore, StoreContents
-from iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, REPLAY_SCOPE, RESULT, IATPMiddleware
-from iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfTrust
-from iatp.noncestore import RedisNonceStore, SharedNonceStore
-from iatp.result import Reason, VerificationResult
-from iatp.sender import sender_identity
-from iatp.session import SESSION_SCHEME, PendingSession, Session, SessionAnswer, SessionOffer
-from iatp.trust import Certificate, TrustEdge
-from iatp.verifier import ED25519
+from agent_os.iatp.filestore import FileKeyStore
+from agent_os.iatp.iatp import IATP
+from agent_os.iatp.keys import Identity, KeyRecord
+from agent_os.iatp.keystore import KeyStore, MemoryKeyStore, StoreContents
+from agent_os.iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, REPLAY_SCOPE, RESULT, IATPMiddleware
+from agent_os.iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfTrust
+from agent_os.iatp.noncestore import RedisNonceStore, SharedNonceStore
+from agent_os.iatp.result import Reason, VerificationResult
+from agent_os.iatp.sender import sender_identity
+from agent_os.iatp.session import SESSION_SCHEME, PendingSession, Session, SessionAnswer, SessionOffer
+from agent_os.iatp.trust import Certificate, TrustEdge
+from agent_os.iatp.verifier import ED25519
 
 __all__ = [
     "ACCEPT_UNSIGNED",

@@ -1,7 +1,7 @@
 """The only module that touches PyNaCl: ed25519, X25519, argon2id and secretbox, failing closed.
 
 If PyNaCl cannot be imported, :data:`AVAILABLE` is false and every function here raises
-:class:`~iatp.errors.CryptoUnavailable`; in particular :func:`verify` never answers true without
+:class:`~agent_os.iatp.errors.CryptoUnavailable`; in particular :func:`verify` never answers true without
 having run the check. Callers that must not raise (verification) turn that error into an
 invalid result.
 """
@@ -12,7 +12,7 @@ import os
 import threading
 from typing import Final
 
-from iatp.errors import CryptoUnavailable
+from agent_os.iatp.errors import CryptoUnavailable
 
 _IMPORT_ERROR: BaseException | None
 try:

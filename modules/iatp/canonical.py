@@ -26,8 +26,8 @@ payload itself (as a msgpack value) in place of its digest: keyed BLAKE2b needs 
 and skipping it keeps session mode fast.
 
 Trust edges (``EDGE_DOMAIN``) and certificates (``CERT_DOMAIN``) are laid out in
-:mod:`iatp.trust`; session handshakes in :mod:`iatp.session`; key rotation statements
-(``ROTATION_DOMAIN``) in :mod:`iatp.keys`.
+:mod:`agent_os.iatp.trust`; session handshakes in :mod:`agent_os.iatp.session`; key rotation statements
+(``ROTATION_DOMAIN``) in :mod:`agent_os.iatp.keys`.
 
 Not signed: ``sig`` itself, and broker metadata (subject, attempt, offsets), which live beside
 the envelope. A receiver should rely on ``metadata.topic`` (signed), not the delivery subject.
@@ -54,7 +54,7 @@ from typing import Any, Final
 
 import msgspec
 
-from amb.envelope import Envelope, Signature
+from agent_os.amb.envelope import Envelope, Signature
 
 ENVELOPE_DOMAIN: Final = "IATP/1 envelope"
 SESSION_DOMAIN: Final = "IATP/1 session"

@@ -1,7 +1,7 @@
 """The errors of the Inter-Agent Trust Protocol.
 
 Verification never raises on what a message contains: it returns a
-:class:`~iatp.VerificationResult` with a reason. The errors below are for misuse, for
+:class:`~agent_os.iatp.VerificationResult` with a reason. The errors below are for misuse, for
 configuration, for key storage, and for the bus middleware, which turns an invalid result into
 a rejection the bus dead-letters::
 
@@ -23,7 +23,7 @@ a rejection the bus dead-letters::
     ├── SigningRejected (amb.MessageRejected)   outbound: no signing key for the sender
     └── SignatureRejected (amb.MessageRejected) inbound: the message failed verification
 
-Both rejections carry ``reason`` (a :class:`~iatp.Reason` value), so the bus dead-letters an
+Both rejections carry ``reason`` (a :class:`~agent_os.iatp.Reason` value), so the bus dead-letters an
 inbound message with the verification reason and counts it.
 """
 
@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from amb.errors import MessageRejected
+from agent_os.amb.errors import MessageRejected
 
 if TYPE_CHECKING:
-    from iatp.result import VerificationResult
+    from agent_os.iatp.result import VerificationResult
 
 
 class IATPError(Exception):
@@ -104,7 +104,7 @@ class NonceStoreUnavailable(IATPError):
 
 
 class Unauthenticated(IATPError):
-    """:func:`iatp.sender_identity` cannot name an authenticated sender: the IATP result is
+    """:func:`agent_os.iatp.sender_identity` cannot name an authenticated sender: the IATP result is
     present but not valid, or absent where the bus is not trusted, or there is no sender."""
 
 

@@ -13,13 +13,13 @@ Encryption: one 32-byte key is derived from the passphrase with **argon2id** (li
 opened. Each private key file is XSalsa20-Poly1305 (``crypto_secretbox``) of the msgpack triple
 ``[key_id, agent_id, seed]`` under a fresh random 24-byte nonce; after decryption the key id is
 recomputed from the seed, so a file renamed or swapped between agents is detected
-(:class:`~iatp.errors.KeyStoreCorrupt`). ``keystore.json`` holds a check value encrypted the same
-way, so a wrong passphrase fails at open with :class:`~iatp.errors.WrongPassphrase`.
+(:class:`~agent_os.iatp.errors.KeyStoreCorrupt`). ``keystore.json`` holds a check value encrypted the same
+way, so a wrong passphrase fails at open with :class:`~agent_os.iatp.errors.WrongPassphrase`.
 
 Writes are atomic: a temporary file in the same directory (created ``0600`` with ``O_EXCL``),
 written, fsynced, renamed over the target, then the directory fsynced. A crash leaves either the
 old or the new file, never a torn one. A store whose directory or files are readable by other
-users is refused (:class:`~iatp.errors.InsecureKeyStore`). One process writes a store at a time.
+users is refused (:class:`~agent_os.iatp.errors.InsecureKeyStore`). One process writes a store at a time.
 """
 
 from __future__ import annotations
@@ -34,11 +34,17 @@ from typing import Any, Final
 
 import msgpack
 
-from iatp import _crypto
-from iatp.canonical import key_id_for
-from iatp.errors import IATPConfigError, InsecureKeyStore, KeyStoreCorrupt, KeyStoreError, WrongPassphrase
-from iatp.keys import b64, unb64
-from iatp.keystore import StoreContents
+from agent_os.iatp import _crypto
+from agent_os.iatp.canonical import key_id_for
+from agent_os.iatp.errors import (
+    IATPConfigError,
+    InsecureKeyStore,
+    KeyStoreCorrupt,
+    KeyStoreError,
+    WrongPassphrase,
+)
+from agent_os.iatp.keys import b64, unb64
+from agent_os.iatp.keystore import StoreContents
 
 FORMAT: Final = "iatp-keystore-v1"
 KEY_FORMAT: Final = "iatp-key-v1"

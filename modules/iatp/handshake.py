@@ -1,14 +1,14 @@
-"""The session handshake (see :mod:`iatp.session` for the protocol and its guarantees)."""
+"""The session handshake (see :mod:`agent_os.iatp.session` for the protocol and its guarantees)."""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import replace
 
-from iatp import _crypto
-from iatp.errors import SessionError, UnknownAgent
-from iatp.replay import OK
-from iatp.session import (
+from agent_os.iatp import _crypto
+from agent_os.iatp.errors import SessionError, UnknownAgent
+from agent_os.iatp.replay import OK
+from agent_os.iatp.session import (
     PendingSession,
     Session,
     SessionAnswer,
@@ -18,7 +18,7 @@ from iatp.session import (
     offer_digest,
     shared_secret,
 )
-from iatp.verifier import EnvelopeVerifier
+from agent_os.iatp.verifier import EnvelopeVerifier
 
 
 class SessionManager:

@@ -25,22 +25,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import amb
-from amb.envelope import Envelope, new_id
-from iatp import _crypto
-from iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, TrustError, UnknownAgent
-from iatp.filestore import FileKeyStore
-from iatp.handshake import SessionManager
-from iatp.keys import Identity
-from iatp.keystore import KeyStore, MemoryKeyStore
-from iatp.middleware import IATPMiddleware
-from iatp.models import TrustModel, make_model
-from iatp.noncestore import SharedNonceStore
-from iatp.registry import KeyRegistry
-from iatp.result import Reason, VerificationResult, invalid
-from iatp.session import PendingSession, Session, SessionAnswer, SessionOffer
-from iatp.trust import Certificate, TrustEdge, TrustStore, check_level, check_permissions
-from iatp.verifier import EnvelopeVerifier, TrustEngine
+from agent_os import amb
+from agent_os.amb.envelope import Envelope, new_id
+from agent_os.iatp import _crypto
+from agent_os.iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, TrustError, UnknownAgent
+from agent_os.iatp.filestore import FileKeyStore
+from agent_os.iatp.handshake import SessionManager
+from agent_os.iatp.keys import Identity
+from agent_os.iatp.keystore import KeyStore, MemoryKeyStore
+from agent_os.iatp.middleware import IATPMiddleware
+from agent_os.iatp.models import TrustModel, make_model
+from agent_os.iatp.noncestore import SharedNonceStore
+from agent_os.iatp.registry import KeyRegistry
+from agent_os.iatp.result import Reason, VerificationResult, invalid
+from agent_os.iatp.session import PendingSession, Session, SessionAnswer, SessionOffer
+from agent_os.iatp.trust import Certificate, TrustEdge, TrustStore, check_level, check_permissions
+from agent_os.iatp.verifier import EnvelopeVerifier, TrustEngine
 
 _NS = 1_000_000_000
 
@@ -50,7 +50,7 @@ class IATP:
 
     Args:
         key_storage: ``"memory"``, ``"file"`` (needs ``key_path`` and ``passphrase``) or a
-            :class:`~iatp.keystore.KeyStore`. ``"vault"`` and ``"hsm"`` from the API reference
+            :class:`~agent_os.iatp.keystore.KeyStore`. ``"vault"`` and ``"hsm"`` from the API reference
             are not built in: pass a KeyStore for them.
         algorithm: only ``"ed25519"``.
         trust_model: ``"web"``, ``"hierarchical"``, ``"pki"`` or a TrustModel object.
@@ -58,10 +58,10 @@ class IATP:
             receiving agent).
         clock_skew, max_age, max_nonces, rotation_grace, session_lifetime: seconds / counts, see
             the module docstring.
-        nonce_store: a :class:`~iatp.noncestore.SharedNonceStore` (``RedisNonceStore``) that
+        nonce_store: a :class:`~agent_os.iatp.noncestore.SharedNonceStore` (``RedisNonceStore``) that
             this IATP's bus middlewares consult after their in-memory nonce cache, so that a
             queue group spread over several processes refuses replays (see
-            :mod:`iatp.noncestore`). Default: none (replay protection per process).
+            :mod:`agent_os.iatp.noncestore`). Default: none (replay protection per process).
 
     Raises IATPConfigError for an unsupported option and CryptoUnavailable when PyNaCl cannot be
     imported (IATP never runs without it).
@@ -247,9 +247,10 @@ class IATP:
 
     async def verify(self, signed: Envelope | bytes, *, viewer: str | None = None) -> VerificationResult:
         """Verify a signed envelope (or its serialized bytes). Never raises; see
-        :class:`~iatp.VerificationResult` and :mod:`iatp.verifier` for the checks. A key store
-        that cannot be opened (wrong passphrase, damaged files) gives ``key_store_unavailable``.
-        The shared nonce store (``nonce_store``) is consulted by the bus middleware, not here."""
+        :class:`~agent_os.iatp.VerificationResult` and :mod:`agent_os.iatp.verifier` for the
+        checks. A key store that cannot be opened (wrong passphrase, damaged files) gives
+        ``key_store_unavailable``. The shared nonce store (``nonce_store``) is consulted by the
+        bus middleware, not here."""
         if isinstance(signed, bytes | bytearray | memoryview):
             try:
                 signed = amb.decode(bytes(signed))
@@ -275,7 +276,7 @@ class IATP:
         return self.verifier.verify(envelope, viewer=viewer, scope=scope, redelivery=redelivery)
 
     def middleware(self, **options: Any) -> IATPMiddleware:
-        """A bus middleware signing and verifying with this IATP (see :mod:`iatp.middleware`)."""
+        """A bus middleware signing and verifying with this IATP (see :mod:`agent_os.iatp.middleware`)."""
         return IATPMiddleware(self, **options)
 
     # -- trust -------------------------------------------------------------------------------

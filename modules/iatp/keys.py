@@ -8,17 +8,17 @@ An agent has one *current* key (the one it signs with) and may have older versio
 - **revoked** from ``revoked_at`` on: its signatures fail with reason ``revoked_key``, and any
   message whose timestamp is at or after ``revoked_at`` fails even if checked earlier.
 
-Key ids are self-certifying fingerprints of the public key (:func:`iatp.canonical.key_id_for`).
+Key ids are self-certifying fingerprints of the public key (:func:`agent_os.iatp.canonical.key_id_for`).
 
 **Rotation statements.** When a local agent rotates, its current key signs the new key::
 
     ["IATP/1 key-rotation", agent_id, key_id, public_key, version, created_at, endorsed_by]
 
-(``endorsed_by`` is the signing key's id; canonical msgpack as in :mod:`iatp.canonical`). The
+(``endorsed_by`` is the signing key's id; canonical msgpack as in :mod:`agent_os.iatp.canonical`). The
 statement travels in the new key's record (``endorsed_by``, ``endorsement``), so exported
 identities carry it. Another process that knows the agent accepts a new key only with such a
 statement by a key it holds as valid, or by a new key that is itself so proven (a chain of
-missed rotations); see :meth:`iatp.IATP.add_identity`. A key made after the current one was
+missed rotations); see :meth:`agent_os.iatp.IATP.add_identity`. A key made after the current one was
 revoked has no statement: it must be vouched for out of band.
 """
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from iatp.canonical import ROTATION_DOMAIN, key_id_for, pack
-from iatp.errors import KeyStoreCorrupt
+from agent_os.iatp.canonical import ROTATION_DOMAIN, key_id_for, pack
+from agent_os.iatp.errors import KeyStoreCorrupt
 
 
 def b64(data: bytes) -> str:
@@ -202,11 +202,11 @@ class AgentRecord:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An agent's public identity, as returned by :meth:`iatp.IATP.register_agent`.
+    """An agent's public identity, as returned by :meth:`agent_os.iatp.IATP.register_agent`.
 
     ``public_key`` is the current ed25519 public key in base64, ``key_id`` its fingerprint,
     ``keys`` every key version with its lifecycle. Safe to share: it holds no private material.
-    Pass :meth:`to_dict` output to another process's :meth:`iatp.IATP.add_identity`.
+    Pass :meth:`to_dict` output to another process's :meth:`agent_os.iatp.IATP.add_identity`.
     """
 
     agent_id: str

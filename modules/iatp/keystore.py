@@ -4,7 +4,7 @@ A :class:`KeyStore` is a persistence backend; IATP keeps its working state in me
 every change through. Two stores are offered:
 
 - :class:`MemoryKeyStore`: nothing leaves the process (tests, short-lived agents);
-- :class:`~iatp.filestore.FileKeyStore`: a directory, private keys encrypted at rest.
+- :class:`~agent_os.iatp.filestore.FileKeyStore`: a directory, private keys encrypted at rest.
 
 A store never hands out private keys except through :meth:`KeyStore.open`, whose result the
 IATP instance holds; ``repr`` of that result masks the key material.

@@ -8,11 +8,11 @@ List it first (the wire side) so it signs last and verifies first::
 
 Outbound, an unsigned envelope is MACed with the live session from its sender to its recipient
 when there is one, otherwise signed with the sender's ed25519 key; with no key for the sender
-the publish fails with :class:`~iatp.errors.SigningRejected`. An envelope that already carries a
+the publish fails with :class:`~agent_os.iatp.errors.SigningRejected`. An envelope that already carries a
 signature (a relay forwarding a message verbatim) is passed on unchanged.
 
 Inbound, the result is checked before anything else sees the message. Invalid messages raise
-:class:`~iatp.errors.SignatureRejected` with the verification reason: the bus dead-letters them
+:class:`~agent_os.iatp.errors.SignatureRejected` with the verification reason: the bus dead-letters them
 with that reason (``dlq-reason`` header) and counts them (``amb.stats.rejected``); this
 middleware also counts them per reason in ``rejected``. A valid message's result is put in
 ``metadata.context["iatp"]`` for the layers inside (the control plane) and the handler.
@@ -31,7 +31,7 @@ the receiving client's ``agent_id``: always the receiving side, never the sender
 
 Replays are refused per subscription by the in-memory nonce cache. For queue groups spread over
 several processes, give the IATP (or this middleware) a shared store (``nonce_store=``, see
-:mod:`iatp.noncestore`): a message that passed every local check then claims its nonce there
+:mod:`agent_os.iatp.noncestore`): a message that passed every local check then claims its nonce there
 under the subscription's replay scope (``"<queue>@<pattern>"``, or ``REPLAY_SCOPE`` from the
 subscription's context), and a nonce another instance claimed first is refused
 (``replayed_nonce``). An unreachable store rejects the message (``nonce_store_unavailable``);
@@ -44,15 +44,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from amb.envelope import Envelope
-from amb.metadata import Metadata
-from amb.middleware import ConsumeNext, Middleware, PublishNext
-from iatp.errors import IATPError, SignatureRejected, SigningRejected, UnknownAgent
-from iatp.result import Reason, VerificationResult, invalid
+from agent_os.amb.envelope import Envelope
+from agent_os.amb.metadata import Metadata
+from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
+from agent_os.iatp.errors import IATPError, SignatureRejected, SigningRejected, UnknownAgent
+from agent_os.iatp.result import Reason, VerificationResult, invalid
 
 if TYPE_CHECKING:
-    from iatp.iatp import IATP
-    from iatp.noncestore import SharedNonceStore
+    from agent_os.iatp.iatp import IATP
+    from agent_os.iatp.noncestore import SharedNonceStore
 
 ACCEPT_UNSIGNED: Final = "iatp.accept_unsigned"
 """Subscription context key: accept unsigned messages on this subscription (bool)."""

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
-from iatp.trust import TrustStore
+from agent_os.iatp.trust import TrustStore
 
 ENDORSE: Final = "endorse"
 
 
 class TrustModel(Protocol):
-    """Computes trust levels and permissions from a :class:`~iatp.trust.TrustStore`."""
+    """Computes trust levels and permissions from a :class:`~agent_os.iatp.trust.TrustStore`."""
 
     name: str
 

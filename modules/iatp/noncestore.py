@@ -1,6 +1,6 @@
 """Shared replay protection: a nonce store several processes consult (Redis).
 
-The nonce cache of :mod:`iatp.replay` lives in one process. That is enough for a subscriber
+The nonce cache of :mod:`agent_os.iatp.replay` lives in one process. That is enough for a subscriber
 that is one process, but the services run as *queue groups*: several instances share a
 subject and each message goes to one of them. An attacker who captured a signed request can
 replay it within the acceptance window; the broker hands the replay to another instance, whose
@@ -24,19 +24,19 @@ window (``max_age`` plus ``clock_skew`` after it, as the local cache), so Redis 
 window of nonces.
 
 The *scope* names the logical consumer: ``"<queue group>@<subject pattern>"`` for a queue-group
-subscription, or what the subscription's context gives under :data:`iatp.REPLAY_SCOPE`
+subscription, or what the subscription's context gives under :data:`agent_os.iatp.REPLAY_SCOPE`
 (needed for a plain subscription that should use the store). Subscriptions with neither use only
 the local cache. Session-mode messages are not claimed: a session exists in one process only.
 
 **Fail closed.** When the store cannot be reached, answers wrongly or takes longer than
-``timeout``, :meth:`RedisNonceStore.claim` raises :class:`~iatp.errors.NonceStoreUnavailable`
+``timeout``, :meth:`RedisNonceStore.claim` raises :class:`~agent_os.iatp.errors.NonceStoreUnavailable`
 and the middleware rejects the message with reason ``nonce_store_unavailable`` (dead-lettered
 and counted in ``middleware.rejected``, and in ``store.failures``). It never lets a message
 through unchecked.
 
 Usage::
 
-    from iatp import IATP, RedisNonceStore
+    from agent_os.iatp import IATP, RedisNonceStore
 
     store = RedisNonceStore("redis://127.0.0.1:6379/0", prefix="iatp:nonce:memory-service:")
     iatp = IATP("file", key_path=..., passphrase=..., nonce_store=store)
@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from iatp.errors import IATPConfigError, NonceStoreUnavailable
+from agent_os.iatp.errors import IATPConfigError, NonceStoreUnavailable
 
 if TYPE_CHECKING:
     import redis.asyncio

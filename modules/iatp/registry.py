@@ -1,14 +1,14 @@
 """The key registry: every known agent and key, and the private keys of the local agents.
 
-State lives in memory; every change is written through the :class:`~iatp.keystore.KeyStore`.
+State lives in memory; every change is written through the :class:`~agent_os.iatp.keystore.KeyStore`.
 Private keys are held only for the *current* key of a local agent: rotation and revocation
 delete the old private key, so nothing here can sign with a replaced or compromised key.
 
 Imports (:meth:`KeyRegistry.add_public`) follow one rule for keys: an agent seen for the first
 time is taken as given (trust on first use: whether to believe it is the trust model's and the
 operator's business), but a known agent gains a key only with a rotation statement (see
-:mod:`iatp.keys`) by a key the registry holds as valid for it, and a local agent never gains a
-key from outside. Anything else raises :class:`~iatp.errors.IdentityConflict` and changes
+:mod:`agent_os.iatp.keys`) by a key the registry holds as valid for it, and a local agent never gains a
+key from outside. Anything else raises :class:`~agent_os.iatp.errors.IdentityConflict` and changes
 nothing.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from iatp import _crypto
-from iatp.canonical import key_id_for
-from iatp.errors import (
+from agent_os.iatp import _crypto
+from agent_os.iatp.canonical import key_id_for
+from agent_os.iatp.errors import (
     AgentExists,
     IATPConfigError,
     IdentityConflict,
@@ -28,8 +28,8 @@ from iatp.errors import (
     UnknownAgent,
     UnknownKey,
 )
-from iatp.keys import AgentRecord, KeyRecord
-from iatp.keystore import KeyStore, StoreContents
+from agent_os.iatp.keys import AgentRecord, KeyRecord
+from agent_os.iatp.keystore import KeyStore, StoreContents
 
 
 class KeyRegistry:

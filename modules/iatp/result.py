@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
-from iatp.keys import iso
+from agent_os.iatp.keys import iso
 
 
 class Reason(StrEnum):

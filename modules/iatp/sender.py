@@ -2,7 +2,7 @@
 
 A handler (a service acting for an agent, the control plane's mediator) must not take the
 envelope's ``sender`` at its word: anyone able to publish can write any name there. The IATP
-middleware puts its verdict in ``metadata.context["iatp"]`` (:data:`iatp.RESULT`);
+middleware puts its verdict in ``metadata.context["iatp"]`` (:data:`agent_os.iatp.RESULT`);
 :func:`sender_identity` turns that into an identity in one way:
 
 - a **valid** result (signature, key, time window, nonce, trust checks all passed) names the
@@ -15,7 +15,7 @@ middleware puts its verdict in ``metadata.context["iatp"]`` (:data:`iatp.RESULT`
 
 Usage::
 
-    from iatp import Unauthenticated, sender_identity
+    from agent_os.iatp import Unauthenticated, sender_identity
 
     async def handle(message, metadata):
         try:
@@ -29,15 +29,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from iatp.errors import Unauthenticated
-from iatp.middleware import RESULT
+from agent_os.iatp.errors import Unauthenticated
+from agent_os.iatp.middleware import RESULT
 
 
 def sender_identity(metadata: Any, *, trust_bus: bool = False) -> str:
     """The agent a delivered message acts for (see the module docstring).
 
-    ``metadata`` is the delivery's :class:`amb.Metadata` (anything with ``context`` and
-    ``sender``). The IATP result may be a :class:`~iatp.VerificationResult` or a mapping with
+    ``metadata`` is the delivery's :class:`agent_os.amb.Metadata` (anything with ``context`` and
+    ``sender``). The IATP result may be a :class:`~agent_os.iatp.VerificationResult` or a mapping with
     ``valid`` and ``sender``; it counts only when ``valid is True`` and the sender is a
     non-empty string.
 

@@ -16,7 +16,7 @@ transcript means neither side can be made to agree on a key with someone else.
 
 Each message then carries ``sig = (scheme "iatp-session-v1", key_id = session id (hex),
 nonce = 8-byte big-endian counter, value = keyed BLAKE2b-256 of the canonical envelope bytes)``
-(the canonical bytes of :func:`iatp.canonical.session_bytes`, domain ``"IATP/1 session"``).
+(the canonical bytes of :func:`agent_os.iatp.canonical.session_bytes`, domain ``"IATP/1 session"``).
 Counters start at 1; the receiver accepts each counter once within a 1024-message sliding
 window (so mild reordering is fine). Timestamps, expiry and clock skew are checked as for signatures.
 
@@ -28,7 +28,7 @@ written any message, so a third party cannot be convinced who sent it. Sessions 
 A session is bound to the two ed25519 keys that signed its handshake (``local_key_id``,
 ``peer_key_id``). The receiver checks the peer's key on every message (``revoked_key`` /
 ``retired_key`` once it is no longer valid for the message's time), and the session ends when
-either key is revoked or retired here: :meth:`iatp.IATP.revoke_key` closes it at once for a
+either key is revoked or retired here: :meth:`agent_os.iatp.IATP.revoke_key` closes it at once for a
 revocation now, rotation and retirement shorten it to the old key's retirement time, and an
 imported revocation or retirement of the peer's key does the same. The bus middleware then no
 longer seals with it.
@@ -44,9 +44,9 @@ from typing import Any, Final
 
 import msgpack
 
-from amb.envelope import Envelope, Signature
-from iatp import _crypto
-from iatp.canonical import (
+from agent_os.amb.envelope import Envelope, Signature
+from agent_os.iatp import _crypto
+from agent_os.iatp.canonical import (
     ANSWER_DOMAIN,
     OFFER_DOMAIN,
     SESSION_DOMAIN,
@@ -55,7 +55,7 @@ from iatp.canonical import (
     signature,
     signed_fields,
 )
-from iatp.errors import SessionError
+from agent_os.iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024

@@ -25,11 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from iatp import _crypto
-from iatp.canonical import CERT_DOMAIN, EDGE_DOMAIN, pack
-from iatp.errors import KeyStoreCorrupt, TrustError
-from iatp.keys import b64, unb64
-from iatp.registry import KeyRegistry
+from agent_os.iatp import _crypto
+from agent_os.iatp.canonical import CERT_DOMAIN, EDGE_DOMAIN, pack
+from agent_os.iatp.errors import KeyStoreCorrupt, TrustError
+from agent_os.iatp.keys import b64, unb64
+from agent_os.iatp.registry import KeyRegistry
 
 
 def check_level(level: float) -> float:

@@ -25,16 +25,16 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
-from amb.envelope import Envelope, Signature
-from iatp import _crypto
-from iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes, signature
-from iatp.errors import CryptoUnavailable, UnknownAgent
-from iatp.models import TrustModel
-from iatp.registry import KeyRegistry
-from iatp.replay import REPLAYED, NonceCache
-from iatp.result import Reason, VerificationResult, invalid, valid_result
-from iatp.session import BAD_MAC, SESSION_SCHEME, Session
-from iatp.trust import TrustStore
+from agent_os.amb.envelope import Envelope, Signature
+from agent_os.iatp import _crypto
+from agent_os.iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes, signature
+from agent_os.iatp.errors import CryptoUnavailable, UnknownAgent
+from agent_os.iatp.models import TrustModel
+from agent_os.iatp.registry import KeyRegistry
+from agent_os.iatp.replay import REPLAYED, NonceCache
+from agent_os.iatp.result import Reason, VerificationResult, invalid, valid_result
+from agent_os.iatp.session import BAD_MAC, SESSION_SCHEME, Session
+from agent_os.iatp.trust import TrustStore
 
 ED25519: Final = "ed25519"
 NONCE_BYTES: Final = 16

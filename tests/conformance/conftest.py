@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from amb import AMB
+from agent_os.amb import AMB
 from tests.conformance.brokers import TARGETS, BrokerTarget
 
 AmbFactory = Callable[..., Awaitable[AMB]]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata, RemoteError, RequestTimeout, decode
-from amb.client import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, decode
+from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
 from tests.conformance.conftest import AmbFactory, requires
 from tests.support import Collector, wait_until
 

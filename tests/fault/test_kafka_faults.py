@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from amb.broker import Delivery
-from amb.errors import BrokerUnavailable, TransportError
-from bus_adapters.kafka import KafkaBroker
+from agent_os.amb.broker import Delivery
+from agent_os.amb.errors import BrokerUnavailable, TransportError
+from agent_os.bus_adapters.kafka import KafkaBroker
 from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster, committed_offsets
 from tests.support import wait_until
 
@@ -46,7 +46,7 @@ PRODUCE, TOPIC_AUTHORIZATION_FAILED, NOT_LEADER_FOR_PARTITION, REQUEST_TIMED_OUT
 # kills it with SIGKILL (no drain, no commit, no goodbye) with that message in hand.
 _CONSUMER = """
 import asyncio, sys
-from bus_adapters.kafka import KafkaBroker
+from agent_os.bus_adapters.kafka import KafkaBroker
 
 async def main(url, subject, durable, healthy):
     broker = KafkaBroker(url)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from amb import Delivery, TransportError
-from bus_adapters.nats import NatsBroker
+from agent_os.amb import Delivery, TransportError
+from agent_os.bus_adapters.nats import NatsBroker
 from tests.conformance.cleanup import delete_nats_streams
 from tests.support import wait_until
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from amb.broker import Delivery
-from amb.errors import TransportError
-from bus_adapters.redis import RedisBroker
+from agent_os.amb.broker import Delivery
+from agent_os.amb.errors import TransportError
+from agent_os.bus_adapters.redis import RedisBroker
 from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # test kills it with SIGKILL (no drain, no ack, no goodbye).
 _CONSUMER = """
 import asyncio, sys
-from bus_adapters.redis import RedisBroker
+from agent_os.bus_adapters.redis import RedisBroker
 
 async def main(subject, durable):
     broker = RedisBroker(sys.argv[3], read_batch=4, max_pending=8)

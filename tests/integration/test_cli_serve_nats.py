@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from amb import AMB, RemoteError, RequestTimeout
-from amb.client import DLQ_REASON
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
-from iatp import IATP
-from services._identity import PASSPHRASE_ENV
-from services.verifier_service import request_verification
+from agent_os.amb import AMB, RemoteError, RequestTimeout
+from agent_os.amb.client import DLQ_REASON
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
+from agent_os.iatp import IATP
+from agent_os.services._identity import PASSPHRASE_ENV
+from agent_os.services.verifier_service import request_verification
 from tests.support import Collector, wait_until
 from tests.unit.test_cli import start, stop
 

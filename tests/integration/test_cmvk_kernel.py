@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from cmvk import CMVK, ModelSpec
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
-from control_plane import KernelSpace, VerificationFailed
+from agent_os.cmvk import CMVK, ModelSpec
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
+from agent_os.control_plane import KernelSpace, VerificationFailed
 
 
 def fact_checker(body: dict[str, Any]) -> Reply:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cmvk import CMVK, ModelSpec
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
+from agent_os.cmvk import CMVK, ModelSpec
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 
 PANEL = ("gpt-4", "claude-3", "gemini-pro")
 

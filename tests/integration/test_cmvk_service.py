@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from amb import AMB, RequestTimeout
-from cmvk import CMVK, CMVKError, ModelSpec
-from cmvk.testing import Reply, ScriptedLLMServer, verdict
-from services.verifier_service import (
+from agent_os.amb import AMB, RequestTimeout
+from agent_os.cmvk import CMVK, CMVKError, ModelSpec
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
+from agent_os.services.verifier_service import (
     InvalidVerifyRequest,
     VerifierRefused,
     VerifierService,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from amb import AMB
-from amb.client import DLQ_REASON
-from control_plane import KernelSpace, Pattern, Policy
-from iatp import IATP
+from agent_os.amb import AMB
+from agent_os.amb.client import DLQ_REASON
+from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
 
 

@@ -2,7 +2,7 @@
 and an agent's requests get their replies when its client's inbox is under its own prefix.
 
 Starts a private nats-server (its own port and config, never the shared one) whose
-authorization block comes from :func:`services.control_plane_service.nats_authorization`.
+authorization block comes from :func:`agent_os.services.control_plane_service.nats_authorization`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from amb import AMB, Metadata, RequestTimeout
-from control_plane import KernelSpace, Pattern, Policy
-from services.control_plane_service import (
+from agent_os.amb import AMB, Metadata, RequestTimeout
+from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
     agent_inbox,
@@ -244,7 +244,7 @@ async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
     plain = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
     adapter_inbox = plain.broker.inbox_prefix()
     assert not adapter_inbox.startswith(agent_inbox("agent-a") + ".")
-    with caplog.at_level(logging.WARNING, logger="bus_adapters.nats"):
+    with caplog.at_level(logging.WARNING, logger="agent_os.bus_adapters.nats"):
         with pytest.raises(RequestTimeout):
             await plain.request(ingress_subject("tasks.ask"), "plain", timeout=0.5)
         await wait_until(

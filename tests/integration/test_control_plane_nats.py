@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from amb import AMB, RequestTimeout
-from control_plane import AgentSignal, KernelSpace, Pattern, Policy
-from control_plane.signals import control_subject
-from iatp import IATP
+from agent_os.amb import AMB, RequestTimeout
+from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
+from agent_os.control_plane.signals import control_subject
+from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
 
 pytestmark = pytest.mark.nats
@@ -31,9 +31,9 @@ PASSPHRASE = "cp-nats-test-passphrase"
 
 AGENT = textwrap.dedent("""
     import asyncio, sys
-    from amb import AMB
-    from control_plane import KernelSpace, Pattern, Policy
-    from iatp import IATP
+    from agent_os.amb import AMB
+    from agent_os.control_plane import KernelSpace, Pattern, Policy
+    from agent_os.iatp import IATP
 
     async def main() -> None:
         name, prefix, keys, passphrase = sys.argv[1:5]

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from control_plane import FlightRecorder
+from agent_os.control_plane import FlightRecorder
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -88,7 +88,7 @@ async def test_postgres_tampering_is_detected(schema: str, statements: list[str]
 async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema: str) -> None:
     import nacl.utils
 
-    from control_plane.errors import RecorderKeyError
+    from agent_os.control_plane.errors import RecorderKeyError
 
     key = nacl.utils.random(32)
     rec = FlightRecorder("postgresql", DSN, schema=schema, batch_size=3, encryption_key=key)

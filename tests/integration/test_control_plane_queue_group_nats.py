@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata, get_serializer
-from amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
-from amb.envelope import Envelope, new_id
-from amb.middleware import Middleware
-from control_plane import KernelSpace, Pattern, Policy
-from control_plane.recorder import Record
-from services.control_plane_service import (
+from agent_os.amb import AMB, Metadata, get_serializer
+from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.amb.envelope import Envelope, new_id
+from agent_os.amb.middleware import Middleware
+from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane.recorder import Record
+from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
     agent_inbox,

@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from amb import AMB
-from amb.client import DLQ_REASON
-from control_plane import FlightRecorder
-from services._identity import PASSPHRASE_ENV
+from agent_os.amb import AMB
+from agent_os.amb.client import DLQ_REASON
+from agent_os.control_plane import FlightRecorder
+from agent_os.services._identity import PASSPHRASE_ENV
 from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
 from tests.support import Collector
 from tests.unit.test_control_plane_service_process import TOKEN, get, start_service

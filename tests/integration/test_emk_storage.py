@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from emk import (
+from agent_os.emk import (
     EMK,
     AlreadySuperseded,
     ConfigError,

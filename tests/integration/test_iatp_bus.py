@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
-from iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
+from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
+from agent_os.iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
 from tests.support import Collector, wait_until
 
 BACKENDS = [

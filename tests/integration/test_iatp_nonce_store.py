@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata, MsgpackSerializer
-from iatp import (
+from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer
+from agent_os.iatp import (
     IATP,
     REPLAY_SCOPE,
     IATPConfigError,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from amb import AMB, MsgpackSerializer
-from amb.client import DLQ_REASON
-from control_plane import KernelSpace, Pattern, Policy
-from iatp import RedisNonceStore
-from services._identity import PASSPHRASE_ENV
-from services._process import Verification
-from services.control_plane_service import ControlPlaneService
+from agent_os.amb import AMB, MsgpackSerializer
+from agent_os.amb.client import DLQ_REASON
+from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.iatp import RedisNonceStore
+from agent_os.services._identity import PASSPHRASE_ENV
+from agent_os.services._process import Verification
+from agent_os.services.control_plane_service import ControlPlaneService
 from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
 from tests.integration.test_iatp_nonce_store import REDIS_URL, prefix  # noqa: F401 - the fixture
 from tests.support import Collector

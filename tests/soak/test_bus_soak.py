@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata, decode
-from amb.client import DLQ_ATTEMPTS, DLQ_REASON
+from agent_os.amb import AMB, Metadata, decode
+from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_REASON
 from tests.conformance import conftest as conformance
 from tests.conformance.brokers import TARGETS, BrokerTarget
 from tests.conformance.cleanup import REDIS_URL
@@ -267,7 +267,7 @@ async def test_sustained_load_through_a_queue_group_and_a_fan_out_subscriber(
     if ordered_per_key:  # Kafka: a key's (publisher's) messages are handled in order group-wide
         assert group.out_of_order == 0
     if target.name == "kafka":
-        from bus_adapters.kafka import topic_for
+        from agent_os.bus_adapters.kafka import topic_for
         from tests.kafka_mock import committed_offsets
 
         bootstrap = publishers[0].broker.bootstrap

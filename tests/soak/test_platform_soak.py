@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from amb import AMB, LifecycleState, Metadata, StateError, get_serializer
-from amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
-from control_plane import (
+from agent_os.amb import AMB, LifecycleState, Metadata, StateError, get_serializer
+from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.control_plane import (
     AgentSignal,
     AgentStoppedError,
     FlightRecorder,
@@ -32,10 +32,10 @@ from control_plane import (
     RateLimitExceeded,
     SignalDispatcher,
 )
-from control_plane.process import AgentProcess
-from emk import EMK, HashingEmbedder, NewMemory, RecordNotFound
-from iatp import IATP
-from services.control_plane_service import ControlPlaneService
+from agent_os.control_plane.process import AgentProcess
+from agent_os.emk import EMK, HashingEmbedder, NewMemory, RecordNotFound
+from agent_os.iatp import IATP
+from agent_os.services.control_plane_service import ControlPlaneService
 from tests.integration.test_control_plane_queue_group_nats import (
     NATS,
     SENTINEL,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata
+from agent_os.amb import AMB, Metadata
 from tests.conformance.cleanup import NATS_URL, REDIS_URL, delete_nats_streams, delete_redis_keys
 
 

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from amb.errors import BrokerUnavailable, BusError, ConfigError, StateError, Translator, TransportError
+from agent_os.amb.errors import (
+    BrokerUnavailable,
+    BusError,
+    ConfigError,
+    StateError,
+    Translator,
+    TransportError,
+)
 
 LEAVES = (BrokerUnavailable, TransportError, ConfigError, StateError)
 
@@ -66,7 +73,7 @@ def test_nats_errors() -> None:
     import nats.errors as ne
     import nats.js.errors as je
 
-    from bus_adapters.nats._errors import translate, translated
+    from agent_os.bus_adapters.nats._errors import translate, translated
 
     expected = {
         "BadSubjectError": ConfigError,
@@ -96,7 +103,7 @@ def test_nats_errors() -> None:
 def test_redis_errors() -> None:
     import redis.exceptions as rexc
 
-    from bus_adapters.redis._errors import translate, translated
+    from agent_os.bus_adapters.redis._errors import translate, translated
 
     expected = {
         "AuthenticationError": TransportError,  # a ConnectionError, but retrying will not help
@@ -126,7 +133,7 @@ def test_redis_errors() -> None:
 def test_kafka_errors() -> None:
     import aiokafka.errors as kerr
 
-    from bus_adapters.kafka._errors import translate, translated
+    from agent_os.bus_adapters.kafka._errors import translate, translated
 
     expected = {
         "KafkaConnectionError": BrokerUnavailable,
@@ -155,7 +162,7 @@ def test_kafka_errors() -> None:
 
 
 def test_bus_errors_pass_through_untouched() -> None:
-    from bus_adapters.nats._errors import translated
+    from agent_os.bus_adapters.nats._errors import translated
 
     original = ConfigError("already a bus error")
     with pytest.raises(ConfigError) as info, translated("do it"):

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from amb import AMB, Metadata
-from amb.broker import Delivery
-from bus_adapters.kafka import KafkaBroker, topic_for
+from agent_os.amb import AMB, Metadata
+from agent_os.amb.broker import Delivery
+from agent_os.bus_adapters.kafka import KafkaBroker, topic_for
 from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster, committed_offsets
 from tests.support import wait_until
 

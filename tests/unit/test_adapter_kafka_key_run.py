@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata
+from agent_os.amb import AMB, Metadata
 from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster
 from tests.support import wait_until
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from amb.broker import Delivery
-from bus_adapters.kafka import KafkaBroker, dead_letter_topic, topic_for
+from agent_os.amb.broker import Delivery
+from agent_os.bus_adapters.kafka import KafkaBroker, dead_letter_topic, topic_for
 from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster
 from tests.support import wait_until
 

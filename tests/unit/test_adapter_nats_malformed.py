@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from amb.broker import Delivery
-from bus_adapters.nats import NatsBroker
+from agent_os.amb.broker import Delivery
+from agent_os.bus_adapters.nats import NatsBroker
 from tests.conformance.cleanup import delete_nats_streams
 from tests.support import wait_until
 

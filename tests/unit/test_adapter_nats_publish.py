@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from amb.broker import Delivery
-from amb.errors import BrokerUnavailable, ConfigError
-from bus_adapters.nats import NatsBroker
-from bus_adapters.nats._broker import connected_status
+from agent_os.amb.broker import Delivery
+from agent_os.amb.errors import BrokerUnavailable, ConfigError
+from agent_os.bus_adapters.nats import NatsBroker
+from agent_os.bus_adapters.nats._broker import connected_status
 from tests.support import wait_until
 
 pytestmark = pytest.mark.nats

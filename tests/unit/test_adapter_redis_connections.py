@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, ConfigError, Metadata
-from bus_adapters.redis import RedisBroker
+from agent_os.amb import AMB, ConfigError, Metadata
+from agent_os.bus_adapters.redis import RedisBroker
 from tests.conformance.cleanup import REDIS_URL, delete_redis_keys
 from tests.support import wait_until
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from amb.broker import Delivery
-from bus_adapters.redis import RedisBroker
+from agent_os.amb.broker import Delivery
+from agent_os.bus_adapters.redis import RedisBroker
 from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
 

@@ -16,8 +16,8 @@ from typing import cast
 
 import pytest
 
-from amb.broker import BrokerSubscription, Delivery
-from bus_adapters.redis import RedisBroker
+from agent_os.amb.broker import BrokerSubscription, Delivery
+from agent_os.bus_adapters.redis import RedisBroker
 from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata
-from amb.dispatch import stop_task
+from agent_os.amb import AMB, Metadata
+from agent_os.amb.dispatch import stop_task
 from tests.conformance.cleanup import REDIS_URL, delete_redis_keys
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all
-from amb.errors import ConfigError
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all
+from agent_os.amb.errors import ConfigError
 from tests.support import wait_until
 
 

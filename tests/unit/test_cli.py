@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from agent_os import __version__
+from agent_os.amb import AMB, RemoteError
 from agent_os.cli import SERVICES, main
 from agent_os.demo import DemoResult, run_demo
 from agent_os.demo._knowledge import MEMORIES, choose_embedder
-from amb import AMB, RemoteError
-from emk import EMK, HashingEmbedder, StateError
+from agent_os.emk import EMK, HashingEmbedder, StateError
 from tests.support import wait_until
 
 ETL = MEMORIES[1]
@@ -178,7 +178,7 @@ def test_serve_delegates_to_the_service_command(service: str, option: str) -> No
 
 
 def test_serve_reports_a_service_that_cannot_be_imported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(SERVICES, "ghost", ("services.no_such_service", "A service not installed."))
+    monkeypatch.setitem(SERVICES, "ghost", ("agent_os.services.no_such_service", "A service not installed."))
     listed = CliRunner().invoke(main, ["serve", "--help"])
     assert "A service not installed." in listed.output
     result = CliRunner().invoke(main, ["serve", "ghost"])
@@ -259,7 +259,7 @@ def test_serve_refuses_to_start_without_sender_verification(
 def test_serve_reports_identities_without_the_services_key(
     service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from iatp import IATP
+    from agent_os.iatp import IATP
 
     store = tmp_path / "keys"
     asyncio.run(
@@ -333,7 +333,7 @@ async def printed(capsys: pytest.CaptureFixture[str], text: str) -> None:
 
 
 async def test_memory_serve_answers_over_the_bus_until_stopped(capsys: pytest.CaptureFixture[str]) -> None:
-    from services.memory_service import serve
+    from agent_os.services.memory_service import serve
 
     url = "memory://cli-serve-memory"
     stop = asyncio.Event()
@@ -357,9 +357,9 @@ async def test_memory_serve_answers_over_the_bus_until_stopped(capsys: pytest.Ca
 
 
 async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.CaptureFixture[str]) -> None:
-    from cmvk import CMVK, ModelSpec
-    from cmvk.testing import Reply, ScriptedLLMServer, verdict
-    from services.verifier_service import request_verification, serve
+    from agent_os.cmvk import CMVK, ModelSpec
+    from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
+    from agent_os.services.verifier_service import request_verification, serve
 
     url = "memory://cli-serve-verifier"
     stop = asyncio.Event()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-import amb
-from amb import (
+from agent_os import amb
+from agent_os.amb import (
     AMB,
     ConfigError,
     Envelope,
@@ -20,7 +20,7 @@ from amb import (
     available_brokers,
     load_broker,
 )
-from amb.middleware import ConsumeNext, PublishNext
+from agent_os.amb.middleware import ConsumeNext, PublishNext
 from tests.support import Collector, wait_until
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmvk import CMVK, AgreementMeasure, CMVKConfigError, Embedder
-from cmvk._text import analyze
+from agent_os.cmvk import CMVK, AgreementMeasure, CMVKConfigError, Embedder
+from agent_os.cmvk._text import analyze
 
 PAIRS = Path(__file__).resolve().parents[1] / "data" / "cmvk_pairs.jsonl"
 

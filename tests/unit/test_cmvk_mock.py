@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cmvk import CMVK, CMVKConfigError, ModelSpec
-from cmvk._calls import litellm_module
-from cmvk.testing import verdict
+from agent_os.cmvk import CMVK, CMVKConfigError, ModelSpec
+from agent_os.cmvk._calls import litellm_module
+from agent_os.cmvk.testing import verdict
 
 
 def mock(name: str, reply: Any, weight: float = 1.0, **params: Any) -> ModelSpec:
@@ -229,7 +229,7 @@ async def test_bad_context_raises() -> None:
 
 
 def test_importing_cmvk_does_not_import_litellm() -> None:
-    code = "import sys, cmvk, agent_os.modules; print('litellm' in sys.modules)"
+    code = "import sys, agent_os.cmvk, agent_os.modules; print('litellm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cmvk import VerdictParseError, parse_judgement, parse_verdict
+from agent_os.cmvk import VerdictParseError, parse_judgement, parse_verdict
 
 
 def test_a_well_formed_verdict_parses() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cmvk._voting import Ballot, decide
+from agent_os.cmvk._voting import Ballot, decide
 
 
 def ballots(*votes: tuple[bool, float], confidence: float = 0.9) -> list[Ballot]:

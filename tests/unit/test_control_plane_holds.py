@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, Metadata
-from amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
-from amb.envelope import new_id
-from control_plane import AgentSignal, KernelSpace, Pattern, Policy
-from control_plane.mediator import Mediator
-from services.control_plane_service import ControlPlaneService
+from agent_os.amb import AMB, Envelope, Metadata
+from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.amb.envelope import new_id
+from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
+from agent_os.control_plane.mediator import Mediator
+from agent_os.services.control_plane_service import ControlPlaneService
 from tests.support import Collector, wait_until
 
 
@@ -254,7 +254,7 @@ async def test_a_failing_release_hook_is_logged_and_the_queue_goes_on(
     await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
     for payload, topic in (("breaks", "tasks.work"), ("secret", "tasks.secret"), ("fine", "tasks.work")):
         await mediator.on_consume(*ingress_delivery("agent-a", payload, topic), forward)
-    with caplog.at_level(logging.WARNING, logger="control_plane"):
+    with caplog.at_level(logging.WARNING, logger="agent_os.control_plane"):
         await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
         await wait_until(lambda: mediator.release_failures == 2 and len(told) == 2)
         await mediator.drop_held()  # waits until the failures are accounted for

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from control_plane import (
+from agent_os.control_plane import (
     AgentNotFound,
     AgentSignal,
     AgentStoppedError,
@@ -481,15 +481,15 @@ async def test_a_verifier_sees_keyword_arguments() -> None:
 
 
 async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFixture) -> None:
-    cp_logger = logging.getLogger("control_plane")
+    cp_logger = logging.getLogger("agent_os.control_plane")
     level = cp_logger.level
     try:
-        caplog.set_level(logging.DEBUG, logger="control_plane")
+        caplog.set_level(logging.DEBUG, logger="agent_os.control_plane")
         quiet = KernelSpace(policy="strict")
         with pytest.raises(PolicyViolationError):
             await quiet.authorize("read", "x")
         await quiet.close()
-        assert [r for r in caplog.records if r.name.startswith("control_plane.kernel")] == []
+        assert [r for r in caplog.records if r.name.startswith("agent_os.control_plane.kernel")] == []
         cp_logger.setLevel(logging.WARNING)
         caplog.handler.setLevel(logging.DEBUG)
         kernel = KernelSpace(policy="strict", debug=True)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Envelope, LifecycleState, Metadata, Middleware, RequestTimeout, StateError
-from amb.client import DLQ_REASON
-from amb.middleware import ConsumeNext
-from control_plane import (
+from agent_os.amb import AMB, Envelope, LifecycleState, Metadata, Middleware, RequestTimeout, StateError
+from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.middleware import ConsumeNext
+from agent_os.control_plane import (
     AgentSignal,
     AgentStoppedError,
     FlightRecorder,
@@ -630,8 +630,8 @@ async def test_the_mediators_sender_is_iatps_sender_identity() -> None:
     iatp.sender_identity does, for IATP's own results and for any other result object."""
     from types import SimpleNamespace
 
-    from control_plane.identity import message_sender
-    from iatp import IATP, Unauthenticated, sender_identity
+    from agent_os.control_plane.identity import message_sender
+    from agent_os.iatp import IATP, Unauthenticated, sender_identity
 
     iatp = IATP()
     await iatp.register_agent("alice")

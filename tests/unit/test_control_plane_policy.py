@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane import AgentSignal, Pattern, Policy, PolicyError, PolicyLoadError, PolicySet
+from agent_os.control_plane import AgentSignal, Pattern, Policy, PolicyError, PolicyLoadError, PolicySet
 
 
 def test_first_match_wins_in_rule_order() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane import FlightRecorder, RecorderError
+from agent_os.control_plane import FlightRecorder, RecorderError
 from tests.support import wait_until
 
 
@@ -335,7 +335,7 @@ async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
-    from control_plane import FlightRecorder
+    from agent_os.control_plane import FlightRecorder
 
     async def main() -> None:
         rec = FlightRecorder("sqlite", sys.argv[1], batch_size=50, flush_interval=60)
@@ -406,7 +406,7 @@ _TRICKY = [
 
 
 def test_record_hash_is_the_hash_records_on_disk_were_made_with() -> None:
-    from control_plane.recorder.records import canonical_data, record_hash
+    from agent_os.control_plane.recorder.records import canonical_data, record_hash
 
     for rid, agent, exe in itertools.product(_TRICKY, _TRICKY, [None, *_TRICKY]):
         data = canonical_data({"text": agent, "n": 1})
@@ -417,7 +417,7 @@ def test_record_hash_is_the_hash_records_on_disk_were_made_with() -> None:
 def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None:
     import enum
 
-    from control_plane.recorder.records import canonical_bytes, canonical_data
+    from agent_os.control_plane.recorder.records import canonical_bytes, canonical_data
 
     class Color(enum.Enum):
         RED = 1
@@ -450,7 +450,7 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
 
 
 async def test_appended_records_carry_the_documented_hash() -> None:
-    from control_plane.recorder.records import record_hash
+    from agent_os.control_plane.recorder.records import record_hash
 
     rec = FlightRecorder("memory")
     await rec.open()

@@ -9,8 +9,8 @@ from pathlib import Path
 import nacl.utils
 import pytest
 
-from control_plane import FlightRecorder, RecorderError
-from control_plane.errors import RecorderConfigError, RecorderKeyError, TamperDetected
+from agent_os.control_plane import FlightRecorder, RecorderError
+from agent_os.control_plane.errors import RecorderConfigError, RecorderKeyError, TamperDetected
 
 SECRET = "data/phi/patient_001.json"
 

@@ -12,18 +12,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from amb import AMB, Metadata, RequestTimeout, get_serializer
-from amb.client import DLQ_REASON
-from amb.envelope import Envelope, new_id
-from amb.middleware import Middleware
-from control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
-from control_plane.admin import AdminAPI
-from control_plane.errors import InboxBusy, PolicyLoadError
-from control_plane.policy_yaml import load_policy, load_policy_text
-from control_plane.replies import PendingRequests
-from iatp import IATP, SigningRejected
-from services._identity import VerificationRequired
-from services.control_plane_service import (
+from agent_os.amb import AMB, Metadata, RequestTimeout, get_serializer
+from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.envelope import Envelope, new_id
+from agent_os.amb.middleware import Middleware
+from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.control_plane.admin import AdminAPI
+from agent_os.control_plane.errors import InboxBusy, PolicyLoadError
+from agent_os.control_plane.policy_yaml import load_policy, load_policy_text
+from agent_os.control_plane.replies import PendingRequests
+from agent_os.iatp import IATP, SigningRejected
+from agent_os.services._identity import VerificationRequired
+from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
     agent_inbox,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from amb import AMB, Metadata, RequestTimeout
-from control_plane import KernelSpace, Pattern, Policy
-from control_plane.replies import PendingRequests
-from services.control_plane_service import (
+from agent_os.amb import AMB, Metadata, RequestTimeout
+from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane.replies import PendingRequests
+from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
     agent_inbox,

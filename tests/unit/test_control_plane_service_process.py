@@ -1,4 +1,4 @@
-"""``python -m services.control_plane_service``: starts, serves its admin API, stops cleanly."""
+"""``python -m agent_os.services.control_plane_service``: starts, serves its admin API, stops cleanly."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from control_plane import FlightRecorder
-from control_plane.errors import RecorderConfigError
-from services.control_plane_service import broker_backend, read_key_file, recorder_from_spec
+from agent_os.control_plane import FlightRecorder
+from agent_os.control_plane.errors import RecorderConfigError
+from agent_os.services.control_plane_service import broker_backend, read_key_file, recorder_from_spec
 
 TOKEN = "process-admin-token-0123456789"
 
@@ -26,7 +26,7 @@ async def start_service(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.control_plane_service",
+        "agent_os.services.control_plane_service",
         "--admin-port",
         "0",
         *args,
@@ -96,7 +96,7 @@ async def test_a_bad_policy_file_fails_at_start_with_the_line(tmp_path: Path) ->
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.control_plane_service",
+        "agent_os.services.control_plane_service",
         "--broker",
         "memory://x",
         "--trust-bus",

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from amb import AMB, Metadata
-from control_plane import (
+from agent_os.amb import AMB, Metadata
+from agent_os.control_plane import (
     AgentNotFound,
     AgentSignal,
     AgentStoppedError,
@@ -25,8 +25,8 @@ from control_plane import (
     SignalDispatcher,
     SignalError,
 )
-from control_plane.process import AgentProcess
-from control_plane.signals import control_subject
+from agent_os.control_plane.process import AgentProcess
+from agent_os.control_plane.signals import control_subject
 from tests.support import Collector, wait_until
 
 Calls = list[tuple[str, str, AgentSignal]]

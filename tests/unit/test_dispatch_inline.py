@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from amb.dispatch import Dispatcher, LocalDelivery, local_delivery
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery, local_delivery
 from tests.support import wait_until
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from emk import (
+from agent_os.emk import (
     EMK,
     ConfigError,
     HashingEmbedder,
@@ -23,8 +23,8 @@ from emk import (
     StateError,
     resolve_embedder,
 )
-from emk._memory_store import MemoryStore, _contains
-from emk.records import (
+from agent_os.emk._memory_store import MemoryStore, _contains
+from agent_os.emk.records import (
     Limits,
     canonical_metadata,
     check_embedding,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amb import Envelope, JsonSerializer, MsgpackSerializer, Signature, new_id
-from iatp import IATP, UNSIGNED_HEADERS, envelope_bytes, key_id_for
-from iatp.canonical import ENVELOPE_DOMAIN, SESSION_DOMAIN, payload_digest
+from agent_os.amb import Envelope, JsonSerializer, MsgpackSerializer, Signature, new_id
+from agent_os.iatp import IATP, UNSIGNED_HEADERS, envelope_bytes, key_id_for
+from agent_os.iatp.canonical import ENVELOPE_DOMAIN, SESSION_DOMAIN, payload_digest
 
 SIGNED_STR_FIELDS = ("id", "topic", "sender", "recipient", "reply_to", "correlation_id")
 
@@ -161,7 +161,7 @@ def test_the_fast_encoding_is_the_documented_list(
 ) -> None:
     """The hot path packs a constant head once and one 13-tuple per message; the result must be
     byte for byte one ``packb`` of the documented 16-element list (envelope and session forms)."""
-    from iatp.canonical import session_bytes
+    from agent_os.iatp.canonical import session_bytes
 
     env = make_env(
         payload=payload, headers=headers, reply_to=reply_to, expires_at=expires_at, priority=priority
@@ -258,7 +258,7 @@ def test_field_shift_attack_on_a_signed_envelope_fails(left: str, right: str) ->
 
 
 def test_the_fast_signature_constructor_builds_an_equal_frozen_signature() -> None:
-    from iatp.canonical import signature
+    from agent_os.iatp.canonical import signature
 
     sig = signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
     assert sig == Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
@@ -271,7 +271,7 @@ def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
     import msgpack
     import msgspec
 
-    from iatp.canonical import pack
+    from agent_os.iatp.canonical import pack
 
     decoded = msgspec.msgpack.decode(msgpack.packb({"x": msgpack.ExtType(5, b"abc")}))
     assert pack([decoded]) == msgpack.packb([{"x": msgpack.ExtType(5, b"abc")}], use_bin_type=True)
@@ -285,7 +285,7 @@ def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
 def test_the_signed_bytes_end_with_signed_headers_and_payload_digest() -> None:
     import msgpack
 
-    from iatp.canonical import session_bytes, signed_headers
+    from agent_os.iatp.canonical import session_bytes, signed_headers
 
     env = make_env(headers={"b": "2", "traceparent": "00-x", "a": "1"}, payload={"k": [1, b"2"]})
     fields = msgpack.unpackb(canon(env), raw=False)
@@ -301,8 +301,8 @@ def test_the_signed_bytes_end_with_signed_headers_and_payload_digest() -> None:
 def test_signing_goes_through_the_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the signer computed the digest or the header list on its own, the helper tests above
     would test something signing does not use: replacing a helper must change what is signed."""
-    from iatp import canonical
-    from iatp.canonical import rest_bytes, session_rest_bytes
+    from agent_os.iatp import canonical
+    from agent_os.iatp.canonical import rest_bytes, session_rest_bytes
 
     env = make_env(headers={"a": "1"})
     before, session_before = rest_bytes(env, b"n" * 16), session_rest_bytes(env, b"n" * 16)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from iatp import IATP, IdentityConflict, MemoryKeyStore, Reason, TrustError
+from agent_os.iatp import IATP, IdentityConflict, MemoryKeyStore, Reason, TrustError
 
 
 async def pair(name: str = "carol") -> tuple[IATP, IATP]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iatp import (
+from agent_os.iatp import (
     IATP,
     FileKeyStore,
     IATPConfigError,
@@ -18,7 +18,7 @@ from iatp import (
     Reason,
     WrongPassphrase,
 )
-from iatp import filestore as filestore_module
+from agent_os.iatp import filestore as filestore_module
 
 PASS = "correct horse battery staple"
 
@@ -81,8 +81,8 @@ async def test_verify_with_a_locked_store_fails_closed(tmp_path: Path) -> None:
     assert result.sender == "alice"
     assert "WrongPassphrase" in (result.detail or "")
     # the bus middleware rejects (dead-letters) with the same reason, and counts it
-    from amb import Metadata
-    from iatp import SignatureRejected
+    from agent_os.amb import Metadata
+    from agent_os.iatp import SignatureRejected
 
     middleware = locked.middleware()
     handled: list[object] = []
@@ -131,7 +131,7 @@ async def test_a_swapped_or_damaged_key_file_is_detected(tmp_path: Path) -> None
 
 
 async def test_a_tampered_trust_file_is_refused(tmp_path: Path) -> None:
-    from iatp import TrustError
+    from agent_os.iatp import TrustError
 
     root = tmp_path / "ks"
     iatp = make(root)

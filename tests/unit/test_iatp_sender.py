@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from amb import Envelope, Metadata
-from iatp import IATP, RESULT, Reason, Unauthenticated, sender_identity
-from iatp.result import invalid
+from agent_os.amb import Envelope, Metadata
+from agent_os.iatp import IATP, RESULT, Reason, Unauthenticated, sender_identity
+from agent_os.iatp.result import invalid
 
 
 def metadata(sender: Any = "claimed", result: Any = None) -> Metadata:
@@ -64,6 +64,6 @@ def test_without_a_result_only_a_trusted_bus_gives_the_claimed_sender() -> None:
 
 
 def test_the_error_belongs_to_iatps_tree() -> None:
-    from iatp import IATPError
+    from agent_os.iatp import IATPError
 
     assert issubclass(Unauthenticated, IATPError)

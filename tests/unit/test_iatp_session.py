@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from amb import Envelope, new_id
-from iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
+from agent_os.amb import Envelope, new_id
+from agent_os.iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
 
 
 async def pair() -> tuple[IATP, IATP]:
@@ -98,7 +98,7 @@ async def test_low_order_ephemeral_keys_are_refused() -> None:
     offer = pending.offer
     # re-sign a valid offer carrying an all-zero ephemeral key (a low-order point)
     _key_id, secret = a.registry.signing_key("alice") or ("", b"")
-    from iatp import _crypto
+    from agent_os.iatp import _crypto
 
     bad = dataclasses.replace(offer, ephemeral=bytes(32), signature=b"")
     bad = dataclasses.replace(bad, signature=_crypto.sign(secret, bad.signed_bytes()))

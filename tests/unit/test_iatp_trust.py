@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from iatp import IATP, TrustError, UnknownAgent
+from agent_os.iatp import IATP, TrustError, UnknownAgent
 
 S = 1_000_000_000
 

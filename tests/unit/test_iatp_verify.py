@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amb import Envelope, MsgpackSerializer, Signature, new_id
-from iatp import (
+from agent_os.amb import Envelope, MsgpackSerializer, Signature, new_id
+from agent_os.iatp import (
     IATP,
     AgentExists,
     IATPConfigError,
@@ -22,7 +22,7 @@ from iatp import (
     UnknownAgent,
     VerificationResult,
 )
-from iatp.replay import BELOW_FLOOR, OK, REPLAYED, NonceCache
+from agent_os.iatp.replay import BELOW_FLOOR, OK, REPLAYED, NonceCache
 
 S = 1_000_000_000
 
@@ -422,15 +422,15 @@ def test_without_pynacl_nothing_signs_and_nothing_verifies() -> None:
         """
         import sys, time
         sys.modules["nacl"] = None  # makes `import nacl...` fail as if it were not installed
-        from amb import Envelope, Signature, new_id
-        import iatp
-        from iatp import IATP, CryptoUnavailable, KeyRecord, MemoryKeyStore, key_id_for
-        from iatp import _crypto
-        from iatp.keys import AgentRecord
-        from iatp.models import WebOfTrust
-        from iatp.registry import KeyRegistry
-        from iatp.trust import TrustStore
-        from iatp.verifier import EnvelopeVerifier, TrustEngine
+        from agent_os.amb import Envelope, Signature, new_id
+        from agent_os import iatp
+        from agent_os.iatp import IATP, CryptoUnavailable, KeyRecord, MemoryKeyStore, key_id_for
+        from agent_os.iatp import _crypto
+        from agent_os.iatp.keys import AgentRecord
+        from agent_os.iatp.models import WebOfTrust
+        from agent_os.iatp.registry import KeyRegistry
+        from agent_os.iatp.trust import TrustStore
+        from agent_os.iatp.verifier import EnvelopeVerifier, TrustEngine
         assert _crypto.AVAILABLE is False
         try:
             IATP()
@@ -458,7 +458,7 @@ def test_nonces_come_from_a_pool_that_never_repeats_and_is_new_after_fork() -> N
     import os
     import warnings
 
-    from iatp import _crypto
+    from agent_os.iatp import _crypto
 
     seen = {_crypto.random_nonce(16) for _ in range(2000)}  # spans several 4 KiB refills
     assert len(seen) == 2000

@@ -6,13 +6,13 @@ result against it, reason included:
 
 - a message is accepted only while its timestamp lies in ``[now - max_age, now + clock_skew]``
   (``clock_skew`` beyond it, ``too_old`` before it) and ``now < expires_at`` (``expired``); the
-  timestamp is judged before the expiry (:meth:`iatp.verifier.EnvelopeVerifier._bad_time`);
+  timestamp is judged before the expiry (:meth:`agent_os.iatp.verifier.EnvelopeVerifier._bad_time`);
 - a nonce seen once is refused (``replayed_nonce``) whenever the message is inside the window
   again, unless the broker marks the delivery as a redelivery; outside the window the time
   reason applies;
 - a key revoked at ``R`` fails (``revoked_key``, with the revocation's reason) for a check at or
   after ``R`` whatever the message's time, and for a message stamped at or after ``R`` whenever
-  it is checked (:meth:`iatp.KeyRecord.state`); the revocation is judged before the time.
+  it is checked (:meth:`agent_os.iatp.KeyRecord.state`); the revocation is judged before the time.
 
 Times are drawn near the boundaries (to the nanosecond) as well as across them. Each example
 gets an IATP of its own, so nothing one example remembers (nonces, revocations) reaches another.
@@ -27,8 +27,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from amb import Envelope, MsgpackSerializer
-from iatp import IATP, Reason, VerificationResult
+from agent_os.amb import Envelope, MsgpackSerializer
+from agent_os.iatp import IATP, Reason, VerificationResult
 from tests.unit.test_iatp_canonical import MUTATIONS, make_env
 
 S = 1_000_000_000

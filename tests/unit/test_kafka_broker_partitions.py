@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from amb.broker import Delivery
-from bus_adapters.kafka import KafkaBroker
+from agent_os.amb.broker import Delivery
+from agent_os.bus_adapters.kafka import KafkaBroker
 from tests.kafka_mock import MockKafkaCluster
 from tests.support import wait_until
 

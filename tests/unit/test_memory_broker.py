@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from amb import CapabilityNotSupported, ConfigError, Delivery, StateError
-from bus_adapters.memory import MemoryBroker, memory_server
+from agent_os.amb import CapabilityNotSupported, ConfigError, Delivery, StateError
+from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import wait_until
 
 
@@ -210,7 +210,7 @@ def test_bad_urls() -> None:
 def test_compiled_patterns_answer_like_matches() -> None:
     import itertools
 
-    from amb.subjects import compile_pattern, matches
+    from agent_os.amb.subjects import compile_pattern, matches
 
     subjects = [".".join(p) for n in range(1, 5) for p in itertools.product("abc", repeat=n)]
     patterns = [

@@ -9,8 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from amb.errors import TransportError
-from bus_adapters.nats import AckWindow
+from agent_os.amb.errors import TransportError
+from agent_os.bus_adapters.nats import AckWindow
 from tests.support import wait_until
 
 

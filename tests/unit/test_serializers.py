@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amb import (
+from agent_os.amb import (
     Envelope,
     EnvelopeError,
     JsonSerializer,
@@ -24,7 +24,7 @@ from amb import (
     get_serializer,
     new_id,
 )
-from amb.errors import ConfigError
+from agent_os.amb.errors import ConfigError
 
 SERIALIZERS = [MsgpackSerializer(), JsonSerializer()]
 
@@ -217,7 +217,7 @@ def test_any_payload_roundtrips_in_both_formats(payload: object, headers: dict[s
 
 
 def test_ids_keep_their_format_across_the_cached_prefix() -> None:
-    from amb.envelope import new_id_at
+    from agent_os.amb.envelope import new_id_at
 
     now = time.time_ns()
     ids = [new_id_at(now) for _ in range(1_000)]  # crosses several 256-id prefix boundaries
@@ -238,7 +238,7 @@ def test_ids_keep_their_format_across_the_cached_prefix() -> None:
 def test_new_envelope_sets_every_field_like_the_constructor() -> None:
     import dataclasses
 
-    from amb.envelope import new_envelope
+    from agent_os.amb.envelope import new_envelope
 
     assert [f.name for f in dataclasses.fields(Envelope)] == [
         "id",
@@ -261,7 +261,7 @@ def test_new_envelope_sets_every_field_like_the_constructor() -> None:
 
 
 def test_wire_fields_and_envelopes_convert_both_ways() -> None:
-    from amb.serializers import Decoder, envelope_from_wire, wire_of
+    from agent_os.amb.serializers import Decoder, envelope_from_wire, wire_of
 
     env = full_envelope()
     fields = Decoder().decode_fields(MsgpackSerializer().encode(env))
@@ -310,7 +310,7 @@ field_values = st.one_of(
 @settings(max_examples=600, deadline=None)
 @given(index=st.integers(0, 12).filter(lambda i: i != 11), value=field_values)
 def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int, value: object) -> None:
-    from amb.serializers import _decode_msgpack_checked, typed_unpack
+    from agent_os.amb.serializers import _decode_msgpack_checked, typed_unpack
 
     fields = msgpack.unpackb(MsgpackSerializer().encode(full_envelope()), raw=False)
     fields[index] = value

@@ -7,9 +7,14 @@ from typing import Any
 
 import pytest
 
-from amb import Envelope, Metadata
-from iatp import IATP
-from services._identity import Unauthenticated, VerificationRequired, require_verification, sender_identity
+from agent_os.amb import Envelope, Metadata
+from agent_os.iatp import IATP
+from agent_os.services._identity import (
+    Unauthenticated,
+    VerificationRequired,
+    require_verification,
+    sender_identity,
+)
 
 
 def metadata(sender: Any = "claimed", result: Any = None) -> Metadata:

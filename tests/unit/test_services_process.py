@@ -15,10 +15,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from iatp import IATP, IATPConfigError, NonceStoreUnavailable, RedisNonceStore, WrongPassphrase
-from services import control_plane_service, memory_service, verifier_service
-from services._identity import PASSPHRASE_ENV
-from services._process import (
+from agent_os.iatp import IATP, IATPConfigError, NonceStoreUnavailable, RedisNonceStore, WrongPassphrase
+from agent_os.services import control_plane_service, memory_service, verifier_service
+from agent_os.services._identity import PASSPHRASE_ENV
+from agent_os.services._process import (
     NONCE_PREFIX,
     NONCE_STORE_ENV,
     Verification,

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from amb.errors import ConfigError
-from amb.filters import compile_filter
-from amb.subjects import matches, validate_pattern, validate_subject
+from agent_os.amb.errors import ConfigError
+from agent_os.amb.filters import compile_filter
+from agent_os.amb.subjects import matches, validate_pattern, validate_subject
 
 
 @pytest.mark.parametrize(

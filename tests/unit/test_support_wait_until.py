@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from amb import Metadata
+from agent_os.amb import Metadata
 from tests.support import Collector, wait_until
 
 
