@@ -2,10 +2,9 @@
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane ...`` runs one of the services in
-:mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``), verifying senders with
-``--identities`` or, explicitly, trusting the bus with ``--trust-bus``. The services are
-imported only when their command runs, so ``agent-os`` starts fast with the core
-dependencies alone.
+:mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``).
+The services are imported only when their command runs, so ``agent-os`` starts fast with
+the core dependencies alone; ``docs/services.md`` describes each.
 """
 
 from __future__ import annotations
@@ -35,15 +34,14 @@ SERVICES: Final = {
 }
 
 
-@click.group()
+# -h beside --help on every command and group (subcommands inherit the context settings).
+CONTEXT: Final = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="agent-os", message="%(prog)s %(version)s")
 def main() -> None:
     """Agent OS: a governed message bus for AI agents."""
-
-
-@main.command()
-def version() -> None:
-    """Print the installed version."""
-    click.echo(f"agent-os {__version__}")
 
 
 @main.command()

@@ -24,10 +24,22 @@ from tests.support import wait_until
 ETL = MEMORIES[1]
 
 
-def test_version() -> None:
-    result = CliRunner().invoke(main, ["version"])
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    result = CliRunner().invoke(main, [flag])
     assert result.exit_code == 0
     assert result.output.strip() == f"agent-os {__version__}"
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["demo"], ["serve"], ["serve", "memory"], ["serve", "verifier"], ["serve", "control-plane"]]
+)
+def test_short_help_on_every_command(args: list[str]) -> None:
+    short = CliRunner().invoke(main, [*args, "-h"], prog_name="agent-os")
+    long = CliRunner().invoke(main, [*args, "--help"], prog_name="agent-os")
+    assert (short.exit_code, long.exit_code) == (0, 0)
+    assert short.output == long.output
+    assert short.output.startswith(f"Usage: agent-os {' '.join(args)}".rstrip() + " [OPTIONS]")
 
 
 @pytest.fixture(scope="module")
