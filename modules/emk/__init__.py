@@ -1,14 +1,7 @@
 """Episodic Memory Kernel: append-only agent memory with semantic search (PostgreSQL + pgvector).
 
-Example::
-
-    from agent_os.modules import EMK
-
-    async with EMK(storage="memory", embedding_model="hashing") as emk:
-        record = await emk.store("agent_123", "User prefers dark mode.", tags=["ui"])
-        hits = await emk.search("agent_123", "display settings", limit=5)
-
-See :class:`agent_os.emk.EMK` for the guarantees and :mod:`agent_os.emk.errors` for what can go wrong.
+The entry point is :class:`agent_os.emk.EMK`; the guide is ``docs/memory.md``, the error tree
+is in :mod:`agent_os.emk.errors`.
 """
 
 from agent_os.emk.embeddings import (

@@ -1,11 +1,5 @@
-"""The embedded PostgreSQL: the ``pgserver`` wheel (PostgreSQL 16 with pgvector), no server to install.
-
-The data directory is ``connection_string`` (default: ``<user data dir>/agent-os/emk``). The
-server listens on a Unix socket only, starts on first use (about a second; initdb on the first
-run), is shared by every EMK of the process using the same directory, and stops when the
-process exits. When run as root, pgserver runs PostgreSQL as a system user ``pgserver`` (which
-it creates) and makes the data directory's parents traversable by it.
-"""
+"""The embedded PostgreSQL: the ``pgserver`` wheel (PostgreSQL 16 with pgvector), no server to
+install; one server per data directory and process (see ``docs/memory.md``)."""
 
 from __future__ import annotations
 

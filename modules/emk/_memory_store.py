@@ -1,8 +1,6 @@
 """In-process storage for tests and tiny uses: the same semantics as PostgreSQL, exact search.
 
-Append-only by construction: rows are kept in a list that is only ever appended to (retention
-rebuilds it without the expired rows and records the run). ``memory://NAME`` connection
-strings share one store between EMK instances of the process; anything else is private.
+Rows live in a list that only retention rebuilds; ``memory://NAME`` shares a store in the process.
 """
 
 from __future__ import annotations

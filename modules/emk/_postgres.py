@@ -1,28 +1,7 @@
 """PostgreSQL + pgvector storage (also used, unchanged, for the embedded server).
 
-Schema (one PostgreSQL schema per namespace, created and migrated idempotently under an
-advisory lock):
-
-- ``memories``: one row per memory, never updated. ``metadata_json`` is the canonical text the
-  content hash covers; ``metadata`` is a generated ``jsonb`` copy for containment filters.
-  ``supersedes`` is UNIQUE, so versions form chains, never trees. Indexes: HNSW on
-  ``embedding`` (cosine), btree on (agent_id, session_id, created_at), GIN on tags and metadata.
-- ``meta``: dimension, isolation, embedding model and schema version the namespace was
-  created with; opening it with others is a ConfigError.
-- ``retention_log``: one row per retention run.
-
-The database enforces append-only: row triggers refuse UPDATE and DELETE (SQLSTATE ``EK001``)
-on all three tables and a statement trigger refuses TRUNCATE; UPDATE, DELETE and TRUNCATE are
-also revoked from PUBLIC. The only DELETE the trigger lets through is one made in the same
-transaction as a ``retention_log`` row that covers it: retention is recorded or does not happen.
-An insert trigger checks ``supersedes`` (unknown id: ``EK002``; another agent's or session's
-record: ``EK003``), so even raw SQL cannot cross isolation with a new version.
-
-Searches order by ``embedding <=> query`` inside a materialized CTE (re-sorted outside, as
-relaxed iterative scans return almost-sorted rows). On pgvector >= 0.8 every connection sets
-``hnsw.iterative_scan = relaxed_order``, so filtered searches keep scanning the index until
-they have ``limit`` rows; on older pgvector (the embedded server ships 0.6) searches are exact,
-since the HNSW index would silently drop filtered-out candidates.
+One schema per namespace (``memories``, ``meta``, ``retention_log``) whose triggers make it
+append-only; the schema, the triggers and the search strategy are described in ``docs/memory.md``.
 """
 
 from __future__ import annotations

@@ -15,15 +15,8 @@ ISOLATIONS: tuple[Isolation, ...] = ("agent", "session", "global")
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Who is asking. What it may see depends on the namespace's isolation:
-
-    - ``agent``: records whose ``agent_id`` is the caller's;
-    - ``session``: records of the caller's agent *and* session;
-    - ``global``: every record of the namespace.
-
-    In every isolation a record may only be superseded by its own agent (and, in ``session``
-    isolation, from the same session).
-    """
+    """Who is asking; what it may see and supersede depends on the namespace's isolation
+    (:func:`visible`, :func:`may_supersede`; see ``docs/memory.md``)."""
 
     agent_id: str
     session_id: str | None

