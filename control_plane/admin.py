@@ -15,7 +15,7 @@ compared in constant time; a missing or wrong token gets 401 and is counted)::
     GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
     GET  /verify                       the hash chain's verification result
 
-The reload body is parsed as YAML text only (:func:`~agent_os.control_plane.policy_yaml.load_policy_text`):
+The reload body is parsed as YAML text only (:func:`~agent_os.control_plane.policy.loader.load_policy_text`):
 a body such as ``/etc/app/config.yaml`` is a YAML scalar, refused as not a policy, never a file
 the service opens. With ``require_verified_sender=True`` (the control-plane service verifying
 senders with IATP) every reloaded policy gets ``require_verified_sender`` on, whatever the body
@@ -32,12 +32,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from agent_os.control_plane.errors import AgentNotFound, PolicyError, PolicyLoadError, SignalError
-from agent_os.control_plane.policy_yaml import load_policy_text
+from agent_os.control_plane.policy.loader import load_policy_text
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from agent_os.control_plane.kernel import KernelSpace
+    from agent_os.control_plane.kernel.space import KernelSpace
 
 INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
 

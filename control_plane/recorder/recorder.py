@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from agent_os.amb.envelope import new_id
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
-from agent_os.control_plane.patterns import _operator_condition
+from agent_os.control_plane.policy.patterns import operator_condition
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.records import (
     ANCHOR_EVENT,
@@ -395,11 +395,11 @@ class FlightRecorder:
         checks = []
         for field, spec in (filters or {}).items():
             if isinstance(spec, Mapping) and spec and all(str(k).startswith("$") for k in spec):
-                checks.append(_operator_condition(field, spec))
+                checks.append(operator_condition(field, spec))
             elif isinstance(spec, list | tuple):
-                checks.append(_operator_condition(field, {"$in": list(spec)}))
+                checks.append(operator_condition(field, {"$in": list(spec)}))
             else:
-                checks.append(_operator_condition(field, {"$eq": spec}))
+                checks.append(operator_condition(field, {"$eq": spec}))
         where = Where(
             agent_id=agent_id,
             execution_id=execution_id,

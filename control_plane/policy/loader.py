@@ -33,8 +33,8 @@ from typing import Any, Final
 import yaml
 
 from agent_os.control_plane.errors import PolicyError, PolicyLoadError
-from agent_os.control_plane.patterns import Pattern
-from agent_os.control_plane.policy import Policy
+from agent_os.control_plane.policy.patterns import Pattern
+from agent_os.control_plane.policy.policy import Policy
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
 _RULE: Final = {

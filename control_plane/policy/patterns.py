@@ -93,7 +93,10 @@ def _apply(fn: Callable[[Any, Any], bool], arg: Any, value: Any) -> bool:
     return fn(value, arg)
 
 
-def _operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
+def operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
+    """A condition on ``field`` from an operator map (``{"$gte": 3, "$lt": 9}``, ``$regex``
+    ...): every operator must hold. Also the flight recorder's query filters. Raises
+    PolicyError for an unknown operator."""
     checks: list[Callable[[Any], bool]] = []
     for op, arg in spec.items():
         if op == "$regex":
@@ -133,14 +136,14 @@ def _one_condition(field: str, spec: Any) -> Condition:
         if field.startswith(prefix) and len(field) > len(prefix):
             if isinstance(spec, bool) or not isinstance(spec, int | float):
                 raise PolicyError(f"condition {field!r} needs a number, got {spec!r}")
-            return _operator_condition(field[len(prefix) :], {op: spec})
+            return operator_condition(field[len(prefix) :], {op: spec})
     if isinstance(spec, Mapping):
         if not spec or not all(isinstance(k, str) and k.startswith("$") for k in spec):
             raise PolicyError(f"condition on {field!r}: a mapping must hold $-operators")
-        return _operator_condition(field, spec)
+        return operator_condition(field, spec)
     if isinstance(spec, list | tuple | set | frozenset):
-        return _operator_condition(field, {"$in": list(spec)})
-    return _operator_condition(field, {"$eq": spec})
+        return operator_condition(field, {"$in": list(spec)})
+    return operator_condition(field, {"$eq": spec})
 
 
 def compile_conditions(conditions: Mapping[str, Any] | None) -> Condition | None:
