@@ -1,27 +1,8 @@
-"""The admin API of a control-plane kernel: HTTP with token authentication.
+"""The admin API of a control-plane kernel: HTTP with bearer-token authentication.
 
-Routes (JSON unless noted; every route but ``/healthz`` needs ``Authorization: Bearer <token>``,
-compared in constant time; a missing or wrong token gets 401 and is counted)::
-
-    GET  /healthz                      {"ok": true}
-    GET  /metrics                      Prometheus text: agents by state, decisions, records
-    GET  /agents                       [status, ...]
-    GET  /agents/{id}                  status, or 404
-    POST /agents/{id}/signal           body {"signal": "SIGSTOP"} -> {"ok": bool}; 400 if unknown
-    POST /policy/reload[?policy=NAME|INDEX]
-                                       body: policy YAML text -> {"ok": true, "version": ...};
-                                       400 {"error", "line", "field"} on invalid YAML; a kernel
-                                       with several policies needs ``policy`` (which to replace)
-    GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
-    GET  /verify                       the hash chain's verification result
-
-The reload body is parsed as YAML text only (:func:`~agent_os.control_plane.policy.loader.load_policy_text`):
-a body such as ``/etc/app/config.yaml`` is a YAML scalar, refused as not a policy, never a file
-the service opens. With ``require_verified_sender=True`` (the control-plane service verifying
-senders with IATP) every reloaded policy gets ``require_verified_sender`` on, whatever the body
-says.
-
-Needs ``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
+Agents and their status, signals, policy reload, flight-recorder records and verification; the
+routes are listed in ``docs/control-plane.md`` (The admin API). Needs
+``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
 """
 
 from __future__ import annotations

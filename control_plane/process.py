@@ -38,7 +38,8 @@ class Life(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class AgentStatus:
-    """A snapshot of one agent: the API reference's fields plus its lineage and permissions."""
+    """A snapshot of one agent: the fields of the API reference (``docs/api-reference.md``)
+    plus its lineage and permissions."""
 
     id: str
     name: str
@@ -114,7 +115,7 @@ class AgentProcess:
             self.permissions,
         )
 
-    # -- the API reference's agent methods ---------------------------------------------------
+    # -- the agent methods of the API reference (docs/api-reference.md) ----------------------
 
     async def get_state(self) -> dict[str, Any]:
         """The agent's state now: ``id``, ``name``, ``state`` (running, stopped, terminated,

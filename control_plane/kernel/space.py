@@ -1,5 +1,7 @@
 """KernelSpace: registers agents, runs them under supervision, and governs what they do.
 
+Over 400 lines: one class, the kernel's public face (the API reference's, docs/api-reference.md).
+
 It is composed of parts it holds and delegates to: the :class:`~agent_os.control_plane.kernel.gate.Gate`
 (``kernel.gate``), the :class:`~agent_os.control_plane.kernel.processes.ProcessTable`
 (``kernel.processes``), the signal dispatcher (``kernel.signals``), the bus attachment

@@ -1,5 +1,7 @@
 """The mediator: the bus middleware that decides on every message of an attached agent.
 
+Over 400 lines: one class; its two hot paths are written out inline (see the comments).
+
 Signals first (a killed agent's messages are dropped, a stopped agent's held), then the
 agent's permissions and the policy, then exactly one record per decision; mediated mode adds
 the checks of :mod:`agent_os.control_plane.mediation.checks`. The order and its reasons are in

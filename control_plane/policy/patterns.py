@@ -1,19 +1,8 @@
 """Patterns: what a policy rule matches (operation, resource, conditions, exclusions).
 
-Matching rules, chosen here and relied on by the policy index:
-
-- ``operation`` is a glob over the operation name (``"*"`` matches every operation). Bus
-  operations are ``publish``, ``deliver``, ``request`` and ``reply``; other actions use any name
-  (``read``, ``write``, ``execute``, ``network``, ``sql`` ...).
-- ``resource`` is a glob (``match_type="glob"``, the default: ``*`` matches any run of
-  characters *including* ``/`` and ``.``, ``?`` one character, ``[..]`` a set) or a regular
-  expression (``match_type="regex"``) that must match the *whole* resource. For messages the
-  resource is the topic.
-- ``exclude`` lists patterns of the same type; a resource matching any of them does not match.
-- ``conditions`` map a field of the evaluation context to a requirement (see
-  :func:`compile_conditions`). All conditions must hold; a missing field fails its condition.
-
-Everything is compiled once, when the pattern is created.
+Globs or regular expressions over the resource, conditions on the evaluation context, compiled
+once when the pattern is created; the matching rules are in ``docs/control-plane.md``
+(Policies and patterns).
 """
 
 from __future__ import annotations
