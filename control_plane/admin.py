@@ -30,7 +30,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class AdminAPI:
-    """Serves the admin routes for ``kernel`` (see the module docstring).
+    """Serves the admin routes for ``kernel`` (docs/control-plane.md, The admin API).
 
     ``token``: the bearer token (at least 16 characters, else ValueError); ``extra_metrics``:
     name -> value or callable, added to ``/metrics``; ``require_verified_sender``: keep that

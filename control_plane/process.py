@@ -156,7 +156,7 @@ class AgentProcess:
     async def cleanup(self) -> int:
         """Run the cleanup callbacks (most recent first) and drop them, so each runs once;
         return how many ran. The agent is not killed and keeps its tasks, hold queue and bus
-        clients (see the module docstring). A callback that raises does not stop the others:
+        clients (docs/control-plane.md). A callback that raises does not stop the others:
         once all ran, an ExceptionGroup of the failures is raised."""
         callbacks, self._cleanups = self._cleanups[::-1], []
         failures: list[Exception] = []

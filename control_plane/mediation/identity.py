@@ -18,7 +18,7 @@ __all__ = ["Unauthenticated", "message_sender", "sender_identity"]
 
 
 def message_sender(metadata: Metadata, trust_bus: bool) -> tuple[str | None, bool, float, str | None]:
-    """``(sender, verified, trust_level, refusal)`` of an inbound message (module docstring).
+    """``(sender, verified, trust_level, refusal)`` of an inbound message (docs/control-plane.md).
 
     ``refusal`` is the reason to refuse the message outright (an IATP result that is present
     and not valid), else None; ``sender`` is None when no sender is established. Never raises.

@@ -30,7 +30,7 @@ class PendingRequest:
 
 
 class PendingRequests:
-    """The pending-request table of one service instance (see the module docstring)."""
+    """The pending-request table of one service instance (docs/control-plane.md, Mediated mode)."""
 
     def __init__(self, max_pending: int = 100_000, default_ttl: float = 30.0, grace: float = 30.0) -> None:
         if max_pending < 1 or default_ttl <= 0 or grace < 0:

@@ -23,7 +23,7 @@ class _Unlexable(ValueError):
 
 
 def destructive_sql(text: str) -> str | None:
-    """Why ``text`` (one or more SQL statements) is destructive, or None (module docstring)."""
+    """Why ``text`` (one or more SQL statements) is destructive, or None (docs/control-plane.md, Guards)."""
     for escapes in (False, True):
         for nested in (True, False):
             try:

@@ -198,7 +198,7 @@ def _has_permissions(ctx: Context, wanted: Sequence[str]) -> bool:
 class Pattern:
     """What a rule matches: ``Pattern(operation, resource, match_type, conditions, exclude)``.
 
-    See the module docstring for the matching rules. Raises PolicyError for an invalid
+    The matching rules are in ``docs/control-plane.md``. Raises PolicyError for an invalid
     regex, match type or condition.
     """
 

@@ -54,7 +54,7 @@ def _many(value: str | Sequence[str] | None) -> list[str] | None:
 
 
 class FlightRecorder:
-    """Audit log of agent activity (see the module docstring).
+    """Audit log of agent activity (docs/control-plane.md).
 
     Args:
         storage: ``"sqlite"`` (default), ``"memory"``, ``"postgresql"``, or a Storage object.

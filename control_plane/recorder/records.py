@@ -37,7 +37,7 @@ COLUMNS: Final = (
 
 
 def normalize(value: Any) -> Any:
-    """Turn ``value`` into plain JSON data (see the module docstring)."""
+    """Turn ``value`` into plain JSON data (docs/control-plane.md)."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -81,7 +81,7 @@ def _plain_flat(data: dict[Any, Any]) -> bool:
 
 
 def canonical_bytes(data: Mapping[str, Any], *, plain: bool = False) -> bytes:
-    """``data`` as canonical JSON (sorted keys, compact, UTF-8; see the module docstring).
+    """``data`` as canonical JSON (sorted keys, compact, UTF-8; docs/control-plane.md).
 
     ``plain=True`` promises that ``data`` is a dict of plain JSON (string keys; strings,
     integers, finite floats, booleans, null, and lists and dicts of them) and skips the check.
@@ -213,7 +213,7 @@ def verify_rows(
     head: tuple[int, str] | None = None,
     decode: Decode | None = None,
 ) -> VerifyResult:
-    """Check a chain of rows (in ``seq`` order) as the module docstring says. ``decode`` turns
+    """Check a chain of rows (in ``seq`` order) as docs/control-plane.md says. ``decode`` turns
     stored data back into canonical JSON (a record that does not decode is a bad record;
     RecorderKeyError, for a missing or wrong key, propagates)."""
     expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])
