@@ -1,14 +1,15 @@
-"""Control plane: policy, signals and the flight recorder, applied to every message.
+"""Control plane: policy, signals and the flight recorder, applied to every message and action.
 
-- ``policy``, ``patterns``, ``policy_yaml``: the policy engine; ``ratelimit``: token buckets;
-- ``signals``: AgentSignal and the SignalDispatcher;
-- ``recorder``: the hash-chained flight recorder (memory, SQLite, PostgreSQL);
-- ``kernel``: KernelSpace; ``mediator``: the bus middleware.
+Read top-down: ``kernel/`` (KernelSpace and its parts) over ``mediation/`` (the bus side) over
+``process`` (an agent's run-time state) over ``recorder/`` over ``policy/`` (pure) over
+``agent_signal`` and ``errors``. ``admin`` serves a kernel over HTTP. See ``docs/control-plane.md``.
 """
 
+from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
     AgentStoppedError,
+    AgentTimeoutError,
     ControlPlaneError,
     HoldQueueFull,
     KernelError,
@@ -21,14 +22,17 @@ from agent_os.control_plane.errors import (
     TamperDetected,
     VerificationFailed,
 )
-from agent_os.control_plane.kernel import AgentTimeoutError, KernelSpace
-from agent_os.control_plane.mediator import Mediator
-from agent_os.control_plane.patterns import Pattern
-from agent_os.control_plane.policy import Decision, Policy, PolicySet, Rule
+from agent_os.control_plane.kernel.signals import SignalDispatcher
+from agent_os.control_plane.kernel.space import KernelSpace
+from agent_os.control_plane.mediation.control import control_subject
+from agent_os.control_plane.mediation.mediator import Mediator
+from agent_os.control_plane.policy.decision import Decision, Rule
+from agent_os.control_plane.policy.patterns import Pattern
+from agent_os.control_plane.policy.policy import Policy
+from agent_os.control_plane.policy.policy_set import PolicySet
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, TokenBucket
 from agent_os.control_plane.process import AgentStatus
-from agent_os.control_plane.ratelimit import RateLimit, RateLimiter, TokenBucket
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
-from agent_os.control_plane.signals import AgentSignal, SignalDispatcher, control_subject
 
 __all__ = [
     "AgentNotFound",

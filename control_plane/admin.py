@@ -1,27 +1,8 @@
-"""The admin API of a control-plane kernel: HTTP with token authentication.
+"""The admin API of a control-plane kernel: HTTP with bearer-token authentication.
 
-Routes (JSON unless noted; every route but ``/healthz`` needs ``Authorization: Bearer <token>``,
-compared in constant time; a missing or wrong token gets 401 and is counted)::
-
-    GET  /healthz                      {"ok": true}
-    GET  /metrics                      Prometheus text: agents by state, decisions, records
-    GET  /agents                       [status, ...]
-    GET  /agents/{id}                  status, or 404
-    POST /agents/{id}/signal           body {"signal": "SIGSTOP"} -> {"ok": bool}; 400 if unknown
-    POST /policy/reload[?policy=NAME|INDEX]
-                                       body: policy YAML text -> {"ok": true, "version": ...};
-                                       400 {"error", "line", "field"} on invalid YAML; a kernel
-                                       with several policies needs ``policy`` (which to replace)
-    GET  /records?agent_id=&event_type=&severity=&limit=   flight-recorder records
-    GET  /verify                       the hash chain's verification result
-
-The reload body is parsed as YAML text only (:func:`~agent_os.control_plane.policy_yaml.load_policy_text`):
-a body such as ``/etc/app/config.yaml`` is a YAML scalar, refused as not a policy, never a file
-the service opens. With ``require_verified_sender=True`` (the control-plane service verifying
-senders with IATP) every reloaded policy gets ``require_verified_sender`` on, whatever the body
-says.
-
-Needs ``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
+Agents and their status, signals, policy reload, flight-recorder records and verification; the
+routes are listed in ``docs/control-plane.md`` (The admin API). Needs
+``pip install 'agent-os[service]'`` (aiohttp, prometheus-client).
 """
 
 from __future__ import annotations
@@ -32,12 +13,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from agent_os.control_plane.errors import AgentNotFound, PolicyError, PolicyLoadError, SignalError
-from agent_os.control_plane.policy_yaml import load_policy_text
+from agent_os.control_plane.policy.loader import load_policy_text
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from agent_os.control_plane.kernel import KernelSpace
+    from agent_os.control_plane.kernel.space import KernelSpace
 
 INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
 
@@ -49,7 +30,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class AdminAPI:
-    """Serves the admin routes for ``kernel`` (see the module docstring).
+    """Serves the admin routes for ``kernel`` (docs/control-plane.md, The admin API).
 
     ``token``: the bearer token (at least 16 characters, else ValueError); ``extra_metrics``:
     name -> value or callable, added to ``/metrics``; ``require_verified_sender``: keep that

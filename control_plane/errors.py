@@ -20,6 +20,7 @@ reaches the publisher::
     ├── PolicyViolationError (+ControlPlaneError)   policy or permissions denied the action
     │   └── RateLimitExceeded                       a token bucket was empty
     ├── AgentStoppedError (+ControlPlaneError)      the agent was killed or terminated
+    │   └── AgentTimeoutError (+TimeoutError)       an execution ran past its timeout
     ├── HoldQueueFull (+ControlPlaneError)          SIGSTOP's bounded hold queue overflowed
     └── VerificationFailed (+ControlPlaneError)     a verifier module (CMVK) rejected a result
 """
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from agent_os.amb.errors import MessageRejected
 
 if TYPE_CHECKING:
-    from agent_os.control_plane.policy import Decision
+    from agent_os.control_plane.policy.decision import Decision
 
 
 class ControlPlaneError(Exception):
@@ -112,6 +113,12 @@ class AgentStoppedError(MessageRejected, ControlPlaneError):
     """The agent was killed or terminated: nothing more goes in or out."""
 
     reason = "agent_killed"
+
+
+class AgentTimeoutError(AgentStoppedError, TimeoutError):
+    """An execution ran past its timeout; SIGALRM was sent and the execution cancelled."""
+
+    reason = "timeout"
 
 
 class HoldQueueFull(MessageRejected, ControlPlaneError):

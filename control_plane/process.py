@@ -1,53 +1,14 @@
-"""An agent's run-time state in the kernel: what signals act on.
+"""An agent's run-time state in the kernel (:class:`AgentProcess`): what signals act on.
 
-An :class:`AgentProcess` exists for each execution of a registered agent (``kernel.execute`` /
-``kernel.spawn``, id: a UUID) and for each bus client attached to the kernel (id: the client's
-``agent_id``). It owns
-
-- the asyncio tasks doing the agent's work (its execution task, the handler tasks of its
-  deliveries): SIGKILL cancels them;
-- the hold queue: while the agent is stopped (SIGSTOP), each of its deliveries and publishes
-  waits in this bounded FIFO; SIGCONT runs them in arrival order, SIGKILL fails them all with
-  :class:`~agent_os.control_plane.errors.AgentStoppedError` (deliveries are then dead-lettered);
-- the bus clients attached for it: SIGKILL closes them, which ends their subscriptions.
-
-It is also what ``kernel.get_agent(agent_id)`` returns, with the API reference's
-``get_state()``, ``save_state()`` and ``cleanup()`` (a SIGTERM handler's tools)::
-
-    @kernel.register
-    async def worker(path: str) -> None:
-        me = kernel.current_agent
-        conn = await open_connection()
-        me.add_cleanup(conn.close)          # released on SIGTERM (or by agent.cleanup())
-        for step in range(100):
-            me.data["step"] = step          # published: part of get_state()
-            ...
-
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def graceful_shutdown(agent_id: str, signal: AgentSignal) -> bool:
-        agent = kernel.get_agent(agent_id)
-        await agent.cleanup()               # conn.close()
-        await agent.save_state()            # one ``state_saved`` record
-        return True
-
-- **State.** :meth:`~AgentProcess.get_state` is the agent's status (the fields of
-  ``kernel.get_agent_status``, as plain JSON values), how many of its messages are held, and
-  ``data``: a copy of :attr:`AgentProcess.data`, the dict in which the agent's code publishes
-  what it wants known about itself. :meth:`~AgentProcess.save_state` records that state in the
-  kernel's flight recorder as one ``state_saved`` record (``data.state``; ``replay`` merges
-  it) and returns it.
-- **Cleanup.** :meth:`~AgentProcess.cleanup` runs the callbacks the agent registered with
-  :meth:`~AgentProcess.add_cleanup` (most recent first, each once) and drops them. It does
-  not kill the agent and leaves what the kernel holds for it alone (its tasks, its hold queue,
-  its bus clients): those are what keeps the agent working, so a SIGTERM whose handler vetoes
-  the termination leaves a working agent; when SIGTERM does terminate it, the termination
-  releases them (as SIGKILL does), after running the callbacks no handler ran.
+Its tasks, its hold queue, its attached bus clients, its published state and cleanup callbacks;
+``docs/control-plane.md`` (Agents and their processes) explains them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import inspect
 import logging
@@ -77,7 +38,8 @@ class Life(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class AgentStatus:
-    """A snapshot of one agent: the API reference's fields plus its lineage and permissions."""
+    """A snapshot of one agent: the fields of the API reference (``docs/api-reference.md``)
+    plus its lineage and permissions."""
 
     id: str
     name: str
@@ -100,7 +62,7 @@ Cleanup = Callable[[], Awaitable[Any] | Any]
 
 @dataclass(eq=False)
 class AgentProcess:
-    """One agent as the kernel sees it (see the module docstring).
+    """One agent as the kernel sees it (``kernel.get_agent(agent_id)``).
 
     ``data``: the agent's published state (its code writes it, ``get_state`` reads it);
     ``recorder``: where ``save_state`` records (the kernel's; None for a process no kernel
@@ -153,7 +115,7 @@ class AgentProcess:
             self.permissions,
         )
 
-    # -- the API reference's agent methods ---------------------------------------------------
+    # -- the agent methods of the API reference (docs/api-reference.md) ----------------------
 
     async def get_state(self) -> dict[str, Any]:
         """The agent's state now: ``id``, ``name``, ``state`` (running, stopped, terminated,
@@ -194,7 +156,7 @@ class AgentProcess:
     async def cleanup(self) -> int:
         """Run the cleanup callbacks (most recent first) and drop them, so each runs once;
         return how many ran. The agent is not killed and keeps its tasks, hold queue and bus
-        clients (see the module docstring). A callback that raises does not stop the others:
+        clients (docs/control-plane.md). A callback that raises does not stop the others:
         once all ran, an ExceptionGroup of the failures is raised."""
         callbacks, self._cleanups = self._cleanups[::-1], []
         failures: list[Exception] = []
@@ -325,3 +287,8 @@ class AgentProcess:
         with contextlib.suppress(Exception):
             if self._releasing is not None:
                 self._releasing.cancel()
+
+
+RUNNING_AGENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
+"""The process whose code runs in this context: set by the kernel for an execution and by the
+mediator for a handler of an attached client; None elsewhere."""

@@ -4,7 +4,7 @@ Every service answers for an agent: the memory service shows an agent its own me
 verifier records who asked, the control-plane service notes who is waiting for a reply. That
 agent is :func:`sender_identity` of the message: IATP's one fail-closed helper
 (:func:`agent_os.iatp.sender_identity`, re-exported here; the control plane's mediator applies the same
-rule through :mod:`agent_os.control_plane.identity`):
+rule through :mod:`agent_os.control_plane.mediation.identity`):
 
 - a valid IATP result in ``metadata.context["iatp"]`` (put there by the IATP middleware after
   the signature, key, time window, nonce and trust checks) names the sender;

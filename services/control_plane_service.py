@@ -27,7 +27,8 @@ message an agent sends straight to a delivery subject is refused by the server.
 **Replies are mediated too.** A forwarded request keeps its ``reply_to``, which must be an
 inbox of the (verified) requester, ``_INBOX.<requester>.…`` (:func:`agent_inbox`; any other
 ``reply_to``, or one still waiting for another reply, is denied), and the service notes it in
-its table of pending requests (:mod:`agent_os.control_plane.replies`). The responder's client carries
+its table of pending requests (:mod:`agent_os.control_plane.mediation.replies`). The responder's
+client carries
 :class:`ReplyViaService`, which sends a reply meant for ``_INBOX.x`` to ``replies._INBOX.x``
 instead. Every service instance receives replies (no queue group: the instance that forwarded
 the request holds its entry); the one holding the entry checks the reply as operation
@@ -49,7 +50,8 @@ the option the inbox is the adapter's ``_INBOX.<random>``, and the request is de
 **A stopped agent stalls nobody else.** A message of a stopped agent (SIGSTOP) is queued in
 that agent's hold queue and recorded once (``message_held``), and the ingress handler returns
 at once: the instance goes on forwarding every other agent's traffic (the mediator's mediated
-mode; see :mod:`agent_os.control_plane.mediator`). At SIGCONT the agent's held messages are decided and
+mode; see :mod:`agent_os.control_plane.mediation.holds`). At SIGCONT the agent's held messages are
+decided and
 forwarded in arrival order, and a message of it arriving meanwhile goes behind them (FIFO per
 agent). The delivery of a held message is settled when it is held, so it lives in this
 instance's memory until then. One that fails after its release (denied by the policy, the
@@ -94,10 +96,10 @@ from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_RE
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware, PublishNext
 from agent_os.control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy
-from agent_os.control_plane.policy import PolicySet
-from agent_os.control_plane.policy_yaml import load_policy as load_policy_file
-from agent_os.control_plane.replies import PendingRequests
-from agent_os.control_plane.signals import CONTROL_PREFIX
+from agent_os.control_plane.mediation.control import CONTROL_PREFIX
+from agent_os.control_plane.mediation.replies import PendingRequests
+from agent_os.control_plane.policy.loader import load_policy as load_policy_file
+from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.iatp import IATP, IATPMiddleware
 from agent_os.services._identity import require_verification
 from agent_os.services._process import (

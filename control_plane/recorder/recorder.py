@@ -1,36 +1,8 @@
 """The flight recorder: an append-only, hash-chained log of every decision.
 
-Example::
-
-    recorder = FlightRecorder(storage="sqlite", connection_string="audit.db")
-    await recorder.log("action_blocked", "agent_123", {"resource": "data/phi/p1"}, severity="warning")
-    hits = await recorder.query(filters={"data.resource": {"$regex": "data/phi/"}})
-    assert (await recorder.verify()).ok
-    await recorder.close()
-
-**Batching and durability.** ``log`` hashes the record and appends it to an in-memory batch at
-once (so the chain order is the call order). The batch is written in one transaction (in the
-background, one batch at a time) when it reaches ``batch_size`` records, ``flush_interval``
-seconds after its first record, on ``flush()``, and on ``close()``. What a flush has written
-survives a crash of the writer process (SQLite: WAL with ``synchronous=NORMAL``; pass
-``synchronous="FULL"`` to survive a power loss too, at an fsync per flush); what was still in
-the batch is lost, and the chain on disk stays valid. Reads (``query``, ``verify``,
-``export`` ...) flush first, so they see every record logged before them. A failed write
-keeps the batch and raises :class:`~agent_os.control_plane.errors.RecorderError`; the next flush
-retries it.
-
-**At rest.** With ``compression`` (default) and/or an ``encryption_key``, SQL storages keep
-each record's data compressed and/or encrypted (:mod:`agent_os.control_plane.recorder.codec`), encoded
-on the writer's side of a flush and decoded on read; the chain covers the plaintext.
-
-**Retention.** With ``retention_days`` (default 90, as in the API reference), records older
-than that are pruned when the recorder opens and then at the first flush after each
-``retention_interval``; each pruning appends a chained ``retention_anchor`` record
-first (see :meth:`FlightRecorder.apply_retention`), so it is recorded and the rest still
-verifies. ``retention_days=None`` keeps everything.
-
-See :mod:`agent_os.control_plane.recorder.records` for the canonical encoding, the chain and retention
-anchors.
+Over 400 lines: one class, whose writing (batching, flushing, retention) and reading share the
+chain's state. Batching, durability, storage at rest and retention are explained in
+``docs/control-plane.md`` (The flight recorder and its hash chain).
 """
 
 from __future__ import annotations
@@ -48,7 +20,7 @@ from typing import Any, Literal
 
 from agent_os.amb.envelope import new_id
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
-from agent_os.control_plane.patterns import _operator_condition
+from agent_os.control_plane.policy.patterns import operator_condition
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.records import (
     ANCHOR_EVENT,
@@ -82,11 +54,12 @@ def _many(value: str | Sequence[str] | None) -> list[str] | None:
 
 
 class FlightRecorder:
-    """Audit log of agent activity (see the module docstring).
+    """Audit log of agent activity (docs/control-plane.md).
 
     Args:
         storage: ``"sqlite"`` (default), ``"memory"``, ``"postgresql"``, or a Storage object.
-            ``"s3"`` (in the API reference) is not supported and raises RecorderConfigError.
+            ``"s3"`` (in the API reference, ``docs/api-reference.md``) is not supported and
+            raises RecorderConfigError.
         connection_string: the SQLite file (default ``flight_recorder.db``) or the PostgreSQL
             DSN (required for postgresql).
         retention_days: records older than this are pruned, with a chained anchor, when the
@@ -395,11 +368,11 @@ class FlightRecorder:
         checks = []
         for field, spec in (filters or {}).items():
             if isinstance(spec, Mapping) and spec and all(str(k).startswith("$") for k in spec):
-                checks.append(_operator_condition(field, spec))
+                checks.append(operator_condition(field, spec))
             elif isinstance(spec, list | tuple):
-                checks.append(_operator_condition(field, {"$in": list(spec)}))
+                checks.append(operator_condition(field, {"$in": list(spec)}))
             else:
-                checks.append(_operator_condition(field, {"$eq": spec}))
+                checks.append(operator_condition(field, {"$eq": spec}))
         where = Where(
             agent_id=agent_id,
             execution_id=execution_id,

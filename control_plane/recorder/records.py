@@ -1,32 +1,7 @@
 """Flight-recorder records, their canonical encoding and the hash chain.
 
-**Canonical encoding.** A record's content is ``seq, id, ts, event_type, agent_id,
-execution_id, severity, data, prev_hash``. ``data`` is stored as canonical JSON text (sorted
-keys, no spaces, UTF-8), made once when the record is logged by msgspec's JSON encoder: plain
-JSON data (string keys; strings, integers, finite floats, booleans, null) is encoded as is;
-anything else is normalized first (bytes become ``{"$b64": ...}``, datetimes ISO strings,
-tuples and sets lists, non-finite floats and other objects their ``repr``, keys strings). The
-chain covers that stored text, never a re-encoding of the original, so verification does not
-depend on the encoder (records written by earlier versions, whose floats were written by the
-standard library's encoder, ``1e+16`` where msgspec writes ``1e16``, verify alike). The
-record's canonical bytes are the compact JSON array of the other eight fields in that order
-immediately followed by the data text; ``hash = sha256(canonical bytes)`` in hex (the array
-is self-delimiting, so no two records share canonical bytes). Each record names the previous
-record's hash (``prev_hash``; 64 zeros for the first), so every field of every record is
-covered and editing, deleting, inserting or reordering records breaks the chain from that
-point on.
-
-**Verifying.** Records are read in ``seq`` order; each must have ``seq`` one more than the
-previous, ``prev_hash`` equal to the previous hash, and ``hash`` equal to the hash of its own
-content. The first record that fails is named. A chain cannot show that records were cut from
-its *end*: keep :meth:`FlightRecorder.head` somewhere else and pass it to ``verify`` to cover
-that too.
-
-**Retention anchors.** Pruning old records appends an anchor record (``event_type``
-``retention_anchor``, data ``{"pruned_through_seq": k, "pruned_through_hash": h}``) to the chain
-before deleting records up to ``k``. ``verify`` then starts from the newest anchor: the first
-remaining record must have ``seq == k + 1`` and ``prev_hash == h``. The anchor itself is
-chained, so it cannot be forged or removed without the chain showing it.
+What a record's hash covers, how the chain is verified and how retention anchors keep it
+verifiable after pruning: ``docs/control-plane.md`` (The flight recorder and its hash chain).
 """
 
 from __future__ import annotations
@@ -62,7 +37,7 @@ COLUMNS: Final = (
 
 
 def normalize(value: Any) -> Any:
-    """Turn ``value`` into plain JSON data (see the module docstring)."""
+    """Turn ``value`` into plain JSON data (docs/control-plane.md)."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -106,7 +81,7 @@ def _plain_flat(data: dict[Any, Any]) -> bool:
 
 
 def canonical_bytes(data: Mapping[str, Any], *, plain: bool = False) -> bytes:
-    """``data`` as canonical JSON (sorted keys, compact, UTF-8; see the module docstring).
+    """``data`` as canonical JSON (sorted keys, compact, UTF-8; docs/control-plane.md).
 
     ``plain=True`` promises that ``data`` is a dict of plain JSON (string keys; strings,
     integers, finite floats, booleans, null, and lists and dicts of them) and skips the check.
@@ -238,7 +213,7 @@ def verify_rows(
     head: tuple[int, str] | None = None,
     decode: Decode | None = None,
 ) -> VerifyResult:
-    """Check a chain of rows (in ``seq`` order) as the module docstring says. ``decode`` turns
+    """Check a chain of rows (in ``seq`` order) as docs/control-plane.md says. ``decode`` turns
     stored data back into canonical JSON (a record that does not decode is a bad record;
     RecorderKeyError, for a missing or wrong key, propagates)."""
     expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])

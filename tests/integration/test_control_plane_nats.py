@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, RequestTimeout
-from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
-from agent_os.control_plane.signals import control_subject
+from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, control_subject
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
 

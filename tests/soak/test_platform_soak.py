@@ -304,7 +304,7 @@ async def governed_run(path: Path) -> dict[str, Any]:
     assert len(letters) == len(to_private)
 
     # -- nothing left behind ----------------------------------------------------------------
-    for proc in kernel._procs.values():
+    for proc in kernel.processes:
         assert proc.held == 0, proc.id
         assert not proc.tasks, proc.id  # no handler of any agent still counted as running
     for name, client in clients.items():
@@ -601,11 +601,11 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
         half_way, stopped, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         def held() -> int:
-            return sum(k.get_agent(stopped_id).held for k in kernels if stopped_id in k._procs)
+            return sum(k.get_agent(stopped_id).held for k in kernels if stopped_id in k.processes)
 
         def accounted() -> int:
             """Messages of the stopped sender that reached an instance: decided, held or refused."""
-            procs = [k.get_agent(stopped_id) for k in kernels if stopped_id in k._procs]
+            procs = [k.get_agent(stopped_id) for k in kernels if stopped_id in k.processes]
             full = sum(m.headers[DLQ_REASON] == "hold_queue_full" for m in dead.metadata)
             return sum(p.actions_count + p.violations_count + p.held for p in procs) + full
 
@@ -712,8 +712,8 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
             assert sorted(in_order, key=arrival.__getitem__) == in_order  # released in order
             # Nothing left: no hold, no backlog, no pending request.
             assert service.kernel.get_agent(stopped_id).held == 0
-            assert service.mediator._backlog == {}
-            assert service.mediator._detached == {}
+            assert service.mediator.holds.backlog == {}
+            assert service.mediator.holds.detached == {}
             assert len(service.pending) == 0
         shares = [s.stats.forwarded for s in group.services]
         assert all(share > 0 for share in shares), shares

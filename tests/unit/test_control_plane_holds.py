@@ -18,7 +18,7 @@ from agent_os.amb import AMB, Envelope, Metadata
 from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.amb.envelope import new_id
 from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
-from agent_os.control_plane.mediator import Mediator
+from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.services.control_plane_service import ControlPlaneService
 from tests.support import Collector, wait_until
 

@@ -446,7 +446,7 @@ async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_p
     await wait_until(lambda: bank.stats.handled + bank.stats.rejected == len(sent))
     assert got.messages == ["b1", "b2", {"amount": 5}, {"amount": 7}]
     assert bank.stats.rejected == 3
-    kernel._process("peer").restrictions = frozenset({"publish"})  # as a spawn restriction would
+    kernel.get_agent("peer").restrictions = frozenset({"publish"})  # as a spawn restriction would
     with pytest.raises(PolicyViolationError):
         await peer.publish("pay.out", "b3", headers={"key": "k-billing"})
     await peer.close()
@@ -626,11 +626,11 @@ async def test_a_full_hold_queue_records_one_drop_and_no_hold() -> None:
 
 
 async def test_the_mediators_sender_is_iatps_sender_identity() -> None:
-    """control_plane.identity.message_sender (the mediator's hot path) decides exactly as
+    """control_plane.mediation.identity.message_sender (the mediator's hot path) decides exactly as
     iatp.sender_identity does, for IATP's own results and for any other result object."""
     from types import SimpleNamespace
 
-    from agent_os.control_plane.identity import message_sender
+    from agent_os.control_plane.mediation.identity import message_sender
     from agent_os.iatp import IATP, Unauthenticated, sender_identity
 
     iatp = IATP()

@@ -19,8 +19,8 @@ from agent_os.amb.middleware import Middleware
 from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from agent_os.control_plane.admin import AdminAPI
 from agent_os.control_plane.errors import InboxBusy, PolicyLoadError
-from agent_os.control_plane.policy_yaml import load_policy, load_policy_text
-from agent_os.control_plane.replies import PendingRequests
+from agent_os.control_plane.mediation.replies import PendingRequests
+from agent_os.control_plane.policy.loader import load_policy, load_policy_text
 from agent_os.iatp import IATP, SigningRejected
 from agent_os.services._identity import VerificationRequired
 from agent_os.services.control_plane_service import (

@@ -10,7 +10,7 @@ import pytest
 
 from agent_os.amb import AMB, Metadata, RequestTimeout
 from agent_os.control_plane import KernelSpace, Pattern, Policy
-from agent_os.control_plane.replies import PendingRequests
+from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,

@@ -24,9 +24,9 @@ from agent_os.control_plane import (
     PolicyViolationError,
     SignalDispatcher,
     SignalError,
+    control_subject,
 )
 from agent_os.control_plane.process import AgentProcess
-from agent_os.control_plane.signals import control_subject
 from tests.support import Collector, wait_until
 
 Calls = list[tuple[str, str, AgentSignal]]

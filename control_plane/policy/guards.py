@@ -1,31 +1,8 @@
 """The checks behind :meth:`Policy.no_destructive_sql` and :meth:`Policy.file_access`.
 
-**SQL** (:func:`destructive_sql`). The text is split into statements at ``;`` outside string
-literals, quoted identifiers and comments, with ``--`` and ``/* */`` comments removed, and each
-statement's words are examined (words inside literals and quoted identifiers do not count).
-A statement is destructive when
-
-- it contains ``DROP`` or ``TRUNCATE`` anywhere (``DROP TABLE``, ``ALTER TABLE ... DROP
-  COLUMN``, ``DROP`` after other text or inside parentheses);
-- it contains ``DELETE`` or ``UPDATE`` as a command anywhere other than as the statement's own
-  first word with a ``WHERE`` at the statement's top level (outside parentheses): so
-  ``DELETE FROM t`` / ``UPDATE t SET ...`` without ``WHERE``, a ``DELETE`` in a ``WITH``
-  clause or a subquery, ``EXPLAIN ANALYZE DELETE ...`` are all destructive, while
-  ``DELETE FROM t WHERE id = 1`` is not. ``FOR UPDATE``, ``FOR NO KEY UPDATE``, ``ON UPDATE`` /
-  ``ON DELETE`` (foreign-key actions) and ``ON DUPLICATE KEY UPDATE`` are not commands.
-
-It does not judge the ``WHERE`` condition (``WHERE true`` passes), and ``GRANT``/``REVOKE``,
-``INSERT`` and ``ALTER`` without ``DROP`` are not destructive here. Where SQL dialects read the
-same text differently the check takes every reading and denies if any is destructive: string
-literals with and without backslash escapes, block comments nested (PostgreSQL) and not
-(MySQL); MySQL's executable ``/*! ... */`` comments are read as code, ``#`` is not a comment
-(in PostgreSQL it is an operator), ``$$`` and backticks are not quotes. Text that does not
-lex (an unterminated literal or comment) is destructive: fail closed. It is a guard for agents'
-requests, not a parser: give agents database roles without those privileges as well.
-
-**Paths** (:func:`path_refusal`). A path is inside ``root`` when it is absolute, has no ``..``
-segment and no backslash, and ``posixpath.normpath`` of it is ``root`` or under ``root/``.
-Symbolic links are not resolved (the path is a name, not a file this process looks at).
+:func:`destructive_sql` lexes SQL text into statements and words and denies on every dialect's
+reading; :func:`path_refusal` says why a path is outside a root. What each denies, and what it
+does not judge: ``docs/control-plane.md`` (Policies and patterns, Guards).
 """
 
 from __future__ import annotations
@@ -46,7 +23,7 @@ class _Unlexable(ValueError):
 
 
 def destructive_sql(text: str) -> str | None:
-    """Why ``text`` (one or more SQL statements) is destructive, or None (module docstring)."""
+    """Why ``text`` (one or more SQL statements) is destructive, or None (docs/control-plane.md, Guards)."""
     for escapes in (False, True):
         for nested in (True, False):
             try:

@@ -1,48 +1,12 @@
-"""KernelSpace: registers agents, runs them under supervision, and governs their bus traffic.
+"""KernelSpace: registers agents, runs them under supervision, and governs what they do.
 
-Example::
+Over 400 lines: one class, the kernel's public face (the API reference's, docs/api-reference.md).
 
-    kernel = KernelSpace(policy="strict")
-
-    @kernel.register(name="analyzer", permissions=["read"], rate_limit=60)
-    async def analyzer(data: str) -> dict:
-        await kernel.authorize("read", f"data/{data}")      # the gate for non-bus actions
-        return {"analyzed": True}
-
-    result = await kernel.execute(analyzer, "sample", context={"user_id": "u1"})
-
-Choices (the API reference is a sketch; these make it sound):
-
-- **Registration is the grant to run.** ``execute`` of a registered agent is allowed under any
-  policy (subject to its ``rate_limit`` per minute and ``max_concurrent_agents``, admitted by
-  ``priority``); what the agent *does* passes the policy: its bus traffic through an attached
-  client (:meth:`attach`) and other actions through :meth:`authorize`. Calling the decorated
-  function directly goes through ``execute`` too, so there is no way around the kernel.
-- **Permissions** (``["read", "write", "execute", "network"]``): an agent with a permission list
-  may only perform operations its list covers: an operation is covered by a permission of the
-  same name; bus ``publish``/``request``/``reply`` are also covered by ``write`` and ``deliver``
-  by ``read``. Restrictions ``"no_<permission>"`` remove one for good (children keep them).
-- **Children** (``spawn``) get permissions by the policy's ``inheritance``: ``strict``: the
-  intersection of the parent's and their own; ``permissive``: their own (or the parent's);
-  ``none`` or ``inherit_permissions=False``: their own.
-- ``current_agent_id`` is the agent whose code is running; outside agent code it is the agent
-  started most recently (so the reference's signal example works from ``main``).
-- Verifier modules (``add_module``: anything with ``async verify(prompt, response, context)``
-  returning ``.verified``) check every result; an unverified result raises
-  :class:`~agent_os.control_plane.errors.VerificationFailed` instead of being returned.
-- ``debug=True`` turns on debug logging: the ``control_plane`` logger's level is set to DEBUG
-  (process-wide, as logging levels are) and this kernel logs every decision (each message's,
-  in both directions, and each ``authorize``), every signal and every lifecycle record there.
-  With ``debug=False`` (the default) the kernel logs none of them and leaves the level alone.
-- A verifier module gets the execution's arguments as its prompt: the single positional
-  argument itself, else ``{"args": [...], "kwargs": {...}}`` when there are keyword arguments,
-  else the tuple of positional arguments.
-- ``authoritative`` (set by the control-plane service): a signal to an agent this kernel does
-  not know creates the agent's (external) process here instead of going out on the bus, so it
-  applies to the agent's messages passing this kernel from the first one on.
-- Every decision is one flight-recorder record: ``execute``, ``policy_decision``,
-  ``message_held``, ``message_dropped``, ``signal``, ``verification``; lifecycle records
-  ``agent_completed`` / ``agent_failed`` / ``agent_killed`` carry ``data.status``.
+It is composed of parts it holds and delegates to: the :class:`~agent_os.control_plane.kernel.gate.Gate`
+(``kernel.gate``), the :class:`~agent_os.control_plane.kernel.processes.ProcessTable`
+(``kernel.processes``), the signal dispatcher (``kernel.signals``), the bus attachment
+(``kernel.bus``), admission and the flight recorder. What it promises is in
+``docs/control-plane.md`` (The kernel).
 """
 
 from __future__ import annotations
@@ -57,41 +21,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent_os.control_plane.admission import Admission
+from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
     AgentStoppedError,
+    AgentTimeoutError,
     KernelError,
     PolicyError,
     RateLimitExceeded,
     VerificationFailed,
 )
-from agent_os.control_plane.kernel_bus import KernelBus
-from agent_os.control_plane.kernel_gate import _CURRENT, KernelGate
-from agent_os.control_plane.policy import PermissionSource, Policy, PolicySet
-from agent_os.control_plane.process import AgentProcess, AgentStatus, Life
-from agent_os.control_plane.ratelimit import RateLimit, RateLimiter
+from agent_os.control_plane.kernel.admission import Admission
+from agent_os.control_plane.kernel.gate import Gate
+from agent_os.control_plane.kernel.processes import ProcessTable
+from agent_os.control_plane.kernel.signals import SignalDispatcher
+from agent_os.control_plane.mediation.attachment import BusAttachment
+from agent_os.control_plane.mediation.mediator import Mediator
+from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.policy import PermissionSource, Policy
+from agent_os.control_plane.policy.policy_set import PolicySet
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter
+from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, AgentStatus, Life
 from agent_os.control_plane.recorder import FlightRecorder
-from agent_os.control_plane.signals import AgentSignal, SignalDispatcher
 
 if TYPE_CHECKING:
     from agent_os.amb import AMB
 
-log = logging.getLogger("agent_os.control_plane.kernel")
-
-
-class AgentTimeoutError(AgentStoppedError, TimeoutError):
-    """An execution ran past its timeout; SIGALRM was sent and the execution cancelled."""
-
-    reason = "timeout"
+log = logging.getLogger(__name__)
 
 
 class Verifier(Protocol):
+    """A kernel module (``add_module``): CMVK, or anything with this method returning an
+    object with ``verified`` (and optionally ``reason``, ``confidence``)."""
+
     async def verify(self, prompt: Any, response: Any, context: Any = None) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
 class RegisteredAgent:
+    """What ``register`` noted about an agent function."""
+
     name: str
     fn: Callable[..., Awaitable[Any]]
     permissions: frozenset[str] | None
@@ -99,19 +68,22 @@ class RegisteredAgent:
     priority: int
 
 
-class KernelSpace(KernelGate, KernelBus):
-    """The orchestrator (see the module docstring).
+class KernelSpace:
+    """The orchestrator: agents, their executions and signals, and the gate on what they do.
 
     Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
     recorder), ``signal_dispatcher`` (an unbound dispatcher, ``SignalDispatcher(None, ...)``,
     becomes this kernel's; default: a new one; ``SignalDispatcher(kernel, ...)`` later replaces
-    it, keeping its handlers: see :mod:`agent_os.control_plane.signals`), ``max_concurrent_agents``,
-    ``timeout`` (default seconds per execution), ``debug``; and ``policies`` (several policies
-    that must all allow) and ``permissions`` (the trust-edge hook for
-    ``conditions={"permission": ...}``);
+    it, keeping its handlers), ``max_concurrent_agents``, ``timeout`` (default seconds per
+    execution), ``debug`` (log every decision, signal and lifecycle record; sets the
+    ``agent_os.control_plane`` logger to DEBUG); and ``policies`` (several policies that must
+    all allow), ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``),
+    ``signal_timeout`` (how long a signal sent to another process waits for its answer),
     ``keep_finished``: how many finished executions (``execute``/``spawn``) stay known for
     ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
     attached bus agents are always kept), so a long-running kernel does not grow without bound.
+    ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
+    does not know creates its process here instead of going out on the bus.
     Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0`` or a
     ``signal_dispatcher`` bound to another kernel.
     """
@@ -135,13 +107,14 @@ class KernelSpace(KernelGate, KernelBus):
         base = Policy.builtin(policy) if isinstance(policy, str) else policy
         if permissions is not None:
             base.permissions = permissions
-        self.policy: Policy | PolicySet = PolicySet([base, *policies]) if policies else base
+        dispatcher = signal_dispatcher if signal_dispatcher is not None else SignalDispatcher()
         self.recorder = flight_recorder or FlightRecorder(storage="memory")
-        self._procs: dict[str, AgentProcess] = {}
-        self._adopt(signal_dispatcher if signal_dispatcher is not None else SignalDispatcher())
+        self.gate = Gate(PolicySet([base, *policies]) if policies else base, self.recorder, dispatcher, debug)
+        self.processes = ProcessTable(self.recorder, dispatcher.queue_size)
+        self.bus = BusAttachment(self)
+        self.adopt(dispatcher)
         self.max_concurrent_agents = max_concurrent_agents
         self.timeout = timeout
-        self.debug = debug
         if debug:
             logging.getLogger("agent_os.control_plane").setLevel(logging.DEBUG)
         self.authoritative = False
@@ -151,9 +124,26 @@ class KernelSpace(KernelGate, KernelBus):
         self._runs: dict[str, asyncio.Task[Any]] = {}
         self._last: AgentProcess | None = None
         self._admission = Admission(max_concurrent_agents)
-        self._bus: list[AMB] = []
         self.keep_finished = keep_finished
         self._finished: deque[str] = deque()
+
+    @property
+    def policy(self) -> Policy | PolicySet:
+        """The policy (or set of policies) every decision is made by; the gate's."""
+        return self.gate.policy
+
+    @policy.setter
+    def policy(self, policy: Policy | PolicySet) -> None:
+        self.gate.policy = policy
+
+    @property
+    def debug(self) -> bool:
+        """Whether this kernel logs every decision, signal and lifecycle record."""
+        return self.gate.debug
+
+    @debug.setter
+    def debug(self, debug: bool) -> None:
+        self.gate.debug = debug
 
     # -- registration --------------------------------------------------------------------------
 
@@ -251,7 +241,7 @@ class KernelSpace(KernelGate, KernelBus):
             raise KernelError(f"{getattr(agent, '__name__', agent)!r} is not registered with this kernel")
         perms = spec.permissions
         denied: set[str] = set()
-        parent = self._find(parent_id) if parent_id else _CURRENT.get()
+        parent = self.processes.find(parent_id) if parent_id else RUNNING_AGENT.get()
         if parent_id and parent is None:
             raise AgentNotFound(f"no agent {parent_id!r}")
         if parent is not None:
@@ -274,7 +264,7 @@ class KernelSpace(KernelGate, KernelBus):
             recorder=self.recorder,
         )
         proc.restrictions = frozenset(denied)
-        self._procs[proc.id] = proc
+        self.processes.add(proc)
         return proc
 
     async def _run(
@@ -296,7 +286,7 @@ class KernelSpace(KernelGate, KernelBus):
         self._finished.append(proc.id)
         while len(self._finished) > self.keep_finished:
             old = self._finished.popleft()
-            self._procs.pop(old, None)
+            self.processes.forget(old)
             self._runs.pop(old, None)  # its task has finished (or is returning right now)
 
     async def _supervise(
@@ -362,7 +352,7 @@ class KernelSpace(KernelGate, KernelBus):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        _CURRENT.set(proc)
+        RUNNING_AGENT.set(proc)
         return await fn(*args, **kwargs)
 
     async def _verify(
@@ -398,18 +388,19 @@ class KernelSpace(KernelGate, KernelBus):
     # -- signals and status --------------------------------------------------------------------
 
     async def send_signal(self, agent_id: str, signal: AgentSignal | str) -> bool:
-        """Send a signal (see :mod:`agent_os.control_plane.signals`); True when it took effect."""
+        """Send a signal through ``kernel.signals`` (what signals do: ``docs/control-plane.md``);
+        True when it took effect."""
         return await self.signals.send(agent_id, signal)
 
     def get_agent_status(self, agent_id: str) -> AgentStatus:
         """The agent's status; raises AgentNotFound."""
-        return self._process(agent_id).status()
+        return self.processes.get(agent_id).status()
 
     def get_agent(self, agent_id: str) -> AgentProcess:
-        """The agent's process: what signals act on, and the API reference's ``cleanup()``,
-        ``save_state()`` and ``get_state()`` (see :class:`~agent_os.control_plane.process.AgentProcess`).
-        Raises AgentNotFound."""
-        return self._process(agent_id)
+        """The agent's process: what signals act on, with the API reference's ``cleanup()``,
+        ``save_state()`` and ``get_state()`` (``docs/api-reference.md``; see
+        :class:`~agent_os.control_plane.process.AgentProcess`). Raises AgentNotFound."""
+        return self.processes.get(agent_id)
 
     @property
     def current_agent(self) -> AgentProcess:
@@ -418,52 +409,46 @@ class KernelSpace(KernelGate, KernelBus):
         (``kernel.current_agent.data["step"] = 3``, read by ``get_state``) and registers what
         to release on SIGTERM (``kernel.current_agent.add_cleanup(conn.close)``). Raises
         AgentNotFound when no agent has run yet."""
-        proc = _CURRENT.get() or self._last
+        proc = RUNNING_AGENT.get() or self._last
         if proc is None:
             raise AgentNotFound("no agent is running")
         return proc
 
     def agents(self) -> list[AgentStatus]:
-        return [p.status() for p in self._procs.values()]
+        """The status of every agent this kernel knows."""
+        return [p.status() for p in self.processes]
 
     @property
     def current_agent_id(self) -> str | None:
-        proc = _CURRENT.get() or self._last
+        """The agent whose code is running; outside agent code, the agent started most recently."""
+        proc = RUNNING_AGENT.get() or self._last
         return None if proc is None else proc.id
 
     def is_stopped(self) -> bool:
         """True while the current agent is stopped (SIGSTOP)."""
-        proc = _CURRENT.get() or self._last
+        proc = RUNNING_AGENT.get() or self._last
         return proc is not None and proc.stopped
 
     async def wait_for_continue(self) -> None:
         """Wait until the current agent is continued; raises AgentStoppedError once killed."""
-        proc = _CURRENT.get() or self._last
+        proc = RUNNING_AGENT.get() or self._last
         if proc is not None:
             await proc.wait_for_continue()
 
-    def _adopt(self, dispatcher: SignalDispatcher) -> None:
-        """Make ``dispatcher`` this kernel's (``self.signals``), sharing the handlers of the
-        dispatcher it replaces; its ``queue_size`` bounds every hold queue from now on. Raises
-        KernelError when it is bound to another kernel."""
+    def adopt(self, dispatcher: SignalDispatcher) -> None:
+        """Make ``dispatcher`` this kernel's (``kernel.signals``; what
+        ``SignalDispatcher(kernel, ...)`` does), sharing the handlers of the dispatcher it
+        replaces; its ``queue_size`` bounds every hold queue from now on. Raises KernelError
+        when it is bound to another kernel."""
         if dispatcher.kernel is not None and dispatcher.kernel is not self:
             raise KernelError("this SignalDispatcher is bound to another KernelSpace")
         current: SignalDispatcher | None = getattr(self, "signals", None)
         if current is not None:
-            dispatcher._join(current)
+            dispatcher.join(current)
         dispatcher.kernel = self
         self.signals = dispatcher
-        for proc in self._procs.values():
-            proc.hold_limit = dispatcher.queue_size
-
-    def _find(self, agent_id: str | None) -> AgentProcess | None:
-        return self._procs.get(agent_id) if agent_id is not None else None
-
-    def _process(self, agent_id: str) -> AgentProcess:
-        proc = self._procs.get(agent_id)
-        if proc is None:
-            raise AgentNotFound(f"no agent {agent_id!r}")
-        return proc
+        self.gate.signals = dispatcher
+        self.processes.hold_limit = dispatcher.queue_size
 
     async def _record(
         self, event: str, proc: AgentProcess, data: Mapping[str, Any], severity: str = "info"
@@ -471,18 +456,6 @@ class KernelSpace(KernelGate, KernelBus):
         if self.debug:
             log.debug("%s %s (%s): %s", event, proc.id, proc.name, dict(data))
         await self.recorder.log(event, proc.id, {"name": proc.name, **data}, severity, execution_id=proc.id)
-
-    async def _record_signal(
-        self, agent_id: str, sig: AgentSignal, outcome: str, detail: str, sender: str | None
-    ) -> None:
-        if self.debug:
-            log.debug("signal %s to %s: %s %s (sender %s)", sig.name, agent_id, outcome, detail, sender)
-        await self.recorder.log(
-            "signal",
-            agent_id,
-            {"signal": sig.name, "outcome": outcome, "detail": detail, "sender": sender},
-            "warning" if not sig.catchable else "info",
-        )
 
     def reload_policy(self, source: Policy | str | Path, *, policy: int | str | None = None) -> None:
         """Swap in new rules without stopping traffic (see :meth:`Policy.reload`).
@@ -512,12 +485,42 @@ class KernelSpace(KernelGate, KernelBus):
         await self.signals.drain()
         await self.recorder.close()
 
+    # -- the gate and the bus ------------------------------------------------------------------
+
+    def decide(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
+        """The decision on ``operation`` on ``resource`` for the running agent (its permissions,
+        then the policy), without recording it or raising (see :meth:`Gate.decide`)."""
+        return self.gate.decide(operation, resource, context)
+
+    async def authorize(
+        self, operation: str, resource: str, context: Mapping[str, Any] | None = None
+    ) -> Decision:
+        """The gate for actions that are not messages: check, record, and raise when denied.
+
+        Waits while the running agent is stopped. Raises PolicyViolationError (or
+        RateLimitExceeded), AgentStoppedError when the agent was killed.
+        """
+        return await self.gate.authorize(operation, resource, context)
+
+    def attach(
+        self, client: AMB, *, agent_id: str | None = None, trust_bus: bool | None = None, **options: Any
+    ) -> Mediator:
+        """Govern ``client``: its messages pass this kernel's mediator (after IATP) and its agent
+        can be signalled here and from other processes. Call before the client connects.
+
+        ``trust_bus``: whether a message without an IATP result is from the sender it claims
+        (None: only on the in-process ``memory`` broker); ``options`` go to the
+        :class:`~agent_os.control_plane.mediation.mediator.Mediator`. Returns the mediator.
+        Raises agent_os.amb.StateError once the client is connected."""
+        return self.bus.attach(client, agent_id=agent_id, trust_bus=trust_bus, **options)
+
+    def external(self, agent_id: str) -> AgentProcess:
+        """The process of a bus agent (attached here, or living elsewhere in mediated mode),
+        created on first use: signals sent to it here act on its messages passing this kernel."""
+        return self.processes.external(agent_id)
+
 
 def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
     if a is None:
         return b
     return a if b is None else a & b
-
-
-def current_process() -> AgentProcess | None:
-    return _CURRENT.get()

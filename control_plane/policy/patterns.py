@@ -1,19 +1,8 @@
 """Patterns: what a policy rule matches (operation, resource, conditions, exclusions).
 
-Matching rules, chosen here and relied on by the policy index:
-
-- ``operation`` is a glob over the operation name (``"*"`` matches every operation). Bus
-  operations are ``publish``, ``deliver``, ``request`` and ``reply``; other actions use any name
-  (``read``, ``write``, ``execute``, ``network``, ``sql`` ...).
-- ``resource`` is a glob (``match_type="glob"``, the default: ``*`` matches any run of
-  characters *including* ``/`` and ``.``, ``?`` one character, ``[..]`` a set) or a regular
-  expression (``match_type="regex"``) that must match the *whole* resource. For messages the
-  resource is the topic.
-- ``exclude`` lists patterns of the same type; a resource matching any of them does not match.
-- ``conditions`` map a field of the evaluation context to a requirement (see
-  :func:`compile_conditions`). All conditions must hold; a missing field fails its condition.
-
-Everything is compiled once, when the pattern is created.
+Globs or regular expressions over the resource, conditions on the evaluation context, compiled
+once when the pattern is created; the matching rules are in ``docs/control-plane.md``
+(Policies and patterns).
 """
 
 from __future__ import annotations
@@ -93,7 +82,10 @@ def _apply(fn: Callable[[Any, Any], bool], arg: Any, value: Any) -> bool:
     return fn(value, arg)
 
 
-def _operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
+def operator_condition(field: str, spec: Mapping[str, Any]) -> Condition:
+    """A condition on ``field`` from an operator map (``{"$gte": 3, "$lt": 9}``, ``$regex``
+    ...): every operator must hold. Also the flight recorder's query filters. Raises
+    PolicyError for an unknown operator."""
     checks: list[Callable[[Any], bool]] = []
     for op, arg in spec.items():
         if op == "$regex":
@@ -133,14 +125,14 @@ def _one_condition(field: str, spec: Any) -> Condition:
         if field.startswith(prefix) and len(field) > len(prefix):
             if isinstance(spec, bool) or not isinstance(spec, int | float):
                 raise PolicyError(f"condition {field!r} needs a number, got {spec!r}")
-            return _operator_condition(field[len(prefix) :], {op: spec})
+            return operator_condition(field[len(prefix) :], {op: spec})
     if isinstance(spec, Mapping):
         if not spec or not all(isinstance(k, str) and k.startswith("$") for k in spec):
             raise PolicyError(f"condition on {field!r}: a mapping must hold $-operators")
-        return _operator_condition(field, spec)
+        return operator_condition(field, spec)
     if isinstance(spec, list | tuple | set | frozenset):
-        return _operator_condition(field, {"$in": list(spec)})
-    return _operator_condition(field, {"$eq": spec})
+        return operator_condition(field, {"$in": list(spec)})
+    return operator_condition(field, {"$eq": spec})
 
 
 def compile_conditions(conditions: Mapping[str, Any] | None) -> Condition | None:
@@ -206,7 +198,7 @@ def _has_permissions(ctx: Context, wanted: Sequence[str]) -> bool:
 class Pattern:
     """What a rule matches: ``Pattern(operation, resource, match_type, conditions, exclude)``.
 
-    See the module docstring for the matching rules. Raises PolicyError for an invalid
+    The matching rules are in ``docs/control-plane.md``. Raises PolicyError for an invalid
     regex, match type or condition.
     """
 

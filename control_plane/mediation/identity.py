@@ -1,16 +1,9 @@
-"""Who an inbound message comes from, for the mediator: :func:`agent_os.iatp.sender_identity`'s rule.
+"""Who an inbound message comes from, for the mediator: IATP's sender-identity rule, on the hot path.
 
-The rule is IATP's one fail-closed answer (:func:`agent_os.iatp.sender_identity`, which the services use
-through ``services._identity``): a **valid** IATP result in ``metadata.context["iatp"]`` names
-the sender; a result that is present but **not valid** is refused, whatever the envelope claims
-and whatever the bus; with **no result**, the envelope's claimed ``sender`` counts only where the
-bus is trusted (``trust_bus``: an in-process broker, or one whose ACLs stop clients from
-publishing under another's name), otherwise there is no sender and the claim is only a claim.
-
-:func:`message_sender` applies that rule and adds what the mediator needs beside the name:
-whether the sender was *verified* (a claim on a trusted bus is established but not verified,
-trust level 0, so ``require_verified_sender`` still denies it) and the reason to refuse, without
-raising on the common path.
+The rule is explained once, in ``docs/control-plane.md`` (Who sent a message);
+:func:`agent_os.iatp.sender_identity` implements it. :func:`message_sender` applies it and adds
+what the mediator needs beside the name: whether the sender was *verified*, its trust level, and
+the reason to refuse, without raising on the common path.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ __all__ = ["Unauthenticated", "message_sender", "sender_identity"]
 
 
 def message_sender(metadata: Metadata, trust_bus: bool) -> tuple[str | None, bool, float, str | None]:
-    """``(sender, verified, trust_level, refusal)`` of an inbound message (module docstring).
+    """``(sender, verified, trust_level, refusal)`` of an inbound message (docs/control-plane.md).
 
     ``refusal`` is the reason to refuse the message outright (an IATP result that is present
     and not valid), else None; ``sender`` is None when no sender is established. Never raises.

@@ -1,63 +1,28 @@
-"""The policy engine: ordered rules, first match wins, compiled so evaluation scans few rules.
+"""Policy: ordered rules with a default action, first match wins; the built-in policies.
 
-Example::
-
-    policy = Policy(name="healthcare_policy", default_action="deny")
-    policy.add_rule(action="allow", pattern=Pattern(operation="read", resource="data/*",
-                                                    exclude=["data/phi/*"]))
-    policy.add_rule(action="deny", pattern=Pattern(operation="write", resource="data/phi/*"),
-                    reason="PHI write requires explicit approval", on_violation="SIGKILL")
-    decision = policy.evaluate("write", "data/phi/p1.json", {"sender": "agent_1"})
-    decision.allowed, decision.reason, decision.signal   # False, '...', AgentSignal.SIGKILL
-
-**Compilation.** Every rule is indexed by its literal operation (or "any" for a wildcard) and
-by the first token of its resource's literal prefix (tokens end at ``.`` or ``/``; a rule whose
-prefix does not include a whole first token, and every regex rule, goes under "any token").
-For an action only the rules under its (operation, first token) and the "any" buckets are
-candidates; they are tried in rule order, so the result is exactly that of a linear scan
-(:meth:`Policy.evaluate_linear`, kept as the reference and the benchmark's baseline). Candidate
-lists are cached per (operation, token); adding a rule or reloading rebuilds the index and
-swaps it in one assignment, so an evaluation running during a reload sees the old or the new
-rules, never a mix, and no message is dropped.
-
-**Decision cache.** Once a decision has been reached whose rules could not have decided
-otherwise for the same inputs, it is kept per ``(operation, resource, sender, recipient,
-verified, trust_level, agent_id)`` in the compiled snapshot, so a repeated message costs one
-lookup. A decision is kept only when every rule tried up to and including the match reads no
-context field beyond those (no ``payload``/``headers`` conditions, no ``time_window``, no
-``permission``), and never after an evaluation error. A rule with a rate limit is cached as
-the *match* only: its bucket is still taken for every action. Adding a rule or reloading
-swaps the snapshot (and with it the cache); changing ``default_action``, ``mode``,
-``require_verified_sender``, ``permissions`` or ``name`` clears it.
-
-**Fail closed.** Any error while evaluating (a condition comparing incompatible values, a
-permissions hook that raises) yields a deny decision with reason ``evaluation_error``.
-
-**Modes.** ``mode="audit"`` (the built-in ``audit`` policy) never blocks: a deny becomes an
-allow with ``violation=True``, so the violation is recorded but the action proceeds.
+Evaluation goes through the rule index and a decision cache, and fails closed; how, and the
+audit mode, are in ``docs/control-plane.md`` (Policies).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import posixpath
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import PolicyError, SignalError
-from agent_os.control_plane.patterns import Context, Pattern
-from agent_os.control_plane.ratelimit import RateLimit, RateLimiter
-from agent_os.control_plane.signals import AgentSignal
+from agent_os.control_plane.policy.decision import Action, Decision, Rule
+from agent_os.control_plane.policy.guards import destructive_sql, path_refusal
+from agent_os.control_plane.policy.index import RuleIndex
+from agent_os.control_plane.policy.patterns import CheckedPattern, Context, Pattern
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, parse_window
 
-Action = Literal["allow", "deny"]
 PermissionSource = Callable[[str, str], Collection[str]]
 """``permissions(from_agent, to_agent)``: what ``from_agent`` grants ``to_agent`` (IATP's trust
 edges). A message from S to R needs the permission in ``permissions(R, S)``."""
 
-_TOKEN: Final = re.compile(r"[^./]*")
-_ANY: Final = ""
-_CACHE_MAX: Final = 4096
 _DECISIONS_MAX: Final = 16384
 _MISSING: Final = object()
 # The context fields a cached decision is keyed by (beyond operation and resource).
@@ -65,105 +30,6 @@ KEY_FIELDS: Final = ("sender", "recipient", "verified", "trust_level", "agent_id
 _KEYED: Final = frozenset(KEY_FIELDS)
 # Policy attributes a decision depends on: setting one clears the decision cache.
 _SETTINGS: Final = frozenset({"name", "default_action", "mode", "require_verified_sender", "permissions"})
-
-
-def _first_token(resource: str) -> str:
-    m = _TOKEN.match(resource)
-    return m.group(0) if m else ""
-
-
-@dataclass(slots=True)
-class Rule:
-    """One rule: ``action`` when ``pattern`` matches, with an optional signal and rate limit."""
-
-    action: Action
-    pattern: Pattern
-    reason: str = ""
-    on_violation: AgentSignal | None = None
-    rate_limit: RateLimit | None = None
-    name: str = ""
-    index: int = -1
-    limiter: RateLimiter | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "action": self.action, **self.pattern.to_dict()}
-        if self.reason:
-            out["reason"] = self.reason
-        if self.on_violation is not None:
-            out["on_violation"] = self.on_violation.name
-        if self.rate_limit is not None:
-            out["rate_limit"] = f"{self.rate_limit.limit}/{self.rate_limit.per:g}s"
-        return out
-
-
-@dataclass(slots=True, frozen=True)
-class Decision:
-    """The outcome of one evaluation.
-
-    ``allowed`` is what the caller must obey; ``action`` is the rule's (or default) action;
-    ``rule`` is None when the default applied; ``violation`` is True when a deny was decided,
-    also in audit mode where the action still proceeds; ``signal`` is the rule's
-    ``on_violation`` signal, to send to the offending agent; ``rate_limited`` marks a deny from
-    an empty bucket.
-    """
-
-    allowed: bool
-    action: str
-    reason: str
-    policy: str
-    rule: Rule | None = None
-    violation: bool = False
-    signal: AgentSignal | None = None
-    rate_limited: bool = False
-
-    @property
-    def rule_name(self) -> str | None:
-        return None if self.rule is None else self.rule.name
-
-
-class _Compiled:
-    """An immutable snapshot of a policy's rules and its index."""
-
-    __slots__ = ("buckets", "cache", "decisions", "rules")
-
-    def __init__(self, rules: Sequence[Rule]) -> None:
-        self.rules = tuple(rules)
-        self.buckets: dict[tuple[str | None, str], list[Rule]] | None = None  # built on first use
-        self.cache: dict[tuple[str, str], tuple[Rule, ...]] = {}
-        # (operation, resource, *KEY_FIELDS values) -> the Decision, or the rate-limited Rule
-        self.decisions: dict[tuple[Any, ...], Decision | Rule] = {}
-
-    def _index(self) -> dict[tuple[str | None, str], list[Rule]]:
-        buckets: dict[tuple[str | None, str], list[Rule]] = {}
-        for rule in self.rules:
-            prefix = rule.pattern.prefix
-            token = _first_token(prefix)
-            literal = rule.pattern.match_type == "glob" and prefix == rule.pattern.resource
-            # The token is complete when a separator follows it in the prefix, or the resource is
-            # literal (a matching resource equals it); otherwise the rule goes under "any token".
-            key_token = token if (len(token) < len(prefix) or literal) else _ANY
-            key = (rule.pattern.literal_operation, key_token)
-            buckets.setdefault(key, []).append(rule)
-        self.buckets = buckets
-        return buckets
-
-    def candidates(self, operation: str, resource: str) -> tuple[Rule, ...]:
-        token = _first_token(resource)
-        key = (operation, token)
-        found = self.cache.get(key)
-        if found is None:
-            b = self.buckets if self.buckets is not None else self._index()
-            merged: list[Rule] = []
-            for k in ((operation, token), (operation, _ANY), (None, token), (None, _ANY)):
-                merged.extend(b.get(k, ()))
-            if token == _ANY:  # a resource with an empty first token: only "any" buckets apply
-                merged = list({id(r): r for r in merged}.values())
-            merged.sort(key=lambda r: r.index)
-            found = tuple(merged)
-            if len(self.cache) >= _CACHE_MAX:
-                self.cache.clear()
-            self.cache[key] = found
-        return found
 
 
 class Policy:
@@ -209,7 +75,7 @@ class Policy:
         self.mode = mode
         self.require_verified_sender = require_verified_sender
         self.permissions = permissions
-        self._compiled = _Compiled(())
+        self._compiled = RuleIndex(())
         if rules:
             self._install(list(rules))
 
@@ -260,7 +126,7 @@ class Policy:
             rule.index = i
             if rule.rate_limit is not None and rule.limiter is None:
                 rule.limiter = RateLimiter(rule.rate_limit)
-        self._compiled = _Compiled(rules)  # one assignment: evaluations see old or new, not a mix
+        self._compiled = RuleIndex(rules)  # one assignment: evaluations see old or new, not a mix
 
     def reload(self, source: Policy | str | Path) -> None:
         """Replace this policy's rules and settings with ``source`` (a Policy, YAML text or a
@@ -278,8 +144,8 @@ class Policy:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Policy:
-        """Load a policy from YAML text or a file path; see :mod:`agent_os.control_plane.policy_yaml`."""
-        from agent_os.control_plane.policy_yaml import load_policy
+        """Load a policy from YAML text or a file path; see :mod:`agent_os.control_plane.policy.loader`."""
+        from agent_os.control_plane.policy.loader import load_policy  # the loader builds Policies
 
         return load_policy(source)
 
@@ -370,7 +236,7 @@ class Policy:
         return hit if type(hit) is Decision else None
 
     @staticmethod
-    def _remember(compiled: _Compiled, key: tuple[Any, ...] | None, outcome: Decision | Rule) -> None:
+    def _remember(compiled: RuleIndex, key: tuple[Any, ...] | None, outcome: Decision | Rule) -> None:
         if key is None:
             return
         decisions = compiled.decisions
@@ -446,10 +312,7 @@ class Policy:
         """Deny ``sql`` operations whose resource (the SQL text) is destructive: ``DROP`` or
         ``TRUNCATE`` anywhere, a ``DELETE``/``UPDATE`` without a top-level ``WHERE`` or inside
         another statement, in any of the statements (comments removed, literals ignored); see
-        :mod:`agent_os.control_plane.guards` for exactly what is denied. Allow everything else."""
-        from agent_os.control_plane.guards import destructive_sql
-        from agent_os.control_plane.patterns import CheckedPattern
-
+        :mod:`agent_os.control_plane.policy.guards` for exactly what is denied. Allow everything else."""
         policy = cls("no_destructive_sql", default_action="allow")
         policy.add_rule(
             "deny",
@@ -463,13 +326,8 @@ class Policy:
     def file_access(cls, path: str, operations: Sequence[str] = ("read", "write")) -> Policy:
         """Allow file ``operations`` only on ``path`` and below it: a resource that is not an
         absolute path, has a ``..`` segment (or a backslash), or whose ``posixpath.normpath``
-        is outside ``path`` is denied (see :mod:`agent_os.control_plane.guards`); other operations are
+        is outside ``path`` is denied (see :mod:`agent_os.control_plane.policy.guards`); other operations are
         left to other policies (allowed here). Raises PolicyError for a relative ``path``."""
-        import posixpath
-
-        from agent_os.control_plane.guards import path_refusal
-        from agent_os.control_plane.patterns import CheckedPattern
-
         if not path.startswith("/"):
             raise PolicyError(f"file_access needs an absolute path, got {path!r}")
         root = posixpath.normpath(path)
@@ -492,8 +350,6 @@ class Policy:
     @classmethod
     def rate_limit(cls, limit: int, window: str | float = "1m") -> Policy:
         """Allow every action, at most ``limit`` per ``window`` per agent."""
-        from agent_os.control_plane.ratelimit import parse_window
-
         policy = cls(f"rate_limit:{limit}/{window}", default_action="allow")
         policy.add_rule(
             "allow",
@@ -503,43 +359,3 @@ class Policy:
             name="rate-limit",
         )
         return policy
-
-
-class PolicySet:
-    """Several policies that must all allow (``KernelSpace(policies=[...])``).
-
-    Evaluated in order; the first deny decides, else the first policy's allow. Has the same
-    ``evaluate`` and ``reload`` shape as :class:`Policy` so the kernel treats both alike.
-    """
-
-    def __init__(self, policies: Sequence[Policy]) -> None:
-        if not policies:
-            raise PolicyError("a policy set needs at least one policy")
-        self.policies = list(policies)
-        self.name = "+".join(p.name for p in self.policies)
-
-    def evaluate(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
-        first: Decision | None = None
-        for policy in self.policies:
-            decision = policy.evaluate(operation, resource, context)
-            if not decision.allowed:
-                return decision
-            first = first or decision
-        assert first is not None
-        return first
-
-    @property
-    def inheritance(self) -> str:
-        return self.policies[0].inheritance
-
-    def policy(self, which: int | str) -> Policy:
-        """The policy at index ``which``, or named ``which``. Raises PolicyError otherwise."""
-        if isinstance(which, int) and not isinstance(which, bool):
-            if 0 <= which < len(self.policies):
-                return self.policies[which]
-            raise PolicyError(f"no policy at index {which} (the set has {len(self.policies)})")
-        found = [p for p in self.policies if p.name == which]
-        if len(found) != 1:
-            what = "no policy" if not found else f"{len(found)} policies"
-            raise PolicyError(f"{what} named {which!r} in {self.name}")
-        return found[0]

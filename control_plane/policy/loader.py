@@ -1,28 +1,8 @@
 """Policies in YAML, validated with the line and field of every error.
 
-Schema (unknown keys are errors)::
-
-    name: healthcare_policy          # required
-    version: "1.0.0"
-    default_action: deny             # allow | deny (default deny)
-    inheritance: strict              # strict | permissive | none
-    mode: enforce                    # enforce | audit
-    require_verified_sender: false   # deny messages whose sender IATP did not verify
-    rules:                           # evaluated in order; first match wins
-      - name: read-data              # optional; default rule-<n>
-        action: allow                # required: allow | deny
-        operation: read              # glob over the operation (default "*")
-        resource: "data/*"           # glob or regex over the resource (default "*")
-        match_type: glob             # glob | regex
-        exclude: ["data/phi/*"]
-        conditions: {user_role: [admin, operator]}
-        reason: "..."
-        on_violation: SIGKILL        # a signal name
-        rate_limit: 100              # per minute, or "100/1m", "5/s"
-
 :func:`load_policy` (text or a file) and :func:`load_policy_text` (text only: the admin API's
-reload) raise :class:`~agent_os.control_plane.errors.PolicyLoadError` naming the line and field of the
-first problem.
+reload) raise :class:`~agent_os.control_plane.errors.PolicyLoadError` naming the line and field
+of the first problem. The schema is in ``docs/control-plane.md`` (Policies in YAML).
 """
 
 from __future__ import annotations
@@ -33,8 +13,8 @@ from typing import Any, Final
 import yaml
 
 from agent_os.control_plane.errors import PolicyError, PolicyLoadError
-from agent_os.control_plane.patterns import Pattern
-from agent_os.control_plane.policy import Policy
+from agent_os.control_plane.policy.patterns import Pattern
+from agent_os.control_plane.policy.policy import Policy
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
 _RULE: Final = {

@@ -1,20 +1,7 @@
 """Requests waiting for their reply, so the reply leg can be mediated too (mediated mode).
 
-When the control-plane service forwards a request (or sends one of its own, such as a remote
-signal), it notes the request's ``reply_to`` inbox here: who asked, on which topic, under which
-id, addressed to whom, until when. A reply that comes back through the service is matched
-against this entry and checked as operation ``reply`` on the *request's* topic, from the
-replier to the requester; the entry allows one reply.
-
-The table is bounded (``max_pending``; the oldest entries are evicted first and counted) and
-entries are dropped ``grace`` seconds after their request expired (requests without an expiry
-get ``default_ttl``), so a reply arriving shortly after its request expired is still matched
-(and denied, recorded as ``request expired``) rather than silently ignored.
-
-An inbox waits for one reply at a time: :meth:`PendingRequests.add` refuses a ``reply_to``
-whose entry is still *waiting* (not answered, not expired) with :class:`InboxBusy`, so a later
-request can never take over the routing of an earlier one's reply (the mediator denies such a
-request before it gets here; see :meth:`PendingRequests.waiting`).
+A bounded table, one entry per ``reply_to`` inbox, allowing one reply each; entries outlive
+their request's expiry by ``grace`` (``docs/control-plane.md``, Mediated mode).
 """
 
 from __future__ import annotations
@@ -43,7 +30,7 @@ class PendingRequest:
 
 
 class PendingRequests:
-    """The pending-request table of one service instance (see the module docstring)."""
+    """The pending-request table of one service instance (docs/control-plane.md, Mediated mode)."""
 
     def __init__(self, max_pending: int = 100_000, default_ttl: float = 30.0, grace: float = 30.0) -> None:
         if max_pending < 1 or default_ttl <= 0 or grace < 0:

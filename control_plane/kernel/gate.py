@@ -1,32 +1,55 @@
-"""The kernel's gate: permissions, policy decisions and their records, for messages and actions."""
+"""The kernel's gate: permissions and policy decisions, and the record of each, for messages and actions.
+
+One :class:`Gate` per kernel (``kernel.gate``). The mediator asks it about every message, and
+``kernel.authorize`` about every other action.
+"""
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from agent_os.control_plane.errors import PolicyViolationError, RateLimitExceeded
-from agent_os.control_plane.policy import Decision, Policy, PolicySet
-from agent_os.control_plane.process import AgentProcess
+from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.policy import Policy
+from agent_os.control_plane.policy.policy_set import PolicySet
+from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 
 if TYPE_CHECKING:
+    from agent_os.control_plane.agent_signal import AgentSignal
     from agent_os.control_plane.recorder import FlightRecorder
-    from agent_os.control_plane.signals import AgentSignal, SignalDispatcher
 
-log = logging.getLogger("agent_os.control_plane.kernel")
-_CURRENT: contextvars.ContextVar[AgentProcess | None] = contextvars.ContextVar("agent", default=None)
+log = logging.getLogger(__name__)
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
 
 
-class KernelGate:
-    """Mixed into :class:`~agent_os.control_plane.kernel.KernelSpace`."""
+class SignalSender(Protocol):
+    """What the gate needs to send a rule's ``on_violation`` signal (a SignalDispatcher)."""
 
-    policy: Policy | PolicySet
-    recorder: FlightRecorder
-    signals: SignalDispatcher
-    debug: bool
+    async def send(
+        self, agent_id: str, signal: AgentSignal | str | int, *, sender: str | None = None
+    ) -> bool: ...
+
+
+class Gate:
+    """Decides on actions by the agent's permissions and the policy, and records each decision.
+
+    ``policy``: a Policy or a PolicySet (the kernel's; replaced in place by a reload);
+    ``recorder``: where decisions are recorded; ``signals``: where a denying rule's
+    ``on_violation`` signal is sent; ``debug``: log every decision.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | PolicySet,
+        recorder: FlightRecorder,
+        signals: SignalSender,
+        debug: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.recorder = recorder
+        self.signals = signals
+        self.debug = debug
 
     def decide(
         self,
@@ -35,8 +58,9 @@ class KernelGate:
         context: Mapping[str, Any] | None = None,
         proc: AgentProcess | None = None,
     ) -> Decision:
-        """The policy's decision, after the agent's permissions (no recording, no raising)."""
-        proc = proc if proc is not None else _CURRENT.get()
+        """The policy's decision, after the agent's permissions (no recording, no raising).
+        ``proc``: the acting agent (default: the running agent, if any)."""
+        proc = proc if proc is not None else RUNNING_AGENT.get()
         if proc is not None and not permitted(proc, operation):
             return Decision(
                 False,
@@ -80,10 +104,10 @@ class KernelGate:
     ) -> Decision:
         """The gate for actions that are not messages: check, record, and raise when denied.
 
-        Waits while the current agent is stopped. Raises PolicyViolationError (or
+        Waits while the running agent is stopped. Raises PolicyViolationError (or
         RateLimitExceeded), AgentStoppedError when the agent was killed.
         """
-        proc = _CURRENT.get()
+        proc = RUNNING_AGENT.get()
         if proc is not None:
             await proc.wait_for_continue()
         ctx = {
@@ -94,7 +118,7 @@ class KernelGate:
         decision = self.decide(operation, resource, ctx, proc)
         await self.record_decision(proc, operation, resource, decision, ctx.get("agent_name") or "kernel")
         if not decision.allowed:
-            raise _violation(decision, operation, resource)
+            raise decision.error(operation, resource)
         return decision
 
     async def record_decision(
@@ -212,8 +236,3 @@ def permitted(proc: AgentProcess, operation: str) -> bool:
         return False
     perms = proc.permissions
     return perms is None or operation in perms or covering in perms
-
-
-def _violation(decision: Decision, operation: str, resource: str) -> PolicyViolationError:
-    cls = RateLimitExceeded if decision.rate_limited else PolicyViolationError
-    return cls(f"{operation} on {resource!r} denied: {decision.reason}", decision=decision)

@@ -1,12 +1,8 @@
 """Token buckets: rate limits per agent and per rule.
 
-A :class:`RateLimit` of ``limit`` per ``per`` seconds is a bucket holding at most ``limit``
-tokens that refills continuously at ``limit / per`` tokens a second; each allowed action takes
-one token. A burst of ``limit`` actions is allowed at once, and over any window of ``per``
-seconds at most ``2 * limit`` (the burst plus the refill), ``limit`` in the long run.
-
-Taking a token is one short critical section under a lock with no ``await`` inside, so it is
-correct with any number of concurrent asyncio tasks and also across threads.
+A :class:`RateLimit` of ``limit`` per ``per`` seconds refills continuously; taking a token is
+one short critical section, safe across tasks and threads (``docs/control-plane.md``, Rate
+limits).
 """
 
 from __future__ import annotations
@@ -55,7 +51,7 @@ class RateLimit:
 
     @classmethod
     def parse(cls, spec: RateLimit | int | str) -> RateLimit:
-        """``100`` (per minute, as the API reference), ``"100/1m"``, ``"5/s"`` or a RateLimit."""
+        """``100`` (per minute, as in ``docs/api-reference.md``), ``"100/1m"``, ``"5/s"`` or a RateLimit."""
         if isinstance(spec, RateLimit):
             return spec
         if isinstance(spec, int) and not isinstance(spec, bool):

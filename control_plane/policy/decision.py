@@ -1,0 +1,68 @@
+"""A rule of a policy, and the decision an evaluation reaches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent_os.control_plane.agent_signal import AgentSignal
+from agent_os.control_plane.errors import PolicyViolationError, RateLimitExceeded
+from agent_os.control_plane.policy.patterns import Pattern
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter
+
+Action = Literal["allow", "deny"]
+
+
+@dataclass(slots=True)
+class Rule:
+    """One rule: ``action`` when ``pattern`` matches, with an optional signal and rate limit."""
+
+    action: Action
+    pattern: Pattern
+    reason: str = ""
+    on_violation: AgentSignal | None = None
+    rate_limit: RateLimit | None = None
+    name: str = ""
+    index: int = -1
+    limiter: RateLimiter | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "action": self.action, **self.pattern.to_dict()}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.on_violation is not None:
+            out["on_violation"] = self.on_violation.name
+        if self.rate_limit is not None:
+            out["rate_limit"] = f"{self.rate_limit.limit}/{self.rate_limit.per:g}s"
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """The outcome of one evaluation.
+
+    ``allowed`` is what the caller must obey; ``action`` is the rule's (or default) action;
+    ``rule`` is None when the default applied; ``violation`` is True when a deny was decided,
+    also in audit mode where the action still proceeds; ``signal`` is the rule's
+    ``on_violation`` signal, to send to the offending agent; ``rate_limited`` marks a deny from
+    an empty bucket.
+    """
+
+    allowed: bool
+    action: str
+    reason: str
+    policy: str
+    rule: Rule | None = None
+    violation: bool = False
+    signal: AgentSignal | None = None
+    rate_limited: bool = False
+
+    @property
+    def rule_name(self) -> str | None:
+        return None if self.rule is None else self.rule.name
+
+    def error(self, operation: str, resource: str) -> PolicyViolationError:
+        """The error that refuses ``operation`` on ``resource`` by this (deny) decision:
+        RateLimitExceeded when a bucket was empty, else PolicyViolationError."""
+        cls = RateLimitExceeded if self.rate_limited else PolicyViolationError
+        return cls(f"{operation} on {resource!r} denied: {self.reason}", decision=self)
