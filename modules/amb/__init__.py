@@ -31,7 +31,10 @@ from agent_os.amb.errors import (
 )
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
-from agent_os.amb.serializers import JsonSerializer, MsgpackSerializer, Serializer, decode, get_serializer
+from agent_os.amb.serializers import Serializer, get_serializer
+from agent_os.amb.serializers.decoder import decode
+from agent_os.amb.serializers.json_format import JsonSerializer
+from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
 
 __all__ = [
     "AMB",

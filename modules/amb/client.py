@@ -70,15 +70,9 @@ from agent_os.amb.middleware import (
     build_consume_chain,
     build_publish_chain,
 )
-from agent_os.amb.serializers import (
-    DEFAULT_MAX_BYTES,
-    Decoder,
-    Serializer,
-    WireFields,
-    envelope_from_wire,
-    get_serializer,
-    typed_unpack,
-)
+from agent_os.amb.serializers import Serializer, get_serializer
+from agent_os.amb.serializers.decoder import Decoder
+from agent_os.amb.serializers.schema import DEFAULT_MAX_BYTES, WireFields, envelope_from_wire, typed_unpack
 from agent_os.amb.subjects import validate_pattern, validate_subject
 
 log = logging.getLogger("agent_os.amb")
