@@ -1,7 +1,8 @@
 """Decoding an envelope in either format, picked by its first byte.
 
 A JSON envelope starts with ``{`` and a msgpack one never does, so clients configured with
-different serializers interoperate. :meth:`Decoder.decode_fields` is the receive path's decode.
+different serializers interoperate. The AMB client's receive path carries
+:meth:`Decoder.decode_fields` inline; a test in ``tests/unit/test_client.py`` checks both agree.
 """
 
 from __future__ import annotations
