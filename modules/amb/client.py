@@ -100,16 +100,9 @@ class AMB(Lifecycle):
             carries the message it records, so it may be larger: up to this or 8 MiB,
             whichever is more (a message refused for its size is dead-lettered whole).
         broker_options: extra keyword arguments for the adapter.
-        inbox_prefix: where this client's reply inbox lives: requests then carry ``reply_to``
-            ``<inbox_prefix>.<token>.<n>``, with a random ``token`` per client (two clients
-            with one prefix never receive each other's replies), and the client subscribes to
-            ``<inbox_prefix>.<token>.>``. Default None: the inbox the adapter gives
-            (``broker.inbox_prefix()``, ``_INBOX.<random>``). It is for brokers whose
-            permissions let a client read only some inboxes: in the control plane's mediated
-            mode an agent may subscribe only to ``_INBOX.<agent>.>``, so its requests need
-            ``inbox_prefix=agent_inbox(agent)``. Keep it under ``_INBOX.``: the Redis and Kafka
-            adapters treat subjects there as reply subjects (a plain PUBLISH; one Kafka topic
-            per ``_INBOX.<name>``).
+        inbox_prefix: put this client's reply inbox under this subject (for brokers whose
+            permissions let a client read only some inboxes; see ``docs/bus.md``, "Request
+            and reply"). Default None: the adapter's inbox.
 
     The client connects on first use, or explicitly with ``await amb.connect()`` /
     ``async with AMB(...) as amb``. Raises :class:`ConfigError` for an unknown backend or
