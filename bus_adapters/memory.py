@@ -1,22 +1,7 @@
 """The in-memory broker: a real broker inside the process, the embedded default.
 
-Clients that connect with the same ``memory://NAME`` URL (default ``memory://default``) share
-one in-process server and talk to each other exactly as they would through NATS: subjects with
-``*`` and ``>`` wildcards, fan-out, queue groups, reply inboxes, nack with redelivery.
-
-Semantics:
-
-- **Delivery**: at most once; nothing survives the process. A message published to a subject
-  with no matching subscription is dropped (and counted in ``MemoryServer.stats``).
-- **Ordering**: each subscription receives messages in the order they were published by any one
-  publisher; a queue group spreads messages round-robin over its members (no per-key order).
-- **Backpressure**: each subscription has a bounded queue (``max_pending``, default 4096). When it
-  is full, ``publish`` waits for room instead of dropping or buffering without bound.
-- **No polling**: an idle subscription is one task parked on a future; it costs no CPU.
-- **Redelivery**: ``nack(delay)`` puts the message back on the same subscription's queue after
-  ``delay`` seconds with ``attempt + 1``.
-- **Drain**: ``close()`` stops routing to the client's subscriptions, lets their queued
-  messages reach the handlers (up to ``timeout``), then cancels what is left.
+Clients with the same ``memory://NAME`` URL share one in-process server; its semantics are in
+``docs/bus.md`` ("memory").
 """
 
 from __future__ import annotations

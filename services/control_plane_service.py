@@ -92,7 +92,7 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
-from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware, PublishNext
 from agent_os.control_plane import ControlPlaneError, FlightRecorder, KernelSpace, Mediator, Policy

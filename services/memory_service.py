@@ -51,7 +51,7 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB, Metadata, Subscription
-from agent_os.amb.client import ERROR_HEADER
+from agent_os.amb.replies import ERROR_HEADER
 from agent_os.emk import EMK, EMKError, MemoryRecord
 from agent_os.iatp import IATP
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_os.amb import AMB, EnvelopeError, Metadata, decode
-from agent_os.amb.client import DLQ_ERROR, DLQ_REASON
+from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.control_plane import KernelSpace, Mediator, Policy
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP
 

@@ -45,8 +45,8 @@ class KafkaBroker(Lifecycle):
 
     Counters: ``publish_failures``; ``malformed`` (records without a valid subject),
     ``reader_errors`` (any other failure to dispatch a record, or of a fetch), both
-    dead-lettered (``dead_lettered``, or ``dead_letter_failures`` when that failed); see the
-    package docstring.
+    dead-lettered (``dead_lettered``, or ``dead_letter_failures`` when that failed); see
+    ``docs/bus.md``, "kafka".
     """
 
     name = "kafka"

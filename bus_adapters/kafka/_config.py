@@ -38,7 +38,7 @@ class KafkaConfig:
     """Options of :class:`~agent_os.bus_adapters.kafka.KafkaBroker` (keyword arguments or URL query).
 
     ``confirm_publish``: each ``publish()`` waits for the broker's acknowledgement (otherwise
-    publishes are pipelined; see the package docstring). ``fetch_max_wait_ms`` is how long a
+    publishes are pipelined; see ``docs/bus.md``). ``fetch_max_wait_ms`` is how long a
     fetch waits for data on subscriptions, ``reply_fetch_max_wait_ms`` the same for this
     client's reply inbox (short: request/reply latency).
     """

@@ -71,7 +71,7 @@ def connected_status(nc: Client) -> int | None:
 class NatsBroker(Lifecycle):
     """A NATS (and JetStream) client. ``NatsBroker("nats://HOST:PORT", **NatsConfig fields)``.
 
-    Raises ConfigError for a bad URL or option; see the package docstring for the guarantees.
+    Raises ConfigError for a bad URL or option; see ``docs/bus.md`` for the guarantees.
     """
 
     name = "nats"
@@ -205,7 +205,7 @@ class NatsBroker(Lifecycle):
     # -- publishing ---------------------------------------------------------------------------
 
     async def publish(self, subject: str, data: bytes, *, key: str | None = None) -> None:
-        """Publish ``data``; see the package docstring for what returning means on each kind of
+        """Publish ``data``; see ``docs/bus.md`` for what returning means on each kind of
         subject. Raises BrokerUnavailable / TransportError (a bad subject: ConfigError)."""
         if self._state is not _OPEN:
             self._require_open()

@@ -1,14 +1,7 @@
 """Durable (JetStream) publishing with a bounded window of outstanding acknowledgements.
 
-``publish()`` on a subject a stream captures sends the message with a unique ``Nats-Msg-Id``
-and returns without waiting for JetStream's acknowledgement, unless ``window`` publishes are
-already unacknowledged: then it waits for room. Until the stream acknowledges a message, this
-client keeps it: when no ack comes within ``retry_after`` seconds (a lost connection, a server
-restart) or the ack is a transient failure, it is sent again with the same id, so the stream
-stores it once (JetStream's duplicate window, 2 minutes by default, must exceed
-``publish_timeout``). A message not acknowledged within ``publish_timeout`` is given up: it is
-counted in ``failures`` and the error is raised by this client's next durable ``publish()`` or
-``flush()``. A message sent again may be stored after messages published later.
+Unacknowledged messages are kept and sent again with the same ``Nats-Msg-Id`` until the stream
+acknowledges them or ``publish_timeout`` passes (see ``docs/bus.md``, "nats").
 """
 
 from __future__ import annotations
@@ -66,7 +59,7 @@ class AckWindow:
         return len(self._unacked)
 
     async def publish(self, subject: str, data: bytes, *, confirm: bool) -> None:
-        """Send through JetStream; with ``confirm`` wait for the ack. See the module docstring."""
+        """Send through JetStream; with ``confirm`` wait for the ack. See ``docs/bus.md``, "nats"."""
         self._raise_failures()
         loop = asyncio.get_running_loop()
         while len(self._unacked) >= self.window:

@@ -1,9 +1,7 @@
 """NATS subscriptions: core (ephemeral, at most once) and JetStream pull consumers (durable).
 
-Both receive through a nats-py callback subscription, whose single task hands each message to
-the subscription's :class:`~agent_os.amb.dispatch.Dispatcher` inline: the handler runs in nats-py's
-task, with no extra queue or task switch; the dispatcher's own queue only holds local
-redeliveries (and messages that arrive while one of them is being handled).
+Both hand each message to the subscription's :class:`~agent_os.amb.dispatch.Dispatcher` inline,
+in nats-py's callback task; the dispatcher's queue holds only local redeliveries.
 """
 
 from __future__ import annotations

@@ -50,22 +50,15 @@ _client_ids = itertools.count(1)
 class RedisBroker(Lifecycle):
     """A client of a Redis server. ``RedisBroker("redis://127.0.0.1:6379/0")``.
 
-    Options: ``max_pending`` (per-subscription queue bound), ``stream_maxlen`` (approximate
-    bound of each group's stream), ``claim_min_idle`` (seconds an entry stays pending on a
-    consumer before another may claim it), ``max_deliveries`` (deliveries of a stream entry
-    before it is dead-lettered), ``durable_ttl`` (seconds a durable group outlives its last
-    member, None for ever), ``queue_lease`` (the same for queue groups), ``read_batch``,
-    ``block`` (longest ``XREADGROUP`` wait, seconds), ``reconnect_attempts``, ``key_prefix``,
-    ``max_connections`` (connections to Redis this client opens at most, default 100; a
-    command that finds them all busy waits for one instead of failing: the pub/sub connection
-    and each stream subscription's blocking read hold one, so keep it above the number of
-    stream subscriptions); anything else goes to redis-py's connection pool
-    (``BlockingConnectionPool.from_url``). Raises ConfigError for a bad URL or option.
+    Options (``max_pending``, ``stream_maxlen``, ``claim_min_idle``, ``max_deliveries``,
+    ``durable_ttl``, ``queue_lease``, ``read_batch``, ``block``, ``reconnect_attempts``,
+    ``key_prefix``, ``max_connections``; anything else goes to redis-py's connection pool) are
+    described in ``docs/bus.md``, "redis". Raises ConfigError for a bad URL or option.
 
-    Counters: ``dead_lettered`` (stream entries moved to the dead-letter stream, see the
-    package docstring), ``malformed`` (stream entries and pub/sub messages this adapter could
-    not read: entries are dead-lettered with reason ``malformed: ...``, pub/sub messages
-    dropped), ``reader_errors`` (unexpected errors of a reader, which logs them and goes on).
+    Counters: ``dead_lettered`` (stream entries moved to the dead-letter stream),
+    ``malformed`` (stream entries and pub/sub messages this adapter could not read: entries
+    are dead-lettered with reason ``malformed: ...``, pub/sub messages dropped),
+    ``reader_errors`` (unexpected errors of a reader, which logs them and goes on).
     """
 
     name = "redis"

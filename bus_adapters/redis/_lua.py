@@ -1,11 +1,7 @@
 """The Lua scripts that route a publish to pub/sub and to every matching stream group atomically.
 
-Groups are registered in sorted sets indexed by the first token of their pattern:
-``<prefix>groups:<first token>`` for patterns that start with a literal token and
-``<prefix>groups:*`` for patterns that start with a wildcard; member ``"<pattern> <stream key>"``,
-score = lease expiry in server milliseconds (``+inf`` for a durable group kept forever). A
-publish reads only the set of its subject's first token and the wildcard set, so groups of
-unrelated subjects (a backlog of expired durable groups included) cost it nothing.
+Groups are registered in sorted sets indexed by their pattern's first token, so a publish reads
+only the set of its subject's first token and the wildcard set (see ``docs/bus.md``, "redis").
 """
 
 from __future__ import annotations

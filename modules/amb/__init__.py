@@ -10,7 +10,7 @@ from agent_os.amb.broker import (
     available_brokers,
     load_broker,
 )
-from agent_os.amb.client import AMB, BusStats, Handler, MessageStream, Subscription, SubscriptionOptions
+from agent_os.amb.client import AMB
 from agent_os.amb.envelope import WIRE_VERSION, Envelope, Signature, new_id
 from agent_os.amb.errors import (
     BrokerUnavailable,
@@ -31,7 +31,12 @@ from agent_os.amb.errors import (
 )
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
-from agent_os.amb.serializers import JsonSerializer, MsgpackSerializer, Serializer, decode, get_serializer
+from agent_os.amb.serializers import Serializer, get_serializer
+from agent_os.amb.serializers.decoder import decode
+from agent_os.amb.serializers.json_format import JsonSerializer
+from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
+from agent_os.amb.stats import BusStats
+from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 
 __all__ = [
     "AMB",

@@ -1,13 +1,8 @@
 """The Broker protocol: the narrow seam between the bus and a concrete message broker.
 
-A broker moves opaque bytes between subjects. It knows nothing of envelopes, signatures or
-policy: the AMB client (:class:`agent_os.amb.AMB`) builds those on top. An adapter implements five
-async methods and declares what it can do in :class:`Capabilities`; the bus raises
-:class:`~agent_os.amb.errors.CapabilityNotSupported` for anything an adapter lacks, and the conformance
-suite skips, visibly, the cases a flag rules out.
-
-Adapters are found by name through the ``agent_os.brokers`` entry-point group (see
-:func:`load_broker`), so this module never imports a concrete adapter.
+A broker moves opaque bytes between subjects and declares its :class:`Capabilities`; adapters are
+found by name through the ``agent_os.brokers`` entry points (:func:`load_broker`), so this module
+never imports one. The contract is in ``docs/bus.md``, "The Broker protocol".
 """
 
 from __future__ import annotations

@@ -1,28 +1,7 @@
-"""The AMB client: the API agents use to talk over the bus.
+"""The AMB client: the API agents use to talk over the bus (publish, request/reply, subscribe,
+stream) and its receive path. The guarantees it adds on top of any broker are in ``docs/bus.md``.
 
-Example::
-
-    from agent_os.modules import AMB
-
-    async with AMB(backend="memory", agent_id="coordinator") as amb:
-
-        @amb.subscribe("tasks.*", filter={"priority": "high"})
-        async def handle(message, metadata):
-            await amb.reply(metadata, {"done": message["task_id"]})
-
-        answer = await amb.request("tasks.process", {"task_id": 1, "priority": "high"}, timeout=2)
-
-Delivery guarantees are the broker's (see ``amb.capabilities``): at most once on the memory
-broker and core NATS/Redis pub/sub, at least once on durable subscriptions. On top of any
-broker the client guarantees that
-
-- a handler sees messages of one subscription in delivery order when ``concurrency`` is 1;
-- a message is never lost silently: one that cannot be decoded, is refused by a middleware, or
-  whose handler raises (after ``max_attempts``) is published to the dead-letter subject
-  ``<dead_letter_prefix>.<subject>`` with the reason in its headers, and counted in ``stats``;
-- expired messages (``ttl``) are not handed to handlers, and are counted;
-- ``close()`` stops new deliveries, lets in-flight and queued messages finish (up to its
-  timeout), fails pending requests, and closes the broker.
+Over 400 lines: one class, whose publish and receive hot paths share its state in its methods.
 """
 
 from __future__ import annotations
@@ -36,21 +15,20 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, overload
 
 from agent_os.amb.broker import (
     Broker,
-    BrokerSubscription,
     Capabilities,
     Delivery,
     Lifecycle,
     LifecycleState,
     load_broker,
 )
+from agent_os.amb.deadletter import dead_letter_envelope
 from agent_os.amb.dispatch import LocalDelivery
-from agent_os.amb.envelope import Envelope, new_envelope, new_id, new_id_at
+from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
     BusError,
     ConfigError,
@@ -61,38 +39,25 @@ from agent_os.amb.errors import (
     RequestTimeout,
     StateError,
 )
-from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
+from agent_os.amb.filters import FilterSpec, compile_filter
 from agent_os.amb.metadata import Metadata, metadata_from_wire
 from agent_os.amb.middleware import (
-    ConsumeNext,
     Middleware,
     PublishNext,
     build_consume_chain,
     build_publish_chain,
 )
-from agent_os.amb.serializers import (
-    DEFAULT_MAX_BYTES,
-    Decoder,
-    Serializer,
-    WireFields,
-    envelope_from_wire,
-    get_serializer,
-    typed_unpack,
-)
+from agent_os.amb.replies import ERROR_HEADER, PendingRequests
+from agent_os.amb.serializers import Serializer, get_serializer
+from agent_os.amb.serializers.decoder import Decoder
+from agent_os.amb.serializers.schema import DEFAULT_MAX_BYTES, WireFields, envelope_from_wire, typed_unpack
+from agent_os.amb.stats import BusStats
 from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 
 log = logging.getLogger("agent_os.amb")
 
-Handler = Callable[[Any, Metadata], Awaitable[Any]]
-"""A subscription handler: ``async def handler(message, metadata)``."""
-
 PARTITION_KEY_HEADER: Final = "partition-key"
-ERROR_HEADER: Final = "amb-error"
-DLQ_REASON: Final = "dlq-reason"
-DLQ_ERROR: Final = "dlq-error"
-DLQ_SUBJECT: Final = "dlq-subject"
-DLQ_ATTEMPTS: Final = "dlq-attempts"
-DLQ_ORIGINAL_ID: Final = "dlq-original-id"
 
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
@@ -118,187 +83,6 @@ def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
     return error
 
 
-class _PendingRequest:
-    """A request waiting for its reply: the future, the request's envelope id (set once its
-    publish returned), the agent it was addressed to (if any) and replies that came before its
-    publish returned, checked then."""
-
-    __slots__ = ("early", "future", "recipient", "request_id")
-
-    def __init__(
-        self, future: asyncio.Future[tuple[Any, Metadata] | None], recipient: str | None
-    ) -> None:
-        self.future = future
-        self.recipient = recipient
-        self.request_id: str | None = None
-        self.early: list[tuple[Any, Metadata]] | None = None
-
-
-@dataclass(slots=True)
-class BusStats:
-    """Counters of one client. Every message that is not handed to a handler is in one of them."""
-
-    published: int = 0
-    delivered: int = 0
-    handled: int = 0
-    handler_errors: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    dead_letter_failures: int = 0
-    malformed: int = 0
-    rejected: int = 0
-    expired: int = 0
-    filtered: int = 0
-    requests: int = 0
-    request_timeouts: int = 0
-    late_replies: int = 0
-    mismatched_replies: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SubscriptionOptions:
-    """How a subscription receives messages (see :meth:`AMB.subscribe`); checked on creation."""
-
-    queue: str | None = None
-    durable: str | None = None
-    filter: Predicate | None = None
-    concurrency: int = 1
-    max_attempts: int = 1
-    retry_delay: float = 0.1
-    context: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ConfigError("concurrency must be at least 1")
-        if self.max_attempts < 1:
-            raise ConfigError("max_attempts must be at least 1")
-        if self.retry_delay < 0:
-            raise ConfigError("retry_delay must not be negative")
-        if self.queue is not None and not self.queue:
-            raise ConfigError("queue group name must be non-empty")
-        if self.durable is not None and not self.durable:
-            raise ConfigError("durable name must be non-empty")
-
-
-class Subscription:
-    """A live subscription of an :class:`AMB` client."""
-
-    def __init__(self, client: AMB, pattern: str, handler: Handler, options: SubscriptionOptions) -> None:
-        self.client = client
-        self.pattern = pattern
-        self.handler = handler
-        self.options = options
-        self.handled = 0
-        self.errors = 0
-        self._broker_sub: BrokerSubscription | None = None
-        self._chain: ConsumeNext | None = None  # the middleware chain; None: call the handler
-        self._filter = options.filter
-        self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._active = False
-        # Seeds every delivery's metadata.context: the subscription itself, then its context option.
-        self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    async def unsubscribe(self) -> None:
-        """Stop delivery now; messages still queued for this subscription are dropped."""
-        if self._broker_sub is not None and self._active:
-            self._active = False
-            await self._broker_sub.unsubscribe()
-            await self._wait_tasks(None)
-        self.client._forget(self)
-
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop receiving, let queued and in-flight messages finish (up to ``timeout``)."""
-        if self._broker_sub is not None and self._active:
-            self._active = False
-            deadline = None if timeout is None else time.monotonic() + timeout
-            await self._broker_sub.drain(timeout)
-            await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        self.client._forget(self)
-
-    async def _wait_tasks(self, timeout: float | None) -> None:
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
-    def __repr__(self) -> str:
-        return f"Subscription({self.pattern!r}, queue={self.options.queue!r}, active={self._active})"
-
-
-class MessageStream:
-    """An async iterator over the messages of a pattern (``async for message in amb.stream(...)``).
-
-    Subscribes on first use; yields payloads, or ``(payload, metadata)`` pairs with
-    ``with_metadata=True``. A bounded buffer (``buffer`` messages) gives backpressure: when the
-    consumer falls behind, the broker stops handing over messages. ``aclose()`` (or leaving an
-    ``async with`` block, or breaking out of ``async for`` inside one) unsubscribes.
-    """
-
-    def __init__(
-        self,
-        client: AMB,
-        pattern: str,
-        *,
-        queue: str | None,
-        filter: FilterSpec | None,
-        buffer: int,
-        with_metadata: bool,
-    ) -> None:
-        if buffer < 1:
-            raise ConfigError("stream buffer must be at least 1")
-        self._client = client
-        self._pattern = pattern
-        self._queue_group = queue
-        self._filter = filter
-        self._with_metadata = with_metadata
-        self._items: asyncio.Queue[tuple[Any, Metadata]] = asyncio.Queue(maxsize=buffer)
-        self._sub: Subscription | None = None
-        self._closed = False
-
-    async def _on_message(self, message: Any, metadata: Metadata) -> None:
-        await self._items.put((message, metadata))
-
-    def __aiter__(self) -> MessageStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._sub is None:
-            await self.start()
-        message, metadata = await self._items.get()
-        return (message, metadata) if self._with_metadata else message
-
-    async def start(self) -> None:
-        """Subscribe now (otherwise the first ``__anext__`` does)."""
-        if self._sub is None:
-            options = SubscriptionOptions(queue=self._queue_group, filter=compile_filter(self._filter))
-            self._sub = await self._client._subscribe(self._pattern, self._on_message, options)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-
-    async def __aenter__(self) -> MessageStream:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
 class AMB(Lifecycle):
     """A client of the Agent Message Bus.
 
@@ -316,16 +100,9 @@ class AMB(Lifecycle):
             carries the message it records, so it may be larger: up to this or 8 MiB,
             whichever is more (a message refused for its size is dead-lettered whole).
         broker_options: extra keyword arguments for the adapter.
-        inbox_prefix: where this client's reply inbox lives: requests then carry ``reply_to``
-            ``<inbox_prefix>.<token>.<n>``, with a random ``token`` per client (two clients
-            with one prefix never receive each other's replies), and the client subscribes to
-            ``<inbox_prefix>.<token>.>``. Default None: the inbox the adapter gives
-            (``broker.inbox_prefix()``, ``_INBOX.<random>``). It is for brokers whose
-            permissions let a client read only some inboxes: in the control plane's mediated
-            mode an agent may subscribe only to ``_INBOX.<agent>.>``, so its requests need
-            ``inbox_prefix=agent_inbox(agent)``. Keep it under ``_INBOX.``: the Redis and Kafka
-            adapters treat subjects there as reply subjects (a plain PUBLISH; one Kafka topic
-            per ``_INBOX.<name>``).
+        inbox_prefix: put this client's reply inbox under this subject (for brokers whose
+            permissions let a client read only some inboxes; see ``docs/bus.md``, "Request
+            and reply"). Default None: the adapter's inbox.
 
     The client connects on first use, or explicitly with ``await amb.connect()`` /
     ``async with AMB(...) as amb``. Raises :class:`ConfigError` for an unknown backend or
@@ -372,7 +149,7 @@ class AMB(Lifecycle):
         self._inbox: str | None = None
         self._inbox_sub: Subscription | None = None
         self._inbox_lock: asyncio.Lock | None = None
-        self._requests: dict[str, _PendingRequest] = {}
+        self._requests = PendingRequests(self.stats)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
@@ -419,10 +196,7 @@ class AMB(Lifecycle):
             await asyncio.gather(*self._pending_starts, return_exceptions=True)
         user_subs = [s for s in self._subs if s is not self._inbox_sub]
         await asyncio.gather(*(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs))
-        for pending in self._requests.values():
-            fut = pending.future
-            if not fut.done():
-                fut.set_exception(StateError("AMB client closed while the request was pending"))
+        self._requests.fail_all("AMB client closed while the request was pending")
         if self._inbox_sub is not None:
             await self._inbox_sub.unsubscribe()
         await self.broker.close(max(0.0, deadline - time.monotonic()))
@@ -592,11 +366,10 @@ class AMB(Lifecycle):
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
-        pending = _PendingRequest(fut, recipient)
-        self._requests[reply_subject] = pending
+        pending = self._requests.add(reply_subject, fut, recipient)
         self.stats.requests += 1
         try:
-            pending.request_id = await self.publish(
+            request_id = await self.publish(
                 topic,
                 message,
                 sender_id=sender_id,
@@ -605,10 +378,7 @@ class AMB(Lifecycle):
                 headers=headers,
                 ttl=timeout,
             )
-            if pending.early is not None:  # replies that came before publish() returned
-                for early in pending.early:
-                    self._resolve(pending, *early)
-                pending.early = None
+            self._requests.published(pending, request_id)
             # A timer that resolves the future with None (cheaper than asyncio.timeout, which
             # looks up the task and the loop on every request).
             timer = loop.call_later(timeout, _expire, fut)
@@ -617,7 +387,7 @@ class AMB(Lifecycle):
             finally:
                 timer.cancel()
         finally:
-            self._requests.pop(reply_subject, None)
+            self._requests.remove(reply_subject)
         if reply is None:
             self.stats.request_timeouts += 1
             raise RequestTimeout(topic, timeout)
@@ -635,51 +405,11 @@ class AMB(Lifecycle):
         async with self._inbox_lock:
             if self._inbox is None:
                 prefix = self._own_inbox or self.broker.inbox_prefix()
-                self._inbox_sub = await self._subscribe(prefix + ".>", self._on_reply, SubscriptionOptions())
+                self._inbox_sub = await self._subscribe(
+                    prefix + ".>", self._requests.on_reply, SubscriptionOptions()
+                )
                 self._inbox = prefix
         return self._inbox
-
-    async def _on_reply(self, message: Any, metadata: Metadata) -> None:
-        pending = self._requests.get(metadata.subject)
-        if pending is None:
-            self.stats.late_replies += 1
-            return
-        if pending.request_id is None:
-            # The request's publish has not returned yet, so its id is not known here: the
-            # reply is checked once it is (see request()).
-            if pending.early is None:
-                pending.early = []
-            pending.early.append((message, metadata))
-            return
-        self._resolve(pending, message, metadata)
-
-    def _resolve(self, pending: _PendingRequest, message: Any, metadata: Metadata) -> None:
-        """Resolve ``pending`` with a reply unless the reply answers another request."""
-        if pending.future.done():
-            self.stats.late_replies += 1
-            return
-        correlation_id = metadata.correlation_id
-        if correlation_id is not None and correlation_id != pending.request_id:
-            self.stats.mismatched_replies += 1
-            log.warning(
-                "dropped a reply on %r from %r: correlation id %r is not the request's %r",
-                metadata.subject,
-                metadata.sender,
-                correlation_id,
-                pending.request_id,
-            )
-            return
-        recipient = pending.recipient
-        if recipient is not None and metadata.sender != recipient:
-            self.stats.mismatched_replies += 1
-            log.warning(
-                "dropped a reply on %r from %r: the request was addressed to %r",
-                metadata.subject,
-                metadata.sender,
-                recipient,
-            )
-            return
-        pending.future.set_result((message, metadata))
 
     # -- subscribing -------------------------------------------------------------------------
 
@@ -831,8 +561,9 @@ class AMB(Lifecycle):
         stats.delivered += 1
         data = delivery.data
         try:
-            # Decoder.decode_fields, inlined: the size limit, msgspec's one-pass decode, and
-            # the decoder's slow path for what msgspec refuses (it explains or accepts).
+            # Decoder.decode_fields, inlined (a call less per message): the size limit,
+            # msgspec's one-pass decode, the decoder's slow path for what msgspec refuses.
+            # test_the_inline_receive_decode_agrees_with_the_decoder feeds both one corpus.
             decoder = self._decoder
             if len(data) > decoder.max_bytes:
                 raise OversizedEnvelope(len(data), decoder.max_bytes)
@@ -969,22 +700,7 @@ class AMB(Lifecycle):
             log.error("dead letter on %r could not be handled (%s): %r", subject, reason, error)
             await delivery.ack()
             return
-        headers = {
-            DLQ_REASON: reason,
-            DLQ_ERROR: f"{type(error).__name__}: {error}"[:1024],
-            DLQ_SUBJECT: subject,
-            DLQ_ATTEMPTS: str(delivery.attempt),
-        }
-        if env is not None:
-            headers[DLQ_ORIGINAL_ID] = env.id
-        dead = Envelope(
-            new_id(),
-            f"{self.dead_letter_prefix}.{subject}",
-            self.agent_id,
-            bytes(delivery.data),
-            timestamp=time.time_ns(),
-            headers=headers,
-        )
+        dead = dead_letter_envelope(self.dead_letter_prefix, self.agent_id, delivery, env, reason, error)
         try:
             await self._wire_send(dead, self._dead_letter_serializer)
         except BusError as exc:

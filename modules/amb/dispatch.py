@@ -1,25 +1,11 @@
 """The per-subscription dispatcher every broker adapter uses to feed a handler.
 
-A :class:`Dispatcher` holds what one broker subscription owes its handler and guarantees the
-:class:`~agent_os.amb.broker.Broker` contract: one delivery at a time, in the order received; a handler
-that raises (a CancelledError its task was not cancelled with included) is counted and logged,
-never stops the subscription; ``drain`` lets queued
-deliveries finish within a timeout and then cancels a stuck handler.
+A :class:`Dispatcher` keeps the Broker contract (one delivery at a time, in order; a handler's
+error never stops the subscription; drain within a timeout), fed queued or inline;
+:class:`LocalDelivery` redelivers locally for brokers that cannot (see ``docs/bus.md``).
 
-Deliveries reach it in one of two ways:
-
-- **queued**: :meth:`Dispatcher.offer` / :meth:`Dispatcher.put` append to a bounded queue that
-  the dispatcher's own task empties (for sources shared by several subscriptions: a publisher
-  in the memory broker, the Redis pub/sub reader, a Kafka group consumer). ``put`` waits while
-  the queue is full: the source's backpressure.
-- **inline**: :meth:`Dispatcher.deliver` runs the handler in the caller's task when nothing is
-  queued or running (for a source that already has one task per subscription, such as a
-  nats-py callback): no extra queue hop, no task switch.
-
-:meth:`Dispatcher.requeue` puts a delivery back (after an optional delay) beyond the bound, for
-local redelivery: :class:`LocalDelivery` is the delivery of brokers that cannot redeliver
-themselves (core NATS, Redis pub/sub, the memory broker); its ``nack`` hands the same bytes to
-the same subscription again with ``attempt + 1``. Local redeliveries die with the process.
+Over 400 lines: :class:`Dispatcher` is one class whose queued and inline paths, requeue and
+drain share its state.
 """
 
 from __future__ import annotations

@@ -1,25 +1,20 @@
-"""The errors of the Agent Message Bus.
+"""The errors of the Agent Message Bus: one tree under :class:`BusError`.
 
-Every error the bus raises derives from :class:`BusError`::
+::
 
     BusError
     ├── ConfigError (ValueError)           bad option, unknown backend, bad subject
     ├── StateError (RuntimeError)          call made in the wrong lifecycle state
     ├── CapabilityNotSupported (NotImplementedError)
     ├── EnvelopeError (ValueError)         bytes that are not a valid v1 envelope
-    │   ├── MalformedEnvelope              not decodable, or a field has the wrong type
-    │   ├── TruncatedEnvelope              the bytes end before the envelope does
-    │   ├── OversizedEnvelope              larger than the configured limit
-    │   └── UnsupportedVersion             an envelope version this code does not speak
+    │   ├── MalformedEnvelope, TruncatedEnvelope, OversizedEnvelope, UnsupportedVersion
     ├── TransportError                     the broker or the connection to it failed
     │   └── BrokerUnavailable (ConnectionError)
-    ├── RequestTimeout (TimeoutError)      no reply within the request's timeout
-    ├── RemoteError                        the responder's handler failed on the request
+    ├── RequestTimeout (TimeoutError), RemoteError
     ├── MessageRejected                    a middleware refused a message (reason attached)
-    └── UnserializablePayload (TypeError)  the payload cannot be carried by the serializer
+    └── UnserializablePayload (TypeError)
 
-Modules built on the bus (IATP, the control plane) derive their own errors from
-``MessageRejected`` so that the bus dead-letters them with their reason.
+What each means is in ``docs/bus.md``, "Errors".
 """
 
 from __future__ import annotations

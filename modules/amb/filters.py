@@ -1,13 +1,7 @@
 """Content filters: decide from a payload whether a subscription wants a message.
 
-A filter is either a predicate ``payload -> bool`` or a dict of field conditions, all of which
-must hold. Field names may be dotted to reach nested dicts (``"user.role"``). A condition is:
-
-- a list, tuple, set or frozenset: the field's value must be one of its members;
-- a callable: it is called with the field's value and must return True;
-- anything else: the field's value must equal it.
-
-A payload that is not a dict, or lacks a named field, does not match a dict filter.
+A filter is a predicate or a dict of field conditions (equality, membership, a callable); the
+rules are in ``docs/bus.md``, "Subjects and filters".
 """
 
 from __future__ import annotations

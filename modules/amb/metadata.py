@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent_os.amb.envelope import Envelope, Signature
-from agent_os.amb.serializers import WireFields, envelope_from_wire
+from agent_os.amb.serializers.schema import WireFields, envelope_from_wire
 
 
 class Metadata:

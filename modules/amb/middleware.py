@@ -1,20 +1,7 @@
 """Middleware: small objects with an outbound and an inbound hook around every message.
 
-The chain is ordered from the wire inwards. The first middleware listed is the outermost: it
-sees incoming messages first and outgoing messages last. That is where signing belongs: it
-verifies before anything else looks at a message and signs after everything else has had its
-say, so nothing changes an envelope once it is signed::
-
-    publish: app -> mw[n-1] ... mw[1] -> mw[0] -> serializer -> broker
-    deliver: broker -> decode -> mw[0] -> mw[1] ... mw[n-1] -> handler
-
-A hook passes the message on by awaiting ``call_next``; it may change the envelope first. To
-refuse a message it raises :class:`~agent_os.amb.errors.MessageRejected` (or a subclass): inbound, the
-bus dead-letters the message with the error's ``reason`` and counts it; outbound, the error
-reaches the publisher. A hook that returns without calling ``call_next`` swallows the message
-(for example to hold it and pass it on later).
-
-The chain is built when the client connects and is frozen afterwards.
+The first middleware listed is the outermost (nearest the wire): it sees incoming messages first
+and outgoing ones last. The chain's rules are in ``docs/bus.md``, "Middleware".
 """
 
 from __future__ import annotations

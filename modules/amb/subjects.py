@@ -1,10 +1,6 @@
-"""Subjects and subject patterns (NATS syntax, used by every adapter).
+"""Subjects and subject patterns (NATS syntax, used by every adapter): validation and matching.
 
-A subject is a non-empty string of ``.``-separated tokens: ``tasks.process``. A pattern may use
-``*`` for exactly one token and ``>`` (last token only) for one or more trailing tokens:
-``tasks.*`` matches ``tasks.process`` but not ``tasks.a.b``; ``tasks.>`` matches both.
-Tokens are non-empty and contain no whitespace; ``*`` and ``>`` are not allowed in subjects
-one publishes to.
+``*`` matches one token, ``>`` one or more trailing tokens (see ``docs/bus.md``).
 """
 
 from __future__ import annotations

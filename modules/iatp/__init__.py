@@ -1,9 +1,7 @@
 """Inter-Agent Trust Protocol: ed25519 identities, signed envelopes, replay protection and trust.
 
-Entry point: :class:`IATP`. Modules: ``canonical`` (the signed bytes), ``verifier`` (the checks),
-``keystore``/``filestore`` (key storage), ``trust``/``models`` (trust documents and models),
-``session``/``handshake`` (session mode), ``middleware`` (the bus layer), ``noncestore``
-(replay protection shared between processes), ``sender`` (who sent a delivered message).
+Entry point: :class:`IATP`; the bus layer: :meth:`IATP.middleware`. The protocol is described in
+``docs/trust.md``.
 """
 
 from agent_os.iatp.canonical import UNSIGNED_HEADERS, envelope_bytes, key_id_for

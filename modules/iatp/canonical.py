@@ -1,50 +1,11 @@
-"""The exact bytes IATP signs: canonical, domain-separated, unambiguous.
+"""The exact bytes IATP signs: canonical, domain-separated msgpack arrays (``docs/trust.md``,
+"What is signed").
 
-Format (version 1). Every signed structure is one msgpack array packed with ``use_bin_type``:
-strings are msgpack ``str``, byte strings ``bin``, integers in their shortest form, ``None`` is
-``nil``. msgpack is self-delimiting (every string, byte string and array carries its length or
-count), so no sequence of field values can be re-split into another: moving bytes from one field
-to the next changes the encoding. The first element is a domain string naming the structure, so
-a signature over one kind of structure can never be replayed as another.
-
-Envelope signature (``ENVELOPE_DOMAIN``)::
-
-    ["IATP/1 envelope", scheme, key_id, nonce,
-     v, id, topic, sender, recipient, reply_to, correlation_id,
-     timestamp, expires_at, priority, [[name, value], ...], payload_digest]
-
-- the headers are every header except the hop-by-hop trace headers in :data:`UNSIGNED_HEADERS`
-  (``traceparent``, ``tracestate``, ``baggage``, which tracing rewrites at each hop), as
-  ``[name, value]`` pairs sorted by name;
-- ``payload_digest`` is BLAKE2b-256 (personalised ``iatp-payload-v1``) of the msgpack encoding
-  of the payload as the receiver decodes it. Both serializers preserve map order, so map order
-  is part of what is signed; a relay that reorders a map breaks the signature (fails closed).
-  A payload msgpack cannot encode (an integer beyond 64 bits from JSON) cannot be signed.
-
-Session MAC (``SESSION_DOMAIN``): the same array with the domain ``"IATP/1 session"`` and the
-payload itself (as a msgpack value) in place of its digest: keyed BLAKE2b needs no pre-hash,
-and skipping it keeps session mode fast.
-
-Trust edges (``EDGE_DOMAIN``) and certificates (``CERT_DOMAIN``) are laid out in
-:mod:`agent_os.iatp.trust`; session handshakes in :mod:`agent_os.iatp.session`; key rotation statements
-(``ROTATION_DOMAIN``) in :mod:`agent_os.iatp.keys`.
-
-Not signed: ``sig`` itself, and broker metadata (subject, attempt, offsets), which live beside
-the envelope. A receiver should rely on ``metadata.topic`` (signed), not the delivery subject.
-
-**How the bytes are built (the hot path).** The array has 16 elements, so it starts with the
-msgpack header ``0xdc 0x00 0x10``; the header and the first three fields (domain, scheme, key
-id or session id) are the same for every message of one key or session, so they are packed
-once (:func:`head`) and kept by the verifier and the session. Per message, one msgpack pack of
-the 13-tuple ``(nonce, v, ..., headers, digest-or-payload)`` (built in one place for both
-forms, :func:`signed_fields`, with :func:`signed_headers` and, for signatures,
-:func:`payload_digest`: the helpers the tests exercise are the ones signing uses) gives a
-one-byte array header followed by exactly the bytes those 13 elements contribute to the full
-array; dropping that header and appending the rest to the head yields the very bytes a single
-pack of the whole 16-element list would give (the tests check this against a plain
-``msgpack.packb`` of the list). Packing goes through one reused msgspec Encoder (the same
-msgpack bytes as the msgpack package), and the payload digest and the session MAC start from
-copies of pre-initialised BLAKE2b states.
+Hot path: the array's header and first three fields (domain, scheme, key or session id) are the
+same for every message of one key or session, so :func:`head` packs them once; per message one
+msgspec pack of the other 13 fields (:func:`signed_fields`), minus its own array header, is
+appended to the head, giving the bytes one pack of the whole list would (the tests check this).
+The payload digest and the session MAC start from copies of pre-initialised BLAKE2b states.
 """
 
 from __future__ import annotations
@@ -103,7 +64,7 @@ def signature(scheme: str, key_id: str, nonce: bytes, value: bytes) -> Signature
 
 
 def pack(fields: list[Any]) -> bytes:
-    """Canonical msgpack of a field list (see the module docstring)."""
+    """Canonical msgpack of a field list (see ``docs/trust.md``)."""
     return _pack_one(fields)
 
 
@@ -157,7 +118,7 @@ def signed_fields(env: Envelope, nonce: bytes, last: Any) -> bytes:
 
 def rest_bytes(env: Envelope, nonce: bytes) -> bytes:
     """The signed bytes after :func:`head` for a signature: the nonce, the envelope fields and
-    :func:`payload_digest` of the payload (see the module docstring). Raises TypeError,
+    :func:`payload_digest` of the payload (see ``docs/trust.md``). Raises TypeError,
     ValueError or OverflowError when a field cannot be encoded."""
     return signed_fields(env, nonce, payload_digest(env.payload))
 
@@ -187,5 +148,5 @@ def key_id_for(public_key: bytes) -> str:
 
 
 def session_bytes(env: Envelope, scheme: str, session_id: str, nonce: bytes) -> bytes:
-    """The bytes a session MAC covers (see the module docstring); raises like :func:`envelope_bytes`."""
+    """The bytes a session MAC covers (see ``docs/trust.md``); raises like :func:`envelope_bytes`."""
     return head(SESSION_DOMAIN, scheme, session_id) + session_rest_bytes(env, nonce)

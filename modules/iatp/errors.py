@@ -1,30 +1,8 @@
-"""The errors of the Inter-Agent Trust Protocol.
+"""The errors of the Inter-Agent Trust Protocol: one tree under :class:`IATPError`.
 
-Verification never raises on what a message contains: it returns a
-:class:`~agent_os.iatp.VerificationResult` with a reason. The errors below are for misuse, for
-configuration, for key storage, and for the bus middleware, which turns an invalid result into
-a rejection the bus dead-letters::
-
-    IATPError
-    ├── IATPConfigError (ValueError)        bad option, unsupported key storage / trust model
-    ├── CryptoUnavailable (ImportError)     PyNaCl cannot be imported: nothing signs or verifies
-    ├── UnknownAgent (LookupError)          no identity (or no private key) for that agent here
-    ├── AgentExists (ValueError)            register_agent for an id that is already registered
-    ├── UnknownKey (LookupError)            no key with that id
-    ├── KeyStoreError                       key storage failed
-    │   ├── WrongPassphrase                 the passphrase does not open the key store
-    │   ├── KeyStoreCorrupt                 a key file is damaged or does not match its name
-    │   └── InsecureKeyStore                key files readable by other users: refused
-    ├── NonceStoreUnavailable               the shared nonce store cannot be reached (fail closed)
-    ├── TrustError (ValueError)             bad trust level, edge or certificate
-    │   └── IdentityConflict                an import adds keys to an agent without proof
-    ├── SessionError                        a session handshake or session message failed
-    ├── Unauthenticated                     sender_identity: no authenticated sender
-    ├── SigningRejected (amb.MessageRejected)   outbound: no signing key for the sender
-    └── SignatureRejected (amb.MessageRejected) inbound: the message failed verification
-
-Both rejections carry ``reason`` (a :class:`~agent_os.iatp.Reason` value), so the bus dead-letters an
-inbound message with the verification reason and counts it.
+Verification never raises on what a message contains (it returns a reason); these are for
+misuse, configuration, key storage and the bus middleware, whose two rejections derive from
+:class:`agent_os.amb.MessageRejected`. The tree is drawn in ``docs/trust.md``, "Errors".
 """
 
 from __future__ import annotations

@@ -1,25 +1,5 @@
-"""A key store in a directory, private keys encrypted at rest.
-
-Layout (directory created ``0700``, every file ``0600``)::
-
-    <root>/keystore.json            format, KDF parameters, salt, and a check value
-    <root>/agents/<hash>.json       one public agent record per agent (BLAKE2b of the agent id)
-    <root>/keys/<key_id>.key        one encrypted private key per key id
-    <root>/trust.json               trust edges, certificates and roots (all signed or public)
-
-Encryption: one 32-byte key is derived from the passphrase with **argon2id** (libsodium
-``crypto_pwhash``, a random 16-byte salt per store, cost level ``"interactive"``,
-``"moderate"`` (the default: 256 MiB, 3 passes) or ``"sensitive"``), once when the store is
-opened. Each private key file is XSalsa20-Poly1305 (``crypto_secretbox``) of the msgpack triple
-``[key_id, agent_id, seed]`` under a fresh random 24-byte nonce; after decryption the key id is
-recomputed from the seed, so a file renamed or swapped between agents is detected
-(:class:`~agent_os.iatp.errors.KeyStoreCorrupt`). ``keystore.json`` holds a check value encrypted the same
-way, so a wrong passphrase fails at open with :class:`~agent_os.iatp.errors.WrongPassphrase`.
-
-Writes are atomic: a temporary file in the same directory (created ``0600`` with ``O_EXCL``),
-written, fsynced, renamed over the target, then the directory fsynced. A crash leaves either the
-old or the new file, never a torn one. A store whose directory or files are readable by other
-users is refused (:class:`~agent_os.iatp.errors.InsecureKeyStore`). One process writes a store at a time.
+"""A key store in a directory, private keys encrypted at rest (argon2id, XSalsa20-Poly1305),
+written atomically. Layout and guarantees: ``docs/trust.md``, "Key storage".
 """
 
 from __future__ import annotations
@@ -80,7 +60,7 @@ def _check_private(path: Path) -> None:
 
 
 class FileKeyStore:
-    """Identities and encrypted private keys in a directory (see the module docstring).
+    """Identities and encrypted private keys in a directory (see ``docs/trust.md``).
 
     Args:
         path: the store's directory (created if missing).

@@ -1,4 +1,4 @@
-"""The session handshake (see :mod:`agent_os.iatp.session` for the protocol and its guarantees)."""
+"""The session handshake (the protocol and its guarantees: ``docs/trust.md``, "Sessions")."""
 
 from __future__ import annotations
 

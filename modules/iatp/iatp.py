@@ -1,20 +1,7 @@
-"""The IATP facade: identities, signing, verification, trust and sessions in one object.
+"""The IATP facade: identities, signing, verification, trust and sessions in one object
+(``docs/trust.md``).
 
-Example::
-
-    from agent_os.modules import IATP
-
-    iatp = IATP(key_storage="memory", algorithm="ed25519", trust_model="web")
-    identity = await iatp.register_agent("agent_123", {"role": "data_processor"})
-    await iatp.register_agent("agent_789")
-    await iatp.establish_trust("agent_789", "agent_123", 0.9, ["send_data", "request_action"])
-    signed = await iatp.sign("agent_123", {"action": "process"}, recipient_id="agent_789")
-    result = await iatp.verify(signed)   # result.valid, result.trust_level == 0.9 (seen by agent_789)
-
-Defaults: clock skew 30 s (how far in the future a timestamp may be), maximum age 300 s (how far
-in the past; also how long nonces are remembered), a nonce cache of at most 1,000,000 entries,
-rotated keys retire after ``rotation_grace`` (default: the maximum age, so messages signed just
-before a rotation still verify), sessions live one hour.
+Over 400 lines: the facade of the public API, each method a short delegation to a part.
 """
 
 from __future__ import annotations
@@ -50,14 +37,14 @@ class IATP:
 
     Args:
         key_storage: ``"memory"``, ``"file"`` (needs ``key_path`` and ``passphrase``) or a
-            :class:`~agent_os.iatp.keystore.KeyStore`. ``"vault"`` and ``"hsm"`` from the API reference
+            :class:`~agent_os.iatp.keystore.KeyStore`. ``"vault"`` and ``"hsm"`` (``docs/api-reference.md``)
             are not built in: pass a KeyStore for them.
         algorithm: only ``"ed25519"``.
         trust_model: ``"web"``, ``"hierarchical"``, ``"pki"`` or a TrustModel object.
         perspective: the agent whose view the web model takes when verifying (default: the
             receiving agent).
         clock_skew, max_age, max_nonces, rotation_grace, session_lifetime: seconds / counts, see
-            the module docstring.
+            ``docs/trust.md``.
         nonce_store: a :class:`~agent_os.iatp.noncestore.SharedNonceStore` (``RedisNonceStore``) that
             this IATP's bus middlewares consult after their in-memory nonce cache, so that a
             queue group spread over several processes refuses replays (see

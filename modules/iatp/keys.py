@@ -1,25 +1,7 @@
 """Identities and key records: the public half of what IATP knows about agents.
 
-An agent has one *current* key (the one it signs with) and may have older versions. A key is
-
-- **valid** until it is retired or revoked;
-- **retired** from ``retire_at`` on (set by rotation, after a grace period): its signatures
-  stop verifying, with reason ``retired_key``; it was replaced, not compromised;
-- **revoked** from ``revoked_at`` on: its signatures fail with reason ``revoked_key``, and any
-  message whose timestamp is at or after ``revoked_at`` fails even if checked earlier.
-
-Key ids are self-certifying fingerprints of the public key (:func:`agent_os.iatp.canonical.key_id_for`).
-
-**Rotation statements.** When a local agent rotates, its current key signs the new key::
-
-    ["IATP/1 key-rotation", agent_id, key_id, public_key, version, created_at, endorsed_by]
-
-(``endorsed_by`` is the signing key's id; canonical msgpack as in :mod:`agent_os.iatp.canonical`). The
-statement travels in the new key's record (``endorsed_by``, ``endorsement``), so exported
-identities carry it. Another process that knows the agent accepts a new key only with such a
-statement by a key it holds as valid, or by a new key that is itself so proven (a chain of
-missed rotations); see :meth:`agent_os.iatp.IATP.add_identity`. A key made after the current one was
-revoked has no statement: it must be vouched for out of band.
+Key states (valid, retired, revoked) and rotation statements are described in
+``docs/trust.md``, "Identities and keys".
 """
 
 from __future__ import annotations
@@ -67,7 +49,7 @@ class KeyRecord:
     revoked_at: int | None = None
     revocation_reason: str | None = None
     endorsed_by: str | None = None  # the key that signed this key's rotation statement
-    endorsement: bytes | None = None  # that signature (see the module docstring)
+    endorsement: bytes | None = None  # that signature (see ``docs/trust.md``)
 
     def rotation_bytes(self) -> bytes:
         """The bytes of this key's rotation statement (signed by key ``endorsed_by``)."""

@@ -1,13 +1,7 @@
-"""Key storage: where identities, private keys and trust documents are kept.
+"""Key storage: the :class:`KeyStore` protocol and :class:`MemoryKeyStore`.
 
-A :class:`KeyStore` is a persistence backend; IATP keeps its working state in memory and writes
-every change through. Two stores are offered:
-
-- :class:`MemoryKeyStore`: nothing leaves the process (tests, short-lived agents);
-- :class:`~agent_os.iatp.filestore.FileKeyStore`: a directory, private keys encrypted at rest.
-
-A store never hands out private keys except through :meth:`KeyStore.open`, whose result the
-IATP instance holds; ``repr`` of that result masks the key material.
+IATP keeps its working state in memory and writes every change through a store
+(``docs/trust.md``, "Key storage").
 """
 
 from __future__ import annotations

@@ -1,42 +1,7 @@
 """Bus middleware: sign on publish, verify on delivery, reject before the handler.
 
-List it first (the wire side) so it signs last and verifies first::
-
-    iatp = IATP()
-    await iatp.register_agent("worker")
-    amb = AMB("memory", agent_id="worker", middleware=[iatp.middleware(), policy, ...])
-
-Outbound, an unsigned envelope is MACed with the live session from its sender to its recipient
-when there is one, otherwise signed with the sender's ed25519 key; with no key for the sender
-the publish fails with :class:`~agent_os.iatp.errors.SigningRejected`. An envelope that already carries a
-signature (a relay forwarding a message verbatim) is passed on unchanged.
-
-Inbound, the result is checked before anything else sees the message. Invalid messages raise
-:class:`~agent_os.iatp.errors.SignatureRejected` with the verification reason: the bus dead-letters them
-with that reason (``dlq-reason`` header) and counts them (``amb.stats.rejected``); this
-middleware also counts them per reason in ``rejected``. A valid message's result is put in
-``metadata.context["iatp"]`` for the layers inside (the control plane) and the handler.
-
-Per-subscription policy through the subscription's context::
-
-    await amb.subscribe("_DLQ.>", handler, context={ACCEPT_UNSIGNED: True, MIN_TRUST: 0.0})
-
-``ACCEPT_UNSIGNED`` (default: the middleware's ``accept_unsigned``, itself False) lets unsigned
-messages through, with an *invalid* result (reason ``unsigned``) in the context, so nothing
-inside mistakes them for authenticated. ``MIN_TRUST`` rejects valid messages whose trust level is
-below it (reason ``untrusted``).
-
-The web model's viewer is the middleware's ``agent_id``, else the IATP's ``perspective``, else
-the receiving client's ``agent_id``: always the receiving side, never the sender's choice.
-
-Replays are refused per subscription by the in-memory nonce cache. For queue groups spread over
-several processes, give the IATP (or this middleware) a shared store (``nonce_store=``, see
-:mod:`agent_os.iatp.noncestore`): a message that passed every local check then claims its nonce there
-under the subscription's replay scope (``"<queue>@<pattern>"``, or ``REPLAY_SCOPE`` from the
-subscription's context), and a nonce another instance claimed first is refused
-(``replayed_nonce``). An unreachable store rejects the message (``nonce_store_unavailable``);
-so does a key store that cannot be opened (``key_store_unavailable``). Both are counted in
-``rejected``.
+List it first (the wire side). Its per-subscription options (:data:`ACCEPT_UNSIGNED`,
+:data:`MIN_TRUST`, :data:`REPLAY_SCOPE`) and what it does are in ``docs/trust.md``, "On the bus".
 """
 
 from __future__ import annotations
@@ -68,7 +33,7 @@ _NS_PER_MS: Final = 1_000_000
 
 
 class IATPMiddleware(Middleware):
-    """Signs outgoing and verifies incoming envelopes (see the module docstring)."""
+    """Signs outgoing and verifies incoming envelopes (see ``docs/trust.md``)."""
 
     def __init__(
         self,

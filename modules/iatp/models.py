@@ -1,23 +1,5 @@
-"""Trust models: how much a verifier trusts a sender, computed from checked trust documents.
-
-The trust level in a verification result always comes from here, from documents the verifier
-holds; nothing in a message (headers, payload) can raise it.
-
-- ``web``: trust is seen from a *viewer* (the message's recipient, or the IATP's perspective).
-  A direct edge viewer -> sender gives its level; longer paths of explicit edges give the
-  product of their levels times ``decay`` per hop after the first, up to ``max_depth`` hops;
-  the best path wins. The viewer trusts itself fully; without a viewer or a path, trust is 0.
-- ``hierarchical``: roots (authorities) are fully trusted. An agent endorsed by a root (an edge
-  root -> agent) is trusted at that edge's level; a root may delegate through intermediate
-  authorities whose edges carry the ``endorse`` permission, the levels multiplying, up to
-  ``max_depth`` edges. The viewer does not matter.
-- ``pki``: a root signs certificates binding an agent's *key* to a level; a message is trusted
-  at the level of a live certificate for the very key that signed it (0 for any other key).
-  Roots themselves are fully trusted.
-
-Permissions (:meth:`TrustModel.permissions`) come from the explicit edge ``from -> to`` in every
-model, never along paths; in ``hierarchical`` and ``pki`` they count only while the grantee is
-trusted (level > 0) under the model.
+"""Trust models (web, hierarchical, pki): how much a verifier trusts a sender, computed from
+checked trust documents, never from the message (``docs/trust.md``, "Trust").
 """
 
 from __future__ import annotations
@@ -53,7 +35,7 @@ def _direct_permissions(store: TrustStore, from_agent: str, to_agent: str, now_n
 
 
 class WebOfTrust:
-    """Trust along paths of explicit edges, decaying per hop (see the module docstring)."""
+    """Trust along paths of explicit edges, decaying per hop (see ``docs/trust.md``)."""
 
     name = "web"
 
@@ -91,7 +73,7 @@ class WebOfTrust:
 
 
 class HierarchicalTrust:
-    """Endorsement by root authorities, optionally delegated (see the module docstring)."""
+    """Endorsement by root authorities, optionally delegated (see ``docs/trust.md``)."""
 
     name = "hierarchical"
 
@@ -128,7 +110,7 @@ class HierarchicalTrust:
 
 
 class PkiTrust:
-    """Root-signed certificates for agent keys (see the module docstring)."""
+    """Root-signed certificates for agent keys (see ``docs/trust.md``)."""
 
     name = "pki"
 

@@ -1,49 +1,6 @@
-"""Shared replay protection: a nonce store several processes consult (Redis).
+"""Shared replay protection: a nonce store several processes consult (Redis), for queue groups.
 
-The nonce cache of :mod:`agent_os.iatp.replay` lives in one process. That is enough for a subscriber
-that is one process, but the services run as *queue groups*: several instances share a
-subject and each message goes to one of them. An attacker who captured a signed request can
-replay it within the acceptance window; the broker hands the replay to another instance, whose
-own cache has never seen the nonce, and it would be accepted. Restarting an instance empties
-its cache as well. A shared store closes both gaps.
-
-**When to use it:** services and workers that consume in queue groups (several instances, one
-logical consumer), or a single consumer that must refuse replays across its own restarts.
-Plain subscriptions (each process receives every message) do not need it: each sees the
-original too, and its local cache refuses the replay.
-
-**How it works.** The bus middleware keeps the in-memory check exactly as before (the fast
-path), and for a message it has accepted so far it then *claims* the nonce in the store::
-
-    SET <prefix><scope>:<nonce hex> 1 NX PX <ms until the nonce's window ends>
-
-Only the first claimant of a nonce gets ``OK``; any later one, in any process, is told it is a
-replay (reason ``replayed_nonce``), except a broker redelivery (attempt > 1), which is let
-through as it is locally. The key expires when the message's timestamp leaves the acceptance
-window (``max_age`` plus ``clock_skew`` after it, as the local cache), so Redis holds at most one
-window of nonces.
-
-The *scope* names the logical consumer: ``"<queue group>@<subject pattern>"`` for a queue-group
-subscription, or what the subscription's context gives under :data:`agent_os.iatp.REPLAY_SCOPE`
-(needed for a plain subscription that should use the store). Subscriptions with neither use only
-the local cache. Session-mode messages are not claimed: a session exists in one process only.
-
-**Fail closed.** When the store cannot be reached, answers wrongly or takes longer than
-``timeout``, :meth:`RedisNonceStore.claim` raises :class:`~agent_os.iatp.errors.NonceStoreUnavailable`
-and the middleware rejects the message with reason ``nonce_store_unavailable`` (dead-lettered
-and counted in ``middleware.rejected``, and in ``store.failures``). It never lets a message
-through unchecked.
-
-Usage::
-
-    from agent_os.iatp import IATP, RedisNonceStore
-
-    store = RedisNonceStore("redis://127.0.0.1:6379/0", prefix="iatp:nonce:memory-service:")
-    iatp = IATP("file", key_path=..., passphrase=..., nonce_store=store)
-    amb = AMB("nats", url, agent_id="memory-service", middleware=[iatp.middleware()])
-    await amb.subscribe("emk.>", handle, queue="emk")   # replays refused across the group
-    ...
-    await store.close()
+One ``SET NX PX`` per message; it fails closed (``docs/trust.md``, "Replay protection").
 """
 
 from __future__ import annotations
@@ -59,7 +16,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class SharedNonceStore(Protocol):
-    """A nonce store shared between processes (see the module docstring)."""
+    """A nonce store shared between processes (see ``docs/trust.md``)."""
 
     async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:
         """Record ``nonce`` under ``scope`` for ``ttl_ms`` milliseconds. True if this call was

@@ -1,15 +1,8 @@
 """The key registry: every known agent and key, and the private keys of the local agents.
 
-State lives in memory; every change is written through the :class:`~agent_os.iatp.keystore.KeyStore`.
-Private keys are held only for the *current* key of a local agent: rotation and revocation
-delete the old private key, so nothing here can sign with a replaced or compromised key.
-
-Imports (:meth:`KeyRegistry.add_public`) follow one rule for keys: an agent seen for the first
-time is taken as given (trust on first use: whether to believe it is the trust model's and the
-operator's business), but a known agent gains a key only with a rotation statement (see
-:mod:`agent_os.iatp.keys`) by a key the registry holds as valid for it, and a local agent never gains a
-key from outside. Anything else raises :class:`~agent_os.iatp.errors.IdentityConflict` and changes
-nothing.
+State lives in memory, written through the key store. Private keys are held only for a local
+agent's current key; imports follow the rotation-statement rule of ``docs/trust.md``
+("Identities and keys") and raise :class:`~agent_os.iatp.errors.IdentityConflict` otherwise.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""Replay protection: a bounded cache of the nonces seen within the acceptance window.
-
-A message is accepted only if its timestamp lies in ``[now - max_age, now + clock_skew]``. Its
-nonce is remembered through ``timestamp + max_age`` (the last instant the window still accepts
-it, so at that nanosecond it is still refused as a replay) and forgotten after it, when the
-timestamp check alone rejects a replay, so the cache never needs to hold more than one window of
-nonces.
-
-The cache is also bounded in entries. When it is full the oldest entry is evicted and a *floor*
-is raised to that entry's timestamp: from then on any message stamped at or before the floor is
-rejected (reason ``replay_window``), because the cache can no longer prove it is not a replay.
-Under a flood the window shrinks; it never silently lets a replay through.
-
-Forgetting by time raises the floor too (to the forgotten entry's expiry). With a clock that
-only moves forward this changes nothing: such a message is older than the window anyway. If the
-wall clock steps *back*, messages whose nonces were already forgotten would fall inside the
-window again; the floor refuses them (``replay_window``) instead of accepting a replay.
-
-Entries are keyed by ``(scope, nonce)``: the bus middleware uses the receiving subscription as
-the scope, so one message fanned out to two subscriptions of one process is not a replay.
+"""Replay protection: a bounded cache of the nonces seen within the acceptance window, keyed by
+``(scope, nonce)``, with a floor that refuses what it can no longer check (``docs/trust.md``,
+"Replay protection").
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class VerificationResult(_Fields, Mapping[str, Any]):
     (a :class:`Reason` value when invalid, None when valid); ``key_id`` (the key or session that
     signed); ``detail`` (text).
 
-    It is also a read-only mapping with the API reference's shape, ``{"valid", "sender",
+    It is also a read-only mapping with the shape of ``docs/api-reference.md``, ``{"valid", "sender",
     "timestamp", "trust_level", "reason"}`` (see :meth:`to_dict`), and it compares equal to a
     dict with those items. ``bool(result)`` is ``result.valid``, so ``if result:`` fails closed.
 
@@ -78,7 +78,7 @@ class VerificationResult(_Fields, Mapping[str, Any]):
             return None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"valid", "sender", "timestamp", "trust_level", "reason"}``, as in the API reference."""
+        """``{"valid", "sender", "timestamp", "trust_level", "reason"}``, as in ``docs/api-reference.md``."""
         return {k: getattr(self, k) for k in _KEYS}
 
     def __getitem__(self, key: str) -> Any:  # type: ignore[override]

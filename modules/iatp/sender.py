@@ -1,27 +1,5 @@
-"""Who sent a delivered message: the one fail-closed answer for every consumer.
-
-A handler (a service acting for an agent, the control plane's mediator) must not take the
-envelope's ``sender`` at its word: anyone able to publish can write any name there. The IATP
-middleware puts its verdict in ``metadata.context["iatp"]`` (:data:`agent_os.iatp.RESULT`);
-:func:`sender_identity` turns that into an identity in one way:
-
-- a **valid** result (signature, key, time window, nonce, trust checks all passed) names the
-  sender, whatever the envelope claims;
-- a result that is present but **not valid** (an unsigned message a subscription let through
-  with ``ACCEPT_UNSIGNED``) is refused, whatever the envelope claims;
-- with **no result** (no IATP middleware on this client), the claimed sender is used only when
-  the caller says it trusts the bus (``trust_bus=True``: a broker whose ACLs already stop
-  agents from publishing under another's name); otherwise the message is refused.
-
-Usage::
-
-    from agent_os.iatp import Unauthenticated, sender_identity
-
-    async def handle(message, metadata):
-        try:
-            agent = sender_identity(metadata)
-        except Unauthenticated:
-            ...  # refuse the request
+"""Who sent a delivered message: :func:`sender_identity`, the one fail-closed answer for every
+consumer (``docs/trust.md``, "Who sent it").
 """
 
 from __future__ import annotations
@@ -34,7 +12,7 @@ from agent_os.iatp.middleware import RESULT
 
 
 def sender_identity(metadata: Any, *, trust_bus: bool = False) -> str:
-    """The agent a delivered message acts for (see the module docstring).
+    """The agent a delivered message acts for (see ``docs/trust.md``).
 
     ``metadata`` is the delivery's :class:`agent_os.amb.Metadata` (anything with ``context`` and
     ``sender``). The IATP result may be a :class:`~agent_os.iatp.VerificationResult` or a mapping with

@@ -1,37 +1,5 @@
-"""Session mode: an X25519 session key, authenticated by ed25519 identities, then a fast MAC.
-
-For high-rate point-to-point traffic between two agents. The handshake (two messages, any
-transport: they are plain bytes) is::
-
-    offer  = [OFFER_DOMAIN, session_id, initiator, initiator_key_id, responder, eph_i, timestamp]
-             + ed25519 signature by the initiator's current key
-    answer = [ANSWER_DOMAIN, session_id, responder, responder_key_id, eph_r, digest(offer), timestamp]
-             + ed25519 signature by the responder's current key
-
-Both sides check the other's signature against its known identity, compute the X25519 shared
-secret of the two ephemeral keys, and derive one key per direction:
-``BLAKE2b-256(transcript, key=shared, person="iatp-s-i2r" | "iatp-s-r2i")`` where the transcript
-is BLAKE2b-256 of both signed messages. Ephemeral keys give forward secrecy; binding the
-transcript means neither side can be made to agree on a key with someone else.
-
-Each message then carries ``sig = (scheme "iatp-session-v1", key_id = session id (hex),
-nonce = 8-byte big-endian counter, value = keyed BLAKE2b-256 of the canonical envelope bytes)``
-(the canonical bytes of :func:`agent_os.iatp.canonical.session_bytes`, domain ``"IATP/1 session"``).
-Counters start at 1; the receiver accepts each counter once within a 1024-message sliding
-window (so mild reordering is fine). Timestamps, expiry and clock skew are checked as for signatures.
-
-Guarantees: integrity and authenticity *between the two agents*: only a holder of the session
-key (one of the two) can produce a valid MAC. **Not non-repudiation**: either side could have
-written any message, so a third party cannot be convinced who sent it. Sessions expire
-(``lifetime``, default one hour); afterwards messages fail with ``unknown_session``.
-
-A session is bound to the two ed25519 keys that signed its handshake (``local_key_id``,
-``peer_key_id``). The receiver checks the peer's key on every message (``revoked_key`` /
-``retired_key`` once it is no longer valid for the message's time), and the session ends when
-either key is revoked or retired here: :meth:`agent_os.iatp.IATP.revoke_key` closes it at once for a
-revocation now, rotation and retirement shorten it to the old key's retirement time, and an
-imported revocation or retirement of the peer's key does the same. The bus middleware then no
-longer seals with it.
+"""Session mode: an X25519 session key, authenticated by ed25519 identities, then a keyed
+BLAKE2b MAC per message with a counter window (``docs/trust.md``, "Sessions").
 """
 
 from __future__ import annotations

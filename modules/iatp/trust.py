@@ -1,22 +1,5 @@
-"""Trust documents: signed edges, certificates and trust roots, and the store that checks them.
-
-A **trust edge** says "``from_agent`` trusts ``to_agent`` at ``trust_level`` and grants it
-``permissions``" (what ``to_agent`` may do towards ``from_agent``: ``send_data``,
-``request_action``, ...). It is signed by ``from_agent``'s key over::
-
-    ["IATP/1 trust-edge", from_agent, to_agent, trust_level (float64),
-     sorted(permissions), created_at, expires_at, key_id]
-
-A **certificate** (PKI model) says "root ``issuer`` certifies that key ``subject_key_id`` belongs
-to ``subject``, trusted at ``trust_level`` with ``permissions``"; signed by the issuer over::
-
-    ["IATP/1 certificate", serial, issuer, issuer_key_id, subject, subject_key_id,
-     subject_public_key, trust_level, sorted(permissions), not_before, not_after]
-
-Signatures are checked when a document enters the store (and again when a store is loaded), so
-tampered documents never count. At evaluation time a document counts only while it has not
-expired and its signing key is not revoked (a *retired* signer key keeps its documents valid:
-rotation must not erase trust).
+"""Trust documents: signed edges, certificates and trust roots, and the store that checks them on
+entry (``docs/trust.md``, "Trust").
 """
 
 from __future__ import annotations
@@ -49,7 +32,7 @@ def check_permissions(permissions: Any) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class TrustEdge:
-    """An explicit, signed trust relation (see the module docstring)."""
+    """An explicit, signed trust relation (see ``docs/trust.md``)."""
 
     from_agent: str
     to_agent: str

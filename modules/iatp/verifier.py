@@ -1,22 +1,7 @@
 """Signing and verification of envelopes: the hot path.
 
-Verification checks, in order (cheap checks first, the signature before anything is
-remembered, so a forger cannot fill the nonce cache):
-
-1. a signature block is present and well-formed (types, scheme, nonce and signature lengths);
-2. the envelope fields it covers have the types the canonical encoding needs;
-3. the sender is known; the key is known and belongs to the sender (session: the session is
-   known, its peer is the sender, and the peer's key that signed the handshake is known);
-4. the key (session: that handshake key) is not revoked (at the check time or the message's
-   time) nor retired; a session has not expired or been closed;
-5. the timestamp lies in ``[now - max_age, now + clock_skew]`` and ``expires_at`` has not passed;
-6. the ed25519 signature (or session MAC) verifies over the canonical bytes;
-7. the nonce (or session counter) has not been seen within the window;
-8. the trust level is computed from the trust model.
-
-It never raises: any failure, including an unexpected exception while reading a hostile object
-and a missing PyNaCl, gives an invalid result with a reason. It never reports valid without
-having run the signature check.
+The checks and their order are in ``docs/trust.md``, "Verification"; verification never raises
+and never reports valid without having run the signature check.
 """
 
 from __future__ import annotations
@@ -135,7 +120,7 @@ class EnvelopeVerifier:
         scope: Hashable = None,
         redelivery: bool = False,
     ) -> VerificationResult:
-        """Verify ``env`` (see the module docstring); never raises.
+        """Verify ``env`` (see ``docs/trust.md``); never raises.
 
         ``viewer`` is whose trust the web model measures: default ``perspective``, else the
         envelope's recipient if it is a local agent (a sender cannot pick a remote viewer);

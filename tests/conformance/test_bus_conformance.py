@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, decode
-from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
 from tests.conformance.conftest import AmbFactory, requires
 from tests.support import Collector, wait_until
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, RemoteError, RequestTimeout
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.iatp import IATP
 from agent_os.services._identity import PASSPHRASE_ENV

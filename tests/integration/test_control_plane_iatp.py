@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from agent_os.amb import AMB
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import KernelSpace, Pattern, Policy
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until

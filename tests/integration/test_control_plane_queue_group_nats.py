@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata, get_serializer
-from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
 from agent_os.control_plane import KernelSpace, Pattern, Policy

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from agent_os.amb import AMB
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import FlightRecorder
 from agent_os.services._identity import PASSPHRASE_ENV
 from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Envelope, Metadata, Middleware, RemoteError, RequestTimeout, get_serializer
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.emk import EMK, HashingEmbedder
 from agent_os.iatp import IATP, SigningRejected

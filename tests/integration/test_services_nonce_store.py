@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, MsgpackSerializer
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import KernelSpace, Pattern, Policy
 from agent_os.iatp import RedisNonceStore
 from agent_os.services._identity import PASSPHRASE_ENV

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata, decode
-from agent_os.amb.client import DLQ_ATTEMPTS, DLQ_REASON
+from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_REASON
 from tests.conformance import conftest as conformance
 from tests.conformance.brokers import TARGETS, BrokerTarget
 from tests.conformance.cleanup import REDIS_URL

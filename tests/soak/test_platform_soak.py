@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from agent_os.amb import AMB, LifecycleState, Metadata, StateError, get_serializer
-from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.control_plane import (
     AgentSignal,
     AgentStoppedError,

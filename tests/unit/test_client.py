@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import msgpack
 import pytest
 
 from agent_os import amb
@@ -16,11 +17,15 @@ from agent_os.amb import (
     MessageRejected,
     Metadata,
     Middleware,
+    Signature,
     StateError,
     available_brokers,
     load_broker,
 )
+from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
+from agent_os.amb.serializers.decoder import Decoder
+from agent_os.amb.serializers.schema import wire_of
 from tests.support import Collector, wait_until
 
 
@@ -225,8 +230,8 @@ async def test_the_receive_path_decodes_within_the_size_limit_and_in_either_form
     await got.wait_for(2)
     await dead.wait_for(1)
     assert got.messages == [{"from": "json"}, "fits"]
-    assert dead.metadata[0].headers[amb.client.DLQ_REASON] == "malformed"
-    assert dead.metadata[0].headers[amb.client.DLQ_ERROR].startswith("OversizedEnvelope")
+    assert dead.metadata[0].headers[DLQ_REASON] == "malformed"
+    assert dead.metadata[0].headers[DLQ_ERROR].startswith("OversizedEnvelope")
     assert amb.decode(dead.messages[0]).payload == "y" * 400  # dead-lettered whole
     assert small.stats.malformed == 1
     for client in (small, big, json_client):
@@ -585,3 +590,90 @@ async def test_replies_that_come_before_publish_returns_are_checked_too() -> Non
     assert requester.stats.mismatched_replies == 1
     await requester.close()
     await responder.close()
+
+
+def _receive_corpus() -> list[bytes]:
+    """Valid and malformed inputs for the receive path's decode: every branch of
+    ``Decoder.decode_fields`` (size limit, msgspec, JSON, the checked msgpack path)."""
+    signed = Envelope(
+        id="i-1",
+        topic="rx.x",
+        sender="s",
+        payload={"k": [1, b"\x00"], 2: None},
+        headers={"a": "b"},
+        timestamp=1,
+        expires_at=2**62,
+        sig=Signature("ed25519", "key-1", b"n" * 16, b"v" * 64),
+    )
+    plain = Envelope(id="i-2", topic="rx.x", sender="s", payload="p", timestamp=1)
+    valid_fields = [1, "i-3", "rx.x", "s", None, None, None, 1, None, 0, {}, "p", None]
+
+    def packed(**changes: object) -> bytes:
+        fields = list(valid_fields)
+        for index, value in changes.items():
+            fields[int(index[1:])] = value
+        return msgpack.packb(fields, use_bin_type=True)
+
+    packed_signed = amb.MsgpackSerializer().encode(signed)
+    return [
+        packed_signed,
+        amb.MsgpackSerializer().encode(plain),
+        amb.JsonSerializer().encode(signed),
+        amb.JsonSerializer().encode(plain),
+        packed(),
+        packed(f11={1: "non-string key"}),  # msgspec refuses map keys that are not str
+        packed(f1=""),
+        packed(f1=7),
+        packed(f3=None),
+        packed(f7="soon"),
+        packed(f10={"a": 1}),
+        packed(f12=["ed25519", "k", "not bytes", b"v"]),
+        packed(f0=2),
+        packed(f0="1"),
+        msgpack.packb(valid_fields[:12], use_bin_type=True),
+        msgpack.packb({"v": 1}, use_bin_type=True),
+        b"",
+        b"\xc1",
+        packed_signed[:-5],
+        b"{not json",
+        b'{"v": 1, "id": "x"',
+        b'{"v": 1, "id": "x", "topic": "rx.x", "sender": "s", "timestamp": 1, "extra": 0}',
+        b'{"v": 9}',
+        b"\xff" * 10,
+        amb.MsgpackSerializer().encode(Envelope(id="big", topic="rx.x", sender="s", payload="y" * 600)),
+    ]
+
+
+async def test_the_inline_receive_decode_agrees_with_the_decoder() -> None:
+    # AMB._on_delivery carries Decoder.decode_fields inline (the receive hot path): fed the same
+    # inputs, the client hands a handler exactly the decoder's fields or dead-letters the
+    # decoder's error.
+    limit = 500
+    decoder = Decoder(limit)
+    url = memory_url()
+    receiver = AMB(connection_string=url, max_message_bytes=limit)
+    watcher = AMB(connection_string=url)
+    got, dead = Collector(), Collector()
+    await receiver.subscribe("rx.x", got)
+    await watcher.subscribe("_DLQ.rx.x", dead)
+    corpus = _receive_corpus()
+    accepted = 0
+    for data in corpus:
+        try:
+            expected: object = decoder.decode_fields(data)
+        except amb.EnvelopeError as exc:
+            expected = f"{type(exc).__name__}: {exc}"[:1024]
+        before = len(got.messages) + len(dead.messages)
+        await receiver.broker.publish("rx.x", data)
+        await wait_until(lambda: len(got.messages) + len(dead.messages) > before)  # noqa: B023
+        if isinstance(expected, str):
+            assert dead.messages[-1] == data
+            assert dead.metadata[-1].headers[DLQ_REASON] == "malformed"
+            assert dead.metadata[-1].headers[DLQ_ERROR] == expected
+        else:
+            accepted += 1
+            assert wire_of(got.metadata[-1].envelope) == expected
+    assert 0 < accepted < len(corpus)
+    assert receiver.stats.malformed == len(corpus) - accepted
+    await receiver.close()
+    await watcher.close()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Envelope, Metadata
-from agent_os.amb.client import DLQ_ORIGINAL_ID, DLQ_REASON
+from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.amb.envelope import new_id
 from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
 from agent_os.control_plane.mediation.mediator import Mediator

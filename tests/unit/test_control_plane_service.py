@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from agent_os.amb import AMB, Metadata, RequestTimeout, get_serializer
-from agent_os.amb.client import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
 from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy

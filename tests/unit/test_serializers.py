@@ -261,7 +261,8 @@ def test_new_envelope_sets_every_field_like_the_constructor() -> None:
 
 
 def test_wire_fields_and_envelopes_convert_both_ways() -> None:
-    from agent_os.amb.serializers import Decoder, envelope_from_wire, wire_of
+    from agent_os.amb.serializers.decoder import Decoder
+    from agent_os.amb.serializers.schema import envelope_from_wire, wire_of
 
     env = full_envelope()
     fields = Decoder().decode_fields(MsgpackSerializer().encode(env))
@@ -310,7 +311,8 @@ field_values = st.one_of(
 @settings(max_examples=600, deadline=None)
 @given(index=st.integers(0, 12).filter(lambda i: i != 11), value=field_values)
 def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int, value: object) -> None:
-    from agent_os.amb.serializers import _decode_msgpack_checked, typed_unpack
+    from agent_os.amb.serializers.msgpack_format import decode_msgpack_checked
+    from agent_os.amb.serializers.schema import typed_unpack
 
     fields = msgpack.unpackb(MsgpackSerializer().encode(full_envelope()), raw=False)
     fields[index] = value
@@ -321,7 +323,7 @@ def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int
     except Exception:
         typed_ok = False
     try:
-        _decode_msgpack_checked(data)
+        decode_msgpack_checked(data)
         checked_ok = True
     except EnvelopeError:
         checked_ok = False

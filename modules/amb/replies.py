@@ -1,0 +1,116 @@
+"""Request/reply bookkeeping of the AMB client: the requests waiting for a reply, and which reply
+answers which request (the rule is in ``docs/bus.md``, "Request and reply")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from agent_os.amb.errors import StateError
+from agent_os.amb.metadata import Metadata
+
+if TYPE_CHECKING:
+    from agent_os.amb.stats import BusStats
+
+log = logging.getLogger("agent_os.amb")
+
+ERROR_HEADER: Final = "amb-error"
+"""The header of an error reply: the reason the responder's handler failed."""
+
+Reply = tuple[Any, Metadata]
+
+
+class PendingRequest:
+    """A request waiting for its reply: the future, the request's envelope id (set once its
+    publish returned), the agent it was addressed to (if any) and replies that came before its
+    publish returned, checked then."""
+
+    __slots__ = ("early", "future", "recipient", "request_id")
+
+    def __init__(self, future: asyncio.Future[Reply | None], recipient: str | None) -> None:
+        self.future = future
+        self.recipient = recipient
+        self.request_id: str | None = None
+        self.early: list[Reply] | None = None
+
+
+class PendingRequests:
+    """The requests of one client waiting for replies, by reply subject."""
+
+    __slots__ = ("_requests", "_stats")
+
+    def __init__(self, stats: BusStats) -> None:
+        self._requests: dict[str, PendingRequest] = {}
+        self._stats = stats
+
+    def add(
+        self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
+    ) -> PendingRequest:
+        """Wait for a reply on ``reply_subject`` (one request per reply subject)."""
+        pending = self._requests[reply_subject] = PendingRequest(future, recipient)
+        return pending
+
+    def published(self, pending: PendingRequest, request_id: str) -> None:
+        """Record the request's envelope id once its publish returned, and check the replies
+        that came before."""
+        pending.request_id = request_id
+        if pending.early is not None:
+            for early in pending.early:
+                self._resolve(pending, *early)
+            pending.early = None
+
+    def remove(self, reply_subject: str) -> None:
+        """Stop waiting on ``reply_subject``; replies that come later count as late."""
+        self._requests.pop(reply_subject, None)
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every request still waiting with :class:`~agent_os.amb.StateError` (on close)."""
+        for pending in self._requests.values():
+            fut = pending.future
+            if not fut.done():
+                fut.set_exception(StateError(reason))
+
+    async def on_reply(self, message: Any, metadata: Metadata) -> None:
+        """The handler of the client's reply inbox."""
+        pending = self._requests.get(metadata.subject)
+        if pending is None:
+            self._stats.late_replies += 1
+            return
+        if pending.request_id is None:
+            # The request's publish has not returned yet, so its id is not known here: the
+            # reply is checked once it is (see published()).
+            if pending.early is None:
+                pending.early = []
+            pending.early.append((message, metadata))
+            return
+        self._resolve(pending, message, metadata)
+
+    def _resolve(self, pending: PendingRequest, message: Any, metadata: Metadata) -> None:
+        """Resolve ``pending`` with a reply unless the reply answers another request."""
+        stats = self._stats
+        if pending.future.done():
+            stats.late_replies += 1
+            return
+        correlation_id = metadata.correlation_id
+        if correlation_id is not None and correlation_id != pending.request_id:
+            stats.mismatched_replies += 1
+            log.warning(
+                "dropped a reply on %r from %r: correlation id %r is not the request's %r",
+                metadata.subject,
+                metadata.sender,
+                correlation_id,
+                pending.request_id,
+            )
+            return
+        recipient = pending.recipient
+        if recipient is not None and metadata.sender != recipient:
+            stats.mismatched_replies += 1
+            log.warning(
+                "dropped a reply on %r from %r: the request was addressed to %r",
+                metadata.subject,
+                metadata.sender,
+                recipient,
+            )
+            return
+        pending.future.set_result((message, metadata))

@@ -1,0 +1,164 @@
+"""Subscriptions of the AMB client: their options, the live subscription, the stream form."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent_os.amb.broker import BrokerSubscription
+from agent_os.amb.errors import ConfigError
+from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
+from agent_os.amb.metadata import Metadata
+from agent_os.amb.middleware import ConsumeNext
+
+if TYPE_CHECKING:
+    from agent_os.amb.client import AMB
+
+Handler = Callable[[Any, Metadata], Awaitable[Any]]
+"""A subscription handler: ``async def handler(message, metadata)``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionOptions:
+    """How a subscription receives messages (see :meth:`agent_os.amb.AMB.subscribe`); checked on creation."""
+
+    queue: str | None = None
+    durable: str | None = None
+    filter: Predicate | None = None
+    concurrency: int = 1
+    max_attempts: int = 1
+    retry_delay: float = 0.1
+    context: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        if self.retry_delay < 0:
+            raise ConfigError("retry_delay must not be negative")
+        if self.queue is not None and not self.queue:
+            raise ConfigError("queue group name must be non-empty")
+        if self.durable is not None and not self.durable:
+            raise ConfigError("durable name must be non-empty")
+
+
+class Subscription:
+    """A live subscription of an :class:`~agent_os.amb.AMB` client.
+
+    Its underscored state is the client's: the client's receive path reads it per message."""
+
+    def __init__(self, client: AMB, pattern: str, handler: Handler, options: SubscriptionOptions) -> None:
+        self.client = client
+        self.pattern = pattern
+        self.handler = handler
+        self.options = options
+        self.handled = 0
+        self.errors = 0
+        self._broker_sub: BrokerSubscription | None = None
+        self._chain: ConsumeNext | None = None  # the middleware chain; None: call the handler
+        self._filter = options.filter
+        self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active = False
+        # Seeds every delivery's metadata.context: the subscription itself, then its context option.
+        self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    async def unsubscribe(self) -> None:
+        """Stop delivery now; messages still queued for this subscription are dropped."""
+        if self._broker_sub is not None and self._active:
+            self._active = False
+            await self._broker_sub.unsubscribe()
+            await self._wait_tasks(None)
+        self.client._forget(self)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop receiving, let queued and in-flight messages finish (up to ``timeout``)."""
+        if self._broker_sub is not None and self._active:
+            self._active = False
+            deadline = None if timeout is None else time.monotonic() + timeout
+            await self._broker_sub.drain(timeout)
+            await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.client._forget(self)
+
+    async def _wait_tasks(self, timeout: float | None) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.pattern!r}, queue={self.options.queue!r}, active={self._active})"
+
+
+class MessageStream:
+    """An async iterator over the messages of a pattern (``async for message in amb.stream(...)``).
+
+    Subscribes on first use; yields payloads, or ``(payload, metadata)`` pairs with
+    ``with_metadata=True``. A bounded buffer (``buffer`` messages) gives backpressure: when the
+    consumer falls behind, the broker stops handing over messages. ``aclose()`` (or leaving an
+    ``async with`` block, or breaking out of ``async for`` inside one) unsubscribes.
+    """
+
+    def __init__(
+        self,
+        client: AMB,
+        pattern: str,
+        *,
+        queue: str | None,
+        filter: FilterSpec | None,
+        buffer: int,
+        with_metadata: bool,
+    ) -> None:
+        if buffer < 1:
+            raise ConfigError("stream buffer must be at least 1")
+        self._client = client
+        self._pattern = pattern
+        self._queue_group = queue
+        self._filter = filter
+        self._with_metadata = with_metadata
+        self._items: asyncio.Queue[tuple[Any, Metadata]] = asyncio.Queue(maxsize=buffer)
+        self._sub: Subscription | None = None
+        self._closed = False
+
+    async def _on_message(self, message: Any, metadata: Metadata) -> None:
+        await self._items.put((message, metadata))
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._sub is None:
+            await self.start()
+        message, metadata = await self._items.get()
+        return (message, metadata) if self._with_metadata else message
+
+    async def start(self) -> None:
+        """Subscribe now (otherwise the first ``__anext__`` does)."""
+        if self._sub is None:
+            options = SubscriptionOptions(queue=self._queue_group, filter=compile_filter(self._filter))
+            self._sub = await self._client._subscribe(self._pattern, self._on_message, options)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def __aenter__(self) -> MessageStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
