@@ -231,7 +231,7 @@ def test_a_drifted_entry_is_caught() -> None:
     # The checker itself: a wrong default, a missing 'async', a wrong enum value or type, an
     # unknown name.
     dispatcher = (
-        "SignalDispatcher(kernel: KernelSpace | None = None, queue_size: int = {}, "
+        "SignalDispatcher(kernel: SignalHost | None = None, queue_size: int = {}, "
         "async_delivery: bool = True)"
     )
     execute = (
