@@ -4,7 +4,6 @@ connection loss mid-batch, index use and recall of filtered searches, concurrenc
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,8 +23,9 @@ from agent_os.emk import (
     StorageUnavailable,
 )
 from tests.support import wait_until
+from tests.support.emk import APPEND_ONLY_VIOLATIONS
+from tests.support.servers import PG_DSN
 
-PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 32
 
 Factory = Callable[..., Awaitable[EMK]]
@@ -72,21 +72,6 @@ def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:
 
 
 # -- append-only, enforced by the database ----------------------------------------------------------
-
-
-# Raw SQL the append-only triggers refuse (``{s}``: the namespace), on every table EMK writes;
-# test_emk_storage.py runs the same statements against the embedded server.
-APPEND_ONLY_VIOLATIONS = [
-    "UPDATE {s}.memories SET content = 'rewritten'",
-    "UPDATE {s}.memories SET supersedes = NULL",
-    "DELETE FROM {s}.memories",
-    "TRUNCATE {s}.memories",
-    "UPDATE {s}.meta SET value = '8' WHERE key = 'dimension'",
-    "DELETE FROM {s}.meta",
-    "TRUNCATE {s}.meta",
-    "DELETE FROM {s}.retention_log",
-    "TRUNCATE {s}.retention_log",
-]
 
 
 @pytest.mark.parametrize("statement", APPEND_ONLY_VIOLATIONS)

@@ -14,9 +14,10 @@ from agent_os.amb import AMB, Envelope, Metadata, Middleware, RemoteError, Reque
 from agent_os.amb.client import DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.emk import EMK, HashingEmbedder
-from agent_os.iatp import IATP, SigningRejected
+from agent_os.iatp import SigningRejected
 from agent_os.services.memory_service import MemoryService
 from tests.support import Collector
+from tests.support.identities import identities
 
 
 class FakeVerification(Middleware):
@@ -182,19 +183,6 @@ async def test_without_verification_a_claimed_sender_is_refused(url: str) -> Non
     assert err.value.reason.startswith("Unauthenticated")
     assert svc.stats["errors.Unauthenticated"] == 1
     await emk.close()
-
-
-async def identities(service: str, *agents: str) -> dict[str, IATP]:
-    """One IATP (key store) per process, as in separate processes: each holds its own key and
-    the others' public identities."""
-    stores = {name: IATP() for name in (service, *agents)}
-    for name, iatp in stores.items():
-        await iatp.register_agent(name)
-    for name, iatp in stores.items():
-        for other, theirs in stores.items():
-            if other != name:
-                await iatp.add_identity(theirs.identity(other))
-    return stores
 
 
 async def test_a_forged_sender_cannot_read_another_agents_memories(url: str) -> None:

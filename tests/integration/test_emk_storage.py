@@ -4,7 +4,6 @@ pgvector) and the embedded default (pgserver). Each test gets its own namespace 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import uuid
@@ -37,9 +36,9 @@ from agent_os.emk import (
     RecordNotFound,
     UnknownSupersedes,
 )
-from tests.integration.test_emk_postgres import APPEND_ONLY_VIOLATIONS
+from tests.support.emk import APPEND_ONLY_VIOLATIONS
+from tests.support.servers import PG_DSN
 
-PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 64
 
 Factory = Callable[..., Awaitable[EMK]]

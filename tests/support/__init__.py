@@ -1,4 +1,13 @@
-"""Small helpers shared by the test suites."""
+"""What the test suites share, instead of test modules importing each other.
+
+This module: waiting for a condition, a collecting handler, the process's memory. The modules
+beside it, one concern each: ``servers`` (where the shared servers are), ``cleanup`` (deleting
+what tests leave on them), ``brokers`` (the conformance suite's broker targets and fixtures),
+``kafka`` (the librdkafka mock cluster), ``processes`` (services started as processes),
+``identities`` (signing keys), ``envelopes``, ``embedders``, ``emk``, ``holds`` and
+``queue_group`` (scenarios that a unit test and a server-bound test both run). Fixtures live in
+each folder's ``conftest.py``.
+"""
 
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-NATS_URL = "nats://127.0.0.1:4222"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support.servers import NATS_URL, REDIS_URL
 
 
 def _under(subject: str, prefix: str) -> bool:
