@@ -24,9 +24,13 @@ pytestmark = pytest.mark.nats
 async def broker(prefix: str) -> AsyncIterator[NatsBroker]:
     broker = NatsBroker(NATS_URL)
     await broker.connect()
-    yield broker
-    await broker.close(timeout=2)
-    await delete_nats_streams(prefix, NATS_URL)
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close(timeout=2)
+        finally:
+            await delete_nats_streams(prefix, NATS_URL)
 
 
 class CancelsOnce:

@@ -33,9 +33,13 @@ class Deliveries:
 async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
     broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", claim_min_idle=0.2)
     await broker.connect()
-    yield broker
-    await broker.close()
-    await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close()
+        finally:
+            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
 
 
 async def _dead_entries(broker: RedisBroker, key: str) -> list[dict[bytes, bytes]]:

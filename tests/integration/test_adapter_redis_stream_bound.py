@@ -41,9 +41,13 @@ class Deliveries:
 async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
     broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", stream_maxlen=MAXLEN)
     await broker.connect()
-    yield broker
-    await broker.close()
-    await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close()
+        finally:
+            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
 
 
 async def node_max_entries(broker: RedisBroker) -> int:

@@ -23,7 +23,12 @@ async def test_serve_control_plane_runs_the_service_process(sig: signal.Signals)
         "0",
         env={"AGENTOS_ADMIN_TOKEN": "cli-test-token-0123456789"},
     )
-    assert ready.startswith("ready admin=http://127.0.0.1:")
-    returncode, log = await stop(proc, sig)
-    assert returncode == 0, log
+    try:
+        assert ready.startswith("ready admin=http://127.0.0.1:")
+        returncode, log = await stop(proc, sig)
+        assert returncode == 0, log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 

@@ -40,9 +40,11 @@ def namespace() -> str:
 async def sql(namespace: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A raw superuser connection beside EMK; drops the test's schema afterwards."""
     conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
-    yield conn
-    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
-    await conn.close()
+    try:
+        yield conn
+        await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -62,9 +64,11 @@ async def make_emk(namespace: str, sql: psycopg.AsyncConnection[Any]) -> AsyncIt
         await emk.open()
         return emk
 
-    yield factory
-    for emk in opened:
-        await emk.close()
+    try:
+        yield factory
+    finally:
+        for emk in opened:
+            await emk.close()
 
 
 def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:

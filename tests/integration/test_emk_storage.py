@@ -101,12 +101,16 @@ async def make_emk(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         await emk.open()
         return emk
 
-    yield factory
-    for emk in opened:
-        await emk.close()
-    if storage == "postgresql":
-        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    try:
+        yield factory
+    finally:
+        try:
+            for emk in opened:
+                await emk.close()
+        finally:
+            if storage == "postgresql":
+                async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
 
 
 async def count_all(emk: EMK, agent_id: str, session_id: str | None = None) -> int:
