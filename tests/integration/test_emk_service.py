@@ -16,7 +16,7 @@ from agent_os.amb.middleware import ConsumeNext
 from agent_os.emk import EMK, HashingEmbedder
 from agent_os.iatp import SigningRejected
 from agent_os.services.memory_service import MemoryService
-from tests.support import Collector
+from tests.support import Collector, memory_url
 from tests.support.identities import identities
 
 
@@ -33,7 +33,7 @@ class FakeVerification(Middleware):
 
 @pytest.fixture
 def url() -> str:
-    return f"memory://emk-service-{uuid.uuid4().hex}"
+    return memory_url("emk-service")
 
 
 @pytest.fixture
