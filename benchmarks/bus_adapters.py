@@ -16,7 +16,7 @@ For each broker, in one run:
    the requester is subscribed to; Kafka produce on a request topic, answered on a reply topic).
 
 Needs nats-server on 127.0.0.1:4222 and redis-server on 127.0.0.1:6379; Kafka is librdkafka's
-mock cluster (tests/kafka_mock.py), started in-process. Every subject is under a prefix unique
+mock cluster (tests/support/kafka.py), started in-process. Every subject is under a prefix unique
 to the run; every wait is bounded (asyncio.wait_for), every loop bounded in count and time.
 The section "bus_adapters" of benchmarks/RESULTS.md is rewritten with the results.
 """
@@ -502,7 +502,7 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
     cluster: Any = None
     raw_env_tp: Callable[[], Awaitable[float]] | None = None
     if backend == "kafka":
-        from tests.kafka_mock import MockKafkaCluster
+        from tests.support.kafka import MockKafkaCluster
 
         cluster = MockKafkaCluster(brokers=1)
     try:

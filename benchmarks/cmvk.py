@@ -27,7 +27,7 @@ from agent_os.cmvk._calls import litellm_module
 from agent_os.cmvk._verdict import verify_messages
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from benchmarks._report import write_section
-from tests.unit.test_cmvk_agreement import HashingEmbedder
+from tests.support.embedders import HashingEmbedder
 
 PAIRS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cmvk_pairs.jsonl"
 

@@ -13,8 +13,8 @@ import pytest
 
 from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, decode
 from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
-from tests.conformance.conftest import AmbFactory, requires
 from tests.support import Collector, wait_until
+from tests.support.brokers import AmbFactory, requires
 
 PAYLOADS: list[Any] = [
     {"task_id": "task_123", "priority": "high", "nested": {"list": [1, 2.5, None, True]}},

@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,8 +32,8 @@ import pytest
 from agent_os.amb.broker import Delivery
 from agent_os.amb.errors import BrokerUnavailable, TransportError
 from agent_os.bus_adapters.kafka import KafkaBroker
-from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster, committed_offsets
 from tests.support import wait_until
+from tests.support.kafka import MockKafkaCluster, broker_url, committed_offsets
 
 pytestmark = pytest.mark.kafka
 
@@ -71,17 +70,6 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def cluster() -> Iterator[MockKafkaCluster]:
-    with MockKafkaCluster(brokers=1) as mock:
-        yield mock
-
-
-def _url(cluster: MockKafkaCluster, **extra: int) -> str:
-    query = "&".join([TEST_GROUP_OPTIONS, *(f"{k}={v}" for k, v in extra.items())])
-    return f"kafka://{cluster.bootstrap_servers}?{query}"
-
-
 def _accepts_connections(bootstrap: str) -> bool:
     host, port = bootstrap.rsplit(":", 1)
     try:
@@ -91,10 +79,10 @@ def _accepts_connections(bootstrap: str) -> bool:
         return False
 
 
-async def test_killed_durable_consumer_loses_nothing(cluster: MockKafkaCluster) -> None:
+async def test_killed_durable_consumer_loses_nothing(kafka_cluster: MockKafkaCluster) -> None:
     tag = uuid.uuid4().hex[:10]
     subject, durable, total, healthy = f"fault{tag}.jobs", f"fault{tag}-d", 200, 50
-    url = _url(cluster)
+    url = broker_url(kafka_cluster)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -129,7 +117,9 @@ async def test_killed_durable_consumer_loses_nothing(cluster: MockKafkaCluster) 
         await proc.wait()
         for line in (await proc.stdout.read()).splitlines():  # what it printed before dying counts
             record(line)
-        committed = await asyncio.to_thread(committed_offsets, cluster.bootstrap_servers, durable, subject)
+        committed = await asyncio.to_thread(
+            committed_offsets, kafka_cluster.bootstrap_servers, durable, subject
+        )
 
         async def handle(delivery: Delivery) -> None:
             n = int(delivery.data)
@@ -169,14 +159,14 @@ async def test_killed_durable_consumer_loses_nothing(cluster: MockKafkaCluster) 
 
 @pytest.mark.parametrize("confirm", [True, False], ids=["confirmed", "pipelined"])
 async def test_broker_down_during_publish_loop_loses_no_confirmed_publish(
-    cluster: MockKafkaCluster, confirm: bool
+    kafka_cluster: MockKafkaCluster, confirm: bool
 ) -> None:
     """Confirmed: each publish() returns once Kafka acknowledged it. Pipelined: publish() returns
     once the record is batched, and flush() confirms them all (or raises)."""
     subject = f"fault{uuid.uuid4().hex[:10]}.orders"
     n, outage = 300, 2.0  # longer than the session timeout: the consumer's group membership expires
-    publisher = KafkaBroker(_url(cluster, request_timeout_ms=8000), confirm_publish=confirm)
-    consumer = KafkaBroker(_url(cluster))
+    publisher = KafkaBroker(broker_url(kafka_cluster, request_timeout_ms=8000), confirm_publish=confirm)
+    consumer = KafkaBroker(broker_url(kafka_cluster))
     received: Counter[int] = Counter()
     accepted: list[int] = []
     failed: list[int] = []
@@ -188,10 +178,10 @@ async def test_broker_down_during_publish_loop_loses_no_confirmed_publish(
         await delivery.ack()
 
     async def take_down() -> None:
-        cluster.set_broker_down(1)
-        down_seen.append(not _accepts_connections(cluster.bootstrap_servers))
+        kafka_cluster.set_broker_down(1)
+        down_seen.append(not _accepts_connections(kafka_cluster.bootstrap_servers))
         await asyncio.sleep(outage)
-        cluster.set_broker_up(1)
+        kafka_cluster.set_broker_up(1)
 
     try:
         await publisher.connect()
@@ -241,17 +231,17 @@ async def test_broker_down_during_publish_loop_loses_no_confirmed_publish(
             assert len(duplicated) <= n // 4, f"duplicates: {duplicated}"
             assert all(k < n - 50 for k in duplicated), f"duplicates after recovery: {duplicated}"
     finally:
-        cluster.set_broker_up(1)
+        kafka_cluster.set_broker_up(1)
         for broker in (publisher, consumer):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=2)
 
 
-async def test_produce_errors_are_retried_or_reported(cluster: MockKafkaCluster) -> None:
+async def test_produce_errors_are_retried_or_reported(kafka_cluster: MockKafkaCluster) -> None:
     subject = f"fault{uuid.uuid4().hex[:10]}.events"
-    confirmed = KafkaBroker(_url(cluster), confirm_publish=True)
-    pipelined = KafkaBroker(_url(cluster))
-    consumer = KafkaBroker(_url(cluster))
+    confirmed = KafkaBroker(broker_url(kafka_cluster), confirm_publish=True)
+    pipelined = KafkaBroker(broker_url(kafka_cluster))
+    consumer = KafkaBroker(broker_url(kafka_cluster))
     received: Counter[int] = Counter()
 
     async def handle(delivery: Delivery) -> None:
@@ -267,16 +257,18 @@ async def test_produce_errors_are_retried_or_reported(cluster: MockKafkaCluster)
         await pipelined.flush(timeout=10)
 
         # Retriable: the producer refreshes metadata, backs off and sends again.
-        cluster.push_request_errors(PRODUCE, REQUEST_TIMED_OUT, NOT_LEADER_FOR_PARTITION, REQUEST_TIMED_OUT)
+        kafka_cluster.push_request_errors(
+            PRODUCE, REQUEST_TIMED_OUT, NOT_LEADER_FOR_PARTITION, REQUEST_TIMED_OUT
+        )
         await confirmed.publish(subject, b"2")
         # Not retriable: the publish fails loudly instead of vanishing.
-        cluster.push_request_errors(PRODUCE, TOPIC_AUTHORIZATION_FAILED)
+        kafka_cluster.push_request_errors(PRODUCE, TOPIC_AUTHORIZATION_FAILED)
         with pytest.raises(TransportError) as refused:
             await confirmed.publish(subject, b"3")
         assert not isinstance(refused.value, BrokerUnavailable), "a refusal is not an outage"
         await confirmed.publish(subject, b"4")  # the client is still usable
         # Pipelined, the refusal is counted and raised by the next flush (or publish).
-        cluster.push_request_errors(PRODUCE, TOPIC_AUTHORIZATION_FAILED)
+        kafka_cluster.push_request_errors(PRODUCE, TOPIC_AUTHORIZATION_FAILED)
         await pipelined.publish(subject, b"5")
         with pytest.raises(TransportError):
             await pipelined.flush(timeout=10)
@@ -289,7 +281,7 @@ async def test_produce_errors_are_retried_or_reported(cluster: MockKafkaCluster)
         await asyncio.sleep(0.3)
         assert received == Counter(dict.fromkeys(accepted, 1)), "each accepted publish once, refused never"
     finally:
-        cluster.clear_request_errors(PRODUCE)
+        kafka_cluster.clear_request_errors(PRODUCE)
         for broker in (confirmed, pipelined, consumer):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=2)

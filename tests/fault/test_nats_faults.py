@@ -18,12 +18,12 @@ import pytest
 
 from agent_os.amb import Delivery, TransportError
 from agent_os.bus_adapters.nats import NatsBroker
-from tests.conformance.cleanup import delete_nats_streams
 from tests.support import wait_until
+from tests.support.cleanup import delete_nats_streams
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-URL = "nats://127.0.0.1:4222"
 SERVER = "/usr/sbin/nats-server"
 START = [
     "start-stop-daemon", "--start", "--oknodo", "--background", "--exec", SERVER, "--",
@@ -65,9 +65,9 @@ def _names() -> Iterator[str]:
 async def test_killed_durable_consumer_loses_nothing() -> None:
     subject, durable = _names()
     n = 200
-    first = NatsBroker(URL, ack_wait=1.0, pull_batch=16)
-    publisher = NatsBroker(URL, stream_subjects=(subject,))
-    second = NatsBroker(URL)
+    first = NatsBroker(NATS_URL, ack_wait=1.0, pull_batch=16)
+    publisher = NatsBroker(NATS_URL, stream_subjects=(subject,))
+    second = NatsBroker(NATS_URL)
     seen: Counter[int] = Counter()
     acked: set[int] = set()
     stuck = asyncio.Event()
@@ -113,14 +113,14 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         for broker in (second, publisher, first):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=1)
-        await delete_nats_streams(subject.split(".")[0], URL)
+        await delete_nats_streams(subject.split(".")[0], NATS_URL)
 
 
 async def test_server_restart_loses_no_acknowledged_durable_publish() -> None:
     subject, durable = _names()
     n = 400
-    consumer = NatsBroker(URL)
-    publisher = NatsBroker(URL, stream_subjects=(subject,), publish_timeout=8.0)
+    consumer = NatsBroker(NATS_URL)
+    publisher = NatsBroker(NATS_URL, stream_subjects=(subject,), publish_timeout=8.0)
     received: Counter[int] = Counter()
     acked: list[int] = []
     failed: list[int] = []
@@ -173,4 +173,4 @@ async def test_server_restart_loses_no_acknowledged_durable_publish() -> None:
         for broker in (publisher, consumer):
             with contextlib.suppress(Exception):
                 await broker.close(timeout=1)
-        await delete_nats_streams(subject.split(".")[0], URL)
+        await delete_nats_streams(subject.split(".")[0], NATS_URL)

@@ -23,12 +23,12 @@ import pytest
 from agent_os.amb.broker import Delivery
 from agent_os.amb.errors import TransportError
 from agent_os.bus_adapters.redis import RedisBroker
-from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
+from tests.support.cleanup import delete_redis_keys
+from tests.support.servers import REDIS_URL
 
 pytestmark = pytest.mark.redis
 
-URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 
 # A durable consumer in its own process: it acks what it handles and reports on stdout, until the
@@ -64,13 +64,13 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         _CONSUMER,
         subject,
         durable,
-        URL,
+        REDIS_URL,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    pub = RedisBroker(URL)
-    survivor = RedisBroker(URL, claim_min_idle=0.5)
+    pub = RedisBroker(REDIS_URL)
+    survivor = RedisBroker(REDIS_URL, claim_min_idle=0.5)
     got_first: list[int] = []
     acked_first: set[int] = set()
     got_second: list[int] = []
@@ -117,7 +117,7 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
             await proc.wait()
         await survivor.close()
         await pub.close()
-        await delete_redis_keys(URL, subject_prefix=prefix)
+        await delete_redis_keys(REDIS_URL, subject_prefix=prefix)
 
 
 def _free_port() -> int:

@@ -4,7 +4,6 @@ the bus, finish what is in flight on SIGTERM/SIGINT, and exit 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import uuid
 from pathlib import Path
@@ -14,16 +13,15 @@ import pytest
 from agent_os.amb import AMB, RemoteError, RequestTimeout
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
-from agent_os.iatp import IATP
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.verifier_service import request_verification
 from tests.support import Collector, wait_until
-from tests.unit.test_cli import start, stop
+from tests.support.identities import PASSPHRASE, service_identities
+from tests.support.processes import start, stop
+from tests.support.servers import NATS_URL, PG_DSN
 
 pytestmark = pytest.mark.nats
 
-NATS = "nats://127.0.0.1:4222"
-PASSPHRASE = "serve-test-passphrase-0123"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -32,7 +30,7 @@ async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> No
     proc, ready = await start(
         "memory",
         "--broker",
-        NATS,
+        NATS_URL,
         "--trust-bus",
         "--storage",
         "memory",
@@ -41,9 +39,9 @@ async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> No
         "--prefix",
         prefix,
     )
-    assert ready == f"ready memory subjects={prefix}.* broker={NATS}"
-    alice = AMB("nats", NATS, agent_id=f"alice-{prefix}")
-    bob = AMB("nats", NATS, agent_id=f"bob-{prefix}")
+    assert ready == f"ready memory subjects={prefix}.* broker={NATS_URL}"
+    alice = AMB("nats", NATS_URL, agent_id=f"alice-{prefix}")
+    bob = AMB("nats", NATS_URL, agent_id=f"bob-{prefix}")
     try:
         stored = await alice.request(
             f"{prefix}.store", {"content": "Deploys happen on Tuesdays."}, timeout=10
@@ -74,7 +72,7 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
         proc, ready = await start(
             "verifier",
             "--broker",
-            NATS,
+            NATS_URL,
             "--trust-bus",
             "--model",
             "gpt=openai/gpt",
@@ -88,8 +86,8 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
             f"cmvk_cli_{tag}",
             env={"AGENTOS_LLM_API_KEY": "test-key"},
         )
-        assert ready == f"ready verifier subject={subject} broker={NATS}"
-        caller = AMB("nats", NATS, agent_id=f"caller-{tag}")
+        assert ready == f"ready verifier subject={subject} broker={NATS_URL}"
+        caller = AMB("nats", NATS_URL, agent_id=f"caller-{tag}")
         try:
             reply = await request_verification(caller, "What is 6 x 7?", "42", subject=subject, timeout=20)
             assert reply["verified"] is True
@@ -119,13 +117,13 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
 async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> None:
     import psycopg
 
-    dsn = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    dsn = PG_DSN
     tag = uuid.uuid4().hex[:10]
     prefix, namespace = f"emk_cli_{tag}", f"emk_cli_{tag}"
     args = (
         "memory",
         "--broker",
-        NATS,
+        NATS_URL,
         "--trust-bus",
         "--storage",
         "postgresql",
@@ -133,7 +131,7 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
         "hashing",
     )
     options = ("--namespace", namespace, "--prefix", prefix)
-    carol = AMB("nats", NATS, agent_id=f"carol-{tag}")
+    carol = AMB("nats", NATS_URL, agent_id=f"carol-{tag}")
     procs: list[asyncio.subprocess.Process] = []
     try:
         proc, _ = await start(*args, *options, env={"AGENTOS_EMK_DSN": dsn})
@@ -158,20 +156,6 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
 
 
-async def service_identities(path: Path, service: str, *agents: str) -> dict[str, IATP]:
-    """A file key store at ``path`` for the service process (its key, the agents' public
-    identities), and an in-memory IATP per agent (its key, the service's public identity)."""
-    store = IATP("file", key_path=str(path), passphrase=PASSPHRASE, kdf_level="interactive")
-    await store.register_agent(service)
-    keys: dict[str, IATP] = {}
-    for agent in agents:
-        keys[agent] = IATP()
-        await keys[agent].register_agent(agent)
-        await keys[agent].add_identity(store.identity(service))
-        await store.add_identity(keys[agent].identity(agent))
-    return keys
-
-
 async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_path: Path) -> None:
     """The reproduced finding: mallory asked emk.query with sender_id="alice" and got alice's
     memories. With --identities, the service answers each signed request for its verified
@@ -182,7 +166,7 @@ async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_pa
     proc, _ = await start(
         "memory",
         "--broker",
-        NATS,
+        NATS_URL,
         "--identities",
         str(tmp_path / "keys"),
         "--storage",
@@ -193,9 +177,9 @@ async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_pa
         prefix,
         env={PASSPHRASE_ENV: PASSPHRASE},
     )
-    alice = AMB("nats", NATS, agent_id=alice_id, middleware=[keys[alice_id].middleware()])
-    mallory = AMB("nats", NATS, agent_id=mallory_id, middleware=[keys[mallory_id].middleware()])
-    unsigned = AMB("nats", NATS, agent_id=mallory_id)
+    alice = AMB("nats", NATS_URL, agent_id=alice_id, middleware=[keys[alice_id].middleware()])
+    mallory = AMB("nats", NATS_URL, agent_id=mallory_id, middleware=[keys[mallory_id].middleware()])
+    unsigned = AMB("nats", NATS_URL, agent_id=mallory_id)
     dead = Collector()
     try:
         await unsigned.subscribe(f"_DLQ.{prefix}.>", dead)
@@ -226,7 +210,7 @@ async def test_serve_memory_with_trust_bus_believes_the_claimed_sender() -> None
     proc, _ = await start(
         "memory",
         "--broker",
-        NATS,
+        NATS_URL,
         "--trust-bus",
         "--storage",
         "memory",
@@ -235,7 +219,7 @@ async def test_serve_memory_with_trust_bus_believes_the_claimed_sender() -> None
         "--prefix",
         prefix,
     )
-    client = AMB("nats", NATS, agent_id=f"someone-{prefix}")
+    client = AMB("nats", NATS_URL, agent_id=f"someone-{prefix}")
     try:
         await client.request(f"{prefix}.store", {"content": "Stored as alice."}, sender_id=f"alice-{prefix}")
         answer = await client.request(f"{prefix}.query", {}, sender_id=f"alice-{prefix}", timeout=10)
@@ -258,7 +242,7 @@ async def test_serve_verifier_with_identities_answers_a_signed_caller(tmp_path: 
         proc, _ = await start(
             "verifier",
             "--broker",
-            NATS,
+            NATS_URL,
             "--identities",
             str(tmp_path / "keys"),
             "--model",
@@ -271,8 +255,8 @@ async def test_serve_verifier_with_identities_answers_a_signed_caller(tmp_path: 
             f"cmvk_cli_{tag}",
             env={"AGENTOS_LLM_API_KEY": "test-key", PASSPHRASE_ENV: PASSPHRASE},
         )
-        caller = AMB("nats", NATS, agent_id=caller_id, middleware=[keys[caller_id].middleware()])
-        unsigned = AMB("nats", NATS, agent_id=caller_id)
+        caller = AMB("nats", NATS_URL, agent_id=caller_id, middleware=[keys[caller_id].middleware()])
+        unsigned = AMB("nats", NATS_URL, agent_id=caller_id)
         try:
             reply = await request_verification(caller, "What is 6 x 7?", "42", subject=subject, timeout=20)
             assert reply["verified"] is True

@@ -16,8 +16,8 @@ from agent_os.services.verifier_service import (
     VerifierService,
     request_verification,
 )
-from tests.integration.test_emk_service import identities
 from tests.support import wait_until
+from tests.support.identities import identities
 
 
 @pytest.fixture

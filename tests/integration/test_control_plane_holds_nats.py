@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_control_plane_holds import a_stopped_agent_does_not_stall_the_others
+from tests.support.holds import a_stopped_agent_does_not_stall_the_others
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-NATS = "nats://127.0.0.1:4222"
 
 
 async def test_a_stopped_agent_does_not_stall_the_others_on_nats() -> None:
-    await a_stopped_agent_does_not_stall_the_others("nats", NATS)
+    await a_stopped_agent_does_not_stall_the_others("nats", NATS_URL)

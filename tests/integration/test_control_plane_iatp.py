@@ -26,22 +26,24 @@ async def test_signed_verified_governed_delivery() -> None:
     alice = AMB("memory", where, agent_id="alice", middleware=[iatp.middleware()])
     mallory = AMB("memory", where, agent_id="mallory", middleware=[iatp.middleware()])
     watcher = AMB("memory", where)
-    got, dlq = Collector(), Collector()
-    await bob.subscribe("data.in", got)
-    await watcher.subscribe("_DLQ.>", dlq)
-    await alice.publish("data.in", {"n": 1}, recipient="bob")
-    await mallory.publish("data.in", {"n": 2}, recipient="bob")  # signed, but no grant from bob
-    await got.wait_for(1)
-    await dlq.wait_for(1)
-    assert got.messages == [{"n": 1}]
-    assert dlq.metadata[0].headers[DLQ_REASON] == "policy_denied"
-    decisions = await kernel.recorder.query(event_type="policy_decision")
-    assert [(d.data["sender"], d.data["verified"], d.data["decision"]) for d in decisions] == [
-        ("alice", True, "allow"),
-        ("mallory", True, "deny"),
-    ]
-    assert decisions[0].data["trust_level"] > 0
-    await wait_until(lambda: bob.stats.rejected == 1)
-    for client in (alice, mallory, watcher, bob):
-        await client.close()
-    await kernel.close()
+    try:
+        got, dlq = Collector(), Collector()
+        await bob.subscribe("data.in", got)
+        await watcher.subscribe("_DLQ.>", dlq)
+        await alice.publish("data.in", {"n": 1}, recipient="bob")
+        await mallory.publish("data.in", {"n": 2}, recipient="bob")  # signed, but no grant from bob
+        await got.wait_for(1)
+        await dlq.wait_for(1)
+        assert got.messages == [{"n": 1}]
+        assert dlq.metadata[0].headers[DLQ_REASON] == "policy_denied"
+        decisions = await kernel.recorder.query(event_type="policy_decision")
+        assert [(d.data["sender"], d.data["verified"], d.data["decision"]) for d in decisions] == [
+            ("alice", True, "allow"),
+            ("mallory", True, "deny"),
+        ]
+        assert decisions[0].data["trust_level"] > 0
+        await wait_until(lambda: bob.stats.rejected == 1)
+    finally:
+        for client in (alice, mallory, watcher, bob):
+            await client.close()
+        await kernel.close()

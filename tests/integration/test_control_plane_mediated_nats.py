@@ -99,7 +99,13 @@ async def service_and_responder(
     async def reply(message: object, metadata: Metadata) -> None:
         await responder.reply(metadata, f"{answer}{message}")
 
-    await responder.subscribe(delivery_subject("tasks.>"), reply)
+    try:
+        await responder.subscribe(delivery_subject("tasks.>"), reply)
+    except BaseException:
+        await responder.close()
+        await service.stop()
+        await kernel.close()
+        raise
     return kernel, service, responder
 
 
@@ -112,38 +118,43 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
     service = ControlPlaneService(
         AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
     )
-    await service.start()
     receiver = AMB("nats", url("agent-b", nats_port), agent_id="agent-b")
-    got = Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
     agent = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
-    await agent.connect()
+    try:
+        await service.start()
+        got = Collector()
+        await receiver.subscribe(delivery_subject("tasks.>"), got)
+        await agent.connect()
 
-    await agent.publish(ingress_subject("tasks.work"), "mediated")
-    await got.wait_for(1)
+        await agent.publish(ingress_subject("tasks.work"), "mediated")
+        await got.wait_for(1)
 
-    errors: list[Exception] = []
+        errors: list[Exception] = []
 
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
 
-    raw = await nats.connect(url("agent-a", nats_port), error_cb=on_error)
-    await raw.publish(delivery_subject("tasks.work"), b"bypass")  # straight to the delivery subject
-    await raw.flush()
-    await agent.publish(delivery_subject("tasks.work"), "bypass via the bus client")
-    await wait_until(lambda: any("permissions violation" in str(e).lower() for e in errors))  # refused
-    # A later mediated message takes the longer way; had a bypass been let through, it would be
-    # there before it.
-    await agent.publish(ingress_subject("tasks.work"), "mediated again")
-    await got.wait_for(2)
-    assert got.messages == ["mediated", "mediated again"]  # nothing arrived around the mediator
-    decisions = await kernel.recorder.query(event_type="policy_decision")
-    assert [d.data["resource"] for d in decisions] == ["tasks.work", "tasks.work"]
-    await raw.close()
-    await agent.close()
-    await receiver.close()
-    await service.stop()
-    await kernel.close()
+        raw = await nats.connect(url("agent-a", nats_port), error_cb=on_error)
+        try:
+            await raw.publish(delivery_subject("tasks.work"), b"bypass")  # straight to the delivery subject
+            await raw.flush()
+            await agent.publish(delivery_subject("tasks.work"), "bypass via the bus client")
+            # refused:
+            await wait_until(lambda: any("permissions violation" in str(e).lower() for e in errors))
+            # A later mediated message takes the longer way; had a bypass been let through, it would be
+            # there before it.
+            await agent.publish(ingress_subject("tasks.work"), "mediated again")
+            await got.wait_for(2)
+            assert got.messages == ["mediated", "mediated again"]  # nothing arrived around the mediator
+            decisions = await kernel.recorder.query(event_type="policy_decision")
+            assert [d.data["resource"] for d in decisions] == ["tasks.work", "tasks.work"]
+        finally:
+            await raw.close()
+    finally:
+        await agent.close()
+        await receiver.close()
+        await service.stop()
+        await kernel.close()
 
 
 async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(nats_port: int) -> None:
@@ -153,36 +164,40 @@ async def test_replies_are_mediated_and_a_reply_around_the_service_is_refused(na
         nats_port, Pattern("reply", "tasks.private"), answer="re: "
     )
     requester = agent_client("agent-a", nats_port)
-    assert await requester.request(ingress_subject("tasks.ask"), "hello", timeout=3) == "re: hello"
-    with pytest.raises(RequestTimeout):
-        await requester.request(ingress_subject("tasks.private"), "secret", timeout=0.5)
-    decisions = await kernel.recorder.query(filters={"data.operation": "reply"})
-    assert [(d.data["resource"], d.data["decision"]) for d in decisions] == [
-        ("tasks.ask", "allow"),
-        ("tasks.private", "deny"),
-    ]
+    try:
+        assert await requester.request(ingress_subject("tasks.ask"), "hello", timeout=3) == "re: hello"
+        with pytest.raises(RequestTimeout):
+            await requester.request(ingress_subject("tasks.private"), "secret", timeout=0.5)
+        decisions = await kernel.recorder.query(filters={"data.operation": "reply"})
+        assert [(d.data["resource"], d.data["decision"]) for d in decisions] == [
+            ("tasks.ask", "allow"),
+            ("tasks.private", "deny"),
+        ]
 
-    # agent-b answers straight into agent-a's inbox: the server refuses it.
-    errors: list[Exception] = []
+        # agent-b answers straight into agent-a's inbox: the server refuses it.
+        errors: list[Exception] = []
 
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
 
-    inbox = Collector()
-    await requester.subscribe("_INBOX.agent-a.>", inbox)
-    raw = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
-    await raw.publish("_INBOX.agent-a.1", b"around the service")
-    await raw.flush()
-    await wait_until(lambda: any("permissions violation" in str(e).lower() for e in errors))
-    # The server handled the forged reply before this request: only the real reply arrives.
-    assert await requester.request(ingress_subject("tasks.ask"), "again", timeout=3) == "re: again"
-    await inbox.wait_for(1)
-    assert inbox.messages == ["re: again"]
-    await raw.close()
-    for client in (requester, responder):
-        await client.close()
-    await service.stop()
-    await kernel.close()
+        inbox = Collector()
+        await requester.subscribe("_INBOX.agent-a.>", inbox)
+        raw = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
+        try:
+            await raw.publish("_INBOX.agent-a.1", b"around the service")
+            await raw.flush()
+            await wait_until(lambda: any("permissions violation" in str(e).lower() for e in errors))
+            # The server handled the forged reply before this request: only the real reply arrives.
+            assert await requester.request(ingress_subject("tasks.ask"), "again", timeout=3) == "re: again"
+            await inbox.wait_for(1)
+            assert inbox.messages == ["re: again"]
+        finally:
+            await raw.close()
+    finally:
+        for client in (requester, responder):
+            await client.close()
+        await service.stop()
+        await kernel.close()
 
 
 async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -> None:
@@ -192,44 +207,48 @@ async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -
     import nats
 
     kernel, service, responder = await service_and_responder(nats_port, answer="secret answer to ")
-
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    spy = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
-    stolen: list[bytes] = []
-
-    async def steal(msg: object) -> None:
-        stolen.append(msg.data)  # type: ignore[attr-defined]
-
-    await spy.subscribe("_INBOX.agent-a.>", cb=steal)
-    await spy.subscribe("_INBOX.>", cb=steal)
-    await spy.flush()
-    own: list[bytes] = []
-
-    async def mine(msg: object) -> None:
-        own.append(msg.data)  # type: ignore[attr-defined]
-
-    await spy.subscribe("_INBOX.agent-b.x", cb=mine)  # its own inboxes are allowed
-    await spy.flush()
-
     requester = agent_client("agent-a", nats_port)
-    assert await requester.request(ingress_subject("tasks.ask"), "q1", timeout=3) == "secret answer to q1"
-    await wait_until(lambda: len(errors) >= 2)
-    refused = [str(e).lower() for e in errors]
-    assert sum("permissions violation for subscription" in e for e in refused) == 2, refused
-    assert all("_inbox.agent-b" not in e for e in refused)  # its own inbox was not refused
-    # The forwarded reply went to agent-a's inbox only; the spy's subscriptions got nothing.
-    await spy.flush()
-    assert stolen == []
-    assert service.stats.replies_forwarded == 1
-    await spy.close()
-    for client in (requester, responder):
-        await client.close()
-    await service.stop()
-    await kernel.close()
+    try:
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        spy = await nats.connect(url("agent-b", nats_port), error_cb=on_error)
+        try:
+            stolen: list[bytes] = []
+
+            async def steal(msg: object) -> None:
+                stolen.append(msg.data)  # type: ignore[attr-defined]
+
+            await spy.subscribe("_INBOX.agent-a.>", cb=steal)
+            await spy.subscribe("_INBOX.>", cb=steal)
+            await spy.flush()
+            own: list[bytes] = []
+
+            async def mine(msg: object) -> None:
+                own.append(msg.data)  # type: ignore[attr-defined]
+
+            await spy.subscribe("_INBOX.agent-b.x", cb=mine)  # its own inboxes are allowed
+            await spy.flush()
+
+            answer = await requester.request(ingress_subject("tasks.ask"), "q1", timeout=3)
+            assert answer == "secret answer to q1"
+            await wait_until(lambda: len(errors) >= 2)
+            refused = [str(e).lower() for e in errors]
+            assert sum("permissions violation for subscription" in e for e in refused) == 2, refused
+            assert all("_inbox.agent-b" not in e for e in refused)  # its own inbox was not refused
+            # The forwarded reply went to agent-a's inbox only; the spy's subscriptions got nothing.
+            await spy.flush()
+            assert stolen == []
+            assert service.stats.replies_forwarded == 1
+        finally:
+            await spy.close()
+    finally:
+        for client in (requester, responder):
+            await client.close()
+        await service.stop()
+        await kernel.close()
 
 
 async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
@@ -240,35 +259,36 @@ async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
     ``reply_to`` is not the agent's inbox). With ``inbox_prefix=agent_inbox(agent)`` the same
     agent's request is forwarded and its reply arrives."""
     kernel, service, responder = await service_and_responder(nats_port, answer="re: ")
-
     plain = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
-    adapter_inbox = plain.broker.inbox_prefix()
-    assert not adapter_inbox.startswith(agent_inbox("agent-a") + ".")
-    with caplog.at_level(logging.WARNING, logger="agent_os.bus_adapters.nats"):
-        with pytest.raises(RequestTimeout):
-            await plain.request(ingress_subject("tasks.ask"), "plain", timeout=0.5)
-        await wait_until(
-            lambda: any(
-                "permissions violation for subscription" in r.getMessage().lower()
-                and adapter_inbox.lower() in r.getMessage().lower()
-                for r in caplog.records
-            ),
-            what="the server's refusal of the adapter's inbox",
-        )
-    refused = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "deny"})
-    assert len(refused) == 1
-    assert "inbox" in refused[0].data["reason"]
-
     mediated = agent_client("agent-a", nats_port)
-    payload, meta = await mediated.request(
-        ingress_subject("tasks.ask"), "prefixed", timeout=3, with_metadata=True
-    )
-    assert payload == "re: prefixed"
-    assert meta.subject.startswith(agent_inbox("agent-a") + ".")
-    allowed = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "allow"})
-    assert len(allowed) == 1
-    assert service.stats.replies_forwarded == 1
-    for client in (plain, mediated, responder):
-        await client.close()
-    await service.stop()
-    await kernel.close()
+    try:
+        adapter_inbox = plain.broker.inbox_prefix()
+        assert not adapter_inbox.startswith(agent_inbox("agent-a") + ".")
+        with caplog.at_level(logging.WARNING, logger="agent_os.bus_adapters.nats"):
+            with pytest.raises(RequestTimeout):
+                await plain.request(ingress_subject("tasks.ask"), "plain", timeout=0.5)
+            await wait_until(
+                lambda: any(
+                    "permissions violation for subscription" in r.getMessage().lower()
+                    and adapter_inbox.lower() in r.getMessage().lower()
+                    for r in caplog.records
+                ),
+                what="the server's refusal of the adapter's inbox",
+            )
+        refused = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "deny"})
+        assert len(refused) == 1
+        assert "inbox" in refused[0].data["reason"]
+
+        payload, meta = await mediated.request(
+            ingress_subject("tasks.ask"), "prefixed", timeout=3, with_metadata=True
+        )
+        assert payload == "re: prefixed"
+        assert meta.subject.startswith(agent_inbox("agent-a") + ".")
+        allowed = await kernel.recorder.query(filters={"data.operation": "request", "data.decision": "allow"})
+        assert len(allowed) == 1
+        assert service.stats.replies_forwarded == 1
+    finally:
+        for client in (plain, mediated, responder):
+            await client.close()
+        await service.stop()
+        await kernel.close()

@@ -21,10 +21,10 @@ from agent_os.amb import AMB, RequestTimeout
 from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, control_subject
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-NATS = "nats://127.0.0.1:4222"
 
 PASSPHRASE = "cp-nats-test-passphrase"
 
@@ -76,7 +76,7 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
     policy = Policy("supervisor", default_action="allow")
     policy.add_rule("allow", Pattern("*", "*"))
     kernel = KernelSpace(policy=policy)
-    bus = AMB("nats", NATS, agent_id="supervisor", middleware=[supervisor_keys.middleware()])
+    bus = AMB("nats", NATS_URL, agent_id="supervisor", middleware=[supervisor_keys.middleware()])
     kernel.attach(bus)
     ready = asyncio.Event()
     progress: list[int | str] = []
@@ -107,7 +107,7 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", AGENT, name, prefix, str(keys), PASSPHRASE, stdout=subprocess.PIPE, env=env
     )
-    forger = AMB("nats", NATS, agent_id=f"forger-{uuid.uuid4().hex[:8]}")
+    forger = AMB("nats", NATS_URL, agent_id=f"forger-{uuid.uuid4().hex[:8]}")
     try:
         await asyncio.wait_for(ready.wait(), 20)
         await bus.publish(prefix + ".start", 1)
@@ -161,13 +161,13 @@ async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats() -> 
     policy.add_rule("allow", Pattern("signal", victim_id, conditions={"sender": "supervisor"}))
     policy.add_rule("allow", Pattern("reply", "*"))
     kernel = KernelSpace(policy=policy)
-    victim = AMB("nats", NATS, agent_id=victim_id)
+    victim = AMB("nats", NATS_URL, agent_id=victim_id)
     kernel.attach(victim)  # no IATP, no trust_bus: claims over NATS are not senders
     await victim.connect()
-    watcher = AMB("nats", NATS)
+    watcher = AMB("nats", NATS_URL)
     dead = Collector()
     await watcher.subscribe(f"_DLQ.{control_subject(victim_id)}", dead)
-    forger = AMB("nats", NATS, agent_id="forger")
+    forger = AMB("nats", NATS_URL, agent_id="forger")
     try:
         with pytest.raises(RequestTimeout):
             await forger.request(

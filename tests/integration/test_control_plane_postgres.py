@@ -8,32 +8,32 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent_os.control_plane import FlightRecorder
+from tests.support.servers import PG_DSN
 
 psycopg = pytest.importorskip("psycopg")
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
 async def schema() -> AsyncIterator[str]:
     name = f"cp_recorder_{uuid.uuid4().hex[:12]}"
     yield name
-    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 async def recorded(schema: str, n: int = 10) -> FlightRecorder:
-    rec = FlightRecorder("postgresql", DSN, schema=schema, batch_size=4)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=4)
     for i in range(n):
         await rec.log(
             "event", f"agent_{i % 2}", {"i": i, "resource": f"data/{'phi' if i % 3 == 0 else 'x'}/{i}"}
         )
     await rec.close()
-    return FlightRecorder("postgresql", DSN, schema=schema)
+    return FlightRecorder("postgresql", PG_DSN, schema=schema)
 
 
 async def tamper(schema: str, *statements: str) -> None:
-    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         for sql in statements:
             await conn.execute(sql.format(t=f'"{schema}".flight_records'))
 
@@ -78,7 +78,7 @@ async def test_postgres_tampering_is_detected(schema: str, statements: list[str]
     assert (await rec.verify()).ok
     await rec.close()
     await tamper(schema, *statements)
-    rec = FlightRecorder("postgresql", DSN, schema=schema)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema)
     result = await rec.verify()
     await rec.close()
     assert not result.ok
@@ -91,46 +91,46 @@ async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema
     from agent_os.control_plane.errors import RecorderKeyError
 
     key = nacl.utils.random(32)
-    rec = FlightRecorder("postgresql", DSN, schema=schema, batch_size=3, encryption_key=key)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=3, encryption_key=key)
     for i in range(5):
         await rec.log("action_blocked", "agent_1", {"resource": "data/phi/patient_001.json", "i": i})
     await rec.close()
-    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         cur = await conn.execute(f'SELECT data FROM "{schema}".flight_records ORDER BY seq')
         stored = [bytes(r[0]) for r in await cur.fetchall()]
     assert len(stored) == 5
     assert all(b"patient_001" not in blob and blob[0] == 0x02 for blob in stored)
 
-    rec = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=key)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key)
     assert [r.data["i"] for r in await rec.query()] == [0, 1, 2, 3, 4]
     assert (await rec.verify()).ok
     await rec.close()
-    wrong = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=nacl.utils.random(32))
+    wrong = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=nacl.utils.random(32))
     with pytest.raises(RecorderKeyError):
         await wrong.verify()
     await wrong.close()
 
     flipped = bytearray(stored[2])
     flipped[-1] ^= 0x01
-    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         await conn.execute(f'UPDATE "{schema}".flight_records SET data = %s WHERE seq = 3', (bytes(flipped),))
-    rec = FlightRecorder("postgresql", DSN, schema=schema, encryption_key=key)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key)
     result = await rec.verify()
     await rec.close()
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
 
 async def test_postgres_compressed_and_plain_records_read_back(schema: str) -> None:
-    rec = FlightRecorder("postgresql", DSN, schema=schema, compression=False)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, compression=False)
     await rec.log("event", "a", {"text": 'quotes " and \\ backslashes', "n": 1})
     await rec.close()
-    rec = FlightRecorder("postgresql", DSN, schema=schema, compression=True)
+    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, compression=True)
     await rec.log("event", "a", {"reason": "x" * 300, "n": 2})
     assert [r.data["n"] for r in await rec.query()] == [1, 2]
     assert (await rec.query())[0].data["text"] == 'quotes " and \\ backslashes'
     assert (await rec.verify()).ok
     await rec.close()
-    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         cur = await conn.execute(f'SELECT data FROM "{schema}".flight_records ORDER BY seq')
         first, second = [bytes(r[0]) for r in await cur.fetchall()]
     assert first.startswith(b"{")  # plain JSON as UTF-8

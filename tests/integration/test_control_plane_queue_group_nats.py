@@ -15,116 +15,26 @@ these messages; core NATS keeps nothing once the clients close.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, Metadata, get_serializer
+from agent_os.amb import AMB, Metadata
 from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
-from agent_os.amb.envelope import Envelope, new_id
-from agent_os.amb.middleware import Middleware
-from agent_os.control_plane import KernelSpace, Pattern, Policy
-from agent_os.control_plane.recorder import Record
+from agent_os.control_plane import KernelSpace
 from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
     agent_inbox,
-    delivery_subject,
-    ingress_subject,
 )
 from tests.support import Collector, wait_until
+from tests.support.queue_group import INSTANCES, SENTINEL, Group, queue_group_policy, real
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
-
-NATS = "nats://127.0.0.1:4222"
-INSTANCES = 3
-SENTINEL = "sentinel"
-
-
-def queue_group_policy() -> Policy:
-    policy = Policy("mediated", default_action="deny")
-    policy.add_rule("deny", Pattern("publish", "tasks.secret"), reason="secret")
-    policy.add_rule("allow", Pattern("publish", "tasks.*"))
-    policy.add_rule("allow", Pattern("request", "tasks.ask"))
-    policy.add_rule("allow", Pattern("reply", "tasks.ask"))
-    return policy
-
-
-@dataclass
-class Group:
-    """``INSTANCES`` service instances in one queue group, each with its own kernel (and so its
-    own flight recorder), and the agents' clients of the test; every name carries ``tag``."""
-
-    tag: str
-    services: list[ControlPlaneService] = field(default_factory=list)
-    clients: list[AMB] = field(default_factory=list)
-
-    @property
-    def ingress_prefix(self) -> str:
-        return f"in_{self.tag}"
-
-    @property
-    def delivery_prefix(self) -> str:
-        return f"out_{self.tag}"
-
-    @property
-    def reply_prefix(self) -> str:
-        return f"re_{self.tag}"
-
-    def to(self, topic: str) -> str:
-        """Where an agent publishes a message for ``topic``."""
-        return ingress_subject(topic, self.ingress_prefix)
-
-    def delivered(self, topic: str) -> str:
-        """Where a message for ``topic`` is delivered."""
-        return delivery_subject(topic, self.delivery_prefix)
-
-    def agent(self, name: str, *, requests: bool = False, middleware: list[Middleware] | None = None) -> AMB:
-        """A connected-on-use client of agent ``<name>-<tag>``; ``requests``: its reply inbox is
-        under its own prefix, as mediated mode requires of a requester."""
-        agent_id = f"{name}-{self.tag}"
-        client = AMB(
-            "nats",
-            NATS,
-            agent_id=agent_id,
-            inbox_prefix=agent_inbox(agent_id) if requests else None,
-            middleware=middleware or [],
-        )
-        self.clients.append(client)
-        return client
-
-    async def records(self, **filters: Any) -> list[list[Record]]:
-        """Each instance's ``policy_decision`` records matching ``filters`` (``data.<field>``)."""
-        return [
-            await s.kernel.recorder.query(event_type="policy_decision", filters=filters)
-            for s in self.services
-        ]
-
-    async def sentinels(self, subjects: list[str]) -> None:
-        """Each instance publishes a sentinel to each of ``subjects`` on its own connection,
-        behind everything it forwarded or dead-lettered so far: NATS keeps the order from one
-        connection to a subscriber, so once a subscriber has an instance's sentinel it has
-        everything that instance sent it before."""
-        encode = get_serializer("msgpack").encode
-        for service in self.services:
-            sender = service.client.agent_id
-            assert sender is not None
-            for subject in subjects:
-                env = Envelope(new_id(), subject, sender, SENTINEL, timestamp=time.time_ns())
-                await service.client.broker.publish(subject, encode(env), key=sender)
-
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
-        for service in self.services:
-            await service.stop()
-            await service.kernel.close()
-
 
 @pytest.fixture
 async def group() -> AsyncIterator[Group]:
@@ -132,7 +42,7 @@ async def group() -> AsyncIterator[Group]:
     try:
         for i in range(INSTANCES):
             service = ControlPlaneService(
-                AMB("nats", NATS, agent_id=f"cp{i}-{g.tag}"),
+                AMB("nats", NATS_URL, agent_id=f"cp{i}-{g.tag}"),
                 KernelSpace(policy=queue_group_policy()),
                 trust_bus=True,  # the test's agents do not sign
                 ingress_prefix=g.ingress_prefix,
@@ -152,11 +62,6 @@ async def sentinels_in(collector: Collector, count: int) -> None:
     await wait_until(
         lambda: collector.messages.count(SENTINEL) >= count, what=f"{count} sentinels", timeout=10
     )
-
-
-def real(collector: Collector) -> list[Metadata]:
-    """What ``collector`` received apart from the instances' sentinels."""
-    return [m for m, p in zip(collector.metadata, collector.messages, strict=True) if p != SENTINEL]
 
 
 async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group: Group) -> None:

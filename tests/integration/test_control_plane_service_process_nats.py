@@ -15,13 +15,13 @@ from agent_os.amb import AMB
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import FlightRecorder
 from agent_os.services._identity import PASSPHRASE_ENV
-from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
 from tests.support import Collector
-from tests.unit.test_control_plane_service_process import TOKEN, get, start_service
+from tests.support.identities import PASSPHRASE, service_identities
+from tests.support.processes import TOKEN, get, start_service
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-NATS = "nats://127.0.0.1:4222"
 
 
 async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
     )
     proc, admin = await start_service(
         "--broker",
-        NATS,
+        NATS_URL,
         "--trust-bus",
         "--policy",
         str(policy),
@@ -53,8 +53,8 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
         "--agent-id",
         f"control-plane-{tag}",
     )
-    agent = AMB("nats", NATS, agent_id=f"agent-{tag}")
-    receiver = AMB("nats", NATS, agent_id=f"receiver-{tag}")
+    agent = AMB("nats", NATS_URL, agent_id=f"agent-{tag}")
+    receiver = AMB("nats", NATS_URL, agent_id=f"receiver-{tag}")
     try:
         got = Collector()
         await receiver.subscribe(f"{delivery}.tasks.>", got)
@@ -104,7 +104,7 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
     )
     proc, admin = await start_service(
         "--broker",
-        NATS,
+        NATS_URL,
         "--identities",
         str(tmp_path / "keys"),
         "--policy",
@@ -123,9 +123,9 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
         service_id,
         env={PASSPHRASE_ENV: PASSPHRASE},
     )
-    sender = AMB("nats", NATS, agent_id=admin_id, middleware=[keys[admin_id].middleware()])
-    forger = AMB("nats", NATS, agent_id=agent_id)  # no IATP: claims whatever it likes
-    receiver = AMB("nats", NATS, agent_id=receiver_id, middleware=[keys[receiver_id].middleware()])
+    sender = AMB("nats", NATS_URL, agent_id=admin_id, middleware=[keys[admin_id].middleware()])
+    forger = AMB("nats", NATS_URL, agent_id=agent_id)  # no IATP: claims whatever it likes
+    receiver = AMB("nats", NATS_URL, agent_id=receiver_id, middleware=[keys[receiver_id].middleware()])
     try:
         got, dead = Collector(), Collector()
         await receiver.subscribe(f"{delivery}.tasks.>", got)

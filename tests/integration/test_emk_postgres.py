@@ -4,7 +4,6 @@ connection loss mid-batch, index use and recall of filtered searches, concurrenc
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,8 +23,9 @@ from agent_os.emk import (
     StorageUnavailable,
 )
 from tests.support import wait_until
+from tests.support.emk import APPEND_ONLY_VIOLATIONS
+from tests.support.servers import PG_DSN
 
-PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 32
 
 Factory = Callable[..., Awaitable[EMK]]
@@ -40,9 +40,11 @@ def namespace() -> str:
 async def sql(namespace: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A raw superuser connection beside EMK; drops the test's schema afterwards."""
     conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
-    yield conn
-    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
-    await conn.close()
+    try:
+        yield conn
+        await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -62,9 +64,11 @@ async def make_emk(namespace: str, sql: psycopg.AsyncConnection[Any]) -> AsyncIt
         await emk.open()
         return emk
 
-    yield factory
-    for emk in opened:
-        await emk.close()
+    try:
+        yield factory
+    finally:
+        for emk in opened:
+            await emk.close()
 
 
 def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:
@@ -72,21 +76,6 @@ def random_vector(rng: random.Random, dim: int = DIM) -> list[float]:
 
 
 # -- append-only, enforced by the database ----------------------------------------------------------
-
-
-# Raw SQL the append-only triggers refuse (``{s}``: the namespace), on every table EMK writes;
-# test_emk_storage.py runs the same statements against the embedded server.
-APPEND_ONLY_VIOLATIONS = [
-    "UPDATE {s}.memories SET content = 'rewritten'",
-    "UPDATE {s}.memories SET supersedes = NULL",
-    "DELETE FROM {s}.memories",
-    "TRUNCATE {s}.memories",
-    "UPDATE {s}.meta SET value = '8' WHERE key = 'dimension'",
-    "DELETE FROM {s}.meta",
-    "TRUNCATE {s}.meta",
-    "DELETE FROM {s}.retention_log",
-    "TRUNCATE {s}.retention_log",
-]
 
 
 @pytest.mark.parametrize("statement", APPEND_ONLY_VIOLATIONS)

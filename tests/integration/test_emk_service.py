@@ -14,9 +14,10 @@ from agent_os.amb import AMB, Envelope, Metadata, Middleware, RemoteError, Reque
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.emk import EMK, HashingEmbedder
-from agent_os.iatp import IATP, SigningRejected
+from agent_os.iatp import SigningRejected
 from agent_os.services.memory_service import MemoryService
-from tests.support import Collector
+from tests.support import Collector, memory_url
+from tests.support.identities import identities
 
 
 class FakeVerification(Middleware):
@@ -32,7 +33,7 @@ class FakeVerification(Middleware):
 
 @pytest.fixture
 def url() -> str:
-    return f"memory://emk-service-{uuid.uuid4().hex}"
+    return memory_url("emk-service")
 
 
 @pytest.fixture
@@ -40,11 +41,13 @@ async def service(url: str) -> AsyncIterator[MemoryService]:
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
     amb = AMB("memory", url, agent_id="memory-service")
     svc = MemoryService(amb, emk, trust_bus=True)
-    await svc.start()
-    yield svc
-    await svc.stop()
-    await amb.close()
-    await emk.close()
+    try:
+        await svc.start()
+        yield svc
+        await svc.stop()
+    finally:
+        await amb.close()
+        await emk.close()
 
 
 @pytest.fixture
@@ -184,19 +187,6 @@ async def test_without_verification_a_claimed_sender_is_refused(url: str) -> Non
     await emk.close()
 
 
-async def identities(service: str, *agents: str) -> dict[str, IATP]:
-    """One IATP (key store) per process, as in separate processes: each holds its own key and
-    the others' public identities."""
-    stores = {name: IATP() for name in (service, *agents)}
-    for name, iatp in stores.items():
-        await iatp.register_agent(name)
-    for name, iatp in stores.items():
-        for other, theirs in stores.items():
-            if other != name:
-                await iatp.add_identity(theirs.identity(other))
-    return stores
-
-
 async def test_a_forged_sender_cannot_read_another_agents_memories(url: str) -> None:
     keys = await identities("memory-service", "alice", "mallory")
     emk = EMK("memory", embedding_model=HashingEmbedder(64))
@@ -204,41 +194,43 @@ async def test_a_forged_sender_cannot_read_another_agents_memories(url: str) -> 
         "memory", url, agent_id="memory-service", middleware=[keys["memory-service"].middleware()]
     )
     svc = MemoryService(svc_client, emk)
-    await svc.start()
     alice = AMB("memory", url, agent_id="alice", middleware=[keys["alice"].middleware()])
-    stored = await alice.request("emk.store", {"content": "Alice's locker code is 4711."}, timeout=5)
-    assert stored["record"]["agent_id"] == "alice"
-
-    # mallory's signed client cannot sign as alice: the request fails before it leaves.
     mallory = AMB("memory", url, agent_id="mallory", middleware=[keys["mallory"].middleware()])
-    with pytest.raises(SigningRejected):
-        await mallory.request("emk.query", {}, sender_id="alice", timeout=1)
-    # mallory's own signed request gets mallory's memories: none.
-    assert (await mallory.request("emk.query", {}, timeout=5))["records"] == []
-
-    # Around the middleware: an unsigned request claiming alice, and one signed by mallory with
-    # the sender rewritten to alice. The service's IATP dead-letters both; neither is answered.
     raw = AMB("memory", url, agent_id="mallory")
-    dead = Collector()
-    await raw.subscribe("_DLQ.emk.>", dead)
-    with pytest.raises(RequestTimeout):
-        await raw.request("emk.query", {}, sender_id="alice", timeout=0.3)
-    forged = await keys["mallory"].sign("mallory", {}, topic="emk.query")
-    forged = dataclasses.replace(forged, sender="alice", reply_to="_INBOX.mallory.1")
-    await raw.broker.publish("emk.query", get_serializer("msgpack").encode(forged))
-    await dead.wait_for(2)
-    assert [m.headers[DLQ_REASON] for m in dead.metadata] == [
-        "unsigned",
-        "unknown_key",
-    ]  # mallory's key is not alice's
-    assert svc_client.stats.rejected == 2
-    assert svc.stats["requests.query"] == 1  # only mallory's own request reached the service
-    assert svc.stats["ok"] == 2
-    for client in (alice, mallory, raw):
-        await client.close()
-    await svc.stop()
-    await svc_client.close()
-    await emk.close()
+    try:
+        await svc.start()
+        stored = await alice.request("emk.store", {"content": "Alice's locker code is 4711."}, timeout=5)
+        assert stored["record"]["agent_id"] == "alice"
+
+        # mallory's signed client cannot sign as alice: the request fails before it leaves.
+        with pytest.raises(SigningRejected):
+            await mallory.request("emk.query", {}, sender_id="alice", timeout=1)
+        # mallory's own signed request gets mallory's memories: none.
+        assert (await mallory.request("emk.query", {}, timeout=5))["records"] == []
+
+        # Around the middleware: an unsigned request claiming alice, and one signed by mallory with
+        # the sender rewritten to alice. The service's IATP dead-letters both; neither is answered.
+        dead = Collector()
+        await raw.subscribe("_DLQ.emk.>", dead)
+        with pytest.raises(RequestTimeout):
+            await raw.request("emk.query", {}, sender_id="alice", timeout=0.3)
+        forged = await keys["mallory"].sign("mallory", {}, topic="emk.query")
+        forged = dataclasses.replace(forged, sender="alice", reply_to="_INBOX.mallory.1")
+        await raw.broker.publish("emk.query", get_serializer("msgpack").encode(forged))
+        await dead.wait_for(2)
+        assert [m.headers[DLQ_REASON] for m in dead.metadata] == [
+            "unsigned",
+            "unknown_key",
+        ]  # mallory's key is not alice's
+        assert svc_client.stats.rejected == 2
+        assert svc.stats["requests.query"] == 1  # only mallory's own request reached the service
+        assert svc.stats["ok"] == 2
+    finally:
+        for client in (alice, mallory, raw):
+            await client.close()
+        await svc.stop()
+        await svc_client.close()
+        await emk.close()
 
 
 async def test_with_trust_bus_the_claimed_sender_is_believed(url: str) -> None:

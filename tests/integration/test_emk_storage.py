@@ -4,7 +4,6 @@ pgvector) and the embedded default (pgserver). Each test gets its own namespace 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import uuid
@@ -37,9 +36,9 @@ from agent_os.emk import (
     RecordNotFound,
     UnknownSupersedes,
 )
-from tests.integration.test_emk_postgres import APPEND_ONLY_VIOLATIONS
+from tests.support.emk import APPEND_ONLY_VIOLATIONS
+from tests.support.servers import PG_DSN
 
-PG_DSN = os.environ.get("EMK_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DIM = 64
 
 Factory = Callable[..., Awaitable[EMK]]
@@ -102,12 +101,16 @@ async def make_emk(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         await emk.open()
         return emk
 
-    yield factory
-    for emk in opened:
-        await emk.close()
-    if storage == "postgresql":
-        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    try:
+        yield factory
+    finally:
+        try:
+            for emk in opened:
+                await emk.close()
+        finally:
+            if storage == "postgresql":
+                async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
 
 
 async def count_all(emk: EMK, agent_id: str, session_id: str | None = None) -> int:

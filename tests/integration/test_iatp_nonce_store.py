@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,24 +25,9 @@ from agent_os.iatp import (
     SignatureRejected,
 )
 from tests.support import Collector, wait_until
+from tests.support.servers import REDIS_URL
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
-    prefix = f"test:iatp:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis_asyncio.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def sender_and_instances(count: int = 2) -> tuple[IATP, list[IATP]]:
@@ -98,6 +82,7 @@ async def test_without_a_shared_store_a_replay_to_another_instance_is_accepted()
     assert outcome["per_instance"] == [(1, {}), (1, {})]
 
 
+@pytest.mark.usefixtures("redis_keys")
 @pytest.mark.redis
 async def test_a_replay_to_another_instance_of_the_queue_group_is_refused(prefix: str) -> None:
     stores = [RedisNonceStore(REDIS_URL, prefix=prefix) for _ in range(2)]
@@ -136,6 +121,7 @@ async def consume(middleware: IATPMiddleware, env: Envelope, meta: Metadata) -> 
     return bool(handled)
 
 
+@pytest.mark.usefixtures("redis_keys")
 @pytest.mark.redis
 async def test_replay_scope_redelivery_and_plain_subscriptions(prefix: str) -> None:
     sender, (one, two, three) = await sender_and_instances(3)
@@ -197,6 +183,7 @@ def test_a_nonce_store_must_be_one() -> None:
         RedisNonceStore(timeout=0)
 
 
+@pytest.mark.usefixtures("redis_keys")
 async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(prefix: str) -> None:
     """More claims in flight than the store has connections: every one is answered (first
     claims True, repeats False), none rejected as unavailable."""

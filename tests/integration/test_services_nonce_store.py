@@ -20,18 +20,17 @@ import pytest
 from agent_os.amb import AMB, MsgpackSerializer
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import KernelSpace, Pattern, Policy
-from agent_os.iatp import RedisNonceStore
+from agent_os.iatp import NonceStoreUnavailable, RedisNonceStore
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services._process import Verification
 from agent_os.services.control_plane_service import ControlPlaneService
-from tests.integration.test_cli_serve_nats import PASSPHRASE, service_identities
-from tests.integration.test_iatp_nonce_store import REDIS_URL, prefix  # noqa: F401 - the fixture
 from tests.support import Collector
-from tests.unit.test_control_plane_service_process import get, start_service
+from tests.support.identities import PASSPHRASE, make_store, service_identities
+from tests.support.processes import get, start_service
+from tests.support.servers import NATS_URL, REDIS_URL
 
 pytestmark = pytest.mark.redis
 
-NATS = "nats://127.0.0.1:4222"
 
 
 def publish_policy() -> Policy:
@@ -40,9 +39,10 @@ def publish_policy() -> Policy:
     return policy
 
 
+@pytest.mark.usefixtures("redis_keys")
 async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_group(
     tmp_path: Path,
-    prefix: str,  # noqa: F811 - the imported fixture
+    prefix: str,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
@@ -87,10 +87,11 @@ async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_gr
                 await service.kernel.close()
 
 
+@pytest.mark.usefixtures("redis_keys")
 @pytest.mark.nats
 async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_instance(
     tmp_path: Path,
-    prefix: str,  # noqa: F811 - the imported fixture
+    prefix: str,
 ) -> None:
     """Instance one forwards the original; instance two, started afterwards (the first then
     stopped, so the replay can only reach it), refuses the replay: its own cache never saw the
@@ -105,13 +106,13 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
         "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
     )
     args = [
-        "--broker", NATS, "--identities", str(tmp_path / "keys"), "--nonce-store", REDIS_URL,
+        "--broker", NATS_URL, "--identities", str(tmp_path / "keys"), "--nonce-store", REDIS_URL,
         "--nonce-prefix", prefix, "--policy", str(policy), "--recorder", "memory",
         "--ingress-prefix", ingress, "--delivery-prefix", delivery, "--reply-prefix", f"re_{tag}",
         "--queue", f"cp_{tag}", "--agent-id", service_id,
     ]  # fmt: skip
     env = {PASSPHRASE_ENV: PASSPHRASE}
-    raw = AMB("nats", NATS, agent_id=f"raw-{tag}")
+    raw = AMB("nats", NATS_URL, agent_id=f"raw-{tag}")
     got, dead = Collector(), Collector()
     await raw.subscribe(f"{delivery}.>", got)
     await raw.subscribe(f"_DLQ.{ingress}.>", dead)
@@ -141,3 +142,18 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
                 await asyncio.wait_for(proc.wait(), 20)
         await raw.close()
     assert [p.returncode for p in processes] == [0, 0]
+
+
+async def test_opening_the_identities_with_a_nonce_store(tmp_path: Path) -> None:
+    prefix = f"test:services:{uuid.uuid4().hex}:"  # its one key expires within a millisecond
+    store = tmp_path / "keys"
+    await make_store(store, "memory-service")
+    opened = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:6379/0", nonce_prefix=prefix)
+    async with opened.opened("memory-service") as iatp:
+        assert iatp is not None
+        assert isinstance(iatp.nonce_store, RedisNonceStore)
+        assert iatp.nonce_store.prefix == prefix
+        assert iatp.middleware().nonce_store is iatp.nonce_store  # what the services' middleware uses
+    nowhere = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:1/0")
+    with pytest.raises(NonceStoreUnavailable):  # checked at the start, not on the first message
+        await nowhere.open("memory-service")

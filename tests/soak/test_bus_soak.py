@@ -36,19 +36,11 @@ import pytest
 
 from agent_os.amb import AMB, Metadata, decode
 from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_REASON
-from tests.conformance import conftest as conformance
-from tests.conformance.brokers import TARGETS, BrokerTarget
-from tests.conformance.cleanup import REDIS_URL
-from tests.conformance.conftest import AmbFactory, requires
 from tests.support import rss_bytes, wait_until
+from tests.support.brokers import TARGETS, AmbFactory, BrokerTarget, requires
+from tests.support.servers import REDIS_URL
 
 pytestmark = pytest.mark.slow
-
-# The conformance suite's fixtures, shared (pytest finds fixtures among a module's names).
-target = conformance.target
-subject = conformance.subject
-amb_factory = conformance.amb_factory
-kafka_bootstrap = conformance.kafka_bootstrap
 
 PUBLISHERS = 4
 # Messages per load run, by broker: what each moves in well under a minute on a small machine.
@@ -268,7 +260,7 @@ async def test_sustained_load_through_a_queue_group_and_a_fan_out_subscriber(
         assert group.out_of_order == 0
     if target.name == "kafka":
         from agent_os.bus_adapters.kafka import topic_for
-        from tests.kafka_mock import committed_offsets
+        from tests.support.kafka import committed_offsets
 
         bootstrap = publishers[0].broker.bootstrap
         offsets = await asyncio.to_thread(

@@ -36,15 +36,10 @@ from agent_os.control_plane.process import AgentProcess
 from agent_os.emk import EMK, HashingEmbedder, NewMemory, RecordNotFound
 from agent_os.iatp import IATP
 from agent_os.services.control_plane_service import ControlPlaneService
-from tests.integration.test_control_plane_queue_group_nats import (
-    NATS,
-    SENTINEL,
-    Group,
-    queue_group_policy,
-    real,
-)
-from tests.integration.test_emk_postgres import APPEND_ONLY_VIOLATIONS, PG_DSN
 from tests.support import Collector, rss_bytes, wait_until
+from tests.support.emk import APPEND_ONLY_VIOLATIONS
+from tests.support.queue_group import SENTINEL, Group, queue_group_policy, real
+from tests.support.servers import NATS_URL, PG_DSN
 
 pytestmark = pytest.mark.slow
 
@@ -559,7 +554,7 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
     iatp = IATP()  # every process's keys and identities here: one process plays them all
     try:
         for i in range(2):
-            client = AMB("nats", NATS, agent_id=f"cp{i}-{group.tag}")
+            client = AMB("nats", NATS_URL, agent_id=f"cp{i}-{group.tag}")
             assert client.agent_id is not None
             await iatp.register_agent(client.agent_id)
             service = ControlPlaneService(

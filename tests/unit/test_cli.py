@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -290,48 +287,6 @@ def test_serve_reports_identities_without_the_services_key(
     assert (result.exit_code, "WrongPassphrase" in result.output) == (1, True), result.output
 
 
-AGENT_OS = Path(sys.executable).with_name("agent-os")
-
-
-async def start(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
-    """Start ``agent-os serve ...`` (the installed console script) with ``env`` added to the
-    environment; return it and its ready line (the first line on stdout)."""
-    proc = await asyncio.create_subprocess_exec(
-        str(AGENT_OS),
-        "serve",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    if not line.startswith("ready "):
-        err = (await proc.stderr.read()).decode()
-        await proc.wait()
-        pytest.fail(f"the service did not start: {line!r} {err}")
-    return proc, line.strip()
-
-
-async def stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> tuple[int, str]:
-    """Signal the service; return its exit code and its log (stderr)."""
-    proc.send_signal(sig)
-    try:
-        returncode = await asyncio.wait_for(proc.wait(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    return returncode, (await proc.stderr.read()).decode()
-
-
 async def printed(capsys: pytest.CaptureFixture[str], text: str) -> None:
     """Wait until ``text`` has been printed on stdout."""
     out = ""
@@ -393,24 +348,6 @@ async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.
         "failed": 0,
         "unauthenticated": 0,
     }
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_serve_control_plane_runs_the_service_process(sig: signal.Signals) -> None:
-    proc, ready = await start(
-        "control-plane",
-        "--broker",
-        "memory://cli-cp",
-        "--trust-bus",
-        "--recorder",
-        "memory",
-        "--admin-port",
-        "0",
-        env={"AGENTOS_ADMIN_TOKEN": "cli-test-token-0123456789"},
-    )
-    assert ready.startswith("ready admin=http://127.0.0.1:")
-    returncode, log = await stop(proc, sig)
-    assert returncode == 0, log
 
 
 def test_serve_help_names_the_verification_options() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,31 +12,13 @@ from hypothesis import strategies as st
 
 from agent_os.cmvk import CMVK, AgreementMeasure, CMVKConfigError, Embedder
 from agent_os.cmvk._text import analyze
+from tests.support.embedders import HashingEmbedder
 
 PAIRS = Path(__file__).resolve().parents[1] / "data" / "cmvk_pairs.jsonl"
 
 
 def load_pairs() -> list[dict[str, object]]:
     return [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
-
-
-class HashingEmbedder:
-    """Deterministic character-trigram hashing embedder (no model), for tests."""
-
-    def __init__(self, dim: int = 256) -> None:
-        self.dim = dim
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        out = []
-        for text in texts:
-            vec = [0.0] * self.dim
-            padded = f"  {text.lower()}  "
-            for i in range(len(padded) - 2):
-                h = int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "big")
-                vec[h % self.dim] += 1.0 if h & 1 << 31 else -1.0
-            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            out.append([v / norm for v in vec])
-        return out
 
 
 async def accuracy(cmvk: CMVK) -> tuple[float, list[int]]:

@@ -1,7 +1,7 @@
 """Held messages in mediated mode: a stopped agent's messages are queued and the service's
 handler returns at once, so one stopped agent does not stall the others' traffic through the
 instance (in-memory broker; ``tests/integration/test_control_plane_holds_nats.py`` runs the
-first scenario on NATS)."""
+first scenario on NATS; the deployment and that scenario are in ``tests/support/holds.py``)."""
 
 from __future__ import annotations
 
@@ -9,111 +9,17 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, Envelope, Metadata
+from agent_os.amb import Envelope, Metadata
 from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.amb.envelope import new_id
-from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy
+from agent_os.control_plane import AgentSignal, KernelSpace
 from agent_os.control_plane.mediation.mediator import Mediator
-from agent_os.services.control_plane_service import ControlPlaneService
-from tests.support import Collector, wait_until
-
-
-def mediated_policy() -> Policy:
-    policy = Policy("mediated", default_action="deny")
-    policy.add_rule("deny", Pattern("publish", "tasks.secret"), reason="secret")
-    policy.add_rule("allow", Pattern("publish", "tasks.*"))
-    policy.add_rule("allow", Pattern("signal", "*"))
-    return policy
-
-
-@dataclass
-class Deployment:
-    """One service instance and two agents on one broker, each name unique to the test."""
-
-    kernel: KernelSpace
-    service: ControlPlaneService
-    a: AMB
-    b: AMB
-    observer: AMB
-    got: Collector  # what reaches the delivery subjects
-    dead: Collector  # dead letters of the ingress subjects
-    ingress: str
-    delivery: str
-
-    async def close(self) -> None:
-        for client in (self.a, self.b, self.observer):
-            await client.close()
-        await self.service.stop()
-        await self.kernel.close()
-
-    def to(self, topic: str) -> str:
-        return f"{self.ingress}.{topic}"
-
-
-async def deploy(backend: str, url: str) -> Deployment:
-    """A single control-plane service instance (claims taken from the bus: the test's agents
-    are not signed) and agents ``a`` and ``b`` with an observer of deliveries and dead letters."""
-    tag = uuid.uuid4().hex[:10]
-    ingress, delivery = f"in_{tag}", f"out_{tag}"
-    kernel = KernelSpace(policy=mediated_policy())
-    service = ControlPlaneService(
-        AMB(backend, url, agent_id=f"cp-{tag}"),
-        kernel,
-        trust_bus=True,
-        ingress_prefix=ingress,
-        delivery_prefix=delivery,
-        reply_prefix=f"re_{tag}",
-        queue=f"cp_{tag}",
-    )
-    await service.start()
-    a = AMB(backend, url, agent_id=f"a-{tag}")
-    b = AMB(backend, url, agent_id=f"b-{tag}")
-    observer = AMB(backend, url, agent_id=f"obs-{tag}")
-    got, dead = Collector(), Collector()
-    await observer.subscribe(f"{delivery}.>", got)
-    await observer.subscribe(f"_DLQ.{ingress}.>", dead)
-    await a.connect()
-    await b.connect()
-    return Deployment(kernel, service, a, b, observer, got, dead, ingress, delivery)
-
-
-async def a_stopped_agent_does_not_stall_the_others(backend: str, url: str) -> None:
-    """Agent a is stopped with held messages; agent b's messages still pass the same single
-    instance; SIGCONT releases a's messages in their order. Exactly one ``message_held`` per
-    held message, then one ``policy_decision`` each at the release."""
-    d = await deploy(backend, url)
-    a_id, b_id = d.a.agent_id, d.b.agent_id
-    assert a_id is not None
-    assert b_id is not None
-    try:
-        assert await d.kernel.send_signal(a_id, AgentSignal.SIGSTOP)
-        a_ids = [await d.a.publish(d.to("tasks.work"), f"a{i}") for i in range(5)]
-        # All five are held at once: the handler did not wait for the first one's release.
-        await wait_until(lambda: d.kernel.get_agent(a_id).held == 5, what="a's five messages held")
-        for i in range(3):
-            await d.b.publish(d.to("tasks.work"), f"b{i}")
-        await d.got.wait_for(3)
-        assert d.got.messages == ["b0", "b1", "b2"]  # b passes while a is stopped
-        held = await d.kernel.recorder.query(event_type="message_held")
-        assert [(r.agent_id, r.data["message_id"]) for r in held] == [(a_id, i) for i in a_ids]
-        assert await d.kernel.send_signal(a_id, AgentSignal.SIGCONT)
-        await d.got.wait_for(8)
-        assert d.got.messages[3:] == [f"a{i}" for i in range(5)]  # in their order
-        assert [m.sender for m in d.got.metadata] == [b_id] * 3 + [a_id] * 5
-        records = await d.kernel.recorder.query(agent_id=a_id)
-        assert [(r.event_type, r.data.get("message_id")) for r in records if r.event_type != "signal"] == [
-            *(("message_held", i) for i in a_ids),
-            *(("policy_decision", i) for i in a_ids),
-        ]
-        assert d.service.stats.forwarded == 8
-        assert (d.service.mediator.release_failures, d.service.mediator.held_dropped) == (0, 0)
-    finally:
-        await d.close()
+from tests.support import wait_until
+from tests.support.holds import a_stopped_agent_does_not_stall_the_others, deploy, mediated_policy
 
 
 async def test_a_stopped_agent_does_not_stall_the_others() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,11 +23,7 @@ from agent_os.control_plane import (
     PolicyViolationError,
     SignalDispatcher,
 )
-from tests.support import Collector, wait_until
-
-
-def url() -> str:
-    return f"memory://cp-{uuid.uuid4().hex}"
+from tests.support import Collector, memory_url, wait_until
 
 
 def open_policy(*extra: tuple[str, Pattern]) -> Policy:
@@ -48,7 +43,7 @@ async def pair() -> AsyncIterator[tuple[KernelSpace, AMB, AMB, str]]:
             ("deny", Pattern("publish", "tasks.forbidden")), ("deny", Pattern("deliver", "tasks.secret"))
         )
     )
-    where = url()
+    where = memory_url("cp")
     sender = AMB("memory", where, agent_id="sender")
     receiver = AMB("memory", where, agent_id="receiver")
     kernel.attach(sender)
@@ -95,7 +90,7 @@ async def test_exactly_one_record_per_decision(pair: tuple[KernelSpace, AMB, AMB
 
 async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered_after() -> None:
     kernel = KernelSpace(policy=open_policy())
-    where = url()
+    where = memory_url("cp")
     worker = AMB("memory", where, agent_id="worker")
     observer = AMB("memory", where, agent_id="observer")
     kernel.attach(worker)
@@ -152,7 +147,7 @@ async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered
 
 async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -> None:
     kernel = KernelSpace(policy=open_policy())
-    where = url()
+    where = memory_url("cp")
     agent = AMB("memory", where, agent_id="agent")
     peer = AMB("memory", where, agent_id="peer")
     kernel.attach(agent)
@@ -183,7 +178,7 @@ async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -
 
 async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds() -> None:
     kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=3))
-    agent = AMB("memory", url(), agent_id="agent")
+    agent = AMB("memory", memory_url("cp"), agent_id="agent")
     kernel.attach(agent)
     await agent.connect()
     await kernel.send_signal("agent", AgentSignal.SIGSTOP)
@@ -205,7 +200,7 @@ async def test_on_violation_signal_kills_the_offending_agent() -> None:
     policy.rules[0].on_violation = AgentSignal.SIGKILL
     policy.reload(Policy("test", rules=policy.rules))
     kernel = KernelSpace(policy=policy)
-    agent = AMB("memory", url(), agent_id="rogue")
+    agent = AMB("memory", memory_url("cp"), agent_id="rogue")
     kernel.attach(agent)
     await agent.connect()
     await agent.publish("tasks.ok", 1)
@@ -254,7 +249,7 @@ async def test_conditions_use_the_verified_sender_not_the_claimed_one() -> None:
         "allow", Pattern("deliver", "pay.*", conditions={"sender": "billing", "min_trust_level": 0.8})
     )
     kernel = KernelSpace(policy=policy)
-    where = url()
+    where = memory_url("cp")
     bank = AMB(
         "memory",
         where,
@@ -288,7 +283,7 @@ async def test_permission_hook_from_trust_edges() -> None:
         policy=Policy("p", default_action="deny"), permissions=lambda a, b: edges.get((a, b), [])
     )
     kernel.policy.add_rule("allow", Pattern("deliver", "*", conditions={"permission": "send_data"}))  # type: ignore[union-attr]
-    where = url()
+    where = memory_url("cp")
     bob = AMB(
         "memory", where, agent_id="bob", middleware=[FakeIatp({"ka": ("alice", 1.0), "km": ("mallory", 1.0)})]
     )
@@ -308,7 +303,7 @@ async def test_permission_hook_from_trust_edges() -> None:
 
 async def test_a_registered_agents_bus_traffic_passes_its_permissions() -> None:
     kernel = KernelSpace(policy=open_policy())
-    bus = AMB("memory", url(), agent_id="shared")
+    bus = AMB("memory", memory_url("cp"), agent_id="shared")
     kernel.attach(bus)
     await bus.connect()
 
@@ -330,7 +325,7 @@ async def test_a_registered_agents_bus_traffic_passes_its_permissions() -> None:
 
 
 async def test_signals_reach_an_agent_in_another_process_over_the_bus() -> None:
-    where = url()
+    where = memory_url("cp")
     remote_kernel = KernelSpace(policy=open_policy())
     local_kernel = KernelSpace(policy=open_policy())
     remote = AMB("memory", where, agent_id="remote-agent")
@@ -360,7 +355,7 @@ async def test_signals_reach_an_agent_in_another_process_over_the_bus() -> None:
 
 
 async def test_remote_signals_need_policy_permission() -> None:
-    where = url()
+    where = memory_url("cp")
     guarded = Policy("g", default_action="deny")
     guarded.add_rule("allow", Pattern("signal", "*", conditions={"sender": "root"}))
     remote_kernel = KernelSpace(policy=guarded)
@@ -382,7 +377,7 @@ async def test_remote_signals_need_policy_permission() -> None:
 async def test_policy_reload_under_traffic_drops_nothing() -> None:
     policy = open_policy()
     kernel = KernelSpace(policy=policy)
-    where = url()
+    where = memory_url("cp")
     pub = AMB("memory", where, agent_id="pub")
     sub = AMB("memory", where, agent_id="sub")
     kernel.attach(pub)
@@ -420,7 +415,7 @@ async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_p
     policy.add_rule("allow", Pattern("deliver", "pay.*", conditions={"sender": "billing"}))
     policy.add_rule("allow", Pattern("publish", "pay.*"))
     kernel = KernelSpace(policy=policy)
-    where = url()
+    where = memory_url("cp")
     bank = AMB(
         "memory",
         where,
@@ -470,7 +465,7 @@ async def test_a_claimed_sender_cannot_signal_an_agent(how: str) -> None:
     a third client's request("_ctl.signal.victim", SIGKILL, sender_id="supervisor") killed
     it. A claim is a sender only with a valid IATP result (or on a trusted bus)."""
     kernel = KernelSpace(policy=guarded_policy("victim"))
-    where = url()
+    where = memory_url("cp")
     victim = AMB("memory", where, agent_id="victim", middleware=[FakeIatp({"k-sup": ("supervisor", 1.0)})])
     kernel.attach(victim, trust_bus=False)  # as over a network broker without IATP
     await victim.connect()
@@ -511,7 +506,7 @@ async def test_on_a_trusted_bus_the_claim_is_the_sender_but_not_verified() -> No
     policy.add_rule("allow", Pattern("deliver", "tasks.*", conditions={"sender": "billing"}))
     policy.add_rule("allow", Pattern("deliver", "strict.*", conditions={"verified": True}))
     kernel = KernelSpace(policy=policy)
-    where = url()
+    where = memory_url("cp")
     bank = AMB("memory", where, agent_id="bank")
     assert kernel.attach(bank).trust_bus is True
     got = Collector()
@@ -536,7 +531,7 @@ async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name() -> Non
     policy = Policy("m", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"), rate_limit=3)
     kernel = KernelSpace(policy=policy, signal_dispatcher=SignalDispatcher(None, queue_size=2))
-    where = url()
+    where = memory_url("cp")
     service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
     kernel.attach(service, trust_bus=False, inbound_prefix="ingress")
     got = Collector()
@@ -577,7 +572,7 @@ async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name() -> Non
 async def test_require_verified_sender_denies_before_the_sender_is_looked_up() -> None:
     policy = Policy("m", default_action="allow", require_verified_sender=True)
     kernel = KernelSpace(policy=policy)
-    where = url()
+    where = memory_url("cp")
     service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
     kernel.attach(service, trust_bus=True, inbound_prefix="ingress")  # claims trusted, not verified
     got = Collector()
@@ -602,7 +597,7 @@ async def test_require_verified_sender_denies_before_the_sender_is_looked_up() -
 
 async def test_a_full_hold_queue_records_one_drop_and_no_hold() -> None:
     kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=2))
-    agent = AMB("memory", url(), agent_id="agent")
+    agent = AMB("memory", memory_url("cp"), agent_id="agent")
     kernel.attach(agent)
     await agent.connect()
     await kernel.send_signal("agent", AgentSignal.SIGSTOP)
@@ -668,7 +663,7 @@ def test_the_handlers_task_is_the_running_task_on_every_loop_and_thread() -> Non
     """The mediator finds the running task without asyncio.current_task() on the loop it last
     ran on; on another loop (in turn, or alive in another thread) it is that loop's task."""
     kernel = KernelSpace(policy=open_policy())
-    mediator = kernel.attach(AMB("memory", url(), agent_id="worker"))
+    mediator = kernel.attach(AMB("memory", memory_url("cp"), agent_id="worker"))
     seen: list[bool] = []
 
     async def check() -> None:
@@ -721,7 +716,7 @@ async def gated_recorder(kernel: KernelSpace) -> asyncio.Event:
 
 async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published() -> None:
     kernel = KernelSpace(policy=open_policy(), flight_recorder=FlightRecorder("memory", batch_size=1))
-    where = url()
+    where = memory_url("cp")
     agent = AMB("memory", where, agent_id="agent")
     kernel.attach(agent)
     peer = AMB("memory", where, agent_id="peer")
@@ -755,7 +750,7 @@ async def test_a_message_allowed_while_its_sender_is_killed_is_not_forwarded() -
     policy = Policy("m", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
     kernel = KernelSpace(policy=policy, flight_recorder=FlightRecorder("memory", batch_size=1))
-    where = url()
+    where = memory_url("cp")
     service = AMB("memory", where, agent_id="svc")
     kernel.attach(service, trust_bus=True, inbound_prefix="ingress")
     forwarded, dead = Collector(), Collector()

@@ -33,8 +33,8 @@ from agent_os.services.control_plane_service import (
     nats_users,
     reply_subject,
 )
-from tests.integration.test_emk_service import identities
 from tests.support import Collector, wait_until
+from tests.support.identities import identities
 
 
 def agent_client(where: str, agent: str, middleware: list[Middleware] | None = None) -> AMB:

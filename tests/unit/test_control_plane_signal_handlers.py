@@ -5,7 +5,6 @@ handlers call on ``kernel.get_agent(agent_id)``: ``get_state``, ``save_state``, 
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
@@ -27,13 +26,9 @@ from agent_os.control_plane import (
     control_subject,
 )
 from agent_os.control_plane.process import AgentProcess
-from tests.support import Collector, wait_until
+from tests.support import Collector, memory_url, wait_until
 
 Calls = list[tuple[str, str, AgentSignal]]
-
-
-def url() -> str:
-    return f"memory://signals-{uuid.uuid4().hex}"
 
 
 def open_policy() -> Policy:
@@ -132,7 +127,7 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
         state = await agent.get_state()
         await flight_recorder.log_state_dump(agent_id, state)
 
-    rogue = AMB("memory", url(), agent_id="rogue")
+    rogue = AMB("memory", memory_url("signals"), agent_id="rogue")
     kernel.attach(rogue)
     await rogue.connect()
     process = kernel.get_agent("rogue")
@@ -167,7 +162,7 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
 
 
 async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_the_bus() -> None:
-    where = url()
+    where = memory_url("signals")
     remote_kernel = KernelSpace(policy=open_policy())
     dispatcher = SignalDispatcher(remote_kernel, async_delivery=False)
     calls: Calls = []
@@ -249,7 +244,7 @@ async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers() -> No
 
 async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue() -> None:
     kernel = KernelSpace(policy=open_policy())
-    agent = AMB("memory", url(), agent_id="agent")
+    agent = AMB("memory", memory_url("signals"), agent_id="agent")
     kernel.attach(agent)  # before the dispatcher: its hold queue is bounded by it too
     await agent.connect()
     SignalDispatcher(kernel, queue_size=2)
@@ -333,7 +328,7 @@ async def test_save_state_records_one_state_saved_record_and_returns_it() -> Non
 
 async def test_cleanup_runs_the_callbacks_once_and_leaves_the_agent_working() -> None:
     kernel = KernelSpace(policy=open_policy())
-    where = url()
+    where = memory_url("signals")
     agent = AMB("memory", where, agent_id="agent")
     peer = AMB("memory", where, agent_id="peer")
     kernel.attach(agent)
@@ -434,7 +429,7 @@ async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_ru
 
 async def test_a_bus_agents_handler_publishes_its_state() -> None:
     kernel = KernelSpace(policy=open_policy())
-    where = url()
+    where = memory_url("signals")
     agent = AMB("memory", where, agent_id="counter")
     peer = AMB("memory", where, agent_id="peer")
     kernel.attach(agent)

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlparse
 import pytest
 import yaml
 
-from tests.kafka_mock import TEST_GROUP_OPTIONS
+from tests.support.kafka import TEST_GROUP_OPTIONS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"

@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_os.amb import Envelope, JsonSerializer, MsgpackSerializer, Signature, new_id
+from agent_os.amb import Envelope, JsonSerializer, MsgpackSerializer, Signature
 from agent_os.iatp import IATP, UNSIGNED_HEADERS, envelope_bytes, key_id_for
 from agent_os.iatp.canonical import ENVELOPE_DOMAIN, SESSION_DOMAIN, payload_digest
+from tests.support.envelopes import MUTATIONS, make_env, payloads, texts
 
 SIGNED_STR_FIELDS = ("id", "topic", "sender", "recipient", "reply_to", "correlation_id")
-
-texts = st.text(max_size=12)
-payloads = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=False)
-    | texts
-    | st.binary(max_size=16),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-    max_leaves=10,
-)
-
-
-def make_env(**fields: Any) -> Envelope:
-    base: dict[str, Any] = {
-        "id": new_id(),
-        "topic": "tasks.process",
-        "sender": "alice",
-        "payload": {"task": 1},
-        "recipient": "bob",
-        "reply_to": "_INBOX.x.1",
-        "correlation_id": "c-1",
-        "timestamp": time.time_ns(),
-        "expires_at": None,
-        "priority": 0,
-        "headers": {"content-type": "application/json"},
-    }
-    base.update(fields)
-    return Envelope(**base)
 
 
 def canon(env: Envelope) -> bytes:
@@ -191,24 +161,6 @@ def _signed(**fields: Any) -> Envelope:
     env = make_env(**fields)
     _iatp.sign_envelope(env)
     return env
-
-
-MUTATIONS: dict[str, st.SearchStrategy[Any]] = {
-    "id": st.text(min_size=1, max_size=20),
-    "topic": st.text(min_size=1, max_size=20),
-    "sender": st.sampled_from(["bob", "mallory", ""]),
-    "recipient": st.none() | st.text(max_size=10),
-    "reply_to": st.none() | st.text(max_size=10),
-    "correlation_id": st.none() | st.text(max_size=10),
-    "timestamp": st.integers(-(2**40), 2**40).map(lambda d: time.time_ns() + d),
-    "expires_at": st.none() | st.integers(0, 2**63 - 1),
-    "priority": st.integers(-(2**31), 2**31),
-    "v": st.integers(0, 5),
-    "payload": payloads,
-    "headers": st.dictionaries(
-        st.text(max_size=5).filter(lambda k: k not in UNSIGNED_HEADERS), st.text(max_size=5), max_size=3
-    ),
-}
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)

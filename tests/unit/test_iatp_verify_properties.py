@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from agent_os.amb import Envelope, MsgpackSerializer
 from agent_os.iatp import IATP, Reason, VerificationResult
-from tests.unit.test_iatp_canonical import MUTATIONS, make_env
+from tests.support.envelopes import MUTATIONS, make_env
 
 S = 1_000_000_000
 T0 = 1_750_000_000 * S  # the fake clock's starting point (mid-2025)

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
 from agent_os.amb import CapabilityNotSupported, ConfigError, Delivery, StateError
 from agent_os.bus_adapters.memory import MemoryBroker, memory_server
-from tests.support import wait_until
-
-
-def url() -> str:
-    return f"memory://mb-{uuid.uuid4().hex}"
+from tests.support import memory_url, wait_until
 
 
 async def test_publisher_waits_while_a_subscriber_queue_is_full() -> None:
-    u = url()
+    u = memory_url("mb")
     broker = MemoryBroker(u, max_pending=4)
     await broker.connect()
     release = asyncio.Event()
@@ -49,7 +44,7 @@ async def _publish_many(broker: MemoryBroker, n: int) -> None:
 
 
 async def test_idle_subscriptions_do_not_wake_up() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     calls = 0
 
@@ -74,7 +69,7 @@ async def test_idle_subscriptions_do_not_wake_up() -> None:
 
 
 async def test_queue_group_skips_a_full_member() -> None:
-    u = url()
+    u = memory_url("mb")
     slow_broker = MemoryBroker(u, max_pending=1)
     fast_broker = MemoryBroker(u, max_pending=1000)
     for b in (slow_broker, fast_broker):
@@ -103,7 +98,7 @@ async def test_queue_group_skips_a_full_member() -> None:
 
 
 async def test_nack_redelivers_with_attempt_count() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     attempts: list[int] = []
 
@@ -121,7 +116,7 @@ async def test_nack_redelivers_with_attempt_count() -> None:
 
 
 async def test_close_cancels_a_handler_stuck_past_the_timeout() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     started = asyncio.Event()
     cancelled = False
@@ -145,7 +140,7 @@ async def test_close_cancels_a_handler_stuck_past_the_timeout() -> None:
 
 
 async def test_unsubscribe_from_inside_the_handler() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     seen: list[bytes] = []
     subs = []
@@ -170,7 +165,7 @@ async def test_unsubscribe_from_inside_the_handler() -> None:
 
 
 async def test_messages_without_subscribers_are_counted() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     await broker.publish("nobody.home", b"x")
     server = memory_server(broker.server_name)
@@ -181,7 +176,7 @@ async def test_messages_without_subscribers_are_counted() -> None:
 
 
 async def test_durable_is_refused_and_state_is_checked() -> None:
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     with pytest.raises(StateError, match="connect"):
         await broker.publish("x", b"")
     await broker.connect()
@@ -225,7 +220,7 @@ def test_compiled_patterns_answer_like_matches() -> None:
 
 
 async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> None:
-    u = url()
+    u = memory_url("mb")
     broker = MemoryBroker(u)
     await broker.connect()
     got: list[str] = []
@@ -246,7 +241,7 @@ async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> Non
 async def test_a_stray_cancelled_error_from_a_handler_does_not_end_the_subscription() -> None:
     """A handler that lets out the CancelledError of something it awaited, its own task not
     being cancelled: counted like any handler error; the next message is still delivered."""
-    broker = MemoryBroker(url())
+    broker = MemoryBroker(memory_url("mb"))
     await broker.connect()
     handled: list[bytes] = []
 

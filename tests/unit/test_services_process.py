@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from agent_os.iatp import IATP, IATPConfigError, NonceStoreUnavailable, RedisNonceStore, WrongPassphrase
+from agent_os.iatp import IATPConfigError, WrongPassphrase
 from agent_os.services import control_plane_service, memory_service, verifier_service
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services._process import (
@@ -29,15 +28,7 @@ from agent_os.services._process import (
     stop_signals,
     verification_from_options,
 )
-
-PASSPHRASE = "correct horse battery staple"
-
-
-async def make_store(path: Path, *agents: str) -> None:
-    """A file key store holding keys for ``agents`` (the cheapest KDF level: tests only)."""
-    iatp = IATP("file", key_path=str(path), passphrase=PASSPHRASE, kdf_level="interactive")
-    for agent in agents:
-        await iatp.register_agent(agent)
+from tests.support.identities import PASSPHRASE, make_store
 
 
 def test_verification_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,19 +158,3 @@ def test_each_service_command_takes_the_nonce_store(
     from_env = runner.invoke(main, [*base, "--trust-bus"], env={NONCE_STORE_ENV: "redis://127.0.0.1:6379/0"})
     assert from_env.exit_code == 2
     assert "--nonce-store needs --identities" in from_env.output
-
-
-@pytest.mark.redis
-async def test_opening_the_identities_with_a_nonce_store(tmp_path: Path) -> None:
-    prefix = f"test:services:{uuid.uuid4().hex}:"  # its one key expires within a millisecond
-    store = tmp_path / "keys"
-    await make_store(store, "memory-service")
-    opened = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:6379/0", nonce_prefix=prefix)
-    async with opened.opened("memory-service") as iatp:
-        assert iatp is not None
-        assert isinstance(iatp.nonce_store, RedisNonceStore)
-        assert iatp.nonce_store.prefix == prefix
-        assert iatp.middleware().nonce_store is iatp.nonce_store  # what the services' middleware uses
-    nowhere = Verification(str(store), PASSPHRASE, nonce_store="redis://127.0.0.1:1/0")
-    with pytest.raises(NonceStoreUnavailable):  # checked at the start, not on the first message
-        await nowhere.open("memory-service")

@@ -4,19 +4,18 @@ subscription goes on delivering what follows. Each test uses its own key prefix,
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.redis import RedisBroker
-from tests.conformance.cleanup import delete_redis_keys
 from tests.support import wait_until
+from tests.support.cleanup import delete_redis_keys
+from tests.support.servers import REDIS_URL
 
 pytestmark = pytest.mark.redis
 
-URL = "redis://127.0.0.1:6379/0"
 
 
 class Deliveries:
@@ -31,17 +30,16 @@ class Deliveries:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
-    broker = RedisBroker(URL, key_prefix=f"amb-{prefix}:", claim_min_idle=0.2)
+    broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", claim_min_idle=0.2)
     await broker.connect()
-    yield broker
-    await broker.close()
-    await delete_redis_keys(URL, key_prefix=f"amb-{prefix}:")
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close()
+        finally:
+            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
 
 
 async def _dead_entries(broker: RedisBroker, key: str) -> list[dict[bytes, bytes]]:

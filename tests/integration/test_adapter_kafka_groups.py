@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,8 +24,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from agent_os.amb import AMB, Metadata
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker, topic_for
-from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster, committed_offsets
 from tests.support import wait_until
+from tests.support.kafka import MockKafkaCluster, committed_offsets
 
 pytestmark = pytest.mark.kafka
 
@@ -46,34 +46,24 @@ class Deliveries:
 
 
 @pytest.fixture
-def cluster() -> Iterator[MockKafkaCluster]:
-    """A cluster of the test's own (one test takes its broker down and up)."""
-    with MockKafkaCluster(brokers=1) as mock:
-        yield mock
-
-
-@pytest.fixture
-def url(cluster: MockKafkaCluster) -> str:
-    return f"kafka://{cluster.bootstrap_servers}?{TEST_GROUP_OPTIONS}"
-
-
-@pytest.fixture
 def subject() -> str:
     return f"k{uuid.uuid4().hex[:12]}.events"
 
 
 @pytest.fixture
-async def publisher(url: str) -> AsyncIterator[KafkaBroker]:
-    broker = KafkaBroker(url)
+async def publisher(kafka_url: str) -> AsyncIterator[KafkaBroker]:
+    broker = KafkaBroker(kafka_url)
     await broker.connect()
     yield broker
     await broker.close(timeout=2)
 
 
-async def fan_out(url: str, subject: str, client_id: str | None = None) -> tuple[KafkaBroker, Deliveries]:
+async def fan_out(
+    kafka_url: str, subject: str, client_id: str | None = None
+) -> tuple[KafkaBroker, Deliveries]:
     """A connected client (with ``client_id`` when given) and its first fan-out subscription."""
     options: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
-    broker = KafkaBroker(url, **options)
+    broker = KafkaBroker(kafka_url, **options)
     await broker.connect()
     got = Deliveries()
     await broker.subscribe(subject, got)
@@ -91,10 +81,10 @@ async def publish(publisher: KafkaBroker, subject: str, *payloads: bytes) -> Non
 
 
 async def test_a_returning_client_id_gets_the_same_fan_out_group_and_resumes_from_its_commits(
-    cluster: MockKafkaCluster, url: str, subject: str, publisher: KafkaBroker
+    kafka_cluster: MockKafkaCluster, kafka_url: str, subject: str, publisher: KafkaBroker
 ) -> None:
     client_id = f"svc-{uuid.uuid4().hex[:8]}"
-    first, got = await fan_out(url, subject, client_id)
+    first, got = await fan_out(kafka_url, subject, client_id)
     try:
         await publish(publisher, subject, b"before")
         await got.wait_for([b"before"], "the first message")
@@ -103,12 +93,12 @@ async def test_a_returning_client_id_gets_the_same_fan_out_group_and_resumes_fro
     # The group of the documented name holds the commit (read by a client of its own).
     group = f"amb.{client_id}.1.{subject}"
     committed = await asyncio.to_thread(
-        committed_offsets, cluster.bootstrap_servers, group, topic_for(subject)
+        committed_offsets, kafka_cluster.bootstrap_servers, group, topic_for(subject)
     )
     assert sum(committed.values()) == 1, committed
 
     await publish(publisher, subject, b"while away")
-    second, again = await fan_out(url, subject, client_id)
+    second, again = await fan_out(kafka_url, subject, client_id)
     try:
         await publish(publisher, subject, b"after")
         # Same group: it starts from the commit, so what came while nobody listened arrives too.
@@ -116,22 +106,22 @@ async def test_a_returning_client_id_gets_the_same_fan_out_group_and_resumes_fro
     finally:
         await second.close(timeout=5)
     committed = await asyncio.to_thread(
-        committed_offsets, cluster.bootstrap_servers, group, topic_for(subject)
+        committed_offsets, kafka_cluster.bootstrap_servers, group, topic_for(subject)
     )
     assert sum(committed.values()) == 3, committed
 
 
 async def test_without_a_client_id_a_new_client_is_a_new_group_and_starts_at_the_end(
-    url: str, subject: str, publisher: KafkaBroker
+    kafka_url: str, subject: str, publisher: KafkaBroker
 ) -> None:
-    first, got = await fan_out(url, subject)
+    first, got = await fan_out(kafka_url, subject)
     try:
         await publish(publisher, subject, b"before")
         await got.wait_for([b"before"], "the first message")
     finally:
         await first.close(timeout=5)
     await publish(publisher, subject, b"while away")
-    second, again = await fan_out(url, subject)
+    second, again = await fan_out(kafka_url, subject)
     try:
         assert second.client_id != first.client_id
         await publish(publisher, subject, b"after")
@@ -141,14 +131,14 @@ async def test_without_a_client_id_a_new_client_is_a_new_group_and_starts_at_the
 
 
 async def test_every_fan_out_subscriber_has_a_group_of_its_own(
-    cluster: MockKafkaCluster, url: str, subject: str, publisher: KafkaBroker
+    kafka_cluster: MockKafkaCluster, kafka_url: str, subject: str, publisher: KafkaBroker
 ) -> None:
     """Two fan-out subscriptions of one client and one of another client with the same pattern:
     each gets every message (subscribers sharing a group would split them) and commits in
     its own group."""
     client_id = f"svc-{uuid.uuid4().hex[:8]}"
-    one, got_one = await fan_out(url, subject, client_id)
-    other, got_other = await fan_out(url, subject, f"{client_id}-other")
+    one, got_one = await fan_out(kafka_url, subject, client_id)
+    other, got_other = await fan_out(kafka_url, subject, f"{client_id}-other")
     try:
         got_two = Deliveries()
         await one.subscribe(subject, got_two)
@@ -165,7 +155,7 @@ async def test_every_fan_out_subscriber_has_a_group_of_its_own(
         f"amb.{client_id}-other.1.{subject}",
     ):
         committed = await asyncio.to_thread(
-            committed_offsets, cluster.bootstrap_servers, group, topic_for(subject)
+            committed_offsets, kafka_cluster.bootstrap_servers, group, topic_for(subject)
         )
         assert sum(committed.values()) == len(payloads), (group, committed)
 
@@ -174,12 +164,12 @@ async def test_every_fan_out_subscriber_has_a_group_of_its_own(
 
 
 async def test_the_reply_topic_is_created_once_per_client(
-    cluster: MockKafkaCluster, url: str, subject: str
+    kafka_cluster: MockKafkaCluster, kafka_url: str, subject: str
 ) -> None:
     client_id = f"req-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_cluster.bootstrap_servers)
     await admin.start()
-    responder = AMB("kafka", url, agent_id="responder")
+    responder = AMB("kafka", kafka_url, agent_id="responder")
 
     async def answer(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, f"re: {message}")
@@ -191,7 +181,7 @@ async def test_the_reply_topic_is_created_once_per_client(
     async def topics() -> set[str]:
         return set(await admin.list_topics())
 
-    requester = AMB("kafka", url, agent_id="requester", broker_options={"client_id": client_id})
+    requester = AMB("kafka", kafka_url, agent_id="requester", broker_options={"client_id": client_id})
     again: AMB | None = None
     try:
         await responder.subscribe(subject, answer)
@@ -205,14 +195,14 @@ async def test_the_reply_topic_is_created_once_per_client(
         assert await topics() == after_first
 
         # The broker drops every connection and comes back: the clients reconnect.
-        cluster.set_broker_down(1)
-        cluster.set_broker_up(1)
+        kafka_cluster.set_broker_down(1)
+        kafka_cluster.set_broker_up(1)
         await ask(requester, 3)
         assert await topics() == after_first
 
         # A new client with the same identity replies through the same topic.
         await requester.close(timeout=5)
-        again = AMB("kafka", url, agent_id="requester", broker_options={"client_id": client_id})
+        again = AMB("kafka", kafka_url, agent_id="requester", broker_options={"client_id": client_id})
         await ask(again, 3)
         assert again.broker.inbox_prefix() == inbox
         assert await topics() == after_first

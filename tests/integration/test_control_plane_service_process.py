@@ -8,50 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from agent_os.control_plane import FlightRecorder
 from agent_os.control_plane.errors import RecorderConfigError
 from agent_os.services.control_plane_service import broker_backend, read_key_file, recorder_from_spec
-
-TOKEN = "process-admin-token-0123456789"
-
-
-async def start_service(
-    *args: str, env: dict[str, str] | None = None
-) -> tuple[asyncio.subprocess.Process, str]:
-    """Start the service as a process (``env`` added to the environment); return it and its
-    admin URL (from its ready line)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent_os.services.control_plane_service",
-        "--admin-port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN, **(env or {})},
-    )
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-    except TimeoutError:
-        proc.kill()
-        raise
-    if not line.startswith("ready admin="):
-        assert proc.stderr is not None
-        err = (await proc.stderr.read()).decode()
-        await proc.wait()
-        pytest.fail(f"the service did not start: {line!r} {err}")
-    return proc, line.strip().removeprefix("ready admin=")
-
-
-async def get(url: str, token: str | None = TOKEN) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
-        return resp.status, await resp.text()
+from tests.support.processes import TOKEN, get, start_service
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

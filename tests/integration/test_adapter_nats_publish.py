@@ -17,15 +17,15 @@ from agent_os.amb.errors import BrokerUnavailable, ConfigError
 from agent_os.bus_adapters.nats import NatsBroker
 from agent_os.bus_adapters.nats._broker import connected_status
 from tests.support import wait_until
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-URL = "nats://127.0.0.1:4222"
 
 
 @pytest.fixture
 async def broker() -> AsyncIterator[NatsBroker]:
-    broker = NatsBroker(URL)
+    broker = NatsBroker(NATS_URL)
     await broker.connect()
     yield broker
     await broker.close(timeout=2)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata
-from tests.conformance.cleanup import NATS_URL, REDIS_URL, delete_nats_streams, delete_redis_keys
+from tests.support.cleanup import delete_nats_streams, delete_redis_keys
+from tests.support.servers import NATS_URL, REDIS_URL
 
 
 async def _ignore(message: Any, metadata: Metadata) -> None:

@@ -13,8 +13,8 @@ from aiokafka import AIOKafkaProducer
 
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker, dead_letter_topic, topic_for
-from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster
 from tests.support import wait_until
+from tests.support.kafka import MockKafkaCluster
 
 pytestmark = pytest.mark.kafka
 
@@ -35,20 +35,16 @@ class Deliveries:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[MockKafkaCluster]:
+def kafka_cluster() -> Iterator[MockKafkaCluster]:
+    """One cluster for the module's tests (none takes it down): each test uses its own subject."""
     with MockKafkaCluster(brokers=1) as cluster:
         yield cluster
 
 
 @pytest.fixture
-def url(cluster: MockKafkaCluster) -> str:
-    return f"kafka://{cluster.bootstrap_servers}?{TEST_GROUP_OPTIONS}"
-
-
-@pytest.fixture
-async def raw(cluster: MockKafkaCluster) -> AsyncIterator[AIOKafkaProducer]:
+async def raw(kafka_cluster: MockKafkaCluster) -> AsyncIterator[AIOKafkaProducer]:
     """A plain aiokafka producer: writes records the adapter did not shape."""
-    producer = AIOKafkaProducer(bootstrap_servers=cluster.bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_cluster.bootstrap_servers, acks="all")
     await producer.start()
     yield producer
     await producer.stop()
@@ -60,9 +56,9 @@ def subject() -> str:
 
 
 async def test_null_subject_header_is_ignored_and_the_group_keeps_fetching(
-    url: str, raw: AIOKafkaProducer, subject: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str
 ) -> None:
-    broker = KafkaBroker(url)
+    broker = KafkaBroker(kafka_url)
     await broker.connect()
     got = Deliveries()
     try:
@@ -78,11 +74,11 @@ async def test_null_subject_header_is_ignored_and_the_group_keeps_fetching(
 
 
 async def test_null_published_header_on_several_partitions_is_ignored(
-    url: str, raw: AIOKafkaProducer, subject: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str
 ) -> None:
     """Records of several partitions fetched together are merged by their publish time; a null
     ``amb-published-ns`` falls back to the record's timestamp."""
-    broker = KafkaBroker(url)
+    broker = KafkaBroker(kafka_url)
     await broker.connect()
     got = Deliveries()
     topic = topic_for(subject)
@@ -113,11 +109,11 @@ async def test_null_published_header_on_several_partitions_is_ignored(
     ],
 )
 async def test_record_with_a_bad_subject_header_is_dead_lettered_and_committed(
-    url: str, raw: AIOKafkaProducer, subject: str, header: bytes, reason: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str, header: bytes, reason: str
 ) -> None:
     durable = f"d-{uuid.uuid4().hex[:8]}"
     dead_topic = dead_letter_topic(topic_for(subject))
-    broker = KafkaBroker(url)
+    broker = KafkaBroker(kafka_url)
     await broker.connect()
     got, dead = Deliveries(), Deliveries()
     try:
@@ -141,7 +137,7 @@ async def test_record_with_a_bad_subject_header_is_dead_lettered_and_committed(
     finally:
         await broker.close(timeout=2)
     # The poison record was committed past: the durable's next member does not see it again.
-    again = KafkaBroker(url)
+    again = KafkaBroker(kafka_url)
     await again.connect()
     later = Deliveries()
     try:

@@ -5,29 +5,21 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 
 import pytest
 
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker
-from tests.kafka_mock import MockKafkaCluster
 from tests.support import wait_until
 
 pytestmark = pytest.mark.kafka
 
-GROUP_OPTIONS = "session_timeout_ms=1500&heartbeat_interval_ms=100&metadata_max_age_ms=200"
 
 
-@pytest.fixture
-def url() -> Iterator[str]:
-    with MockKafkaCluster(brokers=1) as cluster:
-        yield f"kafka://{cluster.bootstrap_servers}?{GROUP_OPTIONS}"
 
-
-async def test_records_fetched_from_several_partitions_keep_their_own_positions(url: str) -> None:
+async def test_records_fetched_from_several_partitions_keep_their_own_positions(kafka_url: str) -> None:
     subject = f"parts{uuid.uuid4().hex[:10]}.jobs"
-    publisher, consumer = KafkaBroker(url), KafkaBroker(url)
+    publisher, consumer = KafkaBroker(kafka_url), KafkaBroker(kafka_url)
     seen: list[tuple[str, int, int, int]] = []  # key, sequence, partition, offset
 
     async def handle(d: Delivery) -> None:

@@ -1,4 +1,13 @@
-"""Small helpers shared by the test suites."""
+"""What the test suites share, instead of test modules importing each other.
+
+This module: a broker URL of the test's own, waiting for a condition, a collecting handler,
+the process's memory. The modules beside it, one concern each: ``servers`` (where the shared
+servers are), ``cleanup`` (deleting what tests leave on them), ``brokers`` (the conformance
+suite's broker targets and fixtures), ``kafka`` (the librdkafka mock cluster), ``processes``
+(services started as processes), ``identities`` (signing keys), ``envelopes``, ``embedders``,
+``emk``, ``holds`` and ``queue_group`` (scenarios that a unit test and a server-bound test both
+run). Fixtures live in each folder's ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,19 @@ import gc
 import inspect
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from agent_os.amb import Metadata
+
+
+def memory_url(name: str = "test") -> str:
+    """A URL of an in-memory broker of its own (``memory://<name>-<random>``): nothing the
+    test publishes reaches another test's broker."""
+    return f"memory://{name}-{uuid.uuid4().hex}"
 
 
 async def wait_until(

@@ -9,25 +9,16 @@ one client failed 201 of them, and a request/reply soak with 128 requests in fli
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from agent_os.amb import AMB, ConfigError, Metadata
 from agent_os.bus_adapters.redis import RedisBroker
-from tests.conformance.cleanup import REDIS_URL, delete_redis_keys
 from tests.support import wait_until
+from tests.support.servers import REDIS_URL
 
-pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = f"t{uuid.uuid4().hex[:12]}"
-    yield name
-    await delete_redis_keys(REDIS_URL, subject_prefix=name)
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("redis_subjects")]
 
 
 async def test_more_concurrent_publishes_than_connections_all_go_through(prefix: str) -> None:

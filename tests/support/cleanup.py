@@ -14,8 +14,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-NATS_URL = "nats://127.0.0.1:4222"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support.servers import NATS_URL, REDIS_URL
 
 
 def _under(subject: str, prefix: str) -> bool:
@@ -110,7 +109,7 @@ async def delete_redis_keys(
         if subject_prefix is not None:
             wildcard_index = f"{amb_prefix}groups:*"
             members = await r.zrange(wildcard_index, 0, -1)
-            stale = [m for m in members if f":{subject_prefix}.".encode() in m]
+            stale = [m for m in members if isinstance(m, bytes) and f":{subject_prefix}.".encode() in m]
             if stale:
                 await r.zrem(wildcard_index, *stale)
     finally:

@@ -11,29 +11,21 @@ came).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from agent_os.amb import AMB, Metadata
-from tests.kafka_mock import TEST_GROUP_OPTIONS, MockKafkaCluster
 from tests.support import wait_until
 
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-def url() -> Iterator[str]:
-    with MockKafkaCluster(brokers=1) as mock:
-        yield f"kafka://{mock.bootstrap_servers}?{TEST_GROUP_OPTIONS}"
-
-
-async def test_a_hot_key_moves_on_when_concurrent_handlers_ack_its_run(url: str) -> None:
+async def test_a_hot_key_moves_on_when_concurrent_handlers_ack_its_run(kafka_url: str) -> None:
     subject = f"k{uuid.uuid4().hex[:12]}.jobs"
     got: list[tuple[str, int]] = []
-    clients = [AMB("kafka", url, agent_id=f"member-{i}") for i in range(2)]
-    publisher = AMB("kafka", url, agent_id="publisher")  # its id is every message's key
+    clients = [AMB("kafka", kafka_url, agent_id=f"member-{i}") for i in range(2)]
+    publisher = AMB("kafka", kafka_url, agent_id="publisher")  # its id is every message's key
     try:
         for client in clients:
 

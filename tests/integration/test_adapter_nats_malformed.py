@@ -6,33 +6,31 @@ CancelledError). Streams made by a test are deleted after it."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.nats import NatsBroker
-from tests.conformance.cleanup import delete_nats_streams
 from tests.support import wait_until
+from tests.support.cleanup import delete_nats_streams
+from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
-URL = "nats://127.0.0.1:4222"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[NatsBroker]:
-    broker = NatsBroker(URL)
+    broker = NatsBroker(NATS_URL)
     await broker.connect()
-    yield broker
-    await broker.close(timeout=2)
-    await delete_nats_streams(prefix, URL)
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close(timeout=2)
+        finally:
+            await delete_nats_streams(prefix, NATS_URL)
 
 
 class CancelsOnce:

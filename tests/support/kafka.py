@@ -37,6 +37,13 @@ REAL_KAFKA_ENV = "AGENT_OS_KAFKA_BOOTSTRAP"
 MOCK_PARTITIONS = 4
 
 
+def broker_url(cluster: MockKafkaCluster, **options: int) -> str:
+    """The Kafka adapter's URL for ``cluster``, with the test group timings and ``options`` (URL
+    options of ``KafkaBroker``, such as ``request_timeout_ms``)."""
+    query = "&".join([TEST_GROUP_OPTIONS, *(f"{k}={v}" for k, v in options.items())])
+    return f"kafka://{cluster.bootstrap_servers}?{query}"
+
+
 def committed_offsets(
     bootstrap: str, group: str, topic: str, partitions: int = MOCK_PARTITIONS
 ) -> dict[int, int]:
