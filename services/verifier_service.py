@@ -39,7 +39,6 @@ share replay protection with ``--nonce-store redis://host:6379/0`` (see
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -137,8 +136,11 @@ class VerifierService:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        """Subscribe to the request subject. Idempotent."""
+        """Load the LLM client (:meth:`agent_os.cmvk.CMVK.warm`, so that the first request is
+        answered like the others), then subscribe to the request subject. Idempotent. Raises
+        ImportError naming the extra to install when litellm is missing."""
         if self._sub is None:
+            await self.cmvk.warm()
             self._sub = await self.bus.subscribe(
                 self.subject, self._on_request, queue=self.queue, concurrency=self.concurrency
             )
@@ -336,8 +338,6 @@ def main(
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
-    if importlib.util.find_spec("litellm") is None:
-        raise click.ClickException("the verifier calls models through litellm: pip install 'agent-os[llm]'")
 
     async def serve_process() -> None:
         cmvk = CMVK(

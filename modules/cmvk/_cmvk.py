@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
+from agent_os.cmvk._client import ensure_client
 from agent_os.cmvk._errors import CMVKConfigError, VerdictParseError
 from agent_os.cmvk._results import (
     CallStats,
@@ -80,7 +81,8 @@ class CMVK:
     1..len(models), or a reserved key in ``litellm_params`` (the message names it).
 
     Guarantees: models are called in parallel; ``verify`` and ``cross_check`` return within
-    ``timeout`` (plus scheduling noise) and never raise for a model's failure: a timeout,
+    ``timeout`` (plus scheduling noise) after the LLM client is loaded (once per process, before
+    the deadline starts: see :meth:`warm`) and never raise for a model's failure: a timeout,
     provider error or unparsable reply is an abstention with its reason in the result, and
     abstentions are never counted as votes.
     """
@@ -151,6 +153,15 @@ class CMVK:
             f"voting_strategy={self.voting_strategy!r}, timeout={self.timeout}, quorum={self.quorum})"
         )
 
+    async def warm(self) -> None:
+        """Load the LLM client (litellm) now, in a worker thread, instead of in the first call.
+
+        Every call loads it before its deadline starts anyway, so the first call of a process
+        answers like the second; ``warm`` moves that wait (seconds) to a moment of your choice,
+        such as a service's start. Idempotent, once per process. Raises ImportError naming the
+        ``cmvk`` extra when litellm is not installed."""
+        await ensure_client()
+
     # -- verification --------------------------------------------------------------------------
 
     async def verify(
@@ -162,12 +173,13 @@ class CMVK:
         combined by the voting strategy (:mod:`agent_os.cmvk._voting`). A ``prompt`` or ``response`` that
         is not a string is serialized as JSON (``str()`` for what JSON cannot carry), so an
         agent's arguments and return value can be verified as they are (the kernel passes
-        them so). Raises CMVKConfigError when ``context`` is not a dict; never raises for a
-        model's failure.
+        them so). Raises CMVKConfigError when ``context`` is not a dict, ImportError naming
+        the ``cmvk`` extra when litellm is not installed; never raises for a model's failure.
         """
         if context is not None and not isinstance(context, dict):
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
         text = _as_text(response)
+        await self.warm()  # before the deadline starts: the import takes seconds
         start = time.monotonic()
         outcomes = await self._ask_all(verify_messages(_as_text(prompt), text, context), start + self.timeout)
         votes: dict[str, ModelVote] = {}
@@ -273,6 +285,8 @@ class CMVK:
         answers.
         """
         measured = await self.agreement(answer_a, answer_b, question)
+        if self.judge is not None:
+            await self.warm()  # before the deadline starts: the import takes seconds
         return await self._judged(measured, answer_a, answer_b, question, time.monotonic() + self.timeout)
 
     async def _judged(
@@ -307,6 +321,7 @@ class CMVK:
             raise CMVKConfigError(f"prompt must be a string, got {type(prompt).__name__}")
         if context is not None and not isinstance(context, dict):
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
+        await self.warm()  # before the deadline starts: the import takes seconds
         start = time.monotonic()
         deadline = start + self.timeout
         outcomes = await self._ask_all(answer_messages(prompt, context), deadline)
