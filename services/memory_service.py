@@ -113,10 +113,14 @@ class MemoryService:
         }
 
     async def start(self) -> None:
-        """Subscribe to the request subjects. Idempotent."""
+        """Open the EMK, embed one probe text, then subscribe to the request subjects.
+        Idempotent. The probe makes a service whose embedder cannot work (its extra missing,
+        its model or provider unreachable) fail here, not on every request: it raises EMK's
+        ConfigError naming the extra to install, or EmbeddingError."""
         if self._subs:
             return
         await self.emk.open()
+        await self.emk.embedder.embed(["agent-os memory service start"])
         for op in OPERATIONS:
             handler = self._handler(op)
             sub = await self.amb.subscribe(
