@@ -12,10 +12,10 @@ from typing import Any, get_args
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
 from agent_os.cmvk._client import ensure_client
+from agent_os.cmvk._crosscheck import group_answers
 from agent_os.cmvk._errors import CMVKConfigError, VerdictParseError
 from agent_os.cmvk._results import (
     CallStats,
-    Consensus,
     CrossCheckResult,
     ModelAnswer,
     ModelVote,
@@ -29,7 +29,7 @@ from agent_os.cmvk._verdict import (
     parse_verdict,
     verify_messages,
 )
-from agent_os.cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
+from agent_os.cmvk._voting import STRATEGIES, Ballot, Strategy, decide
 
 
 def _as_text(value: Any) -> str:
@@ -360,74 +360,12 @@ class CMVK:
             )
         )
         pairs = {f"{a}|{b}": r for (a, b), r in zip(keys, results, strict=True)}
-        return self._group(answers, answered, pairs, time.monotonic() - start)
-
-    def _group(
-        self,
-        answers: dict[str, ModelAnswer],
-        answered: list[str],
-        pairs: dict[str, Agreement],
-        latency: float,
-    ) -> CrossCheckResult:
-        weighted = self.voting_strategy == "weighted"
-        weight = {n: (answers[n].weight if weighted else 1.0) for n in answered}
-
-        def pair(a: str, b: str) -> Agreement | None:
-            return pairs.get(f"{a}|{b}") or pairs.get(f"{b}|{a}")
-
-        abstained = [f"{n} ({a.abstention}: {a.reason})" for n, a in answers.items() if a.answer is None]
-        tail = f"; abstained: {', '.join(abstained)}" if abstained else ""
-        if len(answered) < self.quorum:
-            return CrossCheckResult(
-                verified=False,
-                confidence=0.0,
-                consensus="no_quorum",
-                support=0.0,
-                majority_answer=None,
-                majority=[],
-                dissenters=list(answered),
-                reason=f"quorum not met: {len(answered)} of {len(answers)} models answered, "
-                f"{self.quorum} needed{tail}",
-                strategy=self.voting_strategy,
-                answers=answers,
-                pairs=pairs,
-                latency_s=latency,
-            )
-        best: tuple[float, float, int] | None = None
-        group: list[str] = []
-        center = answered[0]
-        for i, n in enumerate(answered):
-            members = [m for m in answered if m == n or ((p := pair(n, m)) is not None and p.agree)]
-            scores = [p.score for m in members if m != n and (p := pair(n, m)) is not None]
-            key = (sum(weight[m] for m in members), sum(scores) / len(scores) if scores else 1.0, -i)
-            if best is None or key > best:
-                best, group, center = key, members, n
-        total = sum(weight.values())
-        support = sum(weight[m] for m in group) / total
-        verified = passes(self.voting_strategy, self.consensus_threshold, support)
-        inner = [
-            p.score for i, a in enumerate(group) for b in group[i + 1 :] if (p := pair(a, b)) is not None
-        ]
-        cohesion = sum(inner) / len(inner) if inner else 1.0
-        dissenters = [n for n in answered if n not in group]
-        consensus: Consensus = "unanimous" if not dissenters else ("majority" if support > 0.5 else "split")
-        reason = (
-            f"{len(group)} of {len(answered)} answering models agree ({self.voting_strategy} support "
-            f"{support:.2f}, threshold {self.consensus_threshold:.2f})"
-        )
-        if dissenters:
-            reason += f"; dissenting: {', '.join(dissenters)}"
-        return CrossCheckResult(
-            verified=verified,
-            confidence=support * cohesion if verified else (1 - support) * cohesion,
-            consensus=consensus,
-            support=support,
-            majority_answer=answers[center].answer,
-            majority=group,
-            dissenters=dissenters,
-            reason=reason + tail,
+        return group_answers(
+            answers,
+            answered,
+            pairs,
+            time.monotonic() - start,
             strategy=self.voting_strategy,
-            answers=answers,
-            pairs=pairs,
-            latency_s=latency,
+            threshold=self.consensus_threshold,
+            quorum=self.quorum,
         )
