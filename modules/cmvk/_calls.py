@@ -1,11 +1,7 @@
-"""Calling one model through litellm: per-attempt timeout, retries with backoff, a deadline.
-
-Retry rules: a timeout, a connection error, HTTP 408/409/425/429 and any 5xx are transient and
-retried (up to ``retries`` more attempts, exponential backoff with jitter, never past the
-deadline); other provider errors (400, 401, 403, 404, ...) are final. litellm's and the OpenAI
-client's own retries are turned off (``max_retries=0``, ``num_retries=0``) so that the
-attempts counted here are the requests made. litellm is loaded by :mod:`agent_os.cmvk._client`
-before the deadline starts.
+"""Calling one model through litellm: per-attempt timeout, retries of transient failures with
+backoff and jitter, never past the call's deadline; litellm's own retries off, so the attempts
+counted are the requests made. The rules: ``docs/verification.md``, "Calls, deadlines and
+retries".
 """
 
 from __future__ import annotations
@@ -102,7 +98,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class CallPolicy:
-    """Timeouts and retries for the calls of one CMVK (see the module docstring)."""
+    """Timeouts and retries for the calls of one CMVK (``docs/verification.md``)."""
 
     model_timeout: float
     retries: int

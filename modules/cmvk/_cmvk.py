@@ -43,7 +43,7 @@ def _noted(agreement: Agreement, note: str) -> Agreement:
 class CMVK:
     """Cross-Model Verification Kernel: several LLMs check an answer, by meaning, and fail closed.
 
-    Example (from the API reference)::
+    Example (``docs/api-reference.md``)::
 
         cmvk = CMVK(models=["gpt-4", "claude-3", "gemini-pro"], consensus_threshold=0.8,
                     voting_strategy="majority", timeout=30.0)
@@ -55,7 +55,7 @@ class CMVK:
     Args:
         models: model names (litellm ids) or :class:`ModelSpec` objects; names must be unique.
         consensus_threshold: the weighted share of non-abstaining votes that must support the
-            response, in (0, 1] (see :mod:`agent_os.cmvk._voting` for the exact rules).
+            response, in (0, 1] (rules: ``docs/verification.md``, "Voting").
         voting_strategy: ``"majority"``, ``"unanimous"`` or ``"weighted"``.
         timeout: the total deadline of one ``verify``/``cross_check`` call, in seconds; no
             model call or retry runs past it.
@@ -169,8 +169,8 @@ class CMVK:
     ) -> VerificationResult:
         """Ask every model, in parallel, whether ``response`` correctly answers ``prompt``.
 
-        Each model replies with a JSON verdict (schema in :mod:`agent_os.cmvk._verdict`); the votes are
-        combined by the voting strategy (:mod:`agent_os.cmvk._voting`). A ``prompt`` or ``response`` that
+        Each model replies with a JSON verdict (schema: ``docs/verification.md``); the votes are
+        combined by the voting strategy. A ``prompt`` or ``response`` that
         is not a string is serialized as JSON (``str()`` for what JSON cannot carry), so an
         agent's arguments and return value can be verified as they are (the kernel passes
         them so). Raises CMVKConfigError when ``context`` is not a dict, ImportError naming
@@ -249,7 +249,7 @@ class CMVK:
     # -- generation mode -----------------------------------------------------------------------
 
     async def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
-        """Score whether two answers agree, without any LLM (see :mod:`agent_os.cmvk._agreement`).
+        """Score whether two answers agree, without any LLM (``docs/verification.md``).
 
         Uses the configured embedder, if any (plain or async); when it fails, the measure
         decides without it and ``reason`` says so. Returns an :class:`Agreement` with ``score``
