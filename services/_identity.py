@@ -1,21 +1,6 @@
-"""Who a message acts for: the one place the services decide a sender's identity.
-
-Every service answers for an agent: the memory service shows an agent its own memories, the
-verifier records who asked, the control-plane service notes who is waiting for a reply. That
-agent is :func:`sender_identity` of the message: IATP's one fail-closed helper
-(:func:`agent_os.iatp.sender_identity`, re-exported here; the control plane's mediator applies the same
-rule through :mod:`agent_os.control_plane.mediation.identity`):
-
-- a valid IATP result in ``metadata.context["iatp"]`` (put there by the IATP middleware after
-  the signature, key, time window, nonce and trust checks) names the sender;
-- a result that is present but not valid (an unsigned message a subscription let through,
-  say) is refused, whatever the envelope claims;
-- with no result, the envelope's claimed ``sender`` is used only when the service was told to
-  trust the bus (``trust_bus=True``: a broker whose ACLs already stop agents from publishing
-  under another's name); otherwise the message is refused.
-
-It never falls back to the claimed sender when verification is configured: that fallback is
-what let a client publishing with ``sender_id="alice"`` read alice's memories.
+"""Who a message acts for: the services decide a sender's identity here and nowhere else, with
+IATP's fail-closed :func:`agent_os.iatp.sender_identity` (the rule: ``docs/services.md``,
+"Senders are verified"), and refuse to run without verification unless told to trust the bus.
 """
 
 from __future__ import annotations

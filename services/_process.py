@@ -1,33 +1,10 @@
-"""What the three service processes share: options for sender verification (and the shared
-nonce store of a queue group), opening the identities, logging, stop signals, the ready line,
-and errors mapped to a one-line message.
+"""What the three service processes share: the verification options (identities, trust in the
+bus, the shared nonce store), the bus client, logging, stop signals, the ready line, and errors
+mapped to one line. The rules they implement are in ``docs/services.md``.
 
 A service's ``main`` command collects its options and hands a coroutine to :func:`run`; its
 ``serve`` coroutine builds the bus client with :func:`service_client` and waits in
-:func:`serving`::
-
-    async def serve(..., stop=None):
-        client = service_client(broker, agent_id, iatp)
-        async with stop_signals(stop) as stop:
-            try:
-                await start_things()
-                await serving(stop, "ready memory ...", log, "answering the requests in flight")
-            finally:
-                await close_things()
-
-**Queue groups and replays.** Each IATP instance remembers the nonces it has seen, in its own
-memory. Instances of a service share its subjects as a queue group, so a captured message
-replayed within the acceptance window may reach another instance (or a restarted one), which
-has never seen its nonce. ``--nonce-store redis://host:port/db`` (or ``AGENTOS_NONCE_STORE``)
-gives every instance's IATP the same :class:`~agent_os.iatp.RedisNonceStore` (keys under
-``--nonce-prefix``, the same for the whole group), which refuses the replay wherever it lands
-(``replayed_nonce``). It needs ``--identities``; a URL that is not ``redis://`` or
-``rediss://`` is a usage error (exit 2), and a store that does not answer at the start stops
-the service there (``NonceStoreUnavailable``, exit 1), since later it would reject every
-message of the queue group (``nonce_store_unavailable``), never let one through unchecked.
-
-SIGINT and SIGTERM set ``stop`` while the service runs (and while it closes, so a second
-signal does not interrupt the drain); the handlers are removed when it is done.
+:func:`serving` inside :func:`stop_signals`.
 """
 
 from __future__ import annotations
@@ -100,7 +77,8 @@ class Verification:
     passphrase) or, explicitly, the bus's word (``trust_bus``). ``nonce_store``: a Redis URL
     (it may hold a password: kept out of the repr) whose :class:`~agent_os.iatp.RedisNonceStore`, keys
     under ``nonce_prefix``, the instances of a queue group share, so a replayed message is
-    refused by whichever instance it reaches (see the README, 'Trust (IATP)', Replay)."""
+    refused by whichever instance it reaches (``docs/services.md``, "Queue groups share replay
+    protection")."""
 
     identities: str | None
     passphrase: str | None = field(default=None, repr=False)
@@ -126,7 +104,7 @@ class Verification:
             if not iatp.registry.is_local(agent_id):
                 raise IATPConfigError(
                     f"the key store {self.identities} holds no signing key for {agent_id!r}: register "
-                    "the service's identity in it (see the README, 'CLI and services')"
+                    "the service's identity in it (see docs/services.md, 'Senders are verified')"
                 )
             if store is not None:
                 # Fail at the start, not on every message: an unreachable store rejects them all.

@@ -1,42 +1,7 @@
-"""The memory service: an :class:`~agent_os.emk.EMK` answering requests over the bus.
-
-Subjects (``prefix`` defaults to ``emk``; the service joins the queue group ``prefix`` so that
-several instances share the load) and request payloads (dicts; optional keys in brackets)::
-
-    emk.store    {content, [metadata], [tags], [supersedes], [session_id]}    -> {ok, record}
-    emk.search   {query, [limit], [min_relevance], [tags], [metadata], [since], [until],
-                  [include_superseded], [session_id]}                        -> {ok, records}
-    emk.query    {[since], [until], [tags], [metadata], [limit], [include_superseded],
-                  [newest_first], [session_id]}                              -> {ok, records}
-    emk.get      {id, [session_id]}                                          -> {ok, record}
-    emk.history  {id, [session_id]}                                          -> {ok, records}
-
-Records are :meth:`~agent_os.emk.MemoryRecord.to_dict` dicts; times are ISO-8601 text (a time without
-an offset is taken as UTC).
-
-**Who is asking decides what is visible**: the agent id is the request's verified sender
-(:func:`agent_os.services._identity.sender_identity`: IATP's valid result in
-``metadata.context["iatp"]``), never a payload field and never the envelope's claimed sender
-unless the service was told to trust the bus (``trust_bus=True``). A request without a valid
-IATP result is refused (``Unauthenticated``). A payload that names another ``agent_id`` is
-refused (``Forbidden``). Retention is not offered over the bus.
-
-**Errors** are answered with the bus's error header, so the requester's ``amb.request`` raises
-:class:`~agent_os.amb.RemoteError` whose ``reason`` starts with the EMK error class
-(``"EmptyContent: content is empty"``, ``"ForeignSupersedes: ..."``), ``BadRequest`` for a
-malformed payload, ``Unauthenticated`` when the identity is missing or invalid, ``Internal`` for
-anything unexpected (logged). Every request is counted in :attr:`MemoryService.stats`; the
-service never stops on bad input.
-
-**As a process**: ``agent-os serve memory --broker nats://127.0.0.1:4222 --identities
-/etc/agent-os/memory-keys --storage postgresql --dsn postgresql://...`` (or ``python -m
-services.memory_service ...``; the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``)
-verifies every request with IATP and serves until SIGINT or SIGTERM, then answers the requests
-in flight, closes the bus client and the EMK, and exits 0. Without ``--identities`` it refuses
-to start unless ``--trust-bus`` says the broker's ACLs already authenticate senders. It prints
-``ready memory subjects=<prefix>.* broker=<url>`` on stdout once it takes requests. Several
-instances (one queue group) share replay protection with ``--nonce-store redis://host:6379/0``
-(see :mod:`agent_os.services._process`).
+"""The memory service: an :class:`~agent_os.emk.EMK` answering ``emk.store``, ``emk.search``,
+``emk.query``, ``emk.get`` and ``emk.history`` requests over the bus, for each request's
+verified sender. Subjects, payloads, errors and options: ``docs/services.md``, "The memory
+service". Run it with ``agent-os serve memory`` or ``python -m agent_os.services.memory_service``.
 """
 
 from __future__ import annotations
@@ -78,7 +43,7 @@ class RequestError(Exception):
 
 
 class MemoryService:
-    """Serves one :class:`~agent_os.emk.EMK` on the bus (see the module docstring).
+    """Serves one :class:`~agent_os.emk.EMK` on the bus (``docs/services.md``, "The memory service").
 
     ``amb`` should carry the IATP middleware (``iatp.middleware()``): a request is answered
     for its verified sender, and one without a valid IATP result is refused
@@ -113,10 +78,14 @@ class MemoryService:
         }
 
     async def start(self) -> None:
-        """Subscribe to the request subjects. Idempotent."""
+        """Open the EMK, embed one probe text, then subscribe to the request subjects.
+        Idempotent. The probe makes a service whose embedder cannot work (its extra missing,
+        its model or provider unreachable) fail here, not on every request: it raises EMK's
+        ConfigError naming the extra to install, or EmbeddingError."""
         if self._subs:
             return
         await self.emk.open()
+        await self.emk.embedder.embed(["agent-os memory service start"])
         for op in OPERATIONS:
             handler = self._handler(op)
             sub = await self.amb.subscribe(
@@ -282,7 +251,8 @@ async def serve(
     verified and answered for its verified sender; without it ``trust_bus`` must be true.
     Prints ``ready memory subjects=<prefix>.* broker=<url>`` once it takes requests; returns
     the service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
-    ``trust_bus``), ValueError for an unsupported broker URL, EMKError or a bus error when it
+    ``trust_bus``), ValueError for an unsupported broker URL, EMKError (ConfigError naming the
+    extra to install, EmbeddingError when the embedder's probe fails) or a bus error when it
     cannot start (what was opened is closed)."""
     try:
         require_verification(iatp is not None, trust_bus, "memory service")

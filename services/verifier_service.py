@@ -1,45 +1,12 @@
-"""The verifier service: answers ``cmvk.verify`` requests over the bus with a CMVK panel.
-
-Request payload (a map)::
-
-    {"prompt": <any>, "response": <any>, "context": {...} | null}
-
-Reply: the :meth:`agent_os.cmvk.VerificationResult.to_dict` of the verification (``verified``,
-``confidence``, ``model_votes``, ``consensus``, ``reason``, ``details``, ...) with ``"ok": True``;
-for a request that is not such a map, ``{"ok": False, "error": "invalid_request", "reason": ...}``.
-A bad request is counted (``stats.invalid``) and answered; it never stops the service. Several
-instances share the load as the queue group ``cmvk-verifiers``.
-
-**Who asks.** The service's bus client should carry the IATP middleware: a request is taken
-for its verified sender (:func:`agent_os.services._identity.sender_identity`), logged with the answer.
-One without a valid IATP result is refused, counted (``stats.unauthenticated``) and answered
-``{"ok": False, "error": "unauthenticated", "reason": ...}`` (:class:`VerifierRefused` for
-:func:`request_verification`), unless the service trusts the bus (``trust_bus=True``: only
-for a broker whose ACLs already authenticate senders). Answers are not secret; the check keeps
-the models' cost to known agents.
-
-Example::
-
-    service = VerifierService(AMB("nats", "nats://127.0.0.1:4222"), CMVK(models=[...]))
-    await service.start()
-    reply = await request_verification(client, "What is 6 x 7?", "42")
-
-**As a process**: ``agent-os serve verifier --broker nats://127.0.0.1:4222 --identities
-/etc/agent-os/verifier-keys --model openai/gpt-4o --model
-claude=anthropic/claude-3-5-sonnet-latest`` (or ``python -m agent_os.services.verifier_service ...``;
-the key store's passphrase in ``AGENTOS_KEY_PASSPHRASE``; ``--trust-bus`` instead of
-``--identities`` only on a broker that authenticates senders, else it refuses to start) serves
-until SIGINT or SIGTERM, then finishes the verifications in flight, closes the bus client and
-exits 0. It prints ``ready verifier subject=<subject> broker=<url>`` on stdout once it takes
-requests. Needs litellm (``pip install 'agent-os[llm]'``). Several instances (one queue group)
-share replay protection with ``--nonce-store redis://host:6379/0`` (see
-:mod:`agent_os.services._process`).
+"""The verifier service: a :class:`~agent_os.cmvk.CMVK` panel answering ``cmvk.verify`` requests
+over the bus, and :func:`request_verification` to ask it. Requests, replies, errors and options:
+``docs/services.md``, "The verifier service". Run it with ``agent-os serve verifier`` or
+``python -m agent_os.services.verifier_service``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -114,7 +81,7 @@ class VerifierService:
     ``concurrency`` requests are verified at once per instance. ``start`` subscribes (in the
     queue group, so instances share requests); ``stop`` drains in-flight verifications.
     ``bus`` should carry the IATP middleware; ``trust_bus=True`` takes the envelope's claimed
-    sender when there is no IATP result (see the module docstring).
+    sender when there is no IATP result (``docs/services.md``, "The verifier service").
     """
 
     def __init__(
@@ -137,8 +104,11 @@ class VerifierService:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        """Subscribe to the request subject. Idempotent."""
+        """Load the LLM client (:meth:`agent_os.cmvk.CMVK.warm`, so that the first request is
+        answered like the others), then subscribe to the request subject. Idempotent. Raises
+        ImportError naming the extra to install when litellm is missing."""
         if self._sub is None:
+            await self.cmvk.warm()
             self._sub = await self.bus.subscribe(
                 self.subject, self._on_request, queue=self.queue, concurrency=self.concurrency
             )
@@ -198,7 +168,7 @@ async def request_verification(
     subject: str = VERIFY_SUBJECT,
     timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """Ask a verifier service over ``bus``; return the result dict (see the module docstring).
+    """Ask a verifier service over ``bus``; return the result dict (``docs/services.md``).
 
     Raises InvalidVerifyRequest when the service refused the request as malformed,
     VerifierRefused when it could not establish the sender, CMVKError when its verification
@@ -246,10 +216,11 @@ async def serve(
     """Serve ``cmvk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
     finish the verifications in flight and close the bus client. With ``iatp`` (holding the
     service's signing key ``agent_id`` and the agents' public identities) every request is
-    verified; without it ``trust_bus`` must be true. Prints ``ready verifier subject=<subject>
-    broker=<url>`` once it takes requests; returns the service (its ``stats``). Raises
-    VerificationRequired (neither or both of ``iatp`` and ``trust_bus``), ValueError for an
-    unsupported broker URL, a bus error when it cannot connect."""
+    verified; without it ``trust_bus`` must be true. Loads litellm, then prints ``ready
+    verifier subject=<subject> broker=<url>`` once it takes requests; returns the service (its
+    ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and ``trust_bus``),
+    ValueError for an unsupported broker URL, ImportError naming the extra to install, a bus
+    error when it cannot connect."""
     require_verification(iatp is not None, trust_bus, "verifier service")
     client = service_client(broker, agent_id, iatp)
     service = VerifierService(
@@ -336,8 +307,6 @@ def main(
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
-    if importlib.util.find_spec("litellm") is None:
-        raise click.ClickException("the verifier calls models through litellm: pip install 'agent-os[llm]'")
 
     async def serve_process() -> None:
         cmvk = CMVK(

@@ -8,7 +8,8 @@
 - ``CMVK.verify(prompt, response, context)`` is also the verifier contract of the control
   plane's ``kernel.add_module``: the result has ``verified``, ``confidence`` and ``reason``.
 
-Importing this package does not import litellm; the first call does.
+Importing this package does not import litellm: :meth:`CMVK.warm` or the first call loads it,
+before the call's deadline starts. How panels, voting and agreement work: ``docs/verification.md``.
 """
 
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder

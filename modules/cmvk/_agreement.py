@@ -1,45 +1,6 @@
-"""Do two answers say the same thing? A measure by meaning, without calling any LLM.
-
-The measure looks for *conflicts* first, because that is how answers to the same question
-disagree: a different number, the opposite yes/no, a negated claim, a mutually exclusive
-term, a different name. Wording alone never makes two answers disagree.
-
-1. **Canonical forms.** Numbers are read from digits and words ("forty-two", "2.1 million",
-   "2,100,000", "52%") with their unit or currency ("100 km", "$5", "5 million euros", "every 4
-   hours"; see :mod:`agent_os.cmvk._units`), and compared as values (exact for integers below 100 000,
-   within 0.5% otherwise) in the same unit, or within 2% once converted ("100 km" ~ "62 miles",
-   "$5" = "5 dollars"); a number without a unit is compared by value alone. Numbers (with a
-   compatible unit) that already occur in the question are ignored. An answer opening with
-   yes/no (or "correct", "nope", ...) gives its polarity; for a yes/no question an answer
-   without one is read as "no" when it negates a word of the question ("It is unsafe",
-   "Penguins can't fly"). "unsafe", "non-idempotent" read as "not safe", "not idempotent" when
-   the base word occurs in the question or the other answer.
-2. **Conflicts** (any one makes the pair disagree):
-   - ``number``: each answer has a number the other lacks;
-   - ``unit``: the same, where a number of one answer has the value of the other's with a
-     unit that differs ("100 km" / "100 miles", "5 mg" / "5 g", "$5" / "€5");
-   - ``polarity``: the answers' yes/no differ;
-   - ``negation``: a word asserted by one answer is negated by the other;
-   - ``exclusive``: the answers assert different terms of a mutually exclusive group
-     (higher/lower, true/false, colours, ...) and neither asserts both;
-   - ``entity``: each answer names something (a capitalized word, not in the question) that
-     the other does not mention;
-   - ``disjoint``: both answers are short (at most ``short_terms`` content words once the
-     question's words are removed) and share no content word ("Canberra" / "Sydney").
-3. **Support.** Without a conflict the score is ``0.4 + 0.6 * support`` where support is the
-   largest of: 1.0 for a matching canonical value (same numbers, same yes/no, same entity),
-   the overlap coefficient of the short answers' content words, and the similarity of the
-   content words (Dice) — averaged with the embedding cosine when an embedder is given
-   (a similarity outside [0, 1] is clipped).
-   With a conflict the score is ``0.35 * similarity`` (at most 0.35).
-4. **Settled or not.** A short answer's comparison is ``settled`` (a configured judge is not
-   asked) unless its only evidence is matching numbers in unknown context: a unit on one side
-   only (and not named by the question), or different words after unitless numbers ("100" /
-   "100 km", "5 apples" / "5 oranges"). Long answers are never settled by the measure.
-
-The pair agrees when ``score >= threshold`` (default 0.6: without a conflict, a support of
-1/3). Known blind spot: role swaps with the same words ("Alice paid Bob" / "Bob paid Alice")
-read as agreeing; an LLM judge (see :class:`agent_os.cmvk.CMVK`) can be configured on top.
+"""Do two answers say the same thing? A measure by meaning, without calling any LLM: conflicts
+(numbers and units, yes/no, negation, exclusive terms, names) first, then word and embedding
+similarity. The rules: ``docs/verification.md``, "Agreement by meaning".
 """
 
 from __future__ import annotations
@@ -160,7 +121,7 @@ class _Side:
 
 @dataclass(slots=True)
 class AgreementMeasure:
-    """The non-LLM agreement measure (see the module docstring for the rules).
+    """The non-LLM agreement measure (rules: ``docs/verification.md``).
 
     Args:
         threshold: the score at which two answers agree, in (0, 1].

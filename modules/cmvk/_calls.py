@@ -1,29 +1,20 @@
-"""Calling one model through litellm: per-attempt timeout, retries with backoff, a deadline.
-
-litellm is imported lazily (``import cmvk`` stays cheap and works without the ``llm`` extra).
-Before the first import ``LITELLM_LOCAL_MODEL_COST_MAP`` is set to ``True`` unless the user
-set it, so litellm reads its bundled cost map instead of fetching one over the network; and
-when CMVK is the first to import litellm it turns off litellm's "Give Feedback" banner.
-
-Retry rules: a timeout, a connection error, HTTP 408/409/425/429 and any 5xx are transient and
-retried (up to ``retries`` more attempts, exponential backoff with jitter, never past the
-deadline); other provider errors (400, 401, 403, 404, ...) are final. litellm's and the OpenAI
-client's own retries are turned off (``max_retries=0``, ``num_retries=0``) so that the
-attempts counted here are the requests made.
+"""Calling one model through litellm: per-attempt timeout, retries of transient failures with
+backoff and jitter, never past the call's deadline; litellm's own retries off, so the attempts
+counted are the requests made. The rules: ``docs/verification.md``, "Calls, deadlines and
+retries".
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from types import ModuleType
 from typing import Any, Literal
 
+from agent_os.cmvk._client import load_client
 from agent_os.cmvk._errors import CMVKConfigError
 
 AbstentionKind = Literal["timeout", "deadline", "provider_error", "parse_error"]
@@ -60,21 +51,6 @@ def check_params(params: Mapping[str, Any], owner: str) -> None:
             raise CMVKConfigError(
                 f"{owner} may not set {key!r}: CMVK sets it itself ({RESERVED_PARAMS[key]})"
             )
-
-
-def litellm_module() -> ModuleType:
-    """Import litellm (once), without network access for its cost map. Raises ImportError
-    with an install hint when the ``llm`` extra is missing."""
-    mod = sys.modules.get("litellm")
-    if mod is not None:
-        return mod
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        import litellm
-    except ImportError as exc:  # pragma: no cover - the extra is installed in CI
-        raise ImportError("CMVK needs litellm: pip install 'agent-os[llm]'") from exc
-    litellm.suppress_debug_info = True
-    return litellm
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +98,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class CallPolicy:
-    """Timeouts and retries for the calls of one CMVK (see the module docstring)."""
+    """Timeouts and retries for the calls of one CMVK (``docs/verification.md``)."""
 
     model_timeout: float
     retries: int
@@ -200,13 +176,14 @@ async def call_model(
     deadline: float,
     defaults: Mapping[str, Any],
 ) -> CallOutcome:
-    """Ask one model; never raises except CancelledError.
+    """Ask one model; never raises except CancelledError (and ImportError when litellm is not
+    installed: the caller loads it first, with :func:`agent_os.cmvk._client.ensure_client`).
 
     ``deadline`` is a ``time.monotonic()`` instant no attempt may run past. ``defaults`` are
     keyword arguments for every call (the spec's own settings win). Returns the reply text, or
     an abstention (``timeout``, ``deadline`` or ``provider_error``) with its reason.
     """
-    litellm = litellm_module()
+    litellm = load_client()  # loaded before the deadline started: returns at once
     kwargs: dict[str, Any] = dict(defaults)
     if spec.api_base is not None:
         kwargs["api_base"] = spec.api_base

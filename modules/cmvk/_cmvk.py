@@ -11,10 +11,11 @@ from typing import Any, get_args
 
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
+from agent_os.cmvk._client import ensure_client
+from agent_os.cmvk._crosscheck import group_answers
 from agent_os.cmvk._errors import CMVKConfigError, VerdictParseError
 from agent_os.cmvk._results import (
     CallStats,
-    Consensus,
     CrossCheckResult,
     ModelAnswer,
     ModelVote,
@@ -28,7 +29,7 @@ from agent_os.cmvk._verdict import (
     parse_verdict,
     verify_messages,
 )
-from agent_os.cmvk._voting import STRATEGIES, Ballot, Strategy, decide, passes
+from agent_os.cmvk._voting import STRATEGIES, Ballot, Strategy, decide
 
 
 def _as_text(value: Any) -> str:
@@ -42,7 +43,7 @@ def _noted(agreement: Agreement, note: str) -> Agreement:
 class CMVK:
     """Cross-Model Verification Kernel: several LLMs check an answer, by meaning, and fail closed.
 
-    Example (from the API reference)::
+    Example (``docs/api-reference.md``)::
 
         cmvk = CMVK(models=["gpt-4", "claude-3", "gemini-pro"], consensus_threshold=0.8,
                     voting_strategy="majority", timeout=30.0)
@@ -54,7 +55,7 @@ class CMVK:
     Args:
         models: model names (litellm ids) or :class:`ModelSpec` objects; names must be unique.
         consensus_threshold: the weighted share of non-abstaining votes that must support the
-            response, in (0, 1] (see :mod:`agent_os.cmvk._voting` for the exact rules).
+            response, in (0, 1] (rules: ``docs/verification.md``, "Voting").
         voting_strategy: ``"majority"``, ``"unanimous"`` or ``"weighted"``.
         timeout: the total deadline of one ``verify``/``cross_check`` call, in seconds; no
             model call or retry runs past it.
@@ -80,7 +81,8 @@ class CMVK:
     1..len(models), or a reserved key in ``litellm_params`` (the message names it).
 
     Guarantees: models are called in parallel; ``verify`` and ``cross_check`` return within
-    ``timeout`` (plus scheduling noise) and never raise for a model's failure: a timeout,
+    ``timeout`` (plus scheduling noise) after the LLM client is loaded (once per process, before
+    the deadline starts: see :meth:`warm`) and never raise for a model's failure: a timeout,
     provider error or unparsable reply is an abstention with its reason in the result, and
     abstentions are never counted as votes.
     """
@@ -151,6 +153,15 @@ class CMVK:
             f"voting_strategy={self.voting_strategy!r}, timeout={self.timeout}, quorum={self.quorum})"
         )
 
+    async def warm(self) -> None:
+        """Load the LLM client (litellm) now, in a worker thread, instead of in the first call.
+
+        Every call loads it before its deadline starts anyway, so the first call of a process
+        answers like the second; ``warm`` moves that wait (seconds) to a moment of your choice,
+        such as a service's start. Idempotent, once per process. Raises ImportError naming the
+        ``cmvk`` extra when litellm is not installed."""
+        await ensure_client()
+
     # -- verification --------------------------------------------------------------------------
 
     async def verify(
@@ -158,16 +169,17 @@ class CMVK:
     ) -> VerificationResult:
         """Ask every model, in parallel, whether ``response`` correctly answers ``prompt``.
 
-        Each model replies with a JSON verdict (schema in :mod:`agent_os.cmvk._verdict`); the votes are
-        combined by the voting strategy (:mod:`agent_os.cmvk._voting`). A ``prompt`` or ``response`` that
+        Each model replies with a JSON verdict (schema: ``docs/verification.md``); the votes are
+        combined by the voting strategy. A ``prompt`` or ``response`` that
         is not a string is serialized as JSON (``str()`` for what JSON cannot carry), so an
         agent's arguments and return value can be verified as they are (the kernel passes
-        them so). Raises CMVKConfigError when ``context`` is not a dict; never raises for a
-        model's failure.
+        them so). Raises CMVKConfigError when ``context`` is not a dict, ImportError naming
+        the ``cmvk`` extra when litellm is not installed; never raises for a model's failure.
         """
         if context is not None and not isinstance(context, dict):
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
         text = _as_text(response)
+        await self.warm()  # before the deadline starts: the import takes seconds
         start = time.monotonic()
         outcomes = await self._ask_all(verify_messages(_as_text(prompt), text, context), start + self.timeout)
         votes: dict[str, ModelVote] = {}
@@ -237,7 +249,7 @@ class CMVK:
     # -- generation mode -----------------------------------------------------------------------
 
     async def agreement(self, answer_a: str, answer_b: str, question: str | None = None) -> Agreement:
-        """Score whether two answers agree, without any LLM (see :mod:`agent_os.cmvk._agreement`).
+        """Score whether two answers agree, without any LLM (``docs/verification.md``).
 
         Uses the configured embedder, if any (plain or async); when it fails, the measure
         decides without it and ``reason`` says so. Returns an :class:`Agreement` with ``score``
@@ -273,6 +285,8 @@ class CMVK:
         answers.
         """
         measured = await self.agreement(answer_a, answer_b, question)
+        if self.judge is not None:
+            await self.warm()  # before the deadline starts: the import takes seconds
         return await self._judged(measured, answer_a, answer_b, question, time.monotonic() + self.timeout)
 
     async def _judged(
@@ -307,6 +321,7 @@ class CMVK:
             raise CMVKConfigError(f"prompt must be a string, got {type(prompt).__name__}")
         if context is not None and not isinstance(context, dict):
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
+        await self.warm()  # before the deadline starts: the import takes seconds
         start = time.monotonic()
         deadline = start + self.timeout
         outcomes = await self._ask_all(answer_messages(prompt, context), deadline)
@@ -345,74 +360,12 @@ class CMVK:
             )
         )
         pairs = {f"{a}|{b}": r for (a, b), r in zip(keys, results, strict=True)}
-        return self._group(answers, answered, pairs, time.monotonic() - start)
-
-    def _group(
-        self,
-        answers: dict[str, ModelAnswer],
-        answered: list[str],
-        pairs: dict[str, Agreement],
-        latency: float,
-    ) -> CrossCheckResult:
-        weighted = self.voting_strategy == "weighted"
-        weight = {n: (answers[n].weight if weighted else 1.0) for n in answered}
-
-        def pair(a: str, b: str) -> Agreement | None:
-            return pairs.get(f"{a}|{b}") or pairs.get(f"{b}|{a}")
-
-        abstained = [f"{n} ({a.abstention}: {a.reason})" for n, a in answers.items() if a.answer is None]
-        tail = f"; abstained: {', '.join(abstained)}" if abstained else ""
-        if len(answered) < self.quorum:
-            return CrossCheckResult(
-                verified=False,
-                confidence=0.0,
-                consensus="no_quorum",
-                support=0.0,
-                majority_answer=None,
-                majority=[],
-                dissenters=list(answered),
-                reason=f"quorum not met: {len(answered)} of {len(answers)} models answered, "
-                f"{self.quorum} needed{tail}",
-                strategy=self.voting_strategy,
-                answers=answers,
-                pairs=pairs,
-                latency_s=latency,
-            )
-        best: tuple[float, float, int] | None = None
-        group: list[str] = []
-        center = answered[0]
-        for i, n in enumerate(answered):
-            members = [m for m in answered if m == n or ((p := pair(n, m)) is not None and p.agree)]
-            scores = [p.score for m in members if m != n and (p := pair(n, m)) is not None]
-            key = (sum(weight[m] for m in members), sum(scores) / len(scores) if scores else 1.0, -i)
-            if best is None or key > best:
-                best, group, center = key, members, n
-        total = sum(weight.values())
-        support = sum(weight[m] for m in group) / total
-        verified = passes(self.voting_strategy, self.consensus_threshold, support)
-        inner = [
-            p.score for i, a in enumerate(group) for b in group[i + 1 :] if (p := pair(a, b)) is not None
-        ]
-        cohesion = sum(inner) / len(inner) if inner else 1.0
-        dissenters = [n for n in answered if n not in group]
-        consensus: Consensus = "unanimous" if not dissenters else ("majority" if support > 0.5 else "split")
-        reason = (
-            f"{len(group)} of {len(answered)} answering models agree ({self.voting_strategy} support "
-            f"{support:.2f}, threshold {self.consensus_threshold:.2f})"
-        )
-        if dissenters:
-            reason += f"; dissenting: {', '.join(dissenters)}"
-        return CrossCheckResult(
-            verified=verified,
-            confidence=support * cohesion if verified else (1 - support) * cohesion,
-            consensus=consensus,
-            support=support,
-            majority_answer=answers[center].answer,
-            majority=group,
-            dissenters=dissenters,
-            reason=reason + tail,
+        return group_answers(
+            answers,
+            answered,
+            pairs,
+            time.monotonic() - start,
             strategy=self.voting_strategy,
-            answers=answers,
-            pairs=pairs,
-            latency_s=latency,
+            threshold=self.consensus_threshold,
+            quorum=self.quorum,
         )

@@ -85,7 +85,7 @@ class ModelVote:
 
 
 class _AsMapping(Mapping[str, Any]):
-    """Mapping access to ``to_dict()``: ``result["verified"]`` as in the API reference."""
+    """Mapping access to ``to_dict()``: ``result["verified"]`` as in ``docs/api-reference.md``."""
 
     __slots__ = ()
 
@@ -120,8 +120,8 @@ class VerificationResult(_AsMapping):
 
     Attributes satisfy the kernel's verifier contract (``verified``, ``confidence``,
     ``reason``). ``model_votes`` maps each model name to its :class:`ModelVote`.
-    ``to_dict()`` (and mapping access, ``result["verified"]``) gives the API reference's
-    shape: ``{"verified", "confidence", "model_votes": {name: True | False | None},
+    ``to_dict()`` (and mapping access, ``result["verified"]``) gives the shape of
+    ``docs/api-reference.md``: ``{"verified", "confidence", "model_votes": {name: True | False | None},
     "consensus"}`` plus ``reason``, ``support``, ``strategy``, ``latency_s``, token and cost
     totals, and ``details`` (each model's :meth:`ModelVote.to_dict`).
     """

@@ -1,9 +1,8 @@
 """Text analysis for the agreement measure: tokens, stems, numbers with their units (see
 :mod:`agent_os.cmvk._units`), negation, entities.
 
-Everything here is deterministic and uses no model. The pieces are deliberately small and
-explicit (a stopword list, a light suffix stemmer, a number-word parser, a list of mutually
-exclusive terms) so that a wrong decision can be traced to one rule.
+Everything here is deterministic and uses no model: the word lists of
+:mod:`agent_os.cmvk._lexicon`, a light suffix stemmer and a number-word parser.
 """
 
 from __future__ import annotations
@@ -13,119 +12,19 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from agent_os.cmvk._lexicon import (
+    AUXILIARIES,
+    EXCLUSIVE_GROUPS,
+    NEGATIONS,
+    NEGATIVE_PREFIXES,
+    NO_WORDS,
+    NUMBER_SCALES,
+    NUMBER_UNITS,
+    NUMBER_WORDS,
+    STOPWORDS,
+    YES_WORDS,
+)
 from agent_os.cmvk._units import PREFIX_CURRENCIES, Quantity, separate, unit_at
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-STOPWORDS = _words(
-    """
-    a about above across after again against all almost also although am among an and any are
-    around as at be because been before being between both but by could did do does doing done
-    down during each either else even ever every for from further had has have having he her here
-    hers herself him himself his how however i if in into is it its itself just least let like
-    likely may me might more most much must my myself nearly of off often on once only onto or
-    other our ours out over own perhaps per quite rather really roughly approximately around
-    same she should so some such than that the their theirs them themselves then there these they
-    this those though through thus to too under until up upon us very via was we were what when
-    where whether which while who whom whose why will with within would yet you your yours
-    yourself called call well basically simply answer
-    """
-)
-"""Function words that carry no answer content (plus a few answer fillers: "answer", "called")."""
-
-NEGATIONS = _words("not no never none nobody nothing neither nor cannot without non nowhere")
-YES_WORDS = _words("yes yeah yep yup correct indeed absolutely certainly sure affirmative true right")
-NO_WORDS = _words("no nope nah incorrect false wrong negative")
-AUXILIARIES = _words(
-    """is are was were am do does did can could will would should shall has have had may might must
-    isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't shouldn't"""
-)
-"""A question that starts with one of these is a yes/no question."""
-
-_UNITS = {
-    "zero": 0,
-    "one": 1,
-    "two": 2,
-    "three": 3,
-    "four": 4,
-    "five": 5,
-    "six": 6,
-    "seven": 7,
-    "eight": 8,
-    "nine": 9,
-    "ten": 10,
-    "eleven": 11,
-    "twelve": 12,
-    "thirteen": 13,
-    "fourteen": 14,
-    "fifteen": 15,
-    "sixteen": 16,
-    "seventeen": 17,
-    "eighteen": 18,
-    "nineteen": 19,
-    "twenty": 20,
-    "thirty": 30,
-    "forty": 40,
-    "fifty": 50,
-    "sixty": 60,
-    "seventy": 70,
-    "eighty": 80,
-    "ninety": 90,
-    "dozen": 12,
-}
-_SCALES = {
-    "hundred": 100,
-    "thousand": 1_000,
-    "million": 1_000_000,
-    "billion": 1_000_000_000,
-    "trillion": 1_000_000_000_000,
-}
-NUMBER_WORDS = frozenset(_UNITS) | frozenset(_SCALES)
-
-_EXCLUSIVE_GROUPS = [
-    "higher lower",
-    "more less fewer",
-    "increase decrease",
-    "rise/rose/risen fall/fell/fallen/drop",
-    "true false",
-    "before after",
-    "above below",
-    "larger smaller",
-    "bigger smaller",
-    "greater less",
-    "open closed",
-    "safe dangerous",
-    "hot cold",
-    "success failure",
-    "pass fail",
-    "win/won lose/lost",
-    "alive dead",
-    "valid invalid",
-    "same different",
-    "early late",
-    "north south",
-    "east west",
-    "maximum minimum",
-    "positive negative",
-    "accept reject",
-    "allow deny",
-    "enable disable",
-    "red orange yellow green blue purple violet black white brown pink grey gray",
-    "monday tuesday wednesday thursday friday saturday sunday",
-    "january february march april may june july august september october november december",
-    "spring summer autumn winter",
-    "solid liquid gas",
-    "odd even",
-    "male female",
-]
-"""Groups of mutually exclusive terms (``/`` joins forms of one term): asserting one where the
-other answer asserts another (and neither asserts both) is a contradiction ("prices rose" /
-"prices fell")."""
-
-_NEG_PREFIXES = ("non", "un", "in", "im", "il", "ir", "dis")
 
 _CONTRACTIONS = [
     (re.compile(r"\bcan['’]t\b", re.I), "cannot"),
@@ -212,7 +111,7 @@ def stem(word: str) -> str:
 
 
 _EXCLUSIVE: dict[str, tuple[int, int]] = {}
-for _g, _group in enumerate(_EXCLUSIVE_GROUPS):
+for _g, _group in enumerate(EXCLUSIVE_GROUPS):
     for _t, _term in enumerate(_group.split()):
         for _form in _term.split("/"):
             _EXCLUSIVE.setdefault(stem(_form), (_g, _t))
@@ -233,18 +132,18 @@ def _words_to_numbers(words: list[str]) -> list[float]:
     total = current = 0
     active = False
     for i, w in enumerate(words):
-        if w in _UNITS:
-            current += _UNITS[w]
+        if w in NUMBER_UNITS:
+            current += NUMBER_UNITS[w]
             active = True
-        elif w in _SCALES and (active or (i > 0 and words[i - 1] == "a")):
-            scale = _SCALES[w]
+        elif w in NUMBER_SCALES and (active or (i > 0 and words[i - 1] == "a")):
+            scale = NUMBER_SCALES[w]
             if scale == 100:
                 current = max(current, 1) * 100
             else:
                 total += max(current, 1) * scale
                 current = 0
             active = True
-        elif w == "and" and active and i > 0 and words[i - 1] in _SCALES:
+        elif w == "and" and active and i > 0 and words[i - 1] in NUMBER_SCALES:
             continue
         else:
             if active:
@@ -295,8 +194,8 @@ def analyze(text: str, question_stems: frozenset[str] = frozenset()) -> Analysis
         pos = m.end()
         kind, raw = m.lastgroup, m.group()
         low = raw.lower() if kind == "word" else ""
-        if digit is not None and low in _SCALES:
-            digit *= _SCALES[low]
+        if digit is not None and low in NUMBER_SCALES:
+            digit *= NUMBER_SCALES[low]
             end = pos
             continue
         if low in NUMBER_WORDS or (low == "and" and run):
@@ -378,7 +277,7 @@ def _strip_negative_prefix(word: str, known: frozenset[str]) -> str | None:
     """``"unsafe"`` -> ``"safe"`` when ``safe`` is a known stem (from the question or the
     other answer); otherwise None. Only then is the prefix read as a negation, so
     "interest" is never "not terest"."""
-    for prefix in _NEG_PREFIXES:
+    for prefix in NEGATIVE_PREFIXES:
         if word.startswith(prefix) and len(word) - len(prefix) >= 3:
             rest = stem(word[len(prefix) :].lstrip("-"))
             if rest in known:

@@ -1,17 +1,6 @@
-"""Units and currencies of numbers: "100 km", "$5", "5 million euros", "52%", "every 4 hours".
-
-A number's unit is part of its canonical value: "100 km" and "100 miles" are different
-quantities, "5 million dollars" and "5 million euros" too. A unit is read right after a number
-("100 km", "100km", "four hours", "52 %", "60 km/h", "$5 per hour") or, for currencies, as a
-symbol right before it ("$5", "€2.1bn"). Only the units listed here count; any other word after
-a number is its *context* ("8 legs"), which never makes two answers disagree on its own.
-
-Each unit has one or more readings ``(dimension, factor, offset)`` to a base unit of its
-dimension ("pound" is a mass and a currency, "GB" is 10^9 or 2^30 bytes). Two quantities are
-the same when they have the same unit and the same value (the agreement measure's number rule),
-or a shared dimension and values that agree within 2% once converted (answers round
-conversions: "100 km" ~ "62 miles", "1 hour" = "60 minutes", "$5" = "5 dollars" = "500 cents").
-Exchange rates are not known: different currencies never agree.
+"""Units and currencies of numbers ("100 km", "$5", "5 million euros", "52%", "every 4 hours"):
+reading a unit next to a number, and comparing quantities in the same dimension within 2% once
+converted. The rules: ``docs/verification.md``, "Agreement by meaning".
 """
 
 from __future__ import annotations
@@ -232,7 +221,7 @@ def same_unit(a: str, b: str) -> bool:
 
 
 def same_quantity(x: Quantity, y: Quantity) -> bool:
-    """Whether two quantities are the same (see the module docstring). A number without a
+    """Whether two quantities are the same (``docs/verification.md``). A number without a
     unit matches the same number with any unit: it says nothing against it."""
     if x.unit is None or y.unit is None or same_unit(x.unit, y.unit):
         return same_number(x.value, y.value)

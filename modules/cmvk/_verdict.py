@@ -1,19 +1,6 @@
-"""The prompts sent to the models and the strict parsers for what they send back.
-
-Verdict schema (the whole reply must be this JSON object, nothing else; a single surrounding
-```` ```json ```` fence is tolerated)::
-
-    {"verdict": "supported" | "contradicted" | "unsure",
-     "confidence": <number in [0, 1]>,
-     "reason": "<one line, at most 500 characters>"}
-
-Exactly these three keys; no others. Anything else (prose around the object, a missing or
-extra key, a verdict outside the three words, a confidence that is not a number in [0, 1],
-a boolean confidence, a multi-line reason) raises :class:`VerdictParseError` and the model
-abstains: an unparsable reply is never a vote.
-
-The judge schema (used to compare two long answers) is ``{"agree": true | false,
-"confidence": <[0, 1]>, "reason": "<one line>"}`` under the same rules.
+"""The prompts sent to the models and the strict parsers for what they send back: a reply that
+is not exactly the verdict (or judge) JSON object raises :class:`VerdictParseError` and the model
+abstains. The schemas: ``docs/verification.md``, "Verdicts".
 """
 
 from __future__ import annotations
@@ -137,7 +124,7 @@ def _reason(value: object) -> str:
 
 
 def parse_verdict(text: str | None) -> ParsedVerdict:
-    """Parse a verdict reply strictly (schema in the module docstring).
+    """Parse a verdict reply strictly (schema: ``docs/verification.md``, "Verdicts").
 
     Raises VerdictParseError naming what is wrong."""
     obj = _object(text, {"verdict", "confidence", "reason"})

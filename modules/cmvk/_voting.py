@@ -1,24 +1,5 @@
-"""Voting: from the models' verdicts to one decision.
-
-Rules (the same for ``verify`` and, with "in the majority group" for "supported", for
-``cross_check``):
-
-- Abstentions (timeouts, deadline, provider errors, unparsable replies) are not votes: they
-  count neither for nor against and are left out of the share.
-- A **quorum** of answering (non-abstaining) models is required; below it the result is
-  ``verified=False``, ``consensus="no_quorum"``, whatever the votes say. So a provider error
-  can never produce ``verified=True`` on its own.
-- ``support`` is the weighted share of the non-abstaining votes that are "supported". Weights
-  are 1 for ``majority`` and ``unanimous``, the per-model weights for ``weighted``.
-- ``majority``: verified when ``support >= threshold`` and ``support > 0.5``;
-  ``weighted``: verified when ``support >= threshold``;
-  ``unanimous``: verified when every non-abstaining vote is "supported".
-- ``confidence`` is the confidence in the decision returned: for ``verified=True`` it is
-  ``support`` times the weighted mean confidence the supporting models reported; for
-  ``verified=False`` (with a quorum) ``1 - support`` times that of the others; 0.0 without a
-  quorum.
-- ``consensus``: ``unanimous`` when all votes are the same, ``majority`` when one side holds
-  more than half the weight, ``split`` otherwise, ``no_quorum`` below the quorum.
+"""Voting: from the models' verdicts to one decision (quorum, support, the three strategies,
+confidence and consensus). The rules: ``docs/verification.md``, "Voting".
 """
 
 from __future__ import annotations
@@ -51,7 +32,7 @@ class Decision:
 
 
 def passes(strategy: Strategy, threshold: float, support: float) -> bool:
-    """Whether a support share passes under a strategy (see the module docstring)."""
+    """Whether a support share passes under a strategy (``docs/verification.md``, "Voting")."""
     if strategy == "unanimous":
         return support >= 1.0 - 1e-12
     if strategy == "majority":

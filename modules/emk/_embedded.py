@@ -19,16 +19,29 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_path("agent-os")) / "emk"
 
 
-def _start(data_dir: str | None) -> tuple[Any, str]:
-    path = Path(data_dir).expanduser() if data_dir else default_data_dir()
+def _import_pgserver() -> Any:
+    """pgserver, once every package of the ``embedded`` extra is known to import (a missing one
+    is named with the extra, not left to fail later as a bare ModuleNotFoundError)."""
     with warnings.catch_warnings():
         # pgserver computes a runtime path at import; without XDG_RUNTIME_DIR platformdirs warns
         # and falls back to /tmp/runtime-<uid>, which is fine for a lock file.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         try:
             import pgserver
-        except ImportError:
-            raise ConfigError("embedded storage needs: pip install 'agent-os[embedded]'") from None
+            import pgvector.psycopg  # noqa: F401
+            import platformdirs  # noqa: F401
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"embedded storage needs {exc.name or 'pgserver'}: pip install 'agent-os[embedded]'"
+            ) from None
+    return pgserver
+
+
+def _start(data_dir: str | None) -> tuple[Any, str]:
+    pgserver = _import_pgserver()
+    path = Path(data_dir).expanduser() if data_dir else default_data_dir()
     path.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.postgres_server.get_server(path, cleanup_mode="stop")
     return server, server.get_uri("postgres")
@@ -37,7 +50,8 @@ def _start(data_dir: str | None) -> tuple[Any, str]:
 async def start_embedded(data_dir: str | None) -> tuple[Any, str]:
     """Start (or join) the embedded server for ``data_dir``; return it and its connection URI.
 
-    Raises ConfigError when pgserver is not installed, StorageUnavailable when it fails to start.
+    Raises ConfigError naming the ``embedded`` extra when a package of it is missing,
+    StorageUnavailable when it fails to start.
     """
     try:
         return await asyncio.to_thread(_start, data_dir)

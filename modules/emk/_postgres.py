@@ -148,13 +148,15 @@ _ROW_SELECT = (
 )
 
 
-def _import_psycopg() -> Any:
+def _import_psycopg(extra: str) -> Any:
     try:
         import pgvector.psycopg  # noqa: F401
         import psycopg
         import psycopg_pool  # noqa: F401
-    except ImportError:
-        raise ConfigError("PostgreSQL storage needs: pip install 'agent-os[postgres]'") from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"PostgreSQL storage needs {exc.name or 'psycopg'}: pip install 'agent-os[{extra}]'"
+        ) from None
     return psycopg
 
 
@@ -182,12 +184,13 @@ class PostgresStore:
         settings: Mapping[str, str] | None = None,
         connect_timeout: float = 10.0,
         defer_index: bool = False,
+        extra: str = "postgres",
     ) -> None:
         if not namespace.isidentifier() or len(namespace) > 50:
             raise ConfigError(f"namespace {namespace!r} must be a short identifier (letters, digits, _)")
         if pool_size < 1 or ef_search < 1 or hnsw_m < 2 or hnsw_ef_construction < 4:
             raise ConfigError("pool_size, ef_search, hnsw_m and hnsw_ef_construction must be positive")
-        self._psycopg = _import_psycopg()
+        self._psycopg = _import_psycopg(extra)  # the extra named when psycopg is missing
         self.conninfo = conninfo
         self.namespace = namespace
         self._pool_size = pool_size

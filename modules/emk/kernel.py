@@ -118,12 +118,13 @@ class EMK:
             "settings": settings,
             "defer_index": defer_index,
         }
+        self._extra = "embedded" if self.storage == "embedded" else "postgres"  # named when missing
         self._store: Store | None = None
         self._server: Any = None
         self._open_lock = asyncio.Lock()
         self._closed = False
-        if self.storage != "memory":
-            PostgresStore(connection_string or "", namespace, **self._pg_options)  # validates options now
+        if self.storage != "memory":  # validates the options now
+            PostgresStore(connection_string or "", namespace, extra=self._extra, **self._pg_options)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class EMK:
                 conninfo = self.connection_string or ""
                 if self.storage == "embedded":
                     self._server, conninfo = await start_embedded(self.connection_string)
-                store = PostgresStore(conninfo, self.namespace, **self._pg_options)
+                store = PostgresStore(conninfo, self.namespace, extra=self._extra, **self._pg_options)
             await store.open(
                 NamespaceInfo(dimension=self.dimension, isolation=self.isolation, model=self.embedder.model)
             )

@@ -12,7 +12,8 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder
 from agent_os.control_plane.errors import RecorderConfigError
-from agent_os.services.control_plane_service import broker_backend, read_key_file, recorder_from_spec
+from agent_os.services._process import broker_backend
+from agent_os.services.control_plane_service import read_key_file, recorder_from_spec
 from tests.support.processes import TOKEN, get, start_service
 
 

@@ -287,7 +287,7 @@ def test_serve_reports_identities_without_the_services_key(
     assert (result.exit_code, "WrongPassphrase" in result.output) == (1, True), result.output
 
 
-async def printed(capsys: pytest.CaptureFixture[str], text: str) -> None:
+async def printed(capsys: pytest.CaptureFixture[str], text: str, timeout: float = 5.0) -> None:
     """Wait until ``text`` has been printed on stdout."""
     out = ""
 
@@ -296,7 +296,7 @@ async def printed(capsys: pytest.CaptureFixture[str], text: str) -> None:
         out += capsys.readouterr().out
         return text in out
 
-    await wait_until(seen, what=repr(text))
+    await wait_until(seen, timeout, what=repr(text))
 
 
 async def test_memory_serve_answers_over_the_bus_until_stopped(capsys: pytest.CaptureFixture[str]) -> None:
@@ -334,7 +334,8 @@ async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.
         cmvk = CMVK([ModelSpec(n, model=f"openai/{n}") for n in "ab"], api_base=llm.url, api_key="k")
         task = asyncio.create_task(serve(broker=url, cmvk=cmvk, trust_bus=True, stop=stop))
         async with AMB("memory", url, agent_id="caller") as caller:
-            await printed(capsys, "ready verifier subject=cmvk.verify")
+            # the service loads litellm (seconds, the first time in this process) before ready
+            await printed(capsys, "ready verifier subject=cmvk.verify", timeout=60)
             reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
             stop.set()
             service = await asyncio.wait_for(task, 5)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent_os.cmvk import CMVK, CMVKConfigError, ModelSpec
-from agent_os.cmvk._calls import litellm_module
+from agent_os.cmvk._client import litellm_module
 from agent_os.cmvk.testing import verdict
 
 

@@ -1,0 +1,86 @@
+"""``agent-os serve control-plane``: the command line of the control-plane service."""
+
+from __future__ import annotations
+
+import click
+
+from agent_os.control_plane import ControlPlaneError
+from agent_os.services._process import run, verification_from_options, verification_options
+from agent_os.services.control_plane_service._options import load_policy, read_key_file, recorder_from_spec
+from agent_os.services.control_plane_service._serve import serve
+from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://."
+)
+@verification_options
+@click.option("--policy", default="strict", show_default=True, help="A policy YAML file or a built-in name.")
+@click.option(
+    "--recorder",
+    default="sqlite:///flight_recorder.db",
+    show_default=True,
+    help="memory, sqlite:///relative.db, sqlite:////abs.db or a postgresql:// DSN.",
+)
+@click.option("--retention-days", type=float, default=90.0, show_default=True, help="0: keep everything.")
+@click.option(
+    "--encryption-key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Encrypt recorder data at rest with this 32-byte key (raw or hex).",
+)
+@click.option("--admin-host", default="127.0.0.1", show_default=True)
+@click.option("--admin-port", type=int, default=8787, show_default=True, help="0: any free port.")
+@click.option("--admin-token", envvar="AGENTOS_ADMIN_TOKEN", required=True, help="Or AGENTOS_ADMIN_TOKEN.")
+@click.option("--agent-id", default="control-plane", show_default=True)
+@click.option("--queue", default=QUEUE_GROUP, show_default=True, help="Queue group shared by instances.")
+@click.option("--ingress-prefix", default=INGRESS, show_default=True)
+@click.option("--delivery-prefix", default=DELIVERY, show_default=True)
+@click.option("--reply-prefix", default=REPLIES, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(
+    broker: str,
+    identities: str | None,
+    trust_bus: bool,
+    nonce_store: str | None,
+    nonce_prefix: str,
+    policy: str,
+    recorder: str,
+    retention_days: float,
+    encryption_key_file: str | None,
+    admin_host: str,
+    admin_port: int,
+    admin_token: str,
+    agent_id: str,
+    queue: str,
+    ingress_prefix: str,
+    delivery_prefix: str,
+    reply_prefix: str,
+    log_level: str,
+) -> None:
+    """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
+
+    async def serve_process() -> None:
+        key = read_key_file(encryption_key_file) if encryption_key_file else None
+        flight_recorder = recorder_from_spec(
+            recorder, retention_days=retention_days or None, encryption_key=key
+        )
+        async with verification.opened(agent_id) as iatp:
+            await serve(
+                broker=broker,
+                policy=load_policy(policy),
+                recorder=flight_recorder,
+                admin_token=admin_token,
+                iatp=iatp,
+                trust_bus=verification.trust_bus,
+                admin_host=admin_host,
+                admin_port=admin_port,
+                agent_id=agent_id,
+                queue=queue,
+                ingress_prefix=ingress_prefix,
+                delivery_prefix=delivery_prefix,
+                reply_prefix=reply_prefix,
+            )
+
+    run(serve_process, log_level=log_level, errors=(ControlPlaneError,))

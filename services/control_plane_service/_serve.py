@@ -1,0 +1,97 @@
+"""One control-plane service instance as a process: the service, its kernel and recorder, and
+the admin API, from start to a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent_os.amb import AMB
+from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
+from agent_os.iatp import IATP
+from agent_os.services._process import broker_backend, serving, stop_signals
+from agent_os.services.control_plane_service._service import ControlPlaneService
+from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
+
+log = logging.getLogger("agent_os.services.control_plane")
+
+
+async def serve(
+    *,
+    broker: str,
+    policy: Policy,
+    recorder: FlightRecorder,
+    admin_token: str,
+    iatp: IATP | None = None,
+    trust_bus: bool = False,
+    admin_host: str = "127.0.0.1",
+    admin_port: int = 8787,
+    agent_id: str = "control-plane",
+    queue: str = QUEUE_GROUP,
+    ingress_prefix: str = INGRESS,
+    delivery_prefix: str = DELIVERY,
+    reply_prefix: str = REPLIES,
+    stop: asyncio.Event | None = None,
+) -> ControlPlaneService:
+    """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
+    then finish in-flight messages, stop the admin API and close the recorder (its last batch
+    written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
+    public identities) every message is verified; without it ``trust_bus`` must be true.
+    Prints ``ready admin=http://host:port`` on stdout once it takes messages; returns the
+    service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
+    ``trust_bus``), PolicyLoadError, RecorderError, ValueError, ImportError naming the extra
+    to install, or a bus error when it cannot start."""
+    from agent_os.control_plane.admin import AdminAPI
+
+    kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+    client = AMB(broker_backend(broker), broker, agent_id=agent_id)
+    service = ControlPlaneService(
+        client,
+        kernel,
+        ingress_prefix=ingress_prefix,
+        delivery_prefix=delivery_prefix,
+        reply_prefix=reply_prefix,
+        queue=queue,
+        iatp=iatp,
+        trust_bus=trust_bus,
+    )
+    stats = service.stats
+    admin = AdminAPI(
+        kernel,
+        admin_token,
+        require_verified_sender=iatp is not None,
+        extra_metrics={
+            "agentos_service_forwarded": lambda: stats.forwarded,
+            "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
+            "agentos_service_forward_failures": lambda: stats.forward_failures,
+            "agentos_service_held_dropped": lambda: service.mediator.held_dropped,
+            "agentos_service_release_failures": lambda: service.mediator.release_failures,
+            "agentos_service_released_dead_lettered": lambda: stats.released_dead_lettered,
+            "agentos_service_dead_letter_failures": lambda: stats.dead_letter_failures,
+            "agentos_service_rejected": lambda: client.stats.rejected,
+            "agentos_service_unverified": lambda: service.unverified,
+            "agentos_service_pending_requests": lambda: len(service.pending),
+            "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
+        },
+    )
+    async with stop_signals(stop) as stopping:
+        try:
+            await kernel.recorder.open()
+            await service.start()
+            port = await admin.start(admin_host, admin_port)
+            log.info(
+                "control-plane service %s on %s; admin API on %s:%d; senders %s",
+                agent_id,
+                broker,
+                admin_host,
+                port,
+                "taken from the trusted bus" if trust_bus else "verified by IATP",
+            )
+            await serving(
+                stopping, f"ready admin=http://{admin_host}:{port}", log, "finishing in-flight messages"
+            )
+        finally:
+            await admin.stop()
+            await service.stop()
+            await kernel.close()
+    return service

@@ -1,0 +1,186 @@
+"""One instance of the mediated control plane: takes agents' messages from ingress subjects,
+verifies, decides and records them, and forwards the allowed ones to delivery subjects
+(``docs/services.md``, "The control-plane service")."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
+from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.envelope import Envelope, new_id
+from agent_os.control_plane import KernelSpace, Mediator, Policy
+from agent_os.control_plane.mediation.replies import PendingRequests
+from agent_os.control_plane.policy.policy_set import PolicySet
+from agent_os.iatp import IATP, IATPMiddleware
+from agent_os.services._identity import require_verification
+from agent_os.services.control_plane_service._subjects import (
+    DELIVERY,
+    INBOX,
+    INGRESS,
+    QUEUE_GROUP,
+    REPLIES,
+    delivery_subject,
+)
+
+log = logging.getLogger("agent_os.services.control_plane")
+
+
+@dataclass(slots=True)
+class ServiceStats:
+    """Counters of one service instance (denied messages are in ``client.stats.rejected``;
+    held messages that failed or were dropped in ``mediator.release_failures`` and
+    ``mediator.held_dropped``). ``released_dead_lettered``: held messages dead-lettered after
+    their delivery was settled; ``dead_letter_failures``: those that could not be."""
+
+    forwarded: int = 0
+    replies_forwarded: int = 0
+    forward_failures: int = 0
+    released_dead_lettered: int = 0
+    dead_letter_failures: int = 0
+
+
+class ControlPlaneService:
+    """One instance of the mediated control plane.
+
+    ``client`` is the service's own bus client (not yet connected, with no middleware of its
+    own: the service adds IATP's, then the mediator); ``kernel`` holds the policy and the
+    flight recorder; ``iatp`` verifies every message (its middleware is the wire side, first)
+    and forces the policy's ``require_verified_sender`` on; ``trust_bus=True`` instead takes
+    claimed senders (only behind broker ACLs that authenticate them); ``pending`` bounds the
+    table of requests awaiting replies. The service's kernel becomes ``authoritative``: a signal
+    to an agent not seen yet applies here, to its first message. Raises VerificationRequired for
+    neither or both of ``iatp`` and ``trust_bus``, amb StateError when ``client`` is already
+    connected.
+
+    Example::
+
+        kernel = KernelSpace(policy=Policy.from_yaml("policy.yaml"))
+        service = ControlPlaneService(AMB("nats", url, agent_id="control-plane"), kernel, iatp=iatp)
+        await service.start()
+    """
+
+    def __init__(
+        self,
+        client: AMB,
+        kernel: KernelSpace,
+        *,
+        ingress_prefix: str = INGRESS,
+        delivery_prefix: str = DELIVERY,
+        reply_prefix: str = REPLIES,
+        queue: str = QUEUE_GROUP,
+        pending: PendingRequests | None = None,
+        iatp: IATP | None = None,
+        trust_bus: bool = False,
+    ) -> None:
+        require_verification(iatp is not None, trust_bus, "control-plane service")
+        self.client = client
+        self.iatp = iatp
+        self.trust_bus = trust_bus
+        self.kernel = kernel
+        self.ingress_prefix = ingress_prefix
+        self.delivery_prefix = delivery_prefix
+        self.reply_prefix = reply_prefix
+        self.queue = queue
+        self.stats = ServiceStats()
+        # "is None", not "or": an empty table is falsy (it has a length), and a given one is kept.
+        self.pending = pending if pending is not None else PendingRequests()
+        self.iatp_middleware: IATPMiddleware | None = None
+        if iatp is not None:
+            # Added before the mediator, so it is the wire side: it verifies first and signs
+            # last (what the service itself sends: signals, their replies).
+            self.iatp_middleware = iatp.middleware(agent_id=client.agent_id)
+            client.add_middleware(self.iatp_middleware)
+            require_verified_sender(kernel.policy)
+        kernel.authoritative = True  # signals to agents not seen yet apply here, ahead of time
+        self.mediator: Mediator = kernel.attach(
+            client,
+            trust_bus=trust_bus,
+            inbound_prefix=ingress_prefix,
+            reply_prefix=reply_prefix,
+            pending=self.pending,
+            inbox_prefix=INBOX,
+            on_release_error=self._release_failed,
+        )
+        self._encode = get_serializer("msgpack").encode
+        self._subs: list[Subscription] = []
+
+    @property
+    def unverified(self) -> int:
+        """Messages IATP refused (unsigned, forged, replayed, ...); 0 without IATP."""
+        mw = self.iatp_middleware
+        return sum(mw.rejected.values()) if mw is not None else 0
+
+    async def start(self) -> None:
+        """Connect and start taking ingress messages (as a queue group) and replies (all)."""
+        self._subs = [
+            await self.client.subscribe(f"{self.ingress_prefix}.>", self._forward, queue=self.queue),
+            await self.client.subscribe(f"{self.reply_prefix}.>", self._forward_reply),
+        ]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Finish in-flight messages, close the client, then record the messages still held
+        for stopped agents as dropped (``message_dropped``, reason ``service stopped``; they
+        live in this instance's memory only)."""
+        await self.client.close(timeout)
+        dropped = await self.mediator.drop_held()
+        if dropped:
+            log.warning("stopped with %d held messages of stopped agents: recorded as dropped", dropped)
+
+    async def _forward(self, message: Any, metadata: Metadata) -> None:
+        # Reached only when the mediator allowed the message (a deny was dead-lettered before),
+        # checked that the envelope's topic is this subject and, for a request, that its
+        # reply_to is the verified requester's own inbox, noted in self.pending.
+        topic = metadata.subject[len(self.ingress_prefix) + 1 :]
+        await self._send(delivery_subject(topic, self.delivery_prefix), metadata)
+        self.stats.forwarded += 1
+
+    async def _forward_reply(self, message: Any, metadata: Metadata) -> None:
+        # Reached only on the instance holding the request, when the mediator allowed the reply.
+        await self._send(metadata.subject[len(self.reply_prefix) + 1 :], metadata)
+        self.stats.replies_forwarded += 1
+
+    async def _release_failed(self, envelope: Envelope, metadata: Metadata, error: Exception) -> None:
+        # A held message that did not go through after its handler returned (its delivery was
+        # settled when it was held): dead-letter it as the bus does, with the reason.
+        reason = error.reason if isinstance(error, MessageRejected) else "handler_error"
+        subject = metadata.subject
+        dead = Envelope(
+            new_id(),
+            f"{self.client.dead_letter_prefix}.{subject}",
+            self.client.agent_id,
+            self._encode(envelope),
+            timestamp=time.time_ns(),
+            headers={
+                DLQ_REASON: reason,
+                DLQ_ERROR: f"{type(error).__name__}: {error}"[:1024],
+                DLQ_SUBJECT: subject,
+                DLQ_ATTEMPTS: str(metadata.attempt),
+                DLQ_ORIGINAL_ID: envelope.id,
+            },
+        )
+        try:
+            await self.client.broker.publish(dead.topic, self._encode(dead), key=dead.sender)
+        except Exception as exc:
+            self.stats.dead_letter_failures += 1
+            log.error(
+                "could not dead-letter held message %s from %r (%s): %r", envelope.id, subject, reason, exc
+            )
+            return
+        self.stats.released_dead_lettered += 1
+
+    async def _send(self, subject: str, metadata: Metadata) -> None:
+        try:
+            await self.client.broker.publish(subject, self._encode(metadata.envelope), key=metadata.sender)
+        except Exception:
+            self.stats.forward_failures += 1
+            raise  # the bus retries or dead-letters it
+
+
+def require_verified_sender(policy: Policy | PolicySet) -> None:
+    """Turn ``require_verified_sender`` on in ``policy`` (every policy of a set)."""
+    for each in policy.policies if isinstance(policy, PolicySet) else (policy,):
+        each.require_verified_sender = True
