@@ -211,6 +211,17 @@ def service_client(broker: str, agent_id: str, iatp: IATP | None) -> AMB:
 
 # -- the process -------------------------------------------------------------------------------
 
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+log_level_option: Final = click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Log to stderr from this level on.",
+)
+"""Every service's ``--log-level``: a level name, any case; anything else is a usage error."""
+
 
 def configure_logging(level: str) -> None:
     """Log to stderr at ``level`` (a name such as INFO)."""

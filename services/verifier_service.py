@@ -19,6 +19,7 @@ from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
 from agent_os.iatp import IATP
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._process import (
+    log_level_option,
     run,
     service_client,
     serving,
@@ -284,7 +285,7 @@ async def serve(
 @click.option("--queue", default=QUEUE_GROUP, show_default=True, help="Queue group shared by instances.")
 @click.option("--agent-id", default="verifier-service", show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--log-level", default="INFO", show_default=True)
+@log_level_option
 def main(
     broker: str,
     identities: str | None,

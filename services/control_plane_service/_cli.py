@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import click
 
-from agent_os.control_plane import ControlPlaneError
-from agent_os.services._process import run, verification_from_options, verification_options
-from agent_os.services.control_plane_service._options import load_policy, read_key_file, recorder_from_spec
+from agent_os.control_plane import ControlPlaneError, Policy
+from agent_os.services._process import log_level_option, run, verification_from_options, verification_options
+from agent_os.services.control_plane_service._options import (
+    RECORDER_FORMS,
+    PolicyParam,
+    RecorderParam,
+    read_key_file,
+    recorder_from_spec,
+)
 from agent_os.services.control_plane_service._serve import serve
 from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
 
@@ -16,12 +22,19 @@ from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS,
     "--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://."
 )
 @verification_options
-@click.option("--policy", default="strict", show_default=True, help="A policy YAML file or a built-in name.")
+@click.option(
+    "--policy",
+    type=PolicyParam(),
+    default="strict",
+    show_default=True,
+    help="A policy YAML file or a built-in name (strict, permissive, audit).",
+)
 @click.option(
     "--recorder",
+    type=RecorderParam(),
     default="sqlite:///flight_recorder.db",
     show_default=True,
-    help="memory, sqlite:///relative.db, sqlite:////abs.db or a postgresql:// DSN.",
+    help=RECORDER_FORMS + ".",
 )
 @click.option("--retention-days", type=float, default=90.0, show_default=True, help="0: keep everything.")
 @click.option(
@@ -37,14 +50,14 @@ from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS,
 @click.option("--ingress-prefix", default=INGRESS, show_default=True)
 @click.option("--delivery-prefix", default=DELIVERY, show_default=True)
 @click.option("--reply-prefix", default=REPLIES, show_default=True)
-@click.option("--log-level", default="INFO", show_default=True)
+@log_level_option
 def main(
     broker: str,
     identities: str | None,
     trust_bus: bool,
     nonce_store: str | None,
     nonce_prefix: str,
-    policy: str,
+    policy: Policy,
     recorder: str,
     retention_days: float,
     encryption_key_file: str | None,
@@ -69,7 +82,7 @@ def main(
         async with verification.opened(agent_id) as iatp:
             await serve(
                 broker=broker,
-                policy=load_policy(policy),
+                policy=policy,
                 recorder=flight_recorder,
                 admin_token=admin_token,
                 iatp=iatp,

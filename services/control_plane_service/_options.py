@@ -3,11 +3,38 @@ policy and the recorder's encryption key."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from agent_os.control_plane import FlightRecorder, Policy
+import click
+
+from agent_os.control_plane import FlightRecorder, Policy, PolicyError
+from agent_os.control_plane.errors import RecorderConfigError
 from agent_os.control_plane.policy.loader import load_policy as load_policy_file
+
+BUILTIN_POLICIES: Final = ("strict", "permissive", "audit")
+RECORDER_FORMS: Final = "memory, sqlite:///relative.db, sqlite:////abs.db, a path, or a postgresql:// DSN"
+_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def recorder_storage(spec: str) -> tuple[str, str | None]:
+    """The recorder storage and location ``spec`` names: ``("memory", None)``,
+    ``("postgresql", dsn)`` or ``("sqlite", path)``. Raises RecorderConfigError for a URL
+    whose scheme is none of these (``ftp://...`` is refused, never taken for a file name)."""
+    if spec == "memory":
+        return "memory", None
+    if spec.startswith(("postgresql://", "postgres://")):
+        return "postgresql", spec
+    for prefix in ("sqlite:///", "sqlite:"):
+        if spec.startswith(prefix):
+            return "sqlite", spec[len(prefix) :]
+    scheme = _SCHEME.match(spec)
+    if scheme and (len(scheme[1]) > 1 or spec[2:3] not in ("\\", "/")):  # C:/x is a path
+        raise RecorderConfigError(f"unsupported recorder URL scheme {scheme[1]!r}: {RECORDER_FORMS}")
+    if not spec:
+        raise RecorderConfigError(f"empty recorder: {RECORDER_FORMS}")
+    return "sqlite", spec
 
 
 def recorder_from_spec(
@@ -17,21 +44,51 @@ def recorder_from_spec(
     (or a plain path) or a ``postgresql://`` DSN. Raises RecorderConfigError for a bad
     combination."""
     options: dict[str, Any] = {"retention_days": retention_days, "encryption_key": encryption_key}
-    if spec == "memory":
-        return FlightRecorder("memory", **options)
-    if spec.startswith(("postgresql://", "postgres://")):
-        return FlightRecorder("postgresql", spec, **options)
-    for prefix in ("sqlite:///", "sqlite:"):
-        if spec.startswith(prefix):
-            return FlightRecorder("sqlite", spec[len(prefix) :], **options)
-    return FlightRecorder("sqlite", spec, **options)
+    storage, location = recorder_storage(spec)
+    if location is None:
+        return FlightRecorder(storage, **options)
+    return FlightRecorder(storage, location, **options)
 
 
 def load_policy(source: str) -> Policy:
-    """A policy from a YAML file (any name), or a built-in name (strict, permissive, audit).
-    Raises PolicyLoadError (the line and field) or PolicyError."""
+    """A policy from a built-in name (strict, permissive, audit) or a YAML file (any name).
+    Raises PolicyLoadError (the line and field), or PolicyError for a source that is neither
+    (naming both, so a mistyped path reads as one)."""
+    if source in BUILTIN_POLICIES:
+        return Policy.builtin(source)
     path = Path(source)
-    return load_policy_file(path) if path.is_file() else Policy.builtin(source)
+    if not path.is_file():
+        what = "no such policy file" if not path.exists() else "not a policy file"
+        raise PolicyError(f"{what}: {source!r} (or a built-in policy: {', '.join(BUILTIN_POLICIES)})")
+    return load_policy_file(path)
+
+
+class PolicyParam(click.ParamType[Policy]):
+    """``--policy``: a built-in name or a YAML file, loaded while the command line is read, so a
+    mistyped path or a bad file is a one-line usage error."""
+
+    name = "policy"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Policy:
+        if isinstance(value, Policy):
+            return value
+        try:
+            return load_policy(str(value))
+        except (PolicyError, OSError) as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class RecorderParam(click.ParamType[str]):
+    """``--recorder``: checked while the command line is read (opened when the service starts)."""
+
+    name = "recorder"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            recorder_storage(str(value))
+        except RecorderConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
 
 
 def read_key_file(path: str) -> bytes:

@@ -72,8 +72,8 @@ async def test_a_bad_policy_file_fails_at_start_with_the_line(tmp_path: Path) ->
         env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN},
     )
     _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 1
-    assert "line 3" in err.decode()
+    assert proc.returncode == 2  # a usage error: the command line was refused before anything started
+    assert "Error: Invalid value for '--policy': line 3" in err.decode()
 
 
 def test_configuration_helpers(tmp_path: Path) -> None:

@@ -39,6 +39,69 @@ def test_short_help_on_every_command(args: list[str]) -> None:
     assert short.output.startswith(f"Usage: agent-os {' '.join(args)}".rstrip() + " [OPTIONS]")
 
 
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+CONTROL_PLANE = ["serve", "control-plane", "--broker", "memory://cli", "--admin-token", TOKEN, "--trust-bus"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["serve", "memory", "--broker", "memory://cli", "--log-level", "LOUD"],
+            "Invalid value for '--log-level': 'LOUD' is not one of",
+        ),
+        (
+            ["serve", "verifier", "--broker", "memory://cli", "--log-level", "verbose"],
+            "Invalid value for '--log-level': 'verbose' is not one of",
+        ),
+        ([*CONTROL_PLANE, "--log-level", "5"], "Invalid value for '--log-level': '5' is not one of"),
+        (
+            [*CONTROL_PLANE, "--policy", "polcy.yml"],
+            "Invalid value for '--policy': no such policy file: 'polcy.yml' (or a built-in policy: strict,",
+        ),
+        ([*CONTROL_PLANE, "--policy", "stict"], "Invalid value for '--policy': no such policy file: 'stict'"),
+        (
+            [*CONTROL_PLANE, "--recorder", "ftp://host/recorder.db"],
+            "Invalid value for '--recorder': unsupported recorder URL scheme 'ftp'",
+        ),
+        ([*CONTROL_PLANE, "--recorder", "s3://bucket/x"], "unsupported recorder URL scheme 's3'"),
+        ([*CONTROL_PLANE, "--recorder", ""], "Invalid value for '--recorder': empty recorder"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args, prog_name="agent-os")
+    assert result.exit_code == 2, result.output  # click's usage error: nothing was started
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: "), result.output
+    assert message in error, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_policy_file_that_does_not_load_is_a_usage_error_naming_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("name: p\nrules: [\n")
+    result = CliRunner().invoke(main, [*CONTROL_PLANE, "--policy", str(bad)], prog_name="agent-os")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value for '--policy': line 3:")
+
+
+def test_policy_and_recorder_forms_that_are_accepted(tmp_path: Path) -> None:
+    from agent_os.services.control_plane_service._options import load_policy, recorder_storage
+
+    good = tmp_path / "policy.yml"
+    good.write_text("name: mine\nversion: '3'\ndefault_action: deny\n")
+    assert load_policy(str(good)).name == "mine"
+    builtins = ["strict", "permissive", "audit"]
+    assert [load_policy(name).name for name in builtins] == builtins
+    assert recorder_storage("memory") == ("memory", None)
+    assert recorder_storage("sqlite:///rel.db") == ("sqlite", "rel.db")
+    assert recorder_storage("sqlite:////abs/x.db") == ("sqlite", "/abs/x.db")
+    assert recorder_storage("plain/path.db") == ("sqlite", "plain/path.db")
+    assert recorder_storage("postgresql://u@h/db") == ("postgresql", "postgresql://u@h/db")
+    assert recorder_storage("postgres://u@h/db") == ("postgresql", "postgres://u@h/db")
+
 @pytest.fixture(scope="module")
 def demo() -> tuple[DemoResult, list[str]]:
     """One run of the demo (hashing embedder) shared by the tests that read it."""
