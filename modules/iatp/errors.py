@@ -29,7 +29,7 @@ class CryptoUnavailable(IATPError, ImportError):
     def __init__(self, cause: BaseException | None = None) -> None:
         super().__init__(
             "PyNaCl is not importable, so IATP can neither sign nor verify "
-            f"(install it: pip install pynacl){f': {cause}' if cause else ''}"
+            f"(install it: pip install 'agent-os[iatp]'){f': {cause}' if cause else ''}"
         )
 
 

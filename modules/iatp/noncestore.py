@@ -43,7 +43,7 @@ class RedisNonceStore:
             least 1); claims beyond them wait for a free one, within ``timeout``. (redis-py's
             default pool raises once all are busy, which would reject valid messages under load.)
 
-    Needs redis-py (``pip install agent-os[redis]``), imported on first use; raises
+    Needs redis-py (``pip install 'agent-os[redis]'``), imported on first use; raises
     IATPConfigError when it is missing or for a bad option.
     """
 
@@ -76,7 +76,8 @@ class RedisNonceStore:
             try:
                 import redis.asyncio as aioredis
             except ImportError as exc:
-                raise IATPConfigError("RedisNonceStore needs redis-py: pip install agent-os[redis]") from exc
+                hint = "RedisNonceStore needs redis-py: pip install 'agent-os[redis]'"
+                raise IATPConfigError(hint) from exc
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=self.max_connections,

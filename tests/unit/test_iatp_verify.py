@@ -435,7 +435,7 @@ def test_without_pynacl_nothing_signs_and_nothing_verifies() -> None:
         try:
             IATP()
         except CryptoUnavailable as exc:
-            print("refused:", "pip install pynacl" in str(exc))
+            print("refused:", "pip install 'agent-os[iatp]'" in str(exc))
         registry = KeyRegistry(MemoryKeyStore())
         pk = b"\\x01" * 32
         key = KeyRecord(key_id_for(pk), "alice", 1, pk, time.time_ns())
