@@ -1,4 +1,5 @@
-"""The kernel modules under the names the API reference uses: ``from agent_os.modules import AMB``.
+"""The kernel modules under their reference names (``docs/api-reference.md``):
+``from agent_os.modules import AMB``.
 
 Each name loads its part on first use, so importing one module does not load the others.
 """

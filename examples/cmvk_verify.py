@@ -1,4 +1,5 @@
-"""The API reference's CMVK example, run against a local OpenAI-compatible server.
+"""The original project's CMVK example (``docs/api-reference.md``, CMVK), run against a local
+OpenAI-compatible server.
 
 The three "models" are scripted by ScriptedLLMServer (no paid API, no network): each one
 knows that Paris is the capital of France. Requests go through litellm over real HTTP.

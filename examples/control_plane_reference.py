@@ -1,4 +1,5 @@
-"""The API reference's control-plane examples, run as written (imports adjusted, sleeps shortened).
+"""The original project's control-plane examples, run as written (imports adjusted, sleeps
+shortened); ``docs/api-reference.md`` is the reference of what they call.
 
 The signal snippets run on one kernel: ``SignalDispatcher(kernel, ...)`` becomes the kernel's
 dispatcher, so its ``graceful_shutdown`` (SIGTERM) and ``dump_state`` (SIGUSR1) handlers run

@@ -397,7 +397,7 @@ class KernelSpace:
         return self.processes.get(agent_id).status()
 
     def get_agent(self, agent_id: str) -> AgentProcess:
-        """The agent's process: what signals act on, with the API reference's ``cleanup()``,
+        """The agent's process: what signals act on, with ``cleanup()``,
         ``save_state()`` and ``get_state()`` (``docs/api-reference.md``; see
         :class:`~agent_os.control_plane.process.AgentProcess`). Raises AgentNotFound."""
         return self.processes.get(agent_id)

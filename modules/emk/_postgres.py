@@ -2,6 +2,9 @@
 
 One schema per namespace (``memories``, ``meta``, ``retention_log``) whose triggers make it
 append-only; the schema, the triggers and the search strategy are described in ``docs/memory.md``.
+
+Over 400 lines: the schema's SQL and the one class that owns it (connection, migrations, writes,
+searches) belong together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The EMK facade: validation, embedding, hashing and isolation in front of a storage backend."""
+"""The EMK facade: validation, embedding, hashing and isolation in front of a storage backend.
+
+Over 400 lines: the facade of the public API (``docs/memory.md``), one class whose methods each
+validate and delegate.
+"""
 
 from __future__ import annotations
 
