@@ -1,6 +1,6 @@
 """Who a message acts for: the services decide a sender's identity here and nowhere else, with
-IATP's fail-closed :func:`agent_os.iatp.sender_identity` (the rule: ``docs/services.md``,
-"Senders are verified"), and refuse to run without verification unless told to trust the bus.
+IATP's fail-closed :func:`agent_os.iatp.sender_identity` (the rule: ``docs/trust.md``,
+"Who sent it"), and refuse to run without verification unless told to trust the bus.
 """
 
 from __future__ import annotations

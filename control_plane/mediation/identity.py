@@ -1,7 +1,8 @@
 """Who an inbound message comes from, for the mediator: IATP's sender-identity rule, on the hot path.
 
-The rule is explained once, in ``docs/control-plane.md`` (Who sent a message);
-:func:`agent_os.iatp.sender_identity` implements it. :func:`message_sender` applies it and adds
+The rule is explained once, in ``docs/trust.md`` ("Who sent it"), with what the mediator adds
+in ``docs/control-plane.md`` ("Who sent a message"); :func:`agent_os.iatp.sender_identity`
+implements it. :func:`message_sender` applies it and adds
 what the mediator needs beside the name: whether the sender was *verified*, its trust level, and
 the reason to refuse, without raising on the common path.
 """
