@@ -17,6 +17,7 @@ from agent_os.services.verifier_service import (
     request_verification,
 )
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.identities import identities
 
 
@@ -106,7 +107,7 @@ async def test_the_client_helper_raises_on_refusal(
     assert issubclass(InvalidVerifyRequest, CMVKError)
 
 
-async def test_without_trust_bus_a_request_needs_a_verified_sender() -> None:
+async def test_without_trust_bus_a_request_needs_a_verified_sender(closing: Closing) -> None:
     """Verification on requests: an unsigned request is dead-lettered by the service's IATP; a
     request that reaches a service without IATP in its chain is refused, counted and answered
     ``unauthenticated``; a signed request is verified and answered."""
@@ -121,7 +122,7 @@ async def test_without_trust_bus_a_request_needs_a_verified_sender() -> None:
             AMB("memory", url, agent_id="caller", middleware=[keys["caller"].middleware()]) as caller,
             AMB("memory", url, agent_id="caller") as unsigned,
         ):
-            service = VerifierService(bus, cmvk)
+            service = closing(VerifierService(bus, cmvk))
             await service.start()
             reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
             assert reply["verified"] is True
@@ -133,7 +134,7 @@ async def test_without_trust_bus_a_request_needs_a_verified_sender() -> None:
             AMB("memory", url, agent_id="verifier-no-iatp") as bus,
             AMB("memory", url, agent_id="caller") as unsigned,
         ):
-            service = VerifierService(bus, cmvk)
+            service = closing(VerifierService(bus, cmvk))
             await service.start()
             with pytest.raises(VerifierRefused, match="not verified by IATP"):
                 await request_verification(unsigned, "What is 6 x 7?", "42", timeout=5)

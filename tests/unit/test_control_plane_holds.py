@@ -19,6 +19,7 @@ from agent_os.amb.envelope import new_id
 from agent_os.control_plane import AgentSignal, KernelSpace
 from agent_os.control_plane.mediation.mediator import Mediator
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.holds import a_stopped_agent_does_not_stall_the_others, deploy, mediated_policy
 
 
@@ -101,8 +102,8 @@ def ingress_delivery(sender: str, payload: Any, topic: str = "tasks.work") -> tu
     return env, Metadata(env, env.topic, 1, {})
 
 
-async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones() -> None:
-    kernel = KernelSpace(policy=mediated_policy())
+async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=mediated_policy()))
     mediator = Mediator(kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True)
     agent = kernel.external("agent-a")
     forwarded: list[Any] = []
@@ -138,8 +139,9 @@ async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones()
 
 async def test_a_failing_release_hook_is_logged_and_the_queue_goes_on(
     caplog: pytest.LogCaptureFixture,
+    closing: Closing,
 ) -> None:
-    kernel = KernelSpace(policy=mediated_policy())
+    kernel = closing(KernelSpace(policy=mediated_policy()))
     told: list[tuple[str, str]] = []
 
     async def hook(env: Envelope, meta: Metadata, error: Exception) -> None:

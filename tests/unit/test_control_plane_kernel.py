@@ -30,10 +30,11 @@ from agent_os.control_plane import (
     VerificationFailed,
 )
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 
-async def test_execute_returns_the_result_and_records_it() -> None:
-    kernel = KernelSpace(policy="strict")
+async def test_execute_returns_the_result_and_records_it(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="strict"))
 
     @kernel.register
     async def analyzer(data: str) -> dict[str, Any]:
@@ -51,11 +52,11 @@ async def test_execute_returns_the_result_and_records_it() -> None:
     await kernel.close()
 
 
-async def test_authorize_is_the_gate_for_other_actions() -> None:
+async def test_authorize_is_the_gate_for_other_actions(closing: Closing) -> None:
     policy = Policy("p", default_action="deny")
     policy.add_rule("allow", Pattern("read", "data/*"))
     policy.add_rule("allow", Pattern("network", "*"))
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
 
     @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
     async def data_processor(path: str) -> str:
@@ -77,8 +78,8 @@ async def test_authorize_is_the_gate_for_other_actions() -> None:
     await kernel.close()
 
 
-async def test_registered_rate_limit_counts_executions() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_registered_rate_limit_counts_executions(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
 
     @kernel.register(rate_limit=2)
     async def limited() -> int:
@@ -91,8 +92,8 @@ async def test_registered_rate_limit_counts_executions() -> None:
     await kernel.close()
 
 
-async def test_spawn_children_inherit_permissions_and_restrictions() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_spawn_children_inherit_permissions_and_restrictions(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     seen: dict[str, Any] = {}
 
     @kernel.register(permissions=["read", "write", "network"])
@@ -127,8 +128,8 @@ async def test_spawn_children_inherit_permissions_and_restrictions() -> None:
     await kernel.close()
 
 
-async def test_sigkill_stops_a_running_agent_mid_work() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_sigkill_stops_a_running_agent_mid_work(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     progress: list[int] = []
 
     @kernel.register
@@ -154,8 +155,8 @@ async def test_sigkill_stops_a_running_agent_mid_work() -> None:
     await kernel.close()
 
 
-async def test_sigstop_pauses_cooperative_agent_until_sigcont() -> None:
-    kernel = KernelSpace(policy="strict")
+async def test_sigstop_pauses_cooperative_agent_until_sigcont(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="strict"))
     done: list[int] = []
 
     @kernel.register
@@ -181,11 +182,11 @@ async def test_sigstop_pauses_cooperative_agent_until_sigcont() -> None:
 
 
 @pytest.mark.parametrize("async_delivery", [False, True])
-async def test_a_sigstop_sent_after_a_sigcont_wins_over_it(async_delivery: bool) -> None:
+async def test_a_sigstop_sent_after_a_sigcont_wins_over_it(async_delivery: bool, closing: Closing) -> None:
     # SIGSTOP acts at once, SIGCONT after its handlers: a SIGSTOP sent while they still run
     # must leave the agent stopped, as the order the two were sent in says.
     dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
     entered, release = asyncio.Event(), asyncio.Event()
 
     @dispatcher.register_handler(AgentSignal.SIGCONT)
@@ -216,9 +217,9 @@ async def test_a_sigstop_sent_after_a_sigcont_wins_over_it(async_delivery: bool)
     await kernel.close()
 
 
-async def test_sigterm_runs_the_handler_then_stops() -> None:
+async def test_sigterm_runs_the_handler_then_stops(closing: Closing) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
     cleaned: list[str] = []
 
     @dispatcher.register_handler(AgentSignal.SIGTERM)
@@ -244,9 +245,9 @@ async def test_sigterm_runs_the_handler_then_stops() -> None:
     await kernel.close()
 
 
-async def test_usr_signals_run_handlers_and_masks_ignore_them() -> None:
+async def test_usr_signals_run_handlers_and_masks_ignore_them(closing: Closing) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
     got: list[tuple[str, AgentSignal]] = []
 
     @dispatcher.register_handler(AgentSignal.SIGUSR1)
@@ -279,9 +280,9 @@ async def test_usr_signals_run_handlers_and_masks_ignore_them() -> None:
     await kernel.close()
 
 
-async def test_sigalrm_fires_on_an_execution_timeout() -> None:
+async def test_sigalrm_fires_on_an_execution_timeout(closing: Closing) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher, timeout=0.05)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher, timeout=0.05))
     alarms: list[str] = []
 
     @dispatcher.register_handler(AgentSignal.SIGALRM)
@@ -324,8 +325,8 @@ class FakeVerifier:
         return Verdict(ok, "" if ok else f"{self.word!r} missing", 0.9 if ok else 0.2)
 
 
-async def test_verifier_modules_block_unverified_results() -> None:
-    kernel = KernelSpace(policy="strict")
+async def test_verifier_modules_block_unverified_results(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="strict"))
     verifier = FakeVerifier("Paris")
     kernel.add_module(verifier)
 
@@ -348,8 +349,8 @@ async def test_verifier_modules_block_unverified_results() -> None:
     await kernel.close()
 
 
-async def test_admission_respects_max_concurrency_and_priority() -> None:
-    kernel = KernelSpace(policy="permissive", max_concurrent_agents=1)
+async def test_admission_respects_max_concurrency_and_priority(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive", max_concurrent_agents=1))
     order: list[str] = []
     gate = asyncio.Event()
 
@@ -425,8 +426,8 @@ def test_token_bucket_refills_and_evicts_only_full_buckets() -> None:
     assert len(limiter) <= 3
 
 
-async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
-    kernel = KernelSpace(policy="permissive", keep_finished=5)
+async def test_finished_executions_are_forgotten_beyond_the_bound(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive", keep_finished=5))
     release = asyncio.Event()
 
     @kernel.register
@@ -454,12 +455,12 @@ async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
     release.set()
     assert await kernel.wait_all([running]) == ["done"]
     with pytest.raises(KernelError):
-        KernelSpace(keep_finished=-1)
+        closing(KernelSpace(keep_finished=-1))
     await kernel.close()
 
 
-async def test_a_verifier_sees_keyword_arguments() -> None:
-    kernel = KernelSpace(policy="strict")
+async def test_a_verifier_sees_keyword_arguments(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="strict"))
     verifier = FakeVerifier("ok")
     kernel.add_module(verifier)
 
@@ -511,9 +512,11 @@ async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("async_delivery", [False, True])
-async def test_a_sigterm_handler_returning_false_vetoes_termination(async_delivery: bool) -> None:
+async def test_a_sigterm_handler_returning_false_vetoes_termination(
+    async_delivery: bool, closing: Closing
+) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
     allow = False
 
     @dispatcher.register_handler(AgentSignal.SIGTERM)
@@ -544,9 +547,9 @@ async def test_a_sigterm_handler_returning_false_vetoes_termination(async_delive
     await kernel.close()
 
 
-async def test_sigkill_cannot_be_vetoed() -> None:
+async def test_sigkill_cannot_be_vetoed(closing: Closing) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
 
     @dispatcher.register_handler(AgentSignal.SIGTERM)
     async def never(agent_id: str, signal: AgentSignal) -> bool:

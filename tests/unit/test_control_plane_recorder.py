@@ -20,6 +20,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -161,8 +162,8 @@ async def test_retention_keeps_the_chain_verifiable(recorder: FlightRecorder) ->
     assert await recorder.apply_retention() == 0  # nothing is older than a day now
 
 
-async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
-    rec = FlightRecorder("sqlite", str(tmp_path / "b.db"), batch_size=5, flush_interval=0.05)
+async def test_batches_are_written_on_size_and_interval(tmp_path: Path, closing: Closing) -> None:
+    rec = closing(FlightRecorder("sqlite", str(tmp_path / "b.db"), batch_size=5, flush_interval=0.05))
     await rec.open()
     for i in range(4):
         await rec.log("e", "a", {"i": i})
@@ -173,14 +174,14 @@ async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
     assert rec.flushed == 5
     await wait_until(lambda: rec.flushed == 6, what="the interval to write the rest")
     await rec.close()
-    reopened = FlightRecorder("sqlite", str(tmp_path / "b.db"))
+    reopened = closing(FlightRecorder("sqlite", str(tmp_path / "b.db")))
     await reopened.log("e", "a", {"i": 6})  # continues the chain on disk
     assert (await reopened.verify()).checked == 7
     await reopened.close()
 
 
-async def test_a_failed_flush_keeps_the_batch() -> None:
-    rec = FlightRecorder("memory", batch_size=100)
+async def test_a_failed_flush_keeps_the_batch(closing: Closing) -> None:
+    rec = closing(FlightRecorder("memory", batch_size=100))
     await rec.open()
     await rec.log("e", "a", {"i": 1})
     storage = rec.storage
@@ -198,10 +199,10 @@ async def test_a_failed_flush_keeps_the_batch() -> None:
     await rec.close()
 
 
-async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
+async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for(closing: Closing) -> None:
     # Loggers past a full batch wait for the batch being written. One of them cancelled (a
     # killed agent's handler) must leave that write alone: the others wait for it too.
-    rec = FlightRecorder("memory", batch_size=2)
+    rec = closing(FlightRecorder("memory", batch_size=2))
     await rec.open()
     storage = rec.storage
     original = storage.append
@@ -290,26 +291,28 @@ COPY_ROW = (
         "reorder",
     ],
 )
-async def test_sqlite_tampering_is_detected(tmp_path: Path, statements: list[str], first_bad: int) -> None:
+async def test_sqlite_tampering_is_detected(
+    tmp_path: Path, statements: list[str], first_bad: int, closing: Closing
+) -> None:
     db = tmp_path / "t.db"
     rec = await _recorded(db)
     assert (await rec.verify()).ok
     await rec.close()
     _tamper(db, *statements)
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     result = await rec.verify()
     await rec.close()
     assert not result.ok
     assert result.first_bad_seq == first_bad, result.reason
 
 
-async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> None:
+async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
     rec = await _recorded(db)
     head = await rec.head()
     await rec.close()
     _tamper(db, "DELETE FROM flight_records WHERE seq >= 9")
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     assert (await rec.verify()).ok  # the chain alone cannot see a cut tail
     result = await rec.verify(expected_head=head)
     await rec.close()
@@ -317,7 +320,7 @@ async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> No
     assert result.first_bad_seq == 9
 
 
-async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
+async def test_pruning_without_an_anchor_is_detected(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
     rec = await _recorded(db)
     rec.retention_days = 1e-9  # everything logged so far is older than that
@@ -327,7 +330,7 @@ async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
     anchor = (await rec.query(event_type="retention_anchor"))[-1]
     await rec.close()
     _tamper(db, f"DELETE FROM flight_records WHERE seq = {anchor.seq}")
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     result = await rec.verify()
     await rec.close()
     assert not result.ok
@@ -449,10 +452,10 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
     assert canonical_data(odd) == canonical_data(dict(reversed(odd.items())))  # deterministic
 
 
-async def test_appended_records_carry_the_documented_hash() -> None:
+async def test_appended_records_carry_the_documented_hash(closing: Closing) -> None:
     from agent_os.control_plane.recorder.records import record_hash
 
-    rec = FlightRecorder("memory")
+    rec = closing(FlightRecorder("memory"))
     await rec.open()
     records = [
         rec.append("policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True),

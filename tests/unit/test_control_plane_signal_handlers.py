@@ -27,6 +27,7 @@ from agent_os.control_plane import (
 )
 from agent_os.control_plane.process import AgentProcess
 from tests.support import Collector, memory_url, wait_until
+from tests.support.closing import Closing
 
 Calls = list[tuple[str, str, AgentSignal]]
 
@@ -72,8 +73,8 @@ async def finish(kernel: KernelSpace, agent_id: str, task: asyncio.Task[None]) -
 # -- a dispatcher built with the kernel is the kernel's ------------------------------------------
 
 
-async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_signal() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_signal(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     dispatcher = SignalDispatcher(kernel, queue_size=7, async_delivery=False)
     assert kernel.signals is dispatcher
     assert dispatcher.kernel is kernel
@@ -87,8 +88,8 @@ async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_sig
     await finish(kernel, aid, task)
 
 
-async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeout() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeout(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     dispatcher = SignalDispatcher(kernel)
     calls: Calls = []
     recording(dispatcher, calls, "alarm", AgentSignal.SIGALRM)
@@ -104,11 +105,11 @@ async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeou
     await kernel.close()
 
 
-async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
+async def test_the_reference_handlers_run_on_a_rules_on_violation(closing: Closing) -> None:
     """The reference's two handlers, as written, on a dispatcher built the reference's way; the
     signals come from the policy (``on_violation``), not from the dispatcher."""
-    flight_recorder = FlightRecorder(storage="memory")
-    kernel = KernelSpace(policy=open_policy(), flight_recorder=flight_recorder)
+    flight_recorder = closing(FlightRecorder(storage="memory"))
+    kernel = closing(KernelSpace(policy=open_policy(), flight_recorder=flight_recorder))
     dispatcher = SignalDispatcher(kernel, queue_size=1000, async_delivery=True)
     ran: list[str] = []
 
@@ -127,7 +128,7 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
         state = await agent.get_state()
         await flight_recorder.log_state_dump(agent_id, state)
 
-    rogue = AMB("memory", memory_url("signals"), agent_id="rogue")
+    rogue = closing(AMB("memory", memory_url("signals"), agent_id="rogue"))
     kernel.attach(rogue)
     await rogue.connect()
     process = kernel.get_agent("rogue")
@@ -161,24 +162,26 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
     await kernel.close()
 
 
-async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_the_bus() -> None:
+async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_the_bus(
+    closing: Closing,
+) -> None:
     where = memory_url("signals")
-    remote_kernel = KernelSpace(policy=open_policy())
+    remote_kernel = closing(KernelSpace(policy=open_policy()))
     dispatcher = SignalDispatcher(remote_kernel, async_delivery=False)
     calls: Calls = []
     recording(dispatcher, calls, "usr1", AgentSignal.SIGUSR1)
     recording(dispatcher, calls, "usr2", AgentSignal.SIGUSR2)
-    remote = AMB("memory", where, agent_id="remote-agent")
+    remote = closing(AMB("memory", where, agent_id="remote-agent"))
     remote_kernel.attach(remote)
     await remote.connect()
     # A plain client's request on the agent's control subject.
-    plain = AMB("memory", where, agent_id="supervisor")
+    plain = closing(AMB("memory", where, agent_id="supervisor"))
     reply = await plain.request(control_subject("remote-agent"), {"signal": "SIGUSR1"})
     assert reply == {"ok": True}
     assert calls == [("usr1", "remote-agent", AgentSignal.SIGUSR1)]  # before the reply
     # Another kernel's send_signal for an agent it does not have goes the same way.
-    local_kernel = KernelSpace(policy=open_policy())
-    local = AMB("memory", where, agent_id="local")
+    local_kernel = closing(KernelSpace(policy=open_policy()))
+    local = closing(AMB("memory", where, agent_id="local"))
     local_kernel.attach(local)
     await local.connect()
     assert await local_kernel.send_signal("remote-agent", AgentSignal.SIGUSR2)
@@ -194,8 +197,8 @@ async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_th
     await remote_kernel.close()
 
 
-async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     default = kernel.signals
     calls: Calls = []
     recording(default, calls, "default", AgentSignal.SIGUSR1)
@@ -220,13 +223,13 @@ async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers() -> Non
     await finish(kernel, aid, task)
 
 
-async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers() -> None:
+async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers(closing: Closing) -> None:
     early = SignalDispatcher(None, queue_size=2, async_delivery=False)
     calls: Calls = []
     recording(early, calls, "early", AgentSignal.SIGUSR2)
     with pytest.raises(SignalError, match="not bound"):
         await early.send("anyone", AgentSignal.SIGUSR2)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=early)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=early))
     assert kernel.signals is early
     assert early.kernel is kernel
     aid, task = await start_idle(kernel)
@@ -238,13 +241,13 @@ async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers() -> No
     assert await kernel.send_signal(aid, AgentSignal.SIGUSR2)
     assert calls[1:] == [("early", aid, AgentSignal.SIGUSR2), ("later", aid, AgentSignal.SIGUSR2)]
     with pytest.raises(KernelError, match="another KernelSpace"):
-        KernelSpace(signal_dispatcher=early)
+        closing(KernelSpace(signal_dispatcher=early))
     await finish(kernel, aid, task)
 
 
-async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue() -> None:
-    kernel = KernelSpace(policy=open_policy())
-    agent = AMB("memory", memory_url("signals"), agent_id="agent")
+async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
+    agent = closing(AMB("memory", memory_url("signals"), agent_id="agent"))
     kernel.attach(agent)  # before the dispatcher: its hold queue is bounded by it too
     await agent.connect()
     SignalDispatcher(kernel, queue_size=2)
@@ -262,8 +265,8 @@ async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue() -> N
 # -- get_state, save_state, cleanup --------------------------------------------------------------
 
 
-async def test_get_state_is_the_status_and_what_the_agent_published() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_get_state_is_the_status_and_what_the_agent_published(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     with pytest.raises(AgentNotFound):
         _ = kernel.current_agent
     published = asyncio.Event()
@@ -307,8 +310,8 @@ async def test_get_state_is_the_status_and_what_the_agent_published() -> None:
     await kernel.close()
 
 
-async def test_save_state_records_one_state_saved_record_and_returns_it() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_save_state_records_one_state_saved_record_and_returns_it(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     aid, task = await start_idle(kernel)
     agent = kernel.get_agent(aid)
     agent.data.update(step=3, cursor="abc")
@@ -326,11 +329,11 @@ async def test_save_state_records_one_state_saved_record_and_returns_it() -> Non
     await finish(kernel, aid, task)
 
 
-async def test_cleanup_runs_the_callbacks_once_and_leaves_the_agent_working() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_cleanup_runs_the_callbacks_once_and_leaves_the_agent_working(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("signals")
-    agent = AMB("memory", where, agent_id="agent")
-    peer = AMB("memory", where, agent_id="peer")
+    agent = closing(AMB("memory", where, agent_id="agent"))
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(agent)
     got = Collector()
     await agent.subscribe("tasks.in", got)
@@ -380,9 +383,11 @@ async def test_cleanup_runs_every_callback_and_then_raises_the_failures() -> Non
     assert await process.cleanup() == 0
 
 
-async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_runs_none() -> None:
+async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_runs_none(
+    closing: Closing,
+) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
     veto = True
 
     @dispatcher.register_handler(AgentSignal.SIGTERM)
@@ -427,11 +432,11 @@ async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_ru
     await kernel.close()
 
 
-async def test_a_bus_agents_handler_publishes_its_state() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_a_bus_agents_handler_publishes_its_state(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("signals")
-    agent = AMB("memory", where, agent_id="counter")
-    peer = AMB("memory", where, agent_id="peer")
+    agent = closing(AMB("memory", where, agent_id="counter"))
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(agent)
 
     async def count(message: int, metadata: Metadata) -> None:
