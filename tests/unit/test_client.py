@@ -120,18 +120,16 @@ async def test_lifecycle_errors(closing: Closing) -> None:
         await client.connect()
 
 
-async def test_decorator_after_connect_is_active_before_the_next_publish(closing: Closing) -> None:
-    client = closing(AMB(connection_string=memory_url()))
-    await client.connect()
-    got = Collector()
+async def test_decorator_after_connect_is_active_before_the_next_publish() -> None:
+    async with AMB(connection_string=memory_url()) as client:
+        got = Collector()
 
-    @client.subscribe("d.x")
-    async def handler(message: Any, metadata: Metadata) -> None:
-        await got(message, metadata)
+        @client.subscribe("d.x")
+        async def handler(message: Any, metadata: Metadata) -> None:
+            await got(message, metadata)
 
-    await client.publish("d.x", "first")
-    await got.wait_for(1)
-    await client.close()
+        await client.publish("d.x", "first")
+        await got.wait_for(1)
 
 
 @pytest.mark.parametrize(

@@ -180,56 +180,52 @@ async def test_batches_are_written_on_size_and_interval(tmp_path: Path, closing:
     await reopened.close()
 
 
-async def test_a_failed_flush_keeps_the_batch(closing: Closing) -> None:
-    rec = closing(FlightRecorder("memory", batch_size=100))
-    await rec.open()
-    await rec.log("e", "a", {"i": 1})
-    storage = rec.storage
-    original = storage.append
+async def test_a_failed_flush_keeps_the_batch() -> None:
+    async with FlightRecorder("memory", batch_size=100) as rec:
+        await rec.log("e", "a", {"i": 1})
+        storage = rec.storage
+        original = storage.append
 
-    async def failing(rows: object) -> None:
-        raise RecorderError("disk full")
+        async def failing(rows: object) -> None:
+            raise RecorderError("disk full")
 
-    storage.append = failing  # type: ignore[method-assign]
-    with pytest.raises(RecorderError):
-        await rec.flush()
-    storage.append = original  # type: ignore[method-assign]
-    assert await rec.flush() == 1
-    assert (await rec.verify()).checked == 1
-    await rec.close()
+        storage.append = failing  # type: ignore[method-assign]
+        with pytest.raises(RecorderError):
+            await rec.flush()
+        storage.append = original  # type: ignore[method-assign]
+        assert await rec.flush() == 1
+        assert (await rec.verify()).checked == 1
 
 
-async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for(closing: Closing) -> None:
+async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
     # Loggers past a full batch wait for the batch being written. One of them cancelled (a
     # killed agent's handler) must leave that write alone: the others wait for it too.
-    rec = closing(FlightRecorder("memory", batch_size=2))
-    await rec.open()
-    storage = rec.storage
-    original = storage.append
-    writing, gate = asyncio.Event(), asyncio.Event()
+    async with FlightRecorder("memory", batch_size=2) as rec:
+        storage = rec.storage
+        original = storage.append
+        writing, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow(rows: object) -> None:
-        writing.set()
-        await gate.wait()
-        await original(rows)  # type: ignore[arg-type]
+        async def slow(rows: object) -> None:
+            writing.set()
+            await gate.wait()
+            await original(rows)  # type: ignore[arg-type]
 
-    storage.append = slow  # type: ignore[method-assign]
-    for i in range(2):
-        await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
-    rec.append("e", "a", {"i": 2})
-    rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
-    cancelled = asyncio.create_task(rec.backpressure())
-    other = asyncio.create_task(rec.backpressure())
-    await asyncio.wait_for(writing.wait(), 5)
-    cancelled.cancel()
-    await asyncio.gather(cancelled, return_exceptions=True)
-    gate.set()
-    await asyncio.wait_for(other, 5)  # not a CancelledError
-    assert cancelled.cancelled()
-    await rec.flush()
-    assert rec.flushed == 4
-    assert (await rec.verify()).checked == 4
-    await rec.close()
+        storage.append = slow  # type: ignore[method-assign]
+        for i in range(2):
+            await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
+        rec.append("e", "a", {"i": 2})
+        rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
+        cancelled = asyncio.create_task(rec.backpressure())
+        other = asyncio.create_task(rec.backpressure())
+        await asyncio.wait_for(writing.wait(), 5)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        gate.set()
+        await asyncio.wait_for(other, 5)  # not a CancelledError
+        assert cancelled.cancelled()
+        await rec.flush()
+        assert rec.flushed == 4
+        assert (await rec.verify()).checked == 4
 
 
 def _tamper(db: Path, *statements: str) -> None:
@@ -452,21 +448,29 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
     assert canonical_data(odd) == canonical_data(dict(reversed(odd.items())))  # deterministic
 
 
-async def test_appended_records_carry_the_documented_hash(closing: Closing) -> None:
+async def test_appended_records_carry_the_documented_hash() -> None:
     from agent_os.control_plane.recorder.records import record_hash
 
-    rec = closing(FlightRecorder("memory"))
-    await rec.open()
-    records = [
-        rec.append("policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True),
-        rec.append("policy_decision", "a1", {"big": 2**70}, "warning", None, True),  # not plain after all
-        rec.append("execute", "a1", {"blob": b"\x00"}, "info", "exe-1"),
-        rec.append("execute", "a1", None),
-    ]
-    for r in records:
-        assert r.hash == record_hash(
-            r.seq, r.id, r.ts, r.event_type, r.agent_id, r.execution_id, r.severity, r.data_json, r.prev_hash
-        )
-    assert records[1].data == {"big": 2**70}
-    assert (await rec.verify()).ok
-    await rec.close()
+    async with FlightRecorder("memory") as rec:
+        records = [
+            rec.append(
+                "policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True
+            ),
+            rec.append("policy_decision", "a1", {"big": 2**70}, "warning", None, True),  # not plain after all
+            rec.append("execute", "a1", {"blob": b"\x00"}, "info", "exe-1"),
+            rec.append("execute", "a1", None),
+        ]
+        for r in records:
+            assert r.hash == record_hash(
+                r.seq,
+                r.id,
+                r.ts,
+                r.event_type,
+                r.agent_id,
+                r.execution_id,
+                r.severity,
+                r.data_json,
+                r.prev_hash,
+            )
+        assert records[1].data == {"big": 2**70}
+        assert (await rec.verify()).ok

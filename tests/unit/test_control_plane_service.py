@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent_os.amb import AMB, Metadata, RequestTimeout, get_serializer
+from agent_os.amb import AMB, LifecycleState, Metadata, RequestTimeout, get_serializer
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
@@ -51,6 +51,24 @@ def mediated_policy() -> Policy:
     policy.add_rule("allow", Pattern("signal", "*"))
     policy.add_rule("allow", Pattern("reply", "*"))
     return policy
+
+
+async def test_async_with_starts_and_stops_the_service() -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    async with (
+        KernelSpace(policy=mediated_policy()) as kernel,
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True
+        ) as service,
+        AMB("memory", where, agent_id="agent-a") as agent,
+        AMB("memory", where, agent_id="agent-b") as receiver,
+    ):
+        got = Collector()
+        await receiver.subscribe(delivery_subject("tasks.>"), got)
+        await agent.publish(ingress_subject("tasks.work"), 1)
+        await got.wait_for(1)
+        assert service.stats.forwarded == 1
+    assert service.client.state is LifecycleState.CLOSED
 
 
 async def test_two_service_instances_forward_each_allowed_message_once(closing: Closing) -> None:
@@ -431,17 +449,13 @@ async def test_replies_pass_a_verifying_service_signed_end_to_end(closing: Closi
     await kernel.close()
 
 
-async def test_the_service_refuses_to_run_without_verification_unless_told_to_trust_the_bus(
-    closing: Closing,
-) -> None:
+async def test_the_service_refuses_to_run_without_verification_unless_told_to_trust_the_bus() -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     with pytest.raises(VerificationRequired, match="without sender verification"):
-        closing(ControlPlaneService(AMB("memory", where, agent_id="control-plane"), KernelSpace()))
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), KernelSpace())
     with pytest.raises(VerificationRequired, match="contradicts"):
-        closing(
-            ControlPlaneService(
-                AMB("memory", where, agent_id="control-plane"), KernelSpace(), iatp=IATP(), trust_bus=True
-            )
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), KernelSpace(), iatp=IATP(), trust_bus=True
         )
 
 

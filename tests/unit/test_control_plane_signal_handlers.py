@@ -88,21 +88,20 @@ async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_sig
     await finish(kernel, aid, task)
 
 
-async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeout(closing: Closing) -> None:
-    kernel = closing(KernelSpace(policy="permissive"))
-    dispatcher = SignalDispatcher(kernel)
-    calls: Calls = []
-    recording(dispatcher, calls, "alarm", AgentSignal.SIGALRM)
+async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeout() -> None:
+    async with KernelSpace(policy="permissive") as kernel:
+        dispatcher = SignalDispatcher(kernel)
+        calls: Calls = []
+        recording(dispatcher, calls, "alarm", AgentSignal.SIGALRM)
 
-    @kernel.register
-    async def slow() -> None:
-        await asyncio.Event().wait()
+        @kernel.register
+        async def slow() -> None:
+            await asyncio.Event().wait()
 
-    with pytest.raises(AgentTimeoutError):
-        await kernel.execute(slow, timeout=0.02)
-    assert [(label, sig) for label, _, sig in calls] == [("alarm", AgentSignal.SIGALRM)]
-    assert calls[0][1] == kernel.current_agent_id
-    await kernel.close()
+        with pytest.raises(AgentTimeoutError):
+            await kernel.execute(slow, timeout=0.02)
+        assert [(label, sig) for label, _, sig in calls] == [("alarm", AgentSignal.SIGALRM)]
+        assert calls[0][1] == kernel.current_agent_id
 
 
 async def test_the_reference_handlers_run_on_a_rules_on_violation(closing: Closing) -> None:
@@ -241,7 +240,7 @@ async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers(closing
     assert await kernel.send_signal(aid, AgentSignal.SIGUSR2)
     assert calls[1:] == [("early", aid, AgentSignal.SIGUSR2), ("later", aid, AgentSignal.SIGUSR2)]
     with pytest.raises(KernelError, match="another KernelSpace"):
-        closing(KernelSpace(signal_dispatcher=early))
+        KernelSpace(signal_dispatcher=early)
     await finish(kernel, aid, task)
 
 
@@ -265,49 +264,48 @@ async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue(closin
 # -- get_state, save_state, cleanup --------------------------------------------------------------
 
 
-async def test_get_state_is_the_status_and_what_the_agent_published(closing: Closing) -> None:
-    kernel = closing(KernelSpace(policy="permissive"))
-    with pytest.raises(AgentNotFound):
-        _ = kernel.current_agent
-    published = asyncio.Event()
-    go_on = asyncio.Event()
+async def test_get_state_is_the_status_and_what_the_agent_published() -> None:
+    async with KernelSpace(policy="permissive") as kernel:
+        with pytest.raises(AgentNotFound):
+            _ = kernel.current_agent
+        published = asyncio.Event()
+        go_on = asyncio.Event()
 
-    @kernel.register(permissions=["write", "read"])
-    async def worker() -> str:
-        kernel.current_agent.data["step"] = 1
-        published.set()
-        await go_on.wait()
-        kernel.current_agent.data["step"] = 2
-        return "done"
+        @kernel.register(permissions=["write", "read"])
+        async def worker() -> str:
+            kernel.current_agent.data["step"] = 1
+            published.set()
+            await go_on.wait()
+            kernel.current_agent.data["step"] = 2
+            return "done"
 
-    task = asyncio.create_task(kernel.execute(worker))
-    await published.wait()
-    aid = kernel.current_agent_id or ""
-    agent = kernel.get_agent(aid)
-    status = kernel.get_agent_status(aid)
-    state = await agent.get_state()
-    assert state == {
-        "id": aid,
-        "name": "worker",
-        "state": "running",
-        "started_at": status.started_at.isoformat(),
-        "actions_count": 0,
-        "violations_count": 0,
-        "parent_id": None,
-        "permissions": ["read", "write"],
-        "held": 0,
-        "data": {"step": 1},
-    }
-    state["data"]["step"] = 99
-    assert agent.data == {"step": 1}  # get_state returns a copy
-    await kernel.send_signal(aid, AgentSignal.SIGSTOP)
-    assert (await agent.get_state())["state"] == "stopped"
-    await kernel.send_signal(aid, AgentSignal.SIGCONT)
-    go_on.set()
-    assert await task == "done"
-    final = await agent.get_state()
-    assert (final["state"], final["data"]) == ("terminated", {"step": 2})
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(worker))
+        await published.wait()
+        aid = kernel.current_agent_id or ""
+        agent = kernel.get_agent(aid)
+        status = kernel.get_agent_status(aid)
+        state = await agent.get_state()
+        assert state == {
+            "id": aid,
+            "name": "worker",
+            "state": "running",
+            "started_at": status.started_at.isoformat(),
+            "actions_count": 0,
+            "violations_count": 0,
+            "parent_id": None,
+            "permissions": ["read", "write"],
+            "held": 0,
+            "data": {"step": 1},
+        }
+        state["data"]["step"] = 99
+        assert agent.data == {"step": 1}  # get_state returns a copy
+        await kernel.send_signal(aid, AgentSignal.SIGSTOP)
+        assert (await agent.get_state())["state"] == "stopped"
+        await kernel.send_signal(aid, AgentSignal.SIGCONT)
+        go_on.set()
+        assert await task == "done"
+        final = await agent.get_state()
+        assert (final["state"], final["data"]) == ("terminated", {"step": 2})
 
 
 async def test_save_state_records_one_state_saved_record_and_returns_it(closing: Closing) -> None:
@@ -383,53 +381,50 @@ async def test_cleanup_runs_every_callback_and_then_raises_the_failures() -> Non
     assert await process.cleanup() == 0
 
 
-async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_runs_none(
-    closing: Closing,
-) -> None:
+async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_runs_none() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=dispatcher))
-    veto = True
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        veto = True
 
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def maybe(agent_id: str, signal: AgentSignal) -> bool:
-        return not veto
+        @dispatcher.register_handler(AgentSignal.SIGTERM)
+        async def maybe(agent_id: str, signal: AgentSignal) -> bool:
+            return not veto
 
-    closed: list[str] = []
-    aid, task = await start_idle(kernel)
-    kernel.get_agent(aid).add_cleanup(lambda: closed.append(aid))
-    assert not await kernel.send_signal(aid, AgentSignal.SIGTERM)  # vetoed
-    assert closed == []
-    assert kernel.get_agent_status(aid).state == "running"
-    veto = False
-    assert await kernel.send_signal(aid, AgentSignal.SIGTERM)
-    assert closed == [aid]  # no handler cleaned up: the kernel did, before terminating
-    with pytest.raises(AgentStoppedError):
-        await task
+        closed: list[str] = []
+        aid, task = await start_idle(kernel)
+        kernel.get_agent(aid).add_cleanup(lambda: closed.append(aid))
+        assert not await kernel.send_signal(aid, AgentSignal.SIGTERM)  # vetoed
+        assert closed == []
+        assert kernel.get_agent_status(aid).state == "running"
+        veto = False
+        assert await kernel.send_signal(aid, AgentSignal.SIGTERM)
+        assert closed == [aid]  # no handler cleaned up: the kernel did, before terminating
+        with pytest.raises(AgentStoppedError):
+            await task
 
-    killed, killed_task = await start_idle(kernel)
-    kernel.get_agent(killed).add_cleanup(lambda: closed.append(killed))
-    assert await kernel.send_signal(killed, AgentSignal.SIGKILL)
-    with pytest.raises(AgentStoppedError):
-        await killed_task
-    assert closed == [aid]  # SIGKILL runs no cleanup
+        killed, killed_task = await start_idle(kernel)
+        kernel.get_agent(killed).add_cleanup(lambda: closed.append(killed))
+        assert await kernel.send_signal(killed, AgentSignal.SIGKILL)
+        with pytest.raises(AgentStoppedError):
+            await killed_task
+        assert closed == [aid]  # SIGKILL runs no cleanup
 
-    failing, failing_task = await start_idle(kernel)
+        failing, failing_task = await start_idle(kernel)
 
-    def broken() -> None:
-        raise OSError("disk gone")
+        def broken() -> None:
+            raise OSError("disk gone")
 
-    kernel.get_agent(failing).add_cleanup(broken)
-    assert await kernel.send_signal(failing, AgentSignal.SIGTERM)
-    with pytest.raises(AgentStoppedError):
-        await failing_task  # terminated all the same
-    outcomes = [
-        (s.data["outcome"], s.data["detail"])
-        for s in await kernel.recorder.query(event_type="signal", agent_id=failing)
-    ]
-    assert outcomes[0] == ("delivered", "")
-    assert outcomes[1][0] == "cleanup_error"
-    assert "disk gone" in outcomes[1][1]
-    await kernel.close()
+        kernel.get_agent(failing).add_cleanup(broken)
+        assert await kernel.send_signal(failing, AgentSignal.SIGTERM)
+        with pytest.raises(AgentStoppedError):
+            await failing_task  # terminated all the same
+        outcomes = [
+            (s.data["outcome"], s.data["detail"])
+            for s in await kernel.recorder.query(event_type="signal", agent_id=failing)
+        ]
+        assert outcomes[0] == ("delivered", "")
+        assert outcomes[1][0] == "cleanup_error"
+        assert "disk gone" in outcomes[1][1]
 
 
 async def test_a_bus_agents_handler_publishes_its_state(closing: Closing) -> None:

@@ -98,8 +98,10 @@ def _unguarded(body: list[ast.stmt], built: frozenset[str]) -> Iterator[ast.Call
     """The opening calls in the statement list ``body`` that nothing is sure to close."""
     for i, stmt in enumerate(body):
         if isinstance(stmt, (ast.With, ast.AsyncWith)):
-            # The items are guarded by the with itself; the body is checked like any other.
-            yield from _unguarded(stmt.body, built)
+            # The items are guarded by the with itself; the body is checked like any other,
+            # unless it is a constructor that pytest.raises expects to fail (nothing opened).
+            if not _refused_constructor(stmt):
+                yield from _unguarded(stmt.body, built)
         elif isinstance(stmt, ast.Try) and stmt.finalbody:
             # What the try's body opens, the finally closes; the other blocks are not guarded.
             for handler in stmt.handlers:
@@ -119,6 +121,23 @@ def _unguarded(body: list[ast.stmt], built: frozenset[str]) -> Iterator[ast.Call
                             yield from _unguarded(item.body, built)
         elif (calls := list(_opens(stmt, built))) and not _followed_by_try(body[i + 1 :], built):
             yield from calls
+
+
+def _refused_constructor(stmt: ast.With | ast.AsyncWith) -> bool:
+    """``with pytest.raises(...): Open(...)``: the constructor raises, so nothing is open."""
+    raises = any(
+        isinstance(item.context_expr, ast.Call)
+        and isinstance(item.context_expr.func, ast.Attribute)
+        and item.context_expr.func.attr == "raises"
+        for item in stmt.items
+    )
+    only = stmt.body[0] if len(stmt.body) == 1 else None
+    return (
+        raises
+        and isinstance(only, ast.Expr)
+        and isinstance(only.value, ast.Call)
+        and _is_constructor(only.value)
+    )
 
 
 def _followed_by_try(rest: list[ast.stmt], built: frozenset[str]) -> bool:
