@@ -29,7 +29,6 @@ from agent_os.services.control_plane_service import (
     nats_users,
 )
 from tests.support import Collector, wait_until
-from tests.support.closing import Closing
 
 pytestmark = pytest.mark.nats
 
@@ -253,14 +252,14 @@ async def test_an_agent_cannot_read_another_agents_reply_inbox(nats_port: int) -
 
 
 async def test_an_agents_requests_need_its_inbox_under_its_own_prefix(
-    nats_port: int, caplog: pytest.LogCaptureFixture, closing: Closing
+    nats_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without ``inbox_prefix`` the client's inbox is the adapter's ``_INBOX.<random>``: the
     server refuses the agent's subscription to it and the service denies the request (its
     ``reply_to`` is not the agent's inbox). With ``inbox_prefix=agent_inbox(agent)`` the same
     agent's request is forwarded and its reply arrives."""
     kernel, service, responder = await service_and_responder(nats_port, answer="re: ")
-    plain = closing(AMB("nats", url("agent-a", nats_port), agent_id="agent-a"))
+    plain = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
     mediated = agent_client("agent-a", nats_port)
     try:
         adapter_inbox = plain.broker.inbox_prefix()

@@ -24,12 +24,11 @@ async def schema() -> AsyncIterator[str]:
 
 
 async def recorded(schema: str, n: int = 10) -> FlightRecorder:
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=4)
-    for i in range(n):
-        await rec.log(
-            "event", f"agent_{i % 2}", {"i": i, "resource": f"data/{'phi' if i % 3 == 0 else 'x'}/{i}"}
-        )
-    await rec.close()
+    async with FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=4) as rec:
+        for i in range(n):
+            await rec.log(
+                "event", f"agent_{i % 2}", {"i": i, "resource": f"data/{'phi' if i % 3 == 0 else 'x'}/{i}"}
+            )
     return FlightRecorder("postgresql", PG_DSN, schema=schema)
 
 
@@ -39,8 +38,8 @@ async def tamper(schema: str, *statements: str) -> None:
             await conn.execute(sql.format(t=f'"{schema}".flight_records'))
 
 
-async def test_postgres_recorder_logs_queries_and_verifies(schema: str) -> None:
-    rec = await recorded(schema)
+async def test_postgres_recorder_logs_queries_and_verifies(schema: str, closing: Closing) -> None:
+    rec = closing(await recorded(schema))
     assert (await rec.verify()).checked == 10
     phi = await rec.query(filters={"data.resource": {"$regex": "^data/phi/"}})
     assert [r.data["i"] for r in phi] == [0, 3, 6, 9]
@@ -77,7 +76,7 @@ async def test_postgres_recorder_logs_queries_and_verifies(schema: str) -> None:
 async def test_postgres_tampering_is_detected(
     schema: str, statements: list[str], first_bad: int, closing: Closing
 ) -> None:
-    rec = await recorded(schema)
+    rec = closing(await recorded(schema))
     assert (await rec.verify()).ok
     await rec.close()
     await tamper(schema, *statements)

@@ -237,10 +237,9 @@ def _tamper(db: Path, *statements: str) -> None:
 
 
 async def _recorded(path: Path, n: int = 10) -> FlightRecorder:
-    rec = FlightRecorder("sqlite", str(path))
-    for i in range(n):
-        await rec.log("event", f"agent_{i}", {"i": i})
-    await rec.close()
+    async with FlightRecorder("sqlite", str(path)) as rec:
+        for i in range(n):
+            await rec.log("event", f"agent_{i}", {"i": i})
     return FlightRecorder("sqlite", str(path))
 
 
@@ -291,7 +290,7 @@ async def test_sqlite_tampering_is_detected(
     tmp_path: Path, statements: list[str], first_bad: int, closing: Closing
 ) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     assert (await rec.verify()).ok
     await rec.close()
     _tamper(db, *statements)
@@ -304,7 +303,7 @@ async def test_sqlite_tampering_is_detected(
 
 async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     head = await rec.head()
     await rec.close()
     _tamper(db, "DELETE FROM flight_records WHERE seq >= 9")
@@ -318,7 +317,7 @@ async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path, closi
 
 async def test_pruning_without_an_anchor_is_detected(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     rec.retention_days = 1e-9  # everything logged so far is older than that
     assert await rec.apply_retention(now=datetime.now().astimezone() + timedelta(seconds=1)) > 0
     await rec.log("event", "a", {"after": True})

@@ -183,7 +183,7 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request(cl
         )
         await service.start()
         services.append(service)
-    requester = agent_client(where, "agent-a")
+    requester = closing(agent_client(where, "agent-a"))
     responder = closing(AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()]))
 
     async def answer(message: Any, metadata: Any) -> None:
@@ -434,7 +434,7 @@ async def test_replies_pass_a_verifying_service_signed_end_to_end(closing: Closi
         await responder.reply(metadata, {"answer": message, "asked_by": metadata.context["iatp"].sender})
 
     await responder.subscribe(delivery_subject("tasks.>"), answer)
-    requester = agent_client(where, "agent-a", [keys["agent-a"].middleware()])
+    requester = closing(agent_client(where, "agent-a", [keys["agent-a"].middleware()]))
     reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
     assert reply == {"answer": 7, "asked_by": "agent-a"}
     assert service.stats.replies_forwarded == 1
