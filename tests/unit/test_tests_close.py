@@ -45,13 +45,14 @@ class _Module:
 
     def __init__(self, tree: ast.Module) -> None:
         self.openers = OPENERS  # what _is_factory looks for
-        self.openers = OPENERS | {f.name for f in tree.body if self._is_factory(f)}
+        helpers = [f for f in tree.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        self.openers = OPENERS | {f.name for f in helpers if self._is_factory(f)}
         self.built: frozenset[str] = frozenset()
 
-    def _is_factory(self, node: ast.stmt) -> bool:
+    def _is_factory(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
         """A module-level helper (not a test, not a fixture) returning an instance of OPENERS, or
         a tuple holding one."""
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("test"):
+        if node.name.startswith("test"):
             return False
         if any("fixture" in ast.unparse(d) for d in node.decorator_list):
             return False
@@ -77,7 +78,7 @@ class _Module:
         """The names ``func`` binds to an instance of one of the openers."""
         names = set()
         for node in ast.walk(func):
-            if isinstance(node, (ast.Assign, ast.AnnAssign)) and self._constructs(node.value):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value and self._constructs(node.value):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names |= {t.id for t in targets if isinstance(t, ast.Name)}
         return frozenset(names)
