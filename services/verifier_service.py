@@ -120,6 +120,13 @@ class VerifierService:
             sub, self._sub = self._sub, None
             await sub.drain(timeout)
 
+    async def __aenter__(self) -> VerifierService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def _on_request(self, message: Any, metadata: Metadata) -> None:
         self.stats.requests += 1
         try:

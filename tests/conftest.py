@@ -3,11 +3,21 @@ test, whether it passed or failed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.support.closing import Closing
 from tests.support.kafka import MockKafkaCluster, broker_url
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[Closing]:
+    """``closing(thing)`` returns ``thing`` and closes it after the test, passed or failed,
+    newest first (``tests/support/closing.py``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield Closing(stack)
 
 
 @pytest.fixture

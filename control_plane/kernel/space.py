@@ -485,6 +485,12 @@ class KernelSpace:
         await self.signals.drain()
         await self.recorder.close()
 
+    async def __aenter__(self) -> KernelSpace:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     # -- the gate and the bus ------------------------------------------------------------------
 
     def decide(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:

@@ -130,6 +130,13 @@ class ControlPlaneService:
         if dropped:
             log.warning("stopped with %d held messages of stopped agents: recorded as dropped", dropped)
 
+    async def __aenter__(self) -> ControlPlaneService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def _forward(self, message: Any, metadata: Metadata) -> None:
         # Reached only when the mediator allowed the message (a deny was dead-lettered before),
         # checked that the envelope's topic is this subject and, for a request, that its

@@ -33,6 +33,7 @@ from agent_os.amb.broker import Delivery
 from agent_os.amb.errors import BrokerUnavailable, TransportError
 from agent_os.bus_adapters.kafka import KafkaBroker
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.kafka import MockKafkaCluster, broker_url, committed_offsets
 
 pytestmark = pytest.mark.kafka
@@ -79,7 +80,9 @@ def _accepts_connections(bootstrap: str) -> bool:
         return False
 
 
-async def test_killed_durable_consumer_loses_nothing(kafka_cluster: MockKafkaCluster) -> None:
+async def test_killed_durable_consumer_loses_nothing(
+    kafka_cluster: MockKafkaCluster, closing: Closing
+) -> None:
     tag = uuid.uuid4().hex[:10]
     subject, durable, total, healthy = f"fault{tag}.jobs", f"fault{tag}-d", 200, 50
     url = broker_url(kafka_cluster)
@@ -95,7 +98,7 @@ async def test_killed_durable_consumer_loses_nothing(kafka_cluster: MockKafkaClu
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    publisher, survivor = KafkaBroker(url), KafkaBroker(url)
+    publisher, survivor = closing(KafkaBroker(url)), closing(KafkaBroker(url))
     got_first: list[int] = []
     acked_first: set[int] = set()
     got_second: Counter[int] = Counter()
@@ -159,14 +162,16 @@ async def test_killed_durable_consumer_loses_nothing(kafka_cluster: MockKafkaClu
 
 @pytest.mark.parametrize("confirm", [True, False], ids=["confirmed", "pipelined"])
 async def test_broker_down_during_publish_loop_loses_no_confirmed_publish(
-    kafka_cluster: MockKafkaCluster, confirm: bool
+    kafka_cluster: MockKafkaCluster, confirm: bool, closing: Closing
 ) -> None:
     """Confirmed: each publish() returns once Kafka acknowledged it. Pipelined: publish() returns
     once the record is batched, and flush() confirms them all (or raises)."""
     subject = f"fault{uuid.uuid4().hex[:10]}.orders"
     n, outage = 300, 2.0  # longer than the session timeout: the consumer's group membership expires
-    publisher = KafkaBroker(broker_url(kafka_cluster, request_timeout_ms=8000), confirm_publish=confirm)
-    consumer = KafkaBroker(broker_url(kafka_cluster))
+    publisher = closing(
+        KafkaBroker(broker_url(kafka_cluster, request_timeout_ms=8000), confirm_publish=confirm)
+    )
+    consumer = closing(KafkaBroker(broker_url(kafka_cluster)))
     received: Counter[int] = Counter()
     accepted: list[int] = []
     failed: list[int] = []
@@ -237,11 +242,13 @@ async def test_broker_down_during_publish_loop_loses_no_confirmed_publish(
                 await broker.close(timeout=2)
 
 
-async def test_produce_errors_are_retried_or_reported(kafka_cluster: MockKafkaCluster) -> None:
+async def test_produce_errors_are_retried_or_reported(
+    kafka_cluster: MockKafkaCluster, closing: Closing
+) -> None:
     subject = f"fault{uuid.uuid4().hex[:10]}.events"
-    confirmed = KafkaBroker(broker_url(kafka_cluster), confirm_publish=True)
-    pipelined = KafkaBroker(broker_url(kafka_cluster))
-    consumer = KafkaBroker(broker_url(kafka_cluster))
+    confirmed = closing(KafkaBroker(broker_url(kafka_cluster), confirm_publish=True))
+    pipelined = closing(KafkaBroker(broker_url(kafka_cluster)))
+    consumer = closing(KafkaBroker(broker_url(kafka_cluster)))
     received: Counter[int] = Counter()
 
     async def handle(delivery: Delivery) -> None:

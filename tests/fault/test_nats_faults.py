@@ -20,6 +20,7 @@ from agent_os.amb import Delivery, TransportError
 from agent_os.bus_adapters.nats import NatsBroker
 from tests.support import wait_until
 from tests.support.cleanup import delete_nats_streams
+from tests.support.closing import Closing
 from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
@@ -62,12 +63,12 @@ def _names() -> Iterator[str]:
     yield f"fault{tag}-d"
 
 
-async def test_killed_durable_consumer_loses_nothing() -> None:
+async def test_killed_durable_consumer_loses_nothing(closing: Closing) -> None:
     subject, durable = _names()
     n = 200
-    first = NatsBroker(NATS_URL, ack_wait=1.0, pull_batch=16)
-    publisher = NatsBroker(NATS_URL, stream_subjects=(subject,))
-    second = NatsBroker(NATS_URL)
+    first = closing(NatsBroker(NATS_URL, ack_wait=1.0, pull_batch=16))
+    publisher = closing(NatsBroker(NATS_URL, stream_subjects=(subject,)))
+    second = closing(NatsBroker(NATS_URL))
     seen: Counter[int] = Counter()
     acked: set[int] = set()
     stuck = asyncio.Event()
@@ -116,11 +117,11 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         await delete_nats_streams(subject.split(".")[0], NATS_URL)
 
 
-async def test_server_restart_loses_no_acknowledged_durable_publish() -> None:
+async def test_server_restart_loses_no_acknowledged_durable_publish(closing: Closing) -> None:
     subject, durable = _names()
     n = 400
-    consumer = NatsBroker(NATS_URL)
-    publisher = NatsBroker(NATS_URL, stream_subjects=(subject,), publish_timeout=8.0)
+    consumer = closing(NatsBroker(NATS_URL))
+    publisher = closing(NatsBroker(NATS_URL, stream_subjects=(subject,), publish_timeout=8.0))
     received: Counter[int] = Counter()
     acked: list[int] = []
     failed: list[int] = []

@@ -25,6 +25,7 @@ from agent_os.amb.errors import TransportError
 from agent_os.bus_adapters.redis import RedisBroker
 from tests.support import wait_until
 from tests.support.cleanup import delete_redis_keys
+from tests.support.closing import Closing
 from tests.support.servers import REDIS_URL
 
 pytestmark = pytest.mark.redis
@@ -55,7 +56,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-async def test_killed_durable_consumer_loses_nothing() -> None:
+async def test_killed_durable_consumer_loses_nothing(closing: Closing) -> None:
     prefix = f"f{uuid.uuid4().hex[:12]}"
     subject, durable, total = f"{prefix}.jobs", f"{prefix}-d", 200
     proc = await asyncio.create_subprocess_exec(
@@ -69,8 +70,8 @@ async def test_killed_durable_consumer_loses_nothing() -> None:
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    pub = RedisBroker(REDIS_URL)
-    survivor = RedisBroker(REDIS_URL, claim_min_idle=0.5)
+    pub = closing(RedisBroker(REDIS_URL))
+    survivor = closing(RedisBroker(REDIS_URL, claim_min_idle=0.5))
     got_first: list[int] = []
     acked_first: set[int] = set()
     got_second: list[int] = []

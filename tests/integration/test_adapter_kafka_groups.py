@@ -25,6 +25,7 @@ from agent_os.amb import AMB, Metadata
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker, topic_for
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.kafka import MockKafkaCluster, committed_offsets
 
 pytestmark = pytest.mark.kafka
@@ -164,12 +165,12 @@ async def test_every_fan_out_subscriber_has_a_group_of_its_own(
 
 
 async def test_the_reply_topic_is_created_once_per_client(
-    kafka_cluster: MockKafkaCluster, kafka_url: str, subject: str
+    kafka_cluster: MockKafkaCluster, kafka_url: str, subject: str, closing: Closing
 ) -> None:
     client_id = f"req-{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_cluster.bootstrap_servers)
     await admin.start()
-    responder = AMB("kafka", kafka_url, agent_id="responder")
+    responder = closing(AMB("kafka", kafka_url, agent_id="responder"))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, f"re: {message}")
@@ -181,7 +182,9 @@ async def test_the_reply_topic_is_created_once_per_client(
     async def topics() -> set[str]:
         return set(await admin.list_topics())
 
-    requester = AMB("kafka", kafka_url, agent_id="requester", broker_options={"client_id": client_id})
+    requester = closing(
+        AMB("kafka", kafka_url, agent_id="requester", broker_options={"client_id": client_id})
+    )
     again: AMB | None = None
     try:
         await responder.subscribe(subject, answer)

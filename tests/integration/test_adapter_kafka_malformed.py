@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker, dead_letter_topic, topic_for
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.kafka import MockKafkaCluster
 
 pytestmark = pytest.mark.kafka
@@ -56,9 +57,9 @@ def subject() -> str:
 
 
 async def test_null_subject_header_is_ignored_and_the_group_keeps_fetching(
-    kafka_url: str, raw: AIOKafkaProducer, subject: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str, closing: Closing
 ) -> None:
-    broker = KafkaBroker(kafka_url)
+    broker = closing(KafkaBroker(kafka_url))
     await broker.connect()
     got = Deliveries()
     try:
@@ -74,11 +75,11 @@ async def test_null_subject_header_is_ignored_and_the_group_keeps_fetching(
 
 
 async def test_null_published_header_on_several_partitions_is_ignored(
-    kafka_url: str, raw: AIOKafkaProducer, subject: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str, closing: Closing
 ) -> None:
     """Records of several partitions fetched together are merged by their publish time; a null
     ``amb-published-ns`` falls back to the record's timestamp."""
-    broker = KafkaBroker(kafka_url)
+    broker = closing(KafkaBroker(kafka_url))
     await broker.connect()
     got = Deliveries()
     topic = topic_for(subject)
@@ -109,11 +110,11 @@ async def test_null_published_header_on_several_partitions_is_ignored(
     ],
 )
 async def test_record_with_a_bad_subject_header_is_dead_lettered_and_committed(
-    kafka_url: str, raw: AIOKafkaProducer, subject: str, header: bytes, reason: str
+    kafka_url: str, raw: AIOKafkaProducer, subject: str, header: bytes, reason: str, closing: Closing
 ) -> None:
     durable = f"d-{uuid.uuid4().hex[:8]}"
     dead_topic = dead_letter_topic(topic_for(subject))
-    broker = KafkaBroker(kafka_url)
+    broker = closing(KafkaBroker(kafka_url))
     await broker.connect()
     got, dead = Deliveries(), Deliveries()
     try:
@@ -137,7 +138,7 @@ async def test_record_with_a_bad_subject_header_is_dead_lettered_and_committed(
     finally:
         await broker.close(timeout=2)
     # The poison record was committed past: the durable's next member does not see it again.
-    again = KafkaBroker(kafka_url)
+    again = closing(KafkaBroker(kafka_url))
     await again.connect()
     later = Deliveries()
     try:

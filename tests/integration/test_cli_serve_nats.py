@@ -16,6 +16,7 @@ from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.verifier_service import request_verification
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 from tests.support.identities import PASSPHRASE, service_identities
 from tests.support.processes import start, stop
 from tests.support.servers import NATS_URL, PG_DSN
@@ -114,7 +115,7 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
     assert late["model_votes"] == {"gpt": False, "claude": False}
 
 
-async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> None:
+async def test_serve_memory_on_postgresql_keeps_memories_across_restarts(closing: Closing) -> None:
     import psycopg
 
     dsn = PG_DSN
@@ -131,7 +132,7 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
         "hashing",
     )
     options = ("--namespace", namespace, "--prefix", prefix)
-    carol = AMB("nats", NATS_URL, agent_id=f"carol-{tag}")
+    carol = closing(AMB("nats", NATS_URL, agent_id=f"carol-{tag}"))
     procs: list[asyncio.subprocess.Process] = []
     try:
         proc, _ = await start(*args, *options, env={"AGENTOS_EMK_DSN": dsn})
@@ -156,7 +157,9 @@ async def test_serve_memory_on_postgresql_keeps_memories_across_restarts() -> No
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
 
 
-async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_path: Path) -> None:
+async def test_serve_memory_with_identities_answers_only_verified_senders(
+    tmp_path: Path, closing: Closing
+) -> None:
     """The reproduced finding: mallory asked emk.query with sender_id="alice" and got alice's
     memories. With --identities, the service answers each signed request for its verified
     sender; a forged one is dead-lettered and never answered."""
@@ -177,9 +180,9 @@ async def test_serve_memory_with_identities_answers_only_verified_senders(tmp_pa
         prefix,
         env={PASSPHRASE_ENV: PASSPHRASE},
     )
-    alice = AMB("nats", NATS_URL, agent_id=alice_id, middleware=[keys[alice_id].middleware()])
-    mallory = AMB("nats", NATS_URL, agent_id=mallory_id, middleware=[keys[mallory_id].middleware()])
-    unsigned = AMB("nats", NATS_URL, agent_id=mallory_id)
+    alice = closing(AMB("nats", NATS_URL, agent_id=alice_id, middleware=[keys[alice_id].middleware()]))
+    mallory = closing(AMB("nats", NATS_URL, agent_id=mallory_id, middleware=[keys[mallory_id].middleware()]))
+    unsigned = closing(AMB("nats", NATS_URL, agent_id=mallory_id))
     dead = Collector()
     try:
         await unsigned.subscribe(f"_DLQ.{prefix}.>", dead)

@@ -34,10 +34,8 @@ async def setup() -> AsyncIterator[tuple[AMB, VerifierService, ScriptedLLMServer
             api_key="k",
             retries=0,
         )
-        service = VerifierService(bus, cmvk, trust_bus=True)
-        await service.start()
-        yield caller, service, llm
-        await service.stop()
+        async with VerifierService(bus, cmvk, trust_bus=True) as service:
+            yield caller, service, llm
 
 
 async def test_a_request_is_verified_and_answered(
@@ -97,6 +95,23 @@ async def test_bad_requests_get_a_reason_and_are_counted(
     assert (await request_verification(caller, "q", "r", timeout=20))["verified"] is True
 
 
+async def test_async_with_starts_and_stops_the_service() -> None:
+    url = f"memory://cmvk-{uuid.uuid4().hex}"
+    async with (
+        ScriptedLLMServer() as llm,
+        AMB("memory", url, agent_id="verifier") as bus,
+        AMB("memory", url, agent_id="caller") as caller,
+    ):
+        llm.script("a", Reply(verdict("supported", 0.9)))
+        cmvk = CMVK([ModelSpec("a", model="openai/a")], api_base=llm.url, api_key="k", retries=0)
+        async with VerifierService(bus, cmvk, trust_bus=True) as service:
+            reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
+            assert reply["ok"] is True
+        with pytest.raises(RequestTimeout):  # stopped: nobody takes the request any more
+            await request_verification(caller, "What is 6 x 7?", "42", timeout=0.3)
+    assert service.stats.requests == 1
+
+
 async def test_the_client_helper_raises_on_refusal(
     setup: tuple[AMB, VerifierService, ScriptedLLMServer],
 ) -> None:
@@ -120,23 +135,19 @@ async def test_without_trust_bus_a_request_needs_a_verified_sender() -> None:
             AMB("memory", url, agent_id="verifier", middleware=[keys["verifier"].middleware()]) as bus,
             AMB("memory", url, agent_id="caller", middleware=[keys["caller"].middleware()]) as caller,
             AMB("memory", url, agent_id="caller") as unsigned,
+            VerifierService(bus, cmvk) as service,
         ):
-            service = VerifierService(bus, cmvk)
-            await service.start()
             reply = await request_verification(caller, "What is 6 x 7?", "42", timeout=20)
             assert reply["verified"] is True
             with pytest.raises(RequestTimeout):
                 await request_verification(unsigned, "What is 6 x 7?", "42", timeout=0.3)
             await wait_until(lambda: bus.stats.rejected == 1)
-            await service.stop()
         async with (
             AMB("memory", url, agent_id="verifier-no-iatp") as bus,
             AMB("memory", url, agent_id="caller") as unsigned,
+            VerifierService(bus, cmvk) as service,
         ):
-            service = VerifierService(bus, cmvk)
-            await service.start()
             with pytest.raises(VerifierRefused, match="not verified by IATP"):
                 await request_verification(unsigned, "What is 6 x 7?", "42", timeout=5)
-            await service.stop()
     assert service.stats.unauthenticated == 1
     assert len(llm.requests) == 2  # only the signed request reached the models

@@ -9,9 +9,10 @@ from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import KernelSpace, Pattern, Policy
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 
 
-async def test_signed_verified_governed_delivery() -> None:
+async def test_signed_verified_governed_delivery(closing: Closing) -> None:
     iatp = IATP()
     for agent in ("alice", "bob", "mallory"):
         await iatp.register_agent(agent)
@@ -19,9 +20,9 @@ async def test_signed_verified_governed_delivery() -> None:
     policy = Policy("p", default_action="deny", require_verified_sender=True, permissions=iatp.permissions)
     policy.add_rule("allow", Pattern("publish", "data.*"))
     policy.add_rule("allow", Pattern("deliver", "data.*", conditions={"permission": "send_data"}))
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = f"memory://cp-iatp-{uuid.uuid4().hex}"
-    bob = AMB("memory", where, agent_id="bob", middleware=[iatp.middleware()])
+    bob = closing(AMB("memory", where, agent_id="bob", middleware=[iatp.middleware()]))
     kernel.attach(bob)
     alice = AMB("memory", where, agent_id="alice", middleware=[iatp.middleware()])
     mallory = AMB("memory", where, agent_id="mallory", middleware=[iatp.middleware()])

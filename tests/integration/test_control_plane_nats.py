@@ -21,6 +21,7 @@ from agent_os.amb import AMB, RequestTimeout
 from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, control_subject
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
@@ -62,7 +63,9 @@ AGENT = textwrap.dedent("""
 """)
 
 
-async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp_path: Path) -> None:
+async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(
+    tmp_path: Path, closing: Closing
+) -> None:
     name = f"remote-{uuid.uuid4().hex[:8]}"
     prefix = f"cpnats.{uuid.uuid4().hex[:8]}"
     # The agent's key store (its own key, the supervisor's public identity) for the process.
@@ -75,8 +78,8 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
     await supervisor_keys.add_identity(agent_keys.identity(name))
     policy = Policy("supervisor", default_action="allow")
     policy.add_rule("allow", Pattern("*", "*"))
-    kernel = KernelSpace(policy=policy)
-    bus = AMB("nats", NATS_URL, agent_id="supervisor", middleware=[supervisor_keys.middleware()])
+    kernel = closing(KernelSpace(policy=policy))
+    bus = closing(AMB("nats", NATS_URL, agent_id="supervisor", middleware=[supervisor_keys.middleware()]))
     kernel.attach(bus)
     ready = asyncio.Event()
     progress: list[int | str] = []
@@ -151,7 +154,7 @@ async def test_sigstop_sigcont_and_sigkill_reach_an_agent_in_another_process(tmp
         await kernel.close()
 
 
-async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats() -> None:
+async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats(closing: Closing) -> None:
     """The reproduced finding: the victim's policy allows ``signal`` only from "supervisor"; a
     third client sent request("_ctl.signal.victim", SIGKILL, sender_id="supervisor") and the
     victim was terminated. Over NATS without IATP the claim is not a sender: the signal is
@@ -160,11 +163,11 @@ async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats() -> 
     policy = Policy("victim", default_action="deny")
     policy.add_rule("allow", Pattern("signal", victim_id, conditions={"sender": "supervisor"}))
     policy.add_rule("allow", Pattern("reply", "*"))
-    kernel = KernelSpace(policy=policy)
-    victim = AMB("nats", NATS_URL, agent_id=victim_id)
+    kernel = closing(KernelSpace(policy=policy))
+    victim = closing(AMB("nats", NATS_URL, agent_id=victim_id))
     kernel.attach(victim)  # no IATP, no trust_bus: claims over NATS are not senders
     await victim.connect()
-    watcher = AMB("nats", NATS_URL)
+    watcher = closing(AMB("nats", NATS_URL))
     dead = Collector()
     await watcher.subscribe(f"_DLQ.{control_subject(victim_id)}", dead)
     forger = AMB("nats", NATS_URL, agent_id="forger")

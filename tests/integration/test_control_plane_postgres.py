@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent_os.control_plane import FlightRecorder
+from tests.support.closing import Closing
 from tests.support.servers import PG_DSN
 
 psycopg = pytest.importorskip("psycopg")
@@ -23,12 +24,11 @@ async def schema() -> AsyncIterator[str]:
 
 
 async def recorded(schema: str, n: int = 10) -> FlightRecorder:
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=4)
-    for i in range(n):
-        await rec.log(
-            "event", f"agent_{i % 2}", {"i": i, "resource": f"data/{'phi' if i % 3 == 0 else 'x'}/{i}"}
-        )
-    await rec.close()
+    async with FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=4) as rec:
+        for i in range(n):
+            await rec.log(
+                "event", f"agent_{i % 2}", {"i": i, "resource": f"data/{'phi' if i % 3 == 0 else 'x'}/{i}"}
+            )
     return FlightRecorder("postgresql", PG_DSN, schema=schema)
 
 
@@ -38,8 +38,8 @@ async def tamper(schema: str, *statements: str) -> None:
             await conn.execute(sql.format(t=f'"{schema}".flight_records'))
 
 
-async def test_postgres_recorder_logs_queries_and_verifies(schema: str) -> None:
-    rec = await recorded(schema)
+async def test_postgres_recorder_logs_queries_and_verifies(schema: str, closing: Closing) -> None:
+    rec = closing(await recorded(schema))
     assert (await rec.verify()).checked == 10
     phi = await rec.query(filters={"data.resource": {"$regex": "^data/phi/"}})
     assert [r.data["i"] for r in phi] == [0, 3, 6, 9]
@@ -73,25 +73,29 @@ async def test_postgres_recorder_logs_queries_and_verifies(schema: str) -> None:
     ],
     ids=["edit-data", "edit-type", "delete", "insert", "reorder"],
 )
-async def test_postgres_tampering_is_detected(schema: str, statements: list[str], first_bad: int) -> None:
-    rec = await recorded(schema)
+async def test_postgres_tampering_is_detected(
+    schema: str, statements: list[str], first_bad: int, closing: Closing
+) -> None:
+    rec = closing(await recorded(schema))
     assert (await rec.verify()).ok
     await rec.close()
     await tamper(schema, *statements)
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema)
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema))
     result = await rec.verify()
     await rec.close()
     assert not result.ok
     assert result.first_bad_seq == first_bad, result.reason
 
 
-async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema: str) -> None:
+async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(
+    schema: str, closing: Closing
+) -> None:
     import nacl.utils
 
     from agent_os.control_plane.errors import RecorderKeyError
 
     key = nacl.utils.random(32)
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=3, encryption_key=key)
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, batch_size=3, encryption_key=key))
     for i in range(5):
         await rec.log("action_blocked", "agent_1", {"resource": "data/phi/patient_001.json", "i": i})
     await rec.close()
@@ -101,11 +105,11 @@ async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema
     assert len(stored) == 5
     assert all(b"patient_001" not in blob and blob[0] == 0x02 for blob in stored)
 
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key)
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key))
     assert [r.data["i"] for r in await rec.query()] == [0, 1, 2, 3, 4]
     assert (await rec.verify()).ok
     await rec.close()
-    wrong = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=nacl.utils.random(32))
+    wrong = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=nacl.utils.random(32)))
     with pytest.raises(RecorderKeyError):
         await wrong.verify()
     await wrong.close()
@@ -114,17 +118,17 @@ async def test_postgres_data_at_rest_is_encrypted_and_tampering_is_caught(schema
     flipped[-1] ^= 0x01
     async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         await conn.execute(f'UPDATE "{schema}".flight_records SET data = %s WHERE seq = 3', (bytes(flipped),))
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key)
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, encryption_key=key))
     result = await rec.verify()
     await rec.close()
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
 
-async def test_postgres_compressed_and_plain_records_read_back(schema: str) -> None:
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, compression=False)
+async def test_postgres_compressed_and_plain_records_read_back(schema: str, closing: Closing) -> None:
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, compression=False))
     await rec.log("event", "a", {"text": 'quotes " and \\ backslashes', "n": 1})
     await rec.close()
-    rec = FlightRecorder("postgresql", PG_DSN, schema=schema, compression=True)
+    rec = closing(FlightRecorder("postgresql", PG_DSN, schema=schema, compression=True))
     await rec.log("event", "a", {"reason": "x" * 300, "n": 2})
     assert [r.data["n"] for r in await rec.query()] == [1, 2]
     assert (await rec.query())[0].data["text"] == 'quotes " and \\ backslashes'

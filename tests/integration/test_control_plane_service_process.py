@@ -14,11 +14,14 @@ from agent_os.control_plane import FlightRecorder
 from agent_os.control_plane.errors import RecorderConfigError
 from agent_os.services._process import broker_backend
 from agent_os.services.control_plane_service import read_key_file, recorder_from_spec
+from tests.support.closing import Closing
 from tests.support.processes import TOKEN, get, start_service
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_the_service_process_serves_and_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+async def test_the_service_process_serves_and_stops_cleanly(
+    tmp_path: Path, sig: signal.Signals, closing: Closing
+) -> None:
     db = tmp_path / "audit.db"
     policy = tmp_path / "policy.yaml"
     policy.write_text(
@@ -48,7 +51,7 @@ async def test_the_service_process_serves_and_stops_cleanly(tmp_path: Path, sig:
         returncode = await asyncio.wait_for(proc.wait(), 20)
     assert returncode == 0
     assert db.exists()  # the recorder was opened on the file and closed with it
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     assert (await rec.verify()).ok
     await rec.close()
 

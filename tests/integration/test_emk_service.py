@@ -17,6 +17,7 @@ from agent_os.emk import EMK, HashingEmbedder
 from agent_os.iatp import SigningRejected
 from agent_os.services.memory_service import MemoryService
 from tests.support import Collector, memory_url
+from tests.support.closing import Closing
 from tests.support.identities import identities
 
 
@@ -134,11 +135,11 @@ async def test_bad_requests_get_specific_errors_and_the_service_keeps_serving(
     assert (await alice.request("emk.store", {"content": "still serving"}))["ok"] is True
 
 
-async def test_a_valid_iatp_verification_is_the_identity(url: str) -> None:
+async def test_a_valid_iatp_verification_is_the_identity(url: str, closing: Closing) -> None:
     verified = SimpleNamespace(valid=True, sender="carol")
-    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    emk = closing(EMK("memory", embedding_model=HashingEmbedder(64)))
     async with AMB("memory", url, agent_id="svc", middleware=[FakeVerification(verified)]) as amb:
-        svc = MemoryService(amb, emk)  # verification required (the default)
+        svc = closing(MemoryService(amb, emk))  # verification required (the default)
         await svc.start()
         async with AMB("memory", url, agent_id="someone-else") as client:
             stored = await client.request("emk.store", {"content": "Written as carol."})
@@ -157,10 +158,12 @@ async def test_a_valid_iatp_verification_is_the_identity(url: str) -> None:
         SimpleNamespace(sender="carol"),
     ],
 )
-async def test_an_invalid_iatp_verification_fails_closed(url: str, result: Any, trust_bus: bool) -> None:
-    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+async def test_an_invalid_iatp_verification_fails_closed(
+    url: str, result: Any, trust_bus: bool, closing: Closing
+) -> None:
+    emk = closing(EMK("memory", embedding_model=HashingEmbedder(64)))
     async with AMB("memory", url, agent_id="svc", middleware=[FakeVerification(result)]) as amb:
-        svc = MemoryService(amb, emk, trust_bus=trust_bus)
+        svc = closing(MemoryService(amb, emk, trust_bus=trust_bus))
         await svc.start()
         async with AMB("memory", url, agent_id="carol") as client:
             with pytest.raises(RemoteError) as err:
@@ -170,13 +173,13 @@ async def test_an_invalid_iatp_verification_fails_closed(url: str, result: Any, 
     assert await emk.query("carol") == []
 
 
-async def test_without_verification_a_claimed_sender_is_refused(url: str) -> None:
+async def test_without_verification_a_claimed_sender_is_refused(url: str, closing: Closing) -> None:
     """The service requires a verified sender unless told to trust the bus: no IATP result
     means no answer, whatever the envelope claims."""
-    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    emk = closing(EMK("memory", embedding_model=HashingEmbedder(64)))
     await emk.store("alice", "Alice's locker code is 4711.")
     async with AMB("memory", url, agent_id="memory-service") as amb:
-        svc = MemoryService(amb, emk)
+        svc = closing(MemoryService(amb, emk))
         await svc.start()
         async with AMB("memory", url, agent_id="mallory") as mallory:
             with pytest.raises(RemoteError) as err:
@@ -233,13 +236,13 @@ async def test_a_forged_sender_cannot_read_another_agents_memories(url: str) -> 
         await emk.close()
 
 
-async def test_with_trust_bus_the_claimed_sender_is_believed(url: str) -> None:
+async def test_with_trust_bus_the_claimed_sender_is_believed(url: str, closing: Closing) -> None:
     """The documented trade of ``trust_bus``: the broker's ACLs must authenticate senders,
     because the service believes the envelope."""
-    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    emk = closing(EMK("memory", embedding_model=HashingEmbedder(64)))
     await emk.store("alice", "Alice's locker code is 4711.")
     async with AMB("memory", url, agent_id="memory-service") as amb:
-        svc = MemoryService(amb, emk, trust_bus=True)
+        svc = closing(MemoryService(amb, emk, trust_bus=True))
         await svc.start()
         async with AMB("memory", url, agent_id="someone") as client:
             answer = await client.request("emk.query", {}, sender_id="alice")

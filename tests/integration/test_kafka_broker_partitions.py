@@ -11,15 +11,18 @@ import pytest
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.kafka import KafkaBroker
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 pytestmark = pytest.mark.kafka
 
 
 
 
-async def test_records_fetched_from_several_partitions_keep_their_own_positions(kafka_url: str) -> None:
+async def test_records_fetched_from_several_partitions_keep_their_own_positions(
+    kafka_url: str, closing: Closing
+) -> None:
     subject = f"parts{uuid.uuid4().hex[:10]}.jobs"
-    publisher, consumer = KafkaBroker(kafka_url), KafkaBroker(kafka_url)
+    publisher, consumer = closing(KafkaBroker(kafka_url)), closing(KafkaBroker(kafka_url))
     seen: list[tuple[str, int, int, int]] = []  # key, sequence, partition, offset
 
     async def handle(d: Delivery) -> None:

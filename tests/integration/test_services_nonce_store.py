@@ -25,6 +25,7 @@ from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services._process import Verification
 from agent_os.services.control_plane_service import ControlPlaneService
 from tests.support import Collector
+from tests.support.closing import Closing
 from tests.support.identities import PASSPHRASE, make_store, service_identities
 from tests.support.processes import get, start_service
 from tests.support.servers import NATS_URL, REDIS_URL
@@ -42,7 +43,7 @@ def publish_policy() -> Policy:
 @pytest.mark.usefixtures("redis_keys")
 async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_group(
     tmp_path: Path,
-    prefix: str,
+    prefix: str, closing: Closing,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
@@ -59,12 +60,12 @@ async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_gr
         assert first.nonce_store.prefix == prefix
         services = []
         for iatp in (first, second):
-            service = ControlPlaneService(
+            service = closing(ControlPlaneService(
                 AMB("memory", where, agent_id=service_id), KernelSpace(policy=publish_policy()), iatp=iatp
-            )
+            ))
             await service.start()
             services.append(service)
-        raw = AMB("memory", where, agent_id="raw")
+        raw = closing(AMB("memory", where, agent_id="raw"))
         got, dead = Collector(), Collector()
         await raw.subscribe("deliver.>", got)
         await raw.subscribe("_DLQ.ingress.>", dead)
@@ -91,7 +92,7 @@ async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_gr
 @pytest.mark.nats
 async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_instance(
     tmp_path: Path,
-    prefix: str,
+    prefix: str, closing: Closing,
 ) -> None:
     """Instance one forwards the original; instance two, started afterwards (the first then
     stopped, so the replay can only reach it), refuses the replay: its own cache never saw the
@@ -112,7 +113,7 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
         "--queue", f"cp_{tag}", "--agent-id", service_id,
     ]  # fmt: skip
     env = {PASSPHRASE_ENV: PASSPHRASE}
-    raw = AMB("nats", NATS_URL, agent_id=f"raw-{tag}")
+    raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{tag}"))
     got, dead = Collector(), Collector()
     await raw.subscribe(f"{delivery}.>", got)
     await raw.subscribe(f"_DLQ.{ingress}.>", dead)

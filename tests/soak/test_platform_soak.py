@@ -37,6 +37,7 @@ from agent_os.emk import EMK, HashingEmbedder, NewMemory, RecordNotFound
 from agent_os.iatp import IATP
 from agent_os.services.control_plane_service import ControlPlaneService
 from tests.support import Collector, rss_bytes, wait_until
+from tests.support.closing import Closing
 from tests.support.emk import APPEND_ONLY_VIOLATIONS
 from tests.support.queue_group import SENTINEL, Group, queue_group_policy, real
 from tests.support.servers import NATS_URL, PG_DSN
@@ -429,7 +430,7 @@ KEPT = 200  # messages kept by the wiretap at each end of the flood, to replay
 
 
 @pytest.mark.timeout(240)
-async def test_iatp_replay_cache_stays_bounded_under_a_flood() -> None:
+async def test_iatp_replay_cache_stays_bounded_under_a_flood(closing: Closing) -> None:
     """100,000 signed messages through IATP's bus middleware with a replay cache of 20,000:
     after every 10,000 the cache holds at most 20,000 (its order queue too) and, once full, its
     floor rises; replays of the first messages are refused as ``replay_window``, of the last
@@ -439,12 +440,12 @@ async def test_iatp_replay_cache_stays_bounded_under_a_flood() -> None:
     await iatp.register_agent("flooder")
     await iatp.register_agent("sink")
     where = f"memory://soak-iatp-{uuid.uuid4().hex}"
-    flooder = AMB("memory", where, agent_id="flooder", middleware=[iatp.middleware()])
+    flooder = closing(AMB("memory", where, agent_id="flooder", middleware=[iatp.middleware()]))
     guard = iatp.middleware()
-    sink = AMB("memory", where, agent_id="sink", middleware=[guard])
-    wiretap = AMB("memory", where, agent_id="wiretap")  # no IATP: sees the signed envelopes as sent
-    attacker = AMB("memory", where, agent_id="attacker")
-    watcher = AMB("memory", where, agent_id="watcher")
+    sink = closing(AMB("memory", where, agent_id="sink", middleware=[guard]))
+    wiretap = closing(AMB("memory", where, agent_id="wiretap"))  # no IATP: sees the signed envelopes as sent
+    attacker = closing(AMB("memory", where, agent_id="attacker"))
+    watcher = closing(AMB("memory", where, agent_id="watcher"))
     # How often each flood message arrived (a bytearray: the test's own memory stays flat).
     arrivals = bytearray(FLOOD)
     received = 0

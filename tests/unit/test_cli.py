@@ -17,6 +17,7 @@ from agent_os.demo import DemoResult, run_demo
 from agent_os.demo._knowledge import MEMORIES, choose_embedder
 from agent_os.emk import EMK, HashingEmbedder, StateError
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 ETL = MEMORIES[1]
 
@@ -362,12 +363,14 @@ async def printed(capsys: pytest.CaptureFixture[str], text: str, timeout: float 
     await wait_until(seen, timeout, what=repr(text))
 
 
-async def test_memory_serve_answers_over_the_bus_until_stopped(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_memory_serve_answers_over_the_bus_until_stopped(
+    capsys: pytest.CaptureFixture[str], closing: Closing
+) -> None:
     from agent_os.services.memory_service import serve
 
     url = "memory://cli-serve-memory"
     stop = asyncio.Event()
-    emk = EMK("memory", embedding_model=HashingEmbedder(64))
+    emk = closing(EMK("memory", embedding_model=HashingEmbedder(64)))
     task = asyncio.create_task(serve(broker=url, emk=emk, trust_bus=True, prefix="mem", stop=stop))
     async with AMB("memory", url, agent_id="alice") as alice:
         await printed(capsys, "ready memory subjects=mem.*")

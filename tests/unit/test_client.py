@@ -27,6 +27,7 @@ from agent_os.amb.middleware import ConsumeNext, PublishNext
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import wire_of
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 
 
 def memory_url() -> str:
@@ -48,10 +49,10 @@ class Recorder(Middleware):
         await call_next(envelope, metadata)
 
 
-async def test_middleware_order_is_wire_side_first() -> None:
+async def test_middleware_order_is_wire_side_first(closing: Closing) -> None:
     log: list[str] = []
     url = memory_url()
-    client = AMB(connection_string=url, middleware=[Recorder("wire", log), Recorder("app", log)])
+    client = closing(AMB(connection_string=url, middleware=[Recorder("wire", log), Recorder("app", log)]))
     got = Collector()
     await client.subscribe("m.x", got)
     await client.publish("m.x", 1)
@@ -70,8 +71,8 @@ class RejectOdd(Middleware):
         await call_next(envelope, metadata)
 
 
-async def test_inbound_rejection_is_dead_lettered_with_its_reason() -> None:
-    client = AMB(connection_string=memory_url(), middleware=[RejectOdd()])
+async def test_inbound_rejection_is_dead_lettered_with_its_reason(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url(), middleware=[RejectOdd()]))
     got, dead = Collector(), Collector()
     await client.subscribe("n.x", got)
     await client.subscribe("_DLQ.n.x", dead)
@@ -91,16 +92,16 @@ class RefuseOutbound(Middleware):
         raise MessageRejected("no", reason="denied")
 
 
-async def test_outbound_rejection_reaches_the_publisher() -> None:
-    client = AMB(connection_string=memory_url(), middleware=[RefuseOutbound()])
+async def test_outbound_rejection_reaches_the_publisher(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url(), middleware=[RefuseOutbound()]))
     with pytest.raises(MessageRejected):
         await client.publish("o.x", 1)
     assert client.stats.published == 0
     await client.close()
 
 
-async def test_middleware_chain_is_frozen_after_connect() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_middleware_chain_is_frozen_after_connect(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     client.add_middleware(Middleware())
     await client.connect()
     with pytest.raises(StateError, match="frozen"):
@@ -108,8 +109,8 @@ async def test_middleware_chain_is_frozen_after_connect() -> None:
     await client.close()
 
 
-async def test_lifecycle_errors() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_lifecycle_errors(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     await client.publish("l.x", 1)  # connects on first use
     await client.close()
     await client.close()  # idempotent
@@ -120,17 +121,15 @@ async def test_lifecycle_errors() -> None:
 
 
 async def test_decorator_after_connect_is_active_before_the_next_publish() -> None:
-    client = AMB(connection_string=memory_url())
-    await client.connect()
-    got = Collector()
+    async with AMB(connection_string=memory_url()) as client:
+        got = Collector()
 
-    @client.subscribe("d.x")
-    async def handler(message: Any, metadata: Metadata) -> None:
-        await got(message, metadata)
+        @client.subscribe("d.x")
+        async def handler(message: Any, metadata: Metadata) -> None:
+            await got(message, metadata)
 
-    await client.publish("d.x", "first")
-    await got.wait_for(1)
-    await client.close()
+        await client.publish("d.x", "first")
+        await got.wait_for(1)
 
 
 @pytest.mark.parametrize(
@@ -143,15 +142,15 @@ async def test_decorator_after_connect_is_active_before_the_next_publish() -> No
         ({"filter": {}}, "filter"),
     ],
 )
-async def test_invalid_subscribe_options(options: dict[str, Any], words: str) -> None:
-    client = AMB(connection_string=memory_url())
+async def test_invalid_subscribe_options(options: dict[str, Any], words: str, closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     with pytest.raises(ConfigError, match=words):
         await client.subscribe("x.y", Collector(), **options)
     await client.close()
 
 
-async def test_sync_handler_is_refused() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_sync_handler_is_refused(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
 
     def sync_handler(message: Any, metadata: Metadata) -> None:
         return None
@@ -161,8 +160,8 @@ async def test_sync_handler_is_refused() -> None:
     await client.close()
 
 
-async def test_publish_validation() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_publish_validation(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     with pytest.raises(ConfigError):
         await client.publish("bad..subject", 1)
     with pytest.raises(ConfigError):
@@ -198,8 +197,8 @@ def test_public_names_are_complete_and_sorted() -> None:
     assert not set(amb.__all__) & modules
 
 
-async def test_handler_exception_never_stops_the_subscription() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_handler_exception_never_stops_the_subscription(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     seen: list[int] = []
 
     async def sometimes(message: int, metadata: Metadata) -> None:
@@ -216,11 +215,11 @@ async def test_handler_exception_never_stops_the_subscription() -> None:
     await client.close()
 
 
-async def test_the_receive_path_decodes_within_the_size_limit_and_in_either_format() -> None:
+async def test_the_receive_path_decodes_within_the_size_limit_and_in_either_format(closing: Closing) -> None:
     url = memory_url()
-    small = AMB(connection_string=url, max_message_bytes=300)
-    big = AMB(connection_string=url)
-    json_client = AMB(connection_string=url, serializer="json")
+    small = closing(AMB(connection_string=url, max_message_bytes=300))
+    big = closing(AMB(connection_string=url))
+    json_client = closing(AMB(connection_string=url, serializer="json"))
     got, dead = Collector(), Collector()
     await small.subscribe("size.x", got)
     await big.subscribe("_DLQ.size.x", dead)
@@ -239,11 +238,13 @@ async def test_the_receive_path_decodes_within_the_size_limit_and_in_either_form
 
 
 @pytest.mark.parametrize("serializer", ["msgpack", "json"])
-async def test_publishes_without_headers_share_an_empty_dict_that_stays_empty(serializer: str) -> None:
+async def test_publishes_without_headers_share_an_empty_dict_that_stays_empty(
+    serializer: str, closing: Closing
+) -> None:
     url = memory_url()
-    plain = AMB(connection_string=url, serializer=serializer)
+    plain = closing(AMB(connection_string=url, serializer=serializer))
     log: list[str] = []
-    chained = AMB(connection_string=url, serializer=serializer, middleware=[Recorder("mw", log)])
+    chained = closing(AMB(connection_string=url, serializer=serializer, middleware=[Recorder("mw", log)]))
     got = Collector()
     await plain.subscribe("hdr.x", got)
     await plain.publish("hdr.x", 1)
@@ -264,8 +265,8 @@ async def test_publishes_without_headers_share_an_empty_dict_that_stays_empty(se
     await chained.close()
 
 
-async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_dead_letter_of_a_dead_letter_does_not_loop(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
 
     async def fails(message: Any, metadata: Metadata) -> None:
         raise RuntimeError("always")
@@ -289,8 +290,8 @@ async def test_dead_letter_of_a_dead_letter_does_not_loop() -> None:
     await client.close()
 
 
-async def test_metadata_reads_the_wire_fields_until_the_envelope_is_asked_for() -> None:
-    client = AMB(connection_string=memory_url(), agent_id="me")
+async def test_metadata_reads_the_wire_fields_until_the_envelope_is_asked_for(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url(), agent_id="me"))
     got = Collector()
     await client.subscribe("w.x", got, context={"policy": "p"})
     await client.publish(
@@ -347,11 +348,11 @@ async def test_metadata_reads_the_wire_fields_until_the_envelope_is_asked_for() 
     await client.close()
 
 
-async def test_request_with_metadata_returns_the_replys_delivery_metadata() -> None:
+async def test_request_with_metadata_returns_the_replys_delivery_metadata(closing: Closing) -> None:
     url = memory_url()
     requester, responder = (
-        AMB(connection_string=url, agent_id="asker"),
-        AMB(connection_string=url, agent_id="answerer"),
+        closing(AMB(connection_string=url, agent_id="asker")),
+        closing(AMB(connection_string=url, agent_id="answerer")),
     )
 
     async def answer(message: Any, metadata: Metadata) -> None:
@@ -372,9 +373,9 @@ async def test_request_with_metadata_returns_the_replys_delivery_metadata() -> N
     await responder.close()
 
 
-async def test_inbox_prefix_puts_each_clients_reply_inbox_under_it() -> None:
+async def test_inbox_prefix_puts_each_clients_reply_inbox_under_it(closing: Closing) -> None:
     url = memory_url()
-    responder = AMB(connection_string=url, agent_id="answerer")
+    responder = closing(AMB(connection_string=url, agent_id="answerer"))
     seen: list[str | None] = []
 
     async def answer(message: Any, metadata: Metadata) -> None:
@@ -383,7 +384,9 @@ async def test_inbox_prefix_puts_each_clients_reply_inbox_under_it() -> None:
 
     await responder.subscribe("r.x", answer)
     # Two clients of one agent: same prefix, yet each has its own inbox under it.
-    first, second = (AMB(connection_string=url, agent_id="a", inbox_prefix="_INBOX.a") for _ in range(2))
+    first, second = (
+        closing(AMB(connection_string=url, agent_id="a", inbox_prefix="_INBOX.a")) for _ in range(2)
+    )
     answers = await asyncio.gather(
         *(
             client.request("r.x", f"{name}{n}", timeout=5)
@@ -412,8 +415,8 @@ def test_an_inbox_prefix_that_is_not_a_subject_is_refused_at_construction(bad: s
         AMB(connection_string=memory_url(), inbox_prefix=bad)
 
 
-async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     for _ in range(3):
         with pytest.raises(ConfigError):
             await client.publish("bad topic", 1)
@@ -426,10 +429,12 @@ async def test_each_new_topic_is_validated_once_and_bad_ones_always_fail() -> No
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-async def test_a_stray_cancelled_error_from_a_handler_is_a_handler_error(concurrency: int) -> None:
+async def test_a_stray_cancelled_error_from_a_handler_is_a_handler_error(
+    concurrency: int, closing: Closing
+) -> None:
     """A handler that lets out the CancelledError of something it awaited (its own task not
     being cancelled) fails like any handler: dead-lettered, counted, the subscription goes on."""
-    client = AMB(connection_string=memory_url())
+    client = closing(AMB(connection_string=memory_url()))
     seen: list[int] = []
     dead = Collector()
 
@@ -453,8 +458,8 @@ async def test_a_stray_cancelled_error_from_a_handler_is_a_handler_error(concurr
     await client.close()
 
 
-async def test_close_still_cancels_a_handler_stuck_past_the_timeout() -> None:
-    client = AMB(connection_string=memory_url())
+async def test_close_still_cancels_a_handler_stuck_past_the_timeout(closing: Closing) -> None:
+    client = closing(AMB(connection_string=memory_url()))
     started = asyncio.Event()
     cancelled = False
 
@@ -475,10 +480,10 @@ async def test_close_still_cancels_a_handler_stuck_past_the_timeout() -> None:
     assert client.stats.handler_errors == 0, "a real cancellation is not a handler error"
 
 
-async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request() -> None:
+async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request(closing: Closing) -> None:
     url = memory_url()
-    requester = AMB(connection_string=url, agent_id="asker")
-    responder = AMB(connection_string=url, agent_id="answerer")
+    requester = closing(AMB(connection_string=url, agent_id="asker"))
+    responder = closing(AMB(connection_string=url, agent_id="answerer"))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         assert metadata.reply_to is not None
@@ -505,11 +510,11 @@ async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request(
     await responder.close()
 
 
-async def test_a_request_to_an_agent_is_answered_by_that_agent_only() -> None:
+async def test_a_request_to_an_agent_is_answered_by_that_agent_only(closing: Closing) -> None:
     url = memory_url()
-    requester = AMB(connection_string=url, agent_id="asker")
-    addressed = AMB(connection_string=url, agent_id="addressed")
-    intruder = AMB(connection_string=url, agent_id="intruder")
+    requester = closing(AMB(connection_string=url, agent_id="asker"))
+    addressed = closing(AMB(connection_string=url, agent_id="addressed"))
+    intruder = closing(AMB(connection_string=url, agent_id="intruder"))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         # Another agent answers first, on the request's own reply subject, with its id...
@@ -537,12 +542,12 @@ async def test_a_request_to_an_agent_is_answered_by_that_agent_only() -> None:
         await client.close()
 
 
-async def test_a_reply_without_correlation_id_answers_its_reply_subject() -> None:
+async def test_a_reply_without_correlation_id_answers_its_reply_subject(closing: Closing) -> None:
     """``reply(metadata.reply_to, ...)`` (the subject only) sets no correlation id: the reply
     subject, unique to the request, is enough."""
     url = memory_url()
-    requester = AMB(connection_string=url)
-    responder = AMB(connection_string=url)
+    requester = closing(AMB(connection_string=url))
+    responder = closing(AMB(connection_string=url))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         assert metadata.reply_to is not None
@@ -573,12 +578,12 @@ class HoldRequests(Middleware):
         await call_next(envelope, metadata)
 
 
-async def test_replies_that_come_before_publish_returns_are_checked_too() -> None:
+async def test_replies_that_come_before_publish_returns_are_checked_too(closing: Closing) -> None:
     url = memory_url()
     hold = HoldRequests(replies=2)
-    requester = AMB(connection_string=url, middleware=[hold])
+    requester = closing(AMB(connection_string=url, middleware=[hold]))
     hold.client = requester
-    responder = AMB(connection_string=url)
+    responder = closing(AMB(connection_string=url))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         assert metadata.reply_to is not None
@@ -644,15 +649,15 @@ def _receive_corpus() -> list[bytes]:
     ]
 
 
-async def test_the_inline_receive_decode_agrees_with_the_decoder() -> None:
+async def test_the_inline_receive_decode_agrees_with_the_decoder(closing: Closing) -> None:
     # AMB._on_delivery carries Decoder.decode_fields inline (the receive hot path): fed the same
     # inputs, the client hands a handler exactly the decoder's fields or dead-letters the
     # decoder's error.
     limit = 500
     decoder = Decoder(limit)
     url = memory_url()
-    receiver = AMB(connection_string=url, max_message_bytes=limit)
-    watcher = AMB(connection_string=url)
+    receiver = closing(AMB(connection_string=url, max_message_bytes=limit))
+    watcher = closing(AMB(connection_string=url))
     got, dead = Collector(), Collector()
     await receiver.subscribe("rx.x", got)
     await watcher.subscribe("_DLQ.rx.x", dead)

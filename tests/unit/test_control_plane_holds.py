@@ -102,70 +102,72 @@ def ingress_delivery(sender: str, payload: Any, topic: str = "tasks.work") -> tu
 
 
 async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones() -> None:
-    kernel = KernelSpace(policy=mediated_policy())
-    mediator = Mediator(kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True)
-    agent = kernel.external("agent-a")
-    forwarded: list[Any] = []
-    first_started, go_on = asyncio.Event(), asyncio.Event()
+    async with KernelSpace(policy=mediated_policy()) as kernel:
+        mediator = Mediator(kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True)
+        agent = kernel.external("agent-a")
+        forwarded: list[Any] = []
+        first_started, go_on = asyncio.Event(), asyncio.Event()
 
-    async def forward(env: Envelope, meta: Metadata) -> None:
-        if env.payload == 0:
-            first_started.set()
-            await go_on.wait()  # the first released message is slow to forward
-        forwarded.append(env.payload)
+        async def forward(env: Envelope, meta: Metadata) -> None:
+            if env.payload == 0:
+                first_started.set()
+                await go_on.wait()  # the first released message is slow to forward
+            forwarded.append(env.payload)
 
-    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
-    for i in range(2):
-        # Returns at once (it would wait for SIGCONT in embedded mode).
-        await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", i), forward), 5)
-    assert agent.held == 2
-    await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
-    await asyncio.wait_for(first_started.wait(), 5)
-    assert agent.life.value == "running"
-    await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", 2), forward), 5)
-    assert forwarded == []  # not past message 1, still queued
-    assert agent.held == 2
-    go_on.set()
-    await wait_until(lambda: len(forwarded) == 3)
-    assert forwarded == [0, 1, 2]
-    await mediator.on_consume(*ingress_delivery("agent-a", 3), forward)  # nothing queued: at once
-    assert forwarded == [0, 1, 2, 3]
-    held = await kernel.recorder.query(event_type="message_held")
-    assert len(held) == 2  # the one queued behind was not held by a signal
-    assert len(await kernel.recorder.query(event_type="policy_decision")) == 4
-    await kernel.close()
+        await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
+        for i in range(2):
+            # Returns at once (it would wait for SIGCONT in embedded mode).
+            await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", i), forward), 5)
+        assert agent.held == 2
+        await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
+        await asyncio.wait_for(first_started.wait(), 5)
+        assert agent.life.value == "running"
+        await asyncio.wait_for(mediator.on_consume(*ingress_delivery("agent-a", 2), forward), 5)
+        assert forwarded == []  # not past message 1, still queued
+        assert agent.held == 2
+        go_on.set()
+        await wait_until(lambda: len(forwarded) == 3)
+        assert forwarded == [0, 1, 2]
+        await mediator.on_consume(*ingress_delivery("agent-a", 3), forward)  # nothing queued: at once
+        assert forwarded == [0, 1, 2, 3]
+        held = await kernel.recorder.query(event_type="message_held")
+        assert len(held) == 2  # the one queued behind was not held by a signal
+        assert len(await kernel.recorder.query(event_type="policy_decision")) == 4
 
 
 async def test_a_failing_release_hook_is_logged_and_the_queue_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    kernel = KernelSpace(policy=mediated_policy())
-    told: list[tuple[str, str]] = []
+    async with KernelSpace(policy=mediated_policy()) as kernel:
+        told: list[tuple[str, str]] = []
 
-    async def hook(env: Envelope, meta: Metadata, error: Exception) -> None:
-        told.append((env.payload, type(error).__name__))
-        raise RuntimeError("the dead-letter subject is gone")
+        async def hook(env: Envelope, meta: Metadata, error: Exception) -> None:
+            told.append((env.payload, type(error).__name__))
+            raise RuntimeError("the dead-letter subject is gone")
 
-    mediator = Mediator(
-        kernel, kernel.external("service"), inbound_prefix="ingress", trust_bus=True, on_release_error=hook
-    )
-    kernel.external("agent-a")
-    forwarded: list[Any] = []
+        mediator = Mediator(
+            kernel,
+            kernel.external("service"),
+            inbound_prefix="ingress",
+            trust_bus=True,
+            on_release_error=hook,
+        )
+        kernel.external("agent-a")
+        forwarded: list[Any] = []
 
-    async def forward(env: Envelope, meta: Metadata) -> None:
-        if env.payload == "breaks":
-            raise ConnectionError("broker gone")
-        forwarded.append(env.payload)
+        async def forward(env: Envelope, meta: Metadata) -> None:
+            if env.payload == "breaks":
+                raise ConnectionError("broker gone")
+            forwarded.append(env.payload)
 
-    await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
-    for payload, topic in (("breaks", "tasks.work"), ("secret", "tasks.secret"), ("fine", "tasks.work")):
-        await mediator.on_consume(*ingress_delivery("agent-a", payload, topic), forward)
-    with caplog.at_level(logging.WARNING, logger="agent_os.control_plane"):
-        await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
-        await wait_until(lambda: mediator.release_failures == 2 and len(told) == 2)
-        await mediator.drop_held()  # waits until the failures are accounted for
-    assert forwarded == ["fine"]
-    assert told == [("breaks", "ConnectionError"), ("secret", "PolicyViolationError")]
-    assert sum("could not account for held message" in r.getMessage() for r in caplog.records) == 2
-    assert sum("failed after its release" in r.getMessage() for r in caplog.records) == 2
-    await kernel.close()
+        await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)
+        for payload, topic in (("breaks", "tasks.work"), ("secret", "tasks.secret"), ("fine", "tasks.work")):
+            await mediator.on_consume(*ingress_delivery("agent-a", payload, topic), forward)
+        with caplog.at_level(logging.WARNING, logger="agent_os.control_plane"):
+            await kernel.send_signal("agent-a", AgentSignal.SIGCONT)
+            await wait_until(lambda: mediator.release_failures == 2 and len(told) == 2)
+            await mediator.drop_held()  # waits until the failures are accounted for
+        assert forwarded == ["fine"]
+        assert told == [("breaks", "ConnectionError"), ("secret", "PolicyViolationError")]
+        assert sum("could not account for held message" in r.getMessage() for r in caplog.records) == 2
+        assert sum("failed after its release" in r.getMessage() for r in caplog.records) == 2

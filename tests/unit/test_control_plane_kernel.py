@@ -30,154 +30,169 @@ from agent_os.control_plane import (
     VerificationFailed,
 )
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 
 async def test_execute_returns_the_result_and_records_it() -> None:
-    kernel = KernelSpace(policy="strict")
+    async with KernelSpace(policy="strict") as kernel:
 
-    @kernel.register
-    async def analyzer(data: str) -> dict[str, Any]:
-        return {"analyzed": True, "length": len(data)}
+        @kernel.register
+        async def analyzer(data: str) -> dict[str, Any]:
+            return {"analyzed": True, "length": len(data)}
 
-    result = await kernel.execute(analyzer, "sample data", context={"user_id": "user_123", "session_id": "s"})
-    assert result == {"analyzed": True, "length": 11}
-    assert await analyzer("abc") == {"analyzed": True, "length": 3}  # calling it goes through the kernel
-    events = [r.event_type for r in await kernel.recorder.query()]
-    assert events == ["execute", "agent_completed", "execute", "agent_completed"]
-    first = (await kernel.recorder.query(event_type="execute"))[0]
-    assert first.data["context"] == {"user_id": "user_123", "session_id": "s"}
-    with pytest.raises(KernelError):
-        await kernel.execute(lambda: None)
-    await kernel.close()
+        result = await kernel.execute(
+            analyzer, "sample data", context={"user_id": "user_123", "session_id": "s"}
+        )
+        assert result == {"analyzed": True, "length": 11}
+        assert await analyzer("abc") == {"analyzed": True, "length": 3}  # calling it goes through the kernel
+        events = [r.event_type for r in await kernel.recorder.query()]
+        assert events == ["execute", "agent_completed", "execute", "agent_completed"]
+        first = (await kernel.recorder.query(event_type="execute"))[0]
+        assert first.data["context"] == {"user_id": "user_123", "session_id": "s"}
+        with pytest.raises(KernelError):
+            await kernel.execute(lambda: None)
 
 
 async def test_authorize_is_the_gate_for_other_actions() -> None:
     policy = Policy("p", default_action="deny")
     policy.add_rule("allow", Pattern("read", "data/*"))
     policy.add_rule("allow", Pattern("network", "*"))
-    kernel = KernelSpace(policy=policy)
+    async with KernelSpace(policy=policy) as kernel:
 
-    @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
-    async def data_processor(path: str) -> str:
-        await kernel.authorize("read", path)
-        try:
-            await kernel.authorize("network", "https://example.com")  # policy allows, permissions do not
-        except PolicyViolationError as exc:
-            return f"blocked: {exc.decision.reason if exc.decision else ''}"
-        return "not blocked"
+        @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
+        async def data_processor(path: str) -> str:
+            await kernel.authorize("read", path)
+            try:
+                await kernel.authorize("network", "https://example.com")  # policy allows, permissions do not
+            except PolicyViolationError as exc:
+                return f"blocked: {exc.decision.reason if exc.decision else ''}"
+            return "not blocked"
 
-    assert (await kernel.execute(data_processor, "data/a")).startswith("blocked: agent data_processor lacks")
-    with pytest.raises(PolicyViolationError):
-        await kernel.execute(data_processor, "secrets/a")
-    status = kernel.get_agent_status(kernel.current_agent_id or "")
-    assert status.name == "data_processor"
-    assert status.violations_count == 1
-    decisions = await kernel.recorder.query(event_type="policy_decision")
-    assert [d.data["decision"] for d in decisions] == ["allow", "deny", "deny"]
-    await kernel.close()
+        assert (await kernel.execute(data_processor, "data/a")).startswith(
+            "blocked: agent data_processor lacks"
+        )
+        with pytest.raises(PolicyViolationError):
+            await kernel.execute(data_processor, "secrets/a")
+        status = kernel.get_agent_status(kernel.current_agent_id or "")
+        assert status.name == "data_processor"
+        assert status.violations_count == 1
+        decisions = await kernel.recorder.query(event_type="policy_decision")
+        assert [d.data["decision"] for d in decisions] == ["allow", "deny", "deny"]
 
 
 async def test_registered_rate_limit_counts_executions() -> None:
-    kernel = KernelSpace(policy="permissive")
+    async with KernelSpace(policy="permissive") as kernel:
 
-    @kernel.register(rate_limit=2)
-    async def limited() -> int:
-        return 1
+        @kernel.register(rate_limit=2)
+        async def limited() -> int:
+            return 1
 
-    assert await kernel.execute(limited) == 1
-    assert await kernel.execute(limited) == 1
-    with pytest.raises(RateLimitExceeded):
-        await kernel.execute(limited)
-    await kernel.close()
+        assert await kernel.execute(limited) == 1
+        assert await kernel.execute(limited) == 1
+        with pytest.raises(RateLimitExceeded):
+            await kernel.execute(limited)
 
 
 async def test_spawn_children_inherit_permissions_and_restrictions() -> None:
-    kernel = KernelSpace(policy="permissive")
-    seen: dict[str, Any] = {}
+    async with KernelSpace(policy="permissive") as kernel:
+        seen: dict[str, Any] = {}
 
-    @kernel.register(permissions=["read", "write", "network"])
-    async def coordinator(tasks: list[str]) -> list[dict[str, Any]]:
-        ids = [
-            await kernel.spawn(
-                worker_agent, t, parent_id=kernel.current_agent_id, additional_restrictions=["no_network"]
-            )
-            for t in tasks
-        ]
-        seen["ids"] = ids
-        return await kernel.wait_all(ids)
+        @kernel.register(permissions=["read", "write", "network"])
+        async def coordinator(tasks: list[str]) -> list[dict[str, Any]]:
+            ids = [
+                await kernel.spawn(
+                    worker_agent, t, parent_id=kernel.current_agent_id, additional_restrictions=["no_network"]
+                )
+                for t in tasks
+            ]
+            seen["ids"] = ids
+            return await kernel.wait_all(ids)
 
-    @kernel.register(permissions=["read", "network", "execute"])
-    async def worker_agent(task: str) -> dict[str, Any]:
-        me = kernel.get_agent_status(kernel.current_agent_id or "")
-        seen[task] = me
-        try:
-            await kernel.authorize("network", "https://x")
-        except PolicyViolationError:
-            return {"task": task, "status": "complete", "network": False}
-        return {"task": task, "status": "complete", "network": True}
+        @kernel.register(permissions=["read", "network", "execute"])
+        async def worker_agent(task: str) -> dict[str, Any]:
+            me = kernel.get_agent_status(kernel.current_agent_id or "")
+            seen[task] = me
+            try:
+                await kernel.authorize("network", "https://x")
+            except PolicyViolationError:
+                return {"task": task, "status": "complete", "network": False}
+            return {"task": task, "status": "complete", "network": True}
 
-    results = await kernel.execute(coordinator, ["a", "b"])
-    assert results == [{"task": t, "status": "complete", "network": False} for t in ("a", "b")]
-    child = seen["a"]
-    assert child.permissions == frozenset({"read", "network"})  # strict: parent ∩ own
-    assert child.parent_id is not None
-    assert kernel.get_agent_status(child.parent_id).name == "coordinator"
-    with pytest.raises(AgentNotFound):
-        await kernel.wait_all(["nope"])
-    await kernel.close()
+        results = await kernel.execute(coordinator, ["a", "b"])
+        assert results == [{"task": t, "status": "complete", "network": False} for t in ("a", "b")]
+        child = seen["a"]
+        assert child.permissions == frozenset({"read", "network"})  # strict: parent ∩ own
+        assert child.parent_id is not None
+        assert kernel.get_agent_status(child.parent_id).name == "coordinator"
+        with pytest.raises(AgentNotFound):
+            await kernel.wait_all(["nope"])
+
+
+async def test_async_with_closes_the_kernel_its_agents_and_recorder() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with KernelSpace(policy="permissive") as kernel:
+        kernel.register(forever)
+        running = await kernel.spawn(forever)
+        await asyncio.wait_for(started.wait(), 5)
+        assert kernel.recorder.ready
+    assert kernel._runs[running].cancelled()  # the spawned agent is stopped, not left running
+    assert not kernel.recorder.ready
 
 
 async def test_sigkill_stops_a_running_agent_mid_work() -> None:
-    kernel = KernelSpace(policy="permissive")
-    progress: list[int] = []
+    async with KernelSpace(policy="permissive") as kernel:
+        progress: list[int] = []
 
-    @kernel.register
-    async def long_running(iterations: int) -> dict[str, int]:
-        for i in range(iterations):
-            progress.append(i)
-            await asyncio.sleep(0.01)
-        return {"completed": iterations}
+        @kernel.register
+        async def long_running(iterations: int) -> dict[str, int]:
+            for i in range(iterations):
+                progress.append(i)
+                await asyncio.sleep(0.01)
+            return {"completed": iterations}
 
-    task = asyncio.create_task(kernel.execute(long_running, 1000))
-    await wait_until(lambda: len(progress) >= 3)
-    assert await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGKILL)
-    with pytest.raises(AgentStoppedError):
-        await task
-    # No code of the agent is left to run (its task is done, not merely abandoned), so the
-    # progress it made is final.
-    process = kernel.get_agent(kernel.current_agent_id or "")
-    assert not process.tasks
-    assert len(progress) < 1000
-    status = kernel.get_agent_status(kernel.current_agent_id or "")
-    assert status.state == "terminated"
-    assert not await kernel.send_signal(status.id, AgentSignal.SIGCONT)  # a dead agent takes no signals
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(long_running, 1000))
+        await wait_until(lambda: len(progress) >= 3)
+        assert await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGKILL)
+        with pytest.raises(AgentStoppedError):
+            await task
+        # No code of the agent is left to run (its task is done, not merely abandoned), so the
+        # progress it made is final.
+        process = kernel.get_agent(kernel.current_agent_id or "")
+        assert not process.tasks
+        assert len(progress) < 1000
+        status = kernel.get_agent_status(kernel.current_agent_id or "")
+        assert status.state == "terminated"
+        assert not await kernel.send_signal(status.id, AgentSignal.SIGCONT)  # a dead agent takes no signals
 
 
 async def test_sigstop_pauses_cooperative_agent_until_sigcont() -> None:
-    kernel = KernelSpace(policy="strict")
-    done: list[int] = []
+    async with KernelSpace(policy="strict") as kernel:
+        done: list[int] = []
 
-    @kernel.register
-    async def long_running_agent(iterations: int) -> dict[str, int]:
-        for i in range(iterations):
-            if kernel.is_stopped():
-                await kernel.wait_for_continue()
-            done.append(i)
-            await asyncio.sleep(0.005)
-        return {"completed": iterations}
+        @kernel.register
+        async def long_running_agent(iterations: int) -> dict[str, int]:
+            for i in range(iterations):
+                if kernel.is_stopped():
+                    await kernel.wait_for_continue()
+                done.append(i)
+                await asyncio.sleep(0.005)
+            return {"completed": iterations}
 
-    task = asyncio.create_task(kernel.execute(long_running_agent, 40))
-    await wait_until(lambda: len(done) >= 3)
-    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGSTOP)
-    assert kernel.get_agent_status(kernel.current_agent_id or "").state == "stopped"
-    await asyncio.sleep(0.03)
-    paused_at = len(done)
-    await asyncio.sleep(0.05)
-    assert len(done) == paused_at  # nothing ran while stopped
-    await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGCONT)
-    assert await task == {"completed": 40}
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(long_running_agent, 40))
+        await wait_until(lambda: len(done) >= 3)
+        await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGSTOP)
+        assert kernel.get_agent_status(kernel.current_agent_id or "").state == "stopped"
+        await asyncio.sleep(0.03)
+        paused_at = len(done)
+        await asyncio.sleep(0.05)
+        assert len(done) == paused_at  # nothing ran while stopped
+        await kernel.send_signal(kernel.current_agent_id or "", AgentSignal.SIGCONT)
+        assert await task == {"completed": 40}
 
 
 @pytest.mark.parametrize("async_delivery", [False, True])
@@ -185,123 +200,119 @@ async def test_a_sigstop_sent_after_a_sigcont_wins_over_it(async_delivery: bool)
     # SIGSTOP acts at once, SIGCONT after its handlers: a SIGSTOP sent while they still run
     # must leave the agent stopped, as the order the two were sent in says.
     dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
-    entered, release = asyncio.Event(), asyncio.Event()
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        entered, release = asyncio.Event(), asyncio.Event()
 
-    @dispatcher.register_handler(AgentSignal.SIGCONT)
-    async def slow(agent_id: str, signal: AgentSignal) -> None:
-        entered.set()
-        await release.wait()
+        @dispatcher.register_handler(AgentSignal.SIGCONT)
+        async def slow(agent_id: str, signal: AgentSignal) -> None:
+            entered.set()
+            await release.wait()
 
-    kernel.external("agent")  # a bus agent's process
-    assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
-    cont = asyncio.create_task(kernel.send_signal("agent", AgentSignal.SIGCONT))
-    await asyncio.wait_for(entered.wait(), 5)
-    assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
-    release.set()
-    assert await cont
-    await dispatcher.drain()
-    assert kernel.get_agent_status("agent").state == "stopped"
-    # Back to back, with nothing in between to let the SIGCONT's handlers run first.
-    await kernel.send_signal("agent", AgentSignal.SIGCONT)
-    await kernel.send_signal("agent", AgentSignal.SIGSTOP)
-    await dispatcher.drain()
-    assert kernel.get_agent_status("agent").state == "stopped"
-    # A SIGCONT sent last continues it.
-    assert await kernel.send_signal("agent", AgentSignal.SIGCONT)
-    await dispatcher.drain()
-    assert kernel.get_agent_status("agent").state == "running"
-    signals = [r.data["signal"] for r in await kernel.recorder.query(event_type="signal")]
-    assert signals == ["SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT"]
-    await kernel.close()
+        kernel.external("agent")  # a bus agent's process
+        assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+        cont = asyncio.create_task(kernel.send_signal("agent", AgentSignal.SIGCONT))
+        await asyncio.wait_for(entered.wait(), 5)
+        assert await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+        release.set()
+        assert await cont
+        await dispatcher.drain()
+        assert kernel.get_agent_status("agent").state == "stopped"
+        # Back to back, with nothing in between to let the SIGCONT's handlers run first.
+        await kernel.send_signal("agent", AgentSignal.SIGCONT)
+        await kernel.send_signal("agent", AgentSignal.SIGSTOP)
+        await dispatcher.drain()
+        assert kernel.get_agent_status("agent").state == "stopped"
+        # A SIGCONT sent last continues it.
+        assert await kernel.send_signal("agent", AgentSignal.SIGCONT)
+        await dispatcher.drain()
+        assert kernel.get_agent_status("agent").state == "running"
+        signals = [r.data["signal"] for r in await kernel.recorder.query(event_type="signal")]
+        assert signals == ["SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT", "SIGSTOP", "SIGCONT"]
 
 
 async def test_sigterm_runs_the_handler_then_stops() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
-    cleaned: list[str] = []
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        cleaned: list[str] = []
 
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def graceful_shutdown(agent_id: str, signal: AgentSignal) -> bool:
-        assert kernel.get_agent_status(agent_id).state == "running"  # still alive while cleaning up
-        cleaned.append(agent_id)
-        return True
+        @dispatcher.register_handler(AgentSignal.SIGTERM)
+        async def graceful_shutdown(agent_id: str, signal: AgentSignal) -> bool:
+            assert kernel.get_agent_status(agent_id).state == "running"  # still alive while cleaning up
+            cleaned.append(agent_id)
+            return True
 
-    started = asyncio.Event()
+        started = asyncio.Event()
 
-    @kernel.register
-    async def forever() -> None:
-        started.set()
-        await asyncio.sleep(60)
+        @kernel.register
+        async def forever() -> None:
+            started.set()
+            await asyncio.sleep(60)
 
-    task = asyncio.create_task(kernel.execute(forever))
-    await started.wait()
-    agent_id = kernel.current_agent_id or ""
-    assert await dispatcher.send(agent_id, AgentSignal.SIGTERM)
-    with pytest.raises(AgentStoppedError):
-        await task
-    assert cleaned == [agent_id]
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(forever))
+        await started.wait()
+        agent_id = kernel.current_agent_id or ""
+        assert await dispatcher.send(agent_id, AgentSignal.SIGTERM)
+        with pytest.raises(AgentStoppedError):
+            await task
+        assert cleaned == [agent_id]
 
 
 async def test_usr_signals_run_handlers_and_masks_ignore_them() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
-    got: list[tuple[str, AgentSignal]] = []
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        got: list[tuple[str, AgentSignal]] = []
 
-    @dispatcher.register_handler(AgentSignal.SIGUSR1)
-    async def dump_state(agent_id: str, signal: AgentSignal) -> None:
-        got.append((agent_id, signal))
-        await kernel.recorder.log_state_dump(agent_id, {"dumped": True})
+        @dispatcher.register_handler(AgentSignal.SIGUSR1)
+        async def dump_state(agent_id: str, signal: AgentSignal) -> None:
+            got.append((agent_id, signal))
+            await kernel.recorder.log_state_dump(agent_id, {"dumped": True})
 
-    @kernel.register
-    async def idle() -> None:
-        await asyncio.sleep(60)
+        @kernel.register
+        async def idle() -> None:
+            await asyncio.sleep(60)
 
-    task = asyncio.create_task(kernel.execute(idle))
-    await wait_until(lambda: kernel.current_agent_id is not None)
-    aid = kernel.current_agent_id or ""
-    assert await kernel.send_signal(aid, "SIGUSR1")
-    assert got == [(aid, AgentSignal.SIGUSR1)]
-    dispatcher.mask(aid, AgentSignal.SIGUSR1)
-    assert not await kernel.send_signal(aid, AgentSignal.SIGUSR1)
-    assert len(got) == 1
-    for sig in (AgentSignal.SIGKILL, AgentSignal.SIGSTOP):
-        with pytest.raises(SignalError):
-            dispatcher.register_handler(sig)
-        with pytest.raises(SignalError):
-            dispatcher.mask(aid, sig)
-    await kernel.send_signal(aid, AgentSignal.SIGKILL)
-    with pytest.raises(AgentStoppedError):
-        await task
-    signals = await kernel.recorder.query(event_type="signal")
-    assert [s.data["outcome"] for s in signals] == ["delivered", "ignored", "delivered"]
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(idle))
+        await wait_until(lambda: kernel.current_agent_id is not None)
+        aid = kernel.current_agent_id or ""
+        assert await kernel.send_signal(aid, "SIGUSR1")
+        assert got == [(aid, AgentSignal.SIGUSR1)]
+        dispatcher.mask(aid, AgentSignal.SIGUSR1)
+        assert not await kernel.send_signal(aid, AgentSignal.SIGUSR1)
+        assert len(got) == 1
+        for sig in (AgentSignal.SIGKILL, AgentSignal.SIGSTOP):
+            with pytest.raises(SignalError):
+                dispatcher.register_handler(sig)
+            with pytest.raises(SignalError):
+                dispatcher.mask(aid, sig)
+        await kernel.send_signal(aid, AgentSignal.SIGKILL)
+        with pytest.raises(AgentStoppedError):
+            await task
+        signals = await kernel.recorder.query(event_type="signal")
+        assert [s.data["outcome"] for s in signals] == ["delivered", "ignored", "delivered"]
 
 
 async def test_sigalrm_fires_on_an_execution_timeout() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher, timeout=0.05)
-    alarms: list[str] = []
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher, timeout=0.05) as kernel:
+        alarms: list[str] = []
 
-    @dispatcher.register_handler(AgentSignal.SIGALRM)
-    async def on_alarm(agent_id: str, signal: AgentSignal) -> None:
-        alarms.append(agent_id)
+        @dispatcher.register_handler(AgentSignal.SIGALRM)
+        async def on_alarm(agent_id: str, signal: AgentSignal) -> None:
+            alarms.append(agent_id)
 
-    finished: list[bool] = []
+        finished: list[bool] = []
 
-    @kernel.register
-    async def slow() -> None:
-        await asyncio.sleep(5)
-        finished.append(True)
+        @kernel.register
+        async def slow() -> None:
+            await asyncio.sleep(5)
+            finished.append(True)
 
-    with pytest.raises(AgentTimeoutError):
-        await kernel.execute(slow)
-    with pytest.raises(AgentTimeoutError):
-        await kernel.execute(slow, timeout=0.02)
-    assert len(alarms) == 2
-    assert not finished
-    await kernel.close()
+        with pytest.raises(AgentTimeoutError):
+            await kernel.execute(slow)
+        with pytest.raises(AgentTimeoutError):
+            await kernel.execute(slow, timeout=0.02)
+        assert len(alarms) == 2
+        assert not finished
 
 
 @dataclass
@@ -325,57 +336,59 @@ class FakeVerifier:
 
 
 async def test_verifier_modules_block_unverified_results() -> None:
-    kernel = KernelSpace(policy="strict")
-    verifier = FakeVerifier("Paris")
-    kernel.add_module(verifier)
+    async with KernelSpace(policy="strict") as kernel:
+        verifier = FakeVerifier("Paris")
+        kernel.add_module(verifier)
 
-    @kernel.register
-    async def verified_agent(query: str) -> str:
-        return "Paris is the capital of France." if "France" in query else "Lyon, probably."
+        @kernel.register
+        async def verified_agent(query: str) -> str:
+            return "Paris is the capital of France." if "France" in query else "Lyon, probably."
 
-    assert (
-        await kernel.execute(verified_agent, "capital of France?", context={"domain": "geo"})
-        == "Paris is the capital of France."
-    )
-    with pytest.raises(VerificationFailed) as info:
-        await kernel.execute(verified_agent, "capital of Italy?")
-    assert info.value.result.verified is False
-    assert verifier.calls[0] == ("capital of France?", "Paris is the capital of France.", {"domain": "geo"})
-    checks = await kernel.recorder.query(event_type="verification")
-    assert [c.data["decision"] for c in checks] == ["allow", "deny"]
-    with pytest.raises(KernelError):
-        kernel.add_module(object())  # type: ignore[arg-type]
-    await kernel.close()
+        assert (
+            await kernel.execute(verified_agent, "capital of France?", context={"domain": "geo"})
+            == "Paris is the capital of France."
+        )
+        with pytest.raises(VerificationFailed) as info:
+            await kernel.execute(verified_agent, "capital of Italy?")
+        assert info.value.result.verified is False
+        assert verifier.calls[0] == (
+            "capital of France?",
+            "Paris is the capital of France.",
+            {"domain": "geo"},
+        )
+        checks = await kernel.recorder.query(event_type="verification")
+        assert [c.data["decision"] for c in checks] == ["allow", "deny"]
+        with pytest.raises(KernelError):
+            kernel.add_module(object())  # type: ignore[arg-type]
 
 
 async def test_admission_respects_max_concurrency_and_priority() -> None:
-    kernel = KernelSpace(policy="permissive", max_concurrent_agents=1)
-    order: list[str] = []
-    gate = asyncio.Event()
+    async with KernelSpace(policy="permissive", max_concurrent_agents=1) as kernel:
+        order: list[str] = []
+        gate = asyncio.Event()
 
-    @kernel.register(priority=0)
-    async def first() -> None:
-        order.append("first")
-        await gate.wait()
+        @kernel.register(priority=0)
+        async def first() -> None:
+            order.append("first")
+            await gate.wait()
 
-    @kernel.register(priority=1)
-    async def low() -> None:
-        order.append("low")
+        @kernel.register(priority=1)
+        async def low() -> None:
+            order.append("low")
 
-    @kernel.register(priority=5)
-    async def high() -> None:
-        order.append("high")
+        @kernel.register(priority=5)
+        async def high() -> None:
+            order.append("high")
 
-    t1 = asyncio.create_task(kernel.execute(first))
-    await wait_until(lambda: order == ["first"])
-    t2 = asyncio.create_task(kernel.execute(low))
-    t3 = asyncio.create_task(kernel.execute(high))
-    await wait_until(lambda: len(kernel._admission._waiters) == 2, what="both waiting for admission")
-    assert order == ["first"]  # one at a time
-    gate.set()
-    await asyncio.gather(t1, t2, t3)
-    assert order == ["first", "high", "low"]
-    await kernel.close()
+        t1 = asyncio.create_task(kernel.execute(first))
+        await wait_until(lambda: order == ["first"])
+        t2 = asyncio.create_task(kernel.execute(low))
+        t3 = asyncio.create_task(kernel.execute(high))
+        await wait_until(lambda: len(kernel._admission._waiters) == 2, what="both waiting for admission")
+        assert order == ["first"]  # one at a time
+        gate.set()
+        await asyncio.gather(t1, t2, t3)
+        assert order == ["first", "high", "low"]
 
 
 async def test_rate_limit_is_exact_under_many_concurrent_tasks() -> None:
@@ -425,8 +438,8 @@ def test_token_bucket_refills_and_evicts_only_full_buckets() -> None:
     assert len(limiter) <= 3
 
 
-async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
-    kernel = KernelSpace(policy="permissive", keep_finished=5)
+async def test_finished_executions_are_forgotten_beyond_the_bound(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive", keep_finished=5))
     release = asyncio.Event()
 
     @kernel.register
@@ -459,25 +472,24 @@ async def test_finished_executions_are_forgotten_beyond_the_bound() -> None:
 
 
 async def test_a_verifier_sees_keyword_arguments() -> None:
-    kernel = KernelSpace(policy="strict")
-    verifier = FakeVerifier("ok")
-    kernel.add_module(verifier)
+    async with KernelSpace(policy="strict") as kernel:
+        verifier = FakeVerifier("ok")
+        kernel.add_module(verifier)
 
-    @kernel.register
-    async def answer(question: str = "", *, language: str = "en") -> str:
-        return f"ok: {question} ({language})"
+        @kernel.register
+        async def answer(question: str = "", *, language: str = "en") -> str:
+            return f"ok: {question} ({language})"
 
-    await kernel.execute(answer, question="capital of France?", language="fr")
-    await kernel.execute(answer, "q", language="de")
-    await kernel.execute(answer, "only positional")
-    await kernel.execute(answer)
-    assert [prompt for prompt, _, _ in verifier.calls] == [
-        {"args": [], "kwargs": {"question": "capital of France?", "language": "fr"}},
-        {"args": ["q"], "kwargs": {"language": "de"}},
-        "only positional",
-        (),
-    ]
-    await kernel.close()
+        await kernel.execute(answer, question="capital of France?", language="fr")
+        await kernel.execute(answer, "q", language="de")
+        await kernel.execute(answer, "only positional")
+        await kernel.execute(answer)
+        assert [prompt for prompt, _, _ in verifier.calls] == [
+            {"args": [], "kwargs": {"question": "capital of France?", "language": "fr"}},
+            {"args": ["q"], "kwargs": {"language": "de"}},
+            "only positional",
+            (),
+        ]
 
 
 async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFixture) -> None:
@@ -513,60 +525,58 @@ async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFix
 @pytest.mark.parametrize("async_delivery", [False, True])
 async def test_a_sigterm_handler_returning_false_vetoes_termination(async_delivery: bool) -> None:
     dispatcher = SignalDispatcher(None, async_delivery=async_delivery)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
-    allow = False
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        allow = False
 
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def maybe(agent_id: str, signal: AgentSignal) -> bool:
-        return allow
+        @dispatcher.register_handler(AgentSignal.SIGTERM)
+        async def maybe(agent_id: str, signal: AgentSignal) -> bool:
+            return allow
 
-    started = asyncio.Event()
+        started = asyncio.Event()
 
-    @kernel.register
-    async def worker() -> str:
-        started.set()
-        await asyncio.sleep(60)
-        return "never"
+        @kernel.register
+        async def worker() -> str:
+            started.set()
+            await asyncio.sleep(60)
+            return "never"
 
-    task = asyncio.create_task(kernel.execute(worker))
-    await started.wait()
-    aid = kernel.current_agent_id or ""
-    assert await dispatcher.send(aid, AgentSignal.SIGTERM) is async_delivery  # False: vetoed
-    await dispatcher.drain()
-    assert kernel.get_agent_status(aid).state == "running"
-    allow = True
-    assert await dispatcher.send(aid, AgentSignal.SIGTERM)
-    await dispatcher.drain()
-    with pytest.raises(AgentStoppedError):
-        await task
-    outcomes = [s.data["outcome"] for s in await kernel.recorder.query(event_type="signal")]
-    assert outcomes == ["delivered", "vetoed", "delivered"]
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(worker))
+        await started.wait()
+        aid = kernel.current_agent_id or ""
+        assert await dispatcher.send(aid, AgentSignal.SIGTERM) is async_delivery  # False: vetoed
+        await dispatcher.drain()
+        assert kernel.get_agent_status(aid).state == "running"
+        allow = True
+        assert await dispatcher.send(aid, AgentSignal.SIGTERM)
+        await dispatcher.drain()
+        with pytest.raises(AgentStoppedError):
+            await task
+        outcomes = [s.data["outcome"] for s in await kernel.recorder.query(event_type="signal")]
+        assert outcomes == ["delivered", "vetoed", "delivered"]
 
 
 async def test_sigkill_cannot_be_vetoed() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
 
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def never(agent_id: str, signal: AgentSignal) -> bool:
-        return False
+        @dispatcher.register_handler(AgentSignal.SIGTERM)
+        async def never(agent_id: str, signal: AgentSignal) -> bool:
+            return False
 
-    started = asyncio.Event()
+        started = asyncio.Event()
 
-    @kernel.register
-    async def worker() -> None:
-        started.set()
-        await asyncio.sleep(60)
+        @kernel.register
+        async def worker() -> None:
+            started.set()
+            await asyncio.sleep(60)
 
-    task = asyncio.create_task(kernel.execute(worker))
-    await started.wait()
-    aid = kernel.current_agent_id or ""
-    assert not await dispatcher.send(aid, AgentSignal.SIGTERM)
-    assert await dispatcher.send(aid, AgentSignal.SIGKILL)
-    with pytest.raises(AgentStoppedError):
-        await task
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(worker))
+        await started.wait()
+        aid = kernel.current_agent_id or ""
+        assert not await dispatcher.send(aid, AgentSignal.SIGTERM)
+        assert await dispatcher.send(aid, AgentSignal.SIGKILL)
+        with pytest.raises(AgentStoppedError):
+            await task
 
 
 def test_reload_policy_on_several_policies_names_which() -> None:

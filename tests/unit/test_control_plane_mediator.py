@@ -24,6 +24,7 @@ from agent_os.control_plane import (
     SignalDispatcher,
 )
 from tests.support import Collector, memory_url, wait_until
+from tests.support.closing import Closing
 
 
 def open_policy(*extra: tuple[str, Pattern]) -> Policy:
@@ -56,12 +57,14 @@ async def pair() -> AsyncIterator[tuple[KernelSpace, AMB, AMB, str]]:
     await kernel.close()
 
 
-async def test_exactly_one_record_per_decision(pair: tuple[KernelSpace, AMB, AMB, str]) -> None:
+async def test_exactly_one_record_per_decision(
+    pair: tuple[KernelSpace, AMB, AMB, str], closing: Closing
+) -> None:
     kernel, sender, receiver, where = pair
     got = Collector()
     dlq = Collector()
     await receiver.subscribe("tasks.>", got)
-    watcher = AMB("memory", where)
+    watcher = closing(AMB("memory", where))
     await watcher.subscribe("_DLQ.>", dlq)
     for i in range(5):
         await sender.publish("tasks.work", {"i": i})
@@ -88,11 +91,13 @@ async def test_exactly_one_record_per_decision(pair: tuple[KernelSpace, AMB, AMB
     await watcher.close()
 
 
-async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered_after() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered_after(
+    closing: Closing,
+) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("cp")
-    worker = AMB("memory", where, agent_id="worker")
-    observer = AMB("memory", where, agent_id="observer")
+    worker = closing(AMB("memory", where, agent_id="worker"))
+    observer = closing(AMB("memory", where, agent_id="observer"))
     kernel.attach(worker)
     progress = Collector()
     await observer.subscribe("tasks.progress", progress)
@@ -145,11 +150,11 @@ async def test_sigkill_cancels_the_handler_and_nothing_of_the_agent_is_delivered
     await kernel.close()
 
 
-async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("cp")
-    agent = AMB("memory", where, agent_id="agent")
-    peer = AMB("memory", where, agent_id="peer")
+    agent = closing(AMB("memory", where, agent_id="agent"))
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(agent)
     inbox = Collector()
     outbox = Collector()
@@ -176,9 +181,11 @@ async def test_sigstop_holds_deliveries_and_publishes_until_sigcont_in_order() -
     await kernel.close()
 
 
-async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds() -> None:
-    kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=3))
-    agent = AMB("memory", memory_url("cp"), agent_id="agent")
+async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds(closing: Closing) -> None:
+    kernel = closing(
+        KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=3))
+    )
+    agent = closing(AMB("memory", memory_url("cp"), agent_id="agent"))
     kernel.attach(agent)
     await agent.connect()
     await kernel.send_signal("agent", AgentSignal.SIGSTOP)
@@ -195,12 +202,12 @@ async def test_the_hold_queue_is_bounded_and_sigkill_drops_what_it_holds() -> No
     await kernel.close()
 
 
-async def test_on_violation_signal_kills_the_offending_agent() -> None:
+async def test_on_violation_signal_kills_the_offending_agent(closing: Closing) -> None:
     policy = open_policy(("deny", Pattern("publish", "tasks.phi.*")))
     policy.rules[0].on_violation = AgentSignal.SIGKILL
     policy.reload(Policy("test", rules=policy.rules))
-    kernel = KernelSpace(policy=policy)
-    agent = AMB("memory", memory_url("cp"), agent_id="rogue")
+    kernel = closing(KernelSpace(policy=policy))
+    agent = closing(AMB("memory", memory_url("cp"), agent_id="rogue"))
     kernel.attach(agent)
     await agent.connect()
     await agent.publish("tasks.ok", 1)
@@ -243,21 +250,23 @@ class FakeIatp(Middleware):
         await call_next(envelope, metadata)
 
 
-async def test_conditions_use_the_verified_sender_not_the_claimed_one() -> None:
+async def test_conditions_use_the_verified_sender_not_the_claimed_one(closing: Closing) -> None:
     policy = Policy("p", default_action="deny")
     policy.add_rule(
         "allow", Pattern("deliver", "pay.*", conditions={"sender": "billing", "min_trust_level": 0.8})
     )
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("cp")
-    bank = AMB(
-        "memory",
-        where,
-        agent_id="bank",
-        middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-low": ("billing", 0.3)})],
+    bank = closing(
+        AMB(
+            "memory",
+            where,
+            agent_id="bank",
+            middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-low": ("billing", 0.3)})],
+        )
     )
     kernel.attach(bank)
-    other = AMB("memory", where, agent_id="billing")
+    other = closing(AMB("memory", where, agent_id="billing"))
     got = Collector()
     await bank.subscribe("pay.out", got)
     await other.publish("pay.out", "signed", headers={"key": "k-billing"})
@@ -277,20 +286,25 @@ async def test_conditions_use_the_verified_sender_not_the_claimed_one() -> None:
     await kernel.close()
 
 
-async def test_permission_hook_from_trust_edges() -> None:
+async def test_permission_hook_from_trust_edges(closing: Closing) -> None:
     edges = {("bob", "alice"): ["send_data"]}  # bob grants alice send_data
-    kernel = KernelSpace(
-        policy=Policy("p", default_action="deny"), permissions=lambda a, b: edges.get((a, b), [])
+    kernel = closing(
+        KernelSpace(policy=Policy("p", default_action="deny"), permissions=lambda a, b: edges.get((a, b), []))
     )
     kernel.policy.add_rule("allow", Pattern("deliver", "*", conditions={"permission": "send_data"}))  # type: ignore[union-attr]
     where = memory_url("cp")
-    bob = AMB(
-        "memory", where, agent_id="bob", middleware=[FakeIatp({"ka": ("alice", 1.0), "km": ("mallory", 1.0)})]
+    bob = closing(
+        AMB(
+            "memory",
+            where,
+            agent_id="bob",
+            middleware=[FakeIatp({"ka": ("alice", 1.0), "km": ("mallory", 1.0)})],
+        )
     )
     kernel.attach(bob)
     got = Collector()
     await bob.subscribe("data.in", got)
-    peer = AMB("memory", where, agent_id="peer")
+    peer = closing(AMB("memory", where, agent_id="peer"))
     await peer.publish("data.in", "from alice", headers={"key": "ka"})
     await peer.publish("data.in", "from mallory", headers={"key": "km"})
     await wait_until(lambda: bob.stats.handled + bob.stats.rejected == 2)
@@ -301,9 +315,9 @@ async def test_permission_hook_from_trust_edges() -> None:
     await kernel.close()
 
 
-async def test_a_registered_agents_bus_traffic_passes_its_permissions() -> None:
-    kernel = KernelSpace(policy=open_policy())
-    bus = AMB("memory", memory_url("cp"), agent_id="shared")
+async def test_a_registered_agents_bus_traffic_passes_its_permissions(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
+    bus = closing(AMB("memory", memory_url("cp"), agent_id="shared"))
     kernel.attach(bus)
     await bus.connect()
 
@@ -324,12 +338,12 @@ async def test_a_registered_agents_bus_traffic_passes_its_permissions() -> None:
     await kernel.close()
 
 
-async def test_signals_reach_an_agent_in_another_process_over_the_bus() -> None:
+async def test_signals_reach_an_agent_in_another_process_over_the_bus(closing: Closing) -> None:
     where = memory_url("cp")
-    remote_kernel = KernelSpace(policy=open_policy())
-    local_kernel = KernelSpace(policy=open_policy())
-    remote = AMB("memory", where, agent_id="remote-agent")
-    local = AMB("memory", where, agent_id="supervisor")
+    remote_kernel = closing(KernelSpace(policy=open_policy()))
+    local_kernel = closing(KernelSpace(policy=open_policy()))
+    remote = closing(AMB("memory", where, agent_id="remote-agent"))
+    local = closing(AMB("memory", where, agent_id="supervisor"))
     remote_kernel.attach(remote)
     local_kernel.attach(local)
     got = Collector()
@@ -354,16 +368,16 @@ async def test_signals_reach_an_agent_in_another_process_over_the_bus() -> None:
     await remote_kernel.close()
 
 
-async def test_remote_signals_need_policy_permission() -> None:
+async def test_remote_signals_need_policy_permission(closing: Closing) -> None:
     where = memory_url("cp")
     guarded = Policy("g", default_action="deny")
     guarded.add_rule("allow", Pattern("signal", "*", conditions={"sender": "root"}))
-    remote_kernel = KernelSpace(policy=guarded)
-    remote = AMB("memory", where, agent_id="victim")
+    remote_kernel = closing(KernelSpace(policy=guarded))
+    remote = closing(AMB("memory", where, agent_id="victim"))
     remote_kernel.attach(remote)
     await remote.connect()
-    attacker_kernel = KernelSpace(policy="permissive", signal_timeout=0.2)
-    attacker = AMB("memory", where, agent_id="attacker")
+    attacker_kernel = closing(KernelSpace(policy="permissive", signal_timeout=0.2))
+    attacker = closing(AMB("memory", where, agent_id="attacker"))
     attacker_kernel.attach(attacker)
     await attacker.connect()
     assert not await attacker_kernel.send_signal("victim", AgentSignal.SIGKILL)
@@ -374,12 +388,12 @@ async def test_remote_signals_need_policy_permission() -> None:
     await remote_kernel.close()
 
 
-async def test_policy_reload_under_traffic_drops_nothing() -> None:
+async def test_policy_reload_under_traffic_drops_nothing(closing: Closing) -> None:
     policy = open_policy()
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("cp")
-    pub = AMB("memory", where, agent_id="pub")
-    sub = AMB("memory", where, agent_id="sub")
+    pub = closing(AMB("memory", where, agent_id="pub"))
+    sub = closing(AMB("memory", where, agent_id="sub"))
     kernel.attach(pub)
     kernel.attach(sub)
     got = Collector()
@@ -407,23 +421,27 @@ async def test_policy_reload_under_traffic_drops_nothing() -> None:
     await kernel.close()
 
 
-async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_permissions() -> None:
+async def test_repeated_messages_are_decided_from_their_own_sender_payload_and_permissions(
+    closing: Closing,
+) -> None:
     """The mediator takes repeated decisions from the policy's cache: it must still tell
     senders, payloads, trust and an agent's changed permissions apart."""
     policy = Policy("p", default_action="deny")
     policy.add_rule("allow", Pattern("deliver", "pay.big", conditions={"max_payload.amount": 100}))
     policy.add_rule("allow", Pattern("deliver", "pay.*", conditions={"sender": "billing"}))
     policy.add_rule("allow", Pattern("publish", "pay.*"))
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("cp")
-    bank = AMB(
-        "memory",
-        where,
-        agent_id="bank",
-        middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-eve": ("eve", 0.9)})],
+    bank = closing(
+        AMB(
+            "memory",
+            where,
+            agent_id="bank",
+            middleware=[FakeIatp({"k-billing": ("billing", 0.9), "k-eve": ("eve", 0.9)})],
+        )
     )
     kernel.attach(bank)
-    peer = AMB("memory", where, agent_id="peer")
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(peer)
     got = Collector()
     await bank.subscribe("pay.>", got)
@@ -460,16 +478,18 @@ def guarded_policy(victim: str) -> Policy:
 
 
 @pytest.mark.parametrize("how", ["no result, untrusted bus", "invalid result"])
-async def test_a_claimed_sender_cannot_signal_an_agent(how: str) -> None:
+async def test_a_claimed_sender_cannot_signal_an_agent(how: str, closing: Closing) -> None:
     """The reproduced finding: the victim's policy allows ``signal`` only from "supervisor";
     a third client's request("_ctl.signal.victim", SIGKILL, sender_id="supervisor") killed
     it. A claim is a sender only with a valid IATP result (or on a trusted bus)."""
-    kernel = KernelSpace(policy=guarded_policy("victim"))
+    kernel = closing(KernelSpace(policy=guarded_policy("victim")))
     where = memory_url("cp")
-    victim = AMB("memory", where, agent_id="victim", middleware=[FakeIatp({"k-sup": ("supervisor", 1.0)})])
+    victim = closing(
+        AMB("memory", where, agent_id="victim", middleware=[FakeIatp({"k-sup": ("supervisor", 1.0)})])
+    )
     kernel.attach(victim, trust_bus=False)  # as over a network broker without IATP
     await victim.connect()
-    forger = AMB("memory", where, agent_id="forger")
+    forger = closing(AMB("memory", where, agent_id="forger"))
     key = "-" if how.startswith("no result") else "k-forged"
     with pytest.raises(RequestTimeout):  # denied: dead-lettered, never answered
         await forger.request(
@@ -500,19 +520,19 @@ async def test_a_claimed_sender_cannot_signal_an_agent(how: str) -> None:
     await kernel.close()
 
 
-async def test_on_a_trusted_bus_the_claim_is_the_sender_but_not_verified() -> None:
+async def test_on_a_trusted_bus_the_claim_is_the_sender_but_not_verified(closing: Closing) -> None:
     """The in-process memory broker is trusted by default: every client lives in this process."""
     policy = Policy("p", default_action="deny")
     policy.add_rule("allow", Pattern("deliver", "tasks.*", conditions={"sender": "billing"}))
     policy.add_rule("allow", Pattern("deliver", "strict.*", conditions={"verified": True}))
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("cp")
-    bank = AMB("memory", where, agent_id="bank")
+    bank = closing(AMB("memory", where, agent_id="bank"))
     assert kernel.attach(bank).trust_bus is True
     got = Collector()
     await bank.subscribe("tasks.>", got)
     await bank.subscribe("strict.>", got)
-    other = AMB("memory", where, agent_id="billing")
+    other = closing(AMB("memory", where, agent_id="billing"))
     await other.publish("strict.x", "unverified")  # denied: not verified
     await other.publish("tasks.x", "claimed billing")
     await got.wait_for(1)
@@ -523,21 +543,21 @@ async def test_on_a_trusted_bus_the_claim_is_the_sender_but_not_verified() -> No
     await kernel.close()
 
 
-async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name() -> None:
+async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name(closing: Closing) -> None:
     """In mediated mode the sender's signals, hold queue and rate limits apply. A forger
     claiming agent-a (invalid IATP result, or none on an untrusted bus) is denied before any of
     them is touched: it cannot fill stopped agent-a's hold queue, drain its rate limit, or
     create a process for a name it made up."""
     policy = Policy("m", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"), rate_limit=3)
-    kernel = KernelSpace(policy=policy, signal_dispatcher=SignalDispatcher(None, queue_size=2))
+    kernel = closing(KernelSpace(policy=policy, signal_dispatcher=SignalDispatcher(None, queue_size=2)))
     where = memory_url("cp")
-    service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
+    service = closing(AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})]))
     kernel.attach(service, trust_bus=False, inbound_prefix="ingress")
     got = Collector()
     await service.subscribe("ingress.>", got)
-    agent = AMB("memory", where, agent_id="agent-a")
-    forger = AMB("memory", where, agent_id="forger")
+    agent = closing(AMB("memory", where, agent_id="agent-a"))
+    forger = closing(AMB("memory", where, agent_id="forger"))
     await agent.publish("ingress.tasks.x", "a1", headers={"key": "k-a"})
     await got.wait_for(1)
     for key in ("bad", "-", "bad", "-", "bad", "-"):  # 6 > agent-a's 2 remaining tokens
@@ -569,15 +589,15 @@ async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name() -> Non
     await kernel.close()
 
 
-async def test_require_verified_sender_denies_before_the_sender_is_looked_up() -> None:
+async def test_require_verified_sender_denies_before_the_sender_is_looked_up(closing: Closing) -> None:
     policy = Policy("m", default_action="allow", require_verified_sender=True)
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("cp")
-    service = AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})])
+    service = closing(AMB("memory", where, agent_id="svc", middleware=[FakeIatp({"k-a": ("agent-a", 1.0)})]))
     kernel.attach(service, trust_bus=True, inbound_prefix="ingress")  # claims trusted, not verified
     got = Collector()
     await service.subscribe("ingress.>", got)
-    sender = AMB("memory", where, agent_id="agent-c")
+    sender = closing(AMB("memory", where, agent_id="agent-c"))
     await sender.publish("ingress.tasks.x", "claimed", headers={"key": "-"})
     await sender.publish("ingress.tasks.x", "verified", headers={"key": "k-a"})
     await got.wait_for(1)
@@ -595,9 +615,11 @@ async def test_require_verified_sender_denies_before_the_sender_is_looked_up() -
 # -- the hold queue ------------------------------------------------------------------------------
 
 
-async def test_a_full_hold_queue_records_one_drop_and_no_hold() -> None:
-    kernel = KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=2))
-    agent = AMB("memory", memory_url("cp"), agent_id="agent")
+async def test_a_full_hold_queue_records_one_drop_and_no_hold(closing: Closing) -> None:
+    kernel = closing(
+        KernelSpace(policy=open_policy(), signal_dispatcher=SignalDispatcher(None, queue_size=2))
+    )
+    agent = closing(AMB("memory", memory_url("cp"), agent_id="agent"))
     kernel.attach(agent)
     await agent.connect()
     await kernel.send_signal("agent", AgentSignal.SIGSTOP)
@@ -714,12 +736,14 @@ async def gated_recorder(kernel: KernelSpace) -> asyncio.Event:
     return gate
 
 
-async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published() -> None:
-    kernel = KernelSpace(policy=open_policy(), flight_recorder=FlightRecorder("memory", batch_size=1))
+async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published(closing: Closing) -> None:
+    kernel = closing(
+        KernelSpace(policy=open_policy(), flight_recorder=FlightRecorder("memory", batch_size=1))
+    )
     where = memory_url("cp")
-    agent = AMB("memory", where, agent_id="agent")
+    agent = closing(AMB("memory", where, agent_id="agent"))
     kernel.attach(agent)
-    peer = AMB("memory", where, agent_id="peer")
+    peer = closing(AMB("memory", where, agent_id="peer"))
     got = Collector()
     await peer.subscribe("tasks.out", got)
     await agent.connect()
@@ -744,20 +768,20 @@ async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published() ->
     await kernel.close()
 
 
-async def test_a_message_allowed_while_its_sender_is_killed_is_not_forwarded() -> None:
+async def test_a_message_allowed_while_its_sender_is_killed_is_not_forwarded(closing: Closing) -> None:
     """Mediated mode: the service's client stays open when a sender is killed, so without a
     check after the record the message would be forwarded after the kill."""
     policy = Policy("m", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
-    kernel = KernelSpace(policy=policy, flight_recorder=FlightRecorder("memory", batch_size=1))
+    kernel = closing(KernelSpace(policy=policy, flight_recorder=FlightRecorder("memory", batch_size=1)))
     where = memory_url("cp")
-    service = AMB("memory", where, agent_id="svc")
+    service = closing(AMB("memory", where, agent_id="svc"))
     kernel.attach(service, trust_bus=True, inbound_prefix="ingress")
     forwarded, dead = Collector(), Collector()
     await service.subscribe("ingress.>", forwarded)
-    watcher = AMB("memory", where, agent_id="watcher")
+    watcher = closing(AMB("memory", where, agent_id="watcher"))
     await watcher.subscribe("_DLQ.>", dead)
-    agent = AMB("memory", where, agent_id="agent-a")
+    agent = closing(AMB("memory", where, agent_id="agent-a"))
     await service.connect()
     gate = await gated_recorder(kernel)
     message_id = await agent.publish("ingress.tasks.x", "after the kill")

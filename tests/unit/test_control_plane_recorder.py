@@ -20,6 +20,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -161,8 +162,8 @@ async def test_retention_keeps_the_chain_verifiable(recorder: FlightRecorder) ->
     assert await recorder.apply_retention() == 0  # nothing is older than a day now
 
 
-async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
-    rec = FlightRecorder("sqlite", str(tmp_path / "b.db"), batch_size=5, flush_interval=0.05)
+async def test_batches_are_written_on_size_and_interval(tmp_path: Path, closing: Closing) -> None:
+    rec = closing(FlightRecorder("sqlite", str(tmp_path / "b.db"), batch_size=5, flush_interval=0.05))
     await rec.open()
     for i in range(4):
         await rec.log("e", "a", {"i": i})
@@ -173,62 +174,58 @@ async def test_batches_are_written_on_size_and_interval(tmp_path: Path) -> None:
     assert rec.flushed == 5
     await wait_until(lambda: rec.flushed == 6, what="the interval to write the rest")
     await rec.close()
-    reopened = FlightRecorder("sqlite", str(tmp_path / "b.db"))
+    reopened = closing(FlightRecorder("sqlite", str(tmp_path / "b.db")))
     await reopened.log("e", "a", {"i": 6})  # continues the chain on disk
     assert (await reopened.verify()).checked == 7
     await reopened.close()
 
 
 async def test_a_failed_flush_keeps_the_batch() -> None:
-    rec = FlightRecorder("memory", batch_size=100)
-    await rec.open()
-    await rec.log("e", "a", {"i": 1})
-    storage = rec.storage
-    original = storage.append
+    async with FlightRecorder("memory", batch_size=100) as rec:
+        await rec.log("e", "a", {"i": 1})
+        storage = rec.storage
+        original = storage.append
 
-    async def failing(rows: object) -> None:
-        raise RecorderError("disk full")
+        async def failing(rows: object) -> None:
+            raise RecorderError("disk full")
 
-    storage.append = failing  # type: ignore[method-assign]
-    with pytest.raises(RecorderError):
-        await rec.flush()
-    storage.append = original  # type: ignore[method-assign]
-    assert await rec.flush() == 1
-    assert (await rec.verify()).checked == 1
-    await rec.close()
+        storage.append = failing  # type: ignore[method-assign]
+        with pytest.raises(RecorderError):
+            await rec.flush()
+        storage.append = original  # type: ignore[method-assign]
+        assert await rec.flush() == 1
+        assert (await rec.verify()).checked == 1
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
     # Loggers past a full batch wait for the batch being written. One of them cancelled (a
     # killed agent's handler) must leave that write alone: the others wait for it too.
-    rec = FlightRecorder("memory", batch_size=2)
-    await rec.open()
-    storage = rec.storage
-    original = storage.append
-    writing, gate = asyncio.Event(), asyncio.Event()
+    async with FlightRecorder("memory", batch_size=2) as rec:
+        storage = rec.storage
+        original = storage.append
+        writing, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow(rows: object) -> None:
-        writing.set()
-        await gate.wait()
-        await original(rows)  # type: ignore[arg-type]
+        async def slow(rows: object) -> None:
+            writing.set()
+            await gate.wait()
+            await original(rows)  # type: ignore[arg-type]
 
-    storage.append = slow  # type: ignore[method-assign]
-    for i in range(2):
-        await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
-    rec.append("e", "a", {"i": 2})
-    rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
-    cancelled = asyncio.create_task(rec.backpressure())
-    other = asyncio.create_task(rec.backpressure())
-    await asyncio.wait_for(writing.wait(), 5)
-    cancelled.cancel()
-    await asyncio.gather(cancelled, return_exceptions=True)
-    gate.set()
-    await asyncio.wait_for(other, 5)  # not a CancelledError
-    assert cancelled.cancelled()
-    await rec.flush()
-    assert rec.flushed == 4
-    assert (await rec.verify()).checked == 4
-    await rec.close()
+        storage.append = slow  # type: ignore[method-assign]
+        for i in range(2):
+            await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
+        rec.append("e", "a", {"i": 2})
+        rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
+        cancelled = asyncio.create_task(rec.backpressure())
+        other = asyncio.create_task(rec.backpressure())
+        await asyncio.wait_for(writing.wait(), 5)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        gate.set()
+        await asyncio.wait_for(other, 5)  # not a CancelledError
+        assert cancelled.cancelled()
+        await rec.flush()
+        assert rec.flushed == 4
+        assert (await rec.verify()).checked == 4
 
 
 def _tamper(db: Path, *statements: str) -> None:
@@ -240,10 +237,9 @@ def _tamper(db: Path, *statements: str) -> None:
 
 
 async def _recorded(path: Path, n: int = 10) -> FlightRecorder:
-    rec = FlightRecorder("sqlite", str(path))
-    for i in range(n):
-        await rec.log("event", f"agent_{i}", {"i": i})
-    await rec.close()
+    async with FlightRecorder("sqlite", str(path)) as rec:
+        for i in range(n):
+            await rec.log("event", f"agent_{i}", {"i": i})
     return FlightRecorder("sqlite", str(path))
 
 
@@ -290,26 +286,28 @@ COPY_ROW = (
         "reorder",
     ],
 )
-async def test_sqlite_tampering_is_detected(tmp_path: Path, statements: list[str], first_bad: int) -> None:
+async def test_sqlite_tampering_is_detected(
+    tmp_path: Path, statements: list[str], first_bad: int, closing: Closing
+) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     assert (await rec.verify()).ok
     await rec.close()
     _tamper(db, *statements)
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     result = await rec.verify()
     await rec.close()
     assert not result.ok
     assert result.first_bad_seq == first_bad, result.reason
 
 
-async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> None:
+async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     head = await rec.head()
     await rec.close()
     _tamper(db, "DELETE FROM flight_records WHERE seq >= 9")
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     assert (await rec.verify()).ok  # the chain alone cannot see a cut tail
     result = await rec.verify(expected_head=head)
     await rec.close()
@@ -317,9 +315,9 @@ async def test_a_cut_tail_is_detected_against_a_known_head(tmp_path: Path) -> No
     assert result.first_bad_seq == 9
 
 
-async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
+async def test_pruning_without_an_anchor_is_detected(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "t.db"
-    rec = await _recorded(db)
+    rec = closing(await _recorded(db))
     rec.retention_days = 1e-9  # everything logged so far is older than that
     assert await rec.apply_retention(now=datetime.now().astimezone() + timedelta(seconds=1)) > 0
     await rec.log("event", "a", {"after": True})
@@ -327,7 +325,7 @@ async def test_pruning_without_an_anchor_is_detected(tmp_path: Path) -> None:
     anchor = (await rec.query(event_type="retention_anchor"))[-1]
     await rec.close()
     _tamper(db, f"DELETE FROM flight_records WHERE seq = {anchor.seq}")
-    rec = FlightRecorder("sqlite", str(db))
+    rec = closing(FlightRecorder("sqlite", str(db)))
     result = await rec.verify()
     await rec.close()
     assert not result.ok
@@ -452,18 +450,26 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
 async def test_appended_records_carry_the_documented_hash() -> None:
     from agent_os.control_plane.recorder.records import record_hash
 
-    rec = FlightRecorder("memory")
-    await rec.open()
-    records = [
-        rec.append("policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True),
-        rec.append("policy_decision", "a1", {"big": 2**70}, "warning", None, True),  # not plain after all
-        rec.append("execute", "a1", {"blob": b"\x00"}, "info", "exe-1"),
-        rec.append("execute", "a1", None),
-    ]
-    for r in records:
-        assert r.hash == record_hash(
-            r.seq, r.id, r.ts, r.event_type, r.agent_id, r.execution_id, r.severity, r.data_json, r.prev_hash
-        )
-    assert records[1].data == {"big": 2**70}
-    assert (await rec.verify()).ok
-    await rec.close()
+    async with FlightRecorder("memory") as rec:
+        records = [
+            rec.append(
+                "policy_decision", "a1", {"decision": "allow", "trust_level": 0.5}, "info", None, True
+            ),
+            rec.append("policy_decision", "a1", {"big": 2**70}, "warning", None, True),  # not plain after all
+            rec.append("execute", "a1", {"blob": b"\x00"}, "info", "exe-1"),
+            rec.append("execute", "a1", None),
+        ]
+        for r in records:
+            assert r.hash == record_hash(
+                r.seq,
+                r.id,
+                r.ts,
+                r.event_type,
+                r.agent_id,
+                r.execution_id,
+                r.severity,
+                r.data_json,
+                r.prev_hash,
+            )
+        assert records[1].data == {"big": 2**70}
+        assert (await rec.verify()).ok

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent_os.amb import AMB, Metadata, RequestTimeout, get_serializer
+from agent_os.amb import AMB, LifecycleState, Metadata, RequestTimeout, get_serializer
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
@@ -34,6 +34,7 @@ from agent_os.services.control_plane_service import (
     reply_subject,
 )
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 from tests.support.identities import identities
 
 
@@ -52,20 +53,38 @@ def mediated_policy() -> Policy:
     return policy
 
 
-async def test_two_service_instances_forward_each_allowed_message_once() -> None:
+async def test_async_with_starts_and_stops_the_service() -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    recorder = FlightRecorder("memory")
+    async with (
+        KernelSpace(policy=mediated_policy()) as kernel,
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True
+        ) as service,
+        AMB("memory", where, agent_id="agent-a") as agent,
+        AMB("memory", where, agent_id="agent-b") as receiver,
+    ):
+        got = Collector()
+        await receiver.subscribe(delivery_subject("tasks.>"), got)
+        await agent.publish(ingress_subject("tasks.work"), 1)
+        await got.wait_for(1)
+        assert service.stats.forwarded == 1
+    assert service.client.state is LifecycleState.CLOSED
+
+
+async def test_two_service_instances_forward_each_allowed_message_once(closing: Closing) -> None:
+    where = f"memory://cp-svc-{uuid.uuid4().hex}"
+    recorder = closing(FlightRecorder("memory"))
     services = []
     for i in range(2):
-        kernel = KernelSpace(policy=mediated_policy(), flight_recorder=recorder)
-        service = ControlPlaneService(
-            AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True
+        kernel = closing(KernelSpace(policy=mediated_policy(), flight_recorder=recorder))
+        service = closing(
+            ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True)
         )
         await service.start()
         services.append(service)
-    agent = AMB("memory", where, agent_id="agent-a")
-    receiver = AMB("memory", where, agent_id="agent-b")
-    watcher = AMB("memory", where)
+    agent = closing(AMB("memory", where, agent_id="agent-a"))
+    receiver = closing(AMB("memory", where, agent_id="agent-b"))
+    watcher = closing(AMB("memory", where))
     got, dlq = Collector(), Collector()
     await receiver.subscribe(delivery_subject("tasks.>"), got)
     await watcher.subscribe("_DLQ.>", dlq)
@@ -90,13 +109,15 @@ async def test_two_service_instances_forward_each_allowed_message_once() -> None
         await service.stop()
 
 
-async def test_the_service_enforces_a_senders_signals() -> None:
+async def test_the_service_enforces_a_senders_signals(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    kernel = KernelSpace(policy=mediated_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    kernel = closing(KernelSpace(policy=mediated_policy()))
+    service = closing(
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    )
     await service.start()
-    agent = AMB("memory", where, agent_id="agent-a")
-    receiver = AMB("memory", where, agent_id="agent-b")
+    agent = closing(AMB("memory", where, agent_id="agent-a"))
+    receiver = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
     await receiver.subscribe(delivery_subject("tasks.>"), got)
     await agent.publish(ingress_subject("tasks.work"), 0)
@@ -151,19 +172,19 @@ def reply_policy() -> Policy:
     return policy
 
 
-async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() -> None:
+async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    recorder = FlightRecorder("memory")
+    recorder = closing(FlightRecorder("memory"))
     services = []
     for i in range(2):
-        kernel = KernelSpace(policy=reply_policy(), flight_recorder=recorder)
-        service = ControlPlaneService(
-            AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True
+        kernel = closing(KernelSpace(policy=reply_policy(), flight_recorder=recorder))
+        service = closing(
+            ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True)
         )
         await service.start()
         services.append(service)
-    requester = agent_client(where, "agent-a")
-    responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
+    requester = closing(agent_client(where, "agent-a"))
+    responder = closing(AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()]))
 
     async def answer(message: Any, metadata: Any) -> None:
         await responder.reply(metadata, {"answer": message})
@@ -191,13 +212,15 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request() 
         await service.kernel.close()
 
 
-async def test_forged_late_and_duplicate_replies_are_refused() -> None:
+async def test_forged_late_and_duplicate_replies_are_refused(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    kernel = KernelSpace(policy=reply_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    kernel = closing(KernelSpace(policy=reply_policy()))
+    service = closing(
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    )
     await service.start()
-    requester = AMB("memory", where, agent_id="agent-a")
-    responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
+    requester = closing(AMB("memory", where, agent_id="agent-a"))
+    responder = closing(AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()]))
     inbox = Collector()
     await requester.subscribe("_INBOX.>", inbox)  # whatever reaches any inbox
     got = Collector()
@@ -238,13 +261,15 @@ async def test_forged_late_and_duplicate_replies_are_refused() -> None:
     await kernel.close()
 
 
-async def test_an_envelope_whose_topic_is_not_its_subject_is_refused() -> None:
+async def test_an_envelope_whose_topic_is_not_its_subject_is_refused(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    kernel = KernelSpace(policy=mediated_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    kernel = closing(KernelSpace(policy=mediated_policy()))
+    service = closing(
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    )
     await service.start()
-    agent = AMB("memory", where, agent_id="agent-a")
-    receiver = AMB("memory", where, agent_id="agent-b")
+    agent = closing(AMB("memory", where, agent_id="agent-a"))
+    receiver = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
     await receiver.subscribe(delivery_subject("tasks.>"), got)
     await agent.connect()
@@ -265,14 +290,14 @@ async def test_an_envelope_whose_topic_is_not_its_subject_is_refused() -> None:
 TOKEN = "admin-token-0123456789"
 
 
-async def test_admin_api() -> None:
-    kernel = KernelSpace(policy=mediated_policy())
+async def test_admin_api(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=mediated_policy()))
     where = f"memory://cp-admin-{uuid.uuid4().hex}"
-    bus = AMB("memory", where, agent_id="worker")
+    bus = closing(AMB("memory", where, agent_id="worker"))
     kernel.attach(bus)
     await bus.connect()
     await bus.publish("tasks.x", 1)
-    api = AdminAPI(kernel, TOKEN)
+    api = closing(AdminAPI(kernel, TOKEN))
     port = await api.start()
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -337,25 +362,27 @@ def admin_only_policy() -> Policy:
     return policy
 
 
-async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_verifies() -> None:
+async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_verifies(
+    closing: Closing,
+) -> None:
     """The reproduced finding: after SIGKILL of agent-a, the same client published with
     sender_id="admin" and the service forwarded it. With IATP on the service, a message whose
     sender is not proven never reaches policy: unsigned and re-labelled messages are
     dead-lettered with IATP's reason, counted, and recorded nowhere as an allow."""
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     keys = await identities("control-plane", "agent-a", "agent-b", "admin")
-    kernel = KernelSpace(policy=admin_only_policy())
-    service_client = AMB("memory", where, agent_id="control-plane")
-    service = ControlPlaneService(service_client, kernel, iatp=keys["control-plane"])
+    kernel = closing(KernelSpace(policy=admin_only_policy()))
+    service_client = closing(AMB("memory", where, agent_id="control-plane"))
+    service = closing(ControlPlaneService(service_client, kernel, iatp=keys["control-plane"]))
     assert kernel.policy.require_verified_sender is True  # forced on with IATP
     await service.start()
-    receiver = AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware()])
+    receiver = closing(AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware()]))
     got, dead = Collector(), Collector()
     await receiver.subscribe(delivery_subject("tasks.>"), got)
-    watcher = AMB("memory", where)
+    watcher = closing(AMB("memory", where))
     await watcher.subscribe("_DLQ.>", dead)
-    agent = AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()])
-    admin = AMB("memory", where, agent_id="admin", middleware=[keys["admin"].middleware()])
+    agent = closing(AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()]))
+    admin = closing(AMB("memory", where, agent_id="admin", middleware=[keys["admin"].middleware()]))
 
     await admin.publish(ingress_subject("tasks.work"), "from admin")
     await got.wait_for(1)  # forwarded unchanged: agent-b's own IATP verified admin's signature
@@ -366,7 +393,7 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     await kernel.send_signal("agent-a", AgentSignal.SIGKILL)
     with pytest.raises(SigningRejected):  # agent-a's client holds no key of admin's
         await agent.publish(ingress_subject("tasks.work"), "as admin", sender_id="admin")
-    raw = AMB("memory", where, agent_id="agent-a")
+    raw = closing(AMB("memory", where, agent_id="agent-a"))
     await raw.publish(ingress_subject("tasks.work"), "unsigned as admin", sender_id="admin")
     relabelled = await keys["agent-a"].sign("agent-a", "relabelled", topic=ingress_subject("tasks.work"))
     relabelled = dataclasses.replace(relabelled, sender="admin")
@@ -389,23 +416,25 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     await kernel.close()
 
 
-async def test_replies_pass_a_verifying_service_signed_end_to_end() -> None:
+async def test_replies_pass_a_verifying_service_signed_end_to_end(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     keys = await identities("control-plane", "agent-a", "agent-b")
-    kernel = KernelSpace(policy=admin_only_policy())
-    service = ControlPlaneService(
-        AMB("memory", where, agent_id="control-plane"), kernel, iatp=keys["control-plane"]
+    kernel = closing(KernelSpace(policy=admin_only_policy()))
+    service = closing(
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, iatp=keys["control-plane"]
+        )
     )
     await service.start()
-    responder = AMB(
-        "memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware(), ReplyViaService()]
+    responder = closing(
+        AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware(), ReplyViaService()])
     )
 
     async def answer(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, {"answer": message, "asked_by": metadata.context["iatp"].sender})
 
     await responder.subscribe(delivery_subject("tasks.>"), answer)
-    requester = agent_client(where, "agent-a", [keys["agent-a"].middleware()])
+    requester = closing(agent_client(where, "agent-a", [keys["agent-a"].middleware()]))
     reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
     assert reply == {"answer": 7, "asked_by": "agent-a"}
     assert service.stats.replies_forwarded == 1
@@ -498,17 +527,19 @@ def test_pending_requests_refuse_an_inbox_that_still_waits_for_a_reply() -> None
     assert pending.add("_INBOX.a.2", "req-5", "a", "tasks.ask").request_id == "req-5"
 
 
-async def test_a_request_must_reply_to_an_inbox_of_its_own_sender() -> None:
+async def test_a_request_must_reply_to_an_inbox_of_its_own_sender(closing: Closing) -> None:
     """agent-b cannot have replies routed to agent-a's inbox (nor take over agent-a's pending
     entry), and agent-a cannot reuse an inbox that still waits for a reply."""
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    kernel = KernelSpace(policy=reply_policy())
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    kernel = closing(KernelSpace(policy=reply_policy()))
+    service = closing(
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    )
     await service.start()
-    a = AMB("memory", where, agent_id="agent-a")
-    b = AMB("memory", where, agent_id="agent-b")
+    a = closing(AMB("memory", where, agent_id="agent-a"))
+    b = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
-    await AMB("memory", where, agent_id="agent-c").subscribe(delivery_subject("tasks.>"), got)
+    await closing(AMB("memory", where, agent_id="agent-c")).subscribe(delivery_subject("tasks.>"), got)
     await a.publish(ingress_subject("tasks.ask"), "a's", reply_to="_INBOX.agent-a.1", ttl=5)
     await got.wait_for(1)
     entry = service.pending.get("_INBOX.agent-a.1")
@@ -545,22 +576,24 @@ async def test_a_request_must_reply_to_an_inbox_of_its_own_sender() -> None:
 # -- signals ahead of time -----------------------------------------------------------------------
 
 
-async def test_the_service_signals_an_agent_it_has_not_heard_from_yet() -> None:
+async def test_the_service_signals_an_agent_it_has_not_heard_from_yet(closing: Closing) -> None:
     """The service's kernel is authoritative: SIGSTOP / SIGKILL to an agent that has sent
     nothing yet apply to its first messages (no request on the bus to a kernel nobody runs)."""
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
-    kernel = KernelSpace(policy=mediated_policy(), signal_timeout=5.0)
-    service = ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    kernel = closing(KernelSpace(policy=mediated_policy(), signal_timeout=5.0))
+    service = closing(
+        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+    )
     await service.start()
-    receiver = AMB("memory", where, agent_id="agent-r")
+    receiver = closing(AMB("memory", where, agent_id="agent-r"))
     got = Collector()
     await receiver.subscribe(delivery_subject("tasks.>"), got)
     assert await kernel.send_signal("late-a", AgentSignal.SIGSTOP)  # at once: not a remote request
     assert await kernel.send_signal("late-b", AgentSignal.SIGKILL)
     assert kernel.get_agent_status("late-a").state == "stopped"
     assert kernel.get_agent_status("late-b").state == "terminated"
-    a = AMB("memory", where, agent_id="late-a")
-    b = AMB("memory", where, agent_id="late-b")
+    a = closing(AMB("memory", where, agent_id="late-a"))
+    b = closing(AMB("memory", where, agent_id="late-b"))
     await b.publish(ingress_subject("tasks.work"), "b1")
     await wait_until(lambda: service.client.stats.rejected == 1)  # late-b's first message: dropped
     await a.publish(ingress_subject("tasks.work"), "a1")

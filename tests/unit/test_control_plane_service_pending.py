@@ -19,9 +19,10 @@ from agent_os.services.control_plane_service import (
     ingress_subject,
 )
 from tests.support import wait_until
+from tests.support.closing import Closing
 
 
-async def test_the_service_keeps_the_table_of_pending_requests_it_is_given() -> None:
+async def test_the_service_keeps_the_table_of_pending_requests_it_is_given(closing: Closing) -> None:
     """A table passed as ``pending`` is the service's (and its mediator's) even while empty, as
     it always is at construction, so its bound applies: with ``max_pending=1`` a second request
     evicts the first one's entry, and the first one's reply is dropped as unmatched."""
@@ -29,22 +30,24 @@ async def test_the_service_keeps_the_table_of_pending_requests_it_is_given() -> 
     policy = Policy("mediated", default_action="deny")
     policy.add_rule("allow", Pattern("request", "tasks.ask"))
     policy.add_rule("allow", Pattern("reply", "tasks.ask"))
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     pending = PendingRequests(max_pending=1)
-    service = ControlPlaneService(
-        AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, pending=pending
+    service = closing(
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, pending=pending
+        )
     )
     assert service.pending is pending
     assert service.mediator.pending is pending
     await service.start()
-    responder = AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()])
+    responder = closing(AMB("memory", where, agent_id="agent-b", middleware=[ReplyViaService()]))
     asked: list[Metadata] = []
 
     async def keep(message: Any, metadata: Metadata) -> None:
         asked.append(metadata)  # answered below, once both requests are in
 
     await responder.subscribe(delivery_subject("tasks.ask"), keep)
-    requester = AMB("memory", where, agent_id="agent-a", inbox_prefix=agent_inbox("agent-a"))
+    requester = closing(AMB("memory", where, agent_id="agent-a", inbox_prefix=agent_inbox("agent-a")))
     first = asyncio.create_task(requester.request(ingress_subject("tasks.ask"), "first", timeout=1))
     await wait_until(lambda: len(asked) == 1, what="the first request")
     second = asyncio.create_task(requester.request(ingress_subject("tasks.ask"), "second", timeout=5))

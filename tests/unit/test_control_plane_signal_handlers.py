@@ -27,6 +27,7 @@ from agent_os.control_plane import (
 )
 from agent_os.control_plane.process import AgentProcess
 from tests.support import Collector, memory_url, wait_until
+from tests.support.closing import Closing
 
 Calls = list[tuple[str, str, AgentSignal]]
 
@@ -72,8 +73,8 @@ async def finish(kernel: KernelSpace, agent_id: str, task: asyncio.Task[None]) -
 # -- a dispatcher built with the kernel is the kernel's ------------------------------------------
 
 
-async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_signal() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_signal(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     dispatcher = SignalDispatcher(kernel, queue_size=7, async_delivery=False)
     assert kernel.signals is dispatcher
     assert dispatcher.kernel is kernel
@@ -88,27 +89,26 @@ async def test_a_reference_style_dispatcher_runs_its_handlers_on_kernel_send_sig
 
 
 async def test_a_reference_style_dispatcher_runs_its_sigalrm_handler_on_a_timeout() -> None:
-    kernel = KernelSpace(policy="permissive")
-    dispatcher = SignalDispatcher(kernel)
-    calls: Calls = []
-    recording(dispatcher, calls, "alarm", AgentSignal.SIGALRM)
+    async with KernelSpace(policy="permissive") as kernel:
+        dispatcher = SignalDispatcher(kernel)
+        calls: Calls = []
+        recording(dispatcher, calls, "alarm", AgentSignal.SIGALRM)
 
-    @kernel.register
-    async def slow() -> None:
-        await asyncio.Event().wait()
+        @kernel.register
+        async def slow() -> None:
+            await asyncio.Event().wait()
 
-    with pytest.raises(AgentTimeoutError):
-        await kernel.execute(slow, timeout=0.02)
-    assert [(label, sig) for label, _, sig in calls] == [("alarm", AgentSignal.SIGALRM)]
-    assert calls[0][1] == kernel.current_agent_id
-    await kernel.close()
+        with pytest.raises(AgentTimeoutError):
+            await kernel.execute(slow, timeout=0.02)
+        assert [(label, sig) for label, _, sig in calls] == [("alarm", AgentSignal.SIGALRM)]
+        assert calls[0][1] == kernel.current_agent_id
 
 
-async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
+async def test_the_reference_handlers_run_on_a_rules_on_violation(closing: Closing) -> None:
     """The reference's two handlers, as written, on a dispatcher built the reference's way; the
     signals come from the policy (``on_violation``), not from the dispatcher."""
-    flight_recorder = FlightRecorder(storage="memory")
-    kernel = KernelSpace(policy=open_policy(), flight_recorder=flight_recorder)
+    flight_recorder = closing(FlightRecorder(storage="memory"))
+    kernel = closing(KernelSpace(policy=open_policy(), flight_recorder=flight_recorder))
     dispatcher = SignalDispatcher(kernel, queue_size=1000, async_delivery=True)
     ran: list[str] = []
 
@@ -127,7 +127,7 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
         state = await agent.get_state()
         await flight_recorder.log_state_dump(agent_id, state)
 
-    rogue = AMB("memory", memory_url("signals"), agent_id="rogue")
+    rogue = closing(AMB("memory", memory_url("signals"), agent_id="rogue"))
     kernel.attach(rogue)
     await rogue.connect()
     process = kernel.get_agent("rogue")
@@ -161,24 +161,26 @@ async def test_the_reference_handlers_run_on_a_rules_on_violation() -> None:
     await kernel.close()
 
 
-async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_the_bus() -> None:
+async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_the_bus(
+    closing: Closing,
+) -> None:
     where = memory_url("signals")
-    remote_kernel = KernelSpace(policy=open_policy())
+    remote_kernel = closing(KernelSpace(policy=open_policy()))
     dispatcher = SignalDispatcher(remote_kernel, async_delivery=False)
     calls: Calls = []
     recording(dispatcher, calls, "usr1", AgentSignal.SIGUSR1)
     recording(dispatcher, calls, "usr2", AgentSignal.SIGUSR2)
-    remote = AMB("memory", where, agent_id="remote-agent")
+    remote = closing(AMB("memory", where, agent_id="remote-agent"))
     remote_kernel.attach(remote)
     await remote.connect()
     # A plain client's request on the agent's control subject.
-    plain = AMB("memory", where, agent_id="supervisor")
+    plain = closing(AMB("memory", where, agent_id="supervisor"))
     reply = await plain.request(control_subject("remote-agent"), {"signal": "SIGUSR1"})
     assert reply == {"ok": True}
     assert calls == [("usr1", "remote-agent", AgentSignal.SIGUSR1)]  # before the reply
     # Another kernel's send_signal for an agent it does not have goes the same way.
-    local_kernel = KernelSpace(policy=open_policy())
-    local = AMB("memory", where, agent_id="local")
+    local_kernel = closing(KernelSpace(policy=open_policy()))
+    local = closing(AMB("memory", where, agent_id="local"))
     local_kernel.attach(local)
     await local.connect()
     assert await local_kernel.send_signal("remote-agent", AgentSignal.SIGUSR2)
@@ -194,8 +196,8 @@ async def test_a_reference_style_dispatcher_runs_its_handlers_on_signals_over_th
     await remote_kernel.close()
 
 
-async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     default = kernel.signals
     calls: Calls = []
     recording(default, calls, "default", AgentSignal.SIGUSR1)
@@ -220,13 +222,13 @@ async def test_two_dispatchers_bound_to_one_kernel_share_their_handlers() -> Non
     await finish(kernel, aid, task)
 
 
-async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers() -> None:
+async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers(closing: Closing) -> None:
     early = SignalDispatcher(None, queue_size=2, async_delivery=False)
     calls: Calls = []
     recording(early, calls, "early", AgentSignal.SIGUSR2)
     with pytest.raises(SignalError, match="not bound"):
         await early.send("anyone", AgentSignal.SIGUSR2)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=early)
+    kernel = closing(KernelSpace(policy="permissive", signal_dispatcher=early))
     assert kernel.signals is early
     assert early.kernel is kernel
     aid, task = await start_idle(kernel)
@@ -242,9 +244,9 @@ async def test_a_dispatcher_created_before_the_kernel_keeps_its_handlers() -> No
     await finish(kernel, aid, task)
 
 
-async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue() -> None:
-    kernel = KernelSpace(policy=open_policy())
-    agent = AMB("memory", memory_url("signals"), agent_id="agent")
+async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
+    agent = closing(AMB("memory", memory_url("signals"), agent_id="agent"))
     kernel.attach(agent)  # before the dispatcher: its hold queue is bounded by it too
     await agent.connect()
     SignalDispatcher(kernel, queue_size=2)
@@ -263,52 +265,51 @@ async def test_the_adopted_dispatchers_queue_size_bounds_every_hold_queue() -> N
 
 
 async def test_get_state_is_the_status_and_what_the_agent_published() -> None:
-    kernel = KernelSpace(policy="permissive")
-    with pytest.raises(AgentNotFound):
-        _ = kernel.current_agent
-    published = asyncio.Event()
-    go_on = asyncio.Event()
+    async with KernelSpace(policy="permissive") as kernel:
+        with pytest.raises(AgentNotFound):
+            _ = kernel.current_agent
+        published = asyncio.Event()
+        go_on = asyncio.Event()
 
-    @kernel.register(permissions=["write", "read"])
-    async def worker() -> str:
-        kernel.current_agent.data["step"] = 1
-        published.set()
-        await go_on.wait()
-        kernel.current_agent.data["step"] = 2
-        return "done"
+        @kernel.register(permissions=["write", "read"])
+        async def worker() -> str:
+            kernel.current_agent.data["step"] = 1
+            published.set()
+            await go_on.wait()
+            kernel.current_agent.data["step"] = 2
+            return "done"
 
-    task = asyncio.create_task(kernel.execute(worker))
-    await published.wait()
-    aid = kernel.current_agent_id or ""
-    agent = kernel.get_agent(aid)
-    status = kernel.get_agent_status(aid)
-    state = await agent.get_state()
-    assert state == {
-        "id": aid,
-        "name": "worker",
-        "state": "running",
-        "started_at": status.started_at.isoformat(),
-        "actions_count": 0,
-        "violations_count": 0,
-        "parent_id": None,
-        "permissions": ["read", "write"],
-        "held": 0,
-        "data": {"step": 1},
-    }
-    state["data"]["step"] = 99
-    assert agent.data == {"step": 1}  # get_state returns a copy
-    await kernel.send_signal(aid, AgentSignal.SIGSTOP)
-    assert (await agent.get_state())["state"] == "stopped"
-    await kernel.send_signal(aid, AgentSignal.SIGCONT)
-    go_on.set()
-    assert await task == "done"
-    final = await agent.get_state()
-    assert (final["state"], final["data"]) == ("terminated", {"step": 2})
-    await kernel.close()
+        task = asyncio.create_task(kernel.execute(worker))
+        await published.wait()
+        aid = kernel.current_agent_id or ""
+        agent = kernel.get_agent(aid)
+        status = kernel.get_agent_status(aid)
+        state = await agent.get_state()
+        assert state == {
+            "id": aid,
+            "name": "worker",
+            "state": "running",
+            "started_at": status.started_at.isoformat(),
+            "actions_count": 0,
+            "violations_count": 0,
+            "parent_id": None,
+            "permissions": ["read", "write"],
+            "held": 0,
+            "data": {"step": 1},
+        }
+        state["data"]["step"] = 99
+        assert agent.data == {"step": 1}  # get_state returns a copy
+        await kernel.send_signal(aid, AgentSignal.SIGSTOP)
+        assert (await agent.get_state())["state"] == "stopped"
+        await kernel.send_signal(aid, AgentSignal.SIGCONT)
+        go_on.set()
+        assert await task == "done"
+        final = await agent.get_state()
+        assert (final["state"], final["data"]) == ("terminated", {"step": 2})
 
 
-async def test_save_state_records_one_state_saved_record_and_returns_it() -> None:
-    kernel = KernelSpace(policy="permissive")
+async def test_save_state_records_one_state_saved_record_and_returns_it(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy="permissive"))
     aid, task = await start_idle(kernel)
     agent = kernel.get_agent(aid)
     agent.data.update(step=3, cursor="abc")
@@ -326,11 +327,11 @@ async def test_save_state_records_one_state_saved_record_and_returns_it() -> Non
     await finish(kernel, aid, task)
 
 
-async def test_cleanup_runs_the_callbacks_once_and_leaves_the_agent_working() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_cleanup_runs_the_callbacks_once_and_leaves_the_agent_working(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("signals")
-    agent = AMB("memory", where, agent_id="agent")
-    peer = AMB("memory", where, agent_id="peer")
+    agent = closing(AMB("memory", where, agent_id="agent"))
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(agent)
     got = Collector()
     await agent.subscribe("tasks.in", got)
@@ -382,56 +383,55 @@ async def test_cleanup_runs_every_callback_and_then_raises_the_failures() -> Non
 
 async def test_sigterm_runs_the_cleanups_no_handler_ran_and_a_veto_or_sigkill_runs_none() -> None:
     dispatcher = SignalDispatcher(None, async_delivery=False)
-    kernel = KernelSpace(policy="permissive", signal_dispatcher=dispatcher)
-    veto = True
+    async with KernelSpace(policy="permissive", signal_dispatcher=dispatcher) as kernel:
+        veto = True
 
-    @dispatcher.register_handler(AgentSignal.SIGTERM)
-    async def maybe(agent_id: str, signal: AgentSignal) -> bool:
-        return not veto
+        @dispatcher.register_handler(AgentSignal.SIGTERM)
+        async def maybe(agent_id: str, signal: AgentSignal) -> bool:
+            return not veto
 
-    closed: list[str] = []
-    aid, task = await start_idle(kernel)
-    kernel.get_agent(aid).add_cleanup(lambda: closed.append(aid))
-    assert not await kernel.send_signal(aid, AgentSignal.SIGTERM)  # vetoed
-    assert closed == []
-    assert kernel.get_agent_status(aid).state == "running"
-    veto = False
-    assert await kernel.send_signal(aid, AgentSignal.SIGTERM)
-    assert closed == [aid]  # no handler cleaned up: the kernel did, before terminating
-    with pytest.raises(AgentStoppedError):
-        await task
+        closed: list[str] = []
+        aid, task = await start_idle(kernel)
+        kernel.get_agent(aid).add_cleanup(lambda: closed.append(aid))
+        assert not await kernel.send_signal(aid, AgentSignal.SIGTERM)  # vetoed
+        assert closed == []
+        assert kernel.get_agent_status(aid).state == "running"
+        veto = False
+        assert await kernel.send_signal(aid, AgentSignal.SIGTERM)
+        assert closed == [aid]  # no handler cleaned up: the kernel did, before terminating
+        with pytest.raises(AgentStoppedError):
+            await task
 
-    killed, killed_task = await start_idle(kernel)
-    kernel.get_agent(killed).add_cleanup(lambda: closed.append(killed))
-    assert await kernel.send_signal(killed, AgentSignal.SIGKILL)
-    with pytest.raises(AgentStoppedError):
-        await killed_task
-    assert closed == [aid]  # SIGKILL runs no cleanup
+        killed, killed_task = await start_idle(kernel)
+        kernel.get_agent(killed).add_cleanup(lambda: closed.append(killed))
+        assert await kernel.send_signal(killed, AgentSignal.SIGKILL)
+        with pytest.raises(AgentStoppedError):
+            await killed_task
+        assert closed == [aid]  # SIGKILL runs no cleanup
 
-    failing, failing_task = await start_idle(kernel)
+        failing, failing_task = await start_idle(kernel)
 
-    def broken() -> None:
-        raise OSError("disk gone")
+        def broken() -> None:
+            raise OSError("disk gone")
 
-    kernel.get_agent(failing).add_cleanup(broken)
-    assert await kernel.send_signal(failing, AgentSignal.SIGTERM)
-    with pytest.raises(AgentStoppedError):
-        await failing_task  # terminated all the same
-    outcomes = [
-        (s.data["outcome"], s.data["detail"])
-        for s in await kernel.recorder.query(event_type="signal", agent_id=failing)
-    ]
-    assert outcomes[0] == ("delivered", "")
-    assert outcomes[1][0] == "cleanup_error"
-    assert "disk gone" in outcomes[1][1]
-    await kernel.close()
+        kernel.get_agent(failing).add_cleanup(broken)
+        assert await kernel.send_signal(failing, AgentSignal.SIGTERM)
+        with pytest.raises(AgentStoppedError):
+            await failing_task  # terminated all the same
+        outcomes = [
+            (s.data["outcome"], s.data["detail"])
+            for s in await kernel.recorder.query(event_type="signal", agent_id=failing)
+        ]
+        assert outcomes[0] == ("delivered", "")
+        assert outcomes[1][0] == "cleanup_error"
+        assert "disk gone" in outcomes[1][1]
 
 
-async def test_a_bus_agents_handler_publishes_its_state() -> None:
-    kernel = KernelSpace(policy=open_policy())
+async def test_a_bus_agents_handler_publishes_its_state(closing: Closing) -> None:
+    kernel = closing(KernelSpace(policy=open_policy()))
     where = memory_url("signals")
-    agent = AMB("memory", where, agent_id="counter")
-    peer = AMB("memory", where, agent_id="peer")
+    agent = closing(AMB("memory", where, agent_id="counter"))
+    peer = closing(AMB("memory", where, agent_id="peer"))
     kernel.attach(agent)
 
     async def count(message: int, metadata: Metadata) -> None:

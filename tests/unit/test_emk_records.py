@@ -34,6 +34,7 @@ from agent_os.emk.records import (
     micros,
     relevance,
 )
+from tests.support.closing import Closing
 
 FIELDS: dict[str, Any] = {
     "id": "6f1c1a53-9a53-4a1e-9d7e-1f0f7b9c7a10",
@@ -187,16 +188,16 @@ def test_bad_configuration_is_refused_up_front() -> None:
         EMK("postgresql", "postgresql://x/y", embedding_model="hashing", namespace="bad name; drop")
 
 
-async def test_a_closed_emk_refuses_calls() -> None:
-    emk = EMK("memory", embedding_model="hashing")
+async def test_a_closed_emk_refuses_calls(closing: Closing) -> None:
+    emk = closing(EMK("memory", embedding_model="hashing"))
     await emk.store("a1", "x")
     await emk.close()
     with pytest.raises(StateError):
         await emk.search("a1", "x")
 
 
-async def test_memory_storage_checks_the_content_hash_on_read() -> None:
-    emk = EMK("memory", embedding_model="hashing")
+async def test_memory_storage_checks_the_content_hash_on_read(closing: Closing) -> None:
+    emk = closing(EMK("memory", embedding_model="hashing"))
     record = await emk.store("a1", "User prefers dark mode.")
     store = emk._store
     assert isinstance(store, MemoryStore)

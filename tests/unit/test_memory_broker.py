@@ -10,11 +10,12 @@ import pytest
 from agent_os.amb import CapabilityNotSupported, ConfigError, Delivery, StateError
 from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import memory_url, wait_until
+from tests.support.closing import Closing
 
 
-async def test_publisher_waits_while_a_subscriber_queue_is_full() -> None:
+async def test_publisher_waits_while_a_subscriber_queue_is_full(closing: Closing) -> None:
     u = memory_url("mb")
-    broker = MemoryBroker(u, max_pending=4)
+    broker = closing(MemoryBroker(u, max_pending=4))
     await broker.connect()
     release = asyncio.Event()
     handled: list[bytes] = []
@@ -43,8 +44,8 @@ async def _publish_many(broker: MemoryBroker, n: int) -> None:
         await broker.publish("bp.x", str(i).encode())
 
 
-async def test_idle_subscriptions_do_not_wake_up() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_idle_subscriptions_do_not_wake_up(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     calls = 0
 
@@ -68,10 +69,10 @@ async def test_idle_subscriptions_do_not_wake_up() -> None:
     await broker.close()
 
 
-async def test_queue_group_skips_a_full_member() -> None:
+async def test_queue_group_skips_a_full_member(closing: Closing) -> None:
     u = memory_url("mb")
-    slow_broker = MemoryBroker(u, max_pending=1)
-    fast_broker = MemoryBroker(u, max_pending=1000)
+    slow_broker = closing(MemoryBroker(u, max_pending=1))
+    fast_broker = closing(MemoryBroker(u, max_pending=1000))
     for b in (slow_broker, fast_broker):
         await b.connect()
     gate = asyncio.Event()
@@ -97,8 +98,8 @@ async def test_queue_group_skips_a_full_member() -> None:
         await b.close()
 
 
-async def test_nack_redelivers_with_attempt_count() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_nack_redelivers_with_attempt_count(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     attempts: list[int] = []
 
@@ -115,8 +116,8 @@ async def test_nack_redelivers_with_attempt_count() -> None:
     await broker.close()
 
 
-async def test_close_cancels_a_handler_stuck_past_the_timeout() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_close_cancels_a_handler_stuck_past_the_timeout(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     started = asyncio.Event()
     cancelled = False
@@ -139,8 +140,8 @@ async def test_close_cancels_a_handler_stuck_past_the_timeout() -> None:
     assert cancelled
 
 
-async def test_unsubscribe_from_inside_the_handler() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_unsubscribe_from_inside_the_handler(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     seen: list[bytes] = []
     subs = []
@@ -164,8 +165,8 @@ async def test_unsubscribe_from_inside_the_handler() -> None:
     await broker.close()
 
 
-async def test_messages_without_subscribers_are_counted() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_messages_without_subscribers_are_counted(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     await broker.publish("nobody.home", b"x")
     server = memory_server(broker.server_name)
@@ -175,8 +176,8 @@ async def test_messages_without_subscribers_are_counted() -> None:
     assert memory_server(broker.server_name) is None
 
 
-async def test_durable_is_refused_and_state_is_checked() -> None:
-    broker = MemoryBroker(memory_url("mb"))
+async def test_durable_is_refused_and_state_is_checked(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
     with pytest.raises(StateError, match="connect"):
         await broker.publish("x", b"")
     await broker.connect()
@@ -219,9 +220,9 @@ def test_compiled_patterns_answer_like_matches() -> None:
         assert [bool(match(s)) for s in subjects] == [matches(pattern, s) for s in subjects], pattern
 
 
-async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> None:
+async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard(closing: Closing) -> None:
     u = memory_url("mb")
-    broker = MemoryBroker(u)
+    broker = closing(MemoryBroker(u))
     await broker.connect()
     got: list[str] = []
 
@@ -238,10 +239,10 @@ async def test_replies_to_fresh_inbox_subjects_reach_the_inbox_wildcard() -> Non
     await broker.close()
 
 
-async def test_a_stray_cancelled_error_from_a_handler_does_not_end_the_subscription() -> None:
+async def test_a_stray_cancelled_error_from_a_handler_does_not_end_the_subscription(closing: Closing) -> None:
     """A handler that lets out the CancelledError of something it awaited, its own task not
     being cancelled: counted like any handler error; the next message is still delivered."""
-    broker = MemoryBroker(memory_url("mb"))
+    broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     handled: list[bytes] = []
 
