@@ -10,6 +10,7 @@ A service's ``main`` command collects its options and hands a coroutine to :func
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -30,6 +31,8 @@ NONCE_STORE_ENV: Final = "AGENTOS_NONCE_STORE"
 """The environment variable that may hold ``--nonce-store`` (a Redis URL may carry a password)."""
 NONCE_STORE_SCHEMES: Final = ("redis", "rediss")
 NONCE_PREFIX: Final = "iatp:nonce:"
+KEY_REFRESH: Final = 1.0
+"""Seconds between two reads of a service's key store for revocations (``--key-refresh``)."""
 PROCESS_ERRORS: Final[tuple[type[Exception], ...]] = (BusError, IATPError, ValueError, OSError, ImportError)
 """Errors a service reports as ``Error: <Type>: <message>`` (exit 1) instead of a traceback."""
 
@@ -85,6 +88,7 @@ class Verification:
     trust_bus: bool = False
     nonce_store: str | None = field(default=None, repr=False)
     nonce_prefix: str = NONCE_PREFIX
+    key_refresh: float = KEY_REFRESH
 
     async def open(self, agent_id: str) -> IATP | None:
         """The service's IATP (None with ``trust_bus``), its key store open and, with
@@ -123,19 +127,40 @@ class Verification:
 
     @asynccontextmanager
     async def opened(self, agent_id: str) -> AsyncIterator[IATP | None]:
-        """:meth:`open` for the block, then :meth:`close`."""
+        """:meth:`open` for the block, then :meth:`close`. Inside it the key store is read
+        every ``key_refresh`` seconds (:meth:`agent_os.iatp.IATP.watch_keys`), so a key revoked
+        there by another process is refused within that time (``docs/services.md``,
+        "Revoking a key")."""
         iatp = await self.open(agent_id)
+        watch: asyncio.Task[None] | None = None
         try:
+            if iatp is not None:
+                watch = asyncio.get_running_loop().create_task(iatp.watch_keys(self.key_refresh))
             yield iatp
         finally:
-            await self.close(iatp)
+            try:
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+            finally:
+                await self.close(iatp)
 
 
 def verification_options(command: F) -> F:
-    """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL`` and ``--nonce-prefix``
-    to a service command (its callback gets ``identities``, ``trust_bus``, ``nonce_store`` and
-    ``nonce_prefix``; turn them into a :class:`Verification` with
-    :func:`verification_from_options`, which checks them)."""
+    """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL``, ``--nonce-prefix``
+    and ``--key-refresh`` to a service command (its callback gets ``identities``,
+    ``trust_bus``, ``nonce_store``, ``nonce_prefix`` and ``key_refresh``; turn them into a
+    :class:`Verification` with :func:`verification_from_options`, which checks them)."""
+    command = click.option(
+        "--key-refresh",
+        type=click.FloatRange(0.05, 60),
+        default=KEY_REFRESH,
+        show_default=True,
+        metavar="SECONDS",
+        help="Read the --identities key store this often for keys revoked there by another process: "
+        "they are refused within this time. Unreadable for 3 periods: every message is refused.",
+    )(command)
     command = click.option(
         "--nonce-prefix",
         default=NONCE_PREFIX,
@@ -171,6 +196,7 @@ def verification_from_options(
     trust_bus: bool,
     nonce_store: str | None = None,
     nonce_prefix: str = NONCE_PREFIX,
+    key_refresh: float = KEY_REFRESH,
 ) -> Verification:
     """Check the verification options. Raises click.UsageError for neither or both of
     ``--identities`` and ``--trust-bus``, for ``--identities`` without the passphrase variable,
@@ -198,7 +224,9 @@ def verification_from_options(
     passphrase = os.environ.get(PASSPHRASE_ENV)
     if not passphrase:
         raise click.UsageError(f"--identities needs the key store's passphrase in {PASSPHRASE_ENV}")
-    return Verification(identities, passphrase, nonce_store=nonce_store, nonce_prefix=nonce_prefix)
+    return Verification(
+        identities, passphrase, nonce_store=nonce_store, nonce_prefix=nonce_prefix, key_refresh=key_refresh
+    )
 
 
 def service_client(broker: str, agent_id: str, iatp: IATP | None) -> AMB:

@@ -18,7 +18,7 @@ import click
 from agent_os.amb import AMB, Metadata, Subscription
 from agent_os.amb.replies import ERROR_HEADER
 from agent_os.emk import EMK, EMKError, MemoryRecord
-from agent_os.iatp import IATP
+from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._process import (
     log_level_option,
@@ -49,9 +49,12 @@ class MemoryService:
     ``amb`` should carry the IATP middleware (``iatp.middleware()``): a request is answered
     for its verified sender, and one without a valid IATP result is refused
     (``Unauthenticated``). ``trust_bus=True`` takes the envelope's claimed sender instead when
-    there is no IATP result: only for a broker whose ACLs already authenticate senders. Start
-    with ``await service.start()`` (or ``async with``); ``stop()`` unsubscribes, letting
-    in-flight requests finish; neither the bus client nor the EMK is closed by the service.
+    there is no IATP result: only for a broker whose ACLs already authenticate senders. The
+    operation is the signed topic's: a request delivered on another subject is refused
+    (``wrong_subject`` by IATP, ``WrongSubject`` without it), and every subject shares one
+    replay scope, ``replay_scope`` (the queue group). Start with ``await service.start()`` (or
+    ``async with``); ``stop()`` unsubscribes, letting in-flight requests finish; neither the bus
+    client nor the EMK is closed by the service.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MemoryService:
         self.prefix = prefix
         self.concurrency = concurrency
         self.trust_bus = trust_bus
+        self.replay_scope = prefix
         self.stats: Counter[str] = Counter()
         self._subs: list[Subscription] = []
         self._ops: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
@@ -90,7 +94,11 @@ class MemoryService:
         for op in OPERATIONS:
             handler = self._handler(op)
             sub = await self.amb.subscribe(
-                f"{self.prefix}.{op}", handler, queue=self.prefix, concurrency=self.concurrency
+                f"{self.prefix}.{op}",
+                handler,
+                queue=self.prefix,
+                concurrency=self.concurrency,
+                context=self._context,
             )
             self._subs.append(sub)
 
@@ -107,6 +115,12 @@ class MemoryService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    @property
+    def _context(self) -> dict[str, Any]:
+        # IATP's options for every subject: bound to the signed topic, one replay scope, and
+        # unsigned requests let through to be answered "Unauthenticated" (not left to time out).
+        return {BIND_TOPIC: True, REPLAY_SCOPE: self.replay_scope, ACCEPT_UNSIGNED: True}
+
     def _handler(self, op: str) -> Callable[[Any, Metadata], Awaitable[None]]:
         async def handle(message: Any, metadata: Metadata) -> None:
             await self._handle(op, message, metadata)
@@ -116,6 +130,10 @@ class MemoryService:
     async def _handle(self, op: str, message: Any, metadata: Metadata) -> None:
         self.stats[f"requests.{op}"] += 1
         try:
+            if metadata.topic != metadata.subject:
+                raise RequestError(
+                    "WrongSubject", f"the request was signed for {str(metadata.topic)[:200]!r}, not {op}"
+                )
             try:
                 agent_id = sender_identity(metadata, trust_bus=self.trust_bus)
             except Unauthenticated as exc:
@@ -337,9 +355,10 @@ def main(
     agent_id: str,
     concurrency: int,
     log_level: str,
+    key_refresh: float,
 ) -> None:
     """Run the memory service (EMK over the bus) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
 
     async def serve_process() -> None:
         emk = EMK(storage, dsn, embedding_model, isolation, namespace=namespace)

@@ -7,6 +7,7 @@ over the bus, and :func:`request_verification` to ask it. Requests, replies, err
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ import click
 
 from agent_os.amb import AMB, Metadata, Subscription
 from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
-from agent_os.iatp import IATP
+from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._process import (
     log_level_option,
@@ -32,11 +33,19 @@ log = logging.getLogger("agent_os.services.verifier")
 
 VERIFY_SUBJECT: Final = "cmvk.verify"
 QUEUE_GROUP: Final = "cmvk-verifiers"
+MAX_TEXT_BYTES: Final = 65_536
+"""Default bound on each of a request's prompt, response and context, in bytes as sent to the
+models (UTF-8 of a string; JSON of any other value)."""
 
 
 class InvalidVerifyRequest(CMVKError, ValueError):
     """A ``cmvk.verify`` request that is not ``{"prompt", "response", "context"?}``, or the
     error reply a client received for one."""
+
+
+class RequestTooLarge(InvalidVerifyRequest):
+    """A ``cmvk.verify`` request whose prompt, response or context exceeds the service's
+    ``max_text_bytes`` (nothing of it was sent to any model), or the error reply for one."""
 
 
 class VerifierRefused(CMVKError, PermissionError):
@@ -53,6 +62,8 @@ class VerifierStats:
     invalid: int = 0
     failed: int = 0
     unauthenticated: int = 0
+    too_large: int = 0
+    wrong_subject: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -76,13 +87,40 @@ def parse_request(message: Any) -> tuple[Any, Any, dict[str, Any] | None]:
     return message["prompt"], message["response"], context
 
 
+def check_sizes(prompt: Any, response: Any, context: dict[str, Any] | None, limit: int) -> None:
+    """Raise RequestTooLarge when the prompt, the response or the context is longer than
+    ``limit`` bytes as the models would get it (UTF-8 of a string, JSON of anything else, as
+    CMVK serializes it)."""
+    for name, value in (("prompt", prompt), ("response", response), ("context", context)):
+        size = _text_bytes(value, limit)
+        if size > limit:
+            raise RequestTooLarge(f"the {name} is larger than the limit of {limit} bytes")
+
+
+def _text_bytes(value: Any, limit: int) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        # A character is at most 4 UTF-8 bytes: long strings are refused without encoding.
+        return len(value) if len(value) > limit else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    try:
+        return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError):
+        return limit + 1  # what cannot be measured is not sent
+
+
 class VerifierService:
     """Serves ``subject`` (default ``cmvk.verify``) on ``bus`` with ``cmvk``.
 
     ``concurrency`` requests are verified at once per instance. ``start`` subscribes (in the
     queue group, so instances share requests); ``stop`` drains in-flight verifications.
     ``bus`` should carry the IATP middleware; ``trust_bus=True`` takes the envelope's claimed
-    sender when there is no IATP result (``docs/services.md``, "The verifier service").
+    sender when there is no IATP result (``docs/services.md``, "The verifier service"). A
+    request must be signed for ``subject`` (else ``wrong_subject``), its nonces are remembered
+    under ``replay_scope`` (the queue group), and its prompt, response and context may have
+    ``max_text_bytes`` each (else ``too_large``, and no model is asked).
     """
 
     def __init__(
@@ -94,9 +132,14 @@ class VerifierService:
         queue: str | None = QUEUE_GROUP,
         concurrency: int = 8,
         trust_bus: bool = False,
+        max_text_bytes: int = MAX_TEXT_BYTES,
     ) -> None:
+        if max_text_bytes < 1:
+            raise CMVKConfigError("max_text_bytes must be at least 1")
         self.bus = bus
         self.trust_bus = trust_bus
+        self.max_text_bytes = max_text_bytes
+        self.replay_scope = queue or subject
         self.cmvk = cmvk
         self.subject = subject
         self.queue = queue
@@ -111,7 +154,13 @@ class VerifierService:
         if self._sub is None:
             await self.cmvk.warm()
             self._sub = await self.bus.subscribe(
-                self.subject, self._on_request, queue=self.queue, concurrency=self.concurrency
+                self.subject,
+                self._on_request,
+                queue=self.queue,
+                concurrency=self.concurrency,
+                # Bound to the signed topic, one replay scope, and unsigned requests let through
+                # to be answered "unauthenticated" rather than left to time out.
+                context={BIND_TOPIC: True, REPLAY_SCOPE: self.replay_scope, ACCEPT_UNSIGNED: True},
             )
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -127,8 +176,17 @@ class VerifierService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def _refuse(self, metadata: Metadata, error: str, reason: str) -> None:
+        if metadata.reply_to:
+            await self.bus.reply(metadata, {"ok": False, "error": error, "reason": reason})
+
     async def _on_request(self, message: Any, metadata: Metadata) -> None:
         self.stats.requests += 1
+        if metadata.topic != metadata.subject:  # without IATP (trust_bus), the claimed topic
+            self.stats.wrong_subject += 1
+            log.warning("refused cmvk.verify request %s: signed for another topic", metadata.id)
+            await self._refuse(metadata, "wrong_subject", f"the request's topic is not {self.subject}")
+            return
         try:
             caller = sender_identity(metadata, trust_bus=self.trust_bus)
         except Unauthenticated as exc:
@@ -136,16 +194,20 @@ class VerifierService:
             log.warning(
                 "refused cmvk.verify request %s (claimed sender %r): %s", metadata.id, metadata.sender, exc
             )
-            if metadata.reply_to:
-                await self.bus.reply(metadata, {"ok": False, "error": "unauthenticated", "reason": str(exc)})
+            await self._refuse(metadata, "unauthenticated", str(exc))
             return
         try:
             prompt, response, context = parse_request(message)
+            check_sizes(prompt, response, context, self.max_text_bytes)
+        except RequestTooLarge as exc:
+            self.stats.too_large += 1
+            log.warning("too large cmvk.verify request %s from %s: %s", metadata.id, caller, exc)
+            await self._refuse(metadata, "too_large", str(exc))
+            return
         except InvalidVerifyRequest as exc:
             self.stats.invalid += 1
             log.warning("invalid cmvk.verify request %s from %s: %s", metadata.id, caller, exc)
-            if metadata.reply_to:
-                await self.bus.reply(metadata, {"ok": False, "error": "invalid_request", "reason": str(exc)})
+            await self._refuse(metadata, "invalid_request", str(exc))
             return
         try:
             result = await self.cmvk.verify(prompt, response, context)
@@ -178,7 +240,8 @@ async def request_verification(
 ) -> dict[str, Any]:
     """Ask a verifier service over ``bus``; return the result dict (``docs/services.md``).
 
-    Raises InvalidVerifyRequest when the service refused the request as malformed,
+    Raises RequestTooLarge (an InvalidVerifyRequest) when the service refused the request as
+    beyond its size limit, InvalidVerifyRequest when it refused it as malformed,
     VerifierRefused when it could not establish the sender, CMVKError when its verification
     failed, and the bus's RequestTimeout when no service answered in ``timeout``.
     """
@@ -187,6 +250,8 @@ async def request_verification(
     )
     if not isinstance(reply, dict) or not reply.get("ok"):
         reason = reply.get("reason") if isinstance(reply, dict) else repr(reply)
+        if isinstance(reply, dict) and reply.get("error") == "too_large":
+            raise RequestTooLarge(str(reason))
         if isinstance(reply, dict) and reply.get("error") == "invalid_request":
             raise InvalidVerifyRequest(str(reason))
         if isinstance(reply, dict) and reply.get("error") == "unauthenticated":
@@ -220,6 +285,7 @@ async def serve(
     agent_id: str = "verifier-service",
     concurrency: int = 8,
     stop: asyncio.Event | None = None,
+    max_text_bytes: int = MAX_TEXT_BYTES,
 ) -> VerifierService:
     """Serve ``cmvk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
     finish the verifications in flight and close the bus client. With ``iatp`` (holding the
@@ -232,7 +298,13 @@ async def serve(
     require_verification(iatp is not None, trust_bus, "verifier service")
     client = service_client(broker, agent_id, iatp)
     service = VerifierService(
-        client, cmvk, subject=subject, queue=queue, concurrency=concurrency, trust_bus=trust_bus
+        client,
+        cmvk,
+        subject=subject,
+        queue=queue,
+        concurrency=concurrency,
+        trust_bus=trust_bus,
+        max_text_bytes=max_text_bytes,
     )
     async with stop_signals(stop) as stopping:
         try:
@@ -292,6 +364,13 @@ async def serve(
 @click.option("--queue", default=QUEUE_GROUP, show_default=True, help="Queue group shared by instances.")
 @click.option("--agent-id", default="verifier-service", show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--max-text-bytes",
+    type=click.IntRange(min=1),
+    default=MAX_TEXT_BYTES,
+    show_default=True,
+    help="Largest prompt, response and context of a request (bytes each, as sent to the models).",
+)
 @log_level_option
 def main(
     broker: str,
@@ -311,10 +390,12 @@ def main(
     queue: str,
     agent_id: str,
     concurrency: int,
+    max_text_bytes: int,
     log_level: str,
+    key_refresh: float,
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
 
     async def serve_process() -> None:
         cmvk = CMVK(
@@ -337,6 +418,7 @@ def main(
                 queue=queue,
                 agent_id=agent_id,
                 concurrency=concurrency,
+                max_text_bytes=max_text_bytes,
             )
 
     run(serve_process, log_level=log_level, errors=(CMVKError,))

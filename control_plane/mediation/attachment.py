@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent_os.amb.errors import BusError
+from agent_os.amb.errors import BusError, MessageRejected
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import KernelError
 from agent_os.control_plane.mediation.control import control_subject
 from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.control_plane.mediation.protocols import MediatedKernel
+from agent_os.iatp.middleware import BIND_TOPIC
 
 if TYPE_CHECKING:
     from agent_os.amb import AMB, Metadata
@@ -68,7 +69,12 @@ class BusAttachment:
         client.add_middleware(mediator)
         proc.clients.append(client)
         self.clients.append(client)
-        client.subscribe(control_subject(aid))(functools.partial(self._on_control, client, aid))
+        # Bound to the signed topic: IATP refuses a signal moved from another agent's subject
+        # before the mediator records a decision on it (the handler checks too, for a bus
+        # without IATP).
+        client.subscribe(control_subject(aid), context={BIND_TOPIC: True})(
+            functools.partial(self._on_control, client, aid)
+        )
         return mediator
 
     async def send_remote(self, agent_id: str, signal: AgentSignal, sender: str | None) -> bool:
@@ -99,6 +105,13 @@ class BusAttachment:
         return isinstance(reply, dict) and reply.get("ok") is True
 
     async def _on_control(self, client: AMB, agent_id: str, message: Any, metadata: Metadata) -> None:
+        if metadata.topic != metadata.subject:
+            # The policy judged the signal by its (signed) topic; the subject names the agent it
+            # would act on. A signal for one agent replayed onto another's subject is refused.
+            raise MessageRejected(
+                f"a signal for {str(metadata.topic)[:200]!r} delivered on {metadata.subject!r}",
+                reason="wrong_subject",
+            )
         sig = AgentSignal.parse(message["signal"]) if isinstance(message, dict) else None
         if sig is None:
             raise KernelError("a control message needs {'signal': NAME}")

@@ -27,8 +27,15 @@ from agent_os.iatp.errors import (
 from agent_os.iatp.filestore import FileKeyStore
 from agent_os.iatp.iatp import IATP
 from agent_os.iatp.keys import Identity, KeyRecord
-from agent_os.iatp.keystore import KeyStore, MemoryKeyStore, StoreContents
-from agent_os.iatp.middleware import ACCEPT_UNSIGNED, MIN_TRUST, REPLAY_SCOPE, RESULT, IATPMiddleware
+from agent_os.iatp.keystore import KeyStore, MemoryKeyStore, StoreContents, WatchedKeyStore
+from agent_os.iatp.middleware import (
+    ACCEPT_UNSIGNED,
+    BIND_TOPIC,
+    MIN_TRUST,
+    REPLAY_SCOPE,
+    RESULT,
+    IATPMiddleware,
+)
 from agent_os.iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfTrust
 from agent_os.iatp.noncestore import RedisNonceStore, SharedNonceStore
 from agent_os.iatp.result import Reason, VerificationResult
@@ -39,6 +46,7 @@ from agent_os.iatp.verifier import ED25519
 
 __all__ = [
     "ACCEPT_UNSIGNED",
+    "BIND_TOPIC",
     "ED25519",
     "IATP",
     "MIN_TRUST",
@@ -82,6 +90,7 @@ __all__ = [
     "UnknownAgent",
     "UnknownKey",
     "VerificationResult",
+    "WatchedKeyStore",
     "WebOfTrust",
     "WrongPassphrase",
     "envelope_bytes",

@@ -82,6 +82,7 @@ class FileKeyStore:
         self._passphrase = passphrase.encode() if isinstance(passphrase, str) else bytes(passphrase)
         self._level = kdf_level
         self._key: bytes | None = None
+        self._seen: dict[str, tuple[int, int, int]] = {}  # agent file -> (mtime ns, size, inode)
 
     def __repr__(self) -> str:
         return f"FileKeyStore({str(self.root)!r}, unlocked={self._key is not None})"
@@ -126,7 +127,9 @@ class FileKeyStore:
         contents = StoreContents()
         for path in sorted((root / "agents").glob("*.json")):
             _check_private(path)
+            stamp = _stamp(path)
             contents.agents.append(json.loads(path.read_text()))
+            self._seen[path.name] = stamp
         for path in sorted((root / "keys").glob("*.key")):
             _check_private(path)
             key_id, agent_id, seed = self._read_key(path)
@@ -155,6 +158,34 @@ class FileKeyStore:
         ):
             raise WrongPassphrase(f"the passphrase does not open the key store {self.root}")
         return key
+
+    def changed_agents(self) -> list[dict[str, Any]]:
+        """The agent records whose files changed (written, replaced) since :meth:`open` or the
+        last call; see :class:`~agent_os.iatp.keystore.WatchedKeyStore`. Reads only the public
+        records (no key derivation). Raises KeyStoreError when the directory or a changed file
+        cannot be read, InsecureKeyStore when one is open to other users, KeyStoreCorrupt for
+        a file that is not a JSON object."""
+        self._require_open()
+        try:
+            return self._changed_agents()
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KeyStoreError(f"cannot read the agents of key store {self.root}: {exc}") from exc
+
+    def _changed_agents(self) -> list[dict[str, Any]]:
+        agents = self.root / "agents"
+        _check_private(agents)
+        changed: list[dict[str, Any]] = []
+        for path in sorted(agents.glob("*.json")):
+            stamp = _stamp(path)
+            if self._seen.get(path.name) == stamp:
+                continue
+            _check_private(path)
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise KeyStoreCorrupt(f"{path} does not hold an agent record")
+            changed.append(doc)
+            self._seen[path.name] = stamp
+        return changed
 
     def _read_key(self, path: Path) -> tuple[str, str, bytes]:
         assert self._key is not None
@@ -222,6 +253,13 @@ class FileKeyStore:
     def save_trust(self, documents: list[dict[str, Any]]) -> None:
         self._require_open()
         self._write(self.root / "trust.json", json.dumps(documents, indent=1).encode())
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    # An atomic replace gives the file a new inode, so a rewrite within the mtime's resolution
+    # is still seen.
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _loose(path: Path) -> bool:

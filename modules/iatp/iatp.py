@@ -7,6 +7,7 @@ Over 400 lines: the facade of the public API, each method a short delegation to 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -19,7 +20,7 @@ from agent_os.iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, 
 from agent_os.iatp.filestore import FileKeyStore
 from agent_os.iatp.handshake import SessionManager
 from agent_os.iatp.keys import Identity
-from agent_os.iatp.keystore import KeyStore, MemoryKeyStore
+from agent_os.iatp.keystore import KeyStore, MemoryKeyStore, WatchedKeyStore
 from agent_os.iatp.middleware import IATPMiddleware
 from agent_os.iatp.models import TrustModel, make_model
 from agent_os.iatp.noncestore import SharedNonceStore
@@ -30,6 +31,10 @@ from agent_os.iatp.trust import Certificate, TrustEdge, TrustStore, check_level,
 from agent_os.iatp.verifier import EnvelopeVerifier, TrustEngine
 
 _NS = 1_000_000_000
+KEY_WATCH_MISSES = 3
+"""Refresh intervals without a successful read of a watched key store after which every
+message is refused (``key_store_unavailable``): revocations can no longer be vouched for."""
+log = logging.getLogger("agent_os.iatp")
 
 
 class IATP:
@@ -102,6 +107,11 @@ class IATP:
         self.nonce_store = nonce_store
         self.is_open = False
         self._open_lock: asyncio.Lock | None = None
+        # The key-store watch (watch_keys): when the store was last read, and after how long
+        # without a read messages are refused; None while not watching.
+        self.keys_read_at = 0
+        self.key_refresh_failures = 0
+        self._stale_after_ns: int | None = None
 
     @property
     def trust_model(self) -> TrustModel:
@@ -195,6 +205,68 @@ class IATP:
         key = self.registry.revoke(key_id, now if at is None else int(at * _NS), reason, now)
         self.sessions.key_changed(key.agent_id, now)
 
+    # -- revocations from other processes ----------------------------------------------------
+
+    async def refresh_keys(self) -> int:
+        """Read what other processes wrote to the key store since it was opened or last read,
+        and apply their revocations and retirements (only ever stricter; see
+        ``docs/trust.md``, "Revocation reaches running verifiers"). Returns how many agents'
+        keys changed. Raises IATPConfigError for a store that cannot be watched (not a
+        :class:`~agent_os.iatp.keystore.WatchedKeyStore`, such as ``"memory"``), KeyStoreError
+        subclasses when it cannot be read."""
+        await self.open()
+        store = self.store
+        if not isinstance(store, WatchedKeyStore):
+            raise IATPConfigError(f"{store!r} cannot be watched for changes by other processes")
+        records = await asyncio.to_thread(store.changed_agents)
+        now = self._now()
+        changed = 0
+        for data in records:
+            if self.registry.merge_key_states(data):
+                changed += 1
+                self.sessions.key_changed(str(data.get("agent_id")), now)
+        self.keys_read_at = now
+        return changed
+
+    async def watch_keys(self, interval: float = 1.0) -> None:
+        """Run :meth:`refresh_keys` every ``interval`` seconds until cancelled, so a key revoked
+        in the store by another process is refused here within ``interval`` (plus one read).
+        While it runs, if the store could not be read for ``KEY_WATCH_MISSES`` intervals every
+        message is refused with ``key_store_unavailable`` until a read succeeds (fail closed).
+        Reads first (raising what :meth:`refresh_keys` raises), then loops; failures later are
+        logged and counted in ``key_refresh_failures``. Run it as a task."""
+        if interval <= 0:
+            raise IATPConfigError("the key refresh interval must be positive")
+        await self.refresh_keys()
+        self._stale_after_ns = int(interval * KEY_WATCH_MISSES * _NS)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.refresh_keys()
+                except (IATPError, OSError) as exc:
+                    self.key_refresh_failures += 1
+                    log.warning("cannot read the key store for revocations: %s", exc)
+        finally:
+            self._stale_after_ns = None
+
+    def stale_keys(self, envelope: Any = None) -> VerificationResult | None:
+        """While :meth:`watch_keys` runs: the refusal (``key_store_unavailable``) of a message
+        checked when the key store has not been read for too long, else None."""
+        limit = self._stale_after_ns
+        if limit is None:
+            return None
+        now = self._now()
+        if now - self.keys_read_at <= limit:
+            return None
+        return invalid(
+            Reason.KEY_STORE_UNAVAILABLE,
+            getattr(envelope, "sender", None),
+            getattr(envelope, "timestamp", None),
+            None,
+            f"the key store was not read for {(now - self.keys_read_at) / _NS:.1f} s: revocations unknown",
+        )
+
     # -- signing and verifying ---------------------------------------------------------------
 
     async def sign(
@@ -254,6 +326,9 @@ class IATP:
                     None,
                     f"{type(exc).__name__}: {exc}",
                 )
+        stale = self.stale_keys(signed)
+        if stale is not None:
+            return stale
         return self.verifier.verify(signed, viewer=viewer)
 
     def verify_envelope(

@@ -47,6 +47,19 @@ class KeyStore(Protocol):
         ...
 
 
+@runtime_checkable
+class WatchedKeyStore(KeyStore, Protocol):
+    """A key store that other processes may change while it is open (a directory): IATP's
+    :meth:`~agent_os.iatp.IATP.refresh_keys` asks it what changed (``docs/trust.md``,
+    "Revocation reaches running verifiers")."""
+
+    def changed_agents(self) -> list[dict[str, Any]]:
+        """The public agent records written since the store was opened or last asked (by
+        anyone, this process included). Raises KeyStoreError subclasses when they cannot be
+        read."""
+        ...
+
+
 class MemoryKeyStore:
     """A key store that keeps everything in this process's memory."""
 

@@ -1,7 +1,8 @@
 """Bus middleware: sign on publish, verify on delivery, reject before the handler.
 
 List it first (the wire side). Its per-subscription options (:data:`ACCEPT_UNSIGNED`,
-:data:`MIN_TRUST`, :data:`REPLAY_SCOPE`) and what it does are in ``docs/trust.md``, "On the bus".
+:data:`MIN_TRUST`, :data:`REPLAY_SCOPE`, :data:`BIND_TOPIC`) and what it does are in
+``docs/trust.md``, "On the bus".
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ MIN_TRUST: Final = "iatp.min_trust"
 RESULT: Final = "iatp"
 """``metadata.context`` key under which the verification result is stored."""
 REPLAY_SCOPE: Final = "iatp.replay_scope"
-"""Subscription context key: the scope (str) under which this subscription's nonces are claimed
-in the shared nonce store (default: ``"<queue>@<pattern>"`` for a queue group, else none)."""
+"""Subscription context key: the scope (str) under which this subscription's nonces are
+remembered, in the local nonce cache and the shared nonce store; subscriptions sharing a scope
+refuse a nonce any of them saw (default: the subscription itself locally, and
+``"<queue>@<pattern>"`` in the shared store for a queue group, else no shared claim)."""
+BIND_TOPIC: Final = "iatp.bind_topic"
+"""Subscription context key: refuse (``wrong_subject``) a message whose signed topic is not the
+subject it was delivered on (bool; default: the middleware's ``bind_topic``)."""
 _ED25519: Final = "ed25519"
 _NS_PER_MS: Final = 1_000_000
 
@@ -44,8 +50,10 @@ class IATPMiddleware(Middleware):
         agent_id: str | None = None,
         use_sessions: bool = True,
         nonce_store: SharedNonceStore | None = None,
+        bind_topic: bool = False,
     ) -> None:
         self.iatp = iatp
+        self.bind_topic = bind_topic
         self.nonce_store = nonce_store if nonce_store is not None else iatp.nonce_store
         self.accept_unsigned = accept_unsigned
         self.min_trust = min_trust
@@ -94,14 +102,30 @@ class IATPMiddleware(Middleware):
                     )
                 )
         context = metadata.context
+        if context.get(BIND_TOPIC, self.bind_topic) and envelope.topic != metadata.subject:
+            # Before anything is verified or remembered: a copy moved to another subject must
+            # neither act nor use up the nonce of the original.
+            self._reject(
+                invalid(
+                    Reason.WRONG_SUBJECT,
+                    envelope.sender,
+                    envelope.timestamp,
+                    None,
+                    f"signed for {envelope.topic[:200]!r}, delivered on {metadata.subject[:200]!r}",
+                )
+            )
         if envelope.sig is None and context.get(ACCEPT_UNSIGNED, self.accept_unsigned):
             self.accepted_unsigned += 1
             context[RESULT] = invalid(Reason.UNSIGNED, envelope.sender, envelope.timestamp)
             await call_next(envelope, metadata)
             return
         subscription: Any = context.get("subscription")
-        scope = id(subscription)
+        named = context.get(REPLAY_SCOPE)
+        scope: Any = named if isinstance(named, str) else id(subscription)
         verifier = iatp.verifier
+        stale = iatp.stale_keys(envelope)
+        if stale is not None:
+            self._reject(stale)
         viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)

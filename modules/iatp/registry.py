@@ -169,6 +169,36 @@ class KeyRegistry:
         self.version += 1
         return updated
 
+    def merge_key_states(self, data: Mapping[str, Any]) -> bool:
+        """Take the revocations and retirements of an agent record written by another process
+        (the watched key store): for each key known here and bound to the same agent, the
+        earlier ``revoked_at`` and ``retire_at`` win, so a change only ever makes a key
+        stricter; nothing else is taken (no new agents or keys) and nothing is written back.
+        True when a key's state changed. Raises KeyStoreCorrupt for a malformed record."""
+        incoming = AgentRecord.from_dict(data)
+        record = self.agents.get(incoming.agent_id)
+        if record is None:
+            return False
+        changed = False
+        for key_id, theirs in incoming.keys.items():
+            have = record.keys.get(key_id)
+            if have is None or have.agent_id != theirs.agent_id:
+                continue
+            revoked_at = _earliest(have.revoked_at, theirs.revoked_at)
+            retire_at = _earliest(have.retire_at, theirs.retire_at)
+            if (revoked_at, retire_at) == (have.revoked_at, have.retire_at):
+                continue
+            reason = have.revocation_reason
+            if revoked_at != have.revoked_at:
+                reason = theirs.revocation_reason or reason or "revoked"
+            self.keys[key_id] = record.replace_key(
+                key_id, revoked_at=revoked_at, retire_at=retire_at, revocation_reason=reason
+            )
+            changed = True
+        if changed:
+            self.version += 1
+        return changed
+
     def add_public(
         self, data: Mapping[str, Any], now_ns: int, *, trust_new_keys: bool = False
     ) -> AgentRecord:

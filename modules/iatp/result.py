@@ -31,6 +31,7 @@ class Reason(StrEnum):
     CRYPTO_UNAVAILABLE = "crypto_unavailable"
     KEY_STORE_UNAVAILABLE = "key_store_unavailable"
     NONCE_STORE_UNAVAILABLE = "nonce_store_unavailable"
+    WRONG_SUBJECT = "wrong_subject"
 
 
 _KEYS: Final = ("valid", "sender", "timestamp", "trust_level", "reason")

@@ -70,9 +70,10 @@ def main(
     delivery_prefix: str,
     reply_prefix: str,
     log_level: str,
+    key_refresh: float,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix)
+    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
 
     async def serve_process() -> None:
         key = read_key_file(encryption_key_file) if encryption_key_file else None

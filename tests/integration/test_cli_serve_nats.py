@@ -4,17 +4,18 @@ the bus, finish what is in flight on SIGTERM/SIGINT, and exit 0."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import uuid
 from pathlib import Path
 
 import pytest
 
-from agent_os.amb import AMB, RemoteError, RequestTimeout
+from agent_os.amb import AMB, RemoteError, get_serializer
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.services._identity import PASSPHRASE_ENV
-from agent_os.services.verifier_service import request_verification
+from agent_os.services.verifier_service import VerifierRefused, request_verification
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
 from tests.support.identities import PASSPHRASE, service_identities
@@ -189,10 +190,13 @@ async def test_serve_memory_with_identities_answers_only_verified_senders(
         stored = await alice.request(f"{prefix}.store", {"content": "The vault code is 2468."}, timeout=10)
         assert stored["record"]["agent_id"] == alice_id
         assert (await mallory.request(f"{prefix}.query", {}, timeout=10))["records"] == []
-        with pytest.raises(RequestTimeout):  # unsigned, claiming alice: dead-lettered, unanswered
-            await unsigned.request(f"{prefix}.query", {}, sender_id=alice_id, timeout=1)
+        with pytest.raises(RemoteError, match="Unauthenticated"):  # unsigned, claiming alice: refused
+            await unsigned.request(f"{prefix}.query", {}, sender_id=alice_id, timeout=10)
+        forged = await keys[mallory_id].sign(mallory_id, {}, topic=f"{prefix}.query")
+        forged = dataclasses.replace(forged, sender=alice_id)
+        await unsigned.broker.publish(f"{prefix}.query", get_serializer("msgpack").encode(forged))
         await dead.wait_for(1)
-        assert dead.metadata[0].headers[DLQ_REASON] == "unsigned"
+        assert dead.metadata[0].headers[DLQ_REASON] == "unknown_key"  # mallory's key is not alice's
         mine = await alice.request(f"{prefix}.query", {}, timeout=10)
         assert [r["content"] for r in mine["records"]] == ["The vault code is 2468."]
         returncode, log = await stop(proc, signal.SIGTERM)
@@ -263,8 +267,8 @@ async def test_serve_verifier_with_identities_answers_a_signed_caller(tmp_path: 
         try:
             reply = await request_verification(caller, "What is 6 x 7?", "42", subject=subject, timeout=20)
             assert reply["verified"] is True
-            with pytest.raises(RequestTimeout):
-                await request_verification(unsigned, "What is 6 x 7?", "42", subject=subject, timeout=1)
+            with pytest.raises(VerifierRefused):
+                await request_verification(unsigned, "What is 6 x 7?", "42", subject=subject, timeout=10)
             returncode, log = await stop(proc, signal.SIGTERM)
         finally:
             if proc.returncode is None:

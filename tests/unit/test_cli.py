@@ -414,6 +414,8 @@ async def test_verifier_serve_answers_over_the_bus_until_stopped(capsys: pytest.
         "invalid": 0,
         "failed": 0,
         "unauthenticated": 0,
+        "too_large": 0,
+        "wrong_subject": 0,
     }
 
 
