@@ -11,6 +11,8 @@ renumber, reorder, a forged signed head, a head from another recorder.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import sqlite3
 import uuid
@@ -458,3 +460,31 @@ async def test_the_admin_verify_takes_a_head(tmp_path: Path) -> None:
     finally:
         await admin.stop()
         await kernel.close()
+
+
+async def test_the_control_plane_service_signs_heads_with_its_iatp_key(tmp_path: Path) -> None:
+    from agent_os.control_plane import Policy
+    from agent_os.iatp import IATP
+    from agent_os.services.control_plane_service._serve import serve
+
+    iatp = IATP("memory")
+    identity = await iatp.register_agent("control-plane")
+    place = Place("sqlite", str(tmp_path / "audit.db"))
+    await fill(place, 5)  # records the service's recorder signs a head over when it closes
+    recorder = place.recorder()
+    stop = asyncio.Event()
+    stop.set()  # start, then stop at once: the recorder opens and closes with the service
+    await serve(
+        broker=f"memory://h14-{uuid.uuid4().hex[:8]}",
+        policy=Policy.builtin("strict"),
+        recorder=recorder,
+        admin_token=TOKEN,
+        iatp=iatp,
+        admin_port=0,
+        stop=stop,
+    )
+    assert recorder.public_key == base64.b64decode(identity.public_key).hex()
+    result = await verify(place, trusted_keys=[identity.public_key])  # IATP's base64 form
+    assert result.ok, result.reason
+    heads = [r for r in await place.rows() if r["event_type"] == HEAD_EVENT]
+    assert result.signed_heads == len(heads) >= 1
