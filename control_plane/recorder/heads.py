@@ -201,7 +201,7 @@ class HeadRecords:
             return None
         try:
             head = Head.from_dict(json.loads(data_json))
-        except (HeadError, ValueError):
+        except (HeadError, ValueError, RecursionError):
             return "a signed_head record that is not a head"
         if (head.seq, head.hash) != (seq - 1, prev_hash):
             return f"a signed head that does not name the record before it (it names seq {head.seq})"

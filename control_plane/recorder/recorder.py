@@ -21,7 +21,7 @@ from typing import Any, Literal
 from nacl.signing import SigningKey, VerifyKey
 
 from agent_os.amb.envelope import new_id
-from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse, TamperDetected
 from agent_os.control_plane.policy.patterns import operator_condition
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.heads import (
@@ -366,7 +366,10 @@ class FlightRecorder:
         if found:
             self._head_seq = int(found[0][0])
         else:
-            anchor = await self._anchor()
+            try:
+                anchor = await self._anchor()
+            except TamperDetected:
+                anchor = None  # verify reports it
             self._head_seq = anchor[0] if anchor is not None else 0
         self._head_due = time.monotonic() + self.head_interval
 
@@ -601,7 +604,10 @@ class FlightRecorder:
         elif expected_head is not None:
             head = (int(expected_head[0]), str(expected_head[1]))
         await self._ready_to_read()
-        anchor = await self._anchor()
+        try:
+            anchor = await self._anchor()
+        except TamperDetected as exc:
+            return VerifyResult(False, 0, exc.sequence, None, str(exc))
         rows: list[tuple[Any, ...]] = []
         async for chunk in self.storage.scan():
             rows.extend(chunk)
@@ -609,11 +615,18 @@ class FlightRecorder:
         return verify_rows(rows, anchor, head, self.codec.decode, checker)
 
     async def _anchor(self) -> tuple[int, str] | None:
+        """The newest retention anchor's (pruned_through_seq, pruned_through_hash). Raises
+        TamperDetected for an anchor record that is not one."""
         found = await self.storage.newest_anchor()
         if found is None:
             return None
-        data = json.loads(self.codec.decode(*found))
-        return int(data["pruned_through_seq"]), str(data["pruned_through_hash"])
+        try:
+            data = json.loads(self.codec.decode(*found))
+            return int(data["pruned_through_seq"]), str(data["pruned_through_hash"])
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise TamperDetected(
+                f"record {found[0]}: a retention anchor that is not one", sequence=found[0]
+            ) from exc
 
     async def apply_retention(self, now: datetime | None = None) -> int:
         """Delete records older than ``retention_days`` (seen from ``now``), after appending an

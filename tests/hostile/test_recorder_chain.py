@@ -488,3 +488,30 @@ async def test_the_control_plane_service_signs_heads_with_its_iatp_key(tmp_path:
     assert result.ok, result.reason
     heads = [r for r in await place.rows() if r["event_type"] == HEAD_EVENT]
     assert result.signed_heads == len(heads) >= 1
+
+
+@pytest.mark.parametrize(
+    ("event_type", "data"),
+    [
+        ("retention_anchor", "{}"),
+        ("retention_anchor", '{"pruned_through_seq": "1' + "0" * 5000 + '", "pruned_through_hash": "x"}'),
+        ("retention_anchor", '{"pruned_through_seq": 10000000000, "pruned_through_hash": "x"}'),
+        ("retention_anchor", "[" * 50_000 + "]" * 50_000),
+        (HEAD_EVENT, "[" * 50_000 + "]" * 50_000),
+        (HEAD_EVENT, '{"format": "agent-os.flight-recorder.head.v1"}'),
+        (HEAD_EVENT, "not json"),
+    ],
+)
+async def test_a_forged_bookkeeping_record_fails_verify_without_crashing_it(
+    tmp_path: Path, event_type: str, data: str
+) -> None:
+    place = Place("sqlite", str(tmp_path / "audit.db"))
+    await fill(place, 10)
+
+    def insert(rows: list[Row]) -> list[Row]:
+        return [*rows, dict(rows[-1], id="forged", event_type=event_type, data=data)]
+
+    await place.rewrite(insert)
+    result = await verify(place)
+    assert not result.ok
+    assert result.reason
