@@ -12,8 +12,15 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from agent_os.control_plane.errors import AgentNotFound, PolicyError, PolicyLoadError, SignalError
+from agent_os.control_plane.errors import (
+    AgentNotFound,
+    HeadError,
+    PolicyError,
+    PolicyLoadError,
+    SignalError,
+)
 from agent_os.control_plane.policy.loader import load_policy_text
+from agent_os.control_plane.recorder.heads import HEAD_FORMAT, Head
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -21,6 +28,7 @@ if TYPE_CHECKING:
     from agent_os.control_plane.kernel.space import KernelSpace
 
 INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
+_MAX_HEAD = 4096  # an exported head is ~400 bytes
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -73,6 +81,7 @@ class AdminAPI:
                 web.post("/policy/reload", self.reload),
                 web.get("/records", self.records),
                 web.get("/verify", self.verify),
+                web.post("/verify", self.verify),
             ]
         )
         self._runner: web.AppRunner | None = None
@@ -169,7 +178,13 @@ class AdminAPI:
         return _json([r.as_dict() for r in found])
 
     async def verify(self, request: web.Request) -> web.Response:
-        return _json(asdict(await self.kernel.recorder.verify()))
+        """The chain's verification; against a head given as ``?seq=&hash=`` or as an exported
+        head (JSON) in a POST body. The recorder's own signing key is the trusted key."""
+        try:
+            head = await _requested_head(request)
+        except HeadError as exc:
+            return _json({"error": f"bad head: {exc}"}, 400)
+        return _json(asdict(await self.kernel.recorder.verify(head)))
 
     async def metrics(self, request: web.Request) -> web.Response:
         from aiohttp import web
@@ -199,6 +214,21 @@ class AdminAPI:
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
+
+
+async def _requested_head(request: web.Request) -> Head | None:
+    """The head a verify request names, or None. Raises HeadError for a malformed one."""
+    if request.method == "POST":
+        if request.content_length is not None and request.content_length > _MAX_HEAD:
+            raise HeadError(f"a head is at most {_MAX_HEAD} bytes")
+        body = await request.content.read(_MAX_HEAD + 1)
+        return Head.from_json(body)
+    seq, digest = request.query.get("seq"), request.query.get("hash")
+    if seq is None and digest is None:
+        return None
+    if seq is None or digest is None or not seq.isdigit() or len(seq) > 19:
+        raise HeadError("give both seq (a non-negative integer) and hash")
+    return Head.from_dict({"format": HEAD_FORMAT, "seq": int(seq), "hash": digest})
 
 
 def _status(status: Any) -> dict[str, Any]:

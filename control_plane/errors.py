@@ -12,6 +12,8 @@ reaches the publisher::
     ├── RecorderError                          the flight recorder cannot store or read records
     │   ├── RecorderConfigError (ValueError)   an unsupported storage, a bad key or option
     │   ├── RecorderKeyError                   encrypted records and no key, or another key
+    │   ├── RecorderInUse                      another recorder writes this file or table
+    │   ├── HeadError (ValueError)             an exported head that cannot be read
     │   └── TamperDetected                     a record does not decode or authenticate
     ├── InboxBusy (ValueError)                 a reply inbox still waits for another request's reply
     └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
@@ -83,6 +85,14 @@ class RecorderConfigError(RecorderError, ValueError):
 
 class RecorderKeyError(RecorderError):
     """Records are encrypted and this recorder has no key, or a different one (never garbage)."""
+
+
+class RecorderInUse(RecorderError):
+    """Another recorder (this process or another) holds the file or table: one writer at a time."""
+
+
+class HeadError(RecorderError, ValueError):
+    """An exported chain head that is not one (bad JSON, a missing or malformed field)."""
 
 
 class TamperDetected(RecorderError):

@@ -1,5 +1,6 @@
 """The flight recorder: hash-chained audit records in memory, SQLite or PostgreSQL."""
 
+from agent_os.control_plane.recorder.heads import HEAD_EVENT, Head
 from agent_os.control_plane.recorder.recorder import FlightRecorder
 from agent_os.control_plane.recorder.records import ANCHOR_EVENT, GENESIS, Record, VerifyResult
 from agent_os.control_plane.recorder.storage import MemoryStorage, Storage, Where
@@ -7,7 +8,9 @@ from agent_os.control_plane.recorder.storage import MemoryStorage, Storage, Wher
 __all__ = [
     "ANCHOR_EVENT",
     "GENESIS",
+    "HEAD_EVENT",
     "FlightRecorder",
+    "Head",
     "MemoryStorage",
     "Record",
     "Storage",

@@ -4,24 +4,33 @@ One connection (psycopg 3, async); a batch is one transaction written with ``COP
 when :meth:`PostgresStorage.append` returns. ``schema`` and ``table`` name where records live
 (the schema is created if missing). ``data`` is ``BYTEA``: the canonical JSON as UTF-8, or its
 compressed/encrypted form (:mod:`agent_os.control_plane.recorder.codec`).
+
+**One writer.** :meth:`PostgresStorage.open` takes a session-level advisory lock named after
+the database, schema and table, held as long as the connection: a second recorder on the same
+table (any process, any host) gets RecorderInUse naming the holder's backend pid, application
+name and address. Each batch's transaction also checks that it continues the stored tail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent_os.control_plane.errors import RecorderConfigError, RecorderError
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.records import ANCHOR_EVENT
 from agent_os.control_plane.recorder.sqlite import where_sql
-from agent_os.control_plane.recorder.storage import Row, Where
+from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 if TYPE_CHECKING:
-    from psycopg import AsyncConnection
+    from psycopg import AsyncConnection, AsyncCursor
 
 INSTALL_HINT = "the postgresql flight recorder needs psycopg: pip install 'agent-os[postgres]'"
+_LOCK_WAIT = 1.0
 _COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
 
 
@@ -60,7 +69,14 @@ class PostgresStorage:
         except ImportError as exc:
             raise ImportError(INSTALL_HINT) from exc
         try:
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            name = f"agent-os flight recorder pid {os.getpid()} on {socket.gethostname()}"
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=name[:63]
+            )
+        except psycopg.Error as exc:
+            raise RecorderError(f"postgresql: {exc}") from exc
+        try:
+            await self._lock_writer(self._conn)
             q = self.qualified
             async with self._conn.transaction():
                 await self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -74,13 +90,62 @@ class PostgresStorage:
                     f'CREATE INDEX IF NOT EXISTS "{self.table}_agent" ON {q} (agent_id, seq)'
                 )
                 await self._conn.execute(f'CREATE INDEX IF NOT EXISTS "{self.table}_ts" ON {q} (ts)')
-        except psycopg.Error as exc:
-            raise RecorderError(f"postgresql: {exc}") from exc
+        except BaseException as exc:
+            conn, self._conn = self._conn, None
+            await conn.close()
+            if isinstance(exc, psycopg.Error):
+                raise RecorderError(f"postgresql: {exc}") from exc
+            raise
+
+    async def _lock_writer(self, conn: AsyncConnection[Any]) -> None:
+        """Take the table's advisory lock for the session, or raise RecorderInUse."""
+        key = self.lock_key()
+        # A holder whose client died still holds the lock until the server ends its backend,
+        # which takes a moment: try for up to _LOCK_WAIT seconds before naming it.
+        deadline = asyncio.get_running_loop().time() + _LOCK_WAIT
+        while True:
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))).fetchone()
+            if row is not None and row[0]:
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        cur = await conn.execute(
+            "SELECT a.pid, a.application_name, a.client_addr FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+            "AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
+        )
+        found = await cur.fetchone()
+        holder = "another session"
+        if found is not None:
+            holder = f"backend pid {found[0]} ({found[1] or 'no application name'}, "
+            holder += f"from {found[2] or 'a local socket'})"
+        raise RecorderInUse(
+            f"the flight recorder table {self.qualified} is already open for writing by {holder}: "
+            "one recorder writes a table at a time"
+        )
+
+    def lock_key(self) -> int:
+        """The advisory-lock key of this table (a signed 64-bit hash of schema and table; advisory
+        locks are per database)."""
+        digest = hashlib.blake2b(
+            f"{self.schema}.{self.table}".encode(), digest_size=8, person=b"agentos-fr-lock"
+        )
+        return int.from_bytes(digest.digest(), "big", signed=True)
 
     async def close(self) -> None:
         if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+            import psycopg
+
+            conn, self._conn = self._conn, None
+            try:
+                if not conn.closed:  # the lock goes with the connection anyway, but not at once
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (self.lock_key(),))
+            except psycopg.Error:
+                pass
+            finally:
+                await conn.close()
 
     async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         import psycopg
@@ -102,20 +167,23 @@ class PostgresStorage:
         conn = self._c()
         async with self._lock:
             try:
-                async with (
-                    conn.transaction(),
-                    conn.cursor() as cur,
-                    cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy,
-                ):
-                    encode = self.codec.encode
-                    for row in rows:
-                        seq, rid, ts, et, agent, exe, sev, data, prev, h = row
-                        stored = encode(seq, data)
-                        if type(stored) is str:
-                            stored = stored.encode()
-                        await copy.write_row((seq, rid, ts, et, agent, exe, sev, stored, prev, h))
+                async with conn.transaction(), conn.cursor() as cur:
+                    if rows:
+                        await cur.execute(f"SELECT seq, hash FROM {self.qualified} ORDER BY seq DESC LIMIT 1")
+                        check_continues(await cur.fetchone(), rows[0], f"postgresql {self.qualified}")
+                    await self._copy(cur, rows)
             except psycopg.Error as exc:
                 raise RecorderError(f"postgresql: {exc}") from exc
+
+    async def _copy(self, cur: AsyncCursor[Any], rows: Sequence[Row]) -> None:
+        encode = self.codec.encode
+        async with cur.copy(f"COPY {self.qualified} ({_COLS}) FROM STDIN") as copy:
+            for row in rows:
+                seq, rid, ts, et, agent, exe, sev, data, prev, h = row
+                stored = encode(seq, data)
+                if type(stored) is str:
+                    stored = stored.encode()
+                await copy.write_row((seq, rid, ts, et, agent, exe, sev, stored, prev, h))
 
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where, "%s")

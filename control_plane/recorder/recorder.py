@@ -13,15 +13,27 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from nacl.signing import SigningKey, VerifyKey
+
 from agent_os.amb.envelope import new_id
-from agent_os.control_plane.errors import RecorderConfigError, RecorderError
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse, TamperDetected
 from agent_os.control_plane.policy.patterns import operator_condition
 from agent_os.control_plane.recorder.codec import DataCodec
+from agent_os.control_plane.recorder.heads import (
+    HEAD_AGENT,
+    HEAD_EVENT,
+    Head,
+    HeadRecords,
+    public_keys,
+    sign_head,
+    signing_key,
+    trusted_by,
+)
 from agent_os.control_plane.recorder.records import (
     ANCHOR_EVENT,
     GENESIS,
@@ -74,7 +86,13 @@ class FlightRecorder:
         synchronous: SQLite's ``synchronous`` pragma: ``"NORMAL"`` (default; in WAL mode a
             flushed batch survives a crash of the process, the last batches may be lost if the
             machine loses power) or ``"FULL"`` (fsync at every flush: survives that too).
+        signing_key: an ed25519 key (a nacl SigningKey, its 32-byte seed, or a 64-byte secret
+            key) to sign heads with: a ``signed_head`` record after every ``head_every``
+            records, every ``head_interval`` seconds while records arrive, and at close; and
+            the heads :meth:`export_head` writes. ``verify`` then checks them (see
+            ``docs/control-plane.md``, Anchoring the chain).
 
+    One recorder writes a file or table at a time: a second one raises RecorderInUse at open.
     Raises RecorderConfigError for an unsupported storage, a missing DSN, a key that is not
     32 bytes, or out-of-range options.
     """
@@ -93,11 +111,16 @@ class FlightRecorder:
         table: str = "flight_records",
         schema: str = "public",
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        signing_key: bytes | SigningKey | None = None,
+        head_every: int = 1000,
+        head_interval: float = 60.0,
     ) -> None:
         if batch_size < 1 or flush_interval <= 0 or retention_interval <= 0:
             raise RecorderConfigError(
                 "batch_size >= 1, flush_interval > 0 and retention_interval > 0 are required"
             )
+        if head_every < 1 or head_interval <= 0:
+            raise RecorderConfigError("head_every >= 1 and head_interval > 0 are required")
         if retention_days is not None and retention_days <= 0:
             raise RecorderConfigError("retention_days must be positive (None keeps records forever)")
         self.codec = DataCodec(compression, encryption_key)
@@ -152,6 +175,14 @@ class FlightRecorder:
         self._retaining = False
         self._closing = False
         self._closed = False
+        self._fenced: RecorderInUse | None = None  # another writer took the chain: stop appending
+        self.head_every = head_every
+        self.head_interval = head_interval
+        self._signer: SigningKey | None = None
+        self._head_seq = 0  # the newest signed_head record's seq (the chain's start before one)
+        self._head_due = 0.0
+        if signing_key is not None:
+            self.set_signing_key(signing_key)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,23 +200,34 @@ class FlightRecorder:
             tail = await self.storage.tail()
             if tail is not None:
                 self._seq, self._prev = tail
+            if self._signer is not None:
+                await self._find_head()
             self._opened = True
+            if self._signer is not None and self._seq - self._head_seq >= self.head_every:
+                self._sign_head()  # a longer unsigned stretch: sign it now (verify reports it)
         if self.retention_days is not None and tail is not None:
             await self._retain()
 
     async def close(self) -> None:
-        """Write what is batched and close the storage. Idempotent."""
+        """Write what is batched and close the storage (releasing its writer lock). Idempotent.
+        When that last write fails, the storage is closed all the same and the RecorderError
+        raised: the records still batched are lost."""
         if self._closed:
             return
         self._closing = True
+        if self._opened and not self._closed and self._signer is not None and self._seq > self._head_seq:
+            self._sign_head()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._opened:
             if self._flush_task is not None:
                 await asyncio.gather(self._flush_task, return_exceptions=True)
-            await self.flush()
-            await self.storage.close()
+            try:
+                await self.flush()
+            finally:
+                self._closed = True
+                await self.storage.close()  # and its writer lock, even when the last flush failed
         self._closed = True
 
     async def __aenter__(self) -> FlightRecorder:
@@ -256,13 +298,14 @@ class FlightRecorder:
         ``plain=True`` promises ``data`` is a dict of plain JSON values (see
         :func:`~agent_os.control_plane.recorder.records.canonical_bytes`): the control plane's own
         decision records skip the check."""
-        if self._closed or not self._opened:
+        if self._closed or not self._opened or self._fenced is not None:
+            if self._fenced is not None:
+                raise RecorderInUse(str(self._fenced))
             raise RecorderError("the flight recorder is closed" if self._closed else "call open() first")
         if severity not in _SEVERITIES:
             raise RecorderError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
-        seq = self._seq + 1
-        rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
-        ts = _time_ns()
+        if event_type == HEAD_EVENT:
+            raise RecorderError(f"event type {HEAD_EVENT!r} is the recorder's own (signed heads)")
         if not data:
             raw = b"{}"
         elif plain:
@@ -272,6 +315,20 @@ class FlightRecorder:
                 raw = canonical_bytes(data)
         else:
             raw = canonical_bytes(data)
+        record = self._chain(event_type, agent_id, execution_id, severity, raw)
+        if self._signer is not None and record.seq - self._head_seq >= self.head_every:
+            self._sign_head()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+        return record
+
+    def _chain(
+        self, event_type: str, agent_id: str, execution_id: str | None, severity: str, raw: bytes
+    ) -> Record:
+        """Number, hash and batch one record (no await: the chain order is the call order)."""
+        seq = self._seq + 1
+        rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
+        ts = _time_ns()
         prev = self._prev
         # chain_hash, inline (the hot path)
         head = json_bytes([seq, rid, ts, event_type, agent_id, execution_id, severity, prev])
@@ -282,9 +339,54 @@ class FlightRecorder:
         )
         self._batch.append(record)
         self.appended += 1
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
         return record
+
+    # -- signed heads ------------------------------------------------------------------------
+
+    def set_signing_key(self, key: bytes | SigningKey) -> None:
+        """Sign heads with this ed25519 key from now on (the control-plane service passes its
+        IATP key). Raises RecorderConfigError for something that is not such a key."""
+        self._signer = signing_key(key)
+
+    @property
+    def public_key(self) -> str | None:
+        """The hex ed25519 public key heads are signed with, or None without a signing key."""
+        return None if self._signer is None else bytes(self._signer.verify_key).hex()
+
+    def _sign_head(self) -> None:
+        assert self._signer is not None
+        signed = sign_head(self._signer, self._seq, self._prev, _time_ns(), self.head_every)
+        record = self._chain(HEAD_EVENT, HEAD_AGENT, None, "info", json_bytes(signed.as_dict()))
+        self._head_seq = record.seq
+        self._head_due = time.monotonic() + self.head_interval
+
+    async def _find_head(self) -> None:
+        """Where the stored chain's newest signed head (or its start) is, for the next one."""
+        found = await self.storage.select(Where(event_types=[HEAD_EVENT], descending=True, limit=1))
+        if found:
+            self._head_seq = int(found[0][0])
+        else:
+            try:
+                anchor = await self._anchor()
+            except TamperDetected:
+                anchor = None  # verify reports it
+            self._head_seq = anchor[0] if anchor is not None else 0
+        self._head_due = time.monotonic() + self.head_interval
+
+    async def export_head(self, path: str | Path | None = None) -> Head:
+        """The chain's head (the newest record's seq and hash), signed when the recorder has a
+        signing key, and written to ``path`` as JSON when given (replacing the file atomically).
+        Keep it where the recorder's writer cannot reach, and pass it to :meth:`verify` later:
+        any rewrite of the chain up to it is then detected. Raises RecorderError, OSError."""
+        await self._ready_to_read()
+        ts = _time_ns()
+        if self._signer is not None:
+            found = sign_head(self._signer, self._seq, self._prev, ts, self.head_every)
+        else:
+            found = Head(self._seq, self._prev, ts, self.head_every)
+        if path is not None:
+            await asyncio.to_thread(_write_atomic, Path(path), found.to_json())
+        return found
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -303,12 +405,22 @@ class FlightRecorder:
         """Write the batched records in one transaction; return how many. Raises RecorderError
         (the records stay batched for the next attempt)."""
         async with self._flush_lock:
+            if (
+                self._signer is not None
+                and self._opened
+                and not self._closed
+                and self._seq > self._head_seq
+                and time.monotonic() >= self._head_due
+            ):
+                self._sign_head()
             batch, self._batch = self._batch, []
             try:
                 if batch:
                     await self.storage.append(batch)
-            except BaseException:
+            except BaseException as exc:
                 self._batch[:0] = batch
+                if isinstance(exc, RecorderInUse):
+                    self._fenced = exc  # nothing more is numbered from a tail that moved
                 raise
             self.flushed += len(batch)
             if not self._batch and self._timer is not None:
@@ -465,18 +577,56 @@ class FlightRecorder:
         await self._ready_to_read()
         return self._seq, self._prev
 
-    async def verify(self, expected_head: tuple[int, str] | None = None) -> VerifyResult:
-        """Check the whole chain; the result names the first bad record (see records module)."""
+    async def verify(
+        self,
+        expected_head: tuple[int, str] | Head | None = None,
+        *,
+        trusted_keys: Iterable[bytes | str | VerifyKey] | None = None,
+    ) -> VerifyResult:
+        """Check the whole chain; the result names the first bad record (see records module).
+
+        ``expected_head`` (a ``(seq, hash)`` from :meth:`head`, or a :class:`Head`): the record
+        at its seq must still have its hash, and none may be missing up to it. A signed Head
+        must be signed by a trusted key. ``trusted_keys`` (ed25519 public keys: raw, hex or
+        base64; the recorder's own key is always trusted): every ``signed_head`` record must be
+        signed by one, and no stretch of the chain may lack one for longer than its signer's
+        ``head_every`` (docs/control-plane.md, Anchoring the chain). Raises RecorderKeyError
+        for records encrypted under another key, RecorderConfigError for a malformed key."""
+        trusted = public_keys(trusted_keys or ())
+        if self._signer is not None:
+            trusted |= {bytes(self._signer.verify_key)}
+        refused = _refused_head(expected_head, trusted)
+        if refused is not None:
+            return refused
+        head: tuple[int, str] | None = None
+        if isinstance(expected_head, Head):
+            head = (expected_head.seq, expected_head.hash)
+        elif expected_head is not None:
+            head = (int(expected_head[0]), str(expected_head[1]))
         await self._ready_to_read()
-        anchor: tuple[int, str] | None = None
-        found = await self.storage.newest_anchor()
-        if found is not None:
-            data = json.loads(self.codec.decode(*found))
-            anchor = (int(data["pruned_through_seq"]), str(data["pruned_through_hash"]))
+        try:
+            anchor = await self._anchor()
+        except TamperDetected as exc:
+            return VerifyResult(False, 0, exc.sequence, None, str(exc))
         rows: list[tuple[Any, ...]] = []
         async for chunk in self.storage.scan():
             rows.extend(chunk)
-        return verify_rows(rows, anchor, expected_head, self.codec.decode if self.codec.active else None)
+        checker = HeadRecords(trusted, (anchor[0] if anchor else 0) + 1, self.head_every)
+        return verify_rows(rows, anchor, head, self.codec.decode, checker)
+
+    async def _anchor(self) -> tuple[int, str] | None:
+        """The newest retention anchor's (pruned_through_seq, pruned_through_hash). Raises
+        TamperDetected for an anchor record that is not one."""
+        found = await self.storage.newest_anchor()
+        if found is None:
+            return None
+        try:
+            data = json.loads(self.codec.decode(*found))
+            return int(data["pruned_through_seq"]), str(data["pruned_through_hash"])
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise TamperDetected(
+                f"record {found[0]}: a retention anchor that is not one", sequence=found[0]
+            ) from exc
 
     async def apply_retention(self, now: datetime | None = None) -> int:
         """Delete records older than ``retention_days`` (seen from ``now``), after appending an
@@ -503,6 +653,23 @@ class FlightRecorder:
         )
         await self.flush()
         return await self.storage.delete_through(through)
+
+
+def _refused_head(head: tuple[int, str] | Head | None, trusted: frozenset[bytes]) -> VerifyResult | None:
+    """The failed result for a signed head no trusted key signed (None for any other head)."""
+    if not isinstance(head, Head) or not head.signed or trusted_by(head, trusted):
+        return None
+    if not head.signature_valid():
+        why = "its signature does not verify"
+    else:
+        why = "its key is not trusted" if trusted else "no trusted key was given to check it"
+    return VerifyResult(False, 0, head.seq, None, f"the expected head is refused: {why}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
 
 
 def _write_export(format: str, path: Path, rows: list[dict[str, Any]], fields: Sequence[str] | None) -> None:

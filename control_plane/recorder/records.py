@@ -18,6 +18,7 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from agent_os.control_plane.errors import TamperDetected
+from agent_os.control_plane.recorder.heads import HeadRecords
 
 GENESIS: Final = "0" * 64
 ANCHOR_EVENT: Final = "retention_anchor"
@@ -195,13 +196,15 @@ Decode = Callable[[int, Any], str]
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
     """The outcome of :meth:`FlightRecorder.verify`: ``ok``, how many records were checked, and
-    for a broken chain the first bad record's ``seq`` (or where one is missing) and why."""
+    for a broken chain the first bad record's ``seq`` (or where one is missing) and why;
+    ``signed_heads``: how many signed-head records were checked."""
 
     ok: bool
     checked: int
     first_bad_seq: int | None = None
     first_bad_id: str | None = None
     reason: str = ""
+    signed_heads: int = 0
 
     def __bool__(self) -> bool:
         return self.ok
@@ -212,11 +215,26 @@ def verify_rows(
     anchor: tuple[int, str] | None,
     head: tuple[int, str] | None = None,
     decode: Decode | None = None,
+    heads: HeadRecords | None = None,
 ) -> VerifyResult:
-    """Check a chain of rows (in ``seq`` order) as docs/control-plane.md says. ``decode`` turns
-    stored data back into canonical JSON (a record that does not decode is a bad record;
-    RecorderKeyError, for a missing or wrong key, propagates)."""
-    expect_seq, expect_prev = (1, GENESIS) if anchor is None else (anchor[0] + 1, anchor[1])
+    """Check a chain of rows (in ``seq`` order) as docs/control-plane.md says. ``head``: the
+    record at its seq must exist and have its hash. ``heads`` checks the signed-head records.
+    ``decode`` turns stored data back into canonical JSON (a record that does not decode is a
+    bad record; RecorderKeyError, for a missing or wrong key, propagates)."""
+    start = (0, GENESIS) if anchor is None else anchor
+    expect_seq, expect_prev = start[0] + 1, start[1]
+    if head is not None and head[0] <= start[0]:
+        if head[0] < start[0]:
+            return VerifyResult(
+                False,
+                0,
+                head[0],
+                None,
+                f"the head's record {head[0]} was pruned (the chain starts after seq {start[0]}): "
+                "it cannot be checked; keep a newer head",
+            )
+        if head[1] != start[1]:
+            return VerifyResult(False, 0, head[0], None, f"record {head[0]} differs from the known head")
     checked = 0
     last: tuple[int, str] | None = None
     rh = record_hash
@@ -240,17 +258,29 @@ def verify_rows(
                 return VerifyResult(False, checked, seq, rid, str(exc))
         if rh(seq, rid, ts, et, agent, exe, sev, data, prev) != h:
             return VerifyResult(False, checked, seq, rid, "content does not match its hash (edited)")
+        if head is not None and seq == head[0] and h != head[1]:
+            return VerifyResult(
+                False, checked, seq, rid, f"record {seq} differs from the known head (rewritten)"
+            )
+        if heads is not None:
+            bad = heads.see(seq, et, data, prev)
+            if bad is not None:
+                return VerifyResult(False, checked, seq, rid, bad, heads.signed_heads)
         checked += 1
         expect_seq, expect_prev = seq + 1, h
         last = (seq, h)
+    signed = heads.signed_heads if heads is not None else 0
     if head is not None and (last is None or last[0] < head[0]):
         return VerifyResult(
             False,
             checked,
             (last[0] + 1) if last else head[0],
             None,
-            f"records after seq {last[0] if last else 0} are missing (head is {head[0]})",
+            f"records after seq {last[0] if last else start[0]} are missing (head is {head[0]})",
+            signed,
         )
-    if head is not None and last is not None and last[0] == head[0] and last[1] != head[1]:
-        return VerifyResult(False, checked, last[0], None, "the last record differs from the known head")
-    return VerifyResult(True, checked)
+    if heads is not None:
+        bad = heads.finish(last[0] if last else start[0])
+        if bad is not None:
+            return VerifyResult(False, checked, None, None, bad, signed)
+    return VerifyResult(True, checked, signed_heads=signed)

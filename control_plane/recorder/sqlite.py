@@ -7,12 +7,17 @@ on that thread too. The database is in WAL mode; a batch is one transaction. Wit
 :meth:`SqliteStorage.append` returns (the WAL is in the OS's hands; a power loss can lose the
 last batches, never corrupt the chain); with ``"FULL"`` each commit is fsynced and survives a
 crash of the machine too.
+
+**One writer.** :meth:`SqliteStorage.open` takes ``<database>.lock`` (:mod:`.lockfile`) for the
+storage's life: a second recorder on the file, in this process or another, gets RecorderInUse
+naming the holder. Each batch's transaction also checks that it continues the stored tail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +26,9 @@ from typing import Any, TypeVar
 
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
+from agent_os.control_plane.recorder.lockfile import WriterLock
 from agent_os.control_plane.recorder.records import ANCHOR_EVENT
-from agent_os.control_plane.recorder.storage import Row, Where
+from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
 
@@ -92,6 +98,8 @@ class SqliteStorage:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        private = self.path in ("", ":memory:")
+        self._lock = None if private else WriterLock(os.path.realpath(self.path) + ".lock")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None or self._db is None:
@@ -108,24 +116,45 @@ class SqliteStorage:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder")
 
         def connect() -> sqlite3.Connection:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.executescript(_SCHEMA.format(t=self.table))
+            if self._lock is not None:
+                self._lock.acquire(self.path)
+            try:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(f"PRAGMA synchronous={self.synchronous}")
+                    db.executescript(_SCHEMA.format(t=self.table))
+                except BaseException:
+                    db.close()
+                    raise
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.release()
+                raise
             return db
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             self._pool.shutdown()
             self._pool = None
-            raise RecorderError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise RecorderError(f"cannot open sqlite database {self.path!r}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         if self._db is None or self._pool is None:
             return
-        db, pool = self._db, self._pool
-        await asyncio.get_running_loop().run_in_executor(pool, db.close)
+        db, pool, lock = self._db, self._pool, self._lock
+
+        def close() -> None:
+            try:
+                db.close()
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        await asyncio.get_running_loop().run_in_executor(pool, close)
         pool.shutdown()
         self._db = self._pool = None
 
@@ -140,10 +169,14 @@ class SqliteStorage:
 
         codec = self.codec if self.codec is not None and self.codec.active else None
 
+        tail_sql = f"SELECT seq, hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
+
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
-            db.execute("BEGIN")
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
+                if rows:
+                    check_continues(db.execute(tail_sql).fetchone(), rows[0], f"sqlite {self.path!r}")
                 db.executemany(sql, stored)
             except BaseException:
                 db.execute("ROLLBACK")

@@ -11,7 +11,22 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent_os.control_plane.errors import RecorderInUse
+
 Row = tuple[Any, ...]
+
+
+def check_continues(tail: tuple[int, str] | None, first: Row, where: str) -> None:
+    """Refuse a batch that does not continue the stored chain: another writer appended to it
+    (or it was cut) since this recorder read its tail. Raises RecorderInUse."""
+    seq, prev = int(first[0]), first[8]
+    if (tail is None and seq == 1) or (tail is not None and (tail[0], tail[1]) == (seq - 1, prev)):
+        return
+    now = "empty" if tail is None else f"at seq {tail[0]}"
+    raise RecorderInUse(
+        f"{where}: the stored chain is {now}, but this recorder continues seq {seq - 1}: another "
+        "writer appended to it (or it was cut) since this recorder opened it; nothing was written"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +67,8 @@ class Storage(Protocol):
 
     async def append(self, rows: Sequence[Row]) -> None:
         """Store rows atomically and durably: when this returns, they survive a crash. Rows
-        carry plaintext data; a SQL storage encodes it with its codec on the way in."""
+        carry plaintext data; a SQL storage encodes it with its codec on the way in. Raises
+        RecorderInUse (storing nothing) when the rows do not continue the stored chain."""
         ...
 
     async def select(self, where: Where) -> list[Row]: ...
@@ -94,6 +110,8 @@ class MemoryStorage:
         return (self.rows[-1][0], self.rows[-1][9]) if self.rows else None
 
     async def append(self, rows: Sequence[Row]) -> None:
+        if rows:
+            check_continues(await self.tail(), rows[0], "memory storage")
         self.rows.extend(rows)
 
     async def select(self, where: Where) -> list[Row]:

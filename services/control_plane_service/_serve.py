@@ -36,13 +36,17 @@ async def serve(
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
     then finish in-flight messages, stop the admin API and close the recorder (its last batch
     written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
-    public identities) every message is verified; without it ``trust_bus`` must be true.
+    public identities) every message is verified and the recorder signs its heads with the
+    service's key; without it ``trust_bus`` must be true.
     Prints ``ready admin=http://host:port`` on stdout once it takes messages; returns the
     service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
     ``trust_bus``), PolicyLoadError, RecorderError, ValueError, ImportError naming the extra
     to install, or a bus error when it cannot start."""
     from agent_os.control_plane.admin import AdminAPI
 
+    held = iatp.registry.signing_key(agent_id) if iatp is not None else None
+    if held is not None and recorder.public_key is None:
+        recorder.set_signing_key(held[1])  # the recorder signs its heads with the service's key
     kernel = KernelSpace(policy=policy, flight_recorder=recorder)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)
     service = ControlPlaneService(
