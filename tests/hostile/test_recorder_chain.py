@@ -31,6 +31,7 @@ from agent_os.control_plane.recorder import HEAD_EVENT, Head
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.heads import sign_head
 from agent_os.control_plane.recorder.records import GENESIS, canonical_data, record_hash
+from tests.support.closing import Closing
 from tests.support.servers import PG_DSN
 
 psycopg = pytest.importorskip("psycopg")
@@ -415,14 +416,14 @@ async def test_a_caller_cannot_log_a_signed_head(place: Place) -> None:
 # -- the admin API's verify takes a head ---------------------------------------------------------
 
 
-async def test_the_admin_verify_takes_a_head(tmp_path: Path) -> None:
+async def test_the_admin_verify_takes_a_head(tmp_path: Path, closing: Closing) -> None:
     place = Place("sqlite", str(tmp_path / "audit.db"))
     key = SigningKey.generate()
     head = await fill(place, 30)
     await place.rewrite(edit(7))
     recorder = place.recorder(signing_key=key)
-    kernel = KernelSpace(flight_recorder=recorder)
-    admin = AdminAPI(kernel, TOKEN)
+    kernel = closing(KernelSpace(flight_recorder=recorder))
+    admin = closing(AdminAPI(kernel, TOKEN))
     port = await admin.start()
     url = f"http://127.0.0.1:{port}/verify"
     auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -24,6 +24,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder
 from agent_os.control_plane.errors import RecorderInUse
+from tests.support.closing import Closing
 from tests.support.servers import PG_DSN
 
 psycopg = pytest.importorskip("psycopg")
@@ -170,9 +171,11 @@ async def test_writers_started_together_never_acknowledge_a_lost_record(where: t
     assert set(acknowledged) == await stored(kind, place)
 
 
-async def test_a_second_recorder_in_the_same_process_is_refused(where: tuple[str, str]) -> None:
+async def test_a_second_recorder_in_the_same_process_is_refused(
+    where: tuple[str, str], closing: Closing
+) -> None:
     kind, place = where
-    first = recorder(kind, place)
+    first = closing(recorder(kind, place))
     await first.log("event", "a", {"n": 1})
     second = recorder(kind, place)
     try:
@@ -206,12 +209,12 @@ async def test_a_killed_writer_leaves_no_stale_lock(where: tuple[str, str]) -> N
         await rec.close()
 
 
-async def test_a_writer_that_bypasses_the_lock_is_fenced_off(tmp_path: Path) -> None:
+async def test_a_writer_that_bypasses_the_lock_is_fenced_off(tmp_path: Path, closing: Closing) -> None:
     """Deleting the lock file of a running recorder lets a second one open: the tail check in
     each batch's transaction then refuses the batch that does not continue the stored chain,
     stores none of it, and that recorder appends nothing more."""
     db = str(tmp_path / "audit.db")
-    first = recorder("sqlite", db)
+    first = closing(recorder("sqlite", db))
     await first.log("event", "first", {"n": 0})
     await first.flush()
     os.unlink(db + ".lock")  # the lock file of a running recorder, deleted
