@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import yaml
 
-from agent_os.control_plane.errors import PolicyError, PolicyLoadError
-from agent_os.control_plane.policy.patterns import Pattern, PatternError
+from agent_os.control_plane.errors import PatternError, PolicyError, PolicyLoadError
+from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}

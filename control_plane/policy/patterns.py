@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeVar
 
-from agent_os.control_plane.errors import PolicyError
+from agent_os.control_plane.errors import PatternError, PolicyError
 from agent_os.control_plane.policy.conditions import (
     Condition,
     Context,
@@ -30,7 +30,6 @@ __all__ = [
     "MatchType",
     "Outcome",
     "Pattern",
-    "PatternError",
     "compile_conditions",
     "compile_resource",
     "literal_prefix",
@@ -62,15 +61,6 @@ def compile_resource(resource: str, match_type: MatchType) -> Matcher:
     if match_type == "regex":
         return compile_regex(resource)
     raise PolicyError(f"match_type must be 'glob' or 'regex', got {match_type!r}")
-
-
-class PatternError(PolicyError):
-    """A pattern is invalid; ``part`` names what is at fault: ``operation``, ``resource``,
-    ``match_type``, ``exclude`` or ``conditions`` (the message starts with it)."""
-
-    def __init__(self, part: str, message: str) -> None:
-        super().__init__(f"{part}: {message}")
-        self.part = part
 
 
 _T = TypeVar("_T")

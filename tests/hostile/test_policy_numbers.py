@@ -19,7 +19,7 @@ from agent_os.amb import AMB
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.serializers.json_format import JsonSerializer
 from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
-from agent_os.control_plane import KernelSpace, Pattern, Policy, PolicyError, PolicyLoadError
+from agent_os.control_plane import KernelSpace, Pattern, PatternError, Policy, PolicyLoadError
 from tests.support import Collector, memory_url
 from tests.support.envelopes import make_env
 
@@ -184,8 +184,9 @@ BAD_OPERANDS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("conditions", BAD_OPERANDS, ids=repr)
 def test_operands_nothing_compares_with_are_refused_when_built(conditions: dict[str, Any]) -> None:
-    with pytest.raises(PolicyError, match="condition"):
+    with pytest.raises(PatternError, match="condition") as built:
         Pattern("*", "*", conditions=conditions)
+    assert built.value.part == "conditions"
     with pytest.raises(PolicyLoadError, match="rule 'r0'") as info:
         _build("yaml", [("deny", conditions)], "deny")
     assert info.value.field == "rules[0].conditions"

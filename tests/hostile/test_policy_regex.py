@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent_os.control_plane import KernelSpace, Pattern, Policy, PolicyError, PolicyLoadError
+from agent_os.control_plane import KernelSpace, Pattern, PatternError, Policy, PolicyLoadError
 from agent_os.control_plane.admin import AdminAPI
 from agent_os.control_plane.policy.conditions import MAX_MATCH_CHARS
 
@@ -106,12 +106,15 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("regex", UNSUPPORTED)
 def test_python_patterns_re2_cannot_run_are_refused(regex: str) -> None:
-    with pytest.raises(PolicyError, match="RE2"):
+    with pytest.raises(PatternError, match="RE2") as info:
         Pattern("publish", regex, match_type="regex")
-    with pytest.raises(PolicyError, match="RE2"):
-        Pattern("publish", "*", match_type="regex", exclude=[regex])
-    with pytest.raises(PolicyError, match="RE2"):
+    assert info.value.part == "resource"
+    with pytest.raises(PatternError, match="RE2") as info:
+        Pattern("publish", ".*", match_type="regex", exclude=[regex])
+    assert info.value.part == "exclude"
+    with pytest.raises(PatternError, match="RE2") as info:
         Pattern("publish", "*", conditions={"payload.memo": {"$regex": regex}})
+    assert info.value.part == "conditions"
 
 
 def _policy_yaml(where: str, regex: str) -> str:
