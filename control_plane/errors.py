@@ -6,6 +6,7 @@ reaches the publisher::
 
     ControlPlaneError
     ├── PolicyError (ValueError)               a policy cannot be built
+    │   ├── PatternError                       a part of a pattern is invalid (the part named)
     │   └── PolicyLoadError                    YAML that is not a valid policy (line and field named)
     ├── SignalError (ValueError)               a signal that cannot be sent or handled this way
     ├── AgentNotFound (KeyError)               no agent with that id
@@ -43,6 +44,15 @@ class ControlPlaneError(Exception):
 
 class PolicyError(ControlPlaneError, ValueError):
     """A policy, rule or pattern is invalid."""
+
+
+class PatternError(PolicyError):
+    """A pattern is invalid; ``part`` names what is at fault: ``operation``, ``resource``,
+    ``match_type``, ``exclude`` or ``conditions`` (the message starts with it)."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(f"{part}: {message}")
+        self.part = part
 
 
 class PolicyLoadError(PolicyError):

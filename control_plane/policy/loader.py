@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import yaml
 
-from agent_os.control_plane.errors import PolicyError, PolicyLoadError
+from agent_os.control_plane.errors import PatternError, PolicyError, PolicyLoadError
 from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
 
@@ -160,9 +160,8 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
         "rate_limit": (int, str),
     }
     got = {k: value(vnode, f"{where}.{k}", kinds[k]) for k, (_, vnode) in fields.items()}
-    step = "action"
+    named = f"rule {got['name']!r}: " if "name" in got else ""
     try:
-        step = "pattern"
         pattern = Pattern(
             got.get("operation", "*"),
             got.get("resource", "*"),
@@ -170,7 +169,10 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
             got.get("conditions"),
             got.get("exclude"),
         )
-        step = "rule"
+    except PatternError as exc:
+        node = fields[exc.part][1] if exc.part in fields else node
+        raise PolicyLoadError(f"{named}{exc}", line=_line(node), field=f"{where}.{exc.part}") from None
+    try:
         policy.add_rule(
             got["action"],
             pattern,
@@ -180,23 +182,19 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
             name=got.get("name"),
         )
     except PolicyError as exc:
-        field = _guess_field(str(exc), fields) if step else None
+        field = _guess_field(str(exc), fields)
         line = _line(fields[field][1]) if field in fields else _line(node)
-        raise PolicyLoadError(str(exc), line=line, field=f"{where}.{field}" if field else where) from None
+        raise PolicyLoadError(
+            f"{named}{exc}", line=line, field=f"{where}.{field}" if field else where
+        ) from None
 
 
 def _guess_field(message: str, fields: dict[str, Any]) -> str | None:
     for field, needle in (
-        ("match_type", "match_type"),
-        ("resource", "regex"),
-        ("conditions", "condition"),
-        ("conditions", "time_window"),
-        ("on_violation", "signal"),
+        ("on_violation", "on_violation"),
         ("rate_limit", "rate limit"),
         ("rate_limit", "rate-limit"),
         ("action", "action"),
-        ("operation", "operation"),
-        ("exclude", "regex"),
     ):
         if needle in message and field in fields:
             return field

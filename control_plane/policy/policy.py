@@ -32,6 +32,10 @@ _KEYED: Final = frozenset(KEY_FIELDS)
 _SETTINGS: Final = frozenset({"name", "default_action", "mode", "require_verified_sender", "permissions"})
 
 
+def _undecided(rule: Rule) -> str:
+    return f"{rule.reason or 'denied'} (a condition could not be decided: fail closed)"
+
+
 class Policy:
     """An ordered list of rules with a default action.
 
@@ -161,7 +165,9 @@ class Policy:
     def evaluate(self, operation: str, resource: str, context: Context | None = None) -> Decision:
         """Decide on ``operation`` on ``resource``; first matching rule wins, else the default.
 
-        Never raises: an error while evaluating denies (reason ``evaluation_error``).
+        A condition that cannot be decided (NaN, a string compared with a number ...) matches
+        a deny rule and not an allow rule. Never raises: an error while evaluating denies
+        (reason ``evaluation_error``).
         """
         ctx: Context = context if context is not None else {}
         compiled = self._compiled
@@ -200,7 +206,13 @@ class Policy:
                         fields = pattern.cache_fields
                         if fields is None or not fields <= _KEYED:
                             cacheable = False
-                    if pattern.holds(ctx):
+                    held = pattern.holds(ctx)
+                    if held is None:  # undecidable: a deny rule matches, an allow rule does not
+                        if rule.action != "deny":
+                            continue
+                        decision = self._deny(rule, _undecided(rule))
+                        break
+                    if held:
                         decision = self._finish(rule, rule.action, rule.reason, ctx)
                         if cacheable and rule.limiter is not None:
                             self._remember(compiled, key, rule)
@@ -253,7 +265,10 @@ class Policy:
             if self.require_verified_sender and not ctx.get("verified", False):
                 return self._finish(None, "deny", "sender not verified (require_verified_sender)", ctx)
             for rule in self._compiled.rules:
-                if rule.pattern.matches(operation, resource, ctx):
+                matched = rule.pattern.matches(operation, resource, ctx)
+                if matched is None and rule.action == "deny":
+                    return self._deny(rule, _undecided(rule))
+                if matched:
                     return self._finish(rule, rule.action, rule.reason, ctx)
             return self._finish(None, self.default_action, f"default {self.default_action}", ctx)
         except Exception as exc:

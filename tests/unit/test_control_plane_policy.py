@@ -162,8 +162,10 @@ def test_an_error_during_evaluation_denies() -> None:
     decision = policy.evaluate("publish", "t", {"sender": "a", "recipient": "b"})
     assert not decision.allowed
     assert decision.reason.startswith("evaluation_error")
+    # A comparison that cannot be decided is not an error: it matches a deny rule only
+    # (tests/hostile/test_policy_numbers.py covers every form).
     typed = Policy("q", default_action="allow")
-    typed.add_rule("allow", Pattern("*", "*", conditions={"payload.n": {"$gt": 3}}))
+    typed.add_rule("deny", Pattern("*", "*", conditions={"payload.n": {"$gt": 3}}))
     assert not typed.evaluate("publish", "t", {"payload": {"n": "a string"}}).allowed
 
 
