@@ -21,6 +21,7 @@ from agent_os.amb.serializers.json_format import JsonSerializer
 from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
 from agent_os.control_plane import KernelSpace, Pattern, PatternError, Policy, PolicyLoadError
 from tests.support import Collector, memory_url
+from tests.support.closing import Closing
 from tests.support.envelopes import make_env
 
 NAN, INF = float("nan"), float("inf")
@@ -217,16 +218,16 @@ def _env(payload: Any) -> Any:
     )
 
 
-async def test_hostile_numbers_in_messages_never_pass_a_numeric_deny() -> None:
+async def test_hostile_numbers_in_messages_never_pass_a_numeric_deny(closing: Closing) -> None:
     policy = Policy("payments", default_action="deny")
     policy.add_rule("deny", Pattern("deliver", "pay.*", conditions={"min_payload.amount": 10000}), name="big")
     policy.add_rule("allow", Pattern("*", "*"), name="rest")
-    kernel = KernelSpace(policy=policy)
+    kernel = closing(KernelSpace(policy=policy))
     where = memory_url("numbers")
-    receiver = AMB("memory", where, agent_id="receiver")
+    receiver = closing(AMB("memory", where, agent_id="receiver"))
     kernel.attach(receiver)
-    raw = AMB("memory", where, agent_id="raw")  # not attached: its bytes go straight to the broker
-    watcher = AMB("memory", where, agent_id="watcher")
+    raw = closing(AMB("memory", where, agent_id="raw"))  # not attached: its bytes go straight to the broker
+    watcher = closing(AMB("memory", where, agent_id="watcher"))
     got, dead = Collector(), Collector()
     hostile = _json_envelopes(
         ["NaN", "Infinity", "-Infinity", "1e999", str(HUGE), '"1e9"', "true", "null", "[20000]"]
