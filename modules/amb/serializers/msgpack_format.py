@@ -17,6 +17,7 @@ from agent_os.amb.errors import MalformedEnvelope, OversizedEnvelope, TruncatedE
 from agent_os.amb.serializers.schema import (
     DEFAULT_MAX_BYTES,
     WireFields,
+    check_subjects,
     envelope_from_fields,
     envelope_from_wire,
     typed_unpack,
@@ -136,6 +137,7 @@ def _decode_msgpack(data: bytes) -> WireFields:
         fields: WireFields = typed_unpack(data)
     except Exception:
         return wire_of(decode_msgpack_checked(data))
+    check_subjects(fields[2], fields[5])
     return fields
 
 
