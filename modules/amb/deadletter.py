@@ -58,17 +58,16 @@ def _text(text: str, limit: int) -> str:
 
 def dead_letter_headers(subject: str, reason: str, error: BaseException, attempt: int) -> dict[str, str]:
     """The headers of a dead letter: ``dlq-reason``, ``dlq-error`` (at most 1,024 characters),
-    ``dlq-subject`` (the original subject, cut to :data:`MAX_SUBJECT_BYTES` characters; when cut,
-    or when it is no valid subject, ``dlq-subject-sha256`` holds the whole one's digest) and
-    ``dlq-attempts``."""
+    ``dlq-subject`` (the original subject, cut to :data:`MAX_SUBJECT_BYTES` characters),
+    ``dlq-subject-sha256`` (the whole subject's digest, as in a shortened dead-letter subject)
+    and ``dlq-attempts``."""
     headers = {
         DLQ_REASON: _text(reason, 256),
         DLQ_ERROR: _text(describe(error), 1024),
         DLQ_SUBJECT: _text(subject, MAX_SUBJECT_BYTES),
+        DLQ_SUBJECT_SHA256: subject_digest(subject),
         DLQ_ATTEMPTS: str(attempt),
     }
-    if len(subject) > MAX_SUBJECT_BYTES or not subject_ok(subject):
-        headers[DLQ_SUBJECT_SHA256] = subject_digest(subject)
     return headers
 
 
