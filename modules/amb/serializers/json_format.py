@@ -152,7 +152,10 @@ class JsonSerializer:
             "priority": env.priority,
             "headers": _escape_keys(env.headers),
         }
-        obj["payload"] = _escape_keys(env.payload)
+        try:
+            obj["payload"] = _escape_keys(env.payload)
+        except RecursionError as exc:
+            raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
         if env.sig is not None:
             s = env.sig
             obj["sig"] = {
@@ -165,7 +168,7 @@ class JsonSerializer:
             data = json.dumps(
                 obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
             ).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)

@@ -146,7 +146,9 @@ def decode_msgpack_checked(data: bytes) -> Envelope:
     :data:`~agent_os.amb.serializers.schema.typed_unpack` refuses): it accepts what msgspec was
     stricter about or raises an :class:`~agent_os.amb.EnvelopeError` naming what is wrong."""
     try:
-        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # timestamp=3: the timestamp extension as an aware datetime, as msgspec decodes it (one
+        # out of datetime's range is refused by both).
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True, timestamp=3)
     except Exception as exc:  # msgpack raises ValueError, FormatError, StackError, ...
         raise _classify_msgpack_error(data, exc) from exc
     return envelope_from_fields(fields)
