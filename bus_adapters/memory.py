@@ -262,6 +262,11 @@ class MemoryBroker(Lifecycle):
         self.server.attach(sub)
         return sub
 
+    @property
+    def connected(self) -> bool:
+        """True while open (the in-process server cannot be lost)."""
+        return self._state is LifecycleState.OPEN
+
     def inbox_prefix(self) -> str:
         return self._inbox
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,9 @@ class AdminAPI:
 
     ``token``: the bearer token (at least 16 characters, else ValueError); ``extra_metrics``:
     name -> value or callable, added to ``/metrics``; ``require_verified_sender``: keep that
-    policy option on across reloads. Raises ImportError without aiohttp/prometheus-client.
+    policy option on across reloads; ``health``: what ``/healthz`` reports (True: 200, False:
+    503; e.g. the bus client's ``healthy``, so a lost broker connection shows). Raises
+    ImportError without aiohttp/prometheus-client.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class AdminAPI:
         *,
         extra_metrics: dict[str, Any] | None = None,
         require_verified_sender: bool = False,
+        health: Callable[[], bool] | None = None,
     ) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
@@ -64,6 +68,7 @@ class AdminAPI:
         self._token = token.encode()
         self.extra_metrics = extra_metrics or {}
         self.require_verified_sender = require_verified_sender
+        self.health = health
         self.unauthorized = 0
 
         @web.middleware
@@ -118,6 +123,8 @@ class AdminAPI:
         return response
 
     async def healthz(self, request: web.Request) -> web.Response:
+        if self.health is not None and not self.health():
+            return _json({"ok": False, "broker": "disconnected"}, 503)
         return _json({"ok": True})
 
     async def agents(self, request: web.Request) -> web.Response:

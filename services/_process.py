@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from agent_os.amb import AMB, BusError
+from agent_os.amb import AMB, BrokerUnavailable, BusError
 from agent_os.iatp import IATP, IATPConfigError, IATPError, RedisNonceStore
 from agent_os.services._identity import PASSPHRASE_ENV
 
@@ -33,6 +33,9 @@ NONCE_STORE_SCHEMES: Final = ("redis", "rediss")
 NONCE_PREFIX: Final = "iatp:nonce:"
 KEY_REFRESH: Final = 1.0
 """Seconds between two reads of a service's key store for revocations (``--key-refresh``)."""
+BROKER_DOWN_EXIT_ENV: Final = "AGENTOS_BROKER_DOWN_EXIT"
+"""The environment variable that may set :func:`broker_down_exit` (seconds; 0: never exit)."""
+BROKER_DOWN_EXIT: Final = 120.0
 PROCESS_ERRORS: Final[tuple[type[Exception], ...]] = (BusError, IATPError, ValueError, OSError, ImportError)
 """Errors a service reports as ``Error: <Type>: <message>`` (exit 1) instead of a traceback."""
 
@@ -285,8 +288,57 @@ async def stop_signals(stop: asyncio.Event | None = None) -> AsyncIterator[async
             loop.remove_signal_handler(sig)
 
 
-async def serving(stop: asyncio.Event, ready: str, log: logging.Logger, stopping: str) -> None:
-    """Print the ``ready`` line on stdout, wait for ``stop``, and log ``stopping: <stopping>``."""
+def broker_down_exit() -> float:
+    """Seconds a service goes on with its broker connection down before it exits: from
+    :data:`BROKER_DOWN_EXIT_ENV` (0: never), default :data:`BROKER_DOWN_EXIT`. Raises
+    ValueError for a value that is not a non-negative number."""
+    text = os.environ.get(BROKER_DOWN_EXIT_ENV)
+    if text is None:
+        return BROKER_DOWN_EXIT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{BROKER_DOWN_EXIT_ENV} must be a number of seconds (0: never), got {text!r}")
+    return value
+
+
+async def serving(
+    stop: asyncio.Event, ready: str, log: logging.Logger, stopping: str, *, client: AMB | None = None
+) -> None:
+    """Print the ``ready`` line on stdout, wait for ``stop``, and log ``stopping: <stopping>``.
+
+    With ``client``, its broker connection is watched: once it has been down (``client.healthy``
+    false) for :func:`broker_down_exit` seconds the service stops with BrokerUnavailable (exit
+    1) so that its supervisor starts it again, rather than live on deaf."""
+    limit = broker_down_exit() if client is not None else 0.0
     print(ready, flush=True)
-    await stop.wait()
+    if client is None or limit == 0:
+        await stop.wait()
+    else:
+        await _watch_broker(stop, client, limit, log)
     log.info("stopping: %s", stopping)
+
+
+async def _watch_broker(stop: asyncio.Event, client: AMB, limit: float, log: logging.Logger) -> None:
+    """Wait for ``stop``; raise BrokerUnavailable once ``client`` has been unhealthy ``limit``
+    seconds in a row."""
+    loop = asyncio.get_running_loop()
+    down_since: float | None = None
+    every = min(1.0, limit / 4)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+        if client.healthy:
+            if down_since is not None:
+                log.warning("the broker connection is back")
+            down_since = None
+            continue
+        now = loop.time()
+        if down_since is None:
+            down_since = now
+            log.error("the broker connection is down; exiting if it stays down %gs", limit)
+        elif now - down_since >= limit:
+            raise BrokerUnavailable(f"the broker connection has been down for {limit:g}s; exiting")

@@ -297,6 +297,7 @@ async def serve(
                 f"ready memory subjects={prefix}.* broker={broker}",
                 log,
                 "answering the requests in flight",
+                client=client,
             )
         finally:
             try:

@@ -322,6 +322,7 @@ async def serve(
                 f"ready verifier subject={subject} broker={broker}",
                 log,
                 "finishing the verifications in flight",
+                client=client,
             )
         finally:
             try:

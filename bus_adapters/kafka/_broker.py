@@ -247,6 +247,13 @@ class KafkaBroker(Lifecycle):
         self._subs.add(sub)
         return sub
 
+    @property
+    def connected(self) -> bool:
+        """True while open and the producer is running (aiokafka reconnects to the cluster by
+        itself; an error it cannot recover from surfaces as a failed publish)."""
+        producer = self._producer
+        return self._state is LifecycleState.OPEN and producer is not None and not producer._closed
+
     def inbox_prefix(self) -> str:
         return self._inbox
 

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
-from agent_os.amb.dispatch import check_group_names, drain_all
+from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
 from agent_os.amb.errors import BrokerUnavailable, ConfigError
 from agent_os.amb.subjects import validate_pattern, validate_subject
 from agent_os.bus_adapters.nats._config import (
@@ -113,7 +113,9 @@ class NatsBroker(Lifecycle):
         self._confirm_all = self.config.confirm_publish
         self._background: set[asyncio.Task[Any]] = set()
         self._inbox = f"_INBOX.{os.urandom(12).hex()}"
+        self._reopening: asyncio.Task[None] | None = None
         self.malformed = 0  # messages on a durable's pull inbox that are not the consumer's
+        self.reopened = 0  # connections opened again after nats-py closed one for good
 
     @property
     def connection(self) -> Client:
@@ -128,10 +130,22 @@ class NatsBroker(Lifecycle):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """True while open and connected to a server; False while nats-py reconnects, and from
+        the moment it closes the connection for good until this adapter has opened a new one."""
+        nc = self._nc
+        return self._state is _OPEN and nc is not None and nc.is_connected
+
     async def connect(self) -> None:
         """Connect (within ``connect_timeout``); raises BrokerUnavailable when no server answers."""
         if not self._begin_connect():
             return
+        self._use(await self._open_connection())
+        self._state = LifecycleState.OPEN
+
+    async def _open_connection(self) -> Client:
+        """A new connected nats-py client with this adapter's options; raises BrokerUnavailable."""
         try:
             from nats.aio.client import Client
         except ImportError as exc:
@@ -148,6 +162,7 @@ class NatsBroker(Lifecycle):
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
                     # Subjects are checked by this adapter (stricter than nats-py, and once
                     # per subject instead of per publish); queue names too, in subscribe().
                     skip_subject_validation=True,
@@ -156,15 +171,69 @@ class NatsBroker(Lifecycle):
             with contextlib.suppress(Exception):
                 await nc.close()
             raise BrokerUnavailable(f"cannot connect to NATS at {', '.join(self.servers)}: {exc!r}") from exc
+        return nc
+
+    def _use(self, nc: Client) -> None:
+        """Make ``nc`` the connection every publish, subscription and JetStream call goes to."""
         self._nc = nc
         direct = connected_status(nc)
         self._direct_status = -1 if direct is None else direct
         self._jsm = nc.jsm()
-        self._acks = AckWindow(
-            nc.jetstream(), window=self.config.publish_window, publish_timeout=self.config.publish_timeout
-        )
+        if self._acks is None:
+            self._acks = AckWindow(
+                nc.jetstream(), window=self.config.publish_window, publish_timeout=self.config.publish_timeout
+            )
+        else:
+            self._acks.rebind(nc.jetstream())
         self.capabilities = dataclasses.replace(self.capabilities, max_payload=nc.max_payload)
-        self._state = LifecycleState.OPEN
+
+    async def _on_closed(self) -> None:
+        # nats-py closes a connection for good on any -ERR from the server but a permissions
+        # violation or a stale connection (a protocol line too long, a parser error, ...) and
+        # never reconnects it. While this adapter is open that is not the user's close: open a
+        # new connection and move every subscription to it.
+        if self._state is not _OPEN:
+            return
+        error = getattr(self._nc, "last_error", None)
+        if error is None:
+            # Closed without an error: by whoever holds the nats-py connection (as when its
+            # process is going away). Not reopened; ``connected`` says it is gone.
+            log.error("nats broker: the server connection was closed outside the adapter")
+            return
+        log.error("nats broker: the server closed the connection for good (%s); opening a new one", error)
+        task = self._reopening
+        if task is None or task.done():
+            self._reopening = asyncio.get_running_loop().create_task(self._reopen(), name="nats-reopen")
+
+    async def _reopen(self) -> None:
+        """Open a new connection while the current one is closed for good (retrying with
+        backoff), then resume every subscription on it."""
+        failures = 0
+        while self._state is _OPEN:
+            current = self._nc
+            if current is not None and not current.is_closed:
+                return
+            try:
+                nc = await self._open_connection()
+            except BrokerUnavailable as exc:
+                cfg = self.config
+                delay = min(cfg.reconnect_wait_max, cfg.reconnect_wait * 2 ** min(failures, 20))
+                failures += 1
+                log.warning("nats broker: reopening failed (%s); again in %.2fs", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            if self._state is not _OPEN:  # closed meanwhile
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return
+            self._use(nc)
+            for sub in list(self._subs):
+                try:
+                    await sub.resume(nc)
+                except Exception as exc:
+                    log.error("nats broker: could not resume the subscription to %r: %r", sub.pattern, exc)
+            self.reopened += 1
+            log.warning("nats broker: connection reopened; %d subscriptions resumed", len(self._subs))
 
     def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
         server = min(servers, key=lambda s: s.reconnects)
@@ -190,6 +259,8 @@ class NatsBroker(Lifecycle):
         if not self._begin_close():
             return
         deadline = time.monotonic() + timeout
+        if self._reopening is not None:
+            await stop_task(self._reopening)
         if self._acks is not None:
             await self._acks.close(timeout)
         subs = list(self._subs)

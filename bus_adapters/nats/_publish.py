@@ -53,6 +53,13 @@ class AckWindow:
         self._empty.set()
         self._watcher: asyncio.Task[None] | None = None
 
+    def rebind(self, js: JetStreamContext) -> None:
+        """Send through ``js`` (a new connection's) from now on; what awaits an ack is sent
+        again on it at the watcher's next tick."""
+        self._js = js
+        for entry in self._unacked.values():
+            entry.resend_at = 0.0
+
     @property
     def outstanding(self) -> int:
         """Durable publishes sent but not yet acknowledged."""

@@ -84,6 +84,10 @@ class NatsSubscription:
     def handler_errors(self) -> int:
         return self.dispatcher.handler_errors
 
+    async def resume(self, nc: Client) -> None:
+        """Take messages from ``nc``, a new connection replacing one closed for good."""
+        raise NotImplementedError
+
     async def _discard(self, items: list[_Item]) -> None:
         return None
 
@@ -137,6 +141,13 @@ class NatsSubscription:
 class CoreSubscription(NatsSubscription):
     """A core NATS subscription (native wildcards and queue groups); nack redelivers locally."""
 
+    async def resume(self, nc: Client) -> None:
+        """Subscribe again on ``nc``, a new connection replacing one closed for good."""
+        if self._stopped:
+            return
+        self.dispatcher.new_source()  # a new nats-py subscription calls from a new task
+        await self.start(nc)
+
     async def start(self, nc: Client) -> None:
         # The dispatcher takes nats-py's messages itself (as LocalDelivery, attempt 1).
         cb = self.dispatcher.deliver_message
@@ -168,6 +179,15 @@ class DurableSubscription(NatsSubscription):
         self._watchdog: asyncio.Task[None] | None = None
         self._receiving = False  # inside _on_msg, which asks for more itself
         self.dispatcher.on_handled = self._handled
+
+    async def resume(self, nc: Client) -> None:
+        """Pull again on ``nc``, a new connection replacing one closed for good (messages
+        received on the old one and not acked are redelivered by the server after ``ack_wait``)."""
+        if self._stopped:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self.start(nc)
 
     async def start(self, nc: Client) -> None:
         self._nc = nc

@@ -124,6 +124,7 @@ class RedisBroker(Lifecycle):
         self._redis: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._pubsub_down = False  # the pub/sub reader lost its connection and is retrying
         self._heartbeat: asyncio.Task[None] | None = None
         self._subs: set[PubSubSubscription] = set()
         self._exact: dict[str, list[PubSubSubscription]] = {}
@@ -260,6 +261,17 @@ class RedisBroker(Lifecycle):
         stream_sub.start()
         return stream_sub
 
+    @property
+    def connected(self) -> bool:
+        """True while open with the pub/sub reader running and not reconnecting."""
+        reader = self._reader
+        return (
+            self._state is LifecycleState.OPEN
+            and reader is not None
+            and not reader.done()
+            and not self._pubsub_down
+        )
+
     def inbox_prefix(self) -> str:
         return self._inbox
 
@@ -341,8 +353,10 @@ class RedisBroker(Lifecycle):
             try:
                 message = await pubsub.get_message(timeout=None)
                 failures = 0
+                self._pubsub_down = False
             except (rexc.RedisError, OSError) as exc:
                 # redis-py already retried with backoff; keep trying while the client is open.
+                self._pubsub_down = True
                 if failures == 0:
                     log.warning("redis broker: pub/sub connection lost (%r); reconnecting", exc)
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))

@@ -18,6 +18,7 @@ from agent_os.amb.errors import (
     CapabilityNotSupported,
     ConfigError,
     EnvelopeError,
+    InvalidSubject,
     MalformedEnvelope,
     MessageRejected,
     OversizedEnvelope,
@@ -36,10 +37,12 @@ from agent_os.amb.serializers.decoder import decode
 from agent_os.amb.serializers.json_format import JsonSerializer
 from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
 from agent_os.amb.stats import BusStats
+from agent_os.amb.subjects import MAX_SUBJECT_BYTES
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 
 __all__ = [
     "AMB",
+    "MAX_SUBJECT_BYTES",
     "WIRE_VERSION",
     "Broker",
     "BrokerSubscription",
@@ -55,6 +58,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "Handler",
+    "InvalidSubject",
     "JsonSerializer",
     "LifecycleState",
     "MalformedEnvelope",

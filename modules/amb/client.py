@@ -26,13 +26,14 @@ from agent_os.amb.broker import (
     LifecycleState,
     load_broker,
 )
-from agent_os.amb.deadletter import dead_letter_envelope
+from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
 from agent_os.amb.dispatch import LocalDelivery
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
     BusError,
     ConfigError,
     EnvelopeError,
+    InvalidSubject,
     MessageRejected,
     OversizedEnvelope,
     RemoteError,
@@ -50,9 +51,15 @@ from agent_os.amb.middleware import (
 from agent_os.amb.replies import ERROR_HEADER, PendingRequests
 from agent_os.amb.serializers import Serializer, get_serializer
 from agent_os.amb.serializers.decoder import Decoder
-from agent_os.amb.serializers.schema import DEFAULT_MAX_BYTES, WireFields, envelope_from_wire, typed_unpack
+from agent_os.amb.serializers.schema import (
+    DEFAULT_MAX_BYTES,
+    WireFields,
+    check_subjects,
+    envelope_from_wire,
+    typed_unpack,
+)
 from agent_os.amb.stats import BusStats
-from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 
 log = logging.getLogger("agent_os.amb")
@@ -63,6 +70,14 @@ _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~
 _time_ns: Final = time.time_ns
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
+
+
+def _refuse_reply_to(reply_to: str) -> None:
+    """Raise InvalidSubject for a ``reply_to`` that :func:`subject_ok` refused, naming why."""
+    try:
+        validate_subject(reply_to)
+    except InvalidSubject as exc:
+        raise InvalidSubject(f"reply_to: {exc}", reason=exc.reason, subject=exc.subject) from None
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -128,17 +143,25 @@ class AMB(Lifecycle):
     ) -> None:
         own_inbox = None
         if inbox_prefix is not None:
+            own_inbox = f"{inbox_prefix}.{os.urandom(8).hex()}"
             try:
                 validate_subject(inbox_prefix)
+                # Its reply subjects (<prefix>.<token>.<request number>) must be subjects too.
+                validate_subject(f"{own_inbox}.{'f' * 16}")
             except ConfigError as exc:
                 raise ConfigError(f"inbox_prefix: {exc}") from None
-            own_inbox = f"{inbox_prefix}.{os.urandom(8).hex()}"
+        try:
+            validate_subject(dead_letter_prefix)
+            if len(dead_letter_prefix.encode()) > MAX_SUBJECT_BYTES - DLQ_ROOM:
+                raise ConfigError(f"is longer than {MAX_SUBJECT_BYTES - DLQ_ROOM} bytes")
+        except ConfigError as exc:
+            raise ConfigError(f"dead_letter_prefix: {exc}") from None
         self._serializer = get_serializer(serializer, max_message_bytes)
         self._dead_letter_serializer = get_serializer(serializer, max(max_message_bytes, DEFAULT_MAX_BYTES))
         self._decoder = Decoder(max_message_bytes)
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
-        self.dead_letter_prefix = validate_subject(dead_letter_prefix)
+        self.dead_letter_prefix = dead_letter_prefix
         self.stats = BusStats()
         self._middleware: list[Middleware] = list(middleware)
         self._publish_chain: PublishNext | None = None  # set on connect when there is middleware
@@ -159,6 +182,16 @@ class AMB(Lifecycle):
     @property
     def capabilities(self) -> Capabilities:
         return self.broker.capabilities
+
+    @property
+    def healthy(self) -> bool:
+        """True while the client is open and its broker connection is up (the adapter's
+        ``connected``, where it has one). False before connect, after close, and while the
+        connection is lost: what a service's health check reports."""
+        if self._state is not _OPEN:
+            return False
+        connected = getattr(self.broker, "connected", True)
+        return connected is True
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Append a middleware (innermost so far). Raises StateError once connected."""
@@ -251,6 +284,8 @@ class AMB(Lifecycle):
             await self._ready()
         if topic not in self._topics:
             self._check_topic(topic)
+        if reply_to and not subject_ok(reply_to):
+            _refuse_reply_to(reply_to)
         now = _time_ns()
         expires_at = None
         if ttl is not None:
@@ -571,6 +606,8 @@ class AMB(Lifecycle):
                 fields: WireFields = typed_unpack(data)
             except Exception:
                 fields = decoder.refused(data)
+            else:
+                check_subjects(fields[2], fields[5])
         except EnvelopeError as exc:
             stats.malformed += 1
             await self._dead_letter(sub, delivery, None, "malformed", exc)
@@ -659,6 +696,15 @@ class AMB(Lifecycle):
         if isinstance(exc, MessageRejected):
             self.stats.rejected += 1
             await self._dead_letter(sub, delivery, env, exc.reason, exc)
+            return
+        if isinstance(exc, InvalidSubject):
+            # The handler built or was given a subject no broker takes (a forward, a reply):
+            # sending again cannot help.
+            self.stats.invalid_subjects += 1
+            sub.errors += 1
+            await self._dead_letter(sub, delivery, env, "invalid_subject", exc)
+            if env.reply_to:
+                await self._send_error_reply(env, "invalid_subject")
             return
         self.stats.handler_errors += 1
         sub.errors += 1

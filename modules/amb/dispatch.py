@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from agent_os.amb.errors import ConfigError
+from agent_os.amb.subjects import validate_name
 
 log = logging.getLogger("agent_os.amb.dispatch")
 
@@ -244,6 +245,11 @@ class Dispatcher(Generic[T]):
         if self._items:
             self._wake_runner()
 
+    def new_source(self) -> None:
+        """The source now calls :meth:`deliver_message` from another task (a subscription made
+        again on a new connection): forget the task looked up once."""
+        self._source_task = None
+
     # -- the handler call -------------------------------------------------------------------
     # deliver(), deliver_message() and _run() each carry the handler call inline (a coroutine
     # less per message); keep the three copies in step.
@@ -434,10 +440,13 @@ def local_delivery(
 
 
 def check_group_names(queue: str | None, durable: str | None) -> None:
-    """Raise ConfigError for an empty (or blank) queue group or durable name."""
+    """Raise ConfigError for an empty (or blank) queue group or durable name, InvalidSubject
+    for one that is too long or holds whitespace or control characters."""
     for what, value in (("queue group", queue), ("durable", durable)):
         if value is not None and (not value or value.isspace()):
             raise ConfigError(f"{what} name must be non-empty, got {value!r}")
+        if value is not None:
+            validate_name(value, what)
 
 
 async def stop_task(task: asyncio.Task[Any], *, again_every: float = 0.02) -> None:

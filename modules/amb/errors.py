@@ -4,6 +4,7 @@
 
     BusError
     ├── ConfigError (ValueError)           bad option, unknown backend, bad subject
+    │   └── InvalidSubject                 a subject, pattern or name the bus refuses
     ├── StateError (RuntimeError)          call made in the wrong lifecycle state
     ├── CapabilityNotSupported (NotImplementedError)
     ├── EnvelopeError (ValueError)         bytes that are not a valid v1 envelope
@@ -29,6 +30,17 @@ class BusError(Exception):
 
 class ConfigError(BusError, ValueError):
     """An option, a backend name or a subject is invalid."""
+
+
+class InvalidSubject(ConfigError):
+    """A subject, pattern, queue group or durable name is unusable: ``reason`` says why
+    (``too_long``, ``whitespace``, ``control_character``, ``empty``, ``empty_token``,
+    ``wildcard``); ``subject`` is the refused text."""
+
+    def __init__(self, message: str, *, reason: str, subject: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.subject = subject
 
 
 class StateError(BusError, RuntimeError):

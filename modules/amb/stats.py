@@ -17,6 +17,7 @@ class BusStats:
     dead_lettered: int = 0
     dead_letter_failures: int = 0
     malformed: int = 0
+    invalid_subjects: int = 0
     rejected: int = 0
     expired: int = 0
     filtered: int = 0

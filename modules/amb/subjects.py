@@ -1,54 +1,130 @@
 """Subjects and subject patterns (NATS syntax, used by every adapter): validation and matching.
 
-``*`` matches one token, ``>`` one or more trailing tokens (see ``docs/bus.md``).
+``*`` matches one token, ``>`` one or more trailing tokens. A subject is at most
+:data:`MAX_SUBJECT_BYTES` UTF-8 bytes, without whitespace or control characters (see
+``docs/bus.md``, "Subjects and filters").
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from functools import lru_cache, partial
+from typing import Final
 
-from agent_os.amb.errors import ConfigError
+from agent_os.amb.errors import InvalidSubject
 
-_BAD_TOKEN = re.compile(r"[\s]")
-# A valid subject in one C-level match: non-empty tokens without whitespace, "*" or ">".
-_SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+MAX_SUBJECT_BYTES: Final = 1024
+"""The longest subject or pattern, in UTF-8 bytes: well under every broker's limit (NATS reads
+a protocol line of at most 4,096 bytes, which holds the subject and its reply subject)."""
+
+MAX_NAME_BYTES: Final = 255
+"""The longest queue group or durable name, in UTF-8 bytes."""
+
+# The common case in one C-level match: printable ASCII tokens without "*" or ">".
+_ASCII_SUBJECT: Final = re.compile(r"[!-)+-\-/-=?-~]+(?:\.[!-)+-\-/-=?-~]+)*")
+# Categories refused anywhere in a subject: control, format (zero-width, bidi overrides),
+# surrogates, and separators (every kind of space).
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+_SHOWN: Final = 80  # characters of a refused subject quoted in the error
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut to a readable length."""
+    if len(text) <= _SHOWN:
+        return repr(text)
+    return f"{text[:_SHOWN]!r}... ({len(text)} characters)"
+
+
+def _refused(text: str, what: str, reason: str, detail: str) -> InvalidSubject:
+    return InvalidSubject(f"{what} {_shown(text)} {detail}", reason=reason, subject=text)
+
+
+def _check_text(text: object, what: str, limit: int = MAX_SUBJECT_BYTES) -> str:
+    """``text`` if it is a non-empty string of at most ``limit`` UTF-8 bytes without whitespace
+    or control characters; raises InvalidSubject naming what is wrong."""
+    if not isinstance(text, str) or not text:
+        raise InvalidSubject(f"{what} must be a non-empty string", reason="empty", subject="")
+    if len(text) > limit:  # more characters than bytes allowed: too long whatever they are
+        raise _refused(text, what, "too_long", f"is longer than {limit} bytes")
+    if not text.isascii():
+        for ch in text:
+            category = unicodedata.category(ch)
+            if category in _REFUSED_CATEGORIES or ch.isspace():
+                kind = "whitespace" if category[0] == "Z" or ch.isspace() else "a control character"
+                reason = "whitespace" if kind == "whitespace" else "control_character"
+                raise _refused(text, what, reason, f"contains {kind} ({ch!r})")
+        if len(text.encode("utf-8")) > limit:
+            raise _refused(text, what, "too_long", f"is longer than {limit} bytes (UTF-8)")
+        return text
+    for ch in text:
+        if ch <= " " or ch == "\x7f":
+            kind = "whitespace" if ch.isspace() else "a control character"
+            reason = "whitespace" if ch.isspace() else "control_character"
+            raise _refused(text, what, reason, f"contains {kind} ({ch!r})")
+    return text
 
 
 def _tokens(text: str, what: str) -> list[str]:
-    if not isinstance(text, str) or not text:
-        raise ConfigError(f"{what} must be a non-empty string")
+    _check_text(text, what)
     tokens = text.split(".")
     for tok in tokens:
         if not tok:
-            raise ConfigError(f"{what} {text!r} has an empty token")
-        if _BAD_TOKEN.search(tok):
-            raise ConfigError(f"{what} {text!r} contains whitespace")
+            raise _refused(text, what, "empty_token", "has an empty token")
     return tokens
+
+
+def subject_ok(subject: object) -> bool:
+    """True when ``subject`` is a valid subject to publish to (what :func:`validate_subject`
+    accepts), without raising or caching: for subjects that come from the wire."""
+    if type(subject) is not str:
+        return False
+    if len(subject) <= MAX_SUBJECT_BYTES and subject.isascii():
+        return _ASCII_SUBJECT.fullmatch(subject) is not None
+    try:
+        validate_subject(subject)
+    except InvalidSubject:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4096)
 def validate_subject(subject: str) -> str:
-    """Return ``subject`` if it is a valid subject to publish to; raises ConfigError."""
-    if type(subject) is str and _SUBJECT.fullmatch(subject):
+    """Return ``subject`` if it is a valid subject to publish to: non-empty tokens, no
+    wildcards, at most :data:`MAX_SUBJECT_BYTES` UTF-8 bytes, no whitespace or control
+    characters. Raises :class:`~agent_os.amb.InvalidSubject` (a ConfigError) naming why."""
+    if (
+        type(subject) is str
+        and len(subject) <= MAX_SUBJECT_BYTES
+        and subject.isascii()
+        and _ASCII_SUBJECT.fullmatch(subject)
+    ):
         return subject
-    for tok in _tokens(subject, "subject"):  # invalid: name what is wrong
-        if tok in ("*", ">") or "*" in tok or ">" in tok:
-            raise ConfigError(f"subject {subject!r} may not contain wildcards")
+    for tok in _tokens(subject, "subject"):  # invalid (or not ASCII): name what is wrong
+        if "*" in tok or ">" in tok:
+            raise _refused(subject, "subject", "wildcard", "may not contain wildcards")
     return subject
 
 
 @lru_cache(maxsize=4096)
 def validate_pattern(pattern: str) -> str:
-    """Return ``pattern`` if it is a valid subscription pattern; raises ConfigError."""
+    """Return ``pattern`` if it is a valid subscription pattern (the rules of a subject, with
+    ``*`` and ``>`` as whole tokens, ``>`` last). Raises :class:`~agent_os.amb.InvalidSubject`."""
     tokens = _tokens(pattern, "pattern")
     for i, tok in enumerate(tokens):
         if tok == ">" and i != len(tokens) - 1:
-            raise ConfigError(f"pattern {pattern!r}: '>' must be the last token")
+            raise _refused(pattern, "pattern", "wildcard", "has '>' before its last token")
         if tok not in ("*", ">") and ("*" in tok or ">" in tok):
-            raise ConfigError(f"pattern {pattern!r}: wildcards must be whole tokens")
+            raise _refused(pattern, "pattern", "wildcard", "has wildcards that are not whole tokens")
     return pattern
+
+
+def validate_name(name: str, what: str) -> str:
+    """Return ``name`` (a queue group or durable name, ``what`` says which) if it is non-empty,
+    at most :data:`MAX_NAME_BYTES` UTF-8 bytes, without whitespace or control characters.
+    Raises :class:`~agent_os.amb.InvalidSubject`."""
+    return _check_text(name, f"{what} name", MAX_NAME_BYTES)
 
 
 def is_wildcard(pattern: str) -> bool:

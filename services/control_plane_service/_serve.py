@@ -64,6 +64,7 @@ async def serve(
         kernel,
         admin_token,
         require_verified_sender=iatp is not None,
+        health=lambda: client.healthy,
         extra_metrics={
             "agentos_service_forwarded": lambda: stats.forwarded,
             "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
@@ -76,6 +77,9 @@ async def serve(
             "agentos_service_unverified": lambda: service.unverified,
             "agentos_service_pending_requests": lambda: len(service.pending),
             "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
+            "agentos_service_broker_connected": lambda: int(client.healthy),
+            "agentos_service_malformed": lambda: client.stats.malformed,
+            "agentos_service_invalid_subjects": lambda: client.stats.invalid_subjects,
         },
     )
     async with stop_signals(stop) as stopping:
@@ -92,7 +96,11 @@ async def serve(
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
             await serving(
-                stopping, f"ready admin=http://{admin_host}:{port}", log, "finishing in-flight messages"
+                stopping,
+                f"ready admin=http://{admin_host}:{port}",
+                log,
+                "finishing in-flight messages",
+                client=client,
             )
         finally:
             await admin.stop()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
-from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, dead_letter_headers, dead_letter_subject
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.control_plane import KernelSpace, Mediator, Policy
 from agent_os.control_plane.mediation.replies import PendingRequests
@@ -155,19 +155,15 @@ class ControlPlaneService:
         # settled when it was held): dead-letter it as the bus does, with the reason.
         reason = error.reason if isinstance(error, MessageRejected) else "handler_error"
         subject = metadata.subject
+        headers = dead_letter_headers(subject, reason, error, metadata.attempt)
+        headers[DLQ_ORIGINAL_ID] = envelope.id
         dead = Envelope(
             new_id(),
-            f"{self.client.dead_letter_prefix}.{subject}",
+            dead_letter_subject(self.client.dead_letter_prefix, subject),
             self.client.agent_id,
             self._encode(envelope),
             timestamp=time.time_ns(),
-            headers={
-                DLQ_REASON: reason,
-                DLQ_ERROR: f"{type(error).__name__}: {error}"[:1024],
-                DLQ_SUBJECT: subject,
-                DLQ_ATTEMPTS: str(metadata.attempt),
-                DLQ_ORIGINAL_ID: envelope.id,
-            },
+            headers=headers,
         )
         try:
             await self.client.broker.publish(dead.topic, self._encode(dead), key=dead.sender)

@@ -40,7 +40,12 @@ CODEC = MsgpackSerializer()
 _ENVELOPE_FIELDS = (
     "id", "topic", "recipient", "reply_to", "correlation_id", "priority", "payload", "headers",
 )  # fmt: skip
-envelope_fields = st.fixed_dictionaries({name: MUTATIONS[name] for name in _ENVELOPE_FIELDS})
+# These envelopes cross the wire codec, whose topic and reply_to must be subjects.
+_subjects = st.from_regex(r"[A-Za-z0-9_$-]{1,6}(\.[A-Za-z0-9_$-]{1,6}){0,2}", fullmatch=True)
+envelope_fields = st.fixed_dictionaries(
+    {name: MUTATIONS[name] for name in _ENVELOPE_FIELDS}
+    | {"topic": _subjects, "reply_to": st.none() | _subjects}
+)
 skews = st.integers(0, 90)  # clock_skew, whole seconds (exact in ns)
 max_ages = st.integers(1, 900)  # max_age, whole seconds
 

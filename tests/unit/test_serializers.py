@@ -312,13 +312,14 @@ field_values = st.one_of(
 @given(index=st.integers(0, 12).filter(lambda i: i != 11), value=field_values)
 def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int, value: object) -> None:
     from agent_os.amb.serializers.msgpack_format import decode_msgpack_checked
-    from agent_os.amb.serializers.schema import typed_unpack
+    from agent_os.amb.serializers.schema import check_subjects, typed_unpack
 
     fields = msgpack.unpackb(MsgpackSerializer().encode(full_envelope()), raw=False)
     fields[index] = value
     data = msgpack.packb(fields, use_bin_type=True)
     try:
-        typed_unpack(data)
+        typed = typed_unpack(data)
+        check_subjects(typed[2], typed[5])  # what the typed path checks after msgspec
         typed_ok = True
     except Exception:
         typed_ok = False

@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import Final
 
 from agent_os.amb.envelope import Envelope
-from agent_os.amb.errors import OversizedEnvelope, TruncatedEnvelope
+from agent_os.amb.errors import (
+    EnvelopeError,
+    MalformedEnvelope,
+    OversizedEnvelope,
+    TruncatedEnvelope,
+    describe,
+)
 from agent_os.amb.serializers.json_format import JsonSerializer
 from agent_os.amb.serializers.msgpack_format import decode_msgpack_checked
 from agent_os.amb.serializers.schema import (
     DEFAULT_MAX_BYTES,
     WireFields,
+    check_subjects,
     envelope_from_wire,
     typed_unpack,
     wire_of,
@@ -44,6 +51,7 @@ class Decoder:
             fields: WireFields = typed_unpack(data)
         except Exception:
             return self.refused(data)
+        check_subjects(fields[2], fields[5])
         return fields
 
     def refused(self, data: bytes) -> WireFields:
@@ -52,9 +60,16 @@ class Decoder:
         :class:`~agent_os.amb.EnvelopeError` subclass."""
         if not data:
             raise TruncatedEnvelope("empty message")
-        if data[0] == _JSON_START:
-            return wire_of(self._json.decode(data))
-        return wire_of(decode_msgpack_checked(data))
+        try:
+            if data[0] == _JSON_START:
+                return wire_of(self._json.decode(data))
+            return wire_of(decode_msgpack_checked(data))
+        except EnvelopeError:
+            raise
+        except Exception as exc:
+            # Each format names what it foresaw; anything else is still an envelope error, so
+            # the message is dead-lettered and counted rather than lost.
+            raise MalformedEnvelope(f"undecodable envelope: {describe(exc)}") from exc
 
     def decode(self, data: bytes) -> Envelope:
         """Decode ``data`` (either format); raises an :class:`~agent_os.amb.EnvelopeError`

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from typing import Any, Final
 
 from agent_os.amb.envelope import WIRE_VERSION, Envelope
@@ -43,13 +45,69 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _json_object(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1 and _B64_TAG in obj:
-        return _unb64(obj[_B64_TAG], "a $b64 value")
+def _json_object(pairs: list[tuple[str, Any]]) -> Any:
+    if len(pairs) == 1 and pairs[0][0] == _B64_TAG:
+        return _unb64(pairs[0][1], "a $b64 value")
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise MalformedEnvelope("a JSON object has a duplicate key")
     for k in obj:
         if k.startswith("$"):  # an escaped key (see _escape_keys): drop the added "$"
-            return {k[1:] if k.startswith("$") else k: v for k, v in obj.items()}
+            unescaped = {k[1:] if k.startswith("$") else k: v for k, v in obj.items()}
+            if len(unescaped) != len(obj):
+                raise MalformedEnvelope("a JSON object has a duplicate key (once unescaped)")
+            return unescaped
     return obj
+
+
+# msgpack carries integers in [-2**63, 2**64): a JSON envelope may hold no others, so that it
+# can be forwarded in either format (and Python's int() never sees thousands of digits).
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+_INT_CHARS: Final = len(str(_INT_MIN))
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _INT_CHARS:
+        raise MalformedEnvelope(f"a JSON integer of {len(text)} digits is out of the 64-bit range")
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise MalformedEnvelope(f"the JSON integer {text} is out of the 64-bit range")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedEnvelope(f"the JSON number {text[:40]} does not fit a float")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise MalformedEnvelope(f"{name} is not a JSON value")
+
+
+# Only a \uD800-\uDFFF escape can put a lone surrogate in decoded JSON (the UTF-8 decode refuses
+# encoded ones); such text is checked string by string.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_surrogates(value: Any) -> None:
+    """Raise MalformedEnvelope if any string in ``value`` (keys too) holds a lone surrogate,
+    which no UTF-8 encoder can write: the envelope could be neither signed nor forwarded."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedEnvelope("a JSON string holds an unpaired surrogate") from None
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
 
 
 def _escape_keys(value: Any) -> Any:
@@ -94,7 +152,10 @@ class JsonSerializer:
             "priority": env.priority,
             "headers": _escape_keys(env.headers),
         }
-        obj["payload"] = _escape_keys(env.payload)
+        try:
+            obj["payload"] = _escape_keys(env.payload)
+        except RecursionError as exc:
+            raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
         if env.sig is not None:
             s = env.sig
             obj["sig"] = {
@@ -107,7 +168,7 @@ class JsonSerializer:
             data = json.dumps(
                 obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
             ).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
@@ -148,7 +209,15 @@ class JsonSerializer:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
             text = bytes(data).decode("utf-8")
-            obj = json.loads(text, object_hook=_json_object)
+            obj = json.loads(
+                text,
+                object_pairs_hook=_json_object,
+                parse_int=_parse_int,
+                parse_float=_parse_float,
+                parse_constant=_parse_constant,
+            )
+            if _SURROGATE_ESCAPE.search(text):
+                _check_surrogates(obj)
         except UnicodeDecodeError as exc:
             raise MalformedEnvelope("a JSON envelope must be UTF-8") from exc
         except json.JSONDecodeError as exc:

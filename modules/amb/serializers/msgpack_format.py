@@ -17,6 +17,7 @@ from agent_os.amb.errors import MalformedEnvelope, OversizedEnvelope, TruncatedE
 from agent_os.amb.serializers.schema import (
     DEFAULT_MAX_BYTES,
     WireFields,
+    check_subjects,
     envelope_from_fields,
     envelope_from_wire,
     typed_unpack,
@@ -136,6 +137,7 @@ def _decode_msgpack(data: bytes) -> WireFields:
         fields: WireFields = typed_unpack(data)
     except Exception:
         return wire_of(decode_msgpack_checked(data))
+    check_subjects(fields[2], fields[5])
     return fields
 
 
@@ -144,7 +146,9 @@ def decode_msgpack_checked(data: bytes) -> Envelope:
     :data:`~agent_os.amb.serializers.schema.typed_unpack` refuses): it accepts what msgspec was
     stricter about or raises an :class:`~agent_os.amb.EnvelopeError` naming what is wrong."""
     try:
-        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # timestamp=3: the timestamp extension as an aware datetime, as msgspec decodes it (one
+        # out of datetime's range is refused by both).
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True, timestamp=3)
     except Exception as exc:  # msgpack raises ValueError, FormatError, StackError, ...
         raise _classify_msgpack_error(data, exc) from exc
     return envelope_from_fields(fields)

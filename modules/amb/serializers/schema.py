@@ -12,7 +12,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from agent_os.amb.envelope import WIRE_VERSION, Envelope, Signature, new_envelope
-from agent_os.amb.errors import MalformedEnvelope, UnsupportedVersion
+from agent_os.amb.errors import InvalidSubject, MalformedEnvelope, UnsupportedVersion
+from agent_os.amb.subjects import subject_ok, validate_subject
 
 DEFAULT_MAX_BYTES: Final = 8 * 1024 * 1024
 """Largest encoded envelope accepted by default (8 MiB); brokers may impose a lower limit."""
@@ -82,6 +83,21 @@ _set_scheme: Final = getattr(Signature, "scheme").__set__  # noqa: B009 (mypy se
 _set_key_id: Final = getattr(Signature, "key_id").__set__  # noqa: B009
 _set_nonce: Final = getattr(Signature, "nonce").__set__  # noqa: B009
 _set_value: Final = getattr(Signature, "value").__set__  # noqa: B009
+
+
+def check_subjects(topic: str, reply_to: str | None) -> None:
+    """Raise :class:`~agent_os.amb.MalformedEnvelope` unless ``topic`` is a valid subject and
+    ``reply_to`` is empty (no reply wanted) or one (a reply sent there could not be published
+    otherwise)."""
+    try:
+        validate_subject(topic)  # cached: topics repeat
+    except InvalidSubject as exc:
+        raise MalformedEnvelope(f"topic: {exc}") from None
+    if reply_to and not subject_ok(reply_to):  # not cached: reply subjects vary ("": none)
+        try:
+            validate_subject(reply_to)
+        except InvalidSubject as exc:
+            raise MalformedEnvelope(f"reply_to: {exc}") from None
 
 
 def envelope_from_wire(fields: WireFields) -> Envelope:
@@ -192,6 +208,7 @@ def envelope_from_fields(fields: Any) -> Envelope:
                 for k, val in headers.items():
                     if type(k) is not str or type(val) is not str:
                         raise MalformedEnvelope("headers must map strings to strings")
+            check_subjects(topic, reply_to)
             return Envelope(
                 id_,
                 topic,
