@@ -14,7 +14,7 @@ from typing import Final
 
 from agent_os.control_plane.errors import PolicyError
 
-MAX_SQL_LENGTH: Final = 65_536
+MAX_SQL_LENGTH: Final = 8_192
 """The default bound on the SQL text's length, in characters; longer text is refused."""
 
 CATEGORIES: Final = frozenset({"dynamic", "routines", "server", "privileges", "maintenance"})

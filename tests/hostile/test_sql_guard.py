@@ -316,22 +316,25 @@ def test_text_over_the_length_bound_is_refused() -> None:
 @pytest.mark.parametrize(
     "statement",
     [
-        "SELECT " + "(" * 20_000 + "1" + ")" * 20_000,
-        "SELECT " + "-" * 30_000 + "1",
-        "SELECT 1" + " UNION SELECT 1" * 3_000,
-        "SELECT " + "ARRAY[" * 5_000 + "1" + "]" * 5_000,
+        "SELECT " + "(" * 4_000 + "1" + ")" * 4_000,  # deeper than sqlglot's recursion
+        "SELECT " + "-" * 8_000 + "1",
+        "SELECT 1" + " UNION SELECT 1" * 500,
+        "SELECT " + "ARRAY[" * 1_000 + "1" + "]" * 1_000,
+        "SELECT " + ",".join(["1"] * 4_000),  # the most tokens the bound admits
+        "SELECT 1;" * 900,
         "SELECT 1\0; DROP TABLE users",
-        "SELECT '\udcff'",
+        "SELECT '\udcff'",  # a lone surrogate
     ],
 )
-def test_hostile_shapes_are_denied_or_judged_quickly_without_raising(dialect: str, statement: str) -> None:
+def test_hostile_shapes_are_judged_in_bounded_time_without_raising(dialect: str, statement: str) -> None:
+    assert len(statement) <= MAX_SQL_LENGTH
     guard = SqlGuard(dialect)
     started = time.monotonic()
     why = guard(statement)
     assert time.monotonic() - started < 5
-    if "\0" in statement or "(" * 20_000 in statement:
-        assert why is not None
     assert why is None or isinstance(why, str)
+    if "\0" in statement or ("(" * 4_000 in statement and dialect != "postgresql"):
+        assert why is not None
 
 
 FRAGMENTS = [
