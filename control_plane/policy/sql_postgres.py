@@ -176,6 +176,12 @@ def _judge_harmless(kind: str, node: dict[str, Any], top: bool, allow: frozenset
         if "server" not in allow:
             what = "a program" if node.get("is_program") else "a server file"
             return f"COPY to or from {what} ({CATEGORY_WORDS['server']}, not allowed)"
+    elif (
+        kind == "VariableSetStmt"
+        and node.get("name") == "client_encoding"
+        and node.get("kind") != "VAR_RESET"
+    ):
+        return "SET client_encoding (the server would read later text in another encoding)"
     elif kind == "VacuumStmt" and node.get("is_vacuumcmd") and "maintenance" not in allow:
         return f"VACUUM ({CATEGORY_WORDS['maintenance']}, not allowed)"
     return None

@@ -78,6 +78,13 @@ _READ_PRAGMAS: Final = frozenset({
     "pragma_list", "collation_list", "database_list",
 })  # fmt: skip
 _ALTER_ARGS: Final = frozenset({"this", "kind", "actions", "exists"})
+_CHARSET_VARIABLES: Final = frozenset(
+    {"character_set_client", "character_set_connection", "charset", "names"}
+)
+_CHARSET = (
+    "SET of the client character set (in a multi-byte set such as GBK the server would read later "
+    "text differently: a byte of one character can hide a quote or backtick)"
+)
 _SERVER_SETS: Final = frozenset({"GLOBAL", "PERSIST", "PERSIST_ONLY"})
 
 _quiet = threading.local()
@@ -270,6 +277,8 @@ def _judge_kind(statement: exp.Expr, allow: frozenset[str]) -> str | None:
             return f"ALTER {type(action).__name__} (only adding is allowed)"
     elif isinstance(statement, exp.Set):
         for item in statement.expressions:
+            if _sets_client_charset(item):
+                return _CHARSET
             scopes = {str(item.args.get("kind") or "").upper()}
             scopes.update(str(p.args.get("kind") or "").upper() for p in item.find_all(exp.SessionParameter))
             if scopes & _SERVER_SETS:
@@ -279,6 +288,15 @@ def _judge_kind(statement: exp.Expr, allow: frozenset[str]) -> str | None:
         if isinstance(target, exp.EQ) and target.this.name.lower() not in _READ_PRAGMAS:
             return _category(f"PRAGMA {target.this.name} with a value", "server", allow)
     return None
+
+
+def _sets_client_charset(item: exp.Expr) -> bool:
+    """Whether a SET item changes the character set the server reads later text in."""
+    if str(item.args.get("kind") or "").upper() in ("NAMES", "CHARACTER SET"):
+        return True
+    target = item.this.this if isinstance(item.this, exp.EQ) else None
+    name = target.name.lower() if isinstance(target, exp.Expr) else ""
+    return name in _CHARSET_VARIABLES
 
 
 def _judge_node(node: exp.Expr, allow: frozenset[str]) -> str | None:

@@ -62,6 +62,8 @@ POSTGRESQL = [
     "SELECT E'\\''; DROP TABLE users; --'",  # an escaped quote in an E string
     "SELECT 'x\\'';  DROP TABLE users; --'",  # standard_conforming_strings = off reads a DROP
     "SELECT U&'\\0027'; DROP TABLE users",
+    "SET client_encoding = 'SJIS'",  # the server would read the next text in another encoding
+    "SET NAMES 'BIG5'",
     "COPY users FROM PROGRAM 'rm -rf /tmp/x'",
     "COPY users TO '/tmp/users.csv'",
     "COPY (DELETE FROM users RETURNING *) TO STDOUT",
@@ -142,6 +144,10 @@ MYSQL = [
     "UPDATE users JOIN other ON users.id = other.id SET users.a = 1",
     "CALL purge()",
     "GRANT ALL ON *.* TO 'x'@'%'",
+    "SET NAMES gbk",  # then "SELECT 1 AS `中`, '`; DROP ..." hides the backtick in a GBK character
+    "SET CHARACTER SET big5",
+    "SET character_set_client = sjis",
+    "SET @@session.character_set_client = 'gbk'",
 ]
 
 SQLITE = [

@@ -68,6 +68,7 @@ MYSQL = [
     ["/* /* */ DROP TABLE {t}; */"],
     ["SET SESSION sql_mode = 'NO_BACKSLASH_ESCAPES'", "SELECT 'a\\'; DROP TABLE {t}; -- '"],
     ["SET SESSION sql_mode = 'ANSI_QUOTES'", 'SELECT "a\\"; DROP TABLE {t}; -- "'],
+    ["SET NAMES gbk", "SELECT 1 AS `中`, '`; DROP TABLE {t}; -- '"],  # GBK swallows the backtick
     ["DELETE FROM {t} -- \r WHERE id < 0"],
     ["REPLACE INTO {t} SELECT id, 'gone' FROM {t}"],
     ["INSERT INTO {t} SELECT * FROM {t} ON DUPLICATE KEY UPDATE v = 'gone'"],
