@@ -45,6 +45,10 @@ FUNCTIONS: Final = {
         "pg_stat_file", "pg_file_write", "pg_file_rename", "pg_file_unlink", "pg_file_sync",
         "pg_logdir_ls", "lo_import", "lo_export", "lo_unlink", "lo_truncate", "lo_truncate64",
         "lo_put", "lo_create", "lo_creat", "lo_from_bytea", "lo_open", "lowrite", "set_config",
+        "pg_stat_reset", "pg_stat_reset_shared", "pg_stat_reset_single_table_counters",
+        "pg_stat_statements_reset", "pg_backup_start", "pg_backup_stop", "pg_wal_replay_pause",
+        "pg_wal_replay_resume", "pg_replication_slot_advance", "pg_create_physical_replication_slot",
+        "pg_create_logical_replication_slot", "pg_log_backend_memory_contexts",
         # MySQL/MariaDB (and common UDFs), SQLite
         "load_file", "sys_exec", "sys_eval", "load_extension", "readfile", "writefile", "edit",
         "fts3_tokenizer",
