@@ -14,10 +14,11 @@ from typing import Any, Final, Literal
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import PolicyError, SignalError
 from agent_os.control_plane.policy.decision import Action, Decision, Rule
-from agent_os.control_plane.policy.guards import destructive_sql, path_refusal
+from agent_os.control_plane.policy.guards import path_refusal
 from agent_os.control_plane.policy.index import RuleIndex
 from agent_os.control_plane.policy.patterns import CheckedPattern, Context, Pattern
 from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, parse_window
+from agent_os.control_plane.policy.sql_guard import MAX_SQL_LENGTH, SqlGuard
 
 PermissionSource = Callable[[str, str], Collection[str]]
 """``permissions(from_agent, to_agent)``: what ``from_agent`` grants ``to_agent`` (IATP's trust
@@ -323,15 +324,26 @@ class Policy:
         raise PolicyError(f"unknown built-in policy {name!r}: strict, permissive or audit")
 
     @classmethod
-    def no_destructive_sql(cls) -> Policy:
-        """Deny ``sql`` operations whose resource (the SQL text) is destructive: ``DROP`` or
-        ``TRUNCATE`` anywhere, a ``DELETE``/``UPDATE`` without a top-level ``WHERE`` or inside
-        another statement, in any of the statements (comments removed, literals ignored); see
-        :mod:`agent_os.control_plane.policy.guards` for exactly what is denied. Allow everything else."""
-        policy = cls("no_destructive_sql", default_action="allow")
+    def no_destructive_sql(
+        cls, dialect: str = "any", *, allow: Collection[str] = (), max_length: int = MAX_SQL_LENGTH
+    ) -> Policy:
+        """Deny ``sql`` operations whose resource (the SQL text) is destructive, read by a real
+        parser for ``dialect``; allow everything else.
+
+        Destructive: ``DROP``, ``TRUNCATE``, ``RENAME``, ``MERGE``, ``DELETE``/``UPDATE`` without
+        a top-level ``WHERE`` or inside another statement, ``ALTER`` other than adding, text the
+        parser cannot read, a statement kind the guard does not list as harmless, text over
+        ``max_length`` characters, and the categories not named in ``allow`` (``"dynamic"``,
+        ``"routines"``, ``"server"``, ``"privileges"``, ``"maintenance"``). ``dialect`` is
+        ``"any"`` (every reading of PostgreSQL, MySQL/MariaDB and SQLite must parse and be
+        harmless), ``"postgresql"``, ``"mysql"``, ``"sqlite"`` or another sqlglot dialect. See
+        :class:`agent_os.control_plane.policy.sql_guard.SqlGuard` and ``docs/control-plane.md``
+        (Guards). Raises PolicyError for an unknown dialect or category, or a bad ``max_length``."""
+        guard = SqlGuard(dialect, allow, max_length)
+        policy = cls(f"no_destructive_sql:{guard.dialect}", default_action="allow")
         policy.add_rule(
             "deny",
-            CheckedPattern("sql", destructive_sql, "<destructive SQL>"),
+            CheckedPattern("sql", guard, "<destructive SQL>"),
             reason="destructive SQL",
             name="no-destructive-sql",
         )

@@ -256,13 +256,18 @@ def test_no_destructive_sql_denies_hidden_and_nested_statements(statement: str) 
         "UPDATE users SET a = 1 WHERE id IN (SELECT id FROM x)",
         "SELECT * FROM accounts WHERE id = 1 FOR UPDATE",
         "CREATE TABLE t (u int REFERENCES users ON DELETE CASCADE ON UPDATE CASCADE)",
-        "INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1",
         "SELECT dropped_at, updated FROM t;",
         "",
     ],
 )
 def test_no_destructive_sql_allows_what_is_not_destructive(statement: str) -> None:
     assert Policy.no_destructive_sql().evaluate("sql", statement).allowed, statement
+
+
+def test_no_destructive_sql_reads_dialect_only_syntax_in_its_dialect() -> None:
+    upsert = "INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1"  # MySQL only
+    assert Policy.no_destructive_sql("mysql").evaluate("sql", upsert).allowed
+    assert not Policy.no_destructive_sql().evaluate("sql", upsert).allowed  # PostgreSQL cannot read it
 
 
 @pytest.mark.parametrize(
