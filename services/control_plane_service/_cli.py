@@ -14,7 +14,13 @@ from agent_os.services.control_plane_service._options import (
     recorder_from_spec,
 )
 from agent_os.services.control_plane_service._serve import serve
-from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
+from agent_os.services.control_plane_service._subjects import (
+    DELIVERY,
+    INGRESS,
+    QUEUE_GROUP,
+    REPLIES,
+    check_agent_id,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +56,12 @@ from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS,
 @click.option("--ingress-prefix", default=INGRESS, show_default=True)
 @click.option("--delivery-prefix", default=DELIVERY, show_default=True)
 @click.option("--reply-prefix", default=REPLIES, show_default=True)
+@click.option(
+    "--agents",
+    callback=lambda ctx, param, value: _roster(value, param),
+    help="The agents a message without a recipient goes to, comma-separated "
+    "(default: the agents of --identities; none with --trust-bus).",
+)
 @log_level_option
 def main(
     broker: str,
@@ -69,6 +81,7 @@ def main(
     ingress_prefix: str,
     delivery_prefix: str,
     reply_prefix: str,
+    agents: list[str] | None,
     log_level: str,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
@@ -94,6 +107,17 @@ def main(
                 ingress_prefix=ingress_prefix,
                 delivery_prefix=delivery_prefix,
                 reply_prefix=reply_prefix,
+                agents=agents,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+
+
+def _roster(value: str | None, param: click.Parameter) -> list[str] | None:
+    if value is None:
+        return None
+    agents = [a.strip() for a in value.split(",") if a.strip()]
+    try:
+        return [check_agent_id(a) for a in agents]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from agent_os.amb import AMB
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
@@ -31,15 +32,18 @@ async def serve(
     ingress_prefix: str = INGRESS,
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
+    agents: Iterable[str] | None = None,
     stop: asyncio.Event | None = None,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
     then finish in-flight messages, stop the admin API and close the recorder (its last batch
     written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
     public identities) every message is verified; without it ``trust_bus`` must be true.
-    Prints ``ready admin=http://host:port`` on stdout once it takes messages; returns the
-    service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
-    ``trust_bus``), PolicyLoadError, RecorderError, ValueError, ImportError naming the extra
+    ``agents``: the roster a message without a recipient is delivered to (see
+    :class:`ControlPlaneService`). Prints ``ready admin=http://host:port`` on stdout once it
+    takes messages; returns the service (its ``stats``). Raises VerificationRequired (neither
+    or both of ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, ValueError (an
+    agent id or prefix unusable in a subject), ImportError naming the extra
     to install, or a bus error when it cannot start."""
     from agent_os.control_plane.admin import AdminAPI
 
@@ -54,6 +58,7 @@ async def serve(
         queue=queue,
         iatp=iatp,
         trust_bus=trust_bus,
+        agents=agents,
     )
     stats = service.stats
     admin = AdminAPI(
@@ -62,6 +67,8 @@ async def serve(
         require_verified_sender=iatp is not None,
         extra_metrics={
             "agentos_service_forwarded": lambda: stats.forwarded,
+            "agentos_service_deliveries": lambda: stats.deliveries,
+            "agentos_service_deliveries_denied": lambda: stats.deliveries_denied,
             "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
             "agentos_service_forward_failures": lambda: stats.forward_failures,
             "agentos_service_held_dropped": lambda: service.mediator.held_dropped,
