@@ -23,7 +23,6 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
-
 async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:10]
     ingress, delivery, replies = f"in_{tag}", f"out_{tag}", f"re_{tag}"
@@ -33,11 +32,14 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
         "name: svc\ndefault_action: deny\nrules:\n"
         "  - {action: deny, operation: publish, resource: 'tasks.secret'}\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     proc, admin = await start_service(
         "--broker",
         NATS_URL,
         "--trust-bus",
+        "--agents",
+        f"receiver-{tag}",
         "--policy",
         str(policy),
         "--recorder",
@@ -57,7 +59,7 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
     receiver = AMB("nats", NATS_URL, agent_id=f"receiver-{tag}")
     try:
         got = Collector()
-        await receiver.subscribe(f"{delivery}.tasks.>", got)
+        await receiver.subscribe(f"{delivery}.receiver-{tag}.tasks.>", got)
         await agent.connect()
         for i in range(5):
             await agent.publish(f"{ingress}.tasks.work", i)
@@ -78,8 +80,10 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path) -> N
         await receiver.close()
     assert returncode == 0
     rec = FlightRecorder("sqlite", str(db))
-    decisions = await rec.query(event_type="policy_decision")
+    decisions = await rec.query(event_type="policy_decision", filters={"data.operation": "publish"})
     assert [d.data["decision"] for d in decisions] == ["allow"] * 5 + ["deny"]  # flushed at the stop
+    deliveries = await rec.query(event_type="policy_decision", filters={"data.operation": "deliver"})
+    assert [(d.agent_id, d.data["decision"]) for d in deliveries] == [(f"receiver-{tag}", "allow")] * 5
     assert (await rec.verify()).ok
     await rec.close()
 
@@ -101,6 +105,7 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
         "name: svc\ndefault_action: deny\nrules:\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*', "
         f"conditions: {{sender: {admin_id}}}}}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     proc, admin = await start_service(
         "--broker",
@@ -128,7 +133,8 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
     receiver = AMB("nats", NATS_URL, agent_id=receiver_id, middleware=[keys[receiver_id].middleware()])
     try:
         got, dead = Collector(), Collector()
-        await receiver.subscribe(f"{delivery}.tasks.>", got)
+        # No --agents: the roster is the agents of the service's identities, the receiver too.
+        await receiver.subscribe(f"{delivery}.{receiver_id}.tasks.>", got)
         await forger.subscribe(f"_DLQ.{ingress}.>", dead)
         await sender.publish(f"{ingress}.tasks.work", "signed by admin")
         await forger.publish(f"{ingress}.tasks.work", "claims admin", sender_id=admin_id)
