@@ -9,7 +9,7 @@ from typing import Any
 
 from agent_os.amb import MessageRejected, Metadata
 from agent_os.amb.envelope import Envelope
-from agent_os.control_plane import KernelSpace
+from agent_os.control_plane import KernelSpace, PolicyViolationError
 from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.policy.decision import Decision
 from agent_os.services.control_plane_service._subjects import check_agent_id
@@ -95,7 +95,11 @@ class Deliveries:
         }
         pending = gate.note_record(proc, recipient, data, decision, sender if verified else None, True)
         if pending is not None:
-            await pending
+            try:
+                await pending
+            except PolicyViolationError:  # a shared rate limit had no token: recorded as a deny
+                self.denied += 1
+                return False
         if not decision.allowed:
             self.denied += 1
         return decision.allowed

@@ -9,8 +9,10 @@ from collections.abc import Iterable
 
 from agent_os.amb import AMB
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
+from agent_os.control_plane.policy.ratelimit import SharedRateLimits
 from agent_os.iatp import IATP
 from agent_os.services._process import broker_backend, serving, stop_signals
+from agent_os.services.control_plane_service._rate_limits import RedisRateLimits, share_rate_limits
 from agent_os.services.control_plane_service._service import ControlPlaneService
 from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
 
@@ -33,6 +35,7 @@ async def serve(
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
     agents: Iterable[str] | None = None,
+    rate_limits: SharedRateLimits | None = None,
     stop: asyncio.Event | None = None,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
@@ -40,7 +43,9 @@ async def serve(
     written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
     public identities) every message is verified; without it ``trust_bus`` must be true.
     ``agents``: the roster a message without a recipient is delivered to (see
-    :class:`ControlPlaneService`). Prints ``ready admin=http://host:port`` on stdout once it
+    :class:`ControlPlaneService`). ``rate_limits``: where the policy's rule rate limits are
+    kept, shared with the other instances (a :class:`RedisRateLimits`, checked to answer at the
+    start, closed at the end). Prints ``ready admin=http://host:port`` on stdout once it
     takes messages; returns the service (its ``stats``). Raises VerificationRequired (neither
     or both of ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, ValueError (an
     agent id or prefix unusable in a subject), ImportError naming the extra
@@ -48,6 +53,8 @@ async def serve(
     from agent_os.control_plane.admin import AdminAPI
 
     kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+    if rate_limits is not None:
+        share_rate_limits(kernel.policy, rate_limits)  # kept across admin reloads (in place)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)
     service = ControlPlaneService(
         client,
@@ -79,11 +86,14 @@ async def serve(
             "agentos_service_unverified": lambda: service.unverified,
             "agentos_service_pending_requests": lambda: len(service.pending),
             "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
+            "agentos_service_rate_limit_store_failures": lambda: kernel.gate.rate_store_failures,
         },
     )
     async with stop_signals(stop) as stopping:
         try:
             await kernel.recorder.open()
+            if isinstance(rate_limits, RedisRateLimits):
+                await rate_limits.ping()  # fail at the start, not on every rate-limited message
             await service.start()
             port = await admin.start(admin_host, admin_port)
             log.info(
@@ -101,4 +111,6 @@ async def serve(
             await admin.stop()
             await service.stop()
             await kernel.close()
+            if isinstance(rate_limits, RedisRateLimits):
+                await rate_limits.close()
     return service
