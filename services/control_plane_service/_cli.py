@@ -71,8 +71,9 @@ from agent_os.services.control_plane_service._subjects import (
 )
 @click.option(
     "--rate-limit-store",
+    envvar="AGENTOS_RATE_LIMIT_STORE",
     help="Share the policy's rule rate limits with the other instances through this Redis "
-    "(redis://host:6379/0 or rediss://); default: per instance.",
+    "(redis://host:6379/0 or rediss://; or AGENTOS_RATE_LIMIT_STORE); default: per instance.",
 )
 @click.option(
     "--rate-limit-prefix",
