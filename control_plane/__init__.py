@@ -31,7 +31,7 @@ from agent_os.control_plane.policy.decision import Decision, Rule
 from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
-from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, TokenBucket
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, SharedRateLimits, TokenBucket
 from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
@@ -61,6 +61,7 @@ __all__ = [
     "Record",
     "RecorderError",
     "Rule",
+    "SharedRateLimits",
     "SignalDispatcher",
     "SignalError",
     "TamperDetected",

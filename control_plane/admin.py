@@ -7,11 +7,14 @@ routes are listed in ``docs/control-plane.md`` (The admin API). Needs
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -20,7 +23,7 @@ from agent_os.control_plane.errors import (
     PolicyLoadError,
     SignalError,
 )
-from agent_os.control_plane.policy.loader import load_policy_text
+from agent_os.control_plane.policy.loader import MAX_POLICY_BYTES, load_policy_text
 from agent_os.control_plane.recorder.heads import HEAD_FORMAT, Head
 
 if TYPE_CHECKING:
@@ -30,6 +33,17 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
 _MAX_HEAD = 4096  # an exported head is ~400 bytes
+MAX_RECORDS: Final = 1000
+"""The most records one ``GET /records`` returns (``limit`` is 1 to this)."""
+MAX_FIELD: Final = 256
+"""The longest agent id, query value or signal name the admin API takes."""
+MAX_BODY: Final = MAX_POLICY_BYTES + 4096
+_COUNT: Final = re.compile(r"[0-9]{1,6}")
+log = logging.getLogger("agent_os.control_plane.admin")
+
+
+class BadRequest(ValueError):
+    """An admin request refused with 400 and this reason."""
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -46,6 +60,11 @@ class AdminAPI:
     policy option on across reloads; ``health``: what ``/healthz`` reports (True: 200, False:
     503; e.g. the bus client's ``healthy``, so a lost broker connection shows). Raises
     ImportError without aiohttp/prometheus-client.
+
+    Every request a route cannot take gets a 4xx with ``{"error": <reason>}`` and is counted
+    (``bad_requests``): bodies beyond ``MAX_BODY`` bytes, a ``limit`` outside 1 to
+    ``MAX_RECORDS``, values over ``MAX_FIELD`` characters, policies beyond the loader's bounds.
+    A policy is parsed in a worker thread, never on the event loop.
     """
 
     def __init__(
@@ -70,12 +89,14 @@ class AdminAPI:
         self.require_verified_sender = require_verified_sender
         self.health = health
         self.unauthorized = 0
+        self.bad_requests = 0
+        self.errors = 0
 
         @web.middleware
         async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
             return await self._auth(request, handler)
 
-        self.app = web.Application(middlewares=[auth])
+        self.app = web.Application(middlewares=[auth], client_max_size=MAX_BODY)
         self.app.add_routes(
             [
                 web.get("/healthz", self.healthz),
@@ -119,7 +140,27 @@ class AdminAPI:
             if not hmac.compare_digest(token, self._token):
                 self.unauthorized += 1
                 return _json({"error": "unauthorized"}, 401)
-        response: web.StreamResponse = await handler(request)
+        from aiohttp import web
+
+        try:
+            response: web.StreamResponse = await handler(request)
+        except BadRequest as exc:
+            self.bad_requests += 1
+            return _json({"error": str(exc)}, 400)
+        except web.HTTPException as exc:  # aiohttp's own refusals (413, 404, 405, ...): with a reason
+            if exc.status < 400:
+                raise
+            self.bad_requests += 1
+            reason = exc.reason
+            if exc.status == 413:
+                reason = f"request body too large (at most {MAX_BODY} bytes)"
+            return _json({"error": reason}, exc.status)
+        except Exception as exc:  # a bug: answered, counted and logged, never a bare 500 page
+            self.errors += 1
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+        if response.status >= 400:
+            self.bad_requests += 1
         return response
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -132,31 +173,53 @@ class AdminAPI:
 
     async def agent(self, request: web.Request) -> web.Response:
         try:
-            return _json(_status(self.kernel.get_agent_status(request.match_info["id"])))
+            return _json(_status(self.kernel.get_agent_status(_field(request.match_info["id"], "agent id"))))
         except AgentNotFound:
             return _json({"error": "unknown agent"}, 404)
 
     async def signal(self, request: web.Request) -> web.Response:
+        agent = _field(request.match_info["id"], "agent id")
         try:
-            body = await request.json()
-            ok = await self.kernel.send_signal(request.match_info["id"], body["signal"])
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"bad signal request: the body is not JSON ({type(exc).__name__})") from None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("signal"), str | int)
+            or isinstance(body.get("signal"), bool)
+        ):
+            raise BadRequest('bad signal request: the body must be {"signal": "SIGSTOP"} (a name or number)')
+        name = body["signal"]
+        if isinstance(name, str):
+            _field(name, "signal")
+        elif not -(1 << 31) <= name < (1 << 31):
+            raise BadRequest(f"bad signal request: no signal number {name}")
+        try:
+            ok = await self.kernel.send_signal(agent, name)
         except (ValueError, KeyError, TypeError, SignalError) as exc:
-            return _json({"error": f"bad signal request: {exc}"}, 400)
+            raise BadRequest(f"bad signal request: {exc}") from None
         return _json({"ok": ok})
 
     async def reload(self, request: web.Request) -> web.Response:
+        which = request.query.get("policy")
+        target: int | str | None = which
+        if which is not None:
+            _field(which, "policy")
+            target = int(which) if _COUNT.fullmatch(which) else which
+        if (request.content_length or 0) > MAX_POLICY_BYTES:
+            raise BadRequest(f"a policy is at most {MAX_POLICY_BYTES} bytes")
         try:
-            text = await request.text()
+            text = (await request.read()).decode("utf-8")
         except UnicodeDecodeError:
             return _json({"error": "the policy must be UTF-8 text", "line": None, "field": None}, 400)
         try:
-            new = load_policy_text(text)  # text only: never a path the service would open
+            # Text only: never a path the service would open. In a worker thread: a large
+            # policy takes seconds to parse, and the loop goes on serving meanwhile.
+            new = await asyncio.to_thread(load_policy_text, text)
         except PolicyLoadError as exc:
             return _json({"error": str(exc), "line": exc.line, "field": exc.field}, 400)
         if self.require_verified_sender:
             new.require_verified_sender = True
-        which = request.query.get("policy")
-        target = int(which) if which is not None and which.isdigit() else which
         try:
             self.kernel.reload_policy(new, policy=target)
         except PolicyError as exc:
@@ -171,14 +234,17 @@ class AdminAPI:
 
     async def records(self, request: web.Request) -> web.Response:
         q = request.query
-        try:
-            limit = int(q["limit"]) if "limit" in q else 100
-        except ValueError:
-            return _json({"error": "limit must be an integer"}, 400)
+        limit = 100
+        if "limit" in q:
+            given = q["limit"]
+            if _COUNT.fullmatch(given) is None or not 1 <= int(given) <= MAX_RECORDS:
+                raise BadRequest(f"limit must be an integer from 1 to {MAX_RECORDS}, got {given[:32]!r}")
+            limit = int(given)
+        filters = {k: _field(q[k], k) if k in q else None for k in ("event_type", "agent_id", "severity")}
         found = await self.kernel.recorder.query(
-            event_type=q.get("event_type"),
-            agent_id=q.get("agent_id"),
-            severity=q.get("severity"),
+            event_type=filters["event_type"],
+            agent_id=filters["agent_id"],
+            severity=filters["severity"],
             limit=limit,
             order="desc",
         )
@@ -216,6 +282,10 @@ class AdminAPI:
         Gauge("agentos_admin_unauthorized", "Admin requests refused", registry=registry).set(
             self.unauthorized
         )
+        Gauge("agentos_admin_bad_requests", "Admin requests answered 4xx", registry=registry).set(
+            self.bad_requests
+        )
+        Gauge("agentos_admin_errors", "Admin requests that failed (500)", registry=registry).set(self.errors)
         for name, value in self.extra_metrics.items():
             Gauge(name, name, registry=registry).set(value() if callable(value) else value)
         return web.Response(
@@ -236,6 +306,14 @@ async def _requested_head(request: web.Request) -> Head | None:
     if seq is None or digest is None or not seq.isdigit() or len(seq) > 19:
         raise HeadError("give both seq (a non-negative integer) and hash")
     return Head.from_dict({"format": HEAD_FORMAT, "seq": int(seq), "hash": digest})
+
+
+def _field(value: str, what: str) -> str:
+    """``value`` of a request, when at most MAX_FIELD characters with no control character.
+    Raises BadRequest otherwise."""
+    if len(value) > MAX_FIELD or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BadRequest(f"{what} must be at most {MAX_FIELD} printable characters")
+    return value
 
 
 def _status(status: Any) -> dict[str, Any]:

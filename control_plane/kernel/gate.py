@@ -6,6 +6,7 @@ One :class:`Gate` per kernel (``kernel.gate``). The mediator asks it about every
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -50,6 +51,7 @@ class Gate:
         self.recorder = recorder
         self.signals = signals
         self.debug = debug
+        self.rate_store_failures = 0
 
     def decide(
         self,
@@ -179,7 +181,14 @@ class Gate:
         plain: bool = False,
     ) -> Awaitable[None] | None:
         """:meth:`note_decision` with the record's data already built (``operation``,
-        ``resource``, ``decision``, ``reason``, ``rule``, ``policy`` and any extra fields)."""
+        ``resource``, ``decision``, ``reason``, ``rule``, ``policy`` and any extra fields).
+
+        An allow that still has shared rate-limit tokens to take (``decision.rate_checks``)
+        returns an awaitable that takes them, records the final decision, and raises its
+        violation (RateLimitExceeded) when a bucket was empty or the store failed (fail
+        closed; ``rate_store_failures`` counts those)."""
+        if decision.rate_checks:
+            return self._settle_rate(proc, agent_id, data, decision, signal_to, plain)
         violation = decision.violation
         if self.debug:
             log.debug("policy_decision %s: %s", proc.id if proc is not None else agent_id, data)
@@ -198,6 +207,37 @@ class Gate:
         if signal is not None or recorder.batch_full:
             return self._after_record(recorder.batch_full, target, signal)
         return None
+
+    async def _settle_rate(
+        self,
+        proc: AgentProcess | None,
+        agent_id: str,
+        data: dict[str, Any],
+        decision: Decision,
+        signal_to: str | None,
+        plain: bool,
+    ) -> None:
+        final = dataclasses.replace(decision, rate_checks=())
+        stands = True
+        for check in decision.rate_checks:
+            try:
+                taken = await check.store.take(check.key, check.limit)
+            except Exception as exc:
+                self.rate_store_failures += 1
+                log.error("rate-limit store failed, denying: %r", exc)
+                why = f"rate limit store unavailable ({type(exc).__name__}): denied"
+                final, stands = dataclasses.replace(check.denied, reason=why), False
+                break
+            if not taken:
+                final, stands = check.denied, False
+                break
+        if not stands:
+            data = {**data, "decision": final.action, "reason": final.reason}
+        pending = self.note_record(proc, agent_id, data, final, signal_to, plain)
+        if pending is not None:
+            await pending
+        if not final.allowed:
+            raise final.error(str(data.get("operation")), str(data.get("resource")))
 
     async def _record_slowly(
         self,

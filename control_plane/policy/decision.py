@@ -8,7 +8,7 @@ from typing import Any, Literal
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import PolicyViolationError, RateLimitExceeded
 from agent_os.control_plane.policy.patterns import Pattern
-from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, SharedRateLimits
 
 Action = Literal["allow", "deny"]
 
@@ -38,6 +38,17 @@ class Rule:
 
 
 @dataclass(slots=True, frozen=True)
+class RateCheck:
+    """A token still to take from a shared bucket (``store``, ``key``, ``limit``) before an
+    allow stands; ``denied`` is the decision when there is none."""
+
+    store: SharedRateLimits
+    key: str
+    limit: RateLimit
+    denied: Decision
+
+
+@dataclass(slots=True, frozen=True)
 class Decision:
     """The outcome of one evaluation.
 
@@ -45,7 +56,8 @@ class Decision:
     ``rule`` is None when the default applied; ``violation`` is True when a deny was decided,
     also in audit mode where the action still proceeds; ``signal`` is the rule's
     ``on_violation`` signal, to send to the offending agent; ``rate_limited`` marks a deny from
-    an empty bucket.
+    an empty bucket. ``rate_checks``: tokens of shared buckets still to take before this
+    allow stands (the gate takes them, and records the outcome: see ``Gate.note_record``).
     """
 
     allowed: bool
@@ -56,6 +68,7 @@ class Decision:
     violation: bool = False
     signal: AgentSignal | None = None
     rate_limited: bool = False
+    rate_checks: tuple[RateCheck, ...] = ()
 
     @property
     def rule_name(self) -> str | None:

@@ -2,19 +2,33 @@
 
 :func:`load_policy` (text or a file) and :func:`load_policy_text` (text only: the admin API's
 reload) raise :class:`~agent_os.control_plane.errors.PolicyLoadError` naming the line and field
-of the first problem. The schema is in ``docs/control-plane.md`` (Policies in YAML).
+of the first problem. The schema and the bounds (size, rules, nesting, numbers) are in
+``docs/control-plane.md`` (Policies in YAML).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
-from agent_os.control_plane.errors import PatternError, PolicyError, PolicyLoadError
+from agent_os.control_plane.agent_signal import AgentSignal
+from agent_os.control_plane.errors import PatternError, PolicyError, PolicyLoadError, SignalError
+from agent_os.control_plane.policy.decision import Rule
 from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
+from agent_os.control_plane.policy.ratelimit import RateLimit
+
+MAX_POLICY_BYTES: Final = 1 << 20
+"""The largest policy document, in bytes of UTF-8."""
+MAX_RULES: Final = 10_000
+"""The most rules one policy document may hold."""
+MAX_DEPTH: Final = 32
+"""The deepest nesting of mappings and lists in a policy document."""
+MAX_INT: Final = (1 << 63) - 1
+"""The largest integer (in absolute value) a policy document may write."""
 
 _TOP: Final = {"name", "version", "default_action", "inheritance", "mode", "require_verified_sender", "rules"}
 _RULE: Final = {
@@ -48,6 +62,42 @@ def _mapping(node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node
     return out
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing (while composing, before anything is built) documents
+    nested deeper than MAX_DEPTH, aliases (one node reached many times), integers beyond
+    MAX_INT and numbers that are not finite."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise PolicyLoadError("aliases are not allowed in a policy", line=self._next_line())
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise PolicyLoadError(f"nested deeper than {MAX_DEPTH} levels", line=self._next_line())
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.ScalarNode):
+            self._check_number(node)
+        return node
+
+    def _next_line(self) -> int:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        return int(event.start_mark.line) + 1
+
+    def _check_number(self, node: yaml.ScalarNode) -> None:
+        if node.tag == "tag:yaml.org,2002:int":
+            digits = node.value.lstrip("+-").replace("_", "")
+            if len(digits) > 24 or abs(self.construct_yaml_int(node)) > MAX_INT:
+                raise PolicyLoadError(f"an integer beyond ±{MAX_INT}", line=_line(node))
+        elif node.tag == "tag:yaml.org,2002:float" and not math.isfinite(self.construct_yaml_float(node)):
+            raise PolicyLoadError(f"a number must be finite, got {node.value!r}", line=_line(node))
+
+
 def load_policy(source: str | Path) -> Policy:
     """Build a Policy from YAML text or a ``.yaml``/``.yml`` file (a Path, or a one-line string
     ending in ``.yaml``/``.yml``). Raises PolicyLoadError. Text from outside (a request body)
@@ -70,7 +120,9 @@ def load_policy_text(text: str) -> Policy:
     anything but a str."""
     if not isinstance(text, str):
         raise PolicyLoadError(f"policy YAML must be text, got {type(text).__name__}")
-    loader = yaml.SafeLoader(text)
+    if len(text) > MAX_POLICY_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
+        raise PolicyLoadError(f"a policy is at most {MAX_POLICY_BYTES} bytes")
+    loader = _BoundedLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
@@ -80,7 +132,7 @@ def load_policy_text(text: str) -> Policy:
         def value(node: yaml.Node, field: str, kind: type | tuple[type, ...]) -> Any:
             try:
                 v = loader.construct_object(node, deep=True)
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, ValueError) as exc:
                 raise PolicyLoadError(str(exc), line=_line(node), field=field) from None
             if not isinstance(v, kind) or (isinstance(v, bool) and bool not in _kinds(kind)):
                 names = "/".join(k.__name__ for k in _kinds(kind))
@@ -118,8 +170,14 @@ def load_policy_text(text: str) -> Policy:
             rules_node = top["rules"][1]
             if not isinstance(rules_node, yaml.SequenceNode):
                 raise PolicyLoadError("must be a list of rules", line=_line(rules_node), field="rules")
-            for i, rnode in enumerate(rules_node.value):
-                _add_rule(policy, rnode, f"rules[{i}]", value)
+            if len(rules_node.value) > MAX_RULES:
+                raise PolicyLoadError(
+                    f"{len(rules_node.value)} rules: a policy holds at most {MAX_RULES}",
+                    line=_line(rules_node),
+                    field="rules",
+                )
+            rules = [_rule(rnode, i, value) for i, rnode in enumerate(rules_node.value)]
+            policy = Policy(**opts, rules=rules)  # installed (and indexed) once
         return policy
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -134,7 +192,9 @@ def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
+def _rule(node: yaml.Node, index: int, value: Any) -> Rule:
+    """The rule at ``rules[index]``, checked as :meth:`Policy.add_rule` checks one."""
+    where = f"rules[{index}]"
     fields = _mapping(node, f"{where} (a rule)")
     for key, (knode, _) in fields.items():
         if key not in _RULE:
@@ -173,13 +233,20 @@ def _add_rule(policy: Policy, node: yaml.Node, where: str, value: Any) -> None:
         node = fields[exc.part][1] if exc.part in fields else node
         raise PolicyLoadError(f"{named}{exc}", line=_line(node), field=f"{where}.{exc.part}") from None
     try:
-        policy.add_rule(
-            got["action"],
-            pattern,
-            got.get("reason", ""),
-            got.get("on_violation"),
-            got.get("rate_limit"),
-            name=got.get("name"),
+        action = got["action"]
+        if action not in ("allow", "deny"):
+            raise PolicyError(f"action must be 'allow' or 'deny', got {action!r}")
+        try:
+            signal = AgentSignal.parse(got["on_violation"]) if "on_violation" in got else None
+        except SignalError as exc:
+            raise PolicyError(f"on_violation: {exc}") from None
+        return Rule(
+            action=action,
+            pattern=pattern,
+            reason=got.get("reason", ""),
+            on_violation=signal,
+            rate_limit=RateLimit.parse(got["rate_limit"]) if "rate_limit" in got else None,
+            name=got.get("name") or f"rule-{index + 1}",
         )
     except PolicyError as exc:
         field = _guess_field(str(exc), fields)

@@ -13,11 +13,17 @@ from typing import Any, Final, Literal
 
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import PolicyError, SignalError
-from agent_os.control_plane.policy.decision import Action, Decision, Rule
+from agent_os.control_plane.policy.decision import Action, Decision, RateCheck, Rule
 from agent_os.control_plane.policy.guards import path_refusal
 from agent_os.control_plane.policy.index import RuleIndex
 from agent_os.control_plane.policy.patterns import CheckedPattern, Context, Pattern
-from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, parse_window
+from agent_os.control_plane.policy.ratelimit import (
+    RateLimit,
+    RateLimiter,
+    SharedRateLimits,
+    parse_window,
+    shared_key,
+)
 from agent_os.control_plane.policy.sql_guard import MAX_SQL_LENGTH, SqlGuard
 
 PermissionSource = Callable[[str, str], Collection[str]]
@@ -51,6 +57,9 @@ class Policy:
         require_verified_sender: deny any message whose sender IATP has not verified.
         permissions: a hook ``permissions(from_agent, to_agent) -> collection of names`` used
             by ``conditions={"permission": ...}`` (e.g. IATP's trust edges).
+        shared_limits: keep rule rate limits in this store, shared with every process using
+            it (see :class:`~agent_os.control_plane.policy.ratelimit.SharedRateLimits`);
+            default: in this process.
 
     Raises PolicyError on invalid arguments.
     """
@@ -66,6 +75,7 @@ class Policy:
         mode: Literal["enforce", "audit"] = "enforce",
         require_verified_sender: bool = False,
         permissions: PermissionSource | None = None,
+        shared_limits: SharedRateLimits | None = None,
     ) -> None:
         if default_action not in ("allow", "deny"):
             raise PolicyError(f"default_action must be 'allow' or 'deny', got {default_action!r}")
@@ -80,6 +90,7 @@ class Policy:
         self.mode = mode
         self.require_verified_sender = require_verified_sender
         self.permissions = permissions
+        self.shared_limits = shared_limits
         self._compiled = RuleIndex(())
         if rules:
             self._install(list(rules))
@@ -281,6 +292,13 @@ class Policy:
         if action == "allow":
             if rule is not None and rule.limiter is not None:
                 agent = ctx.get("agent_id") or ctx.get("sender") or ""
+                shared = self.shared_limits
+                if shared is not None:  # decided when the gate has taken the token
+                    limit = rule.limiter.limit
+                    denied = self._deny(rule, f"rate limit {rule.rate_limit} exceeded", rate_limited=True)
+                    key = shared_key(self.name, rule.name, limit, str(agent))
+                    check = RateCheck(shared, key, limit, denied)
+                    return Decision(True, "allow", reason or "allowed", self.name, rule, rate_checks=(check,))
                 if not rule.limiter.take(agent):
                     return self._deny(rule, f"rate limit {rule.rate_limit} exceeded", rate_limited=True)
             return Decision(True, "allow", reason or "allowed", self.name, rule)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent_os.control_plane.errors import PolicyError
-from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.decision import Decision, RateCheck
 from agent_os.control_plane.policy.policy import Policy
 
 
@@ -25,12 +26,16 @@ class PolicySet:
 
     def evaluate(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
         first: Decision | None = None
+        checks: tuple[RateCheck, ...] = ()
         for policy in self.policies:
             decision = policy.evaluate(operation, resource, context)
             if not decision.allowed:
                 return decision
             first = first or decision
+            checks += decision.rate_checks
         assert first is not None
+        if checks != first.rate_checks:  # every policy's shared rate limit still applies
+            first = dataclasses.replace(first, rate_checks=checks)
         return first
 
     @property

@@ -1,18 +1,21 @@
 """Token buckets: rate limits per agent and per rule.
 
 A :class:`RateLimit` of ``limit`` per ``per`` seconds refills continuously; taking a token is
-one short critical section, safe across tasks and threads (``docs/control-plane.md``, Rate
+one short critical section, safe across tasks and threads. Several processes (a queue group)
+share their buckets through a :class:`SharedRateLimits` store (``docs/control-plane.md``, Rate
 limits).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from agent_os.control_plane.errors import PolicyError
 
@@ -123,3 +126,22 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class SharedRateLimits(Protocol):
+    """Token buckets kept outside the process, shared by every process using the same store
+    (the instances of a queue group): with one, a policy's rule limits hold across them all.
+
+    :meth:`take` takes one token from the bucket ``key`` of ``limit`` atomically and returns
+    whether it did; it raises when the store cannot answer (the caller denies: fail closed).
+    """
+
+    async def take(self, key: str, limit: RateLimit) -> bool: ...
+
+
+def shared_key(policy: str, rule: str, limit: RateLimit, agent: str) -> str:
+    """The name of the shared bucket of ``rule`` of ``policy`` for ``agent``: the same in
+    every process for the same rule and limit, distinct for any other (a digest, so no
+    name can be crafted to collide)."""
+    ident = json.dumps([policy, rule, limit.limit, limit.per, agent], ensure_ascii=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:40]

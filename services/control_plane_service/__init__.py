@@ -10,6 +10,7 @@ control-plane`` or ``python -m agent_os.services.control_plane_service``.
 from agent_os.services.control_plane_service._cli import main
 from agent_os.services.control_plane_service._nats_permissions import NatsUser, nats_authorization, nats_users
 from agent_os.services.control_plane_service._options import load_policy, read_key_file, recorder_from_spec
+from agent_os.services.control_plane_service._rate_limits import RedisRateLimits, share_rate_limits
 from agent_os.services.control_plane_service._reply_via_service import ReplyViaService
 from agent_os.services.control_plane_service._serve import serve
 from agent_os.services.control_plane_service._service import (
@@ -24,6 +25,7 @@ from agent_os.services.control_plane_service._subjects import (
     QUEUE_GROUP,
     REPLIES,
     agent_inbox,
+    check_agent_id,
     delivery_subject,
     ingress_subject,
     reply_subject,
@@ -37,9 +39,11 @@ __all__ = [
     "REPLIES",
     "ControlPlaneService",
     "NatsUser",
+    "RedisRateLimits",
     "ReplyViaService",
     "ServiceStats",
     "agent_inbox",
+    "check_agent_id",
     "delivery_subject",
     "ingress_subject",
     "load_policy",
@@ -51,4 +55,5 @@ __all__ = [
     "reply_subject",
     "require_verified_sender",
     "serve",
+    "share_rate_limits",
 ]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from agent_os.control_plane import ControlPlaneError, Policy
-from agent_os.services._process import log_level_option, run, verification_from_options, verification_options
+from agent_os.services._process import (
+    log_level_option,
+    nonce_store_url,
+    run,
+    verification_from_options,
+    verification_options,
+)
 from agent_os.services.control_plane_service._options import (
     RECORDER_FORMS,
     PolicyParam,
@@ -13,8 +19,15 @@ from agent_os.services.control_plane_service._options import (
     read_key_file,
     recorder_from_spec,
 )
+from agent_os.services.control_plane_service._rate_limits import RedisRateLimits
 from agent_os.services.control_plane_service._serve import serve
-from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
+from agent_os.services.control_plane_service._subjects import (
+    DELIVERY,
+    INGRESS,
+    QUEUE_GROUP,
+    REPLIES,
+    check_agent_id,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +63,24 @@ from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS,
 @click.option("--ingress-prefix", default=INGRESS, show_default=True)
 @click.option("--delivery-prefix", default=DELIVERY, show_default=True)
 @click.option("--reply-prefix", default=REPLIES, show_default=True)
+@click.option(
+    "--agents",
+    callback=lambda ctx, param, value: _roster(value, param),
+    help="The agents a message without a recipient goes to, comma-separated "
+    "(default: the agents of --identities; none with --trust-bus).",
+)
+@click.option(
+    "--rate-limit-store",
+    envvar="AGENTOS_RATE_LIMIT_STORE",
+    help="Share the policy's rule rate limits with the other instances through this Redis "
+    "(redis://host:6379/0 or rediss://; or AGENTOS_RATE_LIMIT_STORE); default: per instance.",
+)
+@click.option(
+    "--rate-limit-prefix",
+    default="agentos:ratelimit:",
+    show_default=True,
+    help="Put before every rate-limit key in Redis: one per deployment.",
+)
 @log_level_option
 def main(
     broker: str,
@@ -69,11 +100,22 @@ def main(
     ingress_prefix: str,
     delivery_prefix: str,
     reply_prefix: str,
+    agents: list[str] | None,
+    rate_limit_store: str | None,
+    rate_limit_prefix: str,
     log_level: str,
     key_refresh: float,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    if rate_limit_store is not None:
+        try:
+            nonce_store_url(rate_limit_store)  # the same form: a Redis URL with a host
+        except ValueError:
+            raise click.BadParameter(
+                f"must be a Redis URL such as redis://127.0.0.1:6379/0, not {rate_limit_store!r}",
+                param_hint="--rate-limit-store",
+            ) from None
 
     async def serve_process() -> None:
         key = read_key_file(encryption_key_file) if encryption_key_file else None
@@ -95,6 +137,20 @@ def main(
                 ingress_prefix=ingress_prefix,
                 delivery_prefix=delivery_prefix,
                 reply_prefix=reply_prefix,
+                agents=agents,
+                rate_limits=RedisRateLimits(rate_limit_store, prefix=rate_limit_prefix)
+                if rate_limit_store
+                else None,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+
+
+def _roster(value: str | None, param: click.Parameter) -> list[str] | None:
+    if value is None:
+        return None
+    agents = [a.strip() for a in value.split(",") if a.strip()]
+    try:
+        return [check_agent_id(a) for a in agents]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from agent_os.amb import AMB
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
+from agent_os.control_plane.policy.ratelimit import SharedRateLimits
 from agent_os.iatp import IATP
 from agent_os.services._process import broker_backend, serving, stop_signals
+from agent_os.services.control_plane_service._rate_limits import RedisRateLimits, share_rate_limits
 from agent_os.services.control_plane_service._service import ControlPlaneService
 from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
 
@@ -31,6 +34,8 @@ async def serve(
     ingress_prefix: str = INGRESS,
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
+    agents: Iterable[str] | None = None,
+    rate_limits: SharedRateLimits | None = None,
     stop: asyncio.Event | None = None,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
@@ -38,9 +43,13 @@ async def serve(
     written). With ``iatp`` (holding the service's signing key ``agent_id`` and the agents'
     public identities) every message is verified and the recorder signs its heads with the
     service's key; without it ``trust_bus`` must be true.
-    Prints ``ready admin=http://host:port`` on stdout once it takes messages; returns the
-    service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
-    ``trust_bus``), PolicyLoadError, RecorderError, ValueError, ImportError naming the extra
+    ``agents``: the roster a message without a recipient is delivered to (see
+    :class:`ControlPlaneService`). ``rate_limits``: where the policy's rule rate limits are
+    kept, shared with the other instances (a :class:`RedisRateLimits`, checked to answer at the
+    start, closed at the end). Prints ``ready admin=http://host:port`` on stdout once it
+    takes messages; returns the service (its ``stats``). Raises VerificationRequired (neither
+    or both of ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, ValueError (an
+    agent id or prefix unusable in a subject), ImportError naming the extra
     to install, or a bus error when it cannot start."""
     from agent_os.control_plane.admin import AdminAPI
 
@@ -48,6 +57,8 @@ async def serve(
     if held is not None and recorder.public_key is None:
         recorder.set_signing_key(held[1])  # the recorder signs its heads with the service's key
     kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+    if rate_limits is not None:
+        share_rate_limits(kernel.policy, rate_limits)  # kept across admin reloads (in place)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)
     service = ControlPlaneService(
         client,
@@ -58,6 +69,7 @@ async def serve(
         queue=queue,
         iatp=iatp,
         trust_bus=trust_bus,
+        agents=agents,
     )
     stats = service.stats
     admin = AdminAPI(
@@ -67,6 +79,8 @@ async def serve(
         health=lambda: client.healthy,
         extra_metrics={
             "agentos_service_forwarded": lambda: stats.forwarded,
+            "agentos_service_deliveries": lambda: stats.deliveries,
+            "agentos_service_deliveries_denied": lambda: stats.deliveries_denied,
             "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
             "agentos_service_forward_failures": lambda: stats.forward_failures,
             "agentos_service_held_dropped": lambda: service.mediator.held_dropped,
@@ -80,11 +94,14 @@ async def serve(
             "agentos_service_broker_connected": lambda: int(client.healthy),
             "agentos_service_malformed": lambda: client.stats.malformed,
             "agentos_service_invalid_subjects": lambda: client.stats.invalid_subjects,
+            "agentos_service_rate_limit_store_failures": lambda: kernel.gate.rate_store_failures,
         },
     )
     async with stop_signals(stop) as stopping:
         try:
             await kernel.recorder.open()
+            if isinstance(rate_limits, RedisRateLimits):
+                await rate_limits.ping()  # fail at the start, not on every rate-limited message
             await service.start()
             port = await admin.start(admin_host, admin_port)
             log.info(
@@ -106,4 +123,6 @@ async def serve(
             await admin.stop()
             await service.stop()
             await kernel.close()
+            if isinstance(rate_limits, RedisRateLimits):
+                await rate_limits.close()
     return service

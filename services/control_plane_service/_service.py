@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,14 @@ from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.iatp import IATP, IATPMiddleware
 from agent_os.services._identity import require_verification
+from agent_os.services.control_plane_service._delivery import Deliveries, fixed_roster, identities_roster
 from agent_os.services.control_plane_service._subjects import (
     DELIVERY,
     INBOX,
     INGRESS,
     QUEUE_GROUP,
     REPLIES,
+    check_prefix,
     delivery_subject,
 )
 
@@ -34,9 +37,14 @@ class ServiceStats:
     """Counters of one service instance (denied messages are in ``client.stats.rejected``;
     held messages that failed or were dropped in ``mediator.release_failures`` and
     ``mediator.held_dropped``). ``released_dead_lettered``: held messages dead-lettered after
-    their delivery was settled; ``dead_letter_failures``: those that could not be."""
+    their delivery was settled; ``dead_letter_failures``: those that could not be.
+    ``forwarded``: messages delivered to at least one agent; ``deliveries``: the copies
+    forwarded (one per recipient); ``deliveries_denied``: recipients the ``deliver`` policy
+    refused."""
 
     forwarded: int = 0
+    deliveries: int = 0
+    deliveries_denied: int = 0
     replies_forwarded: int = 0
     forward_failures: int = 0
     released_dead_lettered: int = 0
@@ -55,6 +63,12 @@ class ControlPlaneService:
     to an agent not seen yet applies here, to its first message. Raises VerificationRequired for
     neither or both of ``iatp`` and ``trust_bus``, amb StateError when ``client`` is already
     connected.
+
+    Each allowed message goes to its recipients' own delivery subjects
+    (``<delivery_prefix>.<agent>.<topic>``), each recipient checked by the policy as operation
+    ``deliver``: the envelope's ``recipient`` alone, or, for a message without one, every agent
+    of ``agents`` (the roster; default with ``iatp``: the agents whose identities it knows).
+    Raises ValueError for an agent id or prefix that cannot go into a subject.
 
     Example::
 
@@ -75,8 +89,15 @@ class ControlPlaneService:
         pending: PendingRequests | None = None,
         iatp: IATP | None = None,
         trust_bus: bool = False,
+        agents: Iterable[str] | None = None,
     ) -> None:
         require_verification(iatp is not None, trust_bus, "control-plane service")
+        for what, prefix in (
+            ("ingress prefix", ingress_prefix),
+            ("delivery prefix", delivery_prefix),
+            ("reply prefix", reply_prefix),
+        ):
+            check_prefix(prefix, what)
         self.client = client
         self.iatp = iatp
         self.trust_bus = trust_bus
@@ -105,6 +126,13 @@ class ControlPlaneService:
             inbox_prefix=INBOX,
             on_release_error=self._release_failed,
         )
+        if agents is not None:
+            roster = fixed_roster(agents)
+        elif iatp is not None:
+            roster = identities_roster(iatp, client.agent_id or "")
+        else:
+            roster = None
+        self.deliveries = Deliveries(kernel, roster, trust_bus=trust_bus)
         self._encode = get_serializer("msgpack").encode
         self._subs: list[Subscription] = []
 
@@ -140,10 +168,20 @@ class ControlPlaneService:
     async def _forward(self, message: Any, metadata: Metadata) -> None:
         # Reached only when the mediator allowed the message (a deny was dead-lettered before),
         # checked that the envelope's topic is this subject and, for a request, that its
-        # reply_to is the verified requester's own inbox, noted in self.pending.
+        # reply_to is the verified requester's own inbox, noted in self.pending. Each
+        # recipient gets it on its own delivery subject if the policy lets it receive it.
         topic = metadata.subject[len(self.ingress_prefix) + 1 :]
-        await self._send(delivery_subject(topic, self.delivery_prefix), metadata)
-        self.stats.forwarded += 1
+        deliveries = self.deliveries
+        sent = 0
+        for agent in deliveries.recipients(metadata.envelope):
+            if not await deliveries.allowed(agent, topic, metadata):
+                self.stats.deliveries_denied += 1
+                continue
+            await self._send(delivery_subject(topic, self.delivery_prefix, agent=agent), metadata)
+            self.stats.deliveries += 1
+            sent += 1
+        if sent:
+            self.stats.forwarded += 1
 
     async def _forward_reply(self, message: Any, metadata: Metadata) -> None:
         # Reached only on the instance holding the request, when the mediator allowed the reply.

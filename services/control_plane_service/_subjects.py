@@ -1,7 +1,10 @@
-"""The subject names of mediated mode: ingress, delivery, reply and inbox subjects."""
+"""The subject names of mediated mode: ingress, delivery, reply and inbox subjects, and the
+agent ids and prefixes they are built from (checked, since they also go into the broker's
+permissions)."""
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 INGRESS: Final = "ingress"
@@ -10,24 +13,45 @@ REPLIES: Final = "replies"
 INBOX: Final = "_INBOX"
 QUEUE_GROUP: Final = "control-plane"
 
+AGENT_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+_AGENT_ID: Final = re.compile(AGENT_ID_PATTERN)
+_PREFIX: Final = re.compile(r"[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64}){0,7}")
+
+
+def check_agent_id(agent_id: str) -> str:
+    """``agent_id`` when it can be an agent in mediated mode: 1 to 64 ASCII letters, digits,
+    ``_`` and ``-``, starting with a letter or digit (one subject token, safe in a broker
+    configuration). Raises ValueError naming the id otherwise."""
+    if not isinstance(agent_id, str) or _AGENT_ID.fullmatch(agent_id) is None:
+        raise ValueError(f"an agent id in mediated mode must match {AGENT_ID_PATTERN}, got {agent_id!r}")
+    return agent_id
+
+
+def check_prefix(prefix: str, what: str = "prefix") -> str:
+    """``prefix`` when it is a usable subject prefix: dot-separated tokens of ASCII letters,
+    digits, ``_`` and ``-`` (at most 8 tokens of 64). Raises ValueError otherwise."""
+    if not isinstance(prefix, str) or _PREFIX.fullmatch(prefix) is None:
+        raise ValueError(f"a {what} must be dot-separated tokens of [A-Za-z0-9_-], got {prefix!r}")
+    return prefix
+
 
 def ingress_subject(topic: str, prefix: str = INGRESS) -> str:
     """Where an agent publishes a message meant for ``topic`` in mediated mode."""
     return f"{prefix}.{topic}"
 
 
-def delivery_subject(topic: str, prefix: str = DELIVERY) -> str:
-    """Where agents subscribe to receive ``topic`` in mediated mode."""
-    return f"{prefix}.{topic}"
+def delivery_subject(topic: str, prefix: str = DELIVERY, *, agent: str) -> str:
+    """Where ``agent`` receives ``topic`` in mediated mode: ``<prefix>.<agent>.<topic>``, a
+    subject only that agent may read (``topic`` may be a pattern, to subscribe). Raises
+    ValueError for an agent id :func:`check_agent_id` refuses."""
+    return f"{prefix}.{check_agent_id(agent)}.{topic}"
 
 
 def agent_inbox(agent_id: str, prefix: str = INBOX) -> str:
     """The inbox prefix of ``agent_id`` in mediated mode: its requests' ``reply_to`` must be
-    under ``<this>.``. Raises ValueError for an agent id that is not one subject token
-    (``.``, ``*``, ``>`` or whitespace would let one agent's inboxes cover another's)."""
-    if not agent_id or any(c in agent_id for c in ".*>") or any(c.isspace() for c in agent_id):
-        raise ValueError(f"an agent id in mediated mode must be one subject token, got {agent_id!r}")
-    return f"{prefix}.{agent_id}"
+    under ``<this>.``. Raises ValueError for an agent id :func:`check_agent_id` refuses (a
+    ``.``, ``*`` or ``>`` would let one agent's inboxes cover another's)."""
+    return f"{prefix}.{check_agent_id(agent_id)}"
 
 
 def reply_subject(reply_to: str, prefix: str = REPLIES) -> str:

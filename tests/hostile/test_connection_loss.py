@@ -36,11 +36,13 @@ def service_args(tmp_path: Path, broker: str, prefix: str) -> list[str]:
     policy.write_text(
         "name: svc\ndefault_action: deny\nrules:\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     return [
         "--broker", broker, "--trust-bus", "--policy", str(policy), "--recorder", "memory",
         "--ingress-prefix", f"in_{prefix}", "--delivery-prefix", f"out_{prefix}",
         "--reply-prefix", f"re_{prefix}", "--queue", f"cp_{prefix}", "--agent-id", f"cp-{prefix}",
+        "--agents", f"receiver-{prefix}",
     ]  # fmt: skip
 
 
@@ -74,7 +76,7 @@ async def test_the_control_plane_service_forwards_after_garbage_on_a_4086_charac
     raw = await nats.connect(NATS_URL)
     try:
         got, dead = Collector(), Collector()
-        await receiver.subscribe(f"out_{prefix}.tasks.>", got)
+        await receiver.subscribe(f"out_{prefix}.receiver-{prefix}.tasks.>", got)
         await receiver.subscribe(f"_DLQ.in_{prefix}.>", dead)
         ingress = f"in_{prefix}."
         hostile = ingress + "t" * (4086 - len(ingress))
@@ -139,7 +141,7 @@ async def test_healthz_reports_a_lost_broker_and_recovers_with_it(tmp_path: Path
     proc, admin = await start_service(
         *service_args(tmp_path, server.url, prefix), env={"AGENTOS_BROKER_DOWN_EXIT": "0"}
     )
-    receiver = AMB("nats", server.url)
+    receiver = AMB("nats", server.url, agent_id=f"receiver-{prefix}")
     try:
         assert await healthz(admin) == 200
         await server.stop()
@@ -151,7 +153,7 @@ async def test_healthz_reports_a_lost_broker_and_recovers_with_it(tmp_path: Path
         await server.start()
         await wait_until(lambda: status_is(200), timeout=15, what="/healthz 200 again")
         got = Collector()
-        await receiver.subscribe(f"out_{prefix}.tasks.>", got)
+        await receiver.subscribe(f"out_{prefix}.receiver-{prefix}.tasks.>", got)
         async with AMB("nats", server.url) as agent:
             await agent.publish(f"in_{prefix}.tasks.work", "after the outage")
             await got.wait_for(1, timeout=10)

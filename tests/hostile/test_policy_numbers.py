@@ -9,6 +9,7 @@ JSON and msgpack; operands nothing compares with are refused when the policy is 
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -188,9 +189,24 @@ def test_operands_nothing_compares_with_are_refused_when_built(conditions: dict[
     with pytest.raises(PatternError, match="condition") as built:
         Pattern("*", "*", conditions=conditions)
     assert built.value.part == "conditions"
-    with pytest.raises(PolicyLoadError, match="rule 'r0'") as info:
-        _build("yaml", [("deny", conditions)], "deny")
-    assert info.value.field == "rules[0].conditions"
+    if _non_finite(conditions):  # the YAML reader refuses the literal before any rule is built
+        with pytest.raises(PolicyLoadError, match="a number must be finite") as info:
+            _build("yaml", [("deny", conditions)], "deny")
+        assert info.value.line is not None
+    else:
+        with pytest.raises(PolicyLoadError, match="rule 'r0'") as info:
+            _build("yaml", [("deny", conditions)], "deny")
+        assert info.value.field == "rules[0].conditions"
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
 
 
 @pytest.mark.parametrize("literal", [".nan", ".NaN", ".inf", "-.inf", "1.0e+400"])
@@ -199,7 +215,7 @@ def test_yaml_nan_and_infinity_literals_are_refused(literal: str) -> None:
         "name: p\nrules:\n  - name: big\n    action: deny\n"
         f"    conditions:\n      min_payload.amount: {literal}\n"
     )
-    with pytest.raises(PolicyLoadError, match="rule 'big'") as info:
+    with pytest.raises(PolicyLoadError, match="a number must be finite") as info:
         Policy.from_yaml(text)
     assert info.value.line == 6
 

@@ -89,9 +89,13 @@ async def service_and_responder(
     if denied_reply is not None:
         policy.add_rule("deny", denied_reply, reason="private answers")
     policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     kernel = KernelSpace(policy=policy)
     service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"),
+        kernel,
+        trust_bus=True,
+        agents=["agent-b"],
     )
     await service.start()
     responder = AMB("nats", url("agent-b", nats_port), agent_id="agent-b", middleware=[ReplyViaService()])
@@ -100,7 +104,7 @@ async def service_and_responder(
         await responder.reply(metadata, f"{answer}{message}")
 
     try:
-        await responder.subscribe(delivery_subject("tasks.>"), reply)
+        await responder.subscribe(delivery_subject("tasks.>", agent="agent-b"), reply)
     except BaseException:
         await responder.close()
         await service.stop()
@@ -114,16 +118,20 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
 
     policy = Policy("mediated", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     kernel = KernelSpace(policy=policy)
     service = ControlPlaneService(
-        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"), kernel, trust_bus=True
+        AMB("nats", url("control-plane", nats_port), agent_id="control-plane"),
+        kernel,
+        trust_bus=True,
+        agents=["agent-b"],
     )
     receiver = AMB("nats", url("agent-b", nats_port), agent_id="agent-b")
     agent = AMB("nats", url("agent-a", nats_port), agent_id="agent-a")
     try:
         await service.start()
         got = Collector()
-        await receiver.subscribe(delivery_subject("tasks.>"), got)
+        await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
         await agent.connect()
 
         await agent.publish(ingress_subject("tasks.work"), "mediated")
@@ -136,9 +144,11 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
 
         raw = await nats.connect(url("agent-a", nats_port), error_cb=on_error)
         try:
-            await raw.publish(delivery_subject("tasks.work"), b"bypass")  # straight to the delivery subject
+            await raw.publish(
+                delivery_subject("tasks.work", agent="agent-b"), b"bypass"
+            )  # straight to the delivery subject
             await raw.flush()
-            await agent.publish(delivery_subject("tasks.work"), "bypass via the bus client")
+            await agent.publish(delivery_subject("tasks.work", agent="agent-b"), "bypass via the bus client")
             # refused:
             await wait_until(lambda: any("permissions violation" in str(e).lower() for e in errors))
             # A later mediated message takes the longer way; had a bypass been let through, it would be
@@ -146,7 +156,9 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
             await agent.publish(ingress_subject("tasks.work"), "mediated again")
             await got.wait_for(2)
             assert got.messages == ["mediated", "mediated again"]  # nothing arrived around the mediator
-            decisions = await kernel.recorder.query(event_type="policy_decision")
+            decisions = await kernel.recorder.query(
+                event_type="policy_decision", filters={"data.operation": "publish"}
+            )
             assert [d.data["resource"] for d in decisions] == ["tasks.work", "tasks.work"]
         finally:
             await raw.close()

@@ -36,6 +36,7 @@ from tests.support.servers import NATS_URL
 
 pytestmark = pytest.mark.nats
 
+
 @pytest.fixture
 async def group() -> AsyncIterator[Group]:
     g = Group(uuid.uuid4().hex[:10])
@@ -71,8 +72,8 @@ async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group:
     inboxes = [Collector() for _ in receivers]
     everything, dead = Collector(), Collector()
     for j, (receiver, inbox) in enumerate(zip(receivers, inboxes, strict=True)):
-        await receiver.subscribe(group.delivered(f"tasks.to_r{j}"), inbox)
-    await wiretap.subscribe(group.delivered(">"), everything)  # whatever is delivered anywhere
+        await receiver.subscribe(group.delivered(f"tasks.to_r{j}", group.agent_id(f"r{j}")), inbox)
+    await wiretap.subscribe(group.every_delivery, everything)  # whatever is delivered anywhere
     await wiretap.subscribe(f"_DLQ.{group.ingress_prefix}.>", dead)
     for sender in senders:
         await sender.connect()
@@ -90,7 +91,9 @@ async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group:
                 denied[await client.publish(group.to("tasks.secret"), [name, n])] = name
                 continue
             j = (index + n) % len(receivers)
-            message_id = await client.publish(group.to(f"tasks.to_r{j}"), [name, n])
+            message_id = await client.publish(
+                group.to(f"tasks.to_r{j}"), [name, n], recipient=group.agent_id(f"r{j}")
+            )
             expected[j][message_id] = (name, n)
             sent_by[message_id] = name
 
@@ -107,7 +110,7 @@ async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group:
         what=f"{allowed} forwarded and {len(denied)} dead-lettered",
     )
     # Nothing more can be on its way once every subscriber has each instance's sentinel.
-    targets = [group.delivered(f"tasks.to_r{j}") for j in range(len(receivers))]
+    targets = [group.delivered(f"tasks.to_r{j}", group.agent_id(f"r{j}")) for j in range(len(receivers))]
     await group.sentinels([*targets, f"_DLQ.{group.ingress_prefix}.sentinel"])
     for collector, expected_sentinels in [(i, INSTANCES) for i in inboxes] + [
         (everything, INSTANCES * len(targets)),
@@ -126,8 +129,12 @@ async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group:
     assert sorted(m.id for m in tapped) == sorted(sent_by)
     assert not any(m.id in denied for m in tapped)
     assert {m.subject for m in tapped} == set(targets)
-    # Forwarded unchanged: the envelope still names the ingress subject it was published to.
-    assert all(m.topic == group.to(m.subject[len(group.delivery_prefix) + 1 :]) for m in tapped)
+    # Forwarded unchanged: the envelope still names the ingress subject it was published to, and
+    # it went to its recipient's own delivery subject only.
+    assert all(
+        m.subject == group.delivered(m.topic[len(group.ingress_prefix) + 1 :], m.envelope.recipient or "")
+        for m in tapped
+    )
     # Every denied message was dead-lettered once, for the policy.
     letters = real(dead)
     assert sorted(m.headers[DLQ_ORIGINAL_ID] for m in letters) == sorted(denied)
@@ -138,7 +145,11 @@ async def test_each_allowed_message_is_forwarded_once_by_one_of_the_group(group:
     assert sum(forwarded) == allowed
     assert all(f > 0 for f in forwarded), forwarded
     assert sum(s.client.stats.rejected for s in group.services) == len(denied)
-    records = await group.records()
+    records = await group.records(**{"data.operation": "publish"})
+    deliveries = await group.records(**{"data.operation": "deliver"})
+    assert Counter(r.data["message_id"] for each in deliveries for r in each) == Counter(
+        dict.fromkeys(sent_by, 1)
+    )
     decided = Counter(r.data["message_id"] for each in records for r in each)
     assert decided == Counter({**{i: 1 for i in sent_by}, **{i: 1 for i in denied}})
     for service, each in zip(group.services, records, strict=True):
@@ -158,13 +169,16 @@ async def test_requests_through_the_group_are_answered_via_the_instance_holding_
         asked.append(metadata)
         await responder.reply(metadata, f"re: {message}")
 
-    await responder.subscribe(group.delivered("tasks.ask"), answer)
+    assert responder.agent_id is not None
+    await responder.subscribe(group.delivered("tasks.ask", responder.agent_id), answer)
     requesters = [group.agent(f"q{i}", requests=True) for i in range(3)]
     per_requester = 20
 
     async def ask(client: AMB, n: int) -> tuple[str, Any, Metadata]:
         question = f"{client.agent_id} #{n}"
-        payload, meta = await client.request(group.to("tasks.ask"), question, timeout=10, with_metadata=True)
+        payload, meta = await client.request(
+            group.to("tasks.ask"), question, timeout=10, with_metadata=True, recipient=responder.agent_id
+        )
         return question, payload, meta
 
     answers = await asyncio.gather(*(ask(c, n) for c in requesters for n in range(per_requester)))

@@ -34,11 +34,14 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, clos
         "name: svc\ndefault_action: deny\nrules:\n"
         "  - {action: deny, operation: publish, resource: 'tasks.secret'}\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     proc, admin = await start_service(
         "--broker",
         NATS_URL,
         "--trust-bus",
+        "--agents",
+        f"receiver-{tag}",
         "--policy",
         str(policy),
         "--recorder",
@@ -58,7 +61,7 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, clos
     receiver = AMB("nats", NATS_URL, agent_id=f"receiver-{tag}")
     try:
         got = Collector()
-        await receiver.subscribe(f"{delivery}.tasks.>", got)
+        await receiver.subscribe(f"{delivery}.receiver-{tag}.tasks.>", got)
         await agent.connect()
         for i in range(5):
             await agent.publish(f"{ingress}.tasks.work", i)
@@ -79,8 +82,10 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, clos
         await receiver.close()
     assert returncode == 0
     rec = closing(FlightRecorder("sqlite", str(db)))
-    decisions = await rec.query(event_type="policy_decision")
+    decisions = await rec.query(event_type="policy_decision", filters={"data.operation": "publish"})
     assert [d.data["decision"] for d in decisions] == ["allow"] * 5 + ["deny"]  # flushed at the stop
+    deliveries = await rec.query(event_type="policy_decision", filters={"data.operation": "deliver"})
+    assert [(d.agent_id, d.data["decision"]) for d in deliveries] == [(f"receiver-{tag}", "allow")] * 5
     assert (await rec.verify()).ok
     await rec.close()
 
@@ -102,6 +107,7 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
         "name: svc\ndefault_action: deny\nrules:\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*', "
         f"conditions: {{sender: {admin_id}}}}}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     proc, admin = await start_service(
         "--broker",
@@ -129,7 +135,8 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
     receiver = AMB("nats", NATS_URL, agent_id=receiver_id, middleware=[keys[receiver_id].middleware()])
     try:
         got, dead = Collector(), Collector()
-        await receiver.subscribe(f"{delivery}.tasks.>", got)
+        # No --agents: the roster is the agents of the service's identities, the receiver too.
+        await receiver.subscribe(f"{delivery}.{receiver_id}.tasks.>", got)
         await forger.subscribe(f"_DLQ.{ingress}.>", dead)
         await sender.publish(f"{ingress}.tasks.work", "signed by admin")
         await forger.publish(f"{ingress}.tasks.work", "claims admin", sender_id=admin_id)

@@ -33,10 +33,10 @@ from tests.support.servers import NATS_URL, REDIS_URL
 pytestmark = pytest.mark.redis
 
 
-
 def publish_policy() -> Policy:
     policy = Policy("nonce", default_action="deny")
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -105,6 +105,7 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
     policy.write_text(
         "name: nonce\ndefault_action: deny\nrules:\n"
         "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
     )
     args = [
         "--broker", NATS_URL, "--identities", str(tmp_path / "keys"), "--nonce-store", REDIS_URL,

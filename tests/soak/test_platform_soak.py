@@ -581,8 +581,8 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
         inboxes = [Collector() for _ in receivers]
         everything, dead = Collector(), Collector()
         for j, (receiver, inbox) in enumerate(zip(receivers, inboxes, strict=True)):
-            await receiver.subscribe(group.delivered(f"tasks.to_r{j}"), inbox)
-        await wiretap.subscribe(group.delivered(">"), everything)
+            await receiver.subscribe(group.delivered(f"tasks.to_r{j}", group.agent_id(f"r{j}")), inbox)
+        await wiretap.subscribe(group.every_delivery, everything)
         await wiretap.subscribe(f"_DLQ.{group.ingress_prefix}.>", dead)
         for sender in senders:
             await sender.connect()
@@ -621,7 +621,9 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
                     denied[message_id] = name
                 else:
                     j = (index + n) % len(receivers)
-                    message_id = await client.publish(group.to(f"tasks.to_r{j}"), [name, n])
+                    message_id = await client.publish(
+                        group.to(f"tasks.to_r{j}"), [name, n], recipient=group.agent_id(f"r{j}")
+                    )
                     expected[j][message_id] = (name, n)
                     sent_by[message_id] = name
                 if name == stopped_id:
@@ -657,7 +659,7 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
         )
         settled = time.monotonic() - started
         # Nothing more can be on its way once every subscriber has each instance's sentinel.
-        targets = [group.delivered(f"tasks.to_r{j}") for j in range(len(receivers))]
+        targets = [group.delivered(f"tasks.to_r{j}", group.agent_id(f"r{j}")) for j in range(len(receivers))]
         await group.sentinels([*targets, f"_DLQ.{group.ingress_prefix}.sentinel"])
         for collector, count in [(inbox, 2) for inbox in inboxes] + [(everything, 2 * 3), (dead, 2)]:
             await wait_until(
@@ -686,7 +688,7 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
             assert len(got) == len(expected[j].keys() - full)
 
         # One decision per message across the two instances: a policy decision, or the drop.
-        decisions = await group.records()
+        decisions = await group.records(**{"data.operation": "publish"})
         decided = Counter(r.data["message_id"] for each in decisions for r in each)
         assert decided == Counter(dict.fromkeys((sent_by.keys() | denied.keys()) - full, 1))
         drops = [await k.recorder.query(event_type="message_dropped") for k in kernels]

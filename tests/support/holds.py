@@ -18,6 +18,7 @@ def mediated_policy() -> Policy:
     policy.add_rule("deny", Pattern("publish", "tasks.secret"), reason="secret")
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
     policy.add_rule("allow", Pattern("signal", "*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -63,6 +64,7 @@ async def deploy(backend: str, url: str) -> Deployment:
         delivery_prefix=delivery,
         reply_prefix=f"re_{tag}",
         queue=f"cp_{tag}",
+        agents=[f"obs-{tag}"],  # the observer receives every message
     )
     a = AMB(backend, url, agent_id=f"a-{tag}")
     b = AMB(backend, url, agent_id=f"b-{tag}")

@@ -32,6 +32,7 @@ def queue_group_policy() -> Policy:
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
     policy.add_rule("allow", Pattern("request", "tasks.ask"))
     policy.add_rule("allow", Pattern("reply", "tasks.ask"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -60,14 +61,24 @@ class Group:
         """Where an agent publishes a message for ``topic``."""
         return ingress_subject(topic, self.ingress_prefix)
 
-    def delivered(self, topic: str) -> str:
-        """Where a message for ``topic`` is delivered."""
-        return delivery_subject(topic, self.delivery_prefix)
+    def delivered(self, topic: str, agent: str) -> str:
+        """Where ``agent`` receives a message for ``topic``."""
+        return delivery_subject(topic, self.delivery_prefix, agent=agent)
+
+    @property
+    def every_delivery(self) -> str:
+        """What matches every delivery subject of the group (a wiretap's subscription; under
+        the generated NATS permissions no agent may subscribe to it)."""
+        return f"{self.delivery_prefix}.>"
+
+    def agent_id(self, name: str) -> str:
+        """The id of the test's agent ``name``."""
+        return f"{name}-{self.tag}"
 
     def agent(self, name: str, *, requests: bool = False, middleware: list[Middleware] | None = None) -> AMB:
         """A connected-on-use client of agent ``<name>-<tag>``; ``requests``: its reply inbox is
         under its own prefix, as mediated mode requires of a requester."""
-        agent_id = f"{name}-{self.tag}"
+        agent_id = self.agent_id(name)
         client = AMB(
             "nats",
             NATS_URL,

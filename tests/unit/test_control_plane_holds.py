@@ -44,7 +44,9 @@ async def test_a_held_message_denied_at_its_release_is_dead_lettered_and_counted
         assert d.dead.metadata[0].headers[DLQ_ORIGINAL_ID] == secret
         assert d.service.mediator.release_failures == 1
         assert d.service.stats.released_dead_lettered == 1
-        decisions = await d.kernel.recorder.query(event_type="policy_decision")
+        decisions = await d.kernel.recorder.query(
+            event_type="policy_decision", filters={"data.operation": "publish"}
+        )
         assert [r.data["decision"] for r in decisions] == ["allow", "deny"]  # one record each
     finally:
         await d.close()

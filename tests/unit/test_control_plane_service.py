@@ -50,6 +50,7 @@ def mediated_policy() -> Policy:
     policy.add_rule("allow", Pattern("publish", "tasks.*"))
     policy.add_rule("allow", Pattern("signal", "*"))
     policy.add_rule("allow", Pattern("reply", "*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -58,13 +59,13 @@ async def test_async_with_starts_and_stops_the_service() -> None:
     async with (
         KernelSpace(policy=mediated_policy()) as kernel,
         ControlPlaneService(
-            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, agents=["agent-b"]
         ) as service,
         AMB("memory", where, agent_id="agent-a") as agent,
         AMB("memory", where, agent_id="agent-b") as receiver,
     ):
         got = Collector()
-        await receiver.subscribe(delivery_subject("tasks.>"), got)
+        await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
         await agent.publish(ingress_subject("tasks.work"), 1)
         await got.wait_for(1)
         assert service.stats.forwarded == 1
@@ -78,7 +79,12 @@ async def test_two_service_instances_forward_each_allowed_message_once(closing: 
     for i in range(2):
         kernel = closing(KernelSpace(policy=mediated_policy(), flight_recorder=recorder))
         service = closing(
-            ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True)
+            ControlPlaneService(
+                AMB("memory", where, agent_id=f"control-plane-{i}"),
+                kernel,
+                trust_bus=True,
+                agents=["agent-b"],
+            )
         )
         await service.start()
         services.append(service)
@@ -86,7 +92,7 @@ async def test_two_service_instances_forward_each_allowed_message_once(closing: 
     receiver = closing(AMB("memory", where, agent_id="agent-b"))
     watcher = closing(AMB("memory", where))
     got, dlq = Collector(), Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
     await watcher.subscribe("_DLQ.>", dlq)
     for i in range(20):
         await agent.publish(ingress_subject("tasks.work"), i)
@@ -100,9 +106,12 @@ async def test_two_service_instances_forward_each_allowed_message_once(closing: 
     forwarded = [s.stats.forwarded for s in services]
     assert sum(forwarded) == 20
     assert all(f > 0 for f in forwarded)  # the queue group shares the load
-    decisions = await recorder.query(event_type="policy_decision")
+    decisions = await recorder.query(event_type="policy_decision", filters={"data.operation": "publish"})
     assert len(decisions) == 21  # exactly one per message
     assert {d.agent_id for d in decisions} == {"agent-a"}
+    deliveries = await recorder.query(event_type="policy_decision", filters={"data.operation": "deliver"})
+    assert {d.agent_id for d in deliveries} == {"agent-b"}  # and one per recipient of each allowed one
+    assert len(deliveries) == 20
     for client in (agent, receiver, watcher):
         await client.close()
     for service in services:
@@ -113,13 +122,15 @@ async def test_the_service_enforces_a_senders_signals(closing: Closing) -> None:
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = closing(KernelSpace(policy=mediated_policy()))
     service = closing(
-        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, agents=["agent-b"]
+        )
     )
     await service.start()
     agent = closing(AMB("memory", where, agent_id="agent-a"))
     receiver = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
     await agent.publish(ingress_subject("tasks.work"), 0)
     await got.wait_for(1)
     await kernel.send_signal("agent-a", AgentSignal.SIGSTOP)  # the service holds agent-a's messages
@@ -148,7 +159,7 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     users = nats_users(["a1"], "svc", passwords={"a1": "p1", "svc": "p2"})
     text = nats_authorization(users)
     agent, service = users
-    assert agent.publish == ("ingress.>", "replies.>", "_DLQ.>")  # no inbox: replies go via the service
+    assert agent.publish == ("ingress.>", "replies.>")  # no inbox, no dead letters: only the service
     assert "_INBOX.a1.>" in agent.subscribe  # its own inboxes only, nobody else's replies
     assert not any(s.startswith("_INBOX") and s != "_INBOX.a1.>" for s in agent.subscribe)
     assert "_INBOX.>" in service.publish
@@ -156,10 +167,13 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     assert "_ctl.signal.a1" in agent.subscribe
     assert not any(p.startswith("deliver") for p in agent.publish)
     assert "deliver.>" in service.publish
+    assert "_DLQ.>" in service.publish
+    assert agent.subscribe[0] == "deliver.a1.>"  # its own deliveries only
+    assert not any(s.startswith("_DLQ") for s in agent.subscribe)
     assert '{user: "a1", password: "p1"' in text
     assert text.startswith("authorization {")
     for bad in ("a.b", "a*", "a>", "a b", ""):  # one agent's inboxes would cover another's
-        with pytest.raises(ValueError, match="one subject token"):
+        with pytest.raises(ValueError, match="agent id"):
             nats_users([bad])
 
 
@@ -169,6 +183,7 @@ def reply_policy() -> Policy:
     policy.add_rule("allow", Pattern("request", "tasks.*"))
     policy.add_rule("deny", Pattern("reply", "tasks.secret-answer"), reason="answers stay private")
     policy.add_rule("allow", Pattern("reply", "tasks.*", conditions={"recipient": "agent-a"}))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -179,7 +194,12 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request(cl
     for i in range(2):
         kernel = closing(KernelSpace(policy=reply_policy(), flight_recorder=recorder))
         service = closing(
-            ControlPlaneService(AMB("memory", where, agent_id=f"control-plane-{i}"), kernel, trust_bus=True)
+            ControlPlaneService(
+                AMB("memory", where, agent_id=f"control-plane-{i}"),
+                kernel,
+                trust_bus=True,
+                agents=["agent-b"],
+            )
         )
         await service.start()
         services.append(service)
@@ -189,7 +209,7 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request(cl
     async def answer(message: Any, metadata: Any) -> None:
         await responder.reply(metadata, {"answer": message})
 
-    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    await responder.subscribe(delivery_subject("tasks.>", agent="agent-b"), answer)
     for i in range(6):
         assert await requester.request(ingress_subject("tasks.ask"), i, timeout=2) == {"answer": i}
     assert sum(s.stats.replies_forwarded for s in services) == 6
@@ -216,7 +236,9 @@ async def test_forged_late_and_duplicate_replies_are_refused(closing: Closing) -
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = closing(KernelSpace(policy=reply_policy()))
     service = closing(
-        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, agents=["agent-b"]
+        )
     )
     await service.start()
     requester = closing(AMB("memory", where, agent_id="agent-a"))
@@ -224,7 +246,7 @@ async def test_forged_late_and_duplicate_replies_are_refused(closing: Closing) -
     inbox = Collector()
     await requester.subscribe("_INBOX.>", inbox)  # whatever reaches any inbox
     got = Collector()
-    await responder.subscribe(delivery_subject("tasks.>"), got)
+    await responder.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
     await requester.publish(ingress_subject("tasks.ask"), "q", reply_to="_INBOX.agent-a.1", ttl=5)
     await got.wait_for(1)
     request = got.metadata[0]
@@ -271,7 +293,7 @@ async def test_an_envelope_whose_topic_is_not_its_subject_is_refused(closing: Cl
     agent = closing(AMB("memory", where, agent_id="agent-a"))
     receiver = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
     await agent.connect()
     # Checked as the allowed tasks.work, but sent on the subject of the denied tasks.secret.
     env = Envelope(new_id(), ingress_subject("tasks.work"), "agent-a", "smuggled", timestamp=time.time_ns())
@@ -359,6 +381,7 @@ def admin_only_policy() -> Policy:
     policy.add_rule("allow", Pattern("publish", "tasks.a", conditions={"sender": "agent-a"}))
     policy.add_rule("allow", Pattern("request", "tasks.*"))
     policy.add_rule("allow", Pattern("reply", "tasks.*"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.*"))
     return policy
 
 
@@ -378,7 +401,7 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     await service.start()
     receiver = closing(AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware()]))
     got, dead = Collector(), Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await receiver.subscribe(delivery_subject("tasks.>", agent="agent-b"), got)
     watcher = closing(AMB("memory", where))
     await watcher.subscribe("_DLQ.>", dead)
     agent = closing(AMB("memory", where, agent_id="agent-a", middleware=[keys["agent-a"].middleware()]))
@@ -406,8 +429,15 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     assert service.client.stats.rejected == 3  # every message is accounted for: 2 on, 3 refused
     assert service.stats.forwarded == 2
     assert got.messages == ["from admin", "agent-a's own"]
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(
+        event_type="policy_decision", filters={"data.operation": "publish"}
+    )
     assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("admin", "allow"), ("agent-a", "allow")]
+    # Without --agents the roster is the agents of the service's identities.
+    deliveries = await kernel.recorder.query(
+        event_type="policy_decision", filters={"data.operation": "deliver"}
+    )
+    assert sorted(d.agent_id for d in deliveries) == sorted(["admin", "agent-a", "agent-b"] * 2)
     dropped = await kernel.recorder.query(event_type="message_dropped")
     assert [d.agent_id for d in dropped] == ["agent-a"]
     for client in (receiver, watcher, agent, admin, raw):
@@ -433,13 +463,15 @@ async def test_replies_pass_a_verifying_service_signed_end_to_end(closing: Closi
     async def answer(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, {"answer": message, "asked_by": metadata.context["iatp"].sender})
 
-    await responder.subscribe(delivery_subject("tasks.>"), answer)
+    await responder.subscribe(delivery_subject("tasks.>", agent="agent-b"), answer)
     requester = closing(agent_client(where, "agent-a", [keys["agent-a"].middleware()]))
     reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
     assert reply == {"answer": 7, "asked_by": "agent-a"}
     assert service.stats.replies_forwarded == 1
     decisions = await kernel.recorder.query(event_type="policy_decision")
-    assert {(d.data["operation"], d.data["verified"]) for d in decisions} == {
+    assert {
+        (d.data["operation"], d.data["verified"]) for d in decisions if d.data["operation"] != "deliver"
+    } == {
         ("request", True),
         ("reply", True),
     }
@@ -533,13 +565,17 @@ async def test_a_request_must_reply_to_an_inbox_of_its_own_sender(closing: Closi
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = closing(KernelSpace(policy=reply_policy()))
     service = closing(
-        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, agents=["agent-c"]
+        )
     )
     await service.start()
     a = closing(AMB("memory", where, agent_id="agent-a"))
     b = closing(AMB("memory", where, agent_id="agent-b"))
     got = Collector()
-    await closing(AMB("memory", where, agent_id="agent-c")).subscribe(delivery_subject("tasks.>"), got)
+    await closing(AMB("memory", where, agent_id="agent-c")).subscribe(
+        delivery_subject("tasks.>", agent="agent-c"), got
+    )
     await a.publish(ingress_subject("tasks.ask"), "a's", reply_to="_INBOX.agent-a.1", ttl=5)
     await got.wait_for(1)
     entry = service.pending.get("_INBOX.agent-a.1")
@@ -566,7 +602,10 @@ async def test_a_request_must_reply_to_an_inbox_of_its_own_sender(closing: Closi
         "reply_to must be an inbox of the sender (_INBOX.agent-b....)",
         "reply_to is already waiting for the reply to another request",
     ]
-    assert len(await kernel.recorder.query(event_type="policy_decision")) == 6  # one per message
+    requests = await kernel.recorder.query(
+        event_type="policy_decision", filters={"data.operation": "request"}
+    )
+    assert len(requests) == 6  # one per message
     for client in (a, b):
         await client.close()
     await service.stop()
@@ -582,12 +621,14 @@ async def test_the_service_signals_an_agent_it_has_not_heard_from_yet(closing: C
     where = f"memory://cp-svc-{uuid.uuid4().hex}"
     kernel = closing(KernelSpace(policy=mediated_policy(), signal_timeout=5.0))
     service = closing(
-        ControlPlaneService(AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True)
+        ControlPlaneService(
+            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, agents=["agent-r"]
+        )
     )
     await service.start()
     receiver = closing(AMB("memory", where, agent_id="agent-r"))
     got = Collector()
-    await receiver.subscribe(delivery_subject("tasks.>"), got)
+    await receiver.subscribe(delivery_subject("tasks.>", agent="agent-r"), got)
     assert await kernel.send_signal("late-a", AgentSignal.SIGSTOP)  # at once: not a remote request
     assert await kernel.send_signal("late-b", AgentSignal.SIGKILL)
     assert kernel.get_agent_status("late-a").state == "stopped"

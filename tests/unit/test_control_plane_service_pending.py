@@ -30,11 +30,16 @@ async def test_the_service_keeps_the_table_of_pending_requests_it_is_given(closi
     policy = Policy("mediated", default_action="deny")
     policy.add_rule("allow", Pattern("request", "tasks.ask"))
     policy.add_rule("allow", Pattern("reply", "tasks.ask"))
+    policy.add_rule("allow", Pattern("deliver", "tasks.ask"))
     kernel = closing(KernelSpace(policy=policy))
     pending = PendingRequests(max_pending=1)
     service = closing(
         ControlPlaneService(
-            AMB("memory", where, agent_id="control-plane"), kernel, trust_bus=True, pending=pending
+            AMB("memory", where, agent_id="control-plane"),
+            kernel,
+            trust_bus=True,
+            pending=pending,
+            agents=["agent-b"],
         )
     )
     assert service.pending is pending
@@ -46,7 +51,7 @@ async def test_the_service_keeps_the_table_of_pending_requests_it_is_given(closi
     async def keep(message: Any, metadata: Metadata) -> None:
         asked.append(metadata)  # answered below, once both requests are in
 
-    await responder.subscribe(delivery_subject("tasks.ask"), keep)
+    await responder.subscribe(delivery_subject("tasks.ask", agent="agent-b"), keep)
     requester = closing(AMB("memory", where, agent_id="agent-a", inbox_prefix=agent_inbox("agent-a")))
     first = asyncio.create_task(requester.request(ingress_subject("tasks.ask"), "first", timeout=1))
     await wait_until(lambda: len(asked) == 1, what="the first request")
