@@ -34,7 +34,7 @@ def test_the_pages_exist() -> None:
     names = {page.name for page in PAGES}
     for part in ("bus", "trust", "control-plane", "memory", "verification", "services", "deployment"):
         assert f"{part}.md" in names
-    assert {"api-reference.md", "install.md", "development.md"} <= names
+    assert {"api-reference.md", "install.md", "development.md", "limits.md"} <= names
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
