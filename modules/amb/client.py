@@ -64,6 +64,10 @@ from agent_os.amb.subscription import Handler, MessageStream, Subscription, Subs
 
 log = logging.getLogger("agent_os.amb")
 
+DeadLetterHook = Callable[[Envelope, Metadata | None], Awaitable[None]]
+"""What :attr:`AMB.dead_letter_hook` is: called with a dead letter just published and the
+metadata of the refused delivery (None when it could not be decoded)."""
+
 PARTITION_KEY_HEADER: Final = "partition-key"
 
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
@@ -176,6 +180,10 @@ class AMB(Lifecycle):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
+        self.dead_letter_hook: DeadLetterHook | None = None
+        """Called after each dead letter this client published, with the dead letter and the
+        metadata of the refused delivery (None when it could not be decoded); its errors are
+        logged, never raised. The control-plane service copies dead letters to their agents."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -645,13 +653,13 @@ class AMB(Lifecycle):
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
-            await self._failed(sub, delivery, meta.envelope, exc)
+            await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
             error = _stray_cancellation(exc)
             if error is None:
                 raise  # this delivery is being cancelled (drain timeout, close)
-            await self._failed(sub, delivery, meta.envelope, error)
+            await self._failed(sub, delivery, meta, error)
             return
         sub.handled += 1
         stats.handled += 1
@@ -676,33 +684,34 @@ class AMB(Lifecycle):
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
-            await self._failed(sub, delivery, meta.envelope, exc)
+            await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
             error = _stray_cancellation(exc)
             if error is None:
                 raise  # this delivery is being cancelled (drain timeout, close)
-            await self._failed(sub, delivery, meta.envelope, error)
+            await self._failed(sub, delivery, meta, error)
             return
         sub.handled += 1
         self.stats.handled += 1
         if type(delivery) is not LocalDelivery:
             await delivery.ack()
 
-    async def _failed(self, sub: Subscription, delivery: Delivery, env: Envelope, exc: Exception) -> None:
+    async def _failed(self, sub: Subscription, delivery: Delivery, meta: Metadata, exc: Exception) -> None:
         """Settle a delivery whose middleware refused it or whose handler raised: retry through
         the broker while attempts remain, else dead-letter it (and answer a request with an
         error reply)."""
+        env = meta.envelope
         if isinstance(exc, MessageRejected):
             self.stats.rejected += 1
-            await self._dead_letter(sub, delivery, env, exc.reason, exc)
+            await self._dead_letter(sub, delivery, env, exc.reason, exc, meta)
             return
         if isinstance(exc, InvalidSubject):
             # The handler built or was given a subject no broker takes (a forward, a reply):
             # sending again cannot help.
             self.stats.invalid_subjects += 1
             sub.errors += 1
-            await self._dead_letter(sub, delivery, env, "invalid_subject", exc)
+            await self._dead_letter(sub, delivery, env, "invalid_subject", exc, meta)
             if env.reply_to:
                 await self._send_error_reply(env, "invalid_subject")
             return
@@ -714,7 +723,7 @@ class AMB(Lifecycle):
             await delivery.nack(options.retry_delay * (2 ** (delivery.attempt - 1)))
             return
         log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
-        await self._dead_letter(sub, delivery, env, "handler_error", exc)
+        await self._dead_letter(sub, delivery, env, "handler_error", exc, meta)
         if env.reply_to:
             await self._send_error_reply(env, f"handler_error: {type(exc).__name__}")
 
@@ -732,8 +741,10 @@ class AMB(Lifecycle):
         env: Envelope | None,
         reason: str,
         error: BaseException,
+        meta: Metadata | None = None,
     ) -> None:
-        """Publish the raw message to the dead-letter subject with why, then ack it.
+        """Publish the raw message to the dead-letter subject with why, then ack it (and
+        call :attr:`dead_letter_hook` with the dead letter and ``meta``).
 
         Dead letters bypass the middleware chain: they are the bus's own record of a failure and
         must not be refused by the policy that caused it. If the dead letter cannot be published
@@ -755,4 +766,10 @@ class AMB(Lifecycle):
             await delivery.nack(sub.options.retry_delay)
             return
         self.stats.dead_lettered += 1
+        hook = self.dead_letter_hook
+        if hook is not None:
+            try:
+                await hook(dead, meta)
+            except Exception as exc:  # a hook's failure must not undo the dead letter
+                log.error("dead-letter hook failed on %s from %r: %r", dead.id, subject, exc)
         await delivery.ack()

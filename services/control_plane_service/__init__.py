@@ -19,6 +19,7 @@ from agent_os.services.control_plane_service._service import (
     require_verified_sender,
 )
 from agent_os.services.control_plane_service._subjects import (
+    AGENT_DEAD_LETTERS,
     DELIVERY,
     INBOX,
     INGRESS,
@@ -26,12 +27,14 @@ from agent_os.services.control_plane_service._subjects import (
     REPLIES,
     agent_inbox,
     check_agent_id,
+    dead_letter_subject,
     delivery_subject,
     ingress_subject,
     reply_subject,
 )
 
 __all__ = [
+    "AGENT_DEAD_LETTERS",
     "DELIVERY",
     "INBOX",
     "INGRESS",
@@ -44,6 +47,7 @@ __all__ = [
     "ServiceStats",
     "agent_inbox",
     "check_agent_id",
+    "dead_letter_subject",
     "delivery_subject",
     "ingress_subject",
     "load_policy",

@@ -11,11 +11,13 @@ from typing import Final
 
 from agent_os.control_plane.mediation.control import CONTROL_PREFIX
 from agent_os.services.control_plane_service._subjects import (
+    AGENT_DEAD_LETTERS,
     DELIVERY,
     INBOX,
     INGRESS,
     REPLIES,
     agent_inbox,
+    check_agent_dead_letter_prefix,
     check_agent_id,
     check_prefix,
 )
@@ -41,25 +43,33 @@ def nats_users(
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
     dead_letter_prefix: str = "_DLQ",
+    agent_dead_letter_prefix: str = AGENT_DEAD_LETTERS,
     passwords: Mapping[str, str] | None = None,
 ) -> list[NatsUser]:
     """The NATS users of a mediated deployment: one per agent (user name = agent id) and the
     service. An agent publishes only to ingress and reply subjects; it subscribes only to its
-    own delivery subjects (``<delivery>.<agent>.>``), its own inboxes (``_INBOX.<agent>.>``)
-    and its own control subject. Only the service publishes to delivery subjects, inboxes,
-    control subjects and dead letters. Passwords are generated unless given.
+    own delivery subjects (``<delivery>.<agent>.>``), its own inboxes (``_INBOX.<agent>.>``),
+    its own dead letters (``<agent_dead_letter_prefix>.<agent>.>``, see
+    :func:`dead_letter_subject`) and its own control subject. Only the service publishes to
+    delivery subjects, inboxes, control subjects and dead letters (the operator's and the
+    agents'). Passwords are generated unless given.
 
     Raises ValueError for an agent id or service user :func:`check_agent_id` refuses, one
     given twice (an agent named like the service user too), a prefix that is not subject
-    tokens, or a given password with control characters or over 256 characters."""
+    tokens, an agent dead-letter prefix that overlaps another prefix (``_DLQ`` itself would let
+    an agent named ``ingress`` read the operator's dead letters), or a given password with
+    control characters or over 256 characters."""
     service_user = check_agent_id(service_user)
     for what, prefix in (
         ("ingress prefix", ingress_prefix),
         ("delivery prefix", delivery_prefix),
         ("reply prefix", reply_prefix),
         ("dead-letter prefix", dead_letter_prefix),
+        ("agent dead-letter prefix", agent_dead_letter_prefix),
     ):
         check_prefix(prefix, what)
+    others = (ingress_prefix, delivery_prefix, reply_prefix, dead_letter_prefix, INBOX, CONTROL_PREFIX)
+    check_agent_dead_letter_prefix(agent_dead_letter_prefix, others)
     names = [check_agent_id(agent) for agent in agents]
     seen: set[str] = set()
     for name in [*names, service_user]:
@@ -78,7 +88,12 @@ def nats_users(
             agent,
             password_of(agent),
             (f"{ingress_prefix}.>", f"{reply_prefix}.>"),
-            (f"{delivery_prefix}.{agent}.>", f"{agent_inbox(agent)}.>", f"{CONTROL_PREFIX}.{agent}"),
+            (
+                f"{delivery_prefix}.{agent}.>",
+                f"{agent_inbox(agent)}.>",
+                f"{agent_dead_letter_prefix}.{agent}.>",
+                f"{CONTROL_PREFIX}.{agent}",
+            ),
         )
         for agent in names
     ]
@@ -86,7 +101,13 @@ def nats_users(
         NatsUser(
             service_user,
             password_of(service_user),
-            (f"{delivery_prefix}.>", f"{INBOX}.>", f"{dead_letter_prefix}.>", f"{CONTROL_PREFIX}.>"),
+            (
+                f"{delivery_prefix}.>",
+                f"{INBOX}.>",
+                f"{dead_letter_prefix}.>",
+                f"{agent_dead_letter_prefix}.>",
+                f"{CONTROL_PREFIX}.>",
+            ),
             (f"{ingress_prefix}.>", f"{reply_prefix}.>", f"{INBOX}.>", f"{CONTROL_PREFIX}.{service_user}"),
         )
     )

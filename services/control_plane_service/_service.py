@@ -11,21 +11,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
-from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, dead_letter_headers, dead_letter_subject
+from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, dead_letter_headers
+from agent_os.amb.deadletter import dead_letter_subject as operator_dead_letter_subject
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.control_plane import KernelSpace, Mediator, Policy
+from agent_os.control_plane.mediation.control import CONTROL_PREFIX
+from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.iatp import IATP, IATPMiddleware
 from agent_os.services._identity import require_verification
 from agent_os.services.control_plane_service._delivery import Deliveries, fixed_roster, identities_roster
 from agent_os.services.control_plane_service._subjects import (
+    AGENT_DEAD_LETTERS,
     DELIVERY,
     INBOX,
     INGRESS,
     QUEUE_GROUP,
     REPLIES,
+    check_agent_dead_letter_prefix,
+    check_agent_id,
     check_prefix,
+    dead_letter_subject,
     delivery_subject,
 )
 
@@ -40,7 +47,8 @@ class ServiceStats:
     their delivery was settled; ``dead_letter_failures``: those that could not be.
     ``forwarded``: messages delivered to at least one agent; ``deliveries``: the copies
     forwarded (one per recipient); ``deliveries_denied``: recipients the ``deliver`` policy
-    refused."""
+    refused. ``agent_dead_letters``: copies of dead letters published for the agent
+    concerned; ``agent_dead_letter_failures``: those that could not be."""
 
     forwarded: int = 0
     deliveries: int = 0
@@ -49,6 +57,8 @@ class ServiceStats:
     forward_failures: int = 0
     released_dead_lettered: int = 0
     dead_letter_failures: int = 0
+    agent_dead_letters: int = 0
+    agent_dead_letter_failures: int = 0
 
 
 class ControlPlaneService:
@@ -70,6 +80,11 @@ class ControlPlaneService:
     of ``agents`` (the roster; default with ``iatp``: the agents whose identities it knows).
     Raises ValueError for an agent id or prefix that cannot go into a subject.
 
+    A message the service dead-letters (to the operator's ``<dead_letter_prefix>.<subject>``)
+    whose sender is verified (or, with ``trust_bus``, claimed) is also copied, with the same
+    payload and ``dlq-*`` headers, to that sender's own ``<agent_dead_letter_prefix>.<sender>.
+    <subject>`` (:func:`dead_letter_subject`); the intended recipients get nothing.
+
     Example::
 
         kernel = KernelSpace(policy=Policy.from_yaml("policy.yaml"))
@@ -90,14 +105,25 @@ class ControlPlaneService:
         iatp: IATP | None = None,
         trust_bus: bool = False,
         agents: Iterable[str] | None = None,
+        agent_dead_letter_prefix: str = AGENT_DEAD_LETTERS,
     ) -> None:
         require_verification(iatp is not None, trust_bus, "control-plane service")
         for what, prefix in (
             ("ingress prefix", ingress_prefix),
             ("delivery prefix", delivery_prefix),
             ("reply prefix", reply_prefix),
+            ("agent dead-letter prefix", agent_dead_letter_prefix),
         ):
             check_prefix(prefix, what)
+        others = (
+            ingress_prefix,
+            delivery_prefix,
+            reply_prefix,
+            client.dead_letter_prefix,
+            INBOX,
+            CONTROL_PREFIX,
+        )
+        check_agent_dead_letter_prefix(agent_dead_letter_prefix, others)
         self.client = client
         self.iatp = iatp
         self.trust_bus = trust_bus
@@ -105,6 +131,7 @@ class ControlPlaneService:
         self.ingress_prefix = ingress_prefix
         self.delivery_prefix = delivery_prefix
         self.reply_prefix = reply_prefix
+        self.agent_dead_letter_prefix = agent_dead_letter_prefix
         self.queue = queue
         self.stats = ServiceStats()
         # "is None", not "or": an empty table is falsy (it has a length), and a given one is kept.
@@ -135,6 +162,7 @@ class ControlPlaneService:
         self.deliveries = Deliveries(kernel, roster, trust_bus=trust_bus)
         self._encode = get_serializer("msgpack").encode
         self._subs: list[Subscription] = []
+        client.dead_letter_hook = self._copy_to_agent
 
     @property
     def unverified(self) -> int:
@@ -197,7 +225,7 @@ class ControlPlaneService:
         headers[DLQ_ORIGINAL_ID] = envelope.id
         dead = Envelope(
             new_id(),
-            dead_letter_subject(self.client.dead_letter_prefix, subject),
+            operator_dead_letter_subject(self.client.dead_letter_prefix, subject),
             self.client.agent_id,
             self._encode(envelope),
             timestamp=time.time_ns(),
@@ -212,6 +240,40 @@ class ControlPlaneService:
             )
             return
         self.stats.released_dead_lettered += 1
+        await self._copy_to_agent(dead, metadata)
+
+    async def _copy_to_agent(self, dead: Envelope, metadata: Metadata | None) -> None:
+        # The agent concerned by a dead letter is the established sender of the refused message
+        # (IATP's verified signer; with trust_bus the claimed sender): the copy holds that
+        # agent's own message. A message without one (undecodable, unsigned, forged, replayed)
+        # stays with the operator, and so does one from the service itself. The recipients get
+        # nothing: a refused message is one they must not read.
+        if metadata is None:
+            return
+        sender, _, _, _ = message_sender(metadata, self.trust_bus)
+        if sender is None or sender == self.client.agent_id:
+            return
+        try:
+            subject = dead_letter_subject(
+                metadata.subject, self.agent_dead_letter_prefix, agent=check_agent_id(sender)
+            )
+        except ValueError:
+            return  # no agent of mediated mode: it has no dead-letter subject to read
+        copy = Envelope(
+            new_id(),
+            subject,
+            self.client.agent_id,
+            dead.payload,
+            timestamp=time.time_ns(),
+            headers=dict(dead.headers),
+        )
+        try:
+            await self.client.broker.publish(subject, self._encode(copy), key=sender)
+        except Exception as exc:
+            self.stats.agent_dead_letter_failures += 1
+            log.error("could not copy dead letter %s to %r: %r", dead.id, subject, exc)
+            return
+        self.stats.agent_dead_letters += 1
 
     async def _send(self, subject: str, metadata: Metadata) -> None:
         try:

@@ -169,7 +169,9 @@ def test_nats_authorization_confines_agents_to_ingress() -> None:
     assert "deliver.>" in service.publish
     assert "_DLQ.>" in service.publish
     assert agent.subscribe[0] == "deliver.a1.>"  # its own deliveries only
-    assert not any(s.startswith("_DLQ") for s in agent.subscribe)
+    # Dead letters: its own copies only, never the operator's; it writes none.
+    assert [s for s in agent.subscribe if s.startswith("_DLQ")] == ["_DLQ_AGENT.a1.>"]
+    assert "_DLQ_AGENT.>" in service.publish
     assert '{user: "a1", password: "p1"' in text
     assert text.startswith("authorization {")
     for bad in ("a.b", "a*", "a>", "a b", ""):  # one agent's inboxes would cover another's
