@@ -15,7 +15,6 @@ from agent_os.amb.deadletter import (
     DLQ_ORIGINAL_ID,
     DLQ_REASON,
     DLQ_SUBJECT,
-    DLQ_SUBJECT_SHA256,
     subject_digest,
 )
 from agent_os.amb.envelope import Envelope
