@@ -1,8 +1,9 @@
 """Mediated mode under a hostile agent, on a real nats-server whose authorization block is the
 one :func:`nats_authorization` generates (a private server, its own port): mallory can neither
-read bob's deliveries, nor forge dead letters, deliveries, inbox replies or signals; the
-``deliver`` policy decides who receives what; every agent still gets its own; and nothing an
-agent id or password holds can change the server's configuration.
+read bob's deliveries or alice's dead letters, nor forge dead letters, deliveries, inbox
+replies or signals; the ``deliver`` policy decides who receives what; every agent still gets
+its own (dead letters of its own messages included); and nothing an agent id or password holds
+can change the server's configuration.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,15 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, get_serializer
-from agent_os.amb.deadletter import DLQ_REASON
+from agent_os.amb.deadletter import DLQ_REASON, DLQ_SUBJECT
+from agent_os.amb.envelope import Envelope, new_id
 from agent_os.control_plane import KernelSpace, Pattern, Policy
 from agent_os.services.control_plane_service import (
     ControlPlaneService,
     NatsUser,
     ReplyViaService,
     agent_inbox,
+    dead_letter_subject,
     delivery_subject,
     ingress_subject,
     nats_authorization,
@@ -238,6 +242,79 @@ async def test_each_agent_gets_its_own_and_the_deliver_policy_decides(port: int)
         assert all("for eve" not in m for m in got["bob"].messages + got["mallory"].messages)
     finally:
         await stop(kernel, service, operator.close, alice.close, bob.close, mallory.close)
+
+
+async def test_each_agent_reads_the_dead_letters_of_its_own_messages_only(port: int) -> None:
+    operator, mallory, bob = Raw(), Raw(), Raw()
+    kernel, service = await started(port)
+    alice = agent(port, "alice")
+    try:
+        await operator.connect(url(port, "operator"))
+        await operator.subscribe("_DLQ.>")
+        await operator.subscribe("_DLQ_AGENT.>")
+        own = Collector()
+        await alice.subscribe(dead_letter_subject(">", agent="alice"), own)
+        await bob.connect(url(port, "bob"))
+        await bob.subscribe(dead_letter_subject(">", agent="bob"))  # the intended recipient
+        await mallory.connect(url(port, "mallory"))
+        stolen = [
+            "_DLQ.>",
+            "_DLQ_AGENT.>",
+            "_DLQ_AGENT.alice.>",
+            "_DLQ_AGENT.*.>",
+            "_DLQ_AGENT.alice.ingress.*",
+        ]
+        for subject in stolen:
+            await mallory.subscribe(subject)
+        await mallory.subscribe(dead_letter_subject(">", agent="mallory"))  # her own: allowed
+        await wait_until(lambda: mallory.refused("subscription") == len(stolen), what="every spy refused")
+        forged = "_DLQ_AGENT.alice.ingress.tasks.work"  # a dead letter in alice's name
+        await mallory.nc.publish(forged, b"forged")
+
+        await alice.publish(ingress_subject("other.topic"), "denied", recipient="bob")
+        await alice.publish(ingress_subject("tasks.work"), "for eve", recipient="eve")
+        await own.wait_for(2)
+        assert [m.subject for m in own.metadata] == [
+            "_DLQ_AGENT.alice.ingress.other.topic",
+            "_DLQ_AGENT.alice.ingress.tasks.work",
+        ]
+        assert [m.headers[DLQ_REASON] for m in own.metadata] == ["policy_denied", "unknown_recipient"]
+        assert own.metadata[0].headers[DLQ_SUBJECT] == "ingress.other.topic"
+        codec = get_serializer("msgpack")
+        mine = [codec.decode(data) for data in own.messages]
+        assert [(m.sender, m.payload) for m in mine] == [("alice", "denied"), ("alice", "for eve")]
+
+        # The operator's dead letters are where they were, beside the agent's copies.
+        await wait_until(lambda: len(operator.got) >= 4, what="the operator's dead letters and copies")
+        assert sorted(s for s, _ in operator.got) == [
+            "_DLQ.ingress.other.topic",
+            "_DLQ.ingress.tasks.work",
+            "_DLQ_AGENT.alice.ingress.other.topic",
+            "_DLQ_AGENT.alice.ingress.tasks.work",
+        ]
+
+        # Alice's copies were delivered before mallory and bob send their own denied messages, on
+        # the service's one connection: once each has its own copy, a copy of alice's would have
+        # reached it before.
+        for name, raw in (("mallory", mallory), ("bob", bob)):
+            await raw.nc.publish(ingress_subject("other.topic"), codec.encode(envelope_of(name)))
+            await wait_until(lambda raw=raw: len(raw.got) >= 1, what=f"{name}'s own dead letter")
+            assert [s for s, _ in raw.got] == [f"_DLQ_AGENT.{name}.ingress.other.topic"]
+            refused = codec.decode(codec.decode(raw.got[0][1]).payload)  # the copy holds its message
+            assert (refused.sender, refused.payload) == (name, f"{name}'s own")
+        await wait_until(lambda: mallory.refused("publish") == 1, what="the forged dead letter refused")
+        assert len(own.messages) == 2  # the forgery never reached alice
+        assert mallory.refused("subscription") == len(stolen)
+        assert service.stats.agent_dead_letters == 4
+    finally:
+        await stop(kernel, service, operator.close, mallory.close, bob.close, alice.close)
+
+
+def envelope_of(sender: str) -> Envelope:
+    """A message of ``sender`` the policy denies, as its own client would encode it."""
+    return Envelope(
+        new_id(), ingress_subject("other.topic"), sender, f"{sender}'s own", timestamp=time.time_ns()
+    )
 
 
 @pytest.mark.parametrize(
