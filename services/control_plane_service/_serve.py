@@ -87,6 +87,8 @@ async def serve(
             "agentos_service_release_failures": lambda: service.mediator.release_failures,
             "agentos_service_released_dead_lettered": lambda: stats.released_dead_lettered,
             "agentos_service_dead_letter_failures": lambda: stats.dead_letter_failures,
+            "agentos_service_agent_dead_letters": lambda: stats.agent_dead_letters,
+            "agentos_service_agent_dead_letter_failures": lambda: stats.agent_dead_letter_failures,
             "agentos_service_rejected": lambda: client.stats.rejected,
             "agentos_service_unverified": lambda: service.unverified,
             "agentos_service_pending_requests": lambda: len(service.pending),
