@@ -44,6 +44,10 @@ class PendingRequests:
         self._requests: dict[str, PendingRequest] = {}
         self._stats = stats
 
+    def __len__(self) -> int:
+        """The number of requests waiting for a reply."""
+        return len(self._requests)
+
     def add(
         self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
     ) -> PendingRequest:

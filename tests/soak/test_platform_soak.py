@@ -304,7 +304,7 @@ async def governed_run(path: Path) -> dict[str, Any]:
         assert proc.held == 0, proc.id
         assert not proc.tasks, proc.id  # no handler of any agent still counted as running
     for name, client in clients.items():
-        assert client._requests == {}, name
+        assert len(client._requests) == 0, name
     for client in [*clients.values(), watcher]:
         await client.close()
     await kernel.close()
@@ -569,6 +569,7 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
                 delivery_prefix=group.delivery_prefix,
                 reply_prefix=group.reply_prefix,
                 queue=f"cp_{group.tag}",
+                agents=[group.agent_id(f"r{j}") for j in range(3)],
             )
             group.services.append(service)
             await service.start()
