@@ -16,6 +16,8 @@ from agent_os._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from agent_os.control_plane import (
+        ActionRequest,
+        ActionResult,
         AgentSignal,
         FlightRecorder,
         KernelSpace,
@@ -32,6 +34,8 @@ except PackageNotFoundError:  # a source tree that was not installed
 
 # Public name -> the module that defines it (loaded on first access).
 _LAZY: dict[str, str] = {
+    "ActionRequest": "agent_os.control_plane",
+    "ActionResult": "agent_os.control_plane",
     "AgentSignal": "agent_os.control_plane",
     "FlightRecorder": "agent_os.control_plane",
     "KernelSpace": "agent_os.control_plane",
@@ -42,6 +46,8 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "ActionRequest",
+    "ActionResult",
     "AgentSignal",
     "FlightRecorder",
     "KernelSpace",

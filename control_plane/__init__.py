@@ -1,10 +1,12 @@
 """Control plane: policy, signals and the flight recorder, applied to every message and action.
 
-Read top-down: ``kernel/`` (KernelSpace and its parts) over ``mediation/`` (the bus side) over
+Read top-down: ``kernel/`` (KernelSpace and its parts) over ``mediation/`` (the bus side) and
+``actions/`` (action requests, their registry and providers) over
 ``process`` (an agent's run-time state) over ``recorder/`` over ``policy/`` (pure) over
 ``agent_signal`` and ``errors``. ``admin`` serves a kernel over HTTP. See ``docs/control-plane.md``.
 """
 
+from agent_os.control_plane.actions import ActionRequest, ActionResult
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -36,6 +38,8 @@ from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
 __all__ = [
+    "ActionRequest",
+    "ActionResult",
     "AgentNotFound",
     "AgentSignal",
     "AgentStatus",

@@ -18,7 +18,7 @@ from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 
 if TYPE_CHECKING:
     from agent_os.control_plane.agent_signal import AgentSignal
-    from agent_os.control_plane.recorder import FlightRecorder
+    from agent_os.control_plane.recorder import FlightRecorder, Record
 
 log = logging.getLogger(__name__)
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
@@ -217,20 +217,7 @@ class Gate:
         signal_to: str | None,
         plain: bool,
     ) -> None:
-        final = dataclasses.replace(decision, rate_checks=())
-        stands = True
-        for check in decision.rate_checks:
-            try:
-                taken = await check.store.take(check.key, check.limit)
-            except Exception as exc:
-                self.rate_store_failures += 1
-                log.error("rate-limit store failed, denying: %r", exc)
-                why = f"rate limit store unavailable ({type(exc).__name__}): denied"
-                final, stands = dataclasses.replace(check.denied, reason=why), False
-                break
-            if not taken:
-                final, stands = check.denied, False
-                break
+        final, stands = await self.settle(decision)
         if not stands:
             data = {**data, "decision": final.action, "reason": final.reason}
         pending = self.note_record(proc, agent_id, data, final, signal_to, plain)
@@ -238,6 +225,55 @@ class Gate:
             await pending
         if not final.allowed:
             raise final.error(str(data.get("operation")), str(data.get("resource")))
+
+    async def settle(self, decision: Decision) -> tuple[Decision, bool]:
+        """Take the shared rate-limit tokens an allow still needs (``decision.rate_checks``):
+        the final decision (without rate checks), and whether the allow stood. An empty
+        bucket, or a store that fails (fail closed; ``rate_store_failures`` counts those),
+        turns it into the rule's rate-limit deny. Never raises."""
+        final = dataclasses.replace(decision, rate_checks=())
+        for check in decision.rate_checks:
+            try:
+                taken = await check.store.take(check.key, check.limit)
+            except Exception as exc:
+                self.rate_store_failures += 1
+                log.error("rate-limit store failed, denying: %r", exc)
+                why = f"rate limit store unavailable ({type(exc).__name__}): denied"
+                return dataclasses.replace(check.denied, reason=why), False
+            if not taken:
+                return check.denied, False
+        return final, True
+
+    async def record_action(
+        self,
+        proc: AgentProcess | None,
+        agent_id: str,
+        data: Mapping[str, Any],
+        decision: Decision,
+    ) -> tuple[Decision, Record]:
+        """Record the decision on an action (``kernel.submit``) and return the final decision
+        (shared rate-limit tokens taken, see :meth:`settle`) with its record.
+
+        One record: event type ``policy_violation`` when the decision is a violation (a deny,
+        or an audit-mode allow of what a rule denies), else ``policy_decision``; ``data`` gets
+        the final ``decision`` and ``reason``. Counts the decision on the agent and, on a
+        violation, sends the rule's ``on_violation`` signal to the agent. Raises RecorderError
+        when the recorder refuses the record."""
+        if decision.rate_checks:
+            decision, _ = await self.settle(decision)
+        body = {**data, "decision": decision.action, "reason": decision.reason}
+        violation = decision.violation
+        event = "policy_violation" if violation else "policy_decision"
+        if self.debug:
+            log.debug("%s %s: %s", event, agent_id, body)
+        execution = proc.id if proc is not None else None
+        record = await self.recorder.log(
+            event, agent_id, body, "warning" if violation else "info", execution_id=execution
+        )
+        _count(proc, violation)
+        if violation and decision.signal is not None and proc is not None:
+            await self.signals.send(proc.id, decision.signal, sender="policy")
+        return decision, record
 
     async def _record_slowly(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent_os.control_plane.actions.fs import FileSystem
+from agent_os.control_plane.actions.registry import ActionRegistry
+from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -35,6 +39,7 @@ from agent_os.control_plane.kernel.admission import Admission
 from agent_os.control_plane.kernel.gate import Gate
 from agent_os.control_plane.kernel.processes import ProcessTable
 from agent_os.control_plane.kernel.signals import SignalDispatcher
+from agent_os.control_plane.kernel.submit import Submitter
 from agent_os.control_plane.mediation.attachment import BusAttachment
 from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.control_plane.policy.decision import Decision
@@ -84,8 +89,8 @@ class KernelSpace:
     attached bus agents are always kept), so a long-running kernel does not grow without bound.
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
-    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0`` or a
-    ``signal_dispatcher`` bound to another kernel.
+    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0``, a
+    ``signal_dispatcher`` bound to another kernel, or a ``workspace`` that is not a directory.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class KernelSpace:
         permissions: PermissionSource | None = None,
         signal_timeout: float = 2.0,
         keep_finished: int = 1000,
+        workspace: str | os.PathLike[str] | None = None,
     ) -> None:
         if keep_finished < 0:
             raise KernelError("keep_finished must be >= 0")
@@ -126,6 +132,10 @@ class KernelSpace:
         self._admission = Admission(max_concurrent_agents)
         self.keep_finished = keep_finished
         self._finished: deque[str] = deque()
+        self.actions = ActionRegistry()
+        if workspace is not None:
+            FileSystem(workspace).register(self.actions)
+        self._submitter = Submitter(self.gate, self.processes, self.actions)
 
     @property
     def policy(self) -> Policy | PolicySet:
@@ -507,6 +517,16 @@ class KernelSpace:
         RateLimitExceeded), AgentStoppedError when the agent was killed.
         """
         return await self.gate.authorize(operation, resource, context)
+
+    async def submit(self, request: ActionRequest) -> ActionResult:
+        """Do an action through the kernel: identity, signals (a stopped agent waits for
+        SIGCONT), the action's provider accepting the target, permissions, policy and rate
+        limits, then the provider; one ``policy_decision`` and one ``action_outcome`` record
+        when allowed, one ``policy_violation`` record when denied. A denial is a result with
+        ``allowed=False`` and the reason in ``error``, not an exception
+        (``docs/control-plane.md``, Actions). Raises RecorderError when a record cannot be
+        stored."""
+        return await self._submitter.submit(request)
 
     def attach(
         self, client: AMB, *, agent_id: str | None = None, trust_bus: bool | None = None, **options: Any
