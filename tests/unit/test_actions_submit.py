@@ -1,0 +1,272 @@
+"""kernel.submit: identity, permissions, policy, rate limits, signals; one decision record and
+one outcome record per allowed action, one policy_violation record per denial."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from agent_os import ActionRequest, ActionResult
+from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, SignalDispatcher
+from tests.support import wait_until
+
+
+async def _events(kernel: KernelSpace) -> list[tuple[str, str | None, str | None]]:
+    """(event type, action, decision or status) of every action record, in order."""
+    records = await kernel.recorder.query(
+        event_type=["policy_decision", "policy_violation", "action_outcome"]
+    )
+    return [
+        (r.event_type, r.data.get("action"), r.data.get("decision", r.data.get("status"))) for r in records
+    ]
+
+
+async def test_round_trip_records_one_decision_and_one_outcome_each(tmp_path: Path) -> None:
+    async with KernelSpace("permissive", workspace=tmp_path) as kernel:
+
+        @kernel.register(permissions=["read", "write"])
+        async def worker() -> list[ActionResult]:
+            return [
+                await kernel.submit(
+                    ActionRequest("fs.write", "notes/a.txt", {"content": "hi", "parents": True})
+                ),
+                await kernel.submit(ActionRequest("fs.read", "notes/a.txt")),
+                await kernel.submit(ActionRequest("fs.list", "notes")),
+                await kernel.submit(ActionRequest("fs.delete", "notes/a.txt")),
+                await kernel.submit(ActionRequest("fs.list", "notes")),
+            ]
+
+        write, read, listed, deleted, empty = await kernel.execute(worker)
+        assert write.ok
+        assert write.output == {"path": str(tmp_path / "notes/a.txt"), "bytes": 2}
+        assert read.ok
+        assert read.output == "hi"
+        assert listed.output == [{"name": "a.txt", "type": "file", "size": 2}]
+        assert deleted.ok
+        assert not (tmp_path / "notes/a.txt").exists()
+        assert empty.output == []
+        events = await _events(kernel)
+        actions = ["fs.write", "fs.read", "fs.list", "fs.delete", "fs.list"]
+        assert events == [
+            e for a in actions for e in (("policy_decision", a, "allow"), ("action_outcome", a, "ok"))
+        ]
+        outcome = await kernel.recorder.query(event_type="action_outcome", limit=1)
+        assert outcome[0].id == write.record_id
+        decision = (await kernel.recorder.query(event_type="policy_decision", limit=1))[0]
+        assert outcome[0].data["decision_id"] == decision.id
+        assert decision.data["operation"] == "write"
+        assert decision.data["resource"] == str(tmp_path / "notes/a.txt")
+        assert (await kernel.recorder.verify()).ok
+
+
+async def test_an_agent_without_write_cannot_write_or_delete(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("kept")
+    async with KernelSpace("permissive", workspace=tmp_path) as kernel:
+
+        @kernel.register(permissions=["read"])
+        async def reader() -> list[ActionResult]:
+            return [
+                await kernel.submit(ActionRequest("fs.read", "keep.txt")),
+                await kernel.submit(ActionRequest("fs.write", "new.txt", {"content": "x"})),
+                await kernel.submit(ActionRequest("fs.delete", "keep.txt")),
+            ]
+
+        read, write, delete = await kernel.execute(reader)
+        assert read.output == "kept"
+        for denied in (write, delete):
+            assert not denied.allowed
+            assert denied.output is None
+            assert denied.error == "agent reader lacks permission for write"
+        assert not (tmp_path / "new.txt").exists()
+        assert (tmp_path / "keep.txt").read_text() == "kept"
+        violations = await kernel.recorder.query(event_type="policy_violation")
+        assert [v.id for v in violations] == [write.record_id, delete.record_id]
+        assert [v.data["action"] for v in violations] == ["fs.write", "fs.delete"]
+        assert await _events(kernel) == [
+            ("policy_decision", "fs.read", "allow"),
+            ("action_outcome", "fs.read", "ok"),
+            ("policy_violation", "fs.write", "deny"),
+            ("policy_violation", "fs.delete", "deny"),
+        ]
+
+
+async def test_policy_rules_judge_the_permission_the_path_and_the_action(tmp_path: Path) -> None:
+    (tmp_path / "public").mkdir()
+    (tmp_path / "public/a.txt").write_text("a")
+    no_delete = Policy("no-delete", default_action="allow")
+    no_delete.add_rule("deny", Pattern("write", "*", conditions={"action": "fs.delete"}), reason="no deletes")
+    policies = [Policy.file_access(str(tmp_path / "public")), no_delete]
+    async with KernelSpace("permissive", policies=policies, workspace=tmp_path) as kernel:
+
+        @kernel.register
+        async def agent() -> list[ActionResult]:
+            return [
+                await kernel.submit(ActionRequest("fs.write", "public/b.txt", {"content": "b"})),
+                await kernel.submit(ActionRequest("fs.write", "private.txt", {"content": "p"})),
+                await kernel.submit(ActionRequest("fs.delete", "public/a.txt")),
+            ]
+
+        inside, outside, delete = await kernel.execute(agent)
+        assert inside.ok
+        assert (tmp_path / "public/b.txt").read_text() == "b"
+        assert not outside.allowed
+        assert outside.error == f"write outside {tmp_path / 'public'}"
+        assert not (tmp_path / "private.txt").exists()
+        assert not delete.allowed
+        assert delete.error == "no deletes"
+        assert (tmp_path / "public/a.txt").exists()
+        found = await kernel.recorder.query(event_type="policy_violation")
+        assert [(r.data["rule"], r.data["reason"]) for r in found] == [
+            ("write-outside-root", outside.error),
+            (found[1].data["rule"], "no deletes"),
+        ]
+
+
+async def test_rate_limits_count_per_agent_across_its_executions(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    async with KernelSpace(Policy.rate_limit(3, "1m"), workspace=tmp_path) as kernel:
+
+        @kernel.register
+        async def busy() -> list[bool]:
+            return [(await kernel.submit(ActionRequest("fs.read", "a.txt"))).allowed for _ in range(2)]
+
+        @kernel.register
+        async def other() -> bool:
+            return (await kernel.submit(ActionRequest("fs.read", "a.txt"))).allowed
+
+        assert await kernel.execute(busy) == [True, True]
+        assert await kernel.execute(busy) == [True, False]  # the same agent, a new execution
+        assert await kernel.execute(other) is True
+        denied = await kernel.recorder.query(event_type="policy_violation")
+        assert len(denied) == 1
+        assert "rate limit" in denied[0].data["reason"]
+        assert denied[0].data["agent_name"] == "busy"
+
+
+async def test_unknown_agents_and_impersonation_are_denied(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    async with KernelSpace("permissive", workspace=tmp_path) as kernel:
+        ghost = await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="ghost"))
+        assert not ghost.allowed
+        assert ghost.error == "unknown agent 'ghost'"
+        anonymous = await kernel.submit(ActionRequest("fs.read", "a.txt"))
+        assert not anonymous.allowed
+        assert "needs an agent_id" in (anonymous.error or "")
+        kernel.external("bob")
+        assert (await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob"))).output == "a"
+
+        @kernel.register
+        async def mallory() -> ActionResult:
+            return await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob"))
+
+        posing = await kernel.execute(mallory)
+        assert not posing.allowed
+        assert posing.error == "agent mallory cannot act as 'bob'"
+        unknown_action = await kernel.submit(ActionRequest("fs.chmod", "a.txt", agent_id="bob"))
+        assert not unknown_action.allowed
+        assert unknown_action.error == "unknown action 'fs.chmod'"
+        events = await _events(kernel)
+        assert [e[0] for e in events] == [
+            "policy_violation",
+            "policy_violation",
+            "policy_decision",
+            "action_outcome",
+            "policy_violation",
+            "policy_violation",
+        ]
+        assert kernel.get_agent_status("bob").violations_count == 1
+
+
+async def test_a_stopped_agent_waits_for_sigcont_and_a_killed_one_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    async with KernelSpace("permissive", workspace=tmp_path, signal_dispatcher=dispatcher) as kernel:
+        kernel.external("bob")
+        assert await kernel.send_signal("bob", AgentSignal.SIGSTOP)
+        pending = asyncio.create_task(kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob")))
+        await wait_until(lambda: kernel.get_agent("bob")._continue._waiters != [], what="submit waits")  # type: ignore[attr-defined]
+        assert not pending.done()
+        assert await _events(kernel) == []
+        assert await kernel.send_signal("bob", AgentSignal.SIGCONT)
+        result = await asyncio.wait_for(pending, 5)
+        assert result.output == "a"
+        records = await kernel.recorder.query(event_type=["signal", "policy_decision"])
+        kinds = [r.data.get("signal", r.event_type) for r in records]
+        assert kinds == ["SIGSTOP", "SIGCONT", "policy_decision"]  # decided after the SIGCONT
+
+        assert await kernel.send_signal("bob", AgentSignal.SIGKILL)
+        killed = await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob"))
+        assert not killed.allowed
+        assert killed.error == "agent bob was killed or has finished"
+        last = (await kernel.recorder.query(event_type="policy_violation"))[-1]
+        assert last.id == killed.record_id
+
+
+async def test_a_kill_while_stopped_refuses_the_waiting_submit(tmp_path: Path) -> None:
+    dispatcher = SignalDispatcher(None, async_delivery=False)
+    async with KernelSpace("permissive", workspace=tmp_path, signal_dispatcher=dispatcher) as kernel:
+        kernel.external("bob")
+        await kernel.send_signal("bob", AgentSignal.SIGSTOP)
+        pending = asyncio.create_task(kernel.submit(ActionRequest("fs.list", ".", agent_id="bob")))
+        await wait_until(lambda: kernel.get_agent("bob")._continue._waiters != [], what="submit waits")  # type: ignore[attr-defined]
+        await kernel.send_signal("bob", AgentSignal.SIGKILL)
+        result = await asyncio.wait_for(pending, 5)
+        assert not result.allowed
+        assert "killed" in (result.error or "")
+        assert [e[0] for e in await _events(kernel)] == ["policy_violation"]
+
+
+class Lookup:
+    """A custom provider: looks a name up in a table."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        self.table = table
+
+    def resource(self, request: ActionRequest) -> str:
+        return f"crm:{request.target}"
+
+    async def run(self, request: ActionRequest) -> Any:
+        return self.table[request.target]
+
+
+async def test_custom_providers_are_governed_like_the_built_in_ones() -> None:
+    policy = Policy("crm", default_action="allow")
+    policy.add_rule("deny", Pattern("read", "crm:vip*"), reason="VIPs are private")
+    async with KernelSpace(policy) as kernel:
+        kernel.actions.register("crm.lookup", Lookup({"ann": 1, "vip-bo": 2}), "read")
+        kernel.external("bob")
+        found = await kernel.submit(ActionRequest("crm.lookup", "ann", agent_id="bob"))
+        vip = await kernel.submit(ActionRequest("crm.lookup", "vip-bo", agent_id="bob"))
+        missing = await kernel.submit(ActionRequest("crm.lookup", "zed", agent_id="bob"))
+        assert found.ok
+        assert found.output == 1
+        assert not vip.allowed
+        assert vip.error == "VIPs are private"
+        assert missing.allowed
+        assert not missing.ok
+        assert missing.error == "'zed'"
+        assert await _events(kernel) == [
+            ("policy_decision", "crm.lookup", "allow"),
+            ("action_outcome", "crm.lookup", "ok"),
+            ("policy_violation", "crm.lookup", "deny"),
+            ("policy_decision", "crm.lookup", "allow"),
+            ("action_outcome", "crm.lookup", "error"),
+        ]
+        failed = (await kernel.recorder.query(event_type="action_outcome"))[-1]
+        assert failed.id == missing.record_id
+        assert failed.severity == "error"
+
+
+async def test_an_audit_policy_lets_the_action_run_and_records_the_violation(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    audit = Policy("watch", default_action="allow", mode="audit")
+    audit.add_rule("deny", Pattern("read", "*"), reason="reads are watched")
+    async with KernelSpace(audit, workspace=tmp_path) as kernel:
+        kernel.external("bob")
+        result = await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob"))
+        assert result.output == "a"
+        assert await _events(kernel) == [
+            ("policy_violation", "fs.read", "audit"),
+            ("action_outcome", "fs.read", "ok"),
+        ]
