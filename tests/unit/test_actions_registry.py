@@ -100,7 +100,7 @@ async def test_write_replaces_atomically_keeping_the_mode(tmp_path: Path) -> Non
     assert out == {"path": str(target), "bytes": 3}
     assert target.read_bytes() == b"new"
     assert (target.stat().st_mode & 0o777) == 0o750
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sh"]  # no temporary file left  # noqa: ASYNC240
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sh"]  # noqa: ASYNC240 (no temporary file left)
     (tmp_path / "d").mkdir()
     with pytest.raises(Exception, match="is a directory"):
         await fs.provider("write").run(ActionRequest("fs.write", "d", {"content": "x"}))
