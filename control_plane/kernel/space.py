@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.registry import ActionRegistry
@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from agent_os.amb import AMB
 
 log = logging.getLogger(__name__)
+
+# An agent function: what ``register`` takes, and (for type checkers) what it gives back.
+_AgentFn = TypeVar("_AgentFn", bound=Callable[..., Awaitable[Any]])
 
 
 class Verifier(Protocol):
@@ -156,6 +159,32 @@ class KernelSpace:
         self.gate.debug = debug
 
     # -- registration --------------------------------------------------------------------------
+
+    # The overloads only tell type checkers what the two forms give back: bare, an agent
+    # function's own type; with options, a decorator keeping it. The wrapper is an ``async``
+    # function with the agent's signature (``functools.wraps``), so calling it awaits the same
+    # result. The implementation's signature below is the documented one.
+    @overload
+    def register(
+        self,
+        fn: _AgentFn,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> _AgentFn: ...
+
+    @overload
+    def register(
+        self,
+        fn: None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Callable[[_AgentFn], _AgentFn]: ...
 
     def register(
         self,

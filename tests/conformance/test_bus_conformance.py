@@ -6,6 +6,7 @@ Capabilities an adapter does not declare are skipped by flag, with a reason nami
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -464,8 +465,12 @@ async def test_many_handlers_on_one_subject(amb_factory: AmbFactory, subject: st
         await client.subscribe(f"{subject}.shared", got)
     await client.publish(f"{subject}.shared", "x")
     await client.publish(f"{subject}.shared", "end")  # after "x" on every subscription
+
+    def ended(got: Collector) -> bool:
+        return got.messages[-1:] == ["end"]
+
     for got in collectors:
-        await wait_until(lambda got=got: got.messages[-1:] == ["end"], what="the last message")
+        await wait_until(functools.partial(ended, got), what="the last message")
     assert [c.messages for c in collectors] == [["x", "end"]] * 4
 
 

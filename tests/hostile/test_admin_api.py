@@ -115,6 +115,7 @@ async def test_every_hostile_request_gets_a_4xx_with_a_reason(
     assert reason.lower() in str(answer["error"]).lower(), answer
     assert admin.bad_requests == 1
     assert admin.errors == 0
+    assert isinstance(admin.kernel.policy, Policy)
     assert admin.kernel.policy.version == "1"  # nothing half-applied
     # The API still answers.
     assert (await call(base, "GET", "/healthz"))[0] == 200
@@ -149,5 +150,6 @@ async def test_a_large_policy_is_parsed_off_the_event_loop(api: tuple[AdminAPI, 
         done.set()
         await tick
     assert (status, answer["ok"]) == (200, True), answer
+    assert isinstance(admin.kernel.policy, Policy)
     assert len(admin.kernel.policy.rules) == 4_000
     assert max(gaps) < min(0.5, took / 2), (max(gaps), took)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -296,9 +297,12 @@ async def test_each_agent_reads_the_dead_letters_of_its_own_messages_only(port: 
         # Alice's copies were delivered before mallory and bob send their own denied messages, on
         # the service's one connection: once each has its own copy, a copy of alice's would have
         # reached it before.
+        def got_one(raw: Raw) -> bool:
+            return len(raw.got) >= 1
+
         for name, raw in (("mallory", mallory), ("bob", bob)):
             await raw.nc.publish(ingress_subject("other.topic"), codec.encode(envelope_of(name)))
-            await wait_until(lambda raw=raw: len(raw.got) >= 1, what=f"{name}'s own dead letter")
+            await wait_until(functools.partial(got_one, raw), what=f"{name}'s own dead letter")
             assert [s for s, _ in raw.got] == [f"_DLQ_AGENT.{name}.ingress.other.topic"]
             refused = codec.decode(codec.decode(raw.got[0][1]).payload)  # the copy holds its message
             assert (refused.sender, refused.payload) == (name, f"{name}'s own")

@@ -71,7 +71,7 @@ async def m() -> AsyncIterator[Memory]:
         for client in (alice, raw, bus):
             await client.close()
         await emk.close()
-        await keys["memory-service"].nonce_store.close()  # type: ignore[union-attr]
+        await keys["memory-service"].nonce_store.close()
         await delete_redis_keys(REDIS_URL, key_prefix=nonce_prefix)
 
 

@@ -5,8 +5,10 @@ subscription goes on delivering what follows. Each test uses its own key prefix,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
+from redis.typing import EncodableT, FieldT
 
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.redis import RedisBroker
@@ -43,7 +45,11 @@ async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
 
 
 async def _dead_entries(broker: RedisBroker, key: str) -> list[dict[bytes, bytes]]:
-    entries = await broker.redis.xrange(f"{broker.key_prefix}dead:{key}")
+    # redis-py annotates xrange for both decode_responses modes (str or bytes, and None); this
+    # client does not decode, so the fields are bytes.
+    entries = cast(
+        "list[tuple[bytes, dict[bytes, bytes]]]", await broker.redis.xrange(f"{broker.key_prefix}dead:{key}")
+    )
     return [fields for _id, fields in entries]
 
 
@@ -58,7 +64,7 @@ async def _dead_entries(broker: RedisBroker, key: str) -> list[dict[bytes, bytes
     ],
 )
 async def test_malformed_stream_entry_is_dead_lettered_and_the_durable_keeps_delivering(
-    broker: RedisBroker, prefix: str, fields: dict[bytes, bytes]
+    broker: RedisBroker, prefix: str, fields: dict[FieldT, EncodableT]
 ) -> None:
     got = Deliveries()
     sub = await broker.subscribe(f"{prefix}.jobs", got, durable=f"{prefix}-d")
@@ -107,7 +113,7 @@ async def test_malformed_entry_pending_on_a_dead_consumer_is_dead_lettered_on_cl
     await wait_until(lambda: len(got.got) == 2, what="a new message")
 
     async def nothing_pending() -> bool:  # the ack follows the handler's return
-        return (await r.xpending(key, durable))["pending"] == 0
+        return int((await r.xpending(key, durable))["pending"]) == 0
 
     await wait_until(nothing_pending, what="every entry acknowledged")
 

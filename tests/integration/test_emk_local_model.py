@@ -30,8 +30,8 @@ def data_dir() -> Iterator[str]:
     yield str(base / "pgdata")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import pgserver
-    pgserver.get_server(base / "pgdata").cleanup()
+        from pgserver.postgres_server import get_server
+    get_server(base / "pgdata").cleanup()
     shutil.rmtree(base, ignore_errors=True)
 
 

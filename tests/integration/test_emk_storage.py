@@ -54,9 +54,9 @@ def embedded_dir() -> Iterator[Path]:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import pgserver
+        from pgserver.postgres_server import get_server
     base = Path(tempfile.mkdtemp(prefix="emk-embedded-"))
-    server = pgserver.get_server(base / "pgdata", cleanup_mode="delete")
+    server = get_server(base / "pgdata", cleanup_mode="delete")
     yield base / "pgdata"
     server.cleanup()
     shutil.rmtree(base, ignore_errors=True)

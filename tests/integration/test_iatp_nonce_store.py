@@ -105,9 +105,11 @@ async def test_a_replay_to_another_instance_of_the_queue_group_is_refused(prefix
         await client.aclose()
 
 
-def delivery(env: Envelope, attempt: int = 1, **context: Any) -> Metadata:
+def delivery(env: Envelope, attempt: int = 1, scope: str | None = None) -> Metadata:
+    """The metadata of a delivery of ``env``, in the replay scope ``scope`` (None: a plain one)."""
     meta = Metadata(env, env.topic, attempt, {})
-    meta.context.update(context)
+    if scope is not None:
+        meta.context[REPLAY_SCOPE] = scope
     return meta
 
 
@@ -130,15 +132,15 @@ async def test_replay_scope_redelivery_and_plain_subscriptions(prefix: str) -> N
     third = IATPMiddleware(three, nonce_store=store)
     try:
         env = await sender.sign("coordinator", "x", topic="svc.a")
-        assert await consume(first, env, delivery(env, **{REPLAY_SCOPE: "ledger"}))
+        assert await consume(first, env, delivery(env, scope="ledger"))
         with pytest.raises(SignatureRejected) as caught:
-            await consume(second, env, delivery(env, **{REPLAY_SCOPE: "ledger"}))
+            await consume(second, env, delivery(env, scope="ledger"))
         assert caught.value.reason == "replayed_nonce"
         assert caught.value.result.detail == "shared nonce store"
         # a broker redelivery (attempt 2) is not a replay, in the store as in the local cache
-        assert await consume(second, env, delivery(env, attempt=2, **{REPLAY_SCOPE: "ledger"}))
+        assert await consume(second, env, delivery(env, attempt=2, scope="ledger"))
         # another scope is another consumer (a third process: the second's own cache has it)
-        assert await consume(third, env, delivery(env, **{REPLAY_SCOPE: "audit"}))
+        assert await consume(third, env, delivery(env, scope="audit"))
         # a plain subscription (no queue group, no scope) relies on its local cache alone
         plain = await sender.sign("coordinator", "y", topic="svc.a")
         assert await consume(first, plain, delivery(plain))
@@ -164,7 +166,7 @@ async def test_an_unreachable_store_rejects_and_counts_never_accepts() -> None:
     try:
         env = await sender.sign("coordinator", "x", topic="svc.a")
         with pytest.raises(SignatureRejected) as caught:
-            await consume(middleware, env, delivery(env, **{REPLAY_SCOPE: "svc"}))
+            await consume(middleware, env, delivery(env, scope="svc"))
         assert caught.value.reason == "nonce_store_unavailable"
         assert middleware.rejected == {"nonce_store_unavailable": 1}
         assert middleware.verified == 0

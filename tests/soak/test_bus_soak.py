@@ -30,7 +30,7 @@ import gc
 import random
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -259,10 +259,12 @@ async def test_sustained_load_through_a_queue_group_and_a_fan_out_subscriber(
     if ordered_per_key:  # Kafka: a key's (publisher's) messages are handled in order group-wide
         assert group.out_of_order == 0
     if target.name == "kafka":
-        from agent_os.bus_adapters.kafka import topic_for
+        from agent_os.bus_adapters.kafka import KafkaBroker, topic_for
         from tests.support.kafka import committed_offsets
 
-        bootstrap = publishers[0].broker.bootstrap
+        broker = publishers[0].broker
+        assert isinstance(broker, KafkaBroker)
+        bootstrap = broker.bootstrap
         offsets = await asyncio.to_thread(
             committed_offsets, bootstrap, f"amb.workers.{topic}", topic_for(topic)
         )
@@ -348,14 +350,26 @@ async def test_durable_consumers_under_random_failures_lose_nothing(
     elapsed = time.perf_counter() - started
     broker_sub = subs[0]._broker_sub
     if target.name == "nats":
-        jsm = members[0].broker.connection.jsm()  # type: ignore[attr-defined]
+        from nats.js.api import ConsumerInfo
+
+        from agent_os.bus_adapters.nats import NatsBroker
+        from agent_os.bus_adapters.nats._subscriptions import DurableSubscription
+
+        nats_broker = members[0].broker
+        assert isinstance(nats_broker, NatsBroker)
+        assert isinstance(broker_sub, DurableSubscription)
+        jsm = nats_broker.connection.jsm()
         stream = broker_sub.stream
 
         async def settled() -> bool:
-            info = await jsm.consumer_info(stream, durable)
+            # nats-py leaves consumer_info's return unannotated; it is a ConsumerInfo.
+            info = cast(ConsumerInfo, await jsm.consumer_info(stream, durable))
             return info.num_ack_pending == 0 and info.num_pending == 0 and info.num_redelivered == 0
 
     else:
+        from agent_os.bus_adapters.redis._subscriptions import StreamSubscription
+
+        assert isinstance(broker_sub, StreamSubscription)
         key, group = broker_sub.key, broker_sub.group
 
         async def settled() -> bool:

@@ -8,6 +8,7 @@ an equal second one. They are marked ``slow`` (skipped by default; ``bash .ci/te
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections import Counter
@@ -662,9 +663,13 @@ async def test_mediated_mode_on_nats_forwards_each_allowed_message_once() -> Non
         # Nothing more can be on its way once every subscriber has each instance's sentinel.
         targets = [group.delivered(f"tasks.to_r{j}", group.agent_id(f"r{j}")) for j in range(len(receivers))]
         await group.sentinels([*targets, f"_DLQ.{group.ingress_prefix}.sentinel"])
+
+        def has_sentinels(c: Collector, n: int) -> bool:
+            return c.messages.count(SENTINEL) >= n
+
         for collector, count in [(inbox, 2) for inbox in inboxes] + [(everything, 2 * 3), (dead, 2)]:
             await wait_until(
-                lambda c=collector, n=count: c.messages.count(SENTINEL) >= n,
+                functools.partial(has_sentinels, collector, count),
                 timeout=60,
                 what=f"{count} sentinels",
             )
@@ -816,7 +821,7 @@ async def test_emk_under_a_long_append_only_load() -> None:
                 await emk.history(versions[-1], agent_id="eve")
         # What the database holds, per agent; a sample read back (hash checked) and kept private.
         rows = await sql.execute(f"SELECT agent_id, count(*) FROM {namespace}.memories GROUP BY agent_id")
-        per_agent = dict(await rows.fetchall())
+        per_agent: dict[str, int] = dict(await rows.fetchall())
         expected = Counter(agent for agent, _, _ in stored.values())
         assert per_agent == {**expected, "eve": len(outsider)}
         sample = list(stored.items())[:: len(stored) // 500]

@@ -124,7 +124,8 @@ def render(obj: Any) -> str:
             parts.append("*")
             star = True
         star = star or p.kind is p.VAR_POSITIONAL
-        text = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name
+        stars: dict[inspect._ParameterKind, str] = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}
+        text = stars.get(p.kind, "") + p.name
         if p.annotation is not p.empty:
             text += ": " + _annotation(p.annotation)
         if p.default is not p.empty:

@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -380,13 +381,14 @@ def test_records_up_to_the_last_flush_survive_a_killed_writer(tmp_path: Path) ->
 # -- the canonical encoding -----------------------------------------------------------------------
 
 
-def _old_record_hash(*fields: object) -> str:
+def _old_record_hash(
+    seq: int, rid: str, ts: int, et: str, agent: str, exe: str | None, sev: str, data_json: str, prev: str
+) -> str:
     """The hash as the first version of the recorder computed it (stdlib JSON, an f-string):
     records already on disk must keep verifying."""
     import hashlib
 
-    seq, rid, ts, et, agent, exe, sev, data_json, prev = fields
-    text = json.encoder.encode_basestring  # type: ignore[attr-defined]
+    text = json.encoder.encode_basestring
     exe_text = "null" if exe is None else text(exe)
     head = f"[{seq:d},{text(rid)},{ts:d},{text(et)},{text(agent)},{exe_text},{text(sev)},{text(prev)}]"
     body = head + str(data_json)
@@ -425,7 +427,8 @@ def test_canonical_data_is_sorted_compact_json_and_normalizes_the_rest() -> None
         expected = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         assert canonical_data(plain) == expected
         assert canonical_bytes(plain, plain=True) == expected.encode()
-    odd = {
+    # Any keys: the int key is deliberate (canonical_data turns a non-str key into its text).
+    odd: dict[Any, object] = {
         "blob": b"\x00\x01",
         "when": datetime(2024, 1, 1),
         "tags": {"b", "a"},

@@ -399,6 +399,7 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     kernel = closing(KernelSpace(policy=admin_only_policy()))
     service_client = closing(AMB("memory", where, agent_id="control-plane"))
     service = closing(ControlPlaneService(service_client, kernel, iatp=keys["control-plane"]))
+    assert isinstance(kernel.policy, Policy)
     assert kernel.policy.require_verified_sender is True  # forced on with IATP
     await service.start()
     receiver = closing(AMB("memory", where, agent_id="agent-b", middleware=[keys["agent-b"].middleware()]))
@@ -516,9 +517,11 @@ async def test_a_reload_body_is_yaml_text_never_a_file(tmp_path: Path) -> None:
             status, answer = await reload_policy(port, body)
             assert status == 400, answer
             assert (answer["error"], answer["line"]) == ("line 1: a policy must be a mapping", 1)
+            assert isinstance(kernel.policy, Policy)
             assert kernel.policy.version == "1"  # unchanged: the file was not loaded
         status, answer = await reload_policy(port, b"name: \xff\xfe")
         assert (status, answer["error"]) == (400, "the policy must be UTF-8 text")
+        assert isinstance(kernel.policy, Policy)
         assert kernel.policy.version == "1"
     finally:
         await api.stop()
@@ -535,6 +538,7 @@ async def test_a_reload_keeps_verified_senders_required_when_the_service_verifie
     try:
         status, answer = await reload_policy(port, "name: p\nversion: '2'\nrequire_verified_sender: false\n")
         assert (status, answer["require_verified_sender"]) == (200, True)
+        assert isinstance(kernel.policy, Policy)
         assert kernel.policy.version == "2"
         assert kernel.policy.require_verified_sender is True
     finally:

@@ -59,7 +59,8 @@ def test_shifting_characters_between_adjacent_fields_changes_the_bytes(
     cut_a = data.draw(st.integers(0, len(text)))
     cut_b = data.draw(st.integers(0, len(text)).filter(lambda c: c != cut_a))
     env_a = make_env(**{left: text[:cut_a], right: text[cut_a:]})
-    env_b = dataclasses.replace(env_a, **{left: text[:cut_b], right: text[cut_b:]})
+    shift: dict[str, Any] = {left: text[:cut_b], right: text[cut_b:]}  # fields named at run time
+    env_b = dataclasses.replace(env_a, **shift)
     assert canon(env_a) != canon(env_b)
 
 
@@ -185,9 +186,10 @@ def test_any_change_to_the_signature_block_fails(part: str, flip: bytes, data: s
         raw = bytearray(getattr(sig, part))
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] ^= flip[0] or 1
-        new_sig = dataclasses.replace(sig, **{part: bytes(raw)})
+        change: dict[str, Any] = {part: bytes(raw)}  # the field is named at run time
     else:
-        new_sig = dataclasses.replace(sig, **{part: getattr(sig, part) + "x"})
+        change = {part: getattr(sig, part) + "x"}
+    new_sig = dataclasses.replace(sig, **change)
     assert not _iatp.verify_envelope(dataclasses.replace(env, sig=new_sig)).valid
 
 
@@ -203,7 +205,8 @@ def test_signature_survives_both_wire_formats(serializer: Any) -> None:
 )
 def test_field_shift_attack_on_a_signed_envelope_fails(left: str, right: str) -> None:
     env = _signed(**{left: "abcd", right: "efgh"})
-    shifted = dataclasses.replace(env, **{left: "abcde", right: "fgh"})
+    shift: dict[str, Any] = {left: "abcde", right: "fgh"}  # fields named by the parameters
+    shifted = dataclasses.replace(env, **shift)
     result = _iatp.verify_envelope(shifted)
     assert not result.valid
     assert result.reason == "bad_signature"
@@ -265,7 +268,12 @@ def test_signing_goes_through_the_helpers(monkeypatch: pytest.MonkeyPatch) -> No
     assert session_rest_bytes(env, b"n" * 16) != session_before
     calls: list[Any] = []
     real = canonical.signed_fields
-    monkeypatch.setattr(canonical, "signed_fields", lambda *a: calls.append(a[2]) or real(*a))
+
+    def recording(env: Envelope, nonce: bytes, last: Any) -> bytes:
+        calls.append(last)
+        return real(env, nonce, last)
+
+    monkeypatch.setattr(canonical, "signed_fields", recording)
     rest_bytes(env, b"n" * 16)
     session_rest_bytes(env, b"n" * 16)
     assert calls == [b"\x00" * 32, env.payload]  # both forms are built by the one definition

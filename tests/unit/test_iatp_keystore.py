@@ -156,7 +156,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(
     def broken_fsync(fd: int) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(filestore_module.os, "fsync", broken_fsync)
+    monkeypatch.setattr("agent_os.iatp.filestore.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk on fire"):
         filestore_module.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"

@@ -137,8 +137,8 @@ class Clock:
 
 async def established(clock: Clock | None = None) -> tuple[IATP, IATP, Session, Session]:
     """alice's process, bob's process, alice's session and bob's session."""
-    options = {} if clock is None else {"clock": clock}
-    a, b = IATP(**options), IATP(**options)
+    now = time.time_ns if clock is None else clock  # IATP's default clock
+    a, b = IATP(clock=now), IATP(clock=now)
     await a.register_agent("alice")
     await b.register_agent("bob")
     await a.add_identity(b.identity("bob"))

@@ -64,7 +64,9 @@ async def test_a_signed_message_verifies_with_the_seed_shape(iatp: IATP) -> None
     assert result.key_id == iatp.identity("alice").key_id
     assert set(result.to_dict()) == {"valid", "sender", "timestamp", "trust_level", "reason"}
     assert result["valid"] is True
-    assert result["timestamp"].endswith("Z")
+    timestamp = result["timestamp"]
+    assert isinstance(timestamp, str)
+    assert timestamp.endswith("Z")
     assert dict(result) == result.to_dict()
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent_os.amb import CapabilityNotSupported, ConfigError, Delivery, StateError
+from agent_os.amb import BrokerSubscription, CapabilityNotSupported, ConfigError, Delivery, StateError
 from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import memory_url, wait_until
 from tests.support.closing import Closing
@@ -144,7 +144,7 @@ async def test_unsubscribe_from_inside_the_handler(closing: Closing) -> None:
     broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     seen: list[bytes] = []
-    subs = []
+    subs: list[BrokerSubscription] = []
 
     async def once(d: Delivery) -> None:
         seen.append(d.data)

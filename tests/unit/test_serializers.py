@@ -16,6 +16,7 @@ from agent_os.amb import (
     MalformedEnvelope,
     MsgpackSerializer,
     OversizedEnvelope,
+    Serializer,
     Signature,
     TruncatedEnvelope,
     UnserializablePayload,
@@ -26,7 +27,7 @@ from agent_os.amb import (
 )
 from agent_os.amb.errors import ConfigError
 
-SERIALIZERS = [MsgpackSerializer(), JsonSerializer()]
+SERIALIZERS: list[Serializer] = [MsgpackSerializer(), JsonSerializer()]
 
 
 def full_envelope() -> Envelope:
