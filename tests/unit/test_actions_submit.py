@@ -185,7 +185,7 @@ async def test_a_stopped_agent_waits_for_sigcont_and_a_killed_one_is_refused(tmp
         kernel.external("bob")
         assert await kernel.send_signal("bob", AgentSignal.SIGSTOP)
         pending = asyncio.create_task(kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob")))
-        await wait_until(lambda: kernel.get_agent("bob")._continue._waiters != [], what="submit waits")
+        await wait_until(lambda: len(kernel.get_agent("bob")._continue._waiters) > 0, what="submit waits")
         assert not pending.done()
         assert await _events(kernel) == []
         assert await kernel.send_signal("bob", AgentSignal.SIGCONT)
@@ -209,7 +209,7 @@ async def test_a_kill_while_stopped_refuses_the_waiting_submit(tmp_path: Path) -
         kernel.external("bob")
         await kernel.send_signal("bob", AgentSignal.SIGSTOP)
         pending = asyncio.create_task(kernel.submit(ActionRequest("fs.list", ".", agent_id="bob")))
-        await wait_until(lambda: kernel.get_agent("bob")._continue._waiters != [], what="submit waits")
+        await wait_until(lambda: len(kernel.get_agent("bob")._continue._waiters) > 0, what="submit waits")
         await kernel.send_signal("bob", AgentSignal.SIGKILL)
         result = await asyncio.wait_for(pending, 5)
         assert not result.allowed
