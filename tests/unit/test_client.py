@@ -604,7 +604,7 @@ def _receive_corpus() -> list[bytes]:
         id="i-1",
         topic="rx.x",
         sender="s",
-        payload={"k": [1, b"\x00"], 2: None},
+        payload={"k": [1, b"\x00"], "2": None},
         headers={"a": "b"},
         timestamp=1,
         expires_at=2**62,

@@ -168,6 +168,80 @@ def test_json_bytes_anywhere_in_payload() -> None:
     assert JsonSerializer().decode(JsonSerializer().encode(env)).payload == env.payload
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [float("nan"), float("inf"), 2**64, -(2**63) - 1, {1: "x"}, {"s": {1, 2}}, "\ud800", None],
+    ids=["nan", "inf", "2**64", "below -2**63", "an int key", "a set", "a lone surrogate", "none"],
+)
+def test_json_refuses_what_it_cannot_carry_exactly(payload: object) -> None:
+    env = Envelope(id="i", topic="t", sender="s", payload=payload, timestamp=1)
+    if payload is None:
+        assert JsonSerializer().decode(JsonSerializer().encode(env)) == env
+        return
+    with pytest.raises(UnserializablePayload):
+        JsonSerializer().encode(env)
+
+
+def test_json_refuses_payloads_nested_deeper_than_msgpack_goes() -> None:
+    deep: object = 1
+    for _ in range(600):
+        deep = [deep]
+    with pytest.raises(UnserializablePayload, match="nested too deeply"):
+        JsonSerializer().encode(Envelope(id="i", topic="t", sender="s", payload=deep, timestamp=1))
+
+
+json_texts = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["$b64", "$$x", "\\u00e9"]),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=json_texts, spacing=st.sampled_from([(",", ":"), (", ", ": ")]), ascii_only=st.booleans())
+def test_the_fast_json_decode_agrees_with_the_checked_one(
+    payload: object, spacing: tuple[str, str], ascii_only: bool
+) -> None:
+    # JsonSerializer.decode takes msgspec's reading only when it is exactly what the checked
+    # path (the standard library with every check) would give; otherwise it defers to it.
+    head = '{"v":1,"id":"a1","topic":"tasks.t","sender":"s","timestamp":1700000000000000000,"payload":'
+    try:
+        text = json.dumps(payload, separators=spacing, ensure_ascii=ascii_only)
+    except ValueError:
+        return
+    data = (head + text + "}").encode("utf-8", "surrogatepass")
+    ser = JsonSerializer()
+    try:
+        expected: object = ser.decode_checked(data)
+    except EnvelopeError as exc:
+        expected = type(exc)
+    try:
+        got: object = ser.decode(data)
+    except EnvelopeError as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_json_envelopes_this_encoder_writes_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    ser = JsonSerializer()
+    data = ser.encode(
+        Envelope(id="i", topic="t", sender="s", payload={"a": [1, 2.5, "é"]}, timestamp=time.time_ns())
+    )
+
+    def refuse(_: bytes) -> Envelope:
+        raise AssertionError("deferred to the checked path")
+
+    monkeypatch.setattr(ser, "decode_checked", refuse)
+    assert ser.decode(data).payload == {"a": [1, 2.5, "é"]}
+
+
 def test_unknown_serializer() -> None:
     with pytest.raises(ConfigError, match="protobuf"):
         get_serializer("protobuf")

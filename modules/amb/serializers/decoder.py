@@ -62,7 +62,7 @@ class Decoder:
             raise TruncatedEnvelope("empty message")
         try:
             if data[0] == _JSON_START:
-                return wire_of(self._json.decode(data))
+                return self._json.decode_fields(data)
             return wire_of(decode_msgpack_checked(data))
         except EnvelopeError:
             raise

@@ -1,7 +1,9 @@
 """The JSON format: an envelope as a JSON object with the v1 field names.
 
-Readable and language-neutral, slower than msgpack. Bytes travel as ``{"$b64": ...}`` and
-object keys starting with ``$`` are escaped (see ``docs/bus.md``).
+Readable and language-neutral. Bytes travel as ``{"$b64": ...}`` and object keys starting with
+``$`` are escaped (see ``docs/bus.md``). msgspec encodes and decodes; the standard library's
+``json`` is the checked path that names what is wrong with input the fast path defers
+(:meth:`JsonSerializer.decode`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import binascii
 import json
 import math
 import re
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal, cast
+
+import msgspec
 
 from agent_os.amb.envelope import WIRE_VERSION, Envelope
 from agent_os.amb.errors import (
@@ -21,7 +25,15 @@ from agent_os.amb.errors import (
     UnserializablePayload,
     UnsupportedVersion,
 )
-from agent_os.amb.serializers.schema import DEFAULT_MAX_BYTES, FIELDS, envelope_from_fields
+from agent_os.amb.serializers.schema import (
+    DEFAULT_MAX_BYTES,
+    FIELDS,
+    WireFields,
+    check_subjects,
+    envelope_from_fields,
+    envelope_from_wire,
+    wire_of,
+)
 
 _B64_TAG: Final = "$b64"
 
@@ -37,12 +49,6 @@ def _unb64(text: Any, name: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise MalformedEnvelope(f"{name} is not valid base64") from exc
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {_B64_TAG: _b64(bytes(value))}
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> Any:
@@ -110,27 +116,97 @@ def _check_surrogates(value: Any) -> None:
             stack.extend(item)
 
 
-def _escape_keys(value: Any) -> Any:
-    """``value`` with one ``$`` added in front of every dict key starting with ``$``, so a
-    user's ``{"$b64": ...}`` is never read back as the bytes tag. Copies only what changes."""
-    if isinstance(value, dict):
+_MAX_DEPTH: Final = 500  # as deep as the msgpack encoder goes
+
+
+def _to_json(value: Any, depth: int = 0) -> Any:
+    """``value`` as the JSON format carries it: bytes as ``{"$b64": ...}``, one ``$`` added in
+    front of every object key starting with ``$`` (so a user's ``{"$b64": ...}`` is never read
+    back as the bytes tag), tuples as lists. Copies only what changes. Raises
+    UnserializablePayload for what JSON cannot carry exactly: NaN and infinities, integers
+    outside msgpack's 64-bit range, keys that are not strings, other types, nesting deeper than
+    500 levels."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise UnserializablePayload(f"json cannot encode the integer {value}: out of the 64-bit range")
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise UnserializablePayload(f"json cannot encode {value}")
+        return value
+    if depth >= _MAX_DEPTH:
+        raise UnserializablePayload("json cannot encode the payload: nested too deeply")
+    if kind is dict:
         out = {}
         changed = False
         for k, v in value.items():
-            e = _escape_keys(v)
-            if type(k) is str and k.startswith("$"):
+            if type(k) is not str:
+                raise UnserializablePayload(f"json object keys are strings, got {type(k).__name__}")
+            e = _to_json(v, depth + 1)
+            if k.startswith("$"):
                 k, changed = "$" + k, True
             changed = changed or e is not v
             out[k] = e
         return out if changed else value
-    if isinstance(value, list | tuple):
-        items = [_escape_keys(v) for v in value]
-        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
-    return value
+    if kind is list or kind is tuple:
+        items = []
+        same = kind is list
+        for v in value:  # a loop, not a comprehension: one frame per level
+            e = _to_json(v, depth + 1)
+            same = same and e is v
+            items.append(e)
+        return value if same else items
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {_B64_TAG: _b64(bytes(value))}
+    if isinstance(value, str):  # a str subclass (a str enum ...): its text
+        return str.__str__(value)
+    if isinstance(value, int) and not isinstance(value, bool):  # an int subclass: its value
+        return _to_json(int(value))
+    if isinstance(value, float):
+        return _to_json(float(value))
+    raise UnserializablePayload(f"json cannot encode a {kind.__name__}")
+
+
+_FIELD_SET: Final = frozenset(FIELDS)
+_NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _JsonSig(msgspec.Struct, forbid_unknown_fields=True):
+    scheme: str
+    key_id: str
+    nonce: bytes  # base64 in the text
+    value: bytes
+
+
+class _JsonV1(msgspec.Struct, forbid_unknown_fields=True):
+    """A JSON v1 envelope as this encoder writes it (every field, in wire order) and as the
+    fast decode reads it; the same rules as the checked path."""
+
+    v: Literal[1]
+    id: _NonEmptyStr
+    topic: _NonEmptyStr
+    sender: str
+    recipient: str | None
+    reply_to: str | None
+    correlation_id: str | None
+    timestamp: int
+    expires_at: int | None
+    priority: int
+    headers: dict[str, str]
+    payload: Any
+    sig: _JsonSig | None
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_typed_decode: Final = msgspec.json.Decoder(_JsonV1).decode
+_fits_msgpack: Final = msgspec.msgpack.Encoder().encode  # OverflowError past 64-bit integers
 
 
 class JsonSerializer:
-    """A JSON object per envelope; readable and language-neutral, slower than msgpack."""
+    """A JSON object per envelope; readable and language-neutral."""
 
     name = "json"
     content_type = "application/json"
@@ -139,36 +215,28 @@ class JsonSerializer:
         self.max_bytes = max_bytes
 
     def encode(self, env: Envelope) -> bytes:
-        obj: dict[str, Any] = {
-            "v": env.v,
-            "id": env.id,
-            "topic": env.topic,
-            "sender": env.sender,
-            "recipient": env.recipient,
-            "reply_to": env.reply_to,
-            "correlation_id": env.correlation_id,
-            "timestamp": env.timestamp,
-            "expires_at": env.expires_at,
-            "priority": env.priority,
-            "headers": _escape_keys(env.headers),
-        }
+        s = env.sig
         try:
-            obj["payload"] = _escape_keys(env.payload)
-        except RecursionError as exc:
+            obj = _JsonV1(
+                cast(Literal[1], env.v),  # written as it is; only 1 decodes
+                env.id,
+                env.topic,
+                env.sender,
+                env.recipient,
+                env.reply_to,
+                env.correlation_id,
+                env.timestamp,
+                env.expires_at,
+                env.priority,
+                _to_json(env.headers),
+                _to_json(env.payload),
+                None if s is None else _JsonSig(s.scheme, s.key_id, s.nonce, s.value),
+            )
+        except RecursionError as exc:  # the interpreter's limit came first
             raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
-        if env.sig is not None:
-            s = env.sig
-            obj["sig"] = {
-                "scheme": s.scheme,
-                "key_id": s.key_id,
-                "nonce": _b64(s.nonce),
-                "value": _b64(s.value),
-            }
         try:
-            data = json.dumps(
-                obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
-            ).encode()
-        except (TypeError, ValueError, RecursionError) as exc:
+            data = _ENCODER.encode(obj)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a field of the wrong type
             raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
@@ -205,6 +273,50 @@ class JsonSerializer:
         )
 
     def decode(self, data: bytes) -> Envelope:
+        """The envelope of ``data``; raises an :class:`~agent_os.amb.EnvelopeError` subclass."""
+        return envelope_from_wire(self.decode_fields(data))
+
+    def decode_fields(self, data: bytes) -> WireFields:
+        """The checked fields of ``data`` (no Envelope object yet); raises an
+        :class:`~agent_os.amb.EnvelopeError` subclass.
+
+        Fast path: msgspec reads ``data`` against the v1 schema in one pass, and the result is
+        taken only when msgspec writes it back to exactly ``data`` (so the input has no
+        duplicate key, no escape or number spelling this encoder would not write, and every
+        field in order), it holds no ``"$`` (an escaped key or a bytes tag) and every integer
+        fits msgpack's 64 bits. Anything else goes to :meth:`decode_checked`, which accepts or
+        names the error; a test checks both give the same result."""
+        if len(data) > self.max_bytes:
+            raise OversizedEnvelope(len(data), self.max_bytes)
+        try:
+            obj = _typed_decode(data)
+            if b'"$' in data or _ENCODER.encode(obj) != data:
+                raise ValueError("not canonical")
+            _fits_msgpack(obj)
+        except Exception:
+            return wire_of(self.decode_checked(data))
+        check_subjects(obj.topic, obj.reply_to)
+        sig = obj.sig
+        return (
+            obj.v,
+            obj.id,
+            obj.topic,
+            obj.sender,
+            obj.recipient,
+            obj.reply_to,
+            obj.correlation_id,
+            obj.timestamp,
+            obj.expires_at,
+            obj.priority,
+            obj.headers,
+            obj.payload,
+            None if sig is None else (sig.scheme, sig.key_id, sig.nonce, sig.value),
+        )
+
+    def decode_checked(self, data: bytes) -> Envelope:
+        """The envelope of ``data`` read by the standard library's ``json`` with every check
+        spelled out (the readable path, :meth:`decode_fields` defers to it); raises an
+        :class:`~agent_os.amb.EnvelopeError` subclass."""
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
@@ -226,31 +338,36 @@ class JsonSerializer:
             raise MalformedEnvelope(f"not a JSON envelope: {exc.msg} at {exc.pos}") from exc
         except RecursionError as exc:
             raise MalformedEnvelope("JSON envelope nested too deeply") from exc
-        if type(obj) is not dict:
-            raise MalformedEnvelope("a JSON envelope must be an object")
-        if "v" in obj and obj["v"] != WIRE_VERSION and type(obj["v"]) is int:
-            raise UnsupportedVersion(obj["v"])
-        unknown = obj.keys() - set(FIELDS)
-        if unknown:
-            raise MalformedEnvelope(f"unknown envelope fields: {sorted(unknown)}")
-        payload = obj.get("payload")
-        sig = obj.get("sig")
-        if sig is not None:
-            if type(sig) is not dict or set(sig) != {"scheme", "key_id", "nonce", "value"}:
-                raise MalformedEnvelope("sig must have exactly scheme, key_id, nonce and value")
-            sig = [
-                sig["scheme"],
-                sig["key_id"],
-                _unb64(sig["nonce"], "sig.nonce"),
-                _unb64(sig["value"], "sig.value"),
-            ]
-        required = ("v", "id", "topic", "sender", "timestamp")
-        missing = [name for name in required if name not in obj]
-        if missing:
-            raise MalformedEnvelope(f"missing envelope fields: {missing}")
-        fields = [obj.get(name) for name in FIELDS]
-        fields[9] = obj.get("priority", 0)
-        fields[10] = obj.get("headers", {})
-        fields[11] = payload
-        fields[12] = sig
-        return envelope_from_fields(fields)
+        return _envelope_of(obj)
+
+
+def _envelope_of(obj: Any) -> Envelope:
+    """The envelope of a decoded JSON value (an object with the v1 field names), checked."""
+    if type(obj) is not dict:
+        raise MalformedEnvelope("a JSON envelope must be an object")
+    if "v" in obj and obj["v"] != WIRE_VERSION and type(obj["v"]) is int:
+        raise UnsupportedVersion(obj["v"])
+    unknown = obj.keys() - _FIELD_SET
+    if unknown:
+        raise MalformedEnvelope(f"unknown envelope fields: {sorted(unknown)}")
+    payload = obj.get("payload")
+    sig = obj.get("sig")
+    if sig is not None:
+        if type(sig) is not dict or set(sig) != {"scheme", "key_id", "nonce", "value"}:
+            raise MalformedEnvelope("sig must have exactly scheme, key_id, nonce and value")
+        sig = [
+            sig["scheme"],
+            sig["key_id"],
+            _unb64(sig["nonce"], "sig.nonce"),
+            _unb64(sig["value"], "sig.value"),
+        ]
+    required = ("v", "id", "topic", "sender", "timestamp")
+    missing = [name for name in required if name not in obj]
+    if missing:
+        raise MalformedEnvelope(f"missing envelope fields: {missing}")
+    fields = [obj.get(name) for name in FIELDS]
+    fields[9] = obj.get("priority", 0)
+    fields[10] = obj.get("headers", {})
+    fields[11] = payload
+    fields[12] = sig
+    return envelope_from_fields(fields)
