@@ -557,16 +557,24 @@ class KernelSpace:
         stored."""
         return await self._submitter.submit(request)
 
-    async def decide_action(self, request: ActionRequest, *, refusal: str | None = None) -> ActionDecision:
+    async def decide_action(
+        self,
+        request: ActionRequest,
+        *,
+        refusal: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
         """The decision part of :meth:`submit`, for a control plane whose providers run in
         another process (mediated mode's tool service): identity, the action and its
         provider's ``resource``, permissions, policy and rate limits, and the one record
         (``policy_decision``, or ``policy_violation`` when denied). It does not wait for the
         agent's signals (the caller applied them; a killed agent is denied) and runs nothing:
         :meth:`record_action_outcome` records what came of it. ``refusal``: deny for this
-        reason (the caller's own check of the request failed), recorded like any denial.
-        Raises RecorderError."""
-        return await self._submitter.decide(request, refusal)
+        reason (the caller's own check of the request failed), recorded like any denial;
+        ``context``: more fields the policy sees (of a request that came as a message: its
+        ``sender``, ``verified``, ``trust_level``), under the action's own. Raises
+        RecorderError."""
+        return await self._submitter.decide(request, refusal, context)
 
     async def record_action_outcome(self, decided: ActionDecision, error: str | None = None) -> Record:
         """Record the outcome of an action :meth:`decide_action` allowed and another process

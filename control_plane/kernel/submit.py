@@ -92,17 +92,24 @@ class Submitter:
             return decided.denial()
         return await self.run(decided)
 
-    async def decide(self, request: ActionRequest, refusal: str | None = None) -> ActionDecision:
+    async def decide(
+        self,
+        request: ActionRequest,
+        refusal: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
         """Steps 1, 3 and 4 of :meth:`submit` and their one record, without waiting for the
         agent's signals (a killed or finished agent is denied) or running the provider. For a
         caller that has applied the agent's signals itself (the control-plane service in
         mediated mode). ``refusal``: deny for this reason once the agent is identified (the
-        caller's own check failed). Raises RecorderError."""
+        caller's own check failed); ``context``: more fields for the policy (of a request that
+        came as a message: ``sender``, ``verified``, ``trust_level``), under the action's own.
+        Raises RecorderError."""
         _check(request)
         proc, why = self._identify(request)
         if proc is not None and proc.killed:
             why = f"agent {proc.name} was killed or has finished"
-        return await self._decide(request, proc, why or refusal or "")
+        return await self._decide(request, proc, why or refusal or "", context)
 
     async def run(self, decided: ActionDecision) -> ActionResult:
         """Step 5: run the provider of an allowed decision and record the outcome. Raises
@@ -129,7 +136,13 @@ class Submitter:
         outcome = {**decided.data, "status": "error", "error": error, "decision_id": decided.record_id}
         return await self.gate.recorder.log(OUTCOME_EVENT, agent, outcome, "error", execution_id=agent)
 
-    async def _decide(self, request: ActionRequest, proc: AgentProcess | None, why: str) -> ActionDecision:
+    async def _decide(
+        self,
+        request: ActionRequest,
+        proc: AgentProcess | None,
+        why: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
         data: dict[str, Any] = {"action": request.action, "target": request.target}
         if proc is None:
             return await self._deny(request, None, request.agent_id or "unknown", data, why)
@@ -149,6 +162,7 @@ class Submitter:
             return await self._deny(request, proc, proc.id, data, why)
         data["resource"] = resource
         ctx = {
+            **(context or {}),
             "agent_id": proc.name,
             "agent_name": proc.name,
             "execution_id": proc.id,

@@ -19,6 +19,7 @@ from agent_os.amb.replies import ERROR_HEADER
 from agent_os.control_plane import ActionRequest, ActionResult, KernelSpace
 from agent_os.control_plane.errors import InboxBusy
 from agent_os.control_plane.kernel.submit import ActionDecision
+from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.services.control_plane_service._subjects import check_agent_id, delivery_subject
 
@@ -105,7 +106,8 @@ class MediatedActions:
 
     ``tool_service``: the agent id of the tool service the allowed ones go to (on its own
     delivery subjects); ``forward`` publishes a message unchanged to a subject; ``answer``
-    replies to a request as the service (signed when the service has IATP). Counts in
+    replies to a request as the service (signed when the service has IATP); ``trust_bus``:
+    as the service's (who sent a message, for the policy's context). Counts in
     ``forwarded``, ``denied``, ``outcomes``, ``failed`` (allowed ones that could not be
     forwarded) and ``answer_failures`` (answers that could not be sent)."""
 
@@ -119,8 +121,10 @@ class MediatedActions:
         tool_service: str = TOOL_SERVICE,
         delivery_prefix: str,
         prefix: str = ACTION_PREFIX,
+        trust_bus: bool = False,
     ) -> None:
         self.kernel = kernel
+        self.trust_bus = trust_bus
         self.pending = pending
         self.tool_service = check_agent_id(tool_service)
         self.delivery_prefix = delivery_prefix
@@ -145,7 +149,9 @@ class MediatedActions:
         envelope = metadata.envelope
         if why is None and envelope.recipient not in (None, self.tool_service):
             why = f"an action goes to the tool service {self.tool_service!r}, not {envelope.recipient!r}"
-        decided = await self.kernel.decide_action(request, refusal=why)
+        sender, verified, trust, _ = message_sender(metadata, self.trust_bus)
+        identity = {"sender": sender, "verified": verified, "trust_level": trust}
+        decided = await self.kernel.decide_action(request, refusal=why, context=identity)
         if not decided.allowed:
             self.denied += 1
             await self._reply(metadata, decided.denial())
@@ -156,7 +162,7 @@ class MediatedActions:
             self.pending.add(
                 reply_to,
                 envelope.id,
-                str(metadata.context.get("control_plane_sender")),
+                str(sender),
                 topic,
                 self.tool_service,
                 envelope.expires_at,

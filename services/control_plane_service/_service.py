@@ -174,6 +174,7 @@ class ControlPlaneService:
             tool_service=tool_service,
             delivery_prefix=delivery_prefix,
             prefix=action_prefix,
+            trust_bus=trust_bus,
         )
         if agents is not None:
             roster = fixed_roster(agents)
