@@ -175,7 +175,12 @@ class ToolService:
             spec = self.actions.get(action)
             if spec is None:
                 raise ActionRefused(f"unknown action {action!r}")
-            spec.provider.resource(request)  # checked again where it runs
+            try:
+                spec.provider.resource(request)  # checked again where it runs
+            except ActionRefused:
+                raise
+            except Exception as exc:  # a provider's bug refuses, never allows
+                raise ActionRefused(f"provider error: {type(exc).__name__}: {exc}") from exc
         except (ActionRefused, Unauthenticated) as exc:
             self.stats.refused += 1
             log.warning("refused action request %s (%s): %s", metadata.id, action, exc)

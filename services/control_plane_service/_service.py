@@ -179,7 +179,7 @@ class ControlPlaneService:
         if agents is not None:
             roster = fixed_roster(agents)
         elif iatp is not None:
-            roster = identities_roster(iatp, client.agent_id or "")
+            roster = identities_roster(iatp, client.agent_id or "", tool_service)
         else:
             roster = None
         self.deliveries = Deliveries(kernel, roster, trust_bus=trust_bus)

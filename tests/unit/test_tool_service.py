@@ -4,6 +4,7 @@ forwards an allowed one to the tool service and records its outcome when the rep
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,16 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, RequestTimeout
-from agent_os.control_plane import ActionRequest, ActionResult, FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.control_plane import (
+    ActionRequest,
+    ActionResult,
+    AgentSignal,
+    FlightRecorder,
+    KernelSpace,
+    Mediator,
+    Pattern,
+    Policy,
+)
 from agent_os.control_plane.actions import ActionRegistry, FileSystem
 from agent_os.control_plane.errors import KernelError
 from agent_os.services.control_plane_service import (
@@ -244,3 +254,29 @@ async def test_decide_action_and_record_outcome_split_submit(tmp_path: Path) -> 
         kernel.external("alice").kill()
         killed = await kernel.decide_action(ActionRequest("fs.read", "a.txt", agent_id="alice"))
         assert killed.denial().error == "agent alice was killed or has finished"
+
+
+async def test_a_stopped_agents_action_waits_for_sigcont_and_a_killed_ones_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    async with mediated(tmp_path, timeout=0.5) as m:
+        await m.kernel.send_signal("alice", AgentSignal.SIGSTOP)
+        held = asyncio.ensure_future(
+            ToolClient(m.agent, timeout=5).submit(ActionRequest("fs.read", "notes.txt"))
+        )
+        await wait_for_records(m.kernel.recorder, "message_held", 1)
+        assert m.tools.stats.requests == 0
+        await m.kernel.send_signal("alice", AgentSignal.SIGCONT)
+        assert (await held).output == "hello"
+        await m.kernel.send_signal("alice", AgentSignal.SIGKILL)
+        dropped = await m.client.submit(ActionRequest("fs.read", "notes.txt"))
+        assert not dropped.allowed
+        assert dropped.error is not None
+        assert dropped.error.startswith("no answer within")
+        assert len(await m.kernel.recorder.query(event_type="message_dropped")) == 1
+        assert len(await m.kernel.recorder.query(event_type="policy_decision")) == 1
+
+
+def test_the_mediator_takes_actions_on_ingress_subjects_only() -> None:
+    kernel = KernelSpace()
+    with pytest.raises(KernelError, match="inbound_prefix"):
+        Mediator(kernel, kernel.external("svc"), action_prefix="action")
