@@ -206,7 +206,9 @@ async def test_an_action_with_no_answer_times_out_as_unknown(tmp_path: Path) -> 
         assert [r.event_type for r in await m.kernel.recorder.query(agent_id="alice")] == ["policy_decision"]
 
 
-async def test_the_tool_service_acts_only_for_the_action_a_request_was_signed_for(tmp_path: Path) -> None:
+async def test_the_tool_service_acts_only_for_the_action_a_request_was_signed_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     async with mediated(tmp_path) as m:
         # On this bus anyone may publish to the tool service's subjects (under the generated
@@ -223,6 +225,9 @@ async def test_the_tool_service_acts_only_for_the_action_a_request_was_signed_fo
         assert m.tools.stats.done == 0
         assert not (tmp_path / "x.txt").exists()
         assert m.tools.stats.refused == 2
+        refusals = [r.getMessage() for r in caplog.records if r.name == "agent_os.services.tools"]
+        assert len(refusals) == 2
+        assert all("the request was signed for 'deliver.tools.action.fs." in r for r in refusals)
 
 
 async def test_tool_client_and_service_refuse_bad_arguments(tmp_path: Path) -> None:
