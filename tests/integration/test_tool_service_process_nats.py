@@ -4,7 +4,8 @@ every message signed with IATP. An agent reads a file in the workspace, is denie
 outside it, asks another agent over the bus and gets the answer, and all of it is in the
 service's flight recorder, whose chain verifies. An agent cannot reach the tool service around
 the control plane; two tool-service instances run each action once; a tool service killed
-mid-request leaves the agent with a timeout, and nothing hangs.
+mid-request leaves the agent with a timeout, and nothing hangs; an output over the broker's
+payload limit is answered with an error.
 """
 
 from __future__ import annotations
@@ -230,7 +231,9 @@ async def test_an_agent_cannot_reach_the_tool_service_around_the_control_plane(t
         assert "action request" not in log  # nothing reached it
 
 
-async def test_two_tool_service_instances_run_each_action_once(tmp_path: Path, closing: Closing) -> None:
+async def test_two_tool_service_instances_run_each_action_once_and_answer_what_they_cannot_send(
+    tmp_path: Path, closing: Closing
+) -> None:
     async with deployment(tmp_path) as d:
         await d.control_plane()
         first = await d.tool_service("--log-level", "debug")
@@ -241,6 +244,11 @@ async def test_two_tool_service_instances_run_each_action_once(tmp_path: Path, c
             for i in range(20):
                 result = await tools.submit(ActionRequest("fs.write", f"n{i}.txt", {"content": str(i)}))
                 assert result.ok, result
+            (d.workspace / "big.txt").write_text("x" * 2_000_000)  # over NATS's 1 MiB payload
+            big = await tools.submit(ActionRequest("fs.read", "big.txt"))
+            assert big.allowed
+            assert big.error is not None
+            assert big.error.startswith("the output could not be sent"), big.error
         finally:
             await alice.close()
         logs = []
@@ -252,7 +260,8 @@ async def test_two_tool_service_instances_run_each_action_once(tmp_path: Path, c
         assert logs[0], "the load is shared"
         assert logs[1], "the load is shared"
         rec = closing(await d.records())
-        assert len(await rec.query(event_type="action_outcome")) == 20
+        outcomes = await rec.query(event_type="action_outcome")
+        assert [o.data["status"] for o in outcomes] == ["ok"] * 20 + ["error"]
         assert (await rec.verify()).ok
 
 
