@@ -5,6 +5,7 @@ forwards an allowed one to the tool service and records its outcome when the rep
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -210,6 +211,7 @@ async def test_the_tool_service_acts_only_for_the_action_a_request_was_signed_fo
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "notes.txt").write_text("hello")
+    caplog.set_level(logging.WARNING, logger="agent_os.services.tools")  # another test may raise it
     async with mediated(tmp_path) as m:
         # On this bus anyone may publish to the tool service's subjects (under the generated
         # NATS permissions only the control-plane service can): its own checks still hold.
