@@ -1,7 +1,7 @@
 """The ``agent-os`` command line.
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
-``agent-os serve memory|verifier|control-plane ...`` runs one of the services in
+``agent-os serve memory|verifier|control-plane|tools ...`` runs one of the services in
 :mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``).
 The services are imported only when their command runs, so ``agent-os`` starts fast with
 the core dependencies alone; ``docs/services.md`` describes each.
@@ -30,6 +30,10 @@ SERVICES: Final = {
     "control-plane": (
         "agent_os.services.control_plane_service",
         "The control-plane service (mediated mode) with its admin API.",
+    ),
+    "tools": (
+        "agent_os.services.tool_service",
+        "The tool service: runs the actions the control-plane service allowed (mediated mode).",
     ),
 }
 

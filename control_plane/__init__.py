@@ -27,6 +27,7 @@ from agent_os.control_plane.errors import (
 )
 from agent_os.control_plane.kernel.signals import SignalDispatcher
 from agent_os.control_plane.kernel.space import KernelSpace
+from agent_os.control_plane.kernel.submit import ActionDecision
 from agent_os.control_plane.mediation.control import control_subject
 from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.control_plane.policy.decision import Decision, Rule
@@ -38,6 +39,7 @@ from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
 __all__ = [
+    "ActionDecision",
     "ActionRequest",
     "ActionResult",
     "AgentNotFound",

@@ -39,7 +39,7 @@ from agent_os.control_plane.kernel.admission import Admission
 from agent_os.control_plane.kernel.gate import Gate
 from agent_os.control_plane.kernel.processes import ProcessTable
 from agent_os.control_plane.kernel.signals import SignalDispatcher
-from agent_os.control_plane.kernel.submit import Submitter
+from agent_os.control_plane.kernel.submit import ActionDecision, Submitter
 from agent_os.control_plane.mediation.attachment import BusAttachment
 from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.control_plane.policy.decision import Decision
@@ -47,7 +47,7 @@ from agent_os.control_plane.policy.policy import PermissionSource, Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, AgentStatus, Life
-from agent_os.control_plane.recorder import FlightRecorder
+from agent_os.control_plane.recorder import FlightRecorder, Record
 
 if TYPE_CHECKING:
     from agent_os.amb import AMB
@@ -556,6 +556,31 @@ class KernelSpace:
         (``docs/control-plane.md``, Actions). Raises RecorderError when a record cannot be
         stored."""
         return await self._submitter.submit(request)
+
+    async def decide_action(
+        self,
+        request: ActionRequest,
+        *,
+        refusal: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
+        """The decision part of :meth:`submit`, for a control plane whose providers run in
+        another process (mediated mode's tool service): identity, the action and its
+        provider's ``resource``, permissions, policy and rate limits, and the one record
+        (``policy_decision``, or ``policy_violation`` when denied). It does not wait for the
+        agent's signals (the caller applied them; a killed agent is denied) and runs nothing:
+        :meth:`record_action_outcome` records what came of it. ``refusal``: deny for this
+        reason (the caller's own check of the request failed), recorded like any denial;
+        ``context``: more fields the policy sees (of a request that came as a message: its
+        ``sender``, ``verified``, ``trust_level``), under the action's own. Raises
+        RecorderError."""
+        return await self._submitter.decide(request, refusal, context)
+
+    async def record_action_outcome(self, decided: ActionDecision, error: str | None = None) -> Record:
+        """Record the outcome of an action :meth:`decide_action` allowed and another process
+        ran: one ``action_outcome`` record (status ``ok``, or ``error`` with ``error``).
+        Raises RecorderError."""
+        return await self._submitter.record_outcome(decided, error)
 
     def attach(
         self, client: AMB, *, agent_id: str | None = None, trust_bus: bool | None = None, **options: Any

@@ -13,25 +13,59 @@ The order, and why (``docs/control-plane.md``, Actions):
 
 A denial at any step is one ``policy_violation`` record; an allowed action is one
 ``policy_decision`` record and one ``action_outcome`` record.
+
+Steps 1 to 4 are :meth:`Submitter.decide` (without the wait of step 2), step 5 is
+:meth:`Submitter.run`: in mediated mode the control-plane service decides and records, and a
+tool service in another process runs the provider (``docs/services.md``, "The tool service").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
-from agent_os.control_plane.errors import AgentStoppedError
+from agent_os.control_plane.errors import AgentStoppedError, KernelError
 from agent_os.control_plane.policy.decision import Decision
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 
 if TYPE_CHECKING:
-    from agent_os.control_plane.actions.registry import ActionRegistry
+    from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
     from agent_os.control_plane.kernel.gate import Gate
     from agent_os.control_plane.kernel.processes import ProcessTable
+    from agent_os.control_plane.recorder import Record
 
 OUTCOME_EVENT = "action_outcome"
 KERNEL_POLICY = "kernel"  # the policy name of denials the kernel makes before the policy
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDecision:
+    """The recorded decision on one action request (:meth:`KernelSpace.decide_action`).
+
+    ``request``; ``agent`` (the acting agent's process id, or what it claimed when it is
+    unknown); ``spec`` (the action, None when denied before it was found); ``data`` (the
+    fields the decision record and the outcome record share: ``action``, ``target``,
+    ``agent_name``, ``operation``, ``resource``, ``rule``, ``policy``); ``decision``;
+    ``record_id`` (the ``policy_decision`` record, or the ``policy_violation`` one)."""
+
+    request: ActionRequest
+    agent: str
+    spec: ActionSpec | None
+    data: Mapping[str, Any]
+    decision: Decision
+    record_id: str
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the action may run."""
+        return self.decision.allowed
+
+    def denial(self) -> ActionResult:
+        """The result of a denied action: ``allowed=False``, the reason in ``error``."""
+        return ActionResult(False, None, self.decision.reason, self.record_id)
 
 
 class Submitter:
@@ -46,29 +80,89 @@ class Submitter:
         """Decide on ``request``, run it when allowed, and return what came of it. Denials are
         results, not exceptions. Raises RecorderError when a record cannot be stored, and
         CancelledError when the agent's task is cancelled (SIGKILL) while it waits or runs."""
-        if not isinstance(request, ActionRequest):
-            raise TypeError(f"submit takes an ActionRequest, got {type(request).__name__}")
-        data: dict[str, Any] = {"action": request.action, "target": request.target}
+        _check(request)
         proc, why = self._identify(request)
-        if proc is None:
-            return await self._deny(None, request.agent_id or "unknown", data, why)
-        data["agent_name"] = proc.name
+        if proc is not None:
+            try:
+                await proc.wait_for_continue()
+            except AgentStoppedError:
+                why = f"agent {proc.name} was killed or has finished"
+        decided = await self._decide(request, proc, why)
+        if not decided.allowed:
+            return decided.denial()
+        return await self.run(decided)
+
+    async def decide(
+        self,
+        request: ActionRequest,
+        refusal: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
+        """Steps 1, 3 and 4 of :meth:`submit` and their one record, without waiting for the
+        agent's signals (a killed or finished agent is denied) or running the provider. For a
+        caller that has applied the agent's signals itself (the control-plane service in
+        mediated mode). ``refusal``: deny for this reason once the agent is identified (the
+        caller's own check failed); ``context``: more fields for the policy (of a request that
+        came as a message: ``sender``, ``verified``, ``trust_level``), under the action's own.
+        Raises RecorderError."""
+        _check(request)
+        proc, why = self._identify(request)
+        if proc is not None and proc.killed:
+            why = f"agent {proc.name} was killed or has finished"
+        return await self._decide(request, proc, why or refusal or "", context)
+
+    async def run(self, decided: ActionDecision) -> ActionResult:
+        """Step 5: run the provider of an allowed decision and record the outcome. Raises
+        KernelError for a decision that did not allow the action, RecorderError."""
+        spec = decided.spec
+        if not decided.allowed or spec is None:
+            raise KernelError("only an allowed action runs")
         try:
-            await proc.wait_for_continue()
-        except AgentStoppedError:
-            return await self._deny(proc, proc.id, data, f"agent {proc.name} was killed or has finished")
+            output = await spec.provider.run(decided.request)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            done = await self.record_outcome(decided, error)
+            return ActionResult(True, None, error, done.id)
+        done = await self.record_outcome(decided)
+        return ActionResult(True, output, None, done.id)
+
+    async def record_outcome(self, decided: ActionDecision, error: str | None = None) -> Record:
+        """Record the outcome of an allowed action (``action_outcome``: the decision's data,
+        ``status`` ``ok`` or ``error``, ``error``, ``decision_id``). Raises RecorderError."""
+        agent = decided.agent
+        if error is None:
+            outcome = {**decided.data, "status": "ok", "decision_id": decided.record_id}
+            return await self.gate.recorder.log(OUTCOME_EVENT, agent, outcome, execution_id=agent)
+        outcome = {**decided.data, "status": "error", "error": error, "decision_id": decided.record_id}
+        return await self.gate.recorder.log(OUTCOME_EVENT, agent, outcome, "error", execution_id=agent)
+
+    async def _decide(
+        self,
+        request: ActionRequest,
+        proc: AgentProcess | None,
+        why: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> ActionDecision:
+        data: dict[str, Any] = {"action": request.action, "target": request.target}
+        if proc is None:
+            return await self._deny(request, None, request.agent_id or "unknown", data, why)
+        data["agent_name"] = proc.name
+        if why:
+            return await self._deny(request, proc, proc.id, data, why)
         spec = self.actions.get(request.action)
         if spec is None:
-            return await self._deny(proc, proc.id, data, f"unknown action {request.action!r}")
+            return await self._deny(request, proc, proc.id, data, f"unknown action {request.action!r}")
         data["operation"] = spec.permission
         try:
             resource = spec.provider.resource(request)
         except ActionRefused as exc:
-            return await self._deny(proc, proc.id, data, str(exc))
+            return await self._deny(request, proc, proc.id, data, str(exc))
         except Exception as exc:  # a provider's bug refuses, never allows
-            return await self._deny(proc, proc.id, data, f"provider error: {type(exc).__name__}: {exc}")
+            why = f"provider error: {type(exc).__name__}: {exc}"
+            return await self._deny(request, proc, proc.id, data, why)
         data["resource"] = resource
         ctx = {
+            **(context or {}),
             "agent_id": proc.name,
             "agent_name": proc.name,
             "execution_id": proc.id,
@@ -80,20 +174,7 @@ class Submitter:
         data["rule"] = decision.rule_name
         data["policy"] = decision.policy
         decision, record = await self.gate.record_action(proc, proc.id, data, decision)
-        if not decision.allowed:
-            return ActionResult(False, None, decision.reason, record.id)
-        try:
-            output = await spec.provider.run(request)
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__
-            outcome = {**data, "status": "error", "error": error, "decision_id": record.id}
-            done = await self.gate.recorder.log(
-                OUTCOME_EVENT, proc.id, outcome, "error", execution_id=proc.id
-            )
-            return ActionResult(True, None, error, done.id)
-        outcome = {**data, "status": "ok", "decision_id": record.id}
-        done = await self.gate.recorder.log(OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id)
-        return ActionResult(True, output, None, done.id)
+        return ActionDecision(request, proc.id, spec, data, decision, record.id)
 
     def _identify(self, request: ActionRequest) -> tuple[AgentProcess | None, str]:
         running = RUNNING_AGENT.get()
@@ -110,9 +191,19 @@ class Submitter:
         return proc, ""
 
     async def _deny(
-        self, proc: AgentProcess | None, agent_id: str, data: dict[str, Any], reason: str
-    ) -> ActionResult:
+        self,
+        request: ActionRequest,
+        proc: AgentProcess | None,
+        agent_id: str,
+        data: dict[str, Any],
+        reason: str,
+    ) -> ActionDecision:
         decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True)
         body = {"operation": None, "resource": None, **data, "rule": None, "policy": KERNEL_POLICY}
         decision, record = await self.gate.record_action(proc, agent_id, body, decision)
-        return ActionResult(False, None, decision.reason, record.id)
+        return ActionDecision(request, agent_id, None, body, decision, record.id)
+
+
+def _check(request: object) -> None:
+    if not isinstance(request, ActionRequest):
+        raise TypeError(f"submit takes an ActionRequest, got {type(request).__name__}")

@@ -61,7 +61,12 @@ class Mediator(Middleware):
     from the sender it claims (``attach`` decides the default). ``on_release_error``: told
     about each held mediated message that did not go through; its own errors are logged.
     ``held_dropped`` and ``release_failures`` count those (dropped before their turn, failed
-    after it). Raises KernelError for ``reply_prefix`` without ``pending``.
+    after it). ``action_prefix`` (mediated mode, the control-plane service): ingress requests
+    on ``<action_prefix>.<action>`` are actions, and replies to them their outcomes: the
+    mediator makes its structural checks and applies the sender's signals, but neither asks
+    the policy nor records; the handler must (the kernel's action gate,
+    ``kernel.decide_action``, and ``kernel.record_action_outcome``). An action that is not a
+    request is denied. Raises KernelError for ``reply_prefix`` without ``pending``.
     """
 
     def __init__(
@@ -75,15 +80,19 @@ class Mediator(Middleware):
         inbox_prefix: str = "_INBOX",
         trust_bus: bool = False,
         on_release_error: ReleaseErrorHook | None = None,
+        action_prefix: str | None = None,
     ) -> None:
         if reply_prefix is not None and pending is None:
             raise KernelError("mediating replies needs the table of pending requests")
+        if action_prefix is not None and inbound_prefix is None:
+            raise KernelError("actions are mediated on ingress subjects: give inbound_prefix too")
         self.kernel = kernel
         self.process = process
         self.inbound_prefix = inbound_prefix + "." if inbound_prefix else None
         self.reply_prefix = reply_prefix + "." if reply_prefix else None
         self.pending = pending
         self.inbox_prefix = inbox_prefix + "."
+        self.action_prefix = action_prefix + "." if action_prefix else None
         self.trust_bus = trust_bus
         self.gate = kernel.gate
         self.holds = Holds(kernel, on_release_error)
@@ -331,6 +340,16 @@ class Mediator(Middleware):
             )
             if refusal is None:
                 refusal = why
+            if self.action_prefix is not None and resource.startswith(self.action_prefix):
+                if refusal is None and route is None and op != "request":
+                    refusal = "an action is a request: it needs a reply_to"
+                if refusal is None:
+                    # An action or its outcome: the handler decides and records it (the
+                    # kernel's action gate), so that each is one decision, one record.
+                    if route is not None:
+                        route.answered = True  # one reply per request
+                    meta.context["control_plane_sender"] = sender
+                    return "action", None
         elif topic.startswith(_CONTROL):
             op, resource = "signal", topic[len(_CONTROL) :]
         else:

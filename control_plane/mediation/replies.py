@@ -24,6 +24,8 @@ class PendingRequest:
     recipient: str | None
     expires_ns: int
     answered: bool = False
+    note: object = None
+    """What the service keeps with the request until its reply (an action's decision)."""
 
     def expired(self, now_ns: int | None = None) -> bool:
         return (time.time_ns() if now_ns is None else now_ns) >= self.expires_ns
@@ -54,8 +56,10 @@ class PendingRequests:
         topic: str,
         recipient: str | None = None,
         expires_at: int | None = None,
+        note: object = None,
     ) -> PendingRequest:
-        """Note a forwarded request. ``expires_at`` is the request's expiry (ns since the epoch).
+        """Note a forwarded request. ``expires_at`` is the request's expiry (ns since the epoch);
+        ``note`` is kept with the entry (:attr:`PendingRequest.note`).
 
         Raises InboxBusy when ``reply_to`` is still waiting for the reply to another request
         (an answered or expired entry is replaced)."""
@@ -70,6 +74,7 @@ class PendingRequests:
             topic,
             recipient,
             expires_at if expires_at is not None else now + self.default_ttl_ns,
+            note=note,
         )
         self._entries.pop(reply_to, None)
         self._entries[reply_to] = entry

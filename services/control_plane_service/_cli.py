@@ -12,6 +12,7 @@ from agent_os.services._process import (
     verification_from_options,
     verification_options,
 )
+from agent_os.services.control_plane_service._actions import TOOL_SERVICE
 from agent_os.services.control_plane_service._options import (
     RECORDER_FORMS,
     PolicyParam,
@@ -81,6 +82,19 @@ from agent_os.services.control_plane_service._subjects import (
     show_default=True,
     help="Put before every rate-limit key in Redis: one per deployment.",
 )
+@click.option(
+    "--workspace",
+    type=click.Path(exists=True, file_okay=False),
+    help="The directory of the fs.* actions, the tool service's --workspace: actions are "
+    "decided here and run by the tool service (default: no fs.* actions).",
+)
+@click.option(
+    "--tool-service",
+    default=TOOL_SERVICE,
+    show_default=True,
+    callback=lambda ctx, param, value: _agent_id(value, param),
+    help="The agent id of the tool service allowed actions are forwarded to.",
+)
 @log_level_option
 def main(
     broker: str,
@@ -103,6 +117,8 @@ def main(
     agents: list[str] | None,
     rate_limit_store: str | None,
     rate_limit_prefix: str,
+    workspace: str | None,
+    tool_service: str,
     log_level: str,
     key_refresh: float,
 ) -> None:
@@ -141,9 +157,18 @@ def main(
                 rate_limits=RedisRateLimits(rate_limit_store, prefix=rate_limit_prefix)
                 if rate_limit_store
                 else None,
+                workspace=workspace,
+                tool_service=tool_service,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+
+
+def _agent_id(value: str, param: click.Parameter) -> str:
+    try:
+        return check_agent_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 def _roster(value: str | None, param: click.Parameter) -> list[str] | None:

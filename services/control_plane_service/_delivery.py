@@ -111,13 +111,13 @@ def fixed_roster(agents: Iterable[str]) -> Roster:
     return lambda: frozen
 
 
-def identities_roster(iatp: Any, service_id: str) -> Roster:
-    """The agents whose public identities ``iatp`` knows (the service itself excluded),
-    read at each message, so an identity imported later is in it."""
+def identities_roster(iatp: Any, *services: str) -> Roster:
+    """The agents whose public identities ``iatp`` knows (``services`` excluded: the service
+    itself, its tool service), read at each message, so an identity imported later is in it."""
 
     def agents() -> Iterable[str]:
         for agent_id in list(iatp.registry.agents):
-            if agent_id != service_id:
+            if agent_id not in services:
                 try:
                     yield check_agent_id(agent_id)
                 except ValueError:

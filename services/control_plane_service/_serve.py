@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 
 from agent_os.amb import AMB
@@ -12,6 +13,7 @@ from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
 from agent_os.control_plane.policy.ratelimit import SharedRateLimits
 from agent_os.iatp import IATP
 from agent_os.services._process import broker_backend, serving, stop_signals
+from agent_os.services.control_plane_service._actions import TOOL_SERVICE
 from agent_os.services.control_plane_service._rate_limits import RedisRateLimits, share_rate_limits
 from agent_os.services.control_plane_service._service import ControlPlaneService
 from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
@@ -36,6 +38,8 @@ async def serve(
     reply_prefix: str = REPLIES,
     agents: Iterable[str] | None = None,
     rate_limits: SharedRateLimits | None = None,
+    workspace: str | os.PathLike[str] | None = None,
+    tool_service: str = TOOL_SERVICE,
     stop: asyncio.Event | None = None,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
@@ -46,17 +50,19 @@ async def serve(
     ``agents``: the roster a message without a recipient is delivered to (see
     :class:`ControlPlaneService`). ``rate_limits``: where the policy's rule rate limits are
     kept, shared with the other instances (a :class:`RedisRateLimits`, checked to answer at the
-    start, closed at the end). Prints ``ready admin=http://host:port`` on stdout once it
-    takes messages; returns the service (its ``stats``). Raises VerificationRequired (neither
-    or both of ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, ValueError (an
-    agent id or prefix unusable in a subject), ImportError naming the extra
-    to install, or a bus error when it cannot start."""
+    start, closed at the end). ``workspace``: the directory of the ``fs.*`` actions, as the
+    tool service ``tool_service`` has it (actions are decided here, run there). Prints
+    ``ready admin=http://host:port`` on stdout once it takes messages; returns the service
+    (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
+    ``trust_bus``), PolicyLoadError, RecorderError, KernelError (a ``workspace`` that is no
+    directory), ValueError (an agent id or prefix unusable in a subject), ImportError naming
+    the extra to install, or a bus error when it cannot start."""
     from agent_os.control_plane.admin import AdminAPI
 
     held = iatp.registry.signing_key(agent_id) if iatp is not None else None
     if held is not None and recorder.public_key is None:
         recorder.set_signing_key(held[1])  # the recorder signs its heads with the service's key
-    kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+    kernel = KernelSpace(policy=policy, flight_recorder=recorder, workspace=workspace)
     if rate_limits is not None:
         share_rate_limits(kernel.policy, rate_limits)  # kept across admin reloads (in place)
     client = AMB(broker_backend(broker), broker, agent_id=agent_id)
@@ -70,8 +76,10 @@ async def serve(
         iatp=iatp,
         trust_bus=trust_bus,
         agents=agents,
+        tool_service=tool_service,
     )
     stats = service.stats
+    actions = service.actions
     admin = AdminAPI(
         kernel,
         admin_token,
@@ -97,6 +105,10 @@ async def serve(
             "agentos_service_malformed": lambda: client.stats.malformed,
             "agentos_service_invalid_subjects": lambda: client.stats.invalid_subjects,
             "agentos_service_rate_limit_store_failures": lambda: kernel.gate.rate_store_failures,
+            "agentos_service_actions_forwarded": lambda: actions.forwarded,
+            "agentos_service_actions_denied": lambda: actions.denied,
+            "agentos_service_action_outcomes": lambda: actions.outcomes,
+            "agentos_service_action_failures": lambda: actions.failed + actions.answer_failures,
         },
     )
     async with stop_signals(stop) as stopping:

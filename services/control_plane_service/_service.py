@@ -21,6 +21,7 @@ from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.iatp import IATP, IATPMiddleware
 from agent_os.services._identity import require_verification
+from agent_os.services.control_plane_service._actions import ACTION_PREFIX, TOOL_SERVICE, MediatedActions
 from agent_os.services.control_plane_service._delivery import Deliveries, fixed_roster, identities_roster
 from agent_os.services.control_plane_service._subjects import (
     AGENT_DEAD_LETTERS,
@@ -85,6 +86,14 @@ class ControlPlaneService:
     payload and ``dlq-*`` headers, to that sender's own ``<agent_dead_letter_prefix>.<sender>.
     <subject>`` (:func:`dead_letter_subject`); the intended recipients get nothing.
 
+    An ingress request on ``<action_prefix>.<action>`` is an action (``docs/services.md``,
+    "Actions across processes"): decided by the kernel's action gate
+    (``kernel.decide_action``, one record), a denial answered by the service at once, an
+    allowed one forwarded to the delivery subjects of ``tool_service`` (the agent id of
+    ``agent-os serve tools``), and its outcome recorded (``action_outcome``) when the tool
+    service's reply passes. The providers' configuration (``KernelSpace(workspace=...)``)
+    must be the tool service's.
+
     Example::
 
         kernel = KernelSpace(policy=Policy.from_yaml("policy.yaml"))
@@ -106,6 +115,8 @@ class ControlPlaneService:
         trust_bus: bool = False,
         agents: Iterable[str] | None = None,
         agent_dead_letter_prefix: str = AGENT_DEAD_LETTERS,
+        tool_service: str = TOOL_SERVICE,
+        action_prefix: str = ACTION_PREFIX,
     ) -> None:
         require_verification(iatp is not None, trust_bus, "control-plane service")
         for what, prefix in (
@@ -113,6 +124,7 @@ class ControlPlaneService:
             ("delivery prefix", delivery_prefix),
             ("reply prefix", reply_prefix),
             ("agent dead-letter prefix", agent_dead_letter_prefix),
+            ("action prefix", action_prefix),
         ):
             check_prefix(prefix, what)
         others = (
@@ -152,11 +164,22 @@ class ControlPlaneService:
             pending=self.pending,
             inbox_prefix=INBOX,
             on_release_error=self._release_failed,
+            action_prefix=action_prefix,
+        )
+        self.actions = MediatedActions(
+            kernel,
+            self.pending,
+            self._send,
+            self._answer,
+            tool_service=tool_service,
+            delivery_prefix=delivery_prefix,
+            prefix=action_prefix,
+            trust_bus=trust_bus,
         )
         if agents is not None:
             roster = fixed_roster(agents)
         elif iatp is not None:
-            roster = identities_roster(iatp, client.agent_id or "")
+            roster = identities_roster(iatp, client.agent_id or "", tool_service)
         else:
             roster = None
         self.deliveries = Deliveries(kernel, roster, trust_bus=trust_bus)
@@ -199,6 +222,9 @@ class ControlPlaneService:
         # reply_to is the verified requester's own inbox, noted in self.pending. Each
         # recipient gets it on its own delivery subject if the policy lets it receive it.
         topic = metadata.subject[len(self.ingress_prefix) + 1 :]
+        if self.actions.is_action(topic):
+            await self.actions.request(topic, message, metadata)
+            return
         deliveries = self.deliveries
         sent = 0
         for agent in deliveries.recipients(metadata.envelope):
@@ -213,8 +239,30 @@ class ControlPlaneService:
 
     async def _forward_reply(self, message: Any, metadata: Metadata) -> None:
         # Reached only on the instance holding the request, when the mediator allowed the reply.
-        await self._send(metadata.subject[len(self.reply_prefix) + 1 :], metadata)
+        reply_to = metadata.subject[len(self.reply_prefix) + 1 :]
+        await self.actions.outcome(reply_to, message, metadata)
+        await self._send(reply_to, metadata)
         self.stats.replies_forwarded += 1
+
+    async def _answer(self, metadata: Metadata, payload: dict[str, Any]) -> None:
+        # The service's own reply to a request (a denied action): signed by the service when
+        # it has IATP, and sent past its mediator, since the decision is recorded already.
+        assert metadata.reply_to is not None
+        answer = Envelope(
+            new_id(),
+            metadata.reply_to,
+            self.client.agent_id,
+            payload,
+            correlation_id=metadata.id,
+            timestamp=time.time_ns(),
+        )
+        if self.iatp_middleware is not None:
+            await self.iatp_middleware.on_publish(answer, self._publish)
+        else:
+            await self._publish(answer)
+
+    async def _publish(self, envelope: Envelope) -> None:
+        await self.client.broker.publish(envelope.topic, self._encode(envelope), key=envelope.sender)
 
     async def _release_failed(self, envelope: Envelope, metadata: Metadata, error: Exception) -> None:
         # A held message that did not go through after its handler returned (its delivery was
