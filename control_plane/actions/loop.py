@@ -28,6 +28,7 @@ SubmitFn = Callable[[ActionRequest], Awaitable[ActionResult]]
 
 INSTALL_HINT: Final = "AgentLoop calls models through litellm: pip install 'agent-os[llm]'"
 MAX_TOOL_OUTPUT: Final = 20_000
+MAX_TOOL_CALLS: Final = 32
 _RESERVED: Final = frozenset({"model", "messages", "tools", "stream", "stream_options", "timeout"})
 
 
@@ -110,7 +111,8 @@ class AgentLoop:
     ``litellm.acompletion`` arguments: ``temperature`` ...), ``timeout`` (seconds per model
     call), ``retries`` and ``backoff`` (the retry rule of :meth:`run`), ``agent_id`` (put in
     every request; None: the running agent), ``max_tool_output`` (characters of a tool's
-    result the model gets). Raises KernelError for two tools of one name, ``max_turns`` < 1,
+    result the model gets), ``max_tool_calls`` (tool calls of one reply that are submitted; the
+    rest get an error result). Raises KernelError for two tools of one name, ``max_turns`` < 1,
     negative ``retries``, or ``params`` naming what the loop sets itself."""
 
     def __init__(
@@ -130,6 +132,7 @@ class AgentLoop:
         backoff: float = 0.5,
         agent_id: str | None = None,
         max_tool_output: int = MAX_TOOL_OUTPUT,
+        max_tool_calls: int = MAX_TOOL_CALLS,
     ) -> None:
         self.tools: dict[str, ToolDef] = {}
         for tool in tools:
@@ -138,8 +141,10 @@ class AgentLoop:
             if tool.name in self.tools:
                 raise KernelError(f"two tools are named {tool.name!r}")
             self.tools[tool.name] = tool
-        if max_turns < 1 or retries < 0 or timeout <= 0 or max_tool_output < 1:
-            raise KernelError("need max_turns >= 1, retries >= 0, timeout > 0 and max_tool_output >= 1")
+        if max_turns < 1 or retries < 0 or timeout <= 0 or max_tool_output < 1 or max_tool_calls < 1:
+            raise KernelError(
+                "need max_turns >= 1, retries >= 0, timeout > 0, max_tool_output >= 1 and max_tool_calls >= 1"
+            )
         clash = _RESERVED & set(params or {})
         if clash:
             raise KernelError(f"params may not set {', '.join(sorted(clash))}: the loop sets them")
@@ -153,6 +158,7 @@ class AgentLoop:
         self.backoff = backoff
         self.agent_id = agent_id
         self.max_tool_output = max_tool_output
+        self.max_tool_calls = max_tool_calls
         self._params: dict[str, Any] = dict(params or {})
         if api_base is not None:
             self._params["api_base"] = api_base
@@ -203,8 +209,11 @@ class AgentLoop:
             )
             if not reply.calls:
                 return self._done(reply, records, turn, usage, messages, "stop")
-            for call in reply.calls:
-                record = await self._execute_tool_call(call)
+            for n, call in enumerate(reply.calls):
+                if n < self.max_tool_calls:
+                    record = await self._execute_tool_call(call)
+                else:  # a reply asking for hundreds of actions gets only the first ones done
+                    record = _refused(call, f"more than {self.max_tool_calls} tool calls in one reply")
                 records.append(record)
                 self._log_call(turn, record)
                 messages.append({"role": "tool", "tool_call_id": record.id, "content": self._content(record)})

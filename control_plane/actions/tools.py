@@ -106,9 +106,9 @@ def _plain(value: Any) -> Any:
 
 
 def _schema(
-    required: Mapping[str, tuple[str, str]], optional: Mapping[str, tuple[str, str]] = {}
+    required: Mapping[str, tuple[str, str]], optional: Mapping[str, tuple[str, str]] | None = None
 ) -> dict[str, Any]:
-    props = {k: {"type": t, "description": d} for k, (t, d) in {**required, **optional}.items()}
+    props = {k: {"type": t, "description": d} for k, (t, d) in {**required, **(optional or {})}.items()}
     return {"type": "object", "properties": props, "required": list(required), "additionalProperties": False}
 
 

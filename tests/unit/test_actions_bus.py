@@ -13,17 +13,18 @@ from agent_os.control_plane import BusActions, KernelSpace
 from agent_os.control_plane.actions import ActionRefused, ActionRegistry
 from tests.support import Collector, memory_url
 from tests.support.bus_actions import ask_and_answer
+from tests.support.closing import Closing
 
 
 async def test_agent_a_asks_agent_b_and_is_recorded() -> None:
     await ask_and_answer("memory", memory_url("bus-actions"))
 
 
-async def test_publish_goes_out_through_the_governed_client() -> None:
+async def test_publish_goes_out_through_the_governed_client(closing: Closing) -> None:
     url = memory_url("bus-publish")
     async with KernelSpace("permissive") as kernel:
-        a = AMB("memory", url, agent_id="a")
-        b = AMB("memory", url, agent_id="b")
+        a = closing(AMB("memory", url, agent_id="a"))
+        b = closing(AMB("memory", url, agent_id="b"))
         kernel.attach(a)
         BusActions(a).register(kernel.actions)
         got = Collector()
@@ -75,10 +76,10 @@ def test_bad_targets_and_params_are_refused_before_the_decision(
         spec.provider.resource(_request(target, **params))
 
 
-async def test_a_request_nobody_answers_is_an_error_result() -> None:
+async def test_a_request_nobody_answers_is_an_error_result(closing: Closing) -> None:
     url = memory_url("bus-timeout")
     async with KernelSpace("permissive") as kernel:
-        a = AMB("memory", url, agent_id=f"a-{uuid.uuid4().hex[:6]}")
+        a = closing(AMB("memory", url, agent_id=f"a-{uuid.uuid4().hex[:6]}"))
         kernel.attach(a)
         BusActions(a).register(kernel.actions)
         async with a:
@@ -94,11 +95,11 @@ async def test_a_request_nobody_answers_is_an_error_result() -> None:
             assert outcome.data["status"] == "error"
 
 
-async def test_messages_reach_b_unchanged() -> None:
+async def test_messages_reach_b_unchanged(closing: Closing) -> None:
     url = memory_url("bus-meta")
     async with KernelSpace("permissive") as kernel:
-        a = AMB("memory", url, agent_id="a")
-        b = AMB("memory", url, agent_id="b")
+        a = closing(AMB("memory", url, agent_id="a"))
+        b = closing(AMB("memory", url, agent_id="b"))
         kernel.attach(a)
         BusActions(a).register(kernel.actions)
 

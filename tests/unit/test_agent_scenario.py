@@ -13,6 +13,7 @@ from agent_os.amb import AMB, Metadata
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
 from agent_os.control_plane import BUILTIN_TOOLS, BusActions, KernelSpace
 from tests.support import memory_url
+from tests.support.closing import Closing
 
 TOOLS = [BUILTIN_TOOLS[a] for a in ("fs.read", "fs.write", "bus.request")]
 
@@ -23,7 +24,7 @@ def _answer(body: dict[str, Any]) -> Reply:
     return Reply(content=f"The expert says {heard}.")
 
 
-async def test_an_llm_agent_reads_is_denied_asks_and_answers(tmp_path: Path) -> None:
+async def test_an_llm_agent_reads_is_denied_asks_and_answers(tmp_path: Path, closing: Closing) -> None:
     (tmp_path / "question.txt").write_text("What is six times seven?")
     url = memory_url("scenario")
     replies = iter(
@@ -45,8 +46,8 @@ async def test_an_llm_agent_reads_is_denied_asks_and_answers(tmp_path: Path) -> 
         KernelSpace("permissive", workspace=tmp_path) as kernel,
         ScriptedLLMServer({"assistant": script}) as server,
     ):
-        client = AMB("memory", url, agent_id="assistant")
-        expert = AMB("memory", url, agent_id="expert")
+        client = closing(AMB("memory", url, agent_id="assistant"))
+        expert = closing(AMB("memory", url, agent_id="expert"))
         kernel.attach(client)
         kernel.attach(expert)
         BusActions(client).register(kernel.actions)
