@@ -19,6 +19,7 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
+
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[NatsBroker]:
     broker = NatsBroker(NATS_URL)

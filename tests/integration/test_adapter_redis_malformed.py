@@ -19,6 +19,7 @@ from tests.support.servers import REDIS_URL
 pytestmark = pytest.mark.redis
 
 
+
 class Deliveries:
     """A broker-level handler that acks and records what it receives."""
 

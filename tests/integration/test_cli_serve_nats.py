@@ -25,6 +25,7 @@ from tests.support.servers import NATS_URL, PG_DSN
 pytestmark = pytest.mark.nats
 
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> None:
     prefix = f"emk_cli_{uuid.uuid4().hex[:10]}"

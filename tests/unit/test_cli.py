@@ -40,6 +40,7 @@ def test_short_help_on_every_command(args: list[str]) -> None:
     assert short.output.startswith(f"Usage: agent-os {' '.join(args)}".rstrip() + " [OPTIONS]")
 
 
+
 TOKEN = "0123456789abcdef0123456789abcdef"
 CONTROL_PLANE = ["serve", "control-plane", "--broker", "memory://cli", "--admin-token", TOKEN, "--trust-bus"]
 
@@ -101,7 +102,6 @@ def test_policy_and_recorder_forms_that_are_accepted(tmp_path: Path) -> None:
     assert recorder_storage("plain/path.db") == ("sqlite", "plain/path.db")
     assert recorder_storage("postgresql://u@h/db") == ("postgresql", "postgresql://u@h/db")
     assert recorder_storage("postgres://u@h/db") == ("postgresql", "postgres://u@h/db")
-
 
 @pytest.fixture(scope="module")
 def demo() -> tuple[DemoResult, list[str]]:
