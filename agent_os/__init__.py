@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from agent_os.control_plane import (
         ActionRequest,
         ActionResult,
+        AgentLoop,
+        AgentLoopResult,
         AgentSignal,
         FlightRecorder,
         KernelSpace,
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
         Policy,
         PolicyViolationError,
         SignalDispatcher,
+        ToolDef,
+        run_agent_loop,
     )
 
 try:
@@ -36,6 +40,8 @@ except PackageNotFoundError:  # a source tree that was not installed
 _LAZY: dict[str, str] = {
     "ActionRequest": "agent_os.control_plane",
     "ActionResult": "agent_os.control_plane",
+    "AgentLoop": "agent_os.control_plane",
+    "AgentLoopResult": "agent_os.control_plane",
     "AgentSignal": "agent_os.control_plane",
     "FlightRecorder": "agent_os.control_plane",
     "KernelSpace": "agent_os.control_plane",
@@ -43,11 +49,15 @@ _LAZY: dict[str, str] = {
     "Policy": "agent_os.control_plane",
     "PolicyViolationError": "agent_os.control_plane",
     "SignalDispatcher": "agent_os.control_plane",
+    "ToolDef": "agent_os.control_plane",
+    "run_agent_loop": "agent_os.control_plane",
 }
 
 __all__ = [
     "ActionRequest",
     "ActionResult",
+    "AgentLoop",
+    "AgentLoopResult",
     "AgentSignal",
     "FlightRecorder",
     "KernelSpace",
@@ -55,7 +65,9 @@ __all__ = [
     "Policy",
     "PolicyViolationError",
     "SignalDispatcher",
+    "ToolDef",
     "__version__",
+    "run_agent_loop",
 ]
 
 

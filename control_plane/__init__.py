@@ -6,7 +6,17 @@ Read top-down: ``kernel/`` (KernelSpace and its parts) over ``mediation/`` (the 
 ``agent_signal`` and ``errors``. ``admin`` serves a kernel over HTTP. See ``docs/control-plane.md``.
 """
 
-from agent_os.control_plane.actions import ActionRequest, ActionResult
+from agent_os.control_plane.actions import (
+    BUILTIN_TOOLS,
+    ActionRequest,
+    ActionResult,
+    AgentLoop,
+    AgentLoopResult,
+    BusActions,
+    LLMError,
+    ToolDef,
+    run_agent_loop,
+)
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -39,20 +49,25 @@ from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
 __all__ = [
+    "BUILTIN_TOOLS",
     "ActionDecision",
     "ActionRequest",
     "ActionResult",
+    "AgentLoop",
+    "AgentLoopResult",
     "AgentNotFound",
     "AgentSignal",
     "AgentStatus",
     "AgentStoppedError",
     "AgentTimeoutError",
+    "BusActions",
     "ControlPlaneError",
     "Decision",
     "FlightRecorder",
     "HoldQueueFull",
     "KernelError",
     "KernelSpace",
+    "LLMError",
     "Mediator",
     "Pattern",
     "PatternError",
@@ -72,7 +87,9 @@ __all__ = [
     "SignalError",
     "TamperDetected",
     "TokenBucket",
+    "ToolDef",
     "VerificationFailed",
     "VerifyResult",
     "control_subject",
+    "run_agent_loop",
 ]

@@ -2,23 +2,45 @@
 
 ``request`` (ActionRequest, ActionResult), ``provider`` (the Provider protocol, ActionRefused),
 ``registry`` (action name -> provider and permission), ``workspace`` (paths that cannot leave a
-directory) and ``fs`` (the ``fs.*`` providers). The gate that runs them is the kernel's
-(``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions).
+directory), ``fs`` (the ``fs.*`` providers), ``bus`` (the ``bus.*`` providers), ``tools``
+(ToolDef: what an LLM may call) and ``loop`` (AgentLoop: an LLM acting through submit). The
+gate that runs them is the kernel's (``agent_os.control_plane.kernel.submit``). See
+``docs/control-plane.md`` (Actions) and ``docs/agents.md``.
 """
 
+from agent_os.control_plane.actions.bus import BusActions
 from agent_os.control_plane.actions.fs import FileSystem
+from agent_os.control_plane.actions.loop import (
+    AgentLoop,
+    AgentLoopResult,
+    LLMError,
+    TokenUsage,
+    ToolCallRecord,
+    run_agent_loop,
+)
 from agent_os.control_plane.actions.provider import ActionRefused, Provider
 from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
+from agent_os.control_plane.actions.tools import BUILTIN_TOOLS, ToolArgumentError, ToolDef
 from agent_os.control_plane.actions.workspace import Workspace
 
 __all__ = [
+    "BUILTIN_TOOLS",
     "ActionRefused",
     "ActionRegistry",
     "ActionRequest",
     "ActionResult",
     "ActionSpec",
+    "AgentLoop",
+    "AgentLoopResult",
+    "BusActions",
     "FileSystem",
+    "LLMError",
     "Provider",
+    "TokenUsage",
+    "ToolArgumentError",
+    "ToolCallRecord",
+    "ToolDef",
     "Workspace",
+    "run_agent_loop",
 ]

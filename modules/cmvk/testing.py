@@ -14,15 +14,20 @@ travel the real HTTP path through litellm. Each model name has a script of repli
 
 A list of replies is played in order, its last entry repeating; a callable receives the
 request's JSON body and returns the reply. Unscripted models get ``default`` (HTTP 404 when
-None). Needs aiohttp (installed with litellm, the ``llm`` extra).
+None). A reply can carry tool calls (``Reply(tool_calls=[tool_call("read_file", {"path":
+"a.txt"})])``, for agent loops), and a request with ``"stream": true`` is answered as OpenAI
+streams: server-sent events of deltas, a tool call's arguments in pieces, the usage in a last
+chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. Needs aiohttp
+(installed with litellm, the ``llm`` extra).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -30,8 +35,9 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One scripted reply: ``content`` after ``delay`` seconds with ``status``; ``body``
-    replaces the whole response body (e.g. ``"{not json"``)."""
+    """One scripted reply: ``content`` and ``tool_calls`` (see :func:`tool_call`) after
+    ``delay`` seconds with ``status``; ``body`` replaces the whole response body (e.g.
+    ``"{not json"``; a streamed request gets it as is, too)."""
 
     content: str | None = None
     delay: float = 0.0
@@ -39,6 +45,17 @@ class Reply:
     body: str | None = None
     prompt_tokens: int = 20
     completion_tokens: int = 10
+    tool_calls: Sequence[Mapping[str, str]] = ()
+
+
+_call_ids: Iterator[int] = itertools.count(1)
+
+
+def tool_call(name: str, arguments: Mapping[str, Any] | str, id: str | None = None) -> dict[str, str]:
+    """One tool call of a :class:`Reply`: the tool's ``name`` and its ``arguments`` (a mapping,
+    sent as JSON, or the raw text: malformed JSON is allowed); ``id`` defaults to a new one."""
+    text = arguments if isinstance(arguments, str) else json.dumps(dict(arguments))
+    return {"id": id or f"call_{next(_call_ids)}", "name": name, "arguments": text}
 
 
 ScriptSpec = Reply | Sequence[Reply] | Callable[[dict[str, Any]], Reply]
@@ -54,12 +71,14 @@ def verdict(verdict: str, confidence: float = 0.9, reason: str = "checked") -> s
 class Request:
     """A request the server received: the model, the messages, when it arrived and when its
     reply was sent (``time.monotonic()``; ``replied_at`` is None while the reply is pending or
-    when the client gave up first)."""
+    when the client gave up first), the ``tools`` offered and whether it asked to ``stream``."""
 
     model: str
     messages: list[dict[str, Any]]
     at: float
     replied_at: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    stream: bool = False
 
 
 class ScriptedLLMServer:
@@ -111,12 +130,14 @@ class ScriptedLLMServer:
                 {"error": {"message": "bad request", "type": "invalid_request"}}, status=400
             )
         index = len(self.requests)
-        self.requests.append(Request(model, messages, time.monotonic()))
-        response = await self._respond(model, body)  # a client that gave up cancels this
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        stream = body.get("stream") is True
+        self.requests.append(Request(model, messages, time.monotonic(), tools=tools, stream=stream))
+        response = await self._respond(model, body, request)  # a client that gave up cancels this
         self.requests[index] = replace(self.requests[index], replied_at=time.monotonic())
         return response
 
-    async def _respond(self, model: str, body: dict[str, Any]) -> Any:
+    async def _respond(self, model: str, body: dict[str, Any], request: Any) -> Any:
         from aiohttp import web
 
         reply = self._reply_for(model, body)
@@ -131,26 +152,71 @@ class ScriptedLLMServer:
         if reply.status != 200:
             error = {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}}
             return web.json_response(error, status=reply.status)
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(request, model, reply, usage)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in reply.tool_calls
+            ]
         return web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply.content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": reply.prompt_tokens,
-                    "completion_tokens": reply.completion_tokens,
-                    "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-                },
+                "choices": [{"index": 0, "message": message, "finish_reason": _finish(reply)}],
+                "usage": _usage(reply),
             }
         )
+
+    async def _stream(self, request: Any, model: str, reply: Reply, usage: bool) -> Any:
+        from aiohttp import web
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        head = {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            data = json.dumps({**head, "choices": choices, **extra})
+            await response.write(f"data: {data}\n\n".encode())
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+            return [{"index": 0, "delta": d, "finish_reason": finish}]
+
+        await send(delta({"role": "assistant", "content": ""}))
+        for piece in _pieces(reply.content or "", 12):
+            await send(delta({"content": piece}))
+        for i, call in enumerate(reply.tool_calls):
+            first = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": ""},
+            }
+            await send(delta({"tool_calls": [first]}))
+            for piece in _pieces(call["arguments"], 8):
+                await send(delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}))
+        await send(delta({}, _finish(reply)))
+        if usage:
+            await send([], usage=_usage(reply))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def start(self) -> str:
         """Listen on a free port of 127.0.0.1; return ``url``."""
@@ -184,3 +250,19 @@ class ScriptedLLMServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _finish(reply: Reply) -> str:
+    return "tool_calls" if reply.tool_calls else "stop"
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]

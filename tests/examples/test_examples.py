@@ -100,3 +100,12 @@ def test_the_demo_runs_on_the_defaults() -> None:
     assert "verify(): ok=True" in out
     reasons = "1 agent_killed, 1 bad_signature, 1 handler_error, 1 policy_denied, 1 unknown_key"
     assert f"5 dead letters ({reasons})" in out
+
+
+def test_llm_agent_reads_is_denied_asks_and_answers() -> None:
+    out = run("llm_agent.py").splitlines()
+    assert out[0] == "The expert says 42."
+    assert out[1] == "fs.read question.txt: ok"
+    assert out[2].startswith("fs.write /etc/motd: denied: outside ")
+    assert out[3] == "bus.request expert.ask: ok"
+    assert out[4] == "recorder verified: True"
