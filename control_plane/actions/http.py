@@ -165,7 +165,13 @@ class Http:
         """``host``, ``port``, ``scheme``, ``url`` and ``method`` for the policy's conditions."""
         target = self.target(request.target)
         method = _method(request, self.methods)
-        return {"host": target.host, "port": target.port, "scheme": target.scheme, "url": target.url, "method": method}
+        return {
+            "host": target.host,
+            "port": target.port,
+            "scheme": target.scheme,
+            "url": target.url,
+            "method": method,
+        }
 
     async def run(self, request: ActionRequest) -> dict[str, Any]:
         """Do the request. Output: ``status``, ``url`` (the last one, after redirects),
@@ -179,7 +185,9 @@ class Http:
         if content_type is not None and not any(k.lower() == "content-type" for k in headers):
             headers["Content-Type"] = content_type
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(aiohttp, self.allow_private), force_close=True)
+        connector = aiohttp.TCPConnector(
+            resolver=_CheckedResolver(aiohttp, self.allow_private), force_close=True
+        )
         try:
             async with aiohttp.ClientSession(
                 connector=connector, timeout=timeout, trust_env=False, auto_decompress=True
@@ -191,7 +199,9 @@ class Http:
         except TimeoutError:
             raise HttpError(f"{target.url}: no complete response within {self.timeout}s") from None
         except aiohttp.ClientError as exc:
-            raise HttpError(f"{target.url}: {type(exc).__name__}: {exc}") from None
+            cause = getattr(exc, "os_error", None)
+            detail = str(cause) if isinstance(cause, _AddressRefused) else f"{type(exc).__name__}: {exc}"
+            raise HttpError(f"{target.url}: {detail}") from None
 
     async def _fetch(
         self,
@@ -377,6 +387,10 @@ def _aiohttp() -> Any:
     return aiohttp
 
 
+class _AddressRefused(OSError):
+    """A name resolved to an address the provider does not connect to."""
+
+
 class _CheckedResolver:
     """aiohttp's default resolver, refusing names that resolve to a non-public address
     (unless ``allow_private``): checked where the connection is made, so a name cannot
@@ -391,7 +405,9 @@ class _CheckedResolver:
         if not self._allow_private:
             for entry in found:
                 if not public(str(entry["host"])):
-                    raise OSError(f"{host} resolves to {entry['host']}, not a public address (allow_private)")
+                    raise _AddressRefused(
+                        f"{host} resolves to {entry['host']}, not a public address (allow_private)"
+                    )
         return found
 
     async def close(self) -> None:

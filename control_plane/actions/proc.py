@@ -143,7 +143,8 @@ class Process:
         over: list[str] = []
         try:
             async with asyncio.timeout(self.timeout):
-                assert proc.stdout is not None and proc.stderr is not None
+                assert proc.stdout is not None
+                assert proc.stderr is not None
                 results = await asyncio.gather(
                     self._feed(proc, stdin),
                     self._drain(proc, proc.stdout, "stdout", over),
@@ -157,7 +158,9 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 await asyncio.shield(proc.wait())
         if over:
-            raise ProcError(f"{path}: {over[0]} over {self.max_output} bytes (max_output; process group killed)")
+            raise ProcError(
+                f"{path}: {over[0]} over {self.max_output} bytes (max_output; process group killed)"
+            )
         out, err = results[1], results[2]
         if request.params.get("binary", False) is True:
             return {"exit_code": code, "stdout": out, "stderr": err}

@@ -73,7 +73,11 @@ class Sql:
     OPERATION: Final = "sql"
 
     def __init__(
-        self, databases: Mapping[str, str | os.PathLike[str]], *, timeout: float = 30.0, max_rows: int = MAX_ROWS
+        self,
+        databases: Mapping[str, str | os.PathLike[str]],
+        *,
+        timeout: float = 30.0,
+        max_rows: int = MAX_ROWS,
     ) -> None:
         if not isinstance(databases, Mapping) or not databases:
             raise KernelError("Sql needs at least one database: {name: DSN or SQLite path}")
@@ -227,7 +231,9 @@ def _args(request: ActionRequest, db: Database) -> Any:
         raise ActionRefused(f"more than {MAX_ARGS} args")
     for value in values:
         if not isinstance(value, _SCALARS):
-            raise ActionRefused(f"an arg must be str, int, float, bool, bytes or None, got {type(value).__name__}")
+            raise ActionRefused(
+                f"an arg must be str, int, float, bool, bytes or None, got {type(value).__name__}"
+            )
     return bound
 
 

@@ -60,7 +60,8 @@ async def test_a_read_agent_selects_and_cannot_insert(db: Path) -> None:
         assert select.ok, select.error
         assert select.output == {"columns": ["name"], "rows": [["b"]], "truncated": False, "rowcount": -1}
         assert not insert.allowed
-        assert insert.error is not None and "lacks permission for write" in insert.error
+        assert insert.error is not None
+        assert "lacks permission for write" in insert.error
         decision = (await kernel.recorder.query(event_type="policy_decision"))[0]
         assert decision.data["operation"] == "sql"
         assert decision.data["permission"] == "read"
@@ -156,7 +157,8 @@ async def test_the_database_refuses_a_write_the_reading_missed(db: Path) -> None
         Trusting({"app": db}).register(kernel.actions)
         [result] = await _as(kernel, ["read"], ActionRequest("sql.query", "DELETE FROM items WHERE id > 0"))
         assert result.allowed
-        assert result.error is not None and "readonly" in result.error.replace("-", "").replace(" ", "")
+        assert result.error is not None
+        assert "readonly" in result.error.replace("-", "").replace(" ", "")
         [outcome] = await kernel.recorder.query(event_type="action_outcome")
         assert outcome.data["status"] == "error"
     assert len(_rows(db)) == 3
@@ -175,7 +177,8 @@ async def test_malformed_requests_are_refused(db: Path, params: dict[str, Any], 
     async with _kernel(db) as kernel:
         [result] = await _as(kernel, ["read", "write"], ActionRequest("sql.query", "SELECT 1", params))
         assert not result.allowed
-        assert result.error is not None and why in result.error
+        assert result.error is not None
+        assert why in result.error
 
 
 async def test_rows_are_capped_and_a_runaway_statement_times_out(db: Path) -> None:
@@ -192,4 +195,5 @@ async def test_rows_are_capped_and_a_runaway_statement_times_out(db: Path) -> No
         )
         assert many.output == {"columns": ["id"], "rows": [[1], [2]], "truncated": True, "rowcount": -1}
         assert forever.allowed
-        assert forever.error is not None and "timeout" in forever.error
+        assert forever.error is not None
+        assert "timeout" in forever.error

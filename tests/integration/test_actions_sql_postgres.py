@@ -61,7 +61,8 @@ async def test_a_read_agent_selects_and_cannot_insert(table: str) -> None:
         assert select.ok, select.error
         assert select.output == {"columns": ["name"], "rows": [["b"]], "truncated": False, "rowcount": 1}
         assert not insert.allowed
-        assert insert.error is not None and "lacks permission for write" in insert.error
+        assert insert.error is not None
+        assert "lacks permission for write" in insert.error
     assert len(_rows(table)) == 3
 
 
@@ -102,13 +103,18 @@ async def test_a_read_runs_in_a_read_only_transaction(table: str) -> None:
 
     async with KernelSpace("permissive") as kernel:
         Trusting({"main": PG_DSN}).register(kernel.actions)
-        [result] = await _as(kernel, ["read"], ActionRequest("sql.query", f"DELETE FROM {table} WHERE id > 0"))
+        [result] = await _as(
+            kernel, ["read"], ActionRequest("sql.query", f"DELETE FROM {table} WHERE id > 0")
+        )
         assert result.allowed
-        assert result.error is not None and "read-only transaction" in result.error
+        assert result.error is not None
+        assert "read-only transaction" in result.error
     assert len(_rows(table)) == 3
     async with KernelSpace("permissive") as kernel:
         _sql(kernel)
-        [result] = await _as(kernel, ["read"], ActionRequest("sql.query", f"SELECT nextval('{table}_id_seq')"))
+        [result] = await _as(
+            kernel, ["read"], ActionRequest("sql.query", f"SELECT nextval('{table}_id_seq')")
+        )
         assert not result.allowed
 
 
@@ -124,6 +130,7 @@ async def test_the_statement_timeout_and_row_cap_hold(table: str) -> None:
         assert many.output["rows"] == [[1], [2]]
         assert many.output["truncated"] is True
         assert slow.allowed
-        assert slow.error is not None and "timeout" in slow.error
+        assert slow.error is not None
+        assert "timeout" in slow.error
         [_, outcome] = await kernel.recorder.query(event_type="action_outcome")
         assert outcome.data["status"] == "error"
