@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 from collections.abc import Collection, Iterable, Mapping
@@ -113,8 +114,11 @@ class Process:
         return path
 
     def context(self, request: ActionRequest) -> dict[str, Any]:
-        """``argv`` (the program's path and the args) and ``cwd`` for the policy's conditions."""
-        return {"argv": [self.program(request.target), *_argv(request)], "cwd": self._cwd(request)}
+        """``argv`` (the program's path and the args, a list), ``command`` (the argv quoted as
+        a shell would need, one string for ``$regex`` conditions; never run by a shell) and
+        ``cwd`` for the policy's conditions."""
+        argv = [self.program(request.target), *_argv(request)]
+        return {"argv": argv, "command": shlex.join(argv), "cwd": self._cwd(request)}
 
     async def run(self, request: ActionRequest) -> dict[str, Any]:
         """Run the program. Output: ``exit_code`` (negative: killed by that signal),
