@@ -71,7 +71,7 @@ class Http:
 
     ``allow``: host names (``api.example.com``) and wildcards (``*.example.com``: any name
     below, not the name itself); empty allows nothing. ``ports``: the ports a URL may name
-    (None: any). ``methods``: the methods allowed (upper-case). ``max_response``: the most
+    (None: any). ``methods``: the methods allowed (None: :data:`METHODS`). ``max_response``: the most
     body bytes read (past it the request fails); ``max_body``: the largest request body;
     ``timeout``: seconds for the whole request, redirects included; ``max_redirects``: how
     many redirects to follow (0: none, the 3xx response is the output), each target checked
@@ -87,7 +87,7 @@ class Http:
         allow: Iterable[str],
         *,
         ports: Collection[int] | None = (80, 443),
-        methods: Collection[str] = METHODS,
+        methods: Collection[str] | None = None,
         max_response: int = MAX_RESPONSE,
         max_body: int = MAX_BODY,
         timeout: float = 30.0,
@@ -116,7 +116,7 @@ class Http:
         self.allow = frozenset(exact)
         self.allow_suffixes = frozenset(suffixes)
         self.ports = None if ports is None else frozenset(ports)
-        self.methods = frozenset(m.upper() for m in methods)
+        self.methods = METHODS if methods is None else frozenset(m.upper() for m in methods)
         self.max_response = max_response
         self.max_body = max_body
         self.timeout = float(timeout)

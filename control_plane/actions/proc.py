@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.control_plane.actions.provider import ActionRefused
-from agent_os.control_plane.actions.workspace import Workspace
+from agent_os.control_plane.actions.workspace import Workspace, describe
 from agent_os.control_plane.errors import KernelError
 
 if TYPE_CHECKING:
@@ -130,6 +130,12 @@ class Process:
         cwd = self._cwd(request)
         env = {**self.env, **self._env(request)}
         stdin = _stdin(request, self.max_stdin)
+        if self.workspace is not None:  # no symlink on the way, as for the fs.* actions
+            _, parts = self.workspace.resolve(cwd)
+            try:
+                os.close(self.workspace.open_dir(parts))
+            except OSError as exc:
+                raise ProcError(describe(exc, str(request.params.get("cwd", ".")))) from None
         try:
             proc = await asyncio.create_subprocess_exec(
                 path,
