@@ -239,7 +239,7 @@ class Http:
                 if request.params.get("binary", False) is True:
                     content: str | bytes = data
                 else:
-                    content = data.decode(response.charset or "utf-8", "replace")
+                    content = _decode(data, response.charset)
                 return {"status": response.status, "url": target.url, "headers": out_headers, "body": content}
 
     async def _read(self, response: Any, target: Target) -> bytes:
@@ -377,6 +377,13 @@ def _body(request: ActionRequest, limit: int) -> tuple[bytes | None, str | None]
     if len(data) > limit:
         raise ActionRefused(f"request body of {len(data)} bytes is over the limit of {limit} (max_body)")
     return data, content_type
+
+
+def _decode(data: bytes, charset: str | None) -> str:
+    try:
+        return data.decode(charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", "replace")
 
 
 def _aiohttp() -> Any:

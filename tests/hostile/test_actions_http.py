@@ -30,6 +30,9 @@ class Server:
 async def server() -> AsyncIterator[Server]:
     release = asyncio.Event()
 
+    async def odd(request: web.Request) -> web.Response:
+        return web.Response(body=b"caf\xc3\xa9", headers={"Content-Type": "text/plain; charset=x-no-such"})
+
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello", headers={"X-Seen-Host": request.host})
 
@@ -60,7 +63,7 @@ async def server() -> AsyncIterator[Server]:
 
     app = web.Application()
     app.add_routes([
-        web.get("/hello", hello), web.route("*", "/echo", echo), web.get("/big", big),
+        web.get("/hello", hello), web.get("/odd", odd), web.route("*", "/echo", echo), web.get("/big", big),
         web.get("/slow", slow), web.route("*", "/redirect", redirect),
     ])  # fmt: skip
     runner = web.AppRunner(app, shutdown_timeout=1)
@@ -93,11 +96,12 @@ def _local(**options: Any) -> Http:
 async def test_get_and_post_to_an_allowed_host(server: Server) -> None:
     async with KernelSpace("permissive") as kernel:
         _local().register(kernel.actions)
-        get, post, raw = await _submit(
+        get, post, raw, odd = await _submit(
             kernel,
             ActionRequest("net.http", f"{server.base}/hello"),
             ActionRequest("net.http", f"{server.base}/echo", {"method": "post", "json": {"a": 1}}),
             ActionRequest("net.http", f"{server.base}/hello", {"binary": True}),
+            ActionRequest("net.http", f"{server.base}/odd"),
         )
         assert get.ok, get.error
         assert get.output["status"] == 200
@@ -108,6 +112,7 @@ async def test_get_and_post_to_an_allowed_host(server: Server) -> None:
             == '{"method": "POST", "body": "{\\"a\\": 1}", "type": "application/json", "auth": null}'
         )
         assert raw.output["body"] == b"hello"
+        assert odd.output["body"] == "café"  # an unknown charset: read as UTF-8
         decision = (await kernel.recorder.query(event_type="policy_decision"))[0]
         assert decision.data["operation"] == "network"
         assert decision.data["resource"] == f"{server.base}/hello"
