@@ -170,6 +170,7 @@ class Sql:
         try:
             if reads:
                 conn.execute("PRAGMA query_only = ON")
+            conn.set_authorizer(_sqlite_authorizer)
             conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1_000)
             cursor = conn.execute(sql, args)
             rows = cursor.fetchmany(self.max_rows + 1) if cursor.description else []
@@ -211,6 +212,15 @@ class Sql:
             raise SqlError(f"statement timeout ({self.timeout}s)") from None
         except psycopg.Error as exc:
             raise SqlError(f"{type(exc).__name__}: {exc}") from None
+
+
+_SQLITE_REFUSED: Final = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
+
+
+def _sqlite_authorizer(action: int, *_: str | None) -> int:
+    """Keeps a statement on its configured file: ATTACH (which opens or creates any file the
+    process can reach) and DETACH are denied."""
+    return sqlite3.SQLITE_DENY if action in _SQLITE_REFUSED else sqlite3.SQLITE_OK
 
 
 def _args(request: ActionRequest, db: Database) -> Any:

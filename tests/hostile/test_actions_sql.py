@@ -197,3 +197,15 @@ async def test_rows_are_capped_and_a_runaway_statement_times_out(db: Path) -> No
         assert forever.allowed
         assert forever.error is not None
         assert "timeout" in forever.error
+
+
+async def test_attach_cannot_reach_another_file_even_without_the_guard(db: Path, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere.db"
+    async with _kernel(db) as kernel:
+        [result] = await _as(
+            kernel, ["read", "write"], ActionRequest("sql.query", f"ATTACH DATABASE '{other}' AS x")
+        )
+        assert result.allowed
+        assert result.error is not None
+        assert "not authorized" in result.error
+    assert not other.exists()
