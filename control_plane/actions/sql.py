@@ -85,6 +85,8 @@ class Sql:
         for name, where in databases.items():
             if not isinstance(name, str) or not name:
                 raise KernelError(f"a database name is a non-empty string, got {name!r}")
+            if not isinstance(where, str | os.PathLike):
+                raise KernelError(f"database {name!r}: a DSN or a path, got {type(where).__name__}")
             text = os.fspath(where)
             if text.startswith(_PG_SCHEMES):
                 self.databases[name] = Database("postgresql", text)
