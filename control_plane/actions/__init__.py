@@ -1,15 +1,17 @@
 """Actions: what an agent does to the world, through ``kernel.submit(ActionRequest)``.
 
 ``request`` (ActionRequest, ActionResult), ``provider`` (the Provider protocol, ActionRefused),
-``registry`` (action name -> provider and permission), ``workspace`` (paths that cannot leave a
-directory), ``fs`` (the ``fs.*`` providers), ``bus`` (the ``bus.*`` providers), ``tools``
-(ToolDef: what an LLM may call) and ``loop`` (AgentLoop: an LLM acting through submit). The
-gate that runs them is the kernel's (``agent_os.control_plane.kernel.submit``). See
-``docs/control-plane.md`` (Actions) and ``docs/agents.md``.
+``registry`` (action name -> provider, permission and operation), ``workspace`` (paths that
+cannot leave a directory), the providers: ``fs`` (``fs.*``), ``http`` (``net.http``), ``sql``
+(``sql.query``), ``proc`` (``proc.exec``) and ``bus`` (``bus.*``); ``tools`` (ToolDef: what an
+LLM may call) and ``loop`` (AgentLoop: an LLM acting through submit). The gate that runs them is
+the kernel's (``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions)
+and ``docs/agents.md``.
 """
 
 from agent_os.control_plane.actions.bus import BusActions
 from agent_os.control_plane.actions.fs import FileSystem
+from agent_os.control_plane.actions.http import Http
 from agent_os.control_plane.actions.loop import (
     AgentLoop,
     AgentLoopResult,
@@ -18,9 +20,11 @@ from agent_os.control_plane.actions.loop import (
     ToolCallRecord,
     run_agent_loop,
 )
+from agent_os.control_plane.actions.proc import Process
 from agent_os.control_plane.actions.provider import ActionRefused, Provider
 from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
+from agent_os.control_plane.actions.sql import Sql
 from agent_os.control_plane.actions.tools import BUILTIN_TOOLS, ToolArgumentError, ToolDef
 from agent_os.control_plane.actions.workspace import Workspace
 
@@ -35,8 +39,11 @@ __all__ = [
     "AgentLoopResult",
     "BusActions",
     "FileSystem",
+    "Http",
     "LLMError",
+    "Process",
     "Provider",
+    "Sql",
     "TokenUsage",
     "ToolArgumentError",
     "ToolCallRecord",

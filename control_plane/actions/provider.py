@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent_os.control_plane.errors import ControlPlaneError
@@ -23,8 +24,39 @@ class Provider(Protocol):
     ``resource(request)``: the resource the policy judges (a normalized path, a URL ...);
     raises ActionRefused when the request cannot be acted on. ``run(request)``: does the
     action and returns its output; what it raises becomes the result's ``error``. ``run`` is
-    only called after ``resource`` returned and the kernel allowed the action."""
+    only called after ``resource`` returned and the kernel allowed the action.
+
+    Two optional methods, looked up on the object (not part of the protocol's check):
+    ``permission(request) -> str``, the permission this request needs when it depends on the
+    request (``sql.query``: ``read`` for a query that only reads, else ``write``), and
+    ``context(request) -> Mapping``, extra fields for the policy's context (the kernel's own
+    fields win over them). Both are called before the decision and may raise ActionRefused."""
 
     def resource(self, request: ActionRequest) -> str: ...
 
     async def run(self, request: ActionRequest) -> Any: ...
+
+
+def request_permission(provider: Provider, request: ActionRequest, default: str) -> str:
+    """The permission ``request`` needs: the provider's optional ``permission(request)``, or
+    ``default`` (the registered one). Raises ActionRefused (or what the method raises) when
+    the provider cannot tell; a value that is not a non-empty string is refused."""
+    method = getattr(provider, "permission", None)
+    if not callable(method):
+        return default
+    permission = method(request)
+    if not isinstance(permission, str) or not permission:
+        raise ActionRefused(f"the provider gave no permission for this request ({permission!r})")
+    return permission
+
+
+def request_context(provider: Provider, request: ActionRequest) -> Mapping[str, Any]:
+    """Extra fields for the policy's context: the provider's optional ``context(request)``
+    (``net.http``: ``host``, ``port``, ``scheme``, ``method``), or nothing."""
+    method = getattr(provider, "context", None)
+    if not callable(method):
+        return {}
+    fields = method(request)
+    if not isinstance(fields, Mapping):
+        raise ActionRefused(f"the provider's context is not a mapping ({type(fields).__name__})")
+    return fields

@@ -19,14 +19,22 @@ _PERMISSION: Final = re.compile(r"[a-z][a-z0-9_]*")
 
 @dataclass(frozen=True, slots=True)
 class ActionSpec:
-    """An action: its ``name``, the ``provider`` that does it, and the ``permission`` it needs.
+    """An action: its ``name``, the ``provider`` that does it, the ``permission`` it needs and
+    the policy ``operation`` it is judged as (default: the permission).
 
-    The permission is also the policy operation the action is judged as (its resource is the
-    provider's ``resource(request)``; the action's name is the context field ``action``)."""
+    The resource is the provider's ``resource(request)``; the action's name is the context
+    field ``action``. A provider with a ``permission(request)`` method decides the permission
+    per request (``sql.query``: ``read`` or ``write``); ``permission`` is then the most it can
+    need, for listings."""
 
     name: str
     provider: Provider
     permission: str
+    operation: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.operation:
+            object.__setattr__(self, "operation", self.permission)
 
 
 class ActionRegistry:
@@ -36,25 +44,36 @@ class ActionRegistry:
         self._specs: dict[str, ActionSpec] = {}
 
     def register(
-        self, action: str, provider: Provider, permission: str, *, replace: bool = False
+        self,
+        action: str,
+        provider: Provider,
+        permission: str,
+        *,
+        operation: str | None = None,
+        replace: bool = False,
     ) -> ActionSpec:
         """Let ``provider`` do ``action`` for agents holding ``permission``.
 
         ``action``: dotted lower-case words (``fs.read``, ``crm.lookup``); ``permission``: one
-        lower-case word (``read``, ``write``, ``execute``, ``network``, or your own).
-        Raises KernelError for a bad name or permission, an object that is not a Provider, or
-        an action already registered (unless ``replace``)."""
+        lower-case word (``read``, ``write``, ``execute``, ``network``, or your own);
+        ``operation``: the policy operation it is judged as (one lower-case word; default:
+        the permission). Raises KernelError for a bad name, permission or operation, an
+        object that is not a Provider, or an action already registered (unless ``replace``)."""
         if not isinstance(action, str) or _NAME.fullmatch(action) is None:
             raise KernelError(f"an action name is dotted lower-case words (like 'fs.read'), got {action!r}")
         if not isinstance(permission, str) or _PERMISSION.fullmatch(permission) is None:
             raise KernelError(f"a permission is one lower-case word (like 'read'), got {permission!r}")
+        if operation is not None and (
+            not isinstance(operation, str) or _PERMISSION.fullmatch(operation) is None
+        ):
+            raise KernelError(f"an operation is one lower-case word (like 'sql'), got {operation!r}")
         if not isinstance(provider, Provider):
             raise KernelError(
                 f"{provider!r} is not a provider: it needs resource(request) and async run(request)"
             )
         if action in self._specs and not replace:
             raise KernelError(f"action {action!r} is already registered (pass replace=True)")
-        spec = ActionSpec(action, provider, permission)
+        spec = ActionSpec(action, provider, permission, operation or permission)
         self._specs[action] = spec
         return spec
 

@@ -59,15 +59,20 @@ class Gate:
         resource: str,
         context: Mapping[str, Any] | None = None,
         proc: AgentProcess | None = None,
+        *,
+        permission: str | None = None,
     ) -> Decision:
         """The policy's decision, after the agent's permissions (no recording, no raising).
-        ``proc``: the acting agent (default: the running agent, if any)."""
+        ``proc``: the acting agent (default: the running agent, if any); ``permission``: the
+        permission checked (default: the operation; an action judged as another operation,
+        like ``sql.query``, passes its own)."""
         proc = proc if proc is not None else RUNNING_AGENT.get()
-        if proc is not None and not permitted(proc, operation):
+        needed = operation if permission is None else permission
+        if proc is not None and not permitted(proc, needed):
             return Decision(
                 False,
                 "deny",
-                f"agent {proc.name} lacks permission for {operation}",
+                f"agent {proc.name} lacks permission for {needed}",
                 self.policy.name,
                 violation=True,
             )

@@ -7,8 +7,9 @@ The order, and why (``docs/control-plane.md``, Actions):
    or, outside agent code, a process the kernel knows by ``agent_id``; anything else is denied;
 2. signals: a stopped agent waits here until SIGCONT; a killed (or finished) one is denied;
 3. the action: it must be registered, and its provider must accept the target (``resource``);
-4. the gate: the agent's permissions, then the policy on (permission, resource) with the
-   action's context, then rate-limit tokens (per agent name);
+4. the gate: the agent's permissions (the action's, or the provider's ``permission(request)``),
+   then the policy on (operation, resource) with the action's context (and the provider's
+   ``context(request)`` fields), then rate-limit tokens (per agent name);
 5. the provider runs; its output or its error is the outcome.
 
 A denial at any step is one ``policy_violation`` record; an allowed action is one
@@ -25,7 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent_os.control_plane.actions.provider import ActionRefused
+from agent_os.control_plane.actions.provider import (
+    ActionRefused,
+    request_context,
+    request_permission,
+)
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError, KernelError
 from agent_os.control_plane.policy.decision import Decision
@@ -152,16 +157,21 @@ class Submitter:
         spec = self.actions.get(request.action)
         if spec is None:
             return await self._deny(request, proc, proc.id, data, f"unknown action {request.action!r}")
-        data["operation"] = spec.permission
+        data["operation"] = spec.operation
         try:
             resource = spec.provider.resource(request)
+            permission = request_permission(spec.provider, request, spec.permission)
+            extra = request_context(spec.provider, request)
         except ActionRefused as exc:
             return await self._deny(request, proc, proc.id, data, str(exc))
         except Exception as exc:  # a provider's bug refuses, never allows
             why = f"provider error: {type(exc).__name__}: {exc}"
             return await self._deny(request, proc, proc.id, data, why)
         data["resource"] = resource
+        if permission != spec.operation:
+            data["permission"] = permission
         ctx = {
+            **extra,  # the provider's fields (host, argv ...), under the caller's and the kernel's
             **(context or {}),
             "agent_id": proc.name,
             "agent_name": proc.name,
@@ -170,7 +180,7 @@ class Submitter:
             "target": request.target,
             "params": request.params,
         }
-        decision = self.gate.decide(spec.permission, resource, ctx, proc)
+        decision = self.gate.decide(spec.operation, resource, ctx, proc, permission=permission)
         data["rule"] = decision.rule_name
         data["policy"] = decision.policy
         decision, record = await self.gate.record_action(proc, proc.id, data, decision)

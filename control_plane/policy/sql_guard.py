@@ -55,6 +55,9 @@ FUNCTIONS: Final = {
     ), "server"),
 }  # fmt: skip
 
+WRITING_FUNCTIONS: Final = frozenset({"nextval", "setval"})
+"""Functions that write though they are called by a query (for :func:`statements_reading`)."""
+
 _ALIASES: Final = {"postgres": "postgresql", "mariadb": "mysql", "sqlite3": "sqlite"}
 _ANY: Final = ("postgresql", "mysql", "sqlite")
 
@@ -130,3 +133,27 @@ def _judge_for(dialect: str, allow: frozenset[str]) -> Judge:
             f"unknown SQL dialect {dialect!r}: 'any', 'postgresql', 'mysql', 'sqlite' or a sqlglot dialect"
         )
     return judge
+
+
+def statements_reading(text: str, dialect: str) -> list[bool] | None:
+    """For each statement of ``text``, whether it only reads (a query, EXPLAIN or SHOW, with
+    nothing inside that writes, locks or acts on the server), read by ``dialect``'s parser
+    (``postgresql``: PostgreSQL's own; others: sqlglot); None when the parser cannot read the
+    text, or for an unknown dialect. Never raises. A caller that needs a permission reads
+    None, and any False, as a write (fail closed); the database should still run a read in a
+    read-only transaction, since a function called by a query can write."""
+    if not isinstance(text, str) or "\0" in text or len(text) > MAX_SQL_LENGTH:
+        return None
+    name = _ALIASES.get(dialect.strip().lower(), dialect.strip().lower())
+    try:
+        if name == "postgresql":
+            from agent_os.control_plane.policy.sql_postgres import reads_postgres
+
+            return reads_postgres(text)
+        from agent_os.control_plane.policy.sql_sqlglot import reads_sqlglot
+
+        return reads_sqlglot(text, name)
+    except RecursionError:
+        return None
+    except Exception:  # fail closed: whatever a parser does means "cannot tell"
+        return None

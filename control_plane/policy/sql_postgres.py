@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from pglast import parser
 
-from agent_os.control_plane.policy.sql_guard import CATEGORY_WORDS, FUNCTIONS
+from agent_os.control_plane.policy.sql_guard import CATEGORY_WORDS, FUNCTIONS, WRITING_FUNCTIONS
 
 _READINGS_MAX: Final = 4
 
@@ -201,3 +201,28 @@ def _last_name(names: Any) -> str:
         if isinstance(value, str):
             return value.lower()
     return ""
+
+
+_READ_TOPS: Final = frozenset({"SelectStmt", "ExplainStmt", "VariableShowStmt"})
+
+
+def reads_postgres(text: str) -> list[bool]:
+    """For each statement of ``text`` as PostgreSQL parses it, whether it only reads: a
+    SELECT (or EXPLAIN, SHOW) with no other statement inside, no ``INTO``, no ``FOR UPDATE``
+    and no function of :data:`FUNCTIONS`. Raises ``pglast.parser.ParseError`` for text the
+    parser does not take."""
+    tree = json.loads(parser.parse_sql_json(text))
+    found = []
+    for raw in tree.get("stmts", ()):
+        [(kind, body)] = raw["stmt"].items()
+        found.append(kind in _READ_TOPS and all(_only_reads(k, n, top) for k, n, top in _nodes(kind, body)))
+    return found
+
+
+def _only_reads(kind: str, node: dict[str, Any], top: bool) -> bool:
+    if kind == "FuncCall":
+        name = _last_name(node.get("funcname", ()))
+        return name not in FUNCTIONS and name not in WRITING_FUNCTIONS
+    if kind == "SelectStmt":
+        return "intoClause" not in node and "lockingClause" not in node
+    return top or not kind.endswith("Stmt")

@@ -21,7 +21,7 @@ from sqlglot.dialects.dialect import Dialect
 from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import ParseError, TokenError
 
-from agent_os.control_plane.policy.sql_guard import CATEGORY_WORDS, FUNCTIONS
+from agent_os.control_plane.policy.sql_guard import CATEGORY_WORDS, FUNCTIONS, WRITING_FUNCTIONS
 
 
 class _MySQLAnsiQuotes(MySQL):
@@ -334,3 +334,39 @@ def _category(what: str, category: str, allow: frozenset[str]) -> str | None:
 
 def _set_args(node: exp.Expr) -> dict[str, Any]:
     return {k: v for k, v in node.args.items() if v is not None and v is not False and v != []}
+
+
+_WRITES: Final = (
+    exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter, exp.Command,
+    exp.TruncateTable, exp.Into, exp.Lock, exp.Set, exp.Pragma, exp.Transaction, exp.Commit,
+    exp.Rollback, exp.Use,
+)  # fmt: skip
+
+
+def reads_sqlglot(text: str, dialect: str) -> list[bool]:
+    """For each statement of ``text`` as sqlglot reads ``dialect``, whether it only reads: a
+    query (SELECT, a set operation, VALUES) with no writing node inside and no function of
+    :data:`FUNCTIONS`. Raises sqlglot's errors for text it does not read, and ValueError for
+    an unknown dialect."""
+    reader = Dialect.get_or_raise(dialect)
+    _quiet.on = True
+    try:
+        statements = reader.parse(text)
+    finally:
+        _quiet.on = False
+    found = []
+    for statement in statements:
+        if statement is None:
+            continue
+        query = isinstance(statement, exp.Select | exp.SetOperation | exp.Values)
+        found.append(query and not any(_writes(node) for node in statement.walk()))
+    return found
+
+
+def _writes(node: exp.Expr) -> bool:
+    if isinstance(node, _WRITES):
+        return True
+    if isinstance(node, exp.Func):
+        name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
+        return name in FUNCTIONS or name in WRITING_FUNCTIONS
+    return isinstance(node, exp.Select) and bool(node.args.get("locks"))
