@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Pattern,
         Policy,
         PolicyViolationError,
+        RateLimitExceeded,
         SignalDispatcher,
     )
 
@@ -42,6 +43,7 @@ _LAZY: dict[str, str] = {
     "Pattern": "agent_os.control_plane",
     "Policy": "agent_os.control_plane",
     "PolicyViolationError": "agent_os.control_plane",
+    "RateLimitExceeded": "agent_os.control_plane",
     "SignalDispatcher": "agent_os.control_plane",
 }
 
@@ -54,6 +56,7 @@ __all__ = [
     "Pattern",
     "Policy",
     "PolicyViolationError",
+    "RateLimitExceeded",
     "SignalDispatcher",
     "__version__",
 ]

@@ -11,8 +11,9 @@ The order, and why (``docs/control-plane.md``, Actions):
    action's context, then rate-limit tokens (per agent name);
 5. the provider runs; its output or its error is the outcome.
 
-A denial at any step is one ``policy_violation`` record; an allowed action is one
-``policy_decision`` record and one ``action_outcome`` record.
+A denial at any step is one record whose event type says its kind: ``action_blocked`` (steps
+1-3), ``permission_denied``, ``policy_violation`` or ``rate_limit_exceeded`` (step 4); an
+allowed action is one ``policy_decision`` record and one ``action_outcome`` record.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError
-from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
+
+from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry
@@ -31,7 +34,6 @@ if TYPE_CHECKING:
     from agent_os.control_plane.kernel.processes import ProcessTable
 
 OUTCOME_EVENT = "action_outcome"
-KERNEL_POLICY = "kernel"  # the policy name of denials the kernel makes before the policy
 
 
 class Submitter:
@@ -112,7 +114,7 @@ class Submitter:
     async def _deny(
         self, proc: AgentProcess | None, agent_id: str, data: dict[str, Any], reason: str
     ) -> ActionResult:
-        decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True)
+        decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True, kind=ACTION_BLOCKED)
         body = {"operation": None, "resource": None, **data, "rule": None, "policy": KERNEL_POLICY}
         decision, record = await self.gate.record_action(proc, agent_id, body, decision)
         return ActionResult(False, None, decision.reason, record.id)

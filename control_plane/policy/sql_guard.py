@@ -113,6 +113,11 @@ class SqlGuard:
                 return why
         return None
 
+    def readers(self) -> list[Callable[[str], bool]]:
+        """One function per dialect of this guard: whether that dialect's parser reads a text
+        as statements (see :class:`~agent_os.control_plane.policy.sql_content.SqlContent`)."""
+        return [_reader_for(d) for d in (_ANY if self.dialect == "any" else (self.dialect,))]
+
     def __repr__(self) -> str:
         return f"SqlGuard({self.dialect!r}, allow={sorted(self.allow)}, max_length={self.max_length})"
 
@@ -130,3 +135,16 @@ def _judge_for(dialect: str, allow: frozenset[str]) -> Judge:
             f"unknown SQL dialect {dialect!r}: 'any', 'postgresql', 'mysql', 'sqlite' or a sqlglot dialect"
         )
     return judge
+
+
+def _reader_for(dialect: str) -> Callable[[str], bool]:
+    if dialect == "postgresql":
+        from agent_os.control_plane.policy.sql_postgres import reads_postgres
+
+        return reads_postgres
+    from agent_os.control_plane.policy.sql_sqlglot import sqlglot_reads
+
+    reads = sqlglot_reads(dialect)
+    if reads is None:  # not reached: the guard was built for this dialect
+        raise PolicyError(f"unknown SQL dialect {dialect!r}")
+    return reads

@@ -201,3 +201,12 @@ def _last_name(names: Any) -> str:
         if isinstance(value, str):
             return value.lower()
     return ""
+
+
+def reads_postgres(text: str) -> bool:
+    """Whether PostgreSQL's parser reads ``text`` as one or more statements."""
+    try:
+        tree = json.loads(parser.parse_sql_json(text))
+    except parser.ParseError:
+        return False
+    return bool(tree.get("stmts"))

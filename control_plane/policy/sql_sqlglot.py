@@ -334,3 +334,31 @@ def _category(what: str, category: str, allow: frozenset[str]) -> str | None:
 
 def _set_args(node: exp.Expr) -> dict[str, Any]:
     return {k: v for k, v in node.args.items() if v is not None and v is not False and v != []}
+
+
+# What sqlglot reads when text is not a statement: a bare expression (a column name, a literal,
+# an operation) or a word it does not know followed by anything (a Command).
+_NOT_STATEMENTS: Final = (exp.Command, exp.Condition, exp.Alias, exp.Identifier, exp.Tuple)
+
+
+def sqlglot_reads(dialect: str) -> Callable[[str], bool] | None:
+    """Whether ``dialect``'s reading (MySQL: the default ``sql_mode``) makes ``text`` one or
+    more statements, none of them a bare expression or an unknown command; None when sqlglot
+    does not know the dialect."""
+    try:
+        reader = MySQL() if dialect == "mysql" else Dialect.get_or_raise(dialect)
+    except ValueError:
+        return None
+
+    def reads(text: str) -> bool:
+        _quiet.on = True
+        try:
+            statements = reader.parse(text)
+        except (ParseError, TokenError):
+            return False
+        finally:
+            _quiet.on = False
+        found = [s for s in statements if s is not None]
+        return bool(found) and not any(isinstance(s, _NOT_STATEMENTS) for s in found)
+
+    return reads
