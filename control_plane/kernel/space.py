@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import os
 import uuid
@@ -20,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.registry import ActionRegistry
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # An agent function: what ``register`` takes, and (for type checkers) what it gives back.
 _AgentFn = TypeVar("_AgentFn", bound=Callable[..., Awaitable[Any]])
+_P = ParamSpec("_P")
 
 
 class Verifier(Protocol):
@@ -86,15 +88,16 @@ class KernelSpace:
     becomes this kernel's; default: a new one; ``SignalDispatcher(kernel, ...)`` later replaces
     it, keeping its handlers), ``max_concurrent_agents``, ``timeout`` (default seconds per
     execution), ``debug`` (log every decision, signal and lifecycle record; sets the
-    ``agent_os.control_plane`` logger to DEBUG); ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``),
-    ``signal_timeout`` (how long a signal sent to another process waits for its answer),
-    ``keep_finished``: how many finished executions (``execute``/``spawn``) stay known for
-    ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
+    ``agent_os.control_plane`` logger to DEBUG); ``permissions`` (the trust-edge hook for
+    ``conditions={"permission": ...}``), ``signal_timeout`` (how long a signal sent to another
+    process waits for its answer), ``keep_finished``: how many finished executions
+    (``execute``/``spawn``) stay known for ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
     attached bus agents are always kept), so a long-running kernel does not grow without bound.
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
-    Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError for ``keep_finished < 0``, a
-    ``signal_dispatcher`` bound to another kernel, or a ``workspace`` that is not a directory.
+    Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError
+    for ``keep_finished < 0``, a ``signal_dispatcher`` bound to another kernel, or a
+    ``workspace`` that is not a directory.
     """
 
     def __init__(
@@ -120,7 +123,8 @@ class KernelSpace:
                 each.permissions = permissions
         dispatcher = signal_dispatcher if signal_dispatcher is not None else SignalDispatcher()
         self.recorder = flight_recorder or FlightRecorder(storage="memory")
-        self.gate = Gate(chosen[0] if len(chosen) == 1 else PolicySet(chosen), self.recorder, dispatcher, debug)
+        policy_in_force = chosen[0] if len(chosen) == 1 else PolicySet(chosen)
+        self.gate = Gate(policy_in_force, self.recorder, dispatcher, debug)
         self.processes = ProcessTable(self.recorder, dispatcher.queue_size)
         self.bus = BusAttachment(self)
         self.adopt(dispatcher)
@@ -132,6 +136,7 @@ class KernelSpace:
         self.signal_timeout = signal_timeout
         self.modules: list[Verifier] = []
         self._agents: dict[Callable[..., Any], RegisteredAgent] = {}
+        self._governed: set[Callable[..., Any]] = set()  # the wrappers register returned
         self._runs: dict[str, asyncio.Task[Any]] = {}
         self._last: AgentProcess | None = None
         self._admission = Admission(max_concurrent_agents)
@@ -206,7 +211,7 @@ class KernelSpace:
             if not asyncio.iscoroutinefunction(f):
                 raise KernelError("an agent must be an async function")
             agent = RegisteredAgent(
-                name or f.__name__,
+                name or getattr(f, "__name__", None) or type(f).__name__,
                 f,
                 frozenset(permissions) if permissions is not None else None,
                 RateLimiter(RateLimit(rate_limit, 60.0)) if rate_limit is not None else None,
@@ -218,7 +223,70 @@ class KernelSpace:
                 return await self.execute(governed, *args, **kwargs)
 
             self._agents[f] = self._agents[governed] = agent
+            self._governed.add(governed)
             return governed
+
+        return decorator(fn) if fn is not None else decorator
+
+    @overload
+    def govern(
+        self,
+        fn: Callable[_P, Any],
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Callable[_P, Awaitable[Any]]: ...
+
+    @overload
+    def govern(
+        self,
+        fn: None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Callable[[Callable[_P, Any]], Callable[_P, Awaitable[Any]]]: ...
+
+    def govern(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Any:
+        """Put an existing agent function under this kernel: ``@kernel.govern`` or
+        ``kernel.govern(fn, name=..., ...)`` (the options of :meth:`register`).
+
+        Returns an ``async`` wrapper whose every call is a governed execution (as
+        :meth:`execute`: the run decision on its arguments, supervision, records). An ``async``
+        function is registered as it is; a plain function (say, a framework's ``invoke``) runs
+        in a worker thread (``asyncio.to_thread``), and an awaitable it returns is awaited. A
+        function this kernel already governs is returned unchanged. Raises KernelError for
+        something that is not callable."""
+
+        def decorator(f: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            if f in self._governed:
+                return f
+            if not callable(f):
+                raise KernelError(f"kernel.govern needs a function, got {type(f).__name__}")
+            if asyncio.iscoroutinefunction(f):
+                agent: Callable[..., Awaitable[Any]] = f
+            else:
+
+                @functools.wraps(f)
+                async def agent(*args: Any, **kwargs: Any) -> Any:
+                    result = await asyncio.to_thread(f, *args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
+
+            agent_name = name or getattr(f, "__name__", None) or type(f).__name__
+            return self.register(
+                agent, name=agent_name, permissions=permissions, rate_limit=rate_limit, priority=priority
+            )
 
         return decorator(fn) if fn is not None else decorator
 

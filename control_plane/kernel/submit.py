@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError
+from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
-
-from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry

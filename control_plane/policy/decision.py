@@ -71,8 +71,9 @@ class Decision:
     also in audit mode where the action still proceeds; ``signal`` is the rule's
     ``on_violation`` signal, to send to the offending agent; ``rate_limited`` marks a deny from
     an empty bucket; ``kind`` is the event type of a violation that is not a rate limit's
-    (:data:`POLICY_VIOLATION`, :data:`PERMISSION_DENIED`, :data:`ACTION_BLOCKED`). ``rate_checks``: tokens of shared buckets still to take before this
-    allow stands (the gate takes them, and records the outcome: see ``Gate.note_record``).
+    (:data:`POLICY_VIOLATION`, :data:`PERMISSION_DENIED`, :data:`ACTION_BLOCKED`).
+    ``rate_checks``: tokens of shared buckets still to take before this allow stands (the
+    gate takes them, and records the outcome: see ``Gate.note_record``).
     """
 
     allowed: bool

@@ -210,7 +210,7 @@ class Policy:
                 get("trust_level", _MISSING),
                 get("agent_id", _MISSING),
             )
-            hit = compiled.decisions.get(key)
+            hit = None if key is None else compiled.decisions.get(key)
         except Exception:  # an unhashable context value: evaluate without the cache
             key = hit = None
         if hit is not None:

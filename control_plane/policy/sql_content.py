@@ -18,15 +18,17 @@ from agent_os.control_plane.policy.sql_guard import SqlGuard
 # The words a statement can start with in the dialects the guard reads (PostgreSQL, MySQL and
 # MariaDB, SQLite, and the usual heads of other dialects). Text holding none of them as a word
 # cannot be a statement: the fast path for free text is this one search.
-STATEMENT_HEADS: Final = frozenset("""
-    abort alter analyse analyze attach backup begin binlog cache call change checkpoint check
-    checksum close cluster comment commit copy create deallocate declare delete desc describe
-    detach discard do drop end exec execute explain fetch flush get grant handler help import
-    insert install kill listen load lock merge move notify optimize pragma prepare purge reassign
-    refresh reindex release rename repair replace reset resignal restore revoke rollback
-    savepoint security select set show shutdown signal start stop table truncate uninstall
-    unlisten unlock update upsert use vacuum values with xa
-""".split())
+STATEMENT_HEADS: Final = frozenset({
+    "abort", "alter", "analyse", "analyze", "attach", "backup", "begin", "binlog", "cache", "call",
+    "change", "checkpoint", "check", "checksum", "close", "cluster", "comment", "commit", "copy",
+    "create", "deallocate", "declare", "delete", "desc", "describe", "detach", "discard", "do", "drop",
+    "end", "exec", "execute", "explain", "fetch", "flush", "get", "grant", "handler", "help", "import",
+    "insert", "install", "kill", "listen", "load", "lock", "merge", "move", "notify", "optimize",
+    "pragma", "prepare", "purge", "reassign", "refresh", "reindex", "release", "rename", "repair",
+    "replace", "reset", "resignal", "restore", "revoke", "rollback", "savepoint", "security", "select",
+    "set", "show", "shutdown", "signal", "start", "stop", "table", "truncate", "uninstall", "unlisten",
+    "unlock", "update", "upsert", "use", "vacuum", "values", "with", "xa",
+})  # fmt: skip
 _HEAD: Final = re.compile(r"\b(?:" + "|".join(sorted(STATEMENT_HEADS)) + r")\b", re.IGNORECASE | re.ASCII)
 
 
@@ -52,7 +54,9 @@ class SqlContent:
         guard = self.guard
         if len(text) > guard.max_length:
             return guard(text)
-        parts = [text, *(p for p in text.split(";") if _HEAD.search(p) is not None)] if ";" in text else [text]
+        parts = [text]
+        if ";" in text:
+            parts += [p for p in text.split(";") if _HEAD.search(p) is not None]
         try:
             sql = any(reads(part) for part in parts for reads in self._reads)
         except Exception as exc:  # fail closed: a parser's failure on SQL-like text denies
