@@ -91,8 +91,9 @@ class KernelSpace:
     ``agent_os.control_plane`` logger to DEBUG); ``permissions`` (the trust-edge hook for
     ``conditions={"permission": ...}``), ``signal_timeout`` (how long a signal sent to another
     process waits for its answer), ``keep_finished``: how many finished executions
-    (``execute``/``spawn``) stay known for ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
-    attached bus agents are always kept), so a long-running kernel does not grow without bound.
+    (``execute``/``spawn``) stay known for ``get_agent_status``/``wait_all`` before the
+    oldest are forgotten (running agents and attached bus agents are always kept), so a
+    long-running kernel does not grow without bound.
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
     Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError
