@@ -29,7 +29,7 @@ from agent_os.control_plane.kernel.signals import SignalDispatcher
 from agent_os.control_plane.kernel.space import KernelSpace
 from agent_os.control_plane.mediation.control import control_subject
 from agent_os.control_plane.mediation.mediator import Mediator
-from agent_os.control_plane.policy.decision import VIOLATION_EVENTS, Decision, Rule
+from agent_os.control_plane.policy.decision import DECISION_EVENTS, VIOLATION_EVENTS, Decision, Rule
 from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
@@ -38,6 +38,7 @@ from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
 __all__ = [
+    "DECISION_EVENTS",
     "VIOLATION_EVENTS",
     "ActionRequest",
     "ActionResult",

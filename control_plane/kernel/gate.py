@@ -194,15 +194,16 @@ class Gate:
         if decision.rate_checks:
             return self._settle_rate(proc, agent_id, data, decision, signal_to, plain)
         violation = decision.violation
+        event = decision.violation_event if violation else "policy_decision"
         if self.debug:
-            log.debug("policy_decision %s: %s", proc.id if proc is not None else agent_id, data)
+            log.debug("%s %s: %s", event, proc.id if proc is not None else agent_id, data)
         severity = "warning" if violation else "info"
         target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
         signal = decision.signal if violation and target is not None else None
         recorder = self.recorder
         if not recorder.ready:
-            return self._record_slowly(proc, agent_id, data, severity, violation, target, signal)
-        recorder.append("policy_decision", proc.id if proc else agent_id, data, severity, None, plain)
+            return self._record_slowly(proc, agent_id, data, decision, target, signal)
+        recorder.append(event, proc.id if proc else agent_id, data, severity, None, plain)
         if proc is not None:
             if violation:
                 proc.violations_count += 1
@@ -345,12 +346,14 @@ class Gate:
         proc: AgentProcess | None,
         agent_id: str,
         data: dict[str, Any],
-        severity: str,
-        violation: bool,
+        decision: Decision,
         target: str | None,
         signal: AgentSignal | None,
     ) -> None:
-        await self.recorder.log("policy_decision", proc.id if proc else agent_id, data, severity)
+        violation = decision.violation
+        event = decision.violation_event if violation else "policy_decision"
+        severity = "warning" if violation else "info"
+        await self.recorder.log(event, proc.id if proc else agent_id, data, severity)
         _count(proc, violation)
         if signal is not None and target is not None:
             await self.signals.send(target, signal, sender="policy")

@@ -25,6 +25,9 @@ ACTION_BLOCKED: Final = "action_blocked"
 agent acting as another, a killed or finished agent."""
 VIOLATION_EVENTS: Final = (POLICY_VIOLATION, PERMISSION_DENIED, RATE_LIMIT_EXCEEDED, ACTION_BLOCKED)
 """Every violation event type: ``recorder.query(event_type=VIOLATION_EVENTS)`` finds every denial."""
+DECISION_EVENTS: Final = ("policy_decision", *VIOLATION_EVENTS)
+"""The event types of decisions on messages and actions: ``policy_decision`` (allowed) and the
+violations."""
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from agent_os.control_plane import (
 )
 from agent_os.control_plane.policy.content import MAX_DEPTH, MAX_TEXTS, argument_texts
 from tests.support import memory_url
+from tests.support.closing import Closing
 
 
 def _readme_kernel() -> KernelSpace:
@@ -358,21 +359,23 @@ async def test_250_runs_of_one_agent_100_allowed_the_rest_denied_and_recorded() 
         assert await kernel.recorder.query(event_type="policy_violation") == []
 
 
-async def test_runs_actions_and_messages_of_an_agent_share_its_budget(tmp_path: Path) -> None:
+async def test_runs_actions_and_messages_of_an_agent_share_its_budget(
+    tmp_path: Path, closing: Closing
+) -> None:
     (tmp_path / "a.txt").write_text("a")
     async with KernelSpace(policies=[Policy.rate_limit(4, "1h")], workspace=tmp_path) as kernel:
-        bus = AMB("memory", memory_url("runs"), agent_id="bob")
+        bus = closing(AMB("memory", memory_url("runs"), agent_id="bob"))
         kernel.attach(bus)
-        async with bus:
+        await bus.connect()
 
-            @kernel.register(name="bob")
-            async def bob() -> bool:
-                return (await kernel.submit(ActionRequest("fs.read", "a.txt"))).allowed
+        @kernel.register(name="bob")
+        async def bob() -> bool:
+            return (await kernel.submit(ActionRequest("fs.read", "a.txt"))).allowed
 
-            assert await kernel.execute(bob) is True  # tokens 1 (run) and 2 (action)
-            await bus.publish("reports.daily", {"n": 1})  # token 3 (message)
-            assert await kernel.execute(bob) is False  # token 4 (run); the action has none left
-            with pytest.raises(RateLimitExceeded):
-                await bus.publish("reports.daily", {"n": 2})
-            with pytest.raises(RateLimitExceeded):
-                await kernel.execute(bob)
+        assert await kernel.execute(bob) is True  # tokens 1 (run) and 2 (action)
+        await bus.publish("reports.daily", {"n": 1})  # token 3 (message)
+        assert await kernel.execute(bob) is False  # token 4 (run); the action has none left
+        with pytest.raises(RateLimitExceeded):
+            await bus.publish("reports.daily", {"n": 2})
+        with pytest.raises(RateLimitExceeded):
+            await kernel.execute(bob)
