@@ -188,8 +188,8 @@ class Policy:
         default: Action | None = None,
     ) -> Decision:
         """Decide on ``operation`` on ``resource``; first matching rule wins, else the default
-        (``default``, when given, instead of the policy's ``default_action``: the kernel's
-        ``run`` decisions use ``"allow"``, as registration is the grant to run).
+        (``default``, when given, instead of the policy's ``default_action``, cached apart: the
+        kernel's ``run`` decisions use ``"allow"``, as registration is the grant to run).
 
         A condition that cannot be decided (NaN, a string compared with a number ...) matches
         a deny rule and not an allow rule. Never raises: an error while evaluating denies
@@ -201,7 +201,7 @@ class Policy:
         try:
             get = ctx.get
             key: tuple[Any, ...] | None
-            key = None if default is not None else (
+            key = (
                 operation,
                 resource,
                 get("sender", _MISSING),
@@ -210,7 +210,9 @@ class Policy:
                 get("trust_level", _MISSING),
                 get("agent_id", _MISSING),
             )
-            hit = None if key is None else compiled.decisions.get(key)
+            if default is not None:  # another default, another decision: never the same key
+                key += (default,)
+            hit = compiled.decisions.get(key)
         except Exception:  # an unhashable context value: evaluate without the cache
             key = hit = None
         if hit is not None:

@@ -9,10 +9,10 @@ whole, and so fails closed like any SQL. What counts, and why: ``docs/control-pl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Final
 
+from agent_os.control_plane.policy.regex import compile_regex
 from agent_os.control_plane.policy.sql_guard import SqlGuard
 
 # The words a statement can start with in the dialects the guard reads (PostgreSQL, MySQL and
@@ -29,7 +29,8 @@ STATEMENT_HEADS: Final = frozenset({
     "set", "show", "shutdown", "signal", "start", "stop", "table", "truncate", "uninstall", "unlisten",
     "unlock", "update", "upsert", "use", "vacuum", "values", "with", "xa",
 })  # fmt: skip
-_HEAD: Final = re.compile(r"\b(?:" + "|".join(sorted(STATEMENT_HEADS)) + r")\b", re.IGNORECASE | re.ASCII)
+# RE2: one linear scan whatever the number of words (Python's re tries each word at each place).
+_HEAD: Final = compile_regex(r"(?i)\b(?:" + "|".join(sorted(STATEMENT_HEADS)) + r")\b")
 
 
 class SqlContent:

@@ -379,3 +379,14 @@ async def test_runs_actions_and_messages_of_an_agent_share_its_budget(
             await bus.publish("reports.daily", {"n": 2})
         with pytest.raises(RateLimitExceeded):
             await kernel.execute(bob)
+
+
+def test_a_default_given_to_evaluate_is_cached_apart_from_the_policys_own() -> None:
+    strict = Policy.builtin("strict")
+    for _ in range(2):  # the second round answers from the decision cache
+        assert strict.evaluate("run", "agent", {"agent_id": "agent"}, default="allow").allowed
+        assert not strict.evaluate("run", "agent", {"agent_id": "agent"}).allowed
+    sql = Policy.no_destructive_sql()
+    for text, allowed in [("revenue", True), ("DROP TABLE t", False), ("revenue", True)]:
+        ctx = {"agent_id": "agent", "content": (text,)}
+        assert sql.evaluate("run", "agent", ctx, default="allow").allowed is allowed  # never cached
