@@ -33,14 +33,21 @@ STATEMENT_HEADS: Final = frozenset({
 _HEAD: Final = compile_regex(r"(?i)\b(?:" + "|".join(sorted(STATEMENT_HEADS)) + r")\b")
 
 
+# What a server may run that no parser shows as a statement: MySQL's and MariaDB's executable
+# comments, and a NUL (a server reading up to it, or past it, sees other text than the parsers).
+_HIDDEN: Final = compile_regex(r"(?i)/\*m?!|\x00")
+
+
 class SqlContent:
     """``check(text)``: why ``text`` is destructive SQL for ``guard``, or None when it is not
     SQL or is harmless SQL.
 
     ``text`` reads as SQL when a parser of one of the guard's dialects reads it, or one of its
     ``;``-separated parts, as statements (not as a bare expression or an unknown command);
-    then the guard judges the whole text. A text over the guard's ``max_length`` holding a
-    statement word is not read: it is refused (fail closed). Never raises.
+    then the guard judges the whole text. A text holding a statement word and an executable
+    comment (``/*! ... */``, ``/*M! ... */``) or a NUL, or over the guard's ``max_length``, is
+    judged by the guard without asking whether it reads as SQL (the guard refuses them: fail
+    closed). Never raises.
     """
 
     __slots__ = ("_reads", "guard")
@@ -53,7 +60,7 @@ class SqlContent:
         if _HEAD.search(text) is None:
             return None
         guard = self.guard
-        if len(text) > guard.max_length:
+        if len(text) > guard.max_length or _HIDDEN.search(text) is not None:
             return guard(text)
         parts = [text]
         if ";" in text:

@@ -135,6 +135,11 @@ HOSTILE = [
     "TRUNCATE users",
     "UPDATE users SET admin = true",
     "SELECT pg_terminate_backend(42)",
+    "/*! DROP TABLE users */",  # MySQL runs executable comments; no parser shows a statement
+    "/*M!100000 DROP TABLE users */",
+    "\x00DROP TABLE users",
+    "BEGIN; DROP TABLE users; COMMIT;",
+    "Robert'); DROP TABLE Students;--",
     "x" * 9000 + " SELECT 1",  # over the guard's bound, holding a statement word: refused
 ]
 
