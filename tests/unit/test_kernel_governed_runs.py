@@ -140,6 +140,7 @@ HOSTILE = [
     "\x00DROP TABLE users",
     "BEGIN; DROP TABLE users; COMMIT;",
     "Robert'); DROP TABLE Students;--",
+    "DROP TABLE u\u0455ers",  # a Cyrillic letter in the name: still an identifier to PostgreSQL
     "x" * 9000 + " SELECT 1",  # over the guard's bound, holding a statement word: refused
 ]
 
