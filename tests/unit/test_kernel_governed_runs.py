@@ -141,6 +141,13 @@ HOSTILE = [
     "BEGIN; DROP TABLE users; COMMIT;",
     "Robert'); DROP TABLE Students;--",
     "DROP TABLE u\u0455ers",  # a Cyrillic letter in the name: still an identifier to PostgreSQL
+    # statements MySQL runs that sqlglot falls back on (a Command) and PostgreSQL does not read
+    "PREPARE s FROM 'DROP TABLE users'; EXECUTE s",
+    "EXECUTE IMMEDIATE 'DROP TABLE users'",
+    "LOAD DATA INFILE '/tmp/rows' REPLACE INTO TABLE users",
+    "CREATE TRIGGER t AFTER INSERT ON log FOR EACH ROW DELETE FROM users",
+    "DELETE users FROM users JOIN log ON 1 = 1",
+    "BEGIN NOT ATOMIC DELETE FROM users; END",
     "x" * 9000 + " SELECT 1",  # over the guard's bound, holding a statement word: refused
 ]
 
@@ -152,6 +159,14 @@ FREE_TEXT = [
     "Please drop me a note when the report is ready",
     "Select the best region and update me",
     "What is 2+2?",
+    "Update the dashboard",
+    "Drop the report for me",
+    "Create a chart of revenue",
+    "Load the truck",
+    "Call me maybe",
+    "Replace the bulb",
+    "Set up the report",
+    "Execute the plan for Q3",
     "",
     "ＤＲＯＰ TABLE users",  # fullwidth letters: no parser reads this as a statement
     "SELECT region, sum(amount) FROM sales GROUP BY region",
