@@ -12,6 +12,7 @@ import pytest
 from agent_os import ActionRequest
 from agent_os.amb import AMB
 from agent_os.control_plane import (
+    DECISION_EVENTS,
     VIOLATION_EVENTS,
     KernelError,
     KernelSpace,
@@ -400,6 +401,29 @@ async def test_runs_actions_and_messages_of_an_agent_share_its_budget(
             await bus.publish("reports.daily", {"n": 2})
         with pytest.raises(RateLimitExceeded):
             await kernel.execute(bob)
+        limited = await kernel.recorder.query(event_type="rate_limit_exceeded")
+        assert [r.data["operation"] for r in limited] == ["read", "publish", "run"]  # one each
+
+
+async def test_message_denials_are_recorded_by_kind(closing: Closing) -> None:
+    policy = Policy("bus", default_action="allow")
+    policy.add_rule("deny", Pattern("publish", "secrets.*"), reason="no secrets")
+    async with KernelSpace(policy) as kernel:
+        bus = closing(AMB("memory", memory_url("kinds"), agent_id="carol"))
+        kernel.attach(bus)
+        await bus.connect()
+        await bus.publish("reports.daily", 1)
+        with pytest.raises(PolicyViolationError):
+            await bus.publish("secrets.keys", 2)
+        kernel.get_agent("carol").permissions = frozenset({"read"})
+        with pytest.raises(PolicyViolationError):
+            await bus.publish("reports.daily", 3)
+        records = await kernel.recorder.query(event_type=DECISION_EVENTS)
+        assert [(r.event_type, r.data["resource"]) for r in records] == [
+            ("policy_decision", "reports.daily"),
+            ("policy_violation", "secrets.keys"),
+            ("permission_denied", "reports.daily"),
+        ]
 
 
 def test_a_default_given_to_evaluate_is_cached_apart_from_the_policys_own() -> None:
