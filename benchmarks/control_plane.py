@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_os.amb import AMB, Metadata
-from agent_os.control_plane import FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, FlightRecorder, KernelSpace, Pattern, Policy
 from agent_os.iatp import IATP
 from benchmarks._report import write_section
 
@@ -183,7 +183,7 @@ class Governed:
 
     async def close(self) -> None:
         if self.kernel is not None:
-            records = len(await self.kernel.recorder.query(event_type="policy_decision"))
+            records = len(await self.kernel.recorder.query(event_type=DECISION_EVENTS))
             assert records == 2 * self.sent, records  # one decision out, one in, per message
             await self.kernel.close()
         await self.pub.close()

@@ -40,7 +40,7 @@ from agent_os.control_plane.kernel.space import KernelSpace
 from agent_os.control_plane.kernel.submit import ActionDecision
 from agent_os.control_plane.mediation.control import control_subject
 from agent_os.control_plane.mediation.mediator import Mediator
-from agent_os.control_plane.policy.decision import Decision, Rule
+from agent_os.control_plane.policy.decision import DECISION_EVENTS, VIOLATION_EVENTS, Decision, Rule
 from agent_os.control_plane.policy.patterns import Pattern
 from agent_os.control_plane.policy.policy import Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
@@ -50,6 +50,8 @@ from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "DECISION_EVENTS",
+    "VIOLATION_EVENTS",
     "ActionDecision",
     "ActionRequest",
     "ActionResult",

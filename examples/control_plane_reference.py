@@ -12,14 +12,24 @@ whether the signal comes from ``dispatcher.send`` or ``kernel.send_signal``; ``a
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent_os import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy, SignalDispatcher
+from agent_os import (
+    ActionRequest,
+    AgentSignal,
+    FlightRecorder,
+    KernelSpace,
+    Pattern,
+    Policy,
+    SignalDispatcher,
+)
 from agent_os.amb import AMB, Metadata
+from agent_os.control_plane import AgentStoppedError
 
 
 async def transform(data: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +238,94 @@ def policy_examples() -> None:
         print(op, resource, decision.action, decision.reason, decision.signal)
 
 
+class OfflineHttp:
+    """A stand-in ``net.http`` provider, registered only while the kernel has none: the example's
+    network call is refused on permission, before any provider runs."""
+
+    def resource(self, request: ActionRequest) -> str:
+        return request.target
+
+    async def run(self, request: ActionRequest) -> Any:
+        raise RuntimeError("offline: this example makes no network calls")
+
+
+def workspace(folder: str) -> Path:
+    """The agents' workspace: a report to read, a folder of PHI not to write."""
+    root = Path(folder).resolve()
+    (root / "data/reports").mkdir(parents=True)
+    (root / "data/phi").mkdir()
+    (root / "data/reports/q1.json").write_text('{"region": "north", "revenue": "41"}')
+    return root
+
+
+async def action_examples(root: Path) -> None:
+    """The reference's "Register with permissions" and healthcare policy, as actions: what the
+    agents do goes through ``kernel.submit``; the violations are found as the reference queries
+    them."""
+    data = f"{root}/data"
+
+    policy = Policy(name="healthcare_policy", default_action="deny")
+    policy.add_rule(
+        action="allow",
+        pattern=Pattern(operation="read", resource=f"{data}/*", exclude=[f"{data}/phi/*", f"{data}/pii/*"]),
+        reason="Allow reading non-sensitive data",
+    )
+    policy.add_rule(
+        action="deny",
+        pattern=Pattern(operation="write", resource=f"{data}/phi/*"),
+        reason="PHI write requires explicit approval",
+        on_violation="SIGKILL",  # Immediate termination
+    )
+    policy.add_rule(action="allow", pattern=Pattern(operation="write", resource=f"{data}/reports/*"))
+    policy.add_rule(
+        action="allow",
+        pattern=Pattern(operation="network", resource="https://api.approved-service.com/*"),
+        rate_limit=100,  # Max 100 calls per minute
+    )
+    kernel = KernelSpace(policy=policy, workspace=root)
+    if kernel.actions.get("net.http") is None:
+        kernel.actions.register("net.http", OfflineHttp(), "network")
+
+    @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
+    async def data_processor(input_data: dict[str, Any]) -> dict[str, Any]:
+        """Process data with read/write permissions."""
+        # Kernel enforces: only read/write actions allowed
+        source = await kernel.submit(ActionRequest("fs.read", input_data["path"]))
+        result = await transform(json.loads(source.output))
+        saved = await kernel.submit(
+            ActionRequest("fs.write", "data/reports/q1.upper.json", {"content": json.dumps(result)})
+        )
+        # Network calls would be blocked
+        call = await kernel.submit(
+            ActionRequest("net.http", "https://api.approved-service.com/v1/push", {"method": "POST"})
+        )
+        print("network:", call.allowed, call.error)
+        return {"status": "success", "data": result, "saved": saved.ok}
+
+    @kernel.register(name="records_clerk", permissions=["read", "write"])
+    async def records_clerk(patient: str) -> str:
+        await kernel.submit(ActionRequest("fs.write", f"data/phi/{patient}.json", {"content": "{}"}))
+        return "written"  # not reached: the denying rule's SIGKILL ends the agent
+
+    print(await kernel.execute(data_processor, {"path": "data/reports/q1.json"}))
+    try:
+        await kernel.execute(records_clerk, "patient_001")
+    except AgentStoppedError as exc:
+        print("records_clerk:", type(exc).__name__)
+
+    violations = await kernel.recorder.query(
+        event_type="policy_violation",
+        start_time=datetime.now() - timedelta(hours=1),
+        end_time=datetime.now(),
+        limit=100,
+    )
+    for v in violations:
+        print(v.event_type, v.data["agent_name"], v.data["action"], v.data["target"], v.data["reason"])
+    denials = await kernel.recorder.query(event_type=["policy_violation", "permission_denied"])
+    print("denials:", [(d.event_type, d.data["action"]) for d in denials])
+    await kernel.close()
+
+
 async def recorder_examples(folder: Path) -> None:
     recorder = FlightRecorder(storage="sqlite", connection_string=str(folder / "audit.db"))
     await recorder.log(
@@ -291,6 +389,8 @@ async def main() -> None:
     await signal_control_example()
     await dispatcher_examples()
     policy_examples()
+    with tempfile.TemporaryDirectory() as folder:
+        await action_examples(workspace(folder))
     with tempfile.TemporaryDirectory() as folder:
         await recorder_examples(Path(folder))
 

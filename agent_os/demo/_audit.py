@@ -7,6 +7,7 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
+from agent_os.control_plane.policy.decision import VIOLATION_EVENTS
 from agent_os.control_plane.recorder.records import canonical_data
 from agent_os.demo._scene import Scene
 
@@ -25,7 +26,7 @@ async def flight_recorder(scene: Scene) -> None:
     result.records = Counter(r.event_type for r in records)
     top = ", ".join(f"{n} {kind}" for kind, n in result.records.most_common())
     say.note(f"{len(records)} records in {scene.recorder_path.name}: {top}")
-    denials = [r for r in records if r.event_type == "policy_decision" and r.data["decision"] == "deny"]
+    denials = [r for r in records if r.event_type in VIOLATION_EVENTS and r.data["decision"] == "deny"]
     for r in denials:
         d = r.data
         say.note(f"  #{r.seq:<4} deny {d['operation']} {d['resource']} by {r.agent_id}: {d['reason']}")

@@ -11,16 +11,19 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from agent_os.control_plane.policy.decision import Decision
-from agent_os.control_plane.policy.policy import Policy
+from agent_os.control_plane.policy.content import argument_texts
+from agent_os.control_plane.policy.decision import PERMISSION_DENIED, Decision
+from agent_os.control_plane.policy.policy import RUN_OPERATION, Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 
 if TYPE_CHECKING:
     from agent_os.control_plane.agent_signal import AgentSignal
+    from agent_os.control_plane.policy.ratelimit import RateLimiter
     from agent_os.control_plane.recorder import FlightRecorder, Record
 
 log = logging.getLogger(__name__)
+KERNEL_POLICY: Final = "kernel"  # the policy name of denials the kernel makes itself
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
 
 
@@ -75,6 +78,7 @@ class Gate:
                 f"agent {proc.name} lacks permission for {needed}",
                 self.policy.name,
                 violation=True,
+                kind=PERMISSION_DENIED,
             )
         return self.policy.evaluate(operation, resource, context)
 
@@ -195,15 +199,16 @@ class Gate:
         if decision.rate_checks:
             return self._settle_rate(proc, agent_id, data, decision, signal_to, plain)
         violation = decision.violation
+        event = decision.violation_event if violation else "policy_decision"
         if self.debug:
-            log.debug("policy_decision %s: %s", proc.id if proc is not None else agent_id, data)
+            log.debug("%s %s: %s", event, proc.id if proc is not None else agent_id, data)
         severity = "warning" if violation else "info"
         target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
         signal = decision.signal if violation and target is not None else None
         recorder = self.recorder
         if not recorder.ready:
-            return self._record_slowly(proc, agent_id, data, severity, violation, target, signal)
-        recorder.append("policy_decision", proc.id if proc else agent_id, data, severity, None, plain)
+            return self._record_slowly(proc, agent_id, data, decision, target, signal)
+        recorder.append(event, proc.id if proc else agent_id, data, severity, None, plain)
         if proc is not None:
             if violation:
                 proc.violations_count += 1
@@ -249,6 +254,65 @@ class Gate:
                 return check.denied, False
         return final, True
 
+    async def authorize_run(
+        self,
+        proc: AgentProcess,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        limiter: RateLimiter | None = None,
+    ) -> Decision:
+        """The decision on running ``proc``'s agent (``kernel.execute``) with these arguments,
+        recorded, and raised when denied.
+
+        Operation ``run``, resource the agent's name, context ``agent_id`` and ``agent_name``
+        (the name), ``execution_id``, ``content`` (the texts of the arguments, see
+        :func:`~agent_os.control_plane.policy.content.argument_texts`), ``content_complete``
+        and ``context`` (``extra["context"]``); the policies' default does not deny
+        (registration is the grant to run), their rules and rate limits do; then a token of
+        ``limiter`` (``register(rate_limit=...)``) per agent name. One record: ``execute``
+        (with ``extra``) when allowed, else of the violation's kind. Raises
+        PolicyViolationError or RateLimitExceeded when denied, RecorderError."""
+        name = proc.name
+        texts, complete = argument_texts(args, kwargs)
+        ctx = {
+            "agent_id": name,
+            "agent_name": name,
+            "execution_id": proc.id,
+            "content": texts,
+            "content_complete": complete,
+            "context": extra.get("context") or {},
+        }
+        decision = self.policy.evaluate(RUN_OPERATION, name, ctx, default="allow")
+        if decision.rate_checks:
+            decision, _ = await self.settle(decision)
+        if decision.allowed and limiter is not None and not limiter.take(name):
+            why = f"agent {name} exceeded {limiter.limit.limit} runs per minute (register rate_limit)"
+            decision = Decision(False, "deny", why, KERNEL_POLICY, violation=True, rate_limited=True)
+        violation = decision.violation
+        event = decision.violation_event if violation else "execute"
+        data = {
+            "name": name,
+            "operation": RUN_OPERATION,
+            "resource": name,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "rule": decision.rule_name,
+            "policy": decision.policy,
+            **extra,
+        }
+        if self.debug:
+            log.debug("%s %s: %s", event, proc.id, data)
+        severity = "warning" if violation else "info"
+        await self.recorder.log(event, proc.id, data, severity, execution_id=proc.id)
+        if violation:
+            proc.violations_count += 1
+            if decision.signal is not None:
+                await self.signals.send(proc.id, decision.signal, sender="policy")
+        if not decision.allowed:
+            raise decision.error(RUN_OPERATION, name)
+        return decision
+
     async def record_action(
         self,
         proc: AgentProcess | None,
@@ -259,8 +323,10 @@ class Gate:
         """Record the decision on an action (``kernel.submit``) and return the final decision
         (shared rate-limit tokens taken, see :meth:`settle`) with its record.
 
-        One record: event type ``policy_violation`` when the decision is a violation (a deny,
-        or an audit-mode allow of what a rule denies), else ``policy_decision``; ``data`` gets
+        One record: when the decision is a violation (a deny, or an audit-mode allow of what a
+        rule denies), of the event type of its kind (``Decision.violation_event``:
+        ``policy_violation``, ``permission_denied``, ``rate_limit_exceeded``,
+        ``action_blocked``), else ``policy_decision``; ``data`` gets
         the final ``decision`` and ``reason``. Counts the decision on the agent and, on a
         violation, sends the rule's ``on_violation`` signal to the agent. Raises RecorderError
         when the recorder refuses the record."""
@@ -268,7 +334,7 @@ class Gate:
             decision, _ = await self.settle(decision)
         body = {**data, "decision": decision.action, "reason": decision.reason}
         violation = decision.violation
-        event = "policy_violation" if violation else "policy_decision"
+        event = decision.violation_event if violation else "policy_decision"
         if self.debug:
             log.debug("%s %s: %s", event, agent_id, body)
         execution = proc.id if proc is not None else None
@@ -285,12 +351,14 @@ class Gate:
         proc: AgentProcess | None,
         agent_id: str,
         data: dict[str, Any],
-        severity: str,
-        violation: bool,
+        decision: Decision,
         target: str | None,
         signal: AgentSignal | None,
     ) -> None:
-        await self.recorder.log("policy_decision", proc.id if proc else agent_id, data, severity)
+        violation = decision.violation
+        event = decision.violation_event if violation else "policy_decision"
+        severity = "warning" if violation else "info"
+        await self.recorder.log(event, proc.id if proc else agent_id, data, severity)
         _count(proc, violation)
         if signal is not None and target is not None:
             await self.signals.send(target, signal, sender="policy")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import os
 import uuid
@@ -20,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.registry import ActionRegistry
@@ -32,7 +33,7 @@ from agent_os.control_plane.errors import (
     AgentTimeoutError,
     KernelError,
     PolicyError,
-    RateLimitExceeded,
+    PolicyViolationError,
     VerificationFailed,
 )
 from agent_os.control_plane.kernel.admission import Admission
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # An agent function: what ``register`` takes, and (for type checkers) what it gives back.
 _AgentFn = TypeVar("_AgentFn", bound=Callable[..., Awaitable[Any]])
+_P = ParamSpec("_P")
 
 
 class Verifier(Protocol):
@@ -79,26 +81,29 @@ class RegisteredAgent:
 class KernelSpace:
     """The orchestrator: agents, their executions and signals, and the gate on what they do.
 
-    Args: ``policy`` (a Policy or a built-in name), ``flight_recorder`` (default: an in-memory
+    Args: ``policy`` (a Policy or a built-in name), ``policies`` (several policies); the kernel
+    applies exactly the policies given, all of which must allow (``policy`` first), and the
+    built-in ``"strict"`` only when neither is given; ``flight_recorder`` (default: an in-memory
     recorder), ``signal_dispatcher`` (an unbound dispatcher, ``SignalDispatcher(None, ...)``,
     becomes this kernel's; default: a new one; ``SignalDispatcher(kernel, ...)`` later replaces
     it, keeping its handlers), ``max_concurrent_agents``, ``timeout`` (default seconds per
     execution), ``debug`` (log every decision, signal and lifecycle record; sets the
-    ``agent_os.control_plane`` logger to DEBUG); and ``policies`` (several policies that must
-    all allow), ``permissions`` (the trust-edge hook for ``conditions={"permission": ...}``),
-    ``signal_timeout`` (how long a signal sent to another process waits for its answer),
-    ``keep_finished``: how many finished executions (``execute``/``spawn``) stay known for
-    ``get_agent_status``/``wait_all`` before the oldest are forgotten (running agents and
-    attached bus agents are always kept), so a long-running kernel does not grow without bound.
+    ``agent_os.control_plane`` logger to DEBUG); ``permissions`` (the trust-edge hook for
+    ``conditions={"permission": ...}``), ``signal_timeout`` (how long a signal sent to another
+    process waits for its answer), ``keep_finished``: how many finished executions
+    (``execute``/``spawn``) stay known for ``get_agent_status``/``wait_all`` before the
+    oldest are forgotten (running agents and attached bus agents are always kept), so a
+    long-running kernel does not grow without bound.
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
-    Raises PolicyError for an unknown policy name, KernelError for ``keep_finished < 0``, a
-    ``signal_dispatcher`` bound to another kernel, or a ``workspace`` that is not a directory.
+    Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError
+    for ``keep_finished < 0``, a ``signal_dispatcher`` bound to another kernel, or a
+    ``workspace`` that is not a directory.
     """
 
     def __init__(
         self,
-        policy: str | Policy = "strict",
+        policy: str | Policy | None = None,
         flight_recorder: FlightRecorder | None = None,
         signal_dispatcher: SignalDispatcher | None = None,
         max_concurrent_agents: int = 100,
@@ -113,12 +118,14 @@ class KernelSpace:
     ) -> None:
         if keep_finished < 0:
             raise KernelError("keep_finished must be >= 0")
-        base = Policy.builtin(policy) if isinstance(policy, str) else policy
+        chosen = _policies(policy, policies)
         if permissions is not None:
-            base.permissions = permissions
+            for each in chosen:
+                each.permissions = permissions
         dispatcher = signal_dispatcher if signal_dispatcher is not None else SignalDispatcher()
         self.recorder = flight_recorder or FlightRecorder(storage="memory")
-        self.gate = Gate(PolicySet([base, *policies]) if policies else base, self.recorder, dispatcher, debug)
+        policy_in_force = chosen[0] if len(chosen) == 1 else PolicySet(chosen)
+        self.gate = Gate(policy_in_force, self.recorder, dispatcher, debug)
         self.processes = ProcessTable(self.recorder, dispatcher.queue_size)
         self.bus = BusAttachment(self)
         self.adopt(dispatcher)
@@ -130,6 +137,7 @@ class KernelSpace:
         self.signal_timeout = signal_timeout
         self.modules: list[Verifier] = []
         self._agents: dict[Callable[..., Any], RegisteredAgent] = {}
+        self._governed: set[Callable[..., Any]] = set()  # the wrappers register returned
         self._runs: dict[str, asyncio.Task[Any]] = {}
         self._last: AgentProcess | None = None
         self._admission = Admission(max_concurrent_agents)
@@ -204,7 +212,7 @@ class KernelSpace:
             if not asyncio.iscoroutinefunction(f):
                 raise KernelError("an agent must be an async function")
             agent = RegisteredAgent(
-                name or f.__name__,
+                name or getattr(f, "__name__", None) or type(f).__name__,
                 f,
                 frozenset(permissions) if permissions is not None else None,
                 RateLimiter(RateLimit(rate_limit, 60.0)) if rate_limit is not None else None,
@@ -216,7 +224,70 @@ class KernelSpace:
                 return await self.execute(governed, *args, **kwargs)
 
             self._agents[f] = self._agents[governed] = agent
+            self._governed.add(governed)
             return governed
+
+        return decorator(fn) if fn is not None else decorator
+
+    @overload
+    def govern(
+        self,
+        fn: Callable[_P, Any],
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Callable[_P, Awaitable[Any]]: ...
+
+    @overload
+    def govern(
+        self,
+        fn: None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Callable[[Callable[_P, Any]], Callable[_P, Awaitable[Any]]]: ...
+
+    def govern(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        permissions: Iterable[str] | None = None,
+        rate_limit: int | None = None,
+        priority: int = 0,
+    ) -> Any:
+        """Put an existing agent function under this kernel: ``@kernel.govern`` or
+        ``kernel.govern(fn, name=..., ...)`` (the options of :meth:`register`).
+
+        Returns an ``async`` wrapper whose every call is a governed execution (as
+        :meth:`execute`: the run decision on its arguments, supervision, records). An ``async``
+        function is registered as it is; a plain function (say, a framework's ``invoke``) runs
+        in a worker thread (``asyncio.to_thread``), and an awaitable it returns is awaited. A
+        function this kernel already governs is returned unchanged. Raises KernelError for
+        something that is not callable."""
+
+        def decorator(f: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            if f in self._governed:
+                return f
+            if not callable(f):
+                raise KernelError(f"kernel.govern needs a function, got {type(f).__name__}")
+            if asyncio.iscoroutinefunction(f):
+                agent: Callable[..., Awaitable[Any]] = f
+            else:
+
+                @functools.wraps(f)
+                async def agent(*args: Any, **kwargs: Any) -> Any:
+                    result = await asyncio.to_thread(f, *args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
+
+            agent_name = name or getattr(f, "__name__", None) or type(f).__name__
+            return self.register(
+                agent, name=agent_name, permissions=permissions, rate_limit=rate_limit, priority=priority
+            )
 
         return decorator(fn) if fn is not None else decorator
 
@@ -338,20 +409,12 @@ class KernelSpace:
         context: Mapping[str, Any] | None,
     ) -> Any:
         spec = self._agents[agent]
-        if spec.limiter is not None and not spec.limiter.take(spec.name):
-            await self._record("execute", proc, {"decision": "deny", "reason": "rate limit"}, "warning")
+        extra = {"agent": spec.name, "context": dict(context or {}), "priority": spec.priority}
+        try:
+            await self.gate.authorize_run(proc, args, kwargs, extra, spec.limiter)
+        except PolicyViolationError:
             proc.life = Life.TERMINATED
-            raise RateLimitExceeded(f"agent {spec.name} exceeded {spec.limiter.limit.limit} runs per minute")
-        await self._record(
-            "execute",
-            proc,
-            {
-                "decision": "allow",
-                "agent": spec.name,
-                "context": dict(context or {}),
-                "priority": spec.priority,
-            },
-        )
+            raise
         await self._admission.admit(spec.priority)
         limit = self.timeout if timeout is None else timeout
         try:
@@ -551,7 +614,8 @@ class KernelSpace:
         """Do an action through the kernel: identity, signals (a stopped agent waits for
         SIGCONT), the action's provider accepting the target, permissions, policy and rate
         limits, then the provider; one ``policy_decision`` and one ``action_outcome`` record
-        when allowed, one ``policy_violation`` record when denied. A denial is a result with
+        when allowed, one record of the denial's kind when denied (``action_blocked``,
+        ``permission_denied``, ``policy_violation``, ``rate_limit_exceeded``). A denial is a result with
         ``allowed=False`` and the reason in ``error``, not an exception
         (``docs/control-plane.md``, Actions). Raises RecorderError when a record cannot be
         stored."""
@@ -598,6 +662,16 @@ class KernelSpace:
         """The process of a bus agent (attached here, or living elsewhere in mediated mode),
         created on first use: signals sent to it here act on its messages passing this kernel."""
         return self.processes.external(agent_id)
+
+
+def _policies(policy: str | Policy | None, policies: Sequence[Policy] | None) -> list[Policy]:
+    """The policies a kernel applies: ``policy`` and every one of ``policies`` (all must allow);
+    the built-in ``"strict"`` only when neither is given."""
+    if policies is not None and not policies and policy is None:
+        raise PolicyError("policies=[] names no policy: give at least one, or leave it out for 'strict'")
+    chosen = [] if policy is None else [Policy.builtin(policy) if isinstance(policy, str) else policy]
+    chosen += list(policies or ())
+    return chosen or [Policy.builtin("strict")]
 
 
 def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:

@@ -12,8 +12,9 @@ The order, and why (``docs/control-plane.md``, Actions):
    ``context(request)`` fields), then rate-limit tokens (per agent name);
 5. the provider runs; its output or its error is the outcome.
 
-A denial at any step is one ``policy_violation`` record; an allowed action is one
-``policy_decision`` record and one ``action_outcome`` record.
+A denial at any step is one record whose event type says its kind: ``action_blocked`` (steps
+1-3), ``permission_denied``, ``policy_violation`` or ``rate_limit_exceeded`` (step 4); an
+allowed action is one ``policy_decision`` record and one ``action_outcome`` record.
 
 Steps 1 to 4 are :meth:`Submitter.decide` (without the wait of step 2), step 5 is
 :meth:`Submitter.run`: in mediated mode the control-plane service decides and records, and a
@@ -33,7 +34,8 @@ from agent_os.control_plane.actions.provider import (
 )
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError, KernelError
-from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.kernel.gate import KERNEL_POLICY
+from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 
 if TYPE_CHECKING:
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
     from agent_os.control_plane.recorder import Record
 
 OUTCOME_EVENT = "action_outcome"
-KERNEL_POLICY = "kernel"  # the policy name of denials the kernel makes before the policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class ActionDecision:
     unknown); ``spec`` (the action, None when denied before it was found); ``data`` (the
     fields the decision record and the outcome record share: ``action``, ``target``,
     ``agent_name``, ``operation``, ``resource``, ``rule``, ``policy``); ``decision``;
-    ``record_id`` (the ``policy_decision`` record, or the ``policy_violation`` one)."""
+    ``record_id`` (the ``policy_decision`` record, or the denial's record)."""
 
     request: ActionRequest
     agent: str
@@ -208,7 +209,7 @@ class Submitter:
         data: dict[str, Any],
         reason: str,
     ) -> ActionDecision:
-        decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True)
+        decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True, kind=ACTION_BLOCKED)
         body = {"operation": None, "resource": None, **data, "rule": None, "policy": KERNEL_POLICY}
         decision, record = await self.gate.record_action(proc, agent_id, body, decision)
         return ActionDecision(request, agent_id, None, body, decision, record.id)

@@ -26,7 +26,7 @@ from agent_os.control_plane.mediation.holds import Holds, ReleaseErrorHook
 from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.mediation.protocols import MediatedKernel
 from agent_os.control_plane.mediation.replies import PendingRequest, PendingRequests
-from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, Life
 
 _CONTROL = CONTROL_PREFIX + "."
@@ -356,7 +356,7 @@ class Mediator(Middleware):
             op, resource = ("reply" if env.correlation_id and not env.reply_to else "deliver"), topic
         gate = self.gate
         if refusal is not None:
-            decision = Decision(False, "deny", refusal, "control-plane", violation=True)
+            decision = Decision(False, "deny", refusal, "control-plane", violation=True, kind=ACTION_BLOCKED)
         else:
             cached = gate.cached_decision(op, resource, proc, sender, recipient, verified, trust)
             if cached is not None:

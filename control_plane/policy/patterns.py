@@ -26,6 +26,7 @@ from agent_os.control_plane.policy.regex import Matcher, compile_regex
 __all__ = [
     "CheckedPattern",
     "Condition",
+    "ContentPattern",
     "Context",
     "MatchType",
     "Outcome",
@@ -133,7 +134,7 @@ class Pattern:
         and a condition cannot be decided. May raise on a condition that cannot be evaluated."""
         if not self.targets(operation, resource):
             return False
-        return True if self._cond is None else self._cond(context)
+        return self.holds(context)
 
     def targets(self, operation: str, resource: str) -> bool:
         """Whether the operation and resource match (the conditions are not looked at)."""
@@ -197,3 +198,39 @@ class CheckedPattern(Pattern):
 
     def __repr__(self) -> str:
         return f"CheckedPattern({self.operation!r}, {self.description!r})"
+
+
+class ContentPattern(Pattern):
+    """A pattern over the texts of what an agent is given (``context["content"]``, a tuple of
+    strings: the arguments of ``kernel.execute``): it holds when ``check(text)`` gives a reason
+    for one of them. It matches every resource of ``operation``, reads a context field the
+    decision cache is not keyed by (so its decisions are never cached), and has no YAML form.
+    """
+
+    __slots__ = ("check", "description")
+
+    def __init__(self, operation: str, check: Callable[[str], str | None], description: str) -> None:
+        super().__init__(operation, "*", "glob")
+        self.check = check
+        self.description = description
+        self.cache_fields = None  # reads "content"
+
+    def holds(self, context: Context) -> Outcome:
+        """True when ``check`` gives a reason for a text of ``context["content"]``; else None
+        when ``context["content_complete"]`` is False (texts past a bound were not collected:
+        undecidable), else False."""
+        texts = context.get("content")
+        if not isinstance(texts, tuple | list):
+            return False
+        check = self.check
+        if any(check(t) is not None for t in texts if isinstance(t, str)):
+            return True
+        return None if context.get("content_complete") is False else False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(content=self.description, match_type="check")
+        return out
+
+    def __repr__(self) -> str:
+        return f"ContentPattern({self.operation!r}, {self.description!r})"

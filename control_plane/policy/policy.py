@@ -16,7 +16,7 @@ from agent_os.control_plane.errors import PolicyError, SignalError
 from agent_os.control_plane.policy.decision import Action, Decision, RateCheck, Rule
 from agent_os.control_plane.policy.guards import path_refusal
 from agent_os.control_plane.policy.index import RuleIndex
-from agent_os.control_plane.policy.patterns import CheckedPattern, Context, Pattern
+from agent_os.control_plane.policy.patterns import CheckedPattern, ContentPattern, Context, Pattern
 from agent_os.control_plane.policy.ratelimit import (
     RateLimit,
     RateLimiter,
@@ -24,11 +24,16 @@ from agent_os.control_plane.policy.ratelimit import (
     parse_window,
     shared_key,
 )
+from agent_os.control_plane.policy.sql_content import SqlContent
 from agent_os.control_plane.policy.sql_guard import MAX_SQL_LENGTH, SqlGuard
 
 PermissionSource = Callable[[str, str], Collection[str]]
 """``permissions(from_agent, to_agent)``: what ``from_agent`` grants ``to_agent`` (IATP's trust
 edges). A message from S to R needs the permission in ``permissions(R, S)``."""
+
+RUN_OPERATION: Final = "run"
+"""The operation of the decision on running an agent (``kernel.execute``): the resource is the
+agent's name, ``context["content"]`` the texts of its arguments."""
 
 _DECISIONS_MAX: Final = 16384
 _MISSING: Final = object()
@@ -174,8 +179,17 @@ class Policy:
             if compiled is not None:
                 compiled.decisions.clear()
 
-    def evaluate(self, operation: str, resource: str, context: Context | None = None) -> Decision:
-        """Decide on ``operation`` on ``resource``; first matching rule wins, else the default.
+    def evaluate(
+        self,
+        operation: str,
+        resource: str,
+        context: Context | None = None,
+        *,
+        default: Action | None = None,
+    ) -> Decision:
+        """Decide on ``operation`` on ``resource``; first matching rule wins, else the default
+        (``default``, when given, instead of the policy's ``default_action``, cached apart: the
+        kernel's ``run`` decisions use ``"allow"``, as registration is the grant to run).
 
         A condition that cannot be decided (NaN, a string compared with a number ...) matches
         a deny rule and not an allow rule. Never raises: an error while evaluating denies
@@ -183,6 +197,7 @@ class Policy:
         """
         ctx: Context = context if context is not None else {}
         compiled = self._compiled
+        fallback: Action = self.default_action if default is None else default
         try:
             get = ctx.get
             key: tuple[Any, ...] | None
@@ -195,6 +210,8 @@ class Policy:
                 get("trust_level", _MISSING),
                 get("agent_id", _MISSING),
             )
+            if default is not None:  # another default, another decision: never the same key
+                key += (default,)
             hit = compiled.decisions.get(key)
         except Exception:  # an unhashable context value: evaluate without the cache
             key = hit = None
@@ -214,10 +231,9 @@ class Policy:
                     pattern = rule.pattern
                     if not pattern.targets(operation, resource):
                         continue
-                    if pattern.conditions:
-                        fields = pattern.cache_fields
-                        if fields is None or not fields <= _KEYED:
-                            cacheable = False
+                    fields = pattern.cache_fields
+                    if fields is None or (fields and not fields <= _KEYED):
+                        cacheable = False
                     held = pattern.holds(ctx)
                     if held is None:  # undecidable: a deny rule matches, an allow rule does not
                         if rule.action != "deny":
@@ -231,7 +247,7 @@ class Policy:
                             return decision
                         break
                 else:
-                    decision = self._finish(None, self.default_action, f"default {self.default_action}", ctx)
+                    decision = self._finish(None, fallback, f"default {fallback}", ctx)
             if cacheable:
                 self._remember(compiled, key, decision)
             return decision
@@ -346,7 +362,9 @@ class Policy:
         cls, dialect: str = "any", *, allow: Collection[str] = (), max_length: int = MAX_SQL_LENGTH
     ) -> Policy:
         """Deny ``sql`` operations whose resource (the SQL text) is destructive, read by a real
-        parser for ``dialect``; allow everything else.
+        parser for ``dialect``; deny running an agent (``kernel.execute``, operation ``run``)
+        when a text of its arguments reads as SQL and is destructive (see
+        :class:`~agent_os.control_plane.policy.sql_content.SqlContent`); allow everything else.
 
         Destructive: ``DROP``, ``TRUNCATE``, ``RENAME``, ``MERGE``, ``DELETE``/``UPDATE`` without
         a top-level ``WHERE`` or inside another statement, ``ALTER`` other than adding, text the
@@ -364,6 +382,12 @@ class Policy:
             CheckedPattern("sql", guard, "<destructive SQL>"),
             reason="destructive SQL",
             name="no-destructive-sql",
+        )
+        policy.add_rule(
+            "deny",
+            ContentPattern(RUN_OPERATION, SqlContent(guard), "<destructive SQL in the arguments>"),
+            reason="destructive SQL in the arguments",
+            name="no-destructive-sql-arguments",
         )
         return policy
 

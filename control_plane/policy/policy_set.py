@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent_os.control_plane.errors import PolicyError
-from agent_os.control_plane.policy.decision import Decision, RateCheck
+from agent_os.control_plane.policy.decision import Action, Decision, RateCheck
 from agent_os.control_plane.policy.policy import Policy
 
 
@@ -24,11 +24,20 @@ class PolicySet:
         self.policies = list(policies)
         self.name = "+".join(p.name for p in self.policies)
 
-    def evaluate(self, operation: str, resource: str, context: Mapping[str, Any] | None = None) -> Decision:
+    def evaluate(
+        self,
+        operation: str,
+        resource: str,
+        context: Mapping[str, Any] | None = None,
+        *,
+        default: Action | None = None,
+    ) -> Decision:
+        """Every policy's decision (``default`` as in :meth:`Policy.evaluate`): the first deny,
+        else the first allow, carrying every policy's shared rate-limit checks."""
         first: Decision | None = None
         checks: tuple[RateCheck, ...] = ()
         for policy in self.policies:
-            decision = policy.evaluate(operation, resource, context)
+            decision = policy.evaluate(operation, resource, context, default=default)
             if not decision.allowed:
                 return decision
             first = first or decision

@@ -116,6 +116,11 @@ class SqlGuard:
                 return why
         return None
 
+    def readers(self) -> list[Callable[[str], bool]]:
+        """One function per dialect of this guard: whether that dialect's parser reads a text
+        as statements (see :class:`~agent_os.control_plane.policy.sql_content.SqlContent`)."""
+        return [_parser_for(d) for d in (_ANY if self.dialect == "any" else (self.dialect,))]
+
     def __repr__(self) -> str:
         return f"SqlGuard({self.dialect!r}, allow={sorted(self.allow)}, max_length={self.max_length})"
 
@@ -157,3 +162,16 @@ def statements_reading(text: str, dialect: str) -> list[bool] | None:
         return None
     except Exception:  # fail closed: whatever a parser does means "cannot tell"
         return None
+
+
+def _parser_for(dialect: str) -> Callable[[str], bool]:
+    if dialect == "postgresql":
+        from agent_os.control_plane.policy.sql_postgres import parses_postgres
+
+        return parses_postgres
+    from agent_os.control_plane.policy.sql_sqlglot import sqlglot_parses
+
+    parses = sqlglot_parses(dialect)
+    if parses is None:  # not reached: the guard was built for this dialect
+        raise PolicyError(f"unknown SQL dialect {dialect!r}")
+    return parses

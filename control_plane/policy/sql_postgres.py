@@ -226,3 +226,12 @@ def _only_reads(kind: str, node: dict[str, Any], top: bool) -> bool:
     if kind == "SelectStmt":
         return "intoClause" not in node and "lockingClause" not in node
     return top or not kind.endswith("Stmt")
+
+
+def parses_postgres(text: str) -> bool:
+    """Whether PostgreSQL's parser reads ``text`` as one or more statements."""
+    try:
+        tree = json.loads(parser.parse_sql_json(text))
+    except parser.ParseError:
+        return False
+    return bool(tree.get("stmts"))

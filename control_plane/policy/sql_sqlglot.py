@@ -370,3 +370,41 @@ def _writes(node: exp.Expr) -> bool:
         name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
         return name in FUNCTIONS or name in WRITING_FUNCTIONS
     return isinstance(node, exp.Select) and bool(node.args.get("locks"))
+
+
+# What sqlglot reads when text is not a statement: a bare expression (a column name, a literal,
+# an operation), or its fallback for a statement it does not parse (a Command): real SQL
+# ("PREPARE s FROM ...") as often as free text ("Show me ...", "Drop the report"), so it is not
+# taken for a statement here; the statements servers run that sqlglot falls back on are known
+# by the words they start with (``sql_content``).
+_NOT_STATEMENTS: Final = (exp.Command, exp.Condition, exp.Alias, exp.Identifier, exp.Tuple)
+
+
+def _is_statement(statement: Any) -> bool:
+    if isinstance(statement, _NOT_STATEMENTS):
+        return False
+    # sqlglot reads "Update the dashboard" as an UPDATE of table "the"; without SET it is none.
+    return not isinstance(statement, exp.Update) or bool(statement.args.get("expressions"))
+
+
+def sqlglot_parses(dialect: str) -> Callable[[str], bool] | None:
+    """Whether ``dialect``'s reading (MySQL: the default ``sql_mode``) makes ``text`` one or
+    more statements, none of them a bare expression or a Command; None when sqlglot does not
+    know the dialect."""
+    try:
+        reader = MySQL() if dialect == "mysql" else Dialect.get_or_raise(dialect)
+    except ValueError:
+        return None
+
+    def parses(text: str) -> bool:
+        _quiet.on = True
+        try:
+            statements = reader.parse(text)
+        except (ParseError, TokenError):
+            return False
+        finally:
+            _quiet.on = False
+        found = [s for s in statements if s is not None]
+        return bool(found) and all(_is_statement(s) for s in found)
+
+    return parses

@@ -11,7 +11,7 @@ from agent_os.amb import MessageRejected, Metadata
 from agent_os.amb.envelope import Envelope
 from agent_os.control_plane import KernelSpace, PolicyViolationError
 from agent_os.control_plane.mediation.identity import message_sender
-from agent_os.control_plane.policy.decision import Decision
+from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
 from agent_os.services.control_plane_service._subjects import check_agent_id
 
 Roster = Callable[[], Iterable[str]]
@@ -62,7 +62,7 @@ class Deliveries:
         decision: Decision | None
         if proc.killed:
             killed = f"agent {recipient} was killed"
-            decision = Decision(False, "deny", killed, "control-plane", violation=True)
+            decision = Decision(False, "deny", killed, "control-plane", violation=True, kind=ACTION_BLOCKED)
         else:
             decision = gate.cached_decision("deliver", topic, proc, sender, recipient, verified, trust)
         if decision is None:

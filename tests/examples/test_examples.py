@@ -49,11 +49,27 @@ def test_control_plane_reference_examples_run() -> None:
         "read data/reports/q1 allow Allow reading non-sensitive data None",
         "read data/phi/p1 deny default deny None",
         "write data/phi/p1 deny PHI write requires explicit approval AgentSignal.SIGKILL",
+        # Actions: the read/write agent reads and writes; its network call is refused on
+        # permission; the PHI write is refused by the rule, whose SIGKILL ends the agent
+        "network: False agent data_processor lacks permission for network",
+        "{'status': 'success', 'data': {'region': 'NORTH', 'revenue': '41'}, 'saved': True}",
+        "records_clerk: AgentStoppedError",
+        "policy_violation records_clerk fs.write data/phi/patient_001.json"
+        " PHI write requires explicit approval",
+        "denials: [('permission_denied', 'net.http'), ('policy_violation', 'fs.write')]",
         # FlightRecorder: queries, exports, verify
         "1 2 2",
         "Agent state at event: running {'step': 2} after 2 events",
         "exported: 5 in range; 0 in January 2024",
         "chain ok: True",
+    ]
+
+
+def test_the_readme_five_minute_example_runs_and_blocks_drop_table() -> None:
+    assert run("five_minutes.py").splitlines() == [
+        "allowed: (model) Analyze: revenue by region: north 41%, south 33%, west 26%",
+        "blocked: run on 'data_analyst' denied: destructive SQL in the arguments",
+        "recorded: policy_violation data_analyst no-destructive-sql-arguments",
     ]
 
 

@@ -57,7 +57,7 @@ async def test_every_escape_is_denied_before_the_provider(places: tuple[Path, Pa
             assert not result.allowed, target
             assert result.output is None, target
             assert result.error, target
-        denied = await kernel.recorder.query(event_type="policy_violation")
+        denied = await kernel.recorder.query(event_type="action_blocked")  # the provider refused
         assert len(denied) == len(targets)
         assert await kernel.recorder.query(event_type="action_outcome") == []
     assert (outside / "secret.txt").read_text() == "secret"

@@ -20,7 +20,14 @@ from agent_os.amb import AMB
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.serializers.json_format import JsonSerializer
 from agent_os.amb.serializers.msgpack_format import MsgpackSerializer
-from agent_os.control_plane import KernelSpace, Pattern, PatternError, Policy, PolicyLoadError
+from agent_os.control_plane import (
+    DECISION_EVENTS,
+    KernelSpace,
+    Pattern,
+    PatternError,
+    Policy,
+    PolicyLoadError,
+)
 from tests.support import Collector, memory_url
 from tests.support.closing import Closing
 from tests.support.envelopes import make_env
@@ -266,7 +273,7 @@ async def test_hostile_numbers_in_messages_never_pass_a_numeric_deny(closing: Cl
         # Denied by the rule (or refused by the decoder: never delivered either way).
         reasons = [m.headers[DLQ_REASON] for m in dead.metadata]
         assert set(reasons) <= {"policy_denied", "malformed"}
-        decisions = await kernel.recorder.query(event_type="policy_decision", filters={"data.rule": "big"})
+        decisions = await kernel.recorder.query(event_type=DECISION_EVENTS, filters={"data.rule": "big"})
         assert len(decisions) == reasons.count("policy_denied")
         assert {d.data["decision"] for d in decisions} == {"deny"}
     finally:

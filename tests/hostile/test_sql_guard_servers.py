@@ -289,3 +289,42 @@ def test_generated_tricks_never_lose_a_row(request: pytest.FixtureRequest, name:
             server.run(text)
             _check(server, before, text)
     assert allowed < 400  # the tricks are mostly refused; what got through was run above
+
+
+# Free text with SQL words in it, as an agent's arguments carry it: not SQL to any parser, and
+# to the servers a syntax error that runs nothing.
+FREE_TEXT = [
+    "Please DROP TABLE {t} when the report is done",
+    "delete everything old in {t}, thanks",
+    "Truncate {t} tomorrow morning",
+    "Show me revenue by region from {t}",
+    "update me on {t} by Friday",
+]
+
+
+def _run_allowed(dialect: str, text: str) -> bool:
+    """Whether a run whose argument is ``text`` is allowed by either guard (the worst case)."""
+    ctx = {"agent_id": "agent", "content": (text,), "content_complete": True}
+    return any(p.evaluate("run", "agent", ctx, default="allow").allowed for p in _guards(dialect))
+
+
+@pytest.mark.parametrize("name", ["postgresql", "mariadb"])
+def test_arguments_a_run_lets_through_lose_no_row_on_the_server(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    """What ``no_destructive_sql`` lets through as a run's arguments (free text is not judged),
+    run on the server as if the agent passed it on: every table keeps every row."""
+    server = _server(request, name)
+    before = server.snapshot()
+    passed = []
+    for scenario in [*COMMON, *POSTGRESQL, *MYSQL, *([text] for text in FREE_TEXT)]:
+        for step in scenario:
+            text = step.format(**server.tables)
+            if _run_allowed(server.dialect, text):
+                passed.append(text)
+                server.run(text)
+                _check(server, before, text)
+    free = [text.format(**server.tables) for text in FREE_TEXT]
+    assert set(free) <= set(passed)  # free text runs
+    destructive = [s[0].format(**server.tables) for s in COMMON[:9]]
+    assert not set(destructive) & set(passed)

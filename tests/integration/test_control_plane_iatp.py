@@ -6,7 +6,7 @@ import uuid
 
 from agent_os.amb import AMB
 from agent_os.amb.deadletter import DLQ_REASON
-from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, KernelSpace, Pattern, Policy
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
@@ -37,7 +37,7 @@ async def test_signed_verified_governed_delivery(closing: Closing) -> None:
         await dlq.wait_for(1)
         assert got.messages == [{"n": 1}]
         assert dlq.metadata[0].headers[DLQ_REASON] == "policy_denied"
-        decisions = await kernel.recorder.query(event_type="policy_decision")
+        decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
         assert [(d.data["sender"], d.data["verified"], d.data["decision"]) for d in decisions] == [
             ("alice", True, "allow"),
             ("mallory", True, "deny"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, Metadata, RequestTimeout
-from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, KernelSpace, Pattern, Policy
 from agent_os.services.control_plane_service import (
     ControlPlaneService,
     ReplyViaService,
@@ -157,7 +157,7 @@ async def test_a_message_that_bypasses_the_mediator_is_refused_by_the_server(nat
             await got.wait_for(2)
             assert got.messages == ["mediated", "mediated again"]  # nothing arrived around the mediator
             decisions = await kernel.recorder.query(
-                event_type="policy_decision", filters={"data.operation": "publish"}
+                event_type=DECISION_EVENTS, filters={"data.operation": "publish"}
             )
             assert [d.data["resource"] for d in decisions] == ["tasks.work", "tasks.work"]
         finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, RequestTimeout
-from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, control_subject
+from agent_os.control_plane import DECISION_EVENTS, AgentSignal, KernelSpace, Pattern, Policy, control_subject
 from agent_os.iatp import IATP
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
@@ -178,7 +178,7 @@ async def test_a_claimed_sender_does_not_meet_a_sender_condition_over_nats(closi
             )
         await dead.wait_for(1)
         assert kernel.get_agent_status(victim_id).state == "running"
-        decision = (await kernel.recorder.query(event_type="policy_decision"))[0]
+        decision = (await kernel.recorder.query(event_type=DECISION_EVENTS))[0]
         assert (decision.data["operation"], decision.data["decision"]) == ("signal", "deny")
         assert (decision.data["sender"], decision.data["claimed_sender"]) == (None, "supervisor")
         assert await kernel.recorder.query(event_type="signal") == []

@@ -13,7 +13,7 @@ import pytest
 
 from agent_os.amb import AMB
 from agent_os.amb.deadletter import DLQ_REASON
-from agent_os.control_plane import FlightRecorder
+from agent_os.control_plane import DECISION_EVENTS, FlightRecorder
 from agent_os.services._identity import PASSPHRASE_ENV
 from tests.support import Collector
 from tests.support.closing import Closing
@@ -82,9 +82,9 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, clos
         await receiver.close()
     assert returncode == 0
     rec = closing(FlightRecorder("sqlite", str(db)))
-    decisions = await rec.query(event_type="policy_decision", filters={"data.operation": "publish"})
+    decisions = await rec.query(event_type=DECISION_EVENTS, filters={"data.operation": "publish"})
     assert [d.data["decision"] for d in decisions] == ["allow"] * 5 + ["deny"]  # flushed at the stop
-    deliveries = await rec.query(event_type="policy_decision", filters={"data.operation": "deliver"})
+    deliveries = await rec.query(event_type=DECISION_EVENTS, filters={"data.operation": "deliver"})
     assert [(d.agent_id, d.data["decision"]) for d in deliveries] == [(f"receiver-{tag}", "allow")] * 5
     assert (await rec.verify()).ok
     await rec.close()

@@ -23,6 +23,7 @@ import pytest
 from agent_os.amb import AMB, LifecycleState, Metadata, StateError, get_serializer
 from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.control_plane import (
+    DECISION_EVENTS,
     AgentSignal,
     AgentStoppedError,
     FlightRecorder,
@@ -316,7 +317,7 @@ async def governed_run(path: Path) -> dict[str, Any]:
     reader = FlightRecorder("sqlite", str(path))
     records = [r for r in await reader.query(start_time=run_start) if r.seq > start_seq]
     by_type = Counter(r.event_type for r in records)
-    decisions = [r for r in records if r.event_type == "policy_decision"]
+    decisions = [r for r in records if r.event_type in DECISION_EVENTS]
     out = [r for r in decisions if r.data["direction"] == "out"]
     inbound = [r for r in decisions if r.data["direction"] == "in"]
     # The victim's publish in flight at the kill may have been allowed (and recorded) while it
@@ -366,7 +367,7 @@ async def governed_run(path: Path) -> dict[str, Any]:
     held = [r for r in records if r.event_type == "message_held"]
     assert by_type == Counter(
         {
-            "policy_decision": len(decisions),
+            **Counter(r.event_type for r in decisions),
             "signal": signals,
             **({"message_held": len(held)} if held else {}),
             **({"message_dropped": len(dropped)} if dropped else {}),

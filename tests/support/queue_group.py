@@ -11,7 +11,7 @@ from typing import Any
 from agent_os.amb import AMB, Metadata, get_serializer
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
-from agent_os.control_plane import Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, Pattern, Policy
 from agent_os.control_plane.recorder import Record
 from agent_os.services.control_plane_service import (
     ControlPlaneService,
@@ -92,7 +92,7 @@ class Group:
     async def records(self, **filters: Any) -> list[list[Record]]:
         """Each instance's ``policy_decision`` records matching ``filters`` (``data.<field>``)."""
         return [
-            await s.kernel.recorder.query(event_type="policy_decision", filters=filters)
+            await s.kernel.recorder.query(event_type=DECISION_EVENTS, filters=filters)
             for s in self.services
         ]
 

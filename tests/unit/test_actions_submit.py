@@ -1,5 +1,5 @@
 """kernel.submit: identity, permissions, policy, rate limits, signals; one decision record and
-one outcome record per allowed action, one policy_violation record per denial."""
+one outcome record per allowed action, one record of the denial's kind per denial."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent_os import ActionRequest, ActionResult
-from agent_os.control_plane import AgentSignal, KernelSpace, Pattern, Policy, SignalDispatcher
+from agent_os.control_plane import (
+    VIOLATION_EVENTS,
+    AgentSignal,
+    KernelSpace,
+    Pattern,
+    Policy,
+    RateLimitExceeded,
+    SignalDispatcher,
+)
 from tests.support import wait_until
 
 
 async def _events(kernel: KernelSpace) -> list[tuple[str, str | None, str | None]]:
     """(event type, action, decision or status) of every action record, in order."""
     records = await kernel.recorder.query(
-        event_type=["policy_decision", "policy_violation", "action_outcome"]
+        event_type=["policy_decision", *VIOLATION_EVENTS, "action_outcome"]
     )
     return [
         (r.event_type, r.data.get("action"), r.data.get("decision", r.data.get("status"))) for r in records
@@ -80,14 +90,15 @@ async def test_an_agent_without_write_cannot_write_or_delete(tmp_path: Path) -> 
             assert denied.error == "agent reader lacks permission for write"
         assert not (tmp_path / "new.txt").exists()
         assert (tmp_path / "keep.txt").read_text() == "kept"
-        violations = await kernel.recorder.query(event_type="policy_violation")
+        violations = await kernel.recorder.query(event_type="permission_denied")
         assert [v.id for v in violations] == [write.record_id, delete.record_id]
         assert [v.data["action"] for v in violations] == ["fs.write", "fs.delete"]
+        assert await kernel.recorder.query(event_type="policy_violation") == []
         assert await _events(kernel) == [
             ("policy_decision", "fs.read", "allow"),
             ("action_outcome", "fs.read", "ok"),
-            ("policy_violation", "fs.write", "deny"),
-            ("policy_violation", "fs.delete", "deny"),
+            ("permission_denied", "fs.write", "deny"),
+            ("permission_denied", "fs.delete", "deny"),
         ]
 
 
@@ -125,7 +136,7 @@ async def test_policy_rules_judge_the_permission_the_path_and_the_action(tmp_pat
 
 async def test_rate_limits_count_per_agent_across_its_executions(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a")
-    async with KernelSpace(Policy.rate_limit(3, "1m"), workspace=tmp_path) as kernel:
+    async with KernelSpace(Policy.rate_limit(5, "1h"), workspace=tmp_path) as kernel:
 
         @kernel.register
         async def busy() -> list[bool]:
@@ -135,13 +146,17 @@ async def test_rate_limits_count_per_agent_across_its_executions(tmp_path: Path)
         async def other() -> bool:
             return (await kernel.submit(ActionRequest("fs.read", "a.txt"))).allowed
 
+        # runs and actions take from one bucket per agent: 5 = run, read, read, run, read
         assert await kernel.execute(busy) == [True, True]
         assert await kernel.execute(busy) == [True, False]  # the same agent, a new execution
         assert await kernel.execute(other) is True
-        denied = await kernel.recorder.query(event_type="policy_violation")
-        assert len(denied) == 1
+        with pytest.raises(RateLimitExceeded):
+            await kernel.execute(busy)
+        denied = await kernel.recorder.query(event_type="rate_limit_exceeded")
+        assert len(denied) == 2
         assert "rate limit" in denied[0].data["reason"]
         assert denied[0].data["agent_name"] == "busy"
+        assert (denied[1].data["operation"], denied[1].data["resource"]) == ("run", "busy")
 
 
 async def test_unknown_agents_and_impersonation_are_denied(tmp_path: Path) -> None:
@@ -168,12 +183,12 @@ async def test_unknown_agents_and_impersonation_are_denied(tmp_path: Path) -> No
         assert unknown_action.error == "unknown action 'fs.chmod'"
         events = await _events(kernel)
         assert [e[0] for e in events] == [
-            "policy_violation",
-            "policy_violation",
+            "action_blocked",
+            "action_blocked",
             "policy_decision",
             "action_outcome",
-            "policy_violation",
-            "policy_violation",
+            "action_blocked",
+            "action_blocked",
         ]
         assert kernel.get_agent_status("bob").violations_count == 1
 
@@ -199,7 +214,7 @@ async def test_a_stopped_agent_waits_for_sigcont_and_a_killed_one_is_refused(tmp
         killed = await kernel.submit(ActionRequest("fs.read", "a.txt", agent_id="bob"))
         assert not killed.allowed
         assert killed.error == "agent bob was killed or has finished"
-        last = (await kernel.recorder.query(event_type="policy_violation"))[-1]
+        last = (await kernel.recorder.query(event_type="action_blocked"))[-1]
         assert last.id == killed.record_id
 
 
@@ -214,7 +229,7 @@ async def test_a_kill_while_stopped_refuses_the_waiting_submit(tmp_path: Path) -
         result = await asyncio.wait_for(pending, 5)
         assert not result.allowed
         assert "killed" in (result.error or "")
-        assert [e[0] for e in await _events(kernel)] == ["policy_violation"]
+        assert [e[0] for e in await _events(kernel)] == ["action_blocked"]
 
 
 class Lookup:

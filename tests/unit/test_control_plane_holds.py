@@ -16,7 +16,7 @@ import pytest
 from agent_os.amb import Envelope, Metadata
 from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, DLQ_REASON
 from agent_os.amb.envelope import new_id
-from agent_os.control_plane import AgentSignal, KernelSpace
+from agent_os.control_plane import DECISION_EVENTS, AgentSignal, KernelSpace
 from agent_os.control_plane.mediation.mediator import Mediator
 from tests.support import wait_until
 from tests.support.holds import a_stopped_agent_does_not_stall_the_others, deploy, mediated_policy
@@ -45,7 +45,7 @@ async def test_a_held_message_denied_at_its_release_is_dead_lettered_and_counted
         assert d.service.mediator.release_failures == 1
         assert d.service.stats.released_dead_lettered == 1
         decisions = await d.kernel.recorder.query(
-            event_type="policy_decision", filters={"data.operation": "publish"}
+            event_type=DECISION_EVENTS, filters={"data.operation": "publish"}
         )
         assert [r.data["decision"] for r in decisions] == ["allow", "deny"]  # one record each
     finally:
@@ -69,7 +69,7 @@ async def test_sigkill_drops_held_messages_with_a_record_and_a_dead_letter_each(
         assert [(r.data["message_id"], r.data["reason"]) for r in dropped] == [
             (i, "agent killed (SIGKILL)") for i in ids
         ]
-        assert await d.kernel.recorder.query(event_type="policy_decision") == []
+        assert await d.kernel.recorder.query(event_type=DECISION_EVENTS) == []
         await d.b.publish(d.to("tasks.work"), "b still passes")
         await d.got.wait_for(1)
         assert d.got.messages == ["b still passes"]
@@ -134,7 +134,7 @@ async def test_a_message_arriving_during_the_release_goes_behind_the_held_ones()
         assert forwarded == [0, 1, 2, 3]
         held = await kernel.recorder.query(event_type="message_held")
         assert len(held) == 2  # the one queued behind was not held by a signal
-        assert len(await kernel.recorder.query(event_type="policy_decision")) == 4
+        assert len(await kernel.recorder.query(event_type=DECISION_EVENTS)) == 4
 
 
 async def test_a_failing_release_hook_is_logged_and_the_queue_goes_on(

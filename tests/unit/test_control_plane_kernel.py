@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent_os.control_plane import (
+    VIOLATION_EVENTS,
     AgentNotFound,
     AgentSignal,
     AgentStoppedError,
@@ -76,8 +77,12 @@ async def test_authorize_is_the_gate_for_other_actions() -> None:
         status = kernel.get_agent_status(kernel.current_agent_id or "")
         assert status.name == "data_processor"
         assert status.violations_count == 1
-        decisions = await kernel.recorder.query(event_type="policy_decision")
-        assert [d.data["decision"] for d in decisions] == ["allow", "deny", "deny"]
+        decisions = await kernel.recorder.query(event_type=["policy_decision", *VIOLATION_EVENTS])
+        assert [(d.event_type, d.data["decision"]) for d in decisions] == [
+            ("policy_decision", "allow"),
+            ("permission_denied", "deny"),
+            ("policy_violation", "deny"),
+        ]
 
 
 async def test_registered_rate_limit_counts_executions() -> None:
@@ -515,7 +520,7 @@ async def test_debug_logs_every_decision_and_signal(caplog: pytest.LogCaptureFix
 
         await kernel.execute(agent)
         messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-        assert any("policy_decision" in m and "secret" in m for m in messages), messages
+        assert any("policy_violation" in m and "secret" in m for m in messages), messages
         assert any(m.startswith("agent_completed") for m in messages), messages
         await kernel.close()
     finally:

@@ -13,6 +13,7 @@ from agent_os.amb import AMB, Envelope, LifecycleState, Metadata, Middleware, Re
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.control_plane import (
+    DECISION_EVENTS,
     AgentSignal,
     AgentStoppedError,
     FlightRecorder,
@@ -74,7 +75,7 @@ async def test_exactly_one_record_per_decision(
     await sender.publish("tasks.secret", {"i": "s"})  # allowed out, denied on delivery
     await got.wait_for(5)
     await dlq.wait_for(1)
-    records = await kernel.recorder.query(event_type="policy_decision")
+    records = await kernel.recorder.query(event_type=DECISION_EVENTS)
     out = [r for r in records if r.data["direction"] == "out"]
     inbound = [r for r in records if r.data["direction"] == "in"]
     assert len(out) == 7  # 5 + forbidden + secret
@@ -275,7 +276,7 @@ async def test_conditions_use_the_verified_sender_not_the_claimed_one(closing: C
     await wait_until(lambda: bank.stats.handled + bank.stats.rejected == 3)
     assert bank.stats.rejected == 2
     assert got.messages == ["signed"]
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
     assert [(d.data["verified"], d.data["decision"]) for d in decisions] == [
         (True, "allow"),
         (False, "deny"),
@@ -414,7 +415,7 @@ async def test_policy_reload_under_traffic_drops_nothing(closing: Closing) -> No
     await asyncio.gather(publish_all(), reload_often())
     await got.wait_for(300)
     assert got.messages == list(range(300))
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
     assert len(decisions) == 600
     await pub.close()
     await sub.close()
@@ -507,7 +508,7 @@ async def test_a_claimed_sender_cannot_signal_an_agent(how: str, closing: Closin
     }
     assert kernel.get_agent_status("victim").state == "stopped"
     decisions = await kernel.recorder.query(
-        event_type="policy_decision", filters={"data.operation": "signal"}
+        event_type=DECISION_EVENTS, filters={"data.operation": "signal"}
     )
     assert [(d.data["sender"], d.data["claimed_sender"], d.data["decision"]) for d in decisions] == [
         (None, "supervisor", "deny"),
@@ -578,7 +579,7 @@ async def test_mediated_mode_keys_no_sender_state_by_an_unverified_name(closing:
     assert kernel.get_agent("agent-a").held == 0
     assert await kernel.recorder.query(event_type="message_held") == []
     assert got.messages == ["a1", "a2", "a3"]
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
     assert len(decisions) == 14  # exactly one per message
     forged = [d for d in decisions if d.data["claimed_sender"] != d.data["sender"]]
     assert len(forged) == 10
@@ -604,7 +605,7 @@ async def test_require_verified_sender_denies_before_the_sender_is_looked_up(clo
     await wait_until(lambda: service.stats.rejected == 1)
     assert got.messages == ["verified"]
     assert "agent-c" not in {s.id for s in kernel.agents()}
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
     assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("svc", "deny"), ("agent-a", "allow")]
     assert decisions[0].data["reason"] == "sender not verified (require_verified_sender)"
     await sender.close()
@@ -637,7 +638,7 @@ async def test_a_full_hold_queue_records_one_drop_and_no_hold(closing: Closing) 
     assert [r.data["queued"] for r in records if r.event_type == "message_held"] == [1, 2]
     await kernel.send_signal("agent", AgentSignal.SIGCONT)
     await asyncio.gather(*held)
-    assert len(await kernel.recorder.query(event_type="policy_decision")) == 2  # the two released
+    assert len(await kernel.recorder.query(event_type=DECISION_EVENTS)) == 2  # the two released
     await agent.close()
     await kernel.close()
 

@@ -16,7 +16,7 @@ from agent_os.amb import AMB, LifecycleState, Metadata, RequestTimeout, get_seri
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.middleware import Middleware
-from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, AgentSignal, FlightRecorder, KernelSpace, Pattern, Policy
 from agent_os.control_plane.admin import AdminAPI
 from agent_os.control_plane.errors import InboxBusy, PolicyLoadError
 from agent_os.control_plane.mediation.replies import PendingRequests
@@ -106,10 +106,10 @@ async def test_two_service_instances_forward_each_allowed_message_once(closing: 
     forwarded = [s.stats.forwarded for s in services]
     assert sum(forwarded) == 20
     assert all(f > 0 for f in forwarded)  # the queue group shares the load
-    decisions = await recorder.query(event_type="policy_decision", filters={"data.operation": "publish"})
+    decisions = await recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "publish"})
     assert len(decisions) == 21  # exactly one per message
     assert {d.agent_id for d in decisions} == {"agent-a"}
-    deliveries = await recorder.query(event_type="policy_decision", filters={"data.operation": "deliver"})
+    deliveries = await recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "deliver"})
     assert {d.agent_id for d in deliveries} == {"agent-b"}  # and one per recipient of each allowed one
     assert len(deliveries) == 20
     for client in (agent, receiver, watcher):
@@ -216,7 +216,7 @@ async def test_replies_pass_policy_at_the_instance_that_forwarded_the_request(cl
         assert await requester.request(ingress_subject("tasks.ask"), i, timeout=2) == {"answer": i}
     assert sum(s.stats.replies_forwarded for s in services) == 6
     assert sum(s.pending.unmatched for s in services) == 6  # each reply reached both; one owned it
-    replies = await recorder.query(event_type="policy_decision", filters={"data.operation": "reply"})
+    replies = await recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "reply"})
     assert len(replies) == 6  # exactly one decision per reply
     assert {(r.data["resource"], r.data["decision"], r.agent_id) for r in replies} == {
         ("tasks.ask", "allow", "agent-b")
@@ -302,7 +302,7 @@ async def test_an_envelope_whose_topic_is_not_its_subject_is_refused(closing: Cl
     await agent.broker.publish(ingress_subject("tasks.secret"), get_serializer("msgpack").encode(env))
     await wait_until(lambda: service.client.stats.rejected == 1)
     assert got.messages == []
-    record = (await kernel.recorder.query(event_type="policy_decision"))[0]
+    record = (await kernel.recorder.query(event_type=DECISION_EVENTS))[0]
     assert record.data["decision"] == "deny"
     assert "is not its subject" in record.data["reason"]
     for client in (agent, receiver):
@@ -433,12 +433,12 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     assert service.stats.forwarded == 2
     assert got.messages == ["from admin", "agent-a's own"]
     decisions = await kernel.recorder.query(
-        event_type="policy_decision", filters={"data.operation": "publish"}
+        event_type=DECISION_EVENTS, filters={"data.operation": "publish"}
     )
     assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("admin", "allow"), ("agent-a", "allow")]
     # Without --agents the roster is the agents of the service's identities.
     deliveries = await kernel.recorder.query(
-        event_type="policy_decision", filters={"data.operation": "deliver"}
+        event_type=DECISION_EVENTS, filters={"data.operation": "deliver"}
     )
     assert sorted(d.agent_id for d in deliveries) == sorted(["admin", "agent-a", "agent-b"] * 2)
     dropped = await kernel.recorder.query(event_type="message_dropped")
@@ -471,7 +471,7 @@ async def test_replies_pass_a_verifying_service_signed_end_to_end(closing: Closi
     reply = await requester.request(ingress_subject("tasks.ask"), 7, timeout=3)
     assert reply == {"answer": 7, "asked_by": "agent-a"}
     assert service.stats.replies_forwarded == 1
-    decisions = await kernel.recorder.query(event_type="policy_decision")
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS)
     assert {
         (d.data["operation"], d.data["verified"]) for d in decisions if d.data["operation"] != "deliver"
     } == {
@@ -609,7 +609,7 @@ async def test_a_request_must_reply_to_an_inbox_of_its_own_sender(closing: Closi
         "reply_to is already waiting for the reply to another request",
     ]
     requests = await kernel.recorder.query(
-        event_type="policy_decision", filters={"data.operation": "request"}
+        event_type=DECISION_EVENTS, filters={"data.operation": "request"}
     )
     assert len(requests) == 6  # one per message
     for client in (a, b):
