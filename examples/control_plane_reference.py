@@ -30,6 +30,7 @@ from agent_os import (
 )
 from agent_os.amb import AMB, Metadata
 from agent_os.control_plane import AgentStoppedError
+from agent_os.control_plane.actions import Http
 
 
 async def transform(data: dict[str, Any]) -> dict[str, Any]:
@@ -238,17 +239,6 @@ def policy_examples() -> None:
         print(op, resource, decision.action, decision.reason, decision.signal)
 
 
-class OfflineHttp:
-    """A stand-in ``net.http`` provider, registered only while the kernel has none: the example's
-    network call is refused on permission, before any provider runs."""
-
-    def resource(self, request: ActionRequest) -> str:
-        return request.target
-
-    async def run(self, request: ActionRequest) -> Any:
-        raise RuntimeError("offline: this example makes no network calls")
-
-
 def workspace(folder: str) -> Path:
     """The agents' workspace: a report to read, a folder of PHI not to write."""
     root = Path(folder).resolve()
@@ -283,8 +273,7 @@ async def action_examples(root: Path) -> None:
         rate_limit=100,  # Max 100 calls per minute
     )
     kernel = KernelSpace(policy=policy, workspace=root)
-    if kernel.actions.get("net.http") is None:
-        kernel.actions.register("net.http", OfflineHttp(), "network")
+    Http(["api.approved-service.com"]).register(kernel.actions)  # net.http, for agents with `network`
 
     @kernel.register(name="data_processor", permissions=["read", "write"], rate_limit=60)
     async def data_processor(input_data: dict[str, Any]) -> dict[str, Any]:

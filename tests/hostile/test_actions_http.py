@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from agent_os import ActionRequest, ActionResult
-from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane import VIOLATION_EVENTS, KernelSpace, Pattern, Policy
 from agent_os.control_plane.actions import ActionRefused, Http
 from agent_os.control_plane.errors import KernelError
 
@@ -163,7 +163,7 @@ async def test_every_way_around_the_allow_list_is_denied_before_the_request(serv
         for target, result in zip(targets, results, strict=True):
             assert not result.allowed, target
             assert result.error, target
-        assert len(await kernel.recorder.query(event_type="policy_violation")) == len(targets)
+        assert len(await kernel.recorder.query(event_type=VIOLATION_EVENTS)) == len(targets)
         assert await kernel.recorder.query(event_type="action_outcome") == []
 
 

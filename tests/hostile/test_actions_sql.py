@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent_os import ActionRequest, ActionResult
-from agent_os.control_plane import KernelSpace, Policy
+from agent_os.control_plane import VIOLATION_EVENTS, KernelSpace, Policy
 from agent_os.control_plane.actions import Sql
 
 
@@ -66,7 +66,7 @@ async def test_a_read_agent_selects_and_cannot_insert(db: Path) -> None:
         assert decision.data["operation"] == "sql"
         assert decision.data["permission"] == "read"
         assert decision.data["resource"] == "SELECT name FROM items WHERE id = ?"
-        assert len(await kernel.recorder.query(event_type="policy_violation")) == 1
+        assert len(await kernel.recorder.query(event_type=VIOLATION_EVENTS)) == 1
     assert len(_rows(db)) == 3
 
 
@@ -121,7 +121,7 @@ async def test_destructive_sql_is_denied_for_a_writer_by_the_guard(db: Path, sql
         [result] = await _as(kernel, ["read", "write"], ActionRequest("sql.query", sql))
         assert not result.allowed, sql
         assert await kernel.recorder.query(event_type="action_outcome") == []
-        assert len(await kernel.recorder.query(event_type="policy_violation")) == 1
+        assert len(await kernel.recorder.query(event_type=VIOLATION_EVENTS)) == 1
     assert _rows(db) == [(1, "a"), (2, "b"), (3, "c")]
 
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from agent_os import ActionRequest, ActionResult
-from agent_os.control_plane import KernelSpace, Policy
+from agent_os.control_plane import VIOLATION_EVENTS, KernelSpace, Policy
 from agent_os.control_plane.actions import Sql
 from tests.support.servers import PG_DSN
 
@@ -84,7 +84,7 @@ async def test_a_writer_inserts_with_bound_args_and_drop_is_denied(table: str) -
         assert named.output["rows"] == [[4]]
         for denied in (drop, stacked, hidden):
             assert not denied.allowed
-        violations = await kernel.recorder.query(event_type="policy_violation")
+        violations = await kernel.recorder.query(event_type=VIOLATION_EVENTS)
         assert len(violations) == 3
         assert {v.data["operation"] for v in violations} == {"sql"}
     assert _rows(table)[-1] == (4, hostile)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata
-from agent_os.control_plane import ActionRequest, FlightRecorder
+from agent_os.control_plane import DECISION_EVENTS, ActionRequest, FlightRecorder
 from agent_os.iatp import IATP
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.control_plane_service import (
@@ -190,7 +190,7 @@ async def test_an_agent_reads_is_denied_a_write_asks_another_agent_all_recorded(
             await bob.close()
         assert not outside.exists()
         rec = closing(await d.records())
-        actions = await rec.query(event_type=["policy_decision", "policy_violation", "action_outcome"])
+        actions = await rec.query(event_type=[*DECISION_EVENTS, "action_outcome"])
         kept = [
             (r.event_type, r.agent_id, r.data.get("action") or r.data.get("operation"), r.data.get("status"))
             for r in actions
@@ -198,7 +198,7 @@ async def test_an_agent_reads_is_denied_a_write_asks_another_agent_all_recorded(
         assert kept == [
             ("policy_decision", "alice", "fs.read", None),
             ("action_outcome", "alice", "fs.read", "ok"),
-            ("policy_violation", "alice", "fs.write", None),
+            ("action_blocked", "alice", "fs.write", None),
             ("policy_decision", "alice", "request", None),
             ("policy_decision", "bob", "deliver", None),
             ("policy_decision", "bob", "reply", None),

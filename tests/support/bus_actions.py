@@ -8,7 +8,7 @@ import uuid
 
 from agent_os import ActionRequest, ActionResult
 from agent_os.amb import AMB, Metadata
-from agent_os.control_plane import BusActions, KernelSpace, Pattern, Policy
+from agent_os.control_plane import DECISION_EVENTS, VIOLATION_EVENTS, BusActions, KernelSpace, Pattern, Policy
 
 
 async def ask_and_answer(backend: str, url: str) -> None:
@@ -63,7 +63,7 @@ async def ask_and_answer(backend: str, url: str) -> None:
                 r.data.get("decision", r.data.get("status")),
             )
             for r in records
-            if r.event_type in ("policy_decision", "policy_violation", "action_outcome")
+            if r.event_type in (*DECISION_EVENTS, "action_outcome")
             and (r.data.get("action") == "bus.request" or r.data.get("direction") == "out")
         ]
         # the action's decision, the message's own decision on A's client, then the outcome
@@ -72,6 +72,6 @@ async def ask_and_answer(backend: str, url: str) -> None:
             ("policy_decision", "request", "out", "allow"),
             ("action_outcome", "request", None, "ok"),
         ]
-        violations = [r for r in records if r.event_type == "policy_violation"]
+        violations = [r for r in records if r.event_type in VIOLATION_EVENTS]
         assert [v.data["action"] for v in violations] == ["bus.request"] * 3
         assert (await kernel.recorder.verify()).ok

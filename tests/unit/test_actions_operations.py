@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent_os import ActionRequest, ActionResult
-from agent_os.control_plane import KernelSpace, Pattern, Policy
+from agent_os.control_plane import VIOLATION_EVENTS, KernelSpace, Pattern, Policy
 from agent_os.control_plane.actions import ActionRefused, ActionRegistry, Http, Process, Sql
 from agent_os.control_plane.errors import KernelError
 from agent_os.control_plane.policy.sql_guard import statements_reading
@@ -71,7 +71,7 @@ async def test_the_permission_comes_from_the_request_and_the_policy_sees_the_ope
         assert decision.data["operation"] == "crm"
         assert decision.data["permission"] == "read"
         assert decision.data["agent_name"] == "clerk"  # the kernel's fields win over the provider's
-        assert len(await kernel.recorder.query(event_type="policy_violation")) == 4
+        assert len(await kernel.recorder.query(event_type=VIOLATION_EVENTS)) == 4
 
 
 async def test_registering_the_providers_names_their_permission_and_operation(tmp_path: Any) -> None:

@@ -18,6 +18,7 @@ from agent_os import ActionRequest, ActionResult, AgentLoop, AgentLoopResult, To
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
 from agent_os.control_plane import (
     BUILTIN_TOOLS,
+    DECISION_EVENTS,
     AgentSignal,
     AgentStoppedError,
     KernelSpace,
@@ -134,7 +135,7 @@ async def test_tool_calls_run_through_submit_and_results_go_back(tmp_path: Path,
         assert denial["error"] == write.error
 
         # every decision and outcome is recorded, and the chain verifies
-        violations = await kernel.recorder.query(event_type="policy_violation")
+        violations = await kernel.recorder.query(event_type="action_blocked")  # outside the workspace
         assert [v.id for v in violations] == [write.record_id]
         outcomes = await kernel.recorder.query(event_type="action_outcome")
         assert [o.id for o in outcomes] == [read.record_id, listed.record_id]
@@ -176,7 +177,7 @@ async def test_malformed_tool_calls_go_back_as_errors(tmp_path: Path) -> None:
         tool_messages = [m for m in server.requests[1].messages if m["role"] == "tool"]
         assert len(tool_messages) == 6
         assert all(json.loads(m["content"])["ok"] is False for m in tool_messages)
-        assert await kernel.recorder.query(event_type=["policy_decision", "policy_violation"]) == []
+        assert await kernel.recorder.query(event_type=DECISION_EVENTS) == []
 
 
 async def test_model_errors_are_retried_by_the_rule_then_raised(tmp_path: Path) -> None:

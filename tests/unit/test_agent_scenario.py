@@ -11,7 +11,7 @@ from typing import Any
 from agent_os import AgentLoop, AgentLoopResult
 from agent_os.amb import AMB, Metadata
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
-from agent_os.control_plane import BUILTIN_TOOLS, BusActions, KernelSpace
+from agent_os.control_plane import BUILTIN_TOOLS, DECISION_EVENTS, BusActions, KernelSpace
 from tests.support import memory_url
 from tests.support.closing import Closing
 
@@ -72,18 +72,18 @@ async def test_an_llm_agent_reads_is_denied_asks_and_answers(tmp_path: Path, clo
         records = await kernel.recorder.query()
         by_id = {r.id: r for r in records}
         assert by_id[read.record_id].event_type == "action_outcome"  # type: ignore[index]
-        assert by_id[write.record_id].event_type == "policy_violation"  # type: ignore[index]
+        assert by_id[write.record_id].event_type == "action_blocked"  # type: ignore[index]
         assert by_id[ask.record_id].event_type == "action_outcome"  # type: ignore[index]
         actions = [
             (r.event_type, r.data.get("action"))
             for r in records
-            if r.event_type in ("policy_decision", "policy_violation", "action_outcome")
+            if r.event_type in (*DECISION_EVENTS, "action_outcome")
             and r.data.get("action")
         ]
         assert actions == [
             ("policy_decision", "fs.read"),
             ("action_outcome", "fs.read"),
-            ("policy_violation", "fs.write"),
+            ("action_blocked", "fs.write"),
             ("policy_decision", "bus.request"),
             ("action_outcome", "bus.request"),
         ]

@@ -17,6 +17,8 @@ import pytest
 
 from agent_os.amb import AMB, RequestTimeout
 from agent_os.control_plane import (
+    DECISION_EVENTS,
+    VIOLATION_EVENTS,
     ActionRequest,
     ActionResult,
     AgentSignal,
@@ -102,7 +104,7 @@ async def wait_for_records(recorder: FlightRecorder, event: str, n: int) -> list
 
 
 async def _records(recorder: FlightRecorder) -> list[tuple[str, Any, Any]]:
-    records = await recorder.query(event_type=["policy_decision", "policy_violation", "action_outcome"])
+    records = await recorder.query(event_type=[*DECISION_EVENTS, "action_outcome"])
     return [
         (r.event_type, r.data.get("action"), r.data.get("status", r.data.get("decision"))) for r in records
     ]
@@ -151,7 +153,7 @@ async def test_a_denied_action_is_answered_by_the_service_and_never_reaches_the_
         assert locked.error == "locked"
         assert unknown.error == "unknown action 'fs.chmod'"
         assert other.error == "agent alice cannot act as 'bob'"
-        violations = await m.kernel.recorder.query(event_type="policy_violation")
+        violations = await m.kernel.recorder.query(event_type=VIOLATION_EVENTS)
         assert [v.id for v in violations] == [r.record_id for r in (outside, locked, unknown, other)]
         assert await m.kernel.recorder.query(event_type=["policy_decision", "action_outcome"]) == []
         assert m.tools.stats.requests == 0
@@ -174,13 +176,14 @@ async def test_a_malformed_action_request_is_denied_and_recorded(tmp_path: Path)
         # to bob is answered by bob or not at all), so it times out.
         with pytest.raises(RequestTimeout):
             await m.agent.request(subject, {"target": "a"}, recipient="bob", timeout=0.5)
-        violations = await m.kernel.recorder.query(event_type="policy_violation")
+        violations = await m.kernel.recorder.query(event_type=VIOLATION_EVENTS)
         assert len(violations) == 5
         assert violations[-1].data["reason"] == "an action goes to the tool service 'tools', not 'bob'"
         # Not a request: the mediator denies it as a message (one record), nothing is decided.
         await m.agent.publish(subject, {"target": "a"})
-        denied = await wait_for_records(m.kernel.recorder, "policy_decision", 1)
-        assert denied[0].data["reason"] == "an action is a request: it needs a reply_to"
+        # a mediated-mode refusal, after the five action denials above (all kernel pre-checks)
+        denied = await wait_for_records(m.kernel.recorder, "action_blocked", 6)
+        assert denied[-1].data["reason"] == "an action is a request: it needs a reply_to"
         assert m.tools.stats.requests == 0
 
 
