@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from agent_os.control_plane import ControlPlaneError, Policy
+from agent_os.services._metrics import METRICS_PORTS, metrics_from_options, metrics_options
 from agent_os.services._process import (
     log_level_option,
     nonce_store_url,
@@ -81,6 +82,7 @@ from agent_os.services.control_plane_service._subjects import (
     show_default=True,
     help="Put before every rate-limit key in Redis: one per deployment.",
 )
+@metrics_options(METRICS_PORTS["control-plane"])
 @log_level_option
 def main(
     broker: str,
@@ -105,9 +107,14 @@ def main(
     rate_limit_prefix: str,
     log_level: str,
     key_refresh: float,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
     if rate_limit_store is not None:
         try:
             nonce_store_url(rate_limit_store)  # the same form: a Redis URL with a host
@@ -141,6 +148,7 @@ def main(
                 rate_limits=RedisRateLimits(rate_limit_store, prefix=rate_limit_prefix)
                 if rate_limit_store
                 else None,
+                metrics=metrics,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
