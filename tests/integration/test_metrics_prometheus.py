@@ -21,8 +21,9 @@ from agent_os.amb.metrics import BUS_COUNTERS
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.services.control_plane_service._metrics import SERVICE_COUNTERS
 from agent_os.services.verifier_service import request_verification
-from tests.support import Collector
-from tests.support.processes import TOKEN, metrics_url, start, stop
+from tests.support import Collector, wait_until
+from tests.support.nats_private import private_nats
+from tests.support.processes import TOKEN, get, metrics_url, start, stop
 from tests.support.prometheus import prometheus, query, wait_targets_up
 from tests.support.servers import NATS_URL
 
@@ -196,3 +197,39 @@ def test_the_shipped_prometheus_config_passes_promtool() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_healthz_follows_the_broker_connection(tmp_path: Path) -> None:
+    """The memory and verifier services' /healthz: 200 while their broker connection is up,
+    503 once their (private) nats-server is gone; the metrics port stays up to say so."""
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        async with private_nats("", tmp_path) as port:
+            broker = f"nats://127.0.0.1:{port}"
+            memory, memory_ready = await start(
+                "memory",
+                "--broker",
+                broker,
+                "--trust-bus",
+                "--storage",
+                "memory",
+                "--embedding-model",
+                "hashing",
+            )
+            procs.append(memory)
+            verifier, verifier_ready = await start(
+                "verifier", "--broker", broker, "--trust-bus", "--model", "a=openai/a", "--api-key", "k"
+            )
+            procs.append(verifier)
+            health = [metrics_url(memory_ready) + "/healthz", metrics_url(verifier_ready) + "/healthz"]
+            assert [(await get(url, token=None))[0] for url in health] == [200, 200]
+
+        async def all_down() -> bool:
+            return [(await get(url, token=None))[0] for url in health] == [503, 503]
+
+        await wait_until(all_down, 15, what="/healthz 503 on both services")
+        assert (await get(metrics_url(memory_ready) + "/metrics", token=None))[0] == 200
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                await stop(proc, signal.SIGTERM)
