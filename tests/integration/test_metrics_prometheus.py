@@ -22,6 +22,7 @@ from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.services.control_plane_service._metrics import SERVICE_COUNTERS
 from agent_os.services.verifier_service import request_verification
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 from tests.support.nats_private import private_nats
 from tests.support.processes import TOKEN, get, metrics_url, start, stop
 from tests.support.prometheus import prometheus, query, wait_targets_up
@@ -70,7 +71,9 @@ def target(url: str) -> str:
 
 
 @pytest.mark.nats
-async def test_prometheus_scrapes_every_metric_of_the_three_services(tmp_path: Path) -> None:
+async def test_prometheus_scrapes_every_metric_of_the_three_services(
+    tmp_path: Path, closing: Closing
+) -> None:
     tag = uuid.uuid4().hex[:10]
     ingress, delivery, emk, subject = f"in_{tag}", f"out_{tag}", f"mem_{tag}", f"cmvk_{tag}.verify"
     policy = tmp_path / "policy.yaml"
@@ -86,8 +89,8 @@ async def test_prometheus_scrapes_every_metric_of_the_three_services(tmp_path: P
         "c": Reply("no verdict here"),
     }
     procs: list[asyncio.subprocess.Process] = []
-    agent = AMB("nats", NATS_URL, agent_id=f"agent-{tag}")
-    receiver = AMB("nats", NATS_URL, agent_id=f"receiver-{tag}")
+    agent = closing(AMB("nats", NATS_URL, agent_id=f"agent-{tag}"))
+    receiver = closing(AMB("nats", NATS_URL, agent_id=f"receiver-{tag}"))
     raw = await nats.connect(NATS_URL)
     try:
         async with ScriptedLLMServer(scripts) as llm:
@@ -168,8 +171,6 @@ async def test_prometheus_scrapes_every_metric_of_the_three_services(tmp_path: P
             if proc.returncode is None:
                 await stop(proc, signal.SIGTERM)
         await raw.close()
-        await agent.close()
-        await receiver.close()
 
 
 async def missing_series(url: str, queries: list[str], timeout: float = 30) -> list[str]:
