@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,18 @@ async def test_prometheus_scrapes_every_metric_of_the_three_services(
             if proc.returncode is None:
                 await stop(proc, signal.SIGTERM)
         await raw.close()
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/observability.md names every metric the services define, and no other."""
+    page = (ROOT / "docs/observability.md").read_text()
+    names = {
+        m.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+        for m in (*BUS, *CONTROL_PLANE, *MEMORY, *VERIFIER)
+    }
+    documented = set(re.findall(r"`(agentos_[a-z_]+)", page))
+    assert names - documented == set()
+    assert documented - names == set()
 
 
 async def missing_series(url: str, queries: list[str], timeout: float = 30) -> list[str]:
