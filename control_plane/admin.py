@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,6 +28,7 @@ from agent_os.control_plane.recorder.heads import HEAD_FORMAT, Head
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from prometheus_client import CollectorRegistry
 
     from agent_os.control_plane.kernel.space import KernelSpace
 
@@ -55,8 +56,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class AdminAPI:
     """Serves the admin routes for ``kernel`` (docs/control-plane.md, The admin API).
 
-    ``token``: the bearer token (at least 16 characters, else ValueError); ``extra_metrics``:
-    name -> value or callable, added to ``/metrics``; ``require_verified_sender``: keep that
+    ``token``: the bearer token (at least 16 characters, else ValueError); ``registry``: the
+    prometheus_client registry ``/metrics`` serves (the API adds its :class:`KernelMetrics` to
+    it), e.g. a service's, so that the admin API and the metrics port show the same; without
+    it ``/metrics`` shows the kernel's metrics and ``extra_metrics`` (name -> value or
+    callable, as gauges); ``require_verified_sender``: keep that
     policy option on across reloads; ``health``: what ``/healthz`` reports (True: 200, False:
     503; e.g. the bus client's ``healthy``, so a lost broker connection shows). Raises
     ImportError without aiohttp/prometheus-client.
@@ -75,6 +79,7 @@ class AdminAPI:
         extra_metrics: dict[str, Any] | None = None,
         require_verified_sender: bool = False,
         health: Callable[[], bool] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
@@ -91,6 +96,9 @@ class AdminAPI:
         self.unauthorized = 0
         self.bad_requests = 0
         self.errors = 0
+        self.registry = registry
+        if registry is not None:
+            registry.register(KernelMetrics(self))
 
         @web.middleware
         async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -261,36 +269,56 @@ class AdminAPI:
 
     async def metrics(self, request: web.Request) -> web.Response:
         from aiohttp import web
-        from prometheus_client import CollectorRegistry, Gauge, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-        registry = CollectorRegistry()
-        agents = Gauge("agentos_agents", "Agents known to the kernel, by state", ["state"], registry=registry)
-        for status in self.kernel.agents():
-            agents.labels(status.state).inc()
-        actions = Gauge("agentos_agent_actions", "Allowed actions of all agents", registry=registry)
-        violations = Gauge("agentos_agent_violations", "Denied actions of all agents", registry=registry)
-        statuses = self.kernel.agents()
-        actions.set(sum(s.actions_count for s in statuses))
-        violations.set(sum(s.violations_count for s in statuses))
-        rec = self.kernel.recorder
-        Gauge("agentos_records_appended", "Flight-recorder records appended", registry=registry).set(
-            rec.appended
+        registry = self.registry
+        if registry is None:
+            registry = CollectorRegistry()
+            registry.register(KernelMetrics(self))
+            for name, value in self.extra_metrics.items():
+                Gauge(name, name, registry=registry).set(value() if callable(value) else value)
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class KernelMetrics:
+    """A prometheus_client collector over an admin API's kernel and its own counters
+    (``docs/observability.md``): agents by state, their actions and violations, flight-recorder
+    appends and writes, admin requests refused."""
+
+    def __init__(self, admin: AdminAPI) -> None:
+        self.admin = admin
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        admin = self.admin
+        statuses = admin.kernel.agents()
+        agents = GaugeMetricFamily("agentos_agents", "Agents known to the kernel, by state", labels=["state"])
+        by_state: dict[str, int] = {}
+        for status in statuses:
+            by_state[status.state] = by_state.get(status.state, 0) + 1
+        for state, count in by_state.items():
+            agents.add_metric([state], count)
+        yield agents
+        yield GaugeMetricFamily(
+            "agentos_agent_actions",
+            "Allowed actions of the agents the kernel knows now",
+            value=sum(s.actions_count for s in statuses),
         )
-        Gauge("agentos_records_flushed", "Flight-recorder records written", registry=registry).set(
-            rec.flushed
+        yield GaugeMetricFamily(
+            "agentos_agent_violations",
+            "Denied actions of the agents the kernel knows now",
+            value=sum(s.violations_count for s in statuses),
         )
-        Gauge("agentos_admin_unauthorized", "Admin requests refused", registry=registry).set(
-            self.unauthorized
-        )
-        Gauge("agentos_admin_bad_requests", "Admin requests answered 4xx", registry=registry).set(
-            self.bad_requests
-        )
-        Gauge("agentos_admin_errors", "Admin requests that failed (500)", registry=registry).set(self.errors)
-        for name, value in self.extra_metrics.items():
-            Gauge(name, name, registry=registry).set(value() if callable(value) else value)
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
-        )
+        recorder = admin.kernel.recorder
+        for name, text, value in (
+            ("agentos_recorder_records_appended", "Flight-recorder records appended", recorder.appended),
+            ("agentos_recorder_records_written", "Flight-recorder records written", recorder.flushed),
+            ("agentos_admin_unauthorized", "Admin requests refused for their token", admin.unauthorized),
+            ("agentos_admin_bad_requests", "Admin requests answered 4xx", admin.bad_requests),
+            ("agentos_admin_errors", "Admin requests that failed (500)", admin.errors),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
 
 
 async def _requested_head(request: web.Request) -> Head | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -20,6 +21,17 @@ from agent_os.amb.replies import ERROR_HEADER
 from agent_os.emk import EMK, EMKError, MemoryRecord
 from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
+from agent_os.services._metrics import (
+    METRICS_PORTS,
+    Durations,
+    MetricsOptions,
+    metrics_endpoint,
+    metrics_from_options,
+    metrics_options,
+    ready_line,
+    require_metrics,
+    service_registry,
+)
 from agent_os.services._process import (
     log_level_option,
     run,
@@ -55,6 +67,10 @@ class MemoryService:
     replay scope, ``replay_scope`` (the queue group). Start with ``await service.start()`` (or
     ``async with``); ``stop()`` unsubscribes, letting in-flight requests finish; neither the bus
     client nor the EMK is closed by the service.
+
+    Counters: ``stats`` (``requests.<op>``, ``ok``, ``errors.<code>``), ``outcomes`` (by
+    operation and outcome: ``ok`` or the error code) and ``durations`` (seconds per request, by
+    operation); :class:`MemoryMetrics` exposes them to Prometheus.
     """
 
     def __init__(
@@ -73,6 +89,8 @@ class MemoryService:
         self.trust_bus = trust_bus
         self.replay_scope = prefix
         self.stats: Counter[str] = Counter()
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.durations = Durations()
         self._subs: list[Subscription] = []
         self._ops: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "store": self._store,
@@ -129,6 +147,7 @@ class MemoryService:
 
     async def _handle(self, op: str, message: Any, metadata: Metadata) -> None:
         self.stats[f"requests.{op}"] += 1
+        started = time.perf_counter()
         try:
             if metadata.topic != metadata.subject:
                 raise RequestError(
@@ -145,19 +164,23 @@ class MemoryService:
                 raise RequestError("Forbidden", "agent_id must be the caller's own")
             answer = await self._ops[op](agent_id, message)
         except RequestError as exc:
-            await self._fail(op, metadata, exc.code, str(exc))
+            await self._fail(op, metadata, exc.code, str(exc), started)
         except EMKError as exc:
-            await self._fail(op, metadata, type(exc).__name__, str(exc))
+            await self._fail(op, metadata, type(exc).__name__, str(exc), started)
         except Exception as exc:
             log.exception("memory service: %s request %s failed", op, metadata.id)
-            await self._fail(op, metadata, "Internal", type(exc).__name__)
+            await self._fail(op, metadata, "Internal", type(exc).__name__, started)
         else:
+            self.durations.observe((op,), time.perf_counter() - started)
             self.stats["ok"] += 1
+            self.outcomes[op, "ok"] += 1
             if metadata.reply_to:
                 await self.amb.reply(metadata, {"ok": True, **answer})
 
-    async def _fail(self, op: str, metadata: Metadata, code: str, message: str) -> None:
+    async def _fail(self, op: str, metadata: Metadata, code: str, message: str, started: float) -> None:
+        self.durations.observe((op,), time.perf_counter() - started)
         self.stats[f"errors.{code}"] += 1
+        self.outcomes[op, code] += 1
         if metadata.reply_to:
             reason = f"{code}: {message}"[:1024]
             await self.amb.reply(
@@ -219,6 +242,32 @@ class MemoryService:
         return {"records": _dicts(records)}
 
 
+class MemoryMetrics:
+    """A prometheus_client collector over a :class:`MemoryService`'s counters
+    (``docs/observability.md``): ``agentos_emk_requests_total{operation,outcome}`` and
+    ``agentos_emk_request_duration_seconds{operation}``."""
+
+    def __init__(self, service: MemoryService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        requests = CounterMetricFamily(
+            "agentos_emk_requests",
+            "Memory-service requests answered, by operation and outcome (ok or the error code)",
+            labels=["operation", "outcome"],
+        )
+        for (op, outcome), count in list(self.service.outcomes.items()):
+            requests.add_metric([op, outcome], count)
+        yield requests
+        yield self.service.durations.family(
+            "agentos_emk_request_duration_seconds",
+            "Time to answer a memory-service request (EMK store, search, ... with embedding), by operation",
+            ["operation"],
+        )
+
+
 _REQUIRED = object()
 
 
@@ -263,18 +312,22 @@ async def serve(
     agent_id: str = "memory-service",
     concurrency: int = 8,
     stop: asyncio.Event | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> MemoryService:
-    """Serve ``emk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
-    answer the requests in flight, close the bus client and the EMK. With ``iatp`` (holding the
-    service's signing key ``agent_id`` and the agents' public identities) every request is
-    verified and answered for its verified sender; without it ``trust_bus`` must be true.
-    Prints ``ready memory subjects=<prefix>.* broker=<url>`` once it takes requests; returns
-    the service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
-    ``trust_bus``), ValueError for an unsupported broker URL, EMKError (ConfigError naming the
-    extra to install, EmbeddingError when the embedder's probe fails) or a bus error when it
-    cannot start (what was opened is closed)."""
+    """Serve ``emk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then answer
+    the requests in flight, close the bus client and the EMK. With ``iatp`` (holding the service's
+    signing key ``agent_id`` and the agents' public identities) every request is verified and
+    answered for its verified sender; without it ``trust_bus`` must be true. With ``metrics``,
+    serves ``/metrics`` and ``/healthz`` there (``docs/observability.md``). Prints ``ready memory
+    subjects=<prefix>.* broker=<url>`` (then `` metrics=<url>``) once it takes requests; returns the
+    service (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
+    ``trust_bus``), ValueError for an unsupported broker URL, EMKError (ConfigError naming the extra
+    to install, EmbeddingError when the embedder's probe fails) or a bus error when it cannot start
+    (what was opened is closed)."""
     try:
         require_verification(iatp is not None, trust_bus, "memory service")
+        if metrics is not None:
+            require_metrics()
         client = service_client(broker, agent_id, iatp)
     except BaseException:
         await emk.close()
@@ -292,13 +345,15 @@ async def serve(
                 emk.embedder.model,
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
-            await serving(
-                stopping,
-                f"ready memory subjects={prefix}.* broker={broker}",
-                log,
-                "answering the requests in flight",
-                client=client,
-            )
+            registry = service_registry([client], MemoryMetrics(service)) if metrics is not None else None
+            async with metrics_endpoint(metrics, registry, lambda: client.healthy) as url:
+                await serving(
+                    stopping,
+                    ready_line(f"ready memory subjects={prefix}.* broker={broker}", url),
+                    log,
+                    "answering the requests in flight",
+                    client=client,
+                )
         finally:
             try:
                 await service.stop()
@@ -340,6 +395,7 @@ async def serve(
 )
 @click.option("--agent-id", default="memory-service", show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@metrics_options(METRICS_PORTS["memory"])
 @log_level_option
 def main(
     broker: str,
@@ -357,9 +413,14 @@ def main(
     concurrency: int,
     log_level: str,
     key_refresh: float,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
 ) -> None:
     """Run the memory service (EMK over the bus) until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
 
     async def serve_process() -> None:
         emk = EMK(storage, dsn, embedding_model, isolation, namespace=namespace)
@@ -373,6 +434,7 @@ def main(
                     prefix=prefix,
                     agent_id=agent_id,
                     concurrency=concurrency,
+                    metrics=metrics,
                 )
         finally:
             await emk.close()  # serve closed it already, unless the identities could not be opened

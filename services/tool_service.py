@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -28,6 +29,16 @@ from agent_os.control_plane.actions.fs import MAX_READ, MAX_WRITE
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
+from agent_os.services._metrics import (
+    METRICS_PORTS,
+    MetricsOptions,
+    metrics_endpoint,
+    metrics_from_options,
+    metrics_options,
+    ready_line,
+    require_metrics,
+    service_registry,
+)
 from agent_os.services._process import (
     broker_backend,
     log_level_option,
@@ -78,6 +89,29 @@ class ToolStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class ToolMetrics:
+    """A prometheus_client collector over a :class:`ToolService`'s counters
+    (``docs/observability.md``): ``agentos_tool_<counter>_total`` for each of its ``stats``."""
+
+    def __init__(self, service: ToolService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, value in self.service.stats.as_dict().items():
+            yield CounterMetricFamily(f"agentos_tool_{name}", _TOOL_COUNTERS[name], value=value)
+
+
+_TOOL_COUNTERS: Final = {
+    "requests": "Action requests taken from the control-plane service",
+    "done": "Actions whose provider returned",
+    "failed": "Actions whose provider raised",
+    "refused": "Unusable action requests (malformed, unknown action, unauthenticated, refused target)",
+    "unsent": "Outputs that could not be sent, answered with an error instead",
+}
 
 
 class ToolService:
@@ -275,16 +309,20 @@ async def serve(
     delivery_prefix: str = DELIVERY,
     reply_prefix: str = REPLIES,
     stop: asyncio.Event | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> ToolService:
     """Run a tool service with ``actions`` on the broker at ``broker`` until ``stop`` is set
     (or SIGINT/SIGTERM), then finish the actions in flight and close the bus client. With
     ``iatp`` (holding the service's signing key ``agent_id`` and the agents' public
     identities) every request is verified and every answer signed; without it ``trust_bus``
-    must be true. Prints ``ready tools subjects=<subjects> broker=<url>`` once it takes
-    requests; returns the service (its ``stats``). Raises VerificationRequired, ValueError for
-    an unsupported broker URL or an unusable agent id or prefix, a bus error when it cannot
-    connect."""
+    must be true. With ``metrics``, serves ``/metrics`` and ``/healthz`` there
+    (``docs/observability.md``). Prints ``ready tools subjects=<subjects> broker=<url>`` (then
+    `` metrics=<url>``) once it takes requests; returns the service (its ``stats``). Raises
+    VerificationRequired, ValueError for an unsupported broker URL or an unusable agent id or
+    prefix, ImportError naming the extra to install, a bus error when it cannot connect."""
     require_verification(iatp is not None, trust_bus, "tool service")
+    if metrics is not None:
+        require_metrics()
     middleware = [iatp.middleware(agent_id=agent_id)] if iatp is not None else []
     client = AMB(
         broker_backend(broker),
@@ -316,13 +354,15 @@ async def serve(
                 names,
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
-            await serving(
-                stopping,
-                f"ready tools subjects={service.subject_prefix}> broker={broker}",
-                log,
-                "finishing the actions in flight",
-                client=client,
-            )
+            registry = service_registry([client], ToolMetrics(service)) if metrics is not None else None
+            async with metrics_endpoint(metrics, registry, lambda: client.healthy) as url:
+                await serving(
+                    stopping,
+                    ready_line(f"ready tools subjects={service.subject_prefix}> broker={broker}", url),
+                    log,
+                    "finishing the actions in flight",
+                    client=client,
+                )
         finally:
             try:
                 await service.stop()
@@ -367,6 +407,7 @@ async def serve(
 @click.option("--ingress-prefix", default=INGRESS, show_default=True)
 @click.option("--delivery-prefix", default=DELIVERY, show_default=True)
 @click.option("--reply-prefix", default=REPLIES, show_default=True)
+@metrics_options(METRICS_PORTS["tool"])
 @log_level_option
 def main(
     broker: str,
@@ -385,9 +426,14 @@ def main(
     reply_prefix: str,
     log_level: str,
     key_refresh: float,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
 ) -> None:
     """Run the tool service (the providers of allowed actions, mediated mode) until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
     try:
         check_agent_id(agent_id)
     except ValueError as exc:
@@ -408,6 +454,7 @@ def main(
                 ingress_prefix=ingress_prefix,
                 delivery_prefix=delivery_prefix,
                 reply_prefix=reply_prefix,
+                metrics=metrics,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))

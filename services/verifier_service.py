@@ -9,16 +9,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, get_args
 
 import click
 
 from agent_os.amb import AMB, Metadata, Subscription
-from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy
+from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy, VerificationResult
 from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
+from agent_os.services._metrics import (
+    METRICS_PORTS,
+    Durations,
+    MetricsOptions,
+    metrics_endpoint,
+    metrics_from_options,
+    metrics_options,
+    ready_line,
+    require_metrics,
+    service_registry,
+)
 from agent_os.services._process import (
     log_level_option,
     run,
@@ -121,6 +134,12 @@ class VerifierService:
     request must be signed for ``subject`` (else ``wrong_subject``), its nonces are remembered
     under ``replay_scope`` (the queue group), and its prompt, response and context may have
     ``max_text_bytes`` each (else ``too_large``, and no model is asked).
+
+    Counters: ``stats``, ``verdicts`` (by model and verdict: ``supported``, ``contradicted``,
+    ``unsure`` or ``abstained``), ``abstentions`` (by model and kind), ``cost_usd`` (by model)
+    ``durations`` (seconds per verification, by outcome) and ``model_durations`` (seconds per
+    model's answer, retries included, by model); :class:`VerifierMetrics` exposes
+    them to Prometheus.
     """
 
     def __init__(
@@ -145,6 +164,11 @@ class VerifierService:
         self.queue = queue
         self.concurrency = concurrency
         self.stats = VerifierStats()
+        self.verdicts: Counter[tuple[str, str]] = Counter()
+        self.abstentions: Counter[tuple[str, str]] = Counter()
+        self.cost_usd: dict[str, float] = {}
+        self.durations = Durations()
+        self.model_durations = Durations()
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -209,9 +233,11 @@ class VerifierService:
             log.warning("invalid cmvk.verify request %s from %s: %s", metadata.id, caller, exc)
             await self._refuse(metadata, "invalid_request", str(exc))
             return
+        started = time.perf_counter()
         try:
             result = await self.cmvk.verify(prompt, response, context)
         except Exception as exc:  # a bug must not take the service down; the caller learns it failed
+            self.durations.observe(("failed",), time.perf_counter() - started)
             self.stats.failed += 1
             log.exception("verification of request %s from %s failed", metadata.id, caller)
             if metadata.reply_to:
@@ -220,13 +246,76 @@ class VerifierService:
                     metadata, {"ok": False, "error": "verification_failed", "reason": reason}
                 )
             return
+        outcome = "verified" if result.verified else "rejected"
+        self.durations.observe((outcome,), time.perf_counter() - started)
+        self._count(result)
+        log.debug("request %s from %s: verified=%s", metadata.id, caller, result.verified)
+        if metadata.reply_to:
+            await self.bus.reply(metadata, {"ok": True, **result.to_dict()})
+
+    def _count(self, result: VerificationResult) -> None:
         if result.verified:
             self.stats.verified += 1
         else:
             self.stats.rejected += 1
-        log.debug("request %s from %s: verified=%s", metadata.id, caller, result.verified)
-        if metadata.reply_to:
-            await self.bus.reply(metadata, {"ok": True, **result.to_dict()})
+        for name, vote in result.model_votes.items():
+            self.verdicts[name, vote.verdict or "abstained"] += 1
+            if vote.abstention is not None:
+                self.abstentions[name, vote.abstention] += 1
+            self.cost_usd[name] = self.cost_usd.get(name, 0.0) + (vote.stats.cost_usd or 0.0)
+            self.model_durations.observe((name,), vote.stats.latency_s)
+
+
+class VerifierMetrics:
+    """A prometheus_client collector over a :class:`VerifierService`'s counters
+    (``docs/observability.md``): requests by outcome, verification latency, model verdicts,
+    abstentions and cost."""
+
+    def __init__(self, service: VerifierService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        service = self.service
+        requests = CounterMetricFamily(
+            "agentos_cmvk_requests",
+            "Verification requests, by outcome (verified, rejected or why it was refused or failed)",
+            labels=["outcome"],
+        )
+        for outcome, count in service.stats.as_dict().items():
+            if outcome != "requests":
+                requests.add_metric([outcome], count)
+        verdicts = CounterMetricFamily(
+            "agentos_cmvk_model_verdicts",
+            "Each panel model's verdicts (supported, contradicted, unsure, abstained)",
+            labels=["model", "verdict"],
+        )
+        for (model, verdict), count in list(service.verdicts.items()):
+            verdicts.add_metric([model, verdict], count)
+        abstentions = CounterMetricFamily(
+            "agentos_cmvk_abstentions",
+            "Model abstentions, by model and kind (timeout, deadline, provider_error, parse_error)",
+            labels=["model", "kind"],
+        )
+        for (model, kind), count in list(service.abstentions.items()):
+            abstentions.add_metric([model, kind], count)
+        cost = CounterMetricFamily(
+            "agentos_cmvk_cost_usd", "Cost of the model calls as litellm reports it (USD)", labels=["model"]
+        )
+        for model, usd in list(service.cost_usd.items()):
+            cost.add_metric([model], usd)
+        yield from (requests, verdicts, abstentions, cost)
+        yield service.durations.family(
+            "agentos_cmvk_verification_duration_seconds",
+            "Time of one verification by the panel, by outcome (verified, rejected, failed)",
+            ["outcome"],
+        )
+        yield service.model_durations.family(
+            "agentos_cmvk_model_call_duration_seconds",
+            "Time of one panel model's answer (retries included), by model",
+            ["model"],
+        )
 
 
 async def request_verification(
@@ -286,16 +375,20 @@ async def serve(
     concurrency: int = 8,
     stop: asyncio.Event | None = None,
     max_text_bytes: int = MAX_TEXT_BYTES,
+    metrics: MetricsOptions | None = None,
 ) -> VerifierService:
     """Serve ``cmvk`` on the broker at ``broker`` until ``stop`` is set (or SIGINT/SIGTERM), then
     finish the verifications in flight and close the bus client. With ``iatp`` (holding the
-    service's signing key ``agent_id`` and the agents' public identities) every request is
-    verified; without it ``trust_bus`` must be true. Loads litellm, then prints ``ready
-    verifier subject=<subject> broker=<url>`` once it takes requests; returns the service (its
-    ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and ``trust_bus``),
-    ValueError for an unsupported broker URL, ImportError naming the extra to install, a bus
-    error when it cannot connect."""
+    service's signing key ``agent_id`` and the agents' public identities) every request is verified;
+    without it ``trust_bus`` must be true. Loads litellm, then prints ``ready verifier
+    subject=<subject> broker=<url>`` once it takes requests; returns the service (its ``stats``);
+    with ``metrics``, serves ``/metrics`` and ``/healthz`` there and adds ``metrics=<url>`` to the
+    ready line (``docs/observability.md``). Raises VerificationRequired (neither or both of ``iatp``
+    and ``trust_bus``), ValueError for an unsupported broker URL, ImportError naming the extra to
+    install, a bus error when it cannot connect."""
     require_verification(iatp is not None, trust_bus, "verifier service")
+    if metrics is not None:
+        require_metrics()
     client = service_client(broker, agent_id, iatp)
     service = VerifierService(
         client,
@@ -317,13 +410,15 @@ async def serve(
                 cmvk,
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
-            await serving(
-                stopping,
-                f"ready verifier subject={subject} broker={broker}",
-                log,
-                "finishing the verifications in flight",
-                client=client,
-            )
+            registry = service_registry([client], VerifierMetrics(service)) if metrics is not None else None
+            async with metrics_endpoint(metrics, registry, lambda: client.healthy) as url:
+                await serving(
+                    stopping,
+                    ready_line(f"ready verifier subject={subject} broker={broker}", url),
+                    log,
+                    "finishing the verifications in flight",
+                    client=client,
+                )
         finally:
             try:
                 await service.stop(timeout=cmvk.timeout)
@@ -372,6 +467,7 @@ async def serve(
     show_default=True,
     help="Largest prompt, response and context of a request (bytes each, as sent to the models).",
 )
+@metrics_options(METRICS_PORTS["verifier"])
 @log_level_option
 def main(
     broker: str,
@@ -394,9 +490,14 @@ def main(
     max_text_bytes: int,
     log_level: str,
     key_refresh: float,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
 
     async def serve_process() -> None:
         cmvk = CMVK(
@@ -420,6 +521,7 @@ def main(
                 agent_id=agent_id,
                 concurrency=concurrency,
                 max_text_bytes=max_text_bytes,
+                metrics=metrics,
             )
 
     run(serve_process, log_level=log_level, errors=(CMVKError,))

@@ -765,7 +765,7 @@ class AMB(Lifecycle):
             log.error("could not dead-letter a message from %r (%s): %r", subject, reason, exc)
             await delivery.nack(sub.options.retry_delay)
             return
-        self.stats.dead_lettered += 1
+        self.stats.count_dead_letter(reason)
         hook = self.dead_letter_hook
         if hook is not None:
             try:

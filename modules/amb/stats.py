@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+MAX_DEAD_LETTER_REASONS: Final = 32
+"""The most distinct dead-letter reasons one client counts apart; later new ones count as
+:data:`OTHER_REASON`, so the reason stays a bounded metric label."""
+OTHER_REASON: Final = "other"
+_REASON: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 @dataclass(slots=True)
 class BusStats:
-    """Counters of one client. Every message that is not handed to a handler is in one of them."""
+    """Counters of one client. Every message that is not handed to a handler is in one of them.
+
+    ``dead_letter_reasons`` counts the dead letters published by reason (``dlq-reason``); a
+    reason that is not a short lower-case word, or beyond the first
+    :data:`MAX_DEAD_LETTER_REASONS` distinct ones, counts as ``other``."""
 
     published: int = 0
     delivered: int = 0
@@ -25,6 +37,18 @@ class BusStats:
     request_timeouts: int = 0
     late_replies: int = 0
     mismatched_replies: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def count_dead_letter(self, reason: str) -> None:
+        """Count one dead letter published with ``reason`` (in ``dead_lettered`` and by reason)."""
+        self.dead_lettered += 1
+        reasons = self.dead_letter_reasons
+        if reason not in reasons and (
+            len(reasons) >= MAX_DEAD_LETTER_REASONS or _REASON.fullmatch(reason) is None
+        ):
+            reason = OTHER_REASON
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The counters by name (without ``dead_letter_reasons``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dead_letter_reasons"}

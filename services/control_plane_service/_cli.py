@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from agent_os.control_plane import ControlPlaneError, Policy
+from agent_os.services._metrics import METRICS_PORTS, metrics_from_options, metrics_options
 from agent_os.services._process import (
     log_level_option,
     nonce_store_url,
@@ -95,6 +96,7 @@ from agent_os.services.control_plane_service._subjects import (
     callback=lambda ctx, param, value: _agent_id(value, param),
     help="The agent id of the tool service allowed actions are forwarded to.",
 )
+@metrics_options(METRICS_PORTS["control-plane"])
 @log_level_option
 def main(
     broker: str,
@@ -121,9 +123,14 @@ def main(
     tool_service: str,
     log_level: str,
     key_refresh: float,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
 ) -> None:
     """Run the control-plane service (mediated mode) with its admin API until SIGINT/SIGTERM."""
     verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
     if rate_limit_store is not None:
         try:
             nonce_store_url(rate_limit_store)  # the same form: a Redis URL with a host
@@ -159,6 +166,7 @@ def main(
                 else None,
                 workspace=workspace,
                 tool_service=tool_service,
+                metrics=metrics,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,))

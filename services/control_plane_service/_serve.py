@@ -12,8 +12,16 @@ from agent_os.amb import AMB
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
 from agent_os.control_plane.policy.ratelimit import SharedRateLimits
 from agent_os.iatp import IATP
+from agent_os.services._metrics import (
+    MetricsOptions,
+    metrics_endpoint,
+    ready_line,
+    require_metrics,
+    service_registry,
+)
 from agent_os.services._process import broker_backend, serving, stop_signals
 from agent_os.services.control_plane_service._actions import TOOL_SERVICE
+from agent_os.services.control_plane_service._metrics import ControlPlaneMetrics
 from agent_os.services.control_plane_service._rate_limits import RedisRateLimits, share_rate_limits
 from agent_os.services.control_plane_service._service import ControlPlaneService
 from agent_os.services.control_plane_service._subjects import DELIVERY, INGRESS, QUEUE_GROUP, REPLIES
@@ -41,6 +49,7 @@ async def serve(
     workspace: str | os.PathLike[str] | None = None,
     tool_service: str = TOOL_SERVICE,
     stop: asyncio.Event | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
     then finish in-flight messages, stop the admin API and close the recorder (its last batch
@@ -51,13 +60,17 @@ async def serve(
     :class:`ControlPlaneService`). ``rate_limits``: where the policy's rule rate limits are
     kept, shared with the other instances (a :class:`RedisRateLimits`, checked to answer at the
     start, closed at the end). ``workspace``: the directory of the ``fs.*`` actions, as the
-    tool service ``tool_service`` has it (actions are decided here, run there). Prints
-    ``ready admin=http://host:port`` on stdout once it takes messages; returns the service
-    (its ``stats``). Raises VerificationRequired (neither or both of ``iatp`` and
-    ``trust_bus``), PolicyLoadError, RecorderError, KernelError (a ``workspace`` that is no
-    directory), ValueError (an agent id or prefix unusable in a subject), ImportError naming
-    the extra to install, or a bus error when it cannot start."""
+    tool service ``tool_service`` has it (actions are decided here, run there). With
+    ``metrics``, serves ``/metrics`` and ``/healthz`` there too (``docs/observability.md``); the
+    admin API's ``/metrics`` serves the same metrics either way. Prints ``ready
+    admin=http://host:port`` (then `` metrics=<url>``) on stdout once it takes messages;
+    returns the service (its ``stats``). Raises VerificationRequired (neither or both of
+    ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, KernelError (a ``workspace``
+    that is no directory), ValueError (an agent id or prefix unusable in a subject),
+    ImportError naming the extra to install, or a bus error when it cannot start."""
     from agent_os.control_plane.admin import AdminAPI
+
+    require_metrics()  # the admin API's /metrics needs them too
 
     held = iatp.registry.signing_key(agent_id) if iatp is not None else None
     if held is not None and recorder.public_key is None:
@@ -78,38 +91,13 @@ async def serve(
         agents=agents,
         tool_service=tool_service,
     )
-    stats = service.stats
-    actions = service.actions
+    registry = service_registry([client], ControlPlaneMetrics(service))
     admin = AdminAPI(
         kernel,
         admin_token,
         require_verified_sender=iatp is not None,
         health=lambda: client.healthy,
-        extra_metrics={
-            "agentos_service_forwarded": lambda: stats.forwarded,
-            "agentos_service_deliveries": lambda: stats.deliveries,
-            "agentos_service_deliveries_denied": lambda: stats.deliveries_denied,
-            "agentos_service_replies_forwarded": lambda: stats.replies_forwarded,
-            "agentos_service_forward_failures": lambda: stats.forward_failures,
-            "agentos_service_held_dropped": lambda: service.mediator.held_dropped,
-            "agentos_service_release_failures": lambda: service.mediator.release_failures,
-            "agentos_service_released_dead_lettered": lambda: stats.released_dead_lettered,
-            "agentos_service_dead_letter_failures": lambda: stats.dead_letter_failures,
-            "agentos_service_agent_dead_letters": lambda: stats.agent_dead_letters,
-            "agentos_service_agent_dead_letter_failures": lambda: stats.agent_dead_letter_failures,
-            "agentos_service_rejected": lambda: client.stats.rejected,
-            "agentos_service_unverified": lambda: service.unverified,
-            "agentos_service_pending_requests": lambda: len(service.pending),
-            "agentos_service_unmatched_replies": lambda: service.pending.unmatched,
-            "agentos_service_broker_connected": lambda: int(client.healthy),
-            "agentos_service_malformed": lambda: client.stats.malformed,
-            "agentos_service_invalid_subjects": lambda: client.stats.invalid_subjects,
-            "agentos_service_rate_limit_store_failures": lambda: kernel.gate.rate_store_failures,
-            "agentos_service_actions_forwarded": lambda: actions.forwarded,
-            "agentos_service_actions_denied": lambda: actions.denied,
-            "agentos_service_action_outcomes": lambda: actions.outcomes,
-            "agentos_service_action_failures": lambda: actions.failed + actions.answer_failures,
-        },
+        registry=registry,
     )
     async with stop_signals(stop) as stopping:
         try:
@@ -126,13 +114,14 @@ async def serve(
                 port,
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
-            await serving(
-                stopping,
-                f"ready admin=http://{admin_host}:{port}",
-                log,
-                "finishing in-flight messages",
-                client=client,
-            )
+            async with metrics_endpoint(metrics, registry, lambda: client.healthy) as url:
+                await serving(
+                    stopping,
+                    ready_line(f"ready admin=http://{admin_host}:{port}", url),
+                    log,
+                    "finishing in-flight messages",
+                    client=client,
+                )
         finally:
             await admin.stop()
             await service.stop()

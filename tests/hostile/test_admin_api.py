@@ -123,7 +123,7 @@ async def test_every_hostile_request_gets_a_4xx_with_a_reason(
     assert status == 200
     assert isinstance(records, list)
     _, metrics = await call(base, "GET", "/metrics")
-    assert "agentos_admin_bad_requests 1.0" in metrics
+    assert "agentos_admin_bad_requests_total 1.0" in metrics
 
 
 async def test_a_large_policy_is_parsed_off_the_event_loop(api: tuple[AdminAPI, str]) -> None:

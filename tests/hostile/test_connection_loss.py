@@ -91,8 +91,8 @@ async def test_the_control_plane_service_forwards_after_garbage_on_a_4086_charac
         assert got.messages == ["after the hostile message"]
         assert await healthz(admin) == 200
         _, metrics = await get(admin + "/metrics")
-        assert "agentos_service_malformed 1.0" in metrics
-        assert "agentos_service_broker_connected 1.0" in metrics
+        assert f'agentos_bus_messages_malformed_total{{agent="cp-{prefix}"}} 1.0' in metrics
+        assert f'agentos_bus_connected{{agent="cp-{prefix}"}} 1.0' in metrics
     finally:
         await raw.close()
         await agent.close()

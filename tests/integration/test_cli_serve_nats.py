@@ -25,7 +25,6 @@ from tests.support.servers import NATS_URL, PG_DSN
 pytestmark = pytest.mark.nats
 
 
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> None:
     prefix = f"emk_cli_{uuid.uuid4().hex[:10]}"
@@ -41,7 +40,7 @@ async def test_serve_memory_answers_and_stops_cleanly(sig: signal.Signals) -> No
         "--prefix",
         prefix,
     )
-    assert ready == f"ready memory subjects={prefix}.* broker={NATS_URL}"
+    assert ready.startswith(f"ready memory subjects={prefix}.* broker={NATS_URL} metrics=http://127.0.0.1:")
     alice = AMB("nats", NATS_URL, agent_id=f"alice-{prefix}")
     bob = AMB("nats", NATS_URL, agent_id=f"bob-{prefix}")
     try:
@@ -88,7 +87,9 @@ async def test_serve_verifier_answers_finishes_in_flight_work_and_stops_cleanly(
             f"cmvk_cli_{tag}",
             env={"AGENTOS_LLM_API_KEY": "test-key"},
         )
-        assert ready == f"ready verifier subject={subject} broker={NATS_URL}"
+        assert ready.startswith(
+            f"ready verifier subject={subject} broker={NATS_URL} metrics=http://127.0.0.1:"
+        )
         caller = AMB("nats", NATS_URL, agent_id=f"caller-{tag}")
         try:
             reply = await request_verification(caller, "What is 6 x 7?", "42", subject=subject, timeout=20)

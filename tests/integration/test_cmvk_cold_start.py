@@ -146,6 +146,7 @@ async def test_the_verifier_service_loads_litellm_before_it_says_ready() -> None
             *args,
             "--queue",
             subject,
+            "--no-metrics",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

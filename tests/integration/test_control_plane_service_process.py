@@ -41,8 +41,8 @@ async def test_the_service_process_serves_and_stops_cleanly(
         assert await get(admin + "/healthz", None) == (200, '{"ok": true}')
         status, metrics = await get(admin + "/metrics")
         assert status == 200
-        assert "agentos_service_forwarded 0.0" in metrics
-        assert "agentos_records_appended" in metrics
+        assert "agentos_control_plane_forwarded_total 0.0" in metrics
+        assert "agentos_recorder_records_appended_total" in metrics
         assert (await get(admin + "/agents", "wrong-token-000000000000"))[0] == 401
         status, body = await get(admin + "/verify")
         assert (status, '"ok": true' in body) == (200, True)

@@ -70,11 +70,11 @@ async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, clos
         assert got.messages == [0, 1, 2, 3, 4]
         for _ in range(100):
             _, metrics = await get(admin + "/metrics")
-            if "agentos_service_rejected 1.0" in metrics:
+            if f'agentos_bus_messages_rejected_total{{agent="control-plane-{tag}"}} 1.0' in metrics:
                 break
             await asyncio.sleep(0.05)
-        assert "agentos_service_forwarded 5.0" in metrics
-        assert "agentos_service_rejected 1.0" in metrics
+        assert "agentos_control_plane_forwarded_total 5.0" in metrics
+        assert f'agentos_bus_messages_rejected_total{{agent="control-plane-{tag}"}} 1.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         returncode = await asyncio.wait_for(proc.wait(), 20)
@@ -146,8 +146,8 @@ async def test_the_service_process_with_identities_forwards_only_verified_sender
         assert got.messages == ["signed by admin"]
         assert got.metadata[0].context["iatp"].sender == admin_id
         _, metrics = await get(admin + "/metrics")
-        assert "agentos_service_forwarded 1.0" in metrics
-        assert "agentos_service_unverified 1.0" in metrics
+        assert "agentos_control_plane_forwarded_total 1.0" in metrics
+        assert "agentos_control_plane_unverified_total 1.0" in metrics
         async with (
             aiohttp.ClientSession() as http,
             http.post(

@@ -135,8 +135,8 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
         assert dead.metadata[0].headers[DLQ_REASON] == "replayed_nonce"
         assert got.messages == [{"transfer": 100}]
         _, metrics = await get(admin_two + "/metrics")
-        assert "agentos_service_unverified 1.0" in metrics
-        assert "agentos_service_forwarded 0.0" in metrics
+        assert "agentos_control_plane_unverified_total 1.0" in metrics
+        assert "agentos_control_plane_forwarded_total 0.0" in metrics
     finally:
         for proc in processes:
             if proc.returncode is None:

@@ -280,7 +280,7 @@ async def test_a_tool_service_killed_mid_request_leaves_a_timeout_and_nothing_ha
             pending = asyncio.ensure_future(tools.submit(ActionRequest("fs.read", "notes.txt")))
 
             async def forwarded() -> bool:
-                return await metric(admin, "agentos_service_actions_forwarded") == 1
+                return await metric(admin, "agentos_control_plane_actions_forwarded_total") == 1
 
             await wait_until(forwarded)
             doomed.kill()

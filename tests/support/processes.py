@@ -20,13 +20,30 @@ AGENT_OS = Path(sys.executable).with_name("agent-os")
 TOKEN = "process-admin-token-0123456789"  # the control-plane service's admin token in these tests
 
 
+def any_metrics_port(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` with ``--metrics-port 0`` (any free port: tests run side by side) unless they
+    choose a metrics port or none."""
+    if "--metrics-port" in args or "--no-metrics" in args:
+        return args
+    return (*args, "--metrics-port", "0")
+
+
+def metrics_url(ready: str) -> str:
+    """The metrics URL a service's ready line names."""
+    for word in ready.split():
+        if word.startswith("metrics="):
+            return word.removeprefix("metrics=")
+    raise AssertionError(f"no metrics URL in {ready!r}")
+
+
 async def start(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
     """Start ``agent-os serve ...`` (the installed console script) with ``env`` added to the
-    environment; return it and its ready line (the first line on stdout)."""
+    environment, on any free metrics port unless ``args`` choose one (:func:`any_metrics_port`);
+    return it and its ready line (the first line on stdout)."""
     proc = await asyncio.create_subprocess_exec(
         str(AGENT_OS),
         "serve",
-        *args,
+        *any_metrics_port(args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
@@ -63,14 +80,15 @@ async def start_service(
     *args: str, env: dict[str, str] | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
     """Start the control-plane service as a process (``env`` added to the environment, its admin
-    token ``TOKEN``); return it and its admin URL (from its ready line)."""
+    token ``TOKEN``, any free admin and metrics ports unless ``args`` choose them); return it and
+    its admin URL (from its ready line)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agent_os.services.control_plane_service",
         "--admin-port",
         "0",
-        *args,
+        *any_metrics_port(args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "AGENTOS_ADMIN_TOKEN": TOKEN, **(env or {})},
@@ -87,7 +105,7 @@ async def start_service(
         err = (await proc.stderr.read()).decode()
         await proc.wait()
         pytest.fail(f"the service did not start: {line!r} {err}")
-    return proc, line.strip().removeprefix("ready admin=")
+    return proc, line.split()[1].removeprefix("admin=")
 
 
 async def get(url: str, token: str | None = TOKEN) -> tuple[int, str]:

@@ -41,7 +41,6 @@ def test_short_help_on_every_command(args: list[str]) -> None:
     assert short.output.startswith(f"Usage: agent-os {' '.join(args)}".rstrip() + " [OPTIONS]")
 
 
-
 TOKEN = "0123456789abcdef0123456789abcdef"
 CONTROL_PLANE = ["serve", "control-plane", "--broker", "memory://cli", "--admin-token", TOKEN, "--trust-bus"]
 
@@ -69,6 +68,11 @@ CONTROL_PLANE = ["serve", "control-plane", "--broker", "memory://cli", "--admin-
         ),
         ([*CONTROL_PLANE, "--recorder", "s3://bucket/x"], "unsupported recorder URL scheme 's3'"),
         ([*CONTROL_PLANE, "--recorder", ""], "Invalid value for '--recorder': empty recorder"),
+        ([*CONTROL_PLANE, "--metrics-token", "short"], "--metrics-token must be at least 16 characters"),
+        (
+            ["serve", "memory", "--broker", "memory://cli", "--trust-bus", "--metrics-port", "70000"],
+            "Invalid value for '--metrics-port': 70000 is not in the range 0<=x<=65535",
+        ),
     ],
 )
 def test_bad_options_are_one_line_usage_errors(args: list[str], message: str) -> None:
@@ -103,6 +107,7 @@ def test_policy_and_recorder_forms_that_are_accepted(tmp_path: Path) -> None:
     assert recorder_storage("plain/path.db") == ("sqlite", "plain/path.db")
     assert recorder_storage("postgresql://u@h/db") == ("postgresql", "postgresql://u@h/db")
     assert recorder_storage("postgres://u@h/db") == ("postgresql", "postgres://u@h/db")
+
 
 @pytest.fixture(scope="module")
 def demo() -> tuple[DemoResult, list[str]]:

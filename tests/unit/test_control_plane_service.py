@@ -361,7 +361,7 @@ async def test_admin_api(closing: Closing) -> None:
         status, body = await call("GET", "/metrics", headers=auth)
         assert status == 200
         assert 'agentos_agents{state="stopped"} 1.0' in body
-        assert "agentos_records_appended" in body
+        assert "agentos_recorder_records_appended_total" in body
     finally:
         await api.stop()
         await kernel.send_signal("worker", AgentSignal.SIGKILL)

@@ -38,6 +38,10 @@ CASES = [
     ("litellm", (*IN_MEMORY, "--embedding-model", "text-embedding-3-small"), "llm"),
     # the verifier service: litellm
     ("litellm", VERIFIER, "cmvk"),
+    # the memory and verifier services' metrics port (on by default)
+    ("prometheus_client", (*IN_MEMORY, *HASHING), "service"),
+    ("aiohttp", (*IN_MEMORY, *HASHING), "service"),
+    ("prometheus_client", VERIFIER, "service"),
     # the control-plane service: its admin API and a PostgreSQL recorder
     ("aiohttp", (*CONTROL_PLANE, "memory"), "service"),
     ("prometheus_client", (*CONTROL_PLANE, "memory"), "service"),
