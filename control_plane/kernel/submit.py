@@ -9,7 +9,10 @@ The order, and why (``docs/control-plane.md``, Actions):
 3. the action: it must be registered, and its provider must accept the target (``resource``);
 4. the gate: the agent's permissions, then the policy on (permission, resource) with the
    action's context, then rate-limit tokens (per agent name);
-5. the provider runs; its output or its error is the outcome.
+5. a reversible provider's snapshot is taken (``actions.snapshots``; a failure to take one
+   blocks the action or lets it go on unprotected, as the store's ``on_failure`` says);
+6. the provider runs; its output or its error is the outcome (a snapshot is kept under the
+   outcome's record id, for ``kernel.rollback``).
 
 A denial at any step is one ``policy_violation`` record; an allowed action is one
 ``policy_decision`` record and one ``action_outcome`` record.
@@ -82,18 +85,47 @@ class Submitter:
         decision, record = await self.gate.record_action(proc, proc.id, data, decision)
         if not decision.allowed:
             return ActionResult(False, None, decision.reason, record.id)
+        extra: dict[str, Any] = {}
+        store = getattr(spec.provider, "snapshots", None)  # a Reversible provider's store
+        snapshot = None
+        if store is not None:
+            try:
+                snapshot = await spec.provider.capture(request)  # type: ignore[attr-defined]
+            except Exception as exc:  # recorded; the store's on_failure says what happens next
+                extra["snapshot_error"] = str(exc) or type(exc).__name__
+                if store.on_failure == "block":
+                    error = f"not done: no snapshot ({extra['snapshot_error']}; on_failure=block)"
+                    return await self._outcome(proc, data, record.id, extra, None, error)
         try:
             output = await spec.provider.run(request)
         except Exception as exc:
-            error = str(exc) or type(exc).__name__
-            outcome = {**data, "status": "error", "error": error, "decision_id": record.id}
+            return await self._outcome(proc, data, record.id, extra, None, str(exc) or type(exc).__name__)
+        if snapshot is not None:
+            extra["snapshot"] = True
+        result = await self._outcome(proc, data, record.id, extra, output, None)
+        if snapshot is not None and store is not None and result.record_id is not None:
+            store.keep(result.record_id, snapshot, proc.name)
+        return result
+
+    async def _outcome(
+        self,
+        proc: AgentProcess,
+        data: dict[str, Any],
+        decision_id: str,
+        extra: dict[str, Any],
+        output: Any,
+        error: str | None,
+    ) -> ActionResult:
+        """Record the outcome of an allowed action (``error`` None: it succeeded)."""
+        if error is None:
+            outcome = {**data, **extra, "status": "ok", "decision_id": decision_id}
+            done = await self.gate.recorder.log(OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id)
+        else:
+            outcome = {**data, **extra, "status": "error", "error": error, "decision_id": decision_id}
             done = await self.gate.recorder.log(
                 OUTCOME_EVENT, proc.id, outcome, "error", execution_id=proc.id
             )
-            return ActionResult(True, None, error, done.id)
-        outcome = {**data, "status": "ok", "decision_id": record.id}
-        done = await self.gate.recorder.log(OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id)
-        return ActionResult(True, output, None, done.id)
+        return ActionResult(True, output, error, done.id)
 
     def _identify(self, request: ActionRequest) -> tuple[AgentProcess | None, str]:
         running = RUNNING_AGENT.get()
