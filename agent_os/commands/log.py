@@ -9,6 +9,7 @@ Records are printed one JSON object a line (``Record.as_dict()``), oldest first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from datetime import datetime, timedelta
@@ -51,14 +52,18 @@ class SinceParam(click.ParamType[datetime]):
 )
 @click.option("--agent", "agent_id", default=None, help="Only this agent's records (its id).")
 @click.option("--event-type", "event_types", multiple=True, help="Only records of this type (repeatable).")
-@click.option("--since", type=SinceParam(), default=None, help="From this time: ISO 8601, or an age (10m, 2h).")
+@click.option(
+    "--since", type=SinceParam(), default=None, help="From this time: ISO 8601, or an age (10m, 2h)."
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the newest N records.")
 @click.option("--follow", "-f", is_flag=True, help="Then print new records as they come, until Ctrl-C.")
 @click.option(
     "--interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True, help="--follow's poll (s)."
 )
 @click.option("--verify", is_flag=True, help="Check the hash chain instead; exit 1 when it is broken.")
-@click.option("--export", "export_format", type=click.Choice(["json", "csv"]), help="Write records to --output.")
+@click.option(
+    "--export", "export_format", type=click.Choice(["json", "csv"]), help="Write records to --output."
+)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="The --export file.")
 @click.option(
     "--key-file",
@@ -94,13 +99,22 @@ def main(
             key = read_key_file(key_file)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="'--key-file'") from None
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # --follow ends with Ctrl-C
         asyncio.run(
-            _run(recorder, key, agent_id, list(event_types) or None, since, limit, follow, interval, verify,
-                 export_format, output)
+            _run(
+                recorder,
+                key,
+                agent_id,
+                list(event_types) or None,
+                since,
+                limit,
+                follow,
+                interval,
+                verify,
+                export_format,
+                output,
+            )
         )
-    except KeyboardInterrupt:
-        pass
 
 
 async def _run(
@@ -124,8 +138,16 @@ async def _run(
         async with recorder:
             if verify:
                 result = await recorder.verify()
-                click.echo(json.dumps({"ok": result.ok, "checked": result.checked,
-                                       "first_bad_seq": result.first_bad_seq, "reason": result.reason}))
+                click.echo(
+                    json.dumps(
+                        {
+                            "ok": result.ok,
+                            "checked": result.checked,
+                            "first_bad_seq": result.first_bad_seq,
+                            "reason": result.reason,
+                        }
+                    )
+                )
                 if not result.ok:
                     raise SystemExit(BROKEN)
                 return

@@ -146,7 +146,8 @@ class PostgresStorage:
 
             conn, self._conn = self._conn, None
             try:
-                if not conn.closed and not self.read_only:  # the lock goes with the connection anyway, but not at once
+                # the lock goes with the connection anyway, but not at once
+                if not conn.closed and not self.read_only:
                     await conn.execute("SELECT pg_advisory_unlock(%s)", (self.lock_key(),))
             except psycopg.Error:
                 pass
