@@ -119,11 +119,13 @@ class Submitter:
         """Record the outcome of an allowed action (``error`` None: it succeeded)."""
         if error is None:
             outcome = {**data, **extra, "status": "ok", "decision_id": decision_id}
-            done = await self.gate.recorder.log(OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id)
+            done = await self.gate.recorder.log(
+                OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id, plain=True
+            )
         else:
             outcome = {**data, **extra, "status": "error", "error": error, "decision_id": decision_id}
             done = await self.gate.recorder.log(
-                OUTCOME_EVENT, proc.id, outcome, "error", execution_id=proc.id
+                OUTCOME_EVENT, proc.id, outcome, "error", execution_id=proc.id, plain=True
             )
         return ActionResult(True, output, error, done.id)
 
