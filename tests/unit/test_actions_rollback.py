@@ -250,3 +250,23 @@ async def test_snapshots_false_keeps_nothing_and_has_no_rollback(tmp_path: Path)
         assert wrote.record_id is not None
         denied = await kernel.rollback(wrote.record_id, agent_id=agent)
         assert denied.error == "unknown action 'fs.rollback'"
+
+
+async def test_rollback_does_not_follow_a_symlink_swapped_into_the_path(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    (work / "d" / "f.txt").write_text("old")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with KernelSpace("permissive", workspace=work) as kernel:
+        agent = await _agent(kernel, "editor", ["read", "write"])
+        wrote = await _write(kernel, agent, "d/f.txt", "new")
+        assert wrote.record_id is not None
+        (work / "d" / "f.txt").rename(outside / "f.txt")  # the same content, now outside
+        (work / "d").rmdir()
+        os.symlink(outside, work / "d")
+        undone = await kernel.rollback(wrote.record_id, agent_id=agent, force=True)
+        assert not undone.ok
+        target = str(work / "d" / "f.txt")
+        assert undone.error == f"{target!r}: a symlink or a file where a directory is expected"
+        assert (outside / "f.txt").read_text() == "new"
