@@ -177,23 +177,31 @@ class FileSystem:
 
         return self._with_dir(parts, target, list_at)
 
-    def capture(self, parts: tuple[str, ...], target: str, limit: int) -> tuple[bytes | None, int | None]:
-        """The content and mode of the file at ``parts`` ((None, None): there is none). Raises
-        SnapshotError for a path that is not a regular file, a file over ``limit`` bytes, or
-        one that cannot be read."""
+    def capture(
+        self, parts: tuple[str, ...], target: str, limit: int
+    ) -> tuple[bytes | str | None, int | None]:
+        """What is at ``parts``: the file's content and mode, a symlink's target (str, mode
+        None; the link is not followed), or (None, None) when there is nothing. Raises
+        SnapshotError for something else (a directory, a FIFO ...), a file over ``limit``
+        bytes, or one that cannot be read."""
         if not parts:
             raise SnapshotError(f"{target!r}: is the workspace root")
         name = parts[-1]
 
-        def capture_at(dir_fd: int) -> tuple[bytes | None, int | None]:
+        def capture_at(dir_fd: int) -> tuple[bytes | str | None, int | None]:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return None, None
+            if stat.S_ISLNK(st.st_mode):
+                return os.readlink(name, dir_fd=dir_fd), None
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(f"{target!r}: not a regular file or a symlink (not snapshotted)")
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as f:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise SnapshotError(f"{target!r}: not a regular file (only files are snapshotted)")
+                    raise SnapshotError(f"{target!r}: not a regular file (it changed while snapshotted)")
                 data = f.read(limit + 1) if st.st_size <= limit else b""
             if st.st_size > limit or len(data) > limit:
                 raise SnapshotError(f"{target!r}: larger than {limit} bytes (max_snapshot)")
@@ -213,9 +221,10 @@ class FileSystem:
             os.close(dir_fd)
 
     def restore(self, snapshot: Snapshot, force: bool) -> str:
-        """Put back what ``snapshot`` kept: its content and mode (``"restored"``), or no file
-        (``"removed"``). Unless ``force``, the path must still hold what the action left
-        there; raises FsError when it does not, or when the file operation fails."""
+        """Put back what ``snapshot`` kept: its content and mode, or its symlink
+        (``"restored"``), or no file (``"removed"``). Unless ``force``, the path must still
+        hold what the action left there; raises FsError when it does not, or when the file
+        operation fails."""
         parts, target = snapshot.parts, snapshot.path
         name = parts[-1]
 
@@ -225,6 +234,16 @@ class FileSystem:
                 raise FsError(
                     f"{target!r} changed after the action: not rolled back (force=True rolls back anyway)"
                 )
+            if snapshot.link is not None:
+                tmp = f".{name[:200]}.{uuid.uuid4().hex}.tmp"
+                os.symlink(snapshot.link, tmp, dir_fd=dir_fd)
+                try:
+                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dir_fd)
+                    raise
+                return "restored"
             if snapshot.content is None:
                 if current is not None:
                     os.unlink(name, dir_fd=dir_fd)
@@ -232,7 +251,7 @@ class FileSystem:
             self._write_at(dir_fd, name, target, snapshot.content, snapshot.mode)
             return "restored"
 
-        return self._with_dir(parts[:-1], target, restore_at, create=snapshot.content is not None)
+        return self._with_dir(parts[:-1], target, restore_at, create=snapshot.existed)
 
     def _with_dir(
         self, parts: tuple[str, ...], target: str, fn: Callable[[int], _T], *, create: bool = False
@@ -303,9 +322,11 @@ class FsProvider:
             return None
         fs = self.fs
         path, parts = fs.workspace.resolve(request.target)
-        content, mode = await asyncio.to_thread(fs.capture, parts, request.target, store.max_snapshot)
+        found, mode = await asyncio.to_thread(fs.capture, parts, request.target, store.max_snapshot)
         left = digest(_content(request, fs.max_write)) if self.kind == "write" else None
-        return Snapshot(fs.root, path, parts, request.action, content, mode, left)
+        if isinstance(found, str):
+            return Snapshot(fs.root, path, parts, request.action, None, None, left, link=found)
+        return Snapshot(fs.root, path, parts, request.action, found, mode, left)
 
 
 class RollbackProvider:

@@ -1,15 +1,17 @@
 """Reversible actions: what ``fs.write`` and ``fs.delete`` changed, kept so it can be undone.
 
-A :class:`Snapshot` is the state of one path before an action (its content and mode, or that
-it did not exist) and a digest of what the action left there. ``kernel.submit`` takes it
-before a reversible provider runs (:class:`Reversible`) and keeps it in the kernel's
-:class:`SnapshotStore` under the record id of the action's outcome; ``kernel.rollback(record_id)``
-(the ``fs.rollback`` action) restores it. Where they live, how long, and what a failure to take
-one does: ``docs/control-plane.md`` (Actions, Reversible actions).
+A :class:`Snapshot` is the state of one path before an action (its content and mode, the
+target of the symlink it was, or that it did not exist) and a digest of what the action left
+there. ``kernel.submit`` takes it before a reversible provider runs (:class:`Reversible`) and
+keeps it in the kernel's :class:`SnapshotStore` under the record id of the action's outcome;
+``kernel.rollback(record_id)`` (the ``fs.rollback`` action) restores it. Where they live, how
+long, and what a failure to take one does: ``docs/control-plane.md`` (Actions, Reversible
+actions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
@@ -51,9 +53,10 @@ def digest(data: bytes) -> str:
 class Snapshot:
     """One path before an action: ``root`` (the workspace), ``path`` (normalized, absolute),
     ``parts`` (below the root), ``action`` (``fs.write``/``fs.delete``), ``content`` and
-    ``mode`` (None: the path did not exist), and ``left`` (the digest of what the action left
-    there; None: it left nothing). ``agent`` (the acting agent's name) and ``expires``
-    (store clock) are set when the store keeps it."""
+    ``mode`` of the file (None: no file), ``left`` (the digest of what the action left there;
+    None: it left nothing) and ``link`` (the path was a symlink to this; never followed, put
+    back as a link). Neither content nor link: the path did not exist. ``agent`` (the acting
+    agent's name) and ``expires`` (store clock) are set when the store keeps it."""
 
     root: str
     path: str
@@ -62,17 +65,18 @@ class Snapshot:
     content: bytes | None
     mode: int | None
     left: str | None
+    link: str | None = None
     agent: str = ""
     expires: float = 0.0
 
     @property
     def existed(self) -> bool:
         """Whether the path held a file before the action."""
-        return self.content is not None
+        return self.content is not None or self.link is not None
 
     @property
     def size(self) -> int:
-        return len(self.content or b"")
+        return len(self.content or b"") + len(self.link or "")
 
 
 class Reversible(Protocol):
@@ -121,17 +125,7 @@ class SnapshotStore:
 
     def keep(self, record_id: str, snapshot: Snapshot, agent: str) -> Snapshot:
         """Keep ``snapshot`` for ``ttl`` seconds as the one of ``record_id``, made by ``agent``."""
-        kept = Snapshot(
-            snapshot.root,
-            snapshot.path,
-            snapshot.parts,
-            snapshot.action,
-            snapshot.content,
-            snapshot.mode,
-            snapshot.left,
-            agent,
-            self.clock() + self.ttl,
-        )
+        kept = dataclasses.replace(snapshot, agent=agent, expires=self.clock() + self.ttl)
         self._purge()
         while self._kept and self._bytes + kept.size > self.max_total:
             self._drop(next(iter(self._kept)))

@@ -207,19 +207,28 @@ async def test_a_failure_to_snapshot_blocks_or_proceeds(tmp_path: Path, on_failu
         assert len(store) == 0
 
 
-async def test_a_symlink_target_is_a_failure_to_snapshot(tmp_path: Path) -> None:
+async def test_a_symlink_is_replaced_not_followed_and_rolled_back_as_a_link(tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
     work = tmp_path / "work"
     work.mkdir()
     os.symlink(outside, work / "link")
+    os.mkfifo(work / "fifo")
     async with KernelSpace("permissive", workspace=work) as kernel:
         agent = await _agent(kernel, "editor", ["read", "write"])
         result = await _write(kernel, agent, "link", "over")
-        assert not result.ok
-        assert result.error is not None
-        assert "a symlink in the path" in result.error
+        assert result.ok, result.error
+        assert not (work / "link").is_symlink()
         assert outside.read_text() == "secret"
+        assert result.record_id is not None
+        undone = await kernel.rollback(result.record_id, agent_id=agent)
+        assert undone.ok, undone.error
+        assert os.readlink(work / "link") == str(outside)
+        assert outside.read_text() == "secret"
+        fifo = await _write(kernel, agent, "fifo", "x")
+        assert not fifo.ok
+        assert fifo.error is not None
+        assert "not a regular file or a symlink" in fifo.error
 
 
 async def test_store_bounds_drop_the_oldest_and_options_are_checked(tmp_path: Path) -> None:
