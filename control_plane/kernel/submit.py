@@ -117,16 +117,12 @@ class Submitter:
         error: str | None,
     ) -> ActionResult:
         """Record the outcome of an allowed action (``error`` None: it succeeded)."""
-        if error is None:
-            outcome = {**data, **extra, "status": "ok", "decision_id": decision_id}
-            done = await self.gate.recorder.log(
-                OUTCOME_EVENT, proc.id, outcome, execution_id=proc.id, plain=True
-            )
-        else:
-            outcome = {**data, **extra, "status": "error", "error": error, "decision_id": decision_id}
-            done = await self.gate.recorder.log(
-                OUTCOME_EVENT, proc.id, outcome, "error", execution_id=proc.id, plain=True
-            )
+        status = {"status": "ok"} if error is None else {"status": "error", "error": error}
+        outcome = {**data, **extra, **status, "decision_id": decision_id}
+        severity = "info" if error is None else "error"
+        done = await self.gate.recorder.log(
+            OUTCOME_EVENT, proc.id, outcome, severity, execution_id=proc.id, plain=True
+        )
         return ActionResult(True, output, error, done.id)
 
     def _identify(self, request: ActionRequest) -> tuple[AgentProcess | None, str]:
