@@ -2,9 +2,10 @@
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane|tools ...`` runs one of the services in
-:mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``).
-The services are imported only when their command runs, so ``agent-os`` starts fast with
-the core dependencies alone; ``docs/services.md`` describes each.
+:mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``);
+``agent-os submit``, ``log`` and ``policy validate`` are in :mod:`agent_os.commands`.
+Services and commands are imported only when their command runs, so ``agent-os`` starts fast
+with the core dependencies alone; ``docs/services.md`` describes each.
 """
 
 from __future__ import annotations
@@ -38,11 +39,42 @@ SERVICES: Final = {
 }
 
 
+COMMANDS: Final = {
+    "submit": ("agent_os.commands.submit", "Submit one action through a kernel; print the result as JSON."),
+    "log": ("agent_os.commands.log", "Query, follow, verify or export a flight recorder."),
+    "policy": ("agent_os.commands.policy", "Policies in YAML: validate a file."),
+}
+
 # -h beside --help on every command and group (subcommands inherit the context settings).
 CONTEXT: Final = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=CONTEXT)
+class MainGroup(click.Group):
+    """``agent-os``: its own commands, and those of :data:`COMMANDS`, imported on use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return super().get_command(ctx, cmd_name)
+        return _load(f"the {cmd_name} command", cmd_name, *entry)
+
+
+def _load(what: str, name: str, module_name: str, summary: str) -> click.Command:
+    """The ``main`` command of ``module_name``, or one that fails naming why it cannot load."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return _unavailable(what, name, summary, exc)
+    command = getattr(module, "main", None)
+    if not isinstance(command, click.Command):
+        return _unavailable(what, name, summary, RuntimeError(f"{module_name} has no main command"))
+    return command
+
+
+@click.group(cls=MainGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="agent-os", message="%(prog)s %(version)s")
 def main() -> None:
     """Agent OS: a governed message bus for AI agents."""
@@ -77,20 +109,12 @@ class ServiceGroup(click.Group):
         entry = SERVICES.get(cmd_name)
         if entry is None:
             return None
-        module_name, summary = entry
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            return _unavailable(cmd_name, summary, exc)
-        command = getattr(module, "main", None)
-        if not isinstance(command, click.Command):
-            return _unavailable(cmd_name, summary, RuntimeError(f"{module_name} has no main command"))
-        return command
+        return _load(f"the {cmd_name} service", cmd_name, *entry)
 
 
-def _unavailable(name: str, summary: str, error: Exception) -> click.Command:
+def _unavailable(what: str, name: str, summary: str, error: Exception) -> click.Command:
     def fail() -> None:
-        raise click.ClickException(f"the {name} service cannot start: {type(error).__name__}: {error}")
+        raise click.ClickException(f"{what} cannot start: {type(error).__name__}: {error}")
 
     return click.Command(name, callback=fail, help=summary, short_help=summary)
 

@@ -3,10 +3,11 @@
 ``request`` (ActionRequest, ActionResult), ``provider`` (the Provider protocol, ActionRefused),
 ``registry`` (action name -> provider, permission and operation), ``workspace`` (paths that
 cannot leave a directory), the providers: ``fs`` (``fs.*``), ``http`` (``net.http``), ``sql``
-(``sql.query``), ``proc`` (``proc.exec``) and ``bus`` (``bus.*``); ``tools`` (ToolDef: what an
-LLM may call) and ``loop`` (AgentLoop: an LLM acting through submit). The gate that runs them is
-the kernel's (``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions)
-and ``docs/agents.md``.
+(``sql.query``), ``proc`` (``proc.exec``) and ``bus`` (``bus.*``); ``snapshots`` (what
+reversible actions keep for ``kernel.rollback``); ``tools`` (ToolDef: what an LLM may call) and
+``loop`` (AgentLoop: an LLM acting through submit). The gate that runs them is the kernel's
+(``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions) and
+``docs/agents.md``.
 """
 
 from agent_os.control_plane.actions.bus import BusActions
@@ -24,6 +25,7 @@ from agent_os.control_plane.actions.proc import Process
 from agent_os.control_plane.actions.provider import ActionRefused, Provider
 from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
+from agent_os.control_plane.actions.snapshots import RollbackRefused, Snapshot, SnapshotError, SnapshotStore
 from agent_os.control_plane.actions.sql import Sql
 from agent_os.control_plane.actions.tools import BUILTIN_TOOLS, ToolArgumentError, ToolDef
 from agent_os.control_plane.actions.workspace import Workspace
@@ -43,6 +45,10 @@ __all__ = [
     "LLMError",
     "Process",
     "Provider",
+    "RollbackRefused",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotStore",
     "Sql",
     "TokenUsage",
     "ToolArgumentError",

@@ -2,15 +2,18 @@
 
 ``FileSystem(root, ...)`` holds the workspace and its limits; ``register(registry)`` registers
 ``fs.read`` and ``fs.list`` (permission ``read``) and ``fs.write`` and ``fs.delete``
-(permission ``write``). Every operation goes through directory file descriptors opened without
-following symlinks (see :mod:`agent_os.control_plane.actions.workspace`); writes are atomic (a
-temporary file in the same directory, renamed over the target).
+(permission ``write``), and with a snapshot store ``fs.rollback`` (``write``), which undoes a
+write or a delete (:mod:`agent_os.control_plane.actions.snapshots`). Every operation goes
+through directory file descriptors opened without following symlinks (see
+:mod:`agent_os.control_plane.actions.workspace`); writes are atomic (a temporary file in the
+same directory, renamed over the target).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import stat
 import uuid
@@ -18,7 +21,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from agent_os.control_plane.actions.provider import ActionRefused
+from agent_os.control_plane.actions.snapshots import (
+    RollbackRefused,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+    digest,
+)
 from agent_os.control_plane.actions.workspace import Workspace, describe
+from agent_os.control_plane.process import RUNNING_AGENT
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry
@@ -41,8 +52,10 @@ class FileSystem:
     """The ``fs.*`` actions rooted at ``root`` (an existing directory, resolved once).
 
     ``max_read``: the largest file ``fs.read`` returns (bytes); ``max_write``: the largest
-    content ``fs.write`` accepts; ``max_entries``: the most entries ``fs.list`` returns.
-    Raises KernelError for a root that is not a directory (or is ``/``)."""
+    content ``fs.write`` accepts; ``max_entries``: the most entries ``fs.list`` returns;
+    ``snapshots``: where ``fs.write`` and ``fs.delete`` keep what they change (None: they
+    keep nothing and ``fs.rollback`` is not registered). Raises KernelError for a root that
+    is not a directory (or is ``/``)."""
 
     ACTIONS: Final = {"fs.read": "read", "fs.list": "read", "fs.write": "write", "fs.delete": "write"}
 
@@ -53,11 +66,13 @@ class FileSystem:
         max_read: int = MAX_READ,
         max_write: int = MAX_WRITE,
         max_entries: int = MAX_ENTRIES,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.workspace = Workspace(root)
         self.max_read = max_read
         self.max_write = max_write
         self.max_entries = max_entries
+        self.snapshots = snapshots
 
     @property
     def root(self) -> str:
@@ -68,10 +83,13 @@ class FileSystem:
         return FsProvider(self, kind)
 
     def register(self, registry: ActionRegistry, *, replace: bool = False) -> None:
-        """Register ``fs.read``, ``fs.list`` (``read``), ``fs.write`` and ``fs.delete`` (``write``)."""
+        """Register ``fs.read``, ``fs.list`` (``read``), ``fs.write`` and ``fs.delete``
+        (``write``), and ``fs.rollback`` (``write``) when the file system has a snapshot store."""
         for action, permission in self.ACTIONS.items():
             kind: Kind = action.split(".", 1)[1]  # type: ignore[assignment]
             registry.register(action, self.provider(kind), permission, replace=replace)
+        if self.snapshots is not None:
+            registry.register("fs.rollback", RollbackProvider(self), "write", replace=replace)
 
     # -- the operations (blocking: run in a thread) -------------------------------------------
 
@@ -103,32 +121,34 @@ class FileSystem:
         if not parts:
             raise FsError(f"{target!r}: is a directory")
         name = parts[-1]
+        return self._with_dir(
+            parts[:-1], target, lambda d: self._write_at(d, name, target, data, None), create=parents
+        )
 
-        def write_at(dir_fd: int) -> int:
-            mode: int | None = None
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise FsError(f"{target!r}: is a directory")
-            if st is not None and stat.S_ISREG(st.st_mode):
-                mode = stat.S_IMODE(st.st_mode)
-            tmp = f".{name[:200]}.{uuid.uuid4().hex}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o666, dir_fd=dir_fd)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    if mode is not None:  # keep the mode of the file it replaces
-                        os.fchmod(fd, mode)
-                    f.write(data)
-                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                raise
-            return len(data)
-
-        return self._with_dir(parts[:-1], target, write_at, create=parents)
+    def _write_at(self, dir_fd: int, name: str, target: str, data: bytes, mode: int | None) -> int:
+        """Write ``data`` atomically as ``name``, with ``mode`` (None: the mode of the file it
+        replaces, or the umask's for a new one)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise FsError(f"{target!r}: is a directory")
+        if mode is None and st is not None and stat.S_ISREG(st.st_mode):
+            mode = stat.S_IMODE(st.st_mode)
+        tmp = f".{name[:200]}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o666, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if mode is not None:  # keep the mode of the file it replaces
+                    os.fchmod(fd, mode)
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return len(data)
 
     def delete(self, parts: tuple[str, ...], target: str) -> None:
         if not parts:
@@ -156,6 +176,82 @@ class FileSystem:
             return entries
 
         return self._with_dir(parts, target, list_at)
+
+    def capture(
+        self, parts: tuple[str, ...], target: str, limit: int
+    ) -> tuple[bytes | str | None, int | None]:
+        """What is at ``parts``: the file's content and mode, a symlink's target (str, mode
+        None; the link is not followed), or (None, None) when there is nothing. Raises
+        SnapshotError for something else (a directory, a FIFO ...), a file over ``limit``
+        bytes, or one that cannot be read."""
+        if not parts:
+            raise SnapshotError(f"{target!r}: is the workspace root")
+        name = parts[-1]
+
+        def capture_at(dir_fd: int) -> tuple[bytes | str | None, int | None]:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None, None
+            if stat.S_ISLNK(st.st_mode):
+                return os.readlink(name, dir_fd=dir_fd), None
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(f"{target!r}: not a regular file or a symlink (not snapshotted)")
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise SnapshotError(f"{target!r}: not a regular file (it changed while snapshotted)")
+                data = f.read(limit + 1) if st.st_size <= limit else b""
+            if st.st_size > limit or len(data) > limit:
+                raise SnapshotError(f"{target!r}: larger than {limit} bytes (max_snapshot)")
+            return data, stat.S_IMODE(st.st_mode)
+
+        try:
+            dir_fd = self.workspace.open_dir(parts[:-1])
+        except FileNotFoundError:  # a missing directory: no file either
+            return None, None
+        except OSError as exc:
+            raise SnapshotError(describe(exc, target)) from None
+        try:
+            return capture_at(dir_fd)
+        except OSError as exc:
+            raise SnapshotError(describe(exc, target)) from None
+        finally:
+            os.close(dir_fd)
+
+    def restore(self, snapshot: Snapshot, force: bool) -> str:
+        """Put back what ``snapshot`` kept: its content and mode, or its symlink
+        (``"restored"``), or no file (``"removed"``). Unless ``force``, the path must still
+        hold what the action left there; raises FsError when it does not, or when the file
+        operation fails."""
+        parts, target = snapshot.parts, snapshot.path
+        name = parts[-1]
+
+        def restore_at(dir_fd: int) -> str:
+            current = _digest_at(dir_fd, name)
+            if current != snapshot.left and not force:
+                raise FsError(
+                    f"{target!r} changed after the action: not rolled back (force=True rolls back anyway)"
+                )
+            if snapshot.link is not None:
+                tmp = f".{name[:200]}.{uuid.uuid4().hex}.tmp"
+                os.symlink(snapshot.link, tmp, dir_fd=dir_fd)
+                try:
+                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dir_fd)
+                    raise
+                return "restored"
+            if snapshot.content is None:
+                if current is not None:
+                    os.unlink(name, dir_fd=dir_fd)
+                return "removed"
+            self._write_at(dir_fd, name, target, snapshot.content, snapshot.mode)
+            return "restored"
+
+        return self._with_dir(parts[:-1], target, restore_at, create=snapshot.existed)
 
     def _with_dir(
         self, parts: tuple[str, ...], target: str, fn: Callable[[int], _T], *, create: bool = False
@@ -213,6 +309,66 @@ class FsProvider:
             return {"path": path}
         return await asyncio.to_thread(fs.list, parts, target)
 
+    @property
+    def snapshots(self) -> SnapshotStore | None:
+        """Where a write or a delete keeps what it changes (None for reads and lists)."""
+        return self.fs.snapshots if self.kind in ("write", "delete") else None
+
+    async def capture(self, request: ActionRequest) -> Snapshot | None:
+        """The path before this write or delete, and the digest of what it will leave
+        (``kernel.submit`` keeps it; see :class:`Reversible`). Raises SnapshotError."""
+        store = self.snapshots
+        if store is None:
+            return None
+        fs = self.fs
+        path, parts = fs.workspace.resolve(request.target)
+        found, mode = await asyncio.to_thread(fs.capture, parts, request.target, store.max_snapshot)
+        left = digest(_content(request, fs.max_write)) if self.kind == "write" else None
+        if isinstance(found, str):
+            return Snapshot(fs.root, path, parts, request.action, None, None, left, link=found)
+        return Snapshot(fs.root, path, parts, request.action, found, mode, left)
+
+
+class RollbackProvider:
+    """``fs.rollback``: the target is the record id of a write's or a delete's outcome; it puts
+    back what the snapshot kept. Params: ``force`` (bool: also when the file changed after the
+    action). Inside agent code only the agent that made the change may roll it back. Output:
+    ``{"path", "record_id", "restored": "restored" | "removed"}``."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        if fs.snapshots is None:
+            raise ValueError("fs.rollback needs a FileSystem with a snapshot store")
+        self.fs = fs
+        self.store: SnapshotStore = fs.snapshots
+
+    def __repr__(self) -> str:
+        return f"RollbackProvider({self.fs.root!r})"
+
+    def _snapshot(self, record_id: str) -> Snapshot:
+        snapshot = self.store.get(record_id)
+        if snapshot.root != self.fs.root:
+            raise RollbackRefused(f"record {record_id!r} changed another workspace ({snapshot.root})")
+        return snapshot
+
+    def resource(self, request: ActionRequest) -> str:
+        """The path the rollback writes. Raises RollbackRefused (no snapshot, expired, another
+        workspace's, or another agent's change inside agent code)."""
+        snapshot = self._snapshot(request.target)
+        running = RUNNING_AGENT.get()
+        if running is not None and running.name != snapshot.agent:
+            raise RollbackRefused(
+                f"agent {running.name} cannot roll back record {request.target!r}: "
+                f"agent {snapshot.agent} made it"
+            )
+        return snapshot.path
+
+    async def run(self, request: ActionRequest) -> Any:
+        snapshot = self._snapshot(request.target)
+        force = request.params.get("force", False) is True
+        done = await asyncio.to_thread(self.fs.restore, snapshot, force)
+        self.store.discard(request.target)
+        return {"path": snapshot.path, "record_id": request.target, "restored": done}
+
 
 def _content(request: ActionRequest, limit: int) -> bytes:
     content = request.params.get("content")
@@ -225,6 +381,20 @@ def _content(request: ActionRequest, limit: int) -> bytes:
     if len(data) > limit:
         raise ActionRefused(f"content of {len(data)} bytes is over the limit of {limit} (max_write)")
     return data
+
+
+def _digest_at(dir_fd: int, name: str) -> str | None:
+    """The digest of the regular file ``name`` (None: nothing there; ``"other"``: not a file)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a symlink (ELOOP) or something else that is not a file to compare
+        return "other"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "other"
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _kind(mode: int) -> str:

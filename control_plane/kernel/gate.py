@@ -339,7 +339,7 @@ class Gate:
             log.debug("%s %s: %s", event, agent_id, body)
         execution = proc.id if proc is not None else None
         record = await self.recorder.log(
-            event, agent_id, body, "warning" if violation else "info", execution_id=execution
+            event, agent_id, body, "warning" if violation else "info", execution_id=execution, plain=True
         )
         _count(proc, violation)
         if violation and decision.signal is not None and proc is not None:

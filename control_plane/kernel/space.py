@@ -21,11 +21,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.registry import ActionRegistry
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
+from agent_os.control_plane.actions.snapshots import SnapshotStore
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -94,6 +95,10 @@ class KernelSpace:
     (``execute``/``spawn``) stay known for ``get_agent_status``/``wait_all`` before the
     oldest are forgotten (running agents and attached bus agents are always kept), so a
     long-running kernel does not grow without bound.
+    ``workspace``: a directory for the ``fs.*`` actions; ``snapshots``: where ``fs.write`` and
+    ``fs.delete`` keep what they change for :meth:`rollback` (None: a default
+    :class:`~agent_os.control_plane.actions.snapshots.SnapshotStore`; False: none, and no
+    ``fs.rollback``).
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
     Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError
@@ -115,6 +120,7 @@ class KernelSpace:
         signal_timeout: float = 2.0,
         keep_finished: int = 1000,
         workspace: str | os.PathLike[str] | None = None,
+        snapshots: SnapshotStore | Literal[False] | None = None,
     ) -> None:
         if keep_finished < 0:
             raise KernelError("keep_finished must be >= 0")
@@ -144,8 +150,11 @@ class KernelSpace:
         self.keep_finished = keep_finished
         self._finished: deque[str] = deque()
         self.actions = ActionRegistry()
+        self.snapshots: SnapshotStore | None = None
         if workspace is not None:
-            FileSystem(workspace).register(self.actions)
+            if snapshots is not False:
+                self.snapshots = SnapshotStore() if snapshots is None else snapshots
+            FileSystem(workspace, snapshots=self.snapshots).register(self.actions)
         self._submitter = Submitter(self.gate, self.processes, self.actions)
 
     @property
@@ -645,6 +654,18 @@ class KernelSpace:
         ran: one ``action_outcome`` record (status ``ok``, or ``error`` with ``error``).
         Raises RecorderError."""
         return await self._submitter.record_outcome(decided, error)
+
+    async def rollback(
+        self, record_id: str, *, agent_id: str | None = None, force: bool = False
+    ) -> ActionResult:
+        """Undo the ``fs.write`` or ``fs.delete`` whose outcome is ``record_id`` (its
+        ``ActionResult.record_id``): the ``fs.rollback`` action, submitted and governed like any
+        (permission ``write`` on the path; one decision and one outcome record, or one denial).
+        Inside agent code only the agent that made the change may; outside, ``agent_id`` names
+        the acting agent. ``force``: roll back even when the file changed after the action.
+        Unknown, expired or already rolled-back records are denied (``docs/control-plane.md``,
+        Reversible actions)."""
+        return await self.submit(ActionRequest("fs.rollback", record_id, {"force": force}, agent_id))
 
     def attach(
         self, client: AMB, *, agent_id: str | None = None, trust_bus: bool | None = None, **options: Any

@@ -10,7 +10,10 @@ The order, and why (``docs/control-plane.md``, Actions):
 4. the gate: the agent's permissions (the action's, or the provider's ``permission(request)``),
    then the policy on (operation, resource) with the action's context (and the provider's
    ``context(request)`` fields), then rate-limit tokens (per agent name);
-5. the provider runs; its output or its error is the outcome.
+5. a reversible provider's snapshot is taken (``actions.snapshots``; a failure to take one
+   blocks the action or lets it go on unprotected, as the store's ``on_failure`` says);
+6. the provider runs; its output or its error is the outcome (a snapshot is kept under the
+   outcome's record id, for ``kernel.rollback``).
 
 A denial at any step is one record whose event type says its kind: ``action_blocked`` (steps
 1-3), ``permission_denied``, ``policy_violation`` or ``rate_limit_exceeded`` (step 4); an
@@ -118,29 +121,51 @@ class Submitter:
         return await self._decide(request, proc, why or refusal or "", context)
 
     async def run(self, decided: ActionDecision) -> ActionResult:
-        """Step 5: run the provider of an allowed decision and record the outcome. Raises
+        """Steps 5 and 6: take a reversible provider's snapshot, run the provider of an allowed
+        decision and record the outcome (keeping the snapshot under its record id). Raises
         KernelError for a decision that did not allow the action, RecorderError."""
         spec = decided.spec
         if not decided.allowed or spec is None:
             raise KernelError("only an allowed action runs")
+        request = decided.request
+        extra: dict[str, Any] = {}
+        store = getattr(spec.provider, "snapshots", None)  # a reversible provider's store
+        snapshot = None
+        if store is not None:
+            try:
+                snapshot = await spec.provider.capture(request)  # type: ignore[attr-defined]
+            except Exception as exc:  # recorded; the store's on_failure says what happens next
+                extra["snapshot_error"] = str(exc) or type(exc).__name__
+                if store.on_failure == "block":
+                    error = f"not done: no snapshot ({extra['snapshot_error']}; on_failure=block)"
+                    done = await self.record_outcome(decided, error, extra)
+                    return ActionResult(True, None, error, done.id)
         try:
-            output = await spec.provider.run(decided.request)
+            output = await spec.provider.run(request)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
-            done = await self.record_outcome(decided, error)
+            done = await self.record_outcome(decided, error, extra)
             return ActionResult(True, None, error, done.id)
-        done = await self.record_outcome(decided)
+        if snapshot is not None:
+            extra["snapshot"] = True
+        done = await self.record_outcome(decided, None, extra)
+        if snapshot is not None and store is not None:
+            store.keep(done.id, snapshot, decided.data["agent_name"])
         return ActionResult(True, output, None, done.id)
 
-    async def record_outcome(self, decided: ActionDecision, error: str | None = None) -> Record:
+    async def record_outcome(
+        self, decided: ActionDecision, error: str | None = None, extra: Mapping[str, Any] | None = None
+    ) -> Record:
         """Record the outcome of an allowed action (``action_outcome``: the decision's data,
-        ``status`` ``ok`` or ``error``, ``error``, ``decision_id``). Raises RecorderError."""
+        ``extra`` (a snapshot's note), ``status`` ``ok`` or ``error``, ``error``,
+        ``decision_id``). Raises RecorderError."""
         agent = decided.agent
-        if error is None:
-            outcome = {**decided.data, "status": "ok", "decision_id": decided.record_id}
-            return await self.gate.recorder.log(OUTCOME_EVENT, agent, outcome, execution_id=agent)
-        outcome = {**decided.data, "status": "error", "error": error, "decision_id": decided.record_id}
-        return await self.gate.recorder.log(OUTCOME_EVENT, agent, outcome, "error", execution_id=agent)
+        status = {"status": "ok"} if error is None else {"status": "error", "error": error}
+        outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
+        severity = "info" if error is None else "error"
+        return await self.gate.recorder.log(
+            OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True
+        )
 
     async def _decide(
         self,

@@ -35,7 +35,8 @@ _COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_h
 
 
 class PostgresStorage:
-    """Records in ``schema.table`` of the database at ``dsn``."""
+    """Records in ``schema.table`` of the database at ``dsn``; ``read_only``: only read (no
+    writer lock, no schema created; the session is read-only)."""
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class PostgresStorage:
         schema: str = "public",
         *,
         codec: DataCodec | None = None,
+        read_only: bool = False,
     ) -> None:
         for name in (table, schema):
             if not name.isidentifier():
@@ -53,6 +55,7 @@ class PostgresStorage:
         self.schema = schema
         self.table = table
         self.qualified = f'"{schema}"."{table}"'
+        self.read_only = read_only
         self._conn: AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
 
@@ -75,6 +78,9 @@ class PostgresStorage:
             )
         except psycopg.Error as exc:
             raise RecorderError(f"postgresql: {exc}") from exc
+        if self.read_only:
+            await self._conn.execute("SET default_transaction_read_only = on")
+            return
         try:
             await self._lock_writer(self._conn)
             q = self.qualified
@@ -140,7 +146,8 @@ class PostgresStorage:
 
             conn, self._conn = self._conn, None
             try:
-                if not conn.closed:  # the lock goes with the connection anyway, but not at once
+                # the lock goes with the connection anyway, but not at once
+                if not conn.closed and not self.read_only:
                     await conn.execute("SELECT pg_advisory_unlock(%s)", (self.lock_key(),))
             except psycopg.Error:
                 pass

@@ -247,13 +247,15 @@ class FlightRecorder:
         severity: str = "info",
         *,
         execution_id: str | None = None,
+        plain: bool = False,
     ) -> Record:
         """Append one record and return it (hash included). A full batch is written in the
-        background while the next one fills. Raises RecorderError for an unknown severity or a
-        closed recorder, and when ten batches are waiting because the storage keeps failing."""
+        background while the next one fills. ``plain``: as for :meth:`append`. Raises
+        RecorderError for an unknown severity or a closed recorder, and when ten batches are
+        waiting because the storage keeps failing."""
         if not self._opened:
             await self.open()
-        record = self.append(event_type, agent_id, data, severity, execution_id=execution_id)
+        record = self.append(event_type, agent_id, data, severity, execution_id, plain)
         if len(self._batch) >= self.batch_size:
             await self.backpressure()
         return record

@@ -11,6 +11,8 @@ crash of the machine too.
 **One writer.** :meth:`SqliteStorage.open` takes ``<database>.lock`` (:mod:`.lockfile`) for the
 storage's life: a second recorder on the file, in this process or another, gets RecorderInUse
 naming the holder. Each batch's transaction also checks that it continues the stored tail.
+A ``read_only`` storage (``agent-os log``) takes no lock, opens an existing file read-only
+and reads beside the writer.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
 
 
 class SqliteStorage:
-    """Records in a SQLite file (``path``; ``":memory:"`` for a private in-memory database)."""
+    """Records in a SQLite file (``path``; ``":memory:"`` for a private in-memory database);
+    ``read_only``: only read an existing file (no writer lock; appending fails)."""
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class SqliteStorage:
         *,
         codec: DataCodec | None = None,
         synchronous: str = "NORMAL",
+        read_only: bool = False,
     ) -> None:
         if not table.isidentifier():
             raise RecorderConfigError(f"invalid table name {table!r}")
@@ -98,8 +102,9 @@ class SqliteStorage:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self.read_only = read_only
         private = self.path in ("", ":memory:")
-        self._lock = None if private else WriterLock(os.path.realpath(self.path) + ".lock")
+        self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None or self._db is None:
@@ -118,6 +123,9 @@ class SqliteStorage:
         def connect() -> sqlite3.Connection:
             if self._lock is not None:
                 self._lock.acquire(self.path)
+            if self.read_only:
+                uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+                return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
             try:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 try:

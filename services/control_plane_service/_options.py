@@ -10,7 +10,7 @@ from typing import Any, Final
 import click
 
 from agent_os.control_plane import FlightRecorder, Policy, PolicyError
-from agent_os.control_plane.errors import RecorderConfigError
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.policy.loader import load_policy as load_policy_file
 
 BUILTIN_POLICIES: Final = ("strict", "permissive", "audit")
@@ -48,6 +48,25 @@ def recorder_from_spec(
     if location is None:
         return FlightRecorder(storage, **options)
     return FlightRecorder(storage, location, **options)
+
+
+def reader_from_spec(spec: str, *, encryption_key: bytes | None = None) -> FlightRecorder:
+    """A flight recorder that only reads the records ``spec`` names (``agent-os log``): no
+    writer lock (it reads beside the service writing them), no retention, nothing written.
+    Raises RecorderConfigError for a bad spec or ``memory`` (nothing to read), RecorderError
+    for a SQLite file that does not exist."""
+    storage, location = recorder_storage(spec)
+    if storage == "memory" or location is None:
+        raise RecorderConfigError("a memory recorder lives in its process: name a file or a DSN")
+    if storage == "sqlite":
+        if not Path(location).is_file():
+            raise RecorderError(f"no such recorder file: {location!r}")
+        from agent_os.control_plane.recorder.sqlite import SqliteStorage
+
+        return FlightRecorder(SqliteStorage(location, read_only=True), None, None, True, encryption_key)
+    from agent_os.control_plane.recorder.postgres import PostgresStorage
+
+    return FlightRecorder(PostgresStorage(location, read_only=True), None, None, True, encryption_key)
 
 
 def load_policy(source: str) -> Policy:

@@ -140,3 +140,20 @@ async def test_postgres_compressed_and_plain_records_read_back(schema: str, clos
     assert first.startswith(b"{")  # plain JSON as UTF-8
     assert second[0] == 0x01  # compressed
     assert len(second) < 100
+
+
+async def test_a_read_only_reader_reads_beside_the_writer(schema: str) -> None:
+    from agent_os.control_plane.recorder.postgres import PostgresStorage
+
+    async with FlightRecorder("postgresql", PG_DSN, schema=schema) as writer:
+        await writer.log("event", "a", {"i": 1})
+        await writer.flush()
+        storage = PostgresStorage(PG_DSN, schema=schema, read_only=True)
+        async with FlightRecorder(storage, retention_days=None) as reader:
+            assert [r.data["i"] for r in await reader.query()] == [1]
+            await writer.log("event", "a", {"i": 2})
+            await writer.flush()
+            assert [r.data["i"] for r in await reader.query()] == [1, 2]
+            assert (await reader.verify()).ok
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                await storage._c().execute(f'DELETE FROM "{schema}".flight_records')

@@ -31,7 +31,19 @@ def test_version(flag: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["demo"], ["serve"], ["serve", "memory"], ["serve", "verifier"], ["serve", "control-plane"]]
+    "args",
+    [
+        [],
+        ["demo"],
+        ["serve"],
+        ["serve", "memory"],
+        ["serve", "verifier"],
+        ["serve", "control-plane"],
+        ["submit"],
+        ["log"],
+        ["policy"],
+        ["policy", "validate"],
+    ],
 )
 def test_short_help_on_every_command(args: list[str]) -> None:
     short = CliRunner().invoke(main, [*args, "-h"], prog_name="agent-os")

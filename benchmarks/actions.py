@@ -1,0 +1,211 @@
+"""Action benchmarks: what ``kernel.submit`` adds to an action (identity, signals, the provider's
+resource check, permissions, policy, rate limits, one decision record and one outcome record in
+the SQLite flight recorder) against calling the provider directly, in the same run.
+
+    .venv/bin/python -m benchmarks.actions [--quick] [--profile]
+
+Two providers: ``bench.const`` (a custom provider returning a constant, so the provider's own
+cost is not what is measured) and ``fs.read`` of a 64-byte file (a worker thread per read).
+Each round times N direct ``provider.run`` calls then N ``kernel.submit`` calls, inside a
+running agent (one core: one event loop; the recorder's writer thread shares the process). The
+figures are the medians over rounds of each round's own difference and ratio, with their range.
+``--profile`` prints a pyinstrument profile of the submit loop instead. Writes the section
+"actions" of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent_os import ActionRequest
+from agent_os.control_plane import FlightRecorder, KernelSpace, Pattern, Policy
+from benchmarks._report import write_section
+
+TARGET_US = 15.0
+
+
+class Constant:
+    """A provider that does nothing: returns a constant."""
+
+    def resource(self, request: ActionRequest) -> str:
+        return request.target
+
+    async def run(self, request: ActionRequest) -> Any:
+        return 42
+
+
+def bench_policy(root: Path) -> Policy:
+    """Default deny, with the rules an action workload would have: a few denies, then allows."""
+    policy = Policy("bench-actions", default_action="deny")
+    policy.add_rule("deny", Pattern("write", f"{root}/secrets/*"))
+    policy.add_rule("deny", Pattern("read", f"{root}/private/*"))
+    policy.add_rule("allow", Pattern("read", f"{root}/*"))
+    policy.add_rule("allow", Pattern("read", "const/*"))
+    return policy
+
+
+async def timed(call: Callable[[], Awaitable[Any]], n: int) -> tuple[float, float]:
+    """Seconds per call of ``n`` sequential awaits of ``call()``: wall clock, and CPU time of
+    the process (every thread: the recorder's writer too)."""
+    cpu = time.process_time()
+    start = time.perf_counter()
+    for _ in range(n):
+        await call()
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
+
+
+async def measure(
+    kernel: KernelSpace, rounds: int, n: int, with_fs: bool
+) -> dict[str, list[tuple[tuple[float, float], tuple[float, float]]]]:
+    """Per round and per case: (direct, submit), each (wall, CPU) seconds per call."""
+    const = ActionRequest("bench.const", "const/x")
+    read = ActionRequest("fs.read", "small.txt")
+    requests = {"const": const, "fs.read": read} if with_fs else {"const": const}
+    cases = {name: kernel.actions.get(req.action) for name, req in requests.items()}
+    out: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {name: [] for name in cases}
+
+    @kernel.register(name="bench", permissions=["read"])
+    async def agent() -> None:
+        for _ in range(rounds):
+            for name, request in requests.items():
+                spec = cases[name]
+                assert spec is not None
+                result = await kernel.submit(request)
+                assert result.ok, result.error
+                direct = await timed(lambda spec=spec, request=request: spec.provider.run(request), n)
+                governed = await timed(lambda request=request: kernel.submit(request), n)
+                out[name].append((direct, governed))
+
+    await kernel.execute(agent)
+    return out
+
+
+async def profile(kernel: KernelSpace, n: int) -> None:
+    from pyinstrument import Profiler
+
+    request = ActionRequest("bench.const", "const/x")
+
+    @kernel.register(name="bench", permissions=["read"])
+    async def agent() -> None:
+        await timed(lambda: kernel.submit(request), n // 10)
+        profiler = Profiler(interval=0.0001, async_mode="disabled")
+        profiler.start()
+        await timed(lambda: kernel.submit(request), n)
+        profiler.stop()
+        print(profiler.output_text(unicode=True, color=False, show_all=False))
+
+    await kernel.execute(agent)
+
+
+def summary(timings: list[tuple[tuple[float, float], tuple[float, float]]]) -> dict[str, float]:
+    pairs = [(d[0], g[0]) for d, g in timings]
+    added = [(g - d) * 1e6 for d, g in pairs]
+    ratio = [g / d for d, g in pairs]
+    return {
+        "direct": statistics.median(d for d, _ in pairs) * 1e6,
+        "submit": statistics.median(g for _, g in pairs) * 1e6,
+        "cpu": statistics.median((g[1] - d[1]) * 1e6 for d, g in timings),
+        "added": statistics.median(added),
+        "added_lo": min(added),
+        "added_hi": max(added),
+        "ratio": statistics.median(ratio),
+        "ratio_lo": min(ratio),
+        "ratio_hi": max(ratio),
+    }
+
+
+async def run_kernel(
+    tmp: Path, storage: str, rounds: int, n: int, do_profile: bool
+) -> dict[str, list[tuple[tuple[float, float], tuple[float, float]]]]:
+    root = tmp / f"ws-{storage}"
+    root.mkdir()
+    (root / "small.txt").write_bytes(b"x" * 64)
+    if storage == "memory":
+        recorder = FlightRecorder("memory")
+    else:  # "sqlite" (the defaults) or "sqlite-uncompressed"
+        recorder = FlightRecorder("sqlite", str(tmp / f"{storage}.db"), compression=storage == "sqlite")
+    async with KernelSpace(bench_policy(root.resolve()), flight_recorder=recorder, workspace=root) as kernel:
+        kernel.actions.register("bench.const", Constant(), "read")
+        gc.disable()
+        try:
+            if do_profile:
+                await profile(kernel, n * 5)
+                return {}
+            results = await measure(kernel, rounds, n, storage == "sqlite")
+        finally:
+            gc.enable()
+        records = len(await kernel.recorder.query(event_type="action_outcome"))
+        assert records >= rounds * n * len(results), records
+        assert (await kernel.recorder.verify()).ok
+    return results
+
+
+async def main(quick: bool, do_profile: bool) -> None:
+    rounds, n = (5, 2_000) if quick else (15, 10_000)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = await run_kernel(Path(tmp), "sqlite", rounds, n, do_profile)
+        if do_profile:
+            return
+        plain = await run_kernel(Path(tmp), "sqlite-uncompressed", rounds, n, False)
+        memory = await run_kernel(Path(tmp), "memory", rounds, n, False)
+    results = {**sqlite, "const, uncompressed": plain["const"], "const, memory recorder": memory["const"]}
+    rows = []
+    figures = {name: summary(pairs) for name, pairs in results.items()}
+    sql, unc, mem = figures["const"], figures["const, uncompressed"], figures["const, memory recorder"]
+    load_after = os.getloadavg()[0]
+    for name, f in figures.items():
+        provider = {
+            "const": "constant (custom provider)",
+            "fs.read": "`fs.read`, 64-byte file",
+            "const, uncompressed": "constant, SQLite with `compression=False`",
+            "const, memory recorder": "constant, `memory` recorder",
+        }[name]
+        rows.append(
+            f"| {provider} | {f['direct']:.2f} | {f['submit']:.2f} | {f['added']:.2f} "
+            f"({f['added_lo']:.2f}–{f['added_hi']:.2f}) | {f['cpu']:.2f} "
+            f"| {f['ratio']:.1f}× ({f['ratio_lo']:.1f}–{f['ratio_hi']:.1f}) |"
+        )
+    body = f"""
+`kernel.submit` inside a running agent against `provider.run` called directly, in the same
+round: {rounds} rounds of {n:,} sequential calls each (one event loop, one core; the SQLite
+recorder with its defaults: batches of 500, compression on, its writer thread in the same
+process). Each `submit` is the whole path: identity, signals, the registry, the provider's
+`resource`, permissions, the policy (4 rules, default deny; decisions cached), the rate-limit
+check, one `policy_decision` and one `action_outcome` record. Medians over rounds of each
+round's own figures, with the range.
+
+| provider | direct µs/call | submit µs/call | added µs/action (range) | added CPU µs/action | submit / direct (range) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Target: ≤ {TARGET_US:.0f} µs added per action on one core. Where it goes (profile: `python -m
+benchmarks.actions --profile`): on the event loop, what the `memory` recorder row shows
+({mem["cpu"]:.1f} CPU µs: identity, the registry, the provider's `resource`, permissions, the
+policy, and building and hash-chaining the two records); the rest is the SQLite recorder's
+writer thread, in the same process: each record's data deflated with its own stream (the
+`compression=False` row is {sql["cpu"] - unc["cpu"]:.1f} CPU µs cheaper per action, two
+records) and the batched inserts. So the kernel's own work is about at the target, and with the
+SQLite recorder's defaults the target is not met ({sql["cpu"]:.1f} CPU µs). The wall-clock columns include the
+load of other processes on this machine (load average {load_before:.1f} before the run,
+{load_after:.1f} after); the CPU column counts this process only (all its threads).
+"""
+    print(body)
+    write_section("actions", "python -m benchmarks.actions" + (" --quick" if quick else ""), body)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
+    parser.add_argument("--profile", action="store_true", help="print a profile of submit instead")
+    args = parser.parse_args()
+    asyncio.run(main(args.quick, args.profile))
