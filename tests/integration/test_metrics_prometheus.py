@@ -21,6 +21,7 @@ from agent_os.amb import AMB
 from agent_os.amb.metrics import BUS_COUNTERS
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, verdict
 from agent_os.services.control_plane_service._metrics import SERVICE_COUNTERS
+from agent_os.services.tool_service import ToolStats
 from agent_os.services.verifier_service import request_verification
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
@@ -42,6 +43,10 @@ CONTROL_PLANE = [
     "agentos_control_plane_unverified_total",
     "agentos_control_plane_unmatched_replies_total",
     "agentos_control_plane_rate_limit_store_failures_total",
+    "agentos_control_plane_actions_forwarded_total",
+    "agentos_control_plane_actions_denied_total",
+    "agentos_control_plane_action_outcomes_total",
+    "agentos_control_plane_action_failures_total",
     "agentos_control_plane_pending_requests",
     "agentos_agents",
     "agentos_agent_actions",
@@ -52,6 +57,7 @@ CONTROL_PLANE = [
     "agentos_admin_bad_requests_total",
     "agentos_admin_errors_total",
 ]
+TOOLS = [f"agentos_tool_{name}_total" for name in ToolStats().as_dict()]
 MEMORY = [
     "agentos_emk_requests_total",
     *(f"agentos_emk_request_duration_seconds_{part}" for part in ("bucket", "sum", "count")),
@@ -179,7 +185,7 @@ def test_every_metric_is_documented() -> None:
     page = (ROOT / "docs/observability.md").read_text()
     names = {
         m.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-        for m in (*BUS, *CONTROL_PLANE, *MEMORY, *VERIFIER)
+        for m in (*BUS, *CONTROL_PLANE, *TOOLS, *MEMORY, *VERIFIER)
     }
     documented = set(re.findall(r"`(agentos_[a-z_]+)", page))
     assert names - documented == set()

@@ -112,7 +112,8 @@ class Deployment:
             *options,
             env=ENV,
         )
-        assert ready == "ready tools subjects=deliver.tools.action.> broker=" + self.url("tools")
+        expected = "ready tools subjects=deliver.tools.action.> broker=" + self.url("tools")
+        assert ready.split(" metrics=")[0] == expected
         self.procs.append(proc)
         return proc
 

@@ -141,7 +141,7 @@ async def test_expired_and_unknown_records_are_denied(tmp_path: Path) -> None:
         assert read.record_id is not None
         not_reversible = await kernel.rollback(read.record_id, agent_id=agent)
         assert not not_reversible.allowed
-        violations = await kernel.recorder.query(event_type="policy_violation")
+        violations = await kernel.recorder.query(event_type="action_blocked")
         assert [v.data["action"] for v in violations] == ["fs.rollback"] * 3
 
 
@@ -157,7 +157,7 @@ async def test_without_write_permission_rollback_is_one_denial(tmp_path: Path) -
         assert denied.error == "agent reader lacks permission for write"
         after = await kernel.recorder.query()
         assert len(after) == before + 1
-        assert after[-1].event_type == "policy_violation"
+        assert after[-1].event_type == "permission_denied"
         assert (tmp_path / "w.txt").read_text() == "x"
 
 
