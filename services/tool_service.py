@@ -24,7 +24,8 @@ import click
 
 from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, Subscription
 from agent_os.control_plane import ActionRequest, ActionResult, ControlPlaneError
-from agent_os.control_plane.actions import ActionRegistry, FileSystem
+from agent_os.control_plane.actions import ActionRegistry, BusActions, FileSystem
+from agent_os.control_plane.actions.bus import BusKind
 from agent_os.control_plane.actions.fs import MAX_READ, MAX_WRITE
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, REPLAY_SCOPE
@@ -256,7 +257,14 @@ class ToolClient:
     tool service (the outcome: ``allowed=True``, ``output`` or ``error``; ``record_id`` None,
     the records are in the service's recorder). No answer within ``timeout`` seconds, or a
     failed responder, gives ``allowed=False`` and the reason in ``error``: whether the action
-    ran is then unknown."""
+    ran is then unknown.
+
+    ``bus.publish`` and ``bus.request`` (agents talking) are messages, not tool-service work:
+    they go out through ``bus`` itself on ``<ingress_prefix>.<target>`` (params as
+    :class:`~agent_os.control_plane.actions.BusActions` takes them), and the control-plane
+    service decides and records them as it does every message (``publish``/``request``,
+    ``deliver``, ``reply``). A request it denies is dead-lettered, not answered: the result is
+    then ``allowed=False`` with "no answer", as for a request nobody answers."""
 
     def __init__(
         self,
@@ -272,6 +280,7 @@ class ToolClient:
         self.timeout = timeout
         self.ingress_prefix = ingress_prefix
         self.action_prefix = action_prefix
+        self._messages = BusActions(_Ingress(bus, ingress_prefix), max_timeout=max(timeout, 60.0))
 
     async def submit(self, request: ActionRequest) -> ActionResult:
         """Ask for ``request`` and return what came of it (see the class). Raises TypeError for
@@ -279,6 +288,8 @@ class ToolClient:
         is no subject token, StateError when the client is closed."""
         if not isinstance(request, ActionRequest):
             raise TypeError(f"submit takes an ActionRequest, got {type(request).__name__}")
+        if request.action in BusActions.ACTIONS:
+            return await self._message(request)
         subject = ingress_subject(action_topic(request.action, self.action_prefix), self.ingress_prefix)
         try:
             answer = await self.bus.request(subject, request_payload(request), timeout=self.timeout)
@@ -291,6 +302,41 @@ class ToolClient:
         if result is None:
             return ActionResult(False, None, "the answer is not an action result", None)
         return result
+
+    async def _message(self, request: ActionRequest) -> ActionResult:
+        """A ``bus.*`` action: the message itself, through the control-plane service."""
+        kind: BusKind = "publish" if request.action == "bus.publish" else "request"
+        provider = self._messages.provider(kind)
+        try:
+            provider.resource(request)
+        except ActionRefused as exc:
+            return ActionResult(False, None, str(exc), None)
+        try:
+            output = await provider.run(request)
+        except RequestTimeout:
+            why = f"no answer to {request.target}: denied by the control plane, or nobody answered in time"
+            return ActionResult(False, None, why, None)
+        except Exception as exc:  # the responder's error, a closed client ...
+            return ActionResult(True, None, str(exc) or type(exc).__name__, None)
+        return ActionResult(True, output, None, None)
+
+
+class _Ingress:
+    """An agent's client seen by :class:`BusActions` in mediated mode: every subject goes out
+    under the ingress prefix, so the control-plane service decides on it."""
+
+    def __init__(self, bus: AMB, prefix: str) -> None:
+        self.bus = bus
+        self.prefix = prefix
+
+    async def publish(self, topic: str, message: Any = None, *, recipient: str | None = None) -> str:
+        return await self.bus.publish(ingress_subject(topic, self.prefix), message, recipient=recipient)
+
+    async def request(
+        self, topic: str, message: Any = None, *, timeout: float = 5.0, recipient: str | None = None
+    ) -> Any:
+        subject = ingress_subject(topic, self.prefix)
+        return await self.bus.request(subject, message, timeout=timeout, recipient=recipient)
 
 
 # -- the process -------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
+from agent_os import AgentLoop
 from agent_os.amb import AMB, Metadata
-from agent_os.control_plane import DECISION_EVENTS, ActionRequest, FlightRecorder
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
+from agent_os.control_plane import BUILTIN_TOOLS, DECISION_EVENTS, ActionRequest, FlightRecorder, ToolDef
 from agent_os.iatp import IATP
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.control_plane_service import (
@@ -207,6 +209,82 @@ async def test_an_agent_reads_is_denied_a_write_asks_another_agent_all_recorded(
         assert actions[2].id == write.record_id
         assert actions[0].data["resource"] == str(d.workspace / "notes.txt")
         assert actions[1].data["decision_id"] == actions[0].id
+        assert (await rec.verify()).ok
+
+
+# An LLM agent's tools across processes: files through the tool service, a question to another
+# agent as the agent's own request through the control plane (addressed to that agent).
+ASK = ToolDef(
+    "ask_agent",
+    "Ask another agent and wait for its answer.",
+    {
+        "type": "object",
+        "properties": {
+            "agent": {"type": "string", "description": "The agent to ask"},
+            "subject": {"type": "string", "description": "The subject it listens on"},
+            "message": {"type": "string", "description": "What to ask"},
+        },
+        "required": ["agent", "subject", "message"],
+    },
+    "bus.request",
+    "subject",
+    params={"message": "payload", "agent": "recipient"},
+)
+
+
+async def test_an_llm_agent_reads_is_denied_a_write_asks_another_agent_across_processes(
+    tmp_path: Path, closing: Closing
+) -> None:
+    outside, q = tmp_path / "outside.txt", "6 x 7"
+    replies = iter(
+        [
+            Reply(tool_calls=[tool_call("read_file", {"path": "notes.txt"})]),
+            Reply(tool_calls=[tool_call("write_file", {"path": str(outside), "content": "x"})]),
+            Reply(tool_calls=[tool_call("ask_agent", {"agent": "bob", "subject": "ask.bob", "message": q})]),
+        ]
+    )
+
+    def script(body: dict[str, Any]) -> Reply:
+        heard = body["messages"][-1].get("content") or ""
+        return next(replies, None) or Reply(content=f"Bob answered: {heard}")
+
+    async with deployment(tmp_path) as d, ScriptedLLMServer({"assistant": script}) as server:
+        (d.workspace / "notes.txt").write_text("ask bob")
+        await d.control_plane()
+        await d.tool_service()
+        alice, bob = d.agent("alice"), d.agent("bob")
+        try:
+
+            async def answer(message: Any, metadata: Metadata) -> None:
+                await bob.reply(metadata, f"{message} = 42")
+
+            await bob.subscribe(delivery_subject("ask.>", agent="bob"), answer)
+            await alice.connect()
+            tools = [BUILTIN_TOOLS["fs.read"], BUILTIN_TOOLS["fs.write"], ASK]
+            submit = ToolClient(alice, timeout=10).submit  # the agent's only way to act
+            loop = AgentLoop(submit, tools, "openai/assistant", api_base=server.url, api_key="k")
+            result = await loop.run("What does the note say to do? Do it.")
+        finally:
+            await alice.close()
+            await bob.close()
+        read, write, ask = result.tool_calls
+        assert (read.ok, read.output) == (True, "ask bob")
+        assert not write.allowed
+        assert "workspace" in str(write.error)
+        assert (ask.ok, ask.output) == (True, "6 x 7 = 42")
+        assert '"6 x 7 = 42"' in result.text
+        assert not outside.exists()
+        rec = closing(await d.records())
+        actions = await rec.query(event_type=[*DECISION_EVENTS, "action_outcome"])
+        kept = [(r.event_type, r.agent_id, r.data.get("action") or r.data.get("operation")) for r in actions]
+        assert kept == [
+            ("policy_decision", "alice", "fs.read"),
+            ("action_outcome", "alice", "fs.read"),
+            ("action_blocked", "alice", "fs.write"),
+            ("policy_decision", "alice", "request"),
+            ("policy_decision", "bob", "deliver"),
+            ("policy_decision", "bob", "reply"),
+        ]
         assert (await rec.verify()).ok
 
 
