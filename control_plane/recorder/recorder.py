@@ -102,7 +102,7 @@ class FlightRecorder:
         storage: StorageName | str | Storage = "sqlite",
         connection_string: str | None = None,
         retention_days: float | None = 90,
-        compression: bool = True,
+        compression: bool = False,
         encryption_key: bytes | None = None,
         *,
         batch_size: int = 500,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.lockfile import WriterLock
-from agent_os.control_plane.recorder.records import ANCHOR_EVENT
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS
 from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
@@ -51,7 +52,9 @@ CREATE INDEX IF NOT EXISTS {t}_agent ON {t} (agent_id, seq);
 CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq);
 CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
 """
-_COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
+_COLS = ", ".join(COLUMNS)
+_ROW_PARAMS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+_CHUNK_ROWS = 100  # rows per INSERT statement, fewer when SQLite allows fewer parameters
 
 
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
@@ -173,19 +176,22 @@ class SqliteStorage:
         return None if row is None else (int(row[0]), str(row[1]))
 
     async def append(self, rows: Sequence[Row]) -> None:
-        sql = f"INSERT INTO {self.table} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-
         codec = self.codec if self.codec is not None and self.codec.active else None
-
         tail_sql = f"SELECT seq, hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
+            # Many rows per INSERT statement: one call into SQLite (and one release of the GIL)
+            # per chunk rather than per row, so the event loop's thread keeps the GIL while
+            # SQLite writes (docs/control-plane.md, Batching and durability).
+            chunk = min(_CHUNK_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
             db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
                 if rows:
                     check_continues(db.execute(tail_sql).fetchone(), rows[0], f"sqlite {self.path!r}")
-                db.executemany(sql, stored)
+                for start in range(0, len(stored), chunk):
+                    part = stored[start : start + chunk]
+                    db.execute(_insert_sql(self.table, len(part)), list(itertools.chain.from_iterable(part)))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -226,6 +232,12 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(table: str, rows: int) -> str:
+    """The INSERT of ``rows`` records (built once per length; sqlite3 caches the statement)."""
+    return f"INSERT INTO {table} ({_COLS}) VALUES " + ", ".join([_ROW_PARAMS] * rows)
 
 
 def _encoded(codec: DataCodec, row: Row) -> Row:
