@@ -132,7 +132,7 @@ async def run_kernel(
     if storage == "memory":
         recorder = FlightRecorder("memory")
     else:  # "sqlite" (the defaults) or "sqlite-uncompressed"
-        recorder = FlightRecorder("sqlite", str(tmp / f"{storage}.db"), compression=storage == "sqlite")
+        recorder = FlightRecorder("sqlite", str(tmp / f"{storage}.db"), compression=storage == "sqlite-compressed")
     async with KernelSpace(bench_policy(root.resolve()), flight_recorder=recorder, workspace=root) as kernel:
         kernel.actions.register("bench.const", Constant(), "read")
         gc.disable()
@@ -156,7 +156,7 @@ async def main(quick: bool, do_profile: bool) -> None:
         sqlite = await run_kernel(Path(tmp), "sqlite", rounds, n, do_profile)
         if do_profile:
             return
-        plain = await run_kernel(Path(tmp), "sqlite-uncompressed", rounds, n, False)
+        plain = await run_kernel(Path(tmp), "sqlite-compressed", rounds, n, False)
         memory = await run_kernel(Path(tmp), "memory", rounds, n, False)
     results = {**sqlite, "const, uncompressed": plain["const"], "const, memory recorder": memory["const"]}
     rows = []

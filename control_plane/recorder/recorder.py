@@ -105,7 +105,7 @@ class FlightRecorder:
         compression: bool = False,
         encryption_key: bytes | None = None,
         *,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         flush_interval: float = 0.2,
         retention_interval: float = 3600.0,
         table: str = "flight_records",
@@ -285,6 +285,10 @@ class FlightRecorder:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:
             self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+            # Let the write start now (the storage's thread takes the batch) rather than when
+            # the caller next yields: a caller that never waits on I/O would otherwise find
+            # it not begun at the next full batch, and wait for all of it.
+            await asyncio.sleep(0)
 
     def append(
         self,

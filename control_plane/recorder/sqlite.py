@@ -54,7 +54,7 @@ CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
 """
 _COLS = ", ".join(COLUMNS)
 _ROW_PARAMS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
-_CHUNK_ROWS = 100  # rows per INSERT statement, fewer when SQLite allows fewer parameters
+_CHUNK_ROWS = 2000  # rows per INSERT statement, fewer when SQLite allows fewer parameters
 
 
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
@@ -181,21 +181,27 @@ class SqliteStorage:
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
-            # Many rows per INSERT statement: one call into SQLite (and one release of the GIL)
-            # per chunk rather than per row, so the event loop's thread keeps the GIL while
-            # SQLite writes (docs/control-plane.md, Batching and durability).
-            chunk = min(_CHUNK_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
-            db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
+            # A batch is inserted with as few statements as SQLite's parameter limit allows
+            # (one, for a batch of up to 2,000), each inserting only if it continues the stored
+            # tail: one call into SQLite, and one release of the GIL, per statement rather than
+            # per record, so the event loop keeps the GIL while SQLite writes.
+            chunk = min(_CHUNK_ROWS, (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1) // len(COLUMNS))
+            parts = [stored[start : start + chunk] for start in range(0, len(stored), chunk)]
+            if len(parts) > 1:
+                db.execute("BEGIN IMMEDIATE")  # one transaction: all of the batch or none of it
             try:
-                if rows:
-                    check_continues(db.execute(tail_sql).fetchone(), rows[0], f"sqlite {self.path!r}")
-                for start in range(0, len(stored), chunk):
-                    part = stored[start : start + chunk]
-                    db.execute(_insert_sql(self.table, len(part)), list(itertools.chain.from_iterable(part)))
+                for part in parts:
+                    seq, prev = part[0][0], part[0][8]
+                    args = [*itertools.chain.from_iterable(part), None if seq == 1 else f"{seq - 1} {prev}"]
+                    if db.execute(_insert_sql(self.table, len(part)), args).rowcount != len(part):
+                        check_continues(db.execute(tail_sql).fetchone(), part[0], f"sqlite {self.path!r}")
+                        raise RecorderError(f"sqlite {self.path!r}: a batch was not inserted whole")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            if db.in_transaction:
+                db.execute("COMMIT")
 
         await self._run(write)
 
@@ -234,10 +240,12 @@ class SqliteStorage:
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
 
 
-@functools.lru_cache(maxsize=256)
 def _insert_sql(table: str, rows: int) -> str:
-    """The INSERT of ``rows`` records (built once per length; sqlite3 caches the statement)."""
-    return f"INSERT INTO {table} ({_COLS}) VALUES " + ", ".join([_ROW_PARAMS] * rows)
+    """The INSERT of ``rows`` records that inserts nothing unless the table's newest record is
+    the one its last parameter names (``"<seq> <hash>"``, or NULL for an empty table)."""
+    values = ", ".join([_ROW_PARAMS] * rows)
+    tail = f"SELECT seq || ' ' || hash FROM {table} ORDER BY seq DESC LIMIT 1"
+    return f"INSERT INTO {table} ({_COLS}) SELECT * FROM (VALUES {values}) WHERE ({tail}) IS ?"
 
 
 def _encoded(codec: DataCodec, row: Row) -> Row:
