@@ -132,7 +132,9 @@ async def run_kernel(
     if storage == "memory":
         recorder = FlightRecorder("memory")
     else:  # "sqlite" (the defaults) or "sqlite-uncompressed"
-        recorder = FlightRecorder("sqlite", str(tmp / f"{storage}.db"), compression=storage == "sqlite-compressed")
+        recorder = FlightRecorder(
+            "sqlite", str(tmp / f"{storage}.db"), compression=storage == "sqlite-compressed"
+        )
     async with KernelSpace(bench_policy(root.resolve()), flight_recorder=recorder, workspace=root) as kernel:
         kernel.actions.register("bench.const", Constant(), "read")
         gc.disable()
