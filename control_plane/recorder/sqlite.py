@@ -2,7 +2,10 @@
 
 All SQLite calls run on one dedicated thread, so the event loop never blocks on disk and the
 connection is only ever used by that thread; records' data is encoded (compressed, encrypted)
-on that thread too. The database is in WAL mode; a batch is one transaction. With
+on that thread too. A batch is inserted with one statement of many rows (a few for a batch
+longer than 2,000 records or of an odd length), not a statement per record: that thread then
+takes the GIL a few times per batch instead of twice per record, and the event loop keeps it
+while SQLite writes. The database is in WAL mode; a batch is one transaction. With
 ``synchronous="NORMAL"`` (the default) a batch survives a crash of the process once
 :meth:`SqliteStorage.append` returns (the WAL is in the OS's hands; a power loss can lose the
 last batches, never corrupt the chain); with ``"FULL"`` each commit is fsynced and survives a
@@ -10,7 +13,8 @@ crash of the machine too.
 
 **One writer.** :meth:`SqliteStorage.open` takes ``<database>.lock`` (:mod:`.lockfile`) for the
 storage's life: a second recorder on the file, in this process or another, gets RecorderInUse
-naming the holder. Each batch's transaction also checks that it continues the stored tail.
+naming the holder. Each batch's statements also insert nothing unless they continue the
+stored tail.
 A ``read_only`` storage (``agent-os log``) takes no lock, opens an existing file read-only
 and reads beside the writer.
 """
@@ -181,12 +185,12 @@ class SqliteStorage:
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
-            # A batch is inserted with as few statements as SQLite's parameter limit allows
-            # (one, for a batch of up to 2,000), each inserting only if it continues the stored
-            # tail: one call into SQLite, and one release of the GIL, per statement rather than
-            # per record, so the event loop keeps the GIL while SQLite writes.
-            chunk = min(_CHUNK_ROWS, (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1) // len(COLUMNS))
-            parts = [stored[start : start + chunk] for start in range(0, len(stored), chunk)]
+            # A batch is inserted with a few statements of many rows each (one for a full batch
+            # of 2,000), each inserting only if it continues the stored tail: one call into
+            # SQLite, and one release of the GIL, per statement rather than per record, so the
+            # event loop keeps the GIL while SQLite writes.
+            most = min(_CHUNK_ROWS, (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1) // len(COLUMNS))
+            parts = _runs(stored, most)
             if len(parts) > 1:
                 db.execute("BEGIN IMMEDIATE")  # one transaction: all of the batch or none of it
             try:
@@ -238,6 +242,19 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
+
+
+def _runs(rows: Sequence[Row], most: int) -> list[Sequence[Row]]:
+    """``rows`` cut into runs of ``most`` rows, the rest into runs whose lengths are powers of
+    two: few distinct statements to prepare and cache, whatever the batches' lengths."""
+    runs = []
+    start = 0
+    while start < len(rows):
+        left = len(rows) - start
+        size = most if left >= most else 1 << (left.bit_length() - 1)
+        runs.append(rows[start : start + size])
+        start += size
+    return runs
 
 
 def _insert_sql(table: str, rows: int) -> str:
