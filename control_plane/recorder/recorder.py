@@ -77,7 +77,7 @@ class FlightRecorder:
         retention_days: records older than this are pruned, with a chained anchor, when the
             recorder opens and then every ``retention_interval`` seconds while it writes (see
             :meth:`apply_retention`); None keeps everything. Fractions of a day are allowed.
-        compression: compress each record's data at rest (SQL storages; see
+        compression: compress each record's data at rest (SQL storages; off by default, see
             :mod:`agent_os.control_plane.recorder.codec`). The memory storage keeps rows as they are.
         encryption_key: 32 bytes: encrypt each record's data at rest (XChaCha20-Poly1305,
             PyNaCl). SQL storages only: with ``"memory"`` it raises RecorderConfigError.
