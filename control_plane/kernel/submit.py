@@ -163,9 +163,13 @@ class Submitter:
         status = {"status": "ok"} if error is None else {"status": "error", "error": error}
         outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
         severity = "info" if error is None else "error"
-        return await self.gate.recorder.log(
-            OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True
-        )
+        recorder = self.gate.recorder
+        if not recorder.ready:
+            return await recorder.log(OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True)
+        record = recorder.append(OUTCOME_EVENT, agent, outcome, severity, agent, True)  # as ``log``
+        if recorder.batch_full:
+            await recorder.backpressure()
+        return record
 
     async def _decide(
         self,
