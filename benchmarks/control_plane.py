@@ -127,13 +127,10 @@ class Governed:
 
     ``kind``: ``plain`` (no middleware), ``policy`` (policy both ways + recording, no
     signatures), ``session`` (IATP session MAC + policy + recording), ``ed25519`` (IATP ed25519
-    signature per message + policy + recording); ``sqlite``: the SQLite recorder (its defaults,
-    a file in ``tmp``) rather than the in-memory one."""
+    signature per message + policy + recording)."""
 
-    def __init__(self, kind: str, tmp: Path, sqlite: bool = False) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.tmp = tmp
-        self.sqlite = sqlite
         self.kernel: KernelSpace | None = None
         self.count = 0
         self.target = 0
@@ -158,11 +155,9 @@ class Governed:
         self.pub = AMB("memory", where, agent_id="pub", middleware=list(middleware))
         self.sub = AMB("memory", where, agent_id="sub", middleware=list(middleware))
         if self.kind != "plain":
-            if self.sqlite:
-                recorder = FlightRecorder("sqlite", str(self.tmp / f"governed-{uuid.uuid4().hex}.db"))
-            else:
-                recorder = FlightRecorder("memory", batch_size=2000)
-            self.kernel = KernelSpace(policy=policy, flight_recorder=recorder)
+            self.kernel = KernelSpace(
+                policy=policy, flight_recorder=FlightRecorder("memory", batch_size=2000)
+            )
             self.kernel.attach(self.pub)
             self.kernel.attach(self.sub)
 
@@ -195,26 +190,16 @@ class Governed:
         await self.sub.close()
 
 
-PATHS = {  # name: (kind, SQLite recorder)
-    "plain": ("plain", False),
-    "policy": ("policy", False),
-    "policy-sqlite": ("policy", True),
-    "session": ("session", False),
-    "ed25519": ("ed25519", False),
-    "ed25519-sqlite": ("ed25519", True),
-}
-
-
-async def governed_runs(rounds: int, chunk: int, ed_chunk: int, tmp: Path) -> dict[str, float]:
+async def governed_runs(rounds: int, chunk: int, ed_chunk: int) -> dict[str, float]:
     """Seconds per message of each path and of the floor, the paths alternating chunk by chunk
-    (the ed25519 chunks followed by the floor's chunk of the same size)."""
-    paths = {name: await Governed(kind, tmp, sqlite).start() for name, (kind, sqlite) in PATHS.items()}
+    (the ed25519 chunk followed by the floor's chunk of the same size)."""
+    paths = {kind: await Governed(kind).start() for kind in ("plain", "policy", "session", "ed25519")}
     floor = raw_sign_verify(ed_chunk)
     total = dict.fromkeys([*paths, "floor"], 0.0)
     count = dict.fromkeys(total, 0)
     for _ in range(rounds):
         for kind, path in paths.items():
-            n = ed_chunk if path.kind == "ed25519" else chunk
+            n = ed_chunk if kind == "ed25519" else chunk
             total[kind] += await path.run(n)
             count[kind] += n
         total["floor"] += floor()
@@ -236,9 +221,9 @@ async def main(quick: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs_n):  # interleaved, so load on the machine hits every variant alike
             cases: dict[str, tuple[str, dict[str, Any]]] = {
-                "plain": ("plain", {}),
-                "compressed": ("comp", {"compression": True}),
-                "encrypted": ("enc", {"compression": True, "encryption_key": key}),
+                "plain": ("plain", {"compression": False}),
+                "compressed": ("comp", {}),
+                "encrypted": ("enc", {"encryption_key": key}),
                 "full": ("full", {"compression": False, "synchronous": "FULL"}),
             }
             for name, (stem, options) in cases.items():
@@ -258,16 +243,12 @@ async def main(quick: bool) -> None:
     rec = {name: statistics.median(values) for name, values in recorder.items()}
     gc.enable()
     rounds, chunk, ed_chunk = (4, 500, 100) if quick else (12, 2_000, 250)
-    with tempfile.TemporaryDirectory() as tmp:
-        delivery = [await governed_runs(rounds, chunk, ed_chunk, Path(tmp)) for _ in range(runs_n)]
+    delivery = [await governed_runs(rounds, chunk, ed_chunk) for _ in range(runs_n)]
     us = {kind: statistics.median(r[kind] for r in delivery) * 1e6 for kind in delivery[0]}
     per_s = {kind: 1e6 / value for kind, value in us.items()}
     governed = per_s["ed25519"]  # the table's figure: the median of the runs
     ratio = statistics.median(r["floor"] / r["ed25519"] for r in delivery)  # each run's own floor
-    ratio_sqlite = statistics.median(r["ed25519-sqlite"] / r["floor"] for r in delivery)
-    ratio_memory = statistics.median(r["ed25519"] / r["floor"] for r in delivery)
     overhead_us = us["policy"] - us["plain"]
-    overhead_sqlite = statistics.median((r["policy-sqlite"] - r["plain"]) * 1e6 for r in delivery)
     body = f"""
 ### Policy decision latency (`policy.evaluate`, one publish rule per topic, `exclude` on each)
 
@@ -283,8 +264,8 @@ rules, ≤ 10 µs at 1,000, whichever rule matches or none.
 
 | measure | records/s |
 |---|---|
-| append, batched (1,000 per transaction), `compression=False` (the default), synchronous=NORMAL | {rec["plain"]:,.0f} |
-| append, batched, `compression=True` | {rec["compressed"]:,.0f} |
+| append, batched (1,000 per transaction), `compression=False`, synchronous=NORMAL | {rec["plain"]:,.0f} |
+| append, batched, `compression=True` (the default) | {rec["compressed"]:,.0f} |
 | append, batched, compressed + `encryption_key` (XChaCha20-Poly1305) | {rec["encrypted"]:,.0f} |
 | append, batched, `compression=False`, synchronous=FULL (fsync per batch) | {rec["full"]:,.0f} |
 | append, unbatched (baseline: 1 per transaction, NORMAL) | {rec["unbatched"]:,.0f} |
@@ -306,10 +287,8 @@ Each round runs every path in turn, {chunk:,} messages each ({ed_chunk} for ed25
 |---|---|---|
 | plain bus (baseline) | {per_s["plain"]:,.0f} | {us["plain"]:.1f} |
 | policy out and in + 2 records, no signatures | {per_s["policy"]:,.0f} | {us["policy"]:.1f} |
-| the same, SQLite recorder (its defaults) | {per_s["policy-sqlite"]:,.0f} | {us["policy-sqlite"]:.1f} |
 | governed: IATP session MAC + policy out and in + 2 records | {per_s["session"]:,.0f} | {us["session"]:.1f} |
 | governed: IATP ed25519 sign + verify + policy out and in + 2 records | {per_s["ed25519"]:,.0f} | {us["ed25519"]:.1f} |
-| the same, SQLite recorder (its defaults) | {per_s["ed25519-sqlite"]:,.0f} | {us["ed25519-sqlite"]:.1f} |
 | floor: raw PyNaCl ed25519 sign + verify, ~200-byte messages (same rounds) | {per_s["floor"]:,.0f} | {us["floor"]:.1f} |
 
 Governed with ed25519 runs at **{governed:,.0f} messages/s, {ratio:.2f}×** its floor
@@ -319,12 +298,6 @@ cache after the first, two hash-chained records, signal checks). Target: ≥ 10,
 governed with signing on one core {"(met)" if governed >= 10_000 else "(MISSED)"}: per-message
 ed25519 is bounded by the floor above; IATP's session mode (ed25519 handshake once, then a
 keyed BLAKE2b MAC per message) is the governed fast path.
-
-With the SQLite recorder (its defaults: batches of 2,000 written by its own thread, one
-INSERT per batch), policy out and in + 2 records adds {overhead_sqlite:.1f} µs per message over
-the plain bus (median of the runs; target ≤ +15 µs {"met" if overhead_sqlite <= 15 else "MISSED"}),
-and signed + policy + SQLite recorder costs {ratio_sqlite:.2f}× the floor per message
-({ratio_memory:.2f}× with the in-memory recorder; target ≤ 1.2× {"met" if ratio_sqlite <= 1.2 else "MISSED"}).
 """
     print(body)
     write_section("control_plane", "python -m benchmarks.control_plane" + (" --quick" if quick else ""), body)

@@ -186,10 +186,9 @@ class AgentProcess:
         the agent is (or gets) killed."""
         if self.killed:
             raise AgentStoppedError(f"agent {self.id} was killed")
-        if not self._continue.is_set():
-            await self._continue.wait()
-            if self.killed:
-                raise AgentStoppedError(f"agent {self.id} was killed")
+        await self._continue.wait()
+        if self.killed:
+            raise AgentStoppedError(f"agent {self.id} was killed")
 
     # -- the hold queue -----------------------------------------------------------------------
 

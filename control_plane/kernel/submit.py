@@ -163,13 +163,9 @@ class Submitter:
         status = {"status": "ok"} if error is None else {"status": "error", "error": error}
         outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
         severity = "info" if error is None else "error"
-        recorder = self.gate.recorder
-        if not recorder.ready:
-            return await recorder.log(OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True)
-        record = recorder.append(OUTCOME_EVENT, agent, outcome, severity, agent, True)  # as ``log``
-        if recorder.batch_full:
-            await recorder.backpressure()
-        return record
+        return await self.gate.recorder.log(
+            OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True
+        )
 
     async def _decide(
         self,

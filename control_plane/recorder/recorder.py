@@ -77,7 +77,7 @@ class FlightRecorder:
         retention_days: records older than this are pruned, with a chained anchor, when the
             recorder opens and then every ``retention_interval`` seconds while it writes (see
             :meth:`apply_retention`); None keeps everything. Fractions of a day are allowed.
-        compression: compress each record's data at rest (SQL storages; off by default, see
+        compression: compress each record's data at rest (SQL storages; see
             :mod:`agent_os.control_plane.recorder.codec`). The memory storage keeps rows as they are.
         encryption_key: 32 bytes: encrypt each record's data at rest (XChaCha20-Poly1305,
             PyNaCl). SQL storages only: with ``"memory"`` it raises RecorderConfigError.
@@ -102,10 +102,10 @@ class FlightRecorder:
         storage: StorageName | str | Storage = "sqlite",
         connection_string: str | None = None,
         retention_days: float | None = 90,
-        compression: bool = False,
+        compression: bool = True,
         encryption_key: bytes | None = None,
         *,
-        batch_size: int = 2000,
+        batch_size: int = 500,
         flush_interval: float = 0.2,
         retention_interval: float = 3600.0,
         table: str = "flight_records",
@@ -285,10 +285,6 @@ class FlightRecorder:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:
             self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
-            # Let the write start now (the storage's thread takes the batch) rather than when
-            # the caller next yields: a caller that never waits on I/O would otherwise find
-            # it not begun at the next full batch, and wait for all of it.
-            await asyncio.sleep(0)
 
     def append(
         self,

@@ -2,10 +2,7 @@
 
 All SQLite calls run on one dedicated thread, so the event loop never blocks on disk and the
 connection is only ever used by that thread; records' data is encoded (compressed, encrypted)
-on that thread too. A batch is inserted with one statement of many rows (a few for a batch
-longer than 2,000 records or of an odd length), not a statement per record: that thread then
-takes the GIL a few times per batch instead of twice per record, and the event loop keeps it
-while SQLite writes. The database is in WAL mode; a batch is one transaction. With
+on that thread too. The database is in WAL mode; a batch is one transaction. With
 ``synchronous="NORMAL"`` (the default) a batch survives a crash of the process once
 :meth:`SqliteStorage.append` returns (the WAL is in the OS's hands; a power loss can lose the
 last batches, never corrupt the chain); with ``"FULL"`` each commit is fsynced and survives a
@@ -13,8 +10,7 @@ crash of the machine too.
 
 **One writer.** :meth:`SqliteStorage.open` takes ``<database>.lock`` (:mod:`.lockfile`) for the
 storage's life: a second recorder on the file, in this process or another, gets RecorderInUse
-naming the holder. Each batch's statements also insert nothing unless they continue the
-stored tail.
+naming the holder. Each batch's transaction also checks that it continues the stored tail.
 A ``read_only`` storage (``agent-os log``) takes no lock, opens an existing file read-only
 and reads beside the writer.
 """
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,7 +29,7 @@ from typing import Any, TypeVar
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.lockfile import WriterLock
-from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT
 from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
@@ -56,9 +51,7 @@ CREATE INDEX IF NOT EXISTS {t}_agent ON {t} (agent_id, seq);
 CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq);
 CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
 """
-_COLS = ", ".join(COLUMNS)
-_ROW_PARAMS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
-_CHUNK_ROWS = 2000  # rows per INSERT statement, fewer when SQLite allows fewer parameters
+_COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
 
 
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
@@ -180,32 +173,23 @@ class SqliteStorage:
         return None if row is None else (int(row[0]), str(row[1]))
 
     async def append(self, rows: Sequence[Row]) -> None:
+        sql = f"INSERT INTO {self.table} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
         codec = self.codec if self.codec is not None and self.codec.active else None
+
         tail_sql = f"SELECT seq, hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
-            # A batch is inserted with a few statements of many rows each (one for a full batch
-            # of 2,000), each inserting only if it continues the stored tail: one call into
-            # SQLite, and one release of the GIL, per statement rather than per record, so the
-            # event loop keeps the GIL while SQLite writes.
-            most = min(_CHUNK_ROWS, (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1) // len(COLUMNS))
-            parts = _runs(stored, most)
-            if len(parts) > 1:
-                db.execute("BEGIN IMMEDIATE")  # one transaction: all of the batch or none of it
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
-                for part in parts:
-                    seq, prev = part[0][0], part[0][8]
-                    args = [*itertools.chain.from_iterable(part), None if seq == 1 else f"{seq - 1} {prev}"]
-                    if db.execute(_insert_sql(self.table, len(part)), args).rowcount != len(part):
-                        check_continues(db.execute(tail_sql).fetchone(), part[0], f"sqlite {self.path!r}")
-                        raise RecorderError(f"sqlite {self.path!r}: a batch was not inserted whole")
+                if rows:
+                    check_continues(db.execute(tail_sql).fetchone(), rows[0], f"sqlite {self.path!r}")
+                db.executemany(sql, stored)
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            if db.in_transaction:
-                db.execute("COMMIT")
+            db.execute("COMMIT")
 
         await self._run(write)
 
@@ -242,27 +226,6 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
-
-
-def _runs(rows: Sequence[Row], most: int) -> list[Sequence[Row]]:
-    """``rows`` cut into runs of ``most`` rows, the rest into runs whose lengths are powers of
-    two: few distinct statements to prepare and cache, whatever the batches' lengths."""
-    runs = []
-    start = 0
-    while start < len(rows):
-        left = len(rows) - start
-        size = most if left >= most else 1 << (left.bit_length() - 1)
-        runs.append(rows[start : start + size])
-        start += size
-    return runs
-
-
-def _insert_sql(table: str, rows: int) -> str:
-    """The INSERT of ``rows`` records that inserts nothing unless the table's newest record is
-    the one its last parameter names (``"<seq> <hash>"``, or NULL for an empty table)."""
-    values = ", ".join([_ROW_PARAMS] * rows)
-    tail = f"SELECT seq || ' ' || hash FROM {table} ORDER BY seq DESC LIMIT 1"
-    return f"INSERT INTO {table} ({_COLS}) SELECT * FROM (VALUES {values}) WHERE ({tail}) IS ?"
 
 
 def _encoded(codec: DataCodec, row: Row) -> Row:

@@ -181,34 +181,6 @@ async def test_batches_are_written_on_size_and_interval(tmp_path: Path, closing:
     await reopened.close()
 
 
-@pytest.mark.parametrize(
-    ("n", "batch", "variables"), [(2000, 2000, None), (1234, 1000, None), (1234, 1000, 25)]
-)
-async def test_a_batch_of_many_insert_statements_is_written_whole_and_in_order(
-    tmp_path: Path, closing: Closing, n: int, batch: int, variables: int | None
-) -> None:
-    # A batch is inserted with one statement of up to 2,000 rows, or several (runs of powers
-    # of two; 2 rows each when SQLite allows only 25 parameters) in one transaction. Either
-    # way every record is stored once, in order, on one chain.
-    rec = closing(FlightRecorder("sqlite", str(tmp_path / "m.db"), batch_size=batch, flush_interval=10))
-    await rec.open()
-    if variables is not None:
-        db = rec.storage._db  # type: ignore[attr-defined]
-        db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
-    for i in range(n):
-        await rec.log("e", f"agent_{i % 3}", {"i": i})
-    await rec.flush()
-    assert rec.flushed == n
-    records = await rec.query()
-    assert [r.data["i"] for r in records] == list(range(n))
-    assert [r.seq for r in records] == list(range(1, n + 1))
-    assert (await rec.verify()).checked == n
-    await rec.close()
-    con = sqlite3.connect(tmp_path / "m.db")
-    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM flight_records").fetchone() == (n, n)
-    con.close()
-
-
 async def test_a_failed_flush_keeps_the_batch() -> None:
     async with FlightRecorder("memory", batch_size=100) as rec:
         await rec.log("e", "a", {"i": 1})

@@ -65,7 +65,7 @@ async def test_compressed_data_is_smaller_at_rest_and_transparent_on_read(
 
 async def test_tampered_compressed_data_is_detected(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "c.db"
-    await write(db, compression=True)
+    await write(db)
     blob = bytearray(rows(db)[2][2])
     blob[-3] ^= 0x55
     execute(db, "UPDATE flight_records SET data = ? WHERE seq = 3", bytes(blob))
@@ -79,7 +79,7 @@ async def test_tampered_compressed_data_is_detected(tmp_path: Path, closing: Clo
 async def test_encrypted_data_never_rests_in_clear(tmp_path: Path, closing: Closing) -> None:
     key = nacl.utils.random(32)
     db = tmp_path / "e.db"
-    written = await write(db, compression=True, encryption_key=key)
+    written = await write(db, encryption_key=key)
     wal = db.with_name("e.db-wal")
     raw = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
     assert SECRET.encode() not in raw
