@@ -15,8 +15,8 @@ import click
 
 from agent_os.services.control_plane_service._options import (
     RECORDER_FORMS,
-    PolicyParam,
     RecorderParam,
+    policy_option,
     recorder_from_spec,
 )
 
@@ -67,13 +67,7 @@ def _json_default(value: Any) -> Any:
     metavar="P1,P2",
     help="The agent's permissions (read, write, execute, network, ...); default: all (the policy decides).",
 )
-@click.option(
-    "--policy",
-    type=PolicyParam(),
-    default="strict",
-    show_default=True,
-    help="A policy YAML file or a built-in name (strict, permissive, audit).",
-)
+@policy_option
 @click.option(
     "--workspace",
     type=click.Path(exists=True, file_okay=False),

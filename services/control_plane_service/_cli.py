@@ -16,8 +16,8 @@ from agent_os.services._process import (
 from agent_os.services.control_plane_service._actions import TOOL_SERVICE
 from agent_os.services.control_plane_service._options import (
     RECORDER_FORMS,
-    PolicyParam,
     RecorderParam,
+    policy_option,
     read_key_file,
     recorder_from_spec,
 )
@@ -37,13 +37,7 @@ from agent_os.services.control_plane_service._subjects import (
     "--broker", required=True, help="Broker URL: memory://name, nats://host:4222, redis://, kafka://."
 )
 @verification_options
-@click.option(
-    "--policy",
-    type=PolicyParam(),
-    default="strict",
-    show_default=True,
-    help="A policy YAML file or a built-in name (strict, permissive, audit).",
-)
+@policy_option
 @click.option(
     "--recorder",
     type=RecorderParam(),

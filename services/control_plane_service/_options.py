@@ -97,6 +97,16 @@ class PolicyParam(click.ParamType[Policy]):
             self.fail(str(exc), param, ctx)
 
 
+policy_option: Final = click.option(
+    "--policy",
+    type=PolicyParam(),
+    default="strict",
+    show_default=True,
+    help="A policy YAML file or a built-in name (strict, permissive, audit).",
+)
+"""``--policy``, as every command that builds a kernel takes it (loaded while the line is read)."""
+
+
 class RecorderParam(click.ParamType[str]):
     """``--recorder``: checked while the command line is read (opened when the service starts)."""
 
