@@ -218,8 +218,9 @@ class ScriptedLLMServer:
         await response.write_eof()
         return response
 
-    async def start(self) -> str:
-        """Listen on a free port of 127.0.0.1; return ``url``."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (default: a free port of 127.0.0.1); return ``url``, which
+        names 127.0.0.1 when ``host`` is every interface (``0.0.0.0``)."""
         from aiohttp import web
 
         app = web.Application()
@@ -229,11 +230,12 @@ class ScriptedLLMServer:
         # close() does not wait for hanging replies.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         self._runner = runner
-        port = runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        bound = runner.addresses[0][1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.url = f"http://{shown}:{bound}/v1"
         return self.url
 
     async def close(self) -> None:
