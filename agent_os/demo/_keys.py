@@ -14,6 +14,8 @@ import click
 
 from agent_os.iatp import IATP
 
+KEEP_RUNNING_ENV: Final = "AGENTOS_DEMO_KEEP_RUNNING"
+"""Set to true (or 1, yes) for a demo's ``--keep-running``: how the compose files choose it."""
 DONE: Final = ".complete"
 """Written last into the keys directory: its stores are whole."""
 

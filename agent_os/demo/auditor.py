@@ -25,7 +25,7 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB
-from agent_os.demo._keys import make_key_stores, passphrase_from_env
+from agent_os.demo._keys import KEEP_RUNNING_ENV, make_key_stores, passphrase_from_env
 from agent_os.iatp import IATP
 from agent_os.services._process import stop_signals
 from agent_os.services.verifier_service import request_verification
@@ -287,7 +287,12 @@ def keys(directory: Path) -> None:
     help="The auditor's key store (passphrase in AGENTOS_KEY_PASSPHRASE).",
 )
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)
-@click.option("--keep-running", is_flag=True, help="Audit again every --interval s until stopped.")
+@click.option(
+    "--keep-running/--no-keep-running",
+    envvar=KEEP_RUNNING_ENV,
+    default=False,
+    help=f"Audit again every --interval s until stopped. Or {KEEP_RUNNING_ENV}=true.",
+)
 @click.option("--interval", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
 def run(broker: str, identities: Path, timeout: float, keep_running: bool, interval: float) -> None:
     """Audit the claims; print what happened; exit 0 at the end (1 when it went otherwise)."""

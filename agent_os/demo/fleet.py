@@ -26,7 +26,7 @@ import click
 from agent_os.amb import AMB, Metadata
 from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.commands._admin import ADMIN_TOKEN_ENV, AdminClient, AdminError
-from agent_os.demo._keys import make_key_stores, passphrase_from_env
+from agent_os.demo._keys import KEEP_RUNNING_ENV, make_key_stores, passphrase_from_env
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP
 from agent_os.services._process import stop_signals
 from agent_os.services.control_plane_service import dead_letter_subject, delivery_subject, ingress_subject
@@ -351,7 +351,10 @@ def keys(directory: Path, agents: int) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True)
 @click.option(
-    "--keep-running", is_flag=True, help="After the scenario, a round every --interval s until stopped."
+    "--keep-running/--no-keep-running",
+    envvar=KEEP_RUNNING_ENV,
+    default=False,
+    help=f"After the scenario, a round every --interval s until stopped. Or {KEEP_RUNNING_ENV}=true.",
 )
 @click.option("--interval", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True)
 def run(

@@ -17,8 +17,9 @@ request's JSON body and returns the reply. Unscripted models get ``default`` (HT
 None). A reply can carry tool calls (``Reply(tool_calls=[tool_call("read_file", {"path":
 "a.txt"})])``, for agent loops), and a request with ``"stream": true`` is answered as OpenAI
 streams: server-sent events of deltas, a tool call's arguments in pieces, the usage in a last
-chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. Needs aiohttp
-(installed with litellm, the ``llm`` extra).
+chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. ``GET
+/v1/models`` lists the scripted models (a health check). Needs aiohttp (installed with litellm,
+the ``llm`` extra).
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class ScriptedLLMServer:
         self.requests[index] = replace(self.requests[index], replied_at=time.monotonic())
         return response
 
+    async def _models(self, request: Any) -> Any:
+        """``GET /v1/models``: the scripted models, as OpenAI lists models (a health check)."""
+        from aiohttp import web
+
+        data = [{"id": m, "object": "model", "owned_by": "scripted"} for m in self._scripts]
+        return web.json_response({"object": "list", "data": data})
+
     async def _respond(self, model: str, body: dict[str, Any], request: Any) -> Any:
         from aiohttp import web
 
@@ -224,6 +232,7 @@ class ScriptedLLMServer:
         from aiohttp import web
 
         app = web.Application()
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/chat/completions", self._handle)
         # handler_cancellation: a client that gave up (timeout) stops its scripted delay, so
