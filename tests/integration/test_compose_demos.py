@@ -136,7 +136,7 @@ async def test_the_auditor_demo_runs_to_its_end(tmp_path: Path) -> None:
         async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
             cursor = await conn.execute(f"SELECT count(*) FROM {namespace}.memories")
             row = await cursor.fetchone()
-            assert row is not None and row[0] == 8
+            assert row == (8,)
     finally:
         async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
