@@ -110,9 +110,9 @@ def render(snapshot: Snapshot, rows: int) -> RenderableType:
 
     up = [url for url, error in snapshot.errors.items() if error is None]
     head = Text(f"agent-os top: {len(up)}/{len(snapshot.errors)} control-plane instances answering")
-    for url, error in snapshot.errors.items():
-        if error is not None:
-            head.append(f"\n  {url}: {error}", style="red")
+    for error in snapshot.errors.values():
+        if error is not None:  # it names the instance
+            head.append(f"\n  {error}", style="red")
     states: dict[str, int] = {}
     for row in snapshot.agents.values():
         states[row.state] = states.get(row.state, 0) + 1
@@ -151,7 +151,7 @@ def render(snapshot: Snapshot, rows: int) -> RenderableType:
         agents.caption = f"{len(ordered) - rows} more agents"
 
     records = Table(title="last decisions", expand=True, box=None, header_style="bold")
-    for name in ("TIME", "AGENT", "EVENT", "DECISION"):
+    for name in ("TIME", "AGENT", "EVENT", "DETAIL"):
         records.add_column(name)
     for record in snapshot.records:
         given = record.get("data")
