@@ -103,10 +103,10 @@ async def test_top_shows_a_running_control_plane_live(tmp_path: Path) -> None:
         "--agent-id",
         f"control-plane-{tag}",
     )
-    agent = AMB("nats", NATS_URL, agent_id=busy)
-    quiet = AMB("nats", NATS_URL, agent_id=stopped)
     screen = Screen()
     top: asyncio.subprocess.Process | None = None
+    agent = AMB("nats", NATS_URL, agent_id=busy)
+    quiet = AMB("nats", NATS_URL, agent_id=stopped)
     try:
         for _ in range(5):
             await agent.publish(f"{ingress}.work.item", "x")
