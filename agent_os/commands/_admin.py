@@ -9,7 +9,12 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ADMIN_TOKEN_ENV: Final = "AGENTOS_ADMIN_TOKEN"
 _MAX_REPLY: Final = 16 * 1024 * 1024
@@ -99,3 +104,18 @@ def _reason(exc: urllib.error.HTTPError) -> str:
     except (ValueError, OSError):
         return str(exc.reason)
     return str(body.get("error", exc.reason)) if isinstance(body, dict) else str(exc.reason)
+
+
+def admin_options(command: F) -> F:
+    """Add ``--admin URL`` (repeatable: one per control-plane instance; the callback gets
+    ``admins``) and ``--admin-token`` (or :data:`ADMIN_TOKEN_ENV`) to a command."""
+    command = click.option(
+        "--admin-token", envvar=ADMIN_TOKEN_ENV, required=True, help=f"Or {ADMIN_TOKEN_ENV}."
+    )(command)
+    return click.option(
+        "--admin",
+        "admins",
+        multiple=True,
+        required=True,
+        help="A control-plane instance's admin API, http://host:8787; once per instance of a queue group.",
+    )(command)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from agent_os.commands._admin import ADMIN_TOKEN_ENV, AdminClient, AdminError
+from agent_os.commands._admin import AdminClient, AdminError, admin_options
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -171,14 +171,7 @@ def render(snapshot: Snapshot, rows: int) -> RenderableType:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--admin",
-    "admins",
-    multiple=True,
-    required=True,
-    help="A control-plane instance's admin API, http://host:8787; repeat for each instance of a queue group.",
-)
-@click.option("--admin-token", envvar=ADMIN_TOKEN_ENV, required=True, help=f"Or {ADMIN_TOKEN_ENV}.")
+@admin_options
 @click.option(
     "--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between views."
 )

@@ -25,7 +25,13 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB
-from agent_os.demo._keys import KEEP_RUNNING_ENV, make_key_stores, passphrase_from_env
+from agent_os.demo._programs import (
+    bus_options,
+    keep_running_option,
+    keys_step,
+    passphrase_from_env,
+    run_program,
+)
 from agent_os.iatp import IATP
 from agent_os.services._process import stop_signals
 from agent_os.services.verifier_service import request_verification
@@ -273,26 +279,13 @@ def models(host: str, port: int) -> None:
 def keys(directory: Path) -> None:
     """Make the key stores in DIRECTORY (passphrase in AGENTOS_KEY_PASSPHRASE): `memory`,
     `verifier` and `auditor`. Does nothing when they exist."""
-    stores = {"memory": [MEMORY], "verifier": [VERIFIER], "auditor": [AUDITOR]}
-    made = asyncio.run(make_key_stores(directory, stores, passphrase_from_env()))
-    click.echo(f"key stores {'made' if made else 'already'} in {directory}: {', '.join(stores)}")
+    keys_step(directory, {"memory": [MEMORY], "verifier": [VERIFIER], "auditor": [AUDITOR]})
 
 
 @main.command()
-@click.option("--broker", required=True, help="The NATS URL, nats://host:4222.")
-@click.option(
-    "--identities",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The auditor's key store (passphrase in AGENTOS_KEY_PASSPHRASE).",
-)
+@bus_options("The auditor's")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)
-@click.option(
-    "--keep-running/--no-keep-running",
-    envvar=KEEP_RUNNING_ENV,
-    default=False,
-    help=f"Audit again every --interval s until stopped. Or {KEEP_RUNNING_ENV}=true.",
-)
+@keep_running_option("the claims audited again every --interval s")
 @click.option("--interval", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
 def run(broker: str, identities: Path, timeout: float, keep_running: bool, interval: float) -> None:
     """Audit the claims; print what happened; exit 0 at the end (1 when it went otherwise)."""
@@ -301,17 +294,11 @@ def run(broker: str, identities: Path, timeout: float, keep_running: bool, inter
 
     options = AuditOptions(broker, identities, passphrase_from_env(), timeout, keep_running, interval)
 
-    async def scenario() -> None:
-        if not keep_running:  # the run ends by itself; a signal stops it the usual way
-            await run_audit(options, click.echo)
-            return
-        async with stop_signals() as stop:
-            await run_audit(options, click.echo, stop)
-
-    try:
-        asyncio.run(scenario())
-    except (BusError, CMVKError, OSError, KeyError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    run_program(
+        lambda stop: run_audit(options, click.echo, stop),
+        keep_running=keep_running,
+        errors=(BusError, CMVKError, OSError, KeyError),
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,15 @@ import click
 
 from agent_os.amb import AMB, Metadata
 from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
-from agent_os.commands._admin import ADMIN_TOKEN_ENV, AdminClient, AdminError
-from agent_os.demo._keys import KEEP_RUNNING_ENV, make_key_stores, passphrase_from_env
+from agent_os.commands._admin import AdminClient, AdminError, admin_options
+from agent_os.demo._programs import (
+    bus_options,
+    keep_running_option,
+    keys_step,
+    passphrase_from_env,
+    run_program,
+)
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP
-from agent_os.services._process import stop_signals
 from agent_os.services.control_plane_service import dead_letter_subject, delivery_subject, ingress_subject
 
 COORDINATOR: Final = "coordinator"
@@ -327,35 +332,16 @@ def main() -> None:
 def keys(directory: Path, agents: int) -> None:
     """Make the key stores in DIRECTORY (passphrase in AGENTOS_KEY_PASSPHRASE): `control-plane`
     for the service instances, `fleet` for the agents. Does nothing when they exist."""
-    made = asyncio.run(make_key_stores(directory, key_stores(agents), passphrase_from_env()))
-    click.echo(f"key stores {'made' if made else 'already'} in {directory}: {', '.join(key_stores(agents))}")
+    keys_step(directory, key_stores(agents))
 
 
 @main.command()
-@click.option("--broker", required=True, help="The NATS URL, nats://host:4222.")
-@click.option(
-    "--identities",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The fleet's key store (passphrase in AGENTOS_KEY_PASSPHRASE).",
-)
-@click.option(
-    "--admin",
-    "admins",
-    multiple=True,
-    required=True,
-    help="The admin API of a control-plane instance, http://host:8787; once per instance.",
-)
-@click.option("--admin-token", envvar=ADMIN_TOKEN_ENV, required=True, help=f"Or {ADMIN_TOKEN_ENV}.")
+@bus_options("The fleet's")
+@admin_options
 @click.option("--agents", type=click.IntRange(min=3), default=AGENTS, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True)
-@click.option(
-    "--keep-running/--no-keep-running",
-    envvar=KEEP_RUNNING_ENV,
-    default=False,
-    help=f"After the scenario, a round every --interval s until stopped. Or {KEEP_RUNNING_ENV}=true.",
-)
+@keep_running_option("a round every --interval s")
 @click.option("--interval", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True)
 def run(
     broker: str,
@@ -382,17 +368,11 @@ def run(
         interval=interval,
     )
 
-    async def scenario() -> None:
-        if not keep_running:  # the run ends by itself; a signal stops it the usual way
-            await run_fleet(options, click.echo)
-            return
-        async with stop_signals() as stop:
-            await run_fleet(options, click.echo, stop)
-
-    try:
-        asyncio.run(scenario())
-    except (FleetError, AdminError, ValueError, OSError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    run_program(
+        lambda stop: run_fleet(options, click.echo, stop),
+        keep_running=keep_running,
+        errors=(FleetError, AdminError, ValueError, OSError),
+    )
 
 
 if __name__ == "__main__":
