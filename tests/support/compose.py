@@ -52,6 +52,7 @@ _ADDRESS = re.compile(
     r"(?P<host>[A-Za-z0-9_][A-Za-z0-9_.-]*):(?P<port>[0-9]{1,5})(?P<path>/[^\s'\"]*)?"
 )
 _PORT_OPTION = re.compile(r"^(--[a-z-]*port)(=)([0-9]+)$")
+_PORT_NAME = re.compile(r"^--[a-z-]*port$")
 _HOST_OPTION = re.compile(r"^(--[a-z-]*host)=0\.0\.0\.0$")
 
 
@@ -217,11 +218,13 @@ class NativeStack:
             args[0] = str(BIN / "agent-os")
         elif args and args[0] in ("python", "python3"):
             args[0] = sys.executable
-        out = []
+        out: list[str] = []
         for arg in args:
             port = _PORT_OPTION.match(arg)
             if port and (name, int(port[3])) in self.ports:
                 arg = f"{port[1]}={self.ports[name, int(port[3])]}"
+            elif out and _PORT_NAME.match(out[-1]) and arg.isdigit() and (name, int(arg)) in self.ports:
+                arg = str(self.ports[name, int(arg)])  # --port N
             host = _HOST_OPTION.match(arg)
             if host:
                 arg = f"{host[1]}=127.0.0.1"

@@ -507,9 +507,7 @@ async def test_a_claimed_sender_cannot_signal_an_agent(how: str, closing: Closin
         "ok": True
     }
     assert kernel.get_agent_status("victim").state == "stopped"
-    decisions = await kernel.recorder.query(
-        event_type=DECISION_EVENTS, filters={"data.operation": "signal"}
-    )
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "signal"})
     assert [(d.data["sender"], d.data["claimed_sender"], d.data["decision"]) for d in decisions] == [
         (None, "supervisor", "deny"),
         ("supervisor", "forger", "allow"),
