@@ -338,9 +338,14 @@ class Gate:
         if self.debug:
             log.debug("%s %s: %s", event, agent_id, body)
         execution = proc.id if proc is not None else None
-        record = await self.recorder.log(
-            event, agent_id, body, "warning" if violation else "info", execution_id=execution, plain=True
-        )
+        severity = "warning" if violation else "info"
+        recorder = self.recorder
+        if recorder.ready:  # the hot path: no coroutine per record (as in note_record)
+            record = recorder.append(event, agent_id, body, severity, execution, True)
+            if recorder.batch_full:
+                await recorder.backpressure()
+        else:
+            record = await recorder.log(event, agent_id, body, severity, execution_id=execution, plain=True)
         _count(proc, violation)
         if violation and decision.signal is not None and proc is not None:
             await self.signals.send(proc.id, decision.signal, sender="policy")

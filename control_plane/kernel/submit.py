@@ -39,7 +39,7 @@ from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError, KernelError
 from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
-from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
+from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, Life
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
@@ -91,7 +91,7 @@ class Submitter:
         CancelledError when the agent's task is cancelled (SIGKILL) while it waits or runs."""
         _check(request)
         proc, why = self._identify(request)
-        if proc is not None:
+        if proc is not None and proc.life is not Life.RUNNING:  # stopped, killed or waiting
             try:
                 await proc.wait_for_continue()
             except AgentStoppedError:
@@ -163,9 +163,13 @@ class Submitter:
         status = {"status": "ok"} if error is None else {"status": "error", "error": error}
         outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
         severity = "info" if error is None else "error"
-        return await self.gate.recorder.log(
-            OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True
-        )
+        recorder = self.gate.recorder
+        if not recorder.ready:
+            return await recorder.log(OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True)
+        record = recorder.append(OUTCOME_EVENT, agent, outcome, severity, agent, True)
+        if recorder.batch_full:
+            await recorder.backpressure()
+        return record
 
     async def _decide(
         self,
