@@ -84,12 +84,6 @@ def _refuse_reply_to(reply_to: str) -> None:
         raise InvalidSubject(f"reply_to: {exc}", reason=exc.reason, subject=exc.subject) from None
 
 
-def _expire(fut: asyncio.Future[Any]) -> None:
-    """A request's timer: resolve the waiting future with None (no reply in time)."""
-    if not fut.done():
-        fut.set_result(None)
-
-
 def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
     """None when the current task is being cancelled (the CancelledError must go on); else the
     handler let out the CancelledError of something it awaited (a cancelled future or task):
@@ -238,6 +232,7 @@ class AMB(Lifecycle):
         user_subs = [s for s in self._subs if s is not self._inbox_sub]
         await asyncio.gather(*(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs))
         self._requests.fail_all("AMB client closed while the request was pending")
+        self._requests.close()
         if self._inbox_sub is not None:
             await self._inbox_sub.unsubscribe()
         await self.broker.close(max(0.0, deadline - time.monotonic()))
@@ -403,7 +398,8 @@ class AMB(Lifecycle):
         """
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
-        await self._ready()
+        if self._state is not _OPEN or self._pending_starts:
+            await self._ready()
         inbox = self._inbox or await self._open_inbox()
         reply_subject = f"{inbox}.{next(self._request_ids):x}"
         loop = self._loop
@@ -422,13 +418,9 @@ class AMB(Lifecycle):
                 ttl=timeout,
             )
             self._requests.published(pending, request_id)
-            # A timer that resolves the future with None (cheaper than asyncio.timeout, which
-            # looks up the task and the loop on every request).
-            timer = loop.call_later(timeout, _expire, fut)
-            try:
-                reply = await fut
-            finally:
-                timer.cancel()
+            # The deadline resolves the future with None (one shared timer, see PendingRequests).
+            self._requests.expire_at(fut, loop.time() + timeout, loop)
+            reply = await fut
         finally:
             self._requests.remove(reply_subject)
         if reply is None:

@@ -4,6 +4,8 @@ answers which request (the rule is in ``docs/bus.md``, "Request and reply")."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,13 +38,58 @@ class PendingRequest:
 
 
 class PendingRequests:
-    """The requests of one client waiting for replies, by reply subject."""
+    """The requests of one client waiting for replies, by reply subject, and their deadlines.
 
-    __slots__ = ("_requests", "_stats")
+    One timer serves all deadlines: it is set for the earliest, and a request that ends
+    before its deadline costs no timer of its own (no ``call_later`` and ``cancel`` per
+    request); the heap of deadlines keeps finished requests only until they reach its top.
+    """
+
+    __slots__ = ("_deadlines", "_order", "_requests", "_stats", "_timer", "_timer_at")
 
     def __init__(self, stats: BusStats) -> None:
         self._requests: dict[str, PendingRequest] = {}
         self._stats = stats
+        self._deadlines: list[tuple[float, int, asyncio.Future[Reply | None]]] = []
+        self._order = itertools.count()  # breaks ties between equal deadlines (futures don't order)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def expire_at(self, future: asyncio.Future[Reply | None], when: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Resolve ``future`` with None at loop time ``when`` unless it is done by then."""
+        heap = self._deadlines
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if len(heap) > 64 and len(heap) > 4 * len(self._requests):
+            # Finished requests below the top (deadlines later than a pending one's): drop them.
+            heap[:] = [entry for entry in heap if not entry[2].done()]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, next(self._order), future))
+        timer = self._timer
+        if timer is None or when < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(when, self._on_timer, loop)
+            self._timer_at = when
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        heap = self._deadlines
+        now = loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            future = heapq.heappop(heap)[2]
+            if not future.done():
+                future.set_result(None)
+        if heap:
+            self._timer_at = heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
+
+    def close(self) -> None:
+        """Stop the deadline timer (the client closed; :meth:`fail_all` failed the requests)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
 
     def __len__(self) -> int:
         """The number of requests waiting for a reply."""

@@ -373,6 +373,35 @@ async def test_request_with_metadata_returns_the_replys_delivery_metadata(closin
     await responder.close()
 
 
+async def test_requests_time_out_each_at_its_own_deadline(closing: Closing) -> None:
+    # One timer serves every pending request (PendingRequests.expire_at): a short request made
+    # after a long one still times out first, and an answered request never times out.
+    url = memory_url()
+    requester = closing(AMB(connection_string=url))
+    responder = closing(AMB(connection_string=url))
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, message)
+
+    await responder.subscribe("dl.answered", answer)
+    loop = asyncio.get_running_loop()
+    ended: dict[str, float] = {}
+
+    async def timed_out(name: str, timeout: float) -> None:
+        start = loop.time()
+        with pytest.raises(amb.RequestTimeout):
+            await requester.request("dl.nobody", name, timeout=timeout)
+        ended[name] = loop.time() - start
+
+    long = asyncio.create_task(timed_out("long", 0.6))
+    short = asyncio.create_task(timed_out("short", 0.1))
+    assert [await requester.request("dl.answered", n, timeout=0.2) for n in range(50)] == list(range(50))
+    await asyncio.gather(long, short)
+    assert 0.1 <= ended["short"] < 0.5
+    assert 0.6 <= ended["long"] < 2.0
+    assert requester.stats.request_timeouts == 2
+
+
 async def test_inbox_prefix_puts_each_clients_reply_inbox_under_it(closing: Closing) -> None:
     url = memory_url()
     responder = closing(AMB(connection_string=url, agent_id="answerer"))
