@@ -60,6 +60,10 @@ class _MemorySubscription:
     def has_room(self) -> bool:
         return self.dispatcher.has_room()
 
+    def pick(self) -> _MemorySubscription:
+        """The subscription a message routed here goes to: itself (see ``_QueueGroup.pick``)."""
+        return self
+
     async def unsubscribe(self) -> None:
         self.client._detach(self)
         await self.dispatcher.stop(None, drop=True)
@@ -236,8 +240,7 @@ class MemoryBroker(Lifecycle):
             stats.no_subscribers += 1
             return
         for target in targets:
-            sub = target.pick() if type(target) is _QueueGroup else target
-            assert type(sub) is _MemorySubscription
+            sub = target.pick()
             delivery = local_delivery(subject, data, 1, sub.dispatcher)
             if not sub.offer(delivery):
                 await sub.put(delivery)

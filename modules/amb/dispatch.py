@@ -125,10 +125,12 @@ class Dispatcher(Generic[T]):
 
     def offer(self, item: T) -> bool:
         """Enqueue without waiting; False when the queue is full or the dispatcher stopped."""
-        if len(self._items) >= self.max_pending or self._stopping:
+        items = self._items
+        if len(items) >= self.max_pending or self._stopping:
             return False
-        self._items.append(item)
-        self._wake_runner()
+        items.append(item)
+        if self._getter is not None or self._runner is None:  # else the runner is busy: it will see it
+            self._wake_runner()
         return True
 
     async def put(self, item: T) -> bool:
