@@ -287,6 +287,8 @@ on Redis a stream consumer group (ours: `queue=`; FastStream: `StreamSub(group=)
 XADD + XREADGROUP + XACK). Ratio columns: the median of per-round ratios (range); for latency,
 the other's p50 / ours (above 1: ours is faster). Load average {load[0]:.1f} before the run,
 {load[1]:.1f} after (2 cores, shared with other work; consumers, producer and servers share them).
+Two consumers can go at most as much faster as there is a free core for the second: with the
+load average near or above the core count the scaling row measures the machine, not the client.
 
 | broker | measure | ours | FastStream | raw | ours / FastStream | ours / raw | FastStream / raw |
 |---|---|---|---|---|---|---|---|
