@@ -66,7 +66,8 @@ async def bus_throughput(n: int) -> float:
 
 def wire_fields(topic: str, reply_to: str | None = None, correlation_id: str | None = None) -> list[Any]:
     """The 13 fields of a msgpack envelope (what the baselines pack and unpack per message)."""
-    return [1, f"{next(_ids):032x}", topic, "bench", None, reply_to, correlation_id, time.time_ns(), None, 0, {}, PAYLOAD, None]
+    id_, now = f"{next(_ids):032x}", time.time_ns()
+    return [1, id_, topic, "bench", None, reply_to, correlation_id, now, None, 0, {}, PAYLOAD, None]
 
 
 async def queue_throughput(n: int, codec: bool = True) -> float:

@@ -55,7 +55,9 @@ class PendingRequests:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
-    def expire_at(self, future: asyncio.Future[Reply | None], when: float, loop: asyncio.AbstractEventLoop) -> None:
+    def expire_at(
+        self, future: asyncio.Future[Reply | None], when: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
         """Resolve ``future`` with None at loop time ``when`` unless it is done by then."""
         heap = self._deadlines
         while heap and heap[0][2].done():

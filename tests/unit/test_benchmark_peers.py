@@ -29,4 +29,6 @@ def test_rotation_puts_each_implementation_first_in_turn() -> None:
 def test_quick_sizes_are_smaller() -> None:
     for broker in ("nats", "redis"):
         quick, full = sizes_for(broker, True), sizes_for(broker, False)
-        assert quick.tp < full.tp and quick.rr < full.rr and quick.group <= full.group
+        assert quick.tp < full.tp
+        assert quick.rr < full.rr
+        assert quick.group <= full.group
