@@ -368,9 +368,9 @@ class BusTracing(Middleware):
     """The tracing layer of one bus client: a PRODUCER span ``send <subject>`` around each
     publish, its trace context written into the envelope's headers; a CONSUMER span
     ``process <pattern>`` around each delivery, the child of the context its headers carry
-    (a new trace when they carry none, a malformed or an over-long one: counted in
-    ``ignored_headers``). Innermost on publish, outermost on delivery, so that every other
-    layer's spans (signing, verification, policy) are inside.
+    (a new trace when they carry none, a malformed or an over-long one: counted in the client
+    layer's ``ignored_headers``). Innermost on publish, outermost on delivery, so that every
+    other layer's spans (signing, verification, policy) are inside.
 
     Built by the client at connect while tracing is active (:meth:`for_client`), one per
     subscription (:meth:`for_subscription`); messaging attributes follow OpenTelemetry's
@@ -383,6 +383,7 @@ class BusTracing(Middleware):
         system: str,
         pattern: str | None = None,
         queue: str | None = None,
+        client: BusTracing | None = None,
     ) -> None:
         self.tracer = tracer
         self.client_id = client_id
@@ -390,6 +391,7 @@ class BusTracing(Middleware):
         self.pattern = pattern
         self.queue = queue
         self.ignored_headers = 0
+        self._client = client or self  # the client's layer, which counts for its subscriptions
         self._kinds = _otel.SpanKind
         self._name = "process " + destination(pattern) if pattern is not None else "process"
 
@@ -402,7 +404,7 @@ class BusTracing(Middleware):
 
     def for_subscription(self, pattern: str, queue: str | None) -> BusTracing:
         """The layer of one of the client's subscriptions (its spans name its pattern)."""
-        return BusTracing(self.tracer, self.client_id, self.system, pattern, queue)
+        return BusTracing(self.tracer, self.client_id, self.system, pattern, queue, self._client)
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         topic = envelope.topic
@@ -419,9 +421,9 @@ class BusTracing(Middleware):
         if TRACEPARENT in headers:
             parent = extract(headers)
             if parent is None:
-                self.ignored_headers += 1
+                self._client.ignored_headers += 1
         elif len(headers.get(TRACESTATE, "")) > MAX_TRACESTATE:
-            self.ignored_headers += 1
+            self._client.ignored_headers += 1
         attributes = message_attributes(envelope, metadata.subject, "process", self.client_id, self.system)
         if self.pattern is not None:
             attributes["messaging.destination.template"] = self.pattern
