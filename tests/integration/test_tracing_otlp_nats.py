@@ -3,11 +3,13 @@ service (a process), and the last one stores a memory in the memory service (a p
 signed with IATP; the services export their spans with OTLP over HTTP (configured only by
 ``OTEL_*`` variables), the agents too, to an OTLP/HTTP receiver the test runs, which decodes
 them with the ``opentelemetry-proto`` messages. The whole chain arrives as ONE trace, with the
-verification and policy spans of the control plane and the memory service in it."""
+verification and policy spans of the control plane and the memory service in it. A tracing
+configuration a service cannot serve stops it at start."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import uuid
 from pathlib import Path
@@ -21,11 +23,9 @@ from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.control_plane_service import ReplyViaService, agent_inbox
 from tests.support import wait_until
 from tests.support.identities import PASSPHRASE
-from tests.support.processes import start, start_service, stop
+from tests.support.processes import AGENT_OS, start, start_service, stop
 from tests.support.servers import NATS_URL
 from tests.support.tracing import OtlpReceiver, Spans
-
-pytestmark = pytest.mark.nats
 
 
 async def _key_stores(root: Path, services: list[str], agents: list[str]) -> dict[str, IATP]:
@@ -59,6 +59,7 @@ def _agents_provider(endpoint: str) -> Any:
     return provider
 
 
+@pytest.mark.nats
 async def test_a_request_chain_across_three_agents_and_two_services_is_one_trace(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
     ingress, delivery, replies, memory_prefix = f"in_{tag}", f"out_{tag}", f"re_{tag}", f"mem_{tag}"
@@ -197,3 +198,21 @@ async def test_a_request_chain_across_three_agents_and_two_services_is_one_trace
     asked = trace.parent(served)
     assert asked is not None
     assert (asked.service, asked.attributes["messaging.client.id"]) == ("agents", carol)
+
+
+async def test_a_service_refuses_a_tracing_configuration_it_cannot_serve() -> None:
+    """A bad ``OTEL_*`` setting stops the service at start with one line, before it serves."""
+    proc = await asyncio.create_subprocess_exec(
+        str(AGENT_OS),
+        *("serve", "memory", "--broker", "memory://traced", "--trust-bus", "--no-metrics"),
+        *("--storage", "memory", "--embedding-model", "hashing"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert out == b""
+    assert err.decode().strip().splitlines()[-1] == (
+        "Error: ValueError: OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, not 'grpc'"
+    )
