@@ -6,7 +6,7 @@ in the same run.
 One publisher and one subscriber client on one event loop, 256-byte payloads, publish ->
 handler, for each bus and mode:
 
-- "plain": the bus with tracing never turned on in the process (the baseline);
+- "plain": the bus with tracing switched off (``tracing.disable()``), the baseline;
 - "off": what a process runs when the ``OTEL_*`` variables configure no tracing
   (``tracing.configure_from_env`` returned None). A client decides at connect whether it traces
   and one that does not has no tracing layer, so this is the plain path by design: the row is an
@@ -19,9 +19,11 @@ handler, for each bus and mode:
 - "sampled": the same SDK sampling 1% of the traces (``OTEL_TRACES_SAMPLER=
   parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.01``), what a busy bus would run.
 
-Rounds rotate which mode runs first; each figure is the median of the per-round ratios to
-"plain" in the same round, with their range, for throughput (wall clock) and for the process's
-CPU time per message. Needs nats-server on 127.0.0.1:4222 for the NATS rows. Rewrites the
+Rounds rotate which mode runs first, and every other round swaps "plain" and "off" (which are
+otherwise neighbours); after each run the SDK's batch processors are flushed, so no export runs
+into the next measurement. Each figure is the median of the per-round ratios to "plain" in the
+same round, with their range, for throughput (wall clock) and for the process's CPU time per
+message. Needs nats-server on 127.0.0.1:4222 for the NATS rows. Rewrites the
 section "tracing" of benchmarks/RESULTS.md.
 """
 
@@ -126,7 +128,7 @@ async def main(quick: bool, only: list[str], write: bool = True) -> None:
     sizes = (
         {"memory": (10_000, 1_000), "nats": (5_000, 500)}
         if quick
-        else {"memory": (30_000, 2_000), "nats": (10_000, 1_000)}
+        else {"memory": (60_000, 2_000), "nats": (30_000, 1_000)}
     )
     rounds = 5 if quick else 11
     exporter = DropExporter()
@@ -137,7 +139,10 @@ async def main(quick: bool, only: list[str], write: bool = True) -> None:
     results = {backend: Figures() for backend in only}
     try:
         for r in range(rounds):
-            order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+            order = list(MODES[r % len(MODES) :] + MODES[: r % len(MODES)])
+            if r % 2:
+                i, j = order.index("plain"), order.index("off")
+                order[i], order[j] = order[j], order[i]
             for backend in only:
                 n, warm = sizes[backend]
                 for mode in order:
@@ -145,6 +150,9 @@ async def main(quick: bool, only: list[str], write: bool = True) -> None:
                     rate, cpu = await throughput(backend, url_for(backend), n, warm)
                     results[backend].rate[mode].append(rate)
                     results[backend].cpu[mode].append(cpu)
+                    tracing.disable()
+                    provider.force_flush()
+                    sampled.force_flush()
             print(f"round {r + 1}/{rounds} done", flush=True)
     finally:
         tracing.disable()
@@ -168,7 +176,8 @@ async def main(quick: bool, only: list[str], write: bool = True) -> None:
     counts = ", ".join(f"{b} {sizes[b][0]:,}" for b in only)
     body = f"""One publisher and one subscriber client on one event loop, 256-byte payload, messages
 per run: {counts} (after a warm-up); {rounds} rounds, each running every mode on every bus, the
-first mode rotating. "plain": tracing never on; "off": the `OTEL_*` variables configure no
+first mode rotating, "plain" and "off" swapped every other round, the span processors flushed
+between runs. "plain": tracing switched off; "off": the `OTEL_*` variables configure no
 tracing (`configure_from_env` returned None), the plain path by design (a client that does not
 trace has no tracing layer): an A/A row, its spread is the noise; "api": tracing enabled with
 OpenTelemetry's API alone (no-op provider); "on": the SDK with a `BatchSpanProcessor` to an
