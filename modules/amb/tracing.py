@@ -323,6 +323,10 @@ def extract(headers: Mapping[str, str]) -> Context | None:
     over-long (the message then starts a new trace). None while tracing is off."""
     if not active or _propagator is None or TRACEPARENT not in headers:
         return None
+    return _extract(headers)
+
+
+def _extract(headers: Mapping[str, str]) -> Context | None:
     ctx = _propagator.extract(headers, getter=_GETTER)
     if not _otel.get_current_span(ctx).get_span_context().is_valid:
         return None
@@ -436,7 +440,7 @@ class BusTracing(Middleware):
         headers = envelope.headers
         parent = None
         if TRACEPARENT in headers:
-            parent = extract(headers)
+            parent = _extract(headers)
             if parent is None:
                 self._client.ignored_headers += 1
         elif len(headers.get(TRACESTATE, "")) > MAX_TRACESTATE:
