@@ -186,10 +186,10 @@ def test_a_nonce_store_must_be_one() -> None:
 
 
 @pytest.mark.usefixtures("redis_keys")
-async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(prefix: str) -> None:
-    """More claims in flight than the store has connections: every one is answered (first
+async def test_claims_beyond_a_batch_wait_for_the_next_one_instead_of_failing(prefix: str) -> None:
+    """More claims in flight than one round trip carries: every one is answered (first
     claims True, repeats False), none rejected as unavailable."""
-    store = RedisNonceStore(REDIS_URL, prefix=prefix, max_connections=4, timeout=5.0)
+    store = RedisNonceStore(REDIS_URL, prefix=prefix, max_batch=4, timeout=5.0)
     nonces = [uuid.uuid4().bytes for _ in range(300)]
     try:
         first = await asyncio.gather(*(store.claim("scope", n, 60_000) for n in nonces))
@@ -200,4 +200,4 @@ async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(pre
     assert again == [False] * 300
     assert store.failures == 0
     with pytest.raises(IATPConfigError):
-        RedisNonceStore(REDIS_URL, max_connections=0)
+        RedisNonceStore(REDIS_URL, max_batch=0)
