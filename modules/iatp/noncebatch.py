@@ -35,6 +35,11 @@ class ClaimBatcher:
         self._queue: deque[tuple[bytes, int, asyncio.Future[bool]]] = deque()
         self._runner: asyncio.Task[None] | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Claims waiting for a round trip (not counting those in the one out)."""
+        return len(self._queue)
+
     async def claim(self, key: bytes, ttl_ms: int) -> bool:
         """Claim ``key`` for ``ttl_ms``: True if first, False if claimed before. Raises what the
         round trip raised (TimeoutError after ``timeout`` seconds)."""

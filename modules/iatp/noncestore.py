@@ -80,6 +80,11 @@ class RedisNonceStore:
         """Round trips to Redis so far (each carries one or more claims)."""
         return self._batcher.batches
 
+    @property
+    def waiting(self) -> int:
+        """Claims waiting for the next round trip (those in the one out not counted)."""
+        return self._batcher.waiting
+
     async def _send(self, keys: Sequence[bytes], ttls_ms: Sequence[int]) -> Sequence[bool]:
         if self._connection is not None:
             return await self._connection.claim(keys, ttls_ms)
