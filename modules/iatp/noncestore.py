@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from agent_os.iatp._resp import RedisAddress, RespConnection
 from agent_os.iatp.errors import IATPConfigError, NonceStoreUnavailable
 from agent_os.iatp.noncebatch import ClaimBatcher
 
@@ -39,16 +38,16 @@ class RedisNonceStore:
     pipelined write, one reply per nonce); each claim still gets its own answer.
 
     Args:
-        url: a ``redis://`` or ``rediss://`` URL, ``redis://[[user]:password@]host[:port][/db]``
-            (ignored when ``client`` is given).
+        url: a ``redis://`` or ``rediss://`` URL (ignored when ``client`` is given).
         prefix: put before every key; give each deployment its own.
         timeout: seconds for each round trip (connecting included); beyond it every claim in
             it is rejected (``nonce_store_unavailable``), never accepted unchecked.
-        client: an existing ``redis.asyncio.Redis`` to send the batches through as pipelines
-            (not closed by :meth:`close`); without it the store keeps one connection of its own.
+        client: an existing ``redis.asyncio.Redis`` to send the batches through (not closed by
+            :meth:`close`); without it the store opens its own from ``url``.
         max_batch: the most claims in one round trip (default 1024).
 
-    Raises IATPConfigError for a bad option or URL.
+    Needs redis-py (``pip install 'agent-os[redis]'``), imported on first use; raises
+    IATPConfigError when it is missing or for a bad option.
     """
 
     def __init__(
@@ -69,8 +68,24 @@ class RedisNonceStore:
         self.timeout = timeout
         self.failures = 0
         self._client: Any = client
-        self._connection = RespConnection(RedisAddress(url)) if client is None else None
+        self._own_client = client is None
         self._batcher = ClaimBatcher(self._send, timeout=timeout, max_batch=max_batch)
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            try:
+                import redis.asyncio as aioredis
+            except ImportError as exc:
+                hint = "RedisNonceStore needs redis-py: pip install 'agent-os[redis]'"
+                raise IATPConfigError(hint) from exc
+            # One round trip is out at a time (the batcher): one connection is enough.
+            self._client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                single_connection_client=True,
+            )
+        return self._client
 
     def __repr__(self) -> str:
         return f"RedisNonceStore(prefix={self.prefix!r}, failures={self.failures})"
@@ -86,9 +101,7 @@ class RedisNonceStore:
         return self._batcher.waiting
 
     async def _send(self, keys: Sequence[bytes], ttls_ms: Sequence[int]) -> Sequence[bool]:
-        if self._connection is not None:
-            return await self._connection.claim(keys, ttls_ms)
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._redis().pipeline(transaction=False)
         for key, ttl in zip(keys, ttls_ms, strict=True):
             pipe.set(key, b"1", nx=True, px=ttl)
         answers = await pipe.execute()
@@ -115,5 +128,6 @@ class RedisNonceStore:
     async def close(self) -> None:
         """Fail the claims not answered yet and close the store's own connection."""
         await self._batcher.aclose()
-        if self._connection is not None:
-            await self._connection.aclose()
+        if self._own_client and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()

@@ -9,6 +9,7 @@ nonces in Redis, and accepted without it.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from typing import Any
 
@@ -279,12 +280,13 @@ async def test_a_redis_outage_mid_batch_refuses_every_message_then_the_store_rec
         middlewares, handled, dead, subject, data, raw, clients = await batched_group([store, spare], 11)
         try:
             await clients[1].close()  # one instance: every message claims through the gate
+            assert await store.claim("warm-up", os.urandom(16), 60_000)  # the connection is open
             gate.hold()  # Redis gets the claims; its answers are kept back
             for item in data[:10]:
                 await raw.broker.publish(subject, item)
             # every claim sent (in the batch out) or waiting for the next round trip
-            await wait_until(lambda: gate.received.count(b"SET") + store.waiting == 10)
-            assert gate.received.count(b"SET") >= 1
+            await wait_until(lambda: gate.received.count(b"\r\nSET\r\n") + store.waiting == 11)
+            assert gate.received.count(b"\r\nSET\r\n") >= 2
             gate.cut()  # the outage: the round trip out fails, and so does the next
             await dead.wait_for(10)
             assert handled.messages == []

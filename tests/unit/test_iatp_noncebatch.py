@@ -1,5 +1,4 @@
-"""Coalescing of shared nonce claims (``agent_os.iatp.noncebatch``) against a scripted round trip,
-and the claim wire (``agent_os.iatp._resp``): encoding, replies, URLs."""
+"""Coalescing of shared nonce claims (``agent_os.iatp.noncebatch``) against a scripted round trip."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ from collections.abc import Sequence
 import pytest
 
 from agent_os.iatp import IATPConfigError, NonceStoreUnavailable, RedisNonceStore
-from agent_os.iatp._resp import RedisAddress, RespError, encode_claims, parse_claim_reply
 from agent_os.iatp.noncebatch import ClaimBatcher
 from tests.support import wait_until
 
@@ -146,45 +144,7 @@ async def test_the_store_turns_any_failure_into_nonce_store_unavailable_and_coun
         await store.close()
 
 
-def test_claims_are_encoded_as_pipelined_set_nx_px() -> None:
-    wire = encode_claims([b"k1", b"key-2"], [1500, 7])
-    assert wire == (
-        b"*6\r\n$3\r\nSET\r\n$2\r\nk1\r\n$1\r\n1\r\n$2\r\nNX\r\n$2\r\nPX\r\n$4\r\n1500\r\n"
-        b"*6\r\n$3\r\nSET\r\n$5\r\nkey-2\r\n$1\r\n1\r\n$2\r\nNX\r\n$2\r\nPX\r\n$1\r\n7\r\n"
-    )
-    assert parse_claim_reply(b"+OK\r\n") is True
-    assert parse_claim_reply(b"$-1\r\n") is False
-    assert parse_claim_reply(b"_\r\n") is False
-    for line in (b"-ERR wrong\r\n", b":1\r\n", b"+QUEUED\r\n", b""):
-        with pytest.raises(RespError):
-            parse_claim_reply(line)
-
-
-def test_urls_of_the_nonce_store() -> None:
-    plain = RedisAddress("redis://redis.invalid:6379/0")
-    assert (plain.host, plain.port, plain.db, plain.tls, plain.handshake()) == (
-        "redis.invalid",
-        6379,
-        0,
-        False,
-        [],
-    )
-    secure = RedisAddress("rediss://svc:p%40ss@redis.example:6380/3")
-    assert (secure.host, secure.port, secure.db, secure.tls) == ("redis.example", 6380, 3, True)
-    assert secure.handshake() == [
-        b"*3\r\n$4\r\nAUTH\r\n$3\r\nsvc\r\n$4\r\np@ss\r\n",
-        b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n",
-    ]
-    assert RedisAddress("redis://:secret@h").handshake() == [b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"]
-    for bad in (
-        "http://h",
-        "redis://",
-        "redis://h/x",
-        "redis://h:99999",
-        "redis://h/0?ssl=1",
-        "unix:///tmp/r",
-    ):
+def test_bad_options_of_the_store_are_refused() -> None:
+    for options in ({"max_batch": 0}, {"timeout": 0}):
         with pytest.raises(IATPConfigError):
-            RedisAddress(bad)
-    with pytest.raises(IATPConfigError):
-        RedisNonceStore("redis://h", max_batch=0)
+            RedisNonceStore("redis://h", **options)  # type: ignore[arg-type]
