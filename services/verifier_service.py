@@ -530,7 +530,7 @@ def main(
                 metrics=metrics,
             )
 
-    run(serve_process, log_level=log_level, errors=(CMVKError,))
+    run(serve_process, log_level=log_level, errors=(CMVKError,), name="verifier")
 
 
 if __name__ == "__main__":

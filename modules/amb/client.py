@@ -61,6 +61,7 @@ from agent_os.amb.serializers.schema import (
 from agent_os.amb.stats import BusStats
 from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
+from agent_os.amb.tracing import BusTracing, RequestSpan
 
 log = logging.getLogger("agent_os.amb")
 
@@ -163,6 +164,7 @@ class AMB(Lifecycle):
         self.stats = BusStats()
         self._middleware: list[Middleware] = list(middleware)
         self._publish_chain: PublishNext | None = None  # set on connect when there is middleware
+        self._tracing: BusTracing | None = None  # set on connect while tracing is active
         self._subs: list[Subscription] = []
         self._pending_starts: list[asyncio.Task[None]] = []
         self._connect_lock: asyncio.Lock | None = None
@@ -214,7 +216,12 @@ class AMB(Lifecycle):
                 return
             await self.broker.connect()
             self._loop = asyncio.get_running_loop()
-            if self._middleware:
+            # Tracing (docs/observability.md, "Tracing"): decided once here, so a client that
+            # does not trace has no layer and the plain message path.
+            self._tracing = BusTracing.for_client(self.agent_id, self.broker.name)
+            if self._tracing is not None:  # innermost on publish: its span holds the others
+                self._publish_chain = build_publish_chain([*self._middleware, self._tracing], self._wire_send)
+            elif self._middleware:
                 self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
             self._state = LifecycleState.OPEN
             for sub in list(self._subs):
@@ -405,31 +412,41 @@ class AMB(Lifecycle):
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
+        trace: RequestSpan | None = None
+        if self._tracing is not None:
+            trace = self._tracing.begin_request(topic, recipient)
         pending = self._requests.add(reply_subject, fut, recipient)
         self.stats.requests += 1
         try:
-            request_id = await self.publish(
-                topic,
-                message,
-                sender_id=sender_id,
-                recipient=recipient,
-                reply_to=reply_subject,
-                headers=headers,
-                ttl=timeout,
-            )
-            self._requests.published(pending, request_id)
-            # The deadline resolves the future with None (one shared timer, see PendingRequests).
-            self._requests.expire_at(fut, loop.time() + timeout, loop)
-            reply = await fut
-        finally:
-            self._requests.remove(reply_subject)
-        if reply is None:
-            self.stats.request_timeouts += 1
-            raise RequestTimeout(topic, timeout)
-        payload, meta = reply
-        error = meta.headers.get(ERROR_HEADER)
-        if error is not None:
-            raise RemoteError(topic, error)
+            try:
+                request_id = await self.publish(
+                    topic,
+                    message,
+                    sender_id=sender_id,
+                    recipient=recipient,
+                    reply_to=reply_subject,
+                    headers=headers,
+                    ttl=timeout,
+                )
+                self._requests.published(pending, request_id)
+                # The deadline resolves the future with None (one shared timer, see PendingRequests).
+                self._requests.expire_at(fut, loop.time() + timeout, loop)
+                reply = await fut
+            finally:
+                self._requests.remove(reply_subject)
+            if reply is None:
+                self.stats.request_timeouts += 1
+                raise RequestTimeout(topic, timeout)
+            payload, meta = reply
+            error = meta.headers.get(ERROR_HEADER)
+            if error is not None:
+                raise RemoteError(topic, error)
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
+        if trace is not None:
+            trace.end()
         if with_metadata:
             return payload, meta
         return payload
@@ -552,7 +569,12 @@ class AMB(Lifecycle):
             await sub.handler(env.payload, meta)
 
         # Without middleware the handler is called directly (one coroutine less per message).
-        sub._chain = build_consume_chain(self._middleware, invoke) if self._middleware else None
+        trace = self._tracing
+        if trace is not None:  # outermost on delivery: its span holds verification and policy
+            layers = [trace.for_subscription(sub.pattern, sub.options.queue), *self._middleware]
+            sub._chain = build_consume_chain(layers, invoke)
+        else:
+            sub._chain = build_consume_chain(self._middleware, invoke) if self._middleware else None
 
         sub._broker_sub = await self.broker.subscribe(
             sub.pattern,

@@ -163,7 +163,7 @@ def main(
                 metrics=metrics,
             )
 
-    run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+    run(serve_process, log_level=log_level, errors=(ControlPlaneError,), name="control-plane")
 
 
 def _agent_id(value: str, param: click.Parameter) -> str:
