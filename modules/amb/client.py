@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, overload
@@ -28,6 +29,7 @@ from agent_os.amb.broker import (
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
 from agent_os.amb.dispatch import LocalDelivery
+from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
     BusError,
@@ -72,6 +74,8 @@ PARTITION_KEY_HEADER: Final = "partition-key"
 
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
+_perf: Final = time.perf_counter
+_FIRST_BOUND: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
 
@@ -180,6 +184,12 @@ class AMB(Lifecycle):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
+        self.handler_latency: Durations | None = None
+        """Handler call times (label tuple ``()``) once :meth:`keep_latency` was called, else None."""
+        self.request_latency: Durations | None = None
+        """Request times by outcome (``("ok",)``, ``("timeout",)``, ``("error",)``) once
+        :meth:`keep_latency` was called, else None."""
+        self._handler_times: list[float] | None = None  # handler_latency's one series, updated in place
         self.dead_letter_hook: DeadLetterHook | None = None
         """Called after each dead letter this client published, with the dead letter and the
         metadata of the refused delivery (None when it could not be decoded); its errors are
@@ -200,6 +210,21 @@ class AMB(Lifecycle):
             return False
         connected = getattr(self.broker, "connected", True)
         return connected is True
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware chain, wire side first."""
+        return tuple(self._middleware)
+
+    def keep_latency(self) -> None:
+        """Time handler calls (with their middleware) and requests from now on, in
+        :attr:`handler_latency` and :attr:`request_latency`: two clock reads and a bucket
+        increment per delivery. A :class:`~agent_os.amb.metrics.BusCollector` calls it for the
+        clients it collects. Idempotent."""
+        if self.handler_latency is None:
+            self.request_latency = Durations()
+            self.handler_latency = Durations()
+            self._handler_times = self.handler_latency.series(())
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Append a middleware (innermost so far). Raises StateError once connected."""
@@ -411,6 +436,7 @@ class AMB(Lifecycle):
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
         pending = self._requests.add(reply_subject, fut, recipient)
         self.stats.requests += 1
+        started = _perf()
         try:
             request_id = await self.publish(
                 topic,
@@ -431,11 +457,16 @@ class AMB(Lifecycle):
                 timer.cancel()
         finally:
             self._requests.remove(reply_subject)
+        latency = self.request_latency
         if reply is None:
             self.stats.request_timeouts += 1
+            if latency is not None:
+                latency.observe(("timeout",), _perf() - started)
             raise RequestTimeout(topic, timeout)
         payload, meta = reply
         error = meta.headers.get(ERROR_HEADER)
+        if latency is not None:
+            latency.observe(("ok",) if error is None else ("error",), _perf() - started)
         if error is not None:
             raise RemoteError(topic, error)
         if with_metadata:
@@ -647,12 +678,15 @@ class AMB(Lifecycle):
             task.add_done_callback(sub._tasks.discard)
             return
         chain = sub._chain
+        times = self._handler_times  # the handler-latency histogram (keep_latency), or None
+        started = _perf() if times is not None else 0.0
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
+            self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -661,6 +695,10 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
+        if times is not None:  # _time_handler, inlined
+            elapsed = _perf() - started
+            times[0 if elapsed <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+            times[-1] += elapsed
         sub.handled += 1
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
@@ -678,12 +716,14 @@ class AMB(Lifecycle):
     async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:
         """Run the handler (through the middleware chain) on one delivery and settle it."""
         chain = sub._chain
+        started = _perf() if self._handler_times is not None else 0.0
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
+            self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -692,10 +732,19 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
+        self._time_handler(started)
         sub.handled += 1
         self.stats.handled += 1
         if type(delivery) is not LocalDelivery:
             await delivery.ack()
+
+    def _time_handler(self, started: float) -> None:
+        """Count a handler call begun at ``started`` (perf_counter) in the handler latency."""
+        times = self._handler_times
+        if times is not None:
+            elapsed = _perf() - started
+            times[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+            times[-1] += elapsed
 
     async def _failed(self, sub: Subscription, delivery: Delivery, meta: Metadata, exc: Exception) -> None:
         """Settle a delivery whose middleware refused it or whose handler raised: retry through

@@ -13,12 +13,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_os.amb import AMB, Metadata
+from agent_os.amb.durations import Durations
 from agent_os.amb.metrics import BUS_COUNTERS, BusCollector
 from agent_os.amb.stats import MAX_DEAD_LETTER_REASONS, OTHER_REASON, BusStats
 from agent_os.emk import EMK, HashingEmbedder
 from agent_os.services._metrics import (
     METRICS_PORTS,
-    Durations,
     MetricsOptions,
     MetricsServer,
     metrics_from_options,
