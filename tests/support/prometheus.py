@@ -1,6 +1,7 @@
 """A private Prometheus server of a test (Debian's ``prometheus``, installed by ``.ci/services``):
 its own free port, data directory and generated configuration scraping the test's targets,
-queried through its HTTP API. Started and stopped by the test."""
+queried through its HTTP API. Started and stopped by the test. And :func:`samples`, what a
+prometheus_client registry exposes, for tests without a server."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.nats_private import free_port
 
@@ -75,6 +78,16 @@ async def prometheus(jobs: Mapping[str, Sequence[str]], directory: Path) -> Asyn
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 20)
         log.close()
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``registry`` as parsed from its exposition text: (name, sorted labels) -> value."""
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def api(url: str, path: str, **params: str) -> Any:

@@ -9,8 +9,7 @@ from typing import Any
 import aiohttp
 import click
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from agent_os.amb import AMB, Metadata
 from agent_os.amb.durations import Durations
@@ -26,16 +25,7 @@ from agent_os.services._metrics import (
 )
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
-
-
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``registry`` as parsed from its exposition text: (name, labels) -> value."""
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.support.prometheus import samples
 
 
 def test_dead_letter_reasons_stay_a_bounded_label_set() -> None:
