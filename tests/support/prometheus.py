@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -35,17 +36,31 @@ def scrape_config(jobs: Mapping[str, Sequence[str]], interval: str = "1s") -> st
     return json.dumps(config, indent=2)
 
 
+def promtool() -> str:
+    """The path of ``promtool`` (Debian's ``prometheus`` package has it). Skips the test when it
+    is not installed, and fails it in CI (``CI`` set), where ``.ci/services`` installs it."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/services installs Debian's prometheus package")
+        pytest.skip("promtool is not installed (.ci/services installs Debian's prometheus package)")
+    return found
+
+
 @contextlib.asynccontextmanager
-async def prometheus(jobs: Mapping[str, Sequence[str]], directory: Path) -> AsyncIterator[str]:
-    """Run ``prometheus`` scraping ``jobs`` every second with its data in ``directory``; yield
-    its URL once it is ready; stop it afterwards, also when the test fails. Skips the test when
-    prometheus is not installed; fails it when it does not get ready within 30 seconds."""
+async def prometheus(
+    jobs: Mapping[str, Sequence[str]], directory: Path, *, config: Mapping[str, Any] | None = None
+) -> AsyncIterator[str]:
+    """Run ``prometheus`` scraping ``jobs`` every second (or with ``config``, a whole
+    configuration, instead) with its data in ``directory``; yield its URL once it is ready;
+    stop it afterwards, also when the test fails. Skips the test when prometheus is not
+    installed; fails it when it does not get ready within 30 seconds."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (.ci/services installs Debian's package)")
     port = free_port()
     conf = directory / "prometheus.yml"
-    conf.write_text(scrape_config(jobs))
+    conf.write_text(scrape_config(jobs) if config is None else json.dumps(config, indent=2))
     log = (directory / "prometheus.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         binary,
