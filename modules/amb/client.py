@@ -75,7 +75,10 @@ PARTITION_KEY_HEADER: Final = "partition-key"
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
 _perf: Final = time.perf_counter
-_FIRST_BOUND: Final = LATENCY_BUCKETS[0]
+LATENCY_SAMPLE: Final = 16
+"""A handler call under :data:`SAMPLE_BELOW` seconds is followed by ``LATENCY_SAMPLE - 1``
+untimed ones; the next timed call counts for all of them (see :meth:`AMB.keep_latency`)."""
+SAMPLE_BELOW: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
 
@@ -190,6 +193,8 @@ class AMB(Lifecycle):
         """Request times by outcome (``("ok",)``, ``("timeout",)``, ``("error",)``) once
         :meth:`keep_latency` was called, else None."""
         self._handler_times: list[float] | None = None  # handler_latency's one series, updated in place
+        self._untimed = 0  # handler calls left to skip before the next timed one
+        self._time_weight = 1  # how many calls the next timed one counts for
         self.dead_letter_hook: DeadLetterHook | None = None
         """Called after each dead letter this client published, with the dead letter and the
         metadata of the refused delivery (None when it could not be decoded); its errors are
@@ -218,9 +223,15 @@ class AMB(Lifecycle):
 
     def keep_latency(self) -> None:
         """Time handler calls (with their middleware) and requests from now on, in
-        :attr:`handler_latency` and :attr:`request_latency`: two clock reads and a bucket
-        increment per delivery. A :class:`~agent_os.amb.metrics.BusCollector` calls it for the
-        clients it collects. Idempotent."""
+        :attr:`handler_latency` and :attr:`request_latency`. A
+        :class:`~agent_os.amb.metrics.BusCollector` calls it for the clients it collects.
+        Idempotent.
+
+        Every request and every handler call of 100 µs or more is timed (two clock reads and
+        a bucket increment). After a faster call, the next :data:`LATENCY_SAMPLE` - 1 calls go
+        untimed and the one after counts for all of them: the histogram's count stays the
+        number of calls, its sum and quantiles become estimates, and timing costs the fast
+        path a counter decrement per delivery."""
         if self.handler_latency is None:
             self.request_latency = Durations()
             self.handler_latency = Durations()
@@ -678,15 +689,20 @@ class AMB(Lifecycle):
             task.add_done_callback(sub._tasks.discard)
             return
         chain = sub._chain
-        times = self._handler_times  # the handler-latency histogram (keep_latency), or None
-        started = _perf() if times is not None else 0.0
+        started = 0.0
+        if self._handler_times is not None:  # _start_timing, inlined
+            if self._untimed:
+                self._untimed -= 1
+            else:
+                started = _perf()
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
-            self._time_handler(started)
+            if started:
+                self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -695,10 +711,8 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
-        if times is not None:  # _time_handler, inlined
-            elapsed = _perf() - started
-            times[0 if elapsed <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-            times[-1] += elapsed
+        if started:
+            self._time_handler(started)
         sub.handled += 1
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
@@ -716,14 +730,15 @@ class AMB(Lifecycle):
     async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:
         """Run the handler (through the middleware chain) on one delivery and settle it."""
         chain = sub._chain
-        started = _perf() if self._handler_times is not None else 0.0
+        started = self._start_timing()
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
-            self._time_handler(started)
+            if started:
+                self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -732,19 +747,36 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
-        self._time_handler(started)
+        if started:
+            self._time_handler(started)
         sub.handled += 1
         self.stats.handled += 1
         if type(delivery) is not LocalDelivery:
             await delivery.ack()
 
+    def _start_timing(self) -> float:
+        """The clock (perf_counter) when the handler call about to start is to be timed, else
+        0.0 (latency off, or a call skipped: see :meth:`keep_latency`)."""
+        if self._handler_times is None:
+            return 0.0
+        if self._untimed:
+            self._untimed -= 1
+            return 0.0
+        return _perf()
+
     def _time_handler(self, started: float) -> None:
-        """Count a handler call begun at ``started`` (perf_counter) in the handler latency."""
+        """Count a timed handler call begun at ``started`` for itself and the calls skipped
+        before it, and choose how many to skip next (see :meth:`keep_latency`)."""
         times = self._handler_times
-        if times is not None:
-            elapsed = _perf() - started
-            times[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-            times[-1] += elapsed
+        if times is None:
+            return
+        elapsed = _perf() - started
+        weight = self._time_weight
+        times[bisect_left(LATENCY_BUCKETS, elapsed)] += weight
+        times[-1] += elapsed * weight
+        skip = LATENCY_SAMPLE - 1 if elapsed < SAMPLE_BELOW else 0
+        self._untimed = skip
+        self._time_weight = skip + 1
 
     async def _failed(self, sub: Subscription, delivery: Delivery, meta: Metadata, exc: Exception) -> None:
         """Settle a delivery whose middleware refused it or whose handler raised: retry through
