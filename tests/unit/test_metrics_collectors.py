@@ -5,8 +5,10 @@ control-plane service on the in-memory broker; and the bounded label sets they c
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +20,11 @@ from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.errors import RequestTimeout
 from agent_os.amb.metrics import BusCollector
 from agent_os.amb.stats import OTHER_REASON, LabelCounts
-from agent_os.control_plane import AgentSignal, FlightRecorder
+from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace
 from agent_os.control_plane.kernel.metrics import KernelMetrics
 from agent_os.iatp.metrics import TrustCollector
 from agent_os.services.control_plane_service._metrics import ControlPlaneMetrics
+from agent_os.services.control_plane_service._serve import verifying
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
 from tests.support.holds import deploy
@@ -193,3 +196,28 @@ async def test_the_recorder_lag_is_the_age_of_the_oldest_unwritten_record() -> N
         assert recorder.unwritten_since_ns == first.ts
         await recorder.flush()
         assert recorder.unwritten_since_ns is None
+
+
+async def test_the_service_verifies_the_chain_periodically_and_says_when_it_breaks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, closing: Closing
+) -> None:
+    db = tmp_path / "audit.db"
+    async with FlightRecorder("sqlite", str(db)) as recorder:
+        for i in range(5):
+            await recorder.log("note", "alice", {"i": i})
+        await recorder.flush()
+        registry = CollectorRegistry()
+        registry.register(KernelMetrics(closing(KernelSpace(flight_recorder=recorder))))
+        async with verifying(recorder, 0.05):
+            await wait_until(lambda: recorder.last_verification is not None)
+            assert samples(registry)[("agentos_recorder_chain_valid", ())] == 1
+            with sqlite3.connect(db) as conn:  # an edit behind the recorder's back
+                conn.execute("UPDATE flight_records SET agent_id = 'mallory' WHERE seq = 3")
+
+            def broken() -> bool:
+                last = recorder.last_verification
+                return last is not None and not last[0].ok
+
+            await wait_until(broken)
+        assert samples(registry)[("agentos_recorder_chain_valid", ())] == 0
+        assert "chain is broken at 3" in caplog.text
