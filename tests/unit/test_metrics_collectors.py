@@ -99,7 +99,8 @@ async def test_collected_clients_time_their_handlers_and_requests(closing: Closi
     assert found[("agentos_bus_handler_duration_seconds_sum", (("agent", "bob"),))] >= 5 * 0.002
 
 
-async def test_fast_handler_calls_are_sampled_and_weighted(closing: Closing) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])  # the inline path, and _process
+async def test_fast_handler_calls_are_sampled_and_weighted(closing: Closing, concurrency: int) -> None:
     """Handler calls under 100 µs: one in LATENCY_SAMPLE is timed and counts for the calls
     skipped before it, so the count follows the calls (to within LATENCY_SAMPLE)."""
     url = f"memory://metrics-sampled-{uuid.uuid4().hex}"
@@ -107,7 +108,7 @@ async def test_fast_handler_calls_are_sampled_and_weighted(closing: Closing) -> 
     bob = closing(AMB("memory", url, agent_id="bob"))
     bob.keep_latency()
     got = Collector()
-    await bob.subscribe("jobs.*", got)
+    await bob.subscribe("jobs.*", got, concurrency=concurrency)
     calls = 5 * LATENCY_SAMPLE
     for i in range(calls):
         await alice.publish("jobs.x", i)
