@@ -3,7 +3,7 @@
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane|tools ...`` runs one of the services in
 :mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``);
-``agent-os submit``, ``log`` and ``policy validate`` are in :mod:`agent_os.commands`.
+``agent-os submit``, ``log``, ``policy validate`` and ``top`` are in :mod:`agent_os.commands`.
 Services and commands are imported only when their command runs, so ``agent-os`` starts fast
 with the core dependencies alone; ``docs/services.md`` describes each.
 """
@@ -43,6 +43,10 @@ COMMANDS: Final = {
     "submit": ("agent_os.commands.submit", "Submit one action through a kernel; print the result as JSON."),
     "log": ("agent_os.commands.log", "Query, follow, verify or export a flight recorder."),
     "policy": ("agent_os.commands.policy", "Policies in YAML: validate a file."),
+    "top": (
+        "agent_os.commands.top",
+        "A live view of running control-plane instances: agents, rates, decisions.",
+    ),
 }
 
 # -h beside --help on every command and group (subcommands inherit the context settings).

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from agent_os.control_plane.kernel.space import KernelSpace
+    from agent_os.control_plane.process import AgentProcess
 
 INSTALL_HINT = "the admin API needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
 _MAX_HEAD = 4096  # an exported head is ~400 bytes
@@ -180,11 +181,11 @@ class AdminAPI:
         return _json({"ok": True})
 
     async def agents(self, request: web.Request) -> web.Response:
-        return _json([_status(s) for s in self.kernel.agents()])
+        return _json([_status(p) for p in self.kernel.processes])
 
     async def agent(self, request: web.Request) -> web.Response:
         try:
-            return _json(_status(self.kernel.get_agent_status(_field(request.match_info["id"], "agent id"))))
+            return _json(_status(self.kernel.get_agent(_field(request.match_info["id"], "agent id"))))
         except AgentNotFound:
             return _json({"error": "unknown agent"}, 404)
 
@@ -326,7 +327,10 @@ def _field(value: str, what: str) -> str:
     return value
 
 
-def _status(status: Any) -> dict[str, Any]:
-    data = asdict(status)
+def _status(process: AgentProcess) -> dict[str, Any]:
+    """An agent as the admin API shows it: its status and ``held``, the messages in its hold
+    queue."""
+    data = asdict(process.status())
     data["permissions"] = sorted(data["permissions"]) if data["permissions"] is not None else None
+    data["held"] = process.held
     return data

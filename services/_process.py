@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from agent_os.amb import AMB, BrokerUnavailable, BusError
+from agent_os.amb import AMB, BrokerUnavailable, BusError, tracing
 from agent_os.iatp import IATP, IATPConfigError, IATPError, RedisNonceStore
 from agent_os.services._identity import PASSPHRASE_ENV
 
@@ -264,12 +264,17 @@ def run(
     *,
     log_level: str,
     errors: tuple[type[Exception], ...] = (),
+    name: str = "service",
 ) -> None:
-    """Configure logging and run ``main()`` to its end. :data:`PROCESS_ERRORS` and ``errors``
-    become a click error (``Error: <Type>: <message>``, exit 1); anything else propagates."""
+    """Configure logging and tracing, and run ``main()`` to its end. Tracing is set up from the
+    ``OTEL_*`` environment variables (service name ``agent-os-<name>`` unless they name one;
+    nothing when they configure no tracing, ``docs/observability.md``, "Tracing"), and its last
+    spans are exported when ``main()`` ends. :data:`PROCESS_ERRORS` and ``errors`` become a
+    click error (``Error: <Type>: <message>``, exit 1); anything else propagates."""
     configure_logging(log_level)
     try:
-        asyncio.run(main())
+        with tracing.configured(f"agent-os-{name}"):
+            asyncio.run(main())
     except (*PROCESS_ERRORS, *errors) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 

@@ -439,7 +439,7 @@ def main(
         finally:
             await emk.close()  # serve closed it already, unless the identities could not be opened
 
-    run(serve_process, log_level=log_level, errors=(EMKError,))
+    run(serve_process, log_level=log_level, errors=(EMKError,), name="memory")
 
 
 if __name__ == "__main__":

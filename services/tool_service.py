@@ -22,12 +22,13 @@ from typing import Any, Final
 
 import click
 
-from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, Subscription
+from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, Subscription, tracing
 from agent_os.control_plane import ActionRequest, ActionResult, ControlPlaneError
 from agent_os.control_plane.actions import ActionRegistry, BusActions, FileSystem
 from agent_os.control_plane.actions.bus import BusKind
 from agent_os.control_plane.actions.fs import MAX_READ, MAX_WRITE
 from agent_os.control_plane.actions.provider import ActionRefused
+from agent_os.control_plane.kernel.submit import action_attributes
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._metrics import (
@@ -222,7 +223,8 @@ class ToolService:
             await self._answer(metadata, ActionResult(True, None, str(exc), None))
             return
         try:
-            output = await spec.provider.run(request)
+            with tracing.span(f"action {action}", action_attributes(request)):  # (tracing on)
+                output = await spec.provider.run(request)
         except Exception as exc:
             self.stats.failed += 1
             error = str(exc) or type(exc).__name__
@@ -503,7 +505,7 @@ def main(
                 metrics=metrics,
             )
 
-    run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+    run(serve_process, log_level=log_level, errors=(ControlPlaneError,), name="tools")
 
 
 if __name__ == "__main__":

@@ -437,9 +437,15 @@ async def serve(
     "models",
     multiple=True,
     required=True,
-    help="A panel member, MODEL or NAME=MODEL (a litellm id such as openai/gpt-4o); repeat for more.",
+    envvar="AGENTOS_VERIFIER_MODELS",
+    help="A panel member, MODEL or NAME=MODEL (a litellm id such as openai/gpt-4o); repeat for more. "
+    "Or AGENTOS_VERIFIER_MODELS, the members separated by spaces.",
 )
-@click.option("--api-base", help="Base URL for every model (an OpenAI-compatible server, say).")
+@click.option(
+    "--api-base",
+    envvar="AGENTOS_LLM_API_BASE",
+    help="Base URL for every model (an OpenAI-compatible server, say). Or AGENTOS_LLM_API_BASE.",
+)
 @click.option(
     "--api-key",
     envvar="AGENTOS_LLM_API_KEY",
@@ -524,7 +530,7 @@ def main(
                 metrics=metrics,
             )
 
-    run(serve_process, log_level=log_level, errors=(CMVKError,))
+    run(serve_process, log_level=log_level, errors=(CMVKError,), name="verifier")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.closing import Closing
 from tests.support.kafka import MockKafkaCluster, broker_url
+
+if TYPE_CHECKING:
+    from tests.support.tracing import MemorySpans
 
 
 @pytest.fixture
@@ -31,3 +35,13 @@ def kafka_cluster() -> Iterator[MockKafkaCluster]:
 def kafka_url(kafka_cluster: MockKafkaCluster) -> str:
     """The Kafka adapter's URL for ``kafka_cluster``, with the test group timings."""
     return broker_url(kafka_cluster)
+
+
+@pytest.fixture
+def spans() -> Iterator[MemorySpans]:
+    """Tracing on for the test, with spans kept in memory; off again after it
+    (``tests/support/tracing.py``). Clients trace when they connect inside the test."""
+    from tests.support.tracing import traced
+
+    with traced() as memory:
+        yield memory

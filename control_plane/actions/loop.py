@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from agent_os.amb import tracing as _tracing
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.actions.tools import ToolArgumentError, ToolDef
 from agent_os.control_plane.errors import ControlPlaneError, KernelError
@@ -182,41 +183,60 @@ class AgentLoop:
         extra) without litellm, RecorderError from ``submit``, and CancelledError when the
         task is cancelled (a SIGKILL of the agent running it): the model call or the action
         in progress is cancelled with it."""
+        with _tracing.span(
+            "agent_loop.run", {"gen_ai.request.model": self.model, "agent_os.agent.id": self.agent_id}
+        ) as span:
+            result = await self._run(task)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "agent_os.agent_loop.turns": result.turns,
+                        "agent_os.agent_loop.finish": result.finish_reason,
+                    }
+                )
+            return result
+
+    async def _run(self, task: str | Sequence[Mapping[str, Any]]) -> AgentLoopResult:
         messages = self._start(task)
+        attributes = {"gen_ai.request.model": self.model}
         records: list[ToolCallRecord] = []
         usage = TokenUsage()
         extra = {"event": "agent_loop.start", "model": self.model, "max_turns": self.max_turns}
         log.info("agent loop start: %s, %d tools", self.model, len(self.tools), extra=extra)
         reply = _Reply(None)
         for turn in range(1, self.max_turns + 1):
-            reply = await self._complete(messages, turn)
-            usage = TokenUsage(
-                usage.prompt_tokens + reply.prompt_tokens, usage.completion_tokens + reply.completion_tokens
-            )
-            messages.append(_assistant(reply))
-            log.info(
-                "agent loop turn %d: %d tool calls",
-                turn,
-                len(reply.calls),
-                extra={
-                    "event": "agent_loop.turn",
-                    "model": self.model,
-                    "turn": turn,
-                    "tool_calls": [c[1] for c in reply.calls],
-                    "prompt_tokens": reply.prompt_tokens,
-                    "completion_tokens": reply.completion_tokens,
-                },
-            )
-            if not reply.calls:
-                return self._done(reply, records, turn, usage, messages, "stop")
-            for n, call in enumerate(reply.calls):
-                if n < self.max_tool_calls:
-                    record = await self._execute_tool_call(call)
-                else:  # a reply asking for hundreds of actions gets only the first ones done
-                    record = _refused(call, f"more than {self.max_tool_calls} tool calls in one reply")
-                records.append(record)
-                self._log_call(turn, record)
-                messages.append({"role": "tool", "tool_call_id": record.id, "content": self._content(record)})
+            with _tracing.span("agent_loop.turn", {**attributes, "agent_os.agent_loop.turn": turn}):
+                reply = await self._complete(messages, turn)
+                usage = TokenUsage(
+                    usage.prompt_tokens + reply.prompt_tokens,
+                    usage.completion_tokens + reply.completion_tokens,
+                )
+                messages.append(_assistant(reply))
+                log.info(
+                    "agent loop turn %d: %d tool calls",
+                    turn,
+                    len(reply.calls),
+                    extra={
+                        "event": "agent_loop.turn",
+                        "model": self.model,
+                        "turn": turn,
+                        "tool_calls": [c[1] for c in reply.calls],
+                        "prompt_tokens": reply.prompt_tokens,
+                        "completion_tokens": reply.completion_tokens,
+                    },
+                )
+                if not reply.calls:
+                    return self._done(reply, records, turn, usage, messages, "stop")
+                for n, call in enumerate(reply.calls):
+                    if n < self.max_tool_calls:
+                        record = await self._execute_tool_call(call)
+                    else:  # a reply asking for hundreds of actions gets only the first ones done
+                        record = _refused(call, f"more than {self.max_tool_calls} tool calls in one reply")
+                    records.append(record)
+                    self._log_call(turn, record)
+                    messages.append(
+                        {"role": "tool", "tool_call_id": record.id, "content": self._content(record)}
+                    )
         log.warning(
             "agent loop stopped after %d turns with tool calls pending",
             self.max_turns,
@@ -309,8 +329,27 @@ class AgentLoop:
 
     async def _complete(self, messages: list[dict[str, Any]], turn: int) -> _Reply:
         litellm = await _litellm()
-        from agent_os.cmvk._calls import transient
+        from agent_os.cmvk._calls import chat_attributes, transient
 
+        with _tracing.span(f"chat {self.model}", chat_attributes(self.model), kind="client") as span:
+            reply = await self._complete_with_retries(litellm, messages, turn, transient)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.usage.input_tokens": reply.prompt_tokens,
+                        "gen_ai.usage.output_tokens": reply.completion_tokens,
+                        "agent_os.agent_loop.tool_calls": len(reply.calls),
+                    }
+                )
+            return reply
+
+    async def _complete_with_retries(
+        self,
+        litellm: Any,
+        messages: list[dict[str, Any]],
+        turn: int,
+        transient: Callable[[BaseException], bool],
+    ) -> _Reply:
         attempt = 0
         while True:
             attempt += 1

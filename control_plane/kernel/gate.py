@@ -11,12 +11,14 @@ import logging
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from agent_os.amb import tracing as _tracing
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.policy.content import argument_texts
 from agent_os.control_plane.policy.decision import PERMISSION_DENIED, Decision
 from agent_os.control_plane.policy.policy import RUN_OPERATION, Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
+from agent_os.control_plane.recorder.records import TRACE_EVENT
 
 if TYPE_CHECKING:
     from agent_os.control_plane.agent_signal import AgentSignal
@@ -213,6 +215,8 @@ class Gate:
             log.debug("%s %s: %s", event, proc.id if proc is not None else agent_id, data)
         self._count(str(data.get("operation") or "-"), decision, event)
         severity = "warning" if violation else "info"
+        if _tracing.active:
+            trace_decision(proc.id if proc is not None else agent_id, data, event, severity)
         target = (proc.id if proc is not None else None) if signal_to == "" else signal_to
         signal = decision.signal if violation and target is not None else None
         recorder = self.recorder
@@ -318,6 +322,8 @@ class Gate:
         if self.debug:
             log.debug("%s %s: %s", event, proc.id, data)
         severity = "warning" if violation else "info"
+        if _tracing.active:
+            trace_decision(proc.id, data, event, severity)
         await self.recorder.log(event, proc.id, data, severity, execution_id=proc.id)
         if violation:
             proc.violations_count += 1
@@ -353,9 +359,16 @@ class Gate:
         if self.debug:
             log.debug("%s %s: %s", event, agent_id, body)
         execution = proc.id if proc is not None else None
-        record = await self.recorder.log(
-            event, agent_id, body, "warning" if violation else "info", execution_id=execution, plain=True
-        )
+        severity = "warning" if violation else "info"
+        if _tracing.active:
+            trace_decision(agent_id, body, event, severity)
+        recorder = self.recorder
+        if recorder.ready:  # the hot path: no coroutine per record (as in note_record)
+            record = recorder.append(event, agent_id, body, severity, execution, True)
+            if recorder.batch_full:
+                await recorder.backpressure()
+        else:
+            record = await recorder.log(event, agent_id, body, severity, execution_id=execution, plain=True)
         _count(proc, violation)
         if violation and decision.signal is not None and proc is not None:
             await self.signals.send(proc.id, decision.signal, sender="policy")
@@ -383,6 +396,29 @@ class Gate:
             await self.recorder.backpressure()
         if signal is not None and target is not None:
             await self.signals.send(target, signal, sender="policy")
+
+
+def trace_decision(agent_id: str, data: Mapping[str, Any], event: str, severity: str) -> None:
+    """Record the span of one decision while tracing is on: ``policy <operation>``, with the
+    decision's fields as attributes and its flight-recorder record as an event
+    (``flight_recorder.append``: one event per record, no span per append). The span marks the
+    moment of the decision (its evaluation takes microseconds), under the current span."""
+    _tracing.record(
+        f"policy {data.get('operation') or 'action'}",
+        _tracing.now(),
+        {
+            "agent_os.agent.id": agent_id,
+            "agent_os.policy.operation": data.get("operation"),
+            "agent_os.policy.resource": data.get("resource"),
+            "agent_os.policy.action": data.get("decision"),
+            "agent_os.policy.rule": data.get("rule"),
+            "agent_os.policy.name": data.get("policy"),
+            "agent_os.policy.reason": data.get("reason"),
+            "agent_os.message.id": data.get("message_id"),
+            "agent_os.action.name": data.get("action"),
+        },
+        events={TRACE_EVENT: {"agent_os.recorder.event": event, "agent_os.recorder.severity": severity}},
+    )
 
 
 def _count(proc: AgentProcess | None, violation: bool) -> None:

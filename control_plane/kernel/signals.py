@@ -11,9 +11,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent_os.amb import tracing as _tracing
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentNotFound, SignalError
+from agent_os.control_plane.recorder.records import TRACE_EVENT
 
 if TYPE_CHECKING:
     from agent_os.control_plane.kernel.processes import ProcessTable
@@ -166,6 +168,18 @@ class SignalDispatcher:
         dispatcher.
         """
         sig = AgentSignal.parse(signal)
+        attributes = {
+            "agent_os.agent.id": agent_id,
+            "agent_os.signal.name": sig.name,
+            "agent_os.signal.sender": sender,
+        }
+        with _tracing.span(f"signal {sig.name}", attributes) as span:  # (nothing while tracing is off)
+            took = await self._send(agent_id, sig, sender)
+            if span is not None:
+                span.set_attribute("agent_os.signal.took_effect", took)
+            return took
+
+    async def _send(self, agent_id: str, sig: AgentSignal, sender: str | None) -> bool:
         kernel = self._kernel()
         try:
             proc = kernel.processes.get(agent_id)
@@ -248,6 +262,9 @@ class SignalDispatcher:
         self._table.counts.add((sig.name, outcome))
         if kernel.debug:
             log.debug("signal %s to %s: %s %s (sender %s)", sig.name, agent_id, outcome, detail, sender)
+        _tracing.add_event(
+            TRACE_EVENT, {"agent_os.recorder.event": "signal", "agent_os.signal.outcome": outcome}
+        )
         await kernel.recorder.log(
             "signal",
             agent_id,

@@ -26,10 +26,11 @@ tool service in another process runs the provider (``docs/services.md``, "The to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent_os.amb import tracing as _tracing
 from agent_os.control_plane.actions.provider import (
     ActionRefused,
     request_context,
@@ -39,7 +40,8 @@ from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError, KernelError
 from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
-from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
+from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, Life
+from agent_os.control_plane.recorder.records import TRACE_EVENT
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
@@ -85,13 +87,25 @@ class Submitter:
         self.processes = processes
         self.actions = actions
 
-    async def submit(self, request: ActionRequest) -> ActionResult:
-        """Decide on ``request``, run it when allowed, and return what came of it. Denials are
-        results, not exceptions. Raises RecorderError when a record cannot be stored, and
-        CancelledError when the agent's task is cancelled (SIGKILL) while it waits or runs."""
+    def submit(self, request: ActionRequest) -> Awaitable[ActionResult]:
+        """Decide on ``request``, run it when allowed, and return what came of it (awaitable).
+        Denials are results, not exceptions. Raises RecorderError when a record cannot be
+        stored, and CancelledError when the agent's task is cancelled (SIGKILL) while it waits
+        or runs. While tracing is on, the whole of it is the span ``action <action>``."""
+        # Not a coroutine itself: with tracing off, no second coroutine per action.
+        return self._submit(request) if not _tracing.active else self._traced(request)
+
+    async def _traced(self, request: ActionRequest) -> ActionResult:
+        with _tracing.span(f"action {request.action}", action_attributes(request)) as span:
+            result = await self._submit(request)
+            if span is not None:
+                trace_result(span, result)
+            return result
+
+    async def _submit(self, request: ActionRequest) -> ActionResult:
         _check(request)
         proc, why = self._identify(request)
-        if proc is not None:
+        if proc is not None and proc.life is not Life.RUNNING:  # stopped, killed or waiting
             try:
                 await proc.wait_for_continue()
             except AgentStoppedError:
@@ -163,9 +177,18 @@ class Submitter:
         status = {"status": "ok"} if error is None else {"status": "error", "error": error}
         outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
         severity = "info" if error is None else "error"
-        return await self.gate.recorder.log(
-            OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True
-        )
+        if _tracing.active:
+            _tracing.add_event(
+                TRACE_EVENT,
+                {"agent_os.recorder.event": OUTCOME_EVENT, "agent_os.action.status": status["status"]},
+            )
+        recorder = self.gate.recorder
+        if not recorder.ready:
+            return await recorder.log(OUTCOME_EVENT, agent, outcome, severity, execution_id=agent, plain=True)
+        record = recorder.append(OUTCOME_EVENT, agent, outcome, severity, agent, True)
+        if recorder.batch_full:
+            await recorder.backpressure()
+        return record
 
     async def _decide(
         self,
@@ -243,3 +266,24 @@ class Submitter:
 def _check(request: object) -> None:
     if not isinstance(request, ActionRequest):
         raise TypeError(f"submit takes an ActionRequest, got {type(request).__name__}")
+
+
+def action_attributes(request: ActionRequest) -> dict[str, Any]:
+    """The attributes of an action's span: its name, its target and the agent it names."""
+    return {
+        "agent_os.action.name": request.action,
+        "agent_os.action.target": request.target,
+        "agent_os.agent.id": request.agent_id,
+    }
+
+
+def trace_result(span: Any, result: ActionResult) -> None:
+    """Put an action's result on its span: allowed or not, and the error (status ERROR when
+    the action ran and failed)."""
+    span.set_attribute("agent_os.action.allowed", result.allowed)
+    if result.record_id is not None:
+        span.set_attribute("agent_os.recorder.record_id", result.record_id)
+    if result.error is not None:
+        span.set_attribute("agent_os.action.error", result.error[: _tracing.MAX_ATTRIBUTE])
+        if result.allowed:
+            _tracing.set_error(span, result.error)

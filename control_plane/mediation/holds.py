@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.control_plane.errors import AgentStoppedError, HoldQueueFull
 from agent_os.control_plane.mediation.protocols import MediatedKernel
 from agent_os.control_plane.process import AgentProcess
+from agent_os.control_plane.recorder.records import TRACE_EVENT
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,34 @@ class HeldMessage:
     run: Callable[[], Awaitable[Any]]
     started: bool = False
     future: asyncio.Future[Any] | None = None
+    op: str = "deliver"
+    trace: _tracing.Detached | None = None  # the span of the hold, while tracing is on
+
+    def __post_init__(self) -> None:
+        if _tracing.active:
+            self.trace = _tracing.detached(f"hold {self.op}", self._attributes())
+
+    def _attributes(self) -> dict[str, Any]:
+        return {
+            "agent_os.agent.id": self.proc.id,
+            "agent_os.message.id": self.env.id,
+            "messaging.destination.name": self.env.topic,
+        }
 
     async def start(self) -> Any:
         self.started = True
-        return await self.run()
+        trace = self.trace
+        if trace is None:
+            return await self.run()
+        # The hold ends; its release (the decision, the forward) is a span beside it.
+        trace.end({"agent_os.hold.outcome": "released"})
+        with _tracing.span(f"release {self.op}", self._attributes(), parent=trace.parent):
+            return await self.run()
+
+    def dropped(self, reason: str) -> None:
+        """End the hold's span (tracing on) as dropped before its turn."""
+        if self.trace is not None:
+            self.trace.end({"agent_os.hold.outcome": "dropped"}, error=reason)
 
 
 class Holds:
@@ -69,10 +95,11 @@ class Holds:
         publish returns, or raises, with its released outcome). One record when it is held:
         ``message_held``, or ``message_dropped`` (``hold_queue_full``) when the queue is full;
         and a ``message_dropped`` when SIGKILL drops it before its turn (AgentStoppedError)."""
-        item = HeldMessage(proc, env, None, run)
+        item = HeldMessage(proc, env, None, run, op=op)
         try:
             waiting = proc.enqueue(item.start)  # the slot is taken now, before any await
         except HoldQueueFull:
+            item.dropped("hold_queue_full")
             await self.dropped(proc, env, op, "hold_queue_full")
             raise
         await self.held(proc, env, op)
@@ -80,8 +107,11 @@ class Holds:
             await waiting
         except AgentStoppedError:
             if not item.started:  # dropped from the queue, not killed while being handled
+                item.dropped("agent killed (SIGKILL)")
                 await self.dropped(proc, env, op)
             raise
+        finally:
+            item.dropped("not released")  # (cancelled while held; nothing once its span ended)
 
     async def hold_detached(
         self,
@@ -102,6 +132,7 @@ class Holds:
         try:
             item.future = proc.enqueue(item.start)  # the slot is taken now, before any await
         except HoldQueueFull:
+            item.dropped("hold_queue_full")
             await self.dropped(proc, env, "deliver", "hold_queue_full")
             raise
         self.backlog[proc.id] = self.backlog.get(proc.id, 0) + 1
@@ -135,6 +166,7 @@ class Holds:
         proc, env = item.proc, item.env
         try:
             if item.future.cancelled():
+                item.dropped("service stopped")
                 self.held_dropped += 1
                 log.warning("held message %s of %s dropped: the service stopped", env.id, proc.id)
                 await self.dropped(proc, env, "deliver", "service stopped")
@@ -142,6 +174,7 @@ class Holds:
             error = item.future.exception()
             assert isinstance(error, Exception)
             if not item.started:
+                item.dropped(str(error) or type(error).__name__)
                 self.held_dropped += 1
                 log.warning("held message %s of %s dropped: %s", env.id, proc.id, error)
                 await self.dropped(proc, env, "deliver")
@@ -171,6 +204,7 @@ class Holds:
         self.messages_held += 1
         if self.kernel.debug:
             log.debug("message_held %s: %s %s on %r", proc.id, op, env.id, env.topic)
+        _tracing.add_event(TRACE_EVENT, {"agent_os.recorder.event": "message_held"})
         await self.kernel.recorder.log(
             "message_held",
             proc.id,
@@ -190,6 +224,9 @@ class Holds:
         """Record that the agent's message is dropped (``message_dropped``)."""
         if self.kernel.debug:
             log.debug("message_dropped %s: %s %s on %r (%s)", proc.id, op, env.id, env.topic, reason)
+        _tracing.add_event(
+            TRACE_EVENT, {"agent_os.recorder.event": "message_dropped", "agent_os.reason": reason}
+        )
         await self.kernel.recorder.log(
             "message_dropped",
             proc.id,

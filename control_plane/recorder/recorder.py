@@ -52,6 +52,12 @@ _sha256 = hashlib.sha256
 _time_ns = time.time_ns
 _new_record = tuple.__new__  # Record's own __new__ without the argument parsing
 
+# How many batches may fill while one is written before ``log`` waits for the writer. The
+# writer thread needs the GIL to start and end each write, which a busy event loop hands over
+# only every few milliseconds (``sys.getswitchinterval``): the slack keeps the loop from waiting
+# on those hand-overs, and the batches that filled meanwhile go out in one write.
+_PENDING_BATCHES = 8
+
 StorageName = Literal["memory", "sqlite", "postgresql"]
 
 
@@ -77,7 +83,8 @@ class FlightRecorder:
         retention_days: records older than this are pruned, with a chained anchor, when the
             recorder opens and then every ``retention_interval`` seconds while it writes (see
             :meth:`apply_retention`); None keeps everything. Fractions of a day are allowed.
-        compression: compress each record's data at rest (SQL storages; see
+        compression: compress each record's data at rest (SQL storages; off by default:
+            ``docs/control-plane.md``, At rest, says what it saves and costs; see
             :mod:`agent_os.control_plane.recorder.codec`). The memory storage keeps rows as they are.
         encryption_key: 32 bytes: encrypt each record's data at rest (XChaCha20-Poly1305,
             PyNaCl). SQL storages only: with ``"memory"`` it raises RecorderConfigError.
@@ -102,7 +109,7 @@ class FlightRecorder:
         storage: StorageName | str | Storage = "sqlite",
         connection_string: str | None = None,
         retention_days: float | None = 90,
-        compression: bool = True,
+        compression: bool = False,
         encryption_key: bytes | None = None,
         *,
         batch_size: int = 500,
@@ -273,14 +280,23 @@ class FlightRecorder:
         """True when the batch has reached ``batch_size``: await :meth:`backpressure` next."""
         return len(self._batch) >= self.batch_size
 
+    @property
+    def max_pending(self) -> int:
+        """How many records may wait in memory while a write is under way before ``log`` (and
+        a kernel's decisions) wait for the writer: eight batches."""
+        return _PENDING_BATCHES * self.batch_size
+
     async def backpressure(self) -> None:
-        """What ``log`` does after appending to a full batch: wait for the batch being written,
-        then start writing this one in the background (or, when ten batches are waiting because
+        """What ``log`` does after appending to a full batch: while a write is under way, go on
+        (up to :attr:`max_pending` records) or wait for it; then start writing the batch in the
+        background (or, when ten batches are waiting because
         the storage keeps failing, write now and raise RecorderError). A caller cancelled while
         it waits leaves the write going on: it is everyone's, not the caller's."""
         running = self._flush_task
         if running is not None and not running.done():
-            # Backpressure: one batch is written while the next one fills. Shielded, because
+            if len(self._batch) < self.max_pending:
+                return  # the writer is busy: keep batching; its next write takes them all
+            # Backpressure: a few batches fill while one is written. Shielded, because
             # awaiting a task directly cancels that task when the waiter is cancelled (a killed
             # agent's handler waiting here would cancel the write every other waiter awaits).
             await asyncio.shield(running)
@@ -288,6 +304,10 @@ class FlightRecorder:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:
             self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+            # Let the task hand the batch to the writer now: a caller whose awaits never
+            # suspend (an agent acting in a tight loop) would otherwise fill every pending
+            # batch before the loop ran the task, and then wait for the whole write.
+            await asyncio.sleep(0)
 
     def append(
         self,
@@ -434,6 +454,9 @@ class FlightRecorder:
             if not self._batch and self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            elif self._batch and self._timer is None and not self._closing:
+                # Records that came during the write: their timer may have fired while it ran.
+                self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
         if (
             self.retention_days is not None
             and not self._retaining

@@ -22,6 +22,9 @@ from agent_os.control_plane.recorder.heads import HeadRecords
 
 GENESIS: Final = "0" * 64
 ANCHOR_EVENT: Final = "retention_anchor"
+TRACE_EVENT: Final = "flight_recorder.append"
+"""While tracing is on, each record is this event on the span of what it records (no span per
+append: ``docs/observability.md``, "Tracing")."""
 SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
 COLUMNS: Final = (
     "seq",

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.lockfile import WriterLock
-from agent_os.control_plane.recorder.records import ANCHOR_EVENT
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS
 from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
@@ -52,6 +52,10 @@ CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq);
 CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
 """
 _COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
+# Rows per INSERT statement at most: 10 parameters a row, within the library's limit of
+# parameters per statement (read at open; 32,766 by default, 250,000 in Debian's build).
+_MAX_ROWS = 10_000
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
@@ -105,6 +109,8 @@ class SqliteStorage:
         self.read_only = read_only
         private = self.path in ("", ":memory:")
         self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
+        self._tail_sql = f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1"
+        self._max_rows = 1
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None or self._db is None:
@@ -132,6 +138,8 @@ class SqliteStorage:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute(f"PRAGMA synchronous={self.synchronous}")
                     db.executescript(_SCHEMA.format(t=self.table))
+                    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                    self._max_rows = max(1, min(_MAX_ROWS, limit // len(COLUMNS)))
                 except BaseException:
                     db.close()
                     raise
@@ -173,25 +181,53 @@ class SqliteStorage:
         return None if row is None else (int(row[0]), str(row[1]))
 
     async def append(self, rows: Sequence[Row]) -> None:
-        sql = f"INSERT INTO {self.table} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-
+        if not rows:
+            return
         codec = self.codec if self.codec is not None and self.codec.active else None
-
-        tail_sql = f"SELECT seq, hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
+        where = f"sqlite {self.path!r}"
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
+            per = self._max_rows
+            if len(stored) <= per:
+                self._insert_continuing(db, stored, where)
+                return
             db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
-                if rows:
-                    check_continues(db.execute(tail_sql).fetchone(), rows[0], f"sqlite {self.path!r}")
-                db.executemany(sql, stored)
+                check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
+                for at in range(0, len(stored), per):
+                    chunk = stored[at : at + per]
+                    db.execute(self._values_sql(len(chunk)), _flat(chunk))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
         await self._run(write)
+
+    def _insert_continuing(self, db: sqlite3.Connection, rows: Sequence[Row], where: str) -> None:
+        """Insert ``rows`` (at most ``_max_rows``) with one statement, its own transaction,
+        that writes them only if they continue the stored tail. One statement releases the GIL
+        once, where ``executemany`` releases and re-takes it for every row while the event
+        loop wants it (docs/control-plane.md, the flight recorder's writer)."""
+        seq, prev = int(rows[0][0]), rows[0][8]
+        expected = "" if seq == 1 else f"{seq - 1}:{prev}"
+        cursor = db.execute(self._continuing_sql(len(rows)), [*_flat(rows), expected])
+        if cursor.rowcount != len(rows):  # the tail moved (or the table was cut): say how
+            check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
+            raise RecorderError(f"{where}: {cursor.rowcount} of {len(rows)} records were written")
+
+    def _values_sql(self, n: int) -> str:
+        values = ", ".join([_ROW] * n)
+        return f"INSERT INTO {self.table} ({_COLS}) VALUES {values}"
+
+    def _continuing_sql(self, n: int) -> str:
+        values = ", ".join([_ROW] * n)
+        tail = f"SELECT seq || ':' || hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
+        return (
+            f"INSERT INTO {self.table} ({_COLS}) SELECT * FROM (VALUES {values}) "
+            f"WHERE coalesce(({tail}), '') = ?"
+        )
 
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where)
@@ -231,6 +267,10 @@ class SqliteStorage:
 def _encoded(codec: DataCodec, row: Row) -> Row:
     seq, rid, ts, et, agent, exe, sev, data, prev, h = row
     return (seq, rid, ts, et, agent, exe, sev, codec.encode(seq, data), prev, h)
+
+
+def _flat(rows: Sequence[Row]) -> list[Any]:
+    return [value for row in rows for value in row]
 
 
 def _fetch_after(sql: str, after: int, db: sqlite3.Connection) -> list[Row]:

@@ -63,6 +63,7 @@ from agent_os.amb.serializers.schema import (
 from agent_os.amb.stats import BusStats
 from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
+from agent_os.amb.tracing import BusTracing, RequestSpan
 
 log = logging.getLogger("agent_os.amb")
 
@@ -176,6 +177,7 @@ class AMB(Lifecycle):
         self.stats = BusStats()
         self._middleware: list[Middleware] = list(middleware)
         self._publish_chain: PublishNext | None = None  # set on connect when there is middleware
+        self._tracing: BusTracing | None = None  # set on connect while tracing is active
         self._subs: list[Subscription] = []
         self._pending_starts: list[asyncio.Task[None]] = []
         self._connect_lock: asyncio.Lock | None = None
@@ -256,7 +258,12 @@ class AMB(Lifecycle):
                 return
             await self.broker.connect()
             self._loop = asyncio.get_running_loop()
-            if self._middleware:
+            # Tracing (docs/observability.md, "Tracing"): decided once here, so a client that
+            # does not trace has no layer and the plain message path.
+            self._tracing = BusTracing.for_client(self.agent_id, self.broker.name)
+            if self._tracing is not None:  # innermost on publish: its span holds the others
+                self._publish_chain = build_publish_chain([*self._middleware, self._tracing], self._wire_send)
+            elif self._middleware:
                 self._publish_chain = build_publish_chain(self._middleware, self._wire_send)
             self._state = LifecycleState.OPEN
             for sub in list(self._subs):
@@ -445,41 +452,51 @@ class AMB(Lifecycle):
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
+        trace: RequestSpan | None = None
+        if self._tracing is not None:
+            trace = self._tracing.begin_request(topic, recipient)
         pending = self._requests.add(reply_subject, fut, recipient)
         self.stats.requests += 1
         started = _perf()
         try:
-            request_id = await self.publish(
-                topic,
-                message,
-                sender_id=sender_id,
-                recipient=recipient,
-                reply_to=reply_subject,
-                headers=headers,
-                ttl=timeout,
-            )
-            self._requests.published(pending, request_id)
-            # A timer that resolves the future with None (cheaper than asyncio.timeout, which
-            # looks up the task and the loop on every request).
-            timer = loop.call_later(timeout, _expire, fut)
             try:
-                reply = await fut
+                request_id = await self.publish(
+                    topic,
+                    message,
+                    sender_id=sender_id,
+                    recipient=recipient,
+                    reply_to=reply_subject,
+                    headers=headers,
+                    ttl=timeout,
+                )
+                self._requests.published(pending, request_id)
+                # A timer that resolves the future with None (cheaper than asyncio.timeout, which
+                # looks up the task and the loop on every request).
+                timer = loop.call_later(timeout, _expire, fut)
+                try:
+                    reply = await fut
+                finally:
+                    timer.cancel()
             finally:
-                timer.cancel()
-        finally:
-            self._requests.remove(reply_subject)
-        latency = self.request_latency
-        if reply is None:
-            self.stats.request_timeouts += 1
+                self._requests.remove(reply_subject)
+            latency = self.request_latency
+            if reply is None:
+                self.stats.request_timeouts += 1
+                if latency is not None:
+                    latency.observe(("timeout",), _perf() - started)
+                raise RequestTimeout(topic, timeout)
+            payload, meta = reply
+            error = meta.headers.get(ERROR_HEADER)
             if latency is not None:
-                latency.observe(("timeout",), _perf() - started)
-            raise RequestTimeout(topic, timeout)
-        payload, meta = reply
-        error = meta.headers.get(ERROR_HEADER)
-        if latency is not None:
-            latency.observe(("ok",) if error is None else ("error",), _perf() - started)
-        if error is not None:
-            raise RemoteError(topic, error)
+                latency.observe(("ok",) if error is None else ("error",), _perf() - started)
+            if error is not None:
+                raise RemoteError(topic, error)
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
+        if trace is not None:
+            trace.end()
         if with_metadata:
             return payload, meta
         return payload
@@ -602,7 +619,12 @@ class AMB(Lifecycle):
             await sub.handler(env.payload, meta)
 
         # Without middleware the handler is called directly (one coroutine less per message).
-        sub._chain = build_consume_chain(self._middleware, invoke) if self._middleware else None
+        trace = self._tracing
+        if trace is not None:  # outermost on delivery: its span holds verification and policy
+            layers = [trace.for_subscription(sub.pattern, sub.options.queue), *self._middleware]
+            sub._chain = build_consume_chain(layers, invoke)
+        else:
+            sub._chain = build_consume_chain(self._middleware, invoke) if self._middleware else None
 
         sub._broker_sub = await self.broker.subscribe(
             sub.pattern,

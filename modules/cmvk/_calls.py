@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
+from agent_os.amb import tracing as _tracing
 from agent_os.cmvk._client import load_client
 from agent_os.cmvk._errors import CMVKConfigError
 
@@ -169,6 +170,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def chat_attributes(model: str, **more: Any) -> dict[str, Any]:
+    """The attributes of a model call's span ``chat <model>`` (OpenTelemetry's gen-ai
+    conventions: operation ``chat``, the litellm model id), with ``more``."""
+    return {"gen_ai.operation.name": "chat", "gen_ai.request.model": model, **more}
+
+
 async def call_model(
     spec: ModelSpec,
     messages: list[dict[str, str]],
@@ -181,8 +188,37 @@ async def call_model(
 
     ``deadline`` is a ``time.monotonic()`` instant no attempt may run past. ``defaults`` are
     keyword arguments for every call (the spec's own settings win). Returns the reply text, or
-    an abstention (``timeout``, ``deadline`` or ``provider_error``) with its reason.
+    an abstention (``timeout``, ``deadline`` or ``provider_error``) with its reason. While
+    tracing is on the call is the span ``chat <model>``: its attempts, tokens, cost and
+    abstention; an abstention ends it with status ERROR.
     """
+    attributes = chat_attributes(spec.litellm_model, **{"agent_os.cmvk.model": spec.name})
+    with _tracing.span(f"chat {spec.litellm_model}", attributes, kind="client") as span:
+        outcome = await _call(spec, messages, policy, deadline, defaults)
+        if span is not None:
+            span.set_attributes(
+                _tracing.clean(
+                    {
+                        "agent_os.cmvk.attempts": outcome.attempts,
+                        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+                        "gen_ai.usage.output_tokens": outcome.completion_tokens,
+                        "agent_os.cmvk.cost_usd": outcome.cost_usd,
+                        "agent_os.cmvk.abstention": outcome.abstention,
+                    }
+                )
+            )
+            if outcome.abstention is not None:
+                _tracing.set_error(span, f"{outcome.abstention}: {outcome.error or ''}")
+        return outcome
+
+
+async def _call(
+    spec: ModelSpec,
+    messages: list[dict[str, str]],
+    policy: CallPolicy,
+    deadline: float,
+    defaults: Mapping[str, Any],
+) -> CallOutcome:
     litellm = load_client()  # loaded before the deadline started: returns at once
     kwargs: dict[str, Any] = dict(defaults)
     if spec.api_base is not None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, get_args
 
+from agent_os.amb import tracing as _tracing
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
 from agent_os.cmvk._client import ensure_client
@@ -180,6 +181,27 @@ class CMVK:
             raise CMVKConfigError(f"context must be a dict or None, got {type(context).__name__}")
         text = _as_text(response)
         await self.warm()  # before the deadline starts: the import takes seconds
+        attributes = {
+            "agent_os.cmvk.models": len(self.models),
+            "agent_os.cmvk.strategy": self.voting_strategy,
+            "agent_os.cmvk.threshold": self.consensus_threshold,
+        }
+        with _tracing.span("cmvk.verify", attributes) as span:  # a child span per model call
+            result = await self._verify(prompt, text, context)
+            if span is not None:
+                span.set_attributes(
+                    _tracing.clean(
+                        {
+                            "agent_os.cmvk.verified": result.verified,
+                            "agent_os.cmvk.confidence": result.confidence,
+                            "agent_os.cmvk.consensus": str(result.consensus),
+                            "agent_os.cmvk.support": result.support,
+                        }
+                    )
+                )
+            return result
+
+    async def _verify(self, prompt: Any, text: str, context: dict[str, Any] | None) -> VerificationResult:
         start = time.monotonic()
         outcomes = await self._ask_all(verify_messages(_as_text(prompt), text, context), start + self.timeout)
         votes: dict[str, ModelVote] = {}

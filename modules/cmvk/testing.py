@@ -17,8 +17,9 @@ request's JSON body and returns the reply. Unscripted models get ``default`` (HT
 None). A reply can carry tool calls (``Reply(tool_calls=[tool_call("read_file", {"path":
 "a.txt"})])``, for agent loops), and a request with ``"stream": true`` is answered as OpenAI
 streams: server-sent events of deltas, a tool call's arguments in pieces, the usage in a last
-chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. Needs aiohttp
-(installed with litellm, the ``llm`` extra).
+chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``. ``GET
+/v1/models`` lists the scripted models (a health check). Needs aiohttp (installed with litellm,
+the ``llm`` extra).
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class ScriptedLLMServer:
         self.requests[index] = replace(self.requests[index], replied_at=time.monotonic())
         return response
 
+    async def _models(self, request: Any) -> Any:
+        """``GET /v1/models``: the scripted models, as OpenAI lists models (a health check)."""
+        from aiohttp import web
+
+        data = [{"id": m, "object": "model", "owned_by": "scripted"} for m in self._scripts]
+        return web.json_response({"object": "list", "data": data})
+
     async def _respond(self, model: str, body: dict[str, Any], request: Any) -> Any:
         from aiohttp import web
 
@@ -218,22 +226,25 @@ class ScriptedLLMServer:
         await response.write_eof()
         return response
 
-    async def start(self) -> str:
-        """Listen on a free port of 127.0.0.1; return ``url``."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (default: a free port of 127.0.0.1); return ``url``, which
+        names 127.0.0.1 when ``host`` is every interface (``0.0.0.0``)."""
         from aiohttp import web
 
         app = web.Application()
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/chat/completions", self._handle)
         # handler_cancellation: a client that gave up (timeout) stops its scripted delay, so
         # close() does not wait for hanging replies.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         self._runner = runner
-        port = runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        bound = runner.addresses[0][1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.url = f"http://{shown}:{bound}/v1"
         return self.url
 
     async def close(self) -> None:

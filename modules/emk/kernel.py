@@ -15,6 +15,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
+from agent_os.amb import tracing as _tracing
 from agent_os.emk._embedded import start_embedded
 from agent_os.emk._memory_store import memory_store
 from agent_os.emk._postgres import PostgresStore
@@ -225,8 +226,23 @@ class EMK:
             relevance=None if found.distance is None else relevance(found.distance),
         )
 
+    def _span_attributes(self, agent_id: object, **more: Any) -> dict[str, Any]:
+        """The attributes of an EMK span (tracing on; ``docs/observability.md``)."""
+        return {
+            "agent_os.agent.id": agent_id if isinstance(agent_id, str) else None,
+            "agent_os.emk.storage": self.storage,
+            "agent_os.emk.isolation": self.isolation,
+            **more,
+        }
+
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        vectors = await self.embedder.embed(texts)
+        attributes = {
+            "gen_ai.operation.name": "embeddings",
+            "gen_ai.request.model": self.embedder.model,
+            "agent_os.emk.texts": len(texts),
+        }
+        with _tracing.span("emk.embed", attributes):
+            vectors = await self.embedder.embed(texts)
         if len(vectors) != len(texts):
             raise EmbeddingError(f"the embedder returned {len(vectors)} vectors for {len(texts)} texts")
         return vectors
@@ -336,12 +352,14 @@ class EMK:
         store = await self._ready()
         if not items:
             return []
-        try:
-            rows = await self._prepare(items)
-            await store.insert(rows)
-        except InvalidInput as exc:
-            self._reject(exc)
-            raise
+        attributes = self._span_attributes(items[0].agent_id, **{"agent_os.emk.records": len(items)})
+        with _tracing.span("emk.store", attributes):
+            try:
+                rows = await self._prepare(items)
+                await store.insert(rows)
+            except InvalidInput as exc:
+                self._reject(exc)
+                raise
         self.stored += len(rows)
         # Hashed a moment ago from these very fields: nothing to verify yet.
         return [self._record(Found(row, None), verify=False) for row in rows]
@@ -374,25 +392,32 @@ class EMK:
         IntegrityError, StorageError.
         """
         store = await self._ready()
-        try:
-            scope = self._scope(agent_id, session_id)
-            count = check_limit(limit, self.limits)
-            if not isinstance(min_relevance, int | float) or not 0.0 <= min_relevance <= 1.0:
-                raise InvalidInput("min_relevance must be a number between 0 and 1")
-            filters = self._filters(tags, metadata, since, until, include_superseded)
-            if embedding is not None:
-                vector = check_embedding(embedding, self.dimension, "query embedding")
-            elif isinstance(query, str) and query.strip():
-                (raw,) = await self._embed([check_content(query, self.limits)])
-                vector = check_embedding(raw, self.dimension, f"the {self.embedder.model} vector")
-            else:
-                raise InvalidInput("search needs a non-empty query text or an embedding")
-        except InvalidInput as exc:
-            self._reject(exc)
-            raise
-        found = await store.search(scope, vector, count, filters, exact)
-        records = [self._record(f) for f in found]
-        return [r for r in records if r.relevance is not None and r.relevance >= min_relevance]
+        attributes = self._span_attributes(
+            agent_id, **{"agent_os.emk.limit": limit, "agent_os.emk.exact": exact}
+        )
+        with _tracing.span("emk.search", attributes) as span:
+            try:
+                scope = self._scope(agent_id, session_id)
+                count = check_limit(limit, self.limits)
+                if not isinstance(min_relevance, int | float) or not 0.0 <= min_relevance <= 1.0:
+                    raise InvalidInput("min_relevance must be a number between 0 and 1")
+                filters = self._filters(tags, metadata, since, until, include_superseded)
+                if embedding is not None:
+                    vector = check_embedding(embedding, self.dimension, "query embedding")
+                elif isinstance(query, str) and query.strip():
+                    (raw,) = await self._embed([check_content(query, self.limits)])
+                    vector = check_embedding(raw, self.dimension, f"the {self.embedder.model} vector")
+                else:
+                    raise InvalidInput("search needs a non-empty query text or an embedding")
+            except InvalidInput as exc:
+                self._reject(exc)
+                raise
+            found = await store.search(scope, vector, count, filters, exact)
+            records = [self._record(f) for f in found]
+            kept = [r for r in records if r.relevance is not None and r.relevance >= min_relevance]
+            if span is not None:
+                span.set_attribute("agent_os.emk.results", len(kept))
+            return kept
 
     async def query(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
@@ -36,6 +37,8 @@ BIND_TOPIC: Final = "iatp.bind_topic"
 subject it was delivered on (bool; default: the middleware's ``bind_topic``)."""
 _ED25519: Final = "ed25519"
 _NS_PER_MS: Final = 1_000_000
+VERIFY_SPAN: Final = "iatp.verify"
+"""The span of one verification while tracing is on (``docs/observability.md``, "Tracing")."""
 
 
 class IATPMiddleware(Middleware):
@@ -87,6 +90,8 @@ class IATPMiddleware(Middleware):
         await call_next(envelope)
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+        # While tracing is on, the verification is one span from here to its verdict (see _traced).
+        started = _tracing.now() if _tracing.active else 0
         iatp = self.iatp
         if not iatp.is_open:
             try:
@@ -99,7 +104,8 @@ class IATPMiddleware(Middleware):
                         envelope.timestamp,
                         None,
                         f"{type(exc).__name__}: {exc}",
-                    )
+                    ),
+                    started,
                 )
         context = metadata.context
         if context.get(BIND_TOPIC, self.bind_topic) and envelope.topic != metadata.subject:
@@ -112,11 +118,14 @@ class IATPMiddleware(Middleware):
                     envelope.timestamp,
                     None,
                     f"signed for {envelope.topic[:200]!r}, delivered on {metadata.subject[:200]!r}",
-                )
+                ),
+                started,
             )
         if envelope.sig is None and context.get(ACCEPT_UNSIGNED, self.accept_unsigned):
             self.accepted_unsigned += 1
-            context[RESULT] = invalid(Reason.UNSIGNED, envelope.sender, envelope.timestamp)
+            context[RESULT] = unsigned = invalid(Reason.UNSIGNED, envelope.sender, envelope.timestamp)
+            if started:
+                _traced(started, unsigned, "accepted_unsigned")
             await call_next(envelope, metadata)
             return
         subscription: Any = context.get("subscription")
@@ -125,34 +134,38 @@ class IATPMiddleware(Middleware):
         verifier = iatp.verifier
         stale = iatp.stale_keys(envelope)
         if stale is not None:
-            self._reject(stale)
+            self._reject(stale, started)
         viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
         result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1)
         if not result.valid:
-            self._reject(result)
+            self._reject(result, started)
         minimum = context.get(MIN_TRUST, self.min_trust)
         if minimum and result.trust_level < minimum:
-            self.rejected[Reason.UNTRUSTED] += 1
-            raise SignatureRejected(
+            self._reject(
                 invalid(
                     Reason.UNTRUSTED,
                     result.sender,
                     result.timestamp_ns,
                     result.key_id,
                     f"trust {result.trust_level:.3f} below the minimum",
-                )
+                ),
+                started,
             )
         store = self.nonce_store
         if store is not None:
-            await self._claim_shared(store, envelope, metadata, result, subscription)
+            await self._claim_shared(store, envelope, metadata, result, subscription, started)
         self.verified += 1
         context[RESULT] = result
+        if started:
+            _traced(started, result, "verified")
         await call_next(envelope, metadata)
 
-    def _reject(self, result: VerificationResult) -> NoReturn:
+    def _reject(self, result: VerificationResult, started: int = 0) -> NoReturn:
         self.rejected[result.reason or "invalid"] += 1
+        if started:
+            _traced(started, result, "rejected")
         raise SignatureRejected(result)
 
     async def _claim_shared(
@@ -162,6 +175,7 @@ class IATPMiddleware(Middleware):
         metadata: Metadata,
         result: VerificationResult,
         subscription: Any,
+        started: int,
     ) -> None:
         """Claim the nonce of a message accepted so far in the shared store (see the module
         docstring); rejects a nonce claimed elsewhere, and fails closed."""
@@ -188,7 +202,28 @@ class IATPMiddleware(Middleware):
                     ts,
                     result.key_id,
                     f"{type(exc).__name__}: {exc}",
-                )
+                ),
+                started,
             )
         if not first and metadata.attempt <= 1:
-            self._reject(invalid(Reason.REPLAYED, result.sender, ts, result.key_id, "shared nonce store"))
+            self._reject(
+                invalid(Reason.REPLAYED, result.sender, ts, result.key_id, "shared nonce store"), started
+            )
+
+
+def _traced(started: int, result: VerificationResult, outcome: str) -> None:
+    """Record the span of one verification (tracing on): its outcome (``verified``,
+    ``rejected``, ``accepted_unsigned``), the reason, the sender (authenticated only when
+    verified), the key and the trust level; a rejection ends with status ERROR."""
+    _tracing.record(
+        VERIFY_SPAN,
+        started,
+        {
+            "agent_os.iatp.outcome": outcome,
+            "agent_os.iatp.reason": result.reason,
+            "agent_os.iatp.sender": result.sender,
+            "agent_os.iatp.key_id": result.key_id,
+            "agent_os.iatp.trust_level": result.trust_level,
+        },
+        error=f"{result.reason}: {result.detail or ''}".rstrip(": ") if outcome == "rejected" else None,
+    )

@@ -173,7 +173,7 @@ def main(
                 verify_interval=verify_interval,
             )
 
-    run(serve_process, log_level=log_level, errors=(ControlPlaneError,))
+    run(serve_process, log_level=log_level, errors=(ControlPlaneError,), name="control-plane")
 
 
 def _agent_id(value: str, param: click.Parameter) -> str:

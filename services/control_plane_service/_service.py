@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_os.amb import AMB, MessageRejected, Metadata, Subscription, get_serializer
+from agent_os.amb import tracing as _tracing
 from agent_os.amb.deadletter import DLQ_ORIGINAL_ID, dead_letter_headers
 from agent_os.amb.deadletter import dead_letter_subject as operator_dead_letter_subject
 from agent_os.amb.envelope import Envelope, new_id
@@ -262,7 +263,17 @@ class ControlPlaneService:
             await self._publish(answer)
 
     async def _publish(self, envelope: Envelope) -> None:
-        await self.client.broker.publish(envelope.topic, self._encode(envelope), key=envelope.sender)
+        await self._wire(envelope.topic, envelope, envelope.sender)
+
+    async def _wire(self, subject: str, envelope: Envelope, key: str) -> None:
+        # What the service sends past its client's publish chain (forwards, its own answers):
+        # while tracing is on, a span of its own and its trace context in the copy sent.
+        if _tracing.active:
+            client = self.client
+            with _tracing.forwarding(envelope, subject, client.agent_id, client.broker.name) as traced:
+                await client.broker.publish(subject, self._encode(traced), key=key)
+            return
+        await self.client.broker.publish(subject, self._encode(envelope), key=key)
 
     async def _release_failed(self, envelope: Envelope, metadata: Metadata, error: Exception) -> None:
         # A held message that did not go through after its handler returned (its delivery was
@@ -325,7 +336,7 @@ class ControlPlaneService:
 
     async def _send(self, subject: str, metadata: Metadata) -> None:
         try:
-            await self.client.broker.publish(subject, self._encode(metadata.envelope), key=metadata.sender)
+            await self._wire(subject, metadata.envelope, metadata.sender)
         except Exception:
             self.stats.forward_failures += 1
             raise  # the bus retries or dead-letters it

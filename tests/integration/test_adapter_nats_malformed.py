@@ -19,7 +19,6 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
-
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[NatsBroker]:
     broker = NatsBroker(NATS_URL)

@@ -22,7 +22,6 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
-
 @pytest.fixture
 async def broker() -> AsyncIterator[NatsBroker]:
     broker = NatsBroker(NATS_URL)

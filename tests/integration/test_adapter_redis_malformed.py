@@ -19,7 +19,6 @@ from tests.support.servers import REDIS_URL
 pytestmark = pytest.mark.redis
 
 
-
 class Deliveries:
     """A broker-level handler that acks and records what it receives."""
 

@@ -31,4 +31,3 @@ async def test_serve_control_plane_runs_the_service_process(sig: signal.Signals)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-

@@ -12,6 +12,5 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
-
 async def test_a_stopped_agent_does_not_stall_the_others_on_nats() -> None:
     await a_stopped_agent_does_not_stall_the_others("nats", NATS_URL)

@@ -14,7 +14,6 @@ from tests.support.servers import PG_DSN
 psycopg = pytest.importorskip("psycopg")
 
 
-
 @pytest.fixture
 async def schema() -> AsyncIterator[str]:
     name = f"cp_recorder_{uuid.uuid4().hex[:12]}"

@@ -24,7 +24,6 @@ from tests.support.servers import NATS_URL
 pytestmark = pytest.mark.nats
 
 
-
 async def test_the_service_process_mediates_traffic_on_nats(tmp_path: Path, closing: Closing) -> None:
     tag = uuid.uuid4().hex[:10]
     ingress, delivery, replies = f"in_{tag}", f"out_{tag}", f"re_{tag}"

@@ -9,6 +9,7 @@ nonces in Redis, and accepted without it.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ from agent_os.iatp import (
 )
 from tests.support import Collector, wait_until
 from tests.support.servers import REDIS_URL
+from tests.support.tcp_gate import TcpGate
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
@@ -186,10 +188,10 @@ def test_a_nonce_store_must_be_one() -> None:
 
 
 @pytest.mark.usefixtures("redis_keys")
-async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(prefix: str) -> None:
-    """More claims in flight than the store has connections: every one is answered (first
+async def test_claims_beyond_a_batch_wait_for_the_next_one_instead_of_failing(prefix: str) -> None:
+    """More claims in flight than one round trip carries: every one is answered (first
     claims True, repeats False), none rejected as unavailable."""
-    store = RedisNonceStore(REDIS_URL, prefix=prefix, max_connections=4, timeout=5.0)
+    store = RedisNonceStore(REDIS_URL, prefix=prefix, max_batch=4, timeout=5.0)
     nonces = [uuid.uuid4().bytes for _ in range(300)]
     try:
         first = await asyncio.gather(*(store.claim("scope", n, 60_000) for n in nonces))
@@ -200,4 +202,103 @@ async def test_claims_beyond_the_connections_wait_for_one_instead_of_failing(pre
     assert again == [False] * 300
     assert store.failures == 0
     with pytest.raises(IATPConfigError):
-        RedisNonceStore(REDIS_URL, max_connections=0)
+        RedisNonceStore(REDIS_URL, max_batch=0)
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_claims_in_flight_together_share_round_trips_and_each_gets_its_answer(prefix: str) -> None:
+    store = RedisNonceStore(REDIS_URL, prefix=prefix)
+    nonces = [uuid.uuid4().bytes for _ in range(200)]
+    try:
+        mixed = nonces[:100] + nonces[:50]  # the second 50 repeat claims made in the same batch
+        answers = await asyncio.gather(*(store.claim("scope", n, 60_000) for n in mixed))
+        assert answers == [True] * 100 + [False] * 50
+        assert store.round_trips <= 2  # the first claim alone, then the rest together
+        one_by_one = [await store.claim("scope", n, 60_000) for n in nonces[100:110]]
+        assert one_by_one == [True] * 10
+        assert store.failures == 0
+    finally:
+        await store.close()
+
+
+async def batched_group(
+    stores: list[RedisNonceStore], count: int
+) -> tuple[list[IATPMiddleware], Collector, Collector, str, list[bytes], AMB, list[AMB]]:
+    """Two instances of a queue group with ``concurrency`` (claims in flight together), their
+    subject and ``count`` signed messages for it; the caller closes the clients."""
+    sender, instances = await sender_and_instances(2)
+    url = f"memory://iatp-batch-{uuid.uuid4().hex}"
+    subject = f"svc{uuid.uuid4().hex[:8]}.work"
+    middlewares = [IATPMiddleware(i, nonce_store=s) for i, s in zip(instances, stores, strict=True)]
+    clients = [AMB("memory", url, agent_id="service", middleware=[m]) for m in middlewares]
+    raw = AMB("memory", url, agent_id="raw")
+    handled, dead = Collector(), Collector()
+    for client in clients:
+        await client.subscribe(subject, handled, queue="workers", concurrency=32)
+    await raw.subscribe(f"_DLQ.{subject}", dead)
+    await raw.connect()
+    codec = MsgpackSerializer()
+    data = [codec.encode(await sender.sign("coordinator", {"n": n}, topic=subject)) for n in range(count)]
+    return middlewares, handled, dead, subject, data, raw, clients
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_batched_replays_across_the_group_are_all_refused(prefix: str) -> None:
+    """Originals and replays claimed in batches: every replay reaches the instance that did
+    not see its original (the round robin shifted by one message) and is refused by the store."""
+    stores = [RedisNonceStore(REDIS_URL, prefix=prefix) for _ in range(2)]
+    middlewares, handled, dead, subject, data, raw, clients = await batched_group(stores, 61)
+    try:
+        for item in data:  # 60 originals, then one more: the replays go to the other instance
+            await raw.broker.publish(subject, item)
+        await handled.wait_for(61)
+        for item in data[:60]:
+            await raw.broker.publish(subject, item)
+        await dead.wait_for(60)
+        assert sorted(m["n"] for m in handled.messages) == list(range(61))
+        assert [dict(m.rejected) for m in middlewares] == [{"replayed_nonce": 30}] * 2
+        assert {m.headers["dlq-reason"] for m in dead.metadata} == {"replayed_nonce"}
+        assert sum(s.round_trips for s in stores) < 120  # claims went together
+    finally:
+        for client in [*clients, raw]:
+            await client.close()
+        for store in stores:
+            await store.close()
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_a_redis_outage_mid_batch_refuses_every_message_then_the_store_reconnects(
+    prefix: str,
+) -> None:
+    host, port = REDIS_URL.removeprefix("redis://").split("/")[0].split(":")
+    async with TcpGate(host, int(port)) as gate:
+        store = RedisNonceStore(f"redis://{gate.address}/0", prefix=prefix, timeout=5.0)
+        spare = RedisNonceStore(REDIS_URL, prefix=prefix)
+        middlewares, handled, dead, subject, data, raw, clients = await batched_group([store, spare], 11)
+        try:
+            await clients[1].close()  # one instance: every message claims through the gate
+            assert await store.claim("warm-up", os.urandom(16), 60_000)  # the connection is open
+            gate.hold()  # Redis gets the claims; its answers are kept back
+            for item in data[:10]:
+                await raw.broker.publish(subject, item)
+            # every claim sent (in the batch out) or waiting for the next round trip
+            await wait_until(lambda: gate.received.count(b"\r\nSET\r\n") + store.waiting == 11)
+            assert gate.received.count(b"\r\nSET\r\n") >= 2
+            gate.cut()  # the outage: the round trip out fails, and so does the next
+            await dead.wait_for(10)
+            assert handled.messages == []
+            assert middlewares[0].rejected == {"nonce_store_unavailable": 10}
+            assert {m.headers["dlq-reason"] for m in dead.metadata} == {"nonce_store_unavailable"}
+            assert store.failures == 10
+            gate.restore()  # Redis is back: the next claim connects again and is answered
+            await raw.broker.publish(subject, data[10])
+            await handled.wait_for(1)
+            assert handled.messages == [{"n": 10}]
+        finally:
+            for client in [*clients, raw]:
+                await client.close()
+            await store.close()
+            await spare.close()

@@ -16,8 +16,6 @@ from tests.support.closing import Closing
 pytestmark = pytest.mark.kafka
 
 
-
-
 async def test_records_fetched_from_several_partitions_keep_their_own_positions(
     kafka_url: str, closing: Closing
 ) -> None:

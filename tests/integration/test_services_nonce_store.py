@@ -43,7 +43,8 @@ def publish_policy() -> Policy:
 @pytest.mark.usefixtures("redis_keys")
 async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_group(
     tmp_path: Path,
-    prefix: str, closing: Closing,
+    prefix: str,
+    closing: Closing,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
@@ -60,9 +61,11 @@ async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_gr
         assert first.nonce_store.prefix == prefix
         services = []
         for iatp in (first, second):
-            service = closing(ControlPlaneService(
-                AMB("memory", where, agent_id=service_id), KernelSpace(policy=publish_policy()), iatp=iatp
-            ))
+            service = closing(
+                ControlPlaneService(
+                    AMB("memory", where, agent_id=service_id), KernelSpace(policy=publish_policy()), iatp=iatp
+                )
+            )
             await service.start()
             services.append(service)
         raw = closing(AMB("memory", where, agent_id="raw"))
@@ -92,7 +95,8 @@ async def test_instances_opened_with_a_nonce_store_refuse_a_replay_across_the_gr
 @pytest.mark.nats
 async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_instance(
     tmp_path: Path,
-    prefix: str, closing: Closing,
+    prefix: str,
+    closing: Closing,
 ) -> None:
     """Instance one forwards the original; instance two, started afterwards (the first then
     stopped, so the replay can only reach it), refuses the replay: its own cache never saw the

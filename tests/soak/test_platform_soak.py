@@ -231,9 +231,14 @@ async def governed_run(path: Path) -> dict[str, Any]:
             await signal("stopper", AgentSignal.SIGCONT)
             await wait_until(lambda: released(stopper_proc), timeout=30, what="the stopper's release")
             # The sink: its deliveries wait (one held, the rest in its subscription's queue).
+            # The other flows may have finished by now: one message of a flow of its own makes
+            # sure a delivery finds the sink stopped (published beside, not awaited: with the
+            # sink's queue full, the publish itself waits until the sink is continued).
             await signal("sink", AgentSignal.SIGSTOP)
+            marker = asyncio.create_task(publish("pub0", "soak.data.pub0", ["pub0", k, "control"]))
             await wait_until(lambda: sink_proc.held >= 1, timeout=30, what="a held delivery")
             await signal("sink", AgentSignal.SIGCONT)
+            assert await asyncio.wait_for(marker, 30) is not None
             await wait_until(lambda: released(sink_proc), timeout=30, what="the sink's release")
             if k == CYCLES // 2:
                 await asyncio.wait_for(victim_half.wait(), 60)

@@ -6,7 +6,8 @@ servers are), ``cleanup`` (deleting what tests leave on them), ``brokers`` (the 
 suite's broker targets and fixtures), ``kafka`` (the librdkafka mock cluster), ``processes``
 (services started as processes), ``identities`` (signing keys), ``envelopes``, ``embedders``,
 ``emk``, ``holds`` and ``queue_group`` (scenarios that a unit test and a server-bound test both
-run). Fixtures live in each folder's ``conftest.py``.
+run), ``compose`` (a compose file's Agent OS services run natively). Fixtures live in each
+folder's ``conftest.py``.
 """
 
 from __future__ import annotations

@@ -92,8 +92,7 @@ class Group:
     async def records(self, **filters: Any) -> list[list[Record]]:
         """Each instance's ``policy_decision`` records matching ``filters`` (``data.<field>``)."""
         return [
-            await s.kernel.recorder.query(event_type=DECISION_EVENTS, filters=filters)
-            for s in self.services
+            await s.kernel.recorder.query(event_type=DECISION_EVENTS, filters=filters) for s in self.services
         ]
 
     async def sentinels(self, subjects: list[str]) -> None:

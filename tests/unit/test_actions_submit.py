@@ -24,9 +24,7 @@ from tests.support import wait_until
 
 async def _events(kernel: KernelSpace) -> list[tuple[str, str | None, str | None]]:
     """(event type, action, decision or status) of every action record, in order."""
-    records = await kernel.recorder.query(
-        event_type=["policy_decision", *VIOLATION_EVENTS, "action_outcome"]
-    )
+    records = await kernel.recorder.query(event_type=["policy_decision", *VIOLATION_EVENTS, "action_outcome"])
     return [
         (r.event_type, r.data.get("action"), r.data.get("decision", r.data.get("status"))) for r in records
     ]

@@ -77,8 +77,7 @@ async def test_an_llm_agent_reads_is_denied_asks_and_answers(tmp_path: Path, clo
         actions = [
             (r.event_type, r.data.get("action"))
             for r in records
-            if r.event_type in (*DECISION_EVENTS, "action_outcome")
-            and r.data.get("action")
+            if r.event_type in (*DECISION_EVENTS, "action_outcome") and r.data.get("action")
         ]
         assert actions == [
             ("policy_decision", "fs.read"),

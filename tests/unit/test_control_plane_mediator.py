@@ -507,9 +507,7 @@ async def test_a_claimed_sender_cannot_signal_an_agent(how: str, closing: Closin
         "ok": True
     }
     assert kernel.get_agent_status("victim").state == "stopped"
-    decisions = await kernel.recorder.query(
-        event_type=DECISION_EVENTS, filters={"data.operation": "signal"}
-    )
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "signal"})
     assert [(d.data["sender"], d.data["claimed_sender"], d.data["decision"]) for d in decisions] == [
         (None, "supervisor", "deny"),
         ("supervisor", "forger", "allow"),
@@ -723,7 +721,8 @@ def test_the_handlers_task_is_the_running_task_on_every_loop_and_thread() -> Non
 
 async def gated_recorder(kernel: KernelSpace) -> asyncio.Event:
     """Make ``kernel``'s recorder (``batch_size=1``) apply backpressure: one write starts and
-    waits for the returned gate, so every further record waits for that write."""
+    waits for the returned gate, and the pending records fill up (``max_pending``), so every
+    further record waits for that write."""
     recorder = kernel.recorder
     original = recorder.storage.append
     gate = asyncio.Event()
@@ -734,6 +733,8 @@ async def gated_recorder(kernel: KernelSpace) -> asyncio.Event:
 
     recorder.storage.append = gated  # type: ignore[method-assign]
     await recorder.log("e", "test")  # fills the batch: its write starts and waits at the gate
+    for _ in range(recorder.max_pending - 1):  # then the records that may wait beside it
+        await recorder.log("e", "test")
     return gate
 
 
@@ -750,7 +751,7 @@ async def test_a_publish_allowed_while_its_agent_is_killed_is_not_published(clos
     await agent.connect()
     gate = await gated_recorder(kernel)
     publish = asyncio.create_task(agent.publish("tasks.out", "after the kill"))
-    await wait_until(lambda: kernel.recorder.appended == 2, what="the decision recorded")
+    await wait_until(lambda: kernel.recorder.appended == kernel.recorder.max_pending + 1, what="the decision")
     kernel.get_agent("agent").kill()  # while the publish waits for its record's batch
     gate.set()
     with pytest.raises(AgentStoppedError):
@@ -786,7 +787,7 @@ async def test_a_message_allowed_while_its_sender_is_killed_is_not_forwarded(clo
     await service.connect()
     gate = await gated_recorder(kernel)
     message_id = await agent.publish("ingress.tasks.x", "after the kill")
-    await wait_until(lambda: kernel.recorder.appended == 2, what="the decision recorded")
+    await wait_until(lambda: kernel.recorder.appended == kernel.recorder.max_pending + 1, what="the decision")
     kernel.get_agent("agent-a").kill()
     gate.set()
     await dead.wait_for(1)

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
+from agent_os.control_plane.errors import RecorderInUse
+from agent_os.control_plane.recorder.storage import Where
 from tests.support import wait_until
 from tests.support.closing import Closing
 
@@ -199,7 +201,7 @@ async def test_a_failed_flush_keeps_the_batch() -> None:
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
-    # Loggers past a full batch wait for the batch being written. One of them cancelled (a
+    # Loggers past the pending limit wait for the batch being written. One of them cancelled (a
     # killed agent's handler) must leave that write alone: the others wait for it too.
     async with FlightRecorder("memory", batch_size=2) as rec:
         storage = rec.storage
@@ -214,8 +216,8 @@ async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() ->
         storage.append = slow  # type: ignore[method-assign]
         for i in range(2):
             await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
-        rec.append("e", "a", {"i": 2})
-        rec.append("e", "a", {"i": 3})  # the next batch is full as well: its loggers wait
+        for i in range(2, 2 + rec.max_pending):  # the batches that may fill beside the write
+            rec.append("e", "a", {"i": i})  # ... and now they have: their loggers wait
         cancelled = asyncio.create_task(rec.backpressure())
         other = asyncio.create_task(rec.backpressure())
         await asyncio.wait_for(writing.wait(), 5)
@@ -225,8 +227,55 @@ async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() ->
         await asyncio.wait_for(other, 5)  # not a CancelledError
         assert cancelled.cancelled()
         await rec.flush()
-        assert rec.flushed == 4
-        assert (await rec.verify()).checked == 4
+        assert rec.flushed == 2 + rec.max_pending
+        assert (await rec.verify()).checked == 2 + rec.max_pending
+
+
+async def test_records_logged_during_a_write_are_written_without_more_logging() -> None:
+    # The flush timer may fire while a write runs: the records that came meanwhile must still
+    # be written when it ends, with no further log call and no read to prompt it.
+    # (no retention: its own flush would write them too)
+    async with FlightRecorder("memory", retention_days=None, batch_size=1000, flush_interval=0.02) as rec:
+        storage = rec.storage
+        original = storage.append
+        writing, gate = asyncio.Event(), asyncio.Event()
+
+        async def slow(rows: Any) -> None:
+            writing.set()
+            await gate.wait()
+            await original(rows)
+
+        storage.append = slow  # type: ignore[method-assign]
+        await rec.log("e", "a", {"i": 0})
+        await asyncio.wait_for(writing.wait(), 5)  # the timer's write of record 1 runs
+        for i in range(1, 4):
+            await rec.log("e", "a", {"i": i})
+        await wait_until(lambda: rec._timer is None, what="the timer fired during the write")
+        gate.set()
+        await wait_until(lambda: rec.flushed == 4, what="the records of the write's time written")
+        assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("per_statement", [1, 7, 10_000])
+async def test_sqlite_writes_alike_in_one_statement_or_several(
+    tmp_path: Path, per_statement: int
+) -> None:
+    # A write of up to the parameter limit's rows is one conditional INSERT; a longer one is
+    # several in one transaction. Both store the same rows, and both refuse a batch that does
+    # not continue the stored chain, writing nothing.
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
+        rec.storage._max_rows = per_statement  # type: ignore[attr-defined]
+        for i in range(25):
+            rec.append("e", f"agent_{i % 3}", {"i": i, "text": "é\u2028\x00" * (i % 4)}, "info", None, True)
+        assert await rec.flush() == 25
+        stored = await rec.storage.select(Where())
+        assert [tuple(r) for r in stored] == [tuple(r) for r in await rec.query()]
+        assert [json.loads(r[7])["i"] for r in stored] == list(range(25))
+        assert (await rec.verify()).checked == 25
+        stale = [tuple(r) for r in stored[10:]]  # seq 11.. again: does not continue seq 25
+        with pytest.raises(RecorderInUse):
+            await rec.storage.append(stale)
+        assert len(await rec.storage.select(Where())) == 25
 
 
 def _tamper(db: Path, *statements: str) -> None:

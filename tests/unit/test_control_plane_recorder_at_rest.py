@@ -59,13 +59,13 @@ async def test_compressed_data_is_smaller_at_rest_and_transparent_on_read(
     await rec.close()
 
     plain = tmp_path / "p.db"
-    await write(plain, compression=False)
+    await write(plain)  # compression is off by default
     assert {kind for _, kind, _ in rows(plain)} == {"text"}
 
 
 async def test_tampered_compressed_data_is_detected(tmp_path: Path, closing: Closing) -> None:
     db = tmp_path / "c.db"
-    await write(db)
+    await write(db, compression=True)
     blob = bytearray(rows(db)[2][2])
     blob[-3] ^= 0x55
     execute(db, "UPDATE flight_records SET data = ? WHERE seq = 3", bytes(blob))

@@ -432,9 +432,7 @@ async def test_a_killed_agent_cannot_pass_as_another_sender_when_the_service_ver
     assert service.client.stats.rejected == 3  # every message is accounted for: 2 on, 3 refused
     assert service.stats.forwarded == 2
     assert got.messages == ["from admin", "agent-a's own"]
-    decisions = await kernel.recorder.query(
-        event_type=DECISION_EVENTS, filters={"data.operation": "publish"}
-    )
+    decisions = await kernel.recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "publish"})
     assert [(d.agent_id, d.data["decision"]) for d in decisions] == [("admin", "allow"), ("agent-a", "allow")]
     # Without --agents the roster is the agents of the service's identities.
     deliveries = await kernel.recorder.query(
@@ -608,9 +606,7 @@ async def test_a_request_must_reply_to_an_inbox_of_its_own_sender(closing: Closi
         "reply_to must be an inbox of the sender (_INBOX.agent-b....)",
         "reply_to is already waiting for the reply to another request",
     ]
-    requests = await kernel.recorder.query(
-        event_type=DECISION_EVENTS, filters={"data.operation": "request"}
-    )
+    requests = await kernel.recorder.query(event_type=DECISION_EVENTS, filters={"data.operation": "request"})
     assert len(requests) == 6  # one per message
     for client in (a, b):
         await client.close()
