@@ -56,12 +56,13 @@ from tests.support.processes import TOKEN, get, metrics_url, start, stop
 from tests.support.prometheus import api, prometheus, promtool, query, wait_targets_up
 
 AGENTS = ("alice", "bob")
+DEMO_CONFIGS = sorted(PROMETHEUS_CONFIG.parents[1].glob("demos/*/prometheus.yml"))  # the demo stacks'
 
 
 def test_promtool_passes_the_shipped_configuration_and_rules() -> None:
     tool = promtool()
     for args in (
-        ["check", "config", str(PROMETHEUS_CONFIG)],
+        ["check", "config", str(PROMETHEUS_CONFIG), *map(str, DEMO_CONFIGS)],
         ["check", "rules", *map(str, RULES.glob("*.yml"))],
     ):
         done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60, check=False)
