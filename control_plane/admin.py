@@ -23,6 +23,7 @@ from agent_os.control_plane.errors import (
     PolicyLoadError,
     SignalError,
 )
+from agent_os.control_plane.kernel.metrics import KernelMetrics
 from agent_os.control_plane.policy.loader import MAX_POLICY_BYTES, load_policy_text
 from agent_os.control_plane.recorder.heads import HEAD_FORMAT, Head
 
@@ -58,9 +59,10 @@ class AdminAPI:
     """Serves the admin routes for ``kernel`` (docs/control-plane.md, The admin API).
 
     ``token``: the bearer token (at least 16 characters, else ValueError); ``registry``: the
-    prometheus_client registry ``/metrics`` serves (the API adds its :class:`KernelMetrics` to
-    it), e.g. a service's, so that the admin API and the metrics port show the same; without
-    it ``/metrics`` shows the kernel's metrics and ``extra_metrics`` (name -> value or
+    prometheus_client registry ``/metrics`` serves (the API adds the kernel's
+    :class:`~agent_os.control_plane.kernel.metrics.KernelMetrics` and its own to it), e.g. a
+    service's, so that the admin API and the metrics port show the same; without it
+    ``/metrics`` shows the kernel's metrics, the API's and ``extra_metrics`` (name -> value or
     callable, as gauges); ``require_verified_sender``: keep that
     policy option on across reloads; ``health``: what ``/healthz`` reports (True: 200, False:
     503; e.g. the bus client's ``healthy``, so a lost broker connection shows). Raises
@@ -99,7 +101,8 @@ class AdminAPI:
         self.errors = 0
         self.registry = registry
         if registry is not None:
-            registry.register(KernelMetrics(self))
+            registry.register(KernelMetrics(kernel))
+            registry.register(AdminMetrics(self))
 
         @web.middleware
         async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -275,46 +278,25 @@ class AdminAPI:
         registry = self.registry
         if registry is None:
             registry = CollectorRegistry()
-            registry.register(KernelMetrics(self))
+            registry.register(KernelMetrics(self.kernel))
+            registry.register(AdminMetrics(self))
             for name, value in self.extra_metrics.items():
                 Gauge(name, name, registry=registry).set(value() if callable(value) else value)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-class KernelMetrics:
-    """A prometheus_client collector over an admin API's kernel and its own counters
-    (``docs/observability.md``): agents by state, their actions and violations, flight-recorder
-    appends and writes, admin requests refused."""
+class AdminMetrics:
+    """A prometheus_client collector over an admin API's own counters (``docs/observability.md``):
+    admin requests refused for their token, answered 4xx, failed."""
 
     def __init__(self, admin: AdminAPI) -> None:
         self.admin = admin
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily
 
         admin = self.admin
-        statuses = admin.kernel.agents()
-        agents = GaugeMetricFamily("agentos_agents", "Agents known to the kernel, by state", labels=["state"])
-        by_state: dict[str, int] = {}
-        for status in statuses:
-            by_state[status.state] = by_state.get(status.state, 0) + 1
-        for state, count in by_state.items():
-            agents.add_metric([state], count)
-        yield agents
-        yield GaugeMetricFamily(
-            "agentos_agent_actions",
-            "Allowed actions of the agents the kernel knows now",
-            value=sum(s.actions_count for s in statuses),
-        )
-        yield GaugeMetricFamily(
-            "agentos_agent_violations",
-            "Denied actions of the agents the kernel knows now",
-            value=sum(s.violations_count for s in statuses),
-        )
-        recorder = admin.kernel.recorder
         for name, text, value in (
-            ("agentos_recorder_records_appended", "Flight-recorder records appended", recorder.appended),
-            ("agentos_recorder_records_written", "Flight-recorder records written", recorder.flushed),
             ("agentos_admin_unauthorized", "Admin requests refused for their token", admin.unauthorized),
             ("agentos_admin_bad_requests", "Admin requests answered 4xx", admin.bad_requests),
             ("agentos_admin_errors", "Admin requests that failed (500)", admin.errors),

@@ -1,6 +1,7 @@
 """The metrics port every service process opens: ``/metrics`` (Prometheus) and ``/healthz``
-(its broker connection), the ``--metrics-*`` options, and :class:`Durations`, the latency
-histograms the services keep. Metric names and the options: ``docs/observability.md``.
+(its broker connection), and the ``--metrics-*`` options. Metric names and the options:
+``docs/observability.md``; the services time requests with
+:class:`~agent_os.amb.durations.Durations`.
 
 A service's ``serve`` coroutine builds a registry with :func:`service_registry` (its bus
 clients and its own collectors) and wraps its wait in :func:`metrics_endpoint`, whose URL goes
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from bisect import bisect_left
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -22,11 +22,11 @@ import click
 
 from agent_os.amb import AMB
 from agent_os.amb.metrics import BusCollector
+from agent_os.iatp.metrics import TrustCollector
 
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import HistogramMetricFamily
 
 log = logging.getLogger("agent_os.services.metrics")
 
@@ -38,24 +38,6 @@ METRICS_PORTS: Final = {"control-plane": 9464, "memory": 9465, "verifier": 9466,
 """Each service's default ``--metrics-port``: distinct, so that all run side by side on one host."""
 MIN_TOKEN: Final = 16
 INSTALL_HINT: Final = "the metrics port needs aiohttp and prometheus-client: pip install 'agent-os[service]'"
-LATENCY_BUCKETS: Final = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-"""Upper bounds (seconds) of the services' latency histograms."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -125,15 +107,17 @@ def require_metrics() -> None:
 
 def service_registry(clients: Iterable[AMB], *collectors: Any) -> CollectorRegistry:
     """A registry with the process's metrics (CPU, memory, file descriptors, GC), a
-    :class:`~agent_os.amb.metrics.BusCollector` over ``clients`` and ``collectors``
-    (objects with a prometheus_client ``collect()``)."""
+    :class:`~agent_os.amb.metrics.BusCollector` and a :class:`~agent_os.iatp.metrics.TrustCollector`
+    over ``clients``, and ``collectors`` (objects with a prometheus_client ``collect()``)."""
     from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+    clients = list(clients)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(BusCollector(clients))
+    registry.register(TrustCollector(clients))
     for collector in collectors:
         registry.register(collector)
     return registry
@@ -229,44 +213,3 @@ async def metrics_endpoint(
 def ready_line(line: str, metrics_url: str | None) -> str:
     """``line`` followed by `` metrics=<url>`` when the service serves metrics."""
     return f"{line} metrics={metrics_url}" if metrics_url else line
-
-
-class Durations:
-    """Observed durations (seconds) by a tuple of bounded label values, kept as cumulative
-    histogram buckets (:data:`LATENCY_BUCKETS`): an observation costs a bisect and two additions."""
-
-    __slots__ = ("_series", "buckets")
-
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        self.buckets = tuple(buckets)
-        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
-        """Count one duration of ``seconds`` under ``labels``."""
-        series = self._series.get(labels)
-        if series is None:
-            series = self._series[labels] = ([0] * (len(self.buckets) + 1), [0.0])
-        series[0][bisect_left(self.buckets, seconds)] += 1
-        series[1][0] += seconds
-
-    def count(self, labels: tuple[str, ...]) -> int:
-        """How many durations were observed under ``labels``."""
-        series = self._series.get(labels)
-        return sum(series[0]) if series is not None else 0
-
-    def family(self, name: str, text: str, label_names: Sequence[str]) -> HistogramMetricFamily:
-        """The prometheus_client histogram family ``name`` (ending in ``_seconds``) of these durations."""
-        from prometheus_client.core import HistogramMetricFamily
-
-        histogram = HistogramMetricFamily(name, text, labels=list(label_names))
-        for labels, (counts, total) in list(self._series.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(_le, self.buckets), "+Inf"), counts, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            histogram.add_metric(list(labels), buckets, total[0])
-        return histogram
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))

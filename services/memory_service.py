@@ -17,13 +17,13 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB, Metadata, Subscription
+from agent_os.amb.durations import Durations
 from agent_os.amb.replies import ERROR_HEADER
 from agent_os.emk import EMK, EMKError, MemoryRecord
 from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._metrics import (
     METRICS_PORTS,
-    Durations,
     MetricsOptions,
     metrics_endpoint,
     metrics_from_options,

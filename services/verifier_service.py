@@ -18,12 +18,12 @@ from typing import Any, Final, get_args
 import click
 
 from agent_os.amb import AMB, Metadata, Subscription
+from agent_os.amb.durations import Durations
 from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy, VerificationResult
 from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
 from agent_os.services._metrics import (
     METRICS_PORTS,
-    Durations,
     MetricsOptions,
     metrics_endpoint,
     metrics_from_options,

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.policy.content import argument_texts
 from agent_os.control_plane.policy.decision import PERMISSION_DENIED, Decision
 from agent_os.control_plane.policy.policy import RUN_OPERATION, Policy
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KERNEL_POLICY: Final = "kernel"  # the policy name of denials the kernel makes itself
 _COVERS: Final = {"publish": "write", "request": "write", "reply": "write", "deliver": "read"}
+DECISION_LABELS: Final = ("operation", "action", "rule", "event")
+"""What :attr:`Gate.decisions` counts by: the operation (``publish``, ``deliver``, ``read``, ...;
+``-`` for an action refused before it had one), the decision's action (``allow``,
+``deny``), its rule's name (``-``: none, the policy's default or the kernel's own refusal) and
+the event type of its record (``policy_decision``, ``policy_violation``, ...)."""
 
 
 class SignalSender(Protocol):
@@ -42,7 +48,9 @@ class Gate:
 
     ``policy``: a Policy or a PolicySet (the kernel's; replaced in place by a reload);
     ``recorder``: where decisions are recorded; ``signals``: where a denying rule's
-    ``on_violation`` signal is sent; ``debug``: log every decision.
+    ``on_violation`` signal is sent; ``debug``: log every decision. ``decisions`` counts the
+    recorded decisions by :data:`DECISION_LABELS` (a bounded set: see
+    :class:`~agent_os.amb.stats.LabelCounts`).
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class Gate:
         self.signals = signals
         self.debug = debug
         self.rate_store_failures = 0
+        self.decisions = LabelCounts(len(DECISION_LABELS))
 
     def decide(
         self,
@@ -204,6 +213,7 @@ class Gate:
         event = decision.violation_event if violation else "policy_decision"
         if self.debug:
             log.debug("%s %s: %s", event, proc.id if proc is not None else agent_id, data)
+        self._count(str(data.get("operation") or "-"), decision, event)
         severity = "warning" if violation else "info"
         if _tracing.active:
             trace_decision(proc.id if proc is not None else agent_id, data, event, severity)
@@ -221,6 +231,9 @@ class Gate:
         if signal is not None or recorder.batch_full:
             return self._after_record(recorder.batch_full, target, signal)
         return None
+
+    def _count(self, operation: str, decision: Decision, event: str) -> None:
+        self.decisions.add((operation, decision.action, decision.rule_name or "-", event))
 
     async def _settle_rate(
         self,
@@ -295,6 +308,7 @@ class Gate:
             decision = Decision(False, "deny", why, KERNEL_POLICY, violation=True, rate_limited=True)
         violation = decision.violation
         event = decision.violation_event if violation else "execute"
+        self._count(RUN_OPERATION, decision, event)
         data = {
             "name": name,
             "operation": RUN_OPERATION,
@@ -341,6 +355,7 @@ class Gate:
         body = {**data, "decision": decision.action, "reason": decision.reason}
         violation = decision.violation
         event = decision.violation_event if violation else "policy_decision"
+        self._count(str(data.get("operation") or "-"), decision, event)
         if self.debug:
             log.debug("%s %s: %s", event, agent_id, body)
         execution = proc.id if proc is not None else None

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentNotFound, SignalError
 from agent_os.control_plane.recorder.records import TRACE_EVENT
@@ -53,19 +54,22 @@ SignalHandler = Callable[[str, AgentSignal], Awaitable[Any]]
 
 
 class _Table:
-    """What every dispatcher bound to one kernel shares: the handlers, and the deliveries
-    running in the background (so that any of them can wait for all)."""
+    """What every dispatcher bound to one kernel shares: the handlers, the deliveries
+    running in the background (so that any of them can wait for all), and the signal counts."""
 
-    __slots__ = ("background", "handlers")
+    __slots__ = ("background", "counts", "handlers")
 
     def __init__(self) -> None:
         self.handlers: dict[AgentSignal, list[tuple[str | None, SignalHandler]]] = {}
         self.background: set[asyncio.Task[Any]] = set()
+        self.counts = LabelCounts(2)
 
     def take_over(self, other: _Table) -> None:
         for sig, entries in other.handlers.items():
             self.handlers.setdefault(sig, []).extend(entries)
         self.background |= other.background
+        for key, count in other.counts.items():
+            self.counts.add(key, count)
 
 
 class SignalDispatcher:
@@ -130,6 +134,12 @@ class SignalDispatcher:
             return fn
 
         return decorator
+
+    @property
+    def counts(self) -> LabelCounts:
+        """The signal records of the kernel (every dispatcher bound to it) by ``(signal name,
+        outcome)``: ``delivered``, ``ignored``, ``handler_error``, ``vetoed``, ``cleanup_error``."""
+        return self._table.counts
 
     def mask(self, agent_id: str, signal: AgentSignal | str) -> None:
         """Ignore ``signal`` for ``agent_id`` from now on. Raises SignalError for SIGKILL/SIGSTOP."""
@@ -240,10 +250,16 @@ class SignalDispatcher:
         while background:
             await asyncio.gather(*list(background), return_exceptions=True)
 
-    @staticmethod
     async def _record(
-        kernel: SignalHost, agent_id: str, sig: AgentSignal, outcome: str, detail: str, sender: str | None
+        self,
+        kernel: SignalHost,
+        agent_id: str,
+        sig: AgentSignal,
+        outcome: str,
+        detail: str,
+        sender: str | None,
     ) -> None:
+        self._table.counts.add((sig.name, outcome))
         if kernel.debug:
             log.debug("signal %s to %s: %s %s (sender %s)", sig.name, agent_id, outcome, detail, sender)
         _tracing.add_event(

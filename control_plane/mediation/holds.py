@@ -73,13 +73,15 @@ class Holds:
     """The holds of one mediator: waiting ones (embedded) and detached ones (mediated).
 
     ``backlog``: agent id -> its detached holds not yet done (a message of such an agent goes
-    behind them); ``detached``: the detached holds, in arrival order; ``held_dropped`` and
+    behind them); ``detached``: the detached holds, in arrival order; ``messages_held``:
+    messages held for a stopped agent (one per ``message_held`` record); ``held_dropped`` and
     ``release_failures``: detached holds dropped before their turn, and failed after it.
     """
 
     def __init__(self, kernel: MediatedKernel, on_release_error: ReleaseErrorHook | None = None) -> None:
         self.kernel = kernel
         self.on_release_error = on_release_error
+        self.messages_held = 0
         self.held_dropped = 0
         self.release_failures = 0
         self.backlog: dict[str, int] = {}
@@ -199,6 +201,7 @@ class Holds:
 
     async def held(self, proc: AgentProcess, env: Envelope, op: str) -> None:
         """Record that the stopped agent's message is held (``message_held``)."""
+        self.messages_held += 1
         if self.kernel.debug:
             log.debug("message_held %s: %s %s on %r", proc.id, op, env.id, env.topic)
         _tracing.add_event(TRACE_EVENT, {"agent_os.recorder.event": "message_held"})

@@ -173,6 +173,9 @@ class FlightRecorder:
         self._prev = GENESIS
         self._ids = f"evt_{new_id()}_"
         self._batch: list[Record] = []
+        self._writing: list[Record] = []  # the batch flush() is writing now
+        self.last_verification: tuple[VerifyResult, float] | None = None
+        """The result of the latest :meth:`verify` and when it ended (``time.time()``), or None."""
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
@@ -436,6 +439,7 @@ class FlightRecorder:
             ):
                 self._sign_head()
             batch, self._batch = self._batch, []
+            self._writing = batch
             try:
                 if batch:
                     await self.storage.append(batch)
@@ -444,6 +448,8 @@ class FlightRecorder:
                 if isinstance(exc, RecorderInUse):
                     self._fenced = exc  # nothing more is numbered from a tail that moved
                 raise
+            finally:
+                self._writing = []
             self.flushed += len(batch)
             if not self._batch and self._timer is not None:
                 self._timer.cancel()
@@ -471,6 +477,13 @@ class FlightRecorder:
             log.warning("flight-recorder retention failed: %s", exc)
         finally:
             self._retaining = False
+
+    @property
+    def unwritten_since_ns(self) -> int | None:
+        """The time (ns since the epoch) of the oldest record appended and not yet written, or
+        None when every record is written: how far the storage lags behind."""
+        oldest = self._writing or self._batch
+        return oldest[0].ts if oldest else None
 
     async def log_state_dump(self, agent_id: str, state: Mapping[str, Any]) -> Record:
         """Record an agent's state (``replay`` merges it into the replayed state)."""
@@ -608,7 +621,8 @@ class FlightRecorder:
         *,
         trusted_keys: Iterable[bytes | str | VerifyKey] | None = None,
     ) -> VerifyResult:
-        """Check the whole chain; the result names the first bad record (see records module).
+        """Check the whole chain; the result names the first bad record (see records module),
+        and is kept with its time in :attr:`last_verification`.
 
         ``expected_head`` (a ``(seq, hash)`` from :meth:`head`, or a :class:`Head`): the record
         at its seq must still have its hash, and none may be missing up to it. A signed Head
@@ -617,6 +631,15 @@ class FlightRecorder:
         signed by one, and no stretch of the chain may lack one for longer than its signer's
         ``head_every`` (docs/control-plane.md, Anchoring the chain). Raises RecorderKeyError
         for records encrypted under another key, RecorderConfigError for a malformed key."""
+        result = await self._verify(expected_head, trusted_keys)
+        self.last_verification = (result, time.time())
+        return result
+
+    async def _verify(
+        self,
+        expected_head: tuple[int, str] | Head | None,
+        trusted_keys: Iterable[bytes | str | VerifyKey] | None,
+    ) -> VerifyResult:
         trusted = public_keys(trusted_keys or ())
         if self._signer is not None:
             trusted |= {bytes(self._signer.verify_key)}

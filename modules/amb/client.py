@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, overload
@@ -28,6 +29,7 @@ from agent_os.amb.broker import (
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
 from agent_os.amb.dispatch import LocalDelivery
+from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
     BusError,
@@ -73,6 +75,11 @@ PARTITION_KEY_HEADER: Final = "partition-key"
 
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
+_perf: Final = time.perf_counter
+LATENCY_SAMPLE: Final = 16
+"""A handler call under :data:`SAMPLE_BELOW` seconds is followed by ``LATENCY_SAMPLE - 1``
+untimed ones; the next timed call counts for all of them (see :meth:`AMB.keep_latency`)."""
+SAMPLE_BELOW: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
 
@@ -176,6 +183,14 @@ class AMB(Lifecycle):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
         self._request_ids = itertools.count(1)
+        self.handler_latency: Durations | None = None
+        """Handler call times (label tuple ``()``) once :meth:`keep_latency` was called, else None."""
+        self.request_latency: Durations | None = None
+        """Request times by outcome (``("ok",)``, ``("timeout",)``, ``("error",)``) once
+        :meth:`keep_latency` was called, else None."""
+        self._handler_times: list[float] | None = None  # handler_latency's one series, updated in place
+        self._untimed = 0  # handler calls left to skip before the next timed one
+        self._time_weight = 1  # how many calls the next timed one counts for
         self.dead_letter_hook: DeadLetterHook | None = None
         """Called after each dead letter this client published, with the dead letter and the
         metadata of the refused delivery (None when it could not be decoded); its errors are
@@ -196,6 +211,27 @@ class AMB(Lifecycle):
             return False
         connected = getattr(self.broker, "connected", True)
         return connected is True
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware chain, wire side first."""
+        return tuple(self._middleware)
+
+    def keep_latency(self) -> None:
+        """Time handler calls (with their middleware) and requests from now on, in
+        :attr:`handler_latency` and :attr:`request_latency`. A
+        :class:`~agent_os.amb.metrics.BusCollector` calls it for the clients it collects.
+        Idempotent.
+
+        Every request and every handler call of 100 µs or more is timed (two clock reads and
+        a bucket increment). After a faster call, the next :data:`LATENCY_SAMPLE` - 1 calls go
+        untimed and the one after counts for all of them: the histogram's count stays the
+        number of calls, its sum and quantiles become estimates, and timing costs the fast
+        path a counter decrement per delivery."""
+        if self.handler_latency is None:
+            self.request_latency = Durations()
+            self.handler_latency = Durations()
+            self._handler_times = self.handler_latency.series(())
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Append a middleware (innermost so far). Raises StateError once connected."""
@@ -417,6 +453,7 @@ class AMB(Lifecycle):
             trace = self._tracing.begin_request(topic, recipient)
         pending = self._requests.add(reply_subject, fut, recipient)
         self.stats.requests += 1
+        started = _perf()
         try:
             try:
                 request_id = await self.publish(
@@ -434,11 +471,16 @@ class AMB(Lifecycle):
                 reply = await fut
             finally:
                 self._requests.remove(reply_subject)
+            latency = self.request_latency
             if reply is None:
                 self.stats.request_timeouts += 1
+                if latency is not None:
+                    latency.observe(("timeout",), _perf() - started)
                 raise RequestTimeout(topic, timeout)
             payload, meta = reply
             error = meta.headers.get(ERROR_HEADER)
+            if latency is not None:
+                latency.observe(("ok",) if error is None else ("error",), _perf() - started)
             if error is not None:
                 raise RemoteError(topic, error)
         except BaseException as exc:
@@ -661,12 +703,20 @@ class AMB(Lifecycle):
             task.add_done_callback(sub._tasks.discard)
             return
         chain = sub._chain
+        started = 0.0
+        if self._handler_times is not None:  # _start_timing, inlined
+            if self._untimed:
+                self._untimed -= 1
+            else:
+                started = _perf()
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
+            if started:
+                self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -675,6 +725,8 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
+        if started:
+            self._time_handler(started)
         sub.handled += 1
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
@@ -692,12 +744,15 @@ class AMB(Lifecycle):
     async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:
         """Run the handler (through the middleware chain) on one delivery and settle it."""
         chain = sub._chain
+        started = self._start_timing()
         try:
             if chain is None:
                 await sub.handler(payload, meta)
             else:
                 await chain(meta.envelope, meta)
         except Exception as exc:
+            if started:
+                self._time_handler(started)
             await self._failed(sub, delivery, meta, exc)
             return
         except asyncio.CancelledError as exc:
@@ -706,10 +761,36 @@ class AMB(Lifecycle):
                 raise  # this delivery is being cancelled (drain timeout, close)
             await self._failed(sub, delivery, meta, error)
             return
+        if started:
+            self._time_handler(started)
         sub.handled += 1
         self.stats.handled += 1
         if type(delivery) is not LocalDelivery:
             await delivery.ack()
+
+    def _start_timing(self) -> float:
+        """The clock (perf_counter) when the handler call about to start is to be timed, else
+        0.0 (latency off, or a call skipped: see :meth:`keep_latency`)."""
+        if self._handler_times is None:
+            return 0.0
+        if self._untimed:
+            self._untimed -= 1
+            return 0.0
+        return _perf()
+
+    def _time_handler(self, started: float) -> None:
+        """Count a timed handler call begun at ``started`` for itself and the calls skipped
+        before it, and choose how many to skip next (see :meth:`keep_latency`)."""
+        times = self._handler_times
+        if times is None:
+            return
+        elapsed = _perf() - started
+        weight = self._time_weight
+        times[bisect_left(LATENCY_BUCKETS, elapsed)] += weight
+        times[-1] += elapsed * weight
+        skip = LATENCY_SAMPLE - 1 if elapsed < SAMPLE_BELOW else 0
+        self._untimed = skip
+        self._time_weight = skip + 1
 
     async def _failed(self, sub: Subscription, delivery: Delivery, meta: Metadata, exc: Exception) -> None:
         """Settle a delivery whose middleware refused it or whose handler raised: retry through

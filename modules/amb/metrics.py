@@ -1,7 +1,7 @@
-"""Prometheus metrics of AMB clients, read from their :class:`~agent_os.amb.stats.BusStats` at
-scrape time: the message path pays nothing for them. The metric names and labels are listed in
-``docs/observability.md``. prometheus_client (the ``service`` or ``observability`` extra) is
-imported only when a scrape collects.
+"""Prometheus metrics of AMB clients, read at scrape time from their
+:class:`~agent_os.amb.stats.BusStats` and latency histograms (for which the message path pays
+two clock reads per delivery). Names and labels: ``docs/observability.md``. prometheus_client
+(the ``service`` or ``observability`` extra) is imported only when a scrape collects.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
+
+from agent_os.amb.durations import Durations
 
 if TYPE_CHECKING:
     from agent_os.amb.client import AMB
@@ -36,17 +38,21 @@ BUS_COUNTERS: Final = (
 class BusCollector:
     """A prometheus_client collector over AMB clients (register it in a ``CollectorRegistry``).
 
-    Each scrape reads the clients' ``stats`` and ``healthy``; clients are held weakly (a
+    Each scrape reads the clients' ``stats``, ``healthy`` and latency histograms (collecting a
+    client turns them on: :meth:`~agent_os.amb.AMB.keep_latency`); clients are held weakly (a
     closed, dropped client disappears). The ``agent`` label is a client's ``agent_id``; the
     counters of clients that share one are summed. Dead letters carry a ``reason`` label, a
-    bounded set (see :class:`~agent_os.amb.stats.BusStats`).
+    bounded set (see :class:`~agent_os.amb.stats.BusStats`); request times an ``outcome``.
     """
 
     def __init__(self, clients: Iterable[AMB] = ()) -> None:
-        self._clients: weakref.WeakSet[AMB] = weakref.WeakSet(clients)
+        self._clients: weakref.WeakSet[AMB] = weakref.WeakSet()
+        for client in clients:
+            self.add(client)
 
     def add(self, client: AMB) -> None:
-        """Collect ``client``'s metrics too."""
+        """Collect ``client``'s metrics too (and keep its latency histograms from now on)."""
+        client.keep_latency()
         self._clients.add(client)
 
     def discard(self, client: AMB) -> None:
@@ -69,8 +75,13 @@ class BusCollector:
         sums: dict[str, dict[str, int]] = {}
         reasons: dict[tuple[str, str], int] = {}
         up: dict[str, int] = {}
+        handler_times, request_times = Durations(), Durations()
         for client in list(self._clients):
             agent = client.agent_id
+            if client.handler_latency is not None:
+                handler_times.merge(client.handler_latency, (agent,))
+            if client.request_latency is not None:
+                request_times.merge(client.request_latency, (agent,))
             stats = client.stats
             per_agent = sums.setdefault(agent, {})
             for field, name, _ in BUS_COUNTERS:
@@ -88,3 +99,13 @@ class BusCollector:
         yield from counters.values()
         yield dead
         yield connected
+        yield handler_times.family(
+            "agentos_bus_handler_duration_seconds",
+            "Time of one handler call, its middleware included (IATP verification, policy)",
+            ["agent"],
+        )
+        yield request_times.family(
+            "agentos_bus_request_duration_seconds",
+            "Time from sending a request to its reply, timeout or error reply, by outcome",
+            ["agent", "outcome"],
+        )

@@ -52,3 +52,26 @@ class BusStats:
     def as_dict(self) -> dict[str, int]:
         """The counters by name (without ``dead_letter_reasons``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dead_letter_reasons"}
+
+
+class LabelCounts(dict[tuple[str, ...], int]):
+    """Counts by a tuple of label values (a dict), with at most ``limit`` distinct tuples:
+    a new tuple beyond them is counted under ``("other", ...)``, so that the values stay a
+    bounded label set whatever the callers pass. ``width``: the length of the tuples."""
+
+    __slots__ = ("limit", "overflow")
+
+    def __init__(self, width: int, limit: int = 256) -> None:
+        super().__init__()
+        self.limit = limit
+        self.overflow = (OTHER_REASON,) * width
+
+    def add(self, key: tuple[str, ...], n: int = 1) -> None:
+        """Count ``n`` under ``key`` (or the overflow tuple when ``limit`` tuples are taken)."""
+        count = self.get(key)
+        if count is not None:
+            self[key] = count + n
+        elif len(self) < self.limit:
+            self[key] = n
+        else:
+            self[self.overflow] = self.get(self.overflow, 0) + n

@@ -47,6 +47,14 @@ from agent_os.services.control_plane_service._subjects import (
 )
 @click.option("--retention-days", type=float, default=90.0, show_default=True, help="0: keep everything.")
 @click.option(
+    "--verify-interval",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Verify the recorder's whole chain every this many seconds (the metric "
+    "agentos_recorder_chain_valid); 0: only when asked (the admin API's /verify).",
+)
+@click.option(
     "--encryption-key-file",
     type=click.Path(exists=True, dir_okay=False),
     help="Encrypt recorder data at rest with this 32-byte key (raw or hex).",
@@ -101,6 +109,7 @@ def main(
     policy: Policy,
     recorder: str,
     retention_days: float,
+    verify_interval: float,
     encryption_key_file: str | None,
     admin_host: str,
     admin_port: int,
@@ -161,6 +170,7 @@ def main(
                 workspace=workspace,
                 tool_service=tool_service,
                 metrics=metrics,
+                verify_interval=verify_interval,
             )
 
     run(serve_process, log_level=log_level, errors=(ControlPlaneError,), name="control-plane")

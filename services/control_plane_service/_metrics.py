@@ -39,6 +39,7 @@ class ControlPlaneMetrics:
         for field, text in SERVICE_COUNTERS:
             yield CounterMetricFamily(f"agentos_control_plane_{field}", text, value=getattr(stats, field))
         for name, text, value in (
+            ("held", "Messages held for a stopped agent", service.mediator.holds.messages_held),
             ("held_dropped", "Held messages dropped before their release", service.mediator.held_dropped),
             ("release_failures", "Held messages failed on release", service.mediator.release_failures),
             ("unverified", "Messages refused for want of a verified sender", service.unverified),

@@ -4,11 +4,13 @@ the admin API, from start to a clean stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from agent_os.amb import AMB
+from agent_os.amb.dispatch import stop_task
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
 from agent_os.control_plane.policy.ratelimit import SharedRateLimits
 from agent_os.iatp import IATP
@@ -50,6 +52,7 @@ async def serve(
     tool_service: str = TOOL_SERVICE,
     stop: asyncio.Event | None = None,
     metrics: MetricsOptions | None = None,
+    verify_interval: float = 0.0,
 ) -> ControlPlaneService:
     """Run one service instance with its admin API until ``stop`` is set (or SIGINT/SIGTERM),
     then finish in-flight messages, stop the admin API and close the recorder (its last batch
@@ -62,7 +65,9 @@ async def serve(
     start, closed at the end). ``workspace``: the directory of the ``fs.*`` actions, as the
     tool service ``tool_service`` has it (actions are decided here, run there). With
     ``metrics``, serves ``/metrics`` and ``/healthz`` there too (``docs/observability.md``); the
-    admin API's ``/metrics`` serves the same metrics either way. Prints ``ready
+    admin API's ``/metrics`` serves the same metrics either way. ``verify_interval`` (seconds;
+    0: never): verify the recorder's chain that often (its result is a metric; a broken chain
+    is logged as an error). Prints ``ready
     admin=http://host:port`` (then `` metrics=<url>``) on stdout once it takes messages;
     returns the service (its ``stats``). Raises VerificationRequired (neither or both of
     ``iatp`` and ``trust_bus``), PolicyLoadError, RecorderError, KernelError (a ``workspace``
@@ -114,7 +119,10 @@ async def serve(
                 port,
                 "taken from the trusted bus" if trust_bus else "verified by IATP",
             )
-            async with metrics_endpoint(metrics, registry, lambda: client.healthy) as url:
+            async with (
+                metrics_endpoint(metrics, registry, lambda: client.healthy) as url,
+                verifying(kernel.recorder, verify_interval),
+            ):
                 await serving(
                     stopping,
                     ready_line(f"ready admin=http://{admin_host}:{port}", url),
@@ -129,3 +137,29 @@ async def serve(
             if isinstance(rate_limits, RedisRateLimits):
                 await rate_limits.close()
     return service
+
+
+@contextlib.asynccontextmanager
+async def verifying(recorder: FlightRecorder, interval: float) -> AsyncIterator[None]:
+    """Verify ``recorder``'s chain every ``interval`` seconds inside the block (0: never); a
+    broken chain, or a verification that fails, is logged as an error and tried again next time."""
+    if interval <= 0:
+        yield
+        return
+
+    async def every() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = await recorder.verify()
+            except Exception as exc:
+                log.error("verifying the flight recorder's chain failed: %r", exc)
+                continue
+            if not result.ok:
+                log.error("the recorder's chain is broken at %s: %s", result.first_bad_seq, result.reason)
+
+    task = asyncio.get_running_loop().create_task(every(), name="verify-recorder")
+    try:
+        yield
+    finally:
+        await stop_task(task)

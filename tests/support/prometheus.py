@@ -1,12 +1,14 @@
 """A private Prometheus server of a test (Debian's ``prometheus``, installed by ``.ci/services``):
 its own free port, data directory and generated configuration scraping the test's targets,
-queried through its HTTP API. Started and stopped by the test."""
+queried through its HTTP API. Started and stopped by the test. And :func:`samples`, what a
+prometheus_client registry exposes, for tests without a server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -16,6 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.nats_private import free_port
 
@@ -32,17 +36,31 @@ def scrape_config(jobs: Mapping[str, Sequence[str]], interval: str = "1s") -> st
     return json.dumps(config, indent=2)
 
 
+def promtool() -> str:
+    """The path of ``promtool`` (Debian's ``prometheus`` package has it). Skips the test when it
+    is not installed, and fails it in CI (``CI`` set), where ``.ci/services`` installs it."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/services installs Debian's prometheus package")
+        pytest.skip("promtool is not installed (.ci/services installs Debian's prometheus package)")
+    return found
+
+
 @contextlib.asynccontextmanager
-async def prometheus(jobs: Mapping[str, Sequence[str]], directory: Path) -> AsyncIterator[str]:
-    """Run ``prometheus`` scraping ``jobs`` every second with its data in ``directory``; yield
-    its URL once it is ready; stop it afterwards, also when the test fails. Skips the test when
-    prometheus is not installed; fails it when it does not get ready within 30 seconds."""
+async def prometheus(
+    jobs: Mapping[str, Sequence[str]], directory: Path, *, config: Mapping[str, Any] | None = None
+) -> AsyncIterator[str]:
+    """Run ``prometheus`` scraping ``jobs`` every second (or with ``config``, a whole
+    configuration, instead) with its data in ``directory``; yield its URL once it is ready;
+    stop it afterwards, also when the test fails. Skips the test when prometheus is not
+    installed; fails it when it does not get ready within 30 seconds."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (.ci/services installs Debian's package)")
     port = free_port()
     conf = directory / "prometheus.yml"
-    conf.write_text(scrape_config(jobs))
+    conf.write_text(scrape_config(jobs) if config is None else json.dumps(config, indent=2))
     log = (directory / "prometheus.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         binary,
@@ -75,6 +93,16 @@ async def prometheus(jobs: Mapping[str, Sequence[str]], directory: Path) -> Asyn
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 20)
         log.close()
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``registry`` as parsed from its exposition text: (name, sorted labels) -> value."""
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def api(url: str, path: str, **params: str) -> Any:

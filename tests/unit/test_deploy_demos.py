@@ -105,8 +105,8 @@ def test_a_demo_runs_commands_the_package_has_with_files_that_exist(path: Path) 
                 assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-    prometheus = services["prometheus"]["volumes"][0].split(":")[0]
-    assert (path.parent / prometheus).resolve() == DEPLOY / "prometheus" / "prometheus.yml"
+    prometheus = {v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    assert prometheus == {"./prometheus.yml", "../../prometheus/rules"}  # its own targets, shared rules
     grafana = {v.split(":")[0] for v in services["grafana"]["volumes"]}
     assert {"../../grafana/provisioning", "../../grafana/dashboards"} == grafana
 
@@ -124,6 +124,33 @@ def test_the_fleet_demo_runs_a_queue_group_and_a_policy_that_loads() -> None:
     assert [r.name for r in policy.rules][:2] == ["no-secrets", "no-shutdown"]
     admins = [a for a in services["fleet"]["command"] if a.startswith("--admin=")]
     assert admins == ["--admin=http://control-plane-1:8787", "--admin=http://control-plane-2:8787"]
+
+
+@pytest.mark.parametrize("path", DEMOS, ids=lambda p: p.parent.name)
+def test_a_demos_prometheus_scrapes_each_of_its_services_metrics_ports(path: Path) -> None:
+    """The Prometheus of a demo stack loads the shared rules and scrapes, as job ``agent-os``,
+    exactly the stack's services that serve metrics, on their ``--metrics-port``."""
+    services = _load(path)["services"]
+    volumes = services["prometheus"]["volumes"]
+    mount = next(v for v in volumes if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = _load(path.parent / mount.split(":")[0])
+    assert config["rule_files"] == ["rules/*.yml"]
+    assert any(v.endswith(":/etc/prometheus/rules:ro") for v in volumes)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    scraped = {t for static in jobs["agent-os"]["static_configs"] for t in static["targets"]}
+    serving = {
+        f"{name}:{arg.split('=', 1)[1]}"
+        for name, service in services.items()
+        for arg in service.get("command") or []
+        if isinstance(arg, str) and arg.startswith("--metrics-port=")
+    }
+    assert serving
+    assert scraped == serving
+    for job in jobs.values():
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host = target.rsplit(":", 1)[0]
+                assert host == "127.0.0.1" or host in services, f"unknown scrape target {target}"
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

@@ -9,16 +9,15 @@ from typing import Any
 import aiohttp
 import click
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from agent_os.amb import AMB, Metadata
+from agent_os.amb.durations import Durations
 from agent_os.amb.metrics import BUS_COUNTERS, BusCollector
 from agent_os.amb.stats import MAX_DEAD_LETTER_REASONS, OTHER_REASON, BusStats
 from agent_os.emk import EMK, HashingEmbedder
 from agent_os.services._metrics import (
     METRICS_PORTS,
-    Durations,
     MetricsOptions,
     MetricsServer,
     metrics_from_options,
@@ -26,16 +25,7 @@ from agent_os.services._metrics import (
 )
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
-
-
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``registry`` as parsed from its exposition text: (name, labels) -> value."""
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.support.prometheus import samples
 
 
 def test_dead_letter_reasons_stay_a_bounded_label_set() -> None:
