@@ -60,7 +60,7 @@ from agent_os.amb.serializers.schema import (
     envelope_from_wire,
     typed_unpack,
 )
-from agent_os.amb.stats import BusStats
+from agent_os.amb.stats import PATTERNS_MAX, BusStats, LabelCounts
 from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 from agent_os.amb.tracing import BusTracing, RequestSpan
@@ -188,6 +188,10 @@ class AMB(Lifecycle):
         self.request_latency: Durations | None = None
         """Request times by outcome (``("ok",)``, ``("timeout",)``, ``("error",)``) once
         :meth:`keep_latency` was called, else None."""
+        self.published_by_pattern: LabelCounts | None = None
+        """Messages published by subject pattern (the subject's first token, as ``("tasks",)``
+        for ``tasks.>``; at most :data:`PATTERNS_MAX` of them, later ones count as ``other``)
+        once :meth:`keep_latency` was called, else None."""
         self._handler_times: list[float] | None = None  # handler_latency's one series, updated in place
         self._untimed = 0  # handler calls left to skip before the next timed one
         self._time_weight = 1  # how many calls the next timed one counts for
@@ -217,12 +221,18 @@ class AMB(Lifecycle):
         """The middleware chain, wire side first."""
         return tuple(self._middleware)
 
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The client's live subscriptions, in the order made (not its reply inbox's)."""
+        return tuple(s for s in self._subs if s is not self._inbox_sub)
+
     def keep_latency(self) -> None:
         """Time handler calls (with their middleware) and requests from now on, in
         :attr:`handler_latency` and :attr:`request_latency`. A
         :class:`~agent_os.amb.metrics.BusCollector` calls it for the clients it collects.
         Idempotent.
 
+        Published messages are counted by subject pattern too (:attr:`published_by_pattern`).
         Every request and every handler call of 100 µs or more is timed (two clock reads and
         a bucket increment). After a faster call, the next :data:`LATENCY_SAMPLE` - 1 calls go
         untimed and the one after counts for all of them: the histogram's count stays the
@@ -232,6 +242,7 @@ class AMB(Lifecycle):
             self.request_latency = Durations()
             self.handler_latency = Durations()
             self._handler_times = self.handler_latency.series(())
+            self.published_by_pattern = LabelCounts(1, PATTERNS_MAX)
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Append a middleware (innermost so far). Raises StateError once connected."""
@@ -375,6 +386,8 @@ class AMB(Lifecycle):
         )
         await self.broker.publish(topic, data, key=partition)
         self.stats.published += 1
+        if self.published_by_pattern is not None:
+            self.published_by_pattern.add((topic.partition(".")[0],))
         return id_
 
     def _check_topic(self, topic: str) -> None:
@@ -390,6 +403,8 @@ class AMB(Lifecycle):
         data = (serializer or self._serializer).encode(env)
         await self.broker.publish(env.topic, data, key=env.headers.get(PARTITION_KEY_HEADER) or env.sender)
         self.stats.published += 1
+        if self.published_by_pattern is not None:
+            self.published_by_pattern.add((env.topic.partition(".")[0],))
 
     async def reply(
         self,

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.amb.durations import Durations
+from agent_os.amb.stats import OTHER_REASON, PATTERNS_MAX
 
 if TYPE_CHECKING:
     from agent_os.amb.client import AMB
@@ -72,6 +73,18 @@ class BusCollector:
         connected = GaugeMetricFamily(
             "agentos_bus_connected", "1 while the client's broker connection is up, else 0", labels=["agent"]
         )
+        published = CounterMetricFamily(
+            "agentos_bus_published_by_pattern",
+            "Messages the client published, by subject pattern (the subject's first token, then >)",
+            labels=["agent", "pattern"],
+        )
+        handled = CounterMetricFamily(
+            "agentos_bus_handled_by_pattern",
+            "Deliveries a handler took without error, by the pattern of the live subscription",
+            labels=["agent", "pattern"],
+        )
+        by_pattern: dict[tuple[str, str], int] = {}
+        by_subscription: dict[tuple[str, str], int] = {}
         sums: dict[str, dict[str, int]] = {}
         reasons: dict[tuple[str, str], int] = {}
         up: dict[str, int] = {}
@@ -82,6 +95,12 @@ class BusCollector:
                 handler_times.merge(client.handler_latency, (agent,))
             if client.request_latency is not None:
                 request_times.merge(client.request_latency, (agent,))
+            for (root,), count in list((client.published_by_pattern or {}).items()):
+                pattern = root if root == OTHER_REASON else f"{root}.>"
+                by_pattern[agent, pattern] = by_pattern.get((agent, pattern), 0) + count
+            for i, sub in enumerate(client.subscriptions):
+                pattern = sub.pattern if i < PATTERNS_MAX else OTHER_REASON
+                by_subscription[agent, pattern] = by_subscription.get((agent, pattern), 0) + sub.handled
             stats = client.stats
             per_agent = sums.setdefault(agent, {})
             for field, name, _ in BUS_COUNTERS:
@@ -96,6 +115,12 @@ class BusCollector:
             dead.add_metric([agent, reason], count)
         for agent, value in up.items():
             connected.add_metric([agent], value)
+        for labels, count in by_pattern.items():
+            published.add_metric(list(labels), count)
+        for labels, count in by_subscription.items():
+            handled.add_metric(list(labels), count)
+        yield published
+        yield handled
         yield from counters.values()
         yield dead
         yield connected

@@ -10,6 +10,9 @@ MAX_DEAD_LETTER_REASONS: Final = 32
 """The most distinct dead-letter reasons one client counts apart; later new ones count as
 :data:`OTHER_REASON`, so the reason stays a bounded metric label."""
 OTHER_REASON: Final = "other"
+PATTERNS_MAX: Final = 64
+"""The most subject patterns (published, subscribed) one client's metrics count apart; later
+ones count as :data:`OTHER_REASON`, so the pattern stays a bounded label."""
 _REASON: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 

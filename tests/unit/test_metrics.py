@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from agent_os.amb import AMB, Metadata
 from agent_os.amb.durations import Durations
 from agent_os.amb.metrics import BUS_COUNTERS, BusCollector
-from agent_os.amb.stats import MAX_DEAD_LETTER_REASONS, OTHER_REASON, BusStats
+from agent_os.amb.stats import MAX_DEAD_LETTER_REASONS, OTHER_REASON, PATTERNS_MAX, BusStats
 from agent_os.emk import EMK, HashingEmbedder
 from agent_os.services._metrics import (
     METRICS_PORTS,
@@ -23,7 +23,7 @@ from agent_os.services._metrics import (
     metrics_from_options,
     ready_line,
 )
-from tests.support import Collector, wait_until
+from tests.support import Collector, memory_url, wait_until
 from tests.support.closing import Closing
 from tests.support.prometheus import samples
 
@@ -80,8 +80,34 @@ async def test_the_bus_collector_reads_the_clients_at_scrape_time(closing: Closi
     assert found[("agentos_bus_connected", (("agent", "bob"),))] == 1
     for _, name, _ in BUS_COUNTERS:
         assert (f"{name}_total", (("agent", "alice"),)) in found
+    assert found[("agentos_bus_published_by_pattern_total", (("agent", "alice"), ("pattern", "jobs.>")))] == 4
+    handled = "agentos_bus_handled_by_pattern_total"
+    assert found[(handled, (("agent", "bob"), ("pattern", "jobs.ok")))] == 3
+    assert found[(handled, (("agent", "bob"), ("pattern", "jobs.fail")))] == 0
     await bob_too.close()
     assert samples(registry)[("agentos_bus_connected", (("agent", "bob"),))] == 0  # one of them is down
+
+
+async def test_patterns_stay_a_bounded_label_set(closing: Closing) -> None:
+    # Published subjects count by their first token, subscriptions by their pattern; past
+    # PATTERNS_MAX of either, the rest count as "other".
+    where = memory_url("patterns")
+    alice = closing(AMB("memory", where, agent_id="alice"))
+    registry = CollectorRegistry()
+    registry.register(BusCollector([alice]))
+    for i in range(PATTERNS_MAX + 3):
+        await alice.subscribe(f"t{i}.in", Collector())
+    await alice.connect()
+    for i in range(PATTERNS_MAX + 6):
+        await alice.publish(f"r{i}.x.y", i)
+    found = samples(registry)
+    published = {dict(labels)["pattern"]: v for (name, labels), v in found.items() if "published_by" in name}
+    assert len(published) == PATTERNS_MAX + 1
+    assert published[OTHER_REASON] == 6
+    assert published["r0.>"] == 1
+    handled = [dict(labels)["pattern"] for (name, labels) in found if "handled_by_pattern" in name]
+    assert len(handled) == PATTERNS_MAX + 1
+    assert OTHER_REASON in handled
 
 
 def test_durations_are_cumulative_histogram_buckets() -> None:
