@@ -64,7 +64,7 @@ reached 0.87x one process (2,755 vs 3,165 msg/s). pyinstrument, ordered consumer
 60 %, ed25519 verify 19 %; redis-py alone cost about 85 us of CPU per `SET` (hiredis changes it
 little), a plain asyncio stream 12 us, a 50-command pipeline 3-6 us per command. After: the claim
 is one redis-py pipeline of every claim waiting; with
-concurrent handlers the claims coalesce (1.2-1.3x), the ordered consumer still waits one round
+concurrent handlers the claims coalesce (the 8-handler row), the ordered consumer still waits one round
 trip per message (about 80 us of wall time here, mostly scheduling the Redis server on a busy
 core). The two-process target is not met on this machine: two consumer processes, the NATS
 and Redis servers, the publisher and other workers share 2 cores, so a second consumer process
