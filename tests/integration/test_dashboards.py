@@ -50,7 +50,7 @@ from tests.support.dashboards import (
     shipped_config,
     variable_queries,
 )
-from tests.support.identities import PASSPHRASE
+from tests.support.identities import PASSPHRASE, process_identities
 from tests.support.nats_private import private_nats
 from tests.support.processes import TOKEN, get, metrics_url, start, stop
 from tests.support.prometheus import api, prometheus, promtool, query, wait_targets_up
@@ -142,23 +142,6 @@ rules:
   - {{name: deliver-asks, action: allow, operation: deliver, resource: 'ask.*'}}
   - {{name: replies, action: allow, operation: reply, resource: 'ask.*'}}
 """
-
-
-async def keys(root: Path) -> dict[str, IATP]:
-    """File key stores for the control-plane and tool services, in-memory ones for the agents;
-    each holds its own key and the others' public identities."""
-    stores = {
-        name: IATP("file", key_path=str(root / name), passphrase=PASSPHRASE, kdf_level="interactive")
-        for name in ("control-plane", "tools")
-    }
-    stores.update({name: IATP() for name in AGENTS})
-    for name, iatp in stores.items():
-        await iatp.register_agent(name)
-    for name, iatp in stores.items():
-        for other, theirs in stores.items():
-            if other != name:
-                await iatp.add_identity(theirs.identity(other))
-    return stores
 
 
 async def signal_agent(admin: str, agent: str, name: str) -> None:
@@ -300,7 +283,7 @@ async def empty(url: str, wanted: list[Query], timeout: float = 30) -> list[Quer
 async def test_every_dashboard_query_returns_data_from_the_services(tmp_path: Path) -> None:
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    stores = await keys(tmp_path / "keys")
+    stores = await process_identities(tmp_path / "keys", ["control-plane", "tools"], list(AGENTS))
     scripts = {"a": Reply(verdict("supported")), "b": Reply(verdict("supported")), "c": Reply("no verdict")}
     procs: list[Any] = []
     async with private_nats("", tmp_path) as port, ScriptedLLMServer(scripts) as llm:

@@ -38,7 +38,7 @@ from agent_os.services.control_plane_service import (
 from agent_os.services.tool_service import ToolClient
 from tests.support import wait_until
 from tests.support.closing import Closing
-from tests.support.identities import PASSPHRASE
+from tests.support.identities import PASSPHRASE, process_identities
 from tests.support.nats_private import private_nats
 from tests.support.processes import get, start, start_service, stop
 
@@ -130,18 +130,7 @@ class Deployment:
 
 @contextlib.asynccontextmanager
 async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
-    stores: dict[str, IATP] = {}
-    for name in (SERVICE, "tools"):
-        path = tmp_path / "keys" / name
-        stores[name] = IATP("file", key_path=str(path), passphrase=PASSPHRASE, kdf_level="interactive")
-    for name in ("alice", "bob"):
-        stores[name] = IATP()
-    for name, iatp in stores.items():
-        await iatp.register_agent(name)
-    for name, iatp in stores.items():
-        for other, theirs in stores.items():
-            if other != name:
-                await iatp.add_identity(theirs.identity(other))
+    stores = await process_identities(tmp_path / "keys", [SERVICE, "tools"], ["alice", "bob"])
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     users = nats_users(["alice", "bob", "tools"], SERVICE, passwords=PASSWORDS)

@@ -18,31 +18,13 @@ from typing import Any
 import pytest
 
 from agent_os.amb import AMB, Metadata, tracing
-from agent_os.iatp import IATP
 from agent_os.services._identity import PASSPHRASE_ENV
 from agent_os.services.control_plane_service import ReplyViaService, agent_inbox
 from tests.support import wait_until
-from tests.support.identities import PASSPHRASE
+from tests.support.identities import PASSPHRASE, process_identities
 from tests.support.processes import AGENT_OS, start, start_service, stop
 from tests.support.servers import NATS_URL
 from tests.support.tracing import OtlpReceiver, Spans
-
-
-async def _key_stores(root: Path, services: list[str], agents: list[str]) -> dict[str, IATP]:
-    """A file key store per service process (``root/<service>``), an in-memory IATP per agent;
-    every one holds its own key and everyone else's public identity."""
-    stores = {
-        name: IATP("file", key_path=str(root / name), passphrase=PASSPHRASE, kdf_level="interactive")
-        for name in services
-    }
-    stores.update({name: IATP() for name in agents})
-    for name, iatp in stores.items():
-        await iatp.register_agent(name)
-    for name, iatp in stores.items():
-        for other, theirs in stores.items():
-            if other != name:
-                await iatp.add_identity(theirs.identity(other))
-    return stores
 
 
 def _agents_provider(endpoint: str) -> Any:
@@ -65,7 +47,7 @@ async def test_a_request_chain_across_three_agents_and_two_services_is_one_trace
     ingress, delivery, replies, memory_prefix = f"in_{tag}", f"out_{tag}", f"re_{tag}", f"mem_{tag}"
     alice, bob, carol = f"alice-{tag}", f"bob-{tag}", f"carol-{tag}"
     cp_id, memory_id = f"cp-{tag}", f"memory-{tag}"
-    keys = await _key_stores(tmp_path / "keys", [cp_id, memory_id], [alice, bob, carol])
+    keys = await process_identities(tmp_path / "keys", [cp_id, memory_id], [alice, bob, carol])
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         "name: traced\ndefault_action: deny\nrules:\n"

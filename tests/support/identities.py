@@ -9,10 +9,9 @@ from agent_os.iatp import IATP
 PASSPHRASE = "serve-test-passphrase-0123"  # of the file key stores service processes open
 
 
-async def identities(service: str, *agents: str) -> dict[str, IATP]:
-    """One IATP (key store) per process, as in separate processes: each holds its own key and
-    the others' public identities."""
-    stores = {name: IATP() for name in (service, *agents)}
+async def introduce(stores: dict[str, IATP]) -> dict[str, IATP]:
+    """Register each name in its own store, then give every store everyone else's public
+    identity (as separate processes would exchange them); returns ``stores``."""
     for name, iatp in stores.items():
         await iatp.register_agent(name)
     for name, iatp in stores.items():
@@ -20,6 +19,24 @@ async def identities(service: str, *agents: str) -> dict[str, IATP]:
             if other != name:
                 await iatp.add_identity(theirs.identity(other))
     return stores
+
+
+async def identities(service: str, *agents: str) -> dict[str, IATP]:
+    """One IATP (key store) per process, as in separate processes: each holds its own key and
+    the others' public identities."""
+    return await introduce({name: IATP() for name in (service, *agents)})
+
+
+async def process_identities(root: Path, services: list[str], agents: list[str]) -> dict[str, IATP]:
+    """A file key store per service process (``root/<service>``, passphrase
+    :data:`PASSPHRASE`), an in-memory IATP per agent; each holds its own key and everyone
+    else's public identity."""
+    stores = {
+        name: IATP("file", key_path=str(root / name), passphrase=PASSPHRASE, kdf_level="interactive")
+        for name in services
+    }
+    stores.update({name: IATP() for name in agents})
+    return await introduce(stores)
 
 
 async def service_identities(path: Path, service: str, *agents: str) -> dict[str, IATP]:
