@@ -1,7 +1,7 @@
 """The ``agent-os`` command line.
 
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
-``agent-os serve memory|verifier|control-plane|tools ...`` runs one of the services in
+``agent-os serve memory|verifier|control-plane|tools|mcp ...`` runs one of the services in
 :mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``);
 ``agent-os submit``, ``log``, ``policy validate`` and ``top`` are in :mod:`agent_os.commands`.
 Services and commands are imported only when their command runs, so ``agent-os`` starts fast
@@ -35,6 +35,10 @@ SERVICES: Final = {
     "tools": (
         "agent_os.services.tool_service",
         "The tool service: runs the actions the control-plane service allowed (mediated mode).",
+    ),
+    "mcp": (
+        "agent_os.services.mcp_service",
+        "The MCP service: the kernel's governed tools and recorder queries for MCP hosts.",
     ),
 }
 

@@ -3,7 +3,7 @@
 ``request`` (ActionRequest, ActionResult), ``provider`` (the Provider protocol, ActionRefused),
 ``registry`` (action name -> provider, permission and operation), ``workspace`` (paths that
 cannot leave a directory), the providers: ``fs`` (``fs.*``), ``http`` (``net.http``), ``sql``
-(``sql.query``), ``proc`` (``proc.exec``) and ``bus`` (``bus.*``); ``snapshots`` (what
+(``sql.query``), ``proc`` (``proc.exec``), ``bus`` (``bus.*``) and ``mcp`` (``mcp.call``); ``snapshots`` (what
 reversible actions keep for ``kernel.rollback``); ``tools`` (ToolDef: what an LLM may call) and
 ``loop`` (AgentLoop: an LLM acting through submit). The gate that runs them is the kernel's
 (``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions) and
@@ -21,6 +21,7 @@ from agent_os.control_plane.actions.loop import (
     ToolCallRecord,
     run_agent_loop,
 )
+from agent_os.control_plane.actions.mcp import McpError, McpTools, mcp_tool_defs
 from agent_os.control_plane.actions.proc import Process
 from agent_os.control_plane.actions.provider import ActionRefused, Provider
 from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
@@ -43,6 +44,8 @@ __all__ = [
     "FileSystem",
     "Http",
     "LLMError",
+    "McpError",
+    "McpTools",
     "Process",
     "Provider",
     "RollbackRefused",
@@ -55,5 +58,6 @@ __all__ = [
     "ToolCallRecord",
     "ToolDef",
     "Workspace",
+    "mcp_tool_defs",
     "run_agent_loop",
 ]

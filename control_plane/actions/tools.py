@@ -44,6 +44,7 @@ class ToolDef:
     target: str
     params: Mapping[str, str] | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    fixed_target: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or _TOOL_NAME.fullmatch(self.name) is None:
@@ -52,7 +53,10 @@ class ToolDef:
         if not isinstance(schema, Mapping) or schema.get("type") != "object":
             raise KernelError(f"tool {self.name}: parameters must be a JSON schema of type 'object'")
         props = schema.get("properties") or {}
-        if self.target not in props or self.target not in (schema.get("required") or ()):
+        if self.fixed_target is not None:
+            if self.target or not isinstance(self.fixed_target, str) or not self.fixed_target:
+                raise KernelError(f"tool {self.name}: a fixed_target is a non-empty string, with target ''")
+        elif self.target not in props or self.target not in (schema.get("required") or ()):
             raise KernelError(f"tool {self.name}: target {self.target!r} must be a required property")
         if self.params is not None and self.target in self.params:
             raise KernelError(f"tool {self.name}: the target {self.target!r} is not also a param")
@@ -82,13 +86,13 @@ class ToolDef:
         missing = [r for r in self.parameters.get("required") or () if r not in arguments]
         if missing:
             raise ToolArgumentError(f"{self.name}: missing required argument(s): {', '.join(missing)}")
-        target = arguments[self.target]
+        target = self.fixed_target if self.fixed_target is not None else arguments[self.target]
         if not isinstance(target, str):
             raise ToolArgumentError(f"{self.name}: {self.target} must be a string")
         known = self.parameters.get("properties") or {}
         params: dict[str, Any] = {}
         for key, value in arguments.items():
-            if key == self.target:
+            if key == self.target and self.fixed_target is None:
                 continue
             if key not in known or (self.params is not None and key not in self.params):
                 raise ToolArgumentError(f"{self.name} takes no argument {str(key)[:80]!r}")

@@ -1,0 +1,224 @@
+"""MCP servers' tools as governed actions: :class:`McpTools`, the ``mcp.call`` provider, and
+:func:`mcp_tool_defs`, their tools as :class:`ToolDef` s for the agent loop.
+
+A call is ``ActionRequest("mcp.call", "<server>/<tool>", arguments)``: policy judges the resource
+``<server>/<tool>`` (permission and operation ``execute``), so rules apply per server and tool.
+The official ``mcp`` SDK (``pip install 'agent-os[mcp]'``) is imported on first use. How to use
+it and its limits: ``docs/agents.md``, "Tools of MCP servers".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from agent_os.control_plane.actions.provider import ActionRefused
+from agent_os.control_plane.actions.tools import ToolDef
+from agent_os.control_plane.errors import ControlPlaneError, KernelError
+
+if TYPE_CHECKING:
+    from agent_os.control_plane.actions.registry import ActionRegistry
+    from agent_os.control_plane.actions.request import ActionRequest
+
+INSTALL_HINT: Final = "MCP needs the official SDK: pip install 'agent-os[mcp]'"
+MAX_OUTPUT: Final = 100_000
+"""Characters of a tool's result (its JSON) :class:`McpTools` accepts by default."""
+TIMEOUT: Final = 30.0
+"""Seconds a connection and call may take by default, the listing included."""
+_SERVER: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+ServerSpec = str | Sequence[str]
+"""An MCP server: a URL (``http://`` or ``https://``: streamable HTTP) or a command and its
+arguments (stdio: the command is started per connection)."""
+
+
+class McpError(ControlPlaneError):
+    """An MCP server could not be reached, listed or called, or its answer is refused (an
+    unknown tool, arguments the tool's schema rejects, a result over the limit, a tool error).
+    As an action's failure it is the result's ``error``."""
+
+
+class McpTools:
+    """The ``mcp.call`` provider: each tool of each server in ``servers`` (name -> URL or
+    command, names of 1-32 letters, digits, ``_`` or ``-``) is the resource ``<server>/<tool>``.
+
+    A call connects with the SDK's client (one connection per call; a stdio server is started
+    for it), checks the tool exists and the arguments match its input schema, calls it, and
+    returns its structured content, else its text (text blocks joined; other blocks as their
+    JSON). Everything (connection, listing and call) is bounded by ``timeout`` seconds, the
+    result by ``max_output`` characters of JSON. Raises KernelError for a bad server name,
+    spec or limit."""
+
+    ACTION: Final = "mcp.call"
+    PERMISSION: Final = "execute"
+
+    def __init__(
+        self,
+        servers: Mapping[str, ServerSpec],
+        *,
+        timeout: float = TIMEOUT,
+        max_output: int = MAX_OUTPUT,
+    ) -> None:
+        if timeout <= 0 or max_output < 1:
+            raise KernelError("timeout must be > 0 and max_output >= 1")
+        self.servers: Mapping[str, ServerSpec] = MappingProxyType({k: _spec(k, v) for k, v in servers.items()})
+        self.timeout = timeout
+        self.max_output = max_output
+        self._tools: dict[str, dict[str, Any]] = {}
+
+    def register(self, registry: ActionRegistry, *, replace: bool = False) -> None:
+        """Register ``mcp.call`` (permission ``execute``) in ``registry``."""
+        registry.register(self.ACTION, self, self.PERMISSION, replace=replace)
+
+    # -- listing ----------------------------------------------------------------------------------
+
+    async def list_tools(self, server: str, *, refresh: bool = False) -> Mapping[str, Any]:
+        """The tools of ``server``, name -> the SDK's ``Tool`` (kept after the first listing;
+        ``refresh`` lists again). Raises McpError when the server cannot be reached or listed
+        in time, KernelError for a server not configured."""
+        if server not in self.servers:
+            raise KernelError(f"unknown MCP server {server!r} (servers: {', '.join(self.servers) or 'none'})")
+        if refresh or server not in self._tools:
+            listing = await self._with_client(server, _list_all)
+            self._tools[server] = {tool.name: tool for tool in listing}
+        return MappingProxyType(self._tools[server])
+
+    # -- the provider ----------------------------------------------------------------------------
+
+    def resource(self, request: ActionRequest) -> str:
+        """``<server>/<tool>``; raises ActionRefused for another form or an unknown server."""
+        server, sep, tool = request.target.partition("/")
+        if not sep or not tool or server not in self.servers:
+            known = ", ".join(self.servers) or "none"
+            raise ActionRefused(f"an mcp.call target is <server>/<tool> of a known server ({known})")
+        return request.target
+
+    async def run(self, request: ActionRequest) -> Any:
+        """Call the tool with the request's params as its arguments; its output (see the class).
+        Raises McpError for an unknown tool, arguments its schema rejects, a tool error, a
+        result over ``max_output``, or a server that fails, dies or does not answer in time."""
+        server, _, name = request.target.partition("/")
+        tools = await self.list_tools(server)
+        tool = tools.get(name)
+        if tool is None:
+            raise McpError(f"unknown tool {name[:80]!r} on MCP server {server}")
+        arguments = dict(request.params)
+        _check_arguments(tool.input_schema, arguments, request.target)
+
+        async def call(client: Any) -> Any:
+            return await client.call_tool(name, arguments)
+
+        result = await self._with_client(server, call)
+        return self._output(request.target, result)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _with_client(self, server: str, use: Any) -> Any:
+        try:
+            import mcp
+        except ImportError as exc:
+            raise McpError(INSTALL_HINT) from exc
+        spec = self.servers[server]
+        target: Any
+        if isinstance(spec, str):
+            target = spec
+        else:
+            target = mcp.StdioServerParameters(command=spec[0], args=list(spec[1:]))
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with mcp.Client(target, read_timeout_seconds=self.timeout, cache=None) as client:
+                    return await use(client)
+        except TimeoutError:
+            raise McpError(f"MCP server {server} did not answer within {self.timeout:g}s") from None
+        except McpError:
+            raise
+        except Exception as exc:  # the SDK's, the transport's and the process's errors alike
+            raise McpError(f"MCP server {server} failed: {_describe(exc)}") from exc
+
+    def _output(self, target: str, result: Any) -> Any:
+        if result.is_error:
+            raise McpError(f"{target} returned an error: {_text(result.content)[:2000]}")
+        output: Any = result.structured_content
+        if output is None:
+            output = _text(result.content)
+        size = len(json.dumps(output, default=str))
+        if size > self.max_output:
+            raise McpError(f"the result of {target} is {size} characters, over the limit of {self.max_output}")
+        return output
+
+
+async def mcp_tool_defs(tools: McpTools, servers: Sequence[str] | None = None) -> list[ToolDef]:
+    """The tools of ``servers`` (default: all of ``tools``'s) as :class:`ToolDef` s of
+    ``mcp.call`` on ``<server>/<tool>``: named ``<server>__<tool>`` (characters outside
+    letters, digits, ``_`` and ``-`` become ``_``, cut to 64), with the server's description
+    and input schema. Raises McpError when a server cannot be listed, KernelError when two
+    tools get one name or a schema cannot be a tool's."""
+    defs: list[ToolDef] = []
+    names: set[str] = set()
+    for server in servers if servers is not None else list(tools.servers):
+        for name, tool in (await tools.list_tools(server)).items():
+            tool_name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}__{name}")[:64]
+            if tool_name in names:
+                raise KernelError(f"two MCP tools are named {tool_name!r}")
+            names.add(tool_name)
+            schema = dict(tool.input_schema or {})
+            schema.setdefault("type", "object")
+            description = tool.description or tool.title or f"The tool {name} of the MCP server {server}."
+            defs.append(ToolDef(tool_name, description, schema, McpTools.ACTION, "", fixed_target=f"{server}/{name}"))
+    return defs
+
+
+def _spec(name: str, spec: ServerSpec) -> ServerSpec:
+    if not isinstance(name, str) or _SERVER.fullmatch(name) is None:
+        raise KernelError(f"an MCP server name is 1-32 letters, digits, '_' or '-', got {name!r}")
+    if isinstance(spec, str):
+        if not spec.startswith(("http://", "https://")):
+            raise KernelError(f"MCP server {name}: a URL is http(s)://..., a command is a list")
+        return spec
+    command = tuple(spec)
+    if not command or not all(isinstance(part, str) and part for part in command):
+        raise KernelError(f"MCP server {name}: a command is a non-empty list of strings")
+    return command
+
+
+async def _list_all(client: Any) -> list[Any]:
+    tools: list[Any] = []
+    cursor: str | None = None
+    for _ in range(100):  # a server whose pages never end cannot hang the listing
+        page = await client.list_tools(cursor=cursor)
+        tools.extend(page.tools)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return tools
+
+
+def _check_arguments(schema: Mapping[str, Any] | None, arguments: dict[str, Any], target: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(arguments, dict(schema or {"type": "object"}))
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "arguments"
+        raise McpError(f"the arguments do not match the schema of {target}: {where}: {exc.message[:300]}") from None
+    except jsonschema.SchemaError as exc:
+        raise McpError(f"{target} has an invalid input schema: {exc.message[:300]}") from None
+
+
+def _text(content: Sequence[Any]) -> str:
+    parts = []
+    for block in content:
+        text = getattr(block, "text", None)
+        parts.append(text if isinstance(text, str) else json.dumps(block.model_dump(mode="json")))
+    return "\n".join(parts)
+
+
+def _describe(exc: BaseException) -> str:
+    # anyio and the SDK raise exception groups from their task groups: name the first leaf.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"[:500]
