@@ -145,7 +145,7 @@ async def serve_stdio(server: Any) -> None:
 
 async def serve_http(server: Any, host: str, port: int, path: str) -> None:
     """Serve ``server`` over streamable HTTP at ``http://host:port<path>`` until SIGINT/SIGTERM;
-    prints ``mcp service ready url=<url>`` on stdout once it listens."""
+    prints ``ready mcp url=<url>`` on stdout once it listens."""
     import uvicorn
 
     app = server.streamable_http_app(streamable_http_path=path, host=host)
@@ -158,7 +158,7 @@ async def serve_http(server: Any, host: str, port: int, path: str) -> None:
         async with stop_signals() as stop:
             task = asyncio.create_task(web.serve(sockets=[sock]))
             bound = sock.getsockname()[1]
-            print(f"mcp service ready url=http://{host}:{bound}{path}", flush=True)
+            print(f"ready mcp url=http://{host}:{bound}{path}", flush=True)
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
             web.should_exit = True
