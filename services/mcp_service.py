@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import click
 
-from agent_os.control_plane import ActionRequest, ControlPlaneError, KernelSpace
+from agent_os.control_plane import ControlPlaneError, KernelSpace
 from agent_os.control_plane.actions import BUILTIN_TOOLS, ToolArgumentError, ToolDef
 from agent_os.services._process import log_level_option, run, stop_signals
 from agent_os.services.control_plane_service._options import (
@@ -51,7 +51,9 @@ _QUERY_SCHEMA: Final = {
 def kernel_tools(kernel: KernelSpace) -> dict[str, ToolDef]:
     """The tools the service offers for ``kernel``'s registered actions, by tool name: each
     action's :data:`BUILTIN_TOOLS` entry (actions without one are not offered)."""
-    return {BUILTIN_TOOLS[s.name].name: BUILTIN_TOOLS[s.name] for s in kernel.actions if s.name in BUILTIN_TOOLS}
+    return {
+        BUILTIN_TOOLS[s.name].name: BUILTIN_TOOLS[s.name] for s in kernel.actions if s.name in BUILTIN_TOOLS
+    }
 
 
 class McpGateway:
@@ -73,7 +75,11 @@ class McpGateway:
         import mcp_types as types
 
         tools = [
-            types.Tool(name=t.name, description=t.description, input_schema=dict(t.to_openai()["function"]["parameters"]))
+            types.Tool(
+                name=t.name,
+                description=t.description,
+                input_schema=dict(t.to_openai()["function"]["parameters"]),
+            )
             for t in self.tools.values()
         ]
         tools.append(
@@ -91,7 +97,9 @@ class McpGateway:
             return await self._query(arguments)
         tool = self.tools.get(params.name)
         if tool is None:
-            return _error(f"unknown tool {params.name[:80]!r} (tools: {', '.join([*self.tools, QUERY_TOOL])})")
+            return _error(
+                f"unknown tool {params.name[:80]!r} (tools: {', '.join([*self.tools, QUERY_TOOL])})"
+            )
         try:
             request = tool.request(arguments, self.agent_id)
         except ToolArgumentError as exc:
@@ -111,9 +119,18 @@ class McpGateway:
             return _error(f"invalid arguments: event_type, agent (strings), limit (1-{MAX_RECORDS})")
         if not all(v is None or isinstance(v, str) for v in (event_type, agent)):
             return _error("invalid arguments: event_type and agent are strings")
-        records = await self.kernel.recorder.query(event_type=event_type, agent_id=agent, limit=limit, order="desc")
+        records = await self.kernel.recorder.query(
+            event_type=event_type, agent_id=agent, limit=limit, order="desc"
+        )
         rows = [
-            {"id": r.id, "seq": r.seq, "ts": r.ts, "event_type": r.event_type, "agent_id": r.agent_id, "data": r.data}
+            {
+                "id": r.id,
+                "seq": r.seq,
+                "ts": r.ts,
+                "event_type": r.event_type,
+                "agent_id": r.agent_id,
+                "data": r.data,
+            }
             for r in records
         ]
         return _ok({"records": rows})
@@ -169,20 +186,44 @@ async def serve_http(server: Any, host: str, port: int, path: str) -> None:
 
 
 @click.command()
-@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
-              help="stdio (for a host that starts this process) or streamable HTTP (a listener).")
+@click.option(
+    "--transport",
+    type=click.Choice(["stdio", "http"]),
+    default="stdio",
+    show_default=True,
+    help="stdio (for a host that starts this process) or streamable HTTP (a listener).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP: the address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
-              help="HTTP: the port (0: any free one; the ready line names it).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="HTTP: the port (0: any free one; the ready line names it).",
+)
 @click.option("--path", default="/mcp", show_default=True, help="HTTP: the endpoint's path.")
 @click.option("--agent-id", default="mcp", show_default=True, help="The agent every call acts as.")
-@click.option("--permissions", default=None, metavar="P1,P2",
-              help="The agent's permissions (read, write, execute, network, ...); default: all (the policy decides).")
+@click.option(
+    "--permissions",
+    default=None,
+    metavar="P1,P2",
+    help="The agent's permissions (read, write, execute, network, ...); default: all (the policy decides).",
+)
 @policy_option
-@click.option("--workspace", type=click.Path(exists=True, file_okay=False), default=".", show_default=True,
-              help="The directory the fs.* tools act in.")
-@click.option("--recorder", type=RecorderParam(), default="memory", show_default=True,
-              help=f"Where decisions and outcomes are recorded: {RECORDER_FORMS}.")
+@click.option(
+    "--workspace",
+    type=click.Path(exists=True, file_okay=False),
+    default=".",
+    show_default=True,
+    help="The directory the fs.* tools act in.",
+)
+@click.option(
+    "--recorder",
+    type=RecorderParam(),
+    default="memory",
+    show_default=True,
+    help=f"Where decisions and outcomes are recorded: {RECORDER_FORMS}.",
+)
 @log_level_option
 def main(
     transport: str,
@@ -209,7 +250,9 @@ def main(
         async with KernelSpace(policy, flight_recorder=flight_recorder, workspace=workspace) as kernel:
             kernel.external(agent_id).permissions = perms
             server = McpGateway(kernel, agent_id).server()
-            log.info("mcp service: agent %s, %s, tools: %s", agent_id, transport, ", ".join(kernel_tools(kernel)))
+            log.info(
+                "mcp service: agent %s, %s, tools: %s", agent_id, transport, ", ".join(kernel_tools(kernel))
+            )
             if transport == "stdio":
                 await serve_stdio(server)
             else:

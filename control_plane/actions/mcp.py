@@ -65,7 +65,9 @@ class McpTools:
     ) -> None:
         if timeout <= 0 or max_output < 1:
             raise KernelError("timeout must be > 0 and max_output >= 1")
-        self.servers: Mapping[str, ServerSpec] = MappingProxyType({k: _spec(k, v) for k, v in servers.items()})
+        self.servers: Mapping[str, ServerSpec] = MappingProxyType(
+            {k: _spec(k, v) for k, v in servers.items()}
+        )
         self.timeout = timeout
         self.max_output = max_output
         self._tools: dict[str, dict[str, Any]] = {}
@@ -147,7 +149,9 @@ class McpTools:
             output = _text(result.content)
         size = len(json.dumps(output, default=str))
         if size > self.max_output:
-            raise McpError(f"the result of {target} is {size} characters, over the limit of {self.max_output}")
+            raise McpError(
+                f"the result of {target} is {size} characters, over the limit of {self.max_output}"
+            )
         return output
 
 
@@ -168,7 +172,9 @@ async def mcp_tool_defs(tools: McpTools, servers: Sequence[str] | None = None) -
             schema = dict(tool.input_schema or {})
             schema.setdefault("type", "object")
             description = tool.description or tool.title or f"The tool {name} of the MCP server {server}."
-            defs.append(ToolDef(tool_name, description, schema, McpTools.ACTION, "", fixed_target=f"{server}/{name}"))
+            defs.append(
+                ToolDef(tool_name, description, schema, McpTools.ACTION, "", fixed_target=f"{server}/{name}")
+            )
     return defs
 
 
@@ -204,7 +210,9 @@ def _check_arguments(schema: Mapping[str, Any] | None, arguments: dict[str, Any]
         jsonschema.validate(arguments, dict(schema or {"type": "object"}))
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "arguments"
-        raise McpError(f"the arguments do not match the schema of {target}: {where}: {exc.message[:300]}") from None
+        raise McpError(
+            f"the arguments do not match the schema of {target}: {where}: {exc.message[:300]}"
+        ) from None
     except jsonschema.SchemaError as exc:
         raise McpError(f"{target} has an invalid input schema: {exc.message[:300]}") from None
 

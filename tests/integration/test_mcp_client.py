@@ -36,15 +36,19 @@ async def test_tools_listed_called_denied_and_recorded(transport: str, http_url:
     defs = {d.name: d for d in await mcp_tool_defs(tools)}
     assert {"srv__echo", "srv__add", "srv__big", "srv__die"} <= set(defs)
     echo = defs["srv__echo"]
-    assert echo.action == "mcp.call" and echo.fixed_target == "srv/echo"
+    assert echo.action == "mcp.call"
+    assert echo.fixed_target == "srv/echo"
     assert echo.parameters["properties"]["text"]["type"] == "string"
     async with KernelSpace(_policy()) as kernel:
         tools.register(kernel.actions)
         kernel.external("agent").permissions = frozenset({"execute"})
         allowed = await kernel.submit(echo.request({"text": "hi"}, "agent"))
-        assert allowed.ok and allowed.output == {"result": "hi"}
+        assert allowed.ok
+        assert allowed.output == {"result": "hi"}
         denied = await kernel.submit(defs["srv__add"].request({"a": 1, "b": 2}, "agent"))
-        assert not denied.allowed and denied.error is not None and "no adding here" in denied.error
+        assert not denied.allowed
+        assert denied.error is not None
+        assert "no adding here" in denied.error
         outcome = await kernel.recorder.query(event_type="action_outcome")
         assert [r.data["resource"] for r in outcome] == ["srv/echo"]
         violations = await kernel.recorder.query(event_type="policy_violation")
@@ -75,9 +79,12 @@ async def test_a_server_that_dies_mid_call_is_an_error_outcome() -> None:
         tools.register(kernel.actions)
         kernel.external("agent")
         result = await kernel.submit(ActionRequest("mcp.call", "local/die", {}, "agent"))
-        assert result.allowed and result.error is not None and "MCP server local failed" in result.error
+        assert result.allowed
+        assert result.error is not None
+        assert "MCP server local failed" in result.error
         after = await kernel.submit(ActionRequest("mcp.call", "local/echo", {"text": "still here"}, "agent"))
-        assert after.ok and after.output == {"result": "still here"}
+        assert after.ok
+        assert after.output == {"result": "still here"}
 
 
 async def test_an_unreachable_server_is_an_error_not_a_hang() -> None:
@@ -86,4 +93,6 @@ async def test_an_unreachable_server_is_an_error_not_a_hang() -> None:
         tools.register(kernel.actions)
         kernel.external("agent")
         result = await kernel.submit(ActionRequest("mcp.call", "gone/echo", {}, "agent"))
-        assert result.allowed and result.error is not None and "MCP server gone" in result.error
+        assert result.allowed
+        assert result.error is not None
+        assert "MCP server gone" in result.error

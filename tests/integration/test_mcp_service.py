@@ -36,8 +36,20 @@ def _args(workspace: Path, transport: str) -> list[str]:
     policy = workspace.parent / "policy.yaml"
     policy.write_text(POLICY)
     return [
-        "serve", "mcp", "--transport", transport, "--agent-id", "host-agent", "--permissions", "read",
-        "--policy", str(policy), "--workspace", str(workspace), "--log-level", "WARNING",
+        "serve",
+        "mcp",
+        "--transport",
+        transport,
+        "--agent-id",
+        "host-agent",
+        "--permissions",
+        "read",
+        "--policy",
+        str(policy),
+        "--workspace",
+        str(workspace),
+        "--log-level",
+        "WARNING",
     ]
 
 
@@ -71,8 +83,14 @@ async def _client(transport: str, workspace: Path) -> AsyncIterator[mcp.Client]:
             yield client
 
 
+def _text(result: Any) -> str:
+    block = result.content[0]
+    assert isinstance(block, mcp.types.TextContent)
+    return block.text
+
+
 def _json(result: Any) -> Any:
-    return json.loads(result.content[0].text)
+    return json.loads(_text(result))
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
@@ -85,16 +103,23 @@ async def test_serve_mcp_lists_calls_denies_and_records(transport: str, tmp_path
         names = {tool.name for tool in (await client.list_tools()).tools}
         assert {"read_file", "list_files", "write_file", "query_records"} <= names
         read = await client.call_tool("read_file", {"path": "notes.txt"})
-        assert not read.is_error and _json(read)["output"] == "hello"
+        assert not read.is_error
+        assert _json(read)["output"] == "hello"
         denied = await client.call_tool("read_file", {"path": "secret.txt"})
-        assert denied.is_error and "denied: secrets stay here" in denied.content[0].text
+        assert denied.is_error
+        assert "denied: secrets stay here" in _text(denied)
         no_write = await client.call_tool("write_file", {"path": "x.txt", "content": "no"})
-        assert no_write.is_error and "denied" in no_write.content[0].text
+        assert no_write.is_error
+        assert "denied" in _text(no_write)
         assert not (workspace / "x.txt").exists()
-        query = await client.call_tool("query_records", {"event_type": "policy_violation", "agent": "host-agent"})
+        query = await client.call_tool(
+            "query_records", {"event_type": "policy_violation", "agent": "host-agent"}
+        )
         records = _json(query)["records"]
         assert [r["data"]["resource"] for r in records] == [str(workspace / "secret.txt")]
-        outcomes = _json(await client.call_tool("query_records", {"event_type": "action_outcome", "limit": 5}))
+        outcomes = _json(
+            await client.call_tool("query_records", {"event_type": "action_outcome", "limit": 5})
+        )
         assert [r["data"]["action"] for r in outcomes["records"]] == ["fs.read"]
 
 
@@ -103,10 +128,14 @@ async def test_serve_mcp_hostile_calls(tmp_path: Path) -> None:
     workspace.mkdir()
     async with _client("http", workspace) as client:
         unknown = await client.call_tool("rm_rf", {"path": "/"})
-        assert unknown.is_error and "unknown tool 'rm_rf'" in unknown.content[0].text
+        assert unknown.is_error
+        assert "unknown tool 'rm_rf'" in _text(unknown)
         extra = await client.call_tool("read_file", {"path": "a", "mode": "w"})
-        assert extra.is_error and "invalid arguments" in extra.content[0].text
+        assert extra.is_error
+        assert "invalid arguments" in _text(extra)
         bad_limit = await client.call_tool("query_records", {"limit": 10_000})
-        assert bad_limit.is_error and "invalid arguments" in bad_limit.content[0].text
+        assert bad_limit.is_error
+        assert "invalid arguments" in _text(bad_limit)
         escape = await client.call_tool("read_file", {"path": "../../etc/passwd"})
-        assert escape.is_error and "denied" in escape.content[0].text
+        assert escape.is_error
+        assert "denied" in _text(escape)
