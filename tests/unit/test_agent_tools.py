@@ -93,3 +93,12 @@ def test_builtin_tools_cover_the_builtin_actions() -> None:
         entry = tool.to_openai()["function"]
         assert entry["parameters"]["additionalProperties"] is False
         assert entry["description"]
+
+
+def test_a_fixed_target_makes_every_argument_a_param() -> None:
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    tool = ToolDef("srv__search", "Search.", schema, "mcp.call", "", fixed_target="srv/search")
+    request = tool.request({"q": "x"}, "a")
+    assert (request.target, dict(request.params)) == ("srv/search", {"q": "x"})
+    with pytest.raises(KernelError, match="fixed_target"):
+        ToolDef("t", "T.", schema, "mcp.call", "q", fixed_target="srv/search")
