@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 pytest.importorskip("mcp")
 
+from agent_os import AgentLoop
+from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
 from agent_os.control_plane import ActionRequest, KernelSpace, Pattern, Policy
 from agent_os.control_plane.actions import McpTools, mcp_tool_defs
 from tests.support.mcp_server import serving_http
@@ -96,3 +99,51 @@ async def test_an_unreachable_server_is_an_error_not_a_hang() -> None:
         assert result.allowed
         assert result.error is not None
         assert "MCP server gone" in result.error
+
+
+async def test_an_agent_loop_acts_through_mcp_tools_only_by_submit(http_url: str) -> None:
+    """A scripted model calls an MCP tool (allowed, its answer goes back to the model) and one a
+    rule denies (the reason goes back as the tool's result); both decisions are recorded."""
+    tools = McpTools({"srv": http_url}, timeout=30)
+    defs = await mcp_tool_defs(tools)
+    replies = iter(
+        [
+            Reply(tool_calls=[tool_call("srv__echo", {"text": "hello"})]),
+            Reply(tool_calls=[tool_call("srv__add", {"a": 2, "b": 3})]),
+            Reply(content="done"),
+        ]
+    )
+    seen: list[dict[str, Any]] = []
+
+    def script(body: dict[str, Any]) -> Reply:
+        seen.append(body)
+        return next(replies)
+
+    async with (
+        KernelSpace(_policy()) as kernel,
+        ScriptedLLMServer({"assistant": script}) as server,
+    ):
+        tools.register(kernel.actions)
+        loop = AgentLoop(kernel.submit, defs, "openai/assistant", api_base=server.url, api_key="k")
+        agent = kernel.register(loop.run, name="assistant", permissions=["execute"])
+        result = await kernel.execute(agent, "use the tools")
+        assert result.text == "done"
+        echo, add = result.tool_calls
+        assert echo.ok
+        assert echo.output == {"result": "hello"}
+        assert not add.allowed
+        assert "no adding here" in str(add.error)
+        told = [m["content"] for m in seen[-1]["messages"] if m["role"] == "tool"]
+        assert "hello" in told[0]
+        assert "no adding here" in told[1]  # the denial went back to the model as the result
+        events = [
+            (r.event_type, r.data.get("resource"))
+            for r in await kernel.recorder.query()
+            if r.data.get("action") == "mcp.call"
+        ]
+        assert events == [
+            ("policy_decision", "srv/echo"),
+            ("action_outcome", "srv/echo"),
+            ("policy_violation", "srv/add"),
+        ]
+        assert (await kernel.recorder.verify()).ok
