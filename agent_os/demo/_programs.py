@@ -108,10 +108,11 @@ def run_program(
         async with stop_signals() as stop:
             await scenario(stop)
 
+    caught: tuple[type[Exception], ...] = (*errors, ValueError)  # ValueError: a bad OTEL_* setting
     try:
         with tracing.configured(f"agent-os-{name}"):
             asyncio.run(main())
-    except (*errors, ValueError) as exc:
+    except caught as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
