@@ -2,7 +2,7 @@
 step (one file key store per process, each holding that process's private keys and every other
 agent's public identity, all under one passphrase, ``AGENTOS_KEY_PASSPHRASE``, as
 ``docs/services.md`` describes), and running a scenario to its end or, with ``--keep-running``,
-until SIGINT/SIGTERM."""
+until SIGINT/SIGTERM, traced as the services are when the ``OTEL_*`` variables say so."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
+from agent_os.amb import tracing
 from agent_os.iatp import IATP
 from agent_os.services._process import stop_signals
 
@@ -91,10 +92,14 @@ def keep_running_option(what: str) -> Callable[[F], F]:
     )
 
 
-def run_program(scenario: Scenario, *, keep_running: bool, errors: tuple[type[Exception], ...]) -> None:
+def run_program(
+    scenario: Scenario, *, keep_running: bool, errors: tuple[type[Exception], ...], name: str
+) -> None:
     """Run ``scenario(stop)`` to its end: ``stop`` is None when it ends by itself (a signal
-    stops it the usual way), else an event SIGINT and SIGTERM set. ``errors`` become one line,
-    ``Error: <Type>: <message>`` (exit 1)."""
+    stops it the usual way), else an event SIGINT and SIGTERM set. Traced as the services are
+    (``tracing.configured``: the ``OTEL_*`` variables; service name ``agent-os-<name>`` unless
+    they name one; the last spans exported at the end). ``errors`` become one line,
+    ``Error: <Type>: <message>`` (exit 1); so does a tracing configuration it cannot serve."""
 
     async def main() -> None:
         if not keep_running:
@@ -103,9 +108,11 @@ def run_program(scenario: Scenario, *, keep_running: bool, errors: tuple[type[Ex
         async with stop_signals() as stop:
             await scenario(stop)
 
+    caught: tuple[type[Exception], ...] = (*errors, ValueError)  # ValueError: a bad OTEL_* setting
     try:
-        asyncio.run(main())
-    except errors as exc:
+        with tracing.configured(f"agent-os-{name}"):
+            asyncio.run(main())
+    except caught as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 

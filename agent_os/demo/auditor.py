@@ -6,7 +6,8 @@ pgvector), with no API key.
 OpenAI-compatible server: ``agent_os.cmvk.testing.ScriptedLLMServer`` with the fact checks of
 :data:`CLAIMS`); ``keys DIR`` makes the key stores; ``run ...`` sends every claim to the verifier
 service, stores each verdict in memory, then recalls them by meaning and by tag, prints what
-happened and exits 0 (``--keep-running``: it goes on auditing until SIGINT/SIGTERM). Any litellm
+happened and exits 0 (``--keep-running``: it goes on auditing until SIGINT/SIGTERM). Traced
+(``OTEL_*``), each claim is one trace through the verifier and memory services. Any litellm
 provider can replace the models (``docs/deployment.md``, The demos).
 """
 
@@ -24,7 +25,7 @@ from typing import Any, Final
 
 import click
 
-from agent_os.amb import AMB
+from agent_os.amb import AMB, tracing
 from agent_os.demo._programs import (
     bus_options,
     keep_running_option,
@@ -143,7 +144,13 @@ def _outcome(audited: Audited) -> str:
 
 async def audit(bus: AMB, claim: Claim, run: str, timeout: float) -> Audited:
     """Have the verifier service check ``claim`` and the memory service remember the outcome
-    (its metadata names the ``run``)."""
+    (its metadata names the ``run``). Traced, the claim is one trace: the verification and
+    the store."""
+    with tracing.span("audit claim", {"agent_os.agent.id": bus.agent_id}):
+        return await _audit(bus, claim, run, timeout)
+
+
+async def _audit(bus: AMB, claim: Claim, run: str, timeout: float) -> Audited:
     result = await request_verification(bus, claim.question, claim.answer, timeout=timeout)
     details = result.get("details") or {}
     votes = {name: d.get("verdict") or f"abstained ({d.get('abstention')})" for name, d in details.items()}
@@ -297,6 +304,7 @@ def run(broker: str, identities: Path, timeout: float, keep_running: bool, inter
     run_program(
         lambda stop: run_audit(options, click.echo, stop),
         keep_running=keep_running,
+        name="auditor",
         errors=(BusError, CMVKError, OSError, KeyError),
     )
 

@@ -5,7 +5,8 @@ queue group of control-plane service instances, and one agent that misbehaves.
 ``python -m agent_os.demo.fleet run ...`` runs the scenario: a coordinator assigns a task to
 every worker and collects their results, in rounds, every message signed, checked by policy and
 recorded by whichever instance takes it; the rogue agent is denied by policy, stopped and then
-killed by the signals its violations carry; the fleet goes on. It prints what happened and exits
+killed by the signals its violations carry; the fleet goes on. Traced (``OTEL_*``), each round
+is one trace across the coordinator, the workers and the control plane. It prints what happened and exits
 0 at the end (``--keep-running``: the fleet goes on working until SIGINT/SIGTERM). The story,
 the URLs and what to look at: ``docs/deployment.md`` (The demos).
 """
@@ -23,7 +24,7 @@ from typing import Any, Final
 
 import click
 
-from agent_os.amb import AMB, Metadata
+from agent_os.amb import AMB, Metadata, tracing
 from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.commands._admin import AdminClient, AdminError, admin_options
 from agent_os.demo._programs import (
@@ -171,13 +172,19 @@ async def _subscribe(fleet: _Fleet) -> None:
 
 
 async def _round(fleet: _Fleet, number: int) -> None:
-    """The coordinator assigns one task to every worker; wait for every result."""
+    """The coordinator assigns one task to every worker; wait for every result. Traced, the
+    round is one trace: its tasks, the workers' handling and their results, through the
+    control plane."""
     coordinator, workers = fleet.clients[COORDINATOR], fleet.workers
     started = time.perf_counter()
-    for i, worker in enumerate(workers):
-        task = {"round": number, "n": number * 1000 + i}
-        await coordinator.publish(ingress_subject("tasks.assign"), task, recipient=worker)
-    await fleet.until(lambda: len(fleet.results.get(number, ())) == len(workers), f"round {number}'s results")
+    attributes = {"agent_os.agent.id": COORDINATOR, "agent_os.fleet.round": number}
+    with tracing.span(f"fleet round {number}", attributes):
+        for i, worker in enumerate(workers):
+            task = {"round": number, "n": number * 1000 + i}
+            await coordinator.publish(ingress_subject("tasks.assign"), task, recipient=worker)
+        await fleet.until(
+            lambda: len(fleet.results.get(number, ())) == len(workers), f"round {number}'s results"
+        )
     took = time.perf_counter() - started
     fleet.result.rounds += 1
     fleet.result.results += len(workers)
@@ -371,6 +378,7 @@ def run(
     run_program(
         lambda stop: run_fleet(options, click.echo, stop),
         keep_running=keep_running,
+        name="fleet",
         errors=(FleetError, AdminError, ValueError, OSError),
     )
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,11 @@ from tests.support.closing import Closing
 from tests.support.dashboards import (
     PROMETHEUS_CONFIG,
     RULES,
-    Query,
     queries,
     rule_groups,
     shipped_config,
     variable_queries,
+    without_data,
 )
 from tests.support.identities import PASSPHRASE, process_identities
 from tests.support.nats_private import private_nats
@@ -268,17 +267,6 @@ async def scenario(
     assert reply["verified"] is True
 
 
-async def empty(url: str, wanted: list[Query], timeout: float = 30) -> list[Query]:
-    """The queries that still return no series after ``timeout`` seconds of scrapes."""
-    deadline = time.monotonic() + timeout
-    left = wanted
-    while True:
-        left = [q for q in left if not await query(url, q.promql)]
-        if not left or time.monotonic() > deadline:
-            return left
-        await asyncio.sleep(0.5)
-
-
 @pytest.mark.nats
 async def test_every_dashboard_query_returns_data_from_the_services(tmp_path: Path) -> None:
     workspace = tmp_path / "workspace"
@@ -297,7 +285,7 @@ async def test_every_dashboard_query_returns_data_from_the_services(tmp_path: Pa
                 up = await wait_targets_up(url, len(targets))
                 assert {t["labels"]["service"] for t in up} == set(targets)
                 assert {t["labels"]["job"] for t in up} == {"agent-os"}
-                missing = await empty(url, [*queries(), *variable_queries()])
+                missing = await without_data(url, [*queries(), *variable_queries()])
                 assert not missing, "no series for:\n" + "\n".join(map(str, missing))
 
                 async def rules_evaluated() -> bool:

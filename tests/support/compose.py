@@ -250,6 +250,51 @@ class NativeStack:
             return ["sh", "-c", self.rewrite(name, rest[0])]
         return self.argv(name, rest)
 
+    def host_path(self, name: str, path: str) -> Path:
+        """Where ``path`` inside service ``name``'s container is natively, through its volumes.
+        Raises ComposeError when no volume of the service holds it."""
+        for target, host in self._mounts(name):
+            if path == target or path.startswith(target.rstrip("/") + "/"):
+                return host / path[len(target) :].lstrip("/")
+        raise ComposeError(f"{name}: no volume holds {path}")
+
+    def prometheus_config(self, service: str = "prometheus", job: str = "agent-os") -> dict[str, Any]:
+        """The configuration of the stack's Prometheus ``service`` (its ``--config.file``, read
+        through its volumes) for a test's Prometheus: only the scrape job ``job``, its targets
+        (the stack's Agent OS services, ``name:port``) pointed at where they listen natively,
+        scraped and evaluated every second; its rule files where its volumes mount them from.
+        The other jobs (Prometheus itself, Jaeger, Grafana) scrape what does not run natively
+        and are left out. Raises ComposeError when there is no such job or a target is not an
+        Agent OS service of the stack."""
+        command = [str(a) for a in self.services[service].get("command") or []]
+        option = next((a for a in command if a.startswith("--config.file=")), None)
+        inside = option.split("=", 1)[1] if option else "/etc/prometheus/prometheus.yml"
+        config: dict[str, Any] = yaml.safe_load(self.host_path(service, inside).read_text())
+        jobs = [j for j in config.get("scrape_configs") or [] if j.get("job_name") == job]
+        if len(jobs) != 1:
+            raise ComposeError(f"{service}: {inside} has no scrape job {job!r}")
+        static = []
+        for entry in jobs[0].get("static_configs") or []:
+            targets = []
+            for target in entry["targets"]:
+                host, _, port = str(target).rpartition(":")
+                if host not in self.services or not is_agent_os(self.services[host]):
+                    raise ComposeError(f"{service}: target {target} of job {job} is no Agent OS service")
+                targets.append(self.endpoint(host, int(port)))
+            static.append({**entry, "targets": targets})
+        base = Path(inside).parent
+        rules = [str(self.host_path(service, str(base / p))) for p in config.get("rule_files") or []]
+        return {
+            "global": {
+                **(config.get("global") or {}),
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": rules,
+            "scrape_configs": [{**jobs[0], "static_configs": static}],
+        }
+
     # -- running -----------------------------------------------------------------------------
 
     async def _spawn(self, name: str) -> _Running:

@@ -1,17 +1,22 @@
 """The shipped Grafana dashboards as tests read them: every panel's PromQL expressions, with
 Grafana's variables replaced as Grafana replaces them when "All" is chosen, and the metrics
-their variables list; and the shipped Prometheus configuration pointed at a test's services."""
+their variables list; the shipped Prometheus configuration pointed at a test's services; and
+the queries a running Prometheus has no series for."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support.prometheus import query
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
@@ -137,3 +142,15 @@ def rule_groups() -> Sequence[dict[str, Any]]:
     for path in sorted(RULES.glob("*.yml")):
         groups.extend(yaml.safe_load(path.read_text())["groups"])
     return groups
+
+
+async def without_data(url: str, wanted: Sequence[Query], timeout: float = 30) -> list[Query]:
+    """The queries of ``wanted`` that the Prometheus at ``url`` still has no series for after
+    ``timeout`` seconds of scrapes (asked again every half second until all have some)."""
+    deadline = time.monotonic() + timeout
+    left = list(wanted)
+    while True:
+        left = [q for q in left if not await query(url, q.promql)]
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.5)

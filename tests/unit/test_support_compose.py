@@ -109,3 +109,40 @@ def test_a_server_without_a_local_stand_in_is_refused(tmp_path: Path) -> None:
     stack = NativeStack(tmp_path / "compose.yaml", {"postgres": SERVERS["postgres"]}, tmp_path / "work")
     with pytest.raises(ComposeError, match="no local server stands for nats"):
         stack.argv("api", stack.services["api"]["command"])
+
+
+def test_the_demos_prometheus_scrapes_the_native_services(tmp_path: Path) -> None:
+    """The stack's Prometheus configuration, read through its volume: only the agent-os job,
+    its targets where the services listen natively, its rules where the volume comes from."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 15s}\nrule_files: [rules/*.yml]\nscrape_configs:\n"
+        "  - {job_name: grafana, static_configs: [{targets: ['grafana:3000']}]}\n"
+        "  - job_name: agent-os\n"
+        "    static_configs: [{targets: ['api:9464'], labels: {service: control-plane}}]\n"
+    )
+    prometheus = (
+        "  prometheus:\n    image: prom/prometheus\n"
+        '    command: ["--config.file=/etc/prometheus/prometheus.yml"]\n'
+        "    volumes: [./prometheus.yml:/etc/prometheus/prometheus.yml:ro,\n"
+        "              ./rules:/etc/prometheus/rules:ro]\n"
+    )
+    (tmp_path / "compose.yaml").write_text(COMPOSE + prometheus)
+    stack = NativeStack(tmp_path / "compose.yaml", SERVERS, tmp_path / "work")
+    config = stack.prometheus_config()
+    assert config["scrape_configs"] == [
+        {
+            "job_name": "agent-os",
+            "static_configs": [
+                {"targets": [stack.endpoint("api", 9464)], "labels": {"service": "control-plane"}}
+            ],
+        }
+    ]
+    assert config["rule_files"] == [str(tmp_path / "rules" / "*.yml")]
+    assert config["global"]["scrape_interval"] == "1s"
+    with pytest.raises(ComposeError, match="no scrape job 'missing'"):
+        stack.prometheus_config(job="missing")
+    with pytest.raises(ComposeError, match="target grafana:3000 of job grafana is no Agent OS service"):
+        stack.prometheus_config(job="grafana")
+    with pytest.raises(ComposeError, match="api: no volume holds /etc/elsewhere"):
+        stack.host_path("api", "/etc/elsewhere")
