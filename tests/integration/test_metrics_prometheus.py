@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 BUS = [f"{name}_total" for _, name, _ in BUS_COUNTERS] + [
     *(f"agentos_bus_handler_duration_seconds_{part}" for part in ("bucket", "sum", "count")),
+    "agentos_bus_published_by_pattern_total",
+    "agentos_bus_handled_by_pattern_total",
     "agentos_bus_dead_letters_total",
     "agentos_bus_connected",
 ]
