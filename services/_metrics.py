@@ -34,7 +34,7 @@ METRICS_HOST: Final = "127.0.0.1"
 """The default ``--metrics-host``: local only; a container gives ``0.0.0.0`` to be scraped."""
 METRICS_TOKEN_ENV: Final = "AGENTOS_METRICS_TOKEN"
 """The environment variable that may hold ``--metrics-token``."""
-METRICS_PORTS: Final = {"control-plane": 9464, "memory": 9465, "verifier": 9466, "tool": 9467}
+METRICS_PORTS: Final = {"control-plane": 9464, "memory": 9465, "verifier": 9466, "tool": 9467, "mcp": 9468}
 """Each service's default ``--metrics-port``: distinct, so that all run side by side on one host."""
 MIN_TOKEN: Final = 16
 INSTALL_HINT: Final = "the metrics port needs aiohttp and prometheus-client: pip install 'agent-os[service]'"

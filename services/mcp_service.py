@@ -20,6 +20,16 @@ import click
 
 from agent_os.control_plane import ControlPlaneError, KernelSpace
 from agent_os.control_plane.actions import BUILTIN_TOOLS, ToolArgumentError, ToolDef
+from agent_os.services._metrics import (
+    METRICS_PORTS,
+    MetricsOptions,
+    metrics_endpoint,
+    metrics_from_options,
+    metrics_options,
+    ready_line,
+    require_metrics,
+    service_registry,
+)
 from agent_os.services._process import log_level_option, run, stop_signals
 from agent_os.services.control_plane_service._options import (
     RECORDER_FORMS,
@@ -160,9 +170,9 @@ async def serve_stdio(server: Any) -> None:
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
-async def serve_http(server: Any, host: str, port: int, path: str) -> None:
+async def serve_http(server: Any, host: str, port: int, path: str, metrics_url: str | None = None) -> None:
     """Serve ``server`` over streamable HTTP at ``http://host:port<path>`` until SIGINT/SIGTERM;
-    prints ``ready mcp url=<url>`` on stdout once it listens."""
+    prints ``ready mcp url=<url>`` (and `` metrics=<url>``) on stdout once it listens."""
     import uvicorn
 
     app = server.streamable_http_app(streamable_http_path=path, host=host)
@@ -175,7 +185,7 @@ async def serve_http(server: Any, host: str, port: int, path: str) -> None:
         async with stop_signals() as stop:
             task = asyncio.create_task(web.serve(sockets=[sock]))
             bound = sock.getsockname()[1]
-            print(f"ready mcp url=http://{host}:{bound}{path}", flush=True)
+            print(ready_line(f"ready mcp url=http://{host}:{bound}{path}", metrics_url), flush=True)
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
             web.should_exit = True
@@ -183,6 +193,16 @@ async def serve_http(server: Any, host: str, port: int, path: str) -> None:
             await task
     finally:
         sock.close()
+
+
+def _registry(kernel: KernelSpace, metrics: MetricsOptions | None) -> Any:
+    """The metrics of the process and of the kernel's decisions and agents (no bus: this
+    service has no broker connection, so ``/healthz`` is healthy while it serves)."""
+    if metrics is None:
+        return None
+    from agent_os.control_plane.kernel.metrics import KernelMetrics
+
+    return service_registry([], KernelMetrics(kernel))
 
 
 @click.command()
@@ -224,6 +244,7 @@ async def serve_http(server: Any, host: str, port: int, path: str) -> None:
     show_default=True,
     help=f"Where decisions and outcomes are recorded: {RECORDER_FORMS}.",
 )
+@metrics_options(METRICS_PORTS["mcp"])
 @log_level_option
 def main(
     transport: str,
@@ -235,6 +256,10 @@ def main(
     policy: Any,
     workspace: str,
     recorder: str,
+    metrics_host: str,
+    metrics_port: int,
+    metrics_token: str | None,
+    no_metrics: bool,
     log_level: str,
 ) -> None:
     """Serve the kernel's governed tools and query_records to MCP hosts; every call passes
@@ -244,6 +269,12 @@ def main(
     except ImportError:
         raise click.ClickException(INSTALL_HINT) from None
     perms = None if permissions is None else frozenset(p.strip() for p in permissions.split(",") if p.strip())
+    metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
+    if metrics is not None:
+        try:
+            require_metrics()
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from None
 
     async def serve() -> None:
         flight_recorder = recorder_from_spec(recorder, retention_days=None)
@@ -253,10 +284,13 @@ def main(
             log.info(
                 "mcp service: agent %s, %s, tools: %s", agent_id, transport, ", ".join(kernel_tools(kernel))
             )
-            if transport == "stdio":
-                await serve_stdio(server)
-            else:
-                await serve_http(server, host, port, path)
+            async with metrics_endpoint(metrics, _registry(kernel, metrics), lambda: True) as url:
+                if url is not None:
+                    log.info("mcp service: metrics on %s/metrics", url)  # stdout is MCP's on stdio
+                if transport == "stdio":
+                    await serve_stdio(server)
+                else:
+                    await serve_http(server, host, port, path, url)
 
     run(serve, log_level=log_level, errors=(ControlPlaneError, OSError), name="mcp")
 

@@ -50,11 +50,15 @@ def _args(workspace: Path, transport: str) -> list[str]:
         str(workspace),
         "--log-level",
         "WARNING",
+        "--metrics-port",
+        "0",
     ]
 
 
 @asynccontextmanager
-async def _http_service(args: list[str]) -> AsyncIterator[str]:
+async def _http_service(args: list[str], ready: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """The service over HTTP; yields its MCP URL (``ready``, when given, gets every field of
+    its ready line: ``url``, ``metrics``)."""
     proc = await asyncio.create_subprocess_exec(
         str(AGENT_OS), *args, "--port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -62,7 +66,10 @@ async def _http_service(args: list[str]) -> AsyncIterator[str]:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line.startswith("ready mcp url="), line
-        yield line.split()[-1].removeprefix("url=")
+        fields = dict(part.split("=", 1) for part in line.split()[2:])
+        if ready is not None:
+            ready.update(fields)
+        yield fields["url"]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
@@ -139,3 +146,22 @@ async def test_serve_mcp_hostile_calls(tmp_path: Path) -> None:
         escape = await client.call_tool("read_file", {"path": "../../etc/passwd"})
         assert escape.is_error
         assert "denied" in _text(escape)
+
+
+async def test_serve_mcp_serves_metrics_and_health(tmp_path: Path) -> None:
+    """The metrics port: the kernel's decisions as Prometheus metrics, and /healthz."""
+    import aiohttp
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "secret.txt").write_text("hidden")
+    ready: dict[str, str] = {}
+    async with _http_service(_args(workspace, "http"), ready) as url, mcp.Client(url, cache=None) as client:
+        assert (await client.call_tool("read_file", {"path": "secret.txt"})).is_error
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{ready['metrics']}/healthz") as health:
+                assert health.status == 200
+            async with session.get(f"{ready['metrics']}/metrics") as scraped:
+                text = await scraped.text()
+        assert 'agentos_policy_decisions_total{' in text
+        assert 'event="policy_violation"' in text
