@@ -32,9 +32,7 @@ from agent_os.services._metrics import (
 )
 from agent_os.services._process import log_level_option, run, stop_signals
 from agent_os.services.control_plane_service._options import (
-    RECORDER_FORMS,
-    RecorderParam,
-    policy_option,
+    kernel_options,
     recorder_from_spec,
 )
 
@@ -223,27 +221,7 @@ def _registry(kernel: KernelSpace, metrics: MetricsOptions | None) -> Any:
 )
 @click.option("--path", default="/mcp", show_default=True, help="HTTP: the endpoint's path.")
 @click.option("--agent-id", default="mcp", show_default=True, help="The agent every call acts as.")
-@click.option(
-    "--permissions",
-    default=None,
-    metavar="P1,P2",
-    help="The agent's permissions (read, write, execute, network, ...); default: all (the policy decides).",
-)
-@policy_option
-@click.option(
-    "--workspace",
-    type=click.Path(exists=True, file_okay=False),
-    default=".",
-    show_default=True,
-    help="The directory the fs.* tools act in.",
-)
-@click.option(
-    "--recorder",
-    type=RecorderParam(),
-    default="memory",
-    show_default=True,
-    help=f"Where decisions and outcomes are recorded: {RECORDER_FORMS}.",
-)
+@kernel_options
 @metrics_options(METRICS_PORTS["mcp"])
 @log_level_option
 def main(
@@ -252,7 +230,7 @@ def main(
     port: int,
     path: str,
     agent_id: str,
-    permissions: str | None,
+    permissions: frozenset[str] | None,
     policy: Any,
     workspace: str,
     recorder: str,
@@ -268,7 +246,6 @@ def main(
         import mcp  # noqa: F401
     except ImportError:
         raise click.ClickException(INSTALL_HINT) from None
-    perms = None if permissions is None else frozenset(p.strip() for p in permissions.split(",") if p.strip())
     metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
     if metrics is not None:
         try:
@@ -279,7 +256,7 @@ def main(
     async def serve() -> None:
         flight_recorder = recorder_from_spec(recorder, retention_days=None)
         async with KernelSpace(policy, flight_recorder=flight_recorder, workspace=workspace) as kernel:
-            kernel.external(agent_id).permissions = perms
+            kernel.external(agent_id).permissions = permissions
             server = McpGateway(kernel, agent_id).server()
             log.info(
                 "mcp service: agent %s, %s, tools: %s", agent_id, transport, ", ".join(kernel_tools(kernel))

@@ -14,9 +14,7 @@ from typing import Any, Final
 import click
 
 from agent_os.services.control_plane_service._options import (
-    RECORDER_FORMS,
-    RecorderParam,
-    policy_option,
+    kernel_options,
     recorder_from_spec,
 )
 
@@ -61,33 +59,13 @@ def _json_default(value: Any) -> Any:
     help="An action param (repeatable); VALUE is JSON when it parses (true, 3, [..]), else text.",
 )
 @click.option("--agent", default="cli", show_default=True, help="The acting agent's name.")
-@click.option(
-    "--permissions",
-    default=None,
-    metavar="P1,P2",
-    help="The agent's permissions (read, write, execute, network, ...); default: all (the policy decides).",
-)
-@policy_option
-@click.option(
-    "--workspace",
-    type=click.Path(exists=True, file_okay=False),
-    default=".",
-    show_default=True,
-    help="The directory the fs.* actions act in.",
-)
-@click.option(
-    "--recorder",
-    type=RecorderParam(),
-    default="memory",
-    show_default=True,
-    help=f"Where the decision and outcome are recorded: {RECORDER_FORMS}.",
-)
+@kernel_options
 def main(
     action: str,
     target: str,
     params: tuple[str, ...],
     agent: str,
-    permissions: str | None,
+    permissions: frozenset[str] | None,
     policy: Any,
     workspace: str,
     recorder: str,
@@ -95,8 +73,7 @@ def main(
     """Submit one action (fs.read, fs.write, ...) on TARGET through a kernel and print the
     result as JSON. Exit 0: done; 1: allowed but failed; 2: bad usage; 3: denied."""
     values = parse_params(params)
-    perms = None if permissions is None else frozenset(p.strip() for p in permissions.split(",") if p.strip())
-    result = asyncio.run(_submit(action, target, values, agent, perms, policy, workspace, recorder))
+    result = asyncio.run(_submit(action, target, values, agent, permissions, policy, workspace, recorder))
     click.echo(json.dumps(result, default=_json_default, ensure_ascii=False))
     if not result["allowed"]:
         raise SystemExit(DENIED)

@@ -4,8 +4,9 @@ policy and the recorder's encryption key."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import click
 
@@ -14,6 +15,7 @@ from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.policy.loader import load_policy as load_policy_file
 
 BUILTIN_POLICIES: Final = ("strict", "permissive", "audit")
+F = TypeVar("F", bound=Callable[..., Any])
 RECORDER_FORMS: Final = "memory, sqlite:///relative.db, sqlite:////abs.db, a path, or a postgresql:// DSN"
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
@@ -133,3 +135,35 @@ def read_key_file(path: str) -> bytes:
     if len(data) != 32:
         raise ValueError(f"{path}: a key file holds 32 raw bytes or 64 hex characters")
     return data
+
+
+def _permission_set(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[str] | None:
+    return None if value is None else frozenset(p.strip() for p in value.split(",") if p.strip())
+
+
+def kernel_options(command: F) -> F:
+    """``--permissions`` (a frozenset, None for all), ``--policy``, ``--workspace`` and
+    ``--recorder``: the kernel of a command that acts as one agent (``agent-os submit``,
+    ``agent-os serve mcp``)."""
+    command = click.option(
+        "--recorder",
+        type=RecorderParam(),
+        default="memory",
+        show_default=True,
+        help=f"Where decisions and outcomes are recorded: {RECORDER_FORMS}.",
+    )(command)
+    command = click.option(
+        "--workspace",
+        type=click.Path(exists=True, file_okay=False),
+        default=".",
+        show_default=True,
+        help="The directory the fs.* actions act in.",
+    )(command)
+    command = policy_option(command)
+    return click.option(
+        "--permissions",
+        default=None,
+        metavar="P1,P2",
+        callback=_permission_set,
+        help="The agent's permissions (read, write, execute, network, ...); default: all (policy decides).",
+    )(command)
