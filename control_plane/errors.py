@@ -17,6 +17,11 @@ reaches the publisher::
     │   ├── HeadError (ValueError)             an exported head that cannot be read
     │   └── TamperDetected                     a record does not decode or authenticate
     ├── InboxBusy (ValueError)                 a reply inbox still waits for another request's reply
+    ├── SandboxError                           an OS sandbox cannot start, or its channel broke
+    │   ├── SandboxUnavailable                 this host cannot sandbox (no bwrap, not root ...)
+    │   ├── ChannelError (ValueError)          a malformed, over-long or truncated channel frame
+    │   ├── ChannelClosed                      the other end of a sandbox channel went away
+    │   └── RemoteError                        a call over a sandbox channel failed on the other end
     └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
 
     amb.MessageRejected
@@ -83,6 +88,33 @@ class InboxBusy(ControlPlaneError, ValueError):
 
 class KernelError(ControlPlaneError, RuntimeError):
     """KernelSpace was used wrongly: an unregistered agent, too many agents at once."""
+
+
+class SandboxError(ControlPlaneError):
+    """An OS sandbox cannot be started or managed, or its channel to the kernel broke."""
+
+
+class SandboxUnavailable(SandboxError):
+    """This host cannot run the sandbox as asked (no bubblewrap, not root, no namespaces); the
+    message says what is missing. Raised before anything runs: never a silent fallback."""
+
+
+class ChannelError(SandboxError, ValueError):
+    """A frame on a sandbox channel is malformed, over-long, or cut off."""
+
+
+class ChannelClosed(SandboxError):
+    """The other end of a sandbox channel closed (or died) before answering."""
+
+
+class RemoteError(SandboxError):
+    """A call over a sandbox channel failed on the other end: ``kind`` is the name of the
+    exception raised there (``PolicyViolationError`` ...), the message its text."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}" if message else kind)
+        self.kind = kind
+        self.text = message
 
 
 class RecorderError(ControlPlaneError):

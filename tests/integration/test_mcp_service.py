@@ -163,5 +163,5 @@ async def test_serve_mcp_serves_metrics_and_health(tmp_path: Path) -> None:
                 assert health.status == 200
             async with session.get(f"{ready['metrics']}/metrics") as scraped:
                 text = await scraped.text()
-        assert 'agentos_policy_decisions_total{' in text
+        assert "agentos_policy_decisions_total{" in text
         assert 'event="policy_violation"' in text
