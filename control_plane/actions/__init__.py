@@ -3,7 +3,8 @@
 ``request`` (ActionRequest, ActionResult), ``provider`` (the Provider protocol, ActionRefused),
 ``registry`` (action name -> provider, permission and operation), ``workspace`` (paths that
 cannot leave a directory), the providers: ``fs`` (``fs.*``), ``http`` (``net.http``), ``sql``
-(``sql.query``), ``proc`` (``proc.exec``), ``bus`` (``bus.*``) and ``mcp`` (``mcp.call``); ``snapshots`` (what
+(``sql.query``), ``proc`` (``proc.exec``), ``bus`` (``bus.*``), ``mcp`` (``mcp.call``), ``llm``
+(``llm.ask``) and ``code`` (``code.run``: agent-written Python, tools as functions); ``snapshots`` (what
 reversible actions keep for ``kernel.rollback``); ``tools`` (ToolDef: what an LLM may call) and
 ``loop`` (AgentLoop: an LLM acting through submit). The gate that runs them is the kernel's
 (``agent_os.control_plane.kernel.submit``). See ``docs/control-plane.md`` (Actions) and
@@ -11,6 +12,7 @@ reversible actions keep for ``kernel.rollback``); ``tools`` (ToolDef: what an LL
 """
 
 from agent_os.control_plane.actions.bus import BusActions
+from agent_os.control_plane.actions.code import CodeError, CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.http import Http
 from agent_os.control_plane.actions.loop import (
@@ -21,9 +23,10 @@ from agent_os.control_plane.actions.loop import (
     ToolCallRecord,
     run_agent_loop,
 )
+from agent_os.control_plane.actions.llm import LLM
 from agent_os.control_plane.actions.mcp import McpError, McpTools, mcp_tool_defs
 from agent_os.control_plane.actions.proc import Process
-from agent_os.control_plane.actions.provider import ActionRefused, Provider
+from agent_os.control_plane.actions.provider import ActionFailed, ActionRefused, Provider
 from agent_os.control_plane.actions.registry import ActionRegistry, ActionSpec
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.actions.snapshots import RollbackRefused, Snapshot, SnapshotError, SnapshotStore
@@ -33,6 +36,8 @@ from agent_os.control_plane.actions.workspace import Workspace
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "LLM",
+    "ActionFailed",
     "ActionRefused",
     "ActionRegistry",
     "ActionRequest",
@@ -41,6 +46,10 @@ __all__ = [
     "AgentLoop",
     "AgentLoopResult",
     "BusActions",
+    "CodeError",
+    "CodeLimits",
+    "CodeResult",
+    "CodeRunner",
     "FileSystem",
     "Http",
     "LLMError",

@@ -1,4 +1,5 @@
-"""What does an action's work: the :class:`Provider` protocol, and :class:`ActionRefused`."""
+"""What does an action's work: the :class:`Provider` protocol, :class:`ActionRefused` and
+:class:`ActionFailed`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ class ActionRefused(ControlPlaneError, ValueError):
     """A provider refuses a request before any decision: its target or params cannot be
     acted on safely (a path leaving the workspace, a malformed URL ...). ``kernel.submit``
     records it as a denial."""
+
+
+class ActionFailed(ControlPlaneError):
+    """A provider's failure that still has output to give back (``code.run``: what the code
+    printed and which tools it called before it failed). ``kernel.submit`` records it like any
+    failure (its message is the result's ``error``) and returns ``output`` as the result's
+    output instead of None."""
+
+    def __init__(self, message: str, output: Any) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 @runtime_checkable

@@ -32,7 +32,8 @@ class ActionRequest:
 @dataclass(frozen=True, slots=True)
 class ActionResult:
     """What ``kernel.submit`` returns: ``allowed`` (the decision let the action run),
-    ``output`` (the provider's result; None when denied or failed), ``error`` (the reason of a
+    ``output`` (the provider's result; None when denied, or when it failed without
+    output to give back: see ActionFailed), ``error`` (the reason of a
     denial, or the provider's failure; None on success) and ``record_id`` (the flight-recorder
     record of the outcome when the action ran, of the decision when it was denied)."""
 

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
+from agent_os.control_plane.actions.code import CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.registry import ActionRegistry
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.actions.snapshots import SnapshotStore
+from agent_os.control_plane.actions.tools import ToolDef
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import (
     AgentNotFound,
@@ -99,6 +101,8 @@ class KernelSpace:
     ``fs.delete`` keep what they change for :meth:`rollback` (None: a default
     :class:`~agent_os.control_plane.actions.snapshots.SnapshotStore`; False: none, and no
     ``fs.rollback``).
+    ``code_limits`` and ``code_pool``: the default (and most) limits of :meth:`run_code` and
+    how many Monty workers and CPython sandboxes are kept warm (started on first use).
     ``authoritative`` (set by the control-plane service): a signal to an agent this kernel
     does not know creates its process here instead of going out on the bus.
     Raises PolicyError for an unknown policy name or an empty ``policies`` alone, KernelError
@@ -121,6 +125,8 @@ class KernelSpace:
         keep_finished: int = 1000,
         workspace: str | os.PathLike[str] | None = None,
         snapshots: SnapshotStore | Literal[False] | None = None,
+        code_limits: CodeLimits | None = None,
+        code_pool: int = 2,
     ) -> None:
         if keep_finished < 0:
             raise KernelError("keep_finished must be >= 0")
@@ -156,6 +162,8 @@ class KernelSpace:
                 self.snapshots = SnapshotStore() if snapshots is None else snapshots
             FileSystem(workspace, snapshots=self.snapshots).register(self.actions)
         self._submitter = Submitter(self.gate, self.processes, self.actions)
+        self.code = CodeRunner(self.submit, limits=code_limits, pool_size=code_pool, default_tools=self._code_tools)
+        self.code.register(self.actions)
 
     @property
     def policy(self) -> Policy | PolicySet:
@@ -589,11 +597,17 @@ class KernelSpace:
         current.reload(source)
 
     async def close(self) -> None:
-        """Stop spawned agents still running, wait for signal handlers, close the recorder."""
+        """Stop spawned agents still running, wait for signal handlers, stop the code runners
+        (the kernel's and one registered in its place), close the recorder."""
         for task in self._runs.values():
             task.cancel()
         await asyncio.gather(*self._runs.values(), return_exceptions=True)
         await self.signals.drain()
+        registered = self.actions.get(CodeRunner.ACTION)
+        runners = {id(r): r for r in (self.code, registered.provider if registered else None)}
+        for runner in runners.values():
+            if isinstance(runner, CodeRunner):
+                await runner.close()
         await self.recorder.close()
 
     async def __aenter__(self) -> KernelSpace:
@@ -629,6 +643,43 @@ class KernelSpace:
         (``docs/control-plane.md``, Actions). Raises RecorderError when a record cannot be
         stored."""
         return await self._submitter.submit(request)
+
+    async def run_code(
+        self,
+        code: str,
+        *,
+        tools: Sequence[ToolDef] = (),
+        inputs: Mapping[str, Any] | None = None,
+        backend: Literal["monty", "cpython"] = "monty",
+        limits: CodeLimits | None = None,
+        agent_id: str | None = None,
+    ) -> CodeResult:
+        """Run agent-written Python: the ``code.run`` action through :meth:`submit` (governed,
+        recorded and rate-limited like any; permission ``execute``, the resource the backend,
+        the code the content rules see), on ``backend``: ``"monty"`` (pydantic-monty's
+        interpreter, sub-millisecond starts, no OS access) or ``"cpython"`` (a real
+        interpreter in a bubblewrap sandbox; refused where the host cannot sandbox).
+
+        Each of ``tools`` (ToolDefs, as the agent loop takes them), and ``ask_llm`` while
+        ``llm.ask`` is registered, is a function in the code whose call is a :meth:`submit`
+        as the same agent; a denied call raises PermissionError in the code, a failed one
+        RuntimeError. ``inputs``: plain data bound as globals; ``limits``: at most the
+        kernel's ``code_limits``; ``agent_id``: outside agent code, the acting agent.
+
+        Returns a CodeResult (``value``, ``stdout``, ``artifacts``, ``error``, ``tool_calls``,
+        ``record_id``); a denial, a failure of the code or a limit is its ``error``, not an
+        exception (``docs/code-execution.md``). Raises RecorderError."""
+        params = {"code": code, "tools": tuple(tools), "inputs": inputs, "limits": limits}
+        result = await self.submit(ActionRequest(CodeRunner.ACTION, backend, params, agent_id))
+        return CodeResult.of(result, backend)
+
+    def _code_tools(self) -> list[ToolDef]:
+        """The tools every code run gets: ``ask_llm`` while ``llm.ask`` has a provider with a
+        ``tool()`` (:class:`~agent_os.control_plane.actions.llm.LLM`)."""
+        spec = self.actions.get("llm.ask")
+        make = getattr(spec.provider, "tool", None) if spec is not None else None
+        tool = make() if callable(make) else None
+        return [tool] if isinstance(tool, ToolDef) else []
 
     async def decide_action(
         self,

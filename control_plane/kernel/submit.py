@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent_os.amb import tracing as _tracing
 from agent_os.control_plane.actions.provider import (
+    ActionFailed,
     ActionRefused,
     request_context,
     request_permission,
@@ -159,7 +160,8 @@ class Submitter:
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             done = await self.record_outcome(decided, error, extra)
-            return ActionResult(True, None, error, done.id)
+            partial = exc.output if isinstance(exc, ActionFailed) else None
+            return ActionResult(True, partial, error, done.id)
         if snapshot is not None:
             extra["snapshot"] = True
         done = await self.record_outcome(decided, None, extra)
