@@ -669,7 +669,7 @@ class KernelSpace:
         Returns a CodeResult (``value``, ``stdout``, ``artifacts``, ``error``, ``tool_calls``,
         ``record_id``); a denial, a failure of the code or a limit is its ``error``, not an
         exception (``docs/code-execution.md``). Raises RecorderError."""
-        params = {"code": code, "tools": tuple(tools), "inputs": inputs, "limits": limits}
+        params = {"code": code, "tools": tools, "inputs": inputs, "limits": limits}
         result = await self.submit(ActionRequest(CodeRunner.ACTION, backend, params, agent_id))
         return CodeResult.of(result, backend)
 

@@ -147,7 +147,7 @@ class CodeRunner:
         if len(code) > MAX_CODE:
             raise ActionRefused(f"code of {len(code)} characters is over the limit of {MAX_CODE}")
         given = params.get("tools", ())
-        if isinstance(given, ToolDef) or not isinstance(given, Sequence):
+        if isinstance(given, ToolDef | str) or not isinstance(given, Sequence):
             raise ActionRefused("params['tools'] must be a list of ToolDef")
         tools = list(given)
         extra = self.default_tools() if callable(self.default_tools) else self.default_tools
