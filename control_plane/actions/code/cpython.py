@@ -249,6 +249,8 @@ class _Exchange:
                 return RunOutcome(error=error_text("TimeoutError", f"ran past its time limit of {self.job.limits.timeout:g}s"))
             await asyncio.wait({self.done, self.slot.task}, timeout=left, return_when="FIRST_COMPLETED")
             if self.slot.task.done() and not self.done.done():
+                with contextlib.suppress(TimeoutError):  # its status tells a kill from an exit
+                    await asyncio.wait_for(self.slot.sandbox.wait(), 2.0)
                 return RunOutcome(error=self._died())
         result = self.done.result()
         return _outcome(result)
@@ -261,7 +263,7 @@ class _Exchange:
         if not task.cancelled() and task.exception() is not None:
             why = f": {task.exception()}"
         status = self.slot.sandbox.returncode
-        if status is not None and status < 0 or status in (137, 152):
+        if status is not None and (status < 0 or status > 128):  # bwrap passes 128 + the signal
             return error_text("ProcessKilled", f"the code's process was killed (a limit: CPU time or memory){why}")
         return error_text("ProcessExited", f"the code's process ended without a result (status {status}){why}")
 
