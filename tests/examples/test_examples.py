@@ -125,3 +125,14 @@ def test_llm_agent_reads_is_denied_asks_and_answers() -> None:
     assert out[2].startswith("fs.write /etc/motd: denied: outside ")
     assert out[3] == "bus.request expert.ask: ok"
     assert out[4] == "recorder verified: True"
+
+
+def test_recursive_llm_asks_per_chunk_and_the_card_number_prompt_is_denied() -> None:
+    assert run("recursive_llm.py").splitlines() == [
+        "skipped lines 1500 to 1749 - ask_llm denied: a card number in a prompt",
+        "value: {'failed': [1017, 1404, 1405, 2203, 2999], 'questions': 8, 'skipped': 1}",
+        "ask_llm calls: 8, allowed 7, denied 1",
+        "recorded outcomes: ['code.run', 'llm.ask'] 8",
+        "recorded denials: [('llm.ask', 'a card number in a prompt')]",
+        "recorder verified: True",
+    ]
