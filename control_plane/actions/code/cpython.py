@@ -56,7 +56,6 @@ class _Slot:
         self.task = asyncio.get_running_loop().create_task(peer.run())
 
     async def close(self) -> None:
-        await self.sandbox.kill()
         await self.peer.close()
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -79,6 +78,7 @@ class CPythonBackend:
         self._idle: list[_Slot] = []
         self._starting = 0
         self._refill: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _spec(self) -> SandboxSpec:
@@ -161,9 +161,15 @@ class CPythonBackend:
         self._fill_later()
         return await self._start()
 
+    def _close_later(self, slot: _Slot) -> None:
+        task = asyncio.get_running_loop().create_task(slot.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
-        """Close the pooled sandboxes and stop refilling; idempotent."""
+        """Close the pooled sandboxes and those of finished runs, stop refilling; idempotent."""
         self._closed = True
+        await asyncio.gather(*list(self._closing), return_exceptions=True)
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -181,11 +187,14 @@ class CPythonBackend:
             raise KernelError("the CPython backend is closed")
         slot = await self._take()
         try:
-            outcome = await _Exchange(slot, job, call).run()
-            await slot.sandbox.kill()  # nothing of the code's runs while its files are read
+            exchange = _Exchange(slot, job, call)
+            outcome = await exchange.run()
+            await _ended(slot.sandbox, exchange.done.done())  # nothing of the code's runs now
             found = await asyncio.to_thread(_artifacts, slot.sandbox.workspace, job.limits.max_artifacts)
-        finally:
+        except BaseException:
             await slot.close()
+            raise
+        self._close_later(slot)  # the caller has its result; the sandbox goes in the background
         if isinstance(found, str):
             return replace(outcome, error=outcome.error or error_text("ArtifactLimitExceeded", found))
         return replace(outcome, artifacts=found)
@@ -266,6 +275,19 @@ class _Exchange:
         if status is not None and (status < 0 or status > 128):  # bwrap passes 128 + the signal
             return error_text("ProcessKilled", f"the code's process was killed (a limit: CPU time or memory){why}")
         return error_text("ProcessExited", f"the code's process ended without a result (status {status}){why}")
+
+
+async def _ended(sandbox: Sandbox, finished: bool) -> None:
+    """Wait for the sandbox to end: the runner exits after its result (``finished``), and its
+    pid namespace (every process of the code) with it; else, or when it does not within a
+    second, it is killed."""
+    if not finished:
+        await sandbox.kill()
+    elif sandbox.returncode is None:
+        try:
+            await asyncio.wait_for(asyncio.shield(sandbox.wait()), 1.0)
+        except TimeoutError:
+            await sandbox.kill()
 
 
 def _outcome(result: Mapping[str, Any]) -> RunOutcome:
