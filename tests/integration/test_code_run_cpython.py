@@ -141,3 +141,22 @@ async def test_sigkill_ends_the_run_and_its_sandbox(tmp_path: Path) -> None:
             await kernel.wait_all([agent_id])
         await wait_until(lambda: _pids_of(uid) == [], timeout=10, what="every process of the run gone")
         assert time.monotonic() - started < 10
+
+
+async def test_a_pooled_sandbox_acts_as_the_agent_that_runs_in_it(tmp_path: Path) -> None:
+    """The pool's sandboxes are started in whatever context refills the pool: a tool call
+    must still act as the agent of the run it serves."""
+    async with code_kernel(tmp_path, code_pool=1) as (kernel, _):
+        first = await run_as_agent(kernel, "read_file('notes.txt')", tools=TOOLS, backend="cpython")
+        assert first.ok, first.error
+        backend = kernel.code.backends["cpython"]
+        await wait_until(lambda: len(backend._idle) == 1, timeout=30, what="the pool refilled")  # type: ignore[attr-defined]
+
+        async def writer() -> CodeResult:
+            return await kernel.run_code("read_file('notes.txt')", tools=TOOLS, backend="cpython")
+
+        agent = kernel.register(writer, name="writer", permissions=["write", "execute"])
+        second = await kernel.execute(agent)
+        assert not second.ok and "agent writer lacks permission for read" in (second.error or "")
+        (denial,) = await kernel.recorder.query(event_type="permission_denied")
+        assert denial.data["agent_name"] == "writer"

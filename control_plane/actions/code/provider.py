@@ -10,6 +10,8 @@ content rules), ``backend`` and ``tools`` (their names). How to use it:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -37,7 +39,7 @@ from agent_os.control_plane.sandbox import check_available
 
 if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry
-    from agent_os.control_plane.actions.request import ActionRequest
+    from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 
 Backend = Literal["monty", "cpython"]
 BACKENDS: Final = ("monty", "cpython")
@@ -115,7 +117,9 @@ class CodeRunner:
         so the outcome is recorded with the error."""
         code, tools, inputs, limits = self._prepare(request)
         records: list[ToolCallRecord] = []
-        call = _Caller(self.submit, tools, request.agent_id, records)
+        # Tool calls act in this run's context (the running agent, the trace), whichever task
+        # serves them: a pooled sandbox's channel was opened in another agent's context.
+        call = _Caller(self.submit, tools, request.agent_id, records, contextvars.copy_context())
         job = Job(code, inputs, {name: t.parameters for name, t in tools.items()}, limits)
         outcome = await self.backends[request.target].run(job, call)
         result = CodeResult(
@@ -170,11 +174,13 @@ class _Caller:
         tools: Mapping[str, ScriptTool],
         agent_id: str | None,
         records: list[ToolCallRecord],
+        context: contextvars.Context,
     ) -> None:
         self.submit = submit
         self.tools = tools
         self.agent_id = agent_id
         self.records = records
+        self.context = context
 
     async def __call__(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         call_id = f"call_{len(self.records)}"
@@ -187,7 +193,8 @@ class _Caller:
         except ToolArgumentError as exc:
             self.records.append(ToolCallRecord(call_id, name, dict(kwargs), None, None, False, None, str(exc), None))
             raise
-        result = await self.submit(request)
+        submitting = asyncio.get_running_loop().create_task(self._submit(request), context=self.context)
+        result = await submitting  # cancelling this call cancels the submit too
         self.records.append(
             ToolCallRecord(
                 call_id,
@@ -206,3 +213,6 @@ class _Caller:
         if result.error is not None:
             raise ToolFailed(f"{name} failed: {result.error}")
         return result.output
+
+    async def _submit(self, request: ActionRequest) -> ActionResult:
+        return await self.submit(request)
