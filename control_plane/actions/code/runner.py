@@ -142,6 +142,7 @@ def main() -> None:
     used = resource.getrusage(resource.RUSAGE_SELF)
     _limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + float(limits["timeout"])) + 2)
     _limit(resource.RLIMIT_NPROC, int(limits["processes"]))
+    _limit(resource.RLIMIT_FSIZE, int(limits["max_artifacts"]))
     output = _Output(int(limits["max_output"]))
     lock = threading.Lock()
     scope: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
