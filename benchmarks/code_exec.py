@@ -55,7 +55,9 @@ class Constant:
         return 42
 
 
-TOOL = ToolDef("const", "A constant.", {"type": "object", "properties": {}}, "bench.const", "", fixed_target="x")
+TOOL = ToolDef(
+    "const", "A constant.", {"type": "object", "properties": {}}, "bench.const", "", fixed_target="x"
+)
 
 
 async def no_tools(name: str, args: Any, kwargs: Any) -> Any:
@@ -151,7 +153,8 @@ async def round_tools(kernel: KernelSpace) -> dict[str, tuple[float, float]]:
     async def agent() -> None:
         for backend in ("monty", "cpython"):
             done = await kernel.run_code(many, tools=[TOOL], backend=backend)  # type: ignore[arg-type]
-            assert done.ok and len(done.tool_calls) == CALLS, done.error
+            assert done.ok, done.error
+            assert len(done.tool_calls) == CALLS
             inside = done.value / CALLS
             start = time.perf_counter()
             for _ in range(CALLS):
@@ -199,7 +202,9 @@ async def main(quick: bool) -> None:
     for name in ("monty cold", "monty", "cpython cold", "cpython pooled"):
         f = summary(starts[name])
         target = TARGETS_MS.get(name)
-        mark = "" if target is None else (f"≤ {target:g} ms: " + ("met" if f["ours"] <= target else "not met"))
+        mark = (
+            "" if target is None else (f"≤ {target:g} ms: " + ("met" if f["ours"] <= target else "not met"))
+        )
         if target is not None:
             met.append(f"{name} {f['ours']:.2f} ms ({mark.split(': ')[1]})")
         rows.append(

@@ -56,7 +56,9 @@ def card_number(text: str) -> str | None:
 
 async def main() -> None:
     policy = Policy("no-card-numbers", default_action="allow")
-    policy.add_rule("deny", ContentPattern("llm", card_number, "card numbers"), reason="a card number in a prompt")
+    policy.add_rule(
+        "deny", ContentPattern("llm", card_number, "card numbers"), reason="a card number in a prompt"
+    )
     async with ScriptedLLMServer({"reader": model}) as server, KernelSpace(policy) as kernel:
         LLM("openai/reader", api_base=server.url, api_key="local").register(kernel.actions)
 
@@ -68,8 +70,9 @@ async def main() -> None:
 
         print(result.stdout, end="")
         print("value:", result.value)
+        calls = len(result.tool_calls)
         allowed = sum(1 for call in result.tool_calls if call.allowed)
-        print(f"ask_llm calls: {len(result.tool_calls)}, allowed {allowed}, denied {len(result.tool_calls) - allowed}")
+        print(f"ask_llm calls: {calls}, allowed {allowed}, denied {calls - allowed}")
         asked = await kernel.recorder.query(event_type="action_outcome")
         print("recorded outcomes:", sorted({r.data["action"] for r in asked}), len(asked))
         denied = await kernel.recorder.query(event_type="policy_violation")

@@ -15,6 +15,7 @@ from agent_os.control_plane.actions.bus import BusActions
 from agent_os.control_plane.actions.code import CodeError, CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.http import Http
+from agent_os.control_plane.actions.llm import LLM
 from agent_os.control_plane.actions.loop import (
     AgentLoop,
     AgentLoopResult,
@@ -23,7 +24,6 @@ from agent_os.control_plane.actions.loop import (
     ToolCallRecord,
     run_agent_loop,
 )
-from agent_os.control_plane.actions.llm import LLM
 from agent_os.control_plane.actions.mcp import McpError, McpTools, mcp_tool_defs
 from agent_os.control_plane.actions.proc import Process
 from agent_os.control_plane.actions.provider import ActionFailed, ActionRefused, Provider

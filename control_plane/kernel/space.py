@@ -162,7 +162,9 @@ class KernelSpace:
                 self.snapshots = SnapshotStore() if snapshots is None else snapshots
             FileSystem(workspace, snapshots=self.snapshots).register(self.actions)
         self._submitter = Submitter(self.gate, self.processes, self.actions)
-        self.code = CodeRunner(self.submit, limits=code_limits, pool_size=code_pool, default_tools=self._code_tools)
+        self.code = CodeRunner(
+            self.submit, limits=code_limits, pool_size=code_pool, default_tools=self._code_tools
+        )
         self.code.register(self.actions)
 
     @property

@@ -30,11 +30,16 @@ async def test_an_uncaught_denial_is_the_runs_error(tmp_path: Path) -> None:
     async with code_kernel(tmp_path) as (kernel, _):
         code = 'print("before")\nwrite_file("x.txt", "data")'
         result = await run_as_agent(kernel, code, tools=TOOLS, backend="cpython")
-        assert result.allowed and result.error is not None
+        assert result.allowed
+        assert result.error is not None
         assert result.error.startswith("PermissionError: write_file denied: agent coder lacks permission")
         assert result.stdout == "before\n"
         (outcome,) = await kernel.recorder.query(event_type="action_outcome")
-        assert (outcome.id, outcome.data["status"], outcome.data["error"]) == (result.record_id, "error", result.error)
+        assert (outcome.id, outcome.data["status"], outcome.data["error"]) == (
+            result.record_id,
+            "error",
+            result.error,
+        )
 
 
 async def test_full_python_inputs_and_artifacts(tmp_path: Path) -> None:
@@ -52,7 +57,8 @@ sum(r["v"] for r in rows), Point()
         rows = [{"v": 1}, {"v": 2}]
         result = await run_as_agent(kernel, code, backend="cpython", inputs={"rows": rows})
         assert result.ok, result.error
-        assert result.value[0] == 3 and result.value[1].startswith("<__main__.Point object")
+        assert result.value[0] == 3
+        assert result.value[1].startswith("<__main__.Point object")
         assert result.stdout == "/workspace\n"
         assert dict(result.artifacts) == {"out/data.json": b'{"n": 2}'}, "files, never what a link points to"
 
@@ -64,7 +70,8 @@ async def test_each_run_gets_a_sandbox_of_its_own_from_the_pool(tmp_path: Path) 
         first = await run_as_agent(kernel, code, backend="cpython")
         await wait_until(lambda: len(backend._idle) == 2, timeout=30, what="the pool refilled")  # type: ignore[attr-defined]
         second = await run_as_agent(kernel, code, backend="cpython")
-        assert first.ok and second.ok, (first.error, second.error)
+        assert first.ok, first.error
+        assert second.ok, second.error
         assert first.value[1] == second.value[1] == ["mark"], "a fresh workspace each time"
         assert first.value[0] != second.value[0], "and a uid of its own"
         assert _pids_of(first.value[0]) == [], "the sandbox of a finished run is gone"
@@ -87,17 +94,38 @@ HOSTILE = [
     ("import socket\nsocket.create_connection(('127.0.0.1', 4222), timeout=2)", "ConnectionRefusedError"),
     ("open('/usr/lib/agent-os-probe', 'w')", "OSError"),
     ("open('/etc/shadow').read()", "PermissionError"),
-    ("open('/workspace/big', 'wb').write(b'x' * (2 << 20))", "ArtifactLimitExceeded"),
+    ("open('/workspace/big', 'wb').write(b'x' * (2 << 20))", "OSError: [Errno 27] File too large"),
+    ("for i in range(3):\n    open(f'f{i}', 'wb').write(b'x' * (600 << 10))", "ArtifactLimitExceeded"),
     ("import os\nos._exit(3)", "ProcessExited"),
     ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "ProcessKilled"),
 ]
 
 
-@pytest.mark.parametrize(("code", "error"), HOSTILE, ids=[
-    "busy-loop", "sleep", "memory-bomb", "output-flood", "output-caught", "raw-fd", "tool-calls", "fork-bomb",
-    "internet", "host-port", "write-outside", "shadow", "artifacts", "exit", "self-kill",
-])
-async def test_limits_and_hostile_code_end_the_run_not_the_host(tmp_path: Path, code: str, error: str | None) -> None:
+@pytest.mark.parametrize(
+    ("code", "error"),
+    HOSTILE,
+    ids=[
+        "busy-loop",
+        "sleep",
+        "memory-bomb",
+        "output-flood",
+        "output-caught",
+        "raw-fd",
+        "tool-calls",
+        "fork-bomb",
+        "internet",
+        "host-port",
+        "write-outside",
+        "shadow",
+        "big-file",
+        "artifacts",
+        "exit",
+        "self-kill",
+    ],
+)
+async def test_limits_and_hostile_code_end_the_run_not_the_host(
+    tmp_path: Path, code: str, error: str | None
+) -> None:
     async with code_kernel(tmp_path, code_pool=0) as (kernel, _):
         started = time.monotonic()
         result = await run_as_agent(kernel, code, tools=TOOLS, backend="cpython", limits=SMALL)
@@ -105,9 +133,14 @@ async def test_limits_and_hostile_code_end_the_run_not_the_host(tmp_path: Path, 
         if error is None:
             assert result.ok, result.error
             return
-        assert result.allowed and result.error is not None
+        assert result.allowed
+        assert result.error is not None
         assert error in result.error, result.error
-        runs = [r for r in await kernel.recorder.query(event_type="action_outcome") if r.data["action"] == "code.run"]
+        runs = [
+            r
+            for r in await kernel.recorder.query(event_type="action_outcome")
+            if r.data["action"] == "code.run"
+        ]
         assert [(r.id, r.data["status"]) for r in runs] == [(result.record_id, "error")]
         assert (await run_as_agent(kernel, "6 * 7", backend="cpython")).value == 42, "the next run works"
 
@@ -119,7 +152,8 @@ async def test_tool_time_does_not_count_against_the_time_limit(tmp_path: Path) -
         server.script("scripted", Reply(content="slow answer", delay=1.5))
         limits = CodeLimits(timeout=1.0)
         result = await run_as_agent(kernel, "ask_llm('a')", backend="cpython", limits=limits)
-        assert result.ok and result.value == "slow answer", result.error
+        assert result.ok, result.error
+        assert result.value == "slow answer"
 
 
 async def test_sigkill_ends_the_run_and_its_sandbox(tmp_path: Path) -> None:
@@ -157,6 +191,7 @@ async def test_a_pooled_sandbox_acts_as_the_agent_that_runs_in_it(tmp_path: Path
 
         agent = kernel.register(writer, name="writer", permissions=["write", "execute"])
         second = await kernel.execute(agent)
-        assert not second.ok and "agent writer lacks permission for read" in (second.error or "")
+        assert not second.ok
+        assert "agent writer lacks permission for read" in (second.error or "")
         (denial,) = await kernel.recorder.query(event_type="permission_denied")
         assert denial.data["agent_name"] == "writer"

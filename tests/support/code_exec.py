@@ -35,10 +35,12 @@ async def code_kernel(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[Ker
     """A permissive kernel on ``tmp_path`` (holding ``notes.txt``) with ``llm.ask`` on the
     scripted model, and the server; both closed on exit."""
     (tmp_path / "notes.txt").write_text("the launch moved to friday")
-    async with ScriptedLLMServer({"scripted": Reply(content="launch on friday")}) as server:
-        async with KernelSpace("permissive", workspace=tmp_path, **options) as kernel:
-            LLM(MODEL, api_base=server.url, api_key="k", retries=0).register(kernel.actions)
-            yield kernel, server
+    async with (
+        ScriptedLLMServer({"scripted": Reply(content="launch on friday")}) as server,
+        KernelSpace("permissive", workspace=tmp_path, **options) as kernel,
+    ):
+        LLM(MODEL, api_base=server.url, api_key="k", retries=0).register(kernel.actions)
+        yield kernel, server
 
 
 async def run_as_agent(kernel: KernelSpace, code: str, **options: Any) -> CodeResult:
@@ -80,8 +82,14 @@ async def check_tools_and_records(kernel: KernelSpace, server: ScriptedLLMServer
     denial = await kernel.recorder.query(event_type="permission_denied")
     assert [d.id for d in denial] == [result.tool_calls[3].record_id]
     run = outcomes[result.record_id or ""]
-    assert (run.data["action"], run.data["resource"], run.data["status"]) == ("code.run", result.backend, "ok")
-    decisions = [r for r in await kernel.recorder.query(event_type="policy_decision") if r.data["action"] == "code.run"]
+    assert (run.data["action"], run.data["resource"], run.data["status"]) == (
+        "code.run",
+        result.backend,
+        "ok",
+    )
+    decisions = [
+        r for r in await kernel.recorder.query(event_type="policy_decision") if r.data["action"] == "code.run"
+    ]
     assert [d.id for d in decisions] == [run.data["decision_id"]]
     assert (await kernel.recorder.verify()).ok
 

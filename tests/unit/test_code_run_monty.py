@@ -31,7 +31,8 @@ async def test_an_uncaught_denial_is_the_runs_error_and_recorded(tmp_path: Path)
     async with code_kernel(tmp_path) as (kernel, _):
         code = 'print("before")\nwrite_file("x.txt", "data")\nprint("after")'
         result = await run_as_agent(kernel, code, tools=TOOLS)
-        assert not result.ok and result.allowed
+        assert not result.ok
+        assert result.allowed
         assert result.error is not None
         assert result.error.startswith("PermissionError: write_file denied: agent coder lacks permission")
         assert result.stdout == "before\n"
@@ -53,14 +54,17 @@ async def test_inputs_values_and_the_run_outside_agent_code(tmp_path: Path) -> N
         assert result.value == [2, 4, 3, None]
         assert (await kernel.run_code("f = lambda: 1\nf", agent_id="batch")).value.startswith("<function")
         nobody = await kernel.run_code("1")
-        assert not nobody.allowed and "needs an agent_id" in (nobody.error or "")
+        assert not nobody.allowed
+        assert "needs an agent_id" in (nobody.error or "")
 
 
 async def test_tool_arguments_are_checked_like_the_agent_loops(tmp_path: Path) -> None:
     async with code_kernel(tmp_path) as (kernel, _):
         code = """
 errors = []
-for call in (lambda: read_file(), lambda: read_file("a", "b"), lambda: read_file(path=3), lambda: read_file("a", path="b")):
+calls = [lambda: read_file(), lambda: read_file("a", "b")]
+calls += [lambda: read_file(path=3), lambda: read_file("a", path="b")]
+for call in calls:
     try:
         call()
     except TypeError as exc:
@@ -83,22 +87,28 @@ async def test_the_run_itself_is_governed(tmp_path: Path) -> None:
 
         agent = kernel.register(reader, name="reader", permissions=["read"])
         result = await kernel.execute(agent)
-        assert not result.allowed and "lacks permission for execute" in (result.error or "")
+        assert not result.allowed
+        assert "lacks permission for execute" in (result.error or "")
         (denial,) = await kernel.recorder.query(event_type="permission_denied")
-        assert denial.id == result.record_id and denial.data["action"] == "code.run"
+        assert denial.id == result.record_id
+        assert denial.data["action"] == "code.run"
 
         # the code is content: a content rule judges it
         guard = Policy("no-shell", default_action="allow")
-        shell = ContentPattern("execute", lambda text: "subprocess" if "subprocess" in text else None, "shell")
+        shell = ContentPattern(
+            "execute", lambda text: "subprocess" if "subprocess" in text else None, "shell"
+        )
         guard.add_rule("deny", shell, reason="code that starts processes", name="no-subprocess")
         kernel.policy = guard
         blocked = await run_as_agent(kernel, "import subprocess")
-        assert not blocked.allowed and blocked.error == "code that starts processes"
+        assert not blocked.allowed
+        assert blocked.error == "code that starts processes"
         # the backend is the resource
         guard.add_rule("deny", Pattern("execute", "cpython"), reason="monty only", name="monty-only")
         kernel.external("batch")
         refused = await kernel.run_code("1", backend="cpython", agent_id="batch")
-        assert not refused.allowed and refused.error == "monty only"
+        assert not refused.allowed
+        assert refused.error == "monty only"
 
 
 @pytest.mark.parametrize(
@@ -108,7 +118,10 @@ async def test_the_run_itself_is_governed(tmp_path: Path) -> None:
         ({"limits": CodeLimits(timeout=10_000)}, "above this kernel's"),
         ({"inputs": {"not a name": 1}}, "not a Python identifier"),
         ({"inputs": {"x": object()}}, "not plain data"),
-        ({"tools": [ToolDef("print", "p", {"type": "object"}, "fs.read", "", fixed_target="a")]}, "cannot be"),
+        (
+            {"tools": [ToolDef("print", "p", {"type": "object"}, "fs.read", "", fixed_target="a")]},
+            "cannot be",
+        ),
         ({"tools": "read_file"}, "list of ToolDef"),
     ],
 )
@@ -117,7 +130,8 @@ async def test_requests_that_cannot_run_are_refused_before_the_decision(
 ) -> None:
     async with code_kernel(tmp_path) as (kernel, _):
         result = await run_as_agent(kernel, "1", **options)
-        assert not result.allowed and why in (result.error or "")
+        assert not result.allowed
+        assert why in (result.error or "")
         (blocked,) = await kernel.recorder.query(event_type="action_blocked")
         assert blocked.id == result.record_id
 
@@ -132,7 +146,10 @@ async def test_cpython_is_refused_where_the_host_cannot_sandbox(
     async with code_kernel(tmp_path) as (kernel, _):
         result = await run_as_agent(kernel, "1", backend="cpython")
         assert not result.allowed
-        assert result.error == "the cpython backend needs a sandbox: bwrap is not installed (Debian package bubblewrap)"
+        assert (
+            result.error
+            == "the cpython backend needs a sandbox: bwrap is not installed (Debian package bubblewrap)"
+        )
 
 
 @pytest.mark.parametrize(
@@ -150,16 +167,35 @@ async def test_cpython_is_refused_where_the_host_cannot_sandbox(
         ("launch_missiles()", "NameError: name 'launch_missiles' is not defined"),
         ("1 +", "SyntaxError"),
     ],
-    ids=["busy-loop", "big-string", "memory-bomb", "output-flood", "tool-calls", "recursion", "file", "network", "os", "unknown-function", "syntax"],
+    ids=[
+        "busy-loop",
+        "big-string",
+        "memory-bomb",
+        "output-flood",
+        "tool-calls",
+        "recursion",
+        "file",
+        "network",
+        "os",
+        "unknown-function",
+        "syntax",
+    ],
 )
-async def test_limits_and_hostile_code_end_the_run_not_the_host(tmp_path: Path, code: str, error: str) -> None:
+async def test_limits_and_hostile_code_end_the_run_not_the_host(
+    tmp_path: Path, code: str, error: str
+) -> None:
     async with code_kernel(tmp_path) as (kernel, _):
         started = time.monotonic()
         result = await run_as_agent(kernel, code, tools=TOOLS, limits=SMALL)
-        assert result.allowed and result.error is not None
+        assert result.allowed
+        assert result.error is not None
         assert error in result.error, result.error
         assert time.monotonic() - started < SMALL.timeout + 5
-        (outcome,) = [r for r in await kernel.recorder.query(event_type="action_outcome") if r.data["action"] == "code.run"]
+        (outcome,) = [
+            r
+            for r in await kernel.recorder.query(event_type="action_outcome")
+            if r.data["action"] == "code.run"
+        ]
         assert (outcome.id, outcome.data["status"]) == (result.record_id, "error")
         assert (await run_as_agent(kernel, "6 * 7")).value == 42, "the next run works"
 
@@ -209,4 +245,3 @@ async def test_a_tool_read_as_a_value_is_still_governed(tmp_path: Path) -> None:
         assert result.ok, result.error
         assert result.value == ["the launch moved to friday", ["the launch moved to friday"]]
         assert [c.record_id is not None for c in result.tool_calls] == [True, True]
-

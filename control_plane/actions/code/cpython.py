@@ -117,7 +117,7 @@ class CPythonBackend:
         slot = _Slot(sandbox, Peer(await Channel.open(ours), {"ready": on_ready}), ready)
         try:
             waiting = asyncio.ensure_future(ready.wait())
-            done, _ = await asyncio.wait({waiting, slot.task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
+            await asyncio.wait({waiting, slot.task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
             waiting.cancel()
             if not ready.is_set():
                 raise SandboxError(f"the code runner did not start (sandbox status {sandbox.returncode})")
@@ -255,8 +255,13 @@ class _Exchange:
         while not self.done.done():
             left = self._left()
             if left <= 0:
-                return RunOutcome(error=error_text("TimeoutError", f"ran past its time limit of {self.job.limits.timeout:g}s"))
-            await asyncio.wait({self.done, self.slot.task}, timeout=left, return_when="FIRST_COMPLETED")
+                return RunOutcome(
+                    error=error_text(
+                        "TimeoutError", f"ran past its time limit of {self.job.limits.timeout:g}s"
+                    )
+                )
+            waiting: set[asyncio.Future[Any]] = {self.done, self.slot.task}
+            await asyncio.wait(waiting, timeout=left, return_when="FIRST_COMPLETED")
             if self.slot.task.done() and not self.done.done():
                 with contextlib.suppress(TimeoutError):  # its status tells a kill from an exit
                     await asyncio.wait_for(self.slot.sandbox.wait(), 2.0)
@@ -273,8 +278,12 @@ class _Exchange:
             why = f": {task.exception()}"
         status = self.slot.sandbox.returncode
         if status is not None and (status < 0 or status > 128):  # bwrap passes 128 + the signal
-            return error_text("ProcessKilled", f"the code's process was killed (a limit: CPU time or memory){why}")
-        return error_text("ProcessExited", f"the code's process ended without a result (status {status}){why}")
+            return error_text(
+                "ProcessKilled", f"the code's process was killed (a limit: CPU time or memory){why}"
+            )
+        return error_text(
+            "ProcessExited", f"the code's process ended without a result (status {status}){why}"
+        )
 
 
 async def _ended(sandbox: Sandbox, finished: bool) -> None:

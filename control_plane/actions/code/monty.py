@@ -115,7 +115,9 @@ class MontyBackend:
         finally:
             await run.end()
         if size[0] > job.limits.max_output:
-            error = error_text("OutputLimitExceeded", f"output over {job.limits.max_output} bytes (max_output)")
+            error = error_text(
+                "OutputLimitExceeded", f"output over {job.limits.max_output} bytes (max_output)"
+            )
         return RunOutcome(plain(value), "".join(printed), {}, error)
 
     def _threads_or_fail(self) -> ThreadPoolExecutor:
@@ -155,7 +157,8 @@ class _Run:
             self.kill()
             with contextlib.suppress(Exception):
                 await future
-            raise _Failure(error_text("TimeoutError", f"ran past its time limit of {self.job.limits.timeout:g}s"))
+            limit = self.job.limits.timeout
+            raise _Failure(error_text("TimeoutError", f"ran past its time limit of {limit:g}s")) from None
         except asyncio.CancelledError:
             self.kill()
             with contextlib.suppress(Exception):
@@ -183,7 +186,9 @@ class _Run:
         session.__enter__()
         self.session, self.pid = session, session.worker_pid
         try:
-            return session.feed_start(self.job.code, inputs=dict(self.job.inputs), print_callback=self.on_print)
+            return session.feed_start(
+                self.job.code, inputs=dict(self.job.inputs), print_callback=self.on_print
+            )
         except MontyError as exc:
             return exc
 
@@ -229,7 +234,9 @@ class _Run:
         if name not in self.job.tools:
             return {"exception": NameError(f"name {name!r} is not defined")}
         if calls > self.job.limits.max_tool_calls:
-            raise _Failure(error_text("ToolLimitExceeded", f"more than {self.job.limits.max_tool_calls} tool calls"))
+            raise _Failure(
+                error_text("ToolLimitExceeded", f"more than {self.job.limits.max_tool_calls} tool calls")
+            )
         try:
             return {"return_value": plain(await call(name, args, kwargs))}
         except ToolDenied as exc:
@@ -243,7 +250,9 @@ class _Run:
         session, self.session = self.session, None
         if session is not None:
             with contextlib.suppress(Exception):
-                await asyncio.get_running_loop().run_in_executor(self.threads, session.__exit__, None, None, None)
+                await asyncio.get_running_loop().run_in_executor(
+                    self.threads, session.__exit__, None, None, None
+                )
 
 
 def _stub(name: str) -> Callable[..., Any]:
@@ -262,7 +271,11 @@ def _describe(exc: Exception) -> str:
 
     if isinstance(exc, MontyRuntimeError | MontySyntaxError):
         inner = exc.exception()
-        if isinstance(inner, Exception) and type(inner).__name__ == "Exception" and "max_output" in str(inner):
+        if (
+            isinstance(inner, Exception)
+            and type(inner).__name__ == "Exception"
+            and "max_output" in str(inner)
+        ):
             return error_text("OutputLimitExceeded", str(inner))
         return error_text(type(inner).__name__, str(inner))
     if isinstance(exc, MontyCrashedError):

@@ -48,7 +48,8 @@ BACKENDS: Final = ("monty", "cpython")
 class CodeBackend(Protocol):
     """What runs code: :class:`MontyBackend`, :class:`CPythonBackend`."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def run(self, job: Job, call: ToolCall) -> RunOutcome: ...
 
@@ -191,7 +192,9 @@ class _Caller:
             arguments = tool.arguments(args, kwargs)
             request = tool.tool.request(arguments, self.agent_id)
         except ToolArgumentError as exc:
-            self.records.append(ToolCallRecord(call_id, name, dict(kwargs), None, None, False, None, str(exc), None))
+            self.records.append(
+                ToolCallRecord(call_id, name, dict(kwargs), None, None, False, None, str(exc), None)
+            )
             raise
         submitting = asyncio.get_running_loop().create_task(self._submit(request), context=self.context)
         result = await submitting  # cancelling this call cancels the submit too

@@ -99,7 +99,11 @@ def _tool(peer: Any, lock: threading.Lock, name: str, channel: Any) -> Any:
 def _run(code: str, scope: dict[str, Any]) -> Any:
     """Run ``code``; the value of its last statement when that is an expression."""
     tree = ast.parse(code, "<code>", "exec")
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr):
+        tree.body.pop()
+    else:
+        last = None
     exec(compile(tree, "<code>", "exec"), scope)
     if last is None:
         return None
@@ -150,7 +154,7 @@ def main() -> None:
     for name in job["tools"]:
         scope[name] = _tool(peer, lock, name, channel)
     sys.argv = ["<code>"]
-    sys.stdout = sys.stderr = output  # type: ignore[assignment]
+    sys.stdout = sys.stderr = output
     value, error = None, None
     try:
         value = _plain(_run(job["code"], scope))
