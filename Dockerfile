@@ -14,7 +14,7 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG EXTRAS=nats,redis,kafka,postgres,cmvk,iatp,service,observability,console
+ARG EXTRAS=nats,redis,kafka,postgres,cmvk,iatp,service,observability,console,sandbox
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY requirements.lock ./
@@ -31,7 +31,7 @@ RUN python -m pip wheel --no-deps --no-build-isolation -w /dist . \
         "agent-os[${EXTRAS}] @ file://$(ls /dist/agent_os-*.whl)"
 
 FROM ${PYTHON_IMAGE}
-ARG EXTRAS=nats,redis,kafka,postgres,cmvk,iatp,service,observability,console
+ARG EXTRAS=nats,redis,kafka,postgres,cmvk,iatp,service,observability,console,sandbox
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # An unprivileged user owning the two places a deployment writes: /keys (IATP key stores,
 # 0700 as the key store requires) and /data (flight recorders). Named volumes mounted there
