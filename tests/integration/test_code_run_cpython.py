@@ -4,12 +4,14 @@ Monty, denials raised in the script, the records, artifacts, the pool, limits an
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from agent_os.cmvk.testing import Reply
 from agent_os.control_plane import AgentSignal
 from agent_os.control_plane.actions import CodeLimits, CodeResult
 from agent_os.control_plane.sandbox.bwrap import _pids_of
@@ -147,8 +149,6 @@ async def test_limits_and_hostile_code_end_the_run_not_the_host(
 
 async def test_tool_time_does_not_count_against_the_time_limit(tmp_path: Path) -> None:
     async with code_kernel(tmp_path, code_pool=0) as (kernel, server):
-        from agent_os.cmvk.testing import Reply
-
         server.script("scripted", Reply(content="slow answer", delay=1.5))
         limits = CodeLimits(timeout=1.0)
         result = await run_as_agent(kernel, "ask_llm('a')", backend="cpython", limits=limits)
@@ -195,3 +195,21 @@ async def test_a_pooled_sandbox_acts_as_the_agent_that_runs_in_it(tmp_path: Path
         assert "agent writer lacks permission for read" in (second.error or "")
         (denial,) = await kernel.recorder.query(event_type="permission_denied")
         assert denial.data["agent_name"] == "writer"
+
+
+async def test_sigstop_holds_the_sandboxed_code_at_its_next_tool_call(tmp_path: Path) -> None:
+    async with code_kernel(tmp_path, code_pool=0) as (kernel, server):
+        server.script("scripted", [Reply(content="first", delay=0.3), Reply(content="second")])
+
+        async def asker() -> CodeResult:
+            return await kernel.run_code("[ask_llm('one'), ask_llm('two')]", backend="cpython")
+
+        agent = kernel.register(asker, name="asker", permissions=["execute", "network"])
+        agent_id = await kernel.spawn(agent)
+        await wait_until(lambda: server.hits("scripted") == 1, timeout=30, what="the first question")
+        await kernel.send_signal(agent_id, AgentSignal.SIGSTOP)
+        await asyncio.sleep(0.8)  # a measured interval: the first answer (0.3 s) is back by now
+        assert server.hits("scripted") == 1, "the second call waits for SIGCONT"
+        await kernel.send_signal(agent_id, AgentSignal.SIGCONT)
+        (result,) = await kernel.wait_all([agent_id])
+        assert result.value == ["first", "second"]

@@ -118,6 +118,7 @@ async def test_the_run_itself_is_governed(tmp_path: Path) -> None:
         ({"limits": CodeLimits(timeout=10_000)}, "above this kernel's"),
         ({"inputs": {"not a name": 1}}, "not a Python identifier"),
         ({"inputs": {"x": object()}}, "not plain data"),
+        ({"inputs": {"read_file": 1}, "tools": TOOLS}, "has the name of a tool"),
         (
             {"tools": [ToolDef("print", "p", {"type": "object"}, "fs.read", "", fixed_target="a")]},
             "cannot be",

@@ -162,7 +162,11 @@ class CodeRunner:
         if not isinstance(limits, CodeLimits):
             raise ActionRefused("params['limits'] must be a CodeLimits")
         limits.within(self.limits)
-        return code, script_tools(tools), check_inputs(params.get("inputs")), limits
+        functions, inputs = script_tools(tools), check_inputs(params.get("inputs"))
+        clash = sorted(set(functions) & set(inputs))
+        if clash:
+            raise ActionRefused(f"input {clash[0]!r} has the name of a tool")
+        return code, functions, inputs, limits
 
 
 class _Caller:
