@@ -114,7 +114,13 @@ class CPythonBackend:
         async def on_ready() -> None:
             ready.set()
 
-        slot = _Slot(sandbox, Peer(await Channel.open(ours), {"ready": on_ready}), ready)
+        try:
+            channel = await Channel.open(ours)
+        except BaseException:  # cancelled (the pool closing) or failed: nothing may leak
+            ours.close()
+            await sandbox.close()
+            raise
+        slot = _Slot(sandbox, Peer(channel, {"ready": on_ready}), ready)
         try:
             waiting = asyncio.ensure_future(ready.wait())
             await asyncio.wait({waiting, slot.task}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
