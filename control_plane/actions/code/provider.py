@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
@@ -75,7 +75,7 @@ class CodeRunner:
         *,
         limits: CodeLimits | None = None,
         pool_size: int = 2,
-        default_tools: Any = None,
+        default_tools: Sequence[ToolDef] | Callable[[], Sequence[ToolDef]] = (),
     ) -> None:
         if pool_size < 0:
             raise KernelError("pool_size must be >= 0")
@@ -157,7 +157,7 @@ class CodeRunner:
         tools = list(given)
         extra = self.default_tools() if callable(self.default_tools) else self.default_tools
         names = {t.name for t in tools if isinstance(t, ToolDef)}
-        tools += [t for t in extra or () if isinstance(t, ToolDef) and t.name not in names]
+        tools += [t for t in extra if isinstance(t, ToolDef) and t.name not in names]
         limits = params.get("limits") or self.limits
         if not isinstance(limits, CodeLimits):
             raise ActionRefused("params['limits'] must be a CodeLimits")
