@@ -177,7 +177,11 @@ class CPythonBackend:
         self._closed = True
         await asyncio.gather(*list(self._closing), return_exceptions=True)
         if self._refill is not None:
-            self._refill.cancel()
+            # Let a sandbox being started finish starting (the refill closes it, seeing the pool
+            # closed): a start cancelled half way leaves asyncio a process it cannot reap.
+            done, _ = await asyncio.wait({self._refill}, timeout=READY_TIMEOUT / 6)
+            if not done:
+                self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refill
         idle, self._idle = self._idle, []
