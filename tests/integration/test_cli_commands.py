@@ -63,7 +63,8 @@ def test_submit_bad_input_is_a_one_line_usage_error(tmp_path: Path) -> None:
     unknown = run("submit", "fs.chmod", "a.txt", "--workspace", str(tmp_path))
     assert unknown.returncode == 2
     assert error_line(unknown) == (
-        "Error: unknown action 'fs.chmod' (actions: code.run, fs.delete, fs.list, fs.read, fs.rollback, fs.write)"
+        "Error: unknown action 'fs.chmod'"
+        " (actions: code.run, fs.delete, fs.list, fs.read, fs.rollback, fs.write)"
     )
     bad_param = run("submit", "fs.read", "a.txt", "--param", "binary", "--workspace", str(tmp_path))
     assert bad_param.returncode == 2

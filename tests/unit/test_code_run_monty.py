@@ -246,3 +246,13 @@ async def test_a_tool_read_as_a_value_is_still_governed(tmp_path: Path) -> None:
         assert result.ok, result.error
         assert result.value == ["the launch moved to friday", ["the launch moved to friday"]]
         assert [c.record_id is not None for c in result.tool_calls] == [True, True]
+
+
+async def test_the_records_of_a_run_do_not_keep_large_values(tmp_path: Path) -> None:
+    async with code_kernel(tmp_path) as (kernel, _):
+        (tmp_path / "big.txt").write_text("y" * 100_000)
+        code = "text = read_file('big.txt')\nfor _ in range(3):\n    ask_llm('x' * 5000)\nlen(text)"
+        result = await run_as_agent(kernel, code, tools=TOOLS)
+        assert result.value == 100_000
+        assert [c.output for c in result.tool_calls] == [None] * 4
+        assert result.tool_calls[1].arguments == {"prompt": f"{'x' * 200!r}... (5000 characters)"}

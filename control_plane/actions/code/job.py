@@ -88,8 +88,9 @@ class CodeResult:
     its workspace (CPython: relative path -> bytes); ``error``: why the run failed or was
     denied (``"PermissionError: read_file denied: ..."``, a limit, a syntax error), None when
     it succeeded; ``tool_calls``: every tool call it made, in order (each with its own
-    flight-recorder ``record_id``); ``backend``; ``allowed``: whether the kernel let the run
-    start; ``record_id``: the run's ``action_outcome`` record (or its denial's)."""
+    flight-recorder ``record_id``; not its ``output``, which the code had, and long texts
+    among its arguments cut); ``backend``; ``allowed``: whether the kernel let the run start;
+    ``record_id``: the run's ``action_outcome`` record (or its denial's)."""
 
     value: Any = None
     stdout: str = ""

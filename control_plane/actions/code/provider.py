@@ -169,6 +169,23 @@ class CodeRunner:
         return code, functions, inputs, limits
 
 
+_BRIEF: Final = 200
+
+
+def _brief(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments as a record keeps them: a text or bytes over 200 characters as its start
+    and its length (a run of many large calls must not hold them all)."""
+    kept: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if isinstance(value, str | bytes) and len(value) > _BRIEF:
+            kept[key] = (
+                f"{value[:_BRIEF]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+            )
+        else:
+            kept[key] = value
+    return kept
+
+
 class _Caller:
     """A tool call from the code: the tool's ActionRequest through ``submit`` as the agent of
     the run, with its record kept for the result."""
@@ -206,11 +223,11 @@ class _Caller:
             ToolCallRecord(
                 call_id,
                 name,
-                arguments,
+                _brief(arguments),
                 request.action,
                 request.target,
                 result.allowed,
-                result.output,
+                None,  # the code got the output; a run's records must not hold every one of them
                 result.error,
                 result.record_id,
             )
