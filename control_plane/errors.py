@@ -17,7 +17,12 @@ reaches the publisher::
     │   ├── HeadError (ValueError)             an exported head that cannot be read
     │   └── TamperDetected                     a record does not decode or authenticate
     ├── InboxBusy (ValueError)                 a reply inbox still waits for another request's reply
-    └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    ├── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    └── TaskError                              background tasks (TaskManager, TaskWorker)
+        ├── TaskNotFound (KeyError)            no task with that id
+        ├── TaskTimeout (TimeoutError)         wait() ran out before the task completed
+        ├── UnknownHandler (ValueError)        a task names a handler nobody registered
+        └── TaskInputError (TypeError)         a task input the bus cannot serialize
 
     amb.MessageRejected
     ├── PolicyViolationError (+ControlPlaneError)   policy or permissions denied the action
@@ -83,6 +88,27 @@ class InboxBusy(ControlPlaneError, ValueError):
 
 class KernelError(ControlPlaneError, RuntimeError):
     """KernelSpace was used wrongly: an unregistered agent, too many agents at once."""
+
+
+class TaskError(ControlPlaneError):
+    """A background task cannot be dispatched, found or waited for (``docs/tasks.md``)."""
+
+
+class TaskNotFound(TaskError, KeyError):
+    """No task with that id was dispatched by this manager (or it was forgotten)."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """``TaskManager.wait`` ran out of time before the task completed; the task goes on."""
+
+
+class UnknownHandler(TaskError, ValueError):
+    """A task names a handler that is not registered (with the manager's ``handlers``, or the
+    worker that took it)."""
+
+
+class TaskInputError(TaskError, TypeError):
+    """A task's input cannot be serialized by the bus client (msgpack or JSON values only)."""
 
 
 class RecorderError(ControlPlaneError):

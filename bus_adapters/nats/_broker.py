@@ -369,6 +369,17 @@ class NatsBroker(Lifecycle):
         self._subs.add(sub)
         return sub
 
+    async def capture(self, pattern: str) -> None:
+        """Keep what is published to ``pattern`` for durable subscribers yet to come: find or
+        create the stream capturing it (as a durable subscription does) and publish to it
+        through JetStream from now on. Raises ConfigError for a bad pattern or a stream that
+        overlaps it without covering it, StateError before connect()."""
+        self._require_open()
+        validate_pattern(pattern)
+        assert self._jsm is not None  # guaranteed by the OPEN state
+        _, subjects = await stream_for(self._jsm, self.config, pattern)
+        self._remember_stream(subjects)
+
     def _remember_stream(self, subjects: list[str]) -> None:
         new = [s for s in subjects if s not in self._stream_patterns]
         if new:

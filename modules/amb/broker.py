@@ -135,6 +135,17 @@ class Broker(Protocol):
         ...
 
 
+@runtime_checkable
+class DurableCapture(Protocol):
+    """A durable broker that can keep what is published to a pattern before any durable
+    subscriber exists (NATS: the JetStream stream). Brokers without it store messages only
+    for durable subscriptions already made."""
+
+    async def capture(self, pattern: str) -> None:
+        """Keep messages published to ``pattern`` from now on for durable subscribers."""
+        ...
+
+
 class LifecycleState(enum.Enum):
     """Where a broker or client is in its life; calls check it and raise StateError."""
 
