@@ -91,30 +91,36 @@ class TaskManager:
         self.ledger = TaskLedger(keep_finished)
         self.malformed = 0
         """Status messages that were not statuses (dead-lettered, reason ``malformed_task``)."""
+        self.refused_claims = 0
+        """Claims answered "do not run": the task was cancelled, or complete already."""
         if client not in kernel.bus.clients:
             kernel.attach(client)
         self._done: dict[str, asyncio.Event] = {}
         self._sub: Subscription | None = None
+        self._claims: Subscription | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect the client, make the work queue keep tasks for workers yet to come, and follow
-        the status subject. Idempotent."""
+        """Connect the client, make the work queue keep tasks for the workers' durable
+        subscription even before a worker binds it, follow the status subject and answer
+        claims. Idempotent."""
         if self._sub is not None:
             return
         await self.client.connect()
         broker = self.client.broker
         assert isinstance(broker, DurableCapture)  # checked when made
-        await broker.capture(self.subjects.run)
+        await broker.capture(self.subjects.run, self.subjects.durable)
+        self._claims = await self.client.subscribe(self.subjects.claim, self._on_claim)
         self._sub = await self.client.subscribe(self.subjects.status, self._on_status)
 
     async def close(self) -> None:
-        """Stop following statuses (the client stays open: it is the caller's). Waiters of
-        tasks not complete keep waiting until their timeout."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            await sub.unsubscribe()
+        """Stop following statuses and answering claims (the client stays open: it is the
+        caller's). Waiters of tasks not complete keep waiting until their timeout."""
+        subs, self._sub, self._claims = (self._sub, self._claims), None, None
+        for sub in subs:
+            if sub is not None:
+                await sub.unsubscribe()
 
     async def __aenter__(self) -> TaskManager:
         await self.start()
@@ -184,21 +190,19 @@ class TaskManager:
         return [s for s in self.ledger if state is None or s.state is state]
 
     async def cancel(self, task_id: str) -> bool:
-        """Cancel a task: a pending one never runs; a running one's agent is sent SIGKILL
-        through the kernel (over the bus to the worker's kernel), which ends its handler.
-        The status becomes ``cancelled`` (one ``task_cancelled`` record, with ``killed``: the
-        signal's outcome), and every worker is told, so a copy delivered again is not run.
-        Returns False when the task was complete already. Raises TaskNotFound."""
+        """Cancel a task: a pending one never runs (a worker claims each task from this
+        manager before it runs it, and is told no); a running one's agent is sent SIGKILL
+        through the kernel (over the bus to the worker's kernel), which ends its handler, and
+        its message is settled, not delivered again. The status becomes ``cancelled`` (one
+        ``task_cancelled`` record, with ``killed``: the signal's outcome). Returns False when
+        the task was complete already. Raises TaskNotFound."""
         status = self.ledger.get(task_id)
-        if status.state.terminal:
+        changed = self.ledger.cancel(task_id)  # first: what the worker reports now is too late
+        if changed is None:
             return False
         killed: bool | None = None
         if status.state is TaskState.RUNNING and status.agent_id is not None:
             killed = await self.kernel.send_signal(status.agent_id, AgentSignal.SIGKILL)
-        changed = self.ledger.cancel(task_id)
-        if changed is None:
-            return False  # completed while the signal was on its way
-        await self.client.publish(self.subjects.cancel, {"id": task_id})
         await self._record(changed, killed=killed)
         self._announce(changed)
         return True
@@ -213,9 +217,28 @@ class TaskManager:
             raise  # dead-lettered by the bus with its reason
         changed = self.ledger.apply(report)
         if changed is None:
+            if (
+                report.state is TaskState.RUNNING
+                and report.agent_id is not None
+                and self._cancelled(report.id)
+            ):
+                # Claimed just before the cancel: it must not run on.
+                await self.kernel.send_signal(report.agent_id, AgentSignal.SIGKILL)
             return
         await self._record(changed)
         self._announce(changed)
+
+    def _cancelled(self, task_id: str) -> bool:
+        return task_id in self.ledger and self.ledger.get(task_id).state is TaskState.CANCELLED
+
+    async def _on_claim(self, message: Any, metadata: Metadata) -> None:
+        task_id = message.get("id") if isinstance(message, dict) else None
+        if not isinstance(task_id, str) or task_id not in self.ledger:
+            return  # another manager's task (or nobody's): that manager answers
+        run = not self.ledger.get(task_id).state.terminal
+        if not run:
+            self.refused_claims += 1
+        await self.client.reply(metadata, {"run": run})
 
     def _announce(self, status: TaskStatus) -> None:
         if status.state.terminal:

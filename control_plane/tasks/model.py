@@ -108,7 +108,8 @@ class TaskSubjects:
 
     - ``<prefix>.<queue>.run``: the durable work queue (one message per task);
     - ``<prefix>.<queue>.status``: the workers' status messages, read by the managers;
-    - ``<prefix>.<queue>.cancel``: cancelled task ids, read by every worker.
+    - ``<prefix>.<queue>.claim``: a worker's request, before it runs a task, to the manager
+      that dispatched it: run it (not cancelled, not complete) or not.
 
     ``durable`` names the workers' durable subscription (their queue group).
     Raises ConfigError for a queue or prefix that is not 1-64 letters, digits, ``-``, ``_``."""
@@ -130,8 +131,8 @@ class TaskSubjects:
         return f"{self.prefix}.{self.queue}.status"
 
     @property
-    def cancel(self) -> str:
-        return f"{self.prefix}.{self.queue}.cancel"
+    def claim(self) -> str:
+        return f"{self.prefix}.{self.queue}.claim"
 
     @property
     def durable(self) -> str:

@@ -10,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from agent_os.amb.errors import BusError, ConfigError, UnserializablePayload
+from agent_os.amb.errors import BusError, ConfigError, RequestTimeout, UnserializablePayload
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentStoppedError, AgentTimeoutError
 from agent_os.control_plane.tasks.manager import require_task_broker
 from agent_os.control_plane.tasks.model import (
     HANDLER_OK,
-    NAME_OK,
     StatusMessage,
     TaskMessage,
     TaskState,
@@ -36,9 +34,6 @@ if TYPE_CHECKING:
     from agent_os.control_plane.kernel.space import KernelSpace
 
 log = logging.getLogger(__name__)
-
-CANCELLED_KEPT: Final = 100_000
-"""The most cancelled task ids a worker remembers (the oldest are forgotten first)."""
 
 
 class TaskWorker:
@@ -63,10 +58,12 @@ class TaskWorker:
             dead-lettered (a handler's own exception is the task's failure, not retried).
         heartbeat: seconds between "still running" notices to the broker for each running
             task (NATS: resets the message's ``ack_wait``; keep it well below ``ack_wait``).
+        claim_timeout: how long to wait for the manager's answer before running a task (the
+            task runs when no manager answers: nobody is left to cancel it).
         worker_id: the name in this worker's status messages (default: the client's agent id).
 
     Raises ConfigError for a broker that cannot carry a durable work queue, a bad queue name or
-    handler name, concurrency < 1 or heartbeat <= 0.
+    handler name, concurrency or max_attempts < 1, heartbeat or claim_timeout <= 0.
     """
 
     def __init__(
@@ -80,14 +77,15 @@ class TaskWorker:
         concurrency: int = 8,
         max_attempts: int = 3,
         heartbeat: float = 10.0,
+        claim_timeout: float = 2.0,
         worker_id: str | None = None,
     ) -> None:
         require_task_broker(client)
         self.subjects = TaskSubjects(queue, subject_prefix)
         if concurrency < 1 or max_attempts < 1:
             raise ConfigError("concurrency and max_attempts must be at least 1")
-        if heartbeat <= 0:
-            raise ConfigError("heartbeat must be positive")
+        if heartbeat <= 0 or claim_timeout <= 0:
+            raise ConfigError("heartbeat and claim_timeout must be positive")
         for name in handlers:
             if not isinstance(name, str) or HANDLER_OK.fullmatch(name) is None:
                 raise ConfigError(f"a handler name is 1-128 letters, digits, '.', '-' or '_': {name!r}")
@@ -97,6 +95,7 @@ class TaskWorker:
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.heartbeat = heartbeat
+        self.claim_timeout = claim_timeout
         self.worker_id = worker_id or client.agent_id
         if client not in kernel.bus.clients:
             kernel.attach(client)
@@ -105,9 +104,10 @@ class TaskWorker:
         self.rejected = LabelCounts(1, 2)
         """Work-queue messages dead-lettered, by ``(reason,)``: malformed_task, unknown_handler."""
         self.skipped = 0
-        """Tasks not run because they were cancelled before they started."""
+        """Tasks not run: their manager said no (cancelled before they started, or complete)."""
+        self.unclaimed = 0
+        """Tasks run without an answer to their claim (no manager answered in time)."""
         self._running: dict[str, str] = {}  # task id -> the agent running it
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._subs: list[Subscription] = []
 
     @property
@@ -118,11 +118,10 @@ class TaskWorker:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, follow cancels, and join the queue group of the work queue. Idempotent."""
+        """Connect and join the queue group of the work queue. Idempotent."""
         if self._subs:
             return
         client = self.client
-        self._subs.append(await client.subscribe(self.subjects.cancel, self._on_cancel))
         self._subs.append(
             await client.subscribe(
                 self.subjects.run,
@@ -153,36 +152,34 @@ class TaskWorker:
 
     # -- tasks ------------------------------------------------------------------------------------
 
-    async def _on_cancel(self, message: Any, metadata: Metadata) -> None:
-        task_id = message.get("id") if isinstance(message, dict) else None
-        if not isinstance(task_id, str) or NAME_OK.fullmatch(task_id) is None:
-            return  # nothing to cancel; the cancel subject carries no work
-        self._remember_cancelled(task_id)
-        agent_id = self._running.get(task_id)
-        if agent_id is not None:  # took the task before the cancel reached it
-            await self.kernel.send_signal(agent_id, AgentSignal.SIGKILL)
-
-    def _remember_cancelled(self, task_id: str) -> None:
-        self._cancelled[task_id] = None
-        while len(self._cancelled) > CANCELLED_KEPT:
-            self._cancelled.popitem(last=False)
-
     async def _on_task(self, message: Any, metadata: Metadata) -> None:
         try:
             task = parse_task(message)
         except Exception:
             self.rejected.add(("malformed_task",))
             raise  # dead-lettered with the reason
-        if task.id in self._cancelled:
-            self.skipped += 1
-            return
         agent = self.handlers.get(task.handler)
         if agent is None:
             self.rejected.add(("unknown_handler",))
             error = f"no handler {task.handler!r} on worker {self.worker_id}"
             await self._report(task, TaskState.FAILED, metadata.attempt, None, error=error)
             raise UnknownTaskHandler(error)
+        if not await self._claim(task):
+            self.skipped += 1
+            return  # cancelled, or complete already: settled without running
         await self._run(task, agent, metadata)
+
+    async def _claim(self, task: TaskMessage) -> bool:
+        """Ask the manager that dispatched ``task`` whether to run it; True also when no
+        manager answers within ``claim_timeout`` (nobody is left to cancel it)."""
+        try:
+            answer = await self.client.request(
+                self.subjects.claim, {"id": task.id}, timeout=self.claim_timeout
+            )
+        except RequestTimeout:
+            self.unclaimed += 1
+            return True
+        return not (isinstance(answer, dict) and answer.get("run") is False)
 
     async def _run(self, task: TaskMessage, agent: Callable[..., Awaitable[Any]], metadata: Metadata) -> None:
         kernel = self.kernel
@@ -220,7 +217,6 @@ class TaskWorker:
         except AgentTimeoutError as exc:
             return TaskState.FAILED, None, f"timeout: {exc}"
         except AgentStoppedError:
-            self._remember_cancelled(task.id)
             return TaskState.CANCELLED, None, "killed (SIGKILL)"
         except Exception as exc:
             return TaskState.FAILED, None, f"{type(exc).__name__}: {exc}"

@@ -137,12 +137,12 @@ class Broker(Protocol):
 
 @runtime_checkable
 class DurableCapture(Protocol):
-    """A durable broker that can keep what is published to a pattern before any durable
-    subscriber exists (NATS: the JetStream stream). Brokers without it store messages only
-    for durable subscriptions already made."""
+    """A durable broker that can keep what is published to a pattern for a durable
+    subscription before any subscriber binds it (NATS: the JetStream stream and consumer).
+    Without it a durable subscription gets only what is published once it exists."""
 
-    async def capture(self, pattern: str) -> None:
-        """Keep messages published to ``pattern`` from now on for durable subscribers."""
+    async def capture(self, pattern: str, durable: str) -> None:
+        """Keep what is published to ``pattern`` from now on for the durable ``durable``."""
         ...
 
 
