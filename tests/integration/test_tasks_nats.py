@@ -59,7 +59,8 @@ class Workers:
                 stderr=asyncio.subprocess.PIPE,
             )
             self.procs.append(proc)
-            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout is not None
+            assert proc.stderr is not None
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
             if not line.startswith("ready "):
                 pytest.fail(f"the worker did not start: {line!r} {(await proc.stderr.read()).decode()}")
@@ -208,7 +209,8 @@ async def test_failures_and_bad_input_get_their_own_answers(
     await workers.start(1)
     failed = await manager.wait(await manager.dispatch("fail", "x"), timeout=20)
     assert failed.state is TaskState.FAILED
-    assert failed.error is not None and "ValueError: failing on purpose" in failed.error
+    assert failed.error is not None
+    assert "ValueError: failing on purpose" in failed.error
 
     with pytest.raises(UnknownHandler):
         await manager.dispatch("no_such_handler", 1)
@@ -231,8 +233,8 @@ async def test_failures_and_bad_input_get_their_own_answers(
     dead: list[Any] = []
     seen = asyncio.Event()
     probe = AMB("nats", NATS_URL, agent_id=f"probe-{prefix}", broker_options={"ack_wait": ACK_WAIT})
-    other = TaskManager(manager.kernel, probe, queue="q", subject_prefix=prefix)  # checks no names
     try:
+        other = TaskManager(manager.kernel, probe, queue="q", subject_prefix=prefix)  # checks no names
 
         async def on_dead(message: Any, metadata: Any) -> None:
             dead.append(metadata.headers.get("dlq-reason"))
@@ -252,8 +254,7 @@ async def test_failures_and_bad_input_get_their_own_answers(
         ok = await manager.wait(await manager.dispatch("square", {"n": 3}), timeout=20)
         assert ok.result["square"] == 9
     finally:
-        await other.close()
-        await probe.close()
+        await probe.close()  # (other's subscriptions are probe's)
 
 
 async def test_a_broker_without_durable_queues_is_refused() -> None:
