@@ -3,6 +3,10 @@ messages: pure logic, no bus."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from agent_os.amb.errors import ConfigError
@@ -145,3 +149,31 @@ def test_subjects_of_a_queue() -> None:
     for bad in ("", "a.b", "a b", "x" * 65, ">"):
         with pytest.raises(ConfigError):
             TaskSubjects(bad)
+
+
+def test_the_task_metrics_are_the_documented_ones() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent_os.amb.stats import LabelCounts
+    from agent_os.control_plane.tasks import TaskMetrics
+
+    ledger = TaskLedger()
+    ledger.add("t1", "square")
+    ledger.add("t2", "square")
+    ledger.apply(StatusMessage("t2", TaskState.SUCCEEDED, 1, "w", "a", 4))
+    # Stand-ins with the attributes the collector reads (a manager's and a worker's counters).
+    manager = SimpleNamespace(subjects=TaskSubjects("q"), ledger=ledger)
+    runs = LabelCounts(1)
+    runs.add(("succeeded",), 3)
+    worker = SimpleNamespace(subjects=TaskSubjects("q"), runs=runs, rejected=LabelCounts(1), skipped=2)
+    registry = CollectorRegistry()
+    registry.register(TaskMetrics([manager], [worker]))  # type: ignore[list-item]
+    text = generate_latest(registry).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    page = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    section = page.split("### Background tasks", 1)[1].split("\n## ", 1)[0]
+    assert names == set(re.findall(r"`(agentos_[a-z_]+)", section))
+    assert 'agentos_tasks_completed_total{queue="q",state="succeeded"} 1.0' in text
+    assert 'agentos_tasks_open{queue="q",state="pending"} 1.0' in text
+    assert 'agentos_task_worker_runs_total{queue="q",state="succeeded"} 3.0' in text
+    assert 'agentos_task_worker_skipped_total{queue="q"} 2.0' in text
