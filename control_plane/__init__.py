@@ -3,7 +3,8 @@
 Read top-down: ``kernel/`` (KernelSpace and its parts) over ``mediation/`` (the bus side) and
 ``actions/`` (action requests, their registry and providers) over
 ``process`` (an agent's run-time state) over ``recorder/`` over ``policy/`` (pure) over
-``agent_signal`` and ``errors``. ``admin`` serves a kernel over HTTP. See ``docs/control-plane.md``.
+``agent_signal`` and ``errors``. ``admin`` serves a kernel over HTTP; ``tasks`` runs background
+tasks on the bus over the kernel. See ``docs/control-plane.md``.
 """
 
 from agent_os.control_plane.actions import (
@@ -33,6 +34,11 @@ from agent_os.control_plane.errors import (
     RecorderError,
     SignalError,
     TamperDetected,
+    TaskError,
+    TaskInputError,
+    TaskNotFound,
+    TaskTimeout,
+    UnknownHandler,
     VerificationFailed,
 )
 from agent_os.control_plane.kernel.signals import SignalDispatcher
@@ -47,10 +53,12 @@ from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, SharedRateLimits, TokenBucket
 from agent_os.control_plane.process import AgentStatus
 from agent_os.control_plane.recorder import FlightRecorder, Record, VerifyResult
+from agent_os.control_plane.tasks import TASK_EVENTS, TaskManager, TaskState, TaskStatus, TaskWorker
 
 __all__ = [
     "BUILTIN_TOOLS",
     "DECISION_EVENTS",
+    "TASK_EVENTS",
     "VIOLATION_EVENTS",
     "ActionDecision",
     "ActionRequest",
@@ -88,8 +96,17 @@ __all__ = [
     "SignalDispatcher",
     "SignalError",
     "TamperDetected",
+    "TaskError",
+    "TaskInputError",
+    "TaskManager",
+    "TaskNotFound",
+    "TaskState",
+    "TaskStatus",
+    "TaskTimeout",
+    "TaskWorker",
     "TokenBucket",
     "ToolDef",
+    "UnknownHandler",
     "VerificationFailed",
     "VerifyResult",
     "control_subject",

@@ -22,7 +22,12 @@ reaches the publisher::
     │   ├── ChannelError (ValueError)          a malformed, over-long or truncated channel frame
     │   ├── ChannelClosed                      the other end of a sandbox channel went away
     │   └── RemoteError                        a call over a sandbox channel failed on the other end
-    └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    ├── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    └── TaskError                              background tasks (TaskManager, TaskWorker)
+        ├── TaskNotFound (KeyError)            no task with that id
+        ├── TaskTimeout (TimeoutError)         wait() ran out before the task completed
+        ├── UnknownHandler (ValueError)        a task names a handler nobody registered
+        └── TaskInputError (TypeError)         a task input the bus cannot serialize
 
     amb.MessageRejected
     ├── PolicyViolationError (+ControlPlaneError)   policy or permissions denied the action
@@ -115,6 +120,25 @@ class RemoteError(SandboxError):
         super().__init__(f"{kind}: {message}" if message else kind)
         self.kind = kind
         self.text = message
+class TaskError(ControlPlaneError):
+    """A background task cannot be dispatched, found or waited for (``docs/tasks.md``)."""
+
+
+class TaskNotFound(TaskError, KeyError):
+    """No task with that id was dispatched by this manager (or it was forgotten)."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """``TaskManager.wait`` ran out of time before the task completed; the task goes on."""
+
+
+class UnknownHandler(TaskError, ValueError):
+    """A task names a handler that is not registered (with the manager's ``handlers``, or the
+    worker that took it)."""
+
+
+class TaskInputError(TaskError, TypeError):
+    """A task's input cannot be serialized by the bus client (msgpack or JSON values only)."""
 
 
 class RecorderError(ControlPlaneError):

@@ -133,7 +133,7 @@ class KernelSpace:
         policy_in_force = chosen[0] if len(chosen) == 1 else PolicySet(chosen)
         self.gate = Gate(policy_in_force, self.recorder, dispatcher, debug)
         self.processes = ProcessTable(self.recorder, dispatcher.queue_size)
-        self.bus = BusAttachment(self)
+        self.bus: BusAttachment = BusAttachment(self)
         self.adopt(dispatcher)
         self.max_concurrent_agents = max_concurrent_agents
         self.timeout = timeout

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+import pytest
+
+from tests.support.cleanup import delete_nats_streams
+from tests.support.servers import NATS_URL
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -125,3 +133,28 @@ def test_llm_agent_reads_is_denied_asks_and_answers() -> None:
     assert out[2].startswith("fs.write /etc/motd: denied: outside ")
     assert out[3] == "bus.request expert.ask: ok"
     assert out[4] == "recorder verified: True"
+
+
+@pytest.mark.nats
+def test_background_tasks_run_on_two_workers_and_a_long_one_is_cancelled() -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    env = {**os.environ, "AGENT_OS_NATS_URL": NATS_URL, "AGENT_OS_TASKS_PREFIX": prefix}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "background_tasks.py")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+    finally:
+        asyncio.run(delete_nats_streams(prefix))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "squares: [0, 1, 4, 9, 16]",
+        "long_report: running",
+        "cancelled: True",
+        "long_report: cancelled",
+        "recorded: [('task_cancelled', True)]",
+    ]
