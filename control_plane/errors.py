@@ -21,7 +21,8 @@ reaches the publisher::
     │   ├── SandboxUnavailable                 this host cannot sandbox (no bwrap, not root ...)
     │   ├── ChannelError (ValueError)          a malformed, over-long or truncated channel frame
     │   ├── ChannelClosed                      the other end of a sandbox channel went away
-    │   └── RemoteError                        a call over a sandbox channel failed on the other end
+    │   ├── RemoteError                        a call over a sandbox channel failed on the other end
+    │   └── SandboxedAgentError                a sandboxed agent ended without a result (the reason)
     └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
 
     amb.MessageRejected
@@ -115,6 +116,17 @@ class RemoteError(SandboxError):
         super().__init__(f"{kind}: {message}" if message else kind)
         self.kind = kind
         self.text = message
+
+
+class SandboxedAgentError(SandboxError):
+    """A sandboxed agent ended without a result: it failed, was killed, ran out of time, or broke
+    its channel. ``reason`` is the kernel's one-line account (also in the agent's flight-recorder
+    record); ``details`` the record's data (exit status, signal, what the sandbox reported)."""
+
+    def __init__(self, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class RecorderError(ControlPlaneError):
