@@ -123,8 +123,9 @@ class SandboxedAgentError(SandboxError):
     its channel. ``reason`` is the kernel's one-line account (also in the agent's flight-recorder
     record); ``details`` the record's data (exit status, signal, what the sandbox reported)."""
 
-    def __init__(self, reason: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
+    def __init__(self, agent_id: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"sandboxed agent {agent_id}: {reason}")
+        self.agent_id = agent_id
         self.reason = reason
         self.details = dict(details or {})
 

@@ -487,7 +487,7 @@ class SandboxSupervisor:
         if status == "killed":
             raise AgentStoppedError(f"sandboxed agent {proc.id} was killed")
         if status != "completed":
-            raise SandboxedAgentError(f"sandboxed agent {proc.id}: {data['reason']}", data)
+            raise SandboxedAgentError(proc.id, data["reason"], data)
         assert run.result is not None
         return run.result[1]
 
