@@ -222,7 +222,8 @@ async def test_publish_request_and_actions_pass_the_kernel_and_the_key_stays_out
     assert verified.valid and verified.sender == "sb-agent", "signed by the supervisor as the agent"
     assert out["allowed"] == [True, None]
     assert out["denied"] == [False, "no secrets"]
-    assert out["other"][0] is False and "cannot act as 'someone-else'" in out["other"][1]
+    assert out["other"][0] is False
+    assert "cannot act as 'someone-else'" in out["other"][1]
     assert out["key"] == "FileNotFoundError", "the key store is not visible in the sandbox"
     assert out["key_dir_exists"] is False
     assert (tmp_path / "kernel-ws" / "notes.txt").read_text() == "hello"
@@ -235,7 +236,8 @@ async def test_publish_request_and_actions_pass_the_kernel_and_the_key_stays_out
     assert ("action_outcome", "write", "fs.write") in kinds
     assert ("policy_violation", "write", "fs.write") in kinds
     blocked = [r for r in records if r.event_type == "action_blocked"]
-    assert len(blocked) == 1 and "someone-else" in blocked[0].data["reason"]
+    assert len(blocked) == 1
+    assert "someone-else" in blocked[0].data["reason"]
     assert kinds[-1][0] == "agent_completed"
     assert (await kernel.recorder.verify()).ok
 

@@ -20,7 +20,7 @@ async def talker(agent: Agent, prefix: str, key_path: str) -> dict[str, Any]:
     denied = await agent.submit(ActionRequest("fs.write", "secret.txt", {"content": "x"}))
     other = await agent.submit(ActionRequest("fs.write", "notes.txt", {"content": "x"}, "someone-else"))
     try:
-        with open(key_path, "rb"):
+        with open(key_path, "rb"):  # noqa: ASYNC230 (the probe is the point)
             key = "readable"
     except OSError as exc:
         key = type(exc).__name__
@@ -32,7 +32,7 @@ async def talker(agent: Agent, prefix: str, key_path: str) -> dict[str, Any]:
         "denied": [denied.allowed, denied.error],
         "other": [other.allowed, other.error],
         "key": key,
-        "key_dir_exists": os.path.exists(os.path.dirname(key_path)),
+        "key_dir_exists": os.path.exists(os.path.dirname(key_path)),  # noqa: ASYNC240
     }
 
 
@@ -93,12 +93,12 @@ async def open_socket(agent: Agent) -> None:
 
 
 async def read_shadow(agent: Agent) -> str:
-    with open("/etc/shadow") as f:
+    with open("/etc/shadow") as f:  # noqa: ASYNC230 (a hostile attempt)
         return f.read()
 
 
 async def write_outside(agent: Agent) -> None:
-    with open("/usr/lib/agent-os-escape", "w") as f:
+    with open("/usr/lib/agent-os-escape", "w") as f:  # noqa: ASYNC230 (a hostile attempt)
         f.write("escaped")
 
 
