@@ -219,7 +219,8 @@ async def test_publish_request_and_actions_pass_the_kernel_and_the_key_stays_out
     assert out["answer"] == {"asked": "what time is it", "by": "sb-agent", "valid": True}
     [(message, verified)] = heard
     assert message == {"from": "sb-agent"}
-    assert verified.valid and verified.sender == "sb-agent", "signed by the supervisor as the agent"
+    assert verified.valid, "signed by the supervisor as the agent"
+    assert verified.sender == "sb-agent"
     assert out["allowed"] == [True, None]
     assert out["denied"] == [False, "no secrets"]
     assert out["other"][0] is False
