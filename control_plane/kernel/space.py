@@ -389,7 +389,8 @@ class KernelSpace:
     ) -> AgentProcess:
         spec = self._agents.get(agent) if callable(agent) else None
         if isinstance(agent, str | os.PathLike):
-            name = Path(agent).stem
+            path = Path(agent)
+            name = (path if path.exists() else Path(str(agent).rpartition(":")[0] or path)).stem
         else:
             name = spec.name if spec is not None else getattr(agent, "__name__", type(agent).__name__)
         agent_id = bus.agent_id if bus is not None else name

@@ -82,13 +82,16 @@ class Entry:
 
     @classmethod
     def of(cls, agent: Any, entry: str = "main") -> Entry:
-        """The entry of a script path (``main`` in it) or of a module-level async function
-        (its file and name). Raises KernelError for anything else."""
+        """The entry of a script path (``main`` in it; ``path.py:name`` names another) or of a
+        module-level async function (its file and name). Raises KernelError for anything else."""
         if isinstance(agent, str | os.PathLike):
-            path = Path(agent).resolve()
+            path = Path(agent)
+            file, colon, name = str(agent).rpartition(":")
+            if not path.is_file() and colon and name.isidentifier():  # "script.py:entry"
+                path, entry = Path(file), name
             if not path.is_file():
                 raise KernelError(f"no agent script {str(agent)!r}")
-            return cls(path, entry)
+            return cls(path.resolve(), entry)
         fn = inspect.unwrap(agent)
         name = getattr(fn, "__qualname__", "")
         source = inspect.getsourcefile(fn) if inspect.iscoroutinefunction(fn) else None
