@@ -130,7 +130,9 @@ def outcome_reason(data: Mapping[str, Any]) -> str:
 
 
 class SandboxedRun:
-    """One sandboxed agent while it runs: its process, sandbox, channel and bus client."""
+    """One sandboxed agent while it runs (``kernel.sandboxes.runs[agent_id]``): its ``proc``,
+    ``sandbox``, channel (``peer``) and ``bus`` client; ``started`` is set once the runtime
+    in the sandbox has made its first call."""
 
     def __init__(
         self,
@@ -152,7 +154,7 @@ class SandboxedRun:
         self.sandbox: Sandbox | None = None
         self.peer: Peer | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self.started = False
+        self.started = asyncio.Event()  # set once the runtime's first call (start) is answered
         self.result: tuple[str, Any] | None = None  # ("done", value) or ("failed", report)
         self.channel_error: str | None = None
         self._subs: dict[int, Any] = {}
@@ -303,9 +305,9 @@ class SandboxedRun:
         }
 
     async def _start(self, pid: int) -> dict[str, Any]:
-        if self.started:
+        if self.started.is_set():
             raise KernelError("the agent has started already")
-        self.started = True
+        self.started.set()
         return {"agent_id": self.proc.id, "args": self.args, "kwargs": self.kwargs}
 
     async def _done(self, value: Any = None) -> None:
