@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         PolicyViolationError,
         RateLimitExceeded,
         RecorderError,
+        SandboxedAgentError,
         SignalError,
         TamperDetected,
         VerificationFailed,
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
         Record,
         VerifyResult,
     )
+    from agent_os.control_plane.sandbox import SandboxLimits, SandboxSpec
 
 # Public name -> the module that defines it (loaded on first access).
 _LAZY: dict[str, str] = {
@@ -129,6 +131,9 @@ _LAZY: dict[str, str] = {
     "RecorderError": "agent_os.control_plane.errors",
     "Rule": "agent_os.control_plane.policy.decision",
     "SharedRateLimits": "agent_os.control_plane.policy.ratelimit",
+    "SandboxLimits": "agent_os.control_plane.sandbox",
+    "SandboxSpec": "agent_os.control_plane.sandbox",
+    "SandboxedAgentError": "agent_os.control_plane.errors",
     "SignalDispatcher": "agent_os.control_plane.kernel.signals",
     "SignalError": "agent_os.control_plane.errors",
     "TamperDetected": "agent_os.control_plane.errors",
@@ -177,6 +182,9 @@ __all__ = [
     "Record",
     "RecorderError",
     "Rule",
+    "SandboxLimits",
+    "SandboxSpec",
+    "SandboxedAgentError",
     "SharedRateLimits",
     "SignalDispatcher",
     "SignalError",
