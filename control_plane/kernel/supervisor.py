@@ -1,6 +1,6 @@
 """The supervisor of sandboxed agents: ``kernel.spawn(script, sandbox=SandboxSpec(...))``.
 
-It starts the agent's runtime (:mod:`agent_os.control_plane.sandbox.runtime`) in a bubblewrap
+It starts the agent's runtime (:mod:`agent_os.control_plane.actions.sandboxed_agent`) in a bubblewrap
 sandbox with one end of a socket pair as its only channel, and serves that channel in the
 kernel's process as the agent: publishes, requests and subscriptions go through the agent's bus
 client attached to the kernel (its mediator, IATP signing with the agent's key, records), actions
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUNTIME: Final = "agent_os.control_plane.sandbox.runtime"
+RUNTIME: Final = "agent_os.control_plane.actions.sandboxed_agent"
 MAX_SUBSCRIPTIONS: Final = 64
 """Subscriptions one sandboxed agent may hold; more are refused."""
 MAX_REQUEST_TIMEOUT: Final = 60.0

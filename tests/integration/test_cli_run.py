@@ -88,16 +88,16 @@ async def test_agent_os_run_end_to_end(tmp_path: Path, prefix: str) -> None:
     workspace.mkdir()
     db = tmp_path / "records.db"
 
-    peer = AMB("nats", NATS_URL, agent_id="peer", middleware=[peer_keys.middleware()])
     heard: list[Any] = []
 
     async def on_news(message: Any, metadata: Metadata) -> None:
         heard.append((message, metadata.context[RESULT].sender, metadata.context[RESULT].valid))
 
-    async def on_ask(message: Any, metadata: Metadata) -> None:
-        await peer.reply(metadata, message + 22)
+    async with AMB("nats", NATS_URL, agent_id="peer", middleware=[peer_keys.middleware()]) as peer:
 
-    async with peer:
+        async def on_ask(message: Any, metadata: Metadata) -> None:
+            await peer.reply(metadata, message + 22)
+
         await peer.subscribe(f"{prefix}.news", on_news)
         await peer.subscribe(f"{prefix}.ask", on_ask)
         status, out, err = await run_cli(

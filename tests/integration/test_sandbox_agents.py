@@ -48,6 +48,27 @@ async def kernel(tmp_path: Path) -> AsyncIterator[KernelSpace]:
             await run.close()
 
 
+Clients = Callable[..., AMB]
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    """``clients(backend, url, agent_id=..., middleware=...)``: AMB clients closed after the test
+    (the kernel closes a sandboxed agent's own at its end; closing again does nothing)."""
+    made: list[AMB] = []
+
+    def make(*args: Any, **kwargs: Any) -> AMB:
+        client = AMB(*args, **kwargs)
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            await client.close()
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -127,9 +148,11 @@ def states(pids: list[int]) -> set[str]:
     return {Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in pids}
 
 
-async def test_sigstop_freezes_a_busy_loop_sigcont_resumes_sigkill_ends(kernel: KernelSpace) -> None:
-    bus = AMB("memory", agent_id="busy-agent")
-    watcher = AMB("memory", agent_id="watcher")
+async def test_sigstop_freezes_a_busy_loop_sigcont_resumes_sigkill_ends(
+    clients: Clients, kernel: KernelSpace
+) -> None:
+    bus = clients("memory", agent_id="busy-agent")
+    watcher = clients("memory", agent_id="watcher")
     started = asyncio.Event()
     async with watcher:
         await watcher.subscribe("sandbox.busy.started", setter(started))
@@ -191,11 +214,11 @@ async def keys(tmp_path: Path) -> dict[str, IATP]:
 
 @pytest.mark.nats
 async def test_publish_request_and_actions_pass_the_kernel_and_the_key_stays_out(
-    kernel: KernelSpace, keys: dict[str, IATP], tmp_path: Path, prefix: str
+    clients: Clients, kernel: KernelSpace, keys: dict[str, IATP], tmp_path: Path, prefix: str
 ) -> None:
     key_file = next((tmp_path / "keys" / "keys").iterdir())
-    bus = AMB("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
-    peer = AMB("nats", NATS_URL, agent_id="peer", middleware=[keys["peer"].middleware()])
+    bus = clients("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
+    peer = clients("nats", NATS_URL, agent_id="peer", middleware=[keys["peer"].middleware()])
     heard: list[tuple[Any, Any]] = []
     news = asyncio.Event()
 
@@ -245,10 +268,10 @@ async def test_publish_request_and_actions_pass_the_kernel_and_the_key_stays_out
 
 @pytest.mark.nats
 async def test_signals_over_the_bus_reach_the_sandbox(
-    kernel: KernelSpace, keys: dict[str, IATP], prefix: str
+    clients: Clients, kernel: KernelSpace, keys: dict[str, IATP], prefix: str
 ) -> None:
-    bus = AMB("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
-    operator = AMB("nats", NATS_URL, agent_id="operator", middleware=[keys["operator"].middleware()])
+    bus = clients("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
+    operator = clients("nats", NATS_URL, agent_id="operator", middleware=[keys["operator"].middleware()])
     started = asyncio.Event()
     async with KernelSpace(Policy("operator", default_action="allow")) as remote:
         remote.attach(operator)
@@ -277,10 +300,10 @@ async def test_signals_over_the_bus_reach_the_sandbox(
 
 @pytest.mark.nats
 async def test_a_sandboxed_agent_answers_requests(
-    kernel: KernelSpace, keys: dict[str, IATP], prefix: str
+    clients: Clients, kernel: KernelSpace, keys: dict[str, IATP], prefix: str
 ) -> None:
-    bus = AMB("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
-    peer = AMB("nats", NATS_URL, agent_id="peer", middleware=[keys["peer"].middleware()])
+    bus = clients("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
+    peer = clients("nats", NATS_URL, agent_id="peer", middleware=[keys["peer"].middleware()])
     ready = asyncio.Event()
     async with peer:
         await peer.subscribe(f"{prefix}.svc.ready", setter(ready))
@@ -295,7 +318,9 @@ async def test_a_sandboxed_agent_answers_requests(
     assert seen == [["one", "peer", True], ["two", "peer", True]]
 
 
-async def test_spawn_refuses_what_it_cannot_run(kernel: KernelSpace, tmp_path: Path) -> None:
+async def test_spawn_refuses_what_it_cannot_run(
+    clients: Clients, kernel: KernelSpace, tmp_path: Path
+) -> None:
     from agent_os.control_plane import KernelError
 
     async def local(agent: Any) -> None:
@@ -306,7 +331,7 @@ async def test_spawn_refuses_what_it_cannot_run(kernel: KernelSpace, tmp_path: P
     with pytest.raises(KernelError, match="no agent script"):
         await kernel.spawn(str(tmp_path / "missing.py"), sandbox=SandboxSpec())
     with pytest.raises(KernelError, match="sandboxed agents"):
-        await kernel.spawn(agents.echo, bus=AMB("memory"))
+        await kernel.spawn(agents.echo, bus=clients("memory"))
     with pytest.raises(KernelError, match="runs only sandboxed"):
         await kernel.spawn(str(tmp_path / "x.py"))
     assert not kernel.sandboxes.runs

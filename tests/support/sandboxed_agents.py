@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 from agent_os.control_plane.actions.request import ActionRequest
-from agent_os.control_plane.sandbox.runtime import Agent, Delivery
+from agent_os.control_plane.actions.sandboxed_agent import Agent, Delivery
 
 
 async def talker(agent: Agent, prefix: str, key_path: str) -> dict[str, Any]:

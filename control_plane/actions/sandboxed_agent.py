@@ -1,5 +1,6 @@
-"""The entry point of a sandboxed agent, run inside the sandbox by the kernel's supervisor:
-``python -m agent_os.control_plane.sandbox.runtime FD SCRIPT ENTRY``.
+"""The agent's side of a sandboxed agent: the runtime the kernel's supervisor starts inside the
+sandbox (it lives with the actions because its ``submit`` is theirs), as
+``python -m agent_os.control_plane.actions.sandboxed_agent FD SCRIPT ENTRY``.
 
 It opens the channel on file descriptor ``FD``, asks the supervisor for its identity and
 arguments (the ``start`` call), loads ``SCRIPT`` and awaits ``ENTRY(agent, *args, **kwargs)``
@@ -21,12 +22,10 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.sandbox.channel import Channel, Peer
-
-if TYPE_CHECKING:
-    from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 
 FAILED: Final = 1
 """The runtime's exit status when the agent's entry raised (or could not be loaded)."""
@@ -116,8 +115,6 @@ class Agent:
     async def submit(self, request: ActionRequest) -> ActionResult:
         """Do an action through the kernel (``kernel.submit``): the result, a denial with its
         reason in ``error``. An ``agent_id`` naming another agent is denied and recorded."""
-        from agent_os.control_plane.actions.request import ActionResult
-
         args = {
             "action": request.action,
             "target": request.target,
@@ -209,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     """``FD SCRIPT ENTRY``: run the agent; the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3 or not args[0].isdigit():
-        print("usage: python -m agent_os.control_plane.sandbox.runtime FD SCRIPT ENTRY", file=sys.stderr)
+        print(f"usage: python -m {__name__} FD SCRIPT ENTRY", file=sys.stderr)
         return 2
     try:
         return asyncio.run(run(int(args[0]), args[1], args[2]))
