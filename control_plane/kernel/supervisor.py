@@ -21,6 +21,7 @@ import os
 import signal as signals
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -49,7 +50,10 @@ MAX_SUBSCRIPTIONS: Final = 64
 MAX_REQUEST_TIMEOUT: Final = 60.0
 TAIL_LINES: Final = 20
 """Lines of the sandbox's output (stdout and stderr) kept for the record of its end."""
+OUTPUT_LINES_PER_SECOND: Final = 1000
+"""Output lines of one sandboxed agent passed on per second; more are counted, not passed on."""
 _LINE: Final = 1000
+_clock = time.monotonic  # seconds, for the output's rate
 _REPORT_FIELDS: Final = ("type", "errno", "errno_name", "message", "traceback")
 
 Output = Callable[[str, str], None]
@@ -161,6 +165,7 @@ class SandboxedRun:
         self._ids = itertools.count(1)
         self._deliveries: dict[int, Metadata] = {}
         self._readers: list[asyncio.Task[None]] = []
+        self._window, self._lines, self._dropped = 0, 0, 0  # output lines passed on per second
 
     # -- the lifetime -------------------------------------------------------------------------
 
@@ -287,8 +292,18 @@ class SandboxedRun:
         line = raw[:_LINE].decode(errors="replace")
         if keep:
             self.tail.append(line)
-        if self.output is not None:
-            self.output(self.proc.id, line)
+        if self.output is None:
+            return
+        now = int(_clock())
+        if now != self._window:  # a new second: say what the last one dropped
+            if self._dropped:
+                self.output(self.proc.id, f"({self._dropped} lines of output dropped)")
+            self._window, self._lines, self._dropped = now, 0, 0
+        self._lines += 1
+        if self._lines > OUTPUT_LINES_PER_SECOND:
+            self._dropped += 1
+            return
+        self.output(self.proc.id, line)
 
     # -- what the sandbox may call ------------------------------------------------------------
 
