@@ -631,7 +631,7 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
         if r.json_ratios:
             med, lo, hi = statistics.median(r.json_ratios), min(r.json_ratios), max(r.json_ratios)
             rows.append(
-                f'| {backend} | publish -> handler, `serializer="json"`, 256-char text | median of '
+                f"| {backend} | publish -> handler, `serializer=\"json\"`, 256-char text | median of "
                 f"{len(r.json_ratios)} per-round ratios | nats-py + msgspec JSON per message | {med:.3f} "
                 f"({lo:.3f}-{hi:.3f}) | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
             )
