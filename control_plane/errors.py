@@ -21,7 +21,8 @@ reaches the publisher::
     │   ├── SandboxUnavailable                 this host cannot sandbox (no bwrap, not root ...)
     │   ├── ChannelError (ValueError)          a malformed, over-long or truncated channel frame
     │   ├── ChannelClosed                      the other end of a sandbox channel went away
-    │   └── RemoteError                        a call over a sandbox channel failed on the other end
+    │   ├── RemoteError                        a call over a sandbox channel failed on the other end
+    │   └── SandboxedAgentError                a sandboxed agent ended without a result (the reason)
     ├── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
     └── TaskError                              background tasks (TaskManager, TaskWorker)
         ├── TaskNotFound (KeyError)            no task with that id
@@ -139,6 +140,18 @@ class UnknownHandler(TaskError, ValueError):
 
 class TaskInputError(TaskError, TypeError):
     """A task's input cannot be serialized by the bus client (msgpack or JSON values only)."""
+
+
+class SandboxedAgentError(SandboxError):
+    """A sandboxed agent ended without a result: it failed, was killed, ran out of time, or broke
+    its channel. ``reason`` is the kernel's one-line account (also in the agent's flight-recorder
+    record); ``details`` the record's data (exit status, signal, what the sandbox reported)."""
+
+    def __init__(self, agent_id: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"sandboxed agent {agent_id}: {reason}")
+        self.agent_id = agent_id
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class RecorderError(ControlPlaneError):

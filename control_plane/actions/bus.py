@@ -95,14 +95,14 @@ class BusProvider:
     def resource(self, request: ActionRequest) -> str:
         """The subject; refuses a malformed or reserved subject, a recipient that is not a
         string, and (``bus.request``) a bad timeout."""
-        subject = _subject(request.target)
+        subject = bus_subject(request.target)
         _recipient(request.params)
         if self.kind == "request":
             self.bus.timeout(request.params)
         return subject
 
     async def run(self, request: ActionRequest) -> Any:
-        subject = _subject(request.target)
+        subject = bus_subject(request.target)
         payload = request.params.get("payload")
         recipient = _recipient(request.params)
         client = self.bus.client
@@ -112,7 +112,9 @@ class BusProvider:
         return await client.request(subject, payload, timeout=timeout, recipient=recipient)
 
 
-def _subject(target: object) -> str:
+def bus_subject(target: object) -> str:
+    """``target`` as a subject an agent may use: a valid subject not starting with ``_`` (the
+    platform's own control and reply subjects). Raises ActionRefused otherwise."""
     if not isinstance(target, str):
         raise ActionRefused(f"a subject must be a string, got {type(target).__name__}")
     try:

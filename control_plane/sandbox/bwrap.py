@@ -231,13 +231,16 @@ def build_argv(spec: SandboxSpec, command: Sequence[str], uid: int, workspace: P
             argv += ["--symlink", os.readlink(name), name]
         elif os.path.isdir(name):
             argv += ["--ro-bind", name, name]
-    bound = _outermost([*_python_paths(), *spec.read_only])
-    parents = sorted({str(p) for path in bound for p in Path(path).parents if str(p) != "/"})
+    # /tmp first: a read-only path under the host's /tmp (a script) is bound onto it, not hidden.
+    # It is the sandbox's own (mode 1777: writable by its uid), never the host's /tmp bound whole.
+    argv += ["--perms", "1777", "--size", str(limits.tmp_size), "--tmpfs", "/tmp"]
+    bound = _outermost(p for p in [*_python_paths(), *spec.read_only] if os.path.realpath(p) != "/tmp")
+    parents = sorted({str(p) for path in bound for p in Path(path).parents if str(p) not in ("/", "/tmp")})
     for parent in parents:  # bwrap would make them 0700, closed to the sandbox's uid
         argv += ["--perms", "0755", "--dir", parent]
     for path in bound:
         argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_size), "--tmpfs", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--bind", str(workspace), WORKSPACE, "--chdir", WORKSPACE]
     env = {"PATH": _PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1"}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
