@@ -1,6 +1,7 @@
 """Broker adapter benchmarks: our client on NATS, Redis and Kafka beside the raw client library.
 
-    .venv/bin/python -m benchmarks.bus_adapters [--quick] [--only nats,redis,kafka] [--no-write]
+    .venv/bin/python -m benchmarks.bus_adapters [--quick] [--only nats,redis,kafka]
+        [--cases tp,json,rr] [--rounds N] [--no-write]
 
 For each broker, in one run:
 
@@ -521,6 +522,9 @@ async def kafka_raw_latency(cluster: Any, bootstrap: str, sizes: Sizes) -> list[
 # -- the run -----------------------------------------------------------------------------------
 
 
+CASES = frozenset({"tp", "json", "rr"})  # throughput (+ envelope), the JSON row, request/reply
+
+
 def sizes_for(backend: str, quick: bool) -> Sizes:
     if backend == "nats":
         return Sizes(20_000, 2_000, 1_000, 200, 5.0) if quick else Sizes(100_000, 10_000, 5_000, 500, 15.0)
@@ -533,7 +537,7 @@ def pct(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100)[q - 1]
 
 
-async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
+async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[str] = CASES) -> Result:
     sizes = sizes_for(backend, quick)
     result = Result()
     cluster: Any = None
@@ -581,17 +585,26 @@ async def run_backend(backend: str, quick: bool, repeats: int) -> Result:
 
         # Interleave ours and raw and keep the best run, so drift hits both alike.
         for _ in range(repeats):
-            result.ours_tp.append(await ours_throughput(backend, url, sizes))
-            result.raw_tp.append(await raw_tp())
-            if raw_env_tp is not None:
-                result.env_tp.append(await raw_env_tp())
-            if backend == "nats":
+            if "tp" in cases:
+                result.ours_tp.append(await ours_throughput(backend, url, sizes))
+                result.raw_tp.append(await raw_tp())
+                if raw_env_tp is not None:
+                    result.env_tp.append(await raw_env_tp())
+                print(
+                    f"{backend}: throughput ours {result.ours_tp[-1]:,.0f} raw {result.raw_tp[-1]:,.0f} msg/s",
+                    file=sys.stderr,
+                )
+            if "json" in cases and backend == "nats":
                 ours_json = await ours_throughput(backend, url, sizes, "json", TEXT)
-                result.json_ratios.append(ours_json / await nats_raw_json_throughput(sizes))
-            print(
-                f"{backend}: throughput ours {result.ours_tp[-1]:,.0f} raw {result.raw_tp[-1]:,.0f} msg/s",
-                file=sys.stderr,
-            )
+                raw_json = await nats_raw_json_throughput(sizes)
+                result.json_ratios.append(ours_json / raw_json)
+                print(
+                    f"{backend}: json ours {ours_json:,.0f} raw {raw_json:,.0f} msg/s "
+                    f"ratio {result.json_ratios[-1]:.3f}",
+                    file=sys.stderr,
+                )
+        if "rr" not in cases:
+            return result
         # Latency too: alternate ours and raw in rounds and pool the samples.
         rounds = Sizes(sizes.tp, sizes.tp_warm, sizes.rr // repeats, sizes.rr_warm, sizes.rr_budget / repeats)
         for _ in range(repeats):
@@ -616,12 +629,13 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
     rows = []
     for backend, r in results.items():
         sizes = sizes_for(backend, quick)
-        ours, raw = max(r.ours_tp), max(r.raw_tp)
-        tp_ratio = ours / raw
-        rows.append(
-            f"| {backend} | publish -> handler ({sizes.tp:,} msgs) | {ours:,.0f} msg/s | {raw:,.0f} msg/s "
-            f"({raw_names[backend][0]}) | {tp_ratio:.3f} | >= 0.70 {'ok' if tp_ratio >= 0.70 else 'MISSED'} |"
-        )
+        if r.ours_tp:
+            ours, raw = max(r.ours_tp), max(r.raw_tp)
+            tp_ratio = ours / raw
+            rows.append(
+                f"| {backend} | publish -> handler ({sizes.tp:,} msgs) | {ours:,.0f} msg/s | {raw:,.0f} msg/s "
+                f"({raw_names[backend][0]}) | {tp_ratio:.3f} | >= 0.70 {'ok' if tp_ratio >= 0.70 else 'MISSED'} |"
+            )
         if r.env_tp:
             env = max(r.env_tp)
             rows.append(
@@ -635,16 +649,17 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
                 f"{len(r.json_ratios)} per-round ratios | nats-py + msgspec JSON per message | {med:.3f} "
                 f"({lo:.3f}-{hi:.3f}) | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
             )
-        o50, o99, r50, r99 = pct(r.ours_rr, 50), pct(r.ours_rr, 99), pct(r.raw_rr, 50), pct(r.raw_rr, 99)
-        rr_ratio = r50 / o50
-        target = f">= 0.80 {'ok' if rr_ratio >= 0.80 else 'MISSED'}"
-        if backend == "nats":
-            target += f"; p50 <= 400 µs {'ok' if o50 <= 400 else 'MISSED'}"
-        rows.append(
-            f"| {backend} | request/reply p50 / p99 ({len(r.ours_rr):,} / {len(r.raw_rr):,} samples) "
-            f"| {o50:,.0f} / {o99:,.0f} µs | {r50:,.0f} / {r99:,.0f} µs ({raw_names[backend][1]}) "
-            f"| {rr_ratio:.3f} | {target} |"
-        )
+        if r.ours_rr:
+            o50, o99, r50, r99 = pct(r.ours_rr, 50), pct(r.ours_rr, 99), pct(r.raw_rr, 50), pct(r.raw_rr, 99)
+            rr_ratio = r50 / o50
+            target = f">= 0.80 {'ok' if rr_ratio >= 0.80 else 'MISSED'}"
+            if backend == "nats":
+                target += f"; p50 <= 400 µs {'ok' if o50 <= 400 else 'MISSED'}"
+            rows.append(
+                f"| {backend} | request/reply p50 / p99 ({len(r.ours_rr):,} / {len(r.raw_rr):,} samples) "
+                f"| {o50:,.0f} / {o99:,.0f} µs | {r50:,.0f} / {r99:,.0f} µs ({raw_names[backend][1]}) "
+                f"| {rr_ratio:.3f} | {target} |"
+            )
     table = "\n".join(rows)
     return f"""
 Two clients (separate connections) on one event loop, 256-byte bytes payload, msgpack envelope
@@ -664,17 +679,16 @@ the raw baselines do not encode or decode.
 """
 
 
-async def main(quick: bool, only: list[str], write: bool) -> None:
-    repeats = 2 if quick else 5
+async def main(quick: bool, only: list[str], cases: frozenset[str], repeats: int, write: bool) -> None:
     results: dict[str, Result] = {}
     t0 = time.monotonic()
     for backend in only:
-        results[backend] = await run_backend(backend, quick, repeats)
+        results[backend] = await run_backend(backend, quick, repeats, cases)
     body = render(results, quick, repeats)
     print(body)
     print(f"total {time.monotonic() - t0:.0f} s", file=sys.stderr)
     if write:
-        command = "python -m benchmarks.bus_adapters" + (" --quick" if quick else "")
+        command = "python -m benchmarks.bus_adapters" + (" --quick" if quick else "") + f" --rounds {repeats}"
         write_section("bus_adapters", command, body)
 
 
@@ -684,6 +698,19 @@ if __name__ == "__main__":
     )
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
     parser.add_argument("--only", default="nats,redis,kafka", help="comma-separated brokers to run")
+    parser.add_argument(
+        "--cases",
+        default=",".join(sorted(CASES)),
+        help="comma-separated measures: tp (throughput), json (the JSON row, NATS only), rr (request/reply);"
+        " a subset only prints (RESULTS.md keeps the full table)",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5; 2 with --quick)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    asyncio.run(main(args.quick, [b for b in args.only.split(",") if b], not args.no_write))
+    chosen = frozenset(c for c in args.cases.split(",") if c)
+    if not chosen or not chosen <= CASES:
+        parser.error(f"--cases: choose from {sorted(CASES)}")
+    rounds = args.rounds or (2 if args.quick else 5)
+    brokers = [b for b in args.only.split(",") if b]
+    write = not args.no_write and chosen == CASES
+    asyncio.run(main(args.quick, brokers, chosen, rounds, write))
