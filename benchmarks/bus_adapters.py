@@ -645,7 +645,7 @@ def render(results: dict[str, Result], quick: bool, repeats: int) -> str:
         if r.json_ratios:
             med, lo, hi = statistics.median(r.json_ratios), min(r.json_ratios), max(r.json_ratios)
             rows.append(
-                f"| {backend} | publish -> handler, `serializer=\"json\"`, 256-char text | median of "
+                f'| {backend} | publish -> handler, `serializer="json"`, 256-char text | median of '
                 f"{len(r.json_ratios)} per-round ratios | nats-py + msgspec JSON per message | {med:.3f} "
                 f"({lo:.3f}-{hi:.3f}) | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
             )
@@ -704,7 +704,9 @@ if __name__ == "__main__":
         help="comma-separated measures: tp (throughput), json (the JSON row, NATS only), rr (request/reply);"
         " a subset only prints (RESULTS.md keeps the full table)",
     )
-    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds (default 5; 2 with --quick)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     chosen = frozenset(c for c in args.cases.split(",") if c)
