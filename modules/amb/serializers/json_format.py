@@ -219,17 +219,17 @@ def _plain(obj: _JsonV1, data: bytes) -> bool:
         return False
     payload = obj.payload
     kind = type(payload)
+    if (obj.headers or kind is dict or kind is list) and b'"$' in data:
+        return False
     if kind is int:
-        return _INT_MIN <= payload <= _INT_MAX
+        number: int = payload
+        return _INT_MIN <= number <= _INT_MAX
     if kind is dict or kind is list:
-        if b'"$' in data:
-            return False
         try:
             _fits_msgpack(payload)
         except OverflowError:
             return False
-        return True
-    return not (obj.headers and b'"$' in data)
+    return True
 
 
 class JsonSerializer:
@@ -362,7 +362,7 @@ class JsonSerializer:
         sig = obj.sig
         if sig is None:
             return fields
-        return (*fields[:12], (sig.scheme, sig.key_id, sig.nonce, sig.value))  # type: ignore[return-value]
+        return (*fields[:12], (sig.scheme, sig.key_id, sig.nonce, sig.value))
 
     def decode_checked(self, data: bytes) -> Envelope:
         """The envelope of ``data`` read by the standard library's ``json`` with every check
