@@ -353,9 +353,10 @@ class JsonSerializer:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
             obj = _typed_decode(data)
-        except Exception:
-            return wire_of(self.decode_checked(data))
-        if _encode(obj) != data or not _plain(obj, data):
+            taken = _encode(obj) == data and _plain(obj, data)
+        except Exception:  # refused by msgspec, or out of stack on a deep payload
+            taken = False
+        if not taken:
             return wire_of(self.decode_checked(data))
         check_subjects(obj.topic, obj.reply_to)
         fields: WireFields = _astuple(obj)
