@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from agent_os.control_plane.actions.bus import bus_subject
+from agent_os.control_plane.actions.bus import bus_pattern, bus_subject, is_platform_subject
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.errors import AgentStoppedError, ChannelError, KernelError, SandboxedAgentError
 from agent_os.control_plane.mediation.identity import message_sender
@@ -161,6 +161,8 @@ class SandboxedRun:
         self.started = asyncio.Event()  # set once the runtime's first call (start) is answered
         self.result: tuple[str, Any] | None = None  # ("done", value) or ("failed", report)
         self.channel_error: str | None = None
+        self.withheld = 0
+        """Deliveries on the platform's own subjects (``_``...) not passed to the sandbox."""
         self._subs: dict[int, Any] = {}
         self._ids = itertools.count(1)
         self._deliveries: dict[int, Metadata] = {}
@@ -356,8 +358,7 @@ class SandboxedRun:
 
     async def _subscribe(self, pattern: Any) -> int:
         client = self._client()
-        if not isinstance(pattern, str) or pattern.startswith("_"):
-            raise ValueError(f"a sandboxed agent cannot subscribe to {str(pattern)[:80]!r}")
+        pattern = bus_pattern(pattern)  # never a pattern that covers the platform's subjects
         if len(self._subs) >= MAX_SUBSCRIPTIONS:
             raise KernelError(f"at most {MAX_SUBSCRIPTIONS} subscriptions per sandboxed agent")
         sub_id = next(self._ids)
@@ -370,6 +371,10 @@ class SandboxedRun:
         async def deliver(message: Any, metadata: Metadata) -> None:
             peer = self.peer
             if peer is None:
+                return
+            if is_platform_subject(metadata.subject) or is_platform_subject(metadata.topic):
+                # Defence in depth (a broker whose wildcards differ): never the platform's own.
+                self.withheld += 1
                 return
             sender, verified, trust, _ = message_sender(metadata, trust_bus)
             token = next(self._ids)

@@ -21,11 +21,13 @@ _PENDING: Final = TaskState.PENDING
 _RUNNING: Final = TaskState.RUNNING
 _CANCELLED: Final = TaskState.CANCELLED
 
-IGNORED_REASONS: Final = ("duplicate", "late", "unknown")
+IGNORED_REASONS: Final = ("duplicate", "late", "unknown", "not_claimant")
 """Why a status was ignored: ``duplicate``, a second result of a complete task (a worker ran
 it again after a redelivery, or finished it as it was cancelled); ``late``, a ``running``
 report after the task was complete; ``unknown``, a status for a task this ledger does not
-know (another manager's, or forgotten)."""
+know (another manager's, or forgotten); ``not_claimant``, a status whose sender is not the
+worker this manager told to run the task (an impostor, or a worker whose delivery of the task
+was given to another)."""
 
 
 class TaskLedger:
@@ -46,6 +48,7 @@ class TaskLedger:
         self.keep_finished = keep_finished
         self._tasks: dict[str, TaskStatus] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._claimants: dict[str, str] = {}  # task id -> the sender told to run it
         self.ignored = LabelCounts(1, len(IGNORED_REASONS))
         """Statuses ignored, by ``(reason,)``."""
         self.completed = LabelCounts(1, 3)
@@ -74,6 +77,7 @@ class TaskLedger:
         """Forget a task whose dispatch failed (it never reached the queue)."""
         if self._tasks.pop(task_id, None) is not None:
             self.dispatched -= 1
+        self._claimants.pop(task_id, None)
 
     def get(self, task_id: str) -> TaskStatus:
         """The task's status. Raises TaskNotFound."""
@@ -82,12 +86,32 @@ class TaskLedger:
         except KeyError:
             raise TaskNotFound(f"no task {str(task_id)[:80]!r}") from None
 
-    def apply(self, report: StatusMessage) -> TaskStatus | None:
-        """Take a worker's report; return the new status when it changes the task (to record
-        and announce), None when it is ignored (and counted)."""
+    def claim(self, task_id: str, sender: str) -> bool:
+        """A worker (``sender``, as the bus established it) asks to run a known task: True,
+        and ``sender`` becomes the only one whose statuses count for it, unless the task is
+        complete (False). A later claim (the task delivered again) takes it over. Raises
+        TaskNotFound."""
+        if self.get(task_id).state.terminal:
+            return False
+        self._claimants[task_id] = sender
+        return True
+
+    def claimant(self, task_id: str) -> str | None:
+        """The sender told last to run the task (kept while the task is known), None when
+        nobody was."""
+        return self._claimants.get(task_id)
+
+    def apply(self, report: StatusMessage, sender: str | None = None) -> TaskStatus | None:
+        """Take a worker's report sent by ``sender`` (as the bus established it); return the
+        new status when it changes the task (to record and announce), None when it is ignored
+        (and counted): among others, a report whose sender is not the task's claimant
+        (:meth:`claim`) never changes it."""
         current = self._tasks.get(report.id)
         if current is None:
             self.ignored.add(("unknown",))
+            return None
+        if sender is None or self._claimants.get(report.id) != sender:
+            self.ignored.add(("not_claimant",))
             return None
         if current.state.terminal:
             if report.state is _RUNNING:
@@ -134,6 +158,7 @@ class TaskLedger:
             while len(self._finished) > self.keep_finished:
                 old, _ = self._finished.popitem(last=False)
                 self._tasks.pop(old, None)
+                self._claimants.pop(old, None)
         return status
 
     def count(self, state: TaskState) -> int:

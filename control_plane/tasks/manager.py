@@ -17,6 +17,7 @@ from agent_os.amb.broker import DurableCapture
 from agent_os.amb.errors import ConfigError, UnserializablePayload
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import TaskInputError, TaskTimeout, UnknownHandler
+from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.tasks.ledger import TaskLedger
 from agent_os.control_plane.tasks.model import (
     HANDLER_OK,
@@ -31,6 +32,14 @@ from agent_os.control_plane.tasks.model import (
 if TYPE_CHECKING:
     from agent_os.amb import AMB, Metadata, Subscription
     from agent_os.control_plane.kernel.space import KernelSpace
+
+
+def established_sender(metadata: Metadata) -> str | None:
+    """The sender of a task message as the bus establishes it: the IATP-verified signer when
+    the bus carries IATP (None for a signature that is not valid), else the sender the
+    envelope claims (on a bus without IATP, identities are claims: ``docs/tasks.md``)."""
+    sender, _, _, refusal = message_sender(metadata, True)
+    return None if refusal is not None else sender
 
 
 def require_task_broker(client: AMB) -> None:
@@ -215,12 +224,13 @@ class TaskManager:
         except Exception:
             self.malformed += 1
             raise  # dead-lettered by the bus with its reason
-        changed = self.ledger.apply(report)
+        changed = self.ledger.apply(report, established_sender(metadata))
         if changed is None:
             if (
                 report.state is TaskState.RUNNING
                 and report.agent_id is not None
                 and self._cancelled(report.id)
+                and self._from_claimant(report.id, metadata)
             ):
                 # Claimed just before the cancel: it must not run on.
                 await self.kernel.send_signal(report.agent_id, AgentSignal.SIGKILL)
@@ -231,11 +241,17 @@ class TaskManager:
     def _cancelled(self, task_id: str) -> bool:
         return task_id in self.ledger and self.ledger.get(task_id).state is TaskState.CANCELLED
 
+    def _from_claimant(self, task_id: str, metadata: Metadata) -> bool:
+        # Only the worker told to run the task names the agent to kill: never anyone on the bus.
+        claimant = self.ledger.claimant(task_id)
+        return claimant is not None and claimant == established_sender(metadata)
+
     async def _on_claim(self, message: Any, metadata: Metadata) -> None:
         task_id = message.get("id") if isinstance(message, dict) else None
         if not isinstance(task_id, str) or task_id not in self.ledger:
             return  # another manager's task (or nobody's): that manager answers
-        run = not self.ledger.get(task_id).state.terminal
+        sender = established_sender(metadata)
+        run = sender is not None and self.ledger.claim(task_id, sender)
         if not run:
             self.refused_claims += 1
         await self.client.reply(metadata, {"run": run})

@@ -41,7 +41,7 @@ class TaskMetrics:
         )
         ignored = CounterMetricFamily(
             "agentos_tasks_ignored_statuses",
-            "Worker statuses a manager ignored, by reason (duplicate, late, unknown)",
+            "Worker statuses a manager ignored, by reason (duplicate, late, unknown, not_claimant)",
             labels=["queue", "reason"],
         )
         open_tasks = GaugeMetricFamily(

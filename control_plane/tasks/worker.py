@@ -18,9 +18,10 @@ from agent_os.amb.errors import BusError, ConfigError, RequestTimeout, Unseriali
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentStoppedError, AgentTimeoutError
-from agent_os.control_plane.tasks.manager import require_task_broker
+from agent_os.control_plane.tasks.manager import established_sender, require_task_broker
 from agent_os.control_plane.tasks.model import (
     HANDLER_OK,
+    MalformedTask,
     StatusMessage,
     TaskMessage,
     TaskState,
@@ -158,23 +159,29 @@ class TaskWorker:
         except Exception:
             self.rejected.add(("malformed_task",))
             raise  # dead-lettered with the reason
+        dispatcher = established_sender(metadata)
+        if dispatcher is None:
+            self.rejected.add(("malformed_task",))
+            raise MalformedTask("a task without an established sender: nobody to claim it from")
         agent = self.handlers.get(task.handler)
+        if not await self._claim(task, dispatcher):
+            self.skipped += 1
+            return  # cancelled, or complete already: settled without running
         if agent is None:
             self.rejected.add(("unknown_handler",))
             error = f"no handler {task.handler!r} on worker {self.worker_id}"
             await self._report(task, TaskState.FAILED, metadata.attempt, None, error=error)
             raise UnknownTaskHandler(error)
-        if not await self._claim(task):
-            self.skipped += 1
-            return  # cancelled, or complete already: settled without running
         await self._run(task, agent, metadata)
 
-    async def _claim(self, task: TaskMessage) -> bool:
-        """Ask the manager that dispatched ``task`` whether to run it; True also when no
-        manager answers within ``claim_timeout`` (nobody is left to cancel it)."""
+    async def _claim(self, task: TaskMessage, dispatcher: str) -> bool:
+        """Ask the manager that dispatched ``task`` (``dispatcher``, the task message's sender)
+        whether to run it; only that manager's answer counts (an answer from anyone else is
+        dropped by the bus client). True also when it does not answer within
+        ``claim_timeout`` (nobody is left to cancel it)."""
         try:
             answer = await self.client.request(
-                self.subjects.claim, {"id": task.id}, timeout=self.claim_timeout
+                self.subjects.claim, {"id": task.id}, timeout=self.claim_timeout, recipient=dispatcher
             )
         except RequestTimeout:
             self.unclaimed += 1

@@ -335,3 +335,44 @@ async def test_spawn_refuses_what_it_cannot_run(
     with pytest.raises(KernelError, match="runs only sandboxed"):
         await kernel.spawn(str(tmp_path / "x.py"))
     assert not kernel.sandboxes.runs
+
+
+@pytest.mark.nats
+async def test_the_platforms_subjects_stay_out_of_a_sandboxed_agents_reach(
+    clients: Clients, kernel: KernelSpace, keys: dict[str, IATP], prefix: str
+) -> None:
+    """A sandboxed agent's wildcard subscriptions never deliver control (``_ctl.``) or reply
+    (``_INBOX.``) subjects: it can neither watch other agents' signals and replies nor answer
+    a signal meant for another agent (a forged acknowledgement)."""
+    bus = clients("nats", NATS_URL, agent_id="sb-agent", middleware=[keys["sandboxed"].middleware()])
+    operator = clients("nats", NATS_URL, agent_id="operator", middleware=[keys["operator"].middleware()])
+    peer = clients("nats", NATS_URL, agent_id="peer", middleware=[keys["peer"].middleware()])
+    ready = asyncio.Event()
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await peer.reply(metadata, "answered")
+
+    async with KernelSpace(Policy("operator", default_action="allow")) as remote:
+        remote.attach(operator)
+        async with operator, peer:
+            await operator.subscribe(f"{prefix}.snoop.ready", setter(ready))
+            await peer.subscribe(f"{prefix}.svc", answer)
+            agent_id = await kernel.spawn(agents.snooper, prefix, sandbox=SandboxSpec(), bus=bus)
+            await asyncio.wait_for(ready.wait(), 30)
+            # a signal for an agent that does not exist: nobody may acknowledge it
+            assert not await remote.send_signal("victim", AgentSignal.SIGSTOP)
+            assert await operator.request(f"{prefix}.svc", "q", timeout=10) == "answered"
+            await operator.publish(f"{prefix}.snoop.stop", "stop")
+            [out] = await asyncio.wait_for(kernel.wait_all([agent_id]), 60)
+    assert not [t for t in out["seen"] if t.startswith("_")], out
+    assert f"{prefix}.svc" in out["seen"], "the wildcard still delivers ordinary subjects"
+    assert out["control_publish"] == "ActionRefused"
+    assert [r.split()[0] for r in out["refused"]] == [
+        ">",
+        "*.>",
+        "*.signal.>",
+        "_ctl.>",
+        "_INBOX.>",
+        "*.*.victim",
+    ]
+    assert all(r.endswith("ActionRefused") for r in out["refused"]), out

@@ -266,3 +266,62 @@ async def test_a_broker_without_durable_queues_is_refused() -> None:
     finally:
         await client.close()
         await kernel.close()
+
+
+# -- an impostor on the bus ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def impostor(prefix: str) -> AsyncIterator[AMB]:
+    """A client of someone else on the same bus, who sees the task subjects."""
+    client = AMB("nats", NATS_URL, agent_id=f"impostor-{prefix}")
+    try:
+        await client.connect()
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_a_status_from_anyone_but_the_claimant_never_completes_a_task(
+    manager: TaskManager, workers: Workers, impostor: AMB
+) -> None:
+    subjects = manager.subjects
+    task_id = await manager.dispatch("square", {"n": 3})  # no worker yet: pending
+    forged = {"id": task_id, "state": "succeeded", "attempt": 1, "worker": "w", "agent_id": None}
+    await impostor.publish(subjects.status, {**forged, "result": {"square": 10}})
+    await impostor.publish(subjects.status, {**forged, "state": "running", "agent_id": "victim"})
+    await until(lambda: manager.ledger.ignored.get(("not_claimant",), 0) == 2)
+    assert manager.status(task_id).state is TaskState.PENDING
+    assert manager.status(task_id).agent_id is None
+    await workers.start(1)
+    status = await manager.wait(task_id, timeout=20)
+    assert status.state is TaskState.SUCCEEDED
+    assert status.result["square"] == 9, "the real worker's result, not the forged one"
+    # the task is complete: a forged result after the end changes nothing either
+    await impostor.publish(subjects.status, {**forged, "result": {"square": 10}})
+    await until(lambda: manager.ledger.ignored.get(("not_claimant",), 0) == 3)
+    assert manager.status(task_id).result["square"] == 9
+    assert manager.ledger.completed == {("succeeded",): 1}
+
+
+async def test_a_claim_answered_by_an_impostor_is_not_taken(
+    manager: TaskManager, workers: Workers, impostor: AMB
+) -> None:
+    """Only the manager that dispatched a task answers its claim: an impostor saying "do not
+    run" does not stop it (here the manager no longer answers: the task runs unclaimed)."""
+    statuses: list[dict[str, Any]] = []
+
+    async def refuse(message: Any, metadata: Any) -> None:
+        await impostor.reply(metadata, {"run": False})
+
+    async def watch(message: Any, metadata: Any) -> None:
+        statuses.append(message)
+
+    await impostor.subscribe(manager.subjects.claim, refuse)
+    await impostor.subscribe(manager.subjects.status, watch)
+    task_id = await manager.dispatch("square", {"n": 5})
+    await manager.close()  # the dispatcher stops answering claims: only the impostor does
+    await workers.start(1)
+    await until(lambda: any(s["id"] == task_id and s["state"] == "succeeded" for s in statuses))
+    [done] = [s for s in statuses if s["state"] == "succeeded"]
+    assert done["result"]["square"] == 25

@@ -119,3 +119,42 @@ async def malformed(agent: Agent) -> None:
     await channel._writer.drain()
     while True:
         await __import__("asyncio").sleep(1)
+
+
+# -- a hostile agent on the bus: the platform's own subjects stay out of reach ------------------
+
+
+async def snooper(agent: Agent, prefix: str) -> dict[str, Any]:
+    """Subscribe to wildcards that would cover the platform's control and reply subjects,
+    answer every request that reaches it (a forged signal acknowledgement), and publish on a
+    control subject; return which subscriptions were refused and what was delivered."""
+    import asyncio
+
+    from agent_os.control_plane.errors import RemoteError
+
+    seen: list[str] = []
+    refused: list[str] = []
+    stop = asyncio.Event()
+
+    async def on_any(message: Any, delivery: Delivery) -> None:
+        if delivery.topic == f"{prefix}.snoop.stop":
+            stop.set()
+            return
+        seen.append(delivery.topic)
+        if delivery.expects_reply:
+            await agent.reply(delivery, {"ok": True, "forged": True})
+
+    for pattern in (">", "*.>", "*.signal.>", "_ctl.>", "_INBOX.>", "*.*.victim"):
+        try:
+            await agent.subscribe(pattern, on_any)
+        except RemoteError as exc:
+            refused.append(f"{pattern} {exc.kind}")
+    await agent.subscribe(f"{prefix}.>", on_any)  # a wildcard under its own first token is fine
+    try:
+        await agent.publish("_ctl.signal.victim", {"signal": "SIGKILL"})
+        published = "published"
+    except RemoteError as exc:
+        published = exc.kind
+    await agent.publish(f"{prefix}.snoop.ready", "ready")
+    await asyncio.wait_for(stop.wait(), 60)
+    return {"seen": sorted(set(seen)), "refused": refused, "control_publish": published}

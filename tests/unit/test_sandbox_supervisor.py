@@ -67,3 +67,31 @@ async def test_output_is_passed_on_at_a_bounded_rate(monkeypatch: pytest.MonkeyP
             run._line(f"line {i}".encode(), keep=True)
     assert lines == ["line 0", "line 1", "line 2", "(2 lines of output dropped)", "line 5"]
     assert list(run.tail) == [f"line {i}" for i in range(6)]
+
+
+def test_the_uid_lock_directory_is_never_followed_through_planted_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link planted in /run/agent-os/sandbox-uids is never opened (nor a file it points at
+    flocked or created); a lock directory others may write to is refused."""
+    from agent_os.control_plane.errors import SandboxError
+    from agent_os.control_plane.sandbox import bwrap
+
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    target = tmp_path / "victim"
+    monkeypatch.setattr(bwrap, "_LOCKS", locks)
+    monkeypatch.setattr(bwrap, "UID_SLOTS", 1)
+    (locks / f"{bwrap.UID_BASE}.lock").symlink_to(target)
+    with pytest.raises(SandboxError, match="no free sandbox uid"):
+        bwrap._UidLease()
+    assert not target.exists(), "the link was not followed"
+    (locks / f"{bwrap.UID_BASE}.lock").unlink()
+    lease = bwrap._UidLease()
+    try:
+        assert lease.uid == bwrap.UID_BASE
+    finally:
+        lease.release()
+    locks.chmod(0o777)
+    with pytest.raises(SandboxError, match="writable only by it"):
+        bwrap._UidLease()

@@ -13,63 +13,97 @@ from agent_os.amb.errors import ConfigError
 from agent_os.control_plane import TaskNotFound, TaskState
 from agent_os.control_plane.errors import TaskError
 from agent_os.control_plane.tasks import TaskLedger, TaskSubjects
-from agent_os.control_plane.tasks.model import MalformedTask, StatusMessage, parse_status, parse_task
+from agent_os.control_plane.tasks.model import (
+    MalformedTask,
+    StatusMessage,
+    TaskStatus,
+    parse_status,
+    parse_task,
+)
 
 
 def report(state: TaskState, attempt: int = 1, worker: str = "w1", result: object = None) -> StatusMessage:
     return StatusMessage("t1", state, attempt, worker, f"agent-{worker}-{attempt}", result, None)
 
 
+def apply(ledger: TaskLedger, status: StatusMessage) -> TaskStatus | None:
+    """A status as sent on the bus by the worker it names."""
+    return ledger.apply(status, status.worker)
+
+
 def test_a_task_goes_pending_running_succeeded_once() -> None:
     ledger = TaskLedger()
     assert ledger.add("t1", "square").state is TaskState.PENDING
-    running = ledger.apply(report(TaskState.RUNNING))
+    assert ledger.claim("t1", "w1") is True
+    running = apply(ledger, report(TaskState.RUNNING))
     assert running is not None
     assert (running.state, running.worker, running.attempt) == (TaskState.RUNNING, "w1", 1)
-    assert ledger.apply(report(TaskState.RUNNING)) is None  # the same report again
-    done = ledger.apply(report(TaskState.SUCCEEDED, result=4))
+    assert apply(ledger, report(TaskState.RUNNING)) is None  # the same report again
+    done = apply(ledger, report(TaskState.SUCCEEDED, result=4))
     assert done is not None
     assert (done.state, done.result, done.finished_at is not None) == (TaskState.SUCCEEDED, 4, True)
     assert ledger.completed == {("succeeded",): 1}
+    assert ledger.claim("t1", "w2") is False  # complete: nobody runs it again
 
 
 def test_a_redelivered_task_completes_once_and_late_results_are_counted() -> None:
     ledger = TaskLedger()
     ledger.add("t1", "square")
-    ledger.apply(report(TaskState.RUNNING, 1, "w1"))
-    moved = ledger.apply(report(TaskState.RUNNING, 2, "w2"))  # w1 died; w2 got it again
+    ledger.claim("t1", "w1")
+    apply(ledger, report(TaskState.RUNNING, 1, "w1"))
+    ledger.claim("t1", "w2")  # w1 died; w2 got it again and claimed it: it takes the task over
+    moved = apply(ledger, report(TaskState.RUNNING, 2, "w2"))
     assert moved is not None
     assert (moved.worker, moved.attempt) == ("w2", 2)
-    assert ledger.apply(report(TaskState.SUCCEEDED, 2, "w2", result="first")) is not None
-    assert ledger.apply(report(TaskState.FAILED, 1, "w1")) is None  # w1 was not dead after all
-    assert ledger.apply(report(TaskState.SUCCEEDED, 3, "w3", result="again")) is None
-    assert ledger.apply(report(TaskState.RUNNING, 3, "w3")) is None
+    assert apply(ledger, report(TaskState.SUCCEEDED, 2, "w2", result="first")) is not None
+    assert apply(ledger, report(TaskState.FAILED, 1, "w1")) is None  # w1 was not dead after all
+    assert apply(ledger, report(TaskState.SUCCEEDED, 2, "w2", result="again")) is None
+    assert apply(ledger, report(TaskState.RUNNING, 2, "w2")) is None
+    assert ledger.claim("t1", "w3") is False
+    assert apply(ledger, report(TaskState.SUCCEEDED, 3, "w3", result="forged")) is None
     status = ledger.get("t1")
-    assert (status.state, status.result, status.duplicates) == (TaskState.SUCCEEDED, "first", 2)
+    assert (status.state, status.result, status.duplicates) == (TaskState.SUCCEEDED, "first", 1)
     assert ledger.completed == {("succeeded",): 1}
-    assert ledger.ignored == {("duplicate",): 2, ("late",): 1}
+    assert ledger.ignored == {("duplicate",): 1, ("late",): 1, ("not_claimant",): 2}
 
 
 def test_a_result_may_come_before_its_running_report() -> None:
     ledger = TaskLedger()
     ledger.add("t1", "square")
-    assert ledger.apply(report(TaskState.FAILED, 1, "w2")) is not None
-    assert ledger.apply(report(TaskState.RUNNING, 1, "w1")) is None
+    ledger.claim("t1", "w1")
+    assert apply(ledger, report(TaskState.FAILED, 1, "w1")) is not None
+    assert apply(ledger, report(TaskState.RUNNING, 1, "w1")) is None
     assert ledger.get("t1").state is TaskState.FAILED
 
 
 def test_cancel_wins_over_what_the_worker_reports_after_it() -> None:
     ledger = TaskLedger()
     ledger.add("t1", "sleep")
-    ledger.apply(report(TaskState.RUNNING))
+    ledger.claim("t1", "w1")
+    apply(ledger, report(TaskState.RUNNING))
     cancelled = ledger.cancel("t1")
     assert cancelled is not None
     assert (cancelled.state, cancelled.error) == (TaskState.CANCELLED, "cancelled")
     assert ledger.cancel("t1") is None
-    assert ledger.apply(report(TaskState.CANCELLED)) is None  # the worker's confirmation
-    assert ledger.apply(report(TaskState.SUCCEEDED, result=1)) is None  # it finished meanwhile
+    assert apply(ledger, report(TaskState.CANCELLED)) is None  # the worker's confirmation
+    assert apply(ledger, report(TaskState.SUCCEEDED, result=1)) is None  # it finished meanwhile
     assert ledger.ignored == {("duplicate",): 1}
     assert ledger.completed == {("cancelled",): 1}
+    assert ledger.claimant("t1") == "w1", "kept: its late running report names the agent to kill"
+
+
+def test_only_the_claimant_s_statuses_count() -> None:
+    ledger = TaskLedger()
+    ledger.add("t1", "square")
+    # before any claim, nobody's status counts: not even one naming a worker
+    assert apply(ledger, report(TaskState.SUCCEEDED, result="forged")) is None
+    ledger.claim("t1", "w1")
+    assert ledger.apply(report(TaskState.SUCCEEDED, result="forged"), "impostor") is None
+    assert ledger.apply(report(TaskState.SUCCEEDED, result="forged"), None) is None
+    assert ledger.get("t1").state is TaskState.PENDING
+    assert ledger.ignored == {("not_claimant",): 3}
+    assert apply(ledger, report(TaskState.SUCCEEDED, result=9)) is not None
+    assert ledger.get("t1").result == 9
 
 
 def test_unknown_tasks_and_bounds() -> None:
@@ -160,7 +194,8 @@ def test_the_task_metrics_are_the_documented_ones() -> None:
     ledger = TaskLedger()
     ledger.add("t1", "square")
     ledger.add("t2", "square")
-    ledger.apply(StatusMessage("t2", TaskState.SUCCEEDED, 1, "w", "a", 4))
+    ledger.claim("t2", "w")
+    ledger.apply(StatusMessage("t2", TaskState.SUCCEEDED, 1, "w", "a", 4), "w")
     # Stand-ins with the attributes the collector reads (a manager's and a worker's counters).
     manager = SimpleNamespace(subjects=TaskSubjects("q"), ledger=ledger)
     runs = LabelCounts(1)
