@@ -121,6 +121,8 @@ class RemoteError(SandboxError):
         super().__init__(f"{kind}: {message}" if message else kind)
         self.kind = kind
         self.text = message
+
+
 class TaskError(ControlPlaneError):
     """A background task cannot be dispatched, found or waited for (``docs/tasks.md``)."""
 
