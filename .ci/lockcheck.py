@@ -42,8 +42,11 @@ def main() -> int:
     for problem in sorted(problems):
         print(f"lockcheck: {problem}", file=sys.stderr)
     if problems:
-        print("lockcheck: the environment differs from the lock (a dependency changed in pyproject.toml?"
-              " run `bash .ci/lock`)", file=sys.stderr)
+        print(
+            "lockcheck: the environment differs from the lock (a dependency changed in pyproject.toml?"
+            " run `bash .ci/lock`)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         PolicyViolationError,
         RateLimitExceeded,
         SignalDispatcher,
+        TaskManager,
         ToolDef,
         run_agent_loop,
     )
@@ -51,6 +52,7 @@ _LAZY: dict[str, str] = {
     "PolicyViolationError": "agent_os.control_plane",
     "RateLimitExceeded": "agent_os.control_plane",
     "SignalDispatcher": "agent_os.control_plane",
+    "TaskManager": "agent_os.control_plane",
     "ToolDef": "agent_os.control_plane",
     "run_agent_loop": "agent_os.control_plane",
 }
@@ -68,6 +70,7 @@ __all__ = [
     "PolicyViolationError",
     "RateLimitExceeded",
     "SignalDispatcher",
+    "TaskManager",
     "ToolDef",
     "__version__",
     "run_agent_loop",

@@ -3,7 +3,7 @@
 ``agent-os demo`` runs the platform on the embedded defaults and narrates it;
 ``agent-os serve memory|verifier|control-plane|tools|mcp ...`` runs one of the services in
 :mod:`agent_os.services` (each is also ``python -m agent_os.services.<name>_service``);
-``agent-os submit``, ``log``, ``policy validate`` and ``top`` are in :mod:`agent_os.commands`.
+``agent-os submit``, ``run``, ``log``, ``policy validate`` and ``top`` are in :mod:`agent_os.commands`.
 Services and commands are imported only when their command runs, so ``agent-os`` starts fast
 with the core dependencies alone; ``docs/services.md`` describes each.
 """
@@ -45,6 +45,7 @@ SERVICES: Final = {
 
 COMMANDS: Final = {
     "submit": ("agent_os.commands.submit", "Submit one action through a kernel; print the result as JSON."),
+    "run": ("agent_os.commands.run", "Run an agent script in an OS sandbox governed by a kernel."),
     "log": ("agent_os.commands.log", "Query, follow, verify or export a flight recorder."),
     "policy": ("agent_os.commands.policy", "Policies in YAML: validate a file."),
     "top": (

@@ -21,8 +21,14 @@ reaches the publisher::
     │   ├── SandboxUnavailable                 this host cannot sandbox (no bwrap, not root ...)
     │   ├── ChannelError (ValueError)          a malformed, over-long or truncated channel frame
     │   ├── ChannelClosed                      the other end of a sandbox channel went away
-    │   └── RemoteError                        a call over a sandbox channel failed on the other end
-    └── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    │   ├── RemoteError                        a call over a sandbox channel failed on the other end
+    │   └── SandboxedAgentError                a sandboxed agent ended without a result (the reason)
+    ├── KernelError (RuntimeError)             misuse of KernelSpace (unregistered agent, limits)
+    └── TaskError                              background tasks (TaskManager, TaskWorker)
+        ├── TaskNotFound (KeyError)            no task with that id
+        ├── TaskTimeout (TimeoutError)         wait() ran out before the task completed
+        ├── UnknownHandler (ValueError)        a task names a handler nobody registered
+        └── TaskInputError (TypeError)         a task input the bus cannot serialize
 
     amb.MessageRejected
     ├── PolicyViolationError (+ControlPlaneError)   policy or permissions denied the action
@@ -115,6 +121,39 @@ class RemoteError(SandboxError):
         super().__init__(f"{kind}: {message}" if message else kind)
         self.kind = kind
         self.text = message
+
+
+class TaskError(ControlPlaneError):
+    """A background task cannot be dispatched, found or waited for (``docs/tasks.md``)."""
+
+
+class TaskNotFound(TaskError, KeyError):
+    """No task with that id was dispatched by this manager (or it was forgotten)."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """``TaskManager.wait`` ran out of time before the task completed; the task goes on."""
+
+
+class UnknownHandler(TaskError, ValueError):
+    """A task names a handler that is not registered (with the manager's ``handlers``, or the
+    worker that took it)."""
+
+
+class TaskInputError(TaskError, TypeError):
+    """A task's input cannot be serialized by the bus client (msgpack or JSON values only)."""
+
+
+class SandboxedAgentError(SandboxError):
+    """A sandboxed agent ended without a result: it failed, was killed, ran out of time, or broke
+    its channel. ``reason`` is the kernel's one-line account (also in the agent's flight-recorder
+    record); ``details`` the record's data (exit status, signal, what the sandbox reported)."""
+
+    def __init__(self, agent_id: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"sandboxed agent {agent_id}: {reason}")
+        self.agent_id = agent_id
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class RecorderError(ControlPlaneError):

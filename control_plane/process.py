@@ -66,7 +66,9 @@ class AgentProcess:
 
     ``data``: the agent's published state (its code writes it, ``get_state`` reads it);
     ``recorder``: where ``save_state`` records (the kernel's; None for a process no kernel
-    created).
+    created). ``on_signal``: called with the new life after each SIGSTOP, SIGCONT and kill
+    that changed it (a sandboxed agent's supervisor passes them on to its OS processes); a
+    callback that raises is logged, never stops the signal.
     """
 
     id: str
@@ -85,6 +87,7 @@ class AgentProcess:
     data: dict[str, Any] = field(default_factory=dict)
     recorder: FlightRecorder | None = None
     stops: int = 0  # SIGSTOPs received: a SIGCONT sent before the latest one does not continue
+    on_signal: list[Callable[[Life], Any]] = field(default_factory=list)
     _cleanups: list[Cleanup] = field(default_factory=list)
     _continue: asyncio.Event = field(default_factory=asyncio.Event)
     _held: deque[_Held] = field(default_factory=deque)
@@ -250,17 +253,29 @@ class AgentProcess:
         if self.life in (Life.RUNNING, Life.WAITING):
             self.life = Life.STOPPED
             self._continue.clear()
+            self._tell(Life.STOPPED)
 
     def cont(self) -> None:
         if self.life is Life.STOPPED:
             self.life = Life.RUNNING
             self._continue.set()
             self._start_release()
+            self._tell(Life.RUNNING)
+
+    def _tell(self, life: Life) -> None:
+        for callback in list(self.on_signal):
+            try:
+                callback(life)
+            except Exception as exc:
+                log.warning("a signal callback of agent %s failed: %r", self.id, exc)
 
     def kill(self) -> list[asyncio.Task[Any]]:
         """Terminate now: fail held items, cancel tasks, close attached clients in the
         background. Returns the tasks it cancelled or started (for callers that await them)."""
+        was = self.life
         self.life = Life.TERMINATED
+        if was is not Life.TERMINATED:
+            self._tell(Life.TERMINATED)
         self._continue.set()  # wake waiters so they see the kill
         while self._held:
             item = self._held.popleft()

@@ -369,6 +369,23 @@ class NatsBroker(Lifecycle):
         self._subs.add(sub)
         return sub
 
+    async def capture(self, pattern: str, durable: str) -> None:
+        """Keep what is published to ``pattern`` from now on for the durable subscription
+        ``durable``, before any subscriber binds it: find or create the stream capturing the
+        pattern and the durable consumer (as a durable subscription does), and publish to the
+        pattern through JetStream from now on. Raises ConfigError for a bad pattern or name, a
+        stream that overlaps the pattern without covering it, or ``durable`` consuming another
+        pattern; StateError before connect()."""
+        self._require_open()
+        validate_pattern(pattern)
+        check_group_names(None, durable)
+        if not NAME_OK.match(durable):
+            raise ConfigError(f"durable name {durable!r} may only use letters, digits, '-' and '_'")
+        assert self._jsm is not None  # guaranteed by the OPEN state
+        stream, subjects = await stream_for(self._jsm, self.config, pattern)
+        self._remember_stream(subjects)
+        await ensure_consumer(self._jsm, self.config, stream, durable, pattern)
+
     def _remember_stream(self, subjects: list[str]) -> None:
         new = [s for s in subjects if s not in self._stream_patterns]
         if new:

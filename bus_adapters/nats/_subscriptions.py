@@ -46,6 +46,8 @@ class JetStreamDelivery:
             "consumer_seq": meta.sequence.consumer,
             "num_pending": meta.num_pending,
             "timestamp": meta.timestamp,
+            # Resets the message's ack_wait: for a handler that runs longer (a background task).
+            "in_progress": self.in_progress,
         }
 
     async def ack(self) -> None:
@@ -53,6 +55,13 @@ class JetStreamDelivery:
             await self._msg.ack()
         except Exception as exc:
             raise (translate(exc, "ack") or exc) from exc
+
+    async def in_progress(self) -> None:
+        """Tell the server the message is still being handled: its ``ack_wait`` starts again."""
+        try:
+            await self._msg.in_progress()
+        except Exception as exc:
+            raise (translate(exc, "in_progress") or exc) from exc
 
     async def nack(self, delay: float | None = None) -> None:
         try:

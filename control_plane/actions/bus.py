@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from agent_os.amb.errors import InvalidSubject
-from agent_os.amb.subjects import validate_subject
+from agent_os.amb.subjects import validate_pattern, validate_subject
 from agent_os.control_plane.actions.provider import ActionRefused
 
 if TYPE_CHECKING:
@@ -95,14 +95,14 @@ class BusProvider:
     def resource(self, request: ActionRequest) -> str:
         """The subject; refuses a malformed or reserved subject, a recipient that is not a
         string, and (``bus.request``) a bad timeout."""
-        subject = _subject(request.target)
+        subject = bus_subject(request.target)
         _recipient(request.params)
         if self.kind == "request":
             self.bus.timeout(request.params)
         return subject
 
     async def run(self, request: ActionRequest) -> Any:
-        subject = _subject(request.target)
+        subject = bus_subject(request.target)
         payload = request.params.get("payload")
         recipient = _recipient(request.params)
         client = self.bus.client
@@ -112,7 +112,9 @@ class BusProvider:
         return await client.request(subject, payload, timeout=timeout, recipient=recipient)
 
 
-def _subject(target: object) -> str:
+def bus_subject(target: object) -> str:
+    """``target`` as a subject an agent may use: a valid subject not starting with ``_`` (the
+    platform's own control and reply subjects). Raises ActionRefused otherwise."""
     if not isinstance(target, str):
         raise ActionRefused(f"a subject must be a string, got {type(target).__name__}")
     try:
@@ -122,6 +124,32 @@ def _subject(target: object) -> str:
     if subject.startswith("_"):
         raise ActionRefused(f"{subject[:80]!r}: subjects starting with '_' are the platform's own")
     return subject
+
+
+def bus_pattern(pattern: object) -> str:
+    """``pattern`` as a subscription pattern an agent may use: a valid pattern that cannot match
+    a subject starting with ``_`` (the platform's control and reply subjects), so its first
+    token is a literal not starting with ``_`` (``>``, ``*.>`` or ``*.signal.*`` would cover
+    ``_ctl.signal.<agent>`` and ``_INBOX.<...>``). Raises ActionRefused otherwise."""
+    if not isinstance(pattern, str):
+        raise ActionRefused(f"a pattern must be a string, got {type(pattern).__name__}")
+    try:
+        checked = validate_pattern(pattern)
+    except InvalidSubject as exc:
+        raise ActionRefused(str(exc)) from None
+    first = checked.split(".", 1)[0]
+    if first.startswith("_") or first in ("*", ">"):
+        raise ActionRefused(
+            f"{checked[:80]!r}: a pattern must start with a literal token not starting with '_' "
+            "(it would cover the platform's own subjects)"
+        )
+    return checked
+
+
+def is_platform_subject(subject: str) -> bool:
+    """True for the platform's own subjects (control, reply, dead-letter: they start with ``_``),
+    which an agent's subscription never delivers."""
+    return subject.startswith("_")
 
 
 def _recipient(params: Mapping[str, Any]) -> str | None:

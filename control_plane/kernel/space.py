@@ -44,6 +44,7 @@ from agent_os.control_plane.kernel.gate import Gate
 from agent_os.control_plane.kernel.processes import ProcessTable
 from agent_os.control_plane.kernel.signals import SignalDispatcher
 from agent_os.control_plane.kernel.submit import ActionDecision, Submitter
+from agent_os.control_plane.kernel.supervisor import SandboxSupervisor
 from agent_os.control_plane.mediation.attachment import BusAttachment
 from agent_os.control_plane.mediation.mediator import Mediator
 from agent_os.control_plane.policy.decision import Decision
@@ -52,6 +53,7 @@ from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess, AgentStatus, Life
 from agent_os.control_plane.recorder import FlightRecorder, Record
+from agent_os.control_plane.sandbox.bwrap import SandboxSpec
 
 if TYPE_CHECKING:
     from agent_os.amb import AMB
@@ -139,7 +141,7 @@ class KernelSpace:
         policy_in_force = chosen[0] if len(chosen) == 1 else PolicySet(chosen)
         self.gate = Gate(policy_in_force, self.recorder, dispatcher, debug)
         self.processes = ProcessTable(self.recorder, dispatcher.queue_size)
-        self.bus = BusAttachment(self)
+        self.bus: BusAttachment = BusAttachment(self)
         self.adopt(dispatcher)
         self.max_concurrent_agents = max_concurrent_agents
         self.timeout = timeout
@@ -166,6 +168,7 @@ class KernelSpace:
             self.submit, limits=code_limits, pool_size=code_pool, default_tools=self._code_tools
         )
         self.code.register(self.actions)
+        self.sandboxes = SandboxSupervisor(self)
 
     @property
     def policy(self) -> Policy | PolicySet:
@@ -337,18 +340,91 @@ class KernelSpace:
 
     async def spawn(
         self,
-        agent: Callable[..., Any],
+        agent: Callable[..., Any] | str | os.PathLike[str],
         *args: Any,
         parent_id: str | None = None,
         inherit_permissions: bool = True,
         additional_restrictions: list[str] | None = None,
+        sandbox: SandboxSpec | None = None,
+        bus: AMB | None = None,
+        permissions: Iterable[str] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Start a child agent in the background and return its id (see :meth:`wait_all`)."""
+        """Start a child agent in the background and return its id (see :meth:`wait_all`).
+
+        With ``sandbox`` (a :class:`~agent_os.control_plane.sandbox.SandboxSpec`) the agent runs
+        in its own process in an OS sandbox whose only way out is this kernel
+        (``docs/sandbox.md``, Sandboxed agents): ``agent`` is a script path whose ``async def
+        main(agent, *args, **kwargs)`` runs there, or a module-level async function (its file is
+        loaded there); ``bus``: the agent's bus client, not yet connected (the kernel attaches,
+        connects and at the end closes it; its ``agent_id`` is the agent's id, and its IATP
+        middleware signs with the agent's key, which stays in this process); ``permissions``:
+        the agent's permissions (with those a registered function has). Its id is the bus
+        client's ``agent_id``, else the script's (or function's) name. The agent's end is one
+        ``agent_completed``, ``agent_failed`` or ``agent_killed`` record with the reason;
+        :meth:`wait_all` gives its result or raises SandboxedAgentError (AgentStoppedError when
+        killed). Raises KernelError (bad agent, an id in use, ``bus``/``permissions`` without
+        ``sandbox``), SandboxUnavailable (this host cannot sandbox: never run unsandboxed),
+        SandboxConfigError."""
+        if sandbox is not None:
+            proc = self._sandboxed_process(
+                agent, bus, permissions, parent_id, inherit_permissions, additional_restrictions
+            )
+            self.processes.add(proc)
+            try:
+                wait = await self.sandboxes.spawn(agent, args, kwargs, sandbox, proc=proc, bus=bus)
+            except BaseException:
+                proc.life = Life.TERMINATED
+                self.processes.forget(proc.id)
+                raise
+            self._runs[proc.id] = asyncio.get_running_loop().create_task(self._finish(proc, wait))
+            return proc.id
+        if bus is not None or permissions is not None:
+            raise KernelError("bus= and permissions= are for sandboxed agents (sandbox=SandboxSpec(...))")
+        if not callable(agent):
+            raise KernelError(f"{agent!r} is a script: it runs only sandboxed (sandbox=SandboxSpec(...))")
         proc = self._new_process(agent, parent_id, inherit_permissions, additional_restrictions)
         coro = self._run(proc, agent, args, kwargs, None, None)
         self._runs[proc.id] = asyncio.get_running_loop().create_task(coro)
         return proc.id
+
+    def _sandboxed_process(
+        self,
+        agent: Any,
+        bus: AMB | None,
+        permissions: Iterable[str] | None,
+        parent_id: str | None,
+        inherit: bool,
+        restrictions: Sequence[str] | None,
+    ) -> AgentProcess:
+        spec = self._agents.get(agent) if callable(agent) else None
+        if isinstance(agent, str | os.PathLike):
+            path = Path(agent)
+            name = (path if path.exists() else Path(str(agent).rpartition(":")[0] or path)).stem
+        else:
+            name = spec.name if spec is not None else getattr(agent, "__name__", type(agent).__name__)
+        agent_id = bus.agent_id if bus is not None else name
+        known = self.processes.find(agent_id)
+        if known is not None and not known.killed:
+            raise KernelError(f"agent id {agent_id!r} is in use")
+        perms = _intersect(spec.permissions if spec is not None else None, _frozen(permissions))
+        parent, perms, denied = self._lineage(parent_id, perms, inherit, restrictions)
+        proc = AgentProcess(
+            agent_id,
+            name,
+            perms,
+            parent.id if parent is not None else None,
+            self.signals.queue_size,
+            recorder=self.recorder,
+        )
+        proc.restrictions = frozenset(denied)
+        return proc
+
+    async def _finish(self, proc: AgentProcess, wait: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await wait()
+        finally:
+            self._forget_old(proc)
 
     async def wait_all(self, agent_ids: Sequence[str]) -> list[Any]:
         """The results of spawned agents, in the order of ``agent_ids``; raises the first error."""
@@ -368,7 +444,27 @@ class KernelSpace:
         spec = self._agents.get(agent)
         if spec is None:
             raise KernelError(f"{getattr(agent, '__name__', agent)!r} is not registered with this kernel")
-        perms = spec.permissions
+        parent, perms, denied = self._lineage(parent_id, spec.permissions, inherit, restrictions)
+        proc = AgentProcess(
+            str(uuid.uuid4()),
+            spec.name,
+            perms,
+            parent.id if parent is not None else None,
+            self.signals.queue_size,
+            recorder=self.recorder,
+        )
+        proc.restrictions = frozenset(denied)
+        self.processes.add(proc)
+        return proc
+
+    def _lineage(
+        self,
+        parent_id: str | None,
+        perms: frozenset[str] | None,
+        inherit: bool,
+        restrictions: Sequence[str] | None,
+    ) -> tuple[AgentProcess | None, frozenset[str] | None, set[str]]:
+        """A new agent's parent, permissions (inherited per the policy) and restrictions."""
         denied: set[str] = set()
         parent = self.processes.find(parent_id) if parent_id else RUNNING_AGENT.get()
         if parent_id and parent is None:
@@ -384,17 +480,7 @@ class KernelSpace:
             if not r.startswith("no_") or len(r) < 4:
                 raise PolicyError(f"a restriction looks like 'no_<permission>', got {r!r}")
             denied.add(r[3:])
-        proc = AgentProcess(
-            str(uuid.uuid4()),
-            spec.name,
-            perms,
-            parent.id if parent is not None else None,
-            self.signals.queue_size,
-            recorder=self.recorder,
-        )
-        proc.restrictions = frozenset(denied)
-        self.processes.add(proc)
-        return proc
+        return parent, perms, denied
 
     async def _run(
         self,
@@ -746,6 +832,12 @@ def _policies(policy: str | Policy | None, policies: Sequence[Policy] | None) ->
     chosen = [] if policy is None else [Policy.builtin(policy) if isinstance(policy, str) else policy]
     chosen += list(policies or ())
     return chosen or [Policy.builtin("strict")]
+
+
+def _frozen(permissions: Iterable[str] | None) -> frozenset[str] | None:
+    if isinstance(permissions, str):
+        raise KernelError("permissions are a list of names, not one string")
+    return None if permissions is None else frozenset(permissions)
 
 
 def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:

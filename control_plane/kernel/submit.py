@@ -243,7 +243,8 @@ class Submitter:
         if running is not None:
             if claimed is None or claimed in (running.id, running.name):
                 return running, ""
-            return None, f"agent {running.name} cannot act as {claimed!r}"
+            # Denied, and recorded against the agent that tried (not the one it named).
+            return running, f"agent {running.name} cannot act as {claimed!r}"
         if claimed is None:
             return None, "no agent: outside agent code, an ActionRequest needs an agent_id"
         proc = self.processes.find(claimed)

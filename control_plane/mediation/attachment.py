@@ -18,7 +18,7 @@ from agent_os.control_plane.mediation.protocols import MediatedKernel
 from agent_os.iatp.middleware import BIND_TOPIC
 
 if TYPE_CHECKING:
-    from agent_os.amb import AMB, Metadata
+    from agent_os.amb import AMB, Metadata, Subscription
     from agent_os.control_plane.process import AgentProcess
 
 
@@ -76,6 +76,19 @@ class BusAttachment:
             functools.partial(self._on_control, client, aid)
         )
         return mediator
+
+    async def expose(self, agent_id: str) -> Subscription:
+        """Make ``agent_id``, an agent of this kernel (an execution, a spawned agent), signalable
+        from other processes: subscribe its control subject on the first attached client, whose
+        mediator judges each signal (operation ``signal`` on resource ``agent_id``) as for the
+        client's own agent. Returns the subscription: unsubscribe it when the agent has ended.
+        Raises KernelError without an attached client, AgentNotFound for an unknown agent."""
+        if not self.clients:
+            raise KernelError("no bus client is attached to this kernel: attach one first")
+        self.kernel.get_agent(agent_id)
+        client = self.clients[0]
+        handler = functools.partial(self._on_control, client, agent_id)
+        return await client.subscribe(control_subject(agent_id), handler, context={BIND_TOPIC: True})
 
     async def send_remote(self, agent_id: str, signal: AgentSignal, sender: str | None) -> bool:
         """Send ``signal`` to an agent of another process over the first attached client, as a

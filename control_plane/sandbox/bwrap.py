@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal as signals
+import stat
 import subprocess
 import sys
 import tempfile
@@ -136,10 +137,18 @@ class _UidLease:
 
     def __init__(self) -> None:
         _LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_lock_dir(_LOCKS)
         rng = random.SystemRandom()
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         for _ in range(64):
             uid = UID_BASE + rng.randrange(UID_SLOTS)
-            fd = os.open(_LOCKS / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:  # never through a link planted in the lock directory, never a fifo or device
+                fd = os.open(_LOCKS / f"{uid}.lock", flags, 0o600)
+            except OSError:
+                continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -156,6 +165,17 @@ class _UidLease:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _check_lock_dir(path: Path) -> None:
+    """Refuse a uid lock directory someone else could plant files in: it must be a real
+    directory (not a link) owned by this user and writable by nobody else."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise SandboxError(
+            f"the sandbox uid lock directory {path} is not a directory of uid {os.geteuid()} "
+            "writable only by it: refusing to allocate uids through it"
+        )
 
 
 def _pids_of(uid: int) -> list[int]:
@@ -231,13 +251,16 @@ def build_argv(spec: SandboxSpec, command: Sequence[str], uid: int, workspace: P
             argv += ["--symlink", os.readlink(name), name]
         elif os.path.isdir(name):
             argv += ["--ro-bind", name, name]
-    bound = _outermost([*_python_paths(), *spec.read_only])
-    parents = sorted({str(p) for path in bound for p in Path(path).parents if str(p) != "/"})
+    # /tmp first: a read-only path under the host's /tmp (a script) is bound onto it, not hidden.
+    # It is the sandbox's own (mode 1777: writable by its uid), never the host's /tmp bound whole.
+    argv += ["--perms", "1777", "--size", str(limits.tmp_size), "--tmpfs", "/tmp"]
+    bound = _outermost(p for p in [*_python_paths(), *spec.read_only] if os.path.realpath(p) != "/tmp")
+    parents = sorted({str(p) for path in bound for p in Path(path).parents if str(p) not in ("/", "/tmp")})
     for parent in parents:  # bwrap would make them 0700, closed to the sandbox's uid
         argv += ["--perms", "0755", "--dir", parent]
     for path in bound:
         argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_size), "--tmpfs", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--bind", str(workspace), WORKSPACE, "--chdir", WORKSPACE]
     env = {"PATH": _PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1"}
     env["PYTHONDONTWRITEBYTECODE"] = "1"

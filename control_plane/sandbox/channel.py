@@ -113,11 +113,18 @@ class Peer:
     :meth:`run` reads until the channel ends; it returns normally at a clean close and raises
     ChannelError after a malformed frame, a frame that is not a call, reply or note, or a
     reply to no call (the channel is closed first). Calls waiting when it ends raise
-    ChannelClosed."""
+    ChannelClosed. At most ``max_serving`` calls and notes of the other end are served at
+    once; while that many run, the channel is not read (the other end cannot make this end
+    hold an unbounded number of tasks)."""
 
-    def __init__(self, channel: Channel, handlers: Mapping[str, Handler] | None = None) -> None:
+    def __init__(
+        self, channel: Channel, handlers: Mapping[str, Handler] | None = None, *, max_serving: int = 256
+    ) -> None:
+        if max_serving < 1:
+            raise ValueError("max_serving must be at least 1")
         self.channel = channel
         self.handlers = dict(handlers or {})
+        self.max_serving = max_serving
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,6 +152,8 @@ class Peer:
         """Serve the channel until it ends (see the class)."""
         try:
             while True:
+                while len(self._tasks) >= self.max_serving:
+                    await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 try:
                     frame = await self.channel.receive()
                 except ChannelClosed:

@@ -135,6 +135,17 @@ class Broker(Protocol):
         ...
 
 
+@runtime_checkable
+class DurableCapture(Protocol):
+    """A durable broker that can keep what is published to a pattern for a durable
+    subscription before any subscriber binds it (NATS: the JetStream stream and consumer).
+    Without it a durable subscription gets only what is published once it exists."""
+
+    async def capture(self, pattern: str, durable: str) -> None:
+        """Keep what is published to ``pattern`` from now on for the durable ``durable``."""
+        ...
+
+
 class LifecycleState(enum.Enum):
     """Where a broker or client is in its life; calls check it and raise StateError."""
 

@@ -139,14 +139,23 @@ CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.retention_
 REVOKE UPDATE, DELETE, TRUNCATE ON {s}.memories, {s}.meta, {s}.retention_log FROM PUBLIC;
 """
 
+_EXTENSION = (
+    "SELECT e.extversion, n.nspname FROM pg_catalog.pg_extension e"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+)
+
 _HNSW_DDL = """
 CREATE INDEX IF NOT EXISTS memories_embedding ON {s}.memories
     USING hnsw (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction});
 """
 
+# The embedding's SHA-256 is computed where it is stored: vector_send gives a 4-byte header (the
+# dimension and a reserved field) and the big-endian float32 values, exactly what
+# records.embedding_digest hashes. A search then moves 64 hex characters per row, not the vector.
 _ROW_SELECT = (
     "m.id, m.agent_id, m.session_id, m.content, m.metadata_json, m.tags, m.supersedes, "
-    "m.created_at, m.embedding, m.content_hash, "
+    "m.created_at, pg_catalog.encode(pg_catalog.sha256(pg_catalog.substr({vs}.vector_send(m.embedding), 5)),"
+    " 'hex'), m.content_hash, "
     "(SELECT n.id FROM {s}.memories n WHERE n.supersedes = m.id) AS superseded_by"
 )
 
@@ -211,9 +220,11 @@ class PostgresStore:
 
         self._sql = sql
         self._s = sql.Identifier(namespace)
+        self._vs = sql.Identifier("public")  # the vector extension's schema, read when opening
+        self._searches: dict[tuple[Any, ...], bytes] = {}
 
     def _q(self, text: str, **params: Any) -> Any:
-        return self._sql.SQL(text).format(s=self._s, **params)
+        return self._sql.SQL(text).format(s=self._s, vs=self._vs, **params)
 
     @contextlib.asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
@@ -312,9 +323,7 @@ class PostgresStore:
     async def _migrate(self, conn: Any, info: NamespaceInfo) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            row = await (
-                await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            ).fetchone()
+            row = await (await conn.execute(_EXTENSION)).fetchone()
             if row is None:
                 try:
                     async with conn.transaction():
@@ -323,10 +332,9 @@ class PostgresStore:
                     raise ConfigError(
                         f"pgvector is not installed in this database and cannot be created: {exc}"
                     ) from exc
-                row = await (
-                    await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-                ).fetchone()
+                row = await (await conn.execute(_EXTENSION)).fetchone()
             self.pgvector_version = row[0]
+            self._vs = self._sql.Identifier(row[1])
             await conn.execute(self._q(_DDL, dim=self._sql.Literal(info.dimension)))
             if not self._defer_index:
                 await conn.execute(self._hnsw_ddl())
@@ -454,8 +462,9 @@ class PostgresStore:
             tags=tuple(rec[5]),
             supersedes=str(rec[6]) if rec[6] is not None else None,
             created_at=rec[7],
-            embedding=tuple(rec[8].to_list()),
+            embedding=(),
             content_hash=rec[9],
+            embedding_sha256=rec[8],
         )
         return Found(row, str(rec[10]) if rec[10] is not None else None, distance)
 
@@ -467,19 +476,29 @@ class PostgresStore:
         where, params = self._where(scope, filters, self._isolation(self.isolation))
         params["q"] = Vector(list(vector))
         params["limit"] = limit
+        exact = exact or self.exact_only
+        key = (exact, filters.include_superseded, *sorted(params))
+        async with self._errors(), self._connection() as conn:
+            query = self._searches.get(key)
+            if query is None:
+                query = self._searches[key] = self._search_sql(where, exact).as_bytes(conn)
+            rows = await (await conn.execute(query, params, prepare=True)).fetchall()
+        return [self._found(r, float(r[11])) for r in rows]
+
+    def _search_sql(self, where: Any, exact: bool) -> Any:
+        """The search statement for one shape of filters (rendered once per shape and cached:
+        composing it costs more than the rest of the client's work)."""
+        # The query vector travels in binary (%b): 4 bytes a dimension, no float formatting.
         # "+ 0" keeps the planner off the HNSW index: an exact scan over the filtered rows.
-        distance = "(m.embedding <=> %(q)s) + 0" if exact or self.exact_only else "m.embedding <=> %(q)s"
-        query = self._q(
-            "WITH hits AS MATERIALIZED (SELECT m.id, {distance} AS distance FROM {s}.memories m "
-            "WHERE {where} ORDER BY {distance} LIMIT %(limit)s) "
-            "SELECT " + _ROW_SELECT + ", hits.distance FROM hits JOIN {s}.memories m ON m.id = hits.id "
-            "ORDER BY hits.distance, m.id",
+        distance = "(m.embedding <=> %(q)b) + 0" if exact else "m.embedding <=> %(q)b"
+        # One pass over the index: the row's columns come with it (the heap tuple is read anyway);
+        # the outer ORDER BY puts back in order what relaxed_order scans may return slightly out.
+        return self._q(
+            "SELECT * FROM (SELECT " + _ROW_SELECT + ", {distance} AS distance FROM {s}.memories m "
+            "WHERE {where} ORDER BY {distance} LIMIT %(limit)s) hits ORDER BY hits.distance, hits.id",
             distance=self._sql.SQL(distance),
             where=where,
         )
-        async with self._errors(), self._connection() as conn:
-            rows = await (await conn.execute(query, params)).fetchall()
-        return [self._found(r, float(r[11])) for r in rows]
 
     async def query(self, scope: Scope, limit: int, filters: Filters, newest_first: bool) -> list[Found]:
         where, params = self._where(scope, filters, self._isolation(self.isolation))

@@ -117,6 +117,9 @@ class Row:
     created_at: datetime
     embedding: tuple[float, ...] = field(repr=False)
     content_hash: str
+    embedding_sha256: str | None = field(default=None, repr=False)
+    """The embedding's digest when the store computed it instead of returning the vector
+    (PostgreSQL: a row read back carries this and an empty ``embedding``)."""
 
 
 def micros(ts: datetime) -> int:
@@ -142,9 +145,16 @@ def content_hash(
     tags: Sequence[str],
     supersedes: str | None,
     created_at: datetime,
-    embedding: Sequence[float],
+    embedding: Sequence[float] | None = None,
+    embedding_sha256: str | None = None,
 ) -> str:
-    """The record's SHA-256 (hex) over the compact JSON array built below (see ``docs/memory.md``)."""
+    """The record's SHA-256 (hex) over the compact JSON array built below (see ``docs/memory.md``);
+    the embedding enters it as its :func:`embedding_digest`, given as ``embedding_sha256`` when
+    already known (one of the two is required)."""
+    if embedding_sha256 is None:
+        if embedding is None:
+            raise TypeError("content_hash needs the embedding or its digest")
+        embedding_sha256 = embedding_digest(embedding)
     doc = [
         HASH_VERSION,
         id,
@@ -155,7 +165,7 @@ def content_hash(
         list(tags),
         supersedes,
         micros(created_at),
-        embedding_digest(embedding),
+        embedding_sha256,
     ]
     text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -172,6 +182,7 @@ def row_hash(row: Row) -> str:
         supersedes=row.supersedes,
         created_at=row.created_at,
         embedding=row.embedding,
+        embedding_sha256=row.embedding_sha256,
     )
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+import pytest
+
+from tests.support.cleanup import delete_nats_streams
+from tests.support.servers import NATS_URL
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -135,4 +143,29 @@ def test_recursive_llm_asks_per_chunk_and_the_card_number_prompt_is_denied() -> 
         "recorded outcomes: ['code.run', 'llm.ask'] 8",
         "recorded denials: [('llm.ask', 'a card number in a prompt')]",
         "recorder verified: True",
+    ]
+
+
+@pytest.mark.nats
+def test_background_tasks_run_on_two_workers_and_a_long_one_is_cancelled() -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    env = {**os.environ, "AGENT_OS_NATS_URL": NATS_URL, "AGENT_OS_TASKS_PREFIX": prefix}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "background_tasks.py")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+    finally:
+        asyncio.run(delete_nats_streams(prefix))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "squares: [0, 1, 4, 9, 16]",
+        "long_report: running",
+        "cancelled: True",
+        "long_report: cancelled",
+        "recorded: [('task_cancelled', True)]",
     ]

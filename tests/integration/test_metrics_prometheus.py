@@ -80,6 +80,15 @@ VERIFIER = [
 EVERY_JOB = ["process_cpu_seconds_total", "up"]
 # Series this scenario does not make (no signal, no IATP, no verification of the chain, no
 # request from a service): the dashboards' test and the unit tests check them.
+TASKS = [  # agent_os.control_plane.tasks.TaskMetrics (tests/unit/test_tasks_ledger.py collects them)
+    "agentos_tasks_dispatched_total",
+    "agentos_tasks_completed_total",
+    "agentos_tasks_ignored_statuses_total",
+    "agentos_tasks_open",
+    "agentos_task_worker_runs_total",
+    "agentos_task_worker_rejected_total",
+    "agentos_task_worker_skipped_total",
+]
 ELSEWHERE = [
     "agentos_bus_request_duration_seconds",
     "agentos_signals_total",
@@ -204,7 +213,7 @@ def test_every_metric_is_documented() -> None:
     page = (ROOT / "docs/observability.md").read_text()
     names = {
         m.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-        for m in (*BUS, *CONTROL_PLANE, *TOOLS, *MEMORY, *VERIFIER, *ELSEWHERE)
+        for m in (*BUS, *CONTROL_PLANE, *TOOLS, *MEMORY, *VERIFIER, *TASKS, *ELSEWHERE)
     }
     documented = set(re.findall(r"`(agentos_[a-z_]+)", page))
     assert names - documented == set()

@@ -98,6 +98,41 @@ async def _value(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+async def test_a_flood_of_calls_is_served_a_bounded_number_at_a_time() -> None:
+    a_sock, b_sock = socket.socketpair()
+    running = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+
+    a = Peer(await Channel.open(a_sock), {"slow": slow}, max_serving=4)
+    b = Peer(await Channel.open(b_sock))
+    runs = [asyncio.ensure_future(a.run()), asyncio.ensure_future(b.run())]
+    try:
+        calls = [asyncio.ensure_future(b.call("slow")) for _ in range(40)]
+        deadline = asyncio.get_running_loop().time() + 5
+        while most < 4:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the rest are unread frames, not tasks
+        assert (most, len(a._tasks)) == (4, 4)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*calls), 5)
+        assert most == 4
+        with pytest.raises(ValueError, match="max_serving"):
+            Peer(a.channel, max_serving=0)
+    finally:
+        await a.close()
+        await b.close()
+        await asyncio.gather(*runs, return_exceptions=True)
+
+
 async def test_a_hostile_frame_closes_the_channel_and_fails_waiting_calls(
     pair: tuple[Channel, socket.socket],
 ) -> None:

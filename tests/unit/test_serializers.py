@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -416,3 +418,140 @@ def test_the_typed_decoder_and_the_checked_one_accept_the_same_fields(index: int
 def test_payload_maps_with_non_string_keys_decode() -> None:
     env = Envelope(id="i", topic="t", sender="s", payload={1: "a", "b": [2]}, timestamp=1)
     assert decode(MsgpackSerializer().encode(env)) == env
+
+
+# -- the JSON decode's fast path against its checked reference, whole envelopes --------------
+
+_key = st.text(max_size=3)
+_B64_TEXTS = st.sampled_from(["bm9uY2U=", "", "QR==", "QQ", "QQ==", "a-_b", "!!!!", "AAAA\n", "AA=A"])
+_scalar_json = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**65), 2**65),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.sampled_from(["", "tasks.t", "a b", "$x", "\ud800", "_INBOX.x.1", "é"]),
+)
+_any_json = st.recursive(
+    _scalar_json,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(_key | _key | _key | st.sampled_from(["$b64", "$$b64", "$x"]), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_sig_json = st.one_of(
+    st.none(),
+    _any_json,
+    st.fixed_dictionaries(
+        {
+            "scheme": st.text(max_size=3),
+            "key_id": st.text(max_size=3),
+            "nonce": _B64_TEXTS,
+            "value": _B64_TEXTS,
+        }
+    ),
+)
+_b64_of = st.binary(max_size=8).map(lambda b: base64.b64encode(b).decode())
+# Per field: what a valid envelope may hold, and what it may not (or not always: a mix).
+_ENVELOPE_FIELDS: dict[str, tuple[st.SearchStrategy[object], st.SearchStrategy[object]]] = {
+    "v": (st.just(1), st.sampled_from([2, 1.0, "1", None, 2**64, True])),
+    "id": (st.text(min_size=1, max_size=4), _scalar_json),
+    "topic": (
+        st.sampled_from(["tasks.t", "a.b.c", "x"]),
+        st.sampled_from(["", "a..b", "a b", "t.>"]) | _scalar_json,
+    ),
+    "sender": (st.text(max_size=4), _scalar_json),
+    "recipient": (st.none() | st.text(max_size=4), _scalar_json),
+    "reply_to": (
+        st.sampled_from([None, "", "_INBOX.x.1"]),
+        st.sampled_from(["bad subject", "a."]) | _scalar_json,
+    ),
+    "correlation_id": (st.none() | st.text(max_size=4), _scalar_json),
+    "timestamp": (st.integers(-(2**63), 2**64 - 1), st.sampled_from([2**64, -(2**63) - 1]) | _scalar_json),
+    "expires_at": (st.none() | st.integers(-(2**63), 2**64 - 1), st.integers(-(2**65), 2**65) | _scalar_json),
+    "priority": (st.integers(-(2**63), 2**64 - 1), st.integers(-(2**65), 2**65) | _scalar_json),
+    "headers": (
+        st.dictionaries(_key | _key | _key | st.sampled_from(["$h", "$$h"]), st.text(max_size=3), max_size=3),
+        st.dictionaries(st.text(max_size=3), _scalar_json, min_size=1, max_size=2) | _any_json,
+    ),
+    "payload": (_any_json, _any_json),
+    "sig": (
+        st.none()
+        | st.tuples(st.text(max_size=3), st.text(max_size=3), _b64_of, _b64_of).map(
+            lambda sig: dict(zip(("scheme", "key_id", "nonce", "value"), sig, strict=True))
+        ),
+        _sig_json,
+    ),
+}
+
+
+def _outcome(decode_fields: object, data: bytes) -> object:
+    """What a decode gives, comparable across paths: the fields' repr (types matter: 1 is not
+    1.0 nor True) or the error's class and text."""
+    assert callable(decode_fields)
+    try:
+        return repr(decode_fields(data))
+    except EnvelopeError as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _reference(data: bytes) -> object:
+    from agent_os.amb.serializers.schema import wire_of
+
+    return _outcome(lambda d: wire_of(JsonSerializer().decode_checked(d)), data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_the_json_fast_path_agrees_with_the_checked_one_on_whole_envelopes(data: st.DataObject) -> None:
+    # Every field valid or not (wrong types, empty, invalid subjects, integers past 64 bits,
+    # lone surrogates, "$" keys, base64 that is not canonical), fields left out, repeated or
+    # unknown, in any order, spelled with any spacing and escaping: JsonSerializer.decode_fields
+    # (msgspec, deferring to the checked path when in doubt) and the Decoder (which sends "{"
+    # input straight to it) give what decode_checked gives, accepted or refused.
+    from agent_os.amb.serializers.decoder import Decoder
+
+    names = list(_ENVELOPE_FIELDS)  # the encoder's order, which the fast path needs
+    if data.draw(st.integers(0, 3)) == 0:
+        names = data.draw(st.permutations(names))
+    dropped = (
+        data.draw(st.sets(st.sampled_from(names), max_size=2)) if data.draw(st.integers(0, 5)) == 0 else set()
+    )
+    pairs = [
+        (name, data.draw(_ENVELOPE_FIELDS[name][data.draw(st.integers(0, 29)) == 0], label=name))
+        for name in names
+        if name not in dropped
+    ]
+    if data.draw(st.integers(0, 3)) == 0:  # a repeated or an unknown key
+        name = data.draw(st.sampled_from([*names, "extra"]))
+        pairs.insert(data.draw(st.integers(0, len(pairs))), (name, data.draw(_scalar_json)))
+    style = data.draw(st.sampled_from(["msgspec", "msgspec", "json", "json ascii", "json spaced"]))
+    sep = (", ", ": ") if style == "json spaced" else (",", ":")
+    ascii_only = style == "json ascii"
+
+    def spell(value: object) -> bytes:
+        if style == "msgspec":  # the spelling the encoder writes
+            with contextlib.suppress(msgspec.EncodeError, UnicodeEncodeError):
+                return msgspec.json.encode(value)
+        return json.dumps(value, separators=sep, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+    raw = b"{" + sep[0].encode().join(spell(k) + sep[1].encode() + spell(v) for k, v in pairs) + b"}"
+    expected = _reference(raw)
+    assert _outcome(JsonSerializer().decode_fields, raw) == expected
+    assert _outcome(Decoder().decode_fields, raw) == expected
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.data())
+def test_the_json_fast_path_agrees_with_the_checked_one_on_mutated_envelopes(data: st.DataObject) -> None:
+    # Bytes of envelopes this encoder writes (the fast path's own input), changed at random:
+    # both paths accept the same ones with the same fields and refuse the rest alike.
+    env = full_envelope()
+    env.payload = data.draw(st.sampled_from([env.payload, "x" * 40, 7, None, [1, "a"]]))
+    encoded = bytearray(JsonSerializer().encode(env))
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, len(encoded) - 1))
+        encoded[pos] = data.draw(st.sampled_from(b'"{}[],:\\$0129.e-nu x\xc3\xa9\xff') | st.integers(0, 255))
+    raw = bytes(encoded)
+    assert _outcome(JsonSerializer().decode_fields, raw) == _reference(raw)

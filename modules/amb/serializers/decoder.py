@@ -29,6 +29,7 @@ from agent_os.amb.serializers.schema import (
 )
 
 _JSON_START: Final = ord("{")
+_JSON_PREFIX: Final = b"{"
 
 
 class Decoder:
@@ -46,7 +47,10 @@ class Decoder:
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
         # msgspec refuses anything that is not a msgpack v1 envelope (empty input and JSON,
-        # which starts with "{", included), so the common case costs one call.
+        # which starts with "{", included), so the common case costs one call. JSON goes to
+        # refused() without that call, whose refusal (an exception) costs as much as a decode.
+        if data[:1] == _JSON_PREFIX:
+            return self.refused(data)
         try:
             fields: WireFields = typed_unpack(data)
         except Exception:

@@ -174,14 +174,14 @@ _FIELD_SET: Final = frozenset(FIELDS)
 _NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class _JsonSig(msgspec.Struct, forbid_unknown_fields=True):
+class _JsonSig(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     scheme: str
     key_id: str
     nonce: bytes  # base64 in the text
     value: bytes
 
 
-class _JsonV1(msgspec.Struct, forbid_unknown_fields=True):
+class _JsonV1(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A JSON v1 envelope as this encoder writes it (every field, in wire order) and as the
     fast decode reads it; the same rules as the checked path."""
 
@@ -201,8 +201,35 @@ class _JsonV1(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _ENCODER: Final = msgspec.json.Encoder()
+_encode: Final = _ENCODER.encode
 _typed_decode: Final = msgspec.json.Decoder(_JsonV1).decode
+_astuple: Final = msgspec.structs.astuple
 _fits_msgpack: Final = msgspec.msgpack.Encoder().encode  # OverflowError past 64-bit integers
+_V1: Final = cast("Literal[1]", WIRE_VERSION)
+
+
+def _plain(obj: _JsonV1, data: bytes) -> bool:
+    """True when the typed reading ``obj`` of canonical ``data`` is what the checked path reads:
+    no object key starting with ``$`` (only the headers and a map or list payload can hold
+    keys: any other object is a struct msgspec refuses unknown keys of), every integer in
+    msgpack's 64-bit range."""
+    if not (_INT_MIN <= obj.timestamp <= _INT_MAX and _INT_MIN <= obj.priority <= _INT_MAX):
+        return False
+    if obj.expires_at is not None and not _INT_MIN <= obj.expires_at <= _INT_MAX:
+        return False
+    payload = obj.payload
+    kind = type(payload)
+    if (obj.headers or kind is dict or kind is list) and b'"$' in data:
+        return False
+    if kind is int:
+        number: int = payload
+        return _INT_MIN <= number <= _INT_MAX
+    if kind is dict or kind is list:
+        try:
+            _fits_msgpack(payload)
+        except OverflowError:
+            return False
+    return True
 
 
 class JsonSerializer:
@@ -216,31 +243,21 @@ class JsonSerializer:
 
     def encode(self, env: Envelope) -> bytes:
         s = env.sig
-        try:
-            obj = _JsonV1(
-                cast(Literal[1], env.v),  # written as it is; only 1 decodes
-                env.id,
-                env.topic,
-                env.sender,
-                env.recipient,
-                env.reply_to,
-                env.correlation_id,
-                env.timestamp,
-                env.expires_at,
-                env.priority,
-                _to_json(env.headers),
-                _to_json(env.payload),
-                None if s is None else _JsonSig(s.scheme, s.key_id, s.nonce, s.value),
-            )
-        except RecursionError as exc:  # the interpreter's limit came first
-            raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
-        try:
-            data = _ENCODER.encode(obj)
-        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a field of the wrong type
-            raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
-        if len(data) > self.max_bytes:
-            raise OversizedEnvelope(len(data), self.max_bytes)
-        return data
+        return self._encode(
+            cast("Literal[1]", env.v),  # written as it is; only 1 decodes
+            env.id,
+            env.topic,
+            env.sender,
+            env.payload,
+            env.recipient,
+            env.reply_to,
+            env.correlation_id,
+            env.timestamp,
+            env.expires_at,
+            env.priority,
+            env.headers,
+            None if s is None else _JsonSig(s.scheme, s.key_id, s.nonce, s.value),
+        )
 
     def encode_new(
         self,
@@ -256,21 +273,67 @@ class JsonSerializer:
         priority: int,
         headers: dict[str, str],
     ) -> bytes:
-        return self.encode(
-            Envelope(
+        return self._encode(
+            _V1,
+            id,
+            topic,
+            sender,
+            payload,
+            recipient,
+            reply_to,
+            correlation_id,
+            timestamp,
+            expires_at,
+            priority,
+            headers,
+            None,
+        )
+
+    def _encode(
+        self,
+        v: Literal[1],
+        id: str,
+        topic: str,
+        sender: str,
+        payload: Any,
+        recipient: str | None,
+        reply_to: str | None,
+        correlation_id: str | None,
+        timestamp: int,
+        expires_at: int | None,
+        priority: int,
+        headers: dict[str, str],
+        sig: _JsonSig | None,
+    ) -> bytes:
+        """encode() and encode_new(): the fields as JSON, the payload and the headers through
+        _to_json unless they are values msgspec writes exactly as they are (text, true/false,
+        null; no headers), which need neither escaping nor a check."""
+        kind = type(payload)
+        try:
+            obj = _JsonV1(
+                v,
                 id,
                 topic,
                 sender,
-                payload,
                 recipient,
                 reply_to,
                 correlation_id,
                 timestamp,
                 expires_at,
                 priority,
-                headers,
+                _to_json(headers) if headers else headers,
+                payload if kind is str or kind is bool or payload is None else _to_json(payload),
+                sig,
             )
-        )
+        except RecursionError as exc:  # the interpreter's limit came first
+            raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
+        try:
+            data = _encode(obj)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a field of the wrong type
+            raise UnserializablePayload(f"json cannot encode the envelope: {exc}") from exc
+        if len(data) > self.max_bytes:
+            raise OversizedEnvelope(len(data), self.max_bytes)
+        return data
 
     def decode(self, data: bytes) -> Envelope:
         """The envelope of ``data``; raises an :class:`~agent_os.amb.EnvelopeError` subclass."""
@@ -283,35 +346,24 @@ class JsonSerializer:
         Fast path: msgspec reads ``data`` against the v1 schema in one pass, and the result is
         taken only when msgspec writes it back to exactly ``data`` (so the input has no
         duplicate key, no escape or number spelling this encoder would not write, and every
-        field in order), it holds no ``"$`` (an escaped key or a bytes tag) and every integer
-        fits msgpack's 64 bits. Anything else goes to :meth:`decode_checked`, which accepts or
-        names the error; a test checks both give the same result."""
+        field in order), no object key starts with ``$`` (an escaped key or a bytes tag) and
+        every integer fits msgpack's 64 bits. Anything else goes to :meth:`decode_checked`,
+        which accepts or names the error; tests check both give the same result."""
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
             obj = _typed_decode(data)
-            if b'"$' in data or _ENCODER.encode(obj) != data:
-                raise ValueError("not canonical")
-            _fits_msgpack(obj)
-        except Exception:
+            taken = _encode(obj) == data and _plain(obj, data)
+        except Exception:  # refused by msgspec, or out of stack on a deep payload
+            taken = False
+        if not taken:
             return wire_of(self.decode_checked(data))
         check_subjects(obj.topic, obj.reply_to)
+        fields: WireFields = _astuple(obj)
         sig = obj.sig
-        return (
-            obj.v,
-            obj.id,
-            obj.topic,
-            obj.sender,
-            obj.recipient,
-            obj.reply_to,
-            obj.correlation_id,
-            obj.timestamp,
-            obj.expires_at,
-            obj.priority,
-            obj.headers,
-            obj.payload,
-            None if sig is None else (sig.scheme, sig.key_id, sig.nonce, sig.value),
-        )
+        if sig is None:
+            return fields
+        return (*fields[:12], (sig.scheme, sig.key_id, sig.nonce, sig.value))
 
     def decode_checked(self, data: bytes) -> Envelope:
         """The envelope of ``data`` read by the standard library's ``json`` with every check
