@@ -431,22 +431,17 @@ class PostgresStore:
     def _where(self, scope: Scope, filters: Filters, isolation_clause: Any) -> tuple[Any, dict[str, Any]]:
         sql = self._sql
         parts = [isolation_clause]
-        params: dict[str, Any] = {"agent_id": scope.agent_id, "session_id": scope.session_id}
         if not filters.include_superseded:
             parts.append(self._q("NOT EXISTS (SELECT 1 FROM {s}.memories n WHERE n.supersedes = m.id)"))
         if filters.tags:
             parts.append(sql.SQL("m.tags @> %(tags)s::text[]"))
-            params["tags"] = list(filters.tags)
         if filters.metadata:
             parts.append(sql.SQL("m.metadata @> %(metadata)s::jsonb"))
-            params["metadata"] = json.dumps(filters.metadata)
         if filters.since is not None:
             parts.append(sql.SQL("m.created_at >= %(since)s"))
-            params["since"] = filters.since
         if filters.until is not None:
             parts.append(sql.SQL("m.created_at < %(until)s"))
-            params["until"] = filters.until
-        return sql.SQL(" AND ").join(parts), params
+        return sql.SQL(" AND ").join(parts), _where_params(scope, filters)
 
     def _isolation(self, isolation: str) -> Any:
         """The scope predicate, part of every read statement."""
@@ -477,7 +472,7 @@ class PostgresStore:
     ) -> list[Found]:
         from pgvector import Vector
 
-        where, params = self._where(scope, filters, self._isolation(self.isolation))
+        params = _where_params(scope, filters)  # the SQL is composed only on a cache miss
         params["q"] = Vector(list(vector))
         exact = exact or self.exact_only
         current = not filters.include_superseded
@@ -487,6 +482,7 @@ class PostgresStore:
             if query is None:
                 if len(self._searches) >= _SEARCH_SHAPES:
                     self._searches.clear()
+                where, _ = self._where(scope, filters, self._isolation(self.isolation))
                 sql = self._search_sql(where, exact, int(limit), current)
                 query = self._searches[key] = sql.as_bytes(conn)
             rows = await (await conn.execute(query, params, prepare=True)).fetchall()
@@ -600,3 +596,17 @@ class PostgresStore:
             )
             for r in rows
         ]
+
+
+def _where_params(scope: Scope, filters: Filters) -> dict[str, Any]:
+    """The parameters of :meth:`PostgresStore._where`'s clause (without composing the SQL)."""
+    params: dict[str, Any] = {"agent_id": scope.agent_id, "session_id": scope.session_id}
+    if filters.tags:
+        params["tags"] = list(filters.tags)
+    if filters.metadata:
+        params["metadata"] = json.dumps(filters.metadata)
+    if filters.since is not None:
+        params["since"] = filters.since
+    if filters.until is not None:
+        params["until"] = filters.until
+    return params
