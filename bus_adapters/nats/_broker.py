@@ -351,12 +351,7 @@ class NatsBroker(Lifecycle):
         if durable is None:
             sub = CoreSubscription(self, pattern, handler, queue, bound)
         else:
-            if not NAME_OK.match(durable):
-                raise ConfigError(f"durable name {durable!r} may only use letters, digits, '-' and '_'")
-            assert self._jsm is not None  # guaranteed by the OPEN state
-            stream, subjects = await stream_for(self._jsm, self.config, pattern)
-            self._remember_stream(subjects)
-            await ensure_consumer(self._jsm, self.config, stream, durable, pattern)
+            stream = await self._durable_consumer(pattern, durable)
             sub = DurableSubscription(
                 self, pattern, handler, queue, max(bound, self.config.pull_batch), stream, durable
             )
@@ -379,12 +374,18 @@ class NatsBroker(Lifecycle):
         self._require_open()
         validate_pattern(pattern)
         check_group_names(None, durable)
+        await self._durable_consumer(pattern, durable)
+
+    async def _durable_consumer(self, pattern: str, durable: str) -> str:
+        """Find or create the stream capturing ``pattern`` and the durable consumer ``durable``
+        on it; returns the stream's name. Raises ConfigError for a bad durable name."""
         if not NAME_OK.match(durable):
             raise ConfigError(f"durable name {durable!r} may only use letters, digits, '-' and '_'")
         assert self._jsm is not None  # guaranteed by the OPEN state
         stream, subjects = await stream_for(self._jsm, self.config, pattern)
         self._remember_stream(subjects)
         await ensure_consumer(self._jsm, self.config, stream, durable, pattern)
+        return stream
 
     def _remember_stream(self, subjects: list[str]) -> None:
         new = [s for s in subjects if s not in self._stream_patterns]

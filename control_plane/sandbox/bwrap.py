@@ -241,9 +241,12 @@ def _chown_tree(root: Path, uid: int) -> None:
             os.lchown(os.path.join(parent, name), uid, uid)
 
 
-def build_argv(spec: SandboxSpec, command: Sequence[str], uid: int, workspace: Path) -> list[str]:
+def build_argv(
+    spec: SandboxSpec, command: Sequence[str], uid: int, workspace: Path, visible: Sequence[str]
+) -> list[str]:
     """The bwrap command line that runs ``command`` in ``spec``'s sandbox as ``uid`` with
-    ``workspace`` at ``/workspace`` (exposed for tests and ``docs/sandbox.md``)."""
+    ``workspace`` at ``/workspace`` and the host paths ``visible`` read-only (from :func:`_prepare`;
+    exposed for tests and ``docs/sandbox.md``)."""
     limits = spec.limits
     argv = [shutil.which("bwrap") or "bwrap", *_namespaces(), "--hostname", "sandbox", "--clearenv"]
     for name in _SYSTEM_DIRS:
@@ -254,7 +257,7 @@ def build_argv(spec: SandboxSpec, command: Sequence[str], uid: int, workspace: P
     # /tmp first: a read-only path under the host's /tmp (a script) is bound onto it, not hidden.
     # It is the sandbox's own (mode 1777: writable by its uid), never the host's /tmp bound whole.
     argv += ["--perms", "1777", "--size", str(limits.tmp_size), "--tmpfs", "/tmp"]
-    bound = _outermost(p for p in [*_python_paths(), *spec.read_only] if os.path.realpath(p) != "/tmp")
+    bound = _outermost(p for p in visible if os.path.realpath(p) != "/tmp")
     parents = sorted({str(p) for path in bound for p in Path(path).parents if str(p) not in ("/", "/tmp")})
     for parent in parents:  # bwrap would make them 0700, closed to the sandbox's uid
         argv += ["--perms", "0755", "--dir", parent]
@@ -396,9 +399,9 @@ async def start(
     if not command or not os.path.isabs(command[0]):
         raise SandboxError(f"a sandboxed command starts with an absolute path, not {command[:1]!r}")
     _check_env(spec.env)
-    lease, workspace = await asyncio.to_thread(_prepare, spec)
+    lease, workspace, visible = await asyncio.to_thread(_prepare, spec)
     try:
-        argv = build_argv(spec, command, lease.uid, workspace)
+        argv = build_argv(spec, command, lease.uid, workspace, visible)
         process = await asyncio.create_subprocess_exec(
             *argv, pass_fds=tuple(pass_fds), stdin=stdin, stdout=stdout, stderr=stderr
         )
@@ -408,8 +411,11 @@ async def start(
     return Sandbox(process, lease, workspace, spec.workspace is None)
 
 
-def _prepare(spec: SandboxSpec) -> tuple[_UidLease, Path]:
-    """A uid lease and the workspace, made and handed to that uid (blocking: file system)."""
+def _prepare(spec: SandboxSpec) -> tuple[_UidLease, Path, list[str]]:
+    """A uid lease, the workspace (made and handed to that uid) and the host paths the sandbox
+    sees read-only: the Python installation, the import path and ``spec.read_only``
+    (blocking: file system)."""
+    visible = [*_python_paths(), *spec.read_only]
     lease = _UidLease()
     workspace: Path | None = None
     try:
@@ -417,13 +423,13 @@ def _prepare(spec: SandboxSpec) -> tuple[_UidLease, Path]:
             workspace = Path(tempfile.mkdtemp(prefix="agent-os-ws-"))
         else:
             workspace = Path(spec.workspace).resolve()
-            _check_workspace(workspace, _outermost([*_python_paths(), *spec.read_only]))
+            _check_workspace(workspace, _outermost(visible))
             workspace.mkdir(parents=True, exist_ok=True)
         _chown_tree(workspace, lease.uid)
     except BaseException:
         _release(lease, workspace, spec.workspace is None)
         raise
-    return lease, workspace
+    return lease, workspace, visible
 
 
 def _release(lease: _UidLease, workspace: Path | None, private: bool) -> None:
