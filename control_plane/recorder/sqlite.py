@@ -189,9 +189,8 @@ class SqliteStorage:
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
             per = self._max_rows
-            if len(stored) <= per:
-                self._insert_continuing(db, stored, where)
-                return
+            # Four statements a write (more only beyond the parameter limit): the writer thread
+            # takes the GIL back for each (docs/control-plane.md, the writer off the event loop's way).
             db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
                 check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
@@ -205,29 +204,9 @@ class SqliteStorage:
 
         await self._run(write)
 
-    def _insert_continuing(self, db: sqlite3.Connection, rows: Sequence[Row], where: str) -> None:
-        """Insert ``rows`` (at most ``_max_rows``) with one statement, its own transaction,
-        that writes them only if they continue the stored tail. One statement releases the GIL
-        once, where ``executemany`` releases and re-takes it for every row while the event
-        loop wants it (docs/control-plane.md, the flight recorder's writer)."""
-        seq, prev = int(rows[0][0]), rows[0][8]
-        expected = "" if seq == 1 else f"{seq - 1}:{prev}"
-        cursor = db.execute(self._continuing_sql(len(rows)), [*_flat(rows), expected])
-        if cursor.rowcount != len(rows):  # the tail moved (or the table was cut): say how
-            check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
-            raise RecorderError(f"{where}: {cursor.rowcount} of {len(rows)} records were written")
-
     def _values_sql(self, n: int) -> str:
         values = ", ".join([_ROW] * n)
         return f"INSERT INTO {self.table} ({_COLS}) VALUES {values}"
-
-    def _continuing_sql(self, n: int) -> str:
-        values = ", ".join([_ROW] * n)
-        tail = f"SELECT seq || ':' || hash FROM {self.table} ORDER BY seq DESC LIMIT 1"
-        return (
-            f"INSERT INTO {self.table} ({_COLS}) SELECT * FROM (VALUES {values}) "
-            f"WHERE coalesce(({tail}), '') = ?"
-        )
 
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where)

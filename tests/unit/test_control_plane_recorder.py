@@ -258,9 +258,9 @@ async def test_records_logged_during_a_write_are_written_without_more_logging() 
 
 @pytest.mark.parametrize("per_statement", [1, 7, 10_000])
 async def test_sqlite_writes_alike_in_one_statement_or_several(tmp_path: Path, per_statement: int) -> None:
-    # A write of up to the parameter limit's rows is one conditional INSERT; a longer one is
-    # several in one transaction. Both store the same rows, and both refuse a batch that does
-    # not continue the stored chain, writing nothing.
+    # A write of up to the parameter limit's rows is one INSERT in its transaction; a longer
+    # one is several. Both store the same rows, and both refuse a batch that does not continue
+    # the stored chain, writing nothing.
     async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
         rec.storage._max_rows = per_statement  # type: ignore[attr-defined]
         for i in range(25):
