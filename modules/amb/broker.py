@@ -206,12 +206,20 @@ def available_brokers() -> list[str]:
 def load_broker(backend: str, connection_string: str | None = None, **options: Any) -> Broker:
     """Create the adapter registered as ``backend`` with ``connection_string`` and ``options``.
 
+    The entry points are scanned once per backend name and process (a scan reads every
+    installed package's metadata: milliseconds); a name not found is looked up again next time.
     Raises ConfigError for an unknown backend; an adapter whose client library is missing
     raises ImportError naming the extra to install (``pip install 'agent-os[nats]'``).
     """
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == backend]
-    if not found:
-        raise ConfigError(f"unknown backend {backend!r}; installed: {', '.join(available_brokers())}")
-    factory = found[0].load()
+    factory = _factories.get(backend)
+    if factory is None:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == backend]
+        if not found:
+            raise ConfigError(f"unknown backend {backend!r}; installed: {', '.join(available_brokers())}")
+        factory = _factories[backend] = found[0].load()
     broker: Broker = factory(connection_string, **options)
     return broker
+
+
+_factories: dict[str, Callable[..., Broker]] = {}
+"""Adapter factories by backend name, as :func:`load_broker` found them."""

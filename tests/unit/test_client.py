@@ -179,6 +179,29 @@ def test_unknown_backend_lists_installed_ones() -> None:
     assert "memory" in available_brokers()
 
 
+def test_entry_points_are_scanned_once_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scan reads every installed package's metadata (milliseconds): a fleet's clients share one.
+    from agent_os.amb import broker as broker_module
+
+    scans: list[str] = []
+    real = broker_module.entry_points
+
+    def counting(**kw: Any) -> Any:
+        scans.append(kw["group"])
+        return real(**kw)
+
+    monkeypatch.setattr(broker_module, "entry_points", counting)
+    monkeypatch.setattr(broker_module, "_factories", {})
+    first, second = load_broker("memory", memory_url()), load_broker("memory", memory_url())
+    assert type(first) is type(second)
+    assert first is not second
+    assert len(scans) == 1
+    for _ in range(2):  # an unknown name is looked up every time (it may be installed later)
+        with pytest.raises(ConfigError):
+            load_broker("sqs")
+    assert len(scans) == 1 + 2 * 2  # each miss: the lookup, and the list of installed ones
+
+
 def test_public_names_are_complete_and_sorted() -> None:
     public = {n for n in dir(amb) if not n.startswith("_") and n[0].isupper()}
     modules = {
