@@ -18,6 +18,7 @@ and reads beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sqlite3
@@ -197,10 +198,14 @@ class SqliteStorage:
                 for at in range(0, len(stored), per):
                     chunk = stored[at : at + per]
                     db.execute(self._values_sql(len(chunk)), _flat(chunk))
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A COMMIT that failed can leave the transaction open (SQLITE_BUSY, some I/O
+                # errors): end it, or every later write would fail to begin.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
         await self._run(write)
 

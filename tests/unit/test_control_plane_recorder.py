@@ -276,6 +276,44 @@ async def test_sqlite_writes_alike_in_one_statement_or_several(tmp_path: Path, p
         assert len(await rec.storage.select(Where())) == 25
 
 
+class _FailingCommit:
+    """A connection whose next COMMIT fails as SQLITE_BUSY or an I/O error can, leaving the
+    transaction open."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.failures = 1
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_sqlite_write_whose_commit_fails_is_rolled_back_and_written_by_the_next(
+    tmp_path: Path,
+) -> None:
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
+        storage: Any = rec.storage
+        real = storage._db
+        storage._db = _FailingCommit(real)
+        try:
+            for i in range(5):
+                rec.append("e", "agent", {"i": i}, "info", None, True)
+            with pytest.raises(RecorderError, match="disk I/O error"):
+                await rec.flush()
+            assert not real.in_transaction  # not left open: the next write can begin
+            assert await rec.flush() == 5
+        finally:
+            storage._db = real
+        assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == list(range(5))
+        assert (await rec.verify()).ok
+
+
 def _tamper(db: Path, *statements: str) -> None:
     con = sqlite3.connect(db)
     with con:
