@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from importlib import metadata
 from typing import Any
 
 import msgpack
@@ -181,17 +182,14 @@ def test_unknown_backend_lists_installed_ones() -> None:
 
 def test_entry_points_are_scanned_once_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     # A scan reads every installed package's metadata (milliseconds): a fleet's clients share one.
-    from agent_os.amb import broker as broker_module
-
     scans: list[str] = []
-    real = broker_module.entry_points
 
     def counting(**kw: Any) -> Any:
         scans.append(kw["group"])
-        return real(**kw)
+        return metadata.entry_points(**kw)
 
-    monkeypatch.setattr(broker_module, "entry_points", counting)
-    monkeypatch.setattr(broker_module, "_factories", {})
+    monkeypatch.setattr("agent_os.amb.broker.entry_points", counting)
+    monkeypatch.setattr("agent_os.amb.broker._factories", {})
     first, second = load_broker("memory", memory_url()), load_broker("memory", memory_url())
     assert type(first) is type(second)
     assert first is not second
