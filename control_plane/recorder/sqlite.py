@@ -192,6 +192,8 @@ class SqliteStorage:
             per = self._max_rows
             # Four statements a write (more only beyond the parameter limit): the writer thread
             # takes the GIL back for each (docs/control-plane.md, the writer off the event loop's way).
+            if db.in_transaction:  # a failed write's ROLLBACK failed too: end that one first
+                db.execute("ROLLBACK")
             db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
                 check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)

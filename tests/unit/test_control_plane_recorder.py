@@ -280,13 +280,13 @@ class _FailingCommit:
     """A connection whose next COMMIT fails as SQLITE_BUSY or an I/O error can, leaving the
     transaction open."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, rollback_fails: bool = False) -> None:
         self.db = db
-        self.failures = 1
+        self.failures = {"COMMIT": 1, "ROLLBACK": int(rollback_fails)}
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT" and self.failures:
-            self.failures -= 1
+        if self.failures.get(sql):
+            self.failures[sql] -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return self.db.execute(sql, *args)
 
@@ -294,19 +294,21 @@ class _FailingCommit:
         return getattr(self.db, name)
 
 
+@pytest.mark.parametrize("rollback_fails", [False, True])
 async def test_sqlite_write_whose_commit_fails_is_rolled_back_and_written_by_the_next(
-    tmp_path: Path,
+    tmp_path: Path, rollback_fails: bool
 ) -> None:
+    # The transaction is ended at once, or (its ROLLBACK failing too) by the next write.
     async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
         storage: Any = rec.storage
         real = storage._db
-        storage._db = _FailingCommit(real)
+        storage._db = _FailingCommit(real, rollback_fails)
         try:
             for i in range(5):
                 rec.append("e", "agent", {"i": i}, "info", None, True)
             with pytest.raises(RecorderError, match="disk I/O error"):
                 await rec.flush()
-            assert not real.in_transaction  # not left open: the next write can begin
+            assert real.in_transaction is rollback_fails
             assert await rec.flush() == 5
         finally:
             storage._db = real
