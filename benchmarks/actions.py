@@ -31,6 +31,7 @@ from typing import Any
 
 from agent_os import ActionRequest
 from agent_os.control_plane import FlightRecorder, KernelSpace, Pattern, Policy
+from agent_os.control_plane.recorder.sqlite import _ROW as SQLITE_ROW
 from agent_os.control_plane.recorder.sqlite import _SCHEMA as SQLITE_SCHEMA
 from benchmarks._report import write_section
 
@@ -159,7 +160,7 @@ def sqlite_floor(path: Path, records: list[Any], repeat: int = 5) -> list[float]
     500, each one transaction of one multi-row INSERT, with nothing else around it. One figure
     per repetition, each into a file of its own."""
     batch = 500
-    sql = f"INSERT INTO flight_records VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'] * batch)}"
+    sql = f"INSERT INTO flight_records VALUES {', '.join([SQLITE_ROW] * batch)}"
     chunks = [[v for row in records[at : at + batch] for v in row] for at in range(0, len(records), batch)]
     chunks = [c for c in chunks if len(c) == batch * 10]
     out = []
