@@ -45,6 +45,7 @@ from agent_os.amb.errors import (
 from agent_os.amb.filters import FilterSpec, compile_filter
 from agent_os.amb.metadata import Metadata, metadata_from_wire
 from agent_os.amb.middleware import (
+    ConsumeNext,
     Middleware,
     PublishNext,
     build_consume_chain,
@@ -62,7 +63,7 @@ from agent_os.amb.serializers.schema import (
 )
 from agent_os.amb.stats import PATTERNS_MAX, BusStats, LabelCounts
 from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
-from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
+from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions, Turns
 from agent_os.amb.tracing import BusTracing, RequestSpan
 
 log = logging.getLogger("agent_os.amb")
@@ -627,11 +628,21 @@ class AMB(Lifecycle):
 
         # Without middleware the handler is called directly (one coroutine less per message).
         trace = self._tracing
+        layers: list[Middleware] = list(self._middleware)
         if trace is not None:  # outermost on delivery: its span holds verification and policy
-            layers = [trace.for_subscription(sub.pattern, sub.options.queue), *self._middleware]
-            sub._chain = build_consume_chain(layers, invoke)
+            layers.insert(0, trace.for_subscription(sub.pattern, sub.options.queue))
+        ahead, split = 0, 0
+        for index, layer in enumerate(layers):
+            wanted = layer.lookahead(sub) if isinstance(layer, Middleware) else 0
+            if wanted > 0:
+                ahead, split = max(ahead, wanted), index + 1
+        if ahead > sub.options.concurrency:
+            sub.lookahead = ahead
+            sub._slots = asyncio.Semaphore(ahead)
+            sub._turns = Turns() if sub.options.concurrency == 1 else None
+            sub._chain = build_consume_chain(layers[:split], self._in_turn(sub, layers[split:], invoke))
         else:
-            sub._chain = build_consume_chain(self._middleware, invoke) if self._middleware else None
+            sub._chain = build_consume_chain(layers, invoke) if layers else None
 
         sub._broker_sub = await self.broker.subscribe(
             sub.pattern,
@@ -642,6 +653,31 @@ class AMB(Lifecycle):
         sub._active = True
         if sub not in self._subs:
             self._subs.append(sub)
+
+    def _in_turn(self, sub: Subscription, inner: list[Middleware], invoke: ConsumeNext) -> ConsumeNext:
+        """The link of a look-ahead subscription's chain between the middleware that run ahead
+        and the rest: waits for the delivery's turn (``concurrency=1``: every earlier delivery
+        settled) or for one of the ``concurrency`` handler slots, then runs the inner middleware
+        and the handler, timed from there (see ``docs/bus.md``, "Look-ahead")."""
+        rest = build_consume_chain(inner, invoke)
+        turns = sub._turns if sub.options.concurrency == 1 else None
+        handlers = asyncio.Semaphore(sub.options.concurrency)
+
+        async def in_turn(env: Envelope, meta: Metadata) -> None:
+            if turns is not None:
+                await turns.wait(meta)
+            else:
+                await handlers.acquire()
+            started = self._start_timing()
+            try:
+                await rest(env, meta)
+            finally:
+                if started:
+                    self._time_handler(started)
+                if turns is None:
+                    handlers.release()
+
+        return in_turn
 
     def _forget(self, sub: Subscription) -> None:
         with contextlib.suppress(ValueError):
@@ -715,9 +751,13 @@ class AMB(Lifecycle):
         meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
         if sub._slots is not None:
             await sub._slots.acquire()
-            task = asyncio.get_running_loop().create_task(
-                self._process_released(sub, delivery, payload, meta)
-            )
+            if sub.lookahead:
+                if sub._turns is not None:
+                    sub._turns.enter(meta)
+                work = self._process_ahead(sub, delivery, meta)
+            else:
+                work = self._process_released(sub, delivery, payload, meta)
+            task = asyncio.get_running_loop().create_task(work)
             sub._tasks.add(task)
             task.add_done_callback(sub._tasks.discard)
             return
@@ -758,6 +798,41 @@ class AMB(Lifecycle):
             await self._process(sub, delivery, payload, meta)
         finally:
             assert sub._slots is not None
+            sub._slots.release()
+
+    async def _process_ahead(self, sub: Subscription, delivery: Delivery, meta: Metadata) -> None:
+        """:meth:`_process` for a look-ahead subscription: the chain times the handler (see
+        :meth:`_in_turn`); with ``concurrency=1`` the delivery is settled in its turn, so acks
+        and dead letters keep the arrival order, and leaves its place in line at the end."""
+        turns = sub._turns
+        chain = sub._chain
+        assert chain is not None
+        assert sub._slots is not None
+        try:
+            try:
+                await chain(meta.envelope, meta)
+            except Exception as exc:
+                if turns is not None:
+                    await turns.wait(meta)
+                await self._failed(sub, delivery, meta, exc)
+                return
+            except asyncio.CancelledError as exc:
+                error = _stray_cancellation(exc)
+                if error is None:
+                    raise  # this delivery is being cancelled (drain timeout, close)
+                if turns is not None:
+                    await turns.wait(meta)
+                await self._failed(sub, delivery, meta, error)
+                return
+            if turns is not None:
+                await turns.wait(meta)
+            sub.handled += 1
+            self.stats.handled += 1
+            if type(delivery) is not LocalDelivery:
+                await delivery.ack()
+        finally:
+            if turns is not None:
+                turns.leave(meta)
             sub._slots.release()
 
     async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:

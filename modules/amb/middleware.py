@@ -7,9 +7,13 @@ and outgoing ones last. The chain's rules are in ``docs/bus.md``, "Middleware".
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
+
+if TYPE_CHECKING:
+    from agent_os.amb.subscription import Subscription
 
 PublishNext = Callable[[Envelope], Awaitable[None]]
 ConsumeNext = Callable[[Envelope, Metadata], Awaitable[None]]
@@ -23,6 +27,12 @@ class Middleware:
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         await call_next(envelope, metadata)
+
+    def lookahead(self, subscription: Subscription) -> int:
+        """How many messages of ``subscription`` this middleware's inbound hook may run ahead
+        of the handler (0, the default: none). Asked once, when the subscription starts; see
+        ``docs/bus.md``, "Look-ahead"."""
+        return 0
 
 
 def build_publish_chain(middleware: Sequence[Middleware], wire: PublishNext) -> PublishNext:

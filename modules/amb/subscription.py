@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,8 @@ class Subscription:
         self._filter = options.filter
         self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._turns: Turns | None = None  # look-ahead with concurrency 1: handlers in arrival order
+        self.lookahead = 0  # messages whose middleware may run ahead of the handler (set on start)
         self._active = False
         # Seeds every delivery's metadata.context: the subscription itself, then its context option.
         self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}
@@ -99,6 +102,51 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"Subscription({self.pattern!r}, queue={self.options.queue!r}, active={self._active})"
+
+
+class Turns:
+    """Arrival order for the deliveries of a look-ahead subscription with ``concurrency=1``.
+
+    Each delivery enters on arrival (in order, from the client's receive path), waits for its
+    turn (every delivery that entered before it has left) and leaves once settled; one that is
+    cancelled before its turn leaves its place without holding up the others.
+    """
+
+    __slots__ = ("_line", "_waiting")
+
+    def __init__(self) -> None:
+        self._line: deque[object] = deque()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def enter(self, key: object) -> None:
+        """Take the last place in line."""
+        self._line.append(key)
+
+    async def wait(self, key: object) -> None:
+        """Return once ``key`` (which entered) is first in line; at once if it is already."""
+        if self._line[0] is key:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[id(key)] = future
+        try:
+            await future
+        finally:
+            del self._waiting[id(key)]
+
+    def leave(self, key: object) -> None:
+        """Give up ``key``'s place; when it was first, the next in line gets its turn."""
+        line = self._line
+        if line[0] is not key:
+            line.remove(key)
+            return
+        line.popleft()
+        if line:
+            future = self._waiting.get(id(line[0]))
+            if future is not None and not future.done():
+                future.set_result(None)
 
 
 class MessageStream:

@@ -14,10 +14,11 @@ from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
-from agent_os.iatp.errors import IATPError, SignatureRejected, SigningRejected, UnknownAgent
+from agent_os.iatp.errors import IATPConfigError, IATPError, SignatureRejected, SigningRejected, UnknownAgent
 from agent_os.iatp.result import Reason, VerificationResult, invalid
 
 if TYPE_CHECKING:
+    from agent_os.amb.subscription import Subscription
     from agent_os.iatp.iatp import IATP
     from agent_os.iatp.noncestore import SharedNonceStore
 
@@ -54,8 +55,12 @@ class IATPMiddleware(Middleware):
         use_sessions: bool = True,
         nonce_store: SharedNonceStore | None = None,
         bind_topic: bool = False,
+        lookahead: int = 64,
     ) -> None:
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise IATPConfigError(f"lookahead must be a whole number of messages, not {lookahead!r}")
         self.iatp = iatp
+        self.max_ahead = lookahead
         self.bind_topic = bind_topic
         self.nonce_store = nonce_store if nonce_store is not None else iatp.nonce_store
         self.accept_unsigned = accept_unsigned
@@ -66,6 +71,16 @@ class IATPMiddleware(Middleware):
         self.verified = 0
         self.accepted_unsigned = 0
         self.rejected: Counter[str] = Counter()
+
+    def lookahead(self, subscription: Subscription) -> int:
+        """With a shared nonce store, the claims of a queue-group subscription (or one with a
+        ``REPLAY_SCOPE``) are made up to ``lookahead`` messages ahead of its handler, so they
+        share round trips even with ``concurrency=1`` (``docs/trust.md``)."""
+        if self.nonce_store is None:
+            return 0
+        if subscription.options.queue is None and REPLAY_SCOPE not in subscription.context:
+            return 0
+        return self.max_ahead
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         iatp = self.iatp

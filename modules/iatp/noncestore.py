@@ -1,19 +1,29 @@
 """Shared replay protection: a nonce store several processes consult (Redis), for queue groups.
 
 One ``SET NX PX`` per message, the claims made while a round trip is out sent together in the
-next one; it fails closed (``docs/trust.md``, "Shared replay protection").
+next one (one script call); it fails closed (``docs/trust.md``, "Shared replay protection").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from agent_os.iatp.errors import IATPConfigError, NonceStoreUnavailable
 from agent_os.iatp.noncebatch import ClaimBatcher
 
 if TYPE_CHECKING:
     import redis.asyncio
+
+CLAIM_SCRIPT: Final = """
+local answers = {}
+for i, key in ipairs(KEYS) do
+  answers[i] = redis.call('SET', key, '1', 'NX', 'PX', ARGV[i]) and 1 or 0
+end
+return answers
+"""
+"""One round trip's claims: ``SET key 1 NX PX ttl`` for each key, in order; 1 for each key that
+was set (the first claim), 0 for each that existed (a replay)."""
 
 
 @runtime_checkable
@@ -34,8 +44,9 @@ class SharedNonceStore(Protocol):
 class RedisNonceStore:
     """A :class:`SharedNonceStore` in Redis: one ``SET NX PX`` per message, coalesced.
 
-    Claims made while a round trip to Redis is out are sent together in the next one (one
-    pipelined write, one reply per nonce); each claim still gets its own answer.
+    Claims made while a round trip to Redis is out are sent together in the next one (one call
+    of :data:`CLAIM_SCRIPT`, one answer per nonce); each claim still gets its own answer. The
+    keys of one call must be on one server: a single Redis, not a cluster.
 
     Args:
         url: a ``redis://`` or ``rediss://`` URL (ignored when ``client`` is given).
@@ -69,6 +80,7 @@ class RedisNonceStore:
         self.failures = 0
         self._client: Any = client
         self._own_client = client is None
+        self._script: Any = None
         self._batcher = ClaimBatcher(self._send, timeout=timeout, max_batch=max_batch)
 
     def _redis(self) -> Any:
@@ -101,14 +113,17 @@ class RedisNonceStore:
         return self._batcher.waiting
 
     async def _send(self, keys: Sequence[bytes], ttls_ms: Sequence[int]) -> Sequence[bool]:
-        pipe = self._redis().pipeline(transaction=False)
-        for key, ttl in zip(keys, ttls_ms, strict=True):
-            pipe.set(key, b"1", nx=True, px=ttl)
-        answers = await pipe.execute()
+        script = self._script
+        if script is None:  # redis-py's Script: EVALSHA, loading the script when Redis lacks it
+            script = self._script = self._redis().register_script(CLAIM_SCRIPT)
+        answers = await script(keys=keys, args=ttls_ms)
+        if not isinstance(answers, list) or len(answers) != len(keys):
+            answered = str(answers)[:100]
+            raise NonceStoreUnavailable(f"the nonce store answered {answered} to {len(keys)} claims")
         for answer in answers:
-            if answer is not None and answer is not True:
+            if answer != 1 and answer != 0:
                 raise NonceStoreUnavailable(f"the nonce store answered {answer!r} to SET NX")
-        return [answer is True for answer in answers]
+        return [answer == 1 for answer in answers]
 
     async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:
         """See :meth:`SharedNonceStore.claim`. The key is ``prefix + scope + ":" + nonce.hex()``
@@ -129,5 +144,6 @@ class RedisNonceStore:
         """Fail the claims not answered yet and close the store's own connection."""
         await self._batcher.aclose()
         if self._own_client and self._client is not None:
+            self._script = None
             client, self._client = self._client, None
             await client.aclose()

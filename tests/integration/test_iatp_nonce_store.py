@@ -26,6 +26,7 @@ from agent_os.iatp import (
     SignatureRejected,
 )
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 from tests.support.servers import REDIS_URL
 from tests.support.tcp_gate import TcpGate
 
@@ -281,12 +282,17 @@ async def test_a_redis_outage_mid_batch_refuses_every_message_then_the_store_rec
         try:
             await clients[1].close()  # one instance: every message claims through the gate
             assert await store.claim("warm-up", os.urandom(16), 60_000)  # the connection is open
+            warm = gate.received.count(prefix.encode())
+
+            def sent() -> int:  # the claims' keys Redis got since the warm-up
+                return gate.received.count(prefix.encode()) - warm
+
             gate.hold()  # Redis gets the claims; its answers are kept back
             for item in data[:10]:
                 await raw.broker.publish(subject, item)
             # every claim sent (in the batch out) or waiting for the next round trip
-            await wait_until(lambda: gate.received.count(b"\r\nSET\r\n") + store.waiting == 11)
-            assert gate.received.count(b"\r\nSET\r\n") >= 2
+            await wait_until(lambda: sent() + store.waiting == 10)
+            assert sent() >= 2
             gate.cut()  # the outage: the round trip out fails, and so does the next
             await dead.wait_for(10)
             assert handled.messages == []
@@ -302,3 +308,68 @@ async def test_a_redis_outage_mid_batch_refuses_every_message_then_the_store_rec
                 await client.close()
             await store.close()
             await spare.close()
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_an_ordered_consumer_claims_ahead_in_shared_round_trips_and_keeps_the_order(
+    prefix: str, closing: Closing
+) -> None:
+    """``concurrency=1`` with the store: while Redis is slow to answer, the messages behind the
+    first run ahead and their claims go together (at most the look-ahead, 64, at once); handlers
+    still run one at a time in arrival order, and a message another instance claimed first is
+    refused and dead-lettered in its turn."""
+    sender, (instance,) = await sender_and_instances(1)
+    host, port = REDIS_URL.removeprefix("redis://").split("/")[0].split(":")
+    other = closing(RedisNonceStore(REDIS_URL, prefix=prefix))
+    url = f"memory://iatp-ahead-{uuid.uuid4().hex}"
+    subject = f"svc{uuid.uuid4().hex[:8]}.work"
+    raw = closing(AMB("memory", url, agent_id="raw"))
+    handled, dead, running = Collector(), Collector(), [0, 0]
+
+    async def handler(message: Any, metadata: Metadata) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        await asyncio.sleep(0)  # let the messages behind it run ahead meanwhile
+        running[0] -= 1
+        await handled(message, metadata)
+
+    codec = MsgpackSerializer()
+    envelopes = [await sender.sign("coordinator", {"n": n}, topic=subject) for n in range(300)]
+    seen_elsewhere = {1, 40, 41, 150, 299}  # claimed by another instance of the group first
+    async with TcpGate(host, int(port)) as gate:
+        store = closing(RedisNonceStore(f"redis://{gate.address}/0", prefix=prefix, timeout=10.0))
+        middleware = IATPMiddleware(instance, nonce_store=store)
+        client = closing(AMB("memory", url, agent_id="service", middleware=[middleware]))
+        sub = await client.subscribe(subject, handler, queue="workers")
+        assert sub.lookahead == 64
+        await raw.subscribe(f"_DLQ.{subject}", dead)
+        await raw.connect()
+        for n in sorted(seen_elsewhere):
+            sig = envelopes[n].sig
+            assert sig is not None
+            assert await other.claim(f"workers@{subject}", sig.nonce, 60_000)
+        assert await store.claim("warm-up", os.urandom(16), 60_000)  # the connection is open
+        warm = gate.received.count(prefix.encode())
+
+        def sent() -> int:  # the claims' keys Redis got since the warm-up
+            return gate.received.count(prefix.encode()) - warm
+
+        gate.hold()
+        for env in envelopes:
+            await raw.broker.publish(subject, codec.encode(env))
+        await wait_until(lambda: len(sub._tasks) == 64, what="64 messages ahead")
+        await wait_until(lambda: sent() >= 64, what="their claims sent")  # in one or two round trips
+        assert store.round_trips <= 3
+        gate.restore()
+        await handled.wait_for(295)
+        await dead.wait_for(5)
+        expected = [n for n in range(300) if n not in seen_elsewhere]
+        assert [m["n"] for m in handled.messages] == expected
+        assert running[1] == 1
+        assert [codec.decode(m).payload["n"] for m in dead.messages] == sorted(seen_elsewhere)
+        assert {m.headers["dlq-reason"] for m in dead.metadata} == {"replayed_nonce"}
+        assert middleware.rejected == {"replayed_nonce": 5}
+        assert store.round_trips < 100  # 301 without looking ahead: one per message
+        await client.close()  # before the gate goes (the fixture closes it on failure)
+        await store.close()
