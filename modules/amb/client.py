@@ -28,7 +28,7 @@ from agent_os.amb.broker import (
     load_broker,
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
-from agent_os.amb.dispatch import LocalDelivery
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery
 from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
@@ -45,7 +45,6 @@ from agent_os.amb.errors import (
 from agent_os.amb.filters import FilterSpec, compile_filter
 from agent_os.amb.metadata import Metadata, metadata_from_wire
 from agent_os.amb.middleware import (
-    ConsumeNext,
     Middleware,
     PublishNext,
     build_consume_chain,
@@ -63,7 +62,7 @@ from agent_os.amb.serializers.schema import (
 )
 from agent_os.amb.stats import PATTERNS_MAX, BusStats, LabelCounts
 from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
-from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions, Turns
+from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 from agent_os.amb.tracing import BusTracing, RequestSpan
 
 log = logging.getLogger("agent_os.amb")
@@ -631,18 +630,22 @@ class AMB(Lifecycle):
         layers: list[Middleware] = list(self._middleware)
         if trace is not None:  # outermost on delivery: its span holds verification and policy
             layers.insert(0, trace.for_subscription(sub.pattern, sub.options.queue))
-        ahead, split = 0, 0
-        for index, layer in enumerate(layers):
+        sub._chain = build_consume_chain(layers, invoke) if layers else None
+        ahead, prepares = 0, []
+        for layer in layers:
             wanted = layer.lookahead(sub) if isinstance(layer, Middleware) else 0
             if wanted > 0:
-                ahead, split = max(ahead, wanted), index + 1
+                ahead = max(ahead, wanted)
+                prepares.append(layer.prepare)
         if ahead > sub.options.concurrency:
             sub.lookahead = ahead
-            sub._slots = asyncio.Semaphore(ahead)
-            sub._turns = Turns() if sub.options.concurrency == 1 else None
-            sub._chain = build_consume_chain(layers[:split], self._in_turn(sub, layers[split:], invoke))
-        else:
-            sub._chain = build_consume_chain(layers, invoke) if layers else None
+            sub._prepares = tuple(prepares)
+            # ahead - 1 queued and one prepared while it waits for room: ``ahead`` in all.
+            sub._ahead = Dispatcher(
+                functools.partial(self._take_turn, sub),
+                max_pending=ahead - 1,
+                name=f"look-ahead {sub.pattern!r}",
+            )
 
         sub._broker_sub = await self.broker.subscribe(
             sub.pattern,
@@ -653,31 +656,6 @@ class AMB(Lifecycle):
         sub._active = True
         if sub not in self._subs:
             self._subs.append(sub)
-
-    def _in_turn(self, sub: Subscription, inner: list[Middleware], invoke: ConsumeNext) -> ConsumeNext:
-        """The link of a look-ahead subscription's chain between the middleware that run ahead
-        and the rest: waits for the delivery's turn (``concurrency=1``: every earlier delivery
-        settled) or for one of the ``concurrency`` handler slots, then runs the inner middleware
-        and the handler, timed from there (see ``docs/bus.md``, "Look-ahead")."""
-        rest = build_consume_chain(inner, invoke)
-        turns = sub._turns if sub.options.concurrency == 1 else None
-        handlers = asyncio.Semaphore(sub.options.concurrency)
-
-        async def in_turn(env: Envelope, meta: Metadata) -> None:
-            if turns is not None:
-                await turns.wait(meta)
-            else:
-                await handlers.acquire()
-            started = self._start_timing()
-            try:
-                await rest(env, meta)
-            finally:
-                if started:
-                    self._time_handler(started)
-                if turns is None:
-                    handlers.release()
-
-        return in_turn
 
     def _forget(self, sub: Subscription) -> None:
         with contextlib.suppress(ValueError):
@@ -749,17 +727,13 @@ class AMB(Lifecycle):
                 await delivery.ack()
                 return
         meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
+        if sub._ahead is not None:
+            self._prepare(sub, meta)
+            await sub._ahead.put((delivery, payload, meta))  # False once stopping: dropped
+            return
         if sub._slots is not None:
             await sub._slots.acquire()
-            if sub.lookahead:
-                if sub._turns is not None:
-                    sub._turns.enter(meta)
-                work = self._process_ahead(sub, delivery, meta)
-            else:
-                work = self._process_released(sub, delivery, payload, meta)
-            task = asyncio.get_running_loop().create_task(work)
-            sub._tasks.add(task)
-            task.add_done_callback(sub._tasks.discard)
+            self._spawn(sub, delivery, payload, meta)
             return
         chain = sub._chain
         started = 0.0
@@ -791,6 +765,32 @@ class AMB(Lifecycle):
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
             await delivery.ack()
 
+    def _prepare(self, sub: Subscription, meta: Metadata) -> None:
+        """Run the ``prepare`` hooks of a look-ahead subscription on a delivery as it arrives;
+        one that raises is logged and skipped (its middleware does the work in turn)."""
+        envelope = meta.envelope
+        for prepare in sub._prepares:
+            try:
+                prepare(envelope, meta)
+            except Exception:
+                log.exception("a middleware's prepare raised on %r; left to its turn", sub.pattern)
+
+    async def _take_turn(self, sub: Subscription, item: tuple[Delivery, Any, Metadata]) -> None:
+        """The look-ahead queue's handler: a prepared delivery's turn. With ``concurrency=1`` it
+        is processed here, in arrival order; otherwise it waits for a handler slot."""
+        delivery, payload, meta = item
+        if sub._slots is None:
+            await self._process(sub, delivery, payload, meta)
+            return
+        await sub._slots.acquire()
+        self._spawn(sub, delivery, payload, meta)
+
+    def _spawn(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:
+        """Process a delivery in a task of its own (``concurrency>1``; a slot already taken)."""
+        task = asyncio.get_running_loop().create_task(self._process_released(sub, delivery, payload, meta))
+        sub._tasks.add(task)
+        task.add_done_callback(sub._tasks.discard)
+
     async def _process_released(
         self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata
     ) -> None:
@@ -798,41 +798,6 @@ class AMB(Lifecycle):
             await self._process(sub, delivery, payload, meta)
         finally:
             assert sub._slots is not None
-            sub._slots.release()
-
-    async def _process_ahead(self, sub: Subscription, delivery: Delivery, meta: Metadata) -> None:
-        """:meth:`_process` for a look-ahead subscription: the chain times the handler (see
-        :meth:`_in_turn`); with ``concurrency=1`` the delivery is settled in its turn, so acks
-        and dead letters keep the arrival order, and leaves its place in line at the end."""
-        turns = sub._turns
-        chain = sub._chain
-        assert chain is not None
-        assert sub._slots is not None
-        try:
-            try:
-                await chain(meta.envelope, meta)
-            except Exception as exc:
-                if turns is not None:
-                    await turns.wait(meta)
-                await self._failed(sub, delivery, meta, exc)
-                return
-            except asyncio.CancelledError as exc:
-                error = _stray_cancellation(exc)
-                if error is None:
-                    raise  # this delivery is being cancelled (drain timeout, close)
-                if turns is not None:
-                    await turns.wait(meta)
-                await self._failed(sub, delivery, meta, error)
-                return
-            if turns is not None:
-                await turns.wait(meta)
-            sub.handled += 1
-            self.stats.handled += 1
-            if type(delivery) is not LocalDelivery:
-                await delivery.ack()
-        finally:
-            if turns is not None:
-                turns.leave(meta)
             sub._slots.release()
 
     async def _process(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:

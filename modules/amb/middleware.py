@@ -29,10 +29,17 @@ class Middleware:
         await call_next(envelope, metadata)
 
     def lookahead(self, subscription: Subscription) -> int:
-        """How many messages of ``subscription`` this middleware's inbound hook may run ahead
-        of the handler (0, the default: none). Asked once, when the subscription starts; see
+        """How many messages of ``subscription`` may be prepared (:meth:`prepare`) before
+        their turn (0, the default: none). Asked once, when the subscription starts; see
         ``docs/bus.md``, "Look-ahead"."""
         return 0
+
+    def prepare(self, envelope: Envelope, metadata: Metadata) -> None:
+        """On a look-ahead subscription, called for each message as it arrives, in arrival
+        order, before earlier messages are handled: start work whose result ``on_consume``
+        takes in the message's turn (through ``metadata.context``). Must not block; what it
+        raises is logged and ignored."""
+        return None
 
 
 def build_publish_chain(middleware: Sequence[Middleware], wire: PublishNext) -> PublishNext:

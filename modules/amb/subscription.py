@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent_os.amb.broker import BrokerSubscription
+from agent_os.amb.dispatch import Dispatcher
+from agent_os.amb.envelope import Envelope
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
 from agent_os.amb.metadata import Metadata
@@ -64,8 +65,11 @@ class Subscription:
         self._filter = options.filter
         self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._turns: Turns | None = None  # look-ahead with concurrency 1: handlers in arrival order
-        self.lookahead = 0  # messages whose middleware may run ahead of the handler (set on start)
+        # Look-ahead (set on start when a middleware asks for it): prepared deliveries wait
+        # for their turn in _ahead; lookahead is its bound (0: none).
+        self.lookahead = 0
+        self._ahead: Dispatcher[tuple[Any, Any, Metadata]] | None = None
+        self._prepares: tuple[Callable[[Envelope, Metadata], None], ...] = ()
         self._active = False
         # Seeds every delivery's metadata.context: the subscription itself, then its context option.
         self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}
@@ -79,6 +83,8 @@ class Subscription:
         if self._broker_sub is not None and self._active:
             self._active = False
             await self._broker_sub.unsubscribe()
+            if self._ahead is not None:
+                await self._ahead.stop(None, drop=True)
             await self._wait_tasks(None)
         self.client._forget(self)
 
@@ -88,6 +94,8 @@ class Subscription:
             self._active = False
             deadline = None if timeout is None else time.monotonic() + timeout
             await self._broker_sub.drain(timeout)
+            if self._ahead is not None:
+                await self._ahead.stop(None if deadline is None else max(0.0, deadline - time.monotonic()))
             await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self.client._forget(self)
 
@@ -102,51 +110,6 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"Subscription({self.pattern!r}, queue={self.options.queue!r}, active={self._active})"
-
-
-class Turns:
-    """Arrival order for the deliveries of a look-ahead subscription with ``concurrency=1``.
-
-    Each delivery enters on arrival (in order, from the client's receive path), waits for its
-    turn (every delivery that entered before it has left) and leaves once settled; one that is
-    cancelled before its turn leaves its place without holding up the others.
-    """
-
-    __slots__ = ("_line", "_waiting")
-
-    def __init__(self) -> None:
-        self._line: deque[object] = deque()
-        self._waiting: dict[int, asyncio.Future[None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def enter(self, key: object) -> None:
-        """Take the last place in line."""
-        self._line.append(key)
-
-    async def wait(self, key: object) -> None:
-        """Return once ``key`` (which entered) is first in line; at once if it is already."""
-        if self._line[0] is key:
-            return
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[id(key)] = future
-        try:
-            await future
-        finally:
-            del self._waiting[id(key)]
-
-    def leave(self, key: object) -> None:
-        """Give up ``key``'s place; when it was first, the next in line gets its turn."""
-        line = self._line
-        if line[0] is not key:
-            line.remove(key)
-            return
-        line.popleft()
-        if line:
-            future = self._waiting.get(id(line[0]))
-            if future is not None and not future.done():
-                future.set_result(None)
 
 
 class MessageStream:

@@ -7,7 +7,9 @@ List it first (the wire side). Its per-subscription options (:data:`ACCEPT_UNSIG
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent_os.amb import tracing as _tracing
@@ -36,6 +38,10 @@ refuse a nonce any of them saw (default: the subscription itself locally, and
 BIND_TOPIC: Final = "iatp.bind_topic"
 """Subscription context key: refuse (``wrong_subject``) a message whose signed topic is not the
 subject it was delivered on (bool; default: the middleware's ``bind_topic``)."""
+_AHEAD: Final = "iatp.ahead"
+"""``metadata.context`` key of what :meth:`IATPMiddleware.prepare` did for a message ahead of its
+turn, ``(envelope, started, result or rejection, claim)``, taken out by ``on_consume``; taken
+only for that very envelope object, so a context seeded from configuration cannot stand in."""
 _ED25519: Final = "ed25519"
 _NS_PER_MS: Final = 1_000_000
 VERIFY_SPAN: Final = "iatp.verify"
@@ -73,14 +79,36 @@ class IATPMiddleware(Middleware):
         self.rejected: Counter[str] = Counter()
 
     def lookahead(self, subscription: Subscription) -> int:
-        """With a shared nonce store, the claims of a queue-group subscription (or one with a
-        ``REPLAY_SCOPE``) are made up to ``lookahead`` messages ahead of its handler, so they
-        share round trips even with ``concurrency=1`` (``docs/trust.md``)."""
+        """With a shared nonce store, a queue-group subscription (or one with a
+        ``REPLAY_SCOPE``) has up to ``lookahead`` messages verified and their claims sent
+        before their turn (:meth:`prepare`), so the claims share round trips even with
+        ``concurrency=1`` (``docs/trust.md``)."""
         if self.nonce_store is None:
             return 0
         if subscription.options.queue is None and REPLAY_SCOPE not in subscription.context:
             return 0
         return self.max_ahead
+
+    def prepare(self, envelope: Envelope, metadata: Metadata) -> None:
+        """Verify a message ahead of its turn and send its nonce's claim; :meth:`on_consume`
+        takes the verdict and waits for the claim's answer in the message's turn. Does nothing
+        while the key store is not open (``on_consume`` then does it all)."""
+        if not self.iatp.is_open:
+            return
+        started = _tracing.now() if _tracing.active else 0
+        try:
+            result = self._verdict(envelope, metadata, started)
+        except SignatureRejected as exc:
+            metadata.context[_AHEAD] = (envelope, started, exc, None)
+            return
+        claim: Awaitable[bool] | None = None
+        store = self.nonce_store
+        if result is not None and store is not None:
+            args = self._claim_args(envelope, metadata, result)
+            if args is not None:
+                start = getattr(store, "start_claim", None)
+                claim = start(*args) if start is not None else asyncio.ensure_future(store.claim(*args))
+        metadata.context[_AHEAD] = (envelope, started, result, claim)
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         iatp = self.iatp
@@ -105,23 +133,55 @@ class IATPMiddleware(Middleware):
         await call_next(envelope)
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
-        # While tracing is on, the verification is one span from here to its verdict (see _traced).
-        started = _tracing.now() if _tracing.active else 0
+        ahead = metadata.context.pop(_AHEAD, None)
+        claim: Awaitable[bool] | None = None
+        if type(ahead) is not tuple or ahead[0] is not envelope:
+            # Not prepared, or an outer layer passed on another envelope: checked here, in full
+            # (a nonce the preparation claimed is then refused: fail closed).
+            # While tracing is on, the verification is one span from here to its verdict.
+            started = _tracing.now() if _tracing.active else 0
+            iatp = self.iatp
+            if not iatp.is_open:
+                try:
+                    await iatp.open()
+                except IATPError as exc:  # fail closed: nothing is checked against a store not open
+                    self._reject(
+                        invalid(
+                            Reason.KEY_STORE_UNAVAILABLE,
+                            envelope.sender,
+                            envelope.timestamp,
+                            None,
+                            f"{type(exc).__name__}: {exc}",
+                        ),
+                        started,
+                    )
+            result = self._verdict(envelope, metadata, started)
+            store = self.nonce_store
+            if result is not None and store is not None:
+                args = self._claim_args(envelope, metadata, result)
+                if args is not None:
+                    claim = store.claim(*args)
+        else:
+            _, started, verdict, claim = ahead
+            if isinstance(verdict, SignatureRejected):
+                raise verdict  # refused ahead (counted then): refused in its turn
+            result = verdict
+        if result is None:  # an unsigned message accepted (counted and traced by _verdict)
+            await call_next(envelope, metadata)
+            return
+        if claim is not None:
+            await self._settle_claim(claim, metadata, result, started)
+        self.verified += 1
+        metadata.context[RESULT] = result
+        if started:
+            _traced(started, result, "verified")
+        await call_next(envelope, metadata)
+
+    def _verdict(self, envelope: Envelope, metadata: Metadata, started: int) -> VerificationResult | None:
+        """Everything but the shared claim, with the key store open: the verification result
+        of a message accepted so far, or None for an unsigned message let through (its
+        invalid result is in the context). Raises SignatureRejected (counted)."""
         iatp = self.iatp
-        if not iatp.is_open:
-            try:
-                await iatp.open()
-            except IATPError as exc:  # fail closed: nothing is checked against a store not open
-                self._reject(
-                    invalid(
-                        Reason.KEY_STORE_UNAVAILABLE,
-                        envelope.sender,
-                        envelope.timestamp,
-                        None,
-                        f"{type(exc).__name__}: {exc}",
-                    ),
-                    started,
-                )
         context = metadata.context
         if context.get(BIND_TOPIC, self.bind_topic) and envelope.topic != metadata.subject:
             # Before anything is verified or remembered: a copy moved to another subject must
@@ -141,8 +201,7 @@ class IATPMiddleware(Middleware):
             context[RESULT] = unsigned = invalid(Reason.UNSIGNED, envelope.sender, envelope.timestamp)
             if started:
                 _traced(started, unsigned, "accepted_unsigned")
-            await call_next(envelope, metadata)
-            return
+            return None
         subscription: Any = context.get("subscription")
         named = context.get(REPLAY_SCOPE)
         scope: Any = named if isinstance(named, str) else id(subscription)
@@ -168,14 +227,7 @@ class IATPMiddleware(Middleware):
                 ),
                 started,
             )
-        store = self.nonce_store
-        if store is not None:
-            await self._claim_shared(store, envelope, metadata, result, subscription, started)
-        self.verified += 1
-        context[RESULT] = result
-        if started:
-            _traced(started, result, "verified")
-        await call_next(envelope, metadata)
+        return result
 
     def _reject(self, result: VerificationResult, started: int = 0) -> NoReturn:
         self.rejected[result.reason or "invalid"] += 1
@@ -183,32 +235,36 @@ class IATPMiddleware(Middleware):
             _traced(started, result, "rejected")
         raise SignatureRejected(result)
 
-    async def _claim_shared(
-        self,
-        store: SharedNonceStore,
-        envelope: Envelope,
-        metadata: Metadata,
-        result: VerificationResult,
-        subscription: Any,
-        started: int,
-    ) -> None:
-        """Claim the nonce of a message accepted so far in the shared store (see the module
-        docstring); rejects a nonce claimed elsewhere, and fails closed."""
+    def _claim_args(
+        self, envelope: Envelope, metadata: Metadata, result: VerificationResult
+    ) -> tuple[str, bytes, int] | None:
+        """The shared claim of a message accepted so far, as ``(scope, nonce, ttl_ms)`` for the
+        store (see the module docstring); None where it makes none: a session MAC (the session
+        is in one process) or a plain subscription (its local cache sees every message)."""
         sig = envelope.sig
-        if sig is None or sig.scheme != _ED25519:  # session MACs: the session is in one process
-            return
-        scope = metadata.context.get(REPLAY_SCOPE)
+        if sig is None or sig.scheme != _ED25519:
+            return None
+        context = metadata.context
+        scope = context.get(REPLAY_SCOPE)
         if not isinstance(scope, str):
+            subscription = context.get("subscription")
             options = getattr(subscription, "options", None)
             queue = getattr(options, "queue", None)
             if not isinstance(queue, str):
-                return  # a plain subscription: its local cache sees every message
+                return None
             scope = f"{queue}@{getattr(subscription, 'pattern', '')}"
         verifier = self.iatp.verifier
         ts = result.timestamp_ns or 0
-        ttl_ms = (ts + verifier.nonces.max_age_ns - verifier.clock()) // _NS_PER_MS + 1
+        return scope, sig.nonce, (ts + verifier.nonces.max_age_ns - verifier.clock()) // _NS_PER_MS + 1
+
+    async def _settle_claim(
+        self, claim: Awaitable[bool], metadata: Metadata, result: VerificationResult, started: int
+    ) -> None:
+        """Wait for the answer to a message's claim; reject a nonce claimed elsewhere (a broker
+        redelivery aside), and fail closed on anything the store did."""
+        ts = result.timestamp_ns or 0
         try:
-            first = await store.claim(scope, sig.nonce, ttl_ms)
+            first = await claim
         except Exception as exc:  # fail closed on anything the store does
             self._reject(
                 invalid(

@@ -23,7 +23,7 @@ class ClaimBatcher:
     whose caller is cancelled is still sent if its batch was, and its answer dropped.
     """
 
-    __slots__ = ("_queue", "_runner", "batches", "max_batch", "send", "timeout")
+    __slots__ = ("_queue", "_runner", "batches", "failures", "max_batch", "send", "timeout")
 
     def __init__(self, send: SendBatch, *, timeout: float, max_batch: int = 1024) -> None:
         if max_batch < 1:
@@ -32,6 +32,7 @@ class ClaimBatcher:
         self.timeout = timeout
         self.max_batch = max_batch
         self.batches = 0  # round trips made (for tests and benchmarks)
+        self.failures = 0  # claims failed: their round trip raised, or the batcher was closed
         self._queue: deque[tuple[bytes, int, asyncio.Future[bool]]] = deque()
         self._runner: asyncio.Task[None] | None = None
 
@@ -43,12 +44,17 @@ class ClaimBatcher:
     async def claim(self, key: bytes, ttl_ms: int) -> bool:
         """Claim ``key`` for ``ttl_ms``: True if first, False if claimed before. Raises what the
         round trip raised (TimeoutError after ``timeout`` seconds)."""
+        return await self.start(key, ttl_ms)
+
+    def start(self, key: bytes, ttl_ms: int) -> asyncio.Future[bool]:
+        """:meth:`claim` without waiting: the claim is queued now and the future gets its
+        answer (or what its round trip raised). Needs a running event loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._queue.append((key, ttl_ms, future))
         if self._runner is None:
             self._runner = loop.create_task(self._run())
-        return await future
+        return future
 
     async def _run(self) -> None:
         queue = self._queue
@@ -79,11 +85,12 @@ class ClaimBatcher:
             if not future.done():
                 future.set_result(bool(answer))
 
-    @staticmethod
-    def _fail(batch: list[tuple[bytes, int, asyncio.Future[bool]]], exc: BaseException) -> None:
+    def _fail(self, batch: list[tuple[bytes, int, asyncio.Future[bool]]], exc: BaseException) -> None:
         for _, _, future in batch:
             if not future.done():
+                self.failures += 1
                 future.set_exception(exc)
+                future.exception()  # retrieved: a claim whose message was dropped logs nothing
 
     async def aclose(self) -> None:
         """Stop sending: claims not answered yet fail."""

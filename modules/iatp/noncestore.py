@@ -6,6 +6,7 @@ next one (one script call); it fails closed (``docs/trust.md``, "Shared replay p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
@@ -17,13 +18,17 @@ if TYPE_CHECKING:
 
 CLAIM_SCRIPT: Final = """
 local answers = {}
-for i, key in ipairs(KEYS) do
-  answers[i] = redis.call('SET', key, '1', 'NX', 'PX', ARGV[i]) and 1 or 0
+local i = 0
+for ttl in string.gmatch(ARGV[1], '%d+') do
+  i = i + 1
+  answers[i] = redis.call('SET', KEYS[i], '1', 'NX', 'PX', ttl) and '1' or '0'
 end
-return answers
+return table.concat(answers)
 """
-"""One round trip's claims: ``SET key 1 NX PX ttl`` for each key, in order; 1 for each key that
-was set (the first claim), 0 for each that existed (a replay)."""
+"""One round trip's claims: ``SET key 1 NX PX ttl`` for each key, in order (``ARGV[1]``: the
+TTLs in ms, comma-separated, one per key). Answers one character per key: ``1`` where the key
+was set (the first claim), ``0`` where it existed (a replay). One string, not an array: the
+client parses one reply per round trip, not one per claim."""
 
 
 @runtime_checkable
@@ -77,7 +82,6 @@ class RedisNonceStore:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
-        self.failures = 0
         self._client: Any = client
         self._own_client = client is None
         self._script: Any = None
@@ -103,6 +107,12 @@ class RedisNonceStore:
         return f"RedisNonceStore(prefix={self.prefix!r}, failures={self.failures})"
 
     @property
+    def failures(self) -> int:
+        """Claims that failed so far (their round trip raised or timed out, or the store closed
+        before answering): each rejected its message as ``nonce_store_unavailable``."""
+        return self._batcher.failures
+
+    @property
     def round_trips(self) -> int:
         """Round trips to Redis so far (each carries one or more claims)."""
         return self._batcher.batches
@@ -116,29 +126,32 @@ class RedisNonceStore:
         script = self._script
         if script is None:  # redis-py's Script: EVALSHA, loading the script when Redis lacks it
             script = self._script = self._redis().register_script(CLAIM_SCRIPT)
-        answers = await script(keys=keys, args=ttls_ms)
-        if not isinstance(answers, list) or len(answers) != len(keys):
-            answered = str(answers)[:100]
+        answers = await script(keys=keys, args=[",".join(map(str, ttls_ms))])
+        if isinstance(answers, str):  # a client given with decode_responses=True
+            answers = answers.encode()
+        if not isinstance(answers, bytes) or len(answers) != len(keys) or answers.strip(b"01"):
+            answered = repr(answers)[:100]
             raise NonceStoreUnavailable(f"the nonce store answered {answered} to {len(keys)} claims")
-        for answer in answers:
-            if answer != 1 and answer != 0:
-                raise NonceStoreUnavailable(f"the nonce store answered {answer!r} to SET NX")
-        return [answer == 1 for answer in answers]
+        return [answer == 49 for answer in answers]  # b"1"
 
     async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:
         """See :meth:`SharedNonceStore.claim`. The key is ``prefix + scope + ":" + nonce.hex()``
         (the nonce's fixed length at the end keeps keys of different scopes apart). Waits for
         the round trip out, if any, then its own (each up to ``timeout``)."""
-        key = f"{self.prefix}{scope}:{nonce.hex()}".encode()
         try:
-            return await self._batcher.claim(key, max(1, ttl_ms))
+            return await self.start_claim(scope, nonce, ttl_ms)
+        except NonceStoreUnavailable:
+            raise
         except Exception as exc:  # fail closed on anything the round trip did
-            self.failures += 1
-            if isinstance(exc, NonceStoreUnavailable):
-                raise
             raise NonceStoreUnavailable(
                 f"the nonce store did not answer: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def start_claim(self, scope: str, nonce: bytes, ttl_ms: int) -> asyncio.Future[bool]:
+        """:meth:`claim` without waiting (the middleware's look-ahead): the claim goes in the
+        next round trip and the future gets its answer, or the exception its round trip raised
+        (any exception: the caller fails closed on it)."""
+        return self._batcher.start(f"{self.prefix}{scope}:{nonce.hex()}".encode(), max(1, ttl_ms))
 
     async def close(self) -> None:
         """Fail the claims not answered yet and close the store's own connection."""

@@ -316,7 +316,7 @@ async def test_an_ordered_consumer_claims_ahead_in_shared_round_trips_and_keeps_
     prefix: str, closing: Closing
 ) -> None:
     """``concurrency=1`` with the store: while Redis is slow to answer, the messages behind the
-    first run ahead and their claims go together (at most the look-ahead, 64, at once); handlers
+    first are verified and their claims wait to go together (at most the look-ahead, 64); handlers
     still run one at a time in arrival order, and a message another instance claimed first is
     refused and dead-lettered in its turn."""
     sender, (instance,) = await sender_and_instances(1)
@@ -337,6 +337,8 @@ async def test_an_ordered_consumer_claims_ahead_in_shared_round_trips_and_keeps_
     codec = MsgpackSerializer()
     envelopes = [await sender.sign("coordinator", {"n": n}, topic=subject) for n in range(300)]
     seen_elsewhere = {1, 40, 41, 150, 299}  # claimed by another instance of the group first
+    tampered = envelopes[100]
+    tampered.payload = {"n": 100, "extra": "changed after signing"}  # refused before any claim
     async with TcpGate(host, int(port)) as gate:
         store = closing(RedisNonceStore(f"redis://{gate.address}/0", prefix=prefix, timeout=10.0))
         middleware = IATPMiddleware(instance, nonce_store=store)
@@ -358,18 +360,34 @@ async def test_an_ordered_consumer_claims_ahead_in_shared_round_trips_and_keeps_
         gate.hold()
         for env in envelopes:
             await raw.broker.publish(subject, codec.encode(env))
-        await wait_until(lambda: len(sub._tasks) == 64, what="64 messages ahead")
-        await wait_until(lambda: sent() >= 64, what="their claims sent")  # in one or two round trips
-        assert store.round_trips <= 3
+        # The first message waits for its claim's answer in its turn; 64 behind it are
+        # verified and their claims sent or waiting for the next round trip, none further.
+        await wait_until(lambda: sent() + store.waiting == 65, what="65 claims made")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sent() + store.waiting == 65
+        assert store.round_trips == 2  # the warm-up, then the one out
         gate.restore()
-        await handled.wait_for(295)
-        await dead.wait_for(5)
-        expected = [n for n in range(300) if n not in seen_elsewhere]
+        await handled.wait_for(294)
+        await dead.wait_for(6)
+        expected = [n for n in range(300) if n not in seen_elsewhere and n != 100]
         assert [m["n"] for m in handled.messages] == expected
         assert running[1] == 1
-        assert [codec.decode(m).payload["n"] for m in dead.messages] == sorted(seen_elsewhere)
-        assert {m.headers["dlq-reason"] for m in dead.metadata} == {"replayed_nonce"}
-        assert middleware.rejected == {"replayed_nonce": 5}
-        assert store.round_trips < 100  # 301 without looking ahead: one per message
+        refused = [
+            (codec.decode(m).payload["n"], meta.headers["dlq-reason"])
+            for m, meta in zip(dead.messages, dead.metadata, strict=True)
+        ]
+        assert refused == sorted([(n, "replayed_nonce") for n in seen_elsewhere] + [(100, "bad_signature")])
+        assert middleware.rejected == {"replayed_nonce": 5, "bad_signature": 1}  # each counted once
+        assert middleware.verified == 294
+        assert store.round_trips < 100  # 300 without looking ahead: one per message
+        tampered_sig = tampered.sig
+        assert tampered_sig is not None
+        checker = redis_asyncio.Redis.from_url(REDIS_URL)
+        try:  # the tampered message's nonce was never claimed; the others' were
+            assert not await checker.exists(f"{prefix}workers@{subject}:{tampered_sig.nonce.hex()}")
+            assert len([k async for k in checker.scan_iter(match=f"{prefix}workers@*")]) == 299
+        finally:
+            await checker.aclose()
         await client.close()  # before the gate goes (the fixture closes it on failure)
         await store.close()
