@@ -640,6 +640,7 @@ class AMB(Lifecycle):
         if ahead > sub.options.concurrency:
             sub.lookahead = ahead
             sub._prepares = tuple(prepares)
+            sub._refill_every = max(1, ahead // 2)
             # ahead - 1 queued and one prepared while it waits for room: ``ahead`` in all.
             sub._ahead = Dispatcher(
                 functools.partial(self._take_turn, sub),
@@ -779,6 +780,12 @@ class AMB(Lifecycle):
         """The look-ahead queue's handler: a prepared delivery's turn. With ``concurrency=1`` it
         is processed here, in arrival order; otherwise it waits for a handler slot."""
         delivery, payload, meta = item
+        sub._turns += 1
+        if sub._turns % sub._refill_every == 0:
+            # Let arrivals refill the queue (and send their work ahead) before going on:
+            # otherwise this task takes every queued turn without yielding and then meets
+            # messages prepared a moment ago, their work still under way.
+            await asyncio.sleep(0)
         if sub._slots is None:
             await self._process(sub, delivery, payload, meta)
             return

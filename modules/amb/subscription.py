@@ -70,6 +70,8 @@ class Subscription:
         self.lookahead = 0
         self._ahead: Dispatcher[tuple[Any, Any, Metadata]] | None = None
         self._prepares: tuple[Callable[[Envelope, Metadata], None], ...] = ()
+        self._turns = 0  # turns taken from _ahead
+        self._refill_every = 1  # turns between two chances for arrivals to refill _ahead
         self._active = False
         # Seeds every delivery's metadata.context: the subscription itself, then its context option.
         self.context: dict[str, Any] = {**(options.context or {}), "subscription": self}

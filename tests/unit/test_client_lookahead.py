@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, MessageRejected, Metadata, Middleware, MsgpackSerializer
+from agent_os.amb import AMB, MessageRejected, Metadata, Middleware, MsgpackSerializer, new_id
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.amb.subscription import Subscription
@@ -202,3 +203,28 @@ async def test_close_gives_up_what_waits_for_its_turn_without_hanging(closing: C
     assert sub._ahead is not None
     assert sub._ahead.stopping
     assert len(sub._ahead) == 0
+
+
+async def test_a_backlog_is_refilled_while_its_turns_are_taken(closing: Closing) -> None:
+    """With a backlog, arrivals get to prepare more messages while earlier ones are handled: the
+    queue does not run dry before refilling, so a message's prepared work started well before
+    its turn (here, at least a few messages before)."""
+    held, handler = Held(depth=8), Handler()
+    client = closing(AMB(connection_string=memory_url(), middleware=[held]))
+    ahead_at_turn: list[int] = []
+
+    async def handle(message: Any, metadata: Metadata) -> None:
+        ahead_at_turn.append(len(held.prepared) - 1 - message)
+        await handler(message, metadata)
+
+    await client.subscribe("lb.x", handle)
+    codec = MsgpackSerializer()
+    data = [
+        codec.encode(Envelope(new_id(), "lb.x", "t", n, None, timestamp=time.time_ns())) for n in range(200)
+    ]
+    for item in data:  # a burst: the broker queues them faster than they are handled
+        await client.broker.publish("lb.x", item)
+    await wait_until(lambda: len(handler.handled) == 200, what="every message")
+    assert handler.handled == list(range(200))
+    assert min(ahead_at_turn[:150]) >= 2, ahead_at_turn
+    await client.close()
