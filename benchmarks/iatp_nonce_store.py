@@ -56,19 +56,23 @@ def presign(iatp: IATP, subject: str, n: int) -> list[bytes]:
     ]
 
 
-PROFILE = """Before and after (not rewritten by the script; measured once with it, commit ed63afa
-against this change, `--quick`, load average about 1.5): with redis-py's `SET` per message the
-ordered consumer paid 2.89x (2.77-3.25) the local store, with 8 handlers 1.88x, and two processes
-reached 0.87x one process (2,755 vs 3,165 msg/s). pyinstrument, ordered consumer, before:
-`IATPMiddleware._claim_shared` 73 % of the delivery path's wall time, `Redis.execute_command`
-60 %, ed25519 verify 19 %; redis-py alone cost about 85 us of CPU per `SET` (hiredis changes it
-little), a plain asyncio stream 12 us, a 50-command pipeline 3-6 us per command. After: the claim
-is one redis-py pipeline of every claim waiting; with
-concurrent handlers the claims coalesce (the 8-handler row), the ordered consumer still waits one round
-trip per message (about 80 us of wall time here, mostly scheduling the Redis server on a busy
-core). The two-process target is not met on this machine: two consumer processes, the NATS
-and Redis servers, the publisher and other workers share 2 cores, so a second consumer process
-has no core of its own to scale onto."""
+PROFILE = """Before and after (not rewritten by the script). Before: commit db82f3e, the same
+script and parameters, run in the same hour: the ordered consumer paid 4.06x (3.74-4.71) the
+local store, 8 handlers 1.77x (1.68-2.01); two processes reached 1.79x (1.39-2.03) one process,
+but one process then did 7,277 msg/s (two: 12,101). Then each claim was one `SET NX PX` in a
+redis-py pipeline per round trip, and an ordered consumer sent one claim per round trip.
+Profiles (cProfile, 5,000 messages, shared store against local, ordered): redis-py's pipeline
+cost about 21 us of client CPU per claim (57 claims a call), one script call with every key 6.5
+us answering an array, 5.2 us answering one string (30 claims a call). A first form of
+look-ahead ran each message's middleware in a task of its own: 105 us/msg against 70 (1.48x),
+the extra being event-loop work (three more callbacks per message). The kept form prepares
+each message on arrival (verify, send the claim) and queues it in front of the unchanged chain:
+no task per message; its queue yields every 32 turns so that arrivals refill it. Left per
+message, in cProfile's inflated time (the shared store's extra over the local one, about 44 us
+besides waiting in epoll): preparing and claiming about 10 us, redis-py's packing, sending and
+reading per round trip about 5 us, the queue hop about 5 us; the rest is spread thin. The two-process target is not met on this machine: two consumer processes,
+the NATS and Redis servers and the publisher share 2 cores, so a second consumer process has no
+core of its own to scale onto (and a faster single process leaves it less)."""
 
 
 class Consumer:
