@@ -145,7 +145,26 @@ async def per_message(iatp: IATP, rounds: int, n: int, concurrency: int) -> list
         await nc.close()
         await local.close()
         await shared.close()
+        await forget(prefix)
     return out[1:]
+
+
+async def forget(prefix: str) -> None:
+    """Delete the run's nonce keys (they would live out their hour: the envelopes' max_age)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=prefix + "*", count=5_000):
+            batch.append(key)
+            if len(batch) >= 5_000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
 
 
 # -- the scale-out measure: consumer processes ---------------------------------------------
@@ -231,6 +250,7 @@ async def scale_out(iatp: IATP, rounds: int, n: int) -> list[tuple[float, float]
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
+            await forget(prefix)
     return out[1:]
 
 

@@ -631,15 +631,16 @@ class AMB(Lifecycle):
         if trace is not None:  # outermost on delivery: its span holds verification and policy
             layers.insert(0, trace.for_subscription(sub.pattern, sub.options.queue))
         sub._chain = build_consume_chain(layers, invoke) if layers else None
-        ahead, prepares = 0, []
+        ahead, asked = 0, []
         for layer in layers:
             wanted = layer.lookahead(sub) if isinstance(layer, Middleware) else 0
             if wanted > 0:
                 ahead = max(ahead, wanted)
-                prepares.append(layer.prepare)
+                asked.append(layer)
         if ahead > sub.options.concurrency:
             sub.lookahead = ahead
-            sub._prepares = tuple(prepares)
+            sub._prepares = tuple(layer.prepare for layer in asked)
+            sub._abandons = tuple(layer.abandon for layer in asked)
             sub._refill_every = max(1, ahead // 2)
             # ahead - 1 queued and one prepared while it waits for room: ``ahead`` in all.
             sub._ahead = Dispatcher(
@@ -730,7 +731,9 @@ class AMB(Lifecycle):
         meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
         if sub._ahead is not None:
             self._prepare(sub, meta)
-            await sub._ahead.put((delivery, payload, meta))  # False once stopping: dropped
+            item = (delivery, payload, meta, expires_at)
+            if not await sub._ahead.put(item):  # stopping: dropped
+                sub._abandon([item])
             return
         if sub._slots is not None:
             await sub._slots.acquire()
@@ -776,10 +779,15 @@ class AMB(Lifecycle):
             except Exception:
                 log.exception("a middleware's prepare raised on %r; left to its turn", sub.pattern)
 
-    async def _take_turn(self, sub: Subscription, item: tuple[Delivery, Any, Metadata]) -> None:
+    async def _take_turn(self, sub: Subscription, item: tuple[Delivery, Any, Metadata, int | None]) -> None:
         """The look-ahead queue's handler: a prepared delivery's turn. With ``concurrency=1`` it
-        is processed here, in arrival order; otherwise it waits for a handler slot."""
-        delivery, payload, meta = item
+        is processed here, in arrival order; otherwise it waits for a handler slot. A message
+        whose ``ttl`` ran out while it waited is not handled (counted as expired)."""
+        delivery, payload, meta, expires_at = item
+        if expires_at is not None and _time_ns() >= expires_at:
+            self.stats.expired += 1
+            await delivery.ack()
+            return
         sub._turns += 1
         if sub._turns % sub._refill_every == 0:
             # Let arrivals refill the queue (and send their work ahead) before going on:

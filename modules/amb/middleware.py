@@ -41,6 +41,12 @@ class Middleware:
         raises is logged and ignored."""
         return None
 
+    def abandon(self, envelope: Envelope, metadata: Metadata) -> None:
+        """A message :meth:`prepare` saw is dropped before its turn (unsubscribe, a drain past
+        its timeout, from inside a handler): undo what ``prepare`` started that would outlive
+        it. Must not block; what it raises is logged and ignored."""
+        return None
+
 
 def build_publish_chain(middleware: Sequence[Middleware], wire: PublishNext) -> PublishNext:
     """Compose the outbound chain: the last middleware runs first, the first one last."""

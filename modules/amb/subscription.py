@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from agent_os.amb.middleware import ConsumeNext
 
 if TYPE_CHECKING:
     from agent_os.amb.client import AMB
+
+log = logging.getLogger("agent_os.amb.subscription")
 
 Handler = Callable[[Any, Metadata], Awaitable[Any]]
 """A subscription handler: ``async def handler(message, metadata)``."""
@@ -68,8 +71,9 @@ class Subscription:
         # Look-ahead (set on start when a middleware asks for it): prepared deliveries wait
         # for their turn in _ahead; lookahead is its bound (0: none).
         self.lookahead = 0
-        self._ahead: Dispatcher[tuple[Any, Any, Metadata]] | None = None
+        self._ahead: Dispatcher[tuple[Any, Any, Metadata, int | None]] | None = None
         self._prepares: tuple[Callable[[Envelope, Metadata], None], ...] = ()
+        self._abandons: tuple[Callable[[Envelope, Metadata], None], ...] = ()
         self._turns = 0  # turns taken from _ahead
         self._refill_every = 1  # turns between two chances for arrivals to refill _ahead
         self._active = False
@@ -84,9 +88,9 @@ class Subscription:
         """Stop delivery now; messages still queued for this subscription are dropped."""
         if self._broker_sub is not None and self._active:
             self._active = False
+            if self._ahead is not None:  # first: the broker's task may be waiting for room in it
+                self._abandon(await self._ahead.stop(None, drop=True))
             await self._broker_sub.unsubscribe()
-            if self._ahead is not None:
-                await self._ahead.stop(None, drop=True)
             await self._wait_tasks(None)
         self.client._forget(self)
 
@@ -95,11 +99,28 @@ class Subscription:
         if self._broker_sub is not None and self._active:
             self._active = False
             deadline = None if timeout is None else time.monotonic() + timeout
+            if self._ahead is not None and self._ahead.in_handler():
+                # Called by the handler, whose turn holds up the queue (and the broker's task
+                # waiting for room in it): what waits is dropped, as a broker does from inside.
+                self._abandon(await self._ahead.stop(None, drop=True))
             await self._broker_sub.drain(timeout)
             if self._ahead is not None:
-                await self._ahead.stop(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                left = await self._ahead.stop(
+                    None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
+                self._abandon(left)
             await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self.client._forget(self)
+
+    def _abandon(self, items: list[tuple[Any, Any, Metadata, int | None]]) -> None:
+        """Tell the middleware that prepared them that ``items`` are dropped before their turn."""
+        for _, _, meta, _ in items:
+            envelope = meta.envelope
+            for abandon in self._abandons:
+                try:
+                    abandon(envelope, meta)
+                except Exception:
+                    log.exception("a middleware's abandon raised on %r", self.pattern)
 
     async def _wait_tasks(self, timeout: float | None) -> None:
         if not self._tasks:

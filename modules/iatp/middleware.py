@@ -38,10 +38,11 @@ refuse a nonce any of them saw (default: the subscription itself locally, and
 BIND_TOPIC: Final = "iatp.bind_topic"
 """Subscription context key: refuse (``wrong_subject``) a message whose signed topic is not the
 subject it was delivered on (bool; default: the middleware's ``bind_topic``)."""
-_AHEAD: Final = "iatp.ahead"
-"""``metadata.context`` key of what :meth:`IATPMiddleware.prepare` did for a message ahead of its
-turn, ``(envelope, started, result or rejection, claim)``, taken out by ``on_consume``; taken
-only for that very envelope object, so a context seeded from configuration cannot stand in."""
+_AHEAD: Final = "iatp.ahead:"
+"""Prefix of the ``metadata.context`` key (one per middleware: two on a chain keep apart) of
+what :meth:`IATPMiddleware.prepare` did for a message ahead of its turn, ``(envelope, started,
+result or rejection, claim)``, taken out by ``on_consume``; taken only for that very envelope
+object, so a context seeded from configuration cannot stand in."""
 _ED25519: Final = "ed25519"
 _NS_PER_MS: Final = 1_000_000
 VERIFY_SPAN: Final = "iatp.verify"
@@ -67,6 +68,7 @@ class IATPMiddleware(Middleware):
             raise IATPConfigError(f"lookahead must be a whole number of messages, not {lookahead!r}")
         self.iatp = iatp
         self.max_ahead = lookahead
+        self._ahead_key = f"{_AHEAD}{id(self):x}"
         self.bind_topic = bind_topic
         self.nonce_store = nonce_store if nonce_store is not None else iatp.nonce_store
         self.accept_unsigned = accept_unsigned
@@ -97,9 +99,9 @@ class IATPMiddleware(Middleware):
             return
         started = _tracing.now() if _tracing.active else 0
         try:
-            result = self._verdict(envelope, metadata, started)
-        except SignatureRejected as exc:
-            metadata.context[_AHEAD] = (envelope, started, exc, None)
+            result = self._verdict(envelope, metadata)
+        except SignatureRejected as exc:  # counted and traced in its turn
+            metadata.context[self._ahead_key] = (envelope, started, exc, None)
             return
         claim: Awaitable[bool] | None = None
         store = self.nonce_store
@@ -107,8 +109,37 @@ class IATPMiddleware(Middleware):
             args = self._claim_args(envelope, metadata, result)
             if args is not None:
                 start = getattr(store, "start_claim", None)
-                claim = start(*args) if start is not None else asyncio.ensure_future(store.claim(*args))
-        metadata.context[_AHEAD] = (envelope, started, result, claim)
+                if start is not None:
+                    claim = start(*args)
+                else:  # a store with claim() alone: started as a task
+                    claim = task = asyncio.ensure_future(store.claim(*args))
+                    task.add_done_callback(_retrieved)  # a dropped message's failure logs nothing
+        metadata.context[self._ahead_key] = (envelope, started, result, claim)
+
+    def abandon(self, envelope: Envelope, metadata: Metadata) -> None:
+        """A prepared message dropped before its turn: a claim it won is released (the store's
+        ``release``, when it has one), so that a broker delivering it again without saying so
+        (Kafka, after a rebalance) does not find its nonce taken."""
+        ahead = metadata.context.pop(self._ahead_key, None)
+        if type(ahead) is not tuple or ahead[0] is not envelope:
+            return
+        _, _, result, claim = ahead
+        release = getattr(self.nonce_store, "release", None)
+        if not isinstance(claim, asyncio.Future) or release is None:
+            return
+        args = self._claim_args(envelope, metadata, result)
+        if args is None:
+            return
+        scope, nonce, _ = args
+
+        def won(answer: asyncio.Future[bool]) -> None:
+            if not answer.cancelled() and answer.exception() is None and answer.result():
+                release(scope, nonce)
+
+        if claim.done():
+            won(claim)
+        else:
+            claim.add_done_callback(won)
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         iatp = self.iatp
@@ -133,7 +164,7 @@ class IATPMiddleware(Middleware):
         await call_next(envelope)
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
-        ahead = metadata.context.pop(_AHEAD, None)
+        ahead = metadata.context.pop(self._ahead_key, None)
         claim: Awaitable[bool] | None = None
         if type(ahead) is not tuple or ahead[0] is not envelope:
             # Not prepared, or an outer layer passed on another envelope: checked here, in full
@@ -155,7 +186,10 @@ class IATPMiddleware(Middleware):
                         ),
                         started,
                     )
-            result = self._verdict(envelope, metadata, started)
+            try:
+                result = self._verdict(envelope, metadata)
+            except SignatureRejected as exc:
+                self._reject(exc.result, started)
             store = self.nonce_store
             if result is not None and store is not None:
                 args = self._claim_args(envelope, metadata, result)
@@ -164,9 +198,15 @@ class IATPMiddleware(Middleware):
         else:
             _, started, verdict, claim = ahead
             if isinstance(verdict, SignatureRejected):
-                raise verdict  # refused ahead (counted then): refused in its turn
+                self._reject(verdict.result, started)  # refused ahead: counted in its turn
             result = verdict
-        if result is None:  # an unsigned message accepted (counted and traced by _verdict)
+        if result is None:  # an unsigned message let through, with an invalid result
+            self.accepted_unsigned += 1
+            metadata.context[RESULT] = unsigned = invalid(
+                Reason.UNSIGNED, envelope.sender, envelope.timestamp
+            )
+            if started:
+                _traced(started, unsigned, "accepted_unsigned")
             await call_next(envelope, metadata)
             return
         if claim is not None:
@@ -177,16 +217,17 @@ class IATPMiddleware(Middleware):
             _traced(started, result, "verified")
         await call_next(envelope, metadata)
 
-    def _verdict(self, envelope: Envelope, metadata: Metadata, started: int) -> VerificationResult | None:
+    def _verdict(self, envelope: Envelope, metadata: Metadata) -> VerificationResult | None:
         """Everything but the shared claim, with the key store open: the verification result
-        of a message accepted so far, or None for an unsigned message let through (its
-        invalid result is in the context). Raises SignatureRejected (counted)."""
+        of a message accepted so far, or None for an unsigned message to let through. Raises
+        SignatureRejected, neither counted nor traced (the caller does both, in the message's
+        turn)."""
         iatp = self.iatp
         context = metadata.context
         if context.get(BIND_TOPIC, self.bind_topic) and envelope.topic != metadata.subject:
             # Before anything is verified or remembered: a copy moved to another subject must
             # neither act nor use up the nonce of the original.
-            self._reject(
+            raise SignatureRejected(
                 invalid(
                     Reason.WRONG_SUBJECT,
                     envelope.sender,
@@ -194,13 +235,8 @@ class IATPMiddleware(Middleware):
                     None,
                     f"signed for {envelope.topic[:200]!r}, delivered on {metadata.subject[:200]!r}",
                 ),
-                started,
             )
         if envelope.sig is None and context.get(ACCEPT_UNSIGNED, self.accept_unsigned):
-            self.accepted_unsigned += 1
-            context[RESULT] = unsigned = invalid(Reason.UNSIGNED, envelope.sender, envelope.timestamp)
-            if started:
-                _traced(started, unsigned, "accepted_unsigned")
             return None
         subscription: Any = context.get("subscription")
         named = context.get(REPLAY_SCOPE)
@@ -208,16 +244,16 @@ class IATPMiddleware(Middleware):
         verifier = iatp.verifier
         stale = iatp.stale_keys(envelope)
         if stale is not None:
-            self._reject(stale, started)
+            raise SignatureRejected(stale)
         viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
         result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1)
         if not result.valid:
-            self._reject(result, started)
+            raise SignatureRejected(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
         if minimum and result.trust_level < minimum:
-            self._reject(
+            raise SignatureRejected(
                 invalid(
                     Reason.UNTRUSTED,
                     result.sender,
@@ -225,7 +261,6 @@ class IATPMiddleware(Middleware):
                     result.key_id,
                     f"trust {result.trust_level:.3f} below the minimum",
                 ),
-                started,
             )
         return result
 
@@ -280,6 +315,12 @@ class IATPMiddleware(Middleware):
             self._reject(
                 invalid(Reason.REPLAYED, result.sender, ts, result.key_id, "shared nonce store"), started
             )
+
+
+def _retrieved(task: asyncio.Future[bool]) -> None:
+    """Mark a claim task's outcome retrieved (its message may be dropped before its turn)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _traced(started: int, result: VerificationResult, outcome: str) -> None:

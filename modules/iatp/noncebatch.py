@@ -23,7 +23,7 @@ class ClaimBatcher:
     whose caller is cancelled is still sent if its batch was, and its answer dropped.
     """
 
-    __slots__ = ("_queue", "_runner", "batches", "failures", "max_batch", "send", "timeout")
+    __slots__ = ("_closed", "_queue", "_runner", "batches", "failures", "max_batch", "send", "timeout")
 
     def __init__(self, send: SendBatch, *, timeout: float, max_batch: int = 1024) -> None:
         if max_batch < 1:
@@ -35,6 +35,12 @@ class ClaimBatcher:
         self.failures = 0  # claims failed: their round trip raised, or the batcher was closed
         self._queue: deque[tuple[bytes, int, asyncio.Future[bool]]] = deque()
         self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called: every claim fails from then on."""
+        return self._closed
 
     @property
     def waiting(self) -> int:
@@ -51,6 +57,9 @@ class ClaimBatcher:
         answer (or what its round trip raised). Needs a running event loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
+        if self._closed:  # fail closed: nothing is sent (or reconnected) once closed
+            self._fail([(key, ttl_ms, future)], RuntimeError("the nonce store was closed"))
+            return future
         self._queue.append((key, ttl_ms, future))
         if self._runner is None:
             self._runner = loop.create_task(self._run())
@@ -93,7 +102,8 @@ class ClaimBatcher:
                 future.exception()  # retrieved: a claim whose message was dropped logs nothing
 
     async def aclose(self) -> None:
-        """Stop sending: claims not answered yet fail."""
+        """Stop sending: claims not answered yet fail, and so does every later one."""
+        self._closed = True
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()

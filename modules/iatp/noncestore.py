@@ -7,6 +7,7 @@ next one (one script call); it fails closed (``docs/trust.md``, "Shared replay p
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
@@ -15,6 +16,8 @@ from agent_os.iatp.noncebatch import ClaimBatcher
 
 if TYPE_CHECKING:
     import redis.asyncio
+
+log = logging.getLogger("agent_os.iatp.noncestore")
 
 CLAIM_SCRIPT: Final = """
 local answers = {}
@@ -85,6 +88,7 @@ class RedisNonceStore:
         self._client: Any = client
         self._own_client = client is None
         self._script: Any = None
+        self._releases: set[asyncio.Task[None]] = set()
         self._batcher = ClaimBatcher(self._send, timeout=timeout, max_batch=max_batch)
 
     def _redis(self) -> Any:
@@ -151,11 +155,34 @@ class RedisNonceStore:
         """:meth:`claim` without waiting (the middleware's look-ahead): the claim goes in the
         next round trip and the future gets its answer, or the exception its round trip raised
         (any exception: the caller fails closed on it)."""
-        return self._batcher.start(f"{self.prefix}{scope}:{nonce.hex()}".encode(), max(1, ttl_ms))
+        return self._batcher.start(self._key(scope, nonce), max(1, ttl_ms))
+
+    def _key(self, scope: str, nonce: bytes) -> bytes:
+        return f"{self.prefix}{scope}:{nonce.hex()}".encode()
+
+    def release(self, scope: str, nonce: bytes) -> None:
+        """Give back a claim this store won for a message that was then dropped unhandled:
+        ``DEL`` of its key, sent in the background (best effort, within ``timeout``; a failure
+        leaves the key to expire with its window). Nothing once the store is closed."""
+        if self._batcher.closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(self._key(scope, nonce)))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, key: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._redis().delete(key)
+        except Exception as exc:  # the key expires with its window anyway
+            log.warning("nonce store: releasing a dropped message's claim failed: %r", exc)
 
     async def close(self) -> None:
-        """Fail the claims not answered yet and close the store's own connection."""
+        """Fail the claims not answered yet, finish the releases under way (each within
+        ``timeout``) and close the store's own connection."""
         await self._batcher.aclose()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
         if self._own_client and self._client is not None:
             self._script = None
             client, self._client = self._client, None

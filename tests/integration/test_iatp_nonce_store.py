@@ -9,18 +9,22 @@ nonces in Redis, and accepted without it.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
+import time
 import uuid
 from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer
+from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, new_id
 from agent_os.iatp import (
     IATP,
     REPLAY_SCOPE,
     IATPConfigError,
     IATPMiddleware,
+    NonceStoreUnavailable,
     RedisNonceStore,
     SharedNonceStore,
     SignatureRejected,
@@ -391,3 +395,132 @@ async def test_an_ordered_consumer_claims_ahead_in_shared_round_trips_and_keeps_
             await checker.aclose()
         await client.close()  # before the gate goes (the fixture closes it on failure)
         await store.close()
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_two_verifying_middlewares_on_one_chain_each_keep_their_own_verdict(
+    prefix: str, closing: Closing
+) -> None:
+    """An outer middleware that refuses unsigned messages and an inner one that accepts them,
+    both looking ahead: each takes only what it prepared itself, so the outer refuses."""
+    store = closing(RedisNonceStore(REDIS_URL, prefix=prefix))
+    outer = IATPMiddleware(IATP(), nonce_store=store)
+    inner = IATPMiddleware(IATP(), nonce_store=store, accept_unsigned=True)
+    await outer.iatp.open()
+    await inner.iatp.open()
+    url = f"memory://iatp-two-{uuid.uuid4().hex}"
+    client = closing(AMB("memory", url, middleware=[outer, inner]))
+    raw = closing(AMB("memory", url))
+    handled, dead = Collector(), Collector()
+    await client.subscribe("u.x", handled, queue="g")
+    await raw.subscribe("_DLQ.u.x", dead)
+    await raw.connect()
+    unsigned = Envelope(new_id(), "u.x", "mallory", "unsigned!", None, timestamp=time.time_ns())
+    await raw.broker.publish("u.x", MsgpackSerializer().encode(unsigned))
+    await dead.wait_for(1)
+    assert dead.metadata[0].headers["dlq-reason"] == "unsigned"
+    assert handled.messages == []
+    assert (dict(outer.rejected), inner.accepted_unsigned) == ({"unsigned": 1}, 0)  # counted in turn
+
+
+async def test_a_closed_store_refuses_every_later_claim_without_reconnecting() -> None:
+    store = RedisNonceStore(REDIS_URL, prefix=f"closed{uuid.uuid4().hex[:8]}:")
+    assert await store.claim("s", os.urandom(16), 60_000)
+    await store.close()
+    with pytest.raises(NonceStoreUnavailable, match="closed"):
+        await store.claim("s", os.urandom(16), 60_000)
+    assert store._client is None  # nothing was opened again
+    assert store.failures == 1
+
+
+class ClaimOnly:
+    """A store with ``claim`` alone (no ``start_claim``) that is down."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:
+        self.calls += 1
+        raise NonceStoreUnavailable("down")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_claims_of_messages_dropped_before_their_turn_log_nothing(
+    closing: Closing, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender, (instance,) = await sender_and_instances(1)
+    store = ClaimOnly()
+    url = f"memory://iatp-drop-{uuid.uuid4().hex}"
+    client = closing(AMB("memory", url, middleware=[IATPMiddleware(instance, nonce_store=store)]))
+    raw = closing(AMB("memory", url))
+    release = asyncio.Event()
+
+    async def handler(message: Any, metadata: Metadata) -> None:
+        await release.wait()
+
+    sub = await client.subscribe("d.x", handler, queue="g")
+    await raw.connect()
+    codec = MsgpackSerializer()
+    for n in range(5):
+        await raw.broker.publish("d.x", codec.encode(await sender.sign("coordinator", n, topic="d.x")))
+    await wait_until(lambda: store.calls == 5, what="every claim started")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        unsubscribing = asyncio.ensure_future(sub.unsubscribe())  # drops the four waiting
+        release.set()
+        await unsubscribing
+        gc.collect()
+        await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.usefixtures("redis_keys")
+@pytest.mark.redis
+async def test_claims_of_messages_dropped_before_their_turn_are_given_back(
+    prefix: str, closing: Closing
+) -> None:
+    """A member that claimed messages ahead and then stops without handling them gives their
+    claims back, so the group's next member takes them even when the broker hands them over as
+    first deliveries (Kafka after a rebalance); the message stuck in its turn keeps its claim."""
+    sender, (first, second) = await sender_and_instances(2)
+    store = closing(RedisNonceStore(REDIS_URL, prefix=prefix))
+    url = f"memory://iatp-release-{uuid.uuid4().hex}"
+    a = closing(AMB("memory", url, middleware=[IATPMiddleware(first, nonce_store=store)]))
+    b = closing(AMB("memory", url, middleware=[IATPMiddleware(second, nonce_store=store)]))
+    raw = closing(AMB("memory", url))
+    handled_by_b, dead = Collector(), Collector()
+
+    async def stuck(message: Any, metadata: Metadata) -> None:
+        await asyncio.Event().wait()
+
+    sub = await a.subscribe("k.x", stuck, queue="g")
+    await raw.subscribe("_DLQ.k.x", dead)
+    await raw.connect()
+    codec = MsgpackSerializer()
+    data = [codec.encode(await sender.sign("coordinator", n, topic="k.x")) for n in range(6)]
+    for item in data:
+        await raw.broker.publish("k.x", item)
+    async with redis_asyncio.Redis.from_url(REDIS_URL) as checker:
+        keys = []
+        for item in data:
+            sig = codec.decode(item).sig
+            assert sig is not None
+            keys.append(f"{prefix}g@k.x:{sig.nonce.hex()}")
+
+        async def claimed(count: int) -> bool:
+            return int(await checker.exists(*keys)) == count
+
+        await wait_until(lambda: claimed(6), what="six claims")
+        await sub.drain(0.2)  # message 0 is stuck in its turn (cancelled); 1..5 never had theirs
+        await wait_until(lambda: claimed(1), what="five claims given back")
+        assert await checker.exists(keys[0])
+        await b.subscribe("k.x", handled_by_b, queue="g")
+        for item in data:  # handed to the next member as first deliveries
+            await raw.broker.publish("k.x", item)
+        await handled_by_b.wait_for(5)
+        await dead.wait_for(1)
+        assert handled_by_b.messages == [1, 2, 3, 4, 5]
+        assert codec.decode(dead.messages[0]).payload == 0  # its claim stands: refused as a replay
+        assert dead.metadata[0].headers["dlq-reason"] == "replayed_nonce"

@@ -228,3 +228,43 @@ async def test_a_backlog_is_refilled_while_its_turns_are_taken(closing: Closing)
     assert handler.handled == list(range(200))
     assert min(ahead_at_turn[:150]) >= 2, ahead_at_turn
     await client.close()
+
+
+@pytest.mark.parametrize("stop", ["unsubscribe", "drain"])
+async def test_a_handler_may_stop_its_own_subscription(closing: Closing, stop: str) -> None:
+    """From inside a handler (whose turn holds up the full queue and the broker's task waiting
+    for room in it): unsubscribe and drain return at once, what waits is dropped."""
+    held, handler = Held(depth=4), Handler()
+    client = closing(AMB(connection_string=memory_url(), middleware=[held]))
+    stopped = asyncio.Event()
+
+    async def handle(message: Any, metadata: Metadata) -> None:
+        await handler(message, metadata)
+        if message == 0:
+            await getattr(sub, stop)()
+            stopped.set()
+
+    sub = await client.subscribe("ls.x", handle)
+    for n in range(10):
+        await client.publish("ls.x", n)
+    started = time.monotonic()
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert time.monotonic() - started < 2
+    await wait_until(lambda: not sub.active and not sub._tasks, what="stopped")
+    assert handler.handled == [0]
+
+
+async def test_a_message_whose_ttl_runs_out_while_it_waits_is_not_handled(closing: Closing) -> None:
+    held, handler = Held(depth=4), Handler()
+    client = closing(AMB(connection_string=memory_url(), middleware=[held]))
+    handler.hold[0] = asyncio.Event()
+    await client.subscribe("lt.x", handler)
+    await client.publish("lt.x", 0)
+    await client.publish("lt.x", 1, ttl=0.1)  # alive on arrival, prepared, then waits
+    await client.publish("lt.x", 2)
+    await wait_until(lambda: held.prepared == [0, 1, 2], what="all prepared")
+    await asyncio.sleep(0.15)  # message 1's ttl runs out while message 0 is handled
+    handler.hold[0].set()
+    await wait_until(lambda: handler.handled == [0, 2], what="the others handled")
+    assert client.stats.expired == 1
+    await client.close()

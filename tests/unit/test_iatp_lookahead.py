@@ -18,7 +18,6 @@ from agent_os.iatp import (
     RedisNonceStore,
     SignatureRejected,
 )
-from agent_os.iatp.middleware import _AHEAD
 
 
 async def _handler(message: object, metadata: object) -> None:
@@ -62,7 +61,8 @@ async def test_a_prepared_verdict_counts_only_for_the_envelope_it_was_made_for()
     # does not vouch for another envelope object: the forged one is verified in full.
     meta = Metadata(forged, forged.topic, 1, {})
     middleware.prepare(genuine, meta)
-    meta.context[_AHEAD] = (genuine, *meta.context[_AHEAD][1:])
+    key = middleware._ahead_key
+    meta.context[key] = (genuine, *meta.context[key][1:])
     with pytest.raises(SignatureRejected) as caught:
         await middleware.on_consume(forged, meta, call_next)
     assert caught.value.reason == "bad_signature"
@@ -76,4 +76,4 @@ async def test_a_prepared_verdict_counts_only_for_the_envelope_it_was_made_for()
     await middleware.on_consume(another, meta, call_next)
     assert handled == [another]
     assert middleware.verified == verified + 1
-    assert _AHEAD not in meta.context
+    assert key not in meta.context
