@@ -730,7 +730,7 @@ class AMB(Lifecycle):
                 return
         meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
         if sub._ahead is not None:
-            self._prepare(sub, meta)
+            sub._call_hooks(sub._prepares, meta, "prepare")
             item = (delivery, payload, meta, expires_at)
             if not await sub._ahead.put(item):  # stopping: dropped
                 sub._abandon([item])
@@ -768,16 +768,6 @@ class AMB(Lifecycle):
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
             await delivery.ack()
-
-    def _prepare(self, sub: Subscription, meta: Metadata) -> None:
-        """Run the ``prepare`` hooks of a look-ahead subscription on a delivery as it arrives;
-        one that raises is logged and skipped (its middleware does the work in turn)."""
-        envelope = meta.envelope
-        for prepare in sub._prepares:
-            try:
-                prepare(envelope, meta)
-            except Exception:
-                log.exception("a middleware's prepare raised on %r; left to its turn", sub.pattern)
 
     async def _take_turn(self, sub: Subscription, item: tuple[Delivery, Any, Metadata, int | None]) -> None:
         """The look-ahead queue's handler: a prepared delivery's turn. With ``concurrency=1`` it

@@ -115,12 +115,19 @@ class Subscription:
     def _abandon(self, items: list[tuple[Any, Any, Metadata, int | None]]) -> None:
         """Tell the middleware that prepared them that ``items`` are dropped before their turn."""
         for _, _, meta, _ in items:
-            envelope = meta.envelope
-            for abandon in self._abandons:
-                try:
-                    abandon(envelope, meta)
-                except Exception:
-                    log.exception("a middleware's abandon raised on %r", self.pattern)
+            self._call_hooks(self._abandons, meta, "abandon")
+
+    def _call_hooks(
+        self, hooks: tuple[Callable[[Envelope, Metadata], None], ...], meta: Metadata, what: str
+    ) -> None:
+        """Call look-ahead hooks (``prepare`` or ``abandon``) on a delivery; one that raises is
+        logged and skipped (its middleware does the work in the message's turn, if it has one)."""
+        envelope = meta.envelope
+        for hook in hooks:
+            try:
+                hook(envelope, meta)
+            except Exception:
+                log.exception("a middleware's %s raised on %r", what, self.pattern)
 
     async def _wait_tasks(self, timeout: float | None) -> None:
         if not self._tasks:

@@ -168,7 +168,7 @@ async def test_a_prepare_that_raises_is_logged_and_its_message_handled(
     held, handler = Held(depth=4, fail_prepare=1), Handler()
     client = closing(AMB(connection_string=memory_url(), middleware=[held]))
     await client.subscribe("lp.x", handler)
-    with caplog.at_level(logging.ERROR, logger="agent_os.amb.client"):
+    with caplog.at_level(logging.ERROR, logger="agent_os.amb.subscription"):
         for n in range(3):
             await client.publish("lp.x", n)
         await wait_until(lambda: len(handler.handled) == 3, what="every message")
