@@ -99,17 +99,18 @@ class Subscription:
         if self._broker_sub is not None and self._active:
             self._active = False
             deadline = None if timeout is None else time.monotonic() + timeout
+
+            def remaining() -> float | None:
+                return None if deadline is None else max(0.0, deadline - time.monotonic())
+
             if self._ahead is not None and self._ahead.in_handler():
                 # Called by the handler, whose turn holds up the queue (and the broker's task
                 # waiting for room in it): what waits is dropped, as a broker does from inside.
                 self._abandon(await self._ahead.stop(None, drop=True))
             await self._broker_sub.drain(timeout)
             if self._ahead is not None:
-                left = await self._ahead.stop(
-                    None if deadline is None else max(0.0, deadline - time.monotonic())
-                )
-                self._abandon(left)
-            await self._wait_tasks(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                self._abandon(await self._ahead.stop(remaining()))
+            await self._wait_tasks(remaining())
         self.client._forget(self)
 
     def _abandon(self, items: list[tuple[Any, Any, Metadata, int | None]]) -> None:
