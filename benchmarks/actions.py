@@ -157,9 +157,9 @@ async def run_kernel(
 def sqlite_floor(path: Path, records: list[Any], repeat: int = 5) -> list[float]:
     """CPU µs per action (two records) of SQLite's own work: ``records`` (rows as the recorder
     stores them) inserted into a new file with the recorder's schema and pragmas, in batches of
-    500, each one transaction of one multi-row INSERT, with nothing else around it. One figure
+    512, each one transaction of one multi-row INSERT, with nothing else around it. One figure
     per repetition, each into a file of its own."""
-    batch = 500
+    batch = 512
     sql = f"INSERT INTO flight_records VALUES {', '.join([SQLITE_ROW] * batch)}"
     chunks = [[v for row in records[at : at + batch] for v in row] for at in range(0, len(records), batch)]
     chunks = [c for c in chunks if len(c) == batch * 10]
@@ -227,7 +227,7 @@ async def main(quick: bool, do_profile: bool) -> None:
     body = f"""
 `kernel.submit` inside a running agent against `provider.run` called directly, in the same
 round: {rounds} rounds of {n:,} sequential calls each (one event loop; the SQLite recorder
-with its defaults: batches of 500, no compression, its writer thread in the same process).
+with its defaults: batches of 512, no compression, its writer thread in the same process).
 Each `submit` is the whole path: identity, signals, the registry, the provider's `resource`,
 permissions, the policy (4 rules, default deny; decisions cached), the rate-limit check, one
 `policy_decision` and one `action_outcome` record. Medians over rounds of each round's own
@@ -246,7 +246,7 @@ policy, and building and hash-chaining the two records; profile: `python -m benc
 multi-row `INSERT` per write, while up to eight more batches fill (docs/control-plane.md, the
 writer off the event loop's way). It costs {sql["cpu"] - mem["cpu"]:.1f} CPU µs an action more than the
 `memory` row; SQLite alone, the same two rows an action inserted by bare `sqlite3` into the
-recorder's schema in batches of 500 with nothing around them, costs **{floor:.1f} CPU µs an action**
+recorder's schema in batches of 512 with nothing around them, costs **{floor:.1f} CPU µs an action**
 (the SQLite floor, measured in this run on the pinned core, median of 5; it grows with the
 file). With the whole process on one core, the target needs the event loop's share and SQLite's
 together under {TARGET_US:.0f} µs: the floor alone leaves {TARGET_US - floor:.1f} µs for identity, signals,

@@ -236,7 +236,7 @@ async def main(quick: bool) -> None:
                 "full": ("full", {"compression": False, "synchronous": "FULL"}),
             }
             for name, (stem, options) in cases.items():
-                rate = await append_rate(Path(tmp) / f"{stem}{r}.db", n_rec, 1000, **options)
+                rate = await append_rate(Path(tmp) / f"{stem}{r}.db", n_rec, 1024, **options)
                 recorder.setdefault(name, []).append(rate)
             unbatched = await append_rate(
                 Path(tmp) / f"one{r}.db", max(500, n_rec // 50), 1, compression=False
@@ -278,7 +278,7 @@ rules, ≤ 10 µs at 1,000, whichever rule matches or none.
 
 | measure | records/s |
 |---|---|
-| append, batched (1,000 per transaction), `compression=False` (the default), synchronous=NORMAL | {rec["plain"]:,.0f} |
+| append, batched (1,024 per transaction), `compression=False` (the default), synchronous=NORMAL | {rec["plain"]:,.0f} |
 | append, batched, `compression=True` | {rec["compressed"]:,.0f} |
 | append, batched, compressed + `encryption_key` (XChaCha20-Poly1305) | {rec["encrypted"]:,.0f} |
 | append, batched, `compression=False`, synchronous=FULL (fsync per batch) | {rec["full"]:,.0f} |

@@ -112,7 +112,7 @@ class FlightRecorder:
         compression: bool = False,
         encryption_key: bytes | None = None,
         *,
-        batch_size: int = 500,
+        batch_size: int = 512,
         flush_interval: float = 0.2,
         retention_interval: float = 3600.0,
         table: str = "flight_records",
@@ -420,7 +420,7 @@ class FlightRecorder:
 
     async def _timed_flush(self) -> None:
         try:
-            await self.flush()
+            await self._flush(whole=False)
         except RecorderError:
             # Kept in the batch; retried by the next flush. Arm the timer again.
             if self._timer is None and not self._closed:
@@ -429,6 +429,13 @@ class FlightRecorder:
     async def flush(self) -> int:
         """Write the batched records in one transaction; return how many. Raises RecorderError
         (the records stay batched for the next attempt)."""
+        return await self._flush(True)
+
+    async def _flush(self, whole: bool) -> int:
+        """``whole=False`` (a flush of the recorder's own, by a full batch or the timer): when
+        more than the storage's ``write_unit`` records wait (SQLite:
+        :data:`~agent_os.control_plane.recorder.sqlite.WRITE_UNIT`), write a multiple of it and
+        leave the newest rest batched for the next write (the timer is armed again for them)."""
         async with self._flush_lock:
             if (
                 self._signer is not None
@@ -439,6 +446,11 @@ class FlightRecorder:
             ):
                 self._sign_head()
             batch, self._batch = self._batch, []
+            unit = getattr(self.storage, "write_unit", 1)
+            if not whole and len(batch) > unit > 1:
+                keep = len(batch) % unit
+                if keep:
+                    batch, self._batch = batch[:-keep], batch[-keep:]
             self._writing = batch
             try:
                 if batch:

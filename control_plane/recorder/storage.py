@@ -55,7 +55,10 @@ class Where:
 
 
 class Storage(Protocol):
-    """An append-only table of records, ordered by ``seq``."""
+    """An append-only table of records, ordered by ``seq``.
+
+    A storage may also have an int attribute ``write_unit``: the recorder's own flushes then
+    hand it a multiple of that many rows when there are more (``FlightRecorder._flush``)."""
 
     async def open(self) -> None: ...
 

@@ -21,6 +21,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
+from agent_os.control_plane.recorder.sqlite import _plan
 from agent_os.control_plane.recorder.storage import Where
 from tests.support import wait_until
 from tests.support.closing import Closing
@@ -258,9 +259,9 @@ async def test_records_logged_during_a_write_are_written_without_more_logging() 
 
 @pytest.mark.parametrize("per_statement", [1, 7, 10_000])
 async def test_sqlite_writes_alike_in_one_statement_or_several(tmp_path: Path, per_statement: int) -> None:
-    # A write of up to the parameter limit's rows is one INSERT in its transaction; a longer
-    # one is several. Both store the same rows, and both refuse a batch that does not continue
-    # the stored chain, writing nothing.
+    # A write is INSERTs of powers of two rows, none longer than the largest allowed; one
+    # statement or several, they store the same rows, and they refuse a batch that does not
+    # continue the stored chain, writing nothing.
     async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
         rec.storage._max_rows = per_statement  # type: ignore[attr-defined]
         for i in range(25):
@@ -274,6 +275,88 @@ async def test_sqlite_writes_alike_in_one_statement_or_several(tmp_path: Path, p
         with pytest.raises(RecorderInUse):
             await rec.storage.append(stale)
         assert len(await rec.storage.select(Where())) == 25
+
+
+def test_sqlite_write_plan_is_powers_of_two_largest_first() -> None:
+    for rows in [*range(1, 300), 511, 512, 513, 4095, 4096, 5000, 9000]:
+        plan = _plan(rows, 2048)
+        assert sum(plan) == rows
+        assert all(n & (n - 1) == 0 and n <= 2048 for n in plan)
+        assert plan == sorted(plan, reverse=True)
+        assert len(plan) == rows // 2048 + bin(rows % 2048).count("1")
+
+
+async def test_sqlite_writes_of_any_size_share_a_dozen_statement_sizes(tmp_path: Path) -> None:
+    # A statement per size of write would be prepared again for most writes and each kept by
+    # the connection (about 1.4 KB a row): the sizes stay powers of two, whatever the writes.
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
+        storage: Any = rec.storage
+        sizes: list[int] = []
+        values_sql = storage._values_sql
+
+        def recording(n: int) -> str:
+            sizes.append(n)
+            return values_sql(n)  # type: ignore[no-any-return]
+
+        storage._values_sql = recording
+        written = 0
+        for n in [1, 3, 37, 100, 255, 300, 511, 700, 1000, 1500, 2047, 2500, 3100]:
+            for i in range(n):
+                rec.append("e", "a", {"i": written + i}, "info", None, True)
+            assert await rec.flush() == n
+            written += n
+        assert set(sizes) <= {1 << k for k in range(12)}
+        assert len(set(sizes)) <= 12
+        assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == list(range(written))
+        assert (await rec.verify()).checked == written
+
+
+async def test_sqlite_write_of_several_statements_stores_nothing_when_one_fails(tmp_path: Path) -> None:
+    # Seq 5 stored by something else (the lock bypassed): the write of seqs 1-5 (statements of 4
+    # and 1 rows) is refused whole, and the recorder appends nothing more.
+    db = tmp_path / "a.db"
+    async with FlightRecorder("sqlite", str(db)) as rec:
+        for i in range(5):
+            rec.append("e", "a", {"i": i}, "info", None, True)
+        with sqlite3.connect(db) as other:
+            row = "(5, 'x', 0, 'e', 'b', NULL, 'info', '{}', 'p', 'h')"
+            other.execute(f"INSERT INTO flight_records VALUES {row}")
+        other.close()
+        with pytest.raises(RecorderInUse, match="another writer"):
+            await rec.flush()
+        with pytest.raises(RecorderInUse):
+            rec.append("e", "a", {}, "info", None, True)
+        with sqlite3.connect(db) as con:
+            assert con.execute("SELECT seq, agent_id FROM flight_records").fetchall() == [(5, "b")]
+        con.close()
+        with pytest.raises(RecorderInUse):
+            await rec.close()
+
+
+async def test_the_recorders_own_flushes_write_multiples_of_the_write_unit(tmp_path: Path) -> None:
+    # A full batch or the timer writes a multiple of 512 records when more wait and leaves the
+    # newest rest to the next write, which the timer starts; flush() writes them all.
+    path = str(tmp_path / "a.db")
+    async with FlightRecorder("sqlite", path, batch_size=10_000, flush_interval=0.05) as rec:
+        storage: Any = rec.storage
+        writes: list[int] = []
+        append = storage.append
+
+        async def recording(rows: Any) -> None:
+            writes.append(len(rows))
+            await append(rows)
+
+        storage.append = recording
+        for i in range(1300):
+            rec.append("e", "a", {"i": i}, "info", None, True)
+        await wait_until(lambda: rec.flushed == 1300, what="the timer's writes")
+        assert writes == [1024, 276]
+        for i in range(700):
+            rec.append("e", "a", {"i": 1300 + i}, "info", None, True)
+        assert await rec.flush() == 700
+        assert writes == [1024, 276, 700]
+        assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == list(range(2000))
+        assert (await rec.verify()).checked == 2000
 
 
 class _FailingCommit:
