@@ -29,7 +29,12 @@ from agent_os.bus_adapters.nats._config import (
 from agent_os.bus_adapters.nats._errors import translate, translated
 from agent_os.bus_adapters.nats._jetstream import ensure_consumer, stream_for
 from agent_os.bus_adapters.nats._publish import AckWindow
-from agent_os.bus_adapters.nats._subscriptions import CoreSubscription, DurableSubscription, NatsSubscription
+from agent_os.bus_adapters.nats._subscriptions import (
+    CoreSubscription,
+    DurableSubscription,
+    NatsSubscription,
+    round_trip,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client, Server
@@ -305,18 +310,12 @@ class NatsBroker(Lifecycle):
         assert self._acks is not None
         await self._acks.flush(timeout)
         with translated("flush"):
-            await self.connection.flush(timeout=max(1, int(timeout or self.config.publish_timeout)))
+            await round_trip(self.connection, timeout or self.config.publish_timeout)
 
     async def _confirm(self, nc: Client) -> None:
-        # nats-py's flush() writes its PING straight to the socket, ahead of commands still in
-        # the write buffer: have the buffer written first, so the PONG proves the server has
-        # processed the message (and queued it to every subscriber) before publish() returns.
-        write_pending = getattr(nc, "_flush_pending", None)
-        if write_pending is not None:
-            await write_pending(force_flush=True)
-        else:
-            await asyncio.sleep(0)
-        await nc.flush(timeout=max(1, int(self.config.publish_timeout)))
+        # The server has processed the message (and queued it to every subscriber) before
+        # publish() returns.
+        await round_trip(nc, self.config.publish_timeout)
 
     def _route(self, subject: str) -> bool:
         """Validate ``subject`` (ConfigError) and cache whether a known stream captures it."""

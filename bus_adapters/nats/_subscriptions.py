@@ -147,6 +147,19 @@ class NatsSubscription:
         await self._discard(left)
 
 
+async def round_trip(nc: Client, timeout: float) -> None:
+    """A PING/PONG after every command written so far: when it returns, the server has
+    processed them (SUBs have their interest, PUBs are queued to subscribers). nats-py's own
+    ``flush()`` writes its PING straight to the socket, ahead of commands still in the client's
+    write buffer, so its PONG alone does not prove that: have the buffer written first."""
+    write_pending = getattr(nc, "_flush_pending", None)
+    if write_pending is not None:
+        await write_pending(force_flush=True)
+    else:
+        await asyncio.sleep(0)
+    await nc.flush(timeout=max(1, int(timeout)))
+
+
 class CoreSubscription(NatsSubscription):
     """A core NATS subscription (native wildcards and queue groups); nack redelivers locally."""
 
@@ -161,7 +174,7 @@ class CoreSubscription(NatsSubscription):
         # The dispatcher takes nats-py's messages itself (as LocalDelivery, attempt 1).
         cb = self.dispatcher.deliver_message
         self._nats_sub = await nc.subscribe(self.pattern, queue=self.queue or "", cb=cb)
-        await nc.flush()  # the server has the interest before subscribe() returns
+        await round_trip(nc, self.broker.config.publish_timeout)  # the server has the interest
 
 
 class DurableSubscription(NatsSubscription):
@@ -203,7 +216,7 @@ class DurableSubscription(NatsSubscription):
         self._inbox = nc.new_inbox()
         self._nats_sub = await nc.subscribe(self._inbox, cb=self._on_msg)
         await self.pull(reset=True)
-        await nc.flush()
+        await round_trip(nc, self.broker.config.publish_timeout)
         self._watchdog = asyncio.get_running_loop().create_task(
             self._watch(), name=f"nats-pull:{self.durable}"
         )

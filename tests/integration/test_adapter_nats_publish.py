@@ -18,6 +18,7 @@ from agent_os.bus_adapters.nats import NatsBroker
 from agent_os.bus_adapters.nats._broker import connected_status
 from tests.support import wait_until
 from tests.support.servers import NATS_URL
+from tests.support.tcp_gate import TcpGate
 
 pytestmark = pytest.mark.nats
 
@@ -154,3 +155,25 @@ async def test_a_connection_closed_under_the_broker_raises_broker_unavailable(br
     await asyncio.wait_for(broker.connection.close(), 5)
     with pytest.raises(BrokerUnavailable):
         await broker.publish(f"t{uuid.uuid4().hex[:12]}.closed", b"late")
+
+
+async def test_subscribe_and_flush_return_once_the_server_has_processed_what_came_before() -> None:
+    # nats-py's flush() writes its PING ahead of commands still in its write buffer. When
+    # subscribe() or flush() returns, the SUB (or the PUB) must have gone to the server before
+    # the PING whose PONG ended the wait: else a message published at once from another
+    # connection can reach the server before the interest, and be lost.
+    host, port = NATS_URL.removeprefix("nats://").split(":")
+    async with TcpGate(host, int(port)) as gate:
+        broker = NatsBroker(f"nats://{gate.address}")
+        await broker.connect()
+        try:
+            subject = f"t{uuid.uuid4().hex[:12]}.order"
+            await broker.subscribe(subject, Received())
+            sent = bytes(gate.received)
+            assert -1 < sent.find(f"SUB {subject} ".encode()) < sent.rfind(b"PING\r\n")
+            await broker.publish(subject, b"x")
+            await broker.flush()
+            sent = bytes(gate.received)
+            assert -1 < sent.find(f"PUB {subject} ".encode()) < sent.rfind(b"PING\r\n")
+        finally:
+            await broker.close(timeout=2)
