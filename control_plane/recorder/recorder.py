@@ -261,8 +261,9 @@ class FlightRecorder:
     ) -> Record:
         """Append one record and return it (hash included). A full batch is written in the
         background while the next one fills. ``plain``: as for :meth:`append`. Raises
-        RecorderError for an unknown severity or a closed recorder, and when ten batches are
-        waiting because the storage keeps failing."""
+        RecorderError for an unknown severity, an event type or agent id that is not a str (an
+        execution id that is neither a str nor None), or a closed recorder, and when ten batches
+        are waiting because the storage keeps failing."""
         if not self._opened:
             await self.open()
         record = self.append(event_type, agent_id, data, severity, execution_id, plain)
@@ -329,6 +330,16 @@ class FlightRecorder:
             raise RecorderError("the flight recorder is closed" if self._closed else "call open() first")
         if severity not in _SEVERITIES:
             raise RecorderError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+        if (
+            type(event_type) is not str
+            or type(agent_id) is not str
+            or not (execution_id is None or type(execution_id) is str)
+        ):
+            # Refused here: a record the storage cannot take would fail every later write.
+            raise RecorderError(
+                "event_type and agent_id must be str, execution_id str or None; got "
+                f"{type(event_type).__name__}, {type(agent_id).__name__}, {type(execution_id).__name__}"
+            )
         if event_type == HEAD_EVENT:
             raise RecorderError(f"event type {HEAD_EVENT!r} is the recorder's own (signed heads)")
         if not data:

@@ -222,7 +222,8 @@ class SqliteStorage:
                 if db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.IntegrityError):  # a seq taken: another writer appended
+                if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    # A seq taken: another writer appended.
                     check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
                     raise RecorderInUse(f"{where}: another writer stored these seqs ({exc})") from exc
                 raise

@@ -359,6 +359,35 @@ async def test_the_recorders_own_flushes_write_multiples_of_the_write_unit(tmp_p
         assert (await rec.verify()).checked == 2000
 
 
+@pytest.mark.parametrize(
+    ("event_type", "agent_id", "execution_id"),
+    [("e", None, None), (7, "a", None), ("e", "a", 3), ("e", b"a", None)],
+)
+async def test_a_record_the_storage_cannot_take_is_refused_at_once(
+    recorder: FlightRecorder, event_type: Any, agent_id: Any, execution_id: Any
+) -> None:
+    # Taken into the batch, it would fail every later write of the batch (SQLite: NOT NULL,
+    # or a type the file cannot hold) and every record after it with it.
+    with pytest.raises(RecorderError, match="must be str"):
+        await recorder.log(event_type, agent_id, {"i": 0}, execution_id=execution_id)
+    await recorder.log("e", "a", {"i": 1})
+    await recorder.flush()
+    assert [r.data["i"] for r in await recorder.query()] == [1]
+    assert (await recorder.verify()).ok
+
+
+async def test_sqlite_refuses_a_row_it_cannot_store_without_fencing_the_recorder(tmp_path: Path) -> None:
+    # Only a taken seq means another writer: any other constraint is a plain RecorderError.
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as rec:
+        bad = (1, "x", 0, "e", None, None, "info", "{}", "0" * 64, "h")
+        with pytest.raises(RecorderError, match="NOT NULL") as caught:
+            await rec.storage.append([bad])
+        assert not isinstance(caught.value, RecorderInUse)
+        await rec.log("e", "a", {"i": 1})
+        await rec.flush()
+        assert (await rec.verify()).checked == 1
+
+
 class _FailingCommit:
     """A connection whose next COMMIT fails as SQLITE_BUSY or an I/O error can, leaving the
     transaction open."""
