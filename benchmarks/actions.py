@@ -242,8 +242,8 @@ Target: ≤ {TARGET_US:.0f} µs added per action on one core with the SQLite rec
 core with the writer thread free to use the second one). On the event loop goes what the `memory` recorder row shows
 ({mem["cpu"]:.1f} CPU µs: identity, the registry, the provider's `resource`, permissions, the
 policy, and building and hash-chaining the two records; profile: `python -m benchmarks.actions
---profile`). SQLite's work runs on the recorder's writer thread: one transaction of one
-multi-row `INSERT` per write, while up to eight more batches fill (docs/control-plane.md, the
+--profile`). SQLite's work runs on the recorder's writer thread: one transaction of
+multi-row `INSERT`s of powers of two rows per write, while up to eight more batches fill (docs/control-plane.md, the
 writer off the event loop's way). It costs {sql["cpu"] - mem["cpu"]:.1f} CPU µs an action more than the
 `memory` row; SQLite alone, the same two rows an action inserted by bare `sqlite3` into the
 recorder's schema in batches of 512 with nothing around them, costs **{floor:.1f} CPU µs an action**
