@@ -736,9 +736,9 @@ class AMB(Lifecycle):
                 sub._abandon([item])
             return
         if sub._slots is not None:
-            await sub._slots.acquire()
-            self._spawn(sub, delivery, payload, meta)
-            return
+            if await sub._slots.take():
+                self._spawn(sub, delivery, payload, meta)
+            return  # else unsubscribed while it waited for a slot: dropped, like what was queued
         chain = sub._chain
         started = 0.0
         if self._handler_times is not None:  # _start_timing, inlined
@@ -787,7 +787,9 @@ class AMB(Lifecycle):
         if sub._slots is None:
             await self._process(sub, delivery, payload, meta)
             return
-        await sub._slots.acquire()
+        if not await sub._slots.take():  # unsubscribed while it waited for a slot: dropped
+            sub._abandon([item])
+            return
         self._spawn(sub, delivery, payload, meta)
 
     def _spawn(self, sub: Subscription, delivery: Delivery, payload: Any, meta: Metadata) -> None:

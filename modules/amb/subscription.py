@@ -16,6 +16,7 @@ from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext
+from agent_os.amb.slots import Slots
 
 if TYPE_CHECKING:
     from agent_os.amb.client import AMB
@@ -66,7 +67,7 @@ class Subscription:
         self._broker_sub: BrokerSubscription | None = None
         self._chain: ConsumeNext | None = None  # the middleware chain; None: call the handler
         self._filter = options.filter
-        self._slots = asyncio.Semaphore(options.concurrency) if options.concurrency > 1 else None
+        self._slots = Slots(options.concurrency) if options.concurrency > 1 else None
         self._tasks: set[asyncio.Task[None]] = set()
         # Look-ahead (set on start when a middleware asks for it): prepared deliveries wait
         # for their turn in _ahead; lookahead is its bound (0: none).
@@ -85,9 +86,12 @@ class Subscription:
         return self._active
 
     async def unsubscribe(self) -> None:
-        """Stop delivery now; messages still queued for this subscription are dropped."""
+        """Stop delivery now; messages still queued for this subscription are dropped. Returns
+        once the handlers in progress have finished (called by one of them: the others)."""
         if self._broker_sub is not None and self._active:
             self._active = False
+            if self._slots is not None:  # first: a delivery may wait for a slot the caller holds
+                self._slots.close()
             if self._ahead is not None:  # first: the broker's task may be waiting for room in it
                 self._abandon(await self._ahead.stop(None, drop=True))
             await self._broker_sub.unsubscribe()
@@ -95,7 +99,8 @@ class Subscription:
         self.client._forget(self)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Stop receiving, let queued and in-flight messages finish (up to ``timeout``)."""
+        """Stop receiving, let queued and in-flight messages finish (up to ``timeout``; called by
+        a handler, it does not wait for that handler)."""
         if self._broker_sub is not None and self._active:
             self._active = False
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -131,9 +136,13 @@ class Subscription:
                 log.exception("a middleware's %s raised on %r", what, self.pattern)
 
     async def _wait_tasks(self, timeout: float | None) -> None:
-        if not self._tasks:
+        """Wait for the handler tasks (``concurrency>1``), cancelling those still running after
+        ``timeout``; a handler stopping its own subscription is not waited for."""
+        caller = asyncio.current_task()
+        tasks = {task for task in self._tasks if task is not caller}
+        if not tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:

@@ -530,6 +530,42 @@ async def test_close_still_cancels_a_handler_stuck_past_the_timeout(closing: Clo
     assert client.stats.handler_errors == 0, "a real cancellation is not a handler error"
 
 
+@pytest.mark.parametrize("stop", ["unsubscribe", "drain"])
+async def test_a_concurrent_handler_may_stop_its_own_subscription(closing: Closing, stop: str) -> None:
+    """With ``concurrency=3``, message 0's handler stops its subscription while handlers 1 and
+    2 run and message 3 waits for a slot (4 and 5 queued behind it). The stop does not wait for
+    its caller: unsubscribe drops 3 to 5 and returns once 1 and 2 have finished; drain returns
+    once every other message is handled."""
+    client = closing(AMB(connection_string=memory_url()))
+    release, stopping = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+    at_return: list[int] = []
+
+    async def handle(message: int, metadata: Metadata) -> None:
+        if message == 0:
+            stopping.set()
+            await getattr(sub, stop)()
+            at_return.extend(sorted(handled))
+        elif message in (1, 2):
+            await release.wait()
+        handled.append(message)
+
+    sub = await client.subscribe("cs.x", handle, concurrency=3)
+    for n in (1, 2, 0, 3, 4, 5):
+        await client.publish("cs.x", n)
+    await asyncio.wait_for(stopping.wait(), 5)
+    release.set()
+    await wait_until(lambda: 0 in handled, what="the stop to return")
+    assert not sub.active
+    if stop == "unsubscribe":
+        assert at_return == [1, 2], "the other handlers finished first"
+        assert sorted(handled) == [0, 1, 2], "nothing handed over after the unsubscribe"
+    else:
+        assert at_return == [1, 2, 3, 4, 5], "the others and the queued ones finished first"
+        assert sorted(handled) == [0, 1, 2, 3, 4, 5]
+    await client.close()
+
+
 async def test_a_reply_with_another_correlation_id_does_not_resolve_the_request(closing: Closing) -> None:
     url = memory_url()
     requester = closing(AMB(connection_string=url, agent_id="asker"))

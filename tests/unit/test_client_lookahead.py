@@ -67,6 +67,17 @@ class Held(Middleware):
             self.running -= 1
 
 
+class Abandons(Held):
+    """:class:`Held` that records what it is told is abandoned."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(depth)
+        self.abandoned: list[int] = []
+
+    def abandon(self, envelope: Envelope, metadata: Metadata) -> None:
+        self.abandoned.append(envelope.payload)
+
+
 class Handler:
     """Records handled payloads (and what was prepared for them); holds payload ``n`` while
     ``hold[n]`` is not set."""
@@ -252,6 +263,45 @@ async def test_a_handler_may_stop_its_own_subscription(closing: Closing, stop: s
     assert time.monotonic() - started < 2
     await wait_until(lambda: not sub.active and not sub._tasks, what="stopped")
     assert handler.handled == [0]
+
+
+@pytest.mark.parametrize("stop", ["unsubscribe", "drain"])
+async def test_a_concurrent_handler_may_stop_its_own_subscription(closing: Closing, stop: str) -> None:
+    """With ``concurrency=2``: message 0's handler stops its subscription while handler 1 runs
+    and message 2's turn waits for a slot (more prepared behind it). The stop does not wait for
+    its caller: unsubscribe drops and abandons the rest and returns once 1 has finished; drain
+    returns once the rest is handled."""
+    held = Abandons(depth=4)
+    client = closing(AMB(connection_string=memory_url(), middleware=[held]))
+    release, stopping = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+    at_return: list[int] = []
+
+    async def handle(message: int, metadata: Metadata) -> None:
+        if message == 0:
+            stopping.set()
+            await getattr(sub, stop)()
+            at_return.extend(sorted(handled))
+        elif message == 1:
+            await release.wait()
+        handled.append(message)
+
+    sub = await client.subscribe("lcs.x", handle, concurrency=2)
+    assert sub.lookahead == 4
+    for n in (1, 0, 2, 3, 4, 5):
+        await client.publish("lcs.x", n)
+    await asyncio.wait_for(stopping.wait(), 5)
+    release.set()
+    await wait_until(lambda: 0 in handled, what="the stop to return")
+    if stop == "unsubscribe":
+        assert at_return == [1]
+        assert sorted(handled) == [0, 1]
+        assert sorted(held.abandoned) == [2, 3, 4, 5]
+    else:
+        assert at_return == [1, 2, 3, 4, 5]
+        assert sorted(handled) == [0, 1, 2, 3, 4, 5]
+        assert held.abandoned == []
+    await client.close()
 
 
 async def test_a_message_whose_ttl_runs_out_while_it_waits_is_not_handled(closing: Closing) -> None:
