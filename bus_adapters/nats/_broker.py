@@ -117,6 +117,11 @@ class NatsBroker(Lifecycle):
         self._routes: dict[str, bool] = {}
         self._confirm_all = self.config.confirm_publish
         self._background: set[asyncio.Task[Any]] = set()
+        # Background tasks finishing a subscription's stop once the handler that stopped it has
+        # returned (see NatsSubscription.unsubscribe), and that subscription; and the task
+        # closing the connection after such a handler (see close).
+        self._finishing: dict[asyncio.Task[Any], NatsSubscription] = {}
+        self._closing: asyncio.Task[None] | None = None
         self._inbox = f"_INBOX.{os.urandom(12).hex()}"
         self._reopening: asyncio.Task[None] | None = None
         self.malformed = 0  # messages on a durable's pull inbox that are not the consumer's
@@ -271,12 +276,24 @@ class NatsBroker(Lifecycle):
         subs = list(self._subs)
         self._subs.clear()
         await drain_all(subs, max(0.0, deadline - time.monotonic()))
+        handlers = [task for task, sub in self._finishing.items() if sub.dispatcher.in_handler()]
+        if handlers:
+            # Called by a handler: closing the connection now would cancel it (nats-py cancels
+            # every subscription's callback task). It closes once the handler has returned.
+            self._closing = asyncio.get_running_loop().create_task(self._close_connection(deadline, handlers))
+        else:
+            await self._close_connection(deadline, [])
+        self._state = LifecycleState.CLOSED
+
+    async def _close_connection(self, deadline: float, after: list[asyncio.Task[Any]]) -> None:
+        """Close the connection once the tasks ``after`` have ended (or at ``deadline``)."""
+        if after:
+            await asyncio.wait(after, timeout=max(0.0, deadline - time.monotonic()))
         for task in list(self._background):
             task.cancel()
         nc = self.connection
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), max(1.0, deadline - time.monotonic()))
-        self._state = LifecycleState.CLOSED
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -398,7 +415,18 @@ class NatsBroker(Lifecycle):
     def _forget(self, sub: NatsSubscription) -> None:
         self._subs.discard(sub)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _finish_after_handler(self, sub: NatsSubscription, coro: Coroutine[Any, Any, None]) -> None:
+        """Spawn ``coro``, which finishes stopping ``sub`` once the handler that stopped it has
+        returned; close() does not close the connection under that handler (see close)."""
+        task = self._spawn(coro)
+        self._finishing[task] = sub
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._finishing.pop(task, None)

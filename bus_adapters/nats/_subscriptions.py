@@ -121,7 +121,7 @@ class NatsSubscription:
         if self.dispatcher.in_handler():
             # Called by the handler, inside nats-py's task: unsubscribing there would cancel the
             # handler itself. Finish the nats-py side once the handler has returned.
-            self.broker._spawn(self._finish_unsubscribe(left))
+            self.broker._finish_after_handler(self, self._finish_unsubscribe(left))
             return
         await self._stop_nats_sub(drain=False, timeout=None)
         await self._discard(left)
@@ -137,7 +137,7 @@ class NatsSubscription:
         self._stopped = True
         self.broker._forget(self)
         if self.dispatcher.in_handler():
-            self.broker._spawn(self._finish_unsubscribe([]))
+            self.broker._finish_after_handler(self, self._finish_unsubscribe([]))
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         # nats-py's drain: no more interest, then every message already received goes through

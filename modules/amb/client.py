@@ -28,7 +28,7 @@ from agent_os.amb.broker import (
     load_broker,
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
-from agent_os.amb.dispatch import Dispatcher, LocalDelivery
+from agent_os.amb.dispatch import Dispatcher, LocalDelivery, stop_together
 from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
@@ -284,7 +284,12 @@ class AMB(Lifecycle):
         if self._pending_starts:
             await asyncio.gather(*self._pending_starts, return_exceptions=True)
         user_subs = [s for s in self._subs if s is not self._inbox_sub]
-        await asyncio.gather(*(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs))
+        # In tasks acting for this one: from inside a handler, its subscription's drain does not
+        # wait for it.
+        drains = await stop_together(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs)
+        for error in drains:
+            if error is not None:
+                raise error
         self._requests.fail_all("AMB client closed while the request was pending")
         self._requests.close()
         if self._inbox_sub is not None:

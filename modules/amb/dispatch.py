@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from agent_os.amb.errors import ConfigError
@@ -24,6 +24,44 @@ log = logging.getLogger("agent_os.amb.dispatch")
 
 _EMPTY: Final[Mapping[str, Any]] = {}
 _new: Final = object.__new__
+
+
+# Tasks started by stop_together, each mapped to the task that called it; a task leaves the map
+# when it ends. Not a context variable: tasks those stops start in turn (NATS finishing an
+# unsubscribe once the handler has returned) must not pass for the caller.
+_stop_callers: dict[asyncio.Task[Any], asyncio.Task[Any] | None] = {}
+
+
+def stop_caller() -> asyncio.Task[Any] | None:
+    """The task that called the stop (unsubscribe, drain, close) running now: the current task,
+    or the caller of :func:`stop_together` in a task it started."""
+    me = asyncio.current_task()
+    if me is not None and me in _stop_callers:
+        return _stop_callers[me]
+    return me
+
+
+def is_stop_caller(task: asyncio.Task[Any] | None) -> bool:
+    """True when ``task`` called the stop running now (see :func:`stop_caller`). A stop never
+    waits for, nor cancels, its caller: a handler stopping its own subscription would wait for
+    itself."""
+    return task is not None and (task is asyncio.current_task() or task is stop_caller())
+
+
+async def stop_together(stops: Iterable[Coroutine[Any, Any, None]]) -> list[BaseException | None]:
+    """Run ``stops`` concurrently, each in a task that acts for the caller (see
+    :func:`stop_caller`); return what each raised (None: nothing), once all have ended."""
+    caller = stop_caller()
+    tasks = [asyncio.ensure_future(stop) for stop in stops]
+    for task in tasks:
+        _stop_callers[task] = caller
+        task.add_done_callback(_forget_stop)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return [result if isinstance(result, BaseException) else None for result in results]
+
+
+def _forget_stop(task: asyncio.Task[Any]) -> None:
+    _stop_callers.pop(task, None)
 
 
 class _Stoppable(Protocol):
@@ -115,8 +153,9 @@ class Dispatcher(Generic[T]):
         return self._busy
 
     def in_handler(self) -> bool:
-        """True when called from inside this dispatcher's handler."""
-        return self._current is not None and self._current is asyncio.current_task()
+        """True when called from inside this dispatcher's handler (directly, or through a stop
+        it started in other tasks: see :func:`stop_together`)."""
+        return is_stop_caller(self._current)
 
     def has_room(self) -> bool:
         return len(self._items) < self.max_pending
@@ -356,8 +395,7 @@ class Dispatcher(Generic[T]):
             left.extend(self._items)
             self._items.clear()
         self._wake_runner_to_exit()
-        me = asyncio.current_task()
-        if self._current is me:
+        if self.in_handler():
             return left  # stopping from inside the handler: nothing to wait for
         try:
             async with asyncio.timeout(timeout):
@@ -390,7 +428,7 @@ class Dispatcher(Generic[T]):
 
     async def _cancel(self) -> None:
         for task in (self._runner, self._current):
-            if task is not None and not task.done() and task is not asyncio.current_task():
+            if task is not None and not task.done() and not is_stop_caller(task):
                 task.cancel()
                 await asyncio.wait({task}, timeout=1.0)
 
@@ -474,8 +512,7 @@ async def drain_all(subscriptions: Iterable[_Stoppable], timeout: float | None) 
     subs = list(subscriptions)
     if not subs:
         return
-    results = await asyncio.gather(*(s.drain(timeout) for s in subs), return_exceptions=True)
-    for result in results:
+    for result in await stop_together(s.drain(timeout) for s in subs):
         if isinstance(result, BaseException) and not isinstance(result, Exception):
             raise result
         if isinstance(result, Exception):

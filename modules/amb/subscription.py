@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent_os.amb.broker import BrokerSubscription
-from agent_os.amb.dispatch import Dispatcher
+from agent_os.amb.dispatch import Dispatcher, stop_caller
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
@@ -138,7 +138,7 @@ class Subscription:
     async def _wait_tasks(self, timeout: float | None) -> None:
         """Wait for the handler tasks (``concurrency>1``), cancelling those still running after
         ``timeout``; a handler stopping its own subscription is not waited for."""
-        caller = asyncio.current_task()
+        caller = stop_caller()
         tasks = {task for task in self._tasks if task is not caller}
         if not tasks:
             return

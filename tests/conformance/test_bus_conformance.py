@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, decode
+from agent_os.amb import AMB, LifecycleState, Metadata, RemoteError, RequestTimeout, decode
 from agent_os.amb.deadletter import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBJECT
 from tests.support import Collector, wait_until
 from tests.support.brokers import AmbFactory, requires
@@ -440,6 +440,24 @@ async def test_close_drains_in_flight_and_queued(amb_factory: AmbFactory, subjec
     await asyncio.sleep(0.05)  # let the broker hand everything to the subscriber's client
     await sub.close(timeout=10)
     assert handled == list(range(40))
+
+
+async def test_close_from_inside_a_handler_does_not_wait_for_it(
+    amb_factory: AmbFactory, subject: str
+) -> None:
+    """A handler closes its own client: close() returns at once, not after its timeout (it
+    cannot wait for the handler that is waiting for it), and the client is closed."""
+    client = await amb_factory()
+    closed = asyncio.Event()
+
+    async def closer(message: Any, metadata: Metadata) -> None:
+        await client.close(timeout=30)
+        closed.set()
+
+    await client.subscribe(f"{subject}.close", closer)
+    await client.publish(f"{subject}.close", 1)
+    await asyncio.wait_for(closed.wait(), 5)
+    assert client.state is LifecycleState.CLOSED
 
 
 async def test_json_and_msgpack_clients_interoperate(amb_factory: AmbFactory, subject: str) -> None:

@@ -530,6 +530,37 @@ async def test_close_still_cancels_a_handler_stuck_past_the_timeout(closing: Clo
     assert client.stats.handler_errors == 0, "a real cancellation is not a handler error"
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_close_from_inside_a_handler_does_not_wait_for_that_handler(
+    closing: Closing, concurrency: int
+) -> None:
+    """A handler closes the client: close() drains the other subscriptions (their handler in
+    progress finishes first) and returns without waiting for its caller, not after its timeout."""
+    client = closing(AMB(connection_string=memory_url()))
+    go, closed = asyncio.Event(), asyncio.Event()
+    finished: list[str] = []
+    at_close: list[str] = []
+
+    async def other(message: Any, metadata: Metadata) -> None:
+        await go.wait()
+        finished.append("other")
+
+    async def closer(message: Any, metadata: Metadata) -> None:
+        await client.close(timeout=30)
+        at_close.extend(finished)
+        closed.set()
+
+    await client.subscribe("ci.other", other)
+    await client.subscribe("ci.close", closer, concurrency=concurrency)
+    await client.publish("ci.other", 1)
+    await client.publish("ci.close", 1)
+    await wait_until(lambda: client.state is amb.LifecycleState.CLOSING, what="the close to start")
+    go.set()
+    await asyncio.wait_for(closed.wait(), 5)
+    assert at_close == ["other"]
+    assert client.state is amb.LifecycleState.CLOSED
+
+
 @pytest.mark.parametrize("stop", ["unsubscribe", "drain"])
 async def test_a_concurrent_handler_may_stop_its_own_subscription(closing: Closing, stop: str) -> None:
     """With ``concurrency=3``, message 0's handler stops its subscription while handlers 1 and

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, MessageRejected, Metadata, Middleware, MsgpackSerializer, new_id
+from agent_os.amb import AMB, LifecycleState, MessageRejected, Metadata, Middleware, MsgpackSerializer, new_id
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.middleware import ConsumeNext
 from agent_os.amb.subscription import Subscription
@@ -214,6 +214,28 @@ async def test_close_gives_up_what_waits_for_its_turn_without_hanging(closing: C
     assert sub._ahead is not None
     assert sub._ahead.stopping
     assert len(sub._ahead) == 0
+
+
+async def test_close_from_inside_a_handler_does_not_wait_for_that_handler(closing: Closing) -> None:
+    """A handler closes the client while more messages wait for their turn: close() returns
+    at once, not after its timeout; what waits is dropped and abandoned."""
+    held, handler = Abandons(depth=4), Handler()
+    client = closing(AMB(connection_string=memory_url(), middleware=[held]))
+    closed = asyncio.Event()
+
+    async def closer(message: Any, metadata: Metadata) -> None:
+        await handler(message, metadata)
+        if message == 0:
+            await client.close(timeout=30)
+            closed.set()
+
+    await client.subscribe("lci.x", closer)
+    for n in range(4):
+        await client.publish("lci.x", n)
+    await asyncio.wait_for(closed.wait(), 5)
+    assert client.state is LifecycleState.CLOSED
+    assert handler.handled == [0]
+    assert sorted(held.abandoned) == [1, 2, 3]
 
 
 async def test_a_backlog_is_refilled_while_its_turns_are_taken(closing: Closing) -> None:

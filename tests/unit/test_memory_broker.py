@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from agent_os.amb import BrokerSubscription, CapabilityNotSupported, ConfigError, Delivery, StateError
+from agent_os.amb import (
+    BrokerSubscription,
+    CapabilityNotSupported,
+    ConfigError,
+    Delivery,
+    LifecycleState,
+    StateError,
+)
 from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import memory_url, wait_until
 from tests.support.closing import Closing
@@ -163,6 +170,27 @@ async def test_unsubscribe_from_inside_the_handler(closing: Closing) -> None:
     assert memory_server(broker.server_name).stats.no_subscribers == 1  # type: ignore[union-attr]
     assert seen == [b"m"]
     await broker.close()
+
+
+async def test_close_from_inside_the_handler_does_not_wait_for_it(closing: Closing) -> None:
+    """close() drains every subscription in a task of its own; the handler that called it is
+    still not waited for (else close would wait out its timeout, then cancel its caller)."""
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    closed = asyncio.Event()
+
+    async def closer(d: Delivery) -> None:
+        await broker.close(timeout=30)
+        closed.set()
+
+    async def idle(d: Delivery) -> None:
+        return None
+
+    await broker.subscribe("ci.x", closer)
+    await broker.subscribe("ci.y", idle)  # so close drains more than one subscription
+    await broker.publish("ci.x", b"x")
+    await asyncio.wait_for(closed.wait(), 5)
+    assert broker.state is LifecycleState.CLOSED
 
 
 async def test_messages_without_subscribers_are_counted(closing: Closing) -> None:
