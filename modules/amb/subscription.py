@@ -178,12 +178,14 @@ class MessageStream:
         self._queue_group = queue
         self._filter = filter
         self._with_metadata = with_metadata
-        self._items: asyncio.Queue[tuple[Any, Metadata]] = asyncio.Queue(maxsize=buffer)
+        # None: the end, put there by aclose (and put back by the reader that takes it).
+        self._items: asyncio.Queue[tuple[Any, Metadata] | None] = asyncio.Queue(maxsize=buffer)
         self._sub: Subscription | None = None
         self._closed = False
 
     async def _on_message(self, message: Any, metadata: Metadata) -> None:
-        await self._items.put((message, metadata))
+        if not self._closed:
+            await self._items.put((message, metadata))
 
     def __aiter__(self) -> MessageStream:
         return self
@@ -193,7 +195,11 @@ class MessageStream:
             raise StopAsyncIteration
         if self._sub is None:
             await self.start()
-        message, metadata = await self._items.get()
+        item = await self._items.get()
+        if item is None or self._closed:
+            self._end()  # for any other reader waiting
+            raise StopAsyncIteration
+        message, metadata = item
         return (message, metadata) if self._with_metadata else message
 
     async def start(self) -> None:
@@ -203,9 +209,25 @@ class MessageStream:
             self._sub = await self._client._subscribe(self._pattern, self._on_message, options)
 
     async def aclose(self) -> None:
+        """Unsubscribe and end the stream: what the buffer holds is dropped, and a reader
+        waiting for the next message gets the end. Idempotent."""
         self._closed = True
+        # First empty the buffer: the broker's task may be waiting for room in it, and the
+        # unsubscribe waits for that task.
+        self._drop_buffered()
         if self._sub is not None:
             await self._sub.unsubscribe()
+        self._end()
+
+    def _drop_buffered(self) -> None:
+        items = self._items
+        while not items.empty():
+            items.get_nowait()
+
+    def _end(self) -> None:
+        """Leave only the end (None) in the buffer, for a reader waiting or to come."""
+        self._drop_buffered()
+        self._items.put_nowait(None)
 
     async def __aenter__(self) -> MessageStream:
         await self.start()

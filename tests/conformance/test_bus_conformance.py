@@ -243,6 +243,42 @@ async def test_stream_as_context_manager_yields_payloads(amb_factory: AmbFactory
     assert seen == [0, 2, 4]
 
 
+async def test_closing_a_stream_with_a_full_buffer_ends_it(amb_factory: AmbFactory, subject: str) -> None:
+    """aclose() while the buffer is full and the next message waits for room in it (the
+    broker's task holds it): it returns at once, and the stream yields nothing more."""
+    client = await amb_factory()
+    stream = client.stream(f"{subject}.full", buffer=2)
+    await stream.start()
+    for i in range(6):
+        await client.publish(f"{subject}.full", i)
+    await wait_until(lambda: client.stats.delivered >= 3, what="two buffered, one waiting for room")
+    await asyncio.wait_for(stream.aclose(), 5)
+    assert [item async for item in stream] == []
+
+
+async def test_closing_a_stream_ends_the_reader_waiting_on_it(amb_factory: AmbFactory, subject: str) -> None:
+    client = await amb_factory()
+    stream = client.stream(f"{subject}.wait")
+    await stream.start()
+    received: list[Any] = []
+    first = asyncio.Event()
+
+    async def read() -> None:
+        async for message in stream:
+            received.append(message)
+            first.set()  # and it waits for the next one
+
+    reader = asyncio.create_task(read())
+    try:
+        await client.publish(f"{subject}.wait", 1)
+        await asyncio.wait_for(first.wait(), 5)
+        await asyncio.wait_for(stream.aclose(), 5)
+        await asyncio.wait_for(reader, 5)
+    finally:
+        reader.cancel()
+    assert received == [1]
+
+
 async def test_ttl_expired_messages_are_not_delivered(amb_factory: AmbFactory, subject: str) -> None:
     pub = await amb_factory()
     sub = await amb_factory()
