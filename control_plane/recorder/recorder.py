@@ -220,8 +220,9 @@ class FlightRecorder:
 
     async def close(self) -> None:
         """Write what is batched and close the storage (releasing its writer lock). Idempotent.
-        When that last write fails, the storage is closed all the same and the RecorderError
-        raised: the records still batched are lost."""
+        Records logged while it writes are written too. When that last write fails, the storage
+        is closed all the same and the RecorderError raised: the records still batched are
+        lost."""
         if self._closed:
             return
         self._closing = True
@@ -234,7 +235,18 @@ class FlightRecorder:
             if self._flush_task is not None:
                 await asyncio.gather(self._flush_task, return_exceptions=True)
             try:
-                await self.flush()
+                # Again while records come during the write (agents still logging): a record
+                # log() returned is written or close() raises.
+                for _ in range(10):
+                    await self.flush()
+                    if not self._batch:
+                        break
+                    if self._signer is not None and self._seq > self._head_seq:
+                        self._sign_head()
+                else:
+                    raise RecorderError(
+                        f"{len(self._batch)} records logged while the recorder closed were not written"
+                    )
             finally:
                 self._closed = True
                 await self.storage.close()  # and its writer lock, even when the last flush failed
@@ -304,7 +316,7 @@ class FlightRecorder:
         if len(self._batch) >= 10 * self.batch_size:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:
-            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush(whole=False))
             # Let the task hand the batch to the writer now: a caller whose awaits never
             # suspend (an agent acting in a tight loop) would otherwise fill every pending
             # batch before the loop ran the task, and then wait for the whole write.
@@ -335,11 +347,7 @@ class FlightRecorder:
             or type(agent_id) is not str
             or not (execution_id is None or type(execution_id) is str)
         ):
-            # Refused here: a record the storage cannot take would fail every later write.
-            raise RecorderError(
-                "event_type and agent_id must be str, execution_id str or None; got "
-                f"{type(event_type).__name__}, {type(agent_id).__name__}, {type(execution_id).__name__}"
-            )
+            event_type, agent_id, execution_id = _plain_ids(event_type, agent_id, execution_id)
         if event_type == HEAD_EVENT:
             raise RecorderError(f"event type {HEAD_EVENT!r} is the recorder's own (signed heads)")
         if not data:
@@ -427,11 +435,11 @@ class FlightRecorder:
     def _on_timer(self) -> None:
         self._timer = None
         if self._batch and (self._flush_task is None or self._flush_task.done()):
-            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush())
+            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush(whole=True))
 
-    async def _timed_flush(self) -> None:
+    async def _timed_flush(self, whole: bool) -> None:
         try:
-            await self._flush(whole=False)
+            await self._flush(whole)
         except RecorderError:
             # Kept in the batch; retried by the next flush. Arm the timer again.
             if self._timer is None and not self._closed:
@@ -443,10 +451,14 @@ class FlightRecorder:
         return await self._flush(True)
 
     async def _flush(self, whole: bool) -> int:
-        """``whole=False`` (a flush of the recorder's own, by a full batch or the timer): when
-        more than the storage's ``write_unit`` records wait (SQLite:
+        """``whole=False`` (a flush started by a full batch): when more than the storage's
+        ``write_unit`` records wait (SQLite:
         :data:`~agent_os.control_plane.recorder.sqlite.WRITE_UNIT`), write a multiple of it and
-        leave the newest rest batched for the next write (the timer is armed again for them)."""
+        leave the newest rest batched for the next write. A caller cancelled while the storage
+        writes does not stop the write (a thread or a server may be running it): the flush waits
+        for it, counts its records as written or keeps them batched, then raises
+        CancelledError."""
+        cancelled = False
         async with self._flush_lock:
             if (
                 self._signer is not None
@@ -456,16 +468,24 @@ class FlightRecorder:
                 and time.monotonic() >= self._head_due
             ):
                 self._sign_head()
-            batch, self._batch = self._batch, []
             unit = getattr(self.storage, "write_unit", 1)
-            if not whole and len(batch) > unit > 1:
+            batch, self._batch = self._batch, []
+            if not whole and type(unit) is int and len(batch) > unit > 1:
                 keep = len(batch) % unit
                 if keep:
                     batch, self._batch = batch[:-keep], batch[-keep:]
             self._writing = batch
             try:
                 if batch:
-                    await self.storage.append(batch)
+                    write = asyncio.ensure_future(self.storage.append(batch))
+                    while True:
+                        try:
+                            await asyncio.shield(write)
+                            break
+                        except asyncio.CancelledError:
+                            if write.done():
+                                raise
+                            cancelled = True  # the write goes on: wait for its end
             except BaseException as exc:
                 self._batch[:0] = batch
                 if isinstance(exc, RecorderInUse):
@@ -480,6 +500,8 @@ class FlightRecorder:
             elif self._batch and self._timer is None and not self._closing:
                 # Records that came during the write: their timer may have fired while it ran.
                 self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+        if cancelled:
+            raise asyncio.CancelledError
         if (
             self.retention_days is not None
             and not self._retaining
@@ -724,6 +746,26 @@ class FlightRecorder:
         )
         await self.flush()
         return await self.storage.delete_through(through)
+
+
+def _plain_ids(event_type: Any, agent_id: Any, execution_id: Any) -> tuple[str, str, str | None]:
+    """The ids as plain str (a str subclass, such as a StrEnum member, by its text). Raises
+    RecorderError for anything else: taken into the batch, a record the storage cannot store
+    would fail every later write."""
+    if not (
+        isinstance(event_type, str)
+        and isinstance(agent_id, str)
+        and (execution_id is None or isinstance(execution_id, str))
+    ):
+        raise RecorderError(
+            "event_type and agent_id must be str, execution_id str or None; got "
+            f"{type(event_type).__name__}, {type(agent_id).__name__}, {type(execution_id).__name__}"
+        )
+    return (
+        str.__str__(event_type),
+        str.__str__(agent_id),
+        None if execution_id is None else str.__str__(execution_id),
+    )
 
 
 def _refused_head(head: tuple[int, str] | Head | None, trusted: frozenset[bytes]) -> VerifyResult | None:

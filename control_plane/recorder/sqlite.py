@@ -10,9 +10,9 @@ crash of the machine too.
 
 **One writer.** :meth:`SqliteStorage.open` takes ``<database>.lock`` (:mod:`.lockfile`) for the
 storage's life: a second recorder on the file, in this process or another, gets RecorderInUse
-naming the holder. A batch that collides with rows another writer stored (the lock bypassed)
-is refused whole: the sequence numbers are the table's primary key. A ``read_only`` storage
-(``agent-os log``) takes no lock, opens an existing file read-only and reads beside the writer.
+naming the holder. Each batch's transaction also checks that it continues the stored tail.
+A ``read_only`` storage (``agent-os log``) takes no lock, opens an existing file read-only and
+reads beside the writer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse
+from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.lockfile import WriterLock
 from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS
@@ -63,8 +63,9 @@ _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # open: 32,766 by default, 250,000 in Debian's build).
 _MAX_ROWS = 2048
 WRITE_UNIT = 512
-"""A write of a multiple of this many rows needs at most three statements (the recorder hands
-a busy storage such multiples: ``FlightRecorder.flush``)."""
+"""The recorder hands a busy storage multiples of this many rows (``FlightRecorder._flush``):
+up to 4,096 rows, at most three statements (with the library's default parameter limit or
+more; :attr:`SqliteStorage.write_unit` is smaller under a lower one)."""
 
 
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
@@ -96,8 +97,8 @@ class SqliteStorage:
     """Records in a SQLite file (``path``; ``":memory:"`` for a private in-memory database);
     ``read_only``: only read an existing file (no writer lock; appending fails).
 
-    A write of n rows runs the INSERT statements :func:`_plan` gives (one when n is a power of
-    two up to 2,048), in one transaction."""
+    A write of n rows is one transaction: ``BEGIN IMMEDIATE``, the tail check, the INSERT
+    statements :func:`_plan` gives (one when n is a power of two up to 2,048), ``COMMIT``."""
 
     def __init__(
         self,
@@ -153,6 +154,7 @@ class SqliteStorage:
                     db.executescript(_SCHEMA.format(t=self.table))
                     per = min(_MAX_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
                     self._max_rows = 1 << max(0, per.bit_length() - 1)  # a power of two
+                    self.write_unit = min(WRITE_UNIT, self._max_rows)
                 except BaseException:
                     db.close()
                     raise
@@ -201,31 +203,22 @@ class SqliteStorage:
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
-            plan = _plan(len(stored), self._max_rows)
             if db.in_transaction:  # a failed write's ROLLBACK failed too: end that one first
                 db.execute("ROLLBACK")
-            # One statement when the plan has one (docs/control-plane.md, the writer off the
-            # event loop's way): it is its own transaction. Several: one transaction.
-            several = len(plan) > 1
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
-                if several:
-                    db.execute("BEGIN IMMEDIATE")
+                check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
                 at = 0
-                for n in plan:
+                for n in _plan(len(stored), self._max_rows):
                     db.execute(self._values_sql(n), _flat(stored[at : at + n]))
                     at += n
-                if several:
-                    db.execute("COMMIT")
-            except BaseException as exc:
+                db.execute("COMMIT")
+            except BaseException:
                 # A COMMIT that failed can leave the transaction open (SQLITE_BUSY, some I/O
                 # errors): end it, or every later write would fail to begin.
                 if db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
-                if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":
-                    # A seq taken: another writer appended.
-                    check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
-                    raise RecorderInUse(f"{where}: another writer stored these seqs ({exc})") from exc
                 raise
 
         await self._run(write)

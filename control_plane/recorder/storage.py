@@ -57,8 +57,8 @@ class Where:
 class Storage(Protocol):
     """An append-only table of records, ordered by ``seq``.
 
-    A storage may also have an int attribute ``write_unit``: the recorder's own flushes then
-    hand it a multiple of that many rows when there are more (``FlightRecorder._flush``)."""
+    A storage may also have an int attribute ``write_unit``: a flush started by a full batch
+    then hands it a multiple of that many rows when there are more (``FlightRecorder._flush``)."""
 
     async def open(self) -> None: ...
 

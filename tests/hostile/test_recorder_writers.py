@@ -18,6 +18,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,34 @@ async def test_the_lock_names_the_holder_process(tmp_path: Path) -> None:
         assert len(writer.finish()) == 1
     finally:
         writer.stop()
+
+
+async def test_a_writer_whose_seqs_retention_pruned_is_fenced_off(tmp_path: Path, closing: Closing) -> None:
+    """The lock bypassed, and the first recorder's retention has deleted the seqs the second
+    one continues: nothing of the second one's batch may land under the retention anchor
+    (where the next pruning would delete it without a trace)."""
+    db = str(tmp_path / "audit.db")
+    first = closing(FlightRecorder("sqlite", db, retention_days=1))
+    for i in range(10):
+        await first.log("event", "first", {"i": i})
+    await first.flush()
+    os.unlink(db + ".lock")
+    second = FlightRecorder("sqlite", db, retention_days=None)
+    try:
+        for j in range(3):
+            await second.log("event", "second", {"j": j})  # seqs 11-13, batched
+        for i in range(10, 20):
+            await first.log("event", "first", {"i": i})  # seqs 11-20
+        await first.flush()
+        later = datetime.now().astimezone() + timedelta(days=30)
+        assert await first.apply_retention(now=later) == 20  # seqs 1-20 pruned, an anchor at 21
+        with pytest.raises(RecorderInUse, match="another writer"):
+            await second.flush()
+    finally:
+        with pytest.raises(RecorderInUse):
+            await second.close()
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT seq, agent_id FROM flight_records ORDER BY seq").fetchall()
+    con.close()
+    assert [agent for _, agent in rows] == ["flight_recorder"]  # the anchor alone
+    assert (await first.verify()).ok

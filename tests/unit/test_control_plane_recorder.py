@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import enum
 import itertools
 import json
 import os
@@ -257,24 +258,24 @@ async def test_records_logged_during_a_write_are_written_without_more_logging() 
         assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("per_statement", [1, 7, 10_000])
+@pytest.mark.parametrize("per_statement", [1, 8, 2048])
 async def test_sqlite_writes_alike_in_one_statement_or_several(tmp_path: Path, per_statement: int) -> None:
-    # A write is INSERTs of powers of two rows, none longer than the largest allowed; one
-    # statement or several, they store the same rows, and they refuse a batch that does not
-    # continue the stored chain, writing nothing.
+    # A write is INSERTs of powers of two rows, none longer than the largest allowed (32 rows:
+    # one statement of 32, or several); they store the same rows, and they refuse a batch that
+    # does not continue the stored chain, writing nothing.
     async with FlightRecorder("sqlite", str(tmp_path / "a.db"), batch_size=10_000) as rec:
         rec.storage._max_rows = per_statement  # type: ignore[attr-defined]
-        for i in range(25):
+        for i in range(32):
             rec.append("e", f"agent_{i % 3}", {"i": i, "text": "é\u2028\x00" * (i % 4)}, "info", None, True)
-        assert await rec.flush() == 25
+        assert await rec.flush() == 32
         stored = await rec.storage.select(Where())
         assert [tuple(r) for r in stored] == [tuple(r) for r in await rec.query()]
-        assert [json.loads(r[7])["i"] for r in stored] == list(range(25))
-        assert (await rec.verify()).checked == 25
-        stale = [tuple(r) for r in stored[10:]]  # seq 11.. again: does not continue seq 25
+        assert [json.loads(r[7])["i"] for r in stored] == list(range(32))
+        assert (await rec.verify()).checked == 32
+        stale = [tuple(r) for r in stored[10:]]  # seq 11.. again: does not continue seq 32
         with pytest.raises(RecorderInUse):
             await rec.storage.append(stale)
-        assert len(await rec.storage.select(Where())) == 25
+        assert len(await rec.storage.select(Where())) == 32
 
 
 def test_sqlite_write_plan_is_powers_of_two_largest_first() -> None:
@@ -311,7 +312,7 @@ async def test_sqlite_writes_of_any_size_share_a_dozen_statement_sizes(tmp_path:
         assert (await rec.verify()).checked == written
 
 
-async def test_sqlite_write_of_several_statements_stores_nothing_when_one_fails(tmp_path: Path) -> None:
+async def test_sqlite_write_that_does_not_continue_the_stored_tail_stores_nothing(tmp_path: Path) -> None:
     # Seq 5 stored by something else (the lock bypassed): the write of seqs 1-5 (statements of 4
     # and 1 rows) is refused whole, and the recorder appends nothing more.
     db = tmp_path / "a.db"
@@ -333,11 +334,13 @@ async def test_sqlite_write_of_several_statements_stores_nothing_when_one_fails(
             await rec.close()
 
 
-async def test_the_recorders_own_flushes_write_multiples_of_the_write_unit(tmp_path: Path) -> None:
-    # A full batch or the timer writes a multiple of 512 records when more wait and leaves the
-    # newest rest to the next write, which the timer starts; flush() writes them all.
+async def test_a_flush_started_by_a_full_batch_writes_multiples_of_the_write_unit(tmp_path: Path) -> None:
+    # It writes a multiple of 512 records when more wait and leaves the newest rest to the next
+    # write; the timer and flush() write everything (a record waits flush_interval at most).
     path = str(tmp_path / "a.db")
-    async with FlightRecorder("sqlite", path, batch_size=10_000, flush_interval=0.05) as rec:
+    # (no retention: its own flush would write the rest at once)
+    rec = FlightRecorder("sqlite", path, retention_days=None, batch_size=10_000, flush_interval=0.05)
+    async with rec:
         storage: Any = rec.storage
         writes: list[int] = []
         append = storage.append
@@ -349,14 +352,66 @@ async def test_the_recorders_own_flushes_write_multiples_of_the_write_unit(tmp_p
         storage.append = recording
         for i in range(1300):
             rec.append("e", "a", {"i": i}, "info", None, True)
-        await wait_until(lambda: rec.flushed == 1300, what="the timer's writes")
-        assert writes == [1024, 276]
+        assert await rec._flush(whole=False) == 1024
+        assert len(rec._batch) == 276
+        await wait_until(lambda: rec.flushed == 1300, what="the timer's write of the rest")
         for i in range(700):
             rec.append("e", "a", {"i": 1300 + i}, "info", None, True)
-        assert await rec.flush() == 700
+        await wait_until(lambda: rec.flushed == 2000, what="the timer's write of all 700")
         assert writes == [1024, 276, 700]
         assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == list(range(2000))
         assert (await rec.verify()).checked == 2000
+
+
+async def test_a_cancelled_flush_counts_its_write_once(tmp_path: Path) -> None:
+    # The writer thread cannot be stopped: a caller cancelled mid-write (a read with a timeout
+    # flushes first) must neither keep the written records batched (the next write would take
+    # the recorder's own seqs for another writer's) nor lose them.
+    path = str(tmp_path / "a.db")
+    async with FlightRecorder("sqlite", path, retention_days=None, batch_size=100_000) as rec:
+        for i in range(20_000):
+            rec.append("e", "a", {"i": i, "pad": "x" * 200}, "info", None, True)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(rec.query(limit=1), timeout=0.001)
+        assert rec.flushed == 20_000
+        assert not rec._batch
+        await rec.log("e", "a", {"i": 20_000})
+        assert await rec.flush() == 1
+        assert (await rec.verify()).checked == 20_001
+
+
+async def test_close_writes_what_is_logged_during_its_last_write() -> None:
+    async with FlightRecorder("memory", retention_days=None) as rec:
+        storage: Any = rec.storage
+        original = storage.append
+        writing, gate = asyncio.Event(), asyncio.Event()
+
+        async def slow(rows: Any) -> None:
+            writing.set()
+            await gate.wait()
+            await original(rows)
+
+        await rec.log("e", "a", {"i": 0})
+        storage.append = slow
+        closing = asyncio.create_task(rec.close())
+        await asyncio.wait_for(writing.wait(), 5)
+        late = await rec.log("e", "a", {"i": 1})  # accepted: the recorder is not closed yet
+        gate.set()
+        await asyncio.wait_for(closing, 5)
+        assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == [0, 1]
+        assert late.seq == 2
+
+
+async def test_str_subclasses_are_recorded_as_their_text(recorder: FlightRecorder) -> None:
+    class Kind(enum.StrEnum):
+        CALL = "tool_call"
+
+    record = await recorder.log(Kind.CALL, Kind.CALL, {"i": 0}, execution_id=Kind.CALL)
+    assert type(record.event_type) is str
+    assert record.event_type == "tool_call"
+    [stored] = await recorder.query(event_type="tool_call")
+    assert (stored.event_type, stored.agent_id, stored.execution_id) == ("tool_call",) * 3
+    assert (await recorder.verify()).ok
 
 
 @pytest.mark.parametrize(
