@@ -350,16 +350,19 @@ class FlightRecorder:
             event_type, agent_id, execution_id = _plain_ids(event_type, agent_id, execution_id)
         if event_type == HEAD_EVENT:
             raise RecorderError(f"event type {HEAD_EVENT!r} is the recorder's own (signed heads)")
-        if not data:
-            raw = b"{}"
-        elif plain:
-            try:
-                raw = json_bytes(data)
-            except Exception:  # not plain after all (an integer beyond 64 bits ...)
+        try:
+            if not data:
+                raw = b"{}"
+            elif plain:
+                try:
+                    raw = json_bytes(data)
+                except Exception:  # not plain after all (an integer beyond 64 bits ...)
+                    raw = canonical_bytes(data)
+            else:
                 raw = canonical_bytes(data)
-        else:
-            raw = canonical_bytes(data)
-        record = self._chain(event_type, agent_id, execution_id, severity, raw)
+            record = self._chain(event_type, agent_id, execution_id, severity, raw)
+        except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 text to hash or store
+            raise RecorderError(f"the record holds text that is not valid Unicode: {exc}") from exc
         if self._signer is not None and record.seq - self._head_seq >= self.head_every:
             self._sign_head()
         if self._timer is None:

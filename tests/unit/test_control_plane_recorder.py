@@ -202,20 +202,28 @@ async def test_a_failed_flush_keeps_the_batch() -> None:
         assert (await rec.verify()).checked == 1
 
 
+def gate_writes(storage: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold ``storage``'s writes until the second event is set; the first is set when one
+    starts."""
+    original = storage.append
+    writing, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(rows: Any) -> None:
+        writing.set()
+        await gate.wait()
+        await original(rows)
+
+    storage.append = slow
+    return writing, gate
+
+
 async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() -> None:
     # Loggers past the pending limit wait for the batch being written. One of them cancelled (a
     # killed agent's handler) must leave that write alone: the others wait for it too.
     async with FlightRecorder("memory", batch_size=2) as rec:
-        storage = rec.storage
-        original = storage.append
-        writing, gate = asyncio.Event(), asyncio.Event()
+        storage: Any = rec.storage
+        writing, gate = gate_writes(storage)
 
-        async def slow(rows: object) -> None:
-            writing.set()
-            await gate.wait()
-            await original(rows)  # type: ignore[arg-type]
-
-        storage.append = slow  # type: ignore[method-assign]
         for i in range(2):
             await rec.log("e", "a", {"i": i})  # the second fills the batch: written in the background
         for i in range(2, 2 + rec.max_pending):  # the batches that may fill beside the write
@@ -238,16 +246,9 @@ async def test_records_logged_during_a_write_are_written_without_more_logging() 
     # be written when it ends, with no further log call and no read to prompt it.
     # (no retention: its own flush would write them too)
     async with FlightRecorder("memory", retention_days=None, batch_size=1000, flush_interval=0.02) as rec:
-        storage = rec.storage
-        original = storage.append
-        writing, gate = asyncio.Event(), asyncio.Event()
+        storage: Any = rec.storage
+        writing, gate = gate_writes(storage)
 
-        async def slow(rows: Any) -> None:
-            writing.set()
-            await gate.wait()
-            await original(rows)
-
-        storage.append = slow  # type: ignore[method-assign]
         await rec.log("e", "a", {"i": 0})
         await asyncio.wait_for(writing.wait(), 5)  # the timer's write of record 1 runs
         for i in range(1, 4):
@@ -383,16 +384,8 @@ async def test_a_cancelled_flush_counts_its_write_once(tmp_path: Path) -> None:
 async def test_close_writes_what_is_logged_during_its_last_write() -> None:
     async with FlightRecorder("memory", retention_days=None) as rec:
         storage: Any = rec.storage
-        original = storage.append
-        writing, gate = asyncio.Event(), asyncio.Event()
-
-        async def slow(rows: Any) -> None:
-            writing.set()
-            await gate.wait()
-            await original(rows)
-
+        writing, gate = gate_writes(storage)
         await rec.log("e", "a", {"i": 0})
-        storage.append = slow
         closing = asyncio.create_task(rec.close())
         await asyncio.wait_for(writing.wait(), 5)
         late = await rec.log("e", "a", {"i": 1})  # accepted: the recorder is not closed yet
@@ -425,6 +418,9 @@ async def test_a_record_the_storage_cannot_take_is_refused_at_once(
     # or a type the file cannot hold) and every record after it with it.
     with pytest.raises(RecorderError, match="must be str"):
         await recorder.log(event_type, agent_id, {"i": 0}, execution_id=execution_id)
+    for event, agent, data in [("e\ud800", "a", {}), ("e", "a\udfff", {}), ("e", "a", {"t": "\ud800"})]:
+        with pytest.raises(RecorderError, match="not valid Unicode"):
+            await recorder.log(event, agent, data)
     await recorder.log("e", "a", {"i": 1})
     await recorder.flush()
     assert [r.data["i"] for r in await recorder.query()] == [1]
