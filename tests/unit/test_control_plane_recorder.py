@@ -340,8 +340,9 @@ async def test_a_flush_started_by_a_full_batch_writes_multiples_of_the_write_uni
     # write; the timer and flush() write everything (a record waits flush_interval at most).
     path = str(tmp_path / "a.db")
     # (no retention: its own flush would write the rest at once)
-    rec = FlightRecorder("sqlite", path, retention_days=None, batch_size=10_000, flush_interval=0.05)
-    async with rec:
+    async with FlightRecorder(
+        "sqlite", path, retention_days=None, batch_size=10_000, flush_interval=0.05
+    ) as rec:
         storage: Any = rec.storage
         writes: list[int] = []
         append = storage.append
