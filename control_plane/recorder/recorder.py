@@ -274,8 +274,8 @@ class FlightRecorder:
         """Append one record and return it (hash included). A full batch is written in the
         background while the next one fills. ``plain``: as for :meth:`append`. Raises
         RecorderError for an unknown severity, an event type or agent id that is not a str (an
-        execution id that is neither a str nor None), or a closed recorder, and when ten batches
-        are waiting because the storage keeps failing."""
+        execution id that is neither a str nor None), text that is not valid Unicode, or a closed
+        recorder, and when ten batches are waiting because the storage keeps failing."""
         if not self._opened:
             await self.open()
         record = self.append(event_type, agent_id, data, severity, execution_id, plain)
