@@ -277,25 +277,33 @@ class AMB(Lifecycle):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain subscriptions (in-flight and queued messages finish, up to ``timeout``), fail
-        pending requests with StateError, then close the broker. Idempotent."""
+        pending requests with StateError, then close the broker. Idempotent. A subscription's
+        drain that fails does not stop the rest: the client and its broker are closed all the
+        same, then the first such error is raised."""
         if not self._begin_close():
             return
         deadline = time.monotonic() + timeout
         if self._pending_starts:
             await asyncio.gather(*self._pending_starts, return_exceptions=True)
         user_subs = [s for s in self._subs if s is not self._inbox_sub]
-        # In tasks acting for this one: from inside a handler, its subscription's drain does not
-        # wait for it.
-        drains = await stop_together(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs)
-        for error in drains:
-            if error is not None:
-                raise error
-        self._requests.fail_all("AMB client closed while the request was pending")
-        self._requests.close()
-        if self._inbox_sub is not None:
-            await self._inbox_sub.unsubscribe()
-        await self.broker.close(max(0.0, deadline - time.monotonic()))
-        self._state = LifecycleState.CLOSED
+        failed: BaseException | None = None
+        try:
+            # In tasks acting for this one: from inside a handler, its subscription's drain does
+            # not wait for it.
+            drains = await stop_together(s.drain(max(0.0, deadline - time.monotonic())) for s in user_subs)
+            failed = next((error for error in drains if error is not None), None)
+        finally:
+            # Closed whatever a drain raised (or the caller's cancellation): never half-closed.
+            self._requests.fail_all("AMB client closed while the request was pending")
+            self._requests.close()
+            try:
+                if self._inbox_sub is not None:
+                    await self._inbox_sub.unsubscribe()
+            finally:
+                await self.broker.close(max(0.0, deadline - time.monotonic()))
+                self._state = LifecycleState.CLOSED
+        if failed is not None:
+            raise failed
 
     async def __aenter__(self) -> AMB:
         await self.connect()

@@ -13,8 +13,10 @@ import pytest
 from agent_os import amb
 from agent_os.amb import (
     AMB,
+    BrokerUnavailable,
     ConfigError,
     Envelope,
+    LifecycleState,
     MessageRejected,
     Metadata,
     Middleware,
@@ -528,6 +530,31 @@ async def test_close_still_cancels_a_handler_stuck_past_the_timeout(closing: Clo
     await asyncio.wait_for(client.close(timeout=0.1), 5)
     assert cancelled
     assert client.stats.handler_errors == 0, "a real cancellation is not a handler error"
+
+
+async def test_a_drain_that_fails_still_leaves_the_client_and_its_broker_closed(closing: Closing) -> None:
+    # One subscription's drain raising must not stop close() halfway: the other is drained, a
+    # pending request fails, the broker is closed, and then the error is raised.
+    client = closing(AMB(connection_string=memory_url(), agent_id="closer"))
+    other = Collector()
+    failing = await client.subscribe("fail.a", Collector())
+    await client.subscribe("fail.b", other)
+
+    async def broken(timeout: float | None = None) -> None:
+        raise RuntimeError("drain failed")
+
+    failing.drain = broken  # type: ignore[method-assign]
+    await client.publish("fail.b", 1)
+    await other.wait_for(1)
+    pending = asyncio.create_task(client.request("nobody.home", 1, timeout=30))
+    await wait_until(lambda: client.stats.requests >= 1, what="the request on its way")
+    with pytest.raises(RuntimeError, match="drain failed"):
+        await client.close()
+    assert client.state is LifecycleState.CLOSED
+    with pytest.raises((StateError, BrokerUnavailable)):  # the broker is closed
+        await client.broker.publish("fail.b", b"x")
+    with pytest.raises(StateError):
+        await asyncio.wait_for(pending, 5)
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
