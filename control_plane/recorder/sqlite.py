@@ -124,6 +124,7 @@ class SqliteStorage:
         self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
         self._tail_sql = f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1"
         self._max_rows = 1
+        self._inserts: dict[int, str] = {}
         self.write_unit = WRITE_UNIT
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -224,8 +225,12 @@ class SqliteStorage:
         await self._run(write)
 
     def _values_sql(self, n: int) -> str:
-        values = ", ".join([_ROW] * n)
-        return f"INSERT INTO {self.table} ({_COLS}) VALUES {values}"
+        # Kept per row count (powers of two: a dozen at most), not built again for each write.
+        sql = self._inserts.get(n)
+        if sql is None:
+            values = ", ".join([_ROW] * n)
+            sql = self._inserts[n] = f"INSERT INTO {self.table} ({_COLS}) VALUES {values}"
+        return sql
 
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where)
