@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import uuid
+from array import array
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -155,13 +156,15 @@ CREATE INDEX IF NOT EXISTS memories_embedding ON {s}.memories
 # dimension and a reserved field) and the big-endian float32 values, exactly what
 # records.embedding_digest hashes. A search then moves 64 hex characters per row, not the vector.
 _COLUMNS_READ = (
-    "m.id, m.agent_id, m.session_id, m.content, m.metadata_json, m.tags, m.supersedes, "
+    "m.id::text, m.agent_id, m.session_id, m.content, m.metadata_json, m.tags, m.supersedes::text, "
     "m.created_at, pg_catalog.encode(pg_catalog.sha256(pg_catalog.substr({vs}.vector_send(m.embedding), 5)),"
     " 'hex'), m.content_hash, "
 )
-_ROW_SELECT = _COLUMNS_READ + "(SELECT n.id FROM {s}.memories n WHERE n.supersedes = m.id) AS superseded_by"
+_ROW_SELECT = (
+    _COLUMNS_READ + "(SELECT n.id::text FROM {s}.memories n WHERE n.supersedes = m.id) AS superseded_by"
+)
 # Where the filter keeps only current records, none has a newer version: no lookup for it.
-_CURRENT_ROW_SELECT = _COLUMNS_READ + "NULL::uuid AS superseded_by"
+_CURRENT_ROW_SELECT = _COLUMNS_READ + "NULL::text AS superseded_by"
 
 
 def _import_psycopg(extra: str) -> Any:
@@ -452,28 +455,21 @@ class PostgresStore:
         return self._sql.SQL("TRUE")
 
     def _found(self, rec: Sequence[Any], distance: float | None = None) -> Found:
-        row = Row(
-            id=str(rec[0]),
-            agent_id=rec[1],
-            session_id=rec[2],
-            content=rec[3],
-            metadata_json=rec[4],
-            tags=tuple(rec[5]),
-            supersedes=str(rec[6]) if rec[6] is not None else None,
-            created_at=rec[7],
-            embedding=(),
-            content_hash=rec[9],
-            embedding_sha256=rec[8],
-        )
-        return Found(row, str(rec[10]) if rec[10] is not None else None, distance)
+        # id, agent_id, session_id, content, metadata_json, tags, supersedes, created_at,
+        # embedding (not read back: its digest is), content_hash, embedding_sha256
+        row = Row(rec[0], rec[1], rec[2], rec[3], rec[4], tuple(rec[5]), rec[6], rec[7], (), rec[9], rec[8])
+        return Found(row, rec[10], distance)
 
     async def search(
         self, scope: Scope, vector: Sequence[float], limit: int, filters: Filters, exact: bool
     ) -> list[Found]:
+        import numpy as np
         from pgvector import Vector
 
         params = _where_params(scope, filters)  # the SQL is composed only on a cache miss
-        params["q"] = Vector(list(vector))
+        # A float32 array (what EMK.search checked) goes in without a list of Python floats.
+        f32 = vector if isinstance(vector, array) and vector.typecode == "f" else array("f", vector)
+        params["q"] = Vector(np.frombuffer(f32, dtype=np.float32))
         exact = exact or self.exact_only
         current = not filters.include_superseded
         key = (exact, int(limit), current, *sorted(params))

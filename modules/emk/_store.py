@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from agent_os.emk.records import RetentionRecord, Row
 
@@ -33,8 +33,7 @@ class Filters:
     include_superseded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):
     """A stored row, the id of its newer version (if any), and its distance (searches only)."""
 
     row: Row

@@ -7,7 +7,6 @@ validate and delegate.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,8 @@ from agent_os.emk.records import (
     check_tags,
     check_time,
     content_hash,
+    decode_metadata,
+    float32_embedding,
     now,
     relevance,
     row_hash,
@@ -217,7 +218,7 @@ class EMK:
             agent_id=row.agent_id,
             session_id=row.session_id,
             content=row.content,
-            metadata=json.loads(row.metadata_json),
+            metadata=decode_metadata(row.metadata_json),
             tags=row.tags,
             supersedes=row.supersedes,
             created_at=row.created_at,
@@ -403,10 +404,10 @@ class EMK:
                     raise InvalidInput("min_relevance must be a number between 0 and 1")
                 filters = self._filters(tags, metadata, since, until, include_superseded)
                 if embedding is not None:
-                    vector = check_embedding(embedding, self.dimension, "query embedding")
+                    vector = float32_embedding(embedding, self.dimension, "query embedding")
                 elif isinstance(query, str) and query.strip():
                     (raw,) = await self._embed([check_content(query, self.limits)])
-                    vector = check_embedding(raw, self.dimension, f"the {self.embedder.model} vector")
+                    vector = float32_embedding(raw, self.dimension, f"the {self.embedder.model} vector")
                 else:
                     raise InvalidInput("search needs a non-empty query text or an embedding")
             except InvalidInput as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -31,6 +30,8 @@ from agent_os.emk.records import (
     check_tags,
     check_time,
     content_hash,
+    decode_metadata,
+    float32_embedding,
     micros,
     relevance,
 )
@@ -99,6 +100,32 @@ def test_embeddings_are_rounded_to_float32_and_checked() -> None:
         check_embedding([1.0, float("-inf"), 1.0], 3)
     with pytest.raises(InvalidEmbedding):
         check_embedding([1.0, None, 1.0], 3)
+
+
+def test_a_query_vector_is_checked_alike_and_kept_as_float32() -> None:
+    vec = float32_embedding([0.1, 2, -3.5], 3)
+    assert vec.typecode == "f"
+    assert tuple(vec) == check_embedding([0.1, 2, -3.5], 3)
+    for bad in ("abc", [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0], [1e39, 1.0, 1.0]):
+        with pytest.raises(InvalidEmbedding):
+            float32_embedding(bad, 3)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"a": 1, "b": [1.5, None, True], "c": {"d": "x"}},
+        {"big": 2**100, "tiny": 5e-324, "huge": 1.7976931348623157e308, "neg": -0.0},
+        {"emoji": "\U0001f600", "lone": "\ud800x", "nul-free": "\u00e9\n\t\"'"},
+        {},
+    ],
+)
+def test_stored_metadata_decodes_as_the_standard_library_reads_it(metadata: dict[str, Any]) -> None:
+    # msgspec reads it first; a lone surrogate's escape, which msgspec refuses, falls back.
+    text = canonical_metadata(metadata, Limits())
+    decoded = decode_metadata(text)
+    assert decoded == json.loads(text)
+    assert json.dumps(decoded, sort_keys=True) == json.dumps(json.loads(text), sort_keys=True)
 
 
 def test_metadata_is_canonical_json() -> None:
@@ -202,7 +229,7 @@ async def test_memory_storage_checks_the_content_hash_on_read(closing: Closing) 
     store = emk._store
     assert isinstance(store, MemoryStore)
     # Tamper behind the API (the memory store's rows are private and never replaced).
-    forged = dataclasses.replace(store._rows[0], content="User prefers light mode.")
+    forged = store._rows[0]._replace(content="User prefers light mode.")
     store._rows[0] = forged
     store._by_id[record.id] = forged
     with pytest.raises(IntegrityError):
