@@ -22,7 +22,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
-from agent_os.control_plane.recorder.sqlite import _plan
+from agent_os.control_plane.recorder.sqlite import PAGE_SIZE, _plan
 from agent_os.control_plane.recorder.storage import Where
 from tests.support import wait_until
 from tests.support.closing import Closing
@@ -311,6 +311,34 @@ async def test_sqlite_writes_of_any_size_share_a_dozen_statement_sizes(tmp_path:
         assert len(set(sizes)) <= 12
         assert [json.loads(r[7])["i"] for r in await storage.select(Where())] == list(range(written))
         assert (await rec.verify()).checked == written
+
+
+def _page_size(db: Path) -> int:
+    con = sqlite3.connect(db)
+    try:
+        size: int = con.execute("PRAGMA page_size").fetchone()[0]
+        return size
+    finally:
+        con.close()
+
+
+async def test_a_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    async with FlightRecorder("sqlite", str(new)) as rec:
+        await rec.log("e", "a", {"i": 1})
+    assert PAGE_SIZE == 16384
+    assert _page_size(new) == PAGE_SIZE
+    con = sqlite3.connect(old)  # a file made before: SQLite's default 4 KiB pages, WAL
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE other (x)")
+    con.close()
+    async with FlightRecorder("sqlite", str(old)) as rec:
+        for i in range(3):
+            await rec.log("e", "a", {"i": i})
+    assert _page_size(old) == 4096
+    async with FlightRecorder("sqlite", str(old)) as rec:
+        assert [r.data["i"] for r in await rec.query()] == [0, 1, 2]
+        assert (await rec.verify()).ok
 
 
 async def test_sqlite_write_that_does_not_continue_the_stored_tail_stores_nothing(tmp_path: Path) -> None:
