@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from agent_os.control_plane.actions.registry import ActionRegistry
     from agent_os.control_plane.actions.request import ActionRequest
 
+log = logging.getLogger("agent_os.control_plane.actions.mcp")
+
 INSTALL_HINT: Final = "MCP needs the official SDK: pip install 'agent-os[mcp]'"
 MAX_OUTPUT: Final = 100_000
 """Characters of a tool's result (its JSON) :class:`McpTools` accepts by default."""
@@ -33,7 +36,7 @@ _SERVER: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 ServerSpec = str | Sequence[str]
 """An MCP server: a URL (``http://`` or ``https://``: streamable HTTP) or a command and its
-arguments (stdio: the command is started per connection)."""
+arguments (stdio: the command is started for each connection, and stopped with it)."""
 
 
 class McpError(ControlPlaneError):
@@ -46,12 +49,20 @@ class McpTools:
     """The ``mcp.call`` provider: each tool of each server in ``servers`` (name -> URL or
     command, names of 1-32 letters, digits, ``_`` or ``-``) is the resource ``<server>/<tool>``.
 
-    A call connects with the SDK's client (one connection per call; a stdio server is started
-    for it), checks the tool exists and the arguments match its input schema, calls it, and
-    returns its structured content, else its text (text blocks joined; other blocks as their
-    JSON). Everything (connection, listing and call) is bounded by ``timeout`` seconds, the
-    result by ``max_output`` characters of JSON. Raises KernelError for a bad server name,
-    spec or limit."""
+    A call checks the tool exists and the arguments match its input schema, calls it over the
+    server's connection, and returns its structured content, else its text (text blocks
+    joined; other blocks as their JSON). Everything (connecting, listing and the call) is
+    bounded by ``timeout`` seconds, the result by ``max_output`` characters of JSON. Raises
+    KernelError for a bad server name, spec or limit.
+
+    **Connections.** Each server has one connection (the SDK's client; a stdio server is one
+    process), opened by the first call and kept for the calls after it, concurrent ones
+    included. A call that fails on it (the transport or the protocol fails, the server dies
+    or does not answer in time) retires it: later calls open a new one, and the old one is
+    closed (a stdio server stopped) once the calls still on it have ended. A caller that is
+    cancelled leaves it open. :meth:`close` (``async with McpTools(...)``, or closing the kernel
+    it is registered in) closes them all; a call after that opens a new one. ``connections``
+    counts those opened."""
 
     ACTION: Final = "mcp.call"
     PERMISSION: Final = "execute"
@@ -70,7 +81,27 @@ class McpTools:
         )
         self.timeout = timeout
         self.max_output = max_output
+        self.connections = 0
         self._tools: dict[str, dict[str, Any]] = {}
+        self._checks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
+        self._open: dict[str, _Connection] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._retired: set[_Connection] = set()
+
+    async def __aenter__(self) -> McpTools:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection (stopping stdio servers), waiting for calls still on them;
+        a later call opens a new one. Never raises."""
+        connections = [*self._open.values(), *self._retired]
+        self._open.clear()
+        for connection in connections:
+            connection.retire()
+        await asyncio.gather(*(c.task for c in connections), return_exceptions=True)
 
     def register(self, registry: ActionRegistry, *, replace: bool = False) -> None:
         """Register ``mcp.call`` (permission ``execute``) in ``registry``."""
@@ -87,6 +118,7 @@ class McpTools:
         if refresh or server not in self._tools:
             listing = await self._with_client(server, _list_all)
             self._tools[server] = {tool.name: tool for tool in listing}
+            self._checks = {k: v for k, v in self._checks.items() if k[0] != server}
         return MappingProxyType(self._tools[server])
 
     # -- the provider ----------------------------------------------------------------------------
@@ -109,7 +141,10 @@ class McpTools:
         if tool is None:
             raise McpError(f"unknown tool {name[:80]!r} on MCP server {server}")
         arguments = dict(request.params)
-        _check_arguments(tool.input_schema, arguments, request.target)
+        check = self._checks.get((server, name))
+        if check is None:
+            check = self._checks[(server, name)] = _arguments_check(tool.input_schema, request.target)
+        check(arguments)
 
         async def call(client: Any) -> Any:
             return await client.call_tool(name, arguments)
@@ -120,26 +155,44 @@ class McpTools:
     # -- internals -------------------------------------------------------------------------------
 
     async def _with_client(self, server: str, use: Any) -> Any:
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            import mcp
-        except ImportError as exc:
-            raise McpError(INSTALL_HINT) from exc
-        spec = self.servers[server]
-        target: Any
-        if isinstance(spec, str):
-            target = spec
-        else:
-            target = mcp.StdioServerParameters(command=spec[0], args=list(spec[1:]))
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with mcp.Client(target, read_timeout_seconds=self.timeout, cache=None) as client:
-                    return await use(client)
+            async with asyncio.timeout_at(deadline):
+                connection = await self._connection(server)
+            return await connection.call(use, deadline)
         except TimeoutError:
             raise McpError(f"MCP server {server} did not answer within {self.timeout:g}s") from None
         except McpError:
             raise
         except Exception as exc:  # the SDK's, the transport's and the process's errors alike
             raise McpError(f"MCP server {server} failed: {_describe(exc)}") from exc
+
+    async def _connection(self, server: str) -> _Connection:
+        """The server's open connection, opened now when there is none (one opener at a time)."""
+        connection = self._open.get(server)
+        if connection is not None and connection.usable:
+            return connection
+        lock = self._opening.setdefault(server, asyncio.Lock())
+        async with lock:
+            connection = self._open.get(server)
+            if connection is not None and connection.usable:
+                return connection
+            try:
+                import mcp
+            except ImportError as exc:
+                raise McpError(INSTALL_HINT) from exc
+            spec = self.servers[server]
+            target: Any
+            if isinstance(spec, str):
+                target = spec
+            else:
+                target = mcp.StdioServerParameters(command=spec[0], args=list(spec[1:]))
+            client = mcp.Client(target, read_timeout_seconds=self.timeout, cache=None)
+            connection = _Connection(client, self._retired)
+            await connection.opened()  # raises what opening raised; the task is then over
+            self._open[server] = connection
+            self.connections += 1
+            return connection
 
     def _output(self, target: str, result: Any) -> Any:
         if result.is_error:
@@ -153,6 +206,79 @@ class McpTools:
                 f"the result of {target} is {size} characters, over the limit of {self.max_output}"
             )
         return output
+
+
+class _Connection:
+    """One open connection to a server. The SDK's client is entered and left by a task of its
+    own (its context must be left by the task that entered it), which holds it open until the
+    connection is retired and no call is on it."""
+
+    __slots__ = ("_calls", "_ready", "_retired", "_stop", "client", "failed", "task")
+
+    def __init__(self, client: Any, retired: set[_Connection]) -> None:
+        self.client = client
+        self.failed = False
+        self._calls = 0
+        self._retired = retired
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[None] = loop.create_future()
+        self.task = loop.create_task(self._hold(), name="mcp connection")
+
+    @property
+    def usable(self) -> bool:
+        return not self.failed and not self.task.done()
+
+    async def opened(self) -> None:
+        """Wait until the client is connected; raises what connecting raised. When the caller
+        is cancelled (or times out) here, the half-open connection is closed."""
+        try:
+            await asyncio.shield(self._ready)
+        except BaseException:
+            self.task.cancel()
+            await asyncio.wait([self.task])
+            raise
+
+    async def call(self, use: Any, deadline: float) -> Any:
+        """``use(client)`` by ``deadline`` (the loop's clock; TimeoutError after it). A failure,
+        the timeout included, retires the connection; a cancellation of the caller does not."""
+        self._calls += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await use(self.client)
+        except Exception:  # the timeout's TimeoutError too: a server that did not answer in time
+            self.failed = True
+            raise
+        finally:
+            self._calls -= 1
+            if self.failed:
+                self.retire()
+
+    def retire(self) -> None:
+        """Take no more calls; close once the calls on it have ended."""
+        self.failed = True
+        self._retired.add(self)
+        if self._calls == 0:
+            self._stop.set()
+
+    async def _hold(self) -> None:
+        try:
+            async with self.client:
+                self._ready.set_result(None)
+                await self._stop.wait()
+        except BaseException as exc:
+            if not self._ready.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    self._ready.cancel()
+                else:
+                    self._ready.set_exception(exc)
+            elif not isinstance(exc, Exception):
+                raise
+            else:  # the connection broke while open: its calls have failed already
+                log.debug("an MCP connection ended with %s", _describe(exc))
+        finally:
+            self.failed = True
+            self._retired.discard(self)
 
 
 async def mcp_tool_defs(tools: McpTools, servers: Sequence[str] | None = None) -> list[ToolDef]:
@@ -203,18 +329,34 @@ async def _list_all(client: Any) -> list[Any]:
     return tools
 
 
-def _check_arguments(schema: Mapping[str, Any] | None, arguments: dict[str, Any], target: str) -> None:
+def _arguments_check(schema: Mapping[str, Any] | None, target: str) -> Callable[[dict[str, Any]], None]:
+    """The check of a tool's arguments against its input schema (``jsonschema``; the schema is
+    checked and compiled once, not on every call): raises McpError naming what does not match,
+    or, on every call, that the schema itself is invalid."""
     import jsonschema
 
+    document = dict(schema or {"type": "object"})
     try:
-        jsonschema.validate(arguments, dict(schema or {"type": "object"}))
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "arguments"
-        raise McpError(
-            f"the arguments do not match the schema of {target}: {where}: {exc.message[:300]}"
-        ) from None
+        cls = jsonschema.validators.validator_for(document)
+        cls.check_schema(document)
     except jsonschema.SchemaError as exc:
-        raise McpError(f"{target} has an invalid input schema: {exc.message[:300]}") from None
+        message = f"{target} has an invalid input schema: {exc.message[:300]}"
+
+        def refuse(arguments: dict[str, Any]) -> None:
+            raise McpError(message)
+
+        return refuse
+    validator = cls(document)
+
+    def check(arguments: dict[str, Any]) -> None:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+            raise McpError(
+                f"the arguments do not match the schema of {target}: {where}: {error.message[:300]}"
+            )
+
+    return check
 
 
 def _text(content: Sequence[Any]) -> str:

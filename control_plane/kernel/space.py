@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, ov
 
 from agent_os.control_plane.actions.code import CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
+from agent_os.control_plane.actions.mcp import McpTools
 from agent_os.control_plane.actions.registry import ActionRegistry
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.actions.snapshots import SnapshotStore
@@ -686,7 +687,8 @@ class KernelSpace:
 
     async def close(self) -> None:
         """Stop spawned agents still running, wait for signal handlers, stop the code runners
-        (the kernel's and one registered in its place), close the recorder."""
+        (the kernel's and one registered in its place), close the connections of registered
+        MCP tools (:class:`~agent_os.control_plane.actions.mcp.McpTools`), close the recorder."""
         for task in self._runs.values():
             task.cancel()
         await asyncio.gather(*self._runs.values(), return_exceptions=True)
@@ -696,6 +698,9 @@ class KernelSpace:
         for runner in runners.values():
             if isinstance(runner, CodeRunner):
                 await runner.close()
+        for spec in self.actions:
+            if isinstance(spec.provider, McpTools):
+                await spec.provider.close()
         await self.recorder.close()
 
     async def __aenter__(self) -> KernelSpace:

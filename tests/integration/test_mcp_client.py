@@ -4,6 +4,8 @@ hostile cases (unknown tool, bad arguments, oversized result, a server that dies
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +18,9 @@ from agent_os import AgentLoop
 from agent_os.cmvk.testing import Reply, ScriptedLLMServer, tool_call
 from agent_os.control_plane import ActionRequest, KernelSpace, Pattern, Policy
 from agent_os.control_plane.actions import McpTools, mcp_tool_defs
+from agent_os.control_plane.actions.mcp import McpError
+from tests.support import wait_until
+from tests.support.closing import Closing
 from tests.support.mcp_server import serving_http
 
 STDIO = [sys.executable, "-m", "tests.support.mcp_server"]
@@ -34,8 +39,10 @@ def _policy() -> Policy:
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
-async def test_tools_listed_called_denied_and_recorded(transport: str, http_url: str) -> None:
-    tools = McpTools({"srv": STDIO if transport == "stdio" else http_url}, timeout=30)
+async def test_tools_listed_called_denied_and_recorded(
+    transport: str, http_url: str, closing: Closing
+) -> None:
+    tools = closing(McpTools({"srv": STDIO if transport == "stdio" else http_url}, timeout=30))
     defs = {d.name: d for d in await mcp_tool_defs(tools)}
     assert {"srv__echo", "srv__add", "srv__big", "srv__die"} <= set(defs)
     echo = defs["srv__echo"]
@@ -58,8 +65,8 @@ async def test_tools_listed_called_denied_and_recorded(transport: str, http_url:
         assert [r.data["resource"] for r in violations] == ["srv/add"]
 
 
-async def test_hostile_calls_give_specific_errors(http_url: str) -> None:
-    tools = McpTools({"web": http_url}, timeout=30, max_output=1000)
+async def test_hostile_calls_give_specific_errors(http_url: str, closing: Closing) -> None:
+    tools = closing(McpTools({"web": http_url}, timeout=30, max_output=1000))
     async with KernelSpace("permissive") as kernel:
         tools.register(kernel.actions)
         kernel.external("agent")
@@ -76,8 +83,8 @@ async def test_hostile_calls_give_specific_errors(http_url: str) -> None:
         assert (await kernel.submit(ActionRequest("mcp.call", "web/big", {"size": 10}, "agent"))).ok
 
 
-async def test_a_server_that_dies_mid_call_is_an_error_outcome() -> None:
-    tools = McpTools({"local": STDIO}, timeout=30)
+async def test_a_server_that_dies_mid_call_is_an_error_outcome(closing: Closing) -> None:
+    tools = closing(McpTools({"local": STDIO}, timeout=30))
     async with KernelSpace("permissive") as kernel:
         tools.register(kernel.actions)
         kernel.external("agent")
@@ -88,10 +95,11 @@ async def test_a_server_that_dies_mid_call_is_an_error_outcome() -> None:
         after = await kernel.submit(ActionRequest("mcp.call", "local/echo", {"text": "still here"}, "agent"))
         assert after.ok
         assert after.output == {"result": "still here"}
+        assert tools.connections == 2  # the dead server's connection was retired, a new one opened
 
 
-async def test_an_unreachable_server_is_an_error_not_a_hang() -> None:
-    tools = McpTools({"gone": "http://127.0.0.1:9/mcp"}, timeout=5)
+async def test_an_unreachable_server_is_an_error_not_a_hang(closing: Closing) -> None:
+    tools = closing(McpTools({"gone": "http://127.0.0.1:9/mcp"}, timeout=5))
     async with KernelSpace("permissive") as kernel:
         tools.register(kernel.actions)
         kernel.external("agent")
@@ -101,10 +109,10 @@ async def test_an_unreachable_server_is_an_error_not_a_hang() -> None:
         assert "MCP server gone" in result.error
 
 
-async def test_an_agent_loop_acts_through_mcp_tools_only_by_submit(http_url: str) -> None:
+async def test_an_agent_loop_acts_through_mcp_tools_only_by_submit(http_url: str, closing: Closing) -> None:
     """A scripted model calls an MCP tool (allowed, its answer goes back to the model) and one a
     rule denies (the reason goes back as the tool's result); both decisions are recorded."""
-    tools = McpTools({"srv": http_url}, timeout=30)
+    tools = closing(McpTools({"srv": http_url}, timeout=30))
     defs = await mcp_tool_defs(tools)
     replies = iter(
         [
@@ -147,3 +155,93 @@ async def test_an_agent_loop_acts_through_mcp_tools_only_by_submit(http_url: str
             ("policy_violation", "srv/add"),
         ]
         assert (await kernel.recorder.verify()).ok
+
+
+# -- connections ----------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _pid(tools: McpTools, server: str = "local") -> int:
+    output = await tools.run(ActionRequest("mcp.call", f"{server}/pid", {}))
+    pid: int = output["result"]
+    return pid
+
+
+async def test_a_stdio_server_is_started_once_and_serves_concurrent_calls() -> None:
+    async with McpTools({"local": STDIO}, timeout=30) as tools:
+        first = await _pid(tools)
+        assert first != os.getpid()
+        pids = await asyncio.gather(*(_pid(tools) for _ in range(20)))
+        assert set(pids) == {first}
+        sums = await asyncio.gather(
+            *(tools.run(ActionRequest("mcp.call", "local/add", {"a": i, "b": 1})) for i in range(20))
+        )
+        assert [s["result"] for s in sums] == [i + 1 for i in range(20)]
+        assert tools.connections == 1
+        assert _alive(first)
+    await wait_until(lambda: not _alive(first), timeout=10)  # closing stopped the server
+    async with McpTools({"local": STDIO}, timeout=30) as tools:
+        again = await _pid(tools)
+        await tools.close()
+        await wait_until(lambda: not _alive(again), timeout=10)
+        assert await _pid(tools) != again  # a call after close() opens a new connection
+        assert tools.connections == 2
+
+
+async def test_a_server_that_does_not_answer_in_time_is_replaced() -> None:
+    async with McpTools({"local": STDIO}, timeout=2) as tools:
+        wedged = await _pid(tools)
+        with pytest.raises(McpError, match="did not answer within 2s"):
+            await tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 30}))
+        await wait_until(lambda: not _alive(wedged), timeout=10)  # retired, then stopped
+        fresh = await _pid(tools)
+        assert fresh != wedged
+        assert tools.connections == 2
+
+
+async def test_a_call_in_flight_outlives_the_failure_of_another_on_its_connection() -> None:
+    # The slow call fails at its deadline (2 s); the other, started 1 s later and answered at
+    # 2.5 s, is still on the retired connection then: it gets its answer, and only after it
+    # has the server is stopped.
+    async with McpTools({"local": STDIO}, timeout=2) as tools:
+        pid = await _pid(tools)
+        slow = asyncio.create_task(tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 30})))
+        await asyncio.sleep(1.0)
+        other = await tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 1.5}))
+        assert other == {"result": pid}
+        with pytest.raises(McpError, match="did not answer"):
+            await slow
+        await wait_until(lambda: not _alive(pid), timeout=10)
+        assert await _pid(tools) != pid
+
+
+async def test_a_cancelled_caller_leaves_the_connection_open() -> None:
+    async with McpTools({"local": STDIO}, timeout=30) as tools:
+        pid = await _pid(tools)
+        call = asyncio.create_task(tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 10})))
+        connection = tools._open["local"]
+        await wait_until(lambda: connection._calls == 1, timeout=10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await _pid(tools) == pid
+        assert tools.connections == 1
+
+
+async def test_closing_the_kernel_stops_its_mcp_servers() -> None:
+    async with McpTools({"local": STDIO}, timeout=30) as tools, KernelSpace("permissive") as kernel:
+        tools.register(kernel.actions)
+        kernel.external("agent")
+        result = await kernel.submit(ActionRequest("mcp.call", "local/pid", {}, "agent"))
+        assert result.ok
+        pid = result.output["result"]
+        assert _alive(pid)
+        await kernel.close()
+        await wait_until(lambda: not _alive(pid), timeout=10)

@@ -1,6 +1,7 @@
 """A small MCP server made with the SDK's ``MCPServer`` (FastMCP in mcp 1.x), for the tests of
 :class:`agent_os.control_plane.actions.McpTools`: ``python -m tests.support.mcp_server`` serves
-it on stdio; :func:`serving_http` serves it over streamable HTTP inside a test."""
+it on stdio (``--http``: over streamable HTTP on a free port, its URL printed first);
+:func:`serving_http` serves it over streamable HTTP inside a test."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 
 
 def build() -> Any:
-    """The server: ``echo(text)``, ``add(a, b)``, ``big(size)`` (a text of ``size`` characters)
-    and ``die()`` (the process exits in the middle of the call)."""
+    """The server: ``echo(text)``, ``add(a, b)``, ``big(size)`` (a text of ``size`` characters),
+    ``pid()`` (the server's process id), ``sleep(seconds)`` (then its process id) and ``die()``
+    (the process exits in the middle of the call)."""
     from mcp.server.mcpserver import MCPServer
 
     server = MCPServer("test-tools")
@@ -30,6 +32,15 @@ def build() -> Any:
     @server.tool(description="A text of size characters.")
     def big(size: int) -> str:
         return "x" * size
+
+    @server.tool(description="The server's process id.")
+    def pid() -> int:
+        return os.getpid()
+
+    @server.tool(description="Wait this many seconds, then answer with the process id.")
+    async def sleep(seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        return os.getpid()
 
     @server.tool(description="The server process dies in the middle of the call.")
     def die() -> str:
@@ -57,5 +68,16 @@ async def serving_http() -> AsyncIterator[str]:
         sock.close()
 
 
+async def _serve_http_forever() -> None:
+    async with serving_http() as url:
+        print(url, flush=True)
+        await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
-    build().run("stdio")
+    import sys
+
+    if sys.argv[1:] == ["--http"]:  # streamable HTTP on a free port; prints its URL
+        asyncio.run(_serve_http_forever())
+    else:
+        build().run("stdio")

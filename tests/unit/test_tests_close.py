@@ -31,6 +31,7 @@ OPENERS = frozenset(
         "KafkaBroker",
         "EMK",
         "AdminAPI",
+        "McpTools",
     }
 )
 OPENING_METHODS = frozenset({"connect", "start", "open"})
