@@ -33,6 +33,7 @@ from agent_os import ActionRequest
 from agent_os.control_plane import FlightRecorder, KernelSpace, Pattern, Policy
 from agent_os.control_plane.recorder.sqlite import _ROW as SQLITE_ROW
 from agent_os.control_plane.recorder.sqlite import _SCHEMA as SQLITE_SCHEMA
+from agent_os.control_plane.recorder.sqlite import PAGE_SIZE as SQLITE_PAGE_SIZE
 from benchmarks._report import write_section
 
 TARGET_US = 15.0
@@ -166,6 +167,7 @@ def sqlite_floor(path: Path, records: list[Any], repeat: int = 5) -> list[float]
     out = []
     for i in range(repeat):
         db = sqlite3.connect(path / f"floor-{i}.db", isolation_level=None)
+        db.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SQLITE_SCHEMA.format(t="flight_records"))
