@@ -58,9 +58,12 @@ class McpTools:
     **Connections.** Each server has one connection (the SDK's client; a stdio server is one
     process), opened by the first call and kept for the calls after it, concurrent ones
     included. A call that fails on it (the transport or the protocol fails, the server dies
-    or does not answer in time) retires it: later calls open a new one, and the old one is
-    closed (a stdio server stopped) once the calls still on it have ended. A caller that is
-    cancelled leaves it open. :meth:`close` (``async with McpTools(...)``, or closing the kernel
+    or does not answer in time; not an error the server answers with) retires it: later calls
+    open a new one, and the old one is closed (a stdio server stopped) once the calls still on
+    it have ended. A caller that is cancelled leaves it open, but the server must then answer
+    a listing within ``timeout``, or the connection is retired. A stdio server's output that
+    is not UTF-8 is read with replacement characters (the line is then a logged parse error).
+    Used from another event loop, the tools open new connections there. :meth:`close` (``async with McpTools(...)``, or closing the kernel
     it is registered in) closes them all; a call after that opens a new one. ``connections``
     counts those opened."""
 
@@ -86,7 +89,8 @@ class McpTools:
         self._checks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
         self._open: dict[str, _Connection] = {}
         self._opening: dict[str, asyncio.Lock] = {}
-        self._retired: set[_Connection] = set()
+        self._live: set[_Connection] = set()  # every connection whose task has not ended, opening ones too
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> McpTools:
         return self
@@ -97,11 +101,16 @@ class McpTools:
     async def close(self) -> None:
         """Close every connection (stopping stdio servers), waiting for calls still on them;
         a later call opens a new one. Never raises."""
-        connections = [*self._open.values(), *self._retired]
+        connections = list(self._live)
         self._open.clear()
+        tasks = []
         for connection in connections:
             connection.retire()
-        await asyncio.gather(*(c.task for c in connections), return_exceptions=True)
+            tasks.append(connection.task)
+            if connection.probe is not None:
+                connection.probe.cancel()
+                tasks.append(connection.probe)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def register(self, registry: ActionRegistry, *, replace: bool = False) -> None:
         """Register ``mcp.call`` (permission ``execute``) in ``registry``."""
@@ -169,6 +178,9 @@ class McpTools:
 
     async def _connection(self, server: str) -> _Connection:
         """The server's open connection, opened now when there is none (one opener at a time)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # locks and connections belong to the loop they were made in
+            self._loop, self._opening, self._open = loop, {}, {}
         connection = self._open.get(server)
         if connection is not None and connection.usable:
             return connection
@@ -186,9 +198,11 @@ class McpTools:
             if isinstance(spec, str):
                 target = spec
             else:
-                target = mcp.StdioServerParameters(command=spec[0], args=list(spec[1:]))
+                target = mcp.StdioServerParameters(
+                    command=spec[0], args=list(spec[1:]), encoding_error_handler="replace"
+                )
             client = mcp.Client(target, read_timeout_seconds=self.timeout, cache=None)
-            connection = _Connection(client, self._retired)
+            connection = _Connection(client, self._live, self.timeout)
             await connection.opened()  # raises what opening raised; the task is then over
             self._open[server] = connection
             self.connections += 1
@@ -213,17 +227,20 @@ class _Connection:
     own (its context must be left by the task that entered it), which holds it open until the
     connection is retired and no call is on it."""
 
-    __slots__ = ("_calls", "_ready", "_retired", "_stop", "client", "failed", "task")
+    __slots__ = ("_calls", "_live", "_ready", "_stop", "_timeout", "client", "failed", "probe", "task")
 
-    def __init__(self, client: Any, retired: set[_Connection]) -> None:
+    def __init__(self, client: Any, live: set[_Connection], timeout: float) -> None:
         self.client = client
         self.failed = False
         self._calls = 0
-        self._retired = retired
+        self._live = live
+        self._timeout = timeout
+        self.probe: asyncio.Task[None] | None = None  # see call()
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = loop.create_future()
         self.task = loop.create_task(self._hold(), name="mcp connection")
+        live.add(self)
 
     @property
     def usable(self) -> bool:
@@ -241,13 +258,21 @@ class _Connection:
 
     async def call(self, use: Any, deadline: float) -> Any:
         """``use(client)`` by ``deadline`` (the loop's clock; TimeoutError after it). A failure,
-        the timeout included, retires the connection; a cancellation of the caller does not."""
+        the timeout included, retires the connection, except an error the server answered with
+        (a JSON-RPC error response). A cancelled caller does not retire it, but starts a probe:
+        a listing that must be answered within the timeout, or the connection is retired (so a
+        wedged server is replaced even when every caller gives up before the timeout)."""
         self._calls += 1
         try:
             async with asyncio.timeout_at(deadline):
                 return await use(self.client)
-        except Exception:  # the timeout's TimeoutError too: a server that did not answer in time
-            self.failed = True
+        except Exception as exc:  # the timeout's TimeoutError too: the server did not answer in time
+            if not _answered(exc):
+                self.failed = True
+            raise
+        except asyncio.CancelledError:
+            if self.probe is None and not self.failed:
+                self.probe = asyncio.get_running_loop().create_task(self._ping(), name="mcp probe")
             raise
         finally:
             self._calls -= 1
@@ -257,9 +282,19 @@ class _Connection:
     def retire(self) -> None:
         """Take no more calls; close once the calls on it have ended."""
         self.failed = True
-        self._retired.add(self)
         if self._calls == 0:
             self._stop.set()
+
+    async def _ping(self) -> None:
+        # A listing, not a ping: ping is gone from the 2026-07-28 protocol.
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.client.list_tools()
+        except Exception as exc:
+            if not _answered(exc):
+                self.retire()
+        finally:
+            self.probe = None
 
     async def _hold(self) -> None:
         try:
@@ -278,7 +313,7 @@ class _Connection:
                 log.debug("an MCP connection ended with %s", _describe(exc))
         finally:
             self.failed = True
-            self._retired.discard(self)
+            self._live.discard(self)
 
 
 async def mcp_tool_defs(tools: McpTools, servers: Sequence[str] | None = None) -> list[ToolDef]:
@@ -357,6 +392,15 @@ def _arguments_check(schema: Mapping[str, Any] | None, target: str) -> Callable[
             )
 
     return check
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error the server answered with (the connection works), rather than
+    the SDK's own for a closed connection or a request that timed out."""
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+
+    return isinstance(exc, MCPError) and exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
 
 
 def _text(content: Sequence[Any]) -> str:

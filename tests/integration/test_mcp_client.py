@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -245,3 +246,75 @@ async def test_closing_the_kernel_stops_its_mcp_servers() -> None:
         assert _alive(pid)
         await kernel.close()
         await wait_until(lambda: not _alive(pid), timeout=10)
+
+
+# -- connections against a misbehaving server (tests/support/mcp_raw_server.py) -------------------
+
+RAW = [sys.executable, "-m", "tests.support.mcp_raw_server"]
+
+
+async def _raw_pid(tools: McpTools, server: str = "raw") -> int:
+    return int(await tools.run(ActionRequest("mcp.call", f"{server}/pid", {})))
+
+
+async def test_close_while_a_connection_is_opening_stops_its_server(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    spec = [*RAW, "--pid-file", str(pid_file), "--slow-start", "1"]
+    async with McpTools({"raw": spec}, timeout=30) as tools:
+        call = asyncio.create_task(_raw_pid(tools))
+        await wait_until(pid_file.exists, timeout=10)
+        pid = int(pid_file.read_text())
+        await tools.close()
+        assert not _alive(pid)  # close() waited for the connection being opened
+        outcome = (await asyncio.gather(call, return_exceptions=True))[0]
+        assert isinstance(outcome, McpError)
+        assert not tools._live
+
+
+async def test_an_error_the_server_answers_with_keeps_the_connection() -> None:
+    async with McpTools({"raw": RAW}, timeout=10) as tools:
+        pid = await _raw_pid(tools)
+        with pytest.raises(McpError, match="Invalid params"):
+            await tools.run(ActionRequest("mcp.call", "raw/rpcerr", {}))
+        assert await _raw_pid(tools) == pid
+        assert tools.connections == 1
+
+
+async def test_a_wedged_server_is_replaced_even_when_its_callers_give_up_first() -> None:
+    # The caller's own deadline (1 s) comes before McpTools' (2 s): the cancelled call starts a
+    # probe of the connection, which gets no answer within the timeout and retires it.
+    async with McpTools({"raw": RAW}, timeout=2) as tools:
+        pid = await _raw_pid(tools)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tools.run(ActionRequest("mcp.call", "raw/wedge", {})), 1)
+        await wait_until(lambda: not _alive(pid), timeout=15)
+        assert await _raw_pid(tools) != pid
+
+
+async def test_a_line_that_is_not_utf8_does_not_wedge_the_connection() -> None:
+    async with McpTools({"raw": RAW}, timeout=5) as tools:
+        pid = int(await tools.run(ActionRequest("mcp.call", "raw/stray", {})))
+        assert await _raw_pid(tools) == pid
+
+
+async def test_connections_that_ended_are_not_kept() -> None:
+    async with McpTools({"local": STDIO}, timeout=10) as tools:
+        for _ in range(3):
+            with pytest.raises(McpError, match="failed"):
+                await tools.run(ActionRequest("mcp.call", "local/die", {}))
+            await tools.close()
+            assert not tools._live
+
+
+def test_the_same_tools_serve_a_second_event_loop() -> None:
+    tools = McpTools({"local": STDIO}, timeout=30)
+
+    async def session() -> set[int]:
+        try:
+            return set(await asyncio.gather(*(_pid(tools) for _ in range(3))))
+        finally:
+            await tools.close()
+
+    first, second = asyncio.run(session()), asyncio.run(session())
+    assert len(first) == len(second) == 1
+    assert first != second
