@@ -63,9 +63,9 @@ class McpTools:
     it have ended. A caller that is cancelled leaves it open, but the server must then answer
     a listing within ``timeout``, or the connection is retired. A stdio server's output that
     is not UTF-8 is read with replacement characters (the line is then a logged parse error).
-    Used from another event loop, the tools open new connections there. :meth:`close` (``async with McpTools(...)``, or closing the kernel
-    it is registered in) closes them all; a call after that opens a new one. ``connections``
-    counts those opened."""
+    Used from another event loop, the tools open new connections there. :meth:`close`
+    (``async with McpTools(...)``, or closing the kernel it is registered in) closes them all;
+    a call after that opens a new one. ``connections`` counts those opened."""
 
     ACTION: Final = "mcp.call"
     PERMISSION: Final = "execute"
