@@ -141,12 +141,9 @@ Load average {load_before:.1f} before the run, {load_after:.1f} after (2 cores s
 
 `kernel.submit` adds the governance path (identity, permissions, policy, two records) and
 McpTools' own work per call: the argument check against the tool's input schema (compiled once
-per tool) and the size check of the result. Over HTTP both sides wait about 45 ms a call: the
-SDK's streamable-HTTP client and the SDK's server (uvicorn) between them, on the client's
-kept-alive connection, with SSE or JSON responses alike (measured aside: with keep-alive off
-in the SDK's HTTP client, about 3.7 ms a call; `TCP_NODELAY` on the client's socket changes
-nothing), which looks like a delayed acknowledgement on the kept connection; a stdio round
-trip takes under 2 ms.
+per tool) and the size check of the result. The HTTP server's connections have `TCP_NODELAY`,
+as `agent-os serve mcp`'s do: without it, every answer on the client's kept-alive connection
+waited for a delayed acknowledgement, about 43 ms a call on both sides.
 """
     print(body)
     write_section("mcp", "python -m benchmarks.mcp" + (" --quick" if quick else ""), body)

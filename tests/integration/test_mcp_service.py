@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import signal
+import statistics
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -165,3 +167,21 @@ async def test_serve_mcp_serves_metrics_and_health(tmp_path: Path) -> None:
                 text = await scraped.text()
         assert "agentos_policy_decisions_total{" in text
         assert 'event="policy_violation"' in text
+
+
+async def test_serve_mcp_answers_kept_alive_connections_without_delay(tmp_path: Path) -> None:
+    # The SDK's client keeps its HTTP connection: without TCP_NODELAY on the service's sockets
+    # each answer waited for the client's delayed ACK, 40 ms or more a call (Linux's minimum);
+    # a local call takes a few milliseconds.
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("x")
+    async with _client("http", workspace) as client:
+        await client.call_tool("read_file", {"path": "a.txt"})
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            result = await client.call_tool("read_file", {"path": "a.txt"})
+            times.append(time.perf_counter() - start)
+            assert not result.is_error
+        assert statistics.median(times) < 0.030, times

@@ -56,6 +56,7 @@ async def serving_http() -> AsyncIterator[str]:
 
     app = build().streamable_http_app()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the MCP service does
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
