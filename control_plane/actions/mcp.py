@@ -367,8 +367,12 @@ async def _list_all(client: Any) -> list[Any]:
 def _arguments_check(schema: Mapping[str, Any] | None, target: str) -> Callable[[dict[str, Any]], None]:
     """The check of a tool's arguments against its input schema (``jsonschema``; the schema is
     checked and compiled once, not on every call): raises McpError naming what does not match,
-    or, on every call, that the schema itself is invalid."""
+    or, on every call, that the schema itself is invalid. The schema is the server's and the
+    arguments the model's, so its regexes (``pattern``, ``patternProperties``) run on RE2
+    (linear time) rather than Python's backtracking ``re``; one RE2 cannot run fails the call."""
     import jsonschema
+
+    from agent_os.control_plane.errors import PolicyError
 
     document = dict(schema or {"type": "object"})
     try:
@@ -381,10 +385,13 @@ def _arguments_check(schema: Mapping[str, Any] | None, target: str) -> Callable[
             raise McpError(message)
 
         return refuse
-    validator = cls(document)
+    validator = _with_re2(cls)(document)
 
     def check(arguments: dict[str, Any]) -> None:
-        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        except PolicyError as exc:  # a regex of the schema that RE2 cannot run
+            raise McpError(f"{target} has an input schema regex that is refused: {exc}") from None
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "arguments"
             raise McpError(
@@ -392,6 +399,58 @@ def _arguments_check(schema: Mapping[str, Any] | None, target: str) -> Callable[
             )
 
     return check
+
+
+def _with_re2(cls: Any) -> Any:
+    """``cls`` (a jsonschema validator class) with the keywords that run regexes (``pattern``,
+    ``patternProperties``, and ``additionalProperties``, which skips the names those match)
+    matching by RE2, each pattern compiled once (:func:`compile_regex`; PolicyError for one RE2
+    cannot run)."""
+    from jsonschema import ValidationError, validators
+
+    from agent_os.control_plane.policy.regex import compile_regex
+
+    compiled: dict[str, Any] = {}
+
+    def search(pattern: str, text: str) -> bool:
+        regex = compiled.get(pattern)
+        if regex is None:
+            regex = compiled[pattern] = compile_regex(pattern)
+        return regex.search(text) is not None
+
+    def pattern(validator: Any, regex: str, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not search(regex, instance):
+            yield ValidationError(f"{instance!r} does not match {regex!r}")
+
+    def pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "object"):
+            for regex, subschema in patterns.items():
+                for name, value in instance.items():
+                    if search(regex, name):
+                        yield from validator.descend(value, subschema, path=name, schema_path=regex)
+
+    def additional_properties(validator: Any, extra: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        known, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+        names = [
+            name
+            for name in instance
+            if name not in known and not any(search(regex, name) for regex in patterns)
+        ]
+        if validator.is_type(extra, "object"):
+            for name in names:
+                yield from validator.descend(instance[name], extra, path=name)
+        elif not extra and names:
+            listed = ", ".join(repr(name) for name in sorted(names))
+            yield ValidationError(f"additional properties are not allowed ({listed})")
+
+    keywords = {
+        "pattern": pattern,
+        "patternProperties": pattern_properties,
+        "additionalProperties": additional_properties,
+    }
+    return validators.extend(cls, keywords)
 
 
 def _answered(exc: BaseException) -> bool:
