@@ -181,6 +181,7 @@ class FlightRecorder:
         self._flush_lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._wake = 0  # while a background write runs: max_pending (see batch_full)
         self._retention_due = 0.0
         self._retaining = False
         self._closing = False
@@ -279,7 +280,7 @@ class FlightRecorder:
         if not self._opened:
             await self.open()
         record = self.append(event_type, agent_id, data, severity, execution_id, plain)
-        if len(self._batch) >= self.batch_size:
+        if self.batch_full:
             await self.backpressure()
         return record
 
@@ -290,8 +291,11 @@ class FlightRecorder:
 
     @property
     def batch_full(self) -> bool:
-        """True when the batch has reached ``batch_size``: await :meth:`backpressure` next."""
-        return len(self._batch) >= self.batch_size
+        """True when :meth:`backpressure` has something to do: the batch has reached
+        ``batch_size`` (and, while a write started by a full batch is under way,
+        :attr:`max_pending`). Await :meth:`backpressure` next."""
+        n = len(self._batch)
+        return n >= self.batch_size and n >= self._wake
 
     @property
     def max_pending(self) -> int:
@@ -308,7 +312,10 @@ class FlightRecorder:
         running = self._flush_task
         if running is not None and not running.done():
             if len(self._batch) < self.max_pending:
-                return  # the writer is busy: keep batching; its next write takes them all
+                # The writer is busy: keep batching; its next write takes them all. Until it
+                # ends, batch_full stays False below max_pending (no call here per record).
+                self._wake = self.max_pending
+                return
             # Backpressure: a few batches fill while one is written. Shielded, because
             # awaiting a task directly cancels that task when the waiter is cancelled (a killed
             # agent's handler waiting here would cancel the write every other waiter awaits).
@@ -316,7 +323,7 @@ class FlightRecorder:
         if len(self._batch) >= 10 * self.batch_size:
             await self.flush()  # the storage keeps failing: raise instead of growing without bound
         elif len(self._batch) >= self.batch_size:
-            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush(whole=False))
+            self._start_flush(whole=False)
             # Let the task hand the batch to the writer now: a caller whose awaits never
             # suspend (an agent acting in a tight loop) would otherwise fill every pending
             # batch before the loop ran the task, and then wait for the whole write.
@@ -435,10 +442,19 @@ class FlightRecorder:
             await asyncio.to_thread(_write_atomic, Path(path), found.to_json())
         return found
 
+    def _start_flush(self, whole: bool) -> None:
+        """Write the batch in the background (the one such write at a time)."""
+        self._flush_task = task = asyncio.get_running_loop().create_task(self._timed_flush(whole))
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        if task is self._flush_task:
+            self._wake = 0
+
     def _on_timer(self) -> None:
         self._timer = None
         if self._batch and (self._flush_task is None or self._flush_task.done()):
-            self._flush_task = asyncio.get_running_loop().create_task(self._timed_flush(whole=True))
+            self._start_flush(whole=True)
 
     async def _timed_flush(self, whole: bool) -> None:
         try:

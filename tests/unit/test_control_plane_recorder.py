@@ -241,6 +241,43 @@ async def test_a_cancelled_waiter_does_not_cancel_the_write_others_wait_for() ->
         assert (await rec.verify()).checked == 2 + rec.max_pending
 
 
+@pytest.mark.parametrize("started_by", ["a full batch", "the timer"])
+async def test_batch_full_waits_for_the_write_under_way_then_for_a_batch_again(started_by: str) -> None:
+    # While a background write runs, batch_full is False below max_pending (no backpressure call
+    # per record); once the write ends, a full batch is full again, whoever started the write.
+    interval = 0.01 if started_by == "the timer" else 60.0
+    async with FlightRecorder("memory", retention_days=None, batch_size=2, flush_interval=interval) as rec:
+        storage: Any = rec.storage
+        writing, gate = gate_writes(storage)
+        rec.append("e", "a", {"i": 0})
+        if started_by == "a full batch":
+            await rec.log("e", "a", {"i": 1})
+        await asyncio.wait_for(writing.wait(), 5)
+        rec.flush_interval = 60.0  # no other write starts by itself from here on
+        write = rec._flush_task
+        assert write is not None
+        assert not rec._batch  # the write took every record
+        for i in range(2, 4):
+            rec.append("e", "a", {"i": i})
+        assert rec.batch_full  # a full batch meets the write under way ...
+        await rec.backpressure()  # ... and goes on batching
+        while len(rec._batch) < rec.max_pending - 1:
+            rec.append("e", "a", {"i": len(rec._batch)})
+            assert not rec.batch_full
+        rec.append("e", "a", {"i": -1})
+        assert rec.batch_full  # the pending limit: backpressure would wait for the write
+        gate.set()
+        await asyncio.wait_for(asyncio.shield(write), 5)
+        assert len(rec._batch) == rec.max_pending
+        assert rec.batch_full  # the write ended: backpressure starts the next one at once
+        await rec.flush()
+        rec.append("e", "a", {"i": -2})
+        rec.append("e", "a", {"i": -3})
+        assert rec.batch_full  # and two records make a full batch again
+        await rec.flush()
+        assert rec.flushed == rec.appended
+
+
 async def test_records_logged_during_a_write_are_written_without_more_logging() -> None:
     # The flush timer may fire while a write runs: the records that came meanwhile must still
     # be written when it ends, with no further log call and no read to prompt it.
