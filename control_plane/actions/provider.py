@@ -38,7 +38,8 @@ class Provider(Protocol):
     action and returns its output; what it raises becomes the result's ``error``. ``run`` is
     only called after ``resource`` returned and the kernel allowed the action.
 
-    Two optional methods, looked up on the object (not part of the protocol's check):
+    Two optional methods, looked up on the object when its action is registered (not part of
+    the protocol's check):
     ``permission(request) -> str``, the permission this request needs when it depends on the
     request (``sql.query``: ``read`` for a query that only reads, else ``write``), and
     ``context(request) -> Mapping``, extra fields for the policy's context (the kernel's own

@@ -15,7 +15,7 @@ from agent_os.amb import tracing as _tracing
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.policy.content import argument_texts
 from agent_os.control_plane.policy.decision import PERMISSION_DENIED, Decision
-from agent_os.control_plane.policy.policy import RUN_OPERATION, Policy
+from agent_os.control_plane.policy.policy import ABSENT, RUN_OPERATION, Policy
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.process import RUNNING_AGENT, AgentProcess
 from agent_os.control_plane.recorder.records import TRACE_EVENT
@@ -120,6 +120,22 @@ class Gate:
         if type(policy) is not Policy or proc.permissions is not None or proc.restrictions:
             return None
         return policy.cached(operation, resource, sender, recipient, verified, trust_level, proc.id)
+
+    def cached_action(
+        self, operation: str, resource: str, proc: AgentProcess, permission: str
+    ) -> Decision | None:
+        """The decision :meth:`decide` would return for an action of ``proc`` needing
+        ``permission``, whose context has no :data:`~agent_os.control_plane.policy.policy.KEY_FIELDS`
+        value but ``agent_id`` (the agent's name, as ``kernel.submit`` builds it), if the
+        agent holds the permission and the policy has the decision cached; None otherwise (then
+        build the context and call :meth:`decide`). Never raises."""
+        policy = self.policy
+        if type(policy) is not Policy or not permitted(proc, permission):
+            return None
+        try:
+            return policy.cached(operation, resource, ABSENT, ABSENT, ABSENT, ABSENT, proc.name)
+        except TypeError:  # an unhashable resource (a provider's bug): decide() deals with it
+            return None
 
     async def authorize(
         self, operation: str, resource: str, context: Mapping[str, Any] | None = None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.amb import tracing as _tracing
 from agent_os.control_plane.actions.provider import (
@@ -37,7 +37,7 @@ from agent_os.control_plane.actions.provider import (
     request_context,
     request_permission,
 )
-from agent_os.control_plane.actions.request import ActionRequest, ActionResult
+from agent_os.control_plane.actions.request import ActionRequest, ActionResult, action_result
 from agent_os.control_plane.errors import AgentStoppedError, KernelError
 from agent_os.control_plane.kernel.gate import KERNEL_POLICY
 from agent_os.control_plane.policy.decision import ACTION_BLOCKED, Decision
@@ -77,7 +77,38 @@ class ActionDecision:
 
     def denial(self) -> ActionResult:
         """The result of a denied action: ``allowed=False``, the reason in ``error``."""
-        return ActionResult(False, None, self.decision.reason, self.record_id)
+        return action_result(False, None, self.decision.reason, self.record_id)
+
+
+_new: Final = object.__new__
+# ActionDecision is frozen: kernel.submit, which makes one per action, sets its fields through
+# their slot descriptors, as its __init__ does through object.__setattr__, at half the cost.
+_set_request: Final = getattr(ActionDecision, "request").__set__  # noqa: B009 (mypy sees the field's type)
+_set_agent: Final = getattr(ActionDecision, "agent").__set__  # noqa: B009
+_set_spec: Final = getattr(ActionDecision, "spec").__set__  # noqa: B009
+_set_data: Final = getattr(ActionDecision, "data").__set__  # noqa: B009
+_set_decision: Final = getattr(ActionDecision, "decision").__set__  # noqa: B009
+_set_record_id: Final = getattr(ActionDecision, "record_id").__set__  # noqa: B009
+
+
+def action_decision(
+    request: ActionRequest,
+    agent: str,
+    spec: ActionSpec | None,
+    data: Mapping[str, Any],
+    decision: Decision,
+    record_id: str,
+) -> ActionDecision:
+    """``ActionDecision(request, agent, spec, data, decision, record_id)``, built without the
+    dataclass ``__init__``."""
+    decided: ActionDecision = _new(ActionDecision)
+    _set_request(decided, request)
+    _set_agent(decided, agent)
+    _set_spec(decided, spec)
+    _set_data(decided, data)
+    _set_decision(decided, decision)
+    _set_record_id(decided, record_id)
+    return decided
 
 
 class Submitter:
@@ -104,7 +135,8 @@ class Submitter:
             return result
 
     async def _submit(self, request: ActionRequest) -> ActionResult:
-        _check(request)
+        if type(request) is not ActionRequest:
+            _check(request)
         proc, why = self._identify(request)
         if proc is not None and proc.life is not Life.RUNNING:  # stopped, killed or waiting
             try:
@@ -112,7 +144,7 @@ class Submitter:
             except AgentStoppedError:
                 why = f"agent {proc.name} was killed or has finished"
         decided = await self._decide(request, proc, why)
-        if not decided.allowed:
+        if not decided.decision.allowed:
             return decided.denial()
         return await self.run(decided)
 
@@ -140,11 +172,11 @@ class Submitter:
         decision and record the outcome (keeping the snapshot under its record id). Raises
         KernelError for a decision that did not allow the action, RecorderError."""
         spec = decided.spec
-        if not decided.allowed or spec is None:
+        if not decided.decision.allowed or spec is None:
             raise KernelError("only an allowed action runs")
         request = decided.request
         extra: dict[str, Any] = {}
-        store = getattr(spec.provider, "snapshots", None)  # a reversible provider's store
+        store = getattr(spec.provider, "snapshots", None) if spec.reversible else None  # its store
         snapshot = None
         if store is not None:
             try:
@@ -154,20 +186,20 @@ class Submitter:
                 if store.on_failure == "block":
                     error = f"not done: no snapshot ({extra['snapshot_error']}; on_failure=block)"
                     done = await self.record_outcome(decided, error, extra)
-                    return ActionResult(True, None, error, done.id)
+                    return action_result(True, None, error, done.id)
         try:
             output = await spec.provider.run(request)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             done = await self.record_outcome(decided, error, extra)
             partial = exc.output if isinstance(exc, ActionFailed) else None
-            return ActionResult(True, partial, error, done.id)
+            return action_result(True, partial, error, done.id)
         if snapshot is not None:
             extra["snapshot"] = True
         done = await self.record_outcome(decided, None, extra)
         if snapshot is not None and store is not None:
             store.keep(done.id, snapshot, decided.data["agent_name"])
-        return ActionResult(True, output, None, done.id)
+        return action_result(True, output, None, done.id)
 
     async def record_outcome(
         self, decided: ActionDecision, error: str | None = None, extra: Mapping[str, Any] | None = None
@@ -209,10 +241,13 @@ class Submitter:
         if spec is None:
             return await self._deny(request, proc, proc.id, data, f"unknown action {request.action!r}")
         data["operation"] = spec.operation
+        permission = spec.permission
+        extra: Mapping[str, Any] = {}
         try:
             resource = spec.provider.resource(request)
-            permission = request_permission(spec.provider, request, spec.permission)
-            extra = request_context(spec.provider, request)
+            if spec.hooks:
+                permission = request_permission(spec.provider, request, permission)
+                extra = request_context(spec.provider, request)
         except ActionRefused as exc:
             return await self._deny(request, proc, proc.id, data, str(exc))
         except Exception as exc:  # a provider's bug refuses, never allows
@@ -221,21 +256,26 @@ class Submitter:
         data["resource"] = resource
         if permission != spec.operation:
             data["permission"] = permission
-        ctx = {
-            **extra,  # the provider's fields (host, argv ...), under the caller's and the kernel's
-            **(context or {}),
-            "agent_id": proc.name,
-            "agent_name": proc.name,
-            "execution_id": proc.id,
-            "action": request.action,
-            "target": request.target,
-            "params": request.params,
-        }
-        decision = self.gate.decide(spec.operation, resource, ctx, proc, permission=permission)
+        # Without fields beyond the kernel's own, a cached decision needs no context built.
+        decision = None
+        if not extra and context is None:
+            decision = self.gate.cached_action(spec.operation, resource, proc, permission)
+        if decision is None:
+            ctx = {
+                **extra,  # the provider's fields (host, argv ...), under the caller's and the kernel's
+                **(context or {}),
+                "agent_id": proc.name,
+                "agent_name": proc.name,
+                "execution_id": proc.id,
+                "action": request.action,
+                "target": request.target,
+                "params": request.params,
+            }
+            decision = self.gate.decide(spec.operation, resource, ctx, proc, permission=permission)
         data["rule"] = decision.rule_name
         data["policy"] = decision.policy
         decision, record = await self.gate.record_action(proc, proc.id, data, decision)
-        return ActionDecision(request, proc.id, spec, data, decision, record.id)
+        return action_decision(request, proc.id, spec, data, decision, record.id)
 
     def _identify(self, request: ActionRequest) -> tuple[AgentProcess | None, str]:
         running = RUNNING_AGENT.get()
@@ -263,7 +303,7 @@ class Submitter:
         decision = Decision(False, "deny", reason, KERNEL_POLICY, violation=True, kind=ACTION_BLOCKED)
         body = {"operation": None, "resource": None, **data, "rule": None, "policy": KERNEL_POLICY}
         decision, record = await self.gate.record_action(proc, agent_id, body, decision)
-        return ActionDecision(request, agent_id, None, body, decision, record.id)
+        return action_decision(request, agent_id, None, body, decision, record.id)
 
 
 def _check(request: object) -> None:

@@ -39,6 +39,8 @@ _DECISIONS_MAX: Final = 16384
 _MISSING: Final = object()
 # The context fields a cached decision is keyed by (beyond operation and resource).
 KEY_FIELDS: Final = ("sender", "recipient", "verified", "trust_level", "agent_id")
+ABSENT: Final = _MISSING
+"""For :meth:`Policy.cached`: a :data:`KEY_FIELDS` field the context does not have."""
 _KEYED: Final = frozenset(KEY_FIELDS)
 # Policy attributes a decision depends on: setting one clears the decision cache.
 _SETTINGS: Final = frozenset({"name", "default_action", "mode", "require_verified_sender", "permissions"})
@@ -267,9 +269,10 @@ class Policy:
         agent_id: Any,
     ) -> Decision | None:
         """The decision :meth:`evaluate` would return for a context with these
-        :data:`KEY_FIELDS` values, when it is in the decision cache (no rate limit to apply);
-        None otherwise: then call :meth:`evaluate`. Lets a caller skip building the context.
-        Raises TypeError for an unhashable value."""
+        :data:`KEY_FIELDS` values (:data:`ABSENT` for a field the context lacks), when it is in
+        the decision cache (no rate limit to apply); None otherwise: then call
+        :meth:`evaluate`. Lets a caller skip building the context. Raises TypeError for an
+        unhashable value."""
         hit = self._compiled.decisions.get(
             (operation, resource, sender, recipient, verified, trust_level, agent_id)
         )

@@ -4,6 +4,8 @@ one outcome record per allowed action, one record of the denial's kind per denia
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +285,94 @@ async def test_an_audit_policy_lets_the_action_run_and_records_the_violation(tmp
             ("policy_violation", "fs.read", "audit"),
             ("action_outcome", "fs.read", "ok"),
         ]
+
+
+class Echo:
+    """A provider with neither a ``permission`` nor a ``context`` method."""
+
+    def resource(self, request: ActionRequest) -> str:
+        return request.target
+
+    async def run(self, request: ActionRequest) -> Any:
+        return request.target
+
+
+def _decision_rules(rng: random.Random) -> Policy:
+    """Rules on the fields a cached decision is keyed by (``agent_id``) and on those it is not
+    (``action``, ``target``, ``params``), in a random order, with a random default."""
+    policy = Policy("mixed", default_action=rng.choice(["allow", "deny"]))
+    conditions: list[dict[str, Any] | None] = [
+        None,
+        {"agent_id": "ann"},
+        {"agent_id": {"$in": ["bob", "cy"]}},
+        {"action": "echo.b"},
+        {"target": {"$regex": "^t[12]"}},
+        {"params.n": {"$gt": 1}},
+        {"agent_name": "bob"},
+    ]
+    for i in range(rng.randint(1, 8)):
+        pattern = Pattern(
+            rng.choice(["read", "*"]), rng.choice(["t*", "t1", "*", "u*"]), conditions=rng.choice(conditions)
+        )
+        policy.add_rule(rng.choice(["allow", "deny"]), pattern, name=f"r{i}")
+    return policy
+
+
+async def _decisions(
+    policy: Policy, steps: list[tuple[str, str, str, int]], cached: bool
+) -> list[tuple[Any, ...]]:
+    async with KernelSpace(policy) as kernel:
+        if not cached:
+            kernel.gate.cached_action = lambda *_args: None  # type: ignore[method-assign]
+        kernel.actions.register("echo.a", Echo(), "read")
+        kernel.actions.register("echo.b", Echo(), "read")
+        for name, permissions in (("ann", {"read"}), ("bob", None), ("cy", {"write"})):
+            kernel.external(name).permissions = None if permissions is None else frozenset(permissions)
+        for i, (agent, action, target, n) in enumerate(steps):
+            if i % 10 == 9:  # permissions change under decisions already cached
+                ann = kernel.external("ann")
+                ann.permissions = frozenset({"write"} if ann.permissions == frozenset({"read"}) else {"read"})
+            await kernel.submit(ActionRequest(action, target, {"n": n}, agent_id=agent))
+        records = await kernel.recorder.query(event_type=["policy_decision", *VIOLATION_EVENTS])
+        return [(r.event_type, r.data["decision"], r.data["rule"], r.data["reason"]) for r in records]
+
+
+async def test_a_cached_action_decision_equals_the_one_built_from_the_whole_context() -> None:
+    # submit skips building the context when the policy has the decision cached: each step's
+    # decision must be the one the whole context gives, whatever the rules look at.
+    rng = random.Random(5)
+    for _ in range(20):
+        policy_seed = rng.random()
+        steps = [
+            (
+                rng.choice(["ann", "bob", "cy"]),
+                rng.choice(["echo.a", "echo.b"]),
+                rng.choice(["t1", "t2", "u3"]),
+                rng.randint(0, 2),
+            )
+            for _ in range(30)
+        ]
+        fast = await _decisions(_decision_rules(random.Random(policy_seed)), steps, cached=True)
+        slow = await _decisions(_decision_rules(random.Random(policy_seed)), steps, cached=False)
+        assert fast == slow
+
+
+def test_the_fast_constructors_build_equal_frozen_results_and_decisions() -> None:
+    from agent_os.control_plane.actions.registry import ActionSpec
+    from agent_os.control_plane.actions.request import action_result
+    from agent_os.control_plane.kernel.submit import ActionDecision, action_decision
+    from agent_os.control_plane.policy.decision import Decision
+
+    result = action_result(True, {"x": 1}, None, "evt_1")
+    assert result == ActionResult(True, {"x": 1}, None, "evt_1")
+    assert result.ok
+    request = ActionRequest("echo.a", "t1")
+    spec = ActionSpec("echo.a", Echo(), "read")
+    allow = Decision(True, "allow", "ok", "p")
+    fields = (request, "ann-1", spec, {"action": "echo.a"}, allow, "evt_2")
+    decided = action_decision(*fields)
+    assert decided == ActionDecision(*fields)
+    assert decided.allowed
+    for frozen, name in ((result, "error"), (decided, "record_id")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, name, "changed")
