@@ -208,13 +208,16 @@ class Submitter:
         ``extra`` (a snapshot's note), ``status`` ``ok`` or ``error``, ``error``,
         ``decision_id``). Raises RecorderError."""
         agent = decided.agent
-        status = {"status": "ok"} if error is None else {"status": "error", "error": error}
-        outcome = {**decided.data, **(extra or {}), **status, "decision_id": decided.record_id}
-        severity = "info" if error is None else "error"
+        outcome = {**decided.data, **extra} if extra else {**decided.data}
+        if error is None:
+            outcome["status"], severity = "ok", "info"
+        else:
+            outcome["status"], outcome["error"], severity = "error", error, "error"
+        outcome["decision_id"] = decided.record_id
         if _tracing.active:
             _tracing.add_event(
                 TRACE_EVENT,
-                {"agent_os.recorder.event": OUTCOME_EVENT, "agent_os.action.status": status["status"]},
+                {"agent_os.recorder.event": OUTCOME_EVENT, "agent_os.action.status": outcome["status"]},
             )
         recorder = self.gate.recorder
         if not recorder.ready:
