@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from agent_os.control_plane.errors import ControlPlaneError
 
@@ -38,8 +39,8 @@ class Provider(Protocol):
     action and returns its output; what it raises becomes the result's ``error``. ``run`` is
     only called after ``resource`` returned and the kernel allowed the action.
 
-    Two optional methods, looked up on the object when its action is registered (not part of
-    the protocol's check):
+    Two optional methods, looked up on the object for each request (not part of the
+    protocol's check):
     ``permission(request) -> str``, the permission this request needs when it depends on the
     request (``sql.query``: ``read`` for a query that only reads, else ``write``), and
     ``context(request) -> Mapping``, extra fields for the policy's context (the kernel's own
@@ -63,12 +64,17 @@ def request_permission(provider: Provider, request: ActionRequest, default: str)
     return permission
 
 
+NO_FIELDS: Final[Mapping[str, Any]] = MappingProxyType({})
+"""What :func:`request_context` returns for a provider without a ``context`` method."""
+
+
 def request_context(provider: Provider, request: ActionRequest) -> Mapping[str, Any]:
     """Extra fields for the policy's context: the provider's optional ``context(request)``
-    (``net.http``: ``host``, ``port``, ``scheme``, ``method``), or nothing."""
+    (``net.http``: ``host``, ``port``, ``scheme``, ``method``), or :data:`NO_FIELDS` (this
+    very object) when it has none."""
     method = getattr(provider, "context", None)
     if not callable(method):
-        return {}
+        return NO_FIELDS
     fields = method(request)
     if not isinstance(fields, Mapping):
         raise ActionRefused(f"the provider's context is not a mapping ({type(fields).__name__})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from agent_os.control_plane.actions.provider import Provider
@@ -25,24 +25,16 @@ class ActionSpec:
     The resource is the provider's ``resource(request)``; the action's name is the context
     field ``action``. A provider with a ``permission(request)`` method decides the permission
     per request (``sql.query``: ``read`` or ``write``); ``permission`` is then the most it can
-    need, for listings. Looked up once, here: ``hooks``, whether the provider has a
-    ``permission`` or a ``context`` method (without either, ``submit`` asks it for neither);
-    ``reversible``, whether it has a ``snapshots`` attribute (only then does ``submit`` look for
-    a snapshot store)."""
+    need, for listings."""
 
     name: str
     provider: Provider
     permission: str
     operation: str = ""
-    hooks: bool = field(init=False, compare=False)
-    reversible: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.operation:
             object.__setattr__(self, "operation", self.permission)
-        hooks = any(callable(getattr(self.provider, name, None)) for name in ("permission", "context"))
-        object.__setattr__(self, "hooks", hooks)
-        object.__setattr__(self, "reversible", hasattr(self.provider, "snapshots"))
 
 
 class ActionRegistry:

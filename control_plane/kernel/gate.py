@@ -134,7 +134,7 @@ class Gate:
             return None
         try:
             return policy.cached(operation, resource, ABSENT, ABSENT, ABSENT, ABSENT, proc.name)
-        except TypeError:  # an unhashable resource (a provider's bug): decide() deals with it
+        except Exception:  # a resource that cannot be hashed or compared: decide() denies it
             return None
 
     async def authorize(

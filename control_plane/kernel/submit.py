@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.amb import tracing as _tracing
 from agent_os.control_plane.actions.provider import (
+    NO_FIELDS,
     ActionFailed,
     ActionRefused,
     request_context,
@@ -176,7 +177,7 @@ class Submitter:
             raise KernelError("only an allowed action runs")
         request = decided.request
         extra: dict[str, Any] = {}
-        store = getattr(spec.provider, "snapshots", None) if spec.reversible else None  # its store
+        store = getattr(spec.provider, "snapshots", None)  # a reversible provider's store
         snapshot = None
         if store is not None:
             try:
@@ -244,13 +245,10 @@ class Submitter:
         if spec is None:
             return await self._deny(request, proc, proc.id, data, f"unknown action {request.action!r}")
         data["operation"] = spec.operation
-        permission = spec.permission
-        extra: Mapping[str, Any] = {}
         try:
             resource = spec.provider.resource(request)
-            if spec.hooks:
-                permission = request_permission(spec.provider, request, permission)
-                extra = request_context(spec.provider, request)
+            permission = request_permission(spec.provider, request, spec.permission)
+            extra = request_context(spec.provider, request)
         except ActionRefused as exc:
             return await self._deny(request, proc, proc.id, data, str(exc))
         except Exception as exc:  # a provider's bug refuses, never allows
@@ -259,9 +257,10 @@ class Submitter:
         data["resource"] = resource
         if permission != spec.operation:
             data["permission"] = permission
-        # Without fields beyond the kernel's own, a cached decision needs no context built.
+        # Without fields beyond the kernel's own (a provider without a context method, no
+        # caller's context), a cached decision needs no context built.
         decision = None
-        if not extra and context is None:
+        if extra is NO_FIELDS and context is None:
             decision = self.gate.cached_action(spec.operation, resource, proc, permission)
         if decision is None:
             ctx = {

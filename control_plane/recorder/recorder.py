@@ -181,7 +181,7 @@ class FlightRecorder:
         self._flush_lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
-        self._wake = 0  # while a background write runs: max_pending (see batch_full)
+        self._writing_behind = False  # a background write runs: batch up to max_pending
         self._retention_due = 0.0
         self._retaining = False
         self._closing = False
@@ -295,7 +295,8 @@ class FlightRecorder:
         ``batch_size`` (and, while a write started by a full batch is under way,
         :attr:`max_pending`). Await :meth:`backpressure` next."""
         n = len(self._batch)
-        return n >= self.batch_size and n >= self._wake
+        size = self.batch_size
+        return n >= size and (not self._writing_behind or n >= _PENDING_BATCHES * size)
 
     @property
     def max_pending(self) -> int:
@@ -314,7 +315,7 @@ class FlightRecorder:
             if len(self._batch) < self.max_pending:
                 # The writer is busy: keep batching; its next write takes them all. Until it
                 # ends, batch_full stays False below max_pending (no call here per record).
-                self._wake = self.max_pending
+                self._writing_behind = True
                 return
             # Backpressure: a few batches fill while one is written. Shielded, because
             # awaiting a task directly cancels that task when the waiter is cancelled (a killed
@@ -449,7 +450,7 @@ class FlightRecorder:
 
     def _written(self, task: asyncio.Task[None]) -> None:
         if task is self._flush_task:
-            self._wake = 0
+            self._writing_behind = False
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -502,13 +503,20 @@ class FlightRecorder:
                             await asyncio.shield(write)
                             break
                         except asyncio.CancelledError:
-                            if write.done():
+                            if not write.done():
+                                cancelled = True  # the write goes on: wait for its end
+                            elif write.cancelled() or write.exception() is not None:
                                 raise
-                            cancelled = True  # the write goes on: wait for its end
+                            else:  # written, then this flush was cancelled: count them
+                                cancelled = True
+                                break
             except BaseException as exc:
                 self._batch[:0] = batch
                 if isinstance(exc, RecorderInUse):
                     self._fenced = exc  # nothing more is numbered from a tail that moved
+                elif self._batch and self._timer is None and not self._closing:
+                    # Kept for the next write: the timer may have fired during this one.
+                    self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
                 raise
             finally:
                 self._writing = []

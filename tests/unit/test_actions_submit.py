@@ -376,3 +376,54 @@ def test_the_fast_constructors_build_equal_frozen_results_and_decisions() -> Non
     for frozen, name in ((result, "error"), (decided, "record_id")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(frozen, name, "changed")
+
+
+async def test_provider_hooks_given_after_registration_are_asked_for_each_request() -> None:
+    # A provider configured after it was registered: its permission and context methods and its
+    # snapshot store count from then on (a hook missed would turn a denial into an allow).
+    policy = Policy("p", default_action="allow")
+    policy.add_rule("deny", Pattern("read", "*", conditions={"host": "evil.example"}), reason="evil host")
+    async with KernelSpace(policy) as kernel:
+        provider: Any = Echo()
+        kernel.actions.register("echo.a", provider, "read")
+        kernel.external("ann").permissions = frozenset({"read"})
+        assert (await kernel.submit(ActionRequest("echo.a", "t1", agent_id="ann"))).ok  # cached allow
+        provider.context = lambda request: {"host": "evil.example"}
+        denied = await kernel.submit(ActionRequest("echo.a", "t1", agent_id="ann"))
+        assert not denied.allowed
+        assert denied.error == "evil host"
+        del provider.context
+        provider.permission = lambda request: "write"
+        lacking = await kernel.submit(ActionRequest("echo.a", "t1", agent_id="ann"))
+        assert not lacking.allowed
+        assert lacking.error == "agent ann lacks permission for write"
+
+
+class OddResource(str):
+    """A resource whose hash raises: a provider's bug."""
+
+    def __hash__(self) -> int:
+        raise ValueError("no hash")
+
+    __eq__ = str.__eq__
+
+
+async def test_a_resource_the_decision_cache_cannot_take_is_still_judged_and_recorded() -> None:
+    class Odd(Echo):
+        def resource(self, request: ActionRequest) -> str:
+            return OddResource(request.target)
+
+    policy = Policy("p", default_action="deny")
+    policy.add_rule("allow", Pattern("read", "t1"))
+    async with KernelSpace(policy) as kernel:
+        kernel.actions.register("odd.act", Odd(), "read")
+        kernel.external("ann")
+        allowed = await kernel.submit(ActionRequest("odd.act", "t1", agent_id="ann"))  # no ValueError
+        denied = await kernel.submit(ActionRequest("odd.act", "t2", agent_id="ann"))
+        assert allowed.ok
+        assert not denied.allowed
+        assert await _events(kernel) == [
+            ("policy_decision", "odd.act", "allow"),
+            ("action_outcome", "odd.act", "ok"),
+            ("policy_violation", "odd.act", "deny"),
+        ]

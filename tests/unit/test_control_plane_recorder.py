@@ -792,3 +792,58 @@ async def test_appended_records_carry_the_documented_hash() -> None:
             )
         assert records[1].data == {"big": 2**70}
         assert (await rec.verify()).ok
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_a_flush_cancelled_after_its_write_counts_the_records_once(turns: int) -> None:
+    # Cancelled once the storage has written the batch: putting the batch back would write it
+    # twice, and the second write (a tail that moved) would fence the recorder for good.
+    async with FlightRecorder("memory", retention_days=None, batch_size=100, flush_interval=60) as rec:
+        storage: Any = rec.storage
+        original, written = storage.append, asyncio.Event()
+
+        async def append(rows: Any) -> None:
+            await original(rows)
+            written.set()
+
+        storage.append = append
+        rec.append("e", "a", {"i": 1})
+        flush = asyncio.create_task(rec.flush())
+        await written.wait()  # not wait_for: its own task would let the flush end first
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        flush.cancel()
+        await asyncio.gather(flush, return_exceptions=True)
+        assert len(storage.rows) == 1
+        assert not rec._batch
+        rec.append("e", "a", {"i": 2})
+        assert await rec.flush() == 1  # not RecorderInUse
+        assert rec.flushed == 2
+        assert (await rec.verify()).checked == 2
+
+
+async def test_a_failed_flush_leaves_its_records_to_the_timer() -> None:
+    # The timer fired (finding the batch taken) while an explicit flush wrote; the flush then
+    # failed: the records must still be written without more logging.
+    async with FlightRecorder("memory", retention_days=None, batch_size=100, flush_interval=0.01) as rec:
+        storage: Any = rec.storage
+        original, writing, gate = storage.append, asyncio.Event(), asyncio.Event()
+        failures = [1]
+
+        async def append(rows: Any) -> None:
+            writing.set()
+            await gate.wait()
+            if failures[0]:
+                failures[0] -= 1
+                raise RecorderError("storage down")
+            await original(rows)
+
+        storage.append = append
+        rec.append("e", "a", {"i": 1})
+        flush = asyncio.create_task(rec.flush())
+        await asyncio.wait_for(writing.wait(), 5)
+        await wait_until(lambda: rec._timer is None)  # it fired during the write
+        gate.set()
+        with pytest.raises(RecorderError):
+            await flush
+        await wait_until(lambda: rec.flushed == 1)
