@@ -36,11 +36,11 @@ RUN_OPERATION: Final = "run"
 agent's name, ``context["content"]`` the texts of its arguments."""
 
 _DECISIONS_MAX: Final = 16384
-_MISSING: Final = object()
 # The context fields a cached decision is keyed by (beyond operation and resource).
 KEY_FIELDS: Final = ("sender", "recipient", "verified", "trust_level", "agent_id")
-ABSENT: Final = _MISSING
-"""For :meth:`Policy.cached`: a :data:`KEY_FIELDS` field the context does not have."""
+ABSENT: Final = object()
+"""In a decision's cache key (:meth:`Policy.cached`): a :data:`KEY_FIELDS` field the context
+does not have."""
 _KEYED: Final = frozenset(KEY_FIELDS)
 # Policy attributes a decision depends on: setting one clears the decision cache.
 _SETTINGS: Final = frozenset({"name", "default_action", "mode", "require_verified_sender", "permissions"})
@@ -206,11 +206,11 @@ class Policy:
             key = (
                 operation,
                 resource,
-                get("sender", _MISSING),
-                get("recipient", _MISSING),
-                get("verified", _MISSING),
-                get("trust_level", _MISSING),
-                get("agent_id", _MISSING),
+                get("sender", ABSENT),
+                get("recipient", ABSENT),
+                get("verified", ABSENT),
+                get("trust_level", ABSENT),
+                get("agent_id", ABSENT),
             )
             if default is not None:  # another default, another decision: never the same key
                 key += (default,)
