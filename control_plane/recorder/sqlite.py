@@ -31,11 +31,14 @@ from typing import Any, TypeVar
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError
 from agent_os.control_plane.recorder.codec import DataCodec
 from agent_os.control_plane.recorder.lockfile import WriterLock
-from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS
+from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS, FREQUENT_EVENTS
 from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
 
+# The condition of the event-type index, and the term a query for rarer events adds so that
+# SQLite may use that index (it must find the index's own condition among the query's terms).
+RARE_EVENTS_SQL = "event_type NOT IN ({})".format(", ".join(f"'{e}'" for e in FREQUENT_EVENTS))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {t} (
     seq INTEGER PRIMARY KEY,
@@ -50,9 +53,9 @@ CREATE TABLE IF NOT EXISTS {t} (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {t}_agent ON {t} (agent_id, seq);
-CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq);
+CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, seq) WHERE {rare};
 CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts);
-"""
+""".replace("{rare}", RARE_EVENTS_SQL)
 _COLS = "seq, id, ts, event_type, agent_id, execution_id, severity, data, prev_hash, hash"
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # The row counts of the INSERT statements a write is made of: powers of two, so that a dozen
@@ -88,6 +91,8 @@ def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
         if values is not None:
             parts.append(f"{column} IN ({', '.join([param] * len(values))})" if values else "FALSE")
             args.extend(values)
+    if where.event_types and not set(where.event_types) & set(FREQUENT_EVENTS):
+        parts.append(RARE_EVENTS_SQL)
     if where.start_ns is not None:
         parts.append(f"ts >= {param}")
         args.append(where.start_ns)
@@ -259,7 +264,10 @@ class SqliteStorage:
             after = rows[-1][0]
 
     async def newest_anchor(self) -> tuple[int, Any] | None:
-        sql = f"SELECT seq, data FROM {self.table} WHERE event_type = ? ORDER BY seq DESC LIMIT 1"
+        sql = (
+            f"SELECT seq, data FROM {self.table} WHERE event_type = ? AND {RARE_EVENTS_SQL}"
+            " ORDER BY seq DESC LIMIT 1"
+        )
         row = await self._run(lambda db: db.execute(sql, (ANCHOR_EVENT,)).fetchone())
         return None if row is None else (int(row[0]), row[1])
 

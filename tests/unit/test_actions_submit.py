@@ -21,6 +21,7 @@ from agent_os.control_plane import (
     RateLimitExceeded,
     SignalDispatcher,
 )
+from agent_os.control_plane.recorder.records import FREQUENT_EVENTS
 from tests.support import wait_until
 
 
@@ -68,6 +69,8 @@ async def test_round_trip_records_one_decision_and_one_outcome_each(tmp_path: Pa
         assert decision.data["operation"] == "write"
         assert decision.data["resource"] == str(tmp_path / "notes/a.txt")
         assert (await kernel.recorder.verify()).ok
+        # The types of every allowed action's records: the ones SQLite leaves out of its index.
+        assert {e for e, _, _ in events} == set(FREQUENT_EVENTS)
 
 
 async def test_an_agent_without_write_cannot_write_or_delete(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
-from agent_os.control_plane.recorder.sqlite import PAGE_SIZE, _plan
+from agent_os.control_plane.recorder.records import FREQUENT_EVENTS
+from agent_os.control_plane.recorder.sqlite import _SCHEMA, PAGE_SIZE, RARE_EVENTS_SQL, _plan, where_sql
 from agent_os.control_plane.recorder.storage import Where
 from tests.support import wait_until
 from tests.support.closing import Closing
@@ -376,6 +377,74 @@ async def test_a_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(t
     async with FlightRecorder("sqlite", str(old)) as rec:
         assert [r.data["i"] for r in await rec.query()] == [0, 1, 2]
         assert (await rec.verify()).ok
+
+
+def _plan_of(db: Path, where: Where) -> str:
+    cond, args = where_sql(where)
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(f"EXPLAIN QUERY PLAN SELECT * FROM flight_records{cond}", args).fetchall()
+        return " | ".join(str(row[-1]) for row in rows)
+    finally:
+        con.close()
+
+
+_MIXED = [
+    ("policy_decision", "a"),
+    ("action_outcome", "a"),
+    ("policy_violation", "b"),
+    ("policy_decision", "b"),
+    ("agent_started", "a"),
+    ("policy_violation", "a"),
+    ("action_outcome", "b"),
+]
+
+
+@pytest.mark.parametrize("made", ["now", "before the partial index"])
+async def test_sqlite_event_type_index_holds_the_rare_events_and_every_query_is_right(
+    tmp_path: Path, made: str
+) -> None:
+    # The event types of every message and action stay out of the (event_type, seq) index; a
+    # query for rarer types uses it. A file made before keeps its full index and answers alike.
+    assert set(FREQUENT_EVENTS) == {"policy_decision", "action_outcome"}
+    db = tmp_path / "audit.db"
+    if made != "now":
+        con = sqlite3.connect(db)
+        con.executescript(_SCHEMA.replace(f" WHERE {RARE_EVENTS_SQL}", "").format(t="flight_records"))
+        con.close()
+    async with FlightRecorder("sqlite", str(db), batch_size=3) as rec:
+        for round_ in range(3):
+            for event, agent in _MIXED:
+                await rec.log(event, agent, {"round": round_})
+        await rec.flush()
+        for types in (
+            ["policy_violation"],
+            ["agent_started", "policy_violation"],
+            ["policy_decision"],
+            ["policy_decision", "policy_violation"],
+            [],
+        ):
+            for who in (None, "a"):
+                for order in ("asc", "desc"):
+                    got = await rec.query(event_type=types, agent_id=who, order=order, limit=4)
+                    want = [
+                        (i, e, a) for i, (e, a) in enumerate(_MIXED * 3, 1) if e in types and who in (None, a)
+                    ]
+                    want = (want if order == "asc" else want[::-1])[:4]
+                    assert [(r.seq, r.event_type, r.agent_id) for r in got] == want, (types, who, order)
+        assert (await rec.verify()).ok
+    con = sqlite3.connect(db)
+    index_sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'flight_records_type'").fetchone()[0]
+    entries = con.execute(
+        f"SELECT count(*) FROM flight_records INDEXED BY flight_records_type WHERE {RARE_EVENTS_SQL}"
+    ).fetchone()[0]
+    con.close()
+    assert (RARE_EVENTS_SQL in index_sql) == (made == "now")
+    assert entries == 9
+    rare = _plan_of(db, Where(event_types=["policy_violation"], descending=True, limit=1))
+    assert "flight_records_type" in rare
+    frequent = _plan_of(db, Where(event_types=["policy_decision"]))
+    assert ("flight_records_type" in frequent) == (made != "now")
 
 
 async def test_sqlite_write_that_does_not_continue_the_stored_tail_stores_nothing(tmp_path: Path) -> None:
