@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent_os.amb.stats import OTHER_REASON
 from agent_os.control_plane.kernel.gate import DECISION_LABELS
+from agent_os.control_plane.recorder.sqlite import Checkpoints
 
 if TYPE_CHECKING:
     from agent_os.control_plane.kernel.space import KernelSpace
@@ -109,6 +110,18 @@ class KernelMetrics:
             "Flight-recorder records appended and not yet written",
             value=recorder.appended - recorder.flushed,
         )
+        checkpoints = getattr(recorder.storage, "checkpoints", None)
+        if isinstance(checkpoints, Checkpoints):
+            yield CounterMetricFamily(
+                "agentos_recorder_checkpoints",
+                "Checkpoints of the SQLite flight recorder's file run beside its writer",
+                value=checkpoints.done,
+            )
+            yield CounterMetricFamily(
+                "agentos_recorder_checkpoint_failures",
+                "Checkpoints of the SQLite flight recorder's file that failed",
+                value=checkpoints.failed,
+            )
         since = recorder.unwritten_since_ns
         yield GaugeMetricFamily(
             "agentos_recorder_lag_seconds",

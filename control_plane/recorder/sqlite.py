@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from agent_os.control_plane.recorder.records import ANCHOR_EVENT, COLUMNS, FREQU
 from agent_os.control_plane.recorder.storage import Row, Where, check_continues
 
 T = TypeVar("T")
+log = logging.getLogger("agent_os.control_plane.recorder")
 
 # The condition of the event-type index, and the term a query for rarer events adds so that
 # SQLite may use that index (it must find the index's own condition among the query's terms).
@@ -73,6 +75,12 @@ one core (CPU per record, the recorder's path, median of 5): in batches of 512, 
 SQLite's default 4 KiB, 5.87 with 8 KiB, 5.63 with 16 KiB; with one record per transaction,
 31, 37 and 50 µs. The recorder's hot path is the large batch; a write of a few records comes
 only when records are few, where 20 µs per write does not count."""
+CHECKPOINT_BYTES = 4 << 20
+"""Roughly how many bytes of records (their data plus 200 a row) the writer commits between two
+checkpoints, which run on a thread of their own (:class:`Checkpoints`)."""
+CHECKPOINT_BEHIND = 4
+"""When a checkpoint on that thread is still running after this many times
+:data:`CHECKPOINT_BYTES`, the writer checkpoints itself (the WAL stays bounded)."""
 WRITE_UNIT = 512
 """The recorder hands a busy storage multiples of this many rows (``FlightRecorder._flush``):
 up to 4,096 rows, at most three statements (with the library's default parameter limit or
@@ -139,6 +147,7 @@ class SqliteStorage:
         self._max_rows = 1
         self._inserts: dict[int, str] = {}
         self.write_unit = WRITE_UNIT
+        self.checkpoints: Checkpoints | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None or self._db is None:
@@ -153,6 +162,7 @@ class SqliteStorage:
         if self._db is not None:
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder")
+        private = self.path in ("", ":memory:")
 
         def connect() -> sqlite3.Connection:
             if self._lock is not None:
@@ -168,6 +178,8 @@ class SqliteStorage:
                     db.execute(f"PRAGMA page_size={PAGE_SIZE}")
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute(f"PRAGMA synchronous={self.synchronous}")
+                    if not private:
+                        db.execute("PRAGMA wal_autocheckpoint=0")
                     db.executescript(_SCHEMA.format(t=self.table))
                     per = min(_MAX_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
                     self._max_rows = 1 << max(0, per.bit_length() - 1)  # a power of two
@@ -183,6 +195,8 @@ class SqliteStorage:
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+            if not private and not self.read_only:
+                self.checkpoints = Checkpoints(self.path, self.synchronous)
         except BaseException as exc:
             self._pool.shutdown()
             self._pool = None
@@ -194,10 +208,15 @@ class SqliteStorage:
         if self._db is None or self._pool is None:
             return
         db, pool, lock = self._db, self._pool, self._lock
+        checkpoints, self.checkpoints = self.checkpoints, None
 
         def close() -> None:
             try:
-                db.close()
+                try:
+                    if checkpoints is not None:
+                        checkpoints.close()  # first: the writer's close is the file's last checkpoint
+                finally:
+                    db.close()
             finally:
                 if lock is not None:
                     lock.release()
@@ -217,11 +236,14 @@ class SqliteStorage:
             return
         codec = self.codec if self.codec is not None and self.codec.active else None
         where = f"sqlite {self.path!r}"
+        checkpoints = self.checkpoints
 
         def write(db: sqlite3.Connection) -> None:
             stored = rows if codec is None else [_encoded(codec, r) for r in rows]
             if db.in_transaction:  # a failed write's ROLLBACK failed too: end that one first
                 db.execute("ROLLBACK")
+            if checkpoints is not None:
+                checkpoints.before_write(db)
             db.execute("BEGIN IMMEDIATE")  # the write lock first: the tail cannot move under us
             try:
                 check_continues(db.execute(self._tail_sql).fetchone(), rows[0], where)
@@ -237,6 +259,8 @@ class SqliteStorage:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 raise
+            if checkpoints is not None:
+                checkpoints.after_commit(db, stored)  # never raises: the write is committed
 
         await self._run(write)
 
@@ -284,6 +308,102 @@ class SqliteStorage:
     async def delete_through(self, seq: int) -> int:
         sql = f"DELETE FROM {self.table} WHERE seq <= ?"
         return await self._run(lambda db: db.execute(sql, (seq,)).rowcount)
+
+
+class Checkpoints:
+    """The checkpoints of a recorder file, on a thread and connection of their own.
+
+    SQLite's own checkpoints (``wal_autocheckpoint``) run inside a commit on the writer's
+    thread: copying the WAL's pages into the file and two fsyncs, while the event loop's
+    records wait once their pending batches are full. The writer's connection has them off;
+    instead, every :data:`CHECKPOINT_BYTES` or so of committed records, a PASSIVE checkpoint
+    runs here beside the writer (it never blocks the writer, nor waits for it). It copies the
+    frames committed before it started; the writer's next write first copies the few frames
+    committed since (:meth:`before_write`), so that the WAL starts over from its beginning
+    instead of growing. If a checkpoint here fails, or is still running after
+    :data:`CHECKPOINT_BEHIND` times :data:`CHECKPOINT_BYTES`, the writer checkpoints itself,
+    as SQLite would have.
+    ``done`` and ``failed`` count the checkpoints run here and those that raised."""
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self.path = path
+        self.uri = f"{Path(path).resolve().as_uri()}?mode=rw"
+        self.synchronous = synchronous
+        self.done = 0
+        self.failed = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder-checkpoint")
+        self._db: sqlite3.Connection | None = None
+        self._running: Future[bool] | None = None
+        self._since = 0  # bytes of records committed since the last checkpoint began
+        self._tail_due = False  # set here when a checkpoint ends; the writer copies the rest
+
+    def before_write(self, db: sqlite3.Connection) -> None:
+        """On the writer's thread, before a write's transaction: after a checkpoint here has
+        ended, copy the frames committed since it began (a few writes' worth), so that this
+        write starts the WAL over. Never raises: a failure is logged and counted."""
+        if self._tail_due:
+            self._tail_due = False
+            self._writer_checkpoint(db)
+
+    def after_commit(self, db: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """On the writer's thread, after a write's commit: start a checkpoint when enough
+        has been committed since the last one (or run it here, see the class). Never raises:
+        the write is committed whatever happens to its checkpoint."""
+        self._since += sum([len(row[7]) for row in rows]) + 200 * len(rows)
+        if self._since < CHECKPOINT_BYTES:
+            return
+        running = self._running
+        if running is not None and not running.done():
+            if self._since >= CHECKPOINT_BEHIND * CHECKPOINT_BYTES:
+                self._since = 0
+                self._writer_checkpoint(db)
+            return
+        self._since = 0
+        if running is not None and not running.result():  # the last one failed: one here
+            self._running = None
+            self._writer_checkpoint(db)
+            return
+        try:
+            self._running = self._pool.submit(self._checkpoint)
+        except RuntimeError as exc:  # the thread is gone (closing): one here
+            log.warning("flight recorder: checkpoint thread of %s unavailable: %s", self.path, exc)
+            self._writer_checkpoint(db)
+
+    def _writer_checkpoint(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except Exception as exc:
+            self.failed += 1
+            log.warning("flight recorder: checkpoint of %s on the writer failed: %s", self.path, exc)
+
+    def _checkpoint(self) -> bool:
+        try:
+            db = self._db
+            if db is None:
+                # mode=rw: never create a file that has gone (the writer's WAL stays bounded
+                # by its own checkpoints then).
+                db = sqlite3.connect(self.uri, uri=True, check_same_thread=False, isolation_level=None)
+                self._db = db
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except Exception as exc:
+            self.failed += 1
+            log.warning("flight recorder: checkpoint of %s failed: %s", self.path, exc)
+            return False
+        self.done += 1
+        self._tail_due = True
+        return True
+
+    def close(self) -> None:
+        """Wait for a running checkpoint, close this connection and stop the thread."""
+
+        def close_db() -> None:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+
+        self._pool.submit(close_db).result()
+        self._pool.shutdown()
 
 
 def _plan(rows: int, largest: int) -> list[int]:

@@ -94,6 +94,8 @@ ELSEWHERE = [
     "agentos_signals_total",
     "agentos_recorder_chain_valid",
     "agentos_recorder_chain_verified_timestamp_seconds",
+    "agentos_recorder_checkpoints_total",  # a SQLite recorder's (tests/unit/test_metrics_collectors.py)
+    "agentos_recorder_checkpoint_failures_total",
     "agentos_iatp_signed_total",
     "agentos_iatp_verified_total",
     "agentos_iatp_accepted_unsigned_total",

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
+from agent_os.control_plane.recorder import sqlite as sqlite_storage
 from agent_os.control_plane.recorder.records import FREQUENT_EVENTS
 from agent_os.control_plane.recorder.sqlite import _SCHEMA, PAGE_SIZE, RARE_EVENTS_SQL, _plan, where_sql
 from agent_os.control_plane.recorder.storage import Where
@@ -445,6 +447,64 @@ async def test_sqlite_event_type_index_holds_the_rare_events_and_every_query_is_
     assert "flight_records_type" in rare
     frequent = _plan_of(db, Where(event_types=["policy_decision"]))
     assert ("flight_records_type" in frequent) == (made != "now")
+
+
+async def _fill_and_watch_the_wal(db: Path, records: int) -> tuple[int, int, int]:
+    """Log ``records`` records of about 250 bytes as fast as the recorder takes them (its writer
+    busy throughout), then verify the chain: the largest size the WAL reached, and the
+    checkpoints done and failed."""
+    async with FlightRecorder("sqlite", str(db)) as rec:
+        wal, largest = f"{db}-wal", 0
+        for i in range(records):
+            await rec.log("policy_decision", f"agent-{i % 7}", {"i": i, "pad": "x" * 160}, plain=True)
+            if i % 1000 == 0:
+                largest = max(largest, _file_size(wal))
+        await rec.flush()
+        largest = max(largest, _file_size(wal))
+        assert (await rec.verify()).ok
+        checkpoints = getattr(rec.storage, "checkpoints", None)
+        assert isinstance(checkpoints, sqlite_storage.Checkpoints)
+        return largest, checkpoints.done, checkpoints.failed
+
+
+def _file_size(path: str) -> int:
+    return os.stat(path).st_size if os.path.exists(path) else 0
+
+
+async def test_sqlite_checkpoints_run_beside_the_writer_and_the_wal_stays_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite's own checkpoints are off on the writer's connection; the checkpoint thread's,
+    # with the writer copying what was committed since each began (without that, the WAL
+    # passes 35 MB here), keep the WAL small. The writer's own checkpoint when the thread's
+    # falls behind is off: the WAL must stay small without it.
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BEHIND", 1 << 30)
+    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 100_000)
+    assert failed == 0
+    assert done >= 4
+    assert largest < 16 << 20, largest
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as again:
+        assert len(await again.query(event_type="policy_decision")) == 100_000
+        assert (await again.verify()).ok
+
+
+async def test_sqlite_checkpoints_that_fail_are_counted_and_made_by_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BYTES", 256 << 10)
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if threading.current_thread().name.startswith("flight-recorder-checkpoint"):
+            raise sqlite3.OperationalError("disk I/O error")
+        db: sqlite3.Connection = real_connect(*args, **kwargs)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 60_000)
+    assert done == 0
+    assert failed >= 5
+    assert largest < 8 << 20, largest
 
 
 async def test_sqlite_write_that_does_not_continue_the_stored_tail_stores_nothing(tmp_path: Path) -> None:

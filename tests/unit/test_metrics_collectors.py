@@ -22,6 +22,7 @@ from agent_os.amb.metrics import BusCollector
 from agent_os.amb.stats import OTHER_REASON, LabelCounts
 from agent_os.control_plane import AgentSignal, FlightRecorder, KernelSpace
 from agent_os.control_plane.kernel.metrics import KernelMetrics
+from agent_os.control_plane.recorder import sqlite as sqlite_storage
 from agent_os.iatp.metrics import TrustCollector
 from agent_os.services.control_plane_service._metrics import ControlPlaneMetrics
 from agent_os.services.control_plane_service._serve import verifying
@@ -190,6 +191,30 @@ async def test_kernel_metrics_show_decisions_by_rule_holds_signals_and_the_recor
         await d.got.wait_for(2)
     finally:
         await d.close()
+
+
+async def test_the_sqlite_recorder_counts_its_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BYTES", 64 << 10)
+    path = str(tmp_path / "audit.db")
+    async with KernelSpace("permissive", flight_recorder=FlightRecorder("sqlite", path)) as kernel:
+        recorder = kernel.recorder
+        registry = CollectorRegistry()
+        registry.register(KernelMetrics(kernel))
+        for i in range(2_000):
+            await recorder.log("note", "alice", {"i": i, "pad": "x" * 100})
+        await recorder.flush()
+        checkpoints = getattr(recorder.storage, "checkpoints", None)
+        assert isinstance(checkpoints, sqlite_storage.Checkpoints)
+        await wait_until(lambda: checkpoints.done >= 1)
+        found = samples(registry)
+        assert found[("agentos_recorder_checkpoints_total", ())] == checkpoints.done
+        assert found[("agentos_recorder_checkpoint_failures_total", ())] == 0
+    async with KernelSpace("permissive", flight_recorder=FlightRecorder("memory")) as kernel:
+        registry = CollectorRegistry()
+        registry.register(KernelMetrics(kernel))
+        assert ("agentos_recorder_checkpoints_total", ()) not in samples(registry)
 
 
 async def test_the_recorder_lag_is_the_age_of_the_oldest_unwritten_record() -> None:
