@@ -25,11 +25,12 @@ ANCHOR_EVENT: Final = "retention_anchor"
 TRACE_EVENT: Final = "flight_recorder.append"
 """While tracing is on, each record is this event on the span of what it records (no span per
 append: ``docs/observability.md``, "Tracing")."""
-FREQUENT_EVENTS: Final = ("policy_decision", "action_outcome")
-"""The event types of the records of every governed message and action. The SQLite storage
-keeps them out of its event-type index, which then holds only the rarer events (violations,
-signals, lifecycle, anchors, heads): a query for these finds them through the index, one for
-the frequent ones reads by ``seq`` (docs/control-plane.md, "What a record costs SQLite")."""
+FREQUENT_EVENTS: Final = ("policy_decision",)
+"""The event type of most records: every governed message has two, every action one (beside its
+``action_outcome``), so it is at least every other record the kernel writes. The SQLite storage
+keeps it out of its event-type index, which then holds the rest (outcomes, violations, signals,
+lifecycle, anchors, heads): a query for those finds them through the index, one for this type
+reads by ``seq`` (docs/control-plane.md, "The event-type index")."""
 SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
 COLUMNS: Final = (
     "seq",

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
@@ -76,11 +77,11 @@ SQLite's default 4 KiB, 5.87 with 8 KiB, 5.63 with 16 KiB; with one record per t
 31, 37 and 50 µs. The recorder's hot path is the large batch; a write of a few records comes
 only when records are few, where 20 µs per write does not count."""
 CHECKPOINT_BYTES = 4 << 20
-"""Roughly how many bytes of records (their data plus 200 a row) the writer commits between two
-checkpoints, which run on a thread of their own (:class:`Checkpoints`)."""
+"""The size of the WAL at which a checkpoint starts, on a thread of its own
+(:class:`Checkpoints`)."""
 CHECKPOINT_BEHIND = 4
-"""When a checkpoint on that thread is still running after this many times
-:data:`CHECKPOINT_BYTES`, the writer checkpoints itself (the WAL stays bounded)."""
+"""When the WAL reaches this many times :data:`CHECKPOINT_BYTES` while a checkpoint on that
+thread runs, the writer waits for it, then checkpoints itself (the WAL stays bounded)."""
 WRITE_UNIT = 512
 """The recorder hands a busy storage multiples of this many rows (``FlightRecorder._flush``):
 up to 4,096 rows, at most three statements (with the library's default parameter limit or
@@ -99,7 +100,7 @@ def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
         if values is not None:
             parts.append(f"{column} IN ({', '.join([param] * len(values))})" if values else "FALSE")
             args.extend(values)
-    if where.event_types and not set(where.event_types) & set(FREQUENT_EVENTS):
+    if where.event_types and not any(e in FREQUENT_EVENTS for e in where.event_types):
         parts.append(RARE_EVENTS_SQL)
     if where.start_ns is not None:
         parts.append(f"ts >= {param}")
@@ -179,12 +180,27 @@ class SqliteStorage:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute(f"PRAGMA synchronous={self.synchronous}")
                     if not private:
+                        # Checkpoints come from Checkpoints; the WAL is cut back to its last
+                        # transaction when it starts over, so that its size is what it holds.
                         db.execute("PRAGMA wal_autocheckpoint=0")
+                        db.execute("PRAGMA journal_size_limit=0")
                     db.executescript(_SCHEMA.format(t=self.table))
                     per = min(_MAX_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
                     self._max_rows = 1 << max(0, per.bit_length() - 1)  # a power of two
                     self.write_unit = min(WRITE_UNIT, self._max_rows)
+                    if not private:
+                        # Now, under the writer's lock: the same file as the writer's.
+                        other = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                        try:
+                            other.execute(f"PRAGMA synchronous={self.synchronous}")
+                        except BaseException:
+                            other.close()
+                            raise
+                        self.checkpoints = Checkpoints(self.path, other)
                 except BaseException:
+                    checkpoints, self.checkpoints = self.checkpoints, None
+                    if checkpoints is not None:
+                        checkpoints.close()
                     db.close()
                     raise
             except BaseException:
@@ -195,8 +211,6 @@ class SqliteStorage:
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
-            if not private and not self.read_only:
-                self.checkpoints = Checkpoints(self.path, self.synchronous)
         except BaseException as exc:
             self._pool.shutdown()
             self._pool = None
@@ -260,7 +274,7 @@ class SqliteStorage:
                         db.execute("ROLLBACK")
                 raise
             if checkpoints is not None:
-                checkpoints.after_commit(db, stored)  # never raises: the write is committed
+                checkpoints.after_commit(db)  # never raises: the write is committed
 
         await self._run(write)
 
@@ -316,94 +330,126 @@ class Checkpoints:
     SQLite's own checkpoints (``wal_autocheckpoint``) run inside a commit on the writer's
     thread: copying the WAL's pages into the file and two fsyncs, while the event loop's
     records wait once their pending batches are full. The writer's connection has them off;
-    instead, every :data:`CHECKPOINT_BYTES` or so of committed records, a PASSIVE checkpoint
+    instead, once the WAL holds :data:`CHECKPOINT_BYTES` (the WAL is cut back to its last
+    transaction each time it starts over, so its size is what it holds), a PASSIVE checkpoint
     runs here beside the writer (it never blocks the writer, nor waits for it). It copies the
-    frames committed before it started; the writer's next write first copies the few frames
-    committed since (:meth:`before_write`), so that the WAL starts over from its beginning
-    instead of growing. If a checkpoint here fails, or is still running after
-    :data:`CHECKPOINT_BEHIND` times :data:`CHECKPOINT_BYTES`, the writer checkpoints itself,
-    as SQLite would have.
-    ``done`` and ``failed`` count the checkpoints run here and those that raised."""
+    frames committed before it started; the writer's next write first copies those committed
+    since (:meth:`before_write`), so that the WAL starts over instead of growing.
 
-    def __init__(self, path: str, synchronous: str) -> None:
+    If a checkpoint here fails or finds the WAL busy, the writer checkpoints itself after its
+    next commit. If the WAL reaches :data:`CHECKPOINT_BEHIND` times :data:`CHECKPOINT_BYTES`
+    while one runs here (a slow disk), the writer waits for it and then checkpoints itself, as
+    it did with SQLite's own checkpoints: the WAL stays bounded. ``done`` counts the
+    checkpoints that copied the WAL here; ``failed`` those, here or on the writer, that raised
+    or found it busy (each also logged)."""
+
+    def __init__(self, path: str, db: sqlite3.Connection) -> None:
+        """``db``: the connection the checkpoints use, opened on the same file as the
+        writer's while the writer's lock is held (so both are the same file)."""
         self.path = path
-        self.uri = f"{Path(path).resolve().as_uri()}?mode=rw"
-        self.synchronous = synchronous
+        self.wal = os.path.realpath(path) + "-wal"
         self.done = 0
         self.failed = 0
+        self._count_lock = threading.Lock()
+        self._db: sqlite3.Connection | None = db
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder-checkpoint")
-        self._db: sqlite3.Connection | None = None
         self._running: Future[bool] | None = None
-        self._since = 0  # bytes of records committed since the last checkpoint began
         self._tail_due = False  # set here when a checkpoint ends; the writer copies the rest
+        self._wal_fd: int | None = None  # the writer's WAL, followed even if renamed
 
     def before_write(self, db: sqlite3.Connection) -> None:
         """On the writer's thread, before a write's transaction: after a checkpoint here has
-        ended, copy the frames committed since it began (a few writes' worth), so that this
-        write starts the WAL over. Never raises: a failure is logged and counted."""
+        ended, copy the frames committed since it began, so that this write starts the WAL
+        over. Never raises: a failure is logged and counted."""
         if self._tail_due:
             self._tail_due = False
             self._writer_checkpoint(db)
 
-    def after_commit(self, db: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        """On the writer's thread, after a write's commit: start a checkpoint when enough
-        has been committed since the last one (or run it here, see the class). Never raises:
-        the write is committed whatever happens to its checkpoint."""
-        self._since += sum([len(row[7]) for row in rows]) + 200 * len(rows)
-        if self._since < CHECKPOINT_BYTES:
-            return
-        running = self._running
-        if running is not None and not running.done():
-            if self._since >= CHECKPOINT_BEHIND * CHECKPOINT_BYTES:
-                self._since = 0
-                self._writer_checkpoint(db)
-            return
-        self._since = 0
-        if running is not None and not running.result():  # the last one failed: one here
-            self._running = None
-            self._writer_checkpoint(db)
-            return
+    def after_commit(self, db: sqlite3.Connection) -> None:
+        """On the writer's thread, after a write's commit: start a checkpoint when the WAL has
+        grown enough (or run one here, see the class). Never raises: the write is committed
+        whatever happens to its checkpoint."""
         try:
+            size = self._wal_size()
+            if size < CHECKPOINT_BYTES:
+                return
+            running = self._running
+            behind = size >= CHECKPOINT_BEHIND * CHECKPOINT_BYTES
+            if running is not None and not running.done() and not behind:
+                return
+            if running is not None:
+                self._running = None
+                # When behind, this waits for the running one (a slow disk), as SQLite's own
+                # checkpoints made the writer wait.
+                if running.result() and not behind:
+                    # It copied what was there. The frames since are for before_write, unless
+                    # that ran and the WAL did not start over (a reader still uses its start):
+                    # then another, as SQLite checkpoints at every commit in that case.
+                    if not self._tail_due:
+                        self._running = self._pool.submit(self._checkpoint)
+                    return
+                self._tail_due = False  # failed, busy, or the disk is behind: one here, now
+                self._writer_checkpoint(db)
+                return
             self._running = self._pool.submit(self._checkpoint)
-        except RuntimeError as exc:  # the thread is gone (closing): one here
-            log.warning("flight recorder: checkpoint thread of %s unavailable: %s", self.path, exc)
-            self._writer_checkpoint(db)
+        except Exception as exc:  # the write is committed; its checkpoint may wait
+            self._count_failure(f"checkpoint scheduling failed: {type(exc).__name__}: {exc}")
+
+    def _wal_size(self) -> int:
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self.wal, os.O_RDONLY)
+            except OSError:
+                return 0  # not made yet
+        return os.fstat(self._wal_fd).st_size
 
     def _writer_checkpoint(self, db: sqlite3.Connection) -> None:
         try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except Exception as exc:
-            self.failed += 1
-            log.warning("flight recorder: checkpoint of %s on the writer failed: %s", self.path, exc)
+            busy = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+        except Exception as exc:  # logged and counted; the next write retries
+            self._count_failure(f"checkpoint on the writer failed: {type(exc).__name__}: {exc}")
+            return
+        if busy:
+            self._count_failure("checkpoint on the writer found the WAL busy")
 
     def _checkpoint(self) -> bool:
-        try:
-            db = self._db
-            if db is None:
-                # mode=rw: never create a file that has gone (the writer's WAL stays bounded
-                # by its own checkpoints then).
-                db = sqlite3.connect(self.uri, uri=True, check_same_thread=False, isolation_level=None)
-                self._db = db
-                db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except Exception as exc:
-            self.failed += 1
-            log.warning("flight recorder: checkpoint of %s failed: %s", self.path, exc)
+        db = self._db
+        if db is None:
             return False
-        self.done += 1
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+        except Exception as exc:  # logged and counted; the writer checkpoints
+            self._count_failure(f"checkpoint failed: {type(exc).__name__}: {exc}")
+            return False
+        if busy:
+            self._count_failure("checkpoint found the WAL busy")
+            return False
+        with self._count_lock:
+            self.done += 1
         self._tail_due = True
         return True
 
+    def _count_failure(self, what: str) -> None:
+        with self._count_lock:
+            self.failed += 1
+        log.warning("flight recorder %s: %s", self.path, what)
+
     def close(self) -> None:
-        """Wait for a running checkpoint, close this connection and stop the thread."""
+        """Wait for a running checkpoint, close its connection and the WAL's descriptor, and
+        stop the thread."""
 
         def close_db() -> None:
             db, self._db = self._db, None
             if db is not None:
                 db.close()
 
-        self._pool.submit(close_db).result()
-        self._pool.shutdown()
+        try:
+            self._pool.submit(close_db).result()
+        finally:
+            self._pool.shutdown()
+            fd, self._wal_fd = self._wal_fd, None
+            if fd is not None:
+                os.close(fd)
 
 
 def _plan(rows: int, largest: int) -> list[int]:

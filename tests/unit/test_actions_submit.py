@@ -69,8 +69,9 @@ async def test_round_trip_records_one_decision_and_one_outcome_each(tmp_path: Pa
         assert decision.data["operation"] == "write"
         assert decision.data["resource"] == str(tmp_path / "notes/a.txt")
         assert (await kernel.recorder.verify()).ok
-        # The types of every allowed action's records: the ones SQLite leaves out of its index.
-        assert {e for e, _, _ in events} == set(FREQUENT_EVENTS)
+        # An allowed action's decision is of the type SQLite leaves out of its index; its
+        # outcome is not (actions can be rare beside messages: a query for them uses it).
+        assert [e in FREQUENT_EVENTS for e, _, _ in events[:2]] == [True, False]
 
 
 async def test_an_agent_without_write_cannot_write_or_delete(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -408,7 +408,7 @@ async def test_sqlite_event_type_index_holds_the_rare_events_and_every_query_is_
 ) -> None:
     # The event types of every message and action stay out of the (event_type, seq) index; a
     # query for rarer types uses it. A file made before keeps its full index and answers alike.
-    assert set(FREQUENT_EVENTS) == {"policy_decision", "action_outcome"}
+    assert FREQUENT_EVENTS == ("policy_decision",)
     db = tmp_path / "audit.db"
     if made != "now":
         con = sqlite3.connect(db)
@@ -442,28 +442,38 @@ async def test_sqlite_event_type_index_holds_the_rare_events_and_every_query_is_
     ).fetchone()[0]
     con.close()
     assert (RARE_EVENTS_SQL in index_sql) == (made == "now")
-    assert entries == 9
-    rare = _plan_of(db, Where(event_types=["policy_violation"], descending=True, limit=1))
-    assert "flight_records_type" in rare
+    assert entries == 15  # the outcomes, violations and starts
+    for rare in (["policy_violation"], ["action_outcome", "agent_started"]):
+        assert "flight_records_type" in _plan_of(db, Where(event_types=rare, descending=True, limit=1))
     frequent = _plan_of(db, Where(event_types=["policy_decision"]))
     assert ("flight_records_type" in frequent) == (made != "now")
 
 
-async def _fill_and_watch_the_wal(db: Path, records: int) -> tuple[int, int, int]:
+async def _fill_and_watch_the_wal(
+    db: Path,
+    records: int,
+    prepare: Callable[[sqlite_storage.Checkpoints], None] | None = None,
+    write_each: bool = False,
+) -> tuple[int, int, int]:
     """Log ``records`` records of about 250 bytes as fast as the recorder takes them (its writer
-    busy throughout), then verify the chain: the largest size the WAL reached, and the
-    checkpoints done and failed."""
+    busy throughout; ``write_each``: one write per record instead, as a quiet recorder's timer
+    makes them), then verify the chain: the largest size the WAL reached, and the checkpoints
+    done and failed. ``prepare`` gets the storage's checkpoints first."""
     async with FlightRecorder("sqlite", str(db)) as rec:
+        checkpoints = getattr(rec.storage, "checkpoints", None)
+        assert isinstance(checkpoints, sqlite_storage.Checkpoints)
+        if prepare is not None:
+            prepare(checkpoints)
         wal, largest = f"{db}-wal", 0
         for i in range(records):
             await rec.log("policy_decision", f"agent-{i % 7}", {"i": i, "pad": "x" * 160}, plain=True)
-            if i % 1000 == 0:
+            if write_each:
+                await rec.flush()
+            if write_each or i % 1000 == 0:
                 largest = max(largest, _file_size(wal))
         await rec.flush()
         largest = max(largest, _file_size(wal))
         assert (await rec.verify()).ok
-        checkpoints = getattr(rec.storage, "checkpoints", None)
-        assert isinstance(checkpoints, sqlite_storage.Checkpoints)
         return largest, checkpoints.done, checkpoints.failed
 
 
@@ -482,29 +492,79 @@ async def test_sqlite_checkpoints_run_beside_the_writer_and_the_wal_stays_small(
     largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 100_000)
     assert failed == 0
     assert done >= 4
-    assert largest < 16 << 20, largest
+    assert largest < 3 * sqlite_storage.CHECKPOINT_BYTES, largest
     async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as again:
         assert len(await again.query(event_type="policy_decision")) == 100_000
         assert (await again.verify()).ok
+
+
+async def test_sqlite_checkpoints_follow_the_wal_not_the_records_in_small_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write of one record adds several pages to the WAL (about 50 KB here): what starts a
+    # checkpoint is the WAL's size (it grew past 100 MB over these writes when the records'
+    # bytes were counted instead).
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BYTES", 256 << 10)
+    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 2_000, write_each=True)
+    assert failed == 0
+    assert done >= 10
+    assert largest < 4 << 20, largest
+
+
+class _SlowConnection:
+    """A connection whose statements each take ``delay`` seconds more (a slow disk)."""
+
+    def __init__(self, db: sqlite3.Connection, delay: float) -> None:
+        self.db, self.delay = db, delay
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        time.sleep(self.delay)
+        return self.db.execute(sql)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+async def test_sqlite_writer_waits_for_a_checkpoint_that_falls_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checkpoints on their thread take 0.2 s each: past CHECKPOINT_BEHIND times the threshold
+    # the writer waits for the running one and checkpoints itself, so the WAL stays bounded
+    # (it grew past 20 MB when the writer only tried, and found the WAL busy).
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BYTES", 256 << 10)
+
+    def slow(checkpoints: sqlite_storage.Checkpoints) -> None:
+        db = checkpoints._db
+        assert db is not None
+        checkpoints._db = _SlowConnection(db, 0.2)  # type: ignore[assignment]
+
+    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 60_000, slow)
+    assert done >= 1
+    assert failed == 0
+    assert largest < sqlite_storage.CHECKPOINT_BEHIND * (256 << 10) + (4 << 20), largest
 
 
 async def test_sqlite_checkpoints_that_fail_are_counted_and_made_by_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_storage, "CHECKPOINT_BYTES", 256 << 10)
-    real_connect = sqlite3.connect
 
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        if threading.current_thread().name.startswith("flight-recorder-checkpoint"):
-            raise sqlite3.OperationalError("disk I/O error")
-        db: sqlite3.Connection = real_connect(*args, **kwargs)
-        return db
+    def broken(checkpoints: sqlite_storage.Checkpoints) -> None:
+        db = checkpoints._db
+        assert db is not None
+        db.close()  # every checkpoint on the thread now raises ProgrammingError
 
-    monkeypatch.setattr(sqlite3, "connect", connect)
-    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 60_000)
+    largest, done, failed = await _fill_and_watch_the_wal(tmp_path / "a.db", 60_000, broken)
     assert done == 0
     assert failed >= 5
     assert largest < 8 << 20, largest
+
+
+async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
+    async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as rec:
+        await rec.log("note", "a", {})
+        with pytest.raises(RecorderError):
+            await rec.query(event_type=[{"not": "a type"}])  # type: ignore[list-item]
 
 
 async def test_sqlite_write_that_does_not_continue_the_stored_tail_stores_nothing(tmp_path: Path) -> None:
