@@ -209,8 +209,30 @@ class SqliteStorage:
                 raise
             return db
 
+        pool = self._pool
+        opening = asyncio.get_running_loop().run_in_executor(pool, connect)
         try:
-            self._db = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+            self._db = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The connect goes on in its thread: close what it opens (the file would stay
+            # locked for this process's life), before the cancellation goes on.
+            self._pool = None
+            try:
+                db = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # cancelled again: close it when the connect ends
+                opening.add_done_callback(functools.partial(self._undo_open, pool))
+                raise
+            except BaseException:  # the connect failed: nothing is open
+                pool.shutdown()
+                raise asyncio.CancelledError from None
+            checkpoints, self.checkpoints = self.checkpoints, None
+            try:
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(pool, self._close_opened, db, checkpoints)
+                )
+            finally:
+                pool.shutdown(wait=False)
+            raise
         except BaseException as exc:
             self._pool.shutdown()
             self._pool = None
@@ -221,23 +243,28 @@ class SqliteStorage:
     async def close(self) -> None:
         if self._db is None or self._pool is None:
             return
-        db, pool, lock = self._db, self._pool, self._lock
+        db, pool = self._db, self._pool
         checkpoints, self.checkpoints = self.checkpoints, None
-
-        def close() -> None:
-            try:
-                try:
-                    if checkpoints is not None:
-                        checkpoints.close()  # first: the writer's close is the file's last checkpoint
-                finally:
-                    db.close()
-            finally:
-                if lock is not None:
-                    lock.release()
-
-        await asyncio.get_running_loop().run_in_executor(pool, close)
+        await asyncio.get_running_loop().run_in_executor(pool, self._close_opened, db, checkpoints)
         pool.shutdown()
         self._db = self._pool = None
+
+    def _close_opened(self, db: sqlite3.Connection, checkpoints: Checkpoints | None) -> None:
+        try:
+            try:
+                if checkpoints is not None:
+                    checkpoints.close()  # first: the writer's close is the file's last checkpoint
+            finally:
+                db.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _undo_open(self, pool: ThreadPoolExecutor, opening: asyncio.Future[sqlite3.Connection]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            checkpoints, self.checkpoints = self.checkpoints, None
+            pool.submit(self._close_opened, opening.result(), checkpoints)
+        pool.shutdown(wait=False)
 
     async def tail(self) -> tuple[int, str] | None:
         row = await self._run(

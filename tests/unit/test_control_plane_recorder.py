@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -25,7 +26,14 @@ from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
 from agent_os.control_plane.recorder import sqlite as sqlite_storage
 from agent_os.control_plane.recorder.records import FREQUENT_EVENTS
-from agent_os.control_plane.recorder.sqlite import _SCHEMA, PAGE_SIZE, RARE_EVENTS_SQL, _plan, where_sql
+from agent_os.control_plane.recorder.sqlite import (
+    _SCHEMA,
+    PAGE_SIZE,
+    RARE_EVENTS_SQL,
+    SqliteStorage,
+    _plan,
+    where_sql,
+)
 from agent_os.control_plane.recorder.storage import Where
 from tests.support import wait_until
 from tests.support.closing import Closing
@@ -558,6 +566,30 @@ async def test_sqlite_checkpoints_that_fail_are_counted_and_made_by_the_writer(
     assert done == 0
     assert failed >= 5
     assert largest < 8 << 20, largest
+
+
+async def test_a_cancelled_sqlite_open_leaves_the_file_unlocked(tmp_path: Path) -> None:
+    db = str(tmp_path / "a.db")
+    threads_before = threading.active_count()
+    storage = SqliteStorage(db)
+    opening = asyncio.create_task(storage.open())
+    await asyncio.sleep(0)  # the connect has started on the storage's thread
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await storage.close()
+
+    async def opens() -> bool:
+        again = SqliteStorage(db)
+        try:
+            await again.open()
+        except RecorderInUse:
+            return False
+        await again.close()
+        return True
+
+    await wait_until(opens, what="the file unlocked after the cancelled open")
+    await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
 
 
 async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
