@@ -431,29 +431,28 @@ class Checkpoints:
         return os.fstat(self._wal_fd).st_size
 
     def _writer_checkpoint(self, db: sqlite3.Connection) -> None:
-        try:
-            busy = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
-        except Exception as exc:  # logged and counted; the next write retries
-            self._count_failure(f"checkpoint on the writer failed: {type(exc).__name__}: {exc}")
-            return
-        if busy:
-            self._count_failure("checkpoint on the writer found the WAL busy")
+        self._passive(db, "checkpoint on the writer")
 
     def _checkpoint(self) -> bool:
         db = self._db
-        if db is None:
-            return False
-        try:
-            busy = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
-        except Exception as exc:  # logged and counted; the writer checkpoints
-            self._count_failure(f"checkpoint failed: {type(exc).__name__}: {exc}")
-            return False
-        if busy:
-            self._count_failure("checkpoint found the WAL busy")
+        if db is None or not self._passive(db, "checkpoint"):
             return False
         with self._count_lock:
             self.done += 1
         self._tail_due = True
+        return True
+
+    def _passive(self, db: sqlite3.Connection, what: str) -> bool:
+        """One PASSIVE checkpoint on ``db``; False (logged and counted) when it raised or found
+        the WAL busy."""
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+        except Exception as exc:  # logged and counted; the next write, or the writer, retries
+            self._count_failure(f"{what} failed: {type(exc).__name__}: {exc}")
+            return False
+        if busy:
+            self._count_failure(f"{what} found the WAL busy")
+            return False
         return True
 
     def _count_failure(self, what: str) -> None:
