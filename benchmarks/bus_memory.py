@@ -6,7 +6,8 @@ Each figure is measured beside a baseline doing the least possible work of the s
 the same round: for throughput an asyncio.Queue between two tasks carrying the same 13 envelope
 fields packed and unpacked with raw msgpack (and, for reference, the bare queue); for
 request/reply a pair of asyncio.Queues and a responder task, request and reply packed and
-unpacked with msgpack. Rounds interleave ours and the baselines, so load from other processes
+unpacked with msgpack; request/reply again with 1,000 other subscriptions on the server, against
+itself without them. Rounds interleave ours and the baselines, so load from other processes
 hits both alike; the figures are medians of per-round ratios with their range. The section
 "bus_memory" of benchmarks/RESULTS.md is rewritten with the results.
 """
@@ -126,7 +127,13 @@ async def fan_out(n: int, subscribers: int) -> float:
     return total / elapsed
 
 
-async def request_latency(n: int) -> list[float]:
+BYSTANDERS = 1_000
+"""Other subscriptions on the server in the second request/reply measure (a fleet's agents)."""
+
+
+async def request_latency(n: int, bystanders: int = 0) -> list[float]:
+    """Request/reply latencies in µs; ``bystanders``: that many other subscriptions on the
+    server, none matching (each reply subject is new to the server's routes)."""
     url = fresh_url()
     requester = AMB("memory", url)
     responder = AMB("memory", url)
@@ -134,8 +141,13 @@ async def request_latency(n: int) -> list[float]:
     async def echo(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, message)
 
+    async def idle(message: Any, metadata: Metadata) -> None:
+        return None
+
     try:
         await responder.subscribe("bench.rr", echo)
+        for i in range(bystanders):
+            await responder.subscribe(f"agents.a{i}.*", idle)
         for _ in range(200):  # warm up
             await requester.request("bench.rr", PAYLOAD, timeout=5)
         samples = []
@@ -218,7 +230,7 @@ async def main(quick: bool, rounds: int, write: bool = True) -> None:
     n = 30_000 if quick else 100_000
     samples = 1_000 if quick else 3_000
     load_before = os.getloadavg()[0]
-    tp, tp_base, tp_bare, p50, p50_base, p99, p99_base, fans = ([] for _ in range(8))
+    tp, tp_base, tp_bare, p50, p50_base, p99, p99_base, fans, p50_crowd = ([] for _ in range(9))
     for r in range(rounds):
         gc.collect()
         tp.append(await bus_throughput(n))
@@ -228,6 +240,7 @@ async def main(quick: bool, rounds: int, write: bool = True) -> None:
         p50.append(pct(ours_rr, 50))
         p99.append(pct(ours_rr, 99))
         p50_base.append(pct(base_rr, 50))
+        p50_crowd.append(pct(await request_latency(samples, BYSTANDERS), 50))
         p99_base.append(pct(base_rr, 99))
         fans.append(await fan_out(n // 10, 10))
         print(
@@ -242,6 +255,7 @@ async def main(quick: bool, rounds: int, write: bool = True) -> None:
     tp_ratios = [a / b for a, b in zip(tp, tp_base, strict=True)]
     bare_ratios = [a / b for a, b in zip(tp, tp_bare, strict=True)]
     rr_ratios = [a / b for a, b in zip(p50, p50_base, strict=True)]
+    crowd_ratios = [a / b for a, b in zip(p50_crowd, p50, strict=True)]
     tp_ok = "met" if med(tp_ratios) >= 0.7 else "MISSED"
     rr_ok = "met" if med(rr_ratios) <= 1.5 else "MISSED"
     body = f"""
@@ -259,6 +273,7 @@ are medians over rounds. Load average {load_before:.1f} before the run, {load_af
 | fan-out to 10 subscribers | {med(fans):,.0f} deliveries/s | | | |
 | request/reply latency p50 | {med(p50):.1f} µs | {med(p50_base):.1f} µs (two asyncio.Queues, a responder task, msgpack both ways) | {spread(rr_ratios)}x | <= 1.5x: {rr_ok} |
 | request/reply latency p99 | {med(p99):.1f} µs | {med(p99_base):.1f} µs | | |
+| request/reply latency p50, {BYSTANDERS:,} other subscriptions on the server | {med(p50_crowd):.1f} µs | {med(p50):.1f} µs (ours without them) | {spread(crowd_ratios)}x | (info: each reply subject is routed for the first time) |
 | envelope encode+decode (best of 3) | {codec:,.0f} /s | {raw_codec:,.0f} /s (raw msgpack, no checks) | {codec / raw_codec:.2f} | >= 300,000 /s |
 | CPU with 200 idle subscriptions | {idle:.2f} % | | | < 1 % |
 """

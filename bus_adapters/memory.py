@@ -23,7 +23,7 @@ from agent_os.amb.broker import (
 )
 from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
-from agent_os.amb.subjects import compile_pattern, validate_pattern, validate_subject
+from agent_os.amb.subjects import SubjectIndex, validate_pattern, validate_subject
 
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192
@@ -33,7 +33,7 @@ _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~
 class _MemorySubscription:
     """One subscription: its pattern and queue group, and the dispatcher that feeds its handler."""
 
-    __slots__ = ("client", "dispatcher", "match", "offer", "pattern", "put", "queue")
+    __slots__ = ("client", "dispatcher", "offer", "pattern", "put", "queue")
 
     def __init__(
         self,
@@ -45,7 +45,6 @@ class _MemorySubscription:
     ) -> None:
         self.client = client
         self.pattern = pattern
-        self.match = compile_pattern(pattern)
         self.queue = queue
         self.dispatcher: Dispatcher[LocalDelivery] = Dispatcher(
             handler, max_pending=max_pending, name=f"memory broker {pattern!r}"
@@ -116,21 +115,26 @@ class MemoryServer:
         self.loop = loop
         self.stats = MemoryStats()
         self.clients = 0
-        self._subs: list[_MemorySubscription] = []
+        # Plain subscriptions and queue groups, by pattern: a subject not routed before is
+        # looked up in the index (not matched against every pattern), then cached.
+        self._index: SubjectIndex[_Target] = SubjectIndex()
         self._groups: dict[tuple[str, str], _QueueGroup] = {}
         self._routes: dict[str, tuple[_Target, ...]] = {}
 
     def attach(self, sub: _MemorySubscription) -> None:
         if sub.queue is None:
-            self._subs.append(sub)
+            self._index.add(sub.pattern, sub)
         else:
-            self._groups.setdefault((sub.pattern, sub.queue), _QueueGroup()).members.append(sub)
+            group = self._groups.get((sub.pattern, sub.queue))
+            if group is None:
+                group = self._groups[(sub.pattern, sub.queue)] = _QueueGroup()
+                self._index.add(sub.pattern, group)
+            group.members.append(sub)
         self._routes.clear()
 
     def detach(self, sub: _MemorySubscription) -> None:
         if sub.queue is None:
-            with contextlib.suppress(ValueError):
-                self._subs.remove(sub)
+            self._index.remove(sub.pattern, sub)
         else:
             group = self._groups.get((sub.pattern, sub.queue))
             if group is not None:
@@ -138,15 +142,14 @@ class MemoryServer:
                     group.members.remove(sub)
                 if not group.members:
                     del self._groups[(sub.pattern, sub.queue)]
+                    self._index.remove(sub.pattern, group)
         self._routes.clear()
 
     def route(self, subject: str) -> tuple[_Target, ...]:
         targets = self._routes.get(subject)
         if targets is None:
             validate_subject(subject)  # only on a cache miss: cached subjects were validated
-            found: list[_Target] = [s for s in self._subs if s.match(subject)]
-            found.extend(g for g in self._groups.values() if g.members[0].match(subject))
-            targets = tuple(found)
+            targets = tuple(self._index.match(subject))
             if len(self._routes) >= _ROUTE_CACHE_MAX:
                 self._routes.clear()
             self._routes[subject] = targets
@@ -235,12 +238,14 @@ class MemoryBroker(Lifecycle):
         assert server is not None  # guaranteed by the OPEN state
         stats = server.stats
         stats.published += 1
-        targets = server.route(subject)
+        targets = server._routes.get(subject)
+        if targets is None:
+            targets = server.route(subject)
         if not targets:
             stats.no_subscribers += 1
             return
         for target in targets:
-            sub = target.pick()
+            sub = target if type(target) is _MemorySubscription else target.pick()
             delivery = local_delivery(subject, data, 1, sub.dispatcher)
             if not sub.offer(delivery):
                 await sub.put(delivery)

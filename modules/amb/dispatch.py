@@ -345,27 +345,31 @@ class Dispatcher(Generic[T]):
                 if self._busy:  # an inline call is in progress: queued items come after it
                     await self._wait_idle()
                     continue
-                item = items.popleft()
-                if self._putters:
-                    self._wake_putter()
+                # Busy from the first queued item to the last: the flags are set once a batch.
                 self._busy = True
                 self._current = me
                 try:
-                    await self.handler(item)
-                except Exception:
-                    # The handler is the bus's and should never raise; the subscription survives.
-                    self.handler_errors += 1
-                    log.exception("%s: handler raised", self.name)
-                except asyncio.CancelledError:
-                    if self._cancelled():
-                        raise
+                    while items:
+                        item = items.popleft()
+                        if self._putters:
+                            self._wake_putter()
+                        try:
+                            await self.handler(item)
+                        except Exception:
+                            # The handler is the bus's and should never raise; the subscription
+                            # survives.
+                            self.handler_errors += 1
+                            log.exception("%s: handler raised", self.name)
+                        except asyncio.CancelledError:
+                            if self._cancelled():
+                                raise
+                        if self.on_handled is not None:
+                            self.on_handled()
                 finally:
                     self._busy = False
                     self._current = None
                     if self._idle is not None:
                         self._release_idle()
-                if self.on_handled is not None:
-                    self.on_handled()
             if self._stopping:
                 return
             fut = loop.create_future()

@@ -1,4 +1,5 @@
-"""Subjects and subject patterns (NATS syntax, used by every adapter): validation and matching.
+"""Subjects and subject patterns (NATS syntax, used by every adapter): validation, matching, and
+an index of patterns looked up by subject.
 
 ``*`` matches one token, ``>`` one or more trailing tokens. A subject is at most
 :data:`MAX_SUBJECT_BYTES` UTF-8 bytes, without whitespace or control characters (see
@@ -7,11 +8,12 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from agent_os.amb.errors import InvalidSubject
 
@@ -166,3 +168,110 @@ def matches(pattern: str, subject: str) -> bool:
         if i >= len(s) or (tok != "*" and tok != s[i]):
             return False
     return len(p) == len(s)
+
+
+V = TypeVar("V")
+
+
+class _Node(Generic[V]):
+    """The patterns sharing one prefix of tokens: those that end here, those that end with
+    ``>`` after it, and the longer ones by their next token (a literal or ``*``)."""
+
+    __slots__ = ("children", "ends", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[V]] = {}
+        self.ends: list[tuple[int, V]] = []
+        self.rest: list[tuple[int, V]] = []
+
+
+def _order(entry: tuple[int, object]) -> int:
+    return entry[0]
+
+
+class SubjectIndex(Generic[V]):
+    """Values filed under subscription patterns, found by subject (a tree of pattern tokens).
+
+    :meth:`match` returns the values whose pattern matches a subject, in the order they were
+    added, with the answers of :func:`matches`. Its cost grows with the subject's tokens and
+    the patterns that share its prefixes, not with the number of patterns: a broker routing
+    subjects it has not seen before (every request's reply subject is new) does not scan every
+    subscription. Patterns must be valid (:func:`validate_pattern`), subjects valid subjects.
+    """
+
+    __slots__ = ("_root", "_seq", "_size")
+
+    def __init__(self) -> None:
+        self._root: _Node[V] = _Node()
+        self._seq = itertools.count()
+        self._size = 0
+
+    def __len__(self) -> int:
+        """The number of values filed."""
+        return self._size
+
+    def add(self, pattern: str, value: V) -> None:
+        """File ``value`` under ``pattern``."""
+        node = self._root
+        tokens = pattern.split(".")
+        last = tokens[-1] == ">"
+        for tok in tokens[:-1] if last else tokens:
+            child = node.children.get(tok)
+            if child is None:
+                child = node.children[tok] = _Node()
+            node = child
+        (node.rest if last else node.ends).append((next(self._seq), value))
+        self._size += 1
+
+    def remove(self, pattern: str, value: V) -> bool:
+        """Take ``value`` (the same object) from under ``pattern``; False if it was not there.
+        Branches left empty are dropped, so patterns that come and go leave nothing behind."""
+        tokens = pattern.split(".")
+        last = tokens[-1] == ">"
+        path = [self._root]
+        for tok in tokens[:-1] if last else tokens:
+            child = path[-1].children.get(tok)
+            if child is None:
+                return False
+            path.append(child)
+        entries = path[-1].rest if last else path[-1].ends
+        for i, (_, filed) in enumerate(entries):
+            if filed is value:
+                del entries[i]
+                break
+        else:
+            return False
+        self._size -= 1
+        walked = tokens[:-1] if last else tokens
+        for depth in range(len(walked), 0, -1):
+            node = path[depth]
+            if node.children or node.ends or node.rest:
+                break
+            del path[depth - 1].children[walked[depth - 1]]
+        return True
+
+    def match(self, subject: str) -> list[V]:
+        """The values whose pattern matches ``subject``, in the order they were added."""
+        tokens = subject.split(".")
+        n = len(tokens)
+        found: list[tuple[int, V]] = []
+        # Each node stands for one prefix of a pattern, so it is reached at most once.
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == n:
+                found.extend(node.ends)
+                continue
+            if node.rest:  # ">" after this prefix: tokens[i:] is one token or more
+                found.extend(node.rest)
+            children = node.children
+            if children:
+                child = children.get(tokens[i])
+                if child is not None:
+                    stack.append((child, i + 1))
+                star = children.get("*")
+                if star is not None and star is not child:  # (not a subject: "*" as a token)
+                    stack.append((star, i + 1))
+        if len(found) > 1:
+            found.sort(key=_order)
+        return [value for _, value in found]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -286,4 +287,47 @@ async def test_a_stray_cancelled_error_from_a_handler_does_not_end_the_subscript
         await broker.publish("cancel.x", data)
     await wait_until(lambda: handled == [b"2", b"3"], what="the later messages")
     assert sub.handler_errors == 1  # type: ignore[attr-defined]
+    await broker.close()
+
+
+async def test_routing_finds_every_matching_subscription_in_subscribe_order(closing: Closing) -> None:
+    """Plain subscriptions and queue groups among many others, each subject routed to what
+    matches it (in the order subscribed), and nothing left of them in the server once gone."""
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    got: list[tuple[str, str]] = []
+
+    def recorder(name: str) -> Callable[[Delivery], Awaitable[None]]:
+        async def handler(d: Delivery) -> None:
+            got.append((name, d.subject))
+
+        return handler
+
+    # Bystanders first: none matches the subjects below.
+    subs = [await broker.subscribe(f"agents.a{i}.*", recorder("bystander")) for i in range(300)]
+    subs.append(await broker.subscribe("_INBOX.c1.>", recorder("inbox")))
+    subs.append(await broker.subscribe(">", recorder("all")))
+    subs.append(await broker.subscribe("_INBOX.*.7", recorder("sevens"), queue="q"))
+    subs.append(await broker.subscribe("_INBOX.*.7", recorder("sevens"), queue="q"))
+    subs.append(await broker.subscribe("_INBOX.c1.7", recorder("exact")))
+    for n in range(10):  # subjects never routed before, as reply subjects are
+        await broker.publish(f"_INBOX.c1.{n}", b"")
+    await wait_until(lambda: len(got) == 10 + 10 + 1 + 1)
+    by_subject: dict[str, list[str]] = {}
+    for name, subject in got:
+        by_subject.setdefault(subject, []).append(name)
+    assert by_subject["_INBOX.c1.3"] == ["inbox", "all"]
+    assert sorted(by_subject["_INBOX.c1.7"]) == sorted(["inbox", "all", "sevens", "exact"])
+    server = memory_server(broker.server_name)
+    assert server is not None
+    assert [type(t).__name__ for t in server.route("_INBOX.c1.7")] == [
+        "_MemorySubscription",
+        "_MemorySubscription",
+        "_QueueGroup",
+        "_MemorySubscription",
+    ]
+    for sub in subs:
+        await sub.unsubscribe()
+    assert len(server._index) == 0
+    assert server.route("_INBOX.c1.7") == ()
     await broker.close()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import compile_filter
-from agent_os.amb.subjects import matches, validate_pattern, validate_subject
+from agent_os.amb.subjects import SubjectIndex, matches, validate_pattern, validate_subject
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,55 @@ def test_predicate_filter_and_none() -> None:
 def test_invalid_filters(bad: object) -> None:
     with pytest.raises(ConfigError):
         compile_filter(bad)  # type: ignore[arg-type]
+
+
+# A small alphabet of tokens, so that random patterns and subjects often share prefixes.
+_pattern_tokens = st.sampled_from(["a", "b", "c", "*"])
+_patterns = st.builds(
+    lambda tokens, tail: ".".join(tokens + ([">"] if tail else [])) or ">",
+    st.lists(_pattern_tokens, max_size=4),
+    st.booleans(),
+)
+_subjects = st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=5).map(".".join)
+
+
+@given(
+    st.lists(_patterns, max_size=25),
+    st.lists(st.integers(min_value=0, max_value=24), max_size=10),
+    st.lists(_subjects, min_size=1, max_size=10),
+)
+def test_subject_index_agrees_with_matches(
+    patterns: list[str], removed: list[int], subjects: list[str]
+) -> None:
+    """The index finds exactly the values whose pattern matches, in the order they were added,
+    also after removals (values are distinct objects: the same pattern may be filed twice)."""
+    index: SubjectIndex[object] = SubjectIndex()
+    filed = [(validate_pattern(p), object()) for p in patterns]
+    for pattern, value in filed:
+        index.add(pattern, value)
+    gone = {i for i in removed if i < len(filed)}
+    for i in gone:
+        assert index.remove(*filed[i]) is True
+        assert index.remove(*filed[i]) is False  # already gone
+    kept = [entry for i, entry in enumerate(filed) if i not in gone]
+    assert len(index) == len(kept)
+    for subject in subjects:
+        expected = [value for pattern, value in kept if matches(pattern, subject)]
+        assert index.match(subject) == expected
+
+
+def test_subject_index_drops_emptied_branches() -> None:
+    """Patterns that come and go (every client's reply inbox) leave no nodes behind."""
+    index: SubjectIndex[str] = SubjectIndex()
+    for i in range(100):
+        index.add(f"_INBOX.c{i}.>", "inbox")
+        index.add(f"agents.a{i}.*.x", "agent")
+    index.add("agents.>", "all")
+    for i in range(100):
+        assert index.remove(f"_INBOX.c{i}.>", "inbox")
+        assert index.remove(f"agents.a{i}.*.x", "agent")
+    assert index.match("agents.a1.b.x") == ["all"]
+    root = index._root
+    assert list(root.children) == ["agents"]
+    assert list(root.children["agents"].children) == []
+    assert not index.remove("agents.a1.*.x", "agent")  # a branch that is gone
