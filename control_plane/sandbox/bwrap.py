@@ -204,6 +204,11 @@ def _python_paths() -> list[str]:
     spec = importlib.util.find_spec("agent_os")  # an editable install maps it to the source tree
     for location in (spec.submodule_search_locations or []) if spec else []:
         paths.add(os.path.dirname(os.path.realpath(location)))
+        # The package's own folders, and those its links lead to (a source tree links its
+        # top-level folders in): all the sandbox is shown of a closed tree (see _ro_binds).
+        paths.add(os.path.realpath(location))
+        with contextlib.suppress(OSError), os.scandir(location) as entries:
+            paths.update(os.path.realpath(e.path) for e in entries if e.is_symlink())
     return sorted(paths)
 
 
@@ -217,6 +222,41 @@ def _outermost(paths: Iterator[str] | Sequence[str]) -> list[str]:
             continue
         kept.append(path)
     return kept
+
+
+def _closed_dir(path: str) -> bool:
+    """True when ``path`` is a directory other users may not list and enter (``mktemp -d`` makes
+    them 0700): the sandbox's uid is such a user."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and mode & 0o005 != 0o005
+
+
+def _ro_binds(path: str, visible: Sequence[str]) -> list[str]:
+    """The bwrap arguments that show host ``path`` read-only at the same place.
+
+    A directory bound whole keeps its mode, so one closed to other users stays closed to the
+    sandbox: a source tree or virtual environment inside it would not load. Such a directory
+    is not opened whole: the sandbox gets a 0755 directory there holding only the ``visible``
+    paths inside it (the Python installation, the ``agent_os`` package), under 0755 directories
+    too. Whatever else it holds stays out of sight, as its owner meant."""
+    if not _closed_dir(path):
+        return ["--ro-bind", path, path]
+    under = path.rstrip("/") + "/"
+    inside = _outermost(p for p in visible if os.path.realpath(p).startswith(under))
+    if not inside:
+        return ["--ro-bind", path, path]  # nothing in it is needed: it stays closed
+    dirs = {path}
+    for found in inside:
+        dirs.update(str(q) for q in Path(found).parents if str(q).startswith(under))
+    argv: list[str] = []
+    for directory in sorted(dirs):
+        argv += ["--perms", "0755", "--dir", directory]
+    for found in inside:
+        argv += ["--ro-bind", found, found]
+    return argv
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -262,7 +302,7 @@ def build_argv(
     for parent in parents:  # bwrap would make them 0700, closed to the sandbox's uid
         argv += ["--perms", "0755", "--dir", parent]
     for path in bound:
-        argv += ["--ro-bind", path, path]
+        argv += _ro_binds(path, visible)
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--bind", str(workspace), WORKSPACE, "--chdir", WORKSPACE]
     env = {"PATH": _PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import time
@@ -228,3 +229,74 @@ async def test_limits_and_commands_are_checked() -> None:
             SandboxLimits(memory=bad)  # type: ignore[arg-type]
     with pytest.raises(SandboxError, match="absolute path"):
         await start(["python3", "-c", "pass"])
+
+
+CLOSED_HOST = r"""
+import asyncio, sys
+from agent_os.control_plane.sandbox import start
+
+CODE = '''
+import os, agent_os.amb
+print("loaded", agent_os.amb.__file__)
+print("shown", " ".join(sorted(os.listdir(ROOT))))
+try:
+    open(os.path.join(ROOT, "notes.txt")).read()
+    print("notes ALLOWED")
+except OSError as exc:
+    print("notes", type(exc).__name__)
+'''
+
+async def main():
+    sandbox = await start(
+        [sys.executable, "-c", f"ROOT = {sys.argv[1]!r}\n" + CODE],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(sandbox.process.communicate(), 60)
+    finally:
+        await sandbox.close()
+    sys.stdout.write(out.decode())
+    sys.stderr.write(err.decode())
+    sys.exit(sandbox.process.returncode)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_source_tree_in_a_closed_directory_loads_and_shows_nothing_else(tmp_path: Path) -> None:
+    """A checkout in a directory only its owner may open (``mktemp -d`` makes them 0700): the
+    sandbox loads agent_os from it, and sees nothing else the directory holds."""
+    root = tmp_path / "checkout"
+    root.mkdir(mode=0o700)
+    package = Path(SOURCE_TREE) / "agent_os"
+    folders = {"agent_os"} | {
+        link.resolve().relative_to(SOURCE_TREE).parts[0] for link in package.iterdir() if link.is_symlink()
+    }
+    for name in folders:
+        shutil.copytree(
+            Path(SOURCE_TREE) / name, root / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    (root / "notes.txt").write_text("the owner's, not the sandbox's")
+    (root / "notes.txt").chmod(0o644)  # readable by anyone who may enter the directory
+    host = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLOSED_HOST,
+        str(root),
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(host.communicate(), 90)
+    finally:
+        if host.returncode is None:
+            host.kill()
+            await host.wait()
+    assert host.returncode == 0, err.decode()
+    lines = dict(line.split(" ", 1) for line in out.decode().splitlines())
+    assert lines["loaded"].startswith(str(root / "agent_os") + "/")
+    assert lines["shown"].split() == sorted(folders)
+    assert lines["notes"] == "FileNotFoundError"
