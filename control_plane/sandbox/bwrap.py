@@ -199,17 +199,36 @@ def _pids_of(uid: int) -> list[int]:
 def _python_paths() -> list[str]:
     """The interpreter, its installation and the import path: what a sandboxed Python needs."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    if sys.executable:
+        paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+        # A virtual environment's own interpreter link and its configuration: shown on their
+        # own where the environment's directory is closed (see _ro_binds).
+        paths.add(os.path.dirname(os.path.abspath(sys.executable)))
+    config = os.path.join(sys.prefix, "pyvenv.cfg")
+    if os.path.isfile(config):
+        paths.add(config)
     paths.update(p for p in sys.path if p and os.path.exists(p))
     spec = importlib.util.find_spec("agent_os")  # an editable install maps it to the source tree
     for location in (spec.submodule_search_locations or []) if spec else []:
-        paths.add(os.path.dirname(os.path.realpath(location)))
-        # The package's own folders, and those its links lead to (a source tree links its
-        # top-level folders in): all the sandbox is shown of a closed tree (see _ro_binds).
-        paths.add(os.path.realpath(location))
-        with contextlib.suppress(OSError), os.scandir(location) as entries:
-            paths.update(os.path.realpath(e.path) for e in entries if e.is_symlink())
+        root = os.path.dirname(os.path.realpath(location))
+        paths.add(root)
+        paths.update(_package_dirs(location, root))
     return sorted(paths)
+
+
+def _package_dirs(location: str, root: str) -> set[str]:
+    """The package's own folder at ``location`` and the folders its links lead to inside
+    ``root`` (a source tree links its top-level folders in): all a sandbox is shown of a closed
+    tree (see _ro_binds). A link that leads out of ``root``, or nowhere, adds nothing."""
+    found = {os.path.realpath(location)}
+    under = root.rstrip("/") + "/"
+    with contextlib.suppress(OSError), os.scandir(location) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if target.startswith(under) and os.path.exists(target):
+                    found.add(target)
+    return found
 
 
 def _outermost(paths: Iterator[str] | Sequence[str]) -> list[str]:
@@ -225,13 +244,13 @@ def _outermost(paths: Iterator[str] | Sequence[str]) -> list[str]:
 
 
 def _closed_dir(path: str) -> bool:
-    """True when ``path`` is a directory other users may not list and enter (``mktemp -d`` makes
-    them 0700): the sandbox's uid is such a user."""
+    """True when ``path`` is a directory other users may not enter (``mktemp -d`` makes them
+    0700): the sandbox's uid is such a user."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    return stat.S_ISDIR(mode) and mode & 0o005 != 0o005
+    return stat.S_ISDIR(mode) and not mode & stat.S_IXOTH
 
 
 def _ro_binds(path: str, visible: Sequence[str]) -> list[str]:

@@ -7,7 +7,9 @@ import asyncio
 import os
 import shutil
 import signal
+import stat
 import sys
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -231,19 +233,23 @@ async def test_limits_and_commands_are_checked() -> None:
         await start(["python3", "-c", "pass"])
 
 
+# Run by a host Python: starts a sandbox running CODE with ROOT = argv[1], passes on its output
+# and exit status.
 CLOSED_HOST = r"""
 import asyncio, sys
 from agent_os.control_plane.sandbox import start
 
 CODE = '''
-import os, agent_os.amb
+import os, sys, agent_os.amb
+print("prefix", sys.prefix)
 print("loaded", agent_os.amb.__file__)
 print("shown", " ".join(sorted(os.listdir(ROOT))))
-try:
-    open(os.path.join(ROOT, "notes.txt")).read()
-    print("notes ALLOWED")
-except OSError as exc:
-    print("notes", type(exc).__name__)
+for name in ("notes.txt", "agent_os/outside/notes.txt"):
+    try:
+        open(os.path.join(ROOT, name)).read()
+        print(name, "ALLOWED")
+    except OSError as exc:
+        print(name, type(exc).__name__)
 '''
 
 async def main():
@@ -264,28 +270,15 @@ asyncio.run(main())
 """
 
 
-async def test_a_source_tree_in_a_closed_directory_loads_and_shows_nothing_else(tmp_path: Path) -> None:
-    """A checkout in a directory only its owner may open (``mktemp -d`` makes them 0700): the
-    sandbox loads agent_os from it, and sees nothing else the directory holds."""
-    root = tmp_path / "checkout"
-    root.mkdir(mode=0o700)
-    package = Path(SOURCE_TREE) / "agent_os"
-    folders = {"agent_os"} | {
-        link.resolve().relative_to(SOURCE_TREE).parts[0] for link in package.iterdir() if link.is_symlink()
-    }
-    for name in folders:
-        shutil.copytree(
-            Path(SOURCE_TREE) / name, root / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    (root / "notes.txt").write_text("the owner's, not the sandbox's")
-    (root / "notes.txt").chmod(0o644)  # readable by anyone who may enter the directory
+async def run_closed_host(python: str, root: Path, pythonpath: str) -> dict[str, str]:
+    """Run CLOSED_HOST with ``python`` for ``root``; its sandbox's report, line by line."""
     host = await asyncio.create_subprocess_exec(
-        sys.executable,
+        python,
         "-c",
         CLOSED_HOST,
         str(root),
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": pythonpath},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -296,7 +289,54 @@ async def test_a_source_tree_in_a_closed_directory_loads_and_shows_nothing_else(
             host.kill()
             await host.wait()
     assert host.returncode == 0, err.decode()
-    lines = dict(line.split(" ", 1) for line in out.decode().splitlines())
+    return dict(line.split(" ", 1) for line in out.decode().splitlines())
+
+
+def closed_dir(path: Path) -> Path:
+    """``path`` made as ``mktemp -d`` makes a directory (0700), with a file anyone could read
+    if they could enter."""
+    path.mkdir(mode=0o700)
+    (path / "notes.txt").write_text("the owner's, not the sandbox's")
+    (path / "notes.txt").chmod(0o644)
+    return path
+
+
+async def test_a_source_tree_in_a_closed_directory_loads_and_shows_nothing_else(tmp_path: Path) -> None:
+    """A checkout in a directory only its owner may open: the sandbox loads agent_os from it
+    and sees nothing else the directory holds. Links in the package that lead out of the tree,
+    or nowhere, show nothing and stop nothing."""
+    root = closed_dir(tmp_path / "checkout")
+    package = Path(SOURCE_TREE) / "agent_os"
+    folders = {"agent_os"} | {
+        link.resolve().relative_to(SOURCE_TREE).parts[0] for link in package.iterdir() if link.is_symlink()
+    }
+    for name in folders:
+        shutil.copytree(
+            Path(SOURCE_TREE) / name, root / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    outside = closed_dir(tmp_path / "outside")
+    outside.chmod(0o755)  # readable by all: only what the sandbox is shown may be reached
+    (root / "agent_os" / "outside").symlink_to(outside)
+    (root / "agent_os" / "gone").symlink_to("../gone")
+    lines = await run_closed_host(sys.executable, root, str(root))
     assert lines["loaded"].startswith(str(root / "agent_os") + "/")
     assert lines["shown"].split() == sorted(folders)
-    assert lines["notes"] == "FileNotFoundError"
+    assert lines["notes.txt"] == "FileNotFoundError"
+    assert lines["agent_os/outside/notes.txt"] == "FileNotFoundError"
+
+
+async def test_a_virtual_environment_in_a_closed_directory_runs(tmp_path: Path) -> None:
+    """``python -m venv "$(mktemp -d)"``: the sandbox runs that environment's interpreter, as
+    that environment, and sees nothing else in its directory."""
+    venv = tmp_path / "venv"
+    venv.mkdir(mode=0o700)
+    made = await asyncio.create_subprocess_exec(sys.executable, "-m", "venv", "--without-pip", str(venv))
+    assert await asyncio.wait_for(made.wait(), 60) == 0
+    assert stat.S_IMODE(venv.stat().st_mode) == 0o700
+    (venv / "notes.txt").write_text("the owner's, not the sandbox's")
+    (venv / "notes.txt").chmod(0o644)
+    site = sysconfig.get_paths()["purelib"]  # where agent_os's dependencies are
+    lines = await run_closed_host(str(venv / "bin" / "python"), venv, f"{SOURCE_TREE}:{site}")
+    assert lines["prefix"] == str(venv)
+    assert lines["notes.txt"] == "FileNotFoundError"
+    assert "notes.txt" not in lines["shown"].split()
