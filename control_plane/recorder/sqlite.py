@@ -141,6 +141,10 @@ class SqliteStorage:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Reads of a file the writer holds: a connection and thread of their own (see _read).
+        self._reader: sqlite3.Connection | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._last_write: asyncio.Future[Any] | None = None
         self.read_only = read_only
         private = self.path in ("", ":memory:")
         self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
@@ -151,11 +155,41 @@ class SqliteStorage:
         self.checkpoints: Checkpoints | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with the writer's connection on its thread (writes, and the reads a write
+        depends on)."""
         if self._pool is None or self._db is None:
             raise RecorderError("sqlite storage is not open")
         db = self._db
+        running = asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
+        self._last_write = running
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
+            return await running
+        except sqlite3.Error as exc:
+            raise RecorderError(f"sqlite: {exc}") from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run the read ``fn`` once the writes asked for before it have ended, so that it sees
+        them, as it would on the writer's thread.
+
+        A file the writer holds is read on a connection and thread of its own: a long read (a
+        scan filtered by severity alone, a query without a limit) does not hold up the writes
+        asked for after it, and so the agents whose records wait for them. A private database
+        (``":memory:"``) and a read-only storage have one connection: reads run on its thread.
+        """
+        reader = self._reader
+        if reader is None:
+            return await self._run(fn)
+        before = self._last_write
+        if before is not None and not before.done():
+            await asyncio.wait([before])  # its outcome is its caller's
+        if self._reader is not reader:  # closed meanwhile
+            raise RecorderError("sqlite storage is not open")
+        pool = self._read_pool
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder-read")
+            self._read_pool = pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, reader)
         except sqlite3.Error as exc:
             raise RecorderError(f"sqlite: {exc}") from exc
 
@@ -197,7 +231,11 @@ class SqliteStorage:
                             other.close()
                             raise
                         self.checkpoints = Checkpoints(self.path, other)
+                        reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                        self._reader = reader
+                        reader.execute("PRAGMA query_only=ON")
                 except BaseException:
+                    self._close_reader()
                     checkpoints, self.checkpoints = self.checkpoints, None
                     if checkpoints is not None:
                         checkpoints.close()
@@ -226,9 +264,12 @@ class SqliteStorage:
                 pool.shutdown()
                 raise asyncio.CancelledError from None
             checkpoints, self.checkpoints = self.checkpoints, None
+            reader, self._reader = self._reader, None
             try:
                 await asyncio.shield(
-                    asyncio.get_running_loop().run_in_executor(pool, self._close_opened, db, checkpoints)
+                    asyncio.get_running_loop().run_in_executor(
+                        pool, self._close_opened, db, checkpoints, reader
+                    )
                 )
             finally:
                 pool.shutdown(wait=False)
@@ -244,14 +285,34 @@ class SqliteStorage:
         if self._db is None or self._pool is None:
             return
         db, pool = self._db, self._pool
+        loop = asyncio.get_running_loop()
+        # Reads asked for from now on fail; those already on the reader's thread end first.
+        reader, self._reader = self._reader, None
+        read_pool, self._read_pool = self._read_pool, None
+        if reader is not None and read_pool is not None:
+            try:
+                await loop.run_in_executor(read_pool, reader.close)
+            finally:
+                read_pool.shutdown()
+            reader = None
         checkpoints, self.checkpoints = self.checkpoints, None
-        await asyncio.get_running_loop().run_in_executor(pool, self._close_opened, db, checkpoints)
+        await loop.run_in_executor(pool, self._close_opened, db, checkpoints, reader)
         pool.shutdown()
         self._db = self._pool = None
 
-    def _close_opened(self, db: sqlite3.Connection, checkpoints: Checkpoints | None) -> None:
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def _close_opened(
+        self, db: sqlite3.Connection, checkpoints: Checkpoints | None, reader: sqlite3.Connection | None
+    ) -> None:
+        """Close what connect() opened (the reader, if no read ever used it), and unlock."""
         try:
             try:
+                if reader is not None:
+                    reader.close()
                 if checkpoints is not None:
                     checkpoints.close()  # first: the writer's close is the file's last checkpoint
             finally:
@@ -263,7 +324,8 @@ class SqliteStorage:
     def _undo_open(self, pool: ThreadPoolExecutor, opening: asyncio.Future[sqlite3.Connection]) -> None:
         if not opening.cancelled() and opening.exception() is None:
             checkpoints, self.checkpoints = self.checkpoints, None
-            pool.submit(self._close_opened, opening.result(), checkpoints)
+            reader, self._reader = self._reader, None
+            pool.submit(self._close_opened, opening.result(), checkpoints, reader)
         pool.shutdown(wait=False)
 
     async def tail(self) -> tuple[int, str] | None:
@@ -316,13 +378,13 @@ class SqliteStorage:
     async def select(self, where: Where) -> list[Row]:
         cond, args = where_sql(where)
         sql = f"SELECT {_COLS} FROM {self.table}{cond}"
-        return await self._run(lambda db: db.execute(sql, args).fetchall())
+        return await self._read(lambda db: db.execute(sql, args).fetchall())
 
     async def scan(self, chunk: int = 10_000) -> AsyncIterator[list[Row]]:
         after = -1 << 62
         sql = f"SELECT {_COLS} FROM {self.table} WHERE seq > ? ORDER BY seq LIMIT {int(chunk)}"
         while True:
-            rows: list[Row] = await self._run(functools.partial(_fetch_after, sql, after))
+            rows: list[Row] = await self._read(functools.partial(_fetch_after, sql, after))
             if not rows:
                 return
             yield rows
@@ -333,17 +395,17 @@ class SqliteStorage:
             f"SELECT seq, data FROM {self.table} WHERE event_type = ? AND {RARE_EVENTS_SQL}"
             " ORDER BY seq DESC LIMIT 1"
         )
-        row = await self._run(lambda db: db.execute(sql, (ANCHOR_EVENT,)).fetchone())
+        row = await self._read(lambda db: db.execute(sql, (ANCHOR_EVENT,)).fetchone())
         return None if row is None else (int(row[0]), row[1])
 
     async def first_seq_after(self, ts_ns: int) -> int | None:
         sql = f"SELECT MIN(seq) FROM {self.table} WHERE ts >= ?"
-        row = await self._run(lambda db: db.execute(sql, (ts_ns,)).fetchone())
+        row = await self._read(lambda db: db.execute(sql, (ts_ns,)).fetchone())
         return None if row is None or row[0] is None else int(row[0])
 
     async def hash_at(self, seq: int) -> str | None:
         sql = f"SELECT hash FROM {self.table} WHERE seq = ?"
-        row = await self._run(lambda db: db.execute(sql, (seq,)).fetchone())
+        row = await self._read(lambda db: db.execute(sql, (seq,)).fetchone())
         return None if row is None else str(row[0])
 
     async def delete_through(self, seq: int) -> int:

@@ -595,6 +595,52 @@ async def test_a_cancelled_sqlite_open_leaves_the_file_unlocked(tmp_path: Path) 
     await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
 
 
+async def test_sqlite_reads_run_beside_the_writer_and_see_the_writes_before_them(tmp_path: Path) -> None:
+    """A file's reads have a connection and thread of their own: a write asked for while a long
+    read runs is not held up by it, and a read asked for while a write runs sees that write.
+    (Without retention: its reads after a flush would wait for the long read.)"""
+    path = str(tmp_path / "a.db")
+    async with FlightRecorder("sqlite", path, batch_size=10_000, retention_days=None) as rec:
+        storage = rec.storage
+        count = "SELECT count(*) FROM flight_records"
+        reading, release_read = threading.Event(), threading.Event()
+
+        def long_read(db: sqlite3.Connection) -> int:
+            reading.set()
+            release_read.wait(10)
+            return int(db.execute(count).fetchone()[0])
+
+        read = asyncio.ensure_future(storage._read(long_read))  # type: ignore[attr-defined]
+        try:
+            await wait_until(reading.is_set, what="the long read under way")
+            rec.append("e", "a", {"i": 0}, "info", None, True)
+            assert await asyncio.wait_for(rec.flush(), 5) == 1  # not behind the read
+        finally:
+            release_read.set()
+        assert await read == 1  # its statement ran after the write
+
+        writing, release_write = threading.Event(), threading.Event()
+
+        def held(db: sqlite3.Connection) -> None:
+            writing.set()
+            release_write.wait(10)
+
+        hold = asyncio.ensure_future(storage._run(held))  # type: ignore[attr-defined]
+        try:
+            await wait_until(writing.is_set, what="the writer's thread held")
+            rec.append("e", "a", {"i": 1}, "info", None, True)
+            flushing = asyncio.ensure_future(rec.flush())
+            await asyncio.sleep(0)  # the flush has asked for its write
+            selected = asyncio.ensure_future(storage.select(Where()))
+            await asyncio.sleep(0.05)
+            assert not selected.done(), "the read waits for the write asked for before it"
+        finally:
+            release_write.set()
+        await hold
+        assert await flushing == 1
+        assert [json.loads(r[7])["i"] for r in await selected] == [0, 1]
+
+
 async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
     async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as rec:
         await rec.log("note", "a", {})
