@@ -88,6 +88,10 @@ up to 4,096 rows, at most three statements (with the library's default parameter
 more; :attr:`SqliteStorage.write_unit` is smaller under a lower one)."""
 
 
+def _nothing() -> None:
+    return None
+
+
 def where_sql(where: Where, param: str = "?") -> tuple[str, list[Any]]:
     """SQL conditions and parameters for ``where`` (shared with the PostgreSQL backend)."""
     parts: list[str] = []
@@ -144,7 +148,9 @@ class SqliteStorage:
         # Reads of a file the writer holds: a connection and thread of their own (see _read).
         self._reader: sqlite3.Connection | None = None
         self._read_pool: ThreadPoolExecutor | None = None
-        self._last_write: asyncio.Future[Any] | None = None
+        # The writer's jobs not yet ended (a job whose caller was cancelled runs on): reads wait
+        # for those asked for before them.
+        self._writes: list[Future[Any]] = []
         self.read_only = read_only
         private = self.path in ("", ":memory:")
         self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
@@ -159,11 +165,13 @@ class SqliteStorage:
         depends on)."""
         if self._pool is None or self._db is None:
             raise RecorderError("sqlite storage is not open")
-        db = self._db
-        running = asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
-        self._last_write = running
+        job = self._pool.submit(fn, self._db)
+        writes = self._writes
+        if writes and writes[0].done():
+            writes[:] = [w for w in writes if not w.done()]
+        writes.append(job)
         try:
-            return await running
+            return await asyncio.wrap_future(job)
         except sqlite3.Error as exc:
             raise RecorderError(f"sqlite: {exc}") from exc
 
@@ -176,12 +184,13 @@ class SqliteStorage:
         asked for after it, and so the agents whose records wait for them. A private database
         (``":memory:"``) and a read-only storage have one connection: reads run on its thread.
         """
-        reader = self._reader
-        if reader is None:
+        reader, pool = self._reader, self._pool
+        if reader is None or pool is None or self._db is None:  # (not open yet: _run says so)
             return await self._run(fn)
-        before = self._last_write
-        if before is not None and not before.done():
-            await asyncio.wait([before])  # its outcome is its caller's
+        if any(not w.done() for w in self._writes):
+            # The writer's thread takes its jobs in turn: this one runs once those asked for
+            # before it have ended (their outcomes are their callers').
+            await asyncio.wrap_future(pool.submit(_nothing))
         if self._reader is not reader:  # closed meanwhile
             raise RecorderError("sqlite storage is not open")
         pool = self._read_pool
@@ -234,6 +243,8 @@ class SqliteStorage:
                         reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                         self._reader = reader
                         reader.execute("PRAGMA query_only=ON")
+                        # A first read now opens the WAL beside the file, before it can move.
+                        reader.execute(f"SELECT 1 FROM {self.table} LIMIT 1").fetchall()
                 except BaseException:
                     self._close_reader()
                     checkpoints, self.checkpoints = self.checkpoints, None
@@ -285,20 +296,35 @@ class SqliteStorage:
         if self._db is None or self._pool is None:
             return
         db, pool = self._db, self._pool
-        loop = asyncio.get_running_loop()
-        # Reads asked for from now on fail; those already on the reader's thread end first.
+        self._db = self._pool = None
+        # Reads and writes asked for from now on fail; those already asked for end first.
         reader, self._reader = self._reader, None
         read_pool, self._read_pool = self._read_pool, None
-        if reader is not None and read_pool is not None:
-            try:
-                await loop.run_in_executor(read_pool, reader.close)
-            finally:
-                read_pool.shutdown()
-            reader = None
         checkpoints, self.checkpoints = self.checkpoints, None
-        await loop.run_in_executor(pool, self._close_opened, db, checkpoints, reader)
-        pool.shutdown()
-        self._db = self._pool = None
+        # In a task of its own: a caller cancelled meanwhile does not leave the file open and
+        # locked, nor block the event loop on a thread still reading.
+        closing = asyncio.ensure_future(self._close_all(db, pool, checkpoints, reader, read_pool))
+        await asyncio.shield(closing)
+
+    async def _close_all(
+        self,
+        db: sqlite3.Connection,
+        pool: ThreadPoolExecutor,
+        checkpoints: Checkpoints | None,
+        reader: sqlite3.Connection | None,
+        read_pool: ThreadPoolExecutor | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if reader is not None and read_pool is not None:
+                try:  # on its thread, after the reads asked for before
+                    await loop.run_in_executor(read_pool, reader.close)
+                finally:
+                    read_pool.shutdown()
+                reader = None
+        finally:
+            await loop.run_in_executor(pool, self._close_opened, db, checkpoints, reader)
+            pool.shutdown()
 
     def _close_reader(self) -> None:
         reader, self._reader = self._reader, None

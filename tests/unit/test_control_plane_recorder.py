@@ -641,6 +641,90 @@ async def test_sqlite_reads_run_beside_the_writer_and_see_the_writes_before_them
         assert [json.loads(r[7])["i"] for r in await selected] == [0, 1]
 
 
+async def test_sqlite_reads_wait_for_a_write_whose_caller_was_cancelled(tmp_path: Path) -> None:
+    """A write whose caller was cancelled runs on: a read asked for after it waits for its end
+    (a retention's DELETE cut short by a timeout must not show verify() a half-pruned chain).
+    One cancelled before it ran (and so never runs) does not hide the one running before it."""
+    storage = SqliteStorage(str(tmp_path / "a.db"))
+    await storage.open()
+    writing, release = threading.Event(), threading.Event()
+    try:
+
+        def held(db: sqlite3.Connection) -> None:
+            writing.set()
+            release.wait(10)
+
+        hold = asyncio.ensure_future(storage._run(held))
+        await wait_until(writing.is_set, what="the writer's thread held")
+        hold.cancel()  # its job runs on
+        queued = asyncio.ensure_future(storage._run(lambda db: None))
+        await asyncio.sleep(0)
+        queued.cancel()  # never runs
+        selected = asyncio.ensure_future(storage.select(Where()))
+        await asyncio.sleep(0.05)
+        assert not selected.done(), "the read waits for the write still running"
+    finally:
+        release.set()
+    assert await selected == []
+    await storage.close()
+
+
+async def test_sqlite_reads_go_on_after_the_file_is_renamed(tmp_path: Path) -> None:
+    """Renamed (with its WAL) after open, before any read: the open connections still reach it."""
+    path = tmp_path / "a.db"
+    async with FlightRecorder("sqlite", str(path), retention_days=None) as rec:
+        await rec.log("note", "a", {"i": 1})
+        await rec.flush()
+        for suffix in ("", "-wal", "-shm"):
+            if (tmp_path / f"a.db{suffix}").exists():
+                (tmp_path / f"a.db{suffix}").rename(tmp_path / f"moved.db{suffix}")
+        await rec.log("note", "a", {"i": 2})
+        assert [r.data["i"] for r in await rec.query(event_type="note")] == [1, 2]
+        assert (await rec.verify()).ok
+
+
+async def test_a_cancelled_sqlite_close_neither_blocks_the_loop_nor_leaves_the_file_locked(
+    tmp_path: Path,
+) -> None:
+    """close() cancelled while a long read runs: it returns at once, and the close goes on
+    once the read ends (the file unlocked, the threads gone)."""
+    db = str(tmp_path / "a.db")
+    threads_before = threading.active_count()
+    storage = SqliteStorage(db)
+    await storage.open()
+    reading, release = threading.Event(), threading.Event()
+
+    def long_read(db: sqlite3.Connection) -> None:
+        reading.set()
+        release.wait(3)
+
+    read = asyncio.ensure_future(storage._read(long_read))
+    try:
+        await wait_until(reading.is_set, what="the long read under way")
+        closing = asyncio.ensure_future(storage.close())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert time.monotonic() - started < 1.0, "the event loop was not held"
+    finally:
+        release.set()
+    await read
+
+    async def opens() -> bool:
+        again = SqliteStorage(db)
+        try:
+            await again.open()
+        except RecorderInUse:
+            return False
+        await again.close()
+        return True
+
+    await wait_until(opens, what="the file unlocked after the cancelled close")
+    await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
+
+
 async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
     async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as rec:
         await rec.log("note", "a", {})
