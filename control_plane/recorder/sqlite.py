@@ -148,9 +148,7 @@ class SqliteStorage:
         # Reads of a file the writer holds: a connection and thread of their own (see _read).
         self._reader: sqlite3.Connection | None = None
         self._read_pool: ThreadPoolExecutor | None = None
-        # The writer's jobs not yet ended (a job whose caller was cancelled runs on): reads wait
-        # for those asked for before them.
-        self._writes: list[Future[Any]] = []
+        self._closing: asyncio.Future[None] | None = None  # a close under way (see close())
         self.read_only = read_only
         private = self.path in ("", ":memory:")
         self._lock = None if private or read_only else WriterLock(os.path.realpath(self.path) + ".lock")
@@ -165,13 +163,9 @@ class SqliteStorage:
         depends on)."""
         if self._pool is None or self._db is None:
             raise RecorderError("sqlite storage is not open")
-        job = self._pool.submit(fn, self._db)
-        writes = self._writes
-        if writes and writes[0].done():
-            writes[:] = [w for w in writes if not w.done()]
-        writes.append(job)
+        db = self._db
         try:
-            return await asyncio.wrap_future(job)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
         except sqlite3.Error as exc:
             raise RecorderError(f"sqlite: {exc}") from exc
 
@@ -185,12 +179,12 @@ class SqliteStorage:
         (``":memory:"``) and a read-only storage have one connection: reads run on its thread.
         """
         reader, pool = self._reader, self._pool
-        if reader is None or pool is None or self._db is None:  # (not open yet: _run says so)
+        if reader is None or pool is None or self._db is None:  # (not open: _run says so)
             return await self._run(fn)
-        if any(not w.done() for w in self._writes):
-            # The writer's thread takes its jobs in turn: this one runs once those asked for
-            # before it have ended (their outcomes are their callers').
-            await asyncio.wrap_future(pool.submit(_nothing))
+        # The writer's thread takes its jobs in turn: a no-op there ends once every write asked
+        # for before it has (one whose caller was cancelled runs on). Reads pay this hop, not
+        # writes.
+        await asyncio.wrap_future(pool.submit(_nothing))
         if self._reader is not reader:  # closed meanwhile
             raise RecorderError("sqlite storage is not open")
         pool = self._read_pool
@@ -203,6 +197,8 @@ class SqliteStorage:
             raise RecorderError(f"sqlite: {exc}") from exc
 
     async def open(self) -> None:
+        if self._closing is not None:
+            await asyncio.wait([self._closing])  # the file unlocked first (whatever the close met)
         if self._db is not None:
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flight-recorder")
@@ -294,6 +290,8 @@ class SqliteStorage:
 
     async def close(self) -> None:
         if self._db is None or self._pool is None:
+            if self._closing is not None:  # another close under way: until the file is unlocked
+                await asyncio.wait([self._closing])
             return
         db, pool = self._db, self._pool
         self._db = self._pool = None
@@ -302,9 +300,26 @@ class SqliteStorage:
         read_pool, self._read_pool = self._read_pool, None
         checkpoints, self.checkpoints = self.checkpoints, None
         # In a task of its own: a caller cancelled meanwhile does not leave the file open and
-        # locked, nor block the event loop on a thread still reading.
-        closing = asyncio.ensure_future(self._close_all(db, pool, checkpoints, reader, read_pool))
-        await asyncio.shield(closing)
+        # locked, nor block the event loop on a thread still reading. open() and close() wait
+        # for it.
+        closing = self._closing = asyncio.ensure_future(
+            self._close_all(db, pool, checkpoints, reader, read_pool)
+        )
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            closing.add_done_callback(self._closed_unseen)
+            raise
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
+
+    def _closed_unseen(self, closing: asyncio.Future[None]) -> None:
+        """Log how a close whose caller was cancelled ended, if it failed (no one else sees it)."""
+        if self._closing is closing:
+            self._closing = None
+        if not closing.cancelled() and closing.exception() is not None:
+            log.error("closing sqlite storage %r failed", self.path, exc_info=closing.exception())
 
     async def _close_all(
         self,

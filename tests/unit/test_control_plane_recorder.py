@@ -725,6 +725,69 @@ async def test_a_cancelled_sqlite_close_neither_blocks_the_loop_nor_leaves_the_f
     await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
 
 
+async def test_sqlite_open_and_close_wait_for_a_close_under_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """open() or close() during a close (its caller cancelled, say) waits for it to end: the
+    reopened storage holds the file's lock, and a second close returns once the file is free.
+    A close that fails after its caller was cancelled is logged."""
+    db = str(tmp_path / "a.db")
+    storage = SqliteStorage(db)
+    await storage.open()
+    writing, release = threading.Event(), threading.Event()
+
+    def held(conn: sqlite3.Connection) -> None:
+        writing.set()
+        release.wait(10)
+
+    hold = asyncio.ensure_future(storage._run(held))
+    try:
+        await wait_until(writing.is_set, what="the writer's thread held")
+        closing = asyncio.ensure_future(storage.close())
+        await asyncio.sleep(0)
+        opening = asyncio.ensure_future(storage.open())
+        await asyncio.sleep(0.05)
+        assert not opening.done(), "open waits for the close under way"
+    finally:
+        release.set()
+    await hold
+    await closing
+    await opening
+    other = SqliteStorage(db)
+    with pytest.raises(RecorderInUse):
+        await other.open()  # the reopened storage holds the lock
+
+    original = storage._close_opened
+
+    def failing(*args: Any) -> None:
+        original(*args)  # closed and unlocked, then
+        raise OSError("disk gone")
+
+    storage._close_opened = failing  # type: ignore[method-assign,assignment]
+    writing.clear()
+    release.clear()
+    hold = asyncio.ensure_future(storage._run(held))
+    try:
+        await wait_until(writing.is_set, what="the writer's thread held again")
+        closing = asyncio.ensure_future(storage.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        second = asyncio.ensure_future(storage.close())
+        await asyncio.sleep(0.05)
+        assert not second.done(), "a second close waits for the first"
+    finally:
+        release.set()
+    await second
+    await wait_until(
+        lambda: any("closing sqlite storage" in r.getMessage() for r in caplog.records),
+        what="the failed close logged",
+    )
+    await other.open()  # the file is free
+    await other.close()
+
+
 async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
     async with FlightRecorder("sqlite", str(tmp_path / "a.db")) as rec:
         await rec.log("note", "a", {})
