@@ -571,6 +571,32 @@ async def test_sqlite_checkpoints_that_fail_are_counted_and_made_by_the_writer(
     assert largest < 8 << 20, largest
 
 
+class Held:
+    """A job that holds the storage thread it runs on until ``release`` is set (``started`` is
+    set once it runs), then returns ``then(db)``, if given."""
+
+    def __init__(self, then: Callable[[sqlite3.Connection], Any] | None = None) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.then = then
+
+    def __call__(self, db: sqlite3.Connection) -> Any:
+        self.started.set()
+        self.release.wait(10)
+        return None if self.then is None else self.then(db)
+
+
+async def unlocked(db: str) -> bool:
+    """True when a storage of its own can open (and so lock) the file ``db``."""
+    again = SqliteStorage(db)
+    try:
+        await again.open()
+    except RecorderInUse:
+        return False
+    await again.close()
+    return True
+
+
 async def test_a_cancelled_sqlite_open_leaves_the_file_unlocked(tmp_path: Path) -> None:
     db = str(tmp_path / "a.db")
     threads_before = threading.active_count()
@@ -581,17 +607,7 @@ async def test_a_cancelled_sqlite_open_leaves_the_file_unlocked(tmp_path: Path) 
     with pytest.raises(asyncio.CancelledError):
         await opening
     await storage.close()
-
-    async def opens() -> bool:
-        again = SqliteStorage(db)
-        try:
-            await again.open()
-        except RecorderInUse:
-            return False
-        await again.close()
-        return True
-
-    await wait_until(opens, what="the file unlocked after the cancelled open")
+    await wait_until(lambda: unlocked(db), what="the file unlocked after the cancelled open")
     await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
 
 
@@ -601,33 +617,21 @@ async def test_sqlite_reads_run_beside_the_writer_and_see_the_writes_before_them
     (Without retention: its reads after a flush would wait for the long read.)"""
     path = str(tmp_path / "a.db")
     async with FlightRecorder("sqlite", path, batch_size=10_000, retention_days=None) as rec:
-        storage = rec.storage
-        count = "SELECT count(*) FROM flight_records"
-        reading, release_read = threading.Event(), threading.Event()
-
-        def long_read(db: sqlite3.Connection) -> int:
-            reading.set()
-            release_read.wait(10)
-            return int(db.execute(count).fetchone()[0])
-
-        read = asyncio.ensure_future(storage._read(long_read))  # type: ignore[attr-defined]
+        storage: Any = rec.storage
+        long_read = Held(lambda db: db.execute("SELECT count(*) FROM flight_records").fetchone()[0])
+        read = asyncio.ensure_future(storage._read(long_read))
         try:
-            await wait_until(reading.is_set, what="the long read under way")
+            await wait_until(long_read.started.is_set, what="the long read under way")
             rec.append("e", "a", {"i": 0}, "info", None, True)
             assert await asyncio.wait_for(rec.flush(), 5) == 1  # not behind the read
         finally:
-            release_read.set()
+            long_read.release.set()
         assert await read == 1  # its statement ran after the write
 
-        writing, release_write = threading.Event(), threading.Event()
-
-        def held(db: sqlite3.Connection) -> None:
-            writing.set()
-            release_write.wait(10)
-
-        hold = asyncio.ensure_future(storage._run(held))  # type: ignore[attr-defined]
+        held = Held()
+        hold = asyncio.ensure_future(storage._run(held))
         try:
-            await wait_until(writing.is_set, what="the writer's thread held")
+            await wait_until(held.started.is_set, what="the writer's thread held")
             rec.append("e", "a", {"i": 1}, "info", None, True)
             flushing = asyncio.ensure_future(rec.flush())
             await asyncio.sleep(0)  # the flush has asked for its write
@@ -635,7 +639,7 @@ async def test_sqlite_reads_run_beside_the_writer_and_see_the_writes_before_them
             await asyncio.sleep(0.05)
             assert not selected.done(), "the read waits for the write asked for before it"
         finally:
-            release_write.set()
+            held.release.set()
         await hold
         assert await flushing == 1
         assert [json.loads(r[7])["i"] for r in await selected] == [0, 1]
@@ -646,16 +650,11 @@ async def test_sqlite_reads_wait_for_a_write_whose_caller_was_cancelled(tmp_path
     (a retention's DELETE cut short by a timeout must not show verify() a half-pruned chain).
     One cancelled before it ran (and so never runs) does not hide the one running before it."""
     storage = SqliteStorage(str(tmp_path / "a.db"))
-    await storage.open()
-    writing, release = threading.Event(), threading.Event()
+    held = Held()
     try:
-
-        def held(db: sqlite3.Connection) -> None:
-            writing.set()
-            release.wait(10)
-
+        await storage.open()
         hold = asyncio.ensure_future(storage._run(held))
-        await wait_until(writing.is_set, what="the writer's thread held")
+        await wait_until(held.started.is_set, what="the writer's thread held")
         hold.cancel()  # its job runs on
         queued = asyncio.ensure_future(storage._run(lambda db: None))
         await asyncio.sleep(0)
@@ -663,10 +662,11 @@ async def test_sqlite_reads_wait_for_a_write_whose_caller_was_cancelled(tmp_path
         selected = asyncio.ensure_future(storage.select(Where()))
         await asyncio.sleep(0.05)
         assert not selected.done(), "the read waits for the write still running"
+        held.release.set()
+        assert await selected == []
     finally:
-        release.set()
-    assert await selected == []
-    await storage.close()
+        held.release.set()
+        await storage.close()
 
 
 async def test_sqlite_reads_go_on_after_the_file_is_renamed(tmp_path: Path) -> None:
@@ -691,16 +691,11 @@ async def test_a_cancelled_sqlite_close_neither_blocks_the_loop_nor_leaves_the_f
     db = str(tmp_path / "a.db")
     threads_before = threading.active_count()
     storage = SqliteStorage(db)
-    await storage.open()
-    reading, release = threading.Event(), threading.Event()
-
-    def long_read(db: sqlite3.Connection) -> None:
-        reading.set()
-        release.wait(3)
-
-    read = asyncio.ensure_future(storage._read(long_read))
+    long_read = Held()
     try:
-        await wait_until(reading.is_set, what="the long read under way")
+        await storage.open()
+        read = asyncio.ensure_future(storage._read(long_read))
+        await wait_until(long_read.started.is_set, what="the long read under way")
         closing = asyncio.ensure_future(storage.close())
         await asyncio.sleep(0)
         started = time.monotonic()
@@ -708,21 +703,13 @@ async def test_a_cancelled_sqlite_close_neither_blocks_the_loop_nor_leaves_the_f
         with pytest.raises(asyncio.CancelledError):
             await closing
         assert time.monotonic() - started < 1.0, "the event loop was not held"
+        long_read.release.set()
+        await read
+        await wait_until(lambda: unlocked(db), what="the file unlocked after the cancelled close")
+        await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
     finally:
-        release.set()
-    await read
-
-    async def opens() -> bool:
-        again = SqliteStorage(db)
-        try:
-            await again.open()
-        except RecorderInUse:
-            return False
-        await again.close()
-        return True
-
-    await wait_until(opens, what="the file unlocked after the cancelled close")
-    await wait_until(lambda: threading.active_count() == threads_before, what="its threads gone")
+        long_read.release.set()
+        await storage.close()
 
 
 async def test_sqlite_open_and_close_wait_for_a_close_under_way(
@@ -733,42 +720,31 @@ async def test_sqlite_open_and_close_wait_for_a_close_under_way(
     A close that fails after its caller was cancelled is logged."""
     db = str(tmp_path / "a.db")
     storage = SqliteStorage(db)
-    await storage.open()
-    writing, release = threading.Event(), threading.Event()
-
-    def held(conn: sqlite3.Connection) -> None:
-        writing.set()
-        release.wait(10)
-
-    hold = asyncio.ensure_future(storage._run(held))
+    held, again = Held(), Held()
     try:
-        await wait_until(writing.is_set, what="the writer's thread held")
+        await storage.open()
+        hold = asyncio.ensure_future(storage._run(held))
+        await wait_until(held.started.is_set, what="the writer's thread held")
         closing = asyncio.ensure_future(storage.close())
         await asyncio.sleep(0)
         opening = asyncio.ensure_future(storage.open())
         await asyncio.sleep(0.05)
         assert not opening.done(), "open waits for the close under way"
-    finally:
-        release.set()
-    await hold
-    await closing
-    await opening
-    other = SqliteStorage(db)
-    with pytest.raises(RecorderInUse):
-        await other.open()  # the reopened storage holds the lock
+        held.release.set()
+        await hold
+        await closing
+        await opening
+        assert not await unlocked(db), "the reopened storage holds the lock"
 
-    original = storage._close_opened
+        original = storage._close_opened
 
-    def failing(*args: Any) -> None:
-        original(*args)  # closed and unlocked, then
-        raise OSError("disk gone")
+        def failing(*args: Any) -> None:
+            original(*args)  # closed and unlocked, then
+            raise OSError("disk gone")
 
-    storage._close_opened = failing  # type: ignore[method-assign,assignment]
-    writing.clear()
-    release.clear()
-    hold = asyncio.ensure_future(storage._run(held))
-    try:
-        await wait_until(writing.is_set, what="the writer's thread held again")
+        storage._close_opened = failing  # type: ignore[method-assign,assignment]
+        hold = asyncio.ensure_future(storage._run(again))
+        await wait_until(again.started.is_set, what="the writer's thread held again")
         closing = asyncio.ensure_future(storage.close())
         await asyncio.sleep(0)
         closing.cancel()
@@ -777,15 +753,17 @@ async def test_sqlite_open_and_close_wait_for_a_close_under_way(
         second = asyncio.ensure_future(storage.close())
         await asyncio.sleep(0.05)
         assert not second.done(), "a second close waits for the first"
+        again.release.set()
+        await second
+        await wait_until(
+            lambda: any("closing sqlite storage" in r.getMessage() for r in caplog.records),
+            what="the failed close logged",
+        )
+        assert await unlocked(db)
     finally:
-        release.set()
-    await second
-    await wait_until(
-        lambda: any("closing sqlite storage" in r.getMessage() for r in caplog.records),
-        what="the failed close logged",
-    )
-    await other.open()  # the file is free
-    await other.close()
+        held.release.set()
+        again.release.set()
+        await storage.close()
 
 
 async def test_sqlite_query_with_an_unhashable_event_type_is_a_recorder_error(tmp_path: Path) -> None:
