@@ -74,12 +74,16 @@ message, in cProfile's inflated time (the shared store's extra over the local on
 besides waiting in epoll): preparing and claiming about 10 us, redis-py's packing, sending and
 reading per round trip about 5 us, the queue hop about 5 us; the rest is spread thin.
 
-The two-process target is not met here, and the machine is not what stops it: raw nats-py
-consumers that check a signature per message and nothing else (the last row, same run, same
-cores shared with the NATS server and the publisher) gain about 1.8x from a second process.
-The governed consumers share those 2 cores with Redis too, and each message costs them more
-CPU than the raw check (the bus, the middleware, the claims), so a second process finds less
-idle CPU to scale onto: the gap to 1.8x is per-message CPU, as in the rows above."""
+The two-process target is not met here. Raw nats-py consumers that check a signature per
+message and nothing else (the last row, same run, same cores shared with the NATS server and
+the publisher) gain about 1.8x from a second process. The governed consumers cannot on these
+2 cores, measured from each process's CPU time over the timed windows (2026-12-06, six rounds
+of 5,000 messages, Intel Xeon): one consumer used 0.94-0.98 of a core at about 12,400 msg/s,
+about 78 us of CPU a message; two used 1.46-1.68 cores together at 18,200-20,000 msg/s, 78-84
+us a message, the same work; NATS, Redis and the publisher took 0.15-0.3 cores, and 0.1-0.25
+stayed idle, part of it at the windows' edges (the start, and the 10 ms polling that ends
+them). 1.8x one process would need about 1.83 cores for the consumers alone: the gap is cores
+this machine does not have beside Redis, not waiting in the consumers."""
 
 
 class Consumer:
