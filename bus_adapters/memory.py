@@ -81,10 +81,13 @@ class _QueueGroup:
         self.members: list[_MemorySubscription] = []
         self._next = 0
 
-    def pick(self) -> _MemorySubscription:
-        """Round-robin, preferring a member with room so one slow member does not stall the rest."""
+    def pick(self) -> _MemorySubscription | None:
+        """Round-robin, preferring a member with room so one slow member does not stall the rest;
+        None once the group has no members (its last left while a publish waited)."""
         members = self.members
         n = len(members)
+        if not n:
+            return None
         start = self._next % n
         self._next = start + 1
         for i in range(n):
@@ -246,10 +249,12 @@ class MemoryBroker(Lifecycle):
             return
         for target in targets:
             sub = target if type(target) is _MemorySubscription else target.pick()
+            if sub is None:
+                continue
             delivery = local_delivery(subject, data, 1, sub.dispatcher)
-            if not sub.offer(delivery):
-                await sub.put(delivery)
-            stats.routed += 1
+            # put() waits for room; False: the subscription stopped meanwhile (not routed)
+            if sub.offer(delivery) or await sub.put(delivery):
+                stats.routed += 1
 
     async def subscribe(
         self,

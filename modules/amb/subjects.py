@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from agent_os.amb.errors import InvalidSubject
 
@@ -172,21 +172,43 @@ def matches(pattern: str, subject: str) -> bool:
 
 V = TypeVar("V")
 
+INDEXED_TOKENS: Final = 8
+"""The tokens of a pattern :class:`SubjectIndex` files by; a longer pattern is kept with its
+first ones and checked whole (with :func:`compile_pattern`) against a subject reaching them.
+Subjects have a few tokens; the bound keeps a deep pattern (up to 512 tokens) from costing a
+node per token."""
+
 
 class _Node(Generic[V]):
     """The patterns sharing one prefix of tokens: those that end here, those that end with
-    ``>`` after it, and the longer ones by their next token (a literal or ``*``)."""
+    ``>`` after it, those longer than :data:`INDEXED_TOKENS` (with their matcher), and the
+    others by their next token (a literal or ``*``). Lists and the dict are made when needed."""
 
-    __slots__ = ("children", "ends", "rest")
+    __slots__ = ("children", "deep", "ends", "rest")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[V]] = {}
-        self.ends: list[tuple[int, V]] = []
-        self.rest: list[tuple[int, V]] = []
+        self.children: dict[str, _Node[V]] | None = None
+        self.ends: list[tuple[int, V]] | None = None
+        self.rest: list[tuple[int, V]] | None = None
+        self.deep: list[tuple[int, V, Callable[[str], bool]]] | None = None
+
+    def empty(self) -> bool:
+        return not (self.children or self.ends or self.rest or self.deep)
 
 
-def _order(entry: tuple[int, object]) -> int:
+def _order(entry: tuple[int, object] | tuple[int, object, object]) -> int:
     return entry[0]
+
+
+def _path(pattern: str) -> tuple[list[str], str]:
+    """The tokens ``pattern`` is filed under, and the list of its node it goes in: ``"ends"``,
+    ``"rest"`` (its last token ``>``) or ``"deep"`` (more tokens than :data:`INDEXED_TOKENS`)."""
+    tokens = pattern.split(".")
+    if len(tokens) > INDEXED_TOKENS:
+        return tokens[:INDEXED_TOKENS], "deep"
+    if tokens[-1] == ">":
+        return tokens[:-1], "rest"
+    return tokens, "ends"
 
 
 class SubjectIndex(Generic[V]):
@@ -196,7 +218,8 @@ class SubjectIndex(Generic[V]):
     added, with the answers of :func:`matches`. Its cost grows with the subject's tokens and
     the patterns that share its prefixes, not with the number of patterns: a broker routing
     subjects it has not seen before (every request's reply subject is new) does not scan every
-    subscription. Patterns must be valid (:func:`validate_pattern`), subjects valid subjects.
+    subscription. A pattern costs at most :data:`INDEXED_TOKENS` nodes. Patterns must be valid
+    (:func:`validate_pattern`), subjects valid subjects.
     """
 
     __slots__ = ("_root", "_seq", "_size")
@@ -212,60 +235,83 @@ class SubjectIndex(Generic[V]):
 
     def add(self, pattern: str, value: V) -> None:
         """File ``value`` under ``pattern``."""
+        tokens, where = _path(pattern)
         node = self._root
-        tokens = pattern.split(".")
-        last = tokens[-1] == ">"
-        for tok in tokens[:-1] if last else tokens:
+        for tok in tokens:
+            if node.children is None:
+                node.children = {}
             child = node.children.get(tok)
             if child is None:
                 child = node.children[tok] = _Node()
             node = child
-        (node.rest if last else node.ends).append((next(self._seq), value))
+        seq = next(self._seq)
+        if where == "deep":
+            if node.deep is None:
+                node.deep = []
+            node.deep.append((seq, value, compile_pattern(pattern)))
+        elif where == "rest":
+            if node.rest is None:
+                node.rest = []
+            node.rest.append((seq, value))
+        else:
+            if node.ends is None:
+                node.ends = []
+            node.ends.append((seq, value))
         self._size += 1
 
     def remove(self, pattern: str, value: V) -> bool:
         """Take ``value`` (the same object) from under ``pattern``; False if it was not there.
         Branches left empty are dropped, so patterns that come and go leave nothing behind."""
-        tokens = pattern.split(".")
-        last = tokens[-1] == ">"
+        tokens, where = _path(pattern)
         path = [self._root]
-        for tok in tokens[:-1] if last else tokens:
-            child = path[-1].children.get(tok)
+        for tok in tokens:
+            children = path[-1].children
+            child = None if children is None else children.get(tok)
             if child is None:
                 return False
             path.append(child)
-        entries = path[-1].rest if last else path[-1].ends
-        for i, (_, filed) in enumerate(entries):
-            if filed is value:
+        node = path[-1]
+        entries: list[Any] | None = getattr(node, where)
+        if entries is None:
+            return False
+        for i, entry in enumerate(entries):
+            if entry[1] is value:
                 del entries[i]
                 break
         else:
             return False
+        if not entries:
+            setattr(node, where, None)
         self._size -= 1
-        walked = tokens[:-1] if last else tokens
-        for depth in range(len(walked), 0, -1):
-            node = path[depth]
-            if node.children or node.ends or node.rest:
+        for depth in range(len(tokens), 0, -1):
+            if not path[depth].empty():
                 break
-            del path[depth - 1].children[walked[depth - 1]]
+            parent = path[depth - 1]
+            assert parent.children is not None  # it holds this node
+            del parent.children[tokens[depth - 1]]
+            if not parent.children:
+                parent.children = None
         return True
 
     def match(self, subject: str) -> list[V]:
         """The values whose pattern matches ``subject``, in the order they were added."""
         tokens = subject.split(".")
         n = len(tokens)
-        found: list[tuple[int, V]] = []
+        found: list[Any] = []
         # Each node stands for one prefix of a pattern, so it is reached at most once.
         stack = [(self._root, 0)]
         while stack:
             node, i = stack.pop()
+            if node.deep is not None:  # i == INDEXED_TOKENS: the rest is checked whole
+                found.extend(e for e in node.deep if e[2](subject))
             if i == n:
-                found.extend(node.ends)
+                if node.ends is not None:
+                    found.extend(node.ends)
                 continue
-            if node.rest:  # ">" after this prefix: tokens[i:] is one token or more
+            if node.rest is not None:  # ">" after this prefix: tokens[i:] is one token or more
                 found.extend(node.rest)
             children = node.children
-            if children:
+            if children is not None:
                 child = children.get(tokens[i])
                 if child is not None:
                     stack.append((child, i + 1))
@@ -274,4 +320,4 @@ class SubjectIndex(Generic[V]):
                     stack.append((star, i + 1))
         if len(found) > 1:
             found.sort(key=_order)
-        return [value for _, value in found]
+        return [entry[1] for entry in found]

@@ -331,3 +331,36 @@ async def test_routing_finds_every_matching_subscription_in_subscribe_order(clos
     assert len(server._index) == 0
     assert server.route("_INBOX.c1.7") == ()
     await broker.close()
+
+
+async def test_a_publish_waiting_for_room_skips_a_group_emptied_meanwhile(closing: Closing) -> None:
+    """A publish parked on a full queue goes on to the rest of its route: a queue group whose
+    last member left meanwhile is skipped (not a ZeroDivisionError), and is not counted as
+    routed to."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def blocked(d: Delivery) -> None:
+        await release.wait()
+        got.append(d.data)
+
+    async def member(d: Delivery) -> None:
+        return None
+
+    await broker.subscribe("g.x", blocked)  # first in the route
+    leaving = await broker.subscribe("g.x", member, queue="q")
+    server = memory_server(broker.server_name)
+    assert server is not None
+    await broker.publish("g.x", b"0")  # in the handler
+    await broker.publish("g.x", b"1")  # queued: the queue is full
+    routed = server.stats.routed
+    parked = asyncio.create_task(broker.publish("g.x", b"2"))
+    await wait_until(lambda: server.stats.published == 3, what="the third publish parked")
+    await leaving.unsubscribe()
+    release.set()
+    await asyncio.wait_for(parked, 5)
+    await wait_until(lambda: got == [b"0", b"1", b"2"])
+    assert server.stats.routed == routed + 1  # the plain subscription only
+    await broker.close()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import compile_filter
-from agent_os.amb.subjects import SubjectIndex, matches, validate_pattern, validate_subject
+from agent_os.amb.subjects import INDEXED_TOKENS, SubjectIndex, matches, validate_pattern, validate_subject
 
 
 @pytest.mark.parametrize(
@@ -88,26 +88,36 @@ def test_invalid_filters(bad: object) -> None:
         compile_filter(bad)  # type: ignore[arg-type]
 
 
-# A small alphabet of tokens, so that random patterns and subjects often share prefixes.
-_pattern_tokens = st.sampled_from(["a", "b", "c", "*"])
-_patterns = st.builds(
-    lambda tokens, tail: ".".join(tokens + ([">"] if tail else [])) or ">",
-    st.lists(_pattern_tokens, max_size=4),
-    st.booleans(),
-)
-_subjects = st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=5).map(".".join)
+# A small alphabet of tokens, so that random patterns and subjects often share prefixes. Long
+# ones go past the tokens the index files by (INDEXED_TOKENS): those are checked whole.
+def _pattern_strategy(tokens: list[str], most: int) -> st.SearchStrategy[str]:
+    return st.builds(
+        lambda parts, tail: ".".join(parts + ([">"] if tail else [])) or ">",
+        st.lists(st.sampled_from(tokens), max_size=most),
+        st.booleans(),
+    )
 
 
-@given(
-    st.lists(_patterns, max_size=25),
-    st.lists(st.integers(min_value=0, max_value=24), max_size=10),
-    st.lists(_subjects, min_size=1, max_size=10),
+_short = (
+    _pattern_strategy(["a", "b", "c", "*"], 4),
+    st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=5).map(".".join),
 )
+_long = (
+    _pattern_strategy(["a", "b", "*"], INDEXED_TOKENS + 3),
+    st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=INDEXED_TOKENS + 4).map(".".join),
+)
+
+
+@pytest.mark.parametrize("kinds", [_short, _long], ids=["short", "long"])
+@given(data=st.data())
 def test_subject_index_agrees_with_matches(
-    patterns: list[str], removed: list[int], subjects: list[str]
+    kinds: tuple[st.SearchStrategy[str], st.SearchStrategy[str]], data: st.DataObject
 ) -> None:
     """The index finds exactly the values whose pattern matches, in the order they were added,
     also after removals (values are distinct objects: the same pattern may be filed twice)."""
+    patterns = data.draw(st.lists(kinds[0], max_size=25))
+    removed = data.draw(st.lists(st.integers(min_value=0, max_value=24), max_size=10))
+    subjects = data.draw(st.lists(kinds[1], min_size=1, max_size=10))
     index: SubjectIndex[object] = SubjectIndex()
     filed = [(validate_pattern(p), object()) for p in patterns]
     for pattern, value in filed:
@@ -121,6 +131,9 @@ def test_subject_index_agrees_with_matches(
     for subject in subjects:
         expected = [value for pattern, value in kept if matches(pattern, subject)]
         assert index.match(subject) == expected
+    for pattern, value in kept:
+        index.remove(pattern, value)
+    assert index._root.empty(), "nothing left once every value is gone"
 
 
 def test_subject_index_drops_emptied_branches() -> None:
@@ -135,6 +148,23 @@ def test_subject_index_drops_emptied_branches() -> None:
         assert index.remove(f"agents.a{i}.*.x", "agent")
     assert index.match("agents.a1.b.x") == ["all"]
     root = index._root
+    assert root.children is not None
     assert list(root.children) == ["agents"]
-    assert list(root.children["agents"].children) == []
+    assert root.children["agents"].children is None
     assert not index.remove("agents.a1.*.x", "agent")  # a branch that is gone
+
+
+def test_a_deep_pattern_costs_at_most_the_indexed_tokens_in_nodes() -> None:
+    """A pattern of 500 tokens makes INDEXED_TOKENS nodes, not 500, and still matches whole."""
+    index: SubjectIndex[str] = SubjectIndex()
+    deep = ".".join(["t"] * 499 + ["*"])
+    index.add(deep, "deep")
+    nodes, node = 0, index._root
+    while node.children:
+        (node,) = node.children.values()
+        nodes += 1
+    assert nodes == INDEXED_TOKENS
+    assert index.match(".".join(["t"] * 500)) == ["deep"]
+    assert index.match(".".join(["t"] * 499)) == []
+    assert index.remove(deep, "deep")
+    assert index._root.empty()
