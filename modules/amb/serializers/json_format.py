@@ -1,9 +1,9 @@
 """The JSON format: an envelope as a JSON object with the v1 field names.
 
-Readable and language-neutral. Bytes travel as ``{"$b64": ...}`` and object keys starting with
-``$`` are escaped (see ``docs/bus.md``). msgspec encodes and decodes; the standard library's
-``json`` is the checked path that names what is wrong with input the fast path defers
-(:meth:`JsonSerializer.decode`).
+Readable and language-neutral. Fields at their defaults are left out, bytes travel as
+``{"$b64": ...}`` and object keys starting with ``$`` are escaped (see ``docs/bus.md``).
+msgspec encodes and decodes; the standard library's ``json`` is the checked path that names
+what is wrong with input the fast path defers (:meth:`JsonSerializer.decode`).
 """
 
 from __future__ import annotations
@@ -181,23 +181,23 @@ class _JsonSig(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     value: bytes
 
 
-class _JsonV1(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A JSON v1 envelope as this encoder writes it (every field, in wire order) and as the
-    fast decode reads it; the same rules as the checked path."""
+class _JsonV1(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
+    """A JSON v1 envelope as this encoder writes it (the fields in wire order, those at their
+    defaults left out) and as the fast decode reads it; the same rules as the checked path."""
 
     v: Literal[1]
     id: _NonEmptyStr
     topic: _NonEmptyStr
     sender: str
-    recipient: str | None
-    reply_to: str | None
-    correlation_id: str | None
+    recipient: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
     timestamp: int
-    expires_at: int | None
-    priority: int
-    headers: dict[str, str]
+    expires_at: int | None = None
+    priority: int = 0
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     payload: Any
-    sig: _JsonSig | None
+    sig: _JsonSig | None = None
 
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -311,19 +311,19 @@ class JsonSerializer:
         kind = type(payload)
         try:
             obj = _JsonV1(
-                v,
-                id,
-                topic,
-                sender,
-                recipient,
-                reply_to,
-                correlation_id,
-                timestamp,
-                expires_at,
-                priority,
-                _to_json(headers) if headers else headers,
-                payload if kind is str or kind is bool or payload is None else _to_json(payload),
-                sig,
+                v=v,
+                id=id,
+                topic=topic,
+                sender=sender,
+                recipient=recipient,
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                timestamp=timestamp,
+                expires_at=expires_at,
+                priority=priority,
+                headers=_to_json(headers) if headers else headers,
+                payload=payload if kind is str or kind is bool or payload is None else _to_json(payload),
+                sig=sig,
             )
         except RecursionError as exc:  # the interpreter's limit came first
             raise UnserializablePayload("json cannot encode the payload: nested too deeply") from exc
@@ -345,10 +345,11 @@ class JsonSerializer:
 
         Fast path: msgspec reads ``data`` against the v1 schema in one pass, and the result is
         taken only when msgspec writes it back to exactly ``data`` (so the input has no
-        duplicate key, no escape or number spelling this encoder would not write, and every
-        field in order), no object key starts with ``$`` (an escaped key or a bytes tag) and
-        every integer fits msgpack's 64 bits. Anything else goes to :meth:`decode_checked`,
-        which accepts or names the error; tests check both give the same result."""
+        duplicate key, no escape or number spelling this encoder would not write, and the
+        fields in order, those at their defaults left out), no object key starts with ``$``
+        (an escaped key or a bytes tag) and every integer fits msgpack's 64 bits. Anything else
+        goes to :meth:`decode_checked`, which accepts or names the error; tests check both give
+        the same result."""
         if len(data) > self.max_bytes:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
