@@ -11,6 +11,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlparse
 
 from agent_os.amb.errors import ConfigError
+from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.subjects import is_wildcard
 
 SUBJECT_HEADER: Final = "amb-subject"
@@ -76,18 +77,24 @@ def parse_options(connection_string: str | None, options: Mapping[str, Any]) -> 
         if key not in types:
             raise ConfigError(f"unknown kafka broker option {key!r}")
         kind = types[key]
-        if isinstance(value, str) and kind in ("int", int):
-            value = int(value)
-        elif isinstance(value, str) and kind in ("float", float):
-            value = float(value)
-        elif isinstance(value, str) and kind in ("bool", bool):
+        try:
+            if isinstance(value, str) and kind in ("int", int):
+                value = int(value)
+            elif isinstance(value, str) and kind in ("float", float):
+                value = float(value)
+        except ValueError:
+            raise ConfigError(f"kafka broker option {key} must be a number, got {value[:40]!r}") from None
+        if isinstance(value, str) and kind in ("bool", bool):
             value = value.lower() in ("1", "true", "yes", "on")
         merged[key] = value
     config = replace(KafkaConfig(), **merged)
-    if config.partitions < 1 or config.max_pending < 1 or config.max_payload < 1:
-        raise ConfigError("partitions, max_pending and max_payload must be positive")
-    if config.linger_ms < 0 or config.fetch_max_wait_ms < 0 or config.reply_fetch_max_wait_ms < 0:
-        raise ConfigError("linger_ms and the fetch waits must not be negative")
+    for name in ("partitions", "replication_factor", "max_pending", "max_payload"):
+        whole(getattr(config, name), name)
+    for name in ("session_timeout_ms", "heartbeat_interval_ms", "metadata_max_age_ms", "request_timeout_ms"):
+        whole(getattr(config, name), name)
+    for name in ("linger_ms", "fetch_max_wait_ms", "reply_fetch_max_wait_ms"):
+        whole(getattr(config, name), name, minimum=0)
+    seconds(config.subscribe_timeout, "subscribe_timeout")
     return bootstrap, config
 
 

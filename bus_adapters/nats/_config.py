@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent_os.amb.errors import ConfigError
+from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.subjects import validate_pattern
 
 INSTALL_HINT: Final = "the NATS broker needs nats-py: pip install 'agent-os[nats]'"
@@ -36,18 +37,17 @@ class NatsConfig:
     pull_expires: float = 10.0  # lifetime of a pull request
 
     def __post_init__(self) -> None:
-        positive = ("connect_timeout", "reconnect_wait", "publish_timeout", "ack_wait", "pull_expires")
-        for field in positive:
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"{field} must be positive")
+        times = ("connect_timeout", "reconnect_wait", "reconnect_wait_max", "publish_timeout", "ack_wait")
+        for field in (*times, "pull_expires"):
+            seconds(getattr(self, field), field)
         if self.reconnect_wait_max < self.reconnect_wait:
             raise ConfigError("reconnect_wait_max must be at least reconnect_wait")
-        if min(self.max_pending, self.pull_batch, self.max_deliver, self.publish_window) < 1:
-            raise ConfigError("max_pending, pull_batch, max_deliver and publish_window must be at least 1")
+        for field in ("max_pending", "pull_batch", "max_deliver", "publish_window"):
+            whole(getattr(self, field), field)
         if self.pull_batch > self.max_pending:
             raise ConfigError("pull_batch must not exceed max_pending")
-        if self.stream_max_age is not None and self.stream_max_age <= 0:
-            raise ConfigError("stream_max_age must be positive (or None)")
+        if self.stream_max_age is not None:
+            seconds(self.stream_max_age, "stream_max_age")
         for pattern in self.stream_subjects:
             validate_pattern(pattern)
 

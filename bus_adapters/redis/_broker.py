@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
 from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
 from agent_os.amb.errors import BrokerUnavailable, ConfigError, TransportError
+from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
 from agent_os.bus_adapters.redis import _lua
 from agent_os.bus_adapters.redis._errors import translate, translated
@@ -93,13 +94,17 @@ class RedisBroker(Lifecycle):
         self.url = connection_string or DEFAULT_URL
         if urlparse(self.url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"redis broker URL must look like redis://HOST:PORT/DB, got {self.url!r}")
-        if min(max_pending, stream_maxlen, max_deliveries, read_batch) < 1 or max_connections < 2:
-            raise ConfigError(
-                "max_pending, stream_maxlen, max_deliveries and read_batch must be >= 1, "
-                "max_connections >= 2 (the pub/sub connection and one for commands)"
-            )
-        if min(claim_min_idle, queue_lease, block, durable_ttl or 1.0) <= 0:
-            raise ConfigError("claim_min_idle, queue_lease, block and durable_ttl must be positive")
+        whole(max_pending, "max_pending")
+        whole(stream_maxlen, "stream_maxlen")
+        whole(max_deliveries, "max_deliveries")
+        whole(read_batch, "read_batch")
+        whole(reconnect_attempts, "reconnect_attempts", minimum=0)
+        whole(max_connections, "max_connections", minimum=2)  # pub/sub's and one for commands
+        seconds(claim_min_idle, "claim_min_idle")
+        seconds(queue_lease, "queue_lease")
+        seconds(block, "block")
+        if durable_ttl is not None:
+            seconds(durable_ttl, "durable_ttl")
         self.max_pending = max_pending
         self.stream_maxlen = stream_maxlen
         self.claim_min_idle = claim_min_idle

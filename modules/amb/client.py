@@ -50,11 +50,14 @@ from agent_os.amb.middleware import (
     build_consume_chain,
     build_publish_chain,
 )
+from agent_os.amb.numbers import seconds, shown
 from agent_os.amb.replies import ERROR_HEADER, PendingRequests
 from agent_os.amb.serializers import Serializer, get_serializer
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import (
     DEFAULT_MAX_BYTES,
+    WIRE_INT_MAX,
+    WIRE_INT_MIN,
     WireFields,
     check_subjects,
     envelope_from_wire,
@@ -82,6 +85,9 @@ untimed ones; the next timed call counts for all of them (see :meth:`AMB.keep_la
 SAMPLE_BELOW: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
+_NO_PRIORITY: Final = 0  # the one object every int 0 is (CPython's small ints)
+_MAX_TTL_NS: Final = 2**63  # with the clock's ~2**61 ns, an expiry stays below the wire's 2**64
+_MAX_TTL: Final = _MAX_TTL_NS / 1e9  # the same in seconds
 
 
 def _refuse_reply_to(reply_to: str) -> None:
@@ -90,6 +96,46 @@ def _refuse_reply_to(reply_to: str) -> None:
         validate_subject(reply_to)
     except InvalidSubject as exc:
         raise InvalidSubject(f"reply_to: {exc}", reason=exc.reason, subject=exc.subject) from None
+
+
+def _check_fields(sender_id: object, recipient: object, correlation_id: object, priority: object) -> None:
+    """Raise ConfigError for a publish argument every receiver would refuse (see
+    ``docs/bus.md``, the envelope): a sender, recipient or correlation id that is not a string,
+    a priority that is not an integer in the wire's 64-bit range."""
+    named = (("sender_id", sender_id), ("recipient", recipient), ("correlation_id", correlation_id))
+    for name, value in named:
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigError(f"priority must be an integer, got {type(priority).__name__}")
+    if not WIRE_INT_MIN <= priority <= WIRE_INT_MAX:
+        raise ConfigError(f"priority must be within the 64-bit range, got {shown(priority)}")
+
+
+def _ttl_ns(ttl: object, name: str) -> int:
+    """``ttl`` (seconds, finite, above 0) in nanoseconds, small enough for an expiry on the
+    wire. Raises ConfigError."""
+    ns = int(seconds(ttl, name) * 1e9)
+    if ns > _MAX_TTL_NS:
+        raise ConfigError(f"{name} of {ttl!r} seconds is beyond the wire's expiry range")
+    return ns
+
+
+def _headers(headers: Mapping[str, str] | None, key: str | None) -> dict[str, str]:
+    """A publish's own copy of ``headers``, with the partition ``key`` added. Raises
+    ConfigError for anything but strings mapped to strings (every receiver would refuse it)."""
+    try:
+        hdrs = dict(headers) if headers else {}
+    except (TypeError, ValueError):
+        raise ConfigError(f"headers must map strings to strings, got {type(headers).__name__}") from None
+    if key is not None:
+        if not isinstance(key, str):
+            raise ConfigError(f"key must be a string, got {type(key).__name__}")
+        hdrs[PARTITION_KEY_HEADER] = key
+    for name, value in hdrs.items():
+        if not (isinstance(name, str) and isinstance(value, str)):
+            raise ConfigError(f"headers must map strings to strings: {name!r:.60} -> {type(value).__name__}")
+    return hdrs
 
 
 def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
@@ -166,6 +212,8 @@ class AMB(Lifecycle):
         self._dead_letter_serializer = get_serializer(serializer, max(max_message_bytes, DEFAULT_MAX_BYTES))
         self._decoder = Decoder(max_message_bytes)
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
+        if agent_id is not None and type(agent_id) is not str:
+            raise ConfigError(f"agent_id must be a string, got {type(agent_id).__name__}")
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
         self.dead_letter_prefix = dead_letter_prefix
         self.stats = BusStats()
@@ -280,6 +328,7 @@ class AMB(Lifecycle):
         pending requests with StateError, then close the broker. Idempotent. A subscription's
         drain that fails does not stop the rest: the client and its broker are closed all the
         same, then the first such error is raised."""
+        timeout = seconds(timeout, "timeout", zero=True)
         if not self._begin_close():
             return
         deadline = time.monotonic() + timeout
@@ -347,7 +396,8 @@ class AMB(Lifecycle):
         orders messages on brokers with ``ordered_per_key`` (default key: the sender). Returns
         once the broker has accepted the message; waits while a subscriber's queue is full.
 
-        Raises ConfigError (bad topic or ttl), UnserializablePayload, OversizedEnvelope,
+        Raises ConfigError (a bad topic, ttl, or any argument receivers would refuse: see
+        ``docs/bus.md``), UnserializablePayload, OversizedEnvelope,
         MessageRejected (from a middleware), StateError (closed) or TransportError.
         """
         if self._state is not _OPEN or self._pending_starts:
@@ -356,18 +406,25 @@ class AMB(Lifecycle):
             self._check_topic(topic)
         if reply_to and not subject_ok(reply_to):
             _refuse_reply_to(reply_to)
+        if not (
+            (sender_id is None or type(sender_id) is str)
+            and (recipient is None or type(recipient) is str)
+            and (correlation_id is None or type(correlation_id) is str)
+            and priority is _NO_PRIORITY
+        ):  # the common case costs four comparisons; anything else is checked in full
+            _check_fields(sender_id, recipient, correlation_id, priority)
         now = _time_ns()
         expires_at = None
         if ttl is not None:
-            if ttl <= 0:
-                raise ConfigError("ttl must be positive")
-            expires_at = now + int(ttl * 1e9)
+            # NaN fails the comparison and goes to the full check, which refuses it
+            if (type(ttl) is float or type(ttl) is int) and 0 < ttl < _MAX_TTL:
+                expires_at = now + int(ttl * 1e9)
+            else:
+                expires_at = now + _ttl_ns(ttl, "ttl")
         sender = sender_id or self.agent_id
         chain = self._publish_chain
         if headers or key is not None:
-            hdrs = dict(headers) if headers else {}
-            if key is not None:
-                hdrs[PARTITION_KEY_HEADER] = key
+            hdrs = _headers(headers, key)
             partition = hdrs.get(PARTITION_KEY_HEADER) or sender
         else:
             # Without middleware nothing sees the headers before they are encoded: one shared
@@ -467,8 +524,8 @@ class AMB(Lifecycle):
         what the envelope says; with IATP on the bus it is the verified signer, so a request to
         an agent is answered by that agent or not at all.)
         """
-        if timeout <= 0:
-            raise ConfigError("timeout must be positive")
+        if not ((type(timeout) is float or type(timeout) is int) and 0 < timeout < _MAX_TTL):
+            _ttl_ns(timeout, "timeout")  # raises: the request's ttl is its timeout
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
         inbox = self._inbox or await self._open_inbox()

@@ -16,6 +16,7 @@ from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import FilterSpec, Predicate, compile_filter
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext
+from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.slots import Slots
 
 if TYPE_CHECKING:
@@ -40,12 +41,9 @@ class SubscriptionOptions:
     context: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ConfigError("concurrency must be at least 1")
-        if self.max_attempts < 1:
-            raise ConfigError("max_attempts must be at least 1")
-        if self.retry_delay < 0:
-            raise ConfigError("retry_delay must not be negative")
+        whole(self.concurrency, "concurrency")
+        whole(self.max_attempts, "max_attempts")
+        seconds(self.retry_delay, "retry_delay", zero=True)
         if self.queue is not None and not self.queue:
             raise ConfigError("queue group name must be non-empty")
         if self.durable is not None and not self.durable:

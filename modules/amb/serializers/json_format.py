@@ -28,6 +28,8 @@ from agent_os.amb.errors import (
 from agent_os.amb.serializers.schema import (
     DEFAULT_MAX_BYTES,
     FIELDS,
+    WIRE_INT_MAX,
+    WIRE_INT_MIN,
     WireFields,
     check_subjects,
     envelope_from_fields,
@@ -68,8 +70,8 @@ def _json_object(pairs: list[tuple[str, Any]]) -> Any:
 
 # msgpack carries integers in [-2**63, 2**64): a JSON envelope may hold no others, so that it
 # can be forwarded in either format (and Python's int() never sees thousands of digits).
-_INT_MIN: Final = -(2**63)
-_INT_MAX: Final = 2**64 - 1
+_INT_MIN: Final = WIRE_INT_MIN
+_INT_MAX: Final = WIRE_INT_MAX
 _INT_CHARS: Final = len(str(_INT_MIN))
 
 

@@ -34,6 +34,9 @@ FIELDS: Final = (
     "sig",
 )
 _OPTIONAL_STR: Final = ("recipient", "reply_to", "correlation_id")
+WIRE_INT_MIN: Final = -(2**63)
+WIRE_INT_MAX: Final = 2**64 - 1
+"""The integers an envelope may carry (msgpack's range; the JSON format refuses others too)."""
 
 # The v1 field array as msgspec checks it; the same rules as envelope_from_fields.
 _NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
