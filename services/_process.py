@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -150,6 +151,18 @@ class Verification:
                 await self.close(iatp)
 
 
+class FiniteRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities, which its bound checks let
+    through (every comparison with NaN is false): a usage error, not a service that starts
+    with ``--key-refresh nan``."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def verification_options(command: F) -> F:
     """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL``, ``--nonce-prefix``
     and ``--key-refresh`` to a service command (its callback gets ``identities``,
@@ -157,7 +170,7 @@ def verification_options(command: F) -> F:
     :class:`Verification` with :func:`verification_from_options`, which checks them)."""
     command = click.option(
         "--key-refresh",
-        type=click.FloatRange(0.05, 60),
+        type=FiniteRange(0.05, 60),
         default=KEY_REFRESH,
         show_default=True,
         metavar="SECONDS",

@@ -23,6 +23,7 @@ from typing import Any, Final
 import click
 
 from agent_os.amb import AMB, Metadata, RemoteError, RequestTimeout, Subscription, tracing
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane import ActionRequest, ActionResult, ControlPlaneError
 from agent_os.control_plane.actions import ActionRegistry, BusActions, FileSystem
 from agent_os.control_plane.actions.bus import BusKind
@@ -154,8 +155,7 @@ class ToolService:
         action_prefix: str = ACTION_PREFIX,
     ) -> None:
         require_verification(verifies, trust_bus, "tool service")
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        whole(concurrency, "concurrency", error=ValueError)
         self.client = client
         self.actions = actions
         self.agent_id = check_agent_id(agent_id or client.agent_id)
@@ -276,8 +276,7 @@ class ToolClient:
         ingress_prefix: str = INGRESS,
         action_prefix: str = ACTION_PREFIX,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        seconds(timeout, "timeout", error=ValueError)
         self.bus = bus
         self.timeout = timeout
         self.ingress_prefix = ingress_prefix

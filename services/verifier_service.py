@@ -19,6 +19,7 @@ import click
 
 from agent_os.amb import AMB, Metadata, Subscription
 from agent_os.amb.durations import Durations
+from agent_os.amb.numbers import whole
 from agent_os.cmvk import CMVK, CMVKConfigError, CMVKError, ModelSpec, Strategy, VerificationResult
 from agent_os.iatp import ACCEPT_UNSIGNED, BIND_TOPIC, IATP, REPLAY_SCOPE
 from agent_os.services._identity import Unauthenticated, require_verification, sender_identity
@@ -33,6 +34,7 @@ from agent_os.services._metrics import (
     service_registry,
 )
 from agent_os.services._process import (
+    FiniteRange,
     log_level_option,
     run,
     service_client,
@@ -153,8 +155,7 @@ class VerifierService:
         trust_bus: bool = False,
         max_text_bytes: int = MAX_TEXT_BYTES,
     ) -> None:
-        if max_text_bytes < 1:
-            raise CMVKConfigError("max_text_bytes must be at least 1")
+        whole(max_text_bytes, "max_text_bytes", error=CMVKConfigError)
         self.bus = bus
         self.trust_bus = trust_bus
         self.max_text_bytes = max_text_bytes
@@ -451,11 +452,11 @@ async def serve(
     envvar="AGENTOS_LLM_API_KEY",
     help="Or AGENTOS_LLM_API_KEY; else the provider's own variable.",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
+@click.option("--threshold", type=FiniteRange(0, 1, min_open=True), default=0.8, show_default=True)
 @click.option("--strategy", type=click.Choice(get_args(Strategy)), default="majority", show_default=True)
 @click.option(
     "--timeout",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteRange(0, min_open=True),
     default=30.0,
     show_default=True,
     help="Deadline of one verification, seconds.",

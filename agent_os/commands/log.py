@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import click
 
+from agent_os.services._process import FiniteRange
 from agent_os.services.control_plane_service._options import RECORDER_FORMS, RecorderParam, read_key_file
 
 BROKEN: Final = 1
@@ -58,7 +59,7 @@ class SinceParam(click.ParamType[datetime]):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the newest N records.")
 @click.option("--follow", "-f", is_flag=True, help="Then print new records as they come, until Ctrl-C.")
 @click.option(
-    "--interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True, help="--follow's poll (s)."
+    "--interval", type=FiniteRange(min=0.01), default=0.5, show_default=True, help="--follow's poll (s)."
 )
 @click.option("--verify", is_flag=True, help="Check the hash chain instead; exit 1 when it is broken.")
 @click.option(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 
 from agent_os.commands._admin import AdminClient, AdminError, admin_options
+from agent_os.services._process import FiniteRange
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -173,7 +174,7 @@ def render(snapshot: Snapshot, rows: int) -> RenderableType:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @admin_options
 @click.option(
-    "--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between views."
+    "--interval", type=FiniteRange(0.1), default=1.0, show_default=True, help="Seconds between views."
 )
 @click.option("--records", type=click.IntRange(0, 100), default=8, show_default=True, help="Records shown.")
 @click.option("--rows", type=click.IntRange(min=1), help="Agents shown (default: what fits the terminal).")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.loop import AgentLoop
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
@@ -59,8 +60,9 @@ class LLM:
     ) -> None:
         if not isinstance(model, str) or not model:
             raise KernelError("an LLM needs a model id")
-        if max_prompt < 1 or timeout <= 0 or retries < 0:
-            raise KernelError("need max_prompt >= 1, timeout > 0 and retries >= 0")
+        whole(max_prompt, "max_prompt", error=KernelError)
+        seconds(timeout, "timeout", error=KernelError)
+        whole(retries, "retries", 0, error=KernelError)
         self.model = model
         self.models = frozenset((model, *models))
         self.max_prompt = max_prompt

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.request import ActionRequest, ActionResult
 from agent_os.control_plane.actions.tools import ToolArgumentError, ToolDef
 from agent_os.control_plane.errors import ControlPlaneError, KernelError
@@ -142,10 +143,11 @@ class AgentLoop:
             if tool.name in self.tools:
                 raise KernelError(f"two tools are named {tool.name!r}")
             self.tools[tool.name] = tool
-        if max_turns < 1 or retries < 0 or timeout <= 0 or max_tool_output < 1 or max_tool_calls < 1:
-            raise KernelError(
-                "need max_turns >= 1, retries >= 0, timeout > 0, max_tool_output >= 1 and max_tool_calls >= 1"
-            )
+        whole(max_turns, "max_turns", error=KernelError)
+        whole(retries, "retries", 0, error=KernelError)
+        seconds(timeout, "timeout", error=KernelError)
+        whole(max_tool_output, "max_tool_output", error=KernelError)
+        whole(max_tool_calls, "max_tool_calls", error=KernelError)
         clash = _RESERVED & set(params or {})
         if clash:
             raise KernelError(f"params may not set {', '.join(sorted(clash))}: the loop sets them")

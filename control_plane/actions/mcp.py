@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.tools import ToolDef
 from agent_os.control_plane.errors import ControlPlaneError, KernelError
@@ -77,8 +78,8 @@ class McpTools:
         timeout: float = TIMEOUT,
         max_output: int = MAX_OUTPUT,
     ) -> None:
-        if timeout <= 0 or max_output < 1:
-            raise KernelError("timeout must be > 0 and max_output >= 1")
+        seconds(timeout, "timeout", error=KernelError)
+        whole(max_output, "max_output", error=KernelError)
         self.servers: Mapping[str, ServerSpec] = MappingProxyType(
             {k: _spec(k, v) for k, v in servers.items()}
         )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.errors import KernelError
 
@@ -108,8 +109,9 @@ class SnapshotStore:
         on_failure: OnFailure = "block",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if ttl <= 0 or max_snapshot < 0 or max_total < max_snapshot:
-            raise KernelError("snapshots need ttl > 0 and 0 <= max_snapshot <= max_total")
+        seconds(ttl, "ttl", error=KernelError)
+        whole(max_snapshot, "max_snapshot", 0, error=KernelError)
+        whole(max_total, "max_total", max_snapshot, error=KernelError)
         if on_failure not in ("block", "proceed"):
             raise KernelError(f"on_failure must be 'block' or 'proceed', got {on_failure!r}")
         self.ttl = ttl

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.numbers import whole
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentNotFound, SignalError
@@ -102,8 +103,7 @@ class SignalDispatcher:
     def __init__(
         self, kernel: SignalHost | None = None, queue_size: int = 1000, async_delivery: bool = True
     ) -> None:
-        if queue_size < 1:
-            raise SignalError("queue_size must be at least 1")
+        whole(queue_size, "queue_size", error=SignalError)
         self.kernel: SignalHost | None = None
         self.queue_size = queue_size
         self.async_delivery = async_delivery

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.actions.code import CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.mcp import McpTools
@@ -131,8 +132,7 @@ class KernelSpace:
         code_limits: CodeLimits | None = None,
         code_pool: int = 2,
     ) -> None:
-        if keep_finished < 0:
-            raise KernelError("keep_finished must be >= 0")
+        whole(keep_finished, "keep_finished", 0, error=KernelError)
         chosen = _policies(policy, policies)
         if permissions is not None:
             for each in chosen:

@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.errors import InboxBusy
 
 
@@ -35,8 +36,9 @@ class PendingRequests:
     """The pending-request table of one service instance (docs/control-plane.md, Mediated mode)."""
 
     def __init__(self, max_pending: int = 100_000, default_ttl: float = 30.0, grace: float = 30.0) -> None:
-        if max_pending < 1 or default_ttl <= 0 or grace < 0:
-            raise ValueError("max_pending >= 1, default_ttl > 0 and grace >= 0 are required")
+        whole(max_pending, "max_pending", error=ValueError)
+        seconds(default_ttl, "default_ttl", error=ValueError)
+        seconds(grace, "grace", zero=True, error=ValueError)
         self.max_pending = max_pending
         self.default_ttl_ns = int(default_ttl * 1e9)
         self.grace_ns = int(grace * 1e9)

@@ -421,12 +421,15 @@ class Policy:
 
     @classmethod
     def rate_limit(cls, limit: int, window: str | float = "1m") -> Policy:
-        """Allow every action, at most ``limit`` per ``window`` per agent."""
+        """Allow every action, at most ``limit`` per ``window`` per agent. Raises PolicyError
+        for a limit that is not a positive integer or a window that is not a positive, finite
+        time."""
+        rate = RateLimit(limit, parse_window(window))  # checked before either is printed
         policy = cls(f"rate_limit:{limit}/{window}", default_action="allow")
         policy.add_rule(
             "allow",
             Pattern("*", "*"),
-            rate_limit=RateLimit(limit, parse_window(window)),
+            rate_limit=rate,
             reason="within rate limit",
             name="rate-limit",
         )

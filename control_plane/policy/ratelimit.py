@@ -17,6 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from agent_os.amb.numbers import seconds as checked_seconds
 from agent_os.control_plane.errors import PolicyError
 
 _UNITS: Final = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -29,14 +30,12 @@ def parse_window(window: str | float) -> float:
     Raises PolicyError for anything else or a non-positive window.
     """
     if isinstance(window, int | float) and not isinstance(window, bool):
-        seconds = float(window)
+        seconds = checked_seconds(window, "a rate-limit window", error=PolicyError)
     elif isinstance(window, str) and (m := _WINDOW.match(window)):
         seconds = float(m.group(1) or 1) * _UNITS[m.group(2)]
     else:
         raise PolicyError(f"invalid rate-limit window {window!r}: use e.g. '30s', '1m', '1h'")
-    if seconds <= 0:
-        raise PolicyError("a rate-limit window must be positive")
-    return seconds
+    return checked_seconds(seconds, "a rate-limit window", error=PolicyError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +48,7 @@ class RateLimit:
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             raise PolicyError(f"a rate limit must be a positive integer, got {self.limit!r}")
-        if self.per <= 0:
-            raise PolicyError("a rate-limit window must be positive")
+        checked_seconds(self.per, "a rate-limit window", error=PolicyError)
 
     @classmethod
     def parse(cls, spec: RateLimit | int | str) -> RateLimit:

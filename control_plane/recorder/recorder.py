@@ -21,6 +21,7 @@ from typing import Any, Literal
 from nacl.signing import SigningKey, VerifyKey
 
 from agent_os.amb.envelope import new_id
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.errors import RecorderConfigError, RecorderError, RecorderInUse, TamperDetected
 from agent_os.control_plane.policy.patterns import operator_condition
 from agent_os.control_plane.recorder.codec import DataCodec
@@ -122,14 +123,16 @@ class FlightRecorder:
         head_every: int = 1000,
         head_interval: float = 60.0,
     ) -> None:
-        if batch_size < 1 or flush_interval <= 0 or retention_interval <= 0:
-            raise RecorderConfigError(
-                "batch_size >= 1, flush_interval > 0 and retention_interval > 0 are required"
-            )
-        if head_every < 1 or head_interval <= 0:
-            raise RecorderConfigError("head_every >= 1 and head_interval > 0 are required")
-        if retention_days is not None and retention_days <= 0:
-            raise RecorderConfigError("retention_days must be positive (None keeps records forever)")
+        whole(batch_size, "batch_size", error=RecorderConfigError)
+        whole(head_every, "head_every", error=RecorderConfigError)
+        for name, value in (
+            ("flush_interval", flush_interval),
+            ("retention_interval", retention_interval),
+            ("head_interval", head_interval),
+        ):
+            seconds(value, name, error=RecorderConfigError)
+        if retention_days is not None:  # None keeps records forever
+            seconds(retention_days, "retention_days", error=RecorderConfigError, unit="days")
         self.codec = DataCodec(compression, encryption_key)
         self.storage: Storage
         if not isinstance(storage, str):

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.errors import ChannelClosed, ChannelError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,7 @@ class Peer:
     def __init__(
         self, channel: Channel, handlers: Mapping[str, Handler] | None = None, *, max_serving: int = 256
     ) -> None:
-        if max_serving < 1:
-            raise ValueError("max_serving must be at least 1")
+        whole(max_serving, "max_serving", error=ValueError)
         self.channel = channel
         self.handlers = dict(handlers or {})
         self.max_serving = max_serving

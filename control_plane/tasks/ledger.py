@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Final
 
+from agent_os.amb.numbers import whole
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.errors import TaskError, TaskNotFound
 from agent_os.control_plane.tasks.model import StatusMessage, TaskState, TaskStatus
@@ -43,8 +44,7 @@ class TaskLedger:
     """
 
     def __init__(self, keep_finished: int = 10_000) -> None:
-        if keep_finished < 1:
-            raise TaskError("keep_finished must be at least 1")
+        whole(keep_finished, "keep_finished", error=TaskError)
         self.keep_finished = keep_finished
         self._tasks: dict[str, TaskStatus] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()

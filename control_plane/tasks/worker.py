@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from agent_os.amb.errors import BusError, ConfigError, RequestTimeout, UnserializablePayload
+from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.stats import LabelCounts
 from agent_os.control_plane.agent_signal import AgentSignal
 from agent_os.control_plane.errors import AgentStoppedError, AgentTimeoutError
@@ -83,10 +84,10 @@ class TaskWorker:
     ) -> None:
         require_task_broker(client)
         self.subjects = TaskSubjects(queue, subject_prefix)
-        if concurrency < 1 or max_attempts < 1:
-            raise ConfigError("concurrency and max_attempts must be at least 1")
-        if heartbeat <= 0 or claim_timeout <= 0:
-            raise ConfigError("heartbeat and claim_timeout must be positive")
+        whole(concurrency, "concurrency")
+        whole(max_attempts, "max_attempts")
+        seconds(heartbeat, "heartbeat")
+        seconds(claim_timeout, "claim_timeout")
         for name in handlers:
             if not isinstance(name, str) or HANDLER_OK.fullmatch(name) is None:
                 raise ConfigError(f"a handler name is 1-128 letters, digits, '.', '-' or '_': {name!r}")

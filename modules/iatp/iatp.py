@@ -15,6 +15,7 @@ from typing import Any
 
 from agent_os import amb
 from agent_os.amb.envelope import Envelope, new_id
+from agent_os.amb.numbers import seconds
 from agent_os.iatp import _crypto
 from agent_os.iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, TrustError, UnknownAgent
 from agent_os.iatp.filestore import FileKeyStore
@@ -100,7 +101,10 @@ class IATP:
         except ValueError as exc:
             raise IATPConfigError(str(exc)) from None
         self.verifier.perspective = perspective
-        self.sessions = SessionManager(self.verifier, int(session_lifetime * _NS))
+        lifetime = seconds(session_lifetime, "session_lifetime", error=IATPConfigError)
+        self.sessions = SessionManager(self.verifier, int(lifetime * _NS))
+        if rotation_grace is not None:
+            seconds(rotation_grace, "rotation_grace", zero=True, error=IATPConfigError)
         self.rotation_grace_ns = int((max_age if rotation_grace is None else rotation_grace) * _NS)
         if nonce_store is not None and not isinstance(nonce_store, SharedNonceStore):
             raise IATPConfigError("nonce_store must be a SharedNonceStore (e.g. RedisNonceStore)")
@@ -179,9 +183,13 @@ class IATP:
         """Give a local agent a new signing key; the old one verifies for ``grace`` seconds more
         (default ``rotation_grace``), and so do the agent's sessions made with it. The old key
         signs a rotation statement for the new one (carried by :meth:`identity` exports, so
-        other processes accept the new key). Raises UnknownAgent."""
+        other processes accept the new key). Raises UnknownAgent, and IATPConfigError for a
+        ``grace`` that is not a finite number of seconds, 0 or more."""
         await self.open()
-        grace_ns = self.rotation_grace_ns if grace is None else int(grace * _NS)
+        if grace is None:
+            grace_ns = self.rotation_grace_ns
+        else:
+            grace_ns = int(seconds(grace, "grace", zero=True, error=IATPConfigError) * _NS)
         now = self._now()
         self.registry.rotate(agent_id, now, grace_ns)
         self.sessions.key_changed(agent_id, now)
@@ -235,8 +243,7 @@ class IATP:
         message is refused with ``key_store_unavailable`` until a read succeeds (fail closed).
         Reads first (raising what :meth:`refresh_keys` raises), then loops; failures later are
         logged and counted in ``key_refresh_failures``. Run it as a task."""
-        if interval <= 0:
-            raise IATPConfigError("the key refresh interval must be positive")
+        seconds(interval, "the key refresh interval", error=IATPConfigError)
         await self.refresh_keys()
         self._stale_after_ns = int(interval * KEY_WATCH_MISSES * _NS)
         try:

@@ -10,6 +10,8 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
+from agent_os.amb.numbers import seconds, whole
+
 SendBatch = Callable[[Sequence[bytes], Sequence[int]], Awaitable[Sequence[bool]]]
 """One round trip: claim ``keys`` with their TTLs (ms); one answer per key, in order."""
 
@@ -26,8 +28,8 @@ class ClaimBatcher:
     __slots__ = ("_closed", "_queue", "_runner", "batches", "failures", "max_batch", "send", "timeout")
 
     def __init__(self, send: SendBatch, *, timeout: float, max_batch: int = 1024) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        whole(max_batch, "max_batch", error=ValueError)
+        seconds(timeout, "timeout", error=ValueError)
         self.send = send
         self.timeout = timeout
         self.max_batch = max_batch

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
+from agent_os.amb.numbers import seconds, whole
 from agent_os.iatp.errors import IATPConfigError, NonceStoreUnavailable
 from agent_os.iatp.noncebatch import ClaimBatcher
 
@@ -78,10 +79,8 @@ class RedisNonceStore:
         client: redis.asyncio.Redis | None = None,
         max_batch: int = 1024,
     ) -> None:
-        if timeout <= 0:
-            raise IATPConfigError("timeout must be positive")
-        if max_batch < 1:
-            raise IATPConfigError("max_batch must be at least 1")
+        seconds(timeout, "timeout", error=IATPConfigError)
+        whole(max_batch, "max_batch", error=IATPConfigError)
         self.url = url
         self.prefix = prefix
         self.timeout = timeout

@@ -9,6 +9,8 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Final
 
+from agent_os.amb.numbers import whole
+
 OK: Final = 0
 REPLAYED: Final = 1
 BELOW_FLOOR: Final = 2
@@ -21,8 +23,8 @@ class NonceCache:
     __slots__ = ("_entries", "_floor", "_order", "max_age_ns", "max_entries")
 
     def __init__(self, max_age_ns: int, max_entries: int = 1_000_000) -> None:
-        if max_age_ns <= 0 or max_entries < 1:
-            raise ValueError("max_age_ns and max_entries must be positive")
+        whole(max_age_ns, "max_age_ns", error=ValueError)
+        whole(max_entries, "max_entries", error=ValueError)
         self.max_age_ns = max_age_ns
         self.max_entries = max_entries
         self._entries: dict[Hashable, int] = {}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 from agent_os.amb.envelope import Envelope, Signature
+from agent_os.amb.numbers import seconds
 from agent_os.iatp import _crypto
 from agent_os.iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes, signature
 from agent_os.iatp.errors import CryptoUnavailable, UnknownAgent
@@ -70,8 +71,8 @@ class EnvelopeVerifier:
         max_nonces: int = 1_000_000,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        if clock_skew < 0 or max_age <= 0:
-            raise ValueError("clock_skew must be >= 0 and max_age > 0")
+        seconds(clock_skew, "clock_skew", zero=True, error=ValueError)
+        seconds(max_age, "max_age", error=ValueError)
         self.registry = registry
         self.trust = trust
         self.skew_ns = int(clock_skew * 1e9)

@@ -7,6 +7,7 @@ import click
 from agent_os.control_plane import ControlPlaneError, Policy
 from agent_os.services._metrics import METRICS_PORTS, metrics_from_options, metrics_options
 from agent_os.services._process import (
+    FiniteRange,
     log_level_option,
     nonce_store_url,
     run,
@@ -45,10 +46,12 @@ from agent_os.services.control_plane_service._subjects import (
     show_default=True,
     help=RECORDER_FORMS + ".",
 )
-@click.option("--retention-days", type=float, default=90.0, show_default=True, help="0: keep everything.")
+@click.option(
+    "--retention-days", type=FiniteRange(min=0), default=90.0, show_default=True, help="0: keep everything."
+)
 @click.option(
     "--verify-interval",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     default=0.0,
     show_default=True,
     help="Verify the recorder's whole chain every this many seconds (the metric "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+from agent_os.amb.numbers import seconds
 from agent_os.control_plane.policy.policy_set import PolicySet
 from agent_os.control_plane.policy.ratelimit import RateLimit, SharedRateLimits
 
@@ -51,8 +52,7 @@ class RedisRateLimits(SharedRateLimits):
     """
 
     def __init__(self, url: str, *, prefix: str = "agentos:ratelimit:", timeout: float = 0.5) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        seconds(timeout, "timeout", error=ValueError)
         self.url = url
         self.prefix = prefix
         self.timeout = timeout

@@ -194,5 +194,5 @@ def test_the_checks_accept_what_they_should_and_name_the_rest() -> None:
         seconds(HUGE, "t")
     with pytest.raises(ConfigError, match="an integer of 16610 bits"):
         whole(-HUGE, "n")
-    with pytest.raises(ConfigError, match="> 0"):
+    with pytest.raises(ConfigError, match="positive"):
         seconds(0, "t")

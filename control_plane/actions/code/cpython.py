@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import agent_os
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.actions.code.job import (
     CodeLimits,
     Job,
@@ -71,8 +72,7 @@ class CPythonBackend:
     name: Final = "cpython"
 
     def __init__(self, limits: CodeLimits, *, pool_size: int = 2) -> None:
-        if pool_size < 0:
-            raise KernelError("pool_size must be >= 0")
+        whole(pool_size, "pool_size", 0, error=KernelError)
         self.limits = limits
         self.pool_size = pool_size
         self._idle: list[_Slot] = []

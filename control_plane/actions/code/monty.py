@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.actions.code.job import (
     Job,
     RunOutcome,
@@ -53,8 +54,8 @@ class MontyBackend:
     name: Final = "monty"
 
     def __init__(self, *, pool_size: int = 2, max_workers: int = 16) -> None:
-        if pool_size < 1 or max_workers < pool_size:
-            raise KernelError("need pool_size >= 1 and max_workers >= pool_size")
+        whole(pool_size, "pool_size", error=KernelError)
+        whole(max_workers, "max_workers", pool_size, error=KernelError)
         self.pool_size = pool_size
         self.max_workers = max_workers
         self._pool: Monty | None = None

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.actions.code.cpython import CPythonBackend
 from agent_os.control_plane.actions.code.job import (
     MAX_CODE,
@@ -77,8 +78,7 @@ class CodeRunner:
         pool_size: int = 2,
         default_tools: Sequence[ToolDef] | Callable[[], Sequence[ToolDef]] = (),
     ) -> None:
-        if pool_size < 0:
-            raise KernelError("pool_size must be >= 0")
+        whole(pool_size, "pool_size", 0, error=KernelError)
         self.submit = submit
         self.limits = limits or CodeLimits()
         self.default_tools = default_tools

@@ -1,0 +1,171 @@
+"""Hostile numbers in the options of the control plane, IATP and the services: NaN, infinities,
+bools, strings and integers of thousands of digits. A check such as ``per <= 0`` lets NaN
+through, and a rate limit of 5 per NaN seconds then allowed every action (its bucket refilled
+to full on each take). Each is now refused with the error class its part documents, naming
+the option; the command-line options refuse them as usage errors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+import pytest
+
+from agent_os.cli import main as cli_main
+from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
+from agent_os.control_plane.actions.code.monty import MontyBackend
+from agent_os.control_plane.actions.llm import LLM
+from agent_os.control_plane.actions.mcp import McpTools
+from agent_os.control_plane.actions.snapshots import SnapshotStore
+from agent_os.control_plane.errors import (
+    KernelError,
+    PolicyError,
+    RecorderConfigError,
+    SignalError,
+    TaskError,
+)
+from agent_os.control_plane.kernel.signals import SignalDispatcher
+from agent_os.control_plane.mediation.replies import PendingRequests
+from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, parse_window
+from agent_os.control_plane.tasks.ledger import TaskLedger
+from agent_os.iatp import IATP
+from agent_os.iatp.errors import IATPConfigError
+from agent_os.iatp.noncestore import RedisNonceStore
+from agent_os.iatp.replay import NonceCache
+from agent_os.services._process import FiniteRange
+from agent_os.services.control_plane_service._rate_limits import RedisRateLimits
+
+HUGE = 10**5000
+BAD_TIMES: dict[str, object] = {
+    "NaN": math.nan,
+    "infinity": math.inf,
+    "negative": -1.0,
+    "bool": True,
+    "text": "5",
+    "huge int": HUGE,
+}
+BAD_COUNTS: dict[str, object] = {"NaN": math.nan, "float": 2.5, "bool": True, "text": "2", "negative": -1}
+
+# (what, a call taking the bad value, the error class the part documents, the option's name)
+TIMES: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
+    ("rate-limit window", lambda v: RateLimit(5, v), PolicyError, "window"),
+    ("rate-limit window text", parse_window, PolicyError, "window"),
+    ("Policy.rate_limit", lambda v: Policy.rate_limit(5, v), PolicyError, "window"),
+    (
+        "recorder flush_interval",
+        lambda v: FlightRecorder("memory", flush_interval=v),
+        RecorderConfigError,
+        "flush",
+    ),
+    (
+        "recorder retention_days",
+        lambda v: FlightRecorder("memory", retention_days=v),
+        RecorderConfigError,
+        "days",
+    ),
+    (
+        "recorder head_interval",
+        lambda v: FlightRecorder("memory", head_interval=v),
+        RecorderConfigError,
+        "head",
+    ),
+    ("IATP clock_skew", lambda v: IATP(clock_skew=v), IATPConfigError, "clock_skew"),
+    ("IATP max_age", lambda v: IATP(max_age=v), IATPConfigError, "max_age"),
+    ("IATP session_lifetime", lambda v: IATP(session_lifetime=v), IATPConfigError, "session_lifetime"),
+    ("IATP rotation_grace", lambda v: IATP(rotation_grace=v), IATPConfigError, "rotation_grace"),
+    (
+        "nonce store timeout",
+        lambda v: RedisNonceStore("redis://127.0.0.1:6379/0", timeout=v),
+        IATPConfigError,
+        "timeout",
+    ),
+    ("mediated replies ttl", lambda v: PendingRequests(default_ttl=v), ValueError, "default_ttl"),
+    ("LLM timeout", lambda v: LLM("m", timeout=v), KernelError, "timeout"),
+    ("MCP timeout", lambda v: McpTools({}, timeout=v), KernelError, "timeout"),
+    ("snapshot ttl", lambda v: SnapshotStore(ttl=v), KernelError, "ttl"),
+    (
+        "shared rate limits timeout",
+        lambda v: RedisRateLimits("redis://127.0.0.1:6379/0", timeout=v),
+        ValueError,
+        "timeout",
+    ),
+]
+COUNTS: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
+    (
+        "recorder batch_size",
+        lambda v: FlightRecorder("memory", batch_size=v),
+        RecorderConfigError,
+        "batch_size",
+    ),
+    ("IATP max_nonces", lambda v: IATP(max_nonces=v), IATPConfigError, "max_entries"),
+    ("nonce cache", lambda v: NonceCache(v), ValueError, "max_age_ns"),
+    ("task ledger", lambda v: TaskLedger(keep_finished=v), TaskError, "keep_finished"),
+    ("signal queue", lambda v: SignalDispatcher(queue_size=v), SignalError, "queue_size"),
+    ("kernel keep_finished", lambda v: KernelSpace(keep_finished=v), KernelError, "keep_finished"),
+    ("mediated replies max_pending", lambda v: PendingRequests(max_pending=v), ValueError, "max_pending"),
+    ("LLM retries", lambda v: LLM("m", retries=v), KernelError, "retries"),
+    ("monty pool", lambda v: MontyBackend(pool_size=v), KernelError, "pool_size"),
+]
+
+
+@pytest.mark.parametrize(("what", "call", "error", "name"), TIMES, ids=[t[0] for t in TIMES])
+@pytest.mark.parametrize("value", BAD_TIMES.values(), ids=list(BAD_TIMES))
+def test_a_bad_time_is_refused_naming_the_option(
+    what: str, call: Callable[[Any], object], error: type[Exception], name: str, value: object
+) -> None:
+    if what == "rate-limit window text" and value == "5":
+        pytest.skip("'5' is not a window spelling: refused as one (tested below)")
+    with pytest.raises(error, match=name):
+        call(value)
+
+
+@pytest.mark.parametrize(("what", "call", "error", "name"), COUNTS, ids=[t[0] for t in COUNTS])
+@pytest.mark.parametrize("value", BAD_COUNTS.values(), ids=list(BAD_COUNTS))
+def test_a_bad_count_is_refused_naming_the_option(
+    what: str, call: Callable[[Any], object], error: type[Exception], name: str, value: object
+) -> None:
+    with pytest.raises(error, match=name):
+        call(value)
+
+
+def test_a_rate_limit_holds_with_the_windows_it_accepts() -> None:
+    # The window the fail-open case used to slip through; a valid one still limits.
+    with pytest.raises(PolicyError):
+        parse_window("5")
+    limiter = RateLimiter(RateLimit(5, parse_window("1h")))
+    assert [limiter.take("agent") for _ in range(7)] == [True] * 5 + [False] * 2
+
+
+def _commands(group: click.Group, ctx: click.Context) -> Iterator[click.Command]:
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, click.Context(command, parent=ctx))
+        elif command is not None:
+            yield command
+
+
+def test_every_float_option_of_the_command_line_refuses_nan() -> None:
+    ctx = click.Context(cli_main)
+    floats = [
+        (command.name, param.name)
+        for command in _commands(cli_main, ctx)
+        for param in command.params
+        if isinstance(param.type, click.types.FloatParamType)
+    ]
+    assert floats, "no float option found: the walk over the commands is broken"
+    loose = [
+        (command.callback.__module__ if command.callback else command.name, param.name)
+        for command in _commands(cli_main, ctx)
+        for param in command.params
+        if isinstance(param.type, click.types.FloatParamType) and not isinstance(param.type, FiniteRange)
+    ]
+    assert loose == []
+    for text in ("nan", "inf", "-inf", "NaN"):
+        with pytest.raises(click.BadParameter, match="finite"):
+            FiniteRange().convert(text, None, None)
+    with pytest.raises(click.BadParameter, match="finite"):
+        FiniteRange(0.05, 60).convert("nan", None, None)  # the bounds let NaN through
+    assert FiniteRange(0.05, 60).convert("1.5", None, None) == 1.5
