@@ -23,6 +23,7 @@ from agent_os.amb.broker import (
 )
 from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
+from agent_os.amb.numbers import whole
 from agent_os.amb.subjects import SubjectIndex, validate_pattern, validate_subject
 
 DEFAULT_MAX_PENDING: Final = 4096
@@ -205,8 +206,7 @@ class MemoryBroker(Lifecycle):
         url = urlparse(connection_string or "memory://default")
         if url.scheme != "memory":
             raise ConfigError(f"memory broker URL must look like memory://NAME, got {connection_string!r}")
-        if max_pending < 1:
-            raise ConfigError("max_pending must be at least 1")
+        whole(max_pending, "max_pending")
         self.server_name = url.netloc or url.path.lstrip("/") or "default"
         self.max_pending = max_pending
         self._server: MemoryServer | None = None

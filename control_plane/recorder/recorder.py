@@ -132,7 +132,7 @@ class FlightRecorder:
         ):
             seconds(value, name, error=RecorderConfigError)
         if retention_days is not None:  # None keeps records forever
-            seconds(retention_days, "retention_days", error=RecorderConfigError, unit="days")
+            seconds(retention_days, "retention_days", most=36_500, error=RecorderConfigError, unit="days")
         self.codec = DataCodec(compression, encryption_key)
         self.storage: Storage
         if not isinstance(storage, str):

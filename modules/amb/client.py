@@ -50,7 +50,7 @@ from agent_os.amb.middleware import (
     build_consume_chain,
     build_publish_chain,
 )
-from agent_os.amb.numbers import seconds, shown
+from agent_os.amb.numbers import MOST_SECONDS, seconds, shown, whole
 from agent_os.amb.replies import ERROR_HEADER, PendingRequests
 from agent_os.amb.serializers import Serializer, get_serializer
 from agent_os.amb.serializers.decoder import Decoder
@@ -64,7 +64,13 @@ from agent_os.amb.serializers.schema import (
     typed_unpack,
 )
 from agent_os.amb.stats import PATTERNS_MAX, BusStats, LabelCounts
-from agent_os.amb.subjects import MAX_SUBJECT_BYTES, subject_ok, validate_pattern, validate_subject
+from agent_os.amb.subjects import (
+    MAX_SUBJECT_BYTES,
+    plain_text,
+    subject_ok,
+    validate_pattern,
+    validate_subject,
+)
 from agent_os.amb.subscription import Handler, MessageStream, Subscription, SubscriptionOptions
 from agent_os.amb.tracing import BusTracing, RequestSpan
 
@@ -86,8 +92,6 @@ SAMPLE_BELOW: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
 _NO_PRIORITY: Final = 0  # the one object every int 0 is (CPython's small ints)
-_MAX_TTL_NS: Final = 2**63  # with the clock's ~2**61 ns, an expiry stays below the wire's 2**64
-_MAX_TTL: Final = _MAX_TTL_NS / 1e9  # the same in seconds
 
 
 def _refuse_reply_to(reply_to: str) -> None:
@@ -98,44 +102,69 @@ def _refuse_reply_to(reply_to: str) -> None:
         raise InvalidSubject(f"reply_to: {exc}", reason=exc.reason, subject=exc.subject) from None
 
 
-def _check_fields(sender_id: object, recipient: object, correlation_id: object, priority: object) -> None:
-    """Raise ConfigError for a publish argument every receiver would refuse (see
-    ``docs/bus.md``, the envelope): a sender, recipient or correlation id that is not a string,
-    a priority that is not an integer in the wire's 64-bit range."""
+def _reply_subject(reply_to: object) -> str:
+    """A ``reply_to`` the publish fast path did not take, as a plain str: empty (no reply wanted)
+    or a valid subject. Raises InvalidSubject naming why."""
+    plain = plain_text(reply_to, "reply_to")
+    if plain and not subject_ok(plain):
+        _refuse_reply_to(plain)
+    return plain
+
+
+def _plain_fields(
+    sender_id: object, recipient: object, correlation_id: object, priority: object
+) -> tuple[str | None, str | None, str | None, int]:
+    """The publish arguments the fast path did not take, as receivers accept them: a sender,
+    recipient or correlation id as a plain str (a str subclass gives its text), a priority as a
+    plain int in the wire's 64-bit range. Raises ConfigError for anything else."""
     named = (("sender_id", sender_id), ("recipient", recipient), ("correlation_id", correlation_id))
+    texts: list[str | None] = []
     for name, value in named:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ConfigError(f"priority must be an integer, got {type(priority).__name__}")
-    if not WIRE_INT_MIN <= priority <= WIRE_INT_MAX:
-        raise ConfigError(f"priority must be within the 64-bit range, got {shown(priority)}")
+        texts.append(None if value is None else str.__str__(value))
+    number = whole(priority, "priority", WIRE_INT_MIN)
+    if number > WIRE_INT_MAX:
+        raise ConfigError(f"priority must be within the 64-bit range, got {shown(number)}")
+    return texts[0], texts[1], texts[2], number
 
 
 def _ttl_ns(ttl: object, name: str) -> int:
-    """``ttl`` (seconds, finite, above 0) in nanoseconds, small enough for an expiry on the
-    wire. Raises ConfigError."""
-    ns = int(seconds(ttl, name) * 1e9)
-    if ns > _MAX_TTL_NS:
-        raise ConfigError(f"{name} of {ttl!r} seconds is beyond the wire's expiry range")
-    return ns
+    """``ttl`` (seconds: a positive, finite number of at most MOST_SECONDS) in nanoseconds.
+    Raises ConfigError."""
+    return int(seconds(ttl, name) * 1e9)
 
 
 def _headers(headers: Mapping[str, str] | None, key: str | None) -> dict[str, str]:
-    """A publish's own copy of ``headers``, with the partition ``key`` added. Raises
-    ConfigError for anything but strings mapped to strings (every receiver would refuse it)."""
+    """A publish's own copy of ``headers`` with the partition ``key`` added, every name and
+    value a plain str (a str subclass gives its text). Raises ConfigError for anything but
+    strings mapped to strings (every receiver would refuse it)."""
     try:
-        hdrs = dict(headers) if headers else {}
-    except (TypeError, ValueError):
-        raise ConfigError(f"headers must map strings to strings, got {type(headers).__name__}") from None
+        hdrs = {} if headers is None else dict(headers)
+    except Exception as exc:  # not a mapping (or pairs), or one that fails while read
+        raise ConfigError(
+            f"headers must map strings to strings, got {type(headers).__name__} ({type(exc).__name__})"
+        ) from None
+    for name, value in hdrs.items():
+        if type(name) is not str or type(value) is not str:
+            hdrs = _plain_headers(hdrs)
+            break
     if key is not None:
         if not isinstance(key, str):
             raise ConfigError(f"key must be a string, got {type(key).__name__}")
-        hdrs[PARTITION_KEY_HEADER] = key
+        hdrs[PARTITION_KEY_HEADER] = str.__str__(key)
+    return hdrs
+
+
+def _plain_headers(hdrs: dict[Any, Any]) -> dict[str, str]:
+    """``hdrs`` with str subclasses replaced by their text; ConfigError for a name or value
+    that is not a string."""
+    plain: dict[str, str] = {}
     for name, value in hdrs.items():
         if not (isinstance(name, str) and isinstance(value, str)):
             raise ConfigError(f"headers must map strings to strings: {name!r:.60} -> {type(value).__name__}")
-    return hdrs
+        plain[str.__str__(name)] = str.__str__(value)
+    return plain
 
 
 def _stray_cancellation(exc: asyncio.CancelledError) -> RuntimeError | None:
@@ -402,28 +431,33 @@ class AMB(Lifecycle):
         """
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
-        if topic not in self._topics:
-            self._check_topic(topic)
-        if reply_to and not subject_ok(reply_to):
-            _refuse_reply_to(reply_to)
+        if type(topic) is not str or topic not in self._topics:
+            topic = self._check_topic(topic)
+        if reply_to is not None and not (type(reply_to) is str and (not reply_to or subject_ok(reply_to))):
+            reply_to = _reply_subject(reply_to)
         if not (
             (sender_id is None or type(sender_id) is str)
             and (recipient is None or type(recipient) is str)
             and (correlation_id is None or type(correlation_id) is str)
-            and priority is _NO_PRIORITY
+            and (
+                priority is _NO_PRIORITY
+                or (type(priority) is int and WIRE_INT_MIN <= priority <= WIRE_INT_MAX)
+            )
         ):  # the common case costs four comparisons; anything else is checked in full
-            _check_fields(sender_id, recipient, correlation_id, priority)
+            sender_id, recipient, correlation_id, priority = _plain_fields(
+                sender_id, recipient, correlation_id, priority
+            )
         now = _time_ns()
         expires_at = None
         if ttl is not None:
             # NaN fails the comparison and goes to the full check, which refuses it
-            if (type(ttl) is float or type(ttl) is int) and 0 < ttl < _MAX_TTL:
+            if (type(ttl) is float or type(ttl) is int) and 0 < ttl <= MOST_SECONDS:
                 expires_at = now + int(ttl * 1e9)
             else:
                 expires_at = now + _ttl_ns(ttl, "ttl")
         sender = sender_id or self.agent_id
         chain = self._publish_chain
-        if headers or key is not None:
+        if headers is not None or key is not None:
             hdrs = _headers(headers, key)
             partition = hdrs.get(PARTITION_KEY_HEADER) or sender
         else:
@@ -460,12 +494,14 @@ class AMB(Lifecycle):
             self.published_by_pattern.add((topic.partition(".")[0],))
         return id_
 
-    def _check_topic(self, topic: str) -> None:
-        """Validate a topic this client has not published to yet (ConfigError) and remember it."""
-        validate_subject(topic)
+    def _check_topic(self, topic: object) -> str:
+        """Validate a topic this client has not published to yet (InvalidSubject, a
+        ConfigError), remember it and return it as a plain str."""
+        plain = validate_subject(plain_text(topic, "topic"))
         if len(self._topics) >= _TOPICS_MAX:
             self._topics.clear()
-        self._topics.add(topic)
+        self._topics.add(plain)
+        return plain
 
     async def _wire_send(self, env: Envelope, serializer: Serializer | None = None) -> None:
         """Encode ``env`` (with ``serializer``, default the client's) and hand it to the broker:
@@ -524,7 +560,7 @@ class AMB(Lifecycle):
         what the envelope says; with IATP on the bus it is the verified signer, so a request to
         an agent is answered by that agent or not at all.)
         """
-        if not ((type(timeout) is float or type(timeout) is int) and 0 < timeout < _MAX_TTL):
+        if not ((type(timeout) is float or type(timeout) is int) and 0 < timeout <= MOST_SECONDS):
             _ttl_ns(timeout, "timeout")  # raises: the request's ttl is its timeout
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
@@ -680,7 +716,7 @@ class AMB(Lifecycle):
     def _make_subscription(
         self, pattern: str, handler: Handler, options: SubscriptionOptions
     ) -> Subscription:
-        validate_pattern(pattern)
+        pattern = validate_pattern(plain_text(pattern, "pattern"))
         if not (inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)):
             raise ConfigError("a handler must be an async function: async def handler(message, metadata)")
         return Subscription(self, pattern, handler, options)
@@ -746,7 +782,7 @@ class AMB(Lifecycle):
 
         See :class:`MessageStream` for buffering and closing.
         """
-        validate_pattern(pattern)
+        pattern = validate_pattern(plain_text(pattern, "pattern"))
         return MessageStream(
             self, pattern, queue=queue, filter=filter, buffer=buffer, with_metadata=with_metadata
         )

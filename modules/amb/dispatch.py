@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from agent_os.amb.errors import ConfigError
+from agent_os.amb.numbers import whole
 from agent_os.amb.subjects import validate_name
 
 log = logging.getLogger("agent_os.amb.dispatch")
@@ -113,8 +114,7 @@ class Dispatcher(Generic[T]):
         name: str,
         on_handled: Callable[[], object] | None = None,
     ) -> None:
-        if max_pending < 1:
-            raise ConfigError("max_pending must be at least 1")
+        whole(max_pending, "max_pending")
         self.handler = handler
         self.max_pending = max_pending
         self.name = name

@@ -43,6 +43,19 @@ def _refused(text: str, what: str, reason: str, detail: str) -> InvalidSubject:
     return InvalidSubject(f"{what} {_shown(text)} {detail}", reason=reason, subject=text)
 
 
+def plain_text(value: object, what: str) -> str:
+    """``value`` as a plain ``str`` for a subject or pattern given by a caller: a ``str``
+    subclass (a StrEnum ...) gives its text, which the encoders write; anything else, a list
+    included (the validators' caches could not even look it up), raises InvalidSubject."""
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    raise InvalidSubject(
+        f"{what} must be a non-empty string, got {type(value).__name__}", reason="empty", subject=""
+    )
+
+
 def _check_text(text: object, what: str, limit: int = MAX_SUBJECT_BYTES) -> str:
     """``text`` if it is a non-empty string of at most ``limit`` UTF-8 bytes without whitespace
     or control characters; raises InvalidSubject naming what is wrong."""

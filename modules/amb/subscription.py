@@ -169,8 +169,7 @@ class MessageStream:
         buffer: int,
         with_metadata: bool,
     ) -> None:
-        if buffer < 1:
-            raise ConfigError("stream buffer must be at least 1")
+        whole(buffer, "stream buffer")
         self._client = client
         self._pattern = pattern
         self._queue_group = queue

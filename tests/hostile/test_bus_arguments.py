@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterator, Mapping
+from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 
-from agent_os.amb import AMB, ConfigError
+from agent_os.amb import AMB, ConfigError, Metadata
 from agent_os.amb.numbers import seconds, whole
 from agent_os.amb.subscription import SubscriptionOptions
 from agent_os.bus_adapters.kafka._config import parse_options
@@ -21,6 +24,36 @@ from agent_os.bus_adapters.nats._config import NatsConfig
 from agent_os.bus_adapters.redis import RedisBroker
 from tests.support import Collector, memory_url
 from tests.support.closing import Closing
+
+
+class _Unreadable(Mapping[str, str]):
+    """Headers that claim a key and fail to give it."""
+
+    def __getitem__(self, key: str) -> str:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["a"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+class Text(str):
+    """A str subclass msgspec does not encode: the bus sends its text."""
+
+
+class Number(int):
+    """An int subclass likewise."""
+
+
+class Level(enum.IntEnum):
+    HIGH = 9
+
+
+class Name(enum.StrEnum):
+    WORKER = "worker-1"
+
 
 HUGE = 10**5000  # str() of it raises ValueError: no message may print it
 BAD_TIMES: dict[str, object] = {
@@ -32,6 +65,7 @@ BAD_TIMES: dict[str, object] = {
     "text": "5",
     "None in a list": [None],
     "huge int": HUGE,
+    "beyond any clock": 1e300,
 }
 BAD_COUNTS: dict[str, object] = {"zero": 0, "float": 1.5, "NaN": math.nan, "bool": True, "text": "2"}
 
@@ -50,18 +84,16 @@ BAD_PUBLISH: dict[str, dict[str, Any]] = {
     "header key int": {"headers": {1: "a"}},
     "headers not a mapping": {"headers": 5},
     "headers a bad list": {"headers": ["ab", "c"]},
+    "headers falsy but not a mapping": {"headers": 0},
+    "headers that fail when read": {"headers": _Unreadable()},
+    "headers of bools": {"headers": {"a": True}},
+    "topic a list": {"topic": ["t", "x"]},
+    "reply_to a list": {"reply_to": ["a"]},
+    "reply_to falsy but not a string": {"reply_to": 0},
     "key int": {"key": 5},
     **{f"ttl {name}": {"ttl": value} for name, value in BAD_TIMES.items()},
     "ttl past the wire's range": {"ttl": 1e12},
 }
-
-
-class Level(enum.IntEnum):
-    HIGH = 9
-
-
-class Name(enum.StrEnum):
-    WORKER = "worker-1"
 
 
 @pytest.mark.parametrize("serializer", ["msgpack", "json"])
@@ -77,18 +109,31 @@ async def test_a_publish_receivers_would_refuse_is_refused_before_the_broker(
     server = memory_server(pub.broker.server_name)  # type: ignore[attr-defined]
     assert server is not None
     for name, kwargs in BAD_PUBLISH.items():
+        kwargs = dict(kwargs)  # the table is shared by both serializers
+        topic = kwargs.pop("topic", "t.x")
         with pytest.raises(ConfigError) as info:
-            await pub.publish("t.x", "m", **kwargs)
-        argument = next(iter(kwargs)).replace("_id", "")
+            await pub.publish(topic, "m", **kwargs)
+        argument = next(iter(kwargs), "topic").replace("_id", "")
         assert argument.split("_")[0] in str(info.value), (name, str(info.value))
     assert server.stats.published == 0  # nothing reached the broker
     # What receivers accept still goes: subclasses of int and str, the ends of the range.
     await pub.publish("t.x", 1, priority=Level.HIGH, recipient=Name.WORKER, headers={"h": Name.WORKER})
     await pub.publish("t.x", 2, priority=2**64 - 1, ttl=60, key="k", correlation_id="c", sender_id="s")
     await pub.publish("t.x", 3, priority=-(2**63), ttl=1)
-    await got.wait_for(3)
-    assert got.messages == [1, 2, 3]
-    assert [m.priority for m in got.metadata] == [9, 2**64 - 1, -(2**63)]
+    # Other number types for times, str and int subclasses that msgspec would not encode:
+    # taken as their values.
+    await pub.publish(Text("t.x"), 4, ttl=np.float32(5), sender_id=Text("s"), priority=Number(4))  # type: ignore[arg-type]
+    await pub.publish("t.x", 5, ttl=Fraction(5), headers={Text("h"): Text("v")}, key=Text("k"))  # type: ignore[arg-type]
+    await pub.publish("t.x", 6, ttl=np.int64(5), recipient=Text("r"), correlation_id=Text("c"))  # type: ignore[arg-type]
+    await got.wait_for(6)
+    assert got.messages == [1, 2, 3, 4, 5, 6]
+    assert [m.priority for m in got.metadata] == [9, 2**64 - 1, -(2**63), 4, 0, 0]
+    assert (got.metadata[3].sender, got.metadata[5].recipient, got.metadata[5].correlation_id) == (
+        "s",
+        "r",
+        "c",
+    )
+    assert got.metadata[4].headers["h"] == "v"
     assert got.metadata[0].recipient == "worker-1"
     assert got.metadata[0].headers["h"] == "worker-1"
 
@@ -120,6 +165,42 @@ async def test_close_with_a_bad_timeout_is_refused_and_the_client_stays_usable(c
 def test_an_agent_id_that_is_not_a_string_is_refused() -> None:
     with pytest.raises(ConfigError, match="agent_id"):
         AMB("memory", memory_url("args"), agent_id=5)  # type: ignore[arg-type]
+
+
+async def test_other_number_types_are_taken_for_times_and_counts(closing: Closing) -> None:
+    url = memory_url("args")
+    client = closing(AMB("memory", url))
+    got = Collector()
+    await client.subscribe("t.rr", got, concurrency=np.int64(2), max_attempts=np.int64(2))  # type: ignore[call-overload]
+    async with AMB("memory", url) as responder:
+
+        async def echo(message: object, metadata: Metadata) -> None:
+            await responder.reply(metadata, message)
+
+        await responder.subscribe("t.echo", echo)
+        assert await client.request("t.echo", "q", timeout=np.float32(5)) == "q"  # type: ignore[arg-type]
+        assert await client.request("t.echo", "q", timeout=Fraction(5, 2)) == "q"  # type: ignore[arg-type]
+    await client.publish("t.rr", "m")
+    await got.wait_for(1)
+    await client.close(timeout=np.int64(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pattern", [["t", "x"], 5, None], ids=repr)
+async def test_a_pattern_that_is_not_a_string_is_refused(pattern: object, closing: Closing) -> None:
+    client = closing(AMB("memory", memory_url("args")))
+    with pytest.raises(ConfigError, match="pattern must be a non-empty string"):
+        await client.subscribe(pattern, Collector())  # type: ignore[call-overload]
+    with pytest.raises(ConfigError, match="pattern must be a non-empty string"):
+        client.stream(pattern)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", BAD_COUNTS.values(), ids=list(BAD_COUNTS))
+async def test_bounds_of_queues_are_whole_numbers(value: object, closing: Closing) -> None:
+    client = closing(AMB("memory", memory_url("args")))
+    with pytest.raises(ConfigError, match="buffer"):
+        client.stream("t.x", buffer=value)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_pending"):
+        AMB("memory", memory_url("args"), broker_options={"max_pending": value})
 
 
 @pytest.mark.parametrize("field", ["concurrency", "max_attempts"])
