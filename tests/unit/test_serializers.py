@@ -271,6 +271,21 @@ def test_json_envelopes_with_every_field_written_decode_alike() -> None:
     assert ser.decode(ser.encode(env)) == env
 
 
+def test_json_envelopes_with_every_field_written_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spelling of producers that write every field (this encoder before 2026-12) is read as
+    # fast as the compact one: msgspec's reading is compared with both.
+    ser = JsonSerializer()
+
+    def refuse(_: bytes) -> Envelope:
+        raise AssertionError("deferred to the checked path")
+
+    monkeypatch.setattr(ser, "decode_checked", refuse)
+    values = [1, "i", "t", "s", None, "_INBOX.a.1", None, 5, None, 0, {}, "text", None]
+    spelled = dict(zip(_WIRE_ORDER, values, strict=True))
+    env = Envelope(id="i", topic="t", sender="s", payload="text", reply_to="_INBOX.a.1", timestamp=5)
+    assert ser.decode(json.dumps(spelled, separators=(",", ":")).encode()) == env
+
+
 def test_unknown_serializer() -> None:
     with pytest.raises(ConfigError, match="protobuf"):
         get_serializer("protobuf")

@@ -202,10 +202,17 @@ class _JsonV1(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_f
     sig: _JsonSig | None = None
 
 
+class _JsonV1Full(_JsonV1, omit_defaults=False):
+    """The same envelope with every field written: how other producers (and this encoder
+    before 2026-12) spell it. The fast decode compares with this spelling when the compact one
+    differs, so their envelopes need not take the checked path."""
+
+
 _ENCODER: Final = msgspec.json.Encoder()
 _encode: Final = _ENCODER.encode
 _typed_decode: Final = msgspec.json.Decoder(_JsonV1).decode
 _astuple: Final = msgspec.structs.astuple
+_asdict: Final = msgspec.structs.asdict
 _fits_msgpack: Final = msgspec.msgpack.Encoder().encode  # OverflowError past 64-bit integers
 _V1: Final = cast("Literal[1]", WIRE_VERSION)
 
@@ -348,7 +355,8 @@ class JsonSerializer:
         Fast path: msgspec reads ``data`` against the v1 schema in one pass, and the result is
         taken only when msgspec writes it back to exactly ``data`` (so the input has no
         duplicate key, no escape or number spelling this encoder would not write, and the
-        fields in order, those at their defaults left out), no object key starts with ``$``
+        fields in order, those at their defaults left out or every one written), no object
+        key starts with ``$``
         (an escaped key or a bytes tag) and every integer fits msgpack's 64 bits. Anything else
         goes to :meth:`decode_checked`, which accepts or names the error; tests check both give
         the same result."""
@@ -356,7 +364,8 @@ class JsonSerializer:
             raise OversizedEnvelope(len(data), self.max_bytes)
         try:
             obj = _typed_decode(data)
-            taken = _encode(obj) == data and _plain(obj, data)
+            written = _encode(obj) == data or _encode(_JsonV1Full(**_asdict(obj))) == data
+            taken = written and _plain(obj, data)
         except Exception:  # refused by msgspec, or out of stack on a deep payload
             taken = False
         if not taken:
