@@ -314,7 +314,7 @@ async def _requested_head(request: web.Request) -> Head | None:
     seq, digest = request.query.get("seq"), request.query.get("hash")
     if seq is None and digest is None:
         return None
-    if seq is None or digest is None or not seq.isdigit() or len(seq) > 19:
+    if seq is None or digest is None or not (seq.isascii() and seq.isdigit()) or len(seq) > 19:
         raise HeadError("give both seq (a non-negative integer) and hash")
     return Head.from_dict({"format": HEAD_FORMAT, "seq": int(seq), "hash": digest})
 

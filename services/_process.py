@@ -317,8 +317,11 @@ def broker_down_exit() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{BROKER_DOWN_EXIT_ENV} must be a number of seconds (0: never), got {text!r}")
+    if not (value == 0 or 0.1 <= value <= 1e9):  # NaN and infinities fail too
+        raise ValueError(
+            f"{BROKER_DOWN_EXIT_ENV} must be 0 (never) or a number of seconds from 0.1 to 1e9, "
+            f"got {text[:40]!r}"
+        )
     return value
 
 

@@ -36,7 +36,10 @@ class SinceParam(click.ParamType[datetime]):
         text = str(value).strip()
         ago = _AGO.fullmatch(text)
         if ago:
-            return datetime.now().astimezone() - timedelta(**{_UNITS[ago[2]]: float(ago[1])})
+            try:
+                return datetime.now().astimezone() - timedelta(**{_UNITS[ago[2]]: float(ago[1])})
+            except OverflowError:  # an age before the year 1
+                self.fail(f"{text!r} reaches back before the year 1", param, ctx)
         try:
             return datetime.fromisoformat(text)
         except ValueError:

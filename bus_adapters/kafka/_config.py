@@ -85,7 +85,10 @@ def parse_options(connection_string: str | None, options: Mapping[str, Any]) -> 
         except ValueError:
             raise ConfigError(f"kafka broker option {key} must be a number, got {value[:40]!r}") from None
         if isinstance(value, str) and kind in ("bool", bool):
-            value = value.lower() in ("1", "true", "yes", "on")
+            word = value.lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"kafka broker option {key} must be true or false, got {value[:40]!r}")
+            value = word in ("1", "true", "yes", "on")
         merged[key] = value
     config = replace(KafkaConfig(), **merged)
     for name in ("partitions", "replication_factor", "max_pending", "max_payload"):

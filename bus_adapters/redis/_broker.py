@@ -104,7 +104,7 @@ class RedisBroker(Lifecycle):
         seconds(queue_lease, "queue_lease")
         seconds(block, "block")
         if durable_ttl is not None:
-            seconds(durable_ttl, "durable_ttl")
+            seconds(durable_ttl, "durable_ttl", zero=True)
         self.max_pending = max_pending
         self.stream_maxlen = stream_maxlen
         self.claim_min_idle = claim_min_idle

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+from agent_os.amb.numbers import whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.snapshots import (
     RollbackRefused,
@@ -29,6 +30,7 @@ from agent_os.control_plane.actions.snapshots import (
     digest,
 )
 from agent_os.control_plane.actions.workspace import Workspace, describe
+from agent_os.control_plane.errors import KernelError
 from agent_os.control_plane.process import RUNNING_AGENT
 
 if TYPE_CHECKING:
@@ -69,9 +71,9 @@ class FileSystem:
         snapshots: SnapshotStore | None = None,
     ) -> None:
         self.workspace = Workspace(root)
-        self.max_read = max_read
-        self.max_write = max_write
-        self.max_entries = max_entries
+        self.max_read = whole(max_read, "max_read", 0, error=KernelError)
+        self.max_write = whole(max_write, "max_write", 0, error=KernelError)
+        self.max_entries = whole(max_entries, "max_entries", 0, error=KernelError)
         self.snapshots = snapshots
 
     @property

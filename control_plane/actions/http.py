@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urljoin, urlsplit
 
+from agent_os.amb.numbers import seconds
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.errors import KernelError
 
@@ -109,8 +110,7 @@ class Http:
                 raise KernelError(f"{name} must be an integer >= 0, got {value!r}")
         if isinstance(max_redirects, bool) or not isinstance(max_redirects, int) or max_redirects < 0:
             raise KernelError(f"max_redirects must be an integer >= 0, got {max_redirects!r}")
-        if not isinstance(timeout, int | float) or not timeout > 0:
-            raise KernelError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        seconds(timeout, "timeout", error=KernelError)
         if ports is not None and any(isinstance(p, bool) or not isinstance(p, int) for p in ports):
             raise KernelError(f"ports must be integers, got {ports!r}")
         self.allow = frozenset(exact)

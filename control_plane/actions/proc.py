@@ -18,6 +18,7 @@ import signal
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from agent_os.amb.numbers import seconds
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.workspace import Workspace, describe
 from agent_os.control_plane.errors import KernelError
@@ -73,8 +74,7 @@ class Process:
             path = _locate(entry)
             self.programs[entry] = path
             self.programs[path] = path
-        if not isinstance(timeout, int | float) or not timeout > 0:
-            raise KernelError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        seconds(timeout, "timeout", error=KernelError)
         for name, value in (("max_output", max_output), ("max_stdin", max_stdin)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise KernelError(f"{name} must be an integer >= 0, got {value!r}")

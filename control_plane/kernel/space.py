@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from agent_os.amb.numbers import whole
+from agent_os.amb.numbers import seconds, shown, whole
 from agent_os.control_plane.actions.code import CodeLimits, CodeResult, CodeRunner
 from agent_os.control_plane.actions.fs import FileSystem
 from agent_os.control_plane.actions.mcp import McpTools
@@ -133,6 +133,9 @@ class KernelSpace:
         code_pool: int = 2,
     ) -> None:
         whole(keep_finished, "keep_finished", 0, error=KernelError)
+        whole(max_concurrent_agents, "max_concurrent_agents", error=KernelError)
+        timeout = seconds(timeout, "timeout", error=KernelError)
+        signal_timeout = seconds(signal_timeout, "signal_timeout", error=KernelError)
         chosen = _policies(policy, policies)
         if permissions is not None:
             for each in chosen:
@@ -234,6 +237,8 @@ class KernelSpace:
         def decorator(f: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             if not asyncio.iscoroutinefunction(f):
                 raise KernelError("an agent must be an async function")
+            if whole(priority, "priority", -(2**31), error=KernelError) > 2**31:
+                raise KernelError(f"priority must be from -2**31 to 2**31, got {shown(priority)}")
             agent = RegisteredAgent(
                 name or getattr(f, "__name__", None) or type(f).__name__,
                 f,
@@ -336,6 +341,8 @@ class KernelSpace:
         timeout; SIGALRM was sent), AgentStoppedError (killed or terminated),
         VerificationFailed, or what the agent raised.
         """
+        if timeout is not None:
+            timeout = seconds(timeout, "timeout", error=KernelError)
         proc = self._new_process(agent, None, True, None)
         return await self._run(proc, agent, args, kwargs, timeout, context)
 

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from agent_os.amb.numbers import seconds as checked_seconds
+from agent_os.amb.numbers import shown, whole
 from agent_os.control_plane.errors import PolicyError
 
 _UNITS: Final = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+MOST_ACTIONS = 10**12
+"""The largest rate limit: a bucket's tokens are floats, and beyond this a limit limits nothing."""
+MOST_WINDOW = 1e10
+"""The longest rate-limit window, in seconds (about 317 years)."""
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h|d)\s*$")
 
 
@@ -30,12 +35,12 @@ def parse_window(window: str | float) -> float:
     Raises PolicyError for anything else or a non-positive window.
     """
     if isinstance(window, int | float) and not isinstance(window, bool):
-        seconds = checked_seconds(window, "a rate-limit window", error=PolicyError)
+        seconds = checked_seconds(window, "a rate-limit window", most=MOST_WINDOW, error=PolicyError)
     elif isinstance(window, str) and (m := _WINDOW.match(window)):
         seconds = float(m.group(1) or 1) * _UNITS[m.group(2)]
     else:
         raise PolicyError(f"invalid rate-limit window {window!r}: use e.g. '30s', '1m', '1h'")
-    return checked_seconds(seconds, "a rate-limit window", error=PolicyError)
+    return checked_seconds(seconds, "a rate-limit window", most=MOST_WINDOW, error=PolicyError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +51,10 @@ class RateLimit:
     per: float = 60.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise PolicyError(f"a rate limit must be a positive integer, got {self.limit!r}")
-        checked_seconds(self.per, "a rate-limit window", error=PolicyError)
+        limit = whole(self.limit, "a rate limit", error=PolicyError)
+        if limit > MOST_ACTIONS:
+            raise PolicyError(f"a rate limit must be at most {MOST_ACTIONS:,} actions, got {shown(limit)}")
+        checked_seconds(self.per, "a rate-limit window", most=MOST_WINDOW, error=PolicyError)
 
     @classmethod
     def parse(cls, spec: RateLimit | int | str) -> RateLimit:
@@ -59,7 +65,8 @@ class RateLimit:
             return cls(spec, 60.0)
         if isinstance(spec, str) and "/" in spec:
             count, _, window = spec.partition("/")
-            if count.strip().isdigit():
+            count = count.strip()
+            if count.isascii() and count.isdigit() and len(count) <= 13:  # ASCII digits, at most 10**13
                 return cls(int(count), parse_window(window))
         raise PolicyError(f"invalid rate limit {spec!r}: use 100 (per minute) or '100/1m'")
 

@@ -587,8 +587,11 @@ class FlightRecorder:
 
         ``filters`` map a dotted field of the record (``data.resource``, ``event_type`` ...) to a
         value (equality), a list (membership) or $-operators (``$regex`` searches, ``$in``,
-        ``$gt`` ... as in policy conditions). Naive datetimes are local time.
+        ``$gt`` ... as in policy conditions). Naive datetimes are local time. Raises
+        RecorderError for a ``limit`` that is not a whole number, 0 or more.
         """
+        if limit is not None:
+            limit = whole(limit, "limit", 0, error=RecorderError)
         await self._ready_to_read()
         checks = []
         for field, spec in (filters or {}).items():

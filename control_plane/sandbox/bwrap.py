@@ -33,15 +33,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+from agent_os.amb.numbers import shown
 from agent_os.control_plane.errors import SandboxError, SandboxUnavailable
 
 WORKSPACE: Final = "/workspace"
 """Where the sandbox sees its workspace (its working directory and ``HOME``)."""
 
-UID_BASE: Final = int(os.environ.get("AGENT_OS_SANDBOX_UID_BASE", "1500000000"))
-"""The first uid sandboxes run as (``AGENT_OS_SANDBOX_UID_BASE``); :data:`UID_SLOTS` follow it."""
-
 UID_SLOTS: Final = 65536
+
+
+def _uid_base(text: str) -> int:
+    """The sandboxes' first uid from ``AGENT_OS_SANDBOX_UID_BASE``: a number of ASCII digits
+    from 65536 (above every account a system makes, root's 0 included) up to where the
+    :data:`UID_SLOTS` that follow stay below 2**31. Raises SandboxError otherwise: a sandbox
+    must never run as a real account."""
+    if not (text.isascii() and text.isdigit()) or not 65536 <= int(text) <= 2**31 - 1 - UID_SLOTS:
+        raise SandboxError(
+            f"AGENT_OS_SANDBOX_UID_BASE must be a uid from 65536 to {2**31 - 1 - UID_SLOTS}, "
+            f"got {text[:40]!r}"
+        )
+    return int(text)
+
+
+UID_BASE: Final = _uid_base(os.environ.get("AGENT_OS_SANDBOX_UID_BASE", "1500000000"))
+"""The first uid sandboxes run as (``AGENT_OS_SANDBOX_UID_BASE``); :data:`UID_SLOTS` follow it."""
 _LOCKS: Final = Path(os.environ.get("AGENT_OS_SANDBOX_LOCKS", "/run/agent-os/sandbox-uids"))
 _SYSTEM_DIRS: Final = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _PATH: Final = "/usr/local/bin:/usr/bin:/bin"
@@ -69,8 +84,11 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise SandboxConfigError(f"sandbox limit {name} must be a positive integer, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**62:
+                raise SandboxConfigError(
+                    f"sandbox limit {name} must be an integer from 1 to 2**62 (prlimit's range), "
+                    f"got {shown(value)}"
+                )
 
 
 class SandboxConfigError(SandboxError, ValueError):

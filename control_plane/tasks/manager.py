@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent_os.amb.broker import DurableCapture
 from agent_os.amb.errors import ConfigError, UnserializablePayload
+from agent_os.amb.numbers import seconds
 from agent_os.control_plane.agent_signal import AgentSignal
-from agent_os.control_plane.errors import TaskInputError, TaskTimeout, UnknownHandler
+from agent_os.control_plane.errors import TaskError, TaskInputError, TaskTimeout, UnknownHandler
 from agent_os.control_plane.mediation.identity import message_sender
 from agent_os.control_plane.tasks.ledger import TaskLedger
 from agent_os.control_plane.tasks.model import (
@@ -179,7 +180,10 @@ class TaskManager:
         """Wait until the task is complete (succeeded, failed or cancelled) and return its
         status; the result is ``status.result``, a failure's reason ``status.error``.
 
-        Raises TaskNotFound, TaskTimeout after ``timeout`` seconds (the task goes on)."""
+        Raises TaskNotFound, TaskTimeout after ``timeout`` seconds (the task goes on), TaskError
+        for a ``timeout`` that is not a positive, finite number of seconds."""
+        if timeout is not None:
+            timeout = seconds(timeout, "timeout", error=TaskError)
         status = self.ledger.get(task_id)
         if status.state.terminal:
             return status

@@ -561,7 +561,7 @@ class AMB(Lifecycle):
         an agent is answered by that agent or not at all.)
         """
         if not ((type(timeout) is float or type(timeout) is int) and 0 < timeout <= MOST_SECONDS):
-            _ttl_ns(timeout, "timeout")  # raises: the request's ttl is its timeout
+            timeout = seconds(timeout, "timeout")  # the request's ttl too; a float from here on
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
         inbox = self._inbox or await self._open_inbox()
@@ -987,7 +987,7 @@ class AMB(Lifecycle):
         options = sub.options
         if delivery.attempt < options.max_attempts and self.broker.capabilities.redelivery:
             self.stats.retried += 1
-            await delivery.nack(options.retry_delay * (2 ** (delivery.attempt - 1)))
+            await delivery.nack(min(options.retry_delay * 2.0 ** min(delivery.attempt - 1, 64), MOST_SECONDS))
             return
         log.warning("handler for %r failed on %s: %r", sub.pattern, env.id, exc)
         await self._dead_letter(sub, delivery, env, "handler_error", exc, meta)

@@ -41,9 +41,10 @@ class SubscriptionOptions:
     context: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        whole(self.concurrency, "concurrency")
-        whole(self.max_attempts, "max_attempts")
-        seconds(self.retry_delay, "retry_delay", zero=True)
+        # Kept as plain int and float (NumPy numbers, Fractions ... are taken by their value).
+        object.__setattr__(self, "concurrency", whole(self.concurrency, "concurrency"))
+        object.__setattr__(self, "max_attempts", whole(self.max_attempts, "max_attempts"))
+        object.__setattr__(self, "retry_delay", seconds(self.retry_delay, "retry_delay", zero=True))
         if self.queue is not None and not self.queue:
             raise ConfigError("queue group name must be non-empty")
         if self.durable is not None and not self.durable:
@@ -98,7 +99,10 @@ class Subscription:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, let queued and in-flight messages finish (up to ``timeout``; called by
-        a handler, it does not wait for that handler)."""
+        a handler, it does not wait for that handler). Raises ConfigError for a ``timeout``
+        that is not a finite number of seconds, 0 or more, before anything stops."""
+        if timeout is not None:
+            timeout = seconds(timeout, "timeout", zero=True)
         if self._broker_sub is not None and self._active:
             self._active = False
             deadline = None if timeout is None else time.monotonic() + timeout

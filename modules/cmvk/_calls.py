@@ -15,6 +15,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.numbers import seconds
 from agent_os.cmvk._client import load_client
 from agent_os.cmvk._errors import CMVKConfigError
 
@@ -86,10 +87,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise CMVKConfigError("a model needs a non-empty name")
-        if not self.weight > 0:
-            raise CMVKConfigError(f"weight of {self.name!r} must be positive, got {self.weight}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise CMVKConfigError(f"timeout of {self.name!r} must be positive, got {self.timeout}")
+        # A weight is at most 10**6: support sums weights, and infinities make it NaN (a
+        # unanimous panel then came back unverified).
+        seconds(self.weight, f"weight of {self.name!r}", most=1e6, error=CMVKConfigError, unit="units")
+        if self.timeout is not None:
+            seconds(self.timeout, f"timeout of {self.name!r}", error=CMVKConfigError)
         check_params(self.params, f"params of {self.name!r}")
 
     @property

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any, get_args
 
 from agent_os.amb import tracing as _tracing
+from agent_os.amb.numbers import seconds, whole
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
 from agent_os.cmvk._client import ensure_client
@@ -122,13 +123,16 @@ class CMVK:
             raise CMVKConfigError(
                 f"voting_strategy must be one of {', '.join(STRATEGIES)}, got {voting_strategy!r}"
             )
-        if not 0.0 < consensus_threshold <= 1.0:
-            raise CMVKConfigError(f"consensus_threshold must be in (0, 1], got {consensus_threshold}")
-        if not timeout > 0 or (model_timeout is not None and not model_timeout > 0):
-            raise CMVKConfigError("timeouts must be positive")
-        if retries < 0 or backoff < 0:
-            raise CMVKConfigError("retries and backoff must not be negative")
-        self.quorum = len(specs) // 2 + 1 if quorum is None else quorum
+        if isinstance(consensus_threshold, bool) or not 0.0 < consensus_threshold <= 1.0:
+            raise CMVKConfigError(f"consensus_threshold must be in (0, 1], got {consensus_threshold!r:.40}")
+        timeout = seconds(timeout, "timeout", error=CMVKConfigError)
+        if model_timeout is not None:
+            model_timeout = seconds(model_timeout, "model_timeout", error=CMVKConfigError)
+        retries = whole(retries, "retries", 0, error=CMVKConfigError)
+        backoff = seconds(backoff, "backoff", zero=True, error=CMVKConfigError)
+        self.quorum = (
+            len(specs) // 2 + 1 if quorum is None else whole(quorum, "quorum", error=CMVKConfigError)
+        )
         if not 1 <= self.quorum <= len(specs):
             raise CMVKConfigError(f"quorum must be between 1 and {len(specs)}, got {self.quorum}")
         self.models: tuple[ModelSpec, ...] = tuple(specs)

@@ -200,7 +200,7 @@ class IATP:
         sessions made with it."""
         await self.open()
         now = self._now()
-        key = self.registry.retire(key_id, now if at is None else int(at * _NS))
+        key = self.registry.retire(key_id, now if at is None else _epoch_ns(at))
         self.sessions.key_changed(key.agent_id, now)
 
     async def revoke_key(self, key_id: str, reason: str = "revoked", at: float | None = None) -> None:
@@ -210,7 +210,7 @@ class IATP:
         later ones end then (and their messages fail as ``revoked_key``). Raises UnknownKey."""
         await self.open()
         now = self._now()
-        key = self.registry.revoke(key_id, now if at is None else int(at * _NS), reason, now)
+        key = self.registry.revoke(key_id, now if at is None else _epoch_ns(at), reason, now)
         self.sessions.key_changed(key.agent_id, now)
 
     # -- revocations from other processes ----------------------------------------------------
@@ -297,7 +297,7 @@ class IATP:
             message,
             recipient_id,
             timestamp=now,
-            expires_at=None if ttl is None else now + int(ttl * _NS),
+            expires_at=None if ttl is None else now + _span_ns(ttl, "ttl"),
             headers=dict(headers or {}),
         )
         return self.sign_envelope(env)
@@ -376,7 +376,7 @@ class IATP:
             level,
             perms,
             now,
-            None if expires_in is None else now + int(expires_in * _NS),
+            None if expires_in is None else now + _span_ns(expires_in, "expires_in"),
             held[0],
         )
         edge = replace(edge, signature=_crypto.sign(held[1], edge.signed_bytes()))
@@ -434,7 +434,7 @@ class IATP:
             check_level(trust_level),
             check_permissions(permissions),
             now,
-            None if valid_for is None else now + int(valid_for * _NS),
+            None if valid_for is None else now + _span_ns(valid_for, "valid_for"),
         )
         cert = replace(cert, signature=_crypto.sign(held[1], cert.signed_bytes()))
         self.trust_store.add_certificate(cert)
@@ -508,3 +508,15 @@ def _make_store(
     raise IATPConfigError(
         f"key storage {kind!r} is not built in; use 'memory' or 'file', or pass a KeyStore object"
     )
+
+
+def _span_ns(value: object, name: str) -> int:
+    """A duration in seconds (positive, finite, at most MOST_SECONDS) as nanoseconds. Raises
+    IATPConfigError."""
+    return int(seconds(value, name, error=IATPConfigError) * _NS)
+
+
+def _epoch_ns(value: object) -> int:
+    """A time in epoch seconds (``at``: from 0 to 10**10, the year 2286) as nanoseconds. Raises
+    IATPConfigError."""
+    return int(seconds(value, "at", zero=True, most=1e10, error=IATPConfigError) * _NS)

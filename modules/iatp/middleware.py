@@ -16,6 +16,7 @@ from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
+from agent_os.amb.numbers import whole
 from agent_os.iatp.errors import IATPConfigError, IATPError, SignatureRejected, SigningRejected, UnknownAgent
 from agent_os.iatp.result import Reason, VerificationResult, invalid
 
@@ -64,8 +65,9 @@ class IATPMiddleware(Middleware):
         bind_topic: bool = False,
         lookahead: int = 64,
     ) -> None:
-        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-            raise IATPConfigError(f"lookahead must be a whole number of messages, not {lookahead!r}")
+        whole(lookahead, "lookahead", 0, error=IATPConfigError)
+        if isinstance(min_trust, bool) or not isinstance(min_trust, int | float) or not 0 <= min_trust <= 1:
+            raise IATPConfigError(f"min_trust must be a number from 0 to 1, got {min_trust!r:.40}")
         self.iatp = iatp
         self.max_ahead = lookahead
         self._ahead_key = f"{_AHEAD}{id(self):x}"
@@ -252,7 +254,9 @@ class IATPMiddleware(Middleware):
         if not result.valid:
             raise SignatureRejected(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
-        if minimum and result.trust_level < minimum:
+        # Fail closed: a minimum that is not a number from 0 to 1 (NaN, text from a
+        # subscription's context) refuses every message rather than none.
+        if minimum and not (type(minimum) in (int, float) and result.trust_level >= minimum):
             raise SignatureRejected(
                 invalid(
                     Reason.UNTRUSTED,

@@ -47,7 +47,11 @@ from agent_os.services.control_plane_service._subjects import (
     help=RECORDER_FORMS + ".",
 )
 @click.option(
-    "--retention-days", type=FiniteRange(min=0), default=90.0, show_default=True, help="0: keep everything."
+    "--retention-days",
+    type=FiniteRange(min=0, max=36_500),
+    default=90.0,
+    show_default=True,
+    help="0: keep everything.",
 )
 @click.option(
     "--verify-interval",

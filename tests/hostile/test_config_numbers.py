@@ -7,28 +7,41 @@ the option; the command-line options refuse them as usage errors."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 import pytest
 
+from agent_os.amb import AMB, ConfigError
 from agent_os.cli import main as cli_main
+from agent_os.cmvk import CMVK, ModelSpec
+from agent_os.cmvk._errors import CMVKConfigError
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
+from agent_os.control_plane.actions.code.job import CodeLimits
 from agent_os.control_plane.actions.code.monty import MontyBackend
+from agent_os.control_plane.actions.fs import FileSystem
+from agent_os.control_plane.actions.http import Http
 from agent_os.control_plane.actions.llm import LLM
 from agent_os.control_plane.actions.mcp import McpTools
+from agent_os.control_plane.actions.proc import Process
 from agent_os.control_plane.actions.snapshots import SnapshotStore
+from agent_os.control_plane.actions.sql import Sql
 from agent_os.control_plane.errors import (
     KernelError,
     PolicyError,
     RecorderConfigError,
+    RecorderError,
+    SandboxError,
     SignalError,
     TaskError,
 )
 from agent_os.control_plane.kernel.signals import SignalDispatcher
 from agent_os.control_plane.mediation.replies import PendingRequests
 from agent_os.control_plane.policy.ratelimit import RateLimit, RateLimiter, parse_window
+from agent_os.control_plane.sandbox.bwrap import SandboxConfigError, SandboxLimits
 from agent_os.control_plane.tasks.ledger import TaskLedger
 from agent_os.iatp import IATP
 from agent_os.iatp.errors import IATPConfigError
@@ -37,6 +50,9 @@ from agent_os.iatp.replay import NonceCache
 from agent_os.services._process import FiniteRange
 from agent_os.services.control_plane_service._rate_limits import RedisRateLimits
 
+_ROOT: str = tempfile.mkdtemp(prefix="agentos-numbers-")
+_DB: str = os.path.join(_ROOT, "empty.db")
+open(_DB, "wb").close()
 HUGE = 10**5000
 BAD_TIMES: dict[str, object] = {
     "NaN": math.nan,
@@ -91,6 +107,15 @@ TIMES: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
         ValueError,
         "timeout",
     ),
+    ("kernel timeout", lambda v: KernelSpace(timeout=v), KernelError, "timeout"),
+    ("kernel signal_timeout", lambda v: KernelSpace(signal_timeout=v), KernelError, "signal_timeout"),
+    ("SQL timeout", lambda v: Sql({"db": _DB}, timeout=v), KernelError, "timeout"),
+    ("HTTP timeout", lambda v: Http(["example.com"], timeout=v), KernelError, "timeout"),
+    ("process timeout", lambda v: Process(["/bin/true"], timeout=v), KernelError, "timeout"),
+    ("CMVK timeout", lambda v: CMVK(["a"], timeout=v), CMVKConfigError, "timeout"),
+    ("CMVK backoff", lambda v: CMVK(["a"], backoff=v), CMVKConfigError, "backoff"),
+    ("model weight", lambda v: ModelSpec("a", weight=v), CMVKConfigError, "weight"),
+    ("code timeout", lambda v: CodeLimits(timeout=v), KernelError, "timeout"),
 ]
 COUNTS: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
     (
@@ -107,6 +132,43 @@ COUNTS: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
     ("mediated replies max_pending", lambda v: PendingRequests(max_pending=v), ValueError, "max_pending"),
     ("LLM retries", lambda v: LLM("m", retries=v), KernelError, "retries"),
     ("monty pool", lambda v: MontyBackend(pool_size=v), KernelError, "pool_size"),
+    (
+        "kernel max_concurrent_agents",
+        lambda v: KernelSpace(max_concurrent_agents=v),
+        KernelError,
+        "concurrent",
+    ),
+    ("file max_write", lambda v: FileSystem(_ROOT, max_write=v), KernelError, "max_write"),
+    ("file max_read", lambda v: FileSystem(_ROOT, max_read=v), KernelError, "max_read"),
+    (
+        "bus max_message_bytes",
+        lambda v: AMB("memory", "memory://n", max_message_bytes=v),
+        ConfigError,
+        "max_message",
+    ),
+    ("CMVK retries", lambda v: CMVK(["a"], retries=v), CMVKConfigError, "retries"),
+    ("CMVK quorum", lambda v: CMVK(["a", "b"], quorum=v), CMVKConfigError, "quorum"),
+    ("IATP lookahead", lambda v: IATP().middleware(lookahead=v), IATPConfigError, "lookahead"),
+]
+
+
+async def _agent() -> None:
+    return None
+
+
+# Past what the machinery under them takes (a float's range, prlimit's and Monty's 64 bits).
+TOO_LARGE: list[tuple[str, Callable[[], object], type[Exception]]] = [
+    ("rate limit", lambda: RateLimit(10**400, 60.0), PolicyError),
+    ("rate-limit spec", lambda: RateLimit.parse("9" * 400 + "/1m"), PolicyError),
+    ("rate-limit spec, a superscript digit", lambda: RateLimit.parse("\u00b2/1m"), PolicyError),
+    ("rate limit of a huge int", lambda: Policy.rate_limit(10**5000), PolicyError),
+    ("code memory", lambda: CodeLimits(memory=2**70), KernelError),
+    ("code timeout", lambda: CodeLimits(timeout=1e300), KernelError),
+    ("sandbox memory", lambda: SandboxLimits(memory=2**64), SandboxConfigError),
+    ("sandbox huge", lambda: SandboxLimits(memory=10**5000), SandboxConfigError),
+    ("agent priority", lambda: KernelSpace().register(_agent, priority=10**5000), KernelError),
+    ("agent priority text", lambda: KernelSpace().register(_agent, priority="high"), KernelError),  # type: ignore[call-overload]
+    ("IATP session lifetime", lambda: IATP(session_lifetime=1e300), IATPConfigError),
 ]
 
 
@@ -169,3 +231,46 @@ def test_every_float_option_of_the_command_line_refuses_nan() -> None:
     with pytest.raises(click.BadParameter, match="finite"):
         FiniteRange(0.05, 60).convert("nan", None, None)  # the bounds let NaN through
     assert FiniteRange(0.05, 60).convert("1.5", None, None) == 1.5
+
+
+@pytest.mark.parametrize(("what", "call", "error"), TOO_LARGE, ids=[t[0] for t in TOO_LARGE])
+def test_a_value_past_what_the_machinery_takes_is_refused(
+    what: str, call: Callable[[], object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        call()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, True, "5", 1e300], ids=repr)
+async def test_times_given_per_call_are_checked(value: object) -> None:
+    iatp = IATP()
+    await iatp.register_agent("a")
+    await iatp.register_agent("b")
+    with pytest.raises(IATPConfigError, match="ttl"):
+        await iatp.sign("a", "m", "b", ttl=value)  # type: ignore[arg-type]
+    with pytest.raises(IATPConfigError, match="expires_in"):
+        await iatp.establish_trust("a", "b", 0.5, expires_in=value)  # type: ignore[arg-type]
+    with pytest.raises(IATPConfigError, match="grace"):
+        await iatp.rotate_key("a", grace=value)  # type: ignore[arg-type]
+    kernel = KernelSpace()
+    try:
+
+        @kernel.register
+        async def agent() -> int:
+            return 1
+
+        with pytest.raises(KernelError, match="timeout"):
+            await kernel.execute(agent, timeout=value)  # type: ignore[arg-type]
+        with pytest.raises(RecorderError, match="limit"):
+            await kernel.recorder.query(limit=-1 if value is True else value)  # type: ignore[arg-type]
+    finally:
+        await kernel.close()
+
+
+def test_environment_numbers_are_checked() -> None:
+    from agent_os.control_plane.sandbox.bwrap import _uid_base
+
+    for text in ("0", "1000", "-5", "abc", "\u00b2", "9" * 30):
+        with pytest.raises(SandboxError, match="UID_BASE"):
+            _uid_base(text)
+    assert _uid_base("1500000000") == 1_500_000_000

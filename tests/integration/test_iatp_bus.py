@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ import pytest
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
+from agent_os.iatp.errors import IATPConfigError
 from tests.support import Collector, wait_until
 
 BACKENDS = [
@@ -292,6 +294,25 @@ async def test_min_trust_per_subscription(make_client: Factory, iatp: IATP, subj
     await got.wait_for(1)
     await wait_until(lambda: receiver.stats.rejected == 1, what="the untrusted sender's rejection")
     assert got.messages == ["hello"]
+
+
+@pytest.mark.parametrize("minimum", [math.nan, "0.5", [0.5]], ids=repr)
+async def test_a_minimum_trust_that_is_not_a_number_refuses_every_message(
+    make_client: Factory, iatp: IATP, subject: str, minimum: object
+) -> None:
+    # Fail closed: a NaN minimum compared false with every level, and let the untrusted in.
+    await iatp.register_agent("stranger")
+    receiver = await make_client(agent_id="worker", middleware=[iatp.middleware()])
+    sender = await make_client(agent_id="stranger", middleware=[iatp.middleware()])
+    trusted_sender = await make_client(agent_id="coordinator", middleware=[iatp.middleware()])
+    got = Collector()
+    await receiver.subscribe(f"{subject}.odd", got, context={MIN_TRUST: minimum})
+    await sender.publish(f"{subject}.odd", "let me in")
+    await trusted_sender.publish(f"{subject}.odd", "hello")
+    await wait_until(lambda: receiver.stats.rejected == 2, what="both refused")
+    assert got.messages == []
+    with pytest.raises(IATPConfigError, match="min_trust"):
+        iatp.middleware(min_trust=math.nan)
 
 
 async def test_fan_out_to_two_subscriptions_is_not_a_replay(

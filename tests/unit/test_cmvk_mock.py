@@ -186,7 +186,7 @@ def test_configuration_errors_raise() -> None:
         CMVK(["a"], consensus_threshold=1.5)
     with pytest.raises(CMVKConfigError, match="quorum"):
         CMVK(["a", "b"], quorum=3)
-    with pytest.raises(CMVKConfigError, match="timeouts"):
+    with pytest.raises(CMVKConfigError, match="timeout"):
         CMVK(["a"], timeout=0)
     with pytest.raises(CMVKConfigError, match="weights for models not in the panel"):
         CMVK(["a"], weights={"b": 2.0})

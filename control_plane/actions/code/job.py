@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import builtins
 import keyword
-import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final
 
+from agent_os.amb.numbers import seconds, shown, whole
 from agent_os.control_plane.actions.loop import ToolCallRecord
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.request import ActionResult
@@ -40,6 +40,9 @@ class ToolFailed(RuntimeError):
     """A tool call from code was allowed but its action failed (a RuntimeError in the script)."""
 
 
+_MOST_AMOUNT = 2**62  # what pydantic-monty and prlimit take (64-bit), with room
+
+
 @dataclass(frozen=True, slots=True)
 class CodeLimits:
     """Limits of one run, the same on both backends.
@@ -62,12 +65,10 @@ class CodeLimits:
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise KernelError(f"code limit {name} must be a positive number, not {value!r}")
-            if name != "timeout" and not isinstance(value, int):
-                raise KernelError(f"code limit {name} must be an integer, not {value!r}")
-            if name == "timeout" and not math.isfinite(value):
-                raise KernelError("code limit timeout must be finite")
+            if name == "timeout":
+                seconds(value, "code limit timeout", error=KernelError)
+            elif whole(value, f"code limit {name}", error=KernelError) > _MOST_AMOUNT:
+                raise KernelError(f"code limit {name} must be at most 2**62, got {shown(value)}")
 
     def within(self, ceiling: CodeLimits) -> None:
         """Raise ActionRefused when a limit is above ``ceiling``'s (the provider's)."""

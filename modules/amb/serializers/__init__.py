@@ -11,6 +11,7 @@ from typing import Any, Final, Protocol
 
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.errors import ConfigError
+from agent_os.amb.numbers import whole
 from agent_os.amb.serializers import json_format, msgpack_format
 from agent_os.amb.serializers.schema import DEFAULT_MAX_BYTES
 
@@ -61,6 +62,6 @@ def get_serializer(name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Serializer:
     :class:`~agent_os.amb.ConfigError` for another name."""
     try:
         cls = SERIALIZERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown serializer {name!r}; choose one of {sorted(SERIALIZERS)}") from None
-    return cls(max_bytes)
+    except (KeyError, TypeError):  # TypeError: an unhashable name
+        raise ConfigError(f"unknown serializer {name!r:.60}; choose one of {sorted(SERIALIZERS)}") from None
+    return cls(whole(max_bytes, "max_message_bytes"))
