@@ -123,7 +123,7 @@ class McpGateway:
         unknown = set(arguments) - {"event_type", "agent", "limit"}
         limit = arguments.get("limit", 50)
         event_type, agent = arguments.get("event_type"), arguments.get("agent")
-        if unknown or not isinstance(limit, int) or not 1 <= limit <= MAX_RECORDS:
+        if unknown or isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECORDS:
             return _error(f"invalid arguments: event_type, agent (strings), limit (1-{MAX_RECORDS})")
         if not all(v is None or isinstance(v, str) for v in (event_type, agent)):
             return _error("invalid arguments: event_type and agent are strings")

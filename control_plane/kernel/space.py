@@ -134,7 +134,8 @@ class KernelSpace:
     ) -> None:
         whole(keep_finished, "keep_finished", 0, error=KernelError)
         whole(max_concurrent_agents, "max_concurrent_agents", error=KernelError)
-        timeout = seconds(timeout, "timeout", error=KernelError)
+        if timeout is not None:  # None: no time limit
+            timeout = seconds(timeout, "timeout", error=KernelError)
         signal_timeout = seconds(signal_timeout, "signal_timeout", error=KernelError)
         chosen = _policies(policy, policies)
         if permissions is not None:

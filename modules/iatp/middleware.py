@@ -8,6 +8,8 @@ List it first (the wire side). Its per-subscription options (:data:`ACCEPT_UNSIG
 from __future__ import annotations
 
 import asyncio
+import math
+import numbers
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -50,6 +52,18 @@ VERIFY_SPAN: Final = "iatp.verify"
 """The span of one verification while tracing is on (``docs/observability.md``, "Tracing")."""
 
 
+def trust_minimum(value: object) -> float | None:
+    """``value`` as a minimum trust level: a real number (not a bool) from 0 to 1, as a float;
+    None for anything else (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        level = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return level if 0.0 <= level <= 1.0 else None
+
+
 class IATPMiddleware(Middleware):
     """Signs outgoing and verifies incoming envelopes (see ``docs/trust.md``)."""
 
@@ -66,7 +80,8 @@ class IATPMiddleware(Middleware):
         lookahead: int = 64,
     ) -> None:
         whole(lookahead, "lookahead", 0, error=IATPConfigError)
-        if isinstance(min_trust, bool) or not isinstance(min_trust, int | float) or not 0 <= min_trust <= 1:
+        minimum = trust_minimum(min_trust)
+        if minimum is None:
             raise IATPConfigError(f"min_trust must be a number from 0 to 1, got {min_trust!r:.40}")
         self.iatp = iatp
         self.max_ahead = lookahead
@@ -74,7 +89,7 @@ class IATPMiddleware(Middleware):
         self.bind_topic = bind_topic
         self.nonce_store = nonce_store if nonce_store is not None else iatp.nonce_store
         self.accept_unsigned = accept_unsigned
-        self.min_trust = min_trust
+        self.min_trust = minimum
         self.agent_id = agent_id
         self.use_sessions = use_sessions
         self.signed = 0
@@ -254,9 +269,12 @@ class IATPMiddleware(Middleware):
         if not result.valid:
             raise SignatureRejected(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
-        # Fail closed: a minimum that is not a number from 0 to 1 (NaN, text from a
-        # subscription's context) refuses every message rather than none.
-        if minimum and not (type(minimum) in (int, float) and result.trust_level >= minimum):
+        if minimum and (type(minimum) is not float or not 0.0 < minimum <= 1.0):
+            # From a subscription's context: a number's value (NumPy's, a Fraction ...); anything
+            # else (NaN, text, a bool, out of 0..1) refuses every message: fail closed.
+            found = trust_minimum(minimum)
+            minimum = math.inf if found is None else found
+        if minimum and not result.trust_level >= minimum:
             raise SignatureRejected(
                 invalid(
                     Reason.UNTRUSTED,

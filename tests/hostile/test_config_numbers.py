@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
+import numpy as np
 import pytest
 
 from agent_os.amb import AMB, ConfigError
@@ -274,3 +275,14 @@ def test_environment_numbers_are_checked() -> None:
         with pytest.raises(SandboxError, match="UID_BASE"):
             _uid_base(text)
     assert _uid_base("1500000000") == 1_500_000_000
+
+
+def test_other_number_types_are_kept_as_their_values(tmp_path: Any) -> None:
+    # Taken by value and stored plain, so that what is built from them later (a sandbox's
+    # limits, a message) sees an int or a float.
+    limits = CodeLimits(memory=np.int64(2**28), processes=np.int64(8), timeout=np.float32(2.5))  # type: ignore[arg-type]
+    assert (type(limits.memory), type(limits.processes), type(limits.timeout)) == (int, int, float)
+    with pytest.raises(KernelError, match="2\\*\\*61"):
+        CodeLimits(memory=2**62)
+    kernel = KernelSpace(timeout=None)  # type: ignore[arg-type]  # no time limit, as before
+    assert kernel.timeout is None

@@ -14,8 +14,10 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
@@ -296,7 +298,7 @@ async def test_min_trust_per_subscription(make_client: Factory, iatp: IATP, subj
     assert got.messages == ["hello"]
 
 
-@pytest.mark.parametrize("minimum", [math.nan, "0.5", [0.5]], ids=repr)
+@pytest.mark.parametrize("minimum", [math.nan, "0.5", [0.5], -0.5, 1.5, True], ids=repr)
 async def test_a_minimum_trust_that_is_not_a_number_refuses_every_message(
     make_client: Factory, iatp: IATP, subject: str, minimum: object
 ) -> None:
@@ -313,6 +315,26 @@ async def test_a_minimum_trust_that_is_not_a_number_refuses_every_message(
     assert got.messages == []
     with pytest.raises(IATPConfigError, match="min_trust"):
         iatp.middleware(min_trust=math.nan)
+
+
+@pytest.mark.parametrize("minimum", [np.float64(0.5), Fraction(1, 2), np.float32(0.5)], ids=repr)
+async def test_a_minimum_trust_of_another_number_type_counts_by_its_value(
+    make_client: Factory, iatp: IATP, subject: str, minimum: object
+) -> None:
+    await iatp.register_agent("stranger")
+    receiver = await make_client(agent_id="worker", middleware=[iatp.middleware(min_trust=minimum)])
+    sender = await make_client(agent_id="stranger", middleware=[iatp.middleware()])
+    trusted_sender = await make_client(agent_id="coordinator", middleware=[iatp.middleware()])
+    got, also = Collector(), Collector()
+    await receiver.subscribe(f"{subject}.np", got)
+    await receiver.subscribe(f"{subject}.ctx", also, context={MIN_TRUST: minimum})
+    for topic in (f"{subject}.np", f"{subject}.ctx"):
+        await sender.publish(topic, "let me in")
+        await trusted_sender.publish(topic, "hello")
+    await got.wait_for(1)
+    await also.wait_for(1)
+    await wait_until(lambda: receiver.stats.rejected == 2, what="the stranger refused twice")
+    assert got.messages == also.messages == ["hello"]
 
 
 async def test_fan_out_to_two_subscriptions_is_not_a_replay(

@@ -145,6 +145,9 @@ async def test_serve_mcp_hostile_calls(tmp_path: Path) -> None:
         bad_limit = await client.call_tool("query_records", {"limit": 10_000})
         assert bad_limit.is_error
         assert "invalid arguments" in _text(bad_limit)
+        bool_limit = await client.call_tool("query_records", {"limit": True})  # JSON true: not a count
+        assert bool_limit.is_error
+        assert "invalid arguments" in _text(bool_limit)
         escape = await client.call_tool("read_file", {"path": "../../etc/passwd"})
         assert escape.is_error
         assert "denied" in _text(escape)

@@ -40,7 +40,7 @@ class ToolFailed(RuntimeError):
     """A tool call from code was allowed but its action failed (a RuntimeError in the script)."""
 
 
-_MOST_AMOUNT = 2**62  # what pydantic-monty and prlimit take (64-bit), with room
+_MOST_AMOUNT = 2**61  # within pydantic-monty's and prlimit's 64 bits, with room for the interpreter's share
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +66,12 @@ class CodeLimits:
         for name in self.__slots__:
             value = getattr(self, name)
             if name == "timeout":
-                seconds(value, "code limit timeout", error=KernelError)
-            elif whole(value, f"code limit {name}", error=KernelError) > _MOST_AMOUNT:
-                raise KernelError(f"code limit {name} must be at most 2**62, got {shown(value)}")
+                plain: float = seconds(value, "code limit timeout", error=KernelError)
+            else:
+                plain = whole(value, f"code limit {name}", error=KernelError)
+                if plain > _MOST_AMOUNT:
+                    raise KernelError(f"code limit {name} must be at most 2**61, got {shown(value)}")
+            object.__setattr__(self, name, plain)  # a plain int or float (NumPy's are taken by value)
 
     def within(self, ceiling: CodeLimits) -> None:
         """Raise ActionRefused when a limit is above ``ceiling``'s (the provider's)."""
