@@ -291,9 +291,9 @@ def keys(directory: Path) -> None:
 
 @main.command()
 @bus_options("The auditor's")
-@click.option("--timeout", type=FiniteRange(0, min_open=True), default=60.0, show_default=True)
+@click.option("--timeout", type=FiniteRange(0, 1e9, min_open=True), default=60.0, show_default=True)
 @keep_running_option("the claims audited again every --interval s")
-@click.option("--interval", type=FiniteRange(0, min_open=True), default=5.0, show_default=True)
+@click.option("--interval", type=FiniteRange(0, 1e9, min_open=True), default=5.0, show_default=True)
 def run(broker: str, identities: Path, timeout: float, keep_running: bool, interval: float) -> None:
     """Audit the claims; print what happened; exit 0 at the end (1 when it went otherwise)."""
     from agent_os.amb import BusError

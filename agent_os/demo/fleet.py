@@ -348,9 +348,9 @@ def keys(directory: Path, agents: int) -> None:
 @admin_options
 @click.option("--agents", type=click.IntRange(min=3), default=AGENTS, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--timeout", type=FiniteRange(0, min_open=True), default=30.0, show_default=True)
+@click.option("--timeout", type=FiniteRange(0, 1e9, min_open=True), default=30.0, show_default=True)
 @keep_running_option("a round every --interval s")
-@click.option("--interval", type=FiniteRange(0, min_open=True), default=2.0, show_default=True)
+@click.option("--interval", type=FiniteRange(0, 1e9, min_open=True), default=2.0, show_default=True)
 def run(
     broker: str,
     identities: Path,

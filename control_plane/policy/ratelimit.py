@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 import threading
 import time
@@ -52,6 +53,7 @@ class RateLimit:
 
     def __post_init__(self) -> None:
         limit = whole(self.limit, "a rate limit", error=PolicyError)
+        object.__setattr__(self, "limit", limit)  # a plain int (NumPy's are taken by value)
         if limit > MOST_ACTIONS:
             raise PolicyError(f"a rate limit must be at most {MOST_ACTIONS:,} actions, got {shown(limit)}")
         checked_seconds(self.per, "a rate-limit window", most=MOST_WINDOW, error=PolicyError)
@@ -61,8 +63,8 @@ class RateLimit:
         """``100`` (per minute, as in ``docs/api-reference.md``), ``"100/1m"``, ``"5/s"`` or a RateLimit."""
         if isinstance(spec, RateLimit):
             return spec
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            return cls(spec, 60.0)
+        if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+            return cls(int(spec), 60.0)
         if isinstance(spec, str) and "/" in spec:
             count, _, window = spec.partition("/")
             count = count.strip()

@@ -62,6 +62,19 @@ def whole(value: object, name: str, minimum: int = 1, *, error: type[Exception] 
     return number
 
 
+def fraction(value: object) -> float | None:
+    """``value`` as a float from 0 to 1 (a trust level, a threshold): any real number but a
+    bool; None for anything else, NaN included. The caller decides what None means (an error,
+    or failing closed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if 0.0 <= number <= 1.0 else None
+
+
 def shown(value: object) -> str:
     """``value`` for an error message: an integer of more than 64 bits by its size (Python
     refuses to print one of thousands of digits, and nobody reads it)."""

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, get_args
 
 from agent_os.amb import tracing as _tracing
-from agent_os.amb.numbers import seconds, whole
+from agent_os.amb.numbers import fraction, seconds, whole
 from agent_os.cmvk._agreement import Agreement, AgreementMeasure, Embedder, cosine, embed
 from agent_os.cmvk._calls import CallOutcome, CallPolicy, ModelSpec, call_model, check_params
 from agent_os.cmvk._client import ensure_client
@@ -123,7 +123,8 @@ class CMVK:
             raise CMVKConfigError(
                 f"voting_strategy must be one of {', '.join(STRATEGIES)}, got {voting_strategy!r}"
             )
-        if isinstance(consensus_threshold, bool) or not 0.0 < consensus_threshold <= 1.0:
+        threshold = fraction(consensus_threshold)  # a real number from 0 to 1, or None
+        if threshold is None or threshold == 0.0:
             raise CMVKConfigError(f"consensus_threshold must be in (0, 1], got {consensus_threshold!r:.40}")
         timeout = seconds(timeout, "timeout", error=CMVKConfigError)
         if model_timeout is not None:
@@ -136,7 +137,7 @@ class CMVK:
         if not 1 <= self.quorum <= len(specs):
             raise CMVKConfigError(f"quorum must be between 1 and {len(specs)}, got {self.quorum}")
         self.models: tuple[ModelSpec, ...] = tuple(specs)
-        self.consensus_threshold = consensus_threshold
+        self.consensus_threshold = threshold
         self.voting_strategy: Strategy = voting_strategy
         self.timeout = timeout
         self.policy = CallPolicy(model_timeout or timeout, retries, backoff)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import numbers
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -18,7 +17,7 @@ from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
-from agent_os.amb.numbers import whole
+from agent_os.amb.numbers import fraction, whole
 from agent_os.iatp.errors import IATPConfigError, IATPError, SignatureRejected, SigningRejected, UnknownAgent
 from agent_os.iatp.result import Reason, VerificationResult, invalid
 
@@ -52,18 +51,6 @@ VERIFY_SPAN: Final = "iatp.verify"
 """The span of one verification while tracing is on (``docs/observability.md``, "Tracing")."""
 
 
-def trust_minimum(value: object) -> float | None:
-    """``value`` as a minimum trust level: a real number (not a bool) from 0 to 1, as a float;
-    None for anything else (NaN included)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        level = float(value)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    return level if 0.0 <= level <= 1.0 else None
-
-
 class IATPMiddleware(Middleware):
     """Signs outgoing and verifies incoming envelopes (see ``docs/trust.md``)."""
 
@@ -80,7 +67,7 @@ class IATPMiddleware(Middleware):
         lookahead: int = 64,
     ) -> None:
         whole(lookahead, "lookahead", 0, error=IATPConfigError)
-        minimum = trust_minimum(min_trust)
+        minimum = fraction(min_trust)
         if minimum is None:
             raise IATPConfigError(f"min_trust must be a number from 0 to 1, got {min_trust!r:.40}")
         self.iatp = iatp
@@ -272,7 +259,7 @@ class IATPMiddleware(Middleware):
         if minimum and (type(minimum) is not float or not 0.0 < minimum <= 1.0):
             # From a subscription's context: a number's value (NumPy's, a Fraction ...); anything
             # else (NaN, text, a bool, out of 0..1) refuses every message: fail closed.
-            found = trust_minimum(minimum)
+            found = fraction(minimum)
             minimum = math.inf if found is None else found
         if minimum and not result.trust_level >= minimum:
             raise SignatureRejected(

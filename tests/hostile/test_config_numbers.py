@@ -286,3 +286,12 @@ def test_other_number_types_are_kept_as_their_values(tmp_path: Any) -> None:
         CodeLimits(memory=2**62)
     kernel = KernelSpace(timeout=None)  # type: ignore[arg-type]  # no time limit, as before
     assert kernel.timeout is None
+
+
+def test_thresholds_and_limits_of_other_types() -> None:
+    for bad in ("0.8", None, math.nan, True, 0, 1.5, -0.1):
+        with pytest.raises(CMVKConfigError, match="consensus_threshold"):
+            CMVK(["a"], consensus_threshold=bad)  # type: ignore[arg-type]
+    assert CMVK(["a"], consensus_threshold=np.float64(0.8)).consensus_threshold == 0.8
+    assert type(RateLimit(np.int64(5)).limit) is int  # type: ignore[arg-type]
+    assert RateLimit.parse(np.int64(100)) == RateLimit(100, 60.0)  # type: ignore[arg-type]
