@@ -456,7 +456,7 @@ async def serve(
 @click.option("--strategy", type=click.Choice(get_args(Strategy)), default="majority", show_default=True)
 @click.option(
     "--timeout",
-    type=FiniteRange(0, min_open=True),
+    type=FiniteRange(0, 1e9, min_open=True),
     default=30.0,
     show_default=True,
     help="Deadline of one verification, seconds.",

@@ -68,7 +68,7 @@ def _print_line(agent_id: str, line: str) -> None:
 @click.option("--processes", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--open-files", type=click.IntRange(8), default=256, show_default=True)
 @click.option(
-    "--timeout", type=FiniteRange(0, min_open=True), default=300.0, show_default=True, help="Seconds."
+    "--timeout", type=FiniteRange(0, 1e9, min_open=True), default=300.0, show_default=True, help="Seconds."
 )
 def main(
     script: str,

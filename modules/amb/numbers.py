@@ -4,7 +4,8 @@ A comparison such as ``ttl <= 0`` lets NaN through (every comparison with NaN is
 infinity or a bool passes it too. These checks refuse each of them, naming the argument, before
 anything is sent, started or stored. The bus raises ConfigError; the other parts pass their own
 error class (``error=``), so a caller sees the exception that part documents. Numbers of other
-types are taken as they are elsewhere: any real number for a time (NumPy's, a Fraction), any
+types are taken as they are elsewhere: any real number for a time (NumPy's, a Fraction, a
+Decimal), any
 integer for a count (``operator.index``: NumPy's, an IntEnum), never a bool.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from decimal import Decimal
 from typing import Final
 
 from agent_os.amb.errors import ConfigError
@@ -34,11 +36,11 @@ def seconds(
     """``value`` as a float number of seconds (or another ``unit``): a real number (not a
     bool), finite, above 0 (``zero``: 0 allowed too), at most ``most``. Raises ``error``
     (ConfigError by default) otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
         raise error(f"{name} must be a number of {unit}, got {type(value).__name__}")
     try:
         number = float(value)
-    except (OverflowError, ValueError, TypeError):  # an int beyond a float's range, or worse
+    except Exception:  # an int beyond a float's range, or a __float__ that fails
         number = math.inf
     if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
         what = f"a finite number of {unit}, 0 or more" if zero else f"a positive, finite number of {unit}"
@@ -66,13 +68,13 @@ def fraction(value: object) -> float | None:
     """``value`` as a float from 0 to 1 (a trust level, a threshold): any real number but a
     bool; None for anything else, NaN included. The caller decides what None means (an error,
     or failing closed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
         return None
     try:
         number = float(value)
-    except (OverflowError, ValueError, TypeError):
+    except Exception:  # a __float__ that fails
         return None
-    return number if 0.0 <= number <= 1.0 else None
+    return number if type(number) is float and 0.0 <= number <= 1.0 else None
 
 
 def shown(value: object) -> str:

@@ -256,10 +256,11 @@ class IATPMiddleware(Middleware):
         if not result.valid:
             raise SignatureRejected(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
-        if minimum and (type(minimum) is not float or not 0.0 < minimum <= 1.0):
-            # From a subscription's context: a number's value (NumPy's, a Fraction ...); anything
-            # else (NaN, text, a bool, out of 0..1) refuses every message: fail closed.
-            found = fraction(minimum)
+        if type(minimum) is not float or not 0.0 <= minimum <= 1.0:
+            # From a subscription's context: a number's value (NumPy's, a Fraction ...), None for
+            # no minimum; anything else (NaN, text, a bool, out of 0..1) refuses every signed
+            # message: fail closed.
+            found = 0.0 if minimum is None else fraction(minimum)
             minimum = math.inf if found is None else found
         if minimum and not result.trust_level >= minimum:
             raise SignatureRejected(

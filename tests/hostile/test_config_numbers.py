@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -293,5 +294,6 @@ def test_thresholds_and_limits_of_other_types() -> None:
         with pytest.raises(CMVKConfigError, match="consensus_threshold"):
             CMVK(["a"], consensus_threshold=bad)  # type: ignore[arg-type]
     assert CMVK(["a"], consensus_threshold=np.float64(0.8)).consensus_threshold == 0.8
+    assert CMVK(["a"], consensus_threshold=Decimal("0.8")).consensus_threshold == 0.8  # type: ignore[arg-type]
     assert type(RateLimit(np.int64(5)).limit) is int  # type: ignore[arg-type]
     assert RateLimit.parse(np.int64(100)) == RateLimit(100, 60.0)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -298,7 +299,14 @@ async def test_min_trust_per_subscription(make_client: Factory, iatp: IATP, subj
     assert got.messages == ["hello"]
 
 
-@pytest.mark.parametrize("minimum", [math.nan, "0.5", [0.5], -0.5, 1.5, True], ids=repr)
+class _Unreadable(float):
+    def __float__(self) -> float:
+        raise ZeroDivisionError
+
+
+@pytest.mark.parametrize(
+    "minimum", [math.nan, "0.5", [0.5], -0.5, 1.5, True, False, "", _Unreadable(0.5)], ids=repr
+)
 async def test_a_minimum_trust_that_is_not_a_number_refuses_every_message(
     make_client: Factory, iatp: IATP, subject: str, minimum: object
 ) -> None:
@@ -317,7 +325,9 @@ async def test_a_minimum_trust_that_is_not_a_number_refuses_every_message(
         iatp.middleware(min_trust=math.nan)
 
 
-@pytest.mark.parametrize("minimum", [np.float64(0.5), Fraction(1, 2), np.float32(0.5)], ids=repr)
+@pytest.mark.parametrize(
+    "minimum", [np.float64(0.5), Fraction(1, 2), np.float32(0.5), Decimal("0.5")], ids=repr
+)
 async def test_a_minimum_trust_of_another_number_type_counts_by_its_value(
     make_client: Factory, iatp: IATP, subject: str, minimum: object
 ) -> None:
@@ -335,6 +345,20 @@ async def test_a_minimum_trust_of_another_number_type_counts_by_its_value(
     await also.wait_for(1)
     await wait_until(lambda: receiver.stats.rejected == 2, what="the stranger refused twice")
     assert got.messages == also.messages == ["hello"]
+
+
+@pytest.mark.parametrize("minimum", [None, 0, 0.0, np.float64(0), Fraction(0)], ids=repr)
+async def test_a_minimum_trust_of_none_or_zero_is_no_minimum(
+    make_client: Factory, iatp: IATP, subject: str, minimum: object
+) -> None:
+    await iatp.register_agent("stranger")
+    receiver = await make_client(agent_id="worker", middleware=[iatp.middleware()])
+    sender = await make_client(agent_id="stranger", middleware=[iatp.middleware()])
+    got = Collector()
+    await receiver.subscribe(f"{subject}.zero", got, context={MIN_TRUST: minimum})
+    await sender.publish(f"{subject}.zero", "in")
+    await got.wait_for(1)
+    assert receiver.stats.rejected == 0
 
 
 async def test_fan_out_to_two_subscriptions_is_not_a_replay(
