@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urljoin, urlsplit
 
-from agent_os.amb.numbers import seconds
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.errors import KernelError
 
@@ -105,11 +105,9 @@ class Http:
             if host is None:
                 raise KernelError(f"allow: {entry!r} is not a host name or '*.' and a host name")
             (suffixes if wild else exact).add("." + host if wild else host)
-        for name, value in (("max_response", max_response), ("max_body", max_body)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise KernelError(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(max_redirects, bool) or not isinstance(max_redirects, int) or max_redirects < 0:
-            raise KernelError(f"max_redirects must be an integer >= 0, got {max_redirects!r}")
+        whole(max_response, "max_response", 0, error=KernelError)
+        whole(max_body, "max_body", 0, error=KernelError)
+        whole(max_redirects, "max_redirects", 0, error=KernelError)
         seconds(timeout, "timeout", error=KernelError)
         if ports is not None and any(isinstance(p, bool) or not isinstance(p, int) for p in ports):
             raise KernelError(f"ports must be integers, got {ports!r}")

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from agent_os.amb.numbers import seconds
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.actions.workspace import Workspace, describe
 from agent_os.control_plane.errors import KernelError
@@ -75,9 +75,8 @@ class Process:
             self.programs[entry] = path
             self.programs[path] = path
         seconds(timeout, "timeout", error=KernelError)
-        for name, value in (("max_output", max_output), ("max_stdin", max_stdin)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise KernelError(f"{name} must be an integer >= 0, got {value!r}")
+        whole(max_output, "max_output", 0, error=KernelError)
+        whole(max_stdin, "max_stdin", 0, error=KernelError)
         if workspace is None or isinstance(workspace, Workspace):
             self.workspace = workspace
         else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import quote
 
-from agent_os.amb.numbers import seconds
+from agent_os.amb.numbers import seconds, whole
 from agent_os.control_plane.actions.provider import ActionRefused
 from agent_os.control_plane.errors import KernelError
 from agent_os.control_plane.policy.sql_guard import MAX_SQL_LENGTH, statements_reading
@@ -96,8 +96,7 @@ class Sql:
             else:
                 raise KernelError(f"database {name!r}: not a postgresql:// DSN or an existing SQLite file")
         seconds(timeout, "timeout", error=KernelError)
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
-            raise KernelError(f"max_rows must be an integer >= 0, got {max_rows!r}")
+        whole(max_rows, "max_rows", 0, error=KernelError)
         self.timeout = float(timeout)
         self.max_rows = max_rows
 

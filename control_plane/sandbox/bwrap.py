@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from agent_os.amb.numbers import shown
+from agent_os.amb.numbers import shown, whole
 from agent_os.control_plane.errors import SandboxError, SandboxUnavailable
 
 WORKSPACE: Final = "/workspace"
@@ -83,12 +83,10 @@ class SandboxLimits:
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**62:
-                raise SandboxConfigError(
-                    f"sandbox limit {name} must be an integer from 1 to 2**62 (prlimit's range), "
-                    f"got {shown(value)}"
-                )
+            value = whole(getattr(self, name), f"sandbox limit {name}", error=SandboxConfigError)
+            if value > 2**62:  # prlimit's range
+                raise SandboxConfigError(f"sandbox limit {name} must be at most 2**62, got {shown(value)}")
+            object.__setattr__(self, name, value)  # a plain int (NumPy's are taken by value)
 
 
 class SandboxConfigError(SandboxError, ValueError):
