@@ -28,7 +28,7 @@ from agent_os.amb.broker import (
     load_broker,
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
-from agent_os.amb.dispatch import Dispatcher, LocalDelivery, stop_together
+from agent_os.amb.dispatch import Dispatcher, InstantHandler, LocalDelivery, stop_together
 from agent_os.amb.durations import LATENCY_BUCKETS, Durations
 from agent_os.amb.envelope import Envelope, new_envelope, new_id_at
 from agent_os.amb.errors import (
@@ -755,9 +755,13 @@ class AMB(Lifecycle):
                 name=f"look-ahead {sub.pattern!r}",
             )
 
+        handler: Callable[[Delivery], Awaitable[None]] = functools.partial(self._on_delivery, sub)
+        if sub.handler == self._requests.on_reply and sub._chain is None and sub._ahead is None:
+            # The reply inbox without middleware: a reply resolves its request at once.
+            handler = InstantHandler(handler, functools.partial(self._reply_now, sub))
         sub._broker_sub = await self.broker.subscribe(
             sub.pattern,
-            functools.partial(self._on_delivery, sub),
+            handler,
             queue=sub.options.queue,
             durable=sub.options.durable,
         )
@@ -874,6 +878,30 @@ class AMB(Lifecycle):
         stats.handled += 1
         if type(delivery) is not LocalDelivery:  # a LocalDelivery's ack does nothing
             await delivery.ack()
+
+    def _reply_now(self, sub: Subscription, delivery: Delivery) -> bool:
+        """The reply inbox's synchronous path (see :class:`InstantHandler`): a well-formed,
+        unexpired reply is given to its request here; anything else (False) goes the queued
+        way, :meth:`_on_delivery`, which dead-letters or counts it."""
+        if type(delivery) is not LocalDelivery or sub._chain is not None:
+            return False  # a broker's delivery may want an ack, which awaits
+        try:
+            fields = self._decoder.decode_fields(delivery.data)
+        except EnvelopeError:
+            return False
+        expires_at = fields[8]
+        if expires_at is not None and _time_ns() >= expires_at:
+            return False
+        stats = self.stats
+        stats.delivered += 1
+        meta = metadata_from_wire(fields, delivery.subject, delivery.attempt, delivery.extra, sub.context)
+        started = self._start_timing()
+        self._requests.take(fields[11], meta)
+        if started:
+            self._time_handler(started)
+        sub.handled += 1
+        stats.handled += 1
+        return True
 
     async def _take_turn(self, sub: Subscription, item: tuple[Delivery, Any, Metadata, int | None]) -> None:
         """The look-ahead queue's handler: a prepared delivery's turn. With ``concurrency=1`` it

@@ -79,12 +79,32 @@ class SourceMessage(Protocol):
 T = TypeVar("T")
 
 
+class InstantHandler(Generic[T]):
+    """A delivery handler with a synchronous first try: ``now(item)`` handles a delivery at
+    once, in the task that offers it, and returns True, or returns False to have it queued for
+    ``call`` as usual. A :class:`Dispatcher` tries ``now`` only when nothing is queued or being
+    handled (the order holds). ``now`` never awaits, so it cannot wait on the task that offers
+    the delivery; it saves that delivery a hop through the event loop (the bus's reply inbox:
+    a reply resolves its request in the replier's task, see ``docs/bus.md``).
+    """
+
+    __slots__ = ("call", "now")
+
+    def __init__(self, call: Callable[[T], Awaitable[None]], now: Callable[[T], bool]) -> None:
+        self.call = call
+        self.now = now
+
+    def __call__(self, item: T) -> Awaitable[None]:
+        return self.call(item)
+
+
 class Dispatcher(Generic[T]):
     """Feeds ``handler`` one delivery at a time from a bounded queue or inline (see the module).
 
     ``max_pending`` bounds the queue (``put`` waits for room; ``requeue`` may exceed it: those
     messages were counted once already). ``on_handled`` is called after each handler call (a
-    source uses it to ask for more). ``handler_errors`` counts handler exceptions.
+    source uses it to ask for more). ``handler_errors`` counts handler exceptions. An
+    :class:`InstantHandler` gets its synchronous try from :meth:`offer` (and so :meth:`put`).
     """
 
     __slots__ = (
@@ -94,6 +114,7 @@ class Dispatcher(Generic[T]):
         "_idle",
         "_items",
         "_loop",
+        "_now",
         "_putters",
         "_runner",
         "_source_task",
@@ -120,6 +141,7 @@ class Dispatcher(Generic[T]):
         self.name = name
         self.on_handled = on_handled
         self.handler_errors = 0
+        self._now = handler.now if isinstance(handler, InstantHandler) else None
         self._items: deque[T] = deque()
         self._busy = False  # a handler call is in progress (in the runner or inline)
         self._current: asyncio.Task[Any] | None = None  # the task inside the handler
@@ -167,6 +189,8 @@ class Dispatcher(Generic[T]):
         items = self._items
         if len(items) >= self.max_pending or self._stopping:
             return False
+        if self._now is not None and not items and not self._busy and self._instant(item):
+            return True
         items.append(item)
         if self._getter is not None or self._runner is None:  # else the runner is busy: it will see it
             self._wake_runner()
@@ -290,6 +314,17 @@ class Dispatcher(Generic[T]):
         """The source now calls :meth:`deliver_message` from another task (a subscription made
         again on a new connection): forget the task looked up once."""
         self._source_task = None
+
+    def _instant(self, item: T) -> bool:
+        """The handler's synchronous try (see :class:`InstantHandler`); an error in it counts
+        as a handler error and the delivery as handled, as in the queued path."""
+        assert self._now is not None  # checked by the caller
+        try:
+            return self._now(item)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s: handler raised", self.name)
+            return True
 
     # -- the handler call -------------------------------------------------------------------
     # deliver(), deliver_message() and _run() each carry the handler call inline (a coroutine

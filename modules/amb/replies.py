@@ -126,6 +126,11 @@ class PendingRequests:
 
     async def on_reply(self, message: Any, metadata: Metadata) -> None:
         """The handler of the client's reply inbox."""
+        self.take(message, metadata)
+
+    def take(self, message: Any, metadata: Metadata) -> None:
+        """Give a reply to the request waiting on its subject (:meth:`on_reply`, without a
+        coroutine: the inbox's synchronous path)."""
         pending = self._requests.get(metadata.subject)
         if pending is None:
             self._stats.late_replies += 1

@@ -396,6 +396,66 @@ async def test_request_with_metadata_returns_the_replys_delivery_metadata(closin
     await responder.close()
 
 
+async def test_a_reply_on_the_memory_bus_resolves_its_request_in_the_repliers_task(closing: Closing) -> None:
+    # The reply inbox is an InstantHandler: reply() returns with the request answered, no hop
+    # through the event loop. What it cannot take at once goes the queued way: a malformed or
+    # expired reply is still dead-lettered or counted, and the request still gets its reply.
+    url = memory_url()
+    requester = closing(AMB(connection_string=url, agent_id="asker"))
+    responder = closing(AMB(connection_string=url, agent_id="answerer"))
+    handled_during_reply: list[int] = []
+    dead = Collector()
+    await requester.subscribe("_DLQ.>", dead)
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to
+        if message == "junk first":
+            await responder.broker.publish(metadata.reply_to, b"\x93not an envelope")
+        if message == "expired first":
+            await responder.publish(metadata.reply_to, "too late", ttl=1e-9, correlation_id=metadata.id)
+        before = requester.stats.handled
+        await responder.reply(metadata, f"re: {message}")
+        handled_during_reply.append(requester.stats.handled - before)
+
+    await responder.subscribe("instant.x", answer)
+    assert await requester.request("instant.x", "plain", timeout=5) == "re: plain"
+    assert handled_during_reply == [1], "the reply was handled inside reply()"
+    assert await requester.request("instant.x", "junk first", timeout=5) == "re: junk first"
+    await dead.wait_for(1)
+    assert requester.stats.malformed == 1
+    assert await requester.request("instant.x", "expired first", timeout=5) == "re: expired first"
+    assert requester.stats.expired == 1
+    # Behind a queued delivery the reply waits its turn (the order holds): not handled at once.
+    assert handled_during_reply[1:] == [0, 0]
+    assert requester.stats.late_replies == 0
+    assert requester.stats.mismatched_replies == 0
+
+
+async def test_a_reply_inbox_behind_middleware_is_not_instant(closing: Closing) -> None:
+    url = memory_url()
+    seen: list[str] = []
+
+    class Watch(Middleware):
+        async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
+            seen.append(envelope.topic)
+            await call_next(envelope, metadata)
+
+    requester = closing(AMB(connection_string=url, middleware=[Watch()]))
+    responder = closing(AMB(connection_string=url))
+    handled_during_reply: list[int] = []
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        before = requester.stats.handled
+        await responder.reply(metadata, message)
+        handled_during_reply.append(requester.stats.handled - before)
+
+    await responder.subscribe("watched.x", answer)
+    assert await requester.request("watched.x", 7, timeout=5) == 7
+    assert handled_during_reply == [0]
+    assert len(seen) == 1
+    assert seen[0].startswith(requester.broker.inbox_prefix())
+
+
 async def test_requests_time_out_each_at_its_own_deadline(closing: Closing) -> None:
     # One timer serves every pending request (PendingRequests.expire_at): a short request made
     # after a long one still times out first, and an answered request never times out.

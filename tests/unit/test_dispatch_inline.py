@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from agent_os.amb.dispatch import Dispatcher, LocalDelivery, local_delivery
+from agent_os.amb.dispatch import Dispatcher, InstantHandler, LocalDelivery, local_delivery
 from tests.support import wait_until
 
 
@@ -85,3 +85,49 @@ def test_local_delivery_builds_what_the_constructor_builds() -> None:
     assert [getattr(a, n) for n in LocalDelivery.__slots__] == [
         getattr(b, n) for n in LocalDelivery.__slots__
     ]
+
+
+async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_is_queued() -> None:
+    now_seen: list[bytes] = []
+    queued_seen: list[bytes] = []
+    release = asyncio.Event()
+    d: Dispatcher[LocalDelivery]
+
+    def now(item: LocalDelivery) -> bool:
+        if item.data == b"bug":
+            raise RuntimeError("instant path bug")
+        if item.data.startswith(b"later"):
+            return False
+        now_seen.append(item.data)
+        return True
+
+    async def call(item: LocalDelivery) -> None:
+        queued_seen.append(item.data)
+        if item.data == b"later-slow":
+            await release.wait()
+
+    d = Dispatcher(InstantHandler(call, now), max_pending=8, name="test")
+
+    def offer(data: bytes) -> bool:
+        return d.offer(local_delivery("s", data, 1, d))
+
+    assert offer(b"a")
+    assert now_seen == [b"a"], "taken at once, in this task"
+    assert queued_seen == []
+    assert offer(b"later-slow")  # refused by now(): queued for the handler
+    assert offer(b"b")  # something is queued: b waits its turn, now() is not asked
+    await wait_until(lambda: queued_seen == [b"later-slow"])
+    assert d.busy
+    assert offer(b"c")  # the handler is busy: queued too
+    release.set()
+    await wait_until(lambda: queued_seen == [b"later-slow", b"b", b"c"])
+    assert now_seen == [b"a"]
+    await wait_until(lambda: not d.busy)
+    assert offer(b"bug")  # an error in now() counts as a handler error; the delivery is handled
+    assert d.handler_errors == 1
+    assert queued_seen == [b"later-slow", b"b", b"c"]
+    assert offer(b"d")
+    assert now_seen == [b"a", b"d"]
+    await d.stop(1.0)
+    assert not offer(b"e"), "stopped: refused"
+    assert now_seen == [b"a", b"d"]
