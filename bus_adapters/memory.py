@@ -24,7 +24,13 @@ from agent_os.amb.broker import (
 from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all, local_delivery
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
 from agent_os.amb.numbers import whole
-from agent_os.amb.subjects import SubjectIndex, validate_pattern, validate_subject
+from agent_os.amb.subjects import (
+    INBOX_ROOT,
+    MAX_SUBJECT_BYTES,
+    SubjectIndex,
+    validate_pattern,
+    validate_subject,
+)
 
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192
@@ -34,7 +40,7 @@ _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~
 class _MemorySubscription:
     """One subscription: its pattern and queue group, and the dispatcher that feeds its handler."""
 
-    __slots__ = ("client", "dispatcher", "offer", "pattern", "put", "queue")
+    __slots__ = ("alone", "client", "dispatcher", "inbox", "offer", "pattern", "put", "queue", "shadow")
 
     def __init__(
         self,
@@ -52,6 +58,9 @@ class _MemorySubscription:
         )
         self.offer = self.dispatcher.offer
         self.put = self.dispatcher.put
+        self.alone = (self,)  # its route, where it is the only target
+        self.inbox: str | None = None  # the reply inbox it stands for on the server (see attach)
+        self.shadow = False  # it could match reply subjects, not being their inbox (see attach)
 
     @property
     def handler_errors(self) -> int:
@@ -124,8 +133,20 @@ class MemoryServer:
         self._index: SubjectIndex[_Target] = SubjectIndex()
         self._groups: dict[tuple[str, str], _QueueGroup] = {}
         self._routes: dict[str, tuple[_Target, ...]] = {}
+        # Reply subjects are new for each request, so they are not cached. A client's reply
+        # inbox ("<inbox>.>") is found by the subject's head instead, while no other pattern
+        # could match a subject under INBOX_ROOT (``_shadows`` counts those).
+        self._inboxes: dict[str, _MemorySubscription] = {}
+        self._shadows = 0
 
     def attach(self, sub: _MemorySubscription) -> None:
+        inbox = sub.client._inbox
+        if sub.queue is None and sub.pattern == inbox + ".>" and inbox not in self._inboxes:
+            sub.inbox = inbox
+            self._inboxes[inbox] = sub
+        elif _may_match_replies(sub.pattern):
+            sub.shadow = True
+            self._shadows += 1
         if sub.queue is None:
             self._index.add(sub.pattern, sub)
         else:
@@ -137,6 +158,12 @@ class MemoryServer:
         self._routes.clear()
 
     def detach(self, sub: _MemorySubscription) -> None:
+        if sub.inbox is not None:
+            del self._inboxes[sub.inbox]
+            sub.inbox = None
+        elif sub.shadow:
+            sub.shadow = False
+            self._shadows -= 1
         if sub.queue is None:
             self._index.remove(sub.pattern, sub)
         else:
@@ -152,12 +179,32 @@ class MemoryServer:
     def route(self, subject: str) -> tuple[_Target, ...]:
         targets = self._routes.get(subject)
         if targets is None:
+            if subject.startswith(INBOX_ROOT):
+                return self._route_reply(subject)
             validate_subject(subject)  # only on a cache miss: cached subjects were validated
             targets = tuple(self._index.match(subject))
             if len(self._routes) >= _ROUTE_CACHE_MAX:
                 self._routes.clear()
             self._routes[subject] = targets
         return targets
+
+    def _route_reply(self, subject: str) -> tuple[_Target, ...]:
+        """The route of a subject under INBOX_ROOT (a reply subject), not cached: its inbox
+        alone when ``<inbox>.<token>`` names one and nothing else could match, else the index's
+        answer. Raises InvalidSubject."""
+        if not self._shadows:
+            inbox, _, token = subject.rpartition(".")
+            sub = self._inboxes.get(inbox)
+            # A registered inbox and one ASCII letter-or-digit token: a valid subject if short enough.
+            if sub is not None and token.isalnum() and token.isascii() and len(subject) <= MAX_SUBJECT_BYTES:
+                return sub.alone
+        validate_subject(subject)
+        return tuple(self._index.match(subject))
+
+
+def _may_match_replies(pattern: str) -> bool:
+    """True when ``pattern`` could match a subject under INBOX_ROOT."""
+    return pattern.startswith(INBOX_ROOT) or pattern.partition(".")[0] in ("*", ">")
 
 
 _servers: dict[str, MemoryServer] = {}

@@ -65,6 +65,7 @@ from agent_os.amb.serializers.schema import (
 )
 from agent_os.amb.stats import PATTERNS_MAX, BusStats, LabelCounts
 from agent_os.amb.subjects import (
+    INBOX_ROOT,
     MAX_SUBJECT_BYTES,
     plain_text,
     subject_ok,
@@ -498,6 +499,8 @@ class AMB(Lifecycle):
         """Validate a topic this client has not published to yet (InvalidSubject, a
         ConfigError), remember it and return it as a plain str."""
         plain = validate_subject(plain_text(topic, "topic"))
+        if plain.startswith(INBOX_ROOT):
+            return plain  # a reply subject, new for each request: not remembered
         if len(self._topics) >= _TOPICS_MAX:
             self._topics.clear()
         self._topics.add(plain)

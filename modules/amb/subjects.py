@@ -104,21 +104,36 @@ def subject_ok(subject: object) -> bool:
     return True
 
 
-@lru_cache(maxsize=4096)
+INBOX_ROOT: Final = "_INBOX."
+"""Where reply inboxes live (every adapter's; keep ``inbox_prefix`` under it): a subject here is
+a reply subject, new for each request, which caches of subjects leave out."""
+
+_VALID_MAX: Final = 4096
+_valid: set[str] = set()  # subjects validate_subject accepted, but reply subjects; starts over when full
+
+
 def validate_subject(subject: str) -> str:
     """Return ``subject`` if it is a valid subject to publish to: non-empty tokens, no
     wildcards, at most :data:`MAX_SUBJECT_BYTES` UTF-8 bytes, no whitespace or control
-    characters. Raises :class:`~agent_os.amb.InvalidSubject` (a ConfigError) naming why."""
-    if (
+    characters. Raises :class:`~agent_os.amb.InvalidSubject` (a ConfigError) naming why.
+
+    Valid subjects are remembered (topics repeat), up to 4,096 before starting over; reply
+    subjects (under :data:`INBOX_ROOT`) are checked each time, so they never push topics out."""
+    if type(subject) is str and subject in _valid:
+        return subject
+    if not (
         type(subject) is str
         and len(subject) <= MAX_SUBJECT_BYTES
         and subject.isascii()
         and _ASCII_SUBJECT.fullmatch(subject)
     ):
-        return subject
-    for tok in _tokens(subject, "subject"):  # invalid (or not ASCII): name what is wrong
-        if "*" in tok or ">" in tok:
-            raise _refused(subject, "subject", "wildcard", "may not contain wildcards")
+        for tok in _tokens(subject, "subject"):  # invalid (or not ASCII): name what is wrong
+            if "*" in tok or ">" in tok:
+                raise _refused(subject, "subject", "wildcard", "may not contain wildcards")
+    if not subject.startswith(INBOX_ROOT):
+        if len(_valid) >= _VALID_MAX:
+            _valid.clear()
+        _valid.add(subject)
     return subject
 
 

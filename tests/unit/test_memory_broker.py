@@ -364,3 +364,85 @@ async def test_a_publish_waiting_for_room_skips_a_group_emptied_meanwhile(closin
     await wait_until(lambda: got == [b"0", b"1", b"2"])
     assert server.stats.routed == routed + 1  # the plain subscription only
     await broker.close()
+
+
+async def test_reply_subjects_route_as_the_index_does_whatever_else_is_subscribed(closing: Closing) -> None:
+    """Reply subjects are not cached: a client's inbox is found by the subject's head while no
+    other pattern could match under _INBOX. (``MemoryServer._route_reply``). Whatever else is
+    subscribed, each route is the index's answer, and an invalid reply subject is refused."""
+    u = memory_url("mb")
+    broker = closing(MemoryBroker(u))
+    other = closing(MemoryBroker(u))
+    await broker.connect()
+    await other.connect()
+    server = memory_server(broker.server_name)
+    assert server is not None
+    inbox, elsewhere = broker.inbox_prefix(), other.inbox_prefix()
+
+    async def nothing(d: Delivery) -> None:
+        return None
+
+    subjects = [
+        f"{inbox}.5",
+        f"{inbox}.ab12",
+        f"{inbox}.a.b",
+        f"{inbox}.a-b",
+        f"{inbox}.\u00e9t\u00e9",
+        f"{elsewhere}.5",
+        "_INBOX.zz.1",
+        "_INBOX.x",
+    ]
+    invalid = [
+        f"{inbox}.a b",
+        f"{inbox}.*",
+        f"{inbox}.>",
+        f"{inbox}..x",
+        f"{inbox}.{'x' * 1100}",
+        f"{inbox}.a\x00",
+    ]
+
+    def check() -> None:
+        for subject in subjects:
+            assert server.route(subject) == tuple(server._index.match(subject)), subject
+        for subject in invalid:
+            with pytest.raises(ConfigError):
+                server.route(subject)
+        assert not any(s.startswith("_INBOX.") for s in server._routes), "reply subjects are not cached"
+
+    mine = await broker.subscribe(inbox + ".>", nothing)
+    assert server._inboxes == {inbox: mine}
+    assert server._shadows == 0
+    check()
+    assert server.route(f"{inbox}.5") == (mine,)
+    shadows: list[tuple[MemoryBroker, str, str | None]] = [
+        (other, ">", None),
+        (other, "*.>", None),
+        (other, "_INBOX.>", None),
+        (other, "_INBOX.*.*", None),
+        (other, "*.*.a", None),
+        (other, inbox + ".>", None),  # another client's subscription to this inbox
+        (broker, inbox + ".>", None),  # the same client's second one
+        (broker, inbox + ".*", None),
+        (other, inbox + ".>", "group"),
+    ]
+    taken = []
+    for client, pattern, queue in shadows:
+        sub = await client.subscribe(pattern, nothing, queue=queue)
+        taken.append(sub)
+        assert server._shadows == 1, pattern
+        check()
+        await sub.unsubscribe()
+        assert server._shadows == 0, pattern
+        check()
+    for client, pattern, queue in shadows:  # all at once, then gone one by one
+        taken.append(await client.subscribe(pattern, nothing, queue=queue))
+    check()
+    for sub in taken[len(shadows) :]:
+        await sub.unsubscribe()
+        check()
+    assert server._shadows == 0
+    await mine.unsubscribe()
+    assert server._inboxes == {}
+    check()
+    await other.close()
+    await broker.close()
