@@ -92,6 +92,7 @@ untimed ones; the next timed call counts for all of them (see :meth:`AMB.keep_la
 SAMPLE_BELOW: Final = LATENCY_BUCKETS[0]
 _TOPICS_MAX: Final = 4096
 _NO_HEADERS: Final[dict[str, str]] = {}  # the headers of publishes without any (see publish)
+_NO_SUBJECT: Final = object()  # what AMB._checked holds before any subject: no str is it
 _NO_PRIORITY: Final = 0  # the one object every int 0 is (CPython's small ints)
 
 
@@ -260,6 +261,11 @@ class AMB(Lifecycle):
         self._requests = PendingRequests(self.stats)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop connect() ran in
         self._topics: set[str] = set()  # topics validated already (bounded by _TOPICS_MAX)
+        # A subject this client knows is valid without checking it again: the reply subject of
+        # its latest request, or the reply_to of the wire message it latest replied to. Only
+        # ever a valid subject, so publish may take it by identity whatever ran in between.
+        self._checked: object = _NO_SUBJECT
+        self._reply_room = -1  # the longest reply subject known valid (set with the inbox)
         self._request_ids = itertools.count(1)
         self.handler_latency: Durations | None = None
         """Handler call times (label tuple ``()``) once :meth:`keep_latency` was called, else None."""
@@ -432,9 +438,13 @@ class AMB(Lifecycle):
         """
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
-        if type(topic) is not str or topic not in self._topics:
+        if (type(topic) is not str or topic not in self._topics) and topic is not self._checked:
             topic = self._check_topic(topic)
-        if reply_to is not None and not (type(reply_to) is str and (not reply_to or subject_ok(reply_to))):
+        if not (
+            reply_to is None
+            or reply_to is self._checked
+            or (type(reply_to) is str and (not reply_to or subject_ok(reply_to)))
+        ):
             reply_to = _reply_subject(reply_to)
         if not (
             (sender_id is None or type(sender_id) is str)
@@ -527,13 +537,17 @@ class AMB(Lifecycle):
         also sets the correlation id to the request's id). Raises ConfigError without a reply
         subject."""
         correlation_id = None
+        from_wire = False
         if isinstance(reply_to, Metadata):
             correlation_id = reply_to.id
             subject = reply_to.reply_to
+            from_wire = reply_to._envelope is None  # whose decode checked the reply_to
         else:
             subject = reply_to
         if not subject:
             raise ConfigError("the message has no reply_to subject to answer on")
+        if from_wire:
+            self._checked = subject
         return await self.publish(
             subject, message, sender_id=sender_id, correlation_id=correlation_id, headers=headers
         )
@@ -569,6 +583,8 @@ class AMB(Lifecycle):
             await self._ready()
         inbox = self._inbox or await self._open_inbox()
         reply_subject = f"{inbox}.{next(self._request_ids):x}"
+        if len(reply_subject) <= self._reply_room:  # the inbox and a hex token: valid
+            self._checked = reply_subject
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
@@ -627,6 +643,9 @@ class AMB(Lifecycle):
                     prefix + ".>", self._requests.on_reply, SubscriptionOptions()
                 )
                 self._inbox = prefix
+                # A valid prefix (a subscription's pattern without ".>") and a hex token make a
+                # valid subject while the whole is short enough; counted in characters, ASCII only.
+                self._reply_room = MAX_SUBJECT_BYTES if prefix.isascii() else -1
         return self._inbox
 
     # -- subscribing -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import wire_of
+from agent_os.bus_adapters.memory import memory_server
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
 
@@ -429,6 +430,71 @@ async def test_a_reply_on_the_memory_bus_resolves_its_request_in_the_repliers_ta
     assert handled_during_reply[1:] == [0, 0]
     assert requester.stats.late_replies == 0
     assert requester.stats.mismatched_replies == 0
+
+
+async def test_subjects_known_valid_are_not_checked_again_and_nothing_else_slips_through(
+    closing: Closing,
+) -> None:
+    # A request's reply subject, and the reply_to of a wire message being answered, are taken
+    # without a second check (AMB._checked). Every other topic and reply_to is still checked.
+    url = memory_url()
+    requester = closing(AMB(connection_string=url))
+    responder = closing(AMB(connection_string=url))
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, message)
+
+    await responder.subscribe("known.x", answer)
+    assert await requester.request("known.x", 1, timeout=5) == 1
+    fresh = closing(AMB(connection_string=url))
+    await fresh.connect()
+    server = memory_server(url.removeprefix("memory://"))
+    assert server is not None
+    published = server.stats.published
+    for client in (requester, responder, fresh):
+        for bad_topic in (None, "", "a b", "a.*", "_INBOX.x y", "x" * 1025):
+            with pytest.raises(ConfigError):
+                await client.publish(bad_topic, 1)  # type: ignore[arg-type]
+        for bad_reply_to in ("a b", "a.>", "_INBOX..1", 5):
+            with pytest.raises(ConfigError):
+                await client.publish("known.y", 1, reply_to=bad_reply_to)  # type: ignore[arg-type]
+    assert server.stats.published == published, "refused before the broker"
+
+    # A reply_to with nothing to answer on is refused whatever came before.
+    async def no_reply_wanted(message: Any, metadata: Metadata) -> None:
+        with pytest.raises(ConfigError):
+            await responder.reply(metadata, message)
+        seen.append(message)
+
+    seen: list[Any] = []
+    await responder.subscribe("known.none", no_reply_wanted)
+    await requester.publish("known.none", "a")
+    await requester.publish("known.none", "b", reply_to="")
+    await wait_until(lambda: len(seen) == 2)
+    published = server.stats.published
+    for bad_topic in (None, ""):  # what those reply_to fields held
+        with pytest.raises(ConfigError):
+            await responder.publish(bad_topic, 1)  # type: ignore[arg-type]
+    assert server.stats.published == published, "refused before the broker"
+
+    # The longest inbox prefixes the constructor takes (their reply subjects just fit): ASCII,
+    # and not ASCII (whose reply subjects are always checked, in UTF-8 bytes).
+    for prefix in ("_INBOX." + "p" * 983, "_INBOX." + "\u00e9" * 491 + "p"):
+        with pytest.raises(ConfigError):
+            AMB(connection_string=url, inbox_prefix=prefix + "p")
+        longest = closing(AMB(connection_string=url, inbox_prefix=prefix))
+        assert await longest.request("known.x", prefix[-3:], timeout=5) == prefix[-3:]
+    # A broker whose inbox leaves room for one hex digit only: the 16th request's reply subject
+    # (".10") is one byte too long, and refused before the broker like any other.
+    tight = closing(AMB(connection_string=url))
+    await tight.connect()
+    tight.broker._inbox = "_INBOX." + "t" * 1015  # type: ignore[attr-defined]
+    for n in range(1, 16):
+        assert await tight.request("known.x", n, timeout=5) == n
+    published = server.stats.published
+    with pytest.raises(amb.InvalidSubject):
+        await tight.request("known.x", 16, timeout=5)
+    assert server.stats.published == published
 
 
 async def test_a_reply_inbox_behind_middleware_is_not_instant(closing: Closing) -> None:
