@@ -432,19 +432,26 @@ async def test_a_reply_on_the_memory_bus_resolves_its_request_in_the_repliers_ta
     assert requester.stats.mismatched_replies == 0
 
 
-async def test_subjects_known_valid_are_not_checked_again_and_nothing_else_slips_through(
-    closing: Closing,
-) -> None:
-    # A request's reply subject, and the reply_to of a wire message being answered, are taken
-    # without a second check (AMB._checked). Every other topic and reply_to is still checked.
-    url = memory_url()
+async def echo_pair(closing: Closing, url: str, topic: str) -> tuple[AMB, AMB]:
+    """A requester and a responder on ``url`` whose handler on ``topic`` answers each request
+    with its own payload."""
     requester = closing(AMB(connection_string=url))
     responder = closing(AMB(connection_string=url))
 
     async def answer(message: Any, metadata: Metadata) -> None:
         await responder.reply(metadata, message)
 
-    await responder.subscribe("known.x", answer)
+    await responder.subscribe(topic, answer)
+    return requester, responder
+
+
+async def test_subjects_known_valid_are_not_checked_again_and_nothing_else_slips_through(
+    closing: Closing,
+) -> None:
+    # A request's reply subject, and the reply_to of a wire message being answered, are taken
+    # without a second check (AMB._checked). Every other topic and reply_to is still checked.
+    url = memory_url()
+    requester, responder = await echo_pair(closing, url, "known.x")
     assert await requester.request("known.x", 1, timeout=5) == 1
     fresh = closing(AMB(connection_string=url))
     await fresh.connect()
@@ -526,13 +533,7 @@ async def test_requests_time_out_each_at_its_own_deadline(closing: Closing) -> N
     # One timer serves every pending request (PendingRequests.expire_at): a short request made
     # after a long one still times out first, and an answered request never times out.
     url = memory_url()
-    requester = closing(AMB(connection_string=url))
-    responder = closing(AMB(connection_string=url))
-
-    async def answer(message: Any, metadata: Metadata) -> None:
-        await responder.reply(metadata, message)
-
-    await responder.subscribe("dl.answered", answer)
+    requester, _ = await echo_pair(closing, url, "dl.answered")
     loop = asyncio.get_running_loop()
     ended: dict[str, float] = {}
 
