@@ -177,6 +177,8 @@ class MemoryServer:
         self._routes.clear()
 
     def route(self, subject: str) -> tuple[_Target, ...]:
+        if type(subject) is not str:
+            validate_subject(subject)  # InvalidSubject for anything but text (a list, bytes ...)
         targets = self._routes.get(subject)
         if targets is None:
             if subject.startswith(INBOX_ROOT):
@@ -288,7 +290,10 @@ class MemoryBroker(Lifecycle):
         assert server is not None  # guaranteed by the OPEN state
         stats = server.stats
         stats.published += 1
-        targets = server._routes.get(subject)
+        try:
+            targets = server._routes.get(subject)
+        except TypeError:  # unhashable, so not a subject: route() says why
+            targets = None
         if targets is None:
             targets = server.route(subject)
         if not targets:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
 from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
 from agent_os.amb.errors import BrokerUnavailable, ConfigError
-from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.amb.subjects import INBOX_ROOT, validate_pattern, validate_subject
 from agent_os.bus_adapters.nats._config import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_URL,
@@ -302,7 +302,10 @@ class NatsBroker(Lifecycle):
         subject. Raises BrokerUnavailable / TransportError (a bad subject: ConfigError)."""
         if self._state is not _OPEN:
             self._require_open()
-        durable = self._routes.get(subject)
+        try:
+            durable = self._routes.get(subject)
+        except TypeError:  # unhashable, so not a subject: _route() says why
+            durable = None
         if durable is None:
             durable = self._route(subject)
         if durable:
@@ -335,9 +338,12 @@ class NatsBroker(Lifecycle):
         await round_trip(nc, self.config.publish_timeout)
 
     def _route(self, subject: str) -> bool:
-        """Validate ``subject`` (ConfigError) and cache whether a known stream captures it."""
+        """Validate ``subject`` (ConfigError) and cache whether a known stream captures it
+        (not for a reply subject, new for each request)."""
         validate_subject(subject)
         durable = any(covers(p, subject) for p in self._stream_patterns)
+        if subject.startswith(INBOX_ROOT):
+            return durable
         if len(self._routes) >= _ROUTE_CACHE_MAX:
             self._routes.clear()
         self._routes[subject] = durable

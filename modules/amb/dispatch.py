@@ -317,14 +317,18 @@ class Dispatcher(Generic[T]):
 
     def _instant(self, item: T) -> bool:
         """The handler's synchronous try (see :class:`InstantHandler`); an error in it counts
-        as a handler error and the delivery as handled, as in the queued path."""
+        as a handler error and the delivery as handled, as in the queued path (``on_handled``
+        follows either way)."""
         assert self._now is not None  # checked by the caller
         try:
-            return self._now(item)
+            if not self._now(item):
+                return False
         except Exception:
             self.handler_errors += 1
             log.exception("%s: handler raised", self.name)
-            return True
+        if self.on_handled is not None:
+            self.on_handled()
+        return True
 
     # -- the handler call -------------------------------------------------------------------
     # deliver(), deliver_message() and _run() each carry the handler call inline (a coroutine

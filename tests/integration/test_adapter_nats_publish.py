@@ -177,3 +177,22 @@ async def test_subscribe_and_flush_return_once_the_server_has_processed_what_cam
             assert -1 < sent.find(f"PUB {subject} ".encode()) < sent.rfind(b"PING\r\n")
         finally:
             await broker.close(timeout=2)
+
+
+async def test_reply_subjects_reach_their_subscription_without_entering_the_route_cache(
+    broker: NatsBroker,
+) -> None:
+    # Reply subjects are new for each request: caching them would push topics out.
+    got = Received()
+    await broker.subscribe(broker.inbox_prefix() + ".>", got)
+    topic = f"cache.{uuid.uuid4().hex}"
+    await broker.publish(topic, b"topic")
+    for n in range(20):
+        await broker.publish(f"{broker.inbox_prefix()}.{n:x}", str(n).encode())
+    await wait_until(lambda: len(got.data) == 20, what="the replies")
+    assert got.data == [str(n).encode() for n in range(20)]
+    assert topic in broker._routes
+    assert not any(s.startswith("_INBOX.") for s in broker._routes)
+    for bad in (f"{broker.inbox_prefix()}.a b", f"{broker.inbox_prefix()}.*", 5, ["a.b"], bytearray(b"a")):
+        with pytest.raises(ConfigError):
+            await broker.publish(bad, b"x")  # type: ignore[arg-type]

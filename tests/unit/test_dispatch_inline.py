@@ -106,7 +106,13 @@ async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_i
         if item.data == b"later-slow":
             await release.wait()
 
-    d = Dispatcher(InstantHandler(call, now), max_pending=8, name="test")
+    handled_calls: list[int] = []
+    d = Dispatcher(
+        InstantHandler(call, now),
+        max_pending=8,
+        name="test",
+        on_handled=lambda: handled_calls.append(len(now_seen) + len(queued_seen)),
+    )
 
     def offer(data: bytes) -> bool:
         return d.offer(local_delivery("s", data, 1, d))
@@ -114,6 +120,7 @@ async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_i
     assert offer(b"a")
     assert now_seen == [b"a"], "taken at once, in this task"
     assert queued_seen == []
+    assert handled_calls == [1], "on_handled follows an instant delivery too"
     assert offer(b"later-slow")  # refused by now(): queued for the handler
     assert offer(b"b")  # something is queued: b waits its turn, now() is not asked
     await wait_until(lambda: queued_seen == [b"later-slow"])
@@ -128,6 +135,7 @@ async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_i
     assert queued_seen == [b"later-slow", b"b", b"c"]
     assert offer(b"d")
     assert now_seen == [b"a", b"d"]
+    assert len(handled_calls) == 6  # a, later-slow, b, c, bug, d: once each
     await d.stop(1.0)
     assert not offer(b"e"), "stopped: refused"
     assert now_seen == [b"a", b"d"]

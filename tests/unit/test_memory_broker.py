@@ -446,3 +446,13 @@ async def test_reply_subjects_route_as_the_index_does_whatever_else_is_subscribe
     check()
     await other.close()
     await broker.close()
+
+
+@pytest.mark.parametrize("bad", [5, 1.5, None, b"a.b", ["_INBOX.x.1"]])
+async def test_a_subject_that_is_not_a_string_is_refused_with_a_config_error(
+    closing: Closing, bad: object
+) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    with pytest.raises(ConfigError):
+        await broker.publish(bad, b"x")  # type: ignore[arg-type]
