@@ -69,6 +69,7 @@ from agent_os.amb.subjects import (
     MAX_SUBJECT_BYTES,
     plain_text,
     subject_ok,
+    valid_subjects,
     validate_pattern,
     validate_subject,
 )
@@ -838,7 +839,8 @@ class AMB(Lifecycle):
                 except Exception:
                     fields = decoder.refused(data)
                 else:
-                    check_subjects(fields[2], fields[5])
+                    if fields[5] or fields[2] not in valid_subjects:  # else: a known valid topic
+                        check_subjects(fields[2], fields[5])
         except EnvelopeError as exc:
             stats.malformed += 1
             await self._dead_letter(sub, delivery, None, "malformed", exc)

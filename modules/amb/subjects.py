@@ -109,7 +109,10 @@ INBOX_ROOT: Final = "_INBOX."
 a reply subject, new for each request, which caches of subjects leave out."""
 
 _VALID_MAX: Final = 4096
-_valid: set[str] = set()  # subjects validate_subject accepted, but reply subjects; starts over when full
+valid_subjects: Final[set[str]] = set()
+"""Subjects :func:`validate_subject` accepted and remembers (not reply subjects; it starts over
+when full): a str in it is a valid subject. Read it, never write it (the receive path looks a
+topic up here before calling :func:`~agent_os.amb.serializers.schema.check_subjects`)."""
 
 
 def validate_subject(subject: str) -> str:
@@ -119,7 +122,7 @@ def validate_subject(subject: str) -> str:
 
     Valid subjects are remembered (topics repeat), up to 4,096 before starting over; reply
     subjects (under :data:`INBOX_ROOT`) are checked each time, so they never push topics out."""
-    if type(subject) is str and subject in _valid:
+    if type(subject) is str and subject in valid_subjects:
         return subject
     if not (
         type(subject) is str
@@ -131,9 +134,9 @@ def validate_subject(subject: str) -> str:
             if "*" in tok or ">" in tok:
                 raise _refused(subject, "subject", "wildcard", "may not contain wildcards")
     if not subject.startswith(INBOX_ROOT):
-        if len(_valid) >= _VALID_MAX:
-            _valid.clear()
-        _valid.add(subject)
+        if len(valid_subjects) >= _VALID_MAX:
+            valid_subjects.clear()
+        valid_subjects.add(subject)
     return subject
 
 

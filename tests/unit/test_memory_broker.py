@@ -16,6 +16,7 @@ from agent_os.amb import (
     LifecycleState,
     StateError,
 )
+from agent_os.amb.dispatch import LocalDelivery
 from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import memory_url, wait_until
 from tests.support.closing import Closing
@@ -456,3 +457,26 @@ async def test_a_subject_that_is_not_a_string_is_refused_with_a_config_error(
     await broker.connect()
     with pytest.raises(ConfigError):
         await broker.publish(bad, b"x")  # type: ignore[arg-type]
+
+
+async def test_memory_deliveries_are_what_the_constructor_builds(closing: Closing) -> None:
+    # MemoryBroker.publish builds its LocalDelivery inline (a call less per message).
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    got: list[Delivery] = []
+
+    async def handler(d: Delivery) -> None:
+        got.append(d)
+
+    sub = await broker.subscribe("built.x", handler)
+    await broker.publish("built.x", b"payload")
+    await wait_until(lambda: len(got) == 1)
+    delivery = got[0]
+    assert type(delivery) is LocalDelivery
+    built = LocalDelivery("built.x", b"payload", 1, sub.dispatcher)  # type: ignore[attr-defined]
+    assert [getattr(delivery, n) for n in LocalDelivery.__slots__] == [
+        getattr(built, n) for n in LocalDelivery.__slots__
+    ]
+    await delivery.nack()  # and it works as one: handed back with the next attempt
+    await wait_until(lambda: len(got) == 2)
+    assert (got[1].data, got[1].attempt) == (b"payload", 2)

@@ -176,12 +176,12 @@ def test_validate_subject_remembers_topics_but_not_reply_subjects() -> None:
     topic, reply = "remember.me.please", "_INBOX.abc.1f"
     assert validate_subject(topic) == topic
     assert validate_subject(reply) == reply
-    assert topic in subjects._valid
-    assert reply not in subjects._valid, "a reply subject, new for each request, is not kept"
+    assert topic in subjects.valid_subjects
+    assert reply not in subjects.valid_subjects, "a reply subject, new for each request, is not kept"
     assert validate_subject("caf\u00e9.x") == "caf\u00e9.x"  # valid, not ASCII
     for bad in (["a"], {"a": 1}, None, 5, b"a.b", "a" * 1025, "_INBOX.a b", "_INBOX.*"):
         with pytest.raises(ConfigError):
             validate_subject(bad)  # type: ignore[arg-type]
     for i in range(5000):  # full: starts over, and stays bounded
         validate_subject(f"many.t{i}")
-    assert len(subjects._valid) <= 4096
+    assert len(subjects.valid_subjects) <= 4096
