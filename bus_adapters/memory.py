@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlparse
 
 from agent_os.amb.broker import (
@@ -22,13 +21,14 @@ from agent_os.amb.broker import (
     Lifecycle,
     LifecycleState,
 )
-from agent_os.amb.dispatch import Dispatcher, LocalDelivery, check_group_names, drain_all
+from agent_os.amb.dispatch import NO_EXTRA, Dispatcher, LocalDelivery, check_group_names, drain_all
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
 from agent_os.amb.numbers import whole
 from agent_os.amb.subjects import (
     INBOX_ROOT,
     MAX_SUBJECT_BYTES,
     SubjectIndex,
+    plain_text,
     validate_pattern,
     validate_subject,
 )
@@ -36,7 +36,6 @@ from agent_os.amb.subjects import (
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192
 _new: Final = object.__new__
-_NO_EXTRA: Final[Mapping[str, Any]] = {}  # a first delivery's extra (shared, never written to)
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 
 
@@ -180,8 +179,8 @@ class MemoryServer:
         self._routes.clear()
 
     def route(self, subject: str) -> tuple[_Target, ...]:
-        if type(subject) is not str:
-            validate_subject(subject)  # InvalidSubject for anything but text (a list, bytes ...)
+        if type(subject) is not str:  # keyed by plain text: a str subclass's text, else InvalidSubject
+            subject = plain_text(subject, "subject")
         targets = self._routes.get(subject)
         if targets is None:
             if subject.startswith(INBOX_ROOT):
@@ -293,10 +292,9 @@ class MemoryBroker(Lifecycle):
         assert server is not None  # guaranteed by the OPEN state
         stats = server.stats
         stats.published += 1
-        try:
-            targets = server._routes.get(subject)
-        except TypeError:  # unhashable, so not a subject: route() says why
-            targets = None
+        if type(subject) is not str:  # the caches are keyed by plain text, never by a caller's object
+            subject = plain_text(subject, "subject")
+        targets = server._routes.get(subject)
         if targets is None:
             targets = server.route(subject)
         if not targets:
@@ -312,7 +310,7 @@ class MemoryBroker(Lifecycle):
             delivery.subject = subject
             delivery.data = data
             delivery.attempt = 1
-            delivery.extra = _NO_EXTRA
+            delivery.extra = NO_EXTRA
             delivery._dispatcher = sub.dispatcher
             # put() waits for room; False: the subscription stopped meanwhile (not routed)
             if sub.offer(delivery) or await sub.put(delivery):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
 from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
 from agent_os.amb.errors import BrokerUnavailable, ConfigError
-from agent_os.amb.subjects import INBOX_ROOT, validate_pattern, validate_subject
+from agent_os.amb.subjects import INBOX_ROOT, plain_text, validate_pattern, validate_subject
 from agent_os.bus_adapters.nats._config import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_URL,
@@ -302,10 +302,9 @@ class NatsBroker(Lifecycle):
         subject. Raises BrokerUnavailable / TransportError (a bad subject: ConfigError)."""
         if self._state is not _OPEN:
             self._require_open()
-        try:
-            durable = self._routes.get(subject)
-        except TypeError:  # unhashable, so not a subject: _route() says why
-            durable = None
+        if type(subject) is not str:  # the cache is keyed by plain text, never by a caller's object
+            subject = plain_text(subject, "subject")
+        durable = self._routes.get(subject)
         if durable is None:
             durable = self._route(subject)
         if durable:

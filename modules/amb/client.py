@@ -644,9 +644,9 @@ class AMB(Lifecycle):
                     prefix + ".>", self._requests.on_reply, SubscriptionOptions()
                 )
                 self._inbox = prefix
-                # A valid prefix (a subscription's pattern without ".>") and a hex token make a
+                # A prefix that is a subject (a pattern's may hold "*") and a hex token make a
                 # valid subject while the whole is short enough; counted in characters, ASCII only.
-                self._reply_room = MAX_SUBJECT_BYTES if prefix.isascii() else -1
+                self._reply_room = MAX_SUBJECT_BYTES if prefix.isascii() and subject_ok(prefix) else -1
         return self._inbox
 
     # -- subscribing -------------------------------------------------------------------------

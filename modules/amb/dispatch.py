@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from agent_os.amb.errors import ConfigError
@@ -23,7 +24,9 @@ from agent_os.amb.subjects import validate_name
 
 log = logging.getLogger("agent_os.amb.dispatch")
 
-_EMPTY: Final[Mapping[str, Any]] = {}
+NO_EXTRA: Final[Mapping[str, Any]] = MappingProxyType({})
+"""The ``extra`` of a first local delivery: shared by all of them, so read-only."""
+_EMPTY: Final = NO_EXTRA
 _new: Final = object.__new__
 
 

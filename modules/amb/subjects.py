@@ -110,9 +110,15 @@ a reply subject, new for each request, which caches of subjects leave out."""
 
 _VALID_MAX: Final = 4096
 valid_subjects: Final[set[str]] = set()
-"""Subjects :func:`validate_subject` accepted and remembers (not reply subjects; it starts over
-when full): a str in it is a valid subject. Read it, never write it (the receive path looks a
-topic up here before calling :func:`~agent_os.amb.serializers.schema.check_subjects`)."""
+"""Subjects :func:`validate_subject` accepted and remembers (plain ``str`` only, not reply
+subjects; it starts over when full): a str in it is a valid subject. Read it, never write it
+(the receive path looks a topic up here before calling
+:func:`~agent_os.amb.serializers.schema.check_subjects`)."""
+
+_WIDE_REPLIES_MAX: Final = 256
+# Valid reply subjects that are not ASCII (a custom inbox_prefix): their full check is slow and
+# each is checked a few times in one request, so the latest ones are kept apart from topics.
+_wide_replies: set[str] = set()
 
 
 def validate_subject(subject: str) -> str:
@@ -121,22 +127,35 @@ def validate_subject(subject: str) -> str:
     characters. Raises :class:`~agent_os.amb.InvalidSubject` (a ConfigError) naming why.
 
     Valid subjects are remembered (topics repeat), up to 4,096 before starting over; reply
-    subjects (under :data:`INBOX_ROOT`) are checked each time, so they never push topics out."""
-    if type(subject) is str and subject in valid_subjects:
+    subjects (under :data:`INBOX_ROOT`) are not, so they never push topics out. Only plain
+    ``str`` is remembered: a subclass may compare equal to text that is not its own."""
+    plain = type(subject) is str
+    if plain and subject in valid_subjects:
         return subject
-    if not (
-        type(subject) is str
+    if not plain and isinstance(subject, str):
+        validate_subject(str.__str__(subject))  # its text, whatever the subclass overrides
+        return subject
+    ascii_ok = (
+        plain
         and len(subject) <= MAX_SUBJECT_BYTES
         and subject.isascii()
         and _ASCII_SUBJECT.fullmatch(subject)
-    ):
+    )
+    if not ascii_ok:
+        if plain and subject in _wide_replies:
+            return subject
         for tok in _tokens(subject, "subject"):  # invalid (or not ASCII): name what is wrong
             if "*" in tok or ">" in tok:
                 raise _refused(subject, "subject", "wildcard", "may not contain wildcards")
-    if not subject.startswith(INBOX_ROOT):
-        if len(valid_subjects) >= _VALID_MAX:
-            valid_subjects.clear()
-        valid_subjects.add(subject)
+    if plain:
+        if not subject.startswith(INBOX_ROOT):
+            if len(valid_subjects) >= _VALID_MAX:
+                valid_subjects.clear()
+            valid_subjects.add(subject)
+        elif not ascii_ok:
+            if len(_wide_replies) >= _WIDE_REPLIES_MAX:
+                _wide_replies.clear()
+            _wide_replies.add(subject)
     return subject
 
 

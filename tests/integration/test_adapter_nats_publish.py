@@ -196,3 +196,18 @@ async def test_reply_subjects_reach_their_subscription_without_entering_the_rout
     for bad in (f"{broker.inbox_prefix()}.a b", f"{broker.inbox_prefix()}.*", 5, ["a.b"], bytearray(b"a")):
         with pytest.raises(ConfigError):
             await broker.publish(bad, b"x")  # type: ignore[arg-type]
+
+
+async def test_the_route_cache_is_keyed_by_plain_text(broker: NatsBroker) -> None:
+    from tests.support.strings import LooseStr
+
+    got = Received()
+    topic = f"plain.{uuid.uuid4().hex}"
+    await broker.subscribe(topic, got)
+    await broker.publish(topic, b"1")  # routed and cached
+    await broker.publish(LooseStr(topic), b"2")  # a str subclass: sent as its text
+    with pytest.raises(ConfigError):
+        await broker.publish(topic.replace(".", " "), b"3")  # equal to the subclass only
+    await wait_until(lambda: len(got.data) == 2, what="both messages")
+    assert got.data == [b"1", b"2"]
+    assert all(type(s) is str for s in broker._routes)

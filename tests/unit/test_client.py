@@ -29,7 +29,7 @@ from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import wire_of
-from agent_os.bus_adapters.memory import memory_server
+from agent_os.bus_adapters.memory import MemoryBroker, memory_server
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
 
@@ -501,6 +501,25 @@ async def test_subjects_known_valid_are_not_checked_again_and_nothing_else_slips
     published = server.stats.published
     with pytest.raises(amb.InvalidSubject):
         await tight.request("known.x", 16, timeout=5)
+    assert server.stats.published == published
+
+
+async def test_a_broker_inbox_with_a_wildcard_token_does_not_pass_for_checked(closing: Closing) -> None:
+    # A broker's inbox prefix was only checked as part of the pattern "<prefix>.>", and a
+    # pattern may hold "*": its reply subjects are checked before anything is sent.
+    url = memory_url()
+
+    class WildInbox(MemoryBroker):
+        def inbox_prefix(self) -> str:
+            return "_INBOX.*.mine"
+
+    requester = closing(AMB(broker=WildInbox(url)))
+    await requester.connect()
+    server = memory_server(url.removeprefix("memory://"))
+    assert server is not None
+    published = server.stats.published
+    with pytest.raises(amb.InvalidSubject):
+        await requester.request("wild.x", 1, timeout=5)
     assert server.stats.published == published
 
 

@@ -480,3 +480,47 @@ async def test_memory_deliveries_are_what_the_constructor_builds(closing: Closin
     await delivery.nack()  # and it works as one: handed back with the next attempt
     await wait_until(lambda: len(got) == 2)
     assert (got[1].data, got[1].attempt) == (b"payload", 2)
+
+
+async def test_routes_are_keyed_by_plain_text_never_by_the_callers_object(closing: Closing) -> None:
+    from collections import UserString
+
+    from tests.support.strings import LooseStr
+
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    got: list[Delivery] = []
+
+    async def handler(d: Delivery) -> None:
+        got.append(d)
+
+    await broker.subscribe(">", handler)
+    await broker.publish("t.x", b"1")  # routed and cached
+    with pytest.raises(ConfigError):
+        await broker.publish(UserString("t.x"), b"2")  # type: ignore[arg-type]
+    await broker.publish(LooseStr("t.x"), b"3")  # a str subclass: sent as its text
+    with pytest.raises(ConfigError):
+        await broker.publish("t x", b"4")  # equal to the subclass by its __eq__, not a subject
+    await wait_until(lambda: len(got) == 2)
+    assert [(type(d.subject), d.subject, d.data) for d in got] == [(str, "t.x", b"1"), (str, "t.x", b"3")]
+
+
+async def test_a_first_deliverys_extra_is_read_only(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    got: list[Delivery] = []
+    refused: list[Exception] = []
+
+    async def handler(d: Delivery) -> None:
+        try:
+            d.extra["mine"] = 1  # type: ignore[index]
+        except TypeError as exc:
+            refused.append(exc)
+        got.append(d)
+
+    await broker.subscribe("ro.x", handler)
+    for data in (b"1", b"2"):
+        await broker.publish("ro.x", data)
+    await wait_until(lambda: len(got) == 2)
+    assert len(refused) == 2
+    assert [dict(d.extra) for d in got] == [{}, {}]

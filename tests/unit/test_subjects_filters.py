@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.filters import compile_filter
 from agent_os.amb.subjects import INDEXED_TOKENS, SubjectIndex, matches, validate_pattern, validate_subject
+from tests.support.strings import LooseStr, SneakyStr
 
 
 @pytest.mark.parametrize(
@@ -185,3 +186,37 @@ def test_validate_subject_remembers_topics_but_not_reply_subjects() -> None:
     for i in range(5000):  # full: starts over, and stays bounded
         validate_subject(f"many.t{i}")
     assert len(subjects.valid_subjects) <= 4096
+
+
+def test_a_str_subclass_is_checked_by_its_text_and_never_remembered() -> None:
+    from agent_os.amb import subjects
+
+    assert validate_subject(LooseStr("poison.me")) == "poison.me"
+    with pytest.raises(ConfigError):
+        validate_subject("poison me")  # equal to the subclass by its __eq__, still refused
+    assert not any(type(s) is not str for s in subjects.valid_subjects)
+    for text in ("a b", "a.*", "", "a..b", "x" * 1025, "_INBOX.a b"):
+        with pytest.raises(ConfigError):
+            validate_subject(SneakyStr(text))
+
+
+def test_non_ascii_reply_subjects_are_checked_in_full_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Their full check is slow; a request checks its reply subject a few times.
+    from agent_os.amb import subjects
+
+    calls = 0
+    tokens = subjects._tokens
+
+    def counted(text: str, what: str) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return tokens(text, what)
+
+    monkeypatch.setattr(subjects, "_tokens", counted)
+    for n in range(50):
+        reply = f"_INBOX.caf\u00e9.{n:x}"
+        for _ in range(4):
+            assert validate_subject(reply) == reply
+    assert calls == 50
+    assert len(subjects._wide_replies) <= 256
+    assert not any(s.startswith("_INBOX.") for s in subjects.valid_subjects)
