@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandler, Lifecycle, LifecycleState
 from agent_os.amb.dispatch import check_group_names, drain_all
 from agent_os.amb.errors import BrokerUnavailable, BusError, ConfigError, TransportError
-from agent_os.amb.subjects import validate_pattern, validate_subject
+from agent_os.amb.subjects import INBOX_ROOT, validate_pattern, validate_subject
 from agent_os.bus_adapters.kafka._config import (
     BAD_TOPIC_CHAR,
     DEFAULT_MAX_PAYLOAD,
-    INBOX_ROOT,
     PUBLISHED_HEADER,
     SUBJECT_HEADER,
     aiokafka_module,
@@ -68,7 +67,7 @@ class KafkaBroker(Lifecycle):
             self.capabilities = replace(self.capabilities, max_payload=self.config.max_payload)
         unique = f"{os.getpid():x}{next(_client_ids):x}{os.urandom(3).hex()}"
         self.client_id = self.config.client_id or f"amb-{unique}"
-        self._inbox = f"{INBOX_ROOT}.{BAD_TOPIC_CHAR.sub('_', self.client_id)}"
+        self._inbox = f"{INBOX_ROOT}{BAD_TOPIC_CHAR.sub('_', self.client_id)}"
         self._producer: AIOKafkaProducer | None = None
         self._admin: Any = None
         self._create_topics = True

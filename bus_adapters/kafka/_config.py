@@ -12,11 +12,11 @@ from urllib.parse import parse_qsl, urlparse
 
 from agent_os.amb.errors import ConfigError
 from agent_os.amb.numbers import seconds, whole
-from agent_os.amb.subjects import is_wildcard
+from agent_os.amb.subjects import INBOX_ROOT, is_wildcard
 
 SUBJECT_HEADER: Final = "amb-subject"
 PUBLISHED_HEADER: Final = "amb-published-ns"
-INBOX_ROOT: Final = "_INBOX"
+_INBOX_TOKEN: Final = INBOX_ROOT.rstrip(".")  # the first token of every reply subject
 DEAD_LETTER_ROOT: Final = "_DEAD"
 DEAD_HEADER_PREFIX: Final = "amb-dead-"
 DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
@@ -101,12 +101,18 @@ def parse_options(connection_string: str | None, options: Mapping[str, Any]) -> 
     return bootstrap, config
 
 
-@functools.lru_cache(maxsize=8192)
 def topic_for(subject: str) -> str:
     """The topic a subject is published to (deterministic; reply subjects share one topic)."""
+    if subject.startswith(INBOX_ROOT) and subject.count(".") > 1:
+        # A reply subject, new for each request: its inbox's topic, so that the cache below
+        # keeps inboxes, not every reply subject (which would push topics out of it).
+        return _topic_for(".".join(subject.split(".", 2)[:2]))
+    return _topic_for(subject)
+
+
+@functools.lru_cache(maxsize=8192)
+def _topic_for(subject: str) -> str:
     tokens = subject.split(".")
-    if tokens[0] == INBOX_ROOT and len(tokens) > 2:
-        tokens = tokens[:2]
     topic = ".".join(BAD_TOPIC_CHAR.sub(lambda m: f"_x{ord(m.group()):02x}_", t) for t in tokens)
     if len(topic) > _MAX_TOPIC_LEN:
         raise ConfigError(f"subject {subject!r} maps to a topic longer than {_MAX_TOPIC_LEN} characters")
@@ -126,7 +132,7 @@ def dead_letter_topic(topic: str) -> str:
 def inbox_topic(pattern: str) -> str | None:
     """The reply topic a pattern under ``_INBOX.<client>.`` reads, or None for other patterns."""
     tokens = pattern.split(".")
-    if tokens[0] == INBOX_ROOT and len(tokens) > 2 and not is_wildcard(tokens[1]):
+    if tokens[0] == _INBOX_TOKEN and len(tokens) > 2 and not is_wildcard(tokens[1]):
         return topic_for(f"{tokens[0]}.{tokens[1]}")
     return None
 

@@ -21,7 +21,7 @@ from agent_os.amb.broker import BrokerSubscription, Capabilities, DeliveryHandle
 from agent_os.amb.dispatch import check_group_names, drain_all, stop_task
 from agent_os.amb.errors import BrokerUnavailable, ConfigError, TransportError
 from agent_os.amb.numbers import seconds, whole
-from agent_os.amb.subjects import is_wildcard, matches, validate_pattern, validate_subject
+from agent_os.amb.subjects import INBOX_ROOT, is_wildcard, matches, validate_pattern, validate_subject
 from agent_os.bus_adapters.redis import _lua
 from agent_os.bus_adapters.redis._errors import translate, translated
 from agent_os.bus_adapters.redis._subscriptions import PubSubSubscription, StreamSubscription, text
@@ -30,7 +30,6 @@ log = logging.getLogger("agent_os.bus_adapters.redis")
 
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_PENDING: Final = 4096
-INBOX_PREFIX: Final = "_INBOX."
 _GLOB_SPECIAL: Final = frozenset("?*[]\\")
 
 
@@ -120,7 +119,7 @@ class RedisBroker(Lifecycle):
         self.malformed = 0
         self.reader_errors = 0
         self.client_id = f"{os.getpid():x}{next(_client_ids):x}{os.urandom(4).hex()}"
-        self._inbox = f"{INBOX_PREFIX}{self.client_id}"
+        self._inbox = f"{INBOX_ROOT}{self.client_id}"
         self._redis_options: dict[str, Any] = {
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), reconnect_attempts),
             "socket_keepalive": True,
@@ -206,7 +205,7 @@ class RedisBroker(Lifecycle):
             self._require_open()
         validate_subject(subject)
         try:
-            if subject.startswith(INBOX_PREFIX):
+            if subject.startswith(INBOX_ROOT):
                 await self.redis.publish(subject, data)
             else:
                 await self._publish_script(
