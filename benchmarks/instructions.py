@@ -1,11 +1,12 @@
 """Instructions per message on the hot paths, counted by valgrind: for comparing two versions of
 the code where wall-clock runs are too noisy to tell a few per cent apart.
 
-    .venv/bin/python -m benchmarks.instructions [--n 5000] [CASE ...]
+    .venv/bin/python -m benchmarks.instructions [--n 10000] [CASE ...]
 
 Each case runs twice under ``valgrind --tool=cachegrind --cache-sim=no``, with ``n`` and ``2n``
 items; the difference divided by ``n`` is the instructions per item, start-up and warm-up
-cancelling out. The counts repeat within about 0.3 % (PYTHONHASHSEED is fixed). They leave out
+cancelling out. With the default ``n`` the counts repeat within about 0.5 % (PYTHONHASHSEED is
+fixed; garbage collection and the clock still vary a little). They leave out
 the kernel (system calls), follow valgrind's emulated CPU (hashing may take another code path
 than on the real one), and count code that depends on the clock as it runs at valgrind's speed
 (an id's per-millisecond prefix is rebuilt far more often). So compare versions of one path
@@ -117,7 +118,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("cases", nargs="*", help=f"of: {', '.join(CASES)} (default: the four memory cases)")
-    parser.add_argument("--n", type=int, default=5000, help="items in the smaller run (default 5000)")
+    parser.add_argument("--n", type=int, default=10_000, help="items in the smaller run (default 10000)")
     parser.add_argument("--run", choices=list(CASES), help=argparse.SUPPRESS)  # the child's side
     args = parser.parse_args()
     if args.n < 1:

@@ -382,6 +382,7 @@ class Dispatcher(Generic[T]):
         items = self._items
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
+        handler, putters = self.handler, self._putters  # set once, in __init__
         while True:
             while items:
                 if self._busy:  # an inline call is in progress: queued items come after it
@@ -393,10 +394,10 @@ class Dispatcher(Generic[T]):
                 try:
                     while items:
                         item = items.popleft()
-                        if self._putters:
+                        if putters:
                             self._wake_putter()
                         try:
-                            await self.handler(item)
+                            await handler(item)
                         except Exception:
                             # The handler is the bus's and should never raise; the subscription
                             # survives.
@@ -405,7 +406,7 @@ class Dispatcher(Generic[T]):
                         except asyncio.CancelledError:
                             if self._cancelled():
                                 raise
-                        if self.on_handled is not None:
+                        if self.on_handled is not None:  # a source may set it after __init__
                             self.on_handled()
                 finally:
                     self._busy = False
