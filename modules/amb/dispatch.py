@@ -26,7 +26,6 @@ log = logging.getLogger("agent_os.amb.dispatch")
 
 NO_EXTRA: Final[Mapping[str, Any]] = MappingProxyType({})
 """The ``extra`` of a first local delivery: shared by all of them, so read-only."""
-_EMPTY: Final = NO_EXTRA
 _new: Final = object.__new__
 
 
@@ -283,7 +282,7 @@ class Dispatcher(Generic[T]):
         item.subject = message.subject
         item.data = message.data
         item.attempt = 1
-        item.extra = _EMPTY
+        item.extra = NO_EXTRA
         item._dispatcher = self
         if self._busy or self._items:
             await self.put(item)
@@ -496,7 +495,7 @@ class LocalDelivery:
         data: bytes,
         attempt: int,
         dispatcher: Dispatcher[Any],
-        extra: Mapping[str, Any] = _EMPTY,
+        extra: Mapping[str, Any] = NO_EXTRA,
     ) -> None:
         self.subject = subject
         self.data = data
@@ -513,7 +512,7 @@ class LocalDelivery:
 
 
 def local_delivery(
-    subject: str, data: bytes, attempt: int, dispatcher: Dispatcher[Any], extra: Mapping[str, Any] = _EMPTY
+    subject: str, data: bytes, attempt: int, dispatcher: Dispatcher[Any], extra: Mapping[str, Any] = NO_EXTRA
 ) -> LocalDelivery:
     """``LocalDelivery(...)`` for the per-message paths: the slots set directly, without the
     class call and ``__init__`` (about half the cost). Keep it in step with ``__init__``."""

@@ -29,7 +29,7 @@ from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import wire_of
-from agent_os.bus_adapters.memory import MemoryBroker, memory_server
+from agent_os.bus_adapters.memory import MemoryBroker, MemoryServer, memory_server
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
 
@@ -432,6 +432,13 @@ async def test_a_reply_on_the_memory_bus_resolves_its_request_in_the_repliers_ta
     assert requester.stats.mismatched_replies == 0
 
 
+def server_of(url: str) -> MemoryServer:
+    """The in-process server of a memory:// URL that a client is connected to."""
+    server = memory_server(url.removeprefix("memory://"))
+    assert server is not None
+    return server
+
+
 async def echo_pair(closing: Closing, url: str, topic: str) -> tuple[AMB, AMB]:
     """A requester and a responder on ``url`` whose handler on ``topic`` answers each request
     with its own payload."""
@@ -455,8 +462,7 @@ async def test_subjects_known_valid_are_not_checked_again_and_nothing_else_slips
     assert await requester.request("known.x", 1, timeout=5) == 1
     fresh = closing(AMB(connection_string=url))
     await fresh.connect()
-    server = memory_server(url.removeprefix("memory://"))
-    assert server is not None
+    server = server_of(url)
     published = server.stats.published
     for client in (requester, responder, fresh):
         for bad_topic in (None, "", "a b", "a.*", "_INBOX.x y", "x" * 1025):
@@ -515,8 +521,7 @@ async def test_a_broker_inbox_with_a_wildcard_token_does_not_pass_for_checked(cl
 
     requester = closing(AMB(broker=WildInbox(url)))
     await requester.connect()
-    server = memory_server(url.removeprefix("memory://"))
-    assert server is not None
+    server = server_of(url)
     published = server.stats.published
     with pytest.raises(amb.InvalidSubject):
         await requester.request("wild.x", 1, timeout=5)
