@@ -12,15 +12,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 WIRE_VERSION = 1
 
 
-@dataclass(slots=True, frozen=True)
-class Signature:
+class Signature(msgspec.Struct, frozen=True, gc=False):
     """The signature block written by IATP: what signed the envelope, and how.
 
     ``scheme`` names the algorithm (``"ed25519"`` or a session MAC), ``key_id`` the key,
     ``nonce`` the random bytes that make the signature unique, ``value`` the signature.
+
+    Immutable (setting a field raises AttributeError), compared and hashed by its fields; copy
+    one with changes with ``msgspec.structs.replace``. A frozen msgspec Struct rather than a
+    dataclass: one is built for every signed message sent and received, in a tenth of the time.
     """
 
     scheme: str

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
-from agent_os.amb.envelope import Envelope, Signature
+from agent_os.amb.envelope import Envelope
 
 ENVELOPE_DOMAIN: Final = "IATP/1 envelope"
 SESSION_DOMAIN: Final = "IATP/1 session"
@@ -42,25 +42,6 @@ _ARRAY16: Final = b"\xdc\x00\x10"  # msgpack array header of the 16 signed field
 # payloads that carry ext values.) An Encoder keeps no state between calls: one serves every
 # thread.
 _pack_one: Final = msgspec.msgpack.Encoder().encode
-
-
-_new = object.__new__
-# Signature is a frozen dataclass: its fields are set through their slot descriptors, as its
-# __init__ does through object.__setattr__, at half the cost (signing and sealing are hot).
-_set_scheme: Final = getattr(Signature, "scheme").__set__  # noqa: B009 (mypy sees a str)
-_set_key_id: Final = getattr(Signature, "key_id").__set__  # noqa: B009
-_set_nonce: Final = getattr(Signature, "nonce").__set__  # noqa: B009
-_set_value: Final = getattr(Signature, "value").__set__  # noqa: B009
-
-
-def signature(scheme: str, key_id: str, nonce: bytes, value: bytes) -> Signature:
-    """``Signature(scheme, key_id, nonce, value)``, built without the dataclass ``__init__``."""
-    sig: Signature = _new(Signature)
-    _set_scheme(sig, scheme)
-    _set_key_id(sig, key_id)
-    _set_nonce(sig, nonce)
-    _set_value(sig, value)
-    return sig
 
 
 def pack(fields: list[Any]) -> bytes:

@@ -20,7 +20,6 @@ from agent_os.iatp.canonical import (
     SESSION_DOMAIN,
     head,
     pack,
-    signature,
     signed_fields,
 )
 from agent_os.iatp.errors import SessionError
@@ -216,7 +215,7 @@ class Session:
         nonce = counter.to_bytes(8, "big")
         h = mac.copy()
         h.update(signed_fields(env, nonce, env.payload))
-        env.sig = signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
+        env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
         """Whether ``sig`` carries the MAC of ``env`` under the receiving key (constant-time

@@ -13,7 +13,7 @@ from typing import Any, Final
 from agent_os.amb.envelope import Envelope, Signature
 from agent_os.amb.numbers import seconds
 from agent_os.iatp import _crypto
-from agent_os.iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes, signature
+from agent_os.iatp.canonical import ENVELOPE_DOMAIN, head, rest_bytes
 from agent_os.iatp.errors import CryptoUnavailable, UnknownAgent
 from agent_os.iatp.models import TrustModel
 from agent_os.iatp.registry import KeyRegistry
@@ -100,7 +100,7 @@ class EnvelopeVerifier:
             raise UnknownAgent(env.sender, "unrevoked signing key")
         nonce = _random(NONCE_BYTES)
         value = _crypto.sign(secret, self._head(key_id) + rest_bytes(env, nonce))
-        env.sig = signature(ED25519, key_id, nonce, value)
+        env.sig = Signature(ED25519, key_id, nonce, value)
 
     def _head(self, key_id: str) -> bytes:
         """The constant head of the signed bytes for ``key_id`` (cached; called only for keys

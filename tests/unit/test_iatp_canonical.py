@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import pickle
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -189,7 +192,7 @@ def test_any_change_to_the_signature_block_fails(part: str, flip: bytes, data: s
         change: dict[str, Any] = {part: bytes(raw)}  # the field is named at run time
     else:
         change = {part: getattr(sig, part) + "x"}
-    new_sig = dataclasses.replace(sig, **change)
+    new_sig = msgspec.structs.replace(sig, **change)
     assert not _iatp.verify_envelope(dataclasses.replace(env, sig=new_sig)).valid
 
 
@@ -212,19 +215,22 @@ def test_field_shift_attack_on_a_signed_envelope_fails(left: str, right: str) ->
     assert result.reason == "bad_signature"
 
 
-def test_the_fast_signature_constructor_builds_an_equal_frozen_signature() -> None:
-    from agent_os.iatp.canonical import signature
-
-    sig = signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
+def test_a_signature_is_frozen_and_compared_by_its_fields() -> None:
+    sig = Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
     assert sig == Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
+    assert sig != Signature("ed25519", "k" * 32, b"n" * 16, b"w" * 64)
     assert hash(sig) == hash(Signature("ed25519", "k" * 32, b"n" * 16, b"v" * 64))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert (sig.scheme, sig.key_id, sig.nonce, sig.value) == ("ed25519", "k" * 32, b"n" * 16, b"v" * 64)
+    with pytest.raises(AttributeError):
         sig.value = b"x"  # type: ignore[misc]
+    assert copy.deepcopy(sig) == sig
+    assert pickle.loads(pickle.dumps(sig)) == sig
+    assert msgspec.structs.replace(sig, value=b"w" * 64).value == b"w" * 64
+    assert repr(sig).startswith("Signature(scheme='ed25519', key_id=")
 
 
 def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
     import msgpack
-    import msgspec
 
     from agent_os.iatp.canonical import pack
 

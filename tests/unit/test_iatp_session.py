@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import msgspec
 import pytest
 
 from agent_os.amb import Envelope, new_id
@@ -58,7 +59,9 @@ async def test_session_messages_resist_tampering_and_replay() -> None:
     assert b.verify_envelope(msgs[0]).valid  # reordering within the window is fine
     assert b.verify_envelope(msgs[0]).reason == Reason.REPLAYED
     assert msgs[1].sig is not None
-    bumped = dataclasses.replace(msgs[1], sig=dataclasses.replace(msgs[1].sig, nonce=(7).to_bytes(8, "big")))
+    bumped = dataclasses.replace(
+        msgs[1], sig=msgspec.structs.replace(msgs[1].sig, nonce=(7).to_bytes(8, "big"))
+    )
     assert b.verify_envelope(bumped).reason == Reason.BAD_SIGNATURE  # the counter is MACed
     b.close_session(session_b)
     assert b.verify_envelope(msgs[1]).reason == Reason.UNKNOWN_SESSION

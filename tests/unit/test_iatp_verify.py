@@ -9,6 +9,7 @@ import textwrap
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -126,7 +127,7 @@ async def test_forged_signature_by_another_key_fails(iatp: IATP) -> None:
     forged = await signed(iatp, sender="bob")
     assert forged.sig is not None
     # bob's valid signature value, presented under alice's key id
-    env.sig = dataclasses.replace(env.sig, value=forged.sig.value)
+    env.sig = msgspec.structs.replace(env.sig, value=forged.sig.value)
     assert (await iatp.verify(env)).reason == Reason.BAD_SIGNATURE
 
 
@@ -377,7 +378,7 @@ def test_garbage_signature_blocks_give_a_reason_never_an_exception(sig: Signatur
     env = _good_env()
     assert env.sig is not None
     if real_key and isinstance(sig.key_id, str):
-        sig = dataclasses.replace(sig, key_id=env.sig.key_id)
+        sig = msgspec.structs.replace(sig, key_id=env.sig.key_id)
     env.sig = sig
     result = _shared.verify_envelope(env)
     assert isinstance(result, VerificationResult)

@@ -79,14 +79,6 @@ WireFields = tuple[
 :meth:`~agent_os.amb.serializers.decoder.Decoder.decode_fields` returns it;
 :func:`envelope_from_wire` makes it an Envelope."""
 
-_new: Final = object.__new__
-# Signature is frozen: its fields are set through their slot descriptors, as its __init__ does
-# (through object.__setattr__), at half the cost.
-_set_scheme: Final = getattr(Signature, "scheme").__set__  # noqa: B009 (mypy sees a str)
-_set_key_id: Final = getattr(Signature, "key_id").__set__  # noqa: B009
-_set_nonce: Final = getattr(Signature, "nonce").__set__  # noqa: B009
-_set_value: Final = getattr(Signature, "value").__set__  # noqa: B009
-
 
 def check_subjects(topic: str, reply_to: str | None) -> None:
     """Raise :class:`~agent_os.amb.MalformedEnvelope` unless ``topic`` is a valid subject and
@@ -106,17 +98,10 @@ def check_subjects(topic: str, reply_to: str | None) -> None:
 def envelope_from_wire(fields: WireFields) -> Envelope:
     """The Envelope of checked wire fields (see :data:`WireFields`); no checks here.
 
-    Built with :func:`~agent_os.amb.envelope.new_envelope` (no dataclass ``__init__`` call), the
-    signature likewise.
+    Built with :func:`~agent_os.amb.envelope.new_envelope` (no dataclass ``__init__`` call).
     """
     _, id_, topic, sender, recipient, reply_to, corr, ts, exp, prio, headers, payload, sig = fields
-    signature: Signature | None = None
-    if sig is not None:
-        signature = _new(Signature)
-        _set_scheme(signature, sig[0])
-        _set_key_id(signature, sig[1])
-        _set_nonce(signature, sig[2])
-        _set_value(signature, sig[3])
+    signature = None if sig is None else Signature(sig[0], sig[1], sig[2], sig[3])
     return new_envelope(
         id_, topic, sender, payload, recipient, reply_to, corr, ts, exp, prio, headers, signature
     )
