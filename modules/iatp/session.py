@@ -26,7 +26,7 @@ from agent_os.iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024
-_MASK: Final = (1 << WINDOW) - 1
+_NONE_SEEN: Final = bytes(WINDOW)
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -199,7 +199,7 @@ class Session:
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
-        self._windows: dict[Any, list[int]] = {}  # scope -> [highest counter, bitmap]
+        self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, slots seen]
 
     def __repr__(self) -> str:
         return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
@@ -247,16 +247,32 @@ class Session:
             return False
         window = self._windows.get(scope)
         if window is None:
-            window = self._windows[scope] = [0, 0]
-        high, mask = window
+            window = self._windows[scope] = [0, bytearray(WINDOW)]
+        high, seen = window
+        # seen[c % WINDOW] says whether counter c was accepted, for every c in
+        # (high - WINDOW, high]: a new highest counter takes over the slots of the counters it
+        # skipped (cleared) and its own (set); an older one is checked and set in its slot.
         if counter > high:
+            gap = counter - high
+            if gap >= WINDOW:
+                seen[:] = _NONE_SEEN
+            elif gap > 1:
+                start = (high + 1) % WINDOW
+                end = start + gap - 1
+                if end <= WINDOW:
+                    seen[start:end] = _NONE_SEEN[: gap - 1]
+                else:
+                    seen[start:] = _NONE_SEEN[start:]
+                    seen[: end - WINDOW] = _NONE_SEEN[: end - WINDOW]
+            seen[counter % WINDOW] = 1
             window[0] = counter
-            window[1] = ((mask << (counter - high)) | 1) & _MASK
             return True
-        offset = high - counter
-        if offset >= WINDOW or mask >> offset & 1:
+        if high - counter >= WINDOW:
             return False
-        window[1] = mask | (1 << offset)
+        slot = counter % WINDOW
+        if seen[slot]:
+            return False
+        seen[slot] = 1
         return True
 
     def close(self) -> None:

@@ -7,9 +7,12 @@ import time
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent_os.amb import Envelope, new_id
 from agent_os.iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
+from agent_os.iatp.session import WINDOW
 
 
 async def pair() -> tuple[IATP, IATP]:
@@ -234,3 +237,46 @@ async def test_the_middleware_stops_sealing_with_a_session_of_a_revoked_key() ->
     await a.revoke_key(a.identity("alice").key_id, "compromised")
     with pytest.raises(SigningRejected):
         await middleware.on_publish(envelope("alice", "bob"), call_next)
+
+
+def _window_session() -> Session:
+    return Session("s" * 32, "bob", "alice", b"k" * 32, b"k" * 32, 2**62, "kb", "ka")
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(-3, 3 * WINDOW),  # near the start, and around the window's edge
+            st.integers(2**63 - 3 * WINDOW, 2**64 - 1),  # the 8-byte counter's top
+        ),
+        max_size=300,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_the_counter_window_accepts_exactly_what_a_model_of_it_does(counters: list[int]) -> None:
+    """Each counter is accepted once while it is within WINDOW of the highest accepted one;
+    not at all below that, nor zero or less (the rule in docs/trust.md, as a set of seen
+    counters)."""
+    session = _window_session()
+    seen: set[int] = set()
+    high = 0
+    for counter in counters:
+        want = counter > 0 and counter not in seen and counter > high - WINDOW
+        assert session.accept_counter(counter) is want, (counter, high)
+        if want:
+            seen.add(counter)
+            high = max(high, counter)
+
+
+def test_the_counter_window_per_scope_and_at_its_edges() -> None:
+    session = _window_session()
+    assert session.accept_counter(5, "a")
+    assert session.accept_counter(5, "b")  # scopes apart
+    assert not session.accept_counter(5, "a")
+    assert session.accept_counter(5 + WINDOW - 1, "a")
+    assert session.accept_counter(6, "a")  # the oldest counter the window still holds
+    assert not session.accept_counter(5, "a")  # fell out of it
+    assert session.accept_counter(10 * WINDOW, "a")  # a jump clears every slot ...
+    assert not session.accept_counter(6 + WINDOW, "a")  # ... and what it left behind is too old
+    assert session.accept_counter(9 * WINDOW + 1, "a")
+    assert not session.accept_counter(9 * WINDOW + 1, "a")
