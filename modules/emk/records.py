@@ -55,9 +55,8 @@ class NewMemory:
     embedding: Sequence[float] | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemoryRecord:
-    """An immutable memory as stored.
+class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """An immutable memory as stored (a frozen msgspec Struct: ``docs/memory.md``, "Records").
 
     ``superseded_by`` (the id of the newer version, if any) and ``relevance`` (search only:
     ``1 - cosine_distance / 2``, in [0, 1], 1 for the same direction, 0.5 for unrelated) are

@@ -9,6 +9,7 @@ import struct
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
 import pytest
 
 from agent_os.emk import (
@@ -25,6 +26,7 @@ from agent_os.emk import (
 from agent_os.emk._memory_store import MemoryStore, _contains
 from agent_os.emk.records import (
     Limits,
+    MemoryRecord,
     canonical_metadata,
     check_embedding,
     check_tags,
@@ -83,6 +85,30 @@ def test_content_hash_is_the_documented_sha256() -> None:
 )
 def test_every_field_is_covered_by_the_hash(field: str, value: Any) -> None:
     assert content_hash(**(FIELDS | {field: value})) != content_hash(**FIELDS)
+
+
+def test_a_memory_record_is_frozen_and_compared_by_its_fields() -> None:
+    fields: dict[str, Any] = {
+        "id": "6f1c1a53-9a53-4a1e-9d7e-1f0f7b9c7a10",
+        "agent_id": "agent_123",
+        "session_id": None,
+        "content": "User prefers dark mode.",
+        "metadata": {"type": "preference"},
+        "tags": ("ui",),
+        "supersedes": None,
+        "created_at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        "content_hash": "a" * 64,
+    }
+    record = MemoryRecord(**fields)
+    assert record == MemoryRecord(**fields)
+    assert record != MemoryRecord(**{**fields, "content": "other"})
+    assert (record.superseded_by, record.relevance) == (None, None)
+    with pytest.raises(AttributeError):
+        record.content = "changed"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        MemoryRecord(*fields.values())  # type: ignore[call-arg]  # keywords only
+    assert msgspec.structs.replace(record, relevance=0.5).relevance == 0.5
+    assert record.to_dict()["created_at"] == "2026-01-02T03:04:05.000006+00:00"
 
 
 def test_micros_is_exact() -> None:
