@@ -316,3 +316,21 @@ async def test_defer_index_then_build_index(
     await emk.build_index()  # idempotent
     assert await has_hnsw()
     assert [r.id for r in await emk.search("a1", embedding=q, limit=5, exact=True)] == [r.id for r in before]
+
+
+async def test_times_read_back_are_utc_whatever_the_sessions_zone(namespace: str, closing: Closing) -> None:
+    """The connection asks for New York time; EMK's sessions read times in UTC all the same
+    (datetime.UTC as the tzinfo), and the hash check still passes on every read path."""
+    dsn = PG_DSN + ("&" if "?" in PG_DSN else "?") + "options=-c%20TimeZone%3DAmerica/New_York"
+    emk = closing(EMK("postgresql", dsn, HashingEmbedder(DIM), namespace=namespace))
+    try:
+        stored = await emk.store("a1", "A memory with a time.")
+        found = await emk.search("a1", "A memory with a time.", limit=1)
+        got = await emk.get(stored.id, agent_id="a1")
+        for record in (found[0], got):
+            assert record.created_at.tzinfo is UTC
+            assert record.created_at == stored.created_at
+            assert record.content_hash == stored.content_hash
+    finally:
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
