@@ -36,7 +36,9 @@ pytestmark = pytest.mark.redis
 @pytest.fixture
 async def store() -> AsyncIterator[RedisRateLimits]:
     prefix = f"t{uuid.uuid4().hex[:12]}:rl:"
-    limits = RedisRateLimits(REDIS_URL, prefix=prefix)
+    # The tests are about counts, not speed: a loaded machine must not turn takes into timeouts
+    # (denials, fail closed) where the 0.5 s default is meant for a production store.
+    limits = RedisRateLimits(REDIS_URL, prefix=prefix, timeout=10.0)
     try:
         yield limits
     finally:
