@@ -26,7 +26,7 @@ from agent_os.iatp.errors import SessionError
 
 SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024
-_NONE_SEEN: Final = bytes(WINDOW)
+_NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -247,32 +247,30 @@ class Session:
             return False
         window = self._windows.get(scope)
         if window is None:
-            window = self._windows[scope] = [0, bytearray(WINDOW)]
+            window = self._windows[scope] = [0, bytearray(_NONE_SEEN)]
         high, seen = window
-        # seen[c % WINDOW] says whether counter c was accepted, for every c in
-        # (high - WINDOW, high]: a new highest counter takes over the slots of the counters it
-        # skipped (cleared) and its own (set); an older one is checked and set in its slot.
+        # Bit c % WINDOW of ``seen`` says whether counter c was accepted, for every c in
+        # (high - WINDOW, high]: a new highest counter takes over the bits of the counters it
+        # skipped (cleared) and its own (set); an older one is checked and set in its bit.
+        slot = counter % WINDOW
+        byte, bit = slot >> 3, 1 << (slot & 7)
         if counter > high:
             gap = counter - high
             if gap >= WINDOW:
                 seen[:] = _NONE_SEEN
             elif gap > 1:
-                start = (high + 1) % WINDOW
-                end = start + gap - 1
-                if end <= WINDOW:
-                    seen[start:end] = _NONE_SEEN[: gap - 1]
+                first = (high + 1) % WINDOW
+                if first + gap - 1 <= WINDOW:
+                    _clear(seen, first, first + gap - 1)
                 else:
-                    seen[start:] = _NONE_SEEN[start:]
-                    seen[: end - WINDOW] = _NONE_SEEN[: end - WINDOW]
-            seen[counter % WINDOW] = 1
+                    _clear(seen, first, WINDOW)
+                    _clear(seen, 0, first + gap - 1 - WINDOW)
+            seen[byte] |= bit
             window[0] = counter
             return True
-        if high - counter >= WINDOW:
+        if high - counter >= WINDOW or seen[byte] & bit:
             return False
-        slot = counter % WINDOW
-        if seen[slot]:
-            return False
-        seen[slot] = 1
+        seen[byte] |= bit
         return True
 
     def close(self) -> None:
@@ -301,3 +299,16 @@ def shared_secret(secret: bytes, peer_public: bytes) -> bytes:
         return _crypto.x25519(secret, peer_public)
     except ValueError as exc:
         raise SessionError(f"session key agreement failed: {exc}") from exc
+
+
+def _clear(seen: bytearray, lo: int, hi: int) -> None:
+    """Clear bits ``lo`` to ``hi - 1`` of ``seen`` (``0 <= lo < hi <= WINDOW``)."""
+    first, last = lo >> 3, (hi - 1) >> 3
+    low = (1 << (lo & 7)) - 1  # the bits below lo in its byte, kept
+    high = 0xFF ^ ((1 << (((hi - 1) & 7) + 1)) - 1)  # the bits above hi - 1 in its byte, kept
+    if first == last:
+        seen[first] &= low | high
+        return
+    seen[first] &= low
+    seen[first + 1 : last] = _NONE_SEEN[: last - first - 1]
+    seen[last] &= high

@@ -280,3 +280,22 @@ def test_the_counter_window_per_scope_and_at_its_edges() -> None:
     assert not session.accept_counter(6 + WINDOW, "a")  # ... and what it left behind is too old
     assert session.accept_counter(9 * WINDOW + 1, "a")
     assert not session.accept_counter(9 * WINDOW + 1, "a")
+
+
+@pytest.mark.parametrize("start", [1, 7, 8, 1000, 1023, 1024, 2047])
+def test_every_jump_clears_exactly_the_counters_it_skips(start: int) -> None:
+    """After counters at every third place below ``start`` and a jump of each size (within a
+    byte, across bytes, wrapping round the ring, past the window), each counter of the new
+    window is accepted once exactly when the model says so."""
+    gaps = [*range(1, 20), *range(20, WINDOW + 2, 37), *range(WINDOW - 10, WINDOW + 2)]
+    for gap in gaps:
+        session = _window_session()
+        seen = {c for c in range(max(1, start - WINDOW + 1), start + 1) if c % 3 == 0 or c == start}
+        for counter in sorted(seen):
+            assert session.accept_counter(counter)
+        top = start + gap
+        assert session.accept_counter(top)
+        seen.add(top)
+        for counter in range(max(1, top - WINDOW - 2), top + 1):
+            want = counter not in seen and counter > top - WINDOW
+            assert session.accept_counter(counter) is want, (gap, counter)
