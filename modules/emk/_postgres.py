@@ -324,8 +324,9 @@ class PostgresStore:
         settings.setdefault("hnsw.ef_search", str(self._ef_search))
         # Times come back with datetime.UTC as their tzinfo (psycopg maps the session's "UTC"
         # to it), not a ZoneInfo of the server's zone: each result's hash check takes the
-        # time's microseconds, at half the cost.
-        settings.setdefault("TimeZone", "UTC")
+        # time's microseconds, at half the cost. A TimeZone in the settings, in any case, wins.
+        if not any(name.lower() == "timezone" for name in settings):  # names ignore case
+            settings["TimeZone"] = "UTC"
         if iterative:
             settings.setdefault("hnsw.iterative_scan", "relaxed_order")
 

@@ -334,3 +334,21 @@ async def test_times_read_back_are_utc_whatever_the_sessions_zone(namespace: str
     finally:
         async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+
+
+@pytest.mark.parametrize("name", ["TimeZone", "timezone", "TIMEZONE"])
+async def test_a_time_zone_in_the_settings_wins_in_any_spelling(
+    namespace: str, closing: Closing, name: str
+) -> None:
+    emk = closing(
+        EMK("postgresql", PG_DSN, HashingEmbedder(DIM), namespace=namespace, settings={name: "Asia/Tokyo"})
+    )
+    try:
+        stored = await emk.store("a1", "A memory with a time.")
+        got = await emk.get(stored.id, agent_id="a1")
+        assert got.created_at.utcoffset() is not None
+        assert got.created_at.utcoffset().total_seconds() == 9 * 3600  # type: ignore[union-attr]
+        assert got.created_at == stored.created_at
+    finally:
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
