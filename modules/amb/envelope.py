@@ -17,7 +17,7 @@ import msgspec
 WIRE_VERSION = 1
 
 
-class Signature(msgspec.Struct, frozen=True, gc=False):
+class Signature(msgspec.Struct, frozen=True):
     """The signature block written by IATP: what signed the envelope, and how.
 
     ``scheme`` names the algorithm (``"ed25519"`` or a session MAC), ``key_id`` the key,

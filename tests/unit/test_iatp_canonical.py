@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import gc
 import pickle
+import weakref
 from typing import Any
 
 import msgspec
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_os.amb import Envelope, JsonSerializer, MsgpackSerializer, Signature
+from agent_os.amb import Envelope, JsonSerializer, MsgpackSerializer, Signature, new_id
 from agent_os.iatp import IATP, UNSIGNED_HEADERS, envelope_bytes, key_id_for
 from agent_os.iatp.canonical import ENVELOPE_DOMAIN, SESSION_DOMAIN, payload_digest
 from tests.support.envelopes import MUTATIONS, make_env, payloads, texts
@@ -227,6 +229,22 @@ def test_a_signature_is_frozen_and_compared_by_its_fields() -> None:
     assert pickle.loads(pickle.dumps(sig)) == sig
     assert msgspec.structs.replace(sig, value=b"w" * 64).value == b"w" * 64
     assert repr(sig).startswith("Signature(scheme='ed25519', key_id=")
+
+
+def test_a_cycle_through_a_signature_is_collected() -> None:
+    """Signature's fields are not checked on construction, so one can hold a container that
+    leads back to it: the garbage collector must see it (a Struct with gc=False would leak)."""
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+    env = Envelope(new_id(), "a.b", "s", payload)
+    env.sig = Signature("ed25519", "k", [env], b"")  # type: ignore[arg-type]
+    del env, payload
+    gc.collect()
+    assert alive() is None
 
 
 def test_ext_values_as_the_bus_decodes_them_are_signed_as_msgpack_ext() -> None:
