@@ -140,6 +140,7 @@ CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON {s}.retention_
 REVOKE UPDATE, DELETE, TRUNCATE ON {s}.memories, {s}.meta, {s}.retention_log FROM PUBLIC;
 """
 
+_tuple_new = tuple.__new__
 _SEARCH_SHAPES = 256  # search statements kept rendered (filter shapes x limits); then started over
 
 _EXTENSION = (
@@ -486,8 +487,12 @@ class PostgresStore:
     def _found(self, rec: Sequence[Any], distance: float | None = None) -> Found:
         # id, agent_id, session_id, content, metadata_json, tags, supersedes, created_at,
         # embedding (not read back: its digest is), content_hash, embedding_sha256
-        row = Row(rec[0], rec[1], rec[2], rec[3], rec[4], tuple(rec[5]), rec[6], rec[7], (), rec[9], rec[8])
-        return Found(row, rec[10], distance)
+        # The named tuples' own __new__ parse their arguments in Python: built directly.
+        row: Row = _tuple_new(
+            Row, (rec[0], rec[1], rec[2], rec[3], rec[4], tuple(rec[5]), rec[6], rec[7], (), rec[9], rec[8])
+        )
+        found: Found = _tuple_new(Found, (row, rec[10], distance))
+        return found
 
     async def search(
         self, scope: Scope, vector: Sequence[float], limit: int, filters: Filters, exact: bool
