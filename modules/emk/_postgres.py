@@ -242,6 +242,11 @@ class PostgresStore:
         self._hnsw = (hnsw_m, hnsw_ef_construction)
         self._iterative_wanted = iterative_scan
         self._settings = dict(settings or {})
+        for name, value in self._settings.items():
+            if type(name) is not str or not name.strip() or type(value) is not str:
+                raise ConfigError(
+                    f"settings must map PostgreSQL setting names to text, got {name!r}: {value!r}"
+                )
         self._connect_timeout = connect_timeout
         self._defer_index = defer_index
         self._pool: Any = None
@@ -322,14 +327,15 @@ class PostgresStore:
         # search has filters (scope, superseded): search exactly instead.
         self.exact_only = not iterative
         settings = dict(self._settings)
-        settings.setdefault("hnsw.ef_search", str(self._ef_search))
-        # Times come back with datetime.UTC as their tzinfo (psycopg maps the session's "UTC"
-        # to it), not a ZoneInfo of the server's zone: each result's hash check takes the
-        # time's microseconds, at half the cost. A TimeZone in the settings, in any case, wins.
-        if not any(name.lower() == "timezone" for name in settings):  # names ignore case
-            settings["TimeZone"] = "UTC"
+        # Defaults for what the settings do not name (PostgreSQL's names ignore case). Times
+        # come back with datetime.UTC as their tzinfo (psycopg maps the session's "UTC" to it),
+        # not a ZoneInfo of the server's zone: each result's hash check takes the time's
+        # microseconds, at half the cost.
+        given = {name.lower() for name in settings}
+        defaults = {"hnsw.ef_search": str(self._ef_search), "TimeZone": "UTC"}
         if iterative:
-            settings.setdefault("hnsw.iterative_scan", "relaxed_order")
+            defaults["hnsw.iterative_scan"] = "relaxed_order"
+        settings.update((name, value) for name, value in defaults.items() if name.lower() not in given)
 
         async def configure(conn: Any) -> None:
             await register_vector_async(conn)
@@ -564,11 +570,13 @@ class PostgresStore:
     async def history(self, scope: Scope, record_id: str) -> list[Found]:
         scope_sql = self._isolation(self.isolation)
         query = self._q(
-            "WITH RECURSIVE chain(id, supersedes, depth) AS ("
-            " SELECT m.id, m.supersedes, 0 FROM {s}.memories m WHERE m.id = %(id)s AND {scope}"
+            # The path stops a chain that comes back to itself (only tampering behind the
+            # triggers can make one): the query ends, and the records' hash checks report it.
+            "WITH RECURSIVE chain(id, supersedes, depth, path) AS ("
+            " SELECT m.id, m.supersedes, 0, ARRAY[m.id] FROM {s}.memories m WHERE m.id = %(id)s AND {scope}"
             " UNION ALL"
-            " SELECT m.id, m.supersedes, chain.depth + 1 FROM chain JOIN {s}.memories m"
-            " ON m.id = chain.supersedes WHERE {scope})"
+            " SELECT m.id, m.supersedes, chain.depth + 1, chain.path || m.id FROM chain JOIN {s}.memories m"
+            " ON m.id = chain.supersedes WHERE {scope} AND NOT m.id = ANY(chain.path))"
             " SELECT " + _ROW_SELECT + " FROM chain JOIN {s}.memories m ON m.id = chain.id"
             " WHERE {scope} ORDER BY chain.depth",
             scope=scope_sql,

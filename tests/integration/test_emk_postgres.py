@@ -352,3 +352,45 @@ async def test_a_time_zone_in_the_settings_wins_in_any_spelling(
     finally:
         async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+
+
+async def test_history_ends_on_a_chain_tampered_into_a_cycle(
+    make_emk: Factory, sql: psycopg.AsyncConnection[Any], namespace: str
+) -> None:
+    """Behind the triggers a superuser can point a record at itself: history must end (the
+    recursion stops where the chain comes back) and report the edit, not run for ever."""
+    emk = await make_emk()
+    first = await emk.store("a1", "v1")
+    second = await emk.store("a1", "v2", supersedes=first.id)
+    await sql.execute(f"ALTER TABLE {namespace}.memories DISABLE TRIGGER USER")
+    await sql.execute(f"UPDATE {namespace}.memories SET supersedes = %s WHERE id = %s", (second.id, first.id))
+    await sql.execute(f"ALTER TABLE {namespace}.memories ENABLE TRIGGER USER")
+    with pytest.raises(IntegrityError):
+        await asyncio.wait_for(emk.history(second.id, agent_id="a1"), 10)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{1: "x"}, {"": "x"}, {"timezone": 5}, {"hnsw.ef_search": None}, {b"timezone": "UTC"}],
+)
+def test_settings_that_are_not_names_and_text_are_a_config_error(settings: dict[Any, Any]) -> None:
+    with pytest.raises(ConfigError):
+        EMK("postgresql", PG_DSN, HashingEmbedder(DIM), namespace="emk_never_opened", settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "name", "want"),
+    [
+        ({"HNSW.EF_SEARCH": "7"}, "hnsw.ef_search", "7"),
+        ({"Hnsw.Iterative_Scan": "off"}, "hnsw.iterative_scan", "off"),
+        ({}, "hnsw.ef_search", "40"),
+    ],
+)
+async def test_a_setting_wins_over_the_defaults_in_any_spelling(
+    make_emk: Factory, settings: dict[str, str], name: str, want: str
+) -> None:
+    emk = await make_emk(settings=settings)
+    await emk.store("a1", "opened")
+    async with emk._store._connection() as conn:  # type: ignore[union-attr]
+        row = await (await conn.execute(f"SHOW {name}")).fetchone()
+    assert row[0] == want
