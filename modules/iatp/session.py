@@ -199,7 +199,7 @@ class Session:
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
-        self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, slots seen]
+        self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, bits seen]
 
     def __repr__(self) -> str:
         return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
