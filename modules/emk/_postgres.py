@@ -521,7 +521,9 @@ class PostgresStore:
                 where, _ = self._where(scope, filters, self._isolation(self.isolation))
                 sql = self._search_sql(where, exact, int(limit), current)
                 query = self._searches[key] = sql.as_bytes(conn)
-            rows = await (await conn.execute(query, params, prepare=True)).fetchall()
+            # Results in binary, as every read of records here: psycopg loads them in half the
+            # time of text (timestamps and tag arrays above all).
+            rows = await (await conn.execute(query, params, prepare=True, binary=True)).fetchall()
         return [self._found(r, float(r[11])) for r in rows]
 
     def _search_sql(self, where: Any, exact: bool, limit: int, current: bool) -> Any:
@@ -554,7 +556,7 @@ class PostgresStore:
             order=self._sql.SQL(order),
         )
         async with self._errors(), self._connection() as conn:
-            rows = await (await conn.execute(query, params)).fetchall()
+            rows = await (await conn.execute(query, params, binary=True)).fetchall()
         return [self._found(r) for r in rows]
 
     async def get(self, scope: Scope, record_id: str) -> Found | None:
@@ -564,7 +566,7 @@ class PostgresStore:
         )
         params = {"id": record_id, "agent_id": scope.agent_id, "session_id": scope.session_id}
         async with self._errors(), self._connection() as conn:
-            row = await (await conn.execute(query, params)).fetchone()
+            row = await (await conn.execute(query, params, binary=True)).fetchone()
         return None if row is None else self._found(row)
 
     async def history(self, scope: Scope, record_id: str) -> list[Found]:
@@ -583,7 +585,7 @@ class PostgresStore:
         )
         params = {"id": record_id, "agent_id": scope.agent_id, "session_id": scope.session_id}
         async with self._errors(), self._connection() as conn:
-            rows = await (await conn.execute(query, params)).fetchall()
+            rows = await (await conn.execute(query, params, binary=True)).fetchall()
         return [self._found(r) for r in rows]
 
     # -- retention ---------------------------------------------------------------------------
