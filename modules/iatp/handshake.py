@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+from collections import deque
 from dataclasses import replace
+from typing import Final
 
 from agent_os.iatp import _crypto
 from agent_os.iatp.errors import SessionError, UnknownAgent
@@ -20,15 +22,25 @@ from agent_os.iatp.session import (
 )
 from agent_os.iatp.verifier import EnvelopeVerifier
 
+MAX_SESSIONS_PER_PAIR: Final = 8
+"""Sessions kept per (local agent, peer): a handshake beyond them closes the pair's oldest."""
+
 
 class SessionManager:
-    """Creates sessions between local and known agents and keeps the live ones."""
+    """Creates sessions between local and known agents and keeps the live ones.
+
+    What it keeps is bounded: at most :data:`MAX_SESSIONS_PER_PAIR` sessions per pair of
+    agents (a peer handshaking in a loop replaces its own sessions, it does not add to them),
+    and expired sessions are dropped by the handshakes that follow (each a quarter of a
+    lifetime after the last sweep, at most)."""
 
     def __init__(self, verifier: EnvelopeVerifier, lifetime_ns: int) -> None:
         self.verifier = verifier
         self.registry = verifier.registry
         self.lifetime_ns = lifetime_ns
         self.by_pair: dict[tuple[str, str], Session] = {}
+        self._kept: dict[tuple[str, str], deque[Session]] = {}  # (local, peer) -> oldest first
+        self._sweep_at = 0  # when the next handshake drops the expired sessions
 
     def _signing(self, agent_id: str) -> tuple[str, bytes]:
         held = self.registry.signing_key(agent_id)
@@ -129,11 +141,19 @@ class SessionManager:
     def _install(
         self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes, keys: tuple[str, str]
     ) -> Session:
-        session = Session(
-            sid, local, peer, send, recv, self.verifier.clock() + self.lifetime_ns, keys[0], keys[1]
-        )
+        now = self.verifier.clock()
+        if now >= self._sweep_at:
+            self._sweep_at = now + max(self.lifetime_ns // 4, 1)
+            for old in list(self.verifier.sessions.values()):
+                if now >= old.expires_at:
+                    self.close(old)
+        session = Session(sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1])
+        kept = self._kept.setdefault((local, peer), deque())
+        while len(kept) >= MAX_SESSIONS_PER_PAIR:
+            self.close(kept[0])
         self.verifier.sessions[(sid, peer)] = session
         self.by_pair[(local, peer)] = session
+        kept.append(session)
         return session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
@@ -165,9 +185,16 @@ class SessionManager:
 
     def close(self, session: Session) -> None:
         session.close()
+        pair = (session.local, session.peer)
         self.verifier.sessions.pop((session.session_id, session.peer), None)
-        if self.by_pair.get((session.local, session.peer)) is session:
-            del self.by_pair[(session.local, session.peer)]
+        if self.by_pair.get(pair) is session:
+            del self.by_pair[pair]
+        kept = self._kept.get(pair)
+        if kept is not None:
+            if session in kept:
+                kept.remove(session)
+            if not kept:
+                del self._kept[pair]
 
 
 def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:

@@ -27,6 +27,10 @@ from agent_os.iatp.errors import SessionError
 SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024
 _NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
+_ALL_SEEN: Final = b"\xff" * (WINDOW // 8)  # all set
+MAX_SCOPES: Final = 256
+"""Replay scopes a session keeps a window for; a new one beyond them evicts the oldest (see
+:meth:`Session.accept_counter`), so subscriptions that come and go cannot grow a session."""
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -165,6 +169,7 @@ class Session:
 
     __slots__ = (
         "_counter",
+        "_floor",
         "_recv_mac",
         "_send_mac",
         "_windows",
@@ -200,6 +205,7 @@ class Session:
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
         self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, bits seen]
+        self._floor = 0  # the highest counter of an evicted window (see accept_counter)
 
     def __repr__(self) -> str:
         return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
@@ -242,12 +248,23 @@ class Session:
         return OPENED if self.accept_counter(_from_bytes(nonce, "big"), scope) else REPLAYED_COUNTER
 
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
-        """Record ``counter``; False if it was seen or fell out of the window (a replay)."""
+        """Record ``counter``; False if it was seen or fell out of the window (a replay).
+
+        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the oldest
+        window, whose highest counter raises a floor: a window made after that starts at the
+        floor with every counter up to it taken as seen. A replay into an evicted scope is
+        still refused; what is lost is only a message to a new scope overtaken in flight by
+        one counted past the floor (refused as a replay: failing closed)."""
         if counter <= 0:
             return False
-        window = self._windows.get(scope)
+        windows = self._windows
+        window = windows.get(scope)
         if window is None:
-            window = self._windows[scope] = [0, bytearray(_NONE_SEEN)]
+            if len(windows) >= MAX_SCOPES:
+                evicted = windows.pop(next(iter(windows)))
+                self._floor = max(self._floor, evicted[0])
+            floor = self._floor
+            window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN)]
         high, seen = window
         # Bit c % WINDOW of ``seen`` says whether counter c was accepted, for every c in
         # (high - WINDOW, high]: a new highest counter takes over the bits of the counters it

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from agent_os.amb import Envelope, new_id
 from agent_os.iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
-from agent_os.iatp.session import WINDOW
+from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
+from agent_os.iatp.session import MAX_SCOPES, WINDOW
 
 
 async def pair() -> tuple[IATP, IATP]:
@@ -125,6 +126,55 @@ async def test_expired_sessions_stop_verifying() -> None:
     assert a.sessions.for_pair("alice", "bob", now[0]) is not None
     now[0] += 6_000_000_000
     assert a.sessions.for_pair("alice", "bob", now[0]) is None
+
+
+async def handshake(a: IATP, b: IATP) -> tuple[Session, Session]:
+    """A new session from alice (in ``a``) to bob (in ``b``): alice's side and bob's."""
+    pending = await a.offer_session("alice", "bob")
+    session_b, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    return await a.complete_session(pending, answer), session_b
+
+
+async def test_a_peer_handshaking_in_a_loop_keeps_a_bounded_number_of_sessions() -> None:
+    """Each accepted offer used to add a session that stayed for good: a known peer could
+    grow the other side's memory without end. The pair's oldest session is closed instead."""
+    a, b = await pair()
+    made = []
+    for _ in range(MAX_SESSIONS_PER_PAIR + 5):
+        session_a, session_b = await handshake(a, b)
+        made.append((session_a, session_b, sealed(session_a, "alice", "bob")))
+    for process in (a, b):
+        assert len(process.verifier.sessions) == MAX_SESSIONS_PER_PAIR
+    for i, (session_a, session_b, message) in enumerate(made):
+        result = b.verify_envelope(message)
+        if i < 5:  # closed on both sides
+            assert result.reason == Reason.UNKNOWN_SESSION
+            with pytest.raises(SessionError):
+                session_a.seal(envelope("alice", "bob"))
+            with pytest.raises(SessionError):
+                session_b.seal(envelope("bob", "alice"))
+        else:
+            assert result.valid, (i, result)
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is made[-1][0]
+
+
+async def test_expired_sessions_are_dropped_by_later_handshakes() -> None:
+    clock = Clock()
+    a, b = IATP(clock=clock, session_lifetime=8), IATP(clock=clock, session_lifetime=8)
+    await a.register_agent("alice")
+    await b.register_agent("bob")
+    await a.add_identity(b.identity("bob"))
+    await b.add_identity(a.identity("alice"))
+    first_a, first_b = await handshake(a, b)
+    clock.advance(3)
+    await handshake(a, b)  # within the sweep's interval (a quarter lifetime): nothing dropped yet
+    assert len(b.verifier.sessions) == 2
+    clock.advance(6)  # the first has expired, the second not
+    last_a, _ = await handshake(a, b)
+    for process, gone in ((a, first_a), (b, first_b)):
+        assert (gone.session_id, gone.peer) not in process.verifier.sessions
+        assert len(process.verifier.sessions) == 2
+    assert b.verify_envelope(sealed(last_a, "alice", "bob", at=clock.now)).valid
 
 
 # -- sessions end with the keys that made them ---------------------------------------------------
@@ -299,3 +349,26 @@ def test_every_jump_clears_exactly_the_counters_it_skips(start: int) -> None:
         for counter in range(max(1, top - WINDOW - 2), top + 1):
             want = counter not in seen and counter > top - WINDOW
             assert session.accept_counter(counter) is want, (gap, counter)
+
+
+def test_the_windows_kept_are_bounded_and_an_evicted_scope_still_refuses_replays() -> None:
+    session = _window_session()
+    for counter in (1, 2, 3, 7):
+        assert session.accept_counter(counter, "first")
+    for i in range(MAX_SCOPES):  # each new scope past the bound evicts the oldest window
+        assert session.accept_counter(10 + i, f"scope {i}")
+    assert len(session._windows) == MAX_SCOPES
+    assert "first" not in session._windows
+    # "first" again: its new window evicts "scope 0" (highest counter 10) and starts at the
+    # floor, the highest counter of the windows evicted: 10
+    for replay in (1, 2, 3, 7):
+        assert not session.accept_counter(replay, "first")
+    assert not session.accept_counter(8, "first")  # never seen, but below the floor: refused
+    assert not session.accept_counter(10, "first")
+    assert session.accept_counter(11, "first")  # above it: accepted, once
+    assert not session.accept_counter(11, "first")
+    assert session.accept_counter(10 + WINDOW - 3, "first")
+    assert session.accept_counter(12, "first")  # skipped by that jump and within the window
+    assert session.accept_counter(2, "scope 2")  # the floor is for new windows only: a kept
+    assert not session.accept_counter(12, "scope 2")  # one goes on as it was
+    assert len(session._windows) == MAX_SCOPES
