@@ -30,7 +30,8 @@ class SessionManager:
     """Creates sessions between local and known agents and keeps the live ones.
 
     What it keeps is bounded: at most :data:`MAX_SESSIONS_PER_PAIR` sessions per pair of
-    agents (a peer handshaking in a loop replaces its own sessions, it does not add to them),
+    agents (a handshake beyond them closes the pair's oldest session not used yet, else its
+    oldest: a peer handshaking in a loop replaces its own sessions, it does not add to them),
     and expired sessions are dropped by the handshakes that follow (each a quarter of a
     lifetime after the last sweep, at most)."""
 
@@ -141,16 +142,22 @@ class SessionManager:
     def _install(
         self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes, keys: tuple[str, str]
     ) -> Session:
+        if (sid, peer) in self.verifier.sessions:
+            raise SessionError("the session id is in use")
         now = self.verifier.clock()
-        if now >= self._sweep_at:
-            self._sweep_at = now + max(self.lifetime_ns // 4, 1)
+        interval = max(self.lifetime_ns // 4, 1)
+        # (a clock that stepped back does not hold the sweep off until it catches up)
+        if now >= self._sweep_at or now < self._sweep_at - interval:
+            self._sweep_at = now + interval
             for old in list(self.verifier.sessions.values()):
                 if now >= old.expires_at:
                     self.close(old)
         session = Session(sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1])
         kept = self._kept.setdefault((local, peer), deque())
         while len(kept) >= MAX_SESSIONS_PER_PAIR:
-            self.close(kept[0])
+            # The oldest session not used yet (a handshake whose initiator never finished, or
+            # not yet), else the oldest.
+            self.close(next((old for old in kept if not old.used), kept[0]))
         self.verifier.sessions[(sid, peer)] = session
         self.by_pair[(local, peer)] = session
         kept.append(session)
@@ -185,8 +192,9 @@ class SessionManager:
 
     def close(self, session: Session) -> None:
         session.close()
-        pair = (session.local, session.peer)
-        self.verifier.sessions.pop((session.session_id, session.peer), None)
+        pair, key = (session.local, session.peer), (session.session_id, session.peer)
+        if self.verifier.sessions.get(key) is session:
+            del self.verifier.sessions[key]
         if self.by_pair.get(pair) is session:
             del self.by_pair[pair]
         kept = self._kept.get(pair)

@@ -28,9 +28,10 @@ SESSION_SCHEME: Final = "iatp-session-v1"
 WINDOW: Final = 1024
 _NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
 _ALL_SEEN: Final = b"\xff" * (WINDOW // 8)  # all set
-MAX_SCOPES: Final = 256
-"""Replay scopes a session keeps a window for; a new one beyond them evicts the oldest (see
-:meth:`Session.accept_counter`), so subscriptions that come and go cannot grow a session."""
+MAX_SCOPES: Final = 1024
+"""Replay scopes a session keeps a window for (about 320 bytes each); a new one beyond them
+evicts the window that advanced least (see :meth:`Session.accept_counter`), so subscriptions
+that come and go cannot grow a session."""
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -250,19 +251,21 @@ class Session:
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay).
 
-        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the oldest
-        window, whose highest counter raises a floor: a window made after that starts at the
-        floor with every counter up to it taken as seen. A replay into an evicted scope is
-        still refused; what is lost is only a message to a new scope overtaken in flight by
-        one counted past the floor (refused as a replay: failing closed)."""
+        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the window
+        whose highest counter is lowest (the scope that went quiet longest, such as a
+        subscription that ended), and that counter raises a floor: a window made after that
+        starts at the floor with every counter up to it taken as seen, so a replay into an
+        evicted scope is still refused. Live scopes receive the session's latest counters,
+        above the floor; what is refused this way (failing closed) is described in
+        ``docs/trust.md``, "Sessions"."""
         if counter <= 0:
             return False
         windows = self._windows
         window = windows.get(scope)
         if window is None:
             if len(windows) >= MAX_SCOPES:
-                evicted = windows.pop(next(iter(windows)))
-                self._floor = max(self._floor, evicted[0])
+                quietest = min(windows, key=lambda key: windows[key][0])
+                self._floor = max(self._floor, windows.pop(quietest)[0])
             floor = self._floor
             window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN)]
         high, seen = window
@@ -289,6 +292,11 @@ class Session:
             return False
         seen[byte] |= bit
         return True
+
+    @property
+    def used(self) -> bool:
+        """True once this side sealed a message or accepted one in this session."""
+        return self._counter > 0 or bool(self._windows)
 
     def close(self) -> None:
         """Forget the keys; later messages in this session fail."""

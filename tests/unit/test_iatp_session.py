@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -11,14 +13,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_os.amb import Envelope, new_id
-from agent_os.iatp import IATP, Reason, Session, SessionAnswer, SessionError, SessionOffer, SigningRejected
+from agent_os.iatp import (
+    IATP,
+    Reason,
+    Session,
+    SessionAnswer,
+    SessionError,
+    SessionOffer,
+    SigningRejected,
+    _crypto,
+)
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
 from agent_os.iatp.session import MAX_SCOPES, WINDOW
 
 
-async def pair() -> tuple[IATP, IATP]:
-    """Two processes' IATPs, each with its own agent and the other's public identity."""
-    a, b = IATP(), IATP()
+async def pair(clock: Callable[[], int] | None = None, **options: Any) -> tuple[IATP, IATP]:
+    """Two processes' IATPs (``clock`` and ``options`` for both), each with its own agent and
+    the other's public identity."""
+    now = time.time_ns if clock is None else clock  # IATP's default clock
+    a, b = IATP(clock=now, **options), IATP(clock=now, **options)
     await a.register_agent("alice")
     await b.register_agent("bob")
     await a.add_identity(b.identity("bob"))
@@ -160,11 +173,7 @@ async def test_a_peer_handshaking_in_a_loop_keeps_a_bounded_number_of_sessions()
 
 async def test_expired_sessions_are_dropped_by_later_handshakes() -> None:
     clock = Clock()
-    a, b = IATP(clock=clock, session_lifetime=8), IATP(clock=clock, session_lifetime=8)
-    await a.register_agent("alice")
-    await b.register_agent("bob")
-    await a.add_identity(b.identity("bob"))
-    await b.add_identity(a.identity("alice"))
+    a, b = await pair(clock, session_lifetime=8)
     first_a, first_b = await handshake(a, b)
     clock.advance(3)
     await handshake(a, b)  # within the sweep's interval (a quarter lifetime): nothing dropped yet
@@ -175,6 +184,53 @@ async def test_expired_sessions_are_dropped_by_later_handshakes() -> None:
         assert (gone.session_id, gone.peer) not in process.verifier.sessions
         assert len(process.verifier.sessions) == 2
     assert b.verify_envelope(sealed(last_a, "alice", "bob", at=clock.now)).valid
+
+
+async def test_a_session_in_use_outlasts_handshakes_whose_answers_were_lost() -> None:
+    """Offers whose answers never reach the initiator leave sessions it never uses on the
+    responder's side: the pair's bound closes those first, not the session in use."""
+    a, b = await pair()
+    used_a, _ = await handshake(a, b)
+    assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
+    for _ in range(MAX_SESSIONS_PER_PAIR + 3):
+        pending = await a.offer_session("alice", "bob")
+        await b.accept_session("bob", pending.offer.to_bytes())  # the answer is lost
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is used_a
+    assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
+    assert len(b.verifier.sessions) == MAX_SESSIONS_PER_PAIR
+
+
+async def test_an_offer_reusing_a_live_session_id_is_refused() -> None:
+    """Accepting it replaced the live session's entry, and closing either then took the
+    other with it."""
+    clock = Clock()
+    a, b = await pair(clock)
+    first = await a.offer_session("alice", "bob")
+    _, answer = await b.accept_session("bob", first.offer.to_bytes())
+    live_a = await a.complete_session(first, answer)
+    clock.advance(400)  # the offer's nonce is forgotten; the session lives on
+    again = await a.offer_session("alice", "bob")
+    again.offer = dataclasses.replace(again.offer, session_id=first.offer.session_id)
+    secret = a.registry.signing_key("alice")
+    assert secret is not None
+    signature = _crypto.sign(secret[1], again.offer.signed_bytes())
+    again.offer = dataclasses.replace(again.offer, signature=signature)
+    with pytest.raises(SessionError, match="in use"):
+        await b.accept_session("bob", again.offer.to_bytes())
+    assert b.verify_envelope(sealed(live_a, "alice", "bob", at=clock.now)).valid
+
+
+async def test_the_sweep_goes_on_after_the_clock_steps_back() -> None:
+    clock = Clock()
+    a, b = await pair(clock, session_lifetime=60)
+    await handshake(a, b)  # a sweep; the next one not before 15 s from now
+    clock.advance(-86_400)  # the clock steps back a day
+    stale_a, stale_b = await handshake(a, b)
+    clock.advance(120)  # both expired
+    await handshake(a, b)
+    for process, gone in ((a, stale_a), (b, stale_b)):
+        assert (gone.session_id, gone.peer) not in process.verifier.sessions
+        assert len(process.verifier.sessions) == 2  # the first (by this clock, a day to go) and the last
 
 
 # -- sessions end with the keys that made them ---------------------------------------------------
@@ -193,12 +249,7 @@ class Clock:
 
 async def established(clock: Clock | None = None) -> tuple[IATP, IATP, Session, Session]:
     """alice's process, bob's process, alice's session and bob's session."""
-    now = time.time_ns if clock is None else clock  # IATP's default clock
-    a, b = IATP(clock=now), IATP(clock=now)
-    await a.register_agent("alice")
-    await b.register_agent("bob")
-    await a.add_identity(b.identity("bob"))
-    await b.add_identity(a.identity("alice"))
+    a, b = await pair(clock)
     pending = await a.offer_session("alice", "bob")
     session_b, answer = await b.accept_session("bob", pending.offer.to_bytes())
     session_a = await a.complete_session(pending, answer)
@@ -355,7 +406,7 @@ def test_the_windows_kept_are_bounded_and_an_evicted_scope_still_refuses_replays
     session = _window_session()
     for counter in (1, 2, 3, 7):
         assert session.accept_counter(counter, "first")
-    for i in range(MAX_SCOPES):  # each new scope past the bound evicts the oldest window
+    for i in range(MAX_SCOPES):  # a new scope past the bound evicts the window that advanced least
         assert session.accept_counter(10 + i, f"scope {i}")
     assert len(session._windows) == MAX_SCOPES
     assert "first" not in session._windows
@@ -372,3 +423,29 @@ def test_the_windows_kept_are_bounded_and_an_evicted_scope_still_refuses_replays
     assert session.accept_counter(2, "scope 2")  # the floor is for new windows only: a kept
     assert not session.accept_counter(12, "scope 2")  # one goes on as it was
     assert len(session._windows) == MAX_SCOPES
+
+
+def test_new_scopes_evict_quiet_windows_not_the_ones_taking_the_latest_counters() -> None:
+    """A new subscription joining while the dead ones' windows fill the bound evicts one of
+    those (their counters are old), not a live window: the floor stays below the session's
+    latest counter, and the new scope takes it."""
+    session = _window_session()
+    assert session.accept_counter(1, "live")  # the oldest window, and still in use
+    for i in range(MAX_SCOPES - 1):  # windows of subscriptions that ended since
+        assert session.accept_counter(2 + i, f"dead {i}")
+    latest = MAX_SCOPES + 10
+    assert session.accept_counter(latest, "live")
+    assert session.accept_counter(latest + 1, "live")
+    assert session.accept_counter(latest + 1, "new")  # the same message fanned out to both
+    assert session.accept_counter(latest + 2, "live")
+    assert not session.accept_counter(latest + 1, "live")
+    assert "live" in session._windows
+    assert not session.accept_counter(2, "dead 0")  # evicted: its replay is still refused
+
+
+def test_every_one_of_max_scopes_takes_each_message_of_a_fan_out() -> None:
+    session = _window_session()
+    for counter in (1, 2, 3, 5, 4):
+        taken = [session.accept_counter(counter, scope) for scope in range(MAX_SCOPES)]
+        assert all(taken), counter
+    assert not any(session.accept_counter(4, scope) for scope in range(MAX_SCOPES))
