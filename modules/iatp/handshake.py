@@ -23,15 +23,17 @@ from agent_os.iatp.session import (
 from agent_os.iatp.verifier import EnvelopeVerifier
 
 MAX_SESSIONS_PER_PAIR: Final = 8
-"""Sessions kept per (local agent, peer): a handshake beyond them closes the pair's oldest."""
+"""Sessions kept per (local agent, peer): a handshake beyond them closes one (see
+:class:`SessionManager`)."""
 
 
 class SessionManager:
     """Creates sessions between local and known agents and keeps the live ones.
 
     What it keeps is bounded: at most :data:`MAX_SESSIONS_PER_PAIR` sessions per pair of
-    agents (a handshake beyond them closes the pair's oldest session not used yet, else its
-    oldest: a peer handshaking in a loop replaces its own sessions, it does not add to them),
+    agents (a handshake beyond them closes the pair's expired sessions, then its oldest one not
+    :attr:`~Session.confirmed`, else its oldest: a peer handshaking in a loop replaces its own
+    sessions, it does not add to them),
     and expired sessions are dropped by the handshakes that follow (each a quarter of a
     lifetime after the last sweep, at most)."""
 
@@ -109,6 +111,7 @@ class SessionManager:
             send=r2i,
             recv=i2r,
             keys=(key_id, offer.initiator_key_id),
+            initiator=False,
         )
         return session, answer
 
@@ -137,10 +140,19 @@ class SessionManager:
             send=i2r,
             recv=r2i,
             keys=(offer.initiator_key_id, answer.responder_key_id),
+            initiator=True,
         )
 
     def _install(
-        self, sid: str, local: str, peer: str, *, send: bytes, recv: bytes, keys: tuple[str, str]
+        self,
+        sid: str,
+        local: str,
+        peer: str,
+        *,
+        send: bytes,
+        recv: bytes,
+        keys: tuple[str, str],
+        initiator: bool,
     ) -> Session:
         if (sid, peer) in self.verifier.sessions:
             raise SessionError("the session id is in use")
@@ -152,24 +164,34 @@ class SessionManager:
             for old in list(self.verifier.sessions.values()):
                 if now >= old.expires_at:
                     self.close(old)
-        session = Session(sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1])
+        session = Session(
+            sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1], initiator=initiator
+        )
         kept = self._kept.setdefault((local, peer), deque())
+        for old in [old for old in kept if now >= old.expires_at]:
+            self.close(old)
         while len(kept) >= MAX_SESSIONS_PER_PAIR:
-            # The oldest session not used yet (a handshake whose initiator never finished, or
-            # not yet), else the oldest.
-            self.close(next((old for old in kept if not old.used), kept[0]))
+            # The oldest session the peer is not known to hold (an offer whose answer may never
+            # have reached the initiator), else the oldest.
+            self.close(next((old for old in kept if not old.confirmed), kept[0]))
         self.verifier.sessions[(sid, peer)] = session
-        self.by_pair[(local, peer)] = session
         kept.append(session)
+        if initiator:  # the responder seals with it once confirmed (see for_pair)
+            self.by_pair[(local, peer)] = session
         return session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
-        """The live session ``local`` uses to send to ``peer``, if any."""
+        """The live session ``local`` uses to send to ``peer``, if any: the last one it
+        completed as the initiator, or one it answered that the peer has sent a message in
+        (an answer may never have reached the peer: until then ``local`` signs instead)."""
         if peer is None:
             return None
         session = self.by_pair.get((local, peer))
         if session is None or now_ns >= session.expires_at:
-            return None
+            kept = self._kept.get((local, peer), ())
+            session = next((s for s in reversed(kept) if s.confirmed and now_ns < s.expires_at), None)
+            if session is not None:
+                self.by_pair[(local, peer)] = session
         return session
 
     def key_changed(self, agent_id: str, now_ns: int) -> None:

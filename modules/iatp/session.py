@@ -29,9 +29,11 @@ WINDOW: Final = 1024
 _NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
 _ALL_SEEN: Final = b"\xff" * (WINDOW // 8)  # all set
 MAX_SCOPES: Final = 1024
-"""Replay scopes a session keeps a window for (about 320 bytes each); a new one beyond them
-evicts the window that advanced least (see :meth:`Session.accept_counter`), so subscriptions
-that come and go cannot grow a session."""
+"""Replay scopes a session keeps a window for (about 350 bytes each); a new one beyond them
+evicts the :data:`EVICTED_SCOPES` that advanced least (see :meth:`Session.accept_counter`), so
+subscriptions that come and go cannot grow a session."""
+EVICTED_SCOPES: Final = MAX_SCOPES // 8
+"""Windows evicted at once when a session holds MAX_SCOPES (one sort per that many new scopes)."""
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -175,6 +177,7 @@ class Session:
         "_send_mac",
         "_windows",
         "expires_at",
+        "initiator",
         "local",
         "local_key_id",
         "peer",
@@ -192,8 +195,10 @@ class Session:
         expires_at: int,
         local_key_id: str,
         peer_key_id: str,
+        initiator: bool = False,
     ) -> None:
         self.session_id = session_id
+        self.initiator = initiator  # this side offered the session and completed it
         self.local = local
         self.peer = peer
         self.expires_at = expires_at
@@ -251,21 +256,23 @@ class Session:
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay).
 
-        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the window
-        whose highest counter is lowest (the scope that went quiet longest, such as a
-        subscription that ended), and that counter raises a floor: a window made after that
-        starts at the floor with every counter up to it taken as seen, so a replay into an
-        evicted scope is still refused. Live scopes receive the session's latest counters,
-        above the floor; what is refused this way (failing closed) is described in
-        ``docs/trust.md``, "Sessions"."""
+        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the
+        :data:`EVICTED_SCOPES` windows whose highest counters are lowest (the scopes that went
+        quiet longest, such as subscriptions that ended), and the highest of those counters
+        raises a floor: a window made after that starts at the floor with every counter up to
+        it taken as seen, so a replay into an evicted scope is still refused. Live scopes
+        receive the session's latest counters, above the floor; what is refused this way
+        (failing closed) is described in ``docs/trust.md``, "Sessions"."""
         if counter <= 0:
             return False
         windows = self._windows
         window = windows.get(scope)
         if window is None:
             if len(windows) >= MAX_SCOPES:
-                quietest = min(windows, key=lambda key: windows[key][0])
-                self._floor = max(self._floor, windows.pop(quietest)[0])
+                quietest = sorted(windows, key=lambda key: windows[key][0])[:EVICTED_SCOPES]
+                self._floor = max(self._floor, windows[quietest[-1]][0])
+                for key in quietest:
+                    del windows[key]
             floor = self._floor
             window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN)]
         high, seen = window
@@ -294,9 +301,10 @@ class Session:
         return True
 
     @property
-    def used(self) -> bool:
-        """True once this side sealed a message or accepted one in this session."""
-        return self._counter > 0 or bool(self._windows)
+    def confirmed(self) -> bool:
+        """True when the peer is known to hold this session: this side completed the handshake
+        (the initiator), or accepted a message in it."""
+        return self.initiator or bool(self._windows)
 
     def close(self) -> None:
         """Forget the keys; later messages in this session fail."""

@@ -24,7 +24,7 @@ from agent_os.iatp import (
     _crypto,
 )
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
-from agent_os.iatp.session import MAX_SCOPES, WINDOW
+from agent_os.iatp.session import EVICTED_SCOPES, MAX_SCOPES, WINDOW
 
 
 async def pair(clock: Callable[[], int] | None = None, **options: Any) -> tuple[IATP, IATP]:
@@ -187,17 +187,41 @@ async def test_expired_sessions_are_dropped_by_later_handshakes() -> None:
 
 
 async def test_a_session_in_use_outlasts_handshakes_whose_answers_were_lost() -> None:
-    """Offers whose answers never reach the initiator leave sessions it never uses on the
-    responder's side: the pair's bound closes those first, not the session in use."""
+    """Offers whose answers never reach the initiator leave sessions the peer does not hold on
+    the responder's side. The responder does not seal with them (its messages would be
+    refused), and the pair's bound closes them first, not the session in use."""
     a, b = await pair()
-    used_a, _ = await handshake(a, b)
+    used_a, used_b = await handshake(a, b)
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None  # not confirmed yet
     assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
     for _ in range(MAX_SESSIONS_PER_PAIR + 3):
         pending = await a.offer_session("alice", "bob")
-        await b.accept_session("bob", pending.offer.to_bytes())  # the answer is lost
+        orphan, _ = await b.accept_session("bob", pending.offer.to_bytes())  # the answer is lost
+        orphan.seal(envelope("bob", "alice"))  # sealing does not confirm it: alice never sees it
+        reply = b.sessions.for_pair("bob", "alice", time.time_ns())  # what bob's middleware seals with
+        assert reply is used_b
+        assert a.verify_envelope(sealed(reply, "bob", "alice")).valid
     assert a.sessions.for_pair("alice", "bob", time.time_ns()) is used_a
     assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
     assert len(b.verifier.sessions) == MAX_SESSIONS_PER_PAIR
+
+
+async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
+    clock = Clock()
+    a, b = await pair(clock, session_lifetime=80)  # a sweep at most every 20 s
+    for _ in range(MAX_SESSIONS_PER_PAIR - 1):  # sessions in use, made a second apart
+        made_a, _ = await handshake(a, b)
+        assert b.verify_envelope(sealed(made_a, "alice", "bob", at=clock.now)).valid
+        clock.advance(1)
+    clock.advance(79 - MAX_SESSIONS_PER_PAIR + 1)
+    await handshake(a, b)  # sweeps with nothing expired; the pair is full
+    clock.advance(11)  # all but the last two have expired, and the next sweep is 9 s away
+    fresh_a, _ = await handshake(a, b)
+    in_flight = sealed(fresh_a, "alice", "bob", at=clock.now)
+    clock.advance(1)
+    await handshake(a, b)
+    assert b.verify_envelope(in_flight).valid  # the new session was not closed for them
+    assert len(b.verifier.sessions) == 3
 
 
 async def test_an_offer_reusing_a_live_session_id_is_refused() -> None:
@@ -406,23 +430,26 @@ def test_the_windows_kept_are_bounded_and_an_evicted_scope_still_refuses_replays
     session = _window_session()
     for counter in (1, 2, 3, 7):
         assert session.accept_counter(counter, "first")
-    for i in range(MAX_SCOPES):  # a new scope past the bound evicts the window that advanced least
-        assert session.accept_counter(10 + i, f"scope {i}")
-    assert len(session._windows) == MAX_SCOPES
+    for i in range(MAX_SCOPES):  # the scope past the bound evicts the windows that advanced least
+        assert session.accept_counter(100 + i, f"scope {i}")
+    assert len(session._windows) == MAX_SCOPES - EVICTED_SCOPES + 1
     assert "first" not in session._windows
-    # "first" again: its new window evicts "scope 0" (highest counter 10) and starts at the
-    # floor, the highest counter of the windows evicted: 10
+    # Evicted: "first" and scopes 0 .. EVICTED_SCOPES - 2, whose highest counter is the floor.
+    floor = 100 + EVICTED_SCOPES - 2
+    assert "scope 0" not in session._windows
+    assert f"scope {EVICTED_SCOPES - 1}" in session._windows
+    # "first" again: a new window starting at the floor, every counter up to it taken as seen
     for replay in (1, 2, 3, 7):
         assert not session.accept_counter(replay, "first")
     assert not session.accept_counter(8, "first")  # never seen, but below the floor: refused
-    assert not session.accept_counter(10, "first")
-    assert session.accept_counter(11, "first")  # above it: accepted, once
-    assert not session.accept_counter(11, "first")
-    assert session.accept_counter(10 + WINDOW - 3, "first")
-    assert session.accept_counter(12, "first")  # skipped by that jump and within the window
-    assert session.accept_counter(2, "scope 2")  # the floor is for new windows only: a kept
-    assert not session.accept_counter(12, "scope 2")  # one goes on as it was
-    assert len(session._windows) == MAX_SCOPES
+    assert not session.accept_counter(floor, "first")
+    assert session.accept_counter(floor + 1, "first")  # above it: accepted, once
+    assert not session.accept_counter(floor + 1, "first")
+    assert session.accept_counter(floor + WINDOW - 3, "first")
+    assert session.accept_counter(floor + 2, "first")  # skipped by that jump and within the window
+    kept = f"scope {EVICTED_SCOPES}"  # the floor is for new windows only: a kept one goes on
+    assert session.accept_counter(50, kept)  # as it was
+    assert not session.accept_counter(100 + EVICTED_SCOPES, kept)
 
 
 def test_new_scopes_evict_quiet_windows_not_the_ones_taking_the_latest_counters() -> None:
