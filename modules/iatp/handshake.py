@@ -175,23 +175,17 @@ class SessionManager:
             # have reached the initiator), else the oldest.
             self.close(next((old for old in kept if not old.confirmed), kept[0]))
         self.verifier.sessions[(sid, peer)] = session
+        self.by_pair[(local, peer)] = session
         kept.append(session)
-        if initiator:  # the responder seals with it once confirmed (see for_pair)
-            self.by_pair[(local, peer)] = session
         return session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
-        """The live session ``local`` uses to send to ``peer``, if any: the last one it
-        completed as the initiator, or one it answered that the peer has sent a message in
-        (an answer may never have reached the peer: until then ``local`` signs instead)."""
+        """The live session ``local`` uses to send to ``peer``, if any."""
         if peer is None:
             return None
         session = self.by_pair.get((local, peer))
         if session is None or now_ns >= session.expires_at:
-            kept = self._kept.get((local, peer), ())
-            session = next((s for s in reversed(kept) if s.confirmed and now_ns < s.expires_at), None)
-            if session is not None:
-                self.by_pair[(local, peer)] = session
+            return None
         return session
 
     def key_changed(self, agent_id: str, now_ns: int) -> None:

@@ -303,7 +303,8 @@ class Session:
     @property
     def confirmed(self) -> bool:
         """True when the peer is known to hold this session: this side completed the handshake
-        (the initiator), or accepted a message in it."""
+        (the initiator), or accepted a message in it (a message this side sealed proves
+        nothing: the answer to the offer may never have reached the initiator)."""
         return self.initiator or bool(self._windows)
 
     def close(self) -> None:

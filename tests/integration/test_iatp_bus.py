@@ -24,6 +24,7 @@ import pytest
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
 from agent_os.iatp.errors import IATPConfigError
+from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
 from tests.support import Collector, wait_until
 
 BACKENDS = [
@@ -379,6 +380,44 @@ async def test_publishing_as_an_agent_without_a_key_is_refused(make_client: Fact
     client = await make_client(agent_id="nobody", middleware=[iatp.middleware()])
     with pytest.raises(SigningRejected):
         await client.publish("iatp.any", "x")
+
+
+async def test_after_a_loop_of_handshakes_both_sides_still_seal_in_a_session_they_share(
+    make_client: Factory, subject: str
+) -> None:
+    """bob starts a session to alice and talks in it; alice then handshakes more times than
+    a pair keeps sessions (a reconnect loop, say) and talks in the last. Each side closes
+    different sessions to stay within the bound, and both still seal in one the other holds."""
+    a, b = IATP(), IATP()
+    await a.register_agent("alice")
+    await b.register_agent("bob")
+    await a.add_identity(b.identity("bob"))
+    await b.add_identity(a.identity("alice"))
+    guard_a = IATPMiddleware(a)
+    alice = await make_client(agent_id="alice", middleware=[guard_a])
+    bob = await make_client(agent_id="bob", middleware=[IATPMiddleware(b)])
+    to_alice, to_bob = Collector(), Collector()
+    await alice.subscribe(f"{subject}.to_alice", to_alice)
+    await bob.subscribe(f"{subject}.to_bob", to_bob)
+
+    async def handshake(initiator: IATP, local: str, responder: IATP, peer: str) -> None:
+        pending = await initiator.offer_session(local, peer)
+        _, answer = await responder.accept_session(peer, pending.offer.to_bytes())
+        await initiator.complete_session(pending, answer)
+
+    await handshake(b, "bob", a, "alice")
+    await bob.publish(f"{subject}.to_alice", "first", recipient="alice")
+    await to_alice.wait_for(1)
+    for _ in range(MAX_SESSIONS_PER_PAIR + 1):
+        await handshake(a, "alice", b, "bob")
+    await alice.publish(f"{subject}.to_bob", "hello", recipient="bob")
+    await to_bob.wait_for(1)
+    await bob.publish(f"{subject}.to_alice", "reply", recipient="alice")
+    await to_alice.wait_for(2)
+    assert to_alice.messages == ["first", "reply"]
+    schemes = {m.signature.scheme for m in [*to_alice.metadata, *to_bob.metadata] if m.signature}
+    assert schemes == {"iatp-session-v1"}
+    assert not guard_a.rejected
 
 
 async def test_session_mode_over_the_bus(make_client: Factory, subject: str) -> None:
