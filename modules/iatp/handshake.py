@@ -31,9 +31,9 @@ class SessionManager:
     """Creates sessions between local and known agents and keeps the live ones.
 
     What it keeps is bounded: at most :data:`MAX_SESSIONS_PER_PAIR` sessions per pair of
-    agents (a handshake beyond them closes the pair's expired sessions, then its oldest one not
-    :attr:`~Session.confirmed`, else its oldest: a peer handshaking in a loop replaces its own
-    sessions, it does not add to them),
+    agents (a handshake beyond them closes the pair's expired sessions, then one chosen by
+    :func:`_to_close`: a peer handshaking in a loop replaces its own sessions, it does not add
+    to them),
     and expired sessions are dropped by the handshakes that follow (each a quarter of a
     lifetime after the last sweep, at most)."""
 
@@ -154,7 +154,7 @@ class SessionManager:
         keys: tuple[str, str],
         initiator: bool,
     ) -> Session:
-        if (sid, peer) in self.verifier.sessions:
+        if (sid, peer) in self.verifier.sessions:  # live, or expired and not swept yet
             raise SessionError("the session id is in use")
         now = self.verifier.clock()
         interval = max(self.lifetime_ns // 4, 1)
@@ -167,16 +167,15 @@ class SessionManager:
         session = Session(
             sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1], initiator=initiator
         )
-        kept = self._kept.setdefault((local, peer), deque())
-        for old in [old for old in kept if now >= old.expires_at]:
+        pair = (local, peer)
+        for old in [old for old in self._kept.get(pair, ()) if now >= old.expires_at]:
             self.close(old)
-        while len(kept) >= MAX_SESSIONS_PER_PAIR:
-            # The oldest session the peer is not known to hold (an offer whose answer may never
-            # have reached the initiator), else the oldest.
-            self.close(next((old for old in kept if not old.confirmed), kept[0]))
-        self.verifier.sessions[(sid, peer)] = session
-        self.by_pair[(local, peer)] = session
+        kept = self._kept.setdefault(pair, deque())
         kept.append(session)
+        self.verifier.sessions[(sid, peer)] = session
+        self.by_pair[pair] = session
+        while len(kept) > MAX_SESSIONS_PER_PAIR:
+            self.close(_to_close(kept))
         return session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
@@ -219,6 +218,18 @@ class SessionManager:
                 kept.remove(session)
             if not kept:
                 del self._kept[pair]
+
+
+def _to_close(kept: deque[Session]) -> Session:
+    """The session a full pair closes (``kept`` oldest first, the new one last): never the
+    newest this side initiated nor the newest it answered (the peer's last handshake made one
+    of them the session it seals in, even when both sides offered at once); of the others, the
+    oldest the peer is not known to hold (an offer whose answer may never have reached the
+    initiator), else the oldest."""
+    newest_initiated = next((s for s in reversed(kept) if s.initiator), None)
+    newest_answered = next((s for s in reversed(kept) if not s.initiator), None)
+    others = [s for s in kept if s is not newest_initiated and s is not newest_answered]
+    return next((s for s in others if not s.confirmed), others[0])
 
 
 def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:

@@ -29,11 +29,10 @@ WINDOW: Final = 1024
 _NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
 _ALL_SEEN: Final = b"\xff" * (WINDOW // 8)  # all set
 MAX_SCOPES: Final = 1024
-"""Replay scopes a session keeps a window for (about 350 bytes each); a new one beyond them
-evicts the :data:`EVICTED_SCOPES` that advanced least (see :meth:`Session.accept_counter`), so
-subscriptions that come and go cannot grow a session."""
-EVICTED_SCOPES: Final = MAX_SCOPES // 8
-"""Windows evicted at once when a session holds MAX_SCOPES (one sort per that many new scopes)."""
+"""Replay windows (about 350 bytes each) a session holds before a new scope makes it drop
+those gone quiet (see :meth:`Session.accept_counter`), so subscriptions that come and go
+cannot grow a session."""
+_MORE_SCOPES: Final = MAX_SCOPES // 8  # new scopes between two looks for quiet windows, at least
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -174,6 +173,7 @@ class Session:
         "_counter",
         "_floor",
         "_recv_mac",
+        "_room",
         "_send_mac",
         "_windows",
         "expires_at",
@@ -211,7 +211,8 @@ class Session:
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
         self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, bits seen]
-        self._floor = 0  # the highest counter of an evicted window (see accept_counter)
+        self._floor = 0  # the highest counter of a dropped window (see accept_counter)
+        self._room = MAX_SCOPES  # windows held before the next look for quiet ones
 
     def __repr__(self) -> str:
         return f"Session({self.session_id[:8]}…, local={self.local!r}, peer={self.peer!r})"
@@ -256,23 +257,19 @@ class Session:
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay).
 
-        At most :data:`MAX_SCOPES` windows are kept. A new scope beyond them evicts the
-        :data:`EVICTED_SCOPES` windows whose highest counters are lowest (the scopes that went
-        quiet longest, such as subscriptions that ended), and the highest of those counters
-        raises a floor: a window made after that starts at the floor with every counter up to
-        it taken as seen, so a replay into an evicted scope is still refused. Live scopes
-        receive the session's latest counters, above the floor; what is refused this way
-        (failing closed) is described in ``docs/trust.md``, "Sessions"."""
+        Windows that went quiet are dropped: when a new scope finds :data:`MAX_SCOPES` windows
+        or more, those that took none of the session's last WINDOW counters go (subscriptions
+        that ended, above all), and the highest counter among them raises a floor: a window
+        made after that starts at the floor with every counter up to it taken as seen, so a
+        replay into a dropped scope is still refused. Scopes still taking messages keep their
+        windows, however many there are; the next look is at least 128 new scopes later."""
         if counter <= 0:
             return False
         windows = self._windows
         window = windows.get(scope)
         if window is None:
-            if len(windows) >= MAX_SCOPES:
-                quietest = sorted(windows, key=lambda key: windows[key][0])[:EVICTED_SCOPES]
-                self._floor = max(self._floor, windows[quietest[-1]][0])
-                for key in quietest:
-                    del windows[key]
+            if len(windows) >= self._room:
+                self._drop_quiet_windows()
             floor = self._floor
             window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN)]
         high, seen = window
@@ -299,6 +296,18 @@ class Session:
             return False
         seen[byte] |= bit
         return True
+
+    def _drop_quiet_windows(self) -> None:
+        """Drop the windows whose highest counter is WINDOW or more below the session's highest
+        (raising the floor to theirs), and set when to look again (see accept_counter)."""
+        windows = self._windows
+        quiet_below = max(window[0] for window in windows.values()) - WINDOW
+        quiet = [key for key, window in windows.items() if window[0] <= quiet_below]
+        if quiet:
+            self._floor = max(self._floor, *(windows[key][0] for key in quiet))
+            for key in quiet:
+                del windows[key]
+        self._room = max(MAX_SCOPES, len(windows) + _MORE_SCOPES)
 
     @property
     def confirmed(self) -> bool:

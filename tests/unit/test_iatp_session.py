@@ -24,7 +24,7 @@ from agent_os.iatp import (
     _crypto,
 )
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
-from agent_os.iatp.session import EVICTED_SCOPES, MAX_SCOPES, WINDOW
+from agent_os.iatp.session import MAX_SCOPES, WINDOW
 
 
 async def pair(clock: Callable[[], int] | None = None, **options: Any) -> tuple[IATP, IATP]:
@@ -204,6 +204,30 @@ async def test_a_session_in_use_outlasts_handshakes_whose_answers_were_lost() ->
     assert len(b.verifier.sessions) == MAX_SESSIONS_PER_PAIR
 
 
+async def test_sessions_renewed_by_both_sides_at_once_keep_working() -> None:
+    """Both agents offer at the same moment, round after round: each side must not close the
+    session the other is about to seal in (its newest, just answered) when the pair is full."""
+    a, b = await pair()
+    for _ in range(MAX_SESSIONS_PER_PAIR):
+        from_a = await a.offer_session("alice", "bob")
+        from_b = await b.offer_session("bob", "alice")
+        _, answer_to_a = await b.accept_session("bob", from_a.offer.to_bytes())
+        _, answer_to_b = await a.accept_session("alice", from_b.offer.to_bytes())
+        await a.complete_session(from_a, answer_to_a)
+        await b.complete_session(from_b, answer_to_b)
+        now = time.time_ns()
+        sending_a, sending_b = (
+            a.sessions.for_pair("alice", "bob", now),
+            b.sessions.for_pair("bob", "alice", now),
+        )
+        assert sending_a is not None
+        assert sending_b is not None
+        assert b.verify_envelope(sealed(sending_a, "alice", "bob")).valid
+        assert a.verify_envelope(sealed(sending_b, "bob", "alice")).valid
+        for process in (a, b):
+            assert len(process.verifier.sessions) <= MAX_SESSIONS_PER_PAIR
+
+
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
     clock = Clock()
     a, b = await pair(clock, session_lifetime=80)  # a sweep at most every 20 s
@@ -220,6 +244,25 @@ async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> 
     await handshake(a, b)
     assert b.verify_envelope(in_flight).valid  # the new session was not closed for them
     assert len(b.verifier.sessions) == 3
+
+
+async def test_a_pair_whose_sessions_all_expired_between_sweeps_stays_within_its_bound() -> None:
+    """Closing the pair's expired sessions emptied its list, which was then dropped while the
+    new session went into it: that session was never counted, and the pair kept one more."""
+    clock = Clock()
+    a, b = await pair(clock, session_lifetime=100)  # a sweep at most every 25 s
+    await a.register_agent("carol")
+    await b.add_identity(a.identity("carol"))
+    await handshake(a, b)
+    clock.advance(90)
+    pending = await a.offer_session("carol", "bob")  # another pair's handshake: a sweep now
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    await a.complete_session(pending, answer)
+    clock.advance(15)  # alice's first session has expired, and no sweep is due
+    for _ in range(MAX_SESSIONS_PER_PAIR + 3):
+        await handshake(a, b)
+    alices = [s for s in b.verifier.sessions.values() if s.peer == "alice"]
+    assert len(alices) == MAX_SESSIONS_PER_PAIR
 
 
 async def test_an_offer_reusing_a_live_session_id_is_refused() -> None:
@@ -424,53 +467,57 @@ def test_every_jump_clears_exactly_the_counters_it_skips(start: int) -> None:
             assert session.accept_counter(counter) is want, (gap, counter)
 
 
-def test_the_windows_kept_are_bounded_and_an_evicted_scope_still_refuses_replays() -> None:
+def test_windows_gone_quiet_are_dropped_and_their_scopes_still_refuse_replays() -> None:
     session = _window_session()
     for counter in (1, 2, 3, 7):
         assert session.accept_counter(counter, "first")
-    for i in range(MAX_SCOPES):  # the scope past the bound evicts the windows that advanced least
-        assert session.accept_counter(100 + i, f"scope {i}")
-    assert len(session._windows) == MAX_SCOPES - EVICTED_SCOPES + 1
-    assert "first" not in session._windows
-    # Evicted: "first" and scopes 0 .. EVICTED_SCOPES - 2, whose highest counter is the floor.
-    floor = 100 + EVICTED_SCOPES - 2
-    assert "scope 0" not in session._windows
-    assert f"scope {EVICTED_SCOPES - 1}" in session._windows
-    # "first" again: a new window starting at the floor, every counter up to it taken as seen
+    for i in range(MAX_SCOPES):  # scopes taking later counters; "first" goes quiet
+        assert session.accept_counter(2000 + i, f"scope {i}")
+    assert "first" not in session._windows  # dropped when the bound was reached
+    assert len(session._windows) == MAX_SCOPES
+    # "first" again: a new window starting at the floor (7), every counter up to it taken as seen
     for replay in (1, 2, 3, 7):
         assert not session.accept_counter(replay, "first")
-    assert not session.accept_counter(8, "first")  # never seen, but below the floor: refused
-    assert not session.accept_counter(floor, "first")
-    assert session.accept_counter(floor + 1, "first")  # above it: accepted, once
-    assert not session.accept_counter(floor + 1, "first")
-    assert session.accept_counter(floor + WINDOW - 3, "first")
-    assert session.accept_counter(floor + 2, "first")  # skipped by that jump and within the window
-    kept = f"scope {EVICTED_SCOPES}"  # the floor is for new windows only: a kept one goes on
-    assert session.accept_counter(50, kept)  # as it was
-    assert not session.accept_counter(100 + EVICTED_SCOPES, kept)
+    assert not session.accept_counter(5, "first")  # never seen, but below the floor: refused
+    assert session.accept_counter(8, "first")  # above it: accepted, once
+    assert not session.accept_counter(8, "first")
+    assert session.accept_counter(7 + WINDOW - 3, "first")
+    assert session.accept_counter(9, "first")  # skipped by that jump and within the window
+    assert session.accept_counter(1995, "scope 0")  # the floor is for new windows only: a kept
+    assert not session.accept_counter(2000, "scope 0")  # one goes on as it was
 
 
-def test_new_scopes_evict_quiet_windows_not_the_ones_taking_the_latest_counters() -> None:
-    """A new subscription joining while the dead ones' windows fill the bound evicts one of
-    those (their counters are old), not a live window: the floor stays below the session's
-    latest counter, and the new scope takes it."""
+def test_scopes_that_come_and_go_keep_the_windows_bounded() -> None:
+    """A subscription per message (each scope takes one counter and is never seen again)."""
+    session = _window_session()
+    for counter in range(1, 5 * MAX_SCOPES):
+        assert session.accept_counter(counter, f"scope {counter}")
+        assert len(session._windows) <= MAX_SCOPES + MAX_SCOPES // 8
+    assert not session.accept_counter(1, "scope 1")  # long dropped: refused by the floor
+    assert not session.accept_counter(1, "scope 2")
+
+
+def test_every_live_scope_takes_each_message_however_many_there_are() -> None:
+    """Scopes that keep taking the session's messages keep their windows: a message fanned out
+    to more than MAX_SCOPES subscriptions is taken by each (the reviewed bug: a bound on
+    live windows refused some of them every message)."""
+    session = _window_session()
+    scopes = range(MAX_SCOPES + 300)
+    for counter in (1, 2, 3, 5, 4, *range(6, 40)):
+        taken = [session.accept_counter(counter, scope) for scope in scopes]
+        assert all(taken), counter
+    assert not any(session.accept_counter(4, scope) for scope in scopes)
+
+
+def test_new_scopes_do_not_drop_the_window_of_an_old_scope_still_in_use() -> None:
     session = _window_session()
     assert session.accept_counter(1, "live")  # the oldest window, and still in use
-    for i in range(MAX_SCOPES - 1):  # windows of subscriptions that ended since
+    for i in range(MAX_SCOPES):  # windows of subscriptions that ended since
         assert session.accept_counter(2 + i, f"dead {i}")
-    latest = MAX_SCOPES + 10
+    latest = MAX_SCOPES + WINDOW + 10
     assert session.accept_counter(latest, "live")
-    assert session.accept_counter(latest + 1, "live")
-    assert session.accept_counter(latest + 1, "new")  # the same message fanned out to both
-    assert session.accept_counter(latest + 2, "live")
+    assert session.accept_counter(latest + 1, "new")  # dead windows go quiet and are dropped
+    assert session.accept_counter(latest + 1, "live")  # the same message fanned out to both
     assert not session.accept_counter(latest + 1, "live")
     assert "live" in session._windows
-    assert not session.accept_counter(2, "dead 0")  # evicted: its replay is still refused
-
-
-def test_every_one_of_max_scopes_takes_each_message_of_a_fan_out() -> None:
-    session = _window_session()
-    for counter in (1, 2, 3, 5, 4):
-        taken = [session.accept_counter(counter, scope) for scope in range(MAX_SCOPES)]
-        assert all(taken), counter
-    assert not any(session.accept_counter(4, scope) for scope in range(MAX_SCOPES))
+    assert not session.accept_counter(2, "dead 0")  # dropped: its replay is still refused
