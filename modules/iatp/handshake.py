@@ -24,7 +24,9 @@ from agent_os.iatp.verifier import EnvelopeVerifier
 
 MAX_SESSIONS_PER_PAIR: Final = 8
 """Sessions kept per (local agent, peer): a handshake beyond them closes one (see
-:class:`SessionManager`)."""
+:func:`_to_close`)."""
+MAX_UNCONFIRMED: Final = 4
+"""Sessions of a pair the peer is not known to hold that a full pair keeps (see _to_close)."""
 
 
 class SessionManager:
@@ -221,15 +223,19 @@ class SessionManager:
 
 
 def _to_close(kept: deque[Session]) -> Session:
-    """The session a full pair closes (``kept`` oldest first, the new one last): never the
-    newest this side initiated nor the newest it answered (the peer's last handshake made one
-    of them the session it seals in, even when both sides offered at once); of the others, the
-    oldest the peer is not known to hold (an offer whose answer may never have reached the
-    initiator), else the oldest."""
+    """The session a full pair closes (``kept`` oldest first, the new one last). When more
+    than :data:`MAX_UNCONFIRMED` of them are sessions the peer is not known to hold (offers
+    whose answers may never have reached the initiator), the oldest of those. Else the oldest
+    that is neither the newest this side initiated nor the newest it answered: the peer's last
+    handshake made one of those the session it seals in (both sides may offer at once), and
+    a peer completing its offers out of order seals in another answered one, so an answered
+    session is not closed for being unconfirmed alone."""
+    unconfirmed = [s for s in kept if not s.confirmed]
+    if len(unconfirmed) > MAX_UNCONFIRMED:
+        return unconfirmed[0]
     newest_initiated = next((s for s in reversed(kept) if s.initiator), None)
     newest_answered = next((s for s in reversed(kept) if not s.initiator), None)
-    others = [s for s in kept if s is not newest_initiated and s is not newest_answered]
-    return next((s for s in others if not s.confirmed), others[0])
+    return next(s for s in kept if s is not newest_initiated and s is not newest_answered)
 
 
 def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:

@@ -32,6 +32,8 @@ MAX_SCOPES: Final = 1024
 """Replay windows (about 350 bytes each) a session holds before a new scope makes it drop
 those gone quiet (see :meth:`Session.accept_counter`), so subscriptions that come and go
 cannot grow a session."""
+MOST_SCOPES: Final = 4 * MAX_SCOPES
+"""Windows a session never holds more of: beyond them the quietest go even if not quiet."""
 _MORE_SCOPES: Final = MAX_SCOPES // 8  # new scopes between two looks for quiet windows, at least
 OPENED: Final = 0
 BAD_MAC: Final = 1
@@ -170,6 +172,7 @@ class Session:
     """
 
     __slots__ = (
+        "_accepted",
         "_counter",
         "_floor",
         "_recv_mac",
@@ -210,7 +213,9 @@ class Session:
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
-        self._windows: dict[Any, list[Any]] = {}  # scope -> [highest counter, bits seen]
+        # scope -> [highest counter, bits seen, self._accepted when it last accepted one]
+        self._windows: dict[Any, list[Any]] = {}
+        self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
         self._floor = 0  # the highest counter of a dropped window (see accept_counter)
         self._room = MAX_SCOPES  # windows held before the next look for quiet ones
 
@@ -262,7 +267,10 @@ class Session:
         that ended, above all), and the highest counter among them raises a floor: a window
         made after that starts at the floor with every counter up to it taken as seen, so a
         replay into a dropped scope is still refused. Scopes still taking messages keep their
-        windows, however many there are; the next look is at least 128 new scopes later."""
+        windows, up to :data:`MOST_SCOPES`: beyond that, those that accepted a message least
+        recently (by this side's count of accepted messages, which the peer cannot hold back)
+        go too. The next look is at least 128 new scopes later (``docs/trust.md``,
+        "Sessions")."""
         if counter <= 0:
             return False
         windows = self._windows
@@ -271,8 +279,8 @@ class Session:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
             floor = self._floor
-            window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN)]
-        high, seen = window
+            window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN), self._accepted]
+        high, seen, _ = window
         # Bit c % WINDOW of ``seen`` says whether counter c was accepted, for every c in
         # (high - WINDOW, high]: a new highest counter takes over the bits of the counters it
         # skipped (cleared) and its own (set); an older one is checked and set in its bit.
@@ -291,23 +299,31 @@ class Session:
                     _clear(seen, 0, first + gap - 1 - WINDOW)
             seen[byte] |= bit
             window[0] = counter
+            self._accepted = window[2] = self._accepted + 1
             return True
         if high - counter >= WINDOW or seen[byte] & bit:
             return False
         seen[byte] |= bit
+        self._accepted = window[2] = self._accepted + 1
         return True
 
     def _drop_quiet_windows(self) -> None:
-        """Drop the windows whose highest counter is WINDOW or more below the session's highest
-        (raising the floor to theirs), and set when to look again (see accept_counter)."""
+        """Drop the windows gone quiet, and the longest unused others beyond MOST_SCOPES,
+        raising the floor to their highest counter; set when to look again (see
+        accept_counter)."""
         windows = self._windows
-        quiet_below = max(window[0] for window in windows.values()) - WINDOW
-        quiet = [key for key, window in windows.items() if window[0] <= quiet_below]
+        # Quiet: none of the session's last WINDOW counters taken (a scope that drained its
+        # queue before the others did is not quiet: it has taken the newest counters too).
+        quiet_until = max(window[0] for window in windows.values()) - WINDOW
+        quiet = [key for key, window in windows.items() if window[0] <= quiet_until]
+        if len(windows) - len(quiet) >= MOST_SCOPES:
+            by_last_use = sorted(windows, key=lambda key: windows[key][2])
+            quiet = by_last_use[: len(windows) - MOST_SCOPES + _MORE_SCOPES]
         if quiet:
             self._floor = max(self._floor, *(windows[key][0] for key in quiet))
             for key in quiet:
                 del windows[key]
-        self._room = max(MAX_SCOPES, len(windows) + _MORE_SCOPES)
+        self._room = min(max(MAX_SCOPES, len(windows) + _MORE_SCOPES), MOST_SCOPES)
 
     @property
     def confirmed(self) -> bool:

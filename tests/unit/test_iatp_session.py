@@ -24,7 +24,7 @@ from agent_os.iatp import (
     _crypto,
 )
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
-from agent_os.iatp.session import MAX_SCOPES, WINDOW
+from agent_os.iatp.session import MAX_SCOPES, MOST_SCOPES, WINDOW
 
 
 async def pair(clock: Callable[[], int] | None = None, **options: Any) -> tuple[IATP, IATP]:
@@ -226,6 +226,24 @@ async def test_sessions_renewed_by_both_sides_at_once_keep_working() -> None:
         assert a.verify_envelope(sealed(sending_b, "bob", "alice")).valid
         for process in (a, b):
             assert len(process.verifier.sessions) <= MAX_SESSIONS_PER_PAIR
+
+
+async def test_a_peer_completing_its_offers_out_of_order_keeps_its_session() -> None:
+    """Two of alice's tasks race for a session: bob answers both offers, alice completes the
+    second first and seals in the first. A full pair on bob's side must not close it for not
+    having been used yet."""
+    a, b = await pair()
+    for _ in range(MAX_SESSIONS_PER_PAIR - 1):
+        used_a, _ = await handshake(a, b)
+        assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
+    first = await a.offer_session("alice", "bob")
+    second = await a.offer_session("alice", "bob")
+    _, answer_first = await b.accept_session("bob", first.offer.to_bytes())
+    _, answer_second = await b.accept_session("bob", second.offer.to_bytes())  # the pair is full
+    await a.complete_session(second, answer_second)
+    sealing = await a.complete_session(first, answer_first)
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is sealing
+    assert b.verify_envelope(sealed(sealing, "alice", "bob")).valid
 
 
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
@@ -471,9 +489,12 @@ def test_windows_gone_quiet_are_dropped_and_their_scopes_still_refuse_replays() 
     session = _window_session()
     for counter in (1, 2, 3, 7):
         assert session.accept_counter(counter, "first")
-    for i in range(MAX_SCOPES):  # scopes taking later counters; "first" goes quiet
-        assert session.accept_counter(2000 + i, f"scope {i}")
-    assert "first" not in session._windows  # dropped when the bound was reached
+    for counter in range(2000, 2000 + 3 * WINDOW):  # "first" goes quiet
+        assert session.accept_counter(counter, "busy")
+    for i in range(MAX_SCOPES - 1):  # the scope reaching the bound drops the quiet windows
+        assert session.accept_counter(5000 + i, f"scope {i}")
+    assert "first" not in session._windows
+    assert "busy" in session._windows
     assert len(session._windows) == MAX_SCOPES
     # "first" again: a new window starting at the floor (7), every counter up to it taken as seen
     for replay in (1, 2, 3, 7):
@@ -483,27 +504,39 @@ def test_windows_gone_quiet_are_dropped_and_their_scopes_still_refuse_replays() 
     assert not session.accept_counter(8, "first")
     assert session.accept_counter(7 + WINDOW - 3, "first")
     assert session.accept_counter(9, "first")  # skipped by that jump and within the window
-    assert session.accept_counter(1995, "scope 0")  # the floor is for new windows only: a kept
-    assert not session.accept_counter(2000, "scope 0")  # one goes on as it was
+    busy_top = 2000 + 3 * WINDOW - 1
+    assert not session.accept_counter(busy_top - WINDOW + 1, "busy")  # seen: the window kept as it was
+    assert session.accept_counter(busy_top + 1, "busy")
 
 
 def test_scopes_that_come_and_go_keep_the_windows_bounded() -> None:
-    """A subscription per message (each scope takes one counter and is never seen again)."""
+    """A subscription per message (each scope takes one counter and is never seen again): the
+    windows stay within MOST_SCOPES, and the dropped scopes refuse their replays."""
     session = _window_session()
-    for counter in range(1, 5 * MAX_SCOPES):
+    for counter in range(1, MOST_SCOPES + 3 * MAX_SCOPES):
         assert session.accept_counter(counter, f"scope {counter}")
-        assert len(session._windows) <= MAX_SCOPES + MAX_SCOPES // 8
-    assert not session.accept_counter(1, "scope 1")  # long dropped: refused by the floor
-    assert not session.accept_counter(1, "scope 2")
+        assert len(session._windows) <= MOST_SCOPES
+    assert not session.accept_counter(1, "scope 1")
+
+
+def test_a_peer_keeping_its_counters_low_cannot_grow_a_session() -> None:
+    """A peer reusing counters 1 to 1,000 in every new scope keeps every window from going
+    quiet by its counters; the windows still stay within MOST_SCOPES (the longest unused go,
+    and what the peer sends below the floor is refused: failing closed)."""
+    session = _window_session()
+    for i in range(MOST_SCOPES + 3 * MAX_SCOPES):
+        session.accept_counter(i % 1000 + 1, f"scope {i}")
+        assert len(session._windows) <= MOST_SCOPES
 
 
 def test_every_live_scope_takes_each_message_however_many_there_are() -> None:
     """Scopes that keep taking the session's messages keep their windows: a message fanned out
-    to more than MAX_SCOPES subscriptions is taken by each (the reviewed bug: a bound on
-    live windows refused some of them every message)."""
+    to more than MAX_SCOPES subscriptions, in any order, is taken by each (the reviewed bug: a
+    bound on live windows refused some of them every message)."""
     session = _window_session()
-    scopes = range(MAX_SCOPES + 300)
+    scopes = list(range(MAX_SCOPES + 300))
     for counter in (1, 2, 3, 5, 4, *range(6, 40)):
+        scopes.reverse()
         taken = [session.accept_counter(counter, scope) for scope in scopes]
         assert all(taken), counter
     assert not any(session.accept_counter(4, scope) for scope in scopes)
@@ -512,12 +545,21 @@ def test_every_live_scope_takes_each_message_however_many_there_are() -> None:
 def test_new_scopes_do_not_drop_the_window_of_an_old_scope_still_in_use() -> None:
     session = _window_session()
     assert session.accept_counter(1, "live")  # the oldest window, and still in use
-    for i in range(MAX_SCOPES):  # windows of subscriptions that ended since
+    for i in range(MOST_SCOPES + MAX_SCOPES):  # windows of subscriptions that ended since
         assert session.accept_counter(2 + i, f"dead {i}")
-    latest = MAX_SCOPES + WINDOW + 10
-    assert session.accept_counter(latest, "live")
-    assert session.accept_counter(latest + 1, "new")  # dead windows go quiet and are dropped
-    assert session.accept_counter(latest + 1, "live")  # the same message fanned out to both
-    assert not session.accept_counter(latest + 1, "live")
+        if i % 100 == 0:
+            assert session.accept_counter(10_000 + i, "live")
     assert "live" in session._windows
-    assert not session.accept_counter(2, "dead 0")  # dropped: its replay is still refused
+    assert "dead 0" not in session._windows  # dropped: its replay is still refused
+    assert not session.accept_counter(2, "dead 0")
+    assert session.accept_counter(20_000, "live")
+    assert session.accept_counter(20_000, "new")  # the same message fanned out to both
+
+
+def test_scopes_draining_their_backlogs_one_after_another_each_take_every_message() -> None:
+    """Each subscription's task takes its whole queue before the next one runs (the bus with
+    many subscriptions to one topic): the scopes that drained first are not quiet."""
+    session = _window_session()
+    for scope in range(MAX_SCOPES + 6):
+        taken = [session.accept_counter(counter, scope) for counter in range(1, 31)]
+        assert all(taken), scope
