@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 from collections import deque
 from dataclasses import replace
 from typing import Final
@@ -46,6 +47,7 @@ class SessionManager:
         self.by_pair: dict[tuple[str, str], Session] = {}
         self._kept: dict[tuple[str, str], deque[Session]] = {}  # (local, peer) -> oldest first
         self._sweep_at = 0  # when the next handshake drops the expired sessions
+        self._offers = itertools.count(1)  # PendingSession.order
 
     def _signing(self, agent_id: str) -> tuple[str, bytes]:
         held = self.registry.signing_key(agent_id)
@@ -76,7 +78,9 @@ class SessionManager:
         eph_public, eph_secret = _crypto.x25519_keypair()
         offer = SessionOffer(new_session_id(), local, key_id, peer, eph_public, self.verifier.clock())
         return PendingSession(
-            replace(offer, signature=_crypto.sign(secret, offer.signed_bytes())), eph_secret
+            replace(offer, signature=_crypto.sign(secret, offer.signed_bytes())),
+            eph_secret,
+            next(self._offers),
         )
 
     def accept(self, local: str, offer: SessionOffer) -> tuple[Session, SessionAnswer]:
@@ -143,6 +147,7 @@ class SessionManager:
             recv=r2i,
             keys=(offer.initiator_key_id, answer.responder_key_id),
             initiator=True,
+            order=pending.order,
         )
 
     def _install(
@@ -155,6 +160,7 @@ class SessionManager:
         recv: bytes,
         keys: tuple[str, str],
         initiator: bool,
+        order: int = 0,
     ) -> Session:
         if (sid, peer) in self.verifier.sessions:  # live, or expired and not swept yet
             raise SessionError("the session id is in use")
@@ -167,7 +173,7 @@ class SessionManager:
                 if now >= old.expires_at:
                     self.close(old)
         session = Session(
-            sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1], initiator=initiator
+            sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1], initiator, order
         )
         pair = (local, peer)
         for old in [old for old in self._kept.get(pair, ()) if now >= old.expires_at]:
@@ -175,9 +181,17 @@ class SessionManager:
         kept = self._kept.setdefault(pair, deque())
         kept.append(session)
         self.verifier.sessions[(sid, peer)] = session
-        self.by_pair[pair] = session
+        sending = self.by_pair.get(pair)
+        # The session to seal in: the newest; of two this side offered, the one offered last
+        # (answers to racing offers may come in any order; the responder keeps the newest).
+        if (
+            sending is None
+            or now >= sending.expires_at
+            or not (initiator and sending.initiator and sending.order > order)
+        ):
+            self.by_pair[pair] = session
         while len(kept) > MAX_SESSIONS_PER_PAIR:
-            self.close(_to_close(kept))
+            self.close(_to_close(kept, self.by_pair.get(pair)))
         return session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
@@ -222,20 +236,18 @@ class SessionManager:
                 del self._kept[pair]
 
 
-def _to_close(kept: deque[Session]) -> Session:
-    """The session a full pair closes (``kept`` oldest first, the new one last). When more
-    than :data:`MAX_UNCONFIRMED` of them are sessions the peer is not known to hold (offers
-    whose answers may never have reached the initiator), the oldest of those. Else the oldest
-    that is neither the newest this side initiated nor the newest it answered: the peer's last
-    handshake made one of those the session it seals in (both sides may offer at once), and
-    a peer completing its offers out of order seals in another answered one, so an answered
-    session is not closed for being unconfirmed alone."""
+def _to_close(kept: deque[Session], sending: Session | None) -> Session:
+    """The session a full pair closes (``kept`` oldest first, the new one last; ``sending``:
+    the one this side seals in). When more than :data:`MAX_UNCONFIRMED` are sessions the peer
+    is not known to hold (offers whose answers may never have reached the initiator), the
+    oldest of those: the initiator seals in the one it offered last. Else the oldest that is
+    neither ``sending`` nor the newest this side answered (the peer's last handshake may have
+    made that the session it seals in, both sides offering at once)."""
     unconfirmed = [s for s in kept if not s.confirmed]
     if len(unconfirmed) > MAX_UNCONFIRMED:
         return unconfirmed[0]
-    newest_initiated = next((s for s in reversed(kept) if s.initiator), None)
     newest_answered = next((s for s in reversed(kept) if not s.initiator), None)
-    return next(s for s in kept if s is not newest_initiated and s is not newest_answered)
+    return next(s for s in kept if s is not sending and s is not newest_answered)
 
 
 def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:

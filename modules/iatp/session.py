@@ -29,7 +29,7 @@ WINDOW: Final = 1024
 _NONE_SEEN: Final = bytes(WINDOW // 8)  # a window's bits, all clear
 _ALL_SEEN: Final = b"\xff" * (WINDOW // 8)  # all set
 MAX_SCOPES: Final = 1024
-"""Replay windows (about 350 bytes each) a session holds before a new scope makes it drop
+"""Replay windows (about 420 bytes each) a session holds before a new scope makes it drop
 those gone quiet (see :meth:`Session.accept_counter`), so subscriptions that come and go
 cannot grow a session."""
 MOST_SCOPES: Final = 4 * MAX_SCOPES
@@ -174,6 +174,7 @@ class Session:
     __slots__ = (
         "_accepted",
         "_counter",
+        "_dropped",
         "_floor",
         "_recv_mac",
         "_room",
@@ -183,6 +184,7 @@ class Session:
         "initiator",
         "local",
         "local_key_id",
+        "order",
         "peer",
         "peer_key_id",
         "session_id",
@@ -199,9 +201,11 @@ class Session:
         local_key_id: str,
         peer_key_id: str,
         initiator: bool = False,
+        order: int = 0,
     ) -> None:
         self.session_id = session_id
         self.initiator = initiator  # this side offered the session and completed it
+        self.order = order  # the initiator's: its offer's PendingSession.order
         self.local = local
         self.peer = peer
         self.expires_at = expires_at
@@ -216,7 +220,8 @@ class Session:
         # scope -> [highest counter, bits seen, self._accepted when it last accepted one]
         self._windows: dict[Any, list[Any]] = {}
         self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
-        self._floor = 0  # the highest counter of a dropped window (see accept_counter)
+        self._floor = 0  # the highest counter of a dropped window forgotten (see accept_counter)
+        self._dropped: dict[Any, int] = {}  # dropped windows' scopes -> their highest counter
         self._room = MAX_SCOPES  # windows held before the next look for quiet ones
 
     def __repr__(self) -> str:
@@ -262,15 +267,14 @@ class Session:
     def accept_counter(self, counter: int, scope: Any = None) -> bool:
         """Record ``counter``; False if it was seen or fell out of the window (a replay).
 
-        Windows that went quiet are dropped: when a new scope finds :data:`MAX_SCOPES` windows
-        or more, those that took none of the session's last WINDOW counters go (subscriptions
-        that ended, above all), and the highest counter among them raises a floor: a window
-        made after that starts at the floor with every counter up to it taken as seen, so a
-        replay into a dropped scope is still refused. Scopes still taking messages keep their
-        windows, up to :data:`MOST_SCOPES`: beyond that, those that accepted a message least
-        recently (by this side's count of accepted messages, which the peer cannot hold back)
-        go too. The next look is at least 128 new scopes later (``docs/trust.md``,
-        "Sessions")."""
+        Windows that went quiet are dropped (``docs/trust.md``, "Sessions", says when and what
+        it costs): when a new scope finds :data:`MAX_SCOPES` windows or more, those that took
+        none of the session's last WINDOW counters go, and beyond MOST_SCOPES less 128 those
+        that accepted a message least recently (by this side's count, which the peer cannot
+        hold back). A dropped scope's highest counter is remembered: its next window starts
+        there, every counter up to it taken as seen, so a replay into it is still refused.
+        Beyond MOST_SCOPES remembered, the oldest are forgotten into a floor that windows of
+        scopes not remembered start from."""
         if counter <= 0:
             return False
         windows = self._windows
@@ -278,7 +282,7 @@ class Session:
         if window is None:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
-            floor = self._floor
+            floor = self._dropped.pop(scope, self._floor)
             window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN), self._accepted]
         high, seen, _ = window
         # Bit c % WINDOW of ``seen`` says whether counter c was accepted, for every c in
@@ -308,22 +312,25 @@ class Session:
         return True
 
     def _drop_quiet_windows(self) -> None:
-        """Drop the windows gone quiet, and the longest unused others beyond MOST_SCOPES,
-        raising the floor to their highest counter; set when to look again (see
-        accept_counter)."""
+        """Drop the windows gone quiet, and the longest unused others beyond MOST_SCOPES less
+        128, remembering each one's highest counter (the oldest remembered beyond MOST_SCOPES
+        are forgotten into the floor); set when to look again (see accept_counter)."""
         windows = self._windows
         # Quiet: none of the session's last WINDOW counters taken (a scope that drained its
         # queue before the others did is not quiet: it has taken the newest counters too).
         quiet_until = max(window[0] for window in windows.values()) - WINDOW
         quiet = [key for key, window in windows.items() if window[0] <= quiet_until]
-        if len(windows) - len(quiet) >= MOST_SCOPES:
-            by_last_use = sorted(windows, key=lambda key: windows[key][2])
-            quiet = by_last_use[: len(windows) - MOST_SCOPES + _MORE_SCOPES]
-        if quiet:
-            self._floor = max(self._floor, *(windows[key][0] for key in quiet))
-            for key in quiet:
-                del windows[key]
-        self._room = min(max(MAX_SCOPES, len(windows) + _MORE_SCOPES), MOST_SCOPES)
+        excess = len(windows) - len(quiet) - (MOST_SCOPES - _MORE_SCOPES)
+        if excess > 0:
+            dropping = set(quiet)
+            live = [key for key in windows if key not in dropping]
+            quiet += sorted(live, key=lambda key: windows[key][2])[:excess]
+        dropped = self._dropped
+        for key in quiet:
+            dropped[key] = windows.pop(key)[0]
+        while len(dropped) > MOST_SCOPES:
+            self._floor = max(self._floor, dropped.pop(next(iter(dropped))))
+        self._room = max(MAX_SCOPES, len(windows) + _MORE_SCOPES)
 
     @property
     def confirmed(self) -> bool:
@@ -344,6 +351,9 @@ class PendingSession:
 
     offer: SessionOffer
     ephemeral_secret: bytes
+    order: int = 0
+    """Which offer of this process it is (later offers are higher): of the sessions completed,
+    the initiator seals in the one offered last, whatever order the answers came in."""
 
     def __repr__(self) -> str:
         return f"PendingSession(initiator={self.offer.initiator!r}, responder={self.offer.responder!r})"

@@ -228,22 +228,26 @@ async def test_sessions_renewed_by_both_sides_at_once_keep_working() -> None:
             assert len(process.verifier.sessions) <= MAX_SESSIONS_PER_PAIR
 
 
-async def test_a_peer_completing_its_offers_out_of_order_keeps_its_session() -> None:
-    """Two of alice's tasks race for a session: bob answers both offers, alice completes the
-    second first and seals in the first. A full pair on bob's side must not close it for not
-    having been used yet."""
+@pytest.mark.parametrize(
+    ("used", "racing"), [(MAX_SESSIONS_PER_PAIR - 1, 2), (MAX_SESSIONS_PER_PAIR - 1, 5), (0, 12)]
+)
+async def test_racing_offers_completed_out_of_order_leave_a_session_both_sides_hold(
+    used: int, racing: int
+) -> None:
+    """Several of alice's tasks offer at once; bob answers each, and the answers reach alice
+    in another order (the first offer's last). Alice seals in the session she offered last,
+    which bob keeps however full the pair is."""
     a, b = await pair()
-    for _ in range(MAX_SESSIONS_PER_PAIR - 1):
+    for _ in range(used):
         used_a, _ = await handshake(a, b)
         assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
-    first = await a.offer_session("alice", "bob")
-    second = await a.offer_session("alice", "bob")
-    _, answer_first = await b.accept_session("bob", first.offer.to_bytes())
-    _, answer_second = await b.accept_session("bob", second.offer.to_bytes())  # the pair is full
-    await a.complete_session(second, answer_second)
-    sealing = await a.complete_session(first, answer_first)
-    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is sealing
-    assert b.verify_envelope(sealed(sealing, "alice", "bob")).valid
+    offers = [await a.offer_session("alice", "bob") for _ in range(racing)]
+    answers = [(await b.accept_session("bob", offer.offer.to_bytes()))[1] for offer in offers]
+    last_offered = await a.complete_session(offers[-1], answers[-1])
+    for offer, answer in list(zip(offers, answers, strict=True))[:-1]:
+        await a.complete_session(offer, answer)
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is last_offered
+    assert b.verify_envelope(sealed(last_offered, "alice", "bob")).valid
 
 
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
@@ -563,3 +567,38 @@ def test_scopes_draining_their_backlogs_one_after_another_each_take_every_messag
     for scope in range(MAX_SCOPES + 6):
         taken = [session.accept_counter(counter, scope) for counter in range(1, 31)]
         assert all(taken), scope
+
+
+def test_a_live_scope_that_fell_behind_takes_its_backlog_in_order() -> None:
+    """A slow subscription's window is dropped while reply inboxes come and go; when it catches
+    up, its window starts from its own highest counter, not from the others' floor."""
+    session = _window_session()
+    for counter in range(1, 101):
+        assert session.accept_counter(counter, "slow")
+    for counter in range(101, 2801):  # a new inbox per reply
+        assert session.accept_counter(counter, f"inbox {counter}")
+    assert "slow" not in session._windows
+    assert all(session.accept_counter(counter, "slow") for counter in range(101, 391))
+    assert not session.accept_counter(100, "slow")  # its own replays are still refused
+
+
+def test_a_look_for_quiet_windows_leaves_room_for_128_new_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Near MOST_SCOPES, a look that dropped only a few windows left room for fewer new scopes,
+    and each new scope scanned every window again."""
+    session = _window_session()
+    looks = [0]
+    drop = Session._drop_quiet_windows
+
+    def counted(self: Session) -> None:
+        looks[0] += 1
+        drop(self)
+
+    monkeypatch.setattr(Session, "_drop_quiet_windows", counted)
+    top = 5000
+    for i in range(MOST_SCOPES - 1):  # live scopes, all taking the newest counter
+        assert session.accept_counter(top, ("live", i))
+    looks[0] = 0
+    for j in range(2000):  # each new scope takes one old counter, then goes quiet
+        session.accept_counter(2000 + j, ("new", j))
+        assert len(session._windows) <= MOST_SCOPES
+    assert looks[0] <= 2000 // (MAX_SCOPES // 8) + 1
