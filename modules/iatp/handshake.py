@@ -181,13 +181,11 @@ class SessionManager:
         kept = self._kept.setdefault(pair, deque())
         kept.append(session)
         self.verifier.sessions[(sid, peer)] = session
-        sending = self.by_pair.get(pair)
-        # The session to seal in: the newest; of two this side offered, the one offered last
-        # (answers to racing offers may come in any order; the responder keeps the newest).
-        if (
-            sending is None
-            or now >= sending.expires_at
-            or not (initiator and sending.initiator and sending.order > order)
+        # The session to seal in: the newest, except that an answer to an older offer does not
+        # take over from a live session this side offered later (answers to racing offers may
+        # come in any order, and the responder keeps the newest offers).
+        if not initiator or not any(
+            old.initiator and old.order > order and now < old.expires_at for old in kept
         ):
             self.by_pair[pair] = session
         while len(kept) > MAX_SESSIONS_PER_PAIR:

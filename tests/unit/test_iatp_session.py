@@ -250,6 +250,24 @@ async def test_racing_offers_completed_out_of_order_leave_a_session_both_sides_h
     assert b.verify_envelope(sealed(last_offered, "alice", "bob")).valid
 
 
+async def test_a_late_answer_does_not_take_over_after_the_peer_offered_in_between() -> None:
+    """The order rule compared only with the session sealed in, which may be one this side
+    answered: a late answer to alice's first offer then took over from the one she offered
+    last, and bob had closed it."""
+    a, b = await pair()
+    offers = [await a.offer_session("alice", "bob") for _ in range(MAX_SESSIONS_PER_PAIR + 4)]
+    answers = [(await b.accept_session("bob", offer.offer.to_bytes()))[1] for offer in offers]
+    last_offered = await a.complete_session(offers[-1], answers[-1])
+    from_b = await b.offer_session("bob", "alice")  # bob offers meanwhile
+    _, answer = await a.accept_session("alice", from_b.offer.to_bytes())
+    await b.complete_session(from_b, answer)
+    await a.complete_session(offers[0], answers[0])  # a late answer to alice's first offer
+    sending = a.sessions.for_pair("alice", "bob", time.time_ns())
+    assert sending is not None
+    assert b.verify_envelope(sealed(sending, "alice", "bob")).valid
+    assert b.verify_envelope(sealed(last_offered, "alice", "bob")).valid
+
+
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
     clock = Clock()
     a, b = await pair(clock, session_lifetime=80)  # a sweep at most every 20 s
