@@ -181,12 +181,14 @@ class SessionManager:
         kept = self._kept.setdefault(pair, deque())
         kept.append(session)
         self.verifier.sessions[(sid, peer)] = session
-        # The session to seal in: the newest, except that an answer to an older offer does not
-        # take over from a live session this side offered later (answers to racing offers may
-        # come in any order, and the responder keeps the newest offers).
-        if not initiator or not any(
-            old.initiator and old.order > order and now < old.expires_at for old in kept
-        ):
+        # The session to seal in: one just answered; on completing an offer, the live one this
+        # side offered last (answers to racing offers may come in any order, and the responder
+        # keeps the newest offers; the one offered last may not be the one just completed).
+        if initiator:
+            offered = [old for old in kept if old.initiator and now < old.expires_at]
+            session_to_seal = max(offered, key=lambda old: old.order)
+            self.by_pair[pair] = session_to_seal
+        else:
             self.by_pair[pair] = session
         while len(kept) > MAX_SESSIONS_PER_PAIR:
             self.close(_to_close(kept, self.by_pair.get(pair)))

@@ -268,6 +268,26 @@ async def test_a_late_answer_does_not_take_over_after_the_peer_offered_in_betwee
     assert b.verify_envelope(sealed(last_offered, "alice", "bob")).valid
 
 
+async def test_completing_an_offer_moves_off_a_session_whose_answer_was_lost() -> None:
+    """bob seals in a session he answered but alice never completed (the answer was lost);
+    when a late answer to one of his own offers arrives, he seals in his last offer again."""
+    a, b = await pair()
+    delayed = await b.offer_session("bob", "alice")
+    _, delayed_answer = await a.accept_session("alice", delayed.offer.to_bytes())
+    renewal = await b.offer_session("bob", "alice")
+    _, answer = await a.accept_session("alice", renewal.offer.to_bytes())
+    await b.complete_session(renewal, answer)
+    lost = await a.offer_session("alice", "bob")
+    await b.accept_session("bob", lost.offer.to_bytes())  # the answer to alice is lost
+    stuck = b.sessions.for_pair("bob", "alice", time.time_ns())
+    assert stuck is not None
+    assert a.verify_envelope(sealed(stuck, "bob", "alice")).reason == Reason.UNKNOWN_SESSION
+    await b.complete_session(delayed, delayed_answer)
+    sending = b.sessions.for_pair("bob", "alice", time.time_ns())
+    assert sending is not None
+    assert a.verify_envelope(sealed(sending, "bob", "alice")).valid
+
+
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
     clock = Clock()
     a, b = await pair(clock, session_lifetime=80)  # a sweep at most every 20 s
