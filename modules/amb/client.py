@@ -763,7 +763,10 @@ class AMB(Lifecycle):
         sub._chain = build_consume_chain(layers, invoke) if layers else None
         ahead, asked = 0, []
         for layer in layers:
-            wanted = layer.lookahead(sub) if isinstance(layer, Middleware) else 0
+            wanted = 0
+            if isinstance(layer, Middleware):
+                layer.subscribed(sub)
+                wanted = layer.lookahead(sub)
             if wanted > 0:
                 ahead = max(ahead, wanted)
                 asked.append(layer)

@@ -28,6 +28,11 @@ class Middleware:
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         await call_next(envelope, metadata)
 
+    def subscribed(self, subscription: Subscription) -> None:
+        """Called when ``subscription`` starts (and again if it is started anew), before its
+        first delivery: for state a middleware keeps per subscription. Does nothing here."""
+        return None
+
     def lookahead(self, subscription: Subscription) -> int:
         """How many messages of ``subscription`` may be prepared (:meth:`prepare`) before
         their turn (0, the default: none). Asked once, when the subscription starts; see

@@ -203,6 +203,12 @@ class SessionManager:
             return None
         return session
 
+    def end_scope(self, scope: object) -> None:
+        """``scope`` has ended for good (its subscription is gone): every session forgets its
+        replay window (see :meth:`Session.end_scope`)."""
+        for session in self.verifier.sessions.values():
+            session.end_scope(scope)
+
     def key_changed(self, agent_id: str, now_ns: int) -> None:
         """End or shorten the sessions ``agent_id`` takes part in (as either side) whose
         handshake key of that agent is revoked, retired or gone: closed when that is so at

@@ -311,6 +311,12 @@ class Session:
         self._accepted = window[2] = self._accepted + 1
         return True
 
+    def end_scope(self, scope: Any) -> None:
+        """Forget ``scope``'s window and remembered counter: the scope has ended for good (its
+        subscription is gone), so nothing will be delivered in it again."""
+        self._windows.pop(scope, None)
+        self._dropped.pop(scope, None)
+
     def _drop_quiet_windows(self) -> None:
         """Drop the windows gone quiet, and the longest unused others beyond MOST_SCOPES less
         128, remembering each one's highest counter (the oldest remembered beyond MOST_SCOPES

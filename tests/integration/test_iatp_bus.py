@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import time
 import uuid
@@ -23,6 +24,7 @@ import pytest
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, RequestTimeout, new_id
 from agent_os.iatp import ACCEPT_UNSIGNED, IATP, MIN_TRUST, RESULT, IATPMiddleware, SigningRejected
+from agent_os.iatp import session as iatp_session
 from agent_os.iatp.errors import IATPConfigError
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
 from tests.support import Collector, wait_until
@@ -382,17 +384,23 @@ async def test_publishing_as_an_agent_without_a_key_is_refused(make_client: Fact
         await client.publish("iatp.any", "x")
 
 
+async def alice_and_bob() -> tuple[IATP, IATP]:
+    """Two processes' IATPs: alice's and bob's, each knowing the other's public identity."""
+    a, b = IATP(), IATP()
+    await a.register_agent("alice")
+    await b.register_agent("bob")
+    await a.add_identity(b.identity("bob"))
+    await b.add_identity(a.identity("alice"))
+    return a, b
+
+
 async def test_after_a_loop_of_handshakes_both_sides_still_seal_in_a_session_they_share(
     make_client: Factory, subject: str
 ) -> None:
     """bob starts a session to alice and talks in it; alice then handshakes more times than
     a pair keeps sessions (a reconnect loop, say) and talks in the last. Each side closes
     different sessions to stay within the bound, and both still seal in one the other holds."""
-    a, b = IATP(), IATP()
-    await a.register_agent("alice")
-    await b.register_agent("bob")
-    await a.add_identity(b.identity("bob"))
-    await b.add_identity(a.identity("alice"))
+    a, b = await alice_and_bob()
     guard_a = IATPMiddleware(a)
     alice = await make_client(agent_id="alice", middleware=[guard_a])
     bob = await make_client(agent_id="bob", middleware=[IATPMiddleware(b)])
@@ -420,12 +428,58 @@ async def test_after_a_loop_of_handshakes_both_sides_still_seal_in_a_session_the
     assert not guard_a.rejected
 
 
+async def test_a_blocked_subscription_keeps_its_backlog_while_others_come_and_go(
+    make_client: Factory, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short-lived subscriptions (one message each) come and go while a long-lived one's
+    handler is blocked with messages queued. Their windows end with them, so the blocked
+    one's window is never dropped into the floor and it takes its whole backlog (with the
+    bounds shrunk, it lost all ten)."""
+    monkeypatch.setattr(iatp_session, "MAX_SCOPES", 8)
+    monkeypatch.setattr(iatp_session, "MOST_SCOPES", 16)
+    monkeypatch.setattr(iatp_session, "_MORE_SCOPES", 2)
+    a, b = await alice_and_bob()
+    guard_b = IATPMiddleware(b)
+    alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])
+    bob = await make_client(agent_id="bob", middleware=[guard_b])
+    pending = await a.offer_session("alice", "bob")
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    await a.complete_session(pending, answer)
+    gate, slow_got = asyncio.Event(), []
+
+    async def slow(message: Any, metadata: Metadata) -> None:
+        slow_got.append(message)
+        if message == 0:
+            await gate.wait()
+
+    await bob.subscribe(f"{subject}.slow", slow)
+    await alice.publish(f"{subject}.slow", 0, recipient="bob")
+    await wait_until(lambda: slow_got == [0], what="the slow handler blocked")
+    for i in range(1, 11):
+        await alice.publish(f"{subject}.slow", i, recipient="bob")
+    short_got: list[Any] = []
+
+    async def short(message: Any, metadata: Metadata) -> None:
+        short_got.append(message)  # not the metadata: its context holds the subscription
+
+    def received(count: int) -> Callable[[], bool]:
+        return lambda: len(short_got) >= count
+
+    for k in range(60):
+        sub = await bob.subscribe(f"{subject}.short.{k}", short)
+        await alice.publish(f"{subject}.short.{k}", k, recipient="bob")
+        await wait_until(received(k + 1), what="its one message")
+        await sub.unsubscribe()
+        del sub
+        gc.collect()
+    gate.set()
+    await wait_until(lambda: len(slow_got) == 11 or bool(guard_b.rejected), what="the backlog")
+    assert slow_got == list(range(11))
+    assert not guard_b.rejected
+
+
 async def test_session_mode_over_the_bus(make_client: Factory, subject: str) -> None:
-    a, b = IATP(), IATP()
-    await a.register_agent("alice")
-    await b.register_agent("bob")
-    await a.add_identity(b.identity("bob"))
-    await b.add_identity(a.identity("alice"))
+    a, b = await alice_and_bob()
     alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])
     bob = await make_client(agent_id="bob", middleware=[IATPMiddleware(b)])
 

@@ -340,3 +340,19 @@ async def test_a_message_whose_ttl_runs_out_while_it_waits_is_not_handled(closin
     await wait_until(lambda: handler.handled == [0, 2], what="the others handled")
     assert client.stats.expired == 1
     await client.close()
+
+
+async def test_a_middleware_hears_of_each_subscription_before_its_first_delivery(closing: Closing) -> None:
+    seen: list[tuple[str, int]] = []
+    got = Collector()
+
+    class Watching(Middleware):
+        def subscribed(self, subscription: Subscription) -> None:
+            seen.append((subscription.pattern, len(got.messages)))
+
+    client = closing(AMB(connection_string=memory_url(), middleware=[Watching()]))
+    await client.subscribe("watch.a", got)
+    await client.subscribe("watch.b", got)
+    await client.publish("watch.a", 1)
+    await got.wait_for(1)
+    assert seen == [("watch.a", 0), ("watch.b", 0)]
