@@ -763,10 +763,7 @@ class AMB(Lifecycle):
         sub._chain = build_consume_chain(layers, invoke) if layers else None
         ahead, asked = 0, []
         for layer in layers:
-            wanted = 0
-            if isinstance(layer, Middleware):
-                layer.subscribed(sub)
-                wanted = layer.lookahead(sub)
+            wanted = layer.lookahead(sub) if isinstance(layer, Middleware) else 0
             if wanted > 0:
                 ahead = max(ahead, wanted)
                 asked.append(layer)
@@ -797,8 +794,12 @@ class AMB(Lifecycle):
             self._subs.append(sub)
 
     def _forget(self, sub: Subscription) -> None:
+        """``sub`` has stopped for good: out of the client's list, and the middleware told."""
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
+        for layer in self._middleware:
+            if isinstance(layer, Middleware):
+                layer.unsubscribed(sub)
 
     def stream(
         self,

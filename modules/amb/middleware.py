@@ -28,9 +28,10 @@ class Middleware:
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         await call_next(envelope, metadata)
 
-    def subscribed(self, subscription: Subscription) -> None:
-        """Called when ``subscription`` starts (and again if it is started anew), before its
-        first delivery: for state a middleware keeps per subscription. Does nothing here."""
+    def unsubscribed(self, subscription: Subscription) -> None:
+        """Called when ``subscription`` has stopped for good (unsubscribe, drain, the client
+        closing), after its last delivery: to let go of state kept per subscription. May be
+        called more than once for one subscription. Does nothing here."""
         return None
 
     def lookahead(self, subscription: Subscription) -> int:

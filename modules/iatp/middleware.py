@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import weakref
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -84,22 +83,13 @@ class IATPMiddleware(Middleware):
         self.verified = 0
         self.accepted_unsigned = 0
         self.rejected: Counter[str] = Counter()
-        self._watched: set[int] = set()  # scopes (subscriptions' ids) whose end is watched
 
-    def subscribed(self, subscription: Subscription) -> None:
+    def unsubscribed(self, subscription: Subscription) -> None:
         """A subscription's session replay windows (its scope is the subscription, unless it
-        names a ``REPLAY_SCOPE``) end when the subscription is garbage-collected, so those of
-        subscriptions that come and go never pile up (``docs/trust.md``, "Sessions")."""
-        if isinstance(subscription.context.get(REPLAY_SCOPE), str):
-            return  # a named scope is shared and outlives any one subscription
-        scope = id(subscription)
-        if scope not in self._watched:
-            self._watched.add(scope)
-            weakref.finalize(subscription, self._scope_ended, scope)
-
-    def _scope_ended(self, scope: int) -> None:
-        self._watched.discard(scope)
-        self.iatp.sessions.end_scope(scope)
+        names a ``REPLAY_SCOPE``) end with it, so those of subscriptions that come and go never
+        pile up (``docs/trust.md``, "Sessions")."""
+        if not isinstance(subscription.context.get(REPLAY_SCOPE), str):  # a named scope is shared
+            self.iatp.sessions.end_scope(id(subscription))
 
     def lookahead(self, subscription: Subscription) -> int:
         """With a shared nonce store, a queue-group subscription (or one with a

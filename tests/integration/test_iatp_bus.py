@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import math
 import time
 import uuid
@@ -432,7 +431,7 @@ async def test_a_blocked_subscription_keeps_its_backlog_while_others_come_and_go
     make_client: Factory, subject: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Short-lived subscriptions (one message each) come and go while a long-lived one's
-    handler is blocked with messages queued. Their windows end with them, so the blocked
+    handler is blocked with messages queued. Their windows end when they stop, so the blocked
     one's window is never dropped into the floor and it takes its whole backlog (with the
     bounds shrunk, it lost all ten)."""
     monkeypatch.setattr(iatp_session, "MAX_SCOPES", 8)
@@ -462,6 +461,8 @@ async def test_a_blocked_subscription_keeps_its_backlog_while_others_come_and_go
     async def short(message: Any, metadata: Metadata) -> None:
         short_got.append(message)  # not the metadata: its context holds the subscription
 
+    stopped: list[Any] = []
+
     def received(count: int) -> Callable[[], bool]:
         return lambda: len(short_got) >= count
 
@@ -470,8 +471,7 @@ async def test_a_blocked_subscription_keeps_its_backlog_while_others_come_and_go
         await alice.publish(f"{subject}.short.{k}", k, recipient="bob")
         await wait_until(received(k + 1), what="its one message")
         await sub.unsubscribe()
-        del sub
-        gc.collect()
+        stopped.append(sub)  # kept: its window ends when it stops, not when it is collected
     gate.set()
     await wait_until(lambda: len(slow_got) == 11 or bool(guard_b.rejected), what="the backlog")
     assert slow_got == list(range(11))

@@ -342,17 +342,23 @@ async def test_a_message_whose_ttl_runs_out_while_it_waits_is_not_handled(closin
     await client.close()
 
 
-async def test_a_middleware_hears_of_each_subscription_before_its_first_delivery(closing: Closing) -> None:
-    seen: list[tuple[str, int]] = []
+async def test_a_middleware_hears_when_each_subscription_stops_for_good(closing: Closing) -> None:
+    stopped: list[str] = []
     got = Collector()
 
     class Watching(Middleware):
-        def subscribed(self, subscription: Subscription) -> None:
-            seen.append((subscription.pattern, len(got.messages)))
+        def unsubscribed(self, subscription: Subscription) -> None:
+            stopped.append(subscription.pattern)
 
     client = closing(AMB(connection_string=memory_url(), middleware=[Watching()]))
-    await client.subscribe("watch.a", got)
-    await client.subscribe("watch.b", got)
+    first = await client.subscribe("watch.a", got)
+    second = await client.subscribe("watch.b", got)
+    await client.subscribe("watch.c", got)
     await client.publish("watch.a", 1)
     await got.wait_for(1)
-    assert seen == [("watch.a", 0), ("watch.b", 0)]
+    assert stopped == []
+    await first.unsubscribe()
+    await second.drain()
+    assert stopped == ["watch.a", "watch.b"]
+    await client.close()
+    assert "watch.c" in stopped
