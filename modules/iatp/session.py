@@ -176,6 +176,7 @@ class Session:
         "_counter",
         "_dropped",
         "_floor",
+        "_heard",
         "_recv_mac",
         "_room",
         "_send_mac",
@@ -220,6 +221,7 @@ class Session:
         # scope -> [highest counter, bits seen, self._accepted when it last accepted one]
         self._windows: dict[Any, list[Any]] = {}
         self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
+        self._heard = False  # a message with a valid MAC came in this session (see confirmed)
         self._floor = 0  # the highest counter of a dropped window forgotten (see accept_counter)
         self._dropped: dict[Any, int] = {}  # dropped windows' scopes -> their highest counter
         self._room = MAX_SCOPES  # windows held before the next look for quiet ones
@@ -282,6 +284,7 @@ class Session:
         if window is None:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
+            self._heard = True  # only after a valid MAC (see open); windows may end, this stays
             floor = self._dropped.pop(scope, self._floor)
             window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN), self._accepted]
         high, seen, _ = window
@@ -341,9 +344,10 @@ class Session:
     @property
     def confirmed(self) -> bool:
         """True when the peer is known to hold this session: this side completed the handshake
-        (the initiator), or accepted a message in it (a message this side sealed proves
-        nothing: the answer to the offer may never have reached the initiator)."""
-        return self.initiator or bool(self._windows)
+        (the initiator), or received a message with a valid MAC in it, in any scope, ended or
+        not (a message this side sealed proves nothing: the answer to the offer may never have
+        reached the initiator)."""
+        return self.initiator or self._heard
 
     def close(self) -> None:
         """Forget the keys; later messages in this session fail."""

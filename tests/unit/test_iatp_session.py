@@ -288,6 +288,17 @@ async def test_completing_an_offer_moves_off_a_session_whose_answer_was_lost() -
     assert a.verify_envelope(sealed(sending, "bob", "alice")).valid
 
 
+async def test_a_session_stays_confirmed_when_the_scope_that_heard_it_ends() -> None:
+    a, b = await pair()
+    used_a, used_b = await handshake(a, b)
+    assert not used_b.confirmed
+    assert b.verifier.verify(sealed(used_a, "alice", "bob"), None, "a subscription", False).valid
+    assert used_b.confirmed
+    b.sessions.end_scope("a subscription")  # the subscription stopped: its window is gone
+    assert "a subscription" not in used_b._windows
+    assert used_b.confirmed
+
+
 async def test_the_bound_closes_a_pairs_expired_sessions_before_a_live_one() -> None:
     clock = Clock()
     a, b = await pair(clock, session_lifetime=80)  # a sweep at most every 20 s
