@@ -799,7 +799,10 @@ class AMB(Lifecycle):
             self._subs.remove(sub)
         for layer in self._middleware:
             if isinstance(layer, Middleware):
-                layer.unsubscribed(sub)
+                try:
+                    layer.unsubscribed(sub)
+                except Exception:  # the subscription has stopped either way; the others are told
+                    log.exception("middleware %r: unsubscribed() raised", layer)
 
     def stream(
         self,

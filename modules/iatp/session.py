@@ -315,10 +315,22 @@ class Session:
         return True
 
     def end_scope(self, scope: Any) -> None:
-        """Forget ``scope``'s window and remembered counter: the scope has ended for good (its
-        subscription is gone), so nothing will be delivered in it again."""
-        self._windows.pop(scope, None)
-        self._dropped.pop(scope, None)
+        """``scope`` has ended (its subscription stopped): its window goes, and only its highest
+        counter is kept, as for a window dropped (see accept_counter). A message still delivered
+        in it (a handler draining its own subscription lets the queue run out) is checked from
+        there: a replay of what it took is still refused."""
+        window = self._windows.pop(scope, None)
+        if window is not None:
+            self._remember(scope, window[0])
+
+    def _remember(self, scope: Any, high: int) -> None:
+        """Keep ``high`` as ``scope``'s remembered highest counter; beyond MOST_SCOPES remembered,
+        the oldest are forgotten into the floor."""
+        dropped = self._dropped
+        dropped.pop(scope, None)
+        dropped[scope] = high
+        while len(dropped) > MOST_SCOPES:
+            self._floor = max(self._floor, dropped.pop(next(iter(dropped))))
 
     def _drop_quiet_windows(self) -> None:
         """Drop the windows gone quiet, and the longest unused others beyond MOST_SCOPES less
@@ -334,11 +346,8 @@ class Session:
             dropping = set(quiet)
             live = [key for key in windows if key not in dropping]
             quiet += sorted(live, key=lambda key: windows[key][2])[:excess]
-        dropped = self._dropped
         for key in quiet:
-            dropped[key] = windows.pop(key)[0]
-        while len(dropped) > MOST_SCOPES:
-            self._floor = max(self._floor, dropped.pop(next(iter(dropped))))
+            self._remember(key, windows.pop(key)[0])
         self._room = max(MAX_SCOPES, len(windows) + _MORE_SCOPES)
 
     @property

@@ -27,6 +27,7 @@ from agent_os.iatp import session as iatp_session
 from agent_os.iatp.errors import IATPConfigError
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
 from tests.support import Collector, wait_until
+from tests.support.closing import Closing
 
 BACKENDS = [
     pytest.param(("memory", None), id="memory"),
@@ -476,6 +477,49 @@ async def test_a_blocked_subscription_keeps_its_backlog_while_others_come_and_go
     await wait_until(lambda: len(slow_got) == 11 or bool(guard_b.rejected), what="the backlog")
     assert slow_got == list(range(11))
     assert not guard_b.rejected
+
+
+async def test_a_handler_draining_its_own_subscription_still_refuses_a_queued_replay(
+    closing: Closing, subject: str
+) -> None:
+    """The subscription stops (its window ends) while its queue still runs out, as the memory
+    broker's does: a replay of the message being handled, queued meanwhile, is refused."""
+    a, b = await alice_and_bob()
+    pending = await a.offer_session("alice", "bob")
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    await a.complete_session(pending, answer)
+    guard_b = IATPMiddleware(b)
+    url = f"memory://iatp-{uuid.uuid4().hex}"
+    alice = closing(AMB(connection_string=url, agent_id="alice", middleware=[IATPMiddleware(a)]))
+    bob = closing(AMB(connection_string=url, agent_id="bob", middleware=[guard_b]))
+    raw = closing(AMB(connection_string=url, agent_id="raw"))
+    for client in (alice, bob, raw):
+        await client.connect()
+    sent: list[tuple[str, bytes]] = []
+    publish = alice.broker.publish
+
+    async def tap(topic: str, data: bytes, *, key: str | None = None) -> None:
+        sent.append((topic, data))
+        await publish(topic, data, key=key)
+
+    alice.broker.publish = tap  # type: ignore[assignment,method-assign]
+    got: list[Any] = []
+    gate = asyncio.Event()
+
+    async def handler(message: Any, metadata: Metadata) -> None:
+        got.append(message)
+        await gate.wait()  # the replays queue up meanwhile
+        await metadata.context["subscription"].drain()
+
+    await bob.subscribe(f"{subject}.x", handler)
+    await alice.publish(f"{subject}.x", "first", recipient="bob")
+    await wait_until(lambda: got == ["first"], what="the first message in its handler")
+    topic, data = sent[-1]
+    await raw.broker.publish(topic, data)
+    await raw.broker.publish(topic, data)
+    gate.set()
+    await wait_until(lambda: sum(guard_b.rejected.values()) >= 1 or len(got) > 1, what="the replays")
+    assert got == ["first"]
 
 
 async def test_session_mode_over_the_bus(make_client: Factory, subject: str) -> None:

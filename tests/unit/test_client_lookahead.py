@@ -362,3 +362,24 @@ async def test_a_middleware_hears_when_each_subscription_stops_for_good(closing:
     assert stopped == ["watch.a", "watch.b"]
     await client.close()
     assert "watch.c" in stopped
+
+
+async def test_a_middleware_raising_when_told_does_not_stop_the_others_hearing(
+    closing: Closing, caplog: pytest.LogCaptureFixture
+) -> None:
+    stopped: list[str] = []
+
+    class Raising(Middleware):
+        def unsubscribed(self, subscription: Subscription) -> None:
+            raise RuntimeError("broken hook")
+
+    class Watching(Middleware):
+        def unsubscribed(self, subscription: Subscription) -> None:
+            stopped.append(subscription.pattern)
+
+    client = closing(AMB(connection_string=memory_url(), middleware=[Raising(), Watching()]))
+    sub = await client.subscribe("watch.a", Collector())
+    with caplog.at_level(logging.ERROR, logger="agent_os.amb"):
+        await sub.unsubscribe()  # does not raise
+    assert stopped == ["watch.a"]
+    assert "broken hook" in caplog.text

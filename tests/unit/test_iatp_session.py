@@ -651,3 +651,16 @@ def test_a_look_for_quiet_windows_leaves_room_for_128_new_scopes(monkeypatch: py
         session.accept_counter(2000 + j, ("new", j))
         assert len(session._windows) <= MOST_SCOPES
     assert looks[0] <= 2000 // (MAX_SCOPES // 8) + 1
+
+
+def test_an_ended_scope_still_refuses_replays_of_what_it_took() -> None:
+    """A handler draining its own subscription lets its queue run out after the subscription
+    has stopped: what is delivered then is checked against the counter the scope reached."""
+    session = _window_session()
+    for counter in (3, 5, 9):
+        assert session.accept_counter(counter, "s")
+    session.end_scope("s")
+    assert "s" not in session._windows
+    assert not session.accept_counter(5, "s")
+    assert not session.accept_counter(9, "s")
+    assert session.accept_counter(10, "s")
