@@ -35,6 +35,7 @@ cannot grow a session."""
 MOST_SCOPES: Final = 4 * MAX_SCOPES
 """Windows a session never holds more of: beyond them the quietest go even if not quiet."""
 _MORE_SCOPES: Final = MAX_SCOPES // 8  # new scopes between two looks for quiet windows, at least
+_ENDED_KEPT: Final = 128  # ended scopes whose whole window is kept (see Session.end_scope)
 OPENED: Final = 0
 BAD_MAC: Final = 1
 REPLAYED_COUNTER: Final = 2
@@ -175,6 +176,7 @@ class Session:
         "_accepted",
         "_counter",
         "_dropped",
+        "_ended",
         "_floor",
         "_heard",
         "_recv_mac",
@@ -224,6 +226,7 @@ class Session:
         self._heard = False  # a message with a valid MAC came in this session (see confirmed)
         self._floor = 0  # the highest counter of a dropped window forgotten (see accept_counter)
         self._dropped: dict[Any, int] = {}  # dropped windows' scopes -> their highest counter
+        self._ended: dict[Any, list[Any]] = {}  # the last scopes ended -> their whole window
         self._room = MAX_SCOPES  # windows held before the next look for quiet ones
 
     def __repr__(self) -> str:
@@ -285,8 +288,11 @@ class Session:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
             self._heard = True  # only after a valid MAC (see open); windows may end, this stays
-            floor = self._dropped.pop(scope, self._floor)
-            window = windows[scope] = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN), self._accepted]
+            window = self._ended.pop(scope, None)
+            if window is None:
+                floor = self._dropped.pop(scope, self._floor)
+                window = [floor, bytearray(_ALL_SEEN if floor else _NONE_SEEN), self._accepted]
+            windows[scope] = window
         high, seen, _ = window
         # Bit c % WINDOW of ``seen`` says whether counter c was accepted, for every c in
         # (high - WINDOW, high]: a new highest counter takes over the bits of the counters it
@@ -315,13 +321,19 @@ class Session:
         return True
 
     def end_scope(self, scope: Any) -> None:
-        """``scope`` has ended (its subscription stopped): its window goes, and only its highest
-        counter is kept, as for a window dropped (see accept_counter). A message still delivered
-        in it (a handler draining its own subscription lets the queue run out) is checked from
-        there: a replay of what it took is still refused."""
+        """``scope`` has ended (its subscription stopped): its window leaves the windows held.
+        The last :data:`_ENDED_KEPT` ended are kept whole, since a message may still be
+        delivered in one (a handler draining its own subscription lets its queue run out, in
+        any order); older ones keep only their highest counter, as a window dropped does (see
+        accept_counter). Either way a replay of what the scope took is still refused."""
         window = self._windows.pop(scope, None)
-        if window is not None:
-            self._remember(scope, window[0])
+        if window is None:
+            return
+        ended = self._ended
+        ended[scope] = window
+        if len(ended) > _ENDED_KEPT:
+            oldest = next(iter(ended))
+            self._remember(oldest, ended.pop(oldest)[0])
 
     def _remember(self, scope: Any, high: int) -> None:
         """Keep ``high`` as ``scope``'s remembered highest counter; beyond MOST_SCOPES remembered,

@@ -653,9 +653,11 @@ def test_a_look_for_quiet_windows_leaves_room_for_128_new_scopes(monkeypatch: py
     assert looks[0] <= 2000 // (MAX_SCOPES // 8) + 1
 
 
-def test_an_ended_scope_still_refuses_replays_of_what_it_took() -> None:
+def test_an_ended_scope_still_refuses_replays_and_takes_what_it_did_not_see() -> None:
     """A handler draining its own subscription lets its queue run out after the subscription
-    has stopped: what is delivered then is checked against the counter the scope reached."""
+    has stopped, in any order: what is delivered then is checked against the scope's window
+    as it was (a replay refused, a counter overtaken in flight taken), and against its highest
+    counter once more scopes have ended since."""
     session = _window_session()
     for counter in (3, 5, 9):
         assert session.accept_counter(counter, "s")
@@ -663,4 +665,12 @@ def test_an_ended_scope_still_refuses_replays_of_what_it_took() -> None:
     assert "s" not in session._windows
     assert not session.accept_counter(5, "s")
     assert not session.accept_counter(9, "s")
+    assert session.accept_counter(4, "s")  # overtaken by 5 and 9, never seen: taken
     assert session.accept_counter(10, "s")
+    session.end_scope("s")
+    for i in range(200):  # more ended since: "s" keeps only its highest counter
+        assert session.accept_counter(100 + i, f"other {i}")
+        session.end_scope(f"other {i}")
+    assert not session.accept_counter(10, "s")
+    assert not session.accept_counter(6, "s")  # never seen, but at or below its highest
+    assert session.accept_counter(11, "s")
