@@ -36,9 +36,8 @@ class SessionManager:
     What it keeps is bounded: at most :data:`MAX_SESSIONS_PER_PAIR` sessions per pair of
     agents (a handshake beyond them closes the pair's expired sessions, then one chosen by
     :func:`_to_close`: a peer handshaking in a loop replaces its own sessions, it does not add
-    to them),
-    and expired sessions are dropped by the handshakes that follow (each a quarter of a
-    lifetime after the last sweep, at most)."""
+    to them), and expired sessions are dropped by the handshakes that follow (each a quarter
+    of a lifetime after the last sweep, at most)."""
 
     def __init__(self, verifier: EnvelopeVerifier, lifetime_ns: int) -> None:
         self.verifier = verifier
@@ -204,8 +203,8 @@ class SessionManager:
         return session
 
     def end_scope(self, scope: object) -> None:
-        """``scope`` has ended for good (its subscription is gone): every session forgets its
-        replay window (see :meth:`Session.end_scope`)."""
+        """``scope`` has ended (its subscription stopped): every session lets its replay window
+        go, keeping what still refuses replays into it (see :meth:`Session.end_scope`)."""
         for session in self.verifier.sessions.values():
             session.end_scope(scope)
 

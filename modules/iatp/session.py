@@ -339,8 +339,7 @@ class Session:
         """Keep ``high`` as ``scope``'s remembered highest counter; beyond MOST_SCOPES remembered,
         the oldest are forgotten into the floor."""
         dropped = self._dropped
-        dropped.pop(scope, None)
-        dropped[scope] = high
+        dropped[scope] = high  # not there already: a scope is in one of windows, ended, dropped
         while len(dropped) > MOST_SCOPES:
             self._floor = max(self._floor, dropped.pop(next(iter(dropped))))
 
