@@ -180,18 +180,33 @@ class SessionManager:
         kept = self._kept.setdefault(pair, deque())
         kept.append(session)
         self.verifier.sessions[(sid, peer)] = session
-        # The session to seal in: one just answered; on completing an offer, the live one this
-        # side offered last (answers to racing offers may come in any order, and the responder
-        # keeps the newest offers; the one offered last may not be the one just completed).
+        # The session to seal in, one the peer is known to hold: on completing an offer, the
+        # live one this side offered last (answers to racing offers may come in any order, and
+        # the responder keeps the newest offers; the one offered last may not be the one just
+        # completed). One answered waits for the peer's first message in it (_heard): the
+        # answer may never reach the initiator, and until then this side seals as before.
         if initiator:
             offered = [old for old in kept if old.initiator and now < old.expires_at]
             session_to_seal = max(offered, key=lambda old: old.order)
             self.by_pair[pair] = session_to_seal
         else:
-            self.by_pair[pair] = session
+            session._on_heard = self._heard
         while len(kept) > MAX_SESSIONS_PER_PAIR:
             self.close(_to_close(kept, self.by_pair.get(pair)))
         return session
+
+    def _heard(self, session: Session) -> None:
+        """A session this side answered is confirmed (the peer sent in it): seal in it from now
+        on, unless this side already seals in a live one made after it (a later answer
+        confirmed first, or an offer of this side's completed since)."""
+        session._on_heard = None
+        pair = (session.local, session.peer)
+        kept = self._kept.get(pair)
+        if kept is None or session not in kept or self.verifier.clock() >= session.expires_at:
+            return  # closed or expired meanwhile
+        current = self.by_pair.get(pair)
+        if current is None or current not in kept or kept.index(current) < kept.index(session):
+            self.by_pair[pair] = session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
         """The live session ``local`` uses to send to ``peer``, if any."""

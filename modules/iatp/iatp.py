@@ -475,7 +475,9 @@ class IATP:
 
     async def accept_session(self, local: str, offer: bytes | SessionOffer) -> tuple[Session, bytes]:
         """Answer an offer to local agent ``local``; returns the session and the answer bytes to
-        send back. Raises SessionError (bad, stale, replayed or forged offer) or UnknownAgent."""
+        send back. The middleware seals ``local``'s messages to the initiator in it once the
+        initiator has sent in it (the answer reached it). Raises SessionError (bad, stale,
+        replayed or forged offer) or UnknownAgent."""
         await self.open()
         parsed = SessionOffer.from_bytes(offer) if isinstance(offer, bytes) else offer
         session, answer = self.sessions.accept(local, parsed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -179,6 +180,7 @@ class Session:
         "_ended",
         "_floor",
         "_heard",
+        "_on_heard",
         "_recv_mac",
         "_room",
         "_send_mac",
@@ -224,6 +226,8 @@ class Session:
         self._windows: dict[Any, list[Any]] = {}
         self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
         self._heard = False  # a message with a valid MAC came in this session (see confirmed)
+        # Called once, when _heard turns True: the manager then lets this side seal in it.
+        self._on_heard: Callable[[Session], None] | None = None
         self._floor = 0  # the highest counter of a dropped window forgotten (see accept_counter)
         self._dropped: dict[Any, int] = {}  # dropped windows' scopes -> their highest counter
         self._ended: dict[Any, list[Any]] = {}  # the last scopes ended -> their whole window
@@ -287,7 +291,10 @@ class Session:
         if window is None:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
-            self._heard = True  # only after a valid MAC (see open); windows may end, this stays
+            if not self._heard:  # only after a valid MAC (see open); windows may end, this stays
+                self._heard = True
+                if self._on_heard is not None:
+                    self._on_heard(self)
             window = self._ended.pop(scope, None)
             if window is None:
                 floor = self._dropped.pop(scope, self._floor)
@@ -372,6 +379,7 @@ class Session:
     def close(self) -> None:
         """Forget the keys; later messages in this session fail."""
         self._send_mac = self._recv_mac = None
+        self._on_heard = None
         self.expires_at = 0
 
 

@@ -522,6 +522,35 @@ async def test_a_handler_draining_its_own_subscription_still_refuses_a_queued_re
     assert got == ["first"]
 
 
+async def test_a_lost_answer_leaves_the_responders_messages_verifiable(
+    make_client: Factory, subject: str
+) -> None:
+    """bob answers alice's offer and the answer never reaches her: his messages to her are
+    signed (she could not check a MAC in that session) until she sends in a session, after
+    which he seals in it."""
+    a, b = await alice_and_bob()
+    alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])
+    bob = await make_client(agent_id="bob", middleware=[IATPMiddleware(b)])
+    to_alice, to_bob = Collector(), Collector()
+    await alice.subscribe(f"{subject}.to_alice", to_alice)
+    await bob.subscribe(f"{subject}.to_bob", to_bob)
+    lost = await a.offer_session("alice", "bob")
+    await b.accept_session("bob", lost.offer.to_bytes())  # the answer is lost
+    await bob.publish(f"{subject}.to_alice", "signed", recipient="alice")
+    await to_alice.wait_for(1)
+    pending = await a.offer_session("alice", "bob")  # alice tries again
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    await a.complete_session(pending, answer)
+    await alice.publish(f"{subject}.to_bob", "hello", recipient="bob")
+    await to_bob.wait_for(1)
+    await bob.publish(f"{subject}.to_alice", "sealed", recipient="alice")
+    await to_alice.wait_for(2)
+    assert to_alice.messages == ["signed", "sealed"]
+    assert all(m.context[RESULT].valid for m in to_alice.metadata)
+    schemes = [m.signature.scheme if m.signature else None for m in to_alice.metadata]
+    assert schemes == ["ed25519", "iatp-session-v1"]
+
+
 async def test_session_mode_over_the_bus(make_client: Factory, subject: str) -> None:
     a, b = await alice_and_bob()
     alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])

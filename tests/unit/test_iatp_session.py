@@ -188,16 +188,15 @@ async def test_expired_sessions_are_dropped_by_later_handshakes() -> None:
 
 async def test_a_session_in_use_outlasts_handshakes_whose_answers_were_lost() -> None:
     """Offers whose answers never reach the initiator leave sessions it does not hold on the
-    responder's side, and the responder may seal in them (it cannot know): the pair's bound
-    closes those first, not the session both sides hold."""
+    responder's side: the responder does not seal in them, and the pair's bound closes those
+    first, not the session both sides hold."""
     a, b = await pair()
-    used_a, _ = await handshake(a, b)
+    used_a, used_b = await handshake(a, b)
     assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
     for _ in range(MAX_SESSIONS_PER_PAIR + 3):
         pending = await a.offer_session("alice", "bob")
-        await b.accept_session("bob", pending.offer.to_bytes())  # the answer is lost
-        orphan = b.sessions.for_pair("bob", "alice", time.time_ns())
-        assert orphan is not None
+        orphan, _ = await b.accept_session("bob", pending.offer.to_bytes())  # the answer is lost
+        assert b.sessions.for_pair("bob", "alice", time.time_ns()) is used_b
         orphan.seal(envelope("bob", "alice"))  # sealing in it does not make it one alice holds
     assert a.sessions.for_pair("alice", "bob", time.time_ns()) is used_a
     assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
@@ -268,23 +267,68 @@ async def test_a_late_answer_does_not_take_over_after_the_peer_offered_in_betwee
     assert b.verify_envelope(sealed(last_offered, "alice", "bob")).valid
 
 
-async def test_completing_an_offer_moves_off_a_session_whose_answer_was_lost() -> None:
-    """bob seals in a session he answered but alice never completed (the answer was lost);
-    when a late answer to one of his own offers arrives, he seals in his last offer again."""
+async def test_the_responder_seals_in_a_session_once_the_initiator_has_sent_in_it() -> None:
+    """Until then bob cannot know alice got his answer: he has no session to seal in (the
+    middleware signs), and alice's first message in it makes it his."""
+    a, b = await pair()
+    session_a, session_b = await handshake(a, b)
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None
+    assert not session_b.confirmed
+    assert not b.verify_envelope(sealed(session_a, "alice", "bob", at=time.time_ns() - 3600 * 10**9)).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None  # refused: proves nothing
+    assert b.verify_envelope(sealed(session_a, "alice", "bob")).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is session_b
+    assert a.verify_envelope(sealed(session_b, "bob", "alice")).valid
+
+
+async def test_answered_sessions_confirmed_out_of_order_leave_the_responder_in_the_newest() -> None:
+    a, b = await pair()
+    first_a, first_b = await handshake(a, b)
+    second_a, second_b = await handshake(a, b)
+    late = sealed(first_a, "alice", "bob")  # sent before alice moved on, arriving last
+    assert b.verify_envelope(sealed(second_a, "alice", "bob")).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is second_b
+    assert b.verify_envelope(late).valid
+    assert first_b.confirmed
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is second_b
+
+
+async def test_confirming_an_older_answer_leaves_the_responder_in_its_own_later_offer() -> None:
+    a, b = await pair()
+    answered_a, _ = await handshake(a, b)
+    from_b = await b.offer_session("bob", "alice")
+    _, answer = await a.accept_session("alice", from_b.offer.to_bytes())
+    own = await b.complete_session(from_b, answer)
+    assert b.verify_envelope(sealed(answered_a, "alice", "bob")).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is own
+
+
+async def test_a_session_closed_before_it_was_heard_is_never_sealed_in() -> None:
+    a, b = await pair()
+    _, closed = await handshake(a, b)
+    b.close_session(closed)
+    closed.accept_counter(1, "a scope")  # as if a message in it came late
+    assert ("bob", "alice") not in b.sessions.by_pair
+
+
+async def test_a_lost_answer_leaves_the_responder_sealing_where_the_initiator_can_check() -> None:
+    """bob answers alice's offer and the answer is lost: bob goes on sealing in the session he
+    completed before, which alice holds, not in the one she never got; a late answer to one of
+    his own offers leaves him in his last offer."""
     a, b = await pair()
     delayed = await b.offer_session("bob", "alice")
     _, delayed_answer = await a.accept_session("alice", delayed.offer.to_bytes())
     renewal = await b.offer_session("bob", "alice")
     _, answer = await a.accept_session("alice", renewal.offer.to_bytes())
-    await b.complete_session(renewal, answer)
+    renewed = await b.complete_session(renewal, answer)
     lost = await a.offer_session("alice", "bob")
-    await b.accept_session("bob", lost.offer.to_bytes())  # the answer to alice is lost
-    stuck = b.sessions.for_pair("bob", "alice", time.time_ns())
-    assert stuck is not None
-    assert a.verify_envelope(sealed(stuck, "bob", "alice")).reason == Reason.UNKNOWN_SESSION
+    unheard, _ = await b.accept_session("bob", lost.offer.to_bytes())  # the answer is lost
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is renewed
+    assert a.verify_envelope(sealed(renewed, "bob", "alice")).valid
+    assert a.verify_envelope(sealed(unheard, "bob", "alice")).reason == Reason.UNKNOWN_SESSION
     await b.complete_session(delayed, delayed_answer)
     sending = b.sessions.for_pair("bob", "alice", time.time_ns())
-    assert sending is not None
+    assert sending is renewed
     assert a.verify_envelope(sealed(sending, "bob", "alice")).valid
 
 
