@@ -171,9 +171,15 @@ class SessionManager:
             for old in list(self.verifier.sessions.values()):
                 if now >= old.expires_at:
                     self.close(old)
-        session = Session(
-            sid, local, peer, send, recv, now + self.lifetime_ns, keys[0], keys[1], initiator, order
-        )
+        # As key_changed does for sessions made before: no later than either handshake key's
+        # revocation or retirement already set (a rotation before the handshake, say).
+        expires_at = now + self.lifetime_ns
+        for key_id in keys:
+            key = self.registry.keys.get(key_id)
+            end = None if key is None else _end_of(key.revoked_at, key.retire_at)
+            if end is not None and end < expires_at:
+                expires_at = end
+        session = Session(sid, local, peer, send, recv, expires_at, keys[0], keys[1], initiator, order)
         pair = (local, peer)
         for old in [old for old in self._kept.get(pair, ()) if now >= old.expires_at]:
             self.close(old)
@@ -197,15 +203,21 @@ class SessionManager:
 
     def _heard(self, session: Session) -> None:
         """A session this side answered is confirmed (the peer sent in it): seal in it from now
-        on, unless this side already seals in a live one made after it (a later answer
-        confirmed first, or an offer of this side's completed since)."""
+        on, unless this side answered a later offer since (the peer may have moved on and
+        closed this one: wait for its message in the later one) or already seals in a live
+        session made after it (a later answer confirmed first, or an offer of this side's
+        completed since)."""
         session._on_heard = None
         pair = (session.local, session.peer)
         kept = self._kept.get(pair)
-        if kept is None or session not in kept or self.verifier.clock() >= session.expires_at:
+        now = self.verifier.clock()
+        if kept is None or session not in kept or now >= session.expires_at:
             return  # closed or expired meanwhile
+        at = kept.index(session)
+        if any(not later.initiator for later in list(kept)[at + 1 :]):
+            return
         current = self.by_pair.get(pair)
-        if current is None or current not in kept or kept.index(current) < kept.index(session):
+        if current is None or current not in kept or now >= current.expires_at or kept.index(current) < at:
             self.by_pair[pair] = session
 
     def for_pair(self, local: str, peer: str | None, now_ns: int) -> Session | None:
@@ -258,16 +270,30 @@ class SessionManager:
 
 def _to_close(kept: deque[Session], sending: Session | None) -> Session:
     """The session a full pair closes (``kept`` oldest first, the new one last; ``sending``:
-    the one this side seals in). When more than :data:`MAX_UNCONFIRMED` are sessions the peer
-    is not known to hold (offers whose answers may never have reached the initiator), the
-    oldest of those: the initiator seals in the one it offered last. Else the oldest that is
-    neither ``sending`` nor the newest this side answered (the peer's last handshake may have
-    made that the session it seals in, both sides offering at once)."""
+    the one this side seals in), the first found of:
+
+    - when more than :data:`MAX_UNCONFIRMED` are sessions the peer is not known to hold
+      (offers whose answers may never have reached the initiator), the oldest of those: the
+      initiator seals in the one it offered last;
+    - the oldest this side offered and never sealed in, but ``sending``: the peer seals in a
+      session it answered only once it has heard in it;
+    - the oldest the peer is not likely to seal in: neither ``sending``, nor the newest this
+      side answered (the peer's last handshake may have made it the session the peer seals
+      in, both sides offering at once), nor the newest answered that the peer sent in (its
+      last completed offer, while the answer to a later one is on the way).
+    """
     unconfirmed = [s for s in kept if not s.confirmed]
     if len(unconfirmed) > MAX_UNCONFIRMED:
         return unconfirmed[0]
-    newest_answered = next((s for s in reversed(kept) if not s.initiator), None)
-    return next(s for s in kept if s is not sending and s is not newest_answered)
+    for s in kept:
+        if s.initiator and not s.sealed and s is not sending:
+            return s
+    spared = {
+        id(sending),
+        id(next((s for s in reversed(kept) if not s.initiator), None)),
+        id(next((s for s in reversed(kept) if not s.initiator and s.confirmed), None)),
+    }
+    return next(s for s in kept if id(s) not in spared)
 
 
 def _end_of(revoked_at: int | None, retire_at: int | None) -> int | None:

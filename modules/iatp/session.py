@@ -369,6 +369,11 @@ class Session:
         self._room = max(MAX_SCOPES, len(windows) + _MORE_SCOPES)
 
     @property
+    def sealed(self) -> bool:
+        """True once this side has sealed a message in this session."""
+        return self._counter > 0
+
+    @property
     def confirmed(self) -> bool:
         """True when the peer is known to hold this session: this side completed the handshake
         (the initiator), or received a message with a valid MAC in it, in any scope, ended or

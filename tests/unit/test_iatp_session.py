@@ -303,6 +303,67 @@ async def test_confirming_an_older_answer_leaves_the_responder_in_its_own_later_
     assert b.sessions.for_pair("bob", "alice", time.time_ns()) is own
 
 
+async def test_renewals_the_initiator_never_sends_in_leave_the_session_the_responder_uses() -> None:
+    """alice handshakes, sends once, then renews more times than a pair keeps sessions and
+    sends nothing more: bob, who heard her only in the first, still seals in it, so her bound
+    must close the renewals she never sealed in, not that one."""
+    a, b = await pair()
+    first_a, first_b = await handshake(a, b)
+    assert b.verify_envelope(sealed(first_a, "alice", "bob")).valid
+    for _ in range(MAX_SESSIONS_PER_PAIR + 2):
+        await handshake(a, b)
+        assert b.sessions.for_pair("bob", "alice", time.time_ns()) is first_b
+        assert a.verify_envelope(sealed(first_b, "bob", "alice")).valid
+
+
+async def test_a_full_pair_keeps_the_session_the_peer_was_last_heard_sealing_in() -> None:
+    """alice seals in a session bob answered and heard her in; her next offer's answer is on
+    the way. bob then makes session after session, sealing in each (messages still in flight):
+    his bound must not close the one she seals in, though it is his oldest."""
+    a, b = await pair()
+    used_a, _ = await handshake(a, b)
+    assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
+    in_flight = await a.offer_session("alice", "bob")
+    await b.accept_session("bob", in_flight.offer.to_bytes())  # the answer is on its way
+    for _ in range(MAX_SESSIONS_PER_PAIR):
+        from_b = await b.offer_session("bob", "alice")
+        _, answer = await a.accept_session("alice", from_b.offer.to_bytes())
+        sealed(await b.complete_session(from_b, answer), "bob", "alice")  # not delivered yet
+        assert len(b.verifier.sessions) <= MAX_SESSIONS_PER_PAIR
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is used_a
+    assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
+
+
+async def test_a_message_late_in_an_older_session_does_not_make_it_the_one_sealed_in() -> None:
+    """alice renewed (bob answered) and may have closed the first session: a message of hers
+    sent in it before, arriving now, must not make bob seal in it; he waits for the new one."""
+    a, b = await pair()
+    first_a, _ = await handshake(a, b)
+    late = sealed(first_a, "alice", "bob")
+    second_a, second_b = await handshake(a, b)
+    a.close_session(first_a)
+    assert b.verify_envelope(late).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None  # bob signs meanwhile
+    assert b.verify_envelope(sealed(second_a, "alice", "bob")).valid
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is second_b
+
+
+async def test_a_later_session_expired_unswept_does_not_keep_a_heard_one_from_being_used() -> None:
+    clock = Clock()
+    a, b = await pair(clock, session_lifetime=100)
+    from_a = await a.offer_session("alice", "bob")
+    heard_b, answer = await b.accept_session("bob", from_a.offer.to_bytes())
+    heard_a = await a.complete_session(from_a, answer)
+    clock.advance(1)
+    from_b = await b.offer_session("bob", "alice")
+    _, answer = await a.accept_session("alice", from_b.offer.to_bytes())
+    own = await b.complete_session(from_b, answer)
+    own.expires_at = clock.now + 10**9  # made later, ending first (its key retiring, say)
+    clock.advance(2)
+    assert b.verify_envelope(sealed(heard_a, "alice", "bob", at=clock.now)).valid
+    assert b.sessions.for_pair("bob", "alice", clock.now) is heard_b
+
+
 async def test_a_session_closed_before_it_was_heard_is_never_sealed_in() -> None:
     a, b = await pair()
     _, closed = await handshake(a, b)
@@ -498,6 +559,24 @@ async def test_rotation_ends_sessions_after_the_grace_period_on_both_sides() -> 
     assert a.sessions.for_pair("alice", "bob", clock.now) is None  # alice no longer seals with it
     result = b.verify_envelope(sealed(session_a, "alice", "bob", at=clock.now))
     assert result.reason == Reason.RETIRED_KEY
+
+
+async def test_a_session_made_with_a_key_already_retiring_ends_when_the_key_does() -> None:
+    """bob's offer, signed before he rotated his key, is answered after: the session used to
+    last its whole lifetime (key_changed shortens only the sessions there were)."""
+    clock = Clock()
+    a, b = await pair(clock)
+    pending = await b.offer_session("bob", "alice")
+    await b.rotate_key("bob", grace=60)  # the key that signed the offer retires in 60 s
+    await a.add_identity(b.identity("bob"))
+    session_a, answer = await a.accept_session("alice", pending.offer.to_bytes())
+    session_b = await b.complete_session(pending, answer)
+    retire_at = b.registry.keys[pending.offer.initiator_key_id].retire_at
+    assert retire_at is not None
+    assert session_a.expires_at == session_b.expires_at == retire_at
+    clock.advance(61)
+    assert b.sessions.for_pair("bob", "alice", clock.now) is None  # bob signs with his new key
+    assert a.verify_envelope(sealed(session_b, "bob", "alice", at=clock.now)).reason == Reason.RETIRED_KEY
 
 
 async def test_the_middleware_stops_sealing_with_a_session_of_a_revoked_key() -> None:
