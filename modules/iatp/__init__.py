@@ -40,7 +40,14 @@ from agent_os.iatp.models import HierarchicalTrust, PkiTrust, TrustModel, WebOfT
 from agent_os.iatp.noncestore import RedisNonceStore, SharedNonceStore
 from agent_os.iatp.result import Reason, VerificationResult
 from agent_os.iatp.sender import sender_identity
-from agent_os.iatp.session import SESSION_SCHEME, PendingSession, Session, SessionAnswer, SessionOffer
+from agent_os.iatp.session import (
+    SESSION_SCHEME,
+    PendingSession,
+    Session,
+    SessionAnswer,
+    SessionConfirmation,
+    SessionOffer,
+)
 from agent_os.iatp.trust import Certificate, TrustEdge
 from agent_os.iatp.verifier import ED25519
 
@@ -77,6 +84,7 @@ __all__ = [
     "RedisNonceStore",
     "Session",
     "SessionAnswer",
+    "SessionConfirmation",
     "SessionError",
     "SessionOffer",
     "SharedNonceStore",

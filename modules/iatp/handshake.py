@@ -15,6 +15,7 @@ from agent_os.iatp.session import (
     PendingSession,
     Session,
     SessionAnswer,
+    SessionConfirmation,
     SessionOffer,
     derive_keys,
     new_session_id,
@@ -148,6 +149,22 @@ class SessionManager:
             initiator=True,
             order=pending.order,
         )
+
+    def confirm(self, local: str, confirmation: SessionConfirmation) -> Session:
+        """Take the initiator's confirmation (:meth:`Session.confirmation`) of a session
+        ``local`` answered: the session is one the peer holds, and ``local`` seals in it as
+        after a message in it (see :meth:`_heard`). Repeating one is harmless. Raises
+        SessionError when it matches no live session ``local`` answered or its tag is wrong."""
+        session = self.verifier.sessions.get((confirmation.session_id.hex(), confirmation.initiator))
+        if (
+            confirmation.responder != local
+            or session is None
+            or session.local != local
+            or self.verifier.clock() >= session.expires_at
+            or not session.confirm(confirmation.tag)
+        ):
+            raise SessionError("the confirmation matches no live session this side answered")
+        return session
 
     def _install(
         self,

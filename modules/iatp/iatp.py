@@ -27,7 +27,7 @@ from agent_os.iatp.models import TrustModel, make_model
 from agent_os.iatp.noncestore import SharedNonceStore
 from agent_os.iatp.registry import KeyRegistry
 from agent_os.iatp.result import Reason, VerificationResult, invalid
-from agent_os.iatp.session import PendingSession, Session, SessionAnswer, SessionOffer
+from agent_os.iatp.session import PendingSession, Session, SessionAnswer, SessionConfirmation, SessionOffer
 from agent_os.iatp.trust import Certificate, TrustEdge, TrustStore, check_level, check_permissions
 from agent_os.iatp.verifier import EnvelopeVerifier, TrustEngine
 
@@ -476,8 +476,8 @@ class IATP:
     async def accept_session(self, local: str, offer: bytes | SessionOffer) -> tuple[Session, bytes]:
         """Answer an offer to local agent ``local``; returns the session and the answer bytes to
         send back. The middleware seals ``local``'s messages to the initiator in it once the
-        initiator has sent in it (the answer reached it). Raises SessionError (bad, stale,
-        replayed or forged offer) or UnknownAgent."""
+        initiator has sent in it or confirmed it (:meth:`confirm_session`): the answer reached
+        it. Raises SessionError (bad, stale, replayed or forged offer) or UnknownAgent."""
         await self.open()
         parsed = SessionOffer.from_bytes(offer) if isinstance(offer, bytes) else offer
         session, answer = self.sessions.accept(local, parsed)
@@ -488,6 +488,18 @@ class IATP:
         await self.open()
         parsed = SessionAnswer.from_bytes(answer) if isinstance(answer, bytes) else answer
         return self.sessions.complete(pending, parsed)
+
+    async def confirm_session(self, local: str, confirmation: bytes | SessionConfirmation) -> Session:
+        """Take the initiator's confirmation (``session.confirmation()``, sent after
+        ``complete_session``) of a session local agent ``local`` answered: from now on the
+        middleware seals ``local``'s messages to the initiator in it, as it does after the
+        initiator's first message in it. Optional: without it, that message confirms. Raises
+        SessionError (malformed, forged, or no live session ``local`` answered)."""
+        await self.open()
+        parsed = (
+            SessionConfirmation.from_bytes(confirmation) if isinstance(confirmation, bytes) else confirmation
+        )
+        return self.sessions.confirm(local, parsed)
 
     def close_session(self, session: Session) -> None:
         """End a session on this side: its keys are dropped and its messages fail."""

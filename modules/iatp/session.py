@@ -138,6 +138,34 @@ class SessionAnswer:
         return cls(*f)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionConfirmation:
+    """The initiator's optional third handshake message: proof, under the session's key, that
+    it completed the session (see :meth:`Session.confirmation`)."""
+
+    session_id: bytes
+    initiator: str
+    responder: str
+    tag: bytes
+
+    def to_bytes(self) -> bytes:
+        return pack([self.session_id, self.initiator, self.responder, self.tag])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionConfirmation:
+        """Parse; raises SessionError for anything that is not a well-formed confirmation."""
+        f = _fields(data, 4, "confirmation")
+        if not (_is(f, (bytes, str, str, bytes)) and len(f[0]) == 16 and len(f[3]) == 32):
+            raise SessionError("malformed session confirmation")
+        return cls(*f)
+
+
+# What a confirmation's tag MACs after the session's head: 0xc1 never starts msgpack data, and
+# a message's MAC input there starts with its nonce (msgpack bin, 0xc4), so a tag is never a
+# message's MAC nor the other way round.
+_CONFIRMED: Final = b"\xc1IATP/1 session-confirmation"
+
+
 def _fields(data: Any, n: int, what: str) -> list[Any]:
     try:
         fields = msgpack.unpackb(data, raw=False)
@@ -249,6 +277,40 @@ class Session:
         h.update(signed_fields(env, nonce, env.payload))
         env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
+    def confirmation(self) -> bytes:
+        """The initiator's confirmation to send the responder (the handshake's optional third
+        message): until the responder has it, or a message in this session, it cannot know
+        the initiator completed the session, and does not seal in it. Raises SessionError on
+        the responder's side or once the session is closed."""
+        mac = self._send_mac
+        if not self.initiator or mac is None:
+            raise SessionError("only the initiator of a live session confirms it")
+        h = mac.copy()
+        h.update(_CONFIRMED)
+        sid = bytes.fromhex(self.session_id)
+        return SessionConfirmation(sid, self.local, self.peer, h.digest()).to_bytes()
+
+    def confirm(self, tag: bytes) -> bool:
+        """Check the initiator's confirmation tag (constant-time); a valid one confirms the
+        session as a message in it does (see :attr:`confirmed`). False on the initiator's side
+        or once the session is closed."""
+        mac = self._recv_mac
+        if self.initiator or mac is None:
+            return False
+        h = mac.copy()
+        h.update(_CONFIRMED)
+        if not _compare(h.digest(), tag):
+            return False
+        self._hear()
+        return True
+
+    def _hear(self) -> None:
+        """The peer is known to hold this session: mark it so, and tell the manager once."""
+        if not self._heard:
+            self._heard = True
+            if self._on_heard is not None:
+                self._on_heard(self)
+
     def check_mac(self, env: Envelope, sig: Signature) -> bool:
         """Whether ``sig`` carries the MAC of ``env`` under the receiving key (constant-time
         comparison); False once the session is closed."""
@@ -292,9 +354,7 @@ class Session:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
             if not self._heard:  # only after a valid MAC (see open); windows may end, this stays
-                self._heard = True
-                if self._on_heard is not None:
-                    self._on_heard(self)
+                self._hear()
             window = self._ended.pop(scope, None)
             if window is None:
                 floor = self._dropped.pop(scope, self._floor)
@@ -377,8 +437,8 @@ class Session:
     def confirmed(self) -> bool:
         """True when the peer is known to hold this session: this side completed the handshake
         (the initiator), or received a message with a valid MAC in it, in any scope, ended or
-        not (a message this side sealed proves nothing: the answer to the offer may never have
-        reached the initiator)."""
+        not, or the initiator's confirmation (a message this side sealed proves nothing: the
+        answer to the offer may never have reached the initiator)."""
         return self.initiator or self._heard
 
     def close(self) -> None:

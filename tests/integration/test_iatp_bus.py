@@ -551,6 +551,39 @@ async def test_a_lost_answer_leaves_the_responders_messages_verifiable(
     assert schemes == ["ed25519", "iatp-session-v1"]
 
 
+async def test_a_confirmed_session_carries_the_responders_messages_alone(
+    make_client: Factory, subject: str
+) -> None:
+    """alice starts a session so that bob's stream to her is cheap to check, and never sends
+    in it: her confirmation (the handshake's third message) is what lets bob seal in it."""
+    a, b = await alice_and_bob()
+    alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])
+    bob = await make_client(agent_id="bob", middleware=[IATPMiddleware(b)])
+    to_alice = Collector()
+    await alice.subscribe(f"{subject}.to_alice", to_alice)
+
+    async def confirm(message: Any, metadata: Metadata) -> None:
+        await b.confirm_session("bob", message)
+
+    await bob.subscribe(f"{subject}.confirm", confirm)
+    pending = await a.offer_session("alice", "bob")
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    session = await a.complete_session(pending, answer)
+    await bob.publish(f"{subject}.to_alice", "before", recipient="alice")
+    await to_alice.wait_for(1)
+    await alice.publish(f"{subject}.confirm", session.confirmation())  # not addressed: signed
+    await wait_until(
+        lambda: b.sessions.for_pair("bob", "alice", time.time_ns()) is not None, what="the confirmation taken"
+    )
+    for i in range(3):
+        await bob.publish(f"{subject}.to_alice", i, recipient="alice")
+    await to_alice.wait_for(4)
+    assert to_alice.messages == ["before", 0, 1, 2]
+    assert all(m.context[RESULT].valid for m in to_alice.metadata)
+    schemes = [m.signature.scheme if m.signature else None for m in to_alice.metadata]
+    assert schemes == ["ed25519", *["iatp-session-v1"] * 3]
+
+
 async def test_session_mode_over_the_bus(make_client: Factory, subject: str) -> None:
     a, b = await alice_and_bob()
     alice = await make_client(agent_id="alice", middleware=[IATPMiddleware(a)])

@@ -18,6 +18,7 @@ from agent_os.iatp import (
     Reason,
     Session,
     SessionAnswer,
+    SessionConfirmation,
     SessionError,
     SessionOffer,
     SigningRejected,
@@ -362,6 +363,60 @@ async def test_a_later_session_expired_unswept_does_not_keep_a_heard_one_from_be
     clock.advance(2)
     assert b.verify_envelope(sealed(heard_a, "alice", "bob", at=clock.now)).valid
     assert b.sessions.for_pair("bob", "alice", clock.now) is heard_b
+
+
+async def test_the_initiators_confirmation_lets_the_responder_seal_at_once() -> None:
+    """Traffic from the responder alone: without the third message bob would sign every
+    message, since alice never sends in the session."""
+    a, b = await pair()
+    session_a, session_b = await handshake(a, b)
+    assert await b.confirm_session("bob", session_a.confirmation()) is session_b
+    assert session_b.confirmed
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is session_b
+    assert a.verify_envelope(sealed(session_b, "bob", "alice")).valid
+    assert await b.confirm_session("bob", session_a.confirmation()) is session_b  # again: harmless
+
+
+async def test_a_confirmation_is_refused_unless_it_proves_the_initiator_holds_the_session() -> None:
+    a, b = await pair()
+    session_a, session_b = await handshake(a, b)
+    good = SessionConfirmation.from_bytes(session_a.confirmation())
+    forged = dataclasses.replace(good, tag=bytes([good.tag[0] ^ 1]) + good.tag[1:])
+    mac = sealed(session_a, "alice", "bob").sig
+    assert mac is not None
+    as_message_mac = dataclasses.replace(good, tag=mac.value)  # a message's MAC is no confirmation
+    other_a, _ = await handshake(a, b)
+    other_session = SessionConfirmation.from_bytes(other_a.confirmation())
+    crossed = dataclasses.replace(good, tag=other_session.tag)  # another session's tag
+    unknown = dataclasses.replace(good, session_id=bytes(16))
+    for bad in (forged, as_message_mac, crossed, unknown, dataclasses.replace(good, responder="carol")):
+        with pytest.raises(SessionError):
+            await b.confirm_session("bob", bad)
+    for garbage in (b"", b"\x94", good.to_bytes()[:-1], session_a.confirmation() + b"\x00"):
+        with pytest.raises(SessionError):
+            await b.confirm_session("bob", garbage)
+    with pytest.raises(SessionError):
+        await a.confirm_session("alice", good)  # the initiator's own side
+    with pytest.raises(SessionError):
+        session_b.confirmation()  # only the initiator confirms
+    assert not session_b.confirmed
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None
+    b.close_session(session_b)
+    with pytest.raises(SessionError):
+        await b.confirm_session("bob", good)
+    a.close_session(session_a)
+    with pytest.raises(SessionError):
+        session_a.confirmation()
+
+
+async def test_a_confirmation_of_an_expired_session_is_refused() -> None:
+    clock = Clock()
+    a, b = await pair(clock, session_lifetime=10)
+    session_a, _ = await handshake(a, b)
+    clock.advance(11)
+    with pytest.raises(SessionError):
+        await b.confirm_session("bob", session_a.confirmation())
+    assert b.sessions.for_pair("bob", "alice", clock.now) is None
 
 
 async def test_a_session_closed_before_it_was_heard_is_never_sealed_in() -> None:
