@@ -49,12 +49,6 @@ class SessionManager:
         self._sweep_at = 0  # when the next handshake drops the expired sessions
         self._offers = itertools.count(1)  # PendingSession.order
 
-    def _signing(self, agent_id: str) -> tuple[str, bytes]:
-        held = self.registry.signing_key(agent_id)
-        if held is None:
-            raise UnknownAgent(agent_id, "signing key")
-        return held
-
     def _check_signer(
         self, agent_id: str, key_id: str, data: bytes, signature: bytes, ts: int, what: str
     ) -> None:
@@ -72,7 +66,7 @@ class SessionManager:
 
     def offer(self, local: str, peer: str) -> PendingSession:
         """Start a session from local agent ``local`` to ``peer``; raises UnknownAgent."""
-        key_id, secret = self._signing(local)
+        key_id, secret = self.verifier.signing_key(local)
         if peer not in self.registry.agents:
             raise UnknownAgent(peer)
         eph_public, eph_secret = _crypto.x25519_keypair()
@@ -87,7 +81,7 @@ class SessionManager:
         """Answer an offer addressed to local agent ``local``; raises SessionError or UnknownAgent."""
         if offer.responder != local:
             raise SessionError(f"the offer is addressed to {offer.responder!r}, not {local!r}")
-        key_id, secret = self._signing(local)
+        key_id, secret = self.verifier.signing_key(local)
         self._check_signer(
             offer.initiator,
             offer.initiator_key_id,
@@ -196,6 +190,8 @@ class SessionManager:
             end = None if key is None else _end_of(key.revoked_at, key.retire_at)
             if end is not None and end < expires_at:
                 expires_at = end
+        if expires_at <= now:  # a handshake key revoked or retired already (a rotation meanwhile)
+            raise SessionError("a key of the handshake is revoked or retired")
         session = Session(sid, local, peer, send, recv, expires_at, keys[0], keys[1], initiator, order)
         pair = (local, peer)
         for old in [old for old in self._kept.get(pair, ()) if now >= old.expires_at]:
@@ -289,22 +285,22 @@ def _to_close(kept: deque[Session], sending: Session | None) -> Session:
     """The session a full pair closes (``kept`` oldest first, the new one last; ``sending``:
     the one this side seals in), the first found of:
 
+    - the oldest this side offered and never sealed in, but ``sending``: the peer seals in a
+      session it answered only once it has heard in it;
     - when more than :data:`MAX_UNCONFIRMED` are sessions the peer is not known to hold
       (offers whose answers may never have reached the initiator), the oldest of those: the
       initiator seals in the one it offered last;
-    - the oldest this side offered and never sealed in, but ``sending``: the peer seals in a
-      session it answered only once it has heard in it;
     - the oldest the peer is not likely to seal in: neither ``sending``, nor the newest this
       side answered (the peer's last handshake may have made it the session the peer seals
       in, both sides offering at once), nor the newest answered that the peer sent in (its
       last completed offer, while the answer to a later one is on the way).
     """
-    unconfirmed = [s for s in kept if not s.confirmed]
-    if len(unconfirmed) > MAX_UNCONFIRMED:
-        return unconfirmed[0]
     for s in kept:
         if s.initiator and not s.sealed and s is not sending:
             return s
+    unconfirmed = [s for s in kept if not s.confirmed]
+    if len(unconfirmed) > MAX_UNCONFIRMED:
+        return unconfirmed[0]
     spared = {
         id(sending),
         id(next((s for s in reversed(kept) if not s.initiator), None)),

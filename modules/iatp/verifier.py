@@ -91,16 +91,21 @@ class EnvelopeVerifier:
         Raises UnknownAgent when no signing key for the sender is held here, CryptoUnavailable
         without PyNaCl, and TypeError/ValueError/OverflowError for a field msgpack cannot encode.
         """
-        held = self.registry.signing_key(env.sender)
-        if held is None:
-            raise UnknownAgent(env.sender, "signing key")
-        key_id, secret = held
-        revoked_at = self.registry.keys[key_id].revoked_at
-        if revoked_at is not None and self.clock() >= revoked_at:
-            raise UnknownAgent(env.sender, "unrevoked signing key")
+        key_id, secret = self.signing_key(env.sender)
         nonce = _random(NONCE_BYTES)
         value = _crypto.sign(secret, self._head(key_id) + rest_bytes(env, nonce))
         env.sig = Signature(ED25519, key_id, nonce, value)
+
+    def signing_key(self, agent_id: str) -> tuple[str, bytes]:
+        """``(key_id, secret_key)`` a local agent signs with now: its current key, unless that
+        is revoked from a time already reached. Raises UnknownAgent otherwise."""
+        held = self.registry.signing_key(agent_id)
+        if held is None:
+            raise UnknownAgent(agent_id, "signing key")
+        revoked_at = self.registry.keys[held[0]].revoked_at
+        if revoked_at is not None and self.clock() >= revoked_at:
+            raise UnknownAgent(agent_id, "unrevoked signing key")
+        return held
 
     def _head(self, key_id: str) -> bytes:
         """The constant head of the signed bytes for ``key_id`` (cached; called only for keys

@@ -22,6 +22,7 @@ from agent_os.iatp import (
     SessionError,
     SessionOffer,
     SigningRejected,
+    UnknownAgent,
     _crypto,
 )
 from agent_os.iatp.handshake import MAX_SESSIONS_PER_PAIR
@@ -335,6 +336,21 @@ async def test_a_full_pair_keeps_the_session_the_peer_was_last_heard_sealing_in(
     assert b.verify_envelope(sealed(used_a, "alice", "bob")).valid
 
 
+async def test_a_full_pair_closes_an_offer_never_sealed_in_before_the_peers_unheard_ones() -> None:
+    """bob offers again and again; only his first answer has reached him, and he seals in that
+    session, which alice has not heard in yet. Her bound used to close the oldest she had not
+    heard in, his; an offer of hers she never sealed in is of no use to him."""
+    a, b = await pair()
+    offers = [await b.offer_session("bob", "alice") for _ in range(MAX_SESSIONS_PER_PAIR - 1)]
+    answers = [(await a.accept_session("alice", o.offer.to_bytes()))[1] for o in offers]
+    used_b = await b.complete_session(offers[0], answers[0])  # the later answers are on the way
+    await handshake(a, b)  # alice's own, completed: she seals in it, but sends nothing
+    await handshake(a, b)  # the pair is full: one of alice's sessions goes
+    assert len(a.verifier.sessions) == MAX_SESSIONS_PER_PAIR
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is used_b
+    assert a.verify_envelope(sealed(used_b, "bob", "alice")).valid
+
+
 async def test_a_message_late_in_an_older_session_does_not_make_it_the_one_sealed_in() -> None:
     """alice renewed (bob answered) and may have closed the first session: a message of hers
     sent in it before, arriving now, must not make bob seal in it; he waits for the new one."""
@@ -632,6 +648,34 @@ async def test_a_session_made_with_a_key_already_retiring_ends_when_the_key_does
     clock.advance(61)
     assert b.sessions.for_pair("bob", "alice", clock.now) is None  # bob signs with his new key
     assert a.verify_envelope(sealed(session_b, "bob", "alice", at=clock.now)).reason == Reason.RETIRED_KEY
+
+
+async def test_a_handshake_whose_key_retired_before_it_completed_is_refused_and_kept_nowhere() -> None:
+    """alice's offer is answered after her key was rotated with no grace: the session would be
+    over before it began (completing it raised ValueError and kept it)."""
+    clock = Clock()
+    a, b = await pair(clock)
+    pending = await a.offer_session("alice", "bob")
+    await a.rotate_key("alice", grace=0)
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())  # bob has not heard
+    with pytest.raises(SessionError, match="revoked or retired"):
+        await a.complete_session(pending, answer)
+    assert a.verifier.sessions == {}
+    assert a.sessions.for_pair("alice", "bob", clock.now) is None
+
+
+async def test_no_handshake_is_signed_with_a_key_revoked_from_a_time_now_past() -> None:
+    clock = Clock()
+    a, b = await pair(clock)
+    key_id = b.identity("bob").key_id
+    await b.revoke_key(key_id, at=clock.now / 10**9 + 1)
+    clock.advance(2)
+    pending = await a.offer_session("alice", "bob")
+    with pytest.raises(UnknownAgent):
+        await b.accept_session("bob", pending.offer.to_bytes())
+    with pytest.raises(UnknownAgent):
+        await b.offer_session("bob", "alice")
+    assert b.verifier.sessions == {}
 
 
 async def test_the_middleware_stops_sealing_with_a_session_of_a_revoked_key() -> None:
