@@ -144,18 +144,32 @@ class SessionManager:
             order=pending.order,
         )
 
+    def confirmation(self, session: Session) -> SessionConfirmation:
+        """The initiator's confirmation of ``session``, the one this side seals in to the peer
+        (confirming another would let the peer seal in a session this side may close first).
+        Raises SessionError otherwise."""
+        now = self.verifier.clock()
+        if self.by_pair.get((session.local, session.peer)) is not session or now >= session.expires_at:
+            raise SessionError("only the live session this side seals in is confirmed")
+        return session.confirmation(now)
+
     def confirm(self, local: str, confirmation: SessionConfirmation) -> Session:
-        """Take the initiator's confirmation (:meth:`Session.confirmation`) of a session
-        ``local`` answered: the session is one the peer holds, and ``local`` seals in it as
-        after a message in it (see :meth:`_heard`). Repeating one is harmless. Raises
-        SessionError when it matches no live session ``local`` answered or its tag is wrong."""
+        """Take the initiator's confirmation (:meth:`confirmation`) of a session ``local``
+        answered: the session is one the peer holds, and ``local`` seals in it as after a
+        message in it (see :meth:`_heard`). Its time is checked as a message's (skew, age).
+        Repeating one is harmless. Raises SessionError when it matches no live session
+        ``local`` answered, is stale or future-dated, or its tag is wrong."""
+        now = self.verifier.clock()
+        ts = confirmation.timestamp
+        if not now - self.verifier.max_age_ns <= ts <= now + self.verifier.skew_ns:
+            raise SessionError("the session confirmation is stale or future-dated")
         session = self.verifier.sessions.get((confirmation.session_id.hex(), confirmation.initiator))
         if (
             confirmation.responder != local
             or session is None
             or session.local != local
-            or self.verifier.clock() >= session.expires_at
-            or not session.confirm(confirmation.tag)
+            or now >= session.expires_at
+            or not session.confirm(confirmation)
         ):
             raise SessionError("the confirmation matches no live session this side answered")
         return session

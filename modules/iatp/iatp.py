@@ -27,7 +27,14 @@ from agent_os.iatp.models import TrustModel, make_model
 from agent_os.iatp.noncestore import SharedNonceStore
 from agent_os.iatp.registry import KeyRegistry
 from agent_os.iatp.result import Reason, VerificationResult, invalid
-from agent_os.iatp.session import PendingSession, Session, SessionAnswer, SessionConfirmation, SessionOffer
+from agent_os.iatp.session import (
+    PendingSession,
+    Session,
+    SessionAnswer,
+    SessionConfirmation,
+    SessionOffer,
+    parse_message,
+)
 from agent_os.iatp.trust import Certificate, TrustEdge, TrustStore, check_level, check_permissions
 from agent_os.iatp.verifier import EnvelopeVerifier, TrustEngine
 
@@ -477,29 +484,33 @@ class IATP:
         """Answer an offer to local agent ``local``; returns the session and the answer bytes to
         send back. The middleware seals ``local``'s messages to the initiator in it once the
         initiator has sent in it or confirmed it (:meth:`confirm_session`): the answer reached
-        it. Raises SessionError (bad, stale, replayed or forged offer) or UnknownAgent."""
+        it. Raises SessionError (bad, stale, replayed or forged offer, or not one at all) or
+        UnknownAgent."""
         await self.open()
-        parsed = SessionOffer.from_bytes(offer) if isinstance(offer, bytes) else offer
-        session, answer = self.sessions.accept(local, parsed)
+        session, answer = self.sessions.accept(local, parse_message(SessionOffer, offer))
         return session, answer.to_bytes()
 
     async def complete_session(self, pending: PendingSession, answer: bytes | SessionAnswer) -> Session:
-        """Finish the initiator's side; raises SessionError for a bad or forged answer."""
+        """Finish the initiator's side; raises SessionError for a bad or forged answer (or not
+        one at all)."""
         await self.open()
-        parsed = SessionAnswer.from_bytes(answer) if isinstance(answer, bytes) else answer
-        return self.sessions.complete(pending, parsed)
+        return self.sessions.complete(pending, parse_message(SessionAnswer, answer))
+
+    def session_confirmation(self, session: Session) -> bytes:
+        """The initiator's confirmation of ``session`` (the handshake's optional third message,
+        for the responder's :meth:`confirm_session`): the session ``complete_session`` made,
+        when it is the one this side seals in (the live one it offered last). Raises
+        SessionError for any other."""
+        return self.sessions.confirmation(session).to_bytes()
 
     async def confirm_session(self, local: str, confirmation: bytes | SessionConfirmation) -> Session:
-        """Take the initiator's confirmation (``session.confirmation()``, sent after
-        ``complete_session``) of a session local agent ``local`` answered: from now on the
-        middleware seals ``local``'s messages to the initiator in it, as it does after the
-        initiator's first message in it. Optional: without it, that message confirms. Raises
-        SessionError (malformed, forged, or no live session ``local`` answered)."""
+        """Take the initiator's confirmation (:meth:`session_confirmation`) of a session local
+        agent ``local`` answered: from now on the middleware seals ``local``'s messages to the
+        initiator in it, as it does after the initiator's first message in it (optional: without
+        it, that message confirms). Raises SessionError (malformed or not bytes, stale or
+        future-dated as a message would be, forged, or no live session ``local`` answered)."""
         await self.open()
-        parsed = (
-            SessionConfirmation.from_bytes(confirmation) if isinstance(confirmation, bytes) else confirmation
-        )
-        return self.sessions.confirm(local, parsed)
+        return self.sessions.confirm(local, parse_message(SessionConfirmation, confirmation))
 
     def close_session(self, session: Session) -> None:
         """End a session on this side: its keys are dropped and its messages fail."""

@@ -9,7 +9,7 @@ import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -140,29 +140,51 @@ class SessionAnswer:
 
 @dataclass(frozen=True, slots=True)
 class SessionConfirmation:
-    """The initiator's optional third handshake message: proof, under the session's key, that
-    it completed the session (see :meth:`Session.confirmation`)."""
+    """The initiator's optional third handshake message: proof, under the session's key and
+    at ``timestamp``, that it completed the session (see ``IATP.session_confirmation``)."""
 
     session_id: bytes
     initiator: str
     responder: str
+    timestamp: int
     tag: bytes
 
     def to_bytes(self) -> bytes:
-        return pack([self.session_id, self.initiator, self.responder, self.tag])
+        return pack([self.session_id, self.initiator, self.responder, self.timestamp, self.tag])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SessionConfirmation:
         """Parse; raises SessionError for anything that is not a well-formed confirmation."""
-        f = _fields(data, 4, "confirmation")
-        if not (_is(f, (bytes, str, str, bytes)) and len(f[0]) == 16 and len(f[3]) == 32):
+        f = _fields(data, 5, "confirmation")
+        if not (
+            _is(f, (bytes, str, str, int, bytes))
+            and len(f[0]) == 16
+            and 0 <= f[3] < 2**63
+            and len(f[4]) == 32
+        ):
             raise SessionError("malformed session confirmation")
         return cls(*f)
 
 
+_Message = TypeVar("_Message", SessionOffer, SessionAnswer, SessionConfirmation)
+
+
+def parse_message(kind: type[_Message], message: object) -> _Message:
+    """``message`` (its bytes, or one built by hand) as a checked ``kind``; raises
+    SessionError for anything else, whatever its type."""
+    if isinstance(message, kind):
+        try:
+            message = message.to_bytes()  # checked as if it came from the wire
+        except Exception as exc:  # msgpack raises several unrelated types on odd fields
+            raise SessionError(f"malformed {kind.__name__}") from exc
+    if not isinstance(message, bytes):
+        raise SessionError(f"a {kind.__name__} is bytes, not {type(message).__name__}")
+    return kind.from_bytes(message)
+
+
 # What a confirmation's tag MACs after the session's head: 0xc1 never starts msgpack data, and
 # a message's MAC input there starts with its nonce (msgpack bin, 0xc4), so a tag is never a
-# message's MAC nor the other way round.
+# message's MAC nor the other way round. The timestamp follows, 8 bytes big-endian.
 _CONFIRMED: Final = b"\xc1IATP/1 session-confirmation"
 
 
@@ -277,29 +299,22 @@ class Session:
         h.update(signed_fields(env, nonce, env.payload))
         env.sig = Signature(SESSION_SCHEME, self.session_id, nonce, h.digest())
 
-    def confirmation(self) -> bytes:
-        """The initiator's confirmation to send the responder (the handshake's optional third
-        message): until the responder has it, or a message in this session, it cannot know
-        the initiator completed the session, and does not seal in it. Raises SessionError on
-        the responder's side or once the session is closed."""
+    def confirmation(self, timestamp: int) -> SessionConfirmation:
+        """The initiator's confirmation of this session at ``timestamp`` (see
+        ``IATP.session_confirmation``, which says which session to confirm). Raises
+        SessionError on the responder's side or once the session is closed."""
         mac = self._send_mac
         if not self.initiator or mac is None:
             raise SessionError("only the initiator of a live session confirms it")
-        h = mac.copy()
-        h.update(_CONFIRMED)
         sid = bytes.fromhex(self.session_id)
-        return SessionConfirmation(sid, self.local, self.peer, h.digest()).to_bytes()
+        return SessionConfirmation(sid, self.local, self.peer, timestamp, _tag(mac, timestamp))
 
-    def confirm(self, tag: bytes) -> bool:
+    def confirm(self, confirmation: SessionConfirmation) -> bool:
         """Check the initiator's confirmation tag (constant-time); a valid one confirms the
         session as a message in it does (see :attr:`confirmed`). False on the initiator's side
-        or once the session is closed."""
+        or once the session is closed. The caller checks the timestamp."""
         mac = self._recv_mac
-        if self.initiator or mac is None:
-            return False
-        h = mac.copy()
-        h.update(_CONFIRMED)
-        if not _compare(h.digest(), tag):
+        if self.initiator or mac is None or not _compare(_tag(mac, confirmation.timestamp), confirmation.tag):
             return False
         self._hear()
         return True
@@ -460,6 +475,14 @@ class PendingSession:
 
     def __repr__(self) -> str:
         return f"PendingSession(initiator={self.offer.initiator!r}, responder={self.offer.responder!r})"
+
+
+def _tag(mac: Any, timestamp: int) -> bytes:
+    """A confirmation's tag: ``mac`` (a session's MAC state, its head absorbed) over
+    _CONFIRMED and the timestamp."""
+    h = mac.copy()
+    h.update(_CONFIRMED + timestamp.to_bytes(8, "big"))
+    return bytes(h.digest())
 
 
 def new_session_id() -> bytes:

@@ -571,7 +571,7 @@ async def test_a_confirmed_session_carries_the_responders_messages_alone(
     session = await a.complete_session(pending, answer)
     await bob.publish(f"{subject}.to_alice", "before", recipient="alice")
     await to_alice.wait_for(1)
-    await alice.publish(f"{subject}.confirm", session.confirmation())  # not addressed: signed
+    await alice.publish(f"{subject}.confirm", a.session_confirmation(session))  # not addressed: signed
     await wait_until(
         lambda: b.sessions.for_pair("bob", "alice", time.time_ns()) is not None, what="the confirmation taken"
     )

@@ -386,52 +386,116 @@ async def test_the_initiators_confirmation_lets_the_responder_seal_at_once() -> 
     message, since alice never sends in the session."""
     a, b = await pair()
     session_a, session_b = await handshake(a, b)
-    assert await b.confirm_session("bob", session_a.confirmation()) is session_b
+    confirmation = a.session_confirmation(session_a)
+    assert await b.confirm_session("bob", confirmation) is session_b
     assert session_b.confirmed
     assert b.sessions.for_pair("bob", "alice", time.time_ns()) is session_b
     assert a.verify_envelope(sealed(session_b, "bob", "alice")).valid
-    assert await b.confirm_session("bob", session_a.confirmation()) is session_b  # again: harmless
+    assert await b.confirm_session("bob", confirmation) is session_b  # again: harmless
 
 
 async def test_a_confirmation_is_refused_unless_it_proves_the_initiator_holds_the_session() -> None:
     a, b = await pair()
     session_a, session_b = await handshake(a, b)
-    good = SessionConfirmation.from_bytes(session_a.confirmation())
+    good = SessionConfirmation.from_bytes(a.session_confirmation(session_a))
     forged = dataclasses.replace(good, tag=bytes([good.tag[0] ^ 1]) + good.tag[1:])
     mac = sealed(session_a, "alice", "bob").sig
     assert mac is not None
     as_message_mac = dataclasses.replace(good, tag=mac.value)  # a message's MAC is no confirmation
+    retimed = dataclasses.replace(good, timestamp=good.timestamp - 1)  # the time is under the tag
     other_a, _ = await handshake(a, b)
-    other_session = SessionConfirmation.from_bytes(other_a.confirmation())
+    other_session = SessionConfirmation.from_bytes(a.session_confirmation(other_a))
     crossed = dataclasses.replace(good, tag=other_session.tag)  # another session's tag
     unknown = dataclasses.replace(good, session_id=bytes(16))
-    for bad in (forged, as_message_mac, crossed, unknown, dataclasses.replace(good, responder="carol")):
+    wrong_agent = dataclasses.replace(good, responder="carol")
+    for bad in (forged, as_message_mac, retimed, crossed, unknown, wrong_agent):
         with pytest.raises(SessionError):
             await b.confirm_session("bob", bad)
-    for garbage in (b"", b"\x94", good.to_bytes()[:-1], session_a.confirmation() + b"\x00"):
+    odd_fields = (
+        dataclasses.replace(good, tag="text"),  # type: ignore[arg-type]
+        dataclasses.replace(good, session_id="text"),  # type: ignore[arg-type]
+        dataclasses.replace(good, initiator=["alice"]),  # type: ignore[arg-type]
+        dataclasses.replace(good, timestamp=2**64),
+        dataclasses.replace(good, tag=good.tag[:31]),
+    )
+    not_bytes: tuple[Any, ...] = ("text", {"a": 1}, [1], None, bytearray(good.to_bytes()), 7)
+    garbage = (b"", b"\x95", good.to_bytes()[:-1], good.to_bytes() + b"\x00")
+    for bad_input in (*odd_fields, *not_bytes, *garbage):
         with pytest.raises(SessionError):
-            await b.confirm_session("bob", garbage)
+            await b.confirm_session("bob", bad_input)
     with pytest.raises(SessionError):
         await a.confirm_session("alice", good)  # the initiator's own side
     with pytest.raises(SessionError):
-        session_b.confirmation()  # only the initiator confirms
+        session_b.confirmation(time.time_ns())  # only the initiator confirms
     assert not session_b.confirmed
     assert b.sessions.for_pair("bob", "alice", time.time_ns()) is None
     b.close_session(session_b)
     with pytest.raises(SessionError):
         await b.confirm_session("bob", good)
-    a.close_session(session_a)
+    a.close_session(other_a)
     with pytest.raises(SessionError):
-        session_a.confirmation()
+        a.session_confirmation(other_a)
+
+
+async def test_the_other_handshake_messages_refuse_what_is_not_one_with_a_session_error() -> None:
+    a, b = await pair()
+    pending = await a.offer_session("alice", "bob")
+    not_offers: tuple[Any, ...] = ("text", None, [1], dataclasses.replace(pending.offer, ephemeral=b"x"))
+    for bad_offer in not_offers:
+        with pytest.raises(SessionError):
+            await b.accept_session("bob", bad_offer)
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    parsed = SessionAnswer.from_bytes(answer)
+    odd_answer = dataclasses.replace(parsed, timestamp=-1.5)  # type: ignore[arg-type]
+    not_answers: tuple[Any, ...] = ("text", {"x": 1}, odd_answer)
+    for bad_answer in not_answers:
+        with pytest.raises(SessionError):
+            await a.complete_session(pending, bad_answer)
+    assert (await a.complete_session(pending, parsed)).confirmed  # an object as parsed is fine
+
+
+async def test_only_the_session_the_initiator_seals_in_is_confirmed() -> None:
+    """alice's answers came back out of order: she seals in the session she offered last;
+    confirming the other would make bob seal in a session her bound closes first."""
+    a, b = await pair()
+    first, last = await a.offer_session("alice", "bob"), await a.offer_session("alice", "bob")
+    _, answer_last = await b.accept_session("bob", last.offer.to_bytes())
+    _, answer_first = await b.accept_session("bob", first.offer.to_bytes())
+    last_a = await a.complete_session(last, answer_last)
+    first_a = await a.complete_session(first, answer_first)
+    assert a.sessions.for_pair("alice", "bob", time.time_ns()) is last_a
+    with pytest.raises(SessionError):
+        a.session_confirmation(first_a)
+    assert (await b.confirm_session("bob", a.session_confirmation(last_a))).confirmed
+
+
+async def test_a_confirmation_is_timed_as_a_message() -> None:
+    """A confirmation held back (or replayed) longer than a message may be is refused, as the
+    message would be: it could confirm a session the initiator has closed since."""
+    clock = Clock()
+    a, b = await pair(clock, max_age=60)
+    session_a, _ = await handshake(a, b)
+    confirmation = a.session_confirmation(session_a)
+    clock.advance(61)
+    with pytest.raises(SessionError, match="stale"):
+        await b.confirm_session("bob", confirmation)
+    assert b.sessions.for_pair("bob", "alice", clock.now) is None
+    c, d = await pair(clock)
+    c_session, _ = await handshake(c, d)
+    ahead = c.session_confirmation(c_session)
+    clock.advance(-600)  # the clock steps back ten minutes: the confirmation is from the future
+    with pytest.raises(SessionError, match="future"):
+        await d.confirm_session("bob", ahead)
 
 
 async def test_a_confirmation_of_an_expired_session_is_refused() -> None:
     clock = Clock()
     a, b = await pair(clock, session_lifetime=10)
     session_a, _ = await handshake(a, b)
+    confirmation = a.session_confirmation(session_a)
     clock.advance(11)
     with pytest.raises(SessionError):
-        await b.confirm_session("bob", session_a.confirmation())
+        await b.confirm_session("bob", confirmation)
     assert b.sessions.for_pair("bob", "alice", clock.now) is None
 
 
