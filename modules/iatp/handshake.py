@@ -149,6 +149,8 @@ class SessionManager:
         (confirming another would let the peer seal in a session this side may close first).
         Raises SessionError otherwise."""
         now = self.verifier.clock()
+        if not isinstance(session, Session):
+            raise SessionError(f"a session is confirmed, not {type(session).__name__}")
         if self.by_pair.get((session.local, session.peer)) is not session or now >= session.expires_at:
             raise SessionError("only the live session this side seals in is confirmed")
         return session.confirmation(now)
@@ -299,8 +301,9 @@ def _to_close(kept: deque[Session], sending: Session | None) -> Session:
     """The session a full pair closes (``kept`` oldest first, the new one last; ``sending``:
     the one this side seals in), the first found of:
 
-    - the oldest this side offered and never sealed in, but ``sending``: the peer seals in a
-      session it answered only once it has heard in it;
+    - the oldest this side offered and never sealed in nor confirmed, but ``sending``: the
+      peer seals in a session it answered only once it has heard in it (a message or a
+      confirmation);
     - when more than :data:`MAX_UNCONFIRMED` are sessions the peer is not known to hold
       (offers whose answers may never have reached the initiator), the oldest of those: the
       initiator seals in the one it offered last;

@@ -491,8 +491,10 @@ class IATP:
         return session, answer.to_bytes()
 
     async def complete_session(self, pending: PendingSession, answer: bytes | SessionAnswer) -> Session:
-        """Finish the initiator's side; raises SessionError for a bad or forged answer (or not
-        one at all)."""
+        """Finish the initiator's side and return the session. When the pair is full and this
+        side seals in a later offer of its own (answers came back out of order), the session
+        is of no use and is returned closed (see docs/trust.md, "Sessions"). Raises
+        SessionError for a bad or forged answer (or not one at all)."""
         await self.open()
         return self.sessions.complete(pending, parse_message(SessionAnswer, answer))
 

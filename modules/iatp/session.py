@@ -234,6 +234,7 @@ class Session:
         "_recv_mac",
         "_room",
         "_send_mac",
+        "_vouched",
         "_windows",
         "expires_at",
         "initiator",
@@ -272,6 +273,7 @@ class Session:
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
+        self._vouched = False  # this side made a confirmation of it (see sealed)
         # scope -> [highest counter, bits seen, self._accepted when it last accepted one]
         self._windows: dict[Any, list[Any]] = {}
         self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
@@ -306,6 +308,7 @@ class Session:
         mac = self._send_mac
         if not self.initiator or mac is None:
             raise SessionError("only the initiator of a live session confirms it")
+        self._vouched = True
         sid = bytes.fromhex(self.session_id)
         return SessionConfirmation(sid, self.local, self.peer, timestamp, _tag(mac, timestamp))
 
@@ -445,8 +448,9 @@ class Session:
 
     @property
     def sealed(self) -> bool:
-        """True once this side has sealed a message in this session."""
-        return self._counter > 0
+        """True once this side has sent the peer something under this session's key, a message
+        or a confirmation: the peer may have heard in it (and seal in it)."""
+        return self._counter > 0 or self._vouched
 
     @property
     def confirmed(self) -> bool:

@@ -469,6 +469,44 @@ async def test_only_the_session_the_initiator_seals_in_is_confirmed() -> None:
     assert (await b.confirm_session("bob", a.session_confirmation(last_a))).confirmed
 
 
+async def test_a_full_pair_keeps_the_session_it_confirmed_and_the_peer_seals_in() -> None:
+    """alice confirms a session and bob seals in it; alice then handshakes more times than a
+    pair keeps sessions, none confirmed yet: her bound closed the confirmed one first (offered,
+    never sealed in), where a message in it would have kept it."""
+    a, b = await pair()
+    first_a, _ = await handshake(a, b)
+    assert b.verify_envelope(sealed(first_a, "alice", "bob")).valid
+    confirmed_a, confirmed_b = await handshake(a, b)
+    await b.confirm_session("bob", a.session_confirmation(confirmed_a))
+    for _ in range(MAX_SESSIONS_PER_PAIR - 1):
+        await handshake(a, b)  # their confirmations are on the way
+    assert b.sessions.for_pair("bob", "alice", time.time_ns()) is confirmed_b
+    assert a.verify_envelope(sealed(confirmed_b, "bob", "alice")).valid
+
+
+async def test_a_late_completion_of_no_use_to_a_full_pair_comes_back_closed() -> None:
+    """alice seals in her later offer; the earlier one's answer comes last, to a full pair of
+    sessions each side sealed in: the session is returned closed, as documented."""
+    a, b = await pair()
+    early, later = await a.offer_session("alice", "bob"), await a.offer_session("alice", "bob")
+    _, answer_early = await b.accept_session("bob", early.offer.to_bytes())
+    _, answer_later = await b.accept_session("bob", later.offer.to_bytes())
+    await a.complete_session(later, answer_later)
+    for _ in range(MAX_SESSIONS_PER_PAIR - 1):
+        offer = await b.offer_session("bob", "alice")
+        _, answer = await a.accept_session("alice", offer.offer.to_bytes())
+        await b.complete_session(offer, answer)
+    late = await a.complete_session(early, answer_early)
+    assert late.expires_at == 0
+    assert late not in a.verifier.sessions.values()
+    with pytest.raises(SessionError):
+        late.seal(envelope("alice", "bob"))
+    with pytest.raises(SessionError):
+        a.session_confirmation(late)
+    with pytest.raises(SessionError):
+        a.session_confirmation(None)  # type: ignore[arg-type]
+
+
 async def test_a_confirmation_is_timed_as_a_message() -> None:
     """A confirmation held back (or replayed) longer than a message may be is refused, as the
     message would be: it could confirm a session the initiator has closed since."""
