@@ -67,8 +67,8 @@ class SessionManager:
     def offer(self, local: str, peer: str) -> PendingSession:
         """Start a session from local agent ``local`` to ``peer``; raises UnknownAgent."""
         key_id, secret = self.verifier.signing_key(local)
-        if peer not in self.registry.agents:
-            raise UnknownAgent(peer)
+        if type(peer) is not str or peer not in self.registry.agents:
+            raise UnknownAgent(str(peer))
         eph_public, eph_secret = _crypto.x25519_keypair()
         offer = SessionOffer(new_session_id(), local, key_id, peer, eph_public, self.verifier.clock())
         return PendingSession(
@@ -117,6 +117,10 @@ class SessionManager:
 
     def complete(self, pending: PendingSession, answer: SessionAnswer) -> Session:
         """Finish the initiator's side with the responder's answer; raises SessionError."""
+        if not isinstance(pending, PendingSession):
+            raise SessionError(
+                f"a session is completed from its PendingSession, not {type(pending).__name__}"
+            )
         offer = pending.offer
         if answer.session_id != offer.session_id or answer.responder != offer.responder:
             raise SessionError("the answer does not belong to this offer")
@@ -301,9 +305,9 @@ def _to_close(kept: deque[Session], sending: Session | None) -> Session:
     """The session a full pair closes (``kept`` oldest first, the new one last; ``sending``:
     the one this side seals in), the first found of:
 
-    - the oldest this side offered and never sealed in nor confirmed, but ``sending``: the
-      peer seals in a session it answered only once it has heard in it (a message or a
-      confirmation);
+    - the oldest this side offered and never sent a message in, but ``sending`` and the last
+      it confirmed: the peer seals in a session it answered only once it has heard in it (a
+      message or a confirmation, which makes only the last worth keeping);
     - when more than :data:`MAX_UNCONFIRMED` are sessions the peer is not known to hold
       (offers whose answers may never have reached the initiator), the oldest of those: the
       initiator seals in the one it offered last;
@@ -312,8 +316,9 @@ def _to_close(kept: deque[Session], sending: Session | None) -> Session:
       in, both sides offering at once), nor the newest answered that the peer sent in (its
       last completed offer, while the answer to a later one is on the way).
     """
+    vouched = max((s for s in kept if s.initiator and s.vouched), key=lambda s: s.order, default=None)
     for s in kept:
-        if s.initiator and not s.sealed and s is not sending:
+        if s.initiator and not s.sealed and s is not sending and s is not vouched:
             return s
     unconfirmed = [s for s in kept if not s.confirmed]
     if len(unconfirmed) > MAX_UNCONFIRMED:

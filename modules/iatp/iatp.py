@@ -17,7 +17,14 @@ from agent_os import amb
 from agent_os.amb.envelope import Envelope, new_id
 from agent_os.amb.numbers import seconds
 from agent_os.iatp import _crypto
-from agent_os.iatp.errors import CryptoUnavailable, IATPConfigError, IATPError, TrustError, UnknownAgent
+from agent_os.iatp.errors import (
+    CryptoUnavailable,
+    IATPConfigError,
+    IATPError,
+    SessionError,
+    TrustError,
+    UnknownAgent,
+)
 from agent_os.iatp.filestore import FileKeyStore
 from agent_os.iatp.handshake import SessionManager
 from agent_os.iatp.keys import Identity
@@ -493,8 +500,8 @@ class IATP:
     async def complete_session(self, pending: PendingSession, answer: bytes | SessionAnswer) -> Session:
         """Finish the initiator's side and return the session. When the pair is full and this
         side seals in a later offer of its own (answers came back out of order), the session
-        is of no use and is returned closed (see docs/trust.md, "Sessions"). Raises
-        SessionError for a bad or forged answer (or not one at all)."""
+        may be of no use and be returned closed (see docs/trust.md, "Sessions"). Raises
+        SessionError for a bad or forged answer (or not one at all, or no PendingSession)."""
         await self.open()
         return self.sessions.complete(pending, parse_message(SessionAnswer, answer))
 
@@ -515,7 +522,10 @@ class IATP:
         return self.sessions.confirm(local, parse_message(SessionConfirmation, confirmation))
 
     def close_session(self, session: Session) -> None:
-        """End a session on this side: its keys are dropped and its messages fail."""
+        """End a session on this side: its keys are dropped and its messages fail. Raises
+        SessionError for anything that is not a Session."""
+        if not isinstance(session, Session):
+            raise SessionError(f"a Session is closed, not {type(session).__name__}")
         self.sessions.close(session)
 
 

@@ -273,7 +273,7 @@ class Session:
         self._send_mac: Any = hashlib.blake2b(start, key=send_key, digest_size=32)
         self._recv_mac: Any = hashlib.blake2b(start, key=recv_key, digest_size=32)
         self._counter = 0
-        self._vouched = False  # this side made a confirmation of it (see sealed)
+        self._vouched = False  # this side made a confirmation of it (see vouched)
         # scope -> [highest counter, bits seen, self._accepted when it last accepted one]
         self._windows: dict[Any, list[Any]] = {}
         self._accepted = 0  # messages accepted in this session, all scopes: its clock for windows
@@ -448,9 +448,13 @@ class Session:
 
     @property
     def sealed(self) -> bool:
-        """True once this side has sent the peer something under this session's key, a message
-        or a confirmation: the peer may have heard in it (and seal in it)."""
-        return self._counter > 0 or self._vouched
+        """True once this side has sealed a message in this session."""
+        return self._counter > 0
+
+    @property
+    def vouched(self) -> bool:
+        """True once this side (the initiator) has made a confirmation of this session."""
+        return self._vouched
 
     @property
     def confirmed(self) -> bool:

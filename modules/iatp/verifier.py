@@ -99,9 +99,9 @@ class EnvelopeVerifier:
     def signing_key(self, agent_id: str) -> tuple[str, bytes]:
         """``(key_id, secret_key)`` a local agent signs with now: its current key, unless that
         is revoked from a time already reached. Raises UnknownAgent otherwise."""
-        held = self.registry.signing_key(agent_id)
+        held = self.registry.signing_key(agent_id) if type(agent_id) is str else None
         if held is None:
-            raise UnknownAgent(agent_id, "signing key")
+            raise UnknownAgent(str(agent_id), "signing key")
         revoked_at = self.registry.keys[held[0]].revoked_at
         if revoked_at is not None and self.clock() >= revoked_at:
             raise UnknownAgent(agent_id, "unrevoked signing key")

@@ -484,6 +484,41 @@ async def test_a_full_pair_keeps_the_session_it_confirmed_and_the_peer_seals_in(
     assert a.verify_envelope(sealed(confirmed_b, "bob", "alice")).valid
 
 
+async def test_confirmations_never_delivered_do_not_cost_the_session_the_peer_seals_in() -> None:
+    """bob confirms each offer he seals in, and none of it reaches alice, who seals in one she
+    offered and bob answered. When bob's pair is full, only his last confirmed offer may be
+    the one alice seals in: the earlier ones go before hers."""
+    a, b = await pair()
+    used_a, _ = await handshake(a, b)
+    in_flight = sealed(used_a, "alice", "bob")
+    for _ in range(2):
+        from_b = await b.offer_session("bob", "alice")
+        _, answer = await a.accept_session("alice", from_b.offer.to_bytes())
+        b.session_confirmation(await b.complete_session(from_b, answer))  # never delivered
+    for _ in range(MAX_SESSIONS_PER_PAIR - 2):
+        lost = await a.offer_session("alice", "bob")
+        await b.accept_session("bob", lost.offer.to_bytes())  # the answers are lost
+    assert len(b.verifier.sessions) == MAX_SESSIONS_PER_PAIR
+    assert b.verify_envelope(in_flight).valid
+
+
+async def test_session_calls_refuse_what_is_not_theirs_with_their_own_errors() -> None:
+    a, b = await pair()
+    pending = await a.offer_session("alice", "bob")
+    _, answer = await b.accept_session("bob", pending.offer.to_bytes())
+    odd: tuple[Any, ...] = (None, "pending", [pending])
+    for not_pending in odd:
+        with pytest.raises(SessionError):
+            await a.complete_session(not_pending, answer)
+        with pytest.raises(SessionError):
+            a.close_session(not_pending)
+    odd_agents: tuple[tuple[Any, Any], ...] = (("alice", []), ([], "bob"), ("alice", None), (None, "bob"))
+    for local, peer in odd_agents:
+        with pytest.raises(UnknownAgent):
+            await a.offer_session(local, peer)
+    assert (await a.complete_session(pending, answer)).confirmed
+
+
 async def test_a_late_completion_of_no_use_to_a_full_pair_comes_back_closed() -> None:
     """alice seals in her later offer; the earlier one's answer comes last, to a full pair of
     sessions each side sealed in: the session is returned closed, as documented."""
