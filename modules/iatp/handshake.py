@@ -59,10 +59,15 @@ class SessionManager:
         now = self.verifier.clock()
         if key.state(now, ts) != "valid":
             raise SessionError(f"{what} signed by a {key.state(now, ts)} key")
-        if not now - self.verifier.max_age_ns <= ts <= now + self.verifier.skew_ns:
-            raise SessionError(f"{what} is stale or future-dated")
+        self._check_time(ts, now, what)
         if not _crypto.verify(key.public_key, data, signature):
             raise SessionError(f"{what} has a bad signature")
+
+    def _check_time(self, ts: int, now: int, what: str) -> None:
+        """Raise SessionError unless ``ts`` is one a message could carry at ``now`` (clock
+        skew, max age), as every handshake message must."""
+        if not now - self.verifier.max_age_ns <= ts <= now + self.verifier.skew_ns:
+            raise SessionError(f"{what} is stale or future-dated")
 
     def offer(self, local: str, peer: str) -> PendingSession:
         """Start a session from local agent ``local`` to ``peer``; raises UnknownAgent."""
@@ -152,9 +157,9 @@ class SessionManager:
         """The initiator's confirmation of ``session``, the one this side seals in to the peer
         (confirming another would let the peer seal in a session this side may close first).
         Raises SessionError otherwise."""
-        now = self.verifier.clock()
         if not isinstance(session, Session):
             raise SessionError(f"a session is confirmed, not {type(session).__name__}")
+        now = self.verifier.clock()
         if self.by_pair.get((session.local, session.peer)) is not session or now >= session.expires_at:
             raise SessionError("only the live session this side seals in is confirmed")
         return session.confirmation(now)
@@ -166,9 +171,7 @@ class SessionManager:
         Repeating one is harmless. Raises SessionError when it matches no live session
         ``local`` answered, is stale or future-dated, or its tag is wrong."""
         now = self.verifier.clock()
-        ts = confirmation.timestamp
-        if not now - self.verifier.max_age_ns <= ts <= now + self.verifier.skew_ns:
-            raise SessionError("the session confirmation is stale or future-dated")
+        self._check_time(confirmation.timestamp, now, "the session confirmation")
         session = self.verifier.sessions.get((confirmation.session_id.hex(), confirmation.initiator))
         if (
             confirmation.responder != local

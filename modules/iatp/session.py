@@ -371,8 +371,7 @@ class Session:
         if window is None:
             if len(windows) >= self._room:
                 self._drop_quiet_windows()
-            if not self._heard:  # only after a valid MAC (see open); windows may end, this stays
-                self._hear()
+            self._hear()  # only after a valid MAC (see open); windows may end, this stays
             window = self._ended.pop(scope, None)
             if window is None:
                 floor = self._dropped.pop(scope, self._floor)
