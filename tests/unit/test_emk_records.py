@@ -6,15 +6,19 @@ import hashlib
 import json
 import math
 import struct
+from array import array
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_os.emk import (
     EMK,
     ConfigError,
+    DimensionMismatch,
     HashingEmbedder,
     IntegrityError,
     InvalidEmbedding,
@@ -135,6 +139,64 @@ def test_a_query_vector_is_checked_alike_and_kept_as_float32() -> None:
     for bad in ("abc", [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0], [1e39, 1.0, 1.0]):
         with pytest.raises(InvalidEmbedding):
             float32_embedding(bad, 3)
+
+
+def _float32_reference(values: list[Any]) -> tuple[float, ...] | None:
+    """What float32_embedding keeps, written the plain way: None where it must refuse."""
+    try:
+        f32 = [struct.unpack("f", struct.pack("f", v))[0] for v in values]
+    except (struct.error, OverflowError, TypeError):
+        return None
+    if not all(math.isfinite(x) for x in f32) or not any(f32):
+        return None
+    return tuple(f32)
+
+
+_FLOAT32_MAX = struct.unpack("f", b"\xff\xff\x7f\x7f")[0]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(width=32),  # NaN, infinities, zeros and subnormals among them
+            st.floats(allow_nan=True, allow_infinity=True),  # beyond float32 too
+            st.sampled_from([_FLOAT32_MAX, -_FLOAT32_MAX, 2.0**127, -(2.0**128), 1e39, -0.0, 5e-324]),
+            st.integers(-(2**130), 2**130),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_a_vector_is_kept_or_refused_as_the_plain_float32_check_says(values: list[Any]) -> None:
+    expected = _float32_reference(values)
+    if expected is None:
+        with pytest.raises(InvalidEmbedding):
+            float32_embedding(values, len(values))
+    else:
+        assert tuple(float32_embedding(values, len(values))) == expected
+        assert tuple(float32_embedding(iter(values), len(values))) == expected
+
+
+def test_float32_boundaries_and_other_inputs() -> None:
+    # The largest float32 values are finite, though their exponent byte looks like an infinity's.
+    assert tuple(float32_embedding([_FLOAT32_MAX, -_FLOAT32_MAX, 2.0**127], 3)) == (
+        _FLOAT32_MAX,
+        -_FLOAT32_MAX,
+        2.0**127,
+    )
+    for bad in ([1.0, 2.0**128], [float("inf"), 1.0], [1.0, -1e39], [-0.0, 0.0], [1.0, "2"], [b"ab", 1.0]):
+        with pytest.raises(InvalidEmbedding):
+            float32_embedding(bad, 2)
+    with pytest.raises(DimensionMismatch):
+        float32_embedding((x for x in [1.0, 2.0, 3.0]), 2)
+    array_in = float32_embedding(array("d", [0.5, -0.25]), 2)
+    assert tuple(array_in) == (0.5, -0.25)
+
+    class Number:
+        def __float__(self) -> float:
+            return 0.75
+
+    assert tuple(float32_embedding([Number(), 1], 2)) == (0.75, 1.0)
 
 
 @pytest.mark.parametrize(
