@@ -178,40 +178,52 @@ def content_hash(
         if embedding is None:
             raise TypeError("content_hash needs the embedding or its digest")
         embedding_sha256 = embedding_digest(embedding)
-    doc = [
-        HASH_VERSION,
-        id,
-        agent_id,
-        session_id,
-        content,
-        metadata_json,
-        list(tags),
-        supersedes,
-        micros(created_at),
-        embedding_sha256,
-    ]
+    return _digest(
+        (
+            HASH_VERSION,
+            id,
+            agent_id,
+            session_id,
+            content,
+            metadata_json,
+            tuple(tags),
+            supersedes,
+            micros(created_at),
+            embedding_sha256,
+        )
+    )
+
+
+def row_hash(row: Row) -> str:
+    """:func:`content_hash` of a row (the check of every record read back, so without its
+    keyword arguments: a third less time)."""
+    id_, agent_id, session_id, content, metadata_json, tags, supersedes, created_at, embedding, _, digest = (
+        row
+    )
+    return _digest(
+        (
+            HASH_VERSION,
+            id_,
+            agent_id,
+            session_id,
+            content,
+            metadata_json,
+            tags,
+            supersedes,
+            micros(created_at),
+            embedding_digest(embedding) if digest is None else digest,
+        )
+    )
+
+
+def _digest(doc: tuple[Any, ...]) -> str:
     try:
-        # The same bytes as json.dumps(doc, ensure_ascii=False, separators=(",", ":")) in UTF-8
-        # (tests/unit/test_emk_hash.py holds the two to it), several times faster.
+        # The same bytes as json.dumps(list(doc), ensure_ascii=False, separators=(",", ":")) in
+        # UTF-8 (tests/unit/test_emk_hash.py holds the two to it), several times faster.
         data = _encode_json(doc)
     except (TypeError, ValueError, UnicodeError):  # what msgspec refuses, the reference decides
         data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(data).hexdigest()
-
-
-def row_hash(row: Row) -> str:
-    return content_hash(
-        id=row.id,
-        agent_id=row.agent_id,
-        session_id=row.session_id,
-        content=row.content,
-        metadata_json=row.metadata_json,
-        tags=row.tags,
-        supersedes=row.supersedes,
-        created_at=row.created_at,
-        embedding=row.embedding,
-        embedding_sha256=row.embedding_sha256,
-    )
 
 
 # -- checks -------------------------------------------------------------------------------------

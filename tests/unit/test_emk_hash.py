@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_os.emk.records import HASH_VERSION, content_hash, micros
+from agent_os.emk.records import HASH_VERSION, Row, content_hash, embedding_digest, micros, row_hash
 
 text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=200)
 
@@ -67,6 +67,14 @@ def test_the_fast_json_hashes_what_the_reference_formula_hashes(
         "embedding_sha256": digest,
     }
     assert content_hash(**fields) == reference(**fields)  # type: ignore[arg-type]
+    # A record read back is checked with row_hash: the same hash, the digest given or computed.
+    given_digest = Row(
+        id, agent_id, session_id, content, metadata_json, tuple(tags), supersedes, created_at, (), "", digest
+    )
+    assert row_hash(given_digest) == reference(**fields)
+    vector = (0.5, -1.25, float(len(tags)))
+    with_vector = given_digest._replace(embedding=vector, embedding_sha256=None)
+    assert row_hash(with_vector) == reference(**{**fields, "embedding_sha256": embedding_digest(vector)})
 
 
 def test_control_characters_escapes_and_astral_text_hash_alike() -> None:
