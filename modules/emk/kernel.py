@@ -210,21 +210,23 @@ class EMK:
         return exc
 
     def _record(self, found: Found, verify: bool = True) -> MemoryRecord:
-        row = found.row
-        if verify and row_hash(row) != row.content_hash:
-            raise self._reject(IntegrityError(row.id))
+        row, superseded_by, distance = found
+        # Unpacked once: a named tuple's field read is a descriptor call.
+        id_, agent_id, session_id, content, metadata_json, tags, supersedes, created_at, _, digest, _ = row
+        if verify and row_hash(row) != digest:
+            raise self._reject(IntegrityError(id_))
         return MemoryRecord(
-            id=row.id,
-            agent_id=row.agent_id,
-            session_id=row.session_id,
-            content=row.content,
-            metadata=decode_metadata(row.metadata_json),
-            tags=row.tags,
-            supersedes=row.supersedes,
-            created_at=row.created_at,
-            content_hash=row.content_hash,
-            superseded_by=found.superseded_by,
-            relevance=None if found.distance is None else relevance(found.distance),
+            id=id_,
+            agent_id=agent_id,
+            session_id=session_id,
+            content=content,
+            metadata=decode_metadata(metadata_json),
+            tags=tags,
+            supersedes=supersedes,
+            created_at=created_at,
+            content_hash=digest,
+            superseded_by=superseded_by,
+            relevance=None if distance is None else relevance(distance),
         )
 
     def _span_attributes(self, agent_id: object, **more: Any) -> dict[str, Any]:
