@@ -337,9 +337,13 @@ def float32_embedding(vector: object, dimension: int, what: str = "embedding") -
     """:func:`check_embedding`'s checks, the vector kept as a float32 array (a query vector
     goes to the store as it is: no tuple to build). Raises InvalidEmbedding,
     DimensionMismatch."""
-    if isinstance(vector, str | bytes) or not isinstance(vector, Iterable):
+    if isinstance(vector, str | bytes | bytearray | memoryview) or not isinstance(vector, Iterable):
         raise InvalidEmbedding(f"{what} must be a sequence of numbers")
-    values = vector if isinstance(vector, list | tuple) else tuple(vector)
+    try:
+        # A list or tuple as it is; anything else (a subclass too) read once, by iteration.
+        values = vector if type(vector) is list or type(vector) is tuple else tuple(vector)
+    except Exception:  # whatever a hostile iterable raises: refused, as anything not numbers
+        raise InvalidEmbedding(f"{what} must be a sequence of numbers") from None
     if len(values) != dimension:
         raise DimensionMismatch(len(values), dimension, what)
     # struct converts each value once, at a third of array("f", values)'s cost, and refuses
@@ -371,7 +375,7 @@ _TOP_BYTE = 3 if sys.byteorder == "little" else 0
 
 @functools.cache
 def _float32_packer(dimension: int) -> struct.Struct:
-    return struct.Struct(f"={dimension}f")
+    return struct.Struct(f"={int(dimension)}f")  # an embedder may give 16.0
 
 
 def check_limit(limit: object, limits: Limits) -> int:

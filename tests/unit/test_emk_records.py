@@ -199,6 +199,41 @@ def test_float32_boundaries_and_other_inputs() -> None:
     assert tuple(float32_embedding([Number(), 1], 2)) == (0.75, 1.0)
 
 
+def test_hostile_vectors_are_refused_with_the_embedding_error() -> None:
+    class BadIter:
+        def __iter__(self) -> Any:
+            return 5
+
+    class RaisingIter:
+        def __iter__(self) -> Any:
+            raise RuntimeError("no")
+
+    class LyingList(list[float]):
+        def __len__(self) -> int:
+            raise RuntimeError("no")
+
+    def text_inside() -> Any:
+        yield 1.0
+        yield "x"
+
+    import numpy as np
+
+    for bad in (
+        np.array(1.0),
+        BadIter(),
+        RaisingIter(),
+        text_inside(),
+        bytearray(b"\x01\x02"),
+        memoryview(b"ab"),
+    ):
+        with pytest.raises(InvalidEmbedding):
+            float32_embedding(bad, 2)
+    with pytest.raises(InvalidEmbedding):  # a subclass is copied, which asks its __len__
+        float32_embedding(LyingList([1.0, 2.0]), 2)
+    # A dimension given as a float (an embedder's 16.0) still fits.
+    assert tuple(float32_embedding([1.0, 0.5], 2.0)) == (1.0, 0.5)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "metadata",
     [
