@@ -237,7 +237,21 @@ def check_identifier(value: object, what: str, limits: Limits) -> str:
         raise InvalidInput(f"{what} is longer than {limits.max_id_length} characters")
     if "\x00" in value:
         raise InvalidInput(f"{what} must not contain NUL characters")
+    if not _unicode(value):
+        raise InvalidInput(f"{what} is not valid Unicode text (lone surrogate)")
     return value
+
+
+def _unicode(text: str) -> bool:
+    """True unless ``text`` holds a lone surrogate, which UTF-8 (and so the database and the
+    content hash) cannot carry."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_record_id(value: object, what: str = "record id") -> str:
@@ -260,10 +274,8 @@ def check_content(content: object, limits: Limits) -> str:
         raise ContentTooLarge(size, limits.max_content_bytes)
     if "\x00" in content:
         raise InvalidInput("content must not contain NUL characters")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput("content is not valid Unicode text (lone surrogate)") from None
+    if not _unicode(content):
+        raise InvalidInput("content is not valid Unicode text (lone surrogate)")
     return content
 
 
@@ -282,6 +294,8 @@ def check_tags(tags: object, limits: Limits) -> tuple[str, ...]:
             raise InvalidTag(f"tag {tag[:32]!r}... is longer than {limits.max_tag_length} characters")
         if "\x00" in tag:
             raise InvalidTag("tags must not contain NUL characters")
+        if not _unicode(tag):
+            raise InvalidTag("tags must be valid Unicode text (no lone surrogate)")
         out.add(tag)
     if len(out) > limits.max_tags:
         raise InvalidTag(f"{len(out)} tags exceed the limit of {limits.max_tags}")

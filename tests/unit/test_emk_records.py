@@ -22,6 +22,8 @@ from agent_os.emk import (
     HashingEmbedder,
     IntegrityError,
     InvalidEmbedding,
+    InvalidInput,
+    InvalidTag,
     LiteLLMEmbedder,
     LocalEmbedder,
     StateError,
@@ -344,6 +346,23 @@ async def test_a_closed_emk_refuses_calls(closing: Closing) -> None:
     await emk.close()
     with pytest.raises(StateError):
         await emk.search("a1", "x")
+
+
+async def test_lone_surrogates_in_ids_and_tags_are_refused_and_counted(closing: Closing) -> None:
+    # UTF-8 cannot carry them: the content hash and the database could not either.
+    emk = closing(EMK("memory", embedding_model="hashing"))
+    lone = "agent\ud800"
+    with pytest.raises(InvalidInput, match="lone surrogate"):
+        await emk.store(lone, "x")
+    with pytest.raises(InvalidInput, match="lone surrogate"):
+        await emk.store("a1", "x", session_id=lone)
+    with pytest.raises(InvalidTag, match="lone surrogate"):
+        await emk.store("a1", "x", tags=["ok", "\udfff"])
+    with pytest.raises(InvalidInput, match="lone surrogate"):
+        await emk.search(lone, "x")
+    assert emk.rejected == {"InvalidInput": 3, "InvalidTag": 1}
+    assert await emk.search("a1", "x") == []  # nothing was stored
+    assert check_tags(["é", "😀"], Limits()) == ("é", "😀")  # other text is fine
 
 
 async def test_memory_storage_checks_the_content_hash_on_read(closing: Closing) -> None:
