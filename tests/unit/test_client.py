@@ -977,3 +977,54 @@ async def test_the_inline_receive_decode_agrees_with_the_decoder(closing: Closin
     assert receiver.stats.malformed == len(corpus) - accepted
     await receiver.close()
     await watcher.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["publish_now", "broker.publish"])
+@pytest.mark.parametrize("layered", [False, True], ids=["bare", "middleware"])
+async def test_publishing_through_publish_now_or_the_coroutine_delivers_alike(
+    closing: Closing, fast: bool, layered: bool
+) -> None:
+    """The client's publish uses the memory broker's publish_now, and awaits what it returns
+    only when a queue is full; the plain coroutine (``_publish_now`` None, as on the other
+    brokers) must deliver the same: every message once, in order, through backpressure."""
+    url = memory_url()
+    log: list[str] = []
+    client = closing(
+        AMB(
+            connection_string=url,
+            broker_options={"max_pending": 2},
+            middleware=[Recorder("m", log)] if layered else (),
+        )
+    )
+    assert client._publish_now is not None
+    if not fast:
+        client._publish_now = None
+    gate = asyncio.Event()
+    slow: list[Any] = []
+    quick = Collector()
+
+    async def held(message: Any, meta: Metadata) -> None:
+        await gate.wait()
+        slow.append(message)
+
+    await client.subscribe("pn.x", held)
+    await client.subscribe("pn.x", quick)
+    publisher = asyncio.create_task(_publish_range(client, 30))
+    # The held subscription takes one and queues two: the fourth publish waits for room, after
+    # the quick subscription has it.
+    await quick.wait_for(4)
+    assert not publisher.done()
+    gate.set()
+    await asyncio.wait_for(publisher, 5)
+    await quick.wait_for(30)
+    await wait_until(lambda: len(slow) == 30, what="the held subscription's 30")
+    assert slow == list(range(30))
+    assert quick.messages == list(range(30))
+    assert client.stats.published == 30
+    assert log.count("m.out") == (30 if layered else 0)
+    await client.close()
+
+
+async def _publish_range(client: AMB, n: int) -> None:
+    for i in range(n):
+        await client.publish("pn.x", i)
