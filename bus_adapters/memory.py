@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlparse
@@ -207,14 +206,6 @@ class MemoryServer:
         return tuple(self._index.match(subject))
 
 
-async def _wait_for_room(stats: MemoryStats, full: list[tuple[_MemorySubscription, LocalDelivery]]) -> None:
-    """Give each delivery to its subscription, waiting while its queue is full; one whose
-    subscription stopped meanwhile is dropped (not routed)."""
-    for sub, delivery in full:
-        if await sub.put(delivery):
-            stats.routed += 1
-
-
 def _may_match_replies(pattern: str) -> bool:
     """True when ``pattern`` could match a subject under INBOX_ROOT."""
     return pattern.startswith(INBOX_ROOT) or pattern.partition(".")[0] in ("*", ">")
@@ -295,15 +286,6 @@ class MemoryBroker(Lifecycle):
         self._state = LifecycleState.CLOSED
 
     async def publish(self, subject: str, data: bytes, *, key: str | None = None) -> None:
-        rest = self.publish_now(subject, data, key)
-        if rest is not None:
-            await rest
-
-    def publish_now(self, subject: str, data: bytes, key: str | None = None) -> Awaitable[None] | None:
-        """:meth:`publish` without a coroutine where no subscription's queue is full: the
-        message is given to every subscription that has room, and what is returned is None
-        when that was all of them, else an awaitable that waits for room in the others and
-        must be awaited (the client's publish does). Raises as ``publish`` does."""
         if self._state is not _OPEN:
             self._require_open()
         server = self._server
@@ -317,8 +299,7 @@ class MemoryBroker(Lifecycle):
             targets = server.route(subject)
         if not targets:
             stats.no_subscribers += 1
-            return None
-        full: list[tuple[_MemorySubscription, LocalDelivery]] | None = None
+            return
         for target in targets:
             sub = target if type(target) is _MemorySubscription else target.pick()
             if sub is None:
@@ -331,13 +312,9 @@ class MemoryBroker(Lifecycle):
             delivery.attempt = 1
             delivery.extra = NO_EXTRA
             delivery._dispatcher = sub.dispatcher
-            if sub.offer(delivery):
+            # put() waits for room; False: the subscription stopped meanwhile (not routed)
+            if sub.offer(delivery) or await sub.put(delivery):
                 stats.routed += 1
-            elif full is None:
-                full = [(sub, delivery)]
-            else:
-                full.append((sub, delivery))
-        return None if full is None else _wait_for_room(stats, full)
 
     async def subscribe(
         self,

@@ -85,10 +85,6 @@ class BrokerSubscription(Protocol):
         ...
 
 
-PublishNow = Callable[[str, bytes, str | None], Awaitable[None] | None]
-"""A broker's optional synchronous publish (see :meth:`Broker.publish`)."""
-
-
 @runtime_checkable
 class Broker(Protocol):
     """A connection to a message broker that moves bytes between subjects.
@@ -115,11 +111,6 @@ class Broker(Protocol):
 
         Returns once the broker has accepted the message; may wait while a subscriber's queue is
         full (backpressure). Raises :class:`~agent_os.amb.errors.TransportError` if the broker fails.
-
-        A broker that can often accept a message without waiting may also offer
-        ``publish_now(subject, data, key)`` (a :data:`PublishNow`): the same publish as a plain
-        call, returning None when done or an awaitable the caller must await for the rest.
-        The client uses it when present, saving a coroutine per message.
         """
         ...
 

@@ -25,7 +25,6 @@ from agent_os.amb.broker import (
     Delivery,
     Lifecycle,
     LifecycleState,
-    PublishNow,
     load_broker,
 )
 from agent_os.amb.deadletter import DLQ_ROOM, dead_letter_envelope
@@ -245,8 +244,6 @@ class AMB(Lifecycle):
         self._dead_letter_serializer = get_serializer(serializer, max(max_message_bytes, DEFAULT_MAX_BYTES))
         self._decoder = Decoder(max_message_bytes)
         self.broker: Broker = broker or load_broker(backend, connection_string, **dict(broker_options or {}))
-        # A broker's optional synchronous publish (see Broker): None where it has none.
-        self._publish_now: PublishNow | None = getattr(self.broker, "publish_now", None)
         if agent_id is not None and type(agent_id) is not str:
             raise ConfigError(f"agent_id must be a string, got {type(agent_id).__name__}")
         self.agent_id = agent_id or f"amb-{os.urandom(4).hex()}"
@@ -503,13 +500,7 @@ class AMB(Lifecycle):
         data = self._serializer.encode_new(
             id_, topic, sender, message, recipient, reply_to, correlation_id, now, expires_at, priority, hdrs
         )
-        publish_now = self._publish_now
-        if publish_now is None:
-            await self.broker.publish(topic, data, key=partition)
-        else:  # the in-memory broker: no coroutine unless a queue is full
-            rest = publish_now(topic, data, partition)
-            if rest is not None:
-                await rest
+        await self.broker.publish(topic, data, key=partition)
         self.stats.published += 1
         if self.published_by_pattern is not None:
             self.published_by_pattern.add((topic.partition(".")[0],))
@@ -530,14 +521,7 @@ class AMB(Lifecycle):
         """Encode ``env`` (with ``serializer``, default the client's) and hand it to the broker:
         the end of the publish chain."""
         data = (serializer or self._serializer).encode(env)
-        key = env.headers.get(PARTITION_KEY_HEADER) or env.sender
-        publish_now = self._publish_now
-        if publish_now is None:
-            await self.broker.publish(env.topic, data, key=key)
-        else:  # as in publish()
-            rest = publish_now(env.topic, data, key)
-            if rest is not None:
-                await rest
+        await self.broker.publish(env.topic, data, key=env.headers.get(PARTITION_KEY_HEADER) or env.sender)
         self.stats.published += 1
         if self.published_by_pattern is not None:
             self.published_by_pattern.add((env.topic.partition(".")[0],))

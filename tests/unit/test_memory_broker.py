@@ -53,42 +53,6 @@ async def _publish_many(broker: MemoryBroker, n: int) -> None:
         await broker.publish("bp.x", str(i).encode())
 
 
-async def test_publish_now_delivers_where_there_is_room_and_returns_the_rest(closing: Closing) -> None:
-    broker = closing(MemoryBroker(memory_url("mb")))
-    await broker.connect()
-    gate = asyncio.Event()
-    slow: list[bytes] = []
-    fast: list[bytes] = []
-
-    async def slow_handler(d: Delivery) -> None:
-        await gate.wait()
-        slow.append(d.data)
-
-    async def fast_handler(d: Delivery) -> None:
-        fast.append(d.data)
-
-    await broker.subscribe("pn.x", slow_handler, max_pending=1)
-    await broker.subscribe("pn.x", fast_handler)
-    server = memory_server(broker.server_name)
-    assert server is not None
-    assert broker.publish_now("pn.x", b"0") is None  # room everywhere: done, nothing to await
-    await wait_until(lambda: fast == [b"0"], what="the first message")  # the slow one holds it
-    assert broker.publish_now("pn.x", b"1") is None  # queued behind it: the slow queue is full
-    routed = server.stats.routed
-    rest = broker.publish_now("pn.x", b"2")
-    assert rest is not None  # the slow subscription has no room
-    assert server.stats.routed == routed + 1  # the fast one has it already, before any await
-    waiting = asyncio.ensure_future(rest)
-    await wait_until(lambda: fast == [b"0", b"1", b"2"], what="the fast deliveries")
-    assert not waiting.done()
-    gate.set()
-    await asyncio.wait_for(waiting, 5)
-    await wait_until(lambda: slow == [b"0", b"1", b"2"], what="the slow deliveries")
-    assert server.stats.routed == routed + 2
-    assert fast == [b"0", b"1", b"2"]  # each once
-    await broker.close()
-
-
 async def test_idle_subscriptions_do_not_wake_up(closing: Closing) -> None:
     broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
@@ -370,23 +334,21 @@ async def test_routing_finds_every_matching_subscription_in_subscribe_order(clos
     await broker.close()
 
 
-async def test_a_publish_waiting_for_room_has_served_the_rest_of_its_route(closing: Closing) -> None:
-    """A publish that meets a full queue first gives the message to every other subscription
-    of its route (a queue group picks its member then), and only then waits for room: a
-    group whose last member leaves while it waits has its copy already, and the wait ends
-    once the full subscription takes the message."""
+async def test_a_publish_waiting_for_room_skips_a_group_emptied_meanwhile(closing: Closing) -> None:
+    """A publish parked on a full queue goes on to the rest of its route: a queue group whose
+    last member left meanwhile is skipped (not a ZeroDivisionError), and is not counted as
+    routed to."""
     broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
     await broker.connect()
     release = asyncio.Event()
     got: list[bytes] = []
-    members: list[bytes] = []
 
     async def blocked(d: Delivery) -> None:
         await release.wait()
         got.append(d.data)
 
     async def member(d: Delivery) -> None:
-        members.append(d.data)
+        return None
 
     await broker.subscribe("g.x", blocked)  # first in the route
     leaving = await broker.subscribe("g.x", member, queue="q")
@@ -396,13 +358,12 @@ async def test_a_publish_waiting_for_room_has_served_the_rest_of_its_route(closi
     await broker.publish("g.x", b"1")  # queued: the queue is full
     routed = server.stats.routed
     parked = asyncio.create_task(broker.publish("g.x", b"2"))
-    await wait_until(lambda: members == [b"0", b"1", b"2"], what="the group's copy, before the wait")
-    assert not parked.done()
+    await wait_until(lambda: server.stats.published == 3, what="the third publish parked")
     await leaving.unsubscribe()
     release.set()
     await asyncio.wait_for(parked, 5)
     await wait_until(lambda: got == [b"0", b"1", b"2"])
-    assert server.stats.routed == routed + 2
+    assert server.stats.routed == routed + 1  # the plain subscription only
     await broker.close()
 
 
