@@ -21,7 +21,14 @@ from agent_os.amb.broker import (
     Lifecycle,
     LifecycleState,
 )
-from agent_os.amb.dispatch import NO_EXTRA, Dispatcher, LocalDelivery, check_group_names, drain_all
+from agent_os.amb.dispatch import (
+    NO_EXTRA,
+    Dispatcher,
+    LocalDelivery,
+    check_group_names,
+    drain_all,
+    local_delivery,
+)
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
 from agent_os.amb.numbers import whole
 from agent_os.amb.subjects import (
@@ -206,6 +213,23 @@ class MemoryServer:
         return tuple(self._index.match(subject))
 
 
+async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: LocalDelivery) -> bool:
+    """Put ``delivery`` on ``sub``'s full queue, waiting for room. A subscription that stops
+    meanwhile does not take it (False); a queue group's member that leaves meanwhile passes it
+    to another member, picked again, so that the group loses it only once none is left."""
+    while not await sub.put(delivery):
+        if type(target) is _MemorySubscription:
+            return False
+        picked = target.pick()
+        if picked is None:
+            return False
+        sub = picked
+        delivery = local_delivery(delivery.subject, delivery.data, 1, sub.dispatcher)
+        if sub.offer(delivery):
+            return True
+    return True
+
+
 def _may_match_replies(pattern: str) -> bool:
     """True when ``pattern`` could match a subject under INBOX_ROOT."""
     return pattern.startswith(INBOX_ROOT) or pattern.partition(".")[0] in ("*", ">")
@@ -291,12 +315,12 @@ class MemoryBroker(Lifecycle):
         server = self._server
         assert server is not None  # guaranteed by the OPEN state
         stats = server.stats
-        stats.published += 1
         if type(subject) is not str:  # the caches are keyed by plain text, never by a caller's object
             subject = plain_text(subject, "subject")
         targets = server._routes.get(subject)
         if targets is None:
-            targets = server.route(subject)
+            targets = server.route(subject)  # raises for an invalid subject: not published
+        stats.published += 1
         if not targets:
             stats.no_subscribers += 1
             return
@@ -312,8 +336,7 @@ class MemoryBroker(Lifecycle):
             delivery.attempt = 1
             delivery.extra = NO_EXTRA
             delivery._dispatcher = sub.dispatcher
-            # put() waits for room; False: the subscription stopped meanwhile (not routed)
-            if sub.offer(delivery) or await sub.put(delivery):
+            if sub.offer(delivery) or await _wait_for_room(target, sub, delivery):
                 stats.routed += 1
 
     async def subscribe(

@@ -367,6 +367,59 @@ async def test_a_publish_waiting_for_room_skips_a_group_emptied_meanwhile(closin
     await broker.close()
 
 
+async def test_a_refused_subject_is_not_counted_as_published(closing: Closing) -> None:
+    broker = closing(MemoryBroker(memory_url("mb")))
+    await broker.connect()
+    server = memory_server(broker.server_name)
+    assert server is not None
+    for bad in ("a..b", "a.*", "", "x" * 2000):
+        with pytest.raises(ConfigError):
+            await broker.publish(bad, b"x")
+    assert server.stats.published == 0
+    await broker.publish("fine.x", b"x")
+    assert server.stats.published == 1
+    assert server.stats.no_subscribers == 1
+    await broker.close()
+
+
+async def test_a_queue_group_member_leaving_during_the_wait_passes_the_message_on(closing: Closing) -> None:
+    """A publish waits on the group member it picked, whose queue is full; when that member
+    leaves, another member gets the message (it is not lost while a member remains), and it
+    is routed once."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    gate = asyncio.Event()
+    first: list[bytes] = []
+    second: list[bytes] = []
+
+    async def stuck(d: Delivery) -> None:
+        await gate.wait()
+        first.append(d.data)
+
+    async def free(d: Delivery) -> None:
+        second.append(d.data)
+
+    leaving = await broker.subscribe("qg.w", stuck, queue="g")
+    server = memory_server(broker.server_name)
+    assert server is not None
+    await broker.publish("qg.w", b"0")  # in the handler
+    await broker.publish("qg.w", b"1")  # queued: the only member is full
+    routed = server.stats.routed
+    parked = asyncio.create_task(broker.publish("qg.w", b"2"))
+    await wait_until(lambda: server.stats.published == 3, what="the third publish parked")
+    await broker.subscribe("qg.w", free, queue="g")  # a member with room joins
+    assert not parked.done()  # the publish still waits on the member it picked
+    # Unsubscribing stops the member at once (its handler in progress is waited for).
+    unsubscribing = asyncio.create_task(leaving.unsubscribe())
+    await asyncio.wait_for(parked, 5)
+    await wait_until(lambda: second == [b"2"], what="the message at the other member")
+    assert server.stats.routed == routed + 1
+    gate.set()
+    await asyncio.wait_for(unsubscribing, 5)
+    assert first == [b"0"]  # the one in its handler; the queued one is dropped with it
+    await broker.close()
+
+
 async def test_reply_subjects_route_as_the_index_does_whatever_else_is_subscribed(closing: Closing) -> None:
     """Reply subjects are not cached: a client's inbox is found by the subject's head while no
     other pattern could match under _INBOX. (``MemoryServer._route_reply``). Whatever else is
