@@ -28,6 +28,7 @@ from agent_os.amb.dispatch import (
     check_group_names,
     drain_all,
     local_delivery,
+    room_in_any,
 )
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
 from agent_os.amb.numbers import whole
@@ -214,20 +215,22 @@ class MemoryServer:
 
 
 async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: LocalDelivery) -> bool:
-    """Put ``delivery`` on ``sub``'s full queue, waiting for room. A subscription that stops
-    meanwhile does not take it (False); a queue group's member that leaves meanwhile passes it
-    to another member, picked again, so that the group loses it only once none is left."""
-    while not await sub.put(delivery):
-        if type(target) is _MemorySubscription:
+    """Put ``delivery``, which found ``sub``'s queue full, waiting for room. A plain
+    subscription that stops meanwhile does not take it (False). A queue group (all its members
+    were full) gives it to the first member with room, so that a stuck member does not hold
+    the publish while the others drain; False only once no member is left."""
+    if isinstance(target, _MemorySubscription):
+        return await sub.put(delivery)
+    while True:
+        live = [member for member in target.members if not member.dispatcher.stopping]
+        if not live:
             return False
-        picked = target.pick()
-        if picked is None:
-            return False
-        sub = picked
-        delivery = local_delivery(delivery.subject, delivery.data, 1, sub.dispatcher)
-        if sub.offer(delivery):
-            return True
-    return True
+        for member in live:
+            if member.has_room() and member.offer(
+                local_delivery(delivery.subject, delivery.data, 1, member.dispatcher)
+            ):
+                return True
+        await room_in_any([member.dispatcher for member in live])
 
 
 def _may_match_replies(pattern: str) -> bool:

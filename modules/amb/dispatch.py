@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -203,15 +203,7 @@ class Dispatcher(Generic[T]):
         while not self.offer(item):
             if self._stopping:
                 return False
-            fut = asyncio.get_running_loop().create_future()
-            self._putters.append(fut)
-            try:
-                await fut
-            finally:
-                if not fut.done():
-                    fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._putters.remove(fut)
+            await room_in_any((self,))
         return True
 
     def requeue(self, item: T, delay: float | None = None) -> None:
@@ -509,6 +501,24 @@ class LocalDelivery:
     async def nack(self, delay: float | None = None) -> None:
         again = local_delivery(self.subject, self.data, self.attempt + 1, self._dispatcher, self.extra)
         self._dispatcher.requeue(again, delay)
+
+
+async def room_in_any(dispatchers: Sequence[Dispatcher[Any]]) -> None:
+    """Wait until one of ``dispatchers`` has room for an item or stops: for an item that may
+    go to any of several queues (a memory queue group whose members are all full). Each queue
+    wakes one waiter when an item leaves it, as for :meth:`Dispatcher.put`; this one waits in
+    all of them at once and, woken by one, leaves the others' lines."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for dispatcher in dispatchers:
+        dispatcher._putters.append(fut)
+    try:
+        await fut
+    finally:
+        if not fut.done():
+            fut.cancel()
+        for dispatcher in dispatchers:
+            with contextlib.suppress(ValueError):
+                dispatcher._putters.remove(fut)
 
 
 def local_delivery(

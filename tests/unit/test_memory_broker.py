@@ -17,7 +17,7 @@ from agent_os.amb import (
     StateError,
 )
 from agent_os.amb.dispatch import LocalDelivery
-from agent_os.bus_adapters.memory import MemoryBroker, memory_server
+from agent_os.bus_adapters.memory import MemoryBroker, _MemorySubscription, memory_server
 from tests.support import memory_url, wait_until
 from tests.support.closing import Closing
 
@@ -417,6 +417,45 @@ async def test_a_queue_group_member_leaving_during_the_wait_passes_the_message_o
     gate.set()
     await asyncio.wait_for(unsubscribing, 5)
     assert first == [b"0"]  # the one in its handler; the queued one is dropped with it
+    await broker.close()
+
+
+async def test_a_stuck_group_member_does_not_hold_a_publish_the_others_can_take(closing: Closing) -> None:
+    """Every member of a group is full, one of them stuck for good: a publish waiting for
+    room goes to the first member that has some, and leaves no waiter behind in the stuck
+    member's queue (publishes that waited there would pile up)."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    stuck_gate, slow_gate = asyncio.Event(), asyncio.Event()
+    stuck: list[bytes] = []
+    slow: list[bytes] = []
+
+    async def stuck_handler(d: Delivery) -> None:
+        await stuck_gate.wait()
+        stuck.append(d.data)
+
+    async def slow_handler(d: Delivery) -> None:
+        await slow_gate.wait()
+        slow.append(d.data)
+
+    first = await broker.subscribe("qg.s", stuck_handler, queue="g")
+    second = await broker.subscribe("qg.s", slow_handler, queue="g")
+    assert isinstance(first, _MemorySubscription)
+    assert isinstance(second, _MemorySubscription)
+    for i in range(4):  # each member: one in its handler, one queued
+        await asyncio.wait_for(broker.publish("qg.s", str(i).encode()), 2)
+    assert not first.has_room()
+    assert not second.has_room()
+    parked = [asyncio.create_task(broker.publish("qg.s", f"w{i}".encode())) for i in range(3)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in parked)
+    slow_gate.set()  # the second member drains; the first stays stuck
+    await asyncio.wait_for(asyncio.gather(*parked), 5)
+    await wait_until(lambda: len(slow) == 5, what="the second member's two and the three parked")
+    assert sorted(slow[2:]) == [b"w0", b"w1", b"w2"]
+    assert stuck == []
+    assert len(first.dispatcher._putters) == 0  # no waiter left behind
+    stuck_gate.set()
     await broker.close()
 
 
