@@ -165,6 +165,8 @@ class MemoryServer:
                 group = self._groups[(sub.pattern, sub.queue)] = _QueueGroup()
                 self._index.add(sub.pattern, group)
             group.members.append(sub)
+            for member in group.members:  # publishes waiting for room in the others: room here
+                member.dispatcher.wake_putters()
         self._routes.clear()
 
     def detach(self, sub: _MemorySubscription) -> None:
@@ -229,6 +231,11 @@ async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: Lo
             if member.has_room() and member.offer(
                 local_delivery(delivery.subject, delivery.data, 1, member.dispatcher)
             ):
+                # Woken by one member, this publish may have used another's room: what is left
+                # goes to the publishes still waiting (each wake-up is one room).
+                for other in live:
+                    if other.has_room():
+                        other.dispatcher.wake_putters()
                 return True
         await room_in_any([member.dispatcher for member in live])
 

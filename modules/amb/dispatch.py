@@ -356,6 +356,16 @@ class Dispatcher(Generic[T]):
         elif self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
 
+    def wake_putters(self) -> None:
+        """Wake every publish waiting for room here, to look again: those of a memory queue
+        group wait in all its members' lines (:func:`room_in_any`), and a member that joins,
+        or room one of them did not take, is news to them."""
+        putters = self._putters
+        while putters:
+            fut = putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
     def _wake_putter(self) -> None:
         putters = self._putters
         while putters:

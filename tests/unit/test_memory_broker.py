@@ -383,40 +383,71 @@ async def test_a_refused_subject_is_not_counted_as_published(closing: Closing) -
 
 
 async def test_a_queue_group_member_leaving_during_the_wait_passes_the_message_on(closing: Closing) -> None:
-    """A publish waits on the group member it picked, whose queue is full; when that member
-    leaves, another member gets the message (it is not lost while a member remains), and it
-    is routed once."""
+    """Both members of a group are full and a publish waits for room: one member leaves, and
+    the message goes to the other once it has room (it is not lost while a member remains),
+    routed once."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def member(name: str) -> Callable[[Delivery], Awaitable[None]]:
+        async def handle(d: Delivery) -> None:
+            await gates[name].wait()
+            got[name].append(d.data)
+
+        return handle
+
+    leaving = await broker.subscribe("qg.w", member("a"), queue="g")
+    await broker.subscribe("qg.w", member("b"), queue="g")
+    server = memory_server(broker.server_name)
+    assert server is not None
+    for i in range(4):  # each member: one in its handler, one queued
+        await asyncio.wait_for(broker.publish("qg.w", str(i).encode()), 2)
+    routed = server.stats.routed
+    parked = asyncio.create_task(broker.publish("qg.w", b"w"))
+    await wait_until(lambda: server.stats.published == 5, what="the fifth publish parked")
+    # Unsubscribing stops the member at once (its handler in progress is waited for).
+    unsubscribing = asyncio.create_task(leaving.unsubscribe())
+    await asyncio.sleep(0)
+    assert not parked.done()  # the other member is still full
+    gates["b"].set()
+    await asyncio.wait_for(parked, 5)
+    await wait_until(lambda: got["b"] == [b"1", b"3", b"w"], what="the message at the member that stayed")
+    assert server.stats.routed == routed + 1
+    gates["a"].set()
+    await asyncio.wait_for(unsubscribing, 5)
+    assert got["a"] == [b"0"]  # the one in its handler; the queued one is dropped with it
+    await broker.close()
+
+
+async def test_a_member_joining_a_full_group_takes_a_waiting_publish(closing: Closing) -> None:
+    """Every member of a group is stuck and full: a member that joins takes the publish
+    waiting for room at once, without waiting for the stuck ones."""
     broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
     await broker.connect()
     gate = asyncio.Event()
-    first: list[bytes] = []
-    second: list[bytes] = []
+    stuck: list[bytes] = []
+    joined: list[bytes] = []
 
-    async def stuck(d: Delivery) -> None:
+    async def stuck_handler(d: Delivery) -> None:
         await gate.wait()
-        first.append(d.data)
+        stuck.append(d.data)
 
-    async def free(d: Delivery) -> None:
-        second.append(d.data)
+    async def joined_handler(d: Delivery) -> None:
+        joined.append(d.data)
 
-    leaving = await broker.subscribe("qg.w", stuck, queue="g")
-    server = memory_server(broker.server_name)
-    assert server is not None
-    await broker.publish("qg.w", b"0")  # in the handler
-    await broker.publish("qg.w", b"1")  # queued: the only member is full
-    routed = server.stats.routed
-    parked = asyncio.create_task(broker.publish("qg.w", b"2"))
-    await wait_until(lambda: server.stats.published == 3, what="the third publish parked")
-    await broker.subscribe("qg.w", free, queue="g")  # a member with room joins
-    assert not parked.done()  # the publish still waits on the member it picked
-    # Unsubscribing stops the member at once (its handler in progress is waited for).
-    unsubscribing = asyncio.create_task(leaving.unsubscribe())
+    await broker.subscribe("qg.j", stuck_handler, queue="g")
+    await broker.publish("qg.j", b"0")  # in the handler
+    await broker.publish("qg.j", b"1")  # queued: full
+    parked = asyncio.create_task(broker.publish("qg.j", b"2"))
+    await asyncio.sleep(0)
+    assert not parked.done()
+    await broker.subscribe("qg.j", joined_handler, queue="g")
     await asyncio.wait_for(parked, 5)
-    await wait_until(lambda: second == [b"2"], what="the message at the other member")
-    assert server.stats.routed == routed + 1
+    await wait_until(lambda: joined == [b"2"], what="the waiting publish at the new member")
+    assert stuck == []
     gate.set()
-    await asyncio.wait_for(unsubscribing, 5)
-    assert first == [b"0"]  # the one in its handler; the queued one is dropped with it
     await broker.close()
 
 
