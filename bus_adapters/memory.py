@@ -234,8 +234,7 @@ async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: Lo
                 # Woken by one member, this publish may have used another's room: what is left
                 # goes to the publishes still waiting (each wake-up is one room).
                 for other in live:
-                    if other.has_room():
-                        other.dispatcher.wake_putters()
+                    other.dispatcher.pass_on_room()
                 return True
         await room_in_any([member.dispatcher for member in live])
 

@@ -151,7 +151,8 @@ class Dispatcher(Generic[T]):
         self._runner: asyncio.Task[None] | None = None
         self._getter: asyncio.Future[None] | None = None  # the parked runner
         self._idle: asyncio.Future[None] | None = None  # waiters for the end of an inline call
-        self._putters: deque[asyncio.Future[None]] = deque()
+        # Publishes waiting for room; a wake-up's result is the dispatcher that gave it.
+        self._putters: deque[asyncio.Future[Dispatcher[Any]]] = deque()
         self._timers: set[asyncio.TimerHandle] = set()
         self._source_task: asyncio.Task[Any] | None = None  # the task calling deliver_message
         # The loop, for asyncio.current_task(loop): without it every call asks the running
@@ -200,10 +201,14 @@ class Dispatcher(Generic[T]):
 
     async def put(self, item: T) -> bool:
         """Enqueue, waiting while the queue is full. False (the item dropped) once stopping."""
+        waited = False
         while not self.offer(item):
             if self._stopping:
                 return False
             await room_in_any((self,))
+            waited = True
+        if waited:
+            self.pass_on_room()  # an item handled inline takes no room: there may be some left
         return True
 
     def requeue(self, item: T, delay: float | None = None) -> None:
@@ -358,20 +363,27 @@ class Dispatcher(Generic[T]):
 
     def wake_putters(self) -> None:
         """Wake every publish waiting for room here, to look again: those of a memory queue
-        group wait in all its members' lines (:func:`room_in_any`), and a member that joins,
-        or room one of them did not take, is news to them."""
+        group wait in all its members' lines (:func:`room_in_any`), and a member that joins is
+        news to them."""
         putters = self._putters
         while putters:
             fut = putters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(self)
+
+    def pass_on_room(self) -> None:
+        """Wake the next publish waiting for room here if there is room: for a waiter that was
+        woken and did not take it (it took room elsewhere, its item was handled inline, or it
+        was cancelled). Each wake-up stands for one room."""
+        if len(self._items) < self.max_pending:
+            self._wake_putter()
 
     def _wake_putter(self) -> None:
         putters = self._putters
         while putters:
             fut = putters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(self)
                 return
 
     async def _wait_idle(self) -> None:
@@ -437,7 +449,7 @@ class Dispatcher(Generic[T]):
         while self._putters:
             fut = self._putters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(self)
         left: list[T] = []
         if drop:
             left.extend(self._items)
@@ -517,18 +529,26 @@ async def room_in_any(dispatchers: Sequence[Dispatcher[Any]]) -> None:
     """Wait until one of ``dispatchers`` has room for an item or stops: for an item that may
     go to any of several queues (a memory queue group whose members are all full). Each queue
     wakes one waiter when an item leaves it, as for :meth:`Dispatcher.put`; this one waits in
-    all of them at once and, woken by one, leaves the others' lines."""
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    all of them at once and, woken by one, leaves the others' lines. Cancelled after its
+    wake-up, it passes the room on to the next waiter."""
+    fut: asyncio.Future[Dispatcher[Any]] = asyncio.get_running_loop().create_future()
     for dispatcher in dispatchers:
         dispatcher._putters.append(fut)
     try:
         await fut
+    except BaseException:
+        if fut.done() and not fut.cancelled():
+            fut.result().pass_on_room()
+        raise
     finally:
         if not fut.done():
             fut.cancel()
+        # The queue that woke it has taken it out of its line already (no scan there).
+        waker = None if fut.cancelled() else fut.result()
         for dispatcher in dispatchers:
-            with contextlib.suppress(ValueError):
-                dispatcher._putters.remove(fut)
+            if dispatcher is not waker:
+                with contextlib.suppress(ValueError):
+                    dispatcher._putters.remove(fut)
 
 
 def local_delivery(

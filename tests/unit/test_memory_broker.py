@@ -16,7 +16,7 @@ from agent_os.amb import (
     LifecycleState,
     StateError,
 )
-from agent_os.amb.dispatch import LocalDelivery
+from agent_os.amb.dispatch import InstantHandler, LocalDelivery
 from agent_os.bus_adapters.memory import MemoryBroker, _MemorySubscription, memory_server
 from tests.support import memory_url, wait_until
 from tests.support.closing import Closing
@@ -487,6 +487,78 @@ async def test_a_stuck_group_member_does_not_hold_a_publish_the_others_can_take(
     assert stuck == []
     assert len(first.dispatcher._putters) == 0  # no waiter left behind
     stuck_gate.set()
+    await broker.close()
+
+
+@pytest.mark.parametrize("queue", [None, "g"], ids=["plain", "group"])
+async def test_a_waiter_cancelled_after_its_wake_up_passes_the_room_on(
+    closing: Closing, queue: str | None
+) -> None:
+    """Two publishes wait for room; the first is woken and cancelled before it runs (a
+    ``wait_for`` timing out): the room it was woken for goes to the second."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    first_gate, forever = asyncio.Event(), asyncio.Event()
+    waiters: list[asyncio.Task[None]] = []
+
+    async def handler(d: Delivery) -> None:
+        if d.data == b"0":
+            await first_gate.wait()
+        elif d.data == b"1":
+            waiters[0].cancel()  # woken by this item leaving the queue: cancelled at once
+            await forever.wait()  # stuck from here on
+
+    sub = await broker.subscribe("cw.x", handler, queue=queue)
+    assert isinstance(sub, _MemorySubscription)
+    await broker.publish("cw.x", b"0")
+    await wait_until(lambda: sub.dispatcher.busy, what="the first message in its handler")
+    await broker.publish("cw.x", b"1")  # queued: full
+    waiters.append(asyncio.create_task(broker.publish("cw.x", b"w1")))
+    await asyncio.sleep(0)
+    waiters.append(asyncio.create_task(broker.publish("cw.x", b"w2")))
+    await asyncio.sleep(0)
+    first_gate.set()
+    await asyncio.wait_for(waiters[1], 5)  # parked for good before the fix
+    assert waiters[0].cancelled()
+    assert len(sub.dispatcher._putters) == 0
+    forever.set()
+    await broker.close()
+
+
+@pytest.mark.parametrize("queue", [None, "g"], ids=["plain", "group"])
+async def test_a_waiter_whose_item_is_handled_inline_passes_the_room_on(
+    closing: Closing, queue: str | None
+) -> None:
+    """A woken publish whose item the handler takes inline (an InstantHandler, as the reply
+    inbox is) uses no room: the next waiting publish gets it."""
+    broker = closing(MemoryBroker(memory_url("mb"), max_pending=1))
+    await broker.connect()
+    gate = asyncio.Event()
+    inline = False
+    got: list[bytes] = []
+
+    async def call(d: Delivery) -> None:
+        if d.data == b"0":
+            await gate.wait()
+        got.append(d.data)
+
+    def now(d: Delivery) -> bool:
+        if inline:
+            got.append(d.data)
+        return inline
+
+    await broker.subscribe("iw.x", InstantHandler(call, now), queue=queue)
+    await broker.publish("iw.x", b"0")
+    await asyncio.sleep(0)  # the runner is in call(0)
+    await broker.publish("iw.x", b"1")  # queued: full
+    first = asyncio.create_task(broker.publish("iw.x", b"2"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(broker.publish("iw.x", b"3"))
+    await asyncio.sleep(0)
+    inline = True
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)  # the second parked for good before
+    await wait_until(lambda: sorted(got) == [b"0", b"1", b"2", b"3"], what="all four")
     await broker.close()
 
 
