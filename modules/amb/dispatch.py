@@ -362,9 +362,9 @@ class Dispatcher(Generic[T]):
             self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
 
     def wake_putters(self) -> None:
-        """Wake every publish waiting for room here, to look again: those of a memory queue
-        group wait in all its members' lines (:func:`room_in_any`), and a member that joins is
-        news to them."""
+        """Wake every publish waiting for room here, to look again: on stopping, and for a
+        memory queue group, whose publishes wait in all its members' lines
+        (:func:`room_in_any`), when a member joins."""
         putters = self._putters
         while putters:
             fut = putters.popleft()
@@ -446,10 +446,7 @@ class Dispatcher(Generic[T]):
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        while self._putters:
-            fut = self._putters.popleft()
-            if not fut.done():
-                fut.set_result(self)
+        self.wake_putters()
         left: list[T] = []
         if drop:
             left.extend(self._items)

@@ -171,16 +171,15 @@ def content_hash(
     embedding: Sequence[float] | None = None,
     embedding_sha256: str | None = None,
 ) -> str:
-    """The record's SHA-256 (hex) over the compact JSON array built below (see ``docs/memory.md``);
-    the embedding enters it as its :func:`embedding_digest`, given as ``embedding_sha256`` when
-    already known (one of the two is required)."""
+    """The record's SHA-256 (hex) over the compact JSON array :func:`row_hash` builds (see
+    ``docs/memory.md``); the embedding enters it as its :func:`embedding_digest`, given as
+    ``embedding_sha256`` when already known (one of the two is required)."""
     if embedding_sha256 is None:
         if embedding is None:
             raise TypeError("content_hash needs the embedding or its digest")
         embedding_sha256 = embedding_digest(embedding)
-    return _digest(
-        (
-            HASH_VERSION,
+    return row_hash(
+        Row(
             id,
             agent_id,
             session_id,
@@ -188,15 +187,17 @@ def content_hash(
             metadata_json,
             tuple(tags),
             supersedes,
-            micros(created_at),
+            created_at,
+            (),
+            "",
             embedding_sha256,
         )
     )
 
 
 def row_hash(row: Row) -> str:
-    """:func:`content_hash` of a row (the check of every record read back, so without its
-    keyword arguments: a third less time)."""
+    """The hash :func:`content_hash` describes, of a row (its ``content_hash`` is not read): the
+    check of every record read back, so without keyword arguments (a third less time)."""
     id_, agent_id, session_id, content, metadata_json, tags, supersedes, created_at, embedding, _, digest = (
         row
     )
