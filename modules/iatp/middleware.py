@@ -19,7 +19,9 @@ from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
 from agent_os.amb.numbers import fraction, whole
 from agent_os.iatp.errors import IATPConfigError, IATPError, SignatureRejected, SigningRejected, UnknownAgent
+from agent_os.iatp.offload import VerifyWorkers
 from agent_os.iatp.result import Reason, VerificationResult, invalid
+from agent_os.iatp.verifier import SignedParts
 
 if TYPE_CHECKING:
     from agent_os.amb.subscription import Subscription
@@ -46,6 +48,8 @@ what :meth:`IATPMiddleware.prepare` did for a message ahead of its turn, ``(enve
 result or rejection, claim)``, taken out by ``on_consume``; taken only for that very envelope
 object, so a context seeded from configuration cannot stand in."""
 _ED25519: Final = "ed25519"
+Checked = tuple[bytes, bytes, bytes, bool]
+"""A signature check done by a worker: the parts checked and its answer."""
 _NS_PER_MS: Final = 1_000_000
 VERIFY_SPAN: Final = "iatp.verify"
 """The span of one verification while tracing is on (``docs/observability.md``, "Tracing")."""
@@ -65,8 +69,10 @@ class IATPMiddleware(Middleware):
         nonce_store: SharedNonceStore | None = None,
         bind_topic: bool = False,
         lookahead: int = 64,
+        verify_workers: int = 0,
     ) -> None:
         whole(lookahead, "lookahead", 0, error=IATPConfigError)
+        whole(verify_workers, "verify_workers", 0, error=IATPConfigError)
         minimum = fraction(min_trust)
         if minimum is None:
             raise IATPConfigError(f"min_trust must be a number from 0 to 1, got {min_trust!r:.40}")
@@ -83,6 +89,14 @@ class IATPMiddleware(Middleware):
         self.verified = 0
         self.accepted_unsigned = 0
         self.rejected: Counter[str] = Counter()
+        self.workers = VerifyWorkers(verify_workers) if verify_workers else None
+        """The worker processes checking signatures ahead (``verify_workers``), or None."""
+
+    def close(self) -> None:
+        """Stop the signature workers (``verify_workers``), if any; messages verify inline from
+        then on. Idempotent; the workers also end with this process."""
+        if self.workers is not None:
+            self.workers.close()
 
     def unsubscribed(self, subscription: Subscription) -> None:
         """A subscription's session replay windows (its scope is the subscription, unless it
@@ -95,7 +109,11 @@ class IATPMiddleware(Middleware):
         """With a shared nonce store, a queue-group subscription (or one with a
         ``REPLAY_SCOPE``) has up to ``lookahead`` messages verified and their claims sent
         before their turn (:meth:`prepare`), so the claims share round trips even with
-        ``concurrency=1`` (``docs/trust.md``)."""
+        ``concurrency=1``; with ``verify_workers``, every subscription has up to ``lookahead``
+        messages' signatures sent to the workers (``docs/trust.md``)."""
+        if self.workers is not None and self.max_ahead:
+            self.workers.start()  # now, so that the first message does not wait for it
+            return self.max_ahead
         if self.nonce_store is None:
             return 0
         if subscription.options.queue is None and REPLAY_SCOPE not in subscription.context:
@@ -109,6 +127,15 @@ class IATPMiddleware(Middleware):
         if not self.iatp.is_open:
             return
         started = _tracing.now() if _tracing.active else 0
+        workers = self.workers
+        if workers is not None and (self.nonce_store is None or self._claim_scope(metadata) is None):
+            # No shared claim to send ahead: only the signature check goes ahead, to a worker.
+            parts = self.iatp.verifier.signed_parts(envelope)
+            check = workers.check(*parts) if parts is not None else None
+            if check is not None:
+                assert parts is not None
+                metadata.context[self._ahead_key] = (envelope, started, _Offloaded(parts, check), None)
+            return
         try:
             result = self._verdict(envelope, metadata)
         except SignatureRejected as exc:  # counted and traced in its turn
@@ -208,9 +235,16 @@ class IATPMiddleware(Middleware):
                     claim = store.claim(*args)
         else:
             _, started, verdict, claim = ahead
-            if isinstance(verdict, SignatureRejected):
+            if type(verdict) is _Offloaded:
+                checked = await verdict.answer(self.workers)
+                try:
+                    result = self._verdict(envelope, metadata, checked)
+                except SignatureRejected as exc:
+                    self._reject(exc.result, started)
+            elif isinstance(verdict, SignatureRejected):
                 self._reject(verdict.result, started)  # refused ahead: counted in its turn
-            result = verdict
+            else:
+                result = verdict
         if result is None:  # an unsigned message let through, with an invalid result
             self.accepted_unsigned += 1
             metadata.context[RESULT] = unsigned = invalid(
@@ -228,11 +262,13 @@ class IATPMiddleware(Middleware):
             _traced(started, result, "verified")
         await call_next(envelope, metadata)
 
-    def _verdict(self, envelope: Envelope, metadata: Metadata) -> VerificationResult | None:
+    def _verdict(
+        self, envelope: Envelope, metadata: Metadata, checked: Checked | None = None
+    ) -> VerificationResult | None:
         """Everything but the shared claim, with the key store open: the verification result
-        of a message accepted so far, or None for an unsigned message to let through. Raises
-        SignatureRejected, neither counted nor traced (the caller does both, in the message's
-        turn)."""
+        of a message accepted so far, or None for an unsigned message to let through, using
+        ``checked``, a worker's signature check, where it applies. Raises SignatureRejected,
+        neither counted nor traced (the caller does both, in the message's turn)."""
         iatp = self.iatp
         context = metadata.context
         if context.get(BIND_TOPIC, self.bind_topic) and envelope.topic != metadata.subject:
@@ -259,7 +295,7 @@ class IATPMiddleware(Middleware):
         viewer = self.agent_id or verifier.perspective
         if viewer is None and subscription is not None:
             viewer = getattr(getattr(subscription, "client", None), "agent_id", None)
-        result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1)
+        result = verifier.verify(envelope, viewer, scope, metadata.attempt > 1, checked)
         if not result.valid:
             raise SignatureRejected(result)
         minimum = context.get(MIN_TRUST, self.min_trust)
@@ -296,18 +332,26 @@ class IATPMiddleware(Middleware):
         sig = envelope.sig
         if sig is None or sig.scheme != _ED25519:
             return None
-        context = metadata.context
-        scope = context.get(REPLAY_SCOPE)
-        if not isinstance(scope, str):
-            subscription = context.get("subscription")
-            options = getattr(subscription, "options", None)
-            queue = getattr(options, "queue", None)
-            if not isinstance(queue, str):
-                return None
-            scope = f"{queue}@{getattr(subscription, 'pattern', '')}"
+        scope = self._claim_scope(metadata)
+        if scope is None:
+            return None
         verifier = self.iatp.verifier
         ts = result.timestamp_ns or 0
         return scope, sig.nonce, (ts + verifier.nonces.max_age_ns - verifier.clock()) // _NS_PER_MS + 1
+
+    @staticmethod
+    def _claim_scope(metadata: Metadata) -> str | None:
+        """The scope of the shared claims of a subscription's messages: its ``REPLAY_SCOPE``,
+        else ``"<queue>@<pattern>"`` for a queue group; None for a plain subscription."""
+        context = metadata.context
+        scope = context.get(REPLAY_SCOPE)
+        if isinstance(scope, str):
+            return scope
+        subscription = context.get("subscription")
+        queue = getattr(getattr(subscription, "options", None), "queue", None)
+        if not isinstance(queue, str):
+            return None
+        return f"{queue}@{getattr(subscription, 'pattern', '')}"
 
     async def _settle_claim(
         self, claim: Awaitable[bool], metadata: Metadata, result: VerificationResult, started: int
@@ -332,6 +376,24 @@ class IATPMiddleware(Middleware):
             self._reject(
                 invalid(Reason.REPLAYED, result.sender, ts, result.key_id, "shared nonce store"), started
             )
+
+
+class _Offloaded:
+    """A message's signature check sent ahead to a worker: the parts checked and the answer."""
+
+    __slots__ = ("check", "parts")
+
+    def __init__(self, parts: SignedParts, check: asyncio.Future[bool]) -> None:
+        self.parts = parts
+        self.check = check
+
+    async def answer(self, workers: VerifyWorkers | None) -> Checked | None:
+        """The parts and the worker's answer, or None: check inline (see
+        :meth:`VerifyWorkers.answer`)."""
+        if workers is None:  # closed: the check was failed
+            return None
+        good = await workers.answer(self.check)
+        return None if good is None else (*self.parts, good)
 
 
 def _retrieved(task: asyncio.Future[bool]) -> None:

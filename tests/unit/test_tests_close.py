@@ -32,6 +32,7 @@ OPENERS = frozenset(
         "EMK",
         "AdminAPI",
         "McpTools",
+        "VerifyWorkers",
     }
 )
 OPENING_METHODS = frozenset({"connect", "start", "open"})

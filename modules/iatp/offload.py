@@ -1,0 +1,403 @@
+"""ed25519 checks in worker processes, off the core that runs the event loop.
+
+:class:`VerifyWorkers` starts child processes (``python -m agent_os.iatp._worker``) and sends
+them signature checks in batches over socket pairs; each check's answer comes back as a future.
+``IATPMiddleware(verify_workers=n)`` uses it for the messages it prepares ahead. A worker's
+answer is used only for the exact key, bytes and signature it checked, and a worker lost fails
+its checks with :class:`WorkerLost`, whose messages are then verified inline: nothing is ever
+accepted unchecked. The design is in ``docs/trust.md``, "Verification in worker processes".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Final
+
+from agent_os.amb.numbers import seconds, whole
+from agent_os.iatp import _crypto
+from agent_os.iatp.errors import IATPConfigError
+
+log = logging.getLogger("agent_os.iatp.offload")
+
+_FRAME: Final = struct.Struct("<II")
+"""A batch's head: the size of the checks after it, their number."""
+_CHECK: Final = struct.Struct("<I32s64s")
+"""One check's head, followed by the message: its length, the public key, the signature."""
+_ANSWERS: Final = struct.Struct("<I")
+"""An answer's head (the number of checks answered), followed by one byte a check, 1 if valid."""
+_READ_SIZE: Final = 1 << 16
+_ROOT: Final = str(Path(__file__).parent.parent.parent)
+"""The folder holding the ``agent_os`` package this module was imported from (not resolving
+the package's links), put first on the worker's path so that it runs the same code."""
+
+
+class WorkerLost(Exception):
+    """A worker process ended, could not start or broke the protocol before answering."""
+
+
+class _Worker:
+    """One child process: its socket, the batches it has not answered and the checks not sent."""
+
+    __slots__ = ("answers", "frames", "outbox", "process", "queued", "sock", "unsent")
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.process = process
+        self.sock = sock
+        self.frames: deque[list[asyncio.Future[bool]]] = deque()  # sent, in order
+        self.outbox: list[bytes] = []
+        self.queued: list[asyncio.Future[bool]] = []  # the futures of ``outbox``
+        self.unsent = bytearray()  # what the socket did not take yet
+        self.answers = bytearray()  # what was read and not parsed yet
+
+    @property
+    def load(self) -> int:
+        return len(self.queued) + sum(len(frame) for frame in self.frames)
+
+
+class VerifyWorkers:
+    """``n`` worker processes checking ed25519 signatures for the running event loop.
+
+    :meth:`check` queues a check on the least loaded worker and returns a future of its answer;
+    :meth:`answer` is how a caller waits for it. A worker is sent a batch at once while it has
+    none to answer, else the checks wait until ``max_batch`` of them are queued or an answer
+    comes, with at most ``max_frames`` batches out per worker; a worker holding
+    ``max_batch * max_frames`` checks takes no more (:meth:`check` returns None: check inline).
+
+    Guarantees: an answer is a worker's ``_crypto.verify`` of exactly the bytes given; a worker
+    that ends, fails to start, answers out of protocol or not within ``answer_timeout`` seconds
+    is killed and every check it had fails with :class:`WorkerLost` (counted in ``lost``).
+    Workers restart after ``restart_after`` seconds, twice as long after each failure in a row
+    (at most a minute); meanwhile :meth:`check` returns None. The workers end when
+    :meth:`close` is called or this process ends (they read the end of their socket). Not
+    thread-safe: one event loop uses it.
+    """
+
+    def __init__(
+        self,
+        n: int = 1,
+        *,
+        max_batch: int = 16,
+        max_frames: int = 4,
+        answer_timeout: float = 2.0,
+        restart_after: float = 1.0,
+    ) -> None:
+        whole(n, "verify_workers", error=IATPConfigError)
+        whole(max_batch, "max_batch", error=IATPConfigError)
+        whole(max_frames, "max_frames", error=IATPConfigError)
+        seconds(answer_timeout, "answer_timeout", error=IATPConfigError)
+        seconds(restart_after, "restart_after", zero=True, error=IATPConfigError)
+        self.n = n
+        self.max_batch = max_batch
+        self.max_frames = max_frames
+        self.answer_timeout = answer_timeout
+        self.restart_after = restart_after
+        self.checks = 0  # checks answered by a worker
+        self.used = 0  # answers given by answer(), in place of an inline check
+        self.batches = 0  # batches sent
+        self.lost = 0  # checks failed with WorkerLost
+        self.withdrawn = 0  # checks taken back before their answer (checked inline)
+        self.started = 0  # worker processes started
+        self._workers: list[_Worker] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
+        self._failures = 0  # in a row, since the last answer
+        self._down_until = 0.0
+        self._closed = False
+
+    @property
+    def running(self) -> int:
+        """Worker processes running now."""
+        return len(self._workers)
+
+    def start(self) -> bool:
+        """Start the missing workers on the running event loop; True if all ``n`` run. Does
+        nothing (False) after :meth:`close` or while restarts wait after a failure."""
+        if self._closed:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._pid != os.getpid() or self._loop is not loop:
+            self._forget()  # a forked child, or another loop: the old workers are not ours
+            self._pid = os.getpid()
+            self._loop = loop
+        while len(self._workers) < self.n:
+            if time.monotonic() < self._down_until:
+                return False
+            try:
+                worker = self._spawn()
+            except OSError as exc:
+                log.warning("cannot start a signature worker (%s); verifying inline", exc)
+                self._failed()
+                return False
+            self._workers.append(worker)
+            self.started += 1
+            loop.add_reader(worker.sock.fileno(), self._on_readable, worker)
+        return True
+
+    def check(self, public_key: bytes, message: bytes, signature: bytes) -> asyncio.Future[bool] | None:
+        """Queue a check of ``signature`` over ``message`` by ``public_key``: a future of
+        True/False (or WorkerLost), or None when no worker can take it (check inline). Needs
+        the running event loop; a key or signature of the wrong length gives None."""
+        workers = self._workers
+        if len(workers) < self.n or self._loop is not asyncio.get_running_loop() or self._pid != os.getpid():
+            self.start()
+            workers = self._workers
+            if not workers:
+                return None
+        if len(public_key) != _crypto.PUBLIC_KEY_BYTES or len(signature) != _crypto.SIGNATURE_BYTES:
+            return None
+        worker = workers[0] if len(workers) == 1 else min(workers, key=lambda w: w.load)
+        if worker.load >= self.max_batch * self.max_frames:
+            return None
+        assert self._loop is not None
+        future: asyncio.Future[bool] = self._loop.create_future()
+        worker.outbox.append(_CHECK.pack(len(message), public_key, signature) + message)
+        worker.queued.append(future)
+        frames = len(worker.frames)
+        if not frames or (len(worker.queued) >= self.max_batch and frames < self.max_frames):
+            self._send(worker)
+        return future
+
+    async def answer(self, future: asyncio.Future[bool]) -> bool | None:
+        """The answer of a check from :meth:`check`: True or False, or None where the caller
+        must check inline: its worker was lost or did not answer within ``answer_timeout``, or
+        the check is taken back rather than waited for (not sent yet, or its worker's only one:
+        a lone message would wait a round trip). Answers that have come are read at once, not
+        when the event loop next polls (a busy loop polls seldom)."""
+        if not future.done():
+            for worker in self._workers:
+                if worker.frames:
+                    self._on_readable(worker)
+            if not future.done():
+                owner, sent = self._owner(future)
+                if owner is None or not sent or owner.load == 1:
+                    # Not sent yet, or its worker's only check (a lone message: waiting would
+                    # add a round trip to its latency): checked inline, now.
+                    if owner is not None:
+                        if not sent:
+                            i = owner.queued.index(future)
+                            del owner.queued[i], owner.outbox[i]
+                        self.withdrawn += 1
+                    future.cancel()
+                    return None
+                done, _ = await asyncio.wait((future,), timeout=self.answer_timeout)
+                if not done:
+                    self._drop(owner, f"no answer in {self.answer_timeout:g} s")
+        if future.cancelled() or future.exception() is not None:
+            return None
+        self.used += 1
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the workers; checks not answered fail with WorkerLost. Idempotent."""
+        self._closed = True
+        for worker in list(self._workers):
+            self._drop(worker, "closed")
+
+    # -- the parent's side -------------------------------------------------------------------
+
+    def _owner(self, future: asyncio.Future[bool]) -> tuple[_Worker | None, bool]:
+        """The worker holding a check not answered, and whether it was sent."""
+        for worker in self._workers:
+            if future in worker.queued:
+                return worker, False
+            for frame in worker.frames:
+                if future in frame:
+                    return worker, True
+        return None, False
+
+    def _spawn(self) -> _Worker:
+        if not sys.executable:
+            raise OSError("no Python interpreter to run (sys.executable is empty)")
+        parent, child = socket.socketpair()
+        try:
+            env = dict(os.environ)
+            path = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = _ROOT + (os.pathsep + path if path else "")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "agent_os.iatp._worker", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which ends it
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        parent.setblocking(False)
+        return _Worker(process, parent)
+
+    def _send(self, worker: _Worker) -> None:
+        """Send one batch of what ``worker`` has queued (at most ``max_batch`` checks)."""
+        take = self.max_batch
+        futures = worker.queued[:take]
+        body = b"".join(worker.outbox[:take])
+        del worker.queued[:take], worker.outbox[:take]
+        worker.frames.append(futures)
+        self.batches += 1
+        data = _FRAME.pack(len(body), len(futures)) + body
+        if worker.unsent:
+            worker.unsent += data
+            return
+        try:
+            sent = worker.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._drop(worker, f"{type(exc).__name__}: {exc}")
+            return
+        if sent < len(data):
+            worker.unsent += data[sent:]
+            assert self._loop is not None
+            self._loop.add_writer(worker.sock.fileno(), self._on_writable, worker)
+
+    def _on_writable(self, worker: _Worker) -> None:
+        try:
+            sent = worker.sock.send(worker.unsent)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(worker, f"{type(exc).__name__}: {exc}")
+            return
+        del worker.unsent[:sent]
+        if not worker.unsent:
+            assert self._loop is not None
+            self._loop.remove_writer(worker.sock.fileno())
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            data = worker.sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(worker, f"{type(exc).__name__}: {exc}")
+            return
+        if not data:
+            self._drop(worker, f"the worker ended (exit code {worker.process.poll()})")
+            return
+        buffer = worker.answers
+        buffer += data
+        frames = worker.frames
+        while len(buffer) >= _ANSWERS.size:
+            (count,) = _ANSWERS.unpack_from(buffer)
+            end = _ANSWERS.size + count
+            if len(buffer) < end:
+                break
+            if not frames or len(frames[0]) != count:
+                self._drop(worker, "an answer to no batch sent")
+                return
+            answers = buffer[_ANSWERS.size : end]
+            if answers.strip(b"\x00\x01"):
+                self._drop(worker, "an answer other than 0 or 1")
+                return
+            del buffer[:end]
+            futures = frames.popleft()
+            self.checks += count
+            self._failures = 0
+            for future, answer in zip(futures, answers, strict=True):
+                if not future.done():  # its caller may have been cancelled
+                    future.set_result(answer == 1)
+        if worker.queued and len(frames) < self.max_frames:
+            self._send(worker)
+
+    def _failed(self) -> None:
+        """A worker failed: restarts wait, twice as long as last time (at most a minute)."""
+        self._failures += 1
+        pause = min(self.restart_after * 2 ** min(self._failures - 1, 16), 60.0)
+        self._down_until = time.monotonic() + pause
+
+    def _drop(self, worker: _Worker, why: str) -> None:
+        """Kill ``worker`` and fail its checks with WorkerLost."""
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        if not self._closed:
+            log.warning("signature worker %d lost (%s); verifying inline", worker.process.pid, why)
+            self._failed()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(worker.sock.fileno())
+            loop.remove_writer(worker.sock.fileno())
+        worker.sock.close()
+        _reap(worker.process)
+        error = WorkerLost(why)
+        for futures in (*worker.frames, worker.queued):
+            for future in futures:
+                if not future.done():
+                    self.lost += 1
+                    future.set_exception(error)
+                    future.exception()  # retrieved: a dropped message's check logs nothing
+        worker.frames.clear()
+        worker.queued.clear()
+        worker.outbox.clear()
+
+    def _forget(self) -> None:
+        """End the workers of another process (a fork's parent) or event loop without touching
+        their checks, whose futures belong to that loop."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.sock.close()
+            if self._pid == os.getpid():  # not a child's to reap
+                _reap(worker.process)
+
+    def __del__(self) -> None:
+        for worker in getattr(self, "_workers", ()):
+            worker.sock.close()  # the worker reads the end and exits
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """End a worker whose socket is closed (it would end by itself on reading the end)."""
+    if process.poll() is None:
+        process.kill()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a kill not done in 5 s
+            log.warning("signature worker %d did not end", process.pid)
+
+
+# -- the worker's side -------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer batches of checks on ``sock`` until it ends: the worker's whole life."""
+    reader = sock.makefile("rb")
+    verify = _crypto.verify
+    check_head = _CHECK.size
+    while True:
+        head = reader.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        size, count = _FRAME.unpack(head)
+        body = reader.read(size)
+        if len(body) < size:
+            return
+        answers = bytearray(count)
+        at = 0
+        for i in range(count):
+            length, public_key, signature = _CHECK.unpack_from(body, at)
+            at += check_head
+            answers[i] = verify(public_key, body[at : at + length], signature)
+            at += length
+        if at != size:
+            raise ValueError(f"a batch of {size} bytes held {at} bytes of checks")
+        sock.sendall(_ANSWERS.pack(count) + answers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker process: serve the socket whose descriptor is the one argument."""
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ends with its parent, by its socket
+    with socket.socket(fileno=int(args[0])) as sock:
+        serve(sock)
+    return 0

@@ -1,0 +1,359 @@
+"""Signature checks in worker processes (``verify_workers``): the answers are the inline
+check's, a worker's answer vouches only for the bytes it checked, and a worker that dies, hangs
+or breaks the protocol costs an inline check, never an unchecked message."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent_os.amb import AMB, Metadata, MsgpackSerializer
+from agent_os.iatp import IATP, IATPConfigError, IATPMiddleware, _crypto
+from agent_os.iatp.offload import VerifyWorkers, WorkerLost, _Worker
+from tests.support import Collector, memory_url, wait_until
+
+
+def _signed(n: int, seed: int = 7) -> list[tuple[bytes, bytes, bytes, bool]]:
+    """``n`` checks, the first sound and about half of the rest spoiled (another key, a
+    flipped bit in the message or the signature), with the answer the inline check gives."""
+    rng = random.Random(seed)
+    keys = [_crypto.keypair_from_seed(rng.randbytes(32)) for _ in range(3)]
+    checks = []
+    for i in range(n):
+        public, secret = keys[i % 3]
+        message = rng.randbytes(rng.randrange(0, 600))
+        signature = _crypto.sign(secret, message)
+        spoil = rng.randrange(6) if i else 5  # the first one is sound
+        if spoil == 0:
+            public = keys[(i + 1) % 3][0]
+        elif spoil == 1 and message:
+            at = rng.randrange(len(message))
+            message = message[:at] + bytes([message[at] ^ 1]) + message[at + 1 :]
+        elif spoil == 2:
+            signature = bytes([signature[0] ^ 0x80]) + signature[1:]
+        checks.append((public, message, signature, _crypto.verify(public, message, signature)))
+    assert n < 10 or {good for *_, good in checks} == {True, False}
+    return checks
+
+
+def _idle_process() -> subprocess.Popen[bytes]:
+    """A process standing in for a worker that a test answers for itself."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[VerifyWorkers]:
+    pool = VerifyWorkers(1, restart_after=0.0)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+async def _answers(pool: VerifyWorkers, checks: list[tuple[bytes, bytes, bytes, bool]]) -> list[bool | None]:
+    futures = [pool.check(public, message, signature) for public, message, signature, _ in checks]
+    assert all(future is not None for future in futures)
+    return [await future for future in futures if future is not None]
+
+
+async def test_workers_answer_what_the_inline_check_answers(workers: VerifyWorkers) -> None:
+    checks = _signed(300)
+    found: list[bool | None] = []
+    for start in range(0, len(checks), 50):  # within the pool's fill (16 x 4)
+        found += await _answers(workers, checks[start : start + 50])
+    assert found == [good for *_, good in checks]
+    assert workers.checks == 300
+    assert workers.lost == 0
+    assert workers.batches < 300
+
+
+async def test_two_workers_share_the_checks() -> None:
+    pool = VerifyWorkers(2)
+    try:
+        checks = _signed(60, seed=3)
+        assert await _answers(pool, checks) == [good for *_, good in checks]
+        assert pool.running == 2
+        assert pool.started == 2
+    finally:
+        pool.close()
+
+
+async def test_a_full_worker_takes_no_more_and_a_queued_check_is_taken_back() -> None:
+    pool = VerifyWorkers(1, max_batch=2, max_frames=1)
+    try:
+        public, message, signature, _ = _signed(1)[0]
+        first = pool.check(public, message, signature)  # sent at once
+        second = pool.check(public, message, signature)  # queued behind the batch out
+        assert first is not None
+        assert second is not None
+        assert pool.check(public, message, signature) is None  # 2 x 1 held: checked inline
+        assert await pool.answer(second) is None  # not sent: taken back, not waited for
+        assert second.cancelled()
+        assert pool.withdrawn == 1
+        assert await pool.answer(first) is None  # its worker's only check: inline, not waited for
+        assert pool.withdrawn == 2
+    finally:
+        pool.close()
+
+
+async def test_a_killed_worker_fails_its_checks_and_is_replaced(workers: VerifyWorkers) -> None:
+    checks = _signed(40, seed=11)
+    workers.start()
+    pid = workers._workers[0].process.pid
+    os.kill(pid, signal.SIGSTOP)  # holds its checks while it is killed
+    futures = [workers.check(p, m, s) for p, m, s, _ in checks]
+    os.kill(pid, signal.SIGKILL)
+    for future in futures:
+        assert future is not None
+        assert await workers.answer(future) is None  # check inline
+        assert isinstance(future.exception(), WorkerLost)
+    assert workers.lost == 40
+    assert workers.running == 0
+    assert await _answers(workers, checks) == [good for *_, good in checks]  # a new worker
+    assert workers.started == 2
+    assert workers._workers[0].process.pid != pid
+
+
+async def test_a_worker_that_does_not_answer_is_killed_after_the_timeout() -> None:
+    pool = VerifyWorkers(1, max_batch=1, answer_timeout=0.2)
+    try:
+        public, message, signature, _ = _signed(1)[0]
+        pool.start()
+        process = pool._workers[0].process
+        os.kill(process.pid, signal.SIGSTOP)
+        future = pool.check(public, message, signature)
+        behind = pool.check(public, message, signature)
+        assert future is not None
+        assert behind is not None
+        started = time.monotonic()
+        assert await pool.answer(future) is None
+        assert time.monotonic() - started >= 0.2  # waited, as it was not alone
+        assert isinstance(behind.exception(), WorkerLost)
+        assert process.poll() is not None  # killed and reaped
+        assert pool.lost == 2
+        assert pool.running == 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"\x00\x00\x00\x00",  # no answer to a batch of one
+        b"\x01\x00\x00\x00\x07",  # neither 0 nor 1
+        b"\x05\x00\x00\x00\x01\x01\x01\x01\x01",  # five answers to a batch of one
+    ],
+)
+async def test_an_answer_out_of_protocol_drops_the_worker(answer: bytes) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    process = _idle_process()
+    pool = VerifyWorkers(1)
+    try:
+        pool._loop = asyncio.get_running_loop()
+        worker = _Worker(process, ours)
+        pool._workers.append(worker)
+        pool._loop.add_reader(ours.fileno(), pool._on_readable, worker)
+        public, message, signature, _ = _signed(1)[0]
+        future = pool.check(public, message, signature)
+        assert future is not None
+        theirs.sendall(answer)
+        await wait_until(future.done, what="the worker dropped")
+        assert isinstance(future.exception(), WorkerLost)
+        assert pool.running == 0
+        assert process.poll() is not None
+    finally:
+        theirs.close()
+        pool.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_close_ends_the_workers_and_fails_what_they_held(workers: VerifyWorkers) -> None:
+    public, message, signature, _ = _signed(1)[0]
+    workers.start()
+    process = workers._workers[0].process
+    os.kill(process.pid, signal.SIGSTOP)
+    future = workers.check(public, message, signature)
+    workers.close()
+    workers.close()
+    assert future is not None
+    assert isinstance(future.exception(), WorkerLost)
+    assert process.poll() is not None
+    assert workers.check(public, message, signature) is None  # closed: inline from now on
+    assert workers.start() is False
+
+
+async def test_a_worker_that_cannot_start_means_inline_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "")
+    public, message, signature, _ = _signed(1)[0]
+    pool = VerifyWorkers(1, restart_after=30.0)
+    try:
+        assert pool.check(public, message, signature) is None
+        assert pool.started == 0
+        assert pool.start() is False  # waits before trying again
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("option", ["n", "max_batch", "max_frames", "answer_timeout"])
+@pytest.mark.parametrize("bad", [0, -1, True, "2", float("nan")])
+def test_options_are_checked(option: str, bad: object) -> None:
+    with pytest.raises(IATPConfigError):
+        VerifyWorkers(**{option: bad})  # type: ignore[arg-type]
+
+
+def test_the_middleware_checks_verify_workers() -> None:
+    for bad in (-1, True, 1.5, "1"):
+        with pytest.raises(IATPConfigError, match="verify_workers"):
+            IATPMiddleware(IATP(), verify_workers=bad)  # type: ignore[arg-type]
+    assert IATPMiddleware(IATP()).workers is None
+
+
+# -- the verifier takes a check done elsewhere only for the very bytes checked ------------------
+
+
+async def test_the_verifier_uses_a_check_only_for_the_bytes_it_covered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    iatp = IATP()
+    await iatp.register_agent("alice")
+    verifier = iatp.verifier
+    calls: list[int] = []
+    real = _crypto.verify
+
+    def counted(public: bytes, message: bytes, signature: bytes) -> bool:
+        calls.append(1)
+        return real(public, message, signature)
+
+    monkeypatch.setattr(_crypto, "verify", counted)
+    genuine = await iatp.sign("alice", {"amount": 1}, topic="pay.x")
+    parts = verifier.signed_parts(genuine)
+    assert parts is not None
+    assert verifier.verify(genuine, scope="a", checked=(*parts, True)).valid
+    assert calls == []  # the worker's check stood in for the inline one
+    # the payload changed after the check: its answer covers other bytes, so the check runs
+    forged = copy.copy(genuine)
+    forged.payload = {"amount": 1_000}
+    result = verifier.verify(forged, scope="b", checked=(*parts, True))
+    assert (result.valid, result.reason, calls) == (False, "bad_signature", [1])
+    # a check of the right bytes that said no is a bad signature, without checking again
+    another = await iatp.sign("alice", {"amount": 2}, topic="pay.x")
+    other_parts = verifier.signed_parts(another)
+    assert other_parts is not None
+    result = verifier.verify(another, scope="c", checked=(*other_parts, False))
+    assert (result.valid, result.reason, calls) == (False, "bad_signature", [1])
+    # an answer that is not a bool is no answer
+    result = verifier.verify(another, scope="d", checked=(*other_parts, 1))  # type: ignore[arg-type]
+    assert result.valid
+    assert calls == [1, 1]
+
+
+async def test_signed_parts_is_none_for_what_has_no_key_here() -> None:
+    iatp, stranger = IATP(), IATP()
+    await iatp.register_agent("alice")
+    await stranger.register_agent("mallory")
+    verifier = iatp.verifier
+    assert verifier.signed_parts(await stranger.sign("mallory", {}, topic="t")) is None
+    claimed = await stranger.sign("mallory", {}, topic="t")
+    claimed.sender = "alice"  # alice's name on mallory's key
+    assert verifier.signed_parts(claimed) is None
+    unsigned = await iatp.sign("alice", {}, topic="t")
+    unsigned.sig = None
+    assert verifier.signed_parts(unsigned) is None
+    assert verifier.signed_parts(object()) is None
+    assert verifier.signed_parts(await iatp.sign("alice", {}, topic="t")) is not None
+
+
+# -- on the bus ---------------------------------------------------------------------------------
+
+
+async def test_on_the_bus_workers_check_and_forgeries_and_replays_are_refused() -> None:
+    iatp, mallory = IATP(), IATP()
+    await iatp.register_agent("pub")
+    await mallory.register_agent("pub")  # claims the name with another key
+    handled = Collector()
+    codec = MsgpackSerializer()
+    sent: list[int] = []
+    where = memory_url("offload")
+    middleware = iatp.middleware(verify_workers=1)
+    receiver = AMB("memory", where, agent_id="sub", middleware=[middleware])
+    raw = AMB("memory", where, agent_id="raw")  # no middleware: puts anything on the wire
+    try:
+        await receiver.subscribe("pay.x", handled)
+        await raw.connect()
+        for i in range(300):
+            good = await iatp.sign("pub", {"i": i}, topic="pay.x")
+            if i % 10 == 3:  # the payload changed after signing
+                env = dataclasses.replace(good, payload={"i": -i})
+            elif i % 10 == 7:
+                env = await mallory.sign("pub", {"i": i}, topic="pay.x")
+            else:
+                env = good
+                sent.append(i)
+            await raw.broker.publish("pay.x", codec.encode(env))
+        await wait_until(lambda: receiver.stats.rejected == 60, what="the forgeries refused")
+        await handled.wait_for(240)
+        assert handled.messages == [{"i": i} for i in sent]
+        assert middleware.rejected == {"bad_signature": 30, "unknown_key": 30}
+        workers = middleware.workers
+        assert workers is not None
+        assert workers.used >= 100  # answers that stood in for the inline check
+        assert workers.lost == 0
+        # a replay of a delivered message is still refused
+        await raw.broker.publish("pay.x", codec.encode(good))
+        await wait_until(lambda: receiver.stats.rejected == 61, what="the replay refused")
+        assert middleware.rejected["replayed_nonce"] == 1
+        assert len(handled.messages) == 240
+    finally:
+        middleware.close()
+        await raw.close()
+        await receiver.close()
+
+
+async def test_on_the_bus_a_worker_lost_midway_loses_nothing() -> None:
+    iatp = IATP()
+    await iatp.register_agent("pub")
+    middleware = iatp.middleware(verify_workers=1)
+    assert middleware.workers is not None
+    middleware.workers.restart_after = 0.0
+    got: list[int] = []
+    killed: list[int] = []
+
+    async def handler(message: dict[str, int], metadata: Metadata) -> None:
+        got.append(message["i"])
+        workers = middleware.workers
+        if message["i"] in (50, 150) and workers is not None and workers._workers:
+            pid = workers._workers[0].process.pid
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    where = memory_url("offload")
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    receiver = AMB("memory", where, agent_id="sub", middleware=[middleware])
+    try:
+        await receiver.subscribe("pay.x", handler)
+        for i in range(300):
+            await sender.publish("pay.x", {"i": i})
+        await wait_until(lambda: len(got) == 300, what="every message")
+        assert got == list(range(300))
+        assert len(killed) == 2
+        assert middleware.workers.started >= 2
+        assert middleware.verified == 300
+        assert sum(middleware.rejected.values()) == 0
+    finally:
+        middleware.close()
+        await sender.close()
+        await receiver.close()
