@@ -48,7 +48,7 @@ class WorkerLost(Exception):
 class _Worker:
     """One child process: its socket, the batches it has not answered and the checks not sent."""
 
-    __slots__ = ("answers", "frames", "outbox", "process", "queued", "sock", "unsent")
+    __slots__ = ("answers", "flushing", "frames", "load", "outbox", "process", "queued", "sock", "unsent")
 
     def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.process = process
@@ -58,20 +58,19 @@ class _Worker:
         self.queued: list[asyncio.Future[bool]] = []  # the futures of ``outbox``
         self.unsent = bytearray()  # what the socket did not take yet
         self.answers = bytearray()  # what was read and not parsed yet
-
-    @property
-    def load(self) -> int:
-        return len(self.queued) + sum(len(frame) for frame in self.frames)
+        self.load = 0  # checks queued or sent, not answered
+        self.flushing = False  # a send of what is queued is scheduled
 
 
 class VerifyWorkers:
     """``n`` worker processes checking ed25519 signatures for the running event loop.
 
     :meth:`check` queues a check on the least loaded worker and returns a future of its answer;
-    :meth:`answer` is how a caller waits for it. A worker is sent a batch at once while it has
-    none to answer, else the checks wait until ``max_batch`` of them are queued or an answer
-    comes, with at most ``max_frames`` batches out per worker; a worker holding
-    ``max_batch * max_frames`` checks takes no more (:meth:`check` returns None: check inline).
+    :meth:`answer` is how a caller waits for it. What is queued is sent in batches of up to
+    ``max_batch``: as soon as that many wait, else once the event loop has run what is ready
+    (the checks queued meanwhile go together) or an answer comes; at most ``max_frames``
+    batches are out per worker, and a worker holding ``max_batch * max_frames`` checks takes no
+    more (:meth:`check` returns None: check inline).
 
     Guarantees: an answer is a worker's ``_crypto.verify`` of exactly the bytes given; a worker
     that ends, fails to start, answers out of protocol or not within ``answer_timeout`` seconds
@@ -162,30 +161,37 @@ class VerifyWorkers:
         future: asyncio.Future[bool] = self._loop.create_future()
         worker.outbox.append(_CHECK.pack(len(message), public_key, signature) + message)
         worker.queued.append(future)
-        frames = len(worker.frames)
-        if not frames or (len(worker.queued) >= self.max_batch and frames < self.max_frames):
-            self._send(worker)
+        worker.load += 1
+        if len(worker.queued) >= self.max_batch:
+            if len(worker.frames) < self.max_frames:
+                self._send(worker)
+        elif not worker.flushing:
+            worker.flushing = True
+            self._loop.call_soon(self._flush, worker)
         return future
 
     async def answer(self, future: asyncio.Future[bool]) -> bool | None:
         """The answer of a check from :meth:`check`: True or False, or None where the caller
         must check inline: its worker was lost or did not answer within ``answer_timeout``, or
-        the check is taken back rather than waited for (not sent yet, or its worker's only one:
-        a lone message would wait a round trip). Answers that have come are read at once, not
-        when the event loop next polls (a busy loop polls seldom)."""
+        the check is taken back rather than waited for, because it is its worker's only one (a
+        lone message would wait a round trip) or waits behind ``max_frames`` batches. A check
+        still queued is sent now. Answers that have come are read at once, not when the event
+        loop next polls (a busy loop polls seldom)."""
         if not future.done():
             for worker in self._workers:
                 if worker.frames:
                     self._on_readable(worker)
             if not future.done():
                 owner, sent = self._owner(future)
+                if owner is not None and not sent and len(owner.frames) < self.max_frames and owner.load > 1:
+                    self._send(owner)  # what is queued up to it goes now
+                    sent = future not in owner.queued
                 if owner is None or not sent or owner.load == 1:
-                    # Not sent yet, or its worker's only check (a lone message: waiting would
-                    # add a round trip to its latency): checked inline, now.
-                    if owner is not None:
+                    if owner is not None:  # checked inline, now
                         if not sent:
                             i = owner.queued.index(future)
                             del owner.queued[i], owner.outbox[i]
+                            owner.load -= 1
                         self.withdrawn += 1
                     future.cancel()
                     return None
@@ -237,6 +243,12 @@ class VerifyWorkers:
             child.close()
         parent.setblocking(False)
         return _Worker(process, parent)
+
+    def _flush(self, worker: _Worker) -> None:
+        """Send what ``worker`` has queued, if it may have another batch out."""
+        worker.flushing = False
+        if worker.queued and len(worker.frames) < self.max_frames and worker in self._workers:
+            self._send(worker)
 
     def _send(self, worker: _Worker) -> None:
         """Send one batch of what ``worker`` has queued (at most ``max_batch`` checks)."""
@@ -303,6 +315,7 @@ class VerifyWorkers:
                 return
             del buffer[:end]
             futures = frames.popleft()
+            worker.load -= count
             self.checks += count
             self._failures = 0
             for future, answer in zip(futures, answers, strict=True):

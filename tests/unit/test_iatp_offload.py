@@ -89,20 +89,53 @@ async def test_two_workers_share_the_checks() -> None:
         pool.close()
 
 
-async def test_a_full_worker_takes_no_more_and_a_queued_check_is_taken_back() -> None:
+async def test_checks_go_in_batches_and_a_full_worker_takes_no_more() -> None:
     pool = VerifyWorkers(1, max_batch=2, max_frames=1)
     try:
         public, message, signature, _ = _signed(1)[0]
-        first = pool.check(public, message, signature)  # sent at once
-        second = pool.check(public, message, signature)  # queued behind the batch out
+        first = pool.check(public, message, signature)
         assert first is not None
+        assert pool.batches == 0  # queued until the loop has run what is ready
+        second = pool.check(public, message, signature)  # a batch full: sent at once
         assert second is not None
+        assert pool.batches == 1
         assert pool.check(public, message, signature) is None  # 2 x 1 held: checked inline
-        assert await pool.answer(second) is None  # not sent: taken back, not waited for
-        assert second.cancelled()
-        assert pool.withdrawn == 1
-        assert await pool.answer(first) is None  # its worker's only check: inline, not waited for
+        assert await first is True
+        assert await second is True
+    finally:
+        pool.close()
+
+
+async def test_a_check_not_sent_or_alone_is_taken_back_not_waited_for() -> None:
+    pool = VerifyWorkers(1)
+    try:
+        public, message, signature, _ = _signed(1)[0]
+        queued = pool.check(public, message, signature)
+        assert queued is not None
+        assert await pool.answer(queued) is None  # not sent yet: taken back, checked inline
+        assert queued.cancelled()
+        assert pool.batches == 0
+        alone = pool.check(public, message, signature)
+        assert alone is not None
+        await wait_until(lambda: pool.batches == 1, what="the batch sent")
+        assert await pool.answer(alone) is None  # its worker's only check: not waited for
         assert pool.withdrawn == 2
+        assert pool.used == 0
+    finally:
+        pool.close()
+
+
+async def test_a_queued_check_with_others_is_sent_and_waited_for() -> None:
+    pool = VerifyWorkers(1)
+    try:
+        checks = _signed(3, seed=5)
+        futures = [pool.check(p, m, s) for p, m, s, _ in checks]
+        assert pool.batches == 0
+        found = [await pool.answer(future) for future in futures if future is not None]
+        assert found == [good for *_, good in checks]
+        assert pool.batches == 1  # all three went together, sent by the first answer asked
+        assert pool.withdrawn == 0
+        assert pool.used == 3
     finally:
         pool.close()
 
@@ -150,7 +183,7 @@ async def test_a_worker_that_does_not_answer_is_killed_after_the_timeout() -> No
 @pytest.mark.parametrize(
     "answer",
     [
-        b"\x00\x00\x00\x00",  # no answer to a batch of one
+        b"\x00\x00\x00\x00",  # an answer of no checks to a batch of one
         b"\x01\x00\x00\x00\x07",  # neither 0 nor 1
         b"\x05\x00\x00\x00\x01\x01\x01\x01\x01",  # five answers to a batch of one
     ],
