@@ -73,6 +73,8 @@ class IATPMiddleware(Middleware):
     ) -> None:
         whole(lookahead, "lookahead", 0, error=IATPConfigError)
         whole(verify_workers, "verify_workers", 0, error=IATPConfigError)
+        if verify_workers and not lookahead:
+            raise IATPConfigError("verify_workers needs a lookahead: the checks are sent ahead of the turns")
         minimum = fraction(min_trust)
         if minimum is None:
             raise IATPConfigError(f"min_trust must be a number from 0 to 1, got {min_trust!r:.40}")
@@ -111,8 +113,9 @@ class IATPMiddleware(Middleware):
         before their turn (:meth:`prepare`), so the claims share round trips even with
         ``concurrency=1``; with ``verify_workers``, every subscription has up to ``lookahead``
         messages' signatures sent to the workers (``docs/trust.md``)."""
-        if self.workers is not None and self.max_ahead:
-            self.workers.start()  # now, so that the first message does not wait for it
+        if self.workers is not None:
+            if self.max_ahead > subscription.options.concurrency:  # else the bus does not look ahead
+                self.workers.start()  # now, so that the first messages find them running
             return self.max_ahead
         if self.nonce_store is None:
             return 0

@@ -11,6 +11,7 @@ accepted unchecked. The design is in ``docs/trust.md``, "Verification in worker 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Final
@@ -29,12 +31,14 @@ from agent_os.iatp.errors import IATPConfigError
 
 log = logging.getLogger("agent_os.iatp.offload")
 
-_FRAME: Final = struct.Struct("<II")
-"""A batch's head: the size of the checks after it, their number."""
+_FRAME: Final = struct.Struct("<III")
+"""A batch's head: its sequence number, the size of the checks after it, their number."""
 _CHECK: Final = struct.Struct("<I32s64s")
 """One check's head, followed by the message: its length, the public key, the signature."""
-_ANSWERS: Final = struct.Struct("<I")
-"""An answer's head (the number of checks answered), followed by one byte a check, 1 if valid."""
+_ANSWERS: Final = struct.Struct("<II")
+"""An answer's head, the batch's sequence number and its number of checks, followed by one byte
+a check, 1 if valid: an answer names the batch it answers, so none is taken for another's."""
+_SEQUENCE: Final = 1 << 32
 _READ_SIZE: Final = 1 << 16
 _ROOT: Final = str(Path(__file__).parent.parent.parent)
 """The folder holding the ``agent_os`` package this module was imported from (not resolving
@@ -48,18 +52,54 @@ class WorkerLost(Exception):
 class _Worker:
     """One child process: its socket, the batches it has not answered and the checks not sent."""
 
-    __slots__ = ("answers", "flushing", "frames", "load", "outbox", "process", "queued", "sock", "unsent")
+    __slots__ = (
+        "answers",
+        "flushing",
+        "frames",
+        "load",
+        "outbox",
+        "process",
+        "queued",
+        "sent",
+        "sock",
+        "unsent",
+    )
 
     def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.process = process
         self.sock = sock
-        self.frames: deque[list[asyncio.Future[bool]]] = deque()  # sent, in order
+        self.frames: deque[_Frame] = deque()  # sent, in order
+        self.sent = 0  # batches sent (the next one's sequence number)
         self.outbox: list[bytes] = []
         self.queued: list[asyncio.Future[bool]] = []  # the futures of ``outbox``
         self.unsent = bytearray()  # what the socket did not take yet
         self.answers = bytearray()  # what was read and not parsed yet
         self.load = 0  # checks queued or sent, not answered
         self.flushing = False  # a send of what is queued is scheduled
+
+
+class _Frame:
+    """A batch sent and not answered: its sequence number, its checks and when it was sent."""
+
+    __slots__ = ("at", "futures", "sequence")
+
+    def __init__(self, sequence: int, futures: list[asyncio.Future[bool]], at: float) -> None:
+        self.sequence = sequence
+        self.futures = futures
+        self.at = at
+
+
+_pools: weakref.WeakSet[VerifyWorkers] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: let go of the parent's workers, closing only the child's copies of
+    their sockets (the event loop's registrations belong to the parent)."""
+    for pool in list(_pools):
+        pool._disown()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class VerifyWorkers:
@@ -77,8 +117,8 @@ class VerifyWorkers:
     is killed and every check it had fails with :class:`WorkerLost` (counted in ``lost``).
     Workers restart after ``restart_after`` seconds, twice as long after each failure in a row
     (at most a minute); meanwhile :meth:`check` returns None. The workers end when
-    :meth:`close` is called or this process ends (they read the end of their socket). Not
-    thread-safe: one event loop uses it.
+    :meth:`close` is called or this process ends (they read the end of their socket; a forked
+    child closes its copies at once). Not thread-safe: one event loop uses it.
     """
 
     def __init__(
@@ -101,7 +141,6 @@ class VerifyWorkers:
         self.answer_timeout = answer_timeout
         self.restart_after = restart_after
         self.checks = 0  # checks answered by a worker
-        self.used = 0  # answers given by answer(), in place of an inline check
         self.batches = 0  # batches sent
         self.lost = 0  # checks failed with WorkerLost
         self.withdrawn = 0  # checks taken back before their answer (checked inline)
@@ -112,6 +151,7 @@ class VerifyWorkers:
         self._failures = 0  # in a row, since the last answer
         self._down_until = 0.0
         self._closed = False
+        _pools.add(self)
 
     @property
     def running(self) -> int:
@@ -124,9 +164,10 @@ class VerifyWorkers:
         if self._closed:
             return False
         loop = asyncio.get_running_loop()
-        if self._pid != os.getpid() or self._loop is not loop:
-            self._forget()  # a forked child, or another loop: the old workers are not ours
-            self._pid = os.getpid()
+        if self._pid != os.getpid():
+            self._disown()
+        if self._loop is not loop:
+            self._forget()  # another event loop's workers: their checks belong to it
             self._loop = loop
         while len(self._workers) < self.n:
             if time.monotonic() < self._down_until:
@@ -156,6 +197,11 @@ class VerifyWorkers:
             return None
         worker = workers[0] if len(workers) == 1 else min(workers, key=lambda w: w.load)
         if worker.load >= self.max_batch * self.max_frames:
+            frames = worker.frames
+            if frames and time.monotonic() - frames[0].at > self.answer_timeout:
+                # Full and silent (its checks' messages may all have been dropped, so no one
+                # waits for an answer): a worker that stopped answering is found here too.
+                self._drop(worker, f"no answer in {self.answer_timeout:g} s")
             return None
         assert self._loop is not None
         future: asyncio.Future[bool] = self._loop.create_future()
@@ -177,6 +223,8 @@ class VerifyWorkers:
         lone message would wait a round trip) or waits behind ``max_frames`` batches. A check
         still queued is sent now. Answers that have come are read at once, not when the event
         loop next polls (a busy loop polls seldom)."""
+        if self._pid != os.getpid():
+            self._disown()
         if not future.done():
             for worker in self._workers:
                 if worker.frames:
@@ -200,12 +248,14 @@ class VerifyWorkers:
                     self._drop(owner, f"no answer in {self.answer_timeout:g} s")
         if future.cancelled() or future.exception() is not None:
             return None
-        self.used += 1
         return future.result()
 
     def close(self) -> None:
-        """Stop the workers; checks not answered fail with WorkerLost. Idempotent."""
+        """Stop the workers; checks not answered fail with WorkerLost. Idempotent. In a forked
+        child, only lets go of the parent's workers."""
         self._closed = True
+        if self._pid != os.getpid():
+            self._disown()
         for worker in list(self._workers):
             self._drop(worker, "closed")
 
@@ -217,7 +267,7 @@ class VerifyWorkers:
             if future in worker.queued:
                 return worker, False
             for frame in worker.frames:
-                if future in frame:
+                if future in frame.futures:
                     return worker, True
         return None, False
 
@@ -230,7 +280,9 @@ class VerifyWorkers:
             path = env.get("PYTHONPATH")
             env["PYTHONPATH"] = _ROOT + (os.pathsep + path if path else "")
             process = subprocess.Popen(
-                [sys.executable, "-m", "agent_os.iatp._worker", str(child.fileno())],
+                # -P: nothing from the working directory stands in for the package or the
+                # standard library (python -m would put it first on the path).
+                [sys.executable, "-P", "-m", "agent_os.iatp._worker", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -255,10 +307,12 @@ class VerifyWorkers:
         take = self.max_batch
         futures = worker.queued[:take]
         body = b"".join(worker.outbox[:take])
+        sequence = worker.sent % _SEQUENCE
+        data = _FRAME.pack(sequence, len(body), len(futures)) + body
         del worker.queued[:take], worker.outbox[:take]
-        worker.frames.append(futures)
+        worker.sent += 1
+        worker.frames.append(_Frame(sequence, futures, time.monotonic()))
         self.batches += 1
-        data = _FRAME.pack(len(body), len(futures)) + body
         if worker.unsent:
             worker.unsent += data
             return
@@ -302,11 +356,11 @@ class VerifyWorkers:
         buffer += data
         frames = worker.frames
         while len(buffer) >= _ANSWERS.size:
-            (count,) = _ANSWERS.unpack_from(buffer)
+            sequence, count = _ANSWERS.unpack_from(buffer)
             end = _ANSWERS.size + count
             if len(buffer) < end:
                 break
-            if not frames or len(frames[0]) != count:
+            if not frames or frames[0].sequence != sequence or len(frames[0].futures) != count:
                 self._drop(worker, "an answer to no batch sent")
                 return
             answers = buffer[_ANSWERS.size : end]
@@ -314,7 +368,7 @@ class VerifyWorkers:
                 self._drop(worker, "an answer other than 0 or 1")
                 return
             del buffer[:end]
-            futures = frames.popleft()
+            futures = frames.popleft().futures
             worker.load -= count
             self.checks += count
             self._failures = 0
@@ -332,6 +386,8 @@ class VerifyWorkers:
 
     def _drop(self, worker: _Worker, why: str) -> None:
         """Kill ``worker`` and fail its checks with WorkerLost."""
+        if self._pid != os.getpid():
+            self._disown()
         if worker not in self._workers:
             return
         self._workers.remove(worker)
@@ -345,7 +401,7 @@ class VerifyWorkers:
         worker.sock.close()
         _reap(worker.process)
         error = WorkerLost(why)
-        for futures in (*worker.frames, worker.queued):
+        for futures in (*(frame.futures for frame in worker.frames), worker.queued):
             for future in futures:
                 if not future.done():
                     self.lost += 1
@@ -356,13 +412,25 @@ class VerifyWorkers:
         worker.outbox.clear()
 
     def _forget(self) -> None:
-        """End the workers of another process (a fork's parent) or event loop without touching
-        their checks, whose futures belong to that loop."""
+        """End the workers started on another event loop, without touching their checks (their
+        futures belong to that loop)."""
+        workers, self._workers = self._workers, []
+        loop = self._loop
+        for worker in workers:
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(worker.sock.fileno())
+                loop.remove_writer(worker.sock.fileno())
+            worker.sock.close()
+            _reap(worker.process)
+
+    def _disown(self) -> None:
+        """In a forked child: close the child's copies of the parent's sockets, touching
+        neither the processes nor the event loop (both the parent's); start afresh."""
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.sock.close()
-            if self._pid == os.getpid():  # not a child's to reap
-                _reap(worker.process)
+        self._pid = os.getpid()
+        self._loop = None
 
     def __del__(self) -> None:
         for worker in getattr(self, "_workers", ()):
@@ -391,7 +459,7 @@ def serve(sock: socket.socket) -> None:
         head = reader.read(_FRAME.size)
         if len(head) < _FRAME.size:
             return
-        size, count = _FRAME.unpack(head)
+        sequence, size, count = _FRAME.unpack(head)
         body = reader.read(size)
         if len(body) < size:
             return
@@ -404,13 +472,14 @@ def serve(sock: socket.socket) -> None:
             at += length
         if at != size:
             raise ValueError(f"a batch of {size} bytes held {at} bytes of checks")
-        sock.sendall(_ANSWERS.pack(count) + answers)
+        sock.sendall(_ANSWERS.pack(sequence, count) + answers)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The worker process: serve the socket whose descriptor is the one argument."""
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ends with its parent, by its socket
-    with socket.socket(fileno=int(args[0])) as sock:
+    # A parent gone away (ConnectionError) leaves nothing to answer.
+    with socket.socket(fileno=int(args[0])) as sock, contextlib.suppress(ConnectionError):
         serve(sock)
     return 0

@@ -84,6 +84,8 @@ class EnvelopeVerifier:
         self.clock = clock
         self.perspective: str | None = None
         self._heads: dict[str, bytes] = {}
+        self.checks_taken = 0
+        """Signature checks done elsewhere that :meth:`verify` took (``checked``)."""
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -264,6 +266,7 @@ class EnvelopeVerifier:
             and type(checked[3]) is bool
         ):
             good = checked[3]  # that very check, done elsewhere (a worker process)
+            self.checks_taken += 1
         else:
             good = _crypto.verify(public_key, signed, value)
         if not good:

@@ -11,10 +11,12 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,11 @@ def _signed(n: int, seed: int = 7) -> list[tuple[bytes, bytes, bytes, bool]]:
 def _idle_process() -> subprocess.Popen[bytes]:
     """A process standing in for a worker that a test answers for itself."""
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _exit_code(pid: int) -> int:
+    """Wait for a forked child and return its exit code."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @pytest.fixture
@@ -120,7 +127,6 @@ async def test_a_check_not_sent_or_alone_is_taken_back_not_waited_for() -> None:
         await wait_until(lambda: pool.batches == 1, what="the batch sent")
         assert await pool.answer(alone) is None  # its worker's only check: not waited for
         assert pool.withdrawn == 2
-        assert pool.used == 0
     finally:
         pool.close()
 
@@ -135,7 +141,6 @@ async def test_a_queued_check_with_others_is_sent_and_waited_for() -> None:
         assert found == [good for *_, good in checks]
         assert pool.batches == 1  # all three went together, sent by the first answer asked
         assert pool.withdrawn == 0
-        assert pool.used == 3
     finally:
         pool.close()
 
@@ -183,9 +188,10 @@ async def test_a_worker_that_does_not_answer_is_killed_after_the_timeout() -> No
 @pytest.mark.parametrize(
     "answer",
     [
-        b"\x00\x00\x00\x00",  # an answer of no checks to a batch of one
-        b"\x01\x00\x00\x00\x07",  # neither 0 nor 1
-        b"\x05\x00\x00\x00\x01\x01\x01\x01\x01",  # five answers to a batch of one
+        struct.pack("<II", 1, 1) + b"\x01",  # another batch's sequence number
+        struct.pack("<II", 0, 0),  # no answers to a batch of one
+        struct.pack("<II", 0, 1) + b"\x07",  # neither 0 nor 1
+        struct.pack("<II", 0, 5) + b"\x01" * 5,  # five answers to a batch of one
     ],
 )
 async def test_an_answer_out_of_protocol_drops_the_worker(answer: bytes) -> None:
@@ -201,6 +207,7 @@ async def test_an_answer_out_of_protocol_drops_the_worker(answer: bytes) -> None
         public, message, signature, _ = _signed(1)[0]
         future = pool.check(public, message, signature)
         assert future is not None
+        await wait_until(lambda: pool.batches == 1, what="the batch sent")
         theirs.sendall(answer)
         await wait_until(future.done, what="the worker dropped")
         assert isinstance(future.exception(), WorkerLost)
@@ -252,7 +259,83 @@ def test_the_middleware_checks_verify_workers() -> None:
     for bad in (-1, True, 1.5, "1"):
         with pytest.raises(IATPConfigError, match="verify_workers"):
             IATPMiddleware(IATP(), verify_workers=bad)  # type: ignore[arg-type]
+    with pytest.raises(IATPConfigError, match="lookahead"):
+        IATPMiddleware(IATP(), verify_workers=1, lookahead=0)  # nothing would be sent ahead
     assert IATPMiddleware(IATP()).workers is None
+
+
+async def test_workers_start_only_for_subscriptions_that_look_ahead() -> None:
+    middleware = IATPMiddleware(IATP(), verify_workers=1, lookahead=8)
+    client = AMB("memory", memory_url("offload"), middleware=[middleware])
+    try:
+        many = await client.subscribe("a.b", Collector(), concurrency=8)  # 8 at once: no look-ahead
+        assert many.lookahead == 0
+        assert middleware.workers is not None
+        assert middleware.workers.started == 0
+        one = await client.subscribe("a.c", Collector())
+        assert one.lookahead == 8
+        assert middleware.workers.started == 1
+    finally:
+        middleware.close()
+        await client.close()
+
+
+async def test_a_worker_runs_the_package_not_what_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planted = tmp_path / "agent_os"
+    (planted / "iatp").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "iatp" / "__init__.py").write_text("")
+    (planted / "iatp" / "_worker.py").write_text("raise SystemExit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    pool = VerifyWorkers(1)
+    try:
+        checks = _signed(20, seed=13)
+        assert await _answers(pool, checks) == [good for *_, good in checks]
+        assert not marker.exists()
+    finally:
+        pool.close()
+
+
+async def test_a_forked_child_lets_go_of_the_workers_without_harming_the_parent() -> None:
+    pool = VerifyWorkers(1, max_batch=2)
+    try:
+        checks = _signed(4, seed=17)
+        first = [pool.check(p, m, s) for p, m, s, _ in checks[:2]]  # a full batch: sent at once
+        await wait_until(lambda: pool.checks == 2, timeout=10, what="the first answers")
+        pid = os.fork()
+        if pid == 0:  # the child: what it does must not touch the parent's workers
+            code = 0 if pool.running == 0 else 3
+            pool.close()
+            os._exit(code)
+        assert _exit_code(pid) == 0
+        rest = [pool.check(p, m, s) for p, m, s, _ in checks[2:]]
+        found = [await pool.answer(f) for f in first + rest if f is not None]
+        assert found == [good for *_, good in checks]
+        assert pool.lost == 0
+        assert pool.started == 1
+    finally:
+        pool.close()
+
+
+def test_workers_follow_the_event_loop_that_uses_them() -> None:
+    pool = VerifyWorkers(1)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    checks = _signed(30, seed=19)
+    try:
+        for loop in (first, second, first):
+            started = time.monotonic()
+            found = loop.run_until_complete(_answers(pool, checks))
+            assert found == [good for *_, good in checks]
+            assert time.monotonic() - started < 1.5  # no wait for a timeout
+        assert pool.lost == 0
+        assert pool.started == 3
+    finally:
+        pool.close()
+        first.close()
+        second.close()
 
 
 # -- the verifier takes a check done elsewhere only for the very bytes checked ------------------
@@ -277,11 +360,13 @@ async def test_the_verifier_uses_a_check_only_for_the_bytes_it_covered(
     assert parts is not None
     assert verifier.verify(genuine, scope="a", checked=(*parts, True)).valid
     assert calls == []  # the worker's check stood in for the inline one
+    assert verifier.checks_taken == 1
     # the payload changed after the check: its answer covers other bytes, so the check runs
     forged = copy.copy(genuine)
     forged.payload = {"amount": 1_000}
     result = verifier.verify(forged, scope="b", checked=(*parts, True))
     assert (result.valid, result.reason, calls) == (False, "bad_signature", [1])
+    assert verifier.checks_taken == 1  # not taken
     # a check of the right bytes that said no is a bad signature, without checking again
     another = await iatp.sign("alice", {"amount": 2}, topic="pay.x")
     other_parts = verifier.signed_parts(another)
@@ -343,7 +428,7 @@ async def test_on_the_bus_workers_check_and_forgeries_and_replays_are_refused() 
         assert middleware.rejected == {"bad_signature": 30, "unknown_key": 30}
         workers = middleware.workers
         assert workers is not None
-        assert workers.used >= 100  # answers that stood in for the inline check
+        assert iatp.verifier.checks_taken >= 100  # answers that stood in for the inline check
         assert workers.lost == 0
         # a replay of a delivered message is still refused
         await raw.broker.publish("pay.x", codec.encode(good))
