@@ -1,7 +1,8 @@
 """ed25519 checks in worker processes, off the core that runs the event loop.
 
-:class:`VerifyWorkers` starts child processes (``python -m agent_os.iatp._worker``) and sends
-them signature checks in batches over socket pairs; each check's answer comes back as a future.
+:class:`VerifyWorkers` starts child processes (this module's :func:`main`, see ``_BOOTSTRAP``)
+and sends them signature checks in batches over socket pairs; each check's answer comes back as
+a future.
 ``IATPMiddleware(verify_workers=n)`` uses it for the messages it prepares ahead. A worker's
 answer is used only for the exact key, bytes and signature it checked, and a worker lost fails
 its checks with :class:`WorkerLost`, whose messages are then verified inline: nothing is ever
@@ -42,7 +43,18 @@ _SEQUENCE: Final = 1 << 32
 _READ_SIZE: Final = 1 << 16
 _ROOT: Final = str(Path(__file__).parent.parent.parent)
 """The folder holding the ``agent_os`` package this module was imported from (not resolving
-the package's links), put first on the worker's path so that it runs the same code."""
+the package's links), put on the worker's path so that it runs the same code."""
+_BOOTSTRAP: Final = """\
+import sys
+root = sys.argv[1]
+installed = [i for i, p in enumerate(sys.path) if p.endswith(("site-packages", "dist-packages"))]
+sys.path.insert(installed[0] if installed else len(sys.path), root)
+from agent_os.iatp.offload import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+"""A worker's start, run with ``python -P -c`` (-P: the working directory is not on the path):
+the package's folder goes after the standard library, so that nothing in it stands in for a
+standard module, and before the installed packages, so that the package is the parent's."""
 
 
 class WorkerLost(Exception):
@@ -117,8 +129,10 @@ class VerifyWorkers:
     is killed and every check it had fails with :class:`WorkerLost` (counted in ``lost``).
     Workers restart after ``restart_after`` seconds, twice as long after each failure in a row
     (at most a minute); meanwhile :meth:`check` returns None. The workers end when
-    :meth:`close` is called or this process ends (they read the end of their socket; a forked
-    child closes its copies at once). Not thread-safe: one event loop uses it.
+    :meth:`close` is called, the pool is collected or this process ends (they read the end of
+    their socket; a forked child closes its copies at once). They serve the event loop that
+    started them while it is open; :meth:`check` from another loop returns None. Not
+    thread-safe: one event loop uses it.
     """
 
     def __init__(
@@ -167,7 +181,9 @@ class VerifyWorkers:
         if self._pid != os.getpid():
             self._disown()
         if self._loop is not loop:
-            self._forget()  # another event loop's workers: their checks belong to it
+            if self._loop is not None and not self._loop.is_closed():
+                return False  # the workers serve the loop that started them while it is open
+            self._forget()  # a closed loop's workers
             self._loop = loop
         while len(self._workers) < self.n:
             if time.monotonic() < self._down_until:
@@ -180,7 +196,7 @@ class VerifyWorkers:
                 return False
             self._workers.append(worker)
             self.started += 1
-            loop.add_reader(worker.sock.fileno(), self._on_readable, worker)
+            loop.add_reader(worker.sock.fileno(), _readable, weakref.ref(self), worker)
         return True
 
     def check(self, public_key: bytes, message: bytes, signature: bytes) -> asyncio.Future[bool] | None:
@@ -191,18 +207,21 @@ class VerifyWorkers:
         if len(workers) < self.n or self._loop is not asyncio.get_running_loop() or self._pid != os.getpid():
             self.start()
             workers = self._workers
-            if not workers:
+            if not workers or self._loop is not asyncio.get_running_loop():
                 return None
         if len(public_key) != _crypto.PUBLIC_KEY_BYTES or len(signature) != _crypto.SIGNATURE_BYTES:
             return None
         worker = workers[0] if len(workers) == 1 else min(workers, key=lambda w: w.load)
-        if worker.load >= self.max_batch * self.max_frames:
-            frames = worker.frames
-            if frames and time.monotonic() - frames[0].at > self.answer_timeout:
-                # Full and silent (its checks' messages may all have been dropped, so no one
-                # waits for an answer): a worker that stopped answering is found here too.
-                self._drop(worker, f"no answer in {self.answer_timeout:g} s")
-            return None
+        full = self.max_batch * self.max_frames
+        if worker.load >= full:
+            self._on_readable(worker)  # answers the loop has not read yet make room
+            if worker.load >= full:
+                frames = worker.frames
+                if frames and time.monotonic() - frames[0].at > self.answer_timeout:
+                    # Full and silent (its checks' messages may all have been dropped, so no
+                    # one waits for an answer): a worker that stopped answering is found here.
+                    self._drop(worker, f"no answer in {self.answer_timeout:g} s")
+                return None
         assert self._loop is not None
         future: asyncio.Future[bool] = self._loop.create_future()
         worker.outbox.append(_CHECK.pack(len(message), public_key, signature) + message)
@@ -225,7 +244,7 @@ class VerifyWorkers:
         loop next polls (a busy loop polls seldom)."""
         if self._pid != os.getpid():
             self._disown()
-        if not future.done():
+        if not future.done() and self._loop is asyncio.get_running_loop():
             for worker in self._workers:
                 if worker.frames:
                     self._on_readable(worker)
@@ -246,6 +265,10 @@ class VerifyWorkers:
                 done, _ = await asyncio.wait((future,), timeout=self.answer_timeout)
                 if not done:
                     self._drop(owner, f"no answer in {self.answer_timeout:g} s")
+                if not future.done():  # its worker was let go of meanwhile (a fork, a new loop)
+                    future.cancel()
+                    self.withdrawn += 1
+                    return None
         if future.cancelled() or future.exception() is not None:
             return None
         return future.result()
@@ -276,15 +299,9 @@ class VerifyWorkers:
             raise OSError("no Python interpreter to run (sys.executable is empty)")
         parent, child = socket.socketpair()
         try:
-            env = dict(os.environ)
-            path = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = _ROOT + (os.pathsep + path if path else "")
             process = subprocess.Popen(
-                # -P: nothing from the working directory stands in for the package or the
-                # standard library (python -m would put it first on the path).
-                [sys.executable, "-P", "-m", "agent_os.iatp._worker", str(child.fileno())],
+                [sys.executable, "-P", "-c", _BOOTSTRAP, _ROOT, str(child.fileno())],
                 pass_fds=(child.fileno(),),
-                env=env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which ends it
             )
@@ -326,7 +343,7 @@ class VerifyWorkers:
         if sent < len(data):
             worker.unsent += data[sent:]
             assert self._loop is not None
-            self._loop.add_writer(worker.sock.fileno(), self._on_writable, worker)
+            self._loop.add_writer(worker.sock.fileno(), _writable, weakref.ref(self), worker)
 
     def _on_writable(self, worker: _Worker) -> None:
         try:
@@ -403,7 +420,7 @@ class VerifyWorkers:
         error = WorkerLost(why)
         for futures in (*(frame.futures for frame in worker.frames), worker.queued):
             for future in futures:
-                if not future.done():
+                if not future.done() and not future.get_loop().is_closed():
                     self.lost += 1
                     future.set_exception(error)
                     future.exception()  # retrieved: a dropped message's check logs nothing
@@ -433,8 +450,34 @@ class VerifyWorkers:
         self._loop = None
 
     def __del__(self) -> None:
-        for worker in getattr(self, "_workers", ()):
-            worker.sock.close()  # the worker reads the end and exits
+        """Collected without :meth:`close` (the event loop holds it only weakly): end the
+        workers all the same."""
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # a forked child's copy: the workers are the parent's
+        loop = self._loop
+        for worker in self._workers:
+            try:
+                if loop is not None and not loop.is_closed():
+                    loop.remove_reader(worker.sock.fileno())
+                    loop.remove_writer(worker.sock.fileno())
+                worker.sock.close()
+                _reap(worker.process)
+            except Exception:  # at interpreter exit some of this is gone already
+                pass
+
+
+def _readable(pool: weakref.ref[VerifyWorkers], worker: _Worker) -> None:
+    """The event loop's reader callback, holding the pool weakly (a pool dropped without
+    ``close`` is collected, and its workers end)."""
+    found = pool()
+    if found is not None:
+        found._on_readable(worker)
+
+
+def _writable(pool: weakref.ref[VerifyWorkers], worker: _Worker) -> None:
+    found = pool()
+    if found is not None:
+        found._on_writable(worker)
 
 
 def _reap(process: subprocess.Popen[bytes]) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import gc
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent_os.amb import AMB, Metadata, MsgpackSerializer
-from agent_os.iatp import IATP, IATPConfigError, IATPMiddleware, _crypto
+from agent_os.iatp import IATP, IATPConfigError, IATPMiddleware, _crypto, offload
 from agent_os.iatp.offload import VerifyWorkers, WorkerLost, _Worker
 from tests.support import Collector, memory_url, wait_until
 
@@ -52,6 +54,13 @@ def _signed(n: int, seed: int = 7) -> list[tuple[bytes, bytes, bytes, bool]]:
 def _idle_process() -> subprocess.Popen[bytes]:
     """A process standing in for a worker that a test answers for itself."""
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _block_until_answered(sock: socket.socket, past: float) -> None:
+    """Hold the event loop (a handler that blocks) until an answer waits on ``sock``, then
+    ``past`` seconds more."""
+    select.select([sock], [], [], 30)
+    time.sleep(past)
 
 
 def _exit_code(pid: int) -> int:
@@ -288,7 +297,6 @@ async def test_a_worker_runs_the_package_not_what_the_working_directory_holds(
     marker = tmp_path / "imported"
     (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (planted / "iatp" / "__init__.py").write_text("")
-    (planted / "iatp" / "_worker.py").write_text("raise SystemExit(0)\n")
     monkeypatch.chdir(tmp_path)
     pool = VerifyWorkers(1)
     try:
@@ -320,22 +328,100 @@ async def test_a_forked_child_lets_go_of_the_workers_without_harming_the_parent(
         pool.close()
 
 
-def test_workers_follow_the_event_loop_that_uses_them() -> None:
+def test_workers_serve_the_event_loop_that_started_them_while_it_is_open() -> None:
     pool = VerifyWorkers(1)
     first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
     checks = _signed(30, seed=19)
+    public, message, signature, _ = checks[0]
+
+    async def elsewhere() -> asyncio.Future[bool] | None:
+        return pool.check(public, message, signature)
+
     try:
-        for loop in (first, second, first):
-            started = time.monotonic()
-            found = loop.run_until_complete(_answers(pool, checks))
-            assert found == [good for *_, good in checks]
-            assert time.monotonic() - started < 1.5  # no wait for a timeout
+        assert first.run_until_complete(_answers(pool, checks)) == [good for *_, good in checks]
+        assert second.run_until_complete(elsewhere()) is None  # another loop: checked inline
+        started = time.monotonic()
+        assert first.run_until_complete(_answers(pool, checks)) == [good for *_, good in checks]
+        assert time.monotonic() - started < 1.5  # no wait for a timeout
+        first.close()
+        assert second.run_until_complete(_answers(pool, checks)) == [good for *_, good in checks]
+        assert pool.started == 2  # the second loop took over once the first was closed
         assert pool.lost == 0
-        assert pool.started == 3
     finally:
         pool.close()
         first.close()
         second.close()
+
+
+async def test_a_full_worker_whose_answers_wait_unread_is_not_taken_for_silent() -> None:
+    pool = VerifyWorkers(1, max_batch=1, max_frames=1, answer_timeout=0.2)
+    try:
+        public, message, signature, good = _signed(1)[0]
+        first = pool.check(public, message, signature)  # a full batch: sent at once
+        assert first is not None
+        _block_until_answered(pool._workers[0].sock, past=0.3)  # the loop busy, the answer unread
+        second = pool.check(public, message, signature)  # the worker was full: its answer is read
+        assert second is not None
+        assert await first is good
+        assert await second is good
+        assert pool.lost == 0
+        assert pool.started == 1
+    finally:
+        pool.close()
+
+
+def test_the_worker_puts_the_package_after_the_standard_library(tmp_path: Path) -> None:
+    marker = tmp_path / "shadowed"
+    (tmp_path / "struct.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError\n")
+    (tmp_path / "agent_os").symlink_to(Path(offload.__file__).parents[1], target_is_directory=True)
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", offload._BOOTSTRAP, str(tmp_path), "not-a-descriptor"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"invalid literal for int()" in done.stderr  # it got as far as the worker's main
+    assert not marker.exists()
+
+
+async def test_a_pool_dropped_without_close_ends_its_workers() -> None:
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        pool = VerifyWorkers(1)  # left unclosed on purpose
+        pool.start()
+        process = pool._workers[0].process
+        del pool
+        gc.collect()
+        assert process.poll() is not None  # killed and reaped when the pool was collected
+    finally:
+        if process is not None and process.poll() is None:  # the test failed: not left behind
+            process.kill()
+            process.wait()
+
+
+def test_close_after_the_event_loop_closed_ends_every_worker() -> None:
+    pool = VerifyWorkers(2)
+    loop = asyncio.new_event_loop()
+    checks = _signed(4, seed=23)
+
+    async def leave_waiting() -> list[asyncio.Task[bool | None]]:
+        pool.start()
+        for worker in pool._workers:
+            os.kill(worker.process.pid, signal.SIGSTOP)
+        futures = [pool.check(p, m, s) for p, m, s, _ in checks]
+        waiting = [asyncio.ensure_future(pool.answer(f)) for f in futures if f is not None]
+        await asyncio.sleep(0.05)  # each waits on its check, which has a callback now
+        return waiting
+
+    try:
+        waiting = loop.run_until_complete(leave_waiting())
+        assert not any(task.done() for task in waiting)
+    finally:
+        loop.close()  # with the waits pending
+    processes = [worker.process for worker in pool._workers]
+    pool.close()
+    assert pool.running == 0
+    assert all(process.poll() is not None for process in processes)
 
 
 # -- the verifier takes a check done elsewhere only for the very bytes checked ------------------
