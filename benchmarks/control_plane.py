@@ -240,9 +240,10 @@ work a message, 5 rounds): 1.32× and 1.42× the floor, against 1.17× and 1.33�
 verification inline. PyNaCl releases the GIL during the check, but the worker must take it
 back to hand each result over, and the loop thread, busy in Python, gives it up only at its
 own C calls or after the switch interval: the hand-overs cost more than the parallel check
-saves. A worker process does better (`verify_workers=1`, the row before the floor): in six
+saves. A worker process does better (`verify_workers=1`, the row before the floor): in eight
 runs of this script on the AMD EPYC later on 2026-12-07 (a slower host: floor 76–89 µs),
-1.22–1.33× against 1.28–1.42× inline, 2–12 % less run by run. The loop thread
+1.19–1.33× against 1.28–1.42× inline, 2–12 % less run by run; the last three, at the code of
+this run, 1.22×, 1.19× and 1.26×: at the line, not under it. The loop thread
 still does about 60 µs of CPU a message (signing, bus, policy, records, sending the checks)
 and the worker 55–60 µs of checking on the second core, which it shares with the SQLite
 writer; perfect overlap would give about 0.8× the floor, but the loop waits for the oldest
