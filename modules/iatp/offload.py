@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -23,7 +24,6 @@ import sys
 import time
 import weakref
 from collections import deque
-from pathlib import Path
 from typing import Final
 
 from agent_os.amb.numbers import seconds, whole
@@ -41,20 +41,17 @@ _ANSWERS: Final = struct.Struct("<II")
 a check, 1 if valid: an answer names the batch it answers, so none is taken for another's."""
 _SEQUENCE: Final = 1 << 32
 _READ_SIZE: Final = 1 << 16
-_ROOT: Final = str(Path(__file__).parent.parent.parent)
-"""The folder holding the ``agent_os`` package this module was imported from (not resolving
-the package's links), put on the worker's path so that it runs the same code."""
 _BOOTSTRAP: Final = """\
-import sys
-root = sys.argv[1]
-installed = [i for i, p in enumerate(sys.path) if p.endswith(("site-packages", "dist-packages"))]
-sys.path.insert(installed[0] if installed else len(sys.path), root)
-from agent_os.iatp.offload import main
-raise SystemExit(main(sys.argv[2:]))
+import json, sys
+sys.path[:] = json.loads(sys.argv[1])
+import agent_os.iatp.offload as offload
+if offload.__file__ != sys.argv[2]:
+    raise SystemExit(f"not the parent's agent_os: {offload.__file__} is not {sys.argv[2]}")
+raise SystemExit(offload.main(sys.argv[3:]))
 """
-"""A worker's start, run with ``python -P -c`` (-P: the working directory is not on the path):
-the package's folder goes after the standard library, so that nothing in it stands in for a
-standard module, and before the installed packages, so that the package is the parent's."""
+"""A worker's start, run with ``python -I -c``: the environment (``PYTHONPATH`` and the like) and
+the working directory are ignored, the path is the parent's, and a worker whose module is not
+the parent's very file exits before answering anything (it is then lost: checked inline)."""
 
 
 class WorkerLost(Exception):
@@ -244,8 +241,12 @@ class VerifyWorkers:
         loop next polls (a busy loop polls seldom)."""
         if self._pid != os.getpid():
             self._disown()
-        if not future.done() and self._loop is asyncio.get_running_loop():
-            for worker in self._workers:
+        if not future.done() and self._loop is not asyncio.get_running_loop():
+            future.cancel()  # not this loop's check (a fork that kept the loop): inline
+            self.withdrawn += 1
+            return None
+        if not future.done():
+            for worker in tuple(self._workers):  # reading may drop one
                 if worker.frames:
                     self._on_readable(worker)
             if not future.done():
@@ -300,7 +301,7 @@ class VerifyWorkers:
         parent, child = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-P", "-c", _BOOTSTRAP, _ROOT, str(child.fileno())],
+                [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(sys.path), __file__, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which ends it

@@ -8,6 +8,7 @@ import asyncio
 import copy
 import dataclasses
 import gc
+import json
 import os
 import random
 import select
@@ -289,24 +290,6 @@ async def test_workers_start_only_for_subscriptions_that_look_ahead() -> None:
         await client.close()
 
 
-async def test_a_worker_runs_the_package_not_what_the_working_directory_holds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    planted = tmp_path / "agent_os"
-    (planted / "iatp").mkdir(parents=True)
-    marker = tmp_path / "imported"
-    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (planted / "iatp" / "__init__.py").write_text("")
-    monkeypatch.chdir(tmp_path)
-    pool = VerifyWorkers(1)
-    try:
-        checks = _signed(20, seed=13)
-        assert await _answers(pool, checks) == [good for *_, good in checks]
-        assert not marker.exists()
-    finally:
-        pool.close()
-
-
 async def test_a_forked_child_lets_go_of_the_workers_without_harming_the_parent() -> None:
     pool = VerifyWorkers(1, max_batch=2)
     try:
@@ -370,18 +353,54 @@ async def test_a_full_worker_whose_answers_wait_unread_is_not_taken_for_silent()
         pool.close()
 
 
-def test_the_worker_puts_the_package_after_the_standard_library(tmp_path: Path) -> None:
-    marker = tmp_path / "shadowed"
-    (tmp_path / "struct.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError\n")
-    (tmp_path / "agent_os").symlink_to(Path(offload.__file__).parents[1], target_is_directory=True)
+def _plant(root: Path, marker: Path) -> None:
+    """An ``agent_os`` under ``root`` whose import leaves ``marker`` and whose worker would
+    answer anything, and a ``json`` standing in for the standard one."""
+    (root / "agent_os" / "iatp").mkdir(parents=True)
+    (root / "agent_os" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (root / "agent_os" / "iatp" / "__init__.py").write_text("")
+    (root / "agent_os" / "iatp" / "offload.py").write_text("def main(args):\n    return 0\n")
+    (root / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError\n")
+
+
+@pytest.mark.parametrize("where", ["working directory", "PYTHONPATH"])
+async def test_a_worker_runs_the_parents_package_not_one_planted(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "imported"
+    _plant(tmp_path, marker)
+    if where == "PYTHONPATH":
+        monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the parent was started before: not its path
+    else:
+        monkeypatch.chdir(tmp_path)
+    pool = VerifyWorkers(1)
+    try:
+        checks = _signed(20, seed=29)
+        assert await _answers(pool, checks) == [good for *_, good in checks]
+        assert not marker.exists()
+    finally:
+        pool.close()
+
+
+def test_a_worker_that_would_run_another_module_exits_before_answering(tmp_path: Path) -> None:
+    marker = tmp_path / "imported"
+    _plant(tmp_path, marker)
     done = subprocess.run(
-        [sys.executable, "-P", "-c", offload._BOOTSTRAP, str(tmp_path), "not-a-descriptor"],
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            offload._BOOTSTRAP,
+            json.dumps([str(tmp_path), *sys.path]),
+            offload.__file__,
+            "3",
+        ],
         capture_output=True,
         timeout=60,
         check=False,
     )
-    assert b"invalid literal for int()" in done.stderr  # it got as far as the worker's main
-    assert not marker.exists()
+    assert done.returncode != 0
+    assert b"not the parent's agent_os" in done.stderr
 
 
 async def test_a_pool_dropped_without_close_ends_its_workers() -> None:
