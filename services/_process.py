@@ -93,6 +93,7 @@ class Verification:
     nonce_store: str | None = field(default=None, repr=False)
     nonce_prefix: str = NONCE_PREFIX
     key_refresh: float = KEY_REFRESH
+    verify_workers: int = 0
 
     async def open(self, agent_id: str) -> IATP | None:
         """The service's IATP (None with ``trust_bus``), its key store open and, with
@@ -107,7 +108,13 @@ class Verification:
         if self.nonce_store is not None:
             store = RedisNonceStore(nonce_store_url(self.nonce_store), prefix=self.nonce_prefix)
         try:
-            iatp = IATP("file", key_path=self.identities, passphrase=self.passphrase, nonce_store=store)
+            iatp = IATP(
+                "file",
+                key_path=self.identities,
+                passphrase=self.passphrase,
+                nonce_store=store,
+                verify_workers=self.verify_workers,
+            )
             await iatp.open()
             if not iatp.registry.is_local(agent_id):
                 raise IATPConfigError(
@@ -164,10 +171,20 @@ class FiniteRange(click.FloatRange):
 
 
 def verification_options(command: F) -> F:
-    """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL``, ``--nonce-prefix``
-    and ``--key-refresh`` to a service command (its callback gets ``identities``,
-    ``trust_bus``, ``nonce_store``, ``nonce_prefix`` and ``key_refresh``; turn them into a
-    :class:`Verification` with :func:`verification_from_options`, which checks them)."""
+    """Add ``--identities PATH``, ``--trust-bus``, ``--nonce-store URL``, ``--nonce-prefix``,
+    ``--key-refresh`` and ``--verify-workers`` to a service command (its callback gets
+    ``identities``, ``trust_bus``, ``nonce_store``, ``nonce_prefix``, ``key_refresh`` and
+    ``verify_workers``; turn them into a :class:`Verification` with
+    :func:`verification_from_options`, which checks them)."""
+    command = click.option(
+        "--verify-workers",
+        type=click.IntRange(0, 64),
+        default=0,
+        show_default=True,
+        metavar="N",
+        help="Check the ed25519 signatures of incoming messages in N worker processes, off the "
+        "event loop's core (docs/trust.md, 'Verification in worker processes'). Needs --identities.",
+    )(command)
     command = click.option(
         "--key-refresh",
         type=FiniteRange(0.05, 60),
@@ -213,6 +230,7 @@ def verification_from_options(
     nonce_store: str | None = None,
     nonce_prefix: str = NONCE_PREFIX,
     key_refresh: float = KEY_REFRESH,
+    verify_workers: int = 0,
 ) -> Verification:
     """Check the verification options. Raises click.UsageError for neither or both of
     ``--identities`` and ``--trust-bus``, for ``--identities`` without the passphrase variable,
@@ -220,6 +238,8 @@ def verification_from_options(
     or one that is not a Redis URL."""
     if identities is not None and trust_bus:
         raise click.UsageError("--identities and --trust-bus exclude each other")
+    if verify_workers and identities is None:
+        raise click.UsageError("--verify-workers needs --identities: the workers check signatures")
     if nonce_store is not None:
         if identities is None:
             raise click.UsageError(
@@ -241,7 +261,12 @@ def verification_from_options(
     if not passphrase:
         raise click.UsageError(f"--identities needs the key store's passphrase in {PASSPHRASE_ENV}")
     return Verification(
-        identities, passphrase, nonce_store=nonce_store, nonce_prefix=nonce_prefix, key_refresh=key_refresh
+        identities,
+        passphrase,
+        nonce_store=nonce_store,
+        nonce_prefix=nonce_prefix,
+        key_refresh=key_refresh,
+        verify_workers=verify_workers,
     )
 
 

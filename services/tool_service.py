@@ -473,13 +473,16 @@ def main(
     reply_prefix: str,
     log_level: str,
     key_refresh: float,
+    verify_workers: int,
     metrics_host: str,
     metrics_port: int,
     metrics_token: str | None,
     no_metrics: bool,
 ) -> None:
     """Run the tool service (the providers of allowed actions, mediated mode) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    verification = verification_from_options(
+        identities, trust_bus, nonce_store, nonce_prefix, key_refresh, verify_workers
+    )
     metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
     try:
         check_agent_id(agent_id)

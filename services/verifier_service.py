@@ -497,13 +497,16 @@ def main(
     max_text_bytes: int,
     log_level: str,
     key_refresh: float,
+    verify_workers: int,
     metrics_host: str,
     metrics_port: int,
     metrics_token: str | None,
     no_metrics: bool,
 ) -> None:
     """Run the verifier service (a CMVK panel answering cmvk.verify) until SIGINT/SIGTERM."""
-    verification = verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+    verification = verification_from_options(
+        identities, trust_bus, nonce_store, nonce_prefix, key_refresh, verify_workers
+    )
     metrics = metrics_from_options(no_metrics, metrics_host, metrics_port, metrics_token)
 
     async def serve_process() -> None:

@@ -81,6 +81,7 @@ def main(
     nonce_store: str | None,
     nonce_prefix: str,
     key_refresh: float,
+    verify_workers: int,
     permissions: frozenset[str] | None,
     policy: Any,
     workspace: str,
@@ -104,8 +105,10 @@ def main(
     local = broker.startswith("memory://")
     verification = (
         Verification(identities, None, True)
-        if local and identities is None
-        else verification_from_options(identities, trust_bus, nonce_store, nonce_prefix, key_refresh)
+        if local and identities is None and not verify_workers
+        else verification_from_options(
+            identities, trust_bus, nonce_store, nonce_prefix, key_refresh, verify_workers
+        )
     )
     limits = SandboxLimits(
         memory=memory * _MiB, cpu_seconds=cpu_seconds, processes=processes, open_files=open_files

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent_os import amb
 from agent_os.amb.envelope import Envelope, new_id
-from agent_os.amb.numbers import seconds
+from agent_os.amb.numbers import seconds, whole
 from agent_os.iatp import _crypto
 from agent_os.iatp.errors import (
     CryptoUnavailable,
@@ -90,6 +90,7 @@ class IATP:
         rotation_grace: float | None = None,
         session_lifetime: float = 3600.0,
         nonce_store: SharedNonceStore | None = None,
+        verify_workers: int = 0,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         if not _crypto.AVAILABLE:
@@ -123,6 +124,8 @@ class IATP:
         if nonce_store is not None and not isinstance(nonce_store, SharedNonceStore):
             raise IATPConfigError("nonce_store must be a SharedNonceStore (e.g. RedisNonceStore)")
         self.nonce_store = nonce_store
+        self.verify_workers = whole(verify_workers, "verify_workers", 0, error=IATPConfigError)
+        """What :meth:`middleware` passes as ``verify_workers`` unless told otherwise."""
         self.is_open = False
         self._open_lock: asyncio.Lock | None = None
         # The key-store watch (watch_keys): when the store was last read, and after how long
@@ -359,7 +362,9 @@ class IATP:
         return self.verifier.verify(envelope, viewer=viewer, scope=scope, redelivery=redelivery)
 
     def middleware(self, **options: Any) -> IATPMiddleware:
-        """A bus middleware signing and verifying with this IATP (see :mod:`agent_os.iatp.middleware`)."""
+        """A bus middleware signing and verifying with this IATP (see :mod:`agent_os.iatp.middleware`),
+        with this IATP's ``verify_workers`` unless ``options`` name it."""
+        options.setdefault("verify_workers", self.verify_workers)
         return IATPMiddleware(self, **options)
 
     # -- trust -------------------------------------------------------------------------------

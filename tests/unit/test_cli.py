@@ -85,6 +85,14 @@ CONTROL_PLANE = ["serve", "control-plane", "--broker", "memory://cli", "--admin-
             ["serve", "memory", "--broker", "memory://cli", "--trust-bus", "--metrics-port", "70000"],
             "Invalid value for '--metrics-port': 70000 is not in the range 0<=x<=65535",
         ),
+        (
+            ["serve", "memory", "--broker", "memory://cli", "--trust-bus", "--verify-workers", "2"],
+            "--verify-workers needs --identities",
+        ),
+        (
+            [*CONTROL_PLANE, "--verify-workers", "-1"],
+            "Invalid value for '--verify-workers': -1 is not in the range 0<=x<=64",
+        ),
     ],
 )
 def test_bad_options_are_one_line_usage_errors(args: list[str], message: str) -> None:

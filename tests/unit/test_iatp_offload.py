@@ -272,6 +272,9 @@ def test_the_middleware_checks_verify_workers() -> None:
     with pytest.raises(IATPConfigError, match="lookahead"):
         IATPMiddleware(IATP(), verify_workers=1, lookahead=0)  # nothing would be sent ahead
     assert IATPMiddleware(IATP()).workers is None
+    for bad in (-1, True, "2"):
+        with pytest.raises(IATPConfigError, match="verify_workers"):
+            IATP(verify_workers=bad)  # type: ignore[arg-type]
 
 
 async def test_workers_start_only_for_subscriptions_that_look_ahead() -> None:

@@ -59,6 +59,26 @@ async def test_opening_the_identities(tmp_path: Path) -> None:
     assert await Verification(None, None, True).open("memory-service") is None
 
 
+async def test_verify_workers_reach_every_middleware_of_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE)
+    store = tmp_path / "keys"
+    await make_store(store, "memory-service")
+    chosen = verification_from_options(str(store), False, verify_workers=2)
+    assert chosen.verify_workers == 2
+    iatp = await chosen.open("memory-service")
+    assert iatp is not None
+    middleware = iatp.middleware(agent_id="memory-service")  # as service_client builds it
+    try:
+        assert middleware.workers is not None
+        assert middleware.workers.n == 2
+        assert iatp.middleware(verify_workers=0).workers is None  # the caller's word wins
+    finally:
+        middleware.close()
+    assert (await Verification(str(store), PASSPHRASE).open("memory-service")).middleware().workers is None  # type: ignore[union-attr]
+
+
 def test_broker_backend() -> None:
     assert [
         broker_backend(u) for u in ("memory://x", "nats://h:1", "tls://h", "rediss://h", "kafka://h")
