@@ -26,7 +26,7 @@ from agent_os.services._process import Verification
 from agent_os.services.control_plane_service import ControlPlaneService
 from tests.support import Collector
 from tests.support.closing import Closing
-from tests.support.identities import PASSPHRASE, make_store, service_identities
+from tests.support.identities import PASSPHRASE, make_store, mediated, service_identities
 from tests.support.processes import get, start_service
 from tests.support.servers import NATS_URL, REDIS_URL
 
@@ -101,29 +101,16 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
     """Instance one forwards the original; instance two, started afterwards (the first then
     stopped, so the replay can only reach it), refuses the replay: its own cache never saw the
     nonce, the shared store did."""
-    tag = uuid.uuid4().hex[:10]
-    ingress, delivery = f"in_{tag}", f"out_{tag}"
-    service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
-    keys = await service_identities(tmp_path / "keys", service_id, agent_id)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "name: nonce\ndefault_action: deny\nrules:\n"
-        "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
-        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
-    )
-    args = [
-        "--broker", NATS_URL, "--identities", str(tmp_path / "keys"), "--nonce-store", REDIS_URL,
-        "--nonce-prefix", prefix, "--policy", str(policy), "--recorder", "memory",
-        "--ingress-prefix", ingress, "--delivery-prefix", delivery, "--reply-prefix", f"re_{tag}",
-        "--queue", f"cp_{tag}", "--agent-id", service_id,
-    ]  # fmt: skip
+    setting = await mediated(tmp_path, "nonce")
+    args = setting.args(NATS_URL, "--nonce-store", REDIS_URL, "--nonce-prefix", prefix)
     env = {PASSPHRASE_ENV: PASSPHRASE}
-    raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{tag}"))
+    raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{setting.tag}"))
     got, dead = Collector(), Collector()
-    await raw.subscribe(f"{delivery}.>", got)
-    await raw.subscribe(f"_DLQ.{ingress}.>", dead)
-    subject = f"{ingress}.tasks.pay"
-    data = MsgpackSerializer().encode(await keys[agent_id].sign(agent_id, {"transfer": 100}, topic=subject))
+    await raw.subscribe(f"{setting.delivery}.>", got)
+    await raw.subscribe(f"_DLQ.{setting.ingress}.>", dead)
+    subject = f"{setting.ingress}.tasks.pay"
+    agent = setting.keys[setting.agent_id]
+    data = MsgpackSerializer().encode(await agent.sign(setting.agent_id, {"transfer": 100}, topic=subject))
     processes: list[asyncio.subprocess.Process] = []
     try:
         one, _ = await start_service(*args, env=env)

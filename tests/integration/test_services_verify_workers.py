@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.services._identity import PASSPHRASE_ENV
 from tests.support import Collector, wait_until
 from tests.support.closing import Closing
-from tests.support.identities import PASSPHRASE, service_identities
+from tests.support.identities import PASSPHRASE, mediated
 from tests.support.processes import get, start_service
 from tests.support.servers import NATS_URL
 
@@ -66,27 +65,14 @@ def _state(pid: int) -> str:
 async def test_a_service_with_verify_workers_checks_in_them_and_refuses_forgeries(
     tmp_path: Path, closing: Closing
 ) -> None:
-    tag = uuid.uuid4().hex[:10]
-    ingress, delivery = f"in_{tag}", f"out_{tag}"
-    service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
-    keys = await service_identities(tmp_path / "keys", service_id, agent_id)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "name: workers\ndefault_action: deny\nrules:\n"
-        "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
-        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
-    )
-    args = [
-        "--broker", NATS_URL, "--identities", str(tmp_path / "keys"), "--verify-workers", "1",
-        "--policy", str(policy), "--recorder", "memory",
-        "--ingress-prefix", ingress, "--delivery-prefix", delivery, "--reply-prefix", f"re_{tag}",
-        "--queue", f"cp_{tag}", "--agent-id", service_id,
-    ]  # fmt: skip
-    raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{tag}"))
+    setting = await mediated(tmp_path, "workers")
+    args = setting.args(NATS_URL, "--verify-workers", "1")
+    raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{setting.tag}"))
     got, dead = Collector(), Collector()
-    await raw.subscribe(f"{delivery}.>", got)
-    await raw.subscribe(f"_DLQ.{ingress}.>", dead)
-    subject = f"{ingress}.tasks.pay"
+    await raw.subscribe(f"{setting.delivery}.>", got)
+    await raw.subscribe(f"_DLQ.{setting.ingress}.>", dead)
+    subject = f"{setting.ingress}.tasks.pay"
+    agent = setting.keys[setting.agent_id]
     codec = MsgpackSerializer()
     process: asyncio.subprocess.Process | None = None
     try:
@@ -96,7 +82,7 @@ async def test_a_service_with_verify_workers_checks_in_them_and_refuses_forgerie
         await _settled(workers[0])  # its start read what it imports
         before = _cpu_ns(workers[0])
         for i in range(200):
-            signed = await keys[agent_id].sign(agent_id, {"transfer": i}, topic=subject)
+            signed = await agent.sign(setting.agent_id, {"transfer": i}, topic=subject)
             if i % 20 == 7:  # the amount changed after signing
                 signed = dataclasses.replace(signed, payload={"transfer": i + 1_000_000})
             await raw.broker.publish(subject, codec.encode(signed))

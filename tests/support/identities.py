@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent_os.iatp import IATP
@@ -58,3 +60,41 @@ async def make_store(path: Path, *agents: str) -> None:
     iatp = IATP("file", key_path=str(path), passphrase=PASSPHRASE, kdf_level="interactive")
     for agent in agents:
         await iatp.register_agent(agent)
+
+
+@dataclass
+class Mediated:
+    """A mediated control-plane service's test setting: subject prefixes and ids unique to the
+    test, the identities (``keys[agent_id]`` signs as the agent) and a policy file allowing
+    ``tasks.*``; :meth:`args` are the service's command-line options for it on ``broker``."""
+
+    tag: str
+    ingress: str
+    delivery: str
+    service_id: str
+    agent_id: str
+    keys: dict[str, IATP]
+    policy: Path
+    key_path: Path
+
+    def args(self, broker: str, *extra: str) -> list[str]:
+        return [
+            "--broker", broker, "--identities", str(self.key_path), "--policy", str(self.policy),
+            "--recorder", "memory", "--ingress-prefix", self.ingress, "--delivery-prefix", self.delivery,
+            "--reply-prefix", f"re_{self.tag}", "--queue", f"cp_{self.tag}", "--agent-id", self.service_id,
+            *extra,
+        ]  # fmt: skip
+
+
+async def mediated(tmp_path: Path, name: str) -> Mediated:
+    """A :class:`Mediated` setting under ``tmp_path`` (``name`` names the policy)."""
+    tag = uuid.uuid4().hex[:10]
+    service_id, agent_id = f"control-plane-{tag}", f"agent-{tag}"
+    keys = await service_identities(tmp_path / "keys", service_id, agent_id)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"name: {name}\ndefault_action: deny\nrules:\n"
+        "  - {action: allow, operation: publish, resource: 'tasks.*'}\n"
+        "  - {action: allow, operation: deliver, resource: 'tasks.*'}\n"
+    )
+    return Mediated(tag, f"in_{tag}", f"out_{tag}", service_id, agent_id, keys, policy, tmp_path / "keys")
