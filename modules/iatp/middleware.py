@@ -239,10 +239,8 @@ class IATPMiddleware(Middleware):
         else:
             _, started, verdict, claim = ahead
             if type(verdict) is _Offloaded:
-                check = verdict.check
-                if check.done() and not check.cancelled() and check.exception() is None:
-                    checked: Checked | None = (*verdict.parts, check.result())  # answered: no await
-                else:
+                checked = verdict.ready()  # an answer that has come needs no await
+                if checked is None:
                     checked = await verdict.answer(self.workers)
                 try:
                     result = self._verdict(envelope, metadata, checked)
@@ -393,6 +391,13 @@ class _Offloaded:
     def __init__(self, parts: SignedParts, check: asyncio.Future[bool]) -> None:
         self.parts = parts
         self.check = check
+
+    def ready(self) -> Checked | None:
+        """The parts and the worker's answer if it has come, else None."""
+        check = self.check
+        if check.done() and not check.cancelled() and check.exception() is None:
+            return (*self.parts, check.result())
+        return None
 
     async def answer(self, workers: VerifyWorkers | None) -> Checked | None:
         """The parts and the worker's answer, or None: check inline (see

@@ -412,12 +412,7 @@ class VerifyWorkers:
         if not self._closed:
             log.warning("signature worker %d lost (%s); verifying inline", worker.process.pid, why)
             self._failed()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.remove_reader(worker.sock.fileno())
-            loop.remove_writer(worker.sock.fileno())
-        worker.sock.close()
-        _reap(worker.process)
+        self._end(worker)
         error = WorkerLost(why)
         for futures in (*(frame.futures for frame in worker.frames), worker.queued):
             for future in futures:
@@ -433,13 +428,18 @@ class VerifyWorkers:
         """End the workers started on another event loop, without touching their checks (their
         futures belong to that loop)."""
         workers, self._workers = self._workers, []
-        loop = self._loop
         for worker in workers:
-            if loop is not None and not loop.is_closed():
-                loop.remove_reader(worker.sock.fileno())
-                loop.remove_writer(worker.sock.fileno())
-            worker.sock.close()
-            _reap(worker.process)
+            self._end(worker)
+
+    def _end(self, worker: _Worker) -> None:
+        """Take ``worker``'s socket off the event loop (while it is open), close it and end
+        the process."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(worker.sock.fileno())
+            loop.remove_writer(worker.sock.fileno())
+        worker.sock.close()
+        _reap(worker.process)
 
     def _disown(self) -> None:
         """In a forked child: close the child's copies of the parent's sockets, touching
@@ -455,16 +455,9 @@ class VerifyWorkers:
         workers all the same."""
         if getattr(self, "_pid", None) != os.getpid():
             return  # a forked child's copy: the workers are the parent's
-        loop = self._loop
         for worker in self._workers:
-            try:
-                if loop is not None and not loop.is_closed():
-                    loop.remove_reader(worker.sock.fileno())
-                    loop.remove_writer(worker.sock.fileno())
-                worker.sock.close()
-                _reap(worker.process)
-            except Exception:  # at interpreter exit some of this is gone already
-                pass
+            with contextlib.suppress(Exception):  # at interpreter exit some of this is gone
+                self._end(worker)
 
 
 def _readable(pool: weakref.ref[VerifyWorkers], worker: _Worker) -> None:

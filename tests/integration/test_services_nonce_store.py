@@ -105,10 +105,8 @@ async def test_service_processes_with_nonce_store_refuse_a_replay_to_another_ins
     args = setting.args(NATS_URL, "--nonce-store", REDIS_URL, "--nonce-prefix", prefix)
     env = {PASSPHRASE_ENV: PASSPHRASE}
     raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{setting.tag}"))
-    got, dead = Collector(), Collector()
-    await raw.subscribe(f"{setting.delivery}.>", got)
-    await raw.subscribe(f"_DLQ.{setting.ingress}.>", dead)
-    subject = f"{setting.ingress}.tasks.pay"
+    got, dead = await setting.observe(raw)
+    subject = setting.subject
     agent = setting.keys[setting.agent_id]
     data = MsgpackSerializer().encode(await agent.sign(setting.agent_id, {"transfer": 100}, topic=subject))
     processes: list[asyncio.subprocess.Process] = []

@@ -14,7 +14,7 @@ import pytest
 from agent_os.amb import AMB, MsgpackSerializer
 from agent_os.amb.deadletter import DLQ_REASON
 from agent_os.services._identity import PASSPHRASE_ENV
-from tests.support import Collector, wait_until
+from tests.support import wait_until
 from tests.support.closing import Closing
 from tests.support.identities import PASSPHRASE, mediated
 from tests.support.processes import get, start_service
@@ -68,10 +68,8 @@ async def test_a_service_with_verify_workers_checks_in_them_and_refuses_forgerie
     setting = await mediated(tmp_path, "workers")
     args = setting.args(NATS_URL, "--verify-workers", "1")
     raw = closing(AMB("nats", NATS_URL, agent_id=f"raw-{setting.tag}"))
-    got, dead = Collector(), Collector()
-    await raw.subscribe(f"{setting.delivery}.>", got)
-    await raw.subscribe(f"_DLQ.{setting.ingress}.>", dead)
-    subject = f"{setting.ingress}.tasks.pay"
+    got, dead = await setting.observe(raw)
+    subject = setting.subject
     agent = setting.keys[setting.agent_id]
     codec = MsgpackSerializer()
     process: asyncio.subprocess.Process | None = None

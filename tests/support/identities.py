@@ -6,7 +6,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_os.amb import AMB
 from agent_os.iatp import IATP
+from tests.support import Collector
 
 PASSPHRASE = "serve-test-passphrase-0123"  # of the file key stores service processes open
 
@@ -76,6 +78,19 @@ class Mediated:
     keys: dict[str, IATP]
     policy: Path
     key_path: Path
+
+    @property
+    def subject(self) -> str:
+        """The ingress subject the tests publish on (``tasks.pay``, which the policy allows)."""
+        return f"{self.ingress}.tasks.pay"
+
+    async def observe(self, raw: AMB) -> tuple[Collector, Collector]:
+        """Collectors of what the service forwards and what it dead-letters, subscribed on
+        ``raw``."""
+        got, dead = Collector(), Collector()
+        await raw.subscribe(f"{self.delivery}.>", got)
+        await raw.subscribe(f"_DLQ.{self.ingress}.>", dead)
+        return got, dead
 
     def args(self, broker: str, *extra: str) -> list[str]:
         return [
