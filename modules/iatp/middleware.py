@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -93,6 +94,8 @@ class IATPMiddleware(Middleware):
         self.rejected: Counter[str] = Counter()
         self.workers = VerifyWorkers(verify_workers) if verify_workers else None
         """The worker processes checking signatures ahead (``verify_workers``), or None."""
+        self._served: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        """The subscriptions whose checks go to the workers: the workers run while there is one."""
 
     def close(self) -> None:
         """Stop the signature workers (``verify_workers``), if any; messages verify inline from
@@ -103,9 +106,15 @@ class IATPMiddleware(Middleware):
     def unsubscribed(self, subscription: Subscription) -> None:
         """A subscription's session replay windows (its scope is the subscription, unless it
         names a ``REPLAY_SCOPE``) end with it, so those of subscriptions that come and go never
-        pile up (``docs/trust.md``, "Sessions")."""
+        pile up (``docs/trust.md``, "Sessions"). The signature workers stop with the last
+        subscription that sends them checks (closing its client ends it) and start again with
+        the next."""
         if not isinstance(subscription.context.get(REPLAY_SCOPE), str):  # a named scope is shared
             self.iatp.sessions.end_scope(id(subscription))
+        if self.workers is not None and subscription in self._served:
+            self._served.discard(subscription)
+            if not self._served:  # the last one (a client closed): the next starts them again
+                self.workers.stop()
 
     def lookahead(self, subscription: Subscription) -> int:
         """With a shared nonce store, a queue-group subscription (or one with a
@@ -114,7 +123,12 @@ class IATPMiddleware(Middleware):
         ``concurrency=1``; with ``verify_workers``, every subscription has up to ``lookahead``
         messages' signatures sent to the workers (``docs/trust.md``)."""
         if self.workers is not None:
-            if self.max_ahead > subscription.options.concurrency:  # else the bus does not look ahead
+            shared_claims = self.nonce_store is not None and (
+                isinstance(subscription.context.get(REPLAY_SCOPE), str)
+                or isinstance(subscription.options.queue, str)
+            )  # verified inline ahead (prepare), so that only a verified nonce is claimed
+            if self.max_ahead > subscription.options.concurrency and not shared_claims:
+                self._served.add(subscription)  # (else the bus does not look ahead)
                 self.workers.start()  # now, so that the first messages find them running
             return self.max_ahead
         if self.nonce_store is None:

@@ -278,10 +278,19 @@ class VerifyWorkers:
         """Stop the workers; checks not answered fail with WorkerLost. Idempotent. In a forked
         child, only lets go of the parent's workers."""
         self._closed = True
+        self._stop("closed")
+
+    def stop(self) -> None:
+        """End the workers for now, not counted as a failure: :meth:`start` (or the next
+        :meth:`check`) starts them again at once. Checks not answered fail with WorkerLost. In
+        a forked child, only lets go of the parent's workers."""
+        self._stop("stopped")
+
+    def _stop(self, why: str) -> None:
         if self._pid != os.getpid():
             self._disown()
         for worker in list(self._workers):
-            self._drop(worker, "closed")
+            self._drop(worker, why, failure=False)
 
     # -- the parent's side -------------------------------------------------------------------
 
@@ -402,14 +411,15 @@ class VerifyWorkers:
         pause = min(self.restart_after * 2 ** min(self._failures - 1, 16), 60.0)
         self._down_until = time.monotonic() + pause
 
-    def _drop(self, worker: _Worker, why: str) -> None:
-        """Kill ``worker`` and fail its checks with WorkerLost."""
+    def _drop(self, worker: _Worker, why: str, *, failure: bool = True) -> None:
+        """Kill ``worker`` and fail its checks with WorkerLost; a ``failure`` (not a close or a
+        stop) is logged and delays restarts."""
         if self._pid != os.getpid():
             self._disown()
         if worker not in self._workers:
             return
         self._workers.remove(worker)
-        if not self._closed:
+        if failure and not self._closed:
             log.warning("signature worker %d lost (%s); verifying inline", worker.process.pid, why)
             self._failed()
         self._end(worker)

@@ -246,6 +246,25 @@ async def test_close_ends_the_workers_and_fails_what_they_held(workers: VerifyWo
     assert workers.start() is False
 
 
+async def test_stop_ends_the_workers_until_the_next_start(workers: VerifyWorkers) -> None:
+    public, message, signature, _ = _signed(1)[0]
+    workers.restart_after = 30.0  # a stop is no failure: no wait before starting again
+    workers.start()
+    process = workers._workers[0].process
+    os.kill(process.pid, signal.SIGSTOP)
+    held = workers.check(public, message, signature)
+    workers.stop()
+    assert held is not None
+    assert isinstance(held.exception(), WorkerLost)  # checked inline by its caller
+    assert process.poll() is not None
+    assert workers.running == 0
+    again = workers.check(public, message, signature)  # starts them again at once
+    assert again is not None
+    assert workers.running == 1
+    assert workers.started == 2
+    assert await again is True
+
+
 async def test_a_worker_that_cannot_start_means_inline_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "executable", "")
     public, message, signature, _ = _signed(1)[0]
@@ -290,6 +309,87 @@ async def test_workers_start_only_for_subscriptions_that_look_ahead() -> None:
         assert middleware.workers.started == 1
     finally:
         middleware.close()
+        await client.close()
+
+
+async def test_workers_stop_with_the_last_subscription_and_start_with_the_next() -> None:
+    iatp = IATP()
+    await iatp.register_agent("pub")
+    middleware = iatp.middleware(verify_workers=1)
+    workers = middleware.workers
+    assert workers is not None
+    where = memory_url("offload")
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    first, second = Collector(), Collector()
+    client = AMB("memory", where, agent_id="sub", middleware=[middleware])
+    other = AMB("memory", where, agent_id="sub2", middleware=[middleware])
+    try:
+        await client.subscribe("pay.x", first)
+        sub = await other.subscribe("pay.y", second)
+        process = workers._workers[0].process
+        await sub.unsubscribe()  # another subscription still sends checks: they run on
+        assert workers.running == 1
+        for i in range(40):
+            await sender.publish("pay.x", {"i": i})
+        await first.wait_for(40)
+        assert workers.checks > 0
+        await client.close()  # the last one: they stop
+        assert workers.running == 0
+        assert process.poll() is not None
+        assert sum(middleware.rejected.values()) == 0
+
+        again = AMB("memory", where, agent_id="sub3", middleware=[middleware])
+        try:
+            later = Collector()
+            await again.subscribe("pay.z", later)
+            assert workers.running == 1  # started with the subscription, no wait
+            before = workers.checks
+            for i in range(40):
+                await sender.publish("pay.z", {"i": i})
+            await later.wait_for(40)
+            assert later.messages == [{"i": i} for i in range(40)]
+            assert workers.checks > before
+        finally:
+            await again.close()
+        assert workers.running == 0
+    finally:
+        middleware.close()
+        await sender.close()
+        await client.close()
+        await other.close()
+
+
+async def test_a_shared_claim_subscription_starts_no_workers() -> None:
+    class Store:  # claims every nonce once, in this process
+        def __init__(self) -> None:
+            self.seen: set[tuple[str, bytes]] = set()
+
+        async def claim(self, scope: str, nonce: bytes, ttl_ms: int) -> bool:
+            first = (scope, nonce) not in self.seen
+            self.seen.add((scope, nonce))
+            return first
+
+    iatp = IATP()
+    await iatp.register_agent("pub")
+    store = Store()
+    middleware = iatp.middleware(verify_workers=1, nonce_store=store)
+    assert middleware.workers is not None
+    where = memory_url("offload")
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    client = AMB("memory", where, agent_id="sub", middleware=[middleware])
+    try:
+        got = Collector()
+        grouped = await client.subscribe("pay.x", got, queue="workers")
+        assert grouped.lookahead == 64  # its own look-ahead, verifying inline
+        assert middleware.workers.started == 0
+        for i in range(20):
+            await sender.publish("pay.x", {"i": i})
+        await got.wait_for(20)
+        assert len(store.seen) == 20
+        assert middleware.workers.started == 0
+    finally:
+        middleware.close()
+        await sender.close()
         await client.close()
 
 
