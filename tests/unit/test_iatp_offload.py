@@ -319,10 +319,11 @@ async def test_workers_stop_with_the_last_subscription_and_start_with_the_next()
     workers = middleware.workers
     assert workers is not None
     where = memory_url("offload")
-    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
     first, second = Collector(), Collector()
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
     client = AMB("memory", where, agent_id="sub", middleware=[middleware])
     other = AMB("memory", where, agent_id="sub2", middleware=[middleware])
+    again = AMB("memory", where, agent_id="sub3", middleware=[middleware])
     try:
         await client.subscribe("pay.x", first)
         sub = await other.subscribe("pay.y", second)
@@ -338,25 +339,23 @@ async def test_workers_stop_with_the_last_subscription_and_start_with_the_next()
         assert process.poll() is not None
         assert sum(middleware.rejected.values()) == 0
 
-        again = AMB("memory", where, agent_id="sub3", middleware=[middleware])
-        try:
-            later = Collector()
-            await again.subscribe("pay.z", later)
-            assert workers.running == 1  # started with the subscription, no wait
-            before = workers.checks
-            for i in range(40):
-                await sender.publish("pay.z", {"i": i})
-            await later.wait_for(40)
-            assert later.messages == [{"i": i} for i in range(40)]
-            assert workers.checks > before
-        finally:
-            await again.close()
+        later = Collector()
+        await again.subscribe("pay.z", later)  # a new client's subscription
+        assert workers.running == 1  # started with it, no wait
+        before = workers.checks
+        for i in range(40):
+            await sender.publish("pay.z", {"i": i})
+        await later.wait_for(40)
+        assert later.messages == [{"i": i} for i in range(40)]
+        assert workers.checks > before
+        await again.close()
         assert workers.running == 0
     finally:
         middleware.close()
         await sender.close()
         await client.close()
         await other.close()
+        await again.close()
 
 
 async def test_a_shared_claim_subscription_starts_no_workers() -> None:
