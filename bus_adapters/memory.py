@@ -22,12 +22,10 @@ from agent_os.amb.broker import (
     LifecycleState,
 )
 from agent_os.amb.dispatch import (
-    NO_EXTRA,
     Dispatcher,
     LocalDelivery,
     check_group_names,
     drain_all,
-    local_delivery,
     room_in_any,
 )
 from agent_os.amb.errors import CapabilityNotSupported, ConfigError
@@ -43,7 +41,6 @@ from agent_os.amb.subjects import (
 
 DEFAULT_MAX_PENDING: Final = 4096
 _ROUTE_CACHE_MAX: Final = 8192
-_new: Final = object.__new__
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 
 
@@ -229,7 +226,7 @@ async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: Lo
             return False
         for member in live:
             if member.has_room() and member.offer(
-                local_delivery(delivery.subject, delivery.data, 1, member.dispatcher)
+                LocalDelivery(delivery.subject, delivery.data, 1, member.dispatcher)
             ):
                 # Woken by one member, this publish may have used another's room: what is left
                 # goes to the publishes still waiting (each wake-up is one room).
@@ -337,14 +334,7 @@ class MemoryBroker(Lifecycle):
             sub = target if type(target) is _MemorySubscription else target.pick()
             if sub is None:
                 continue
-            # local_delivery(subject, data, 1, sub.dispatcher), inlined (a call less per message);
-            # test_memory_deliveries_are_what_the_constructor_builds keeps it in step.
-            delivery = _new(LocalDelivery)
-            delivery.subject = subject
-            delivery.data = data
-            delivery.attempt = 1
-            delivery.extra = NO_EXTRA
-            delivery._dispatcher = sub.dispatcher
+            delivery = LocalDelivery(subject, data, 1, sub.dispatcher)
             if sub.offer(delivery) or await _wait_for_room(target, sub, delivery):
                 stats.routed += 1
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import dataclass
 
-from agent_os.amb.dispatch import Dispatcher, InstantHandler, LocalDelivery, local_delivery
+from agent_os.amb.dispatch import Dispatcher, InstantHandler, LocalDelivery
 from tests.support import wait_until
 
 
@@ -78,13 +79,27 @@ async def test_drain_from_another_task_cancels_a_stuck_inline_handler() -> None:
     assert source.done()
 
 
-def test_local_delivery_builds_what_the_constructor_builds() -> None:
-    d: Dispatcher[LocalDelivery] = Dispatcher(lambda item: asyncio.sleep(0), max_pending=1, name="t")
-    a = local_delivery("s", b"x", 2, d, {"k": 1})
-    b = LocalDelivery("s", b"x", 2, d, {"k": 1})
-    assert [getattr(a, n) for n in LocalDelivery.__slots__] == [
-        getattr(b, n) for n in LocalDelivery.__slots__
-    ]
+def test_queued_local_deliveries_cost_the_garbage_collector_nothing() -> None:
+    d: Dispatcher[LocalDelivery] = Dispatcher(lambda item: asyncio.sleep(0), max_pending=5000, name="t")
+    a = LocalDelivery("s", b"x", 2, d, {"k": 1})
+    assert (a.subject, a.data, a.attempt, a._dispatcher, a.extra) == ("s", b"x", 2, d, {"k": 1})
+    assert LocalDelivery("s", b"x", 1, d).extra == {}
+    assert not gc.is_tracked(a)
+    assert a != LocalDelivery("s", b"x", 2, d, {"k": 1})  # equal only to itself
+    assert len({a, a}) == 1
+    assert "x" not in repr(LocalDelivery("s", b"x" * 10_000, 1, d))[-40:]  # no payload in logs
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        before = gc.get_count()[0]
+        for i in range(3000):  # a backlog: each would count toward a collection if tracked
+            d._items.append(LocalDelivery("s", b"%d" % i, 1, d))
+        assert gc.get_count()[0] - before < 50
+    finally:
+        d._items.clear()
+        if was_enabled:
+            gc.enable()
 
 
 async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_is_queued() -> None:
@@ -115,7 +130,7 @@ async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_i
     )
 
     def offer(data: bytes) -> bool:
-        return d.offer(local_delivery("s", data, 1, d))
+        return d.offer(LocalDelivery("s", data, 1, d))
 
     assert offer(b"a")
     assert now_seen == [b"a"], "taken at once, in this task"
