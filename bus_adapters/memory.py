@@ -47,7 +47,18 @@ _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~
 class _MemorySubscription:
     """One subscription: its pattern and queue group, and the dispatcher that feeds its handler."""
 
-    __slots__ = ("alone", "client", "dispatcher", "inbox", "offer", "pattern", "put", "queue", "shadow")
+    __slots__ = (
+        "alone",
+        "client",
+        "dispatcher",
+        "handle",
+        "inbox",
+        "offer",
+        "pattern",
+        "put",
+        "queue",
+        "shadow",
+    )
 
     def __init__(
         self,
@@ -65,6 +76,7 @@ class _MemorySubscription:
         )
         self.offer = self.dispatcher.offer
         self.put = self.dispatcher.put
+        self.handle = self.dispatcher.handle  # what its deliveries refer to
         self.alone = (self,)  # its route, where it is the only target
         self.inbox: str | None = None  # the reply inbox it stands for on the server (see attach)
         self.shadow = False  # it could match reply subjects, not being their inbox (see attach)
@@ -226,7 +238,7 @@ async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: Lo
             return False
         for member in live:
             if member.has_room() and member.offer(
-                LocalDelivery(delivery.subject, delivery.data, 1, member.dispatcher)
+                LocalDelivery(delivery.subject, delivery.data, 1, member.handle)
             ):
                 # Woken by one member, this publish may have used another's room: what is left
                 # goes to the publishes still waiting (each wake-up is one room).
@@ -334,7 +346,7 @@ class MemoryBroker(Lifecycle):
             sub = target if type(target) is _MemorySubscription else target.pick()
             if sub is None:
                 continue
-            delivery = LocalDelivery(subject, data, 1, sub.dispatcher)
+            delivery = LocalDelivery(subject, data, 1, sub.handle)
             if sub.offer(delivery) or await _wait_for_room(target, sub, delivery):
                 stats.routed += 1
 

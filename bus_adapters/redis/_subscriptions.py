@@ -80,7 +80,7 @@ class PubSubSubscription:
     async def put(self, subject: str, data: bytes) -> None:
         """Hand a pub/sub message over, waiting while the queue is full (pauses the reader)."""
         d = self.dispatcher
-        delivery = LocalDelivery(subject, data, 1, d)
+        delivery = LocalDelivery(subject, data, 1, d.handle)
         if not d.offer(delivery):
             await d.put(delivery)
 

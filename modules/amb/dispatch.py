@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -111,6 +112,7 @@ class Dispatcher(Generic[T]):
     """
 
     __slots__ = (
+        "__weakref__",
         "_busy",
         "_current",
         "_getter",
@@ -123,6 +125,7 @@ class Dispatcher(Generic[T]):
         "_source_task",
         "_stopping",
         "_timers",
+        "handle",
         "handler",
         "handler_errors",
         "max_pending",
@@ -144,6 +147,8 @@ class Dispatcher(Generic[T]):
         self.name = name
         self.on_handled = on_handled
         self.handler_errors = 0
+        self.handle = DispatcherHandle(self)
+        """What this dispatcher's :class:`LocalDelivery` objects refer to (weakly, to it)."""
         self._now = handler.now if isinstance(handler, InstantHandler) else None
         self._items: deque[T] = deque()
         self._busy = False  # a handler call is in progress (in the runner or inline)
@@ -275,7 +280,7 @@ class Dispatcher(Generic[T]):
         nats-py calls a subscription's callbacks from that subscription's task): the task is
         looked up once, not per message.
         """
-        item = LocalDelivery(message.subject, message.data, 1, self)
+        item = LocalDelivery(message.subject, message.data, 1, self.handle)
         if self._busy or self._items:
             await self.put(item)
             return
@@ -485,6 +490,24 @@ class Dispatcher(Generic[T]):
                 await asyncio.wait({task}, timeout=1.0)
 
 
+class DispatcherHandle:
+    """A :class:`Dispatcher` held weakly: what its :class:`LocalDelivery` objects refer to.
+
+    A delivery is not traversed by the garbage collector, so a strong reference from it to its
+    dispatcher would hide a reference cycle through the dispatcher (its runner task, a
+    traceback kept there, a frame holding the delivery) and keep the whole of it alive."""
+
+    __slots__ = ("_dispatcher",)
+
+    def __init__(self, dispatcher: Dispatcher[Any]) -> None:
+        self._dispatcher = weakref.ref(dispatcher)
+
+    @property
+    def dispatcher(self) -> Dispatcher[Any] | None:
+        """The dispatcher, or None once it was collected."""
+        return self._dispatcher()
+
+
 class LocalDelivery(msgspec.Struct, gc=False, eq=False):
     """A delivery redelivered by the client itself: ``nack(delay)`` hands the same bytes to the
     same subscription again after ``delay`` with ``attempt + 1``; ``ack`` is a no-op.
@@ -494,23 +517,26 @@ class LocalDelivery(msgspec.Struct, gc=False, eq=False):
 
     Built per message, so built cheaply: a msgspec struct (its constructor runs in C) that the
     garbage collector does not track, so a backlog of queued deliveries triggers no
-    collections. Equality is identity. Nothing may hold one in a reference cycle that only it
-    closes (it would never be collected): the dispatcher it refers to lets go of its queue when
-    it stops.
+    collections. Equality is identity. Because it is not traversed, nothing it refers to may
+    close a reference cycle: its dispatcher only through ``dispatcher.handle`` (weak), and
+    ``extra`` holding plain values.
     """
 
     subject: str
     data: bytes
     attempt: int
-    _dispatcher: Dispatcher[Any]
+    owner: DispatcherHandle
     extra: Mapping[str, Any] = NO_EXTRA
 
     async def ack(self) -> None:
         return None
 
     async def nack(self, delay: float | None = None) -> None:
-        again = LocalDelivery(self.subject, self.data, self.attempt + 1, self._dispatcher, self.extra)
-        self._dispatcher.requeue(again, delay)
+        dispatcher = self.owner.dispatcher
+        if dispatcher is not None:  # else its subscription is gone: nothing to hand it to
+            dispatcher.requeue(
+                LocalDelivery(self.subject, self.data, self.attempt + 1, self.owner, self.extra), delay
+            )
 
     def __repr__(self) -> str:
         return f"LocalDelivery(subject={self.subject!r:.200}, attempt={self.attempt}, {len(self.data)} bytes)"

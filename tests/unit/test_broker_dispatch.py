@@ -75,7 +75,7 @@ async def test_inline_delivery_runs_in_the_callers_task_and_keeps_order_with_ret
     d: Dispatcher[LocalDelivery] = Dispatcher(handler, max_pending=8, name="test")
     me = asyncio.current_task()
     for i in range(4):
-        await d.deliver(LocalDelivery("s", str(i).encode(), 1, d))
+        await d.deliver(LocalDelivery("s", str(i).encode(), 1, d.handle))
     await wait_until(lambda: len(seen) == 5)
     assert seen == [(0, 1), (1, 1), (1, 2), (2, 1), (3, 1)]
     assert tasks[0] is me, "no hop: the first delivery ran in the caller's task"
@@ -92,7 +92,7 @@ async def test_nack_with_delay_redelivers_later_with_the_next_attempt() -> None:
             await item.nack(0.05)
 
     d: Dispatcher[LocalDelivery] = Dispatcher(handler, max_pending=8, name="test")
-    await d.deliver(LocalDelivery("s", b"x", 1, d))
+    await d.deliver(LocalDelivery("s", b"x", 1, d.handle))
     await wait_until(lambda: len(seen) == 3)
     assert [a for _, a in seen] == [1, 2, 3]
     assert seen[2][0] >= 0.1

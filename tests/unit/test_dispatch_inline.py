@@ -81,20 +81,20 @@ async def test_drain_from_another_task_cancels_a_stuck_inline_handler() -> None:
 
 def test_queued_local_deliveries_cost_the_garbage_collector_nothing() -> None:
     d: Dispatcher[LocalDelivery] = Dispatcher(lambda item: asyncio.sleep(0), max_pending=5000, name="t")
-    a = LocalDelivery("s", b"x", 2, d, {"k": 1})
-    assert (a.subject, a.data, a.attempt, a._dispatcher, a.extra) == ("s", b"x", 2, d, {"k": 1})
-    assert LocalDelivery("s", b"x", 1, d).extra == {}
+    a = LocalDelivery("s", b"x", 2, d.handle, {"k": 1})
+    assert (a.subject, a.data, a.attempt, a.owner.dispatcher, a.extra) == ("s", b"x", 2, d, {"k": 1})
+    assert LocalDelivery("s", b"x", 1, d.handle).extra == {}
     assert not gc.is_tracked(a)
-    assert a != LocalDelivery("s", b"x", 2, d, {"k": 1})  # equal only to itself
+    assert a != LocalDelivery("s", b"x", 2, d.handle, {"k": 1})  # equal only to itself
     assert len({a, a}) == 1
-    assert "x" not in repr(LocalDelivery("s", b"x" * 10_000, 1, d))[-40:]  # no payload in logs
+    assert "x" not in repr(LocalDelivery("s", b"x" * 10_000, 1, d.handle))[-40:]  # no payload in logs
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         gc.collect()
         before = gc.get_count()[0]
         for i in range(3000):  # a backlog: each would count toward a collection if tracked
-            d._items.append(LocalDelivery("s", b"%d" % i, 1, d))
+            d._items.append(LocalDelivery("s", b"%d" % i, 1, d.handle))
         assert gc.get_count()[0] - before < 50
     finally:
         d._items.clear()
@@ -130,7 +130,7 @@ async def test_an_instant_handler_runs_in_the_offering_task_only_while_nothing_i
     )
 
     def offer(data: bytes) -> bool:
-        return d.offer(LocalDelivery("s", data, 1, d))
+        return d.offer(LocalDelivery("s", data, 1, d.handle))
 
     assert offer(b"a")
     assert now_seen == [b"a"], "taken at once, in this task"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from agent_os.amb import (
+    AMB,
     BrokerSubscription,
     CapabilityNotSupported,
     ConfigError,
@@ -654,6 +657,36 @@ async def test_a_subject_that_is_not_a_string_is_refused_with_a_config_error(
         await broker.publish(bad, b"x")  # type: ignore[arg-type]
 
 
+async def test_a_subscription_closed_with_a_backlog_is_collected() -> None:
+    # Deliveries are not traversed by the garbage collector: a strong reference from them to
+    # their dispatcher would keep the cycle the cancelled runner leaves (task, traceback,
+    # frame holding a delivery, dispatcher) alive for good.
+    gate = asyncio.Event()
+
+    async def stuck(message: object, metadata: object) -> None:
+        await gate.wait()
+
+    client = AMB("memory", memory_url("mb"))
+    try:
+        sub = await client.subscribe("gone.x", stuck)
+        for i in range(50):
+            await client.publish("gone.x", i)
+        gone = weakref.ref(sub._broker_sub.dispatcher)  # type: ignore[union-attr]
+
+        def queued() -> int:
+            dispatcher = gone()
+            assert dispatcher is not None
+            return len(dispatcher)
+
+        await wait_until(lambda: queued() == 49, what="the handler stuck, the rest queued")
+    finally:
+        await client.close(timeout=0.05)  # the stuck handler is cancelled
+    assert queued() == 0
+    del sub, client
+    gc.collect()
+    assert gone() is None
+
+
 async def test_memory_deliveries_are_local_deliveries_of_what_was_published(closing: Closing) -> None:
     broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
@@ -669,7 +702,7 @@ async def test_memory_deliveries_are_local_deliveries_of_what_was_published(clos
     assert type(delivery) is LocalDelivery
     assert (delivery.subject, delivery.data, delivery.attempt) == ("built.x", b"payload", 1)
     assert delivery.extra == {}
-    assert delivery._dispatcher is sub.dispatcher  # type: ignore[attr-defined]
+    assert delivery.owner.dispatcher is sub.dispatcher  # type: ignore[attr-defined]
     await delivery.nack()  # and it works as one: handed back with the next attempt
     await wait_until(lambda: len(got) == 2)
     assert (got[1].data, got[1].attempt) == (b"payload", 2)
