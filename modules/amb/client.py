@@ -917,8 +917,12 @@ class AMB(Lifecycle):
         way, :meth:`_on_delivery`, which dead-letters or counts it."""
         if type(delivery) is not LocalDelivery or sub._chain is not None:
             return False  # a broker's delivery may want an ack, which awaits
+        subject = delivery.subject
+        # A reply subject this client made for a request still waiting is valid (see request):
+        # a topic equal to it needs no second check.
+        known = subject if len(subject) <= self._reply_room and subject in self._requests else None
         try:
-            fields = self._decoder.decode_fields(delivery.data)
+            fields = self._decoder.decode_fields(delivery.data, known)
         except EnvelopeError:
             return False
         expires_at = fields[8]

@@ -97,6 +97,10 @@ class PendingRequests:
         """The number of requests waiting for a reply."""
         return len(self._requests)
 
+    def __contains__(self, reply_subject: object) -> bool:
+        """True when a request waits for a reply on ``reply_subject``."""
+        return reply_subject in self._requests
+
     def add(
         self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
     ) -> PendingRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from importlib import metadata
 from typing import Any
@@ -20,10 +21,12 @@ from agent_os.amb import (
     MessageRejected,
     Metadata,
     Middleware,
+    MsgpackSerializer,
     Signature,
     StateError,
     available_brokers,
     load_broker,
+    new_id,
 )
 from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
@@ -429,6 +432,43 @@ async def test_a_reply_on_the_memory_bus_resolves_its_request_in_the_repliers_ta
     # Behind a queued delivery the reply waits its turn (the order holds): not handled at once.
     assert handled_during_reply[1:] == [0, 0]
     assert requester.stats.late_replies == 0
+    assert requester.stats.mismatched_replies == 0
+
+
+async def test_a_reply_whose_subjects_are_not_the_requests_is_still_checked(closing: Closing) -> None:
+    # The reply path takes a topic equal to the request's own reply subject without a second
+    # check; any other topic, and any reply_to, is checked: malformed, dead-lettered.
+    url = memory_url()
+    requester = closing(AMB(connection_string=url, agent_id="asker"))
+    responder = closing(AMB(connection_string=url, agent_id="answerer"))
+    dead = Collector()
+    await requester.subscribe("_DLQ.>", dead)
+    codec = MsgpackSerializer()
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to
+        for topic, reply_to in ((message, None), (metadata.reply_to, message)):
+            forged = codec.encode_new(
+                new_id(),
+                topic,
+                "answerer",
+                "forged",
+                None,
+                reply_to,
+                metadata.id,
+                time.time_ns(),
+                None,
+                0,
+                {},
+            )
+            await responder.broker.publish(metadata.reply_to, forged)
+        await responder.reply(metadata, "real")
+
+    await responder.subscribe("checked.x", answer)
+    for n, bad in enumerate(("a b", "a.*", "_INBOX.x y", "x" * 1025), start=1):
+        assert await requester.request("checked.x", bad, timeout=5) == "real"
+        await dead.wait_for(2 * n)
+    assert requester.stats.malformed == 8
     assert requester.stats.mismatched_replies == 0
 
 
