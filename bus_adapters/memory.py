@@ -248,6 +248,14 @@ async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: Lo
         await room_in_any([member.dispatcher for member in live])
 
 
+def _plain_bytes(data: object) -> bytes:
+    """What a publish carries: a copy of bytes-like ``data`` (the caller may change a
+    bytearray afterwards), as a broker over a socket would; anything else raises ConfigError."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise ConfigError(f"a message is bytes, got {type(data).__name__}")
+
+
 def _may_match_replies(pattern: str) -> bool:
     """True when ``pattern`` could match a subject under INBOX_ROOT."""
     return pattern.startswith(INBOX_ROOT) or pattern.partition(".")[0] in ("*", ">")
@@ -335,6 +343,8 @@ class MemoryBroker(Lifecycle):
         stats = server.stats
         if type(subject) is not str:  # the caches are keyed by plain text, never by a caller's object
             subject = plain_text(subject, "subject")
+        if type(data) is not bytes:
+            data = _plain_bytes(data)
         targets = server._routes.get(subject)
         if targets is None:
             targets = server.route(subject)  # raises for an invalid subject: not published

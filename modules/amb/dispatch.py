@@ -538,8 +538,11 @@ class LocalDelivery(msgspec.Struct, gc=False, eq=False):
                 LocalDelivery(self.subject, self.data, self.attempt + 1, self.owner, self.extra), delay
             )
 
-    def __repr__(self) -> str:
-        return f"LocalDelivery(subject={self.subject!r:.200}, attempt={self.attempt}, {len(self.data)} bytes)"
+    def __repr__(self) -> str:  # never the payload, which may be a secret
+        return f"LocalDelivery(subject={self.subject!r:.200}, attempt={self.attempt})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # msgspec's own would show the payload
+        return [("subject", self.subject), ("attempt", self.attempt)]
 
 
 async def room_in_any(dispatchers: Sequence[Dispatcher[Any]]) -> None:

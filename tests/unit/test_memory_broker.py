@@ -687,7 +687,10 @@ async def test_a_subscription_closed_with_a_backlog_is_collected() -> None:
     assert gone() is None
 
 
-async def test_memory_deliveries_are_local_deliveries_of_what_was_published(closing: Closing) -> None:
+async def _collecting(
+    closing: Closing, pattern: str
+) -> tuple[MemoryBroker, BrokerSubscription, list[Delivery]]:
+    """A connected broker, its subscription to ``pattern`` and the deliveries it collects."""
     broker = closing(MemoryBroker(memory_url("mb")))
     await broker.connect()
     got: list[Delivery] = []
@@ -695,7 +698,25 @@ async def test_memory_deliveries_are_local_deliveries_of_what_was_published(clos
     async def handler(d: Delivery) -> None:
         got.append(d)
 
-    sub = await broker.subscribe("built.x", handler)
+    return broker, await broker.subscribe(pattern, handler), got
+
+
+async def test_a_publish_carries_bytes(closing: Closing) -> None:
+    broker, _, got = await _collecting(closing, "bytes.x")
+    buffer = bytearray(b"first")
+    await broker.publish("bytes.x", buffer)  # type: ignore[arg-type]
+    buffer[:] = b"later"  # the message was copied when published
+    await broker.publish("bytes.x", memoryview(b"view"))  # type: ignore[arg-type]
+    for bad in (5, "text", None, [1, 2], object()):
+        with pytest.raises(ConfigError, match="bytes"):
+            await broker.publish("bytes.x", bad)  # type: ignore[arg-type]
+    await wait_until(lambda: len(got) == 2)
+    assert [(type(d.data), d.data) for d in got] == [(bytes, b"first"), (bytes, b"view")]
+    assert broker.server.stats.published == 2
+
+
+async def test_memory_deliveries_are_local_deliveries_of_what_was_published(closing: Closing) -> None:
+    broker, sub, got = await _collecting(closing, "built.x")
     await broker.publish("built.x", b"payload")
     await wait_until(lambda: len(got) == 1)
     delivery = got[0]
@@ -713,14 +734,7 @@ async def test_routes_are_keyed_by_plain_text_never_by_the_callers_object(closin
 
     from tests.support.strings import LooseStr
 
-    broker = closing(MemoryBroker(memory_url("mb")))
-    await broker.connect()
-    got: list[Delivery] = []
-
-    async def handler(d: Delivery) -> None:
-        got.append(d)
-
-    await broker.subscribe(">", handler)
+    broker, _, got = await _collecting(closing, ">")
     await broker.publish("t.x", b"1")  # routed and cached
     with pytest.raises(ConfigError):
         await broker.publish(UserString("t.x"), b"2")  # type: ignore[arg-type]
