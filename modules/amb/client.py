@@ -783,20 +783,34 @@ class AMB(Lifecycle):
         if sub.handler == self._requests.on_reply and sub._chain is None and sub._ahead is None:
             # The reply inbox without middleware: a reply resolves its request at once.
             handler = InstantHandler(handler, functools.partial(self._reply_now, sub))
-        sub._broker_sub = await self.broker.subscribe(
-            sub.pattern,
-            handler,
-            queue=sub.options.queue,
-            durable=sub.options.durable,
-        )
+        try:
+            sub._broker_sub = await self.broker.subscribe(
+                sub.pattern,
+                handler,
+                queue=sub.options.queue,
+                durable=sub.options.durable,
+            )
+        except BaseException:
+            if sub._broker_sub is None and sub not in self._subs:
+                # Its first start, and nothing will start it again: over for the middleware,
+                # which may have set something up for it (lookahead).
+                self._tell_unsubscribed(sub)
+            raise
         sub._active = True
         if sub not in self._subs:
             self._subs.append(sub)
 
     def _forget(self, sub: Subscription) -> None:
-        """``sub`` has stopped for good: out of the client's list, and the middleware told."""
-        with contextlib.suppress(ValueError):
+        """``sub`` has stopped for good: out of the client's list, and the middleware told
+        (once: a second call does nothing)."""
+        try:
             self._subs.remove(sub)
+        except ValueError:
+            return
+        self._tell_unsubscribed(sub)
+
+    def _tell_unsubscribed(self, sub: Subscription) -> None:
+        """Call each middleware's ``unsubscribed`` for ``sub``; one that raises is logged."""
         for layer in self._middleware:
             if isinstance(layer, Middleware):
                 try:

@@ -87,15 +87,17 @@ class Subscription:
     async def unsubscribe(self) -> None:
         """Stop delivery now; messages still queued for this subscription are dropped. Returns
         once the handlers in progress have finished (called by one of them: the others)."""
-        if self._broker_sub is not None and self._active:
-            self._active = False
-            if self._slots is not None:  # first: a delivery may wait for a slot the caller holds
-                self._slots.close()
-            if self._ahead is not None:  # first: the broker's task may be waiting for room in it
-                self._abandon(await self._ahead.stop(None, drop=True))
-            await self._broker_sub.unsubscribe()
-            await self._wait_tasks(None)
-        self.client._forget(self)
+        try:
+            if self._broker_sub is not None and self._active:
+                self._active = False
+                if self._slots is not None:  # first: a delivery may wait for a slot the caller holds
+                    self._slots.close()
+                if self._ahead is not None:  # first: the broker's task may be waiting for room in it
+                    self._abandon(await self._ahead.stop(None, drop=True))
+                await self._broker_sub.unsubscribe()
+                await self._wait_tasks(None)
+        finally:  # stopped for good even if the stop raised or was cancelled
+            self.client._forget(self)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, let queued and in-flight messages finish (up to ``timeout``; called by
@@ -103,13 +105,16 @@ class Subscription:
         that is not a finite number of seconds, 0 or more, before anything stops."""
         if timeout is not None:
             timeout = seconds(timeout, "timeout", zero=True)
-        if self._broker_sub is not None and self._active:
-            self._active = False
-            deadline = None if timeout is None else time.monotonic() + timeout
+        if not (self._broker_sub is not None and self._active):
+            self.client._forget(self)
+            return
+        self._active = False
+        deadline = None if timeout is None else time.monotonic() + timeout
 
-            def remaining() -> float | None:
-                return None if deadline is None else max(0.0, deadline - time.monotonic())
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+        try:
             if self._ahead is not None and self._ahead.in_handler():
                 # Called by the handler, whose turn holds up the queue (and the broker's task
                 # waiting for room in it): what waits is dropped, as a broker does from inside.
@@ -118,7 +123,8 @@ class Subscription:
             if self._ahead is not None:
                 self._abandon(await self._ahead.stop(remaining()))
             await self._wait_tasks(remaining())
-        self.client._forget(self)
+        finally:  # stopped for good even if the drain raised or was cancelled
+            self.client._forget(self)
 
     def _abandon(self, items: list[tuple[Any, Any, Metadata, int | None]]) -> None:
         """Tell the middleware that prepared them that ``items`` are dropped before their turn."""

@@ -52,6 +52,8 @@ _ED25519: Final = "ed25519"
 Checked = tuple[bytes, bytes, bytes, bool]
 """A signature check done by a worker: the parts checked and its answer."""
 _NS_PER_MS: Final = 1_000_000
+WORKERS_LINGER: Final = 2.0
+"""Default seconds the signature workers outlive the last subscription that used them."""
 VERIFY_SPAN: Final = "iatp.verify"
 """The span of one verification while tracing is on (``docs/observability.md``, "Tracing")."""
 
@@ -95,26 +97,50 @@ class IATPMiddleware(Middleware):
         self.workers = VerifyWorkers(verify_workers) if verify_workers else None
         """The worker processes checking signatures ahead (``verify_workers``), or None."""
         self._served: weakref.WeakSet[Subscription] = weakref.WeakSet()
-        """The subscriptions whose checks go to the workers: the workers run while there is one."""
+        """The subscriptions whose checks may go to the workers: the workers run while there
+        is one, and ``workers_linger`` seconds after the last one ended."""
+        self.workers_linger = WORKERS_LINGER
+        """Seconds the workers outlive the last subscription that used them (a client that
+        comes and goes does not start processes each time)."""
+        self._linger: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         """Stop the signature workers (``verify_workers``), if any; messages verify inline from
         then on. Idempotent; the workers also end with this process."""
+        self._cancel_linger()
         if self.workers is not None:
             self.workers.close()
 
     def unsubscribed(self, subscription: Subscription) -> None:
         """A subscription's session replay windows (its scope is the subscription, unless it
         names a ``REPLAY_SCOPE``) end with it, so those of subscriptions that come and go never
-        pile up (``docs/trust.md``, "Sessions"). The signature workers stop with the last
-        subscription that sends them checks (closing its client ends it) and start again with
-        the next."""
+        pile up (``docs/trust.md``, "Sessions"). The signature workers stop
+        ``workers_linger`` seconds after the last subscription that may send them checks ended
+        (closing its client ends it), unless another comes meanwhile; the next starts them
+        again."""
         if not isinstance(subscription.context.get(REPLAY_SCOPE), str):  # a named scope is shared
             self.iatp.sessions.end_scope(id(subscription))
         if self.workers is not None and subscription in self._served:
             self._served.discard(subscription)
-            if not self._served:  # the last one (a client closed): the next starts them again
-                self.workers.stop()
+            if not self._served:  # the last one (a client closed): stop soon, unless one comes
+                self._cancel_linger()
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no event loop to wait on: now
+                    self._stop_unused()
+                else:
+                    self._linger = loop.call_later(self.workers_linger, self._stop_unused)
+
+    def _stop_unused(self) -> None:
+        """Stop the workers if no subscription uses them (the next one starts them again)."""
+        self._linger = None
+        if self.workers is not None and not self._served:
+            self.workers.stop()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def lookahead(self, subscription: Subscription) -> int:
         """With a shared nonce store, a queue-group subscription (or one with a
@@ -127,9 +153,13 @@ class IATPMiddleware(Middleware):
                 isinstance(subscription.context.get(REPLAY_SCOPE), str)
                 or isinstance(subscription.options.queue, str)
             )  # verified inline ahead (prepare), so that only a verified nonce is claimed
-            if self.max_ahead > subscription.options.concurrency and not shared_claims:
-                self._served.add(subscription)  # (else the bus does not look ahead)
-                self.workers.start()  # now, so that the first messages find them running
+            if not shared_claims:
+                # Tracked even when this layer would not look ahead: another layer may ask the
+                # bus to, and then prepare() sends this subscription's checks all the same.
+                self._served.add(subscription)
+                self._cancel_linger()
+                if self.max_ahead > subscription.options.concurrency:
+                    self.workers.start()  # now, so that the first messages find them running
             return self.max_ahead
         if self.nonce_store is None:
             return 0

@@ -15,6 +15,7 @@ from agent_os import amb
 from agent_os.amb import (
     AMB,
     BrokerUnavailable,
+    CapabilityNotSupported,
     ConfigError,
     Envelope,
     LifecycleState,
@@ -24,6 +25,7 @@ from agent_os.amb import (
     MsgpackSerializer,
     Signature,
     StateError,
+    Subscription,
     available_brokers,
     load_broker,
     new_id,
@@ -470,6 +472,41 @@ async def test_a_reply_whose_subjects_are_not_the_requests_is_still_checked(clos
         await dead.wait_for(2 * n)
     assert requester.stats.malformed == 8
     assert requester.stats.mismatched_replies == 0
+
+
+async def test_the_middleware_hears_of_a_subscriptions_end_once_even_after_a_failed_stop(
+    closing: Closing,
+) -> None:
+    ended: list[Subscription] = []
+
+    class Listening(Middleware):
+        def unsubscribed(self, subscription: Subscription) -> None:
+            ended.append(subscription)
+
+    client = closing(AMB(connection_string=memory_url(), middleware=[Listening()]))
+    release = asyncio.Event()
+    busy = asyncio.Event()
+
+    async def stuck(message: Any, metadata: Metadata) -> None:
+        busy.set()
+        await release.wait()
+
+    sub = await client.subscribe("ends.x", stuck)
+    await client.publish("ends.x", 1)
+    await busy.wait()
+    draining = asyncio.create_task(sub.drain(30))
+    await wait_until(lambda: not sub.active, what="the drain under way")
+    draining.cancel()  # cut short: the subscription is over all the same
+    with pytest.raises(asyncio.CancelledError):
+        await draining
+    assert ended == [sub]
+    await sub.unsubscribe()  # again: nothing more to tell
+    await sub.drain()
+    assert ended == [sub]
+    with pytest.raises(CapabilityNotSupported):  # never made: over before it began
+        await client.subscribe("ends.y", stuck, durable="d")
+    assert len(ended) == 2
+    release.set()
 
 
 def server_of(url: str) -> MemoryServer:

@@ -20,10 +20,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent_os.amb import AMB, Metadata, MsgpackSerializer
+from agent_os.amb import (
+    AMB,
+    CapabilityNotSupported,
+    LifecycleState,
+    Metadata,
+    Middleware,
+    MsgpackSerializer,
+    Subscription,
+)
 from agent_os.iatp import IATP, IATPConfigError, IATPMiddleware, _crypto, offload
 from agent_os.iatp.offload import VerifyWorkers, WorkerLost, _Worker
 from tests.support import Collector, memory_url, wait_until
@@ -312,12 +321,19 @@ async def test_workers_start_only_for_subscriptions_that_look_ahead() -> None:
         await client.close()
 
 
-async def test_workers_stop_with_the_last_subscription_and_start_with_the_next() -> None:
+async def _pooled(linger: float, **options: Any) -> tuple[IATPMiddleware, VerifyWorkers]:
+    """A middleware with one signature worker for an IATP where "pub" signs, whose workers
+    outlive their last subscription by ``linger`` seconds, and its pool."""
     iatp = IATP()
     await iatp.register_agent("pub")
-    middleware = iatp.middleware(verify_workers=1)
-    workers = middleware.workers
-    assert workers is not None
+    middleware = iatp.middleware(verify_workers=1, **options)
+    middleware.workers_linger = linger
+    assert middleware.workers is not None
+    return middleware, middleware.workers
+
+
+async def test_workers_stop_with_the_last_subscription_and_start_with_the_next() -> None:
+    middleware, workers = await _pooled(0.0)
     where = memory_url("offload")
     first, second = Collector(), Collector()
     sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
@@ -335,8 +351,8 @@ async def test_workers_stop_with_the_last_subscription_and_start_with_the_next()
         await first.wait_for(40)
         assert workers.checks > 0
         await client.close()  # the last one: they stop
-        assert workers.running == 0
-        assert process.poll() is not None
+        await wait_until(lambda: workers.running == 0, what="the workers stopped")
+        assert process.wait(timeout=5) is not None
         assert sum(middleware.rejected.values()) == 0
 
         later = Collector()
@@ -349,13 +365,102 @@ async def test_workers_stop_with_the_last_subscription_and_start_with_the_next()
         assert later.messages == [{"i": i} for i in range(40)]
         assert workers.checks > before
         await again.close()
-        assert workers.running == 0
+        await wait_until(lambda: workers.running == 0, what="the workers stopped again")
     finally:
         middleware.close()
         await sender.close()
         await client.close()
         await other.close()
         await again.close()
+
+
+async def test_a_client_back_within_the_linger_finds_the_workers_running() -> None:
+    middleware, workers = await _pooled(30.0)
+    where = memory_url("offload")
+    got = Collector()
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    try:
+        for round_ in range(5):  # a client per round, as for one request each
+            client = AMB("memory", where, agent_id="sub", middleware=[middleware])
+            try:
+                await client.subscribe("pay.x", got)
+                await sender.publish("pay.x", {"round": round_})
+                await got.wait_for(round_ + 1)
+            finally:
+                await client.close()
+            assert workers.running == 1  # lingering, not stopped
+        assert workers.started == 1
+        assert sum(middleware.rejected.values()) == 0
+    finally:
+        middleware.close()
+        await sender.close()
+    assert workers.running == 0
+
+
+async def test_workers_used_through_another_layers_look_ahead_are_kept() -> None:
+    # IATP's own look-ahead (4) is below the subscription's concurrency (8), but another layer
+    # asks the bus to look ahead: prepare() sends the checks to the workers all the same, so
+    # another client's subscriptions coming and going must not stop them.
+    class Ahead(Middleware):
+        def lookahead(self, subscription: Subscription) -> int:
+            return 64
+
+    middleware, workers = await _pooled(0.0, lookahead=4)
+    where = memory_url("offload")
+    got = Collector()
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    receiver = AMB("memory", where, agent_id="sub", middleware=[middleware, Ahead()])
+    churn = AMB("memory", where, agent_id="churn", middleware=[middleware])
+    try:
+        await receiver.subscribe("pay.x", got, concurrency=8)
+        for i in range(300):
+            await sender.publish("pay.x", {"i": i})
+            if i % 30 == 0:
+                passing = await churn.subscribe("tmp.y", Collector())
+                await passing.unsubscribe()
+                await asyncio.sleep(0)  # a stop would run here
+        await got.wait_for(300)
+        assert workers.lost == 0
+        assert workers.started == 1
+        assert workers.checks > 0
+    finally:
+        middleware.close()
+        await sender.close()
+        await receiver.close()
+        await churn.close()
+
+
+async def test_workers_stop_after_a_failed_subscribe_or_an_interrupted_close() -> None:
+    middleware, workers = await _pooled(0.0)
+    where = memory_url("offload")
+    release = asyncio.Event()
+    busy = asyncio.Event()
+
+    async def slow(message: object, metadata: Metadata) -> None:
+        busy.set()
+        await release.wait()
+
+    sender = AMB("memory", where, agent_id="pub", middleware=[middleware])
+    client = AMB("memory", where, agent_id="sub", middleware=[middleware])
+    try:
+        with pytest.raises(CapabilityNotSupported):  # the memory broker has no durables
+            await client.subscribe("pay.x", Collector(), durable="d")
+        await wait_until(lambda: workers.running == 0, what="no workers for a subscription never made")
+        await client.subscribe("pay.x", slow)
+        assert workers.running == 1
+        await sender.publish("pay.x", {"i": 1})
+        await busy.wait()
+        closing_task = asyncio.create_task(client.close(timeout=30))
+        await wait_until(lambda: client.state is LifecycleState.CLOSING, what="the close under way")
+        closing_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing_task
+        await wait_until(lambda: workers.running == 0, what="the workers stopped after the close")
+    finally:
+        release.set()
+        middleware.close()
+        await sender.close()
+        await client.close()
 
 
 async def test_a_shared_claim_subscription_starts_no_workers() -> None:
