@@ -242,8 +242,11 @@ back to hand each result over, and the loop thread, busy in Python, gives it up 
 own C calls or after the switch interval: the hand-overs cost more than the parallel check
 saves. A worker process does better (`verify_workers=1`, the row before the floor): in eight
 runs of this script on the AMD EPYC later on 2026-12-07 (a slower host: floor 76–89 µs),
-1.19–1.33× against 1.28–1.42× inline, 2–12 % less run by run; the last three, at the code of
-this run, 1.22×, 1.19× and 1.26×: at the line, not under it. The loop thread
+1.19–1.33× against 1.28–1.42× inline, 2–12 % less run by run; the last three, at b8ad9f6 and
+1479ec1, 1.22×, 1.19× and 1.26×: at the line, not under it. Two runs at 7929887 in a slow hour
+for this host (floor 104 and 112 µs, the plain bus 6.2–6.3 µs against 4.0 at 10:49, while
+valgrind counts 1–2 % fewer instructions on these paths than at f60d13a) gave 1.27× and 1.32×
+against 1.50× and 1.59× inline. The loop thread
 still does about 60 µs of CPU a message (signing, bus, policy, records, sending the checks)
 and the worker 55–60 µs of checking on the second core, which it shares with the SQLite
 writer; perfect overlap would give about 0.8× the floor, but the loop waits for the oldest
