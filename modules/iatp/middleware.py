@@ -18,7 +18,7 @@ from agent_os.amb import tracing as _tracing
 from agent_os.amb.envelope import Envelope
 from agent_os.amb.metadata import Metadata
 from agent_os.amb.middleware import ConsumeNext, Middleware, PublishNext
-from agent_os.amb.numbers import fraction, whole
+from agent_os.amb.numbers import fraction, seconds, whole
 from agent_os.iatp.errors import IATPConfigError, IATPError, SignatureRejected, SigningRejected, UnknownAgent
 from agent_os.iatp.offload import VerifyWorkers
 from agent_os.iatp.result import Reason, VerificationResult, invalid
@@ -99,10 +99,19 @@ class IATPMiddleware(Middleware):
         self._served: weakref.WeakSet[Subscription] = weakref.WeakSet()
         """The subscriptions whose checks may go to the workers: the workers run while there
         is one, and ``workers_linger`` seconds after the last one ended."""
-        self.workers_linger = WORKERS_LINGER
-        """Seconds the workers outlive the last subscription that used them (a client that
-        comes and goes does not start processes each time)."""
+        self._workers_linger = WORKERS_LINGER
         self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def workers_linger(self) -> float:
+        """Seconds the signature workers outlive the last subscription that used them (a
+        client that comes and goes does not start processes each time); default 2. Setting
+        anything but a finite number of seconds, 0 or more, raises IATPConfigError."""
+        return self._workers_linger
+
+    @workers_linger.setter
+    def workers_linger(self, value: float) -> None:
+        self._workers_linger = seconds(value, "workers_linger", zero=True, error=IATPConfigError)
 
     def close(self) -> None:
         """Stop the signature workers (``verify_workers``), if any; messages verify inline from
@@ -129,7 +138,7 @@ class IATPMiddleware(Middleware):
                 except RuntimeError:  # no event loop to wait on: now
                     self._stop_unused()
                 else:
-                    self._linger = loop.call_later(self.workers_linger, self._stop_unused)
+                    self._linger = loop.call_later(self._workers_linger, self._stop_unused)
 
     def _stop_unused(self) -> None:
         """Stop the workers if no subscription uses them (the next one starts them again)."""

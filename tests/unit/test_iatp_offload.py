@@ -293,6 +293,18 @@ def test_options_are_checked(option: str, bad: object) -> None:
         VerifyWorkers(**{option: bad})  # type: ignore[arg-type]
 
 
+def test_the_workers_linger_is_a_number_of_seconds() -> None:
+    middleware = IATPMiddleware(IATP(), verify_workers=1)
+    assert middleware.workers_linger == 2.0
+    middleware.workers_linger = 0
+    assert middleware.workers_linger == 0.0
+    for bad in (-1, float("nan"), float("inf"), True, "2", None):
+        with pytest.raises(IATPConfigError, match="workers_linger"):
+            middleware.workers_linger = bad  # type: ignore[assignment]
+    assert middleware.workers_linger == 0.0
+    middleware.close()
+
+
 def test_the_middleware_checks_verify_workers() -> None:
     for bad in (-1, True, 1.5, "1"):
         with pytest.raises(IATPConfigError, match="verify_workers"):
