@@ -11,7 +11,7 @@ import asyncio
 import math
 import weakref
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agent_os.amb import tracing as _tracing
@@ -158,11 +158,9 @@ class IATPMiddleware(Middleware):
         ``concurrency=1``; with ``verify_workers``, every subscription has up to ``lookahead``
         messages' signatures sent to the workers (``docs/trust.md``)."""
         if self.workers is not None:
-            shared_claims = self.nonce_store is not None and (
-                isinstance(subscription.context.get(REPLAY_SCOPE), str)
-                or isinstance(subscription.options.queue, str)
-            )  # verified inline ahead (prepare), so that only a verified nonce is claimed
-            if not shared_claims:
+            # A shared-claim subscription is verified inline ahead (prepare), so that only a
+            # verified nonce is claimed.
+            if self.nonce_store is None or self._claim_scope(subscription.context) is None:
                 # Tracked even when this layer would not look ahead: another layer may ask the
                 # bus to, and then prepare() sends this subscription's checks all the same.
                 self._served.add(subscription)
@@ -184,7 +182,7 @@ class IATPMiddleware(Middleware):
             return
         started = _tracing.now() if _tracing.active else 0
         workers = self.workers
-        if workers is not None and (self.nonce_store is None or self._claim_scope(metadata) is None):
+        if workers is not None and (self.nonce_store is None or self._claim_scope(metadata.context) is None):
             # No shared claim to send ahead: only the signature check goes ahead, to a worker.
             parts = self.iatp.verifier.signed_parts(envelope)
             check = workers.check(*parts) if parts is not None else None
@@ -390,7 +388,7 @@ class IATPMiddleware(Middleware):
         sig = envelope.sig
         if sig is None or sig.scheme != _ED25519:
             return None
-        scope = self._claim_scope(metadata)
+        scope = self._claim_scope(metadata.context)
         if scope is None:
             return None
         verifier = self.iatp.verifier
@@ -398,10 +396,10 @@ class IATPMiddleware(Middleware):
         return scope, sig.nonce, (ts + verifier.nonces.max_age_ns - verifier.clock()) // _NS_PER_MS + 1
 
     @staticmethod
-    def _claim_scope(metadata: Metadata) -> str | None:
-        """The scope of the shared claims of a subscription's messages: its ``REPLAY_SCOPE``,
-        else ``"<queue>@<pattern>"`` for a queue group; None for a plain subscription."""
-        context = metadata.context
+    def _claim_scope(context: Mapping[str, Any]) -> str | None:
+        """The scope of the shared claims of a subscription's messages, from its (or a
+        delivery's) context: its ``REPLAY_SCOPE``, else ``"<queue>@<pattern>"`` for a queue
+        group; None for a plain subscription."""
         scope = context.get(REPLAY_SCOPE)
         if isinstance(scope, str):
             return scope
