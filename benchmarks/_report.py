@@ -1,12 +1,15 @@
-"""Writes a benchmark's figures into benchmarks/RESULTS.md, replacing that benchmark's section."""
+"""What every benchmark shares: the per-round statistics it reports (the median of per-round
+ratios with their range, never a ratio of best runs) and the writer of its RESULTS.md section."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,3 +55,23 @@ def write_section(name: str, command: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text.rstrip("\n") + "\n")
     print(f"wrote section {name!r} of {RESULTS}", file=sys.stderr)
+
+
+def per_round(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """The ratio of each round's figures (rounds paired by position). Raises ValueError when
+    the two hold different numbers of rounds."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"{len(numerators)} rounds against {len(denominators)}")
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
+
+
+def spread(values: Sequence[float], fmt: str = ".2f") -> str:
+    """``median (min-max)`` of per-round figures in ``fmt``, or ``n/a`` without any."""
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (1-99) of ``samples`` (at least two)."""
+    return statistics.quantiles(samples, n=100)[int(q) - 1]

@@ -39,7 +39,7 @@ from typing import Any
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, decode, new_id
 from agent_os.amb.envelope import new_id_at
-from benchmarks._report import write_section
+from benchmarks._report import pct, per_round, spread, write_section
 
 PAYLOAD = b"x" * 256
 ENCODER = MsgpackSerializer()
@@ -64,8 +64,10 @@ class Result:
     ours_tp: list[float] = field(default_factory=list)
     raw_tp: list[float] = field(default_factory=list)
     env_tp: list[float] = field(default_factory=list)  # raw client + our envelope (NATS, Redis)
-    ours_rr: list[float] = field(default_factory=list)
+    ours_rr: list[float] = field(default_factory=list)  # latency samples, every round's pooled
     raw_rr: list[float] = field(default_factory=list)
+    ours_p50: list[float] = field(default_factory=list)  # each round's p50
+    raw_p50: list[float] = field(default_factory=list)
     json_ratios: list[float] = field(default_factory=list)  # NATS: ours (json) / raw + msgspec JSON
     json_env_ratios: list[float] = field(default_factory=list)  # the same, raw sending our fields
 
@@ -575,10 +577,6 @@ def sizes_for(backend: str, quick: bool) -> Sizes:
     return Sizes(1_000, 200, 100, 20, 5.0) if quick else Sizes(3_000, 300, 500, 50, 15.0)
 
 
-def pct(samples: list[float], q: int) -> float:
-    return statistics.quantiles(samples, n=100)[q - 1]
-
-
 async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[str] = CASES) -> Result:
     sizes = sizes_for(backend, quick)
     result = Result()
@@ -625,7 +623,7 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
             async def raw_rr(sizes: Sizes) -> list[float]:
                 return await redis_raw_latency(sizes)
 
-        # Interleave ours and raw and keep the best run, so drift hits both alike.
+        # Ours and raw back to back in each round, so drift hits both alike; each round's ratio.
         for _ in range(repeats):
             if "tp" in cases:
                 result.ours_tp.append(await ours_throughput(backend, url, sizes))
@@ -652,12 +650,15 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
         # Latency too: alternate ours and raw in rounds and pool the samples.
         rounds = Sizes(sizes.tp, sizes.tp_warm, sizes.rr // repeats, sizes.rr_warm, sizes.rr_budget / repeats)
         for _ in range(repeats):
-            result.ours_rr += await ours_latency(backend, url, rounds)
-            result.raw_rr += await raw_rr(rounds)
-        print(
-            f"{backend}: p50 ours {pct(result.ours_rr, 50):,.0f} raw {pct(result.raw_rr, 50):,.0f} µs",
-            file=sys.stderr,
-        )
+            ours, raw = await ours_latency(backend, url, rounds), await raw_rr(rounds)
+            result.ours_rr += ours
+            result.raw_rr += raw
+            result.ours_p50.append(pct(ours, 50))
+            result.raw_p50.append(pct(raw, 50))
+            print(
+                f"{backend}: p50 ours {result.ours_p50[-1]:,.0f} raw {result.raw_p50[-1]:,.0f} µs",
+                file=sys.stderr,
+            )
     finally:
         if cluster is not None:
             cluster.close()
@@ -674,48 +675,52 @@ def render(results: dict[str, Result], quick: bool, repeats: int, load: tuple[fl
     for backend, r in results.items():
         sizes = sizes_for(backend, quick)
         if r.ours_tp:
-            ours, raw = max(r.ours_tp), max(r.raw_tp)
-            tp_ratio = ours / raw
+            ours = statistics.median(r.ours_tp)
+            tp_ratios = per_round(r.ours_tp, r.raw_tp)
+            tp_ratio = statistics.median(tp_ratios)
             rows.append(
-                f"| {backend} | publish -> handler ({sizes.tp:,} msgs) | {ours:,.0f} msg/s | {raw:,.0f} msg/s "
-                f"({raw_names[backend][0]}) | {tp_ratio:.3f} | >= 0.70 {'ok' if tp_ratio >= 0.70 else 'MISSED'} |"
+                f"| {backend} | publish -> handler ({sizes.tp:,} msgs) | {ours:,.0f} msg/s "
+                f"| {statistics.median(r.raw_tp):,.0f} msg/s ({raw_names[backend][0]}) "
+                f"| {spread(tp_ratios, '.3f')} | >= 0.70 {'ok' if tp_ratio >= 0.70 else 'MISSED'} |"
             )
-        if r.env_tp:
-            env = max(r.env_tp)
-            rows.append(
-                f"| {backend} | (same, raw client + our envelope built, encoded, decoded) | {ours:,.0f} msg/s "
-                f"| {env:,.0f} msg/s | {ours / env:.3f} | (info: the adapter's and client's own cost) |"
-            )
+            if r.env_tp:
+                rows.append(
+                    f"| {backend} | (same, raw client + our envelope built, encoded, decoded) | {ours:,.0f} msg/s "
+                    f"| {statistics.median(r.env_tp):,.0f} msg/s | {spread(per_round(r.ours_tp, r.env_tp), '.3f')} "
+                    "| (info: the adapter's and client's own cost) |"
+                )
         if r.json_ratios:
-            med, lo, hi = statistics.median(r.json_ratios), min(r.json_ratios), max(r.json_ratios)
+            med = statistics.median(r.json_ratios)
             rows.append(
                 f'| {backend} | publish -> handler, `serializer="json"`, 256-char text | median of '
-                f"{len(r.json_ratios)} per-round ratios | nats-py + msgspec JSON per message | {med:.3f} "
-                f"({lo:.3f}-{hi:.3f}) | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
+                f"{len(r.json_ratios)} per-round ratios | nats-py + msgspec JSON per message "
+                f"| {spread(r.json_ratios, '.3f')} | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
             )
-            med, lo, hi = statistics.median(r.json_env_ratios), min(r.json_env_ratios), max(r.json_env_ratios)
             rows.append(
                 f"| {backend} | (same, raw client + msgspec JSON of our envelope's fields, unchecked) | median "
-                f"of {len(r.json_env_ratios)} per-round ratios | nats-py + msgspec JSON per message | {med:.3f} "
-                f"({lo:.3f}-{hi:.3f}) | (info: the cost beyond the envelope's content) |"
+                f"of {len(r.json_env_ratios)} per-round ratios | nats-py + msgspec JSON per message "
+                f"| {spread(r.json_env_ratios, '.3f')} | (info: the cost beyond the envelope's content) |"
             )
         if r.ours_rr:
             o50, o99, r50, r99 = pct(r.ours_rr, 50), pct(r.ours_rr, 99), pct(r.raw_rr, 50), pct(r.raw_rr, 99)
-            rr_ratio = r50 / o50
+            rr_ratios = per_round(r.raw_p50, r.ours_p50)
+            rr_ratio = statistics.median(rr_ratios)
             target = f">= 0.80 {'ok' if rr_ratio >= 0.80 else 'MISSED'}"
             if backend == "nats":
                 target += f"; p50 <= 400 µs {'ok' if o50 <= 400 else 'MISSED'}"
             rows.append(
                 f"| {backend} | request/reply p50 / p99 ({len(r.ours_rr):,} / {len(r.raw_rr):,} samples) "
                 f"| {o50:,.0f} / {o99:,.0f} µs | {r50:,.0f} / {r99:,.0f} µs ({raw_names[backend][1]}) "
-                f"| {rr_ratio:.3f} | {target} |"
+                f"| {spread(rr_ratios, '.3f')} | {target} |"
             )
     table = "\n".join(rows)
     return f"""
 Two clients (separate connections) on one event loop, 256-byte bytes payload, msgpack envelope
 for ours; NATS and Redis are local servers, Kafka is librdkafka's mock cluster (in-process, one
-broker). Throughput: best of {repeats} interleaved runs, after a warm-up. Latency: one request at a
-time after a warm-up, ours and raw alternating in {repeats} rounds. Throughput ratio = ours / raw; latency ratio = raw p50 / ours p50.
+broker). {repeats} rounds, each running ours and raw back to back after a warm-up; a ratio is the
+median of the per-round ratios, with their range, and a rate the median over rounds. Throughput
+ratio = ours / raw. Latency: one request at a time; the p50 and p99 shown are over every round's
+samples pooled, the ratio (raw p50 / ours p50) is per round.
 Kafka publishes are pipelined on both sides (aiokafka ``send``, acks awaited at the end / by the
 adapter's flush on close). The mock answers a Fetch only when its ``fetch_max_wait_ms`` expires,
 so a Kafka request/reply costs about one request-consumer wait (100 ms) plus one reply-consumer

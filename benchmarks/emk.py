@@ -37,7 +37,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector_async
 
 from agent_os.emk import EMK, HashingEmbedder, NewMemory
-from benchmarks._report import write_section
+from benchmarks._report import pct, write_section
 
 DSN = os.environ.get("EMK_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 AGENT = "bench-agent"
@@ -59,10 +59,6 @@ def make_vectors(n: int, dim: int, seed: int) -> np.ndarray[Any, Any]:
     )
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     return points
-
-
-def pct(samples: list[float], q: int) -> float:
-    return statistics.quantiles(samples, n=100)[q - 1]
 
 
 async def raw_copy(vectors: np.ndarray[Any, Any], *, hnsw: bool, schema: str) -> float:

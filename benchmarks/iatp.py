@@ -24,7 +24,7 @@ import nacl.signing
 
 from agent_os.amb import AMB, Envelope, Metadata, Middleware, MsgpackSerializer, new_id
 from agent_os.iatp import IATP, envelope_bytes
-from benchmarks._report import write_section
+from benchmarks._report import per_round, spread, write_section
 
 PAYLOAD = {"task_id": "task_123", "priority": "high", "data": "x" * 128}
 TOPIC = "bench.iatp"
@@ -212,6 +212,10 @@ each chunk starts and ends with the loop waiting (1,000-message chunks measured 
 message, against about 57 for one core's raw verify)."""
 
 
+RUNS = 5
+"""Runs of each measure; the report gives the median and the range over them."""
+
+
 def mark(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
@@ -223,16 +227,19 @@ async def main(quick: bool, write: bool = True) -> None:
     gc.collect()
     iatp = await setup()
     size = len(envelope_bytes(make_env(), "ed25519", "k" * 32, b"n" * 16))
-    # Each figure is paired with its baseline measured beside it; of three runs, the one with
-    # the median ratio is reported.
-    runs = sorted((sign_verify_rates(iatp, n_sig, size) for _ in range(3)), key=lambda r: r[3] / r[1])
-    raw_sign, raw_verify, sign, verify = runs[1]
-    ed_runs = [await ed25519_delivery(iatp, size, ed_rounds, ed_chunk) for _ in range(3)]
-    verified_delivery, delivery_raw_verify, *_ = sorted(ed_runs, key=lambda r: r[0] / r[1])[1]
-    _, _, signed_delivery, both_raw, _ = sorted(ed_runs, key=lambda r: r[2] / r[3])[1]
-    offloaded, offload_raw_verify = next(
-        (r[4], r[1]) for r in sorted(ed_runs, key=lambda r: r[4] / r[1])[1:2]
+    # Each figure is paired with its baseline measured beside it, in each of RUNS runs.
+    med = statistics.median
+    sv_runs = [sign_verify_rates(iatp, n_sig, size) for _ in range(RUNS)]
+    raw_sign, raw_verify, sign, verify = (med(r[i] for r in sv_runs) for i in range(4))
+    sign_ratios = per_round([r[2] for r in sv_runs], [r[0] for r in sv_runs])
+    verify_ratios = per_round([r[3] for r in sv_runs], [r[1] for r in sv_runs])
+    ed_runs = [await ed25519_delivery(iatp, size, ed_rounds, ed_chunk) for _ in range(RUNS)]
+    verified_delivery, delivery_raw_verify, signed_delivery, both_raw, offloaded = (
+        med(r[i] for r in ed_runs) for i in range(5)
     )
+    verified_ratios = per_round([r[0] for r in ed_runs], [r[1] for r in ed_runs])
+    signed_ratios = per_round([r[2] for r in ed_runs], [r[3] for r in ed_runs])
+    offloaded_ratios = per_round([r[4] for r in ed_runs], [r[1] for r in ed_runs])
 
     a, b = await session_pair()
     session = a.sessions.for_pair("alice", "bob", time.time_ns())
@@ -248,35 +255,36 @@ async def main(quick: bool, write: bool = True) -> None:
         if not b.verify_envelope(env).valid:
             raise AssertionError("session envelope did not verify")
     open_rate = n_bus / (time.perf_counter() - start)
-    s_runs = [await session_delivery(a, b, s_rounds, s_chunk) for _ in range(3)]
-    session_delivery_rate = max(r[0] for r in s_runs)
-    plain_delivery = max(r[1] for r in s_runs)
-    empty_delivery = max(r[2] for r in s_runs)
-    session_ratio = statistics.median(r[0] / r[1] for r in s_runs)
+    s_runs = [await session_delivery(a, b, s_rounds, s_chunk) for _ in range(RUNS)]
+    session_rates = [r[0] for r in s_runs]
+    session_delivery_rate, plain_delivery, empty_delivery = (med(r[i] for r in s_runs) for i in range(3))
+    session_ratios = per_round(session_rates, [r[1] for r in s_runs])
+    empty_ratios = per_round([r[2] for r in s_runs], [r[1] for r in s_runs])
 
-    ratio = verified_delivery / delivery_raw_verify
+    ratio = med(verified_ratios)
     body = f"""
 One event loop (one core). Envelope: {size}-byte canonical signed bytes (a dict payload of ~170
 bytes). Sign/verify: {n_sig:,} messages, raw and ours alternating in chunks of 250. Deliveries
 run in chunks alternating with their baseline: ed25519 {ed_rounds} x {ed_chunk} messages,
-session and bus {s_rounds} x {s_chunk:,}; three runs each. For ratios the run with the median
-ratio is shown; for the session and bus rates the best run. "Verified delivery" publishes
+session and bus {s_rounds} x {s_chunk:,}; {RUNS} runs each. A ratio is the median of the
+per-run ratios, with their range; a rate is the median over runs (the session-mode rate with
+its range, since its target is a rate). "Verified delivery" publishes
 pre-signed envelopes on the raw broker, so the receiving side does the verification alone (its
 ceiling is raw verify); "signed + verified" signs on publish and verifies on delivery on the
 same core, so it pays for both (its ceiling is raw sign + verify).
 
-| measure | ours | baseline (same run) | ratio | target |
+| measure | ours | baseline (same run) | ratio: median (range) | target |
 |---|---|---|---|---|
-| sign (sign_envelope) | {sign:,.0f} /s | {raw_sign:,.0f} /s (PyNaCl SigningKey.sign, {size} B) | {sign / raw_sign:.2f} | |
-| verify (verify_envelope, all checks) | {verify:,.0f} /s | {raw_verify:,.0f} /s (PyNaCl VerifyKey.verify) | {verify / raw_verify:.2f} | |
-| verified delivery (memory bus, middleware) | {verified_delivery:,.0f} msg/s | {delivery_raw_verify:,.0f} /s (raw verify, alternating chunks) | {ratio:.2f} | >= 0.80 {mark(ratio >= 0.8)} |
-| the same, the checks in two worker processes (`verify_workers=2`) | {offloaded:,.0f} msg/s | {offload_raw_verify:,.0f} /s (raw verify on one core, same rounds) | {offloaded / offload_raw_verify:.2f} | (info: both cores check) |
-| signed + verified delivery, one core | {signed_delivery:,.0f} msg/s | {both_raw:,.0f} /s (raw sign + raw verify, alternating) | {signed_delivery / both_raw:.2f} | (info: pays for signing too) |
+| sign (sign_envelope) | {sign:,.0f} /s | {raw_sign:,.0f} /s (PyNaCl SigningKey.sign, {size} B) | {spread(sign_ratios)} | |
+| verify (verify_envelope, all checks) | {verify:,.0f} /s | {raw_verify:,.0f} /s (PyNaCl VerifyKey.verify) | {spread(verify_ratios)} | |
+| verified delivery (memory bus, middleware) | {verified_delivery:,.0f} msg/s | {delivery_raw_verify:,.0f} /s (raw verify, alternating chunks) | {spread(verified_ratios)} | >= 0.80 {mark(ratio >= 0.8)} |
+| the same, the checks in two worker processes (`verify_workers=2`) | {offloaded:,.0f} msg/s | {delivery_raw_verify:,.0f} /s (raw verify on one core, same rounds) | {spread(offloaded_ratios)} | (info: both cores check) |
+| signed + verified delivery, one core | {signed_delivery:,.0f} msg/s | {both_raw:,.0f} /s (raw sign + raw verify, alternating) | {spread(signed_ratios)} | (info: pays for signing too) |
 | bus without middleware | {plain_delivery:,.0f} msg/s | | | |
-| bus with a pass-through middleware on each side | {empty_delivery:,.0f} msg/s | {plain_delivery:,.0f} msg/s (without) | {empty_delivery / plain_delivery:.2f} | (info: the bus's cost of a middleware layer) |
+| bus with a pass-through middleware on each side | {empty_delivery:,.0f} msg/s | {plain_delivery:,.0f} msg/s (without) | {spread(empty_ratios)} | (info: the bus's cost of a middleware layer) |
 | session MAC seal | {seal_rate:,.0f} /s | {sign:,.0f} /s (ed25519 sign_envelope) | {seal_rate / sign:.1f}x | |
 | session MAC check (all checks) | {open_rate:,.0f} /s | {verify:,.0f} /s (ed25519 verify_envelope) | {open_rate / verify:.1f}x | |
-| session-mode delivery (seal + check on the bus) | {session_delivery_rate:,.0f} msg/s | {plain_delivery:,.0f} msg/s (bus without middleware) | {session_ratio:.2f} | >= 100,000 msg/s {mark(session_delivery_rate >= 100_000)} |
+| session-mode delivery (seal + check on the bus) | {spread(session_rates, ",.0f")} msg/s | {plain_delivery:,.0f} msg/s (bus without middleware) | {spread(session_ratios)} | >= 100,000 msg/s {mark(session_delivery_rate >= 100_000)} |
 
 {HOSTS}
 """

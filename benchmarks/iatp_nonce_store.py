@@ -34,7 +34,7 @@ import nats
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, new_id
 from agent_os.iatp import IATP, RedisNonceStore
-from benchmarks._report import write_section
+from benchmarks._report import spread, write_section
 
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -306,10 +306,6 @@ async def scale_out(iatp: IATP, rounds: int, n: int, raw: bool = False) -> list[
                     await proc.wait()
             await forget(prefix)
     return out[1:]
-
-
-def spread(ratios: list[float]) -> str:
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 async def main(quick: bool, write: bool) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._report import write_section
+from benchmarks._report import per_round, spread, write_section
 
 FASTSTREAM = "faststream[nats,redis]==0.7.8"
 PEER_PACKAGES = (FASTSTREAM, "msgpack")
@@ -76,20 +76,6 @@ class Figures:
 
 
 # -- pure helpers (unit-tested) -------------------------------------------------------------------
-
-
-def per_round(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
-    """The ratio of each round's figures (rounds paired by position)."""
-    if len(numerators) != len(denominators):
-        raise ValueError(f"{len(numerators)} rounds against {len(denominators)}")
-    return [a / b for a, b in zip(numerators, denominators, strict=True)]
-
-
-def spread(ratios: Sequence[float]) -> str:
-    """``median (min-max)`` of per-round ratios, or ``n/a`` without any."""
-    if not ratios:
-        return "n/a"
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def rotated(items: Sequence[str], round_no: int) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from agent_os import ActionRequest
 from agent_os.control_plane import FlightRecorder, KernelSpace, Policy
 from agent_os.control_plane.sandbox import SandboxSpec, start
-from benchmarks._report import write_section
+from benchmarks._report import spread, write_section
 from tests.support import sandboxed_agents as agents
 
 
@@ -75,10 +75,6 @@ async def in_process(kernel: KernelSpace, n: int) -> list[float]:
 
     result: list[float] = await kernel.execute(local)
     return result
-
-
-def spread(ratios: list[float]) -> str:
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 async def main(quick: bool) -> None:
