@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.instructions import CASES, per_item, refs_from
+from benchmarks.instructions import CASES, per_item, refs_from, render
 
 REPORT = """==123== Cachegrind, a high-precision tracing profiler
 ==123== Command: python -m benchmarks.instructions --run memory-publish --n 10
@@ -48,3 +48,13 @@ def test_an_unknown_case_is_a_usage_error() -> None:
     )
     assert done.returncode == 2
     assert "unknown case 'memory-nothing'" in done.stderr
+
+
+def test_the_results_section_gives_each_count_and_the_ratios_of_pairs_that_ran() -> None:
+    section = render({"memory-publish": 33_629.4, "memory-queue": 23_848.0, "session": 120_000.0}, 5000)
+    assert "| memory-publish | 33,629 |" in section
+    assert "| session | 120,000 |" in section
+    assert "memory-queue / memory-publish: 0.709" in section
+    assert "memory-request" not in section  # a pair of which one case did not run: no ratio
+    assert "runs of 5,000 and\n10,000 items" in section
+    assert render({"session": 1.0}, 10).count("Ratios") == 0
