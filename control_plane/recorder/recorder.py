@@ -175,8 +175,11 @@ class FlightRecorder:
         self._seq = 0
         self._prev = GENESIS
         self._ids = f"evt_{new_id()}_"
-        self._batch: list[Record] = []
-        self._writing: list[Record] = []  # the batch flush() is writing now
+        # Records waiting for the writer, as plain tuples in column order: the garbage collector
+        # stops tracking a tuple of plain values at its first pass, and never a Record (a tuple
+        # subclass), so Records waiting here would make every later collection longer.
+        self._batch: list[Row] = []
+        self._writing: list[Row] = []  # the batch flush() is writing now
         self.last_verification: tuple[VerifyResult, float] | None = None
         """The result of the latest :meth:`verify` and when it ended (``time.time()``), or None."""
         self._opened = False
@@ -392,11 +395,10 @@ class FlightRecorder:
         head = json_bytes([seq, rid, ts, event_type, agent_id, execution_id, severity, prev])
         h = _sha256(head + raw).hexdigest()
         self._seq, self._prev = seq, h
-        record: Record = _new_record(
-            Record, (seq, rid, ts, event_type, agent_id, execution_id, severity, raw.decode(), prev, h)
-        )
-        self._batch.append(record)
+        row = (seq, rid, ts, event_type, agent_id, execution_id, severity, raw.decode(), prev, h)
+        self._batch.append(row)
         self.appended += 1
+        record: Record = _new_record(Record, row)
         return record
 
     # -- signed heads ------------------------------------------------------------------------
@@ -558,7 +560,7 @@ class FlightRecorder:
         """The time (ns since the epoch) of the oldest record appended and not yet written, or
         None when every record is written: how far the storage lags behind."""
         oldest = self._writing or self._batch
-        return oldest[0].ts if oldest else None
+        return int(oldest[0][2]) if oldest else None  # the ts column
 
     async def log_state_dump(self, agent_id: str, state: Mapping[str, Any]) -> Record:
         """Record an agent's state (``replay`` merges it into the replayed state)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import enum
+import gc
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 from agent_os.control_plane import FlightRecorder, RecorderError
 from agent_os.control_plane.errors import RecorderInUse
 from agent_os.control_plane.recorder import sqlite as sqlite_storage
-from agent_os.control_plane.recorder.records import FREQUENT_EVENTS
+from agent_os.control_plane.recorder.records import FREQUENT_EVENTS, Record
 from agent_os.control_plane.recorder.sqlite import (
     _SCHEMA,
     PAGE_SIZE,
@@ -1186,6 +1187,29 @@ async def test_appended_records_carry_the_documented_hash() -> None:
                 r.prev_hash,
             )
         assert records[1].data == {"big": 2**70}
+        assert (await rec.verify()).ok
+
+
+async def test_records_waiting_for_the_writer_or_kept_in_memory_are_not_tracked_by_the_collector() -> None:
+    # A Record is a tuple subclass, which the garbage collector tracks for as long as it lives:
+    # thousands waiting for the writer made every collection longer (and a memory store's
+    # records, for ever). Waiting and stored rows are plain tuples, which it stops tracking.
+    agent = f"gc-{os.getpid()}-{time.monotonic_ns()}"
+
+    def tracked_records() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Record and o.agent_id == agent)
+
+    async with FlightRecorder("memory", batch_size=10_000) as rec:
+        returned = [rec.append("policy_decision", agent, {"i": i}, plain=True) for i in range(300)]
+        assert tracked_records() == 300  # the caller's own Records
+        del returned
+        assert tracked_records() == 0  # none for the 300 waiting
+        assert rec.unwritten_since_ns is not None
+        await rec.flush()
+        assert tracked_records() == 0  # nor in the memory store
+        records = await rec.query(agent_id=agent)
+        assert [r.data["i"] for r in records] == list(range(300))
         assert (await rec.verify()).ok
 
 
