@@ -209,7 +209,7 @@ gave session-mode delivery 119,024 msg/s, with the bus without middleware at 353
 is 0.33-0.34 in all of them: that host is slower, not the code. The worker row: two processes check
 while the event loop decodes, prepares and hands the checks over; with 250 messages a chunk,
 each chunk starts and ends with the loop waiting (1,000-message chunks measured 45-54 µs a
-message, against about 57 for one core's raw verify). At 14:50 and 15:10 the same day, on the AMD
+message, against about 57 for one core's raw verify). At 14:50 and 15:04 the same day, on the AMD
 EPYC host of a later session (commit a8dca3b, five runs each): session-mode delivery 52,519 and
 59,085 msg/s, the bus at 170,505 and 194,171, verified delivery 0.78 of raw verify in both; back
 to back on that host, the code of commit 60fe3be (the 10:20 run's) gave verified delivery

@@ -122,7 +122,7 @@ ABOUT = """What the counts are for (not rewritten by the script): comparing vers
 from one run of this command to another, on any host. Wall-clock ratios of the same code moved
 by up to 1.5x between the 2-vCPU virtual machines of two sessions: the memory bus's
 request/reply took 17.1 µs against 10.7 for its baseline (1.59x) on the AMD EPYC of
-2026-12-07 13:00, and 34.5 against 14.5 (2.37x) on the AMD EPYC of 14:50, where commit ec97b45
+2026-12-07 13:00, and 34.5 against 14.5 (2.37x) on the AMD EPYC of 14:51, where commit ec97b45
 of the first run measured the same as the code after it. These counts repeat within about 0.5 %.
 They are not times: valgrind runs every path on an emulated CPU without the SHA extensions, so
 the SHA-256 of the recorder's hash chain counts some 12,000 instructions a record (13 % of the
