@@ -230,8 +230,9 @@ class AMB(Lifecycle):
             own_inbox = f"{inbox_prefix}.{os.urandom(8).hex()}"
             try:
                 validate_subject(inbox_prefix)
-                # Its reply subjects (<prefix>.<token>.<request number>) must be subjects too.
-                validate_subject(f"{own_inbox}.{'f' * 16}")
+                # Its reply subjects (<prefix>.<token>.<request number>) must be subjects too,
+                # up to a 16-digit request number (10**16 requests).
+                validate_subject(f"{own_inbox}.{'9' * 16}")
             except ConfigError as exc:
                 raise ConfigError(f"inbox_prefix: {exc}") from None
         try:
@@ -583,8 +584,9 @@ class AMB(Lifecycle):
         if self._state is not _OPEN or self._pending_starts:
             await self._ready()
         inbox = self._inbox or await self._open_inbox()
-        reply_subject = f"{inbox}.{next(self._request_ids):x}"
-        if len(reply_subject) <= self._reply_room:  # the inbox and a hex token: valid
+        # A decimal token: str() of an int, where a format spec (hex) is parsed on every call.
+        reply_subject = f"{inbox}.{next(self._request_ids)}"
+        if len(reply_subject) <= self._reply_room:  # the inbox and a decimal token: valid
             self._checked = reply_subject
         loop = self._loop
         assert loop is not None  # set by connect()
@@ -606,9 +608,8 @@ class AMB(Lifecycle):
                     headers=headers,
                     ttl=timeout,
                 )
-                self._requests.published(pending, request_id)
                 # The deadline resolves the future with None (one shared timer, see PendingRequests).
-                self._requests.expire_at(fut, loop.time() + timeout, loop)
+                self._requests.published(pending, request_id, loop.time() + timeout, loop)
                 reply = await fut
             finally:
                 self._requests.remove(reply_subject)
@@ -644,7 +645,7 @@ class AMB(Lifecycle):
                     prefix + ".>", self._requests.on_reply, SubscriptionOptions()
                 )
                 self._inbox = prefix
-                # A prefix that is a subject (a pattern's may hold "*") and a hex token make a
+                # A prefix that is a subject (a pattern's may hold "*") and a decimal token make a
                 # valid subject while the whole is short enough; counted in characters, ASCII only.
                 self._reply_room = MAX_SUBJECT_BYTES if prefix.isascii() and subject_ok(prefix) else -1
         return self._inbox
@@ -934,7 +935,7 @@ class AMB(Lifecycle):
         subject = delivery.subject
         # A reply subject this client made for a request still waiting is valid (see request):
         # a topic equal to it needs no second check.
-        known = subject if len(subject) <= self._reply_room and subject in self._requests else None
+        known = subject if len(subject) <= self._reply_room and subject in self._requests.waiting else None
         try:
             fields = self._decoder.decode_fields(delivery.data, known)
         except EnvelopeError:

@@ -7,7 +7,10 @@ import asyncio
 import heapq
 import itertools
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
 
 from agent_os.amb.errors import StateError
 from agent_os.amb.metadata import Metadata
@@ -23,18 +26,15 @@ ERROR_HEADER: Final = "amb-error"
 Reply = tuple[Any, Metadata]
 
 
-class PendingRequest:
-    """A request waiting for its reply: the future, the request's envelope id (set once its
-    publish returned), the agent it was addressed to (if any) and replies that came before its
-    publish returned, checked then."""
+class PendingRequest(msgspec.Struct):
+    """A request waiting for its reply: the future, the agent it was addressed to (if any),
+    the request's envelope id (set once its publish returned) and replies that came before its
+    publish returned, checked then. (A struct: made without a Python-level ``__init__``.)"""
 
-    __slots__ = ("early", "future", "recipient", "request_id")
-
-    def __init__(self, future: asyncio.Future[Reply | None], recipient: str | None) -> None:
-        self.future = future
-        self.recipient = recipient
-        self.request_id: str | None = None
-        self.early: list[Reply] | None = None
+    future: asyncio.Future[Reply | None]
+    recipient: str | None
+    request_id: str | None = None
+    early: list[Reply] | None = None
 
 
 class PendingRequests:
@@ -45,34 +45,18 @@ class PendingRequests:
     request); the heap of deadlines keeps finished requests only until they reach its top.
     """
 
-    __slots__ = ("_deadlines", "_order", "_requests", "_stats", "_timer", "_timer_at")
+    __slots__ = ("_deadlines", "_order", "_requests", "_stats", "_timer", "_timer_at", "waiting")
 
     def __init__(self, stats: BusStats) -> None:
         self._requests: dict[str, PendingRequest] = {}
+        self.waiting: Mapping[str, PendingRequest] = self._requests
+        """The requests waiting, by reply subject (read-only: ``reply_subject in waiting`` on the
+        reply path, without a call)."""
         self._stats = stats
         self._deadlines: list[tuple[float, int, asyncio.Future[Reply | None]]] = []
         self._order = itertools.count()  # breaks ties between equal deadlines (futures don't order)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-
-    def expire_at(
-        self, future: asyncio.Future[Reply | None], when: float, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """Resolve ``future`` with None at loop time ``when`` unless it is done by then."""
-        heap = self._deadlines
-        while heap and heap[0][2].done():
-            heapq.heappop(heap)
-        if len(heap) > 64 and len(heap) > 4 * len(self._requests):
-            # Finished requests below the top (deadlines later than a pending one's): drop them.
-            heap[:] = [entry for entry in heap if not entry[2].done()]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (when, next(self._order), future))
-        timer = self._timer
-        if timer is None or when < self._timer_at:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(when, self._on_timer, loop)
-            self._timer_at = when
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
@@ -97,10 +81,6 @@ class PendingRequests:
         """The number of requests waiting for a reply."""
         return len(self._requests)
 
-    def __contains__(self, reply_subject: object) -> bool:
-        """True when a request waits for a reply on ``reply_subject``."""
-        return reply_subject in self._requests
-
     def add(
         self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
     ) -> PendingRequest:
@@ -108,14 +88,34 @@ class PendingRequests:
         pending = self._requests[reply_subject] = PendingRequest(future, recipient)
         return pending
 
-    def published(self, pending: PendingRequest, request_id: str) -> None:
-        """Record the request's envelope id once its publish returned, and check the replies
-        that came before."""
+    def published(
+        self, pending: PendingRequest, request_id: str, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Record the request's envelope id once its publish returned, check the replies that
+        came before, and resolve its future with None at loop time ``deadline`` unless it is
+        done by then."""
         pending.request_id = request_id
+        future = pending.future
         if pending.early is not None:
             for early in pending.early:
                 self._resolve(pending, *early)
             pending.early = None
+            if future.done():
+                return
+        heap = self._deadlines
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if len(heap) > 64 and len(heap) > 4 * len(self._requests):
+            # Finished requests below the top (deadlines later than a pending one's): drop them.
+            heap[:] = [entry for entry in heap if not entry[2].done()]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, next(self._order), future))
+        timer = self._timer
+        if timer is None or deadline < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer, loop)
+            self._timer_at = deadline
 
     def remove(self, reply_subject: str) -> None:
         """Stop waiting on ``reply_subject``; replies that come later count as late."""

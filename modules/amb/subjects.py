@@ -90,13 +90,32 @@ def _tokens(text: str, what: str) -> list[str]:
     return tokens
 
 
+_HEADS_MAX: Final = 1024
+# ASCII subjects known valid as the head of a longer one: the inboxes of reply subjects
+# (``<inbox>.<request number>``), which are new for each request while their inbox repeats.
+_valid_heads: set[str] = set()
+
+
 def subject_ok(subject: object) -> bool:
     """True when ``subject`` is a valid subject to publish to (what :func:`validate_subject`
-    accepts), without raising or caching: for subjects that come from the wire."""
+    accepts), without raising: for subjects that come from the wire, reply subjects above all.
+
+    It does not remember ``subject`` (each reply subject is new) but its head, everything
+    before the last ``.``: a valid ASCII head and a last token of ASCII letters and digits
+    make a valid subject while the whole is short enough, without the full check."""
     if type(subject) is not str:
         return False
     if len(subject) <= MAX_SUBJECT_BYTES and subject.isascii():
-        return _ASCII_SUBJECT.fullmatch(subject) is not None
+        head, _, token = subject.rpartition(".")
+        if head in _valid_heads and token.isalnum():
+            return True
+        if _ASCII_SUBJECT.fullmatch(subject) is None:
+            return False
+        if head:
+            if len(_valid_heads) >= _HEADS_MAX:
+                _valid_heads.clear()
+            _valid_heads.add(head)
+        return True
     try:
         validate_subject(subject)
     except InvalidSubject:

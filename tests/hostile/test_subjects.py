@@ -70,6 +70,20 @@ def test_a_hostile_subject_is_refused_everywhere_a_subject_is_checked(token: str
         AMB("memory", memory_url(), dead_letter_prefix=subject)
 
 
+@pytest.mark.parametrize("token", [*HOSTILE_TOKENS.values(), "", ">", "*", "a.", "1 2"], ids=repr)
+def test_a_known_inbox_does_not_let_a_hostile_last_token_through(token: str) -> None:
+    # subject_ok remembers the heads of valid subjects (a reply subject's inbox) and takes
+    # "<head>.<letters and digits>" without the full check: anything else is checked in full.
+    head = f"_INBOX.{tag()}"
+    assert subject_ok(f"{head}.1")
+    assert subject_ok(f"{head}.2f")  # by the known head
+    assert subject_ok(f"{head}.{'9' * (MAX_SUBJECT_BYTES - len(head) - 1)}")  # just fits
+    assert not subject_ok(f"{head}.{'9' * (MAX_SUBJECT_BYTES - len(head))}")  # one byte over
+    assert not subject_ok(f"{head}.{token}")
+    with pytest.raises(ConfigError):
+        validate_subject(f"{head}.{token}")
+
+
 def test_the_bound_is_in_utf8_bytes_and_leaves_room_for_prefixes() -> None:
     assert validate_subject("a" * MAX_SUBJECT_BYTES)
     assert validate_subject("\u00e9" * (MAX_SUBJECT_BYTES // 2))

@@ -13,7 +13,7 @@ import msgspec
 
 from agent_os.amb.envelope import WIRE_VERSION, Envelope, Signature, new_envelope
 from agent_os.amb.errors import InvalidSubject, MalformedEnvelope, UnsupportedVersion
-from agent_os.amb.subjects import subject_ok, validate_subject
+from agent_os.amb.subjects import subject_ok, valid_subjects, validate_subject
 
 DEFAULT_MAX_BYTES: Final = 8 * 1024 * 1024
 """Largest encoded envelope accepted by default (8 MiB); brokers may impose a lower limit."""
@@ -84,10 +84,11 @@ def check_subjects(topic: str, reply_to: str | None) -> None:
     """Raise :class:`~agent_os.amb.MalformedEnvelope` unless ``topic`` is a valid subject and
     ``reply_to`` is empty (no reply wanted) or one (a reply sent there could not be published
     otherwise)."""
-    try:
-        validate_subject(topic)  # cached: topics repeat
-    except InvalidSubject as exc:
-        raise MalformedEnvelope(f"topic: {exc}") from None
+    if topic not in valid_subjects:  # topics repeat: a known one needs no call
+        try:
+            validate_subject(topic)
+        except InvalidSubject as exc:
+            raise MalformedEnvelope(f"topic: {exc}") from None
     if reply_to and not subject_ok(reply_to):  # not cached: reply subjects vary ("": none)
         try:
             validate_subject(reply_to)
