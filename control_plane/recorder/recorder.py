@@ -388,7 +388,7 @@ class FlightRecorder:
     ) -> Record:
         """Number, hash and batch one record (no await: the chain order is the call order)."""
         seq = self._seq + 1
-        rid = f"{self._ids}{seq:x}"  # unique: a fresh sortable id per recorder, plus the seq
+        rid = f"{self._ids}{seq}"  # unique: a fresh sortable id per recorder, plus the seq
         ts = _time_ns()
         prev = self._prev
         # chain_hash, inline (the hot path)
