@@ -84,12 +84,12 @@ def check_subjects(topic: str, reply_to: str | None) -> None:
     """Raise :class:`~agent_os.amb.MalformedEnvelope` unless ``topic`` is a valid subject and
     ``reply_to`` is empty (no reply wanted) or one (a reply sent there could not be published
     otherwise)."""
-    if topic not in valid_subjects:  # topics repeat: a known one needs no call
+    if type(topic) is not str or topic not in valid_subjects:  # a known topic needs no call
         try:
             validate_subject(topic)
         except InvalidSubject as exc:
             raise MalformedEnvelope(f"topic: {exc}") from None
-    if reply_to and not subject_ok(reply_to):  # not cached: reply subjects vary ("": none)
+    if reply_to and not subject_ok(reply_to):  # new for each request, checked by its head ("": none)
         try:
             validate_subject(reply_to)
         except InvalidSubject as exc:
