@@ -5,8 +5,9 @@ the code where wall-clock runs are too noisy to tell a few per cent apart.
 
 Each case runs twice under ``valgrind --tool=cachegrind --cache-sim=no``, with ``n`` and ``2n``
 items; the difference divided by ``n`` is the instructions per item, start-up and warm-up
-cancelling out. With the default ``n`` the counts repeat within about 0.5 % (PYTHONHASHSEED is
-fixed; garbage collection and the clock still vary a little). They leave out
+cancelling out. With the default ``n`` the counts repeat within about 0.5 % on one machine
+(PYTHONHASHSEED is fixed; garbage collection and the clock still vary a little), and moved by
+up to 1.5 % between machines, so a change is counted beside its parent. They leave out
 the kernel (system calls), follow valgrind's emulated CPU (hashing may take another code path
 than on the real one), and count code that depends on the clock as it runs at valgrind's speed
 (an id's per-millisecond prefix is rebuilt far more often). So compare versions of one path
@@ -119,11 +120,15 @@ def count(name: str, n: int) -> int:
 
 
 ABOUT = """What the counts are for (not rewritten by the script): comparing versions of one path
-from one run of this command to another, on any host. Wall-clock ratios of the same code moved
+counted on one machine. Wall-clock ratios of the same code moved
 by up to 1.5x between the 2-vCPU virtual machines of two sessions: the memory bus's
 request/reply took 17.1 µs against 10.7 for its baseline (1.59x) on the AMD EPYC of
 2026-12-07 13:00, and 34.5 against 14.5 (2.37x) on the AMD EPYC of 14:51, where commit ec97b45
-of the first run measured the same as the code after it. These counts repeat within about 0.5 %.
+of the first run measured the same as the code after it. These counts repeat within about 0.5 %
+on one machine, but moved by up to 1.5 % between the machines of two sessions (memory-publish
+at d6df4dd: 33,179 on 2026-12-07 at 16:12, 33,652 on the machine of 17:33), so a change is
+counted beside its parent in one session: at 9ec5663 against d6df4dd, memory-request
+156,512 -> 152,904 (1.723 -> 1.682 of the queue pair), governed-policy 180,834 -> 180,185.
 They are not times: valgrind runs every path on an emulated CPU without the SHA extensions, so
 the SHA-256 of the recorder's hash chain counts some 12,000 instructions a record (13 % of the
 governed-policy case), where the AMD EPYC that has them hashes a record in about 0.3 µs."""
