@@ -7,8 +7,9 @@ the same round: for throughput an asyncio.Queue between two tasks carrying the s
 fields packed and unpacked with raw msgpack (and, for reference, the bare queue); for
 request/reply a pair of asyncio.Queues and a responder task, request and reply packed and
 unpacked with msgpack; request/reply again with 1,000 other subscriptions on the server, against
-itself without them. Rounds interleave ours and the baselines, so load from other processes
-hits both alike; the figures are medians of per-round ratios with their range. The section
+itself without them. In each round ours and the baselines take turns in short blocks, so load
+from other processes and a host's drifting speed hit them alike; the figures are medians of
+per-round ratios with their range. The section
 "bus_memory" of benchmarks/RESULTS.md is rewritten with the results.
 """
 
@@ -23,6 +24,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -44,25 +46,38 @@ def fresh_url() -> str:
     return f"memory://bench-{uuid.uuid4().hex}"
 
 
-async def bus_throughput(n: int) -> float:
-    client = AMB("memory", fresh_url(), agent_id="bench")
-    done = asyncio.Event()
-    count = 0
+class BusFlow:
+    """Ours, publish -> handler: one client publishing to its own subscription, kept open
+    between blocks (see :func:`alternate`)."""
 
-    async def handler(message: Any, metadata: Metadata) -> None:
-        nonlocal count
-        count += 1
-        if count == n:
-            done.set()
+    def __init__(self) -> None:
+        self.client = AMB("memory", fresh_url(), agent_id="bench")
+        self.done = asyncio.Event()
+        self.count = 0
+        self.target = 0
 
-    await client.subscribe("bench.tp", handler)
-    start = time.perf_counter()
-    for _ in range(n):
-        await client.publish("bench.tp", PAYLOAD)
-    await done.wait()
-    elapsed = time.perf_counter() - start
-    await client.close()
-    return n / elapsed
+    async def open(self) -> BusFlow:
+        async def handler(message: Any, metadata: Metadata) -> None:
+            self.count += 1
+            if self.count == self.target:
+                self.done.set()
+
+        await self.client.subscribe("bench.tp", handler)
+        return self
+
+    async def block(self, n: int) -> float:
+        """Seconds for ``n`` messages, published and handled."""
+        self.done.clear()
+        self.target = self.count + n
+        publish = self.client.publish
+        start = time.perf_counter()
+        for _ in range(n):
+            await publish("bench.tp", PAYLOAD)
+        await self.done.wait()
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 def wire_fields(topic: str, reply_to: str | None = None, correlation_id: str | None = None) -> list[Any]:
@@ -71,34 +86,72 @@ def wire_fields(topic: str, reply_to: str | None = None, correlation_id: str | N
     return [1, id_, topic, "bench", None, reply_to, correlation_id, now, None, 0, {}, PAYLOAD, None]
 
 
-async def queue_throughput(n: int, codec: bool = True) -> float:
-    """Baseline: a bounded asyncio.Queue between a producer and a consumer task; ``codec``: the
-    producer packs the envelope's fields with msgpack, the consumer unpacks them and awaits a
-    handler with the payload (the same work as ours, without the bus)."""
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
-    done = asyncio.Event()
-    count = 0
+class QueueFlow:
+    """Baseline: a bounded asyncio.Queue between the producer and a consumer task; ``codec``:
+    the producer packs the envelope's fields with msgpack, the consumer unpacks them and awaits
+    a handler with the payload that counts as ours does (the same work, without the bus)."""
 
-    async def handler(message: Any, fields: list[Any]) -> None:
-        nonlocal count
-        count += 1
+    def __init__(self, codec: bool = True) -> None:
+        self.codec = codec
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
+        self.done = asyncio.Event()
+        self.count = 0
+        self.target = 0
+        self.task: asyncio.Task[None] | None = None
 
-    async def consume() -> None:
-        for _ in range(n):
+    async def open(self) -> QueueFlow:
+        self.task = asyncio.create_task(self._consume())
+        return self
+
+    async def _handler(self, message: Any, fields: list[Any]) -> None:
+        self.count += 1
+        if self.count == self.target:
+            self.done.set()
+
+    async def _consume(self) -> None:
+        queue, handler = self.queue, self._handler
+        while True:
             data = await queue.get()
-            if codec:
+            if self.codec:
                 fields = unpackb(data)
                 await handler(fields[11], fields)
-        done.set()
+            else:  # the bare queue: counted, no handler
+                self.count += 1
+                if self.count == self.target:
+                    self.done.set()
 
-    task = asyncio.create_task(consume())
-    start = time.perf_counter()
-    for _ in range(n):
-        await queue.put(packb(wire_fields("bench.tp")) if codec else PAYLOAD)
-    await done.wait()
-    elapsed = time.perf_counter() - start
-    await task
-    return n / elapsed
+    async def block(self, n: int) -> float:
+        """Seconds for ``n`` messages, put and handled."""
+        self.done.clear()
+        self.target = self.count + n
+        put, codec = self.queue.put, self.codec
+        start = time.perf_counter()
+        for _ in range(n):
+            await put(packb(wire_fields("bench.tp")) if codec else PAYLOAD)
+        await self.done.wait()
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def bus_throughput(n: int) -> float:
+    """Ours: messages a second over one block of ``n``."""
+    flow = await BusFlow().open()
+    try:
+        return n / await flow.block(n)
+    finally:
+        await flow.close()
+
+
+async def queue_throughput(n: int, codec: bool = True) -> float:
+    """The queue baseline: messages a second over one block of ``n``."""
+    flow = await QueueFlow(codec).open()
+    try:
+        return n / await flow.block(n)
+    finally:
+        await flow.close()
 
 
 async def fan_out(n: int, subscribers: int) -> float:
@@ -130,75 +183,143 @@ async def fan_out(n: int, subscribers: int) -> float:
 BYSTANDERS = 1_000
 """Other subscriptions on the server in the second request/reply measure (a fleet's agents)."""
 
+WARM_UP = 200
+"""Requests each side makes before its first timed block."""
 
-async def request_latency(n: int, bystanders: int = 0) -> list[float]:
-    """Request/reply latencies in µs; ``bystanders``: that many other subscriptions on the
-    server, none matching (each reply subject is new to the server's routes)."""
-    url = fresh_url()
-    requester = AMB("memory", url)
-    responder = AMB("memory", url)
+TP_BLOCKS = 10
+"""Blocks a throughput run is cut into, the sides taking turns (see :func:`alternate`)."""
 
-    async def echo(message: Any, metadata: Metadata) -> None:
-        await responder.reply(metadata, message)
+RR_BLOCKS = 30
+"""Blocks a latency run is cut into."""
 
-    async def idle(message: Any, metadata: Metadata) -> None:
-        return None
 
-    try:
+class BusRequests:
+    """Ours, request/reply: a requester and an echoing responder on one memory server, kept
+    open between blocks; ``bystanders``: that many other subscriptions on the server, none
+    matching (each reply subject is new to the server's routes)."""
+
+    def __init__(self, bystanders: int = 0) -> None:
+        url = fresh_url()
+        self.requester = AMB("memory", url)
+        self.responder = AMB("memory", url)
+        self.bystanders = bystanders
+
+    async def open(self) -> BusRequests:
+        responder = self.responder
+
+        async def echo(message: Any, metadata: Metadata) -> None:
+            await responder.reply(metadata, message)
+
+        async def idle(message: Any, metadata: Metadata) -> None:
+            return None
+
         await responder.subscribe("bench.rr", echo)
-        for i in range(bystanders):
+        for i in range(self.bystanders):
             await responder.subscribe(f"agents.a{i}.*", idle)
-        for _ in range(200):  # warm up
-            await requester.request("bench.rr", PAYLOAD, timeout=5)
+        await self.block(WARM_UP)
+        return self
+
+    async def block(self, n: int) -> list[float]:
+        """Latencies in µs of ``n`` requests, one at a time."""
+        request = self.requester.request
         samples = []
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            await requester.request("bench.rr", PAYLOAD, timeout=5)
+            await request("bench.rr", PAYLOAD, timeout=5)
             samples.append((time.perf_counter_ns() - t0) / 1000)
         return samples
-    finally:
-        await requester.close()
-        await responder.close()
+
+    async def close(self) -> None:
+        await self.requester.close()
+        await self.responder.close()
 
 
-async def queue_pair_latency(n: int) -> list[float]:
+class QueuePairRequests:
     """Baseline: a request queue and a reply queue with a responder task between them; request
     and reply are envelopes' fields packed and unpacked with msgpack."""
-    requests: asyncio.Queue[bytes] = asyncio.Queue()
-    replies: asyncio.Queue[bytes] = asyncio.Queue()
 
-    async def responder() -> None:
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[bytes] = asyncio.Queue()
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def _respond(self) -> None:
+        requests, replies = self.requests, self.replies
         while True:
             request = unpackb(await requests.get())
             await replies.put(packb(wire_fields(request[5], None, request[1])))
 
-    task = asyncio.create_task(responder())
-    samples = []
-    try:
-        for i in range(200 + n):
+    async def open(self) -> QueuePairRequests:
+        self.task = asyncio.create_task(self._respond())
+        await self.block(WARM_UP)
+        return self
+
+    async def block(self, n: int) -> list[float]:
+        """Latencies in µs of ``n`` requests, one at a time."""
+        put, get = self.requests.put, self.replies.get
+        samples = []
+        for _ in range(n):
             t0 = time.perf_counter_ns()
-            await requests.put(packb(wire_fields("bench.rr", "_INBOX.bench.1")))
-            unpackb(await replies.get())
-            if i >= 200:  # after the same warm-up as ours
-                samples.append((time.perf_counter_ns() - t0) / 1000)
+            await put(packb(wire_fields("bench.rr", "_INBOX.bench.1")))
+            unpackb(await get())
+            samples.append((time.perf_counter_ns() - t0) / 1000)
+        return samples
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def request_latency(n: int, bystanders: int = 0) -> list[float]:
+    """Ours: latencies in µs of ``n`` requests after the warm-up, in one block."""
+    side = await BusRequests(bystanders).open()
+    try:
+        return await side.block(n)
     finally:
-        task.cancel()
-    return samples
+        await side.close()
 
 
-def codec_rate(n: int) -> tuple[float, float]:
+async def queue_pair_latency(n: int) -> list[float]:
+    """The queue pair: latencies in µs of ``n`` requests after the warm-up, in one block."""
+    side = await QueuePairRequests().open()
+    try:
+        return await side.block(n)
+    finally:
+        await side.close()
+
+
+async def alternate(sides: Sequence[Any], blocks: int, per_block: int) -> list[list[Any]]:
+    """Run ``blocks`` blocks of ``per_block`` items on each of ``sides`` in turn (each side an
+    opened flow or request pair with ``block(n)``), and return each side's block results.
+
+    The sides take turns every block, a fraction of a second, so a host whose speed drifts
+    within a round (a busy neighbour, a slower phase) slows them alike: their ratio holds where
+    runs one after the other would each catch a different phase."""
+    results: list[list[Any]] = [[] for _ in sides]
+    for _ in range(blocks):
+        for side, found in zip(sides, results, strict=True):
+            found.append(await side.block(per_block))
+    return results
+
+
+def codec_rate(n: int, blocks: int = TP_BLOCKS) -> tuple[float, float]:
+    """Envelope encode+decode a second, ours and raw msgpack of the same fields (no checks), in
+    ``blocks`` alternating blocks (as :func:`alternate`)."""
     ser = MsgpackSerializer()
     env = Envelope(new_id(), "bench.codec", "bench", PAYLOAD, timestamp=time.time_ns(), headers={})
-    start = time.perf_counter()
-    for _ in range(n):
-        ser.decode(ser.encode(env))
-    ours = n / (time.perf_counter() - start)
     fields = [1, env.id, env.topic, env.sender, None, None, None, env.timestamp, None, 0, {}, PAYLOAD, None]
-    start = time.perf_counter()
-    for _ in range(n):
-        msgpack.unpackb(msgpack.packb(fields, use_bin_type=True), raw=False)
-    raw = n / (time.perf_counter() - start)
-    return ours, raw
+    per_block = n // blocks
+    ours = raw = 0.0
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            ser.decode(ser.encode(env))
+        ours += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(per_block):
+            msgpack.unpackb(msgpack.packb(fields, use_bin_type=True), raw=False)
+        raw += time.perf_counter() - start
+    return per_block * blocks / ours, per_block * blocks / raw
 
 
 async def idle_cpu(subscriptions: int, seconds: float) -> float:
@@ -243,14 +364,38 @@ async def main(quick: bool, rounds: int, write: bool = True) -> None:
     )
     for r in range(rounds):
         gc.collect()
-        tp.append(await bus_throughput(n))
-        tp_base.append(await queue_throughput(n))
-        tp_bare.append(await queue_throughput(n, codec=False))
-        ours_rr, base_rr = await request_latency(samples), await queue_pair_latency(samples)
+        flows: list[BusFlow | QueueFlow] = [BusFlow(), QueueFlow(), QueueFlow(codec=False)]
+        try:
+            for flow in flows:
+                await flow.open()
+                await flow.block(n // 50)  # warm-up
+            times = await alternate(flows, TP_BLOCKS, n // TP_BLOCKS)
+        finally:
+            for flow in flows:
+                await flow.close()
+        ours_tp, base_tp, bare_tp = (n // TP_BLOCKS * TP_BLOCKS / sum(t) for t in times)
+        tp.append(ours_tp)
+        tp_base.append(base_tp)
+        tp_bare.append(bare_tp)
+        sides: list[BusRequests | QueuePairRequests] = [
+            BusRequests(),
+            QueuePairRequests(),
+            BusRequests(BYSTANDERS),
+        ]
+        try:
+            for side in sides:
+                await side.open()
+            ours_rr, base_rr, crowd_rr = (
+                [x for block in found for x in block]
+                for found in await alternate(sides, RR_BLOCKS, samples // RR_BLOCKS)
+            )
+        finally:
+            for side in sides:
+                await side.close()
         p50.append(pct(ours_rr, 50))
         p99.append(pct(ours_rr, 99))
         p50_base.append(pct(base_rr, 50))
-        p50_crowd.append(pct(await request_latency(samples, BYSTANDERS), 50))
+        p50_crowd.append(pct(crowd_rr, 50))
         p99_base.append(pct(base_rr, 99))
         fans.append(await fan_out(n // 10, 10))
         ours_codec, plain_codec = codec_rate(n)
@@ -273,10 +418,12 @@ async def main(quick: bool, rounds: int, write: bool = True) -> None:
     codec_ok = "met" if med(codec) >= 300_000 else "MISSED"
     body = f"""
 One publisher and one subscriber on one event loop (one core), 256-byte bytes payload, msgpack.
-{rounds} rounds; each runs ours and the baselines in turn ({n:,} messages per throughput run,
-{samples:,} requests per latency run after 200 warm-up ones), so load from other processes hits
-them alike. Ratios are the median of the per-round ratios, with their range; absolute figures
-are medians over rounds. Load average {load_before:.1f} before the run, {load_after:.1f} after
+{rounds} rounds of {n:,} messages per throughput run and {samples:,} requests per latency run
+(after {WARM_UP} warm-up ones). Within a round ours and its baselines stay open and take turns
+in blocks ({TP_BLOCKS} of a throughput run, {RR_BLOCKS} of a latency run, {TP_BLOCKS} of the
+codec's), a fraction of a second each, so load from other processes and a host's drifting
+speed hit them alike. Ratios are the median of the per-round ratios, with their range;
+absolute figures are medians over rounds. Load average {load_before:.1f} before the run, {load_after:.1f} after
 (2 cores shared with other work).
 
 | measure | ours | baseline (same rounds) | ratio: median (range) | target |

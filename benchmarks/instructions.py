@@ -5,9 +5,10 @@ the code where wall-clock runs are too noisy to tell a few per cent apart.
 
 Each case runs twice under ``valgrind --tool=cachegrind --cache-sim=no``, with ``n`` and ``2n``
 items; the difference divided by ``n`` is the instructions per item, start-up and warm-up
-cancelling out. With the default ``n`` the counts repeat within about 0.5 % on one machine
-(PYTHONHASHSEED is fixed; garbage collection and the clock still vary a little), and moved by
-up to 1.5 % between machines, so a change is counted beside its parent. They leave out
+cancelling out. With the default ``n`` the counts repeat within about 1 % on one machine
+(memory-request: 152.8k to 154.7k in six runs; PYTHONHASHSEED is fixed, garbage collection and
+the clock still vary a little), and moved by up to 1.5 % between machines, so a change is
+counted beside its parent. They leave out
 the kernel (system calls), follow valgrind's emulated CPU (hashing may take another code path
 than on the real one), and count code that depends on the clock as it runs at valgrind's speed
 (an id's per-millisecond prefix is rebuilt far more often). So compare versions of one path
@@ -124,7 +125,7 @@ counted on one machine. Wall-clock ratios of the same code moved
 by up to 1.5x between the 2-vCPU virtual machines of two sessions: the memory bus's
 request/reply took 17.1 µs against 10.7 for its baseline (1.59x) on the AMD EPYC of
 2026-12-07 13:00, and 34.5 against 14.5 (2.37x) on the AMD EPYC of 14:51, where commit ec97b45
-of the first run measured the same as the code after it. These counts repeat within about 0.5 %
+of the first run measured the same as the code after it. These counts repeat within about 1 %
 on one machine, but moved by up to 1.5 % between the machines of two sessions (memory-publish
 at d6df4dd: 33,179 on 2026-12-07 at 16:12, 33,652 on the machine of 17:33), so a change is
 counted beside its parent in one session: at 9ec5663 against d6df4dd, memory-request
