@@ -33,7 +33,8 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,9 @@ class Sizes:
     tp_warm: int  # warm-up messages before each throughput run
     rr: int  # request/reply samples
     rr_warm: int  # warm-up requests
-    rr_budget: float  # seconds a latency loop may take at most
+    rr_budget: float  # seconds a latency loop may take at most (each side's share of a round)
+    blocks: int = 10  # throughput: each run cut into this many blocks, the sides taking turns
+    rr_blocks: int = 10  # latency: the same
 
 
 @dataclass
@@ -150,27 +153,79 @@ class Correlator:
             self.pending.pop(key, None)
 
 
-async def latency_loop(request: Callable[[], Awaitable[Any]], sizes: Sizes) -> list[float]:
-    """Warm up, then time up to ``sizes.rr`` requests (at most ``sizes.rr_budget`` seconds); µs."""
-    for _ in range(sizes.rr_warm):
-        await asyncio.wait_for(request(), 10)
-    samples: list[float] = []
-    deadline = time.monotonic() + sizes.rr_budget
-    for _ in range(sizes.rr):
-        t0 = time.perf_counter_ns()
-        await asyncio.wait_for(request(), 10)
-        samples.append((time.perf_counter_ns() - t0) / 1000)
-        if time.monotonic() > deadline:
-            break
-    return samples
+class Burst:
+    """An open throughput side: ``send`` one message; the receiver hits ``counter``."""
+
+    def __init__(
+        self,
+        counter: Counter,
+        send: Callable[[], Awaitable[Any]],
+        flush: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.counter = counter
+        self.send = send
+        self.flush = flush
+
+    async def seconds(self, n: int) -> float:
+        """Send ``n`` messages and wait until all were received; the seconds it took."""
+        return n / await timed_burst(self.counter, n, self.send, self.flush)
+
+
+Request = Callable[[], Awaitable[Any]]
+
+
+async def burst_rates(
+    sides: Sequence[AbstractAsyncContextManager[Burst]], n: int, blocks: int
+) -> list[float]:
+    """Open every side (each warms up as it opens), then run ``blocks`` blocks of ``n // blocks``
+    messages on each side in turn; each side's messages a second over its blocks.
+
+    The sides take turns every block, so a host whose speed drifts within a round slows them
+    alike (see docs/development.md, "Benchmarks")."""
+    async with contextlib.AsyncExitStack() as stack:
+        bursts = [await stack.enter_async_context(side) for side in sides]
+        gc.collect()
+        per = n // blocks
+        seconds = [0.0] * len(bursts)
+        for _ in range(blocks):
+            for i, burst in enumerate(bursts):
+                seconds[i] += await burst.seconds(per)
+        return [per * blocks / s for s in seconds]
+
+
+async def latency_samples(
+    sides: Sequence[AbstractAsyncContextManager[Request]], sizes: Sizes
+) -> list[list[float]]:
+    """Open every side, warm each up, then time ``sizes.rr`` requests a side, one at a time, in
+    ``sizes.rr_blocks`` blocks taking turns (at most ``sizes.rr_budget`` seconds a side); µs."""
+    async with contextlib.AsyncExitStack() as stack:
+        requests = [await stack.enter_async_context(side) for side in sides]
+        for request in requests:
+            for _ in range(sizes.rr_warm):
+                await asyncio.wait_for(request(), 10)
+        gc.collect()
+        samples: list[list[float]] = [[] for _ in requests]
+        per = max(1, sizes.rr // sizes.rr_blocks)
+        deadline = time.monotonic() + sizes.rr_budget * len(requests)
+        for _ in range(sizes.rr_blocks):
+            for request, found in zip(requests, samples, strict=True):
+                for _ in range(per):
+                    t0 = time.perf_counter_ns()
+                    await asyncio.wait_for(request(), 10)
+                    found.append((time.perf_counter_ns() - t0) / 1000)
+            if time.monotonic() > deadline:
+                break
+        return samples
 
 
 # -- ours (any backend) ----------------------------------------------------------------------
 
 
-async def ours_throughput(
+@contextlib.asynccontextmanager
+async def ours_burst(
     backend: str, url: str, sizes: Sizes, serializer: str = "msgpack", payload: Any = PAYLOAD
-) -> float:
+) -> AsyncIterator[Burst]:
+    """Ours: one client publishes, a second one's plain subscription counts (warmed up)."""
     pub = AMB(backend=backend, connection_string=url, serializer=serializer)
     sub = AMB(backend=backend, connection_string=url)
     counter = Counter()
@@ -187,15 +242,17 @@ async def ours_throughput(
         def send() -> Awaitable[str]:
             return pub.publish(topic, payload)
 
-        await timed_burst(counter, sizes.tp_warm, send)
-        gc.collect()
-        return await timed_burst(counter, sizes.tp, send)
+        burst = Burst(counter, send)
+        await burst.seconds(sizes.tp_warm)
+        yield burst
     finally:
         await pub.close(timeout=5)
         await sub.close(timeout=5)
 
 
-async def ours_latency(backend: str, url: str, sizes: Sizes) -> list[float]:
+@contextlib.asynccontextmanager
+async def ours_requests(backend: str, url: str) -> AsyncIterator[Request]:
+    """Ours: ``AMB.request`` against an ``AMB`` responder that ``reply()``s."""
     requester = AMB(backend=backend, connection_string=url)
     responder = AMB(backend=backend, connection_string=url)
 
@@ -207,8 +264,7 @@ async def ours_latency(backend: str, url: str, sizes: Sizes) -> list[float]:
         await asyncio.wait_for(responder.connect(), WAIT)
         topic = subject("rr")
         await asyncio.wait_for(responder.subscribe(topic, echo), WAIT)
-        gc.collect()
-        return await latency_loop(lambda: requester.request(topic, PAYLOAD, timeout=5), sizes)
+        yield lambda: requester.request(topic, PAYLOAD, timeout=5)
     finally:
         await requester.close(timeout=5)
         await responder.close(timeout=5)
@@ -230,8 +286,10 @@ def _received(data: bytes, envelope: bool) -> None:
         decode(data)
 
 
-async def nats_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
-    """``envelope``: encode and decode our envelope per message (the client's own cost)."""
+@contextlib.asynccontextmanager
+async def nats_raw_burst(sizes: Sizes, envelope: bool = False) -> AsyncIterator[Burst]:
+    """nats-py ``publish`` + ``subscribe(cb=...)`` (warmed up). ``envelope``: encode and decode
+    our envelope per message (the client's own cost)."""
     import nats
 
     pub = await nats.connect(NATS_URL)
@@ -250,9 +308,9 @@ async def nats_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
         def send() -> Awaitable[None]:
             return pub.publish(topic, _message(topic, envelope))
 
-        await timed_burst(counter, sizes.tp_warm, send, pub.flush)
-        gc.collect()
-        return await timed_burst(counter, sizes.tp, send, pub.flush)
+        burst = Burst(counter, send, pub.flush)
+        await burst.seconds(sizes.tp_warm)
+        yield burst
     finally:
         await pub.close()
         await sub.close()
@@ -261,7 +319,7 @@ async def nats_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
 TEXT = "x" * 256  # the JSON rows' payload: text, since JSON carries bytes as base64
 
 JSON_PROFILE = """JSON serializer, before and after (not rewritten by the script). pyinstrument over
-100,000 NATS publish -> handler messages with `serializer="json"` (`ours_throughput`), before
+100,000 NATS publish -> handler messages with `serializer="json"` (`ours_throughput`, now `ours_burst`), before
 (commit a6156d7): `JsonSerializer.encode_new` 10.5 % of the run (a `typing.Literal[1]` built per
 message for a `cast`, an `Envelope` built only to be taken apart, `_to_json` on the empty
 headers), the JSON decode 8.8 % (a scan for `"$` over every envelope, a second msgspec encode to
@@ -282,7 +340,8 @@ instead of 501, the JSON row 0.616 -> 0.644 (5 rounds each); the info row's raw 
 what our encoder writes, the six fields of an unaddressed, unsigned message."""
 
 
-async def nats_raw_json_throughput(sizes: Sizes, envelope: bool = False) -> float:
+@contextlib.asynccontextmanager
+async def nats_raw_json_burst(sizes: Sizes, envelope: bool = False) -> AsyncIterator[Burst]:
     """Raw nats-py sending ``{"payload": TEXT}`` encoded and decoded per message with msgspec's
     JSON, the library our JSON serializer uses. ``envelope``: the fields our JSON envelope
     carries for this message (a new id and timestamp per message; those at their defaults left
@@ -323,15 +382,17 @@ async def nats_raw_json_throughput(sizes: Sizes, envelope: bool = False) -> floa
         def send() -> Awaitable[None]:
             return pub.publish(topic, message())
 
-        await timed_burst(counter, sizes.tp_warm, send, pub.flush)
-        gc.collect()
-        return await timed_burst(counter, sizes.tp, send, pub.flush)
+        burst = Burst(counter, send, pub.flush)
+        await burst.seconds(sizes.tp_warm)
+        yield burst
     finally:
         await pub.close()
         await sub.close()
 
 
-async def nats_raw_latency(sizes: Sizes) -> list[float]:
+@contextlib.asynccontextmanager
+async def nats_raw_requests() -> AsyncIterator[Request]:
+    """nats-py ``request`` against a raw responder."""
     import nats
 
     requester = await nats.connect(NATS_URL)
@@ -344,8 +405,7 @@ async def nats_raw_latency(sizes: Sizes) -> list[float]:
         topic = subject("rawrr")
         await responder.subscribe(topic, cb=echo)
         await responder.flush()
-        gc.collect()
-        return await latency_loop(lambda: requester.request(topic, PAYLOAD, timeout=5), sizes)
+        yield lambda: requester.request(topic, PAYLOAD, timeout=5)
     finally:
         await requester.close()
         await responder.close()
@@ -376,8 +436,10 @@ async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
             await task
 
 
-async def redis_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
-    """``envelope``: encode and decode our envelope per message (the client's own cost)."""
+@contextlib.asynccontextmanager
+async def redis_raw_burst(sizes: Sizes, envelope: bool = False) -> AsyncIterator[Burst]:
+    """redis-py ``PUBLISH`` + a pub/sub listener (warmed up). ``envelope``: encode and decode
+    our envelope per message (the client's own cost)."""
     import redis.asyncio as aioredis
 
     pub = aioredis.Redis.from_url(REDIS_URL)
@@ -398,9 +460,9 @@ async def redis_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
         def send() -> Awaitable[int]:
             return pub.publish(topic, _message(topic, envelope))
 
-        await timed_burst(counter, sizes.tp_warm, send)
-        gc.collect()
-        return await timed_burst(counter, sizes.tp, send)
+        burst = Burst(counter, send)
+        await burst.seconds(sizes.tp_warm)
+        yield burst
     finally:
         await _stop_task(task, stop)
         await pubsub.aclose()
@@ -408,7 +470,8 @@ async def redis_raw_throughput(sizes: Sizes, envelope: bool = False) -> float:
         await sub.aclose()
 
 
-async def redis_raw_latency(sizes: Sizes) -> list[float]:
+@contextlib.asynccontextmanager
+async def redis_raw_requests() -> AsyncIterator[Request]:
     """Request: PUBLISH "<reply channel>|<payload>" on a request channel; the responder PUBLISHes
     the payload on the reply channel, which the requester has subscribed to (one pattern
     subscription over its per-request reply channels)."""
@@ -441,8 +504,7 @@ async def redis_raw_latency(sizes: Sizes) -> list[float]:
         )
 
     try:
-        gc.collect()
-        return await latency_loop(request, sizes)
+        yield request
     finally:
         for task in tasks:
             await _stop_task(task, stop)
@@ -499,7 +561,8 @@ async def _kafka_drain(
                     await result
 
 
-async def kafka_raw_throughput(cluster: Any, bootstrap: str, sizes: Sizes) -> float:
+@contextlib.asynccontextmanager
+async def kafka_raw_burst(cluster: Any, bootstrap: str, sizes: Sizes) -> AsyncIterator[Burst]:
     """``send`` pipelines records (as the adapter does); the acknowledgements are awaited at the end."""
     topic = subject("rawtp")
     cluster.create_topic(topic, partitions=4)
@@ -518,16 +581,17 @@ async def kafka_raw_throughput(cluster: Any, bootstrap: str, sizes: Sizes) -> fl
         acks.clear()
 
     try:
-        await timed_burst(counter, sizes.tp_warm, send, flush)
-        gc.collect()
-        return await timed_burst(counter, sizes.tp, send, flush)
+        burst = Burst(counter, send, flush)
+        await burst.seconds(sizes.tp_warm)
+        yield burst
     finally:
         await _stop_task(task, stop)
         await consumer.stop()
         await producer.stop()
 
 
-async def kafka_raw_latency(cluster: Any, bootstrap: str, sizes: Sizes) -> list[float]:
+@contextlib.asynccontextmanager
+async def kafka_raw_requests(cluster: Any, bootstrap: str) -> AsyncIterator[Request]:
     """Request: a record on the request topic keyed by a correlation id; the responder produces
     the payload on the reply topic with the same key; the requester consumes the reply topic."""
     req_topic, rep_topic = subject("rawrr"), subject("rawreply")
@@ -552,8 +616,7 @@ async def kafka_raw_latency(cluster: Any, bootstrap: str, sizes: Sizes) -> list[
         return replies.call(b"", lambda key: req_producer.send_and_wait(req_topic, PAYLOAD, key=key))
 
     try:
-        gc.collect()
-        return await latency_loop(request, sizes)
+        yield request
     finally:
         for task in tasks:
             await _stop_task(task, stop)
@@ -574,14 +637,17 @@ def sizes_for(backend: str, quick: bool) -> Sizes:
         return Sizes(20_000, 2_000, 1_000, 200, 5.0) if quick else Sizes(100_000, 10_000, 5_000, 500, 15.0)
     if backend == "redis":
         return Sizes(5_000, 1_000, 1_000, 200, 5.0) if quick else Sizes(20_000, 2_000, 3_000, 300, 15.0)
-    return Sizes(1_000, 200, 100, 20, 5.0) if quick else Sizes(3_000, 300, 500, 50, 15.0)
+    # Kafka's throughput runs whole: each block would wait out the consumer's fetch once more.
+    if quick:
+        return Sizes(1_000, 200, 100, 20, 5.0, blocks=1, rr_blocks=5)
+    return Sizes(3_000, 300, 500, 50, 15.0, blocks=1, rr_blocks=5)
 
 
 async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[str] = CASES) -> Result:
     sizes = sizes_for(backend, quick)
     result = Result()
     cluster: Any = None
-    raw_env_tp: Callable[[], Awaitable[float]] | None = None
+    raw_env: Callable[[], AbstractAsyncContextManager[Burst]] | None = None
     if backend == "kafka":
         from tests.support.kafka import MockKafkaCluster
 
@@ -591,53 +657,60 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
             bootstrap = cluster.bootstrap_servers
             url = f"kafka://{bootstrap}{KAFKA_OPTIONS}"
 
-            async def raw_tp() -> float:
-                return await kafka_raw_throughput(cluster, bootstrap, sizes)
+            def raw() -> AbstractAsyncContextManager[Burst]:
+                return kafka_raw_burst(cluster, bootstrap, sizes)
 
-            async def raw_rr(sizes: Sizes) -> list[float]:
-                return await kafka_raw_latency(cluster, bootstrap, sizes)
+            def raw_requests() -> AbstractAsyncContextManager[Request]:
+                return kafka_raw_requests(cluster, bootstrap)
         elif backend == "nats":
             url = NATS_URL
 
-            async def raw_tp() -> float:
-                return await nats_raw_throughput(sizes)
+            def raw() -> AbstractAsyncContextManager[Burst]:
+                return nats_raw_burst(sizes)
 
-            async def nats_env_tp() -> float:
-                return await nats_raw_throughput(sizes, envelope=True)
+            def nats_env() -> AbstractAsyncContextManager[Burst]:
+                return nats_raw_burst(sizes, envelope=True)
 
-            raw_env_tp = nats_env_tp
-
-            async def raw_rr(sizes: Sizes) -> list[float]:
-                return await nats_raw_latency(sizes)
+            raw_env = nats_env
+            raw_requests = nats_raw_requests
         else:
             url = REDIS_URL
 
-            async def raw_tp() -> float:
-                return await redis_raw_throughput(sizes)
+            def raw() -> AbstractAsyncContextManager[Burst]:
+                return redis_raw_burst(sizes)
 
-            async def redis_env_tp() -> float:
-                return await redis_raw_throughput(sizes, envelope=True)
+            def redis_env() -> AbstractAsyncContextManager[Burst]:
+                return redis_raw_burst(sizes, envelope=True)
 
-            raw_env_tp = redis_env_tp
+            raw_env = redis_env
+            raw_requests = redis_raw_requests
 
-            async def raw_rr(sizes: Sizes) -> list[float]:
-                return await redis_raw_latency(sizes)
-
-        # Ours and raw back to back in each round, so drift hits both alike; each round's ratio.
+        # In each round ours and raw stay connected and take turns in blocks, so drift hits both
+        # alike; each round's ratio.
         for _ in range(repeats):
             if "tp" in cases:
-                result.ours_tp.append(await ours_throughput(backend, url, sizes))
-                result.raw_tp.append(await raw_tp())
-                if raw_env_tp is not None:
-                    result.env_tp.append(await raw_env_tp())
+                sides = [ours_burst(backend, url, sizes), raw()]
+                if raw_env is not None:
+                    sides.append(raw_env())
+                rates = await burst_rates(sides, sizes.tp, sizes.blocks)
+                result.ours_tp.append(rates[0])
+                result.raw_tp.append(rates[1])
+                if raw_env is not None:
+                    result.env_tp.append(rates[2])
                 print(
                     f"{backend}: throughput ours {result.ours_tp[-1]:,.0f} raw {result.raw_tp[-1]:,.0f} msg/s",
                     file=sys.stderr,
                 )
             if "json" in cases and backend == "nats":
-                ours_json = await ours_throughput(backend, url, sizes, "json", TEXT)
-                raw_json = await nats_raw_json_throughput(sizes)
-                raw_json_env = await nats_raw_json_throughput(sizes, envelope=True)
+                ours_json, raw_json, raw_json_env = await burst_rates(
+                    [
+                        ours_burst(backend, url, sizes, "json", TEXT),
+                        nats_raw_json_burst(sizes),
+                        nats_raw_json_burst(sizes, envelope=True),
+                    ],
+                    sizes.tp,
+                    sizes.blocks,
+                )
                 result.json_ratios.append(ours_json / raw_json)
                 result.json_env_ratios.append(ours_json / raw_json_env)
                 print(
@@ -647,14 +720,22 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
                 )
         if "rr" not in cases:
             return result
-        # Latency too: alternate ours and raw in rounds and pool the samples.
-        rounds = Sizes(sizes.tp, sizes.tp_warm, sizes.rr // repeats, sizes.rr_warm, sizes.rr_budget / repeats)
+        # Latency: each round's share of the samples, ours and raw taking turns in blocks.
+        rounds = Sizes(
+            sizes.tp,
+            sizes.tp_warm,
+            sizes.rr // repeats,
+            sizes.rr_warm,
+            sizes.rr_budget / repeats,
+            sizes.blocks,
+            sizes.rr_blocks,
+        )
         for _ in range(repeats):
-            ours, raw = await ours_latency(backend, url, rounds), await raw_rr(rounds)
+            ours, raw_samples = await latency_samples([ours_requests(backend, url), raw_requests()], rounds)
             result.ours_rr += ours
-            result.raw_rr += raw
+            result.raw_rr += raw_samples
             result.ours_p50.append(pct(ours, 50))
-            result.raw_p50.append(pct(raw, 50))
+            result.raw_p50.append(pct(raw_samples, 50))
             print(
                 f"{backend}: p50 ours {result.ours_p50[-1]:,.0f} raw {result.raw_p50[-1]:,.0f} µs",
                 file=sys.stderr,
@@ -717,9 +798,12 @@ def render(results: dict[str, Result], quick: bool, repeats: int, load: tuple[fl
     return f"""
 Two clients (separate connections) on one event loop, 256-byte bytes payload, msgpack envelope
 for ours; NATS and Redis are local servers, Kafka is librdkafka's mock cluster (in-process, one
-broker). {repeats} rounds, each running ours and raw back to back after a warm-up; a ratio is the
-median of the per-round ratios, with their range, and a rate the median over rounds. Throughput
-ratio = ours / raw. Latency: one request at a time; the p50 and p99 shown are over every round's
+broker). {repeats} rounds; in each, ours and raw stay connected after a warm-up and take turns
+in blocks (10 of each NATS and Redis throughput run and of each latency run, 5 of Kafka's
+latency run; Kafka's throughput runs whole, since each block would wait out its consumer's
+fetch once more), so a host's drifting speed slows them alike. A ratio is the median of the
+per-round ratios, with their range, and a rate the median over rounds. Throughput ratio =
+ours / raw. Latency: one request at a time; the p50 and p99 shown are over every round's
 samples pooled, the ratio (raw p50 / ours p50) is per round.
 Kafka publishes are pipelined on both sides (aiokafka ``send``, acks awaited at the end / by the
 adapter's flush on close). The mock answers a Fetch only when its ``fetch_max_wait_ms`` expires,
@@ -727,8 +811,8 @@ so a Kafka request/reply costs about one request-consumer wait (100 ms) plus one
 wait (10 ms), the same settings on both sides: its ratio reflects the phase of the fetch loops
 more than client cost. Ours carries a msgpack envelope (id, sender, timestamps, headers) that
 the raw baselines do not encode or decode. The JSON rows: ours with `serializer="json"` and a
-256-character text payload against raw nats-py sending msgspec JSON, each round's ratio from
-runs back to back, the median over rounds with the range. 2 cores shared with other work: load
+256-character text payload against raw nats-py sending msgspec JSON, the three taking turns
+in blocks as above, the median of per-round ratios with the range. 2 cores shared with other work: load
 average {load[0]:.1f} before the run, {load[1]:.1f} after.
 
 | broker | measure | ours | raw (same run) | ratio | target |
