@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -653,43 +654,27 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
 
         cluster = MockKafkaCluster(brokers=1)
     try:
+        raw: Callable[[], AbstractAsyncContextManager[Burst]]
+        raw_requests: Callable[[], AbstractAsyncContextManager[Request]]
         if backend == "kafka":
             bootstrap = cluster.bootstrap_servers
             url = f"kafka://{bootstrap}{KAFKA_OPTIONS}"
-
-            def raw() -> AbstractAsyncContextManager[Burst]:
-                return kafka_raw_burst(cluster, bootstrap, sizes)
-
-            def raw_requests() -> AbstractAsyncContextManager[Request]:
-                return kafka_raw_requests(cluster, bootstrap)
-        elif backend == "nats":
-            url = NATS_URL
-
-            def raw() -> AbstractAsyncContextManager[Burst]:
-                return nats_raw_burst(sizes)
-
-            def nats_env() -> AbstractAsyncContextManager[Burst]:
-                return nats_raw_burst(sizes, envelope=True)
-
-            raw_env = nats_env
-            raw_requests = nats_raw_requests
+            raw = functools.partial(kafka_raw_burst, cluster, bootstrap, sizes)
+            raw_requests = functools.partial(kafka_raw_requests, cluster, bootstrap)
         else:
-            url = REDIS_URL
-
-            def raw() -> AbstractAsyncContextManager[Burst]:
-                return redis_raw_burst(sizes)
-
-            def redis_env() -> AbstractAsyncContextManager[Burst]:
-                return redis_raw_burst(sizes, envelope=True)
-
-            raw_env = redis_env
-            raw_requests = redis_raw_requests
+            url, burst, raw_requests = (
+                (NATS_URL, nats_raw_burst, nats_raw_requests)
+                if backend == "nats"
+                else (REDIS_URL, redis_raw_burst, redis_raw_requests)
+            )
+            raw = functools.partial(burst, sizes)
+            raw_env = functools.partial(burst, sizes, envelope=True)
 
         # In each round ours and raw stay connected and take turns in blocks, so drift hits both
         # alike; each round's ratio.
         for _ in range(repeats):
             if "tp" in cases:
-                sides = [ours_burst(backend, url, sizes), raw()]
+                sides: list[AbstractAsyncContextManager[Burst]] = [ours_burst(backend, url, sizes), raw()]
                 if raw_env is not None:
                     sides.append(raw_env())
                 rates = await burst_rates(sides, sizes.tp, sizes.blocks)

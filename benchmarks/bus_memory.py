@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 
@@ -138,20 +138,12 @@ class QueueFlow:
 
 async def bus_throughput(n: int) -> float:
     """Ours: messages a second over one block of ``n``."""
-    flow = await BusFlow().open()
-    try:
-        return n / await flow.block(n)
-    finally:
-        await flow.close()
+    return n / await one_block(BusFlow(), n)
 
 
 async def queue_throughput(n: int, codec: bool = True) -> float:
     """The queue baseline: messages a second over one block of ``n``."""
-    flow = await QueueFlow(codec).open()
-    try:
-        return n / await flow.block(n)
-    finally:
-        await flow.close()
+    return n / await one_block(QueueFlow(codec), n)
 
 
 async def fan_out(n: int, subscribers: int) -> float:
@@ -272,16 +264,31 @@ class QueuePairRequests:
 
 async def request_latency(n: int, bystanders: int = 0) -> list[float]:
     """Ours: latencies in µs of ``n`` requests after the warm-up, in one block."""
-    side = await BusRequests(bystanders).open()
-    try:
-        return await side.block(n)
-    finally:
-        await side.close()
+    return await one_block(BusRequests(bystanders), n)
 
 
 async def queue_pair_latency(n: int) -> list[float]:
     """The queue pair: latencies in µs of ``n`` requests after the warm-up, in one block."""
-    side = await QueuePairRequests().open()
+    return await one_block(QueuePairRequests(), n)
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Side(Protocol[T_co]):
+    """A flow or a request pair: opened once, then run block by block."""
+
+    async def open(self) -> object: ...
+
+    async def block(self, n: int) -> T_co: ...
+
+    async def close(self) -> None: ...
+
+
+async def one_block(side: Side[T_co], n: int) -> T_co:
+    """Open ``side`` (a flow or a request pair), run one block of ``n`` on it, close it; the
+    block's result (what benchmarks.instructions counts)."""
+    await side.open()
     try:
         return await side.block(n)
     finally:

@@ -7,7 +7,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -45,13 +44,12 @@ class PendingRequests:
     request); the heap of deadlines keeps finished requests only until they reach its top.
     """
 
-    __slots__ = ("_deadlines", "_order", "_requests", "_stats", "_timer", "_timer_at", "waiting")
+    __slots__ = ("_deadlines", "_order", "_stats", "_timer", "_timer_at", "waiting")
 
     def __init__(self, stats: BusStats) -> None:
-        self._requests: dict[str, PendingRequest] = {}
-        self.waiting: Mapping[str, PendingRequest] = self._requests
-        """The requests waiting, by reply subject (read-only: ``reply_subject in waiting`` on the
-        reply path, without a call)."""
+        self.waiting: dict[str, PendingRequest] = {}
+        """The requests waiting, by reply subject. Others only read it (``reply_subject in
+        waiting`` on the reply path, without a call); this class writes it."""
         self._stats = stats
         self._deadlines: list[tuple[float, int, asyncio.Future[Reply | None]]] = []
         self._order = itertools.count()  # breaks ties between equal deadlines (futures don't order)
@@ -79,13 +77,13 @@ class PendingRequests:
 
     def __len__(self) -> int:
         """The number of requests waiting for a reply."""
-        return len(self._requests)
+        return len(self.waiting)
 
     def add(
         self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
     ) -> PendingRequest:
         """Wait for a reply on ``reply_subject`` (one request per reply subject)."""
-        pending = self._requests[reply_subject] = PendingRequest(future, recipient)
+        pending = self.waiting[reply_subject] = PendingRequest(future, recipient)
         return pending
 
     def published(
@@ -105,7 +103,7 @@ class PendingRequests:
         heap = self._deadlines
         while heap and heap[0][2].done():
             heapq.heappop(heap)
-        if len(heap) > 64 and len(heap) > 4 * len(self._requests):
+        if len(heap) > 64 and len(heap) > 4 * len(self.waiting):
             # Finished requests below the top (deadlines later than a pending one's): drop them.
             heap[:] = [entry for entry in heap if not entry[2].done()]
             heapq.heapify(heap)
@@ -119,11 +117,11 @@ class PendingRequests:
 
     def remove(self, reply_subject: str) -> None:
         """Stop waiting on ``reply_subject``; replies that come later count as late."""
-        self._requests.pop(reply_subject, None)
+        self.waiting.pop(reply_subject, None)
 
     def fail_all(self, reason: str) -> None:
         """Fail every request still waiting with :class:`~agent_os.amb.StateError` (on close)."""
-        for pending in self._requests.values():
+        for pending in self.waiting.values():
             fut = pending.future
             if not fut.done():
                 fut.set_exception(StateError(reason))
@@ -135,7 +133,7 @@ class PendingRequests:
     def take(self, message: Any, metadata: Metadata) -> None:
         """Give a reply to the request waiting on its subject (:meth:`on_reply`, without a
         coroutine: the inbox's synchronous path)."""
-        pending = self._requests.get(metadata.subject)
+        pending = self.waiting.get(metadata.subject)
         if pending is None:
             self._stats.late_replies += 1
             return
