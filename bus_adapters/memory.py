@@ -198,31 +198,38 @@ class MemoryServer:
         self._routes.clear()
 
     def route(self, subject: str) -> tuple[_Target, ...]:
+        """The subscriptions and queue groups ``subject`` goes to. Raises InvalidSubject."""
         if type(subject) is not str:  # keyed by plain text: a str subclass's text, else InvalidSubject
             subject = plain_text(subject, "subject")
         targets = self._routes.get(subject)
-        if targets is None:
-            if subject.startswith(INBOX_ROOT):
-                return self._route_reply(subject)
-            validate_subject(subject)  # only on a cache miss: cached subjects were validated
-            targets = tuple(self._index.match(subject))
-            if len(self._routes) >= _ROUTE_CACHE_MAX:
-                self._routes.clear()
-            self._routes[subject] = targets
-        return targets
+        return self.route_miss(subject) if targets is None else targets
 
-    def _route_reply(self, subject: str) -> tuple[_Target, ...]:
-        """The route of a subject under INBOX_ROOT (a reply subject), not cached: its inbox
-        alone when ``<inbox>.<token>`` names one and nothing else could match, else the index's
-        answer. Raises InvalidSubject."""
-        if not self._shadows:
-            inbox, _, token = subject.rpartition(".")
-            sub = self._inboxes.get(inbox)
-            # A registered inbox and one ASCII letter-or-digit token: a valid subject if short enough.
-            if sub is not None and token.isalnum() and token.isascii() and len(subject) <= MAX_SUBJECT_BYTES:
-                return sub.alone
-        validate_subject(subject)
-        return tuple(self._index.match(subject))
+    def route_miss(self, subject: str) -> tuple[_Target, ...]:
+        """:meth:`route` of a plain ``str`` not in the route cache (a publish's miss). A subject
+        under INBOX_ROOT (a reply subject, new for each request) is not cached: its inbox alone
+        when ``<inbox>.<token>`` names one and nothing else could match, else the index's
+        answer. Any other subject is validated, looked up in the index and cached. Raises
+        InvalidSubject."""
+        if subject.startswith(INBOX_ROOT):
+            if not self._shadows:
+                inbox, _, token = subject.rpartition(".")
+                sub = self._inboxes.get(inbox)
+                # A registered inbox and one ASCII letter-or-digit token: valid if short enough.
+                if (
+                    sub is not None
+                    and token.isalnum()
+                    and token.isascii()
+                    and len(subject) <= MAX_SUBJECT_BYTES
+                ):
+                    return sub.alone
+            validate_subject(subject)
+            return tuple(self._index.match(subject))
+        validate_subject(subject)  # only on a miss: cached subjects were validated
+        targets = tuple(self._index.match(subject))
+        if len(self._routes) >= _ROUTE_CACHE_MAX:
+            self._routes.clear()
+        self._routes[subject] = targets
+        return targets
 
 
 async def _wait_for_room(target: _Target, sub: _MemorySubscription, delivery: LocalDelivery) -> bool:
@@ -347,7 +354,7 @@ class MemoryBroker(Lifecycle):
             data = _plain_bytes(data)
         targets = server._routes.get(subject)
         if targets is None:
-            targets = server.route(subject)  # raises for an invalid subject: not published
+            targets = server.route_miss(subject)  # raises for an invalid subject: not published
         stats.published += 1
         if not targets:
             stats.no_subscribers += 1

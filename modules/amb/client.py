@@ -541,9 +541,12 @@ class AMB(Lifecycle):
         correlation_id = None
         from_wire = False
         if isinstance(reply_to, Metadata):
-            correlation_id = reply_to.id
-            subject = reply_to.reply_to
-            from_wire = reply_to._envelope is None  # whose decode checked the reply_to
+            env = reply_to._envelope
+            if env is None:  # metadata over wire fields, whose decode checked the reply_to
+                wire = reply_to._wire
+                correlation_id, subject, from_wire = wire[1], wire[5], True
+            else:
+                correlation_id, subject = env.id, env.reply_to
         else:
             subject = reply_to
         if not subject:

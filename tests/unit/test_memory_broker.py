@@ -567,7 +567,7 @@ async def test_a_waiter_whose_item_is_handled_inline_passes_the_room_on(
 
 async def test_reply_subjects_route_as_the_index_does_whatever_else_is_subscribed(closing: Closing) -> None:
     """Reply subjects are not cached: a client's inbox is found by the subject's head while no
-    other pattern could match under _INBOX. (``MemoryServer._route_reply``). Whatever else is
+    other pattern could match under _INBOX. (``MemoryServer.route_miss``). Whatever else is
     subscribed, each route is the index's answer, and an invalid reply subject is refused."""
     u = memory_url("mb")
     broker = closing(MemoryBroker(u))
