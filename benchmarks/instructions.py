@@ -129,7 +129,9 @@ of the first run measured the same as the code after it. These counts repeat wit
 on one machine, but moved by up to 1.5 % between the machines of two sessions (memory-publish
 at d6df4dd: 33,179 on 2026-12-07 at 16:12, 33,652 on the machine of 17:33), so a change is
 counted beside its parent in one session: at 9ec5663 against d6df4dd, memory-request
-156,512 -> 152,904 (1.723 -> 1.682 of the queue pair), governed-policy 180,834 -> 180,185.
+156,512 -> 152,904 (1.723 -> 1.682 of the queue pair), governed-policy 180,834 -> 180,185;
+at c2a8943 against 9b9a2d2 (one call for a route miss, reply() reading the wire fields),
+memory-request 153,139, 154,332 and 154,554 -> 150,867, 152,660 and 152,508.
 They are not times: valgrind runs every path on an emulated CPU without the SHA extensions, so
 the SHA-256 of the recorder's hash chain counts some 12,000 instructions a record (13 % of the
 governed-policy case), where the AMD EPYC that has them hashes a record in about 0.3 µs."""
