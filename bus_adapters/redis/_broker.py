@@ -137,6 +137,7 @@ class RedisBroker(Lifecycle):
         self._sub_ids = itertools.count(1)
         self._background: set[asyncio.Task[Any]] = set()
         self._publish_script: Any = None
+        self._ack_script: Any = None  # StreamSubscription.ack: XACK and XDEL in one command
         self._register_script: Any = None
         self._wildcard_index = self.registry_key_for(_lua.WILDCARD_INDEX)
 
@@ -174,6 +175,7 @@ class RedisBroker(Lifecycle):
         self._pubsub = pubsub
         self._publish_script = client.register_script(_lua.PUBLISH)
         self._register_script = client.register_script(_lua.REGISTER)
+        self._ack_script = client.register_script(_lua.ACK)
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read_pubsub(), name="redis-pubsub")
         self._heartbeat = loop.create_task(self._renew_leases(), name="redis-leases")

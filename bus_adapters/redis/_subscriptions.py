@@ -133,12 +133,10 @@ class StreamSubscription(PubSubSubscription):
         )
 
     async def ack(self, stream_id: str) -> None:
-        r = self.broker.redis
         with translated("ack a stream entry"):
-            async with r.pipeline(transaction=False) as pipe:
-                pipe.xack(self.key, self.group, stream_id)
-                pipe.xdel(self.key, stream_id)  # one group per stream: an acked entry is done
-                await pipe.execute()
+            # XACK then XDEL (one group per stream: an acked entry is done), in one command.
+            ack = self.broker._connected(self.broker._ack_script)  # StateError before connect()
+            await ack(keys=[self.key], args=[self.group, stream_id])
 
     def redeliver(self, delivery: StreamDelivery, delay: float) -> None:
         # The entry stays pending on this consumer; after `delay` it is claimed again (which

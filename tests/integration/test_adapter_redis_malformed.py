@@ -13,8 +13,7 @@ from redis.typing import EncodableT, FieldT
 from agent_os.amb.broker import Delivery
 from agent_os.bus_adapters.redis import RedisBroker
 from tests.support import wait_until
-from tests.support.cleanup import delete_redis_keys
-from tests.support.servers import REDIS_URL
+from tests.support.brokers import redis_broker
 
 pytestmark = pytest.mark.redis
 
@@ -32,15 +31,8 @@ class Deliveries:
 
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
-    broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", claim_min_idle=0.2)
-    await broker.connect()
-    try:
+    async with redis_broker(prefix, claim_min_idle=0.2) as broker:
         yield broker
-    finally:
-        try:
-            await broker.close()
-        finally:
-            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
 
 
 async def _dead_entries(broker: RedisBroker, key: str) -> list[dict[bytes, bytes]]:

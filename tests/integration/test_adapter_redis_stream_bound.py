@@ -18,8 +18,7 @@ import pytest
 from agent_os.amb.broker import BrokerSubscription, Delivery
 from agent_os.bus_adapters.redis import RedisBroker
 from tests.support import wait_until
-from tests.support.cleanup import delete_redis_keys
-from tests.support.servers import REDIS_URL
+from tests.support.brokers import redis_broker
 
 pytestmark = pytest.mark.redis
 
@@ -39,15 +38,8 @@ class Deliveries:
 
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[RedisBroker]:
-    broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", stream_maxlen=MAXLEN)
-    await broker.connect()
-    try:
+    async with redis_broker(prefix, stream_maxlen=MAXLEN) as broker:
         yield broker
-    finally:
-        try:
-            await broker.close()
-        finally:
-            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
 
 
 async def node_max_entries(broker: RedisBroker) -> int:

@@ -9,18 +9,22 @@ prefixes. A folder's ``conftest.py`` imports the fixtures below to offer them to
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from agent_os.amb import AMB
 from tests.support.cleanup import delete_nats_streams, delete_redis_keys
 from tests.support.servers import NATS_URL, REDIS_URL
+
+if TYPE_CHECKING:
+    from agent_os.bus_adapters.redis import RedisBroker
 
 AmbFactory = Callable[..., Awaitable[AMB]]
 
@@ -131,3 +135,20 @@ def kafka_bootstrap() -> Iterator[str]:
         return
     with MockKafkaCluster(brokers=1) as cluster:
         yield f"kafka://{cluster.bootstrap_servers}?{TEST_GROUP_OPTIONS}"
+
+
+@contextlib.asynccontextmanager
+async def redis_broker(prefix: str, **options: Any) -> AsyncIterator[RedisBroker]:
+    """A connected RedisBroker on the test server whose keys start with ``amb-<prefix>:`` (its
+    ``options`` besides), closed and its keys deleted afterwards, even when the test fails."""
+    from agent_os.bus_adapters.redis import RedisBroker  # redis-py: only where a test needs it
+
+    broker = RedisBroker(REDIS_URL, key_prefix=f"amb-{prefix}:", **options)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        try:
+            await broker.close()
+        finally:
+            await delete_redis_keys(REDIS_URL, key_prefix=f"amb-{prefix}:")
