@@ -108,7 +108,8 @@ def render(runs: Sequence[Counter[str]], sampled: Sequence[float], unsampled: Se
     runs, largest first; then the pace with and without py-spy."""
     from benchmarks._report import spread  # not at the top: the child may run an older tree
 
-    shares = {name: [100 * run[name] / max(1, sum(run.values())) for run in runs] for name in _names(runs)}
+    names = {name for run in runs for name in run}
+    shares = {name: [100 * run[name] / max(1, sum(run.values())) for run in runs] for name in names}
     lines = [
         f"Samples of a thread holding the GIL, {len(runs)} runs of "
         f"{statistics.median(sum(run.values()) for run in runs):,.0f} (median):",
@@ -124,13 +125,6 @@ def render(runs: Sequence[Counter[str]], sampled: Sequence[float], unsampled: Se
         f"{spread(unsampled, '.1f')} in the same number of runs without it, alternating.",
     ]
     return "\n".join(lines)
-
-
-def _names(runs: Iterable[Counter[str]]) -> list[str]:
-    names: list[str] = []
-    for run in runs:
-        names += [name for name in run if name not in names]
-    return names
 
 
 async def workload(path: Path, seconds: float, ready: Callable[[], None]) -> float:

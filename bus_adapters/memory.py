@@ -210,25 +210,19 @@ class MemoryServer:
         when ``<inbox>.<token>`` names one and nothing else could match, else the index's
         answer. Any other subject is validated, looked up in the index and cached. Raises
         InvalidSubject."""
-        if subject.startswith(INBOX_ROOT):
-            if not self._shadows:
-                inbox, _, token = subject.rpartition(".")
-                sub = self._inboxes.get(inbox)
-                # A registered inbox and one ASCII letter-or-digit token: valid if short enough.
-                if (
-                    sub is not None
-                    and token.isalnum()
-                    and token.isascii()
-                    and len(subject) <= MAX_SUBJECT_BYTES
-                ):
-                    return sub.alone
-            validate_subject(subject)
-            return tuple(self._index.match(subject))
+        reply = subject.startswith(INBOX_ROOT)
+        if reply and not self._shadows:
+            inbox, _, token = subject.rpartition(".")
+            sub = self._inboxes.get(inbox)
+            # A registered inbox and one ASCII letter-or-digit token: valid if short enough.
+            if sub is not None and token.isalnum() and token.isascii() and len(subject) <= MAX_SUBJECT_BYTES:
+                return sub.alone
         validate_subject(subject)  # only on a miss: cached subjects were validated
         targets = tuple(self._index.match(subject))
-        if len(self._routes) >= _ROUTE_CACHE_MAX:
-            self._routes.clear()
-        self._routes[subject] = targets
+        if not reply:  # a reply subject is new for each request: not cached
+            if len(self._routes) >= _ROUTE_CACHE_MAX:
+                self._routes.clear()
+            self._routes[subject] = targets
         return targets
 
 
