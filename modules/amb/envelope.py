@@ -101,6 +101,8 @@ def new_envelope(
 
 
 _HEX2: Final = tuple(f"{i:02x}" for i in range(256))
+_MS_MASK: Final = (1 << 48) - 1  # the id's millisecond: 12 hex characters
+_HIGH_MASK: Final = (1 << 40) - 1  # the counter without its last byte: 10 hex characters
 
 
 class _IdSource:
@@ -142,7 +144,9 @@ class _IdSource:
         high = count >> 8
         state = self._state
         if state[0] != ms or state[1] != high:
-            prefix = f"{ms & 0xFFFFFFFFFFFF:012x}{self._node:08x}{high & 0xFFFFFFFFFF:010x}"
+            # The 30 characters as one 120-bit number's hex: under half of what three format
+            # specs cost, paid for every id at rates under one message a millisecond.
+            prefix = (((ms & _MS_MASK) << 72) | (self._node << 40) | (high & _HIGH_MASK)).to_bytes(15).hex()
             state = self._state = (ms, high, prefix)
         return state[2] + _HEX2[count & 0xFF]
 

@@ -354,6 +354,23 @@ def test_ids_keep_their_format_across_the_cached_prefix() -> None:
     assert later > ids[-1]
 
 
+def test_an_id_spells_its_millisecond_node_and_counter_at_fixed_widths() -> None:
+    import itertools
+    import random
+
+    from agent_os.amb.envelope import _IdSource
+
+    rng = random.Random(18)
+    source = _IdSource()
+    # Edges (zero, all ones, past each field's width: masked, as documented) and random values.
+    cases = [(0, 0, 0), (2**48 - 1, 2**32 - 1, 2**48 - 1), (2**48 + 5, 7, 2**48 + 3), (-1, 1, 1)]
+    cases += [(rng.getrandbits(50), rng.getrandbits(32), rng.getrandbits(50)) for _ in range(2_000)]
+    for ms, node, counter in cases:
+        source._node, source._counter = node, itertools.count(counter)
+        got = source.at(ms * 1_000_000 + 999_999)
+        assert got == f"{ms & (2**48 - 1):012x}{node:08x}{counter & (2**48 - 1):012x}", (ms, node, counter)
+
+
 def test_new_envelope_sets_every_field_like_the_constructor() -> None:
     import dataclasses
 
