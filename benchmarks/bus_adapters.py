@@ -73,7 +73,8 @@ class Result:
     ours_p50: list[float] = field(default_factory=list)  # each round's p50
     raw_p50: list[float] = field(default_factory=list)
     json_ratios: list[float] = field(default_factory=list)  # NATS: ours (json) / raw + msgspec JSON
-    json_env_ratios: list[float] = field(default_factory=list)  # the same, raw sending our fields
+    json_env_ratios: list[float] = field(default_factory=list)  # ours (json) / raw sending our fields
+    json_ceiling: list[float] = field(default_factory=list)  # raw sending our fields / raw
 
 
 _subjects = 0
@@ -698,6 +699,7 @@ async def run_backend(backend: str, quick: bool, repeats: int, cases: frozenset[
                 )
                 result.json_ratios.append(ours_json / raw_json)
                 result.json_env_ratios.append(ours_json / raw_json_env)
+                result.json_ceiling.append(raw_json_env / raw_json)
                 print(
                     f"{backend}: json ours {ours_json:,.0f} raw {raw_json:,.0f} raw with our fields "
                     f"{raw_json_env:,.0f} msg/s ratio {result.json_ratios[-1]:.3f}",
@@ -763,9 +765,15 @@ def render(results: dict[str, Result], quick: bool, repeats: int, load: tuple[fl
                 f"| {spread(r.json_ratios, '.3f')} | >= 0.80 {'ok' if med >= 0.80 else 'MISSED'} |"
             )
             rows.append(
-                f"| {backend} | (same, raw client + msgspec JSON of our envelope's fields, unchecked) | median "
-                f"of {len(r.json_env_ratios)} per-round ratios | nats-py + msgspec JSON per message "
-                f"| {spread(r.json_env_ratios, '.3f')} | (info: the cost beyond the envelope's content) |"
+                f"| {backend} | (raw client + msgspec JSON of our envelope's fields, unchecked) | median "
+                f"of {len(r.json_ceiling)} per-round ratios | nats-py + msgspec JSON per message "
+                f"| {spread(r.json_ceiling, '.3f')} | (info: what the envelope's content alone leaves) |"
+            )
+            rows.append(
+                f'| {backend} | publish -> handler, `serializer="json"` (as above) | median '
+                f"of {len(r.json_env_ratios)} per-round ratios | nats-py + msgspec JSON of our envelope's "
+                f"fields, unchecked | {spread(r.json_env_ratios, '.3f')} | (info: our client's cost beyond "
+                "the envelope's content) |"
             )
         if r.ours_rr:
             o50, o99, r50, r99 = pct(r.ours_rr, 50), pct(r.ours_rr, 99), pct(r.raw_rr, 50), pct(r.raw_rr, 99)
@@ -796,8 +804,11 @@ so a Kafka request/reply costs about one request-consumer wait (100 ms) plus one
 wait (10 ms), the same settings on both sides: its ratio reflects the phase of the fetch loops
 more than client cost. Ours carries a msgpack envelope (id, sender, timestamps, headers) that
 the raw baselines do not encode or decode. The JSON rows: ours with `serializer="json"` and a
-256-character text payload against raw nats-py sending msgspec JSON, the three taking turns
-in blocks as above, the median of per-round ratios with the range. 2 cores shared with other work: load
+256-character text payload against raw nats-py sending `{{"payload": ...}}` in msgspec JSON,
+and raw nats-py sending the fields our encoder writes for that message (no checks), the three
+taking turns in blocks as above, each ratio the median of per-round ratios with the range:
+ours / raw (the target), raw with our fields / raw (what the envelope's content alone leaves
+of raw's rate), ours / raw with our fields. 2 cores shared with other work: load
 average {load[0]:.1f} before the run, {load[1]:.1f} after.
 
 | broker | measure | ours | raw (same run) | ratio | target |
