@@ -131,7 +131,11 @@ at d6df4dd: 33,179 on 2026-12-07 at 16:12, 33,652 on the machine of 17:33), so a
 counted beside its parent in one session: at 9ec5663 against d6df4dd, memory-request
 156,512 -> 152,904 (1.723 -> 1.682 of the queue pair), governed-policy 180,834 -> 180,185;
 at c2a8943 against 9b9a2d2 (one call for a route miss, reply() reading the wire fields),
-memory-request 153,139, 154,332 and 154,554 -> 150,867, 152,660 and 152,508.
+memory-request 153,139, 154,332 and 154,554 -> 150,867, 152,660 and 152,508; at 14633ea
+against 3a1df12 (an id's first 30 characters as one number's hex instead of three format
+specs), memory-request 151,149 -> 145,983, most of it valgrind's own pace: under emulation
+nearly every id starts a new millisecond and rebuilds them, as a real run does only below
+about a thousand messages a second.
 They are not times: valgrind runs every path on an emulated CPU without the SHA extensions, so
 the SHA-256 of the recorder's hash chain counts some 12,000 instructions a record (13 % of the
 governed-policy case), where the AMD EPYC that has them hashes a record in about 0.3 µs."""
