@@ -196,10 +196,15 @@ async def test_a_stdio_server_is_started_once_and_serves_concurrent_calls() -> N
         assert tools.connections == 2
 
 
+# A timeout that still lets a stdio server start: opening one (a Python process importing the
+# MCP SDK) counts against it and took 1.8 s on an idle 2-vCPU host, more while the suite runs.
+SHORT = 6.0
+
+
 async def test_a_server_that_does_not_answer_in_time_is_replaced() -> None:
-    async with McpTools({"local": STDIO}, timeout=2) as tools:
+    async with McpTools({"local": STDIO}, timeout=SHORT) as tools:
         wedged = await _pid(tools)
-        with pytest.raises(McpError, match="did not answer within 2s"):
+        with pytest.raises(McpError, match=f"did not answer within {SHORT:g}s"):
             await tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 30}))
         await wait_until(lambda: not _alive(wedged), timeout=10)  # retired, then stopped
         fresh = await _pid(tools)
@@ -208,15 +213,18 @@ async def test_a_server_that_does_not_answer_in_time_is_replaced() -> None:
 
 
 async def test_a_call_in_flight_outlives_the_failure_of_another_on_its_connection() -> None:
-    # The slow call fails at its deadline (2 s); the other, started 1 s later and answered at
-    # 2.5 s, is still on the retired connection then: it gets its answer, and only after it
-    # has the server is stopped.
-    async with McpTools({"local": STDIO}, timeout=2) as tools:
+    # The slow call fails at its deadline (SHORT); the other, started SHORT / 2 later and
+    # answered at 1.25 SHORT, is still on the retired connection then: it gets its answer, and
+    # only after it has the server is stopped. Each edge has SHORT / 4 to spare.
+    async with McpTools({"local": STDIO}, timeout=SHORT) as tools:
         pid = await _pid(tools)
+        connection = tools._open["local"]
         slow = asyncio.create_task(tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 30})))
-        await asyncio.sleep(1.0)
-        other = await tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": 1.5}))
+        await wait_until(lambda: connection._calls == 1, timeout=10)
+        await asyncio.sleep(SHORT / 2)  # the scenario's timeline: the other call starts halfway
+        other = await tools.run(ActionRequest("mcp.call", "local/sleep", {"seconds": SHORT * 0.75}))
         assert other == {"result": pid}
+        assert slow.done()  # it failed before the other's answer came
         with pytest.raises(McpError, match="did not answer"):
             await slow
         await wait_until(lambda: not _alive(pid), timeout=10)
