@@ -197,7 +197,7 @@ sort cost about 5 % together; the rest of the gap is the client's Python (the po
 10 us, the ten records about 27 us measured alone and two to three times that between round
 trips, when caches are cold).
 
-On a slower host the gap grows: the run above, on the AMD EPYC on 2026-12-07 at c2a8943 (EMK
+On a slower host the gap grows: a run on the AMD EPYC on 2026-12-07 at 20:21, at c2a8943 (EMK
 unchanged since the Xeon runs but for refusing hostile vectors and ids), gave 1.49 unfiltered,
 and a second run of the comparison alone on the same data 1.51 (1.46-1.55). Its parts there,
 medians of five rounds of 200 queries: the raw query 0.89 ms; EMK's own SQL sent by bare
@@ -205,7 +205,9 @@ psycopg 1.07 ms, of which the SHA-256 of each result's embedding in the database
 and the superseded filter about 0.05 ms; `EMK.search` 1.33 ms, the client's Python (the pool
 lease, reading, checking and building ten records) about 0.26 ms; on the Xeon the whole gap
 was 0.18 ms (0.84 against 0.66). The database's share is a ratio of the query's own work; the client's grows with a slower
-CPU while the index scan does not, so the target is met on the Xeon and missed here."""
+CPU while the index scan does not, so the target is met on the Xeon and missed there. The
+AMD EPYC of 2026-12-08 00:39 was slow for the database itself (the raw query 2.09 ms at p50,
+raw COPY 56k rows/s against 90k at 20:21): 1.38 unfiltered, 1.33 filtered."""
 
 
 async def main(n: int, dim: int, n_queries: int, rounds: int) -> None:
