@@ -27,13 +27,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 
 from agent_os.amb import AMB, Envelope, Metadata, MsgpackSerializer, new_id
-from agent_os.iatp import IATP, RedisNonceStore
+from agent_os.iatp import IATP, IATPMiddleware, RedisNonceStore
 from benchmarks._report import spread, write_section
 
 NATS_URL = "nats://127.0.0.1:4222"
@@ -94,13 +95,13 @@ class Consumer:
         self.store = store
         self.count = 0
         self.client: AMB | None = None
+        self.middleware: IATPMiddleware | None = None
 
     async def start(self, subjects: list[str], concurrency: int = 1) -> Consumer:
         iatp = IATP(max_age=3600, max_nonces=5_000_000)
         await iatp.add_identity(self.identity)
-        self.client = AMB(
-            "nats", NATS_URL, agent_id="bob", middleware=[iatp.middleware(nonce_store=self.store)]
-        )
+        self.middleware = iatp.middleware(nonce_store=self.store)
+        self.client = AMB("nats", NATS_URL, agent_id="bob", middleware=[self.middleware])
 
         async def handler(message: Any, metadata: Metadata) -> None:
             self.count += 1
@@ -109,6 +110,17 @@ class Consumer:
             await self.client.subscribe(subject, handler, queue="workers", concurrency=concurrency)
         return self
 
+    def describe(self) -> str:
+        """What became of the messages this consumer got: handled, refused by IATP (by
+        reason), dead-lettered, failed claims: for a run that did not handle them all."""
+        stats = self.client.stats if self.client is not None else None
+        rejected = dict(self.middleware.rejected) if self.middleware is not None else {}
+        failures = self.store.failures if self.store is not None else 0
+        return (
+            f"handled {self.count}, refused {rejected or 'none'}, dead letters "
+            f"{stats.dead_letter_reasons if stats is not None else {}}, failed claims {failures}"
+        )
+
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
@@ -116,16 +128,24 @@ class Consumer:
             await self.store.close()
 
 
-async def timed(nc: Any, subject: str, data: list[bytes], done: Any) -> float:
-    """Seconds from the first publish until ``done()`` says every message was handled."""
+async def timed(
+    nc: Any,
+    subject: str,
+    data: list[bytes],
+    done: Any,
+    describe: Callable[[], str] = str,
+    wait: float = 120.0,
+) -> float:
+    """Seconds from the first publish until ``done()`` says every message was handled. Raises
+    AssertionError, with ``describe()`` (what the consumers did), after ``wait`` seconds."""
     start = time.perf_counter()
     for item in data:
         await nc.publish(subject, item)
     await nc.flush()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + wait
     while not await done():
         if time.monotonic() > deadline:
-            raise AssertionError("the consumers did not handle every message")
+            raise AssertionError(f"the consumers did not handle every message: {describe()}")
         await asyncio.sleep(0.01)
     return time.perf_counter() - start
 
@@ -150,7 +170,7 @@ async def per_message(iatp: IATP, rounds: int, n: int, concurrency: int) -> list
                 async def done(c: Consumer = consumer, t: int = target) -> bool:
                     return c.count >= t
 
-                row.append(await timed(nc, subject, data, done) / n * 1e6)
+                row.append(await timed(nc, subject, data, done, consumer.describe) / n * 1e6)
             out.append((row[0], row[1]))
     finally:
         await nc.close()
@@ -288,11 +308,16 @@ async def scale_out(iatp: IATP, rounds: int, n: int, raw: bool = False) -> list[
                 for subject in (one, two):
                     data = blobs if raw else presign(iatp, subject, n)
                     target = await handled() + n
+                    seen = [0]
 
-                    async def done(t: int = target) -> bool:
-                        return await handled() >= t
+                    async def done(t: int = target, seen: list[int] = seen) -> bool:
+                        seen[0] = await handled()
+                        return seen[0] >= t
 
-                    row.append(n / await timed(nc, subject, data, done))
+                    def describe(t: int = target, seen: list[int] = seen) -> str:
+                        return f"the processes had handled {seen[0]} of {t} in all"
+
+                    row.append(n / await timed(nc, subject, data, done, describe))
                 out.append((row[0], row[1]))
             for control in controls:
                 await nc.request(control, b"stop", timeout=10)
