@@ -87,6 +87,7 @@ PARTITION_KEY_HEADER: Final = "partition-key"
 _OPEN: Final = LifecycleState.OPEN  # an enum member read from the class costs ~70 ns per access
 _time_ns: Final = time.time_ns
 _perf: Final = time.perf_counter
+_current_task: Final = asyncio.current_task
 LATENCY_SAMPLE: Final = 16
 """A handler call under :data:`SAMPLE_BELOW` seconds is followed by ``LATENCY_SAMPLE - 1``
 untimed ones; the next timed call counts for all of them (see :meth:`AMB.keep_latency`)."""
@@ -572,8 +573,9 @@ class AMB(Lifecycle):
 
         With ``with_metadata=True`` returns ``(payload, metadata)``. The request expires with its
         timeout, so a late responder drops it. Raises :class:`RequestTimeout` when no reply
-        arrives in ``timeout`` seconds and :class:`RemoteError` when the responder's handler
-        failed.
+        arrives in ``timeout`` seconds from the call (a publish still waiting for room then is
+        given up), :class:`RemoteError` when the responder's handler failed, and StateError
+        when the client closes first.
 
         The reply is the first message on this request's own reply subject whose correlation id
         is the request's id (``reply(metadata, ...)`` sets it) or absent (``reply(reply_to,
@@ -591,29 +593,40 @@ class AMB(Lifecycle):
         reply_subject = f"{inbox}.{next(self._request_ids)}"
         if len(reply_subject) <= self._reply_room:  # the inbox and a decimal token: valid
             self._checked = reply_subject
+        if recipient is not None and type(recipient) is not str:
+            # Its text, as publish sends it: the reply's sender is compared with a plain str.
+            _, recipient, _, _ = _plain_fields(None, recipient, None, 0)
         loop = self._loop
         assert loop is not None  # set by connect()
         fut: asyncio.Future[tuple[Any, Metadata] | None] = loop.create_future()
         trace: RequestSpan | None = None
         if self._tracing is not None:
             trace = self._tracing.begin_request(topic, recipient)
-        pending = self._requests.add(reply_subject, fut, recipient)
+        # From here the deadline resolves the future with None (one shared timer, see
+        # PendingRequests) and interrupts a publish still waiting (a subscriber's full queue).
+        requests = self._requests
+        pending = requests.add(reply_subject, fut, recipient, loop.time() + timeout, loop, _current_task())
         self.stats.requests += 1
         started = _perf()
         try:
             try:
-                request_id = await self.publish(
-                    topic,
-                    message,
-                    sender_id=sender_id,
-                    recipient=recipient,
-                    reply_to=reply_subject,
-                    headers=headers,
-                    ttl=timeout,
-                )
-                # The deadline resolves the future with None (one shared timer, see PendingRequests).
-                self._requests.published(pending, request_id, loop.time() + timeout, loop)
-                reply = await fut
+                try:
+                    request_id = await self.publish(
+                        topic,
+                        message,
+                        sender_id=sender_id,
+                        recipient=recipient,
+                        reply_to=reply_subject,
+                        headers=headers,
+                        ttl=timeout,
+                    )
+                except asyncio.CancelledError:
+                    if not requests.interrupted(pending):
+                        raise
+                    reply = fut.result()  # None (the deadline), or raises StateError (closed)
+                else:
+                    requests.published(pending, request_id)
+                    reply = await fut
             finally:
                 self._requests.remove(reply_subject)
             latency = self.request_latency

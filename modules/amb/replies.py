@@ -25,15 +25,25 @@ ERROR_HEADER: Final = "amb-error"
 Reply = tuple[Any, Metadata]
 
 
+EARLY_MAX: Final = 64
+"""Replies a request keeps that came before its publish returned (its id is not known yet, so
+they cannot be checked): any more are dropped and counted as mismatched."""
+
+
 class PendingRequest(msgspec.Struct):
     """A request waiting for its reply: the future, the agent it was addressed to (if any),
-    the request's envelope id (set once its publish returned) and replies that came before its
-    publish returned, checked then. (A struct: made without a Python-level ``__init__``.)"""
+    the task publishing it (until its publish returns: the deadline interrupts that publish),
+    the request's envelope id (set once its publish returned), replies that came before its
+    publish returned, checked then, and, once the deadline or a close interrupted the publish,
+    the task's count of cancellation requests before it. (A struct: made without a
+    Python-level ``__init__``.)"""
 
     future: asyncio.Future[Reply | None]
     recipient: str | None
+    publishing: asyncio.Task[Any] | None
     request_id: str | None = None
     early: list[Reply] | None = None
+    interrupted: int = -1
 
 
 class PendingRequests:
@@ -51,7 +61,7 @@ class PendingRequests:
         """The requests waiting, by reply subject. Others only read it (``reply_subject in
         waiting`` on the reply path, without a call); this class writes it."""
         self._stats = stats
-        self._deadlines: list[tuple[float, int, asyncio.Future[Reply | None]]] = []
+        self._deadlines: list[tuple[float, int, PendingRequest]] = []
         self._order = itertools.count()  # breaks ties between equal deadlines (futures don't order)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -60,10 +70,11 @@ class PendingRequests:
         self._timer = None
         heap = self._deadlines
         now = loop.time()
-        while heap and (heap[0][0] <= now or heap[0][2].done()):
-            future = heapq.heappop(heap)[2]
-            if not future.done():
-                future.set_result(None)
+        while heap and (heap[0][0] <= now or heap[0][2].future.done()):
+            pending = heapq.heappop(heap)[2]
+            if not pending.future.done():
+                pending.future.set_result(None)
+                _interrupt(pending)
         if heap:
             self._timer_at = heap[0][0]
             self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
@@ -80,40 +91,57 @@ class PendingRequests:
         return len(self.waiting)
 
     def add(
-        self, reply_subject: str, future: asyncio.Future[Reply | None], recipient: str | None
+        self,
+        reply_subject: str,
+        future: asyncio.Future[Reply | None],
+        recipient: str | None,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any] | None,
     ) -> PendingRequest:
-        """Wait for a reply on ``reply_subject`` (one request per reply subject)."""
-        pending = self.waiting[reply_subject] = PendingRequest(future, recipient)
-        return pending
-
-    def published(
-        self, pending: PendingRequest, request_id: str, deadline: float, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """Record the request's envelope id once its publish returned, check the replies that
-        came before, and resolve its future with None at loop time ``deadline`` unless it is
-        done by then."""
-        pending.request_id = request_id
-        future = pending.future
-        if pending.early is not None:
-            for early in pending.early:
-                self._resolve(pending, *early)
-            pending.early = None
-            if future.done():
-                return
+        """Wait for a reply on ``reply_subject`` (one request per reply subject) until loop
+        time ``deadline``, ``task`` publishing the request meanwhile. At the deadline the future
+        is resolved with None unless it is done, and a publish still under way is interrupted:
+        ``task`` is cancelled, and the request's ``except CancelledError`` hands it to
+        :meth:`interrupted`. Call :meth:`published` once the publish returns."""
+        pending = self.waiting[reply_subject] = PendingRequest(future, recipient, task)
         heap = self._deadlines
-        while heap and heap[0][2].done():
+        while heap and heap[0][2].future.done():
             heapq.heappop(heap)
         if len(heap) > 64 and len(heap) > 4 * len(self.waiting):
             # Finished requests below the top (deadlines later than a pending one's): drop them.
-            heap[:] = [entry for entry in heap if not entry[2].done()]
+            heap[:] = [entry for entry in heap if not entry[2].future.done()]
             heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, next(self._order), future))
+        heapq.heappush(heap, (deadline, next(self._order), pending))
         timer = self._timer
         if timer is None or deadline < self._timer_at:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer, loop)
             self._timer_at = deadline
+        return pending
+
+    def published(self, pending: PendingRequest, request_id: str) -> None:
+        """Record the request's envelope id once its publish returned (the deadline no longer
+        interrupts it) and check the replies that came before."""
+        pending.publishing = None
+        pending.request_id = request_id
+        if pending.early is not None:
+            for early in pending.early:
+                self._resolve(pending, *early)
+            pending.early = None
+
+    @staticmethod
+    def interrupted(pending: PendingRequest) -> bool:
+        """Whether the CancelledError the request's publish raised is the interruption of its
+        deadline or of a close (its future then holds the outcome: None, or StateError) and no
+        other cancellation of the task came with it; True also withdraws the cancellation from
+        the task. False: the error is the caller's, to be raised on."""
+        task = pending.publishing
+        if pending.interrupted < 0 or task is None:
+            return False
+        pending.publishing = None
+        return task.uncancel() <= pending.interrupted
 
     def remove(self, reply_subject: str) -> None:
         """Stop waiting on ``reply_subject``; replies that come later count as late."""
@@ -125,6 +153,7 @@ class PendingRequests:
             fut = pending.future
             if not fut.done():
                 fut.set_exception(StateError(reason))
+                _interrupt(pending)
 
     async def on_reply(self, message: Any, metadata: Metadata) -> None:
         """The handler of the client's reply inbox."""
@@ -142,6 +171,15 @@ class PendingRequests:
             # reply is checked once it is (see published()).
             if pending.early is None:
                 pending.early = []
+            if len(pending.early) >= EARLY_MAX:
+                self._stats.mismatched_replies += 1
+                log.warning(
+                    "dropped a reply on %r from %r: %d replies came before the request was sent",
+                    metadata.subject,
+                    metadata.sender,
+                    EARLY_MAX,
+                )
+                return
             pending.early.append((message, metadata))
             return
         self._resolve(pending, message, metadata)
@@ -174,3 +212,12 @@ class PendingRequests:
             )
             return
         pending.future.set_result((message, metadata))
+
+
+def _interrupt(pending: PendingRequest) -> None:
+    """Cancel the task of a request whose publish is still under way (its future is done: the
+    deadline passed or the client closed), once; see :meth:`PendingRequests.interrupted`."""
+    task = pending.publishing
+    if task is not None and pending.interrupted < 0 and not task.done():
+        pending.interrupted = task.cancelling()
+        task.cancel()

@@ -32,6 +32,7 @@ from agent_os.amb import (
 )
 from agent_os.amb.deadletter import DLQ_ERROR, DLQ_REASON
 from agent_os.amb.middleware import ConsumeNext, PublishNext
+from agent_os.amb.replies import EARLY_MAX
 from agent_os.amb.serializers.decoder import Decoder
 from agent_os.amb.serializers.schema import wire_of
 from agent_os.bus_adapters.memory import MemoryBroker, MemoryServer, memory_server
@@ -939,12 +940,14 @@ class HoldRequests(Middleware):
     def __init__(self, replies: int) -> None:
         self.replies = replies
         self.client: AMB | None = None
+        self.mismatched_on_release: list[int] = []
 
     async def on_publish(self, envelope: Envelope, call_next: PublishNext) -> None:
         await call_next(envelope)
         if envelope.reply_to and self.client is not None:
             client = self.client
             await wait_until(lambda: client.stats.delivered >= self.replies, what="the early replies")
+            self.mismatched_on_release.append(client.stats.mismatched_replies)
 
     async def on_consume(self, envelope: Envelope, metadata: Metadata, call_next: ConsumeNext) -> None:
         await call_next(envelope, metadata)
@@ -967,6 +970,119 @@ async def test_replies_that_come_before_publish_returns_are_checked_too(closing:
     assert requester.stats.mismatched_replies == 1
     await requester.close()
     await responder.close()
+
+
+async def full_subscriber(closing: Closing, url: str, topic: str) -> asyncio.Event:
+    """A subscriber on ``topic`` whose handler waits for the returned event and whose queue
+    (one message) is full: the next publish on ``topic`` waits for room until the event is set."""
+    stuck = closing(AMB(connection_string=url, broker_options={"max_pending": 1}))
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def wait(message: Any, metadata: Metadata) -> None:
+        started.set()
+        await release.wait()
+
+    await stuck.subscribe(topic, wait)
+    filler = closing(AMB(connection_string=url))
+    await filler.publish(topic, 1)
+    await asyncio.wait_for(started.wait(), 5)
+    await filler.publish(topic, 2)  # queued: the queue is full now
+    return release
+
+
+async def test_a_request_times_out_while_its_publish_waits_for_room(closing: Closing) -> None:
+    url = memory_url()
+    release = await full_subscriber(closing, url, "full.x")
+    requester = closing(AMB(connection_string=url))
+    started = time.monotonic()
+    with pytest.raises(amb.RequestTimeout):
+        await asyncio.wait_for(requester.request("full.x", 3, timeout=0.2), 5)
+    assert 0.15 < time.monotonic() - started < 2
+    assert requester.stats.request_timeouts == 1
+    assert len(requester._requests) == 0
+    # The client goes on: once there is room, a request is answered as ever.
+    responder = closing(AMB(connection_string=url))
+
+    async def echo(message: Any, metadata: Metadata) -> None:
+        await responder.reply(metadata, message)
+
+    await responder.subscribe("free.x", echo)
+    assert await requester.request("free.x", 4, timeout=5) == 4
+    release.set()
+
+
+async def test_closing_the_client_ends_a_request_whose_publish_waits(closing: Closing) -> None:
+    url = memory_url()
+    release = await full_subscriber(closing, url, "full.y")
+    requester = closing(AMB(connection_string=url))
+    request = asyncio.ensure_future(requester.request("full.y", 3, timeout=30))
+    await wait_until(lambda: len(requester._requests) == 1, what="the request waiting")
+    await requester.close()
+    with pytest.raises(StateError):
+        await asyncio.wait_for(request, 5)
+    release.set()
+
+
+async def test_a_caller_cancelling_a_waiting_request_is_not_taken_for_its_deadline(
+    closing: Closing,
+) -> None:
+    url = memory_url()
+    release = await full_subscriber(closing, url, "full.z")
+    requester = closing(AMB(connection_string=url))
+    request = asyncio.ensure_future(requester.request("full.z", 3, timeout=0.2))
+    await wait_until(lambda: len(requester._requests) == 1, what="the request waiting")
+    request.cancel()  # before the deadline: the caller's cancellation stands
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert requester.stats.request_timeouts == 0
+    release.set()
+
+
+async def test_replies_kept_before_the_request_is_sent_are_bounded(closing: Closing) -> None:
+    url = memory_url()
+    hold = HoldRequests(replies=EARLY_MAX + 10)
+    requester = closing(AMB(connection_string=url, middleware=[hold]))
+    hold.client = requester
+    responder = closing(AMB(connection_string=url))
+
+    async def flood(message: Any, metadata: Metadata) -> None:
+        assert metadata.reply_to is not None
+        for _ in range(EARLY_MAX + 10):
+            await responder.publish(metadata.reply_to, "forged", correlation_id="another-request")
+
+    await responder.subscribe("flood.x", flood)
+    with pytest.raises(amb.RequestTimeout):
+        await requester.request("flood.x", 1, timeout=1)
+    # 10 dropped on arrival, before the publish returned; the 64 kept were found wrong after.
+    assert hold.mismatched_on_release == [10]
+    assert requester.stats.mismatched_replies == EARLY_MAX + 10
+
+
+class CaseBlind(str):
+    """A str subclass that compares equal to any text of other case."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__
+
+
+async def test_a_recipient_is_compared_by_its_text_not_by_its_class(closing: Closing) -> None:
+    url = memory_url()
+    requester = closing(AMB(connection_string=url))
+    other = closing(AMB(connection_string=url, agent_id="ALICE"))
+
+    async def answer(message: Any, metadata: Metadata) -> None:
+        await other.reply(metadata, "from ALICE")
+
+    await other.subscribe("blind.x", answer)
+    with pytest.raises(amb.RequestTimeout):
+        await requester.request("blind.x", 1, recipient=CaseBlind("alice"), timeout=0.3)
+    assert requester.stats.mismatched_replies == 1
 
 
 def _receive_corpus() -> list[bytes]:
