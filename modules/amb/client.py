@@ -621,7 +621,7 @@ class AMB(Lifecycle):
                         ttl=timeout,
                     )
                 except asyncio.CancelledError:
-                    if not requests.interrupted(pending):
+                    if not pending.interrupted():
                         raise
                     reply = fut.result()  # None (the deadline), or raises StateError (closed)
                 else:

@@ -32,18 +32,39 @@ they cannot be checked): any more are dropped and counted as mismatched."""
 
 class PendingRequest(msgspec.Struct):
     """A request waiting for its reply: the future, the agent it was addressed to (if any),
-    the task publishing it (until its publish returns: the deadline interrupts that publish),
-    the request's envelope id (set once its publish returned), replies that came before its
-    publish returned, checked then, and, once the deadline or a close interrupted the publish,
-    the task's count of cancellation requests before it. (A struct: made without a
-    Python-level ``__init__``.)"""
+    the task publishing it (until its publish returns: the deadline interrupts that publish)
+    and that task's count of cancellation requests when the request began, the request's
+    envelope id (set once its publish returned), replies that came before its publish returned,
+    checked then, and whether the deadline or a close cancelled the publish. (A struct: made
+    without a Python-level ``__init__``.)"""
 
     future: asyncio.Future[Reply | None]
     recipient: str | None
     publishing: asyncio.Task[Any] | None
+    cancelling: int
     request_id: str | None = None
     early: list[Reply] | None = None
-    interrupted: int = -1
+    cut: bool = False
+
+    def interrupt(self) -> None:
+        """Cancel the task of this request if its publish is still under way (its future is
+        done: the deadline passed or the client closed), once; see :meth:`interrupted`."""
+        task = self.publishing
+        if task is not None and not self.cut and not task.done():
+            self.cut = True
+            task.cancel()
+
+    def interrupted(self) -> bool:
+        """Whether the CancelledError the request's publish raised is the interruption of its
+        deadline or of a close (its future then holds the outcome: None, or StateError) and no
+        other cancellation of the task came since the request began, as ``asyncio.timeout``
+        tells them apart; True also withdraws the cancellation from the task. False: the error
+        is the caller's, to be raised on."""
+        task = self.publishing
+        if not self.cut or task is None:
+            return False
+        self.publishing = None
+        return task.uncancel() <= self.cancelling
 
 
 class PendingRequests:
@@ -74,7 +95,7 @@ class PendingRequests:
             pending = heapq.heappop(heap)[2]
             if not pending.future.done():
                 pending.future.set_result(None)
-                _interrupt(pending)
+                pending.interrupt()
         if heap:
             self._timer_at = heap[0][0]
             self._timer = loop.call_at(self._timer_at, self._on_timer, loop)
@@ -103,8 +124,9 @@ class PendingRequests:
         time ``deadline``, ``task`` publishing the request meanwhile. At the deadline the future
         is resolved with None unless it is done, and a publish still under way is interrupted:
         ``task`` is cancelled, and the request's ``except CancelledError`` hands it to
-        :meth:`interrupted`. Call :meth:`published` once the publish returns."""
-        pending = self.waiting[reply_subject] = PendingRequest(future, recipient, task)
+        :meth:`PendingRequest.interrupted`. Call :meth:`published` once the publish returns."""
+        cancelling = 0 if task is None else task.cancelling()
+        pending = self.waiting[reply_subject] = PendingRequest(future, recipient, task, cancelling)
         heap = self._deadlines
         while heap and heap[0][2].future.done():
             heapq.heappop(heap)
@@ -131,18 +153,6 @@ class PendingRequests:
                 self._resolve(pending, *early)
             pending.early = None
 
-    @staticmethod
-    def interrupted(pending: PendingRequest) -> bool:
-        """Whether the CancelledError the request's publish raised is the interruption of its
-        deadline or of a close (its future then holds the outcome: None, or StateError) and no
-        other cancellation of the task came with it; True also withdraws the cancellation from
-        the task. False: the error is the caller's, to be raised on."""
-        task = pending.publishing
-        if pending.interrupted < 0 or task is None:
-            return False
-        pending.publishing = None
-        return task.uncancel() <= pending.interrupted
-
     def remove(self, reply_subject: str) -> None:
         """Stop waiting on ``reply_subject``; replies that come later count as late."""
         self.waiting.pop(reply_subject, None)
@@ -153,7 +163,7 @@ class PendingRequests:
             fut = pending.future
             if not fut.done():
                 fut.set_exception(StateError(reason))
-                _interrupt(pending)
+                pending.interrupt()
 
     async def on_reply(self, message: Any, metadata: Metadata) -> None:
         """The handler of the client's reply inbox."""
@@ -212,12 +222,3 @@ class PendingRequests:
             )
             return
         pending.future.set_result((message, metadata))
-
-
-def _interrupt(pending: PendingRequest) -> None:
-    """Cancel the task of a request whose publish is still under way (its future is done: the
-    deadline passed or the client closed), once; see :meth:`PendingRequests.interrupted`."""
-    task = pending.publishing
-    if task is not None and pending.interrupted < 0 and not task.done():
-        pending.interrupted = task.cancelling()
-        task.cancel()

@@ -1039,6 +1039,24 @@ async def test_a_caller_cancelling_a_waiting_request_is_not_taken_for_its_deadli
     release.set()
 
 
+async def test_a_caller_cancelling_as_the_deadline_fires_stays_cancelled(closing: Closing) -> None:
+    """The caller's cancellation is on its way when the deadline interrupts the publish (the
+    timer's work done here by hand, in the same step): the request ends cancelled."""
+    url = memory_url()
+    release = await full_subscriber(closing, url, "full.w")
+    requester = closing(AMB(connection_string=url))
+    request = asyncio.ensure_future(requester.request("full.w", 3, timeout=30))
+    await wait_until(lambda: len(requester._requests) == 1, what="the request waiting")
+    (pending,) = requester._requests.waiting.values()
+    request.cancel()
+    pending.future.set_result(None)
+    pending.interrupt()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert requester.stats.request_timeouts == 0
+    release.set()
+
+
 async def test_replies_kept_before_the_request_is_sent_are_bounded(closing: Closing) -> None:
     url = memory_url()
     hold = HoldRequests(replies=EARLY_MAX + 10)
